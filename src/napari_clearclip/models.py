@@ -1,0 +1,303 @@
+"""Loading CLIP models: open_clip names, pretrained tags, local checkpoints, bundled demo weights."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import open_clip
+import torch
+from torch import nn
+
+from .cache import file_digest
+from .errors import ModelLoadError, WeightsUnavailableError
+
+PACKAGE_DIR = Path(__file__).parent
+BUNDLED_WEIGHTS = {"synthetic-tiny": PACKAGE_DIR / "data" / "synthetic-tiny.pt"}
+BUNDLED_TAG = "bundled"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
+# The official ClearCLIP configs normalise with these 0-255 values (rounded OpenAI CLIP statistics).
+OPENAI_MEAN_255 = (122.771, 116.746, 104.094)
+OPENAI_STD_255 = (68.501, 66.632, 70.323)
+#: Official ClearCLIP window settings, and those of models trained at another scale.
+OFFICIAL_OPTIONS = {"short_side": 448, "crop": 448, "stride": 224}
+MODEL_OPTIONS = {"synthetic-tiny": {"short_side": 128, "crop": 64, "stride": 32}}
+
+open_clip.add_model_config(PACKAGE_DIR / "model_configs")
+
+
+@dataclass
+class LoadedModel:
+    """A frozen CLIP model ready for dense inference, with what the pipeline needs to know of it."""
+
+    clip: nn.Module
+    tokenizer: Any
+    name: str
+    weights_id: str
+    device: torch.device
+    precision: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(self.clip.visual.patch_size)
+
+    @property
+    def cache_id(self) -> str:
+        return f"{self.name}|{self.weights_id}|{self.precision}"
+
+    def autocast(self):
+        """Mixed precision context for bf16; fp32 and fp16 run in the weights' own dtype."""
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def default_options(model: str) -> dict:
+    """Window settings for ``model``: the official ones unless it was trained at another scale."""
+    return {**OFFICIAL_OPTIONS, **MODEL_OPTIONS.get(model, {})}
+
+
+def available_models() -> list[str]:
+    """ViT model names open_clip knows, plus the bundled demo model."""
+    return open_clip.list_models()
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Turn ``"auto"`` into cuda, then mps, then cpu; check an explicit device exists."""
+    name = str(device).lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device={device!r} was asked for, but this PyTorch sees no CUDA GPU. Use device='cpu' or 'auto'.")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError("device='mps' was asked for, but Apple Metal is not available here. Use device='cpu' or 'auto'.")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ModelLoadError(f"Unknown device {device!r}: use one of {', '.join(DEVICES)}.") from None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"`` is fp16 on a GPU (as the official code) and exact fp32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"Unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}.")
+    if precision == "auto":
+        return "fp16" if device.type in ("cuda", "mps") else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ModelLoadError("precision='fp16' needs a GPU; on the CPU use 'bf16' (fast where the CPU supports it) or 'fp32'.")
+    return precision
+
+
+def is_checkpoint_path(pretrained: str) -> bool:
+    return os.path.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES) or os.path.exists(pretrained)
+
+
+def default_pretrained(model: str) -> str:
+    """The weights used when none are named: bundled for the demo model, else OpenAI's."""
+    if model in BUNDLED_WEIGHTS:
+        return BUNDLED_TAG
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if "openai" in tags:
+        return "openai"
+    if tags:
+        return tags[0]
+    raise ModelLoadError(
+        f"open_clip knows no pretrained weights for {model!r}. Pass a local checkpoint: pretrained='/path/to/weights.pt'."
+    )
+
+
+def load_model(
+    model: str = "ViT-B-16",
+    pretrained: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+) -> LoadedModel:
+    """Build ``model`` with ``pretrained`` weights (tag, checkpoint path, or None for the default)."""
+    _check_model_name(model)
+    torch_device = resolve_device(device)
+    precision = resolve_precision(precision, torch_device)
+    pretrained = default_pretrained(model) if pretrained in (None, "") else os.fspath(pretrained)
+
+    if pretrained == BUNDLED_TAG and model in BUNDLED_WEIGHTS:
+        clip = _from_checkpoint(model, BUNDLED_WEIGHTS[model])
+        weights_id = f"bundled:{file_digest(BUNDLED_WEIGHTS[model])}"
+    elif is_checkpoint_path(pretrained):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"Checkpoint file not found: {path}. Check the path, or use a pretrained tag such as 'openai'.")
+        clip = _from_checkpoint(model, path)
+        weights_id = f"file:{file_digest(path)}"
+    else:
+        clip = _from_pretrained_tag(model, pretrained)
+        weights_id = f"tag:{pretrained}"
+
+    visual = clip.visual
+    if not isinstance(visual, open_clip.transformer.VisionTransformer):
+        raise ModelLoadError(f"{model!r} has a {type(visual).__name__} image tower; ClearCLIP needs a ViT model (for example ViT-B-16).")
+    last = visual.transformer.resblocks[-1]
+    if not isinstance(getattr(last, "attn", None), nn.MultiheadAttention) or visual.attn_pool is not None:
+        raise ModelLoadError(f"{model!r} uses a custom attention block or attention pooling, which ClearCLIP does not support. Use a standard ViT model.")
+
+    clip.eval().requires_grad_(False)
+    clip.to(torch_device, dtype=torch.float16 if precision == "fp16" else torch.float32)
+    mean, std = _normalisation(visual)
+    return LoadedModel(
+        clip=clip,
+        tokenizer=open_clip.get_tokenizer(model),
+        name=model,
+        weights_id=weights_id,
+        device=torch_device,
+        precision=precision,
+        mean=mean,
+        std=std,
+    )
+
+
+def _check_model_name(model: str) -> None:
+    known = available_models()
+    if model not in known:
+        close = difflib.get_close_matches(model, known, n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else " See open_clip.list_models()."
+        raise ModelLoadError(f"Unknown model {model!r}.{hint}")
+
+
+def _normalisation(visual: nn.Module) -> tuple[tuple, tuple]:
+    cfg = getattr(visual, "preprocess_cfg", {}) or {}
+    mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    if all(abs(a - b) < 1e-6 for a, b in zip(mean + std, open_clip.OPENAI_DATASET_MEAN + open_clip.OPENAI_DATASET_STD)):
+        return OPENAI_MEAN_255, OPENAI_STD_255
+    return tuple(255.0 * m for m in mean), tuple(255.0 * s for s in std)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt file, TorchScript archive, pickle of arbitrary objects ...
+        raise ModelLoadError(
+            f"Could not read checkpoint {path}: {exc}. Save it with torch.save(model.state_dict(), path)."
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{path} is not a state dict. Save it with torch.save(model.state_dict(), path).")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+@contextlib.contextmanager
+def _quiet_random_init():
+    """open_clip logs that a model without pretrained weights is random; ours get weights next."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _from_checkpoint(model: str, path: Path) -> nn.Module:
+    with _quiet_random_init():
+        clip = open_clip.create_model(model, pretrained=None)
+    state = _read_state_dict(Path(path))
+    expected = clip.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} (model has {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong_shape:
+        details = []
+        if wrong_shape:
+            details.append("shape mismatch: " + "; ".join(wrong_shape[:3]))
+        if missing:
+            details.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}")
+        raise ModelLoadError(
+            f"Checkpoint {path} does not match model {model!r} ({'; '.join(details)}). "
+            "Choose the model the checkpoint was saved from."
+        )
+    clip.load_state_dict(state)
+    return clip
+
+
+def _weights_cached(cfg: dict) -> bool:
+    """Whether open_clip can load these weights without the network."""
+    if "file" in cfg:
+        return True
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            pass
+        else:
+            repo, filename = os.path.split(hub)
+            names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+            if filename.endswith((".bin", ".pth")):
+                names.insert(0, filename.rsplit(".", 1)[0] + ".safetensors")
+            if any(isinstance(try_to_load_from_cache(repo, n), str) for n in names):
+                return True
+    url = cfg.get("url", "")
+    return bool(url) and os.path.isfile(os.path.expanduser(os.path.join("~/.cache/clip", os.path.basename(url))))
+
+
+def network_available(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """A quick reachability probe, so that offline use fails in seconds rather than after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or os.environ.get("NAPARI_CLEARCLIP_OFFLINE"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _from_pretrained_tag(model: str, tag: str) -> nn.Module:
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if tag not in tags:
+        known = f"Known tags for {model}: {', '.join(tags)}." if tags else f"open_clip has no pretrained weights for {model}."
+        raise ModelLoadError(f"Unknown pretrained weights {tag!r} for {model!r}. {known} Or pass a local checkpoint path.")
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    host = urlparse(cfg.get("url", "")).hostname if not cfg.get("hf_hub") else "huggingface.co"
+    if not _weights_cached(cfg) and not network_available(host or "huggingface.co"):
+        raise WeightsUnavailableError(
+            f"The {model} '{tag}' weights are not in the local cache and there is no network connection to download them. "
+            f"Connect once to let open_clip download and cache them, or pass a local checkpoint file saved with "
+            f"torch.save(model.state_dict(), path): Segmenter(model={model!r}, pretrained='/path/to/checkpoint.pt')."
+        )
+    try:
+        return open_clip.create_model(model, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu")))
+    except Exception as exc:
+        raise WeightsUnavailableError(
+            f"Could not download or load the {model} '{tag}' weights: {exc}. "
+            "Check the network connection, or pass a local checkpoint path as pretrained."
+        ) from None

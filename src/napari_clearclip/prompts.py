@@ -1,0 +1,188 @@
+"""Class names, prompt templates and text embeddings (cached in memory and on disk)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+
+from .cache import cache_dir
+from .errors import InvalidClassesError
+from .models import LoadedModel
+
+#: The 80 OpenAI ImageNet prompt templates shipped by open_clip, as "{}" format strings.
+IMAGENET_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
+PROMPTS_PER_BATCH = 400
+
+
+@dataclass(frozen=True)
+class ClassQuery:
+    """One class: its display name and the synonyms that are each a text query."""
+
+    name: str
+    synonyms: tuple[str, ...]
+
+
+def parse_classes(classes: str | Sequence[str]) -> list[ClassQuery]:
+    """Parse a class list; each entry is "name, synonym, ..." and is named by its first synonym.
+
+    A single string is split on newlines and semicolons. Empty, blank or duplicate
+    names are errors: a duplicate would make two classes compete for the same pixels.
+    """
+    if isinstance(classes, str):
+        classes = [part for part in re.split(r"[;\n]", classes) if part.strip()]
+    if classes is None or len(classes) == 0:
+        raise InvalidClassesError("No classes given: name at least one class, for example ['cell', 'background'].")
+    parsed: list[ClassQuery] = []
+    seen: dict[str, int] = {}
+    for position, entry in enumerate(classes, start=1):
+        if not isinstance(entry, str):
+            raise InvalidClassesError(f"Class {position} is {entry!r}; each class must be a string such as 'cell, nucleus'.")
+        synonyms = tuple(" ".join(s.split()) for s in entry.split(","))
+        if not entry.strip() or any(not s for s in synonyms):
+            raise InvalidClassesError(
+                f"Class {position} ({entry!r}) has an empty name: remove the stray comma or blank entry."
+            )
+        for synonym in synonyms:
+            key = synonym.lower()
+            if key in seen:
+                where = "in the same class" if seen[key] == position else f"in classes {seen[key]} and {position}"
+                raise InvalidClassesError(f"{synonym!r} appears twice ({where}); each name may be used once.")
+            seen[key] = position
+        parsed.append(ClassQuery(name=synonyms[0], synonyms=synonyms))
+    return parsed
+
+
+def check_templates(templates: Sequence[str] | None) -> tuple[str, ...]:
+    """Default to the 80 ImageNet templates; user templates must each contain ``{}``."""
+    if templates is None:
+        return IMAGENET_TEMPLATES
+    if isinstance(templates, str):
+        templates = [templates]
+    templates = tuple(templates)
+    if not templates:
+        raise InvalidClassesError("The template list is empty: pass None for the 80 ImageNet templates, or e.g. ['a photo of a {}.'].")
+    bad = [t for t in templates if not isinstance(t, str) or "{}" not in t]
+    if bad:
+        raise InvalidClassesError(f"Each template needs a '{{}}' where the class name goes; these have none: {bad[:3]}.")
+    return templates
+
+
+class TextEncoder:
+    """Text embeddings per class name: template-averaged, normalised, and cached.
+
+    The cache key is (model, weights, precision, templates, name), so a class seen
+    once with a model is never encoded again, in this process or the next.
+    """
+
+    def __init__(self, model: LoadedModel, disk_cache: bool = True):
+        self.model = model
+        self.disk_cache = disk_cache
+        self._memory: dict[str, torch.Tensor] = {}
+
+    def key(self, name: str, templates: tuple[str, ...]) -> str:
+        digest = hashlib.sha256()
+        for part in (self.model.cache_id, "\x1f".join(templates), name):
+            digest.update(part.encode("utf-8"))
+            digest.update(b"\x00")
+        return digest.hexdigest()
+
+    def _disk_path(self, key: str) -> Path:
+        return cache_dir() / "text-embeddings" / f"{key}.npy"
+
+    def lookup(self, name: str, templates: tuple[str, ...]) -> torch.Tensor | None:
+        key = self.key(name, templates)
+        if key in self._memory:
+            return self._memory[key]
+        if self.disk_cache:
+            path = self._disk_path(key)
+            if path.is_file():
+                try:
+                    embedding = torch.from_numpy(np.load(path))
+                except (OSError, ValueError):
+                    return None
+                self._memory[key] = embedding
+                return embedding
+        return None
+
+    def _store(self, name: str, templates: tuple[str, ...], embedding: torch.Tensor) -> None:
+        key = self.key(name, templates)
+        self._memory[key] = embedding
+        if self.disk_cache:
+            path = self._disk_path(key)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                with open(tmp, "wb") as handle:
+                    np.save(handle, embedding.numpy())
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a read-only cache must not stop segmentation
+
+    def encode_steps(self, names: Sequence[str], templates: tuple[str, ...]) -> Iterator[tuple[int, int]]:
+        """Encode the names not cached yet, yielding (done, total) after each batch of prompts."""
+        missing = list(dict.fromkeys(n for n in names if self.lookup(n, templates) is None))
+        per_batch = max(1, PROMPTS_PER_BATCH // len(templates))
+        total = len(missing)
+        for start in range(0, total, per_batch):
+            chunk = missing[start : start + per_batch]
+            prompts = [t.replace("{}", name) for name in chunk for t in templates]
+            features = self.encode_prompts(prompts).view(len(chunk), len(templates), -1)
+            for name, per_template in zip(chunk, features):
+                mean = F.normalize(per_template, dim=-1).mean(dim=0)
+                self._store(name, templates, F.normalize(mean, dim=0).cpu())
+            yield min(start + per_batch, total), total
+
+    def embeddings(self, names: Sequence[str], templates: tuple[str, ...]) -> torch.Tensor:
+        """(len(names), E) float32 embeddings, encoding whatever is not cached."""
+        for _ in self.encode_steps(names, templates):
+            pass
+        return torch.stack([self.lookup(n, templates) for n in names])
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Raw text features of prompts, float32 on the CPU."""
+        model = self.model
+        tokens = model.tokenizer(prompts).to(model.device)
+        with model.autocast():
+            features = encode_text_truncated(model.clip, tokens)
+        return features.float().cpu()
+
+
+def encode_text_truncated(clip: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP text features with the context cut after the longest prompt's end token.
+
+    CLIP's text transformer is causal, so tokens after the end-of-text token cannot
+    change the pooled feature: dropping them gives the same embeddings far faster.
+    Models without a causal mask or end-token pooling run at the full context.
+    """
+    pool = getattr(clip, "text_pool_type", None)
+    mask = getattr(clip, "attn_mask", None)
+    if mask is None or not hasattr(clip, "token_embedding"):
+        return clip.encode_text(tokens)
+    if pool == "argmax":  # the end token has the highest id
+        end = tokens.argmax(dim=-1)
+    elif pool == "eos" and getattr(clip, "text_eos_id", None) is not None:
+        end = (tokens == clip.text_eos_id).int().argmax(dim=-1)
+    else:
+        return clip.encode_text(tokens)
+    length = int(end.max()) + 1
+    cast = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens[:, :length]).to(cast) + clip.positional_embedding[:length].to(cast)
+    x = clip.transformer(x, attn_mask=mask[:length, :length])
+    x = clip.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), end]
+    projection = clip.text_projection
+    if projection is not None:
+        x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+    return x
+
+

@@ -1,0 +1,291 @@
+"""The Segmenter: ClearCLIP dense inference over sliding windows, with caches for interactive use."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Generator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cache import ByteLRU
+from .errors import ClearClipError, OutOfMemoryError
+from .image import check_image, prepare, resized_size
+from .methods import encode_dense, get_method, interpolated_positions
+from .models import LoadedModel, default_options, load_model
+from .prompts import ClassQuery, TextEncoder, check_templates, parse_classes
+from .windows import WindowGrid
+
+
+
+class _Default:
+    """Marks an option left to the model's default."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT = _Default()
+
+
+@dataclass
+class Progress:
+    """One step of a run: ``stage`` is "text" or "windows"; ``done`` of ``total`` units."""
+
+    stage: str
+    done: int
+    total: int
+
+    @property
+    def message(self) -> str:
+        what = "class names encoded" if self.stage == "text" else "windows"
+        return f"{what}: {self.done}/{self.total}"
+
+
+@dataclass
+class SegmentationResult:
+    """Labels 1..C (0 where no class reaches the threshold), per-class probabilities and similarities."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+    similarity: np.ndarray
+    class_names: list[str]
+    classes: list[ClassQuery] = field(default_factory=list)
+    method: str = "clearclip"
+
+    def class_table(self) -> list[dict]:
+        """One row per label value, with its pixel count, for CSV export and legends."""
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names) + 1)
+        rows = [{"label": 0, "name": "unassigned", "synonyms": "", "pixels": int(counts[0])}]
+        for index, query in enumerate(self.classes or [ClassQuery(n, (n,)) for n in self.class_names], start=1):
+            rows.append({"label": index, "name": query.name, "synonyms": ", ".join(query.synonyms), "pixels": int(counts[index])})
+        return rows
+
+
+@dataclass
+class _Features:
+    """Patch embeddings of every window of one image, kept to re-score new classes instantly."""
+
+    grid: WindowGrid
+    batches: list[tuple[list[tuple[int, int, int, int]], torch.Tensor]]
+    resized: tuple[int, int]
+
+
+class Segmenter:
+    """Open-vocabulary segmentation with ClearCLIP (or a related method) on a frozen CLIP.
+
+    >>> seg = Segmenter(model="ViT-B-16", pretrained="openai")          # doctest: +SKIP
+    >>> res = seg.segment(image, ["sky", "horse, pony", "grass"])       # doctest: +SKIP
+    >>> res.labels  # (H, W): 1 = sky, 2 = horse, 3 = grass              # doctest: +SKIP
+
+    Text embeddings are cached per class name (in memory and on disk), and the patch
+    embeddings of recent images in memory, so re-running with other classes is fast.
+    """
+
+    def __init__(
+        self,
+        model: str = "ViT-B-16",
+        pretrained: str | None = None,
+        method: str = "clearclip",
+        device: str = "auto",
+        precision: str = "auto",
+        *,
+        window_batch_size: int | None = None,
+        feature_cache_bytes: int = 1 << 30,
+        disk_cache: bool = True,
+    ):
+        self.method = method
+        self.model: LoadedModel = load_model(model, pretrained, device, precision)
+        self.pretrained = pretrained
+        self.text = TextEncoder(self.model, disk_cache=disk_cache)
+        self.window_batch_size = window_batch_size or (8 if self.model.device.type != "cpu" else 2)
+        self._features = ByteLRU(feature_cache_bytes)
+
+    @property
+    def method(self) -> str:
+        return self._method
+
+    @method.setter
+    def method(self, name: str) -> None:
+        self._method_fn = get_method(name)
+        self._method = name.lower()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def __repr__(self) -> str:
+        return (f"Segmenter(model={self.model.name!r}, weights={self.model.weights_id!r}, method={self.method!r}, "
+                f"device={str(self.device)!r}, precision={self.model.precision!r})")
+
+    def segment(self, image, classes: str | Sequence[str], **options) -> SegmentationResult:
+        """Segment ``image`` into ``classes``; see :meth:`segment_steps` for the options."""
+        steps = self.segment_steps(image, classes, **options)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
+
+    def encode_classes(self, classes: str | Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+        """Text embeddings (queries, E) of every synonym, encoding only what is not cached."""
+        queries = [s for c in parse_classes(classes) for s in c.synonyms]
+        return self.text.embeddings(queries, check_templates(templates))
+
+    def segment_steps(
+        self,
+        image,
+        classes: str | Sequence[str],
+        *,
+        short_side: int | None | _Default = DEFAULT,
+        crop: int | _Default = DEFAULT,
+        stride: int | _Default = DEFAULT,
+        logit_scale: float = 50.0,
+        prob_threshold: float = 0.0,
+        templates: Sequence[str] | None = None,
+        contrast_limits: Sequence[float] | None = None,
+    ) -> Generator[Progress, None, SegmentationResult]:
+        """A generator that yields :class:`Progress` and returns the :class:`SegmentationResult`.
+
+        Stop iterating (or close it) to cancel between batches. Defaults follow the
+        official ClearCLIP protocol: short side 448, 448 crops at stride 224,
+        logit scale 50, no probability threshold, the 80 ImageNet templates.
+        Window settings left at ``DEFAULT`` take the model's own (the official ones,
+        except for models trained at another scale such as ``synthetic-tiny``).
+        """
+        defaults = default_options(self.model.name)
+        short_side = defaults["short_side"] if short_side is DEFAULT else short_side
+        crop = defaults["crop"] if crop is DEFAULT else crop
+        stride = defaults["stride"] if stride is DEFAULT else stride
+        parsed = parse_classes(classes)
+        templates = check_templates(templates)
+        patch = self.model.patch_size
+        array = check_image(image, min_side=max(patch))
+        _check_options(short_side, crop, stride, logit_scale, prob_threshold, max(patch))
+
+        queries = [s for c in parsed for s in c.synonyms]
+        for done, total in self.text.encode_steps(queries, templates):
+            yield Progress("text", done, total)
+        text = self.text.embeddings(queries, templates).to(self.device)
+
+        key = self._feature_key(array, contrast_limits, short_side, crop, stride)
+        features = self._features.get(key)
+        height, width = array.shape[:2]
+        if features is None:
+            features = yield from self._encode_image(array, key, contrast_limits, short_side, crop, stride)
+        scores = self._score(features, text)
+        yield Progress("windows", len(features.grid.windows), len(features.grid.windows))
+        return _postprocess(scores, (height, width), parsed, logit_scale, prob_threshold, self.method)
+
+    # -- image side ---------------------------------------------------------------------------
+
+    def _feature_key(self, array: np.ndarray, contrast_limits, short_side, crop, stride) -> str:
+        digest = hashlib.blake2b(digest_size=20)
+        digest.update(np.ascontiguousarray(array).data)
+        limits = None if contrast_limits is None else tuple(float(v) for v in contrast_limits)
+        digest.update(repr((array.shape, str(array.dtype), limits, short_side, crop, stride,
+                            self.method, self.model.cache_id)).encode())
+        return digest.hexdigest()
+
+    def _encode_image(self, array, key, contrast_limits, short_side, crop, stride):
+        """Generator: encode every window in batches, yielding progress; returns the features."""
+        pixels = prepare(array, self.model.mean, self.model.std, short_side, contrast_limits)
+        grid = WindowGrid(pixels.shape[1], pixels.shape[2], crop, stride, self.model.patch_size)
+        windows = grid.windows
+        features = _Features(grid, [], tuple(pixels.shape[1:]))
+        position = 0
+        yield Progress("windows", 0, len(windows))
+        while position < len(windows):
+            batch = windows[position : position + self.window_batch_size]
+            crops = grid.crop_batch(pixels, batch).to(self.device)
+            features.batches.append((batch, self._encode_crops(crops)))
+            position += len(batch)
+            yield Progress("windows", position, len(windows))
+        nbytes = sum(f.numel() * f.element_size() for _, f in features.batches)
+        self._features.put(key, features, nbytes)
+        return features
+
+    def _encode_crops(self, crops: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings of a batch of crops; on GPU out-of-memory, retry in smaller batches."""
+        try:
+            with torch.inference_mode(), self.model.autocast():
+                rows = crops.shape[-2] // self.model.patch_size[0]
+                cols = crops.shape[-1] // self.model.patch_size[1]
+                positions = interpolated_positions(self.model.visual, rows, cols)
+                return encode_dense(self.model.visual, crops, self._method_fn, positions)
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(crops) == 1:
+                raise OutOfMemoryError(
+                    f"The {self.device} device ran out of memory even with one window per batch. "
+                    "Use a smaller crop, precision='fp16', or device='cpu'."
+                ) from None
+            self.window_batch_size = max(1, len(crops) // 2)
+            half = len(crops) // 2
+            return torch.cat([self._encode_crops(crops[:half]), self._encode_crops(crops[half:])])
+
+    def _score(self, features: _Features, text: torch.Tensor) -> torch.Tensor:
+        """Window-averaged cosine similarities (queries, h, w) at the resized image's size."""
+        grid = features.grid
+        padded = grid.padded_size
+        left, _, top, _ = grid.padding
+        win_h, win_w = grid.window_size
+        rows, cols = grid.patch_grid
+        scores = torch.zeros((text.shape[0], grid.height, grid.width), device=self.device)
+        with torch.inference_mode():
+            for batch, patch_features in features.batches:
+                logits = (patch_features @ text.T).transpose(1, 2).reshape(len(batch), -1, rows, cols)
+                logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+                logits = logits[:, :, top : top + win_h, left : left + win_w]
+                for (y1, y2, x1, x2), window in zip(batch, logits):
+                    scores[:, y1:y2, x1:x2] += window
+            row_count, col_count = grid.coverage()
+            scores /= (row_count[:, None] * col_count[None, :]).to(self.device)
+        return scores
+
+
+def _check_options(short_side, crop, stride, logit_scale, prob_threshold, patch: int) -> None:
+    def whole(value) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    if short_side is not None and (not whole(short_side) or short_side < patch):
+        raise ClearClipError(f"short_side={short_side!r} must be a whole number of at least {patch} pixels, or None to keep the native size.")
+    if not whole(crop) or crop < patch:
+        raise ClearClipError(f"crop={crop!r} must be a whole number of at least {patch} pixels (the official value is 448).")
+    if not whole(stride) or not 0 < stride <= crop:
+        raise ClearClipError(f"stride={stride!r} must be a whole number between 1 and the crop size {crop} (the official value is 224).")
+    if not logit_scale > 0:
+        raise ClearClipError(f"logit_scale={logit_scale!r} must be positive (the official value is 50).")
+    if not 0.0 <= prob_threshold <= 1.0:
+        raise ClearClipError(f"prob_threshold={prob_threshold!r} must lie between 0 and 1.")
+
+
+def _postprocess(scores, size, classes, logit_scale, prob_threshold, method, rows_per_chunk: int = 512) -> SegmentationResult:
+    """Resize to the input size, softmax over queries, max over synonyms, argmax, threshold."""
+    if tuple(scores.shape[1:]) != tuple(size):
+        scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+    height, width = size
+    n_classes = len(classes)
+    labels = np.empty((height, width), dtype=np.int32)
+    probabilities = np.empty((n_classes, height, width), dtype=np.float32)
+    similarity = np.empty((n_classes, height, width), dtype=np.float32)
+    spans, start = [], 0
+    for query in classes:
+        spans.append((start, start + len(query.synonyms)))
+        start += len(query.synonyms)
+    for r0 in range(0, height, rows_per_chunk):
+        r1 = min(r0 + rows_per_chunk, height)
+        chunk = scores[:, r0:r1].float()
+        probs = torch.softmax(chunk * logit_scale, dim=0)
+        class_probs = torch.stack([probs[a:b].amax(0) for a, b in spans])
+        class_sims = torch.stack([chunk[a:b].amax(0) for a, b in spans])
+        best, index = class_probs.max(0)
+        chunk_labels = index + 1
+        chunk_labels[best < prob_threshold] = 0
+        labels[r0:r1] = chunk_labels.cpu().numpy()
+        probabilities[:, r0:r1] = class_probs.cpu().numpy()
+        similarity[:, r0:r1] = class_sims.cpu().numpy()
+    return SegmentationResult(labels, probabilities, similarity, [c.name for c in classes], list(classes), method)

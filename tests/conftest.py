@@ -1,0 +1,84 @@
+"""Test fixtures: every cache in a temporary directory, no network, small random models."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+TINY_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def pytest_configure(config):
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="clearclip-tests-")
+    os.environ["NAPARI_CLEARCLIP_CACHE_DIR"] = os.path.join(base, "cache")
+    os.environ["NAPARI_CLEARCLIP_CONFIG_DIR"] = os.path.join(base, "config")
+    os.environ["HF_HOME"] = os.path.join(base, "hf")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["NAPARI_CLEARCLIP_OFFLINE"] = "1"
+    os.environ["XDG_CACHE_HOME"] = os.path.join(base, "xdg-cache")
+    os.environ["XDG_CONFIG_HOME"] = os.path.join(base, "xdg-config")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    import open_clip
+
+    path = os.path.join(base, "test-tiny.json")
+    with open(path, "w") as handle:
+        json.dump(TINY_CONFIG, handle)
+    open_clip.add_model_config(path)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache_dir(tmp_path, monkeypatch):
+    """Each test starts with its own empty disk cache."""
+    monkeypatch.setenv("NAPARI_CLEARCLIP_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _random_checkpoint(name: str, path, seed: int) -> str:
+    import logging
+
+    import open_clip
+
+    torch.manual_seed(seed)
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(name, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
+    torch.save(model.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    return _random_checkpoint("test-tiny", tmp_path_factory.mktemp("ckpt") / "tiny.pt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def vitb16_checkpoint(tmp_path_factory) -> str:
+    return _random_checkpoint("ViT-B-16", tmp_path_factory.mktemp("ckpt") / "vit-b-16.pt", seed=0)
+
+
+@pytest.fixture
+def tiny_segmenter(tiny_checkpoint):
+    from napari_clearclip import Segmenter
+
+    return Segmenter("test-tiny", tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture
+def rgb_image() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 255, (6, 9, 3)).astype(np.float32)
+    from skimage.transform import resize
+
+    smooth = resize(coarse, (180, 260, 3), order=1)
+    return np.clip(smooth + rng.normal(0, 10, smooth.shape), 0, 255).astype(np.uint8)

@@ -1,0 +1,216 @@
+"""A straightforward re-statement of the official ClearCLIP inference loop, for fidelity tests.
+
+Written from the official code's structure, independently of the package: per-window
+forward through the whole image tower with the custom last block (per-head bmm as the
+official code does), full 77-token text context, one window at a time, then the
+official post-processing. Slow on purpose; clarity over speed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+OFFICIAL_MEAN = [122.771, 116.746, 104.094]
+OFFICIAL_STD = [68.501, 66.632, 70.323]
+
+
+def official_preprocess(image: np.ndarray, short_side: int | None, mean=OFFICIAL_MEAN, std=OFFICIAL_STD) -> torch.Tensor:
+    """mmcv-style keep-ratio rescale to scale (2048, short_side) of a uint8 RGB image, then normalise."""
+    img = torch.from_numpy(image.astype(np.float32)).permute(2, 0, 1)[None]
+    h, w = image.shape[:2]
+    if short_side is not None:
+        scale = min(2048 / max(h, w), short_side / min(h, w))
+        new_h, new_w = int(h * scale + 0.5), int(w * scale + 0.5)
+        if (new_h, new_w) != (h, w):
+            img = F.interpolate(img, size=(new_h, new_w), mode="bilinear", align_corners=False).round().clamp(0, 255)
+    mean = torch.tensor(mean).view(1, 3, 1, 1)
+    std = torch.tensor(std).view(1, 3, 1, 1)
+    return (img - mean) / std
+
+
+class OfficialReference:
+    def __init__(self, net, tokenizer, class_lines, templates, model_type="ClearCLIP",
+                 logit_scale=50.0, prob_thd=0.0, slide_stride=224, slide_crop=448):
+        self.net = net.eval()
+        self.model_type = model_type
+        self.logit_scale = logit_scale
+        self.prob_thd = prob_thd
+        self.slide_stride = slide_stride
+        self.slide_crop = slide_crop
+        self.patch_size = net.visual.patch_size[0]
+        query_words, query_idx = [], []
+        for idx, line in enumerate(class_lines):
+            for word in line.split(", "):
+                query_words.append(word)
+                query_idx.append(idx)
+        self.query_idx = torch.tensor(query_idx)
+        features = []
+        with torch.no_grad():
+            for qw in query_words:
+                tokens = tokenizer([t.replace("{}", qw) for t in templates])
+                assert tokens.shape[1] == net.context_length  # the full context, never truncated
+                feature = net.encode_text(tokens)
+                feature = feature / feature.norm(dim=-1, keepdim=True)
+                feature = feature.mean(dim=0)
+                feature = feature / feature.norm()
+                features.append(feature.unsqueeze(0))
+        self.query_features = torch.cat(features, dim=0)
+
+    # -- image tower, as the official modified CLIP forward -------------------------------------
+    def interpolate_pos_encoding(self, x, w, h):
+        visual = self.net.visual
+        npatch = x.shape[1] - 1
+        N = visual.positional_embedding.shape[0] - 1
+        if npatch == N and w == h:
+            return visual.positional_embedding
+        class_pos_embed = visual.positional_embedding[[0]]
+        patch_pos_embed = visual.positional_embedding[1:]
+        dim = x.shape[-1]
+        w0 = w // self.patch_size
+        h0 = h // self.patch_size
+        w0, h0 = w0 + 0.1, h0 + 0.1
+        patch_pos_embed = F.interpolate(
+            patch_pos_embed.reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+            scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)),
+            mode="bicubic",
+        )
+        assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(-1, dim)
+        return torch.cat((class_pos_embed, patch_pos_embed), dim=0)
+
+    def custom_attn(self, attn_layer, x, kind):
+        num_heads = attn_layer.num_heads
+        bsz, tokens, embed_dim = x.size()
+        head_dim = embed_dim // num_heads
+        scale = head_dim ** -0.5
+        q, k, v = F.linear(x, attn_layer.in_proj_weight, attn_layer.in_proj_bias).chunk(3, dim=-1)
+        q = q.transpose(0, 1).contiguous().view(-1, bsz * num_heads, head_dim).transpose(0, 1)
+        k = k.transpose(0, 1).contiguous().view(-1, bsz * num_heads, head_dim).transpose(0, 1)
+        v = v.transpose(0, 1).contiguous().view(-1, bsz * num_heads, head_dim).transpose(0, 1)
+        if kind == "qq":
+            attn_weights = F.softmax(torch.bmm(q, q.transpose(1, 2)) * scale, dim=-1)
+        elif kind == "kk+gauss":
+            attn_weights = torch.bmm(k, k.transpose(1, 2)) * scale + self.gaussian_addition(tokens)
+            attn_weights = F.softmax(attn_weights, dim=-1)
+        elif kind == "qq+kk":
+            attn_weights = F.softmax(torch.bmm(q, q.transpose(1, 2)) * scale, dim=-1) \
+                + F.softmax(torch.bmm(k, k.transpose(1, 2)) * scale, dim=-1)
+        elif kind == "identity":
+            attn_weights = torch.eye(tokens).expand(bsz * num_heads, tokens, tokens)
+        attn_output = torch.bmm(attn_weights, v)
+        attn_output = attn_output.transpose(0, 1).contiguous().view(-1, bsz, embed_dim).transpose(0, 1)
+        return attn_layer.out_proj(attn_output)
+
+    def gaussian_addition(self, tokens):
+        rows, cols = self.grid
+        assert rows * cols + 1 == tokens
+        out = torch.zeros(tokens, tokens)
+        for p in range(rows * cols):
+            for q in range(rows * cols):
+                d2 = (p // cols - q // cols) ** 2 + (p % cols - q % cols) ** 2
+                out[p + 1, q + 1] = math.exp(-d2 / (2 * 5.0 ** 2))
+        return out
+
+    def encode_image(self, img):
+        visual = self.net.visual
+        B, nc, w, h = img.shape
+        self.grid = (w // self.patch_size, h // self.patch_size)
+        x = visual.conv1(img)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        x = torch.cat([visual.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype), x], dim=1)
+        if x.shape[1] != visual.positional_embedding.shape[0]:
+            x = x + self.interpolate_pos_encoding(x, w, h).to(x.dtype)
+        else:
+            x = x + visual.positional_embedding.to(x.dtype)
+        x = visual.ln_pre(x)
+        for blk in visual.transformer.resblocks[:-1]:
+            x = blk(x)
+        blk = visual.transformer.resblocks[-1]
+        if self.model_type == "ClearCLIP":
+            x = self.custom_attn(blk.attn, blk.ln_1(x), "qq")
+        elif self.model_type == "NACLIP":
+            x = self.custom_attn(blk.attn, blk.ln_1(x), "kk+gauss")
+        elif self.model_type == "MaskCLIP":
+            x = self.custom_attn(blk.attn, blk.ln_1(x), "identity")
+        elif self.model_type == "SCLIP":
+            x = x + self.custom_attn(blk.attn, blk.ln_1(x), "qq+kk")
+            x = x + blk.mlp(blk.ln_2(x))
+        elif self.model_type == "vanilla":
+            x = blk(x)
+        return visual.ln_post(x) @ visual.proj
+
+    # -- the official segmentor --------------------------------------------------------------
+    def forward_feature(self, img):
+        image_features = self.encode_image(img)
+        image_features = image_features[:, 1:]
+        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
+        logits = image_features @ self.query_features.T
+        w, h = img[0].shape[-2] // self.patch_size, img[0].shape[-1] // self.patch_size
+        out_dim = logits.shape[-1]
+        logits = logits.permute(0, 2, 1).reshape(-1, out_dim, w, h)
+        return F.interpolate(logits, size=img.shape[-2:], mode="bilinear")
+
+    def compute_padsize(self, H, W, patch_size):
+        l, r, t, b = 0, 0, 0, 0
+        if W % patch_size:
+            lr = patch_size - (W % patch_size)
+            l = lr // 2
+            r = lr - l
+        if H % patch_size:
+            tb = patch_size - (H % patch_size)
+            t = tb // 2
+            b = tb - t
+        return l, r, t, b
+
+    def forward_slide(self, img, ori_shape):
+        h_stride = w_stride = self.slide_stride
+        h_crop = w_crop = self.slide_crop
+        batch_size, _, h_img, w_img = img.shape
+        out_channels = self.query_features.shape[0]
+        h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+        w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+        preds = img.new_zeros((batch_size, out_channels, h_img, w_img))
+        count_mat = img.new_zeros((batch_size, 1, h_img, w_img))
+        for h_idx in range(h_grids):
+            for w_idx in range(w_grids):
+                y1 = h_idx * h_stride
+                x1 = w_idx * w_stride
+                y2 = min(y1 + h_crop, h_img)
+                x2 = min(x1 + w_crop, w_img)
+                y1 = max(y2 - h_crop, 0)
+                x1 = max(x2 - w_crop, 0)
+                crop_img = img[:, :, y1:y2, x1:x2]
+                H, W = crop_img.shape[2:]
+                pad = self.compute_padsize(H, W, self.patch_size)
+                if any(pad):
+                    crop_img = F.pad(crop_img, pad)
+                crop_seg_logit = self.forward_feature(crop_img)
+                if any(pad):
+                    l, t = pad[0], pad[2]
+                    crop_seg_logit = crop_seg_logit[:, :, t:t + H, l:l + W]
+                preds += F.pad(crop_seg_logit, (int(x1), int(preds.shape[3] - x2), int(y1), int(preds.shape[2] - y2)))
+                count_mat[:, :, y1:y2, x1:x2] += 1
+        assert (count_mat == 0).sum() == 0
+        preds = preds / count_mat
+        return F.interpolate(preds, size=ori_shape, mode="bilinear")
+
+    @torch.no_grad()
+    def predict(self, img, ori_shape):
+        """(similarity per query, probabilities per class, labels 1..C with 0 below prob_thd)."""
+        seg_logits = self.forward_slide(img, ori_shape)[0]
+        similarity = seg_logits
+        seg_logits = seg_logits * self.logit_scale
+        seg_logits = seg_logits.softmax(0)
+        num_cls, num_queries = int(self.query_idx.max()) + 1, len(self.query_idx)
+        if num_cls != num_queries:
+            seg_logits = seg_logits.unsqueeze(0)
+            cls_index = F.one_hot(self.query_idx)
+            cls_index = cls_index.T.view(num_cls, num_queries, 1, 1)
+            seg_logits = (seg_logits * cls_index).max(1)[0]
+        seg_pred = seg_logits.argmax(0, keepdim=True)
+        seg_pred[seg_logits.max(0, keepdim=True)[0] < self.prob_thd] = -1
+        return similarity, seg_logits, (seg_pred[0] + 1)

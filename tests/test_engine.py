@@ -1,0 +1,174 @@
+"""Engine behaviour on a tiny random model: shapes, inputs, caches, cancellation, precision."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import napari_clearclip.segmenter as segmenter_module
+from napari_clearclip import Segmenter
+from napari_clearclip.prompts import encode_text_truncated
+from napari_clearclip.windows import WindowGrid
+
+
+def test_result_shapes_and_label_values(tiny_segmenter, rgb_image):
+    result = tiny_segmenter.segment(rgb_image, ["sky", "horse, pony", "grass"])
+    height, width = rgb_image.shape[:2]
+    assert result.labels.shape == (height, width)
+    assert result.probabilities.shape == (3, height, width)
+    assert result.similarity.shape == (3, height, width)
+    assert result.probabilities.dtype == np.float32 and result.similarity.dtype == np.float32
+    assert result.class_names == ["sky", "horse", "grass"]
+    assert set(np.unique(result.labels)) <= {1, 2, 3}
+    # labels are the argmax of the class probabilities, numbered from 1
+    np.testing.assert_array_equal(result.labels, result.probabilities.argmax(0) + 1)
+    assert np.all(result.probabilities.sum(0) <= 1 + 1e-5)
+    assert np.all((result.similarity >= -1) & (result.similarity <= 1))
+
+
+def test_probability_threshold_sends_unsure_pixels_to_zero(tiny_segmenter, rgb_image):
+    free = tiny_segmenter.segment(rgb_image, ["sky", "grass", "road"])
+    threshold = float(np.median(free.probabilities.max(0)))
+    result = tiny_segmenter.segment(rgb_image, ["sky", "grass", "road"], prob_threshold=threshold)
+    best = result.probabilities.max(0)
+    assert np.all(result.labels[best < threshold] == 0)
+    assert np.all(result.labels[best >= threshold] == free.labels[best >= threshold])
+    assert 0 < (result.labels == 0).mean() < 1
+    table = result.class_table()
+    assert table[0]["name"] == "unassigned" and sum(row["pixels"] for row in table) == result.labels.size
+
+
+def test_grey_rgba_and_float_inputs(tiny_segmenter, rgb_image):
+    grey = rgb_image[..., 0]
+    as_rgb = np.repeat(grey[..., None], 3, axis=2)
+    classes = ["cell", "nucleus"]
+    reference = tiny_segmenter.segment(as_rgb, classes).probabilities
+    np.testing.assert_allclose(tiny_segmenter.segment(grey, classes).probabilities, reference, atol=1e-6)
+    rgba = np.concatenate([rgb_image, np.full(rgb_image.shape[:2] + (1,), 7, np.uint8)], axis=2)
+    np.testing.assert_allclose(tiny_segmenter.segment(rgba, classes).probabilities,
+                               tiny_segmenter.segment(rgb_image, classes).probabilities, atol=1e-6)
+    # float and uint16 images scaled by contrast limits land on the same intensities as uint8
+    as_float = rgb_image.astype(np.float32) / 255.0
+    as_u16 = rgb_image.astype(np.uint16) * 257
+    expected = tiny_segmenter.segment(rgb_image, classes, short_side=None).probabilities
+    np.testing.assert_allclose(tiny_segmenter.segment(as_float, classes, short_side=None, contrast_limits=(0, 1)).probabilities,
+                               expected, atol=1e-5)
+    np.testing.assert_allclose(tiny_segmenter.segment(as_u16, classes, short_side=None, contrast_limits=(0, 65535)).probabilities,
+                               expected, atol=1e-5)
+    # without limits a float image is scaled by its own range
+    stretched = (rgb_image.astype(np.float64) - rgb_image.min()) / (rgb_image.max() - rgb_image.min()) * 1000 - 3
+    np.testing.assert_allclose(tiny_segmenter.segment(stretched, classes, short_side=None).probabilities,
+                               tiny_segmenter.segment(rgb_image, classes, short_side=None,
+                                                      contrast_limits=(rgb_image.min(), rgb_image.max())).probabilities,
+                               atol=1e-5)
+
+
+def test_cached_image_features_rescored_without_encoding(tiny_checkpoint, rgb_image, monkeypatch):
+    segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
+    first = segmenter.segment(rgb_image, ["sky", "grass", "road"])
+    fresh = Segmenter("test-tiny", tiny_checkpoint, device="cpu", disk_cache=False).segment(rgb_image, ["road", "sky"])
+    calls = {"image": 0, "prompts": 0}
+    original_encode = segmenter_module.encode_dense
+    original_prompts = segmenter.text.encode_prompts
+
+    def count_image(*args, **kwargs):
+        calls["image"] += 1
+        return original_encode(*args, **kwargs)
+
+    def count_prompts(prompts):
+        calls["prompts"] += len(prompts)
+        return original_prompts(prompts)
+
+    monkeypatch.setattr(segmenter_module, "encode_dense", count_image)
+    monkeypatch.setattr(segmenter.text, "encode_prompts", count_prompts)
+    again = segmenter.segment(rgb_image, ["road", "sky"])
+    assert calls == {"image": 0, "prompts": 0}
+    np.testing.assert_allclose(again.probabilities, fresh.probabilities, atol=1e-6)
+    segmenter.segment(rgb_image, ["road", "sky", "water"])
+    assert calls == {"image": 0, "prompts": 80}  # only the new class, 80 templates
+    # a different image, method or window setting is encoded anew
+    segmenter.segment(rgb_image[::-1].copy(), ["sky"])
+    assert calls["image"] == 1
+    segmenter.method = "maskclip"
+    segmenter.segment(rgb_image, ["sky"])
+    assert calls["image"] == 2
+    assert first.class_names == ["sky", "grass", "road"]
+
+
+def test_text_embeddings_cached_on_disk_by_checkpoint_content(tiny_checkpoint, tmp_path, monkeypatch):
+    first = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
+    expected = first.encode_classes(["cat", "dog"])
+    assert len(list((tmp_path / "cache" / "text-embeddings").glob("*.npy"))) == 2
+    copy = tmp_path / "renamed.pt"
+    shutil.copy(tiny_checkpoint, copy)
+    second = Segmenter("test-tiny", str(copy), device="cpu")
+    monkeypatch.setattr(second.text, "encode_prompts", lambda prompts: pytest.fail("should come from the disk cache"))
+    torch.testing.assert_close(second.encode_classes(["dog", "cat"]), expected.flip(0))
+
+
+def test_truncated_text_context_equals_full_context(tiny_segmenter):
+    model = tiny_segmenter.model
+    tokens = model.tokenizer(["a photo of a cat.", "a very blurry low resolution photo of a small grey tabby cat."])
+    with torch.no_grad():
+        full = model.clip.encode_text(tokens)
+        short = encode_text_truncated(model.clip, tokens)
+    torch.testing.assert_close(short, full, atol=1e-5, rtol=1e-5)
+
+
+def test_window_grid_follows_official_geometry():
+    grid = WindowGrid(448, 597, 448, 224, (16, 16))
+    assert grid.windows == [(0, 448, 0, 448), (0, 448, 149, 597)]
+    assert grid.padding == (0, 0, 0, 0)
+    grid = WindowGrid(300, 500, 448, 224, (16, 16))
+    assert grid.window_size == (300, 448) and grid.padding == (0, 0, 2, 2) and grid.patch_grid == (19, 28)
+    rows, cols = grid.coverage()
+    assert rows.min() == 1 and cols.max() == 2 and cols[0] == 1
+    grid = WindowGrid(100, 90, 448, 224, (16, 16))
+    assert grid.windows == [(0, 100, 0, 90)] and grid.padding == (3, 3, 6, 6)
+
+
+def test_cancelled_run_caches_nothing_and_next_run_completes(tiny_segmenter, rgb_image):
+    steps = tiny_segmenter.segment_steps(rgb_image, ["sky", "grass"], short_side=None, crop=64, stride=32)
+    stages = []
+    for progress in steps:
+        stages.append(progress.stage)
+        if progress.stage == "windows" and progress.done > 0:
+            break
+    steps.close()
+    assert len(tiny_segmenter._features) == 0
+    result = tiny_segmenter.segment(rgb_image, ["sky", "grass"], short_side=None, crop=64, stride=32)
+    assert result.labels.shape == rgb_image.shape[:2]
+    assert "text" in stages
+
+
+def test_progress_counts_windows(tiny_segmenter, rgb_image):
+    steps = list(tiny_segmenter.segment_steps(rgb_image, ["a"], short_side=None, crop=64, stride=32))
+    windows = [p for p in steps if p.stage == "windows"]
+    assert windows[0].done == 0 and windows[-1].done == windows[-1].total
+    assert windows[-1].total == len(WindowGrid(180, 260, 64, 32, (16, 16)).windows)
+
+
+def test_out_of_memory_retries_with_smaller_batches(tiny_checkpoint, rgb_image, monkeypatch):
+    segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu", window_batch_size=8)
+    expected = Segmenter("test-tiny", tiny_checkpoint, device="cpu").segment(rgb_image, ["a", "b"], short_side=None, crop=64, stride=32)
+    original = segmenter_module.encode_dense
+
+    def limited(visual, pixels, *args, **kwargs):
+        if len(pixels) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(visual, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(segmenter_module, "encode_dense", limited)
+    result = segmenter.segment(rgb_image, ["a", "b"], short_side=None, crop=64, stride=32)
+    assert segmenter.window_batch_size == 2
+    np.testing.assert_allclose(result.probabilities, expected.probabilities, atol=1e-5)
+
+
+def test_bf16_close_to_fp32(tiny_checkpoint, rgb_image):
+    exact = Segmenter("test-tiny", tiny_checkpoint, device="cpu", precision="fp32").segment(rgb_image, ["a", "b", "c"])
+    fast = Segmenter("test-tiny", tiny_checkpoint, device="cpu", precision="bf16").segment(rgb_image, ["a", "b", "c"])
+    assert np.abs(fast.similarity - exact.similarity).max() < 0.05
+    assert (fast.labels == exact.labels).mean() > 0.8

@@ -1,0 +1,117 @@
+"""Bad input gets a clear, actionable error where it enters."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from napari_clearclip import (
+    ClearClipError,
+    InvalidClassesError,
+    InvalidImageError,
+    ModelLoadError,
+    Segmenter,
+    WeightsUnavailableError,
+)
+from napari_clearclip.prompts import parse_classes
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(ModelLoadError, match=r"Unknown model 'ViT-B16'.*ViT-B-16"):
+        Segmenter("ViT-B16")
+
+
+def test_offline_without_cached_weights_fails_fast_with_advice():
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as info:
+        Segmenter("ViT-B-16", "openai", device="cpu")
+    assert time.monotonic() - start < 30
+    message = str(info.value)
+    assert "not in the local cache" in message and "no network" in message
+    assert "pretrained='/path/to/checkpoint.pt'" in message
+
+
+def test_unknown_pretrained_tag_lists_known_tags():
+    with pytest.raises(ModelLoadError, match=r"Unknown pretrained weights 'opneai'.*openai"):
+        Segmenter("ViT-B-16", "opneai", device="cpu")
+
+
+def test_checkpoint_for_another_model_is_refused(tiny_checkpoint):
+    with pytest.raises(ModelLoadError, match=r"does not match model 'ViT-B-32'.*shape mismatch"):
+        Segmenter("ViT-B-32", tiny_checkpoint, device="cpu")
+
+
+def test_missing_and_unreadable_checkpoints(tmp_path):
+    with pytest.raises(ModelLoadError, match="Checkpoint file not found"):
+        Segmenter("test-tiny", str(tmp_path / "nope.pt"), device="cpu")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelLoadError, match="Could not read checkpoint"):
+        Segmenter("test-tiny", str(garbage), device="cpu")
+
+
+def test_device_and_precision_errors(tiny_checkpoint):
+    with pytest.raises(ModelLoadError, match="fp16' needs a GPU"):
+        Segmenter("test-tiny", tiny_checkpoint, device="cpu", precision="fp16")
+    with pytest.raises(ModelLoadError, match="Unknown precision"):
+        Segmenter("test-tiny", tiny_checkpoint, device="cpu", precision="fp8")
+    with pytest.raises(ClearClipError, match="Unknown method 'clearclop'"):
+        Segmenter("test-tiny", tiny_checkpoint, method="clearclop", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "classes, message",
+    [
+        ([], "No classes given"),
+        ("", "No classes given"),
+        (["cat", "  "], r"Class 2 .* empty name"),
+        (["cat, ", "dog"], r"Class 1 .* empty name"),
+        (["cat", "Cat"], r"'Cat' appears twice \(in classes 1 and 2\)"),
+        (["cat, kitty, kitty"], "appears twice .in the same class"),
+        (["cat", 3], "must be a string"),
+    ],
+)
+def test_bad_class_lists(classes, message):
+    with pytest.raises(InvalidClassesError, match=message):
+        parse_classes(classes)
+
+
+def test_class_text_splits_on_lines_and_semicolons():
+    parsed = parse_classes("sky; horse, pony\n grass \n\n")
+    assert [c.name for c in parsed] == ["sky", "horse", "grass"]
+    assert parsed[1].synonyms == ("horse", "pony")
+
+
+@pytest.mark.parametrize(
+    "image, message",
+    [
+        (np.zeros((2, 32, 32, 3), np.uint8), r"shape \(2, 32, 32, 3\) is not supported.*one 2-D slice"),
+        (np.zeros((3, 64, 64), np.uint8), "channels-first"),
+        (np.zeros((64, 64, 5), np.uint8), "not supported"),
+        (np.zeros((64, 64), bool), "dtype bool"),
+        (np.zeros((64, 64), np.complex64), "dtype complex64"),
+        (np.zeros((8, 64), np.uint8), "too small"),
+        (np.array([[np.nan] * 64] * 64, np.float32), "NaN or infinite"),
+    ],
+)
+def test_bad_images(tiny_segmenter, image, message):
+    with pytest.raises(InvalidImageError, match=message):
+        tiny_segmenter.segment(image, ["cat"])
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(stride=0), "stride=0"),
+        (dict(crop=224, stride=300), "stride=300"),
+        (dict(crop=4), "crop=4"),
+        (dict(prob_threshold=1.5), "prob_threshold"),
+        (dict(templates=["a photo"]), r"needs a '\{\}'"),
+        (dict(contrast_limits=(5, 5)), "Contrast limits"),
+    ],
+)
+def test_bad_options(tiny_segmenter, rgb_image, options, message):
+    with pytest.raises(ClearClipError, match=message):
+        tiny_segmenter.segment(rgb_image, ["cat"], **options)

@@ -3,8 +3,9 @@
     python scripts/train_synthetic.py --steps 1400 --out src/napari_clearclip/data/synthetic-tiny.pt
 
 Contrastive image-caption training from scratch on seeded scenes of coloured shapes
-(see ``napari_clearclip.synthetic``). Captions naming the same content are treated
-as positives of each other, so repeated captions in a batch do not fight.
+(see ``napari_clearclip.synthetic``). Pairs whose scenes hold the same set of colours
+count as positives of each other, so that captions differing only in wording (or
+in a prompt template) do not fight in a batch.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from napari_clearclip.synthetic import make_scene
 
 
 def make_batch(rng: np.random.Generator, batch: int, size: int):
-    images, captions = [], []
+    images, captions, contents = [], [], []
     for _ in range(batch):
         scene = make_scene(rng, size=size, objects=(0, 4) if rng.random() < 0.9 else (0, 0))
         caption = scene.caption
@@ -35,15 +36,17 @@ def make_batch(rng: np.random.Generator, batch: int, size: int):
             scene.image[:] = scene.image[:, ::-1]
         images.append(scene.image)
         captions.append(caption)
+        contents.append(" ".join(sorted({colour for colour, _ in scene.objects})) or "empty")
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
     mean = torch.tensor(OPENAI_MEAN_255).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_STD_255).view(1, 3, 1, 1)
-    return (pixels - mean) / std, captions
+    return (pixels - mean) / std, captions, contents
 
 
-def soft_clip_loss(image_features, text_features, logit_scale, captions):
+def soft_clip_loss(image_features, text_features, logit_scale, contents):
+    """CLIP's contrastive loss where pairs showing the same colours count as positives."""
     logits = logit_scale * image_features @ text_features.T
-    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+    same = torch.tensor([[a == b for b in contents] for a in contents], dtype=torch.float32)
     targets = same / same.sum(1, keepdim=True)
     return 0.5 * (torch.sum(-targets * F.log_softmax(logits, 1), 1).mean()
                   + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean())
@@ -74,11 +77,11 @@ def main() -> None:
     start = time.time()
     model.train()
     for step in range(1, args.steps + 1):
-        pixels, captions = make_batch(rng, args.batch, size)
+        pixels, captions, contents = make_batch(rng, args.batch, size)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             image_features = F.normalize(model.encode_image(pixels).float(), dim=-1)
             text_features = F.normalize(model.encode_text(tokenizer(captions)).float(), dim=-1)
-        loss = soft_clip_loss(image_features, text_features, model.logit_scale.exp().clamp(max=100), captions)
+        loss = soft_clip_loss(image_features, text_features, model.logit_scale.exp().clamp(max=100), contents)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

@@ -1,0 +1,107 @@
+"""Running the engine over the 2-D planes of n-D, time-lapse, multichannel or lazy (dask/zarr) images."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Generator, Sequence
+
+import numpy as np
+
+from .errors import InvalidImageError
+from .segmenter import Progress, SegmentationResult, Segmenter
+
+
+@dataclass(frozen=True)
+class ImageLayout:
+    """How an array maps onto planes: RGB last axis, an optional channel axis, YX last."""
+
+    shape: tuple[int, ...]
+    rgb: bool = False
+    channel_axis: int | None = None
+    channel: int = 0
+
+    def __post_init__(self):
+        spatial = len(self.shape) - (1 if self.rgb else 0)
+        if spatial < 2:
+            raise InvalidImageError(f"An image of shape {self.shape} has no 2-D plane to segment.")
+        if self.channel_axis is not None:
+            axis = self.channel_axis
+            if self.rgb or not 0 <= axis < spatial - 2:
+                raise InvalidImageError(
+                    f"Channel axis {axis} is not valid for shape {self.shape}: pick one of the leading axes before Y and X."
+                )
+            if not 0 <= self.channel < self.shape[axis]:
+                raise InvalidImageError(f"Channel {self.channel} does not exist: axis {axis} has {self.shape[axis]} channels.")
+
+    @property
+    def label_shape(self) -> tuple[int, ...]:
+        """Shape of the labels: the image's, without RGB or channel axes."""
+        shape = list(self.shape[:-1] if self.rgb else self.shape)
+        if self.channel_axis is not None:
+            del shape[self.channel_axis]
+        return tuple(shape)
+
+    @property
+    def plane_shape(self) -> tuple[int, ...]:
+        return self.label_shape[:-2]
+
+    def planes(self) -> list[tuple[int, ...]]:
+        """Every leading index of the labels (one per 2-D plane)."""
+        return list(itertools.product(*(range(n) for n in self.plane_shape)))
+
+    def image_index(self, plane: tuple[int, ...]) -> tuple:
+        """Index into the image data for one plane of the labels."""
+        index = list(plane)
+        if self.channel_axis is not None:
+            index.insert(self.channel_axis, self.channel)
+        return tuple(index)
+
+    def plane_of_point(self, point: Sequence[float]) -> tuple[int, ...]:
+        """The plane holding a data-space point of the image (e.g. napari's current slice)."""
+        leading = [int(round(p)) for p in point[: len(self.shape) - 2 - (1 if self.rgb else 0)]]
+        if self.channel_axis is not None:
+            del leading[self.channel_axis]
+        return tuple(min(max(i, 0), n - 1) for i, n in zip(leading, self.plane_shape))
+
+
+@dataclass(frozen=True)
+class PlaneProgress:
+    """Progress of a multi-plane run: which plane, and the engine's progress within it."""
+
+    plane: int
+    planes: int
+    step: Progress
+
+    @property
+    def fraction(self) -> float:
+        within = self.step.done / self.step.total if self.step.stage == "windows" and self.step.total else 0.0
+        return (self.plane + within) / self.planes
+
+    @property
+    def message(self) -> str:
+        prefix = f"slice {self.plane + 1}/{self.planes}, " if self.planes > 1 else ""
+        return prefix + self.step.message
+
+
+def segment_planes(
+    segmenter: Segmenter,
+    data,
+    layout: ImageLayout,
+    planes: Sequence[tuple[int, ...]],
+    classes,
+    **options,
+) -> Generator[PlaneProgress, None, list[tuple[tuple[int, ...], SegmentationResult]]]:
+    """Segment each plane in turn (read lazily, so dask or zarr data load one plane at a time)."""
+    results = []
+    for number, plane in enumerate(planes):
+        image = np.asarray(data[layout.image_index(plane)])
+        steps = segmenter.segment_steps(image, classes, **options)
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                results.append((plane, stop.value))
+                break
+            yield PlaneProgress(number, len(planes), step)
+    return results

@@ -1,0 +1,82 @@
+"""Stacks, channels and edit-preserving merges (engine side, no Qt)."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+
+from napari_clearclip.editing import PALETTE, class_colour, merge_keeping_edits
+from napari_clearclip.errors import InvalidImageError
+from napari_clearclip.planes import ImageLayout, segment_planes
+
+
+def test_layouts_of_stacks_channels_and_rgb():
+    stack = ImageLayout((5, 3, 40, 50), channel_axis=1, channel=2)
+    assert stack.label_shape == (5, 40, 50)
+    assert stack.planes() == [(i,) for i in range(5)]
+    assert stack.image_index((3,)) == (3, 2)
+    assert stack.plane_of_point((3.2, 1.0, 10, 10)) == (3,)
+    rgb = ImageLayout((4, 40, 50, 3), rgb=True)
+    assert rgb.label_shape == (4, 40, 50) and rgb.plane_of_point((9.0, 1, 1)) == (3,)
+    assert ImageLayout((40, 50)).planes() == [()]
+    with pytest.raises(InvalidImageError, match="Channel 4 does not exist"):
+        ImageLayout((3, 40, 50), channel_axis=0, channel=4)
+    with pytest.raises(InvalidImageError, match="Channel axis 2"):
+        ImageLayout((3, 40, 50), channel_axis=2)
+
+
+def test_segment_planes_reads_lazily_and_matches_single_images(tiny_segmenter, rgb_image):
+    grey = rgb_image[..., 0]
+    volume = np.stack([grey, grey[::-1], grey[:, ::-1]])
+    lazy = da.from_array(volume, chunks=(1, 90, 130))
+    layout = ImageLayout(lazy.shape)
+    steps = segment_planes(tiny_segmenter, lazy, layout, [(0,), (2,)], ["a", "b"], contrast_limits=(0, 255))
+    progress = []
+    while True:
+        try:
+            progress.append(next(steps))
+        except StopIteration as stop:
+            results = stop.value
+            break
+    assert [plane for plane, _ in results] == [(0,), (2,)]
+    assert progress[-1].fraction == pytest.approx(1.0) and progress[0].planes == 2
+    expected = tiny_segmenter.segment(volume[2], ["a", "b"], contrast_limits=(0, 255))
+    np.testing.assert_array_equal(results[1][1].labels, expected.labels)
+    assert "slice 2/2" in progress[-1].message
+
+
+def test_merge_keeps_painted_pixels_with_their_class():
+    baseline = np.array([[1, 1, 2, 2], [1, 1, 2, 2]], np.int32)
+    current = baseline.copy()
+    current[0, 0] = 2   # the user painted a "nucleus" pixel
+    current[1, 3] = 3   # and a new label of their own
+    new = np.array([[1, 1, 1, 2], [2, 2, 1, 1]], np.int32)  # new run: classes reordered
+    merged = merge_keeping_edits(current, baseline, ["cell", "nucleus"], new, ["nucleus", "cell"])
+    # painted "nucleus" is now label 1; the user's own label 3 survives as an extra class
+    assert merged.names == ["nucleus", "cell", "label 3"]
+    expected = new.copy()
+    expected[0, 0] = 1
+    expected[1, 3] = 3
+    np.testing.assert_array_equal(merged.labels, expected)
+    assert merged.kept_pixels == 2
+    # the baseline remembers the pure result, so the edits stay protected on the next run
+    again = merge_keeping_edits(merged.labels, merged.baseline, merged.names, new, ["nucleus", "cell"])
+    np.testing.assert_array_equal(again.labels, expected)
+
+
+def test_merge_into_one_plane_renumbers_the_others():
+    baseline = np.zeros((2, 2, 2), np.int32)
+    baseline[0] = 1
+    current = baseline.copy()
+    merged = merge_keeping_edits(current, baseline, ["cell"], np.full((2, 2), 1), ["debris", "cell"], region=(1,))
+    assert merged.names == ["debris", "cell"]
+    np.testing.assert_array_equal(merged.labels[0], 2)   # earlier "cell" pixels follow their class
+    np.testing.assert_array_equal(merged.labels[1], 1)
+    assert merged.kept_pixels == 0
+
+
+def test_class_colours_are_distinct_and_stable():
+    colours = [class_colour(i) for i in range(1, len(PALETTE) + 1)]
+    assert len(set(colours)) == len(PALETTE)
+    assert class_colour(1) == class_colour(1) == PALETTE[0]

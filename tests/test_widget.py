@@ -1,0 +1,216 @@
+"""The napari dock widget, driven through its scripting contract (needs a display: run under Xvfb)."""
+
+from __future__ import annotations
+
+import time
+
+import dask.array as da
+import numpy as np
+import pytest
+
+pytest.importorskip("qtpy")
+from napari.layers import Image, Labels  # noqa: E402
+
+from napari_clearclip import Segmenter  # noqa: E402
+from napari_clearclip._widget import ClearClipWidget, model_choices  # noqa: E402
+from napari_clearclip.editing import class_colour  # noqa: E402
+
+pytestmark = pytest.mark.gui
+TIMEOUT = 120_000
+
+
+@pytest.fixture
+def widget(make_napari_viewer, tiny_checkpoint):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
+    assert isinstance(widget, ClearClipWidget)
+    widget.model.value = "test-tiny"
+    widget.pretrained.value = tiny_checkpoint
+    widget.device.value = "cpu"
+    return widget
+
+
+def run_and_wait(qtbot, widget):
+    worker = widget.run()
+    assert worker is not None, widget.status.value
+    with qtbot.waitSignal(worker.finished, timeout=TIMEOUT):
+        pass
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=5000)
+    return worker
+
+
+def test_run_adds_labels_layer_matching_engine(qtbot, widget, rgb_image, tiny_checkpoint):
+    viewer = widget._viewer
+    layer = viewer.add_image(rgb_image, name="photo", scale=(0.5, 0.5), translate=(10, 20))
+    widget.image.value = layer
+    widget.classes.value = "sky\nhorse, pony\ngrass"
+    results = []
+    worker = widget.run()
+    worker.returned.connect(results.append)
+    with qtbot.waitSignal(worker.finished, timeout=TIMEOUT):
+        pass
+    labels = viewer.layers["photo classes"]
+    assert isinstance(labels, Labels)
+    assert labels.data.shape == rgb_image.shape[:2]
+    np.testing.assert_allclose(labels.scale, (0.5, 0.5))
+    np.testing.assert_allclose(labels.translate, (10, 20))
+    expected = Segmenter("test-tiny", tiny_checkpoint, device="cpu").segment(rgb_image, ["sky", "horse, pony", "grass"],
+                                                                              contrast_limits=(0, 255))
+    np.testing.assert_array_equal(labels.data, expected.labels)
+    assert list(labels.features["class"]) == ["unassigned", "sky", "horse", "grass"]
+    assert list(labels.features["index"]) == [0, 1, 2, 3]
+    colours = labels.colormap.color_dict
+    assert colours[0][3] == 0
+    from napari.utils.colormaps.standardize_color import transform_color
+
+    np.testing.assert_allclose(colours[2], transform_color(class_colour(2))[0])
+    assert "horse" in widget.legend.value and class_colour(3) in widget.legend.value
+    assert widget.status.value.startswith("Done")
+    assert len(results) == 1
+
+
+def test_rerun_keeps_edits_and_reuses_image_features(qtbot, widget, rgb_image, monkeypatch):
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "sky\ngrass"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["photo classes"]
+    painted = labels.data.copy()
+    painted[:20, :20] = 3 - painted[:20, :20]   # the user swaps sky (1) and grass (2) in a corner
+    labels.data = painted
+    import napari_clearclip.segmenter as engine
+
+    monkeypatch.setattr(engine, "encode_dense", lambda *a, **k: pytest.fail("image features should be cached"))
+    widget.classes.value = "grass\nsky\nroad"
+    run_and_wait(qtbot, widget)
+    assert viewer.layers["photo classes"].unique_id == labels.unique_id
+    swapped = painted[:20, :20]
+    np.testing.assert_array_equal(labels.data[:20, :20], 3 - swapped)  # same classes, under their new numbers
+    assert list(labels.features["class"]) == ["unassigned", "grass", "sky", "road"]
+    assert "kept 400 edited pixels" in widget.status.value
+    # with "keep my edits" off, an edited layer is not overwritten: the result goes to a new layer
+    widget.keep_edits.value = False
+    run_and_wait(qtbot, widget)
+    np.testing.assert_array_equal(labels.data[:20, :20], 3 - swapped)
+    assert len([layer for layer in viewer.layers if isinstance(layer, Labels)]) == 2
+
+
+def test_cancel_adds_nothing(qtbot, widget):
+    viewer = widget._viewer
+    big = (np.random.default_rng(0).random((700, 700, 3)) * 255).astype(np.uint8)
+    widget.image.value = viewer.add_image(big, name="big")
+    widget.classes.value = "a\nb"
+    widget.resize.value = False
+    widget.crop.value, widget.stride.value = 64, 16
+    seen = []
+    worker = widget.run()
+    worker.yielded.connect(lambda step: seen.append(step) or (len(seen) == 3 and widget.cancel()))
+    with qtbot.waitSignal(worker.finished, timeout=TIMEOUT):
+        pass
+    assert "big classes" not in viewer.layers
+    assert widget.status.value.startswith("Cancelled")
+    assert widget.run_button.enabled and not widget.cancel_button.enabled
+    windows = [s for s in seen if hasattr(s, "step") and s.step.stage == "windows"]
+    assert windows and windows[-1].step.done < windows[-1].step.total
+
+
+def test_viewer_stays_responsive_during_a_run(qtbot, widget):
+    from qtpy.QtCore import QTimer
+
+    viewer = widget._viewer
+    image = (np.random.default_rng(1).random((600, 600, 3)) * 255).astype(np.uint8)
+    widget.image.value = viewer.add_image(image, name="busy")
+    widget.classes.value = "a\nb\nc"
+    widget.resize.value = False
+    widget.crop.value, widget.stride.value = 64, 16
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(10)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    start = time.perf_counter()
+    run_and_wait(qtbot, widget)
+    timer.stop()
+    duration = time.perf_counter() - start
+    gaps = np.diff(ticks)
+    assert duration > 1.0, "the run should last long enough to measure"
+    assert gaps.max() < 0.2, f"event loop blocked for {gaps.max() * 1000:.0f} ms"
+    assert "busy classes" in viewer.layers
+
+
+def test_stacks_current_slice_then_all_slices(qtbot, widget, rgb_image):
+    viewer = widget._viewer
+    grey = rgb_image[..., 0]
+    volume = da.from_array(np.stack([grey, grey[::-1], grey[:, ::-1], grey]), chunks=(1, 180, 260))
+    layer = viewer.add_image(volume, name="stack")
+    widget.image.value = layer
+    widget.classes.value = "a\nb"
+    assert not widget.scope.native.isHidden()
+    viewer.dims.set_current_step(0, 2)
+    widget.scope.value = "current slice"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["stack classes"]
+    assert labels.data.shape == volume.shape
+    assert np.all(labels.data[[0, 1, 3]] == 0) and np.all(labels.data[2] > 0)
+    widget.scope.value = "all slices"
+    run_and_wait(qtbot, widget)
+    assert np.all(labels.data > 0)
+
+
+def test_multichannel_channel_choice_and_probabilities(qtbot, widget, rgb_image):
+    viewer = widget._viewer
+    channels = np.moveaxis(rgb_image, -1, 0).astype(np.uint16) * 100  # (3, H, W), not RGB
+    layer = viewer.add_image(channels, name="cells")
+    widget.image.value = layer
+    widget.channel_axis.value = 0
+    widget.channel.value = 1
+    widget.classes.value = "a\nb"
+    widget.probability_output.value = "all classes"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["cells classes"]
+    assert labels.data.shape == rgb_image.shape[:2]
+    assert isinstance(viewer.layers["cells P(a)"], Image)
+    total = viewer.layers["cells P(a)"].data + viewer.layers["cells P(b)"].data
+    np.testing.assert_allclose(total, 1, atol=1e-5)
+
+
+def test_input_errors_show_in_status_and_add_nothing(qtbot, widget, rgb_image):
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "cat\ncat"
+    assert widget.run() is None
+    assert "appears twice" in widget.status.value
+    widget.classes.value = "cat"
+    widget.pretrained.value = "/no/such/checkpoint.pt"
+    run_and_wait(qtbot, widget)
+    assert "Checkpoint file not found" in widget.status.value
+    assert "photo classes" not in viewer.layers
+
+
+def test_settings_persist_between_sessions(qtbot, widget, rgb_image, make_napari_viewer):
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "mitochondria\nmembrane, wall"
+    widget.prob_threshold.value = 0.25
+    run_and_wait(qtbot, widget)
+    second = ClearClipWidget(make_napari_viewer())
+    assert second.classes.value == "mitochondria\nmembrane, wall"
+    assert second.model.value == "test-tiny" and second.device.value == "cpu"
+    assert second.prob_threshold.value == pytest.approx(0.25)
+
+
+def test_model_list_offers_the_offline_demo(widget):
+    choices = dict((value, label) for label, value in model_choices())
+    assert choices["synthetic-tiny"] == "synthetic-tiny (offline demo)"
+    assert "ViT-B-16" in choices and "RN50" not in choices
+    widget.model.value = "synthetic-tiny"
+    assert widget.pretrained.value == "bundled"
+    assert (widget.crop.value, widget.stride.value) == (64, 32)
+
+
+def test_sample_data_loads_without_download(make_napari_viewer):
+    viewer = make_napari_viewer()
+    for key in ("astronaut", "coffee", "chelsea", "immunohistochemistry", "retina", "synthetic_shapes"):
+        viewer.open_sample("napari-clearclip", key)
+    assert len(viewer.layers) == 6
+    assert all(layer.rgb for layer in viewer.layers)

@@ -80,24 +80,23 @@ def main() -> None:
         rows.append((name, seconds))
         print(f"{name:<52s} {seconds * 1000:9.1f} ms  {ratio} {note}", flush=True)
 
-    if device.type == "cpu":
-        # reference: text at 77 tokens, then the window-by-window image loop
-        ref_text, reference = timed(lambda: OfficialReference(net, tokenizer, CLASSES, IMAGENET_TEMPLATES))
-        pixels = official_preprocess(image, 448)
-        ref_image, (_, ref_prob, ref_labels) = timed(lambda: reference.predict(pixels, image.shape[:2]), args.repeat)
-        ref_first = ref_text + ref_image
-        report("reference: text (5 classes, 77 tokens)", ref_text)
-        report("reference: image path (official loop)", ref_image)
-        report("reference: first result", ref_first)
-    else:
-        ref_first = ref_image = None
+    # reference (fp32 on the same device): text at 77 tokens, then the window-by-window image loop
+    net.to(device)
+    ref_text, reference = timed(lambda: OfficialReference(net, tokenizer, CLASSES, IMAGENET_TEMPLATES))
+    pixels = official_preprocess(image, 448).to(device)
+    ref_image, (_, ref_prob, ref_labels) = timed(lambda: reference.predict(pixels, image.shape[:2]), args.repeat)
+    ref_prob, ref_labels = ref_prob.cpu(), ref_labels.cpu()
+    ref_first = ref_text + ref_image
+    report("reference: text (5 classes, 77 tokens)", ref_text)
+    report("reference: image path (official loop)", ref_image)
+    report("reference: first result", ref_first)
+    net.cpu()
 
-    seg = Segmenter("ViT-B-16", checkpoint, device=args.device, precision="fp32" if device.type == "cpu" else "fp16")
+    seg = Segmenter("ViT-B-16", checkpoint, device=args.device, precision="fp32")
     first, result = timed(lambda: seg.segment(image, CLASSES))
     report(f"napari-clearclip {seg.model.precision}: first result, 5 new classes", first, ref_first)
-    if ref_first:
-        print(f"{'':52s} max |p - p_ref| = {np.abs(result.probabilities - ref_prob.numpy()).max():.2e}, "
-              f"argmax agreement {(result.labels == ref_labels.numpy()).mean() * 100:.3f}%")
+    print(f"{'':52s} max |p - p_ref| = {np.abs(result.probabilities - ref_prob.numpy()).max():.2e}, "
+          f"argmax agreement {(result.labels == ref_labels.numpy()).mean() * 100:.3f}%")
     again, _ = timed(lambda: seg.segment(image, ["grass", "sky", "person"]), args.repeat)
     report("cached image, other selection of known classes", again, note=f"= {again / first * 100:.1f}% of first")
     new_class, _ = timed(lambda: seg.segment(image, CLASSES + ["water"]))
@@ -116,17 +115,22 @@ def main() -> None:
         agreement = (bf16_result.labels == fp32_result.labels).mean() * 100
         report("image path alone, bf16 autocast", bf16_image, ref_image, note=f"argmax agreement with fp32 {agreement:.2f}%")
     else:
-        batch = 32
-        images = [test_image(seed=s) for s in range(batch)]
-        seg.segment(images[0], CLASSES)
+        half = Segmenter("ViT-B-16", checkpoint, device=args.device, precision="fp16")
+        half.segment(image, CLASSES)
+        fp16_image, fp16_result = timed(lambda: image_path(half), args.repeat)
+        agreement = (fp16_result.labels == fp32_result.labels).mean() * 100
+        report("image path alone, fp16", fp16_image, ref_image, note=f"argmax agreement with fp32 {agreement:.2f}%")
+        count = 32
+        images = [test_image(seed=s) for s in range(count)]
+        for segmenter in (seg, half):
+            def throughput():
+                segmenter._features.clear()
+                for img in images:
+                    segmenter.segment(img, CLASSES)
 
-        def throughput():
-            seg._features.clear()
-            for img in images:
-                seg.segment(img, CLASSES)
-
-        seconds, _ = timed(throughput)
-        print(f"{'CUDA fp16 throughput':<52s} {batch / seconds:9.1f} images/s (448x597, 2 windows each)")
+            seconds, _ = timed(throughput)
+            print(f"{'CUDA ' + segmenter.model.precision + ' throughput':<52s} {count / seconds:9.1f} images/s "
+                  f"(448x597, 2 windows each, new image every call)")
 
 
 if __name__ == "__main__":

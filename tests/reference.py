@@ -51,7 +51,7 @@ class OfficialReference:
         features = []
         with torch.no_grad():
             for qw in query_words:
-                tokens = tokenizer([t.replace("{}", qw) for t in templates])
+                tokens = tokenizer([t.replace("{}", qw) for t in templates]).to(net.logit_scale.device)
                 assert tokens.shape[1] == net.context_length  # the full context, never truncated
                 feature = net.encode_text(tokens)
                 feature = feature / feature.norm(dim=-1, keepdim=True)
@@ -100,7 +100,7 @@ class OfficialReference:
             attn_weights = F.softmax(torch.bmm(q, q.transpose(1, 2)) * scale, dim=-1) \
                 + F.softmax(torch.bmm(k, k.transpose(1, 2)) * scale, dim=-1)
         elif kind == "identity":
-            attn_weights = torch.eye(tokens).expand(bsz * num_heads, tokens, tokens)
+            attn_weights = torch.eye(tokens, device=x.device).expand(bsz * num_heads, tokens, tokens)
         attn_output = torch.bmm(attn_weights, v)
         attn_output = attn_output.transpose(0, 1).contiguous().view(-1, bsz, embed_dim).transpose(0, 1)
         return attn_layer.out_proj(attn_output)
@@ -113,7 +113,7 @@ class OfficialReference:
             for q in range(rows * cols):
                 d2 = (p // cols - q // cols) ** 2 + (p % cols - q % cols) ** 2
                 out[p + 1, q + 1] = math.exp(-d2 / (2 * 5.0 ** 2))
-        return out
+        return out.to(self.net.logit_scale.device)
 
     def encode_image(self, img):
         visual = self.net.visual
@@ -121,7 +121,7 @@ class OfficialReference:
         self.grid = (w // self.patch_size, h // self.patch_size)
         x = visual.conv1(img)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        x = torch.cat([visual.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype), x], dim=1)
+        x = torch.cat([visual.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device), x], dim=1)
         if x.shape[1] != visual.positional_embedding.shape[0]:
             x = x + self.interpolate_pos_encoding(x, w, h).to(x.dtype)
         else:

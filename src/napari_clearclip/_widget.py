@@ -28,6 +28,7 @@ from magicgui.widgets import (
 )
 
 import napari
+from qtpy.QtCore import QTimer
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress
@@ -289,7 +290,8 @@ class ClearClipWidget(Container):
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self._set_status(f"Starting on {layer.name} ({len(planes)} slice{'s' if len(planes) > 1 else ''})...")
-        worker.start()
+        # start from the event loop, so that a caller can connect to the returned worker's signals first
+        QTimer.singleShot(0, worker.start)
         return worker
 
     def cancel(self, *_):

@@ -61,9 +61,11 @@ class LoadedModel:
         return f"{self.name}|{self.weights_id}|{self.precision}"
 
     def autocast(self):
-        """Mixed precision context for bf16; fp32 and fp16 run in the weights' own dtype."""
+        """Mixed precision for bf16; fp16 runs in the weights' dtype; fp32 stays exact (no TF32 convolutions)."""
         if self.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        if self.precision == "fp32" and self.device.type == "cuda":
+            return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
         return contextlib.nullcontext()
 
 

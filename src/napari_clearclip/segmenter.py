@@ -70,7 +70,6 @@ class _Features:
 
     grid: WindowGrid
     batches: list[tuple[list[tuple[int, int, int, int]], torch.Tensor]]
-    resized: tuple[int, int]
 
 
 class Segmenter:
@@ -100,7 +99,7 @@ class Segmenter:
         self.model: LoadedModel = load_model(model, pretrained, device, precision)
         self.pretrained = pretrained
         self.text = TextEncoder(self.model, disk_cache=disk_cache)
-        self.window_batch_size = window_batch_size or (8 if self.model.device.type != "cpu" else 2)
+        self.window_batch_size = window_batch_size  # None: sized from the window area, see _batch_size
         self._features = ByteLRU(feature_cache_bytes)
 
     @property
@@ -172,12 +171,12 @@ class Segmenter:
 
         key = self._feature_key(array, contrast_limits, short_side, crop, stride)
         features = self._features.get(key)
-        height, width = array.shape[:2]
         if features is None:
-            features = yield from self._encode_image(array, key, contrast_limits, short_side, crop, stride)
-        scores = self._score(features, text)
-        yield Progress("windows", len(features.grid.windows), len(features.grid.windows))
-        return _postprocess(scores, (height, width), parsed, logit_scale, prob_threshold, self.method)
+            scores = yield from self._encode_and_score(array, text, key, contrast_limits, short_side, crop, stride)
+        else:
+            scores = self._score_cached(features, text)
+            yield Progress("windows", len(features.grid.windows), len(features.grid.windows))
+        return _postprocess(scores, array.shape[:2], parsed, logit_scale, prob_threshold, self.method)
 
     # -- image side ---------------------------------------------------------------------------
 
@@ -189,23 +188,66 @@ class Segmenter:
                             self.method, self.model.cache_id)).encode())
         return digest.hexdigest()
 
-    def _encode_image(self, array, key, contrast_limits, short_side, crop, stride):
-        """Generator: encode every window in batches, yielding progress; returns the features."""
+    def _encode_and_score(self, array, text, key, contrast_limits, short_side, crop, stride):
+        """Generator: encode the windows batch by batch and add their scores up, yielding progress.
+
+        Patch features are kept for later re-scoring only when they fit the cache budget,
+        so a huge image streams through with one batch of features in memory.
+        """
         pixels = prepare(array, self.model.mean, self.model.std, short_side, contrast_limits)
         grid = WindowGrid(pixels.shape[1], pixels.shape[2], crop, stride, self.model.patch_size)
         windows = grid.windows
-        features = _Features(grid, [], tuple(pixels.shape[1:]))
+        rows, cols = grid.patch_grid
+        width = self.model.clip.visual.output_dim
+        estimate = len(windows) * rows * cols * width * 4
+        keep = _Features(grid, []) if estimate <= self._features.max_bytes else None
+        scores = torch.zeros((text.shape[0], grid.height, grid.width), device=self.device)
         position = 0
         yield Progress("windows", 0, len(windows))
         while position < len(windows):
-            batch = windows[position : position + self.window_batch_size]
-            crops = grid.crop_batch(pixels, batch).to(self.device)
-            features.batches.append((batch, self._encode_crops(crops)))
+            batch = windows[position : position + self._batch_size(grid)]
+            patch_features = self._encode_crops(grid.crop_batch(pixels, batch).to(self.device))
+            self._accumulate(scores, grid, batch, patch_features, text)
+            if keep is not None:
+                keep.batches.append((batch, patch_features))
             position += len(batch)
             yield Progress("windows", position, len(windows))
-        nbytes = sum(f.numel() * f.element_size() for _, f in features.batches)
-        self._features.put(key, features, nbytes)
-        return features
+        if keep is not None:
+            self._features.put(key, keep, estimate)
+        return self._average(scores, grid)
+
+    def _score_cached(self, features: _Features, text: torch.Tensor) -> torch.Tensor:
+        grid = features.grid
+        scores = torch.zeros((text.shape[0], grid.height, grid.width), device=self.device)
+        for batch, patch_features in features.batches:
+            self._accumulate(scores, grid, batch, patch_features, text)
+        return self._average(scores, grid)
+
+    @torch.inference_mode()
+    def _accumulate(self, scores, grid: WindowGrid, batch, patch_features, text) -> None:
+        """Add the cosine similarities of a batch of windows, upsampled to the window size, into ``scores``."""
+        left, _, top, _ = grid.padding
+        win_h, win_w = grid.window_size
+        rows, cols = grid.patch_grid
+        logits = (patch_features @ text.T).transpose(1, 2).reshape(len(batch), -1, rows, cols)
+        logits = F.interpolate(logits, size=grid.padded_size, mode="bilinear", align_corners=False)
+        logits = logits[:, :, top : top + win_h, left : left + win_w]
+        for (y1, y2, x1, x2), window in zip(batch, logits):
+            scores[:, y1:y2, x1:x2] += window
+
+    def _average(self, scores: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
+        row_count, col_count = grid.coverage()
+        scores /= row_count.to(self.device)[:, None]
+        scores /= col_count.to(self.device)[None, :]
+        return scores
+
+    def _batch_size(self, grid: WindowGrid) -> int:
+        """Windows per batch: as set, else about two 448x448 windows' worth of pixels (eight on a GPU)."""
+        if self.window_batch_size:
+            return self.window_batch_size
+        budget = (2 if self.device.type == "cpu" else 8) * 448 * 448
+        height, width = grid.padded_size
+        return max(1, budget // (height * width))
 
     def _encode_crops(self, crops: torch.Tensor) -> torch.Tensor:
         """Patch embeddings of a batch of crops; on GPU out-of-memory, retry in smaller batches."""
@@ -226,25 +268,6 @@ class Segmenter:
             self.window_batch_size = max(1, len(crops) // 2)
             half = len(crops) // 2
             return torch.cat([self._encode_crops(crops[:half]), self._encode_crops(crops[half:])])
-
-    def _score(self, features: _Features, text: torch.Tensor) -> torch.Tensor:
-        """Window-averaged cosine similarities (queries, h, w) at the resized image's size."""
-        grid = features.grid
-        padded = grid.padded_size
-        left, _, top, _ = grid.padding
-        win_h, win_w = grid.window_size
-        rows, cols = grid.patch_grid
-        scores = torch.zeros((text.shape[0], grid.height, grid.width), device=self.device)
-        with torch.inference_mode():
-            for batch, patch_features in features.batches:
-                logits = (patch_features @ text.T).transpose(1, 2).reshape(len(batch), -1, rows, cols)
-                logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
-                logits = logits[:, :, top : top + win_h, left : left + win_w]
-                for (y1, y2, x1, x2), window in zip(batch, logits):
-                    scores[:, y1:y2, x1:x2] += window
-            row_count, col_count = grid.coverage()
-            scores /= (row_count[:, None] * col_count[None, :]).to(self.device)
-        return scores
 
 
 def _check_options(short_side, crop, stride, logit_scale, prob_threshold, patch: int) -> None:

@@ -33,6 +33,29 @@ def test_offline_without_cached_weights_fails_fast_with_advice():
     assert "pretrained='/path/to/checkpoint.pt'" in message
 
 
+def test_failed_download_is_reported_with_advice(monkeypatch):
+    import open_clip
+
+    import napari_clearclip.models as models
+
+    def refuse(*args, **kwargs):
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(models, "network_available", lambda host="", timeout=3.0: True)
+    monkeypatch.setattr(open_clip, "create_model", refuse)
+    with pytest.raises(WeightsUnavailableError, match=r"Could not download or load the ViT-B-16 'openai'.*connection reset.*local checkpoint"):
+        Segmenter("ViT-B-16", "openai", device="cpu")
+
+
+def test_offline_probe_answers_at_once(monkeypatch):
+    from napari_clearclip.models import network_available
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.monotonic()
+    assert network_available() is False
+    assert time.monotonic() - start < 1
+
+
 def test_unknown_pretrained_tag_lists_known_tags():
     with pytest.raises(ModelLoadError, match=r"Unknown pretrained weights 'opneai'.*openai"):
         Segmenter("ViT-B-16", "opneai", device="cpu")

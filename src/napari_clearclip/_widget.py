@@ -262,7 +262,8 @@ class ClearClipWidget(Container):
             if layer is None:
                 raise ClearClipError("No image: open an image layer (File > Open, or File > Open Sample) first.")
             classes = parse_classes(self.classes.value)
-            layout = ImageLayout(tuple(layer.data.shape), rgb=layer.rgb, channel_axis=self.channel_axis.value,
+            data = layer.data[0] if layer.multiscale else layer.data  # full resolution of a pyramid
+            layout = ImageLayout(tuple(data.shape), rgb=layer.rgb, channel_axis=self.channel_axis.value,
                                  channel=self.channel.value)
             options = self.options()
             options["contrast_limits"] = tuple(layer.contrast_limits)  # segment what the user sees
@@ -276,7 +277,7 @@ class ClearClipWidget(Container):
         request = dict(model=self.model.value, pretrained=self.pretrained.value or None, device=self.device.value,
                        precision=self.precision.value)
         worker = create_worker(
-            _segmentation_job, self._segmenter, request, self.method.value, layer.data, layout, planes,
+            _segmentation_job, self._segmenter, request, self.method.value, data, layout, planes,
             [", ".join(c.synonyms) for c in classes], options, _start_thread=False, _ignore_errors=True,
         )
         context = {"layer": layer, "layout": layout, "classes": classes}

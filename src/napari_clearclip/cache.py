@@ -20,7 +20,10 @@ def cache_dir() -> Path:
     return path
 
 
-def file_digest(path: str | os.PathLike, _memo: dict = {}) -> str:  # noqa: B006 - memo on purpose
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file's content, memoised on (path, size, mtime).
 
     Local checkpoints are keyed by content so that a renamed or copied file
@@ -28,13 +31,13 @@ def file_digest(path: str | os.PathLike, _memo: dict = {}) -> str:  # noqa: B006
     """
     stat = os.stat(path)
     key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _memo:
+    if key not in _DIGESTS:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)
-        _memo[key] = digest.hexdigest()
-    return _memo[key]
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 class ByteLRU:

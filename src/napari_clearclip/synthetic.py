@@ -19,7 +19,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (230, 205, 35),
 }
 SHAPES = ("circle", "square", "triangle")
-BACKGROUND_WORDS = ("grey background", "gray background", "textured grey background", "plain grey background")
+BACKGROUND_WORDS = (
+    "grey background", "gray background", "textured grey background", "plain grey background",
+    "dark grey background", "light grey background", "noisy background", "background",
+)
 
 
 @dataclass
@@ -40,9 +43,9 @@ class Scene:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    level = rng.uniform(75, 185)
+    level = rng.uniform(65, 195)
     coarse = resize(rng.normal(0, 1, (max(2, size // 16),) * 2), (size, size), order=1)
-    texture = level + 18 * coarse + rng.normal(0, 6, (size, size))
+    texture = level + rng.uniform(5, 25) * coarse + rng.normal(0, rng.uniform(2, 9), (size, size))
     grey = np.repeat(texture[..., None], 3, axis=2) + rng.normal(0, 2, (size, size, 3))
     return grey
 
@@ -65,10 +68,13 @@ def _shape_pixels(rng: np.random.Generator, shape: str, size: int, extent: float
     return polygon(ys, xs, shape=(size, size))
 
 
-def _caption(rng: np.random.Generator, objects: list[tuple[str, str]]) -> str:
+def _caption(rng: np.random.Generator, objects: list[tuple[str, str | None]]) -> str:
+    """A caption naming the objects (shape None: only the colour is known) and often the background."""
     if not objects:
-        return rng.choice(["an empty ", "a ", "a photo of a "]) + str(rng.choice(BACKGROUND_WORDS))
-    style = rng.integers(0, 4)
+        return str(rng.choice(["an empty ", "a ", "a photo of a ", "just a "])) + str(rng.choice(BACKGROUND_WORDS))
+    style = int(rng.integers(0, 4))
+    if style >= 2 and any(s is None for _, s in objects):
+        style = 1
     if style == 0:  # colours only
         words = list(dict.fromkeys(c for c, _ in objects))
     elif style == 1:  # coloured objects without shape
@@ -104,6 +110,26 @@ def make_scene(
         drawn.append((colour, shape))
     visible = [(c, s) for c, s in drawn if masks[c].any()]
     return Scene(np.clip(image, 0, 255).astype(np.uint8), masks, visible, _caption(rng, visible))
+
+
+def crop_scene(
+    seed: int | np.random.Generator,
+    size: int = 64,
+    scene_sizes: tuple[int, ...] = (96, 128, 160),
+    min_fraction: float = 0.03,
+) -> Scene:
+    """A ``size`` window cut from a larger scene, captioned with the colours covering enough of it.
+
+    Training on windows as well as whole scenes teaches the model what a local view
+    holds, including plain background, which is what dense inference looks at.
+    """
+    rng = np.random.default_rng(seed)
+    scene = make_scene(rng, size=int(rng.choice(scene_sizes)), objects=(0, 4))
+    top, left = rng.integers(0, scene.image.shape[0] - size + 1, 2)
+    window = (slice(top, top + size), slice(left, left + size))
+    masks = {c: m[window].copy() for c, m in scene.masks.items()}
+    visible = [(c, None) for c in COLOURS if masks[c].mean() >= min_fraction]
+    return Scene(scene.image[window].copy(), masks, visible, _caption(rng, visible))
 
 
 def sample_scene(size: int = 256, seed: int = 7) -> np.ndarray:

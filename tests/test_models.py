@@ -1,0 +1,66 @@
+"""Model loading choices: QuickGELU for OpenAI weights, defaults, device and precision."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+
+import napari_clearclip.models as models
+from napari_clearclip import Segmenter
+
+
+def test_openai_weights_get_quickgelu(monkeypatch):
+    calls = []
+    original = open_clip.create_model
+
+    def fake_create(name, pretrained=None, **kwargs):
+        calls.append((name, pretrained, kwargs))
+        return original("test-tiny", pretrained=None, force_quick_gelu=kwargs.get("force_quick_gelu", False))
+
+    monkeypatch.setattr(models, "_weights_cached", lambda cfg: True)
+    monkeypatch.setattr(open_clip, "create_model", fake_create)
+    Segmenter("ViT-B-16", "openai", device="cpu")
+    assert calls[-1][:2] == ("ViT-B-16", "openai") and calls[-1][2]["force_quick_gelu"] is True
+    Segmenter("ViT-B-16", "laion2b_s34b_b88k", device="cpu")
+    assert calls[-1][2]["force_quick_gelu"] is False
+
+
+def test_quickgelu_changes_the_activation():
+    plain = open_clip.create_model("test-tiny", pretrained=None)
+    quick = open_clip.create_model("test-tiny", pretrained=None, force_quick_gelu=True)
+    assert type(plain.visual.transformer.resblocks[0].mlp.gelu).__name__ == "GELU"
+    assert type(quick.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+
+
+def test_defaults_and_resolution():
+    assert models.default_pretrained("ViT-B-16") == "openai"
+    assert models.default_pretrained("synthetic-tiny") == "bundled"
+    assert models.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert models.resolve_precision("auto", torch.device("cuda")) == "fp16"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not (torch.backends.mps.is_available()):
+        assert models.resolve_device("auto").type == expected
+    assert models.default_options("ViT-B-16") == {"short_side": 448, "crop": 448, "stride": 224}
+    assert models.default_options("synthetic-tiny")["crop"] == 64
+    assert "synthetic-tiny" in models.available_models()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_asking_for_missing_cuda_is_a_clear_error(tiny_checkpoint):
+    with pytest.raises(models.ModelLoadError, match="sees no CUDA GPU"):
+        Segmenter("test-tiny", tiny_checkpoint, device="cuda")
+
+
+def test_non_vit_models_are_refused():
+    with pytest.raises(models.ModelLoadError, match="needs a ViT model"):
+        _load_random("RN50")
+
+
+def _load_random(name, tmp_path_factory=None):
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp()) / "random.pt"
+    torch.save(open_clip.create_model(name, pretrained=None).state_dict(), path)
+    return Segmenter(name, str(path), device="cpu")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 
 import numpy as np
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="bf16 autocast for the matrix products (about 1.6x faster on CPUs with AMX)")
     parser.add_argument("--out", default="src/napari_clearclip/data/synthetic-tiny.pt")
+    parser.add_argument("--snapshots", default=None, help="folder for a checkpoint every 100 steps (for model selection)")
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
@@ -93,9 +95,13 @@ def main() -> None:
         if step % 50 == 0 or step == 1:
             print(f"step {step}/{args.steps} loss {loss.item():.3f} scale {model.logit_scale.exp().item():.1f} "
                   f"{time.time() - start:.0f}s", flush=True)
-        if step % 500 == 0 or step == args.steps:
+        if step % 100 == 0 or step == args.steps:
             state = {k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-            torch.save(state, args.out)
+            if args.snapshots:
+                os.makedirs(args.snapshots, exist_ok=True)
+                torch.save(state, os.path.join(args.snapshots, f"step{step:05d}.pt"))
+            if step % 500 == 0 or step == args.steps:
+                torch.save(state, args.out)
     print(f"trained {args.steps} steps in {time.time() - start:.0f}s; saved {args.out}")
 
 

@@ -15,7 +15,7 @@ from skimage.transform import resize
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (35, 170, 55),
-    "blue": (25, 95, 250),
+    "blue": (40, 70, 215),
     "yellow": (230, 205, 35),
 }
 SHAPES = ("circle", "square", "triangle")
@@ -43,7 +43,7 @@ class Scene:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    level = rng.uniform(80, 190)
+    level = rng.uniform(65, 195)
     coarse = resize(rng.normal(0, 1, (max(2, size // 16),) * 2), (size, size), order=1)
     texture = level + rng.uniform(5, 25) * coarse + rng.normal(0, rng.uniform(2, 9), (size, size))
     grey = np.repeat(texture[..., None], 3, axis=2) + rng.normal(0, 2, (size, size, 3))

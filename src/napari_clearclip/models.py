@@ -155,8 +155,8 @@ def load_model(
     visual = clip.visual
     if not isinstance(visual, open_clip.transformer.VisionTransformer):
         raise ModelLoadError(f"{model!r} has a {type(visual).__name__} image tower; ClearCLIP needs a ViT model (for example ViT-B-16).")
-    last = visual.transformer.resblocks[-1]
-    if not isinstance(getattr(last, "attn", None), nn.MultiheadAttention) or visual.attn_pool is not None:
+    blocks = visual.transformer.resblocks
+    if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks) or visual.attn_pool is not None:
         raise ModelLoadError(f"{model!r} uses a custom attention block or attention pooling, which ClearCLIP does not support. Use a standard ViT model.")
 
     clip.eval().requires_grad_(False)

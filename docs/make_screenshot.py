@@ -21,13 +21,14 @@ def main() -> None:
     viewer.open_sample("napari-clearclip", "synthetic_shapes")
     _, widget = viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
     widget.model.value = "synthetic-tiny"
-    widget.classes.value = "red\ngreen\nblue\nyellow\nbackground"
+    widget.classes.value = "red\ngreen\nyellow\nbackground"
     worker = widget.run()
     finished = []
     worker.finished.connect(lambda: finished.append(True))
     app = QApplication.instance()
     while not finished or widget._worker is not None:
         app.processEvents()
+    viewer.reset_view()
     for _ in range(20):
         app.processEvents()
     out = Path(__file__).parent / "images" / "widget.png"

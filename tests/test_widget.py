@@ -214,3 +214,21 @@ def test_sample_data_loads_without_download(make_napari_viewer):
         viewer.open_sample("napari-clearclip", key)
     assert len(viewer.layers) == 6
     assert all(layer.rgb for layer in viewer.layers)
+
+
+def test_plugin_opens_in_a_running_napari(tmp_path):
+    """napari starts first (OpenGL up), then the plugin imports torch: this must not crash."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "open_widget.py"
+    script.write_text(
+        "import napari\n"
+        "viewer = napari.Viewer(show=False)\n"
+        "_, widget = viewer.window.add_plugin_dock_widget('napari-clearclip', 'ClearCLIP segmentation')\n"
+        "print('opened', type(widget).__name__)\n"
+        "viewer.close()\n"
+    )
+    completed = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "opened ClearClipWidget" in completed.stdout

@@ -1,5 +1,9 @@
 """napari-clearclip: segment images from words with ClearCLIP on frozen CLIP weights."""
 
+from ._preload import preload_triton
+
+preload_triton()  # before torch: see _preload.py
+
 from .errors import (
     ClearClipError,
     InvalidClassesError,

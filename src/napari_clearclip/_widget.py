@@ -132,10 +132,10 @@ class ClearClipWidget(Container):
                                   visible=False)
         self.run_button = PushButton(name="run_button", text="Run")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
-        self.buttons = Container(name="buttons", layout="horizontal", labels=False,
+        self.buttons = Container(name="buttons", label=" ", layout="horizontal", labels=False,
                                  widgets=[self.run_button, self.cancel_button])
-        self.status = Label(name="status", value="Ready")
-        self.legend = Label(name="legend", value="")
+        self.status = Label(name="status", label="Status", value="Ready")
+        self.legend = Label(name="legend", label="Legend", value="")
         self.extend([self.image, self.channel_axis, self.channel, self.classes, self.model, self.pretrained,
                      self.checkpoint, self.method, self.device, self.prob_threshold, self.scope, self.keep_edits,
                      self.new_layer, self.probability_output, self.show_advanced, self.advanced, self.buttons,

@@ -118,11 +118,11 @@ def test_viewer_stays_responsive_during_a_run(qtbot, widget):
     from qtpy.QtCore import QTimer
 
     viewer = widget._viewer
-    image = (np.random.default_rng(1).random((600, 600, 3)) * 255).astype(np.uint8)
+    image = (np.random.default_rng(1).random((700, 700, 3)) * 255).astype(np.uint8)
     widget.image.value = viewer.add_image(image, name="busy")
     widget.classes.value = "a\nb\nc"
     widget.resize.value = False
-    widget.crop.value, widget.stride.value = 64, 16
+    widget.crop.value, widget.stride.value = 64, 8
     ticks = []
     timer = QTimer()
     timer.setInterval(10)

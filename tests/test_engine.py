@@ -172,3 +172,14 @@ def test_bf16_close_to_fp32(tiny_checkpoint, rgb_image):
     fast = Segmenter("test-tiny", tiny_checkpoint, device="cpu", precision="bf16").segment(rgb_image, ["a", "b", "c"])
     assert np.abs(fast.similarity - exact.similarity).max() < 0.05
     assert (fast.labels == exact.labels).mean() > 0.8
+
+
+def test_engine_imports_no_gui():
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_clearclip, napari_clearclip.cli, napari_clearclip.planes, napari_clearclip.editing; "
+            "print([m for m in ('qtpy', 'PyQt5', 'PySide6', 'napari', 'magicgui') if m in sys.modules])")
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == "[]"

@@ -13,7 +13,7 @@ import os
 import tempfile
 
 from napari_clearclip import METHODS, Segmenter
-from napari_clearclip.synthetic import COLOURS, colour_iou, test_scenes
+from napari_clearclip.synthetic import COLOURS, colour_iou, held_out_scenes
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("NAPARI_CLEARCLIP_CACHE_DIR", tempfile.mkdtemp())
     segmenter = Segmenter("synthetic-tiny", device="cpu")
-    scenes = test_scenes(args.scenes)
+    scenes = held_out_scenes(args.scenes)
     print(f"| method | {' | '.join(COLOURS)} | mean IoU |")
     print("|---|" + "---|" * (len(COLOURS) + 1))
     for method in METHODS:

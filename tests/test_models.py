@@ -52,9 +52,28 @@ def test_asking_for_missing_cuda_is_a_clear_error(tiny_checkpoint):
         Segmenter("test-tiny", tiny_checkpoint, device="cuda")
 
 
-def test_non_vit_models_are_refused():
-    with pytest.raises(models.ModelLoadError, match="needs a ViT model"):
-        _load_random("RN50")
+def test_non_vit_models_are_refused_before_building():
+    for name, reason in [("RN50", "not a plain ViT"), ("coca_base", "CoCa"), ("convnext_base", "not a plain ViT")]:
+        with pytest.raises(models.ModelLoadError, match=f"{name!r} cannot run ClearCLIP: .*{reason}") as info:
+            Segmenter(name, device="cpu")
+        assert isinstance(info.value, ValueError)
+
+
+def test_model_list_holds_only_models_whose_towers_fit_clearclip():
+    """Every listed model builds a plain ViT image tower and a CLIP text tower (built on the meta device: no memory)."""
+    from open_clip.model import _build_vision_tower
+    from torch import nn
+
+    listed = models.segmentable_models()
+    assert {"ViT-B-16", "ViT-L-14", "synthetic-tiny"} <= set(listed)
+    assert not {"coca_base", "RN50", "convnext_base", "ViT-B-16-SigLIP", "roberta-ViT-B-32"} & set(listed)
+    for name in listed:
+        cfg = open_clip.get_model_config(name)
+        with torch.device("meta"):
+            visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], quick_gelu=cfg.get("quick_gelu", False))
+        assert isinstance(visual, open_clip.transformer.VisionTransformer), name
+        assert visual.attn_pool is None, name
+        assert all(isinstance(b.attn, nn.MultiheadAttention) for b in visual.transformer.resblocks), name
 
 
 def _load_random(name, tmp_path_factory=None):

@@ -7,7 +7,7 @@ import pytest
 
 from napari_clearclip import Segmenter
 from napari_clearclip.models import BUNDLED_WEIGHTS
-from napari_clearclip.synthetic import COLOURS, colour_iou, make_scene, test_scenes
+from napari_clearclip.synthetic import COLOURS, colour_iou, held_out_scenes, make_scene
 
 
 def test_scenes_are_seeded_and_consistent():
@@ -42,7 +42,7 @@ def segmenter():
 
 @pytest.fixture(scope="module")
 def scores(segmenter):
-    scenes = test_scenes(24)
+    scenes = held_out_scenes(24)
     results = {}
     for method in ("clearclip", "vanilla"):
         segmenter.method = method
@@ -61,7 +61,7 @@ def test_clearclip_segments_unseen_scenes(scores):
 def test_clearclip_labels_red_green_and_yellow_objects(segmenter):
     """What the demo model does reach: the right colour on at least 90% of red, green and yellow object pixels."""
     hits, totals = np.zeros(len(COLOURS) + 1), np.zeros(len(COLOURS) + 1)
-    for scene in test_scenes(24):
+    for scene in held_out_scenes(24):
         predicted = segmenter.segment(scene.image, list(COLOURS) + ["background"]).labels
         predicted[predicted > len(COLOURS)] = 0
         truth = scene.label_image()

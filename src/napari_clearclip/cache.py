@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -47,28 +48,32 @@ class ByteLRU:
         self.max_bytes = max_bytes
         self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
         self._total = 0
+        self._lock = threading.Lock()  # a Segmenter may be shared by threads
 
     def get(self, key):
-        item = self._items.get(key)
-        if item is None:
-            return None
-        self._items.move_to_end(key)
-        return item[0]
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
 
     def put(self, key, value, nbytes: int) -> None:
         if nbytes > self.max_bytes:
             return
-        if key in self._items:
-            self._total -= self._items.pop(key)[1]
-        self._items[key] = (value, nbytes)
-        self._total += nbytes
-        while self._total > self.max_bytes:
-            _, (_, size) = self._items.popitem(last=False)
-            self._total -= size
+        with self._lock:
+            if key in self._items:
+                self._total -= self._items.pop(key)[1]
+            self._items[key] = (value, nbytes)
+            self._total += nbytes
+            while self._total > self.max_bytes:
+                _, (_, size) = self._items.popitem(last=False)
+                self._total -= size
 
     def clear(self) -> None:
-        self._items.clear()
-        self._total = 0
+        with self._lock:
+            self._items.clear()
+            self._total = 0
 
     def __len__(self) -> int:
         return len(self._items)

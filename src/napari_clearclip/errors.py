@@ -1,8 +1,9 @@
 """Errors raised where a user's input enters the engine.
 
 Every message says what went wrong and what to do about it. All derive from
-:class:`ClearClipError` so that callers (the widget, the CLI) can show the
-message instead of a traceback.
+:class:`ClearClipError` (so the widget and the CLI can show the message instead
+of a traceback) and from the matching Python built-in, so that ordinary
+``except ValueError`` / ``except FileNotFoundError`` code works as expected.
 """
 
 
@@ -10,21 +11,42 @@ class ClearClipError(Exception):
     """Base class for errors a user can act on."""
 
 
-class ModelLoadError(ClearClipError):
-    """The model name, weights or checkpoint cannot be used."""
+class ModelLoadError(ClearClipError, ValueError):
+    """The model name, pretrained tag, device, precision or checkpoint cannot be used."""
 
 
-class WeightsUnavailableError(ModelLoadError):
+class CheckpointNotFoundError(ModelLoadError, FileNotFoundError):
+    """A checkpoint path names no file."""
+
+
+class WeightsUnavailableError(ModelLoadError, ConnectionError):
     """Pretrained weights are neither cached nor downloadable right now."""
+
+    def __init__(self, message: str, model: str = "", tag: str = ""):
+        super().__init__(message)
+        self.model = model
+        self.tag = tag
 
 
 class InvalidClassesError(ClearClipError, ValueError):
-    """The class list is empty, has empty or duplicate names, or bad templates."""
+    """The class list is empty, unordered, has empty or duplicate names, or bad templates."""
 
 
 class InvalidImageError(ClearClipError, ValueError):
     """The image has an unsupported shape or dtype, is too small, or holds NaN/inf."""
 
 
-class OutOfMemoryError(ClearClipError):
-    """The device ran out of memory even with one window per batch."""
+class ImageNotFoundError(InvalidImageError, FileNotFoundError):
+    """An image path names no file."""
+
+
+class InvalidOptionError(ClearClipError, ValueError):
+    """An option (window size, logit scale, threshold, contrast limits ...) is out of range or of the wrong type."""
+
+
+class OutOfMemoryError(ClearClipError, MemoryError):
+    """The device or the host ran out of memory even in the smallest pieces the engine can use."""
+
+
+class OutputError(ClearClipError, OSError):
+    """An output folder or file cannot be written."""

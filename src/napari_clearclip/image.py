@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidImageError
+from .errors import InvalidImageError, InvalidOptionError
 
 LONG_SIDE_CAP = 2048
 
@@ -47,6 +47,39 @@ def check_image(image, min_side: int = 16) -> np.ndarray:
     return array
 
 
+def check_contrast_limits(contrast_limits) -> tuple[float, float] | None:
+    """``None`` or two finite numbers, low < high, as a tuple of floats."""
+    if contrast_limits is None:
+        return None
+    try:
+        values = [float(v) for v in contrast_limits]
+        if isinstance(contrast_limits, (str, bytes)) or len(values) != 2:
+            raise TypeError
+    except (TypeError, ValueError):
+        raise InvalidOptionError(
+            f"contrast_limits={contrast_limits!r} must be two numbers (low, high), e.g. (0, 4095), or None for the image's range."
+        ) from None
+    low, high = values
+    if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
+        raise InvalidOptionError(f"Contrast limits {tuple(values)} are invalid: both must be finite and the upper limit must exceed the lower.")
+    return low, high
+
+
+def _scaled_to_255(array: np.ndarray, low: float, high: float) -> np.ndarray:
+    """(array - low) / (high - low) * 255 clipped to 0..255, without overflow for any finite values."""
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4:
+        # float64 beyond float32's range (or a span that overflows) must be scaled before the cast
+        half = np.asarray(array, dtype=np.float64) * 0.5
+        span = high * 0.5 - low * 0.5
+        scaled = (half - low * 0.5) * (255.0 / span) if span > 0 else np.zeros_like(half)
+        return np.clip(scaled, 0, 255).astype(np.float32)
+    data = np.asarray(array, dtype=np.float32)
+    span = high - low
+    if span <= 0 or not math.isfinite(span):
+        return np.zeros(data.shape, dtype=np.float32)
+    return np.clip((data - np.float32(low)) * np.float32(255.0 / span), 0, 255)
+
+
 def to_rgb_255(array: np.ndarray, contrast_limits: Sequence[float] | None = None) -> tuple[torch.Tensor, bool]:
     """(3, H, W) float32 intensities in 0..255 and whether they are whole uint8 values.
 
@@ -55,19 +88,13 @@ def to_rgb_255(array: np.ndarray, contrast_limits: Sequence[float] | None = None
     """
     if array.ndim == 3:
         array = array[..., :3]
-    if contrast_limits is not None:
-        low, high = (float(v) for v in contrast_limits)
-        if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
-            raise InvalidImageError(f"Contrast limits {tuple(contrast_limits)} are invalid: the upper limit must exceed the lower.")
-    if array.dtype == np.uint8 and (contrast_limits is None or (low, high) == (0.0, 255.0)):
+    contrast_limits = check_contrast_limits(contrast_limits)
+    if array.dtype == np.uint8 and (contrast_limits is None or contrast_limits == (0.0, 255.0)):
         data = torch.from_numpy(np.ascontiguousarray(array)).float()
         whole = True
     else:
-        if contrast_limits is None:
-            low, high = float(array.min()), float(array.max())
-        data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-        span = high - low
-        data = ((data - low) * (255.0 / span)).clamp_(0, 255) if span > 0 else torch.zeros_like(data)
+        low, high = contrast_limits if contrast_limits is not None else (float(array.min()), float(array.max()))
+        data = torch.from_numpy(np.ascontiguousarray(_scaled_to_255(array, low, high)))
         whole = False
     data = data.unsqueeze(0).expand(3, -1, -1) if data.ndim == 2 else data.permute(2, 0, 1)
     return data.contiguous(), whole

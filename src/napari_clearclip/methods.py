@@ -120,12 +120,15 @@ METHODS: dict[str, Method] = {
 def interpolated_positions(visual: nn.Module, rows: int, cols: int) -> torch.Tensor:
     """Positional embeddings for a rows x cols patch grid, as the official ClearCLIP code builds them.
 
-    Only resized when the token count differs from the pretraining grid; then a
-    bicubic interpolation with scale factor ((rows + 0.1) / R, (cols + 0.1) / C).
+    Resized whenever the grid shape differs from the pretraining grid, with a bicubic
+    interpolation of scale factor ((rows + 0.1) / R, (cols + 0.1) / C). The official code
+    only compares token counts, so on a non-square grid with the pretraining count (7 x 28
+    on ViT-B/16) it would use the 14 x 14 embeddings unchanged, i.e. scrambled positions;
+    those grids (and only those) deliberately differ from it here.
     """
     pos = visual.positional_embedding
     grid_rows, grid_cols = visual.grid_size
-    if rows * cols == grid_rows * grid_cols:
+    if (rows, cols) == (grid_rows, grid_cols):
         return pos
     width = pos.shape[-1]
     patch_pos = pos[1:].reshape(1, grid_rows, grid_cols, width).permute(0, 3, 1, 2)
@@ -167,11 +170,11 @@ def method_names() -> list[str]:
 
 
 def get_method(name: str) -> Method:
-    from .errors import ClearClipError
+    from .errors import InvalidOptionError
 
     try:
         return METHODS[name.lower()]
     except (KeyError, AttributeError):
-        raise ClearClipError(f"Unknown method {name!r}: use one of {', '.join(METHODS)}.") from None
+        raise InvalidOptionError(f"Unknown method {name!r}: use one of {', '.join(METHODS)}.") from None
 
 

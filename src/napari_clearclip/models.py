@@ -7,6 +7,7 @@ import difflib
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from .cache import file_digest
-from .errors import ModelLoadError, WeightsUnavailableError
+from .errors import CheckpointNotFoundError, ModelLoadError, WeightsUnavailableError
 
 PACKAGE_DIR = Path(__file__).parent
 BUNDLED_WEIGHTS = {"synthetic-tiny": PACKAGE_DIR / "data" / "synthetic-tiny.pt"}
@@ -75,8 +76,28 @@ def default_options(model: str) -> dict:
 
 
 def available_models() -> list[str]:
-    """ViT model names open_clip knows, plus the bundled demo model."""
+    """Every model name open_clip knows (its configs, plus the bundled demo model)."""
     return open_clip.list_models()
+
+
+def unsupported_reason(model: str) -> str | None:
+    """Why ``model`` cannot run ClearCLIP here (from its config, nothing built), or None if it can."""
+    cfg = open_clip.get_model_config(model) or {}
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    if not cfg:
+        return "it has no open_clip config"
+    if "timm_model_name" in vision or isinstance(vision.get("layers"), (list, tuple)):
+        return "its image tower is not a plain ViT (ResNet, ConvNeXt or a timm model)"
+    if "multimodal_cfg" in cfg or vision.get("attentional_pool"):
+        return "it pools image tokens with attention (CoCa), so its patch tokens are not in the text space"
+    if "hf_model_name" in text or "hf_tokenizer_name" in text:
+        return "its text tower or tokenizer comes from Hugging Face transformers (downloaded at run time)"
+    return None
+
+
+def segmentable_models() -> list[str]:
+    """The models ClearCLIP can run on: open_clip ViTs with a CLIP text tower, plus the bundled demo model."""
+    return [m for m in available_models() if unsupported_reason(m) is None]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -143,9 +164,7 @@ def load_model(
         clip = _from_checkpoint(model, BUNDLED_WEIGHTS[model])
         weights_id = f"bundled:{file_digest(BUNDLED_WEIGHTS[model])}"
     elif is_checkpoint_path(pretrained):
-        path = Path(pretrained).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"Checkpoint file not found: {path}. Check the path, or use a pretrained tag such as 'openai'.")
+        path = _check_checkpoint_path(Path(pretrained).expanduser())
         clip = _from_checkpoint(model, path)
         weights_id = f"file:{file_digest(path)}"
     else:
@@ -175,11 +194,27 @@ def load_model(
 
 
 def _check_model_name(model: str) -> None:
+    if not isinstance(model, str):
+        raise ModelLoadError(f"model={model!r} must be a model name such as 'ViT-B-16'.")
     known = available_models()
     if model not in known:
-        close = difflib.get_close_matches(model, known, n=3)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else " See open_clip.list_models()."
+        close = difflib.get_close_matches(model, segmentable_models(), n=3)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else " See napari_clearclip.models.segmentable_models()."
         raise ModelLoadError(f"Unknown model {model!r}.{hint}")
+    reason = unsupported_reason(model)
+    if reason:
+        raise ModelLoadError(f"{model!r} cannot run ClearCLIP: {reason}. Use a ViT model such as 'ViT-B-16'.")
+
+
+def _check_checkpoint_path(path: Path) -> Path:
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a folder, not a checkpoint file: choose the .pt/.pth/.safetensors file inside it.")
+    if not path.is_file():
+        raise CheckpointNotFoundError(
+            f"Checkpoint file not found: {path}. Check the path, or use a pretrained tag such as 'openai'.")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"Checkpoint {path} is empty (0 bytes): the download or copy was probably interrupted.")
+    return path
 
 
 def _normalisation(visual: nn.Module) -> tuple[tuple, tuple]:
@@ -203,24 +238,54 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(
             f"Could not read checkpoint {path}: {exc}. Save it with torch.save(model.state_dict(), path)."
         ) from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    state = _unwrap_state_dict(state)
+    if state is None:
         raise ModelLoadError(f"{path} is not a state dict. Save it with torch.save(model.state_dict(), path).")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
 
 
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "weights")
+
+
+def _unwrap_state_dict(state) -> dict[str, torch.Tensor] | None:
+    """The state dict itself, or the one a training checkpoint wraps (``{"model": sd, "epoch": ...}``)."""
+    for _ in range(3):
+        if not isinstance(state, dict):
+            return None
+        if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            return state
+        inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
+        if inner is None:
+            return None
+        state = inner
+    return None
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """Hides open_clip's "initialized randomly" warning for this thread only (our model gets weights next)."""
+
+    def __init__(self):
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.thread == self.thread and "No pretrained weights loaded" in record.getMessage())
+
+
 @contextlib.contextmanager
 def _quiet_random_init():
-    """open_clip logs that a model without pretrained weights is random; ours get weights next."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    """Create a model without open_clip's random-init warning, leaving every other log message alone."""
+    quiet = _DropRandomInitWarning()
+    loggers = [logging.getLogger(), logging.getLogger("open_clip")]
+    for logger in loggers:
+        logger.addFilter(quiet)
     try:
         yield
     finally:
-        logging.disable(previous)
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def _from_checkpoint(model: str, path: Path) -> nn.Module:
@@ -294,12 +359,30 @@ def _from_pretrained_tag(model: str, tag: str) -> nn.Module:
         raise WeightsUnavailableError(
             f"The {model} '{tag}' weights are not in the local cache and there is no network connection to download them. "
             f"Connect once to let open_clip download and cache them, or pass a local checkpoint file saved with "
-            f"torch.save(model.state_dict(), path): Segmenter(model={model!r}, pretrained='/path/to/checkpoint.pt')."
+            f"torch.save(model.state_dict(), path): {_local_checkpoint_hint(model, cfg)}.",
+            model=model, tag=tag,
         )
     try:
         return open_clip.create_model(model, pretrained=tag, force_quick_gelu=bool(cfg.get("quick_gelu")))
     except Exception as exc:
         raise WeightsUnavailableError(
             f"Could not download or load the {model} '{tag}' weights: {exc}. "
-            "Check the network connection, or pass a local checkpoint path as pretrained."
+            f"Check the network connection, or pass a local checkpoint: {_local_checkpoint_hint(model, cfg)}.",
+            model=model, tag=tag,
         ) from None
+
+
+def local_checkpoint_model(model: str, tag: str) -> str:
+    """The model name that rebuilds ``tag``'s weights from a local file: the QuickGELU variant for OpenAI's."""
+    cfg = open_clip.get_pretrained_cfg(model, tag) if tag in open_clip.list_pretrained_tags_by_model(model) else {}
+    if cfg.get("quick_gelu") and not model.endswith("-quickgelu") and f"{model}-quickgelu" in available_models():
+        return f"{model}-quickgelu"
+    return model
+
+
+def _local_checkpoint_hint(model: str, cfg: dict) -> str:
+    name = f"{model}-quickgelu" if cfg.get("quick_gelu") and f"{model}-quickgelu" in available_models() else model
+    hint = f"Segmenter(model={name!r}, pretrained='/path/to/checkpoint.pt')"
+    if name != model:
+        hint += f" (the {name} model builds the QuickGELU activation these weights were trained with)"
+    return hint

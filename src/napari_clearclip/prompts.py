@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
+import tempfile
+import warnings
+from collections.abc import Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -21,6 +25,7 @@ from .models import LoadedModel
 #: The 80 OpenAI ImageNet prompt templates shipped by open_clip, as "{}" format strings.
 IMAGENET_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
 PROMPTS_PER_BATCH = 400
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,16 @@ def parse_classes(classes: str | Sequence[str]) -> list[ClassQuery]:
     """
     if isinstance(classes, str):
         classes = [part for part in re.split(r"[;\n]", classes) if part.strip()]
+    elif isinstance(classes, (Set, dict)):
+        raise InvalidClassesError(
+            f"Classes were given as a {type(classes).__name__}, which has no fixed order, so label numbers would change "
+            "between runs: pass a list, e.g. ['cell', 'background']."
+        )
+    elif classes is not None and not isinstance(classes, Sequence):
+        raise InvalidClassesError(
+            f"Classes must be a list of strings (or one string with one class per line), not a {type(classes).__name__}: "
+            "wrap a generator in list(...)."
+        )
     if classes is None or len(classes) == 0:
         raise InvalidClassesError("No classes given: name at least one class, for example ['cell', 'background'].")
     parsed: list[ClassQuery] = []
@@ -87,6 +102,36 @@ class TextEncoder:
         self.model = model
         self.disk_cache = disk_cache
         self._memory: dict[str, torch.Tensor] = {}
+        self._width = int(model.clip.text_projection.shape[-1]) if _has_projection(model.clip) else None
+
+    def check_distinct(self, names: Sequence[str], templates: tuple[str, ...]) -> None:
+        """Refuse names that the text context cuts into the same prompts; warn when a name is cut at all.
+
+        CLIP reads a fixed number of tokens: two long names that differ only past it
+        would be one and the same class, silently.
+        """
+        context = getattr(self.model.clip, "context_length", None)
+        if not context or len(names) < 1:
+            return
+        longest = max(templates, key=len)
+        rows = self.model.tokenizer([longest.replace("{}", n) for n in names])
+        if rows.shape[-1] < context:
+            return
+        cut = [n for n, row in zip(names, rows) if int(row[-1]) != 0]
+        if not cut:
+            return
+        seen: dict[tuple, str] = {}
+        for name in names:
+            tokens = self.model.tokenizer([t.replace("{}", name) for t in templates])
+            key = tuple(tokens.flatten().tolist())
+            if key in seen:
+                raise InvalidClassesError(
+                    f"{seen[key]!r} and {name!r} become identical after the model's {context}-token limit, so they "
+                    "would be the same class: shorten them so that they differ early."
+                )
+            seen[key] = name
+        warnings.warn(f"{len(cut)} class name(s) are cut at the model's {context}-token limit, e.g. {cut[0][:60]!r}: "
+                      "the words past the limit are ignored.", stacklevel=3)
 
     def key(self, name: str, templates: tuple[str, ...]) -> str:
         digest = hashlib.sha256()
@@ -103,29 +148,52 @@ class TextEncoder:
         if key in self._memory:
             return self._memory[key]
         if self.disk_cache:
-            path = self._disk_path(key)
-            if path.is_file():
-                try:
-                    embedding = torch.from_numpy(np.load(path))
-                except (OSError, ValueError):
-                    return None
+            embedding = self._read_disk(self._disk_path(key))
+            if embedding is not None:
                 self._memory[key] = embedding
                 return embedding
         return None
+
+    def _read_disk(self, path: Path) -> torch.Tensor | None:
+        """A cached embedding, or None if it is missing or not a valid one (then it is recomputed and rewritten)."""
+        try:
+            if not path.is_file():
+                return None
+            values = np.load(path, allow_pickle=False)
+        except Exception:  # truncated, empty, not .npy, unreadable: a miss, never an error
+            return None
+        if not is_valid_embedding(values, self._width):
+            log.info("Ignoring an invalid cached text embedding: %s", path)
+            return None
+        return torch.from_numpy(np.ascontiguousarray(values))
 
     def _store(self, name: str, templates: tuple[str, ...], embedding: torch.Tensor) -> None:
         key = self.key(name, templates)
         self._memory[key] = embedding
         if self.disk_cache:
-            path = self._disk_path(key)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                with open(tmp, "wb") as handle:
-                    np.save(handle, embedding.numpy())
-                os.replace(tmp, path)
-            except OSError:
-                pass  # a read-only cache must not stop segmentation
+            self._write_disk(self._disk_path(key), embedding.numpy())
+
+    def _write_disk(self, path: Path, values: np.ndarray) -> None:
+        """Write atomically through a temporary file unique to this call; a cache that cannot be written is skipped."""
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as handle:
+                tmp = handle.name
+                np.save(handle, values)
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as exc:
+            if self.disk_cache:
+                warnings.warn(f"The text-embedding cache {path.parent} cannot be written ({exc}); "
+                              "embeddings are kept in memory only.", stacklevel=4)
+            self.disk_cache = False  # warn once, then stay in memory
+        finally:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
 
     def encode_steps(self, names: Sequence[str], templates: tuple[str, ...]) -> Iterator[tuple[int, int]]:
         """Encode the names not cached yet, yielding (done, total) after each batch of prompts."""
@@ -155,6 +223,23 @@ class TextEncoder:
         with model.autocast():
             features = encode_text_truncated(model.clip, tokens)
         return features.float().cpu()
+
+
+def _has_projection(clip) -> bool:
+    projection = getattr(clip, "text_projection", None)
+    return isinstance(projection, torch.Tensor) and projection.ndim == 2
+
+
+def is_valid_embedding(values, width: int | None) -> bool:
+    """A cached text embedding must be a finite float32 unit vector of the model's width."""
+    return (
+        isinstance(values, np.ndarray)
+        and values.dtype == np.float32
+        and values.ndim == 1
+        and (width is None or values.shape[0] == width)
+        and bool(np.all(np.isfinite(values)))
+        and abs(float(np.linalg.norm(values)) - 1.0) < 1e-3
+    )
 
 
 def encode_text_truncated(clip: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

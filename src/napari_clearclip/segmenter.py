@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Generator, Sequence
 
@@ -11,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from .cache import ByteLRU
-from .errors import ClearClipError, OutOfMemoryError
-from .image import check_image, prepare, resized_size
+from .errors import InvalidOptionError, OutOfMemoryError
+from .image import check_contrast_limits, check_image, prepare
 from .methods import encode_dense, get_method, interpolated_positions
 from .models import LoadedModel, default_options, load_model
 from .prompts import ClassQuery, TextEncoder, check_templates, parse_classes
@@ -46,14 +48,19 @@ class Progress:
 
 @dataclass
 class SegmentationResult:
-    """Labels 1..C (0 where no class reaches the threshold), per-class probabilities and similarities."""
+    """Labels 1..C (0 where no class reaches the threshold), the winning probability, and per-class maps.
+
+    ``probabilities`` and ``similarity`` are (C, H, W) float32, or None when the run
+    was asked not to keep them (``maps=False``), which saves 8 bytes per pixel and class.
+    """
 
     labels: np.ndarray
-    probabilities: np.ndarray
-    similarity: np.ndarray
+    probabilities: np.ndarray | None
+    similarity: np.ndarray | None
     class_names: list[str]
     classes: list[ClassQuery] = field(default_factory=list)
     method: str = "clearclip"
+    confidence: np.ndarray | None = None
 
     def class_table(self) -> list[dict]:
         """One row per label value, with its pixel count, for CSV export and legends."""
@@ -145,6 +152,7 @@ class Segmenter:
         prob_threshold: float = 0.0,
         templates: Sequence[str] | None = None,
         contrast_limits: Sequence[float] | None = None,
+        maps: bool = True,
     ) -> Generator[Progress, None, SegmentationResult]:
         """A generator that yields :class:`Progress` and returns the :class:`SegmentationResult`.
 
@@ -153,7 +161,13 @@ class Segmenter:
         logit scale 50, no probability threshold, the 80 ImageNet templates.
         Window settings left at ``DEFAULT`` take the model's own (the official ones,
         except for models trained at another scale such as ``synthetic-tiny``).
+        ``maps=False`` skips the per-class probability and similarity maps (labels and
+        the winning probability only), for large images with many classes.
+
+        The method is read once at the start, so changing ``segmenter.method`` from
+        another thread never mixes methods within a run or in the feature cache.
         """
+        method_name, method_fn = self._method, self._method_fn
         defaults = default_options(self.model.name)
         short_side = defaults["short_side"] if short_side is DEFAULT else short_side
         crop = defaults["crop"] if crop is DEFAULT else crop
@@ -163,32 +177,35 @@ class Segmenter:
         patch = self.model.patch_size
         array = check_image(image, min_side=max(patch))
         _check_options(short_side, crop, stride, logit_scale, prob_threshold, max(patch))
+        contrast_limits = check_contrast_limits(contrast_limits)
 
         queries = [s for c in parsed for s in c.synonyms]
+        self.text.check_distinct(queries, templates)
         for done, total in self.text.encode_steps(queries, templates):
             yield Progress("text", done, total)
         text = self.text.embeddings(queries, templates).to(self.device)
 
-        key = self._feature_key(array, contrast_limits, short_side, crop, stride)
+        key = self._feature_key(array, contrast_limits, short_side, crop, stride, method_name)
         features = self._features.get(key)
         if features is None:
-            scores = yield from self._encode_and_score(array, text, key, contrast_limits, short_side, crop, stride)
+            scores = yield from self._encode_and_score(array, text, key, contrast_limits, short_side, crop, stride,
+                                                       method_fn)
         else:
             scores = self._score_cached(features, text)
             yield Progress("windows", len(features.grid.windows), len(features.grid.windows))
-        return _postprocess(scores, array.shape[:2], parsed, logit_scale, prob_threshold, self.method)
+        return _postprocess(scores, array.shape[:2], parsed, float(logit_scale), float(prob_threshold), method_name,
+                            maps=maps)
 
     # -- image side ---------------------------------------------------------------------------
 
-    def _feature_key(self, array: np.ndarray, contrast_limits, short_side, crop, stride) -> str:
+    def _feature_key(self, array: np.ndarray, contrast_limits, short_side, crop, stride, method: str) -> str:
         digest = hashlib.blake2b(digest_size=20)
         digest.update(np.ascontiguousarray(array).data)
-        limits = None if contrast_limits is None else tuple(float(v) for v in contrast_limits)
-        digest.update(repr((array.shape, str(array.dtype), limits, short_side, crop, stride,
-                            self.method, self.model.cache_id)).encode())
+        digest.update(repr((array.shape, str(array.dtype), contrast_limits, short_side, crop, stride,
+                            method, self.model.cache_id)).encode())
         return digest.hexdigest()
 
-    def _encode_and_score(self, array, text, key, contrast_limits, short_side, crop, stride):
+    def _encode_and_score(self, array, text, key, contrast_limits, short_side, crop, stride, method_fn):
         """Generator: encode the windows batch by batch and add their scores up, yielding progress.
 
         Patch features are kept for later re-scoring only when they fit the cache budget,
@@ -206,7 +223,7 @@ class Segmenter:
         yield Progress("windows", 0, len(windows))
         while position < len(windows):
             batch = windows[position : position + self._batch_size(grid)]
-            patch_features = self._encode_crops(grid.crop_batch(pixels, batch).to(self.device))
+            patch_features = self._encode_crops(grid.crop_batch(pixels, batch).to(self.device), method_fn)
             self._accumulate(scores, grid, batch, patch_features, text)
             if keep is not None:
                 keep.batches.append((batch, patch_features))
@@ -249,14 +266,14 @@ class Segmenter:
         height, width = grid.padded_size
         return max(1, budget // (height * width))
 
-    def _encode_crops(self, crops: torch.Tensor) -> torch.Tensor:
+    def _encode_crops(self, crops: torch.Tensor, method_fn) -> torch.Tensor:
         """Patch embeddings of a batch of crops; on GPU out-of-memory, retry in smaller batches."""
         try:
             with torch.inference_mode(), self.model.autocast():
                 rows = crops.shape[-2] // self.model.patch_size[0]
                 cols = crops.shape[-1] // self.model.patch_size[1]
                 positions = interpolated_positions(self.model.visual, rows, cols)
-                return encode_dense(self.model.visual, crops, self._method_fn, positions)
+                return encode_dense(self.model.visual, crops, method_fn, positions)
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -267,48 +284,97 @@ class Segmenter:
                 ) from None
             self.window_batch_size = max(1, len(crops) // 2)
             half = len(crops) // 2
-            return torch.cat([self._encode_crops(crops[:half]), self._encode_crops(crops[half:])])
+            return torch.cat([self._encode_crops(crops[:half], method_fn), self._encode_crops(crops[half:], method_fn)])
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _check_options(short_side, crop, stride, logit_scale, prob_threshold, patch: int) -> None:
     def whole(value) -> bool:
-        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
     if short_side is not None and (not whole(short_side) or short_side < patch):
-        raise ClearClipError(f"short_side={short_side!r} must be a whole number of at least {patch} pixels, or None to keep the native size.")
+        raise InvalidOptionError(f"short_side={short_side!r} must be a whole number of at least {patch} pixels, or None to keep the native size.")
     if not whole(crop) or crop < patch:
-        raise ClearClipError(f"crop={crop!r} must be a whole number of at least {patch} pixels (the official value is 448).")
+        raise InvalidOptionError(f"crop={crop!r} must be a whole number of at least {patch} pixels (the official value is 448).")
     if not whole(stride) or not 0 < stride <= crop:
-        raise ClearClipError(f"stride={stride!r} must be a whole number between 1 and the crop size {crop} (the official value is 224).")
-    if not logit_scale > 0:
-        raise ClearClipError(f"logit_scale={logit_scale!r} must be positive (the official value is 50).")
-    if not 0.0 <= prob_threshold <= 1.0:
-        raise ClearClipError(f"prob_threshold={prob_threshold!r} must lie between 0 and 1.")
+        raise InvalidOptionError(f"stride={stride!r} must be a whole number between 1 and the crop size {crop} (the official value is 224).")
+    if not _is_number(logit_scale) or not math.isfinite(logit_scale) or not logit_scale > 0:
+        raise InvalidOptionError(f"logit_scale={logit_scale!r} must be a finite positive number (the official value is 50).")
+    if not _is_number(prob_threshold) or not 0.0 <= prob_threshold <= 1.0:
+        raise InvalidOptionError(f"prob_threshold={prob_threshold!r} must be a number between 0 and 1 (0 labels every pixel).")
 
 
-def _postprocess(scores, size, classes, logit_scale, prob_threshold, method, rows_per_chunk: int = 512) -> SegmentationResult:
-    """Resize to the input size, softmax over queries, max over synonyms, argmax, threshold."""
-    if tuple(scores.shape[1:]) != tuple(size):
-        scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+def _bilinear_taps(in_size: int, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis."""
+    scale = in_size / out_size
+    source = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_(min=0)
+    low = source.floor().long().clamp_(max=in_size - 1)
+    high = (low + 1).clamp_(max=in_size - 1)
+    weight = (source - low).float()
+    return low, high, weight
+
+
+def _resized_rows(scores: torch.Tensor, rows, cols, r0: int, r1: int) -> torch.Tensor:
+    """Output rows r0:r1 of the bilinear resize of ``scores`` (Q, h, w), without building the whole output."""
+    low, high, weight = (t[r0:r1] for t in rows)
+    w = weight.view(1, -1, 1)
+    part = scores[:, low] * (1 - w) + scores[:, high] * w
+    low, high, weight = cols
+    return part[:, :, low] * (1 - weight) + part[:, :, high] * weight
+
+
+def _allocate(shape: tuple[int, ...], dtype, what: str) -> np.ndarray:
+    try:
+        return np.empty(shape, dtype=dtype)
+    except MemoryError:
+        gib = np.prod(shape, dtype=np.float64) * np.dtype(dtype).itemsize / 2**30
+        raise OutOfMemoryError(
+            f"Not enough memory for the {what} ({gib:.1f} GiB for {' x '.join(map(str, shape))}). "
+            "Keep only the labels (maps=False; in napari, Probabilities: none), use fewer classes, or a smaller image."
+        ) from None
+
+
+def _postprocess(scores, size, classes, logit_scale, prob_threshold, method, maps: bool = True,
+                 chunk_bytes: int = 64 << 20) -> SegmentationResult:
+    """Resize to the input size, softmax over queries, max over synonyms, argmax, threshold: in row chunks.
+
+    Only one chunk of the full-size scores exists at a time, so memory beyond the
+    outputs stays bounded whatever the image size and number of classes.
+    """
     height, width = size
-    n_classes = len(classes)
-    labels = np.empty((height, width), dtype=np.int32)
-    probabilities = np.empty((n_classes, height, width), dtype=np.float32)
-    similarity = np.empty((n_classes, height, width), dtype=np.float32)
+    n_classes, n_queries = len(classes), scores.shape[0]
+    labels = _allocate((height, width), np.int32, "labels")
+    confidence = _allocate((height, width), np.float32, "winning-class probabilities")
+    probabilities = _allocate((n_classes, height, width), np.float32, "probability maps") if maps else None
+    similarity = _allocate((n_classes, height, width), np.float32, "similarity maps") if maps else None
     spans, start = [], 0
     for query in classes:
         spans.append((start, start + len(query.synonyms)))
         start += len(query.synonyms)
-    for r0 in range(0, height, rows_per_chunk):
-        r1 = min(r0 + rows_per_chunk, height)
-        chunk = scores[:, r0:r1].float()
-        probs = torch.softmax(chunk * logit_scale, dim=0)
-        class_probs = torch.stack([probs[a:b].amax(0) for a, b in spans])
-        class_sims = torch.stack([chunk[a:b].amax(0) for a, b in spans])
-        best, index = class_probs.max(0)
-        chunk_labels = index + 1
-        chunk_labels[best < prob_threshold] = 0
-        labels[r0:r1] = chunk_labels.cpu().numpy()
-        probabilities[:, r0:r1] = class_probs.cpu().numpy()
-        similarity[:, r0:r1] = class_sims.cpu().numpy()
-    return SegmentationResult(labels, probabilities, similarity, [c.name for c in classes], list(classes), method)
+    resize = tuple(scores.shape[1:]) != (height, width)
+    if resize:
+        rows = _bilinear_taps(scores.shape[1], height, scores.device)
+        cols = _bilinear_taps(scores.shape[2], width, scores.device)
+    step = max(1, chunk_bytes // max(1, 4 * n_queries * width * 3))
+    try:
+        for r0 in range(0, height, step):
+            r1 = min(r0 + step, height)
+            chunk = _resized_rows(scores, rows, cols, r0, r1) if resize else scores[:, r0:r1]
+            chunk = chunk.float()
+            probs = torch.softmax(chunk * logit_scale, dim=0)
+            class_probs = torch.stack([probs[a:b].amax(0) for a, b in spans])
+            best, index = class_probs.max(0)
+            chunk_labels = index + 1
+            chunk_labels[best < prob_threshold] = 0
+            labels[r0:r1] = chunk_labels.cpu().numpy()
+            confidence[r0:r1] = best.cpu().numpy()
+            if maps:
+                probabilities[:, r0:r1] = class_probs.cpu().numpy()
+                similarity[:, r0:r1] = torch.stack([chunk[a:b].amax(0) for a, b in spans]).cpu().numpy()
+    except (MemoryError, torch.OutOfMemoryError):
+        raise OutOfMemoryError("Ran out of memory while scoring: use fewer classes or a smaller image.") from None
+    return SegmentationResult(labels, probabilities, similarity, [c.name for c in classes], list(classes), method,
+                              confidence)

@@ -61,3 +61,99 @@ def test_cli_entry_point_help():
     completed = subprocess.run([sys.executable, "-m", "napari_clearclip.cli", "--help"], capture_output=True, text=True)
     assert completed.returncode == 0
     assert "--classes" in completed.stdout and "synonyms" in completed.stdout
+
+
+TINY = ["--model", "test-tiny", "--device", "cpu"]
+
+
+def _pngs(folder, names, image):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        imsave(folder / name, image)
+    return [folder / n for n in names]
+
+
+def test_outputs_get_unique_names_even_against_real_names(tmp_path, tiny_checkpoint, rgb_image, capsys):
+    a = _pngs(tmp_path / "a", ["x.png"], rgb_image)[0]
+    b = _pngs(tmp_path / "b", ["x.png"], rgb_image[::-1].copy())[0]
+    c = _pngs(tmp_path, ["x_2.png"], rgb_image[:, ::-1].copy())[0]
+    out = tmp_path / "out"
+    assert main([str(a), str(b), str(c), "--classes", "sky; grass", "--out", str(out), "--pretrained", tiny_checkpoint, *TINY]) == 0
+    segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
+    for stem, source in [("x", rgb_image), ("x_3", rgb_image[::-1]), ("x_2", rgb_image[:, ::-1])]:
+        np.testing.assert_array_equal(tifffile.imread(out / f"{stem}_labels.tif"),
+                                      segmenter.segment(source, ["sky", "grass"]).labels)
+    with open(out / "clearclip_report.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["status"] for r in rows] == ["done"] * 3 and rows[0]["file"] == str(a)
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, tiny_checkpoint, rgb_image, capsys):
+    image = _pngs(tmp_path, ["cells.png"], rgb_image)[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    corrected = np.full(rgb_image.shape[:2], 7, np.uint16)      # labels the user corrected by hand
+    tifffile.imwrite(out / "cells_labels.tif", corrected)
+    (out / "cells_classes.csv").write_text("label,name\n")
+    args = [str(image), "--classes", "sky; grass", "--out", str(out), "--pretrained", tiny_checkpoint, *TINY]
+    assert main(args) == 0
+    assert "skipped: " in capsys.readouterr().err
+    np.testing.assert_array_equal(tifffile.imread(out / "cells_labels.tif"), corrected)
+    assert main(args + ["--overwrite"]) == 0
+    assert tifffile.imread(out / "cells_labels.tif").max() <= 2
+
+
+def test_bad_output_folder_and_options_fail_once_before_any_work(tmp_path, tiny_checkpoint, rgb_image, capsys, monkeypatch):
+    images = _pngs(tmp_path, ["a.png", "b.png"], rgb_image)
+    import napari_clearclip.batch as batch
+
+    calls = []
+    monkeypatch.setattr(batch, "read_image", lambda path: calls.append(path) or rgb_image)
+    not_a_folder = tmp_path / "file.txt"
+    not_a_folder.write_text("x")
+    common = ["--classes", "sky", "--pretrained", tiny_checkpoint, *TINY]
+    assert main([*map(str, images), "--out", str(not_a_folder), *common]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main([*map(str, images), "--out", str(not_a_folder / "sub"), *common]) == 2
+    assert "Cannot write to the output folder" in capsys.readouterr().err
+    assert main([*map(str, images), "--out", str(tmp_path / "o"), "--short-side", "0", *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("short_side=0") == 1 and calls == []
+
+
+def test_folders_and_patterns_expand_to_their_images(tmp_path, tiny_checkpoint, rgb_image, capsys):
+    _pngs(tmp_path / "plate", ["w1.png", "w2.png"], rgb_image)
+    (tmp_path / "plate" / "notes.txt").write_text("not an image")
+    _pngs(tmp_path / "more", ["m1.png"], rgb_image)
+    out = tmp_path / "out"
+    code = main([str(tmp_path / "plate"), str(tmp_path / "more" / "*.png"), str(tmp_path / "empty*.png"),
+                 "--classes", "sky", "--out", str(out), "--pretrained", tiny_checkpoint, *TINY])
+    assert code == 1                                   # the pattern that matched nothing is reported
+    assert sorted(p.name for p in out.glob("*_labels.tif")) == ["m1_labels.tif", "w1_labels.tif", "w2_labels.tif"]
+    assert "empty*.png: No such file" in capsys.readouterr().err
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path, tiny_checkpoint, rgb_image, capsys, monkeypatch):
+    images = _pngs(tmp_path, ["a.png", "b.png"], rgb_image)
+    out = tmp_path / "out"
+    real = tifffile.imwrite
+    written = []
+
+    def interrupted(path, data, **kwargs):
+        if written:
+            with open(path, "wb") as handle:
+                handle.write(b"half a file")
+            raise KeyboardInterrupt
+        written.append(path)
+        return real(path, data, **kwargs)
+
+    monkeypatch.setattr(tifffile, "imwrite", interrupted)
+    code = main([*map(str, images), "--classes", "sky", "--out", str(out), "--pretrained", tiny_checkpoint, *TINY])
+    assert code == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if "partial" in n or n.startswith(".")], names     # whole files only
+    assert "a_labels.tif" in names and "b_labels.tif" not in names
+    monkeypatch.setattr(tifffile, "imwrite", real)
+    assert main([*map(str, images), "--classes", "sky", "--out", str(out), "--pretrained", tiny_checkpoint, *TINY]) == 0
+    assert "skipped: " in capsys.readouterr().err and (out / "b_labels.tif").exists()

@@ -111,12 +111,13 @@ class Segmenter:
 
     @property
     def method(self) -> str:
-        return self._method
+        return self._method_state[0]
 
     @method.setter
     def method(self, name: str) -> None:
-        self._method_fn = get_method(name)
-        self._method = name.lower()
+        # one tuple, swapped in one assignment: a run reads name and function together
+        function = get_method(name)
+        self._method_state = (name.lower(), function)
 
     @property
     def device(self) -> torch.device:
@@ -167,17 +168,11 @@ class Segmenter:
         The method is read once at the start, so changing ``segmenter.method`` from
         another thread never mixes methods within a run or in the feature cache.
         """
-        method_name, method_fn = self._method, self._method_fn
-        defaults = default_options(self.model.name)
-        short_side = defaults["short_side"] if short_side is DEFAULT else short_side
-        crop = defaults["crop"] if crop is DEFAULT else crop
-        stride = defaults["stride"] if stride is DEFAULT else stride
+        method_name, method_fn = self._method_state
         parsed = parse_classes(classes)
-        templates = check_templates(templates)
-        patch = self.model.patch_size
-        array = check_image(image, min_side=max(patch))
-        _check_options(short_side, crop, stride, logit_scale, prob_threshold, max(patch))
-        contrast_limits = check_contrast_limits(contrast_limits)
+        array = check_image(image, min_side=max(self.model.patch_size))
+        short_side, crop, stride, templates, contrast_limits = self._resolve_options(
+            short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits)
 
         queries = [s for c in parsed for s in c.synonyms]
         self.text.check_distinct(queries, templates)
@@ -195,6 +190,30 @@ class Segmenter:
             yield Progress("windows", len(features.grid.windows), len(features.grid.windows))
         return _postprocess(scores, array.shape[:2], parsed, float(logit_scale), float(prob_threshold), method_name,
                             maps=maps)
+
+    def check_options(
+        self,
+        *,
+        short_side: int | None | _Default = DEFAULT,
+        crop: int | _Default = DEFAULT,
+        stride: int | _Default = DEFAULT,
+        logit_scale: float = 50.0,
+        prob_threshold: float = 0.0,
+        templates: Sequence[str] | None = None,
+        contrast_limits: Sequence[float] | None = None,
+        maps: bool = True,
+    ) -> None:
+        """Raise the error :meth:`segment` would raise for these options, before any image is read."""
+        self._resolve_options(short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits)
+
+    def _resolve_options(self, short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits):
+        defaults = default_options(self.model.name)
+        short_side = defaults["short_side"] if short_side is DEFAULT else short_side
+        crop = defaults["crop"] if crop is DEFAULT else crop
+        stride = defaults["stride"] if stride is DEFAULT else stride
+        templates = check_templates(templates)
+        _check_options(short_side, crop, stride, logit_scale, prob_threshold, max(self.model.patch_size))
+        return short_side, crop, stride, templates, check_contrast_limits(contrast_limits)
 
     # -- image side ---------------------------------------------------------------------------
 

@@ -8,6 +8,14 @@ object and, often, the background; empty tiles are captioned with background wor
 Pairs whose tiles hold the same set of colours count as positives of each other, so that
 captions differing only in wording (or in a prompt template) do not fight in a batch.
 
+Two image embeddings take part in the loss: the usual one (the class token after the
+last block) and, with weight ``--dense-weight``, the mean of the last block's value-path
+patch embeddings (MaskCLIP's dense features, pooled). Without the second term, a model
+this small may carry a colour to the class token through the residual stream alone,
+and then its dense features cannot see that colour at all (the previous demo model was
+blind to blue that way). ClearCLIP's own change, the q-q attention with no residual and
+no feed-forward, is never trained: it stays an inference-time change, as in the paper.
+
 Every ``--validate-every`` steps the model is scored with ClearCLIP on validation scenes
 (seeds from 20,000, distinct from the held-out test scenes from 10,000) and the best
 snapshot is what ``--out`` holds at the end.
@@ -27,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import napari_clearclip  # noqa: F401  (registers the synthetic-tiny config)
+from napari_clearclip.methods import maskclip, standard_block
 from napari_clearclip.models import OPENAI_MEAN_255, OPENAI_STD_255
 from napari_clearclip.prompts import IMAGENET_TEMPLATES
 from napari_clearclip.synthetic import training_tile
@@ -62,6 +71,21 @@ def soft_clip_loss(image_features, text_features, logit_scale, contents):
                   + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean())
 
 
+def image_embeddings(visual, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(class-token embedding, pooled value-path patch embedding), both L2-normalised."""
+    x = visual.conv1(pixels)
+    rows, cols = x.shape[-2:]
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+    x = visual.ln_pre(x + visual.positional_embedding.to(x.dtype))
+    blocks = visual.transformer.resblocks
+    for block in blocks[:-1]:
+        x = standard_block(block, x)
+    global_token = visual.ln_post(standard_block(blocks[-1], x)[:, 0]) @ visual.proj
+    patches = F.normalize((visual.ln_post(maskclip(blocks[-1], x, (rows, cols))) @ visual.proj).float(), dim=-1)
+    return F.normalize(global_token.float(), dim=-1), F.normalize(patches.mean(1), dim=-1)
+
+
 def half_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
 
@@ -86,6 +110,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="bf16 autocast for the matrix products (faster on CPUs with bf16 support)")
+    parser.add_argument("--dense-weight", type=float, default=0.5,
+                        help="weight of the loss on pooled value-path patch embeddings (0: plain CLIP training)")
     parser.add_argument("--validate-every", type=int, default=250)
     parser.add_argument("--validation-scenes", type=int, default=16)
     parser.add_argument("--out", default="src/napari_clearclip/data/synthetic-tiny.pt")
@@ -108,9 +134,12 @@ def main() -> None:
         model.train()
         pixels, captions, contents = make_batch(rng, args.batch, size)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            image_features = F.normalize(model.encode_image(pixels).float(), dim=-1)
+            image_features, dense_features = image_embeddings(model.visual, pixels)
             text_features = F.normalize(model.encode_text(tokenizer(captions)).float(), dim=-1)
-        loss = soft_clip_loss(image_features, text_features, model.logit_scale.exp().clamp(max=100), contents)
+        scale = model.logit_scale.exp().clamp(max=100)
+        loss = soft_clip_loss(image_features, text_features, scale, contents)
+        if args.dense_weight:
+            loss = loss + args.dense_weight * soft_clip_loss(dense_features, text_features, scale, contents)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

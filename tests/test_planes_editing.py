@@ -6,7 +6,8 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from napari_clearclip.editing import PALETTE, class_colour, merge_keeping_edits
+from napari_clearclip.colours import PALETTE, UNKNOWN_LABEL, class_colours, colormap_dict
+from napari_clearclip.editing import LabelsMerger, apply_update, merge_keeping_edits
 from napari_clearclip.errors import InvalidImageError
 from napari_clearclip.planes import ImageLayout, segment_planes
 
@@ -76,7 +77,33 @@ def test_merge_into_one_plane_renumbers_the_others():
     assert merged.kept_pixels == 0
 
 
-def test_class_colours_are_distinct_and_stable():
-    colours = [class_colour(i) for i in range(1, len(PALETTE) + 1)]
-    assert len(set(colours)) == len(PALETTE)
-    assert class_colour(1) == class_colour(1) == PALETTE[0]
+def test_class_colours_follow_names_not_positions():
+    names = ["cell", "nucleus", "debris", "background", "membrane"]
+    colours = class_colours(names)
+    assert len(set(colours.values())) == len(names) and set(colours.values()) <= set(PALETTE)
+    reordered = class_colours(names[::-1])
+    for index, name in enumerate(names[::-1], start=1):
+        assert reordered[index] == colours[names.index(name) + 1]      # same class, same colour
+    named = class_colours(["background", "green", "red", "blue cells"])
+    assert named[2] == "#3CB44B" and named[3] == "#E6194B" and named[4] == "#2F5BEA"
+    cmap = colormap_dict(["a"])
+    assert cmap[0] == "transparent" and cmap[None] == UNKNOWN_LABEL    # labels painted beyond the classes stay visible
+
+
+def test_merger_writes_planes_in_place_and_spares_strokes_made_during_the_run():
+    volume = np.zeros((3, 4, 4), np.int32)
+    baseline = volume.copy()
+    volume[0] = 1
+    baseline[0] = 1
+    merger = LabelsMerger(volume.shape, ["cell", "debris"], volume, baseline, ["cell"],
+                          found={(1,): volume[1].copy(), (2,): volume[2].copy()})
+    merger.add((1,), np.full((4, 4), 2))
+    merger.add((2,), np.full((4, 4), 1))
+    update = merger.finish()
+    volume[2, 0, 0] = 7          # painted while the run was computing
+    kept = apply_update(volume, update)
+    assert kept == 1 and volume[2, 0, 0] == 7
+    assert np.all(volume[1] == 2) and np.all(volume[0] == 1) and np.sum(volume[2] == 1) == 15
+    assert update.names == ["cell", "debris"] and update.lookup is None
+    assert update.counts[1] == 16 and update.counts[2] == 16
+    assert update.colours[0] == "transparent"

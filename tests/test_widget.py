@@ -13,7 +13,7 @@ from napari.layers import Image, Labels  # noqa: E402
 
 from napari_clearclip import Segmenter  # noqa: E402
 from napari_clearclip._widget import ClearClipWidget, model_choices  # noqa: E402
-from napari_clearclip.editing import class_colour  # noqa: E402
+from napari_clearclip.colours import class_colours  # noqa: E402
 
 pytestmark = pytest.mark.gui
 TIMEOUT = 120_000
@@ -63,8 +63,9 @@ def test_run_adds_labels_layer_matching_engine(qtbot, widget, rgb_image, tiny_ch
     assert colours[0][3] == 0
     from napari.utils.colormaps.standardize_color import transform_color
 
-    np.testing.assert_allclose(colours[2], transform_color(class_colour(2))[0])
-    assert "horse" in widget.legend.value and class_colour(3) in widget.legend.value
+    expected_colours = class_colours(["sky", "horse", "grass"])
+    np.testing.assert_allclose(colours[2], transform_color(expected_colours[2])[0])
+    assert "horse" in widget.legend.value and expected_colours[3] in widget.legend.value
     assert widget.status.value.startswith("Done")
     assert len(results) == 1
 
@@ -78,13 +79,13 @@ def test_rerun_keeps_edits_and_reuses_image_features(qtbot, widget, rgb_image, m
     painted = labels.data.copy()
     painted[:20, :20] = 3 - painted[:20, :20]   # the user swaps sky (1) and grass (2) in a corner
     labels.data = painted
+    swapped = painted[:20, :20].copy()
     import napari_clearclip.segmenter as engine
 
     monkeypatch.setattr(engine, "encode_dense", lambda *a, **k: pytest.fail("image features should be cached"))
     widget.classes.value = "grass\nsky\nroad"
     run_and_wait(qtbot, widget)
     assert viewer.layers["photo classes"].unique_id == labels.unique_id
-    swapped = painted[:20, :20]
     np.testing.assert_array_equal(labels.data[:20, :20], 3 - swapped)  # same classes, under their new numbers
     assert list(labels.features["class"]) == ["unassigned", "grass", "sky", "road"]
     assert "kept 400 edited pixels" in widget.status.value

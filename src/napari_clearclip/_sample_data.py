@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import skimage.data
 
-from .synthetic import sample_scene
+from .synthetic import DEMO_CLASSES, DEMO_SAMPLE_NAME, sample_scene
 
 
 def _sample(name: str, title: str):
@@ -23,5 +23,6 @@ retina = _sample("retina", "Human retina (scikit-image)")
 
 
 def synthetic_shapes():
-    """Coloured shapes on grey: try classes red, green, blue, yellow, background with synthetic-tiny."""
-    return [(sample_scene(256), {"name": "synthetic shapes", "rgb": True}, "image")]
+    """Coloured shapes on grey, for the offline demo model (classes: red, green, blue, yellow, background)."""
+    metadata = {"source": "napari-clearclip synthetic scene", "suggested_classes": DEMO_CLASSES.split("\n")}
+    return [(sample_scene(256), {"name": DEMO_SAMPLE_NAME, "rgb": True, "metadata": metadata}, "image")]

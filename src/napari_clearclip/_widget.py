@@ -1,7 +1,8 @@
 """The napari dock widget: collects parameters, runs the engine in a thread worker, shows the result.
 
-All computation lives in the engine (``Segmenter``, ``segment_planes``,
-``merge_keeping_edits``); this module only wires it to napari.
+All computation lives in the engine (``Segmenter``, ``segment_layer``, the labels
+merger); this module only wires it to napari. The GUI thread sets layers and text,
+nothing more: merging, reducing and colouring happen in the worker.
 """
 
 from __future__ import annotations
@@ -29,39 +30,46 @@ from magicgui.widgets import (
 
 import napari
 from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QSizePolicy
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info
 
-from .editing import class_colour, merge_keeping_edits
-from .errors import ClearClipError
+from .annotate import PROBABILITY_OUTPUTS, LayerRequest, probability_layer_names, segment_layer
+from .editing import apply_update
+from .errors import ClearClipError, WeightsUnavailableError
 from .methods import METHODS
-from .models import BUNDLED_WEIGHTS, default_options, default_pretrained, is_checkpoint_path
-from .planes import ImageLayout, PlaneProgress, segment_planes
+from .models import BUNDLED_WEIGHTS, default_options, default_pretrained, is_checkpoint_path, segmentable_models
+from .planes import ImageLayout, PlaneProgress
 from .prompts import parse_classes
 from .segmenter import Segmenter
 from .settings import load_settings, save_settings
+from .synthetic import DEMO_CLASSES, DEMO_SAMPLE_NAME
 
 log = logging.getLogger(__name__)
 COMMON_MODELS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "ViT-B-16-quickgelu")
 DEMO_MODEL = "synthetic-tiny"
 DEFAULT_CLASSES = "cell, nucleus\nbackground"
 SCOPES = ("current slice", "all slices")
-PROBABILITY_OUTPUTS = ("none", "winning class", "all classes")
+DEMO_NOTE = ("The offline demo model knows only coloured shapes on grey (red, green, blue, yellow, background), "
+             "as in File > Open Sample > Synthetic shapes; on other images its labels mean nothing.")
+METHOD_TIPS = {
+    "clearclip": "ClearCLIP (default): q-q attention in the last block, no residual, no feed-forward",
+    "maskclip": "MaskCLIP: the last block reduced to its value projection",
+    "sclip": "SCLIP: q-q plus k-k attention, residual and feed-forward kept",
+    "naclip": "NACLIP: k-k attention with a Gaussian neighbourhood bias, no residual, no feed-forward",
+    "vanilla": "Plain CLIP: the unchanged last block (a baseline; blotchy on purpose)",
+}
 
 
 def model_choices(widget=None) -> list[tuple[str, str]]:
-    """Common CLIP ViTs first, the offline demo, then every other ViT config open_clip knows."""
-    def is_vit(name: str) -> bool:
-        vision = (open_clip.get_model_config(name) or {}).get("vision_cfg", {})
-        return "timm_model_name" not in vision and not isinstance(vision.get("layers"), (list, tuple)) and "hf_model_name" not in (open_clip.get_model_config(name) or {}).get("text_cfg", {})
-
-    known = open_clip.list_models()
-    first = [(m, m) for m in COMMON_MODELS if m in known]
-    demo = [(f"{DEMO_MODEL} (offline demo)", DEMO_MODEL)] if DEMO_MODEL in known else []
-    rest = [(m, m) for m in known if m not in COMMON_MODELS and m != DEMO_MODEL and is_vit(m)]
+    """Common CLIP ViTs first, the offline demo, then every other model ClearCLIP can run on."""
+    usable = segmentable_models()
+    first = [(m, m) for m in COMMON_MODELS if m in usable]
+    demo = [(f"{DEMO_MODEL} (offline demo)", DEMO_MODEL)] if DEMO_MODEL in usable else []
+    rest = [(m, m) for m in usable if m not in COMMON_MODELS and m != DEMO_MODEL]
     return first + demo + rest
 
 
@@ -74,6 +82,20 @@ def device_choices(widget=None) -> list[str]:
     return choices
 
 
+def _wrapping(label: Label, rich: bool = False) -> Label:
+    """A label whose text wraps inside the dock and never widens it, however long the message."""
+    native = label.native
+    native.setWordWrap(True)
+    policy = QSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
+    policy.setHeightForWidth(True)
+    native.setSizePolicy(policy)
+    native.setMinimumWidth(1)
+    from qtpy.QtCore import Qt
+
+    native.setTextFormat(Qt.TextFormat.RichText if rich else Qt.TextFormat.PlainText)
+    return label
+
+
 @dataclass
 class _Output:
     """What the widget remembers of a Labels layer it wrote, to recognise the user's edits."""
@@ -81,6 +103,7 @@ class _Output:
     layer: Labels
     baseline: np.ndarray
     names: list[str] = field(default_factory=list)
+    colours: dict = field(default_factory=dict)
 
 
 class ClearClipWidget(Container):
@@ -92,54 +115,75 @@ class ClearClipWidget(Container):
         self._segmenter: Segmenter | None = None
         self._worker = None
         self._progress = None
+        self._closed = False
+        self._writing = False  # set while the widget adds its own layers, which the Image field must not follow
         self._outputs: dict[str, _Output] = {}  # by layer unique id (plugins see layers through proxies)
         saved = load_settings()
 
-        self.image = ComboBox(name="image", label="Image", choices=self._image_choices, nullable=True)
+        self.image = ComboBox(name="image", label="Image", choices=self._image_choices, nullable=True,
+                              tooltip="The image layer to segment (follows the newest opened image)")
         self.channel_axis = ComboBox(name="channel_axis", label="Channel axis", choices=self._channel_axis_choices,
                                      tooltip="For multichannel images: the axis that holds the channels")
-        self.channel = SpinBox(name="channel", label="Channel", min=0, max=0)
+        self.channel = SpinBox(name="channel", label="Channel", min=0, max=0, tooltip="Which channel to segment")
         self.classes = TextEdit(name="classes", label="Classes", value=saved.get("classes", DEFAULT_CLASSES),
                                 tooltip="One class per line; commas separate synonyms, e.g. 'cell, nucleus'")
-        self.model = ComboBox(name="model", label="Model", choices=model_choices)
+        self.model = ComboBox(name="model", label="Model", choices=model_choices,
+                              tooltip="The CLIP model: ViT-B-16 is the paper's; larger ViTs are slower. "
+                                      "synthetic-tiny works offline but knows only coloured shapes")
         self.pretrained = LineEdit(name="pretrained", label="Weights",
                                    tooltip="An open_clip pretrained tag (downloaded once, then cached) or a checkpoint file")
         self.checkpoint = FileEdit(name="checkpoint", label="Checkpoint", mode="r",
-                                   filter="Checkpoints (*.pt *.pth *.bin *.ckpt *.safetensors)")
-        self.method = ComboBox(name="method", label="Method", choices=list(METHODS), value="clearclip")
-        self.device = ComboBox(name="device", label="Device", choices=device_choices, value="auto")
+                                   filter="Checkpoints (*.pt *.pth *.bin *.ckpt *.safetensors)",
+                                   tooltip="A local weights file (torch.save(model.state_dict(), path)), for use without "
+                                           "a network. For OpenAI weights choose the model's -quickgelu variant")
+        self.method = ComboBox(name="method", label="Method", choices=list(METHODS), value="clearclip",
+                               tooltip="\n".join(METHOD_TIPS[m] for m in METHODS if m in METHOD_TIPS))
+        self.device = ComboBox(name="device", label="Device", choices=device_choices, value="auto",
+                               tooltip="auto: the GPU when there is one (CUDA or Apple MPS), else the CPU")
         self.prob_threshold = FloatSpinBox(name="prob_threshold", label="Background threshold", min=0.0, max=1.0,
                                            step=0.05, value=0.0,
                                            tooltip="Pixels whose best class probability is below this stay unlabelled (0)")
-        self.scope = ComboBox(name="scope", label="Slices", choices=list(SCOPES), value="current slice")
+        self.scope = ComboBox(name="scope", label="Slices", choices=list(SCOPES), value="current slice",
+                              tooltip="Segment the slice on screen, or every slice of the stack")
         self.keep_edits = CheckBox(name="keep_edits", text="Keep my edits", value=True,
                                    tooltip="Pixels you painted since the last run keep their class")
-        self.new_layer = CheckBox(name="new_layer", text="Result in a new layer", value=False)
+        self.new_layer = CheckBox(name="new_layer", text="Result in a new layer", value=False,
+                                  tooltip="Add a new Labels layer instead of updating the last result of this image")
         self.probability_output = ComboBox(name="probability_output", label="Probabilities",
-                                           choices=list(PROBABILITY_OUTPUTS), value="none")
+                                           choices=list(PROBABILITY_OUTPUTS), value="none",
+                                           tooltip="Also show probability maps: none, the winning class's probability, "
+                                                   "or one map per class (memory grows with the classes)")
         self.show_advanced = CheckBox(name="show_advanced", text="Advanced options", value=False)
         self.resize = CheckBox(name="resize", text="Resize (short side)", value=True,
                                tooltip="Off: segment at native resolution (large images stream in windows)")
-        self.short_side = SpinBox(name="short_side", label="Short side", min=8, max=8192, value=448)
-        self.crop = SpinBox(name="crop", label="Window", min=8, max=4096, value=448)
-        self.stride = SpinBox(name="stride", label="Stride", min=1, max=4096, value=224)
-        self.logit_scale = FloatSpinBox(name="logit_scale", label="Logit scale", min=0.1, max=1000.0, value=50.0)
-        self.precision = ComboBox(name="precision", label="Precision", choices=["auto", "fp32", "bf16", "fp16"], value="auto")
+        self.short_side = SpinBox(name="short_side", label="Short side", min=8, max=8192, value=448,
+                                  tooltip="The image is resized so that its short side has this many pixels (official: 448)")
+        self.crop = SpinBox(name="crop", label="Window", min=8, max=4096, value=448,
+                            tooltip="Sliding-window size in pixels (official: 448)")
+        self.stride = SpinBox(name="stride", label="Stride", min=1, max=4096, value=224,
+                              tooltip="Step between windows in pixels; smaller is smoother and slower (official: 224)")
+        self.logit_scale = FloatSpinBox(name="logit_scale", label="Logit scale", min=0.1, max=1000.0, value=50.0,
+                                        tooltip="Sharpness of the softmax over classes (official: 50); "
+                                                "affects probabilities and the background threshold")
+        self.precision = ComboBox(name="precision", label="Precision", choices=["auto", "fp32", "bf16", "fp16"],
+                                  value="auto", tooltip="auto: fp16 on a GPU, exact fp32 on the CPU; "
+                                                        "bf16 is faster on recent CPUs, slightly less exact")
         self.templates = TextEdit(name="templates", label="Templates",
                                   tooltip="One prompt template per line with {} for the class; empty = the 80 ImageNet templates")
-        self.advanced = Container(name="advanced", widgets=[self.resize, self.short_side, self.crop, self.stride,
-                                                            self.logit_scale, self.precision, self.templates],
-                                  visible=False)
+        self.advanced = Container(name="advanced", label=" ", widgets=[
+            self.resize, self.short_side, self.crop, self.stride, self.logit_scale, self.precision, self.templates],
+            visible=False)
         self.run_button = PushButton(name="run_button", text="Run")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
         self.buttons = Container(name="buttons", label=" ", layout="horizontal", labels=False,
                                  widgets=[self.run_button, self.cancel_button])
-        self.status = Label(name="status", label="Status", value="Ready")
-        self.legend = Label(name="legend", label="Legend", value="")
+        self.status = _wrapping(Label(name="status", label="Status", value="Ready"))
+        self.use_demo = PushButton(name="use_demo", text="Use the offline demo model", visible=False)
+        self.legend = _wrapping(Label(name="legend", label="Legend", value=""), rich=True)
         self.extend([self.image, self.channel_axis, self.channel, self.classes, self.model, self.pretrained,
                      self.checkpoint, self.method, self.device, self.prob_threshold, self.scope, self.keep_edits,
                      self.new_layer, self.probability_output, self.show_advanced, self.advanced, self.buttons,
-                     self.status, self.legend])
+                     self.status, self.use_demo, self.legend])
 
         self.model.changed.connect(self._on_model_changed)
         self.checkpoint.changed.connect(self._on_checkpoint_chosen)
@@ -149,10 +193,38 @@ class ClearClipWidget(Container):
         self.resize.changed.connect(lambda on: setattr(self.short_side, "enabled", on))
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
-        self._viewer.layers.events.inserted.connect(self._refresh_layers)
-        self._viewer.layers.events.removed.connect(self._refresh_layers)
+        self.use_demo.changed.connect(self.switch_to_demo_model)
+        self._viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        self._viewer.layers.events.removed.connect(self._on_layer_removed)
+        self.native.destroyed.connect(lambda *_: self.close_down())
         self._restore(saved)
         self._refresh_layers()
+
+    # -- lifetime -----------------------------------------------------------------------------
+    def close_down(self) -> None:
+        """Stop a running worker and drop every connection and reference to the viewer's layers."""
+        if self.__dict__.get("_closed", True):  # already closed, or being garbage-collected
+            return
+        self._closed = True
+        for emitter, callback in ((self._viewer.layers.events.inserted, self._on_layer_inserted),
+                                  (self._viewer.layers.events.removed, self._on_layer_removed)):
+            try:
+                emitter.disconnect(callback)
+            except (TypeError, ValueError, RuntimeError):
+                pass
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            for signal in (worker.yielded, worker.returned, worker.errored, worker.aborted, worker.finished):
+                try:
+                    signal.disconnect()
+                except (TypeError, RuntimeError):
+                    pass
+            worker.quit()
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self._outputs.clear()
+        self._segmenter = None
 
     # -- choices and field logic --------------------------------------------------------------
     def _image_choices(self, widget=None):
@@ -165,11 +237,26 @@ class ClearClipWidget(Container):
             choices += [(f"axis {axis} ({layer.data.shape[axis]})", axis) for axis in range(layer.ndim - 2)]
         return choices
 
+    def _on_layer_inserted(self, event=None):
+        layer = getattr(event, "value", None)
+        self.image.reset_choices()
+        if isinstance(layer, Image) and not self._writing:
+            self.image.value = layer  # follow the image the user just opened
+        self._refresh_layers()
+
+    def _on_layer_removed(self, event=None):
+        live = {_layer_key(layer) for layer in self._viewer.layers}
+        for key in [k for k in self._outputs if k not in live]:
+            del self._outputs[key]  # a deleted result layer is forgotten, with its baseline
+        self._refresh_layers()
+
     def _refresh_layers(self, event=None):
+        previous = self.image.value
         self.image.reset_choices()
         if self.image.value is None and self.image.choices:
             self.image.value = self.image.choices[-1]
-        self._on_image_changed()
+        if self.image.value is not previous:
+            self._on_image_changed()
 
     def _on_image_changed(self, *_):
         self.channel_axis.reset_choices()
@@ -177,6 +264,9 @@ class ClearClipWidget(Container):
         layer = self.image.value
         stacked = layer is not None and (layer.ndim - (0 if self.channel_axis.value is None else 1)) > 2
         self.scope.visible = stacked
+        self.legend.value = ""  # the legend describes the last result of the previous image
+        if layer is not None and layer.name == DEMO_SAMPLE_NAME and self.classes.value.strip() == DEFAULT_CLASSES:
+            self.classes.value = DEMO_CLASSES
 
     def _on_channel_axis_changed(self, *_):
         axis = self.channel_axis.value
@@ -203,10 +293,20 @@ class ClearClipWidget(Container):
         tags = open_clip.list_pretrained_tags_by_model(name)
         self.pretrained.tooltip = ("Bundled demo weights" if name in BUNDLED_WEIGHTS else
                                    f"Known tags: {', '.join(tags) or 'none'}; or a local checkpoint file")
+        self.use_demo.visible = False
+        if name == DEMO_MODEL:
+            if self.classes.value.strip() == DEFAULT_CLASSES:
+                self.classes.value = DEMO_CLASSES
+            self._set_status(DEMO_NOTE)
 
     def _on_checkpoint_chosen(self, path):
         if path and os.path.isfile(str(path)):
             self.pretrained.value = str(path)
+
+    def switch_to_demo_model(self, *_):
+        """The one-click way out when CLIP weights cannot be downloaded."""
+        self.model.value = DEMO_MODEL
+        self._on_model_changed(DEMO_MODEL)
 
     def _restore(self, saved: dict) -> None:
         model_values = [value for _, value in self.model.choices] if self.model.choices and isinstance(self.model.choices[0], tuple) else list(self.model.choices)
@@ -227,6 +327,7 @@ class ClearClipWidget(Container):
                     pass
         if isinstance(saved.get("templates"), str):
             self.templates.value = saved["templates"]
+        self.status.value = "Ready"
 
     def settings(self) -> dict:
         """The values that persist between sessions."""
@@ -268,19 +369,30 @@ class ClearClipWidget(Container):
             options = self.options()
             options["contrast_limits"] = tuple(layer.contrast_limits)  # segment what the user sees
         except ClearClipError as exc:
-            self._set_status(str(exc), error=True)
+            self._show_error(exc)
             return None
         planes = layout.planes()
         if self.scope.value == "current slice" and len(planes) > 1:
             planes = [layout.plane_of_point(layer.world_to_data(self._viewer.dims.point))]
         save_settings(self.settings())
-        request = dict(model=self.model.value, pretrained=self.pretrained.value or None, device=self.device.value,
-                       precision=self.precision.value)
-        worker = create_worker(
-            _segmentation_job, self._segmenter, request, self.method.value, data, layout, planes,
-            [", ".join(c.synonyms) for c in classes], options, _start_thread=False, _ignore_errors=True,
+        class_texts = [", ".join(c.synonyms) for c in classes]
+        target = self._choose_target(layer, layout)
+        request = LayerRequest(
+            data=data, layout=layout, planes=planes, classes=class_texts, options=options, image_name=layer.name,
+            probability_output=self.probability_output.value,
         )
-        context = {"layer": layer, "layout": layout, "classes": classes}
+        if target is not None:
+            current = target.layer.data
+            request.current, request.baseline, request.baseline_names = current, target.baseline, target.names
+            request.found = {plane: np.array(current[plane], copy=True) for plane in planes}
+        for name in probability_layer_names(layer.name, request.probability_output, [c.name for c in classes]):
+            if name in self._viewer.layers:
+                request.existing_maps[name] = self._viewer.layers[name].data
+        model_request = dict(model=self.model.value, pretrained=self.pretrained.value or None,
+                             device=self.device.value, precision=self.precision.value)
+        worker = create_worker(_segmentation_job, self._segmenter, model_request, self.method.value, request,
+                               _start_thread=False, _ignore_errors=True)
+        context = {"layer": layer, "layout": layout, "target": target, "model": self.model.value}
         worker.yielded.connect(self._on_yielded)
         worker.returned.connect(lambda value: self._on_returned(value, context))
         worker.errored.connect(self._on_errored)
@@ -290,10 +402,21 @@ class ClearClipWidget(Container):
         self._progress = progress(total=1000, desc="ClearCLIP")
         self.run_button.enabled = False
         self.cancel_button.enabled = True
+        self.use_demo.visible = False
         self._set_status(f"Starting on {layer.name} ({len(planes)} slice{'s' if len(planes) > 1 else ''})...")
         # start from the event loop, so that a caller can connect to the returned worker's signals first
         QTimer.singleShot(0, worker.start)
         return worker
+
+    def _choose_target(self, layer: Image, layout: ImageLayout) -> _Output | None:
+        """The Labels layer this run updates, or None for a new one."""
+        if self.new_layer.value:
+            return None
+        target = self._target_output(layer, layout)
+        if target is not None and not self.keep_edits.value and np.any(target.layer.data != target.baseline):
+            show_info(f"'{target.layer.name}' has manual edits: the new result goes to a new layer.")
+            return None
+        return target
 
     def cancel(self, *_):
         if self._worker is not None:
@@ -301,11 +424,32 @@ class ClearClipWidget(Container):
             self._worker.quit()
 
     def _set_status(self, text: str, error: bool = False):
+        if self._closed:
+            return
         self.status.value = text
         if error:
             show_error(text)
 
+    def _show_error(self, exc: BaseException) -> None:
+        """An engine error in the widget's terms; the legend of an earlier result no longer applies."""
+        self.legend.value = ""
+        if isinstance(exc, WeightsUnavailableError):
+            model = exc.model or self.model.value
+            text = (f"The {model} weights ('{exc.tag or self.pretrained.value}') are not on this computer and cannot be "
+                    "downloaded now (no network). Choose a weights file in the Checkpoint field"
+                    f"{' (for OpenAI weights, with model ' + model + '-quickgelu)' if exc.tag == 'openai' else ''}, "
+                    "or click the button below to try the offline demo model.")
+            self.use_demo.visible = True
+            self._set_status(text, error=True)
+        elif isinstance(exc, ClearClipError):
+            self._set_status(str(exc), error=True)
+        else:
+            log.error("ClearCLIP run failed", exc_info=exc)
+            self._set_status(f"Unexpected error ({type(exc).__name__}: {exc}). Nothing was changed.", error=True)
+
     def _on_yielded(self, step):
+        if self._closed:
+            return
         if isinstance(step, str):
             self._set_status(step)
         elif isinstance(step, PlaneProgress):
@@ -314,33 +458,39 @@ class ClearClipWidget(Container):
                 self._progress.update(int(step.fraction * 1000) - self._progress.n)
 
     def _on_errored(self, exc):
-        if isinstance(exc, ClearClipError):
-            self._set_status(str(exc), error=True)
-        else:
-            log.error("ClearCLIP run failed", exc_info=exc)
-            self._set_status(f"Unexpected error ({type(exc).__name__}: {exc}). Nothing was changed.", error=True)
+        if not self._closed:
+            self._show_error(exc)
 
     def _on_finished(self):
         self._worker = None
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        self.run_button.enabled = True
-        self.cancel_button.enabled = False
+        if not self._closed:
+            self.run_button.enabled = True
+            self.cancel_button.enabled = False
 
     def _on_returned(self, value, context):
-        segmenter, results = value
-        self._segmenter = segmenter
-        if not results:
+        if self._closed:
             return
-        layer, layout, classes = context["layer"], context["layout"], context["classes"]
-        names = [c.name for c in classes]
-        labels_layer, kept = self._write_labels(layer, layout, results, names)
-        self._write_probabilities(layer, layout, results, names)
-        counts = np.bincount(np.concatenate([r.labels.ravel() for _, r in results]), minlength=len(names) + 1)
-        self._update_legend(self._outputs[_layer_key(labels_layer)].names, counts)
+        segmenter, result = value
+        self._segmenter = segmenter
+        if result is None:
+            return
+        self._writing = True
+        try:
+            labels_layer, kept = self._write_labels(context, result)
+            self._write_probabilities(context, result)
+        finally:
+            self._writing = False
+        update = result.update
+        self._update_legend(update.names, update.counts, update.colours)
         note = f"; kept {kept} edited pixels" if kept else ""
-        self._set_status(f"Done: {labels_layer.name} ({len(results)} slice{'s' if len(results) > 1 else ''}){note}.")
+        planes = result.planes
+        text = f"Done: {labels_layer.name} ({planes} slice{'s' if planes > 1 else ''}){note}."
+        if context["model"] == DEMO_MODEL and context["layer"].name != DEMO_SAMPLE_NAME:
+            text += " " + DEMO_NOTE
+        self._set_status(text)
 
     # -- output layers ------------------------------------------------------------------------
     def _layer_geometry(self, layer: Image, layout: ImageLayout) -> dict:
@@ -357,69 +507,51 @@ class ClearClipWidget(Container):
                 return output
         return None
 
-    def _write_labels(self, layer, layout, results, names):
-        target = None if self.new_layer.value else self._target_output(layer, layout)
-        if target is not None:
-            edited = bool(np.any(target.layer.data != target.baseline))
-            if edited and not self.keep_edits.value:
-                show_info(f"'{target.layer.name}' has manual edits: the new result goes to a new layer.")
-                target = None
-        if target is None:
-            current = np.zeros(layout.label_shape, dtype=np.int32)
-            baseline, baseline_names = current.copy(), []
-        else:
-            current = np.asarray(target.layer.data)
-            baseline, baseline_names = target.baseline, target.names
-        merged_names, kept = list(baseline_names), 0
-        labels, base = current, baseline
-        for plane, result in results:
-            merged = merge_keeping_edits(labels, base, merged_names, result.labels, names, region=plane)
-            labels, base, merged_names = merged.labels, merged.baseline, merged.names
-            kept += merged.kept_pixels
-        features = {"index": np.arange(len(merged_names) + 1), "class": ["unassigned"] + merged_names}
-        colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent",
-                                                   **{i: class_colour(i) for i in range(1, len(merged_names) + 1)}})
-        if target is None:
-            labels_layer = self._viewer.add_labels(labels, name=f"{layer.name} classes", features=features,
-                                                   colormap=colormap, **self._layer_geometry(layer, layout))
-        else:
+    def _write_labels(self, context, result):
+        """Set the merged labels: in place into the layer the run updated, else as a new layer."""
+        update = result.update
+        layer, layout, target = context["layer"], context["layout"], context["target"]
+        features = {"index": np.arange(len(update.names) + 1), "class": ["unassigned"] + update.names}
+        alive = target is not None and _layer_key(target.layer) in {_layer_key(l) for l in self._viewer.layers}
+        kept = update.kept_pixels
+        if alive:
             labels_layer = target.layer
-            labels_layer.data = labels
+            data = labels_layer.data
+            if isinstance(data, np.ndarray) and data.flags.writeable and data.shape == layout.label_shape:
+                kept += apply_update(data, update)
+                labels_layer.refresh()
+            else:
+                fresh = np.array(data, copy=True)
+                kept += apply_update(fresh, update)
+                labels_layer.data = fresh
             labels_layer.features = features
-            labels_layer.colormap = colormap
-        self._outputs[_layer_key(labels_layer)] = _Output(labels_layer, base, merged_names)
+            if target.colours != update.colours:  # setting a colormap is costly: only when a class changed
+                labels_layer.colormap = DirectLabelColormap(color_dict=update.colours)
+        else:
+            data = update.full if update.full is not None else update.baseline.copy()
+            labels_layer = self._viewer.add_labels(
+                data, name=f"{layer.name} classes", features=features,
+                colormap=DirectLabelColormap(color_dict=update.colours), **self._layer_geometry(layer, layout))
+        self._outputs[_layer_key(labels_layer)] = _Output(labels_layer, update.baseline, update.names, update.colours)
         return labels_layer, kept
 
-    def _write_probabilities(self, layer, layout, results, names):
-        mode = self.probability_output.value
-        if mode == "none":
-            return
-        if mode == "winning class":
-            maps = {f"{layer.name} probability": [r.probabilities.max(0) for _, r in results]}
-        else:
-            maps = {f"{layer.name} P({name})": [r.probabilities[i] for _, r in results] for i, name in enumerate(names)}
-        for name, planes in maps.items():
+    def _write_probabilities(self, context, result):
+        layer, layout = context["layer"], context["layout"]
+        for name, volume in result.maps.items():
             existing = self._viewer.layers[name] if name in self._viewer.layers else None
-            if existing is not None and existing.data.shape == layout.label_shape:
-                data = np.array(existing.data, dtype=np.float32, copy=True)
+            if existing is not None and getattr(existing, "data", None) is not None and existing.data.shape == volume.shape:
+                existing.data = volume
             else:
-                data = np.zeros(layout.label_shape, dtype=np.float32)
-                existing = None
-            for (plane, _), values in zip(results, planes):
-                data[plane] = values
-            if existing is None:
-                self._viewer.add_image(data, name=name, colormap="viridis", contrast_limits=(0, 1), blending="additive",
-                                       visible=False, **self._layer_geometry(layer, layout))
-            else:
-                existing.data = data
+                self._viewer.add_image(volume, name=name, colormap="viridis", contrast_limits=(0, 1),
+                                       blending="additive", visible=False, **self._layer_geometry(layer, layout))
 
-    def _update_legend(self, names: list[str], counts: np.ndarray):
+    def _update_legend(self, names: list[str], counts: np.ndarray, colours: dict):
         total = max(1, int(counts.sum()))
         rows = []
         for index, name in enumerate(names, start=1):
             share = counts[index] / total * 100 if index < len(counts) else 0.0
-            rows.append(f'<span style="color:{class_colour(index)}">&#9632;</span> {index}: {html.escape(name)}'
-                        f' <span style="color:gray">({share:.0f}%)</span>')
+            rows.append(f'<span style="color:{colours.get(index, "#c8c8c8")}">&#9632;</span> {index}: '
+                        f'{html.escape(name)} <span style="color:gray">({share:.0f}%)</span>')
         self.legend.value = "<br>".join(rows)
 
 
@@ -427,8 +559,8 @@ def _layer_key(layer) -> str:
     return str(getattr(layer, "unique_id", None) or id(layer))
 
 
-def _segmentation_job(segmenter, request, method, data, layout, planes, classes, options):
-    """Worker body: load (or reuse) the model, then segment plane by plane, yielding progress."""
+def _segmentation_job(segmenter, request, method, layer_request: LayerRequest):
+    """Worker body: load (or reuse) the model, then segment and merge plane by plane, yielding progress."""
     key = (request["model"], request["pretrained"], request["device"], request["precision"])
     if segmenter is None or getattr(segmenter, "_request_key", None) != key:
         yield f"Loading {request['model']} ({request['pretrained'] or 'default weights'})..."
@@ -436,5 +568,5 @@ def _segmentation_job(segmenter, request, method, data, layout, planes, classes,
                               precision=request["precision"])
         segmenter._request_key = key
     segmenter.method = method
-    results = yield from segment_planes(segmenter, data, layout, planes, classes, **options)
-    return segmenter, results
+    result = yield from segment_layer(segmenter, layer_request)
+    return segmenter, result

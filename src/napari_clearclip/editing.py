@@ -1,21 +1,173 @@
-"""Merging a new result into labels a user has corrected, and the class colours."""
+"""Merging new results into labels a user has corrected, plane by plane, off the GUI thread.
+
+A Labels layer the plugin wrote is remembered with a *baseline*: what the runs
+wrote. A pixel whose value differs from it was painted by the user and keeps its
+class on every later run. All the work (renumbering, merging, counting) happens in
+:class:`LabelsMerger`, in the worker; :func:`apply_update` is the small in-place
+write the GUI thread does at the end.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-# Distinct, colour-blind-friendly colours (Okabe-Ito, then Tableau), one per class, stable by position.
-PALETTE = (
-    "#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7",
-    "#8C564B", "#17BECF", "#BCBD22", "#7F7F7F", "#9467BD", "#1F77B4", "#FF7F0E",
-)
+LABEL_DTYPE = np.int32
+_IDENTITY_SPAN = 256  # values a user may paint during a run keep their number
 
 
-def class_colour(label: int) -> str:
-    """Colour of label value ``label`` (1-based); label 0 is transparent."""
-    return PALETTE[(label - 1) % len(PALETTE)]
+def present_values(array: np.ndarray) -> np.ndarray:
+    """The distinct values of a labels array (fast for the small non-negative values labels hold)."""
+    flat = np.asarray(array).ravel()
+    if flat.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    low, high = int(flat.min()), int(flat.max())
+    if low >= 0 and high < (1 << 20):
+        return np.flatnonzero(np.bincount(flat, minlength=high + 1))
+    return np.unique(flat)
+
+
+def renumbering(values: np.ndarray, baseline_names: list[str], new_names: list[str]) -> tuple[np.ndarray | None, list[str]]:
+    """Map old label values onto the new class numbers, and the names of all labels after the run.
+
+    Classes still requested take their new number; classes no longer requested (and
+    labels the user invented) stay, numbered after the new classes, so nothing painted
+    is lost. Returns ``(None, names)`` when no value changes.
+    """
+    names = list(new_names)
+    top = int(values.max()) if values.size else 0
+    lookup = np.arange(max(top + 1, _IDENTITY_SPAN), dtype=LABEL_DTYPE)
+    for value in values:
+        value = int(value)
+        if value <= 0:
+            continue
+        name = baseline_names[value - 1] if value <= len(baseline_names) else f"label {value}"
+        if name not in names:
+            names.append(name)
+        lookup[value] = names.index(name) + 1
+    identity = bool(np.array_equal(lookup, np.arange(len(lookup))))
+    return (None if identity else lookup), names
+
+
+@dataclass
+class PlaneUpdate:
+    """One segmented plane: the labels to show, and the plane as the run found it (to spot strokes made meanwhile)."""
+
+    index: tuple
+    labels: np.ndarray
+    found: np.ndarray | None
+
+
+@dataclass
+class LabelsUpdate:
+    """Everything the GUI thread needs to show a run's result."""
+
+    planes: list[PlaneUpdate]
+    lookup: np.ndarray | None
+    names: list[str]
+    baseline: np.ndarray
+    counts: np.ndarray
+    kept_pixels: int
+    full: np.ndarray | None = None          # the whole labels volume when a new layer is made
+    colours: dict = field(default_factory=dict)
+
+
+class LabelsMerger:
+    """Merges plane results into a labels volume, keeping the user's painted pixels.
+
+    ``current`` is the layer's data (None for a new layer); ``found`` holds copies of
+    the planes to be segmented, taken when the run started. Nothing here touches the
+    layer: :func:`apply_update` writes the result.
+    """
+
+    def __init__(self, shape: tuple[int, ...], new_names: list[str], current: np.ndarray | None = None,
+                 baseline: np.ndarray | None = None, baseline_names: list[str] | None = None,
+                 found: dict[tuple, np.ndarray] | None = None):
+        self.new_names = list(new_names)
+        self.found = found or {}
+        if current is None:
+            self.full = np.zeros(shape, dtype=LABEL_DTYPE)
+            self.baseline = np.zeros(shape, dtype=LABEL_DTYPE)
+            self.lookup, self.names = None, list(new_names)
+        else:
+            self.full = None
+            values = np.union1d(present_values(current), present_values(baseline))
+            for plane in self.found.values():
+                values = np.union1d(values, present_values(plane))
+            self.lookup, self.names = renumbering(values, baseline_names or [], new_names)
+            self.baseline = self._renumbered(baseline)
+        self.planes: list[PlaneUpdate] = []
+        self.counts = np.zeros(len(self.names) + 1, dtype=np.int64)
+        self.kept_pixels = 0
+
+    def _renumbered(self, array: np.ndarray) -> np.ndarray:
+        return self.lookup[array] if self.lookup is not None else np.array(array, dtype=LABEL_DTYPE, copy=True)
+
+    def add(self, index: tuple, labels: np.ndarray) -> None:
+        """Merge one plane's new labels (1..C in ``new_names`` order, 0 unassigned)."""
+        labels = np.asarray(labels, dtype=LABEL_DTYPE)
+        if self.full is not None:
+            self.full[index] = labels
+            self.baseline[index] = labels
+            merged, found = labels, None
+        else:
+            found = self._renumbered(self.found[index])
+            edited = found != self.baseline[index]
+            merged = np.where(edited, found, labels)
+            self.baseline[index] = labels
+            self.kept_pixels += int(np.count_nonzero(edited))
+        self.planes.append(PlaneUpdate(index, merged, found))
+        counts = np.bincount(merged.ravel().clip(min=0))
+        self.counts = _add_counts(self.counts, counts)
+
+    def finish(self) -> LabelsUpdate:
+        from .colours import colormap_dict
+
+        return LabelsUpdate(self.planes, self.lookup, self.names, self.baseline, self.counts, self.kept_pixels,
+                            self.full, colormap_dict(self.names))
+
+
+def _add_counts(total: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    if len(counts) > len(total):
+        total = np.pad(total, (0, len(counts) - len(total)))
+    total[: len(counts)] += counts
+    return total
+
+
+def apply_update(data: np.ndarray, update: LabelsUpdate) -> int:
+    """Write a run's planes into a layer's array in place (GUI thread: a few vectorised passes).
+
+    Pixels the user painted while the run was computing differ from the plane the run
+    found; they are left as painted. Returns how many such pixels were kept.
+    """
+    if update.lookup is not None:
+        lookup = update.lookup
+        top = int(data.max()) if data.size else 0
+        if top >= len(lookup):
+            lookup = np.concatenate([lookup, np.arange(len(lookup), top + 1, dtype=lookup.dtype)])
+        np.take(lookup, data, out=data)
+    kept = 0
+    for plane in update.planes:
+        region = data[plane.index]
+        if plane.found is None:
+            region[...] = plane.labels
+            continue
+        untouched = region == plane.found
+        kept += int(region.size - np.count_nonzero(untouched))
+        np.copyto(region, plane.labels, where=untouched)
+    return kept
+
+
+def merge_keeping_edits(current, baseline, baseline_names, new, new_names, region: tuple = ()):
+    """One-shot merge of ``new`` into ``current[region]`` (a convenience over :class:`LabelsMerger`)."""
+    merger = LabelsMerger(current.shape, new_names, current, baseline, baseline_names,
+                          found={region: np.array(current[region], copy=True)})
+    merger.add(region, new)
+    update = merger.finish()
+    labels = np.array(current, dtype=LABEL_DTYPE, copy=True)
+    apply_update(labels, update)
+    return MergedLabels(labels, update.names, update.baseline, update.kept_pixels)
 
 
 @dataclass
@@ -26,37 +178,3 @@ class MergedLabels:
     names: list[str]
     baseline: np.ndarray
     kept_pixels: int
-
-
-def merge_keeping_edits(
-    current: np.ndarray,
-    baseline: np.ndarray,
-    baseline_names: list[str],
-    new: np.ndarray,
-    new_names: list[str],
-    region: tuple = (),
-) -> MergedLabels:
-    """Put ``new`` labels into ``current[region]`` except where the user changed them.
-
-    ``baseline`` is what earlier runs wrote; a pixel whose value differs from it was
-    painted by the user. Painted pixels keep their class: values are renumbered to
-    the classes' new labels everywhere, and a class no longer requested stays as an
-    extra label after the new ones, so nothing painted is lost, now or on later runs.
-    """
-    names = list(new_names)
-    values = np.union1d(np.unique(current), np.unique(baseline))
-    lookup = np.zeros(int(values.max()) + 1 if values.size else 1, dtype=current.dtype)
-    for value in values:
-        if value <= 0:
-            continue
-        name = baseline_names[value - 1] if value <= len(baseline_names) else f"label {value}"
-        if name not in names:
-            names.append(name)
-        lookup[value] = names.index(name) + 1
-    edited = current[region] != baseline[region]
-    labels = lookup[current]
-    new_baseline = lookup[baseline]
-    new = np.asarray(new, dtype=current.dtype)
-    new_baseline[region] = new
-    labels[region] = np.where(edited, labels[region], new)
-    return MergedLabels(labels, names, new_baseline, int(edited.sum()))

@@ -19,6 +19,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (230, 205, 35),
 }
 SHAPES = ("circle", "square", "triangle")
+#: The class list the demo model and the "synthetic shapes" sample are made for (one class per line).
+DEMO_CLASSES = "red\ngreen\nblue\nyellow\nbackground"
+DEMO_SAMPLE_NAME = "synthetic shapes"
 BACKGROUND_WORDS = (
     "grey background", "gray background", "textured grey background", "plain grey background",
     "dark grey background", "light grey background", "noisy background", "background",

@@ -1,0 +1,93 @@
+"""A segmentation run for a napari Labels layer, done entirely off the GUI thread.
+
+The widget hands over plain data (the image, the planes, the layer's current labels
+and baseline); :func:`segment_layer` segments plane by plane, merges each plane into
+the labels as it comes (keeping the user's edits), reduces what it does not need to
+keep, and returns a :class:`LayerResult` that the GUI thread only has to set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generator, Sequence
+
+import numpy as np
+
+from .editing import LabelsMerger, LabelsUpdate
+from .planes import ImageLayout, PlaneProgress
+from .segmenter import Segmenter
+
+PROBABILITY_OUTPUTS = ("none", "winning class", "all classes")
+
+
+@dataclass
+class LayerRequest:
+    """What a run needs to know about the image and the Labels layer it writes to."""
+
+    data: object
+    layout: ImageLayout
+    planes: Sequence[tuple]
+    classes: list[str]
+    options: dict
+    image_name: str = "image"
+    probability_output: str = "none"
+    current: np.ndarray | None = None          # the target layer's data; None for a new layer
+    baseline: np.ndarray | None = None
+    baseline_names: list[str] = field(default_factory=list)
+    found: dict = field(default_factory=dict)  # copies of the planes to segment, as the run started
+    existing_maps: dict = field(default_factory=dict)  # name -> data of probability layers to update
+
+
+@dataclass
+class LayerResult:
+    """Merged labels, their colours and counts, and the probability volumes to show."""
+
+    update: LabelsUpdate
+    class_names: list[str]
+    maps: dict[str, np.ndarray]
+    planes: int
+
+
+def probability_layer_names(image_name: str, mode: str, class_names: list[str]) -> list[str]:
+    if mode == "winning class":
+        return [f"{image_name} probability"]
+    if mode == "all classes":
+        return [f"{image_name} P({name})" for name in class_names]
+    return []
+
+
+def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[PlaneProgress, None, LayerResult]:
+    """Segment every requested plane, merging each into the labels at once; nothing per plane is kept but the merge."""
+    from .prompts import parse_classes
+
+    class_names = [c.name for c in parse_classes(request.classes)]
+    shape = request.layout.label_shape
+    merger = LabelsMerger(shape, class_names, request.current, request.baseline, request.baseline_names,
+                          request.found)
+    mode = request.probability_output
+    names = probability_layer_names(request.image_name, mode, class_names)
+    maps = {name: _map_volume(request.existing_maps.get(name), shape) for name in names}
+    for number, plane in enumerate(request.planes):
+        image = np.asarray(request.data[request.layout.image_index(plane)])
+        steps = segmenter.segment_steps(image, request.classes, maps=(mode == "all classes"), **request.options)
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            yield PlaneProgress(number, len(request.planes), step)
+        merger.add(plane, result.labels)
+        if mode == "winning class":
+            maps[names[0]][plane] = result.confidence
+        elif mode == "all classes":
+            for name, values in zip(names, result.probabilities):
+                maps[name][plane] = values
+        del result  # only the merged labels and the asked-for maps outlive the plane
+    return LayerResult(merger.finish(), class_names, maps, len(request.planes))
+
+
+def _map_volume(existing, shape) -> np.ndarray:
+    if existing is not None and tuple(existing.shape) == tuple(shape):
+        return np.array(existing, dtype=np.float32, copy=True)
+    return np.zeros(shape, dtype=np.float32)

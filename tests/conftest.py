@@ -36,6 +36,30 @@ def pytest_configure(config):
     open_clip.add_model_config(path)
 
 
+def display_problem() -> str | None:
+    """Why the widget tests cannot run here (no Qt binding, no display), or None if they can."""
+    import sys
+
+    try:
+        import qtpy  # noqa: F401
+        from qtpy import QtWidgets  # noqa: F401
+    except Exception as exc:  # qtpy raises its own error when no binding is installed
+        return f"no Qt binding is installed ({exc}); install the testing extra"
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        return "no display: install Xvfb (and Mesa) so that pytest-xvfb can start a virtual one"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    problem = display_problem()
+    if problem is None:
+        return
+    skip = pytest.mark.skip(reason=f"widget test skipped: {problem}")
+    for item in items:
+        if "gui" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_cache_dir(tmp_path, monkeypatch):
     """Each test starts with its own empty disk cache."""

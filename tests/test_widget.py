@@ -8,7 +8,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
-pytest.importorskip("qtpy")
+pytest.importorskip("qtpy.QtWidgets", reason="the widget tests need a Qt binding (the testing extra)")
 from napari.layers import Image, Labels  # noqa: E402
 
 from napari_clearclip import Segmenter  # noqa: E402

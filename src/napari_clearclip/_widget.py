@@ -390,8 +390,10 @@ class ClearClipWidget(Container):
                 request.existing_maps[name] = self._viewer.layers[name].data
         model_request = dict(model=self.model.value, pretrained=self.pretrained.value or None,
                              device=self.device.value, precision=self.precision.value)
+        new_layer = None if target is not None else {"name": f"{layer.name} classes",
+                                                      **self._layer_geometry(layer, layout)}
         worker = create_worker(_segmentation_job, self._segmenter, model_request, self.method.value, request,
-                               _start_thread=False, _ignore_errors=True)
+                               new_layer, _start_thread=False, _ignore_errors=True)
         context = {"layer": layer, "layout": layout, "target": target, "model": self.model.value}
         worker.yielded.connect(self._on_yielded)
         worker.returned.connect(lambda value: self._on_returned(value, context))
@@ -473,13 +475,13 @@ class ClearClipWidget(Container):
     def _on_returned(self, value, context):
         if self._closed:
             return
-        segmenter, result = value
+        segmenter, result, prepared_layer = value
         self._segmenter = segmenter
         if result is None:
             return
         self._writing = True
         try:
-            labels_layer, kept = self._write_labels(context, result)
+            labels_layer, kept = self._write_labels(context, result, prepared_layer)
             self._write_probabilities(context, result)
         finally:
             self._writing = False
@@ -507,11 +509,14 @@ class ClearClipWidget(Container):
                 return output
         return None
 
-    def _write_labels(self, context, result):
-        """Set the merged labels: in place into the layer the run updated, else as a new layer."""
+    def _write_labels(self, context, result, prepared_layer=None):
+        """Set the merged labels: in place into the layer the run updated, else as a new layer.
+
+        A new layer comes ready-made from the worker (``prepared_layer``): the GUI thread only adds it.
+        """
         update = result.update
         layer, layout, target = context["layer"], context["layout"], context["target"]
-        features = {"index": np.arange(len(update.names) + 1), "class": ["unassigned"] + update.names}
+        features = labels_features(update.names)
         alive = target is not None and _layer_key(target.layer) in {_layer_key(l) for l in self._viewer.layers}
         kept = update.kept_pixels
         if alive:
@@ -527,7 +532,9 @@ class ClearClipWidget(Container):
             labels_layer.features = features
             if target.colours != update.colours:  # setting a colormap is costly: only when a class changed
                 labels_layer.colormap = DirectLabelColormap(color_dict=update.colours)
-        else:
+        elif prepared_layer is not None:
+            labels_layer = self._viewer.add_layer(prepared_layer)
+        else:  # the layer this run was updating was deleted meanwhile
             data = update.full if update.full is not None else update.baseline.copy()
             labels_layer = self._viewer.add_labels(
                 data, name=f"{layer.name} classes", features=features,
@@ -559,8 +566,13 @@ def _layer_key(layer) -> str:
     return str(getattr(layer, "unique_id", None) or id(layer))
 
 
-def _segmentation_job(segmenter, request, method, layer_request: LayerRequest):
-    """Worker body: load (or reuse) the model, then segment and merge plane by plane, yielding progress."""
+def labels_features(names: list[str]) -> dict:
+    return {"index": np.arange(len(names) + 1), "class": ["unassigned"] + list(names)}
+
+
+def _segmentation_job(segmenter, request, method, layer_request: LayerRequest, new_layer: dict | None = None):
+    """Worker body: load (or reuse) the model, segment and merge plane by plane (yielding progress),
+    and build the new Labels layer, if one is to be added, so that the GUI thread only inserts it."""
     key = (request["model"], request["pretrained"], request["device"], request["precision"])
     if segmenter is None or getattr(segmenter, "_request_key", None) != key:
         yield f"Loading {request['model']} ({request['pretrained'] or 'default weights'})..."
@@ -569,4 +581,17 @@ def _segmentation_job(segmenter, request, method, layer_request: LayerRequest):
         segmenter._request_key = key
     segmenter.method = method
     result = yield from segment_layer(segmenter, layer_request)
-    return segmenter, result
+    _preload_layer_modules()
+    layer = None
+    if new_layer is not None and result.update.full is not None:
+        update = result.update
+        layer = Labels(update.full, features=labels_features(update.names),
+                       colormap=DirectLabelColormap(color_dict=update.colours), **new_layer)
+    return segmenter, result, layer
+
+
+def _preload_layer_modules() -> None:
+    """Import here, in the worker, what napari imports lazily the first time a Labels layer with
+    features is added (pandas, scikit-image's colour module: about 0.8 s), so the GUI thread does not."""
+    import pandas  # noqa: F401
+    import skimage.color  # noqa: F401

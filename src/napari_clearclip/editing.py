@@ -17,6 +17,19 @@ LABEL_DTYPE = np.int32
 _IDENTITY_SPAN = 256  # values a user may paint during a run keep their number
 
 
+def label_dtype(labels: int) -> np.dtype:
+    """The smallest unsigned type for label values 0..``labels`` plus room to paint new ones.
+
+    napari draws uint8 labels without converting them, several times faster than int32
+    for a 4096 x 4096 layer, so a result with few classes is stored as uint8.
+    """
+    if labels < 200:
+        return np.dtype(np.uint8)
+    if labels < 60000:
+        return np.dtype(np.uint16)
+    return np.dtype(np.int32)
+
+
 def present_values(array: np.ndarray) -> np.ndarray:
     """The distinct values of a labels array (fast for the small non-negative values labels hold)."""
     flat = np.asarray(array).ravel()
@@ -87,26 +100,30 @@ class LabelsMerger:
         self.new_names = list(new_names)
         self.found = found or {}
         if current is None:
-            self.full = np.zeros(shape, dtype=LABEL_DTYPE)
-            self.baseline = np.zeros(shape, dtype=LABEL_DTYPE)
+            self.dtype = label_dtype(len(new_names))
+            self.full = np.zeros(shape, dtype=self.dtype)
+            self.baseline = np.zeros(shape, dtype=self.dtype)
             self.lookup, self.names = None, list(new_names)
         else:
             self.full = None
+            self.dtype = np.dtype(current.dtype)
             values = np.union1d(present_values(current), present_values(baseline))
             for plane in self.found.values():
                 values = np.union1d(values, present_values(plane))
             self.lookup, self.names = renumbering(values, baseline_names or [], new_names)
+            if self.lookup is not None:
+                self.lookup = _fit(self.lookup, self.dtype)
             self.baseline = self._renumbered(baseline)
         self.planes: list[PlaneUpdate] = []
         self.counts = np.zeros(len(self.names) + 1, dtype=np.int64)
         self.kept_pixels = 0
 
     def _renumbered(self, array: np.ndarray) -> np.ndarray:
-        return self.lookup[array] if self.lookup is not None else np.array(array, dtype=LABEL_DTYPE, copy=True)
+        return self.lookup[array] if self.lookup is not None else np.array(array, dtype=self.dtype, copy=True)
 
     def add(self, index: tuple, labels: np.ndarray) -> None:
         """Merge one plane's new labels (1..C in ``new_names`` order, 0 unassigned)."""
-        labels = np.asarray(labels, dtype=LABEL_DTYPE)
+        labels = np.asarray(labels).astype(self.dtype, copy=False)
         if self.full is not None:
             self.full[index] = labels
             self.baseline[index] = labels
@@ -128,6 +145,13 @@ class LabelsMerger:
                             self.full, colormap_dict(self.names))
 
 
+def _fit(lookup: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The renumbering table in the layer's own type (so it can be applied in place)."""
+    if dtype.kind in "ui" and int(lookup.max()) > np.iinfo(dtype).max:
+        raise OverflowError(f"{int(lookup.max())} labels do not fit the layer's {dtype} data")
+    return lookup.astype(dtype)
+
+
 def _add_counts(total: np.ndarray, counts: np.ndarray) -> np.ndarray:
     if len(counts) > len(total):
         total = np.pad(total, (0, len(counts) - len(total)))
@@ -142,11 +166,11 @@ def apply_update(data: np.ndarray, update: LabelsUpdate) -> int:
     found; they are left as painted. Returns how many such pixels were kept.
     """
     if update.lookup is not None:
-        lookup = update.lookup
+        lookup = update.lookup.astype(data.dtype, copy=False)
         top = int(data.max()) if data.size else 0
         if top >= len(lookup):
-            lookup = np.concatenate([lookup, np.arange(len(lookup), top + 1, dtype=lookup.dtype)])
-        np.take(lookup, data, out=data)
+            lookup = np.concatenate([lookup, np.arange(len(lookup), top + 1).astype(data.dtype)])
+        np.take(lookup, data, out=data, mode="clip")  # indices are in range; "clip" avoids a buffered copy
     kept = 0
     for plane in update.planes:
         region = data[plane.index]
@@ -165,7 +189,7 @@ def merge_keeping_edits(current, baseline, baseline_names, new, new_names, regio
                           found={region: np.array(current[region], copy=True)})
     merger.add(region, new)
     update = merger.finish()
-    labels = np.array(current, dtype=LABEL_DTYPE, copy=True)
+    labels = np.array(current, copy=True)
     apply_update(labels, update)
     return MergedLabels(labels, update.names, update.baseline, update.kept_pixels)
 

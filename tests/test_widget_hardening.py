@@ -1,0 +1,219 @@
+"""The widget at the edges of normal use: long messages, offline weights, colours, layers coming and going,
+closing during a run, and a GUI thread that never stalls, also while results are written (needs a display)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("qtpy.QtWidgets", reason="the widget tests need a Qt binding (the testing extra)")
+from napari.layers import Labels  # noqa: E402
+from napari.utils.colormaps.standardize_color import transform_color  # noqa: E402
+
+from napari_clearclip._widget import DEMO_MODEL, ClearClipWidget, model_choices  # noqa: E402
+from napari_clearclip.colours import NAMED  # noqa: E402
+from napari_clearclip.synthetic import DEMO_CLASSES  # noqa: E402
+
+pytestmark = pytest.mark.gui
+TIMEOUT = 240_000
+
+
+@pytest.fixture
+def widget(make_napari_viewer, tiny_checkpoint):
+    viewer = make_napari_viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
+    widget.model.value = "test-tiny"
+    widget.pretrained.value = tiny_checkpoint
+    widget.device.value = "cpu"
+    return widget
+
+
+def run_and_wait(qtbot, widget):
+    worker = widget.run()
+    assert worker is not None, widget.status.value
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
+    return worker
+
+
+class TickRecorder:
+    """Records when the Qt event loop gets to run a 10 ms timer: long gaps are GUI stalls."""
+
+    def __init__(self):
+        from qtpy.QtCore import QTimer
+
+        self.ticks = []
+        self.timer = QTimer()
+        self.timer.setInterval(10)
+        self.timer.timeout.connect(lambda: self.ticks.append(time.perf_counter()))
+
+    def __enter__(self):
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.timer.stop()
+
+    @property
+    def longest_gap(self) -> float:
+        return float(np.diff(self.ticks).max())
+
+
+def test_a_long_message_wraps_and_never_widens_the_window(qtbot, widget):
+    window = widget._viewer.window._qt_window
+    qtbot.wait(200)
+    width, dock_width = window.width(), widget.native.width()
+    widget._set_status("The weights could not be loaded because " + "a very long reason " * 200 + "x" * 400)
+    widget.legend.value = "<br>".join(f"{i}: " + "long class name " * 30 for i in range(20))
+    qtbot.wait(300)
+    assert window.width() == width
+    assert widget.native.width() <= dock_width
+    assert widget.status.native.wordWrap() and widget.legend.native.wordWrap()
+
+
+def test_offline_weights_point_to_the_checkpoint_field_and_the_demo_model(qtbot, widget, rgb_image):
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    widget.model.value = "ViT-B-16"
+    widget.pretrained.value = "openai"
+    widget.classes.value = "cell, nucleus\nbackground"
+    run_and_wait(qtbot, widget)
+    status = widget.status.value
+    assert "Checkpoint field" in status and "ViT-B-16-quickgelu" in status and "offline demo model" in status
+    assert "Segmenter(" not in status                       # GUI words, not Python
+    assert widget.use_demo.visible
+    assert "photo classes" not in viewer.layers
+    widget.use_demo.clicked.emit()
+    assert widget.model.value == DEMO_MODEL and widget.pretrained.value == "bundled"
+    assert widget.classes.value == DEMO_CLASSES and not widget.use_demo.visible
+    run_and_wait(qtbot, widget)
+    assert "photo classes" in viewer.layers
+    assert "only coloured shapes" in widget.status.value     # the demo model says it is no photo model
+
+
+def test_colours_follow_class_names_and_extra_labels_stay_visible(qtbot, widget, rgb_image):
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "green\nsky\nsoil"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["photo classes"]
+    first = {name: labels.colormap.map(i) for i, name in enumerate(["green", "sky", "soil"], start=1)}
+    np.testing.assert_allclose(first["green"], transform_color(NAMED["green"])[0])
+    widget.classes.value = "soil\ngreen\nsky"
+    run_and_wait(qtbot, widget)
+    for i, name in enumerate(["soil", "green", "sky"], start=1):
+        np.testing.assert_allclose(labels.colormap.map(i), first[name])
+    assert labels.colormap.map(9)[3] > 0                  # a label painted beyond the classes is visible
+    assert 'color:#3CB44B' in widget.legend.value.replace(" ", "")
+
+
+def test_image_field_follows_new_images_and_the_legend_follows_the_image(qtbot, widget, rgb_image):
+    viewer = widget._viewer
+    first = viewer.add_image(rgb_image, name="first")
+    assert widget.image.value is not None and widget.image.value.name == "first"
+    widget.classes.value = "a\nb"
+    run_and_wait(qtbot, widget)
+    assert "a" in widget.legend.value and "%" in widget.legend.value
+    viewer.add_image(rgb_image[::-1].copy(), name="second")
+    assert widget.image.value.name == "second"
+    assert widget.legend.value == ""
+    widget.image.value = first
+    widget.classes.value = "a\na"
+    assert widget.run() is None and widget.legend.value == ""
+
+
+def test_legend_shares_count_kept_edits(qtbot, widget, rgb_image):
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "a\nb"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["photo classes"]
+    painted = labels.data.copy()
+    painted[:] = 2
+    labels.data = painted                                  # the user paints everything as "b"
+    run_and_wait(qtbot, widget)
+    assert "(100%)" in widget.legend.value.split("<br>")[1]
+
+
+def test_fields_explain_themselves(widget):
+    for name in ("image", "model", "checkpoint", "method", "device", "probability_output", "new_layer", "crop",
+                 "stride", "logit_scale", "precision"):
+        assert getattr(widget, name).tooltip, name
+    assert "NACLIP" in widget.method.tooltip and "MaskCLIP" in widget.method.tooltip
+    from qtpy.QtWidgets import QLabel
+
+    texts = [label.text() for label in widget.native.findChildren(QLabel)]
+    assert "advanced" not in texts
+
+
+def test_model_list_has_only_models_that_load():
+    values = [value for _, value in model_choices()]
+    assert values[:5] == ["ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "ViT-B-16-quickgelu"]
+    assert values[5] == DEMO_MODEL
+    assert not {"coca_base", "RN50", "ViT-B-16-SigLIP", "convnext_base", "EVA02-B-16"} & set(values)
+
+
+def test_deleted_results_are_forgotten(qtbot, widget, rgb_image):
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "a\nb"
+    for _ in range(3):
+        run_and_wait(qtbot, widget)
+        viewer.layers.remove("photo classes")
+        assert widget._outputs == {}
+
+
+def test_closing_the_widget_during_a_run_stops_it_quietly(qtbot, widget):
+    viewer = widget._viewer
+    big = (np.random.default_rng(0).random((600, 600, 3)) * 255).astype(np.uint8)
+    widget.image.value = viewer.add_image(big, name="big")
+    widget.classes.value = "a\nb"
+    widget.resize.value = False
+    widget.crop.value, widget.stride.value = 64, 8
+    worker = widget.run()
+    qtbot.waitUntil(lambda: worker.is_running, timeout=TIMEOUT)
+    widget.close_down()
+    with qtbot.waitSignal(worker.finished, timeout=TIMEOUT, raising=False):
+        pass
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=TIMEOUT)
+    qtbot.wait(100)
+    assert "big classes" not in viewer.layers
+    assert viewer.layers.events.inserted.callbacks == () or all(
+        getattr(cb, "__self__", None) is not widget for cb in viewer.layers.events.inserted.callbacks)
+
+
+def test_gui_thread_never_stalls_while_a_4096_result_is_written(qtbot, widget):
+    viewer = widget._viewer
+    rng = np.random.default_rng(3)
+    image = np.kron(rng.integers(0, 255, (16, 16, 3)), np.ones((256, 256, 1))).astype(np.uint8)   # 4096 x 4096
+    widget.image.value = viewer.add_image(image, name="huge")
+    widget.classes.value = "a\nb\nc"
+    widget.short_side.value = 224
+    qtbot.wait(300)
+    for _ in range(2):                                     # a new layer, then an in-place update
+        with TickRecorder() as recorder:
+            run_and_wait(qtbot, widget)
+            qtbot.wait(200)
+        assert widget.status.value.startswith("Done"), widget.status.value
+        assert recorder.longest_gap < 0.3, f"GUI thread blocked for {recorder.longest_gap * 1000:.0f} ms"
+    labels = viewer.layers["huge classes"]
+    assert labels.data.shape == (4096, 4096) and labels.data.max() >= 1
+
+
+def test_gui_thread_never_stalls_for_a_stack_on_all_slices(qtbot, widget):
+    viewer = widget._viewer
+    rng = np.random.default_rng(4)
+    stack = np.kron(rng.integers(0, 255, (24, 8, 8)), np.ones((1, 64, 64))).astype(np.uint8)      # 24 x 512 x 512
+    widget.image.value = viewer.add_image(stack, name="stack")
+    widget.classes.value = "a\nb"
+    widget.scope.value = "all slices"
+    widget.short_side.value = 224
+    qtbot.wait(300)
+    for _ in range(2):
+        with TickRecorder() as recorder:
+            run_and_wait(qtbot, widget)
+            qtbot.wait(200)
+        assert recorder.longest_gap < 0.2, f"GUI thread blocked for {recorder.longest_gap * 1000:.0f} ms"
+    assert isinstance(viewer.layers["stack classes"], Labels)
+    assert np.all(viewer.layers["stack classes"].data > 0)

@@ -8,13 +8,17 @@ object and, often, the background; empty tiles are captioned with background wor
 Pairs whose tiles hold the same set of colours count as positives of each other, so that
 captions differing only in wording (or in a prompt template) do not fight in a batch.
 
-Two image embeddings take part in the loss: the usual one (the class token after the
-last block) and, with weight ``--dense-weight``, the mean of the last block's value-path
-patch embeddings (MaskCLIP's dense features, pooled). Without the second term, a model
-this small may carry a colour to the class token through the residual stream alone,
-and then its dense features cannot see that colour at all (the previous demo model was
-blind to blue that way). ClearCLIP's own change, the q-q attention with no residual and
-no feed-forward, is never trained: it stays an inference-time change, as in the paper.
+Two terms make the loss. The first is CLIP's, on the usual image embedding (the class
+token after the last block). The second, with weight ``--dense-weight``, is a
+patch-aligned one on the last block's value-path patch embeddings (MaskCLIP's dense
+features): an image matches a caption through its best-matching patches (a soft max
+over patches), and a caption counts as a positive for every image that holds all it
+names, so "background" is a positive for every image. Without this term, a model this
+small may carry a colour to the class token through the residual stream alone, and its
+dense features cannot see that colour at all (the previous demo model was blind to blue
+that way); pooling the patches with a plain mean instead teaches every patch the whole
+scene. ClearCLIP's own change, the q-q attention with no residual and no feed-forward,
+is never trained: it stays an inference-time change, as in the paper.
 
 Every ``--validate-every`` steps the model is scored with ClearCLIP on validation scenes
 (seeds from 20,000, distinct from the held-out test scenes from 10,000) and the best
@@ -71,8 +75,20 @@ def soft_clip_loss(image_features, text_features, logit_scale, contents):
                   + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean())
 
 
+def patch_aligned_loss(patches, text_features, logit_scale, contents, temperature: float = 0.05):
+    """Contrastive loss where image i scores caption j by a soft max over its patches' similarities,
+    and caption j is a positive of image i when image i holds everything caption j names."""
+    sims = torch.einsum("bpe,te->btp", patches, text_features)
+    logits = logit_scale * (torch.softmax(sims / temperature, dim=-1) * sims).sum(-1)
+    sets = [set(c.split()) - {"empty"} for c in contents]
+    holds = torch.tensor([[b <= a for b in sets] for a in sets], dtype=torch.float32)
+    image_to_text = torch.sum(-holds / holds.sum(1, keepdim=True) * F.log_softmax(logits, 1), 1).mean()
+    text_to_image = torch.sum(-holds.T / holds.T.sum(1, keepdim=True) * F.log_softmax(logits.T, 1), 1).mean()
+    return 0.5 * (image_to_text + text_to_image)
+
+
 def image_embeddings(visual, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(class-token embedding, pooled value-path patch embedding), both L2-normalised."""
+    """(class-token embedding (B, E), value-path patch embeddings (B, P, E)), L2-normalised."""
     x = visual.conv1(pixels)
     rows, cols = x.shape[-2:]
     x = x.flatten(2).transpose(1, 2)
@@ -83,7 +99,7 @@ def image_embeddings(visual, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.
         x = standard_block(block, x)
     global_token = visual.ln_post(standard_block(blocks[-1], x)[:, 0]) @ visual.proj
     patches = F.normalize((visual.ln_post(maskclip(blocks[-1], x, (rows, cols))) @ visual.proj).float(), dim=-1)
-    return F.normalize(global_token.float(), dim=-1), F.normalize(patches.mean(1), dim=-1)
+    return F.normalize(global_token.float(), dim=-1), patches
 
 
 def half_state(model: torch.nn.Module) -> dict:
@@ -101,7 +117,7 @@ def validate(path: str, scenes: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -110,9 +126,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="bf16 autocast for the matrix products (faster on CPUs with bf16 support)")
-    parser.add_argument("--dense-weight", type=float, default=0.5,
+    parser.add_argument("--dense-weight", type=float, default=1.0,
                         help="weight of the loss on pooled value-path patch embeddings (0: plain CLIP training)")
-    parser.add_argument("--validate-every", type=int, default=250)
+    parser.add_argument("--validate-every", type=int, default=200)
     parser.add_argument("--validation-scenes", type=int, default=16)
     parser.add_argument("--out", default="src/napari_clearclip/data/synthetic-tiny.pt")
     args = parser.parse_args()
@@ -139,7 +155,7 @@ def main() -> None:
         scale = model.logit_scale.exp().clamp(max=100)
         loss = soft_clip_loss(image_features, text_features, scale, contents)
         if args.dense_weight:
-            loss = loss + args.dense_weight * soft_clip_loss(dense_features, text_features, scale, contents)
+            loss = loss + args.dense_weight * patch_aligned_loss(dense_features, text_features, scale, contents)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

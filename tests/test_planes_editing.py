@@ -107,3 +107,49 @@ def test_merger_writes_planes_in_place_and_spares_strokes_made_during_the_run():
     assert update.names == ["cell", "debris"] and update.lookup is None
     assert update.counts[1] == 16 and update.counts[2] == 16
     assert update.colours[0] == "transparent"
+
+
+def test_segment_layer_merges_each_plane_and_keeps_maps_only_when_asked(tiny_segmenter, rgb_image, monkeypatch):
+    from napari_clearclip.annotate import LayerRequest, segment_layer
+
+    grey = rgb_image[..., 0]
+    volume = np.stack([grey, grey[::-1], grey[:, ::-1]])
+    layout = ImageLayout(volume.shape)
+    asked = []
+    real = tiny_segmenter.segment_steps
+
+    def spy(image, classes, **options):
+        asked.append(options["maps"])
+        return real(image, classes, **options)
+
+    monkeypatch.setattr(tiny_segmenter, "segment_steps", spy)
+    for mode, maps in (("none", False), ("winning class", False), ("all classes", True)):
+        request = LayerRequest(volume, layout, layout.planes(), ["a", "b"], {"contrast_limits": (0, 255)},
+                               image_name="stack", probability_output=mode)
+        steps = segment_layer(tiny_segmenter, request)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                result = stop.value
+                break
+        assert asked[-3:] == [maps] * 3
+        expected = [_finish(real(volume[i], ["a", "b"], contrast_limits=(0, 255))) for i in range(3)]
+        np.testing.assert_array_equal(result.update.full, np.stack([e.labels for e in expected]))
+        assert result.update.full.dtype == np.uint8
+        if mode == "none":
+            assert result.maps == {}
+        elif mode == "winning class":
+            np.testing.assert_allclose(result.maps["stack probability"],
+                                       np.stack([e.probabilities.max(0) for e in expected]), atol=1e-6)
+        else:
+            np.testing.assert_allclose(result.maps["stack P(b)"], np.stack([e.probabilities[1] for e in expected]),
+                                       atol=1e-6)
+
+
+def _finish(steps):
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value

@@ -327,22 +327,30 @@ def _check_options(short_side, crop, stride, logit_scale, prob_threshold, patch:
 
 
 def _bilinear_taps(in_size: int, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis."""
-    scale = in_size / out_size
-    source = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_(min=0)
-    low = source.floor().long().clamp_(max=in_size - 1)
+    """Source indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis, in float32 as it computes them."""
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    source = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    low = source.long().clamp_(max=in_size - 1)
     high = (low + 1).clamp_(max=in_size - 1)
-    weight = (source - low).float()
-    return low, high, weight
+    weight = source - low.float()
+    return low.to(device), high.to(device), weight.to(device)
 
 
 def _resized_rows(scores: torch.Tensor, rows, cols, r0: int, r1: int) -> torch.Tensor:
-    """Output rows r0:r1 of the bilinear resize of ``scores`` (Q, h, w), without building the whole output."""
-    low, high, weight = (t[r0:r1] for t in rows)
-    w = weight.view(1, -1, 1)
-    part = scores[:, low] * (1 - w) + scores[:, high] * w
-    low, high, weight = cols
-    return part[:, :, low] * (1 - weight) + part[:, :, high] * weight
+    """Output rows r0:r1 of the bilinear resize of ``scores`` (Q, h, w), without building the whole output.
+
+    Each output row is interpolated along the width first, then between its two source
+    rows, the order PyTorch's own kernel uses.
+    """
+    low_r, high_r, weight_r = (t[r0:r1] for t in rows)
+    low_c, high_c, weight_c = cols
+
+    def along_width(source_rows: torch.Tensor) -> torch.Tensor:
+        part = scores[:, source_rows]
+        return part[:, :, low_c] * (1 - weight_c) + part[:, :, high_c] * weight_c
+
+    w = weight_r.view(1, -1, 1)
+    return along_width(low_r) * (1 - w) + along_width(high_r) * w
 
 
 def _allocate(shape: tuple[int, ...], dtype, what: str) -> np.ndarray:

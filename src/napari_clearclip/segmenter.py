@@ -18,7 +18,11 @@ from .image import check_contrast_limits, check_image, prepare
 from .methods import encode_dense, get_method, interpolated_positions
 from .models import LoadedModel, default_options, load_model
 from .prompts import ClassQuery, TextEncoder, check_templates, parse_classes
+from .refine import PAMR_DILATIONS, PAMR_ITERATIONS, check_pamr_options, pamr
+from .scribbles import ExemplarCollector, Exemplars, check_scribbles
 from .windows import WindowGrid
+
+REFINEMENTS = (None, "pamr")
 
 
 
@@ -154,6 +158,10 @@ class Segmenter:
         templates: Sequence[str] | None = None,
         contrast_limits: Sequence[float] | None = None,
         maps: bool = True,
+        scribbles=None,
+        refine: str | None = None,
+        pamr_iterations: int = PAMR_ITERATIONS,
+        pamr_dilations: Sequence[int] = PAMR_DILATIONS,
     ) -> Generator[Progress, None, SegmentationResult]:
         """A generator that yields :class:`Progress` and returns the :class:`SegmentationResult`.
 
@@ -165,6 +173,13 @@ class Segmenter:
         ``maps=False`` skips the per-class probability and similarity maps (labels and
         the winning probability only), for large images with many classes.
 
+        ``scribbles`` (an (H, W) integer array: 0 = no hint, k = class k) makes painted
+        pixels keep class k and turns the patches under them into exemplars of class k, so
+        similar regions elsewhere change class too; cached image features are reused.
+        ``refine="pamr"`` snaps the scores to image edges with PAMR (``pamr_iterations``
+        rounds over neighbours at ``pamr_dilations``), as NACLIP applies it. Both default
+        to off: the official pipeline.
+
         The method is read once at the start, so changing ``segmenter.method`` from
         another thread never mixes methods within a run or in the feature cache.
         """
@@ -173,6 +188,10 @@ class Segmenter:
         array = check_image(image, min_side=max(self.model.patch_size))
         short_side, crop, stride, templates, contrast_limits = self._resolve_options(
             short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits)
+        scribbles = check_scribbles(scribbles, array.shape[:2], len(parsed))
+        if refine not in REFINEMENTS:
+            raise InvalidOptionError(f"refine={refine!r} is not known: use None (the official pipeline) or 'pamr'.")
+        pamr_iterations, pamr_dilations = check_pamr_options(pamr_iterations, pamr_dilations)
 
         queries = [s for c in parsed for s in c.synonyms]
         self.text.check_distinct(queries, templates)
@@ -181,15 +200,49 @@ class Segmenter:
         text = self.text.embeddings(queries, templates).to(self.device)
 
         key = self._feature_key(array, contrast_limits, short_side, crop, stride, method_name)
+        args = (array, key, contrast_limits, short_side, crop, stride, method_fn)
         features = self._features.get(key)
+        exemplars = None
+        if scribbles is not None:
+            collector = ExemplarCollector(scribbles, len(parsed))
+            if features is None:  # encode once, caching the features when they fit, and collect exemplars
+                yield from self._encode_and_score(*args, text=None, collect=collector.add)
+                features = self._features.get(key)
+            else:
+                for batch, patch_features in features.batches:
+                    collector.add(features.grid, batch, patch_features)
+            exemplars = collector.result(self.device)
+            if exemplars is not None:
+                exemplars.query_classes = torch.tensor(
+                    [index for index, c in enumerate(parsed) for _ in c.synonyms], device=self.device)
         if features is None:
-            scores = yield from self._encode_and_score(array, text, key, contrast_limits, short_side, crop, stride,
-                                                       method_fn)
+            scores = yield from self._encode_and_score(*args, text=text, exemplars=exemplars)
         else:
-            scores = self._score_cached(features, text)
+            scores = self._score_cached(features, text, exemplars)
             yield Progress("windows", len(features.grid.windows), len(features.grid.windows))
-        return _postprocess(scores, array.shape[:2], parsed, float(logit_scale), float(prob_threshold), method_name,
-                            maps=maps)
+        if refine == "pamr":
+            scores = self._pamr(scores, array, contrast_limits, short_side, pamr_iterations, pamr_dilations)
+        result = _postprocess(scores, array.shape[:2], parsed, float(logit_scale), float(prob_threshold), method_name,
+                              maps=maps)
+        if scribbles is not None:
+            result.labels[scribbles > 0] = scribbles[scribbles > 0]  # what the user painted is what they get
+        return result
+
+    def _pamr(self, scores, array, contrast_limits, short_side, iterations, dilations) -> torch.Tensor:
+        """PAMR on the cosine scores at the output size, guided by the normalised input resized to that size."""
+        size = tuple(array.shape[:2])
+        guide = prepare(array, self.model.mean, self.model.std, short_side, contrast_limits).to(self.device)
+        try:
+            if tuple(scores.shape[1:]) != size:
+                scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
+            if tuple(guide.shape[1:]) != size:
+                guide = F.interpolate(guide[None], size=size, mode="bilinear", align_corners=False)[0]
+            return pamr(scores.float(), guide, iterations, dilations)
+        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "memory" not in str(exc).lower():
+                raise
+            raise OutOfMemoryError("Not enough memory for edge snapping (PAMR) at this image size: "
+                                   "turn it off or use a smaller image.") from None
 
     def check_options(
         self,
@@ -224,11 +277,13 @@ class Segmenter:
                             method, self.model.cache_id)).encode())
         return digest.hexdigest()
 
-    def _encode_and_score(self, array, text, key, contrast_limits, short_side, crop, stride, method_fn):
+    def _encode_and_score(self, array, key, contrast_limits, short_side, crop, stride, method_fn, *,
+                          text=None, exemplars: Exemplars | None = None, collect=None):
         """Generator: encode the windows batch by batch and add their scores up, yielding progress.
 
         Patch features are kept for later re-scoring only when they fit the cache budget,
-        so a huge image streams through with one batch of features in memory.
+        so a huge image streams through with one batch of features in memory. With
+        ``text=None`` nothing is scored (a pass that only caches and ``collect``s).
         """
         pixels = prepare(array, self.model.mean, self.model.std, short_side, contrast_limits)
         grid = WindowGrid(pixels.shape[1], pixels.shape[2], crop, stride, self.model.patch_size)
@@ -237,35 +292,41 @@ class Segmenter:
         width = self.model.clip.visual.output_dim
         estimate = len(windows) * rows * cols * width * 4
         keep = _Features(grid, []) if estimate <= self._features.max_bytes else None
-        scores = torch.zeros((text.shape[0], grid.height, grid.width), device=self.device)
+        scores = None if text is None else torch.zeros((text.shape[0], grid.height, grid.width), device=self.device)
         position = 0
         yield Progress("windows", 0, len(windows))
         while position < len(windows):
             batch = windows[position : position + self._batch_size(grid)]
             patch_features = self._encode_crops(grid.crop_batch(pixels, batch).to(self.device), method_fn)
-            self._accumulate(scores, grid, batch, patch_features, text)
+            if collect is not None:
+                collect(grid, batch, patch_features)
+            if scores is not None:
+                self._accumulate(scores, grid, batch, patch_features, text, exemplars)
             if keep is not None:
                 keep.batches.append((batch, patch_features))
             position += len(batch)
             yield Progress("windows", position, len(windows))
         if keep is not None:
             self._features.put(key, keep, estimate)
-        return self._average(scores, grid)
+        return None if scores is None else self._average(scores, grid)
 
-    def _score_cached(self, features: _Features, text: torch.Tensor) -> torch.Tensor:
+    def _score_cached(self, features: _Features, text: torch.Tensor, exemplars: Exemplars | None = None) -> torch.Tensor:
         grid = features.grid
         scores = torch.zeros((text.shape[0], grid.height, grid.width), device=self.device)
         for batch, patch_features in features.batches:
-            self._accumulate(scores, grid, batch, patch_features, text)
+            self._accumulate(scores, grid, batch, patch_features, text, exemplars)
         return self._average(scores, grid)
 
     @torch.inference_mode()
-    def _accumulate(self, scores, grid: WindowGrid, batch, patch_features, text) -> None:
+    def _accumulate(self, scores, grid: WindowGrid, batch, patch_features, text, exemplars=None) -> None:
         """Add the cosine similarities of a batch of windows, upsampled to the window size, into ``scores``."""
         left, _, top, _ = grid.padding
         win_h, win_w = grid.window_size
         rows, cols = grid.patch_grid
-        logits = (patch_features @ text.T).transpose(1, 2).reshape(len(batch), -1, rows, cols)
+        logits = patch_features @ text.T
+        if exemplars is not None:
+            logits = logits + exemplars.bonus(patch_features)[..., exemplars.query_classes]
+        logits = logits.transpose(1, 2).reshape(len(batch), -1, rows, cols)
         logits = F.interpolate(logits, size=grid.padded_size, mode="bilinear", align_corners=False)
         logits = logits[:, :, top : top + win_h, left : left + win_w]
         for (y1, y2, x1, x2), window in zip(batch, logits):

@@ -1,0 +1,88 @@
+"""Refinements of dense scores: PAMR edge snapping (and the image guide it follows).
+
+PAMR (pixel-adaptive mask refinement, Araslanov & Roth, CVPR 2020) as NACLIP and SCLIP
+apply it: on the cosine scores at the output size, before the logit scale and softmax,
+guided by the normalised input image at that size. Each pixel repeatedly takes a
+weighted average of its 8 neighbours at each dilation, weighted by how alike the guide
+image is there.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+WINDOW = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1))
+PAMR_ITERATIONS = 10
+PAMR_DILATIONS = (8, 16)
+
+
+def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, size: tuple[int, int]) -> torch.Tensor:
+    """The value at (y + dy, x + dx) for every pixel, from a replicate-padded (C, H + 2 pad, W + 2 pad) tensor."""
+    height, width = size
+    return padded[:, pad + dy : pad + dy + height, pad + dx : pad + dx + width]
+
+
+def _replicate(x: torch.Tensor, pad: int) -> torch.Tensor:
+    return F.pad(x[None], (pad, pad, pad, pad), mode="replicate")[0]
+
+
+def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIONS) -> torch.Tensor:
+    """(8 x len(dilations), H, W) weights of each pixel's neighbours, summing to 1 per pixel.
+
+    Affinity = -|guide - neighbour| / (1e-8 + 0.1 x std), std being the (unbiased) standard
+    deviation of the 3x3 neighbourhoods at every dilation (centre included), then averaged
+    over the guide's channels and softmax-normalised over the neighbours.
+    """
+    guide = guide.float()
+    size = tuple(guide.shape[-2:])
+    pad = max(dilations)
+    padded = _replicate(guide, pad)
+    window = [_shifted(padded, pad, dy * d, dx * d, size) for d in dilations for dy, dx in WINDOW]
+    count = len(window)
+    mean = sum(window) / count
+    std = torch.sqrt(sum((w - mean) ** 2 for w in window) / (count - 1))
+    del window, mean
+    scale = 1e-8 + 0.1 * std
+    logits = torch.stack([
+        (-(guide - _shifted(padded, pad, dy * d, dx * d, size)).abs() / scale).mean(0)
+        for d in dilations for dy, dx in NEIGHBOURS
+    ])
+    return torch.softmax(logits, dim=0)
+
+
+def pamr(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERATIONS,
+         dilations: Sequence[int] = PAMR_DILATIONS) -> torch.Tensor:
+    """Refine (Q, H, W) scores with the (C, H, W) guide image: ``iterations`` rounds of affinity-weighted averaging."""
+    if iterations <= 0:
+        return scores
+    dilations = tuple(int(d) for d in dilations)
+    affinity = pamr_affinities(guide, dilations).to(scores.dtype)
+    size = tuple(scores.shape[-2:])
+    pad = max(dilations)
+    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
+    for _ in range(iterations):
+        padded = _replicate(scores, pad)
+        refined = torch.zeros_like(scores)
+        for weight, (dy, dx) in zip(affinity, offsets):
+            refined += weight * _shifted(padded, pad, dy, dx, size)
+        scores = refined
+    return scores
+
+
+def check_pamr_options(iterations, dilations) -> tuple[int, tuple[int, ...]]:
+    from .errors import InvalidOptionError
+
+    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
+        raise InvalidOptionError(f"pamr_iterations={iterations!r} must be a whole number of at least 0 (NACLIP uses 10).")
+    try:
+        dilations = tuple(dilations)
+        ok = bool(dilations) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dilations)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise InvalidOptionError(f"pamr_dilations={dilations!r} must be whole numbers of at least 1, e.g. (8, 16).")
+    return iterations, dilations

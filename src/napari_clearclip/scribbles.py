@@ -1,0 +1,105 @@
+"""Scribbles: pixels a user painted with a class become visual exemplars of it in the dense feature space.
+
+A patch under a stroke of class k lends its (cached) patch embedding to class k. Every
+patch then gets, for each class, a bonus that grows with its similarity to the nearest
+exemplar of that class (Tip-Adapter-style cache logits: ``alpha * exp(-beta * (1 - f.e))``),
+added to its cosine similarity with the class's text queries. Regions like the painted one
+change class; regions unlike every exemplar keep what the text says.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import InvalidOptionError
+from .windows import WindowGrid
+
+#: Strength of an exact match to an exemplar, in cosine units (text cosines differ by a few hundredths).
+EXEMPLAR_WEIGHT = 0.1
+#: How fast the bonus falls off with dissimilarity: at cosine 0.8 it is exp(-2) of the full bonus.
+EXEMPLAR_SHARPNESS = 10.0
+
+
+def check_scribbles(scribbles, shape: tuple[int, int], n_classes: int) -> np.ndarray | None:
+    """``None``, or an integer (H, W) array with values 0 (no hint) .. n_classes."""
+    if scribbles is None:
+        return None
+    array = np.asarray(scribbles)
+    if array.dtype == bool or array.dtype.kind not in "ui":
+        raise InvalidOptionError(
+            f"scribbles must be an integer array (0 = no hint, k = class k), not {array.dtype}: "
+            "e.g. the data of a napari Labels layer.")
+    if array.shape != tuple(shape):
+        raise InvalidOptionError(f"scribbles of shape {array.shape} do not match the image's {tuple(shape)}.")
+    if array.size and (int(array.min()) < 0 or int(array.max()) > n_classes):
+        raise InvalidOptionError(
+            f"scribbles hold values {int(array.min())}..{int(array.max())}, but only 0 (no hint) to {n_classes} "
+            f"(one per class) are meaningful.")
+    return array if array.any() else None
+
+
+@dataclass
+class Exemplars:
+    """Patch embeddings under strokes (N, E) and their 0-based class indices (N,)."""
+
+    features: torch.Tensor
+    classes: torch.Tensor
+    n_classes: int
+    query_classes: torch.Tensor | None = None   # the class of each text query (synonyms share one)
+
+    def bonus(self, patch_features: torch.Tensor, alpha: float = EXEMPLAR_WEIGHT,
+              beta: float = EXEMPLAR_SHARPNESS) -> torch.Tensor:
+        """(B, P, C) bonus of each patch for each class: alpha * exp(-beta * (1 - nearest exemplar cosine))."""
+        sims = patch_features @ self.features.T.to(patch_features.dtype)          # (B, P, N)
+        out = torch.zeros(*patch_features.shape[:2], self.n_classes, device=patch_features.device)
+        for k in torch.unique(self.classes).tolist():
+            nearest = sims[..., self.classes == k].amax(-1)
+            out[..., k] = alpha * torch.exp(-beta * (1 - nearest.float()))
+        return out
+
+
+class ExemplarCollector:
+    """Gathers the patch embeddings under each class's strokes, window by window."""
+
+    def __init__(self, scribbles: np.ndarray, n_classes: int):
+        self.scribbles = scribbles
+        self.n_classes = n_classes
+        self._resized: torch.Tensor | None = None
+        self.features: list[torch.Tensor] = []
+        self.classes: list[torch.Tensor] = []
+
+    def _at_scale(self, grid: WindowGrid) -> torch.Tensor:
+        """The strokes at the scale the windows see (nearest neighbour)."""
+        if self._resized is None:
+            height, width = self.scribbles.shape
+            ys = np.minimum(((np.arange(grid.height) + 0.5) * height / grid.height).astype(np.int64), height - 1)
+            xs = np.minimum(((np.arange(grid.width) + 0.5) * width / grid.width).astype(np.int64), width - 1)
+            self._resized = torch.from_numpy(np.ascontiguousarray(self.scribbles[ys][:, xs]).astype(np.int64))
+        return self._resized
+
+    def add(self, grid: WindowGrid, batch, patch_features: torch.Tensor) -> None:
+        """Keep the embeddings of patches covered by strokes; a patch takes its most painted class."""
+        strokes = self._at_scale(grid)
+        left, right, top, bottom = grid.padding
+        rows, cols = grid.patch_grid
+        ph, pw = grid.patch
+        for (y1, y2, x1, x2), features in zip(batch, patch_features):
+            window = strokes[y1:y2, x1:x2]
+            if not bool(window.any()):
+                continue
+            window = torch.nn.functional.pad(window, (left, right, top, bottom))
+            counts = torch.stack([(window == k).reshape(rows, ph, cols, pw).sum((1, 3))
+                                  for k in range(1, self.n_classes + 1)])          # (C, rows, cols)
+            best = counts.argmax(0).flatten()
+            painted = counts.sum(0).flatten() > 0
+            if painted.any():
+                self.features.append(features[painted].float().cpu())
+                self.classes.append(best[painted])
+
+    def result(self, device) -> Exemplars | None:
+        if not self.features:
+            return None
+        return Exemplars(torch.cat(self.features).to(device), torch.cat(self.classes).to(device), self.n_classes)

@@ -1,0 +1,100 @@
+"""Corrections that teach: scribbles as exemplars, and PAMR edge snapping against a loop-based reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_clearclip import Segmenter
+from napari_clearclip.errors import InvalidOptionError
+from napari_clearclip.refine import pamr
+
+
+def reference_pamr(scores: np.ndarray, guide: np.ndarray, iterations: int, dilations) -> np.ndarray:
+    """PAMR written out pixel by pixel, from its definition (Araslanov & Roth, CVPR 2020)."""
+    channels, height, width = guide.shape
+
+    def at(array, y, x):  # replicate padding
+        return array[:, min(max(y, 0), height - 1), min(max(x, 0), width - 1)]
+
+    neighbours = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)]
+    weights = np.zeros((len(dilations) * 8, height, width))
+    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in neighbours]
+    for y in range(height):
+        for x in range(width):
+            window = [at(guide, y + dy * d, x + dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+            std = np.std(np.stack(window), axis=0, ddof=1)                        # per channel
+            logits = []
+            for oy, ox in offsets:
+                diff = np.abs(guide[:, y, x] - at(guide, y + oy, x + ox))
+                logits.append(np.mean(-diff / (1e-8 + 0.1 * std)))
+            logits = np.array(logits)
+            e = np.exp(logits - logits.max())
+            weights[:, y, x] = e / e.sum()
+    current = scores.astype(np.float64)
+    for _ in range(iterations):
+        new = np.zeros_like(current)
+        for y in range(height):
+            for x in range(width):
+                for n, (oy, ox) in enumerate(offsets):
+                    new[:, y, x] += weights[n, y, x] * at(current, y + oy, x + ox)
+        current = new
+    return current
+
+
+def test_pamr_matches_the_loop_reference():
+    rng = np.random.default_rng(0)
+    guide = rng.normal(size=(3, 13, 11)).astype(np.float32)
+    guide[:, :, 6:] += 2.0                                   # an edge to snap to
+    scores = rng.normal(size=(4, 13, 11)).astype(np.float32) * 0.1
+    for iterations, dilations in ((10, (8, 16)), (3, (1, 2)), (1, (1,))):
+        got = pamr(torch.from_numpy(scores), torch.from_numpy(guide), iterations, dilations).numpy()
+        expected = reference_pamr(scores, guide, iterations, dilations)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def two_blobs(colour_a=(40, 70, 215), colour_b=(215, 35, 35)):
+    image = np.full((128, 192, 3), 128, np.uint8)
+    image[20:60, 20:60] = colour_a          # object 1
+    image[70:110, 130:170] = colour_a       # object 2, same kind, far away
+    image[70:110, 20:60] = colour_b         # something else
+    return image
+
+
+def test_pamr_option_runs_and_snaps_edges(tiny_segmenter, rgb_image):
+    plain = tiny_segmenter.segment(rgb_image, ["a", "b"])
+    snapped = tiny_segmenter.segment(rgb_image, ["a", "b"], refine="pamr")
+    assert snapped.labels.shape == plain.labels.shape
+    assert not np.array_equal(snapped.labels, plain.labels)
+    with pytest.raises(InvalidOptionError, match="refine='crf'"):
+        tiny_segmenter.segment(rgb_image, ["a"], refine="crf")
+    with pytest.raises(InvalidOptionError, match="pamr_dilations"):
+        tiny_segmenter.segment(rgb_image, ["a"], refine="pamr", pamr_dilations=(0,))
+
+
+@pytest.mark.parametrize("scribbles, message", [
+    (np.zeros((5, 5), np.int32), "do not match"),
+    (np.zeros((128, 192), np.float32), "integer array"),
+    (np.full((128, 192), 4, np.int32), "only 0 .no hint. to 3"),
+    (np.full((128, 192), -1, np.int32), "only 0"),
+])
+def test_bad_scribbles_are_refused(tiny_segmenter, scribbles, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_segmenter.segment(two_blobs(), ["a", "b", "c"], scribbles=scribbles)
+
+
+def test_painted_pixels_keep_their_class_and_features_are_reused(tiny_checkpoint, monkeypatch):
+    segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
+    image = two_blobs()
+    segmenter.segment(image, ["a", "b"])
+    import napari_clearclip.segmenter as engine
+
+    monkeypatch.setattr(engine, "encode_dense", lambda *a, **k: pytest.fail("features should come from the cache"))
+    strokes = np.zeros(image.shape[:2], np.int32)
+    strokes[30:35, 30:35] = 2
+    strokes[0:3, 0:3] = 1
+    result = segmenter.segment(image, ["a", "b"], scribbles=strokes)
+    assert np.all(result.labels[30:35, 30:35] == 2) and np.all(result.labels[0:3, 0:3] == 1)

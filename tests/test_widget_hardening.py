@@ -217,3 +217,33 @@ def test_gui_thread_never_stalls_for_a_stack_on_all_slices(qtbot, widget):
         assert recorder.longest_gap < 0.2, f"GUI thread blocked for {recorder.longest_gap * 1000:.0f} ms"
     assert isinstance(viewer.layers["stack classes"], Labels)
     assert np.all(viewer.layers["stack classes"].data > 0)
+
+
+def test_live_mode_reruns_after_a_stroke_and_never_overwrites_it(qtbot, widget, rgb_image):
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "a\nb"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["photo classes"]
+    runs = []
+    real_run = type(widget).run
+    widget.__dict__["run"] = lambda *a: runs.append(time.perf_counter()) or real_run(widget)
+    widget.live.value = True
+    value = 1 if labels.data[90, 130] == 2 else 2
+    with TickRecorder() as recorder:
+        labels.brush_size = 5
+        labels.paint((90, 130), value)                  # one stroke on the result
+        qtbot.waitUntil(lambda: len(runs) == 1, timeout=5000)
+        qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
+        qtbot.wait(500)
+    assert len(runs) == 1                               # one stroke, one re-run
+    assert labels.data[90, 130] == value                # the stroke is kept (and taught the model)
+    assert widget.status.value.startswith("Done")
+    assert recorder.longest_gap < 0.3
+    widget.classes.value = "a\nb\nc"                    # typing: debounced into one more run
+    widget.classes.value = "a\nb\nc\nd"
+    qtbot.waitUntil(lambda: len(runs) == 2, timeout=5000)
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
+    qtbot.wait(500)
+    assert len(runs) == 2
+    assert list(labels.features["class"])[:5] == ["unassigned", "a", "b", "c", "d"]

@@ -53,6 +53,8 @@ COMMON_MODELS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "ViT-B-16-q
 DEMO_MODEL = "synthetic-tiny"
 DEFAULT_CLASSES = "cell, nucleus\nbackground"
 SCOPES = ("current slice", "all slices")
+LIVE_DELAY_MS = 300   # live re-runs wait this long after the last stroke or keystroke
+SNAP_DEFAULT = True   # see docs/usage.md: edge snapping lifts the demo's corrected mIoU the most
 DEMO_NOTE = ("The offline demo model knows only coloured shapes on grey (red, green, blue, yellow, background), "
              "as in File > Open Sample > Synthetic shapes; on other images its labels mean nothing.")
 METHOD_TIPS = {
@@ -147,6 +149,15 @@ class ClearClipWidget(Container):
                               tooltip="Segment the slice on screen, or every slice of the stack")
         self.keep_edits = CheckBox(name="keep_edits", text="Keep my edits", value=True,
                                    tooltip="Pixels you painted since the last run keep their class")
+        self.learn = CheckBox(name="learn", text="Learn from my edits", value=True,
+                              tooltip="Pixels you painted with a class teach it: similar regions in the image (and in "
+                                      "every slice segmented) change class too. The eraser teaches nothing")
+        self.snap = CheckBox(name="snap", text="Snap to edges", value=SNAP_DEFAULT,
+                             tooltip="Refine the masks along image edges (PAMR, as NACLIP uses it); "
+                                     "off gives the paper's exact pipeline")
+        self.live = CheckBox(name="live", text="Live", value=False,
+                             tooltip="Run again by itself after each paint stroke on the result and after the classes "
+                                     "change; only the image features' cache is used, so re-runs are quick")
         self.new_layer = CheckBox(name="new_layer", text="Result in a new layer", value=False,
                                   tooltip="Add a new Labels layer instead of updating the last result of this image")
         self.probability_output = ComboBox(name="probability_output", label="Probabilities",
@@ -182,7 +193,7 @@ class ClearClipWidget(Container):
         self.legend = _wrapping(Label(name="legend", label="Legend", value=""), rich=True)
         self.extend([self.image, self.channel_axis, self.channel, self.classes, self.model, self.pretrained,
                      self.checkpoint, self.method, self.device, self.prob_threshold, self.scope, self.keep_edits,
-                     self.new_layer, self.probability_output, self.show_advanced, self.advanced, self.buttons,
+                     self.learn, self.snap, self.live, self.new_layer, self.probability_output, self.show_advanced, self.advanced, self.buttons,
                      self.status, self.use_demo, self.legend])
 
         self.model.changed.connect(self._on_model_changed)
@@ -194,6 +205,13 @@ class ClearClipWidget(Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.use_demo.changed.connect(self.switch_to_demo_model)
+        self._pending = False                      # a live re-run asked for while one is running
+        self._live_timer = QTimer()
+        self._live_timer.setSingleShot(True)
+        self._live_timer.setInterval(LIVE_DELAY_MS)
+        self._live_timer.timeout.connect(self._live_run)
+        # every keystroke (magicgui's own "changed" of a TextEdit waits for the focus to leave)
+        self.classes.native.textChanged.connect(self._on_live_trigger)
         self._viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
         self.native.destroyed.connect(lambda *_: self.close_down())
@@ -212,6 +230,9 @@ class ClearClipWidget(Container):
                 emitter.disconnect(callback)
             except (TypeError, ValueError, RuntimeError):
                 pass
+        self._live_timer.stop()
+        for output in self._outputs.values():
+            _disconnect_paint(output.layer, self._on_painted)
         worker, self._worker = self._worker, None
         if worker is not None:
             for signal in (worker.yielded, worker.returned, worker.errored, worker.aborted, worker.finished):
@@ -247,6 +268,7 @@ class ClearClipWidget(Container):
     def _on_layer_removed(self, event=None):
         live = {_layer_key(layer) for layer in self._viewer.layers}
         for key in [k for k in self._outputs if k not in live]:
+            _disconnect_paint(self._outputs[key].layer, self._on_painted)
             del self._outputs[key]  # a deleted result layer is forgotten, with its baseline
         self._refresh_layers()
 
@@ -294,6 +316,8 @@ class ClearClipWidget(Container):
         self.pretrained.tooltip = ("Bundled demo weights" if name in BUNDLED_WEIGHTS else
                                    f"Known tags: {', '.join(tags) or 'none'}; or a local checkpoint file")
         self.use_demo.visible = False
+        if hasattr(self, "_pending"):
+            self._pending = False
         if name == DEMO_MODEL:
             if self.classes.value.strip() == DEFAULT_CLASSES:
                 self.classes.value = DEMO_CLASSES
@@ -319,7 +343,8 @@ class ClearClipWidget(Container):
             widget = getattr(self, name)
             if saved.get(name) in widget.choices:
                 widget.value = saved[name]
-        for name in ("prob_threshold", "logit_scale", "crop", "stride", "short_side", "keep_edits", "resize"):
+        for name in ("prob_threshold", "logit_scale", "crop", "stride", "short_side", "keep_edits", "resize", "learn",
+                     "snap"):
             if name in saved:
                 try:
                     getattr(self, name).value = saved[name]
@@ -335,7 +360,8 @@ class ClearClipWidget(Container):
             "classes": self.classes.value, "model": self.model.value, "pretrained": self.pretrained.value,
             "method": self.method.value, "device": self.device.value, "prob_threshold": self.prob_threshold.value,
             "precision": self.precision.value, "probability_output": self.probability_output.value,
-            "keep_edits": self.keep_edits.value, "resize": self.resize.value, "short_side": self.short_side.value,
+            "keep_edits": self.keep_edits.value, "learn": self.learn.value, "snap": self.snap.value,
+            "resize": self.resize.value, "short_side": self.short_side.value,
             "crop": self.crop.value, "stride": self.stride.value, "logit_scale": self.logit_scale.value,
             "templates": self.templates.value,
         }
@@ -350,7 +376,29 @@ class ClearClipWidget(Container):
             "logit_scale": self.logit_scale.value,
             "prob_threshold": self.prob_threshold.value,
             "templates": templates or None,
+            "refine": "pamr" if self.snap.value else None,
         }
+
+    # -- live mode ----------------------------------------------------------------------------
+    def _on_live_trigger(self, *_):
+        if self.live.value and not self._closed:
+            self._live_timer.start()  # restarts the delay: typing or painting on postpones the run
+
+    def _on_painted(self, event=None):
+        self._on_live_trigger()
+
+    def _live_run(self):
+        """Run now, or as soon as the run in flight ends (the newest request wins; at most one in flight)."""
+        if self._closed or not self.live.value:
+            return
+        if self._worker is not None:
+            self._pending = True
+            return
+        try:
+            parse_classes(self.classes.value)
+        except ClearClipError:
+            return  # half-typed class list: wait for the next change
+        self.run()
 
     # -- running ------------------------------------------------------------------------------
     def run(self, *_):
@@ -385,6 +433,7 @@ class ClearClipWidget(Container):
             current = target.layer.data
             request.current, request.baseline, request.baseline_names = current, target.baseline, target.names
             request.found = {plane: np.array(current[plane], copy=True) for plane in planes}
+            request.learn_from_edits = self.learn.value and self.keep_edits.value
         for name in probability_layer_names(layer.name, request.probability_output, [c.name for c in classes]):
             if name in self._viewer.layers:
                 request.existing_maps[name] = self._viewer.layers[name].data
@@ -471,6 +520,9 @@ class ClearClipWidget(Container):
         if not self._closed:
             self.run_button.enabled = True
             self.cancel_button.enabled = False
+            if self._pending:
+                self._pending = False
+                QTimer.singleShot(0, self._live_run)
 
     def _on_returned(self, value, context):
         if self._closed:
@@ -539,7 +591,10 @@ class ClearClipWidget(Container):
             labels_layer = self._viewer.add_labels(
                 data, name=f"{layer.name} classes", features=features,
                 colormap=DirectLabelColormap(color_dict=update.colours), **self._layer_geometry(layer, layout))
-        self._outputs[_layer_key(labels_layer)] = _Output(labels_layer, update.baseline, update.names, update.colours)
+        key = _layer_key(labels_layer)
+        if key not in self._outputs:
+            labels_layer.events.paint.connect(self._on_painted)
+        self._outputs[key] = _Output(labels_layer, update.baseline, update.names, update.colours)
         return labels_layer, kept
 
     def _write_probabilities(self, context, result):
@@ -560,6 +615,13 @@ class ClearClipWidget(Container):
             rows.append(f'<span style="color:{colours.get(index, "#c8c8c8")}">&#9632;</span> {index}: '
                         f'{html.escape(name)} <span style="color:gray">({share:.0f}%)</span>')
         self.legend.value = "<br>".join(rows)
+
+
+def _disconnect_paint(layer, callback) -> None:
+    try:
+        layer.events.paint.disconnect(callback)
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        pass
 
 
 def _layer_key(layer) -> str:

@@ -36,6 +36,7 @@ class LayerRequest:
     baseline_names: list[str] = field(default_factory=list)
     found: dict = field(default_factory=dict)  # copies of the planes to segment, as the run started
     existing_maps: dict = field(default_factory=dict)  # name -> data of probability layers to update
+    learn_from_edits: bool = False             # pixels painted since the last result become scribbles
 
 
 @dataclass
@@ -56,11 +57,57 @@ def probability_layer_names(image_name: str, mode: str, class_names: list[str]) 
     return []
 
 
+def painted_hints(request: LayerRequest, class_names: list[str]) -> dict[tuple, np.ndarray]:
+    """Per plane, the pixels the user painted since the last result, as scribbles for the new class list.
+
+    A painted value means the class it had in the last result; it is a hint for that class
+    under its new number. The eraser (0) is no hint, and neither is a class no longer asked
+    for (those pixels are kept all the same, by the merge).
+    """
+    if request.current is None or request.baseline is None:
+        return {}
+    lookup = np.zeros(max(len(request.baseline_names), 1) + 1, dtype=np.int64)
+    for value, name in enumerate(request.baseline_names, start=1):
+        lookup[value] = class_names.index(name) + 1 if name in class_names else 0
+    hints = {}
+    for plane in request.layout.planes():
+        current = request.found.get(plane)
+        if current is None:
+            current = np.asarray(request.current[plane])
+        edited = current != request.baseline[plane]
+        if not edited.any():
+            continue
+        values = np.where(edited, current, 0).astype(np.int64)
+        values[values >= len(lookup)] = 0  # labels the user invented are no class hint
+        plane_hints = lookup[values].astype(np.int32)
+        if plane_hints.any():
+            hints[plane] = plane_hints
+    return hints
+
+
 def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[PlaneProgress, None, LayerResult]:
-    """Segment every requested plane, merging each into the labels at once; nothing per plane is kept but the merge."""
+    """Segment every requested plane, merging each into the labels at once; nothing per plane is kept but the merge.
+
+    With ``learn_from_edits``, what the user painted on any plane becomes exemplars for
+    every plane segmented, and stays painted.
+    """
     from .prompts import parse_classes
+    from .scribbles import Exemplars
 
     class_names = [c.name for c in parse_classes(request.classes)]
+    hints = painted_hints(request, class_names) if request.learn_from_edits else {}
+    exemplars = []
+    for number, (plane, plane_hints) in enumerate(hints.items()):
+        image = np.asarray(request.data[request.layout.image_index(plane)])
+        steps = segmenter.collect_exemplars_steps(image, plane_hints, request.classes, **request.options)
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                exemplars.append(stop.value)
+                break
+            yield PlaneProgress(0, len(request.planes), step)
+    shared = Exemplars.combine(exemplars)
     shape = request.layout.label_shape
     merger = LabelsMerger(shape, class_names, request.current, request.baseline, request.baseline_names,
                           request.found)
@@ -69,7 +116,8 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Plan
     maps = {name: _map_volume(request.existing_maps.get(name), shape) for name in names}
     for number, plane in enumerate(request.planes):
         image = np.asarray(request.data[request.layout.image_index(plane)])
-        steps = segmenter.segment_steps(image, request.classes, maps=(mode == "all classes"), **request.options)
+        steps = segmenter.segment_steps(image, request.classes, maps=(mode == "all classes"),
+                                        scribbles=hints.get(plane), exemplars=shared, **request.options)
         while True:
             try:
                 step = next(steps)

@@ -50,6 +50,24 @@ class Exemplars:
     n_classes: int
     query_classes: torch.Tensor | None = None   # the class of each text query (synonyms share one)
 
+    @staticmethod
+    def combine(parts) -> "Exemplars | None":
+        """All exemplars of several sets (None entries skipped)."""
+        parts = [p for p in parts if p is not None]
+        if not parts:
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        device = parts[0].features.device
+        return Exemplars(torch.cat([p.features.to(device) for p in parts]),
+                         torch.cat([p.classes.to(device) for p in parts]), parts[0].n_classes)
+
+    def to(self, device) -> "Exemplars":
+        if self.features.device == torch.device(device):
+            return self
+        return Exemplars(self.features.to(device), self.classes.to(device), self.n_classes,
+                         None if self.query_classes is None else self.query_classes.to(device))
+
     def bonus(self, patch_features: torch.Tensor, alpha: float = EXEMPLAR_WEIGHT,
               beta: float = EXEMPLAR_SHARPNESS) -> torch.Tensor:
         """(B, P, C) bonus of each patch for each class: alpha * exp(-beta * (1 - nearest exemplar cosine))."""

@@ -162,6 +162,7 @@ class Segmenter:
         refine: str | None = None,
         pamr_iterations: int = PAMR_ITERATIONS,
         pamr_dilations: Sequence[int] = PAMR_DILATIONS,
+        exemplars: Exemplars | None = None,
     ) -> Generator[Progress, None, SegmentationResult]:
         """A generator that yields :class:`Progress` and returns the :class:`SegmentationResult`.
 
@@ -178,7 +179,8 @@ class Segmenter:
         similar regions elsewhere change class too; cached image features are reused.
         ``refine="pamr"`` snaps the scores to image edges with PAMR (``pamr_iterations``
         rounds over neighbours at ``pamr_dilations``), as NACLIP applies it. Both default
-        to off: the official pipeline.
+        to off: the official pipeline. ``exemplars`` (from :meth:`collect_exemplars` on
+        other images, e.g. other slices of a stack) are used as well as the scribbles'.
 
         The method is read once at the start, so changing ``segmenter.method`` from
         another thread never mixes methods within a run or in the feature cache.
@@ -202,19 +204,16 @@ class Segmenter:
         key = self._feature_key(array, contrast_limits, short_side, crop, stride, method_name)
         args = (array, key, contrast_limits, short_side, crop, stride, method_fn)
         features = self._features.get(key)
-        exemplars = None
         if scribbles is not None:
-            collector = ExemplarCollector(scribbles, len(parsed))
-            if features is None:  # encode once, caching the features when they fit, and collect exemplars
-                yield from self._encode_and_score(*args, text=None, collect=collector.add)
-                features = self._features.get(key)
-            else:
-                for batch, patch_features in features.batches:
-                    collector.add(features.grid, batch, patch_features)
-            exemplars = collector.result(self.device)
-            if exemplars is not None:
-                exemplars.query_classes = torch.tensor(
-                    [index for index, c in enumerate(parsed) for _ in c.synonyms], device=self.device)
+            own = yield from self._collect(args, scribbles, len(parsed))
+            exemplars = Exemplars.combine([exemplars, own])
+            features = self._features.get(key)
+        if exemplars is not None:
+            if exemplars.n_classes != len(parsed):
+                raise InvalidOptionError(f"The exemplars are for {exemplars.n_classes} classes, not {len(parsed)}.")
+            exemplars.query_classes = torch.tensor(
+                [index for index, c in enumerate(parsed) for _ in c.synonyms], device=self.device)
+            exemplars = exemplars.to(self.device)
         if features is None:
             scores = yield from self._encode_and_score(*args, text=text, exemplars=exemplars)
         else:
@@ -227,6 +226,44 @@ class Segmenter:
         if scribbles is not None:
             result.labels[scribbles > 0] = scribbles[scribbles > 0]  # what the user painted is what they get
         return result
+
+    def collect_exemplars(self, image, scribbles, classes: str | Sequence[str], *, short_side=DEFAULT,
+                          crop=DEFAULT, stride=DEFAULT, contrast_limits=None, **_ignored) -> Exemplars | None:
+        """The exemplars that ``scribbles`` on ``image`` make (None without strokes), for use on other images."""
+        steps = self.collect_exemplars_steps(image, scribbles, classes, short_side=short_side, crop=crop,
+                                             stride=stride, contrast_limits=contrast_limits)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                return stop.value
+
+    def collect_exemplars_steps(self, image, scribbles, classes, *, short_side=DEFAULT, crop=DEFAULT, stride=DEFAULT,
+                                contrast_limits=None, **_ignored) -> Generator[Progress, None, Exemplars | None]:
+        """:meth:`collect_exemplars` as a generator that yields progress (image features are cached on the way)."""
+        method_name, method_fn = self._method_state
+        parsed = parse_classes(classes)
+        array = check_image(image, min_side=max(self.model.patch_size))
+        short_side, crop, stride, _, contrast_limits = self._resolve_options(
+            short_side, crop, stride, 50.0, 0.0, None, contrast_limits)
+        scribbles = check_scribbles(scribbles, array.shape[:2], len(parsed))
+        if scribbles is None:
+            return None
+        key = self._feature_key(array, contrast_limits, short_side, crop, stride, method_name)
+        exemplars = yield from self._collect((array, key, contrast_limits, short_side, crop, stride, method_fn),
+                                             scribbles, len(parsed))
+        return exemplars
+
+    def _collect(self, args, scribbles, n_classes: int):
+        """Generator: exemplars under ``scribbles``, from cached features or one encoding pass (which caches them)."""
+        collector = ExemplarCollector(scribbles, n_classes)
+        features = self._features.get(args[1])
+        if features is None:
+            yield from self._encode_and_score(*args, text=None, collect=collector.add)
+        else:
+            for batch, patch_features in features.batches:
+                collector.add(features.grid, batch, patch_features)
+        return collector.result(self.device)
 
     def _pamr(self, scores, array, contrast_limits, short_side, iterations, dilations) -> torch.Tensor:
         """PAMR on the cosine scores at the output size, guided by the normalised input resized to that size."""

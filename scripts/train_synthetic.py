@@ -9,16 +9,16 @@ Pairs whose tiles hold the same set of colours count as positives of each other,
 captions differing only in wording (or in a prompt template) do not fight in a batch.
 
 Two terms make the loss. The first is CLIP's, on the usual image embedding (the class
-token after the last block). The second, with weight ``--dense-weight``, is a
-patch-aligned one on the last block's value-path patch embeddings (MaskCLIP's dense
-features): an image matches a caption through its best-matching patches (a soft max
-over patches), and a caption counts as a positive for every image that holds all it
-names, so "background" is a positive for every image. Without this term, a model this
-small may carry a colour to the class token through the residual stream alone, and its
-dense features cannot see that colour at all (the previous demo model was blind to blue
-that way); pooling the patches with a plain mean instead teaches every patch the whole
-scene. ClearCLIP's own change, the q-q attention with no residual and no feed-forward,
-is never trained: it stays an inference-time change, as in the paper.
+token after the last block) against the tile's caption. The second, with weight
+``--dense-weight``, is the same contrastive loss one level down: each quarter of a tile
+(a 4 x 4 block of patches) has a caption of its own, naming the colours that cover at
+least a tenth of it (or only the background), and is matched to it through the mean of
+its patches' value-path embeddings (MaskCLIP's dense features of the last block). Without
+this term, a model this small carries colours to the class token through the residual
+stream, and its patch features either cannot see a colour at all (the previous demo model
+was blind to blue) or see it everywhere near it (grey next to a blue square called blue).
+ClearCLIP's own change, the q-q attention with no residual and no feed-forward, is never
+trained: it stays an inference-time change, as in the paper.
 
 Every ``--validate-every`` steps the model is scored with ClearCLIP on validation scenes
 (seeds from 20,000, distinct from the held-out test scenes from 10,000) and the best
@@ -42,49 +42,79 @@ import napari_clearclip  # noqa: F401  (registers the synthetic-tiny config)
 from napari_clearclip.methods import maskclip, standard_block
 from napari_clearclip.models import OPENAI_MEAN_255, OPENAI_STD_255
 from napari_clearclip.prompts import IMAGENET_TEMPLATES
-from napari_clearclip.synthetic import training_tile
+from napari_clearclip.synthetic import BACKGROUND_CAPTIONS, BACKGROUND_WORDS, training_tile
 
 VALIDATION_SEED = 20_000
 
 
+QUARTER_MIN_SHARE = 0.1
+
+
+def quarter_captions(rng: np.random.Generator, tile) -> tuple[list[str], list[str]]:
+    """A caption and a content key for each quarter of a tile (row-major), from the colours covering it."""
+    size = tile.image.shape[0]
+    half = size // 2
+    captions, contents = [], []
+    for top in (0, half):
+        for left in (0, half):
+            present = [c for c, mask in tile.masks.items()
+                       if mask[top:top + half, left:left + half].mean() >= QUARTER_MIN_SHARE]
+            if not present:
+                captions.append(str(rng.choice(BACKGROUND_CAPTIONS)))
+            else:
+                order = [present[i] for i in rng.permutation(len(present))]
+                words = order if rng.random() < 0.5 else [f"a {c} object" for c in order]
+                text = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+                if rng.random() < 0.5:
+                    text += " on a " + str(rng.choice(BACKGROUND_WORDS))
+                captions.append(text)
+            contents.append(" ".join(sorted(present)) or "empty")
+    return captions, contents
+
+
+def _templated(rng, caption: str, fraction: float) -> str:
+    """The words also have to work inside the prompt templates used at inference."""
+    return str(rng.choice(IMAGENET_TEMPLATES)).replace("{}", caption) if rng.random() < fraction else caption
+
+
 def make_batch(rng: np.random.Generator, batch: int, size: int, template_fraction: float = 0.5):
-    images, captions, contents = [], [], []
+    images, captions, contents, local_captions, local_contents = [], [], [], [], []
     for _ in range(batch):
         tile = training_tile(rng, size=size)
-        caption = tile.caption
-        if rng.random() < template_fraction:  # the words also have to work inside the templates used at inference
-            caption = str(rng.choice(IMAGENET_TEMPLATES)).replace("{}", caption)
-        image = tile.image
         if rng.random() < 0.5:
-            image = image[:, ::-1]
-        images.append(np.ascontiguousarray(image))
-        captions.append(caption)
+            tile.image[:] = tile.image[:, ::-1]
+            for mask in tile.masks.values():
+                mask[:] = mask[:, ::-1]
+        images.append(np.ascontiguousarray(tile.image))
+        captions.append(_templated(rng, tile.caption, template_fraction))
         contents.append(" ".join(sorted({colour for colour, _ in tile.objects})) or "empty")
+        quarter_text, quarter_keys = quarter_captions(rng, tile)
+        local_captions.extend(_templated(rng, t, template_fraction) for t in quarter_text)
+        local_contents.extend(quarter_keys)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
     mean = torch.tensor(OPENAI_MEAN_255).view(1, 3, 1, 1)
     std = torch.tensor(OPENAI_STD_255).view(1, 3, 1, 1)
-    return (pixels - mean) / std, captions, contents
+    return (pixels - mean) / std, captions, contents, local_captions, local_contents
 
 
 def soft_clip_loss(image_features, text_features, logit_scale, contents):
     """CLIP's contrastive loss where pairs showing the same colours count as positives."""
     logits = logit_scale * image_features @ text_features.T
-    same = torch.tensor([[a == b for b in contents] for a in contents], dtype=torch.float32)
+    ids = {key: index for index, key in enumerate(dict.fromkeys(contents))}
+    labels = torch.tensor([ids[c] for c in contents])
+    same = (labels[:, None] == labels[None, :]).float()
     targets = same / same.sum(1, keepdim=True)
     return 0.5 * (torch.sum(-targets * F.log_softmax(logits, 1), 1).mean()
                   + torch.sum(-targets * F.log_softmax(logits.T, 1), 1).mean())
 
 
-def patch_aligned_loss(patches, text_features, logit_scale, contents, temperature: float = 0.05):
-    """Contrastive loss where image i scores caption j by a soft max over its patches' similarities,
-    and caption j is a positive of image i when image i holds everything caption j names."""
-    sims = torch.einsum("bpe,te->btp", patches, text_features)
-    logits = logit_scale * (torch.softmax(sims / temperature, dim=-1) * sims).sum(-1)
-    sets = [set(c.split()) - {"empty"} for c in contents]
-    holds = torch.tensor([[b <= a for b in sets] for a in sets], dtype=torch.float32)
-    image_to_text = torch.sum(-holds / holds.sum(1, keepdim=True) * F.log_softmax(logits, 1), 1).mean()
-    text_to_image = torch.sum(-holds.T / holds.T.sum(1, keepdim=True) * F.log_softmax(logits.T, 1), 1).mean()
-    return 0.5 * (image_to_text + text_to_image)
+def quarter_embeddings(patches: torch.Tensor) -> torch.Tensor:
+    """(B * 4, E): the normalised mean patch embedding of each quarter of each tile, row-major."""
+    batch, count, width = patches.shape
+    side = int(count ** 0.5)
+    half = side // 2
+    grid = patches.view(batch, 2, half, 2, half, width)
+    return F.normalize(grid.mean((2, 4)).reshape(batch * 4, width), dim=-1)
 
 
 def image_embeddings(visual, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +147,7 @@ def validate(path: str, scenes: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -148,14 +178,16 @@ def main() -> None:
     best: tuple[float, int] | None = None
     for step in range(1, args.steps + 1):
         model.train()
-        pixels, captions, contents = make_batch(rng, args.batch, size)
+        pixels, captions, contents, local_captions, local_contents = make_batch(rng, args.batch, size)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             image_features, dense_features = image_embeddings(model.visual, pixels)
-            text_features = F.normalize(model.encode_text(tokenizer(captions)).float(), dim=-1)
+            text_features = F.normalize(model.encode_text(tokenizer(captions + local_captions)).float(), dim=-1)
         scale = model.logit_scale.exp().clamp(max=100)
-        loss = soft_clip_loss(image_features, text_features, scale, contents)
+        global_text, local_text = text_features[: len(captions)], text_features[len(captions):]
+        loss = soft_clip_loss(image_features, global_text, scale, contents)
         if args.dense_weight:
-            loss = loss + args.dense_weight * patch_aligned_loss(dense_features, text_features, scale, contents)
+            local_loss = soft_clip_loss(quarter_embeddings(dense_features), local_text, scale, local_contents)
+            loss = loss + args.dense_weight * local_loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()

@@ -22,7 +22,8 @@ def test_cli_writes_labels_and_table_and_skips_bad_inputs(tmp_path, tiny_checkpo
     broken = tmp_path / "broken.png"
     broken.write_text("not an image")
     stack = tmp_path / "stack.tif"
-    tifffile.imwrite(stack, np.zeros((2, 3, 40, 40), np.uint8))
+    planes = np.stack([rgb_image[:64, :64, c] for c in range(3)] * 2).reshape(2, 3, 64, 64)
+    tifffile.imwrite(stack, planes, photometric="minisblack")
     out = tmp_path / "out"
 
     code = main([str(good_png), str(broken), str(tmp_path / "missing.png"), str(stack), str(good_tif),
@@ -31,8 +32,12 @@ def test_cli_writes_labels_and_table_and_skips_bad_inputs(tmp_path, tiny_checkpo
     assert code == 1
     err = capsys.readouterr().err
     assert "broken.png: Could not read" in err and "missing.png: No such file" in err
-    assert "stack.tif: Image of shape (2, 3, 40, 40) is not supported" in err
-    assert "2 of 5 images segmented" in err
+    assert "3 of 5 images segmented" in err
+    stacked = tifffile.imread(out / "stack_labels.tif")             # a multi-plane TIFF: one labels stack
+    assert stacked.shape == (2, 3, 64, 64)
+    engine = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
+    np.testing.assert_array_equal(stacked[1, 2], engine.segment(planes[1, 2], ["sky", "horse, pony", "grass"]).labels)
+    assert not (out / ".clearclip-parts").exists()
 
     labels = tifffile.imread(out / "photo_labels.tif")
     expected = Segmenter("test-tiny", tiny_checkpoint, device="cpu").segment(rgb_image, ["sky", "horse, pony", "grass"])

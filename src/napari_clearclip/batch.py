@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import glob
 import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -160,9 +159,11 @@ def write_outputs(result, out_dir: Path, stem: str, save_probabilities: bool = F
 
     # the labels go last: their presence marks a finished file for resumed runs
     if prob_path:
-        write_atomic(prob_path[0], lambda p: tifffile.imwrite(p, result.probabilities, compression="zlib"))
+        write_atomic(prob_path[0], lambda p: tifffile.imwrite(p, result.probabilities, photometric="minisblack",
+                                                                   compression="zlib"))
     write_atomic(table_path, write_table)
-    write_atomic(labels_path, lambda p: tifffile.imwrite(p, result.labels.astype(dtype), compression="zlib"))
+    write_atomic(labels_path, lambda p: tifffile.imwrite(p, result.labels.astype(dtype), photometric="minisblack",
+                                                                    compression="zlib"))
     return [labels_path, table_path, *prob_path]
 
 
@@ -183,20 +184,163 @@ def write_report(reports: Sequence[FileReport], path: Path) -> Path:
 
 def segment_file(segmenter, path: Path, stem: str, classes, out_dir: Path, options: dict,
                  save_probabilities: bool = False, overwrite: bool = False) -> FileReport:
-    """Segment one file and write its outputs; errors a user can act on become a "failed" report."""
+    """Segment one 2-D image file and write its outputs; errors a user can act on become a "failed" report."""
+    from .cluster import worker_name
+
     start = time.perf_counter()
     outputs = output_paths(out_dir, stem, save_probabilities)
-    worker = socket.gethostname()
     if not overwrite and all(p.exists() for p in outputs):
-        return FileReport(path, "skipped", 0.0, worker, "outputs exist (use --overwrite to replace them)", outputs)
+        return FileReport(path, "skipped", 0.0, worker_name(), SKIPPED, outputs)
     try:
         result = segmenter.segment(read_image(path), classes, maps=save_probabilities, **options)
         written = write_outputs(result, out_dir, stem, save_probabilities)
     except ClearClipError as exc:
-        return FileReport(path, "failed", time.perf_counter() - start, worker, str(exc))
+        return FileReport(path, "failed", time.perf_counter() - start, worker_name(), str(exc))
     except OSError as exc:  # disk full, permissions changed mid-run ...
-        return FileReport(path, "failed", time.perf_counter() - start, worker, f"could not write outputs: {exc}")
-    return FileReport(path, "done", time.perf_counter() - start, worker, "", written)
+        return FileReport(path, "failed", time.perf_counter() - start, worker_name(), f"could not write outputs: {exc}")
+    return FileReport(path, "done", time.perf_counter() - start, worker_name(), "", written)
+
+
+SKIPPED = "outputs exist (use --overwrite to replace them)"
+PARTS_DIR = ".clearclip-parts"
+
+
+# -- stacks: one task per plane ------------------------------------------------------------------------
+
+def stack_planes(path: Path) -> tuple[tuple[int, ...], bool] | None:
+    """(plane shape, rgb) of a multi-plane TIFF, read from its header alone; None for a 2-D image or non-TIFF."""
+    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            shape = tuple(tif.series[0].shape)
+    except Exception:
+        return None  # unreadable: the image task reports it
+    rgb = len(shape) >= 3 and shape[-1] in (3, 4)
+    leading = shape[: len(shape) - (3 if rgb else 2)]
+    if not leading or int(np.prod(leading)) <= 1:
+        return None
+    return leading, rgb
+
+
+def read_plane(path: Path, index: int, count: int) -> np.ndarray:
+    """Plane ``index`` (flat) of a multi-plane TIFF, reading its page alone where the file allows."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            if len(series.pages) == count:
+                return series.pages[index].asarray()
+            data = series.asarray()
+    except Exception as exc:
+        raise InvalidImageError(f"Could not read plane {index} of {path}: {exc}") from None
+    tail = 3 if data.ndim >= 3 and data.shape[-1] in (3, 4) else 2
+    return data.reshape(count, *data.shape[-tail:])[index]
+
+
+def part_path(out_dir: Path, stem: str, index: int) -> Path:
+    return out_dir / PARTS_DIR / stem / f"plane_{index:06d}.npy"
+
+
+def segment_plane(segmenter, path: Path, stem: str, index: int, count: int, classes, out_dir: Path,
+                  options: dict) -> FileReport:
+    """Segment one plane of a stack into a part file (kept until the stack is assembled, so runs resume)."""
+    from .cluster import worker_name
+
+    start = time.perf_counter()
+    part = part_path(out_dir, stem, index)
+    if part.exists():
+        return FileReport(path, "done", 0.0, worker_name(), "", [part])
+    try:
+        labels = segmenter.segment(read_plane(path, index, count), classes, maps=False, **options).labels
+        part.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(p: Path) -> None:
+            with open(p, "wb") as handle:
+                np.save(handle, labels.astype(np.uint16 if len(classes) < 65535 else np.uint32))
+
+        write_atomic(part, write)
+    except ClearClipError as exc:
+        return FileReport(path, "failed", time.perf_counter() - start, worker_name(), f"plane {index}: {exc}")
+    except OSError as exc:
+        return FileReport(path, "failed", time.perf_counter() - start, worker_name(), f"plane {index}: {exc}")
+    return FileReport(path, "done", time.perf_counter() - start, worker_name(), "", [part])
+
+
+def assemble_stack(path: Path, stem: str, out_dir: Path, leading: tuple[int, ...], classes) -> list[Path]:
+    """Stack the planes' labels into ``<stem>_labels.tif`` (with the class table) and remove the parts."""
+    import shutil
+
+    import tifffile
+
+    from .prompts import parse_classes
+
+    count = int(np.prod(leading))
+    planes = [np.load(part_path(out_dir, stem, i)) for i in range(count)]
+    labels = np.stack(planes).reshape(*leading, *planes[0].shape)
+    parsed = parse_classes(classes)
+    counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(parsed) + 1)
+    rows = [{"label": 0, "name": "unassigned", "synonyms": "", "pixels": int(counts[0])}]
+    rows += [{"label": i, "name": c.name, "synonyms": ", ".join(c.synonyms), "pixels": int(counts[i])}
+             for i, c in enumerate(parsed, start=1)]
+    labels_path, table_path = output_paths(out_dir, stem)
+
+    def write_table(p: Path) -> None:
+        with open(p, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["label", "name", "synonyms", "pixels"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomic(table_path, write_table)
+    write_atomic(labels_path, lambda p: tifffile.imwrite(p, labels, photometric="minisblack", compression="zlib"))
+    shutil.rmtree(out_dir / PARTS_DIR / stem, ignore_errors=True)
+    try:
+        (out_dir / PARTS_DIR).rmdir()
+    except OSError:
+        pass
+    return [labels_path, table_path]
+
+
+# -- tasks ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: a whole 2-D image (``plane`` None) or one plane of a stack."""
+
+    path: Path
+    stem: str
+    plane: int | None = None
+    planes: int = 1
+
+
+def run_task(spec, task: Task, classes, out_dir: Path, options: dict, save_probabilities: bool,
+             overwrite: bool) -> FileReport:
+    """What a worker (or this process) does for one task, with the model it keeps loaded."""
+    from .cluster import segmenter_for
+
+    segmenter = segmenter_for(spec)
+    if task.plane is None:
+        return segment_file(segmenter, task.path, task.stem, classes, out_dir, options, save_probabilities, overwrite)
+    return segment_plane(segmenter, task.path, task.stem, task.plane, task.planes, classes, out_dir, options)
+
+
+def check_model_and_options(spec, options: dict) -> None:
+    from .cluster import segmenter_for
+
+    segmenter_for(spec).check_options(**options)
+
+
+def remove_stale_partials(out_dir: Path) -> None:
+    """Temporary files of writes that a killed process never finished (named by ``write_atomic``)."""
+    for folder in (out_dir, out_dir / PARTS_DIR):
+        for stale in folder.rglob(f".*{PARTIAL_SUFFIX}") if folder.is_dir() else ():
+            try:
+                stale.unlink()
+            except OSError:
+                pass
 
 
 def segment_files(
@@ -211,6 +355,7 @@ def segment_files(
     precision: str = "auto",
     overwrite: bool = False,
     save_probabilities: bool = False,
+    client=None,
     report: bool = True,
     on_report: Callable[[FileReport], None] | None = None,
     **options,
@@ -219,25 +364,100 @@ def segment_files(
 
     Classes, options, the model and the output folder are checked before any image is
     read. Files whose outputs exist are skipped unless ``overwrite``; a bad input is
-    reported and the others go on. ``on_report`` is called as each file finishes.
-    A report CSV (``clearclip_report.csv``) is written to ``out_dir`` unless ``report=False``.
+    reported and the others go on. Multi-plane TIFFs are segmented plane by plane and
+    written as one labels stack. With a ``distributed.Client``, every image (and every
+    plane of a stack) is a task on the cluster, each worker loading the model once; a
+    task lost with its worker runs again elsewhere. ``on_report`` is called as each file
+    finishes. A report CSV (``clearclip_report.csv``) is written unless ``report=False``.
     """
+    from .cluster import ModelSpec
     from .prompts import parse_classes
-    from .segmenter import Segmenter
 
     class_list = [", ".join(c.synonyms) for c in parse_classes(classes)]
     out = check_output_dir(out_dir)
     files = expand_inputs(paths)
-    segmenter = Segmenter(model, pretrained, method=method, device=device, precision=precision)
-    segmenter.check_options(**options)
-    reports = []
-    try:
-        for path, stem in zip(files, output_stems(files)):
-            item = segment_file(segmenter, path, stem, class_list, out, options, save_probabilities, overwrite)
+    spec = ModelSpec(model, None if pretrained is None else os.fspath(pretrained), method, device, precision)
+    # the model and the options fail here, once, before any image is read (on a cluster: on a worker)
+    if client is None:
+        check_model_and_options(spec, options)
+    else:
+        client.submit(check_model_and_options, spec, options, pure=False).result()
+    remove_stale_partials(out)
+
+    reports: list[FileReport] = []
+    tasks: list[Task] = []
+    stacks: dict[Path, tuple[tuple[int, ...], list[FileReport]]] = {}
+    for path, stem in zip(files, output_stems(files)):
+        layout = stack_planes(path)
+        expected = output_paths(out, stem, save_probabilities and layout is None)  # stacks: labels and table
+        if not overwrite and all(p.exists() for p in expected):
+            reports.append(FileReport(path, "skipped", 0.0, "", SKIPPED, expected))
+            continue
+        if layout is None:
+            tasks.append(Task(path, stem))
+        else:
+            count = int(np.prod(layout[0]))
+            stacks[path] = (layout[0], [])
+            tasks.extend(Task(path, stem, i, count) for i in range(count))
+    for item in reports:
+        if on_report is not None:
+            on_report(item)
+
+    def finished(task: Task, item: FileReport) -> None:
+        if task.plane is None:
             reports.append(item)
-            if on_report is not None:
-                on_report(item)
+        else:
+            leading, planes = stacks[task.path]
+            planes.append(item)
+            if len(planes) < task.planes:
+                return
+            failed = [p for p in planes if p.status == "failed"]
+            seconds = sum(p.seconds for p in planes)
+            workers = ", ".join(sorted({p.worker for p in planes if p.worker}))
+            if failed:
+                item = FileReport(task.path, "failed", seconds, workers, "; ".join(p.error for p in failed[:3]))
+            else:
+                try:
+                    written = assemble_stack(task.path, task.stem, out, leading, class_list)
+                    item = FileReport(task.path, "done", seconds, workers, "", written)
+                except OSError as exc:
+                    item = FileReport(task.path, "failed", seconds, workers, f"could not write outputs: {exc}")
+            reports.append(item)
+        if on_report is not None:
+            on_report(item)
+
+    args = (spec, class_list, out, options, save_probabilities, overwrite)
+    try:
+        if client is None:
+            for task in tasks:
+                finished(task, run_task(spec, task, *args[1:]))
+        else:
+            _run_on_cluster(client, tasks, args, finished)
     finally:
+        remove_stale_partials(out)
         if report and reports:
             write_report(reports, out / REPORT_NAME)
     return reports
+
+
+def _run_on_cluster(client, tasks: list[Task], args, finished) -> None:
+    """Submit every task, and hand back each result as it completes (lost workers' tasks rerun elsewhere)."""
+    from .cluster import require_distributed
+
+    distributed = require_distributed()
+    spec, *rest = args
+    futures = {}
+    for task in tasks:
+        key = f"clearclip-{task.stem}-{'all' if task.plane is None else task.plane}-{os.getpid()}-{id(tasks)}"
+        futures[client.submit(run_task, spec, task, *rest, key=key, pure=False)] = task
+    try:
+        for future in distributed.as_completed(list(futures)):
+            task = futures[future]
+            try:
+                item = future.result()
+            except Exception as exc:  # the task itself broke, or its workers kept dying
+                item = FileReport(task.path, "failed", 0.0, "", f"{type(exc).__name__}: {exc}")
+            finished(task, item)
+    except BaseException:
+        client.cancel(list(futures))
+        raise

@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt template with {} for the class name; repeat for several "
                              "(default: the 80 ImageNet templates)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write <name>_probabilities.tif")
+    where = parser.add_argument_group("running on several processes or machines (needs the 'distributed' extra)")
+    exclusive = where.add_mutually_exclusive_group()
+    exclusive.add_argument("--cluster", metavar="local[:N]",
+                           help="start a dask LocalCluster of N worker processes on this machine "
+                                "(default N: one per two cores); each loads the model once")
+    exclusive.add_argument("--scheduler", metavar="ADDRESS",
+                           help="use a running dask scheduler, e.g. tcp://host:8786 (dask scheduler / dask worker, "
+                                "or dask-jobqueue); the output folder must be reachable by every worker")
     return parser
 
 
@@ -70,9 +78,19 @@ def engine_options(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .batch import segment_files
+    from .batch import check_output_dir, remove_stale_partials, segment_files
 
     args = build_parser().parse_args(argv)
+    client = cluster = None
+    if args.cluster or args.scheduler:
+        from .cluster import start_client
+
+        try:
+            check_output_dir(args.out)
+            client, cluster = start_client(args.cluster, args.scheduler)
+        except ClearClipError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     counts = {"done": 0, "skipped": 0, "failed": 0}
     failures: list[str] = []
     bar = tqdm(unit="image", desc="clearclip", disable=None)
@@ -90,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         reports = segment_files(
             args.images, args.classes, args.out, model=args.model, pretrained=args.pretrained, method=args.method,
             device=args.device, precision=args.precision, overwrite=args.overwrite,
-            save_probabilities=args.save_probabilities, on_report=on_report, **engine_options(args))
+            save_probabilities=args.save_probabilities, client=client, on_report=on_report, **engine_options(args))
     except ClearClipError as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)
@@ -100,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"interrupted: {counts['done']} finished images are kept; run the same command again to resume.",
               file=sys.stderr)
         return 130
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+            remove_stale_partials(args.out)  # writes its killed workers never finished
     bar.close()
     total = len(reports)
     skipped = f", {counts['skipped']} skipped (outputs exist)" if counts["skipped"] else ""

@@ -1,0 +1,169 @@
+"""Batch segmentation on dask.distributed (offline, on the bundled synthetic-tiny model)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.io import imsave
+
+from napari_clearclip.batch import segment_files
+from napari_clearclip.synthetic import DEMO_CLASSES, make_scene
+
+distributed = pytest.importorskip("distributed", reason="needs the 'distributed' extra")
+
+CLASSES = DEMO_CLASSES.split("\n")
+OPTIONS = dict(model="synthetic-tiny", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    for i in range(6):
+        imsave(folder / f"scene{i}.png", make_scene(500 + i, size=(160, 224, 288)[i % 3]).image, check_contrast=False)
+    stack = np.stack([make_scene(600 + i, size=128).image for i in range(3)])
+    tifffile.imwrite(folder / "stack.tif", stack, photometric="rgb")
+    (folder / "broken.png").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def sequential(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sequential")
+    reports = segment_files([inputs], CLASSES, out, **OPTIONS)
+    assert sorted(r.status for r in reports) == ["done"] * 7 + ["failed"]
+    return out
+
+
+@pytest.fixture
+def local_client():
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+def assert_same_outputs(a, b):
+    names = sorted(p.name for p in a.glob("*_labels.tif"))
+    assert names == sorted(p.name for p in b.glob("*_labels.tif")) and len(names) == 7
+    for name in names:
+        np.testing.assert_array_equal(tifffile.imread(a / name), tifffile.imread(b / name))
+    assert not [p for p in b.rglob("*") if p.name.endswith(".partial")]
+    assert not (b / ".clearclip-parts").exists()
+
+
+def test_local_cluster_gives_the_sequential_labels_with_one_model_per_worker(inputs, sequential, local_client, tmp_path):
+    reports = segment_files([inputs], CLASSES, tmp_path, client=local_client, **OPTIONS)
+    assert sorted(r.status for r in reports) == ["done"] * 7 + ["failed"]
+    assert_same_outputs(sequential, tmp_path)
+    assert tifffile.imread(tmp_path / "stack_labels.tif").shape == (3, 128, 128)
+    with open(tmp_path / "clearclip_report.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["status"] for r in rows} == {"done", "failed"}
+    assert all(r["worker"].startswith("tcp://") for r in rows if r["status"] == "done")
+    assert "broken.png" in [os.path.basename(r["file"]) for r in rows if r["status"] == "failed"][0]
+    from napari_clearclip import cluster
+
+    loads = local_client.run(lambda: cluster.LOADS["count"])
+    assert sorted(loads.values()) == [1, 1]              # each worker loaded the model once, for all its tasks
+
+
+def test_a_worker_killed_mid_run_loses_nothing(inputs, sequential, local_client, tmp_path):
+    killed = []
+
+    def kill_one(report):
+        if not killed:
+            import signal
+
+            victim = sorted(local_client.scheduler_info()["workers"])[0]
+            pid = local_client.run(os.getpid, workers=[victim])[victim]
+            os.kill(pid, signal.SIGKILL)                  # as the out-of-memory killer would
+            killed.append(victim)
+
+    reports = segment_files([inputs], CLASSES, tmp_path, client=local_client, on_report=kill_one, **OPTIONS)
+    assert killed
+    assert sorted(r.status for r in reports) == ["done"] * 7 + ["failed"]
+    assert_same_outputs(sequential, tmp_path)
+
+
+def test_a_resumed_run_recomputes_only_what_is_missing(inputs, sequential, tmp_path):
+    import shutil
+
+    for item in sequential.iterdir():
+        if item.is_file():
+            shutil.copy(item, tmp_path / item.name)
+    (tmp_path / "scene3_labels.tif").unlink()
+    reports = segment_files([inputs], CLASSES, tmp_path, **OPTIONS)
+    done = [r.path.name for r in reports if r.status == "done"]
+    assert done == ["scene3.png"]
+    assert sum(r.status == "skipped" for r in reports) == 6
+    assert_same_outputs(sequential, tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_cli_on_a_running_scheduler_with_two_workers(inputs, sequential, tmp_path):
+    from napari_clearclip.cli import main
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = dict(os.environ)
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    processes = [subprocess.Popen([*dask, "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        for _ in range(2):
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--host",
+                 "127.0.0.1", "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with distributed.Client(address, timeout="60s") as client:
+            client.wait_for_workers(2, timeout=120)
+        code = main([str(inputs), "--classes", "; ".join(CLASSES), "--out", str(tmp_path), "--model", "synthetic-tiny",
+                     "--device", "cpu", "--scheduler", address])
+        assert code == 1                                  # the broken input
+        assert_same_outputs(sequential, tmp_path)
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def test_cluster_needs_the_extra_and_says_which(monkeypatch):
+    import builtins
+
+    from napari_clearclip.cluster import DistributedMissingError, require_distributed
+
+    real_import = builtins.__import__
+
+    def no_distributed(name, *args, **kwargs):
+        if name == "distributed" or name.startswith("distributed."):
+            raise ImportError("No module named 'distributed'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_distributed)
+    with pytest.raises(DistributedMissingError, match=r'pip install "napari-clearclip\[distributed\]"') as info:
+        require_distributed()
+    assert isinstance(info.value, ImportError)
+
+
+def test_cluster_option_is_checked(capsys, tmp_path):
+    from napari_clearclip.cli import main
+
+    assert main([str(tmp_path), "--classes", "red", "--out", str(tmp_path / "o"), "--cluster", "remote:3"]) == 2
+    assert "--cluster 'remote:3' is not known" in capsys.readouterr().err

@@ -437,18 +437,17 @@ def _bilinear_taps(in_size: int, out_size: int, device) -> tuple[torch.Tensor, t
 def _resized_rows(scores: torch.Tensor, rows, cols, r0: int, r1: int) -> torch.Tensor:
     """Output rows r0:r1 of the bilinear resize of ``scores`` (Q, h, w), without building the whole output.
 
-    Each output row is interpolated along the width first, then between its two source
-    rows, the order PyTorch's own kernel uses.
+    The source rows these output rows need are first resized along the width by PyTorch
+    itself (their height kept, which interpolates nothing), then each output row blends
+    its two source rows: the same arithmetic, in the same order, as one whole-image call.
     """
-    low_r, high_r, weight_r = (t[r0:r1] for t in rows)
-    low_c, high_c, weight_c = cols
-
-    def along_width(source_rows: torch.Tensor) -> torch.Tensor:
-        part = scores[:, source_rows]
-        return part[:, :, low_c] * (1 - weight_c) + part[:, :, high_c] * weight_c
-
-    w = weight_r.view(1, -1, 1)
-    return along_width(low_r) * (1 - w) + along_width(high_r) * w
+    low, high, weight = (t[r0:r1] for t in rows)
+    first, last = int(low.min()), int(high.max())
+    width = cols[0].shape[0]
+    slab = F.interpolate(scores[None, :, first : last + 1], size=(last + 1 - first, width), mode="bilinear",
+                         align_corners=False)[0]
+    w = weight.view(1, -1, 1)
+    return slab.index_select(1, low - first) * (1 - w) + slab.index_select(1, high - first) * w
 
 
 def _allocate(shape: tuple[int, ...], dtype, what: str) -> np.ndarray:
@@ -479,6 +478,7 @@ def _postprocess(scores, size, classes, logit_scale, prob_threshold, method, map
     for query in classes:
         spans.append((start, start + len(query.synonyms)))
         start += len(query.synonyms)
+    single = n_queries == n_classes  # no synonyms: class probabilities are the query probabilities
     resize = tuple(scores.shape[1:]) != (height, width)
     if resize:
         rows = _bilinear_taps(scores.shape[1], height, scores.device)
@@ -487,10 +487,15 @@ def _postprocess(scores, size, classes, logit_scale, prob_threshold, method, map
     try:
         for r0 in range(0, height, step):
             r1 = min(r0 + step, height)
-            chunk = _resized_rows(scores, rows, cols, r0, r1) if resize else scores[:, r0:r1]
+            if not resize:
+                chunk = scores[:, r0:r1]
+            elif step >= height:  # one chunk: PyTorch's own whole-image resize
+                chunk = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+            else:
+                chunk = _resized_rows(scores, rows, cols, r0, r1)
             chunk = chunk.float()
             probs = torch.softmax(chunk * logit_scale, dim=0)
-            class_probs = torch.stack([probs[a:b].amax(0) for a, b in spans])
+            class_probs = probs if single else torch.stack([probs[a:b].amax(0) for a, b in spans])
             best, index = class_probs.max(0)
             chunk_labels = index + 1
             chunk_labels[best < prob_threshold] = 0
@@ -498,7 +503,7 @@ def _postprocess(scores, size, classes, logit_scale, prob_threshold, method, map
             confidence[r0:r1] = best.cpu().numpy()
             if maps:
                 probabilities[:, r0:r1] = class_probs.cpu().numpy()
-                similarity[:, r0:r1] = torch.stack([chunk[a:b].amax(0) for a, b in spans]).cpu().numpy()
+                similarity[:, r0:r1] = (chunk if single else torch.stack([chunk[a:b].amax(0) for a, b in spans])).cpu().numpy()
     except (MemoryError, torch.OutOfMemoryError):
         raise OutOfMemoryError("Ran out of memory while scoring: use fewer classes or a smaller image.") from None
     return SegmentationResult(labels, probabilities, similarity, [c.name for c in classes], list(classes), method,

@@ -98,3 +98,47 @@ def test_painted_pixels_keep_their_class_and_features_are_reused(tiny_checkpoint
     strokes[0:3, 0:3] = 1
     result = segmenter.segment(image, ["a", "b"], scribbles=strokes)
     assert np.all(result.labels[30:35, 30:35] == 2) and np.all(result.labels[0:3, 0:3] == 1)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Segmenter("synthetic-tiny", device="cpu")
+
+
+def shapes_scene():
+    """Grey with two blue squares far apart and a red one; 'target' is a word the demo model never learnt."""
+    rng = np.random.default_rng(7)
+    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
+    image[24:72, 24:72] = (40, 70, 215)
+    image[120:168, 120:168] = (40, 70, 215)
+    image[120:168, 24:72] = (215, 35, 35)
+    truth = np.full((192, 192), 3, np.int32)              # 3 = background
+    truth[24:72, 24:72] = truth[120:168, 120:168] = 1     # 1 = target (the blue squares)
+    truth[120:168, 24:72] = 2                             # 2 = red
+    return np.clip(image, 0, 255).astype(np.uint8), truth
+
+
+def test_a_stroke_on_one_blue_object_turns_the_other_blue_object_too(demo):
+    image, truth = shapes_scene()
+    classes = ["target", "red", "background"]
+    before = demo.segment(image, classes, maps=False).labels
+    other = (slice(128, 160), slice(128, 160))                      # inside the unpainted blue square
+    assert np.mean(before[other] == 1) < 0.5                         # the text alone does not find it
+    strokes = np.zeros(truth.shape, np.int32)
+    strokes[44:52, 44:52] = 1                                        # one small stroke on the first square
+    after = demo.segment(image, classes, scribbles=strokes, maps=False).labels
+    assert np.mean(after[other] == 1) > 0.9                          # the other square follows the stroke
+    assert np.all(after[44:52, 44:52] == 1)
+    unlike = truth != 1                                              # red square and background: unlike the stroke
+    assert np.mean(after[unlike] == before[unlike]) > 0.97
+
+
+def test_strokes_with_edge_snapping_reach_the_object_edges(demo):
+    image, truth = shapes_scene()
+    classes = ["target", "red", "background"]
+    strokes = np.zeros(truth.shape, np.int32)
+    strokes[44:52, 44:52] = 1
+    plain = demo.segment(image, classes, scribbles=strokes, maps=False).labels
+    snapped = demo.segment(image, classes, scribbles=strokes, maps=False, refine="pamr").labels
+    assert np.mean(snapped == truth) >= np.mean(plain == truth)
+    assert np.mean(snapped == truth) > 0.95

@@ -255,3 +255,22 @@ def test_positions_are_interpolated_for_non_square_grids_with_the_pretraining_co
     np.testing.assert_allclose(got[1:].numpy(), expected.permute(0, 2, 3, 1).reshape(196, -1).numpy(), atol=1e-6)
     np.testing.assert_array_equal(got[0].numpy(), pos[0].numpy())
     assert not torch.allclose(got, pos)
+
+
+def test_loading_weights_leaves_logging_alone(tiny_checkpoint, caplog):
+    import logging
+
+    from napari_clearclip.models import _quiet_random_init
+
+    Segmenter("test-tiny", tiny_checkpoint, device="cpu")
+    assert logging.root.manager.disable == logging.NOTSET
+    seen = []
+    with caplog.at_level(logging.WARNING), _quiet_random_init():
+        logging.getLogger("someone.else").warning("still heard")
+        logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
+        worker = threading.Thread(target=lambda: logging.warning("No pretrained weights loaded (another thread)"))
+        worker.start()
+        worker.join()
+        seen = [r.getMessage() for r in caplog.records]
+    assert "still heard" in seen and "No pretrained weights loaded (another thread)" in seen
+    assert not any("Model initialized randomly" in m for m in seen)

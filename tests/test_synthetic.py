@@ -7,7 +7,7 @@ import pytest
 
 from napari_clearclip import Segmenter
 from napari_clearclip.models import BUNDLED_WEIGHTS
-from napari_clearclip.synthetic import COLOURS, colour_iou, held_out_scenes, make_scene
+from napari_clearclip.synthetic import COLOURS, DEMO_CLASSES, colour_iou, held_out_scenes, make_scene, sample_scene
 
 
 def test_scenes_are_seeded_and_consistent():
@@ -51,15 +51,25 @@ def scores(segmenter):
     return results
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The bundled model reaches a mean IoU of 0.54, not 0.6: its dense features do not separate blue objects "
-    "from the grey background (blue IoU 0.00; red 0.60, green 0.81, yellow 0.76). See docs/synthetic-model.md."))
-def test_clearclip_segments_unseen_scenes(scores):
-    assert scores["clearclip"]["mean"] >= 0.6, scores
+def test_clearclip_segments_unseen_scenes_in_every_colour(scores):
+    """Held-out scenes, classes red, green, blue, yellow, background: mean IoU over the colours >= 0.7, each >= 0.5."""
+    clearclip = scores["clearclip"]
+    assert clearclip["mean"] >= 0.7, clearclip
+    assert min(clearclip[c] for c in COLOURS) >= 0.5, clearclip
 
 
-def test_clearclip_labels_red_green_and_yellow_objects(segmenter):
-    """What the demo model does reach: the right colour on at least 90% of red, green and yellow object pixels."""
+def test_the_sample_scene_background_is_labelled_background(segmenter):
+    """What a new user sees: the suggested classes on the "synthetic shapes" sample."""
+    scene = make_scene(10, size=256, objects=(3, 4))
+    np.testing.assert_array_equal(scene.image, sample_scene(256))
+    classes = DEMO_CLASSES.split("\n")
+    labels = segmenter.segment(scene.image, classes, contrast_limits=(0, 255)).labels
+    background = scene.label_image() == 0
+    assert np.mean(labels[background] == classes.index("background") + 1) >= 0.8
+
+
+def test_clearclip_labels_objects_with_their_colour(segmenter):
+    """The right colour on at least 85% of the object pixels of every colour."""
     hits, totals = np.zeros(len(COLOURS) + 1), np.zeros(len(COLOURS) + 1)
     for scene in held_out_scenes(24):
         predicted = segmenter.segment(scene.image, list(COLOURS) + ["background"]).labels
@@ -69,7 +79,7 @@ def test_clearclip_labels_red_green_and_yellow_objects(segmenter):
             hits[index] += np.count_nonzero((truth == index) & (predicted == index))
             totals[index] += np.count_nonzero(truth == index)
     accuracy = dict(zip(["background", *COLOURS], hits / totals))
-    assert min(accuracy["red"], accuracy["green"], accuracy["yellow"]) >= 0.9, accuracy
+    assert min(accuracy[c] for c in COLOURS) >= 0.85, accuracy
 
 
 def test_clearclip_beats_plain_clip_by_a_clear_margin(scores):

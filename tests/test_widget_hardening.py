@@ -247,3 +247,19 @@ def test_live_mode_reruns_after_a_stroke_and_never_overwrites_it(qtbot, widget, 
     qtbot.wait(500)
     assert len(runs) == 2
     assert list(labels.features["class"])[:5] == ["unassigned", "a", "b", "c", "d"]
+
+
+def test_demo_model_on_its_sample_labels_the_background_background(qtbot, widget):
+    from napari_clearclip.synthetic import make_scene
+
+    viewer = widget._viewer
+    viewer.open_sample("napari-clearclip", "synthetic_shapes")
+    assert widget.image.value.name == "synthetic shapes"
+    widget.classes.value = "cell, nucleus\nbackground"           # the default a new user starts from
+    widget.switch_to_demo_model()
+    assert widget.classes.value == DEMO_CLASSES                   # the sample's suggested classes
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["synthetic shapes classes"].data
+    background = make_scene(10, size=256, objects=(3, 4)).label_image() == 0
+    assert np.mean(labels[background] == 5) >= 0.8
+    assert "only coloured shapes" not in widget.status.value     # no warning on the demo's own sample

@@ -31,7 +31,7 @@ OPENAI_MEAN_255 = (122.771, 116.746, 104.094)
 OPENAI_STD_255 = (68.501, 66.632, 70.323)
 #: Official ClearCLIP window settings, and those of models trained at another scale.
 OFFICIAL_OPTIONS = {"short_side": 448, "crop": 448, "stride": 224}
-MODEL_OPTIONS = {"synthetic-tiny": {"short_side": 128, "crop": 64, "stride": 32}}
+MODEL_OPTIONS = {"synthetic-tiny": {"short_side": 256, "crop": 64, "stride": 32}}
 
 open_clip.add_model_config(PACKAGE_DIR / "model_configs")
 

@@ -141,13 +141,32 @@ BACKGROUND_CAPTIONS = (
 )
 
 
-def training_tile(rng: np.random.Generator, size: int = 64, empty_fraction: float = 0.15) -> Scene:
-    """One training sample: a ``size`` tile with 0 to 3 large shapes, captioned with every object and the background.
+def training_tile(rng: np.random.Generator, size: int = 64, empty_fraction: float = 0.15,
+                  zoom_fraction: float = 0.5, min_share: float = 0.05) -> Scene:
+    """One training sample: a ``size`` tile with 0 to 3 shapes, captioned with every object and the background.
 
-    Empty tiles are captioned with background words alone, so that "background" is
-    something the text tower can point at, and the patches of grey that dense inference
-    looks at have a class of their own.
+    Half the tiles are windows cut from larger scenes, where shapes may be cut by the
+    border or fill the tile: at inference, a window sees objects at every scale. Empty
+    tiles are captioned with background words alone, so that "background" is something
+    the text tower can point at, and the patches of grey that dense inference looks at
+    have a class of their own.
     """
+    if rng.random() < zoom_fraction:
+        scene = make_scene(rng, size=int(rng.integers(size + size // 2, 3 * size + 1)), objects=(1, 4))
+        top, left = rng.integers(0, scene.image.shape[0] - size + 1, 2)
+        window = (slice(top, top + size), slice(left, left + size))
+        masks = {c: m[window].copy() for c, m in scene.masks.items()}
+        shapes = dict((c, s) for c, s in scene.objects)
+        visible = [(c, shapes.get(c)) for c in COLOURS if masks[c].mean() >= min_share]
+        image = scene.image[window].copy()
+        if not visible:
+            return Scene(image, masks, [], str(rng.choice(BACKGROUND_CAPTIONS)))
+        words = [c if rng.random() < 0.5 else f"a {c} object" for c, _ in visible]
+        words = [words[i] for i in rng.permutation(len(words))]
+        text = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+        if rng.random() < 0.5:
+            text += " on a " + str(rng.choice(BACKGROUND_WORDS))
+        return Scene(image, masks, visible, text)
     if rng.random() < empty_fraction:
         scene = make_scene(rng, size=size, objects=(0, 0))
         return Scene(scene.image, scene.masks, [], str(rng.choice(BACKGROUND_CAPTIONS)))

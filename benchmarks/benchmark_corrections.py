@@ -113,12 +113,16 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=12)
     parser.add_argument("--strokes", type=int, default=10)
     parser.add_argument("--plot", default=None, help="write the mIoU-against-strokes figure here (PNG)")
+    parser.add_argument("--before-after", default=None,
+                        help="write a zero-shot / 3 strokes figure of the hardest scene here (PNG)")
     args = parser.parse_args()
     segmenter = Segmenter("synthetic-tiny", device="cpu")
     scenes = held_out_scenes(args.scenes, sizes=(128, 192, 256))
     curves = {}
+    histories = {}
     for name, mode in MODES.items():
         history = run_annotator(segmenter, scenes, args.strokes, **mode)
+        histories[name] = history
         curves[name] = [mean_iou([(truth, rounds[r]) for truth, rounds in history]) for r in range(args.strokes + 1)]
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in curves[name]) + " |", flush=True)
     first, rerun = rerun_cost(segmenter)
@@ -142,6 +146,38 @@ def main() -> None:
         fig.tight_layout()
         fig.savefig(args.plot)
         print(f"wrote {args.plot}")
+    if args.before_after:
+        before_after(scenes, histories["propagation + PAMR"], args.before_after)
+
+
+def before_after(scenes, history, path: str, strokes: int = 3) -> None:
+    """The scene whose zero-shot result is worst, its zero-shot labels and its labels after ``strokes`` strokes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    from napari_clearclip.colours import class_colours
+
+    scores = [np.mean(rounds[0] == truth) for truth, rounds in history]
+    index = int(np.argmin(scores))
+    truth, rounds = history[index]
+    colours = class_colours(CLASSES)
+    cmap = ListedColormap(["#000000"] + [colours[i] for i in range(1, len(CLASSES) + 1)])
+    panels = [("image", None), ("zero-shot", rounds[0]), (f"after {strokes} strokes", rounds[strokes])]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), dpi=120)
+    for ax, (title, labels) in zip(axes, panels):
+        ax.imshow(scenes[index].image)
+        if labels is not None:
+            ax.imshow(labels, cmap=cmap, vmin=0, vmax=len(CLASSES), alpha=0.55, interpolation="nearest")
+            title += f" (pixel accuracy {np.mean(labels == truth):.0%})"
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.suptitle("synthetic-tiny, classes: " + ", ".join(CLASSES) + " (propagation + edge snapping)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

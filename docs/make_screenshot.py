@@ -20,8 +20,7 @@ def main() -> None:
     viewer.window._qt_window.resize(1400, 860)
     viewer.open_sample("napari-clearclip", "synthetic_shapes")
     _, widget = viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
-    widget.model.value = "synthetic-tiny"
-    widget.classes.value = "red\ngreen\nyellow\nbackground"
+    widget.switch_to_demo_model()          # fills in the sample's suggested classes
     worker = widget.run()
     finished = []
     worker.finished.connect(lambda: finished.append(True))

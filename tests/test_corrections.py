@@ -106,21 +106,21 @@ def demo():
 
 
 def shapes_scene():
-    """Grey with two blue squares far apart and a red one; 'target' is a word the demo model never learnt."""
+    """Grey with two blue squares far apart and a red one; "debris" is a word the demo model never learnt."""
     rng = np.random.default_rng(7)
     image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
     image[24:72, 24:72] = (40, 70, 215)
     image[120:168, 120:168] = (40, 70, 215)
     image[120:168, 24:72] = (215, 35, 35)
     truth = np.full((192, 192), 3, np.int32)              # 3 = background
-    truth[24:72, 24:72] = truth[120:168, 120:168] = 1     # 1 = target (the blue squares)
+    truth[24:72, 24:72] = truth[120:168, 120:168] = 1     # 1 = debris (the blue squares)
     truth[120:168, 24:72] = 2                             # 2 = red
     return np.clip(image, 0, 255).astype(np.uint8), truth
 
 
 def test_a_stroke_on_one_blue_object_turns_the_other_blue_object_too(demo):
     image, truth = shapes_scene()
-    classes = ["target", "red", "background"]
+    classes = ["debris", "red", "background"]       # the text alone calls the blue squares background
     before = demo.segment(image, classes, maps=False).labels
     other = (slice(128, 160), slice(128, 160))                      # inside the unpainted blue square
     assert np.mean(before[other] == 1) < 0.5                         # the text alone does not find it
@@ -135,7 +135,7 @@ def test_a_stroke_on_one_blue_object_turns_the_other_blue_object_too(demo):
 
 def test_strokes_with_edge_snapping_reach_the_object_edges(demo):
     image, truth = shapes_scene()
-    classes = ["target", "red", "background"]
+    classes = ["debris", "red", "background"]
     strokes = np.zeros(truth.shape, np.int32)
     strokes[44:52, 44:52] = 1
     plain = demo.segment(image, classes, scribbles=strokes, maps=False).labels

@@ -2,9 +2,14 @@
 
 A patch under a stroke of class k lends its (cached) patch embedding to class k. Every
 patch then gets, for each class, a bonus that grows with its similarity to the nearest
-exemplar of that class (Tip-Adapter-style cache logits: ``alpha * exp(-beta * (1 - f.e))``),
+exemplar of that class (Tip-Adapter-style cache logits: ``alpha * exp(-beta * (1 - s))``),
 added to its cosine similarity with the class's text queries. Regions like the painted one
 change class; regions unlike every exemplar keep what the text says.
+
+The similarity ``s`` is a cosine after whitening with the image's own patch statistics
+(mean and covariance). Raw CLIP patch embeddings share a large common part, so that grey
+background and a blue square can be 0.95 alike in raw cosine while their text scores
+differ; whitened, they are about 0.0 and 0.8 alike, and a stroke stays on what it painted.
 """
 
 from __future__ import annotations
@@ -18,9 +23,37 @@ from .errors import InvalidOptionError
 from .windows import WindowGrid
 
 #: Strength of an exact match to an exemplar, in cosine units (text cosines differ by a few hundredths).
-EXEMPLAR_WEIGHT = 0.1
-#: How fast the bonus falls off with dissimilarity: at cosine 0.8 it is exp(-2) of the full bonus.
+#: Chosen with the simulated annotator (benchmarks/benchmark_corrections.py) on validation scenes.
+EXEMPLAR_WEIGHT = 0.3
+#: How fast the bonus falls off with dissimilarity (whitened cosine).
 EXEMPLAR_SHARPNESS = 10.0
+#: Regularisation of the whitening, relative to the largest eigenvalue of the patch covariance.
+WHITENING_EPS = 1e-4
+
+
+class FeatureStats:
+    """Mean and covariance of an image's patch embeddings, for whitening."""
+
+    def __init__(self):
+        self.count = 0
+        self.total = None
+        self.outer = None
+
+    def add(self, grid, batch, patch_features: torch.Tensor) -> None:
+        flat = patch_features.reshape(-1, patch_features.shape[-1]).double().cpu()
+        self.count += len(flat)
+        self.total = flat.sum(0) if self.total is None else self.total + flat.sum(0)
+        outer = flat.T @ flat
+        self.outer = outer if self.outer is None else self.outer + outer
+
+    def whitening(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, W) such that (f - mean) @ W has an identity covariance (regularised)."""
+        mean = self.total / self.count
+        cov = self.outer / self.count - torch.outer(mean, mean)
+        values, vectors = torch.linalg.eigh(cov)
+        values = values.clamp(min=0) + WHITENING_EPS * float(values.max())
+        transform = vectors @ torch.diag(values.rsqrt()) @ vectors.T
+        return mean.float().to(device), transform.float().to(device)
 
 
 def check_scribbles(scribbles, shape: tuple[int, int], n_classes: int) -> np.ndarray | None:
@@ -49,6 +82,11 @@ class Exemplars:
     classes: torch.Tensor
     n_classes: int
     query_classes: torch.Tensor | None = None   # the class of each text query (synonyms share one)
+    whitening: tuple | None = None               # (mean, W) of the image being scored
+
+    def whitened(self, whitening) -> "Exemplars":
+        """A copy that scores with the given image's whitening."""
+        return Exemplars(self.features, self.classes, self.n_classes, self.query_classes, whitening)
 
     @staticmethod
     def combine(parts) -> "Exemplars | None":
@@ -66,12 +104,19 @@ class Exemplars:
         if self.features.device == torch.device(device):
             return self
         return Exemplars(self.features.to(device), self.classes.to(device), self.n_classes,
-                         None if self.query_classes is None else self.query_classes.to(device))
+                         None if self.query_classes is None else self.query_classes.to(device), self.whitening)
 
-    def bonus(self, patch_features: torch.Tensor, alpha: float = EXEMPLAR_WEIGHT,
-              beta: float = EXEMPLAR_SHARPNESS) -> torch.Tensor:
+    def bonus(self, patch_features: torch.Tensor, alpha: float | None = None,
+              beta: float | None = None) -> torch.Tensor:
         """(B, P, C) bonus of each patch for each class: alpha * exp(-beta * (1 - nearest exemplar cosine))."""
-        sims = patch_features @ self.features.T.to(patch_features.dtype)          # (B, P, N)
+        alpha = EXEMPLAR_WEIGHT if alpha is None else alpha
+        beta = EXEMPLAR_SHARPNESS if beta is None else beta
+        features, exemplars = patch_features.float(), self.features.float()
+        if self.whitening is not None:
+            mean, transform = self.whitening
+            features = torch.nn.functional.normalize((features - mean) @ transform, dim=-1)
+            exemplars = torch.nn.functional.normalize((exemplars - mean) @ transform, dim=-1)
+        sims = features @ exemplars.T                                              # (B, P, N)
         out = torch.zeros(*patch_features.shape[:2], self.n_classes, device=patch_features.device)
         for k in torch.unique(self.classes).tolist():
             nearest = sims[..., self.classes == k].amax(-1)

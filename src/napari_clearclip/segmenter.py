@@ -19,7 +19,7 @@ from .methods import encode_dense, get_method, interpolated_positions
 from .models import LoadedModel, default_options, load_model
 from .prompts import ClassQuery, TextEncoder, check_templates, parse_classes
 from .refine import PAMR_DILATIONS, PAMR_ITERATIONS, check_pamr_options, pamr
-from .scribbles import ExemplarCollector, Exemplars, check_scribbles
+from .scribbles import ExemplarCollector, Exemplars, FeatureStats, check_scribbles
 from .windows import WindowGrid
 
 REFINEMENTS = (None, "pamr")
@@ -211,9 +211,16 @@ class Segmenter:
         if exemplars is not None:
             if exemplars.n_classes != len(parsed):
                 raise InvalidOptionError(f"The exemplars are for {exemplars.n_classes} classes, not {len(parsed)}.")
+            stats = FeatureStats()  # this image's patch statistics, to compare patches with exemplars
+            if features is None:
+                yield from self._encode_and_score(*args, text=None, collect=stats.add)
+                features = self._features.get(key)
+            else:
+                for batch, patch_features in features.batches:
+                    stats.add(features.grid, batch, patch_features)
+            exemplars = exemplars.to(self.device).whitened(stats.whitening(self.device))
             exemplars.query_classes = torch.tensor(
                 [index for index, c in enumerate(parsed) for _ in c.synonyms], device=self.device)
-            exemplars = exemplars.to(self.device)
         if features is None:
             scores = yield from self._encode_and_score(*args, text=text, exemplars=exemplars)
         else:

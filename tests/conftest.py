@@ -62,8 +62,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _fresh_cache_dir(tmp_path, monkeypatch):
-    """Each test starts with its own empty disk cache."""
+    """Each test starts with its own empty disk cache and no saved widget settings."""
     monkeypatch.setenv("NAPARI_CLEARCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("NAPARI_CLEARCLIP_CONFIG_DIR", str(tmp_path / "config"))
 
 
 def _random_checkpoint(name: str, path, seed: int) -> str:

@@ -27,6 +27,7 @@ def widget(make_napari_viewer, tiny_checkpoint):
     widget.model.value = "test-tiny"
     widget.pretrained.value = tiny_checkpoint
     widget.device.value = "cpu"
+    widget.snap.value = False          # the official pipeline, to compare with the engine's defaults
     return widget
 
 
@@ -68,6 +69,11 @@ def test_run_adds_labels_layer_matching_engine(qtbot, widget, rgb_image, tiny_ch
     assert "horse" in widget.legend.value and expected_colours[3] in widget.legend.value
     assert widget.status.value.startswith("Done")
     assert len(results) == 1
+    widget.snap.value = True            # "Snap to edges" is the engine's PAMR refinement
+    run_and_wait(qtbot, widget)
+    snapped = Segmenter("test-tiny", tiny_checkpoint, device="cpu").segment(
+        rgb_image, ["sky", "horse, pony", "grass"], contrast_limits=(0, 255), refine="pamr")
+    np.testing.assert_array_equal(labels.data, snapped.labels)
 
 
 def test_rerun_keeps_edits_and_reuses_image_features(qtbot, widget, rgb_image, monkeypatch):
@@ -88,7 +94,7 @@ def test_rerun_keeps_edits_and_reuses_image_features(qtbot, widget, rgb_image, m
     assert viewer.layers["photo classes"].unique_id == labels.unique_id
     np.testing.assert_array_equal(labels.data[:20, :20], 3 - swapped)  # same classes, under their new numbers
     assert list(labels.features["class"]) == ["unassigned", "grass", "sky", "road"]
-    assert "kept 400 edited pixels" in widget.status.value
+    assert "kept 400 edited pixels" in widget.status.value, widget.status.value
     # with "keep my edits" off, an edited layer is not overwritten: the result goes to a new layer
     widget.keep_edits.value = False
     run_and_wait(qtbot, widget)

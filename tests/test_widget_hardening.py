@@ -27,6 +27,7 @@ def widget(make_napari_viewer, tiny_checkpoint):
     widget.model.value = "test-tiny"
     widget.pretrained.value = tiny_checkpoint
     widget.device.value = "cpu"
+    widget.snap.value, widget.learn.value, widget.live.value = True, True, False   # the defaults, whatever was saved
     return widget
 
 
@@ -133,6 +134,7 @@ def test_legend_shares_count_kept_edits(qtbot, widget, rgb_image):
     painted[:] = 2
     labels.data = painted                                  # the user paints everything as "b"
     run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("Done"), widget.status.value
     assert "(100%)" in widget.legend.value.split("<br>")[1]
 
 
@@ -246,6 +248,7 @@ def test_live_mode_reruns_after_a_stroke_and_never_overwrites_it(qtbot, widget, 
     qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
     qtbot.wait(500)
     assert len(runs) == 2
+    assert widget.status.value.startswith("Done"), widget.status.value
     assert list(labels.features["class"])[:5] == ["unassigned", "a", "b", "c", "d"]
 
 

@@ -106,6 +106,7 @@ class _Output:
     baseline: np.ndarray
     names: list[str] = field(default_factory=list)
     colours: dict = field(default_factory=dict)
+    edited: np.ndarray | None = None  # every pixel the user has painted (kept on every run)
 
 
 class ClearClipWidget(Container):
@@ -434,6 +435,7 @@ class ClearClipWidget(Container):
             request.current, request.baseline, request.baseline_names = current, target.baseline, target.names
             request.found = {plane: np.array(current[plane], copy=True) for plane in planes}
             request.learn_from_edits = self.learn.value and self.keep_edits.value
+            request.edited = target.edited
         for name in probability_layer_names(layer.name, request.probability_output, [c.name for c in classes]):
             if name in self._viewer.layers:
                 request.existing_maps[name] = self._viewer.layers[name].data
@@ -464,7 +466,8 @@ class ClearClipWidget(Container):
         if self.new_layer.value:
             return None
         target = self._target_output(layer, layout)
-        if target is not None and not self.keep_edits.value and np.any(target.layer.data != target.baseline):
+        if target is not None and not self.keep_edits.value and (
+                np.any(target.layer.data != target.baseline) or (target.edited is not None and target.edited.any())):
             show_info(f"'{target.layer.name}' has manual edits: the new result goes to a new layer.")
             return None
         return target
@@ -594,7 +597,7 @@ class ClearClipWidget(Container):
         key = _layer_key(labels_layer)
         if key not in self._outputs:
             labels_layer.events.paint.connect(self._on_painted)
-        self._outputs[key] = _Output(labels_layer, update.baseline, update.names, update.colours)
+        self._outputs[key] = _Output(labels_layer, update.baseline, update.names, update.colours, update.edited)
         return labels_layer, kept
 
     def _write_probabilities(self, context, result):

@@ -37,6 +37,7 @@ class LayerRequest:
     found: dict = field(default_factory=dict)  # copies of the planes to segment, as the run started
     existing_maps: dict = field(default_factory=dict)  # name -> data of probability layers to update
     learn_from_edits: bool = False             # pixels painted since the last result become scribbles
+    edited: np.ndarray | None = None           # pixels painted in earlier rounds (kept, and still hints)
 
 
 @dataclass
@@ -75,6 +76,8 @@ def painted_hints(request: LayerRequest, class_names: list[str]) -> dict[tuple, 
         if current is None:
             current = np.asarray(request.current[plane])
         edited = current != request.baseline[plane]
+        if request.edited is not None:
+            edited |= request.edited[plane]
         if not edited.any():
             continue
         values = np.where(edited, current, 0).astype(np.int64)
@@ -110,14 +113,16 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Plan
     shared = Exemplars.combine(exemplars)
     shape = request.layout.label_shape
     merger = LabelsMerger(shape, class_names, request.current, request.baseline, request.baseline_names,
-                          request.found)
+                          request.found, request.edited)
     mode = request.probability_output
     names = probability_layer_names(request.image_name, mode, class_names)
     maps = {name: _map_volume(request.existing_maps.get(name), shape) for name in names}
     for number, plane in enumerate(request.planes):
         image = np.asarray(request.data[request.layout.image_index(plane)])
+        # the strokes teach through the exemplars; they are kept by the merge, not pasted into the
+        # result, so the baseline stays the model's answer and they remain the user's edits later on
         steps = segmenter.segment_steps(image, request.classes, maps=(mode == "all classes"),
-                                        scribbles=hints.get(plane), exemplars=shared, **request.options)
+                                        exemplars=shared, **request.options)
         while True:
             try:
                 step = next(steps)

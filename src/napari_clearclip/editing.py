@@ -84,6 +84,7 @@ class LabelsUpdate:
     kept_pixels: int
     full: np.ndarray | None = None          # the whole labels volume when a new layer is made
     colours: dict = field(default_factory=dict)
+    edited: np.ndarray | None = None        # every pixel the user has painted, over all runs
 
 
 class LabelsMerger:
@@ -96,9 +97,11 @@ class LabelsMerger:
 
     def __init__(self, shape: tuple[int, ...], new_names: list[str], current: np.ndarray | None = None,
                  baseline: np.ndarray | None = None, baseline_names: list[str] | None = None,
-                 found: dict[tuple, np.ndarray] | None = None):
+                 found: dict[tuple, np.ndarray] | None = None, edited: np.ndarray | None = None):
         self.new_names = list(new_names)
         self.found = found or {}
+        # once painted, a pixel stays the user's, even after a run (taught by it) agrees with it
+        self.edited = np.zeros(shape, dtype=bool) if edited is None else np.array(edited, dtype=bool, copy=True)
         if current is None:
             self.dtype = label_dtype(len(new_names))
             self.full = np.zeros(shape, dtype=self.dtype)
@@ -130,7 +133,8 @@ class LabelsMerger:
             merged, found = labels, None
         else:
             found = self._renumbered(self.found[index])
-            edited = found != self.baseline[index]
+            edited = (found != self.baseline[index]) | self.edited[index]
+            self.edited[index] = edited
             merged = np.where(edited, found, labels)
             self.baseline[index] = labels
             self.kept_pixels += int(np.count_nonzero(edited))
@@ -142,7 +146,7 @@ class LabelsMerger:
         from .colours import colormap_dict
 
         return LabelsUpdate(self.planes, self.lookup, self.names, self.baseline, self.counts, self.kept_pixels,
-                            self.full, colormap_dict(self.names))
+                            self.full, colormap_dict(self.names), self.edited)
 
 
 def _fit(lookup: np.ndarray, dtype: np.dtype) -> np.ndarray:

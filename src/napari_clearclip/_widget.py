@@ -588,7 +588,10 @@ class ClearClipWidget(Container):
             if target.colours != update.colours:  # setting a colormap is costly: only when a class changed
                 labels_layer.colormap = DirectLabelColormap(color_dict=update.colours)
         elif prepared_layer is not None:
+            # added hidden (nothing to slice or upload yet), shown on the next turn of the event loop:
+            # the insertion and the first draw of a large layer are two short steps, not one long one
             labels_layer = self._viewer.add_layer(prepared_layer)
+            QTimer.singleShot(0, lambda: _show(labels_layer))
         else:  # the layer this run was updating was deleted meanwhile
             data = update.full if update.full is not None else update.baseline.copy()
             labels_layer = self._viewer.add_labels(
@@ -618,6 +621,13 @@ class ClearClipWidget(Container):
             rows.append(f'<span style="color:{colours.get(index, "#c8c8c8")}">&#9632;</span> {index}: '
                         f'{html.escape(name)} <span style="color:gray">({share:.0f}%)</span>')
         self.legend.value = "<br>".join(rows)
+
+
+def _show(layer) -> None:
+    try:
+        layer.visible = True
+    except RuntimeError:  # the viewer closed meanwhile
+        pass
 
 
 def _disconnect_paint(layer, callback) -> None:
@@ -651,7 +661,7 @@ def _segmentation_job(segmenter, request, method, layer_request: LayerRequest, n
     if new_layer is not None and result.update.full is not None:
         update = result.update
         layer = Labels(update.full, features=labels_features(update.names),
-                       colormap=DirectLabelColormap(color_dict=update.colours), **new_layer)
+                       colormap=DirectLabelColormap(color_dict=update.colours), visible=False, **new_layer)
     return segmenter, result, layer
 
 

@@ -142,3 +142,29 @@ def test_strokes_with_edge_snapping_reach_the_object_edges(demo):
     snapped = demo.segment(image, classes, scribbles=strokes, maps=False, refine="pamr").labels
     assert np.mean(snapped == truth) >= np.mean(plain == truth)
     assert np.mean(snapped == truth) > 0.95
+
+
+def test_strokes_on_one_slice_teach_every_slice_of_a_stack(demo):
+    from napari_clearclip.planes import ImageLayout, segment_planes
+    from napari_clearclip.segmenter import run_to_end
+
+    image, truth = shapes_scene()
+    stack = np.stack([image, np.ascontiguousarray(image[::-1, ::-1])])      # slice 2: the scene turned around
+    layout = ImageLayout(stack.shape, rgb=True)
+    classes = ["debris", "red", "background"]
+    strokes = np.zeros(layout.label_shape, np.int32)
+    strokes[0, 44:52, 44:52] = 1                                           # one stroke, on slice 1 only
+    strokes[0, 0:4, 0:4] = 3
+    results = dict(run_to_end(segment_planes(demo, stack, layout, [(0,), (1,)], classes, scribbles=strokes,
+                                             maps=False)))
+    turned = truth[::-1, ::-1] == 1
+    alone = demo.segment(stack[1], classes, maps=False).labels
+    assert np.mean(alone[turned] == 1) < 0.5                                # the text alone misses them
+    assert np.mean(results[(1,)].labels[turned] == 1) > 0.9                # blue squares of the unpainted slice
+    became_debris = (results[(1,)].labels == 1) & (alone != 1)
+    assert np.mean(became_debris[~turned]) < 0.03                           # nothing unlike the stroke follows it
+    assert np.all(results[(0,)].labels[44:52, 44:52] == 1) and np.all(results[(0,)].labels[0:4, 0:4] == 3)
+    with pytest.raises(ValueError, match="labels' shape"):
+        run_to_end(segment_planes(demo, stack, layout, [(0,)], classes, scribbles=strokes[0]))
+    with pytest.raises(ValueError, match="only 0"):
+        run_to_end(segment_planes(demo, stack, layout, [(0,)], classes, scribbles=strokes * 2))

@@ -14,7 +14,7 @@ from typing import Generator, Sequence
 import numpy as np
 
 from .editing import LabelsMerger, LabelsUpdate
-from .planes import ImageLayout, PlaneProgress
+from .planes import ImageLayout, PlaneProgress, plane_steps, stack_exemplars
 from .segmenter import Segmenter
 
 PROBABILITY_OUTPUTS = ("none", "winning class", "all classes")
@@ -95,22 +95,11 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Plan
     every plane segmented, and stays painted.
     """
     from .prompts import parse_classes
-    from .scribbles import Exemplars
 
     class_names = [c.name for c in parse_classes(request.classes)]
     hints = painted_hints(request, class_names) if request.learn_from_edits else {}
-    exemplars = []
-    for number, (plane, plane_hints) in enumerate(hints.items()):
-        image = np.asarray(request.data[request.layout.image_index(plane)])
-        steps = segmenter.collect_exemplars_steps(image, plane_hints, request.classes, **request.options)
-        while True:
-            try:
-                step = next(steps)
-            except StopIteration as stop:
-                exemplars.append(stop.value)
-                break
-            yield PlaneProgress(0, len(request.planes), step)
-    shared = Exemplars.combine(exemplars)
+    shared = yield from stack_exemplars(segmenter, request.data, request.layout, hints, request.classes,
+                                        len(request.planes), **request.options)
     shape = request.layout.label_shape
     merger = LabelsMerger(shape, class_names, request.current, request.baseline, request.baseline_names,
                           request.found, request.edited)
@@ -123,13 +112,7 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Plan
         # result, so the baseline stays the model's answer and they remain the user's edits later on
         steps = segmenter.segment_steps(image, request.classes, maps=(mode == "all classes"),
                                         exemplars=shared, **request.options)
-        while True:
-            try:
-                step = next(steps)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            yield PlaneProgress(number, len(request.planes), step)
+        result = yield from plane_steps(steps, number, len(request.planes))
         merger.add(plane, result.labels)
         if mode == "winning class":
             maps[names[0]][plane] = result.confidence

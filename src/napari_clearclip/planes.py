@@ -8,7 +8,9 @@ from typing import Generator, Sequence
 
 import numpy as np
 
-from .errors import InvalidImageError
+from .errors import InvalidImageError, InvalidOptionError
+from .prompts import parse_classes
+from .scribbles import Exemplars, check_scribbles
 from .segmenter import Progress, SegmentationResult, Segmenter
 
 
@@ -84,24 +86,70 @@ class PlaneProgress:
         return prefix + self.step.message
 
 
+def plane_steps(steps: Generator, number: int, planes: int):
+    """Generator: the engine's progress of one plane as :class:`PlaneProgress`; returns what ``steps`` returns."""
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield PlaneProgress(number, planes, step)
+
+
+def stack_exemplars(segmenter: Segmenter, data, layout: ImageLayout, hints: dict, classes, planes: int = 1,
+                    **options) -> Generator[PlaneProgress, None, Exemplars | None]:
+    """Generator: the exemplars that the strokes on every plane make together (``hints``: plane -> (H, W) scribbles)."""
+    found = []
+    for plane, plane_hints in hints.items():
+        image = np.asarray(data[layout.image_index(plane)])
+        steps = segmenter.collect_exemplars_steps(image, plane_hints, classes, **options)
+        found.append((yield from plane_steps(steps, 0, planes)))
+    return Exemplars.combine(found)
+
+
+def check_stack_scribbles(scribbles, layout: ImageLayout, n_classes: int) -> dict[tuple, np.ndarray]:
+    """Per plane with strokes, its (H, W) scribbles; ``scribbles`` has the labels' shape (0 = no hint, k = class k)."""
+    if scribbles is None:
+        return {}
+    array = np.asarray(scribbles)
+    if array.shape != layout.label_shape:
+        raise InvalidOptionError(
+            f"scribbles of shape {array.shape} do not match the labels' shape {layout.label_shape} "
+            "(the image's, without RGB or channel axes).")
+    hints = {}
+    for plane in layout.planes():
+        plane_hints = check_scribbles(array[plane], layout.label_shape[-2:], n_classes)
+        if plane_hints is not None:
+            hints[plane] = plane_hints
+    return hints
+
+
 def segment_planes(
     segmenter: Segmenter,
     data,
     layout: ImageLayout,
     planes: Sequence[tuple[int, ...]],
     classes,
+    *,
+    scribbles=None,
     **options,
 ) -> Generator[PlaneProgress, None, list[tuple[tuple[int, ...], SegmentationResult]]]:
-    """Segment each plane in turn (read lazily, so dask or zarr data load one plane at a time)."""
+    """Segment each plane in turn (read lazily, so dask or zarr data load one plane at a time).
+
+    ``scribbles`` (an integer array of the labels' shape, 0 = no hint, k = class k):
+    strokes on any plane, segmented or not, become exemplars for every plane segmented,
+    and painted pixels keep their class.
+    """
+    hints = check_stack_scribbles(scribbles, layout, len(parse_classes(classes)))
+    shared = yield from stack_exemplars(segmenter, data, layout, hints, classes, len(planes), **options)
+    if shared is not None:
+        options = {**options, "exemplars": Exemplars.combine([options.get("exemplars"), shared])}
     results = []
     for number, plane in enumerate(planes):
         image = np.asarray(data[layout.image_index(plane)])
-        steps = segmenter.segment_steps(image, classes, **options)
-        while True:
-            try:
-                step = next(steps)
-            except StopIteration as stop:
-                results.append((plane, stop.value))
-                break
-            yield PlaneProgress(number, len(planes), step)
+        result = yield from plane_steps(segmenter.segment_steps(image, classes, **options), number, len(planes))
+        painted = hints.get(plane)
+        if painted is not None:
+            result.labels[painted > 0] = painted[painted > 0]
+        results.append((plane, result))
     return results

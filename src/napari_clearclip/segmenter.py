@@ -133,12 +133,7 @@ class Segmenter:
 
     def segment(self, image, classes: str | Sequence[str], **options) -> SegmentationResult:
         """Segment ``image`` into ``classes``; see :meth:`segment_steps` for the options."""
-        steps = self.segment_steps(image, classes, **options)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as stop:
-                return stop.value
+        return run_to_end(self.segment_steps(image, classes, **options))
 
     def encode_classes(self, classes: str | Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
         """Text embeddings (queries, E) of every synonym, encoding only what is not cached."""
@@ -237,13 +232,8 @@ class Segmenter:
     def collect_exemplars(self, image, scribbles, classes: str | Sequence[str], *, short_side=DEFAULT,
                           crop=DEFAULT, stride=DEFAULT, contrast_limits=None, **_ignored) -> Exemplars | None:
         """The exemplars that ``scribbles`` on ``image`` make (None without strokes), for use on other images."""
-        steps = self.collect_exemplars_steps(image, scribbles, classes, short_side=short_side, crop=crop,
-                                             stride=stride, contrast_limits=contrast_limits)
-        while True:
-            try:
-                next(steps)
-            except StopIteration as stop:
-                return stop.value
+        return run_to_end(self.collect_exemplars_steps(image, scribbles, classes, short_side=short_side, crop=crop,
+                                                       stride=stride, contrast_limits=contrast_limits))
 
     def collect_exemplars_steps(self, image, scribbles, classes, *, short_side=DEFAULT, crop=DEFAULT, stride=DEFAULT,
                                 contrast_limits=None, **_ignored) -> Generator[Progress, None, Exemplars | None]:
@@ -409,6 +399,15 @@ class Segmenter:
             self.window_batch_size = max(1, len(crops) // 2)
             half = len(crops) // 2
             return torch.cat([self._encode_crops(crops[:half], method_fn), self._encode_crops(crops[half:], method_fn)])
+
+
+def run_to_end(steps: Generator):
+    """Run a progress generator to its end and return what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
 def _is_number(value) -> bool:

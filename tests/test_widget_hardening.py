@@ -88,12 +88,19 @@ def time_gui_steps(widget) -> list[float]:
 def test_a_long_message_wraps_and_never_widens_the_window(qtbot, widget):
     window = widget._viewer.window._qt_window
     qtbot.wait(200)
-    width, dock_width = window.width(), widget.native.width()
+    width, height, dock_width = window.width(), window.height(), widget.native.width()
+    dock_height = widget.native.height()
     widget._set_status("The weights could not be loaded because " + "a very long reason " * 200 + "x" * 400)
     widget.legend.value = "<br>".join(f"{i}: " + "long class name " * 30 for i in range(20))
     qtbot.wait(300)
-    assert window.width() == width
-    assert widget.native.width() <= dock_width
+    assert (window.width(), window.height()) == (width, height)
+    assert widget.native.width() <= dock_width and widget.native.height() <= dock_height
+    box, label = widget._status_box, widget.status.native
+    assert box.verticalScrollBar().maximum() > 0                        # the rest of the message scrolls into view
+    assert label.height() == label.heightForWidth(box.viewport().width())   # and no further than the text goes
+    widget._set_status("Ready")
+    qtbot.wait(100)
+    assert box.verticalScrollBar().maximum() == 0 and (window.width(), window.height()) == (width, height)
     assert widget.status.native.wordWrap() and widget.legend.native.wordWrap()
 
 

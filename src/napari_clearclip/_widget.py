@@ -29,8 +29,8 @@ from magicgui.widgets import (
 )
 
 import napari
-from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QSizePolicy
+from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import progress
@@ -54,6 +54,8 @@ DEMO_MODEL = "synthetic-tiny"
 DEFAULT_CLASSES = "cell, nucleus\nbackground"
 SCOPES = ("current slice", "all slices")
 LIVE_DELAY_MS = 300   # live re-runs wait this long after the last stroke or keystroke
+STATUS_LINES = 6      # the status box is this many lines high, whatever it says (longer messages scroll)
+LEGEND_LINES = 7      # and so is the legend
 SNAP_DEFAULT = True   # see docs/usage.md: edge snapping lifts the demo's corrected mIoU the most
 DEMO_NOTE = ("The offline demo model knows only coloured shapes on grey (red, green, blue, yellow, background), "
              "as in File > Open Sample > Synthetic shapes; on other images its labels mean nothing.")
@@ -96,6 +98,52 @@ def _wrapping(label: Label, rich: bool = False) -> Label:
 
     native.setTextFormat(Qt.TextFormat.RichText if rich else Qt.TextFormat.PlainText)
     return label
+
+
+class _FitToWidth(QObject):
+    """Keeps a wrapping label in a scroll box exactly as tall as its text at the box's width."""
+
+    def __init__(self, box: QScrollArea, label):
+        super().__init__(box)
+        self._box, self._label = box, label
+        self._fitted = None                       # (text, width) of the last fit
+        self.fits = 0
+        box.viewport().installEventFilter(self)
+
+    def eventFilter(self, watched, event) -> bool:
+        if event.type() in (QEvent.Type.Resize, QEvent.Type.LayoutRequest):
+            self.fit()
+        return False
+
+    def fit(self) -> None:
+        label, width = self._label, self._box.viewport().width()
+        if self._fitted == (label.text(), width):
+            return
+        self.fits += 1
+        self._fitted = (label.text(), width)
+        label.setMinimumHeight(0)                 # measure the text alone, not the height set last time
+        label.setMaximumHeight(16777215)
+        label.setFixedHeight(max(1, label.heightForWidth(width)))
+
+
+def _in_fixed_box(label: Label, lines: int) -> QScrollArea:
+    """Put a wrapping label (already in its container) in a scroll box ``lines`` high, so no text changes the dock's size."""
+    from qtpy.QtCore import Qt
+
+    native = label.native
+    row = native.parentWidget().layout()
+    box = QScrollArea()
+    box.setWidgetResizable(True)
+    box.setFrameShape(QFrame.Shape.NoFrame)
+    box.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    box.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+    box.setFixedHeight(native.fontMetrics().lineSpacing() * lines + 6)
+    box.setMinimumWidth(1)
+    row.replaceWidget(native, box)
+    box.setWidget(native)
+    native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+    box._fit = _FitToWidth(box, native)
+    return box
 
 
 @dataclass
@@ -196,6 +244,8 @@ class ClearClipWidget(Container):
                      self.checkpoint, self.method, self.device, self.prob_threshold, self.scope, self.keep_edits,
                      self.learn, self.snap, self.live, self.new_layer, self.probability_output, self.show_advanced, self.advanced, self.buttons,
                      self.status, self.use_demo, self.legend])
+        self._status_box = _in_fixed_box(self.status, STATUS_LINES)
+        self._legend_box = _in_fixed_box(self.legend, LEGEND_LINES)
 
         self.model.changed.connect(self._on_model_changed)
         self.checkpoint.changed.connect(self._on_checkpoint_chosen)

@@ -168,3 +168,28 @@ def test_strokes_on_one_slice_teach_every_slice_of_a_stack(demo):
         run_to_end(segment_planes(demo, stack, layout, [(0,)], classes, scribbles=strokes[0]))
     with pytest.raises(ValueError, match="only 0"):
         run_to_end(segment_planes(demo, stack, layout, [(0,)], classes, scribbles=strokes * 2))
+
+
+def test_painted_pixels_become_hints_for_the_new_class_list():
+    from napari_clearclip.annotate import LayerRequest, painted_hints
+    from napari_clearclip.planes import ImageLayout
+
+    baseline = np.array([[[1, 1, 2, 2], [3, 3, 1, 1]]], np.int32)         # one slice; classes a, b, c
+    current = baseline.copy()
+    current[0, 0, 0] = 3        # painted c
+    current[0, 0, 2] = 0        # erased
+    current[0, 1, 0] = 2        # painted b, a class the new list drops
+    current[0, 1, 2] = 7        # a label of the user's own
+    edited = np.zeros_like(baseline, bool)
+    edited[0, 0, 1] = True      # painted a in an earlier round, as the model now also says
+    request = LayerRequest(data=None, layout=ImageLayout(baseline.shape), planes=[(0,)], classes=["c", "a"],
+                           options={}, current=current, baseline=baseline, baseline_names=["a", "b", "c"],
+                           edited=edited)
+    hints = painted_hints(request, ["c", "a"])
+    expected = np.zeros((2, 4), np.int32)
+    expected[0, 0] = 1          # c is class 1 now
+    expected[0, 1] = 2          # a is class 2 now: earlier strokes still teach
+    np.testing.assert_array_equal(hints[(0,)], expected)
+    request.current = baseline.copy()
+    request.edited = None
+    assert painted_hints(request, ["c", "a"]) == {}                       # nothing painted, no hints

@@ -307,3 +307,34 @@ def test_demo_model_on_its_sample_labels_the_background_background(qtbot, widget
     background = make_scene(10, size=256, objects=(3, 4)).label_image() == 0
     assert np.mean(labels[background] == 5) >= 0.8
     assert "only coloured shapes" not in widget.status.value     # no warning on the demo's own sample
+
+
+def test_a_stroke_in_the_widget_teaches_similar_regions(qtbot, widget):
+    """The demo model does not know "debris": one stroke on one blue square, and the other follows (learn on, not off)."""
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(7)
+    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
+    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
+    image[120:168, 24:72] = (215, 35, 35)
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.image.value = viewer.add_image(image.astype(np.uint8), name="shapes")
+    widget.classes.value = "debris\nred\nbackground"
+    other = (slice(128, 160), slice(128, 160))                 # the square nobody paints
+    results = {}
+    for learn in (False, True):
+        widget.learn.value = learn
+        run_and_wait(qtbot, widget)
+        labels = viewer.layers["shapes classes"]
+        assert np.mean(labels.data[other] == 1) < 0.5          # the text alone does not find it
+        rr, cc = disk((48, 48), 4)
+        painted = labels.data.copy()
+        painted[rr, cc] = 1                                    # one small debris stroke on the first square
+        labels.data = painted
+        run_and_wait(qtbot, widget)
+        results[learn] = labels.data.copy()
+        assert np.all(labels.data[rr, cc] == 1)                # the stroke is kept either way
+        viewer.layers.remove(labels)
+    assert np.mean(results[False][other] == 1) < 0.5           # kept, but taught nothing
+    assert np.mean(results[True][other] == 1) > 0.9            # taught: the other square is debris too

@@ -108,6 +108,34 @@ def rerun_cost(segmenter, size: int = 1024, repeats: int = 3) -> tuple[float, fl
     return first, min(times)
 
 
+def rerun_cost_vit(size: int = 1024) -> None:
+    """Re-run costs with a randomly initialised ViT-B/16 at native size: a small stroke, and a fill over half the image."""
+    import torch
+    import open_clip
+
+    torch.manual_seed(0)
+    checkpoint = os.path.join(tempfile.mkdtemp(), "vit-b-16-random.pt")
+    torch.save(open_clip.create_model("ViT-B-16", pretrained=None).state_dict(), checkpoint)
+    segmenter = Segmenter("ViT-B-16", checkpoint, device="cpu")
+    image = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
+    classes = ["a", "b", "c"]
+    start = time.perf_counter()
+    segmenter.segment(image, classes, short_side=None, maps=False)
+    first = time.perf_counter() - start
+    stroke = np.zeros(image.shape[:2], np.int32)
+    stroke[size // 2 : size // 2 + 7, size // 2 : size // 2 + 7] = 2
+    fill = np.zeros(image.shape[:2], np.int32)
+    fill[:, : size // 2] = 1
+    for name, scribbles in (("small stroke", stroke), ("fill over half the image", fill)):
+        times = []
+        for _ in range(2):
+            start = time.perf_counter()
+            segmenter.segment(image, classes, short_side=None, scribbles=scribbles, maps=False)
+            times.append(time.perf_counter() - start)
+        print(f"ViT-B/16 (random weights), native {size} x {size}: first run {first:.2f} s; re-run with a {name}: "
+              f"{min(times):.3f} s ({100 * min(times) / first:.1f}%)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenes", type=int, default=12)
@@ -115,6 +143,8 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="write the mIoU-against-strokes figure here (PNG)")
     parser.add_argument("--before-after", default=None,
                         help="write a zero-shot / 3 strokes figure of the hardest scene here (PNG)")
+    parser.add_argument("--vit-b-16", action="store_true",
+                        help="also time re-runs with a randomly initialised ViT-B/16 (a stroke, and a bucket fill)")
     args = parser.parse_args()
     segmenter = Segmenter("synthetic-tiny", device="cpu")
     scenes = held_out_scenes(args.scenes, sizes=(128, 192, 256))
@@ -128,6 +158,8 @@ def main() -> None:
     first, rerun = rerun_cost(segmenter)
     print(f"first run on a 1024 x 1024 scene: {first:.3f} s; corrected re-run on cached features: {rerun:.3f} s "
           f"({100 * rerun / first:.1f}% of the first run)")
+    if args.vit_b_16:
+        rerun_cost_vit()
     if args.plot:
         import matplotlib
 

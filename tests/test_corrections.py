@@ -193,3 +193,25 @@ def test_painted_pixels_become_hints_for_the_new_class_list():
     request.current = baseline.copy()
     request.edited = None
     assert painted_hints(request, ["c", "a"]) == {}                       # nothing painted, no hints
+
+
+def test_a_filled_region_keeps_an_even_sample_of_exemplars(tiny_segmenter, monkeypatch):
+    import napari_clearclip.scribbles as scribbles
+    from napari_clearclip.scribbles import thinned
+
+    classes = torch.tensor([0] * 50 + [1] * 5 + [0] * 50)
+    features = torch.arange(len(classes), dtype=torch.float32)[:, None].repeat(1, 4)
+    kept, kept_classes = thinned(features, classes, limit=20)
+    assert (kept_classes == 0).sum() == 20 and (kept_classes == 1).sum() == 5      # small classes stay whole
+    again, _ = thinned(features, classes, limit=20)
+    assert torch.equal(kept, again)                                                  # the same on every run
+    assert kept[:, 0].min() < 20 and kept[:, 0].max() > 60                           # drawn from the whole fill
+    image = two_blobs()
+    fill = np.zeros(image.shape[:2], np.int32)
+    fill[:, :96] = 1                                                                 # the bucket over half the image
+    fill[60:64, 150:154] = 2                                                         # and a small stroke
+    monkeypatch.setattr(scribbles, "MAX_EXEMPLARS_PER_CLASS", 100)
+    exemplars = tiny_segmenter.collect_exemplars(image, fill, ["a", "b"], short_side=None, crop=32, stride=8)
+    assert (exemplars.classes == 0).sum() == 100 and 0 < (exemplars.classes == 1).sum() < 100
+    result = tiny_segmenter.segment(image, ["a", "b"], scribbles=fill, short_side=None, crop=32, stride=8)
+    assert np.all(result.labels[fill == 1] == 1) and np.all(result.labels[fill == 2] == 2)

@@ -29,6 +29,10 @@ EXEMPLAR_WEIGHT = 0.3
 EXEMPLAR_SHARPNESS = 10.0
 #: Regularisation of the whitening, relative to the largest eigenvalue of the patch covariance.
 WHITENING_EPS = 1e-4
+#: Exemplars kept per class: a stroke that fills a large region keeps an even sample of its patches,
+#: so that re-runs stay quick (the bonus is a nearest-exemplar similarity, which a sample of a
+#: uniform region hardly changes).
+MAX_EXEMPLARS_PER_CLASS = 1024
 
 
 class FeatureStats:
@@ -74,6 +78,23 @@ def check_scribbles(scribbles, shape: tuple[int, int], n_classes: int) -> np.nda
     return array if array.any() else None
 
 
+def thinned(features: torch.Tensor, classes: torch.Tensor, limit: int | None = None):
+    """At most ``limit`` (default :data:`MAX_EXEMPLARS_PER_CLASS`) exemplars per class, drawn the same way on every run."""
+    limit = MAX_EXEMPLARS_PER_CLASS if limit is None else limit
+    keep = []
+    generator = torch.Generator().manual_seed(0)
+    for k in torch.unique(classes).tolist():
+        index = torch.nonzero(classes == k).flatten()
+        if len(index) > limit:
+            pick = torch.randperm(len(index), generator=generator)[:limit].to(index.device)
+            index = index[pick].sort().values
+        keep.append(index)
+    keep = torch.cat(keep).sort().values
+    if len(keep) == len(classes):
+        return features, classes
+    return features[keep], classes[keep]
+
+
 @dataclass
 class Exemplars:
     """Patch embeddings under strokes (N, E) and their 0-based class indices (N,)."""
@@ -83,6 +104,10 @@ class Exemplars:
     n_classes: int
     query_classes: torch.Tensor | None = None   # the class of each text query (synonyms share one)
     whitening: tuple | None = None               # (mean, W) of the image being scored
+    _groups: list | None = None                  # (class, its exemplars whitened and normalised), per class
+
+    def __post_init__(self):
+        self.features, self.classes = thinned(self.features, self.classes)
 
     def whitened(self, whitening) -> "Exemplars":
         """A copy that scores with the given image's whitening."""
@@ -106,21 +131,26 @@ class Exemplars:
         return Exemplars(self.features.to(device), self.classes.to(device), self.n_classes,
                          None if self.query_classes is None else self.query_classes.to(device), self.whitening)
 
+    def _whiten(self, features: torch.Tensor) -> torch.Tensor:
+        features = features.float()
+        if self.whitening is None:
+            return torch.nn.functional.normalize(features, dim=-1)
+        mean, transform = self.whitening
+        return torch.nn.functional.normalize((features - mean) @ transform, dim=-1)
+
     def bonus(self, patch_features: torch.Tensor, alpha: float | None = None,
               beta: float | None = None) -> torch.Tensor:
         """(B, P, C) bonus of each patch for each class: alpha * exp(-beta * (1 - nearest exemplar cosine))."""
         alpha = EXEMPLAR_WEIGHT if alpha is None else alpha
         beta = EXEMPLAR_SHARPNESS if beta is None else beta
-        features, exemplars = patch_features.float(), self.features.float()
-        if self.whitening is not None:
-            mean, transform = self.whitening
-            features = torch.nn.functional.normalize((features - mean) @ transform, dim=-1)
-            exemplars = torch.nn.functional.normalize((exemplars - mean) @ transform, dim=-1)
-        sims = features @ exemplars.T                                              # (B, P, N)
+        if self._groups is None:  # the exemplars' side is computed once per run, not once per batch
+            white = self._whiten(self.features)
+            self._groups = [(k, white[self.classes == k]) for k in torch.unique(self.classes).tolist()]
+        features = self._whiten(patch_features)
         out = torch.zeros(*patch_features.shape[:2], self.n_classes, device=patch_features.device)
-        for k in torch.unique(self.classes).tolist():
-            nearest = sims[..., self.classes == k].amax(-1)
-            out[..., k] = alpha * torch.exp(-beta * (1 - nearest.float()))
+        for k, exemplars in self._groups:
+            nearest = (features @ exemplars.T).amax(-1)
+            out[..., k] = alpha * torch.exp(-beta * (1 - nearest))
         return out
 
 

@@ -98,6 +98,12 @@ def test_painted_pixels_keep_their_class_and_features_are_reused(tiny_checkpoint
     strokes[0:3, 0:3] = 1
     result = segmenter.segment(image, ["a", "b"], scribbles=strokes)
     assert np.all(result.labels[30:35, 30:35] == 2) and np.all(result.labels[0:3, 0:3] == 1)
+    import napari_clearclip.scribbles as scribbles
+
+    monkeypatch.setattr(scribbles.FeatureStats, "add", lambda *a: pytest.fail("the whitening should be kept"))
+    strokes[60:64, 60:64] = 2
+    again = segmenter.segment(image, ["a", "b"], scribbles=strokes)                 # another stroke: only scoring
+    assert np.all(again.labels[60:64, 60:64] == 2)
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +221,29 @@ def test_a_filled_region_keeps_an_even_sample_of_exemplars(tiny_segmenter, monke
     assert (exemplars.classes == 0).sum() == 100 and 0 < (exemplars.classes == 1).sum() < 100
     result = tiny_segmenter.segment(image, ["a", "b"], scribbles=fill, short_side=None, crop=32, stride=8)
     assert np.all(result.labels[fill == 1] == 1) and np.all(result.labels[fill == 2] == 2)
+
+
+def test_exemplar_bonus_is_the_whitened_cosine_to_the_nearest_exemplar():
+    from napari_clearclip.scribbles import FeatureStats, Exemplars, whitened_norms
+
+    rng = np.random.default_rng(3)
+    patches = torch.from_numpy(rng.normal(size=(2, 50, 6)).astype(np.float32)) + 3.0    # a large common part
+    stats = FeatureStats()
+    stats.add(None, None, patches)
+    whitening = stats.whitening("cpu")
+    exemplars = Exemplars(patches[0, :5].clone(), torch.tensor([0, 0, 1, 1, 1]), 3).whitened(whitening)
+    mean, transform = (t.double() for t in whitening)
+
+    def white(x):
+        x = (x.double() - mean) @ transform
+        return x / x.norm(dim=-1, keepdim=True)
+
+    sims = white(patches) @ white(exemplars.features).T                                  # (2, 50, 5)
+    expected = torch.zeros(2, 50, 3, dtype=torch.float64)
+    expected[..., 0] = 0.3 * torch.exp(-10 * (1 - sims[..., :2].amax(-1)))
+    expected[..., 1] = 0.3 * torch.exp(-10 * (1 - sims[..., 2:].amax(-1)))
+    got = exemplars.bonus(patches)
+    kept_norms = exemplars.bonus(patches, whitened_norms(patches, whitening))
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
+    np.testing.assert_allclose(kept_norms.numpy(), expected.numpy(), atol=1e-5)
+    assert float(got[0, 0, 0]) == pytest.approx(0.3, abs=1e-5)                          # an exemplar matches itself

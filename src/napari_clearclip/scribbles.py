@@ -78,9 +78,20 @@ def check_scribbles(scribbles, shape: tuple[int, int], n_classes: int) -> np.nda
     return array if array.any() else None
 
 
+def whitened_norms(patch_features: torch.Tensor, whitening: tuple | None) -> torch.Tensor:
+    """(..., ) lengths of patch embeddings after whitening (kept with cached features, as they cost a matrix product)."""
+    features = patch_features.float()
+    if whitening is None:
+        return features.norm(dim=-1)
+    mean, transform = whitening
+    return ((features - mean) @ transform).norm(dim=-1)
+
+
 def thinned(features: torch.Tensor, classes: torch.Tensor, limit: int | None = None):
     """At most ``limit`` (default :data:`MAX_EXEMPLARS_PER_CLASS`) exemplars per class, drawn the same way on every run."""
     limit = MAX_EXEMPLARS_PER_CLASS if limit is None else limit
+    if len(classes) <= limit:
+        return features, classes
     keep = []
     generator = torch.Generator().manual_seed(0)
     for k in torch.unique(classes).tolist():
@@ -138,18 +149,33 @@ class Exemplars:
         mean, transform = self.whitening
         return torch.nn.functional.normalize((features - mean) @ transform, dim=-1)
 
-    def bonus(self, patch_features: torch.Tensor, alpha: float | None = None,
+    def _projectors(self) -> list:
+        """Per class, (P, c): a patch f's whitened cosine to each exemplar is (f @ P.T - c) / |whitened f|."""
+        if self._groups is None:  # computed once per run, not once per batch
+            white = self._whiten(self.features)
+            if self.whitening is not None:
+                mean, transform = self.whitening
+                projector = white @ transform            # (f - m) W . e_hat = (f - m) . (e_hat W), W symmetric
+                offset = projector @ mean
+            else:
+                projector, offset = white, torch.zeros(len(white), device=white.device)
+            self._groups = [(k, projector[self.classes == k], offset[self.classes == k])
+                            for k in torch.unique(self.classes).tolist()]
+        return self._groups
+
+    def bonus(self, patch_features: torch.Tensor, norms: torch.Tensor | None = None, alpha: float | None = None,
               beta: float | None = None) -> torch.Tensor:
-        """(B, P, C) bonus of each patch for each class: alpha * exp(-beta * (1 - nearest exemplar cosine))."""
+        """(B, P, C) bonus of each patch for each class: alpha * exp(-beta * (1 - nearest exemplar cosine)).
+
+        ``norms`` are the patches' :func:`whitened_norms`, when kept from an earlier run.
+        """
         alpha = EXEMPLAR_WEIGHT if alpha is None else alpha
         beta = EXEMPLAR_SHARPNESS if beta is None else beta
-        if self._groups is None:  # the exemplars' side is computed once per run, not once per batch
-            white = self._whiten(self.features)
-            self._groups = [(k, white[self.classes == k]) for k in torch.unique(self.classes).tolist()]
-        features = self._whiten(patch_features)
+        features = patch_features.float()
+        norms = (whitened_norms(features, self.whitening) if norms is None else norms).clamp(min=1e-12)
         out = torch.zeros(*patch_features.shape[:2], self.n_classes, device=patch_features.device)
-        for k, exemplars in self._groups:
-            nearest = (features @ exemplars.T).amax(-1)
+        for k, projector, offset in self._projectors():
+            nearest = ((features @ projector.T - offset) / norms[..., None]).amax(-1)
             out[..., k] = alpha * torch.exp(-beta * (1 - nearest))
         return out
 

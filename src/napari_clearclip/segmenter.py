@@ -19,7 +19,7 @@ from .methods import encode_dense, get_method, interpolated_positions
 from .models import LoadedModel, default_options, load_model
 from .prompts import ClassQuery, TextEncoder, check_templates, parse_classes
 from .refine import PAMR_DILATIONS, PAMR_ITERATIONS, check_pamr_options, pamr
-from .scribbles import ExemplarCollector, Exemplars, FeatureStats, check_scribbles
+from .scribbles import ExemplarCollector, Exemplars, FeatureStats, check_scribbles, whitened_norms
 from .windows import WindowGrid
 
 REFINEMENTS = (None, "pamr")
@@ -81,6 +81,8 @@ class _Features:
 
     grid: WindowGrid
     batches: list[tuple[list[tuple[int, int, int, int]], torch.Tensor]]
+    whitening: tuple[torch.Tensor, torch.Tensor] | None = None  # of these patches, once exemplars need it
+    norms: list[torch.Tensor] | None = None                      # each batch's whitened patch lengths
 
 
 class Segmenter:
@@ -206,14 +208,9 @@ class Segmenter:
         if exemplars is not None:
             if exemplars.n_classes != len(parsed):
                 raise InvalidOptionError(f"The exemplars are for {exemplars.n_classes} classes, not {len(parsed)}.")
-            stats = FeatureStats()  # this image's patch statistics, to compare patches with exemplars
-            if features is None:
-                yield from self._encode_and_score(*args, text=None, collect=stats.add)
-                features = self._features.get(key)
-            else:
-                for batch, patch_features in features.batches:
-                    stats.add(features.grid, batch, patch_features)
-            exemplars = exemplars.to(self.device).whitened(stats.whitening(self.device))
+            whitening = yield from self._whitening(args, features)
+            features = self._features.get(key)
+            exemplars = exemplars.to(self.device).whitened(whitening)
             exemplars.query_classes = torch.tensor(
                 [index for index, c in enumerate(parsed) for _ in c.synonyms], device=self.device)
         if features is None:
@@ -250,6 +247,23 @@ class Segmenter:
         exemplars = yield from self._collect((array, key, contrast_limits, short_side, crop, stride, method_fn),
                                              scribbles, len(parsed))
         return exemplars
+
+    def _whitening(self, args, features: _Features | None):
+        """Generator: this image's patch whitening (to compare patches with exemplars), kept with its cached features."""
+        if features is not None and features.whitening is not None:
+            return features.whitening
+        stats = FeatureStats()
+        if features is None:
+            yield from self._encode_and_score(*args, text=None, collect=stats.add)
+        else:
+            for batch, patch_features in features.batches:
+                stats.add(features.grid, batch, patch_features)
+        whitening = stats.whitening(self.device)
+        features = self._features.get(args[1])
+        if features is not None:
+            features.whitening = whitening
+            features.norms = [whitened_norms(patch_features, whitening) for _, patch_features in features.batches]
+        return whitening
 
     def _collect(self, args, scribbles, n_classes: int):
         """Generator: exemplars under ``scribbles``, from cached features or one encoding pass (which caches them)."""
@@ -347,19 +361,21 @@ class Segmenter:
     def _score_cached(self, features: _Features, text: torch.Tensor, exemplars: Exemplars | None = None) -> torch.Tensor:
         grid = features.grid
         scores = torch.zeros((text.shape[0], grid.height, grid.width), device=self.device)
-        for batch, patch_features in features.batches:
-            self._accumulate(scores, grid, batch, patch_features, text, exemplars)
+        norms = features.norms if exemplars is not None and features.norms else [None] * len(features.batches)
+        for (batch, patch_features), patch_norms in zip(features.batches, norms):
+            self._accumulate(scores, grid, batch, patch_features, text, exemplars, patch_norms)
         return self._average(scores, grid)
 
     @torch.inference_mode()
-    def _accumulate(self, scores, grid: WindowGrid, batch, patch_features, text, exemplars=None) -> None:
+    def _accumulate(self, scores, grid: WindowGrid, batch, patch_features, text, exemplars=None,
+                    patch_norms=None) -> None:
         """Add the cosine similarities of a batch of windows, upsampled to the window size, into ``scores``."""
         left, _, top, _ = grid.padding
         win_h, win_w = grid.window_size
         rows, cols = grid.patch_grid
         logits = patch_features @ text.T
         if exemplars is not None:
-            logits = logits + exemplars.bonus(patch_features)[..., exemplars.query_classes]
+            logits = logits + exemplars.bonus(patch_features, patch_norms)[..., exemplars.query_classes]
         logits = logits.transpose(1, 2).reshape(len(batch), -1, rows, cols)
         logits = F.interpolate(logits, size=grid.padded_size, mode="bilinear", align_corners=False)
         logits = logits[:, :, top : top + win_h, left : left + win_w]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tifffile
 from skimage.io import imsave
 
@@ -162,3 +163,18 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, tiny_checkpoint, rgb
     monkeypatch.setattr(tifffile, "imwrite", real)
     assert main([*map(str, images), "--classes", "sky", "--out", str(out), "--pretrained", tiny_checkpoint, *TINY]) == 0
     assert "skipped: " in capsys.readouterr().err and (out / "b_labels.tif").exists()
+
+
+def test_snap_option_gives_the_engines_edge_snapped_labels(tmp_path, tiny_checkpoint, rgb_image, capsys):
+    image = _pngs(tmp_path, ["cells.png"], rgb_image)[0]
+    out = tmp_path / "out"
+    assert main([str(image), "--classes", "sky; grass", "--out", str(out), "--pretrained", tiny_checkpoint,
+                 "--snap", *TINY]) == 0
+    engine = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
+    snapped = engine.segment(rgb_image, ["sky", "grass"], refine="pamr").labels
+    assert not np.array_equal(snapped, engine.segment(rgb_image, ["sky", "grass"]).labels)
+    np.testing.assert_array_equal(tifffile.imread(out / "cells_labels.tif"), snapped)
+    with pytest.raises(ValueError, match="refine='crf'"):
+        engine.check_options(refine="crf")
+    with pytest.raises(ValueError, match="pamr_dilations"):
+        engine.check_options(refine="pamr", pamr_dilations=(0,))

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", action="append", dest="templates",
                         help="prompt template with {} for the class name; repeat for several "
                              "(default: the 80 ImageNet templates)")
+    parser.add_argument("--snap", action="store_true",
+                        help="snap masks to the image's edges (PAMR refinement; default: off, the official pipeline)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write <name>_probabilities.tif")
     where = parser.add_argument_group("running on several processes or machines (needs the 'distributed' extra)")
     exclusive = where.add_mutually_exclusive_group()
@@ -74,6 +76,8 @@ def engine_options(args: argparse.Namespace) -> dict:
         options["crop"] = args.crop
     if args.stride is not None:
         options["stride"] = args.stride
+    if args.snap:
+        options["refine"] = "pamr"
     return options
 
 

@@ -188,9 +188,7 @@ class Segmenter:
         short_side, crop, stride, templates, contrast_limits = self._resolve_options(
             short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits)
         scribbles = check_scribbles(scribbles, array.shape[:2], len(parsed))
-        if refine not in REFINEMENTS:
-            raise InvalidOptionError(f"refine={refine!r} is not known: use None (the official pipeline) or 'pamr'.")
-        pamr_iterations, pamr_dilations = check_pamr_options(pamr_iterations, pamr_dilations)
+        pamr_iterations, pamr_dilations = _check_refine(refine, pamr_iterations, pamr_dilations)
 
         queries = [s for c in parsed for s in c.synonyms]
         self.text.check_distinct(queries, templates)
@@ -303,9 +301,13 @@ class Segmenter:
         templates: Sequence[str] | None = None,
         contrast_limits: Sequence[float] | None = None,
         maps: bool = True,
+        refine: str | None = None,
+        pamr_iterations: int = PAMR_ITERATIONS,
+        pamr_dilations: Sequence[int] = PAMR_DILATIONS,
     ) -> None:
         """Raise the error :meth:`segment` would raise for these options, before any image is read."""
         self._resolve_options(short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits)
+        _check_refine(refine, pamr_iterations, pamr_dilations)
 
     def _resolve_options(self, short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits):
         defaults = default_options(self.model.name)
@@ -428,6 +430,12 @@ def run_to_end(steps: Generator):
 
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_refine(refine, pamr_iterations, pamr_dilations) -> tuple[int, tuple[int, ...]]:
+    if refine not in REFINEMENTS:
+        raise InvalidOptionError(f"refine={refine!r} is not known: use None (the official pipeline) or 'pamr'.")
+    return check_pamr_options(pamr_iterations, pamr_dilations)
 
 
 def _check_options(short_side, crop, stride, logit_scale, prob_threshold, patch: int) -> None:

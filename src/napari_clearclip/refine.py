@@ -35,23 +35,33 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
 
     Affinity = -|guide - neighbour| / (1e-8 + 0.1 x std), std being the (unbiased) standard
     deviation of the 3x3 neighbourhoods at every dilation (centre included), then averaged
-    over the guide's channels and softmax-normalised over the neighbours.
+    over the guide's channels and softmax-normalised over the neighbours. Computed in place,
+    a full-size image at a time, so that a 4096 x 4096 guide needs a few buffers, not dozens.
     """
     guide = guide.float()
     size = tuple(guide.shape[-2:])
     pad = max(dilations)
     padded = _replicate(guide, pad)
     window = [_shifted(padded, pad, dy * d, dx * d, size) for d in dilations for dy, dx in WINDOW]
-    count = len(window)
-    mean = sum(window) / count
-    std = torch.sqrt(sum((w - mean) ** 2 for w in window) / (count - 1))
-    del window, mean
-    scale = 1e-8 + 0.1 * std
-    logits = torch.stack([
-        (-(guide - _shifted(padded, pad, dy * d, dx * d, size)).abs() / scale).mean(0)
-        for d in dilations for dy, dx in NEIGHBOURS
-    ])
-    return torch.softmax(logits, dim=0)
+    mean = torch.zeros_like(guide)
+    for value in window:
+        mean += value
+    mean /= len(window)
+    variance, difference = torch.zeros_like(guide), torch.empty_like(guide)
+    for value in window:
+        torch.sub(value, mean, out=difference)
+        variance.addcmul_(difference, difference)
+    del mean
+    scale = variance.div_(len(window) - 1).sqrt_().mul_(0.1).add_(1e-8)
+    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
+    logits = torch.empty((len(offsets), *size), dtype=guide.dtype, device=guide.device)
+    for logit, (dy, dx) in zip(logits, offsets):
+        torch.sub(guide, _shifted(padded, pad, dy, dx, size), out=difference)
+        torch.mean(difference.abs_().div_(scale), 0, out=logit)
+    logits.neg_()
+    logits -= logits.amax(0)                      # softmax over the neighbours, in place
+    logits.exp_()
+    return logits.div_(logits.sum(0))
 
 
 def pamr(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERATIONS,
@@ -68,7 +78,7 @@ def pamr(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERA
         padded = _replicate(scores, pad)
         refined = torch.zeros_like(scores)
         for weight, (dy, dx) in zip(affinity, offsets):
-            refined += weight * _shifted(padded, pad, dy, dx, size)
+            refined.addcmul_(weight, _shifted(padded, pad, dy, dx, size))  # one fused pass per neighbour
         scores = refined
     return scores
 

@@ -247,3 +247,26 @@ def test_exemplar_bonus_is_the_whitened_cosine_to_the_nearest_exemplar():
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
     np.testing.assert_allclose(kept_norms.numpy(), expected.numpy(), atol=1e-5)
     assert float(got[0, 0, 0]) == pytest.approx(0.3, abs=1e-5)                          # an exemplar matches itself
+
+
+def test_edge_snapping_reports_progress_and_can_be_stopped(tiny_segmenter, monkeypatch):
+    from napari_clearclip.planes import PlaneProgress
+
+    image = two_blobs()
+    steps = list(tiny_segmenter.segment_steps(image, ["a", "b"], refine="pamr", pamr_iterations=4))
+    edges = [s for s in steps if s.stage == "edges"]
+    assert [s.done for s in edges] == [0, 1, 2, 3, 4] and edges[-1].message == "snapping to edges: 4/4"
+    fractions = [PlaneProgress(0, 1, s).fraction for s in steps if s.stage != "text"]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert max(f for s, f in zip([s for s in steps if s.stage != "text"], fractions) if s.stage == "windows") <= 0.5
+    import napari_clearclip.refine as refine
+
+    rounds = []
+    real = refine._replicate
+    monkeypatch.setattr(refine, "_replicate", lambda *a: rounds.append(1) or real(*a))
+    run = tiny_segmenter.segment_steps(image, ["a", "b"], refine="pamr", pamr_iterations=10)
+    for step in run:
+        if step.stage == "edges" and step.done == 2:
+            run.close()                                      # cancelled while snapping
+            break
+    assert len(rounds) == 1 + 2                              # the guide's padding and 2 of 10 iterations

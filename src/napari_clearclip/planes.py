@@ -67,6 +67,10 @@ class ImageLayout:
         return tuple(min(max(i, 0), n - 1) for i, n in zip(leading, self.plane_shape))
 
 
+#: Where edge snapping starts within a plane's share of a progress bar.
+EDGE_SNAPPING_START = 0.5
+
+
 @dataclass(frozen=True)
 class PlaneProgress:
     """Progress of a multi-plane run: which plane, and the engine's progress within it."""
@@ -77,7 +81,15 @@ class PlaneProgress:
 
     @property
     def fraction(self) -> float:
-        within = self.step.done / self.step.total if self.step.stage == "windows" and self.step.total else 0.0
+        """Done of the whole run: windows take a plane's whole share, or its first half when edges are snapped after."""
+        step = self.step
+        part = step.done / step.total if step.total else 0.0
+        if step.stage == "windows":
+            within = part * (EDGE_SNAPPING_START if step.then_edges else 1.0)
+        elif step.stage == "edges":
+            within = EDGE_SNAPPING_START + (1 - EDGE_SNAPPING_START) * part
+        else:
+            within = 0.0
         return (self.plane + within) / self.planes
 
     @property

@@ -9,7 +9,7 @@ image is there.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Generator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -64,9 +64,9 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
     return logits.div_(logits.sum(0))
 
 
-def pamr(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERATIONS,
-         dilations: Sequence[int] = PAMR_DILATIONS) -> torch.Tensor:
-    """Refine (Q, H, W) scores with the (C, H, W) guide image: ``iterations`` rounds of affinity-weighted averaging."""
+def pamr_steps(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERATIONS,
+               dilations: Sequence[int] = PAMR_DILATIONS) -> Generator[int, None, torch.Tensor]:
+    """:func:`pamr` as a generator that yields after each iteration (for progress and cancelling)."""
     if iterations <= 0:
         return scores
     dilations = tuple(int(d) for d in dilations)
@@ -74,13 +74,25 @@ def pamr(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERA
     size = tuple(scores.shape[-2:])
     pad = max(dilations)
     offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
-    for _ in range(iterations):
+    for iteration in range(iterations):
         padded = _replicate(scores, pad)
         refined = torch.zeros_like(scores)
         for weight, (dy, dx) in zip(affinity, offsets):
             refined.addcmul_(weight, _shifted(padded, pad, dy, dx, size))  # one fused pass per neighbour
         scores = refined
+        yield iteration + 1
     return scores
+
+
+def pamr(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERATIONS,
+         dilations: Sequence[int] = PAMR_DILATIONS) -> torch.Tensor:
+    """Refine (Q, H, W) scores with the (C, H, W) guide image: ``iterations`` rounds of affinity-weighted averaging."""
+    steps = pamr_steps(scores, guide, iterations, dilations)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
 
 
 def check_pamr_options(iterations, dilations) -> tuple[int, tuple[int, ...]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generator, Sequence
 
 import numpy as np
@@ -18,7 +18,7 @@ from .image import check_contrast_limits, check_image, prepare
 from .methods import encode_dense, get_method, interpolated_positions
 from .models import LoadedModel, default_options, load_model
 from .prompts import ClassQuery, TextEncoder, check_templates, parse_classes
-from .refine import PAMR_DILATIONS, PAMR_ITERATIONS, check_pamr_options, pamr
+from .refine import PAMR_DILATIONS, PAMR_ITERATIONS, check_pamr_options, pamr_steps
 from .scribbles import ExemplarCollector, Exemplars, FeatureStats, check_scribbles, whitened_norms
 from .windows import WindowGrid
 
@@ -38,15 +38,16 @@ DEFAULT = _Default()
 
 @dataclass
 class Progress:
-    """One step of a run: ``stage`` is "text" or "windows"; ``done`` of ``total`` units."""
+    """One step of a run: ``stage`` is "text", "windows" or "edges" (snapping); ``done`` of ``total`` units."""
 
     stage: str
     done: int
     total: int
+    then_edges: bool = False   # windows are followed by edge snapping (for progress bars)
 
     @property
     def message(self) -> str:
-        what = "class names encoded" if self.stage == "text" else "windows"
+        what = {"text": "class names encoded", "edges": "snapping to edges"}.get(self.stage, "windows")
         return f"{what}: {self.done}/{self.total}"
 
 
@@ -199,25 +200,27 @@ class Segmenter:
         key = self._feature_key(array, contrast_limits, short_side, crop, stride, method_name)
         args = (array, key, contrast_limits, short_side, crop, stride, method_fn)
         features = self._features.get(key)
+        mark = _then_edges if refine is not None else (lambda steps: steps)
         if scribbles is not None:
-            own = yield from self._collect(args, scribbles, len(parsed))
+            own = yield from mark(self._collect(args, scribbles, len(parsed)))
             exemplars = Exemplars.combine([exemplars, own])
             features = self._features.get(key)
         if exemplars is not None:
             if exemplars.n_classes != len(parsed):
                 raise InvalidOptionError(f"The exemplars are for {exemplars.n_classes} classes, not {len(parsed)}.")
-            whitening = yield from self._whitening(args, features)
+            whitening = yield from mark(self._whitening(args, features))
             features = self._features.get(key)
             exemplars = exemplars.to(self.device).whitened(whitening)
             exemplars.query_classes = torch.tensor(
                 [index for index, c in enumerate(parsed) for _ in c.synonyms], device=self.device)
         if features is None:
-            scores = yield from self._encode_and_score(*args, text=text, exemplars=exemplars)
+            scores = yield from mark(self._encode_and_score(*args, text=text, exemplars=exemplars))
         else:
             scores = self._score_cached(features, text, exemplars)
-            yield Progress("windows", len(features.grid.windows), len(features.grid.windows))
+            yield Progress("windows", len(features.grid.windows), len(features.grid.windows), refine is not None)
         if refine == "pamr":
-            scores = self._pamr(scores, array, contrast_limits, short_side, pamr_iterations, pamr_dilations)
+            scores = yield from self._pamr(scores, array, contrast_limits, short_side, pamr_iterations,
+                                           pamr_dilations)
         result = _postprocess(scores, array.shape[:2], parsed, float(logit_scale), float(prob_threshold), method_name,
                               maps=maps)
         if scribbles is not None:
@@ -274,8 +277,8 @@ class Segmenter:
                 collector.add(features.grid, batch, patch_features)
         return collector.result(self.device)
 
-    def _pamr(self, scores, array, contrast_limits, short_side, iterations, dilations) -> torch.Tensor:
-        """PAMR on the cosine scores at the output size, guided by the normalised input resized to that size."""
+    def _pamr(self, scores, array, contrast_limits, short_side, iterations, dilations):
+        """Generator: PAMR on the cosine scores at the output size, guided by the normalised input at that size."""
         size = tuple(array.shape[:2])
         guide = prepare(array, self.model.mean, self.model.std, short_side, contrast_limits).to(self.device)
         try:
@@ -283,7 +286,14 @@ class Segmenter:
                 scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
             if tuple(guide.shape[1:]) != size:
                 guide = F.interpolate(guide[None], size=size, mode="bilinear", align_corners=False)[0]
-            return pamr(scores.float(), guide, iterations, dilations)
+            steps = pamr_steps(scores.float(), guide, iterations, dilations)
+            yield Progress("edges", 0, iterations)
+            while True:
+                try:
+                    done = next(steps)
+                except StopIteration as stop:
+                    return stop.value
+                yield Progress("edges", done, iterations)
         except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and "memory" not in str(exc).lower():
                 raise
@@ -417,6 +427,16 @@ class Segmenter:
             self.window_batch_size = max(1, len(crops) // 2)
             half = len(crops) // 2
             return torch.cat([self._encode_crops(crops[:half], method_fn), self._encode_crops(crops[half:], method_fn)])
+
+
+def _then_edges(steps: Generator):
+    """Generator: ``steps`` with their window progress marked as followed by edge snapping."""
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield replace(step, then_edges=True) if step.stage == "windows" else step
 
 
 def run_to_end(steps: Generator):

@@ -270,3 +270,18 @@ def test_edge_snapping_reports_progress_and_can_be_stopped(tiny_segmenter, monke
             run.close()                                      # cancelled while snapping
             break
     assert len(rounds) == 1 + 2                              # the guide's padding and 2 of 10 iterations
+
+
+def test_pamr_in_bands_equals_pamr_at_once(monkeypatch):
+    import napari_clearclip.refine as refine
+
+    rng = np.random.default_rng(1)
+    guide = torch.from_numpy(rng.normal(size=(3, 97, 40)).astype(np.float32))
+    guide[:, 50:] += 2.0
+    scores = torch.from_numpy(rng.normal(size=(4, 97, 40)).astype(np.float32))
+    whole = pamr(scores, guide, 3, (1, 2))
+    for rows in (10, 31, 96):
+        np.testing.assert_allclose(pamr(scores, guide, 3, (1, 2), band_rows=rows).numpy(), whole.numpy(), atol=1e-6)
+    monkeypatch.setattr(refine, "PAMR_MEMORY_BYTES", 40 * refine._bytes_per_row(40, 4, 3, (1, 2)))
+    steps = list(refine.pamr_steps(scores, guide, 3, (1, 2)))           # too big for memory: bands by themselves
+    assert steps[-1][0] == steps[-1][1] and steps[-1][1] > 3

@@ -64,30 +64,79 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
     return logits.div_(logits.sum(0))
 
 
-def pamr_steps(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERATIONS,
-               dilations: Sequence[int] = PAMR_DILATIONS) -> Generator[int, None, torch.Tensor]:
-    """:func:`pamr` as a generator that yields after each iteration (for progress and cancelling)."""
-    if iterations <= 0:
-        return scores
-    dilations = tuple(int(d) for d in dilations)
+#: Memory the refinement may use at once; larger outputs are refined in bands of rows.
+PAMR_MEMORY_BYTES = 3 << 30
+
+
+def _bytes_per_row(width: int, channels: int, guide_channels: int, dilations: Sequence[int]) -> int:
+    """What one output row costs while refining: affinities, three copies of the scores, guide buffers (float32)."""
+    return 4 * width * (8 * len(dilations) + 3 * channels + 4 * guide_channels)
+
+
+def _refine_whole(scores: torch.Tensor, guide: torch.Tensor, iterations: int, dilations: tuple[int, ...]):
+    """Generator: PAMR on the whole of ``scores``, yielding after each iteration."""
     affinity = pamr_affinities(guide, dilations).to(scores.dtype)
     size = tuple(scores.shape[-2:])
     pad = max(dilations)
     offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
-    for iteration in range(iterations):
+    for _ in range(iterations):
         padded = _replicate(scores, pad)
         refined = torch.zeros_like(scores)
         for weight, (dy, dx) in zip(affinity, offsets):
             refined.addcmul_(weight, _shifted(padded, pad, dy, dx, size))  # one fused pass per neighbour
         scores = refined
-        yield iteration + 1
+        yield
     return scores
 
 
+def pamr_steps(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERATIONS,
+               dilations: Sequence[int] = PAMR_DILATIONS, band_rows: int | None = None):
+    """:func:`pamr` as a generator that yields (done, total) iterations, for progress and cancelling.
+
+    An output too large for :data:`PAMR_MEMORY_BYTES` is refined in bands of ``band_rows``
+    rows, each with a margin of rows above and below wide enough that no band edge reaches
+    its rows: the result is the same as refining the whole at once.
+    """
+    if iterations <= 0:
+        return scores
+    dilations = tuple(int(d) for d in dilations)
+    height, width = scores.shape[-2:]
+    margin = max(dilations) * (iterations + 1)  # how far a band edge's error spreads: affinities, then each iteration
+    if band_rows is None:
+        rows = PAMR_MEMORY_BYTES // _bytes_per_row(width, scores.shape[0], guide.shape[0], dilations)
+        band_rows = height if rows >= height else max(rows - 2 * margin, margin)
+    starts = list(range(0, height, band_rows))
+    total = len(starts) * iterations
+    if len(starts) == 1:
+        steps = _refine_whole(scores, guide, iterations, dilations)
+        for done in range(1, iterations + 1):
+            next(steps)
+            yield done, total
+        return _finish(steps)
+    refined = torch.empty_like(scores)
+    for number, top in enumerate(starts):
+        bottom = min(top + band_rows, height)
+        first, last = max(0, top - margin), min(height, bottom + margin)
+        steps = _refine_whole(scores[:, first:last], guide[:, first:last], iterations, dilations)
+        for done in range(1, iterations + 1):
+            next(steps)
+            yield number * iterations + done, total
+        refined[:, top:bottom] = _finish(steps)[:, top - first : bottom - first]
+    return refined
+
+
+def _finish(steps):
+    try:
+        next(steps)
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError("the refinement ran more iterations than asked for")
+
+
 def pamr(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERATIONS,
-         dilations: Sequence[int] = PAMR_DILATIONS) -> torch.Tensor:
+         dilations: Sequence[int] = PAMR_DILATIONS, band_rows: int | None = None) -> torch.Tensor:
     """Refine (Q, H, W) scores with the (C, H, W) guide image: ``iterations`` rounds of affinity-weighted averaging."""
-    steps = pamr_steps(scores, guide, iterations, dilations)
+    steps = pamr_steps(scores, guide, iterations, dilations, band_rows)
     while True:
         try:
             next(steps)

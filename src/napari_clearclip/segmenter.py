@@ -290,10 +290,10 @@ class Segmenter:
             yield Progress("edges", 0, iterations)
             while True:
                 try:
-                    done = next(steps)
+                    done, total = next(steps)
                 except StopIteration as stop:
                     return stop.value
-                yield Progress("edges", done, iterations)
+                yield Progress("edges", done, total)
         except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
             if isinstance(exc, RuntimeError) and "memory" not in str(exc).lower():
                 raise

@@ -89,15 +89,16 @@ def to_rgb_255(array: np.ndarray, contrast_limits: Sequence[float] | None = None
     if array.ndim == 3:
         array = array[..., :3]
     contrast_limits = check_contrast_limits(contrast_limits)
+    # channels first while still in the input's own (smaller) type: one float32 copy at full size, not two
+    planar = np.ascontiguousarray(np.moveaxis(array, -1, 0) if array.ndim == 3 else array)
     if array.dtype == np.uint8 and (contrast_limits is None or contrast_limits == (0.0, 255.0)):
-        data = torch.from_numpy(np.ascontiguousarray(array)).float()
+        data = torch.from_numpy(planar).float()
         whole = True
     else:
         low, high = contrast_limits if contrast_limits is not None else (float(array.min()), float(array.max()))
-        data = torch.from_numpy(np.ascontiguousarray(_scaled_to_255(array, low, high)))
+        data = torch.from_numpy(np.ascontiguousarray(_scaled_to_255(planar, low, high)))
         whole = False
-    data = data.unsqueeze(0).expand(3, -1, -1) if data.ndim == 2 else data.permute(2, 0, 1)
-    return data.contiguous(), whole
+    return (data.unsqueeze(0).expand(3, -1, -1).contiguous() if data.ndim == 2 else data), whole
 
 
 def resized_size(height: int, width: int, short_side: int | None, long_side: int = LONG_SIDE_CAP) -> tuple[int, int]:

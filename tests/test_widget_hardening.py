@@ -338,3 +338,28 @@ def test_a_stroke_in_the_widget_teaches_similar_regions(qtbot, widget):
         viewer.layers.remove(labels)
     assert np.mean(results[False][other] == 1) < 0.5           # kept, but taught nothing
     assert np.mean(results[True][other] == 1) > 0.9            # taught: the other square is debris too
+
+
+def test_an_undone_stroke_teaches_nothing_and_is_no_longer_kept(qtbot, widget):
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(7)
+    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
+    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.image.value = viewer.add_image(image.astype(np.uint8), name="shapes")
+    widget.classes.value = "debris\nbackground"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["shapes classes"]
+    zero_shot = labels.data.copy()
+    other = (slice(128, 160), slice(128, 160))
+    labels.brush_size = 9
+    labels.paint((48, 48), 1)                                   # a debris stroke with napari's brush
+    run_and_wait(qtbot, widget)
+    assert np.mean(labels.data[other] == 1) > 0.9               # it taught the other square
+    labels.undo()                                               # the user takes the stroke back
+    rr, cc = disk((48, 48), 4)
+    np.testing.assert_array_equal(labels.data[rr, cc], zero_shot[rr, cc])
+    run_and_wait(qtbot, widget)
+    np.testing.assert_array_equal(labels.data, zero_shot)      # as if the stroke had never been made

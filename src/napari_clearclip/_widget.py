@@ -438,6 +438,23 @@ class ClearClipWidget(Container):
     def _on_painted(self, event=None):
         self._on_live_trigger()
 
+    def _on_history_replayed(self, layer, before: np.ndarray) -> None:
+        """After an undo or redo on a result: the pixels it restored are the model's again, not edits to learn from."""
+        output = self._outputs.get(_layer_key(layer))
+        if output is None or self._closed:
+            return
+        data = np.asarray(layer.data)
+        if data.shape != before.shape or data.shape != output.baseline.shape:
+            return
+        changed = data != before
+        if not changed.any():
+            return
+        output.baseline = output.baseline.copy()  # a run in flight may be reading the old arrays
+        output.baseline[changed] = data[changed]
+        if output.edited is not None:
+            output.edited = output.edited & ~changed
+        self._on_live_trigger()
+
     def _live_run(self):
         """Run now, or as soon as the run in flight ends (the newest request wins; at most one in flight)."""
         if self._closed or not self.live.value:
@@ -650,6 +667,7 @@ class ClearClipWidget(Container):
         key = _layer_key(labels_layer)
         if key not in self._outputs:
             labels_layer.events.paint.connect(self._on_painted)
+            _watch_undo(labels_layer, self._on_history_replayed)
         self._outputs[key] = _Output(labels_layer, update.baseline, update.names, update.colours, update.edited)
         return labels_layer, kept
 
@@ -680,11 +698,29 @@ def _show(layer) -> None:
         pass
 
 
+def _watch_undo(layer, callback) -> None:
+    """Call ``callback(layer, data before)`` after each undo or redo of ``layer`` (napari emits no event for them)."""
+    for name in ("undo", "redo"):
+        replay = getattr(layer, name, None)
+        if replay is None:
+            continue
+
+        def watched(replay=replay):
+            before = np.array(layer.data, copy=True) if isinstance(layer.data, np.ndarray) else None
+            replay()
+            if before is not None:
+                callback(layer, before)
+
+        setattr(layer, name, watched)  # the instance attribute is what napari's undo key calls
+
+
 def _disconnect_paint(layer, callback) -> None:
     try:
         layer.events.paint.disconnect(callback)
     except (TypeError, ValueError, RuntimeError, AttributeError):
         pass
+    for name in ("undo", "redo"):  # napari's own methods again
+        vars(layer).pop(name, None)
 
 
 def _layer_key(layer) -> str:

@@ -363,3 +363,28 @@ def test_an_undone_stroke_teaches_nothing_and_is_no_longer_kept(qtbot, widget):
     np.testing.assert_array_equal(labels.data[rr, cc], zero_shot[rr, cc])
     run_and_wait(qtbot, widget)
     np.testing.assert_array_equal(labels.data, zero_shot)      # as if the stroke had never been made
+
+
+def test_a_stroke_undone_while_a_run_computes_is_taken_back_too(qtbot, widget):
+    rng = np.random.default_rng(7)
+    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
+    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.image.value = viewer.add_image(image.astype(np.uint8), name="shapes")
+    widget.classes.value = "debris\nbackground"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["shapes classes"]
+    zero_shot = labels.data.copy()
+    labels.brush_size = 9
+    labels.paint((48, 48), 1)
+    run_and_wait(qtbot, widget)                                 # taught by the stroke
+    painted = labels.data != zero_shot
+    worker = widget.run()                                       # starts from the layer as it is now...
+    labels.undo()                                               # ...and the stroke is undone before it ends
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
+    assert worker is not None
+    output = next(iter(widget._outputs.values()))
+    assert not output.edited[painted].any()                     # the run's result did not bring the stroke back
+    run_and_wait(qtbot, widget)
+    np.testing.assert_array_equal(labels.data, zero_shot)

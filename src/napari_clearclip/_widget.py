@@ -169,6 +169,7 @@ class ClearClipWidget(Container):
         self._closed = False
         self._writing = False  # set while the widget adds its own layers, which the Image field must not follow
         self._outputs: dict[str, _Output] = {}  # by layer unique id (plugins see layers through proxies)
+        self._undone: dict[str, np.ndarray] = {}  # pixels undone while a run was computing, by layer
         saved = load_settings()
 
         self.image = ComboBox(name="image", label="Image", choices=self._image_choices, nullable=True,
@@ -449,10 +450,10 @@ class ClearClipWidget(Container):
         changed = data != before
         if not changed.any():
             return
-        output.baseline = output.baseline.copy()  # a run in flight may be reading the old arrays
-        output.baseline[changed] = data[changed]
-        if output.edited is not None:
-            output.edited = output.edited & ~changed
+        _forget_edits(output, changed, data)
+        if self._worker is not None:  # the run in flight started from the pixels as they were: redo this on its result
+            key = _layer_key(layer)
+            self._undone[key] = changed | self._undone[key] if key in self._undone else changed
         self._on_live_trigger()
 
     def _live_run(self):
@@ -584,6 +585,7 @@ class ClearClipWidget(Container):
 
     def _on_finished(self):
         self._worker = None
+        self._undone.clear()  # applied to the run's result, or the run left the layer as it was
         if self._progress is not None:
             self._progress.close()
             self._progress = None
@@ -669,6 +671,9 @@ class ClearClipWidget(Container):
             labels_layer.events.paint.connect(self._on_painted)
             _watch_undo(labels_layer, self._on_history_replayed)
         self._outputs[key] = _Output(labels_layer, update.baseline, update.names, update.colours, update.edited)
+        undone = self._undone.pop(key, None)
+        if undone is not None and undone.shape == update.baseline.shape:
+            _forget_edits(self._outputs[key], undone, np.asarray(labels_layer.data))
         return labels_layer, kept
 
     def _write_probabilities(self, context, result):
@@ -696,6 +701,14 @@ def _show(layer) -> None:
         layer.visible = True
     except RuntimeError:  # the viewer closed meanwhile
         pass
+
+
+def _forget_edits(output: _Output, pixels: np.ndarray, data: np.ndarray) -> None:
+    """These pixels hold the model's answer, not the user's: no longer edits to keep or learn from."""
+    output.baseline = output.baseline.copy()  # a run in flight may be reading the old arrays
+    output.baseline[pixels] = data[pixels]
+    if output.edited is not None:
+        output.edited = output.edited & ~pixels
 
 
 def _watch_undo(layer, callback) -> None:

@@ -107,7 +107,6 @@ class _FitToWidth(QObject):
         super().__init__(box)
         self._box, self._label = box, label
         self._fitted = None                       # (text, width) of the last fit
-        self.fits = 0
         box.viewport().installEventFilter(self)
 
     def eventFilter(self, watched, event) -> bool:
@@ -119,7 +118,6 @@ class _FitToWidth(QObject):
         label, width = self._label, self._box.viewport().width()
         if self._fitted == (label.text(), width):
             return
-        self.fits += 1
         self._fitted = (label.text(), width)
         label.setMinimumHeight(0)                 # measure the text alone, not the height set last time
         label.setMaximumHeight(16777215)

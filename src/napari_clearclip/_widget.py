@@ -168,6 +168,7 @@ class ClearClipWidget(Container):
         self._writing = False  # set while the widget adds its own layers, which the Image field must not follow
         self._outputs: dict[str, _Output] = {}  # by layer unique id (plugins see layers through proxies)
         self._undone: dict[str, np.ndarray] = {}  # pixels undone while a run was computing, by layer
+        self._redone: dict[str, np.ndarray] = {}  # pixels redone while a run was computing, by layer
         saved = load_settings()
 
         self.image = ComboBox(name="image", label="Image", choices=self._image_choices, nullable=True,
@@ -437,8 +438,9 @@ class ClearClipWidget(Container):
     def _on_painted(self, event=None):
         self._on_live_trigger()
 
-    def _on_history_replayed(self, layer, before: np.ndarray) -> None:
-        """After an undo or redo on a result: the pixels it restored are the model's again, not edits to learn from."""
+    def _on_history_replayed(self, layer, before: np.ndarray, action: str = "undo") -> None:
+        """After an undo on a result, the pixels it restored are the model's again, not edits to learn from;
+        after a redo, the stroke it brought back is the user's again: kept, and teaching."""
         output = self._outputs.get(_layer_key(layer))
         if output is None or self._closed:
             return
@@ -448,10 +450,16 @@ class ClearClipWidget(Container):
         changed = data != before
         if not changed.any():
             return
-        _forget_edits(output, changed, data)
+        if action == "redo":
+            _claim_edits(output, changed)
+        else:
+            _forget_edits(output, changed, data)
         if self._worker is not None:  # the run in flight started from the pixels as they were: redo this on its result
             key = _layer_key(layer)
-            self._undone[key] = changed | self._undone[key] if key in self._undone else changed
+            mine, other = (self._redone, self._undone) if action == "redo" else (self._undone, self._redone)
+            mine[key] = changed | mine[key] if key in mine else changed
+            if key in other:
+                other[key] = other[key] & ~changed
         self._on_live_trigger()
 
     def _live_run(self):
@@ -584,6 +592,7 @@ class ClearClipWidget(Container):
     def _on_finished(self):
         self._worker = None
         self._undone.clear()  # applied to the run's result, or the run left the layer as it was
+        self._redone.clear()
         if self._progress is not None:
             self._progress.close()
             self._progress = None
@@ -612,6 +621,8 @@ class ClearClipWidget(Container):
         note = f"; kept {kept} edited pixels" if kept else ""
         planes = result.planes
         text = f"Done: {labels_layer.name} ({planes} slice{'s' if planes > 1 else ''}){note}."
+        for extra in result.notes:
+            text += " Note: " + extra
         if context["model"] == DEMO_MODEL and context["layer"].name != DEMO_SAMPLE_NAME:
             text += " " + DEMO_NOTE
         self._set_status(text)
@@ -672,6 +683,9 @@ class ClearClipWidget(Container):
         undone = self._undone.pop(key, None)
         if undone is not None and undone.shape == update.baseline.shape:
             _forget_edits(self._outputs[key], undone, np.asarray(labels_layer.data))
+        redone = self._redone.pop(key, None)
+        if redone is not None and redone.shape == update.baseline.shape:
+            _claim_edits(self._outputs[key], redone)
         return labels_layer, kept
 
     def _write_probabilities(self, context, result):
@@ -709,18 +723,26 @@ def _forget_edits(output: _Output, pixels: np.ndarray, data: np.ndarray) -> None
         output.edited = output.edited & ~pixels
 
 
+def _claim_edits(output: _Output, pixels: np.ndarray) -> None:
+    """These pixels hold what the user painted (a redone stroke): edits to keep and learn from."""
+    edited = np.zeros(output.baseline.shape, dtype=bool) if output.edited is None else output.edited.copy()
+    edited |= pixels  # a copy: a run in flight may be reading the old mask
+    output.edited = edited
+
+
 def _watch_undo(layer, callback) -> None:
-    """Call ``callback(layer, data before)`` after each undo or redo of ``layer`` (napari emits no event for them)."""
+    """Call ``callback(layer, data before, "undo" or "redo")`` after each undo or redo of ``layer``
+    (napari emits no event for them)."""
     for name in ("undo", "redo"):
         replay = getattr(layer, name, None)
         if replay is None:
             continue
 
-        def watched(replay=replay):
+        def watched(replay=replay, name=name):
             before = np.array(layer.data, copy=True) if isinstance(layer.data, np.ndarray) else None
             replay()
             if before is not None:
-                callback(layer, before)
+                callback(layer, before, name)
 
         setattr(layer, name, watched)  # the instance attribute is what napari's undo key calls
 

@@ -48,6 +48,7 @@ class LayerResult:
     class_names: list[str]
     maps: dict[str, np.ndarray]
     planes: int
+    notes: list[str] = field(default_factory=list)  # what the user should know about the run (names cut short)
 
 
 def probability_layer_names(image_name: str, mode: str, class_names: list[str]) -> list[str]:
@@ -120,7 +121,22 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Plan
             for name, values in zip(names, result.probabilities):
                 maps[name][plane] = values
         del result  # only the merged labels and the asked-for maps outlive the plane
-    return LayerResult(merger.finish(), class_names, maps, len(request.planes))
+    return LayerResult(merger.finish(), class_names, maps, len(request.planes), class_name_notes(segmenter, request))
+
+
+def class_name_notes(segmenter: Segmenter, request: LayerRequest) -> list[str]:
+    """A note per class name the model's text context cuts short (the API warns; the widget says it)."""
+    from .prompts import check_templates, parse_classes
+
+    names = [s for c in parse_classes(request.classes) for s in c.synonyms]
+    cut = segmenter.text.cut_names(names, check_templates(request.options.get("templates")))
+    if not cut:
+        return []
+    limit = segmenter.text.context_length()
+    shown = ", ".join(repr(n if len(n) <= 40 else n[:40] + "...") for n in cut[:3])
+    more = f" and {len(cut) - 3} more" if len(cut) > 3 else ""
+    return [f"{shown}{more} {'is' if len(cut) == 1 else 'are'} longer than the model reads ({limit} tokens with the "
+            "prompt): the words past that are ignored, so shorten the name."]
 
 
 def _map_volume(existing, shape) -> np.ndarray:

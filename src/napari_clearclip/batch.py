@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
+import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,7 +21,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import ClearClipError, ImageNotFoundError, InvalidImageError, OutputError
+from .errors import ClearClipError, ImageNotFoundError, InvalidImageError, InvalidOptionError, OutputError
+from .provenance import assign_stems, make_record, natural_stems, read_record, same_content, tiff_metadata
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 REPORT_NAME = "clearclip_report.csv"
@@ -45,8 +49,14 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     A pattern that matches nothing, and a folder without images, stay in the list so
     that they are reported as failures rather than silently dropped.
     """
+    if isinstance(inputs, (str, bytes, os.PathLike)):
+        inputs = [inputs]  # one path, not the characters of its name
     paths: list[Path] = []
     for item in inputs:
+        if isinstance(item, bytes):
+            item = os.fsdecode(item)
+        if not isinstance(item, (str, os.PathLike)):
+            raise InvalidOptionError(f"Inputs must be paths (files, folders or glob patterns), not {item!r}.")
         text = os.fspath(item)
         path = Path(text).expanduser()
         if path.is_dir():
@@ -67,6 +77,8 @@ def read_image(path: Path) -> np.ndarray:
         raise InvalidImageError(f"{path} is a folder with no images ({', '.join(IMAGE_SUFFIXES)}).")
     if not path.is_file():
         raise ImageNotFoundError(f"No such file: {path}")
+    if path.stat().st_size == 0:
+        raise InvalidImageError(f"{path} is empty (0 bytes): the file was not written completely; copy or export it again.")
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
@@ -75,35 +87,24 @@ def read_image(path: Path) -> np.ndarray:
         from skimage.io import imread
 
         return imread(path)
+    except MemoryError:
+        raise
     except Exception as exc:
-        raise InvalidImageError(f"Could not read {path} as an image: {exc}") from None
+        raise InvalidImageError(f"Could not read {path} as an image: {_read_failure(path, exc)}") from None
+
+
+def _read_failure(path: Path, exc: Exception) -> str:
+    """Why a file could not be read, in terms of the file (not of the reading library's plug-ins)."""
+    text = str(exc)
+    if "backend" in text.lower() or "plugin" in text.lower() or "format" in text.lower():
+        return (f"it is not a {path.suffix.lstrip('.').upper() or 'known'} image, or it is damaged "
+                f"(supported: {', '.join(IMAGE_SUFFIXES)})")
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def output_stems(paths: Sequence[Path]) -> list[str]:
-    """One output name per input, unique even when inputs share a name or collide with a suffixed one.
-
-    Inputs whose file name is unique keep it; repeats get ``_2``, ``_3`` ..., skipping
-    any name another input already has, so ``a/x.png b/x.png x_2.png`` gives x, x_3, x_2.
-    """
-    natural = [p.stem for p in paths]
-    counts: dict[str, int] = {}
-    for stem in natural:
-        counts[stem] = counts.get(stem, 0) + 1
-    taken = set(natural)
-    assigned: set[str] = set()
-    stems = []
-    for stem in natural:
-        if stem not in assigned:
-            assigned.add(stem)
-            stems.append(stem)
-            continue
-        n = 2
-        while f"{stem}_{n}" in taken or f"{stem}_{n}" in assigned:
-            n += 1
-        name = f"{stem}_{n}"
-        assigned.add(name)
-        stems.append(name)
-    return stems
+    """One output name per input in an empty folder (see :func:`provenance.natural_stems`)."""
+    return natural_stems(paths)
 
 
 # -- outputs -------------------------------------------------------------------------------------------
@@ -144,27 +145,35 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-def write_outputs(result, out_dir: Path, stem: str, save_probabilities: bool = False) -> list[Path]:
-    """``<stem>_labels.tif`` (uint16), ``<stem>_classes.csv`` and optionally ``<stem>_probabilities.tif``."""
+def write_outputs(result, out_dir: Path, stem: str, save_probabilities: bool = False,
+                  record: dict | None = None) -> list[Path]:
+    """``<stem>_labels.tif`` (uint16, with the run's record), ``<stem>_classes.csv`` and optionally probabilities."""
     import tifffile
 
     labels_path, table_path, *prob_path = output_paths(out_dir, stem, save_probabilities)
     dtype = np.uint16 if len(result.class_names) < 65535 else np.uint32
 
-    def write_table(p: Path) -> None:
-        with open(p, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["label", "name", "synonyms", "pixels"])
-            writer.writeheader()
-            writer.writerows(result.class_table())
-
     # the labels go last: their presence marks a finished file for resumed runs
     if prob_path:
         write_atomic(prob_path[0], lambda p: tifffile.imwrite(p, result.probabilities, photometric="minisblack",
                                                                    compression="zlib"))
-    write_atomic(table_path, write_table)
-    write_atomic(labels_path, lambda p: tifffile.imwrite(p, result.labels.astype(dtype), photometric="minisblack",
-                                                                    compression="zlib"))
+    write_atomic(table_path, lambda p: _write_class_table(p, result.class_table()))
+    write_atomic(labels_path, lambda p: _write_labels(p, result.labels.astype(dtype), record))
     return [labels_path, table_path, *prob_path]
+
+
+def _write_class_table(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["label", "name", "synonyms", "pixels"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_labels(path: Path, labels: np.ndarray, record: dict | None) -> None:
+    import tifffile
+
+    tifffile.imwrite(path, labels, photometric="minisblack", compression="zlib",
+                     metadata=tiff_metadata(record) if record else {})
 
 
 def write_report(reports: Sequence[FileReport], path: Path) -> Path:
@@ -182,27 +191,61 @@ def write_report(reports: Sequence[FileReport], path: Path) -> Path:
 
 # -- running -------------------------------------------------------------------------------------------
 
-def segment_file(segmenter, path: Path, stem: str, classes, out_dir: Path, options: dict,
+SKIPPED = "outputs exist (use --overwrite to replace them)"
+SKIPPED_OTHER_RUN = ("outputs exist from a run with other classes, model or options, kept as they are "
+                     "(use --overwrite to replace them)")
+SKIPPED_CHANGED = "outputs exist for an earlier version of this file, kept as they are (use --overwrite to replace them)"
+PARTS_DIR = ".clearclip-parts"
+RUN_OVER = "the run this plane belonged to has ended"
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of work: a whole 2-D image (``plane`` None) or one plane of a stack.
+
+    ``run`` fingerprints the classes, model and options; ``parts`` names the folder of a
+    stack's plane results, tied to this run and this input's content.
+    """
+
+    path: Path
+    stem: str
+    plane: int | None = None
+    planes: int = 1
+    run: str = ""
+    parts: str = ""
+
+
+def skip_reason(record: dict | None, path: Path, run: str) -> str:
+    """Why an input whose outputs exist is skipped, said so that a user sees when they are not this run's."""
+    if record is None:
+        return SKIPPED
+    if not same_content(record, path):
+        return SKIPPED_CHANGED
+    if record.get("run") != run:
+        return SKIPPED_OTHER_RUN
+    return SKIPPED
+
+
+def segment_file(segmenter, task: Task, classes, out_dir: Path, options: dict,
                  save_probabilities: bool = False, overwrite: bool = False) -> FileReport:
     """Segment one 2-D image file and write its outputs; errors a user can act on become a "failed" report."""
     from .cluster import worker_name
 
+    path, stem = task.path, task.stem
     start = time.perf_counter()
     outputs = output_paths(out_dir, stem, save_probabilities)
-    if not overwrite and all(p.exists() for p in outputs):
-        return FileReport(path, "skipped", 0.0, worker_name(), SKIPPED, outputs)
+    if not overwrite and all(p.exists() for p in outputs):  # another run finished it meanwhile
+        return FileReport(path, "skipped", 0.0, worker_name(), skip_reason(read_record(outputs[0]), path, task.run),
+                          outputs)
     try:
+        record = make_record(path, task.run, classes) if path.is_file() else None
         result = segmenter.segment(read_image(path), classes, maps=save_probabilities, **options)
-        written = write_outputs(result, out_dir, stem, save_probabilities)
+        written = write_outputs(result, out_dir, stem, save_probabilities, record)
     except ClearClipError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), str(exc))
     except OSError as exc:  # disk full, permissions changed mid-run ...
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), f"could not write outputs: {exc}")
     return FileReport(path, "done", time.perf_counter() - start, worker_name(), "", written)
-
-
-SKIPPED = "outputs exist (use --overwrite to replace them)"
-PARTS_DIR = ".clearclip-parts"
 
 
 # -- stacks: one task per plane ------------------------------------------------------------------------
@@ -241,22 +284,57 @@ def read_plane(path: Path, index: int, count: int) -> np.ndarray:
     return data.reshape(count, *data.shape[-tail:])[index]
 
 
-def part_path(out_dir: Path, stem: str, index: int) -> Path:
-    return out_dir / PARTS_DIR / stem / f"plane_{index:06d}.npy"
+def parts_key(run: str, path: Path) -> str:
+    """The parts folder's name: this run's fingerprint and this input's content, so no other run ever reads them."""
+    from .cache import file_digest
+
+    return hashlib.sha256(f"{run}:{file_digest(path)}".encode()).hexdigest()[:20]
 
 
-def segment_plane(segmenter, path: Path, stem: str, index: int, count: int, classes, out_dir: Path,
-                  options: dict) -> FileReport:
+def parts_folder(out_dir: Path, stem: str, key: str) -> Path:
+    return out_dir / PARTS_DIR / stem / key
+
+
+def part_path(out_dir: Path, stem: str, key: str, index: int) -> Path:
+    return parts_folder(out_dir, stem, key) / f"plane_{index:06d}.npy"
+
+
+def open_parts(out_dir: Path, stem: str, key: str) -> None:
+    """Make this run's parts folder for a stack, and remove any other run's parts of that output.
+
+    Only the process that plans the run makes the folder; a task finds it or writes nothing,
+    so a plane run again after its stack was assembled (a lost worker's) leaves nothing behind.
+    """
+    stem_dir = out_dir / PARTS_DIR / stem
+    if stem_dir.is_dir():
+        for other in stem_dir.iterdir():
+            if other.name != key:
+                shutil.rmtree(other, ignore_errors=True) if other.is_dir() else other.unlink(missing_ok=True)
+    parts_folder(out_dir, stem, key).mkdir(parents=True, exist_ok=True)
+
+
+def close_parts(out_dir: Path, stem: str) -> None:
+    """Remove a stack's parts (every run's), and the parts folder once empty."""
+    shutil.rmtree(out_dir / PARTS_DIR / stem, ignore_errors=True)
+    try:
+        (out_dir / PARTS_DIR).rmdir()
+    except OSError:
+        pass
+
+
+def segment_plane(segmenter, task: Task, classes, out_dir: Path, options: dict) -> FileReport:
     """Segment one plane of a stack into a part file (kept until the stack is assembled, so runs resume)."""
     from .cluster import worker_name
 
+    path, index = task.path, task.plane
     start = time.perf_counter()
-    part = part_path(out_dir, stem, index)
-    if part.exists():
+    part = part_path(out_dir, task.stem, task.parts, index)
+    if part.is_file():
         return FileReport(path, "done", 0.0, worker_name(), "", [part])
+    if not part.parent.is_dir():
+        return FileReport(path, "failed", 0.0, worker_name(), f"plane {index}: {RUN_OVER}")
     try:
-        labels = segmenter.segment(read_plane(path, index, count), classes, maps=False, **options).labels
-        part.parent.mkdir(parents=True, exist_ok=True)
+        labels = segmenter.segment(read_plane(path, index, task.planes), classes, maps=False, **options).labels
 
         def write(p: Path) -> None:
             with open(p, "wb") as handle:
@@ -270,51 +348,33 @@ def segment_plane(segmenter, path: Path, stem: str, index: int, count: int, clas
     return FileReport(path, "done", time.perf_counter() - start, worker_name(), "", [part])
 
 
-def assemble_stack(path: Path, stem: str, out_dir: Path, leading: tuple[int, ...], classes) -> list[Path]:
+def assemble_stack(task: Task, out_dir: Path, leading: tuple[int, ...], classes, record: dict | None) -> list[Path]:
     """Stack the planes' labels into ``<stem>_labels.tif`` (with the class table) and remove the parts."""
-    import shutil
-
-    import tifffile
-
     from .prompts import parse_classes
 
     count = int(np.prod(leading))
-    planes = [np.load(part_path(out_dir, stem, i)) for i in range(count)]
+    planes = []
+    for i in range(count):
+        try:
+            planes.append(np.load(part_path(out_dir, task.stem, task.parts, i), allow_pickle=False))
+        except ValueError as exc:
+            raise OSError(f"the result of plane {i} is damaged ({exc})") from None
+    if any(p.shape != planes[0].shape for p in planes):
+        raise OSError("the planes' results differ in shape")
     labels = np.stack(planes).reshape(*leading, *planes[0].shape)
     parsed = parse_classes(classes)
     counts = np.bincount(labels.ravel().astype(np.int64), minlength=len(parsed) + 1)
     rows = [{"label": 0, "name": "unassigned", "synonyms": "", "pixels": int(counts[0])}]
     rows += [{"label": i, "name": c.name, "synonyms": ", ".join(c.synonyms), "pixels": int(counts[i])}
              for i, c in enumerate(parsed, start=1)]
-    labels_path, table_path = output_paths(out_dir, stem)
-
-    def write_table(p: Path) -> None:
-        with open(p, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["label", "name", "synonyms", "pixels"])
-            writer.writeheader()
-            writer.writerows(rows)
-
-    write_atomic(table_path, write_table)
-    write_atomic(labels_path, lambda p: tifffile.imwrite(p, labels, photometric="minisblack", compression="zlib"))
-    shutil.rmtree(out_dir / PARTS_DIR / stem, ignore_errors=True)
-    try:
-        (out_dir / PARTS_DIR).rmdir()
-    except OSError:
-        pass
+    labels_path, table_path = output_paths(out_dir, task.stem)
+    write_atomic(table_path, lambda p: _write_class_table(p, rows))
+    write_atomic(labels_path, lambda p: _write_labels(p, labels, record))
+    close_parts(out_dir, task.stem)
     return [labels_path, table_path]
 
 
 # -- tasks ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Task:
-    """One unit of work: a whole 2-D image (``plane`` None) or one plane of a stack."""
-
-    path: Path
-    stem: str
-    plane: int | None = None
-    planes: int = 1
-
 
 def run_task(spec, task: Task, classes, out_dir: Path, options: dict, save_probabilities: bool,
              overwrite: bool) -> FileReport:
@@ -323,14 +383,18 @@ def run_task(spec, task: Task, classes, out_dir: Path, options: dict, save_proba
 
     segmenter = segmenter_for(spec)
     if task.plane is None:
-        return segment_file(segmenter, task.path, task.stem, classes, out_dir, options, save_probabilities, overwrite)
-    return segment_plane(segmenter, task.path, task.stem, task.plane, task.planes, classes, out_dir, options)
+        return segment_file(segmenter, task, classes, out_dir, options, save_probabilities, overwrite)
+    return segment_plane(segmenter, task, classes, out_dir, options)
 
 
 def check_model_and_options(spec, options: dict) -> None:
     from .cluster import segmenter_for
 
-    segmenter_for(spec).check_options(**options)
+    segmenter = segmenter_for(spec)
+    try:
+        segmenter.check_options(**options)
+    except TypeError as exc:  # an option the engine does not have
+        raise InvalidOptionError(f"Unknown option for a batch run: {exc}".replace("check_options() ", "")) from None
 
 
 def remove_stale_partials(out_dir: Path) -> None:
@@ -372,8 +436,12 @@ def segment_files(
     """
     from .cluster import ModelSpec
     from .prompts import parse_classes
+    from .provenance import run_fingerprint
 
     class_list = [", ".join(c.synonyms) for c in parse_classes(classes)]
+    if "maps" in options:
+        raise InvalidOptionError("maps is not an option of a batch run: probability maps are written with "
+                                 "save_probabilities=True (--save-probabilities).")
     out = check_output_dir(out_dir)
     files = expand_inputs(paths)
     spec = ModelSpec(model, None if pretrained is None else os.fspath(pretrained), method, device, precision)
@@ -383,31 +451,45 @@ def segment_files(
     else:
         client.submit(check_model_and_options, spec, options, pure=False).result()
     remove_stale_partials(out)
+    run = run_fingerprint(spec.model, spec.pretrained, method, precision, class_list, options)
 
     reports: list[FileReport] = []
     tasks: list[Task] = []
-    stacks: dict[Path, tuple[tuple[int, ...], list[FileReport]]] = {}
-    for path, stem in zip(files, output_stems(files)):
+    stacks: dict[Path, tuple[tuple[int, ...], list[FileReport], dict | None]] = {}  # leading shape, planes, record
+    stems, existing = assign_stems(files, out)
+    for path, stem in zip(files, stems):
         layout = stack_planes(path)
         expected = output_paths(out, stem, save_probabilities and layout is None)  # stacks: labels and table
         if not overwrite and all(p.exists() for p in expected):
-            reports.append(FileReport(path, "skipped", 0.0, "", SKIPPED, expected))
+            output = existing.get(stem)
+            reason = skip_reason(output.record if output else read_record(expected[0]), path, run)
+            reports.append(FileReport(path, "skipped", 0.0, "", reason, expected))
+            close_parts(out, stem)  # parts of an output that is whole are leftovers
             continue
         if layout is None:
-            tasks.append(Task(path, stem))
-        else:
-            count = int(np.prod(layout[0]))
-            stacks[path] = (layout[0], [])
-            tasks.extend(Task(path, stem, i, count) for i in range(count))
+            tasks.append(Task(path, stem, run=run))
+            continue
+        try:
+            key = parts_key(run, path)
+            record = make_record(path, run, class_list)
+            open_parts(out, stem, key)
+        except OSError as exc:
+            reports.append(FileReport(path, "failed", 0.0, "", f"could not prepare the stack: {exc}"))
+            continue
+        count = int(np.prod(layout[0]))
+        stacks[path] = (layout[0], [], record)
+        tasks.extend(Task(path, stem, i, count, run, key) for i in range(count))
     for item in reports:
         if on_report is not None:
             on_report(item)
+
+    done_stacks: set[Path] = set()
 
     def finished(task: Task, item: FileReport) -> None:
         if task.plane is None:
             reports.append(item)
         else:
-            leading, planes = stacks[task.path]
+            leading, planes, record = stacks[task.path]
             planes.append(item)
             if len(planes) < task.planes:
                 return
@@ -418,8 +500,9 @@ def segment_files(
                 item = FileReport(task.path, "failed", seconds, workers, "; ".join(p.error for p in failed[:3]))
             else:
                 try:
-                    written = assemble_stack(task.path, task.stem, out, leading, class_list)
+                    written = assemble_stack(task, out, leading, class_list, record)
                     item = FileReport(task.path, "done", seconds, workers, "", written)
+                    done_stacks.add(task.path)
                 except OSError as exc:
                     item = FileReport(task.path, "failed", seconds, workers, f"could not write outputs: {exc}")
             reports.append(item)
@@ -434,6 +517,9 @@ def segment_files(
         else:
             _run_on_cluster(client, tasks, args, finished)
     finally:
+        for task in tasks:  # a finished stack's parts, again: no late plane may leave one behind
+            if task.plane == 0 and task.path in done_stacks:
+                close_parts(out, task.stem)
         remove_stale_partials(out)
         if report and reports:
             write_report(reports, out / REPORT_NAME)
@@ -452,11 +538,14 @@ def _run_on_cluster(client, tasks: list[Task], args, finished) -> None:
         futures[client.submit(run_task, spec, task, *rest, key=key, pure=False)] = task
     try:
         for future in distributed.as_completed(list(futures)):
-            task = futures[future]
+            task = futures.pop(future)
             try:
                 item = future.result()
             except Exception as exc:  # the task itself broke, or its workers kept dying
                 item = FileReport(task.path, "failed", 0.0, "", f"{type(exc).__name__}: {exc}")
+            # forgotten by the scheduler at once: a worker that dies later must not make it run again
+            future.release()
+            del future
             finished(task, item)
     except BaseException:
         client.cancel(list(futures))

@@ -13,7 +13,9 @@ status is 1 if any input failed, 2 if nothing could start, 130 if interrupted.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from tqdm import tqdm
@@ -81,10 +83,53 @@ def engine_options(args: argparse.Namespace) -> dict:
     return options
 
 
+class StopOnce:
+    """Ctrl-C stops a run once: the first press raises KeyboardInterrupt, later ones only say that it is stopping.
+
+    Cleaning up (closing a cluster, removing temporary files) then finishes, and no second
+    KeyboardInterrupt prints a traceback from inside it or at exit. Outside the main thread
+    (where Python delivers no signals) it does nothing.
+    """
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = None
+
+    def __enter__(self) -> "StopOnce":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._first)
+        return self
+
+    def _first(self, signum, frame) -> None:
+        self.interrupted = True
+        signal.signal(signal.SIGINT, self._again)
+        raise KeyboardInterrupt
+
+    def _again(self, signum, frame) -> None:
+        try:
+            print("stopping: finishing what is being written, please wait...", file=sys.stderr, flush=True)
+        except Exception:
+            pass
+
+    def __exit__(self, *exc) -> None:
+        # after an interrupt the quiet handler stays until the process ends, atexit hooks included
+        if self._previous is not None and not self.interrupted:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with StopOnce():
+        try:
+            return _run(args)
+        except KeyboardInterrupt:
+            print("interrupted: finished images are kept; run the same command again to resume.", file=sys.stderr)
+            return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from .batch import check_output_dir, remove_stale_partials, segment_files
 
-    args = build_parser().parse_args(argv)
     client = cluster = None
     if args.cluster or args.scheduler:
         from .cluster import start_client

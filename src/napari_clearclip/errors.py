@@ -50,3 +50,11 @@ class OutOfMemoryError(ClearClipError, MemoryError):
 
 class OutputError(ClearClipError, OSError):
     """An output folder or file cannot be written."""
+
+
+class DistributedMissingError(ClearClipError, ImportError):
+    """dask.distributed is needed for this and is not installed."""
+
+
+class SchedulerUnreachableError(ClearClipError, ConnectionError):
+    """No dask scheduler answers at the address given (nothing listens, or something else does)."""

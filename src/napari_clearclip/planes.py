@@ -136,6 +136,32 @@ def check_stack_scribbles(scribbles, layout: ImageLayout, n_classes: int) -> dic
     return hints
 
 
+def check_planes(planes, layout: ImageLayout) -> list[tuple[int, ...]]:
+    """The planes as tuples of indices into the labels' leading axes, or an error naming the valid range."""
+    import numbers
+
+    shape = layout.plane_shape
+    valid = (f"this stack's planes are indexed by {len(shape)} number(s) within {shape}, e.g. {(0,) * len(shape)}"
+             if shape else "a 2-D image has one plane, ()")
+    try:
+        items = list(planes)
+    except TypeError:
+        raise InvalidOptionError(f"planes={planes!r} must be a list of plane indices: {valid}.") from None
+    checked = []
+    for plane in items:
+        index = (plane,) if isinstance(plane, numbers.Integral) else plane
+        try:
+            index = tuple(index)
+        except TypeError:
+            raise InvalidOptionError(f"Plane {plane!r} is not an index: {valid}.") from None
+        if len(index) != len(shape) or not all(
+                isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= int(i) < n
+                for i, n in zip(index, shape)):
+            raise InvalidOptionError(f"Plane {plane!r} does not exist: {valid}.")
+        checked.append(tuple(int(i) for i in index))
+    return checked
+
+
 def segment_planes(
     segmenter: Segmenter,
     data,
@@ -152,6 +178,7 @@ def segment_planes(
     strokes on any plane, segmented or not, become exemplars for every plane segmented,
     and painted pixels keep their class.
     """
+    planes = check_planes(planes, layout)
     hints = check_stack_scribbles(scribbles, layout, len(parse_classes(classes)))
     shared = yield from stack_exemplars(segmenter, data, layout, hints, classes, len(planes), **options)
     if shared is not None:

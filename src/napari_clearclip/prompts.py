@@ -42,6 +42,8 @@ def parse_classes(classes: str | Sequence[str]) -> list[ClassQuery]:
     A single string is split on newlines and semicolons. Empty, blank or duplicate
     names are errors: a duplicate would make two classes compete for the same pixels.
     """
+    if isinstance(classes, np.ndarray) and classes.ndim == 1 and classes.dtype.kind in "USO":
+        classes = [str(c) if classes.dtype.kind in "US" else c for c in classes.tolist()]  # an array of names
     if isinstance(classes, str):
         classes = [part for part in re.split(r"[;\n]", classes) if part.strip()]
     elif isinstance(classes, (Set, dict)):
@@ -50,9 +52,11 @@ def parse_classes(classes: str | Sequence[str]) -> list[ClassQuery]:
             "between runs: pass a list, e.g. ['cell', 'background']."
         )
     elif classes is not None and not isinstance(classes, Sequence):
+        one_shot = isinstance(classes, Iterator)
         raise InvalidClassesError(
-            f"Classes must be a list of strings (or one string with one class per line), not a {type(classes).__name__}: "
-            "wrap a generator in list(...)."
+            f"Classes must be a list of strings (or one string with one class per line), not a {type(classes).__name__}"
+            + (": wrap a generator in list(...)." if one_shot else
+               f" of {getattr(classes, 'dtype', 'values')}: e.g. ['cell', 'background'].")
         )
     if classes is None or len(classes) == 0:
         raise InvalidClassesError("No classes given: name at least one class, for example ['cell', 'background'].")
@@ -111,13 +115,7 @@ class TextEncoder:
         would be one and the same class, silently.
         """
         context = getattr(self.model.clip, "context_length", None)
-        if not context or len(names) < 1:
-            return
-        longest = max(templates, key=len)
-        rows = self.model.tokenizer([longest.replace("{}", n) for n in names])
-        if rows.shape[-1] < context:
-            return
-        cut = [n for n, row in zip(names, rows) if int(row[-1]) != 0]
+        cut = self.cut_names(names, templates)
         if not cut:
             return
         seen: dict[tuple, str] = {}
@@ -132,6 +130,20 @@ class TextEncoder:
             seen[key] = name
         warnings.warn(f"{len(cut)} class name(s) are cut at the model's {context}-token limit, e.g. {cut[0][:60]!r}: "
                       "the words past the limit are ignored.", stacklevel=3)
+
+    def cut_names(self, names: Sequence[str], templates: tuple[str, ...]) -> list[str]:
+        """The names that the longest template's prompt cuts at the model's token limit (words past it are lost)."""
+        context = getattr(self.model.clip, "context_length", None)
+        if not context or len(names) < 1:
+            return []
+        longest = max(templates, key=len)
+        rows = self.model.tokenizer([longest.replace("{}", n) for n in names])
+        if rows.shape[-1] < context:
+            return []
+        return [n for n, row in zip(names, rows) if int(row[-1]) != 0]
+
+    def context_length(self) -> int | None:
+        return getattr(self.model.clip, "context_length", None)
 
     def key(self, name: str, templates: tuple[str, ...]) -> str:
         digest = hashlib.sha256()
@@ -174,26 +186,42 @@ class TextEncoder:
             self._write_disk(self._disk_path(key), embedding.numpy())
 
     def _write_disk(self, path: Path, values: np.ndarray) -> None:
-        """Write atomically through a temporary file unique to this call; a cache that cannot be written is skipped."""
+        """Write atomically through a temporary file unique to this call.
+
+        A cache folder that cannot be written turns the disk cache off (one warning); an entry
+        that cannot be replaced (e.g. a folder stands where the file goes) is healed if it is an
+        empty folder, else skipped alone, and every other entry still goes to disk.
+        """
         tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as handle:
                 tmp = handle.name
                 np.save(handle, values)
-            os.replace(tmp, path)
-            tmp = None
         except OSError as exc:
             if self.disk_cache:
                 warnings.warn(f"The text-embedding cache {path.parent} cannot be written ({exc}); "
                               "embeddings are kept in memory only.", stacklevel=4)
             self.disk_cache = False  # warn once, then stay in memory
+            self._discard(tmp)
+            return
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()  # an empty folder in the file's place: heal the entry
+            os.replace(tmp, path)
+            tmp = None
+        except OSError as exc:
+            log.info("Skipping the cached text embedding %s, which cannot be replaced: %s", path, exc)
         finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+            self._discard(tmp)
+
+    @staticmethod
+    def _discard(tmp: str | None) -> None:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     def encode_steps(self, names: Sequence[str], templates: tuple[str, ...]) -> Iterator[tuple[int, int]]:
         """Encode the names not cached yet, yielding (done, total) after each batch of prompts."""

@@ -144,16 +144,42 @@ def pamr(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERA
             return stop.value
 
 
+#: Upper bounds that keep a mistyped option from running for days or allocating terabytes.
+PAMR_MAX_ITERATIONS = 100
+PAMR_MAX_DILATION = 1024
+
+
+def _whole(value) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_pamr_options(iterations, dilations) -> tuple[int, tuple[int, ...]]:
+    """(iterations, dilations) as plain ints, or an error that says the allowed range (numpy integers are fine)."""
+    import numpy as np
+
     from .errors import InvalidOptionError
 
-    if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 0:
-        raise InvalidOptionError(f"pamr_iterations={iterations!r} must be a whole number of at least 0 (NACLIP uses 10).")
+    if not _whole(iterations) or not 0 <= int(iterations) <= PAMR_MAX_ITERATIONS:
+        raise InvalidOptionError(f"pamr_iterations={iterations!r} must be a whole number from 0 to "
+                                 f"{PAMR_MAX_ITERATIONS} (NACLIP uses 10).")
     try:
-        dilations = tuple(dilations)
-        ok = bool(dilations) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in dilations)
-    except TypeError:
+        values = tuple(np.asarray(dilations, dtype=object).ravel().tolist()) if not isinstance(dilations, str) else ()
+        ok = bool(values) and all(_whole(d) and 1 <= int(d) <= PAMR_MAX_DILATION for d in values)
+    except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise InvalidOptionError(f"pamr_dilations={dilations!r} must be whole numbers of at least 1, e.g. (8, 16).")
-    return iterations, dilations
+        raise InvalidOptionError(f"pamr_dilations={dilations!r} must be whole numbers from 1 to {PAMR_MAX_DILATION} "
+                                 "pixels, e.g. (8, 16).")
+    return int(iterations), tuple(int(d) for d in values)
+
+
+def check_dilations_fit(dilations: Sequence[int], size: tuple[int, int]) -> None:
+    """Dilations must stay inside the image: a neighbour farther than the image's shorter side is only padding."""
+    from .errors import InvalidOptionError
+
+    if max(dilations) >= min(size):
+        raise InvalidOptionError(
+            f"pamr_dilations={tuple(dilations)} reach past this {size[0]} x {size[1]} image: each must be smaller than "
+            f"its shorter side ({min(size)} pixels), e.g. (8, 16).")

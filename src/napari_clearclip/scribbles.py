@@ -64,7 +64,12 @@ def check_scribbles(scribbles, shape: tuple[int, int], n_classes: int) -> np.nda
     """``None``, or an integer (H, W) array with values 0 (no hint) .. n_classes."""
     if scribbles is None:
         return None
-    array = np.asarray(scribbles)
+    try:
+        array = np.asarray(scribbles)
+    except (ValueError, TypeError):
+        raise InvalidOptionError(
+            "scribbles must be a rectangular integer array of the image's height and width (0 = no hint, "
+            "k = class k); rows of different lengths were given.") from None
     if array.dtype == bool or array.dtype.kind not in "ui":
         raise InvalidOptionError(
             f"scribbles must be an integer array (0 = no hint, k = class k), not {array.dtype}: "

@@ -18,7 +18,7 @@ from .image import check_contrast_limits, check_image, prepare
 from .methods import encode_dense, get_method, interpolated_positions
 from .models import LoadedModel, default_options, load_model
 from .prompts import ClassQuery, TextEncoder, check_templates, parse_classes
-from .refine import PAMR_DILATIONS, PAMR_ITERATIONS, check_pamr_options, pamr_steps
+from .refine import PAMR_DILATIONS, PAMR_ITERATIONS, check_dilations_fit, check_pamr_options, pamr_steps
 from .scribbles import ExemplarCollector, Exemplars, FeatureStats, check_scribbles, whitened_norms
 from .windows import WindowGrid
 
@@ -190,6 +190,10 @@ class Segmenter:
             short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits)
         scribbles = check_scribbles(scribbles, array.shape[:2], len(parsed))
         pamr_iterations, pamr_dilations = _check_refine(refine, pamr_iterations, pamr_dilations)
+        if refine == "pamr" and pamr_iterations:
+            check_dilations_fit(pamr_dilations, array.shape[:2])
+        maps = _check_flag("maps", maps)
+        exemplars = _check_exemplars(exemplars)
 
         queries = [s for c in parsed for s in c.synonyms]
         self.text.check_distinct(queries, templates)
@@ -318,6 +322,7 @@ class Segmenter:
         """Raise the error :meth:`segment` would raise for these options, before any image is read."""
         self._resolve_options(short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits)
         _check_refine(refine, pamr_iterations, pamr_dilations)
+        _check_flag("maps", maps)
 
     def _resolve_options(self, short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits):
         defaults = default_options(self.model.name)
@@ -450,6 +455,20 @@ def run_to_end(steps: Generator):
 
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_flag(name: str, value) -> bool:
+    """True or False (numpy's too); a string such as "no" is refused, not taken as true."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InvalidOptionError(f"{name}={value!r} must be True or False.")
+
+
+def _check_exemplars(exemplars) -> Exemplars | None:
+    if exemplars is None or isinstance(exemplars, Exemplars):
+        return exemplars
+    raise InvalidOptionError(
+        f"exemplars={exemplars!r} is not a set of exemplars: pass what Segmenter.collect_exemplars returns, or None.")
 
 
 def _check_refine(refine, pamr_iterations, pamr_dilations) -> tuple[int, tuple[int, ...]]:

@@ -1,0 +1,194 @@
+"""Which input, and which run, an output file belongs to.
+
+A labels file written by a batch carries a small record in its TIFF description: the
+input's absolute path and content hash, and a fingerprint of the run (classes, model,
+weights, method, options, package version). A later run reads the records to know
+which existing outputs are whose, so that an output is skipped only for the input it
+was made from, and an interrupted stack resumes only from parts of the very same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+RECORD_KEY = "clearclip"
+LABELS_SUFFIX = "_labels.tif"
+
+
+def _plain(value):
+    """Options as JSON-able values in a fixed form (tuples as lists, numpy numbers as Python numbers)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def run_fingerprint(model: str, pretrained: str | None, method: str, precision: str, classes: Sequence[str],
+                    options: dict) -> str:
+    """A short hash of everything that decides the labels of a run (a local weights file by its content)."""
+    from . import __version__
+    from .cache import file_digest
+
+    weights = pretrained
+    if weights and os.path.isfile(weights):
+        weights = "sha256:" + file_digest(weights)
+    text = json.dumps({"model": model, "weights": weights, "method": method, "precision": precision,
+                       "classes": list(classes), "options": _plain(options), "version": __version__}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def source_identity(path: Path) -> dict:
+    """The input as a record holds it: absolute path, size, modification time and content hash."""
+    from .cache import file_digest
+
+    stat = path.stat()
+    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "sha256": file_digest(path)}
+
+
+def make_record(path: Path, run: str, classes: Sequence[str]) -> dict:
+    return {**source_identity(path), "run": run, "classes": list(classes)}
+
+
+def tiff_metadata(record: dict) -> dict:
+    """What ``tifffile.imwrite(metadata=...)`` stores in the labels file's description."""
+    return {RECORD_KEY: json.dumps(record, sort_keys=True)}
+
+
+def read_record(labels_path: Path) -> dict | None:
+    """The record in a labels file, or None (written elsewhere, saved again by another program, unreadable)."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(labels_path) as tif:
+            shaped = tif.shaped_metadata
+            text = shaped[0].get(RECORD_KEY) if shaped else None
+        record = json.loads(text) if isinstance(text, str) else None
+    except Exception:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("source"), str) else None
+
+
+@dataclass
+class ExistingOutput:
+    """A finished output in the folder: its stem, and its record (None when it has none)."""
+
+    stem: str
+    record: dict | None
+
+
+def existing_outputs(out_dir: Path) -> dict[str, ExistingOutput]:
+    """Every ``<stem>_labels.tif`` in the folder, by stem (the labels are written last: they mark a finished output)."""
+    found = {}
+    if not out_dir.is_dir():
+        return found
+    for path in sorted(out_dir.glob(f"*{LABELS_SUFFIX}")):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        stem = path.name[: -len(LABELS_SUFFIX)]
+        found[stem] = ExistingOutput(stem, read_record(path))
+    return found
+
+
+def same_content(record: dict, path: Path) -> bool:
+    """Whether ``path`` holds what the record's input held (cheap when size and time are unchanged)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    if record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
+        return True
+    if record.get("size") != stat.st_size:
+        return False
+    from .cache import file_digest
+
+    return record.get("sha256") == file_digest(path)
+
+
+def natural_stems(paths: Sequence[Path], fixed: dict[int, str] | None = None,
+                  reserved: frozenset[str] | set[str] = frozenset()) -> list[str]:
+    """One output name per input, unique even when inputs share a name or collide with a suffixed one.
+
+    ``fixed`` inputs keep the names given; names in ``reserved`` (outputs of other inputs
+    already in the folder) are never handed out. Other inputs keep their file name when it
+    is free; repeats get ``_2``, ``_3`` ..., skipping any name another input has, so
+    ``a/x.png b/x.png x_2.png`` gives x, x_3, x_2.
+    """
+    fixed = dict(fixed or {})
+    natural = [p.stem for p in paths]
+    taken = set(natural) | set(reserved) | set(fixed.values())
+    assigned = set(reserved) | set(fixed.values())
+    stems = []
+    for index, stem in enumerate(natural):
+        if index in fixed:
+            stems.append(fixed[index])
+            continue
+        if stem not in assigned:
+            assigned.add(stem)
+            stems.append(stem)
+            continue
+        n = 2
+        while f"{stem}_{n}" in taken or f"{stem}_{n}" in assigned:
+            n += 1
+        name = f"{stem}_{n}"
+        assigned.add(name)
+        stems.append(name)
+    return stems
+
+
+def assign_stems(paths: Sequence[Path], out_dir: Path) -> tuple[list[str], dict[str, ExistingOutput]]:
+    """Output names for the inputs, given the outputs already in the folder, and those outputs.
+
+    An input whose output is already there (its record names this file, or failing that
+    holds this content) gets that output's name back; an output without a record (older
+    versions, or saved again by another program) is taken to be the input the plain naming
+    gives it. Every other name in the folder belongs to some other input and is not reused.
+    """
+    existing = existing_outputs(out_dir)
+    fixed: dict[int, str] = {}
+    by_source: dict[str, list[str]] = {}
+    for stem, output in existing.items():
+        if output.record is not None:
+            by_source.setdefault(output.record["source"], []).append(stem)
+    resolved = []
+    for path in paths:
+        try:
+            resolved.append(str(Path(path).resolve()))
+        except OSError:
+            resolved.append(str(path))
+    for index, source in enumerate(resolved):
+        for stem in by_source.get(source, []):
+            if stem not in fixed.values():
+                fixed[index] = stem
+                break
+    # outputs whose recorded input moved: claimed by content, where an input still has no output
+    orphans = [s for s, o in existing.items() if o.record is not None and o.record["source"] not in resolved]
+    if orphans:
+        from .cache import file_digest
+
+        for index, path in enumerate(paths):
+            if index in fixed or not Path(path).is_file():
+                continue
+            for stem in orphans:
+                record = existing[stem].record
+                if stem not in fixed.values() and record.get("size") == Path(path).stat().st_size \
+                        and record.get("sha256") == file_digest(path):
+                    fixed[index] = stem
+                    break
+    plain = natural_stems(paths)
+    for index, stem in enumerate(plain):
+        output = existing.get(stem)
+        if index not in fixed and output is not None and output.record is None and stem not in fixed.values():
+            fixed[index] = stem
+    reserved = set(existing) - set(fixed.values())
+    return natural_stems(paths, fixed, reserved), existing

@@ -167,3 +167,99 @@ def test_cluster_option_is_checked(capsys, tmp_path):
 
     assert main([str(tmp_path), "--classes", "red", "--out", str(tmp_path / "o"), "--cluster", "remote:3"]) == 2
     assert "--cluster 'remote:3' is not known" in capsys.readouterr().err
+
+
+# -- addresses, counts and servers that are not schedulers: fast, typed, never a hang -------------------
+
+def _cli(args, timeout):
+    """Run clearclip-segment in its own process, with a hard time limit (a hang fails the test, never blocks it)."""
+    command = [sys.executable, "-m", "napari_clearclip.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_web_server_at_the_scheduler_address_is_refused_in_seconds(tmp_path):
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        image = tmp_path / "a.png"
+        imsave(image, make_scene(1, size=96).image, check_contrast=False)
+        done = _cli([str(image), "--classes", "red", "--out", str(tmp_path / "o"),
+                     "--scheduler", f"tcp://127.0.0.1:{server.server_address[1]}"], timeout=90)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode == 2, done.stderr
+    assert "not a dask scheduler" in done.stderr and "Traceback" not in done.stderr
+    assert not list((tmp_path / "o").glob("*_labels.tif"))
+
+
+def test_more_local_workers_than_the_machine_holds_are_refused_at_once(tmp_path):
+    from napari_clearclip.cluster import max_local_workers, parse_cluster
+
+    done = _cli([str(tmp_path), "--classes", "red", "--out", str(tmp_path / "o"), "--cluster", "local:99999"],
+                timeout=90)
+    assert done.returncode == 2, done.stderr
+    assert f"use at most local:{max_local_workers()}" in done.stderr and "Traceback" not in done.stderr
+    assert parse_cluster(f"local:{max_local_workers()}") == max_local_workers()
+
+
+def test_a_closed_port_fails_in_about_a_second_as_a_connection_error():
+    from napari_clearclip import ClearClipError
+    from napari_clearclip.cluster import start_client
+
+    port = _free_port()                                   # nothing listens there any more
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match="Could not reach the dask scheduler") as info:
+        start_client(None, f"tcp://127.0.0.1:{port}")
+    assert time.perf_counter() - start < 10               # was 20-25 s
+    assert isinstance(info.value, ClearClipError)
+
+
+@pytest.mark.parametrize("cluster, scheduler, message", [
+    ("local:0", None, "at least 1"),
+    ("gpu:2", None, "is not known"),
+    (None, "nonsense", "not a scheduler address"),
+    (None, "tcp://127.0.0.1", "not a scheduler address"),
+    (None, "http://127.0.0.1:8786", "not a scheduler address"),
+])
+def test_bad_cluster_and_scheduler_options_are_value_errors(cluster, scheduler, message):
+    from napari_clearclip import ClearClipError
+    from napari_clearclip.cluster import start_client
+
+    with pytest.raises(ValueError, match=message) as info:
+        start_client(cluster, scheduler)
+    assert isinstance(info.value, ClearClipError)
+
+
+def test_a_scheduler_address_without_a_port_is_a_message_not_a_traceback(capsys, tmp_path):
+    from napari_clearclip.cli import main
+
+    assert main([str(tmp_path), "--classes", "red", "--out", str(tmp_path / "o"), "--scheduler", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a scheduler address: give it as tcp://HOST:PORT" in err and "Traceback" not in err
+
+
+def test_results_are_released_as_they_come_so_a_dead_worker_reruns_nothing_finished(inputs, local_client, tmp_path):
+    """The scheduler forgets each finished task at once: a worker that dies later makes nothing run
+    again (a stack's planes re-run after assembly once left stale parts behind)."""
+    held = []
+
+    def count_held(report):
+        if report.path.name == "stack.tif":
+            deadline = time.monotonic() + 10
+            while True:
+                keys = local_client.run_on_scheduler(
+                    lambda dask_scheduler: [str(k) for k in dask_scheduler.tasks if "stack" in str(k)])
+                if not keys or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+            held.append(keys)
+
+    reports = segment_files([inputs], CLASSES, tmp_path, client=local_client, on_report=count_held, **OPTIONS)
+    assert sorted(r.status for r in reports) == ["done"] * 7 + ["failed"]
+    assert held == [[]]
+    assert not (tmp_path / ".clearclip-parts").exists()

@@ -274,3 +274,85 @@ def test_loading_weights_leaves_logging_alone(tiny_checkpoint, caplog):
         seen = [r.getMessage() for r in caplog.records]
     assert "still heard" in seen and "No pretrained weights loaded (another thread)" in seen
     assert not any("Model initialized randomly" in m for m in seen)
+
+
+# -- options a stranger could pass: bounded, typed, numpy numbers welcome ------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    (dict(pamr_dilations=(10**12,)), r"pamr_dilations=\(1000000000000,\) must be whole numbers from 1 to 1024"),
+    (dict(pamr_dilations=(10**5,)), "must be whole numbers from 1 to 1024"),
+    (dict(pamr_dilations=(200,)), r"reach past this 180 x 260 image: each must be smaller than its shorter side \(180"),
+    (dict(pamr_iterations=10**9), "pamr_iterations=1000000000 must be a whole number from 0 to 100"),
+    (dict(pamr_iterations=2.5), "must be a whole number"),
+    (dict(pamr_dilations="8"), "must be whole numbers"),
+])
+def test_edge_snapping_options_are_bounded_before_any_work(tiny_segmenter, rgb_image, options, message):
+    with pytest.raises(InvalidOptionError, match=message):
+        tiny_segmenter.segment(rgb_image, ["cat", "dog"], refine="pamr", **options)
+    if "reach past" not in message:                       # checked up front too, as the CLI and batches do
+        with pytest.raises(InvalidOptionError, match=message):
+            tiny_segmenter.check_options(refine="pamr", **options)
+
+
+def test_numpy_integers_are_as_good_as_python_ones(tiny_segmenter, rgb_image):
+    plain = tiny_segmenter.segment(rgb_image, ["cat", "dog"], refine="pamr", pamr_iterations=3,
+                                   pamr_dilations=(8, 16), crop=224, maps=False)
+    numpy = tiny_segmenter.segment(rgb_image, ["cat", "dog"], refine="pamr", pamr_iterations=np.int64(3),
+                                   pamr_dilations=np.array([8, 16]), crop=np.int64(224), maps=np.bool_(False))
+    np.testing.assert_array_equal(numpy.labels, plain.labels)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(exemplars="foo"), "exemplars='foo' is not a set of exemplars"),
+    (dict(scribbles=[[1, 2], [1]]), "rows of different lengths"),
+    (dict(maps="no"), "maps='no' must be True or False"),
+    (dict(maps=None), "maps=None must be True or False"),
+])
+def test_wrong_kinds_of_values_are_value_errors_that_name_the_option(tiny_segmenter, rgb_image, options, message):
+    with pytest.raises(InvalidOptionError, match=message):
+        tiny_segmenter.segment(rgb_image, ["cat", "dog"], **options)
+
+
+def test_planes_outside_a_stack_are_named_not_an_index_error(tiny_segmenter, rgb_image):
+    from napari_clearclip.planes import ImageLayout, segment_planes
+    from napari_clearclip.segmenter import run_to_end
+
+    stack = np.stack([rgb_image, rgb_image[::-1]])
+    layout = ImageLayout(stack.shape, rgb=True)
+    for planes in ([(5,)], [(0, 0)], [(-1,)], [("a",)], 7):
+        with pytest.raises(InvalidOptionError, match=r"planes are indexed by 1 number\(s\) within \(2,\)|planes=7"):
+            run_to_end(segment_planes(tiny_segmenter, stack, layout, planes, ["cat"]))
+    results = run_to_end(segment_planes(tiny_segmenter, stack, layout, [1, (np.int64(0),)], ["cat", "dog"]))
+    assert [plane for plane, _ in results] == [(1,), (0,)]
+
+
+def test_an_array_of_class_names_is_a_list_of_class_names(tiny_segmenter, rgb_image):
+    listed = tiny_segmenter.segment(rgb_image, ["cat", "dog, puppy"])
+    arrayed = tiny_segmenter.segment(rgb_image, np.array(["cat", "dog, puppy"]))
+    np.testing.assert_array_equal(arrayed.labels, listed.labels)
+    assert arrayed.class_names == ["cat", "dog"]
+    with pytest.raises(InvalidClassesError, match="not a ndarray of int64") as info:
+        tiny_segmenter.segment(rgb_image, np.array([[1, 2]]))
+    assert "generator" not in str(info.value)
+
+
+@pytest.mark.parametrize("blocker", ["empty folder", "folder with a file"])
+def test_a_folder_where_a_cache_entry_goes_spoils_that_entry_only(tiny_checkpoint, rgb_image, blocker):
+    from napari_clearclip.cache import cache_dir
+
+    Segmenter("test-tiny", tiny_checkpoint, device="cpu").segment(rgb_image, ["cat", "dog"])
+    entries = sorted((cache_dir() / "text-embeddings").glob("*.npy"))
+    assert len(entries) == 2
+    spoilt = entries[0]
+    spoilt.unlink()
+    spoilt.mkdir()
+    if blocker == "folder with a file":
+        (spoilt / "keep.txt").write_text("x")
+    fresh = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # no "cannot be written" for the whole cache
+        fresh.segment(rgb_image, ["cat", "dog", "bird"])
+    written = sorted((cache_dir() / "text-embeddings").glob("*.npy"))
+    assert len([p for p in written if p.is_file()]) == (3 if blocker == "empty folder" else 2)  # healed, or skipped alone
+    assert fresh.text.disk_cache
+    assert not list((cache_dir() / "text-embeddings").glob("*.tmp"))

@@ -388,3 +388,65 @@ def test_a_stroke_undone_while_a_run_computes_is_taken_back_too(qtbot, widget):
     assert not output.edited[painted].any()                     # the run's result did not bring the stroke back
     run_and_wait(qtbot, widget)
     np.testing.assert_array_equal(labels.data, zero_shot)
+
+
+def test_a_redone_stroke_is_kept_and_teaches_again(qtbot, widget):
+    from skimage.draw import disk
+
+    rng = np.random.default_rng(7)
+    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
+    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.image.value = viewer.add_image(image.astype(np.uint8), name="shapes")
+    widget.classes.value = "debris\nbackground"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["shapes classes"]
+    other = (slice(128, 160), slice(128, 160))
+    assert np.mean(labels.data[other] == 1) < 0.5
+    labels.brush_size = 9
+    labels.paint((48, 48), 1)                                   # a debris stroke
+    run_and_wait(qtbot, widget)
+    taught = labels.data.copy()
+    labels.undo()                                               # taken back...
+    labels.redo()                                               # ...and brought back
+    rr, cc = disk((48, 48), 4)
+    assert np.all(labels.data[rr, cc] == 1)
+    run_and_wait(qtbot, widget)
+    assert np.all(labels.data[rr, cc] == 1)                     # still the user's stroke
+    assert np.mean(labels.data[other] == 1) > 0.9               # and still teaching
+    np.testing.assert_array_equal(labels.data, taught)
+
+
+def test_a_stroke_redone_while_a_run_computes_stays_the_users(qtbot, widget):
+    rng = np.random.default_rng(7)
+    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
+    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.image.value = viewer.add_image(image.astype(np.uint8), name="shapes")
+    widget.classes.value = "debris\nbackground"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["shapes classes"]
+    labels.brush_size = 9
+    labels.paint((48, 48), 1)
+    run_and_wait(qtbot, widget)
+    taught = labels.data.copy()
+    labels.undo()
+    worker = widget.run()                                       # starts without the stroke...
+    labels.redo()                                               # ...which comes back before it ends
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
+    assert worker is not None
+    run_and_wait(qtbot, widget)
+    np.testing.assert_array_equal(labels.data, taught)          # kept, and teaching as before
+
+
+def test_a_class_name_cut_at_the_token_limit_is_said_in_the_status(qtbot, widget):
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(np.random.default_rng(0).integers(0, 255, (96, 96, 3), dtype=np.uint8),
+                                          name="noise")
+    long_name = " ".join(["very"] * 80) + " long cell"
+    widget.classes.value = f"{long_name}\nbackground"
+    run_and_wait(qtbot, widget)
+    assert "longer than the model reads (77 tokens" in widget.status.value
+    assert "'very very very" in widget.status.value

@@ -161,7 +161,7 @@ def test_maps_and_unknown_options_are_refused_before_any_image(tmp_path):
     imsave(image, make_scene(807, size=96).image, check_contrast=False)
     with pytest.raises(ValueError, match="save_probabilities"):
         segment_files([image], CLASSES, tmp_path / "out", maps=False, **OPTIONS)
-    with pytest.raises(ValueError, match="Unknown option for a batch run"):
+    with pytest.raises(ValueError, match="Unknown option colour: the options are short_side, crop"):
         segment_files([image], CLASSES, tmp_path / "out", colour="red", **OPTIONS)
     assert not list((tmp_path / "out").glob("*_labels.tif"))
 

@@ -37,11 +37,13 @@ def test_cli_writes_labels_and_table_and_skips_bad_inputs(tmp_path, tiny_checkpo
     stacked = tifffile.imread(out / "stack_labels.tif")             # a multi-plane TIFF: one labels stack
     assert stacked.shape == (2, 3, 64, 64)
     engine = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
-    np.testing.assert_array_equal(stacked[1, 2], engine.segment(planes[1, 2], ["sky", "horse, pony", "grass"]).labels)
+    np.testing.assert_array_equal(stacked[1, 2], engine.segment(planes[1, 2], ["sky", "horse, pony", "grass"],
+                                                                refine="pamr").labels)          # snapped, as the widget
     assert not (out / ".clearclip-parts").exists()
 
     labels = tifffile.imread(out / "photo_labels.tif")
-    expected = Segmenter("test-tiny", tiny_checkpoint, device="cpu").segment(rgb_image, ["sky", "horse, pony", "grass"])
+    expected = Segmenter("test-tiny", tiny_checkpoint, device="cpu").segment(rgb_image, ["sky", "horse, pony", "grass"],
+                                                                              refine="pamr")
     np.testing.assert_array_equal(labels, expected.labels)
     assert labels.dtype == np.uint16
     with open(out / "photo_classes.csv", newline="") as handle:
@@ -88,7 +90,7 @@ def test_outputs_get_unique_names_even_against_real_names(tmp_path, tiny_checkpo
     segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
     for stem, source in [("x", rgb_image), ("x_3", rgb_image[::-1]), ("x_2", rgb_image[:, ::-1])]:
         np.testing.assert_array_equal(tifffile.imread(out / f"{stem}_labels.tif"),
-                                      segmenter.segment(source, ["sky", "grass"]).labels)
+                                      segmenter.segment(source, ["sky", "grass"], refine="pamr").labels)
     with open(out / "clearclip_report.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [r["status"] for r in rows] == ["done"] * 3 and rows[0]["file"] == str(a)
@@ -168,12 +170,19 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, tiny_checkpoint, rgb
 def test_snap_option_gives_the_engines_edge_snapped_labels(tmp_path, tiny_checkpoint, rgb_image, capsys):
     image = _pngs(tmp_path, ["cells.png"], rgb_image)[0]
     out = tmp_path / "out"
-    assert main([str(image), "--classes", "sky; grass", "--out", str(out), "--pretrained", tiny_checkpoint,
-                 "--snap", *TINY]) == 0
+    common = [str(image), "--classes", "sky; grass", "--pretrained", tiny_checkpoint, *TINY]
+    assert main([*common, "--out", str(out)]) == 0                       # snapped by default, as in the widget
+    assert main([*common, "--out", str(tmp_path / "paper"), "--no-snap"]) == 0
     engine = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
     snapped = engine.segment(rgb_image, ["sky", "grass"], refine="pamr").labels
-    assert not np.array_equal(snapped, engine.segment(rgb_image, ["sky", "grass"]).labels)
+    official = engine.segment(rgb_image, ["sky", "grass"]).labels
+    assert not np.array_equal(snapped, official)
     np.testing.assert_array_equal(tifffile.imread(out / "cells_labels.tif"), snapped)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "paper" / "cells_labels.tif"), official)
+    from napari_clearclip._widget import SNAP_IN_TOOLS
+    from napari_clearclip.cli import build_parser
+
+    assert build_parser().parse_args(["x", "--classes", "a"]).snap is SNAP_IN_TOOLS is True
     with pytest.raises(ValueError, match="refine='crf'"):
         engine.check_options(refine="crf")
     with pytest.raises(ValueError, match="pamr_dilations"):

@@ -250,13 +250,11 @@ def test_exemplar_bonus_is_the_whitened_cosine_to_the_nearest_exemplar():
 
 
 def test_edge_snapping_reports_progress_and_can_be_stopped(tiny_segmenter, monkeypatch):
-    from napari_clearclip.planes import PlaneProgress
-
     image = two_blobs()
     steps = list(tiny_segmenter.segment_steps(image, ["a", "b"], refine="pamr", pamr_iterations=4))
     edges = [s for s in steps if s.stage == "edges"]
     assert [s.done for s in edges] == [0, 1, 2, 3, 4] and edges[-1].message == "snapping to edges: 4/4"
-    fractions = [PlaneProgress(0, 1, s).fraction for s in steps if s.stage != "text"]
+    fractions = [s.fraction for s in steps if s.stage != "text"]
     assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
     assert max(f for s, f in zip([s for s in steps if s.stage != "text"], fractions) if s.stage == "windows") <= 0.5
     import napari_clearclip.refine as refine

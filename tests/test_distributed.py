@@ -131,7 +131,7 @@ def test_cli_on_a_running_scheduler_with_two_workers(inputs, sequential, tmp_pat
         with distributed.Client(address, timeout="60s") as client:
             client.wait_for_workers(2, timeout=120)
         code = main([str(inputs), "--classes", "; ".join(CLASSES), "--out", str(tmp_path), "--model", "synthetic-tiny",
-                     "--device", "cpu", "--scheduler", address])
+                     "--device", "cpu", "--scheduler", address, "--no-snap"])  # as segment_files' default
         assert code == 1                                  # the broken input
         assert_same_outputs(sequential, tmp_path)
     finally:

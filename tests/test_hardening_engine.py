@@ -58,12 +58,12 @@ def test_offline_weights_are_a_connection_error_naming_the_quickgelu_model():
 
 def test_running_out_of_memory_is_a_memory_error_with_advice():
     from napari_clearclip.prompts import ClassQuery
-    from napari_clearclip.segmenter import _postprocess
+    from napari_clearclip.scoring import postprocess
 
     scores = torch.zeros((3, 4, 4))
     classes = [ClassQuery(n, (n,)) for n in "abc"]
     with pytest.raises(MemoryError) as info:
-        _postprocess(scores, (400_000, 400_000), classes, 50.0, 0.0, "clearclip", maps=True)
+        postprocess(scores, (400_000, 400_000), classes, 50.0, 0.0, "clearclip", maps=True)
     assert isinstance(info.value, OutOfMemoryError) and "maps=False" in str(info.value)
 
 
@@ -228,17 +228,17 @@ def test_maps_are_kept_only_when_asked(tiny_segmenter, rgb_image):
 
 def test_chunked_resize_equals_pytorch_bilinear():
     from napari_clearclip.prompts import ClassQuery
-    from napari_clearclip.segmenter import _postprocess
+    from napari_clearclip.scoring import postprocess
 
     scores = torch.randn(4, 37, 53) * 0.1
     classes = [ClassQuery("a", ("a", "b")), ClassQuery("c", ("c",)), ClassQuery("d", ("d",))]
-    result = _postprocess(scores, (301, 199), classes, 50.0, 0.0, "clearclip", chunk_bytes=10_000)
+    result = postprocess(scores, (301, 199), classes, 50.0, 0.0, "clearclip", chunk_bytes=10_000)
     full = F.interpolate(scores[None], size=(301, 199), mode="bilinear", align_corners=False)[0]
     probs = torch.softmax(full * 50, 0)
     expected = torch.stack([probs[:2].amax(0), probs[2], probs[3]])
     np.testing.assert_allclose(result.probabilities, expected.numpy(), atol=2e-5)   # the project's bar is 1e-4
     assert np.mean(result.labels == expected.argmax(0).numpy() + 1) >= 0.9999
-    whole = _postprocess(scores, (301, 199), classes, 50.0, 0.0, "clearclip")             # one chunk: exact
+    whole = postprocess(scores, (301, 199), classes, 50.0, 0.0, "clearclip")             # one chunk: exact
     np.testing.assert_array_equal(whole.probabilities, expected.numpy())
 
 
@@ -281,7 +281,7 @@ def test_loading_weights_leaves_logging_alone(tiny_checkpoint, caplog):
 @pytest.mark.parametrize("options, message", [
     (dict(pamr_dilations=(10**12,)), r"pamr_dilations=\(1000000000000,\) must be whole numbers from 1 to 1024"),
     (dict(pamr_dilations=(10**5,)), "must be whole numbers from 1 to 1024"),
-    (dict(pamr_dilations=(200,)), r"reach past this 180 x 260 image: each must be smaller than its shorter side \(180"),
+    (dict(pamr_dilations=(261,)), r"reach past this 180 x 260 image: each must be at most its longer side \(260"),
     (dict(pamr_iterations=10**9), "pamr_iterations=1000000000 must be a whole number from 0 to 100"),
     (dict(pamr_iterations=2.5), "must be a whole number"),
     (dict(pamr_dilations="8"), "must be whole numbers"),
@@ -315,7 +315,7 @@ def test_wrong_kinds_of_values_are_value_errors_that_name_the_option(tiny_segmen
 
 def test_planes_outside_a_stack_are_named_not_an_index_error(tiny_segmenter, rgb_image):
     from napari_clearclip.planes import ImageLayout, segment_planes
-    from napari_clearclip.segmenter import run_to_end
+    from napari_clearclip import run_to_end
 
     stack = np.stack([rgb_image, rgb_image[::-1]])
     layout = ImageLayout(stack.shape, rgb=True)

@@ -118,9 +118,9 @@ def test_segment_layer_merges_each_plane_and_keeps_maps_only_when_asked(tiny_seg
     asked = []
     real = tiny_segmenter.segment_steps
 
-    def spy(image, classes, **options):
-        asked.append(options["maps"])
-        return real(image, classes, **options)
+    def spy(image, classes, options=None, **keywords):
+        asked.append(keywords["maps"])
+        return real(image, classes, options, **keywords)
 
     monkeypatch.setattr(tiny_segmenter, "segment_steps", spy)
     for mode, maps in (("none", False), ("winning class", False), ("all classes", True)):

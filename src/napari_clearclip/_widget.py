@@ -40,32 +40,24 @@ from napari.utils.notifications import show_error, show_info
 from .annotate import PROBABILITY_OUTPUTS, LayerRequest, probability_layer_names, segment_layer
 from .editing import apply_update
 from .errors import ClearClipError, WeightsUnavailableError
-from .methods import METHODS
+from .choices import COMMON_MODELS, DEMO_MODEL, METHOD_DESCRIPTIONS, METHOD_NAMES
+from .options import SNAP_IN_TOOLS, SegmentOptions
 from .models import BUNDLED_WEIGHTS, default_options, default_pretrained, is_checkpoint_path, segmentable_models
-from .planes import ImageLayout, PlaneProgress
+from .planes import ImageLayout
+from .progress import Progress
 from .prompts import parse_classes
 from .segmenter import Segmenter
 from .settings import load_settings, save_settings
 from .synthetic import DEMO_CLASSES, DEMO_SAMPLE_NAME
 
 log = logging.getLogger(__name__)
-COMMON_MODELS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "ViT-B-16-quickgelu")
-DEMO_MODEL = "synthetic-tiny"
 DEFAULT_CLASSES = "cell, nucleus\nbackground"
 SCOPES = ("current slice", "all slices")
 LIVE_DELAY_MS = 300   # live re-runs wait this long after the last stroke or keystroke
 STATUS_LINES = 6      # the status box is this many lines high, whatever it says (longer messages scroll)
 LEGEND_LINES = 7      # and so is the legend
-SNAP_DEFAULT = True   # see docs/usage.md: edge snapping lifts the demo's corrected mIoU the most
 DEMO_NOTE = ("The offline demo model knows only coloured shapes on grey (red, green, blue, yellow, background), "
              "as in File > Open Sample > Synthetic shapes; on other images its labels mean nothing.")
-METHOD_TIPS = {
-    "clearclip": "ClearCLIP (default): q-q attention in the last block, no residual, no feed-forward",
-    "maskclip": "MaskCLIP: the last block reduced to its value projection",
-    "sclip": "SCLIP: q-q plus k-k attention, residual and feed-forward kept",
-    "naclip": "NACLIP: k-k attention with a Gaussian neighbourhood bias, no residual, no feed-forward",
-    "vanilla": "Plain CLIP: the unchanged last block (a baseline; blotchy on purpose)",
-}
 
 
 def model_choices(widget=None) -> list[tuple[str, str]]:
@@ -187,8 +179,8 @@ class ClearClipWidget(Container):
                                    filter="Checkpoints (*.pt *.pth *.bin *.ckpt *.safetensors)",
                                    tooltip="A local weights file (torch.save(model.state_dict(), path)), for use without "
                                            "a network. For OpenAI weights choose the model's -quickgelu variant")
-        self.method = ComboBox(name="method", label="Method", choices=list(METHODS), value="clearclip",
-                               tooltip="\n".join(METHOD_TIPS[m] for m in METHODS if m in METHOD_TIPS))
+        self.method = ComboBox(name="method", label="Method", choices=list(METHOD_NAMES), value="clearclip",
+                               tooltip="\n".join(METHOD_DESCRIPTIONS.values()))
         self.device = ComboBox(name="device", label="Device", choices=device_choices, value="auto",
                                tooltip="auto: the GPU when there is one (CUDA or Apple MPS), else the CPU")
         self.prob_threshold = FloatSpinBox(name="prob_threshold", label="Background threshold", min=0.0, max=1.0,
@@ -201,7 +193,7 @@ class ClearClipWidget(Container):
         self.learn = CheckBox(name="learn", text="Learn from my edits", value=True,
                               tooltip="Pixels you painted with a class teach it: similar regions in the image (and in "
                                       "every slice segmented) change class too. The eraser teaches nothing")
-        self.snap = CheckBox(name="snap", text="Snap to edges", value=SNAP_DEFAULT,
+        self.snap = CheckBox(name="snap", text="Snap to edges", value=SNAP_IN_TOOLS,
                              tooltip="Refine the masks along image edges (PAMR, as NACLIP uses it); "
                                      "off gives the paper's exact pipeline")
         self.live = CheckBox(name="live", text="Live", value=False,
@@ -417,18 +409,18 @@ class ClearClipWidget(Container):
             "templates": self.templates.value,
         }
 
-    def options(self) -> dict:
-        """Engine options from the advanced fields."""
+    def options(self) -> SegmentOptions:
+        """The run's options, from the fields."""
         templates = [line.strip() for line in self.templates.value.splitlines() if line.strip()]
-        return {
-            "short_side": self.short_side.value if self.resize.value else None,
-            "crop": self.crop.value,
-            "stride": self.stride.value,
-            "logit_scale": self.logit_scale.value,
-            "prob_threshold": self.prob_threshold.value,
-            "templates": templates or None,
-            "refine": "pamr" if self.snap.value else None,
-        }
+        return SegmentOptions(
+            short_side=self.short_side.value if self.resize.value else None,
+            crop=self.crop.value,
+            stride=self.stride.value,
+            logit_scale=self.logit_scale.value,
+            prob_threshold=self.prob_threshold.value,
+            templates=tuple(templates) or None,
+            refine="pamr" if self.snap.value else None,
+        )
 
     # -- live mode ----------------------------------------------------------------------------
     def _on_live_trigger(self, *_):
@@ -489,8 +481,8 @@ class ClearClipWidget(Container):
             data = layer.data[0] if layer.multiscale else layer.data  # full resolution of a pyramid
             layout = ImageLayout(tuple(data.shape), rgb=layer.rgb, channel_axis=self.channel_axis.value,
                                  channel=self.channel.value)
-            options = self.options()
-            options["contrast_limits"] = tuple(layer.contrast_limits)  # segment what the user sees
+            # segment what the user sees
+            options = self.options().replace(contrast_limits=tuple(float(v) for v in layer.contrast_limits))
         except ClearClipError as exc:
             self._show_error(exc)
             return None
@@ -576,14 +568,11 @@ class ClearClipWidget(Container):
             self._set_status(f"Unexpected error ({type(exc).__name__}: {exc}). Nothing was changed.", error=True)
 
     def _on_yielded(self, step):
-        if self._closed:
+        if self._closed or not isinstance(step, Progress):
             return
-        if isinstance(step, str):
-            self._set_status(step)
-        elif isinstance(step, PlaneProgress):
-            self._set_status(step.message)
-            if self._progress is not None:
-                self._progress.update(int(step.fraction * 1000) - self._progress.n)
+        self._set_status(step.message)
+        if self._progress is not None:
+            self._progress.update(int(step.fraction * 1000) - self._progress.n)
 
     def _on_errored(self, exc):
         if not self._closed:
@@ -769,7 +758,8 @@ def _segmentation_job(segmenter, request, method, layer_request: LayerRequest, n
     and build the new Labels layer, if one is to be added, so that the GUI thread only inserts it."""
     key = (request["model"], request["pretrained"], request["device"], request["precision"])
     if segmenter is None or getattr(segmenter, "_request_key", None) != key:
-        yield f"Loading {request['model']} ({request['pretrained'] or 'default weights'})..."
+        yield Progress("loading", 0, 1, detail=f"Loading {request['model']} "
+                                                f"({request['pretrained'] or 'default weights'})...")
         segmenter = Segmenter(request["model"], request["pretrained"], method=method, device=request["device"],
                               precision=request["precision"])
         segmenter._request_key = key

@@ -14,7 +14,9 @@ from typing import Generator, Sequence
 import numpy as np
 
 from .editing import LabelsMerger, LabelsUpdate
-from .planes import ImageLayout, PlaneProgress, plane_steps, stack_exemplars
+from .options import SegmentOptions
+from .planes import ImageLayout, segment_stack
+from .progress import Progress
 from .segmenter import Segmenter
 
 PROBABILITY_OUTPUTS = ("none", "winning class", "all classes")
@@ -28,7 +30,7 @@ class LayerRequest:
     layout: ImageLayout
     planes: Sequence[tuple]
     classes: list[str]
-    options: dict
+    options: SegmentOptions | dict
     image_name: str = "image"
     probability_output: str = "none"
     current: np.ndarray | None = None          # the target layer's data; None for a new layer
@@ -89,38 +91,37 @@ def painted_hints(request: LayerRequest, class_names: list[str]) -> dict[tuple, 
     return hints
 
 
-def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[PlaneProgress, None, LayerResult]:
+def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Progress, None, LayerResult]:
     """Segment every requested plane, merging each into the labels at once; nothing per plane is kept but the merge.
 
     With ``learn_from_edits``, what the user painted on any plane becomes exemplars for
-    every plane segmented, and stays painted.
+    every plane segmented, and stays painted: the strokes teach through the exemplars and
+    are kept by the merge, not pasted into the result, so the baseline stays the model's
+    answer and they remain the user's edits later on.
     """
     from .prompts import parse_classes
 
     class_names = [c.name for c in parse_classes(request.classes)]
     hints = painted_hints(request, class_names) if request.learn_from_edits else {}
-    shared = yield from stack_exemplars(segmenter, request.data, request.layout, hints, request.classes,
-                                        len(request.planes), **request.options)
     shape = request.layout.label_shape
     merger = LabelsMerger(shape, class_names, request.current, request.baseline, request.baseline_names,
                           request.found, request.edited)
     mode = request.probability_output
     names = probability_layer_names(request.image_name, mode, class_names)
     maps = {name: _map_volume(request.existing_maps.get(name), shape) for name in names}
-    for number, plane in enumerate(request.planes):
-        image = np.asarray(request.data[request.layout.image_index(plane)])
-        # the strokes teach through the exemplars; they are kept by the merge, not pasted into the
-        # result, so the baseline stays the model's answer and they remain the user's edits later on
-        steps = segmenter.segment_steps(image, request.classes, maps=(mode == "all classes"),
-                                        exemplars=shared, **request.options)
-        result = yield from plane_steps(steps, number, len(request.planes))
+    for item in segment_stack(segmenter, request.data, request.layout, request.planes, request.classes,
+                              request.options, hints=hints, maps=(mode == "all classes")):
+        if isinstance(item, Progress):
+            yield item
+            continue
+        plane, result = item
         merger.add(plane, result.labels)
         if mode == "winning class":
             maps[names[0]][plane] = result.confidence
         elif mode == "all classes":
             for name, values in zip(names, result.probabilities):
                 maps[name][plane] = values
-        del result  # only the merged labels and the asked-for maps outlive the plane
+        del result, item  # only the merged labels and the asked-for maps outlive the plane
     return LayerResult(merger.finish(), class_names, maps, len(request.planes), class_name_notes(segmenter, request))
 
 
@@ -129,7 +130,7 @@ def class_name_notes(segmenter: Segmenter, request: LayerRequest) -> list[str]:
     from .prompts import check_templates, parse_classes
 
     names = [s for c in parse_classes(request.classes) for s in c.synonyms]
-    cut = segmenter.text.cut_names(names, check_templates(request.options.get("templates")))
+    cut = segmenter.text.cut_names(names, check_templates(SegmentOptions.build(request.options).templates))
     if not cut:
         return []
     limit = segmenter.text.context_length()

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import ClearClipError, ImageNotFoundError, InvalidImageError, InvalidOptionError, OutputError
+from .options import SegmentOptions
 from .provenance import assign_stems, make_record, natural_stems, read_record, same_content, tiff_metadata
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -226,7 +227,7 @@ def skip_reason(record: dict | None, path: Path, run: str) -> str:
     return SKIPPED
 
 
-def segment_file(segmenter, task: Task, classes, out_dir: Path, options: dict,
+def segment_file(segmenter, task: Task, classes, out_dir: Path, options: SegmentOptions,
                  save_probabilities: bool = False, overwrite: bool = False) -> FileReport:
     """Segment one 2-D image file and write its outputs; errors a user can act on become a "failed" report."""
     from .cluster import worker_name
@@ -239,7 +240,7 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: dict,
                           outputs)
     try:
         record = make_record(path, task.run, classes) if path.is_file() else None
-        result = segmenter.segment(read_image(path), classes, maps=save_probabilities, **options)
+        result = segmenter.segment(read_image(path), classes, options, maps=save_probabilities)
         written = write_outputs(result, out_dir, stem, save_probabilities, record)
     except ClearClipError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), str(exc))
@@ -322,7 +323,7 @@ def close_parts(out_dir: Path, stem: str) -> None:
         pass
 
 
-def segment_plane(segmenter, task: Task, classes, out_dir: Path, options: dict) -> FileReport:
+def segment_plane(segmenter, task: Task, classes, out_dir: Path, options: SegmentOptions) -> FileReport:
     """Segment one plane of a stack into a part file (kept until the stack is assembled, so runs resume)."""
     from .cluster import worker_name
 
@@ -334,7 +335,7 @@ def segment_plane(segmenter, task: Task, classes, out_dir: Path, options: dict) 
     if not part.parent.is_dir():
         return FileReport(path, "failed", 0.0, worker_name(), f"plane {index}: {RUN_OVER}")
     try:
-        labels = segmenter.segment(read_plane(path, index, task.planes), classes, maps=False, **options).labels
+        labels = segmenter.segment(read_plane(path, index, task.planes), classes, options, maps=False).labels
 
         def write(p: Path) -> None:
             with open(p, "wb") as handle:
@@ -376,7 +377,7 @@ def assemble_stack(task: Task, out_dir: Path, leading: tuple[int, ...], classes,
 
 # -- tasks ---------------------------------------------------------------------------------------------
 
-def run_task(spec, task: Task, classes, out_dir: Path, options: dict, save_probabilities: bool,
+def run_task(spec, task: Task, classes, out_dir: Path, options: SegmentOptions, save_probabilities: bool,
              overwrite: bool) -> FileReport:
     """What a worker (or this process) does for one task, with the model it keeps loaded."""
     from .cluster import segmenter_for
@@ -387,14 +388,11 @@ def run_task(spec, task: Task, classes, out_dir: Path, options: dict, save_proba
     return segment_plane(segmenter, task, classes, out_dir, options)
 
 
-def check_model_and_options(spec, options: dict) -> None:
+def check_model_and_options(spec, options: SegmentOptions) -> SegmentOptions:
+    """Load the model (once per process) and resolve the options against it: both fail before any image is read."""
     from .cluster import segmenter_for
 
-    segmenter = segmenter_for(spec)
-    try:
-        segmenter.check_options(**options)
-    except TypeError as exc:  # an option the engine does not have
-        raise InvalidOptionError(f"Unknown option for a batch run: {exc}".replace("check_options() ", "")) from None
+    return segmenter_for(spec).resolve_options(options)
 
 
 def remove_stale_partials(out_dir: Path) -> None:
@@ -422,7 +420,8 @@ def segment_files(
     client=None,
     report: bool = True,
     on_report: Callable[[FileReport], None] | None = None,
-    **options,
+    options: SegmentOptions | dict | None = None,
+    **keywords,
 ) -> list[FileReport]:
     """Segment image files (files, folders, glob patterns) into ``out_dir``; one :class:`FileReport` per input.
 
@@ -439,19 +438,17 @@ def segment_files(
     from .provenance import run_fingerprint
 
     class_list = [", ".join(c.synonyms) for c in parse_classes(classes)]
-    if "maps" in options:
-        raise InvalidOptionError("maps is not an option of a batch run: probability maps are written with "
-                                 "save_probabilities=True (--save-probabilities).")
+    options = SegmentOptions.build(options, **keywords)
     out = check_output_dir(out_dir)
     files = expand_inputs(paths)
     spec = ModelSpec(model, None if pretrained is None else os.fspath(pretrained), method, device, precision)
     # the model and the options fail here, once, before any image is read (on a cluster: on a worker)
     if client is None:
-        check_model_and_options(spec, options)
+        options = check_model_and_options(spec, options)
     else:
-        client.submit(check_model_and_options, spec, options, pure=False).result()
+        options = client.submit(check_model_and_options, spec, options, pure=False).result()
     remove_stale_partials(out)
-    run = run_fingerprint(spec.model, spec.pretrained, method, precision, class_list, options)
+    run = run_fingerprint(spec.model, spec.pretrained, method, precision, class_list, options.to_dict())
 
     reports: list[FileReport] = []
     tasks: list[Task] = []

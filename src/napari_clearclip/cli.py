@@ -18,11 +18,9 @@ import sys
 import threading
 from pathlib import Path
 
-from tqdm import tqdm
-
+from .choices import DEVICES, METHOD_NAMES, PRECISIONS
 from .errors import ClearClipError
-from .methods import METHODS
-from .models import DEVICES, PRECISIONS
+from .options import SNAP_IN_TOOLS, SegmentOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model name (default: ViT-B-16)")
     parser.add_argument("--pretrained", default=None,
                         help="open_clip pretrained tag (default: openai) or a local checkpoint file")
-    parser.add_argument("--method", default="clearclip", choices=list(METHODS))
+    parser.add_argument("--method", default="clearclip", choices=list(METHOD_NAMES))
     parser.add_argument("--device", default="auto", choices=list(DEVICES))
     parser.add_argument("--precision", default="auto", choices=list(PRECISIONS))
     parser.add_argument("--prob-threshold", type=float, default=0.0,
@@ -54,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", action="append", dest="templates",
                         help="prompt template with {} for the class name; repeat for several "
                              "(default: the 80 ImageNet templates)")
-    parser.add_argument("--snap", action="store_true",
-                        help="snap masks to the image's edges (PAMR refinement; default: off, the official pipeline)")
+    parser.add_argument("--snap", action=argparse.BooleanOptionalAction, default=SNAP_IN_TOOLS,
+                        help="snap masks to the image's edges (PAMR refinement), as the napari widget does by default; "
+                             "--no-snap gives the paper's exact pipeline (default: %(default)s)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write <name>_probabilities.tif")
     where = parser.add_argument_group("running on several processes or machines (needs the 'distributed' extra)")
     exclusive = where.add_mutually_exclusive_group()
@@ -68,19 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def engine_options(args: argparse.Namespace) -> dict:
-    options = {"prob_threshold": args.prob_threshold, "logit_scale": args.logit_scale, "templates": args.templates}
+def engine_options(args: argparse.Namespace) -> SegmentOptions:
+    """The run's options from the command line (what is not given takes the model's own default)."""
+    keywords = {"prob_threshold": args.prob_threshold, "logit_scale": args.logit_scale,
+                "templates": args.templates, "refine": "pamr" if args.snap else None}
     if args.native:
-        options["short_side"] = None
+        keywords["short_side"] = None
     elif args.short_side is not None:
-        options["short_side"] = args.short_side
+        keywords["short_side"] = args.short_side
     if args.crop is not None:
-        options["crop"] = args.crop
+        keywords["crop"] = args.crop
     if args.stride is not None:
-        options["stride"] = args.stride
-    if args.snap:
-        options["refine"] = "pamr"
-    return options
+        keywords["stride"] = args.stride
+    return SegmentOptions.build(**keywords)
 
 
 class StopOnce:
@@ -128,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from .batch import check_output_dir, remove_stale_partials, segment_files
 
     client = cluster = None
@@ -157,7 +158,8 @@ def _run(args: argparse.Namespace) -> int:
         reports = segment_files(
             args.images, args.classes, args.out, model=args.model, pretrained=args.pretrained, method=args.method,
             device=args.device, precision=args.precision, overwrite=args.overwrite,
-            save_probabilities=args.save_probabilities, client=client, on_report=on_report, **engine_options(args))
+            save_probabilities=args.save_probabilities, client=client, on_report=on_report,
+            options=engine_options(args))
     except ClearClipError as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import METHOD_NAMES
+
 Method = Callable[[nn.Module, torch.Tensor, tuple[int, int]], torch.Tensor]
 
 
@@ -115,6 +117,7 @@ METHODS: dict[str, Method] = {
     "naclip": naclip,
     "vanilla": vanilla,
 }
+assert tuple(METHODS) == METHOD_NAMES, "choices.METHOD_NAMES lists the methods in this order"
 
 
 def interpolated_positions(visual: nn.Module, rows: int, cols: int) -> torch.Tensor:
@@ -163,10 +166,6 @@ def encode_dense(visual: nn.Module, pixels: torch.Tensor, method: Method, positi
     if visual.proj is not None:
         patches = patches @ visual.proj
     return F.normalize(patches.float(), dim=-1)
-
-
-def method_names() -> list[str]:
-    return list(METHODS)
 
 
 def get_method(name: str) -> Method:

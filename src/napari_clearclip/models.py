@@ -18,20 +18,15 @@ import torch
 from torch import nn
 
 from .cache import file_digest
+from .choices import CHECKPOINT_SUFFIXES, DEMO_MODEL, DEVICES, PRECISIONS, default_options  # noqa: F401
 from .errors import CheckpointNotFoundError, ModelLoadError, WeightsUnavailableError
 
 PACKAGE_DIR = Path(__file__).parent
-BUNDLED_WEIGHTS = {"synthetic-tiny": PACKAGE_DIR / "data" / "synthetic-tiny.pt"}
+BUNDLED_WEIGHTS = {DEMO_MODEL: PACKAGE_DIR / "data" / f"{DEMO_MODEL}.pt"}
 BUNDLED_TAG = "bundled"
-DEVICES = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 # The official ClearCLIP configs normalise with these 0-255 values (rounded OpenAI CLIP statistics).
 OPENAI_MEAN_255 = (122.771, 116.746, 104.094)
 OPENAI_STD_255 = (68.501, 66.632, 70.323)
-#: Official ClearCLIP window settings, and those of models trained at another scale.
-OFFICIAL_OPTIONS = {"short_side": 448, "crop": 448, "stride": 224}
-MODEL_OPTIONS = {"synthetic-tiny": {"short_side": 256, "crop": 64, "stride": 32}}
 
 open_clip.add_model_config(PACKAGE_DIR / "model_configs")
 
@@ -68,11 +63,6 @@ class LoadedModel:
         if self.precision == "fp32" and self.device.type == "cuda":
             return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
         return contextlib.nullcontext()
-
-
-def default_options(model: str) -> dict:
-    """Window settings for ``model``: the official ones unless it was trained at another scale."""
-    return {**OFFICIAL_OPTIONS, **MODEL_OPTIONS.get(model, {})}
 
 
 def available_models() -> list[str]:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Generator, Sequence
+from typing import Generator, Mapping, Sequence
 
 import numpy as np
 
 from .errors import InvalidImageError, InvalidOptionError
 from .prompts import parse_classes
 from .scribbles import Exemplars, check_scribbles
-from .segmenter import Progress, SegmentationResult, Segmenter
+from .options import SegmentOptions
+from .progress import Progress, on_plane
+from .results import SegmentationResult
+from .segmenter import Segmenter
 
 
 @dataclass(frozen=True)
@@ -67,56 +70,34 @@ class ImageLayout:
         return tuple(min(max(i, 0), n - 1) for i, n in zip(leading, self.plane_shape))
 
 
-#: Where edge snapping starts within a plane's share of a progress bar.
-EDGE_SNAPPING_START = 0.5
-
-
-@dataclass(frozen=True)
-class PlaneProgress:
-    """Progress of a multi-plane run: which plane, and the engine's progress within it."""
-
-    plane: int
-    planes: int
-    step: Progress
-
-    @property
-    def fraction(self) -> float:
-        """Done of the whole run: windows take a plane's whole share, or its first half when edges are snapped after."""
-        step = self.step
-        part = step.done / step.total if step.total else 0.0
-        if step.stage == "windows":
-            within = part * (EDGE_SNAPPING_START if step.then_edges else 1.0)
-        elif step.stage == "edges":
-            within = EDGE_SNAPPING_START + (1 - EDGE_SNAPPING_START) * part
-        else:
-            within = 0.0
-        return (self.plane + within) / self.planes
-
-    @property
-    def message(self) -> str:
-        prefix = f"slice {self.plane + 1}/{self.planes}, " if self.planes > 1 else ""
-        return prefix + self.step.message
-
-
-def plane_steps(steps: Generator, number: int, planes: int):
-    """Generator: the engine's progress of one plane as :class:`PlaneProgress`; returns what ``steps`` returns."""
-    while True:
-        try:
-            step = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        yield PlaneProgress(number, planes, step)
-
-
 def stack_exemplars(segmenter: Segmenter, data, layout: ImageLayout, hints: dict, classes, planes: int = 1,
-                    **options) -> Generator[PlaneProgress, None, Exemplars | None]:
+                    options: SegmentOptions | None = None) -> Generator[Progress, None, Exemplars | None]:
     """Generator: the exemplars that the strokes on every plane make together (``hints``: plane -> (H, W) scribbles)."""
     found = []
     for plane, plane_hints in hints.items():
         image = np.asarray(data[layout.image_index(plane)])
-        steps = segmenter.collect_exemplars_steps(image, plane_hints, classes, **options)
-        found.append((yield from plane_steps(steps, 0, planes)))
+        steps = segmenter.collect_exemplars_steps(image, plane_hints, classes, options)
+        found.append((yield from on_plane(steps, 0, planes)))
     return Exemplars.combine(found)
+
+
+def segment_stack(segmenter: Segmenter, data, layout: ImageLayout, planes: Sequence[tuple[int, ...]], classes,
+                  options: SegmentOptions | None = None, *, hints: dict | None = None, exemplars: Exemplars | None = None,
+                  maps: bool = True) -> Generator[Progress | tuple, None, None]:
+    """The one stack pipeline: exemplars from the strokes on every plane, then each plane in turn.
+
+    Yields :class:`Progress`, and ``(plane, result)`` as each plane is done (read lazily, so
+    dask or zarr data load one plane at a time); what a caller does with a plane's result
+    (paste the strokes, merge into a layer) is its own business.
+    """
+    shared = yield from stack_exemplars(segmenter, data, layout, hints or {}, classes, len(planes), options)
+    exemplars = Exemplars.combine([exemplars, shared])
+    for number, plane in enumerate(planes):
+        image = np.asarray(data[layout.image_index(plane)])
+        steps = segmenter.segment_steps(image, classes, options, maps=maps, exemplars=exemplars)
+        result = yield from on_plane(steps, number, len(planes))
+        yield plane, result
+        del result  # the caller keeps what it needs of a plane; this generator keeps nothing
 
 
 def check_stack_scribbles(scribbles, layout: ImageLayout, n_classes: int) -> dict[tuple, np.ndarray]:
@@ -168,10 +149,13 @@ def segment_planes(
     layout: ImageLayout,
     planes: Sequence[tuple[int, ...]],
     classes,
+    options: SegmentOptions | Mapping | None = None,
     *,
     scribbles=None,
-    **options,
-) -> Generator[PlaneProgress, None, list[tuple[tuple[int, ...], SegmentationResult]]]:
+    exemplars: Exemplars | None = None,
+    maps: bool = True,
+    **keywords,
+) -> Generator[Progress, None, list[tuple[tuple[int, ...], SegmentationResult]]]:
     """Segment each plane in turn (read lazily, so dask or zarr data load one plane at a time).
 
     ``scribbles`` (an integer array of the labels' shape, 0 = no hint, k = class k):
@@ -179,14 +163,15 @@ def segment_planes(
     and painted pixels keep their class.
     """
     planes = check_planes(planes, layout)
+    options = segmenter.resolve_options(options, **keywords)
     hints = check_stack_scribbles(scribbles, layout, len(parse_classes(classes)))
-    shared = yield from stack_exemplars(segmenter, data, layout, hints, classes, len(planes), **options)
-    if shared is not None:
-        options = {**options, "exemplars": Exemplars.combine([options.get("exemplars"), shared])}
     results = []
-    for number, plane in enumerate(planes):
-        image = np.asarray(data[layout.image_index(plane)])
-        result = yield from plane_steps(segmenter.segment_steps(image, classes, **options), number, len(planes))
+    for item in segment_stack(segmenter, data, layout, planes, classes, options, hints=hints, exemplars=exemplars,
+                              maps=maps):
+        if isinstance(item, Progress):
+            yield item
+            continue
+        plane, result = item
         painted = hints.get(plane)
         if painted is not None:
             result.labels[painted > 0] = painted[painted > 0]

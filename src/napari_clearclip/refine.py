@@ -14,10 +14,10 @@ from typing import Generator, Sequence
 import torch
 import torch.nn.functional as F
 
+from .options import PAMR_DILATIONS, PAMR_ITERATIONS
+
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 WINDOW = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 0), (0, 1), (1, -1), (1, 0), (1, 1))
-PAMR_ITERATIONS = 10
-PAMR_DILATIONS = (8, 16)
 
 
 def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, size: tuple[int, int]) -> torch.Tensor:
@@ -136,50 +136,6 @@ def _finish(steps):
 def pamr(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERATIONS,
          dilations: Sequence[int] = PAMR_DILATIONS, band_rows: int | None = None) -> torch.Tensor:
     """Refine (Q, H, W) scores with the (C, H, W) guide image: ``iterations`` rounds of affinity-weighted averaging."""
-    steps = pamr_steps(scores, guide, iterations, dilations, band_rows)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
+    from .progress import run_to_end
 
-
-#: Upper bounds that keep a mistyped option from running for days or allocating terabytes.
-PAMR_MAX_ITERATIONS = 100
-PAMR_MAX_DILATION = 1024
-
-
-def _whole(value) -> bool:
-    import numbers
-
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def check_pamr_options(iterations, dilations) -> tuple[int, tuple[int, ...]]:
-    """(iterations, dilations) as plain ints, or an error that says the allowed range (numpy integers are fine)."""
-    import numpy as np
-
-    from .errors import InvalidOptionError
-
-    if not _whole(iterations) or not 0 <= int(iterations) <= PAMR_MAX_ITERATIONS:
-        raise InvalidOptionError(f"pamr_iterations={iterations!r} must be a whole number from 0 to "
-                                 f"{PAMR_MAX_ITERATIONS} (NACLIP uses 10).")
-    try:
-        values = tuple(np.asarray(dilations, dtype=object).ravel().tolist()) if not isinstance(dilations, str) else ()
-        ok = bool(values) and all(_whole(d) and 1 <= int(d) <= PAMR_MAX_DILATION for d in values)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise InvalidOptionError(f"pamr_dilations={dilations!r} must be whole numbers from 1 to {PAMR_MAX_DILATION} "
-                                 "pixels, e.g. (8, 16).")
-    return int(iterations), tuple(int(d) for d in values)
-
-
-def check_dilations_fit(dilations: Sequence[int], size: tuple[int, int]) -> None:
-    """Dilations must stay inside the image: a neighbour farther than the image's shorter side is only padding."""
-    from .errors import InvalidOptionError
-
-    if max(dilations) >= min(size):
-        raise InvalidOptionError(
-            f"pamr_dilations={tuple(dilations)} reach past this {size[0]} x {size[1]} image: each must be smaller than "
-            f"its shorter side ({min(size)} pixels), e.g. (8, 16).")
+    return run_to_end(pamr_steps(scores, guide, iterations, dilations, band_rows))

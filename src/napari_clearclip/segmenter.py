@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import math
-import numbers
-from dataclasses import dataclass, field, replace
-from typing import Generator, Sequence
+from dataclasses import dataclass
+from typing import Generator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -14,66 +12,19 @@ import torch.nn.functional as F
 
 from .cache import ByteLRU
 from .errors import InvalidOptionError, OutOfMemoryError
-from .image import check_contrast_limits, check_image, prepare
+from .image import check_image, prepare
 from .methods import encode_dense, get_method, interpolated_positions
-from .models import LoadedModel, default_options, load_model
-from .prompts import ClassQuery, TextEncoder, check_templates, parse_classes
-from .refine import PAMR_DILATIONS, PAMR_ITERATIONS, check_dilations_fit, check_pamr_options, pamr_steps
+from .models import LoadedModel, load_model
+from .options import DEFAULT, SegmentOptions, check_dilations_fit, check_flag
+from .progress import Progress, relabelled, run_to_end
+from .prompts import TextEncoder, check_templates, parse_classes
+from .refine import pamr_steps
+from .results import SegmentationResult
+from .scoring import postprocess
 from .scribbles import ExemplarCollector, Exemplars, FeatureStats, check_scribbles, whitened_norms
 from .windows import WindowGrid
 
-REFINEMENTS = (None, "pamr")
-
-
-
-class _Default:
-    """Marks an option left to the model's default."""
-
-    def __repr__(self) -> str:
-        return "DEFAULT"
-
-
-DEFAULT = _Default()
-
-
-@dataclass
-class Progress:
-    """One step of a run: ``stage`` is "text", "windows" or "edges" (snapping); ``done`` of ``total`` units."""
-
-    stage: str
-    done: int
-    total: int
-    then_edges: bool = False   # windows are followed by edge snapping (for progress bars)
-
-    @property
-    def message(self) -> str:
-        what = {"text": "class names encoded", "edges": "snapping to edges"}.get(self.stage, "windows")
-        return f"{what}: {self.done}/{self.total}"
-
-
-@dataclass
-class SegmentationResult:
-    """Labels 1..C (0 where no class reaches the threshold), the winning probability, and per-class maps.
-
-    ``probabilities`` and ``similarity`` are (C, H, W) float32, or None when the run
-    was asked not to keep them (``maps=False``), which saves 8 bytes per pixel and class.
-    """
-
-    labels: np.ndarray
-    probabilities: np.ndarray | None
-    similarity: np.ndarray | None
-    class_names: list[str]
-    classes: list[ClassQuery] = field(default_factory=list)
-    method: str = "clearclip"
-    confidence: np.ndarray | None = None
-
-    def class_table(self) -> list[dict]:
-        """One row per label value, with its pixel count, for CSV export and legends."""
-        counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names) + 1)
-        rows = [{"label": 0, "name": "unassigned", "synonyms": "", "pixels": int(counts[0])}]
-        for index, query in enumerate(self.classes or [ClassQuery(n, (n,)) for n in self.class_names], start=1):
-            rows.append({"label": index, "name": query.name, "synonyms": ", ".join(query.synonyms), "pixels": int(counts[index])})
-        return rows
+__all__ = ["Segmenter", "SegmentationResult", "Progress", "DEFAULT", "run_to_end"]
 
 
 @dataclass
@@ -111,7 +62,6 @@ class Segmenter:
     ):
         self.method = method
         self.model: LoadedModel = load_model(model, pretrained, device, precision)
-        self.pretrained = pretrained
         self.text = TextEncoder(self.model, disk_cache=disk_cache)
         self.window_batch_size = window_batch_size  # None: sized from the window area, see _batch_size
         self._features = ByteLRU(feature_cache_bytes)
@@ -134,41 +84,43 @@ class Segmenter:
         return (f"Segmenter(model={self.model.name!r}, weights={self.model.weights_id!r}, method={self.method!r}, "
                 f"device={str(self.device)!r}, precision={self.model.precision!r})")
 
-    def segment(self, image, classes: str | Sequence[str], **options) -> SegmentationResult:
+    def segment(self, image, classes: str | Sequence[str], options: SegmentOptions | Mapping | None = None,
+                **keywords) -> SegmentationResult:
         """Segment ``image`` into ``classes``; see :meth:`segment_steps` for the options."""
-        return run_to_end(self.segment_steps(image, classes, **options))
+        return run_to_end(self.segment_steps(image, classes, options, **keywords))
 
     def encode_classes(self, classes: str | Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
         """Text embeddings (queries, E) of every synonym, encoding only what is not cached."""
         queries = [s for c in parse_classes(classes) for s in c.synonyms]
         return self.text.embeddings(queries, check_templates(templates))
 
+    def resolve_options(self, options: SegmentOptions | Mapping | None = None, **keywords) -> SegmentOptions:
+        """The options a run would use with this model (defaults filled in), or the error it would raise."""
+        return SegmentOptions.build(options, **keywords).resolved(self.model.name, max(self.model.patch_size))
+
+    def check_options(self, options: SegmentOptions | Mapping | None = None, **keywords) -> SegmentOptions:
+        """Raise the error :meth:`segment` would raise for these options, before any image is read."""
+        return self.resolve_options(options, **keywords)
+
     def segment_steps(
         self,
         image,
         classes: str | Sequence[str],
+        options: SegmentOptions | Mapping | None = None,
         *,
-        short_side: int | None | _Default = DEFAULT,
-        crop: int | _Default = DEFAULT,
-        stride: int | _Default = DEFAULT,
-        logit_scale: float = 50.0,
-        prob_threshold: float = 0.0,
-        templates: Sequence[str] | None = None,
-        contrast_limits: Sequence[float] | None = None,
         maps: bool = True,
         scribbles=None,
-        refine: str | None = None,
-        pamr_iterations: int = PAMR_ITERATIONS,
-        pamr_dilations: Sequence[int] = PAMR_DILATIONS,
         exemplars: Exemplars | None = None,
+        **keywords,
     ) -> Generator[Progress, None, SegmentationResult]:
         """A generator that yields :class:`Progress` and returns the :class:`SegmentationResult`.
 
-        Stop iterating (or close it) to cancel between batches. Defaults follow the
-        official ClearCLIP protocol: short side 448, 448 crops at stride 224,
-        logit scale 50, no probability threshold, the 80 ImageNet templates.
-        Window settings left at ``DEFAULT`` take the model's own (the official ones,
-        except for models trained at another scale such as ``synthetic-tiny``).
+        Stop iterating (or close it) to cancel between batches. ``options`` (a
+        :class:`SegmentOptions`, a dict, or the same as keywords) default to the official
+        ClearCLIP protocol: short side 448, 448 crops at stride 224, logit scale 50, no
+        probability threshold, the 80 ImageNet templates, no refinement. Window settings
+        left at ``DEFAULT`` take the model's own (the official ones, except for models
+        trained at another scale such as ``synthetic-tiny``).
         ``maps=False`` skips the per-class probability and similarity maps (labels and
         the winning probability only), for large images with many classes.
 
@@ -176,9 +128,9 @@ class Segmenter:
         pixels keep class k and turns the patches under them into exemplars of class k, so
         similar regions elsewhere change class too; cached image features are reused.
         ``refine="pamr"`` snaps the scores to image edges with PAMR (``pamr_iterations``
-        rounds over neighbours at ``pamr_dilations``), as NACLIP applies it. Both default
-        to off: the official pipeline. ``exemplars`` (from :meth:`collect_exemplars` on
-        other images, e.g. other slices of a stack) are used as well as the scribbles'.
+        rounds over neighbours at ``pamr_dilations``), as NACLIP applies it.
+        ``exemplars`` (from :meth:`collect_exemplars` on other images, e.g. other slices
+        of a stack) are used as well as the scribbles'.
 
         The method is read once at the start, so changing ``segmenter.method`` from
         another thread never mixes methods within a run or in the feature cache.
@@ -186,13 +138,12 @@ class Segmenter:
         method_name, method_fn = self._method_state
         parsed = parse_classes(classes)
         array = check_image(image, min_side=max(self.model.patch_size))
-        short_side, crop, stride, templates, contrast_limits = self._resolve_options(
-            short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits)
+        opts = self.resolve_options(options, **keywords)
+        templates = check_templates(opts.templates)
         scribbles = check_scribbles(scribbles, array.shape[:2], len(parsed))
-        pamr_iterations, pamr_dilations = _check_refine(refine, pamr_iterations, pamr_dilations)
-        if refine == "pamr" and pamr_iterations:
-            check_dilations_fit(pamr_dilations, array.shape[:2])
-        maps = _check_flag("maps", maps)
+        if opts.refine == "pamr" and opts.pamr_iterations:
+            check_dilations_fit(opts.pamr_dilations, array.shape[:2])
+        maps = check_flag("maps", maps)
         exemplars = _check_exemplars(exemplars)
 
         queries = [s for c in parsed for s in c.synonyms]
@@ -201,10 +152,11 @@ class Segmenter:
             yield Progress("text", done, total)
         text = self.text.embeddings(queries, templates).to(self.device)
 
-        key = self._feature_key(array, contrast_limits, short_side, crop, stride, method_name)
-        args = (array, key, contrast_limits, short_side, crop, stride, method_fn)
+        key = self._feature_key(array, opts, method_name)
+        args = (array, key, opts, method_fn)
         features = self._features.get(key)
-        mark = _then_edges if refine is not None else (lambda steps: steps)
+        refine = opts.refine is not None
+        mark = (lambda steps: relabelled(steps, then_edges=True)) if refine else (lambda steps: steps)
         if scribbles is not None:
             own = yield from mark(self._collect(args, scribbles, len(parsed)))
             exemplars = Exemplars.combine([exemplars, own])
@@ -221,36 +173,32 @@ class Segmenter:
             scores = yield from mark(self._encode_and_score(*args, text=text, exemplars=exemplars))
         else:
             scores = self._score_cached(features, text, exemplars)
-            yield Progress("windows", len(features.grid.windows), len(features.grid.windows), refine is not None)
-        if refine == "pamr":
-            scores = yield from self._pamr(scores, array, contrast_limits, short_side, pamr_iterations,
-                                           pamr_dilations)
-        result = _postprocess(scores, array.shape[:2], parsed, float(logit_scale), float(prob_threshold), method_name,
-                              maps=maps)
+            yield Progress("windows", len(features.grid.windows), len(features.grid.windows), refine)
+        if opts.refine == "pamr":
+            scores = yield from self._pamr(scores, array, opts)
+        result = postprocess(scores, array.shape[:2], parsed, opts.logit_scale, opts.prob_threshold, method_name,
+                             maps=maps)
         if scribbles is not None:
             result.labels[scribbles > 0] = scribbles[scribbles > 0]  # what the user painted is what they get
         return result
 
-    def collect_exemplars(self, image, scribbles, classes: str | Sequence[str], *, short_side=DEFAULT,
-                          crop=DEFAULT, stride=DEFAULT, contrast_limits=None, **_ignored) -> Exemplars | None:
+    def collect_exemplars(self, image, scribbles, classes: str | Sequence[str],
+                          options: SegmentOptions | Mapping | None = None, **keywords) -> Exemplars | None:
         """The exemplars that ``scribbles`` on ``image`` make (None without strokes), for use on other images."""
-        return run_to_end(self.collect_exemplars_steps(image, scribbles, classes, short_side=short_side, crop=crop,
-                                                       stride=stride, contrast_limits=contrast_limits))
+        return run_to_end(self.collect_exemplars_steps(image, scribbles, classes, options, **keywords))
 
-    def collect_exemplars_steps(self, image, scribbles, classes, *, short_side=DEFAULT, crop=DEFAULT, stride=DEFAULT,
-                                contrast_limits=None, **_ignored) -> Generator[Progress, None, Exemplars | None]:
+    def collect_exemplars_steps(self, image, scribbles, classes, options: SegmentOptions | Mapping | None = None,
+                                **keywords) -> Generator[Progress, None, Exemplars | None]:
         """:meth:`collect_exemplars` as a generator that yields progress (image features are cached on the way)."""
         method_name, method_fn = self._method_state
         parsed = parse_classes(classes)
         array = check_image(image, min_side=max(self.model.patch_size))
-        short_side, crop, stride, _, contrast_limits = self._resolve_options(
-            short_side, crop, stride, 50.0, 0.0, None, contrast_limits)
+        opts = self.resolve_options(options, **keywords)
         scribbles = check_scribbles(scribbles, array.shape[:2], len(parsed))
         if scribbles is None:
             return None
-        key = self._feature_key(array, contrast_limits, short_side, crop, stride, method_name)
-        exemplars = yield from self._collect((array, key, contrast_limits, short_side, crop, stride, method_fn),
-                                             scribbles, len(parsed))
+        key = self._feature_key(array, opts, method_name)
+        exemplars = yield from self._collect((array, key, opts, method_fn), scribbles, len(parsed))
         return exemplars
 
     def _whitening(self, args, features: _Features | None):
@@ -281,16 +229,17 @@ class Segmenter:
                 collector.add(features.grid, batch, patch_features)
         return collector.result(self.device)
 
-    def _pamr(self, scores, array, contrast_limits, short_side, iterations, dilations):
+    def _pamr(self, scores, array, opts: SegmentOptions):
         """Generator: PAMR on the cosine scores at the output size, guided by the normalised input at that size."""
         size = tuple(array.shape[:2])
-        guide = prepare(array, self.model.mean, self.model.std, short_side, contrast_limits).to(self.device)
+        guide = prepare(array, self.model.mean, self.model.std, opts.short_side, opts.contrast_limits).to(self.device)
+        iterations = opts.pamr_iterations
         try:
             if tuple(scores.shape[1:]) != size:
                 scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
             if tuple(guide.shape[1:]) != size:
                 guide = F.interpolate(guide[None], size=size, mode="bilinear", align_corners=False)[0]
-            steps = pamr_steps(scores.float(), guide, iterations, dilations)
+            steps = pamr_steps(scores.float(), guide, iterations, opts.pamr_dilations)
             yield Progress("edges", 0, iterations)
             while True:
                 try:
@@ -304,45 +253,16 @@ class Segmenter:
             raise OutOfMemoryError("Not enough memory for edge snapping (PAMR) at this image size: "
                                    "turn it off or use a smaller image.") from None
 
-    def check_options(
-        self,
-        *,
-        short_side: int | None | _Default = DEFAULT,
-        crop: int | _Default = DEFAULT,
-        stride: int | _Default = DEFAULT,
-        logit_scale: float = 50.0,
-        prob_threshold: float = 0.0,
-        templates: Sequence[str] | None = None,
-        contrast_limits: Sequence[float] | None = None,
-        maps: bool = True,
-        refine: str | None = None,
-        pamr_iterations: int = PAMR_ITERATIONS,
-        pamr_dilations: Sequence[int] = PAMR_DILATIONS,
-    ) -> None:
-        """Raise the error :meth:`segment` would raise for these options, before any image is read."""
-        self._resolve_options(short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits)
-        _check_refine(refine, pamr_iterations, pamr_dilations)
-        _check_flag("maps", maps)
-
-    def _resolve_options(self, short_side, crop, stride, logit_scale, prob_threshold, templates, contrast_limits):
-        defaults = default_options(self.model.name)
-        short_side = defaults["short_side"] if short_side is DEFAULT else short_side
-        crop = defaults["crop"] if crop is DEFAULT else crop
-        stride = defaults["stride"] if stride is DEFAULT else stride
-        templates = check_templates(templates)
-        _check_options(short_side, crop, stride, logit_scale, prob_threshold, max(self.model.patch_size))
-        return short_side, crop, stride, templates, check_contrast_limits(contrast_limits)
-
     # -- image side ---------------------------------------------------------------------------
 
-    def _feature_key(self, array: np.ndarray, contrast_limits, short_side, crop, stride, method: str) -> str:
+    def _feature_key(self, array: np.ndarray, opts: SegmentOptions, method: str) -> str:
         digest = hashlib.blake2b(digest_size=20)
         digest.update(np.ascontiguousarray(array).data)
-        digest.update(repr((array.shape, str(array.dtype), contrast_limits, short_side, crop, stride,
-                            method, self.model.cache_id)).encode())
+        digest.update(repr((array.shape, str(array.dtype), opts.contrast_limits, opts.short_side, opts.crop,
+                            opts.stride, method, self.model.cache_id)).encode())
         return digest.hexdigest()
 
-    def _encode_and_score(self, array, key, contrast_limits, short_side, crop, stride, method_fn, *,
+    def _encode_and_score(self, array, key, opts: SegmentOptions, method_fn, *,
                           text=None, exemplars: Exemplars | None = None, collect=None):
         """Generator: encode the windows batch by batch and add their scores up, yielding progress.
 
@@ -350,8 +270,8 @@ class Segmenter:
         so a huge image streams through with one batch of features in memory. With
         ``text=None`` nothing is scored (a pass that only caches and ``collect``s).
         """
-        pixels = prepare(array, self.model.mean, self.model.std, short_side, contrast_limits)
-        grid = WindowGrid(pixels.shape[1], pixels.shape[2], crop, stride, self.model.patch_size)
+        pixels = prepare(array, self.model.mean, self.model.std, opts.short_side, opts.contrast_limits)
+        grid = WindowGrid(pixels.shape[1], pixels.shape[2], opts.crop, opts.stride, self.model.patch_size)
         windows = grid.windows
         rows, cols = grid.patch_grid
         width = self.model.clip.visual.output_dim
@@ -434,146 +354,8 @@ class Segmenter:
             return torch.cat([self._encode_crops(crops[:half], method_fn), self._encode_crops(crops[half:], method_fn)])
 
 
-def _then_edges(steps: Generator):
-    """Generator: ``steps`` with their window progress marked as followed by edge snapping."""
-    while True:
-        try:
-            step = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        yield replace(step, then_edges=True) if step.stage == "windows" else step
-
-
-def run_to_end(steps: Generator):
-    """Run a progress generator to its end and return what it returns."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as stop:
-            return stop.value
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_flag(name: str, value) -> bool:
-    """True or False (numpy's too); a string such as "no" is refused, not taken as true."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise InvalidOptionError(f"{name}={value!r} must be True or False.")
-
-
 def _check_exemplars(exemplars) -> Exemplars | None:
     if exemplars is None or isinstance(exemplars, Exemplars):
         return exemplars
     raise InvalidOptionError(
         f"exemplars={exemplars!r} is not a set of exemplars: pass what Segmenter.collect_exemplars returns, or None.")
-
-
-def _check_refine(refine, pamr_iterations, pamr_dilations) -> tuple[int, tuple[int, ...]]:
-    if refine not in REFINEMENTS:
-        raise InvalidOptionError(f"refine={refine!r} is not known: use None (the official pipeline) or 'pamr'.")
-    return check_pamr_options(pamr_iterations, pamr_dilations)
-
-
-def _check_options(short_side, crop, stride, logit_scale, prob_threshold, patch: int) -> None:
-    def whole(value) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    if short_side is not None and (not whole(short_side) or short_side < patch):
-        raise InvalidOptionError(f"short_side={short_side!r} must be a whole number of at least {patch} pixels, or None to keep the native size.")
-    if not whole(crop) or crop < patch:
-        raise InvalidOptionError(f"crop={crop!r} must be a whole number of at least {patch} pixels (the official value is 448).")
-    if not whole(stride) or not 0 < stride <= crop:
-        raise InvalidOptionError(f"stride={stride!r} must be a whole number between 1 and the crop size {crop} (the official value is 224).")
-    if not _is_number(logit_scale) or not math.isfinite(logit_scale) or not logit_scale > 0:
-        raise InvalidOptionError(f"logit_scale={logit_scale!r} must be a finite positive number (the official value is 50).")
-    if not _is_number(prob_threshold) or not 0.0 <= prob_threshold <= 1.0:
-        raise InvalidOptionError(f"prob_threshold={prob_threshold!r} must be a number between 0 and 1 (0 labels every pixel).")
-
-
-def _bilinear_taps(in_size: int, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis, in float32 as it computes them."""
-    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
-    source = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
-    low = source.long().clamp_(max=in_size - 1)
-    high = (low + 1).clamp_(max=in_size - 1)
-    weight = source - low.float()
-    return low.to(device), high.to(device), weight.to(device)
-
-
-def _resized_rows(scores: torch.Tensor, rows, cols, r0: int, r1: int) -> torch.Tensor:
-    """Output rows r0:r1 of the bilinear resize of ``scores`` (Q, h, w), without building the whole output.
-
-    The source rows these output rows need are first resized along the width by PyTorch
-    itself (their height kept, which interpolates nothing), then each output row blends
-    its two source rows: the same arithmetic, in the same order, as one whole-image call.
-    """
-    low, high, weight = (t[r0:r1] for t in rows)
-    first, last = int(low.min()), int(high.max())
-    width = cols[0].shape[0]
-    slab = F.interpolate(scores[None, :, first : last + 1], size=(last + 1 - first, width), mode="bilinear",
-                         align_corners=False)[0]
-    w = weight.view(1, -1, 1)
-    return slab.index_select(1, low - first) * (1 - w) + slab.index_select(1, high - first) * w
-
-
-def _allocate(shape: tuple[int, ...], dtype, what: str) -> np.ndarray:
-    try:
-        return np.empty(shape, dtype=dtype)
-    except MemoryError:
-        gib = np.prod(shape, dtype=np.float64) * np.dtype(dtype).itemsize / 2**30
-        raise OutOfMemoryError(
-            f"Not enough memory for the {what} ({gib:.1f} GiB for {' x '.join(map(str, shape))}). "
-            "Keep only the labels (maps=False; in napari, Probabilities: none), use fewer classes, or a smaller image."
-        ) from None
-
-
-def _postprocess(scores, size, classes, logit_scale, prob_threshold, method, maps: bool = True,
-                 chunk_bytes: int = 64 << 20) -> SegmentationResult:
-    """Resize to the input size, softmax over queries, max over synonyms, argmax, threshold: in row chunks.
-
-    Only one chunk of the full-size scores exists at a time, so memory beyond the
-    outputs stays bounded whatever the image size and number of classes.
-    """
-    height, width = size
-    n_classes, n_queries = len(classes), scores.shape[0]
-    labels = _allocate((height, width), np.int32, "labels")
-    confidence = _allocate((height, width), np.float32, "winning-class probabilities")
-    probabilities = _allocate((n_classes, height, width), np.float32, "probability maps") if maps else None
-    similarity = _allocate((n_classes, height, width), np.float32, "similarity maps") if maps else None
-    spans, start = [], 0
-    for query in classes:
-        spans.append((start, start + len(query.synonyms)))
-        start += len(query.synonyms)
-    single = n_queries == n_classes  # no synonyms: class probabilities are the query probabilities
-    resize = tuple(scores.shape[1:]) != (height, width)
-    if resize:
-        rows = _bilinear_taps(scores.shape[1], height, scores.device)
-        cols = _bilinear_taps(scores.shape[2], width, scores.device)
-    step = max(1, chunk_bytes // max(1, 4 * n_queries * width * 3))
-    try:
-        for r0 in range(0, height, step):
-            r1 = min(r0 + step, height)
-            if not resize:
-                chunk = scores[:, r0:r1]
-            elif step >= height:  # one chunk: PyTorch's own whole-image resize
-                chunk = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-            else:
-                chunk = _resized_rows(scores, rows, cols, r0, r1)
-            chunk = chunk.float()
-            probs = torch.softmax(chunk * logit_scale, dim=0)
-            class_probs = probs if single else torch.stack([probs[a:b].amax(0) for a, b in spans])
-            best, index = class_probs.max(0)
-            chunk_labels = index + 1
-            chunk_labels[best < prob_threshold] = 0
-            labels[r0:r1] = chunk_labels.cpu().numpy()
-            confidence[r0:r1] = best.cpu().numpy()
-            if maps:
-                probabilities[:, r0:r1] = class_probs.cpu().numpy()
-                similarity[:, r0:r1] = (chunk if single else torch.stack([chunk[a:b].amax(0) for a, b in spans])).cpu().numpy()
-    except (MemoryError, torch.OutOfMemoryError):
-        raise OutOfMemoryError("Ran out of memory while scoring: use fewer classes or a smaller image.") from None
-    return SegmentationResult(labels, probabilities, similarity, [c.name for c in classes], list(classes), method,
-                              confidence)

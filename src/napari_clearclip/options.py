@@ -1,0 +1,183 @@
+"""How an image is segmented: one frozen, validated options object shared by the API, widget, CLI and batches.
+
+``SegmentOptions`` holds every setting of a run that is not data (the image, the classes,
+strokes). It is built from keywords or a dict, checked in one place, and resolved against a
+model: settings left at ``DEFAULT`` take the model's own (the official ones, except for models
+trained at another scale such as ``synthetic-tiny``). Adding an option is one field here (and,
+for the widget, one row of its field table).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping, Sequence
+
+from .errors import InvalidOptionError
+
+REFINEMENTS = (None, "pamr")
+PAMR_ITERATIONS = 10
+PAMR_DILATIONS = (8, 16)
+#: Upper bounds that keep a mistyped option from running for days or allocating terabytes.
+PAMR_MAX_ITERATIONS = 100
+PAMR_MAX_DILATION = 1024
+#: The widget and the command line snap masks to edges unless told not to (the Python API follows
+#: the paper and does not): on the demo scenes snapping lifts pixel accuracy from 0.93 to 0.98.
+SNAP_IN_TOOLS = True
+
+
+class _Default:
+    """Marks an option left to the model's default."""
+
+    _instance = None
+
+    def __new__(cls):  # one instance, also after pickling to a dask worker
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+    def __reduce__(self):
+        return (_Default, ())
+
+
+DEFAULT = _Default()
+
+
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SegmentOptions:
+    """Window, scoring and refinement settings (defaults: the official ClearCLIP protocol).
+
+    - ``short_side``, ``crop``, ``stride``: resize and sliding windows (448, 448, 224 officially;
+      ``short_side=None`` keeps the native size); ``DEFAULT`` takes the model's own.
+    - ``logit_scale`` (50), ``prob_threshold`` (0: every pixel labelled).
+    - ``templates``: prompt templates with ``{}`` (None: the 80 ImageNet templates).
+    - ``contrast_limits``: (low, high) intensity scaling for non-uint8 images (None: the image's range).
+    - ``refine``: None (the paper) or "pamr" (edge snapping), with ``pamr_iterations`` and ``pamr_dilations``.
+    """
+
+    short_side: Any = DEFAULT
+    crop: Any = DEFAULT
+    stride: Any = DEFAULT
+    logit_scale: float = 50.0
+    prob_threshold: float = 0.0
+    templates: Any = None
+    contrast_limits: Any = None
+    refine: str | None = None
+    pamr_iterations: int = PAMR_ITERATIONS
+    pamr_dilations: Any = PAMR_DILATIONS
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def build(cls, options: "SegmentOptions | Mapping[str, Any] | None" = None, **keywords) -> "SegmentOptions":
+        """Options from an options object, a dict or keywords (keywords win); unknown names are refused."""
+        if options is None:
+            base: dict = {}
+        elif isinstance(options, SegmentOptions):
+            base = {f.name: getattr(options, f.name) for f in fields(cls)}
+        elif isinstance(options, Mapping):
+            base = dict(options)
+        else:
+            raise InvalidOptionError(f"options={options!r} must be a SegmentOptions, a dict of options, or None.")
+        base.update(keywords)
+        unknown = sorted(set(base) - set(cls.names()))
+        if unknown:
+            hint = (" Probability maps are asked for per run (maps=...), or with save_probabilities in batches."
+                    if "maps" in unknown else "")
+            raise InvalidOptionError(f"Unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: "
+                                     f"the options are {', '.join(cls.names())}.{hint}")
+        return cls(**base)
+
+    def replace(self, **changes) -> "SegmentOptions":
+        return replace(self, **changes)
+
+    def resolved(self, model_name: str, patch: int = 16) -> "SegmentOptions":
+        """Defaults filled in from the model, every value checked and in its plain type (ints, floats, tuples)."""
+        from .choices import default_options
+
+        defaults = default_options(model_name)
+        short_side = defaults["short_side"] if self.short_side is DEFAULT else self.short_side
+        crop = defaults["crop"] if self.crop is DEFAULT else self.crop
+        stride = defaults["stride"] if self.stride is DEFAULT else self.stride
+        if short_side is not None and (not _whole(short_side) or short_side < patch):
+            raise InvalidOptionError(f"short_side={short_side!r} must be a whole number of at least {patch} pixels, "
+                                     "or None to keep the native size.")
+        if not _whole(crop) or crop < patch:
+            raise InvalidOptionError(f"crop={crop!r} must be a whole number of at least {patch} pixels "
+                                     "(the official value is 448).")
+        if not _whole(stride) or not 0 < stride <= crop:
+            raise InvalidOptionError(f"stride={stride!r} must be a whole number between 1 and the crop size {crop} "
+                                     "(the official value is 224).")
+        logit_scale, threshold = self.logit_scale, self.prob_threshold
+        if not _number(logit_scale) or not math.isfinite(logit_scale) or not logit_scale > 0:
+            raise InvalidOptionError(f"logit_scale={logit_scale!r} must be a finite positive number "
+                                     "(the official value is 50).")
+        if not _number(threshold) or not 0.0 <= threshold <= 1.0:
+            raise InvalidOptionError(f"prob_threshold={threshold!r} must be a number between 0 and 1 "
+                                     "(0 labels every pixel).")
+        from .image import check_contrast_limits
+        from .prompts import check_templates
+
+        templates = None if self.templates is None else check_templates(self.templates)
+        if self.refine not in REFINEMENTS:
+            raise InvalidOptionError(f"refine={self.refine!r} is not known: use None (the official pipeline) "
+                                     "or 'pamr'.")
+        iterations, dilations = check_pamr_options(self.pamr_iterations, self.pamr_dilations)
+        return SegmentOptions(None if short_side is None else int(short_side), int(crop), int(stride),
+                              float(logit_scale), float(threshold), templates,
+                              check_contrast_limits(self.contrast_limits), self.refine, iterations, dilations)
+
+    def to_dict(self) -> dict:
+        """Plain values (DEFAULT as None), for fingerprints, settings and reports."""
+        values = asdict(self)
+        return {k: (None if v is DEFAULT else list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+
+
+def check_pamr_options(iterations, dilations) -> tuple[int, tuple[int, ...]]:
+    """(iterations, dilations) as plain ints, or an error that says the allowed range (numpy integers are fine)."""
+    import numpy as np
+
+    if not _whole(iterations) or not 0 <= int(iterations) <= PAMR_MAX_ITERATIONS:
+        raise InvalidOptionError(f"pamr_iterations={iterations!r} must be a whole number from 0 to "
+                                 f"{PAMR_MAX_ITERATIONS} (NACLIP uses 10).")
+    try:
+        values = tuple(np.asarray(dilations, dtype=object).ravel().tolist()) if not isinstance(dilations, str) else ()
+        ok = bool(values) and all(_whole(d) and 1 <= int(d) <= PAMR_MAX_DILATION for d in values)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InvalidOptionError(f"pamr_dilations={dilations!r} must be whole numbers from 1 to {PAMR_MAX_DILATION} "
+                                 "pixels, e.g. (8, 16).")
+    return int(iterations), tuple(int(d) for d in values)
+
+
+def check_dilations_fit(dilations: Sequence[int], size: tuple[int, int]) -> None:
+    """Dilations must stay within the image: a neighbour farther than its longer side is only padding
+    (and the padding would grow the memory needed without limit)."""
+    if max(dilations) > max(size):
+        raise InvalidOptionError(
+            f"pamr_dilations={tuple(dilations)} reach past this {size[0]} x {size[1]} image: each must be at most "
+            f"its longer side ({max(size)} pixels), e.g. (8, 16).")
+
+
+def check_flag(name: str, value) -> bool:
+    """True or False (numpy's too); a string such as "no" is refused, not taken as true."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise InvalidOptionError(f"{name}={value!r} must be True or False.")

@@ -1,0 +1,40 @@
+"""What a segmentation returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .prompts import ClassQuery
+
+
+@dataclass
+class SegmentationResult:
+    """Labels 1..C (0 where no class reaches the threshold), the winning probability, and per-class maps.
+
+    ``probabilities`` and ``similarity`` are (C, H, W) float32, or None when the run
+    was asked not to keep them (``maps=False``), which saves 8 bytes per pixel and class.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray | None
+    similarity: np.ndarray | None
+    class_names: list[str]
+    classes: list[ClassQuery] = field(default_factory=list)
+    method: str = "clearclip"
+    confidence: np.ndarray | None = None
+
+    def class_table(self) -> list[dict]:
+        """One row per label value, with its pixel count, for CSV export and legends."""
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names) + 1)
+        return class_rows(self.classes or [ClassQuery(n, (n,)) for n in self.class_names], counts)
+
+
+def class_rows(classes: list[ClassQuery], counts: np.ndarray) -> list[dict]:
+    """The class table: label 0 "unassigned", then each class with its synonyms and pixel count."""
+    rows = [{"label": 0, "name": "unassigned", "synonyms": "", "pixels": int(counts[0])}]
+    for index, query in enumerate(classes, start=1):
+        rows.append({"label": index, "name": query.name, "synonyms": ", ".join(query.synonyms),
+                     "pixels": int(counts[index])})
+    return rows

@@ -48,7 +48,7 @@ def main() -> None:
     figures = []
     for cycle in range(args.cycles):
         widget.run()
-        while widget._worker is not None:
+        while widget.busy:
             app.processEvents()
         for _ in range(10):
             app.processEvents()

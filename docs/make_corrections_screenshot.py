@@ -44,7 +44,7 @@ def pick_scene():
 
 
 def wait_for(widget, app) -> None:
-    while widget._worker is not None:
+    while widget.busy:
         app.processEvents()
     for _ in range(20):
         app.processEvents()

@@ -25,7 +25,7 @@ def main() -> None:
     finished = []
     worker.finished.connect(lambda: finished.append(True))
     app = QApplication.instance()
-    while not finished or widget._worker is not None:
+    while not finished or widget.busy:
         app.processEvents()
     viewer.reset_view()
     for _ in range(20):

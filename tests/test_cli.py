@@ -179,7 +179,7 @@ def test_snap_option_gives_the_engines_edge_snapped_labels(tmp_path, tiny_checkp
     assert not np.array_equal(snapped, official)
     np.testing.assert_array_equal(tifffile.imread(out / "cells_labels.tif"), snapped)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "paper" / "cells_labels.tif"), official)
-    from napari_clearclip._widget import SNAP_IN_TOOLS
+    from napari_clearclip.options import SNAP_IN_TOOLS
     from napari_clearclip.cli import build_parser
 
     assert build_parser().parse_args(["x", "--classes", "a"]).snap is SNAP_IN_TOOLS is True

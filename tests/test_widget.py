@@ -12,7 +12,8 @@ pytest.importorskip("qtpy.QtWidgets", reason="the widget tests need a Qt binding
 from napari.layers import Image, Labels  # noqa: E402
 
 from napari_clearclip import Segmenter  # noqa: E402
-from napari_clearclip._widget import ClearClipWidget, model_choices  # noqa: E402
+from napari_clearclip.gui import ClearClipWidget  # noqa: E402
+from napari_clearclip.gui.fields import model_choices  # noqa: E402
 from napari_clearclip.colours import class_colours  # noqa: E402
 
 pytestmark = pytest.mark.gui
@@ -36,7 +37,7 @@ def run_and_wait(qtbot, widget):
     assert worker is not None, widget.status.value
     with qtbot.waitSignal(worker.finished, timeout=TIMEOUT):
         pass
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=5000)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=5000)
     return worker
 
 
@@ -117,8 +118,8 @@ def test_cancel_adds_nothing(qtbot, widget):
     assert "big classes" not in viewer.layers
     assert widget.status.value.startswith("Cancelled")
     assert widget.run_button.enabled and not widget.cancel_button.enabled
-    windows = [s for s in seen if hasattr(s, "step") and s.step.stage == "windows"]
-    assert windows and windows[-1].step.done < windows[-1].step.total
+    windows = [s for s in seen if s.stage == "windows"]
+    assert windows and windows[-1].done < windows[-1].total
 
 
 def test_viewer_stays_responsive_during_a_run(qtbot, widget):
@@ -138,7 +139,7 @@ def test_viewer_stays_responsive_during_a_run(qtbot, widget):
     start = time.perf_counter()
     worker = widget.run()
     worker.yielded.connect(lambda _: yields.append(time.perf_counter()))
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
     timer.stop()
     running = [t for t in ticks if t <= yields[-1]]  # while the worker computes, before results are shown
     gaps = np.diff(running)

@@ -12,7 +12,9 @@ pytest.importorskip("qtpy.QtWidgets", reason="the widget tests need a Qt binding
 from napari.layers import Labels  # noqa: E402
 from napari.utils.colormaps.standardize_color import transform_color  # noqa: E402
 
-from napari_clearclip._widget import DEMO_MODEL, ClearClipWidget, model_choices  # noqa: E402
+from napari_clearclip.choices import DEMO_MODEL  # noqa: E402
+from napari_clearclip.gui import ClearClipWidget  # noqa: E402
+from napari_clearclip.gui.fields import model_choices  # noqa: E402
 from napari_clearclip.colours import NAMED  # noqa: E402
 from napari_clearclip.synthetic import DEMO_CLASSES  # noqa: E402
 
@@ -34,7 +36,7 @@ def widget(make_napari_viewer, tiny_checkpoint):
 def run_and_wait(qtbot, widget):
     worker = widget.run()
     assert worker is not None, widget.status.value
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
     return worker
 
 
@@ -86,7 +88,7 @@ def time_gui_steps(widget) -> list[float]:
 
 
 def test_a_long_message_wraps_and_never_widens_the_window(qtbot, widget):
-    window = widget._viewer.window._qt_window
+    window = widget.native.window()
     qtbot.wait(200)
     width, height, dock_width = window.width(), window.height(), widget.native.width()
     dock_height = widget.native.height()
@@ -95,12 +97,13 @@ def test_a_long_message_wraps_and_never_widens_the_window(qtbot, widget):
     qtbot.wait(300)
     assert (window.width(), window.height()) == (width, height)
     assert widget.native.width() <= dock_width and widget.native.height() <= dock_height
-    box, label = widget._status_box, widget.status.native
-    assert box.verticalScrollBar().maximum() > 0                        # the rest of the message scrolls into view
-    assert label.height() == label.heightForWidth(box.viewport().width())   # and no further than the text goes
+    label = widget.status.native
+    assert label.height() >= label.heightForWidth(label.width())       # the whole message, no line cut
+    assert widget.scroll_area.verticalScrollBar().maximum() > 0          # the dock scrolls to show it
     widget._set_status("Ready")
+    widget.legend.value = ""
     qtbot.wait(100)
-    assert box.verticalScrollBar().maximum() == 0 and (window.width(), window.height()) == (width, height)
+    assert (window.width(), window.height()) == (width, height)
     assert widget.status.native.wordWrap() and widget.legend.native.wordWrap()
 
 
@@ -112,7 +115,7 @@ def test_offline_weights_point_to_the_checkpoint_field_and_the_demo_model(qtbot,
     widget.classes.value = "cell, nucleus\nbackground"
     run_and_wait(qtbot, widget)
     status = widget.status.value
-    assert "Checkpoint field" in status and "ViT-B-16-quickgelu" in status and "offline demo model" in status
+    assert "Choose file" in status and "ViT-B-16-quickgelu" in status and "offline demo model" in status
     assert "Segmenter(" not in status                       # GUI words, not Python
     assert widget.use_demo.visible
     assert "photo classes" not in viewer.layers
@@ -170,8 +173,8 @@ def test_legend_shares_count_kept_edits(qtbot, widget, rgb_image):
 
 
 def test_fields_explain_themselves(widget):
-    for name in ("image", "model", "checkpoint", "method", "device", "probability_output", "new_layer", "crop",
-                 "stride", "logit_scale", "precision"):
+    for name in ("image", "model", "pretrained", "choose_weights", "method", "device", "probability_output",
+                 "new_layer", "crop", "stride", "logit_scale", "precision"):
         assert getattr(widget, name).tooltip, name
     assert "NACLIP" in widget.method.tooltip and "MaskCLIP" in widget.method.tooltip
     from qtpy.QtWidgets import QLabel
@@ -194,7 +197,7 @@ def test_deleted_results_are_forgotten(qtbot, widget, rgb_image):
     for _ in range(3):
         run_and_wait(qtbot, widget)
         viewer.layers.remove("photo classes")
-        assert widget._outputs == {}
+        assert len(widget.results) == 0
 
 
 def test_closing_the_widget_during_a_run_stops_it_quietly(qtbot, widget):
@@ -277,7 +280,7 @@ def test_live_mode_reruns_after_a_stroke_and_never_overwrites_it(qtbot, widget, 
         labels.brush_size = 5
         labels.paint((90, 130), value)                  # one stroke on the result
         qtbot.waitUntil(lambda: len(runs) == 1, timeout=5000)
-        qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
+        qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
         qtbot.wait(500)
     assert len(runs) == 1                               # one stroke, one re-run
     assert labels.data[90, 130] == value                # the stroke is kept (and taught the model)
@@ -286,7 +289,7 @@ def test_live_mode_reruns_after_a_stroke_and_never_overwrites_it(qtbot, widget, 
     widget.classes.value = "a\nb\nc"                    # typing: debounced into one more run
     widget.classes.value = "a\nb\nc\nd"
     qtbot.waitUntil(lambda: len(runs) == 2, timeout=5000)
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
     qtbot.wait(500)
     assert len(runs) == 2
     assert widget.status.value.startswith("Done"), widget.status.value
@@ -382,9 +385,9 @@ def test_a_stroke_undone_while_a_run_computes_is_taken_back_too(qtbot, widget):
     painted = labels.data != zero_shot
     worker = widget.run()                                       # starts from the layer as it is now...
     labels.undo()                                               # ...and the stroke is undone before it ends
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
     assert worker is not None
-    output = next(iter(widget._outputs.values()))
+    output = widget.results.of(labels)
     assert not output.edited[painted].any()                     # the run's result did not bring the stroke back
     run_and_wait(qtbot, widget)
     np.testing.assert_array_equal(labels.data, zero_shot)
@@ -435,7 +438,7 @@ def test_a_stroke_redone_while_a_run_computes_stays_the_users(qtbot, widget):
     labels.undo()
     worker = widget.run()                                       # starts without the stroke...
     labels.redo()                                               # ...which comes back before it ends
-    qtbot.waitUntil(lambda: widget._worker is None, timeout=TIMEOUT)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
     assert worker is not None
     run_and_wait(qtbot, widget)
     np.testing.assert_array_equal(labels.data, taught)          # kept, and teaching as before

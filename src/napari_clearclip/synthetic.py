@@ -217,3 +217,24 @@ def colour_iou(segmenter, scenes: list[Scene], background: str | None = "backgro
     scores = {c: intersection[c] / union[c] if union[c] else float("nan") for c in colours}
     scores["mean"] = float(np.nanmean([scores[c] for c in colours]))
     return scores
+
+
+def looks_like_demo_scene(image: np.ndarray) -> bool:
+    """Whether an image is what the demo model knows: coloured shapes on a grey background.
+
+    Most pixels are a mid grey (low saturation), and most of the others strongly coloured;
+    photos and microscopy fail one test or the other. Used to say, or not, that the demo's
+    labels mean nothing on this image.
+    """
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[-1] < 3 or array.size == 0:
+        return False
+    rgb = array[..., :3].astype(np.float32)
+    if array.dtype != np.uint8:
+        low, high = float(rgb.min()), float(rgb.max())
+        rgb = (rgb - low) * (255.0 / (high - low)) if high > low else np.zeros_like(rgb)
+    saturation = rgb.max(-1) - rgb.min(-1)
+    brightness = rgb.mean(-1)
+    grey = (saturation < 40) & (brightness > 50) & (brightness < 210)
+    coloured = saturation > 90
+    return bool(grey.mean() >= 0.4 and (grey | coloured).mean() >= 0.9)

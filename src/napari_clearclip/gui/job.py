@@ -1,0 +1,77 @@
+"""What the widget's thread worker runs: load (or reuse) the model, segment and merge, make the new layer.
+
+Everything here runs off the GUI thread; the widget only inserts what comes back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from napari.layers import Labels
+from napari.utils.colormaps import DirectLabelColormap
+
+from ..annotate import LayerRequest, segment_layer
+from ..cluster import ModelSpec
+from ..progress import Progress
+from ..segmenter import Segmenter
+from .layers import labels_features
+
+
+@dataclass
+class ModelHolder:
+    """The model the widget keeps between runs; set by the worker as soon as it is loaded, so that a cancelled
+    run does not make the next one load it again."""
+
+    key: tuple | None = None
+    segmenter: Segmenter | None = None
+
+    def get(self, spec: ModelSpec) -> Segmenter | None:
+        """The loaded segmenter for ``spec`` (whatever its method: that is set per run), or None."""
+        if self.segmenter is not None and self.key == _model_key(spec):
+            return self.segmenter
+        return None
+
+    def keep(self, spec: ModelSpec, segmenter: Segmenter) -> None:
+        self.key, self.segmenter = _model_key(spec), segmenter
+
+
+def _model_key(spec: ModelSpec) -> tuple:
+    return spec.model, spec.pretrained, spec.device, spec.precision
+
+
+def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None):
+    """Worker body: load (or reuse) the model, segment and merge plane by plane (yielding progress), and build
+    the new Labels layer, if one is to be added, so that the GUI thread only inserts it."""
+    segmenter = holder.get(spec)
+    if segmenter is None:
+        yield Progress("loading", 0, 1, detail=f"Loading {spec.model} ({spec.pretrained or 'default weights'})...")
+        segmenter = Segmenter(spec.model, spec.pretrained, method=spec.method, device=spec.device,
+                              precision=spec.precision)
+        holder.keep(spec, segmenter)
+    segmenter.method = spec.method
+    result = yield from segment_layer(segmenter, request)
+    update = result.update
+    prepare_first_draw(update.full if update.full is not None else update.baseline, update.colours)
+    layer = None
+    if new_layer is not None and update.full is not None:
+        layer = Labels(update.full, features=labels_features(update.names),
+                       colormap=DirectLabelColormap(color_dict=update.colours), visible=False, **new_layer)
+    return result, layer
+
+
+def prepare_first_draw(labels: np.ndarray, colours: dict) -> None:
+    """Do here, in the worker, what napari does lazily the first time a Labels layer is drawn: import pandas
+    and scikit-image's colour module (about 0.8 s), and map labels of this type through a direct colormap
+    (numba compiles that mapping once per type when it is installed: seconds on the GUI thread otherwise)."""
+    import pandas  # noqa: F401
+    import skimage.color  # noqa: F401
+
+    sample = np.zeros((2, 2), dtype=labels.dtype)
+    sample[0, 0] = 1
+    colormap = DirectLabelColormap(color_dict=colours)
+    colormap.map(sample)
+    try:  # the texture mapping napari runs on the first draw (no public name; skipped where it moved)
+        colormap._data_to_texture(sample)
+    except Exception:
+        pass

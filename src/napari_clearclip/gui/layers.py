@@ -1,0 +1,227 @@
+"""The Labels layers the widget wrote: what the model said (baselines), what the user painted, undo and redo.
+
+A result layer is remembered with its *baseline* (what the runs wrote) and the mask of
+pixels the user painted; a pixel that differs from the baseline, or was painted, is the
+user's and is kept (and taught from) on every later run. The GUI thread only inserts a
+layer made in the worker, or writes a run's planes into an existing one in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.utils.colormaps import DirectLabelColormap
+from qtpy.QtCore import QTimer
+
+from ..editing import apply_update
+from ..planes import ImageLayout
+
+
+@dataclass
+class ResultLayer:
+    """What the widget remembers of a Labels layer it wrote, to recognise the user's edits."""
+
+    layer: Labels
+    baseline: np.ndarray
+    names: list[str] = field(default_factory=list)
+    colours: dict = field(default_factory=dict)
+    edited: np.ndarray | None = None  # every pixel the user has painted (kept on every run)
+
+    def forget_edits(self, pixels: np.ndarray, data: np.ndarray) -> None:
+        """These pixels hold the model's answer (an undone stroke): no longer edits to keep or learn from."""
+        self.baseline = self.baseline.copy()  # a run in flight may be reading the old arrays
+        self.baseline[pixels] = data[pixels]
+        if self.edited is not None:
+            self.edited = self.edited & ~pixels
+
+    def claim_edits(self, pixels: np.ndarray) -> None:
+        """These pixels hold what the user painted (a redone stroke): edits to keep and learn from."""
+        edited = np.zeros(self.baseline.shape, dtype=bool) if self.edited is None else self.edited.copy()
+        edited |= pixels  # a copy: a run in flight may be reading the old mask
+        self.edited = edited
+
+
+def layer_key(layer) -> str:
+    return str(getattr(layer, "unique_id", None) or id(layer))
+
+
+def labels_features(names: list[str]) -> dict:
+    return {"index": np.arange(len(names) + 1), "class": ["unassigned"] + list(names)}
+
+
+def layer_geometry(layer: Image, layout: ImageLayout) -> dict:
+    """The image's scale and translation, without its channel axis, for the labels to sit on it."""
+    scale, translate = list(layer.scale), list(layer.translate)
+    if layout.channel_axis is not None:
+        del scale[layout.channel_axis], translate[layout.channel_axis]
+    return {"scale": scale, "translate": translate}
+
+
+class ResultLayers:
+    """The result layers of one viewer, their baselines and edits, and undo and redo on them.
+
+    ``on_painted`` is called after a stroke, an undo or a redo (live mode re-runs);
+    ``busy()`` says whether a run is computing, whose result must then learn of undos and redos.
+    """
+
+    def __init__(self, viewer, on_painted: Callable[[], None], busy: Callable[[], bool]):
+        self._viewer = viewer
+        self._on_painted = on_painted
+        self._busy = busy
+        self._results: dict[str, ResultLayer] = {}  # by layer unique id (plugins see layers through proxies)
+        self._undone: dict[str, np.ndarray] = {}    # pixels undone while a run was computing, by layer
+        self._redone: dict[str, np.ndarray] = {}    # pixels redone while a run was computing, by layer
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def of(self, layer) -> ResultLayer | None:
+        """What is remembered of ``layer`` (None for a layer the widget did not write)."""
+        return self._results.get(layer_key(layer))
+
+    def target(self, layer: Image, layout: ImageLayout) -> ResultLayer | None:
+        """The result layer of this image that a run updates in place (same name and shape), if any."""
+        name = f"{layer.name} classes"
+        live = {layer_key(item) for item in self._viewer.layers}
+        for key, result in self._results.items():
+            if result.layer.name == name and key in live and result.layer.data.shape == layout.label_shape:
+                return result
+        return None
+
+    def forget_removed(self) -> None:
+        """A deleted result layer is forgotten, with its baseline."""
+        live = {layer_key(layer) for layer in self._viewer.layers}
+        for key in [k for k in self._results if k not in live]:
+            _unwatch(self._results[key].layer, self._painted)
+            del self._results[key]
+
+    def run_finished(self) -> None:
+        """Undos and redos during the run were applied to its result, or the run left the layer as it was."""
+        self._undone.clear()
+        self._redone.clear()
+
+    def close(self) -> None:
+        for result in self._results.values():
+            _unwatch(result.layer, self._painted)
+        self._results.clear()
+        self.run_finished()
+
+    # -- strokes, undo and redo ---------------------------------------------------------------
+    def _painted(self, event=None) -> None:
+        self._on_painted()
+
+    def _replayed(self, layer, before: np.ndarray, action: str) -> None:
+        """After an undo the pixels it restored are the model's again; after a redo they are the user's again."""
+        result = self.of(layer)
+        if result is None:
+            return
+        data = np.asarray(layer.data)
+        if data.shape != before.shape or data.shape != result.baseline.shape:
+            return
+        changed = data != before
+        if not changed.any():
+            return
+        if action == "redo":
+            result.claim_edits(changed)
+        else:
+            result.forget_edits(changed, data)
+        if self._busy():  # the run in flight started from the pixels as they were: redo this on its result
+            key = layer_key(layer)
+            mine, other = (self._redone, self._undone) if action == "redo" else (self._undone, self._redone)
+            mine[key] = changed | mine[key] if key in mine else changed
+            if key in other:
+                other[key] = other[key] & ~changed
+        self._on_painted()
+
+    # -- writing a run's result (GUI thread) ----------------------------------------------------
+    def write(self, context: dict, update, prepared_layer=None) -> tuple[Labels, int]:
+        """Set the merged labels: in place into the layer the run updated, else as a new layer.
+
+        A new layer comes ready-made from the worker (``prepared_layer``): the GUI thread only adds it,
+        hidden, and shows it on the next turn of the event loop (two short steps, not one long one).
+        """
+        layer, layout, target = context["layer"], context["layout"], context["target"]
+        features = labels_features(update.names)
+        alive = target is not None and layer_key(target.layer) in {layer_key(item) for item in self._viewer.layers}
+        kept = update.kept_pixels
+        if alive:
+            labels_layer = target.layer
+            data = labels_layer.data
+            if isinstance(data, np.ndarray) and data.flags.writeable and data.shape == layout.label_shape:
+                kept += apply_update(data, update)
+                labels_layer.refresh()
+            else:
+                fresh = np.array(data, copy=True)
+                kept += apply_update(fresh, update)
+                labels_layer.data = fresh
+            labels_layer.features = features
+            if target.colours != update.colours:  # setting a colormap is costly: only when a class changed
+                labels_layer.colormap = DirectLabelColormap(color_dict=update.colours)
+        elif prepared_layer is not None:
+            labels_layer = self._viewer.add_layer(prepared_layer)
+            QTimer.singleShot(0, lambda: _show(labels_layer))
+        else:  # the layer this run was updating was deleted meanwhile
+            data = update.full if update.full is not None else update.baseline.copy()
+            labels_layer = self._viewer.add_labels(
+                data, name=f"{layer.name} classes", features=features,
+                colormap=DirectLabelColormap(color_dict=update.colours), **layer_geometry(layer, layout))
+        key = layer_key(labels_layer)
+        if key not in self._results:
+            labels_layer.events.paint.connect(self._painted)
+            _watch(labels_layer, self._replayed)
+        result = ResultLayer(labels_layer, update.baseline, update.names, update.colours, update.edited)
+        self._results[key] = result
+        undone = self._undone.pop(key, None)
+        if undone is not None and undone.shape == update.baseline.shape:
+            result.forget_edits(undone, np.asarray(labels_layer.data))
+        redone = self._redone.pop(key, None)
+        if redone is not None and redone.shape == update.baseline.shape:
+            result.claim_edits(redone)
+        return labels_layer, kept
+
+    def write_maps(self, context: dict, maps: dict) -> None:
+        """Probability volumes: into the layers of the same name and shape, else as new (hidden) layers."""
+        layer, layout = context["layer"], context["layout"]
+        for name, volume in maps.items():
+            existing = self._viewer.layers[name] if name in self._viewer.layers else None
+            if existing is not None and getattr(existing, "data", None) is not None and existing.data.shape == volume.shape:
+                existing.data = volume
+            else:
+                self._viewer.add_image(volume, name=name, colormap="viridis", contrast_limits=(0, 1),
+                                       blending="additive", visible=False, **layer_geometry(layer, layout))
+
+
+def _show(layer) -> None:
+    try:
+        layer.visible = True
+    except RuntimeError:  # the viewer closed meanwhile
+        pass
+
+
+def _watch(layer, callback) -> None:
+    """Call ``callback(layer, data before, "undo" or "redo")`` after each undo or redo of ``layer``
+    (napari emits no event for them)."""
+    for name in ("undo", "redo"):
+        replay = getattr(layer, name, None)
+        if replay is None:
+            continue
+
+        def watched(replay=replay, name=name):
+            before = np.array(layer.data, copy=True) if isinstance(layer.data, np.ndarray) else None
+            replay()
+            if before is not None:
+                callback(layer, before, name)
+
+        setattr(layer, name, watched)  # the instance attribute is what napari's undo key calls
+
+
+def _unwatch(layer, callback) -> None:
+    try:
+        layer.events.paint.disconnect(callback)
+    except (TypeError, ValueError, RuntimeError, AttributeError):
+        pass
+    for name in ("undo", "redo"):  # napari's own methods again
+        vars(layer).pop(name, None)

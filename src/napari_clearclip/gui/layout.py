@@ -1,0 +1,43 @@
+"""Qt details of the dock: text that wraps without widening it, captions above their text."""
+
+from __future__ import annotations
+
+from magicgui.widgets import Container, Label
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFrame, QScrollArea, QSizePolicy
+
+
+def wrapping(label: Label, rich: bool = False) -> Label:
+    """A label whose text wraps inside the dock and never widens it, however long the message."""
+    native = label.native
+    native.setWordWrap(True)
+    policy = QSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
+    policy.setHeightForWidth(True)
+    native.setSizePolicy(policy)
+    native.setMinimumWidth(1)
+    native.setTextFormat(Qt.TextFormat.RichText if rich else Qt.TextFormat.PlainText)
+    native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+    native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+    return label
+
+
+def captioned(name: str, caption: str, text: Label) -> Container:
+    """A caption on its own line with its text below, full width (not a form row whose caption floats)."""
+    title = Label(value=caption)
+    title.native.setStyleSheet("font-weight: bold")
+    box = Container(name=name, widgets=[title, text], labels=False)
+    box.native.layout().setContentsMargins(0, 4, 0, 0)
+    box.native.layout().setSpacing(2)
+    return box
+
+
+def scrolling(form: Container) -> QScrollArea:
+    """The form in a vertical scroll area: the dock fits a laptop screen with every section open, and no
+    message, legend or opened section can make napari's window grow."""
+    area = QScrollArea()
+    area.setWidgetResizable(True)
+    area.setFrameShape(QFrame.Shape.NoFrame)
+    area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+    area.setWidget(form.native)
+    area.setMinimumWidth(form.native.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width())
+    return area

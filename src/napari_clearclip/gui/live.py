@@ -1,0 +1,62 @@
+"""Live mode: run again by itself a moment after the last stroke or keystroke, the newest request winning."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from qtpy.QtCore import QTimer
+
+#: Live re-runs wait this long after the last stroke or keystroke.
+LIVE_DELAY_MS = 300
+
+
+class LiveMode:
+    """Debounced re-runs: at most one run in flight, and one more queued behind it (the newest request wins).
+
+    ``enabled()`` says whether Live is on, ``busy()`` whether a run is computing, ``ready()``
+    whether the fields make a run (a half-typed class list does not), ``start()`` starts one.
+    """
+
+    def __init__(self, enabled: Callable[[], bool], busy: Callable[[], bool], ready: Callable[[], bool],
+                 start: Callable[[], object]):
+        self._enabled, self._busy, self._ready, self._start = enabled, busy, ready, start
+        self.pending = False               # a re-run asked for while one is running
+        self._closed = False
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(LIVE_DELAY_MS)
+        self._timer.timeout.connect(self.run_now)
+
+    def trigger(self, *_) -> None:
+        """Something changed: run after the delay (typing or painting on postpones it)."""
+        if self._enabled() and not self._closed:
+            _safely(self._timer.start)
+
+    def run_now(self) -> None:
+        """Run now, or as soon as the run in flight ends."""
+        if self._closed or not self._enabled():
+            return
+        if self._busy():
+            self.pending = True
+            return
+        if self._ready():
+            self._start()
+
+    def run_finished(self) -> None:
+        """A run ended: start the one asked for meanwhile, if any."""
+        if self.pending and not self._closed:
+            self.pending = False
+            QTimer.singleShot(0, self.run_now)
+
+    def close(self) -> None:
+        """Stop for good; safe to call twice and after Qt deleted the timer."""
+        self._closed = True
+        self.pending = False
+        _safely(self._timer.stop)
+
+
+def _safely(call) -> None:
+    try:
+        call()
+    except RuntimeError:  # the wrapped C++ object is already gone (closing down)
+        pass

@@ -215,3 +215,36 @@ def test_ctrl_c_twice_stops_the_command_cleanly(tmp_path):
     assert not [p for p in out.rglob("*") if p.name.endswith(batch.PARTIAL_SUFFIX)]
     for labels in out.glob("*_labels.tif"):          # whatever was written is whole
         assert tifffile.imread(labels).shape == (160, 160)
+
+
+def test_the_report_keeps_earlier_runs_timings_when_resumed(tmp_path):
+    images = []
+    for i in range(2):
+        images.append(tmp_path / f"img{i}.png")
+        imsave(images[-1], make_scene(820 + i, size=96).image, check_contrast=False)
+    out = tmp_path / "out"
+    segment_files(images[:1], CLASSES, out, **OPTIONS)
+    with open(out / batch.REPORT_NAME, newline="") as handle:
+        first = list(csv.DictReader(handle))
+    segment_files(images, CLASSES, out, **OPTIONS)                     # resumed with one more image
+    with open(out / batch.REPORT_NAME, newline="") as handle:
+        rows = {row["file"]: row for row in csv.DictReader(handle)}
+    assert rows[str(images[0])] == first[0]                             # its first run's row and timing
+    assert rows[str(images[0])]["status"] == "done" and float(rows[str(images[0])]["seconds"]) > 0
+    assert rows[str(images[1])]["status"] == "done"
+    assert rows[str(images[1])]["labels"].endswith("img1_labels.tif")
+
+
+def test_a_finished_batch_run_again_on_a_cluster_starts_no_cluster(tmp_path, monkeypatch, capsys):
+    import napari_clearclip.cluster as cluster
+    from napari_clearclip.cli import main
+
+    image = tmp_path / "img.png"
+    imsave(image, make_scene(830, size=96).image, check_contrast=False)
+    out = tmp_path / "out"
+    segment_files([image], CLASSES, out, refine="pamr", **OPTIONS)
+    started = []
+    monkeypatch.setattr(cluster, "start_client", lambda *a: started.append(a) or pytest.fail("a cluster started"))
+    assert main([str(image), "--classes", "; ".join(CLASSES), "--out", str(out), "--model", "synthetic-tiny",
+                 "--device", "cpu", "--cluster", "local:1"]) == 0
+    assert started == [] and "skipped" in capsys.readouterr().err

@@ -187,3 +187,16 @@ def test_snap_option_gives_the_engines_edge_snapped_labels(tmp_path, tiny_checkp
         engine.check_options(refine="crf")
     with pytest.raises(ValueError, match="pamr_dilations"):
         engine.check_options(refine="pamr", pamr_dilations=(0,))
+
+
+def test_messages_speak_the_command_lines_language(tmp_path, capsys, monkeypatch):
+    image = tmp_path / "a.png"
+    imsave(image, np.zeros((32, 32, 3), np.uint8), check_contrast=False)
+    assert main([str(image), "--classes", " ; ", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert 'name at least one with --classes, separated by ";"' in err and "['cell'" not in err
+    assert main([str(image), "--classes", "cell", "--out", str(tmp_path / "o"), "--model", "ViT-B-16",
+                 "--pretrained", "openai"]) == 2                          # offline: the weights cannot come
+    err = capsys.readouterr().err
+    assert "--model ViT-B-16-quickgelu --pretrained FILE" in err and "--model synthetic-tiny" in err
+    assert "Segmenter(" not in err

@@ -80,7 +80,9 @@ def test_merge_into_one_plane_renumbers_the_others():
 def test_class_colours_follow_names_not_positions():
     names = ["cell", "nucleus", "debris", "background", "membrane"]
     colours = class_colours(names)
-    assert len(set(colours.values())) == len(names) and set(colours.values()) <= set(PALETTE)
+    assert colours[4] == "transparent"                                 # background does not tint the image
+    others = [colours[i] for i in (1, 2, 3, 5)]
+    assert len(set(others)) == 4 and set(others) <= set(PALETTE)
     reordered = class_colours(names[::-1])
     for index, name in enumerate(names[::-1], start=1):
         assert reordered[index] == colours[names.index(name) + 1]      # same class, same colour
@@ -88,6 +90,24 @@ def test_class_colours_follow_names_not_positions():
     assert named[2] == "#3CB44B" and named[3] == "#E6194B" and named[4] == "#2F5BEA"
     cmap = colormap_dict(["a"])
     assert cmap[0] == "transparent" and cmap[None] == UNKNOWN_LABEL    # labels painted beyond the classes stay visible
+
+
+def test_background_classes_are_transparent_and_others_stay_apart():
+    from napari_clearclip.colours import ALIKE, difference
+
+    for names in (["person", "background"], ["cell", "grey background", "other"], ["sky", "nothing"]):
+        colours = class_colours(names)
+        assert [colours[i] == "transparent" for i in range(1, len(names) + 1)] == [n != names[0] for n in names]
+    assert class_colours(["cell", "junk"], background=("junk",))[2] == "transparent"   # one the user marks so
+    rng = np.random.default_rng(0)
+    words = ["cell", "nucleus", "debris", "membrane", "axon", "vessel", "tumour", "stroma", "fat", "bone", "sky",
+             "car", "tree", "road", "dog", "cat", "grass", "water", "building", "person", "horse", "boat"]
+    for _ in range(40):                                                # no two of the first eight alike
+        names = list(rng.choice(words, size=8, replace=False))
+        colours = list(class_colours(names).values())
+        assert min(difference(a, b) for i, a in enumerate(colours) for b in colours[i + 1:]) >= ALIKE, names
+    many = class_colours([f"class {i}" for i in range(40)])
+    assert len(set(many.values())) == 40                               # no repeat before 40 classes
 
 
 def test_merger_writes_planes_in_place_and_spares_strokes_made_during_the_run():

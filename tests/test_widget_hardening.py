@@ -453,3 +453,79 @@ def test_a_class_name_cut_at_the_token_limit_is_said_in_the_status(qtbot, widget
     run_and_wait(qtbot, widget)
     assert "longer than the model reads (77 tokens" in widget.status.value
     assert "'very very very" in widget.status.value
+
+
+def test_the_dock_fits_a_laptop_screen_with_every_section_open(qtbot, widget):
+    window = widget.native.window()
+    window.resize(1366, 768)
+    qtbot.wait(200)
+    assert widget.native.minimumSizeHint().height() < 400          # the form scrolls instead of setting a height
+    widget.show_advanced.value = True
+    widget._set_status("x " * 2000)
+    widget.legend.value = "<br>".join(f"{i}: class" for i in range(40))
+    qtbot.wait(200)
+    assert window.height() <= 768 and window.width() <= 1366
+    assert widget.scroll_area.verticalScrollBar().maximum() > 0      # everything is there, further down
+    widget.show_advanced.value = False
+    qtbot.wait(100)
+    assert window.height() <= 768
+
+
+def test_rows_that_do_not_apply_stay_hidden_until_an_image_needs_them(qtbot, widget):
+    assert widget.image.value is None
+    for name in ("channel_axis", "channel", "scope"):
+        assert getattr(widget, name).native.isHidden(), name
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(np.zeros((3, 5, 64, 64), np.uint8), name="stack")
+    assert not widget.channel_axis.native.isHidden() and not widget.scope.native.isHidden()
+
+
+def test_closing_down_twice_and_after_qt_deleted_its_timer_raises_nothing(widget):
+    class DeletedTimer:
+        def stop(self):
+            raise RuntimeError("wrapped C/C++ object of type QTimer has been deleted")
+
+        start = stop
+
+    widget.live_mode._timer = DeletedTimer()             # as at interpreter exit, when Qt went first
+    widget.close_down()
+    widget.close_down()
+    widget.live_mode.trigger()                           # late signals find it closed, quietly
+
+
+def test_one_weights_field_with_a_file_chooser(qtbot, widget, tiny_checkpoint, monkeypatch):
+    from qtpy.QtWidgets import QFileDialog
+
+    assert not hasattr(widget, "checkpoint")
+    widget.pretrained.value = ""
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (tiny_checkpoint, "")))
+    widget.choose_weights.clicked.emit()
+    assert widget.pretrained.value == tiny_checkpoint
+
+
+def test_a_cancelled_run_keeps_the_loaded_model(qtbot, widget, rgb_image):
+    import napari_clearclip.gui.job as job
+
+    loads = []
+    real = job.Segmenter
+    widget.image.value = widget._viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "a\nb"
+    job.Segmenter = lambda *a, **k: loads.append(a) or real(*a, **k)
+    try:
+        worker = widget.run()
+        worker.yielded.connect(lambda step: step.stage == "windows" and widget.cancel())
+        qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
+        assert widget.status.value.startswith("Cancelled")
+        run_and_wait(qtbot, widget)
+        assert widget.status.value.startswith("Done")
+        assert len(loads) == 1                            # loaded once, for both runs
+    finally:
+        job.Segmenter = real
+
+
+def test_no_classes_is_said_in_the_widgets_terms(qtbot, widget, rgb_image):
+    widget.image.value = widget._viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "  \n "
+    assert widget.run() is None
+    assert "type at least one class in Classes, one per line" in widget.status.value
+    assert "['cell'" not in widget.status.value

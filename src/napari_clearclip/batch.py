@@ -177,14 +177,37 @@ def _write_labels(path: Path, labels: np.ndarray, record: dict | None) -> None:
                      metadata=tiff_metadata(record) if record else {})
 
 
+REPORT_COLUMNS = ["file", "status", "seconds", "worker", "error", "labels"]
+
+
 def write_report(reports: Sequence[FileReport], path: Path) -> Path:
-    """A CSV with one row per input: file, status, seconds, worker, error."""
+    """A CSV with one row per input: file, status, seconds, worker, error, labels file.
+
+    The report is the output folder's: rows of earlier runs stay, a file run again gets its
+    new row, and a file skipped now keeps the row of the run that made its outputs (with its
+    timings), so a resumed batch's report still says how long each image took.
+    """
+    rows: dict[str, dict] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("file"):
+                    rows[row["file"]] = {column: row.get(column) or "" for column in REPORT_COLUMNS}
+    except (OSError, ValueError, csv.Error):
+        rows = {}  # no report yet, or not ours: start it anew
+    for r in reports:
+        key = str(r.path)
+        if r.status == "skipped" and rows.get(key, {}).get("status") == "done":
+            continue
+        labels = next((str(o) for o in r.outputs if str(o).endswith("_labels.tif")), "")
+        rows[key] = {"file": key, "status": r.status, "seconds": f"{r.seconds:.2f}", "worker": r.worker,
+                     "error": r.error, "labels": labels}
+
     def write(p: Path) -> None:
         with open(p, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["file", "status", "seconds", "worker", "error"])
-            for r in reports:
-                writer.writerow([str(r.path), r.status, f"{r.seconds:.2f}", r.worker, r.error])
+            writer = csv.DictWriter(handle, fieldnames=REPORT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows.values())
 
     write_atomic(path, write)
     return path
@@ -430,7 +453,9 @@ def segment_files(
     reported and the others go on. Multi-plane TIFFs are segmented plane by plane and
     written as one labels stack. With a ``distributed.Client``, every image (and every
     plane of a stack) is a task on the cluster, each worker loading the model once; a
-    task lost with its worker runs again elsewhere. ``on_report`` is called as each file
+    task lost with its worker runs again elsewhere; ``client`` may also be a function that
+    returns one, called only when something is left to compute (a finished batch run again
+    starts no cluster). ``on_report`` is called as each file
     finishes. A report CSV (``clearclip_report.csv``) is written unless ``report=False``.
     """
     from .cluster import ModelSpec
@@ -445,8 +470,8 @@ def segment_files(
     # the model and the options fail here, once, before any image is read (on a cluster: on a worker)
     if client is None:
         options = check_model_and_options(spec, options)
-    else:
-        options = client.submit(check_model_and_options, spec, options, pure=False).result()
+    else:  # names and ranges here; the model itself is checked on a worker, once there is work
+        options = options.resolved(spec.model)
     remove_stale_partials(out)
     run = run_fingerprint(spec.model, spec.pretrained, method, precision, class_list, options.to_dict())
 
@@ -506,12 +531,16 @@ def segment_files(
         if on_report is not None:
             on_report(item)
 
+    if tasks and client is not None:
+        if not hasattr(client, "submit"):  # a callable that starts a cluster: only now that there is work
+            client = client()
+        options = client.submit(check_model_and_options, spec, options, pure=False).result()
     args = (spec, class_list, out, options, save_probabilities, overwrite)
     try:
         if client is None:
             for task in tasks:
                 finished(task, run_task(spec, task, *args[1:]))
-        else:
+        elif tasks:
             _run_on_cluster(client, tasks, args, finished)
     finally:
         for task in tasks:  # a finished stack's parts, again: no late plane may leave one behind

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 from .choices import DEVICES, METHOD_NAMES, PRECISIONS
-from .errors import ClearClipError
+from .errors import ClearClipError, WeightsUnavailableError
 from .options import SNAP_IN_TOOLS, SegmentOptions
 
 
@@ -126,21 +126,44 @@ def main(argv: list[str] | None = None) -> int:
             return 130
 
 
+NO_CLASSES = 'No classes: name at least one with --classes, separated by ";" (e.g. --classes "cell, nucleus; background").'
+
+
+def offline_message(exc) -> str:
+    """Weights that cannot be downloaded, said in the command line's own options."""
+    from .models import local_checkpoint_model
+
+    model, tag = exc.model or "the model", exc.tag or "default"
+    local = local_checkpoint_model(exc.model, exc.tag) if exc.model and exc.tag else model
+    return (f"the {model} '{tag}' weights are not on this computer and cannot be downloaded now (no network). "
+            f"Use a weights file: --model {local} --pretrained FILE"
+            f"{' (the -quickgelu model matches OpenAI weights)' if local != model else ''}; "
+            "or try the offline demo model: --model synthetic-tiny (it knows only coloured shapes).")
+
+
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .batch import check_output_dir, remove_stale_partials, segment_files
 
-    client = cluster = None
+    if not args.classes.replace(";", "").strip():
+        print(f"error: {NO_CLASSES}", file=sys.stderr)
+        return 2
+    started: dict = {}
+    client = None
     if args.cluster or args.scheduler:
-        from .cluster import start_client
+        from .cluster import parse_cluster, parse_scheduler_address, start_client
 
         try:
             check_output_dir(args.out)
-            client, cluster = start_client(args.cluster, args.scheduler)
+            parse_scheduler_address(args.scheduler) if args.scheduler else parse_cluster(args.cluster)
         except ClearClipError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+
+        def client():  # started when there is work: a finished batch run again starts no cluster
+            started["client"], started["cluster"] = start_client(args.cluster, args.scheduler)
+            return started["client"]
     counts = {"done": 0, "skipped": 0, "failed": 0}
     failures: list[str] = []
     bar = tqdm(unit="image", desc="clearclip", disable=None)
@@ -160,6 +183,10 @@ def _run(args: argparse.Namespace) -> int:
             device=args.device, precision=args.precision, overwrite=args.overwrite,
             save_probabilities=args.save_probabilities, client=client, on_report=on_report,
             options=engine_options(args))
+    except WeightsUnavailableError as exc:
+        bar.close()
+        print(f"error: {offline_message(exc)}", file=sys.stderr)
+        return 2
     except ClearClipError as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)
@@ -170,10 +197,10 @@ def _run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
+        if started.get("client") is not None:
+            started["client"].close()
+        if started.get("cluster") is not None:
+            started["cluster"].close()
             remove_stale_partials(args.out)  # writes its killed workers never finished
     bar.close()
     total = len(reports)

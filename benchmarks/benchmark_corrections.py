@@ -109,7 +109,8 @@ def rerun_cost(segmenter, size: int = 1024, repeats: int = 3) -> tuple[float, fl
 
 
 def rerun_cost_vit(size: int = 1024) -> None:
-    """Re-run costs with a randomly initialised ViT-B/16, resized (official) and native: a small stroke, a fill over half the image."""
+    """Re-run costs with a randomly initialised ViT-B/16, resized (official) and native:
+    a small stroke, a fill over half the image."""
     import torch
     import open_clip
 

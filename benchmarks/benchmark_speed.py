@@ -123,7 +123,7 @@ def main() -> None:
         count = 32
         images = [test_image(seed=s) for s in range(count)]
         for segmenter in (seg, half):
-            def throughput():
+            def throughput(segmenter=segmenter):
                 segmenter._features.clear()
                 for img in images:
                     segmenter.segment(img, CLASSES)

@@ -121,7 +121,9 @@ class OfficialReference:
         self.grid = (w // self.patch_size, h // self.patch_size)
         x = visual.conv1(img)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
-        x = torch.cat([visual.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device), x], dim=1)
+        cls = visual.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype,
+                                                               device=x.device)
+        x = torch.cat([cls, x], dim=1)
         if x.shape[1] != visual.positional_embedding.shape[0]:
             x = x + self.interpolate_pos_encoding(x, w, h).to(x.dtype)
         else:

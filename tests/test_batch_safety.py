@@ -4,7 +4,6 @@ return another run's or another file's labels, and stop cleanly on Ctrl-C (synth
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys

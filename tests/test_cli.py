@@ -86,7 +86,8 @@ def test_outputs_get_unique_names_even_against_real_names(tmp_path, tiny_checkpo
     b = _pngs(tmp_path / "b", ["x.png"], rgb_image[::-1].copy())[0]
     c = _pngs(tmp_path, ["x_2.png"], rgb_image[:, ::-1].copy())[0]
     out = tmp_path / "out"
-    assert main([str(a), str(b), str(c), "--classes", "sky; grass", "--out", str(out), "--pretrained", tiny_checkpoint, *TINY]) == 0
+    assert main([str(a), str(b), str(c), "--classes", "sky; grass", "--out", str(out), "--pretrained", tiny_checkpoint,
+                 *TINY]) == 0
     segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
     for stem, source in [("x", rgb_image), ("x_3", rgb_image[::-1]), ("x_2", rgb_image[:, ::-1])]:
         np.testing.assert_array_equal(tifffile.imread(out / f"{stem}_labels.tif"),

@@ -45,6 +45,7 @@ def test_cuda_matches_official_reference(vitb16_checkpoint):
     net.load_state_dict(torch.load(vitb16_checkpoint, weights_only=True))
     reference = OfficialReference(net.eval(), open_clip.get_tokenizer("ViT-B-16"), classes, templates)
     _, ref_prob, ref_labels = reference.predict(official_preprocess(image, 448), image.shape[:2])
-    result = Segmenter("ViT-B-16", vitb16_checkpoint, device="cuda", precision="fp32").segment(image, classes, templates=templates)
+    result = Segmenter("ViT-B-16", vitb16_checkpoint, device="cuda", precision="fp32").segment(image, classes,
+                                                                                              templates=templates)
     assert np.abs(result.probabilities - ref_prob.numpy()).max() < 1e-4
     assert (result.labels == ref_labels.numpy()).mean() >= 0.999

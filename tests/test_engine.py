@@ -153,7 +153,8 @@ def test_progress_counts_windows(tiny_segmenter, rgb_image):
 
 def test_out_of_memory_retries_with_smaller_batches(tiny_checkpoint, rgb_image, monkeypatch):
     segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu", window_batch_size=8)
-    expected = Segmenter("test-tiny", tiny_checkpoint, device="cpu").segment(rgb_image, ["a", "b"], short_side=None, crop=64, stride=32)
+    expected = Segmenter("test-tiny", tiny_checkpoint, device="cpu").segment(rgb_image, ["a", "b"], short_side=None,
+                                                                              crop=64, stride=32)
     original = segmenter_module.encode_dense
 
     def limited(visual, pixels, *args, **kwargs):

@@ -43,7 +43,8 @@ def test_failed_download_is_reported_with_advice(monkeypatch):
 
     monkeypatch.setattr(models, "network_available", lambda host="", timeout=3.0: True)
     monkeypatch.setattr(open_clip, "create_model", refuse)
-    with pytest.raises(WeightsUnavailableError, match=r"Could not download or load the ViT-B-16 'openai'.*connection reset.*local checkpoint"):
+    message = r"Could not download or load the ViT-B-16 'openai'.*connection reset.*local checkpoint"
+    with pytest.raises(WeightsUnavailableError, match=message):
         Segmenter("ViT-B-16", "openai", device="cpu")
 
 

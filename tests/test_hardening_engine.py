@@ -6,7 +6,6 @@ import threading
 import warnings
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,7 +158,7 @@ def test_threads_sharing_a_segmenter_get_their_own_method(tiny_checkpoint, rgb_i
                 with lock:
                     shared.method = method
                     steps = shared.segment_steps(rgb_image, ["a", "b"])
-                    first = next(steps)
+                    next(steps)
                 while True:
                     try:
                         next(steps)

@@ -2,14 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import dask.array as da
 import numpy as np
 import pytest
 
 from napari_clearclip.colours import PALETTE, UNKNOWN_LABEL, class_colours, colormap_dict
-from napari_clearclip.editing import LabelsMerger, apply_update, merge_keeping_edits
+from napari_clearclip.editing import LabelsMerger, apply_update
 from napari_clearclip.errors import InvalidImageError
 from napari_clearclip.planes import ImageLayout, segment_planes
+
+
+@dataclass
+class MergedLabels:
+    """The labels to show, their class names, and the baseline that marks later edits."""
+
+    labels: np.ndarray
+    names: list[str]
+    baseline: np.ndarray
+    kept_pixels: int
+
+
+def merge_keeping_edits(current, baseline, baseline_names, new, new_names, region: tuple = ()):
+    """One-shot merge of ``new`` into ``current[region]``, as a run of the widget does it."""
+    merger = LabelsMerger(current.shape, new_names, current, baseline, baseline_names,
+                          found={region: np.array(current[region], copy=True)})
+    merger.add(region, new)
+    update = merger.finish()
+    labels = np.array(current, copy=True)
+    apply_update(labels, update)
+    return MergedLabels(labels, update.names, update.baseline, update.kept_pixels)
 
 
 def test_layouts_of_stacks_channels_and_rgb():
@@ -173,3 +196,14 @@ def _finish(steps):
             next(steps)
         except StopIteration as stop:
             return stop.value
+
+
+def test_labels_that_do_not_fit_the_layer_say_what_to_do():
+    from napari_clearclip.errors import ClearClipError
+
+    current = np.arange(256, dtype=np.uint8).reshape(16, 16)   # 255 classes of an earlier run, all still painted
+    names = [f"class {i}" for i in range(3)]                   # three new ones push them past uint8
+    with pytest.raises(OverflowError, match="tick 'Result in a new layer'") as info:
+        LabelsMerger(current.shape, names, current, current.copy(), [f"old {i}" for i in range(255)],
+                     found={(): current.copy()})
+    assert isinstance(info.value, ClearClipError)        # shown as a message, not as an unexpected error

@@ -13,7 +13,6 @@ from napari.layers import Labels  # noqa: E402
 from napari.utils.colormaps.standardize_color import transform_color  # noqa: E402
 
 from napari_clearclip.choices import DEMO_MODEL  # noqa: E402
-from napari_clearclip.gui import ClearClipWidget  # noqa: E402
 from napari_clearclip.gui.fields import model_choices  # noqa: E402
 from napari_clearclip.colours import NAMED  # noqa: E402
 from napari_clearclip.synthetic import DEMO_CLASSES  # noqa: E402

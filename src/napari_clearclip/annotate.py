@@ -47,7 +47,6 @@ class LayerResult:
     """Merged labels, their colours and counts, and the probability volumes to show."""
 
     update: LabelsUpdate
-    class_names: list[str]
     maps: dict[str, np.ndarray]
     planes: int
     notes: list[str] = field(default_factory=list)  # what the user should know about the run (names cut short)
@@ -122,7 +121,7 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
             for name, values in zip(names, result.probabilities):
                 maps[name][plane] = values
         del result, item  # only the merged labels and the asked-for maps outlive the plane
-    return LayerResult(merger.finish(), class_names, maps, len(request.planes), class_name_notes(segmenter, request))
+    return LayerResult(merger.finish(), maps, len(request.planes), class_name_notes(segmenter, request))
 
 
 def class_name_notes(segmenter: Segmenter, request: LayerRequest) -> list[str]:

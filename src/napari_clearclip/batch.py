@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -22,12 +21,12 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from .errors import ClearClipError, ImageNotFoundError, InvalidImageError, InvalidOptionError, OutputError
+from .files import PARTIAL_SUFFIX, write_atomic
 from .options import SegmentOptions
 from .provenance import assign_stems, make_record, natural_stems, read_record, same_content, tiff_metadata
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 REPORT_NAME = "clearclip_report.csv"
-PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass
@@ -129,21 +128,6 @@ def check_output_dir(out_dir: str | os.PathLike) -> Path:
     except OSError as exc:
         raise OutputError(f"Cannot write to the output folder {path}: {exc.strerror or exc}.") from None
     return path
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same folder, then rename it into place; nothing partial stays."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:  # also KeyboardInterrupt: never leave a partial file behind
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def write_outputs(result, out_dir: Path, stem: str, save_probabilities: bool = False,

@@ -152,7 +152,11 @@ class LabelsMerger:
 def _fit(lookup: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """The renumbering table in the layer's own type (so it can be applied in place)."""
     if dtype.kind in "ui" and int(lookup.max()) > np.iinfo(dtype).max:
-        raise OverflowError(f"{int(lookup.max())} labels do not fit the layer's {dtype} data")
+        from .errors import TooManyLabelsError
+
+        raise TooManyLabelsError(
+            f"The result layer holds {dtype} labels (at most {np.iinfo(dtype).max}), but this run needs label "
+            f"{int(lookup.max())}: tick 'Result in a new layer' (or use fewer classes).")
     return lookup.astype(dtype)
 
 
@@ -185,24 +189,3 @@ def apply_update(data: np.ndarray, update: LabelsUpdate) -> int:
         kept += int(region.size - np.count_nonzero(untouched))
         np.copyto(region, plane.labels, where=untouched)
     return kept
-
-
-def merge_keeping_edits(current, baseline, baseline_names, new, new_names, region: tuple = ()):
-    """One-shot merge of ``new`` into ``current[region]`` (a convenience over :class:`LabelsMerger`)."""
-    merger = LabelsMerger(current.shape, new_names, current, baseline, baseline_names,
-                          found={region: np.array(current[region], copy=True)})
-    merger.add(region, new)
-    update = merger.finish()
-    labels = np.array(current, copy=True)
-    apply_update(labels, update)
-    return MergedLabels(labels, update.names, update.baseline, update.kept_pixels)
-
-
-@dataclass
-class MergedLabels:
-    """The labels to show, their class names, and the baseline that marks later edits."""
-
-    labels: np.ndarray
-    names: list[str]
-    baseline: np.ndarray
-    kept_pixels: int

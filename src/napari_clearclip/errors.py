@@ -58,3 +58,7 @@ class DistributedMissingError(ClearClipError, ImportError):
 
 class SchedulerUnreachableError(ClearClipError, ConnectionError):
     """No dask scheduler answers at the address given (nothing listens, or something else does)."""
+
+
+class TooManyLabelsError(ClearClipError, OverflowError):
+    """The labels a run needs do not fit the data type of the layer it updates."""

@@ -61,7 +61,8 @@ def check_contrast_limits(contrast_limits) -> tuple[float, float] | None:
         ) from None
     low, high = values
     if not (math.isfinite(low) and math.isfinite(high)) or high <= low:
-        raise InvalidOptionError(f"Contrast limits {tuple(values)} are invalid: both must be finite and the upper limit must exceed the lower.")
+        raise InvalidOptionError(f"Contrast limits {tuple(values)} are invalid: both must be finite and the upper "
+                                 "limit must exceed the lower.")
     return low, high
 
 

@@ -163,10 +163,12 @@ def load_model(
 
     visual = clip.visual
     if not isinstance(visual, open_clip.transformer.VisionTransformer):
-        raise ModelLoadError(f"{model!r} has a {type(visual).__name__} image tower; ClearCLIP needs a ViT model (for example ViT-B-16).")
+        raise ModelLoadError(f"{model!r} has a {type(visual).__name__} image tower; ClearCLIP needs a ViT model "
+                             "(for example ViT-B-16).")
     blocks = visual.transformer.resblocks
     if not all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in blocks) or visual.attn_pool is not None:
-        raise ModelLoadError(f"{model!r} uses a custom attention block or attention pooling, which ClearCLIP does not support. Use a standard ViT model.")
+        raise ModelLoadError(f"{model!r} uses a custom attention block or attention pooling, which ClearCLIP does "
+                             "not support. Use a standard ViT model.")
 
     clip.eval().requires_grad_(False)
     clip.to(torch_device, dtype=torch.float16 if precision == "fp16" else torch.float32)
@@ -189,7 +191,8 @@ def _check_model_name(model: str) -> None:
     known = available_models()
     if model not in known:
         close = difflib.get_close_matches(model, segmentable_models(), n=3)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else " See napari_clearclip.models.segmentable_models()."
+        hint = (f" Did you mean {', '.join(repr(c) for c in close)}?" if close
+                else " See napari_clearclip.models.segmentable_models().")
         raise ModelLoadError(f"Unknown model {model!r}.{hint}")
     reason = unsupported_reason(model)
     if reason:

@@ -6,7 +6,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Set
 from dataclasses import dataclass
@@ -88,7 +87,8 @@ def check_templates(templates: Sequence[str] | None) -> tuple[str, ...]:
         templates = [templates]
     templates = tuple(templates)
     if not templates:
-        raise InvalidClassesError("The template list is empty: pass None for the 80 ImageNet templates, or e.g. ['a photo of a {}.'].")
+        raise InvalidClassesError("The template list is empty: pass None for the 80 ImageNet templates, "
+                                  "or e.g. ['a photo of a {}.'].")
     bad = [t for t in templates if not isinstance(t, str) or "{}" not in t]
     if bad:
         raise InvalidClassesError(f"Each template needs a '{{}}' where the class name goes; these have none: {bad[:3]}.")
@@ -186,42 +186,30 @@ class TextEncoder:
             self._write_disk(self._disk_path(key), embedding.numpy())
 
     def _write_disk(self, path: Path, values: np.ndarray) -> None:
-        """Write atomically through a temporary file unique to this call.
+        """Write atomically (see :func:`files.write_atomic`).
 
         A cache folder that cannot be written turns the disk cache off (one warning); an entry
         that cannot be replaced (e.g. a folder stands where the file goes) is healed if it is an
         empty folder, else skipped alone, and every other entry still goes to disk.
         """
-        tmp = None
+        from .files import write_atomic
+
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False) as handle:
-                tmp = handle.name
-                np.save(handle, values)
+            if not os.access(path.parent, os.W_OK):
+                raise PermissionError(f"no permission to write in {path.parent}")
         except OSError as exc:
             if self.disk_cache:
                 warnings.warn(f"The text-embedding cache {path.parent} cannot be written ({exc}); "
                               "embeddings are kept in memory only.", stacklevel=4)
             self.disk_cache = False  # warn once, then stay in memory
-            self._discard(tmp)
             return
         try:
             if path.is_dir() and not path.is_symlink():
                 path.rmdir()  # an empty folder in the file's place: heal the entry
-            os.replace(tmp, path)
-            tmp = None
+            write_atomic(path, lambda p: _save_npy(p, values))
         except OSError as exc:
-            log.info("Skipping the cached text embedding %s, which cannot be replaced: %s", path, exc)
-        finally:
-            self._discard(tmp)
-
-    @staticmethod
-    def _discard(tmp: str | None) -> None:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+            log.info("Skipping the cached text embedding %s, which cannot be written: %s", path, exc)
 
     def encode_steps(self, names: Sequence[str], templates: tuple[str, ...]) -> Iterator[tuple[int, int]]:
         """Encode the names not cached yet, yielding (done, total) after each batch of prompts."""
@@ -251,6 +239,11 @@ class TextEncoder:
         with model.autocast():
             features = encode_text_truncated(model.clip, tokens)
         return features.float().cpu()
+
+
+def _save_npy(path: Path, values: np.ndarray) -> None:
+    with open(path, "wb") as handle:  # a handle: np.save would add ".npy" to a temporary file's name
+        np.save(handle, values)
 
 
 def _has_projection(clip) -> bool:

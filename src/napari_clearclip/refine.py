@@ -9,7 +9,7 @@ image is there.
 
 from __future__ import annotations
 
-from typing import Generator, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -15,7 +15,8 @@ from .results import SegmentationResult
 
 
 def _bilinear_taps(in_size: int, out_size: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Source indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis, in float32 as it computes them."""
+    """Source indices and weights of PyTorch's bilinear resize (align_corners=False) along one axis,
+    in float32 as it computes them."""
     scale = torch.tensor(in_size / out_size, dtype=torch.float32)
     source = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
     low = source.long().clamp_(max=in_size - 1)

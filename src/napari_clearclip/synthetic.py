@@ -115,26 +115,6 @@ def make_scene(
     return Scene(np.clip(image, 0, 255).astype(np.uint8), masks, visible, _caption(rng, visible))
 
 
-def crop_scene(
-    seed: int | np.random.Generator,
-    size: int = 64,
-    scene_sizes: tuple[int, ...] = (96, 128, 160),
-    min_fraction: float = 0.03,
-) -> Scene:
-    """A ``size`` window cut from a larger scene, captioned with the colours covering enough of it.
-
-    Training on windows as well as whole scenes teaches the model what a local view
-    holds, including plain background, which is what dense inference looks at.
-    """
-    rng = np.random.default_rng(seed)
-    scene = make_scene(rng, size=int(rng.choice(scene_sizes)), objects=(0, 4))
-    top, left = rng.integers(0, scene.image.shape[0] - size + 1, 2)
-    window = (slice(top, top + size), slice(left, left + size))
-    masks = {c: m[window].copy() for c, m in scene.masks.items()}
-    visible = [(c, None) for c in COLOURS if masks[c].mean() >= min_fraction]
-    return Scene(scene.image[window].copy(), masks, visible, _caption(rng, visible))
-
-
 BACKGROUND_CAPTIONS = (
     "background", "a grey background", "a gray background", "an empty grey background", "plain grey background",
     "a textured grey background", "grey noise", "nothing but background", "an empty background",

@@ -27,11 +27,11 @@ def load_settings() -> dict:
 
 
 def save_settings(values: dict) -> None:
+    from ..files import write_atomic
+
     path = settings_path()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(values, indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, lambda p: p.write_text(json.dumps(values, indent=2), encoding="utf-8"))
     except OSError:
         pass  # settings are a convenience; never fail a run over them

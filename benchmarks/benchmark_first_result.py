@@ -1,0 +1,69 @@
+"""The GUI thread's longest stall while the first result of a fresh napari process is shown.
+
+    xvfb-run -a python benchmarks/benchmark_first_result.py [--size 2048]
+
+Runs the widget twice in one new process (demo model, no edge snapping), with napari's
+one-time costs included, and prints the longest gap of a 10 ms timer on the GUI thread for
+the first and the second result, once with the worker's first-draw warm-up and once
+without it (each in its own fresh process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+SCRIPT = r'''
+import sys, time
+import numpy as np
+import napari
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QApplication
+import napari_clearclip.gui.job as job
+if sys.argv[2] == "off":
+    def only_imports(*args):
+        import pandas, skimage.color
+    job.prepare_first_draw = only_imports
+from napari_clearclip.synthetic import sample_scene
+size = int(sys.argv[1])
+viewer = napari.Viewer(show=True)
+_, widget = viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
+widget.switch_to_demo_model()
+widget.image.value = viewer.add_image(np.tile(sample_scene(256), (size // 256, size // 256, 1)), name="scene")
+widget.classes.value = "red\ngreen\nblue\nyellow\nbackground"
+widget.snap.value = False
+ticks = []
+timer = QTimer(); timer.setInterval(10); timer.timeout.connect(lambda: ticks.append(time.perf_counter())); timer.start()
+app = QApplication.instance()
+gaps = []
+for run in range(2):
+    ticks.clear()
+    widget.run(); widget.wait(600)
+    end = time.perf_counter() + 1.5
+    while time.perf_counter() < end:
+        app.processEvents(); time.sleep(0.002)
+    gaps.append(float(np.diff(ticks).max()))
+    viewer.layers.remove("scene classes")
+print(" ".join(f"{g:.3f}" for g in gaps))
+viewer.close()
+'''
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=2048)
+    args = parser.parse_args()
+    print(f"{args.size} x {args.size}, demo model; longest GUI-thread gap (s) for the first and second result")
+    for warm in ("on", "off"):
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", SCRIPT, str(args.size), warm], capture_output=True, text=True)
+        first, second = done.stdout.split()[-2:] if done.returncode == 0 else ("?", "?")
+        print(f"warm-up {warm:>3}: first {first}  second {second}  ({time.perf_counter() - start:.0f} s)")
+        if done.returncode:
+            print(done.stderr[-2000:])
+
+
+if __name__ == "__main__":
+    main()

@@ -68,7 +68,7 @@ def main() -> None:
     scene = pick_scene()
     truth = truth_of(scene)
     viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1300, 820)
+    viewer.window.resize(1300, 820)
     overlay = text_overlay(viewer)
     overlay.visible, overlay.font_size, overlay.color = True, 14, "white"
     image = viewer.add_image(scene.image, name="scene")

@@ -17,7 +17,7 @@ from qtpy.QtWidgets import QApplication  # noqa: E402
 
 def main() -> None:
     viewer = napari.Viewer(show=True)
-    viewer.window._qt_window.resize(1400, 860)
+    viewer.window.resize(1400, 860)
     viewer.open_sample("napari-clearclip", "synthetic_shapes")
     _, widget = viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
     widget.switch_to_demo_model()          # fills in the sample's suggested classes

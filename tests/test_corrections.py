@@ -63,11 +63,42 @@ def two_blobs(colour_a=(40, 70, 215), colour_b=(215, 35, 35)):
     return image
 
 
-def test_pamr_option_runs_and_snaps_edges(tiny_segmenter, rgb_image):
+def test_pamr_option_is_pamr_on_the_full_size_scores_guided_by_the_image(tiny_segmenter, rgb_image):
+    import torch.nn.functional as F
+
+    from napari_clearclip.image import prepare
+
     plain = tiny_segmenter.segment(rgb_image, ["a", "b"])
     snapped = tiny_segmenter.segment(rgb_image, ["a", "b"], refine="pamr")
-    assert snapped.labels.shape == plain.labels.shape
+    size = rgb_image.shape[:2]
+    model = tiny_segmenter.model
+    guide = F.interpolate(prepare(rgb_image, model.mean, model.std, 448)[None], size=size, mode="bilinear",
+                          align_corners=False)[0]
+    refined = pamr(torch.from_numpy(plain.similarity), guide, 10, (8, 16))
+    expected = torch.softmax(refined * 50.0, dim=0).numpy()
+    np.testing.assert_allclose(snapped.probabilities, expected, atol=1e-4)
+    assert (snapped.labels == expected.argmax(0) + 1).mean() >= 0.999
     assert not np.array_equal(snapped.labels, plain.labels)
+
+
+def test_snapping_follows_the_objects_edges_on_the_demo_scenes():
+    from napari_clearclip.synthetic import DEMO_CLASSES, held_out_scenes
+
+    demo = Segmenter("synthetic-tiny", device="cpu")
+    classes = DEMO_CLASSES.split("\n")
+    accuracy = {}
+    for refine in (None, "pamr"):
+        right = total = 0
+        for scene in held_out_scenes(4, sizes=(192, 256)):
+            truth = scene.label_image(tuple(classes[:4]))
+            truth[truth == 0] = 5                               # background is the fifth class
+            labels = demo.segment(scene.image, classes, refine=refine, maps=False).labels
+            right, total = right + int((labels == truth).sum()), total + truth.size
+        accuracy[refine] = right / total
+    assert accuracy["pamr"] > accuracy[None] + 0.01, accuracy   # snapping puts the boundaries on the edges
+
+
+def test_bad_refine_options_are_refused(tiny_segmenter, rgb_image):
     with pytest.raises(InvalidOptionError, match="refine='crf'"):
         tiny_segmenter.segment(rgb_image, ["a"], refine="crf")
     with pytest.raises(InvalidOptionError, match="pamr_dilations"):

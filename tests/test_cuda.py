@@ -7,6 +7,7 @@ import open_clip
 import pytest
 import torch
 
+from images import smooth_image
 from napari_clearclip import Segmenter
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -21,8 +22,6 @@ def test_cuda_fp32_matches_cpu(tiny_checkpoint, rgb_image):
 
 
 def test_cuda_auto_precision_is_fp16_and_close(vitb16_checkpoint):
-    from test_fidelity import smooth_image
-
     image = smooth_image(448, 597)
     classes = ["sky", "horse", "grass", "tree", "person"]
     exact = Segmenter("ViT-B-16", vitb16_checkpoint, device="cuda", precision="fp32")
@@ -31,12 +30,13 @@ def test_cuda_auto_precision_is_fp16_and_close(vitb16_checkpoint):
     a = exact.segment(image, classes, templates=["a photo of a {}."])
     b = half.segment(image, classes, templates=["a photo of a {}."])
     assert np.abs(a.similarity - b.similarity).max() < 0.02
-    print(f"fp16 vs fp32 argmax agreement {(a.labels == b.labels).mean() * 100:.2f}%")
+    # fp16 moves near-ties only: most pixels keep their class, and every class is still found
+    assert (a.labels == b.labels).mean() >= 0.98
+    assert set(np.unique(b.labels)) == set(np.unique(a.labels))
 
 
 def test_cuda_matches_official_reference(vitb16_checkpoint):
     from reference import OfficialReference, official_preprocess
-    from test_fidelity import smooth_image
 
     image = smooth_image(301, 533)
     templates = ["a photo of a {}.", "a bad photo of a {}."]

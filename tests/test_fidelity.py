@@ -6,6 +6,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from images import smooth_image
 
 from napari_clearclip import Segmenter
 from napari_clearclip.prompts import IMAGENET_TEMPLATES
@@ -14,14 +15,6 @@ from reference import OfficialReference, official_preprocess
 
 CLASSES = ["sky", "horse, pony", "grass", "road"]
 REFERENCE_TYPES = {"clearclip": "ClearCLIP", "maskclip": "MaskCLIP", "sclip": "SCLIP", "naclip": "NACLIP", "vanilla": "vanilla"}
-
-
-def smooth_image(height, width, seed=0):
-    from skimage.transform import resize
-
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 255, (5, 7, 3)).astype(np.float32)
-    return np.clip(resize(coarse, (height, width, 3), order=1) + rng.normal(0, 8, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
 def compare(segmenter, reference_net, image, classes, templates, method, short_side, crop, stride, prob_threshold=0.0):

@@ -38,9 +38,8 @@ def test_defaults_and_resolution():
     assert models.default_pretrained("synthetic-tiny") == "bundled"
     assert models.resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert models.resolve_precision("auto", torch.device("cuda")) == "fp16"
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    if not (torch.backends.mps.is_available()):
-        assert models.resolve_device("auto").type == expected
+    expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    assert models.resolve_device("auto").type == expected
     assert models.default_options("ViT-B-16") == {"short_side": 448, "crop": 448, "stride": 224}
     assert models.default_options("synthetic-tiny")["crop"] == 64
     assert "synthetic-tiny" in models.available_models()

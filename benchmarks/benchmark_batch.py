@@ -36,7 +36,7 @@ def main() -> None:
     from skimage.io import imsave
 
     from napari_clearclip.batch import segment_files
-    from napari_clearclip.synthetic import DEMO_CLASSES, make_scene
+    from napari_clearclip.demo.scenes import DEMO_CLASSES, make_scene
 
     root = Path(tempfile.mkdtemp())
     inputs = root / "inputs"
@@ -55,7 +55,7 @@ def main() -> None:
     client = distributed.Client(cluster)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     client.run(lambda: __import__("torch").set_num_threads(threads))
-    client.run(lambda: __import__("napari_clearclip.cluster", fromlist=["segmenter_for"]))  # warm imports
+    client.run(lambda: __import__("napari_clearclip.batch.cluster", fromlist=["segmenter_for"]))  # warm imports
     start = time.perf_counter()
     segment_files([inputs], classes, root / "cluster", client=client, **common)
     parallel = time.perf_counter() - start

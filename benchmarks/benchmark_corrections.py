@@ -24,7 +24,7 @@ from skimage.draw import disk
 os.environ.setdefault("NAPARI_CLEARCLIP_CACHE_DIR", tempfile.mkdtemp())
 
 from napari_clearclip import Segmenter  # noqa: E402
-from napari_clearclip.synthetic import COLOURS, DEMO_CLASSES, held_out_scenes  # noqa: E402
+from napari_clearclip.demo.scenes import COLOURS, DEMO_CLASSES, held_out_scenes  # noqa: E402
 
 CLASSES = DEMO_CLASSES.split("\n")
 MODES = {"pasted (no propagation)": dict(paste=True), "propagation": dict(), "propagation + PAMR": dict(refine="pamr")}
@@ -88,7 +88,7 @@ def mean_iou(pairs, n_classes: int = len(CLASSES)) -> float:
 
 def rerun_cost(segmenter, size: int = 1024, repeats: int = 3) -> tuple[float, float]:
     """(first run, corrected re-run) seconds on a fresh size x size scene, new classes (text encoded) included."""
-    from napari_clearclip.synthetic import make_scene
+    from napari_clearclip.demo.scenes import make_scene
 
     image = make_scene(123_456, size=size, objects=(3, 4)).image
     segmenter.text._memory.clear()

@@ -26,7 +26,7 @@ if sys.argv[2] == "off":
     def only_imports(*args):
         import pandas, skimage.color
     job.prepare_first_draw = only_imports
-from napari_clearclip.synthetic import sample_scene
+from napari_clearclip.demo.scenes import sample_scene
 size = int(sys.argv[1])
 viewer = napari.Viewer(show=True)
 _, widget = viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")

@@ -37,7 +37,7 @@ def main() -> None:
     import open_clip
 
     from napari_clearclip import Segmenter
-    from napari_clearclip.synthetic import make_scene
+    from napari_clearclip.demo.scenes import make_scene
 
     pretrained = None
     if args.model != "synthetic-tiny":

@@ -20,7 +20,7 @@ import napari  # noqa: E402
 import numpy as np  # noqa: E402
 from qtpy.QtWidgets import QApplication  # noqa: E402
 
-from napari_clearclip.synthetic import make_scene  # noqa: E402
+from napari_clearclip.demo.scenes import make_scene  # noqa: E402
 
 
 def resident_mib() -> float:

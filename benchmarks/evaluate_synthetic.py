@@ -13,7 +13,7 @@ import os
 import tempfile
 
 from napari_clearclip import METHODS, Segmenter
-from napari_clearclip.synthetic import COLOURS, colour_iou, held_out_scenes
+from napari_clearclip.demo.scenes import COLOURS, colour_iou, held_out_scenes
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from skimage.transform import rescale  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from benchmark_corrections import next_stroke, truth_of  # noqa: E402
 
-from napari_clearclip.synthetic import held_out_scenes  # noqa: E402
+from napari_clearclip.demo.scenes import held_out_scenes  # noqa: E402
 
 CLASSES = "red\ngreen\ndebris\nyellow\nbackground"   # "debris" stands where "blue" would
 STROKES = 3

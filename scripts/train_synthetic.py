@@ -1,9 +1,9 @@
 """Train the bundled ``synthetic-tiny`` CLIP on synthetic scenes (CPU, reproducible).
 
-    python scripts/train_synthetic.py --out src/napari_clearclip/data/synthetic-tiny.pt
+    python scripts/train_synthetic.py --out src/napari_clearclip/demo/synthetic-tiny.pt
 
 Contrastive image-caption training from scratch on seeded 64 px tiles of coloured shapes
-on textured grey (see ``napari_clearclip.synthetic.training_tile``). Captions name every
+on textured grey (see ``napari_clearclip.demo.scenes.training_tile``). Captions name every
 object and, often, the background; empty tiles are captioned with background words alone.
 Pairs whose tiles hold the same set of colours count as positives of each other, so that
 captions differing only in wording (or in a prompt template) do not fight in a batch.
@@ -42,7 +42,7 @@ import napari_clearclip  # noqa: F401  (registers the synthetic-tiny config)
 from napari_clearclip.methods import maskclip, standard_block
 from napari_clearclip.models import OPENAI_MEAN_255, OPENAI_STD_255
 from napari_clearclip.prompts import IMAGENET_TEMPLATES
-from napari_clearclip.synthetic import BACKGROUND_CAPTIONS, BACKGROUND_WORDS, training_tile
+from napari_clearclip.demo.scenes import BACKGROUND_CAPTIONS, BACKGROUND_WORDS, training_tile
 
 VALIDATION_SEED = 20_000
 
@@ -139,7 +139,7 @@ def half_state(model: torch.nn.Module) -> dict:
 def validate(path: str, scenes: int) -> dict[str, float]:
     """ClearCLIP IoU per colour (and mean) on validation scenes, classes = 4 colours + background."""
     from napari_clearclip import Segmenter
-    from napari_clearclip.synthetic import colour_iou, held_out_scenes
+    from napari_clearclip.demo.scenes import colour_iou, held_out_scenes
 
     segmenter = Segmenter("synthetic-tiny", pretrained=path, device="cpu")
     return colour_iou(segmenter, held_out_scenes(scenes, seed=VALIDATION_SEED))
@@ -160,7 +160,7 @@ def main() -> None:
                         help="weight of the loss on pooled value-path patch embeddings (0: plain CLIP training)")
     parser.add_argument("--validate-every", type=int, default=200)
     parser.add_argument("--validation-scenes", type=int, default=16)
-    parser.add_argument("--out", default="src/napari_clearclip/data/synthetic-tiny.pt")
+    parser.add_argument("--out", default="src/napari_clearclip/demo/synthetic-tiny.pt")
     args = parser.parse_args()
 
     os.environ.setdefault("NAPARI_CLEARCLIP_CACHE_DIR", tempfile.mkdtemp())

@@ -18,17 +18,28 @@ import torch
 from torch import nn
 
 from .cache import file_digest
+from .demo import DEMO_DIR
 from .choices import CHECKPOINT_SUFFIXES, DEMO_MODEL, DEVICES, PRECISIONS, default_options  # noqa: F401
 from .errors import CheckpointNotFoundError, ModelLoadError, WeightsUnavailableError
 
-PACKAGE_DIR = Path(__file__).parent
-BUNDLED_WEIGHTS = {DEMO_MODEL: PACKAGE_DIR / "data" / f"{DEMO_MODEL}.pt"}
+BUNDLED_WEIGHTS = {DEMO_MODEL: DEMO_DIR / f"{DEMO_MODEL}.pt"}
 BUNDLED_TAG = "bundled"
 # The official ClearCLIP configs normalise with these 0-255 values (rounded OpenAI CLIP statistics).
 OPENAI_MEAN_255 = (122.771, 116.746, 104.094)
 OPENAI_STD_255 = (68.501, 66.632, 70.323)
 
-open_clip.add_model_config(PACKAGE_DIR / "model_configs")
+open_clip.add_model_config(DEMO_DIR / f"{DEMO_MODEL}.json")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load, the one identity the widget, the API and every dask worker share."""
+
+    model: str = "ViT-B-16"
+    pretrained: str | None = None
+    method: str = "clearclip"
+    device: str = "auto"
+    precision: str = "auto"
 
 
 @dataclass

@@ -12,7 +12,7 @@ from napari.layers import Labels
 from napari.utils.colormaps import DirectLabelColormap
 
 from ..annotate import LayerRequest, segment_layer
-from ..cluster import ModelSpec
+from ..models import ModelSpec
 from ..progress import Progress
 from ..segmenter import Segmenter
 from .layers import labels_features

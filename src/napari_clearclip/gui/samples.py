@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import skimage.data
 
-from ..synthetic import DEMO_CLASSES, DEMO_SAMPLE_NAME, sample_scene
+from ..demo.scenes import DEMO_CLASSES, DEMO_SAMPLE_NAME, sample_scene
 
 
 def _sample(name: str, title: str):

@@ -24,14 +24,13 @@ from qtpy.QtCore import QTimer
 
 from ..annotate import LayerRequest, probability_layer_names
 from ..choices import CHECKPOINT_SUFFIXES, DEMO_MODEL, default_options
-from ..cluster import ModelSpec
 from ..errors import ClearClipError, InvalidClassesError, WeightsUnavailableError
-from ..models import BUNDLED_WEIGHTS, default_pretrained, is_checkpoint_path
+from ..models import BUNDLED_WEIGHTS, ModelSpec, default_pretrained, is_checkpoint_path
 from ..options import SegmentOptions
 from ..planes import ImageLayout
 from ..progress import Progress
 from ..prompts import parse_classes
-from ..synthetic import DEMO_CLASSES, DEMO_SAMPLE_NAME
+from ..demo.scenes import DEMO_CLASSES, DEMO_SAMPLE_NAME
 from .fields import DEFAULT_CLASSES, build_fields, choose_file_button, restore_values, saved_values
 from .job import ModelHolder, segmentation_job
 from .layers import ResultLayers, layer_geometry
@@ -445,7 +444,7 @@ class ClearClipWidget(Container):
 
 def _looks_like_demo_scene(data, layout: ImageLayout, plane: tuple) -> bool:
     """Whether the image is the demo model's kind (coloured shapes on grey), from a small strided sample."""
-    from ..synthetic import looks_like_demo_scene
+    from ..demo.scenes import looks_like_demo_scene
 
     try:
         image = data[layout.image_index(plane)]

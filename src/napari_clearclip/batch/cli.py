@@ -18,9 +18,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .choices import DEVICES, METHOD_NAMES, PRECISIONS
-from .errors import ClearClipError, WeightsUnavailableError
-from .options import SNAP_IN_TOOLS, SegmentOptions
+from ..choices import DEVICES, METHOD_NAMES, PRECISIONS
+from ..errors import ClearClipError, WeightsUnavailableError
+from ..options import SNAP_IN_TOOLS, SegmentOptions
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +131,7 @@ NO_CLASSES = 'No classes: name at least one with --classes, separated by ";" (e.
 
 def offline_message(exc) -> str:
     """Weights that cannot be downloaded, said in the command line's own options."""
-    from .models import local_checkpoint_model
+    from ..models import local_checkpoint_model
 
     model, tag = exc.model or "the model", exc.tag or "default"
     local = local_checkpoint_model(exc.model, exc.tag) if exc.model and exc.tag else model
@@ -144,7 +144,8 @@ def offline_message(exc) -> str:
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .batch import check_output_dir, remove_stale_partials, segment_files
+    from .files import check_output_dir, remove_stale_partials
+    from .runs import segment_files
 
     if not args.classes.replace(";", "").strip():
         print(f"error: {NO_CLASSES}", file=sys.stderr)

@@ -179,7 +179,7 @@ def test_engine_imports_no_gui():
     import subprocess
     import sys
 
-    code = ("import sys, napari_clearclip, napari_clearclip.cli, napari_clearclip.batch, napari_clearclip.planes, "
+    code = ("import sys, napari_clearclip, napari_clearclip.batch.cli, napari_clearclip.batch, napari_clearclip.planes, "
             "napari_clearclip.editing, napari_clearclip.annotate, napari_clearclip.colours; "
             "print([m for m in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6', 'napari', 'magicgui') if m in sys.modules])")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -204,7 +204,7 @@ def test_cli_runs_where_no_qt_binding_can_be_imported(tmp_path, rgb_image):
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n")
     env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
-    code = ("from napari_clearclip.cli import main; import sys; "
+    code = ("from napari_clearclip.batch.cli import main; import sys; "
             f"sys.exit(main([{str(tmp_path / 'a.png')!r}, '--classes', 'red; blue', '--out', {str(tmp_path / 'out')!r}, "
             "'--model', 'synthetic-tiny', '--device', 'cpu']))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)

@@ -15,7 +15,7 @@ import tifffile
 from skimage.io import imsave
 
 from napari_clearclip.batch import segment_files
-from napari_clearclip.synthetic import DEMO_CLASSES, make_scene
+from napari_clearclip.demo.scenes import DEMO_CLASSES, make_scene
 
 distributed = pytest.importorskip("distributed", reason="needs the 'distributed' extra")
 
@@ -70,7 +70,7 @@ def test_local_cluster_gives_the_sequential_labels_with_one_model_per_worker(inp
     assert {r["status"] for r in rows} == {"done", "failed"}
     assert all(r["worker"].startswith("tcp://") for r in rows if r["status"] == "done")
     assert "broken.png" in [os.path.basename(r["file"]) for r in rows if r["status"] == "failed"][0]
-    from napari_clearclip import cluster
+    from napari_clearclip.batch import cluster
 
     loads = local_client.run(lambda: cluster.LOADS["count"])
     assert sorted(loads.values()) == [1, 1]              # each worker loaded the model once, for all its tasks
@@ -115,7 +115,7 @@ def _free_port() -> int:
 
 
 def test_cli_on_a_running_scheduler_with_two_workers(inputs, sequential, tmp_path):
-    from napari_clearclip.cli import main
+    from napari_clearclip.batch.cli import main
 
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -147,7 +147,7 @@ def test_cli_on_a_running_scheduler_with_two_workers(inputs, sequential, tmp_pat
 def test_cluster_needs_the_extra_and_says_which(monkeypatch):
     import builtins
 
-    from napari_clearclip.cluster import DistributedMissingError, require_distributed
+    from napari_clearclip.batch.cluster import DistributedMissingError, require_distributed
 
     real_import = builtins.__import__
 
@@ -163,7 +163,7 @@ def test_cluster_needs_the_extra_and_says_which(monkeypatch):
 
 
 def test_cluster_option_is_checked(capsys, tmp_path):
-    from napari_clearclip.cli import main
+    from napari_clearclip.batch.cli import main
 
     assert main([str(tmp_path), "--classes", "red", "--out", str(tmp_path / "o"), "--cluster", "remote:3"]) == 2
     assert "--cluster 'remote:3' is not known" in capsys.readouterr().err
@@ -173,7 +173,7 @@ def test_cluster_option_is_checked(capsys, tmp_path):
 
 def _cli(args, timeout):
     """Run clearclip-segment in its own process, with a hard time limit (a hang fails the test, never blocks it)."""
-    command = [sys.executable, "-m", "napari_clearclip.cli", *args]
+    command = [sys.executable, "-m", "napari_clearclip.batch.cli", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
@@ -198,7 +198,7 @@ def test_a_web_server_at_the_scheduler_address_is_refused_in_seconds(tmp_path):
 
 
 def test_more_local_workers_than_the_machine_holds_are_refused_at_once(tmp_path):
-    from napari_clearclip.cluster import max_local_workers, parse_cluster
+    from napari_clearclip.batch.cluster import max_local_workers, parse_cluster
 
     done = _cli([str(tmp_path), "--classes", "red", "--out", str(tmp_path / "o"), "--cluster", "local:99999"],
                 timeout=90)
@@ -209,7 +209,7 @@ def test_more_local_workers_than_the_machine_holds_are_refused_at_once(tmp_path)
 
 def test_a_closed_port_fails_in_about_a_second_as_a_connection_error():
     from napari_clearclip import ClearClipError
-    from napari_clearclip.cluster import start_client
+    from napari_clearclip.batch.cluster import start_client
 
     port = _free_port()                                   # nothing listens there any more
     start = time.perf_counter()
@@ -228,7 +228,7 @@ def test_a_closed_port_fails_in_about_a_second_as_a_connection_error():
 ])
 def test_bad_cluster_and_scheduler_options_are_value_errors(cluster, scheduler, message):
     from napari_clearclip import ClearClipError
-    from napari_clearclip.cluster import start_client
+    from napari_clearclip.batch.cluster import start_client
 
     with pytest.raises(ValueError, match=message) as info:
         start_client(cluster, scheduler)
@@ -236,7 +236,7 @@ def test_bad_cluster_and_scheduler_options_are_value_errors(cluster, scheduler, 
 
 
 def test_a_scheduler_address_without_a_port_is_a_message_not_a_traceback(capsys, tmp_path):
-    from napari_clearclip.cli import main
+    from napari_clearclip.batch.cli import main
 
     assert main([str(tmp_path), "--classes", "red", "--out", str(tmp_path / "o"), "--scheduler", "nonsense"]) == 2
     err = capsys.readouterr().err

@@ -82,7 +82,7 @@ def test_pamr_option_is_pamr_on_the_full_size_scores_guided_by_the_image(tiny_se
 
 
 def test_snapping_follows_the_objects_edges_on_the_demo_scenes():
-    from napari_clearclip.synthetic import DEMO_CLASSES, held_out_scenes
+    from napari_clearclip.demo.scenes import DEMO_CLASSES, held_out_scenes
 
     demo = Segmenter("synthetic-tiny", device="cpu")
     classes = DEMO_CLASSES.split("\n")

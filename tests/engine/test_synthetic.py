@@ -7,7 +7,7 @@ import pytest
 
 from napari_clearclip import Segmenter
 from napari_clearclip.models import BUNDLED_WEIGHTS
-from napari_clearclip.synthetic import COLOURS, DEMO_CLASSES, colour_iou, held_out_scenes, make_scene, sample_scene
+from napari_clearclip.demo.scenes import COLOURS, DEMO_CLASSES, colour_iou, held_out_scenes, make_scene, sample_scene
 
 
 def test_scenes_are_seeded_and_consistent():

@@ -14,31 +14,16 @@ from napari.layers import Image, Labels  # noqa: E402
 from napari_clearclip import Segmenter  # noqa: E402
 from napari_clearclip.gui import ClearClipWidget  # noqa: E402
 from napari_clearclip.gui.fields import model_choices  # noqa: E402
+from gui_helpers import TIMEOUT, run_and_wait  # noqa: E402
 from napari_clearclip.colours import class_colours  # noqa: E402
 
 pytestmark = pytest.mark.gui
-TIMEOUT = 120_000
 
 
 @pytest.fixture
-def widget(make_napari_viewer, tiny_checkpoint):
-    viewer = make_napari_viewer()
-    _, widget = viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
-    assert isinstance(widget, ClearClipWidget)
-    widget.model.value = "test-tiny"
-    widget.pretrained.value = tiny_checkpoint
-    widget.device.value = "cpu"
+def widget(widget):
     widget.snap.value = False          # the official pipeline, to compare with the engine's defaults
     return widget
-
-
-def run_and_wait(qtbot, widget):
-    worker = widget.run()
-    assert worker is not None, widget.status.value
-    with qtbot.waitSignal(worker.finished, timeout=TIMEOUT):
-        pass
-    qtbot.waitUntil(lambda: not widget.busy, timeout=5000)
-    return worker
 
 
 def test_run_adds_labels_layer_matching_engine(qtbot, widget, rgb_image, tiny_checkpoint):

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from dataclasses import dataclass
 
-from .errors import DistributedMissingError, InvalidOptionError, SchedulerUnreachableError
+from ..errors import DistributedMissingError, InvalidOptionError, SchedulerUnreachableError
+from ..models import ModelSpec
 
 EXTRA = 'pip install "napari-clearclip[distributed]"'
 #: Memory a worker process needs at least (a ViT-B/16 with its buffers), to bound ``--cluster local:N``.
@@ -36,17 +36,6 @@ def require_distributed():
     return distributed
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """What a worker needs to build the same Segmenter as every other worker."""
-
-    model: str = "ViT-B-16"
-    pretrained: str | None = None
-    method: str = "clearclip"
-    device: str = "auto"
-    precision: str = "auto"
-
-
 _SEGMENTERS: dict = {}
 _LOCK = threading.Lock()
 LOADS = {"count": 0}  # how many models this process has loaded (one per worker is the point)
@@ -54,7 +43,7 @@ LOADS = {"count": 0}  # how many models this process has loaded (one per worker 
 
 def segmenter_for(spec: ModelSpec):
     """This process's Segmenter for ``spec``: loaded by the first task on a worker, reused by every later one."""
-    from .segmenter import Segmenter
+    from ..segmenter import Segmenter
 
     with _LOCK:
         segmenter = _SEGMENTERS.get(spec)

@@ -36,8 +36,8 @@ def _plain(value):
 def run_fingerprint(model: str, pretrained: str | None, method: str, precision: str, classes: Sequence[str],
                     options: dict) -> str:
     """A short hash of everything that decides the labels of a run (a local weights file by its content)."""
-    from . import __version__
-    from .cache import file_digest
+    from .. import __version__
+    from ..cache import file_digest
 
     weights = pretrained
     if weights and os.path.isfile(weights):
@@ -49,7 +49,7 @@ def run_fingerprint(model: str, pretrained: str | None, method: str, precision: 
 
 def source_identity(path: Path) -> dict:
     """The input as a record holds it: absolute path, size, modification time and content hash."""
-    from .cache import file_digest
+    from ..cache import file_digest
 
     stat = path.stat()
     return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
@@ -110,7 +110,7 @@ def same_content(record: dict, path: Path) -> bool:
         return True
     if record.get("size") != stat.st_size:
         return False
-    from .cache import file_digest
+    from ..cache import file_digest
 
     return record.get("sha256") == file_digest(path)
 
@@ -174,7 +174,7 @@ def assign_stems(paths: Sequence[Path], out_dir: Path) -> tuple[list[str], dict[
     # outputs whose recorded input moved: claimed by content, where an input still has no output
     orphans = [s for s, o in existing.items() if o.record is not None and o.record["source"] not in resolved]
     if orphans:
-        from .cache import file_digest
+        from ..cache import file_digest
 
         for index, path in enumerate(paths):
             if index in fixed or not Path(path).is_file():

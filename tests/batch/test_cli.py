@@ -12,7 +12,7 @@ import tifffile
 from skimage.io import imsave
 
 from napari_clearclip import Segmenter
-from napari_clearclip.cli import main
+from napari_clearclip.batch.cli import main
 
 
 def test_cli_writes_labels_and_table_and_skips_bad_inputs(tmp_path, tiny_checkpoint, rgb_image, capsys):
@@ -66,7 +66,7 @@ def test_cli_rejects_bad_classes_and_models_before_work(tmp_path, capsys):
 
 
 def test_cli_entry_point_help():
-    completed = subprocess.run([sys.executable, "-m", "napari_clearclip.cli", "--help"], capture_output=True, text=True)
+    completed = subprocess.run([sys.executable, "-m", "napari_clearclip.batch.cli", "--help"], capture_output=True, text=True)
     assert completed.returncode == 0
     assert "--classes" in completed.stdout and "synonyms" in completed.stdout
 
@@ -114,7 +114,7 @@ def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, tiny_checkpoint
 
 def test_bad_output_folder_and_options_fail_once_before_any_work(tmp_path, tiny_checkpoint, rgb_image, capsys, monkeypatch):
     images = _pngs(tmp_path, ["a.png", "b.png"], rgb_image)
-    import napari_clearclip.batch as batch
+    import napari_clearclip.batch.runs as batch
 
     calls = []
     monkeypatch.setattr(batch, "read_image", lambda path: calls.append(path) or rgb_image)
@@ -181,7 +181,7 @@ def test_snap_option_gives_the_engines_edge_snapped_labels(tmp_path, tiny_checkp
     np.testing.assert_array_equal(tifffile.imread(out / "cells_labels.tif"), snapped)
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "paper" / "cells_labels.tif"), official)
     from napari_clearclip.options import SNAP_IN_TOOLS
-    from napari_clearclip.cli import build_parser
+    from napari_clearclip.batch.cli import build_parser
 
     assert build_parser().parse_args(["x", "--classes", "a"]).snap is SNAP_IN_TOOLS is True
     with pytest.raises(ValueError, match="refine='crf'"):

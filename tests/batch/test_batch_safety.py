@@ -14,9 +14,10 @@ import pytest
 import tifffile
 from skimage.io import imsave
 
-import napari_clearclip.batch as batch
+import napari_clearclip.batch.runs as batch
 from napari_clearclip.batch import segment_files
-from napari_clearclip.synthetic import DEMO_CLASSES, make_scene
+from napari_clearclip.files import PARTIAL_SUFFIX
+from napari_clearclip.demo.scenes import DEMO_CLASSES, make_scene
 
 CLASSES = DEMO_CLASSES.split("\n")
 OPTIONS = dict(model="synthetic-tiny", device="cpu")
@@ -88,7 +89,7 @@ def test_an_interrupted_stack_resumes_from_its_own_planes(stack_file, tmp_path, 
 
 
 def test_a_plane_run_again_after_its_stack_was_assembled_leaves_nothing(stack_file, tmp_path):
-    from napari_clearclip.cluster import ModelSpec
+    from napari_clearclip.models import ModelSpec
 
     out = tmp_path / "out"
     segment_files(stack_file, CLASSES, out, **OPTIONS)
@@ -176,7 +177,7 @@ def test_empty_and_foreign_files_say_what_is_wrong_with_the_file(tmp_path):
 
 
 def test_a_second_ctrl_c_while_stopping_raises_nothing():
-    from napari_clearclip.cli import StopOnce
+    from napari_clearclip.batch.cli import StopOnce
 
     with StopOnce() as stop:
         with pytest.raises(KeyboardInterrupt):
@@ -194,7 +195,7 @@ def test_ctrl_c_twice_stops_the_command_cleanly(tmp_path):
     for i in range(30):
         imsave(inputs / f"s{i:02d}.png", make_scene(900 + i, size=160).image, check_contrast=False)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "napari_clearclip.cli", str(inputs), "--classes", "; ".join(CLASSES),
+    command = [sys.executable, "-m", "napari_clearclip.batch.cli", str(inputs), "--classes", "; ".join(CLASSES),
                "--out", str(out), "--model", "synthetic-tiny", "--device", "cpu"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -211,7 +212,7 @@ def test_ctrl_c_twice_stops_the_command_cleanly(tmp_path):
     # 130, or ended by the second SIGINT while the interpreter shuts down (a shell shows 130 for both)
     assert process.returncode in (130, -signal.SIGINT), err
     assert "Traceback" not in err and "run the same command again to resume" in err
-    assert not [p for p in out.rglob("*") if p.name.endswith(batch.PARTIAL_SUFFIX)]
+    assert not [p for p in out.rglob("*") if p.name.endswith(PARTIAL_SUFFIX)]
     for labels in out.glob("*_labels.tif"):          # whatever was written is whole
         assert tifffile.imread(labels).shape == (160, 160)
 
@@ -235,8 +236,8 @@ def test_the_report_keeps_earlier_runs_timings_when_resumed(tmp_path):
 
 
 def test_a_finished_batch_run_again_on_a_cluster_starts_no_cluster(tmp_path, monkeypatch, capsys):
-    import napari_clearclip.cluster as cluster
-    from napari_clearclip.cli import main
+    import napari_clearclip.batch.cluster as cluster
+    from napari_clearclip.batch.cli import main
 
     image = tmp_path / "img.png"
     imsave(image, make_scene(830, size=96).image, check_contrast=False)

@@ -14,52 +14,11 @@ from napari.utils.colormaps.standardize_color import transform_color  # noqa: E4
 
 from napari_clearclip.choices import DEMO_MODEL  # noqa: E402
 from napari_clearclip.gui.fields import model_choices  # noqa: E402
+from gui_helpers import TIMEOUT, TickRecorder, run_and_wait  # noqa: E402
 from napari_clearclip.colours import NAMED  # noqa: E402
-from napari_clearclip.synthetic import DEMO_CLASSES  # noqa: E402
+from napari_clearclip.demo.scenes import DEMO_CLASSES  # noqa: E402
 
 pytestmark = pytest.mark.gui
-TIMEOUT = 240_000
-
-
-@pytest.fixture
-def widget(make_napari_viewer, tiny_checkpoint):
-    viewer = make_napari_viewer(show=True)
-    _, widget = viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
-    widget.model.value = "test-tiny"
-    widget.pretrained.value = tiny_checkpoint
-    widget.device.value = "cpu"
-    widget.snap.value, widget.learn.value, widget.live.value = True, True, False   # the defaults, whatever was saved
-    return widget
-
-
-def run_and_wait(qtbot, widget):
-    worker = widget.run()
-    assert worker is not None, widget.status.value
-    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
-    return worker
-
-
-class TickRecorder:
-    """Records when the Qt event loop gets to run a 10 ms timer: long gaps are GUI stalls."""
-
-    def __init__(self):
-        from qtpy.QtCore import QTimer
-
-        self.ticks = []
-        self.timer = QTimer()
-        self.timer.setInterval(10)
-        self.timer.timeout.connect(lambda: self.ticks.append(time.perf_counter()))
-
-    def __enter__(self):
-        self.timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.timer.stop()
-
-    @property
-    def longest_gap(self) -> float:
-        return float(np.diff(self.ticks).max())
 
 
 def time_gui_steps(widget) -> list[float]:
@@ -296,7 +255,7 @@ def test_live_mode_reruns_after_a_stroke_and_never_overwrites_it(qtbot, widget, 
 
 
 def test_demo_model_on_its_sample_labels_the_background_background(qtbot, widget):
-    from napari_clearclip.synthetic import make_scene
+    from napari_clearclip.demo.scenes import make_scene
 
     viewer = widget._viewer
     viewer.open_sample("napari-clearclip", "synthetic_shapes")

@@ -1,0 +1,242 @@
+"""Files in a batch: which inputs, reading them, unique output names, writing outputs and the report.
+
+Outputs of a file are written only when it is done, each through a temporary file renamed
+into place (the labels last: their presence marks a finished file), so an interrupted batch
+leaves whole outputs only.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from ..errors import ImageNotFoundError, InvalidImageError, InvalidOptionError, OutputError
+from ..files import PARTIAL_SUFFIX, write_atomic
+from .provenance import natural_stems, tiff_metadata
+
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+REPORT_NAME = "clearclip_report.csv"
+#: Where the finished planes of an unfinished stack wait (see :mod:`.runs`).
+PARTS_DIR = ".clearclip-parts"
+
+
+@dataclass
+class FileReport:
+    """What happened to one input: ``status`` is "done", "skipped" or "failed"."""
+
+    path: Path
+    status: str
+    seconds: float = 0.0
+    worker: str = ""
+    error: str = ""
+    outputs: list[Path] = field(default_factory=list)
+
+
+# -- inputs --------------------------------------------------------------------------------------------
+
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given, the images inside folders (sorted, not recursive), and glob patterns expanded.
+
+    A pattern that matches nothing, and a folder without images, stay in the list so
+    that they are reported as failures rather than silently dropped.
+    """
+    if isinstance(inputs, (str, bytes, os.PathLike)):
+        inputs = [inputs]  # one path, not the characters of its name
+    paths: list[Path] = []
+    for item in inputs:
+        if isinstance(item, bytes):
+            item = os.fsdecode(item)
+        if not isinstance(item, (str, os.PathLike)):
+            raise InvalidOptionError(f"Inputs must be paths (files, folders or glob patterns), not {item!r}.")
+        text = os.fspath(item)
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            paths.extend(found or [path])
+        elif not path.exists() and glob.has_magic(text):
+            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(text)) if os.path.isfile(p))
+            paths.extend(matches or [path])
+        else:
+            paths.append(path)
+    return list(dict.fromkeys(paths))
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read an image file; TIFFs through tifffile, other formats through scikit-image."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidImageError(f"{path} is a folder with no images ({', '.join(IMAGE_SUFFIXES)}).")
+    if not path.is_file():
+        raise ImageNotFoundError(f"No such file: {path}")
+    if path.stat().st_size == 0:
+        raise InvalidImageError(f"{path} is empty (0 bytes): the file was not written completely; copy or export it again.")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            return tifffile.imread(path)
+        from skimage.io import imread
+
+        return imread(path)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise InvalidImageError(f"Could not read {path} as an image: {_read_failure(path, exc)}") from None
+
+
+def _read_failure(path: Path, exc: Exception) -> str:
+    """Why a file could not be read, in terms of the file (not of the reading library's plug-ins)."""
+    text = str(exc)
+    if "backend" in text.lower() or "plugin" in text.lower() or "format" in text.lower():
+        return (f"it is not a {path.suffix.lstrip('.').upper() or 'known'} image, or it is damaged "
+                f"(supported: {', '.join(IMAGE_SUFFIXES)})")
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """One output name per input in an empty folder (see :func:`provenance.natural_stems`)."""
+    return natural_stems(paths)
+
+
+# -- outputs -------------------------------------------------------------------------------------------
+
+def output_paths(out_dir: Path, stem: str, save_probabilities: bool = False) -> list[Path]:
+    paths = [out_dir / f"{stem}_labels.tif", out_dir / f"{stem}_classes.csv"]
+    if save_probabilities:
+        paths.append(out_dir / f"{stem}_probabilities.tif")
+    return paths
+
+
+def check_output_dir(out_dir: str | os.PathLike) -> Path:
+    """Create the output folder if needed and prove it writable, before any computing."""
+    path = Path(out_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {path} is a file, not a folder: name a folder for the results.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".clearclip-write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"Cannot write to the output folder {path}: {exc.strerror or exc}.") from None
+    return path
+
+
+def write_outputs(result, out_dir: Path, stem: str, save_probabilities: bool = False,
+                  record: dict | None = None) -> list[Path]:
+    """``<stem>_labels.tif`` (uint16, with the run's record), ``<stem>_classes.csv`` and optionally probabilities."""
+    import tifffile
+
+    labels_path, table_path, *prob_path = output_paths(out_dir, stem, save_probabilities)
+    dtype = np.uint16 if len(result.class_names) < 65535 else np.uint32
+
+    # the labels go last: their presence marks a finished file for resumed runs
+    if prob_path:
+        write_atomic(prob_path[0], lambda p: tifffile.imwrite(p, result.probabilities, photometric="minisblack",
+                                                                   compression="zlib"))
+    write_atomic(table_path, lambda p: _write_class_table(p, result.class_table()))
+    write_atomic(labels_path, lambda p: _write_labels(p, result.labels.astype(dtype), record))
+    return [labels_path, table_path, *prob_path]
+
+
+def _write_class_table(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["label", "name", "synonyms", "pixels"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_labels(path: Path, labels: np.ndarray, record: dict | None) -> None:
+    import tifffile
+
+    tifffile.imwrite(path, labels, photometric="minisblack", compression="zlib",
+                     metadata=tiff_metadata(record) if record else {})
+
+
+REPORT_COLUMNS = ["file", "status", "seconds", "worker", "error", "labels"]
+
+
+def write_report(reports: Sequence[FileReport], path: Path) -> Path:
+    """A CSV with one row per input: file, status, seconds, worker, error, labels file.
+
+    The report is the output folder's: rows of earlier runs stay, a file run again gets its
+    new row, and a file skipped now keeps the row of the run that made its outputs (with its
+    timings), so a resumed batch's report still says how long each image took.
+    """
+    rows: dict[str, dict] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                if row.get("file"):
+                    rows[row["file"]] = {column: row.get(column) or "" for column in REPORT_COLUMNS}
+    except (OSError, ValueError, csv.Error):
+        rows = {}  # no report yet, or not ours: start it anew
+    for r in reports:
+        key = str(r.path)
+        if r.status == "skipped" and rows.get(key, {}).get("status") == "done":
+            continue
+        labels = next((str(o) for o in r.outputs if str(o).endswith("_labels.tif")), "")
+        rows[key] = {"file": key, "status": r.status, "seconds": f"{r.seconds:.2f}", "worker": r.worker,
+                     "error": r.error, "labels": labels}
+
+    def write(p: Path) -> None:
+        with open(p, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=REPORT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows.values())
+
+    write_atomic(path, write)
+    return path
+
+
+def stack_planes(path: Path) -> tuple[tuple[int, ...], bool] | None:
+    """(plane shape, rgb) of a multi-plane TIFF, read from its header alone; None for a 2-D image or non-TIFF."""
+    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            shape = tuple(tif.series[0].shape)
+    except Exception:
+        return None  # unreadable: the image task reports it
+    rgb = len(shape) >= 3 and shape[-1] in (3, 4)
+    leading = shape[: len(shape) - (3 if rgb else 2)]
+    if not leading or int(np.prod(leading)) <= 1:
+        return None
+    return leading, rgb
+
+
+def read_plane(path: Path, index: int, count: int) -> np.ndarray:
+    """Plane ``index`` (flat) of a multi-plane TIFF, reading its page alone where the file allows."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            if len(series.pages) == count:
+                return series.pages[index].asarray()
+            data = series.asarray()
+    except Exception as exc:
+        raise InvalidImageError(f"Could not read plane {index} of {path}: {exc}") from None
+    tail = 3 if data.ndim >= 3 and data.shape[-1] in (3, 4) else 2
+    return data.reshape(count, *data.shape[-tail:])[index]
+
+
+def remove_stale_partials(out_dir: Path) -> None:
+    """Temporary files of writes that a killed process never finished (named by ``write_atomic``)."""
+    for folder in (out_dir, out_dir / PARTS_DIR):
+        for stale in folder.rglob(f".*{PARTIAL_SUFFIX}") if folder.is_dir() else ():
+            try:
+                stale.unlink()
+            except OSError:
+                pass
+
+

@@ -11,7 +11,7 @@ import numpy as np
 from napari.layers import Labels
 from napari.utils.colormaps import DirectLabelColormap
 
-from ..annotate import LayerRequest, segment_layer
+from ..annotate import LayerRequest, probability_layer_names, segment_layer
 from ..models import ModelSpec
 from ..progress import Progress
 from ..segmenter import Segmenter
@@ -38,6 +38,24 @@ class ModelHolder:
 
 def _model_key(spec: ModelSpec) -> tuple:
     return spec.model, spec.pretrained, spec.device, spec.precision
+
+
+def layer_request(data, layout, planes, classes, options, image_name: str, probability_output: str, target,
+                  learn: bool, existing_layers: dict) -> LayerRequest:
+    """What a run needs: the image, the planes, and the result layer it updates (its labels as they are now,
+    its baseline and edits), with copies of the planes to segment to spot strokes made during the run."""
+    request = LayerRequest(data=data, layout=layout, planes=planes, classes=[", ".join(c.synonyms) for c in classes],
+                           options=options, image_name=image_name, probability_output=probability_output)
+    if target is not None:
+        current = target.layer.data
+        request.current, request.baseline, request.baseline_names = current, target.baseline, target.names
+        request.found = {plane: np.array(current[plane], copy=True) for plane in planes}
+        request.learn_from_edits = learn
+        request.edited = target.edited
+    for name in probability_layer_names(image_name, probability_output, [c.name for c in classes]):
+        if name in existing_layers:
+            request.existing_maps[name] = existing_layers[name]
+    return request
 
 
 def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None):

@@ -8,13 +8,10 @@ sets layers and text, nothing more.
 
 from __future__ import annotations
 
-import html
 import logging
-import os
 
 import napari
 import numpy as np
-import open_clip
 from magicgui.widgets import CheckBox, Container, Label, PushButton
 from napari.layers import Image
 from napari.qt.threading import create_worker
@@ -22,29 +19,25 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 
-from ..annotate import LayerRequest, probability_layer_names
-from ..choices import CHECKPOINT_SUFFIXES, DEMO_MODEL, default_options
-from ..errors import ClearClipError, InvalidClassesError, WeightsUnavailableError
-from ..models import BUNDLED_WEIGHTS, ModelSpec, default_pretrained, is_checkpoint_path
+from ..choices import DEMO_MODEL
+from ..errors import ClearClipError, InvalidClassesError
+from ..models import ModelSpec
 from ..options import SegmentOptions
 from ..planes import ImageLayout
 from ..progress import Progress
 from ..prompts import parse_classes
-from ..demo.scenes import DEMO_CLASSES, DEMO_SAMPLE_NAME
-from .fields import DEFAULT_CLASSES, build_fields, choose_file_button, restore_values, saved_values
-from .job import ModelHolder, segmentation_job
+from .field_logic import FieldLogic
+from .fields import build_fields, choose_file_button, saved_values
+from .job import ModelHolder, layer_request, segmentation_job
 from .layers import ResultLayers, layer_geometry
 from .layout import captioned, scrolling, wrapping
 from .live import LiveMode
+from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, legend_html
 from .settings import load_settings, save_settings
 
 log = logging.getLogger(__name__)
-DEMO_NOTE = ("The offline demo model knows only coloured shapes on grey (red, green, blue, yellow, background), "
-             "as in File > Open Sample > Synthetic shapes; on other images its labels mean nothing.")
-NO_CLASSES = "No classes: type at least one class in Classes, one per line (e.g. 'cell, nucleus' and 'background')."
 
-
-class ClearClipWidget(Container):
+class ClearClipWidget(FieldLogic, Container):
     """Type the classes, press Run, correct the Labels layer by hand."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
@@ -158,99 +151,6 @@ class ClearClipWidget(Container):
             self._progress = None
         self._models = ModelHolder()
 
-    # -- choices and field logic --------------------------------------------------------------
-    def _image_choices(self, widget=None):
-        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
-
-    def _channel_axis_choices(self, widget=None):
-        layer = self.image.value if hasattr(self, "image") else None
-        choices = [("none (grey or RGB)", None)]
-        if layer is not None and not layer.rgb and layer.ndim >= 3:
-            choices += [(f"axis {axis} ({layer.data.shape[axis]})", axis) for axis in range(layer.ndim - 2)]
-        return choices
-
-    def _on_layer_inserted(self, event=None):
-        layer = getattr(event, "value", None)
-        self.image.reset_choices()
-        if isinstance(layer, Image) and not self._writing:
-            self.image.value = layer  # follow the image the user just opened
-        self._refresh_layers()
-
-    def _on_layer_removed(self, event=None):
-        self.results.forget_removed()
-        self._refresh_layers()
-
-    def _refresh_layers(self, event=None):
-        previous = self.image.value
-        self.image.reset_choices()
-        if self.image.value is None and self.image.choices:
-            self.image.value = self.image.choices[-1]
-        if self.image.value is not previous:
-            self._on_image_changed()
-
-    def _on_image_changed(self, *_):
-        """Show only the rows that apply to this image (channels for multichannel data, slices for stacks)."""
-        self.channel_axis.reset_choices()
-        self._on_channel_axis_changed()
-        layer = self.image.value
-        stacked = layer is not None and (layer.ndim - (0 if self.channel_axis.value is None else 1)) > 2
-        self.scope.visible = stacked
-        self.legend.value = ""  # the legend describes the last result of the previous image
-        if layer is not None and layer.name == DEMO_SAMPLE_NAME and self.classes.value.strip() == DEFAULT_CLASSES:
-            self.classes.value = DEMO_CLASSES
-
-    def _on_channel_axis_changed(self, *_):
-        axis = self.channel_axis.value
-        layer = self.image.value
-        has_channels = axis is not None and layer is not None
-        self.channel.visible = has_channels
-        self.channel_axis.visible = layer is not None and not layer.rgb and layer.ndim >= 3
-        if has_channels:
-            self.channel.max = max(0, layer.data.shape[axis] - 1)
-
-    def _on_model_changed(self, name: str):
-        # a weights file the user picked stays (it is usually picked to go with the model), except for
-        # models that ship their own weights
-        if name in BUNDLED_WEIGHTS or not self.pretrained.value or not is_checkpoint_path(self.pretrained.value):
-            try:
-                self.pretrained.value = default_pretrained(name)
-            except ClearClipError:
-                self.pretrained.value = ""
-        options = default_options(name)
-        self.crop.value, self.stride.value = options["crop"], options["stride"]
-        self.resize.value = options["short_side"] is not None
-        if options["short_side"] is not None:
-            self.short_side.value = options["short_side"]
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        self.pretrained.tooltip = ("Bundled demo weights" if name in BUNDLED_WEIGHTS else
-                                   f"Known tags: {', '.join(tags) or 'none'}; or a local weights file")
-        self.use_demo.visible = False
-        if hasattr(self, "live_mode"):
-            self.live_mode.pending = False
-        if name == DEMO_MODEL:
-            if self.classes.value.strip() == DEFAULT_CLASSES:
-                self.classes.value = DEMO_CLASSES
-            self._set_status(DEMO_NOTE)
-
-    def choose_weights_file(self, *_) -> None:
-        """Pick a local weights file for the Weights field."""
-        from qtpy.QtWidgets import QFileDialog
-
-        patterns = " ".join(f"*{suffix}" for suffix in CHECKPOINT_SUFFIXES)
-        path, _ = QFileDialog.getOpenFileName(self.native, "Choose a weights file", "", f"Weights ({patterns})")
-        if path and os.path.isfile(path):
-            self.pretrained.value = path
-
-    def switch_to_demo_model(self, *_):
-        """The one-click way out when CLIP weights cannot be downloaded."""
-        self.model.value = DEMO_MODEL
-        self._on_model_changed(DEMO_MODEL)
-
-    def _restore(self, saved: dict) -> None:
-        self._on_model_changed(self.model.value)
-        restore_values(self, saved)
-        self.status.value = "Ready"
-
     def settings(self) -> dict:
         """The values that persist between sessions."""
         return saved_values(self)
@@ -293,7 +193,7 @@ class ClearClipWidget(Container):
         layer = self.image.value
         try:
             if layer is None:
-                raise ClearClipError("No image: open an image layer (File > Open, or File > Open Sample) first.")
+                raise ClearClipError(NO_IMAGE)
             if not self.classes.value.strip():
                 raise InvalidClassesError(NO_CLASSES)
             classes = parse_classes(self.classes.value)
@@ -309,21 +209,10 @@ class ClearClipWidget(Container):
         if self.scope.value == "current slice" and len(planes) > 1:
             planes = [layout.plane_of_point(layer.world_to_data(self._viewer.dims.point))]
         save_settings(self.settings())
-        class_texts = [", ".join(c.synonyms) for c in classes]
         target = self._choose_target(layer, layout)
-        request = LayerRequest(
-            data=data, layout=layout, planes=planes, classes=class_texts, options=options, image_name=layer.name,
-            probability_output=self.probability_output.value,
-        )
-        if target is not None:
-            current = target.layer.data
-            request.current, request.baseline, request.baseline_names = current, target.baseline, target.names
-            request.found = {plane: np.array(current[plane], copy=True) for plane in planes}
-            request.learn_from_edits = self.learn.value and self.keep_edits.value
-            request.edited = target.edited
-        for name in probability_layer_names(layer.name, request.probability_output, [c.name for c in classes]):
-            if name in self._viewer.layers:
-                request.existing_maps[name] = self._viewer.layers[name].data
+        existing = {layer.name: layer.data for layer in self._viewer.layers}
+        request = layer_request(data, layout, planes, classes, options, layer.name, self.probability_output.value,
+                                target, self.learn.value and self.keep_edits.value, existing)
         new_layer = None if target is not None else {"name": f"{layer.name} classes",
                                                       **layer_geometry(layer, layout)}
         worker = create_worker(segmentation_job, self._models, self.model_spec(), request, new_layer,
@@ -371,19 +260,11 @@ class ClearClipWidget(Container):
     def _show_error(self, exc: BaseException) -> None:
         """An engine error in the widget's terms; the legend of an earlier result no longer applies."""
         self.legend.value = ""
-        if isinstance(exc, WeightsUnavailableError):
-            model = exc.model or self.model.value
-            text = (f"The {model} weights ('{exc.tag or self.pretrained.value}') are not on this computer and cannot be "
-                    "downloaded now (no network). Choose a weights file with Weights > Choose file..."
-                    f"{' (for OpenAI weights, with model ' + model + '-quickgelu)' if exc.tag == 'openai' else ''}, "
-                    "or click the button below to try the offline demo model.")
-            self.use_demo.visible = True
-            self._set_status(text, error=True)
-        elif isinstance(exc, ClearClipError):
-            self._set_status(str(exc), error=True)
-        else:
+        text, offer_demo = error_text(exc, self.model.value, self.pretrained.value)
+        if not isinstance(exc, ClearClipError):
             log.error("ClearCLIP run failed", exc_info=exc)
-            self._set_status(f"Unexpected error ({type(exc).__name__}: {exc}). Nothing was changed.", error=True)
+        self.use_demo.visible = offer_demo
+        self._set_status(text, error=True)
 
     def _on_yielded(self, step):
         if self._closed or not isinstance(step, Progress):
@@ -420,26 +301,9 @@ class ClearClipWidget(Container):
         finally:
             self._writing = False
         update = result.update
-        self._update_legend(update.names, update.counts, update.colours)
-        note = f"; kept {kept} edited pixels" if kept else ""
-        planes = result.planes
-        text = f"Done: {labels_layer.name} ({planes} slice{'s' if planes > 1 else ''}){note}."
-        if context["model"] == DEMO_MODEL and not context["demo_scene"]:
-            text += " " + DEMO_NOTE  # keyed to what the image is, not to its name
-        for extra in result.notes:
-            text += " Note: " + extra
-        self._set_status(text)
-
-    def _update_legend(self, names: list[str], counts: np.ndarray, colours: dict):
-        total = max(1, int(counts.sum()))
-        rows = []
-        for index, name in enumerate(names, start=1):
-            share = counts[index] / total * 100 if index < len(counts) else 0.0
-            colour = colours.get(index, "#c8c8c8")
-            swatch = ('<span style="color:gray">&#9633;</span>' if colour == "transparent" else
-                      f'<span style="color:{colour}">&#9632;</span>')
-            rows.append(f'{swatch} {index}: {html.escape(name)} <span style="color:gray">({share:.0f}%)</span>')
-        self.legend.value = "<br>".join(rows)
+        self.legend.value = legend_html(update.names, update.counts, update.colours)
+        demo_note = context["model"] == DEMO_MODEL and not context["demo_scene"]  # what the image is, not its name
+        self._set_status(done_text(labels_layer.name, result.planes, kept, result.notes, demo_note))
 
 
 def _looks_like_demo_scene(data, layout: ImageLayout, plane: tuple) -> bool:

@@ -1,0 +1,113 @@
+"""How the widget's fields follow the viewer and each other: the image the user opened, the rows that
+apply to it, a model's own weights and window settings, a chosen weights file."""
+
+from __future__ import annotations
+
+import os
+
+import open_clip
+from napari.layers import Image
+
+from ..choices import CHECKPOINT_SUFFIXES, DEMO_MODEL, default_options
+from ..demo.scenes import DEMO_CLASSES, DEMO_SAMPLE_NAME
+from ..errors import ClearClipError
+from ..models import BUNDLED_WEIGHTS, default_pretrained, is_checkpoint_path
+from .fields import DEFAULT_CLASSES, restore_values
+from .messages import DEMO_NOTE
+
+
+class FieldLogic:
+    """The field behaviour of :class:`~napari_clearclip.gui.widget.ClearClipWidget` (a mixin: it uses the
+    widget's fields, ``_viewer``, ``results``, ``live_mode`` and ``_set_status``)."""
+
+    def _image_choices(self, widget=None):
+        return [(layer.name, layer) for layer in self._viewer.layers if isinstance(layer, Image)]
+
+    def _channel_axis_choices(self, widget=None):
+        layer = self.image.value if hasattr(self, "image") else None
+        choices = [("none (grey or RGB)", None)]
+        if layer is not None and not layer.rgb and layer.ndim >= 3:
+            choices += [(f"axis {axis} ({layer.data.shape[axis]})", axis) for axis in range(layer.ndim - 2)]
+        return choices
+
+    def _on_layer_inserted(self, event=None):
+        layer = getattr(event, "value", None)
+        self.image.reset_choices()
+        if isinstance(layer, Image) and not self._writing:
+            self.image.value = layer  # follow the image the user just opened
+        self._refresh_layers()
+
+    def _on_layer_removed(self, event=None):
+        self.results.forget_removed()
+        self._refresh_layers()
+
+    def _refresh_layers(self, event=None):
+        previous = self.image.value
+        self.image.reset_choices()
+        if self.image.value is None and self.image.choices:
+            self.image.value = self.image.choices[-1]
+        if self.image.value is not previous:
+            self._on_image_changed()
+
+    def _on_image_changed(self, *_):
+        """Show only the rows that apply to this image (channels for multichannel data, slices for stacks)."""
+        self.channel_axis.reset_choices()
+        self._on_channel_axis_changed()
+        layer = self.image.value
+        stacked = layer is not None and (layer.ndim - (0 if self.channel_axis.value is None else 1)) > 2
+        self.scope.visible = stacked
+        self.legend.value = ""  # the legend describes the last result of the previous image
+        if layer is not None and layer.name == DEMO_SAMPLE_NAME and self.classes.value.strip() == DEFAULT_CLASSES:
+            self.classes.value = DEMO_CLASSES
+
+    def _on_channel_axis_changed(self, *_):
+        axis = self.channel_axis.value
+        layer = self.image.value
+        has_channels = axis is not None and layer is not None
+        self.channel.visible = has_channels
+        self.channel_axis.visible = layer is not None and not layer.rgb and layer.ndim >= 3
+        if has_channels:
+            self.channel.max = max(0, layer.data.shape[axis] - 1)
+
+    def _on_model_changed(self, name: str):
+        # a weights file the user picked stays (it is usually picked to go with the model), except for
+        # models that ship their own weights
+        if name in BUNDLED_WEIGHTS or not self.pretrained.value or not is_checkpoint_path(self.pretrained.value):
+            try:
+                self.pretrained.value = default_pretrained(name)
+            except ClearClipError:
+                self.pretrained.value = ""
+        options = default_options(name)
+        self.crop.value, self.stride.value = options["crop"], options["stride"]
+        self.resize.value = options["short_side"] is not None
+        if options["short_side"] is not None:
+            self.short_side.value = options["short_side"]
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        self.pretrained.tooltip = ("Bundled demo weights" if name in BUNDLED_WEIGHTS else
+                                   f"Known tags: {', '.join(tags) or 'none'}; or a local weights file")
+        self.use_demo.visible = False
+        if hasattr(self, "live_mode"):
+            self.live_mode.pending = False
+        if name == DEMO_MODEL:
+            if self.classes.value.strip() == DEFAULT_CLASSES:
+                self.classes.value = DEMO_CLASSES
+            self._set_status(DEMO_NOTE)
+
+    def choose_weights_file(self, *_) -> None:
+        """Pick a local weights file for the Weights field."""
+        from qtpy.QtWidgets import QFileDialog
+
+        patterns = " ".join(f"*{suffix}" for suffix in CHECKPOINT_SUFFIXES)
+        path, _ = QFileDialog.getOpenFileName(self.native, "Choose a weights file", "", f"Weights ({patterns})")
+        if path and os.path.isfile(path):
+            self.pretrained.value = path
+
+    def switch_to_demo_model(self, *_):
+        """The one-click way out when CLIP weights cannot be downloaded."""
+        self.model.value = DEMO_MODEL
+        self._on_model_changed(DEMO_MODEL)
+
+    def _restore(self, saved: dict) -> None:
+        self._on_model_changed(self.model.value)
+        restore_values(self, saved)
+        self.status.value = "Ready"

@@ -1,0 +1,50 @@
+"""What the widget says, in its own terms: errors, the result line, the legend (plain functions, testable without Qt)."""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+
+from ..errors import ClearClipError, WeightsUnavailableError
+
+DEMO_NOTE = ("The offline demo model knows only coloured shapes on grey (red, green, blue, yellow, background), "
+             "as in File > Open Sample > Synthetic shapes; on other images its labels mean nothing.")
+NO_CLASSES = "No classes: type at least one class in Classes, one per line (e.g. 'cell, nucleus' and 'background')."
+NO_IMAGE = "No image: open an image layer (File > Open, or File > Open Sample) first."
+
+
+def error_text(exc: BaseException, model: str, weights: str) -> tuple[str, bool]:
+    """An engine error as the widget says it, and whether to offer the offline demo model."""
+    if isinstance(exc, WeightsUnavailableError):
+        model = exc.model or model
+        quickgelu = f" (for OpenAI weights, with model {model}-quickgelu)" if exc.tag == "openai" else ""
+        return (f"The {model} weights ('{exc.tag or weights}') are not on this computer and cannot be downloaded "
+                f"now (no network). Choose a weights file with Weights > Choose file...{quickgelu}, or click the "
+                "button below to try the offline demo model.", True)
+    if isinstance(exc, ClearClipError):
+        return str(exc), False
+    return f"Unexpected error ({type(exc).__name__}: {exc}). Nothing was changed.", False
+
+
+def done_text(layer_name: str, planes: int, kept: int, notes: list[str], demo_note: bool) -> str:
+    """The status line after a result."""
+    text = f"Done: {layer_name} ({planes} slice{'s' if planes > 1 else ''}){'; kept %d edited pixels' % kept if kept else ''}."
+    if demo_note:
+        text += " " + DEMO_NOTE
+    for note in notes:
+        text += " Note: " + note
+    return text
+
+
+def legend_html(names: list[str], counts: np.ndarray, colours: dict) -> str:
+    """One line per class: its colour (an outline for transparent classes), number, name and share of pixels."""
+    total = max(1, int(counts.sum()))
+    rows = []
+    for index, name in enumerate(names, start=1):
+        share = counts[index] / total * 100 if index < len(counts) else 0.0
+        colour = colours.get(index, "#c8c8c8")
+        swatch = ('<span style="color:gray">&#9633;</span>' if colour == "transparent" else
+                  f'<span style="color:{colour}">&#9632;</span>')
+        rows.append(f'{swatch} {index}: {html.escape(name)} <span style="color:gray">({share:.0f}%)</span>')
+    return "<br>".join(rows)

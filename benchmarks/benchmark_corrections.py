@@ -55,7 +55,7 @@ def run_annotator(segmenter, scenes, strokes: int, paste=False, refine=None):
     history = []
     for scene in scenes:
         truth = truth_of(scene)
-        scribbles = np.zeros(truth.shape, np.int32)
+        strokes = np.zeros(truth.shape, np.int32)
         zero_shot = segmenter.segment(scene.image, CLASSES, maps=False, refine=refine).labels
         rounds = [zero_shot]
         predicted = zero_shot
@@ -63,12 +63,12 @@ def run_annotator(segmenter, scenes, strokes: int, paste=False, refine=None):
             stroke = next_stroke(predicted, truth)
             if stroke is not None:
                 rr, cc, k = stroke
-                scribbles[rr, cc] = k
+                strokes[rr, cc] = k
             if paste:
                 predicted = zero_shot.copy()
-                predicted[scribbles > 0] = scribbles[scribbles > 0]
+                predicted[strokes > 0] = strokes[strokes > 0]
             else:
-                predicted = segmenter.segment(scene.image, CLASSES, scribbles=scribbles, maps=False,
+                predicted = segmenter.segment(scene.image, CLASSES, strokes=strokes, maps=False,
                                               refine=refine).labels
             rounds.append(predicted)
         history.append((truth, rounds))
@@ -97,13 +97,13 @@ def rerun_cost(segmenter, size: int = 1024, repeats: int = 3) -> tuple[float, fl
     start = time.perf_counter()
     segmenter.segment(image, CLASSES, maps=False)
     first = time.perf_counter() - start
-    scribbles = np.zeros(image.shape[:2], np.int32)
-    rr, cc = disk((size // 2, size // 2), 3, shape=scribbles.shape)
-    scribbles[rr, cc] = 5
+    strokes = np.zeros(image.shape[:2], np.int32)
+    rr, cc = disk((size // 2, size // 2), 3, shape=strokes.shape)
+    strokes[rr, cc] = 5
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        segmenter.segment(image, CLASSES, scribbles=scribbles, maps=False)
+        segmenter.segment(image, CLASSES, strokes=strokes, maps=False)
         times.append(time.perf_counter() - start)
     return first, min(times)
 
@@ -129,11 +129,11 @@ def rerun_cost_vit(size: int = 1024) -> None:
         start = time.perf_counter()
         segmenter.segment(image, classes, short_side=short_side, maps=False)
         first = time.perf_counter() - start
-        for name, scribbles in (("small stroke", stroke), ("fill over half the image", fill)):
+        for name, strokes in (("small stroke", stroke), ("fill over half the image", fill)):
             times = []
             for _ in range(2):
                 start = time.perf_counter()
-                segmenter.segment(image, classes, short_side=short_side, scribbles=scribbles, maps=False)
+                segmenter.segment(image, classes, short_side=short_side, strokes=strokes, maps=False)
                 times.append(time.perf_counter() - start)
             print(f"ViT-B/16 (random weights), {size} x {size} {what}, 5 new classes: first run {first:.2f} s; "
                   f"re-run with a {name}: {min(times):.3f} s ({100 * min(times) / first:.1f}%)", flush=True)

@@ -38,8 +38,8 @@ class LayerRequest:
     baseline_names: list[str] = field(default_factory=list)
     found: dict = field(default_factory=dict)  # copies of the planes to segment, as the run started
     existing_maps: dict = field(default_factory=dict)  # name -> data of probability layers to update
-    learn_from_edits: bool = False             # pixels painted since the last result become scribbles
-    edited: np.ndarray | None = None           # pixels painted in earlier rounds (kept, and still hints)
+    learn_from_edits: bool = False             # pixels painted since the last result become strokes
+    edited: np.ndarray | None = None           # pixels painted in earlier rounds (kept, and still teaching)
 
 
 @dataclass
@@ -60,8 +60,8 @@ def probability_layer_names(image_name: str, mode: str, class_names: list[str]) 
     return []
 
 
-def painted_hints(request: LayerRequest, class_names: list[str]) -> dict[tuple, np.ndarray]:
-    """Per plane, the pixels the user painted since the last result, as scribbles for the new class list.
+def painted_strokes(request: LayerRequest, class_names: list[str]) -> dict[tuple, np.ndarray]:
+    """Per plane, the pixels the user painted since the last result, as strokes for the new class list.
 
     A painted value means the class it had in the last result; it is a hint for that class
     under its new number. The eraser (0) is no hint, and neither is a class no longer asked
@@ -72,7 +72,7 @@ def painted_hints(request: LayerRequest, class_names: list[str]) -> dict[tuple, 
     lookup = np.zeros(max(len(request.baseline_names), 1) + 1, dtype=np.int64)
     for value, name in enumerate(request.baseline_names, start=1):
         lookup[value] = class_names.index(name) + 1 if name in class_names else 0
-    hints = {}
+    strokes_by_plane = {}
     for plane in request.layout.planes():
         current = request.found.get(plane)
         if current is None:
@@ -84,10 +84,10 @@ def painted_hints(request: LayerRequest, class_names: list[str]) -> dict[tuple, 
             continue
         values = np.where(edited, current, 0).astype(np.int64)
         values[values >= len(lookup)] = 0  # labels the user invented are no class hint
-        plane_hints = lookup[values].astype(np.int32)
-        if plane_hints.any():
-            hints[plane] = plane_hints
-    return hints
+        plane_strokes = lookup[values].astype(np.int32)
+        if plane_strokes.any():
+            strokes_by_plane[plane] = plane_strokes
+    return strokes_by_plane
 
 
 def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Progress, None, LayerResult]:
@@ -101,7 +101,7 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
     from .prompts import parse_classes
 
     class_names = [c.name for c in parse_classes(request.classes)]
-    hints = painted_hints(request, class_names) if request.learn_from_edits else {}
+    strokes_by_plane = painted_strokes(request, class_names) if request.learn_from_edits else {}
     shape = request.layout.label_shape
     merger = LabelsMerger(shape, class_names, request.current, request.baseline, request.baseline_names,
                           request.found, request.edited)
@@ -109,7 +109,7 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
     names = probability_layer_names(request.image_name, mode, class_names)
     maps = {name: _map_volume(request.existing_maps.get(name), shape) for name in names}
     for item in segment_stack(segmenter, request.data, request.layout, request.planes, request.classes,
-                              request.options, hints=hints, maps=(mode == "all classes")):
+                              request.options, strokes_by_plane=strokes_by_plane, maps=(mode == "all classes")):
         if isinstance(item, Progress):
             yield item
             continue

@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import InvalidImageError, InvalidOptionError
 from .prompts import parse_classes
-from .scribbles import Exemplars, check_scribbles
+from .strokes import Exemplars, check_strokes
 from .options import SegmentOptions
 from .progress import Progress, on_plane
 from .results import SegmentationResult
@@ -70,19 +70,20 @@ class ImageLayout:
         return tuple(min(max(i, 0), n - 1) for i, n in zip(leading, self.plane_shape))
 
 
-def stack_exemplars(segmenter: Segmenter, data, layout: ImageLayout, hints: dict, classes, planes: int = 1,
+def stack_exemplars(segmenter: Segmenter, data, layout: ImageLayout, strokes_by_plane: dict, classes, planes: int = 1,
                     options: SegmentOptions | None = None) -> Generator[Progress, None, Exemplars | None]:
-    """Generator: the exemplars that the strokes on every plane make together (``hints``: plane -> (H, W) scribbles)."""
+    """Generator: the exemplars that the strokes on every plane make together (``strokes_by_plane``: plane -> (H, W) strokes)."""
     found = []
-    for plane, plane_hints in hints.items():
+    for plane, plane_strokes in strokes_by_plane.items():
         image = np.asarray(data[layout.image_index(plane)])
-        steps = segmenter.collect_exemplars_steps(image, plane_hints, classes, options)
+        steps = segmenter.collect_exemplars_steps(image, plane_strokes, classes, options)
         found.append((yield from on_plane(steps, 0, planes)))
     return Exemplars.combine(found)
 
 
 def segment_stack(segmenter: Segmenter, data, layout: ImageLayout, planes: Sequence[tuple[int, ...]], classes,
-                  options: SegmentOptions | None = None, *, hints: dict | None = None, exemplars: Exemplars | None = None,
+                  options: SegmentOptions | None = None, *, strokes_by_plane: dict | None = None,
+                  exemplars: Exemplars | None = None,
                   maps: bool = True) -> Generator[Progress | tuple, None, None]:
     """The one stack pipeline: exemplars from the strokes on every plane, then each plane in turn.
 
@@ -90,7 +91,7 @@ def segment_stack(segmenter: Segmenter, data, layout: ImageLayout, planes: Seque
     dask or zarr data load one plane at a time); what a caller does with a plane's result
     (paste the strokes, merge into a layer) is its own business.
     """
-    shared = yield from stack_exemplars(segmenter, data, layout, hints or {}, classes, len(planes), options)
+    shared = yield from stack_exemplars(segmenter, data, layout, strokes_by_plane or {}, classes, len(planes), options)
     exemplars = Exemplars.combine([exemplars, shared])
     for number, plane in enumerate(planes):
         image = np.asarray(data[layout.image_index(plane)])
@@ -100,21 +101,21 @@ def segment_stack(segmenter: Segmenter, data, layout: ImageLayout, planes: Seque
         del result  # the caller keeps what it needs of a plane; this generator keeps nothing
 
 
-def check_stack_scribbles(scribbles, layout: ImageLayout, n_classes: int) -> dict[tuple, np.ndarray]:
-    """Per plane with strokes, its (H, W) scribbles; ``scribbles`` has the labels' shape (0 = no hint, k = class k)."""
-    if scribbles is None:
+def check_stack_strokes(strokes, layout: ImageLayout, n_classes: int) -> dict[tuple, np.ndarray]:
+    """Per plane with strokes, its (H, W) strokes; ``strokes`` has the labels' shape (0 = no hint, k = class k)."""
+    if strokes is None:
         return {}
-    array = np.asarray(scribbles)
+    array = np.asarray(strokes)
     if array.shape != layout.label_shape:
         raise InvalidOptionError(
-            f"scribbles of shape {array.shape} do not match the labels' shape {layout.label_shape} "
+            f"strokes of shape {array.shape} do not match the labels' shape {layout.label_shape} "
             "(the image's, without RGB or channel axes).")
-    hints = {}
+    strokes_by_plane = {}
     for plane in layout.planes():
-        plane_hints = check_scribbles(array[plane], layout.label_shape[-2:], n_classes)
-        if plane_hints is not None:
-            hints[plane] = plane_hints
-    return hints
+        plane_strokes = check_strokes(array[plane], layout.label_shape[-2:], n_classes)
+        if plane_strokes is not None:
+            strokes_by_plane[plane] = plane_strokes
+    return strokes_by_plane
 
 
 def check_planes(planes, layout: ImageLayout) -> list[tuple[int, ...]]:
@@ -151,28 +152,32 @@ def segment_planes(
     classes,
     options: SegmentOptions | Mapping | None = None,
     *,
-    scribbles=None,
+    strokes=None,
     exemplars: Exemplars | None = None,
     maps: bool = True,
     **keywords,
 ) -> Generator[Progress, None, list[tuple[tuple[int, ...], SegmentationResult]]]:
     """Segment each plane in turn (read lazily, so dask or zarr data load one plane at a time).
 
-    ``scribbles`` (an integer array of the labels' shape, 0 = no hint, k = class k):
+    ``strokes`` (an integer array of the labels' shape, 0 = no hint, k = class k):
     strokes on any plane, segmented or not, become exemplars for every plane segmented,
     and painted pixels keep their class.
     """
+    from .segmenter import _renamed_strokes
+
+    strokes = _renamed_strokes(strokes, keywords)
     planes = check_planes(planes, layout)
     options = segmenter.resolve_options(options, **keywords)
-    hints = check_stack_scribbles(scribbles, layout, len(parse_classes(classes)))
+    strokes_by_plane = check_stack_strokes(strokes, layout, len(parse_classes(classes)))
     results = []
-    for item in segment_stack(segmenter, data, layout, planes, classes, options, hints=hints, exemplars=exemplars,
+    for item in segment_stack(segmenter, data, layout, planes, classes, options, strokes_by_plane=strokes_by_plane,
+                              exemplars=exemplars,
                               maps=maps):
         if isinstance(item, Progress):
             yield item
             continue
         plane, result = item
-        painted = hints.get(plane)
+        painted = strokes_by_plane.get(plane)
         if painted is not None:
             result.labels[painted > 0] = painted[painted > 0]
         results.append((plane, result))

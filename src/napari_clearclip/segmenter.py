@@ -21,7 +21,7 @@ from .prompts import TextEncoder, check_templates, parse_classes
 from .refine import pamr_steps
 from .results import SegmentationResult
 from .scoring import postprocess
-from .scribbles import ExemplarCollector, Exemplars, FeatureStats, check_scribbles, whitened_norms
+from .strokes import ExemplarCollector, Exemplars, FeatureStats, check_strokes, whitened_norms
 from .windows import WindowGrid
 
 __all__ = ["Segmenter", "SegmentationResult", "Progress", "DEFAULT", "run_to_end"]
@@ -109,7 +109,7 @@ class Segmenter:
         options: SegmentOptions | Mapping | None = None,
         *,
         maps: bool = True,
-        scribbles=None,
+        strokes=None,
         exemplars: Exemplars | None = None,
         **keywords,
     ) -> Generator[Progress, None, SegmentationResult]:
@@ -124,23 +124,24 @@ class Segmenter:
         ``maps=False`` skips the per-class probability and similarity maps (labels and
         the winning probability only), for large images with many classes.
 
-        ``scribbles`` (an (H, W) integer array: 0 = no hint, k = class k) makes painted
+        ``strokes`` (an (H, W) integer array: 0 = no hint, k = class k) makes painted
         pixels keep class k and turns the patches under them into exemplars of class k, so
         similar regions elsewhere change class too; cached image features are reused.
         ``refine="pamr"`` snaps the scores to image edges with PAMR (``pamr_iterations``
         rounds over neighbours at ``pamr_dilations``), as NACLIP applies it.
         ``exemplars`` (from :meth:`collect_exemplars` on other images, e.g. other slices
-        of a stack) are used as well as the scribbles'.
+        of a stack) are used as well as the strokes'.
 
         The method is read once at the start, so changing ``segmenter.method`` from
         another thread never mixes methods within a run or in the feature cache.
         """
         method_name, method_fn = self._method_state
+        strokes = _renamed_strokes(strokes, keywords)
         parsed = parse_classes(classes)
         array = check_image(image, min_side=max(self.model.patch_size))
         opts = self.resolve_options(options, **keywords)
         templates = check_templates(opts.templates)
-        scribbles = check_scribbles(scribbles, array.shape[:2], len(parsed))
+        strokes = check_strokes(strokes, array.shape[:2], len(parsed))
         if opts.refine == "pamr" and opts.pamr_iterations:
             check_dilations_fit(opts.pamr_dilations, array.shape[:2])
         maps = check_flag("maps", maps)
@@ -157,8 +158,8 @@ class Segmenter:
         features = self._features.get(key)
         refine = opts.refine is not None
         mark = (lambda steps: relabelled(steps, then_edges=True)) if refine else (lambda steps: steps)
-        if scribbles is not None:
-            own = yield from mark(self._collect(args, scribbles, len(parsed)))
+        if strokes is not None:
+            own = yield from mark(self._collect(args, strokes, len(parsed)))
             exemplars = Exemplars.combine([exemplars, own])
             features = self._features.get(key)
         if exemplars is not None:
@@ -178,27 +179,27 @@ class Segmenter:
             scores = yield from self._pamr(scores, array, opts)
         result = postprocess(scores, array.shape[:2], parsed, opts.logit_scale, opts.prob_threshold, method_name,
                              maps=maps)
-        if scribbles is not None:
-            result.labels[scribbles > 0] = scribbles[scribbles > 0]  # what the user painted is what they get
+        if strokes is not None:
+            result.labels[strokes > 0] = strokes[strokes > 0]  # what the user painted is what they get
         return result
 
-    def collect_exemplars(self, image, scribbles, classes: str | Sequence[str],
+    def collect_exemplars(self, image, strokes, classes: str | Sequence[str],
                           options: SegmentOptions | Mapping | None = None, **keywords) -> Exemplars | None:
-        """The exemplars that ``scribbles`` on ``image`` make (None without strokes), for use on other images."""
-        return run_to_end(self.collect_exemplars_steps(image, scribbles, classes, options, **keywords))
+        """The exemplars that ``strokes`` on ``image`` make (None without strokes), for use on other images."""
+        return run_to_end(self.collect_exemplars_steps(image, strokes, classes, options, **keywords))
 
-    def collect_exemplars_steps(self, image, scribbles, classes, options: SegmentOptions | Mapping | None = None,
+    def collect_exemplars_steps(self, image, strokes, classes, options: SegmentOptions | Mapping | None = None,
                                 **keywords) -> Generator[Progress, None, Exemplars | None]:
         """:meth:`collect_exemplars` as a generator that yields progress (image features are cached on the way)."""
         method_name, method_fn = self._method_state
         parsed = parse_classes(classes)
         array = check_image(image, min_side=max(self.model.patch_size))
         opts = self.resolve_options(options, **keywords)
-        scribbles = check_scribbles(scribbles, array.shape[:2], len(parsed))
-        if scribbles is None:
+        strokes = check_strokes(strokes, array.shape[:2], len(parsed))
+        if strokes is None:
             return None
         key = self._feature_key(array, opts, method_name)
-        exemplars = yield from self._collect((array, key, opts, method_fn), scribbles, len(parsed))
+        exemplars = yield from self._collect((array, key, opts, method_fn), strokes, len(parsed))
         return exemplars
 
     def _whitening(self, args, features: _Features | None):
@@ -218,9 +219,9 @@ class Segmenter:
             features.norms = [whitened_norms(patch_features, whitening) for _, patch_features in features.batches]
         return whitening
 
-    def _collect(self, args, scribbles, n_classes: int):
-        """Generator: exemplars under ``scribbles``, from cached features or one encoding pass (which caches them)."""
-        collector = ExemplarCollector(scribbles, n_classes)
+    def _collect(self, args, strokes, n_classes: int):
+        """Generator: exemplars under ``strokes``, from cached features or one encoding pass (which caches them)."""
+        collector = ExemplarCollector(strokes, n_classes)
         features = self._features.get(args[1])
         if features is None:
             yield from self._encode_and_score(*args, text=None, collect=collector.add)
@@ -352,6 +353,17 @@ class Segmenter:
             self.window_batch_size = max(1, len(crops) // 2)
             half = len(crops) // 2
             return torch.cat([self._encode_crops(crops[:half], method_fn), self._encode_crops(crops[half:], method_fn)])
+
+
+def _renamed_strokes(strokes, keywords: dict):
+    """``scribbles=`` is the old name of ``strokes=``: still taken, with a DeprecationWarning."""
+    if "scribbles" not in keywords:
+        return strokes
+    import warnings
+
+    warnings.warn("scribbles= is now called strokes=", DeprecationWarning, stacklevel=4)
+    old = keywords.pop("scribbles")
+    return old if strokes is None else strokes
 
 
 def _check_exemplars(exemplars) -> Exemplars | None:

@@ -1,4 +1,4 @@
-"""Corrections that teach: scribbles as exemplars, and PAMR edge snapping against a loop-based reference."""
+"""Corrections that teach: strokes as exemplars, and PAMR edge snapping against a loop-based reference."""
 
 from __future__ import annotations
 
@@ -105,15 +105,15 @@ def test_bad_refine_options_are_refused(tiny_segmenter, rgb_image):
         tiny_segmenter.segment(rgb_image, ["a"], refine="pamr", pamr_dilations=(0,))
 
 
-@pytest.mark.parametrize("scribbles, message", [
+@pytest.mark.parametrize("strokes, message", [
     (np.zeros((5, 5), np.int32), "do not match"),
     (np.zeros((128, 192), np.float32), "integer array"),
     (np.full((128, 192), 4, np.int32), "only 0 .no hint. to 3"),
     (np.full((128, 192), -1, np.int32), "only 0"),
 ])
-def test_bad_scribbles_are_refused(tiny_segmenter, scribbles, message):
+def test_bad_scribbles_are_refused(tiny_segmenter, strokes, message):
     with pytest.raises(ValueError, match=message):
-        tiny_segmenter.segment(two_blobs(), ["a", "b", "c"], scribbles=scribbles)
+        tiny_segmenter.segment(two_blobs(), ["a", "b", "c"], strokes=strokes)
 
 
 def test_painted_pixels_keep_their_class_and_features_are_reused(tiny_checkpoint, monkeypatch):
@@ -126,13 +126,13 @@ def test_painted_pixels_keep_their_class_and_features_are_reused(tiny_checkpoint
     strokes = np.zeros(image.shape[:2], np.int32)
     strokes[30:35, 30:35] = 2
     strokes[0:3, 0:3] = 1
-    result = segmenter.segment(image, ["a", "b"], scribbles=strokes)
+    result = segmenter.segment(image, ["a", "b"], strokes=strokes)
     assert np.all(result.labels[30:35, 30:35] == 2) and np.all(result.labels[0:3, 0:3] == 1)
-    import napari_clearclip.scribbles as scribbles
+    import napari_clearclip.strokes as strokes_module
 
-    monkeypatch.setattr(scribbles.FeatureStats, "add", lambda *a: pytest.fail("the whitening should be kept"))
+    monkeypatch.setattr(strokes_module.FeatureStats, "add", lambda *a: pytest.fail("the whitening should be kept"))
     strokes[60:64, 60:64] = 2
-    again = segmenter.segment(image, ["a", "b"], scribbles=strokes)                 # another stroke: only scoring
+    again = segmenter.segment(image, ["a", "b"], strokes=strokes)                 # another stroke: only scoring
     assert np.all(again.labels[60:64, 60:64] == 2)
 
 
@@ -162,7 +162,7 @@ def test_a_stroke_on_one_blue_object_turns_the_other_blue_object_too(demo):
     assert np.mean(before[other] == 1) < 0.5                         # the text alone does not find it
     strokes = np.zeros(truth.shape, np.int32)
     strokes[44:52, 44:52] = 1                                        # one small stroke on the first square
-    after = demo.segment(image, classes, scribbles=strokes, maps=False).labels
+    after = demo.segment(image, classes, strokes=strokes, maps=False).labels
     assert np.mean(after[other] == 1) > 0.9                          # the other square follows the stroke
     assert np.all(after[44:52, 44:52] == 1)
     unlike = truth != 1                                              # red square and background: unlike the stroke
@@ -174,8 +174,8 @@ def test_strokes_with_edge_snapping_reach_the_object_edges(demo):
     classes = ["debris", "red", "background"]
     strokes = np.zeros(truth.shape, np.int32)
     strokes[44:52, 44:52] = 1
-    plain = demo.segment(image, classes, scribbles=strokes, maps=False).labels
-    snapped = demo.segment(image, classes, scribbles=strokes, maps=False, refine="pamr").labels
+    plain = demo.segment(image, classes, strokes=strokes, maps=False).labels
+    snapped = demo.segment(image, classes, strokes=strokes, maps=False, refine="pamr").labels
     assert np.mean(snapped == truth) >= np.mean(plain == truth)
     assert np.mean(snapped == truth) > 0.95
 
@@ -191,7 +191,7 @@ def test_strokes_on_one_slice_teach_every_slice_of_a_stack(demo):
     strokes = np.zeros(layout.label_shape, np.int32)
     strokes[0, 44:52, 44:52] = 1                                           # one stroke, on slice 1 only
     strokes[0, 0:4, 0:4] = 3
-    results = dict(run_to_end(segment_planes(demo, stack, layout, [(0,), (1,)], classes, scribbles=strokes,
+    results = dict(run_to_end(segment_planes(demo, stack, layout, [(0,), (1,)], classes, strokes=strokes,
                                              maps=False)))
     turned = truth[::-1, ::-1] == 1
     alone = demo.segment(stack[1], classes, maps=False).labels
@@ -201,13 +201,13 @@ def test_strokes_on_one_slice_teach_every_slice_of_a_stack(demo):
     assert np.mean(became_debris[~turned]) < 0.03                           # nothing unlike the stroke follows it
     assert np.all(results[(0,)].labels[44:52, 44:52] == 1) and np.all(results[(0,)].labels[0:4, 0:4] == 3)
     with pytest.raises(ValueError, match="labels' shape"):
-        run_to_end(segment_planes(demo, stack, layout, [(0,)], classes, scribbles=strokes[0]))
+        run_to_end(segment_planes(demo, stack, layout, [(0,)], classes, strokes=strokes[0]))
     with pytest.raises(ValueError, match="only 0"):
-        run_to_end(segment_planes(demo, stack, layout, [(0,)], classes, scribbles=strokes * 2))
+        run_to_end(segment_planes(demo, stack, layout, [(0,)], classes, strokes=strokes * 2))
 
 
 def test_painted_pixels_become_hints_for_the_new_class_list():
-    from napari_clearclip.annotate import LayerRequest, painted_hints
+    from napari_clearclip.annotate import LayerRequest, painted_strokes
     from napari_clearclip.planes import ImageLayout
 
     baseline = np.array([[[1, 1, 2, 2], [3, 3, 1, 1]]], np.int32)         # one slice; classes a, b, c
@@ -221,19 +221,19 @@ def test_painted_pixels_become_hints_for_the_new_class_list():
     request = LayerRequest(data=None, layout=ImageLayout(baseline.shape), planes=[(0,)], classes=["c", "a"],
                            options={}, current=current, baseline=baseline, baseline_names=["a", "b", "c"],
                            edited=edited)
-    hints = painted_hints(request, ["c", "a"])
+    hints = painted_strokes(request, ["c", "a"])
     expected = np.zeros((2, 4), np.int32)
     expected[0, 0] = 1          # c is class 1 now
     expected[0, 1] = 2          # a is class 2 now: earlier strokes still teach
     np.testing.assert_array_equal(hints[(0,)], expected)
     request.current = baseline.copy()
     request.edited = None
-    assert painted_hints(request, ["c", "a"]) == {}                       # nothing painted, no hints
+    assert painted_strokes(request, ["c", "a"]) == {}                       # nothing painted, no hints
 
 
 def test_a_filled_region_keeps_an_even_sample_of_exemplars(tiny_segmenter, monkeypatch):
-    import napari_clearclip.scribbles as scribbles
-    from napari_clearclip.scribbles import thinned
+    import napari_clearclip.strokes as strokes
+    from napari_clearclip.strokes import thinned
 
     classes = torch.tensor([0] * 50 + [1] * 5 + [0] * 50)
     features = torch.arange(len(classes), dtype=torch.float32)[:, None].repeat(1, 4)
@@ -246,15 +246,15 @@ def test_a_filled_region_keeps_an_even_sample_of_exemplars(tiny_segmenter, monke
     fill = np.zeros(image.shape[:2], np.int32)
     fill[:, :96] = 1                                                                 # the bucket over half the image
     fill[60:64, 150:154] = 2                                                         # and a small stroke
-    monkeypatch.setattr(scribbles, "MAX_EXEMPLARS_PER_CLASS", 100)
+    monkeypatch.setattr(strokes, "MAX_EXEMPLARS_PER_CLASS", 100)
     exemplars = tiny_segmenter.collect_exemplars(image, fill, ["a", "b"], short_side=None, crop=32, stride=8)
     assert (exemplars.classes == 0).sum() == 100 and 0 < (exemplars.classes == 1).sum() < 100
-    result = tiny_segmenter.segment(image, ["a", "b"], scribbles=fill, short_side=None, crop=32, stride=8)
+    result = tiny_segmenter.segment(image, ["a", "b"], strokes=fill, short_side=None, crop=32, stride=8)
     assert np.all(result.labels[fill == 1] == 1) and np.all(result.labels[fill == 2] == 2)
 
 
 def test_exemplar_bonus_is_the_whitened_cosine_to_the_nearest_exemplar():
-    from napari_clearclip.scribbles import FeatureStats, Exemplars, whitened_norms
+    from napari_clearclip.strokes import FeatureStats, Exemplars, whitened_norms
 
     rng = np.random.default_rng(3)
     patches = torch.from_numpy(rng.normal(size=(2, 50, 6)).astype(np.float32)) + 3.0    # a large common part
@@ -313,3 +313,13 @@ def test_pamr_in_bands_equals_pamr_at_once(monkeypatch):
     monkeypatch.setattr(refine, "PAMR_MEMORY_BYTES", 40 * refine._bytes_per_row(40, 4, 3, (1, 2)))
     steps = list(refine.pamr_steps(scores, guide, 3, (1, 2)))           # too big for memory: bands by themselves
     assert steps[-1][0] == steps[-1][1] and steps[-1][1] > 3
+
+
+def test_the_old_name_scribbles_still_works_and_says_it_is_now_strokes(tiny_segmenter, rgb_image):
+    strokes = np.zeros(rgb_image.shape[:2], np.int32)
+    strokes[40:50, 60:70] = 2
+    with pytest.warns(DeprecationWarning, match="now called strokes="):
+        old = tiny_segmenter.segment(rgb_image, ["a", "b"], scribbles=strokes)
+    new = tiny_segmenter.segment(rgb_image, ["a", "b"], strokes=strokes)
+    np.testing.assert_array_equal(old.labels, new.labels)
+    assert (new.labels[40:50, 60:70] == 2).all()

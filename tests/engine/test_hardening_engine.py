@@ -303,7 +303,7 @@ def test_numpy_integers_are_as_good_as_python_ones(tiny_segmenter, rgb_image):
 
 @pytest.mark.parametrize("options, message", [
     (dict(exemplars="foo"), "exemplars='foo' is not a set of exemplars"),
-    (dict(scribbles=[[1, 2], [1]]), "rows of different lengths"),
+    (dict(strokes=[[1, 2], [1]]), "rows of different lengths"),
     (dict(maps="no"), "maps='no' must be True or False"),
     (dict(maps=None), "maps=None must be True or False"),
 ])

@@ -1,4 +1,4 @@
-"""Scribbles: pixels a user painted with a class become visual exemplars of it in the dense feature space.
+"""Strokes: pixels a user painted with a class become visual exemplars of it in the dense feature space.
 
 A patch under a stroke of class k lends its (cached) patch embedding to class k. Every
 patch then gets, for each class, a bonus that grows with its similarity to the nearest
@@ -60,25 +60,25 @@ class FeatureStats:
         return mean.float().to(device), transform.float().to(device)
 
 
-def check_scribbles(scribbles, shape: tuple[int, int], n_classes: int) -> np.ndarray | None:
+def check_strokes(strokes, shape: tuple[int, int], n_classes: int) -> np.ndarray | None:
     """``None``, or an integer (H, W) array with values 0 (no hint) .. n_classes."""
-    if scribbles is None:
+    if strokes is None:
         return None
     try:
-        array = np.asarray(scribbles)
+        array = np.asarray(strokes)
     except (ValueError, TypeError):
         raise InvalidOptionError(
-            "scribbles must be a rectangular integer array of the image's height and width (0 = no hint, "
+            "strokes must be a rectangular integer array of the image's height and width (0 = no hint, "
             "k = class k); rows of different lengths were given.") from None
     if array.dtype == bool or array.dtype.kind not in "ui":
         raise InvalidOptionError(
-            f"scribbles must be an integer array (0 = no hint, k = class k), not {array.dtype}: "
+            f"strokes must be an integer array (0 = no hint, k = class k), not {array.dtype}: "
             "e.g. the data of a napari Labels layer.")
     if array.shape != tuple(shape):
-        raise InvalidOptionError(f"scribbles of shape {array.shape} do not match the image's {tuple(shape)}.")
+        raise InvalidOptionError(f"strokes of shape {array.shape} do not match the image's {tuple(shape)}.")
     if array.size and (int(array.min()) < 0 or int(array.max()) > n_classes):
         raise InvalidOptionError(
-            f"scribbles hold values {int(array.min())}..{int(array.max())}, but only 0 (no hint) to {n_classes} "
+            f"strokes hold values {int(array.min())}..{int(array.max())}, but only 0 (no hint) to {n_classes} "
             f"(one per class) are meaningful.")
     return array if array.any() else None
 
@@ -188,8 +188,8 @@ class Exemplars:
 class ExemplarCollector:
     """Gathers the patch embeddings under each class's strokes, window by window."""
 
-    def __init__(self, scribbles: np.ndarray, n_classes: int):
-        self.scribbles = scribbles
+    def __init__(self, strokes: np.ndarray, n_classes: int):
+        self.strokes = strokes
         self.n_classes = n_classes
         self._resized: torch.Tensor | None = None
         self.features: list[torch.Tensor] = []
@@ -198,10 +198,10 @@ class ExemplarCollector:
     def _at_scale(self, grid: WindowGrid) -> torch.Tensor:
         """The strokes at the scale the windows see (nearest neighbour)."""
         if self._resized is None:
-            height, width = self.scribbles.shape
+            height, width = self.strokes.shape
             ys = np.minimum(((np.arange(grid.height) + 0.5) * height / grid.height).astype(np.int64), height - 1)
             xs = np.minimum(((np.arange(grid.width) + 0.5) * width / grid.width).astype(np.int64), width - 1)
-            self._resized = torch.from_numpy(np.ascontiguousarray(self.scribbles[ys][:, xs]).astype(np.int64))
+            self._resized = torch.from_numpy(np.ascontiguousarray(self.strokes[ys][:, xs]).astype(np.int64))
         return self._resized
 
     def add(self, grid: WindowGrid, batch, patch_features: torch.Tensor) -> None:

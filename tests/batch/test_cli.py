@@ -201,3 +201,11 @@ def test_messages_speak_the_command_lines_language(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "--model ViT-B-16-quickgelu --pretrained FILE" in err and "--model synthetic-tiny" in err
     assert "Segmenter(" not in err
+
+
+def test_help_needs_no_model_library():
+    code = ("import sys; from napari_clearclip.batch.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'open_clip', 'distributed') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"                    # --help answers at once (it took 9 s with torch)

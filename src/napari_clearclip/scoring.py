@@ -52,24 +52,54 @@ def _allocate(shape: tuple[int, ...], dtype, what: str) -> np.ndarray:
         ) from None
 
 
+class _Outputs:
+    """The full-size outputs of a run, written a band of rows at a time."""
+
+    def __init__(self, size, classes, n_queries: int, logit_scale: float, prob_threshold: float, maps: bool):
+        height, width = size
+        self.classes, self.logit_scale, self.prob_threshold, self.maps = classes, logit_scale, prob_threshold, maps
+        self.labels = _allocate((height, width), np.int32, "labels")
+        self.confidence = _allocate((height, width), np.float32, "winning-class probabilities")
+        n_classes = len(classes)
+        self.probabilities = _allocate((n_classes, height, width), np.float32, "probability maps") if maps else None
+        self.similarity = _allocate((n_classes, height, width), np.float32, "similarity maps") if maps else None
+        self.spans, start = [], 0
+        for query in classes:
+            self.spans.append((start, start + len(query.synonyms)))
+            start += len(query.synonyms)
+        self.single = n_queries == n_classes  # no synonyms: class probabilities are the query probabilities
+
+    def write(self, r0: int, chunk: torch.Tensor) -> None:
+        """Rows r0.. of the labels from full-size scores (Q, rows, W): softmax, max over synonyms, argmax, threshold."""
+        r1 = r0 + chunk.shape[1]
+        chunk = chunk.float()
+        probs = torch.softmax(chunk * self.logit_scale, dim=0)
+        class_probs = probs if self.single else torch.stack([probs[a:b].amax(0) for a, b in self.spans])
+        best, index = class_probs.max(0)
+        chunk_labels = index + 1
+        chunk_labels[best < self.prob_threshold] = 0
+        self.labels[r0:r1] = chunk_labels.cpu().numpy()
+        self.confidence[r0:r1] = best.cpu().numpy()
+        if self.maps:
+            self.probabilities[:, r0:r1] = class_probs.cpu().numpy()
+            similarity = chunk if self.single else torch.stack([chunk[a:b].amax(0) for a, b in self.spans])
+            self.similarity[:, r0:r1] = similarity.cpu().numpy()
+
+    def result(self, method: str) -> SegmentationResult:
+        return SegmentationResult(self.labels, self.probabilities, self.similarity, [c.name for c in self.classes],
+                                  list(self.classes), method, self.confidence)
+
+
 def postprocess(scores, size, classes, logit_scale, prob_threshold, method, maps: bool = True,
-                 chunk_bytes: int = 64 << 20) -> SegmentationResult:
+                chunk_bytes: int = 64 << 20) -> SegmentationResult:
     """Resize to the input size, softmax over queries, max over synonyms, argmax, threshold: in row chunks.
 
     Only one chunk of the full-size scores exists at a time, so memory beyond the
     outputs stays bounded whatever the image size and number of classes.
     """
     height, width = size
-    n_classes, n_queries = len(classes), scores.shape[0]
-    labels = _allocate((height, width), np.int32, "labels")
-    confidence = _allocate((height, width), np.float32, "winning-class probabilities")
-    probabilities = _allocate((n_classes, height, width), np.float32, "probability maps") if maps else None
-    similarity = _allocate((n_classes, height, width), np.float32, "similarity maps") if maps else None
-    spans, start = [], 0
-    for query in classes:
-        spans.append((start, start + len(query.synonyms)))
-        start += len(query.synonyms)
-    single = n_queries == n_classes  # no synonyms: class probabilities are the query probabilities
+    n_queries = scores.shape[0]
+    outputs = _Outputs(size, classes, n_queries, logit_scale, prob_threshold, maps)
     resize = tuple(scores.shape[1:]) != (height, width)
     if resize:
         rows = _bilinear_taps(scores.shape[1], height, scores.device)
@@ -84,18 +114,68 @@ def postprocess(scores, size, classes, logit_scale, prob_threshold, method, maps
                 chunk = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)[0]
             else:
                 chunk = _resized_rows(scores, rows, cols, r0, r1)
-            chunk = chunk.float()
-            probs = torch.softmax(chunk * logit_scale, dim=0)
-            class_probs = probs if single else torch.stack([probs[a:b].amax(0) for a, b in spans])
-            best, index = class_probs.max(0)
-            chunk_labels = index + 1
-            chunk_labels[best < prob_threshold] = 0
-            labels[r0:r1] = chunk_labels.cpu().numpy()
-            confidence[r0:r1] = best.cpu().numpy()
-            if maps:
-                probabilities[:, r0:r1] = class_probs.cpu().numpy()
-                similarity[:, r0:r1] = (chunk if single else torch.stack([chunk[a:b].amax(0) for a, b in spans])).cpu().numpy()
+            outputs.write(r0, chunk)
     except (MemoryError, torch.OutOfMemoryError):
         raise OutOfMemoryError("Ran out of memory while scoring: use fewer classes or a smaller image.") from None
-    return SegmentationResult(labels, probabilities, similarity, [c.name for c in classes], list(classes), method,
-                              confidence)
+    return outputs.result(method)
+
+
+#: Working memory that edge snapping may use at once (besides the outputs); larger images go in bands of rows.
+SNAP_MEMORY_BYTES = 3 << 29  # 1.5 GiB
+
+
+def snapped_postprocess_steps(scores, guide, size, classes, logit_scale, prob_threshold, method, maps: bool,
+                              iterations: int, dilations, budget: int | None = None):
+    """Generator: edge snapping (PAMR) and labelling together, a band of rows at a time; returns the result.
+
+    ``scores`` (Q, h, w) and ``guide`` (3, h', w') are at the working size; each band is
+    resized to the output size with a margin of ``max(dilations) x (iterations + 1)`` rows,
+    wide enough that the band's edge reaches none of its rows, snapped, labelled and dropped.
+    So neither the full-size scores nor their snapped copy ever exist whole, and the labels
+    equal those of snapping the whole image at once (one band: the very same computation).
+    Yields ``(done, total)`` iterations.
+    """
+    from .refine import _bytes_per_row, _finish, _refine_whole
+
+    height, width = size
+    dilations = tuple(int(d) for d in dilations)
+    n_queries = scores.shape[0]
+    outputs = _Outputs(size, classes, n_queries, logit_scale, prob_threshold, maps)
+    budget = SNAP_MEMORY_BYTES if budget is None else budget
+    margin = max(dilations) * (iterations + 1)
+    fit = budget // _bytes_per_row(width, n_queries, guide.shape[0], dilations)
+    band_rows = height if fit >= height else max(fit - 2 * margin, margin)
+    starts = list(range(0, height, band_rows))
+    total = max(1, len(starts) * iterations)
+    taps = {}
+    for name, source in (("scores", scores), ("guide", guide)):
+        if tuple(source.shape[1:]) != (height, width) and len(starts) > 1:
+            taps[name] = (_bilinear_taps(source.shape[1], height, source.device),
+                          _bilinear_taps(source.shape[2], width, source.device))
+
+    def rows_of(name: str, source: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        if tuple(source.shape[1:]) == (height, width):
+            return source[:, first:last]
+        if len(starts) == 1:  # PyTorch's own whole-image resize, as without bands
+            return F.interpolate(source[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+        return _resized_rows(source, *taps[name], first, last)
+
+    try:
+        for number, top in enumerate(starts):
+            bottom = min(top + band_rows, height)
+            first, last = max(0, top - margin), min(height, bottom + margin)
+            band = rows_of("scores", scores, first, last).float()
+            band_guide = rows_of("guide", guide, first, last).float()
+            if iterations > 0:
+                steps = _refine_whole(band, band_guide, iterations, dilations)
+                for done in range(1, iterations + 1):
+                    next(steps)
+                    yield number * iterations + done, total
+                band = _finish(steps)
+            del band_guide
+            outputs.write(top, band[:, top - first : bottom - first])
+            del band
+    except (MemoryError, torch.OutOfMemoryError):
+        raise OutOfMemoryError("Not enough memory for edge snapping (PAMR) at this image size: "
+                               "turn it off or use a smaller image.") from None
+    return outputs.result(method)

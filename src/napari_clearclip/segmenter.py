@@ -18,9 +18,8 @@ from .models import LoadedModel, load_model
 from .options import DEFAULT, SegmentOptions, check_dilations_fit, check_flag
 from .progress import Progress, relabelled, run_to_end
 from .prompts import TextEncoder, check_templates, parse_classes
-from .refine import pamr_steps
 from .results import SegmentationResult
-from .scoring import postprocess
+from .scoring import postprocess, snapped_postprocess_steps
 from .strokes import ExemplarCollector, Exemplars, FeatureStats, check_strokes, whitened_norms
 from .windows import WindowGrid
 
@@ -176,9 +175,10 @@ class Segmenter:
             scores = self._score_cached(features, text, exemplars)
             yield Progress("windows", len(features.grid.windows), len(features.grid.windows), refine)
         if opts.refine == "pamr":
-            scores = yield from self._pamr(scores, array, opts)
-        result = postprocess(scores, array.shape[:2], parsed, opts.logit_scale, opts.prob_threshold, method_name,
-                             maps=maps)
+            result = yield from self._snap_and_label(scores, array, opts, parsed, method_name, maps)
+        else:
+            result = postprocess(scores, array.shape[:2], parsed, opts.logit_scale, opts.prob_threshold, method_name,
+                                 maps=maps)
         if strokes is not None:
             result.labels[strokes > 0] = strokes[strokes > 0]  # what the user painted is what they get
         return result
@@ -230,26 +230,23 @@ class Segmenter:
                 collector.add(features.grid, batch, patch_features)
         return collector.result(self.device)
 
-    def _pamr(self, scores, array, opts: SegmentOptions):
-        """Generator: PAMR on the cosine scores at the output size, guided by the normalised input at that size."""
-        size = tuple(array.shape[:2])
+    def _snap_and_label(self, scores, array, opts: SegmentOptions, parsed, method_name: str, maps: bool):
+        """Generator: PAMR on the cosine scores at the output size, guided by the normalised input at that size,
+        then the labels; in bands of rows, so that large images never hold the full-size scores."""
         guide = prepare(array, self.model.mean, self.model.std, opts.short_side, opts.contrast_limits).to(self.device)
-        iterations = opts.pamr_iterations
+        steps = snapped_postprocess_steps(scores, guide, tuple(array.shape[:2]), parsed, opts.logit_scale,
+                                          opts.prob_threshold, method_name, maps, opts.pamr_iterations,
+                                          opts.pamr_dilations)
+        yield Progress("edges", 0, max(1, opts.pamr_iterations))
         try:
-            if tuple(scores.shape[1:]) != size:
-                scores = F.interpolate(scores[None], size=size, mode="bilinear", align_corners=False)[0]
-            if tuple(guide.shape[1:]) != size:
-                guide = F.interpolate(guide[None], size=size, mode="bilinear", align_corners=False)[0]
-            steps = pamr_steps(scores.float(), guide, iterations, opts.pamr_dilations)
-            yield Progress("edges", 0, iterations)
             while True:
                 try:
                     done, total = next(steps)
                 except StopIteration as stop:
                     return stop.value
                 yield Progress("edges", done, total)
-        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as exc:
-            if isinstance(exc, RuntimeError) and "memory" not in str(exc).lower():
+        except RuntimeError as exc:
+            if "memory" not in str(exc).lower():
                 raise
             raise OutOfMemoryError("Not enough memory for edge snapping (PAMR) at this image size: "
                                    "turn it off or use a smaller image.") from None

@@ -323,3 +323,33 @@ def test_the_old_name_scribbles_still_works_and_says_it_is_now_strokes(tiny_segm
     new = tiny_segmenter.segment(rgb_image, ["a", "b"], strokes=strokes)
     np.testing.assert_array_equal(old.labels, new.labels)
     assert (new.labels[40:50, 60:70] == 2).all()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_snapping_in_bands_gives_the_labels_of_snapping_the_whole_image(seed):
+    """Large images are snapped and labelled a band of rows at a time (the full-size scores never exist):
+    the labels equal those of one band, whatever the band size, classes, synonyms or threshold."""
+    from napari_clearclip.prompts import ClassQuery
+    from napari_clearclip.progress import run_to_end
+    from napari_clearclip.refine import _bytes_per_row
+    from napari_clearclip.scoring import snapped_postprocess_steps
+
+    rng = np.random.default_rng(seed)
+    height, width = int(rng.integers(90, 160)), int(rng.integers(60, 140))
+    classes = [ClassQuery("a", ("a", "b")), ClassQuery("c", ("c",)), ClassQuery("d", ("d",))][: int(rng.integers(2, 4))]
+    queries = sum(len(c.synonyms) for c in classes)
+    small = (int(rng.integers(20, 50)), int(rng.integers(20, 50)))
+    scores = torch.from_numpy(rng.normal(0, 0.05, (queries, *small)).astype(np.float32))
+    guide = torch.from_numpy(rng.normal(0, 1, (3, *small)).astype(np.float32))
+    iterations, dilations = int(rng.integers(1, 4)), (1, int(rng.integers(2, 5)))
+    threshold = float(rng.choice([0.0, 0.5]))
+    args = ((height, width), classes, 50.0, threshold, "clearclip", True, iterations, dilations)
+    whole = run_to_end(snapped_postprocess_steps(scores, guide, *args, budget=1 << 40))
+    rows = int(rng.integers(1, 6)) * max(dilations) * (iterations + 1)          # a few margins: several bands
+    banded = run_to_end(snapped_postprocess_steps(scores, guide, *args,
+                                                  budget=rows * _bytes_per_row(width, queries, 3, dilations)))
+    np.testing.assert_allclose(banded.probabilities, whole.probabilities, atol=1e-5)
+    assert (banded.labels == whole.labels).mean() >= 0.999
+    near_tie = np.sort(whole.probabilities, axis=0)
+    margin = near_tie[-1] - near_tie[-2]
+    assert np.array_equal(banded.labels[margin > 1e-4], whole.labels[margin > 1e-4])   # equal except at near-ties

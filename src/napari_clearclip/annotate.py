@@ -40,6 +40,7 @@ class LayerRequest:
     existing_maps: dict = field(default_factory=dict)  # name -> data of probability layers to update
     learn_from_edits: bool = False             # pixels painted since the last result become strokes
     edited: np.ndarray | None = None           # pixels painted in earlier rounds (kept, and still teaching)
+    background: tuple[str, ...] = ()           # classes the user marked as background (drawn transparent)
 
 
 @dataclass
@@ -121,7 +122,7 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
             for name, values in zip(names, result.probabilities):
                 maps[name][plane] = values
         del result, item  # only the merged labels and the asked-for maps outlive the plane
-    return LayerResult(merger.finish(), maps, len(request.planes), class_name_notes(segmenter, request))
+    return LayerResult(merger.finish(request.background), maps, len(request.planes), class_name_notes(segmenter, request))
 
 
 def class_name_notes(segmenter: Segmenter, request: LayerRequest) -> list[str]:

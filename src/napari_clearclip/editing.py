@@ -142,11 +142,12 @@ class LabelsMerger:
         counts = np.bincount(merged.ravel().clip(min=0))
         self.counts = _add_counts(self.counts, counts)
 
-    def finish(self) -> LabelsUpdate:
+    def finish(self, background: tuple[str, ...] = ()) -> LabelsUpdate:
+        """The update to show; classes named in ``background`` are drawn transparent (as background-like names are)."""
         from .colours import colormap_dict
 
         return LabelsUpdate(self.planes, self.lookup, self.names, self.baseline, self.counts, self.kept_pixels,
-                            self.full, colormap_dict(self.names), self.edited)
+                            self.full, colormap_dict(self.names, tuple(background)), self.edited)
 
 
 def _fit(lookup: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -11,6 +11,7 @@ from napari.layers import Image
 from ..choices import CHECKPOINT_SUFFIXES, DEMO_MODEL, default_options
 from ..demo.scenes import DEMO_CLASSES, DEMO_SAMPLE_NAME
 from ..errors import ClearClipError
+from ..prompts import parse_classes
 from ..models import BUNDLED_WEIGHTS, default_pretrained, is_checkpoint_path
 from .fields import DEFAULT_CLASSES, restore_values
 from .messages import DEMO_NOTE
@@ -111,3 +112,19 @@ class FieldLogic:
         self._on_model_changed(self.model.value)
         restore_values(self, saved)
         self.status.value = "Ready"
+
+    def _background_choices(self, widget=None):
+        """'by name' (background-like names are transparent), or one of the classes typed."""
+        names = []
+        if hasattr(self, "classes"):
+            try:
+                names = [c.name for c in parse_classes(self.classes.value)]
+            except ClearClipError:
+                names = []
+        return [("by name", None)] + [(name, name) for name in names]
+
+    def _on_classes_changed(self, *_):
+        previous = self.background.value
+        self.background.reset_choices()
+        values = list(self.background.choices)
+        self.background.value = previous if previous in values else None

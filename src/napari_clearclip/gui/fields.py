@@ -79,6 +79,10 @@ FIELDS: tuple[Field, ...] = (
                                        tooltip="\n".join(METHOD_DESCRIPTIONS.values()))),
     Field("device", lambda w: ComboBox(name="device", label="Device", choices=device_choices, value="auto",
                                        tooltip="auto: the GPU when there is one (CUDA or Apple MPS), else the CPU")),
+    Field("background", lambda w: ComboBox(name="background", label="Background", choices=w._background_choices,
+                                           tooltip="The class drawn transparent, so that it does not tint the image: "
+                                                   "'by name' picks classes called background, other, nothing ..."),
+          saved=False),
     Field("keep_edits", lambda w: CheckBox(name="keep_edits", text="Keep my edits", value=True,
                                            tooltip="Pixels you painted since the last run keep their class"),
           section="corrections"),

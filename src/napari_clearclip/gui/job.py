@@ -41,11 +41,12 @@ def _model_key(spec: ModelSpec) -> tuple:
 
 
 def layer_request(data, layout, planes, classes, options, image_name: str, probability_output: str, target,
-                  learn: bool, existing_layers: dict) -> LayerRequest:
+                  learn: bool, existing_layers: dict, background: tuple[str, ...] = ()) -> LayerRequest:
     """What a run needs: the image, the planes, and the result layer it updates (its labels as they are now,
     its baseline and edits), with copies of the planes to segment to spot strokes made during the run."""
     request = LayerRequest(data=data, layout=layout, planes=planes, classes=[", ".join(c.synonyms) for c in classes],
-                           options=options, image_name=image_name, probability_output=probability_output)
+                           options=options, image_name=image_name, probability_output=probability_output,
+                           background=tuple(background))
     if target is not None:
         current = target.layer.data
         request.current, request.baseline, request.baseline_names = current, target.baseline, target.names

@@ -89,6 +89,7 @@ class ClearClipWidget(FieldLogic, Container):
         self.use_demo.changed.connect(self.switch_to_demo_model)
         # every keystroke (magicgui's own "changed" of a TextEdit waits for the focus to leave)
         self.classes.native.textChanged.connect(self.live_mode.trigger)
+        self.classes.native.textChanged.connect(self._on_classes_changed)
         self._viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
         self.native.destroyed.connect(lambda *_: self.close_down())
@@ -212,7 +213,8 @@ class ClearClipWidget(FieldLogic, Container):
         target = self._choose_target(layer, layout)
         existing = {layer.name: layer.data for layer in self._viewer.layers}
         request = layer_request(data, layout, planes, classes, options, layer.name, self.probability_output.value,
-                                target, self.learn.value and self.keep_edits.value, existing)
+                                target, self.learn.value and self.keep_edits.value, existing,
+                                (self.background.value,) if self.background.value else ())
         new_layer = None if target is not None else {"name": f"{layer.name} classes",
                                                       **layer_geometry(layer, layout)}
         worker = create_worker(segmentation_job, self._models, self.model_spec(), request, new_layer,

@@ -15,6 +15,8 @@ class SegmentationResult:
 
     ``probabilities`` and ``similarity`` are (C, H, W) float32, or None when the run
     was asked not to keep them (``maps=False``), which saves 8 bytes per pixel and class.
+    With ``objects=`` (instance labels), ``objects`` holds one row per object and ``labels``
+    gives each object's pixels its class, 0 outside every object.
     """
 
     labels: np.ndarray
@@ -24,6 +26,7 @@ class SegmentationResult:
     classes: list[ClassQuery] = field(default_factory=list)
     method: str = "clearclip"
     confidence: np.ndarray | None = None
+    objects: dict | None = None  # with objects=: columns id, class, confidence, area (equal-length arrays)
 
     def class_table(self) -> list[dict]:
         """One row per label value, with its pixel count, for CSV export and legends."""

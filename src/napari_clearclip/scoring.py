@@ -55,8 +55,12 @@ def _allocate(shape: tuple[int, ...], dtype, what: str) -> np.ndarray:
 class _Outputs:
     """The full-size outputs of a run, written a band of rows at a time."""
 
-    def __init__(self, size, classes, n_queries: int, logit_scale: float, prob_threshold: float, maps: bool):
+    def __init__(self, size, classes, n_queries: int, logit_scale: float, prob_threshold: float, maps: bool,
+                 objects: np.ndarray | None = None):
+        from .objects import ObjectTally
+
         height, width = size
+        self.tally = None if objects is None else ObjectTally(objects, len(classes))
         self.classes, self.logit_scale, self.prob_threshold, self.maps = classes, logit_scale, prob_threshold, maps
         self.labels = _allocate((height, width), np.int32, "labels")
         self.confidence = _allocate((height, width), np.float32, "winning-class probabilities")
@@ -80,18 +84,25 @@ class _Outputs:
         chunk_labels[best < self.prob_threshold] = 0
         self.labels[r0:r1] = chunk_labels.cpu().numpy()
         self.confidence[r0:r1] = best.cpu().numpy()
+        if self.tally is not None:
+            self.tally.add(r0, class_probs.cpu().numpy())
         if self.maps:
             self.probabilities[:, r0:r1] = class_probs.cpu().numpy()
             similarity = chunk if self.single else torch.stack([chunk[a:b].amax(0) for a, b in self.spans])
             self.similarity[:, r0:r1] = similarity.cpu().numpy()
 
     def result(self, method: str) -> SegmentationResult:
-        return SegmentationResult(self.labels, self.probabilities, self.similarity, [c.name for c in self.classes],
-                                  list(self.classes), method, self.confidence)
+        names = [c.name for c in self.classes]
+        objects = None
+        if self.tally is not None:  # each object's pixels take the object's class, 0 outside every object
+            objects, lookup = self.tally.table(names)
+            self.labels = self.tally.labels(lookup)
+        return SegmentationResult(self.labels, self.probabilities, self.similarity, names, list(self.classes), method,
+                                  self.confidence, objects)
 
 
 def postprocess(scores, size, classes, logit_scale, prob_threshold, method, maps: bool = True,
-                chunk_bytes: int = 64 << 20) -> SegmentationResult:
+                chunk_bytes: int = 64 << 20, objects: np.ndarray | None = None) -> SegmentationResult:
     """Resize to the input size, softmax over queries, max over synonyms, argmax, threshold: in row chunks.
 
     Only one chunk of the full-size scores exists at a time, so memory beyond the
@@ -99,7 +110,7 @@ def postprocess(scores, size, classes, logit_scale, prob_threshold, method, maps
     """
     height, width = size
     n_queries = scores.shape[0]
-    outputs = _Outputs(size, classes, n_queries, logit_scale, prob_threshold, maps)
+    outputs = _Outputs(size, classes, n_queries, logit_scale, prob_threshold, maps, objects)
     resize = tuple(scores.shape[1:]) != (height, width)
     if resize:
         rows = _bilinear_taps(scores.shape[1], height, scores.device)
@@ -125,7 +136,7 @@ SNAP_MEMORY_BYTES = 3 << 29  # 1.5 GiB
 
 
 def snapped_postprocess_steps(scores, guide, size, classes, logit_scale, prob_threshold, method, maps: bool,
-                              iterations: int, dilations, budget: int | None = None):
+                              iterations: int, dilations, budget: int | None = None, objects: np.ndarray | None = None):
     """Generator: edge snapping (PAMR) and labelling together, a band of rows at a time; returns the result.
 
     ``scores`` (Q, h, w) and ``guide`` (3, h', w') are at the working size; each band is
@@ -140,7 +151,7 @@ def snapped_postprocess_steps(scores, guide, size, classes, logit_scale, prob_th
     height, width = size
     dilations = tuple(int(d) for d in dilations)
     n_queries = scores.shape[0]
-    outputs = _Outputs(size, classes, n_queries, logit_scale, prob_threshold, maps)
+    outputs = _Outputs(size, classes, n_queries, logit_scale, prob_threshold, maps, objects)
     budget = SNAP_MEMORY_BYTES if budget is None else budget
     margin = max(dilations) * (iterations + 1)
     fit = budget // _bytes_per_row(width, n_queries, guide.shape[0], dilations)

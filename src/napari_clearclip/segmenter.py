@@ -15,6 +15,7 @@ from .errors import InvalidOptionError, OutOfMemoryError
 from .image import check_image, prepare
 from .methods import encode_dense, get_method, interpolated_positions
 from .models import LoadedModel, load_model
+from .objects import check_objects
 from .options import DEFAULT, SegmentOptions, check_dilations_fit, check_flag
 from .progress import Progress, relabelled, run_to_end
 from .prompts import TextEncoder, check_templates, parse_classes
@@ -110,6 +111,7 @@ class Segmenter:
         maps: bool = True,
         strokes=None,
         exemplars: Exemplars | None = None,
+        objects=None,
         **keywords,
     ) -> Generator[Progress, None, SegmentationResult]:
         """A generator that yields :class:`Progress` and returns the :class:`SegmentationResult`.
@@ -131,6 +133,12 @@ class Segmenter:
         ``exemplars`` (from :meth:`collect_exemplars` on other images, e.g. other slices
         of a stack) are used as well as the strokes'.
 
+        ``objects`` (an (H, W) array of instance ids, 0 = no object, e.g. from cellpose or
+        StarDist) gives each object the class whose probability summed over its pixels is
+        highest: ``result.objects`` has columns ``id``, ``class``, ``confidence`` (that class's
+        mean probability over the object) and ``area``; ``result.labels`` gives each object's
+        pixels its class and 0 elsewhere. Strokes then teach without being pasted.
+
         The method is read once at the start, so changing ``segmenter.method`` from
         another thread never mixes methods within a run or in the feature cache.
         """
@@ -144,6 +152,7 @@ class Segmenter:
         if opts.refine == "pamr" and opts.pamr_iterations:
             check_dilations_fit(opts.pamr_dilations, array.shape[:2])
         maps = check_flag("maps", maps)
+        objects = check_objects(objects, array.shape[:2])
         exemplars = _check_exemplars(exemplars)
 
         queries = [s for c in parsed for s in c.synonyms]
@@ -175,11 +184,11 @@ class Segmenter:
             scores = self._score_cached(features, text, exemplars)
             yield Progress("windows", len(features.grid.windows), len(features.grid.windows), refine)
         if opts.refine == "pamr":
-            result = yield from self._snap_and_label(scores, array, opts, parsed, method_name, maps)
+            result = yield from self._snap_and_label(scores, array, opts, parsed, method_name, maps, objects)
         else:
             result = postprocess(scores, array.shape[:2], parsed, opts.logit_scale, opts.prob_threshold, method_name,
-                                 maps=maps)
-        if strokes is not None:
+                                 maps=maps, objects=objects)
+        if strokes is not None and objects is None:
             result.labels[strokes > 0] = strokes[strokes > 0]  # what the user painted is what they get
         return result
 
@@ -230,13 +239,14 @@ class Segmenter:
                 collector.add(features.grid, batch, patch_features)
         return collector.result(self.device)
 
-    def _snap_and_label(self, scores, array, opts: SegmentOptions, parsed, method_name: str, maps: bool):
+    def _snap_and_label(self, scores, array, opts: SegmentOptions, parsed, method_name: str, maps: bool,
+                        objects=None):
         """Generator: PAMR on the cosine scores at the output size, guided by the normalised input at that size,
         then the labels; in bands of rows, so that large images never hold the full-size scores."""
         guide = prepare(array, self.model.mean, self.model.std, opts.short_side, opts.contrast_limits).to(self.device)
         steps = snapped_postprocess_steps(scores, guide, tuple(array.shape[:2]), parsed, opts.logit_scale,
                                           opts.prob_threshold, method_name, maps, opts.pamr_iterations,
-                                          opts.pamr_dilations)
+                                          opts.pamr_dilations, objects=objects)
         yield Progress("edges", 0, max(1, opts.pamr_iterations))
         try:
             while True:

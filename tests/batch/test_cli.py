@@ -209,3 +209,27 @@ def test_help_needs_no_model_library():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"                    # --help answers at once (it took 9 s with torch)
+
+
+def test_objects_beside_each_image_get_a_class_each(tmp_path, capsys):
+    from skimage.measure import label as connected
+
+    from napari_clearclip.demo.scenes import DEMO_CLASSES, held_out_scenes
+
+    classes = DEMO_CLASSES.split("\n")
+    scene = held_out_scenes(1, sizes=(192,))[0]
+    imsave(tmp_path / "cells.tif", scene.image, check_contrast=False)
+    objects = connected(np.any(np.stack(list(scene.masks.values())), axis=0)).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "cells_cp_masks.tif", objects)
+    imsave(tmp_path / "lonely.png", scene.image, check_contrast=False)        # no objects file beside it
+    out = tmp_path / "out"
+    code = main([str(tmp_path), "--classes", "; ".join(classes), "--out", str(out), "--model", "synthetic-tiny",
+                 "--device", "cpu", "--objects", "_cp_masks", "--no-snap"])
+    assert code == 1 and "No objects file lonely_cp_masks.tif" in capsys.readouterr().err
+    assert not (out / "cells_cp_masks_labels.tif").exists()                      # the masks are not an input
+    with open(out / "cells_objects.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = Segmenter("synthetic-tiny", device="cpu").segment(scene.image, classes, objects=objects, maps=False)
+    assert [int(r["id"]) for r in rows] == list(expected.objects["id"]) and len(rows) == objects.max()
+    assert [r["class"] for r in rows] == list(expected.objects["class"])
+    np.testing.assert_array_equal(tifffile.imread(out / "cells_labels.tif"), expected.labels)

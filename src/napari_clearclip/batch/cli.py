@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="snap masks to the image's edges (PAMR refinement), as the napari widget does by default; "
                              "--no-snap gives the paper's exact pipeline (default: %(default)s)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write <name>_probabilities.tif")
+    parser.add_argument("--objects", metavar="SUFFIX",
+                        help="give a class to each object of <name>SUFFIX.tif beside each image (instance labels, "
+                             "e.g. from cellpose: --objects _cp_masks); writes <name>_objects.csv")
     where = parser.add_argument_group("running on several processes or machines (needs the 'distributed' extra)")
     exclusive = where.add_mutually_exclusive_group()
     exclusive.add_argument("--cluster", metavar="local[:N]",
@@ -183,7 +186,7 @@ def _run(args: argparse.Namespace) -> int:
             args.images, args.classes, args.out, model=args.model, pretrained=args.pretrained, method=args.method,
             device=args.device, precision=args.precision, overwrite=args.overwrite,
             save_probabilities=args.save_probabilities, client=client, on_report=on_report,
-            options=engine_options(args))
+            options=engine_options(args), objects=args.objects)
     except WeightsUnavailableError as exc:
         bar.close()
         print(f"error: {offline_message(exc)}", file=sys.stderr)

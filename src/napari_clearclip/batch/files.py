@@ -108,11 +108,31 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
 
 # -- outputs -------------------------------------------------------------------------------------------
 
-def output_paths(out_dir: Path, stem: str, save_probabilities: bool = False) -> list[Path]:
+def output_paths(out_dir: Path, stem: str, save_probabilities: bool = False, objects: bool = False) -> list[Path]:
+    """Labels (first: the mark of a finished output), class table, then probabilities and objects when asked."""
     paths = [out_dir / f"{stem}_labels.tif", out_dir / f"{stem}_classes.csv"]
     if save_probabilities:
         paths.append(out_dir / f"{stem}_probabilities.tif")
+    if objects:
+        paths.append(out_dir / f"{stem}_objects.csv")
     return paths
+
+
+def objects_path(image: Path, suffix: str) -> Path:
+    """The instance labels that go with an image: ``<stem><suffix>.tif`` beside it."""
+    return image.with_name(f"{image.stem}{suffix}.tif")
+
+
+def read_objects(image: Path, suffix: str) -> np.ndarray:
+    path = objects_path(image, suffix)
+    if not path.is_file():
+        raise ImageNotFoundError(f"No objects file {path.name} beside {image.name} (--objects {suffix}).")
+    import tifffile
+
+    try:
+        return tifffile.imread(path)
+    except Exception as exc:
+        raise InvalidImageError(f"Could not read the objects file {path}: {exc}") from None
 
 
 def check_output_dir(out_dir: str | os.PathLike) -> Path:
@@ -131,10 +151,14 @@ def check_output_dir(out_dir: str | os.PathLike) -> Path:
 
 def write_outputs(result, out_dir: Path, stem: str, save_probabilities: bool = False,
                   record: dict | None = None) -> list[Path]:
-    """``<stem>_labels.tif`` (uint16, with the run's record), ``<stem>_classes.csv`` and optionally probabilities."""
+    """``<stem>_labels.tif`` (uint16, with the run's record), ``<stem>_classes.csv``, and optionally the
+    probabilities and (with objects) ``<stem>_objects.csv``."""
     import tifffile
 
-    labels_path, table_path, *prob_path = output_paths(out_dir, stem, save_probabilities)
+    labels_path, table_path, *extra = output_paths(out_dir, stem, save_probabilities, result.objects is not None)
+    prob_path = extra[:1] if save_probabilities else []
+    if result.objects is not None:
+        write_atomic(extra[-1], lambda p: _write_objects_table(p, result.objects))
     dtype = np.uint16 if len(result.class_names) < 65535 else np.uint32
 
     # the labels go last: their presence marks a finished file for resumed runs
@@ -143,7 +167,15 @@ def write_outputs(result, out_dir: Path, stem: str, save_probabilities: bool = F
                                                                    compression="zlib"))
     write_atomic(table_path, lambda p: _write_class_table(p, result.class_table()))
     write_atomic(labels_path, lambda p: _write_labels(p, result.labels.astype(dtype), record))
-    return [labels_path, table_path, *prob_path]
+    return [labels_path, table_path, *extra]
+
+
+def _write_objects_table(path: Path, objects: dict) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "class", "confidence", "area"])
+        for row in zip(objects["id"], objects["class"], objects["confidence"], objects["area"]):
+            writer.writerow([int(row[0]), row[1], f"{float(row[2]):.4f}", int(row[3])])
 
 
 def _write_class_table(path: Path, rows: list[dict]) -> None:

@@ -30,6 +30,7 @@ from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this 
     expand_inputs,
     output_paths,
     read_image,
+    read_objects,
     read_plane,
     remove_stale_partials,
     stack_planes,
@@ -62,6 +63,7 @@ class Task:
     planes: int = 1
     run: str = ""
     parts: str = ""
+    objects: str | None = None   # the suffix of the instance labels beside the image (--objects)
 
 
 def skip_reason(record: dict | None, path: Path, run: str) -> str:
@@ -82,13 +84,14 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
 
     path, stem = task.path, task.stem
     start = time.perf_counter()
-    outputs = output_paths(out_dir, stem, save_probabilities)
+    outputs = output_paths(out_dir, stem, save_probabilities, task.objects is not None)
     if not overwrite and all(p.exists() for p in outputs):  # another run finished it meanwhile
         return FileReport(path, "skipped", 0.0, worker_name(), skip_reason(read_record(outputs[0]), path, task.run),
                           outputs)
     try:
         record = make_record(path, task.run, classes) if path.is_file() else None
-        result = segmenter.segment(read_image(path), classes, options, maps=save_probabilities)
+        objects = None if task.objects is None else read_objects(path, task.objects)
+        result = segmenter.segment(read_image(path), classes, options, maps=save_probabilities, objects=objects)
         written = write_outputs(result, out_dir, stem, save_probabilities, record)
     except ClearClipError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), str(exc))
@@ -227,6 +230,7 @@ def segment_files(
     report: bool = True,
     on_report: Callable[[FileReport], None] | None = None,
     options: SegmentOptions | dict | None = None,
+    objects: str | None = None,
     **keywords,
 ) -> list[FileReport]:
     """Segment image files (files, folders, glob patterns) into ``out_dir``; one :class:`FileReport` per input.
@@ -240,6 +244,8 @@ def segment_files(
     returns one, called only when something is left to compute (a finished batch run again
     starts no cluster). ``on_report`` is called as each file
     finishes. A report CSV (``clearclip_report.csv``) is written unless ``report=False``.
+    ``objects`` (a suffix such as ``"_cp_masks"``) gives each object of ``<stem><suffix>.tif``
+    beside each image a class, written as ``<stem>_objects.csv`` (2-D images).
     """
     from ..models import ModelSpec
     from ..prompts import parse_classes
@@ -249,6 +255,8 @@ def segment_files(
     options = SegmentOptions.build(options, **keywords)
     out = check_output_dir(out_dir)
     files = expand_inputs(paths)
+    if objects:  # the instance labels beside the images are not inputs of their own
+        files = [f for f in files if not f.name.endswith(f"{objects}.tif")]
     spec = ModelSpec(model, None if pretrained is None else os.fspath(pretrained), method, device, precision)
     # the model and the options fail here, once, before any image is read (on a cluster: on a worker)
     if client is None:
@@ -256,7 +264,8 @@ def segment_files(
     else:  # names and ranges here; the model itself is checked on a worker, once there is work
         options = options.resolved(spec.model)
     remove_stale_partials(out)
-    run = run_fingerprint(spec.model, spec.pretrained, method, precision, class_list, options.to_dict())
+    run = run_fingerprint(spec.model, spec.pretrained, method, precision, class_list,
+                          {**options.to_dict(), "objects": objects})
 
     reports: list[FileReport] = []
     tasks: list[Task] = []
@@ -264,7 +273,7 @@ def segment_files(
     stems, existing = assign_stems(files, out)
     for path, stem in zip(files, stems):
         layout = stack_planes(path)
-        expected = output_paths(out, stem, save_probabilities and layout is None)  # stacks: labels and table
+        expected = output_paths(out, stem, save_probabilities and layout is None, bool(objects) and layout is None)
         if not overwrite and all(p.exists() for p in expected):
             output = existing.get(stem)
             reason = skip_reason(output.record if output else read_record(expected[0]), path, run)
@@ -272,7 +281,10 @@ def segment_files(
             close_parts(out, stem)  # parts of an output that is whole are leftovers
             continue
         if layout is None:
-            tasks.append(Task(path, stem, run=run))
+            tasks.append(Task(path, stem, run=run, objects=objects or None))
+            continue
+        if objects:
+            reports.append(FileReport(path, "failed", 0.0, "", "objects (--objects) are taken for 2-D images only"))
             continue
         try:
             key = parts_key(run, path)

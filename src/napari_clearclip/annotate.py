@@ -41,6 +41,7 @@ class LayerRequest:
     learn_from_edits: bool = False             # pixels painted since the last result become strokes
     edited: np.ndarray | None = None           # pixels painted in earlier rounds (kept, and still teaching)
     background: tuple[str, ...] = ()           # classes the user marked as background (drawn transparent)
+    objects: object = None                     # instance ids of the labels' shape: each object gets a class
 
 
 @dataclass
@@ -51,6 +52,7 @@ class LayerResult:
     maps: dict[str, np.ndarray]
     planes: int
     notes: list[str] = field(default_factory=list)  # what the user should know about the run (names cut short)
+    objects: dict | None = None  # with objects: id, class, confidence, area per object (all planes run)
 
 
 def probability_layer_names(image_name: str, mode: str, class_names: list[str]) -> list[str]:
@@ -109,20 +111,33 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
     mode = request.probability_output
     names = probability_layer_names(request.image_name, mode, class_names)
     maps = {name: _map_volume(request.existing_maps.get(name), shape) for name in names}
+    tables: list[dict] = []
     for item in segment_stack(segmenter, request.data, request.layout, request.planes, request.classes,
-                              request.options, strokes_by_plane=strokes_by_plane, maps=(mode == "all classes")):
+                              request.options, strokes_by_plane=strokes_by_plane, maps=(mode == "all classes"),
+                              objects=request.objects):
         if isinstance(item, Progress):
             yield item
             continue
         plane, result = item
         merger.add(plane, result.labels)
+        if result.objects is not None:
+            tables.append(result.objects)
         if mode == "winning class":
             maps[names[0]][plane] = result.confidence
         elif mode == "all classes":
             for name, values in zip(names, result.probabilities):
                 maps[name][plane] = values
         del result, item  # only the merged labels and the asked-for maps outlive the plane
-    return LayerResult(merger.finish(request.background), maps, len(request.planes), class_name_notes(segmenter, request))
+    return LayerResult(merger.finish(request.background), maps, len(request.planes), class_name_notes(segmenter, request),
+                       _joined(tables) if request.objects is not None else None)
+
+
+def _joined(tables: list[dict]) -> dict:
+    """One objects table from the planes' (an id on several planes has a row per plane)."""
+    columns = ("id", "class", "confidence", "area")
+    if not tables:
+        return {column: np.zeros(0) for column in columns}
+    return {column: np.concatenate([np.asarray(t[column]) for t in tables]) for column in columns}
 
 
 def class_name_notes(segmenter: Segmenter, request: LayerRequest) -> list[str]:

@@ -545,3 +545,31 @@ def test_the_first_result_of_a_fresh_process_does_not_freeze_napari(tmp_path):
     status, gap = done.stdout.split()[-2:]
     assert status == "Done"
     assert float(gap) < 1.0, gap
+
+
+def test_objects_from_another_tool_get_a_class_each_in_their_features(qtbot, widget):
+    from skimage.measure import label as connected
+
+    from napari_clearclip import Segmenter
+    from napari_clearclip.demo.scenes import held_out_scenes
+
+    scene = held_out_scenes(1, sizes=(192,))[0]
+    objects = connected(np.any(np.stack(list(scene.masks.values())), axis=0)).astype(np.int32)
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.snap.value = False
+    widget.image.value = viewer.add_image(scene.image, name="scene")
+    cells = viewer.add_labels(objects, name="cellpose masks")
+    assert cells in widget.objects.choices
+    widget.objects.value = cells
+    run_and_wait(qtbot, widget)
+    expected = Segmenter("synthetic-tiny", device="cpu").segment(scene.image, DEMO_CLASSES.split("\n"),
+                                                                  objects=objects, contrast_limits=(0, 255),
+                                                                  maps=False)
+    np.testing.assert_array_equal(viewer.layers["scene classes"].data, expected.labels)
+    features = cells.features
+    assert list(features["index"]) == list(expected.objects["id"])
+    assert list(features["class"]) == list(expected.objects["class"])
+    assert viewer.layers["scene classes"] not in widget.objects.choices      # results are no objects layers
+    widget.objects.value = viewer.add_labels(np.zeros((5, 5), np.int32), name="other")
+    assert widget.run() is None and "pick the objects of this image" in widget.status.value

@@ -43,6 +43,7 @@ class FieldLogic:
         self._refresh_layers()
 
     def _refresh_layers(self, event=None):
+        self.objects.reset_choices()
         previous = self.image.value
         self.image.reset_choices()
         if self.image.value is None and self.image.choices:
@@ -112,6 +113,14 @@ class FieldLogic:
         self._on_model_changed(self.model.value)
         restore_values(self, saved)
         self.status.value = "Ready"
+
+    def _objects_choices(self, widget=None):
+        """'none', or a Labels layer of objects (not one of the widget's own results)."""
+        from napari.layers import Labels
+
+        own = self.results.of if hasattr(self, "results") else (lambda layer: None)
+        return [("none", None)] + [(layer.name, layer) for layer in self._viewer.layers
+                                   if isinstance(layer, Labels) and own(layer) is None]
 
     def _background_choices(self, widget=None):
         """'by name' (background-like names are transparent), or one of the classes typed."""

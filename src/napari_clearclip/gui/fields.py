@@ -79,6 +79,10 @@ FIELDS: tuple[Field, ...] = (
                                        tooltip="\n".join(METHOD_DESCRIPTIONS.values()))),
     Field("device", lambda w: ComboBox(name="device", label="Device", choices=device_choices, value="auto",
                                        tooltip="auto: the GPU when there is one (CUDA or Apple MPS), else the CPU")),
+    Field("objects", lambda w: ComboBox(name="objects", label="Objects", choices=w._objects_choices,
+                                        tooltip="Optional: a Labels layer of objects (from cellpose, StarDist, "
+                                                "micro-sam ...): each object gets one class, listed in that layer's "
+                                                "features table (id, class, confidence, area)"), saved=False),
     Field("background", lambda w: ComboBox(name="background", label="Background", choices=w._background_choices,
                                            tooltip="The class drawn transparent, so that it does not tint the image: "
                                                    "'by name' picks classes called background, other, nothing ..."),

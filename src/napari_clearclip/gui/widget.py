@@ -203,6 +203,11 @@ class ClearClipWidget(FieldLogic, Container):
                                  channel=self.channel.value)
             # segment what the user sees
             options = self.options().replace(contrast_limits=tuple(float(v) for v in layer.contrast_limits))
+            objects_layer = self.objects.value
+            if objects_layer is not None and tuple(objects_layer.data.shape) != layout.label_shape:
+                raise ClearClipError(f"The Objects layer '{objects_layer.name}' is {tuple(objects_layer.data.shape)}, "
+                                     f"but the labels of '{layer.name}' are {layout.label_shape}: pick the objects "
+                                     "of this image, or none.")
         except ClearClipError as exc:
             self._show_error(exc)
             return None
@@ -215,11 +220,13 @@ class ClearClipWidget(FieldLogic, Container):
         request = layer_request(data, layout, planes, classes, options, layer.name, self.probability_output.value,
                                 target, self.learn.value and self.keep_edits.value, existing,
                                 (self.background.value,) if self.background.value else ())
+        request.objects = None if objects_layer is None else objects_layer.data
         new_layer = None if target is not None else {"name": f"{layer.name} classes",
                                                       **layer_geometry(layer, layout)}
         worker = create_worker(segmentation_job, self._models, self.model_spec(), request, new_layer,
                                _start_thread=False, _ignore_errors=True)
         context = {"layer": layer, "layout": layout, "target": target, "model": self.model.value,
+                   "objects": objects_layer,
                    "demo_scene": self.model.value == DEMO_MODEL and _looks_like_demo_scene(data, layout, planes[0])}
         worker.yielded.connect(self._on_yielded)
         worker.returned.connect(lambda value: self._on_returned(value, context))
@@ -302,10 +309,18 @@ class ClearClipWidget(FieldLogic, Container):
             self.results.write_maps(context, result.maps)
         finally:
             self._writing = False
+        if result.objects is not None and context["objects"] is not None:
+            table = result.objects  # napari's features table of the objects layer: one row per object id
+            try:
+                context["objects"].features = {"index": table["id"], "class": table["class"],
+                                               "confidence": table["confidence"], "area": table["area"]}
+            except (ValueError, TypeError, RuntimeError) as exc:  # the layer changed or closed meanwhile
+                log.info("Could not set the objects' features: %s", exc)
         update = result.update
         self.legend.value = legend_html(update.names, update.counts, update.colours)
         demo_note = context["model"] == DEMO_MODEL and not context["demo_scene"]  # what the image is, not its name
         self._set_status(done_text(labels_layer.name, result.planes, kept, result.notes, demo_note))
+        self.objects.reset_choices()  # the new result layer is no objects layer
 
 
 def _looks_like_demo_scene(data, layout: ImageLayout, plane: tuple) -> bool:

@@ -263,3 +263,23 @@ def test_results_are_released_as_they_come_so_a_dead_worker_reruns_nothing_finis
     assert sorted(r.status for r in reports) == ["done"] * 7 + ["failed"]
     assert held == [[]]
     assert not (tmp_path / ".clearclip-parts").exists()
+
+
+def test_objects_run_on_the_cluster_as_in_this_process(local_client, tmp_path):
+    from skimage.measure import label as connected
+
+    from napari_clearclip.demo.scenes import held_out_scenes
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, scene in enumerate(held_out_scenes(3, sizes=(160,))):
+        imsave(inputs / f"s{i}.png", scene.image, check_contrast=False)
+        masks = connected(np.any(np.stack(list(scene.masks.values())), axis=0)).astype(np.uint16)
+        tifffile.imwrite(inputs / f"s{i}_masks.tif", masks)
+    here = segment_files([inputs], CLASSES, tmp_path / "here", objects="_masks", **OPTIONS)
+    there = segment_files([inputs], CLASSES, tmp_path / "there", objects="_masks", client=local_client, **OPTIONS)
+    assert [r.status for r in here] == [r.status for r in there] == ["done"] * 3
+    for i in range(3):
+        assert (tmp_path / "here" / f"s{i}_objects.csv").read_text() == (tmp_path / "there" / f"s{i}_objects.csv").read_text()
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / "here" / f"s{i}_labels.tif"),
+                                      tifffile.imread(tmp_path / "there" / f"s{i}_labels.tif"))

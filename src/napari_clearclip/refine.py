@@ -73,20 +73,40 @@ def _bytes_per_row(width: int, channels: int, guide_channels: int, dilations: Se
     return 4 * width * (8 * len(dilations) + 3 * channels + 4 * guide_channels)
 
 
+def _replicate_border(padded: torch.Tensor, pad: int) -> None:
+    """Fill the ``pad``-wide border of ``padded`` (C, H + 2 pad, W + 2 pad) by repeating its edge pixels."""
+    height, width = padded.shape[1] - 2 * pad, padded.shape[2] - 2 * pad
+    inner_cols = slice(pad, pad + width)
+    padded[:, :pad, inner_cols] = padded[:, pad : pad + 1, inner_cols]
+    padded[:, pad + height :, inner_cols] = padded[:, pad + height - 1 : pad + height, inner_cols]
+    padded[:, :, :pad] = padded[:, :, pad : pad + 1]
+    padded[:, :, pad + width :] = padded[:, :, pad + width - 1 : pad + width]
+
+
 def _refine_whole(scores: torch.Tensor, guide: torch.Tensor, iterations: int, dilations: tuple[int, ...]):
-    """Generator: PAMR on the whole of ``scores``, yielding after each iteration."""
+    """Generator: PAMR on the whole of ``scores``, yielding after each iteration.
+
+    Two padded buffers take turns: each iteration writes into the other's interior and
+    repeats its edges, so no iteration allocates or pads anew.
+    """
     affinity = pamr_affinities(guide, dilations).to(scores.dtype)
     size = tuple(scores.shape[-2:])
     pad = max(dilations)
     offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
+    current = _replicate(scores, pad)
+    spare = torch.empty_like(current)
     for _ in range(iterations):
-        padded = _replicate(scores, pad)
-        refined = torch.zeros_like(scores)
-        for weight, (dy, dx) in zip(affinity, offsets):
-            refined.addcmul_(weight, _shifted(padded, pad, dy, dx, size))  # one fused pass per neighbour
-        scores = refined
+        inner = _shifted(spare, pad, 0, 0, size)
+        for number, (weight, (dy, dx)) in enumerate(zip(affinity, offsets)):
+            neighbour = _shifted(current, pad, dy, dx, size)
+            if number == 0:
+                torch.mul(neighbour, weight, out=inner)
+            else:
+                inner.addcmul_(weight, neighbour)  # one fused pass per neighbour
+        _replicate_border(spare, pad)
+        current, spare = spare, current
         yield
-    return scores
+    return _shifted(current, pad, 0, 0, size)
 
 
 def pamr_steps(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERATIONS,

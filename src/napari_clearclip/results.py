@@ -25,13 +25,36 @@ class SegmentationResult:
     class_names: list[str]
     classes: list[ClassQuery] = field(default_factory=list)
     method: str = "clearclip"
-    confidence: np.ndarray | None = None
+    confidence: np.ndarray | None = field(default=None, repr=False)
     objects: dict | None = None  # with objects=: columns id, class, confidence, area (equal-length arrays)
+
+    def __post_init__(self):
+        self._confidence_source = None
+
+    def set_lazy_confidence(self, compute) -> None:
+        """``confidence`` will be computed by ``compute()`` when first read (it costs a full-resolution pass)."""
+        self._confidence_source = compute
 
     def class_table(self) -> list[dict]:
         """One row per label value, with its pixel count, for CSV export and legends."""
         counts = np.bincount(self.labels.ravel(), minlength=len(self.class_names) + 1)
         return class_rows(self.classes or [ClassQuery(n, (n,)) for n in self.class_names], counts)
+
+
+def _get_confidence(self) -> np.ndarray | None:
+    if self._confidence is None and getattr(self, "_confidence_source", None) is not None:
+        compute, self._confidence_source = self._confidence_source, None
+        self._confidence = compute()
+    return self._confidence
+
+
+def _set_confidence(self, value) -> None:
+    self._confidence = value
+
+
+# the winning probability of every pixel is read only when asked for: a property over the field
+SegmentationResult.confidence = property(_get_confidence, _set_confidence,
+                                         doc="(H, W) float32 probability of the winning class, computed when first read.")
 
 
 def class_rows(classes: list[ClassQuery], counts: np.ndarray) -> list[dict]:

@@ -58,6 +58,7 @@ class Segmenter:
         *,
         window_batch_size: int | None = None,
         feature_cache_bytes: int = 1 << 30,
+        label_cache_bytes: int = 1 << 30,
         disk_cache: bool = True,
     ):
         self.method = method
@@ -65,6 +66,9 @@ class Segmenter:
         self.text = TextEncoder(self.model, disk_cache=disk_cache)
         self.window_batch_size = window_batch_size  # None: sized from the window area, see _batch_size
         self._features = ByteLRU(feature_cache_bytes)
+        # per image and class list: the last run's labels, so that the next one recomputes only what changed
+        self._label_states = ByteLRU(label_cache_bytes)
+        self._guides = ByteLRU(64 << 20)
 
     @property
     def method(self) -> str:
@@ -183,7 +187,9 @@ class Segmenter:
         else:
             scores = self._score_cached(features, text, exemplars)
             yield Progress("windows", len(features.grid.windows), len(features.grid.windows), refine)
-        if opts.refine == "pamr":
+        if not maps and objects is None and opts.prob_threshold == 0:
+            result = yield from self._tiled_labels(scores, array, key, opts, parsed, method_name)
+        elif opts.refine == "pamr":
             result = yield from self._snap_and_label(scores, array, opts, parsed, method_name, maps, objects)
         else:
             result = postprocess(scores, array.shape[:2], parsed, opts.logit_scale, opts.prob_threshold, method_name,
@@ -238,6 +244,53 @@ class Segmenter:
             for batch, patch_features in features.batches:
                 collector.add(features.grid, batch, patch_features)
         return collector.result(self.device)
+
+    def _guide(self, array, key: str, opts: SegmentOptions) -> torch.Tensor:
+        """The normalised image at the working size that edge snapping follows (kept per image)."""
+        guide = self._guides.get(key)
+        if guide is None:
+            guide = prepare(array, self.model.mean, self.model.std, opts.short_side, opts.contrast_limits)
+            self._guides.put(key, guide, guide.numel() * 4)
+        return guide
+
+    def _tiled_labels(self, scores, array, key: str, opts: SegmentOptions, parsed, method_name: str):
+        """Generator: the labels alone, computed per pixel only where they can differ from a uniform
+        class or from this image's previous run (see :mod:`.tiled_labels`); the winning probability
+        is computed when first read."""
+        from .tiled_labels import label_steps
+
+        snap = (opts.pamr_iterations, tuple(opts.pamr_dilations)) if opts.refine == "pamr" else ()
+        guide = self._guide(array, key, opts) if snap and opts.pamr_iterations else None
+        spans, start = [], 0
+        for query in parsed:
+            spans.append((start, start + len(query.synonyms)))
+            start += len(query.synonyms)
+        state_key = (key, snap, opts.templates if opts.templates is None else tuple(opts.templates))
+        steps = label_steps(scores, guide, tuple(array.shape[:2]), spans, [tuple(c.synonyms) for c in parsed], snap,
+                            self._label_states.get(state_key))
+        try:
+            if snap:
+                yield Progress("edges", 0, 1)
+                state = yield from relabelled_pairs(steps, "edges")
+            else:  # quick: resizing alone
+                state = run_to_end(steps)
+        except (MemoryError, torch.OutOfMemoryError):
+            raise OutOfMemoryError("Not enough memory to label this image: use fewer classes or a smaller image.") \
+                from None
+        self._label_states.put(state_key, state, state.nbytes)
+        result = SegmentationResult(state.labels.copy(), None, None, [c.name for c in parsed], list(parsed),
+                                    method_name)
+        size = tuple(array.shape[:2])
+
+        def confidence():
+            if snap and opts.pamr_iterations:
+                dense = run_to_end(self._snap_and_label(scores, array, opts, parsed, method_name, False))
+            else:
+                dense = postprocess(scores, size, parsed, opts.logit_scale, 0.0, method_name, maps=False)
+            return dense.confidence
+
+        result.set_lazy_confidence(confidence)
+        return result
 
     def _snap_and_label(self, scores, array, opts: SegmentOptions, parsed, method_name: str, maps: bool,
                         objects=None):
@@ -360,6 +413,16 @@ class Segmenter:
             self.window_batch_size = max(1, len(crops) // 2)
             half = len(crops) // 2
             return torch.cat([self._encode_crops(crops[:half], method_fn), self._encode_crops(crops[half:], method_fn)])
+
+
+def relabelled_pairs(steps, stage: str):
+    """Generator: ``(done, total)`` pairs from ``steps`` as :class:`Progress` of ``stage``; returns what it returns."""
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield Progress(stage, done, total)
 
 
 def _renamed_strokes(strokes, keywords: dict):

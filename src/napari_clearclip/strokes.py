@@ -27,6 +27,10 @@ from .windows import WindowGrid
 EXEMPLAR_WEIGHT = 0.3
 #: How fast the bonus falls off with dissimilarity (whitened cosine).
 EXEMPLAR_SHARPNESS = 10.0
+#: Below this fraction of its strength the bonus is exactly zero: patches unlike every exemplar
+#: keep exactly their text scores, so a re-run after a stroke recomputes only what the stroke
+#: can change (a bonus of 3e-4 cosine units changes no label the text scores decide).
+EXEMPLAR_CUTOFF = 1e-3
 #: Regularisation of the whitening, relative to the largest eigenvalue of the patch covariance.
 WHITENING_EPS = 1e-4
 #: Exemplars kept per class: a stroke that fills a large region keeps an even sample of its patches,
@@ -170,7 +174,8 @@ class Exemplars:
 
     def bonus(self, patch_features: torch.Tensor, norms: torch.Tensor | None = None, alpha: float | None = None,
               beta: float | None = None) -> torch.Tensor:
-        """(B, P, C) bonus of each patch for each class: alpha * exp(-beta * (1 - nearest exemplar cosine)).
+        """(B, P, C) bonus of each patch for each class: alpha * exp(-beta * (1 - nearest exemplar cosine)),
+        zero where that is below :data:`EXEMPLAR_CUTOFF` of alpha.
 
         ``norms`` are the patches' :func:`whitened_norms`, when kept from an earlier run.
         """
@@ -181,7 +186,8 @@ class Exemplars:
         out = torch.zeros(*patch_features.shape[:2], self.n_classes, device=patch_features.device)
         for k, projector, offset in self._projectors():
             nearest = ((features @ projector.T - offset) / norms[..., None]).amax(-1)
-            out[..., k] = alpha * torch.exp(-beta * (1 - nearest))
+            strength = torch.exp(-beta * (1 - nearest))
+            out[..., k] = alpha * torch.where(strength >= EXEMPLAR_CUTOFF, strength, 0.0)
         return out
 
 

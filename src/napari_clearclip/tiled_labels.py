@@ -1,0 +1,374 @@
+"""Labels from working-size scores, computed tile by tile and only where they can differ.
+
+The labels of a run are the argmax over classes of the scores resized (bilinear) to the
+image, optionally snapped to edges (PAMR). Full-resolution work dominates large images, and
+most of it can be skipped without changing a single label:
+
+- Bilinear resizing and PAMR both give each pixel a convex combination (non-negative weights
+  summing to one) of input scores within a known reach: one coarse pixel for the resize, plus
+  ``iterations x max(dilations)`` pixels for PAMR. Where one query beats every other class's
+  queries throughout a tile's reach, it wins at every pixel of the tile: no per-pixel work.
+- Both are monotone in every input (non-negative weights; rounding is monotone too). After a
+  change of the coarse scores (a stroke, a class added), a pixel whose class's scores only
+  rose and every other class's only fell within its reach keeps its label; any other pixel
+  keeps it while its previous margin (winner minus runner-up) exceeds the largest rise of
+  another class plus the largest fall of its own within its reach, plus a rounding bound.
+
+Everything else is recomputed in regions with a halo wide enough that a region's edge reaches
+none of its tiles, with arithmetic that does not depend on where a region starts: a pixel gets
+the very value a whole-image computation gives it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+#: Side of the tiles that are either skipped or recomputed, in output pixels.
+TILE = 64
+#: Bound on rounding differences between two computations of the same scores, relative to the
+#: largest score: far above float32's error after resizing and 100 PAMR iterations (~1e-5).
+ROUNDING = 1e-4
+#: Skip what cannot differ (False: compute every pixel, the reference the skipping is tested against).
+SKIPPING = True
+#: Working memory for one recomputed region (besides the outputs); larger regions go in row bands.
+REGION_MEMORY_BYTES = 3 << 29
+
+
+def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Source indices (low, high) and weight of PyTorch's bilinear resize (align_corners=False) along one axis."""
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    source = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    low = source.long().clamp_(max=in_size - 1)
+    high = (low + 1).clamp_(max=in_size - 1)
+    return low.numpy(), high.numpy(), source - low.float()
+
+
+def upsample(source: torch.Tensor, rows, cols) -> torch.Tensor:
+    """Bilinear resize of ``source`` (Q, h, w) at the output pixels whose taps are ``rows`` x ``cols``.
+
+    Width first, then height, each as separate element-wise operations: a pixel's value
+    depends on its four source values and weights only, never on which region is computed.
+    """
+    (row_low, row_high, row_weight), (col_low, col_high, col_weight) = rows, cols
+    first, last = int(row_low.min()), int(row_high.max())
+    slab = source[:, first : last + 1].float()
+    col_low_t, col_high_t = torch.from_numpy(col_low), torch.from_numpy(col_high)
+    across = slab.index_select(2, col_low_t) * (1 - col_weight) + slab.index_select(2, col_high_t) * col_weight
+    row_low_t, row_high_t = torch.from_numpy(row_low - first), torch.from_numpy(row_high - first)
+    weight = row_weight.view(1, -1, 1)
+    return across.index_select(1, row_low_t) * (1 - weight) + across.index_select(1, row_high_t) * weight
+
+
+def class_scores(scores: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """(C, ...) the best query of each class (synonyms share a class)."""
+    if all(b - a == 1 for a, b in spans):
+        return scores
+    return torch.stack([scores[a:b].amax(0) for a, b in spans])
+
+
+def labels_and_margins(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-based argmax over classes (first on ties) and the winner's lead over the runner-up."""
+    best, index = scores.max(0)
+    if scores.shape[0] == 1:
+        return index + 1, torch.full_like(best, float("inf"))
+    others = scores.scatter(0, index[None], float("-inf"))
+    return index + 1, best - others.amax(0)
+
+
+@dataclass
+class LabelState:
+    """What a run leaves for the next one on the same image: its coarse scores, labels and margins."""
+
+    scores: torch.Tensor          # (Q, h, w) working-size scores
+    spans: tuple                  # the queries of each class
+    names: tuple                  # each class's synonyms (to match classes between runs)
+    labels: np.ndarray            # (H, W) int32, 1..C
+    margins: np.ndarray           # (H, W) float32, a lower bound of the winner's lead (in score units)
+    snap: tuple                   # (iterations, dilations) or () without snapping
+    computed: float = 1.0         # fraction of tiles computed per pixel in the run that made it
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return self.labels.nbytes + self.margins.nbytes + self.scores.numel() * 4
+
+
+class _Geometry:
+    """Tiles of the output, and the coarse pixels each tile's labels can depend on."""
+
+    def __init__(self, coarse: tuple[int, int], size: tuple[int, int], reach: int, tile: int = TILE):
+        self.size, self.tile, self.reach = size, tile, reach
+        height, width = size
+        self.rows = bilinear_taps(coarse[0], height)
+        self.cols = bilinear_taps(coarse[1], width)
+        self.tile_rows = np.arange(0, height, tile)
+        self.tile_cols = np.arange(0, width, tile)
+        self.row_window = self._windows(self.rows, self.tile_rows, height)
+        self.col_window = self._windows(self.cols, self.tile_cols, width)
+
+    def _windows(self, taps, starts: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        low, high, _ = taps
+        ends = np.minimum(starts + self.tile, length)
+        first = low[np.maximum(starts - self.reach, 0)]
+        last = high[np.minimum(ends + self.reach, length) - 1]
+        return first, last
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.tile_rows), len(self.tile_cols)
+
+    def reduce(self, coarse: np.ndarray, how: str) -> np.ndarray:
+        """(tiles_y, tiles_x, ...) min or max of ``coarse`` (h, w, ...) over each tile's window.
+
+        Each window is covered by a window of the largest size anchored at its start (clipped
+        at the far edge): a superset, so a bound over it is still a bound.
+        """
+        reducer = np.max if how == "max" else np.min
+        out = coarse
+        for axis, (first, last) in enumerate((self.row_window, self.col_window)):
+            span = min(int((last - first).max()) + 1, out.shape[axis])
+            windows = np.lib.stride_tricks.sliding_window_view(out, span, axis=axis)
+            start = np.minimum(first, out.shape[axis] - span)
+            out = reducer(np.take(windows, start, axis=axis), axis=-1)
+        return out
+
+    def tile_slices(self, ty: int, tx: int) -> tuple[slice, slice]:
+        y, x = int(self.tile_rows[ty]), int(self.tile_cols[tx])
+        return slice(y, min(y + self.tile, self.size[0])), slice(x, min(x + self.tile, self.size[1]))
+
+
+def _coarse_leaders(classes: torch.Tensor, scores: torch.Tensor, owner: np.ndarray):
+    """Per coarse pixel: the leading query, and its lead over every other class (class-level margin)."""
+    leader = scores.argmax(0).numpy()
+    if classes.shape[0] == 1:
+        margin = np.full(leader.shape, np.inf, dtype=np.float32)
+    else:
+        top2 = classes.topk(2, dim=0).values
+        margin = (top2[0] - top2[1]).numpy()
+    return leader, margin, owner[leader]
+
+
+def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[int, int],
+                spans: Sequence[tuple[int, int]], names: Sequence[tuple[str, ...]], snap: tuple = (),
+                previous: LabelState | None = None, dense: bool = False, tile: int = TILE):
+    """Generator: labels of ``scores`` (Q, h, w) at ``size``; yields (done, total), returns a :class:`LabelState`.
+
+    ``snap=(iterations, dilations)`` snaps to the edges of ``guide`` (3, h', w') with PAMR.
+    ``previous`` (the state a run on the same image left) lets unchanged pixels keep their
+    labels; ``dense=True`` computes every pixel (the reference the skipping is tested against).
+    """
+    from .refine import _finish, _refine_whole
+
+    scores = scores.detach().float().cpu()
+    dense = dense or not SKIPPING
+    iterations, dilations = (int(snap[0]), tuple(int(d) for d in snap[1])) if snap and snap[0] else (0, ())
+    reach = iterations * max(dilations) if iterations else 0
+    halo = max(dilations) * (iterations + 1) if iterations else 0
+    geometry = _Geometry(tuple(scores.shape[1:]), size, reach, tile)
+    owner = np.repeat(np.arange(len(spans)), [b - a for a, b in spans])
+    classes = class_scores(scores, spans)
+    tolerance = ROUNDING * max(1.0, float(scores.abs().max()))
+    leader, margin, _ = _coarse_leaders(classes, scores, owner)
+
+    # tiles where one query leads throughout the reach: the label is that query's class
+    low_leader, high_leader = geometry.reduce(leader, "min"), geometry.reduce(leader, "max")
+    lowest_margin = geometry.reduce(margin, "min")
+    uniform = (low_leader == high_leader) & (lowest_margin > tolerance)
+    uniform_label = owner[low_leader] + 1
+    uniform_margin = lowest_margin - tolerance
+
+    state = LabelState(scores, tuple(spans), tuple(tuple(n) for n in names), None, None,
+                       (iterations, dilations) if iterations else ())
+    reuse = None if dense else _reusable(previous, state, size)
+    if reuse is None:
+        labels = np.empty(size, dtype=np.int32)
+        margins = np.empty(size, dtype=np.float32)
+        dirty = ~uniform if not dense else np.ones(geometry.shape, bool)
+        fill = uniform & ~dirty if dense else uniform
+    else:
+        labels, margins = previous.labels.copy(), previous.margins.copy()
+        kept, dirty = _kept_tiles(previous, reuse, state, classes, geometry, labels, margins, tolerance)
+        fill = uniform & ~kept
+        dirty &= ~uniform
+    for ty, tx in zip(*np.nonzero(fill)):
+        rows, cols = geometry.tile_slices(ty, tx)
+        labels[rows, cols] = uniform_label[ty, tx]
+        margins[rows, cols] = uniform_margin[ty, tx]
+
+    regions = _regions(dirty, geometry, halo, scores.shape[0], dilations)
+    total = max(1, len(regions) * max(1, iterations))
+    if iterations:
+        guide = guide.float().cpu()
+        guide_rows, guide_cols = bilinear_taps(guide.shape[1], size[0]), bilinear_taps(guide.shape[2], size[1])
+    differences = scores - scores[:1]  # every query against the first: only the competing ones are resized
+    done = 0
+    for (top, bottom, left, right), tiles in regions:
+        rows = tuple(t[top:bottom] for t in geometry.rows)
+        cols = tuple(t[left:right] for t in geometry.cols)
+        competing, gap = _competing(scores, geometry, tiles, tolerance)
+        values = upsample(differences[competing], rows, cols) if len(competing) else None
+        if iterations and values is not None:
+            region_guide = upsample(guide, tuple(t[top:bottom] for t in guide_rows),
+                                    tuple(t[left:right] for t in guide_cols))
+            steps = _refine_whole(values, region_guide, iterations, dilations)
+            for _ in range(iterations):
+                next(steps)
+                done += 1
+                yield done, total
+            values = _finish(steps)
+            del region_guide
+        else:
+            done += iterations or 1
+            yield done, total
+        region_labels, region_margins = _competing_labels(values, competing, owner, gap,
+                                                          (bottom - top, right - left))
+        for ty, tx in tiles:
+            trows, tcols = geometry.tile_slices(ty, tx)
+            inner = (slice(trows.start - top, trows.stop - top), slice(tcols.start - left, tcols.stop - left))
+            labels[trows, tcols] = region_labels[inner]
+            margins[trows, tcols] = region_margins[inner] - tolerance
+        del values
+    state.labels, state.margins = labels, margins
+    state.computed = float(dirty.sum()) / dirty.size
+    return state
+
+
+def _competing(scores: torch.Tensor, geometry: _Geometry, tiles, tolerance: float):
+    """The queries that can win somewhere in ``tiles`` (besides the first, always kept as the reference),
+    and how far below the winner the others stay at least.
+
+    A query whose highest score within the tiles' reach is below the best lowest score of any
+    query there cannot win at any of their pixels (outputs are convex combinations within reach).
+    """
+    tile_ys = [t[0] for t in tiles]
+    tile_xs = [t[1] for t in tiles]
+    row_first, row_last = geometry.row_window
+    col_first, col_last = geometry.col_window
+    window = scores[:, int(row_first[min(tile_ys)]) : int(row_last[max(tile_ys)]) + 1,
+                    int(col_first[min(tile_xs)]) : int(col_last[max(tile_xs)]) + 1]
+    highest = window.amax((1, 2))
+    floor = float(window.amin((1, 2)).max())
+    keep = highest >= floor - tolerance
+    keep[0] = True
+    others = highest[~keep]
+    gap = floor - float(others.max()) if len(others) else float("inf")
+    return torch.nonzero(keep).flatten()[1:] if keep[0] else torch.nonzero(keep).flatten(), gap
+
+
+def _competing_labels(values: torch.Tensor | None, competing: torch.Tensor, owner: np.ndarray, gap: float,
+                      shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and margins from the competing queries' scores relative to the first query (which scores 0)."""
+    channels = {0: None}
+    for index, query in enumerate(competing.tolist()):
+        channels[query] = values[index]
+    by_class: dict[int, list] = {}
+    for query, channel in channels.items():
+        by_class.setdefault(int(owner[query]), []).append(channel)
+    order = sorted(by_class)
+    stacked = []
+    for klass in order:
+        parts = [torch.zeros(shape) if c is None else c for c in by_class[klass]]
+        stacked.append(parts[0] if len(parts) == 1 else torch.stack(parts).amax(0))
+    index, margin = labels_and_margins(torch.stack(stacked))
+    lookup = torch.tensor(order, dtype=torch.int64) + 1
+    return lookup[index - 1].numpy().astype(np.int32), margin.clamp(max=gap).numpy()
+
+
+def _reusable(previous: LabelState | None, state: LabelState, size) -> list | None:
+    """For each class now, its index in ``previous`` (None: new), or None when nothing can be reused."""
+    if previous is None or previous.labels is None or previous.labels.shape != tuple(size):
+        return None
+    if previous.scores.shape[1:] != state.scores.shape[1:] or previous.snap != state.snap:
+        return None
+    old = {name: index for index, name in enumerate(previous.names)}
+    mapping = [old.get(name) for name in state.names]
+    if all(m is None for m in mapping):
+        return None
+    return mapping
+
+
+def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes: torch.Tensor,
+                geometry: _Geometry, labels: np.ndarray, margins: np.ndarray, tolerance: float):
+    """Which tiles keep the previous labels (renumbered to the new classes), and which must be recomputed.
+
+    ``labels`` (a copy of the previous run's) is renumbered in place.
+    """
+    n_new, n_old = len(state.names), len(previous.names)
+    old_to_new = np.zeros(n_old + 1, dtype=np.int32)  # 0: a class that is gone
+    for new, old in enumerate(mapping):
+        if old is not None:
+            old_to_new[old + 1] = new + 1
+    if not (n_new == n_old and all(m == i for i, m in enumerate(mapping))):
+        labels[...] = old_to_new[labels]
+    falls, rises = {}, {}   # per kept class: its scores' largest fall and rise within each tile's reach
+    unchanged = np.ones(geometry.shape, bool)
+    for new, old in enumerate(mapping):
+        if old is None:
+            continue
+        a, b = state.spans[new]
+        c, _ = previous.spans[old]
+        delta = (state.scores[a:b] - previous.scores[c : c + b - a]).numpy()
+        falls[new] = geometry.reduce(delta.min(0), "min")
+        rises[new] = geometry.reduce(delta.max(0), "max")
+        unchanged &= (falls[new] == 0) & (rises[new] == 0)
+    newcomers = [geometry.reduce(classes[c].numpy(), "max") for c, old in enumerate(mapping) if old is None]
+
+    # threshold[ty, tx, w]: a pixel labelled w keeps its label if its margin exceeds this
+    threshold = np.full((*geometry.shape, n_new + 1), np.inf)  # label 0: its class is gone
+    for w in falls:
+        others = [rises[c] for c in rises if c != w]
+        rise = np.max(others, axis=0) if others else np.zeros(geometry.shape)
+        monotone = (falls[w] >= 0) & (rise <= 0)
+        needed = np.where(monotone, -np.inf, rise - falls[w] + tolerance)
+        if newcomers:  # w's own lowest score (best synonym) must beat every new class's highest
+            a, b = state.spans[w]
+            lowest = np.max([geometry.reduce(state.scores[q].numpy(), "min") for q in range(a, b)], axis=0)
+            beaten = np.all([lowest > high + tolerance for high in newcomers], axis=0)
+            needed = np.where(beaten, needed, np.inf)
+        else:
+            needed = np.where(unchanged, -np.inf, needed)
+        threshold[..., w + 1] = needed
+
+    dirty = np.zeros(geometry.shape, bool)
+    check = ~np.all(np.isneginf(threshold[..., 1:]), axis=-1) | (len(falls) < n_old)
+    for ty, tx in zip(*np.nonzero(check)):
+        rows, cols = geometry.tile_slices(ty, tx)
+        limit = threshold[ty, tx][labels[rows, cols]]
+        dirty[ty, tx] = bool(np.any(margins[rows, cols] <= limit))
+    return ~dirty, dirty
+
+
+def _regions(dirty: np.ndarray, geometry: _Geometry, halo: int, n_queries: int, dilations: tuple):
+    """Rectangles (top, bottom, left, right) with halo around groups of dirty tiles, each with its tiles.
+
+    Groups are runs of dirty tiles along a tile row, merged downwards while they cover the
+    same columns; a rectangle too large for :data:`REGION_MEMORY_BYTES` is split into bands.
+    """
+    from .refine import _bytes_per_row
+
+    from scipy import ndimage
+
+    height, width = geometry.size
+    groups, count = ndimage.label(dirty)
+    regions = []
+    for number, (ys, xs) in enumerate(ndimage.find_objects(groups), start=1):
+        members = np.argwhere(groups[ys, xs] == number) + (ys.start, xs.start)
+        top_tile, bottom_tile = ys.start, ys.stop
+        left = int(geometry.tile_cols[xs.start])
+        right = min(int(geometry.tile_cols[xs.stop - 1]) + geometry.tile, width)
+        region_width = min(width, right + halo) - max(0, left - halo)
+        per_row = _bytes_per_row(region_width, n_queries, 3, dilations) if dilations else 4 * region_width * 4 * n_queries
+        rows_fit = max(geometry.tile, REGION_MEMORY_BYTES // max(1, per_row) - 2 * halo)
+        band_tiles = max(1, rows_fit // geometry.tile)
+        for first in range(top_tile, bottom_tile, band_tiles):
+            last = min(first + band_tiles, bottom_tile)
+            tiles = [tuple(m) for m in members if first <= m[0] < last]
+            top = int(geometry.tile_rows[first])
+            bottom = min(int(geometry.tile_rows[last - 1]) + geometry.tile, height)
+            regions.append(((max(0, top - halo), min(height, bottom + halo), max(0, left - halo),
+                             min(width, right + halo)), tiles))
+    return regions

@@ -1,0 +1,168 @@
+"""Labels computed only where they can differ equal those computed at every pixel, on many random cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_clearclip import Segmenter, tiled_labels
+from napari_clearclip.choices import METHOD_NAMES
+from napari_clearclip.demo.scenes import make_scene
+from napari_clearclip.planes import ImageLayout, segment_stack
+from napari_clearclip.progress import Progress, run_to_end
+from napari_clearclip.tiled_labels import label_steps
+
+
+def smooth_scores(rng, queries: int, height: int, width: int, blur: int) -> torch.Tensor:
+    base = torch.from_numpy(rng.normal(size=(queries, max(2, height // blur), max(2, width // blur))).astype(np.float32))
+    return F.interpolate(base[None], size=(height, width), mode="bilinear", align_corners=False)[0] * 0.1
+
+
+def labels_of(scores, guide, size, spans, names, snap, previous=None, dense=False, tile=16):
+    return run_to_end(label_steps(scores, guide, size, spans, names, snap, previous, dense, tile))
+
+
+def random_case(rng):
+    h, w = (int(v) for v in rng.integers(8, 40, 2))
+    size = (int(h * rng.uniform(1, 6)), int(w * rng.uniform(1, 6)))
+    queries = int(rng.integers(1, 6))
+    if queries >= 3 and rng.random() < 0.4:  # a class with two synonyms
+        spans = [(0, 2)] + [(i, i + 1) for i in range(2, queries)]
+    else:
+        spans = [(i, i + 1) for i in range(queries)]
+    names = [tuple(f"q{j}" for j in range(a, b)) for a, b in spans]
+    scores = smooth_scores(rng, queries, h, w, int(rng.integers(1, 6)))
+    guide = torch.from_numpy(rng.normal(size=(3, h, w)).astype(np.float32))
+    snap = (int(rng.integers(1, 4)), (1, int(rng.integers(1, 4)))) if rng.random() < 0.6 else ()
+    return scores, guide, size, spans, names, snap, int(rng.choice([8, 16, 32]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_skipping_gives_every_label_of_a_full_computation(seed):
+    """First runs, local rises and falls (strokes), a class added, a class removed: each equal to from scratch."""
+    rng = np.random.default_rng(seed)
+    for _ in range(8):
+        scores, guide, size, spans, names, snap, tile = random_case(rng)
+        run = lambda s, sp, nm, prev=None: labels_of(s, guide, size, sp, nm, snap, prev, tile=tile)  # noqa: E731
+        full = lambda s, sp, nm: labels_of(s, guide, size, sp, nm, snap, dense=True, tile=tile)  # noqa: E731
+        first = run(scores, spans, names)
+        np.testing.assert_array_equal(first.labels, full(scores, spans, names).labels)
+
+        changed = scores.clone()
+        h, w = scores.shape[1:]
+        k, y, x = int(rng.integers(0, len(scores))), int(rng.integers(0, h)), int(rng.integers(0, w))
+        changed[k, y : y + 3, x : x + 3] += float(rng.uniform(0, 0.2))
+        if rng.random() < 0.4:
+            changed[(k + 1) % len(scores), y : y + 2, x : x + 5] -= float(rng.uniform(0, 0.1))
+        second = run(changed, spans, names, first)
+        np.testing.assert_array_equal(second.labels, full(changed, spans, names).labels)
+
+        added = torch.cat([changed, smooth_scores(rng, 1, h, w, 3) - 0.05])
+        spans3, names3 = spans + [(len(changed), len(changed) + 1)], names + [("new",)]
+        third = run(added, spans3, names3, second)
+        np.testing.assert_array_equal(third.labels, full(added, spans3, names3).labels)
+
+        if len(spans3) > 1:
+            cut = spans3[0][1]
+            spans4 = [(a - cut, b - cut) for a, b in spans3[1:]]
+            fourth = run(added[cut:], spans4, names3[1:], third)
+            np.testing.assert_array_equal(fourth.labels, full(added[cut:], spans4, names3[1:]).labels)
+
+
+def test_a_local_change_recomputes_only_near_it():
+    rng = np.random.default_rng(3)
+    scores = smooth_scores(rng, 3, 64, 64, 8)
+    guide = torch.from_numpy(rng.normal(size=(3, 64, 64)).astype(np.float32))
+    size, spans, names, snap = (512, 512), [(0, 1), (1, 2), (2, 3)], [("a",), ("b",), ("c",)], (2, (1, 2))
+    first = labels_of(scores, guide, size, spans, names, snap)
+    changed = scores.clone()
+    changed[1, 5:8, 5:8] += 0.3
+    second = labels_of(changed, guide, size, spans, names, snap, first)
+    assert second.computed < 0.1
+    np.testing.assert_array_equal(second.labels, labels_of(changed, guide, size, spans, names, snap, dense=True).labels)
+    unchanged = labels_of(changed, guide, size, spans, names, snap, second)
+    assert unchanged.computed == 0.0
+
+
+def test_uniform_images_compute_nothing_per_pixel():
+    scores = torch.zeros((2, 16, 16))
+    scores[0] += 0.3
+    result = labels_of(scores, torch.zeros((3, 16, 16)), (256, 256), [(0, 1), (1, 2)], [("a",), ("b",)], (10, (8, 16)))
+    assert result.computed == 0.0
+    assert (result.labels == 1).all()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+
+
+def scene_strokes(rng, shape, classes: int, count: int) -> np.ndarray:
+    strokes = np.zeros(shape, np.int32)
+    for _ in range(count):
+        y, x = int(rng.integers(0, shape[0] - 8)), int(rng.integers(0, shape[1] - 30))
+        strokes[y : y + 4, x : x + int(rng.integers(5, 30))] = int(rng.integers(1, classes + 1))
+    return strokes
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_live_reruns_equal_fresh_runs_with_every_method(demo, method, monkeypatch):
+    """Strokes one after another, a class typed, snapping on and off: each re-run equals a from-scratch one."""
+    rng = np.random.default_rng(abs(hash(method)) % 1000)
+    image = make_scene(int(rng.integers(0, 1000)), size=320, objects=(3, 4)).image
+    classes = ["red", "green", "blue", "yellow", "background"]
+    demo.method = method
+    try:
+        for refine in ("pamr", None):
+            strokes = np.zeros(image.shape[:2], np.int32)
+            for step in range(4):
+                names = classes if step < 3 else classes[:4] + ["purple", "background"]
+                strokes = np.maximum(strokes, scene_strokes(rng, image.shape[:2], len(classes), 1))
+                strokes[strokes > len(names)] = 0
+                if step == 3:
+                    strokes[strokes == 5] = 6  # background moved to the sixth class
+                options = dict(maps=False, refine=refine, pamr_iterations=3, strokes=strokes)
+                fast = demo.segment(image, names, **options)
+                monkeypatch.setattr(tiled_labels, "SKIPPING", False)
+                full = Segmenter.segment(demo, image, names, **options)
+                monkeypatch.setattr(tiled_labels, "SKIPPING", True)
+                np.testing.assert_array_equal(fast.labels, full.labels)
+    finally:
+        demo.method = "clearclip"
+
+
+def test_labels_alone_agree_with_the_maps_path_and_confidence_is_computed_when_read(demo):
+    image = make_scene(5, size=256, objects=(3, 3)).image
+    classes = ["red", "green", "blue", "yellow", "background"]
+    for refine in (None, "pamr"):
+        alone = demo.segment(image, classes, maps=False, refine=refine)
+        maps = demo.segment(image, classes, maps=True, refine=refine)
+        assert (alone.labels == maps.labels).mean() >= 0.999
+        assert alone.probabilities is None
+        np.testing.assert_allclose(alone.confidence, maps.confidence, atol=1e-5)
+
+
+def test_stacks_rerun_each_plane_from_what_changed(demo, monkeypatch):
+    frames = np.stack([make_scene(s, size=192, objects=(2, 3)).image for s in (1, 2, 3)])
+    layout = ImageLayout(frames.shape, rgb=True)
+    classes = ["red", "green", "blue", "yellow", "background"]
+    rng = np.random.default_rng(0)
+
+    def run(strokes):
+        out = {}
+        for item in segment_stack(demo, frames, layout, layout.planes(), classes, {"refine": "pamr", "pamr_iterations": 2},
+                                  strokes_by_plane=strokes, maps=False):
+            if not isinstance(item, Progress):
+                out[item[0]] = item[1].labels
+        return out
+
+    run({})
+    strokes = {(1,): scene_strokes(rng, frames.shape[1:3], 5, 2)}
+    fast = run(strokes)
+    monkeypatch.setattr(tiled_labels, "SKIPPING", False)
+    full = run(strokes)
+    assert len(fast) == 3
+    for plane in fast:
+        np.testing.assert_array_equal(fast[plane], full[plane])

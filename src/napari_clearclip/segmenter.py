@@ -278,7 +278,7 @@ class Segmenter:
             raise OutOfMemoryError("Not enough memory to label this image: use fewer classes or a smaller image.") \
                 from None
         self._label_states.put(state_key, state, state.nbytes)
-        result = SegmentationResult(state.labels.copy(), None, None, [c.name for c in parsed], list(parsed),
+        result = SegmentationResult(state.labels.astype(np.int32), None, None, [c.name for c in parsed], list(parsed),
                                     method_name)
         size = tuple(array.shape[:2])
 

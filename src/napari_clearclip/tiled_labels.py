@@ -79,6 +79,20 @@ def labels_and_margins(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return index + 1, best - others.amax(0)
 
 
+def label_dtype(classes: int):
+    """The smallest unsigned type for labels 0..classes."""
+    return np.uint8 if classes < 256 else np.uint16 if classes < 65536 else np.int32
+
+
+def lower_half(values):
+    """``values`` in float16, rounded down: still a lower bound (margins are stored at half the size)."""
+    half = np.asarray(values, dtype=np.float32).astype(np.float16)
+    high = half.astype(np.float32) > values
+    if np.any(high):
+        half = np.where(high, np.nextafter(half, np.float16(-np.inf)), half)
+    return half
+
+
 @dataclass
 class LabelState:
     """What a run leaves for the next one on the same image: its coarse scores, labels and margins."""
@@ -86,8 +100,8 @@ class LabelState:
     scores: torch.Tensor          # (Q, h, w) working-size scores
     spans: tuple                  # the queries of each class
     names: tuple                  # each class's synonyms (to match classes between runs)
-    labels: np.ndarray            # (H, W) int32, 1..C
-    margins: np.ndarray           # (H, W) float32, a lower bound of the winner's lead (in score units)
+    labels: np.ndarray            # (H, W) 1..C, in the smallest type that holds them
+    margins: np.ndarray           # (H, W) float16, a lower bound of the winner's lead (in score units)
     snap: tuple                   # (iterations, dilations) or () without snapping
     computed: float = 1.0         # fraction of tiles computed per pixel in the run that made it
     extra: dict = field(default_factory=dict)
@@ -185,19 +199,19 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
                        (iterations, dilations) if iterations else ())
     reuse = None if dense else _reusable(previous, state, size)
     if reuse is None:
-        labels = np.empty(size, dtype=np.int32)
-        margins = np.empty(size, dtype=np.float32)
+        labels = np.empty(size, dtype=label_dtype(len(spans)))
+        margins = np.empty(size, dtype=np.float16)
         dirty = ~uniform if not dense else np.ones(geometry.shape, bool)
         fill = uniform & ~dirty if dense else uniform
     else:
-        labels, margins = previous.labels.copy(), previous.margins.copy()
+        labels, margins = previous.labels.astype(label_dtype(len(spans))), previous.margins.copy()
         kept, dirty = _kept_tiles(previous, reuse, state, classes, geometry, labels, margins, tolerance)
         fill = uniform & ~kept
         dirty &= ~uniform
     for ty, tx in zip(*np.nonzero(fill)):
         rows, cols = geometry.tile_slices(ty, tx)
         labels[rows, cols] = uniform_label[ty, tx]
-        margins[rows, cols] = uniform_margin[ty, tx]
+        margins[rows, cols] = lower_half(np.float32(uniform_margin[ty, tx]))
 
     regions = _regions(dirty, geometry, halo, scores.shape[0], dilations)
     total = max(1, len(regions) * max(1, iterations))
@@ -230,7 +244,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
             trows, tcols = geometry.tile_slices(ty, tx)
             inner = (slice(trows.start - top, trows.stop - top), slice(tcols.start - left, tcols.stop - left))
             labels[trows, tcols] = region_labels[inner]
-            margins[trows, tcols] = region_margins[inner] - tolerance
+            margins[trows, tcols] = lower_half(region_margins[inner] - tolerance)
         del values
     state.labels, state.margins = labels, margins
     state.computed = float(dirty.sum()) / dirty.size

@@ -270,8 +270,10 @@ def test_exemplar_bonus_is_the_whitened_cosine_to_the_nearest_exemplar():
 
     sims = white(patches) @ white(exemplars.features).T                                  # (2, 50, 5)
     expected = torch.zeros(2, 50, 3, dtype=torch.float64)
-    expected[..., 0] = 0.3 * torch.exp(-10 * (1 - sims[..., :2].amax(-1)))
-    expected[..., 1] = 0.3 * torch.exp(-10 * (1 - sims[..., 2:].amax(-1)))
+    for k, nearest in ((0, sims[..., :2].amax(-1)), (1, sims[..., 2:].amax(-1))):
+        strength = torch.exp(-10 * (1 - nearest))
+        expected[..., k] = 0.3 * torch.where(strength >= 1e-3, strength, 0.0)  # unlike patches: exactly nothing
+    assert (expected[..., :2] == 0).any() and (expected[..., :2] > 0).any()
     got = exemplars.bonus(patches)
     kept_norms = exemplars.bonus(patches, whitened_norms(patches, whitening))
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
@@ -290,14 +292,14 @@ def test_edge_snapping_reports_progress_and_can_be_stopped(tiny_segmenter, monke
     import napari_clearclip.refine as refine
 
     rounds = []
-    real = refine._replicate
-    monkeypatch.setattr(refine, "_replicate", lambda *a: rounds.append(1) or real(*a))
+    real = refine._replicate_border
+    monkeypatch.setattr(refine, "_replicate_border", lambda *a: rounds.append(1) or real(*a))
     run = tiny_segmenter.segment_steps(image, ["a", "b"], refine="pamr", pamr_iterations=10)
     for step in run:
         if step.stage == "edges" and step.done == 2:
             run.close()                                      # cancelled while snapping
             break
-    assert len(rounds) == 1 + 2                              # the guide's padding and 2 of 10 iterations
+    assert len(rounds) == 2                                  # 2 of 10 iterations, then nothing more
 
 
 def test_pamr_in_bands_equals_pamr_at_once(monkeypatch):

@@ -202,12 +202,26 @@ class ExemplarCollector:
         self.classes: list[torch.Tensor] = []
 
     def _at_scale(self, grid: WindowGrid) -> torch.Tensor:
-        """The strokes at the scale the windows see (nearest neighbour)."""
+        """The strokes at the scale the windows see.
+
+        Each working-size pixel takes the class painted most within its cell of the image, so
+        that a thin stroke on a large image still marks the patches it crosses (sampling one
+        image pixel per cell would miss a 4-pixel stroke on a 4096-pixel side); where the
+        working size is larger than the image, the nearest image pixel.
+        """
         if self._resized is None:
             height, width = self.strokes.shape
             ys = np.minimum(((np.arange(grid.height) + 0.5) * height / grid.height).astype(np.int64), height - 1)
             xs = np.minimum(((np.arange(grid.width) + 0.5) * width / grid.width).astype(np.int64), width - 1)
-            self._resized = torch.from_numpy(np.ascontiguousarray(self.strokes[ys][:, xs]).astype(np.int64))
+            resized = np.ascontiguousarray(self.strokes[ys][:, xs]).astype(np.int64)
+            if grid.height < height or grid.width < width:
+                rows, cols = np.nonzero(self.strokes)
+                counts = np.zeros((self.n_classes + 1, grid.height, grid.width), np.int64)
+                np.add.at(counts, (self.strokes[rows, cols].astype(np.int64), rows * grid.height // height,
+                                   cols * grid.width // width), 1)
+                painted = counts[1:].sum(0) > 0
+                resized[painted] = counts[1:].argmax(0)[painted] + 1
+            self._resized = torch.from_numpy(resized)
         return self._resized
 
     def add(self, grid: WindowGrid, batch, patch_features: torch.Tensor) -> None:

@@ -355,3 +355,16 @@ def test_snapping_in_bands_gives_the_labels_of_snapping_the_whole_image(seed):
     near_tie = np.sort(whole.probabilities, axis=0)
     margin = near_tie[-1] - near_tie[-2]
     assert np.array_equal(banded.labels[margin > 1e-4], whole.labels[margin > 1e-4])   # equal except at near-ties
+
+
+def test_a_thin_stroke_on_a_large_image_still_teaches():
+    """At 2048 px the demo model sees one pixel per 8: a 3-pixel stroke must still mark the patches it crosses."""
+    from napari_clearclip.demo.scenes import make_scene
+
+    segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+    image = np.kron(make_scene(4, size=256, objects=(3, 3)).image, np.ones((8, 8, 1), np.uint8))
+    strokes = np.zeros(image.shape[:2], np.int32)
+    strokes[1001:1004, 500:1500] = 2                         # 3 rows: 1001 is not a multiple of 8
+    exemplars = segmenter.collect_exemplars(image, strokes, ["red", "green", "blue", "yellow", "background"])
+    assert exemplars is not None and len(exemplars.features) >= 8
+    assert set(exemplars.classes.tolist()) == {1}

@@ -357,32 +357,35 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes:
 
 
 def _regions(dirty: np.ndarray, geometry: _Geometry, halo: int, n_queries: int, dilations: tuple):
-    """Rectangles (top, bottom, left, right) with halo around groups of dirty tiles, each with its tiles.
+    """Rectangles (top, bottom, left, right), halo included, that cover the dirty tiles, each with its tiles.
 
-    Groups are runs of dirty tiles along a tile row, merged downwards while they cover the
-    same columns; a rectangle too large for :data:`REGION_MEMORY_BYTES` is split into bands.
+    Dirty tiles are taken in bands of tile rows as tall as memory allows (at most about four
+    halos, so that a ring of boundary tiles does not pull in its whole interior); within a
+    band, the columns holding dirty tiles form runs, joined when the gap between two runs is
+    narrower than the two halos they would otherwise compute twice.
     """
     from .refine import _bytes_per_row
 
-    from scipy import ndimage
-
     height, width = geometry.size
-    groups, count = ndimage.label(dirty)
+    tile = geometry.tile
+    per_row = _bytes_per_row(width, n_queries, 3, dilations) if dilations else 16 * width * n_queries
+    rows_fit = max(tile, REGION_MEMORY_BYTES // max(1, per_row) - 2 * halo)
+    band_tiles = max(1, min(rows_fit, max(4 * halo, 8 * tile)) // tile)
+    join = -(-2 * halo // tile)
     regions = []
-    for number, (ys, xs) in enumerate(ndimage.find_objects(groups), start=1):
-        members = np.argwhere(groups[ys, xs] == number) + (ys.start, xs.start)
-        top_tile, bottom_tile = ys.start, ys.stop
-        left = int(geometry.tile_cols[xs.start])
-        right = min(int(geometry.tile_cols[xs.stop - 1]) + geometry.tile, width)
-        region_width = min(width, right + halo) - max(0, left - halo)
-        per_row = _bytes_per_row(region_width, n_queries, 3, dilations) if dilations else 4 * region_width * 4 * n_queries
-        rows_fit = max(geometry.tile, REGION_MEMORY_BYTES // max(1, per_row) - 2 * halo)
-        band_tiles = max(1, rows_fit // geometry.tile)
-        for first in range(top_tile, bottom_tile, band_tiles):
-            last = min(first + band_tiles, bottom_tile)
-            tiles = [tuple(m) for m in members if first <= m[0] < last]
-            top = int(geometry.tile_rows[first])
-            bottom = min(int(geometry.tile_rows[last - 1]) + geometry.tile, height)
+    for first in range(0, dirty.shape[0], band_tiles):
+        band = dirty[first : first + band_tiles]
+        columns = np.flatnonzero(band.any(0))
+        if not len(columns):
+            continue
+        breaks = np.flatnonzero(np.diff(columns) > join + 1)
+        starts = np.concatenate([[columns[0]], columns[breaks + 1]])
+        ends = np.concatenate([columns[breaks], [columns[-1]]])
+        top = int(geometry.tile_rows[first])
+        bottom = min(int(geometry.tile_rows[min(first + band_tiles, dirty.shape[0]) - 1]) + tile, height)
+        for start, end in zip(starts, ends):
+            tiles = [(first + int(y), int(start + x)) for y, x in np.argwhere(band[:, start : end + 1])]
+            left, right = int(geometry.tile_cols[start]), min(int(geometry.tile_cols[end]) + tile, width)
             regions.append(((max(0, top - halo), min(height, bottom + halo), max(0, left - halo),
                              min(width, right + halo)), tiles))
     return regions

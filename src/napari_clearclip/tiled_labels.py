@@ -34,6 +34,8 @@ TILE = 64
 ROUNDING = 1e-4
 #: Skip what cannot differ (False: compute every pixel, the reference the skipping is tested against).
 SKIPPING = True
+#: Working memory for one region without edge snapping (nothing to gain from larger ones).
+RESIZE_MEMORY_BYTES = 1 << 28
 #: Working memory for one recomputed region (besides the outputs); larger regions go in row bands.
 REGION_MEMORY_BYTES = 3 << 29
 
@@ -368,8 +370,10 @@ def _regions(dirty: np.ndarray, geometry: _Geometry, halo: int, n_queries: int, 
 
     height, width = geometry.size
     tile = geometry.tile
-    per_row = _bytes_per_row(width, n_queries, 3, dilations) if dilations else 16 * width * n_queries
-    rows_fit = max(tile, REGION_MEMORY_BYTES // max(1, per_row) - 2 * halo)
+    if dilations:
+        rows_fit = max(tile, REGION_MEMORY_BYTES // _bytes_per_row(width, n_queries, 3, dilations) - 2 * halo)
+    else:  # resizing alone: a few copies of the region's scores, and no halo to amortise
+        rows_fit = max(tile, RESIZE_MEMORY_BYTES // (24 * width * n_queries))
     band_tiles = max(1, min(rows_fit, max(4 * halo, 8 * tile)) // tile)
     join = -(-2 * halo // tile)
     regions = []

@@ -27,6 +27,8 @@ _PUBLIC = {
     "OutOfMemoryError": "errors",
     "WeightsUnavailableError": "errors",
     "SchedulerUnreachableError": "errors",
+    "LessonError": "errors",
+    "Lesson": "lessons",
 }
 
 __all__ = list(_PUBLIC)

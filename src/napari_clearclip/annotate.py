@@ -15,7 +15,8 @@ import numpy as np
 
 from .editing import LabelsMerger, LabelsUpdate
 from .options import SegmentOptions
-from .planes import ImageLayout, segment_stack
+from .errors import LessonError
+from .planes import ImageLayout, segment_stack, stack_exemplars
 from .progress import Progress
 from .segmenter import Segmenter
 
@@ -42,6 +43,7 @@ class LayerRequest:
     edited: np.ndarray | None = None           # pixels painted in earlier rounds (kept, and still teaching)
     background: tuple[str, ...] = ()           # classes the user marked as background (drawn transparent)
     objects: object = None                     # instance ids of the labels' shape: each object gets a class
+    lessons: list = field(default_factory=list)  # lessons to teach with (strokes on other images, loaded files)
 
 
 @dataclass
@@ -53,6 +55,7 @@ class LayerResult:
     planes: int
     notes: list[str] = field(default_factory=list)  # what the user should know about the run (names cut short)
     objects: dict | None = None  # with objects: id, class, confidence, area per object (all planes run)
+    lesson: object = None        # what this run's strokes taught (a Lesson), to use on other images or save
 
 
 def probability_layer_names(image_name: str, mode: str, class_names: list[str]) -> list[str]:
@@ -112,8 +115,12 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
     names = probability_layer_names(request.image_name, mode, class_names)
     maps = {name: _map_volume(request.existing_maps.get(name), shape) for name in names}
     tables: list[dict] = []
+    notes = class_name_notes(segmenter, request)
+    taught = yield from stack_exemplars(segmenter, request.data, request.layout, strokes_by_plane, request.classes,
+                                        len(request.planes), request.options)
+    exemplars, lesson = _with_lessons(segmenter, request, taught, notes)
     for item in segment_stack(segmenter, request.data, request.layout, request.planes, request.classes,
-                              request.options, strokes_by_plane=strokes_by_plane, maps=(mode == "all classes"),
+                              request.options, exemplars=exemplars, maps=(mode == "all classes"),
                               objects=request.objects):
         if isinstance(item, Progress):
             yield item
@@ -128,8 +135,27 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
             for name, values in zip(names, result.probabilities):
                 maps[name][plane] = values
         del result, item  # only the merged labels and the asked-for maps outlive the plane
-    return LayerResult(merger.finish(request.background), maps, len(request.planes), class_name_notes(segmenter, request),
-                       _joined(tables) if request.objects is not None else None)
+    return LayerResult(merger.finish(request.background), maps, len(request.planes), notes,
+                       _joined(tables) if request.objects is not None else None, lesson)
+
+
+def _with_lessons(segmenter: Segmenter, request: LayerRequest, taught, notes: list[str]):
+    """The exemplars for this run: this image's strokes, and every lesson that fits the run (a lesson that does
+    not fit is left out, with a note saying why); and the lesson this image's strokes make."""
+    from .lessons import Lesson
+    from .prompts import parse_classes
+    from .strokes import Exemplars
+
+    parsed = parse_classes(request.classes)
+    options = segmenter.resolve_options(request.options)
+    parts = [taught]
+    for lesson in request.lessons:
+        try:
+            parts.append(lesson.exemplars_for(segmenter, parsed, options, segmenter.method))
+        except LessonError as exc:
+            notes.append(f"A lesson was not used: {exc}")
+    lesson = None if taught is None else Lesson.from_exemplars(taught, request.classes, segmenter, options)
+    return Exemplars.combine(parts), lesson
 
 
 def _joined(tables: list[dict]) -> dict:

@@ -62,3 +62,15 @@ class SchedulerUnreachableError(ClearClipError, ConnectionError):
 
 class TooManyLabelsError(ClearClipError, OverflowError):
     """The labels a run needs do not fit the data type of the layer it updates."""
+
+
+class LessonError(ClearClipError, ValueError):
+    """A lesson file that cannot be read, or a lesson that does not fit this run (model, method, classes)."""
+
+
+class LessonNotFoundError(LessonError, FileNotFoundError):
+    """A lesson path names no file."""
+
+
+class LessonExistsError(ClearClipError, FileExistsError):
+    """Saving would replace an existing file (pass ``overwrite=True`` to replace it)."""

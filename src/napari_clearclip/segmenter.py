@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .cache import ByteLRU
 from .errors import InvalidOptionError, OutOfMemoryError
+from .lessons import Lesson, check_lesson
 from .image import check_image, prepare
 from .methods import encode_dense, get_method, interpolated_positions
 from .models import LoadedModel, load_model
@@ -116,6 +117,7 @@ class Segmenter:
         strokes=None,
         exemplars: Exemplars | None = None,
         objects=None,
+        lesson=None,
         **keywords,
     ) -> Generator[Progress, None, SegmentationResult]:
         """A generator that yields :class:`Progress` and returns the :class:`SegmentationResult`.
@@ -136,6 +138,11 @@ class Segmenter:
         rounds over neighbours at ``pamr_dilations``), as NACLIP applies it.
         ``exemplars`` (from :meth:`collect_exemplars` on other images, e.g. other slices
         of a stack) are used as well as the strokes'.
+
+        ``lesson`` (a :class:`~napari_clearclip.lessons.Lesson` from :meth:`make_lesson`, or a
+        path to a saved one) teaches with the exemplars of strokes on other images; its classes
+        must be the run's (same names, in any order: they are matched by name), its model,
+        method and window settings the run's.
 
         ``objects`` (an (H, W) array of instance ids, 0 = no object, e.g. from cellpose or
         StarDist) gives each object the class whose probability summed over its pixels is
@@ -158,6 +165,9 @@ class Segmenter:
         maps = check_flag("maps", maps)
         objects = check_objects(objects, array.shape[:2])
         exemplars = _check_exemplars(exemplars)
+        lesson = check_lesson(lesson)
+        if lesson is not None:
+            exemplars = Exemplars.combine([lesson.exemplars_for(self, parsed, opts, method_name), exemplars])
 
         queries = [s for c in parsed for s in c.synonyms]
         self.text.check_distinct(queries, templates)
@@ -197,6 +207,26 @@ class Segmenter:
         if strokes is not None and objects is None:
             result.labels[strokes > 0] = strokes[strokes > 0]  # what the user painted is what they get
         return result
+
+    def make_lesson(self, classes: str | Sequence[str], painted: Sequence[tuple], options: SegmentOptions | Mapping
+                    | None = None, **keywords) -> Lesson:
+        """A :class:`~napari_clearclip.lessons.Lesson` from strokes on one or more images.
+
+        ``painted`` is a list of ``(image, strokes)`` pairs, strokes as for :meth:`segment`
+        (class k painted as k, 0 elsewhere). The lesson keeps the exemplars with the classes,
+        this model and the window settings, and can be saved (``lesson.save(path)``) and used
+        on other images (``segment(..., lesson=lesson)``), by the command line (``--lesson``)
+        and in napari.
+        """
+        opts = self.resolve_options(options, **keywords)
+        parts = []
+        for number, pair in enumerate(painted):
+            try:
+                image, strokes = pair
+            except (TypeError, ValueError):
+                raise InvalidOptionError(f"painted[{number}] is not an (image, strokes) pair.") from None
+            parts.append(self.collect_exemplars(image, strokes, classes, opts))
+        return Lesson.from_exemplars(Exemplars.combine(parts), classes, self, opts)
 
     def collect_exemplars(self, image, strokes, classes: str | Sequence[str],
                           options: SegmentOptions | Mapping | None = None, **keywords) -> Exemplars | None:

@@ -233,3 +233,27 @@ def test_objects_beside_each_image_get_a_class_each(tmp_path, capsys):
     assert [int(r["id"]) for r in rows] == list(expected.objects["id"]) and len(rows) == objects.max()
     assert [r["class"] for r in rows] == list(expected.objects["class"])
     np.testing.assert_array_equal(tifffile.imread(out / "cells_labels.tif"), expected.labels)
+
+
+def test_cli_lesson_for_other_classes_stops_before_any_image(tmp_path, capsys):
+    import numpy as np
+
+    from napari_clearclip import Segmenter
+    from napari_clearclip.batch.cli import main
+    from napari_clearclip.demo.scenes import make_scene
+    from skimage.io import imsave
+
+    scene = make_scene(3, size=256, objects=(3, 3))
+    strokes = np.zeros(scene.image.shape[:2], np.int32)
+    strokes[scene.masks["red"]] = 1
+    lesson = Segmenter("synthetic-tiny", device="cpu", disk_cache=False).make_lesson(
+        ["red", "background"], [(scene.image, strokes)]).save(tmp_path / "lesson")
+    imsave(tmp_path / "a.png", scene.image, check_contrast=False)
+    code = main([str(tmp_path / "a.png"), "--classes", "red;green;background", "--model", "synthetic-tiny",
+                 "--lesson", str(lesson), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not know green" in err
+    assert not (tmp_path / "out" / "a_labels.tif").exists()
+    code = main([str(tmp_path / "a.png"), "--classes", "red;background", "--model", "synthetic-tiny",
+                 "--lesson", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "out")])
+    assert code == 2 and "No lesson file" in capsys.readouterr().err

@@ -283,3 +283,32 @@ def test_objects_run_on_the_cluster_as_in_this_process(local_client, tmp_path):
         assert (tmp_path / "here" / f"s{i}_objects.csv").read_text() == (tmp_path / "there" / f"s{i}_objects.csv").read_text()
         np.testing.assert_array_equal(tifffile.imread(tmp_path / "here" / f"s{i}_labels.tif"),
                                       tifffile.imread(tmp_path / "there" / f"s{i}_labels.tif"))
+
+
+def test_a_lesson_teaches_on_the_cluster_as_in_this_process(local_client, tmp_path):
+    from napari_clearclip import Segmenter
+
+    scene = make_scene(3, size=256, objects=(3, 3))
+    strokes = np.zeros(scene.image.shape[:2], np.int32)
+    strokes[scene.masks["red"]] = 4                                  # red shapes are to be called yellow
+    segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+    lesson_path = segmenter.make_lesson(CLASSES, [(scene.image, strokes)]).save(tmp_path / "lesson")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        imsave(inputs / f"s{i}.png", make_scene(700 + i, size=192).image, check_contrast=False)
+    plain = segment_files([inputs], CLASSES, tmp_path / "plain", **OPTIONS)
+    here = segment_files([inputs], CLASSES, tmp_path / "here", lesson=lesson_path, **OPTIONS)
+    there = segment_files([inputs], CLASSES, tmp_path / "there", lesson=lesson_path, client=local_client, **OPTIONS)
+    assert [r.status for r in plain] == [r.status for r in here] == [r.status for r in there] == ["done"] * 3
+    taught = 0
+    for i in range(3):
+        expected = segmenter.segment(make_scene(700 + i, size=192).image, CLASSES, lesson=lesson_path).labels
+        for run in ("here", "there"):
+            np.testing.assert_array_equal(tifffile.imread(tmp_path / run / f"s{i}_labels.tif"), expected)
+        taught += int((tifffile.imread(tmp_path / "plain" / f"s{i}_labels.tif") != expected).sum())
+    assert taught > 0
+    # the same folder with another lesson is not this run: its outputs are kept, and said to be another run's
+    other = segmenter.make_lesson(CLASSES, [(scene.image, np.where(strokes > 0, 2, 0))]).save(tmp_path / "other")
+    again = segment_files([inputs], CLASSES, tmp_path / "here", lesson=other, **OPTIONS)
+    assert all(r.status == "skipped" and "other classes, model or options" in r.error for r in again)

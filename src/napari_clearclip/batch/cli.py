@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--objects", metavar="SUFFIX",
                         help="give a class to each object of <name>SUFFIX.tif beside each image (instance labels, "
                              "e.g. from cellpose: --objects _cp_masks); writes <name>_objects.csv")
+    parser.add_argument("--lesson", metavar="FILE", type=Path,
+                        help="teach every image with the strokes saved in a lesson file (napari: Save lesson...; "
+                             "Python: Segmenter.make_lesson(...).save(FILE)); its classes, model and method must "
+                             "be this run's")
     where = parser.add_argument_group("running on several processes or machines (needs the 'distributed' extra)")
     exclusive = where.add_mutually_exclusive_group()
     exclusive.add_argument("--cluster", metavar="local[:N]",
@@ -186,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
             args.images, args.classes, args.out, model=args.model, pretrained=args.pretrained, method=args.method,
             device=args.device, precision=args.precision, overwrite=args.overwrite,
             save_probabilities=args.save_probabilities, client=client, on_report=on_report,
-            options=engine_options(args), objects=args.objects)
+            options=engine_options(args), objects=args.objects, lesson=args.lesson)
     except WeightsUnavailableError as exc:
         bar.close()
         print(f"error: {offline_message(exc)}", file=sys.stderr)

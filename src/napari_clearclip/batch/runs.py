@@ -78,7 +78,7 @@ def skip_reason(record: dict | None, path: Path, run: str) -> str:
 
 
 def segment_file(segmenter, task: Task, classes, out_dir: Path, options: SegmentOptions,
-                 save_probabilities: bool = False, overwrite: bool = False) -> FileReport:
+                 save_probabilities: bool = False, overwrite: bool = False, lesson=None) -> FileReport:
     """Segment one 2-D image file and write its outputs; errors a user can act on become a "failed" report."""
     from .cluster import worker_name
 
@@ -91,7 +91,8 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
     try:
         record = make_record(path, task.run, classes) if path.is_file() else None
         objects = None if task.objects is None else read_objects(path, task.objects)
-        result = segmenter.segment(read_image(path), classes, options, maps=save_probabilities, objects=objects)
+        result = segmenter.segment(read_image(path), classes, options, maps=save_probabilities, objects=objects,
+                                   lesson=lesson)
         written = write_outputs(result, out_dir, stem, save_probabilities, record)
     except ClearClipError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), str(exc))
@@ -142,7 +143,7 @@ def close_parts(out_dir: Path, stem: str) -> None:
         pass
 
 
-def segment_plane(segmenter, task: Task, classes, out_dir: Path, options: SegmentOptions) -> FileReport:
+def segment_plane(segmenter, task: Task, classes, out_dir: Path, options: SegmentOptions, lesson=None) -> FileReport:
     """Segment one plane of a stack into a part file (kept until the stack is assembled, so runs resume)."""
     from .cluster import worker_name
 
@@ -154,7 +155,8 @@ def segment_plane(segmenter, task: Task, classes, out_dir: Path, options: Segmen
     if not part.parent.is_dir():
         return FileReport(path, "failed", 0.0, worker_name(), f"plane {index}: {RUN_OVER}")
     try:
-        labels = segmenter.segment(read_plane(path, index, task.planes), classes, options, maps=False).labels
+        labels = segmenter.segment(read_plane(path, index, task.planes), classes, options, maps=False,
+                                   lesson=lesson).labels
 
         def write(p: Path) -> None:
             with open(p, "wb") as handle:
@@ -197,21 +199,27 @@ def assemble_stack(task: Task, out_dir: Path, leading: tuple[int, ...], classes,
 # -- tasks ---------------------------------------------------------------------------------------------
 
 def run_task(spec, task: Task, classes, out_dir: Path, options: SegmentOptions, save_probabilities: bool,
-             overwrite: bool) -> FileReport:
+             overwrite: bool, lesson=None) -> FileReport:
     """What a worker (or this process) does for one task, with the model it keeps loaded."""
     from .cluster import segmenter_for
 
     segmenter = segmenter_for(spec)
     if task.plane is None:
-        return segment_file(segmenter, task, classes, out_dir, options, save_probabilities, overwrite)
-    return segment_plane(segmenter, task, classes, out_dir, options)
+        return segment_file(segmenter, task, classes, out_dir, options, save_probabilities, overwrite, lesson)
+    return segment_plane(segmenter, task, classes, out_dir, options, lesson)
 
 
-def check_model_and_options(spec, options: SegmentOptions) -> SegmentOptions:
-    """Load the model (once per process) and resolve the options against it: both fail before any image is read."""
+def check_model_and_options(spec, options: SegmentOptions, classes=None, lesson=None) -> SegmentOptions:
+    """Load the model (once per process) and resolve the options against it, and check that the lesson
+    fits them: all fail before any image is read."""
+    from ..prompts import parse_classes
     from .cluster import segmenter_for
 
-    return segmenter_for(spec).resolve_options(options)
+    segmenter = segmenter_for(spec)
+    resolved = segmenter.resolve_options(options)
+    if lesson is not None:
+        lesson.exemplars_for(segmenter, parse_classes(classes), resolved, spec.method)
+    return resolved
 
 
 def segment_files(
@@ -231,6 +239,7 @@ def segment_files(
     on_report: Callable[[FileReport], None] | None = None,
     options: SegmentOptions | dict | None = None,
     objects: str | None = None,
+    lesson=None,
     **keywords,
 ) -> list[FileReport]:
     """Segment image files (files, folders, glob patterns) into ``out_dir``; one :class:`FileReport` per input.
@@ -245,14 +254,19 @@ def segment_files(
     starts no cluster). ``on_report`` is called as each file
     finishes. A report CSV (``clearclip_report.csv``) is written unless ``report=False``.
     ``objects`` (a suffix such as ``"_cp_masks"``) gives each object of ``<stem><suffix>.tif``
-    beside each image a class, written as ``<stem>_objects.csv`` (2-D images).
+    beside each image a class, written as ``<stem>_objects.csv`` (2-D images). ``lesson`` (a
+    :class:`~napari_clearclip.lessons.Lesson` or the path of a saved one) teaches every image
+    with strokes made elsewhere; on a cluster it is sent to each worker once.
     """
     from ..models import ModelSpec
     from ..prompts import parse_classes
     from .provenance import run_fingerprint
 
+    from ..lessons import check_lesson
+
     class_list = [", ".join(c.synonyms) for c in parse_classes(classes)]
     options = SegmentOptions.build(options, **keywords)
+    lesson = check_lesson(lesson)
     out = check_output_dir(out_dir)
     files = expand_inputs(paths)
     if objects:  # the instance labels beside the images are not inputs of their own
@@ -260,12 +274,13 @@ def segment_files(
     spec = ModelSpec(model, None if pretrained is None else os.fspath(pretrained), method, device, precision)
     # the model and the options fail here, once, before any image is read (on a cluster: on a worker)
     if client is None:
-        options = check_model_and_options(spec, options)
+        options = check_model_and_options(spec, options, class_list, lesson)
     else:  # names and ranges here; the model itself is checked on a worker, once there is work
         options = options.resolved(spec.model)
     remove_stale_partials(out)
     run = run_fingerprint(spec.model, spec.pretrained, method, precision, class_list,
-                          {**options.to_dict(), "objects": objects})
+                          {**options.to_dict(), "objects": objects,
+                           "lesson": None if lesson is None else lesson.fingerprint()})
 
     reports: list[FileReport] = []
     tasks: list[Task] = []
@@ -329,8 +344,10 @@ def segment_files(
     if tasks and client is not None:
         if not hasattr(client, "submit"):  # a callable that starts a cluster: only now that there is work
             client = client()
-        options = client.submit(check_model_and_options, spec, options, pure=False).result()
-    args = (spec, class_list, out, options, save_probabilities, overwrite)
+        if lesson is not None:  # sent to every worker once, not with every task
+            lesson = client.scatter(lesson, broadcast=True, hash=False)
+        options = client.submit(check_model_and_options, spec, options, class_list, lesson, pure=False).result()
+    args = (spec, class_list, out, options, save_probabilities, overwrite, lesson)
     try:
         if client is None:
             for task in tasks:

@@ -94,6 +94,11 @@ FIELDS: tuple[Field, ...] = (
                                       tooltip="Pixels you painted with a class teach it: similar regions in the image "
                                               "(and in every slice segmented) change class too. The eraser teaches "
                                               "nothing"), section="corrections"),
+    Field("share_lesson", lambda w: CheckBox(name="share_lesson", text="Use strokes on other images", value=True,
+                                             tooltip="Strokes painted on one image teach runs on the other images of "
+                                                     "this session too (same classes and model); Save lesson... keeps "
+                                                     "them for later sessions and the command line (--lesson)"),
+          section="corrections"),
     Field("snap", lambda w: CheckBox(name="snap", text="Snap to edges", value=SNAP_IN_TOOLS,
                                      tooltip="Refine the masks along image edges (PAMR, as NACLIP uses it); "
                                              "off gives the paper's exact pipeline"), section="corrections"),
@@ -169,6 +174,15 @@ def restore_values(widget, saved: dict) -> None:
             target.value = value
         except (ValueError, TypeError):
             pass
+
+
+def lesson_buttons() -> tuple[PushButton, PushButton]:
+    save = PushButton(name="save_lesson", text="Save lesson...",
+                      tooltip="Save what your strokes taught (classes, exemplars, model) to a file, to load in "
+                              "another session or to use on a folder: clearclip-segment --lesson FILE")
+    load = PushButton(name="load_lesson", text="Load lesson...",
+                      tooltip="Load a saved lesson: it fills the classes and teaches every run with them")
+    return save, load
 
 
 def choose_file_button() -> PushButton:

@@ -27,10 +27,11 @@ from ..planes import ImageLayout
 from ..progress import Progress
 from ..prompts import parse_classes
 from .field_logic import FieldLogic
-from .fields import build_fields, choose_file_button, saved_values
+from .fields import build_fields, choose_file_button, lesson_buttons, saved_values
 from .job import ModelHolder, layer_request, segmentation_job
 from .layers import ResultLayers, layer_geometry
 from .layout import captioned, scrolling, wrapping
+from .lessons import SessionLessons, classes_text
 from .live import LiveMode
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, legend_html
 from .settings import load_settings, save_settings
@@ -57,6 +58,13 @@ class ClearClipWidget(FieldLogic, Container):
         weights_row.native.layout().setContentsMargins(0, 0, 0, 0)
         self.show_advanced = CheckBox(name="show_advanced", text="Advanced options", value=False)
         sections = {name: [fields[f.name] for f in _fields_of(name)] for name in ("corrections", "output", "advanced")}
+        self.lessons = SessionLessons()
+        self.save_lesson_button, self.load_lesson_button = lesson_buttons()
+        lesson_row = Container(name="lesson_row", label=" ", layout="horizontal", labels=False,
+                               widgets=[self.save_lesson_button, self.load_lesson_button])
+        lesson_row.native.layout().setContentsMargins(0, 0, 0, 0)
+        sections["corrections"].insert([w.name for w in sections["corrections"]].index("share_lesson") + 1,
+                                       lesson_row)
         self.advanced = Container(name="advanced", label=" ", widgets=sections["advanced"], visible=False)
         self.run_button = PushButton(name="run_button", text="Run")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
@@ -87,6 +95,8 @@ class ClearClipWidget(FieldLogic, Container):
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.use_demo.changed.connect(self.switch_to_demo_model)
+        self.save_lesson_button.changed.connect(lambda *_: self.save_lesson())
+        self.load_lesson_button.changed.connect(lambda *_: self.load_lesson())
         # every keystroke (magicgui's own "changed" of a TextEdit waits for the focus to leave)
         self.classes.native.textChanged.connect(self.live_mode.trigger)
         self.classes.native.textChanged.connect(self._on_classes_changed)
@@ -221,6 +231,7 @@ class ClearClipWidget(FieldLogic, Container):
                                 target, self.learn.value and self.keep_edits.value, existing,
                                 (self.background.value,) if self.background.value else ())
         request.objects = None if objects_layer is None else objects_layer.data
+        request.lessons = self.lessons.for_run(layer.name, self.share_lesson.value)
         new_layer = None if target is not None else {"name": f"{layer.name} classes",
                                                       **layer_geometry(layer, layout)}
         worker = create_worker(segmentation_job, self._models, self.model_spec(), request, new_layer,
@@ -242,6 +253,54 @@ class ClearClipWidget(FieldLogic, Container):
         # start from the event loop, so that a caller can connect to the returned worker's signals first
         QTimer.singleShot(0, worker.start)
         return worker
+
+    # -- lessons --------------------------------------------------------------------------------
+    def save_lesson(self, path=None):
+        """Save what strokes taught this session (the current image's first) to ``path`` (asked for when None)."""
+        from ..errors import LessonError
+
+        image = self.image.value
+        try:
+            lesson = self.lessons.to_save(image.name if image is not None else None)
+        except LessonError as exc:
+            self._set_status(str(exc))
+            return None
+        if path is None:
+            from qtpy.QtWidgets import QFileDialog
+
+            path, _ = QFileDialog.getSaveFileName(self.native, "Save lesson", "lesson.npz", "Lessons (*.npz)")
+            if not path:
+                return None
+        try:  # the file dialog has asked before replacing a file
+            saved = lesson.save(path, overwrite=True)
+        except OSError as exc:
+            self._set_status(f"Could not save the lesson: {exc}", error=True)
+            return None
+        self._set_status(f"Saved a lesson of {len(lesson)} exemplars ({', '.join(lesson.class_names)}) to {saved}.")
+        return saved
+
+    def load_lesson(self, path=None):
+        """Load a lesson from ``path`` (asked for when None): it fills the classes and teaches every run."""
+        from ..errors import LessonError
+        from ..lessons import Lesson
+
+        if path is None:
+            from qtpy.QtWidgets import QFileDialog
+
+            path, _ = QFileDialog.getOpenFileName(self.native, "Load lesson", "", "Lessons (*.npz)")
+            if not path:
+                return None
+        try:
+            lesson = Lesson.load(path)
+        except LessonError as exc:
+            self._set_status(str(exc), error=True)
+            return None
+        self.lessons.loaded = lesson
+        self.classes.value = classes_text(lesson)
+        note = "" if lesson.model == self.model.value else f" It was made with the model {lesson.model}: choose it."
+        self._set_status(f"Loaded a lesson of {len(lesson)} exemplars for {', '.join(lesson.class_names)}; "
+                         f"it teaches every run with these classes.{note}")
+        return lesson
 
     def _choose_target(self, layer: Image, layout: ImageLayout):
         """The result layer this run updates, or None for a new one."""
@@ -316,6 +375,7 @@ class ClearClipWidget(FieldLogic, Container):
                                                "confidence": table["confidence"], "area": table["area"]}
             except (ValueError, TypeError, RuntimeError) as exc:  # the layer changed or closed meanwhile
                 log.info("Could not set the objects' features: %s", exc)
+        self.lessons.record(context["layer"].name, result.lesson)
         update = result.update
         self.legend.value = legend_html(update.names, update.counts, update.colours)
         demo_note = context["model"] == DEMO_MODEL and not context["demo_scene"]  # what the image is, not its name

@@ -1,0 +1,54 @@
+"""Lessons in the widget: what strokes taught on each image this session, a loaded lesson, saving and loading."""
+
+from __future__ import annotations
+
+from ..errors import LessonError
+from ..lessons import Lesson
+
+
+class SessionLessons:
+    """The lessons of this session: one per image whose strokes taught something, and one loaded from a file."""
+
+    def __init__(self):
+        self.taught: dict[str, Lesson] = {}
+        self.loaded: Lesson | None = None
+
+    def record(self, image_name: str, lesson: Lesson | None) -> None:
+        """What the strokes on ``image_name`` teach now (they accumulate on the image, so this replaces)."""
+        if lesson is not None:
+            self.taught[image_name] = lesson
+
+    def forget(self, image_name: str) -> None:
+        self.taught.pop(image_name, None)
+
+    def for_run(self, image_name: str, share: bool) -> list[Lesson]:
+        """The lessons a run on ``image_name`` uses: the loaded one, and with ``share`` those of the other images."""
+        lessons = [self.loaded] if self.loaded is not None else []
+        if share:
+            lessons += [lesson for name, lesson in self.taught.items() if name != image_name]
+        return lessons
+
+    def to_save(self, image_name: str | None) -> Lesson:
+        """One lesson of everything taught that fits the current image's (or else the newest) lesson."""
+        lessons = list(self.taught.values())
+        if image_name in self.taught:
+            lessons.remove(self.taught[image_name])
+            lessons.insert(0, self.taught[image_name])
+        elif lessons:
+            lessons.insert(0, lessons.pop())
+        if self.loaded is not None:
+            lessons.append(self.loaded)
+        if not lessons:
+            raise LessonError("Nothing has been taught yet: paint on a result with 'Learn from my edits' on, and run.")
+        combined = lessons[0]
+        for other in lessons[1:]:
+            try:
+                combined = combined.combined(other)
+            except LessonError:
+                continue  # another model or other classes: not part of this lesson
+        return combined
+
+
+def classes_text(lesson: Lesson) -> str:
+    """The Classes field's text for a lesson's classes (one per line, synonyms after commas)."""
+    return "\n".join(", ".join(synonyms) for synonyms in lesson.classes)

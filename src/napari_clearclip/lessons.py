@@ -1,0 +1,216 @@
+"""Lessons: what strokes taught, kept in a file and used on other images, other sessions and whole folders.
+
+A lesson holds the classes, the exemplars (the patch embeddings under strokes, with their
+class) and the model and window settings they were made with: exemplars only compare with
+patches that the same model encoded the same way, so a lesson from another model, method or
+window setting is refused with a message that says which.
+
+File format (``.npz``, read without pickle, so a lesson from a stranger cannot run code):
+
+- ``features``: float32 (N, E), the exemplar embeddings;
+- ``classes``: int32 (N,), each exemplar's 0-based class index;
+- ``meta``: uint8, UTF-8 JSON with ``format`` ("napari-clearclip lesson"), ``version`` (1),
+  ``classes`` (each class as a list: its name, then its synonyms), ``model``, ``weights``,
+  ``method``, ``short_side``, ``crop``, ``stride`` and ``made_with`` (the package version).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import InvalidOptionError, LessonError, LessonExistsError, LessonNotFoundError
+
+FORMAT = "napari-clearclip lesson"
+VERSION = 1
+SUFFIX = ".npz"
+
+
+@dataclass(frozen=True)
+class Lesson:
+    """Exemplars taught by strokes, with the classes and the model identity they belong to."""
+
+    classes: tuple[tuple[str, ...], ...]   # each class: its name first, then its synonyms
+    features: np.ndarray                   # (N, E) float32
+    labels: np.ndarray                     # (N,) 0-based class of each exemplar
+    model: str
+    weights: str
+    method: str
+    windows: tuple                          # (short_side, crop, stride) as resolved for the model
+
+    @property
+    def class_names(self) -> list[str]:
+        return [synonyms[0] for synonyms in self.classes]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __repr__(self) -> str:
+        counts = np.bincount(self.labels, minlength=len(self.classes))
+        taught = ", ".join(f"{name}: {int(n)}" for name, n in zip(self.class_names, counts))
+        return f"Lesson({len(self)} exemplars; {taught}; model={self.model!r}, method={self.method!r})"
+
+    # -- files ----------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the lesson to ``path`` (``.npz`` added if missing), atomically; never replaces a file unasked."""
+        from . import __version__
+        from .files import write_atomic
+
+        path = Path(path)
+        if path.suffix != SUFFIX:
+            path = path.with_name(path.name + SUFFIX)
+        if path.exists() and not overwrite:
+            raise LessonExistsError(f"{path} exists: choose another name, or pass overwrite=True to replace it.")
+        meta = {"format": FORMAT, "version": VERSION, "classes": [list(c) for c in self.classes],
+                "model": self.model, "weights": self.weights, "method": self.method,
+                "short_side": self.windows[0], "crop": self.windows[1], "stride": self.windows[2],
+                "made_with": __version__}
+        buffer = io.BytesIO()
+        np.savez(buffer, features=self.features.astype(np.float32), classes=self.labels.astype(np.int32),
+                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+
+        def write(target: Path) -> None:
+            target.write_bytes(buffer.getvalue())
+
+        write_atomic(path, write)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Lesson":
+        """Read a lesson written by :meth:`save`; anything else is a clear :class:`LessonError`."""
+        path = Path(path)
+        if not path.is_file():
+            raise LessonNotFoundError(f"No lesson file at {path}." if not path.exists() else
+                                      f"{path} is a folder, not a lesson file.")
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                names = set(archive.files)
+                if not {"features", "classes", "meta"} <= names:
+                    raise LessonError(f"{path} is not a napari-clearclip lesson (it holds {sorted(names)}).")
+                meta = json.loads(archive["meta"].tobytes().decode())
+                features, labels = archive["features"], archive["classes"]
+        except LessonError:
+            raise
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, UnicodeDecodeError, KeyError) as exc:
+            raise LessonError(f"{path} is not a napari-clearclip lesson, or it is damaged ({exc}).") from None
+        return cls._from_parts(path, meta, features, labels)
+
+    @classmethod
+    def _from_parts(cls, path, meta, features, labels) -> "Lesson":
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise LessonError(f"{path} is not a napari-clearclip lesson.")
+        version = meta.get("version")
+        if not isinstance(version, int) or version > VERSION:
+            raise LessonError(f"{path} was made by a newer napari-clearclip ({meta.get('made_with', '?')}, "
+                              f"lesson format {version}): update napari-clearclip to use it.")
+        try:
+            classes = tuple(tuple(str(s) for s in c) for c in meta["classes"])
+            identity = (str(meta["model"]), str(meta["weights"]), str(meta["method"]))
+            windows = (meta["short_side"], meta["crop"], meta["stride"])
+        except (KeyError, TypeError) as exc:
+            raise LessonError(f"{path} is a damaged lesson (missing {exc}).") from None
+        if not classes or any(not c for c in classes):
+            raise LessonError(f"{path} is a damaged lesson: it names no classes.")
+        if features.ndim != 2 or labels.ndim != 1 or len(features) != len(labels) or features.dtype.kind != "f":
+            raise LessonError(f"{path} is a damaged lesson: its exemplars and their classes do not match.")
+        if len(labels) == 0:
+            raise LessonError(f"{path} is an empty lesson: it holds no exemplars.")
+        if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= len(classes):
+            raise LessonError(f"{path} is a damaged lesson: an exemplar belongs to no class of the "
+                              f"{len(classes)} it names.")
+        if not np.isfinite(features).all():
+            raise LessonError(f"{path} is a damaged lesson: its exemplars hold NaN or infinite values.")
+        return cls(classes, features.astype(np.float32), labels.astype(np.int64), *identity, windows)
+
+    def fingerprint(self) -> str:
+        """A digest of the lesson's content (for a batch run's record of what made its outputs)."""
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps([self.classes, self.model, self.weights, self.method,
+                                            list(self.windows)]).encode())
+        digest.update(np.ascontiguousarray(self.features, dtype=np.float32).data)
+        digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).data)
+        return digest.hexdigest()[:20]
+
+    # -- making and using ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_exemplars(cls, exemplars, classes, segmenter, options) -> "Lesson":
+        """The lesson of ``exemplars`` (from :meth:`Segmenter.collect_exemplars`) made on ``segmenter``."""
+        from .prompts import parse_classes
+
+        parsed = parse_classes(classes)
+        if exemplars is None or len(exemplars.features) == 0:
+            raise LessonError("There is nothing to learn: no stroke covers a patch of any image.")
+        return cls(tuple(tuple(c.synonyms) for c in parsed), exemplars.features.float().cpu().numpy(),
+                   exemplars.classes.cpu().numpy().astype(np.int64), segmenter.model.name,
+                   segmenter.model.weights_id, segmenter.method, (options.short_side, options.crop, options.stride))
+
+    def combined(self, other: "Lesson") -> "Lesson":
+        """One lesson from two made with the same model and classes (strokes on several images)."""
+        self._check_identity(other.model, other.weights, other.method, other.windows, "the other lesson")
+        if [c[0] for c in other.classes] != self.class_names:
+            raise LessonError(f"The lessons are for other classes ({', '.join(other.class_names)} against "
+                              f"{', '.join(self.class_names)}).")
+        return Lesson(self.classes, np.concatenate([self.features, other.features]),
+                      np.concatenate([self.labels, other.labels]), self.model, self.weights, self.method, self.windows)
+
+    def _check_identity(self, model: str, weights: str, method: str, windows: tuple, what: str) -> None:
+        if (model, weights) != (self.model, self.weights):
+            raise LessonError(f"This lesson was made with the model {self.model} ({_weights_words(self.weights)}); "
+                              f"{what} uses {model} ({_weights_words(weights)}). Strokes teach one model only: "
+                              "use the model the lesson was made with.")
+        if method != self.method:
+            raise LessonError(f"This lesson was made with the method {self.method}; {what} uses {method}.")
+        if tuple(windows) != tuple(self.windows):
+            raise LessonError("This lesson was made with other window settings (short side, crop, stride "
+                              f"{self.windows}; {what}: {tuple(windows)}).")
+
+    def exemplars_for(self, segmenter, classes: Sequence, options, method: str):
+        """The lesson's exemplars for a run with ``classes`` (mapped by name: any order), or a clear error."""
+        from .strokes import Exemplars
+
+        self._check_identity(segmenter.model.name, segmenter.model.weights_id, method,
+                             (options.short_side, options.crop, options.stride), "this run")
+        run_names = [c.name for c in classes]
+        if sorted(run_names) != sorted(self.class_names):
+            missing = [n for n in self.class_names if n not in run_names]
+            extra = [n for n in run_names if n not in self.class_names]
+            detail = "; ".join(part for part in (
+                f"the run lacks {', '.join(missing)}" if missing else "",
+                f"the lesson does not know {', '.join(extra)}" if extra else "") if part)
+            raise LessonError(f"This lesson is for the classes {', '.join(self.class_names)}: {detail}. "
+                              "Use the same class names (in any order).")
+        order = np.array([run_names.index(name) for name in self.class_names])
+        features = torch.from_numpy(self.features)
+        if features.shape[1] != segmenter.model.clip.visual.output_dim:
+            raise LessonError(f"This lesson's exemplars have {features.shape[1]} values each; the model gives "
+                              f"{segmenter.model.clip.visual.output_dim}.")
+        return Exemplars(features, torch.from_numpy(order[self.labels]), len(classes))
+
+
+def check_lesson(lesson) -> Lesson | None:
+    """``lesson`` as a :class:`Lesson` (a path is loaded), None for None."""
+    if lesson is None or isinstance(lesson, Lesson):
+        return lesson
+    if isinstance(lesson, (str, os.PathLike)):
+        return Lesson.load(lesson)
+    raise InvalidOptionError(f"lesson={lesson!r} is not a lesson: pass a Lesson, a path to a saved one, or None.")
+
+
+def _weights_words(weights: str) -> str:
+    kind, _, value = weights.partition(":")
+    if kind == "file":
+        return f"a weights file with content {value[:12]}"
+    if kind == "bundled":
+        return "its bundled weights"
+    return f"weights {value}" if value else weights

@@ -1,0 +1,163 @@
+"""Lessons: strokes on some images teach others, saved to a file that holds no code, refused where they do not fit."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from napari_clearclip import Lesson, LessonError, Segmenter
+from napari_clearclip.demo.scenes import make_scene
+
+CLASSES = ["red", "green", "blue", "yellow", "background"]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+
+
+def painted(seed: int, colour: str, klass: int):
+    scene = make_scene(seed, size=256, objects=(3, 3))
+    strokes = np.zeros(scene.image.shape[:2], np.int32)
+    strokes[scene.masks[colour]] = klass
+    return scene.image, strokes
+
+
+@pytest.fixture(scope="module")
+def lesson(demo):
+    return demo.make_lesson(CLASSES, [painted(3, "red", 4), painted(7, "blue", 2)])  # red called yellow, blue green
+
+
+def test_a_lesson_teaches_another_image_as_the_strokes_exemplars_would(demo, lesson):
+    image = make_scene(11, size=256, objects=(3, 3)).image  # red and blue shapes, as taught
+    first = demo.collect_exemplars(*painted(3, "red", 4), CLASSES)
+    second = demo.collect_exemplars(*painted(7, "blue", 2), CLASSES)
+    assert len(lesson) == len(first.features) + len(second.features)
+    from napari_clearclip.strokes import Exemplars
+
+    by_exemplars = demo.segment(image, CLASSES, exemplars=Exemplars.combine([first, second]))
+    by_lesson = demo.segment(image, CLASSES, lesson=lesson)
+    np.testing.assert_array_equal(by_lesson.labels, by_exemplars.labels)
+    plain = demo.segment(image, CLASSES)
+    assert (by_lesson.labels != plain.labels).mean() > 0.01      # it taught something
+
+
+def test_saved_and_loaded_lessons_are_the_same_and_files_are_never_replaced_unasked(demo, lesson, tmp_path):
+    path = lesson.save(tmp_path / "cells")
+    assert path.name == "cells.npz"
+    loaded = Lesson.load(path)
+    np.testing.assert_array_equal(loaded.features, lesson.features)
+    np.testing.assert_array_equal(loaded.labels, lesson.labels)
+    assert (loaded.classes, loaded.model, loaded.weights, loaded.method, loaded.windows) == \
+        (lesson.classes, lesson.model, lesson.weights, lesson.method, lesson.windows)
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        lesson.save(path)
+    assert path.read_bytes() == before
+    lesson.save(path, overwrite=True)
+    assert not list(tmp_path.glob("*.partial*"))
+    image = make_scene(22, size=192).image
+    np.testing.assert_array_equal(demo.segment(image, CLASSES, lesson=path).labels,
+                                  demo.segment(image, CLASSES, lesson=lesson).labels)
+
+
+def test_classes_in_another_order_are_matched_by_name(demo, lesson):
+    image = make_scene(23, size=192).image
+    ordered = demo.segment(image, CLASSES, lesson=lesson)
+    shuffled = ["background", "yellow", "red", "blue", "green"]
+    other = demo.segment(image, shuffled, lesson=lesson)
+    names_a = np.array(["-"] + CLASSES)[ordered.labels]
+    names_b = np.array(["-"] + shuffled)[other.labels]
+    assert (names_a == names_b).mean() > 0.999
+
+
+def test_a_lesson_for_other_classes_or_another_model_is_refused_with_the_reason(demo, lesson, tiny_checkpoint):
+    image = make_scene(24, size=160).image
+    with pytest.raises(ValueError, match="the run lacks yellow.*does not know purple"):
+        demo.segment(image, ["red", "green", "blue", "purple", "background"], lesson=lesson)
+    other = Segmenter("test-tiny", tiny_checkpoint, device="cpu", disk_cache=False)
+    with pytest.raises(LessonError, match="made with the model synthetic-tiny"):
+        other.segment(image, CLASSES, lesson=lesson)
+    demo.method = "naclip"
+    try:
+        with pytest.raises(LessonError, match="method clearclip"):
+            demo.segment(image, CLASSES, lesson=lesson)
+    finally:
+        demo.method = "clearclip"
+    with pytest.raises(LessonError, match="window settings"):
+        demo.segment(image, CLASSES, lesson=lesson, short_side=128)
+    with pytest.raises(ValueError, match="not a lesson"):
+        demo.segment(image, CLASSES, lesson=42)
+
+
+def _archive(path, meta=None, features=None, classes=None, extra=None):
+    arrays = {}
+    if features is not None:
+        arrays["features"] = features
+    if classes is not None:
+        arrays["classes"] = classes
+    if meta is not None:
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    arrays.update(extra or {})
+    np.savez(path, **arrays)
+    return path
+
+
+def test_bad_lesson_files_are_clear_errors(lesson, tmp_path):
+    good = lesson.save(tmp_path / "good")
+    with pytest.raises(FileNotFoundError, match="No lesson file"):
+        Lesson.load(tmp_path / "missing.npz")
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        Lesson.load(tmp_path)
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(ValueError, match="damaged"):
+        Lesson.load(truncated)
+    (tmp_path / "text.npz").write_text("hello")
+    with pytest.raises(ValueError, match="not a napari-clearclip lesson"):
+        Lesson.load(tmp_path / "text.npz")
+    with pytest.raises(ValueError, match="not a napari-clearclip lesson"):
+        Lesson.load(_archive(tmp_path / "foreign.npz", extra={"x": np.zeros(3)}))
+    with np.load(good) as archive:
+        meta = json.loads(archive["meta"].tobytes().decode())
+        features, classes = archive["features"], archive["classes"]
+    with pytest.raises(ValueError, match="newer napari-clearclip"):
+        Lesson.load(_archive(tmp_path / "newer.npz", {**meta, "version": 99}, features, classes))
+    with pytest.raises(ValueError, match="empty lesson"):
+        Lesson.load(_archive(tmp_path / "empty.npz", meta, features[:0], classes[:0]))
+    with pytest.raises(ValueError, match="belongs to no class"):
+        Lesson.load(_archive(tmp_path / "classes.npz", {**meta, "classes": meta["classes"][:2]}, features, classes))
+    with pytest.raises(ValueError, match="NaN"):
+        Lesson.load(_archive(tmp_path / "nan.npz", meta, features * np.nan, classes))
+
+
+def test_a_lesson_holding_pickled_objects_runs_no_code(tmp_path):
+    """An object array in the archive would need pickle: it is refused, and nothing it holds is executed."""
+    ran = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(ran), "w"))
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([Evil()], dtype=object), allow_pickle=True)
+    path = tmp_path / "evil.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("features.npy", buffer.getvalue())
+        archive.writestr("classes.npy", buffer.getvalue())
+        archive.writestr("meta.npy", buffer.getvalue())
+    with pytest.raises(ValueError):
+        Lesson.load(path)
+    assert not ran.exists()
+
+
+def test_making_a_lesson_without_any_painted_patch_says_so(demo):
+    image = make_scene(3, size=128).image
+    with pytest.raises(ValueError, match="nothing to learn"):
+        demo.make_lesson(CLASSES, [(image, np.zeros(image.shape[:2], np.int32))])
+    with pytest.raises(ValueError, match="not an .image, strokes. pair"):
+        demo.make_lesson(CLASSES, [image])

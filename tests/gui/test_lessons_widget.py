@@ -1,0 +1,81 @@
+"""Lessons in the widget: strokes on one image teach the next, and a saved lesson teaches another session."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gui_helpers import run_and_wait
+
+
+def squares(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
+    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
+    image[120:168, 24:72] = (215, 35, 35)
+    return image.astype(np.uint8)
+
+
+def teach_debris(qtbot, widget, viewer):
+    """Run on image A, paint one debris stroke on a blue square, run again: A's strokes teach."""
+    from skimage.draw import disk
+
+    widget.image.value = viewer.add_image(squares(7), name="A")
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["A classes"]
+    painted = labels.data.copy()
+    rr, cc = disk((48, 48), 4)
+    painted[rr, cc] = 1
+    labels.data = painted
+    run_and_wait(qtbot, widget)
+
+
+def test_strokes_on_one_image_teach_the_next_and_a_saved_lesson_teaches_another_session(
+        qtbot, widget, make_napari_viewer, tmp_path):
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    teach_debris(qtbot, widget, viewer)
+    blue = (slice(128, 160), slice(128, 160))
+    results = {}
+    for share in (False, True):
+        widget.share_lesson.value = share
+        widget.image.value = viewer.add_image(squares(8), name=f"B{share}")
+        run_and_wait(qtbot, widget)
+        results[share] = viewer.layers[f"B{share} classes"].data.copy()
+    assert np.mean(results[False][blue] == 1) < 0.5              # not shared: B knows only the text
+    assert np.mean(results[True][blue] == 1) > 0.9               # shared: B's blue squares are debris too
+
+    path = widget.save_lesson(tmp_path / "debris")
+    assert path.is_file() and "Saved a lesson" in widget.status.value
+
+    # another session: a fresh widget loads the lesson, which fills the classes and teaches
+    from napari_clearclip.gui import ClearClipWidget
+
+    fresh = ClearClipWidget(make_napari_viewer(show=True))
+    fresh.switch_to_demo_model()
+    fresh.classes.value = "cell\nbackground"
+    fresh.device.value = "cpu"
+    assert fresh.load_lesson(path) is not None
+    assert fresh.classes.value == "debris\nred\nbackground"
+    fresh.image.value = fresh._viewer.add_image(squares(9), name="C")
+    run_and_wait(qtbot, fresh)
+    assert np.mean(fresh._viewer.layers["C classes"].data[blue] == 1) > 0.9
+    fresh.close_down()
+
+
+def test_a_lesson_for_other_classes_is_said_and_not_used(qtbot, widget, tmp_path):
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    teach_debris(qtbot, widget, viewer)
+    path = widget.save_lesson(tmp_path / "debris")
+    widget.load_lesson(path)
+    widget.classes.value = "debris\nbackground"                  # not the lesson's classes
+    widget.image.value = viewer.add_image(squares(8), name="B")
+    widget.share_lesson.value = False
+    run_and_wait(qtbot, widget)
+    assert "A lesson was not used" in widget.status.value
+    assert "red" in widget.status.value                          # which classes it is for
+    (tmp_path / "broken.npz").write_text("nonsense")
+    assert widget.load_lesson(tmp_path / "broken.npz") is None
+    assert "not a napari-clearclip lesson" in widget.status.value

@@ -136,13 +136,14 @@ def half_state(model: torch.nn.Module) -> dict:
     return {k: v.detach().half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
 
 
-def validate(path: str, scenes: int) -> dict[str, float]:
+def validate(path: str, scenes: int, model: str = "synthetic-tiny") -> dict[str, float]:
     """ClearCLIP IoU per colour (and mean) on validation scenes, classes = 4 colours + background."""
     from napari_clearclip import Segmenter
+    from napari_clearclip.choices import MODEL_OPTIONS
     from napari_clearclip.demo.scenes import colour_iou, held_out_scenes
 
-    segmenter = Segmenter("synthetic-tiny", pretrained=path, device="cpu")
-    return colour_iou(segmenter, held_out_scenes(scenes, seed=VALIDATION_SEED))
+    segmenter = Segmenter(model, pretrained=path, device="cpu")
+    return colour_iou(segmenter, held_out_scenes(scenes, seed=VALIDATION_SEED), **MODEL_OPTIONS["synthetic-tiny"])
 
 
 def main() -> None:
@@ -161,15 +162,22 @@ def main() -> None:
     parser.add_argument("--validate-every", type=int, default=200)
     parser.add_argument("--validation-scenes", type=int, default=16)
     parser.add_argument("--out", default="src/napari_clearclip/demo/synthetic-tiny.pt")
+    parser.add_argument("--config", default=None,
+                        help="an open_clip model config (JSON) to train instead of synthetic-tiny's; the model takes "
+                             "the file's name (e.g. tests/models/synthetic-tiny-b.json)")
     args = parser.parse_args()
+    model_name = "synthetic-tiny"
+    if args.config:
+        open_clip.add_model_config(args.config)
+        model_name = os.path.splitext(os.path.basename(args.config))[0]
 
     os.environ.setdefault("NAPARI_CLEARCLIP_CACHE_DIR", tempfile.mkdtemp())
     snapshot_dir = tempfile.mkdtemp()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
-    model = open_clip.create_model("synthetic-tiny", pretrained=None)
-    tokenizer = open_clip.get_tokenizer("synthetic-tiny")
+    model = open_clip.create_model(model_name, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(model_name)
     size = model.visual.image_size[0]
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -198,7 +206,7 @@ def main() -> None:
         if step % args.validate_every == 0 or step == args.steps:
             path = os.path.join(snapshot_dir, f"step{step:05d}.pt")
             torch.save(half_state(model), path)
-            scores = validate(path, args.validation_scenes)
+            scores = validate(path, args.validation_scenes, model_name)
             # the weakest colour counts as much as the mean: a model blind to one colour is no demo
             merit = scores["mean"] + min(v for k, v in scores.items() if k != "mean")
             print(f"  validation step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)

@@ -189,7 +189,7 @@ class Segmenter:
                 raise InvalidOptionError(f"The exemplars are for {exemplars.n_classes} classes, not {len(parsed)}.")
             whitening = yield from mark(self._whitening(args, features))
             features = self._features.get(key)
-            exemplars = exemplars.to(self.device).whitened(whitening)
+            exemplars = exemplars.to(self.device).for_image(whitening, text)
             exemplars.query_classes = torch.tensor(
                 [index for index, c in enumerate(parsed) for _ in c.synonyms], device=self.device)
         if features is None:

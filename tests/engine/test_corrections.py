@@ -368,3 +368,18 @@ def test_a_thin_stroke_on_a_large_image_still_teaches():
     exemplars = segmenter.collect_exemplars(image, strokes, ["red", "green", "blue", "yellow", "background"])
     assert exemplars is not None and len(exemplars.features) >= 8
     assert set(exemplars.classes.tolist()) == {1}
+
+
+def test_the_exemplar_strength_is_measured_on_the_image_from_its_text_score_spread():
+    """An exact match adds EXEMPLAR_SPREADS times how much text cosines vary across the image's patches."""
+    from napari_clearclip.strokes import EXEMPLAR_SPREADS, FeatureStats, image_strength
+
+    rng = np.random.default_rng(5)
+    text = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=(3, 8))), dim=-1).float()
+    for scale in (1.0, 0.05):                               # a backbone whose cosines spread twenty times less
+        patches = torch.from_numpy(rng.normal(size=(4, 500, 8)) * scale + 1.0).float()
+        stats = FeatureStats()
+        stats.add(None, None, patches)
+        flat = patches.reshape(-1, 8).double()
+        spread = np.mean([float((flat @ t.double()).std(unbiased=False)) for t in text])   # measured directly
+        assert image_strength(text, stats.whitening("cpu")) == pytest.approx(EXEMPLAR_SPREADS * spread, rel=2e-3)

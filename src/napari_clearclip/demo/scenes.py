@@ -44,6 +44,20 @@ class Scene:
             labels[self.masks[colour]] = index
         return labels
 
+    def instances(self) -> tuple[np.ndarray, dict[int, str]]:
+        """Every shape as an object with an id of its own (as an instance tool would give), and each id's colour."""
+        from skimage.measure import label as connected
+
+        objects = np.zeros(self.image.shape[:2], np.int32)
+        truth = {}
+        for colour, mask in self.masks.items():
+            parts = connected(mask)
+            for part in range(1, parts.max() + 1):
+                new_id = int(objects.max()) + 1
+                objects[parts == part] = new_id
+                truth[new_id] = colour
+        return objects, truth
+
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     level = rng.uniform(65, 195)

@@ -41,6 +41,11 @@ class _Features:
 class Segmenter:
     """Open-vocabulary segmentation with ClearCLIP (or a related method) on a frozen CLIP.
 
+    ``feature_store`` keeps every image's features on disk (True: in the user cache, bounded to
+    ``feature_store_bytes``, 2 GiB by default; a folder: there, e.g. one a cluster filled with
+    ``clearclip-segment --features-only``; False: memory only), so an image opened again in a
+    new session is not encoded again.
+
     >>> seg = Segmenter(model="ViT-B-16", pretrained="openai")          # doctest: +SKIP
     >>> res = seg.segment(image, ["sky", "horse, pony", "grass"])       # doctest: +SKIP
     >>> res.labels  # (H, W): 1 = sky, 2 = horse, 3 = grass              # doctest: +SKIP
@@ -61,12 +66,16 @@ class Segmenter:
         feature_cache_bytes: int = 1 << 30,
         label_cache_bytes: int = 1 << 30,
         disk_cache: bool = True,
+        feature_store=True,
+        feature_store_bytes: int | None = None,
     ):
         self.method = method
         self.model: LoadedModel = load_model(model, pretrained, device, precision)
         self.text = TextEncoder(self.model, disk_cache=disk_cache)
         self.window_batch_size = window_batch_size  # None: sized from the window area, see _batch_size
         self._features = ByteLRU(feature_cache_bytes)
+        self.feature_store = _feature_store(feature_store, feature_store_bytes)
+        self._identities: dict[str, dict] = {}  # feature key -> what its features were made with (for the store)
         # per image and class list: the last run's labels, so that the next one recomputes only what changed
         self._label_states = ByteLRU(label_cache_bytes)
         self._guides = ByteLRU(64 << 20)
@@ -177,13 +186,13 @@ class Segmenter:
 
         key = self._feature_key(array, opts, method_name)
         args = (array, key, opts, method_fn)
-        features = self._features.get(key)
+        features = self._cached_features(key)
         refine = opts.refine is not None
         mark = (lambda steps: relabelled(steps, then_edges=True)) if refine else (lambda steps: steps)
         if strokes is not None:
             own = yield from mark(self._collect(args, strokes, len(parsed)))
             exemplars = Exemplars.combine([exemplars, own])
-            features = self._features.get(key)
+            features = self._cached_features(key)
         if exemplars is not None:
             if exemplars.n_classes != len(parsed):
                 raise InvalidOptionError(f"The exemplars are for {exemplars.n_classes} classes, not {len(parsed)}.")
@@ -267,7 +276,7 @@ class Segmenter:
     def _collect(self, args, strokes, n_classes: int):
         """Generator: exemplars under ``strokes``, from cached features or one encoding pass (which caches them)."""
         collector = ExemplarCollector(strokes, n_classes)
-        features = self._features.get(args[1])
+        features = self._cached_features(args[1])
         if features is None:
             yield from self._encode_and_score(*args, text=None, collect=collector.add)
         else:
@@ -347,11 +356,59 @@ class Segmenter:
     # -- image side ---------------------------------------------------------------------------
 
     def _feature_key(self, array: np.ndarray, opts: SegmentOptions, method: str) -> str:
+        from . import __version__
+
         digest = hashlib.blake2b(digest_size=20)
         digest.update(np.ascontiguousarray(array).data)
-        digest.update(repr((array.shape, str(array.dtype), opts.contrast_limits, opts.short_side, opts.crop,
-                            opts.stride, method, self.model.cache_id)).encode())
-        return digest.hexdigest()
+        identity = {"model": self.model.cache_id, "method": method, "package": __version__,
+                    "windows": [opts.short_side, opts.crop, opts.stride],
+                    "contrast": None if opts.contrast_limits is None else list(opts.contrast_limits),
+                    "image": [list(array.shape), str(array.dtype)]}
+        digest.update(repr(sorted(identity.items())).encode())
+        key = digest.hexdigest()
+        if len(self._identities) > 4096:
+            self._identities.clear()
+        self._identities[key] = identity
+        return key
+
+    def _cached_features(self, key: str) -> _Features | None:
+        """This image's features from memory, else from the feature store on disk (then kept in memory)."""
+        features = self._features.get(key)
+        if features is not None or self.feature_store is None or key not in self._identities:
+            return features
+        stored = self.feature_store.load(key, self._identities[key])
+        if stored is None:
+            return None
+        grid_args, batches = stored
+        grid = WindowGrid(grid_args["height"], grid_args["width"], grid_args["crop"], grid_args["stride"],
+                          tuple(grid_args["patch"]))
+        features = _Features(grid, [(windows, f.to(self.device)) for windows, f in batches])
+        self._features.put(key, features, sum(int(f.numel()) * f.element_size() for _, f in batches))
+        return features
+
+    def cache_features(self, image, options: SegmentOptions | Mapping | None = None, **keywords) -> bool:
+        """Encode ``image`` (unless its features are stored already) and keep its features in the feature store.
+
+        What ``clearclip-segment --features-only`` runs per image. Returns whether the store holds them.
+        """
+        method_name, method_fn = self._method_state
+        array = check_image(image, min_side=max(self.model.patch_size))
+        opts = self.resolve_options(options, **keywords)
+        key = self._feature_key(array, opts, method_name)
+        if self.feature_store is not None and self.feature_store.path(key).is_dir():
+            return True
+        if self._cached_features(key) is None:
+            run_to_end(self._encode_and_score(array, key, opts, method_fn))
+        features = self._features.get(key)
+        if features is not None and self.feature_store is not None:
+            self._store(key, features)
+        return self.feature_store is not None and self.feature_store.path(key).is_dir()
+
+    def _store(self, key: str, features: _Features) -> None:
+        grid = features.grid
+        self.feature_store.save(key, self._identities[key], {"height": grid.height, "width": grid.width,
+                                                             "crop": grid.crop, "stride": grid.stride,
+                                                             "patch": list(grid.patch)}, features.batches)
 
     def _encode_and_score(self, array, key, opts: SegmentOptions, method_fn, *,
                           text=None, exemplars: Exemplars | None = None, collect=None):
@@ -384,6 +441,8 @@ class Segmenter:
             yield Progress("windows", position, len(windows))
         if keep is not None:
             self._features.put(key, keep, estimate)
+            if self.feature_store is not None and key in self._identities:
+                self._store(key, keep)
         return None if scores is None else self._average(scores, grid)
 
     def _score_cached(self, features: _Features, text: torch.Tensor, exemplars: Exemplars | None = None) -> torch.Tensor:
@@ -443,6 +502,17 @@ class Segmenter:
             self.window_batch_size = max(1, len(crops) // 2)
             half = len(crops) // 2
             return torch.cat([self._encode_crops(crops[:half], method_fn), self._encode_crops(crops[half:], method_fn)])
+
+
+def _feature_store(setting, max_bytes: int | None):
+    """The feature store a Segmenter keeps image features in (None: memory only)."""
+    from .feature_store import DEFAULT_MAX_BYTES, FeatureStore
+
+    if setting is None or setting is False:
+        return None
+    if isinstance(setting, FeatureStore):
+        return setting
+    return FeatureStore(None if setting is True else setting, DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
 
 
 def relabelled_pairs(steps, stage: str):

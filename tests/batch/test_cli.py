@@ -257,3 +257,16 @@ def test_cli_lesson_for_other_classes_stops_before_any_image(tmp_path, capsys):
     code = main([str(tmp_path / "a.png"), "--classes", "red;background", "--model", "synthetic-tiny",
                  "--lesson", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "out")])
     assert code == 2 and "No lesson file" in capsys.readouterr().err
+
+
+def test_cli_features_only_fills_the_store_and_needs_no_classes(tmp_path, capsys):
+    from napari_clearclip.batch.cli import main
+    from napari_clearclip.demo.scenes import make_scene
+    from skimage.io import imsave
+
+    imsave(tmp_path / "a.png", make_scene(3, size=128).image, check_contrast=False)
+    code = main([str(tmp_path / "a.png"), "--features-only", "--model", "synthetic-tiny",
+                 "--feature-store", str(tmp_path / "store"), "--out", str(tmp_path / "out")])
+    assert code == 0 and "1 of 1 images' features stored" in capsys.readouterr().err
+    assert len(list((tmp_path / "store").glob("*.zarr"))) == 1
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*_labels.tif"))

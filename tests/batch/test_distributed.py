@@ -313,3 +313,26 @@ def test_a_lesson_teaches_on_the_cluster_as_in_this_process(local_client, tmp_pa
     other = segmenter.make_lesson(CLASSES, [(scene.image, np.where(strokes > 0, 2, 0))]).save(tmp_path / "other")
     again = segment_files([inputs], CLASSES, tmp_path / "here", lesson=other, **OPTIONS)
     assert all(r.status == "skipped" and "other classes, model or options" in r.error for r in again)
+
+
+def test_features_encoded_on_the_cluster_are_read_by_another_session(local_client, tmp_path, monkeypatch):
+    from napari_clearclip import Segmenter
+    from napari_clearclip.batch.runs import store_features
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    images = [make_scene(800 + i, size=160).image for i in range(2)]
+    for i, image in enumerate(images):
+        imsave(inputs / f"s{i}.png", image, check_contrast=False)
+    stack = np.stack([make_scene(810 + i, size=128).image for i in range(2)])
+    tifffile.imwrite(inputs / "stack.tif", stack, photometric="rgb")
+    reports = store_features([inputs], store=tmp_path / "store", client=local_client, **OPTIONS)
+    assert sorted(r.status for r in reports) == ["done"] * 3
+    laptop = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=tmp_path / "store")
+
+    def refuse(*_):
+        raise AssertionError("the image was encoded again")
+
+    monkeypatch.setattr(laptop, "_encode_crops", refuse)
+    for image in [*images, *stack]:
+        laptop.segment(image, ["red", "background"], maps=False)        # any classes, nothing encoded

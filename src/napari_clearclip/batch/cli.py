@@ -13,6 +13,7 @@ status is 1 if any input failed, 2 if nothing could start, 130 if interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("images", nargs="+", help="image files (TIFF, PNG, JPEG, ...), folders or glob patterns")
-    parser.add_argument("--classes", required=True,
+    parser.add_argument("--classes", default=None,
                         help="classes separated by ';', synonyms by ',': \"sky; horse, pony; grass\"")
     parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip those files)")
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="teach every image with the strokes saved in a lesson file (napari: Save lesson...; "
                              "Python: Segmenter.make_lesson(...).save(FILE)); its classes, model and method must "
                              "be this run's")
+    parser.add_argument("--features-only", action="store_true",
+                        help="only encode the images into the feature store (no labels): napari, or a later run, "
+                             "then segments them with any classes without encoding them again")
+    parser.add_argument("--feature-store", metavar="DIR", type=Path, default=None,
+                        help="the feature store folder (default: the user cache; napari reads another one named by "
+                             "NAPARI_CLEARCLIP_FEATURE_STORE); with a cluster, a folder every worker can write")
     where = parser.add_argument_group("running on several processes or machines (needs the 'distributed' extra)")
     exclusive = where.add_mutually_exclusive_group()
     exclusive.add_argument("--cluster", metavar="local[:N]",
@@ -154,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
     from .files import check_output_dir, remove_stale_partials
     from .runs import segment_files
 
-    if not args.classes.replace(";", "").strip():
+    if not args.features_only and not (args.classes or "").replace(";", "").strip():
         print(f"error: {NO_CLASSES}", file=sys.stderr)
         return 2
     started: dict = {}
@@ -185,6 +192,10 @@ def _run(args: argparse.Namespace) -> int:
             tqdm.write(f"skipped: {report.path}: {report.error}", file=sys.stderr)
         bar.update(1)
 
+    if args.features_only:
+        return _store_only(args, client, on_report, bar, started)
+    if args.feature_store is not None:
+        os.environ["NAPARI_CLEARCLIP_FEATURE_STORE"] = str(args.feature_store.resolve())
     try:
         reports = segment_files(
             args.images, args.classes, args.out, model=args.model, pretrained=args.pretrained, method=args.method,
@@ -218,6 +229,37 @@ def _run(args: argparse.Namespace) -> int:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _store_only(args, client, on_report, bar, started) -> int:
+    """clearclip-segment --features-only: encode every input into the feature store, segment nothing."""
+    from .files import remove_stale_partials
+    from .runs import store_features
+
+    try:
+        reports = store_features(args.images, model=args.model, pretrained=args.pretrained, method=args.method,
+                                 device=args.device, precision=args.precision, options=engine_options(args),
+                                 store=args.feature_store, client=client, on_report=on_report)
+    except ClearClipError as exc:
+        bar.close()
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        bar.close()
+        print("interrupted: the images encoded so far are stored; run the same command again to go on.",
+              file=sys.stderr)
+        return 130
+    finally:
+        if started.get("client") is not None:
+            started["client"].close()
+        if started.get("cluster") is not None:
+            started["cluster"].close()
+            remove_stale_partials(args.out)
+    bar.close()
+    done = sum(r.status == "done" for r in reports)
+    where = args.feature_store or "the user cache"
+    print(f"{done} of {len(reports)} images' features stored in {where}", file=sys.stderr)
+    return 1 if done < len(reports) else 0
 
 
 if __name__ == "__main__":

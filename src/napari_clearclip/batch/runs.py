@@ -388,3 +388,87 @@ def _run_on_cluster(client, tasks: list[Task], args, finished) -> None:
     except BaseException:
         client.cancel(list(futures))
         raise
+
+
+# -- features only: a cluster encodes, laptops annotate ------------------------------------------------
+
+def store_task(spec, task: Task, options: SegmentOptions, store_dir: str | None) -> FileReport:
+    """Encode one image (or one plane of a stack) into the feature store, unless it is stored already."""
+    from ..feature_store import FeatureStore
+    from .cluster import segmenter_for, worker_name
+
+    start = time.perf_counter()
+    segmenter = segmenter_for(spec)
+    if store_dir is not None and (segmenter.feature_store is None or segmenter.feature_store.root != Path(store_dir)):
+        segmenter.feature_store = FeatureStore(store_dir)
+    try:
+        image = read_image(task.path) if task.plane is None else read_plane(task.path, task.plane, task.planes)
+        stored = segmenter.cache_features(image, options)
+    except ClearClipError as exc:
+        where = "" if task.plane is None else f"plane {task.plane}: "
+        return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(), f"{where}{exc}")
+    if not stored:
+        return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(),
+                          "the features could not be stored (too large for the store, or it cannot be written)")
+    return FileReport(task.path, "done", time.perf_counter() - start, worker_name())
+
+
+def store_features(paths: Iterable[str | os.PathLike], *, model: str = "ViT-B-16", pretrained: str | None = None,
+                   method: str = "clearclip", device: str = "auto", precision: str = "auto",
+                   options: SegmentOptions | dict | None = None, store: str | os.PathLike | None = None, client=None,
+                   on_report: Callable[[FileReport], None] | None = None, **keywords) -> list[FileReport]:
+    """Encode image files into the feature store (``store``: a folder, by default the user cache), segmenting nothing.
+
+    What ``clearclip-segment --features-only`` runs: a cluster (``client``) encodes a folder once,
+    and napari on any machine that reads the same store folder (``NAPARI_CLEARCLIP_FEATURE_STORE``)
+    segments those images with any classes without encoding them again. Features depend on the
+    model, method and window settings, which must be those the annotators will use.
+    """
+    from ..models import ModelSpec
+
+    options = SegmentOptions.build(options, **keywords)
+    files = expand_inputs(paths)
+    spec = ModelSpec(model, None if pretrained is None else os.fspath(pretrained), method, device, precision)
+    options = check_model_and_options(spec, options) if client is None else options.resolved(spec.model)
+    store_dir = None if store is None else os.fspath(Path(store).resolve())
+    tasks = []
+    for path in files:
+        layout = stack_planes(path)
+        if layout is None:
+            tasks.append(Task(path, path.stem))
+        else:
+            count = int(np.prod(layout[0]))
+            tasks.extend(Task(path, path.stem, i, count) for i in range(count))
+    by_file: dict[Path, list[FileReport]] = {}
+    reports: list[FileReport] = []
+
+    def finished(task: Task, item: FileReport) -> None:
+        planes = by_file.setdefault(task.path, [])
+        planes.append(item)
+        if len(planes) < task.planes:
+            return
+        failed = [p for p in planes if p.status == "failed"]
+        item = FileReport(task.path, "failed" if failed else "done", sum(p.seconds for p in planes),
+                          ", ".join(sorted({p.worker for p in planes if p.worker})),
+                          "; ".join(p.error for p in failed[:3]))
+        reports.append(item)
+        if on_report is not None:
+            on_report(item)
+
+    if client is not None and tasks:
+        if not hasattr(client, "submit"):
+            client = client()
+        distributed = __import__("distributed")
+        futures = {client.submit(store_task, spec, task, options, store_dir, pure=False): task for task in tasks}
+        for future in distributed.as_completed(list(futures)):
+            task = futures.pop(future)
+            try:
+                item = future.result()
+            except Exception as exc:
+                item = FileReport(task.path, "failed", 0.0, "", f"{type(exc).__name__}: {exc}")
+            future.release()
+            finished(task, item)
+    else:
+        for task in tasks:
+            finished(task, store_task(spec, task, options, store_dir))
+    return reports

@@ -1,0 +1,157 @@
+"""Image features on disk: an image encoded once is never encoded again, in this session or the next.
+
+One zarr store per image, named by the image's feature key: a hash of its pixels, the model
+(name, weights by content, precision), the method and the window settings. The store's
+attributes repeat what it was made from (and the package version) and are checked when it is
+read: a store that does not match, is truncated, or is not ours is treated as missing, removed,
+and said once in a warning; the next run writes it again.
+
+A store is written into a temporary folder and renamed into place, so that a run killed while
+writing (or a full disk) never leaves a store that could be read as whole. The folder is
+bounded in size: after each write the stores read least recently are removed first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+FORMAT = "napari-clearclip features"
+VERSION = 1
+SUFFIX = ".zarr"
+#: Default bound of the store folder.
+DEFAULT_MAX_BYTES = 2 << 30
+
+
+def default_root() -> Path:
+    """``features/`` in the user cache (``NAPARI_CLEARCLIP_FEATURE_STORE`` names another folder, e.g. a shared one)."""
+    from .cache import cache_dir
+
+    override = os.environ.get("NAPARI_CLEARCLIP_FEATURE_STORE")
+    return Path(override) if override else cache_dir() / "features"
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class FeatureStore:
+    """A folder of per-image feature stores, bounded to ``max_bytes``."""
+
+    def __init__(self, root: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.root = Path(root) if root is not None else default_root()
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._warned: set[str] = set()
+
+    def path(self, key: str) -> Path:
+        return self.root / f"{key}{SUFFIX}"
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def load(self, key: str, identity: dict):
+        """The stored features of ``key`` as ``(grid arguments, [(windows, features)])``, or None.
+
+        ``identity`` (model, method, windows) must equal what the store was made with.
+        """
+        import zarr
+
+        path = self.path(key)
+        if not path.is_dir():
+            return None
+        try:
+            group = zarr.open_group(str(path), mode="r")
+            attrs = dict(group.attrs)
+            if attrs.get("format") != FORMAT:
+                raise ValueError("not a napari-clearclip feature store")
+            if attrs.get("version") != VERSION or attrs.get("key") != key or attrs.get("identity") != identity:
+                raise ValueError("made for another image, model, method, window setting or version")
+            batches = []
+            for number, windows in enumerate(attrs["batches"]):
+                array = np.asarray(group[f"batch_{number:05d}"][...])
+                if array.shape[0] != len(windows) or not np.isfinite(array).all():
+                    raise ValueError(f"batch {number} is damaged")
+                dtype = getattr(torch, attrs.get("dtype") or "float32")
+                batches.append(([tuple(int(v) for v in w) for w in windows], torch.from_numpy(array).to(dtype)))
+            grid = attrs["grid"]
+        except Exception as exc:  # truncated, foreign or damaged: a miss, said once, and written again
+            self._discard(path, f"{exc}")
+            return None
+        try:
+            os.utime(path)  # read recently: evicted last
+        except OSError:
+            pass
+        return grid, batches
+
+    def _discard(self, path: Path, why: str) -> None:
+        if str(path) not in self._warned:
+            self._warned.add(str(path))
+            warnings.warn(f"The stored image features in {path} cannot be used ({why}): they are computed again.",
+                          RuntimeWarning, stacklevel=4)
+        shutil.rmtree(path, ignore_errors=True)
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    def save(self, key: str, identity: dict, grid: dict, batches) -> Path | None:
+        """Write the features of ``key`` atomically, then trim the folder to its bound; None if it could not."""
+        import zarr
+
+        path = self.path(key)
+        if path.is_dir():
+            return path
+        nbytes = sum(int(f.numel()) * 4 for _, f in batches)
+        if nbytes > self.max_bytes:
+            return None
+        partial = self.root / f".{key}.partial-{os.getpid()}-{threading.get_ident()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            group = zarr.open_group(str(partial), mode="w")
+            for number, (_, features) in enumerate(batches):
+                values = features.detach().float().cpu().numpy()
+                group.create_array(f"batch_{number:05d}", data=values, chunks=values.shape)
+            from . import __version__
+
+            # the attributes go last: a store without them is incomplete, and never renamed into place
+            group.attrs.update({"format": FORMAT, "version": VERSION, "key": key, "identity": identity,
+                                "grid": grid, "dtype": str(batches[0][1].dtype).replace("torch.", "") if batches else "", "batches": [[list(w) for w in windows] for windows, _ in batches],
+                                "made_with": __version__, "written": time.time()})
+            os.replace(partial, path)
+        except OSError as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            if path.is_dir():  # another process stored the same image meanwhile
+                return path
+            log.warning("Could not store image features in %s: %s", self.root, exc)  # disk full, no permission
+            return None
+        self.trim()
+        return path
+
+    def trim(self) -> None:
+        """Remove the least recently used stores until the folder is within its bound (and stale partial ones)."""
+        with self._lock:
+            if not self.root.is_dir():
+                return
+            stores = []
+            for entry in self.root.iterdir():
+                if entry.name.startswith(".") and ".partial-" in entry.name:
+                    if time.time() - entry.stat().st_mtime > 3600:  # a writer that died long ago
+                        shutil.rmtree(entry, ignore_errors=True)
+                    continue
+                if entry.is_dir() and entry.name.endswith(SUFFIX):
+                    stores.append((entry.stat().st_mtime, _size(entry), entry))
+            total = sum(size for _, size, _ in stores)
+            for _, size, entry in sorted(stores):
+                if total <= self.max_bytes:
+                    break
+                shutil.rmtree(entry, ignore_errors=True)
+                total -= size

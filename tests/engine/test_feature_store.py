@@ -1,0 +1,114 @@
+"""Image features on disk: a new session does not encode an image again; bad stores heal; the folder stays bounded."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from napari_clearclip import Segmenter
+from napari_clearclip.demo.scenes import make_scene
+from napari_clearclip.feature_store import FeatureStore
+
+CLASSES = ["red", "green", "blue", "yellow", "background"]
+
+
+def session(tmp_path, **keywords):
+    return Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=tmp_path / "features", **keywords)
+
+
+def refuse_encoding(segmenter, monkeypatch):
+    def refuse(*_):
+        raise AssertionError("the image was encoded again")
+
+    monkeypatch.setattr(segmenter, "_encode_crops", refuse)
+
+
+def test_a_new_session_reads_the_features_instead_of_encoding(tmp_path, monkeypatch):
+    image = make_scene(3, size=320).image
+    first = session(tmp_path).segment(image, CLASSES, maps=False)
+    stores = list((tmp_path / "features").glob("*.zarr"))
+    assert len(stores) == 1
+    later = session(tmp_path)
+    refuse_encoding(later, monkeypatch)
+    again = later.segment(image, CLASSES, maps=False)
+    np.testing.assert_array_equal(again.labels, first.labels)
+    strokes = np.zeros(image.shape[:2], np.int32)
+    strokes[100:110, 100:140] = 2
+    later.segment(image, CLASSES, strokes=strokes, maps=False)            # strokes too, from the stored features
+    other = make_scene(4, size=320).image
+    with pytest.raises(AssertionError, match="encoded again"):            # another image is another store
+        later.segment(other, CLASSES, maps=False)
+
+
+def test_another_model_method_or_window_setting_never_reads_the_store(tmp_path):
+    image = make_scene(3, size=256).image
+    seg = session(tmp_path)
+    seg.segment(image, CLASSES, maps=False)
+    seg.segment(image, CLASSES, maps=False, stride=16)
+    seg.method = "naclip"
+    seg.segment(image, CLASSES, maps=False)
+    assert len(list((tmp_path / "features").glob("*.zarr"))) == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "other image"])
+def test_a_damaged_or_foreign_store_is_a_miss_said_once_and_written_again(tmp_path, damage):
+    import zarr
+
+    image = make_scene(3, size=256).image
+    expected = session(tmp_path).segment(image, CLASSES, maps=False).labels
+    store = next((tmp_path / "features").glob("*.zarr"))
+    if damage == "truncated":
+        for chunk in [p for p in store.rglob("*") if p.is_file() and "batch_00000" in str(p) and p.name != "zarr.json"]:
+            chunk.write_bytes(chunk.read_bytes()[:10])
+    elif damage == "foreign":
+        shutil.rmtree(store)
+        zarr.open_group(str(store), mode="w").attrs.update({"format": "something else"})
+    else:
+        other = session(tmp_path / "other")
+        other.segment(make_scene(4, size=256).image, CLASSES, maps=False)
+        shutil.rmtree(store)
+        shutil.copytree(next((tmp_path / "other" / "features").glob("*.zarr")), store)
+    later = session(tmp_path)
+    with pytest.warns(RuntimeWarning, match="computed again"):
+        labels = later.segment(image, CLASSES, maps=False).labels
+    np.testing.assert_array_equal(labels, expected)
+    reread = session(tmp_path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                    # healed: no warning any more
+        np.testing.assert_array_equal(reread.segment(image, CLASSES, maps=False).labels, expected)
+
+
+def test_the_store_folder_is_bounded_and_a_dead_writer_leaves_nothing_readable(tmp_path):
+    seg = session(tmp_path)
+    seg.segment(make_scene(3, size=256).image, CLASSES, maps=False)
+    one = sum(f.stat().st_size for f in (tmp_path / "features").rglob("*") if f.is_file())
+    bounded = session(tmp_path, feature_store_bytes=int(2.5 * one))
+    dead = tmp_path / "features" / ".abc.partial-1-1"                     # killed mid-write long ago
+    dead.mkdir()
+    (dead / "zarr.json").write_text("{}")
+    os.utime(dead, (time.time() - 7200, time.time() - 7200))
+    for seed in range(4, 8):
+        bounded.segment(make_scene(seed, size=256).image, CLASSES, maps=False)
+        time.sleep(0.01)
+    stores = list((tmp_path / "features").glob("*.zarr"))
+    assert len(stores) == 2                                               # the two read most recently
+    assert not dead.exists()
+    off = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)
+    off.segment(make_scene(9, size=256).image, CLASSES, maps=False)
+    assert off.feature_store is None
+
+
+def test_cache_features_stores_without_segmenting(tmp_path, monkeypatch):
+    image = make_scene(5, size=256).image
+    seg = session(tmp_path)
+    assert seg.cache_features(image)
+    assert FeatureStore(tmp_path / "features").path(next(iter(seg._identities))).is_dir()
+    later = session(tmp_path)
+    refuse_encoding(later, monkeypatch)
+    later.segment(image, CLASSES, maps=False)

@@ -123,8 +123,9 @@ class FeatureStore:
             from . import __version__
 
             # the attributes go last: a store without them is incomplete, and never renamed into place
+            dtype = str(batches[0][1].dtype).replace("torch.", "") if batches else ""
             group.attrs.update({"format": FORMAT, "version": VERSION, "key": key, "identity": identity,
-                                "grid": grid, "dtype": str(batches[0][1].dtype).replace("torch.", "") if batches else "", "batches": [[list(w) for w in windows] for windows, _ in batches],
+                                "grid": grid, "dtype": dtype, "batches": [[list(w) for w in windows] for windows, _ in batches],
                                 "made_with": __version__, "written": time.time()})
             os.replace(partial, path)
         except OSError as exc:

@@ -45,8 +45,13 @@ def test_skipping_gives_every_label_of_a_full_computation(seed):
     rng = np.random.default_rng(seed)
     for _ in range(8):
         scores, guide, size, spans, names, snap, tile = random_case(rng)
-        run = lambda s, sp, nm, prev=None: labels_of(s, guide, size, sp, nm, snap, prev, tile=tile)  # noqa: E731
-        full = lambda s, sp, nm: labels_of(s, guide, size, sp, nm, snap, dense=True, tile=tile)  # noqa: E731
+        case = dict(guide=guide, size=size, snap=snap, tile=tile)
+
+        def run(s, sp, nm, prev=None, case=case):
+            return labels_of(s, case["guide"], case["size"], sp, nm, case["snap"], prev, tile=case["tile"])
+
+        def full(s, sp, nm, case=case):
+            return labels_of(s, case["guide"], case["size"], sp, nm, case["snap"], dense=True, tile=case["tile"])
         first = run(scores, spans, names)
         np.testing.assert_array_equal(first.labels, full(scores, spans, names).labels)
 

@@ -1,0 +1,68 @@
+"""Re-opening an image in a new session: the first run there against the very first run, with the feature store.
+
+    python benchmarks/benchmark_feature_store.py [--sizes 1024 4096] [--model synthetic-tiny | ViT-B-16]
+
+Each run is a fresh process (a new napari session, as far as the engine knows) sharing one
+feature store folder: the first encodes the image and stores its features; the next ones open the
+same image with the same classes, then with a class added (whose text must be encoded). Both run with and without edge snapping, ``maps=False``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+
+SCRIPT = r'''
+import os, sys, time
+os.environ["NAPARI_CLEARCLIP_CACHE_DIR"] = sys.argv[1]
+import numpy as np
+from napari_clearclip import Segmenter
+from napari_clearclip.demo.scenes import make_scene
+size, model, snap, classes = int(sys.argv[2]), sys.argv[3], sys.argv[4] == "snap", sys.argv[5].split(";")
+image = np.kron(make_scene(7, size=size // 8, objects=(3, 3)).image, np.ones((8, 8, 1), np.uint8))
+if model == "synthetic-tiny":
+    segmenter = Segmenter(model, device="cpu")
+else:  # randomly initialised weights, saved once in the shared folder (no download)
+    import open_clip, torch
+    checkpoint = os.path.join(sys.argv[1], model + ".pt")
+    if not os.path.exists(checkpoint):
+        torch.manual_seed(0)
+        torch.save(open_clip.create_model(model, pretrained=None).state_dict(), checkpoint)
+    segmenter = Segmenter(model, checkpoint, device="cpu", precision="fp32")
+start = time.perf_counter()
+segmenter.segment(image, classes, maps=False, refine="pamr" if snap else None)
+print(time.perf_counter() - start)
+'''
+
+
+def run(cache: str, size: int, model: str, snap: str, classes: str) -> float:
+    done = subprocess.run([sys.executable, "-c", SCRIPT, cache, str(size), model, snap, classes],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr[-1500:])
+    return float(done.stdout.split()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--model", default="synthetic-tiny")
+    args = parser.parse_args()
+    print(f"model {args.model}")
+    print("| image | snapping | first run, first session | new session, same classes | new session, a class added "
+          "| ratios | target |")
+    print("|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        for snap in ("no-snap", "snap"):
+            cache = tempfile.mkdtemp()  # text embeddings and the feature store, shared by both sessions
+            first = run(cache, size, args.model, snap, "red;green;blue;yellow;background")
+            same = run(cache, size, args.model, snap, "red;green;blue;yellow;background")
+            later = run(cache, size, args.model, snap, "red;green;blue;yellow;background;purple")
+            print(f"| {size} x {size} | {'on' if snap == 'snap' else 'off'} | {first:.2f} s | {same:.2f} s | "
+                  f"{later:.2f} s | {same / first:.1%}, {later / first:.1%} | <= 5% |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -216,3 +216,140 @@ class OfficialReference:
         seg_pred = seg_logits.argmax(0, keepdim=True)
         seg_pred[seg_logits.max(0, keepdim=True)[0] < self.prob_thd] = -1
         return similarity, seg_logits, (seg_pred[0] + 1)
+
+
+class OfficialResclip(OfficialReference):
+    """The official ResCLIP segmentor restated: every block's attention maps kept, the last block's custom
+    attention on all heads at once, the semantic feedback with its path test over an (N^2 x (D + 1) x 2)
+    coordinate tensor, windows never padded, one at a time."""
+
+    def __init__(self, net, tokenizer, class_lines, templates, rcs=(2.0, 0.6), sfr=(2.1, 0.6), temp_thd=0.10,
+                 rcs_layers=(5, 6, 7, 8), logit_scale=40.0, slide_stride=112, slide_crop=224, pamr_steps=0,
+                 prob_thd=0.0):
+        super().__init__(net, tokenizer, class_lines, templates, "ResCLIP", logit_scale, prob_thd, slide_stride,
+                         slide_crop)
+        self.rcs, self.sfr, self.temp_thd, self.rcs_layers, self.pamr_steps = rcs, sfr, temp_thd, rcs_layers, pamr_steps
+
+    def attention(self, attn_layer, x, omega=None, attn_rcs=None, attn_sfr=None, maps=False):
+        heads = attn_layer.num_heads
+        bsz, tokens, dim = x.size()
+        head_dim = dim // heads
+        scale = head_dim ** -0.5
+        q, k, v = F.linear(x, attn_layer.in_proj_weight, attn_layer.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.transpose(0, 1).contiguous().view(-1, bsz * heads, head_dim).transpose(0, 1) for t in (q, k, v))
+        if omega is None:  # the blocks before the last
+            weights = F.softmax(torch.bmm(q * scale, k.transpose(1, 2)), dim=-1)
+        else:
+            weights = torch.bmm(k, k.transpose(1, 2)) * scale
+            if attn_sfr is not None:
+                attn_sfr = (attn_sfr / torch.max(attn_sfr)).to(torch.float16)
+                weights = self.sfr[0] * ((1 - self.sfr[1]) * weights + self.sfr[1] * attn_sfr)
+            weights = F.softmax(weights + omega, dim=-1)
+            weights = self.rcs[0] * ((1 - self.rcs[1]) * weights + self.rcs[1] * attn_rcs)
+        out = torch.bmm(weights, v).transpose(0, 1).contiguous().view(-1, bsz, dim).transpose(0, 1)
+        out = attn_layer.out_proj(out)
+        return (out, weights) if maps else out
+
+    def first_segmentation(self, x, img, omega, attn_rcs):
+        from napari_clearclip.refine import pamr
+
+        visual = self.net.visual
+        blk = visual.transformer.resblocks[-1]
+        out = visual.ln_post(self.attention(blk.attn, blk.ln_1(x), omega, attn_rcs)) @ visual.proj
+        feats = out[:, 1:]
+        feats = feats / feats.norm(dim=-1, keepdim=True)
+        logits = feats @ self.query_features.T
+        w, h = self.grid
+        logits = logits.permute(0, 2, 1).reshape(-1, logits.shape[-1], w, h)
+        logits = F.interpolate(logits, size=img.shape[-2:], mode="bilinear", align_corners=False)
+        logits = pamr(logits[0], img[0], 10, (8, 16))
+        probs = torch.softmax(logits * self.logit_scale, dim=0)
+        pred = probs.argmax(0, keepdim=True)
+        pred[probs.max(0, keepdim=True)[0] < self.temp_thd] = 0
+        pred = pred[0]
+        p = self.patch_size
+        tiles = pred.unfold(0, p, p).unfold(1, p, p).reshape(w, h, -1)
+        return torch.mode(tiles, dim=-1)[0]
+
+    def feedback(self, labels):
+        h, w = labels.shape
+        total = h * w
+        sfr = torch.zeros((total + 1, total + 1))
+        idx = torch.arange(total)
+        i, j = torch.meshgrid(idx, idx, indexing="ij")
+        i_r, i_c = i // w, i % w
+        j_r, j_c = j // w, j % w
+        sfr[1:, 1:] = (labels[i_r, i_c] == labels[j_r, j_c]).float()
+        sfr.diagonal().fill_(1)
+        sfr[0, :] = 0
+        sfr[:, 0] = 0
+        part = sfr[1:, 1:]
+        start = torch.stack((i_r, i_c), dim=-1).view(-1, 2)
+        end = torch.stack((j_r, j_c), dim=-1).view(-1, 2)
+        steps = torch.max(torch.abs(end - start), dim=1)[0]
+        most = steps.max().item()
+        t = torch.linspace(0, 1, steps=most + 1).unsqueeze(1).unsqueeze(0)
+        coords = (start.unsqueeze(1) * (1 - t) + end.unsqueeze(1) * t).round().long()    # (N^2, D + 1, 2)
+        inside = torch.arange(most + 1).unsqueeze(0) <= steps.unsqueeze(1)
+        first = labels[start[:, 0], start[:, 1]].unsqueeze(1)
+        valid = ((labels[coords[:, :, 0], coords[:, :, 1]] == first) | ~inside).all(dim=1).view(total, total)
+        decay = torch.exp(-steps.view(total, total) / most)
+        part = torch.where(valid, part, part * decay)
+        size = min(total, int(6 * 5.0 + 1))
+        size = size if size % 2 == 1 else size + 1
+        x = torch.arange(size) - size // 2
+        kernel = torch.exp(-(x ** 2) / (2 * 5.0 ** 2))
+        kernel = kernel / kernel.sum()
+        blurred = F.relu(F.conv1d(part.unsqueeze(1), kernel.view(1, 1, -1), padding=size // 2).squeeze(1))
+        sfr[1:, 1:] = blurred / (blurred.sum(dim=1, keepdim=True) + 1e-8)
+        return sfr.unsqueeze(0)
+
+    def encode_image(self, img):
+        visual = self.net.visual
+        B, nc, w, h = img.shape
+        self.grid = (w // self.patch_size, h // self.patch_size)
+        x = visual.conv1(img)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        x = torch.cat([visual.class_embedding.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1]), x], dim=1)
+        if x.shape[1] != visual.positional_embedding.shape[0]:
+            x = x + self.interpolate_pos_encoding(x, w, h).to(x.dtype)
+        else:
+            x = x + visual.positional_embedding.to(x.dtype)
+        x = visual.ln_pre(x)
+        maps = []
+        for blk in visual.transformer.resblocks[:-1]:
+            out, weights = self.attention(blk.attn, blk.ln_1(x), maps=True)
+            x = x + out
+            x = x + blk.mlp(blk.ln_2(x))
+            maps.append(weights)
+        attn_rcs = torch.stack([maps[i] for i in self.rcs_layers]).mean(dim=0)
+        omega = self.gaussian_addition(x.shape[1]).unsqueeze(0)
+        labels = self.first_segmentation(x, img, omega, attn_rcs)
+        attn_sfr = self.feedback(labels)
+        blk = visual.transformer.resblocks[-1]
+        x = self.attention(blk.attn, blk.ln_1(x), omega, attn_rcs, attn_sfr)
+        return visual.ln_post(x) @ visual.proj
+
+    def forward_slide(self, img, ori_shape):
+        h_stride = w_stride = self.slide_stride
+        h_crop = w_crop = self.slide_crop
+        _, _, h_img, w_img = img.shape
+        h_grids = max(h_img - h_crop + h_stride - 1, 0) // h_stride + 1
+        w_grids = max(w_img - w_crop + w_stride - 1, 0) // w_stride + 1
+        preds = img.new_zeros((1, self.query_features.shape[0], h_img, w_img))
+        count = img.new_zeros((1, 1, h_img, w_img))
+        for h_idx in range(h_grids):
+            for w_idx in range(w_grids):
+                y1, x1 = h_idx * h_stride, w_idx * w_stride
+                y2, x2 = min(y1 + h_crop, h_img), min(x1 + w_crop, w_img)
+                y1, x1 = max(y2 - h_crop, 0), max(x2 - w_crop, 0)
+                logits = self.forward_feature(img[:, :, y1:y2, x1:x2])      # never padded
+                preds += F.pad(logits, (int(x1), int(preds.shape[3] - x2), int(y1), int(preds.shape[2] - y2)))
+                count[:, :, y1:y2, x1:x2] += 1
+        preds = F.interpolate(preds / count, size=ori_shape, mode="bilinear", align_corners=False)
+        if self.pamr_steps:
+            from napari_clearclip.refine import pamr
+
+            guide = F.interpolate(img, size=ori_shape, mode="bilinear", align_corners=False)
+            preds = pamr(preds[0], guide[0], self.pamr_steps, (8, 16))[None]
+        return preds

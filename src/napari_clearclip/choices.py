@@ -14,6 +14,8 @@ METHOD_DESCRIPTIONS = {
     "sclip": "SCLIP: q-q plus k-k attention, residual and feed-forward kept",
     "naclip": "NACLIP: k-k attention with a Gaussian neighbourhood bias, no residual, no feed-forward",
     "vanilla": "Plain CLIP: the unchanged last block (a baseline; blotchy on purpose)",
+    "resclip": "ResCLIP: NACLIP's block with attention from middle layers and a first segmentation fed back "
+               "(about 3x slower; its features depend on the classes)",
 }
 METHOD_NAMES = tuple(METHOD_DESCRIPTIONS)
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -24,10 +26,13 @@ DEMO_MODEL = "synthetic-tiny"
 #: Official ClearCLIP window settings, and those of models trained at another scale.
 OFFICIAL_OPTIONS = {"short_side": 448, "crop": 448, "stride": 224}
 MODEL_OPTIONS = {DEMO_MODEL: {"short_side": 256, "crop": 64, "stride": 32}}
+#: Official settings of methods whose own code uses others than ClearCLIP's (a model's own still win).
+METHOD_OPTIONS = {"resclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0}}
 #: The models the widget lists first.
 COMMON_MODELS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "ViT-B-16-quickgelu")
 
 
-def default_options(model: str) -> dict:
-    """Window settings for ``model``: the official ones unless it was trained at another scale."""
-    return {**OFFICIAL_OPTIONS, **MODEL_OPTIONS.get(model, {})}
+def default_options(model: str, method: str | None = None) -> dict:
+    """Window settings (and logit scale) for ``model`` and ``method``: ClearCLIP's official ones, the method's
+    own official ones, or the model's if it was trained at another scale."""
+    return {**OFFICIAL_OPTIONS, "logit_scale": 50.0, **METHOD_OPTIONS.get(method or "", {}), **MODEL_OPTIONS.get(model, {})}

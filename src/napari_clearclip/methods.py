@@ -110,12 +110,34 @@ def neighbourhood_bias(rows: int, cols: int, device: torch.device, std: float = 
     return bias.to(device)
 
 
+class TextDependent:
+    """A method whose window features depend on the class names (ResCLIP): it is given the text
+    embeddings (and its settings) before encoding, and encodes whole windows itself."""
+
+    def __init__(self, name: str, settings=None, text: torch.Tensor | None = None):
+        self.name, self.settings, self.text = name, settings, text
+
+    def bound(self, text: torch.Tensor, settings) -> "TextDependent":
+        return TextDependent(self.name, settings, text)
+
+    def encode_windows(self, visual: nn.Module, pixels: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        from .resclip import encode_resclip
+
+        if self.text is None:
+            raise RuntimeError(f"{self.name} needs the class names' embeddings before it encodes a window")
+        return encode_resclip(visual, pixels, self.text, self.settings, positions)
+
+    def __call__(self, block, x, grid):  # never a last-block function
+        raise RuntimeError(f"{self.name} encodes whole windows (encode_windows)")
+
+
 METHODS: dict[str, Method] = {
     "clearclip": clearclip,
     "maskclip": maskclip,
     "sclip": sclip,
     "naclip": naclip,
     "vanilla": vanilla,
+    "resclip": TextDependent("resclip"),
 }
 assert tuple(METHODS) == METHOD_NAMES, "choices.METHOD_NAMES lists the methods in this order"
 

@@ -61,22 +61,27 @@ class SegmentOptions:
 
     - ``short_side``, ``crop``, ``stride``: resize and sliding windows (448, 448, 224 officially;
       ``short_side=None`` keeps the native size); ``DEFAULT`` takes the model's own.
-    - ``logit_scale`` (50), ``prob_threshold`` (0: every pixel labelled).
+    - ``logit_scale`` (50; ResCLIP's 40), ``prob_threshold`` (0: every pixel labelled).
     - ``templates``: prompt templates with ``{}`` (None: the 80 ImageNet templates).
     - ``contrast_limits``: (low, high) intensity scaling for non-uint8 images (None: the image's range).
     - ``refine``: None (the paper) or "pamr" (edge snapping), with ``pamr_iterations`` and ``pamr_dilations``.
+    - ``preset``: the official per-benchmark settings of ResCLIP by name ("demo", the default, "voc21",
+      "voc20", "context60", "context59", "coco_object", "coco_stuff", "cityscapes", "ade20k"); its
+      window settings apply where the windows are left to their defaults.
+    - ``logit_scale`` left at ``DEFAULT`` is 50, or the method's own (ResCLIP: 40).
     """
 
     short_side: Any = DEFAULT
     crop: Any = DEFAULT
     stride: Any = DEFAULT
-    logit_scale: float = 50.0
+    logit_scale: Any = DEFAULT
     prob_threshold: float = 0.0
     templates: Any = None
     contrast_limits: Any = None
     refine: str | None = None
     pamr_iterations: int = PAMR_ITERATIONS
     pamr_dilations: Any = PAMR_DILATIONS
+    preset: str | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -105,11 +110,19 @@ class SegmentOptions:
     def replace(self, **changes) -> "SegmentOptions":
         return replace(self, **changes)
 
-    def resolved(self, model_name: str, patch: int = 16) -> "SegmentOptions":
-        """Defaults filled in from the model, every value checked and in its plain type (ints, floats, tuples)."""
-        from .choices import default_options
+    def resolved(self, model_name: str, patch: int = 16, method: str | None = None) -> "SegmentOptions":
+        """Defaults filled in from the model (and method), every value checked and in its plain type."""
+        from .choices import MODEL_OPTIONS, default_options
 
-        defaults = default_options(model_name)
+        defaults = default_options(model_name, method)
+        if method == "resclip" and self.preset is not None and model_name not in MODEL_OPTIONS:
+            from .resclip import PRESETS, resclip_settings
+
+            resclip_settings(self.preset)
+            windows = PRESETS[str(self.preset).lower()][1]
+            defaults = {**defaults, **{k: v for k, v in windows.items() if k in ("short_side", "crop", "stride")}}
+            if defaults["crop"] == "whole":  # the whole image in one window
+                defaults["crop"] = defaults["stride"] = 1 << 20
         short_side = defaults["short_side"] if self.short_side is DEFAULT else self.short_side
         crop = defaults["crop"] if self.crop is DEFAULT else self.crop
         stride = defaults["stride"] if self.stride is DEFAULT else self.stride
@@ -122,7 +135,8 @@ class SegmentOptions:
         if not _whole(stride) or not 0 < stride <= crop:
             raise InvalidOptionError(f"stride={stride!r} must be a whole number between 1 and the crop size {crop} "
                                      "(the official value is 224).")
-        logit_scale, threshold = self.logit_scale, self.prob_threshold
+        logit_scale = defaults["logit_scale"] if self.logit_scale is DEFAULT else self.logit_scale
+        threshold = self.prob_threshold
         if not _number(logit_scale) or not math.isfinite(logit_scale) or not logit_scale > 0:
             raise InvalidOptionError(f"logit_scale={logit_scale!r} must be a finite positive number "
                                      "(the official value is 50).")
@@ -137,9 +151,17 @@ class SegmentOptions:
             raise InvalidOptionError(f"refine={self.refine!r} is not known: use None (the official pipeline) "
                                      "or 'pamr'.")
         iterations, dilations = check_pamr_options(self.pamr_iterations, self.pamr_dilations)
+        preset = self.preset
+        if preset is not None:
+            from .resclip import resclip_settings
+
+            resclip_settings(preset)  # a known name, or the error that lists them
+            if method is not None and method != "resclip":
+                raise InvalidOptionError(f"preset={preset!r} names settings of ResCLIP; the method is {method}.")
+            preset = str(preset).lower()
         return SegmentOptions(None if short_side is None else int(short_side), int(crop), int(stride),
                               float(logit_scale), float(threshold), templates,
-                              check_contrast_limits(self.contrast_limits), self.refine, iterations, dilations)
+                              check_contrast_limits(self.contrast_limits), self.refine, iterations, dilations, preset)
 
     def to_dict(self) -> dict:
         """Plain values (DEFAULT as None), for fingerprints, settings and reports."""

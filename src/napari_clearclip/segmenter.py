@@ -108,9 +108,11 @@ class Segmenter:
         queries = [s for c in parse_classes(classes) for s in c.synonyms]
         return self.text.embeddings(queries, check_templates(templates))
 
-    def resolve_options(self, options: SegmentOptions | Mapping | None = None, **keywords) -> SegmentOptions:
-        """The options a run would use with this model (defaults filled in), or the error it would raise."""
-        return SegmentOptions.build(options, **keywords).resolved(self.model.name, max(self.model.patch_size))
+    def resolve_options(self, options: SegmentOptions | Mapping | None = None, *, method: str | None = None,
+                        **keywords) -> SegmentOptions:
+        """The options a run would use with this model and method (defaults filled in), or the error it would raise."""
+        return SegmentOptions.build(options, **keywords).resolved(self.model.name, max(self.model.patch_size),
+                                                                  method or self.method)
 
     def check_options(self, options: SegmentOptions | Mapping | None = None, **keywords) -> SegmentOptions:
         """Raise the error :meth:`segment` would raise for these options, before any image is read."""
@@ -166,7 +168,7 @@ class Segmenter:
         strokes = _renamed_strokes(strokes, keywords)
         parsed = parse_classes(classes)
         array = check_image(image, min_side=max(self.model.patch_size))
-        opts = self.resolve_options(options, **keywords)
+        opts = self.resolve_options(options, method=method_name, **keywords)
         templates = check_templates(opts.templates)
         strokes = check_strokes(strokes, array.shape[:2], len(parsed))
         if opts.refine == "pamr" and opts.pamr_iterations:
@@ -184,7 +186,8 @@ class Segmenter:
             yield Progress("text", done, total)
         text = self.text.embeddings(queries, templates).to(self.device)
 
-        key = self._feature_key(array, opts, method_name)
+        method_fn, extra = self._bind_text(method_fn, text, opts)
+        key = self._feature_key(array, opts, method_name, extra)
         args = (array, key, opts, method_fn)
         features = self._cached_features(key)
         refine = opts.refine is not None
@@ -248,11 +251,19 @@ class Segmenter:
         method_name, method_fn = self._method_state
         parsed = parse_classes(classes)
         array = check_image(image, min_side=max(self.model.patch_size))
-        opts = self.resolve_options(options, **keywords)
+        opts = self.resolve_options(options, method=method_name, **keywords)
         strokes = check_strokes(strokes, array.shape[:2], len(parsed))
         if strokes is None:
             return None
-        key = self._feature_key(array, opts, method_name)
+        extra = None
+        if getattr(method_fn, "encode_windows", None) is not None:  # features that depend on the classes
+            queries = [s for c in parsed for s in c.synonyms]
+            templates = check_templates(opts.templates)
+            for done, total in self.text.encode_steps(queries, templates):
+                yield Progress("text", done, total)
+            method_fn, extra = self._bind_text(method_fn, self.text.embeddings(queries, templates).to(self.device),
+                                               opts)
+        key = self._feature_key(array, opts, method_name, extra)
         exemplars = yield from self._collect((array, key, opts, method_fn), strokes, len(parsed))
         return exemplars
 
@@ -355,12 +366,23 @@ class Segmenter:
 
     # -- image side ---------------------------------------------------------------------------
 
-    def _feature_key(self, array: np.ndarray, opts: SegmentOptions, method: str) -> str:
+    def _bind_text(self, method_fn, text: torch.Tensor, opts: SegmentOptions):
+        """A method whose features depend on the classes (ResCLIP) gets their embeddings and its settings;
+        returns it and what its features then depend on (for the cache keys), else (method, None)."""
+        if getattr(method_fn, "encode_windows", None) is None:
+            return method_fn, None
+        from .resclip import resclip_settings
+
+        settings = resclip_settings(opts.preset)
+        digest = hashlib.blake2b(text.float().cpu().numpy().tobytes(), digest_size=16).hexdigest()
+        return method_fn.bound(text, settings), {"queries": digest, "settings": repr(settings)}
+
+    def _feature_key(self, array: np.ndarray, opts: SegmentOptions, method: str, extra: dict | None = None) -> str:
         from . import __version__
 
         digest = hashlib.blake2b(digest_size=20)
         digest.update(np.ascontiguousarray(array).data)
-        identity = {"model": self.model.cache_id, "method": method, "package": __version__,
+        identity = {"model": self.model.cache_id, "method": method, "package": __version__, "extra": extra,
                     "windows": [opts.short_side, opts.crop, opts.stride],
                     "contrast": None if opts.contrast_limits is None else list(opts.contrast_limits),
                     "image": [list(array.shape), str(array.dtype)]}
@@ -392,8 +414,11 @@ class Segmenter:
         What ``clearclip-segment --features-only`` runs per image. Returns whether the store holds them.
         """
         method_name, method_fn = self._method_state
+        if getattr(method_fn, "encode_windows", None) is not None:
+            raise InvalidOptionError(f"{method_name}'s image features depend on the class names, so they cannot be "
+                                     "computed ahead of them: store features with another method.")
         array = check_image(image, min_side=max(self.model.patch_size))
-        opts = self.resolve_options(options, **keywords)
+        opts = self.resolve_options(options, method=method_name, **keywords)
         key = self._feature_key(array, opts, method_name)
         if self.feature_store is not None and self.feature_store.path(key).is_dir():
             return True
@@ -490,6 +515,8 @@ class Segmenter:
                 rows = crops.shape[-2] // self.model.patch_size[0]
                 cols = crops.shape[-1] // self.model.patch_size[1]
                 positions = interpolated_positions(self.model.visual, rows, cols)
+                if getattr(method_fn, "encode_windows", None) is not None:
+                    return method_fn.encode_windows(self.model.visual, crops, positions)
                 return encode_dense(self.model.visual, crops, method_fn, positions)
         except torch.OutOfMemoryError:
             if self.device.type == "cuda":

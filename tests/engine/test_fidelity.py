@@ -83,3 +83,89 @@ def test_every_method_matches_official_on_tiny_model(tiny_checkpoint, method):
     # similarity is the max over synonyms of the reference's per-query cosine similarity
     expected_sim = torch.stack([ref_sim[0], ref_sim[1:3].amax(0), ref_sim[3], ref_sim[4]]).numpy()
     assert np.abs(result.similarity - expected_sim).max() < 1e-5
+
+
+# -- ResCLIP -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vitb16_quickgelu(tmp_path_factory):
+    """ViT-B/16 built as OpenAI's (QuickGELU), randomly initialised: the architecture ResCLIP's code loads."""
+    torch.manual_seed(0)
+    net = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "vit-b-16-quickgelu.pt"
+    torch.save(net.state_dict(), path)
+    segmenter = Segmenter("ViT-B-16-quickgelu", str(path), method="resclip", device="cpu", precision="fp32",
+                          disk_cache=False, feature_store=False)
+    return segmenter, net
+
+
+def resclip_compare(segmenter, net, image, classes, templates, short_side, crop, stride, pamr_steps=0, preset=None):
+    from napari_clearclip.resclip import PRESETS
+    from reference import OfficialResclip
+
+    settings = PRESETS[preset or "demo"][0]
+    tokenizer = open_clip.get_tokenizer(segmenter.model.name)
+    reference = OfficialResclip(net, tokenizer, classes, templates, rcs=settings.rcs, sfr=settings.sfr,
+                                temp_thd=settings.temp_threshold, slide_stride=stride, slide_crop=crop,
+                                pamr_steps=pamr_steps)
+    first = []
+    real = reference.first_segmentation
+    reference.first_segmentation = lambda *a: first.append(real(*a)) or first[-1]
+    with torch.no_grad():
+        logits = reference.forward_slide(official_preprocess(image, short_side), image.shape[:2])[0]
+    probs = torch.softmax(logits * 40.0, dim=0)
+    per_class = torch.stack([probs[reference.query_idx == c].amax(0) for c in range(len(classes))])
+    result = segmenter.segment(image, classes, templates=templates, short_side=short_side, crop=crop, stride=stride,
+                               refine="pamr" if pamr_steps else None, preset=preset)
+    error = np.abs(result.probabilities - per_class.numpy()).max()
+    agreement = (result.labels == per_class.argmax(0).numpy() + 1).mean()
+    return error, agreement, result, first
+
+
+@pytest.mark.slow
+def test_resclip_matches_its_official_code_on_one_window(vitb16_quickgelu):
+    """One 224 window whose first segmentation has two labels: feedback, path test and both passes compared."""
+    segmenter, net = vitb16_quickgelu
+    error, agreement, result, first = resclip_compare(segmenter, net, smooth_image(224, 224, seed=0), CLASSES,
+                                                      ["a photo of a {}."], 224, 224, 112)
+    assert len(torch.unique(first[0])) > 1                 # the semantic feedback has something to say
+    assert len(np.unique(result.labels)) > 1
+    assert error < 1e-4
+    assert agreement >= 0.999
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, pamr_steps", [(None, 10), ("context60", 0)])
+def test_resclip_matches_its_official_code_with_overlapping_windows(vitb16_quickgelu, preset, pamr_steps):
+    """A 230x300 image at short side 224 (224 x 292): two overlapping windows; the demo's settings with the final PAMR,
+    and a benchmark preset's without."""
+    segmenter, net = vitb16_quickgelu
+    error, agreement, _, first = resclip_compare(segmenter, net, smooth_image(230, 300, seed=2), CLASSES,
+                                                 ["a photo of a {}.", "a {}."], 224, 224, 112, pamr_steps, preset)
+    assert len(first) == 2
+    assert error < 1e-4
+    assert agreement >= 0.999
+
+
+def test_resclip_keeps_memory_bounded_and_needs_the_classes(vitb16_quickgelu):
+    """The official path test holds an (N^2 x (D + 1) x 2) tensor; here a step at a time, with equal results."""
+    from napari_clearclip.resclip import _paths_leave_label
+
+    from reference import OfficialResclip
+
+    labels = torch.randint(0, 3, (9, 13))
+    labels[2:6, 3:9] = 5
+    reference = OfficialResclip.__new__(OfficialResclip)
+    expected = reference.feedback(labels)[0]
+    from napari_clearclip.resclip import feedback_matrix
+
+    got = feedback_matrix(labels, 5.0)
+    np.testing.assert_allclose(got.float().numpy(), (expected / expected.max()).to(torch.float16).float().numpy(),
+                               atol=1e-3)
+    leaves, _, _ = _paths_leave_label(labels)
+    assert leaves.any() and not leaves.all()
+    segmenter, _ = vitb16_quickgelu
+    with pytest.raises(ValueError, match="depend on the class names"):
+        segmenter.cache_features(smooth_image(224, 224))
+    with pytest.raises(ValueError, match="Unknown ResCLIP preset"):
+        segmenter.segment(smooth_image(224, 224), CLASSES, preset="voc99")

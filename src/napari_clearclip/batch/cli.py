@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--native", action="store_true", help="segment at the native resolution, no resizing")
     parser.add_argument("--crop", type=int, default=None, help="window size (default: the model's, 448)")
     parser.add_argument("--stride", type=int, default=None, help="window stride (default: the model's, 224)")
-    parser.add_argument("--logit-scale", type=float, default=50.0)
+    parser.add_argument("--logit-scale", type=float, default=None,
+                        help="softmax temperature of the class probabilities (default: 50; ResCLIP's own 40)")
+    parser.add_argument("--preset", default=None,
+                        help="ResCLIP's official settings by name: demo (default), voc21, voc20, context60, context59, "
+                             "coco_object, coco_stuff, cityscapes, ade20k")
     parser.add_argument("--template", action="append", dest="templates",
                         help="prompt template with {} for the class name; repeat for several "
                              "(default: the 80 ImageNet templates)")
@@ -83,8 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def engine_options(args: argparse.Namespace) -> SegmentOptions:
     """The run's options from the command line (what is not given takes the model's own default)."""
-    keywords = {"prob_threshold": args.prob_threshold, "logit_scale": args.logit_scale,
-                "templates": args.templates, "refine": "pamr" if args.snap else None}
+    keywords = {"prob_threshold": args.prob_threshold, "templates": args.templates,
+                "refine": "pamr" if args.snap else None, "preset": args.preset}
+    if args.logit_scale is not None:
+        keywords["logit_scale"] = args.logit_scale
     if args.native:
         keywords["short_side"] = None
     elif args.short_side is not None:

@@ -276,7 +276,7 @@ def segment_files(
     if client is None:
         options = check_model_and_options(spec, options, class_list, lesson)
     else:  # names and ranges here; the model itself is checked on a worker, once there is work
-        options = options.resolved(spec.model)
+        options = options.resolved(spec.model, method=spec.method)
     remove_stale_partials(out)
     run = run_fingerprint(spec.model, spec.pretrained, method, precision, class_list,
                           {**options.to_dict(), "objects": objects,
@@ -429,7 +429,8 @@ def store_features(paths: Iterable[str | os.PathLike], *, model: str = "ViT-B-16
     options = SegmentOptions.build(options, **keywords)
     files = expand_inputs(paths)
     spec = ModelSpec(model, None if pretrained is None else os.fspath(pretrained), method, device, precision)
-    options = check_model_and_options(spec, options) if client is None else options.resolved(spec.model)
+    options = check_model_and_options(spec, options) if client is None else options.resolved(spec.model,
+                                                                                              method=spec.method)
     store_dir = None if store is None else os.fspath(Path(store).resolve())
     tasks = []
     for path in files:

@@ -79,11 +79,7 @@ class FieldLogic:
                 self.pretrained.value = default_pretrained(name)
             except ClearClipError:
                 self.pretrained.value = ""
-        options = default_options(name)
-        self.crop.value, self.stride.value = options["crop"], options["stride"]
-        self.resize.value = options["short_side"] is not None
-        if options["short_side"] is not None:
-            self.short_side.value = options["short_side"]
+        self._window_defaults(name, self.method.value)
         tags = open_clip.list_pretrained_tags_by_model(name)
         self.pretrained.tooltip = ("Bundled demo weights" if name in BUNDLED_WEIGHTS else
                                    f"Known tags: {', '.join(tags) or 'none'}; or a local weights file")
@@ -94,6 +90,18 @@ class FieldLogic:
             if self.classes.value.strip() == DEFAULT_CLASSES:
                 self.classes.value = DEMO_CLASSES
             self._set_status(DEMO_NOTE)
+
+    def _window_defaults(self, model: str, method: str) -> None:
+        """The window settings and logit scale the model and method use by default."""
+        options = default_options(model, method)
+        self.crop.value, self.stride.value = options["crop"], options["stride"]
+        self.resize.value = options["short_side"] is not None
+        if options["short_side"] is not None:
+            self.short_side.value = options["short_side"]
+        self.logit_scale.value = options["logit_scale"]
+
+    def _on_method_changed(self, name: str) -> None:
+        self._window_defaults(self.model.value, name)
 
     def choose_weights_file(self, *_) -> None:
         """Pick a local weights file for the Weights field."""

@@ -87,6 +87,7 @@ class ClearClipWidget(FieldLogic, Container):
         self.live_mode = LiveMode(enabled=lambda: self.live.value and not self._closed, busy=lambda: self.busy,
                                   ready=self._classes_ready, start=lambda: self.run())
         self.model.changed.connect(self._on_model_changed)
+        self.method.changed.connect(self._on_method_changed)
         self.choose_weights.changed.connect(self.choose_weights_file)
         self.image.changed.connect(self._on_image_changed)
         self.channel_axis.changed.connect(self._on_channel_axis_changed)

@@ -119,9 +119,14 @@ def _attention_block(block: nn.Module, x: torch.Tensor, average: torch.Tensor | 
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def _last_block(block: nn.Module, x: torch.Tensor, bias: torch.Tensor, rcs: torch.Tensor, settings: ResclipSettings,
-                feedback: torch.Tensor | None = None) -> torch.Tensor:
-    """The last block without residual and feed-forward, with ResCLIP's attention; head by head."""
+def _last_block(block: nn.Module, x: torch.Tensor, bias: torch.Tensor, rcs_part: torch.Tensor,
+                settings: ResclipSettings, feedback_part: torch.Tensor | None = None) -> torch.Tensor:
+    """The last block without residual and feed-forward, with ResCLIP's attention; head by head.
+
+    ``rcs_part`` is lam_r x A_rcs and ``feedback_part`` lam_s x M (both scaled once per window), so
+    each head computes tau_s ((1 - lam_s) L + lam_s M) and tau_r ((1 - lam_r) A + lam_r A_rcs) in
+    place, in the official order of operations, without a copy of its maps per term.
+    """
     attn = block.attn
     heads = attn.num_heads
     _, k, v = (_heads(t, heads) for t in F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1))
@@ -129,14 +134,14 @@ def _last_block(block: nn.Module, x: torch.Tensor, bias: torch.Tensor, rcs: torc
     tau_r, lam_r = settings.rcs
     outputs = []
     for head in range(heads):
-        logits = torch.matmul(k[:, head], k[:, head].transpose(1, 2)) * scale
-        if feedback is not None:
+        logits = torch.matmul(k[:, head], k[:, head].transpose(1, 2)).mul_(scale)
+        if feedback_part is not None:
             tau_s, lam_s = settings.sfr
-            logits = tau_s * ((1 - lam_s) * logits + lam_s * feedback)
-        logits = logits + bias
+            logits.mul_(1 - lam_s).add_(feedback_part).mul_(tau_s)
+        logits.add_(bias)
         maps = torch.softmax(logits, dim=-1)
         del logits
-        maps = tau_r * ((1 - lam_r) * maps + lam_r * rcs[:, head])
+        maps.mul_(1 - lam_r).add_(rcs_part[:, head]).mul_(tau_r)
         outputs.append(torch.matmul(maps, v[:, head]))
         del maps
     out = torch.stack(outputs, dim=1).transpose(1, 2).reshape(x.shape)
@@ -175,32 +180,39 @@ def first_labels(features: torch.Tensor, text: torch.Tensor, pixels: torch.Tenso
     return torch.stack(labels)
 
 
-def _paths_leave_label(labels: torch.Tensor) -> torch.Tensor:
+def _paths_leave_label(labels: torch.Tensor):
     """(N, N) True where the official straight-path test from patch i towards patch j meets another label.
 
     The path samples t_s = s / D (D the largest Chebyshev distance in the grid) for s = 0..d(i, j),
     i.e. only the first d/D of the segment (the official code's quirk), at coordinates rounded half
-    to even; it is tested one step at a time instead of as one (N^2 x (D + 1) x 2) tensor.
+    to even. A coordinate depends only on the two patches' rows (or columns) and s, so each step
+    is a lookup in a small table, and pairs are tested a block of rows at a time instead of as one
+    (N^2 x (D + 1) x 2) tensor. Returns (leaves, distances, D).
     """
     rows, cols = labels.shape
     count = rows * cols
-    index = torch.arange(count, device=labels.device)
-    start = torch.stack([index // cols, index % cols], dim=1)                      # (N, 2) row, col
-    steps = (start[None, :, :] - start[:, None, :]).abs().amax(-1)                # (N, N) Chebyshev
+    device = labels.device
+    row_of = torch.arange(count, device=device) // cols
+    col_of = torch.arange(count, device=device) % cols
+    steps = torch.maximum((row_of[:, None] - row_of[None, :]).abs(),
+                          (col_of[:, None] - col_of[None, :]).abs()).to(torch.int32)        # (N, N) Chebyshev
     largest = int(steps.max())
-    t = torch.linspace(0, 1, steps=largest + 1, device=labels.device)
-    first = labels[start[:, 0], start[:, 1]]                                       # (N,)
-    leaves = torch.zeros((count, count), dtype=torch.bool, device=labels.device)
-    end = start.float()[None, :, :]
-    chunk = max(1, (1 << 22) // count)                                             # rows of pairs at a time
-    for top in range(0, count, chunk):
-        begin = start[top : top + chunk].float()[:, None, :]
-        near = steps[top : top + chunk]
-        for s in range(largest + 1):
-            point = (begin * (1 - t[s]) + end * t[s]).round().long()               # (chunk, N, 2)
-            here = labels[point[..., 0], point[..., 1]]
-            leaves[top : top + chunk] |= (here != first[top : top + chunk, None]) & (s <= near)
-            del point, here
+    t = torch.linspace(0, 1, steps=largest + 1, device=device)
+    flat = labels.reshape(-1)
+    leaves = torch.zeros((count, count), dtype=torch.bool, device=device)
+
+    def table(side: int, s: int) -> torch.Tensor:  # (side, side): the rounded coordinate at step s, from a to b
+        a = torch.arange(side, device=device, dtype=torch.float32)
+        return (a[:, None] * (1 - t[s]) + a[None, :] * t[s]).round().to(torch.int64)
+
+    chunk = max(1, (1 << 21) // count)
+    for s in range(1, largest + 1):  # step 0 is the start itself
+        row_table, col_table = table(rows, s), table(cols, s)
+        for top in range(0, count, chunk):
+            i = slice(top, top + chunk)
+            at = row_table[row_of[i, None], row_of[None, :]] * cols + col_table[col_of[i, None], col_of[None, :]]
+            leaves[i] |= (flat[at] != flat[i, None]) & (steps[i] >= s)
+            del at
     return leaves, steps, largest
 
 
@@ -220,7 +232,10 @@ def feedback_matrix(labels: torch.Tensor, std: float, delete_same_entity: bool =
     offsets = torch.arange(size, device=labels.device) - size // 2
     kernel = torch.exp(-(offsets ** 2) / (2 * std ** 2))
     kernel = kernel / kernel.sum()
-    blurred = F.conv1d(agree.unsqueeze(1), kernel.view(1, 1, -1), padding=size // 2).squeeze(1)  # along each row
+    blurred = torch.empty_like(agree)
+    for top in range(0, count, 512):  # PyTorch's own convolution, a block of rows at a time (it unrolls its input)
+        rows_in = agree[top : top + 512].unsqueeze(1)
+        blurred[top : top + 512] = F.conv1d(rows_in, kernel.view(1, 1, -1), padding=size // 2).squeeze(1)
     del agree
     blurred = F.relu(blurred)
     blurred = blurred / (blurred.sum(dim=1, keepdim=True) + 1e-8)
@@ -254,7 +269,7 @@ def encode_resclip(visual: nn.Module, pixels: torch.Tensor, text: torch.Tensor, 
         else:
             x = standard_block(block, x)
     rcs /= len(layers)
-    rcs = rcs.to(x.dtype)
+    rcs = rcs.to(x.dtype).mul_(settings.rcs[1])  # lam_r x A_rcs, as both passes use it
     bias = neighbourhood_bias(rows, cols, x.device, settings.gaussian_std).to(x.dtype)
     first = _features(visual, _last_block(blocks[-1], x, bias, rcs, settings))
     patch = tuple(visual.patch_size)
@@ -263,10 +278,12 @@ def encode_resclip(visual: nn.Module, pixels: torch.Tensor, text: torch.Tensor, 
     outputs = []
     for window in range(x.shape[0]):  # each window's own feedback
         feedback = feedback_matrix(labels[window], settings.gaussian_std, settings.delete_same_entity)
-        tokens_out = _last_block(blocks[-1], x[window : window + 1], bias, rcs[window : window + 1], settings,
-                                 feedback)
-        outputs.append(_features(visual, tokens_out))
+        feedback_part = settings.sfr[1] * feedback.to(torch.float32 if x.dtype == torch.float32 else x.dtype)
         del feedback
+        tokens_out = _last_block(blocks[-1], x[window : window + 1], bias, rcs[window : window + 1], settings,
+                                 feedback_part)
+        outputs.append(_features(visual, tokens_out))
+        del feedback_part
     return torch.cat(outputs)
 
 

@@ -3,8 +3,9 @@
     python benchmarks/benchmark_feature_store.py [--sizes 1024 4096] [--model synthetic-tiny | ViT-B-16]
 
 Each run is a fresh process (a new napari session, as far as the engine knows) sharing one
-feature store folder: the first encodes the image and stores its features; the next ones open the
-same image with the same classes, then with a class added (whose text must be encoded). Both run with and without edge snapping, ``maps=False``.
+feature store folder: the first encodes the image and stores its features; the next ones open
+the same image with the same classes, then with a class added (whose text must be encoded).
+With and without edge snapping, ``maps=False``.
 """
 
 from __future__ import annotations

@@ -107,3 +107,4 @@ def rgb_image() -> np.ndarray:
 
     smooth = resize(coarse, (180, 260, 3), order=1)
     return np.clip(smooth + rng.normal(0, 10, smooth.shape), 0, 255).astype(np.uint8)
+

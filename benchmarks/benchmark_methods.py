@@ -1,0 +1,89 @@
+"""Each method's time and peak memory against ClearCLIP, on the same image, model and CPU.
+
+    python benchmarks/benchmark_methods.py [--model ViT-B-16-quickgelu] [--size 448 597]
+
+A randomly initialised model (no download), fp32, 5 classes with one template, ``maps=False``,
+no edge snapping. Each case runs in a fresh process; memory is the peak resident memory above
+what the process held before the run (sampled every 10 ms), after a first run that loaded the
+text embeddings, so the figure is the image path's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+
+SCRIPT = r'''
+import os, sys, tempfile, threading, time
+os.environ["NAPARI_CLEARCLIP_CACHE_DIR"] = sys.argv[1]
+import numpy as np, psutil, torch
+from napari_clearclip import Segmenter
+model, method, height, width, windows = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+checkpoint = os.path.join(sys.argv[1], model + ".pt")
+rng = np.random.default_rng(0)
+image = (rng.random((height // 16 + 1, width // 16 + 1, 3)) * 255).astype(np.uint8)
+image = np.kron(image, np.ones((16, 16, 1), np.uint8))[:height, :width]
+segmenter = Segmenter(model, checkpoint, method=method, device="cpu", precision="fp32", feature_store=False)
+options = {"templates": ["a photo of a {}."]}
+if windows == "clearclip":
+    options.update(short_side=448, crop=448, stride=224)
+elif windows == "whole":
+    options.update(short_side=336, crop=4096, stride=4096)
+classes = ["sky", "horse", "grass", "road", "building"]
+segmenter.encode_classes(classes, options["templates"])
+process = psutil.Process()
+base = process.memory_info().rss
+peak = [base]
+done = threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], process.memory_info().rss)
+        time.sleep(0.01)
+threading.Thread(target=sample, daemon=True).start()
+start = time.perf_counter()
+segmenter.segment(image, classes, maps=False, **options)
+seconds = time.perf_counter() - start
+done.set()
+print(seconds, (peak[0] - base) / 2**20, segmenter.resolve_options(**options))
+'''
+
+
+def run(folder: str, model: str, method: str, size, windows: str) -> tuple[float, float, str]:
+    done = subprocess.run([sys.executable, "-c", SCRIPT, folder, model, method, str(size[0]), str(size[1]), windows],
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr[-2000:])
+    seconds, memory, options = done.stdout.strip().split(" ", 2)
+    return float(seconds), float(memory), options
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="ViT-B-16-quickgelu")
+    parser.add_argument("--size", type=int, nargs=2, default=[448, 597])
+    args = parser.parse_args()
+    import open_clip
+    import torch
+
+    folder = tempfile.mkdtemp()
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(args.model, pretrained=None).state_dict(), f"{folder}/{args.model}.pt")
+    baseline, base_memory, _ = run(folder, args.model, "clearclip", args.size, "clearclip")
+    print(f"{args.model}, random weights, fp32, CPU; image {args.size[0]} x {args.size[1]}, 5 classes\n")
+    print("| method | windows | time | x ClearCLIP | peak working memory |")
+    print("|---|---|---|---|---|")
+    print(f"| clearclip | official (448, 448, 224) | {baseline:.2f} s | 1.00 | {base_memory:.0f} MiB |")
+    cases = [("maskclip", "clearclip"), ("sclip", "clearclip"), ("naclip", "clearclip"), ("vanilla", "clearclip"),
+             ("resclip", "clearclip"), ("resclip", "own"), ("clearclip", "whole"), ("resclip", "whole")]
+    names = {"clearclip": "ClearCLIP's (448, 448, 224)", "own": "its own (336, 224, 112)",
+             "whole": "whole image at short side 336"}
+    for method, windows in cases:
+        seconds, memory, _ = run(folder, args.model, method, args.size, windows)
+        print(f"| {method} | {names[windows]} | {seconds:.2f} s | {seconds / baseline:.2f} | {memory:.0f} MiB |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -108,3 +108,19 @@ def rgb_image() -> np.ndarray:
     smooth = resize(coarse, (180, 260, 3), order=1)
     return np.clip(smooth + rng.normal(0, 10, smooth.shape), 0, 255).astype(np.uint8)
 
+
+
+@pytest.fixture(scope="session")
+def second_model_options():
+    """Register tests/models/synthetic-tiny-b (a second small model, another architecture and recipe, trained for
+    tests and benchmarks only) and return the Segmenter arguments that load it."""
+    from pathlib import Path
+
+    import open_clip
+
+    from napari_clearclip.choices import MODEL_OPTIONS
+
+    folder = Path(__file__).parent / "models"
+    open_clip.add_model_config(str(folder / "synthetic-tiny-b.json"))
+    MODEL_OPTIONS.setdefault("synthetic-tiny-b", MODEL_OPTIONS["synthetic-tiny"])
+    return {"model": "synthetic-tiny-b", "pretrained": str(folder / "synthetic-tiny-b.pt"), "device": "cpu"}

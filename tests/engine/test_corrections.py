@@ -154,9 +154,18 @@ def shapes_scene():
     return np.clip(image, 0, 255).astype(np.uint8), truth
 
 
-def test_a_stroke_on_one_blue_object_turns_the_other_blue_object_too(demo):
+@pytest.fixture(scope="module", params=["synthetic-tiny", "synthetic-tiny-b"])
+def either_model(request, second_model_options):
+    """The demo model, on which the exemplar strength was chosen, and a second one that played no part in it."""
+    if request.param == "synthetic-tiny":
+        return Segmenter("synthetic-tiny", device="cpu"), "debris"
+    return Segmenter(**second_model_options), "dust"   # a word this model does not place on blue either
+
+
+def test_a_stroke_on_one_blue_object_turns_the_other_blue_object_too(either_model):
+    demo, word = either_model
     image, truth = shapes_scene()
-    classes = ["debris", "red", "background"]       # the text alone calls the blue squares background
+    classes = [word, "red", "background"]           # the text alone does not call the blue squares that
     before = demo.segment(image, classes, maps=False).labels
     other = (slice(128, 160), slice(128, 160))                      # inside the unpainted blue square
     assert np.mean(before[other] == 1) < 0.5                         # the text alone does not find it
@@ -166,7 +175,11 @@ def test_a_stroke_on_one_blue_object_turns_the_other_blue_object_too(demo):
     assert np.mean(after[other] == 1) > 0.9                          # the other square follows the stroke
     assert np.all(after[44:52, 44:52] == 1)
     unlike = truth != 1                                              # red square and background: unlike the stroke
-    assert np.mean(after[unlike] == before[unlike]) > 0.97
+    kept = np.mean(after[unlike] == before[unlike])
+    if demo.model.name == "synthetic-tiny":
+        assert kept > 0.97                                           # the target, on the model the strength was chosen on
+    else:  # the held-out model keeps 96.9%: short of the 97% target (docs/benchmarks.md), and must not get worse
+        assert kept > 0.965
 
 
 def test_strokes_with_edge_snapping_reach_the_object_edges(demo):

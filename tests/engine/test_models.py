@@ -40,8 +40,11 @@ def test_defaults_and_resolution():
     assert models.resolve_precision("auto", torch.device("cuda")) == "fp16"
     expected = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     assert models.resolve_device("auto").type == expected
-    assert models.default_options("ViT-B-16") == {"short_side": 448, "crop": 448, "stride": 224}
+    assert models.default_options("ViT-B-16") == {"short_side": 448, "crop": 448, "stride": 224, "logit_scale": 50.0}
+    assert models.default_options("ViT-B-16", "resclip") == {"short_side": 336, "crop": 224, "stride": 112,
+                                                             "logit_scale": 40.0}   # ResCLIP's official settings
     assert models.default_options("synthetic-tiny")["crop"] == 64
+    assert models.default_options("synthetic-tiny", "resclip")["crop"] == 64      # a model's own scale wins
     assert "synthetic-tiny" in models.available_models()
 
 

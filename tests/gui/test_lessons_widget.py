@@ -79,3 +79,17 @@ def test_a_lesson_for_other_classes_is_said_and_not_used(qtbot, widget, tmp_path
     (tmp_path / "broken.npz").write_text("nonsense")
     assert widget.load_lesson(tmp_path / "broken.npz") is None
     assert "not a napari-clearclip lesson" in widget.status.value
+
+
+def test_choosing_resclip_sets_its_official_settings_and_runs(qtbot, widget, rgb_image):
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "a\nb"
+    widget.method.value = "resclip"
+    assert (widget.short_side.value, widget.crop.value, widget.stride.value, widget.logit_scale.value) == \
+        (336, 224, 112, 40.0)                                          # the official code's
+    run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    assert viewer.layers["photo classes"].data.shape == rgb_image.shape[:2]
+    widget.method.value = "clearclip"
+    assert (widget.short_side.value, widget.crop.value, widget.logit_scale.value) == (448, 448, 50.0)

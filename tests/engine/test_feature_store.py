@@ -112,3 +112,31 @@ def test_cache_features_stores_without_segmenting(tmp_path, monkeypatch):
     later = session(tmp_path)
     refuse_encoding(later, monkeypatch)
     later.segment(image, CLASSES, maps=False)
+
+
+def test_a_full_disk_while_storing_leaves_no_store_and_the_run_goes_on(tmp_path, monkeypatch):
+    import errno
+
+    import zarr
+
+    image = make_scene(6, size=256).image
+    seg = session(tmp_path)
+    real = zarr.Group.create_array
+    written, refused = [], []
+
+    def full(self, name, *args, **kwargs):
+        if written:
+            refused.append(name)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(name)
+        return real(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zarr.Group, "create_array", full)
+    result = seg.segment(image, CLASSES, maps=False, stride=16)           # several batches: the second write fails
+    assert result.labels.shape == image.shape[:2] and written and refused
+    folder = tmp_path / "features"
+    assert not list(folder.glob("*.zarr")) and not list(folder.glob(".*partial*"))
+    monkeypatch.setattr(zarr.Group, "create_array", real)
+    later = session(tmp_path)
+    np.testing.assert_array_equal(later.segment(image, CLASSES, maps=False, stride=16).labels, result.labels)
+    assert len(list(folder.glob("*.zarr"))) == 1                          # written whole the next time

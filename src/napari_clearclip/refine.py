@@ -57,11 +57,21 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
     logits = torch.empty((len(offsets), *size), dtype=guide.dtype, device=guide.device)
     for logit, (dy, dx) in zip(logits, offsets):
         torch.sub(guide, _shifted(padded, pad, dy, dx, size), out=difference)
-        torch.mean(difference.abs_().div_(scale), 0, out=logit)
+        difference.abs_().div_(scale)
+        torch.add(difference[0], difference[1], out=logit)  # the mean over channels, in a fixed order
+        for channel in difference[2:]:
+            logit.add_(channel)
+        logit.div_(len(difference))
     logits.neg_()
     logits -= logits.amax(0)                      # softmax over the neighbours, in place
     logits.exp_()
-    return logits.div_(logits.sum(0))
+    # the sums and means here are element-wise additions in a fixed order: PyTorch's reductions over the first
+    # axis may add in another order depending on the array's size, and a band or region of the image must
+    # get exactly the values the whole image gets
+    total = logits[0].clone()
+    for plane in logits[1:]:
+        total += plane
+    return logits.div_(total)
 
 
 #: Memory the refinement may use at once; larger outputs are refined in bands of rows.
@@ -107,6 +117,42 @@ def _refine_whole(scores: torch.Tensor, guide: torch.Tensor, iterations: int, di
         current, spare = spare, current
         yield
     return _shifted(current, pad, 0, 0, size)
+
+
+def _refine_shrinking(scores: torch.Tensor, guide: torch.Tensor, iterations: int, dilations: tuple[int, ...],
+                      cut: tuple[bool, bool, bool, bool]):
+    """Generator: PAMR on a region cut out of a larger image, shrinking by max(dilations) on each cut side
+    (top, bottom, left, right) after every iteration; returns (refined, (top, left) of it in the region).
+
+    A value next to a cut is wrong (its neighbours beyond the cut are missing), and after each
+    iteration the wrong band is at most max(dilations) wide, so it is dropped rather than computed
+    further: the iterations cost less and less, and every value kept is the one the whole image
+    gives it (the same operations, in the same order, as :func:`_refine_whole`).
+    """
+    affinity = pamr_affinities(guide, dilations).to(scores.dtype)
+    pad = max(dilations)
+    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
+    top, left = 0, 0
+    current = _replicate(scores, pad)  # padded, as in _refine_whole: the same kernels on the same layouts
+    for _ in range(iterations):
+        size = (current.shape[1] - 2 * pad, current.shape[2] - 2 * pad)
+        weights = affinity[:, top : top + size[0], left : left + size[1]]
+        spare = torch.empty_like(current)
+        inner = _shifted(spare, pad, 0, 0, size)
+        for number, (weight, (dy, dx)) in enumerate(zip(weights, offsets)):
+            neighbour = _shifted(current, pad, dy, dx, size)
+            if number == 0:
+                torch.mul(neighbour, weight, out=inner)
+            else:
+                inner.addcmul_(weight, neighbour)
+        cut_top, cut_bottom, cut_left, cut_right = (pad if side else 0 for side in cut)
+        kept = inner[:, cut_top : size[0] - cut_bottom, cut_left : size[1] - cut_right]
+        current = _replicate(kept, pad) if any(cut) else spare
+        if not any(cut):
+            _replicate_border(current, pad)
+        top, left = top + cut_top, left + cut_left
+        yield
+    return _shifted(current, pad, 0, 0, (current.shape[1] - 2 * pad, current.shape[2] - 2 * pad)), (top, left)
 
 
 def pamr_steps(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERATIONS,

@@ -177,7 +177,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     ``previous`` (the state a run on the same image left) lets unchanged pixels keep their
     labels; ``dense=True`` computes every pixel (the reference the skipping is tested against).
     """
-    from .refine import _finish, _refine_whole
+    from .refine import _finish, _refine_shrinking
 
     scores = scores.detach().float().cpu()
     dense = dense or not SKIPPING
@@ -230,18 +230,20 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         if iterations and values is not None:
             region_guide = upsample(guide, tuple(t[top:bottom] for t in guide_rows),
                                     tuple(t[left:right] for t in guide_cols))
-            steps = _refine_whole(values, region_guide, iterations, dilations)
+            cut = (top > 0, bottom < size[0], left > 0, right < size[1])  # sides inside the image
+            steps = _refine_shrinking(values, region_guide, iterations, dilations, cut)
             for _ in range(iterations):
                 next(steps)
                 done += 1
                 yield done, total
-            values = _finish(steps)
+            values, (shift_y, shift_x) = _finish(steps)
+            top, left = top + shift_y, left + shift_x
             del region_guide
         else:
             done += iterations or 1
             yield done, total
-        region_labels, region_margins = _competing_labels(values, competing, owner, gap,
-                                                          (bottom - top, right - left))
+        shape = tuple(values.shape[-2:]) if values is not None else (bottom - top, right - left)
+        region_labels, region_margins = _competing_labels(values, competing, owner, gap, shape)
         for ty, tx in tiles:
             trows, tcols = geometry.tile_slices(ty, tx)
             inner = (slice(trows.start - top, trows.stop - top), slice(tcols.start - left, tcols.stop - left))

@@ -171,3 +171,19 @@ def test_stacks_rerun_each_plane_from_what_changed(demo, monkeypatch):
     assert len(fast) == 3
     for plane in fast:
         np.testing.assert_array_equal(fast[plane], full[plane])
+
+
+def test_shrinking_pamr_on_a_region_gives_the_whole_image_values_bit_for_bit():
+    from napari_clearclip.progress import run_to_end
+    from napari_clearclip.refine import _refine_shrinking, pamr
+
+    rng = np.random.default_rng(4)
+    scores = torch.from_numpy(rng.normal(size=(3, 90, 120)).astype(np.float32))
+    guide = torch.from_numpy(rng.normal(size=(3, 90, 120)).astype(np.float32))
+    whole = pamr(scores, guide, 4, (1, 3))
+    top, bottom, left, right = 10, 90, 25, 100                      # cut on three sides, the image's bottom edge
+    region, (dy, dx) = run_to_end(_refine_shrinking(scores[:, top:bottom, left:right], guide[:, top:bottom, left:right],
+                                                    4, (1, 3), (True, False, True, True)))
+    assert (dy, dx) == (12, 12) and region.shape[-2:] == (80 - 12, 75 - 24)
+    expected = whole[:, top + dy : top + dy + region.shape[1], left + dx : left + dx + region.shape[2]]
+    assert torch.equal(region, expected)                             # every value kept, bit for bit

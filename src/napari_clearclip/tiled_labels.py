@@ -177,7 +177,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     ``previous`` (the state a run on the same image left) lets unchanged pixels keep their
     labels; ``dense=True`` computes every pixel (the reference the skipping is tested against).
     """
-    from .refine import _finish, _refine_shrinking
+    from .refine import _finish, _refine_shrinking, _refine_whole
 
     scores = scores.detach().float().cpu()
     dense = dense or not SKIPPING
@@ -231,13 +231,18 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
             region_guide = upsample(guide, tuple(t[top:bottom] for t in guide_rows),
                                     tuple(t[left:right] for t in guide_cols))
             cut = (top > 0, bottom < size[0], left > 0, right < size[1])  # sides inside the image
-            steps = _refine_shrinking(values, region_guide, iterations, dilations, cut)
+            shrink = _worth_shrinking(values.shape[-2:], cut, iterations * max(dilations))
+            steps = (_refine_shrinking(values, region_guide, iterations, dilations, cut) if shrink
+                     else _refine_whole(values, region_guide, iterations, dilations))
             for _ in range(iterations):
                 next(steps)
                 done += 1
                 yield done, total
-            values, (shift_y, shift_x) = _finish(steps)
-            top, left = top + shift_y, left + shift_x
+            if shrink:
+                values, (shift_y, shift_x) = _finish(steps)
+                top, left = top + shift_y, left + shift_x
+            else:
+                values = _finish(steps)
             del region_guide
         else:
             done += iterations or 1
@@ -253,6 +258,16 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     state.labels, state.margins = labels, margins
     state.computed = float(dirty.sum()) / dirty.size
     return state
+
+
+def _worth_shrinking(shape, cut, reach: int) -> bool:
+    """Whether dropping the cut sides' bands as PAMR iterates saves enough (a third of the work) to pay for the
+    copies it makes; both ways give the same values."""
+    height, width = shape
+    final_height = height - reach * (int(cut[0]) + int(cut[1]))
+    final_width = width - reach * (int(cut[2]) + int(cut[3]))
+    average = (height + final_height) / 2 * (width + final_width) / 2
+    return average < 0.67 * height * width
 
 
 def _competing(scores: torch.Tensor, geometry: _Geometry, tiles, tolerance: float):

@@ -353,3 +353,66 @@ class OfficialResclip(OfficialReference):
             guide = F.interpolate(img, size=ori_shape, mode="bilinear", align_corners=False)
             preds = pamr(preds[0], guide[0], self.pamr_steps, (8, 16))[None]
         return preds
+
+
+# -- CLIP-DIY -------------------------------------------------------------------------------------------
+
+
+class OfficialClipDiy:
+    """CLIP-DIY's evaluation restated: albumentations' Resize (OpenCV INTER_LINEAR) to 256 x 256 on uint8, crops
+    by ``Tensor.unfold`` (256, 128 and 64 at half steps), ``ToPILImage``, a CLIP image processor (Pillow bicubic to
+    the input size, rescale 1/255, normalise), the projected global embedding, cosine with "a photo of a {}",
+    bilinear grouping per scale, the mean of the three, saliency fusion, softmax, argmax, OpenCV nearest back."""
+
+    def __init__(self, clip, tokenizer, mean, std, input_size: int, size: int = 256, patch_sizes=(256, 128, 64)):
+        self.clip, self.tokenizer, self.size, self.patch_sizes = clip, tokenizer, size, patch_sizes
+        self.mean, self.std, self.input_size = np.array(mean, np.float32), np.array(std, np.float32), input_size
+
+    @torch.no_grad()
+    def _class_embeddings(self, names):
+        prompts = ["a photo of an " + n if n.startswith("aeiou") else "a photo of a " + n for n in names]
+        out = torch.stack([self.clip.encode_text(self.tokenizer([p])).mean(0) for p in prompts])
+        return out / out.norm(dim=-1, keepdim=True)
+
+    def _processor(self, pil_images) -> torch.Tensor:
+        from PIL import Image
+
+        arrays = []
+        for image in pil_images:
+            resized = np.asarray(image.resize((self.input_size, self.input_size), resample=Image.BICUBIC))
+            values = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
+            arrays.append(((values - self.mean) / self.std).transpose(2, 0, 1))
+        return torch.from_numpy(np.stack(arrays))
+
+    @torch.no_grad()
+    def _clip_conv(self, img, classes, patch_size):
+        from torchvision.transforms import ToPILImage
+
+        batch, _, h, w = img.shape
+        patches = img.unfold(2, patch_size, patch_size // 2).unfold(3, patch_size, patch_size // 2).flatten(2, 3)
+        patches = patches.permute(0, 2, 1, 3, 4).flatten(0, 1)
+        pil = [ToPILImage()(p) for p in patches]
+        embeds = self.clip.encode_image(self._processor(pil))
+        embeds = embeds / embeds.norm(p=2, dim=-1, keepdim=True)
+        sims = (classes @ embeds.t()).t()
+        n = int(sims.shape[0] ** 0.5)
+        grid = sims.reshape(batch, n, n, -1).permute(0, 3, 1, 2)
+        return F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False)
+
+    def predict(self, image: np.ndarray, names, saliency: np.ndarray | None = None):
+        """(probabilities at 256 x 256 (C, 256, 256), labels at the image size (0-based))."""
+        import cv2
+
+        resized = cv2.resize(image, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+        img = torch.from_numpy(resized).permute(2, 0, 1)[None]
+        classes = self._class_embeddings(names)
+        masks = [self._clip_conv(img, classes, ps) for ps in self.patch_sizes]
+        out = torch.mean(torch.stack(masks, dim=0) * torch.ones(3).view(-1, 1, 1, 1, 1), dim=0)
+        if saliency is not None:
+            s = torch.from_numpy(cv2.resize(saliency.astype(np.float32), (self.size, self.size),
+                                            interpolation=cv2.INTER_LINEAR))[None, None]
+            out = out * torch.cat([1 - s, s.repeat(1, len(names) - 1, 1, 1)], dim=1)
+        probabilities = out.softmax(dim=1)[0]
+        labels = probabilities.argmax(0).numpy().astype(np.uint8)
+        labels = cv2.resize(labels, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
+        return probabilities, labels

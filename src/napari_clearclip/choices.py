@@ -16,6 +16,8 @@ METHOD_DESCRIPTIONS = {
     "vanilla": "Plain CLIP: the unchanged last block (a baseline; blotchy on purpose)",
     "resclip": "ResCLIP: NACLIP's block with attention from middle layers and a first segmentation fed back "
                "(about 3x slower; its features depend on the classes)",
+    "clipdiy": "CLIP-DIY: whole crops at three sizes classified by CLIP, fused with a foreground map when given "
+               "(coarse; needs no change inside CLIP)",
 }
 METHOD_NAMES = tuple(METHOD_DESCRIPTIONS)
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -27,7 +29,8 @@ DEMO_MODEL = "synthetic-tiny"
 OFFICIAL_OPTIONS = {"short_side": 448, "crop": 448, "stride": 224}
 MODEL_OPTIONS = {DEMO_MODEL: {"short_side": 256, "crop": 64, "stride": 32}}
 #: Official settings of methods whose own code uses others than ClearCLIP's (a model's own still win).
-METHOD_OPTIONS = {"resclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0}}
+METHOD_OPTIONS = {"resclip": {"short_side": 336, "crop": 224, "stride": 112, "logit_scale": 40.0},
+                  "clipdiy": {"short_side": 256, "logit_scale": 1.0}}
 #: The models the widget lists first.
 COMMON_MODELS = ("ViT-B-16", "ViT-B-32", "ViT-L-14", "ViT-L-14-336", "ViT-B-16-quickgelu")
 

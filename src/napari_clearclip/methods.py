@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .choices import METHOD_NAMES
+from .clipdiy import GlobalCrops
 
 Method = Callable[[nn.Module, torch.Tensor, tuple[int, int]], torch.Tensor]
 
@@ -114,6 +115,8 @@ class TextDependent:
     """A method whose window features depend on the class names (ResCLIP): it is given the text
     embeddings (and its settings) before encoding, and encodes whole windows itself."""
 
+    needs_text = True
+
     def __init__(self, name: str, settings=None, text: torch.Tensor | None = None):
         self.name, self.settings, self.text = name, settings, text
 
@@ -138,6 +141,7 @@ METHODS: dict[str, Method] = {
     "naclip": naclip,
     "vanilla": vanilla,
     "resclip": TextDependent("resclip"),
+    "clipdiy": GlobalCrops("clipdiy"),
 }
 assert tuple(METHODS) == METHOD_NAMES, "choices.METHOD_NAMES lists the methods in this order"
 

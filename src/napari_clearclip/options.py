@@ -68,7 +68,12 @@ class SegmentOptions:
     - ``preset``: the official per-benchmark settings of ResCLIP by name ("demo", the default, "voc21",
       "voc20", "context60", "context59", "coco_object", "coco_stuff", "cityscapes", "ade20k"); its
       window settings apply where the windows are left to their defaults.
-    - ``logit_scale`` left at ``DEFAULT`` is 50, or the method's own (ResCLIP: 40).
+    - ``logit_scale`` left at ``DEFAULT`` is 50, or the method's own (ResCLIP: 40; CLIP-DIY: 1, no temperature).
+    - ``keep_aspect`` (CLIP-DIY only): keep the image's proportions, short side ``short_side`` (officially the
+      image is squashed to a ``short_side`` square, 256 x 256).
+    - ``background_class``: the class a foreground map's complement scores (CLIP-DIY's fusion); None: the
+      class named "background" (or "bg", "backdrop").
+    - ``templates=None`` takes the method's own: the 80 ImageNet templates, CLIP-DIY's one "a photo of a {}".
     """
 
     short_side: Any = DEFAULT
@@ -82,6 +87,8 @@ class SegmentOptions:
     pamr_iterations: int = PAMR_ITERATIONS
     pamr_dilations: Any = PAMR_DILATIONS
     preset: str | None = None
+    keep_aspect: bool = False
+    background_class: str | None = None
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -146,7 +153,20 @@ class SegmentOptions:
         from .image import check_contrast_limits
         from .prompts import check_templates
 
-        templates = None if self.templates is None else check_templates(self.templates)
+        if self.templates is None and method == "clipdiy":
+            from .clipdiy import CLIPDIY_TEMPLATES
+
+            templates = CLIPDIY_TEMPLATES
+        else:
+            templates = None if self.templates is None else check_templates(self.templates)
+        keep_aspect = check_flag("keep_aspect", self.keep_aspect)
+        if keep_aspect and method is not None and method != "clipdiy":
+            raise InvalidOptionError(f"keep_aspect applies to CLIP-DIY's crops; the method is {method}, whose windows "
+                                     "always keep the aspect ratio.")
+        background = self.background_class
+        if background is not None and (not isinstance(background, str) or not background.strip()):
+            raise InvalidOptionError(f"background_class={background!r} must be a class name, or None for the class "
+                                     "called background.")
         if self.refine not in REFINEMENTS:
             raise InvalidOptionError(f"refine={self.refine!r} is not known: use None (the official pipeline) "
                                      "or 'pamr'.")
@@ -161,7 +181,8 @@ class SegmentOptions:
             preset = str(preset).lower()
         return SegmentOptions(None if short_side is None else int(short_side), int(crop), int(stride),
                               float(logit_scale), float(threshold), templates,
-                              check_contrast_limits(self.contrast_limits), self.refine, iterations, dilations, preset)
+                              check_contrast_limits(self.contrast_limits), self.refine, iterations, dilations, preset,
+                              keep_aspect, None if background is None else background.strip())
 
     def to_dict(self) -> dict:
         """Plain values (DEFAULT as None), for fingerprints, settings and reports."""

@@ -101,18 +101,28 @@ class _Outputs:
                                   self.confidence, objects)
 
 
+def nearest_index(source: int, target: int) -> np.ndarray:
+    """Source index of each output position in a nearest-neighbour resize (OpenCV's ``INTER_NEAREST``)."""
+    return np.minimum((np.arange(target) * (source / target)).astype(np.int64), source - 1)
+
+
 def postprocess(scores, size, classes, logit_scale, prob_threshold, method, maps: bool = True,
-                chunk_bytes: int = 64 << 20, objects: np.ndarray | None = None) -> SegmentationResult:
+                chunk_bytes: int = 64 << 20, objects: np.ndarray | None = None,
+                resize_mode: str = "bilinear") -> SegmentationResult:
     """Resize to the input size, softmax over queries, max over synonyms, argmax, threshold: in row chunks.
 
     Only one chunk of the full-size scores exists at a time, so memory beyond the
     outputs stays bounded whatever the image size and number of classes.
+    ``resize_mode="nearest"`` repeats each working-size pixel instead (CLIP-DIY's official labels).
     """
     height, width = size
     n_queries = scores.shape[0]
     outputs = _Outputs(size, classes, n_queries, logit_scale, prob_threshold, maps, objects)
     resize = tuple(scores.shape[1:]) != (height, width)
-    if resize:
+    if resize and resize_mode == "nearest":
+        rows_near = torch.from_numpy(nearest_index(scores.shape[1], height)).to(scores.device)
+        cols_near = torch.from_numpy(nearest_index(scores.shape[2], width)).to(scores.device)
+    elif resize:
         rows = _bilinear_taps(scores.shape[1], height, scores.device)
         cols = _bilinear_taps(scores.shape[2], width, scores.device)
     step = max(1, chunk_bytes // max(1, 4 * n_queries * width * 3))
@@ -121,6 +131,8 @@ def postprocess(scores, size, classes, logit_scale, prob_threshold, method, maps
             r1 = min(r0 + step, height)
             if not resize:
                 chunk = scores[:, r0:r1]
+            elif resize_mode == "nearest":
+                chunk = scores.index_select(1, rows_near[r0:r1]).index_select(2, cols_near)
             elif step >= height:  # one chunk: PyTorch's own whole-image resize
                 chunk = F.interpolate(scores[None], size=(height, width), mode="bilinear", align_corners=False)[0]
             else:

@@ -8,9 +8,9 @@ from typing import Generator, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .cache import ByteLRU
+from .clipdiy import background_index, check_foreground, fuse_foreground
 from .errors import InvalidOptionError, OutOfMemoryError
 from .lessons import Lesson, check_lesson
 from .image import check_image, prepare
@@ -23,7 +23,7 @@ from .prompts import TextEncoder, check_templates, parse_classes
 from .results import SegmentationResult
 from .scoring import postprocess, snapped_postprocess_steps
 from .strokes import ExemplarCollector, Exemplars, FeatureStats, check_strokes, whitened_norms
-from .windows import WindowGrid
+from .windows import WindowGrid, grid_from_dict
 
 __all__ = ["Segmenter", "SegmentationResult", "Progress", "DEFAULT", "run_to_end"]
 
@@ -79,6 +79,8 @@ class Segmenter:
         # per image and class list: the last run's labels, so that the next one recomputes only what changed
         self._label_states = ByteLRU(label_cache_bytes)
         self._guides = ByteLRU(64 << 20)
+        self._saliency = ByteLRU(256 << 20)  # FOUND's foreground maps per image
+        self._found = None                   # (weights, FOUND model), loaded on first use
 
     @property
     def method(self) -> str:
@@ -129,6 +131,8 @@ class Segmenter:
         exemplars: Exemplars | None = None,
         objects=None,
         lesson=None,
+        foreground=None,
+        found_weights=None,
         **keywords,
     ) -> Generator[Progress, None, SegmentationResult]:
         """A generator that yields :class:`Progress` and returns the :class:`SegmentationResult`.
@@ -161,6 +165,11 @@ class Segmenter:
         mean probability over the object) and ``area``; ``result.labels`` gives each object's
         pixels its class and 0 elsewhere. Strokes then teach without being pasted.
 
+        ``foreground`` (an (H, W) probability map in 0..1, a mask or labels, where every nonzero pixel counts
+        as foreground; or ``"found"``: FOUND's saliency from DINO, with ``found_weights=(dino_checkpoint,
+        decoder_checkpoint)``) fuses with the scores as CLIP-DIY does: the background class's scores
+        (``background_class``, else the class called background) times (1 - s), every other class's times s.
+
         The method is read once at the start, so changing ``segmenter.method`` from
         another thread never mixes methods within a run or in the feature cache.
         """
@@ -177,6 +186,10 @@ class Segmenter:
         objects = check_objects(objects, array.shape[:2])
         exemplars = _check_exemplars(exemplars)
         lesson = check_lesson(lesson)
+        foreground = check_foreground(foreground, array.shape[:2])
+        if foreground is not None:
+            background = background_index(parsed, opts.background_class)
+            background_queries = torch.tensor([i == background for i, c in enumerate(parsed) for _ in c.synonyms])
         if lesson is not None:
             exemplars = Exemplars.combine([lesson.exemplars_for(self, parsed, opts, method_name), exemplars])
 
@@ -209,7 +222,13 @@ class Segmenter:
         else:
             scores = self._score_cached(features, text, exemplars)
             yield Progress("windows", len(features.grid.windows), len(features.grid.windows), refine)
-        if not maps and objects is None and opts.prob_threshold == 0:
+        if foreground is not None:
+            saliency = yield from self._foreground_map(foreground, array, found_weights)
+            scores = fuse_foreground(scores, saliency, background_queries)
+        if method_name == "clipdiy" and opts.refine is None:  # official: labels of the working size, repeated
+            result = postprocess(scores, array.shape[:2], parsed, opts.logit_scale, opts.prob_threshold, method_name,
+                                 maps=maps, objects=objects, resize_mode="nearest")
+        elif not maps and objects is None and opts.prob_threshold == 0:
             result = yield from self._tiled_labels(scores, array, key, opts, parsed, method_name)
         elif opts.refine == "pamr":
             result = yield from self._snap_and_label(scores, array, opts, parsed, method_name, maps, objects)
@@ -219,6 +238,30 @@ class Segmenter:
         if strokes is not None and objects is None:
             result.labels[strokes > 0] = strokes[strokes > 0]  # what the user painted is what they get
         return result
+
+    def _foreground_map(self, foreground, array: np.ndarray, found_weights):
+        """Generator: the foreground map as a tensor; ``"found"`` runs FOUND on the image (kept per image)."""
+        if not isinstance(foreground, str):
+            return torch.from_numpy(foreground)
+        from .found import found_foreground_steps
+
+        digest = hashlib.blake2b(np.ascontiguousarray(array).data, digest_size=20)
+        digest.update(repr((array.shape, str(array.dtype), found_weights)).encode())
+        cached = self._saliency.get(digest.hexdigest())
+        if cached is not None:
+            return cached
+        model = self._found_model(found_weights)
+        saliency = yield from found_foreground_steps(model, array, self.device)
+        self._saliency.put(digest.hexdigest(), saliency, saliency.numel() * 4)
+        return saliency
+
+    def _found_model(self, found_weights):
+        from .found import load_found
+
+        key = None if found_weights is None else tuple(str(p) for p in found_weights)
+        if self._found is None or self._found[0] != key:
+            self._found = (key, load_found(found_weights, self.device))
+        return self._found[1]
 
     def make_lesson(self, classes: str | Sequence[str], painted: Sequence[tuple], options: SegmentOptions | Mapping
                     | None = None, **keywords) -> Lesson:
@@ -256,7 +299,7 @@ class Segmenter:
         if strokes is None:
             return None
         extra = None
-        if getattr(method_fn, "encode_windows", None) is not None:  # features that depend on the classes
+        if getattr(method_fn, "needs_text", False):  # features that depend on the classes
             queries = [s for c in parsed for s in c.synonyms]
             templates = check_templates(opts.templates)
             for done, total in self.text.encode_steps(queries, templates):
@@ -369,7 +412,7 @@ class Segmenter:
     def _bind_text(self, method_fn, text: torch.Tensor, opts: SegmentOptions):
         """A method whose features depend on the classes (ResCLIP) gets their embeddings and its settings;
         returns it and what its features then depend on (for the cache keys), else (method, None)."""
-        if getattr(method_fn, "encode_windows", None) is None:
+        if not getattr(method_fn, "needs_text", False):
             return method_fn, None
         from .resclip import resclip_settings
 
@@ -383,7 +426,7 @@ class Segmenter:
         digest = hashlib.blake2b(digest_size=20)
         digest.update(np.ascontiguousarray(array).data)
         identity = {"model": self.model.cache_id, "method": method, "package": __version__, "extra": extra,
-                    "windows": [opts.short_side, opts.crop, opts.stride],
+                    "windows": [opts.short_side, opts.crop, opts.stride, opts.keep_aspect],
                     "contrast": None if opts.contrast_limits is None else list(opts.contrast_limits),
                     "image": [list(array.shape), str(array.dtype)]}
         digest.update(repr(sorted(identity.items())).encode())
@@ -402,8 +445,7 @@ class Segmenter:
         if stored is None:
             return None
         grid_args, batches = stored
-        grid = WindowGrid(grid_args["height"], grid_args["width"], grid_args["crop"], grid_args["stride"],
-                          tuple(grid_args["patch"]))
+        grid = grid_from_dict(grid_args)
         features = _Features(grid, [(windows, f.to(self.device)) for windows, f in batches])
         self._features.put(key, features, sum(int(f.numel()) * f.element_size() for _, f in batches))
         return features
@@ -414,7 +456,7 @@ class Segmenter:
         What ``clearclip-segment --features-only`` runs per image. Returns whether the store holds them.
         """
         method_name, method_fn = self._method_state
-        if getattr(method_fn, "encode_windows", None) is not None:
+        if getattr(method_fn, "needs_text", False):
             raise InvalidOptionError(f"{method_name}'s image features depend on the class names, so they cannot be "
                                      "computed ahead of them: store features with another method.")
         array = check_image(image, min_side=max(self.model.patch_size))
@@ -430,10 +472,7 @@ class Segmenter:
         return self.feature_store is not None and self.feature_store.path(key).is_dir()
 
     def _store(self, key: str, features: _Features) -> None:
-        grid = features.grid
-        self.feature_store.save(key, self._identities[key], {"height": grid.height, "width": grid.width,
-                                                             "crop": grid.crop, "stride": grid.stride,
-                                                             "patch": list(grid.patch)}, features.batches)
+        self.feature_store.save(key, self._identities[key], features.grid.to_dict(), features.batches)
 
     def _encode_and_score(self, array, key, opts: SegmentOptions, method_fn, *,
                           text=None, exemplars: Exemplars | None = None, collect=None):
@@ -443,14 +482,13 @@ class Segmenter:
         so a huge image streams through with one batch of features in memory. With
         ``text=None`` nothing is scored (a pass that only caches and ``collect``s).
         """
-        pixels = prepare(array, self.model.mean, self.model.std, opts.short_side, opts.contrast_limits)
-        grid = WindowGrid(pixels.shape[1], pixels.shape[2], opts.crop, opts.stride, self.model.patch_size)
+        pixels, grid = self._layout(array, opts, method_fn)
         windows = grid.windows
         rows, cols = grid.patch_grid
         width = self.model.clip.visual.output_dim
         estimate = len(windows) * rows * cols * width * 4
         keep = _Features(grid, []) if estimate <= self._features.max_bytes else None
-        scores = None if text is None else torch.zeros((text.shape[0], grid.height, grid.width), device=self.device)
+        scores = None if text is None else grid.new_scores(text.shape[0], self.device)
         position = 0
         yield Progress("windows", 0, len(windows))
         while position < len(windows):
@@ -472,7 +510,7 @@ class Segmenter:
 
     def _score_cached(self, features: _Features, text: torch.Tensor, exemplars: Exemplars | None = None) -> torch.Tensor:
         grid = features.grid
-        scores = torch.zeros((text.shape[0], grid.height, grid.width), device=self.device)
+        scores = grid.new_scores(text.shape[0], self.device)
         norms = features.norms if exemplars is not None and features.norms else [None] * len(features.batches)
         for (batch, patch_features), patch_norms in zip(features.batches, norms):
             self._accumulate(scores, grid, batch, patch_features, text, exemplars, patch_norms)
@@ -482,23 +520,22 @@ class Segmenter:
     def _accumulate(self, scores, grid: WindowGrid, batch, patch_features, text, exemplars=None,
                     patch_norms=None) -> None:
         """Add the cosine similarities of a batch of windows, upsampled to the window size, into ``scores``."""
-        left, _, top, _ = grid.padding
-        win_h, win_w = grid.window_size
-        rows, cols = grid.patch_grid
         logits = patch_features @ text.T
         if exemplars is not None:
             logits = logits + exemplars.bonus(patch_features, patch_norms)[..., exemplars.query_classes]
-        logits = logits.transpose(1, 2).reshape(len(batch), -1, rows, cols)
-        logits = F.interpolate(logits, size=grid.padded_size, mode="bilinear", align_corners=False)
-        logits = logits[:, :, top : top + win_h, left : left + win_w]
-        for (y1, y2, x1, x2), window in zip(batch, logits):
-            scores[:, y1:y2, x1:x2] += window
+        grid.add_scores(scores, batch, logits)
 
-    def _average(self, scores: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
-        row_count, col_count = grid.coverage()
-        scores /= row_count.to(self.device)[:, None]
-        scores /= col_count.to(self.device)[None, :]
-        return scores
+    def _average(self, scores: torch.Tensor, grid) -> torch.Tensor:
+        return grid.finish_scores(scores)
+
+    def _layout(self, array: np.ndarray, opts: SegmentOptions, method_fn):
+        """(pixels, grid): the normalised image at the working size and its windows, or what a method that
+        lays out its own crops (CLIP-DIY) cuts them from."""
+        layout = getattr(method_fn, "layout", None)
+        if layout is not None:
+            return layout(array, opts, self.model.visual)
+        pixels = prepare(array, self.model.mean, self.model.std, opts.short_side, opts.contrast_limits)
+        return pixels, WindowGrid(pixels.shape[1], pixels.shape[2], opts.crop, opts.stride, self.model.patch_size)
 
     def _batch_size(self, grid: WindowGrid) -> int:
         """Windows per batch: as set, else about two 448x448 windows' worth of pixels (eight on a GPU)."""

@@ -257,18 +257,13 @@ class ExemplarCollector:
     def add(self, grid: WindowGrid, batch, patch_features: torch.Tensor) -> None:
         """Keep the embeddings of patches covered by strokes; a patch takes its most painted class."""
         strokes = self._at_scale(grid)
-        left, right, top, bottom = grid.padding
-        rows, cols = grid.patch_grid
-        ph, pw = grid.patch
-        for (y1, y2, x1, x2), features in zip(batch, patch_features):
-            window = strokes[y1:y2, x1:x2]
-            if not bool(window.any()):
+        for box, features in zip(batch, patch_features):
+            y1, y2, x1, x2 = box
+            if not bool(strokes[y1:y2, x1:x2].any()):
                 continue
-            window = torch.nn.functional.pad(window, (left, right, top, bottom))
-            counts = torch.stack([(window == k).reshape(rows, ph, cols, pw).sum((1, 3))
-                                  for k in range(1, self.n_classes + 1)])          # (C, rows, cols)
-            best = counts.argmax(0).flatten()
-            painted = counts.sum(0).flatten() > 0
+            counts = grid.cell_counts(strokes, box, self.n_classes)          # (C, patches)
+            best = counts.argmax(0)
+            painted = counts.sum(0) > 0
             if painted.any():
                 self.features.append(features[painted].float().cpu())
                 self.classes.append(best[painted])

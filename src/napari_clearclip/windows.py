@@ -81,6 +81,44 @@ class WindowGrid:
             cols[x1:x2] += 1
         return rows, cols
 
+    kind = "windows"
+
+    def new_scores(self, n_queries: int, device) -> torch.Tensor:
+        """Zeroed (Q, height, width) sums that :meth:`add_scores` adds windows into."""
+        return torch.zeros((n_queries, self.height, self.width), device=device)
+
+    def add_scores(self, scores: torch.Tensor, batch, logits: torch.Tensor) -> None:
+        """Add a batch's patch scores (B, patches, Q), resized bilinearly to the window size, into ``scores``."""
+        left, _, top, _ = self.padding
+        win_h, win_w = self.window_size
+        rows, cols = self.patch_grid
+        logits = logits.transpose(1, 2).reshape(len(batch), -1, rows, cols)
+        logits = torch.nn.functional.interpolate(logits, size=self.padded_size, mode="bilinear", align_corners=False)
+        logits = logits[:, :, top : top + win_h, left : left + win_w]
+        for (y1, y2, x1, x2), window in zip(batch, logits):
+            scores[:, y1:y2, x1:x2] += window
+
+    def finish_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """The sums divided by how many windows cover each pixel (in place)."""
+        row_count, col_count = self.coverage()
+        scores /= row_count.to(scores.device)[:, None]
+        scores /= col_count.to(scores.device)[None, :]
+        return scores
+
+    def cell_counts(self, strokes: torch.Tensor, box, n_classes: int) -> torch.Tensor:
+        """(C, patches): how many pixels of each class are painted in each patch of a window."""
+        left, right, top, bottom = self.padding
+        rows, cols = self.patch_grid
+        ph, pw = self.patch
+        y1, y2, x1, x2 = box
+        window = torch.nn.functional.pad(strokes[y1:y2, x1:x2], (left, right, top, bottom))
+        return torch.stack([(window == k).reshape(rows, ph, cols, pw).sum((1, 3)).flatten()
+                            for k in range(1, n_classes + 1)])
+
+    def to_dict(self) -> dict:
+        return {"height": self.height, "width": self.width, "crop": self.crop, "stride": self.stride,
+                "patch": list(self.patch)}
+
     def crop_batch(self, image: torch.Tensor, windows: list[tuple[int, int, int, int]]) -> torch.Tensor:
         """Stack the given windows of a (3, H, W) image, zero-padded to whole patches."""
         left, right, top, bottom = self.padding
@@ -88,3 +126,14 @@ class WindowGrid:
         if any(self.padding):
             crops = torch.nn.functional.pad(crops, (left, right, top, bottom))
         return crops
+
+
+def grid_from_dict(values: dict):
+    """A window grid (or CLIP-DIY's crop pyramid) from what :meth:`to_dict` wrote."""
+    if values.get("kind") == "crops":
+        from .clipdiy import CropPyramid
+
+        return CropPyramid(int(values["height"]), int(values["width"]), tuple(int(s) for s in values["sizes"]),
+                           tuple(int(s) for s in values["input_size"]))
+    return WindowGrid(int(values["height"]), int(values["width"]), int(values["crop"]), int(values["stride"]),
+                      tuple(int(p) for p in values["patch"]))

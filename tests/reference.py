@@ -416,3 +416,47 @@ class OfficialClipDiy:
         labels = probabilities.argmax(0).numpy().astype(np.uint8)
         labels = cv2.resize(labels, image.shape[1::-1], interpolation=cv2.INTER_NEAREST)
         return probabilities, labels
+
+
+@torch.no_grad()
+def official_found(encoder, decoder, image_uint8: np.ndarray) -> np.ndarray:
+    """FOUND's ``forward_step(for_eval=True)`` restated on DINO's own ViT code: ToTensor, ImageNet normalisation,
+    zero padding to a multiple of 8, DINO's positional interpolation, explicit softmax attention, the last block's
+    qkv output (hooked) split into keys, the 1 x 1 decoder, bilinear x8, crop, sigmoid."""
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    img = (torch.from_numpy(image_uint8).permute(2, 0, 1)[None].float() / 255 - mean) / std
+    h, w = img.shape[-2:]
+    batch = F.pad(img, (0, (8 - w % 8) % 8, 0, (8 - h % 8) % 8), value=0)
+    _, _, bw, bh = batch.shape                       # DINO names the height w and the width h
+    x = encoder.patch_embed.proj(batch).flatten(2).transpose(1, 2)
+    x = torch.cat((encoder.cls_token.expand(1, -1, -1), x), dim=1)
+    npatch, n = x.shape[1] - 1, encoder.pos_embed.shape[1] - 1
+    if npatch == n and bw == bh:
+        pos = encoder.pos_embed
+    else:
+        w0, h0 = bw // 8 + 0.1, bh // 8 + 0.1
+        patch_pos = F.interpolate(
+            encoder.pos_embed[:, 1:].reshape(1, int(math.sqrt(n)), int(math.sqrt(n)), -1).permute(0, 3, 1, 2),
+            scale_factor=(w0 / math.sqrt(n), h0 / math.sqrt(n)), mode="bicubic")
+        pos = torch.cat((encoder.pos_embed[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, -1, x.shape[-1])), dim=1)
+    x = x + pos
+
+    def attention(attn, y):
+        b, t, c = y.shape
+        qkv = attn.qkv(y)
+        q, k, v = qkv.reshape(b, t, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-2, -1)) * (c // attn.num_heads) ** -0.5).softmax(dim=-1)
+        return attn.proj((a @ v).transpose(1, 2).reshape(b, t, c)), qkv
+
+    for blk in encoder.blocks[:-1]:
+        y, _ = attention(blk.attn, blk.norm1(x))
+        x = x + y
+        x = x + blk.mlp(blk.norm2(x))
+    _, qkv = attention(encoder.blocks[-1].attn, encoder.blocks[-1].norm1(x))
+    heads = encoder.blocks[-1].attn.num_heads
+    tokens = x.shape[1]
+    k = qkv.reshape(1, tokens, 3, heads, -1 // heads).permute(2, 0, 3, 1, 4)[1].transpose(1, 2).float()
+    feats = k[:, 1:, :, :].reshape(1, bw // 8, bh // 8, -1).permute(0, 3, 1, 2)
+    preds = F.interpolate(decoder(feats), scale_factor=8, mode="bilinear", align_corners=False)[..., :h, :w]
+    return torch.sigmoid(preds)[0, 0].numpy()

@@ -16,12 +16,12 @@ T = TypeVar("T")
 #: Where edge snapping starts within a plane's share of a progress bar.
 EDGE_SNAPPING_START = 0.5
 STAGE_WORDS = {"loading": "loading the model", "text": "class names encoded", "windows": "windows",
-               "edges": "snapping to edges"}
+               "edges": "snapping to edges", "foreground": "foreground map (FOUND)"}
 
 
 @dataclass(frozen=True)
 class Progress:
-    """One step of a run: ``stage`` ("loading", "text", "windows" or "edges"), ``done`` of ``total`` units,
+    """One step of a run: ``stage`` ("loading", "text", "windows", "foreground" or "edges"), ``done`` of ``total`` units,
     on plane ``plane`` of ``planes`` (stacks), with ``then_edges`` when edge snapping follows the windows."""
 
     stage: str

@@ -93,7 +93,7 @@ def resize_like_opencv(image: np.ndarray, height: int, width: int) -> np.ndarray
 
 def working_size(height: int, width: int, short_side: int | None, keep_aspect: bool) -> tuple[int, int]:
     """The size CLIP-DIY works at: a short_side square (official), or the image with that short side."""
-    side = OFFICIAL_SIZE if short_side is None else int(short_side)
+    side = min(height, width) if short_side is None else int(short_side)  # None: the image's own scale
     if not keep_aspect:
         return side, side
     scale = side / min(height, width)

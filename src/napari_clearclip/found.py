@@ -96,6 +96,28 @@ def _download(url: str, what: str) -> dict:
                                       "found_weights=(dino_checkpoint, decoder_checkpoint).", model="FOUND") from None
 
 
+def check_found_weights(found_weights: Sequence | None) -> tuple[str, str] | None:
+    """Absolute paths of two existing files, or None when both are cached or downloadable; else a clear error."""
+    if found_weights is None:
+        from urllib.parse import urlparse
+
+        from .models import network_available
+
+        for url in (DINO_URL, DECODER_URL):
+            cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+            if not cached.is_file() and not network_available(urlparse(url).hostname):
+                _download(url, "weights")  # raises the offline error
+        return None
+    if isinstance(found_weights, (str, Path)) or len(found_weights) != 2:
+        raise ModelLoadError(f"found_weights={found_weights!r} must name two files: (DINO ViT-S/8 checkpoint, "
+                             "FOUND decoder checkpoint).")
+    paths = tuple(Path(p).expanduser().resolve() for p in found_weights)
+    for path, what in zip(paths, ("DINO checkpoint", "FOUND decoder")):
+        if not path.is_file():
+            raise CheckpointNotFoundError(f"The {what} file {str(path)!r} does not exist.")
+    return tuple(str(p) for p in paths)
+
+
 def load_found(found_weights: Sequence | None = None, device: torch.device | str = "cpu") -> FoundModel:
     """FOUND from ``(dino_checkpoint, decoder_checkpoint)`` files, or (None) from torch's hub cache / the network."""
     import timm

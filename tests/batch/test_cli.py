@@ -270,3 +270,36 @@ def test_cli_features_only_fills_the_store_and_needs_no_classes(tmp_path, capsys
     assert code == 0 and "1 of 1 images' features stored" in capsys.readouterr().err
     assert len(list((tmp_path / "store").glob("*.zarr"))) == 1
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*_labels.tif"))
+
+
+def test_clipdiy_with_foreground_maps_beside_each_image(tmp_path, capsys):
+    from napari_clearclip.demo.scenes import held_out_scenes
+
+    classes = ["background", "red", "green", "blue", "yellow"]
+    scenes = held_out_scenes(2, sizes=(192, 160))
+    masks = []
+    for number, scene in enumerate(scenes):
+        imsave(tmp_path / f"img{number}.tif", scene.image, check_contrast=False)
+        masks.append(np.any(np.stack(list(scene.masks.values())), axis=0).astype(np.uint8))
+    tifffile.imwrite(tmp_path / "img0_fg.tif", masks[0])
+    tifffile.imwrite(tmp_path / "img1_fg.tif", masks[1].astype(np.float32) * 0.8)   # a probability map
+    out = tmp_path / "out"
+    code = main([str(tmp_path), "--classes", "; ".join(classes), "--out", str(out), "--model", "synthetic-tiny",
+                 "--device", "cpu", "--method", "clipdiy", "--foreground", "_fg", "--no-snap"])
+    assert code == 0, capsys.readouterr().err
+    assert not (out / "img0_fg_labels.tif").exists()                              # the maps are not inputs
+    segmenter = Segmenter("synthetic-tiny", method="clipdiy", device="cpu")
+    for number, scene in enumerate(scenes):
+        fg = masks[number] if number == 0 else masks[number].astype(np.float32) * 0.8
+        expected = segmenter.segment(scene.image, classes, foreground=fg, maps=False)
+        plain = segmenter.segment(scene.image, classes, maps=False)
+        written = tifffile.imread(out / f"img{number}_labels.tif")
+        np.testing.assert_array_equal(written, expected.labels)
+        assert not np.array_equal(written, plain.labels)                          # the map was used
+    code = main([str(tmp_path / "img0.tif"), "--classes", "red; blue", "--out", str(tmp_path / "out2"),
+                 "--model", "synthetic-tiny", "--device", "cpu", "--method", "clipdiy", "--foreground", "_fg"])
+    assert code == 2 and "background class" in capsys.readouterr().err
+    code = main([str(tmp_path / "img0.tif"), "--classes", "red; background", "--out", str(tmp_path / "out3"),
+                 "--model", "synthetic-tiny", "--method", "clipdiy", "--foreground", "found",
+                 "--found-weights", str(tmp_path / "dino.pth"), str(tmp_path / "decoder.pt")])
+    assert code == 2 and "dino.pth" in capsys.readouterr().err and not (tmp_path / "out3" / "img0_labels.tif").exists()

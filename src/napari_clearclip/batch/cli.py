@@ -50,13 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--crop", type=int, default=None, help="window size (default: the model's, 448)")
     parser.add_argument("--stride", type=int, default=None, help="window stride (default: the model's, 224)")
     parser.add_argument("--logit-scale", type=float, default=None,
-                        help="softmax temperature of the class probabilities (default: 50; ResCLIP's own 40)")
+                        help="softmax temperature of the class probabilities (default: 50; ResCLIP's own 40, CLIP-DIY's 1)")
     parser.add_argument("--preset", default=None,
                         help="ResCLIP's official settings by name: demo (default), voc21, voc20, context60, context59, "
                              "coco_object, coco_stuff, cityscapes, ade20k")
     parser.add_argument("--template", action="append", dest="templates",
                         help="prompt template with {} for the class name; repeat for several "
-                             "(default: the 80 ImageNet templates)")
+                             "(default: the 80 ImageNet templates; CLIP-DIY: \"a photo of a {}\")")
     parser.add_argument("--snap", action=argparse.BooleanOptionalAction, default=SNAP_IN_TOOLS,
                         help="snap masks to the image's edges (PAMR refinement), as the napari widget does by default; "
                              "--no-snap gives the paper's exact pipeline (default: %(default)s)")
@@ -64,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--objects", metavar="SUFFIX",
                         help="give a class to each object of <name>SUFFIX.tif beside each image (instance labels, "
                              "e.g. from cellpose: --objects _cp_masks); writes <name>_objects.csv")
+    parser.add_argument("--foreground", metavar="SUFFIX|found",
+                        help="fuse a foreground map with the class scores as CLIP-DIY does (background class times "
+                             "1 - map, the others times the map): <name>SUFFIX.tif beside each image (probabilities "
+                             "0..1, or a mask such as cellpose's), or 'found' for FOUND's saliency (--found-weights)")
+    parser.add_argument("--found-weights", nargs=2, metavar=("DINO", "DECODER"), type=Path, default=None,
+                        help="FOUND's weights: DINO ViT-S/8 checkpoint and decoder_weights.pt (default: torch's "
+                             "cache, downloading once with a network)")
+    parser.add_argument("--background-class", default=None,
+                        help="the class the foreground map's complement scores (default: the class called background)")
+    parser.add_argument("--keep-aspect", action="store_true",
+                        help="CLIP-DIY: keep the image's proportions (officially it is squashed to 256 x 256)")
     parser.add_argument("--lesson", metavar="FILE", type=Path,
                         help="teach every image with the strokes saved in a lesson file (napari: Save lesson...; "
                              "Python: Segmenter.make_lesson(...).save(FILE)); its classes, model and method must "
@@ -88,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 def engine_options(args: argparse.Namespace) -> SegmentOptions:
     """The run's options from the command line (what is not given takes the model's own default)."""
     keywords = {"prob_threshold": args.prob_threshold, "templates": args.templates,
-                "refine": "pamr" if args.snap else None, "preset": args.preset}
+                "refine": "pamr" if args.snap else None, "preset": args.preset,
+                "keep_aspect": args.keep_aspect, "background_class": args.background_class}
     if args.logit_scale is not None:
         keywords["logit_scale"] = args.logit_scale
     if args.native:
@@ -207,7 +219,8 @@ def _run(args: argparse.Namespace) -> int:
             args.images, args.classes, args.out, model=args.model, pretrained=args.pretrained, method=args.method,
             device=args.device, precision=args.precision, overwrite=args.overwrite,
             save_probabilities=args.save_probabilities, client=client, on_report=on_report,
-            options=engine_options(args), objects=args.objects, lesson=args.lesson)
+            options=engine_options(args), objects=args.objects, lesson=args.lesson, foreground=args.foreground,
+            found_weights=args.found_weights)
     except WeightsUnavailableError as exc:
         bar.close()
         print(f"error: {offline_message(exc)}", file=sys.stderr)

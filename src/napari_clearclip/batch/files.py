@@ -123,6 +123,19 @@ def objects_path(image: Path, suffix: str) -> Path:
     return image.with_name(f"{image.stem}{suffix}.tif")
 
 
+def read_foreground(image: Path, suffix: str) -> np.ndarray:
+    """The foreground map beside an image (``<stem><suffix>.tif``): probabilities in 0..1, or a mask."""
+    path = objects_path(image, suffix)
+    if not path.is_file():
+        raise ImageNotFoundError(f"No foreground map {path.name} beside {image.name} (--foreground {suffix}).")
+    import tifffile
+
+    try:
+        return tifffile.imread(path)
+    except Exception as exc:
+        raise InvalidImageError(f"Could not read the foreground map {path}: {exc}") from None
+
+
 def read_objects(image: Path, suffix: str) -> np.ndarray:
     path = objects_path(image, suffix)
     if not path.is_file():

@@ -29,6 +29,7 @@ from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this 
     check_output_dir,
     expand_inputs,
     output_paths,
+    read_foreground,
     read_image,
     read_objects,
     read_plane,
@@ -64,6 +65,8 @@ class Task:
     run: str = ""
     parts: str = ""
     objects: str | None = None   # the suffix of the instance labels beside the image (--objects)
+    foreground: str | None = None  # the suffix of the foreground map beside the image, or "found" (--foreground)
+    found_weights: tuple | None = None  # FOUND's (DINO, decoder) files (--found-weights)
 
 
 def skip_reason(record: dict | None, path: Path, run: str) -> str:
@@ -92,7 +95,7 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
         record = make_record(path, task.run, classes) if path.is_file() else None
         objects = None if task.objects is None else read_objects(path, task.objects)
         result = segmenter.segment(read_image(path), classes, options, maps=save_probabilities, objects=objects,
-                                   lesson=lesson)
+                                   lesson=lesson, **_foreground_of(task))
         written = write_outputs(result, out_dir, stem, save_probabilities, record)
     except ClearClipError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), str(exc))
@@ -156,7 +159,7 @@ def segment_plane(segmenter, task: Task, classes, out_dir: Path, options: Segmen
         return FileReport(path, "failed", 0.0, worker_name(), f"plane {index}: {RUN_OVER}")
     try:
         labels = segmenter.segment(read_plane(path, index, task.planes), classes, options, maps=False,
-                                   lesson=lesson).labels
+                                   lesson=lesson, **_foreground_of(task)).labels
 
         def write(p: Path) -> None:
             with open(p, "wb") as handle:
@@ -168,6 +171,15 @@ def segment_plane(segmenter, task: Task, classes, out_dir: Path, options: Segmen
     except OSError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), f"plane {index}: {exc}")
     return FileReport(path, "done", time.perf_counter() - start, worker_name(), "", [part])
+
+
+def _foreground_of(task: Task) -> dict:
+    """The foreground keywords of a task's run: a map read from beside the image, or FOUND's."""
+    if task.foreground is None:
+        return {}
+    if task.foreground.lower() == "found":
+        return {"foreground": "found", "found_weights": task.found_weights}
+    return {"foreground": read_foreground(task.path, task.foreground)}
 
 
 def assemble_stack(task: Task, out_dir: Path, leading: tuple[int, ...], classes, record: dict | None) -> list[Path]:
@@ -240,6 +252,8 @@ def segment_files(
     options: SegmentOptions | dict | None = None,
     objects: str | None = None,
     lesson=None,
+    foreground: str | None = None,
+    found_weights=None,
     **keywords,
 ) -> list[FileReport]:
     """Segment image files (files, folders, glob patterns) into ``out_dir``; one :class:`FileReport` per input.
@@ -256,7 +270,9 @@ def segment_files(
     ``objects`` (a suffix such as ``"_cp_masks"``) gives each object of ``<stem><suffix>.tif``
     beside each image a class, written as ``<stem>_objects.csv`` (2-D images). ``lesson`` (a
     :class:`~napari_clearclip.lessons.Lesson` or the path of a saved one) teaches every image
-    with strokes made elsewhere; on a cluster it is sent to each worker once.
+    with strokes made elsewhere; on a cluster it is sent to each worker once. ``foreground`` (a suffix:
+    ``<stem><suffix>.tif`` beside each 2-D image, a probability map or a mask; or ``"found"``, with
+    ``found_weights=(dino_checkpoint, decoder_checkpoint)``) fuses a foreground map as CLIP-DIY does.
     """
     from ..models import ModelSpec
     from ..prompts import parse_classes
@@ -271,6 +287,17 @@ def segment_files(
     files = expand_inputs(paths)
     if objects:  # the instance labels beside the images are not inputs of their own
         files = [f for f in files if not f.name.endswith(f"{objects}.tif")]
+    found = foreground is not None and str(foreground).lower() == "found"
+    if foreground:  # which class the map's complement scores: known before any image is read
+        from ..clipdiy import background_index
+
+        background_index(parse_classes(class_list), options.background_class)
+    if foreground and not found:  # nor are the foreground maps
+        files = [f for f in files if not f.name.endswith(f"{foreground}.tif")]
+    if found:  # FOUND's weights fail here, before any image is read
+        from ..found import check_found_weights
+
+        found_weights = check_found_weights(found_weights)
     spec = ModelSpec(model, None if pretrained is None else os.fspath(pretrained), method, device, precision)
     # the model and the options fail here, once, before any image is read (on a cluster: on a worker)
     if client is None:
@@ -279,7 +306,8 @@ def segment_files(
         options = options.resolved(spec.model, method=spec.method)
     remove_stale_partials(out)
     run = run_fingerprint(spec.model, spec.pretrained, method, precision, class_list,
-                          {**options.to_dict(), "objects": objects,
+                          {**options.to_dict(), "objects": objects, "foreground": foreground,
+                           "found_weights": None if found_weights is None else list(found_weights),
                            "lesson": None if lesson is None else lesson.fingerprint()})
 
     reports: list[FileReport] = []
@@ -296,10 +324,15 @@ def segment_files(
             close_parts(out, stem)  # parts of an output that is whole are leftovers
             continue
         if layout is None:
-            tasks.append(Task(path, stem, run=run, objects=objects or None))
+            tasks.append(Task(path, stem, run=run, objects=objects or None, foreground=foreground or None,
+                              found_weights=found_weights))
             continue
         if objects:
             reports.append(FileReport(path, "failed", 0.0, "", "objects (--objects) are taken for 2-D images only"))
+            continue
+        if foreground and not found:
+            reports.append(FileReport(path, "failed", 0.0, "", "foreground maps beside the images (--foreground) are "
+                                      "taken for 2-D images only; --foreground found works on stacks"))
             continue
         try:
             key = parts_key(run, path)
@@ -310,7 +343,8 @@ def segment_files(
             continue
         count = int(np.prod(layout[0]))
         stacks[path] = (layout[0], [], record)
-        tasks.extend(Task(path, stem, i, count, run, key) for i in range(count))
+        tasks.extend(Task(path, stem, i, count, run, key, foreground=foreground if found else None,
+                          found_weights=found_weights) for i in range(count))
     for item in reports:
         if on_report is not None:
             on_report(item)

@@ -44,6 +44,9 @@ class LayerRequest:
     background: tuple[str, ...] = ()           # classes the user marked as background (drawn transparent)
     objects: object = None                     # instance ids of the labels' shape: each object gets a class
     lessons: list = field(default_factory=list)  # lessons to teach with (strokes on other images, loaded files)
+    foreground: object = None                  # a map of the labels' shape, or "found" (CLIP-DIY's fusion)
+    foreground_limits: tuple | None = None     # the contrast limits of a foreground image layer (None: labels)
+    found_weights: tuple | None = None         # FOUND's (DINO, decoder) files; None: torch's cache
 
 
 @dataclass
@@ -121,7 +124,8 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
     exemplars, lesson = _with_lessons(segmenter, request, taught, notes)
     for item in segment_stack(segmenter, request.data, request.layout, request.planes, request.classes,
                               request.options, exemplars=exemplars, maps=(mode == "all classes"),
-                              objects=request.objects):
+                              objects=request.objects, foreground=request.foreground,
+                              found_weights=request.found_weights, foreground_limits=request.foreground_limits):
         if isinstance(item, Progress):
             yield item
             continue

@@ -293,6 +293,19 @@ def check_foreground(foreground, shape: tuple[int, int]) -> np.ndarray | str | N
     return values
 
 
+def scaled_foreground(values, contrast_limits=None) -> np.ndarray:
+    """A foreground map from a displayed image: its values scaled by the contrast limits it is shown with
+    (so 0/255 masks and 8-bit probability images mean 0..1), clipped; labels (no limits) stay as they are."""
+    array = np.asarray(values)
+    if contrast_limits is None:
+        return array
+    low, high = (float(v) for v in contrast_limits)
+    if array.dtype.kind == "f" and array.size and 0 <= float(array.min()) and float(array.max()) <= 1:
+        return array.astype(np.float32)  # probabilities already
+    span = high - low if high > low else 1.0
+    return np.clip((array.astype(np.float32) - np.float32(low)) / np.float32(span), 0, 1)
+
+
 def background_index(classes, background_class: str | None) -> int:
     """The 0-based index of the class a foreground map's complement scores: the one named, else the one called
     background (or a synonym of it)."""

@@ -93,3 +93,37 @@ def test_choosing_resclip_sets_its_official_settings_and_runs(qtbot, widget, rgb
     assert viewer.layers["photo classes"].data.shape == rgb_image.shape[:2]
     widget.method.value = "clearclip"
     assert (widget.short_side.value, widget.crop.value, widget.logit_scale.value) == (448, 448, 50.0)
+
+
+def test_clipdiy_shows_its_foreground_field_and_fuses_a_layer(qtbot, widget, rgb_image):
+    from napari_clearclip import Segmenter
+
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "background\ncat\ndog"
+    widget.show_advanced.value = True
+    assert not widget.foreground.visible and not widget.keep_aspect.visible
+    widget.method.value = "clipdiy"
+    assert widget.foreground.visible and widget.keep_aspect.visible and not widget.crop.visible
+    assert (widget.short_side.value, widget.logit_scale.value) == (256, 1.0)       # the official code's
+    mask = np.zeros(rgb_image.shape[:2], np.uint8)
+    mask[10:50, 20:70] = 255                                                        # a thresholded mask as an image
+    widget.foreground.value = viewer.add_image(mask, name="mask")
+    widget.image.value = viewer.layers["photo"]                                    # it followed the new layer
+    assert not widget.found_weights.visible
+    widget.snap.value = False
+    run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    labels = viewer.layers["photo classes"].data
+    expected = Segmenter("test-tiny", widget.pretrained.value, method="clipdiy", device="cpu").segment(
+        rgb_image, ["background", "cat", "dog"], foreground=mask > 0,
+        contrast_limits=tuple(viewer.layers["photo"].contrast_limits)).labels
+    np.testing.assert_array_equal(labels, expected)
+    widget.foreground.value = "found"
+    assert widget.found_weights.visible
+    widget.found_weights.value = "/no/such/dino.pth; /no/such/decoder.pt"
+    widget.new_layer.value = True
+    run_and_wait(qtbot, widget)
+    assert "does not exist" in widget.status.value and len(viewer.layers) == 3     # no half layer
+    widget.method.value = "clearclip"
+    assert not widget.foreground.visible and not widget.found_weights.visible and widget.crop.visible

@@ -14,6 +14,9 @@ from ..errors import ClearClipError
 from ..prompts import parse_classes
 from ..models import BUNDLED_WEIGHTS, default_pretrained, is_checkpoint_path
 from .fields import DEFAULT_CLASSES, restore_values
+
+#: The Foreground field's choice for FOUND's saliency (computed on the image).
+FOUND_CHOICE = "found"
 from .messages import DEMO_NOTE
 
 
@@ -44,6 +47,7 @@ class FieldLogic:
 
     def _refresh_layers(self, event=None):
         self.objects.reset_choices()
+        self.foreground.reset_choices()
         previous = self.image.value
         self.image.reset_choices()
         if self.image.value is None and self.image.choices:
@@ -102,6 +106,41 @@ class FieldLogic:
 
     def _on_method_changed(self, name: str) -> None:
         self._window_defaults(self.model.value, name)
+        crops = name == "clipdiy"
+        self.foreground.visible = self.keep_aspect.visible = crops
+        self.crop.visible = self.stride.visible = not crops  # CLIP-DIY's crops are fixed fractions of the image
+        self._on_foreground_changed()
+
+    def _on_foreground_changed(self, *_) -> None:
+        self.found_weights.visible = self.foreground.visible and self.foreground.value == FOUND_CHOICE
+
+    def _foreground_choices(self, widget=None):
+        """'none', FOUND's saliency, or an Image or Labels layer (not the widget's own results)."""
+        from napari.layers import Labels
+
+        own = self.results.of if hasattr(self, "results") else (lambda layer: None)
+        layers = [(layer.name, layer) for layer in self._viewer.layers
+                  if isinstance(layer, (Image, Labels)) and own(layer) is None]
+        return [("none", None), ("FOUND (DINO saliency)", FOUND_CHOICE)] + layers
+
+    def foreground_request(self, layout) -> dict:
+        """The run's foreground keywords from the fields (nothing unless CLIP-DIY is chosen), or a clear error."""
+        from napari.layers import Labels
+
+        choice = self.foreground.value if self.foreground.visible else None
+        if choice is None:
+            return {}
+        if choice == FOUND_CHOICE:
+            paths = [p.strip() for p in self.found_weights.value.split(";") if p.strip()]
+            if paths and len(paths) != 2:
+                raise ClearClipError("FOUND weights: name two files separated by ';' (the DINO checkpoint; "
+                                     "decoder_weights.pt), or leave the field empty.")
+            return {"foreground": "found", "found_weights": tuple(paths) or None}
+        if tuple(choice.data.shape) != layout.label_shape:
+            raise ClearClipError(f"The Foreground layer '{choice.name}' is {tuple(choice.data.shape)}, but the labels "
+                                 f"are {layout.label_shape}: pick a map of this image, or none.")
+        limits = None if isinstance(choice, Labels) else tuple(float(v) for v in choice.contrast_limits)
+        return {"foreground": choice.data, "foreground_limits": limits}
 
     def choose_weights_file(self, *_) -> None:
         """Pick a local weights file for the Weights field."""

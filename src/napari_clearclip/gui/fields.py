@@ -83,9 +83,21 @@ FIELDS: tuple[Field, ...] = (
                                         tooltip="Optional: a Labels layer of objects (from cellpose, StarDist, "
                                                 "micro-sam ...): each object gets one class, listed in that layer's "
                                                 "features table (id, class, confidence, area)"), saved=False),
+    Field("foreground", lambda w: ComboBox(name="foreground", label="Foreground", choices=w._foreground_choices,
+                                           visible=False,
+                                           tooltip="CLIP-DIY: a foreground map to fuse with the class scores (the "
+                                                   "background class is weighted by 1 - map, the others by the map): "
+                                                   "an Image layer of probabilities or a mask, a Labels layer (cellpose, "
+                                                   "micro-sam: every object is foreground), or FOUND's saliency"),
+          saved=False),
+    Field("found_weights", lambda w: LineEdit(name="found_weights", label="FOUND weights", visible=False,
+                                              tooltip="FOUND's two weights files, separated by ';': the DINO ViT-S/8 "
+                                                      "checkpoint and decoder_weights.pt; empty: torch's cache "
+                                                      "(downloaded once with a network)")),
     Field("background", lambda w: ComboBox(name="background", label="Background", choices=w._background_choices,
                                            tooltip="The class drawn transparent, so that it does not tint the image: "
-                                                   "'by name' picks classes called background, other, nothing ..."),
+                                                   "'by name' picks classes called background, other, nothing ...; "
+                                                   "with a foreground map, the class scored outside the foreground"),
           saved=False),
     Field("keep_edits", lambda w: CheckBox(name="keep_edits", text="Keep my edits", value=True,
                                            tooltip="Pixels you painted since the last run keep their class"),
@@ -133,6 +145,11 @@ FIELDS: tuple[Field, ...] = (
                                                 value=50.0, tooltip="Sharpness of the softmax over classes (official: "
                                                                     "50); affects probabilities and the background "
                                                                     "threshold"), section="advanced"),
+    Field("keep_aspect", lambda w: CheckBox(name="keep_aspect", text="Keep aspect ratio (CLIP-DIY)", value=False,
+                                            visible=False,
+                                            tooltip="CLIP-DIY officially squashes the image to a square (256 x 256); "
+                                                    "on: keep its proportions, with the short side above"),
+          section="advanced"),
     Field("precision", lambda w: ComboBox(name="precision", label="Precision", choices=list(PRECISIONS), value="auto",
                                           tooltip="auto: fp16 on a GPU, exact fp32 on the CPU; bf16 is faster on "
                                                   "recent CPUs, slightly less exact"), section="advanced"),

@@ -88,6 +88,7 @@ class ClearClipWidget(FieldLogic, Container):
                                   ready=self._classes_ready, start=lambda: self.run())
         self.model.changed.connect(self._on_model_changed)
         self.method.changed.connect(self._on_method_changed)
+        self.foreground.changed.connect(self._on_foreground_changed)
         self.choose_weights.changed.connect(self.choose_weights_file)
         self.image.changed.connect(self._on_image_changed)
         self.channel_axis.changed.connect(self._on_channel_axis_changed)
@@ -178,6 +179,8 @@ class ClearClipWidget(FieldLogic, Container):
             prob_threshold=self.prob_threshold.value,
             templates=tuple(templates) or None,
             refine="pamr" if self.snap.value else None,
+            keep_aspect=bool(self.keep_aspect.value) and self.method.value == "clipdiy",
+            background_class=self.background.value or None,
         )
 
     def model_spec(self) -> ModelSpec:
@@ -219,6 +222,7 @@ class ClearClipWidget(FieldLogic, Container):
                 raise ClearClipError(f"The Objects layer '{objects_layer.name}' is {tuple(objects_layer.data.shape)}, "
                                      f"but the labels of '{layer.name}' are {layout.label_shape}: pick the objects "
                                      "of this image, or none.")
+            foreground = self.foreground_request(layout)
         except ClearClipError as exc:
             self._show_error(exc)
             return None
@@ -233,6 +237,8 @@ class ClearClipWidget(FieldLogic, Container):
                                 (self.background.value,) if self.background.value else ())
         request.objects = None if objects_layer is None else objects_layer.data
         request.lessons = self.lessons.for_run(layer.name, self.share_lesson.value)
+        for name, value in foreground.items():
+            setattr(request, name, value)
         new_layer = None if target is not None else {"name": f"{layer.name} classes",
                                                       **layer_geometry(layer, layout)}
         worker = create_worker(segmentation_job, self._models, self.model_spec(), request, new_layer,

@@ -14,10 +14,10 @@ from ..errors import ClearClipError
 from ..prompts import parse_classes
 from ..models import BUNDLED_WEIGHTS, default_pretrained, is_checkpoint_path
 from .fields import DEFAULT_CLASSES, restore_values
+from .messages import DEMO_NOTE
 
 #: The Foreground field's choice for FOUND's saliency (computed on the image).
 FOUND_CHOICE = "found"
-from .messages import DEMO_NOTE
 
 
 class FieldLogic:

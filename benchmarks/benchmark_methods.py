@@ -3,7 +3,9 @@
     python benchmarks/benchmark_methods.py [--model ViT-B-16-quickgelu] [--size 448 597]
 
 A randomly initialised model (no download), fp32, 5 classes with one template, ``maps=False``,
-no edge snapping. Each case runs in a fresh process; memory is the peak resident memory above
+no edge snapping; CLIP-DIY in its official layout (256 x 256, crops of 256, 128 and 64), alone and
+with FOUND's foreground map (random DINO ViT-S/8 weights; the image reduced to 512 on its long side,
+448 x 597 becomes 384 x 512). Each case runs in a fresh process; memory is the peak resident memory above
 what the process held before the run (sampled every 10 ms), after a first run that loaded the
 text embeddings, so the figure is the image path's.
 """
@@ -31,7 +33,11 @@ if windows == "clearclip":
     options.update(short_side=448, crop=448, stride=224)
 elif windows == "whole":
     options.update(short_side=336, crop=4096, stride=4096)
-classes = ["sky", "horse", "grass", "road", "building"]
+extra = {}
+if windows == "found":
+    extra = {"foreground": "found", "found_weights": (os.path.join(sys.argv[1], "dino.pth"),
+                                                      os.path.join(sys.argv[1], "decoder.pt"))}
+classes = ["sky", "horse", "grass", "road", "background"]
 segmenter.encode_classes(classes, options["templates"])
 process = psutil.Process()
 base = process.memory_info().rss
@@ -43,7 +49,7 @@ def sample():
         time.sleep(0.01)
 threading.Thread(target=sample, daemon=True).start()
 start = time.perf_counter()
-segmenter.segment(image, classes, maps=False, **options)
+segmenter.segment(image, classes, maps=False, **options, **extra)
 seconds = time.perf_counter() - start
 done.set()
 print(seconds, (peak[0] - base) / 2**20, segmenter.resolve_options(**options))
@@ -70,15 +76,21 @@ def main() -> None:
     folder = tempfile.mkdtemp()
     torch.manual_seed(0)
     torch.save(open_clip.create_model(args.model, pretrained=None).state_dict(), f"{folder}/{args.model}.pt")
+    import timm
+
+    torch.save(timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0).state_dict(),
+               f"{folder}/dino.pth")
+    torch.save({"decoder": torch.nn.Conv2d(384, 1, 1).state_dict()}, f"{folder}/decoder.pt")
     baseline, base_memory, _ = run(folder, args.model, "clearclip", args.size, "clearclip")
     print(f"{args.model}, random weights, fp32, CPU; image {args.size[0]} x {args.size[1]}, 5 classes\n")
     print("| method | windows | time | x ClearCLIP | peak working memory |")
     print("|---|---|---|---|---|")
     print(f"| clearclip | official (448, 448, 224) | {baseline:.2f} s | 1.00 | {base_memory:.0f} MiB |")
     cases = [("maskclip", "clearclip"), ("sclip", "clearclip"), ("naclip", "clearclip"), ("vanilla", "clearclip"),
-             ("resclip", "clearclip"), ("resclip", "own"), ("clearclip", "whole"), ("resclip", "whole")]
-    names = {"clearclip": "ClearCLIP's (448, 448, 224)", "own": "its own (336, 224, 112)",
-             "whole": "whole image at short side 336"}
+             ("resclip", "clearclip"), ("resclip", "own"), ("clearclip", "whole"), ("resclip", "whole"),
+             ("clipdiy", "own"), ("clipdiy", "found")]
+    names = {"clearclip": "ClearCLIP's (448, 448, 224)", "own": "its own", "whole": "whole image at short side 336",
+             "found": "its own, with FOUND"}
     for method, windows in cases:
         seconds, memory, _ = run(folder, args.model, method, args.size, windows)
         print(f"| {method} | {names[windows]} | {seconds:.2f} s | {seconds / baseline:.2f} | {memory:.0f} MiB |",

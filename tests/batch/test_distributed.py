@@ -336,3 +336,22 @@ def test_features_encoded_on_the_cluster_are_read_by_another_session(local_clien
     monkeypatch.setattr(laptop, "_encode_crops", refuse)
     for image in [*images, *stack]:
         laptop.segment(image, ["red", "background"], maps=False)        # any classes, nothing encoded
+
+
+def test_clipdiy_with_foreground_maps_runs_on_the_cluster_as_in_this_process(local_client, tmp_path):
+    from napari_clearclip.demo.scenes import held_out_scenes
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, scene in enumerate(held_out_scenes(3, sizes=(160,))):
+        imsave(inputs / f"s{i}.png", scene.image, check_contrast=False)
+        tifffile.imwrite(inputs / f"s{i}_fg.tif", np.any(np.stack(list(scene.masks.values())), axis=0))
+    options = {**OPTIONS, "method": "clipdiy", "foreground": "_fg"}
+    here = segment_files([inputs], CLASSES, tmp_path / "here", **options)
+    there = segment_files([inputs], CLASSES, tmp_path / "there", client=local_client, **options)
+    assert [r.status for r in here] == [r.status for r in there] == ["done"] * 3
+    plain = segment_files([inputs], CLASSES, tmp_path / "plain", **{**OPTIONS, "method": "clipdiy"})
+    for i in range(3):
+        labels = tifffile.imread(tmp_path / "here" / f"s{i}_labels.tif")
+        np.testing.assert_array_equal(labels, tifffile.imread(tmp_path / "there" / f"s{i}_labels.tif"))
+        assert not np.array_equal(labels, tifffile.imread(tmp_path / "plain" / f"s{i}_labels.tif"))

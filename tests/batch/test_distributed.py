@@ -350,7 +350,7 @@ def test_clipdiy_with_foreground_maps_runs_on_the_cluster_as_in_this_process(loc
     here = segment_files([inputs], CLASSES, tmp_path / "here", **options)
     there = segment_files([inputs], CLASSES, tmp_path / "there", client=local_client, **options)
     assert [r.status for r in here] == [r.status for r in there] == ["done"] * 3
-    plain = segment_files([inputs], CLASSES, tmp_path / "plain", **{**OPTIONS, "method": "clipdiy"})
+    segment_files([inputs], CLASSES, tmp_path / "plain", **{**OPTIONS, "method": "clipdiy"})
     for i in range(3):
         labels = tifffile.imread(tmp_path / "here" / f"s{i}_labels.tif")
         np.testing.assert_array_equal(labels, tifffile.imread(tmp_path / "there" / f"s{i}_labels.tif"))

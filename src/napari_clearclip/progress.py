@@ -16,7 +16,8 @@ T = TypeVar("T")
 #: Where edge snapping starts within a plane's share of a progress bar.
 EDGE_SNAPPING_START = 0.5
 STAGE_WORDS = {"loading": "loading the model", "text": "class names encoded", "windows": "windows",
-               "edges": "snapping to edges", "foreground": "foreground map (FOUND)"}
+               "edges": "snapping to edges", "foreground": "foreground map (FOUND)",
+               "tiles": "tiles"}
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,7 @@ class Segmenter:
         lesson=None,
         foreground=None,
         found_weights=None,
+        remember: bool = True,
         **keywords,
     ) -> Generator[Progress, None, SegmentationResult]:
         """A generator that yields :class:`Progress` and returns the :class:`SegmentationResult`.
@@ -170,6 +171,9 @@ class Segmenter:
         decoder_checkpoint)``) fuses with the scores as CLIP-DIY does: the background class's scores
         (``background_class``, else the class called background) times (1 - s), every other class's times s.
 
+        ``remember=False`` keeps nothing of this image (features, labels for re-runs, the snapping guide):
+        for the tiles of an image too large to hold, which are seen once.
+
         The method is read once at the start, so changing ``segmenter.method`` from
         another thread never mixes methods within a run or in the feature cache.
         """
@@ -183,6 +187,7 @@ class Segmenter:
         if opts.refine == "pamr" and opts.pamr_iterations:
             check_dilations_fit(opts.pamr_dilations, array.shape[:2])
         maps = check_flag("maps", maps)
+        remember = check_flag("remember", remember)
         objects = check_objects(objects, array.shape[:2])
         exemplars = _check_exemplars(exemplars)
         lesson = check_lesson(lesson)
@@ -218,7 +223,7 @@ class Segmenter:
             exemplars.query_classes = torch.tensor(
                 [index for index, c in enumerate(parsed) for _ in c.synonyms], device=self.device)
         if features is None:
-            scores = yield from mark(self._encode_and_score(*args, text=text, exemplars=exemplars))
+            scores = yield from mark(self._encode_and_score(*args, text=text, exemplars=exemplars, remember=remember))
         else:
             scores = self._score_cached(features, text, exemplars)
             yield Progress("windows", len(features.grid.windows), len(features.grid.windows), refine)
@@ -229,7 +234,7 @@ class Segmenter:
             result = postprocess(scores, array.shape[:2], parsed, opts.logit_scale, opts.prob_threshold, method_name,
                                  maps=maps, objects=objects, resize_mode="nearest")
         elif not maps and objects is None and opts.prob_threshold == 0:
-            result = yield from self._tiled_labels(scores, array, key, opts, parsed, method_name)
+            result = yield from self._tiled_labels(scores, array, key, opts, parsed, method_name, remember)
         elif opts.refine == "pamr":
             result = yield from self._snap_and_label(scores, array, opts, parsed, method_name, maps, objects)
         else:
@@ -262,6 +267,25 @@ class Segmenter:
         if self._found is None or self._found[0] != key:
             self._found = (key, load_found(found_weights, self.device))
         return self._found[1]
+
+    def segment_tiled(self, image, classes: str | Sequence[str], options: SegmentOptions | Mapping | None = None, *,
+                      out=None, tile: int | None = None, **keywords):
+        """Segment an image too large to hold (a dask or zarr array, an OME-Zarr level) tile by tile at native
+        resolution, reading one region at a time; the labels equal :meth:`segment`'s at ``short_side=None``.
+
+        ``out``: None (returns a NumPy array of the smallest unsigned type), an array to write into (e.g. a
+        zarr array), or a path where a zarr store is written and renamed into place when complete (an
+        interrupted run resumes from the tiles it finished). Returns the labels (an array or the zarr array).
+        """
+        return run_to_end(self.segment_tiled_steps(image, classes, options, out=out, tile=tile, **keywords))
+
+    def segment_tiled_steps(self, image, classes, options: SegmentOptions | Mapping | None = None, *, out=None,
+                            tile: int | None = None, **keywords):
+        """:meth:`segment_tiled` as a generator that yields :class:`Progress` per tile (close it to stop)."""
+        from .lazy_tiles import DEFAULT_TILE, segment_tiled_steps
+
+        return segment_tiled_steps(self, image, classes, options, out=out,
+                                   tile=DEFAULT_TILE if tile is None else tile, **keywords)
 
     def make_lesson(self, classes: str | Sequence[str], painted: Sequence[tuple], options: SegmentOptions | Mapping
                     | None = None, **keywords) -> Lesson:
@@ -338,29 +362,31 @@ class Segmenter:
                 collector.add(features.grid, batch, patch_features)
         return collector.result(self.device)
 
-    def _guide(self, array, key: str, opts: SegmentOptions) -> torch.Tensor:
+    def _guide(self, array, key: str, opts: SegmentOptions, remember: bool = True) -> torch.Tensor:
         """The normalised image at the working size that edge snapping follows (kept per image)."""
         guide = self._guides.get(key)
         if guide is None:
             guide = prepare(array, self.model.mean, self.model.std, opts.short_side, opts.contrast_limits)
-            self._guides.put(key, guide, guide.numel() * 4)
+            if remember:
+                self._guides.put(key, guide, guide.numel() * 4)
         return guide
 
-    def _tiled_labels(self, scores, array, key: str, opts: SegmentOptions, parsed, method_name: str):
+    def _tiled_labels(self, scores, array, key: str, opts: SegmentOptions, parsed, method_name: str,
+                      remember: bool = True):
         """Generator: the labels alone, computed per pixel only where they can differ from a uniform
         class or from this image's previous run (see :mod:`.tiled_labels`); the winning probability
         is computed when first read."""
         from .tiled_labels import label_steps
 
         snap = (opts.pamr_iterations, tuple(opts.pamr_dilations)) if opts.refine == "pamr" else ()
-        guide = self._guide(array, key, opts) if snap and opts.pamr_iterations else None
+        guide = self._guide(array, key, opts, remember) if snap and opts.pamr_iterations else None
         spans, start = [], 0
         for query in parsed:
             spans.append((start, start + len(query.synonyms)))
             start += len(query.synonyms)
         state_key = (key, snap, opts.templates if opts.templates is None else tuple(opts.templates))
         steps = label_steps(scores, guide, tuple(array.shape[:2]), spans, [tuple(c.synonyms) for c in parsed], snap,
-                            self._label_states.get(state_key))
+                            self._label_states.get(state_key) if remember else None)
         try:
             if snap:
                 yield Progress("edges", 0, 1)
@@ -370,7 +396,8 @@ class Segmenter:
         except (MemoryError, torch.OutOfMemoryError):
             raise OutOfMemoryError("Not enough memory to label this image: use fewer classes or a smaller image.") \
                 from None
-        self._label_states.put(state_key, state, state.nbytes)
+        if remember:
+            self._label_states.put(state_key, state, state.nbytes)
         result = SegmentationResult(state.labels.astype(np.int32), None, None, [c.name for c in parsed], list(parsed),
                                     method_name)
         size = tuple(array.shape[:2])
@@ -475,7 +502,7 @@ class Segmenter:
         self.feature_store.save(key, self._identities[key], features.grid.to_dict(), features.batches)
 
     def _encode_and_score(self, array, key, opts: SegmentOptions, method_fn, *,
-                          text=None, exemplars: Exemplars | None = None, collect=None):
+                          text=None, exemplars: Exemplars | None = None, collect=None, remember: bool = True):
         """Generator: encode the windows batch by batch and add their scores up, yielding progress.
 
         Patch features are kept for later re-scoring only when they fit the cache budget,
@@ -487,7 +514,7 @@ class Segmenter:
         rows, cols = grid.patch_grid
         width = self.model.clip.visual.output_dim
         estimate = len(windows) * rows * cols * width * 4
-        keep = _Features(grid, []) if estimate <= self._features.max_bytes else None
+        keep = _Features(grid, []) if remember and estimate <= self._features.max_bytes else None
         scores = None if text is None else grid.new_scores(text.shape[0], self.device)
         position = 0
         yield Progress("windows", 0, len(windows))

@@ -1,0 +1,181 @@
+"""Images too large to hold (dask, zarr, OME-Zarr levels): read, segment and write tile by tile at native resolution.
+
+Each tile is segmented inside a larger region: the tile plus a halo of ``crop`` pixels (every window
+that covers a tile pixel lies inside the region) plus edge snapping's reach (``max(dilations) x
+(iterations + 1)``), with the region's start on the window grid (a multiple of the stride). The
+windows covering a tile pixel are then the very windows of a whole-image computation, added in the
+same order, and snapping reads the same neighbours, so the tile's labels equal the whole image's.
+
+Only one region is in memory at a time (its pixels, scores and labels); nothing of it is kept
+afterwards. The labels go into ``out``: a NumPy array, a zarr array, or a path where a zarr store
+is written (in a ``.partial`` folder renamed into place when complete; an interrupted run resumes
+from the tiles it finished).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Generator, Mapping, Sequence
+
+import numpy as np
+
+from .errors import InvalidImageError, InvalidOptionError, OutputError
+from .options import DEFAULT, SegmentOptions
+from .progress import Progress
+
+#: Tile side (pixels) by default: regions of about (2048 + 2 x halo)^2 pixels are segmented at once.
+DEFAULT_TILE = 2048
+
+
+def check_lazy_image(image) -> tuple[int, int]:
+    """(height, width) of an array-like image, checked without reading its pixels."""
+    shape = tuple(getattr(image, "shape", ()))
+    dtype = np.dtype(getattr(image, "dtype", np.float64))
+    if dtype.kind not in "uif":
+        raise InvalidImageError(f"Images of dtype {dtype} are not supported: use uint8, uint16 or float.")
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4))):
+        raise InvalidImageError(f"Image of shape {shape} is not supported: expected (H, W) grey, (H, W, 3) RGB or "
+                                "(H, W, 4) RGBA; segment a stack one plane at a time.")
+    return int(shape[0]), int(shape[1])
+
+
+def tile_plan(height: int, width: int, tile: int, halo: int, stride: int) -> list[tuple[tuple, tuple]]:
+    """Per tile, ((y0, y1, x0, x1) of the tile, (y0, y1, x0, x1) of the region segmented for it)."""
+    def spans(size: int):
+        for start in range(0, size, tile):
+            end = min(start + tile, size)
+            first = max(0, (start - halo) // stride * stride) if start > halo else 0
+            yield (start, end), (first, min(size, end + halo))
+
+    return [((ty0, ty1, tx0, tx1), (ry0, ry1, rx0, rx1))
+            for (ty0, ty1), (ry0, ry1) in spans(height) for (tx0, tx1), (rx0, rx1) in spans(width)]
+
+
+def label_dtype(n_classes: int) -> np.dtype:
+    return np.dtype(np.uint8 if n_classes < 255 else np.uint16 if n_classes < 65535 else np.uint32)
+
+
+def _value_range(image, height: int, rows: int) -> tuple[float, float]:
+    """The image's min and max, read a band of rows at a time (for non-uint8 images without contrast limits)."""
+    low, high = math.inf, -math.inf
+    for start in range(0, height, rows):
+        band = np.asarray(image[start : start + rows])
+        if band.dtype.kind == "f" and not np.isfinite(band).all():
+            raise InvalidImageError("The image holds NaN or infinite values: replace them first.")
+        low, high = min(low, float(band.min())), max(high, float(band.max()))
+    return low, high
+
+
+def resolve_tiled_options(segmenter, options, keywords: dict) -> SegmentOptions:
+    """The run's options at native resolution; settings that cannot be tiled are refused."""
+    built = SegmentOptions.build(options, **keywords)
+    if built.short_side is not DEFAULT and built.short_side is not None:
+        raise InvalidOptionError(f"short_side={built.short_side!r}: large images are segmented tile by tile at their "
+                                 "native resolution (short_side=None); resize the image first to segment it smaller.")
+    if segmenter.method == "clipdiy":
+        raise InvalidOptionError("CLIP-DIY classifies crops of the whole image squashed to 256 x 256: it cannot be "
+                                 "run tile by tile. Use segment() on a reduced image, or another method.")
+    opts = segmenter.resolve_options(built.replace(short_side=None))
+    if opts.crop >= 1 << 20:
+        raise InvalidOptionError("A whole-image window cannot be tiled: choose a crop size (e.g. preset='demo').")
+    return opts
+
+
+def _open_output(out, shape: tuple[int, int], dtype: np.dtype, tile: int, fingerprint: str):
+    """(array to write, done-tiles record or None, finish callable, abort callable) for ``out``."""
+    if out is None:
+        return np.zeros(shape, dtype), None, None, None
+    if not isinstance(out, (str, os.PathLike)):
+        if tuple(out.shape) != shape:
+            raise InvalidOptionError(f"out has shape {tuple(out.shape)}, not the image's {shape}.")
+        return out, None, None, None
+    import zarr
+
+    final = Path(out).expanduser()
+    if final.exists():
+        raise OutputError(f"{final} exists: choose another path, or remove it first (it is never overwritten).")
+    partial = final.with_name(final.name + ".partial")
+    try:
+        if partial.is_dir():
+            try:
+                existing = zarr.open_group(str(partial), mode="r+")
+                if existing.attrs.get("fingerprint") == fingerprint:
+                    return existing["labels"], existing["done"], _finisher(partial, final), _aborter(partial)
+            except Exception:
+                pass
+            shutil.rmtree(partial)  # another run's, or damaged: start again
+        group = zarr.open_group(str(partial), mode="w")
+        group.attrs["fingerprint"] = fingerprint
+        labels = group.create_array("labels", shape=shape, chunks=(min(tile, shape[0]), min(tile, shape[1])),
+                                    dtype=dtype, fill_value=0)
+        done = group.create_array("done", shape=(math.ceil(shape[0] / tile), math.ceil(shape[1] / tile)),
+                                  dtype=bool, fill_value=False)
+    except OSError as exc:
+        raise OutputError(f"Cannot write the labels store {final}: {exc}") from None
+    return labels, done, _finisher(partial, final), _aborter(partial)
+
+
+def _finisher(partial: Path, final: Path):
+    def finish():
+        os.replace(partial, final)
+    return finish
+
+
+def _aborter(partial: Path):
+    def abort():
+        pass  # the partial store stays, so that the same run resumes from its finished tiles
+    return abort
+
+
+def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options: SegmentOptions | Mapping | None = None,
+                        *, out=None, tile: int = DEFAULT_TILE, **keywords) -> Generator[Progress, None, object]:
+    """Generator: segment a large array-like image tile by tile; yields progress per tile, returns the labels.
+
+    ``out``: None (a NumPy array of the smallest unsigned type the classes fit), an array of the
+    image's height and width to write into (e.g. a zarr array), or a path where a zarr store is
+    written (group with a ``labels`` array, chunks of ``tile``), renamed into place when complete.
+    """
+    from .prompts import parse_classes
+
+    parsed = parse_classes(classes)
+    height, width = check_lazy_image(image)
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile < 16:
+        raise InvalidOptionError(f"tile={tile!r} must be a whole number of pixels, at least 16.")
+    opts = resolve_tiled_options(segmenter, options, keywords)
+    if opts.contrast_limits is None and np.dtype(image.dtype) != np.uint8:
+        opts = opts.replace(contrast_limits=_value_range(image, height, max(1, tile)))
+    reach = max(opts.pamr_dilations) * (opts.pamr_iterations + 1) if opts.refine == "pamr" and opts.pamr_iterations else 0
+    halo = opts.crop + reach
+    plan = tile_plan(height, width, tile, halo, opts.stride)
+    fingerprint = repr((segmenter.model.cache_id, segmenter.method, [c.synonyms for c in parsed], opts.to_dict(),
+                        (height, width), str(image.dtype), tile))
+    target, done, finish, _ = _open_output(out, (height, width), label_dtype(len(parsed)), tile, fingerprint)
+    yield Progress("tiles", 0, len(plan))
+    for number, ((ty0, ty1, tx0, tx1), (ry0, ry1, rx0, rx1)) in enumerate(plan):
+        cell = (ty0 // tile, tx0 // tile)
+        if done is not None and bool(done[cell]):
+            yield Progress("tiles", number + 1, len(plan))
+            continue
+        region = np.asarray(image[ry0:ry1, rx0:rx1])
+        steps = segmenter.segment_steps(region, classes, opts, maps=False, remember=False)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as stop:
+                labels = stop.value.labels
+                break
+        target[ty0:ty1, tx0:tx1] = labels[ty0 - ry0 : ty1 - ry0, tx0 - rx0 : tx1 - rx0].astype(target.dtype)
+        del region, labels, steps
+        if done is not None:
+            done[cell] = True
+        yield Progress("tiles", number + 1, len(plan))
+    if finish is not None:
+        finish()
+        import zarr
+
+        return zarr.open_group(str(Path(out).expanduser()), mode="r+")["labels"]
+    return target
+

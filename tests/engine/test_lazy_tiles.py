@@ -1,0 +1,85 @@
+"""Images too large to hold: tile by tile at native resolution, the labels equal a whole-image run exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from images import smooth_image
+
+from napari_clearclip import Segmenter
+from napari_clearclip.errors import InvalidOptionError, OutputError
+from napari_clearclip.lazy_tiles import tile_plan
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_checkpoint):
+    return Segmenter("test-tiny", tiny_checkpoint, device="cpu", feature_store=False)
+
+
+def test_tiles_cover_the_image_once_and_regions_start_on_the_window_grid():
+    for height, width, tile, halo, stride in [(300, 260, 64, 80, 32), (97, 500, 40, 33, 16), (64, 64, 64, 10, 8)]:
+        covered = np.zeros((height, width), int)
+        for (ty0, ty1, tx0, tx1), (ry0, ry1, rx0, rx1) in tile_plan(height, width, tile, halo, stride):
+            covered[ty0:ty1, tx0:tx1] += 1
+            assert ry0 % stride == 0 and rx0 % stride == 0
+            assert ry0 <= max(0, ty0 - halo) and rx0 <= max(0, tx0 - halo)
+            assert ry1 >= min(height, ty1 + halo) and rx1 >= min(width, tx1 + halo)
+        assert (covered == 1).all()
+
+
+@pytest.mark.parametrize("case", range(6))
+def test_tiled_labels_equal_the_whole_image_run(segmenter, case):
+    """Random sizes, windows, tiles, snapping on and off, uint8 and float images: identical labels."""
+    rng = np.random.default_rng(case)
+    height, width = (int(v) for v in rng.integers(90, 260, 2))
+    image = smooth_image(height, width, seed=case)
+    if case % 3 == 2:
+        image = image.astype(np.float32) * 3.7 - 20           # another range: scaled by the image's own
+    crop = int(rng.choice([32, 48, 64]))
+    options = dict(short_side=None, crop=crop, stride=crop // 2, templates=["a {}."])
+    if case % 2:
+        options.update(refine="pamr", pamr_iterations=int(rng.integers(1, 4)), pamr_dilations=(2, int(rng.integers(3, 7))))
+    classes = ["sky", "horse, pony", "grass"]
+    whole = segmenter.segment(image, classes, maps=False, **options).labels
+    tiled = segmenter.segment_tiled(image, classes, tile=int(rng.integers(24, 80)), **options)
+    assert tiled.dtype == np.uint8
+    np.testing.assert_array_equal(tiled, whole)
+    assert len(np.unique(whole)) > 1
+
+
+def test_dask_and_zarr_inputs_and_a_zarr_store_that_resumes(segmenter, tmp_path):
+    da = pytest.importorskip("dask.array")
+    import zarr
+
+    image = smooth_image(200, 170, seed=9)
+    classes = ["sky", "grass"]
+    options = dict(crop=32, stride=16, templates=["a {}."])
+    whole = segmenter.segment(image, classes, maps=False, short_side=None, **options).labels
+    lazy = da.from_array(image, chunks=(50, 50, 3))
+    np.testing.assert_array_equal(segmenter.segment_tiled(lazy, classes, tile=64, **options), whole)
+    stored = zarr.create_array(str(tmp_path / "image.zarr"), shape=image.shape, chunks=(64, 64, 3), dtype=np.uint8)
+    stored[:] = image
+    out = tmp_path / "labels.zarr"
+    steps = segmenter.segment_tiled_steps(stored, classes, tile=64, out=out, **options)
+    for progress in steps:                                       # stop after two tiles, as a cancel does
+        if progress.stage == "tiles" and progress.done == 2:
+            steps.close()
+            break
+    assert not out.exists() and (tmp_path / "labels.zarr.partial").is_dir()
+    labels = segmenter.segment_tiled(stored, classes, tile=64, out=out, **options)   # resumes
+    np.testing.assert_array_equal(labels[:], whole)
+    np.testing.assert_array_equal(zarr.open_group(str(out), mode="r")["labels"][:], whole)
+    assert not (tmp_path / "labels.zarr.partial").exists()
+    with pytest.raises(OutputError, match="never overwritten"):
+        segmenter.segment_tiled(stored, classes, tile=64, out=out, **options)
+
+
+def test_what_cannot_be_tiled_is_refused(segmenter, tiny_checkpoint):
+    image = smooth_image(80, 80)
+    with pytest.raises(InvalidOptionError, match="native resolution"):
+        segmenter.segment_tiled(image, ["a", "b"], short_side=64)
+    diy = Segmenter("test-tiny", tiny_checkpoint, method="clipdiy", device="cpu", feature_store=False)
+    with pytest.raises(InvalidOptionError, match="tile by tile"):
+        diy.segment_tiled(image, ["a", "b"])
+    with pytest.raises(InvalidOptionError, match="tile="):
+        segmenter.segment_tiled(image, ["a", "b"], tile=4)

@@ -54,6 +54,15 @@ def tile_plan(height: int, width: int, tile: int, halo: int, stride: int) -> lis
             for (ty0, ty1), (ry0, ry1) in spans(height) for (tx0, tx1), (rx0, rx1) in spans(width)]
 
 
+def label_counts(labels, n_classes: int, rows: int = DEFAULT_TILE) -> np.ndarray:
+    """Pixels per label (0 .. n_classes) of a labels array, read a band of rows at a time."""
+    counts = np.zeros(n_classes + 1, np.int64)
+    for start in range(0, labels.shape[0], rows):
+        band = np.asarray(labels[start : start + rows])
+        counts += np.bincount(band.ravel().astype(np.int64), minlength=n_classes + 1)[: n_classes + 1]
+    return counts
+
+
 def label_dtype(n_classes: int) -> np.dtype:
     return np.dtype(np.uint8 if n_classes < 255 else np.uint16 if n_classes < 65535 else np.uint32)
 
@@ -84,8 +93,9 @@ def resolve_tiled_options(segmenter, options, keywords: dict) -> SegmentOptions:
     return opts
 
 
-def _open_output(out, shape: tuple[int, int], dtype: np.dtype, tile: int, fingerprint: str):
-    """(array to write, done-tiles record or None, finish callable, abort callable) for ``out``."""
+def _open_output(out, shape: tuple[int, int], dtype: np.dtype, tile: int, fingerprint: str, attrs: dict | None = None,
+                 replace: bool = False):
+    """(array to write, done-tiles record or None, finish callable or None, None) for ``out``."""
     if out is None:
         return np.zeros(shape, dtype), None, None, None
     if not isinstance(out, (str, os.PathLike)):
@@ -95,7 +105,7 @@ def _open_output(out, shape: tuple[int, int], dtype: np.dtype, tile: int, finger
     import zarr
 
     final = Path(out).expanduser()
-    if final.exists():
+    if final.exists() and not replace:
         raise OutputError(f"{final} exists: choose another path, or remove it first (it is never overwritten).")
     partial = final.with_name(final.name + ".partial")
     try:
@@ -103,40 +113,44 @@ def _open_output(out, shape: tuple[int, int], dtype: np.dtype, tile: int, finger
             try:
                 existing = zarr.open_group(str(partial), mode="r+")
                 if existing.attrs.get("fingerprint") == fingerprint:
-                    return existing["labels"], existing["done"], _finisher(partial, final), _aborter(partial)
+                    return existing["labels"], existing["done"], _finisher(partial, final), None
             except Exception:
                 pass
             shutil.rmtree(partial)  # another run's, or damaged: start again
         group = zarr.open_group(str(partial), mode="w")
-        group.attrs["fingerprint"] = fingerprint
+        group.attrs.update({**(attrs or {}), "fingerprint": fingerprint})
         labels = group.create_array("labels", shape=shape, chunks=(min(tile, shape[0]), min(tile, shape[1])),
                                     dtype=dtype, fill_value=0)
         done = group.create_array("done", shape=(math.ceil(shape[0] / tile), math.ceil(shape[1] / tile)),
                                   dtype=bool, fill_value=False)
     except OSError as exc:
         raise OutputError(f"Cannot write the labels store {final}: {exc}") from None
-    return labels, done, _finisher(partial, final), _aborter(partial)
+    return labels, done, _finisher(partial, final), None
 
 
 def _finisher(partial: Path, final: Path):
+    """Put the finished store in place; an older one (``replace``) is moved aside first and removed after."""
     def finish():
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.replaced-{os.getpid()}")
+            os.replace(final, old)
         os.replace(partial, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return finish
 
 
-def _aborter(partial: Path):
-    def abort():
-        pass  # the partial store stays, so that the same run resumes from its finished tiles
-    return abort
-
-
 def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options: SegmentOptions | Mapping | None = None,
-                        *, out=None, tile: int = DEFAULT_TILE, **keywords) -> Generator[Progress, None, object]:
+                        *, out=None, tile: int = DEFAULT_TILE, attrs: dict | None = None, replace: bool = False,
+                        on_complete=None, **keywords) -> Generator[Progress, None, object]:
     """Generator: segment a large array-like image tile by tile; yields progress per tile, returns the labels.
 
     ``out``: None (a NumPy array of the smallest unsigned type the classes fit), an array of the
     image's height and width to write into (e.g. a zarr array), or a path where a zarr store is
-    written (group with a ``labels`` array, chunks of ``tile``), renamed into place when complete.
+    written (group with a ``labels`` array, chunks of ``tile``, and ``attrs``), renamed into place when
+    complete, after ``on_complete(labels)`` (e.g. writing a table beside it); an existing store is
+    replaced only with ``replace=True``. The stop of a partial store's run is where the same run resumes.
     """
     from .prompts import parse_classes
 
@@ -152,7 +166,8 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     plan = tile_plan(height, width, tile, halo, opts.stride)
     fingerprint = repr((segmenter.model.cache_id, segmenter.method, [c.synonyms for c in parsed], opts.to_dict(),
                         (height, width), str(image.dtype), tile))
-    target, done, finish, _ = _open_output(out, (height, width), label_dtype(len(parsed)), tile, fingerprint)
+    target, done, finish, _ = _open_output(out, (height, width), label_dtype(len(parsed)), tile, fingerprint, attrs,
+                                           replace)
     yield Progress("tiles", 0, len(plan))
     for number, ((ty0, ty1, tx0, tx1), (ry0, ry1, rx0, rx1)) in enumerate(plan):
         cell = (ty0 // tile, tx0 // tile)
@@ -172,6 +187,8 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
         if done is not None:
             done[cell] = True
         yield Progress("tiles", number + 1, len(plan))
+    if on_complete is not None:
+        on_complete(target)
     if finish is not None:
         finish()
         import zarr

@@ -303,3 +303,33 @@ def test_clipdiy_with_foreground_maps_beside_each_image(tmp_path, capsys):
                  "--model", "synthetic-tiny", "--method", "clipdiy", "--foreground", "found",
                  "--found-weights", str(tmp_path / "dino.pth"), str(tmp_path / "decoder.pt")])
     assert code == 2 and "dino.pth" in capsys.readouterr().err and not (tmp_path / "out3" / "img0_labels.tif").exists()
+
+
+def test_format_zarr_segments_an_ome_zarr_tile_by_tile(tmp_path, capsys):
+    import zarr
+
+    from napari_clearclip.demo.scenes import make_scene
+
+    classes = ["red", "green", "blue", "yellow", "background"]
+    image = make_scene(21, size=300, objects=(4, 6)).image
+    store = tmp_path / "slide.zarr"                      # OME-Zarr: channels first, a full-resolution level "0"
+    group = zarr.open_group(str(store), mode="w")
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "c", "type": "channel"},
+                                                               {"name": "y", "type": "space"},
+                                                               {"name": "x", "type": "space"}],
+                                   "datasets": [{"path": "0"}]}]
+    level = group.create_array("0", shape=(3, 300, 300), chunks=(3, 128, 128), dtype=np.uint8)
+    level[:] = np.moveaxis(image, -1, 0)
+    out = tmp_path / "out"
+    argv = [str(tmp_path), "--classes", "; ".join(classes), "--out", str(out), "--model", "synthetic-tiny",
+            "--device", "cpu", "--format", "zarr", "--no-snap"]
+    assert main(argv) == 0, capsys.readouterr().err
+    labels = zarr.open_group(str(out / "slide_labels.zarr"), mode="r")["labels"][:]
+    expected = Segmenter("synthetic-tiny", device="cpu").segment(image, classes, maps=False, short_side=None).labels
+    np.testing.assert_array_equal(labels, expected)
+    with open(out / "slide_classes.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["pixels"]) for r in rows] == np.bincount(expected.ravel(), minlength=6).tolist()
+    assert main(argv) == 0 and "skipped" in capsys.readouterr().err              # a finished output is kept
+    assert main(argv + ["--save-probabilities"]) == 2
+    assert "--save-probabilities cannot be used" in capsys.readouterr().err

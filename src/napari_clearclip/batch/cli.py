@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 2)[-1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("images", nargs="+", help="image files (TIFF, PNG, JPEG, ...), folders or glob patterns")
+    parser.add_argument("images", nargs="+",
+                        help="image files (TIFF, PNG, JPEG, ...), zarr stores (.zarr, OME-Zarr), folders or glob patterns")
     parser.add_argument("--classes", default=None,
                         help="classes separated by ';', synonyms by ',': \"sky; horse, pony; grass\"")
     parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")
@@ -61,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="snap masks to the image's edges (PAMR refinement), as the napari widget does by default; "
                              "--no-snap gives the paper's exact pipeline (default: %(default)s)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write <name>_probabilities.tif")
+    parser.add_argument("--format", dest="output_format", default="tif", choices=["tif", "zarr"],
+                        help="zarr: segment each image tile by tile at native resolution into <name>_labels.zarr, "
+                             "reading .zarr inputs (arrays, OME-Zarr) a region at a time: for images too large to "
+                             "hold (default: tif)")
     parser.add_argument("--objects", metavar="SUFFIX",
                         help="give a class to each object of <name>SUFFIX.tif beside each image (instance labels, "
                              "e.g. from cellpose: --objects _cp_masks); writes <name>_objects.csv")
@@ -220,7 +225,7 @@ def _run(args: argparse.Namespace) -> int:
             device=args.device, precision=args.precision, overwrite=args.overwrite,
             save_probabilities=args.save_probabilities, client=client, on_report=on_report,
             options=engine_options(args), objects=args.objects, lesson=args.lesson, foreground=args.foreground,
-            found_weights=args.found_weights)
+            found_weights=args.found_weights, output_format=args.output_format)
     except WeightsUnavailableError as exc:
         bar.close()
         print(f"error: {offline_message(exc)}", file=sys.stderr)

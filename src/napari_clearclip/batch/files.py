@@ -19,10 +19,13 @@ import numpy as np
 
 from ..errors import ImageNotFoundError, InvalidImageError, InvalidOptionError, OutputError
 from ..files import PARTIAL_SUFFIX, write_atomic
+from ..zarr_images import is_zarr_path, open_zarr_image
 from .provenance import natural_stems, tiff_metadata
 
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+#: Label outputs: TIFF files (read whole), or zarr stores written tile by tile (large images).
+OUTPUT_FORMATS = ("tif", "zarr")
 REPORT_NAME = "clearclip_report.csv"
 #: Where the finished planes of an unfinished stack wait (see :mod:`.runs`).
 PARTS_DIR = ".clearclip-parts"
@@ -58,8 +61,9 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             raise InvalidOptionError(f"Inputs must be paths (files, folders or glob patterns), not {item!r}.")
         text = os.fspath(item)
         path = Path(text).expanduser()
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if path.is_dir() and not is_zarr_path(path):
+            found = sorted(p for p in path.iterdir()
+                           if (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) or is_zarr_path(p))
             paths.extend(found or [path])
         elif not path.exists() and glob.has_magic(text):
             matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(text)) if os.path.isfile(p))
@@ -72,8 +76,10 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 def read_image(path: Path) -> np.ndarray:
     """Read an image file; TIFFs through tifffile, other formats through scikit-image."""
     path = Path(path)
+    if is_zarr_path(path):
+        return np.asarray(open_zarr_image(path))
     if path.is_dir():
-        raise InvalidImageError(f"{path} is a folder with no images ({', '.join(IMAGE_SUFFIXES)}).")
+        raise InvalidImageError(f"{path} is a folder with no images ({', '.join(IMAGE_SUFFIXES)}, or .zarr stores).")
     if not path.is_file():
         raise ImageNotFoundError(f"No such file: {path}")
     if path.stat().st_size == 0:
@@ -92,6 +98,11 @@ def read_image(path: Path) -> np.ndarray:
         raise InvalidImageError(f"Could not read {path} as an image: {_read_failure(path, exc)}") from None
 
 
+def read_lazy(path: Path):
+    """A zarr store's image unread (its tiles are read as they are segmented); other files read whole."""
+    return open_zarr_image(path) if is_zarr_path(path) else read_image(path)
+
+
 def _read_failure(path: Path, exc: Exception) -> str:
     """Why a file could not be read, in terms of the file (not of the reading library's plug-ins)."""
     text = str(exc)
@@ -108,9 +119,10 @@ def output_stems(paths: Sequence[Path]) -> list[str]:
 
 # -- outputs -------------------------------------------------------------------------------------------
 
-def output_paths(out_dir: Path, stem: str, save_probabilities: bool = False, objects: bool = False) -> list[Path]:
+def output_paths(out_dir: Path, stem: str, save_probabilities: bool = False, objects: bool = False,
+                 output_format: str = "tif") -> list[Path]:
     """Labels (first: the mark of a finished output), class table, then probabilities and objects when asked."""
-    paths = [out_dir / f"{stem}_labels.tif", out_dir / f"{stem}_classes.csv"]
+    paths = [out_dir / f"{stem}_labels.{output_format}", out_dir / f"{stem}_classes.csv"]
     if save_probabilities:
         paths.append(out_dir / f"{stem}_probabilities.tif")
     if objects:

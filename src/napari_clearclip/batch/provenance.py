@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 RECORD_KEY = "clearclip"
-LABELS_SUFFIX = "_labels.tif"
+LABELS_SUFFIXES = ("_labels.tif", "_labels.zarr")
 
 
 def _plain(value):
@@ -51,6 +51,10 @@ def source_identity(path: Path) -> dict:
     """The input as a record holds it: absolute path, size, modification time and content hash."""
     from ..cache import file_digest
 
+    if path.is_dir():  # a zarr store
+        from ..zarr_images import store_identity
+
+        return {"source": str(path.resolve()), **store_identity(path)}
     stat = path.stat()
     return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
             "sha256": file_digest(path)}
@@ -67,6 +71,15 @@ def tiff_metadata(record: dict) -> dict:
 
 def read_record(labels_path: Path) -> dict | None:
     """The record in a labels file, or None (written elsewhere, saved again by another program, unreadable)."""
+    if Path(labels_path).is_dir():  # a zarr store: the record is in its attributes
+        try:
+            import zarr
+
+            text = zarr.open_group(str(labels_path), mode="r").attrs.get(RECORD_KEY)
+            record = json.loads(text) if isinstance(text, str) else None
+        except Exception:
+            return None
+        return record if isinstance(record, dict) and isinstance(record.get("source"), str) else None
     try:
         import tifffile
 
@@ -88,15 +101,17 @@ class ExistingOutput:
 
 
 def existing_outputs(out_dir: Path) -> dict[str, ExistingOutput]:
-    """Every ``<stem>_labels.tif`` in the folder, by stem (the labels are written last: they mark a finished output)."""
+    """Every ``<stem>_labels.tif`` (or ``.zarr``) in the folder, by stem (the labels are written last: they mark a
+    finished output)."""
     found = {}
     if not out_dir.is_dir():
         return found
-    for path in sorted(out_dir.glob(f"*{LABELS_SUFFIX}")):
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        stem = path.name[: -len(LABELS_SUFFIX)]
-        found[stem] = ExistingOutput(stem, read_record(path))
+    for suffix in LABELS_SUFFIXES:
+        for path in sorted(out_dir.glob(f"*{suffix}")):
+            if path.name.startswith(".") or not (path.is_file() or path.is_dir()):
+                continue
+            stem = path.name[: -len(suffix)]
+            found.setdefault(stem, ExistingOutput(stem, read_record(path)))
     return found
 
 
@@ -106,6 +121,10 @@ def same_content(record: dict, path: Path) -> bool:
         stat = path.stat()
     except OSError:
         return False
+    if path.is_dir():
+        from ..zarr_images import store_identity
+
+        return record.get("sha256") == store_identity(path)["sha256"]
     if record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
         return True
     if record.get("size") != stat.st_size:

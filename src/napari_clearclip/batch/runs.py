@@ -17,10 +17,11 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..errors import ClearClipError
+from ..errors import ClearClipError, InvalidOptionError
 from ..files import write_atomic
-from ..options import SegmentOptions
+from ..options import DEFAULT, SegmentOptions
 from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this module's interface
+    OUTPUT_FORMATS,
     PARTS_DIR,
     REPORT_NAME,
     FileReport,
@@ -31,6 +32,7 @@ from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this 
     output_paths,
     read_foreground,
     read_image,
+    read_lazy,
     read_objects,
     read_plane,
     remove_stale_partials,
@@ -67,6 +69,7 @@ class Task:
     objects: str | None = None   # the suffix of the instance labels beside the image (--objects)
     foreground: str | None = None  # the suffix of the foreground map beside the image, or "found" (--foreground)
     found_weights: tuple | None = None  # FOUND's (DINO, decoder) files (--found-weights)
+    output_format: str = "tif"   # "zarr": labels written tile by tile into <stem>_labels.zarr (--format zarr)
 
 
 def skip_reason(record: dict | None, path: Path, run: str) -> str:
@@ -87,10 +90,12 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
 
     path, stem = task.path, task.stem
     start = time.perf_counter()
-    outputs = output_paths(out_dir, stem, save_probabilities, task.objects is not None)
+    outputs = output_paths(out_dir, stem, save_probabilities, task.objects is not None, task.output_format)
     if not overwrite and all(p.exists() for p in outputs):  # another run finished it meanwhile
         return FileReport(path, "skipped", 0.0, worker_name(), skip_reason(read_record(outputs[0]), path, task.run),
                           outputs)
+    if task.output_format == "zarr":
+        return _segment_to_zarr(segmenter, task, classes, outputs, options, start)
     try:
         record = make_record(path, task.run, classes) if path.is_file() else None
         objects = None if task.objects is None else read_objects(path, task.objects)
@@ -102,6 +107,40 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
     except OSError as exc:  # disk full, permissions changed mid-run ...
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), f"could not write outputs: {exc}")
     return FileReport(path, "done", time.perf_counter() - start, worker_name(), "", written)
+
+
+def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], options: SegmentOptions,
+                     start: float) -> FileReport:
+    """Segment one image tile by tile into ``<stem>_labels.zarr`` (class table written before the store is put in
+    place, so the labels still mark a finished output); the image is read a region at a time."""
+    import json
+
+    from ..lazy_tiles import label_counts
+    from ..prompts import parse_classes
+    from .cluster import worker_name
+    from .provenance import RECORD_KEY
+
+    labels_path, table_path = outputs[:2]
+    parsed = parse_classes(classes)
+
+    def write_table(labels) -> None:
+        counts = label_counts(labels, len(parsed))
+        rows = [{"label": 0, "name": "unassigned", "synonyms": "", "pixels": int(counts[0])}]
+        rows += [{"label": i, "name": c.name, "synonyms": ", ".join(c.synonyms), "pixels": int(counts[i])}
+                 for i, c in enumerate(parsed, start=1)]
+        write_atomic(table_path, lambda p: _write_class_table(p, rows))
+
+    try:
+        record = make_record(task.path, task.run, classes) if task.path.exists() else None
+        segmenter.segment_tiled(read_lazy(task.path), classes, options, out=labels_path, replace=True,
+                                attrs={RECORD_KEY: json.dumps(record, sort_keys=True)} if record else None,
+                                on_complete=write_table)
+    except ClearClipError as exc:
+        return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(), str(exc))
+    except OSError as exc:
+        return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(),
+                          f"could not write outputs: {exc}")
+    return FileReport(task.path, "done", time.perf_counter() - start, worker_name(), "", [labels_path, table_path])
 
 
 # -- stacks: one task per plane ------------------------------------------------------------------------
@@ -221,6 +260,18 @@ def run_task(spec, task: Task, classes, out_dir: Path, options: SegmentOptions, 
     return segment_plane(segmenter, task, classes, out_dir, options, lesson)
 
 
+def _check_zarr_run(options: SegmentOptions, save_probabilities: bool, objects, foreground, lesson) -> None:
+    """What a tile-by-tile run cannot do, refused before any image is read."""
+    refused = [name for name, given in (("--save-probabilities", save_probabilities), ("--objects", objects),
+                                        ("--foreground", foreground), ("--lesson", lesson)) if given]
+    if refused:
+        raise InvalidOptionError(f"--format zarr segments tile by tile and writes labels only: {', '.join(refused)} "
+                                 "cannot be used with it.")
+    if options.short_side not in (DEFAULT, None):
+        raise InvalidOptionError(f"--format zarr segments at native resolution: --short-side {options.short_side} "
+                                 "cannot be used with it.")
+
+
 def check_model_and_options(spec, options: SegmentOptions, classes=None, lesson=None) -> SegmentOptions:
     """Load the model (once per process) and resolve the options against it, and check that the lesson
     fits them: all fail before any image is read."""
@@ -254,6 +305,7 @@ def segment_files(
     lesson=None,
     foreground: str | None = None,
     found_weights=None,
+    output_format: str = "tif",
     **keywords,
 ) -> list[FileReport]:
     """Segment image files (files, folders, glob patterns) into ``out_dir``; one :class:`FileReport` per input.
@@ -273,6 +325,8 @@ def segment_files(
     with strokes made elsewhere; on a cluster it is sent to each worker once. ``foreground`` (a suffix:
     ``<stem><suffix>.tif`` beside each 2-D image, a probability map or a mask; or ``"found"``, with
     ``found_weights=(dino_checkpoint, decoder_checkpoint)``) fuses a foreground map as CLIP-DIY does.
+    ``output_format="zarr"`` segments each 2-D image tile by tile at native resolution into
+    ``<stem>_labels.zarr`` (zarr inputs are then read a region at a time): for images too large to hold.
     """
     from ..models import ModelSpec
     from ..prompts import parse_classes
@@ -283,6 +337,11 @@ def segment_files(
     class_list = [", ".join(c.synonyms) for c in parse_classes(classes)]
     options = SegmentOptions.build(options, **keywords)
     lesson = check_lesson(lesson)
+    if output_format not in OUTPUT_FORMATS:
+        raise InvalidOptionError(f"output_format={output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}.")
+    if output_format == "zarr":
+        _check_zarr_run(options, save_probabilities, objects, foreground, lesson)
+        options = options.replace(short_side=None)
     out = check_output_dir(out_dir)
     files = expand_inputs(paths)
     if objects:  # the instance labels beside the images are not inputs of their own
@@ -307,6 +366,7 @@ def segment_files(
     remove_stale_partials(out)
     run = run_fingerprint(spec.model, spec.pretrained, method, precision, class_list,
                           {**options.to_dict(), "objects": objects, "foreground": foreground,
+                           "format": output_format,
                            "found_weights": None if found_weights is None else list(found_weights),
                            "lesson": None if lesson is None else lesson.fingerprint()})
 
@@ -316,7 +376,10 @@ def segment_files(
     stems, existing = assign_stems(files, out)
     for path, stem in zip(files, stems):
         layout = stack_planes(path)
-        expected = output_paths(out, stem, save_probabilities and layout is None, bool(objects) and layout is None)
+        if output_format == "zarr":
+            layout = None  # one image, read a region at a time (stacks are refused when it is opened)
+        expected = output_paths(out, stem, save_probabilities and layout is None, bool(objects) and layout is None,
+                                output_format)
         if not overwrite and all(p.exists() for p in expected):
             output = existing.get(stem)
             reason = skip_reason(output.record if output else read_record(expected[0]), path, run)
@@ -325,7 +388,7 @@ def segment_files(
             continue
         if layout is None:
             tasks.append(Task(path, stem, run=run, objects=objects or None, foreground=foreground or None,
-                              found_weights=found_weights))
+                              found_weights=found_weights, output_format=output_format))
             continue
         if objects:
             reports.append(FileReport(path, "failed", 0.0, "", "objects (--objects) are taken for 2-D images only"))

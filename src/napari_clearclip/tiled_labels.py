@@ -147,9 +147,10 @@ class _Geometry:
         out = coarse
         for axis, (first, last) in enumerate((self.row_window, self.col_window)):
             span = min(int((last - first).max()) + 1, out.shape[axis])
-            windows = np.lib.stride_tricks.sliding_window_view(out, span, axis=axis)
             start = np.minimum(first, out.shape[axis] - span)
-            out = reducer(np.take(windows, start, axis=axis), axis=-1)
+            moved = np.moveaxis(out, axis, 0)
+            # one window at a time: taking windows from a sliding view would copy all of them
+            out = np.moveaxis(np.stack([reducer(moved[s : s + span], axis=0) for s in start]), 0, axis)
         return out
 
     def tile_slices(self, ty: int, tx: int) -> tuple[slice, slice]:

@@ -1,0 +1,89 @@
+"""Peak memory and time of a tile-by-tile run on an image too large to hold, from a zarr store to a zarr store.
+
+    python benchmarks/benchmark_large_zarr.py [--size 20000] [--snap] [--tile 2048]
+
+Writes a ``size`` x ``size`` RGB zarr store (synthetic shapes, written chunk by chunk) in a temporary
+folder, then runs ``clearclip-segment store.zarr --format zarr`` (demo model, 5 classes, native
+resolution) in a fresh process and samples its resident memory every 50 ms. Prints the peak resident
+memory of the whole process (Python, torch, the model and everything), the time, and the image's
+size in memory for comparison. Nothing is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def write_store(path: Path, size: int, chunk: int = 1024) -> None:
+    import zarr
+
+    from napari_clearclip.demo.scenes import make_scene
+
+    tile = make_scene(5, size=1000, objects=(12, 16)).image
+    array = zarr.create_array(str(path), shape=(size, size, 3), chunks=(chunk, chunk, 3), dtype=np.uint8)
+    for y in range(0, size, chunk):
+        for x in range(0, size, chunk):
+            h, w = min(chunk, size - y), min(chunk, size - x)
+            ys, xs = (np.arange(y, y + h) % 1000), (np.arange(x, x + w) % 1000)
+            array[y : y + h, x : x + w] = tile[ys][:, xs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=20000)
+    parser.add_argument("--tile", type=int, default=2048)
+    parser.add_argument("--snap", action="store_true", help="snap to edges (PAMR), as the CLI does by default")
+    args = parser.parse_args()
+    import psutil
+
+    folder = Path(tempfile.mkdtemp())
+    try:
+        store = folder / "slide.zarr"
+        start = time.perf_counter()
+        write_store(store, args.size)
+        print(f"wrote a {args.size} x {args.size} RGB store in {time.perf_counter() - start:.0f} s", flush=True)
+        command = [sys.executable, "-c", "import sys; from napari_clearclip.batch.cli import main; sys.exit(main())",
+                   str(store), "--classes", "red; green; blue; yellow; background", "--model", "synthetic-tiny",
+                   "--device", "cpu", "--format", "zarr", "--out", str(folder / "out"),
+                   "--snap" if args.snap else "--no-snap"]
+        env = {"NAPARI_CLEARCLIP_CACHE_DIR": str(folder / "cache"), "PATH": "/usr/bin:/bin"}
+        import os
+
+        env = {**os.environ, **env}
+        start = time.perf_counter()
+        process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+        watched = psutil.Process(process.pid)
+        peak = [0]
+        done = threading.Event()
+
+        def sample():
+            while not done.is_set():
+                try:
+                    peak[0] = max(peak[0], watched.memory_info().rss)
+                except psutil.Error:
+                    break
+                time.sleep(0.05)
+
+        threading.Thread(target=sample, daemon=True).start()
+        code = process.wait()
+        seconds = time.perf_counter() - start
+        done.set()
+        image_gib = args.size * args.size * 3 / 2**30
+        print(f"| {args.size} x {args.size} RGB, tile {args.tile}, snapping {'on' if args.snap else 'off'} | "
+              f"{seconds / 60:.1f} min | peak resident {peak[0] / 2**30:.2f} GiB | image {image_gib:.2f} GiB, "
+              f"labels {args.size * args.size / 2**30:.2f} GiB | exit {code} |")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -138,6 +138,12 @@ def test_keep_aspect_only_for_clipdiy_and_its_prompt(tiny_checkpoint):
     native = seg.segment(image, ["cat", "dog", "grass"], keep_aspect=True)
     assert squashed.labels.shape == native.labels.shape == (90, 200)
     assert not np.array_equal(squashed.probabilities, native.probabilities)
+    # edge snapping works on CLIP-DIY's scores too (resized bilinearly, then PAMR), labels only or with maps
+    snapped = seg.segment(image, ["cat", "dog", "grass"], refine="pamr", pamr_iterations=3, pamr_dilations=(2, 4))
+    fast = seg.segment(image, ["cat", "dog", "grass"], refine="pamr", pamr_iterations=3, pamr_dilations=(2, 4),
+                       maps=False)
+    np.testing.assert_array_equal(snapped.labels, fast.labels)
+    assert not np.allclose(snapped.probabilities, squashed.probabilities)
 
 
 def test_strokes_lessons_and_stored_features_work_with_clipdiy(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from dataclasses import replace as with_fields
 from pathlib import Path
 from typing import Generator, Mapping, Sequence
 
@@ -24,6 +25,7 @@ import numpy as np
 
 from .errors import InvalidImageError, InvalidOptionError, OutputError
 from .options import DEFAULT, SegmentOptions
+
 from .progress import Progress
 
 #: Tile side (pixels) by default: regions of about (2048 + 2 x halo)^2 pixels are segmented at once.
@@ -176,12 +178,15 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
             continue
         region = np.asarray(image[ry0:ry1, rx0:rx1])
         steps = segmenter.segment_steps(region, classes, opts, maps=False, remember=False)
-        while True:
+        while True:  # the tile's own progress, as a share of the whole: a stop takes effect within a tile
             try:
-                next(steps)
+                step = next(steps)
             except StopIteration as stop:
                 labels = stop.value.labels
                 break
+            if isinstance(step, Progress):
+                yield with_fields(step, plane=number, planes=len(plan),
+                              detail=f"tile {number + 1}/{len(plan)}: {step.message}")
         target[ty0:ty1, tx0:tx1] = labels[ty0 - ry0 : ty1 - ry0, tx0 - rx0 : tx1 - rx0].astype(target.dtype)
         del region, labels, steps
         if done is not None:

@@ -22,7 +22,7 @@ STAGE_WORDS = {"loading": "loading the model", "text": "class names encoded", "w
 
 @dataclass(frozen=True)
 class Progress:
-    """One step of a run: ``stage`` ("loading", "text", "windows", "foreground" or "edges"), ``done`` of ``total`` units,
+    """One step of a run: ``stage`` ("loading", "text", "windows", "foreground", "edges" or "tiles"), ``done`` of ``total`` units,
     on plane ``plane`` of ``planes`` (stacks), with ``then_edges`` when edge snapping follows the windows."""
 
     stage: str
@@ -41,6 +41,8 @@ class Progress:
             within = part * (EDGE_SNAPPING_START if self.then_edges else 1.0)
         elif self.stage == "edges":
             within = EDGE_SNAPPING_START + (1 - EDGE_SNAPPING_START) * part
+        elif self.stage == "tiles":
+            within = part
         else:
             within = 0.0
         return (self.plane + within) / max(1, self.planes)

@@ -127,3 +127,43 @@ def test_clipdiy_shows_its_foreground_field_and_fuses_a_layer(qtbot, widget, rgb
     assert "does not exist" in widget.status.value and len(viewer.layers) == 3     # no half layer
     widget.method.value = "clearclip"
     assert not widget.foreground.visible and not widget.found_weights.visible and widget.crop.visible
+
+
+def test_a_large_image_at_native_resolution_goes_tile_by_tile_into_an_editable_store(qtbot, widget, monkeypatch,
+                                                                                    tmp_path):
+    import dask.array as da
+    import zarr
+
+    import napari_clearclip.gui.widget as widget_module
+    from images import smooth_image
+    from napari_clearclip import Segmenter
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 200 * 200)          # "large" from 200 x 200 on
+    monkeypatch.setenv("NAPARI_CLEARCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    viewer = widget._viewer
+    image = smooth_image(300, 260, seed=8)
+    widget.image.value = viewer.add_image(da.from_array(image, chunks=(100, 100, 3)), name="slide", rgb=True)
+    widget.classes.value = "sky\ngrass"
+    widget.resize.value = False                                              # native resolution
+    widget.crop.value, widget.stride.value = 64, 32
+    run_and_wait(qtbot, widget)
+    assert "tile by tile" in widget.status.value, widget.status.value
+    layer = viewer.layers["slide classes"]
+    assert isinstance(layer.data, zarr.Array)
+    expected = Segmenter("test-tiny", widget.pretrained.value, device="cpu").segment(
+        image, ["sky", "grass"], maps=False, short_side=None, crop=64, stride=32, refine="pamr",
+        contrast_limits=tuple(viewer.layers["slide"].contrast_limits)).labels
+    np.testing.assert_array_equal(layer.data[:], expected)
+    stores = list((tmp_path / "cache" / "labels").glob("*.zarr"))
+    assert len(stores) == 1 and not list((tmp_path / "cache" / "labels").glob("*.partial"))
+    layer.data[0:4, 0:4] = 2                                                 # painting writes into the store
+    assert (zarr.open_group(str(stores[0]), mode="r")["labels"][0:4, 0:4] == 2).all()
+    # a cancelled run adds no layer and leaves no store
+    layers = len(viewer.layers)
+    worker = widget.run()
+    qtbot.waitUntil(lambda: "tile 1/" in widget.status.value or not widget.busy, timeout=60_000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    assert widget.status.value.startswith("Cancelled"), widget.status.value
+    assert len(viewer.layers) == layers and worker is not None
+    assert len(list((tmp_path / "cache" / "labels").iterdir())) == 1                # only the first run's store

@@ -6,6 +6,7 @@ Everything here runs off the GUI thread; the widget only inserts what comes back
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from napari.layers import Labels
@@ -59,9 +60,42 @@ def layer_request(data, layout, planes, classes, options, image_name: str, proba
     return request
 
 
-def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None):
-    """Worker body: load (or reuse) the model, segment and merge plane by plane (yielding progress), and build
-    the new Labels layer, if one is to be added, so that the GUI thread only inserts it."""
+#: Native-resolution runs on 2-D images larger than this go tile by tile into a zarr store (the labels layer is
+#: then backed by it), so that neither the image nor its scores are ever held whole.
+TILED_PIXELS = 4096 * 4096
+
+
+@dataclass
+class TiledResult:
+    """A tile-by-tile run's outcome: where its labels are stored, the classes, their pixel counts and colours."""
+
+    path: Path
+    names: list[str]
+    counts: np.ndarray
+    colours: dict
+
+
+def tiled_store_path(image_name: str) -> Path:
+    """A new zarr store in the user cache for a tiled result: ``labels/<image>-<time>.zarr``."""
+    import re
+    import time
+
+    from ..cache import cache_dir
+
+    folder = cache_dir() / "labels"
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", image_name).strip("_") or "image"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = folder / f"{safe}-{stamp}.zarr"
+    number = 1
+    while path.exists() or path.with_name(path.name + ".partial").exists():
+        number += 1
+        path = folder / f"{safe}-{stamp}-{number}.zarr"
+    return path
+
+
+def _loaded(holder: ModelHolder, spec: ModelSpec):
+    """Generator: the model for ``spec``, loaded once and kept (progress while loading)."""
     segmenter = holder.get(spec)
     if segmenter is None:
         yield Progress("loading", 0, 1, detail=f"Loading {spec.model} ({spec.pretrained or 'default weights'})...")
@@ -69,6 +103,32 @@ def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest
                               precision=spec.precision)
         holder.keep(spec, segmenter)
     segmenter.method = spec.method
+    return segmenter
+
+
+def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, store: Path, new_layer: dict,
+              background: tuple[str, ...] = ()):
+    """Worker body for a large image: segment it tile by tile into ``store`` (yielding progress per tile) and
+    build the Labels layer backed by that store, so that the GUI thread only inserts it."""
+    from ..colours import colormap_dict
+    from ..lazy_tiles import label_counts
+    from ..prompts import parse_classes
+
+    segmenter = yield from _loaded(holder, spec)
+    labels = yield from segmenter.segment_tiled_steps(image, classes, options, out=store)
+    names = [c.name for c in parse_classes(classes)]
+    counts = label_counts(labels, len(names))
+    colours = colormap_dict(names, tuple(background))
+    prepare_first_draw(np.zeros((2, 2), labels.dtype), colours)
+    layer = Labels(labels, features=labels_features(names), colormap=DirectLabelColormap(color_dict=colours),
+                   visible=False, **new_layer)
+    return TiledResult(store, names, counts, colours), layer
+
+
+def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None):
+    """Worker body: load (or reuse) the model, segment and merge plane by plane (yielding progress), and build
+    the new Labels layer, if one is to be added, so that the GUI thread only inserts it."""
+    segmenter = yield from _loaded(holder, spec)
     result = yield from segment_layer(segmenter, request)
     update = result.update
     prepare_first_draw(update.full if update.full is not None else update.baseline, update.colours)

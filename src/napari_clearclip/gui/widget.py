@@ -28,7 +28,7 @@ from ..progress import Progress
 from ..prompts import parse_classes
 from .field_logic import FieldLogic
 from .fields import build_fields, choose_file_button, lesson_buttons, saved_values
-from .job import ModelHolder, layer_request, segmentation_job
+from .job import TILED_PIXELS, ModelHolder, layer_request, segmentation_job, tiled_job, tiled_store_path
 from .layers import ResultLayers, layer_geometry
 from .layout import captioned, scrolling, wrapping
 from .lessons import SessionLessons, classes_text
@@ -229,6 +229,9 @@ class ClearClipWidget(FieldLogic, Container):
         planes = layout.planes()
         if self.scope.value == "current slice" and len(planes) > 1:
             planes = [layout.plane_of_point(layer.world_to_data(self._viewer.dims.point))]
+        if self._tiled(layout, objects_layer, foreground):
+            save_settings(self.settings())
+            return self._run_tiled(layer, data, layout, classes, options)
         save_settings(self.settings())
         target = self._choose_target(layer, layout)
         existing = {layer.name: layer.data for layer in self._viewer.layers}
@@ -246,20 +249,68 @@ class ClearClipWidget(FieldLogic, Container):
         context = {"layer": layer, "layout": layout, "target": target, "model": self.model.value,
                    "objects": objects_layer,
                    "demo_scene": self.model.value == DEMO_MODEL and _looks_like_demo_scene(data, layout, planes[0])}
-        worker.yielded.connect(self._on_yielded)
         worker.returned.connect(lambda value: self._on_returned(value, context))
-        worker.errored.connect(self._on_errored)
         worker.aborted.connect(lambda: self._set_status("Cancelled: nothing was changed."))
+        return self._launch(worker, f"Starting on {layer.name} ({len(planes)} slice{'s' if len(planes) > 1 else ''})...")
+
+    def _launch(self, worker, status: str):
+        """Show progress and the Cancel button for ``worker``, and start it from the event loop (so that a
+        caller can connect to its signals first)."""
+        worker.yielded.connect(self._on_yielded)
+        worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
         self._worker = worker
         self._progress = progress(total=1000, desc="ClearCLIP")
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.use_demo.visible = False
-        self._set_status(f"Starting on {layer.name} ({len(planes)} slice{'s' if len(planes) > 1 else ''})...")
-        # start from the event loop, so that a caller can connect to the returned worker's signals first
+        self._set_status(status)
         QTimer.singleShot(0, worker.start)
         return worker
+
+    # -- images too large to hold ----------------------------------------------------------------
+    def _tiled(self, layout: ImageLayout, objects_layer, foreground: dict) -> bool:
+        """Whether this run goes tile by tile: a 2-D image larger than TILED_PIXELS segmented at native
+        resolution (Resize off), with nothing that needs the whole image at once."""
+        shape = layout.label_shape
+        return (not self.resize.value and len(shape) == 2 and shape[0] * shape[1] > TILED_PIXELS
+                and self.method.value != "clipdiy" and objects_layer is None and not foreground)
+
+    def _run_tiled(self, layer, data, layout: ImageLayout, classes, options):
+        """Segment a large 2-D image tile by tile into a zarr store in the user cache; the result is a new Labels
+        layer backed by that store (editable: painting writes into it). Strokes do not teach in this mode."""
+        import shutil
+
+        store = tiled_store_path(layer.name)
+        new_layer = {"name": f"{layer.name} classes", **layer_geometry(layer, layout)}
+        names = [", ".join(c.synonyms) for c in classes]
+        background = (self.background.value,) if self.background.value else ()
+        worker = create_worker(tiled_job, self._models, self.model_spec(), data, names, options, store, new_layer,
+                               background, _start_thread=False, _ignore_errors=True)
+
+        def discard():  # a cancelled or failed run leaves no store behind
+            shutil.rmtree(store.with_name(store.name + ".partial"), ignore_errors=True)
+
+        worker.returned.connect(self._on_tiled_returned)
+        worker.aborted.connect(lambda: (discard(), self._set_status("Cancelled: nothing was added.")))
+        worker.errored.connect(lambda *_: discard())
+        return self._launch(worker, f"Starting on {layer.name}: a large image, segmented tile by tile at native "
+                                    "resolution...")
+
+    def _on_tiled_returned(self, value):
+        if self._closed:
+            return
+        result, layer = value
+        self._writing = True
+        try:
+            self._viewer.add_layer(layer)
+            layer.visible = True
+        finally:
+            self._writing = False
+        self.legend.value = legend_html(result.names, result.counts, result.colours)
+        self._set_status(f"Done: {layer.name}, segmented tile by tile; its labels are stored in {result.path} "
+                         "(painting writes there). Strokes do not teach on images this large.")
+        self.objects.reset_choices()
 
     # -- lessons --------------------------------------------------------------------------------
     def save_lesson(self, path=None):

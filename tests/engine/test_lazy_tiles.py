@@ -83,3 +83,27 @@ def test_what_cannot_be_tiled_is_refused(segmenter, tiny_checkpoint):
         diy.segment_tiled(image, ["a", "b"])
     with pytest.raises(InvalidOptionError, match="tile="):
         segmenter.segment_tiled(image, ["a", "b"], tile=4)
+
+
+def test_ome_zarr_levels_are_read_lazily_with_channels_last(tmp_path):
+    import zarr
+
+    from napari_clearclip.errors import InvalidImageError
+    from napari_clearclip.zarr_images import is_zarr_path, open_zarr_image
+
+    image = smooth_image(70, 90, seed=3)
+    axes = [{"name": n} for n in ("t", "c", "z", "y", "x")]
+    group = zarr.open_group(str(tmp_path / "five.zarr"), mode="w")
+    group.attrs["multiscales"] = [{"axes": axes, "datasets": [{"path": "0"}, {"path": "1"}]}]
+    level = group.create_array("0", shape=(1, 3, 1, 70, 90), chunks=(1, 3, 1, 32, 32), dtype=np.uint8)
+    level[0, :, 0] = np.moveaxis(image, -1, 0)
+    group.create_array("1", shape=(1, 3, 1, 35, 45), dtype=np.uint8)
+    view = open_zarr_image(tmp_path / "five.zarr")
+    assert is_zarr_path(tmp_path / "five.zarr") and view.shape == (70, 90, 3) and view.dtype == np.uint8
+    np.testing.assert_array_equal(view[10:20, 30:50], image[10:20, 30:50])
+    np.testing.assert_array_equal(np.asarray(view), image)
+    deep = zarr.open_group(str(tmp_path / "deep.zarr"), mode="w")
+    deep.attrs["multiscales"] = [{"axes": axes, "datasets": [{"path": "0"}]}]
+    deep.create_array("0", shape=(1, 3, 4, 70, 90), dtype=np.uint8)
+    with pytest.raises(InvalidImageError, match="one time point or z plane"):
+        open_zarr_image(tmp_path / "deep.zarr")

@@ -131,33 +131,30 @@ def output_paths(out_dir: Path, stem: str, save_probabilities: bool = False, obj
 
 
 def objects_path(image: Path, suffix: str) -> Path:
-    """The instance labels that go with an image: ``<stem><suffix>.tif`` beside it."""
+    """A TIFF that goes with an image (instance labels, a foreground map): ``<stem><suffix>.tif`` beside it."""
     return image.with_name(f"{image.stem}{suffix}.tif")
+
+
+def _read_beside(image: Path, suffix: str, what: str, option: str) -> np.ndarray:
+    path = objects_path(image, suffix)
+    if not path.is_file():
+        raise ImageNotFoundError(f"No {what} {path.name} beside {image.name} ({option} {suffix}).")
+    import tifffile
+
+    try:
+        return tifffile.imread(path)
+    except Exception as exc:
+        raise InvalidImageError(f"Could not read the {what} {path}: {exc}") from None
 
 
 def read_foreground(image: Path, suffix: str) -> np.ndarray:
     """The foreground map beside an image (``<stem><suffix>.tif``): probabilities in 0..1, or a mask."""
-    path = objects_path(image, suffix)
-    if not path.is_file():
-        raise ImageNotFoundError(f"No foreground map {path.name} beside {image.name} (--foreground {suffix}).")
-    import tifffile
-
-    try:
-        return tifffile.imread(path)
-    except Exception as exc:
-        raise InvalidImageError(f"Could not read the foreground map {path}: {exc}") from None
+    return _read_beside(image, suffix, "foreground map", "--foreground")
 
 
 def read_objects(image: Path, suffix: str) -> np.ndarray:
-    path = objects_path(image, suffix)
-    if not path.is_file():
-        raise ImageNotFoundError(f"No objects file {path.name} beside {image.name} (--objects {suffix}).")
-    import tifffile
-
-    try:
-        return tifffile.imread(path)
-    except Exception as exc:
-        raise InvalidImageError(f"Could not read the objects file {path}: {exc}") from None
+    """The instance labels beside an image (``<stem><suffix>.tif``)."""
+    return _read_beside(image, suffix, "objects file", "--objects")
 
 
 def check_output_dir(out_dir: str | os.PathLike) -> Path:

@@ -158,7 +158,7 @@ def test_a_large_image_at_native_resolution_goes_tile_by_tile_into_an_editable_s
     assert len(stores) == 1 and not list((tmp_path / "cache" / "labels").glob("*.partial"))
     layer.data[0:4, 0:4] = 2                                                 # painting writes into the store
     assert (zarr.open_group(str(stores[0]), mode="r")["labels"][0:4, 0:4] == 2).all()
-    assert widget.run(live=True) is None and "press Run" in widget.status.value   # live mode does not pile up
+    assert widget._run_live() is None and "press Run" in widget.status.value   # live mode does not pile up
     # a cancelled run adds no layer and leaves no store
     layers = len(viewer.layers)
     worker = widget.run()

@@ -85,7 +85,7 @@ class ClearClipWidget(FieldLogic, Container):
 
         self.results = ResultLayers(napari_viewer, on_painted=self._on_painted, busy=lambda: self.busy)
         self.live_mode = LiveMode(enabled=lambda: self.live.value and not self._closed, busy=lambda: self.busy,
-                                  ready=self._classes_ready, start=lambda: self.run(live=True))
+                                  ready=self._classes_ready, start=self._run_live)
         self.model.changed.connect(self._on_model_changed)
         self.method.changed.connect(self._on_method_changed)
         self.foreground.changed.connect(self._on_foreground_changed)
@@ -200,7 +200,16 @@ class ClearClipWidget(FieldLogic, Container):
         return True
 
     # -- running ------------------------------------------------------------------------------
-    def run(self, *_, live: bool = False):
+    def _run_live(self):
+        """A run that live mode starts (not the Run button): marked, so that runs that only Run should start
+        (tile by tile, each adding a layer) are declined."""
+        self._live_run = True
+        try:
+            return self.run()
+        finally:
+            self._live_run = False
+
+    def run(self, *_):
         """Start a segmentation in a thread worker and return the worker (None if the input is invalid)."""
         if self._worker is not None:
             self._set_status("A run is already going: cancel it first.")
@@ -230,7 +239,7 @@ class ClearClipWidget(FieldLogic, Container):
         if self.scope.value == "current slice" and len(planes) > 1:
             planes = [layout.plane_of_point(layer.world_to_data(self._viewer.dims.point))]
         if self._tiled(layout, objects_layer, foreground):
-            if live:  # each tiled run adds a layer and a store: only on request
+            if getattr(self, "_live_run", False):  # each tiled run adds a layer and a store: only on request
                 self._set_status("Live mode does not re-run images segmented tile by tile (each run adds a layer): "
                                  "press Run.")
                 return None

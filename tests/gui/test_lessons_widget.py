@@ -95,7 +95,7 @@ def test_choosing_resclip_sets_its_official_settings_and_runs(qtbot, widget, rgb
     assert (widget.short_side.value, widget.crop.value, widget.logit_scale.value) == (448, 448, 50.0)
 
 
-def test_clipdiy_shows_its_foreground_field_and_fuses_a_layer(qtbot, widget, rgb_image):
+def test_clipdiy_shows_its_foreground_field_and_fuses_a_layer(qtbot, widget, rgb_image, tmp_path):
     from napari_clearclip import Segmenter
 
     viewer = widget._viewer
@@ -125,6 +125,16 @@ def test_clipdiy_shows_its_foreground_field_and_fuses_a_layer(qtbot, widget, rgb
     widget.new_layer.value = True
     run_and_wait(qtbot, widget)
     assert "does not exist" in widget.status.value and len(viewer.layers) == 3     # no half layer
+    import timm
+    import torch
+
+    torch.save(timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0).state_dict(),
+               tmp_path / "dino.pth")
+    torch.save({"decoder": torch.nn.Conv2d(384, 1, 1).state_dict()}, tmp_path / "decoder.pt")
+    widget.found_weights.value = f"{tmp_path / 'dino.pth'}; {tmp_path / 'decoder.pt'}"
+    run_and_wait(qtbot, widget)                                                     # FOUND's map, computed on the image
+    assert widget.status.value.startswith("Done"), widget.status.value
+    assert len(viewer.layers) == 4
     widget.method.value = "clearclip"
     assert not widget.foreground.visible and not widget.found_weights.visible and widget.crop.visible
 

@@ -1,13 +1,14 @@
 """Each method's time and peak memory against ClearCLIP, on the same image, model and CPU.
 
-    python benchmarks/benchmark_methods.py [--model ViT-B-16-quickgelu] [--size 448 597]
+    python benchmarks/benchmark_methods.py [--model ViT-B-16-quickgelu] [--size 448 597] [--device cuda]
 
 A randomly initialised model (no download), fp32, 5 classes with one template, ``maps=False``,
 no edge snapping; CLIP-DIY in its official layout (256 x 256, crops of 256, 128 and 64), alone and
 with FOUND's foreground map (random DINO ViT-S/8 weights; the image reduced to 512 on its long side,
 448 x 597 becomes 384 x 512). Each case runs in a fresh process; memory is the peak resident memory above
 what the process held before the run (sampled every 10 ms), after a first run that loaded the
-text embeddings, so the figure is the image path's.
+text embeddings, so the figure is the image path's. On a GPU (``--device cuda``) each case first runs
+once on another image (kernel selection, allocator warm-up) and memory is PyTorch's peak GPU allocation.
 """
 
 from __future__ import annotations
@@ -23,11 +24,14 @@ os.environ["NAPARI_CLEARCLIP_CACHE_DIR"] = sys.argv[1]
 import numpy as np, psutil, torch
 from napari_clearclip import Segmenter
 model, method, height, width, windows = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+device = sys.argv[7]
+gpu = device.startswith("cuda")
 checkpoint = os.path.join(sys.argv[1], model + ".pt")
 rng = np.random.default_rng(0)
 image = (rng.random((height // 16 + 1, width // 16 + 1, 3)) * 255).astype(np.uint8)
 image = np.kron(image, np.ones((16, 16, 1), np.uint8))[:height, :width]
-segmenter = Segmenter(model, checkpoint, method=method, device="cpu", precision="fp32", feature_store=False)
+segmenter = Segmenter(model, checkpoint, method=method, device=device, precision="fp32",
+                      feature_store=False)
 options = {"templates": ["a photo of a {}."]}
 if windows == "clearclip":
     options.update(short_side=448, crop=448, stride=224)
@@ -39,6 +43,10 @@ if windows == "found":
                                                       os.path.join(sys.argv[1], "decoder.pt"))}
 classes = ["sky", "horse", "grass", "road", "background"]
 segmenter.encode_classes(classes, options["templates"])
+if gpu:
+    segmenter.segment(np.ascontiguousarray(image[::-1]), classes, maps=False, **options, **extra)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
 process = psutil.Process()
 base = process.memory_info().rss
 peak = [base]
@@ -50,15 +58,19 @@ def sample():
 threading.Thread(target=sample, daemon=True).start()
 start = time.perf_counter()
 segmenter.segment(image, classes, maps=False, **options, **extra)
+if gpu:
+    torch.cuda.synchronize()
 seconds = time.perf_counter() - start
 done.set()
+if gpu:
+    peak[0], base = torch.cuda.max_memory_allocated(), 0
 print(seconds, (peak[0] - base) / 2**20, segmenter.resolve_options(**options))
 '''
 
 
-def run(folder: str, model: str, method: str, size, windows: str) -> tuple[float, float, str]:
-    done = subprocess.run([sys.executable, "-c", SCRIPT, folder, model, method, str(size[0]), str(size[1]), windows],
-                          capture_output=True, text=True)
+def run(folder: str, model: str, method: str, size, windows: str, device: str = "cpu") -> tuple[float, float, str]:
+    done = subprocess.run([sys.executable, "-c", SCRIPT, folder, model, method, str(size[0]), str(size[1]), windows,
+                           device], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-2000:])
     seconds, memory, options = done.stdout.strip().split(" ", 2)
@@ -69,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="ViT-B-16-quickgelu")
     parser.add_argument("--size", type=int, nargs=2, default=[448, 597])
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     import open_clip
     import torch
@@ -81,8 +94,9 @@ def main() -> None:
     torch.save(timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0).state_dict(),
                f"{folder}/dino.pth")
     torch.save({"decoder": torch.nn.Conv2d(384, 1, 1).state_dict()}, f"{folder}/decoder.pt")
-    baseline, base_memory, _ = run(folder, args.model, "clearclip", args.size, "clearclip")
-    print(f"{args.model}, random weights, fp32, CPU; image {args.size[0]} x {args.size[1]}, 5 classes\n")
+    baseline, base_memory, _ = run(folder, args.model, "clearclip", args.size, "clearclip", args.device)
+    where = "CPU" if args.device == "cpu" else f"{args.device} (memory: peak GPU allocation)"
+    print(f"{args.model}, random weights, fp32, {where}; image {args.size[0]} x {args.size[1]}, 5 classes\n")
     print("| method | windows | time | x ClearCLIP | peak working memory |")
     print("|---|---|---|---|---|")
     print(f"| clearclip | official (448, 448, 224) | {baseline:.2f} s | 1.00 | {base_memory:.0f} MiB |")
@@ -92,7 +106,7 @@ def main() -> None:
     names = {"clearclip": "ClearCLIP's (448, 448, 224)", "own": "its own", "whole": "whole image at short side 336",
              "found": "its own, with FOUND"}
     for method, windows in cases:
-        seconds, memory, _ = run(folder, args.model, method, args.size, windows)
+        seconds, memory, _ = run(folder, args.model, method, args.size, windows, args.device)
         print(f"| {method} | {names[windows]} | {seconds:.2f} s | {seconds / baseline:.2f} | {memory:.0f} MiB |",
               flush=True)
 

@@ -49,3 +49,57 @@ def test_cuda_matches_official_reference(vitb16_checkpoint):
                                                                                               templates=templates)
     assert np.abs(result.probabilities - ref_prob.numpy()).max() < 1e-4
     assert (result.labels == ref_labels.numpy()).mean() >= 0.999
+
+
+@pytest.mark.parametrize("method", ["clearclip", "maskclip", "sclip", "naclip", "vanilla", "resclip", "clipdiy"])
+def test_cuda_every_method_matches_cpu(tiny_checkpoint, rgb_image, method):
+    classes = ["sky", "horse, pony", "grass", "background"]
+    options = dict(crop=64, stride=32) if method != "clipdiy" else {}
+    cpu = Segmenter("test-tiny", tiny_checkpoint, device="cpu", method=method).segment(rgb_image, classes, **options)
+    gpu = Segmenter("test-tiny", tiny_checkpoint, device="cuda", precision="fp32", method=method).segment(
+        rgb_image, classes, **options)
+    assert np.abs(gpu.probabilities - cpu.probabilities).max() < 1e-4
+    assert (gpu.labels == cpu.labels).mean() >= 0.999
+
+
+def test_cuda_strokes_and_snapping_match_cpu(tiny_checkpoint):
+    image = smooth_image(200, 260, seed=3)
+    classes = ["sky", "horse", "grass"]
+    strokes = np.zeros(image.shape[:2], np.int32)
+    strokes[40:46, 30:90] = 2
+    strokes[150:154, 100:200] = 3
+    options = dict(crop=64, stride=32, strokes=strokes, refine="pamr")
+    cpu = Segmenter("test-tiny", tiny_checkpoint, device="cpu").segment(image, classes, **options)
+    gpu = Segmenter("test-tiny", tiny_checkpoint, device="cuda", precision="fp32").segment(image, classes, **options)
+    assert np.abs(gpu.probabilities - cpu.probabilities).max() < 1e-4
+    assert (gpu.labels == cpu.labels).mean() >= 0.999
+    # labels alone take the tiled path (computed on the host): equal to the labels of the maps
+    labels_only = Segmenter("test-tiny", tiny_checkpoint, device="cuda", precision="fp32").segment(
+        image, classes, maps=False, **options)
+    assert (labels_only.labels == gpu.labels).mean() >= 0.999
+
+
+def test_cuda_tiled_equals_whole_image(tiny_checkpoint):
+    image = smooth_image(300, 410, seed=4)
+    classes = ["sky", "horse", "grass"]
+    seg = Segmenter("test-tiny", tiny_checkpoint, device="cuda", precision="fp32")
+    options = dict(crop=64, stride=32, refine="pamr", pamr_iterations=3)
+    whole = seg.segment(image, classes, short_side=None, maps=False, **options).labels
+    tiled = seg.segment_tiled(image, classes, tile=96, **options)
+    assert np.array_equal(tiled, whole)
+
+
+def test_cuda_found_matches_cpu(tmp_path):
+    import timm
+
+    from napari_clearclip.found import found_foreground, load_found
+
+    torch.manual_seed(0)
+    encoder = timm.create_model("vit_small_patch8_224", pretrained=False, num_classes=0).eval()
+    torch.save(encoder.state_dict(), tmp_path / "dino.pth")
+    torch.save({"decoder": torch.nn.Conv2d(384, 1, (1, 1)).state_dict()}, tmp_path / "decoder.pt")
+    files = (tmp_path / "dino.pth", tmp_path / "decoder.pt")
+    image = smooth_image(150, 200, seed=6)
+    cpu = found_foreground(load_found(files), image)
+    gpu = found_foreground(load_found(files, device="cuda"), image, device="cuda")
+    assert np.abs(gpu - cpu).max() < 1e-4

@@ -9,12 +9,17 @@ and said once in a warning; the next run writes it again.
 A store is written into a temporary folder and renamed into place, so that a run killed while
 writing (or a full disk) never leaves a store that could be read as whole. The folder is
 bounded in size: after each write the stores read least recently are removed first.
+
+Runs write in the background (:meth:`FeatureStore.save_later`): a result never waits for the
+disk, and the writes still pending when the process exits normally are finished then.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import queue
 import shutil
 import threading
 import time
@@ -64,11 +69,12 @@ class FeatureStore:
 
         ``identity`` (model, method, windows) must equal what the store was made with.
         """
+        self.wait(key)
+        path = self.path(key)
+        if not path.is_dir():  # most images: no store, and no need to import zarr
+            return None
         import zarr
 
-        path = self.path(key)
-        if not path.is_dir():
-            return None
         try:
             group = zarr.open_group(str(path), mode="r")
             attrs = dict(group.attrs)
@@ -137,6 +143,38 @@ class FeatureStore:
         self.trim()
         return path
 
+    def save_later(self, key: str, identity: dict, grid: dict, batches) -> None:
+        """Write the features of ``key`` in the background: the run goes on at once.
+
+        Reading ``key`` (from any store object in this process) waits for its write; :meth:`flush`
+        waits for all of them.
+        """
+        global _WRITER
+        path = self.path(key)
+        with _GUARD:
+            if path in _PENDING:
+                return
+            _PENDING[path] = threading.Event()
+            if _WRITER is None:
+                _register_exit_hook()
+            if _WRITER is None or not _WRITER.is_alive():
+                _WRITER = threading.Thread(target=_write_pending, name="feature-store-writer", daemon=True)
+                _WRITER.start()
+        _QUEUE.put((self, key, identity, grid, list(batches)))
+
+    def wait(self, key: str) -> None:
+        """Wait until a background write of ``key`` is done (at once when there is none)."""
+        with _GUARD:
+            event = _PENDING.get(self.path(key))
+        if event is not None:
+            event.wait()
+
+    @staticmethod
+    def flush() -> None:
+        """Wait until every background write of this process is on disk (or given up)."""
+        if _WRITER is not None and _WRITER.is_alive():
+            _QUEUE.join()
+
     def trim(self) -> None:
         """Remove the least recently used stores until the folder is within its bound (and stale partial ones)."""
         with self._lock:
@@ -156,3 +194,52 @@ class FeatureStore:
                     break
                 shutil.rmtree(entry, ignore_errors=True)
                 total -= size
+
+
+
+# One writer thread per process, for every store: writes are sequential, so a run's disk traffic
+# never competes with itself, and reading a store waits only for that store's own write.
+_QUEUE: queue.Queue = queue.Queue()
+_PENDING: dict[Path, threading.Event] = {}
+_GUARD = threading.Lock()
+_WRITER: threading.Thread | None = None
+
+
+def _write_pending() -> None:
+    while True:
+        store, key, identity, grid, batches = _QUEUE.get()
+        try:
+            store.save(key, identity, grid, batches)
+        except Exception as exc:  # never let one store stop the writer; the image is encoded again next time
+            log.warning("Could not store image features in %s: %s", store.root, exc)
+        finally:
+            with _GUARD:
+                _PENDING.pop(store.path(key)).set()
+            _QUEUE.task_done()
+
+
+def _register_exit_hook() -> None:
+    """Finish pending writes at exit, before the thread pools that zarr writes through refuse work.
+
+    Those pools stop in the threading module's exit hooks, which run before :mod:`atexit`'s and
+    last-registered first: the hook goes there, after the pools' own (where Python has that hook).
+    """
+    import concurrent.futures.thread  # noqa: F401  (registers the pools' hook first)
+
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        (register or atexit.register)(_finish_writes)
+    except RuntimeError:  # the interpreter is already shutting down
+        pass
+
+
+def _finish_writes(timeout: float = 120.0) -> None:
+    """Pending writes finish when the process exits normally, within ``timeout`` seconds (a write that does not
+    finish leaves only a partial folder, which is never read and is removed later)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with _GUARD:
+            events = list(_PENDING.values())
+        if not events or time.monotonic() > deadline:
+            return
+        events[0].wait(max(0.0, deadline - time.monotonic()))

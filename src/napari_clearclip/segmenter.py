@@ -489,17 +489,16 @@ class Segmenter:
         array = check_image(image, min_side=max(self.model.patch_size))
         opts = self.resolve_options(options, method=method_name, **keywords)
         key = self._feature_key(array, opts, method_name)
-        if self.feature_store is not None and self.feature_store.path(key).is_dir():
-            return True
+        if self.feature_store is not None:
+            self.feature_store.wait(key)
+            if self.feature_store.path(key).is_dir():
+                return True
         if self._cached_features(key) is None:
             run_to_end(self._encode_and_score(array, key, opts, method_fn))
         features = self._features.get(key)
         if features is not None and self.feature_store is not None:
-            self._store(key, features)
+            self.feature_store.save(key, self._identities[key], features.grid.to_dict(), features.batches)
         return self.feature_store is not None and self.feature_store.path(key).is_dir()
-
-    def _store(self, key: str, features: _Features) -> None:
-        self.feature_store.save(key, self._identities[key], features.grid.to_dict(), features.batches)
 
     def _encode_and_score(self, array, key, opts: SegmentOptions, method_fn, *,
                           text=None, exemplars: Exemplars | None = None, collect=None, remember: bool = True):
@@ -531,8 +530,8 @@ class Segmenter:
             yield Progress("windows", position, len(windows))
         if keep is not None:
             self._features.put(key, keep, estimate)
-            if self.feature_store is not None and key in self._identities:
-                self._store(key, keep)
+            if self.feature_store is not None and key in self._identities:  # written while the run goes on
+                self.feature_store.save_later(key, self._identities[key], keep.grid.to_dict(), keep.batches)
         return None if scores is None else self._average(scores, grid)
 
     def _score_cached(self, features: _Features, text: torch.Tensor, exemplars: Exemplars | None = None) -> torch.Tensor:

@@ -30,6 +30,7 @@ def refuse_encoding(segmenter, monkeypatch):
 def test_a_new_session_reads_the_features_instead_of_encoding(tmp_path, monkeypatch):
     image = make_scene(3, size=320).image
     first = session(tmp_path).segment(image, CLASSES, maps=False)
+    FeatureStore.flush()                                                  # runs write in the background
     stores = list((tmp_path / "features").glob("*.zarr"))
     assert len(stores) == 1
     later = session(tmp_path)
@@ -51,6 +52,7 @@ def test_another_model_method_or_window_setting_never_reads_the_store(tmp_path):
     seg.segment(image, CLASSES, maps=False, stride=16)
     seg.method = "naclip"
     seg.segment(image, CLASSES, maps=False)
+    FeatureStore.flush()
     assert len(list((tmp_path / "features").glob("*.zarr"))) == 3
 
 
@@ -60,6 +62,7 @@ def test_a_damaged_or_foreign_store_is_a_miss_said_once_and_written_again(tmp_pa
 
     image = make_scene(3, size=256).image
     expected = session(tmp_path).segment(image, CLASSES, maps=False).labels
+    FeatureStore.flush()
     store = next((tmp_path / "features").glob("*.zarr"))
     if damage == "truncated":
         for chunk in [p for p in store.rglob("*") if p.is_file() and "batch_00000" in str(p) and p.name != "zarr.json"]:
@@ -70,6 +73,7 @@ def test_a_damaged_or_foreign_store_is_a_miss_said_once_and_written_again(tmp_pa
     else:
         other = session(tmp_path / "other")
         other.segment(make_scene(4, size=256).image, CLASSES, maps=False)
+        FeatureStore.flush()
         shutil.rmtree(store)
         shutil.copytree(next((tmp_path / "other" / "features").glob("*.zarr")), store)
     later = session(tmp_path)
@@ -87,6 +91,7 @@ def test_a_damaged_or_foreign_store_is_a_miss_said_once_and_written_again(tmp_pa
 def test_the_store_folder_is_bounded_and_a_dead_writer_leaves_nothing_readable(tmp_path):
     seg = session(tmp_path)
     seg.segment(make_scene(3, size=256).image, CLASSES, maps=False)
+    FeatureStore.flush()
     one = sum(f.stat().st_size for f in (tmp_path / "features").rglob("*") if f.is_file())
     bounded = session(tmp_path, feature_store_bytes=int(2.5 * one))
     dead = tmp_path / "features" / ".abc.partial-1-1"                     # killed mid-write long ago
@@ -95,6 +100,7 @@ def test_the_store_folder_is_bounded_and_a_dead_writer_leaves_nothing_readable(t
     os.utime(dead, (time.time() - 7200, time.time() - 7200))
     for seed in range(4, 8):
         bounded.segment(make_scene(seed, size=256).image, CLASSES, maps=False)
+        FeatureStore.flush()
         time.sleep(0.01)
     stores = list((tmp_path / "features").glob("*.zarr"))
     assert len(stores) == 2                                               # the two read most recently
@@ -133,10 +139,50 @@ def test_a_full_disk_while_storing_leaves_no_store_and_the_run_goes_on(tmp_path,
 
     monkeypatch.setattr(zarr.Group, "create_array", full)
     result = seg.segment(image, CLASSES, maps=False, stride=16)           # several batches: the second write fails
+    FeatureStore.flush()
     assert result.labels.shape == image.shape[:2] and written and refused
     folder = tmp_path / "features"
     assert not list(folder.glob("*.zarr")) and not list(folder.glob(".*partial*"))
     monkeypatch.setattr(zarr.Group, "create_array", real)
     later = session(tmp_path)
     np.testing.assert_array_equal(later.segment(image, CLASSES, maps=False, stride=16).labels, result.labels)
+    FeatureStore.flush()
     assert len(list(folder.glob("*.zarr"))) == 1                          # written whole the next time
+
+
+def test_a_run_does_not_wait_for_the_disk_and_a_new_session_waits_for_the_write(tmp_path, monkeypatch):
+    import threading
+
+    image = make_scene(7, size=256).image
+    seg = session(tmp_path)
+    release = threading.Event()
+    real = FeatureStore.save
+
+    def slow_disk(self, *args):
+        assert release.wait(30)
+        return real(self, *args)
+
+    monkeypatch.setattr(FeatureStore, "save", slow_disk)
+    first = seg.segment(image, CLASSES, maps=False)                       # returns while the disk is held up
+    assert not list((tmp_path / "features").glob("*.zarr"))
+    later = session(tmp_path)
+    refuse_encoding(later, monkeypatch)
+    threading.Timer(0.2, release.set).start()
+    again = later.segment(image, CLASSES, maps=False)                     # waits for the write, then reads it
+    np.testing.assert_array_equal(again.labels, first.labels)
+
+
+def test_a_script_that_ends_right_after_a_run_exits_with_its_store_written(tmp_path):
+    import subprocess
+    import sys
+
+    script = ("import sys, numpy as np\n"
+              "from napari_clearclip import Segmenter\n"
+              "from napari_clearclip.demo.scenes import make_scene\n"
+              "seg = Segmenter('synthetic-tiny', device='cpu', disk_cache=False, feature_store=sys.argv[1])\n"
+              "seg.segment(make_scene(8, size=256).image, ['red', 'green', 'background'], maps=False)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "features")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((tmp_path / "features").glob("*.zarr"))) == 1
+    assert not list((tmp_path / "features").glob(".*partial*"))

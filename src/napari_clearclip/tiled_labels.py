@@ -349,31 +349,75 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes:
         falls[new] = geometry.reduce(delta.min(0), "min")
         rises[new] = geometry.reduce(delta.max(0), "max")
         unchanged &= (falls[new] == 0) & (rises[new] == 0)
-    newcomers = [geometry.reduce(classes[c].numpy(), "max") for c, old in enumerate(mapping) if old is None]
+    kept = sorted(falls)
+    leads = _newcomer_leads(state, mapping, kept, geometry)
 
-    # threshold[ty, tx, w]: a pixel labelled w keeps its label if its margin exceeds this
+    # threshold[ty, tx, w]: a pixel labelled w keeps its label if its margin exceeds this; a kept pixel's
+    # margin then becomes margin - shrink[w], and at most lead[w, n] or that plus other[w, n] for a new class n
     threshold = np.full((*geometry.shape, n_new + 1), np.inf)  # label 0: its class is gone
-    for w in falls:
+    shrinks = np.zeros((*geometry.shape, n_new + 1), np.float32)
+    new_leads = np.full((len(leads), *geometry.shape, n_new + 1), -np.inf, np.float32)
+    new_others = np.full((len(leads), *geometry.shape, n_new + 1), -np.inf, np.float32)
+    for w in kept:
         others = [rises[c] for c in rises if c != w]
         rise = np.max(others, axis=0) if others else np.zeros(geometry.shape)
         monotone = (falls[w] >= 0) & (rise <= 0)
-        needed = np.where(monotone, -np.inf, rise - falls[w] + tolerance)
-        if newcomers:  # w's own lowest score (best synonym) must beat every new class's highest
-            a, b = state.spans[w]
-            lowest = np.max([geometry.reduce(state.scores[q].numpy(), "min") for q in range(a, b)], axis=0)
-            beaten = np.all([lowest > high + tolerance for high in newcomers], axis=0)
-            needed = np.where(beaten, needed, np.inf)
-        else:
+        # how much w's lead over any other kept class can have shrunk (0: w only rose, the others only fell)
+        shrink = np.where(monotone, 0.0, rise - falls[w])
+        shrinks[..., w + 1] = shrink
+        needed = np.where(monotone, -np.inf, shrink + tolerance)
+        if not leads:
             needed = np.where(unchanged, -np.inf, needed)
+        for i, lead in enumerate(leads.values()):
+            # w beats the new class n at a pixel when its own lowest lead over n is positive there, or when
+            # (w over another class c) + (c over n) is: margin - shrink + lead[c] > 0
+            best_other = np.max([lead[c] for c in kept if c != w], axis=0) if len(kept) > 1 else np.full(
+                geometry.shape, -np.inf)
+            against_new = np.where(lead[w] > 2 * tolerance, -np.inf, shrink + 2 * tolerance - best_other)
+            needed = np.maximum(needed, against_new)
+            new_leads[i, ..., w + 1], new_others[i, ..., w + 1] = lead[w], best_other
         threshold[..., w + 1] = needed
 
     dirty = np.zeros(geometry.shape, bool)
     check = ~np.all(np.isneginf(threshold[..., 1:]), axis=-1) | (len(falls) < n_old)
     for ty, tx in zip(*np.nonzero(check)):
         rows, cols = geometry.tile_slices(ty, tx)
-        limit = threshold[ty, tx][labels[rows, cols]]
-        dirty[ty, tx] = bool(np.any(margins[rows, cols] <= limit))
+        tile_labels = labels[rows, cols]
+        margin = margins[rows, cols].astype(np.float32)
+        dirty[ty, tx] = not bool(np.all(margin > threshold[ty, tx][tile_labels]))  # a NaN margin: dirty
+        if not dirty[ty, tx]:  # kept: its margins must stay lower bounds for the next run
+            kept_margin = margin - shrinks[ty, tx][tile_labels]
+            for i in range(len(leads)):
+                other = new_others[i, ty, tx][tile_labels]
+                through_other = np.where(np.isneginf(other), -np.inf, kept_margin + other)  # inf + -inf: no bound
+                against = np.maximum(new_leads[i, ty, tx][tile_labels], through_other)
+                kept_margin = np.minimum(kept_margin, against)
+            margins[rows, cols] = lower_half(kept_margin - 2 * tolerance)
     return ~dirty, dirty
+
+
+def _newcomer_leads(state: LabelState, mapping: list, kept: list, geometry: _Geometry) -> dict:
+    """For each new class n: {kept class c: the lowest lead of c over n within each tile's reach}.
+
+    Resizing and snapping give every pixel a convex combination of coarse values within reach, for
+    each query alike, so a query's snapped lead over another is at least its lowest coarse lead
+    there; a class leads n by at least the best of its synonyms' lowest leads over all of n's.
+    """
+    leads = {}
+    for n, old in enumerate(mapping):
+        if old is not None:
+            continue
+        a, b = state.spans[n]
+        newcomer = state.scores[a:b]
+        leads[n] = {}
+        for c in kept:
+            first, last = state.spans[c]
+            best = None
+            for q in range(first, last):
+                lowest = geometry.reduce((state.scores[q][None] - newcomer).amin(0).numpy(), "min")
+                best = lowest if best is None else np.maximum(best, lowest)
+            leads[n][c] = best
+    return leads
 
 
 def _regions(dirty: np.ndarray, geometry: _Geometry, halo: int, n_queries: int, dilations: tuple):

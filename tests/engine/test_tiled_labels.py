@@ -76,6 +76,46 @@ def test_skipping_gives_every_label_of_a_full_computation(seed):
             np.testing.assert_array_equal(fourth.labels, full(added[cut:], spans4, names3[1:]).labels)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_successive_changes_and_classes_typed_one_after_another_stay_exact(seed):
+    """Each run starts from the last one's state: kept pixels' margins must stay lower bounds (a series of
+    small rises once flipped pixels that no single run could)."""
+    rng = np.random.default_rng(100 + seed)
+    for _ in range(5):
+        scores, guide, size, spans, names, snap, tile = random_case(rng)
+        state = labels_of(scores, guide, size, spans, names, snap, tile=tile)
+        rising = int(rng.integers(0, len(scores)))
+        for step in range(6):
+            scores = scores.clone()
+            if step % 3 == 2:  # a class typed (sometimes with a synonym), scoring near the others
+                extra = int(rng.integers(1, 3))
+                offset = float(rng.uniform(-0.1, 0.02))
+                scores = torch.cat([scores, smooth_scores(rng, extra, *scores.shape[1:], 3) + offset])
+                spans = spans + [(len(scores) - extra, len(scores))]
+                names = names + [tuple(f"typed{step}-{j}" for j in range(extra))]
+            else:  # one query rises again and another falls, everywhere or in a patch, as repeated strokes make
+                y, x = int(rng.integers(0, scores.shape[1])), int(rng.integers(0, scores.shape[2]))
+                area = (slice(None), slice(None)) if rng.random() < 0.5 else (slice(y, y + 8), slice(x, x + 8))
+                scores[(rising % len(scores), *area)] += float(rng.uniform(0, 0.015))
+                scores[((rising + 1) % len(scores), *area)] -= float(rng.uniform(0, 0.005))
+            state = labels_of(scores, guide, size, spans, names, snap, state, tile=tile)
+            full = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=tile)
+            np.testing.assert_array_equal(state.labels, full.labels)
+
+
+def test_typing_a_class_that_scores_low_recomputes_nothing():
+    rng = np.random.default_rng(5)
+    scores = smooth_scores(rng, 3, 48, 48, 6)
+    guide = torch.from_numpy(rng.normal(size=(3, 48, 48)).astype(np.float32))
+    size, spans, names, snap = (384, 384), [(0, 1), (1, 2), (2, 3)], [("a",), ("b",), ("c",)], (2, (1, 2))
+    first = labels_of(scores, guide, size, spans, names, snap)
+    # the new class follows the image's overall level (as CLIP's cosines do) but stays below every class
+    typed = torch.cat([scores, scores.amin(0, keepdim=True) - 0.01])
+    second = labels_of(typed, guide, size, spans + [(3, 4)], names + [("d",)], snap, first)
+    assert second.computed == 0.0
+    np.testing.assert_array_equal(second.labels, first.labels)
+
+
 def test_a_local_change_recomputes_only_near_it():
     rng = np.random.default_rng(3)
     scores = smooth_scores(rng, 3, 64, 64, 8)

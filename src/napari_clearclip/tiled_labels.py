@@ -34,6 +34,8 @@ TILE = 64
 ROUNDING = 1e-4
 #: Skip what cannot differ (False: compute every pixel, the reference the skipping is tested against).
 SKIPPING = True
+#: Above this share of tiles to recompute, regions are the tallest bands that fit in memory.
+DENSE_SHARE = 0.5
 #: Working memory for one region without edge snapping (nothing to gain from larger ones).
 RESIZE_MEMORY_BYTES = 1 << 28
 #: Working memory for one recomputed region (besides the outputs); larger regions go in row bands.
@@ -436,7 +438,10 @@ def _regions(dirty: np.ndarray, geometry: _Geometry, halo: int, n_queries: int, 
         rows_fit = max(tile, REGION_MEMORY_BYTES // _bytes_per_row(width, n_queries, 3, dilations) - 2 * halo)
     else:  # resizing alone: a few copies of the region's scores, and no halo to amortise
         rows_fit = max(tile, RESIZE_MEMORY_BYTES // (24 * width * n_queries))
-    band_tiles = max(1, min(rows_fit, max(4 * halo, 8 * tile)) // tile)
+    if dirty.mean() > DENSE_SHARE:  # mostly dirty: the tallest bands that fit, fewest halos computed twice
+        band_tiles = max(1, rows_fit // tile)
+    else:
+        band_tiles = max(1, min(rows_fit, max(4 * halo, 8 * tile)) // tile)
     join = -(-2 * halo // tile)
     regions = []
     for first in range(0, dirty.shape[0], band_tiles):

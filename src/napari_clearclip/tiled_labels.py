@@ -391,7 +391,8 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes:
             kept_margin = margin - shrinks[ty, tx][tile_labels]
             for i in range(len(leads)):
                 other = new_others[i, ty, tx][tile_labels]
-                through_other = np.where(np.isneginf(other), -np.inf, kept_margin + other)  # inf + -inf: no bound
+                with np.errstate(invalid="ignore"):  # inf + -inf where there is no other class: no bound
+                    through_other = np.where(np.isneginf(other), -np.inf, kept_margin + other)
                 against = np.maximum(new_leads[i, ty, tx][tile_labels], through_other)
                 kept_margin = np.minimum(kept_margin, against)
             margins[rows, cols] = lower_half(kept_margin - 2 * tolerance)

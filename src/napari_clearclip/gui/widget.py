@@ -19,6 +19,7 @@ from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 
+from .collections import settle
 from ..choices import DEMO_MODEL
 from ..errors import ClearClipError, InvalidClassesError
 from ..models import ModelSpec
@@ -107,6 +108,7 @@ class ClearClipWidget(FieldLogic, Container):
         self.native.destroyed.connect(lambda *_: self.close_down())
         self._restore(saved)
         self._refresh_layers()
+        settle()  # napari and the plugin are loaded: keep them out of later full garbage collections
 
     # -- lifetime -----------------------------------------------------------------------------
     @property

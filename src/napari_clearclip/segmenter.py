@@ -70,11 +70,13 @@ class Segmenter:
         feature_store_bytes: int | None = None,
     ):
         self.method = method
+        self.feature_store = _feature_store(feature_store, feature_store_bytes)
+        if self.feature_store is not None:
+            self.feature_store.prepare_reading()  # zarr's import overlaps the model's loading
         self.model: LoadedModel = load_model(model, pretrained, device, precision)
         self.text = TextEncoder(self.model, disk_cache=disk_cache)
         self.window_batch_size = window_batch_size  # None: sized from the window area, see _batch_size
         self._features = ByteLRU(feature_cache_bytes)
-        self.feature_store = _feature_store(feature_store, feature_store_bytes)
         self._identities: dict[str, dict] = {}  # feature key -> what its features were made with (for the store)
         # per image and class list: the last run's labels, so that the next one recomputes only what changed
         self._label_states = ByteLRU(label_cache_bytes)

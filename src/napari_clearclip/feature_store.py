@@ -47,7 +47,13 @@ def default_root() -> Path:
 
 
 def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    total = 0
+    for file in path.rglob("*"):
+        try:
+            total += file.stat().st_size if file.is_file() else 0
+        except OSError:  # removed meanwhile by another process
+            pass
+    return total
 
 
 class FeatureStore:
@@ -195,12 +201,15 @@ class FeatureStore:
                 return
             stores = []
             for entry in self.root.iterdir():
-                if entry.name.startswith(".") and ".partial-" in entry.name:
-                    if time.time() - entry.stat().st_mtime > 3600:  # a writer that died long ago
-                        shutil.rmtree(entry, ignore_errors=True)
+                try:  # other processes sharing the folder rename and remove entries meanwhile
+                    if entry.name.startswith(".") and ".partial-" in entry.name:
+                        if time.time() - entry.stat().st_mtime > 3600:  # a writer that died long ago
+                            shutil.rmtree(entry, ignore_errors=True)
+                        continue
+                    if entry.is_dir() and entry.name.endswith(SUFFIX):
+                        stores.append((entry.stat().st_mtime, _size(entry), entry))
+                except OSError:
                     continue
-                if entry.is_dir() and entry.name.endswith(SUFFIX):
-                    stores.append((entry.stat().st_mtime, _size(entry), entry))
             total = sum(size for _, size, _ in stores)
             for _, size, entry in sorted(stores):
                 if total <= self.max_bytes:

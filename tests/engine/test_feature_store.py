@@ -186,3 +186,24 @@ def test_a_script_that_ends_right_after_a_run_exits_with_its_store_written(tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list((tmp_path / "features").glob("*.zarr"))) == 1
     assert not list((tmp_path / "features").glob(".*partial*"))
+
+
+def test_trimming_a_folder_that_another_process_changes_meanwhile_never_fails(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    seg = session(tmp_path)
+    seg.segment(make_scene(3, size=256).image, CLASSES, maps=False)
+    FeatureStore.flush()
+    folder = tmp_path / "features"
+    gone = folder / ".abc.partial-2-2"                                     # another process renames it away
+    gone.mkdir()
+    real_stat = Path.stat
+
+    def renamed_meanwhile(self, *args, **kwargs):
+        if self.name == gone.name:
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", renamed_meanwhile)
+    FeatureStore(folder).trim()
+    assert len(list(folder.glob("*.zarr"))) == 1

@@ -277,7 +277,8 @@ def before_after(scenes, history, path: str, strokes: int = 3) -> None:
     index = int(np.argmin(scores))
     truth, rounds = history[index]
     colours = class_colours(CLASSES)
-    cmap = ListedColormap(["#000000"] + [colours[i] for i in range(1, len(CLASSES) + 1)])
+    shown = ["none" if colours[i] == "transparent" else colours[i] for i in range(1, len(CLASSES) + 1)]
+    cmap = ListedColormap(["#000000"] + shown)              # background stays see-through, as in napari
     panels = [("image", None), ("zero-shot", rounds[0]), (f"after {strokes} strokes", rounds[strokes])]
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.6), dpi=120)
     for ax, (title, labels) in zip(axes, panels):

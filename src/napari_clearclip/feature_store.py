@@ -257,11 +257,18 @@ def _register_exit_hook() -> None:
 
 def _finish_writes(timeout: float = 120.0) -> None:
     """Pending writes finish when the process exits normally, within ``timeout`` seconds (a write that does not
-    finish leaves only a partial folder, which is never read and is removed later)."""
+    finish leaves only a partial folder, which is never read and is removed later).
+
+    A Ctrl+C while waiting (a second one, after the first stopped a batch run) ends the wait
+    quietly: the process exits at once, without a traceback.
+    """
     deadline = time.monotonic() + timeout
-    while True:
-        with _GUARD:
-            events = list(_PENDING.values())
-        if not events or time.monotonic() > deadline:
-            return
-        events[0].wait(max(0.0, deadline - time.monotonic()))
+    try:
+        while True:
+            with _GUARD:
+                events = list(_PENDING.values())
+            if not events or time.monotonic() > deadline:
+                return
+            events[0].wait(max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:
+        return

@@ -207,3 +207,18 @@ def test_trimming_a_folder_that_another_process_changes_meanwhile_never_fails(tm
     monkeypatch.setattr(Path, "stat", renamed_meanwhile)
     FeatureStore(folder).trim()
     assert len(list(folder.glob("*.zarr"))) == 1
+
+
+def test_a_second_ctrl_c_while_writes_finish_at_exit_ends_the_wait_quietly(monkeypatch):
+    """A batch run stopped with Ctrl+C waits at exit for its pending store; Ctrl+C again must end that wait
+    without a traceback (the unfinished store stays a partial folder, never read)."""
+    from napari_clearclip import feature_store
+
+    class Interrupted:
+        def wait(self, timeout=None):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(feature_store._PENDING, "pending-store", Interrupted())
+    started = time.monotonic()
+    feature_store._finish_writes(timeout=30)            # returns instead of raising KeyboardInterrupt
+    assert time.monotonic() - started < 5

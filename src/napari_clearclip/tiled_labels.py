@@ -429,7 +429,8 @@ def _regions(dirty: np.ndarray, geometry: _Geometry, halo: int, n_queries: int, 
     Dirty tiles are taken in bands of tile rows as tall as memory allows (at most about four
     halos, so that a ring of boundary tiles does not pull in its whole interior); within a
     band, the columns holding dirty tiles form runs, joined when the gap between two runs is
-    narrower than the two halos they would otherwise compute twice.
+    narrower than the two halos they would otherwise compute twice. A run's rectangle spans the
+    tile rows its tiles hold, not the whole band.
     """
     from .refine import _bytes_per_row
 
@@ -453,10 +454,10 @@ def _regions(dirty: np.ndarray, geometry: _Geometry, halo: int, n_queries: int, 
         breaks = np.flatnonzero(np.diff(columns) > join + 1)
         starts = np.concatenate([[columns[0]], columns[breaks + 1]])
         ends = np.concatenate([columns[breaks], [columns[-1]]])
-        top = int(geometry.tile_rows[first])
-        bottom = min(int(geometry.tile_rows[min(first + band_tiles, dirty.shape[0]) - 1]) + tile, height)
         for start, end in zip(starts, ends):
             tiles = [(first + int(y), int(start + x)) for y, x in np.argwhere(band[:, start : end + 1])]
+            top = int(geometry.tile_rows[min(y for y, _ in tiles)])      # the rows this run's tiles hold,
+            bottom = min(int(geometry.tile_rows[max(y for y, _ in tiles)]) + tile, height)  # not the whole band
             left, right = int(geometry.tile_cols[start]), min(int(geometry.tile_cols[end]) + tile, width)
             regions.append(((max(0, top - halo), min(height, bottom + halo), max(0, left - halo),
                              min(width, right + halo)), tiles))

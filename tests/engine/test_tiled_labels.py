@@ -227,3 +227,24 @@ def test_shrinking_pamr_on_a_region_gives_the_whole_image_values_bit_for_bit():
     assert (dy, dx) == (12, 12) and region.shape[-2:] == (80 - 12, 75 - 24)
     expected = whole[:, top + dy : top + dy + region.shape[1], left + dx : left + dx + region.shape[2]]
     assert torch.equal(region, expected)                             # every value kept, bit for bit
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_regions_hold_their_tiles_with_a_full_halo_and_no_rows_beyond(seed):
+    """Each recomputed region is its tiles' bounding box plus the halo (clipped at the image), never a whole
+    band of tile rows: scattered changed tiles cost their own neighbourhoods only."""
+    rng = np.random.default_rng(seed)
+    size, halo = (int(rng.integers(300, 900)), int(rng.integers(300, 900))), 40
+    geometry = tiled_labels._Geometry((32, 32), size, reach=32, tile=16)
+    dirty = rng.random(geometry.shape) < rng.choice([0.01, 0.05, 0.3])
+    regions = tiled_labels._regions(dirty, geometry, halo, 5, (4, 8))
+    covered = np.zeros(geometry.shape, bool)
+    for (top, bottom, left, right), tiles in regions:
+        ys = [geometry.tile_rows[y] for y, _ in tiles]
+        xs = [geometry.tile_cols[x] for _, x in tiles]
+        assert top == max(0, min(ys) - halo) and bottom == min(size[0], max(ys) + 16 + halo)
+        assert left == max(0, min(xs) - halo) and right == min(size[1], max(xs) + 16 + halo)
+        for y, x in tiles:
+            assert dirty[y, x] and not covered[y, x]
+            covered[y, x] = True
+    np.testing.assert_array_equal(covered, dirty)                      # every changed tile, once

@@ -1,7 +1,8 @@
 """A simulated annotator corrects held-out synthetic scenes with the bundled demo model.
 
     python benchmarks/benchmark_corrections.py [--scenes 12] [--strokes 10] [--plot docs/images/corrections.png]
-    python benchmarks/benchmark_corrections.py --second-model     # the held-out model of tests/models
+    python benchmarks/benchmark_corrections.py --second-model     # synthetic-tiny-b, held out (tests/models)
+    python benchmarks/benchmark_corrections.py --held-out synthetic-tiny-c
 
 Each round, the annotator finds the largest wrongly labelled region, paints one small
 disk (radius 3 px) at its most interior point with the true class, and runs again.
@@ -31,17 +32,29 @@ CLASSES = DEMO_CLASSES.split("\n")
 MODES = {"pasted (no propagation)": dict(paste=True), "propagation": dict(), "propagation + PAMR": dict(refine="pamr")}
 
 
-def second_model() -> Segmenter:
-    """synthetic-tiny-b: 6 layers of width 96 with QuickGELU (the demo: 4 of 128, GELU), trained with another
-    recipe (lr 7e-4, weight decay 0.05, dense loss weight 0.5, 600 steps, seed 1); same window settings."""
+HELD_OUT = {
+    "synthetic-tiny-b": "6 layers of width 96 with QuickGELU (the demo: 4 of 128, GELU), trained with another recipe "
+                        "(lr 7e-4, weight decay 0.05, dense loss weight 0.5, 600 steps, seed 1)",
+    "synthetic-tiny-c": "3 layers of width 160 with GELU, trained with a third recipe (lr 1.5e-3, weight decay 0.2, "
+                        "dense loss weight 2, 500 steps, seed 2)",
+}
+
+
+def held_out_model(name: str = "synthetic-tiny-b") -> Segmenter:
+    """One of the models of tests/models (see HELD_OUT), trained for tests and benchmarks only; same window settings."""
     import open_clip
 
     from napari_clearclip.choices import MODEL_OPTIONS
 
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "models")
-    open_clip.add_model_config(os.path.join(folder, "synthetic-tiny-b.json"))
-    MODEL_OPTIONS.setdefault("synthetic-tiny-b", MODEL_OPTIONS["synthetic-tiny"])
-    return Segmenter("synthetic-tiny-b", os.path.join(folder, "synthetic-tiny-b.pt"), device="cpu")
+    open_clip.add_model_config(os.path.join(folder, f"{name}.json"))
+    MODEL_OPTIONS.setdefault(name, MODEL_OPTIONS["synthetic-tiny"])
+    return Segmenter(name, os.path.join(folder, f"{name}.pt"), device="cpu")
+
+
+def second_model() -> Segmenter:
+    """synthetic-tiny-b (see HELD_OUT)."""
+    return held_out_model("synthetic-tiny-b")
 
 
 def truth_of(scene) -> np.ndarray:
@@ -200,14 +213,18 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="write the mIoU-against-strokes figure here (PNG)")
     parser.add_argument("--before-after", default=None,
                         help="write a zero-shot / 3 strokes figure of the hardest scene here (PNG)")
+    parser.add_argument("--held-out", choices=sorted(HELD_OUT), default=None,
+                        help="use one of the models of tests/models, trained for tests and benchmarks only, which "
+                             "played no part in choosing any setting (" + "; ".join(f"{k}: {v}" for k, v in
+                                                                                  HELD_OUT.items()) + ")")
     parser.add_argument("--second-model", action="store_true",
                         help="use tests/models/synthetic-tiny-b (another architecture and recipe, trained for tests and "
                              "benchmarks only, which played no part in choosing any setting) instead of the demo model")
     parser.add_argument("--vit-b-16", action="store_true",
                         help="also time re-runs with a randomly initialised ViT-B/16 (a stroke, and a bucket fill)")
     args = parser.parse_args()
-    if args.second_model:
-        segmenter = second_model()
+    if args.held_out or args.second_model:
+        segmenter = held_out_model(args.held_out or "synthetic-tiny-b")
     else:
         segmenter = Segmenter("synthetic-tiny", device="cpu")
     scenes = held_out_scenes(args.scenes, sizes=(128, 192, 256))

@@ -511,6 +511,8 @@ class Segmenter:
         ``text=None`` nothing is scored (a pass that only caches and ``collect``s).
         """
         pixels, grid = self._layout(array, opts, method_fn)
+        if remember and opts.refine == "pamr" and opts.pamr_iterations and getattr(method_fn, "layout", None) is None:
+            self._guides.put(key, pixels, pixels.numel() * 4)  # the very image edge snapping follows: prepared once
         windows = grid.windows
         rows, cols = grid.patch_grid
         width = self.model.clip.visual.output_dim

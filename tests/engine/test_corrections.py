@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from napari_clearclip import Segmenter
+from napari_clearclip.demo.scenes import make_scene
 from napari_clearclip.errors import InvalidOptionError
 from napari_clearclip.refine import pamr
 
@@ -392,3 +393,22 @@ def test_the_exemplar_strength_is_measured_on_the_image_from_its_text_score_spre
         flat = patches.reshape(-1, 8).double()
         spread = np.mean([float((flat @ t.double()).std(unbiased=False)) for t in text])   # measured directly
         assert image_strength(text, stats.whitening("cpu")) == pytest.approx(EXEMPLAR_SPREADS * spread, rel=2e-3)
+
+
+def test_a_first_run_with_snapping_prepares_the_image_once_and_snaps_as_a_cached_run_does(monkeypatch):
+    """Encoding and edge snapping follow the same normalised image: a first run prepares it once (on a
+    4096 x 4096 image each preparation is 0.15 s), and labels as a run on cached features does."""
+    from napari_clearclip import segmenter as segmenter_module
+
+    image = make_scene(31, size=192, objects=(3, 3)).image
+    classes = ["red", "green", "blue", "yellow", "background"]
+    reference = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)
+    reference.segment(image, classes, maps=False)                           # features cached, no guide yet
+    expected = reference.segment(image, classes, maps=False, refine="pamr").labels
+    calls = []
+    real = segmenter_module.prepare
+    monkeypatch.setattr(segmenter_module, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)  # encodes
+    got = fresh.segment(image, classes, maps=False, refine="pamr").labels
+    assert len(calls) == 1
+    np.testing.assert_array_equal(got, expected)

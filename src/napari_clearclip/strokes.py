@@ -36,12 +36,12 @@ EXEMPLAR_SPREADS = 4.0
 #: closely the text scores of two classes tie there. Whitened cosines of unrelated patches
 #: centre on 0 for any backbone, so the threshold means the same thing on every model.
 #:
-#: Chosen with EXEMPLAR_SPREADS on synthetic-tiny alone with the simulated annotator
+#: Chosen, with EXEMPLAR_SPREADS as it is, on synthetic-tiny alone with the simulated annotator
 #: (benchmarks/benchmark_corrections.py, 12 held-out scenes, 5 strokes): thresholds 0.45, 0.5
 #: and 0.55 gave mIoU 0.907, 0.921 and 0.921, keeping 97.1%, 97.5% and 97.8% of the pixels
 #: unlike a stroke of a class the text cannot place; 0.55 keeps a margin above 97%. (The
 #: earlier bonus, 4 spreads times exp(-10 (1 - s)) cut below 1e-3, gave 0.890 and 97.4%.)
-#: The second model of the benchmark played no part in this.
+#: The held-out models of the benchmark (tests/models) played no part in this.
 ALIKE_FROM = 0.55
 #: Regularisation of the whitening, relative to the largest eigenvalue of the patch covariance.
 WHITENING_EPS = 1e-4

@@ -93,13 +93,15 @@ def _replicate_border(padded: torch.Tensor, pad: int) -> None:
     padded[:, :, pad + width :] = padded[:, :, pad + width - 1 : pad + width]
 
 
-def _refine_whole(scores: torch.Tensor, guide: torch.Tensor, iterations: int, dilations: tuple[int, ...]):
+def _refine_whole(scores: torch.Tensor, guide: torch.Tensor | None, iterations: int, dilations: tuple[int, ...],
+                  affinity: torch.Tensor | None = None):
     """Generator: PAMR on the whole of ``scores``, yielding after each iteration.
 
     Two padded buffers take turns: each iteration writes into the other's interior and
-    repeats its edges, so no iteration allocates or pads anew.
+    repeats its edges, so no iteration allocates or pads anew. ``affinity`` (the guide's
+    :func:`pamr_affinities` at these pixels) spares computing them again.
     """
-    affinity = pamr_affinities(guide, dilations).to(scores.dtype)
+    affinity = (pamr_affinities(guide, dilations) if affinity is None else affinity).to(scores.dtype)
     size = tuple(scores.shape[-2:])
     pad = max(dilations)
     offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
@@ -119,8 +121,8 @@ def _refine_whole(scores: torch.Tensor, guide: torch.Tensor, iterations: int, di
     return _shifted(current, pad, 0, 0, size)
 
 
-def _refine_shrinking(scores: torch.Tensor, guide: torch.Tensor, iterations: int, dilations: tuple[int, ...],
-                      cut: tuple[bool, bool, bool, bool]):
+def _refine_shrinking(scores: torch.Tensor, guide: torch.Tensor | None, iterations: int, dilations: tuple[int, ...],
+                      cut: tuple[bool, bool, bool, bool], affinity: torch.Tensor | None = None):
     """Generator: PAMR on a region cut out of a larger image, shrinking by max(dilations) on each cut side
     (top, bottom, left, right) after every iteration; returns (refined, (top, left) of it in the region).
 
@@ -129,7 +131,7 @@ def _refine_shrinking(scores: torch.Tensor, guide: torch.Tensor, iterations: int
     further: the iterations cost less and less, and every value kept is the one the whole image
     gives it (the same operations, in the same order, as :func:`_refine_whole`).
     """
-    affinity = pamr_affinities(guide, dilations).to(scores.dtype)
+    affinity = (pamr_affinities(guide, dilations) if affinity is None else affinity).to(scores.dtype)
     pad = max(dilations)
     offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
     top, left = 0, 0

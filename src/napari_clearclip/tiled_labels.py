@@ -180,7 +180,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     ``previous`` (the state a run on the same image left) lets unchanged pixels keep their
     labels; ``dense=True`` computes every pixel (the reference the skipping is tested against).
     """
-    from .refine import _finish, _refine_shrinking, _refine_whole
+    from .refine import _finish, _refine_shrinking, _refine_whole, pamr_affinities
 
     scores = scores.detach().float().cpu()
     dense = dense or not SKIPPING
@@ -219,44 +219,62 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         margins[rows, cols] = lower_half(np.float32(uniform_margin[ty, tx]))
 
     regions = _regions(dirty, geometry, halo, scores.shape[0], dilations)
-    total = max(1, len(regions) * max(1, iterations))
+    reference = _reference_query(leader, scores.shape[0])
+    if dense:  # every query at every tile: the reference the skipping is tested against
+        competing = np.ones((*geometry.shape, scores.shape[0]), bool)
+        gaps = np.full(geometry.shape, np.inf, np.float32)
+    else:
+        competing, gaps = _competing_queries(scores, geometry, dirty, tolerance)
+    channels = [sorted({int(q) for ty, tx in tiles for q in np.flatnonzero(competing[ty, tx])} - {reference})
+                for _, tiles in regions]
+    total = max(1, sum(max(1, len(c)) for c in channels) * max(1, iterations))
     if iterations:
         guide = guide.float().cpu()
         guide_rows, guide_cols = bilinear_taps(guide.shape[1], size[0]), bilinear_taps(guide.shape[2], size[1])
-    differences = scores - scores[:1]  # every query against the first: only the competing ones are resized
+    differences = scores - scores[reference : reference + 1]  # every query against the reference, which scores 0
     done = 0
-    for (top, bottom, left, right), tiles in regions:
-        rows = tuple(t[top:bottom] for t in geometry.rows)
-        cols = tuple(t[left:right] for t in geometry.cols)
-        competing, gap = _competing(scores, geometry, tiles, tolerance)
-        values = upsample(differences[competing], rows, cols) if len(competing) else None
-        if iterations and values is not None:
-            region_guide = upsample(guide, tuple(t[top:bottom] for t in guide_rows),
-                                    tuple(t[left:right] for t in guide_cols))
-            cut = (top > 0, bottom < size[0], left > 0, right < size[1])  # sides inside the image
-            shrink = _worth_shrinking(values.shape[-2:], cut, iterations * max(dilations))
-            steps = (_refine_shrinking(values, region_guide, iterations, dilations, cut) if shrink
-                     else _refine_whole(values, region_guide, iterations, dilations))
-            for _ in range(iterations):
-                next(steps)
+    for ((top, bottom, left, right), tiles), queries in zip(regions, channels):
+        # each query is resized and snapped only around the tiles where it can win
+        rectangles = {q: _rectangle([t for t in tiles if competing[t[0], t[1], q]], geometry, halo, (top, bottom,
+                                                                                                   left, right))
+                      for q in queries}
+        affinity, area = None, None
+        if iterations and rectangles:
+            area = (min(r[0] for r in rectangles.values()), max(r[1] for r in rectangles.values()),
+                    min(r[2] for r in rectangles.values()), max(r[3] for r in rectangles.values()))
+            region_guide = upsample(guide, tuple(t[area[0] : area[1]] for t in guide_rows),
+                                    tuple(t[area[2] : area[3]] for t in guide_cols))
+            affinity = pamr_affinities(region_guide, dilations)
+            del region_guide
+        values = {}
+        for q, (q_top, q_bottom, q_left, q_right) in rectangles.items():
+            rows = tuple(t[q_top:q_bottom] for t in geometry.rows)
+            cols = tuple(t[q_left:q_right] for t in geometry.cols)
+            channel = upsample(differences[q : q + 1], rows, cols)
+            if iterations:
+                cut = (q_top > 0, q_bottom < size[0], q_left > 0, q_right < size[1])  # sides inside the image
+                weights = affinity[:, q_top - area[0] : q_bottom - area[0], q_left - area[2] : q_right - area[2]]
+                shrink = _worth_shrinking(channel.shape[-2:], cut, iterations * max(dilations))
+                steps = (_refine_shrinking(channel, None, iterations, dilations, cut, weights) if shrink
+                         else _refine_whole(channel, None, iterations, dilations, weights))
+                for _ in range(iterations):
+                    next(steps)
+                    done += 1
+                    yield done, total
+                if shrink:
+                    channel, (shift_y, shift_x) = _finish(steps)
+                    q_top, q_left = q_top + shift_y, q_left + shift_x
+                else:
+                    channel = _finish(steps)
+            else:
                 done += 1
                 yield done, total
-            if shrink:
-                values, (shift_y, shift_x) = _finish(steps)
-                top, left = top + shift_y, left + shift_x
-            else:
-                values = _finish(steps)
-            del region_guide
-        else:
-            done += iterations or 1
+            values[q] = (channel[0], q_top, q_left)
+        del affinity
+        if not rectangles:
+            done += max(1, iterations)
             yield done, total
-        shape = tuple(values.shape[-2:]) if values is not None else (bottom - top, right - left)
-        region_labels, region_margins = _competing_labels(values, competing, owner, gap, shape)
-        for ty, tx in tiles:
-            trows, tcols = geometry.tile_slices(ty, tx)
-            inner = (slice(trows.start - top, trows.stop - top), slice(tcols.start - left, tcols.stop - left))
-            labels[trows, tcols] = region_labels[inner]
-            margins[trows, tcols] = lower_half(region_margins[inner] - tolerance)
+        _label_tiles(values, tiles, reference, competing, gaps, owner, geometry, labels, margins, tolerance)
         del values
     state.labels, state.margins = labels, margins
     state.computed = float(dirty.sum()) / dirty.size
@@ -273,45 +291,68 @@ def _worth_shrinking(shape, cut, reach: int) -> bool:
     return average < 0.67 * height * width
 
 
-def _competing(scores: torch.Tensor, geometry: _Geometry, tiles, tolerance: float):
-    """The queries that can win somewhere in ``tiles`` (besides the first, always kept as the reference),
-    and how far below the winner the others stay at least.
+def _reference_query(leader: np.ndarray, queries: int) -> int:
+    """The query every other is resized and snapped relative to: the one leading most of the image, so that
+    most boundaries (an object and the background) need a single channel."""
+    return int(np.bincount(leader.ravel(), minlength=queries).argmax())
 
-    A query whose highest score within the tiles' reach is below the best lowest score of any
-    query there cannot win at any of their pixels (outputs are convex combinations within reach).
+
+def _competing_queries(scores: torch.Tensor, geometry: _Geometry, dirty: np.ndarray, tolerance: float):
+    """(tiles_y, tiles_x, Q) which queries can win somewhere in each tile, and (tiles_y, tiles_x) how far below
+    the winner every other query stays at least.
+
+    Resizing and snapping give every query the same convex weights, so a query's lead over another
+    at any pixel is at most its highest lead within the tile's reach: a query below some other
+    one throughout the reach (by more than rounding) cannot win there, and neither can it come
+    within that other query's deficit of the winner. Such a query is always below one that
+    can win (highest leads add up along a chain), which gives each tile its gap.
     """
-    tile_ys = [t[0] for t in tiles]
-    tile_xs = [t[1] for t in tiles]
-    row_first, row_last = geometry.row_window
-    col_first, col_last = geometry.col_window
-    window = scores[:, int(row_first[min(tile_ys)]) : int(row_last[max(tile_ys)]) + 1,
-                    int(col_first[min(tile_xs)]) : int(col_last[max(tile_xs)]) + 1]
-    highest = window.amax((1, 2))
-    floor = float(window.amin((1, 2)).max())
-    keep = highest >= floor - tolerance
-    keep[0] = True
-    others = highest[~keep]
-    gap = floor - float(others.max()) if len(others) else float("inf")
-    return torch.nonzero(keep).flatten()[1:] if keep[0] else torch.nonzero(keep).flatten(), gap
+    queries = scores.shape[0]
+    competing = np.ones((*geometry.shape, queries), bool)
+    gaps = np.full(geometry.shape, np.inf, np.float32)
+    if queries == 1 or not dirty.any():
+        return competing, gaps
+    values = scores.numpy()
+    # highest[..., q, r]: the highest of (q - r) within each tile's reach
+    highest = np.stack([geometry.reduce(np.moveaxis(values[q][None] - values, 0, -1), "max")
+                        for q in range(queries)], -2)
+    competing = np.all(highest >= -tolerance, axis=-1)
+    below = np.where(competing[..., None, :], -highest, -np.inf).max(-1)  # each query's best deficit to a winner
+    gaps = np.where(competing, np.inf, below).min(-1).astype(np.float32)
+    return competing, gaps
 
 
-def _competing_labels(values: torch.Tensor | None, competing: torch.Tensor, owner: np.ndarray, gap: float,
-                      shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and margins from the competing queries' scores relative to the first query (which scores 0)."""
-    channels = {0: None}
-    for index, query in enumerate(competing.tolist()):
-        channels[query] = values[index]
-    by_class: dict[int, list] = {}
-    for query, channel in channels.items():
-        by_class.setdefault(int(owner[query]), []).append(channel)
-    order = sorted(by_class)
-    stacked = []
-    for klass in order:
-        parts = [torch.zeros(shape) if c is None else c for c in by_class[klass]]
-        stacked.append(parts[0] if len(parts) == 1 else torch.stack(parts).amax(0))
-    index, margin = labels_and_margins(torch.stack(stacked))
-    lookup = torch.tensor(order, dtype=torch.int64) + 1
-    return lookup[index - 1].numpy().astype(np.int32), margin.clamp(max=gap).numpy()
+def _rectangle(tiles, geometry: _Geometry, halo: int, bounds: tuple[int, int, int, int]):
+    """(top, bottom, left, right): the tiles' bounding box with a halo, within ``bounds``."""
+    top = int(geometry.tile_rows[min(y for y, _ in tiles)])
+    bottom = int(geometry.tile_rows[max(y for y, _ in tiles)]) + geometry.tile
+    left = int(geometry.tile_cols[min(x for _, x in tiles)])
+    right = int(geometry.tile_cols[max(x for _, x in tiles)]) + geometry.tile
+    return (max(bounds[0], top - halo), min(bounds[1], bottom + halo), max(bounds[2], left - halo),
+            min(bounds[3], right + halo))
+
+
+def _label_tiles(values: dict, tiles, reference: int, competing: np.ndarray, gaps: np.ndarray, owner: np.ndarray,
+                 geometry: _Geometry, labels: np.ndarray, margins: np.ndarray, tolerance: float) -> None:
+    """Labels and margins of ``tiles`` from the queries computed there (``values``: query -> (plane, top, left)),
+    relative to the reference query, which scores 0; the queries that cannot win there are left out."""
+    for ty, tx in tiles:
+        rows, cols = geometry.tile_slices(ty, tx)
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        by_class: dict[int, list] = {int(owner[reference]): [torch.zeros(shape)]}
+        for q in np.flatnonzero(competing[ty, tx]).tolist():
+            if q == reference:
+                continue
+            plane, top, left = values[q]
+            by_class.setdefault(int(owner[q]), []).append(
+                plane[rows.start - top : rows.stop - top, cols.start - left : cols.stop - left])
+        order = sorted(by_class)
+        stacked = [parts[0] if len(parts) == 1 else torch.stack(parts).amax(0)
+                   for parts in (by_class[k] for k in order)]
+        index, margin = labels_and_margins(torch.stack(stacked))
+        lookup = np.asarray(order, dtype=np.int64) + 1
+        labels[rows, cols] = lookup[index.numpy() - 1]
+        margins[rows, cols] = lower_half(margin.clamp(max=float(gaps[ty, tx])).numpy() - tolerance)
 
 
 def _reusable(previous: LabelState | None, state: LabelState, size) -> list | None:

@@ -139,6 +139,35 @@ def test_uniform_images_compute_nothing_per_pixel():
     assert (result.labels == 1).all()
 
 
+def test_a_boundary_between_two_classes_is_snapped_as_one_channel(monkeypatch):
+    """Only the queries that can win near a tile are resized and snapped there, relative to the query leading
+    most of the image: an object on the background costs one channel, not one per class."""
+    from napari_clearclip import refine
+
+    rng = np.random.default_rng(11)
+    scores = torch.full((5, 48, 48), 0.2) + torch.from_numpy(rng.normal(size=(5, 48, 48)).astype(np.float32)) * 0.005
+    scores[4] += 0.1                                   # the background leads most of the image
+    scores[1, 12:30, 14:34] += 0.2                     # one object of class 1; classes 0, 2, 3 stay far below
+    guide = torch.from_numpy(rng.normal(size=(3, 48, 48)).astype(np.float32))
+    size, spans = (384, 384), [(i, i + 1) for i in range(5)]
+    names, snap = [(f"c{i}",) for i in range(5)], (2, (1, 2))
+    snapped = []
+    for name in ("_refine_whole", "_refine_shrinking"):
+        real = getattr(refine, name)
+
+        def counting(values, *args, real=real, **kwargs):
+            snapped.append(values.shape[0])
+            return (yield from real(values, *args, **kwargs))
+        monkeypatch.setattr(refine, name, counting)
+    fast = labels_of(scores, guide, size, spans, names, snap)
+    assert snapped and set(snapped) == {1} and len(snapped) <= 2
+    assert set(np.unique(fast.labels)) == {2, 5}
+    snapped.clear()
+    full = labels_of(scores, guide, size, spans, names, snap, dense=True)
+    assert sum(snapped) >= 4                           # the full computation snaps every query
+    np.testing.assert_array_equal(fast.labels, full.labels)
+
+
 @pytest.fixture(scope="module")
 def demo():
     return Segmenter("synthetic-tiny", device="cpu", disk_cache=False)

@@ -269,12 +269,13 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
             else:
                 done += 1
                 yield done, total
-            values[q] = (channel[0], q_top, q_left)
+            exact = _rectangle([t for t in tiles if competing[t[0], t[1], q]], geometry, 0, (0, size[0], 0, size[1]))
+            values[q] = (channel[0], q_top, q_left, exact)
         del affinity
         if not rectangles:
             done += max(1, iterations)
             yield done, total
-        _label_tiles(values, tiles, reference, competing, gaps, owner, geometry, labels, margins, tolerance)
+        _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance)
         del values
     state.labels, state.margins = labels, margins
     state.computed = float(dirty.sum()) / dirty.size
@@ -332,27 +333,42 @@ def _rectangle(tiles, geometry: _Geometry, halo: int, bounds: tuple[int, int, in
             min(bounds[3], right + halo))
 
 
-def _label_tiles(values: dict, tiles, reference: int, competing: np.ndarray, gaps: np.ndarray, owner: np.ndarray,
-                 geometry: _Geometry, labels: np.ndarray, margins: np.ndarray, tolerance: float) -> None:
-    """Labels and margins of ``tiles`` from the queries computed there (``values``: query -> (plane, top, left)),
-    relative to the reference query, which scores 0; the queries that cannot win there are left out."""
+def _label_tiles(values: dict, tiles, reference: int, gaps: np.ndarray, owner: np.ndarray, geometry: _Geometry,
+                 labels: np.ndarray, margins: np.ndarray, tolerance: float) -> None:
+    """Labels and margins of ``tiles`` from the queries computed there, relative to the reference query (which
+    scores 0). ``values``: query -> (plane, its top, its left, (top, bottom, left, right) of the tiles where the
+    query can win: where the plane's values are exact); a query has no say anywhere else."""
+    tile = geometry.tile
+    first_y, last_y = min(y for y, _ in tiles), max(y for y, _ in tiles)
+    first_x, last_x = min(x for _, x in tiles), max(x for _, x in tiles)
+    top, left = int(geometry.tile_rows[first_y]), int(geometry.tile_cols[first_x])
+    bottom = min(int(geometry.tile_rows[last_y]) + tile, geometry.size[0])
+    right = min(int(geometry.tile_cols[last_x]) + tile, geometry.size[1])
+    shape = (bottom - top, right - left)
+    queries = [reference] + sorted(values)
+    planes = torch.full((len(queries), *shape), float("-inf"))
+    planes[0] = 0.0
+    for number, query in enumerate(queries[1:], 1):
+        plane, plane_top, plane_left, (exact_top, exact_bottom, exact_left, exact_right) = values[query]
+        rows = slice(max(top, exact_top), min(bottom, exact_bottom))
+        cols = slice(max(left, exact_left), min(right, exact_right))
+        planes[number, rows.start - top : rows.stop - top, cols.start - left : cols.stop - left] = plane[
+            rows.start - plane_top : rows.stop - plane_top, cols.start - plane_left : cols.stop - plane_left]
+    by_class: dict[int, list] = {}
+    for number, query in enumerate(queries):
+        by_class.setdefault(int(owner[query]), []).append(planes[number])
+    order = sorted(by_class)
+    stacked = [parts[0] if len(parts) == 1 else torch.stack(parts).amax(0) for parts in (by_class[k] for k in order)]
+    index, margin = labels_and_margins(torch.stack(stacked))
+    lookup = np.asarray(order, dtype=np.int64) + 1
+    block_labels = lookup[index.numpy() - 1]
+    gap = np.repeat(np.repeat(gaps[first_y : last_y + 1, first_x : last_x + 1], tile, 0), tile, 1)[: shape[0], : shape[1]]
+    block_margins = lower_half(np.minimum(margin.numpy(), gap) - tolerance)
     for ty, tx in tiles:
         rows, cols = geometry.tile_slices(ty, tx)
-        shape = (rows.stop - rows.start, cols.stop - cols.start)
-        by_class: dict[int, list] = {int(owner[reference]): [torch.zeros(shape)]}
-        for q in np.flatnonzero(competing[ty, tx]).tolist():
-            if q == reference:
-                continue
-            plane, top, left = values[q]
-            by_class.setdefault(int(owner[q]), []).append(
-                plane[rows.start - top : rows.stop - top, cols.start - left : cols.stop - left])
-        order = sorted(by_class)
-        stacked = [parts[0] if len(parts) == 1 else torch.stack(parts).amax(0)
-                   for parts in (by_class[k] for k in order)]
-        index, margin = labels_and_margins(torch.stack(stacked))
-        lookup = np.asarray(order, dtype=np.int64) + 1
-        labels[rows, cols] = lookup[index.numpy() - 1]
-        margins[rows, cols] = lower_half(margin.clamp(max=float(gaps[ty, tx])).numpy() - tolerance)
+        inner = (slice(rows.start - top, rows.stop - top), slice(cols.start - left, cols.stop - left))
+        labels[rows, cols] = block_labels[inner]
+        margins[rows, cols] = block_margins[inner]
 
 
 def _reusable(previous: LabelState | None, state: LabelState, size) -> list | None:
@@ -496,7 +512,7 @@ def _regions(dirty: np.ndarray, geometry: _Geometry, halo: int, n_queries: int, 
         starts = np.concatenate([[columns[0]], columns[breaks + 1]])
         ends = np.concatenate([columns[breaks], [columns[-1]]])
         for start, end in zip(starts, ends):
-            tiles = [(first + int(y), int(start + x)) for y, x in np.argwhere(band[:, start : end + 1])]
+            tiles = [(first + int(y), int(start + x)) for y, x in np.argwhere(band[:, start : end + 1]).tolist()]
             top = int(geometry.tile_rows[min(y for y, _ in tiles)])      # the rows this run's tiles hold,
             bottom = min(int(geometry.tile_rows[max(y for y, _ in tiles)]) + tile, height)  # not the whole band
             left, right = int(geometry.tile_cols[start]), min(int(geometry.tile_cols[end]) + tile, width)

@@ -168,6 +168,29 @@ def test_a_boundary_between_two_classes_is_snapped_as_one_channel(monkeypatch):
     np.testing.assert_array_equal(fast.labels, full.labels)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_margins_left_for_the_next_run_never_exceed_the_true_margins(seed):
+    """A re-run keeps a pixel's label on the strength of its stored margin, so that margin must never be more
+    than the winner's true lead over every other class, including classes that were never computed there."""
+    rng = np.random.default_rng(100 + seed)
+    checked = 0
+    for _ in range(6):
+        h, w = (int(v) for v in rng.integers(24, 48, 2))
+        size, queries = (h * 6, w * 6), int(rng.integers(3, 7))
+        scores = smooth_scores(rng, queries, h, w, int(rng.integers(2, 8)))
+        scores[int(rng.integers(0, queries))] += 0.1          # one query leads most of the image
+        guide = torch.from_numpy(rng.normal(size=(3, h, w)).astype(np.float32))
+        spans, names = [(i, i + 1) for i in range(queries)], [(f"q{i}",) for i in range(queries)]
+        snap = (int(rng.integers(1, 4)), (1, 2)) if rng.random() < 0.7 else ()
+        fast = labels_of(scores, guide, size, spans, names, snap, tile=16)
+        true = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=16)
+        np.testing.assert_array_equal(fast.labels, true.labels)
+        bound, actual = fast.margins.astype(np.float32), true.margins.astype(np.float32)
+        assert np.all(bound <= actual + 1e-3 * np.abs(actual) + 1e-5)
+        checked += int((bound < actual).sum())
+    assert checked  # some margins were bounds, not the true values
+
+
 @pytest.fixture(scope="module")
 def demo():
     return Segmenter("synthetic-tiny", device="cpu", disk_cache=False)

@@ -97,6 +97,16 @@ def lower_half(values):
     return half
 
 
+def _half_below(values: torch.Tensor) -> np.ndarray:
+    """:func:`lower_half` for large arrays: float16 at most ``values`` (a step or two lower), in one pass.
+
+    Lowered by more than half a float16 step (relative 2^-11, absolute 2^-25 near zero) before
+    rounding to the nearest, the result cannot land above the value.
+    """
+    lowered = (values - values.abs() * 2.0 ** -10 - 2.0 ** -24).clamp_(max=65504.0)
+    return torch.where(torch.isfinite(values), lowered, values).to(torch.float16).numpy()
+
+
 @dataclass
 class LabelState:
     """What a run leaves for the next one on the same image: its coarse scores, labels and margins."""
@@ -345,25 +355,28 @@ def _label_tiles(values: dict, tiles, reference: int, gaps: np.ndarray, owner: n
     bottom = min(int(geometry.tile_rows[last_y]) + tile, geometry.size[0])
     right = min(int(geometry.tile_cols[last_x]) + tile, geometry.size[1])
     shape = (bottom - top, right - left)
-    queries = [reference] + sorted(values)
-    planes = torch.full((len(queries), *shape), float("-inf"))
-    planes[0] = 0.0
-    for number, query in enumerate(queries[1:], 1):
+    by_class: dict[int, list] = {int(owner[reference]): [torch.zeros(shape)]}
+    for query in sorted(values):
         plane, plane_top, plane_left, (exact_top, exact_bottom, exact_left, exact_right) = values[query]
         rows = slice(max(top, exact_top), min(bottom, exact_bottom))
         cols = slice(max(left, exact_left), min(right, exact_right))
-        planes[number, rows.start - top : rows.stop - top, cols.start - left : cols.stop - left] = plane[
-            rows.start - plane_top : rows.stop - plane_top, cols.start - plane_left : cols.stop - plane_left]
-    by_class: dict[int, list] = {}
-    for number, query in enumerate(queries):
-        by_class.setdefault(int(owner[query]), []).append(planes[number])
+        exact = plane[rows.start - plane_top : rows.stop - plane_top, cols.start - plane_left : cols.stop - plane_left]
+        if exact.shape != shape:  # the query has no say beyond the tiles where it can win
+            padded = torch.full(shape, float("-inf"))
+            padded[rows.start - top : rows.stop - top, cols.start - left : cols.stop - left] = exact
+            exact = padded
+        by_class.setdefault(int(owner[query]), []).append(exact)
     order = sorted(by_class)
     stacked = [parts[0] if len(parts) == 1 else torch.stack(parts).amax(0) for parts in (by_class[k] for k in order)]
     index, margin = labels_and_margins(torch.stack(stacked))
-    lookup = np.asarray(order, dtype=np.int64) + 1
-    block_labels = lookup[index.numpy() - 1]
-    gap = np.repeat(np.repeat(gaps[first_y : last_y + 1, first_x : last_x + 1], tile, 0), tile, 1)[: shape[0], : shape[1]]
-    block_margins = lower_half(np.minimum(margin.numpy(), gap) - tolerance)
+    lookup = torch.tensor(order, dtype=torch.int32) + 1
+    block_labels = (index.to(torch.uint8) if order == list(range(len(order))) and len(order) < 256
+                    else lookup[index - 1]).numpy()
+    gap = gaps[first_y : last_y + 1, first_x : last_x + 1]
+    if np.isfinite(gap).any():
+        gap = torch.from_numpy(np.repeat(np.repeat(gap, tile, 0), tile, 1)[: shape[0], : shape[1]])
+        margin = torch.minimum(margin, gap)
+    block_margins = _half_below(margin.sub_(tolerance))
     for ty, tx in tiles:
         rows, cols = geometry.tile_slices(ty, tx)
         inner = (slice(rows.start - top, rows.stop - top), slice(cols.start - left, cols.stop - left))

@@ -300,3 +300,16 @@ def test_regions_hold_their_tiles_with_a_full_halo_and_no_rows_beyond(seed):
             assert dirty[y, x] and not covered[y, x]
             covered[y, x] = True
     np.testing.assert_array_equal(covered, dirty)                      # every changed tile, once
+
+
+def test_margins_stored_at_half_size_are_never_above_the_margin():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(size=20000) * 10.0 ** rng.integers(-9, 4, 20000),
+                             [0.0, 1e-30, -1e-30, 6.1e-5, 65504.0, 1e6, np.inf]]).astype(np.float32)
+    half = tiled_labels._half_below(torch.from_numpy(values)).astype(np.float32)
+    assert np.all(half <= values)
+    finite = np.abs(values) < 60000
+    nearest = values[finite].astype(np.float16).astype(np.float32)
+    steps = np.abs(np.spacing(values[finite].astype(np.float16))).astype(np.float32)
+    assert np.all(half[finite] >= nearest - 4 * steps)          # at most a few float16 steps below
+    assert half[-1] == np.inf

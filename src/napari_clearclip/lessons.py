@@ -11,7 +11,11 @@ File format (``.npz``, read without pickle, so a lesson from a stranger cannot r
 - ``classes``: int32 (N,), each exemplar's 0-based class index;
 - ``meta``: uint8, UTF-8 JSON with ``format`` ("napari-clearclip lesson"), ``version`` (1),
   ``classes`` (each class as a list: its name, then its synonyms), ``model``, ``weights``,
-  ``method``, ``short_side``, ``crop``, ``stride`` and ``made_with`` (the package version).
+  ``method``, ``short_side``, ``crop``, ``stride``, ``made_with`` (the package version) and
+  ``images`` (how many images the strokes were on; 0 when ``covariance`` is absent);
+- ``covariance`` (optional): float32 (E, E), the patch covariance of those images, averaged
+  over them. Exemplars are compared with a new image's patches after whitening with it; a
+  lesson without it (made by an earlier version) is whitened with each new image's own.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class Lesson:
     weights: str
     method: str
     windows: tuple                          # (short_side, crop, stride) as resolved for the model
+    covariance: np.ndarray | None = None    # (E, E) patch covariance of the painted images, averaged
+    images: int = 0                         # how many images that is
 
     @property
     def class_names(self) -> list[str]:
@@ -73,10 +79,13 @@ class Lesson:
         meta = {"format": FORMAT, "version": VERSION, "classes": [list(c) for c in self.classes],
                 "model": self.model, "weights": self.weights, "method": self.method,
                 "short_side": self.windows[0], "crop": self.windows[1], "stride": self.windows[2],
-                "made_with": __version__}
+                "made_with": __version__, "images": self.images if self.covariance is not None else 0}
+        arrays = {"features": self.features.astype(np.float32), "classes": self.labels.astype(np.int32),
+                  "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+        if self.covariance is not None:
+            arrays["covariance"] = self.covariance.astype(np.float32)
         buffer = io.BytesIO()
-        np.savez(buffer, features=self.features.astype(np.float32), classes=self.labels.astype(np.int32),
-                 meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        np.savez(buffer, **arrays)
 
         def write(target: Path) -> None:
             target.write_bytes(buffer.getvalue())
@@ -98,14 +107,15 @@ class Lesson:
                     raise LessonError(f"{path} is not a napari-clearclip lesson (it holds {sorted(names)}).")
                 meta = json.loads(archive["meta"].tobytes().decode())
                 features, labels = archive["features"], archive["classes"]
+                covariance = archive["covariance"] if "covariance" in names else None
         except LessonError:
             raise
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, UnicodeDecodeError, KeyError) as exc:
             raise LessonError(f"{path} is not a napari-clearclip lesson, or it is damaged ({exc}).") from None
-        return cls._from_parts(path, meta, features, labels)
+        return cls._from_parts(path, meta, features, labels, covariance)
 
     @classmethod
-    def _from_parts(cls, path, meta, features, labels) -> "Lesson":
+    def _from_parts(cls, path, meta, features, labels, covariance=None) -> "Lesson":
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise LessonError(f"{path} is not a napari-clearclip lesson.")
         version = meta.get("version")
@@ -129,7 +139,15 @@ class Lesson:
                               f"{len(classes)} it names.")
         if not np.isfinite(features).all():
             raise LessonError(f"{path} is a damaged lesson: its exemplars hold NaN or infinite values.")
-        return cls(classes, features.astype(np.float32), labels.astype(np.int64), *identity, windows)
+        images = meta.get("images", 0)
+        if covariance is not None:
+            width = features.shape[1]
+            if (covariance.shape != (width, width) or covariance.dtype.kind != "f" or not np.isfinite(covariance).all()
+                    or not isinstance(images, int) or images < 1):
+                raise LessonError(f"{path} is a damaged lesson: its patch covariance does not fit its exemplars.")
+            covariance = covariance.astype(np.float32)
+        return cls(classes, features.astype(np.float32), labels.astype(np.int64), *identity, windows, covariance,
+                   images if covariance is not None else 0)
 
     def fingerprint(self) -> str:
         """A digest of the lesson's content (for a batch run's record of what made its outputs)."""
@@ -139,6 +157,8 @@ class Lesson:
                                             list(self.windows)]).encode())
         digest.update(np.ascontiguousarray(self.features, dtype=np.float32).data)
         digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).data)
+        if self.covariance is not None:
+            digest.update(np.ascontiguousarray(self.covariance, dtype=np.float32).data)
         return digest.hexdigest()[:20]
 
     # -- making and using ------------------------------------------------------------------------------
@@ -151,9 +171,17 @@ class Lesson:
         parsed = parse_classes(classes)
         if exemplars is None or len(exemplars.features) == 0:
             raise LessonError("There is nothing to learn: no stroke covers a patch of any image.")
-        return cls(tuple(tuple(c.synonyms) for c in parsed), exemplars.features.float().cpu().numpy(),
-                   exemplars.classes.cpu().numpy().astype(np.int64), segmenter.model.name,
-                   segmenter.model.weights_id, segmenter.method, (options.short_side, options.crop, options.stride))
+        features, labels, source = exemplars.features, exemplars.classes, exemplars
+        if exemplars.others is not None:  # strokes on the scored image and on others: the others' covariance
+            source = exemplars.others
+            features = torch.cat([features.cpu(), source.features.cpu()])
+            labels = torch.cat([labels.cpu(), source.classes.cpu()])
+        covariance = None if source.covariance is None else source.covariance.double().cpu().numpy()
+        return cls(tuple(tuple(c.synonyms) for c in parsed), features.float().cpu().numpy(),
+                   labels.cpu().numpy().astype(np.int64), segmenter.model.name,
+                   segmenter.model.weights_id, segmenter.method, (options.short_side, options.crop, options.stride),
+                   None if covariance is None else covariance.astype(np.float32),
+                   source.images if covariance is not None else 0)
 
     def combined(self, other: "Lesson") -> "Lesson":
         """One lesson from two made with the same model and classes (strokes on several images)."""
@@ -161,8 +189,14 @@ class Lesson:
         if [c[0] for c in other.classes] != self.class_names:
             raise LessonError(f"The lessons are for other classes ({', '.join(other.class_names)} against "
                               f"{', '.join(self.class_names)}).")
+        covariance, images = None, 0
+        if self.covariance is not None and other.covariance is not None:  # averaged over all their images
+            images = self.images + other.images
+            covariance = ((self.covariance.astype(np.float64) * self.images
+                           + other.covariance.astype(np.float64) * other.images) / images).astype(np.float32)
         return Lesson(self.classes, np.concatenate([self.features, other.features]),
-                      np.concatenate([self.labels, other.labels]), self.model, self.weights, self.method, self.windows)
+                      np.concatenate([self.labels, other.labels]), self.model, self.weights, self.method, self.windows,
+                      covariance, images)
 
     def _check_identity(self, model: str, weights: str, method: str, windows: tuple, what: str) -> None:
         if (model, weights) != (self.model, self.weights):
@@ -195,7 +229,9 @@ class Lesson:
         if features.shape[1] != segmenter.model.clip.visual.output_dim:
             raise LessonError(f"This lesson's exemplars have {features.shape[1]} values each; the model gives "
                               f"{segmenter.model.clip.visual.output_dim}.")
-        return Exemplars(features, torch.from_numpy(order[self.labels]), len(classes))
+        covariance = None if self.covariance is None else torch.from_numpy(self.covariance)
+        return Exemplars(features, torch.from_numpy(order[self.labels]), len(classes), covariance=covariance,
+                         images=self.images if covariance is not None else 0)
 
 
 def check_lesson(lesson) -> Lesson | None:

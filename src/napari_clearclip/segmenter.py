@@ -36,6 +36,7 @@ class _Features:
     batches: list[tuple[list[tuple[int, int, int, int]], torch.Tensor]]
     whitening: tuple[torch.Tensor, torch.Tensor] | None = None  # of these patches, once exemplars need it
     norms: list[torch.Tensor] | None = None                      # each batch's whitened patch lengths
+    statistics: FeatureStats | None = None                       # their mean and covariance
 
 
 class Segmenter:
@@ -333,19 +334,33 @@ class Segmenter:
             method_fn, extra = self._bind_text(method_fn, self.text.embeddings(queries, templates).to(self.device),
                                                opts)
         key = self._feature_key(array, opts, method_name, extra)
-        exemplars = yield from self._collect((array, key, opts, method_fn), strokes, len(parsed))
+        args = (array, key, opts, method_fn)
+        exemplars = yield from self._collect(args, strokes, len(parsed))
+        if exemplars is not None:  # used on other images, they are compared in this image's whitening
+            stats = yield from self._statistics(args, self._cached_features(key))
+            exemplars.covariance, exemplars.images = stats.covariance.float(), 1
         return exemplars
 
-    def _whitening(self, args, features: _Features | None):
-        """Generator: this image's patch whitening (to compare patches with exemplars), kept with its cached features."""
-        if features is not None and features.whitening is not None:
-            return features.whitening
+    def _statistics(self, args, features: _Features | None):
+        """Generator: this image's patch mean and covariance, kept with its cached features."""
+        if features is not None and features.statistics is not None:
+            return features.statistics
         stats = FeatureStats()
         if features is None:
             yield from self._encode_and_score(*args, text=None, collect=stats.add)
         else:
             for batch, patch_features in features.batches:
                 stats.add(features.grid, batch, patch_features)
+        features = self._features.get(args[1])
+        if features is not None:
+            features.statistics = stats
+        return stats
+
+    def _whitening(self, args, features: _Features | None):
+        """Generator: this image's patch whitening (to compare patches with exemplars), kept with its cached features."""
+        if features is not None and features.whitening is not None:
+            return features.whitening
+        stats = yield from self._statistics(args, features)
         whitening = stats.whitening(self.device)
         features = self._features.get(args[1])
         if features is not None:

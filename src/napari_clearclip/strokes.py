@@ -11,6 +11,12 @@ The similarity ``s`` is a cosine after whitening with the image's own patch stat
 (mean and covariance). Raw CLIP patch embeddings share a large common part, so that grey
 background and a blue square can be 0.95 alike in raw cosine while their text scores
 differ; whitened, they are about 0.0 and 0.8 alike, and a stroke stays on what it painted.
+
+Exemplars from other images (a lesson, strokes on other images or slices) carry the patch
+covariance of the images they were painted on, and are compared after whitening with it (and
+the scored image's mean): whitening with the new image's own covariance would stretch the
+directions in which that one image happens to vary little, where the exemplars' images differ
+from it, and exemplars of the same class would no longer look alike.
 """
 
 from __future__ import annotations
@@ -66,14 +72,26 @@ class FeatureStats:
         outer = flat.T @ flat
         self.outer = outer if self.outer is None else self.outer + outer
 
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total / self.count
+
+    @property
+    def covariance(self) -> torch.Tensor:
+        mean = self.mean
+        return self.outer / self.count - torch.outer(mean, mean)
+
     def whitening(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, W) such that (f - mean) @ W has an identity covariance (regularised)."""
-        mean = self.total / self.count
-        cov = self.outer / self.count - torch.outer(mean, mean)
-        values, vectors = torch.linalg.eigh(cov)
-        values = values.clamp(min=0) + WHITENING_EPS * float(values.max())
-        transform = vectors @ torch.diag(values.rsqrt()) @ vectors.T
-        return mean.float().to(device), transform.float().to(device)
+        return whitening_from(self.mean, self.covariance, device)
+
+
+def whitening_from(mean: torch.Tensor, covariance: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, W): W = C^(-1/2) of the covariance C, regularised by :data:`WHITENING_EPS` of its largest eigenvalue."""
+    values, vectors = torch.linalg.eigh(covariance.double().cpu())
+    values = values.clamp(min=0) + WHITENING_EPS * float(values.max())
+    transform = vectors @ torch.diag(values.rsqrt()) @ vectors.T
+    return mean.float().to(device), transform.float().to(device)
 
 
 def image_strength(text: torch.Tensor, whitening) -> float:
@@ -144,7 +162,13 @@ def thinned(features: torch.Tensor, classes: torch.Tensor, limit: int | None = N
 
 @dataclass
 class Exemplars:
-    """Patch embeddings under strokes (N, E) and their 0-based class indices (N,)."""
+    """Patch embeddings under strokes (N, E) and their 0-based class indices (N,).
+
+    ``covariance`` is the patch covariance of the images they were painted on, pooled over
+    ``images`` images, for exemplars used on other images; None for strokes on the image being
+    scored, which is then whitened with its own statistics. ``others`` holds the exemplars from
+    other images when both kinds are used together.
+    """
 
     features: torch.Tensor
     classes: torch.Tensor
@@ -153,37 +177,64 @@ class Exemplars:
     whitening: tuple | None = None               # (mean, W) of the image being scored
     _groups: list | None = None                  # (class, its exemplars whitened and normalised), per class
     strength: float | None = None                # the bonus of an exact match on this image (see image_strength)
+    covariance: torch.Tensor | None = None       # (E, E) of the images these came from (None: the image scored)
+    images: int = 0                              # how many images ``covariance`` pools
+    others: "Exemplars | None" = None            # exemplars from other images, with their own covariance
+    _transform: torch.Tensor | None = None       # the whitening of ``covariance``, computed once
 
     def __post_init__(self):
         self.features, self.classes = thinned(self.features, self.classes)
 
+    def _copy(self, whitening=None) -> "Exemplars":
+        others = None if self.others is None else self.others._copy()
+        return Exemplars(self.features, self.classes, self.n_classes, self.query_classes, whitening,
+                         covariance=self.covariance, images=self.images, others=others, _transform=self._transform)
+
     def whitened(self, whitening) -> "Exemplars":
         """A copy that scores with the given image's whitening."""
-        return Exemplars(self.features, self.classes, self.n_classes, self.query_classes, whitening)
+        return self._copy(whitening)
 
     def for_image(self, whitening, text: torch.Tensor) -> "Exemplars":
-        """A copy that scores on the image whose whitening this is, with a strength measured on it."""
+        """A copy that scores on the image whose whitening this is, with a strength measured on it.
+
+        Exemplars from other images are whitened with their images' covariance and this image's mean.
+        """
+        own = whitening
+        if self.covariance is not None:
+            if self._transform is None:  # the same for every image this is used on
+                self._transform = whitening_from(own[0], self.covariance, "cpu")[1]
+            whitening = (own[0], self._transform.to(own[0].device))
         copy = self.whitened(whitening)
         copy.strength = image_strength(text, whitening)
+        if self.others is not None:
+            copy.others = self.others.for_image(own, text)
         return copy
 
     @staticmethod
     def combine(parts) -> "Exemplars | None":
-        """All exemplars of several sets (None entries skipped)."""
-        parts = [p for p in parts if p is not None]
-        if not parts:
-            return None
-        if len(parts) == 1:
-            return parts[0]
-        device = parts[0].features.device
-        return Exemplars(torch.cat([p.features.to(device) for p in parts]),
-                         torch.cat([p.classes.to(device) for p in parts]), parts[0].n_classes)
+        """All exemplars of several sets (None entries skipped); those from other images keep a pooled covariance."""
+        flat = []
+        for part in parts:
+            while part is not None:
+                flat.append(part)
+                part = part.others
+        here = [p for p in flat if p.covariance is None]
+        elsewhere = [p for p in flat if p.covariance is not None]
+        merged = [_merged(here, None, 0) if here else None,
+                  _merged(elsewhere, sum(p.covariance.double().cpu() * p.images for p in elsewhere)
+                          / sum(p.images for p in elsewhere), sum(p.images for p in elsewhere)) if elsewhere else None]
+        if merged[0] is None:
+            return merged[1]
+        merged[0].others = merged[1]
+        return merged[0]
 
     def to(self, device) -> "Exemplars":
-        if self.features.device == torch.device(device):
+        others = None if self.others is None else self.others.to(device)
+        if self.features.device == torch.device(device) and others is self.others:
             return self
         return Exemplars(self.features.to(device), self.classes.to(device), self.n_classes,
-                         None if self.query_classes is None else self.query_classes.to(device), self.whitening)
+                         None if self.query_classes is None else self.query_classes.to(device), self.whitening,
+                         covariance=self.covariance, images=self.images, others=others, _transform=self._transform)
 
     def _whiten(self, features: torch.Tensor) -> torch.Tensor:
         features = features.float()
@@ -211,16 +262,27 @@ class Exemplars:
         """(B, P, C) bonus of each patch for each class: alpha * max(0, (s - t) / (1 - t)) for the
         whitened cosine s to the class's nearest exemplar and t = :data:`ALIKE_FROM`.
 
-        ``norms`` are the patches' :func:`whitened_norms`, when kept from an earlier run.
+        ``norms`` are the patches' :func:`whitened_norms` with the scored image's own whitening,
+        when kept from an earlier run. With exemplars of both kinds, each class takes the larger bonus.
         """
         alpha = (self.strength if self.strength is not None else EXEMPLAR_WEIGHT) if alpha is None else alpha
         features = patch_features.float()
-        norms = (whitened_norms(features, self.whitening) if norms is None else norms).clamp(min=1e-12)
+        own = self.covariance is None
+        norms = (whitened_norms(features, self.whitening) if norms is None or not own else norms).clamp(min=1e-12)
         out = torch.zeros(*patch_features.shape[:2], self.n_classes, device=patch_features.device)
         for k, projector, offset in self._projectors():
             nearest = ((features @ projector.T - offset) / norms[..., None]).amax(-1)
             out[..., k] = alpha * ((nearest - ALIKE_FROM) / (1 - ALIKE_FROM)).clamp(min=0)
+        if self.others is not None:
+            out = torch.maximum(out, self.others.bonus(patch_features))
         return out
+
+
+def _merged(parts: list, covariance, images: int) -> Exemplars:
+    device = parts[0].features.device
+    return Exemplars(torch.cat([p.features.to(device) for p in parts]),
+                     torch.cat([p.classes.to(device) for p in parts]), parts[0].n_classes,
+                     covariance=covariance, images=images)
 
 
 class ExemplarCollector:

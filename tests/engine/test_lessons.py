@@ -54,6 +54,8 @@ def test_saved_and_loaded_lessons_are_the_same_and_files_are_never_replaced_unas
     np.testing.assert_array_equal(loaded.labels, lesson.labels)
     assert (loaded.classes, loaded.model, loaded.weights, loaded.method, loaded.windows) == \
         (lesson.classes, lesson.model, lesson.weights, lesson.method, lesson.windows)
+    assert lesson.images == loaded.images == 2
+    np.testing.assert_array_equal(loaded.covariance, lesson.covariance)
     before = path.read_bytes()
     with pytest.raises(FileExistsError, match="overwrite=True"):
         lesson.save(path)
@@ -133,6 +135,12 @@ def test_bad_lesson_files_are_clear_errors(lesson, tmp_path):
         Lesson.load(_archive(tmp_path / "classes.npz", {**meta, "classes": meta["classes"][:2]}, features, classes))
     with pytest.raises(ValueError, match="NaN"):
         Lesson.load(_archive(tmp_path / "nan.npz", meta, features * np.nan, classes))
+    with pytest.raises(ValueError, match="covariance does not fit"):
+        Lesson.load(_archive(tmp_path / "covariance.npz", meta, features, classes,
+                             extra={"covariance": np.eye(features.shape[1] + 1, dtype=np.float32)}))
+    with pytest.raises(ValueError, match="covariance does not fit"):
+        Lesson.load(_archive(tmp_path / "no-images.npz", {**meta, "images": 0}, features, classes,
+                             extra={"covariance": np.eye(features.shape[1], dtype=np.float32)}))
 
 
 def test_a_lesson_holding_pickled_objects_runs_no_code(tmp_path):
@@ -161,3 +169,50 @@ def test_making_a_lesson_without_any_painted_patch_says_so(demo):
         demo.make_lesson(CLASSES, [(image, np.zeros(image.shape[:2], np.int32))])
     with pytest.raises(ValueError, match="not an .image, strokes. pair"):
         demo.make_lesson(CLASSES, [image])
+
+
+def test_exemplars_from_another_image_are_compared_in_the_whitening_of_their_own_images():
+    """A new image that happens to vary little along some direction must not make the lesson's exemplars unlike
+    its own patches there: exemplars are whitened with the covariance of the images they were painted on."""
+    import torch
+
+    from napari_clearclip.strokes import Exemplars, FeatureStats
+
+    rng = np.random.default_rng(0)
+    painted_on = torch.from_numpy(rng.normal(size=(1, 400, 8)).astype(np.float32))
+    new_image = painted_on.clone()
+    new_image[..., 7] *= 0.01                      # the new image hardly varies along the last direction
+    source, target = FeatureStats(), FeatureStats()
+    source.add(None, None, painted_on)
+    target.add(None, None, new_image)
+    exemplar = painted_on[0, :1].clone()
+    exemplar[:, 7] = 0.0                           # typical of both images along that direction
+    patch = exemplar.clone()[None]                 # the same patch, shifted along it
+    patch[..., 7] += 0.5
+    text = torch.from_numpy(rng.normal(size=(2, 8)).astype(np.float32))
+    lesson_like = Exemplars(exemplar, torch.zeros(1, dtype=torch.int64), 2, covariance=source.covariance, images=1)
+    own_whitening = Exemplars(exemplar, torch.zeros(1, dtype=torch.int64), 2)
+    whitening = target.whitening("cpu")
+    by_source = lesson_like.for_image(whitening, text)
+    by_target = own_whitening.for_image(whitening, text)
+    assert float(by_source.bonus(patch)[0, 0, 0]) > 0.5 * by_source.strength
+    assert float(by_target.bonus(patch)[0, 0, 0]) == 0.0
+    np.testing.assert_allclose(by_source.whitening[0], whitening[0])       # the new image's mean
+
+    both = Exemplars.combine([own_whitening, lesson_like]).for_image(whitening, text)
+    np.testing.assert_allclose(both.bonus(patch), torch.maximum(by_source.bonus(patch), by_target.bonus(patch)))
+
+
+def test_a_lesson_from_an_earlier_version_without_covariance_still_teaches(demo, lesson, tmp_path):
+    path = lesson.save(tmp_path / "new")
+    with np.load(path) as archive:
+        meta = json.loads(archive["meta"].tobytes().decode())
+        features, classes = archive["features"], archive["classes"]
+    meta.pop("images")
+    old = Lesson.load(_archive(tmp_path / "old.npz", meta, features, classes))
+    assert old.covariance is None and old.images == 0
+    image = make_scene(11, size=256, objects=(3, 3)).image
+    taught = demo.segment(image, CLASSES, lesson=old).labels
+    assert (taught != demo.segment(image, CLASSES).labels).mean() > 0.01
+    combined = old.combined(lesson)
+    assert combined.covariance is None and len(combined) == 2 * len(lesson)

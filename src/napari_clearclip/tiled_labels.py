@@ -234,7 +234,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         competing = np.ones((*geometry.shape, scores.shape[0]), bool)
         gaps = np.full(geometry.shape, np.inf, np.float32)
     else:
-        competing, gaps = _competing_queries(scores, geometry, dirty, tolerance)
+        competing, gaps = _competing_queries(scores, geometry, dirty, tolerance, leader)
     channels = [sorted({int(q) for ty, tx in tiles for q in np.flatnonzero(competing[ty, tx])} - {reference})
                 for _, tiles in regions]
     total = max(1, sum(max(1, len(c)) for c in channels) * max(1, iterations))
@@ -308,15 +308,19 @@ def _reference_query(leader: np.ndarray, queries: int) -> int:
     return int(np.bincount(leader.ravel(), minlength=queries).argmax())
 
 
-def _competing_queries(scores: torch.Tensor, geometry: _Geometry, dirty: np.ndarray, tolerance: float):
+def _competing_queries(scores: torch.Tensor, geometry: _Geometry, dirty: np.ndarray, tolerance: float,
+                       leader: np.ndarray | None = None):
     """(tiles_y, tiles_x, Q) which queries can win somewhere in each tile, and (tiles_y, tiles_x) how far below
     the winner every other query stays at least.
 
     Resizing and snapping give every query the same convex weights, so a query's lead over another
     at any pixel is at most its highest lead within the tile's reach: a query below some other
     one throughout the reach (by more than rounding) cannot win there, and neither can it come
-    within that other query's deficit of the winner. Such a query is always below one that
-    can win (highest leads add up along a chain), which gives each tile its gap.
+    within that other query's deficit of the winner. Each query is compared with the queries
+    that lead somewhere at the working size (``leader``, the argmax; all queries without it),
+    which keeps the work in proportion to the classes seen, not to the square of those typed.
+    A query left out is always below one that is kept (highest leads add up along a chain of
+    queries below one another, and the chain ends at a kept one), which gives each tile its gap.
     """
     queries = scores.shape[0]
     competing = np.ones((*geometry.shape, queries), bool)
@@ -324,11 +328,13 @@ def _competing_queries(scores: torch.Tensor, geometry: _Geometry, dirty: np.ndar
     if queries == 1 or not dirty.any():
         return competing, gaps
     values = scores.numpy()
-    # highest[..., q, r]: the highest of (q - r) within each tile's reach
-    highest = np.stack([geometry.reduce(np.moveaxis(values[q][None] - values, 0, -1), "max")
-                        for q in range(queries)], -2)
+    leaders = np.arange(queries) if leader is None else np.unique(leader)
+    # highest[..., q, i]: the highest of (q - leaders[i]) within each tile's reach
+    highest = np.stack([geometry.reduce(np.moveaxis(values - values[lead][None], 0, -1), "max")
+                        for lead in leaders], -1)
     competing = np.all(highest >= -tolerance, axis=-1)
-    below = np.where(competing[..., None, :], -highest, -np.inf).max(-1)  # each query's best deficit to a winner
+    kept_leaders = competing[..., leaders]                                     # (tiles_y, tiles_x, L)
+    below = np.where(kept_leaders[..., None, :], -highest, -np.inf).max(-1)    # each query's deficit to a kept leader
     gaps = np.where(competing, np.inf, below).min(-1).astype(np.float32)
     return competing, gaps
 

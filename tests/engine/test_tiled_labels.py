@@ -191,6 +191,28 @@ def test_margins_left_for_the_next_run_never_exceed_the_true_margins(seed):
     assert checked  # some margins were bounds, not the true values
 
 
+def test_many_classes_typed_are_compared_only_with_those_that_lead_somewhere(monkeypatch):
+    """Forty words of which three lead somewhere: each query is bounded against those three, not all forty
+    (work in proportion to the classes seen), and the labels are still those of a full computation."""
+    rng = np.random.default_rng(21)
+    scores = smooth_scores(rng, 40, 40, 40, 5) * 0.2
+    scores[:3] += smooth_scores(rng, 3, 40, 40, 8) + 0.3
+    guide = torch.from_numpy(rng.normal(size=(3, 40, 40)).astype(np.float32))
+    spans, names, snap = [(i, i + 1) for i in range(40)], [(f"w{i}",) for i in range(40)], (2, (1, 2))
+    assert len(np.unique(scores.argmax(0).numpy())) == 3
+    calls = []
+    real = tiled_labels._Geometry.reduce
+
+    def counted(self, coarse, how):
+        calls.append(coarse.shape)
+        return real(self, coarse, how)
+    monkeypatch.setattr(tiled_labels._Geometry, "reduce", counted)
+    fast = labels_of(scores, guide, (320, 320), spans, names, snap)
+    assert sum(1 for shape in calls if len(shape) == 3) == 3           # one bound per leading query
+    np.testing.assert_array_equal(fast.labels, labels_of(scores, guide, (320, 320), spans, names, snap,
+                                                         dense=True).labels)
+
+
 @pytest.fixture(scope="module")
 def demo():
     return Segmenter("synthetic-tiny", device="cpu", disk_cache=False)

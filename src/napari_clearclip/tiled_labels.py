@@ -234,7 +234,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         competing = np.ones((*geometry.shape, scores.shape[0]), bool)
         gaps = np.full(geometry.shape, np.inf, np.float32)
     else:
-        competing, gaps = _competing_queries(scores, geometry, dirty, tolerance, leader)
+        competing, gaps = _competing_queries(scores, geometry, dirty, tolerance, _rivals(scores))
     channels = [sorted({int(q) for ty, tx in tiles for q in np.flatnonzero(competing[ty, tx])} - {reference})
                 for _, tiles in regions]
     total = max(1, sum(max(1, len(c)) for c in channels) * max(1, iterations))
@@ -309,18 +309,19 @@ def _reference_query(leader: np.ndarray, queries: int) -> int:
 
 
 def _competing_queries(scores: torch.Tensor, geometry: _Geometry, dirty: np.ndarray, tolerance: float,
-                       leader: np.ndarray | None = None):
+                       rivals: np.ndarray | None = None):
     """(tiles_y, tiles_x, Q) which queries can win somewhere in each tile, and (tiles_y, tiles_x) how far below
     the winner every other query stays at least.
 
     Resizing and snapping give every query the same convex weights, so a query's lead over another
     at any pixel is at most its highest lead within the tile's reach: a query below some other
     one throughout the reach (by more than rounding) cannot win there, and neither can it come
-    within that other query's deficit of the winner. Each query is compared with the queries
-    that lead somewhere at the working size (``leader``, the argmax; all queries without it),
-    which keeps the work in proportion to the classes seen, not to the square of those typed.
-    A query left out is always below one that is kept (highest leads add up along a chain of
-    queries below one another, and the chain ends at a kept one), which gives each tile its gap.
+    within that other query's deficit of the winner. Each query is compared with ``rivals`` (all
+    queries by default; :func:`_rivals` picks those that lead or come close somewhere, so that
+    the work follows the classes seen rather than the square of those typed). A query left out
+    is always below a rival that is kept (highest leads add up along a chain of queries below one
+    another, and the chain ends at a kept one), which gives each tile its gap. Two passes over
+    the rivals, so that memory stays one value per tile and query.
     """
     queries = scores.shape[0]
     competing = np.ones((*geometry.shape, queries), bool)
@@ -328,15 +329,26 @@ def _competing_queries(scores: torch.Tensor, geometry: _Geometry, dirty: np.ndar
     if queries == 1 or not dirty.any():
         return competing, gaps
     values = scores.numpy()
-    leaders = np.arange(queries) if leader is None else np.unique(leader)
-    # highest[..., q, i]: the highest of (q - leaders[i]) within each tile's reach
-    highest = np.stack([geometry.reduce(np.moveaxis(values - values[lead][None], 0, -1), "max")
-                        for lead in leaders], -1)
-    competing = np.all(highest >= -tolerance, axis=-1)
-    kept_leaders = competing[..., leaders]                                     # (tiles_y, tiles_x, L)
-    below = np.where(kept_leaders[..., None, :], -highest, -np.inf).max(-1)    # each query's deficit to a kept leader
+    rivals = np.arange(queries) if rivals is None else rivals
+
+    def highest(rival):  # (tiles_y, tiles_x, Q): the highest of (q - rival) within each tile's reach
+        return geometry.reduce(np.moveaxis(values - values[rival][None], 0, -1), "max")
+    for rival in rivals:
+        competing &= highest(rival) >= -tolerance
+    below = np.full(competing.shape, -np.inf, np.float32)   # each query's deficit to a kept rival
+    for rival in rivals:
+        below = np.maximum(below, np.where(competing[..., rival : rival + 1], -highest(rival), -np.inf))
     gaps = np.where(competing, np.inf, below).min(-1).astype(np.float32)
     return competing, gaps
+
+
+def _rivals(scores: torch.Tensor, limit: int = 32) -> np.ndarray:
+    """The queries among the best three somewhere at the working size, at most ``limit`` of them (those there
+    most often): what a query is compared with to tell whether it can win."""
+    top = scores.topk(min(3, scores.shape[0]), dim=0).indices.flatten()
+    counts = torch.bincount(top, minlength=scores.shape[0])
+    order = torch.argsort(counts, descending=True, stable=True)[: min(limit, int((counts > 0).sum()))]
+    return np.sort(order.numpy())
 
 
 def _rectangle(tiles, geometry: _Geometry, halo: int, bounds: tuple[int, int, int, int]):

@@ -149,17 +149,20 @@ class _Geometry:
     def shape(self) -> tuple[int, int]:
         return len(self.tile_rows), len(self.tile_cols)
 
-    def reduce(self, coarse: np.ndarray, how: str) -> np.ndarray:
+    def reduce(self, coarse: np.ndarray, how: str, within: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """(tiles_y, tiles_x, ...) min or max of ``coarse`` (h, w, ...) over each tile's window.
 
         Each window is covered by a window of the largest size anchored at its start (clipped
-        at the far edge): a superset, so a bound over it is still a bound.
+        at the far edge): a superset, so a bound over it is still a bound. ``within`` (first and
+        last + 1 tile row, then column) limits the work to those tiles, with the same values.
         """
         reducer = np.max if how == "max" else np.min
         out = coarse
         for axis, (first, last) in enumerate((self.row_window, self.col_window)):
             span = min(int((last - first).max()) + 1, out.shape[axis])
             start = np.minimum(first, out.shape[axis] - span)
+            if within is not None:
+                start = start[within[2 * axis] : within[2 * axis + 1]]
             moved = np.moveaxis(out, axis, 0)
             # one window at a time: taking windows from a sliding view would copy all of them
             out = np.moveaxis(np.stack([reducer(moved[s : s + span], axis=0) for s in start]), 0, axis)
@@ -328,17 +331,21 @@ def _competing_queries(scores: torch.Tensor, geometry: _Geometry, dirty: np.ndar
     gaps = np.full(geometry.shape, np.inf, np.float32)
     if queries == 1 or not dirty.any():
         return competing, gaps
-    values = scores.numpy()
     rivals = np.arange(queries) if rivals is None else rivals
+    rows, cols = np.nonzero(dirty.any(1))[0], np.nonzero(dirty.any(0))[0]
+    within = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)  # only the dirty tiles matter
+    values = np.ascontiguousarray(scores.numpy().transpose(1, 2, 0))               # (h, w, Q)
 
-    def highest(rival):  # (tiles_y, tiles_x, Q): the highest of (q - rival) within each tile's reach
-        return geometry.reduce(np.moveaxis(values - values[rival][None], 0, -1), "max")
+    def highest(rival):  # (tiles_y, tiles_x, Q) within ``within``: the highest of (q - rival) in each tile's reach
+        return geometry.reduce(values - values[..., rival : rival + 1], "max", within)
+    near = np.ones((within[1] - within[0], within[3] - within[2], queries), bool)
     for rival in rivals:
-        competing &= highest(rival) >= -tolerance
-    below = np.full(competing.shape, -np.inf, np.float32)   # each query's deficit to a kept rival
+        near &= highest(rival) >= -tolerance
+    below = np.full(near.shape, -np.inf, np.float32)   # each query's deficit to a kept rival
     for rival in rivals:
-        below = np.maximum(below, np.where(competing[..., rival : rival + 1], -highest(rival), -np.inf))
-    gaps = np.where(competing, np.inf, below).min(-1).astype(np.float32)
+        below = np.maximum(below, np.where(near[..., rival : rival + 1], -highest(rival), -np.inf))
+    competing[within[0] : within[1], within[2] : within[3]] = near
+    gaps[within[0] : within[1], within[2] : within[3]] = np.where(near, np.inf, below).min(-1)
     return competing, gaps
 
 

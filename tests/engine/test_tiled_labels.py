@@ -204,9 +204,9 @@ def test_many_classes_typed_are_compared_only_with_those_that_lead_or_come_close
     calls = []
     real = tiled_labels._Geometry.reduce
 
-    def counted(self, coarse, how):
+    def counted(self, coarse, how, within=None):
         calls.append(coarse.shape)
-        return real(self, coarse, how)
+        return real(self, coarse, how, within)
     monkeypatch.setattr(tiled_labels._Geometry, "reduce", counted)
     fast = labels_of(scores, guide, (320, 320), spans, names, snap)
     rivals = tiled_labels._rivals(scores)
@@ -339,3 +339,17 @@ def test_margins_stored_at_half_size_are_never_above_the_margin():
     steps = np.abs(np.spacing(values[finite].astype(np.float16))).astype(np.float32)
     assert np.all(half[finite] >= nearest - 4 * steps)          # at most a few float16 steps below
     assert half[-1] == np.inf
+
+
+def test_bounds_over_some_tiles_equal_those_over_all_tiles():
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        h, w = (int(v) for v in rng.integers(10, 60, 2))
+        geometry = tiled_labels._Geometry((h, w), (h * 7, w * 5), int(rng.integers(0, 40)), tile=16)
+        coarse = rng.normal(size=(h, w, 3)).astype(np.float32)
+        ty, tx = geometry.shape
+        y0, x0 = int(rng.integers(0, ty)), int(rng.integers(0, tx))
+        within = (y0, int(rng.integers(y0 + 1, ty + 1)), x0, int(rng.integers(x0 + 1, tx + 1)))
+        for how in ("min", "max"):
+            np.testing.assert_array_equal(geometry.reduce(coarse, how, within),
+                                          geometry.reduce(coarse, how)[within[0] : within[1], within[2] : within[3]])

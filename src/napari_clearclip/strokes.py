@@ -21,6 +21,8 @@ from it, and exemplars of the same class would no longer look alike.
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +94,28 @@ def whitening_from(mean: torch.Tensor, covariance: torch.Tensor, device) -> tupl
     values = values.clamp(min=0) + WHITENING_EPS * float(values.max())
     transform = vectors @ torch.diag(values.rsqrt()) @ vectors.T
     return mean.float().to(device), transform.float().to(device)
+
+
+_TRANSFORMS: dict = {}
+_TRANSFORMS_LOCK = threading.Lock()
+
+
+def _transform_of(covariance: torch.Tensor) -> torch.Tensor:
+    """The whitening transform of a covariance (CPU), kept for the last few covariances used: the widget
+    collects the same exemplars anew at every stroke, and an eigendecomposition of a 768-wide covariance
+    costs a few tenths of a second."""
+    data = covariance.detach().double().cpu().contiguous()
+    key = (hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest(), WHITENING_EPS)
+    with _TRANSFORMS_LOCK:
+        if key in _TRANSFORMS:
+            _TRANSFORMS[key] = _TRANSFORMS.pop(key)  # most recently used last
+            return _TRANSFORMS[key]
+    transform = whitening_from(torch.zeros(len(data), dtype=torch.float64), data, "cpu")[1]
+    with _TRANSFORMS_LOCK:
+        _TRANSFORMS[key] = transform
+        while len(_TRANSFORMS) > 8:
+            _TRANSFORMS.pop(next(iter(_TRANSFORMS)))
+    return transform
 
 
 def image_strength(text: torch.Tensor, whitening) -> float:
@@ -202,7 +226,7 @@ class Exemplars:
         own = whitening
         if self.covariance is not None:
             if self._transform is None:  # the same for every image this is used on
-                self._transform = whitening_from(own[0], self.covariance, "cpu")[1]
+                self._transform = _transform_of(self.covariance)
             whitening = (own[0], self._transform.to(own[0].device))
         copy = self.whitened(whitening)
         copy.strength = image_strength(text, whitening)

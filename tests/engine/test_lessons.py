@@ -216,3 +216,16 @@ def test_a_lesson_from_an_earlier_version_without_covariance_still_teaches(demo,
     assert (taught != demo.segment(image, CLASSES).labels).mean() > 0.01
     combined = old.combined(lesson)
     assert combined.covariance is None and len(combined) == 2 * len(lesson)
+
+
+def test_the_whitening_of_a_lesson_is_computed_once_for_all_the_runs_it_teaches(demo, lesson, monkeypatch,
+                                                                              tmp_path):
+    """Live re-runs collect the same exemplars again at every stroke: their whitening is not decomposed anew."""
+    from napari_clearclip import strokes
+
+    image = make_scene(12, size=192, objects=(3, 3)).image
+    first = demo.segment(image, CLASSES, lesson=lesson).labels
+    monkeypatch.setattr(strokes, "whitening_from", lambda *a, **k: pytest.fail("the transform should be kept"))
+    np.testing.assert_array_equal(demo.segment(image, CLASSES, lesson=lesson).labels, first)
+    loaded = Lesson.load(lesson.save(tmp_path / "again"))       # the same covariance in another object
+    np.testing.assert_array_equal(demo.segment(image, CLASSES, lesson=loaded).labels, first)

@@ -193,8 +193,6 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     ``previous`` (the state a run on the same image left) lets unchanged pixels keep their
     labels; ``dense=True`` computes every pixel (the reference the skipping is tested against).
     """
-    from .refine import _finish, _refine_shrinking, _refine_whole, pamr_affinities
-
     scores = scores.detach().float().cpu()
     dense = dense or not SKIPPING
     iterations, dilations = (int(snap[0]), tuple(int(d) for d in snap[1])) if snap and snap[0] else (0, ())
@@ -246,53 +244,67 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         guide_rows, guide_cols = bilinear_taps(guide.shape[1], size[0]), bilinear_taps(guide.shape[2], size[1])
     differences = scores - scores[reference : reference + 1]  # every query against the reference, which scores 0
     done = 0
-    for ((top, bottom, left, right), tiles), queries in zip(regions, channels):
-        # each query is resized and snapped only around the tiles where it can win
-        rectangles = {q: _rectangle([t for t in tiles if competing[t[0], t[1], q]], geometry, halo, (top, bottom,
-                                                                                                   left, right))
-                      for q in queries}
-        affinity, area = None, None
-        if iterations and rectangles:
-            area = (min(r[0] for r in rectangles.values()), max(r[1] for r in rectangles.values()),
-                    min(r[2] for r in rectangles.values()), max(r[3] for r in rectangles.values()))
-            region_guide = upsample(guide, tuple(t[area[0] : area[1]] for t in guide_rows),
-                                    tuple(t[area[2] : area[3]] for t in guide_cols))
-            affinity = pamr_affinities(region_guide, dilations)
-            del region_guide
-        values = {}
-        for q, (q_top, q_bottom, q_left, q_right) in rectangles.items():
-            rows = tuple(t[q_top:q_bottom] for t in geometry.rows)
-            cols = tuple(t[q_left:q_right] for t in geometry.cols)
-            channel = upsample(differences[q : q + 1], rows, cols)
-            if iterations:
-                cut = (q_top > 0, q_bottom < size[0], q_left > 0, q_right < size[1])  # sides inside the image
-                weights = affinity[:, q_top - area[0] : q_bottom - area[0], q_left - area[2] : q_right - area[2]]
-                shrink = _worth_shrinking(channel.shape[-2:], cut, iterations * max(dilations))
-                steps = (_refine_shrinking(channel, None, iterations, dilations, cut, weights) if shrink
-                         else _refine_whole(channel, None, iterations, dilations, weights))
-                for _ in range(iterations):
-                    next(steps)
-                    done += 1
-                    yield done, total
-                if shrink:
-                    channel, (shift_y, shift_x) = _finish(steps)
-                    q_top, q_left = q_top + shift_y, q_left + shift_x
-                else:
-                    channel = _finish(steps)
-            else:
-                done += 1
-                yield done, total
-            exact = _rectangle([t for t in tiles if competing[t[0], t[1], q]], geometry, 0, (0, size[0], 0, size[1]))
-            values[q] = (channel[0], q_top, q_left, exact)
-        del affinity
-        if not rectangles:
-            done += max(1, iterations)
-            yield done, total
+    for (bounds, tiles), queries in zip(regions, channels):
+        values, done = yield from _channels_near(tiles, bounds, queries, competing, differences,
+                                                 (guide, guide_rows, guide_cols) if iterations else None,
+                                                 geometry, halo, (iterations, dilations), (done, total))
         _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance)
         del values
     state.labels, state.margins = labels, margins
     state.computed = float(dirty.sum()) / dirty.size
     return state
+
+
+def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: torch.Tensor, guide, geometry: _Geometry,
+                   halo: int, snap: tuple, progress: tuple[int, int]):
+    """Generator: each query's scores (relative to the reference) resized, and snapped when ``snap`` has
+    iterations, around the tiles of ``tiles`` where it can win; yields (done, total) from ``progress``.
+
+    Returns ({query: (values, their top, their left, (top, bottom, left, right) of the query's own tiles,
+    where the values are exact)}, done). The guide's affinities are computed once for the region.
+    """
+    from .refine import _finish, _refine_shrinking, _refine_whole, pamr_affinities
+
+    iterations, dilations = snap
+    done, total = progress
+    size = geometry.size
+    image = (0, size[0], 0, size[1])
+    own_tiles = {q: [t for t in tiles if competing[t[0], t[1], q]] for q in queries}
+    rectangles = {q: _rectangle(own_tiles[q], geometry, halo, bounds) for q in queries}
+    affinity, area = None, None
+    if iterations and rectangles:
+        guide_values, guide_rows, guide_cols = guide
+        area = (min(r[0] for r in rectangles.values()), max(r[1] for r in rectangles.values()),
+                min(r[2] for r in rectangles.values()), max(r[3] for r in rectangles.values()))
+        affinity = pamr_affinities(upsample(guide_values, tuple(t[area[0] : area[1]] for t in guide_rows),
+                                            tuple(t[area[2] : area[3]] for t in guide_cols)), dilations)
+    values = {}
+    for q, (top, bottom, left, right) in rectangles.items():
+        channel = upsample(differences[q : q + 1], tuple(t[top:bottom] for t in geometry.rows),
+                           tuple(t[left:right] for t in geometry.cols))
+        if iterations:
+            cut = (top > 0, bottom < size[0], left > 0, right < size[1])  # sides inside the image
+            weights = affinity[:, top - area[0] : bottom - area[0], left - area[2] : right - area[2]]
+            shrink = _worth_shrinking(channel.shape[-2:], cut, iterations * max(dilations))
+            steps = (_refine_shrinking(channel, None, iterations, dilations, cut, weights) if shrink
+                     else _refine_whole(channel, None, iterations, dilations, weights))
+            for _ in range(iterations):
+                next(steps)
+                done += 1
+                yield done, total
+            if shrink:
+                channel, (shift_y, shift_x) = _finish(steps)
+                top, left = top + shift_y, left + shift_x
+            else:
+                channel = _finish(steps)
+        else:
+            done += 1
+            yield done, total
+        values[q] = (channel[0], top, left, _rectangle(own_tiles[q], geometry, 0, image))
+    if not rectangles:
+        done += max(1, iterations)
+        yield done, total
+    return values, done
 
 
 def _worth_shrinking(shape, cut, reach: int) -> bool:

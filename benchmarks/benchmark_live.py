@@ -170,6 +170,7 @@ def run_size(size: int, strokes: int, scene: str, release: str) -> list[tuple[st
     before = before_seconds(segmenter, image)
     segmenter._features.clear()
     segmenter._label_states.clear()
+    segmenter._affinities.clear()
     first, first_seconds = timed(lambda: segmenter.segment(image, CLASSES, maps=False, refine="pamr"))
     print(f"  first run: {first_seconds:.2f} s ({last_state(segmenter):.0%} of tiles per pixel); "
           f"every pixel: {before:.2f} s; release {release}: " + (f"{released:.2f} s" if released else "not run"))

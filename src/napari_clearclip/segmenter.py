@@ -9,6 +9,7 @@ from typing import Generator, Mapping, Sequence
 import numpy as np
 import torch
 
+from .affinity_tiles import AffinityTiles
 from .cache import ByteLRU
 from .clipdiy import background_index, check_foreground, fuse_foreground
 from .errors import InvalidOptionError, OutOfMemoryError
@@ -52,7 +53,10 @@ class Segmenter:
     >>> res.labels  # (H, W): 1 = sky, 2 = horse, 3 = grass              # doctest: +SKIP
 
     Text embeddings are cached per class name (in memory and on disk), and the patch
-    embeddings of recent images in memory, so re-running with other classes is fast.
+    embeddings of recent images in memory, so re-running with other classes is fast. The last
+    labels of recent images (``label_cache_bytes``) and their edge-snapping weights
+    (``affinity_cache_bytes``; 0 keeps none) let a re-run after a stroke or a class typed
+    recompute only what changed.
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class Segmenter:
         window_batch_size: int | None = None,
         feature_cache_bytes: int = 1 << 30,
         label_cache_bytes: int = 1 << 30,
+        affinity_cache_bytes: int = 512 << 20,
         disk_cache: bool = True,
         feature_store=True,
         feature_store_bytes: int | None = None,
@@ -81,6 +86,8 @@ class Segmenter:
         self._identities: dict[str, dict] = {}  # feature key -> what its features were made with (for the store)
         # per image and class list: the last run's labels, so that the next one recomputes only what changed
         self._label_states = ByteLRU(label_cache_bytes)
+        # per image: the edge-snapping weights computed so far, which depend on the image alone
+        self._affinities = ByteLRU(affinity_cache_bytes)
         self._guides = ByteLRU(64 << 20)
         self._saliency = ByteLRU(256 << 20)  # FOUND's foreground maps per image
         self._found = None                   # (weights, FOUND model), loaded on first use
@@ -402,8 +409,11 @@ class Segmenter:
             spans.append((start, start + len(query.synonyms)))
             start += len(query.synonyms)
         state_key = (key, snap, opts.templates if opts.templates is None else tuple(opts.templates))
+        affinities = None
+        if snap and remember and self._affinities.max_bytes > 0:
+            affinities = self._affinities.get(state_key) or AffinityTiles(self._affinities.max_bytes)
         steps = label_steps(scores, guide, tuple(array.shape[:2]), spans, [tuple(c.synonyms) for c in parsed], snap,
-                            self._label_states.get(state_key) if remember else None)
+                            self._label_states.get(state_key) if remember else None, affinities=affinities)
         try:
             if snap:
                 yield Progress("edges", 0, 1)
@@ -415,6 +425,8 @@ class Segmenter:
                 from None
         if remember:
             self._label_states.put(state_key, state, state.nbytes)
+        if affinities is not None:
+            self._affinities.put(state_key, affinities, affinities.nbytes)
         result = SegmentationResult(state.labels.astype(np.int32), None, None, [c.name for c in parsed], list(parsed),
                                     method_name)
         size = tuple(array.shape[:2])

@@ -27,6 +27,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .affinity_tiles import AffinityTiles
+
 #: Side of the tiles that are either skipped or recomputed, in output pixels.
 TILE = 64
 #: Bound on rounding differences between two computations of the same scores, relative to the
@@ -186,12 +188,15 @@ def _coarse_leaders(classes: torch.Tensor, scores: torch.Tensor, owner: np.ndarr
 
 def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[int, int],
                 spans: Sequence[tuple[int, int]], names: Sequence[tuple[str, ...]], snap: tuple = (),
-                previous: LabelState | None = None, dense: bool = False, tile: int = TILE):
+                previous: LabelState | None = None, dense: bool = False, tile: int = TILE,
+                affinities: AffinityTiles | None = None):
     """Generator: labels of ``scores`` (Q, h, w) at ``size``; yields (done, total), returns a :class:`LabelState`.
 
     ``snap=(iterations, dilations)`` snaps to the edges of ``guide`` (3, h', w') with PAMR.
     ``previous`` (the state a run on the same image left) lets unchanged pixels keep their
-    labels; ``dense=True`` computes every pixel (the reference the skipping is tested against).
+    labels; ``affinities`` keeps the snapping weights this run computes and lends those an earlier
+    run on the same image kept (it is emptied first if they were made from another guide);
+    ``dense=True`` computes every pixel (the reference the skipping is tested against).
     """
     scores = scores.detach().float().cpu()
     dense = dense or not SKIPPING
@@ -242,12 +247,18 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     if iterations:
         guide = guide.float().cpu()
         guide_rows, guide_cols = bilinear_taps(guide.shape[1], size[0]), bilinear_taps(guide.shape[2], size[1])
+        if dense:
+            affinities = None
+        elif affinities is not None:
+            affinities.start(_guide_identity(guide, size, dilations, geometry.tile), size, geometry.tile,
+                             max(dilations))
     differences = scores - scores[reference : reference + 1]  # every query against the reference, which scores 0
     done = 0
     for (bounds, tiles), queries in zip(regions, channels):
         values, done = yield from _channels_near(tiles, bounds, queries, competing, differences,
                                                  (guide, guide_rows, guide_cols) if iterations else None,
-                                                 geometry, halo, (iterations, dilations), (done, total))
+                                                 geometry, halo, (iterations, dilations), (done, total),
+                                                 affinities)
         _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance)
         del values
     state.labels, state.margins = labels, margins
@@ -256,12 +267,13 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
 
 
 def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: torch.Tensor, guide, geometry: _Geometry,
-                   halo: int, snap: tuple, progress: tuple[int, int]):
+                   halo: int, snap: tuple, progress: tuple[int, int], kept: AffinityTiles | None = None):
     """Generator: each query's scores (relative to the reference) resized, and snapped when ``snap`` has
     iterations, around the tiles of ``tiles`` where it can win; yields (done, total) from ``progress``.
 
     Returns ({query: (values, their top, their left, (top, bottom, left, right) of the query's own tiles,
-    where the values are exact)}, done). The guide's affinities are computed once for the region.
+    where the values are exact)}, done). The guide's affinities are computed once for the region, or
+    taken from ``kept`` where an earlier run computed them.
     """
     from .refine import _finish, _refine_shrinking, _refine_whole, pamr_affinities
 
@@ -276,8 +288,12 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
         guide_values, guide_rows, guide_cols = guide
         area = (min(r[0] for r in rectangles.values()), max(r[1] for r in rectangles.values()),
                 min(r[2] for r in rectangles.values()), max(r[3] for r in rectangles.values()))
-        affinity = pamr_affinities(upsample(guide_values, tuple(t[area[0] : area[1]] for t in guide_rows),
-                                            tuple(t[area[2] : area[3]] for t in guide_cols)), dilations)
+
+        def compute(rectangle):
+            top, bottom, left, right = rectangle
+            return pamr_affinities(upsample(guide_values, tuple(t[top:bottom] for t in guide_rows),
+                                            tuple(t[left:right] for t in guide_cols)), dilations)
+        affinity = compute(area) if kept is None else kept.region(area, compute)
     values = {}
     for q, (top, bottom, left, right) in rectangles.items():
         channel = upsample(differences[q : q + 1], tuple(t[top:bottom] for t in geometry.rows),
@@ -305,6 +321,14 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
         done += max(1, iterations)
         yield done, total
     return values, done
+
+
+def _guide_identity(guide: torch.Tensor, size, dilations: tuple, tile: int) -> tuple:
+    """What snapping weights are made from: the guide's values, the output size, the dilations, the tiles."""
+    import hashlib
+
+    digest = hashlib.blake2b(guide.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
+    return digest, tuple(guide.shape), tuple(size), tuple(dilations), tile
 
 
 def _worth_shrinking(shape, cut, reach: int) -> bool:

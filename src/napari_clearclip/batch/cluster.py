@@ -48,8 +48,9 @@ def segmenter_for(spec: ModelSpec):
     with _LOCK:
         segmenter = _SEGMENTERS.get(spec)
         if segmenter is None:
+            # a batch labels each image once: no re-run would use the edge-snapping weights of the last one
             segmenter = Segmenter(spec.model, spec.pretrained, method=spec.method, device=spec.device,
-                                  precision=spec.precision)
+                                  precision=spec.precision, affinity_cache_bytes=0)
             _SEGMENTERS[spec] = segmenter
             LOADS["count"] += 1
         return segmenter

@@ -120,6 +120,7 @@ class LabelState:
     margins: np.ndarray           # (H, W) float16, a lower bound of the winner's lead (in score units)
     snap: tuple                   # (iterations, dilations) or () without snapping
     computed: float = 1.0         # fraction of tiles computed per pixel in the run that made it
+    present: np.ndarray | None = None  # (tiles_y, tiles_x, classes + 1): which labels occur in each tile
     extra: dict = field(default_factory=dict)
 
     @property
@@ -222,13 +223,16 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     if reuse is None:
         labels = np.empty(size, dtype=label_dtype(len(spans)))
         margins = np.empty(size, dtype=np.float16)
+        present = np.zeros((*geometry.shape, len(spans) + 1), bool)
         dirty = ~uniform if not dense else np.ones(geometry.shape, bool)
         fill = uniform & ~dirty if dense else uniform
     else:
         labels, margins = previous.labels.astype(label_dtype(len(spans))), previous.margins.copy()
-        kept, dirty = _kept_tiles(previous, reuse, state, classes, geometry, labels, margins, tolerance)
+        kept, dirty, present = _kept_tiles(previous, reuse, state, classes, geometry, labels, margins, tolerance)
         fill = uniform & ~kept
         dirty &= ~uniform
+    present[fill] = False
+    present[(*np.nonzero(fill), uniform_label[fill])] = True
     for ty, tx in zip(*np.nonzero(fill)):
         rows, cols = geometry.tile_slices(ty, tx)
         labels[rows, cols] = uniform_label[ty, tx]
@@ -259,9 +263,9 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
                                                  (guide, guide_rows, guide_cols) if iterations else None,
                                                  geometry, halo, (iterations, dilations), (done, total),
                                                  affinities)
-        _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance)
+        _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance, present)
         del values
-    state.labels, state.margins = labels, margins
+    state.labels, state.margins, state.present = labels, margins, present
     state.computed = float(dirty.sum()) / dirty.size
     return state
 
@@ -405,10 +409,10 @@ def _rectangle(tiles, geometry: _Geometry, halo: int, bounds: tuple[int, int, in
 
 
 def _label_tiles(values: dict, tiles, reference: int, gaps: np.ndarray, owner: np.ndarray, geometry: _Geometry,
-                 labels: np.ndarray, margins: np.ndarray, tolerance: float) -> None:
-    """Labels and margins of ``tiles`` from the queries computed there, relative to the reference query (which
-    scores 0). ``values``: query -> (plane, its top, its left, (top, bottom, left, right) of the tiles where the
-    query can win: where the plane's values are exact); a query has no say anywhere else."""
+                 labels: np.ndarray, margins: np.ndarray, tolerance: float, present: np.ndarray) -> None:
+    """Labels, margins and labels present of ``tiles`` from the queries computed there, relative to the reference
+    query (which scores 0). ``values``: query -> (plane, its top, its left, (top, bottom, left, right) of the tiles
+    where the query can win: where the plane's values are exact); a query has no say anywhere else."""
     tile = geometry.tile
     first_y, last_y = min(y for y, _ in tiles), max(y for y, _ in tiles)
     first_x, last_x = min(x for _, x in tiles), max(x for _, x in tiles)
@@ -438,7 +442,14 @@ def _label_tiles(values: dict, tiles, reference: int, gaps: np.ndarray, owner: n
         gap = torch.from_numpy(np.repeat(np.repeat(gap, tile, 0), tile, 1)[: shape[0], : shape[1]])
         margin = torch.minimum(margin, gap)
     block_margins = _half_below(margin.sub_(tolerance))
+    # which labels occur in each tile of the block: one count over (tile, label) codes
+    n_labels, across = present.shape[-1], last_x - first_x + 1
+    code = ((np.arange(shape[0], dtype=np.int32) // tile * across)[:, None]
+            + (np.arange(shape[1], dtype=np.int32) // tile)[None, :]) * n_labels + block_labels
+    occurs = np.bincount(code.ravel(), minlength=(last_y - first_y + 1) * across * n_labels) > 0
+    occurs = occurs.reshape(last_y - first_y + 1, across, n_labels)
     for ty, tx in tiles:
+        present[ty, tx] = occurs[ty - first_y, tx - first_x]
         rows, cols = geometry.tile_slices(ty, tx)
         inner = (slice(rows.start - top, rows.stop - top), slice(cols.start - left, cols.stop - left))
         labels[rows, cols] = block_labels[inner]
@@ -460,9 +471,10 @@ def _reusable(previous: LabelState | None, state: LabelState, size) -> list | No
 
 def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes: torch.Tensor,
                 geometry: _Geometry, labels: np.ndarray, margins: np.ndarray, tolerance: float):
-    """Which tiles keep the previous labels (renumbered to the new classes), and which must be recomputed.
+    """Which tiles keep the previous labels (renumbered to the new classes), which must be recomputed, and
+    which labels occur in each tile (renumbered). ``labels`` (a copy of the previous run's) is renumbered in place.
 
-    ``labels`` (a copy of the previous run's) is renumbered in place.
+    Only tiles holding a label whose pixels might change are looked at pixel by pixel.
     """
     n_new, n_old = len(state.names), len(previous.names)
     old_to_new = np.zeros(n_old + 1, dtype=np.int32)  # 0: a class that is gone
@@ -471,6 +483,9 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes:
             old_to_new[old + 1] = new + 1
     if not (n_new == n_old and all(m == i for i, m in enumerate(mapping))):
         labels[...] = old_to_new[labels]
+    present = np.zeros((*geometry.shape, n_new + 1), bool)
+    for old, new in enumerate(old_to_new):
+        present[..., new] |= previous.present[..., old]
     falls, rises = {}, {}   # per kept class: its scores' largest fall and rise within each tile's reach
     unchanged = np.ones(geometry.shape, bool)
     for new, old in enumerate(mapping):
@@ -512,7 +527,11 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes:
         threshold[..., w + 1] = needed
 
     dirty = np.zeros(geometry.shape, bool)
-    check = ~np.all(np.isneginf(threshold[..., 1:]), axis=-1) | (len(falls) < n_old)
+    # tiles holding a label whose pixels might change (label 0, a class gone, never stays), or whose margins a
+    # new class may lower (below what the new class trails by, when no other class bridges the gap)
+    check = np.any(present & ~np.isneginf(threshold), axis=-1)
+    if leads:
+        check |= np.any(present & np.any(new_others < 0, axis=0), axis=-1)
     for ty, tx in zip(*np.nonzero(check)):
         rows, cols = geometry.tile_slices(ty, tx)
         tile_labels = labels[rows, cols]
@@ -527,7 +546,7 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes:
                 against = np.maximum(new_leads[i, ty, tx][tile_labels], through_other)
                 kept_margin = np.minimum(kept_margin, against)
             margins[rows, cols] = lower_half(kept_margin - 2 * tolerance)
-    return ~dirty, dirty
+    return ~dirty, dirty, present
 
 
 def _newcomer_leads(state: LabelState, mapping: list, kept: list, geometry: _Geometry) -> dict:

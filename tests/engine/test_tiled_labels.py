@@ -191,7 +191,8 @@ def test_margins_left_for_the_next_run_never_exceed_the_true_margins(seed):
         true = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=16)
         np.testing.assert_array_equal(fast.labels, true.labels)
         bound, actual = fast.margins.astype(np.float32), true.margins.astype(np.float32)
-        assert np.all(bound <= actual + 1e-3 * np.abs(actual) + 1e-5)
+        # the reference's margins are stored at half size too, lowered by up to 2^-10 and a half step (2^-11)
+        assert np.all(bound <= actual + 2.0 ** -9 * np.abs(actual) + 1e-5)
         checked += int((bound < actual).sum())
     assert checked  # some margins were bounds, not the true values
 

@@ -156,6 +156,20 @@ def check_strokes(strokes, shape: tuple[int, int], n_classes: int) -> np.ndarray
     return array if array.any() else None
 
 
+def painted_pixels(strokes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the nonzero pixels of ``strokes``, looking only at the rows holding some: strokes
+    cover a sliver of a large image, and a full scan for them cost 40 ms at 4096 x 4096 on every live re-run."""
+    painted_rows = np.flatnonzero(strokes.any(axis=1))
+    rows, cols = np.nonzero(strokes[painted_rows])
+    return painted_rows[rows], cols
+
+
+def paste_strokes(labels: np.ndarray, strokes: np.ndarray) -> None:
+    """Give the pixels a user painted the class they painted, in place."""
+    rows, cols = painted_pixels(strokes)
+    labels[rows, cols] = strokes[rows, cols]
+
+
 def whitened_norms(patch_features: torch.Tensor, whitening: tuple | None) -> torch.Tensor:
     """(..., ) lengths of patch embeddings after whitening (kept with cached features, as they cost a matrix product)."""
     features = patch_features.float()
@@ -333,7 +347,7 @@ class ExemplarCollector:
             xs = np.minimum(((np.arange(grid.width) + 0.5) * width / grid.width).astype(np.int64), width - 1)
             resized = np.ascontiguousarray(self.strokes[ys][:, xs]).astype(np.int64)
             if grid.height < height or grid.width < width:
-                rows, cols = np.nonzero(self.strokes)
+                rows, cols = painted_pixels(self.strokes)
                 counts = np.zeros((self.n_classes + 1, grid.height, grid.width), np.int64)
                 np.add.at(counts, (self.strokes[rows, cols].astype(np.int64), rows * grid.height // height,
                                    cols * grid.width // width), 1)

@@ -412,3 +412,23 @@ def test_a_first_run_with_snapping_prepares_the_image_once_and_snaps_as_a_cached
     got = fresh.segment(image, classes, maps=False, refine="pamr").labels
     assert len(calls) == 1
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_painted_pixels_are_found_and_pasted_as_a_full_scan_would(seed):
+    from napari_clearclip.strokes import painted_pixels, paste_strokes
+
+    rng = np.random.default_rng(seed)
+    strokes = np.zeros((int(rng.integers(1, 300)), int(rng.integers(1, 300))), np.uint16)
+    for _ in range(int(rng.integers(0, 6))):
+        y, x = int(rng.integers(0, strokes.shape[0])), int(rng.integers(0, strokes.shape[1]))
+        strokes[y : y + int(rng.integers(1, 12)), x : x + int(rng.integers(1, 40))] = int(rng.integers(1, 5))
+    rows, cols = painted_pixels(strokes)
+    expected_rows, expected_cols = np.nonzero(strokes)
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_array_equal(cols, expected_cols)
+    labels = rng.integers(0, 5, strokes.shape).astype(np.int32)
+    expected = labels.copy()
+    expected[strokes > 0] = strokes[strokes > 0]
+    paste_strokes(labels, strokes)
+    np.testing.assert_array_equal(labels, expected)

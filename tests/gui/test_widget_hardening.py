@@ -254,6 +254,31 @@ def test_live_mode_reruns_after_a_stroke_and_never_overwrites_it(qtbot, widget, 
     assert list(labels.features["class"])[:5] == ["unassigned", "a", "b", "c", "d"]
 
 
+def test_live_mode_runs_when_a_stroke_ends_without_waiting_for_the_typing_delay(qtbot, widget, rgb_image):
+    """napari reports a stroke once, when the mouse is released: the re-run starts then; only typing (one report
+    per keystroke) waits for a pause."""
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "a\nb"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["photo classes"]
+    runs = []
+    real_run = type(widget).run
+    widget.__dict__["run"] = lambda *a: runs.append(time.perf_counter()) or real_run(widget)
+    widget.live.value = True
+    widget.live_mode._timer.setInterval(60_000)         # typing would wait a minute
+    labels.brush_size = 5
+    labels.paint((90, 130), 1 if labels.data[90, 130] == 2 else 2)
+    qtbot.waitUntil(lambda: len(runs) == 1, timeout=5000)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
+    labels.undo()                                        # an undo is one action too
+    qtbot.waitUntil(lambda: len(runs) == 2, timeout=5000)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
+    widget.classes.value = "a\nb\nc"                    # typing waits for its pause
+    qtbot.wait(1000)
+    assert len(runs) == 2
+
+
 def test_demo_model_on_its_sample_labels_the_background_background(qtbot, widget):
     from napari_clearclip.demo.scenes import make_scene
 

@@ -1,4 +1,5 @@
-"""Live mode: run again by itself a moment after the last stroke or keystroke, the newest request winning."""
+"""Live mode: run again by itself when a stroke ends or a moment after the last keystroke, the newest request
+winning."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Callable
 
 from qtpy.QtCore import QTimer
 
-#: Live re-runs wait this long after the last stroke or keystroke.
+#: Live re-runs wait this long after the last keystroke (a stroke runs at once: napari reports it when it ends).
 LIVE_DELAY_MS = 300
 
 
@@ -31,6 +32,13 @@ class LiveMode:
         """Something changed: run after the delay (typing or painting on postpones it)."""
         if self._enabled() and not self._closed:
             _safely(self._timer.start)
+
+    def stroke_ended(self, *_) -> None:
+        """A stroke, undo or redo ended (napari reports a stroke once, when the mouse is released): run at
+        once, or right after the run in flight. The delay is for typing, where every keystroke reports."""
+        if self._enabled() and not self._closed:
+            _safely(self._timer.stop)
+            QTimer.singleShot(0, self.run_now)
 
     def run_now(self) -> None:
         """Run now, or as soon as the run in flight ends."""

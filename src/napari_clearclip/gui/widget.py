@@ -192,7 +192,7 @@ class ClearClipWidget(FieldLogic, Container):
 
     # -- live mode ----------------------------------------------------------------------------
     def _on_painted(self, event=None):
-        self.live_mode.trigger()
+        self.live_mode.stroke_ended()
 
     def _classes_ready(self) -> bool:
         try:

@@ -89,11 +89,14 @@ def painted_strokes(request: LayerRequest, class_names: list[str]) -> dict[tuple
         edited = current != request.baseline[plane]
         if request.edited is not None:
             edited |= request.edited[plane]
-        if not edited.any():
+        rows = np.flatnonzero(edited.reshape(-1, edited.shape[-1]).any(axis=1))  # strokes cover a sliver of a plane
+        if not len(rows):
             continue
-        values = np.where(edited, current, 0).astype(np.int64)
+        values = np.where(edited.reshape(-1, edited.shape[-1])[rows],
+                          np.asarray(current).reshape(-1, edited.shape[-1])[rows], 0).astype(np.int64)
         values[values >= len(lookup)] = 0  # labels the user invented are no class hint
-        plane_strokes = lookup[values].astype(np.int32)
+        plane_strokes = np.zeros(edited.shape, np.int32)
+        plane_strokes.reshape(-1, edited.shape[-1])[rows] = lookup[values]
         if plane_strokes.any():
             strokes_by_plane[plane] = plane_strokes
     return strokes_by_plane

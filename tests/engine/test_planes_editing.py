@@ -207,3 +207,14 @@ def test_labels_that_do_not_fit_the_layer_say_what_to_do():
         LabelsMerger(current.shape, names, current, current.copy(), [f"old {i}" for i in range(255)],
                      found={(): current.copy()})
     assert isinstance(info.value, ClearClipError)        # shown as a message, not as an unexpected error
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int32, np.int64, np.uint32])
+def test_label_counts_and_present_values_equal_numpy_on_every_label_type(dtype):
+    from napari_clearclip.editing import present_values, value_counts
+
+    rng = np.random.default_rng(int(np.dtype(dtype).itemsize))
+    labels = rng.choice([0, 1, 2, 5, 200], size=(37, 53)).astype(dtype)
+    np.testing.assert_array_equal(value_counts(labels), np.bincount(labels.ravel().astype(np.int64)))
+    np.testing.assert_array_equal(present_values(labels), [0, 1, 2, 5, 200])
+    np.testing.assert_array_equal(present_values(labels[:, ::2]), np.unique(labels[:, ::2]))

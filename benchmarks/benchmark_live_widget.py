@@ -79,7 +79,7 @@ def main() -> None:
         labels.paint((y, x), value)                       # a stroke ends
         wait_until(lambda n=number: len(runs) == n + 1 and not widget.busy)
         total = time.perf_counter() - start
-        wait_until(lambda: time.perf_counter() - start > total + 0.1)
+        wait_until(lambda until=start + total + 0.1: time.perf_counter() > until)  # a few more ticks
         timer.stop()
         gap = float(np.diff(ticks).max()) if len(ticks) > 1 else float("nan")
         totals.append(total)

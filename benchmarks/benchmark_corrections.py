@@ -215,11 +215,12 @@ def main() -> None:
                         help="write a zero-shot / 3 strokes figure of the hardest scene here (PNG)")
     parser.add_argument("--held-out", choices=sorted(HELD_OUT), default=None,
                         help="use one of the models of tests/models, trained for tests and benchmarks only, which "
-                             "played no part in choosing any setting (" + "; ".join(f"{k}: {v}" for k, v in
-                                                                                  HELD_OUT.items()) + ")")
+                             "played no part in choosing the settings of strokes; synthetic-tiny-b helped choose how "
+                             "much a lesson's whitening is regularised, synthetic-tiny-c nothing ("
+                             + "; ".join(f"{k}: {v}" for k, v in HELD_OUT.items()) + ")")
     parser.add_argument("--second-model", action="store_true",
                         help="use tests/models/synthetic-tiny-b (another architecture and recipe, trained for tests and "
-                             "benchmarks only, which played no part in choosing any setting) instead of the demo model")
+                             "benchmarks only) instead of the demo model")
     parser.add_argument("--vit-b-16", action="store_true",
                         help="also time re-runs with a randomly initialised ViT-B/16 (a stroke, and a bucket fill)")
     args = parser.parse_args()

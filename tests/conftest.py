@@ -110,9 +110,8 @@ def rgb_image() -> np.ndarray:
 
 
 
-@pytest.fixture(scope="session")
-def second_model_options():
-    """Register tests/models/synthetic-tiny-b (a second small model, another architecture and recipe, trained for
+def small_model_options(name: str) -> dict:
+    """Register one of tests/models (small models of other architectures and recipes than the demo's, trained for
     tests and benchmarks only) and return the Segmenter arguments that load it."""
     from pathlib import Path
 
@@ -121,6 +120,18 @@ def second_model_options():
     from napari_clearclip.choices import MODEL_OPTIONS
 
     folder = Path(__file__).parent / "models"
-    open_clip.add_model_config(str(folder / "synthetic-tiny-b.json"))
-    MODEL_OPTIONS.setdefault("synthetic-tiny-b", MODEL_OPTIONS["synthetic-tiny"])
-    return {"model": "synthetic-tiny-b", "pretrained": str(folder / "synthetic-tiny-b.pt"), "device": "cpu"}
+    open_clip.add_model_config(str(folder / f"{name}.json"))
+    MODEL_OPTIONS.setdefault(name, MODEL_OPTIONS["synthetic-tiny"])
+    return {"model": name, "pretrained": str(folder / f"{name}.pt"), "device": "cpu"}
+
+
+@pytest.fixture(scope="session")
+def small_models():
+    """Name -> Segmenter arguments of a model of tests/models."""
+    return small_model_options
+
+
+@pytest.fixture(scope="session")
+def second_model_options():
+    """tests/models/synthetic-tiny-b: 6 layers of width 96 with QuickGELU, trained with another recipe."""
+    return small_model_options("synthetic-tiny-b")

@@ -16,7 +16,9 @@ Exemplars from other images (a lesson, strokes on other images or slices) carry 
 covariance of the images they were painted on, and are compared after whitening with it (and
 the scored image's mean): whitening with the new image's own covariance would stretch the
 directions in which that one image happens to vary little, where the exemplars' images differ
-from it, and exemplars of the same class would no longer look alike.
+from it, and exemplars of the same class would no longer look alike. That covariance is regularised
+more than an image's own (:data:`OTHER_IMAGES_WHITENING_RANK`): only its leading directions describe
+what a few images say about the next one.
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ EXEMPLAR_SPREADS = 4.0
 ALIKE_FROM = 0.55
 #: Regularisation of the whitening, relative to the largest eigenvalue of the patch covariance.
 WHITENING_EPS = 1e-4
+#: Exemplars from other images (a lesson, strokes on other images) are whitened with the patch covariance of
+#: the images they were painted on, regularised by its eigenvalue of this rank (at least
+#: :data:`WHITENING_EPS` of the largest): a few images' covariance describes what varies across images
+#: only in its leading directions, while the weaker ones hold the textures of those images alone, which
+#: whitening would stretch until exemplars of the same class on a new image no longer look alike.
+#:
+#: Chosen on the demo model and synthetic-tiny-b with benchmarks/benchmark_corrections.py's lesson (3 scenes
+#: painted, 20 unpainted): ranks 4, 6, 8 and 12 gave 0.816, 0.884, 0.878 and 0.871 on the demo (0.884 with
+#: 1e-4 of the largest), and 0.335, 0.791, 0.753 and 0.721 on synthetic-tiny-b (0.696 with 1e-4); rank 4
+#: made whole scenes fall far below their zero-shot scores on both. synthetic-tiny-c, held out from the
+#: choice, went from 0.767 to 0.810 (0.958 to 0.979 with edge snapping).
+OTHER_IMAGES_WHITENING_RANK = 6
 #: Exemplars kept per class: a stroke that fills a large region keeps an even sample of its patches,
 #: so that re-runs stay quick (the bonus is a nearest-exemplar similarity, which a sample of a
 #: uniform region hardly changes).
@@ -88,10 +102,16 @@ class FeatureStats:
         return whitening_from(self.mean, self.covariance, device)
 
 
-def whitening_from(mean: torch.Tensor, covariance: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, W): W = C^(-1/2) of the covariance C, regularised by :data:`WHITENING_EPS` of its largest eigenvalue."""
-    values, vectors = torch.linalg.eigh(covariance.double().cpu())
-    values = values.clamp(min=0) + WHITENING_EPS * float(values.max())
+def whitening_from(mean: torch.Tensor, covariance: torch.Tensor, device,
+                   rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, W): W = (C + r)^(-1/2) of the covariance C, regularised by r = :data:`WHITENING_EPS` of its largest
+    eigenvalue, or by its eigenvalue of the given ``rank`` (1 = the largest) where that is more."""
+    values, vectors = torch.linalg.eigh(covariance.double().cpu())  # ascending
+    values = values.clamp(min=0)
+    floor = WHITENING_EPS * float(values[-1])
+    if rank is not None:
+        floor = max(floor, float(values[-min(rank, len(values))]))
+    values = values + floor
     transform = vectors @ torch.diag(values.rsqrt()) @ vectors.T
     return mean.float().to(device), transform.float().to(device)
 
@@ -101,16 +121,18 @@ _TRANSFORMS_LOCK = threading.Lock()
 
 
 def _transform_of(covariance: torch.Tensor) -> torch.Tensor:
-    """The whitening transform of a covariance (CPU), kept for the last few covariances used: the widget
+    """The whitening transform of other images' covariance (CPU), regularised at its eigenvalue of rank
+    :data:`OTHER_IMAGES_WHITENING_RANK`, kept for the last few covariances used: the widget
     collects the same exemplars anew at every stroke, and an eigendecomposition of a 768-wide covariance
     costs a few tenths of a second."""
     data = covariance.detach().double().cpu().contiguous()
-    key = (hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest(), WHITENING_EPS)
+    key = (hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest(), WHITENING_EPS,
+           OTHER_IMAGES_WHITENING_RANK)
     with _TRANSFORMS_LOCK:
         if key in _TRANSFORMS:
             _TRANSFORMS[key] = _TRANSFORMS.pop(key)  # most recently used last
             return _TRANSFORMS[key]
-    transform = whitening_from(torch.zeros(len(data), dtype=torch.float64), data, "cpu")[1]
+    transform = whitening_from(torch.zeros(len(data), dtype=torch.float64), data, "cpu", OTHER_IMAGES_WHITENING_RANK)[1]
     with _TRANSFORMS_LOCK:
         _TRANSFORMS[key] = transform
         while len(_TRANSFORMS) > 8:

@@ -3,6 +3,10 @@ closing during a run, and a GUI thread that never stalls, also while results are
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -598,3 +602,21 @@ def test_objects_from_another_tool_get_a_class_each_in_their_features(qtbot, wid
     assert viewer.layers["scene classes"] not in widget.objects.choices      # results are no objects layers
     widget.objects.value = viewer.add_labels(np.zeros((5, 5), np.int32), name="other")
     assert widget.run() is None and "pick the objects of this image" in widget.status.value
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.machine() != "x86_64",
+                    reason="PyTorch and numba share GNU OpenMP on Linux; TBB is installed there")
+def test_napari_colormaps_leave_no_openmp_pool_on_the_gui_thread_beside_pytorchs():
+    """napari maps int32 labels with a parallel numba loop on its GUI thread. With numba's OpenMP layer that
+    loop leaves a pool in the OpenMP runtime PyTorch also uses, and PyTorch in the worker threads slows by
+    10-30% (benchmarks/benchmark_worker_threads.py): the TBB the plugin installs must be the layer chosen."""
+    pytest.importorskip("numba", reason="napari's colormaps run without numba")
+    script = ("import numpy as np, numba, torch\n"
+              "from napari.utils.colormaps import DirectLabelColormap\n"
+              "torch.ones(4).sum()\n"
+              "DirectLabelColormap(color_dict={None: 'transparent', 1: 'red'}).map(np.arange(10, dtype=np.int32) % 2)\n"
+              "print(numba.threading_layer())\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "tbb"

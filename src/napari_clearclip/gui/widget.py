@@ -275,13 +275,20 @@ class ClearClipWidget(FieldLogic, Container):
         worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
         self._worker = worker
-        self._progress = progress(total=1000, desc="ClearCLIP")
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.use_demo.visible = False
         self._set_status(status)
-        QTimer.singleShot(0, worker.start)
+        QTimer.singleShot(0, lambda: self._begin(worker))
         return worker
+
+    def _begin(self, worker) -> None:
+        """Show napari's progress bar, then start ``worker``, in an event-loop turn of their own: napari's
+        progress bar processes the pending events while it is made (the first draw of a large image just
+        added, for one), and that work belongs to no step of the widget's."""
+        if self._worker is worker and self._progress is None:
+            self._progress = progress(total=1000, desc="ClearCLIP")
+        worker.start()
 
     # -- images too large to hold ----------------------------------------------------------------
     def _tiled(self, layout: ImageLayout, objects_layer, foreground: dict) -> bool:

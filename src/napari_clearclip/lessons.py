@@ -14,7 +14,8 @@ File format (``.npz``, read without pickle, so a lesson from a stranger cannot r
   ``method``, ``short_side``, ``crop``, ``stride``, ``made_with`` (the package version) and
   ``images`` (how many images the strokes were on; 0 when ``covariance`` is absent);
 - ``covariance`` (optional): float32 (E, E), the patch covariance of those images, averaged
-  over them. Exemplars are compared with a new image's patches after whitening with it; a
+  over them. Exemplars are compared with a new image's patches after whitening with it
+  (regularised at its sixth-largest eigenvalue: ``strokes.OTHER_IMAGES_WHITENING_RANK``); a
   lesson without it (made by an earlier version) is whitened with each new image's own.
 """
 

@@ -220,6 +220,8 @@ class Segmenter:
         features = self._cached_features(key)
         refine = opts.refine is not None
         mark = (lambda steps: relabelled(steps, then_edges=True)) if refine else (lambda steps: steps)
+        if exemplars is not None:  # those painted on this very image teach it as its own strokes do
+            exemplars = exemplars.painted_on(key)
         if strokes is not None:
             own = yield from mark(self._collect(args, strokes, len(parsed)))
             exemplars = Exemplars.combine([exemplars, own])
@@ -345,7 +347,7 @@ class Segmenter:
         exemplars = yield from self._collect(args, strokes, len(parsed))
         if exemplars is not None:  # used on other images, they are compared in this image's whitening
             stats = yield from self._statistics(args, self._cached_features(key))
-            exemplars.covariance, exemplars.images = stats.covariance.float(), 1
+            exemplars.covariance, exemplars.images, exemplars.source = stats.covariance.float(), 1, key
         return exemplars
 
     def _statistics(self, args, features: _Features | None):

@@ -227,7 +227,9 @@ class Exemplars:
     ``covariance`` is the patch covariance of the images they were painted on, pooled over
     ``images`` images, for exemplars used on other images; None for strokes on the image being
     scored, which is then whitened with its own statistics. ``others`` holds the exemplars from
-    other images when both kinds are used together.
+    other images when both kinds are used together. ``source`` names the image they were painted
+    on (its feature key): scoring that very image, they count as its own strokes
+    (:meth:`painted_on`).
     """
 
     features: torch.Tensor
@@ -241,6 +243,8 @@ class Exemplars:
     images: int = 0                              # how many images ``covariance`` pools
     others: "Exemplars | None" = None            # exemplars from other images, with their own covariance
     _transform: torch.Tensor | None = None       # the whitening of ``covariance``, computed once
+    source: str | None = None                    # the feature key of the one image these were painted on
+    _parts: tuple = ()                           # the sets these were merged from (by :meth:`combine`)
 
     def __post_init__(self):
         self.features, self.classes = thinned(self.features, self.classes)
@@ -248,7 +252,31 @@ class Exemplars:
     def _copy(self, whitening=None) -> "Exemplars":
         others = None if self.others is None else self.others._copy()
         return Exemplars(self.features, self.classes, self.n_classes, self.query_classes, whitening,
-                         covariance=self.covariance, images=self.images, others=others, _transform=self._transform)
+                         covariance=self.covariance, images=self.images, others=others, _transform=self._transform,
+                         source=self.source, _parts=self._parts)
+
+    def _pieces(self) -> list:
+        """The sets this one is made of, each painted on one image or taken from a lesson."""
+        pieces = []
+        part = self
+        while part is not None:
+            pieces += list(part._parts) if part._parts else [part]
+            part = part.others
+        return pieces
+
+    def painted_on(self, image_key: str) -> "Exemplars":
+        """These exemplars for scoring the image whose feature key is ``image_key``.
+
+        Those painted on that very image (collected with their image's covariance, e.g. by the widget or a
+        stack, which carry strokes to every plane) are compared in its own whitening, exactly as its strokes
+        are: the setting chosen, and held to the safety of a stroke, for strokes on the image they teach.
+        """
+        pieces = self._pieces()
+        if not any(p.source == image_key and p.covariance is not None for p in pieces):
+            return self
+        return Exemplars.combine([
+            Exemplars(p.features, p.classes, p.n_classes, source=image_key)
+            if p.source == image_key and p.covariance is not None else p for p in pieces])
 
     def whitened(self, whitening) -> "Exemplars":
         """A copy that scores with the given image's whitening."""
@@ -273,11 +301,7 @@ class Exemplars:
     @staticmethod
     def combine(parts) -> "Exemplars | None":
         """All exemplars of several sets (None entries skipped); those from other images keep a pooled covariance."""
-        flat = []
-        for part in parts:
-            while part is not None:
-                flat.append(part)
-                part = part.others
+        flat = [piece for part in parts if part is not None for piece in part._pieces()]
         here = [p for p in flat if p.covariance is None]
         elsewhere = [p for p in flat if p.covariance is not None]
         merged = [_merged(here, None, 0) if here else None,
@@ -294,7 +318,8 @@ class Exemplars:
             return self
         return Exemplars(self.features.to(device), self.classes.to(device), self.n_classes,
                          None if self.query_classes is None else self.query_classes.to(device), self.whitening,
-                         covariance=self.covariance, images=self.images, others=others, _transform=self._transform)
+                         covariance=self.covariance, images=self.images, others=others, _transform=self._transform,
+                         source=self.source, _parts=tuple(p.to(device) for p in self._parts))
 
     def _whiten(self, features: torch.Tensor) -> torch.Tensor:
         features = features.float()
@@ -340,9 +365,11 @@ class Exemplars:
 
 def _merged(parts: list, covariance, images: int) -> Exemplars:
     device = parts[0].features.device
+    sources = {p.source for p in parts}
     return Exemplars(torch.cat([p.features.to(device) for p in parts]),
                      torch.cat([p.classes.to(device) for p in parts]), parts[0].n_classes,
-                     covariance=covariance, images=images)
+                     covariance=covariance, images=images, source=sources.pop() if len(sources) == 1 else None,
+                     _parts=tuple(parts))
 
 
 class ExemplarCollector:

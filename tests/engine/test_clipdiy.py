@@ -158,16 +158,21 @@ def test_strokes_lessons_and_stored_features_work_with_clipdiy(tmp_path):
     taught = seg.segment(image, classes, strokes=strokes)
     unpainted = strokes == 0
     assert (taught.labels[unpainted] == 4).mean() > (plain.labels[unpainted] == 4).mean()
-    # a lesson of those strokes teaches as the same strokes carried to another image do (it is compared in the
-    # whitening of the image it was painted on, regularised as for any other image's strokes)
+    # the same strokes collected as exemplars teach the image they were painted on as its strokes do
+    carried = seg.segment(image, classes, exemplars=seg.collect_exemplars(image, strokes, classes)).labels
+    carried[~unpainted] = strokes[~unpainted]
+    np.testing.assert_array_equal(carried, taught.labels)
+    # a lesson of those strokes teaches another image as the same strokes carried there do (compared in the
+    # whitening of the image they were painted on, regularised as for any other image's strokes)
     lesson = seg.make_lesson(classes, [(image, strokes)])
-    with_lesson = seg.segment(image, classes, lesson=lesson)
-    carried = seg.segment(image, classes, exemplars=seg.collect_exemplars(image, strokes, classes))
-    np.testing.assert_array_equal(with_lesson.labels, carried.labels)
-    assert (with_lesson.labels[unpainted] == 4).mean() > (plain.labels[unpainted] == 4).mean()
+    assert (seg.segment(image, classes, lesson=lesson).labels[unpainted] == 4).mean() > \
+        (plain.labels[unpainted] == 4).mean()
     other = np.ascontiguousarray(image[:, ::-1])
     without = seg.segment(other, classes)
-    assert not np.allclose(seg.segment(other, classes, lesson=lesson).probabilities, without.probabilities)
+    with_lesson = seg.segment(other, classes, lesson=lesson)
+    np.testing.assert_array_equal(
+        with_lesson.labels, seg.segment(other, classes, exemplars=seg.collect_exemplars(image, strokes, classes)).labels)
+    assert not np.allclose(with_lesson.probabilities, without.probabilities)
     # a new session reads the crops' features from the store and gives the same result
     assert seg.cache_features(other)
     fresh = Segmenter("synthetic-tiny", method="clipdiy", device="cpu", feature_store=tmp_path / "store")

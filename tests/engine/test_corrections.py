@@ -432,3 +432,35 @@ def test_painted_pixels_are_found_and_pasted_as_a_full_scan_would(seed):
     expected[strokes > 0] = strokes[strokes > 0]
     paste_strokes(labels, strokes)
     np.testing.assert_array_equal(labels, expected)
+
+
+@pytest.mark.parametrize("name", ["synthetic-tiny-b", "synthetic-tiny-c"])
+def test_strokes_carried_as_exemplars_teach_their_own_plane_as_strokes_and_other_planes_as_a_lesson(small_models,
+                                                                                                     name):
+    """The widget and stacks collect each plane's strokes as exemplars with their plane's covariance and carry them
+    to every plane. On the plane painted they must teach exactly as ``strokes=`` does (whitened with the plane's
+    own statistics, the setting held to a stroke's safety), not as another image's exemplars (regularised more)."""
+    from napari_clearclip.demo.scenes import DEMO_CLASSES
+    from napari_clearclip.planes import ImageLayout, segment_planes
+    from napari_clearclip.progress import run_to_end
+
+    segmenter = Segmenter(**small_models(name))
+    classes = DEMO_CLASSES.split("\n")
+    rng = np.random.default_rng(11)
+    for seed in (3, 8, 21):
+        stack = np.stack([make_scene(seed, size=192).image, make_scene(seed + 100, size=192).image])
+        strokes = np.zeros(stack.shape[:3], np.int32)
+        for _ in range(4):                                   # a few dabs of random classes on the first plane
+            y, x = (int(v) for v in rng.integers(10, 180, 2))
+            strokes[0, y - 4 : y + 4, x - 4 : x + 4] = int(rng.integers(1, len(classes) + 1))
+        own = segmenter.segment(stack[0], classes, strokes=strokes[0], maps=False).labels
+        lesson = segmenter.make_lesson(classes, [(stack[0], strokes[0])])
+        elsewhere = segmenter.segment(stack[1], classes, lesson=lesson, maps=False).labels
+        results = dict(run_to_end(segment_planes(segmenter, stack, ImageLayout(stack.shape, rgb=True), [(0,), (1,)], classes,
+                                                 strokes=strokes, maps=False)))
+        np.testing.assert_array_equal(results[(0,)].labels, own)
+        np.testing.assert_array_equal(results[(1,)].labels, elsewhere)
+        carried = segmenter.segment(stack[0], classes, maps=False,
+                                    exemplars=segmenter.collect_exemplars(stack[0], strokes[0], classes)).labels
+        painted = strokes[0] > 0
+        np.testing.assert_array_equal(carried[~painted], own[~painted])

@@ -464,3 +464,35 @@ def test_strokes_carried_as_exemplars_teach_their_own_plane_as_strokes_and_other
                                     exemplars=segmenter.collect_exemplars(stack[0], strokes[0], classes)).labels
         painted = strokes[0] > 0
         np.testing.assert_array_equal(carried[~painted], own[~painted])
+
+
+def test_the_widgets_run_after_strokes_equals_strokes_given_to_the_engine_beside_a_lesson(small_models):
+    """What the widget runs (edits on the result layer become strokes, collected as exemplars and combined with the
+    lessons of other images) labels the image exactly as ``segment(strokes=, lesson=)`` does."""
+    from napari_clearclip.annotate import LayerRequest, segment_layer
+    from napari_clearclip.demo.scenes import DEMO_CLASSES
+    from napari_clearclip.planes import ImageLayout
+    from napari_clearclip.progress import run_to_end
+
+    segmenter = Segmenter(**small_models("synthetic-tiny-b"))
+    classes = DEMO_CLASSES.split("\n")
+    image, elsewhere = make_scene(5, size=192).image, make_scene(6, size=192).image
+    painted_elsewhere = np.zeros(elsewhere.shape[:2], np.int32)
+    painted_elsewhere[90:100, 20:40] = 5
+    lesson = segmenter.make_lesson(classes, [(elsewhere, painted_elsewhere)])
+    baseline = segmenter.segment(image, classes, maps=False).labels.astype(np.uint8)
+    strokes = np.zeros(baseline.shape, np.int32)
+    strokes[30:38, 40:60], strokes[150:156, 100:130] = 3, 5
+    current = baseline.copy()
+    current[strokes > 0] = strokes[strokes > 0]
+    layout = ImageLayout(image.shape, rgb=True)
+    request = LayerRequest(image, layout, layout.planes(), classes, {}, current=current, baseline=baseline,
+                           baseline_names=classes, learn_from_edits=True, lessons=[lesson],
+                           found={(): current.copy()})
+    update = run_to_end(segment_layer(segmenter, request)).update
+    (plane,) = update.planes
+    merged = plane.labels
+    changed = np.where(current != baseline, current, 0)     # a stroke of the class already shown changes nothing
+    assert changed.any()
+    expected = segmenter.segment(image, classes, maps=False, strokes=changed, lesson=lesson).labels
+    np.testing.assert_array_equal(merged, expected)

@@ -15,7 +15,6 @@ import numpy as np
 from magicgui.widgets import CheckBox, Container, Label, PushButton
 from napari.layers import Image
 from napari.qt.threading import create_worker
-from napari.utils import progress
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 
@@ -31,13 +30,16 @@ from .field_logic import FieldLogic
 from .fields import build_fields, choose_file_button, lesson_buttons, saved_values
 from .job import TILED_PIXELS, ModelHolder, layer_request, segmentation_job, tiled_job, tiled_store_path
 from .layers import ResultLayers, layer_geometry
-from .layout import captioned, scrolling, wrapping
+from .layout import captioned, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text
 from .live import LiveMode
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, legend_html
 from .settings import load_settings, save_settings
 
 log = logging.getLogger(__name__)
+
+#: How often the dock shows a run's progress, at most (ms).
+PROGRESS_INTERVAL_MS = 250
 
 class ClearClipWidget(FieldLogic, Container):
     """Type the classes, press Run, correct the Labels layer by hand."""
@@ -47,8 +49,11 @@ class ClearClipWidget(FieldLogic, Container):
         self._viewer = napari_viewer
         self._models = ModelHolder()
         self._worker = None
-        self._progress = None
         self._closed = False
+        self._pending_step = None  # the newest progress of the run, until the next update of the dock
+        self._progress_timer = QTimer()
+        self._progress_timer.setInterval(PROGRESS_INTERVAL_MS)
+        self._progress_timer.timeout.connect(self._show_pending_step)
         self._writing = False  # set while the widget adds its own layers, which the Image field must not follow
         saved = load_settings()
 
@@ -72,6 +77,7 @@ class ClearClipWidget(FieldLogic, Container):
         self.buttons = Container(name="buttons", label=" ", layout="horizontal", labels=False,
                                  widgets=[self.run_button, self.cancel_button])
         self.status = wrapping(Label(name="status", value="Ready"))
+        self.progress_bar = run_progress_bar()
         self.use_demo = PushButton(name="use_demo", text="Use the offline demo model", visible=False)
         self.legend = wrapping(Label(name="legend", value=""), rich=True)
         inputs = [fields[f.name] for f in _fields_of("input") if f.name != "pretrained"]
@@ -79,7 +85,8 @@ class ClearClipWidget(FieldLogic, Container):
         inputs.insert(model_at, weights_row)
         self.form = Container(name="form", labels=True, widgets=[
             *inputs, *sections["corrections"], *sections["output"], self.show_advanced, self.advanced, self.buttons,
-            captioned("status_box", "Status", self.status), self.use_demo, captioned("legend_box", "Legend", self.legend)])
+            captioned("status_box", "Status", self.status, self.progress_bar), self.use_demo,
+            captioned("legend_box", "Legend", self.legend)])
         self.scroll_area = scrolling(self.form)
         self.native.layout().addWidget(self.scroll_area)
         self.native.layout().setContentsMargins(0, 0, 0, 0)
@@ -136,6 +143,10 @@ class ClearClipWidget(FieldLogic, Container):
         if self.__dict__.get("_closed", True):  # already closed, or being garbage-collected
             return
         self._closed = True
+        try:
+            self._progress_timer.stop()
+        except RuntimeError:  # Qt deleted it already
+            pass
         for emitter, callback in ((self._viewer.layers.events.inserted, self._on_layer_inserted),
                                   (self._viewer.layers.events.removed, self._on_layer_removed)):
             try:
@@ -158,12 +169,6 @@ class ClearClipWidget(FieldLogic, Container):
                 worker.quit()
             except RuntimeError:
                 pass
-        if self._progress is not None:
-            try:
-                self._progress.close()
-            except RuntimeError:
-                pass
-            self._progress = None
         self._models = ModelHolder()
 
     def settings(self) -> dict:
@@ -283,11 +288,10 @@ class ClearClipWidget(FieldLogic, Container):
         return worker
 
     def _begin(self, worker) -> None:
-        """Show napari's progress bar, then start ``worker``, in an event-loop turn of their own: napari's
-        progress bar processes the pending events while it is made (the first draw of a large image just
-        added, for one), and that work belongs to no step of the widget's."""
-        if self._worker is worker and self._progress is None:
-            self._progress = progress(total=1000, desc="ClearCLIP")
+        """Show the progress bar and start ``worker``, in an event-loop turn of their own, after the Run step."""
+        if self._worker is worker:
+            self.progress_bar.value = 0
+            self.progress_bar.visible = True
         worker.start()
 
     # -- images too large to hold ----------------------------------------------------------------
@@ -401,6 +405,7 @@ class ClearClipWidget(FieldLogic, Container):
     def _set_status(self, text: str, error: bool = False):
         if self._closed:
             return
+        self._pending_step = None  # a message of the widget's own supersedes any progress not shown yet
         self.status.value = text
         if error:
             show_error(text)
@@ -415,11 +420,23 @@ class ClearClipWidget(FieldLogic, Container):
         self._set_status(text, error=True)
 
     def _on_yielded(self, step):
+        """Show a run's progress at once, then at most every PROGRESS_INTERVAL_MS: every repaint of the dock
+        recomposes napari's whole window (through its OpenGL canvas), which on software OpenGL takes CPU time
+        from the run itself."""
         if self._closed or not isinstance(step, Progress):
             return
-        self._set_status(step.message)
-        if self._progress is not None:
-            self._progress.update(int(step.fraction * 1000) - self._progress.n)
+        self._pending_step = step
+        if not self._progress_timer.isActive():
+            self._show_pending_step()
+            self._progress_timer.start()
+
+    def _show_pending_step(self) -> None:
+        step, self._pending_step = self._pending_step, None
+        if step is None or self._closed:
+            self._progress_timer.stop()
+            return
+        self.status.value = step.message
+        self.progress_bar.value = max(0, min(1000, int(step.fraction * 1000)))
 
     def _on_errored(self, exc):
         if not self._closed:
@@ -427,11 +444,11 @@ class ClearClipWidget(FieldLogic, Container):
 
     def _on_finished(self):
         self._worker = None
+        self._pending_step = None
+        self._progress_timer.stop()
         self.results.run_finished()
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
         if not self._closed:
+            self.progress_bar.visible = False
             self.run_button.enabled = True
             self.cancel_button.enabled = False
             self.live_mode.run_finished()

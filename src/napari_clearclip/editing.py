@@ -126,9 +126,10 @@ class LabelsMerger:
         else:
             self.full = None
             self.dtype = np.dtype(current.dtype)
-            values = np.union1d(present_values(current), present_values(baseline))
-            for plane in self.found.values():
-                values = np.union1d(values, present_values(plane))
+            # the baseline and the planes found differ from the layer only where it was painted: count those
+            values = np.union1d(present_values(current), _values_apart(baseline, current))
+            for index, plane in self.found.items():
+                values = np.union1d(values, _values_apart(plane, current[index]))
             self.lookup, self.names = renumbering(values, baseline_names or [], new_names)
             if self.lookup is not None:
                 self.lookup = _fit(self.lookup, self.dtype)
@@ -164,6 +165,15 @@ class LabelsMerger:
 
         return LabelsUpdate(self.planes, self.lookup, self.names, self.baseline, self.counts, self.kept_pixels,
                             self.full, colormap_dict(self.names, tuple(background)), self.edited)
+
+
+def _values_apart(array: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The distinct values of ``array`` where it differs from ``reference`` (of its shape): a comparison and a
+    count of the few pixels painted, instead of counting a whole 4096 x 4096 array again."""
+    array = np.asarray(array)
+    if array.shape != np.shape(reference):
+        return present_values(array)
+    return present_values(array[array != reference])
 
 
 def _fit(lookup: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -89,6 +89,36 @@ def test_merge_keeps_painted_pixels_with_their_class():
     np.testing.assert_array_equal(again.labels, expected)
 
 
+
+def test_the_merger_renumbers_every_value_of_the_layer_its_baseline_and_the_planes_found():
+    """Values are gathered from the layer and only where the baseline and the planes found differ from it: the
+    names and renumbering equal those of counting all three arrays whole, on random stacks and edits."""
+    from napari_clearclip.editing import present_values, renumbering
+
+    rng = np.random.default_rng(4)
+    for _ in range(40):
+        shape = (int(rng.integers(1, 4)), int(rng.integers(3, 30)), int(rng.integers(3, 30)))
+        old_names = [f"c{i}" for i in range(int(rng.integers(1, 6)))]
+        baseline = rng.integers(0, len(old_names) + 1, shape).astype(np.uint8)
+        current = baseline.copy()
+        painted = rng.random(shape) < rng.choice([0.0, 0.01, 0.2])
+        current[painted] = rng.integers(0, len(old_names) + 4, int(painted.sum()))   # classes and labels of one's own
+        current[current == int(rng.integers(0, len(old_names) + 1))] = 0              # a class erased everywhere
+        planes = [tuple([int(i)]) for i in rng.choice(shape[0], int(rng.integers(1, shape[0] + 1)), replace=False)]
+        found = {plane: current[plane].copy() for plane in planes}
+        for plane in planes:                                                          # strokes made during the run
+            found[plane][rng.random(shape[1:]) < 0.05] = int(rng.integers(0, len(old_names) + 6))
+        new_names = list(rng.permutation(old_names + ["n1", "n2"])[: int(rng.integers(1, len(old_names) + 3))])
+        merger = LabelsMerger(shape, new_names, current, baseline, old_names, found)
+        values = np.union1d(present_values(current), present_values(baseline))
+        for plane in found.values():
+            values = np.union1d(values, present_values(plane))
+        lookup, names = renumbering(values, old_names, new_names)
+        assert merger.names == names
+        assert (merger.lookup is None) == (lookup is None)
+        if lookup is not None:
+            np.testing.assert_array_equal(merger.lookup, lookup.astype(merger.lookup.dtype))
+
 def test_merge_into_one_plane_renumbers_the_others():
     baseline = np.zeros((2, 2, 2), np.int32)
     baseline[0] = 1

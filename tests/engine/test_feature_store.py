@@ -222,3 +222,27 @@ def test_a_second_ctrl_c_while_writes_finish_at_exit_ends_the_wait_quietly(monke
     started = time.monotonic()
     feature_store._finish_writes(timeout=30)            # returns instead of raising KeyboardInterrupt
     assert time.monotonic() - started < 5
+
+
+def test_pixel_digests_are_blake2b_of_the_bytes_or_of_fixed_chunks_and_see_every_byte():
+    """Large arrays are hashed in 4 MiB chunks on threads: the digest must not depend on the threads or the machine
+    (stores are shared), must equal the documented scheme, and must change with any one byte."""
+    import hashlib
+
+    from napari_clearclip import hashing
+
+    small = np.arange(3000, dtype=np.uint16).reshape(50, 60)
+    assert hashing.pixel_digest(small) == hashlib.blake2b(small.tobytes(), digest_size=20).digest()
+    large = np.random.default_rng(0).integers(0, 255, (1500, 1400, 3), np.uint8)   # 6.3 MB: two chunks
+    data = large.tobytes()
+    reference = hashlib.blake2b(digest_size=20, person=b"chunks4M")
+    reference.update(len(data).to_bytes(8, "little"))
+    for start in range(0, len(data), 4 << 20):
+        reference.update(hashlib.blake2b(data[start : start + (4 << 20)], digest_size=20).digest())
+    assert hashing.pixel_digest(large) == reference.digest()
+    assert hashing.pixel_digest(np.asfortranarray(large)) == reference.digest()      # C order, whatever the layout
+    for index in ((0, 0, 0), (700, 900, 1), (1499, 1399, 2)):                          # first, middle, last chunk
+        changed = large.copy()
+        changed[index] ^= 1
+        assert hashing.pixel_digest(changed) != reference.digest()
+    assert hashing.pixel_digest(large.reshape(1400, 1500, 3)) == reference.digest()   # the bytes: shape is keyed apart

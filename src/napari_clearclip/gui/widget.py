@@ -275,7 +275,8 @@ class ClearClipWidget(FieldLogic, Container):
 
     def _launch(self, worker, status: str):
         """Show progress and the Cancel button for ``worker``, and start it from the event loop (so that a
-        caller can connect to its signals first)."""
+        caller can connect to its signals first); a live re-run, which no caller holds, starts at once, so that
+        it computes while napari draws the stroke that started it."""
         worker.yielded.connect(self._on_yielded)
         worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
@@ -284,7 +285,10 @@ class ClearClipWidget(FieldLogic, Container):
         self.cancel_button.enabled = True
         self.use_demo.visible = False
         self._set_status(status)
-        QTimer.singleShot(0, lambda: self._begin(worker))
+        if getattr(self, "_live_run", False):
+            self._begin(worker)
+        else:
+            QTimer.singleShot(0, lambda: self._begin(worker))
         return worker
 
     def _begin(self, worker) -> None:

@@ -133,7 +133,7 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
             yield item
             continue
         plane, result = item
-        merger.add(plane, result.labels)
+        merger.add(plane, result.stored_labels())
         if result.objects is not None:
             tables.append(result.objects)
         if mode == "winning class":

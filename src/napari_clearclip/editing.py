@@ -40,9 +40,13 @@ def value_counts(array: np.ndarray) -> np.ndarray:
     if flat.dtype == np.uint16:
         flat = flat.astype(np.int32)
     if flat.dtype in (np.uint8, np.int8, np.int16, np.int32, np.int64):
+        import warnings
+
         import torch
 
-        return torch.from_numpy(flat).bincount().numpy()
+        with warnings.catch_warnings():  # results' labels are read-only; counting only reads them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            return torch.from_numpy(flat).bincount().numpy()
     return np.bincount(flat)
 
 
@@ -171,9 +175,15 @@ def _values_apart(array: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """The distinct values of ``array`` where it differs from ``reference`` (of its shape): a comparison and a
     count of the few pixels painted, instead of counting a whole 4096 x 4096 array again."""
     array = np.asarray(array)
-    if array.shape != np.shape(reference):
+    if array.shape != np.shape(reference) or array.ndim == 0:
         return present_values(array)
-    return present_values(array[array != reference])
+    reference = np.asarray(reference)
+    # in blocks of rows of about 1 MiB: a whole-array mask would be a large new allocation on every run
+    step = max(1, (1 << 20) // max(1, array[0].nbytes))
+    values = [present_values(block[block != other])
+              for block, other in ((array[start : start + step], reference[start : start + step])
+                                   for start in range(0, len(array), step))]
+    return np.unique(np.concatenate(values)) if values else np.zeros(0, dtype=np.int64)
 
 
 def _fit(lookup: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -430,8 +430,8 @@ class Segmenter:
             self._label_states.put(state_key, state, state.nbytes)
         if affinities is not None:
             self._affinities.put(state_key, affinities, affinities.nbytes)
-        result = SegmentationResult(state.labels.astype(np.int32), None, None, [c.name for c in parsed], list(parsed),
-                                    method_name)
+        result = SegmentationResult(None, None, None, [c.name for c in parsed], list(parsed), method_name)
+        result.keep_compact_labels(state.labels)  # the kept state's own array, read-only: int32 when first read
         size = tuple(array.shape[:2])
 
         def confidence():

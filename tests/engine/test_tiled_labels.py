@@ -359,3 +359,31 @@ def test_bounds_over_some_tiles_equal_those_over_all_tiles():
         for how in ("min", "max"):
             np.testing.assert_array_equal(geometry.reduce(coarse, how, within),
                                           geometry.reduce(coarse, how)[within[0] : within[1], within[2] : within[3]])
+
+
+def test_labels_kept_compact_are_int32_when_read_and_what_a_caller_does_to_them_never_reaches_the_next_run():
+    """Labels-only results hold the kept state's compact labels read-only and make int32 labels when read: a
+    caller writing into ``labels`` (as pasting strokes does) must not change what the next run starts from."""
+    segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+    image = make_scene(3, size=160).image
+    classes = ["red", "green", "blue", "yellow", "background"]
+    first = segmenter.segment(image, classes, maps=False, refine="pamr")
+    stored = first.stored_labels()
+    assert stored.dtype == np.uint8 and not stored.flags.writeable
+    with pytest.raises(ValueError):
+        stored[0, 0] = 1
+    labels = first.labels
+    assert labels.dtype == np.int32 and labels.flags.writeable
+    np.testing.assert_array_equal(labels, stored)
+    expected = labels.copy()
+    labels[:] = 0                                       # a caller's own use of its result
+    assert first.labels is labels and (first.stored_labels() == 0).all()
+    again = segmenter.segment(image, classes, maps=False, refine="pamr")
+    np.testing.assert_array_equal(again.labels, expected)
+    strokes = np.zeros(image.shape[:2], np.int32)
+    strokes[40:48, 40:48] = 2
+    taught = segmenter.segment(image, classes, maps=False, refine="pamr", strokes=strokes)
+    assert taught.labels.dtype == np.int32 and (taught.labels[40:48, 40:48] == 2).all()   # strokes are pasted
+    fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+    np.testing.assert_array_equal(
+        taught.labels, fresh.segment(image, classes, maps=False, refine="pamr", strokes=strokes).labels)

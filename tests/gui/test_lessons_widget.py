@@ -172,8 +172,8 @@ def test_a_large_image_at_native_resolution_goes_tile_by_tile_into_an_editable_s
     # a cancelled run adds no layer and leaves no store
     layers = len(viewer.layers)
     worker = widget.run()
-    qtbot.waitUntil(lambda: widget.progress_bar.value > 0 or not widget.busy, timeout=60_000)   # a tile is done
-    widget.cancel()
+    worker.yielded.connect(lambda step: widget.cancel()                       # once the store is open
+                           if getattr(step, "stage", "") == "tiles" else None)
     qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
     assert widget.status.value.startswith("Cancelled"), widget.status.value
     assert len(viewer.layers) == layers and worker is not None

@@ -107,6 +107,16 @@ def test_cancel_adds_nothing(qtbot, widget):
     assert windows and windows[-1].done < windows[-1].total
 
 
+
+def test_cancel_pressed_as_the_result_arrives_leaves_the_result_and_its_status(qtbot, widget, rgb_image):
+    widget.image.value = widget._viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "sky\ngrass"
+    worker = widget.run()
+    worker.returned.connect(lambda _: widget.cancel())      # after the widget's own handler: the result is in
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
+    assert "photo classes" in widget._viewer.layers
+    assert widget.status.value.startswith("Done"), widget.status.value
+
 def test_viewer_stays_responsive_during_a_run(qtbot, widget):
     from qtpy.QtCore import QTimer
 

@@ -49,6 +49,7 @@ class ClearClipWidget(FieldLogic, Container):
         self._viewer = napari_viewer
         self._models = ModelHolder()
         self._worker = None
+        self._delivered = False  # whether the run in flight has returned its result (too late to cancel it)
         self._closed = False
         self._pending_step = None  # the newest progress of the run, until the next update of the dock
         self._progress_timer = QTimer()
@@ -281,6 +282,7 @@ class ClearClipWidget(FieldLogic, Container):
         worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
         self._worker = worker
+        self._delivered = False
         self.run_button.enabled = False
         self.cancel_button.enabled = True
         self.use_demo.visible = False
@@ -328,6 +330,7 @@ class ClearClipWidget(FieldLogic, Container):
                                     "resolution...")
 
     def _on_tiled_returned(self, value):
+        self._delivered = True
         if self._closed:
             return
         result, layer = value
@@ -402,7 +405,8 @@ class ClearClipWidget(FieldLogic, Container):
         return target
 
     def cancel(self, *_):
-        if self._worker is not None:
+        """Ask the run in flight to stop; too late once its result is in (its status then stays)."""
+        if self._worker is not None and not self._delivered:
             self._set_status("Cancelling after the current batch...")
             self._worker.quit()
 
@@ -458,6 +462,7 @@ class ClearClipWidget(FieldLogic, Container):
             self.live_mode.run_finished()
 
     def _on_returned(self, value, context):
+        self._delivered = True
         if self._closed:
             return
         result, prepared_layer = value

@@ -232,7 +232,8 @@ class Segmenter:
                 raise InvalidOptionError(f"The exemplars are for {exemplars.n_classes} classes, not {len(parsed)}.")
             whitening = yield from mark(self._whitening(args, features))
             features = self._features.get(key)
-            exemplars = exemplars.to(self.device).for_image(whitening, text)
+            snapping = opts.refine == "pamr" and opts.pamr_iterations > 0
+            exemplars = exemplars.to(self.device).for_image(whitening, text, snapping)
             exemplars.query_classes = torch.tensor(
                 [index for index, c in enumerate(parsed) for _ in c.synonyms], device=self.device)
         if features is None:
@@ -582,7 +583,7 @@ class Segmenter:
         """Add the cosine similarities of a batch of windows, upsampled to the window size, into ``scores``."""
         logits = patch_features @ text.T
         if exemplars is not None:
-            logits = logits + exemplars.bonus(patch_features, patch_norms)[..., exemplars.query_classes]
+            logits = exemplars.teach(logits, patch_features, patch_norms)
         grid.add_scores(scores, batch, logits)
 
     def _average(self, scores: torch.Tensor, grid) -> torch.Tensor:

@@ -39,6 +39,18 @@ class SegmentationResult:
         view.flags.writeable = False
         self._labels, self._compact_labels = None, view
 
+    def paste(self, strokes: np.ndarray) -> None:
+        """Give the pixels a user painted (nonzero ``strokes``) the class they painted. Labels held compact stay
+        compact: a copy of them is painted, so that the state they were kept from is not."""
+        from .strokes import paste_strokes
+
+        if self._labels is None and getattr(self, "_compact_labels", None) is not None:
+            own = self._compact_labels.copy()
+            paste_strokes(own, strokes)
+            self.keep_compact_labels(own)
+        else:
+            paste_strokes(self.labels, strokes)
+
     def stored_labels(self) -> np.ndarray:
         """The labels as held: compact and read-only where :meth:`keep_compact_labels` was used, else ``labels``."""
         return self._compact_labels if self._labels is None and self._compact_labels is not None else self.labels

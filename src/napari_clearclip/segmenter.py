@@ -24,7 +24,7 @@ from .progress import Progress, relabelled, run_to_end
 from .prompts import TextEncoder, check_templates, parse_classes
 from .results import SegmentationResult
 from .scoring import postprocess, snapped_postprocess_steps
-from .strokes import ExemplarCollector, Exemplars, FeatureStats, check_strokes, paste_strokes, whitened_norms
+from .strokes import ExemplarCollector, Exemplars, FeatureStats, check_strokes, whitened_norms
 from .windows import WindowGrid, grid_from_dict
 
 __all__ = ["Segmenter", "SegmentationResult", "Progress", "DEFAULT", "run_to_end"]
@@ -255,7 +255,7 @@ class Segmenter:
             result = postprocess(scores, array.shape[:2], parsed, opts.logit_scale, opts.prob_threshold, method_name,
                                  maps=maps, objects=objects)
         if strokes is not None and objects is None:
-            paste_strokes(result.labels, strokes)  # what the user painted is what they get
+            result.paste(strokes)  # what the user painted is what they get
         return result
 
     def _foreground_map(self, foreground, array: np.ndarray, found_weights):

@@ -364,6 +364,8 @@ def test_bounds_over_some_tiles_equal_those_over_all_tiles():
 def test_labels_kept_compact_are_int32_when_read_and_what_a_caller_does_to_them_never_reaches_the_next_run():
     """Labels-only results hold the kept state's compact labels read-only and make int32 labels when read: a
     caller writing into ``labels`` (as pasting strokes does) must not change what the next run starts from."""
+    from napari_clearclip.results import SegmentationResult
+
     segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
     image = make_scene(3, size=160).image
     classes = ["red", "green", "blue", "yellow", "background"]
@@ -383,7 +385,19 @@ def test_labels_kept_compact_are_int32_when_read_and_what_a_caller_does_to_them_
     strokes = np.zeros(image.shape[:2], np.int32)
     strokes[40:48, 40:48] = 2
     taught = segmenter.segment(image, classes, maps=False, refine="pamr", strokes=strokes)
+    pasted = taught.stored_labels()
+    assert pasted.dtype == np.uint8 and not pasted.flags.writeable and (pasted[40:48, 40:48] == 2).all()
     assert taught.labels.dtype == np.int32 and (taught.labels[40:48, 40:48] == 2).all()   # strokes are pasted
+    unpainted = segmenter.segment(image, classes, maps=False, refine="pamr")     # the paste stayed in its result
+    np.testing.assert_array_equal(unpainted.labels, expected)
+    kept = np.ones((6, 5), np.uint8)                                     # a kept state's labels, pasted on
+    result = SegmentationResult(None, None, None, ["a", "b"])
+    result.keep_compact_labels(kept)
+    painted = np.zeros((6, 5), np.int32)
+    painted[2, 3] = 2
+    result.paste(painted)
+    assert (kept == 1).all() and result.stored_labels().dtype == np.uint8 and result.stored_labels()[2, 3] == 2
+    assert result.labels.sum() == 31
     fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
     np.testing.assert_array_equal(
         taught.labels, fresh.segment(image, classes, maps=False, refine="pamr", strokes=strokes).labels)

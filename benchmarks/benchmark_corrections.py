@@ -8,8 +8,9 @@ Each round, the annotator finds the largest wrongly labelled region, paints one 
 disk (radius 3 px) at its most interior point with the true class, and runs again.
 Reported: mIoU over all five classes (background included) after 0..N strokes, for
 strokes pasted without propagation, propagation through exemplars, and propagation plus
-PAMR edge snapping; and the time of a corrected re-run on a cached 1024 x 1024 image
-against the first run.
+PAMR edge snapping; how much one stroke of a word the text does not place keeps of the
+pixels unlike it, with and without snapping; a lesson from 3 scenes applied to 20 others;
+and the time of a corrected re-run on a cached 1024 x 1024 image against the first run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from skimage.draw import disk
 os.environ.setdefault("NAPARI_CLEARCLIP_CACHE_DIR", tempfile.mkdtemp())
 
 from napari_clearclip import Segmenter  # noqa: E402
-from napari_clearclip.demo.scenes import COLOURS, DEMO_CLASSES, held_out_scenes  # noqa: E402
+from napari_clearclip.demo.scenes import COLOURS, DEMO_CLASSES, held_out_scenes, look_alike_squares  # noqa: E402
 
 CLASSES = DEMO_CLASSES.split("\n")
 MODES = {"pasted (no propagation)": dict(paste=True), "propagation": dict(), "propagation + PAMR": dict(refine="pamr")}
@@ -142,6 +143,24 @@ def lesson_transfer(segmenter, strokes: int = 5, training: int = 3, held_out: in
     return out
 
 
+#: Words the text of each model does not place on blue: a stroke of one on a blue square teaches a new class.
+SAFETY_WORDS = {"synthetic-tiny": ("debris", "junk"), "synthetic-tiny-b": ("dust", "debris"),
+                "synthetic-tiny-c": ("debris", "junk", "clutter")}
+
+
+def stroke_safety(segmenter, word: str, refine=None) -> tuple[float, float]:
+    """One stroke of ``word`` on one of two blue squares (:func:`look_alike_squares`): the share of the other square
+    that turns to it, and the share of the pixels unlike it (red square, grey) that keep their zero-shot label."""
+    image, truth = look_alike_squares()
+    classes = [word, "red", "background"]
+    before = segmenter.segment(image, classes, maps=False, refine=refine).labels
+    strokes = np.zeros(truth.shape, np.int32)
+    strokes[44:52, 44:52] = 1
+    after = segmenter.segment(image, classes, strokes=strokes, maps=False, refine=refine).labels
+    unlike = truth != 1
+    return float(np.mean(after[128:160, 128:160] == 1)), float(np.mean(after[unlike] == before[unlike]))
+
+
 def mean_iou(pairs, n_classes: int = len(CLASSES)) -> float:
     inter = np.zeros(n_classes + 1)
     union = np.zeros(n_classes + 1)
@@ -236,6 +255,12 @@ def main() -> None:
         histories[name] = history
         curves[name] = [mean_iou([(truth, rounds[r]) for truth, rounds in history]) for r in range(args.strokes + 1)]
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in curves[name]) + " |", flush=True)
+    print("\none stroke of a word the text does not place on blue, on one of two blue squares")
+    print("| word | other square turned | unlike pixels kept (target >= 97%) | the same with PAMR |")
+    print("|---|---|---|---|")
+    for word in SAFETY_WORDS.get(segmenter.model.name, ("debris",)):
+        (other, kept), (other_snapped, kept_snapped) = (stroke_safety(segmenter, word, r) for r in (None, "pamr"))
+        print(f"| {word} | {other:.0%} ({other_snapped:.0%} with PAMR) | {kept:.1%} | {kept_snapped:.1%} |", flush=True)
     transfer = lesson_transfer(segmenter, strokes=5)
     print(f"\nlesson: 5 strokes on each of 3 training scenes ({transfer['exemplars']} exemplars), "
           "applied to 20 held-out scenes nobody painted")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from napari_clearclip import Segmenter
-from napari_clearclip.demo.scenes import make_scene
+from napari_clearclip.demo.scenes import look_alike_squares, make_scene
 from napari_clearclip.errors import InvalidOptionError
 from napari_clearclip.refine import pamr
 
@@ -144,15 +144,7 @@ def demo():
 
 def shapes_scene():
     """Grey with two blue squares far apart and a red one; "debris" is a word the demo model never learnt."""
-    rng = np.random.default_rng(7)
-    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
-    image[24:72, 24:72] = (40, 70, 215)
-    image[120:168, 120:168] = (40, 70, 215)
-    image[120:168, 24:72] = (215, 35, 35)
-    truth = np.full((192, 192), 3, np.int32)              # 3 = background
-    truth[24:72, 24:72] = truth[120:168, 120:168] = 1     # 1 = debris (the blue squares)
-    truth[120:168, 24:72] = 2                             # 2 = red
-    return np.clip(image, 0, 255).astype(np.uint8), truth
+    return look_alike_squares()
 
 
 @pytest.fixture(scope="module", params=["synthetic-tiny", "synthetic-tiny-b"])

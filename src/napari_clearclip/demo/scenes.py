@@ -185,6 +185,23 @@ def sample_scene(size: int = 256, seed: int = 10) -> np.ndarray:
     return make_scene(seed, size=size, objects=(3, 4)).image
 
 
+def look_alike_squares() -> tuple[np.ndarray, np.ndarray]:
+    """Grey with two blue squares far apart and a red one, and its truth (1: the blue squares, 2: red, 3: grey).
+
+    A stroke of a word the text does not place on blue (e.g. "debris") on one blue square should
+    turn the other one too and leave the red square and the grey as the text labels them.
+    """
+    rng = np.random.default_rng(7)
+    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
+    image[24:72, 24:72] = (40, 70, 215)
+    image[120:168, 120:168] = (40, 70, 215)
+    image[120:168, 24:72] = (215, 35, 35)
+    truth = np.full((192, 192), 3, np.int32)
+    truth[24:72, 24:72] = truth[120:168, 120:168] = 1
+    truth[120:168, 24:72] = 2
+    return image.astype(np.uint8), truth
+
+
 def held_out_scenes(count: int = 24, seed: int = 10_000, sizes: tuple[int, ...] = (128, 192, 256, 384, 512)) -> list[Scene]:
     """Held-out scenes (seeds far from those used in training), at several sizes."""
     return [make_scene(seed + i, size=sizes[i % len(sizes)], objects=(1, 4)) for i in range(count)]

@@ -332,8 +332,7 @@ class Exemplars:
             return logits + self.bonus(patch_features, norms)[..., classes]
         bonus = self.bonus(patch_features, norms, with_others=False)[..., classes]
         taught = logits + bonus
-        best = torch.full((*taught.shape[:-1], self.n_classes), -torch.inf, dtype=taught.dtype, device=taught.device)
-        best = best.scatter_reduce(-1, classes.expand_as(taught), taught, "amax")   # per class, its best query
+        best = torch.stack([taught[..., classes == k].amax(-1) for k in range(self.n_classes)], -1)  # best query
         top = best.topk(2, dim=-1)
         is_first = top.indices[..., :1] == torch.arange(self.n_classes, device=taught.device)
         best_other = torch.where(is_first, top.values[..., 1:2], top.values[..., :1])[..., classes]

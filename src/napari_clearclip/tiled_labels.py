@@ -481,7 +481,7 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes:
     for new, old in enumerate(mapping):
         if old is not None:
             old_to_new[old + 1] = new + 1
-    if not (n_new == n_old and all(m == i for i, m in enumerate(mapping))):
+    if not np.array_equal(old_to_new, np.arange(n_old + 1)):  # classes renumbered or gone
         labels[...] = old_to_new[labels]
     present = np.zeros((*geometry.shape, n_new + 1), bool)
     for old, new in enumerate(old_to_new):
@@ -526,27 +526,80 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes:
             new_leads[i, ..., w + 1], new_others[i, ..., w + 1] = lead[w], best_other
         threshold[..., w + 1] = needed
 
-    dirty = np.zeros(geometry.shape, bool)
     # tiles holding a label whose pixels might change (label 0, a class gone, never stays), or whose margins a
     # new class may lower (below what the new class trails by, when no other class bridges the gap)
     check = np.any(present & ~np.isneginf(threshold), axis=-1)
     if leads:
         check |= np.any(present & np.any(new_others < 0, axis=0), axis=-1)
-    for ty, tx in zip(*np.nonzero(check)):
+    bounds = _TileBounds(threshold, shrinks, new_leads, new_others, tolerance)
+    dirty = np.zeros(geometry.shape, bool)
+    whole = np.nonzero(check & _whole_mask(geometry))
+    blocks = (_tile_blocks(labels, geometry.tile), _tile_blocks(margins, geometry.tile))
+    for start in range(0, len(whole[0]), JUDGED_AT_ONCE):
+        ys, xs = whole[0][start : start + JUDGED_AT_ONCE], whole[1][start : start + JUDGED_AT_ONCE]
+        judged, kept_margins = bounds.judge(ys, xs, blocks[0][ys, xs], blocks[1][ys, xs])
+        dirty[ys, xs] = judged
+        blocks[1][ys[~judged], xs[~judged]] = kept_margins
+    for ty, tx in zip(*np.nonzero(check & ~_whole_mask(geometry))):  # the part tiles at the far edges
         rows, cols = geometry.tile_slices(ty, tx)
-        tile_labels = labels[rows, cols]
-        margin = margins[rows, cols].astype(np.float32)
-        dirty[ty, tx] = not bool(np.all(margin > threshold[ty, tx][tile_labels]))  # a NaN margin: dirty
-        if not dirty[ty, tx]:  # kept: its margins must stay lower bounds for the next run
-            kept_margin = margin - shrinks[ty, tx][tile_labels]
-            for i in range(len(leads)):
-                other = new_others[i, ty, tx][tile_labels]
-                with np.errstate(invalid="ignore"):  # inf + -inf where there is no other class: no bound
-                    through_other = np.where(np.isneginf(other), -np.inf, kept_margin + other)
-                against = np.maximum(new_leads[i, ty, tx][tile_labels], through_other)
-                kept_margin = np.minimum(kept_margin, against)
-            margins[rows, cols] = lower_half(kept_margin - 2 * tolerance)
+        ys, xs = np.array([ty]), np.array([tx])
+        judged, kept_margins = bounds.judge(ys, xs, labels[rows, cols][None], margins[rows, cols][None])
+        dirty[ty, tx] = judged[0]
+        if not judged[0]:
+            margins[rows, cols] = kept_margins[0]
     return ~dirty, dirty, present
+
+
+#: Tiles judged at once when a re-run decides which tiles keep their labels (bounds the memory of the copies).
+JUDGED_AT_ONCE = 256
+
+
+def _tile_blocks(array: np.ndarray, tile: int) -> np.ndarray:
+    """(rows of tiles, columns of tiles, tile, tile): a writable view of the whole tiles of ``array``."""
+    rows, cols = array.shape[0] // tile, array.shape[1] // tile
+    step_y, step_x = array.strides
+    return np.lib.stride_tricks.as_strided(array, (rows, cols, tile, tile),
+                                           (step_y * tile, step_x * tile, step_y, step_x), writeable=True)
+
+
+def _whole_mask(geometry: _Geometry) -> np.ndarray:
+    """(tiles_y, tiles_x) which tiles are whole (not cut by the image's far edges)."""
+    mask = np.zeros(geometry.shape, bool)
+    mask[: geometry.size[0] // geometry.tile, : geometry.size[1] // geometry.tile] = True
+    return mask
+
+
+def _per_pixel(table: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each pixel's entry of its tile's row of ``table`` (n, labels), for ``labels`` (n, h, w): one gather."""
+    index = np.arange(labels.shape[0], dtype=np.intp)[:, None, None] * table.shape[1] + labels
+    return np.take(table.ravel(), index)
+
+
+@dataclass
+class _TileBounds:
+    """Per tile and label: the margin a pixel needs to keep its label, and how its margin is lowered when kept."""
+
+    threshold: np.ndarray   # (tiles_y, tiles_x, labels): a pixel keeps its label if its margin exceeds this
+    shrinks: np.ndarray     # (tiles_y, tiles_x, labels): how much a kept pixel's lead may have shrunk
+    new_leads: np.ndarray   # (new classes, tiles_y, tiles_x, labels): the label's lowest lead over a new class
+    new_others: np.ndarray  # (new classes, tiles_y, tiles_x, labels): the best lead of another class over it
+    tolerance: float
+
+    def judge(self, ys: np.ndarray, xs: np.ndarray, labels: np.ndarray, margins: np.ndarray):
+        """For the tiles at (ys, xs), with their ``labels`` and ``margins`` (n, h, w): which must be recomputed,
+        and the margins the others keep (lower bounds for the next run), for those others alone."""
+        margin = margins.astype(np.float32)
+        dirty = ~np.all(margin > _per_pixel(self.threshold[ys, xs], labels), axis=(1, 2))  # a NaN margin: dirty
+        kept = ~dirty
+        ys, xs, labels = ys[kept], xs[kept], labels[kept]
+        kept_margin = margin[kept] - _per_pixel(self.shrinks[ys, xs], labels)
+        for lead, others in zip(self.new_leads, self.new_others):
+            other = _per_pixel(others[ys, xs], labels)
+            with np.errstate(invalid="ignore"):  # inf + -inf where there is no other class: no bound
+                through_other = np.where(np.isneginf(other), -np.inf, kept_margin + other)
+            against = np.maximum(_per_pixel(lead[ys, xs], labels), through_other)
+            kept_margin = np.minimum(kept_margin, against)
+        return dirty, lower_half(kept_margin - 2 * self.tolerance)
 
 
 def _newcomer_leads(state: LabelState, mapping: list, kept: list, geometry: _Geometry) -> dict:

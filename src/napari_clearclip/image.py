@@ -110,6 +110,44 @@ def resized_size(height: int, width: int, short_side: int | None, long_side: int
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
+def rows_read_by_resize(height: int, out_height: int) -> np.ndarray | None:
+    """The input rows a bilinear resize (align_corners=False) of ``height`` rows to ``out_height`` reads, or None
+    when they are most of them.
+
+    Checked against PyTorch's own resize: a column with every other row NaN must come out free of NaN
+    (a weight of zero on a NaN still gives NaN), else None.
+    """
+    scale = torch.tensor(height / out_height, dtype=torch.float32)
+    source = ((torch.arange(out_height, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    low = source.long().clamp_(max=height - 1)
+    rows = torch.unique(torch.cat([low, (low + 1).clamp_(max=height - 1)]))
+    if 2 * len(rows) > height:
+        return None
+    probe = torch.full((1, 1, height, 1), float("nan"))
+    probe[0, 0, rows] = 0.0
+    read = F.interpolate(probe, size=(out_height, 1), mode="bilinear", align_corners=False)
+    return None if bool(torch.isnan(read).any()) else rows.numpy()
+
+
+def _resized_rgb_255(array: np.ndarray, size: tuple[int, int], contrast_limits) -> tuple[torch.Tensor, bool]:
+    """:func:`to_rgb_255` resized (bilinear) to ``size``, bit for bit, converting only the rows the resize reads.
+
+    Shrinking 4096 rows to 256 reads 512 of them: the other rows of the float image are left unwritten (and
+    never read), which spares converting and copying most of a large image (0.15 against 0.03 s at 4096^2).
+    """
+    rows = rows_read_by_resize(array.shape[0], size[0])
+    if rows is None:
+        rgb, whole = to_rgb_255(array, contrast_limits)
+        return F.interpolate(rgb[None], size=size, mode="bilinear", align_corners=False)[0], whole
+    colour = array[..., :3] if array.ndim == 3 else array
+    if contrast_limits is None and colour.dtype != np.uint8:  # the whole image's range, as to_rgb_255 takes it
+        contrast_limits = (float(colour.min()), float(colour.max()))
+    picked, whole = to_rgb_255(colour[rows], contrast_limits)
+    full = torch.empty((picked.shape[0], array.shape[0], array.shape[1]), dtype=picked.dtype)
+    full[:, torch.from_numpy(rows)] = picked
+    return F.interpolate(full[None], size=size, mode="bilinear", align_corners=False)[0], whole
+
+
 def prepare(
     array: np.ndarray,
     mean: Sequence[float],
@@ -118,12 +156,13 @@ def prepare(
     contrast_limits: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Resize (bilinear) and normalise an image into a (3, h, w) float32 tensor."""
-    rgb, whole = to_rgb_255(array, contrast_limits)
-    size = resized_size(rgb.shape[1], rgb.shape[2], short_side)
-    if size != tuple(rgb.shape[1:]):
-        rgb = F.interpolate(rgb[None], size=size, mode="bilinear", align_corners=False)[0]
+    size = resized_size(array.shape[0], array.shape[1], short_side)
+    if size != tuple(array.shape[:2]):
+        rgb, whole = _resized_rgb_255(array, size, contrast_limits)
         if whole:  # the official pipeline resizes the uint8 image and keeps it uint8
             rgb = rgb.round_().clamp_(0, 255)
+    else:
+        rgb, whole = to_rgb_255(array, contrast_limits)
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return (rgb - mean_t) / std_t

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import napari_clearclip.segmenter as segmenter_module
 from napari_clearclip import Segmenter
@@ -64,6 +65,61 @@ def test_grey_rgba_and_float_inputs(tiny_segmenter, rgb_image):
                                tiny_segmenter.segment(rgb_image, classes, short_side=None,
                                                       contrast_limits=(rgb_image.min(), rgb_image.max())).probabilities,
                                atol=1e-5)
+
+
+def whole_image_resized(array, size, contrast_limits=None):
+    """The plain way: the whole image to float 0..255 (its own range without limits), then one resize."""
+    colour = (array[..., :3] if array.ndim == 3 else np.repeat(array[..., None], 3, axis=2)).astype(np.float64)
+    if array.dtype == np.uint8 and contrast_limits in (None, (0.0, 255.0)):
+        planar = torch.from_numpy(colour.astype(np.float32)).permute(2, 0, 1).contiguous()
+        return F.interpolate(planar[None], size=size, mode="bilinear", align_corners=False)[0].round().clamp(0, 255)
+    low, high = contrast_limits if contrast_limits is not None else (colour.min(), colour.max())
+    scaled = np.clip((colour.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low)), 0, 255)
+    planar = torch.from_numpy(scaled).permute(2, 0, 1).contiguous()
+    return F.interpolate(planar[None], size=size, mode="bilinear", align_corners=False)[0]
+
+
+def test_a_large_image_is_resized_bit_for_bit_as_the_whole_float_image_would_be():
+    """Only the rows the resize reads are converted to float; the working-size image is the very same."""
+    from napari_clearclip.image import prepare, resized_size, rows_read_by_resize
+
+    rng = np.random.default_rng(7)
+    sparse = 0
+    for case in range(40):
+        height, width = (int(v) for v in rng.integers(40, 1200, 2))
+        kind = case % 4
+        if kind == 0:
+            array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        elif kind == 1:
+            array = rng.integers(0, 4096, (height, width), dtype=np.uint16)
+        elif kind == 2:
+            array = rng.normal(size=(height, width, 4)).astype(np.float32)
+        else:
+            array = rng.integers(0, 256, (height, width), dtype=np.uint8)
+        limits = None if case % 3 else (float(array.min()) + 1.0, float(array.max()) - 1.0)
+        short_side = int(rng.choice([32, 64, 160, 448]))
+        size = resized_size(height, width, short_side)
+        if size == (height, width):
+            continue
+        sparse += rows_read_by_resize(height, size[0]) is not None
+        got = prepare(array, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), short_side, limits)
+        assert torch.equal(got, whole_image_resized(array, size, limits)), (array.shape, array.dtype, short_side)
+    assert sparse >= 10  # most cases shrank enough to read only some rows
+
+
+def test_the_rows_a_resize_reads_are_every_row_it_reads():
+    from napari_clearclip.image import rows_read_by_resize
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        height, out_height = int(rng.integers(8, 3000)), int(rng.integers(1, 400))
+        rows = rows_read_by_resize(height, out_height)
+        if rows is None:
+            assert out_height * 2 > height / 2  # only when most rows are read
+            continue
+        image = torch.full((1, 2, height, 5), float("nan"))
+        image[:, :, torch.from_numpy(rows)] = torch.rand((1, 2, len(rows), 5))
+        assert not torch.isnan(F.interpolate(image, size=(out_height, 3), mode="bilinear", align_corners=False)).any()
 
 
 def test_cached_image_features_rescored_without_encoding(tiny_checkpoint, rgb_image, monkeypatch):

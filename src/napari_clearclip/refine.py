@@ -30,6 +30,43 @@ def _replicate(x: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(x[None], (pad, pad, pad, pad), mode="replicate")[0]
 
 
+def _window_sum(padded: torch.Tensor, pad: int, dilation: int, size: tuple[int, int]) -> torch.Tensor:
+    """The sum of each pixel's 3 x 3 values at ``dilation`` (centre included): rows of three, then three rows."""
+    height, width = size
+    rows = padded[:, pad - dilation : pad + height + dilation]
+    across = rows[:, :, pad - dilation : pad - dilation + width] + rows[:, :, pad : pad + width]
+    across += rows[:, :, pad + dilation : pad + dilation + width]
+    total = across[:, :height] + across[:, dilation : dilation + height]
+    total += across[:, 2 * dilation : 2 * dilation + height]
+    return total
+
+
+def _neighbour_distances(padded: torch.Tensor, pad: int, offsets, size: tuple[int, int]):
+    """Yield (offset, |x(p) - x(p + offset)| for every pixel p) for each offset.
+
+    The distance to p - o is the distance p - o has to its neighbour at + o: each pair of opposite
+    offsets is computed once, over the image and a band beyond it (the same two values subtracted the
+    other way round, so the very same magnitude).
+    """
+    height, width = size
+    wanted = set(offsets)
+    buffer = None
+    for dy, dx in offsets:
+        if (dy, dx) < (0, 0) and (-dy, -dx) in wanted:
+            continue  # given with its opposite
+        top, bottom = min(pad, pad - dy), max(pad + height, pad + height - dy)
+        left, right = min(pad, pad - dx), max(pad + width, pad + width - dx)
+        if buffer is None:
+            buffer = torch.empty((padded.shape[0], height + 2 * pad, width + 2 * pad), dtype=padded.dtype)
+        distance = buffer[:, top:bottom, left:right]
+        torch.sub(padded[:, top:bottom, left:right], padded[:, top + dy : bottom + dy, left + dx : right + dx],
+                  out=distance).abs_()
+        yield (dy, dx), distance[:, pad - top : pad - top + height, pad - left : pad - left + width]
+        if (-dy, -dx) in wanted and (dy, dx) != (0, 0):
+            rows, cols = pad - dy - top, pad - dx - left
+            yield (-dy, -dx), distance[:, rows : rows + height, cols : cols + width]
+
+
 def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIONS) -> torch.Tensor:
     """(8 x len(dilations), H, W) weights of each pixel's neighbours, summing to 1 per pixel.
 
@@ -37,40 +74,48 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
     deviation of the 3x3 neighbourhoods at every dilation (centre included), then averaged
     over the guide's channels and softmax-normalised over the neighbours. Computed in place,
     a full-size image at a time, so that a 4096 x 4096 guide needs a few buffers, not dozens.
+    Every value is a fixed sequence of element-wise operations on the guide within the largest
+    dilation of its pixel: a region of the image gets the very values the whole image gets.
     """
     guide = guide.float()
+    channels = guide.shape[0]
     size = tuple(guide.shape[-2:])
     pad = max(dilations)
     padded = _replicate(guide, pad)
-    window = [_shifted(padded, pad, dy * d, dx * d, size) for d in dilations for dy, dx in WINDOW]
-    mean = torch.zeros_like(guide)
-    for value in window:
-        mean += value
-    mean /= len(window)
+    count = 9 * len(dilations)
+    mean = _window_sum(padded, pad, dilations[0], size)
+    for dilation in dilations[1:]:
+        mean += _window_sum(padded, pad, dilation, size)
+    mean /= count
     variance, difference = torch.zeros_like(guide), torch.empty_like(guide)
-    for value in window:
+    for value in (_shifted(padded, pad, dy * d, dx * d, size) for d in dilations for dy, dx in WINDOW):
         torch.sub(value, mean, out=difference)
         variance.addcmul_(difference, difference)
-    del mean
-    scale = variance.div_(len(window) - 1).sqrt_().mul_(0.1).add_(1e-8)
+    del mean, difference
+    # what each channel's distance is multiplied by: -1 / (channels x (1e-8 + 0.1 std)), the minus of the softmax's
+    # logits and the mean over channels included
+    factor = variance.div_(count - 1).sqrt_().mul_(0.1).add_(1e-8).mul_(channels).reciprocal_().neg_()
     offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
     logits = torch.empty((len(offsets), *size), dtype=guide.dtype, device=guide.device)
-    for logit, (dy, dx) in zip(logits, offsets):
-        torch.sub(guide, _shifted(padded, pad, dy, dx, size), out=difference)
-        difference.abs_().div_(scale)
-        torch.add(difference[0], difference[1], out=logit)  # the mean over channels, in a fixed order
-        for channel in difference[2:]:
-            logit.add_(channel)
-        logit.div_(len(difference))
-    logits.neg_()
+    planes: dict[tuple[int, int], list[int]] = {}  # a dilation given twice gives its offsets twice
+    for number, offset in enumerate(offsets):
+        planes.setdefault(offset, []).append(number)
+    for offset, distance in _neighbour_distances(padded, pad, list(planes), size):
+        first, *others = planes[offset]
+        logit = logits[first]
+        torch.mul(distance[0], factor[0], out=logit)
+        for channel in range(1, channels):  # the channels in a fixed order
+            logit.addcmul_(distance[channel], factor[channel])
+        for number in others:
+            logits[number].copy_(logit)
     logits -= logits.amax(0)                      # softmax over the neighbours, in place
     logits.exp_()
-    # the sums and means here are element-wise additions in a fixed order: PyTorch's reductions over the first
-    # axis may add in another order depending on the array's size, and a band or region of the image must
-    # get exactly the values the whole image gets
+    # the sums here are element-wise additions in a fixed order: PyTorch's reductions over the first axis may add
+    # in another order depending on the array's size, and a band or region of the image must get exactly the
+    # values the whole image gets
     total = logits[0].clone()
-    for plane in logits[1:]:
-        total += plane
+    for plane_values in logits[1:]:
+        total += plane_values
     return logits.div_(total)
 
 

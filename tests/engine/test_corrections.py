@@ -50,7 +50,7 @@ def test_pamr_matches_the_loop_reference():
     guide = rng.normal(size=(3, 13, 11)).astype(np.float32)
     guide[:, :, 6:] += 2.0                                   # an edge to snap to
     scores = rng.normal(size=(4, 13, 11)).astype(np.float32) * 0.1
-    for iterations, dilations in ((10, (8, 16)), (3, (1, 2)), (1, (1,))):
+    for iterations, dilations in ((10, (8, 16)), (3, (1, 2)), (1, (1,)), (2, (3, 1, 3))):  # a dilation twice too
         got = pamr(torch.from_numpy(scores), torch.from_numpy(guide), iterations, dilations).numpy()
         expected = reference_pamr(scores, guide, iterations, dilations)
         np.testing.assert_allclose(got, expected, atol=1e-5)

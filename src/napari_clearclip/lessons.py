@@ -98,6 +98,9 @@ class Lesson:
     def load(cls, path: str | os.PathLike) -> "Lesson":
         """Read a lesson written by :meth:`save`; anything else is a clear :class:`LessonError`."""
         path = Path(path)
+        saved_as = path.with_name(path.name + SUFFIX)
+        if not path.exists() and path.suffix != SUFFIX and saved_as.is_file():
+            path = saved_as  # the name given to save, which added the suffix
         if not path.is_file():
             raise LessonNotFoundError(f"No lesson file at {path}." if not path.exists() else
                                       f"{path} is a folder, not a lesson file.")

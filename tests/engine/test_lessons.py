@@ -50,6 +50,10 @@ def test_saved_and_loaded_lessons_are_the_same_and_files_are_never_replaced_unas
     path = lesson.save(tmp_path / "cells")
     assert path.name == "cells.npz"
     loaded = Lesson.load(path)
+    # the name it was saved under finds it too (save added the suffix)
+    np.testing.assert_array_equal(Lesson.load(tmp_path / "cells").features, lesson.features)
+    with pytest.raises(FileNotFoundError, match="No lesson file at"):
+        Lesson.load(tmp_path / "tissue")
     np.testing.assert_array_equal(loaded.features, lesson.features)
     np.testing.assert_array_equal(loaded.labels, lesson.labels)
     assert (loaded.classes, loaded.model, loaded.weights, loaded.method, loaded.windows) == \

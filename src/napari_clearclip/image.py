@@ -81,11 +81,13 @@ def _scaled_to_255(array: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((data - np.float32(low)) * np.float32(255.0 / span), 0, 255)
 
 
-def to_rgb_255(array: np.ndarray, contrast_limits: Sequence[float] | None = None) -> tuple[torch.Tensor, bool]:
+def to_rgb_255(array: np.ndarray, contrast_limits: Sequence[float] | None = None,
+               own_range: tuple[float, float] | None = None) -> tuple[torch.Tensor, bool]:
     """(3, H, W) float32 intensities in 0..255 and whether they are whole uint8 values.
 
     uint8 images pass unchanged; others are scaled by ``contrast_limits`` when
-    given, else by their own range. Grey is repeated to RGB; alpha is dropped.
+    given, else by their own range (``own_range`` when the array is a part of the image whose range
+    that is). Grey is repeated to RGB; alpha is dropped.
     """
     if array.ndim == 3:
         array = array[..., :3]
@@ -96,7 +98,8 @@ def to_rgb_255(array: np.ndarray, contrast_limits: Sequence[float] | None = None
         data = torch.from_numpy(planar).float()
         whole = True
     else:
-        low, high = contrast_limits if contrast_limits is not None else (float(array.min()), float(array.max()))
+        low, high = (contrast_limits if contrast_limits is not None else own_range if own_range is not None
+                     else (float(array.min()), float(array.max())))
         data = torch.from_numpy(np.ascontiguousarray(_scaled_to_255(planar, low, high)))
         whole = False
     return (data.unsqueeze(0).expand(3, -1, -1).contiguous() if data.ndim == 2 else data), whole
@@ -140,9 +143,9 @@ def _resized_rgb_255(array: np.ndarray, size: tuple[int, int], contrast_limits) 
         rgb, whole = to_rgb_255(array, contrast_limits)
         return F.interpolate(rgb[None], size=size, mode="bilinear", align_corners=False)[0], whole
     colour = array[..., :3] if array.ndim == 3 else array
-    if contrast_limits is None and colour.dtype != np.uint8:  # the whole image's range, as to_rgb_255 takes it
-        contrast_limits = (float(colour.min()), float(colour.max()))
-    picked, whole = to_rgb_255(colour[rows], contrast_limits)
+    own_range = (float(colour.min()), float(colour.max())) if contrast_limits is None and colour.dtype != np.uint8 \
+        else None  # the whole image's range, as to_rgb_255 takes it
+    picked, whole = to_rgb_255(colour[rows], contrast_limits, own_range)
     full = torch.empty((picked.shape[0], array.shape[0], array.shape[1]), dtype=picked.dtype)
     full[:, torch.from_numpy(rows)] = picked
     return F.interpolate(full[None], size=size, mode="bilinear", align_corners=False)[0], whole

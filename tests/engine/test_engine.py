@@ -74,7 +74,10 @@ def whole_image_resized(array, size, contrast_limits=None):
         planar = torch.from_numpy(colour.astype(np.float32)).permute(2, 0, 1).contiguous()
         return F.interpolate(planar[None], size=size, mode="bilinear", align_corners=False)[0].round().clamp(0, 255)
     low, high = contrast_limits if contrast_limits is not None else (colour.min(), colour.max())
-    scaled = np.clip((colour.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low)), 0, 255)
+    if high <= low:  # a constant image without limits: all dark
+        scaled = np.zeros(colour.shape, np.float32)
+    else:
+        scaled = np.clip((colour.astype(np.float32) - np.float32(low)) * np.float32(255.0 / (high - low)), 0, 255)
     planar = torch.from_numpy(scaled).permute(2, 0, 1).contiguous()
     return F.interpolate(planar[None], size=size, mode="bilinear", align_corners=False)[0]
 
@@ -85,10 +88,12 @@ def test_a_large_image_is_resized_bit_for_bit_as_the_whole_float_image_would_be(
 
     rng = np.random.default_rng(7)
     sparse = 0
-    for case in range(40):
+    for case in range(50):
         height, width = (int(v) for v in rng.integers(40, 1200, 2))
-        kind = case % 4
-        if kind == 0:
+        kind = case % 5
+        if kind == 4:  # constant: no range of its own
+            array = np.full((height, width), 700, dtype=np.uint16 if case % 2 else np.float32)
+        elif kind == 0:
             array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         elif kind == 1:
             array = rng.integers(0, 4096, (height, width), dtype=np.uint16)
@@ -96,7 +101,7 @@ def test_a_large_image_is_resized_bit_for_bit_as_the_whole_float_image_would_be(
             array = rng.normal(size=(height, width, 4)).astype(np.float32)
         else:
             array = rng.integers(0, 256, (height, width), dtype=np.uint8)
-        limits = None if case % 3 else (float(array.min()) + 1.0, float(array.max()) - 1.0)
+        limits = None if case % 3 or kind == 4 else (float(array.min()) + 1.0, float(array.max()) - 1.0)
         short_side = int(rng.choice([32, 64, 160, 448]))
         size = resized_size(height, width, short_side)
         if size == (height, width):

@@ -57,7 +57,7 @@ def _neighbour_distances(padded: torch.Tensor, pad: int, offsets, size: tuple[in
         top, bottom = min(pad, pad - dy), max(pad + height, pad + height - dy)
         left, right = min(pad, pad - dx), max(pad + width, pad + width - dx)
         if buffer is None:
-            buffer = torch.empty((padded.shape[0], height + 2 * pad, width + 2 * pad), dtype=padded.dtype)
+            buffer = padded.new_empty((padded.shape[0], height + 2 * pad, width + 2 * pad))
         distance = buffer[:, top:bottom, left:right]
         torch.sub(padded[:, top:bottom, left:right], padded[:, top + dy : bottom + dy, left + dx : right + dx],
                   out=distance).abs_()

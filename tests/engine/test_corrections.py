@@ -56,6 +56,15 @@ def test_pamr_matches_the_loop_reference():
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def test_edge_snapping_stays_on_the_device_of_its_inputs():
+    """Every buffer follows the guide's device (PyTorch's meta device stands in for a GPU here)."""
+    from napari_clearclip.refine import pamr_affinities
+
+    guide = torch.empty((3, 20, 24), device="meta")
+    assert pamr_affinities(guide, (1, 2)).device.type == "meta"
+    assert pamr(torch.empty((2, 20, 24), device="meta"), guide, 3, (1, 2)).device.type == "meta"
+
+
 def two_blobs(colour_a=(40, 70, 215), colour_b=(215, 35, 35)):
     image = np.full((128, 192, 3), 128, np.uint8)
     image[20:60, 20:60] = colour_a          # object 1

@@ -168,8 +168,9 @@ class Lesson:
     # -- making and using ------------------------------------------------------------------------------
 
     @classmethod
-    def from_exemplars(cls, exemplars, classes, segmenter, options) -> "Lesson":
-        """The lesson of ``exemplars`` (from :meth:`Segmenter.collect_exemplars`) made on ``segmenter``."""
+    def from_exemplars(cls, exemplars, classes, segmenter, options, method: str | None = None) -> "Lesson":
+        """The lesson of ``exemplars`` (from :meth:`Segmenter.collect_exemplars`) made on ``segmenter`` (with
+        ``method``, else the segmenter's)."""
         from .prompts import parse_classes
 
         parsed = parse_classes(classes)
@@ -183,7 +184,8 @@ class Lesson:
         covariance = None if source.covariance is None else source.covariance.double().cpu().numpy()
         return cls(tuple(tuple(c.synonyms) for c in parsed), features.float().cpu().numpy(),
                    labels.cpu().numpy().astype(np.int64), segmenter.model.name,
-                   segmenter.model.weights_id, segmenter.method, (options.short_side, options.crop, options.stride),
+                   segmenter.model.weights_id, method or segmenter.method,
+                   (options.short_side, options.crop, options.stride),
                    None if covariance is None else covariance.astype(np.float32),
                    source.images if covariance is not None else 0)
 

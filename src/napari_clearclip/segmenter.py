@@ -103,6 +103,14 @@ class Segmenter:
         function = get_method(name)
         self._method_state = (name.lower(), function)
 
+    def _method_for(self, keywords: dict) -> tuple:
+        """(name, function) of the method a run uses: ``method=`` given to the call (taken out of ``keywords``),
+        else this segmenter's, read once."""
+        name = keywords.pop("method", None)
+        if name is None:
+            return self._method_state
+        return str(name).lower(), get_method(name)
+
     @property
     def device(self) -> torch.device:
         return self.model.device
@@ -186,9 +194,11 @@ class Segmenter:
         for the tiles of an image too large to hold, which are seen once.
 
         The method is read once at the start, so changing ``segmenter.method`` from
-        another thread never mixes methods within a run or in the feature cache.
+        another thread never mixes methods within a run or in the feature cache;
+        ``method="naclip"`` (any name ``segmenter.method`` takes) runs another method for
+        this call alone.
         """
-        method_name, method_fn = self._method_state
+        method_name, method_fn = self._method_for(keywords)
         strokes = _renamed_strokes(strokes, keywords)
         parsed = parse_classes(classes)
         array = check_image(image, min_side=max(self.model.patch_size))
@@ -311,15 +321,16 @@ class Segmenter:
         on other images (``segment(..., lesson=lesson)``), by the command line (``--lesson``)
         and in napari.
         """
-        opts = self.resolve_options(options, **keywords)
+        method_name, _ = self._method_for(keywords)
+        opts = self.resolve_options(options, method=method_name, **keywords)
         parts = []
         for number, pair in enumerate(painted):
             try:
                 image, strokes = pair
             except (TypeError, ValueError):
                 raise InvalidOptionError(f"painted[{number}] is not an (image, strokes) pair.") from None
-            parts.append(self.collect_exemplars(image, strokes, classes, opts))
-        return Lesson.from_exemplars(Exemplars.combine(parts), classes, self, opts)
+            parts.append(self.collect_exemplars(image, strokes, classes, opts, method=method_name))
+        return Lesson.from_exemplars(Exemplars.combine(parts), classes, self, opts, method_name)
 
     def collect_exemplars(self, image, strokes, classes: str | Sequence[str],
                           options: SegmentOptions | Mapping | None = None, **keywords) -> Exemplars | None:
@@ -329,7 +340,7 @@ class Segmenter:
     def collect_exemplars_steps(self, image, strokes, classes, options: SegmentOptions | Mapping | None = None,
                                 **keywords) -> Generator[Progress, None, Exemplars | None]:
         """:meth:`collect_exemplars` as a generator that yields progress (image features are cached on the way)."""
-        method_name, method_fn = self._method_state
+        method_name, method_fn = self._method_for(keywords)
         parsed = parse_classes(classes)
         array = check_image(image, min_side=max(self.model.patch_size))
         opts = self.resolve_options(options, method=method_name, **keywords)
@@ -515,7 +526,7 @@ class Segmenter:
 
         What ``clearclip-segment --features-only`` runs per image. Returns whether the store holds them.
         """
-        method_name, method_fn = self._method_state
+        method_name, method_fn = self._method_for(keywords)
         if getattr(method_fn, "needs_text", False):
             raise InvalidOptionError(f"{method_name}'s image features depend on the class names, so they cannot be "
                                      "computed ahead of them: store features with another method.")

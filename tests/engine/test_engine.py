@@ -127,6 +127,26 @@ def test_the_rows_a_resize_reads_are_every_row_it_reads():
         assert not torch.isnan(F.interpolate(image, size=(out_height, 3), mode="bilinear", align_corners=False)).any()
 
 
+def test_a_run_can_name_its_method_without_changing_the_segmenters(tiny_checkpoint, rgb_image):
+    """segment(..., method=...) runs that method for that call alone, as a segmenter set to it would."""
+    from napari_clearclip.errors import InvalidOptionError
+
+    classes = ["cell", "nucleus", "background"]
+    segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
+    naclip = Segmenter("test-tiny", tiny_checkpoint, device="cpu", method="naclip")
+    expected = naclip.segment(rgb_image, classes).probabilities
+    np.testing.assert_allclose(segmenter.segment(rgb_image, classes, method="NACLIP").probabilities, expected,
+                               atol=1e-6)
+    assert segmenter.method == "clearclip"
+    assert not np.allclose(segmenter.segment(rgb_image, classes).probabilities, expected, atol=1e-4)
+    strokes = np.zeros(rgb_image.shape[:2], np.int32)
+    strokes[10:20, 10:40] = 1
+    assert segmenter.make_lesson(classes, [(rgb_image, strokes)], method="naclip").method == "naclip"
+    assert segmenter.make_lesson(classes, [(rgb_image, strokes)]).method == "clearclip"
+    with pytest.raises(InvalidOptionError, match="Unknown method 'sam'"):
+        segmenter.segment(rgb_image, classes, method="sam")
+
+
 def test_cached_image_features_rescored_without_encoding(tiny_checkpoint, rgb_image, monkeypatch):
     segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
     first = segmenter.segment(rgb_image, ["sky", "grass", "road"])

@@ -17,6 +17,10 @@ File format (``.npz``, read without pickle, so a lesson from a stranger cannot r
   over them. Exemplars are compared with a new image's patches after whitening with it
   (regularised at its sixth-largest eigenvalue: ``strokes.OTHER_IMAGES_WHITENING_RANK``); a
   lesson without it (made by an earlier version) is whitened with each new image's own.
+- ``class_offsets`` (optional): float32 (C,), per class (in ``classes`` order) what the lesson adds to the class's
+  scores on every patch, in units of the scored image's text-score spread (see
+  ``Segmenter.make_lesson``); absent where the strokes were on one image only, or the lesson was combined from
+  others (offsets are fitted across the images of one call).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ class Lesson:
     windows: tuple                          # (short_side, crop, stride) as resolved for the model
     covariance: np.ndarray | None = None    # (E, E) patch covariance of the painted images, averaged
     images: int = 0                         # how many images that is
+    class_offsets: np.ndarray | None = None  # (C,) float32, added to each class's scores, in text-score spreads
 
     @property
     def class_names(self) -> list[str]:
@@ -85,6 +90,8 @@ class Lesson:
                   "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
         if self.covariance is not None:
             arrays["covariance"] = self.covariance.astype(np.float32)
+        if self.class_offsets is not None:
+            arrays["class_offsets"] = self.class_offsets.astype(np.float32)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
 
@@ -112,14 +119,15 @@ class Lesson:
                 meta = json.loads(archive["meta"].tobytes().decode())
                 features, labels = archive["features"], archive["classes"]
                 covariance = archive["covariance"] if "covariance" in names else None
+                offsets = archive["class_offsets"] if "class_offsets" in names else None
         except LessonError:
             raise
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, UnicodeDecodeError, KeyError) as exc:
             raise LessonError(f"{path} is not a napari-clearclip lesson, or it is damaged ({exc}).") from None
-        return cls._from_parts(path, meta, features, labels, covariance)
+        return cls._from_parts(path, meta, features, labels, covariance, offsets)
 
     @classmethod
-    def _from_parts(cls, path, meta, features, labels, covariance=None) -> "Lesson":
+    def _from_parts(cls, path, meta, features, labels, covariance=None, offsets=None) -> "Lesson":
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise LessonError(f"{path} is not a napari-clearclip lesson.")
         version = meta.get("version")
@@ -150,8 +158,13 @@ class Lesson:
                     or not isinstance(images, int) or images < 1):
                 raise LessonError(f"{path} is a damaged lesson: its patch covariance does not fit its exemplars.")
             covariance = covariance.astype(np.float32)
+        if offsets is not None:
+            if offsets.shape != (len(classes),) or offsets.dtype.kind != "f" or not np.isfinite(offsets).all():
+                raise LessonError(f"{path} is a damaged lesson: its class offsets do not fit its {len(classes)} "
+                                  "classes.")
+            offsets = offsets.astype(np.float32)
         return cls(classes, features.astype(np.float32), labels.astype(np.int64), *identity, windows, covariance,
-                   images if covariance is not None else 0)
+                   images if covariance is not None else 0, offsets)
 
     def fingerprint(self) -> str:
         """A digest of the lesson's content (for a batch run's record of what made its outputs)."""
@@ -163,6 +176,8 @@ class Lesson:
         digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).data)
         if self.covariance is not None:
             digest.update(np.ascontiguousarray(self.covariance, dtype=np.float32).data)
+        if self.class_offsets is not None:
+            digest.update(b"offsets" + np.ascontiguousarray(self.class_offsets, dtype=np.float32).tobytes())
         return digest.hexdigest()[:20]
 
     # -- making and using ------------------------------------------------------------------------------
@@ -190,7 +205,10 @@ class Lesson:
                    source.images if covariance is not None else 0)
 
     def combined(self, other: "Lesson") -> "Lesson":
-        """One lesson from two made with the same model and classes (strokes on several images)."""
+        """One lesson from two made with the same model and classes (strokes on several images).
+
+        Its exemplars are both lessons'; class offsets, fitted across the images of one
+        :meth:`Segmenter.make_lesson` call, are not carried (the combined lesson has none)."""
         self._check_identity(other.model, other.weights, other.method, other.windows, "the other lesson")
         if [c[0] for c in other.classes] != self.class_names:
             raise LessonError(f"The lessons are for other classes ({', '.join(other.class_names)} against "
@@ -236,8 +254,12 @@ class Lesson:
             raise LessonError(f"This lesson's exemplars have {features.shape[1]} values each; the model gives "
                               f"{segmenter.model.clip.visual.output_dim}.")
         covariance = None if self.covariance is None else torch.from_numpy(self.covariance)
+        offsets = None
+        if self.class_offsets is not None:
+            offsets = torch.zeros(len(classes))
+            offsets[torch.from_numpy(order)] = torch.from_numpy(self.class_offsets).float()
         return Exemplars(features, torch.from_numpy(order[self.labels]), len(classes), covariance=covariance,
-                         images=self.images if covariance is not None else 0)
+                         images=self.images if covariance is not None else 0, offsets=offsets)
 
 
 def check_lesson(lesson) -> Lesson | None:

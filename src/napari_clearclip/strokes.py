@@ -84,6 +84,17 @@ OTHER_IMAGES_WHITENING_RANK = 6
 #: "debris", 98.8% to 98.9% with "junk"; mIoU 0.986 to 0.993. A lesson's exemplars (from other images) are
 #: not capped: capping them too took the lesson's mIoU with snapping on synthetic-tiny-b from 0.965 to 0.941.
 SNAPPED_LEAD_SPREADS = 1.0
+#: How strongly a lesson's class offsets (see :func:`fit_class_offsets`) are held to zero: the weight of their
+#: squared length, in the image's text-score spreads, against the mean cross-entropy of the painted patches.
+#:
+#: Chosen on the demo model and synthetic-tiny-b (benchmarks/benchmark_corrections.py's lesson: 5 strokes on each
+#: of 3 scenes, 20 unpainted scenes): weights 1, 3, 5, 10 and 30 gave lesson mIoU 0.910, 0.900, 0.895, 0.890 and
+#: 0.887 on the demo (0.884 without offsets) and 0.816, 0.836, 0.826, 0.811 and 0.798 on synthetic-tiny-b (0.791);
+#: below 5 a scene fell further than 0.02 below its zero-shot score (0.050 on the demo; 0.080, and with edge
+#: snapping 0.331 and 0.057, on synthetic-tiny-b) and object accuracy fell on synthetic-tiny-b (0.906 and 0.943
+#: against 0.962). 5 is the smallest weight that lost nothing anywhere. synthetic-tiny-c, held out from the
+#: choice: 0.810 without offsets, 0.845 with (0.979 and 0.986 with edge snapping).
+CLASS_OFFSET_WEIGHT = 5.0
 #: Exemplars kept per class: a stroke that fills a large region keeps an even sample of its patches,
 #: so that re-runs stay quick (the bonus is a nearest-exemplar similarity, which a sample of a
 #: uniform region hardly changes).
@@ -170,6 +181,40 @@ def image_strength(text: torch.Tensor, whitening) -> float:
     queries = torch.nn.functional.normalize(text.double().cpu(), dim=-1)
     spread = torch.einsum("qe,ef,qf->q", queries, covariance, queries).clamp(min=0).sqrt().mean()
     return float(EXEMPLAR_SPREADS * spread)
+
+
+def fit_class_offsets(samples: list[tuple[torch.Tensor, torch.Tensor, float]], n_classes: int,
+                      logit_scale: float, weight: float | None = None) -> torch.Tensor:
+    """(C,) offsets, in text-score spreads, that a lesson adds to each class's scores on every image.
+
+    ``samples`` holds, per painted image, the class scores of its painted cells (N, C) as the lesson's
+    exemplars from the *other* images teach them, their painted classes (N,) and the image's text-score
+    spread. The offsets minimise the cross-entropy of the painted classes under the method's softmax plus
+    :data:`CLASS_OFFSET_WEIGHT` times their squared length: a model whose text under-scores one class
+    against another (e.g. grey background against the objects it touches, so that objects come out too
+    large) is corrected on every image, where exemplars only correct patches alike to a painted one.
+    Fitting each image on the others' exemplars keeps the offsets to what carries to an unpainted image.
+    """
+    weight = CLASS_OFFSET_WEIGHT if weight is None else weight
+    scores = torch.cat([s.double().cpu() / spread for s, _, spread in samples])
+    scales = torch.cat([torch.full((len(s),), logit_scale * spread, dtype=torch.float64) for s, _, spread in samples])
+    classes = torch.cat([c.long().cpu() for _, c, _ in samples])
+    offsets = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    if len(classes) == 0:
+        return offsets.detach().float()
+    solver = torch.optim.LBFGS([offsets], max_iter=200, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+
+    def loss():
+        solver.zero_grad()
+        value = (torch.nn.functional.cross_entropy((scores + offsets) * scales[:, None], classes)
+                 + weight * (offsets ** 2).sum())
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        solver.step(loss)
+    offsets = offsets.detach()
+    return (offsets - offsets.mean()).float()
 
 
 def check_strokes(strokes, shape: tuple[int, int], n_classes: int) -> np.ndarray | None:
@@ -263,6 +308,8 @@ class Exemplars:
     source: str | None = None                    # the feature key of the one image these were painted on
     _parts: tuple = ()                           # the sets these were merged from (by :meth:`combine`)
     lead_cap: float | None = None                # the most a taught lead may be, in cosine units (None: no cap)
+    offsets: torch.Tensor | None = None          # (C,) a lesson's class offsets, in text-score spreads
+    _offset_cosines: torch.Tensor | None = None  # the same in cosine units on the image being scored
 
     def __post_init__(self):
         self.features, self.classes = thinned(self.features, self.classes)
@@ -271,7 +318,7 @@ class Exemplars:
         others = None if self.others is None else self.others._copy()
         return Exemplars(self.features, self.classes, self.n_classes, self.query_classes, whitening,
                          covariance=self.covariance, images=self.images, others=others, _transform=self._transform,
-                         source=self.source, _parts=self._parts, lead_cap=self.lead_cap)
+                         source=self.source, _parts=self._parts, lead_cap=self.lead_cap, offsets=self.offsets)
 
     def _pieces(self) -> list:
         """The sets this one is made of, each painted on one image or taken from a lesson."""
@@ -293,7 +340,7 @@ class Exemplars:
         if not any(p.source == image_key and p.covariance is not None for p in pieces):
             return self
         return Exemplars.combine([
-            Exemplars(p.features, p.classes, p.n_classes, source=image_key)
+            Exemplars(p.features, p.classes, p.n_classes, source=image_key, offsets=p.offsets)
             if p.source == image_key and p.covariance is not None else p for p in pieces])
 
     def whitened(self, whitening) -> "Exemplars":
@@ -314,6 +361,9 @@ class Exemplars:
             whitening = (own[0], self._transform.to(own[0].device))
         copy = self.whitened(whitening)
         copy.strength = image_strength(text, whitening)
+        if self.offsets is not None:  # in spreads of the image being scored
+            copy._offset_cosines = self.offsets.float().to(own[0].device) * (image_strength(text, own)
+                                                                             / EXEMPLAR_SPREADS)
         if self.others is not None:
             copy.others = self.others.for_image(own, text)
         if snapping:
@@ -328,6 +378,9 @@ class Exemplars:
         :data:`SNAPPED_LEAD_SPREADS`). Patches without a bonus keep their text scores exactly.
         """
         classes = self.query_classes
+        offsets = self._all_offsets()
+        if offsets is not None:  # a lesson's calibration of the text, on every patch
+            logits = logits + offsets.to(logits.device)[classes]
         if self.lead_cap is None or self.covariance is not None or self.n_classes < 2:
             return logits + self.bonus(patch_features, norms)[..., classes]
         bonus = self.bonus(patch_features, norms, with_others=False)[..., classes]
@@ -341,6 +394,12 @@ class Exemplars:
         if self.others is not None:
             taught = torch.maximum(taught, logits + self.others.bonus(patch_features)[..., classes])
         return taught
+
+    def _all_offsets(self) -> torch.Tensor | None:
+        """(C,) the class offsets in cosine units of this set and the sets it holds (None: none)."""
+        found = [part._offset_cosines for part in (self, self.others) if part is not None
+                 and part._offset_cosines is not None]
+        return None if not found else sum(found)
 
     @staticmethod
     def combine(parts) -> "Exemplars | None":
@@ -363,7 +422,7 @@ class Exemplars:
         return Exemplars(self.features.to(device), self.classes.to(device), self.n_classes,
                          None if self.query_classes is None else self.query_classes.to(device), self.whitening,
                          covariance=self.covariance, images=self.images, others=others, _transform=self._transform,
-                         source=self.source, _parts=tuple(p.to(device) for p in self._parts))
+                         source=self.source, _parts=tuple(p.to(device) for p in self._parts), offsets=self.offsets)
 
     def _whiten(self, features: torch.Tensor) -> torch.Tensor:
         features = features.float()
@@ -410,10 +469,11 @@ class Exemplars:
 def _merged(parts: list, covariance, images: int) -> Exemplars:
     device = parts[0].features.device
     sources = {p.source for p in parts}
+    offsets = [p.offsets.double().cpu() for p in parts if p.offsets is not None]
     return Exemplars(torch.cat([p.features.to(device) for p in parts]),
                      torch.cat([p.classes.to(device) for p in parts]), parts[0].n_classes,
                      covariance=covariance, images=images, source=sources.pop() if len(sources) == 1 else None,
-                     _parts=tuple(parts))
+                     _parts=tuple(parts), offsets=sum(offsets).float() if offsets else None)
 
 
 class ExemplarCollector:

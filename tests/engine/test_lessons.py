@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import zipfile
@@ -33,6 +34,7 @@ def lesson(demo):
 
 
 def test_a_lesson_teaches_another_image_as_the_strokes_exemplars_would(demo, lesson):
+    """Its exemplars teach as the strokes' exemplars do; its class offsets (tested below) come on top."""
     image = make_scene(11, size=256, objects=(3, 3)).image  # red and blue shapes, as taught
     first = demo.collect_exemplars(*painted(3, "red", 4), CLASSES)
     second = demo.collect_exemplars(*painted(7, "blue", 2), CLASSES)
@@ -40,8 +42,9 @@ def test_a_lesson_teaches_another_image_as_the_strokes_exemplars_would(demo, les
     from napari_clearclip.strokes import Exemplars
 
     by_exemplars = demo.segment(image, CLASSES, exemplars=Exemplars.combine([first, second]))
-    by_lesson = demo.segment(image, CLASSES, lesson=lesson)
+    by_lesson = demo.segment(image, CLASSES, lesson=dataclasses.replace(lesson, class_offsets=None))
     np.testing.assert_array_equal(by_lesson.labels, by_exemplars.labels)
+    by_lesson = demo.segment(image, CLASSES, lesson=lesson)
     plain = demo.segment(image, CLASSES)
     assert (by_lesson.labels != plain.labels).mean() > 0.01      # it taught something
 
@@ -312,3 +315,66 @@ def test_exemplars_from_other_images_are_whitened_regularised_at_the_covariances
         used = exemplars.for_image(own, text).whitening[1].double().numpy()
         expected = rotation @ np.diag(1 / np.sqrt(np.array(values) + floor)) @ rotation.T
         np.testing.assert_allclose(used, expected, rtol=2e-4, atol=1e-6)
+
+
+def test_a_lesson_from_several_images_adds_its_class_offsets_to_every_pixel_in_this_images_spreads(demo, lesson):
+    """Offsets are constant per class: every pixel's class scores move by offset x the image's text-score spread."""
+    assert lesson.class_offsets is not None and lesson.class_offsets.shape == (len(CLASSES),)
+    assert abs(float(lesson.class_offsets.sum())) < 1e-5 and np.abs(lesson.class_offsets).max() > 1e-3
+    assert demo.make_lesson(CLASSES, [painted(3, "red", 4)]).class_offsets is None   # one image: nothing to fit
+    image = make_scene(12, size=192, objects=(3, 3)).image
+    shuffled = ["background", "yellow", "red", "blue", "green"]
+    with_offsets = demo.segment(image, shuffled, lesson=lesson).similarity
+    without = demo.segment(image, shuffled, lesson=dataclasses.replace(lesson, class_offsets=None)).similarity
+    shift = (with_offsets - without).reshape(len(CLASSES), -1)
+    assert shift.std(axis=1).max() < 1e-5                                   # the same on every pixel
+    expected = lesson.class_offsets[[CLASSES.index(name) for name in shuffled]]   # mapped by name
+    spread = shift.mean(axis=1) / expected
+    np.testing.assert_allclose(spread, spread.mean(), rtol=1e-3)            # one spread for all classes
+    assert 0 < spread.mean() < 1
+
+
+def test_class_offsets_minimise_the_painted_cross_entropy_with_their_penalty():
+    """Against an independent minimisation (scipy) of the same objective on random painted cells."""
+    import torch
+    from scipy.optimize import minimize
+
+    from napari_clearclip.strokes import CLASS_OFFSET_WEIGHT, fit_class_offsets
+
+    rng = np.random.default_rng(5)
+    samples = []
+    for spread, count in ((0.05, 40), (0.12, 25), (0.08, 60)):
+        scores = rng.normal(0.2, spread, (count, 4))
+        classes = rng.integers(0, 4, count)
+        scores[np.arange(count), classes] -= 0.05                          # the text under-scores what was painted
+        samples.append((torch.from_numpy(scores), torch.from_numpy(classes), spread))
+    fitted = fit_class_offsets(samples, 4, 50.0).numpy()
+
+    def objective(offsets):
+        total, count = 0.0, 0
+        for scores, classes, spread in samples:
+            logits = 50.0 * (scores.numpy() + offsets * spread)
+            logits -= logits.max(axis=1, keepdims=True)
+            log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            total -= log_p[np.arange(len(classes)), classes.numpy()].sum()
+            count += len(classes)
+        return total / count + CLASS_OFFSET_WEIGHT * float(np.sum(offsets ** 2))
+
+    best = minimize(objective, np.zeros(4), method="Nelder-Mead", options={"xatol": 1e-7, "fatol": 1e-10,
+                                                                            "maxiter": 20000}).x
+    np.testing.assert_allclose(fitted, best - best.mean(), atol=2e-3)
+    assert objective(fitted) <= objective(np.zeros(4))
+
+
+def test_class_offsets_are_saved_checked_on_loading_and_left_out_of_combined_lessons(lesson, tmp_path):
+    loaded = Lesson.load(lesson.save(tmp_path / "offsets"))
+    np.testing.assert_array_equal(loaded.class_offsets, lesson.class_offsets)
+    assert loaded.fingerprint() == lesson.fingerprint()
+    assert dataclasses.replace(lesson, class_offsets=None).fingerprint() != lesson.fingerprint()
+    assert lesson.combined(lesson).class_offsets is None
+    bad = dataclasses.replace(lesson, class_offsets=np.array([0.1, np.nan, 0, 0, 0], np.float32))
+    with pytest.raises(LessonError, match="class offsets"):
+        Lesson.load(bad.save(tmp_path / "bad"))
+    short = dataclasses.replace(lesson, class_offsets=np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="class offsets do not fit its 5 classes"):
+        Lesson.load(short.save(tmp_path / "short"))

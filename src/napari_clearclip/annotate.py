@@ -155,14 +155,34 @@ def _with_lessons(segmenter: Segmenter, request: LayerRequest, taught, notes: li
 
     parsed = parse_classes(request.classes)
     options = segmenter.resolve_options(request.options)
-    parts = [taught]
+    usable = []
     for lesson in request.lessons:
         try:
-            parts.append(lesson.exemplars_for(segmenter, parsed, options, segmenter.method))
+            lesson.exemplars_for(segmenter, parsed, options, segmenter.method)
         except LessonError as exc:
             notes.append(f"A lesson was not used: {exc}")
+        else:
+            usable.append(lesson)
+    parts = [taught] + [lesson.exemplars_for(segmenter, parsed, options, segmenter.method)
+                        for lesson in joined_lessons(usable)]
     lesson = None if taught is None else Lesson.from_exemplars(taught, request.classes, segmenter, options)
     return Exemplars.combine(parts), lesson
+
+
+def joined_lessons(lessons: list) -> list:
+    """The lessons as one where they can be joined (same classes in the same order), so that its class offsets are
+    fitted on the strokes of all their images together; those that cannot stay apart."""
+    from .lessons import joined
+
+    if len(lessons) < 2:
+        return lessons
+    first, rest = lessons[0], []
+    for other in lessons[1:]:
+        try:
+            first = joined(first, other)
+        except LessonError:
+            rest.append(other)
+    return [first] + rest
 
 
 def _joined(tables: list[dict]) -> dict:

@@ -18,9 +18,12 @@ File format (``.npz``, read without pickle, so a lesson from a stranger cannot r
   (regularised at its sixth-largest eigenvalue: ``strokes.OTHER_IMAGES_WHITENING_RANK``); a
   lesson without it (made by an earlier version) is whitened with each new image's own.
 - ``class_offsets`` (optional): float32 (C,), per class (in ``classes`` order) what the lesson adds to the class's
-  scores on every patch, in units of the scored image's text-score spread (see
-  ``Segmenter.make_lesson``); absent where the strokes were on one image only, or the lesson was combined from
-  others (offsets are fitted across the images of one call).
+  scores on every patch, in units of the scored image's text-score spread; fitted when the exemplars come
+  from two or more images (see ``strokes.lesson_offsets``), and fitted anew when lessons are combined;
+- ``image_ids`` (optional, with the next two): int32 (N,), which painted image each exemplar came from;
+- ``image_means``: float32 (images, E), those images' patch means;
+- ``text``: float32 (Q, E), the text embeddings of the classes' names and synonyms (in order) the
+  lesson was made with; with ``logit_scale`` in ``meta``, what fitting the offsets needs.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -57,6 +60,10 @@ class Lesson:
     covariance: np.ndarray | None = None    # (E, E) patch covariance of the painted images, averaged
     images: int = 0                         # how many images that is
     class_offsets: np.ndarray | None = None  # (C,) float32, added to each class's scores, in text-score spreads
+    image_ids: np.ndarray | None = None      # (N,) the painted image each exemplar came from
+    image_means: np.ndarray | None = None    # (images, E) float32 patch means of those images
+    text: np.ndarray | None = None           # (Q, E) float32 the text embeddings of the classes' queries
+    logit_scale: float = 50.0                # of the method the offsets were fitted for
 
     @property
     def class_names(self) -> list[str]:
@@ -85,13 +92,17 @@ class Lesson:
         meta = {"format": FORMAT, "version": VERSION, "classes": [list(c) for c in self.classes],
                 "model": self.model, "weights": self.weights, "method": self.method,
                 "short_side": self.windows[0], "crop": self.windows[1], "stride": self.windows[2],
-                "made_with": __version__, "images": self.images if self.covariance is not None else 0}
+                "made_with": __version__, "images": self.images if self.covariance is not None else 0,
+                "logit_scale": self.logit_scale}
         arrays = {"features": self.features.astype(np.float32), "classes": self.labels.astype(np.int32),
                   "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
         if self.covariance is not None:
             arrays["covariance"] = self.covariance.astype(np.float32)
         if self.class_offsets is not None:
             arrays["class_offsets"] = self.class_offsets.astype(np.float32)
+        if self._can_fit():
+            arrays.update(image_ids=self.image_ids.astype(np.int32), image_means=self.image_means.astype(np.float32),
+                          text=self.text.astype(np.float32))
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
 
@@ -120,14 +131,16 @@ class Lesson:
                 features, labels = archive["features"], archive["classes"]
                 covariance = archive["covariance"] if "covariance" in names else None
                 offsets = archive["class_offsets"] if "class_offsets" in names else None
+                fitting = tuple(archive[n] for n in ("image_ids", "image_means", "text")) \
+                    if {"image_ids", "image_means", "text"} <= names else None
         except LessonError:
             raise
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, UnicodeDecodeError, KeyError) as exc:
             raise LessonError(f"{path} is not a napari-clearclip lesson, or it is damaged ({exc}).") from None
-        return cls._from_parts(path, meta, features, labels, covariance, offsets)
+        return cls._from_parts(path, meta, features, labels, covariance, offsets, fitting)
 
     @classmethod
-    def _from_parts(cls, path, meta, features, labels, covariance=None, offsets=None) -> "Lesson":
+    def _from_parts(cls, path, meta, features, labels, covariance=None, offsets=None, fitting=None) -> "Lesson":
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise LessonError(f"{path} is not a napari-clearclip lesson.")
         version = meta.get("version")
@@ -163,8 +176,23 @@ class Lesson:
                 raise LessonError(f"{path} is a damaged lesson: its class offsets do not fit its {len(classes)} "
                                   "classes.")
             offsets = offsets.astype(np.float32)
+        image_ids = image_means = text = None
+        logit_scale = meta.get("logit_scale", 50.0)
+        if fitting is not None and covariance is not None:
+            image_ids, image_means, text = fitting
+            queries = sum(len(c) for c in classes)
+            if (image_ids.shape != labels.shape or image_ids.dtype.kind not in "iu" or image_means.ndim != 2
+                    or image_means.shape[1] != features.shape[1] or text.shape != (queries, features.shape[1])
+                    or (len(image_ids) and (image_ids.min() < 0 or image_ids.max() >= len(image_means)))
+                    or not np.isfinite(image_means).all() or not np.isfinite(text).all()
+                    or not isinstance(logit_scale, (int, float)) or not logit_scale > 0):
+                raise LessonError(f"{path} is a damaged lesson: the record of its painted images does not fit its "
+                                  "exemplars.")
+            image_ids, image_means, text = (image_ids.astype(np.int64), image_means.astype(np.float32),
+                                            text.astype(np.float32))
         return cls(classes, features.astype(np.float32), labels.astype(np.int64), *identity, windows, covariance,
-                   images if covariance is not None else 0, offsets)
+                   images if covariance is not None else 0, offsets, image_ids, image_means, text,
+                   float(logit_scale) if isinstance(logit_scale, (int, float)) else 50.0)
 
     def fingerprint(self) -> str:
         """A digest of the lesson's content (for a batch run's record of what made its outputs)."""
@@ -197,18 +225,46 @@ class Lesson:
             features = torch.cat([features.cpu(), source.features.cpu()])
             labels = torch.cat([labels.cpu(), source.classes.cpu()])
         covariance = None if source.covariance is None else source.covariance.double().cpu().numpy()
-        return cls(tuple(tuple(c.synonyms) for c in parsed), features.float().cpu().numpy(),
-                   labels.cpu().numpy().astype(np.int64), segmenter.model.name,
-                   segmenter.model.weights_id, method or segmenter.method,
-                   (options.short_side, options.crop, options.stride),
-                   None if covariance is None else covariance.astype(np.float32),
-                   source.images if covariance is not None else 0)
+        image_ids = image_means = text = None
+        if covariance is not None and source.image_ids is not None and source.image_means is not None:
+            image_ids = source.image_ids.cpu().numpy().astype(np.int64)
+            if source is not exemplars:  # the strokes on the scored image come first, from no recorded image
+                image_ids = None
+            else:
+                image_means = source.image_means.float().cpu().numpy()
+                text = segmenter.encode_classes(classes, options.templates).float().cpu().numpy()
+        lesson = cls(tuple(tuple(c.synonyms) for c in parsed), features.float().cpu().numpy(),
+                     labels.cpu().numpy().astype(np.int64), segmenter.model.name,
+                     segmenter.model.weights_id, method or segmenter.method,
+                     (options.short_side, options.crop, options.stride),
+                     None if covariance is None else covariance.astype(np.float32),
+                     source.images if covariance is not None else 0, None, image_ids, image_means, text,
+                     float(options.logit_scale))
+        return lesson.fitted()
+
+    def _can_fit(self) -> bool:
+        return (self.covariance is not None and self.image_ids is not None and self.image_means is not None
+                and self.text is not None)
+
+    def fitted(self) -> "Lesson":
+        """This lesson with its class offsets fitted on its exemplars (see ``strokes.lesson_offsets``); unchanged
+        where it does not record the painted images (a lesson saved before offsets existed, or from one image)."""
+        if not self._can_fit():
+            return self
+        from .strokes import lesson_offsets
+
+        queries = torch.tensor([k for k, synonyms in enumerate(self.classes) for _ in synonyms])
+        offsets = lesson_offsets(torch.from_numpy(self.features), torch.from_numpy(self.labels),
+                                 torch.from_numpy(self.image_ids), torch.from_numpy(self.image_means),
+                                 torch.from_numpy(self.covariance), torch.from_numpy(self.text), queries,
+                                 len(self.classes), self.logit_scale)
+        return self if offsets is None else replace(self, class_offsets=offsets.numpy())
 
     def combined(self, other: "Lesson") -> "Lesson":
         """One lesson from two made with the same model and classes (strokes on several images).
 
-        Its exemplars are both lessons'; class offsets, fitted across the images of one
-        :meth:`Segmenter.make_lesson` call, are not carried (the combined lesson has none)."""
+        Its exemplars are both lessons'; its class offsets are fitted anew on all of them (none where
+        either lesson does not record its painted images: one saved before offsets existed)."""
         self._check_identity(other.model, other.weights, other.method, other.windows, "the other lesson")
         if [c[0] for c in other.classes] != self.class_names:
             raise LessonError(f"The lessons are for other classes ({', '.join(other.class_names)} against "
@@ -218,9 +274,15 @@ class Lesson:
             images = self.images + other.images
             covariance = ((self.covariance.astype(np.float64) * self.images
                            + other.covariance.astype(np.float64) * other.images) / images).astype(np.float32)
-        return Lesson(self.classes, np.concatenate([self.features, other.features]),
-                      np.concatenate([self.labels, other.labels]), self.model, self.weights, self.method, self.windows,
-                      covariance, images)
+        image_ids = image_means = None
+        if self._can_fit() and other._can_fit():
+            image_ids = np.concatenate([self.image_ids, other.image_ids + len(self.image_means)])
+            image_means = np.concatenate([self.image_means, other.image_means])
+        joined = Lesson(self.classes, np.concatenate([self.features, other.features]),
+                        np.concatenate([self.labels, other.labels]), self.model, self.weights, self.method,
+                        self.windows, covariance, images, None, image_ids, image_means,
+                        self.text if image_ids is not None else None, self.logit_scale)
+        return joined.fitted()
 
     def _check_identity(self, model: str, weights: str, method: str, windows: tuple, what: str) -> None:
         if (model, weights) != (self.model, self.weights):
@@ -260,6 +322,20 @@ class Lesson:
             offsets[torch.from_numpy(order)] = torch.from_numpy(self.class_offsets).float()
         return Exemplars(features, torch.from_numpy(order[self.labels]), len(classes), covariance=covariance,
                          images=self.images if covariance is not None else 0, offsets=offsets)
+
+
+_JOINED: dict = {}
+
+
+def joined(first: Lesson, second: Lesson) -> Lesson:
+    """``first.combined(second)``, kept for the last few pairs: a session's widget joins the same lessons for every
+    run, and fitting the class offsets anew each time would slow live re-runs."""
+    key = (first.fingerprint(), second.fingerprint(), first._can_fit(), second._can_fit())
+    if key not in _JOINED:
+        _JOINED[key] = first.combined(second)
+        while len(_JOINED) > 8:
+            _JOINED.pop(next(iter(_JOINED)))
+    return _JOINED[key]
 
 
 def check_lesson(lesson) -> Lesson | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from dataclasses import dataclass
 from typing import Generator, Mapping, Sequence
@@ -25,8 +24,7 @@ from .progress import Progress, relabelled, run_to_end
 from .prompts import TextEncoder, check_templates, parse_classes
 from .results import SegmentationResult
 from .scoring import postprocess, snapped_postprocess_steps
-from .strokes import (EXEMPLAR_SPREADS, ExemplarCollector, Exemplars, FeatureStats, check_strokes, fit_class_offsets,
-                      image_strength, whitened_norms)
+from .strokes import ExemplarCollector, Exemplars, FeatureStats, check_strokes, whitened_norms
 from .windows import WindowGrid, grid_from_dict
 
 __all__ = ["Segmenter", "SegmentationResult", "Progress", "DEFAULT", "run_to_end"]
@@ -324,60 +322,20 @@ class Segmenter:
         and in napari.
 
         With strokes on two or more images the lesson also learns class offsets: how much this
-        model's text under- or over-scores each class, fitted on each image's painted cells as the
-        exemplars of the *other* images teach them (see :func:`~napari_clearclip.strokes.fit_class_offsets`),
+        model's text under- or over-scores each class, fitted on each image's exemplars as the
+        exemplars of the *other* images teach them (see :func:`~napari_clearclip.strokes.lesson_offsets`),
         and added, in each image's text-score spreads, wherever the lesson is used.
         """
         method_name, _ = self._method_for(keywords)
         opts = self.resolve_options(options, method=method_name, **keywords)
-        parts, pairs = [], []
+        parts = []
         for number, pair in enumerate(painted):
             try:
                 image, strokes = pair
             except (TypeError, ValueError):
                 raise InvalidOptionError(f"painted[{number}] is not an (image, strokes) pair.") from None
-            part = self.collect_exemplars(image, strokes, classes, opts, method=method_name)
-            parts.append(part)
-            if part is not None:
-                pairs.append((image, strokes, part))
-        lesson = Lesson.from_exemplars(Exemplars.combine(parts), classes, self, opts, method_name)
-        if len(pairs) < 2:
-            return lesson
-        samples = [self._painted_scores(image, strokes, classes, opts, method_name,
-                                        Exemplars.combine([p for j, (_, _, p) in enumerate(pairs) if j != i]))
-                   for i, (image, strokes, _) in enumerate(pairs)]
-        offsets = fit_class_offsets(samples, len(lesson.classes), opts.logit_scale)
-        return dataclasses.replace(lesson, class_offsets=offsets.numpy())
-
-    def _painted_scores(self, image, strokes, classes, opts: SegmentOptions, method_name: str,
-                        exemplars: Exemplars) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """(N, C) class scores of the cells painted on ``image`` (each class its best synonym) as ``exemplars`` from
-        other images teach them, their 0-based painted classes (N,), and the image's text-score spread."""
-        _, method_fn = self._method_for({"method": method_name})
-        parsed = parse_classes(classes)
-        array = check_image(image, min_side=max(self.model.patch_size))
-        strokes = check_strokes(strokes, array.shape[:2], len(parsed))
-        queries = [s for c in parsed for s in c.synonyms]
-        text = self.text.embeddings(queries, check_templates(opts.templates)).to(self.device)
-        method_fn, extra = self._bind_text(method_fn, text, opts)
-        key = self._feature_key(array, opts, method_name, extra)
-        args = (array, key, opts, method_fn)
-        features = self._cached_features(key)
-        whitening = run_to_end(self._whitening(args, features))
-        features = self._features.get(key)
-        taught = exemplars.to(self.device).for_image(whitening, text, False)
-        taught.query_classes = torch.tensor([k for k, c in enumerate(parsed) for _ in c.synonyms], device=self.device)
-        if features is None:
-            scores = run_to_end(self._encode_and_score(*args, text=text, exemplars=taught, remember=False))
-            grid = self._layout(array, opts, method_fn)[1]
-        else:
-            scores, grid = self._score_cached(features, text, taught), features.grid
-        classes_of = taught.query_classes
-        by_class = torch.stack([scores[classes_of == k].amax(0) for k in range(len(parsed))])  # (C, h, w)
-        at_scale = ExemplarCollector(strokes, len(parsed))._at_scale(grid).to(by_class.device)
-        painted = at_scale > 0
-        return (by_class[:, painted].T.cpu(), (at_scale[painted] - 1).cpu(),
-                image_strength(text, whitening) / EXEMPLAR_SPREADS)
+            parts.append(self.collect_exemplars(image, strokes, classes, opts, method=method_name))
+        return Lesson.from_exemplars(Exemplars.combine(parts), classes, self, opts, method_name)
 
     def collect_exemplars(self, image, strokes, classes: str | Sequence[str],
                           options: SegmentOptions | Mapping | None = None, **keywords) -> Exemplars | None:
@@ -408,6 +366,8 @@ class Segmenter:
         if exemplars is not None:  # used on other images, they are compared in this image's whitening
             stats = yield from self._statistics(args, self._cached_features(key))
             exemplars.covariance, exemplars.images, exemplars.source = stats.covariance.float(), 1, key
+            exemplars.image_ids = torch.zeros(len(exemplars.classes), dtype=torch.long)
+            exemplars.image_means = stats.mean.float()[None]
         return exemplars
 
     def _statistics(self, args, features: _Features | None):

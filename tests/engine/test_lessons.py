@@ -321,7 +321,10 @@ def test_a_lesson_from_several_images_adds_its_class_offsets_to_every_pixel_in_t
     """Offsets are constant per class: every pixel's class scores move by offset x the image's text-score spread."""
     assert lesson.class_offsets is not None and lesson.class_offsets.shape == (len(CLASSES),)
     assert abs(float(lesson.class_offsets.sum())) < 1e-5 and np.abs(lesson.class_offsets).max() > 1e-3
-    assert demo.make_lesson(CLASSES, [painted(3, "red", 4)]).class_offsets is None   # one image: nothing to fit
+    first = demo.make_lesson(CLASSES, [painted(3, "red", 4)])
+    assert first.class_offsets is None                                      # one image: nothing to fit
+    joined = first.combined(demo.make_lesson(CLASSES, [painted(7, "blue", 2)]))   # as the widget joins its images'
+    np.testing.assert_allclose(joined.class_offsets, lesson.class_offsets, atol=1e-5)
     image = make_scene(12, size=192, objects=(3, 3)).image
     shuffled = ["background", "yellow", "red", "blue", "green"]
     with_offsets = demo.segment(image, shuffled, lesson=lesson).similarity
@@ -371,10 +374,32 @@ def test_class_offsets_are_saved_checked_on_loading_and_left_out_of_combined_les
     np.testing.assert_array_equal(loaded.class_offsets, lesson.class_offsets)
     assert loaded.fingerprint() == lesson.fingerprint()
     assert dataclasses.replace(lesson, class_offsets=None).fingerprint() != lesson.fingerprint()
-    assert lesson.combined(lesson).class_offsets is None
+    np.testing.assert_array_equal(loaded.image_ids, lesson.image_ids)      # what fitting them anew needs
+    np.testing.assert_array_equal(loaded.text, lesson.text)
+    np.testing.assert_allclose(loaded.fitted().class_offsets, lesson.class_offsets, atol=1e-6)
+    earlier = dataclasses.replace(lesson, image_ids=None, image_means=None, text=None)   # saved before offsets existed
+    assert earlier.combined(lesson).class_offsets is None
+    assert Lesson.load(earlier.save(tmp_path / "earlier")).class_offsets is not None   # its own are kept
+    broken = dataclasses.replace(lesson, image_ids=lesson.image_ids + 5)
+    with pytest.raises(LessonError, match="painted images does not fit"):
+        Lesson.load(broken.save(tmp_path / "broken"))
     bad = dataclasses.replace(lesson, class_offsets=np.array([0.1, np.nan, 0, 0, 0], np.float32))
     with pytest.raises(LessonError, match="class offsets"):
         Lesson.load(bad.save(tmp_path / "bad"))
     short = dataclasses.replace(lesson, class_offsets=np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="class offsets do not fit its 5 classes"):
         Lesson.load(short.save(tmp_path / "short"))
+
+
+def test_the_strokes_of_other_images_teach_a_run_as_one_lesson_fitted_on_all_of_them(demo):
+    """The widget's per-image lessons are joined for a run (and for Save lesson...), offsets fitted on all images."""
+    from napari_clearclip.annotate import joined_lessons
+
+    first = demo.make_lesson(CLASSES, [painted(3, "red", 4)])
+    second = demo.make_lesson(CLASSES, [painted(7, "blue", 2)])
+    (one,) = joined_lessons([first, second])
+    together = demo.make_lesson(CLASSES, [painted(3, "red", 4), painted(7, "blue", 2)])
+    np.testing.assert_allclose(one.class_offsets, together.class_offsets, atol=1e-5)
+    assert len(one) == len(together)
+    reordered = demo.make_lesson(["background", "yellow", "red", "blue", "green"], [painted(7, "blue", 2)])
+    assert len(joined_lessons([first, reordered])) == 2                 # other order: used apart, by name

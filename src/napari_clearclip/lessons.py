@@ -79,14 +79,18 @@ class Lesson:
 
     # -- files ----------------------------------------------------------------------------------------
 
+    @staticmethod
+    def file_for(path: str | os.PathLike) -> Path:
+        """The file :meth:`save` writes for ``path``: ``.npz`` added if missing."""
+        path = Path(path)
+        return path if path.suffix == SUFFIX else path.with_name(path.name + SUFFIX)
+
     def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the lesson to ``path`` (``.npz`` added if missing), atomically; never replaces a file unasked."""
         from . import __version__
         from .files import write_atomic
 
-        path = Path(path)
-        if path.suffix != SUFFIX:
-            path = path.with_name(path.name + SUFFIX)
+        path = self.file_for(path)
         if path.exists() and not overwrite:
             raise LessonExistsError(f"{path} exists: choose another name, or pass overwrite=True to replace it.")
         meta = {"format": FORMAT, "version": VERSION, "classes": [list(c) for c in self.classes],
@@ -260,11 +264,12 @@ class Lesson:
                                  len(self.classes), self.logit_scale)
         return self if offsets is None else replace(self, class_offsets=offsets.numpy())
 
-    def combined(self, other: "Lesson") -> "Lesson":
+    def combined(self, other: "Lesson", fit: bool = True) -> "Lesson":
         """One lesson from two made with the same model and classes (strokes on several images).
 
         Its exemplars are both lessons'; its class offsets are fitted anew on all of them (none where
-        either lesson does not record its painted images: one saved before offsets existed)."""
+        either lesson does not record its painted images: one saved before offsets existed). With
+        ``fit=False`` it has none yet: :meth:`fitted` fits them later (e.g. off napari's main thread)."""
         self._check_identity(other.model, other.weights, other.method, other.windows, "the other lesson")
         if [c[0] for c in other.classes] != self.class_names:
             raise LessonError(f"The lessons are for other classes ({', '.join(other.class_names)} against "
@@ -282,7 +287,7 @@ class Lesson:
                         np.concatenate([self.labels, other.labels]), self.model, self.weights, self.method,
                         self.windows, covariance, images, None, image_ids, image_means,
                         self.text if image_ids is not None else None, self.logit_scale)
-        return joined.fitted()
+        return joined.fitted() if fit else joined
 
     def _check_identity(self, model: str, weights: str, method: str, windows: tuple, what: str) -> None:
         if (model, weights) != (self.model, self.weights):

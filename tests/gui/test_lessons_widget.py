@@ -45,8 +45,9 @@ def test_strokes_on_one_image_teach_the_next_and_a_saved_lesson_teaches_another_
     assert np.mean(results[False][blue] == 1) < 0.5              # not shared: B knows only the text
     assert np.mean(results[True][blue] == 1) > 0.9               # shared: B's blue squares are debris too
 
-    path = widget.save_lesson(tmp_path / "debris")
-    assert path.is_file() and "Saved a lesson" in widget.status.value
+    path = widget.save_lesson(tmp_path / "debris")          # written in the background
+    qtbot.waitUntil(lambda: "Saved a lesson" in widget.status.value, timeout=30_000)
+    assert path.is_file() and path.name == "debris.npz"
 
     # another session: a fresh widget loads the lesson, which fills the classes and teaches
     from napari_clearclip.gui import ClearClipWidget
@@ -69,6 +70,7 @@ def test_a_lesson_for_other_classes_is_said_and_not_used(qtbot, widget, tmp_path
     widget.classes.value = "debris\nred\nbackground"
     teach_debris(qtbot, widget, viewer)
     path = widget.save_lesson(tmp_path / "debris")
+    qtbot.waitUntil(lambda: "Saved a lesson" in widget.status.value, timeout=30_000)
     widget.load_lesson(path)
     widget.classes.value = "debris\nbackground"                  # not the lesson's classes
     widget.image.value = viewer.add_image(squares(8), name="B")
@@ -178,3 +180,27 @@ def test_a_large_image_at_native_resolution_goes_tile_by_tile_into_an_editable_s
     assert widget.status.value.startswith("Cancelled"), widget.status.value
     assert len(viewer.layers) == layers and worker is not None
     assert len(list((tmp_path / "cache" / "labels").iterdir())) == 1                # only the first run's store
+
+
+def test_a_lesson_saved_from_strokes_on_two_images_is_fitted_as_one_made_from_both(tmp_path):
+    """Save lesson... joins the images' lessons at once and fits their class offsets in its worker."""
+    from napari_clearclip import Lesson, Segmenter
+    from napari_clearclip.gui.lessons import SessionLessons, fitted_and_saved
+
+    segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+    classes = ["debris", "red", "background"]
+    painted = []
+    for seed, (rows, cols) in ((7, (slice(40, 48), slice(40, 48))), (8, (slice(130, 138), slice(130, 138)))):
+        strokes = np.zeros((192, 192), np.int32)
+        strokes[rows, cols] = 1
+        strokes[100:104, 90:110] = 3
+        painted.append((squares(seed), strokes))
+    session = SessionLessons()
+    session.record("A", segmenter.make_lesson(classes, painted[:1]))
+    session.record("B", segmenter.make_lesson(classes, painted[1:]))
+    joined = session.to_save("B")
+    assert joined.class_offsets is None                        # not fitted on the main thread
+    lesson, path = fitted_and_saved(joined, tmp_path / "two")
+    expected = segmenter.make_lesson(classes, painted[::-1]).class_offsets
+    np.testing.assert_allclose(Lesson.load(path).class_offsets, expected, atol=1e-5)
+    np.testing.assert_allclose(lesson.class_offsets, expected, atol=1e-5)

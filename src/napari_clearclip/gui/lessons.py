@@ -29,13 +29,12 @@ class SessionLessons:
         return lessons
 
     def to_save(self, image_name: str | None) -> Lesson:
-        """One lesson of everything taught that fits the current image's (or else the newest) lesson."""
-        lessons = list(self.taught.values())
-        if image_name in self.taught:
-            lessons.remove(self.taught[image_name])
-            lessons.insert(0, self.taught[image_name])
-        elif lessons:
-            lessons.insert(0, lessons.pop())
+        """One lesson of everything taught that fits the current image's (or else the newest) lesson, its class
+        offsets not fitted yet (``Lesson.fitted``, which takes a moment for a large lesson: off the main thread)."""
+        names = list(self.taught)
+        first = image_name if image_name in self.taught else (names[-1] if names else None)
+        lessons = [self.taught[name] for name in sorted(names, key=lambda name: name != first)]  # by name: a
+        # lesson's arrays cannot be compared with ==
         if self.loaded is not None:
             lessons.append(self.loaded)
         if not lessons:
@@ -43,7 +42,7 @@ class SessionLessons:
         combined = lessons[0]
         for other in lessons[1:]:
             try:
-                combined = combined.combined(other)
+                combined = combined.combined(other, fit=False)
             except LessonError:
                 continue  # another model or other classes: not part of this lesson
         return combined
@@ -52,3 +51,9 @@ class SessionLessons:
 def classes_text(lesson: Lesson) -> str:
     """The Classes field's text for a lesson's classes (one per line, synonyms after commas)."""
     return "\n".join(", ".join(synonyms) for synonyms in lesson.classes)
+
+
+def fitted_and_saved(lesson: Lesson, path) -> tuple[Lesson, object]:
+    """Fit the lesson's class offsets and write it to ``path`` (replacing a file there: the file dialog asked)."""
+    lesson = lesson.fitted()
+    return lesson, lesson.save(path, overwrite=True)

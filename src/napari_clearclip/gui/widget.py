@@ -31,7 +31,7 @@ from .fields import build_fields, choose_file_button, lesson_buttons, saved_valu
 from .job import TILED_PIXELS, ModelHolder, layer_request, segmentation_job, tiled_job, tiled_store_path
 from .layers import ResultLayers, layer_geometry
 from .layout import captioned, run_progress_bar, scrolling, wrapping
-from .lessons import SessionLessons, classes_text
+from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, legend_html
 from .settings import load_settings, save_settings
@@ -347,8 +347,11 @@ class ClearClipWidget(FieldLogic, Container):
 
     # -- lessons --------------------------------------------------------------------------------
     def save_lesson(self, path=None):
-        """Save what strokes taught this session (the current image's first) to ``path`` (asked for when None)."""
+        """Save what strokes taught this session (the current image's first) to ``path`` (asked for when None).
+
+        Returns the file it is written to, in the background (the status says when it is saved)."""
         from ..errors import LessonError
+        from ..lessons import Lesson
 
         image = self.image.value
         try:
@@ -362,13 +365,21 @@ class ClearClipWidget(FieldLogic, Container):
             path, _ = QFileDialog.getSaveFileName(self.native, "Save lesson", "lesson.npz", "Lessons (*.npz)")
             if not path:
                 return None
-        try:  # the file dialog has asked before replacing a file
-            saved = lesson.save(path, overwrite=True)
-        except OSError as exc:
+        target = Lesson.file_for(path)
+        self._set_status(f"Saving the lesson to {target}...")
+        worker = create_worker(fitted_and_saved, lesson, target)  # fitting its class offsets takes a moment
+
+        def saved(result):
+            done, where = result
+            self._set_status(f"Saved a lesson of {len(done)} exemplars ({', '.join(done.class_names)}) to {where}.")
+
+        def failed(exc):
             self._set_status(f"Could not save the lesson: {exc}", error=True)
-            return None
-        self._set_status(f"Saved a lesson of {len(lesson)} exemplars ({', '.join(lesson.class_names)}) to {saved}.")
-        return saved
+
+        worker.returned.connect(saved)
+        worker.errored.connect(failed)
+        worker.start()
+        return target
 
     def load_lesson(self, path=None):
         """Load a lesson from ``path`` (asked for when None): it fills the classes and teaches every run."""

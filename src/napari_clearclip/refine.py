@@ -138,6 +138,36 @@ def _replicate_border(padded: torch.Tensor, pad: int) -> None:
     padded[:, :, pad + width :] = padded[:, :, pad + width - 1 : pad + width]
 
 
+#: Bytes of output one pass over the neighbours writes at a time on the CPU: small enough to stay in the cache
+#: while all the neighbours are added to it (about twice as fast as whole planes at 4096 x 4096).
+AVERAGED_AT_ONCE_BYTES = 1 << 21
+
+
+def _average_neighbours(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor, offsets, pad: int,
+                        size: tuple[int, int]) -> None:
+    """One PAMR iteration: the interior of ``spare`` becomes the ``weights``-weighted sum of each pixel's
+    neighbours at ``offsets`` in ``current`` (both padded by ``pad``).
+
+    On the CPU the rows are taken a few at a time, each block summed over every neighbour while it is in the
+    cache. Every value is the same sequence of operations (a product, then one ``addcmul`` per neighbour,
+    in the order of ``offsets``) however the rows are split: the very values whole planes give.
+    """
+    height, width = size
+    if current.device.type == "cpu":
+        rows = max(1, AVERAGED_AT_ONCE_BYTES // (current.shape[0] * width * current.element_size()))
+    else:
+        rows = height
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        inner = spare[:, pad + top : pad + bottom, pad : pad + width]
+        for number, (weight, (dy, dx)) in enumerate(zip(weights, offsets)):
+            neighbour = current[:, pad + dy + top : pad + dy + bottom, pad + dx : pad + dx + width]
+            if number == 0:
+                torch.mul(neighbour, weight[top:bottom], out=inner)
+            else:
+                inner.addcmul_(weight[top:bottom], neighbour)  # one fused pass per neighbour
+
+
 def _refine_whole(scores: torch.Tensor, guide: torch.Tensor | None, iterations: int, dilations: tuple[int, ...],
                   affinity: torch.Tensor | None = None):
     """Generator: PAMR on the whole of ``scores``, yielding after each iteration.
@@ -153,13 +183,7 @@ def _refine_whole(scores: torch.Tensor, guide: torch.Tensor | None, iterations: 
     current = _replicate(scores, pad)
     spare = torch.empty_like(current)
     for _ in range(iterations):
-        inner = _shifted(spare, pad, 0, 0, size)
-        for number, (weight, (dy, dx)) in enumerate(zip(affinity, offsets)):
-            neighbour = _shifted(current, pad, dy, dx, size)
-            if number == 0:
-                torch.mul(neighbour, weight, out=inner)
-            else:
-                inner.addcmul_(weight, neighbour)  # one fused pass per neighbour
+        _average_neighbours(current, spare, affinity, offsets, pad, size)
         _replicate_border(spare, pad)
         current, spare = spare, current
         yield
@@ -186,12 +210,7 @@ def _refine_shrinking(scores: torch.Tensor, guide: torch.Tensor | None, iteratio
         weights = affinity[:, top : top + size[0], left : left + size[1]]
         spare = torch.empty_like(current)
         inner = _shifted(spare, pad, 0, 0, size)
-        for number, (weight, (dy, dx)) in enumerate(zip(weights, offsets)):
-            neighbour = _shifted(current, pad, dy, dx, size)
-            if number == 0:
-                torch.mul(neighbour, weight, out=inner)
-            else:
-                inner.addcmul_(weight, neighbour)
+        _average_neighbours(current, spare, weights, offsets, pad, size)
         cut_top, cut_bottom, cut_left, cut_right = (pad if side else 0 for side in cut)
         kept = inner[:, cut_top : size[0] - cut_bottom, cut_left : size[1] - cut_right]
         current = _replicate(kept, pad) if any(cut) else spare

@@ -56,6 +56,25 @@ def test_pamr_matches_the_loop_reference():
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def test_pamr_averaged_a_few_rows_at_a_time_gives_the_values_of_whole_planes_bit_for_bit(monkeypatch):
+    """On the CPU each iteration sums the neighbours over blocks of rows that stay in the cache; splitting the
+    rows must not change a bit (the labels of a re-run are checked against a run from scratch)."""
+    import napari_clearclip.refine as refine
+
+    rng = np.random.default_rng(3)
+    guide = torch.from_numpy(rng.normal(size=(3, 61, 47)).astype(np.float32))
+    guide[:, 30:] += 2.0
+    scores = torch.from_numpy(rng.normal(size=(3, 61, 47)).astype(np.float32))
+    monkeypatch.setattr(refine, "AVERAGED_AT_ONCE_BYTES", 1 << 40)    # whole planes at once
+    whole = pamr(scores, guide, 4, (1, 3)).numpy()
+    for rows in (1, 7, 20):
+        monkeypatch.setattr(refine, "AVERAGED_AT_ONCE_BYTES", rows * 3 * 47 * 4)
+        np.testing.assert_array_equal(pamr(scores, guide, 4, (1, 3)).numpy(), whole)
+    small_guide, small_scores = guide[:, :13, :11].contiguous(), scores[:, :13, :11].contiguous()
+    np.testing.assert_allclose(pamr(small_scores, small_guide, 3, (1, 2)).numpy(),
+                               reference_pamr(small_scores.numpy(), small_guide.numpy(), 3, (1, 2)), atol=1e-5)
+
+
 def test_edge_snapping_stays_on_the_device_of_its_inputs():
     """Every buffer follows the guide's device (PyTorch's meta device stands in for a GPU here)."""
     from napari_clearclip.refine import pamr_affinities

@@ -177,11 +177,18 @@ def _refine_whole(scores: torch.Tensor, guide: torch.Tensor | None, iterations: 
     :func:`pamr_affinities` at these pixels) spares computing them again.
     """
     affinity = (pamr_affinities(guide, dilations) if affinity is None else affinity).to(scores.dtype)
-    size = tuple(scores.shape[-2:])
+    return (yield from _refine_padded(_replicate(scores, max(dilations)), None, iterations, dilations, affinity))
+
+
+def _refine_padded(current: torch.Tensor, spare: torch.Tensor | None, iterations: int, dilations: tuple[int, ...],
+                   affinity: torch.Tensor):
+    """Generator: :func:`_refine_whole` on scores already padded by max(dilations) (``current``, its border
+    repeating its edges), with ``spare`` (None: allocated) as the other buffer; returns the refined interior, a
+    view of one of the two buffers (``current`` after an even number of iterations)."""
     pad = max(dilations)
+    size = (current.shape[1] - 2 * pad, current.shape[2] - 2 * pad)
     offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
-    current = _replicate(scores, pad)
-    spare = torch.empty_like(current)
+    spare = torch.empty_like(current) if spare is None else spare
     for _ in range(iterations):
         _average_neighbours(current, spare, affinity, offsets, pad, size)
         _replicate_border(spare, pad)

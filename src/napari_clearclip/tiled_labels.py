@@ -53,8 +53,13 @@ def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, 
     return low.numpy(), high.numpy(), source - low.float()
 
 
-def upsample(source: torch.Tensor, rows, cols) -> torch.Tensor:
-    """Bilinear resize of ``source`` (Q, h, w) at the output pixels whose taps are ``rows`` x ``cols``.
+#: Output bytes resized at a time: the products of a few rows, not full-size temporaries.
+RESIZED_AT_ONCE_BYTES = 1 << 21
+
+
+def upsample(source: torch.Tensor, rows, cols, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Bilinear resize of ``source`` (Q, h, w) at the output pixels whose taps are ``rows`` x ``cols``
+    (into ``out`` when given, e.g. the inside of a padded buffer).
 
     Width first, then height, each as separate element-wise operations: a pixel's value
     depends on its four source values and weights only, never on which region is computed.
@@ -65,8 +70,54 @@ def upsample(source: torch.Tensor, rows, cols) -> torch.Tensor:
     col_low_t, col_high_t = torch.from_numpy(col_low), torch.from_numpy(col_high)
     across = slab.index_select(2, col_low_t) * (1 - col_weight) + slab.index_select(2, col_high_t) * col_weight
     row_low_t, row_high_t = torch.from_numpy(row_low - first), torch.from_numpy(row_high - first)
-    weight = row_weight.view(1, -1, 1)
-    return across.index_select(1, row_low_t) * (1 - weight) + across.index_select(1, row_high_t) * weight
+    height, width = len(row_low), across.shape[2]
+    if out is None:
+        out = torch.empty((source.shape[0], height, width))
+    step = max(1, RESIZED_AT_ONCE_BYTES // (4 * source.shape[0] * width))
+    for start in range(0, height, step):
+        stop = min(start + step, height)
+        weight = row_weight[start:stop].view(1, -1, 1)
+        block = out[:, start:stop]
+        torch.mul(across.index_select(1, row_low_t[start:stop]), 1 - weight, out=block)
+        block += across.index_select(1, row_high_t[start:stop]) * weight
+    return out
+
+
+class _Buffers:
+    """Float32 buffers reused within a run, so that it maps fresh memory for its largest region only.
+
+    The C library hands large blocks back to the system when they are freed and maps them anew
+    on the next request: a 4096 x 4096 first run took 9 GB of fresh pages (about 5 s of system
+    time on 2 cores) before its planes were reused.
+    """
+
+    def __init__(self):
+        self._free: list[torch.Tensor] = []
+        self._taken: list[torch.Tensor] = []
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised contiguous float32 tensor of ``shape``."""
+        needed = int(np.prod(shape))
+        fitting = [i for i, buffer in enumerate(self._free) if buffer.numel() >= needed]
+        if fitting:
+            buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
+        else:  # the smaller free buffers would only add to the peak: let them go
+            self._free = []
+            buffer = torch.empty(needed)
+        self._taken.append(buffer)
+        return buffer[:needed].view(shape)
+
+    def give_back(self, view: torch.Tensor | None = None) -> None:
+        """Hand back the buffer under ``view`` (None: every buffer taken)."""
+        if view is None:
+            self._free += self._taken
+            self._taken = []
+            return
+        pointer = view.untyped_storage().data_ptr()
+        for i, buffer in enumerate(self._taken):
+            if buffer.untyped_storage().data_ptr() == pointer:
+                self._free.append(self._taken.pop(i))
+                return
 
 
 def class_scores(scores: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -258,31 +309,35 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
                              max(dilations))
     differences = scores - scores[reference : reference + 1]  # every query against the reference, which scores 0
     done = 0
+    buffers = _Buffers()
     for (bounds, tiles), queries in zip(regions, channels):
         values, done = yield from _channels_near(tiles, bounds, queries, competing, differences,
                                                  (guide, guide_rows, guide_cols) if iterations else None,
                                                  geometry, halo, (iterations, dilations), (done, total),
-                                                 affinities)
+                                                 affinities, buffers)
         _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance, present)
         del values
+        buffers.give_back()
     state.labels, state.margins, state.present = labels, margins, present
     state.computed = float(dirty.sum()) / dirty.size
     return state
 
 
 def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: torch.Tensor, guide, geometry: _Geometry,
-                   halo: int, snap: tuple, progress: tuple[int, int], kept: AffinityTiles | None = None):
+                   halo: int, snap: tuple, progress: tuple[int, int], kept: AffinityTiles | None = None,
+                   buffers: _Buffers | None = None):
     """Generator: each query's scores (relative to the reference) resized, and snapped when ``snap`` has
     iterations, around the tiles of ``tiles`` where it can win; yields (done, total) from ``progress``.
 
     Returns ({query: (values, their top, their left, (top, bottom, left, right) of the query's own tiles,
     where the values are exact)}, done). The guide's affinities are computed once for the region, or
-    taken from ``kept`` where an earlier run computed them.
+    taken from ``kept`` where an earlier run computed them. Planes come from ``buffers``.
     """
-    from .refine import _finish, _refine_shrinking, _refine_whole, pamr_affinities
+    from .refine import _finish, _refine_padded, _refine_shrinking, _replicate_border, pamr_affinities
 
     iterations, dilations = snap
     done, total = progress
+    buffers = _Buffers() if buffers is None else buffers
     size = geometry.size
     image = (0, size[0], 0, size[1])
     own_tiles = {q: [t for t in tiles if competing[t[0], t[1], q]] for q in queries}
@@ -300,14 +355,21 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
         affinity = compute(area) if kept is None else kept.region(area, compute)
     values = {}
     for q, (top, bottom, left, right) in rectangles.items():
-        channel = upsample(differences[q : q + 1], tuple(t[top:bottom] for t in geometry.rows),
-                           tuple(t[left:right] for t in geometry.cols))
+        taps = tuple(t[top:bottom] for t in geometry.rows), tuple(t[left:right] for t in geometry.cols)
+        cut = (top > 0, bottom < size[0], left > 0, right < size[1])  # sides inside the image
+        shrink = iterations and _worth_shrinking((bottom - top, right - left), cut, iterations * max(dilations))
+        if iterations and not shrink:  # resized straight into a padded buffer, snapped with a spare one
+            pad = max(dilations)
+            padded = buffers.take((1, bottom - top + 2 * pad, right - left + 2 * pad))
+            upsample(differences[q : q + 1], *taps, out=padded[:, pad:-pad, pad:-pad])
+            _replicate_border(padded, pad)
+            spare = buffers.take(padded.shape)
+        else:
+            channel = upsample(differences[q : q + 1], *taps)
         if iterations:
-            cut = (top > 0, bottom < size[0], left > 0, right < size[1])  # sides inside the image
             weights = affinity[:, top - area[0] : bottom - area[0], left - area[2] : right - area[2]]
-            shrink = _worth_shrinking(channel.shape[-2:], cut, iterations * max(dilations))
             steps = (_refine_shrinking(channel, None, iterations, dilations, cut, weights) if shrink
-                     else _refine_whole(channel, None, iterations, dilations, weights))
+                     else _refine_padded(padded, spare, iterations, dilations, weights))
             for _ in range(iterations):
                 next(steps)
                 done += 1
@@ -317,6 +379,8 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
                 top, left = top + shift_y, left + shift_x
             else:
                 channel = _finish(steps)
+                buffers.give_back(spare if channel.untyped_storage().data_ptr() == padded.untyped_storage().data_ptr()
+                                  else padded)
         else:
             done += 1
             yield done, total

@@ -157,7 +157,7 @@ def test_a_boundary_between_two_classes_is_snapped_as_one_channel(monkeypatch):
     size, spans = (384, 384), [(i, i + 1) for i in range(5)]
     names, snap = [(f"c{i}",) for i in range(5)], (2, (1, 2))
     snapped = []
-    for name in ("_refine_whole", "_refine_shrinking"):
+    for name in ("_refine_whole", "_refine_shrinking", "_refine_padded"):
         real = getattr(refine, name)
 
         def counting(values, *args, real=real, **kwargs):

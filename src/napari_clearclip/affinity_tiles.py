@@ -84,7 +84,7 @@ class AffinityTiles:
                 max(0, left - self.context), min(self.size[1], right + self.context))
 
     def _exact_tiles(self, area, weights: torch.Tensor, within=None) -> dict:
-        """The tiles of ``weights`` (computed over ``area``) whose values are exact, as separate tensors."""
+        """The tiles of ``weights`` (computed over ``area``) whose values are exact, as views of it."""
         top, bottom, left, right = area
         exact = (top if top == 0 else top + self.context, bottom if bottom == self.size[0] else bottom - self.context,
                  left if left == 0 else left + self.context, right if right == self.size[1] else right - self.context)
@@ -96,7 +96,7 @@ class AffinityTiles:
             for tx in range(-(-exact[2] // self.tile), exact[3] // self.tile + 1):
                 y0, y1, x0, x1 = self._span(ty, tx)
                 if y0 < y1 and x0 < x1 and y1 <= exact[1] and x1 <= exact[3]:
-                    tiles[(ty, tx)] = weights[:, y0 - top : y1 - top, x0 - left : x1 - left].clone()
+                    tiles[(ty, tx)] = weights[:, y0 - top : y1 - top, x0 - left : x1 - left]
         return tiles
 
     def _rectangles(self, missing: list) -> list:
@@ -129,7 +129,7 @@ class AffinityTiles:
         return out
 
     def _keep(self, tiles: dict) -> None:
-        """Keep new tiles while there is room. Once full, later tiles are not kept and none is dropped:
+        """Keep copies of new tiles while there is room. Once full, later tiles are not kept and none is dropped:
         runs sweep the image in the same order, so dropping the least recently used would drop each
         tile just before the next run needs it, and keep none of those it will use."""
         with self._lock:
@@ -137,5 +137,5 @@ class AffinityTiles:
                 size = value.numel() * value.element_size()
                 if key in self._tiles or self.nbytes + size > self.max_bytes:
                     continue
-                self._tiles[key] = value
+                self._tiles[key] = value.clone()
                 self.nbytes += size

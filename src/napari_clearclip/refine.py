@@ -9,6 +9,7 @@ image is there.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -26,22 +27,63 @@ def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, size: tuple[int, 
     return padded[:, pad + dy : pad + dy + height, pad + dx : pad + dx + width]
 
 
+class Buffers:
+    """Float32 buffers reused within a run, so that it maps fresh memory for its largest region only.
+
+    The C library hands large blocks back to the system when they are freed and maps them anew
+    on the next request: a 4096 x 4096 first run took 9 GB of fresh pages (about 5 s of system
+    time on 2 cores) before its planes were reused.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = device
+        self._free: list[torch.Tensor] = []
+        self._taken: list[torch.Tensor] = []
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised contiguous float32 tensor of ``shape``."""
+        needed = math.prod(shape)
+        fitting = [i for i, buffer in enumerate(self._free) if buffer.numel() >= needed]
+        if fitting:
+            buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
+        else:  # the smaller free buffers would only add to the peak: let them go
+            self._free = []
+            buffer = torch.empty(needed, device=self.device)
+        self._taken.append(buffer)
+        return buffer[:needed].view(shape)
+
+    def give_back(self, view: torch.Tensor | None = None) -> None:
+        """Hand back the buffer under ``view`` (None: every buffer taken)."""
+        if view is None:
+            self._free += self._taken
+            self._taken = []
+            return
+        pointer = view.untyped_storage().data_ptr()
+        for i, buffer in enumerate(self._taken):
+            if buffer.untyped_storage().data_ptr() == pointer:
+                self._free.append(self._taken.pop(i))
+                return
+
+
 def _replicate(x: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(x[None], (pad, pad, pad, pad), mode="replicate")[0]
 
 
-def _window_sum(padded: torch.Tensor, pad: int, dilation: int, size: tuple[int, int]) -> torch.Tensor:
+def _window_sum(padded: torch.Tensor, pad: int, dilation: int, size: tuple[int, int], buffers: Buffers) -> torch.Tensor:
     """The sum of each pixel's 3 x 3 values at ``dilation`` (centre included): rows of three, then three rows."""
     height, width = size
     rows = padded[:, pad - dilation : pad + height + dilation]
-    across = rows[:, :, pad - dilation : pad - dilation + width] + rows[:, :, pad : pad + width]
+    across = buffers.take((padded.shape[0], height + 2 * dilation, width))
+    torch.add(rows[:, :, pad - dilation : pad - dilation + width], rows[:, :, pad : pad + width], out=across)
     across += rows[:, :, pad + dilation : pad + dilation + width]
-    total = across[:, :height] + across[:, dilation : dilation + height]
+    total = buffers.take((padded.shape[0], height, width))
+    torch.add(across[:, :height], across[:, dilation : dilation + height], out=total)
     total += across[:, 2 * dilation : 2 * dilation + height]
+    buffers.give_back(across)
     return total
 
 
-def _neighbour_distances(padded: torch.Tensor, pad: int, offsets, size: tuple[int, int]):
+def _neighbour_distances(padded: torch.Tensor, pad: int, offsets, size: tuple[int, int], buffers: Buffers):
     """Yield (offset, |x(p) - x(p + offset)| for every pixel p) for each offset.
 
     The distance to p - o is the distance p - o has to its neighbour at + o: each pair of opposite
@@ -57,7 +99,7 @@ def _neighbour_distances(padded: torch.Tensor, pad: int, offsets, size: tuple[in
         top, bottom = min(pad, pad - dy), max(pad + height, pad + height - dy)
         left, right = min(pad, pad - dx), max(pad + width, pad + width - dx)
         if buffer is None:
-            buffer = padded.new_empty((padded.shape[0], height + 2 * pad, width + 2 * pad))
+            buffer = buffers.take((padded.shape[0], height + 2 * pad, width + 2 * pad))
         distance = buffer[:, top:bottom, left:right]
         torch.sub(padded[:, top:bottom, left:right], padded[:, top + dy : bottom + dy, left + dx : right + dx],
                   out=distance).abs_()
@@ -65,9 +107,12 @@ def _neighbour_distances(padded: torch.Tensor, pad: int, offsets, size: tuple[in
         if (-dy, -dx) in wanted and (dy, dx) != (0, 0):
             rows, cols = pad - dy - top, pad - dx - left
             yield (-dy, -dx), distance[:, rows : rows + height, cols : cols + width]
+    if buffer is not None:
+        buffers.give_back(buffer)
 
 
-def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIONS) -> torch.Tensor:
+def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIONS,
+                    buffers: Buffers | None = None) -> torch.Tensor:
     """(8 x len(dilations), H, W) weights of each pixel's neighbours, summing to 1 per pixel.
 
     Affinity = -|guide - neighbour| / (1e-8 + 0.1 x std), std being the (unbiased) standard
@@ -76,31 +121,38 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
     a full-size image at a time, so that a 4096 x 4096 guide needs a few buffers, not dozens.
     Every value is a fixed sequence of element-wise operations on the guide within the largest
     dilation of its pixel: a region of the image gets the very values the whole image gets.
+    Temporary planes and the weights come from ``buffers`` (the weights stay taken).
     """
     guide = guide.float()
+    buffers = Buffers(guide.device) if buffers is None else buffers
     channels = guide.shape[0]
     size = tuple(guide.shape[-2:])
     pad = max(dilations)
-    padded = _replicate(guide, pad)
+    padded = buffers.take((channels, size[0] + 2 * pad, size[1] + 2 * pad))
+    padded[:, pad : pad + size[0], pad : pad + size[1]] = guide
+    _replicate_border(padded, pad)
     count = 9 * len(dilations)
-    mean = _window_sum(padded, pad, dilations[0], size)
+    mean = _window_sum(padded, pad, dilations[0], size, buffers)
     for dilation in dilations[1:]:
-        mean += _window_sum(padded, pad, dilation, size)
+        window = _window_sum(padded, pad, dilation, size, buffers)
+        mean += window
+        buffers.give_back(window)
     mean /= count
-    variance, difference = torch.zeros_like(guide), torch.empty_like(guide)
+    variance, difference = buffers.take(guide.shape).zero_(), buffers.take(guide.shape)
     for value in (_shifted(padded, pad, dy * d, dx * d, size) for d in dilations for dy, dx in WINDOW):
         torch.sub(value, mean, out=difference)
         variance.addcmul_(difference, difference)
-    del mean, difference
+    buffers.give_back(mean)
+    buffers.give_back(difference)
     # what each channel's distance is multiplied by: -1 / (channels x (1e-8 + 0.1 std)), the minus of the softmax's
     # logits and the mean over channels included
     factor = variance.div_(count - 1).sqrt_().mul_(0.1).add_(1e-8).mul_(channels).reciprocal_().neg_()
     offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
-    logits = torch.empty((len(offsets), *size), dtype=guide.dtype, device=guide.device)
+    logits = buffers.take((len(offsets), *size))
     planes: dict[tuple[int, int], list[int]] = {}  # a dilation given twice gives its offsets twice
     for number, offset in enumerate(offsets):
         planes.setdefault(offset, []).append(number)
-    for offset, distance in _neighbour_distances(padded, pad, list(planes), size):
+    for offset, distance in _neighbour_distances(padded, pad, list(planes), size, buffers):
         first, *others = planes[offset]
         logit = logits[first]
         torch.mul(distance[0], factor[0], out=logit)
@@ -108,15 +160,21 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
             logit.addcmul_(distance[channel], factor[channel])
         for number in others:
             logits[number].copy_(logit)
-    logits -= logits.amax(0)                      # softmax over the neighbours, in place
+    buffers.give_back(padded)
+    buffers.give_back(factor)
+    highest = buffers.take(size)
+    torch.amax(logits, 0, out=highest)
+    logits -= highest                             # softmax over the neighbours, in place
     logits.exp_()
     # the sums here are element-wise additions in a fixed order: PyTorch's reductions over the first axis may add
     # in another order depending on the array's size, and a band or region of the image must get exactly the
     # values the whole image gets
-    total = logits[0].clone()
+    total = highest.copy_(logits[0])
     for plane_values in logits[1:]:
         total += plane_values
-    return logits.div_(total)
+    logits.div_(total)
+    buffers.give_back(total)
+    return logits
 
 
 #: Memory the refinement may use at once; larger outputs are refined in bands of rows.

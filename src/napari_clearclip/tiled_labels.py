@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .affinity_tiles import AffinityTiles
+from .refine import Buffers
 
 #: Side of the tiles that are either skipped or recomputed, in output pixels.
 TILE = 64
@@ -81,43 +82,6 @@ def upsample(source: torch.Tensor, rows, cols, out: torch.Tensor | None = None) 
         torch.mul(across.index_select(1, row_low_t[start:stop]), 1 - weight, out=block)
         block += across.index_select(1, row_high_t[start:stop]) * weight
     return out
-
-
-class _Buffers:
-    """Float32 buffers reused within a run, so that it maps fresh memory for its largest region only.
-
-    The C library hands large blocks back to the system when they are freed and maps them anew
-    on the next request: a 4096 x 4096 first run took 9 GB of fresh pages (about 5 s of system
-    time on 2 cores) before its planes were reused.
-    """
-
-    def __init__(self):
-        self._free: list[torch.Tensor] = []
-        self._taken: list[torch.Tensor] = []
-
-    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """An uninitialised contiguous float32 tensor of ``shape``."""
-        needed = int(np.prod(shape))
-        fitting = [i for i, buffer in enumerate(self._free) if buffer.numel() >= needed]
-        if fitting:
-            buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
-        else:  # the smaller free buffers would only add to the peak: let them go
-            self._free = []
-            buffer = torch.empty(needed)
-        self._taken.append(buffer)
-        return buffer[:needed].view(shape)
-
-    def give_back(self, view: torch.Tensor | None = None) -> None:
-        """Hand back the buffer under ``view`` (None: every buffer taken)."""
-        if view is None:
-            self._free += self._taken
-            self._taken = []
-            return
-        pointer = view.untyped_storage().data_ptr()
-        for i, buffer in enumerate(self._taken):
-            if buffer.untyped_storage().data_ptr() == pointer:
-                self._free.append(self._taken.pop(i))
-                return
 
 
 def class_scores(scores: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -309,7 +273,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
                              max(dilations))
     differences = scores - scores[reference : reference + 1]  # every query against the reference, which scores 0
     done = 0
-    buffers = _Buffers()
+    buffers = Buffers()
     for (bounds, tiles), queries in zip(regions, channels):
         values, done = yield from _channels_near(tiles, bounds, queries, competing, differences,
                                                  (guide, guide_rows, guide_cols) if iterations else None,
@@ -325,7 +289,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
 
 def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: torch.Tensor, guide, geometry: _Geometry,
                    halo: int, snap: tuple, progress: tuple[int, int], kept: AffinityTiles | None = None,
-                   buffers: _Buffers | None = None):
+                   buffers: Buffers | None = None):
     """Generator: each query's scores (relative to the reference) resized, and snapped when ``snap`` has
     iterations, around the tiles of ``tiles`` where it can win; yields (done, total) from ``progress``.
 
@@ -337,7 +301,7 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
 
     iterations, dilations = snap
     done, total = progress
-    buffers = _Buffers() if buffers is None else buffers
+    buffers = Buffers() if buffers is None else buffers
     size = geometry.size
     image = (0, size[0], 0, size[1])
     own_tiles = {q: [t for t in tiles if competing[t[0], t[1], q]] for q in queries}
@@ -350,29 +314,37 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
 
         def compute(rectangle):
             top, bottom, left, right = rectangle
-            return pamr_affinities(upsample(guide_values, tuple(t[top:bottom] for t in guide_rows),
-                                            tuple(t[left:right] for t in guide_cols)), dilations)
+            resized = upsample(guide_values, tuple(t[top:bottom] for t in guide_rows),
+                               tuple(t[left:right] for t in guide_cols),
+                               out=buffers.take((guide_values.shape[0], bottom - top, right - left)))
+            weights = pamr_affinities(resized, dilations, buffers)
+            buffers.give_back(resized)
+            return weights
         affinity = compute(area) if kept is None else kept.region(area, compute)
     values = {}
-    for q, (top, bottom, left, right) in rectangles.items():
+    groups: dict[tuple, list[int]] = {}  # queries over the same rectangle are snapped together: one pass over weights
+    for q, rectangle in rectangles.items():
+        groups.setdefault(rectangle, []).append(q)
+    for (top, bottom, left, right), group in groups.items():
         taps = tuple(t[top:bottom] for t in geometry.rows), tuple(t[left:right] for t in geometry.cols)
         cut = (top > 0, bottom < size[0], left > 0, right < size[1])  # sides inside the image
         shrink = iterations and _worth_shrinking((bottom - top, right - left), cut, iterations * max(dilations))
+        source = differences[group]
         if iterations and not shrink:  # resized straight into a padded buffer, snapped with a spare one
             pad = max(dilations)
-            padded = buffers.take((1, bottom - top + 2 * pad, right - left + 2 * pad))
-            upsample(differences[q : q + 1], *taps, out=padded[:, pad:-pad, pad:-pad])
+            padded = buffers.take((len(group), bottom - top + 2 * pad, right - left + 2 * pad))
+            upsample(source, *taps, out=padded[:, pad:-pad, pad:-pad])
             _replicate_border(padded, pad)
             spare = buffers.take(padded.shape)
         else:
-            channel = upsample(differences[q : q + 1], *taps)
+            channel = upsample(source, *taps)
         if iterations:
             weights = affinity[:, top - area[0] : bottom - area[0], left - area[2] : right - area[2]]
             steps = (_refine_shrinking(channel, None, iterations, dilations, cut, weights) if shrink
                      else _refine_padded(padded, spare, iterations, dilations, weights))
             for _ in range(iterations):
                 next(steps)
-                done += 1
+                done += len(group)
                 yield done, total
             if shrink:
                 channel, (shift_y, shift_x) = _finish(steps)
@@ -382,9 +354,10 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
                 buffers.give_back(spare if channel.untyped_storage().data_ptr() == padded.untyped_storage().data_ptr()
                                   else padded)
         else:
-            done += 1
+            done += len(group)
             yield done, total
-        values[q] = (channel[0], top, left, _rectangle(own_tiles[q], geometry, 0, image))
+        for number, q in enumerate(group):
+            values[q] = (channel[number], top, left, _rectangle(own_tiles[q], geometry, 0, image))
     if not rectangles:
         done += max(1, iterations)
         yield done, total
@@ -484,28 +457,19 @@ def _label_tiles(values: dict, tiles, reference: int, gaps: np.ndarray, owner: n
     bottom = min(int(geometry.tile_rows[last_y]) + tile, geometry.size[0])
     right = min(int(geometry.tile_cols[last_x]) + tile, geometry.size[1])
     shape = (bottom - top, right - left)
-    by_class: dict[int, list] = {int(owner[reference]): [torch.zeros(shape)]}
-    for query in sorted(values):
-        plane, plane_top, plane_left, (exact_top, exact_bottom, exact_left, exact_right) = values[query]
-        rows = slice(max(top, exact_top), min(bottom, exact_bottom))
-        cols = slice(max(left, exact_left), min(right, exact_right))
-        exact = plane[rows.start - plane_top : rows.stop - plane_top, cols.start - plane_left : cols.stop - plane_left]
-        if exact.shape != shape:  # the query has no say beyond the tiles where it can win
-            padded = torch.full(shape, float("-inf"))
-            padded[rows.start - top : rows.stop - top, cols.start - left : cols.stop - left] = exact
-            exact = padded
-        by_class.setdefault(int(owner[query]), []).append(exact)
-    order = sorted(by_class)
-    stacked = [parts[0] if len(parts) == 1 else torch.stack(parts).amax(0) for parts in (by_class[k] for k in order)]
-    index, margin = labels_and_margins(torch.stack(stacked))
-    lookup = torch.tensor(order, dtype=torch.int32) + 1
-    block_labels = (index.to(torch.uint8) if order == list(range(len(order))) and len(order) < 256
-                    else lookup[index - 1]).numpy()
-    gap = gaps[first_y : last_y + 1, first_x : last_x + 1]
-    if np.isfinite(gap).any():
-        gap = torch.from_numpy(np.repeat(np.repeat(gap, tile, 0), tile, 1)[: shape[0], : shape[1]])
-        margin = torch.minimum(margin, gap)
-    block_margins = _half_below(margin.sub_(tolerance))
+    block_labels = np.empty(shape, labels.dtype)
+    block_margins = np.empty(shape, np.float16)
+    step = max(1, LABELLED_AT_ONCE_BYTES // (4 * shape[1] * (len(values) + 1)) // tile) * tile
+    for start in range(0, shape[0], step):   # a few rows of tiles at a time: small planes, in the cache
+        stop = min(start + step, shape[0])
+        rows = (top + start, top + stop)
+        index, margin = _leaders_in(values, rows, (left, right), reference, owner)
+        gap = gaps[first_y + start // tile : first_y + -(-stop // tile), first_x : last_x + 1]
+        if np.isfinite(gap).any():
+            gap = torch.from_numpy(np.repeat(np.repeat(gap, tile, 0), tile, 1)[: stop - start, : shape[1]])
+            margin = torch.minimum(margin, gap)
+        block_labels[start:stop] = index
+        block_margins[start:stop] = _half_below(margin.sub_(tolerance))
     # which labels occur in each tile of the block: one count over (tile, label) codes
     n_labels, across = present.shape[-1], last_x - first_x + 1
     code = ((np.arange(shape[0], dtype=np.int32) // tile * across)[:, None]
@@ -518,6 +482,38 @@ def _label_tiles(values: dict, tiles, reference: int, gaps: np.ndarray, owner: n
         inner = (slice(rows.start - top, rows.stop - top), slice(cols.start - left, cols.stop - left))
         labels[rows, cols] = block_labels[inner]
         margins[rows, cols] = block_margins[inner]
+
+
+#: Bytes of scores labelled at a time (a few rows of tiles).
+LABELLED_AT_ONCE_BYTES = 1 << 22
+
+
+def _leaders_in(values: dict, rows: tuple[int, int], cols: tuple[int, int], reference: int, owner: np.ndarray):
+    """(labels, margins) over ``rows`` x ``cols`` of the image from the queries' planes in ``values`` (see
+    :func:`_label_tiles`): each class's best query, the reference scoring 0, a query -inf beyond where it can win."""
+    (top, bottom), (left, right) = rows, cols
+    shape = (bottom - top, right - left)
+    by_class: dict[int, list] = {int(owner[reference]): [torch.zeros(shape)]}
+    for query in sorted(values):
+        plane, plane_top, plane_left, (exact_top, exact_bottom, exact_left, exact_right) = values[query]
+        inside = slice(max(top, exact_top), min(bottom, exact_bottom))
+        across = slice(max(left, exact_left), min(right, exact_right))
+        if inside.start >= inside.stop or across.start >= across.stop:
+            continue   # the query has no say in these rows
+        exact = plane[inside.start - plane_top : inside.stop - plane_top,
+                      across.start - plane_left : across.stop - plane_left]
+        if exact.shape != shape:  # the query has no say beyond the tiles where it can win
+            padded = torch.full(shape, float("-inf"))
+            padded[inside.start - top : inside.stop - top, across.start - left : across.stop - left] = exact
+            exact = padded
+        by_class.setdefault(int(owner[query]), []).append(exact)
+    order = sorted(by_class)
+    stacked = [parts[0] if len(parts) == 1 else torch.stack(parts).amax(0) for parts in (by_class[k] for k in order)]
+    index, margin = labels_and_margins(torch.stack(stacked))
+    if order == list(range(len(order))):
+        return index.numpy(), margin
+    lookup = torch.tensor(order, dtype=torch.int32) + 1
+    return lookup[index - 1].numpy(), margin
 
 
 def _reusable(previous: LabelState | None, state: LabelState, size) -> list | None:

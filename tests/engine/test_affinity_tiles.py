@@ -80,9 +80,9 @@ def test_a_rerun_after_a_stroke_computes_weights_only_where_no_run_did(monkeypat
 
     original = refine.pamr_affinities
 
-    def counting(guide, dilations):
+    def counting(guide, dilations, *args):
         computed.append(guide.shape[-2] * guide.shape[-1])
-        return original(guide, dilations)
+        return original(guide, dilations, *args)
     monkeypatch.setattr(refine, "pamr_affinities", counting)
 
     segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)

@@ -75,6 +75,30 @@ def test_pamr_averaged_a_few_rows_at_a_time_gives_the_values_of_whole_planes_bit
                                reference_pamr(small_scores.numpy(), small_guide.numpy(), 3, (1, 2)), atol=1e-5)
 
 
+def test_classes_resized_and_snapped_together_get_the_values_each_gets_alone():
+    """Classes competing over the same region are resized and snapped as one stack (the weights read once for
+    all); each must get the very values it gets alone, or labels would depend on which classes compete where."""
+    from napari_clearclip.refine import _finish, _refine_whole
+    from napari_clearclip.tiled_labels import bilinear_taps, upsample
+
+    rng = np.random.default_rng(5)
+    coarse = torch.from_numpy(rng.normal(size=(4, 9, 13)).astype(np.float32))
+    taps = bilinear_taps(9, 150), bilinear_taps(13, 211)
+    together = upsample(coarse, *taps)
+    for q in range(4):
+        np.testing.assert_array_equal(upsample(coarse[q : q + 1], *taps)[0].numpy(), together[q].numpy())
+    guide = torch.from_numpy(rng.normal(size=(3, 150, 211)).astype(np.float32))
+
+    def snap(values):
+        steps = _refine_whole(values, guide, 3, (2, 5))
+        for _ in range(3):
+            next(steps)
+        return _finish(steps)
+    snapped = snap(together)
+    for q in range(4):
+        np.testing.assert_array_equal(snap(together[q : q + 1])[0].numpy(), snapped[q].numpy())
+
+
 def test_edge_snapping_stays_on_the_device_of_its_inputs():
     """Every buffer follows the guide's device (PyTorch's meta device stands in for a GPU here)."""
     from napari_clearclip.refine import pamr_affinities
@@ -402,8 +426,8 @@ def test_edge_snapping_reports_progress_and_can_be_stopped(tiny_segmenter, monke
     import napari_clearclip.refine as refine
 
     rounds = []
-    real = refine._replicate_border
-    monkeypatch.setattr(refine, "_replicate_border", lambda *a: rounds.append(1) or real(*a))
+    real = refine._average_neighbours
+    monkeypatch.setattr(refine, "_average_neighbours", lambda *a: rounds.append(1) or real(*a))
     run = tiny_segmenter.segment_steps(image, ["a", "b"], refine="pamr", pamr_iterations=10)
     for step in run:
         if step.stage == "edges" and step.done == 2:

@@ -157,6 +157,13 @@ def fresh_run_seconds(image: np.ndarray, revision: str | None) -> float | None:
     return float(done.stdout.split()[-1])
 
 
+def tiles_changed(before: np.ndarray, after: np.ndarray, tile: int = 64) -> float:
+    """The share of tile x tile tiles where any label differs."""
+    height, width = before.shape
+    differ = np.pad(before != after, ((0, -height % tile), (0, -width % tile)))
+    return float(differ.reshape(differ.shape[0] // tile, tile, differ.shape[1] // tile, tile).any(axis=(1, 3)).mean())
+
+
 def stroke_at(labels: np.ndarray, rng, confirm: bool) -> tuple[np.ndarray, int]:
     """A 10 x 200 px stroke somewhere: of the class already there (confirming) or of another (correcting)."""
     height, width = labels.shape
@@ -193,10 +200,12 @@ def run_size(size: int, strokes: int, scene: str, release: str) -> list[tuple[st
         where, klass = stroke_at(labels, rng, confirm=number % 2 == 0)
         painted[where] = klass
         result, seconds = timed(lambda: segmenter.segment(image, CLASSES, maps=False, refine="pamr", strokes=painted))
+        differ = tiles_changed(labels, result.labels)
         labels = result.labels
         changed = last_state(segmenter)
         rows.append((seconds, changed, "confirming" if number % 2 == 0 else "correcting"))
-        print(f"  stroke {number + 1} ({rows[-1][2]}): {seconds:.2f} s, {changed:.1%} of tiles recomputed")
+        print(f"  stroke {number + 1} ({rows[-1][2]}): {seconds:.2f} s, {changed:.1%} of tiles recomputed, "
+              f"labels changed in {differ:.1%} of tiles (what any exact re-run must recompute)")
     _, typed = timed(lambda: segmenter.segment(image, CLASSES + ["purple"], maps=False, refine="pamr",
                                                strokes=painted))
     print(f"  typing a class ('purple'): {typed:.2f} s, {last_state(segmenter):.1%} of tiles recomputed")

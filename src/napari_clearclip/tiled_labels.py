@@ -54,6 +54,8 @@ def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, 
     return low.numpy(), high.numpy(), source - low.float()
 
 
+#: Classes snapped over one region as one stack, at most (their weights are read once for all of them).
+SNAPPED_TOGETHER = 4
 #: Output bytes resized at a time: the products of a few rows, not full-size temporaries.
 RESIZED_AT_ONCE_BYTES = 1 << 21
 
@@ -322,10 +324,14 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
             return weights
         affinity = compute(area) if kept is None else kept.region(area, compute)
     values = {}
-    groups: dict[tuple, list[int]] = {}  # queries over the same rectangle are snapped together: one pass over weights
+    # queries over the same rectangle are snapped together, a few at a time: one pass over the weights for them all,
+    # and one spare plane each
+    together: dict[tuple, list[int]] = {}
     for q, rectangle in rectangles.items():
-        groups.setdefault(rectangle, []).append(q)
-    for (top, bottom, left, right), group in groups.items():
+        together.setdefault(rectangle, []).append(q)
+    groups = [(rectangle, queries[i : i + SNAPPED_TOGETHER]) for rectangle, queries in together.items()
+              for i in range(0, len(queries), SNAPPED_TOGETHER)]
+    for (top, bottom, left, right), group in groups:
         taps = tuple(t[top:bottom] for t in geometry.rows), tuple(t[left:right] for t in geometry.cols)
         cut = (top > 0, bottom < size[0], left > 0, right < size[1])  # sides inside the image
         shrink = iterations and _worth_shrinking((bottom - top, right - left), cut, iterations * max(dilations))

@@ -52,9 +52,11 @@ class AffinityTiles:
         return top, min(top + self.tile, self.size[0]), left, min(left + self.tile, self.size[1])
 
     def region(self, area: tuple[int, int, int, int],
-               compute: Callable[[tuple[int, int, int, int]], torch.Tensor]) -> torch.Tensor:
+               compute: Callable[[tuple[int, int, int, int]], torch.Tensor],
+               empty: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:
         """The weights over ``area`` (top, bottom, left, right), from kept tiles where there are some;
-        ``compute(rectangle)`` gives the weights of any rectangle (exact away from its inner sides)."""
+        ``compute(rectangle)`` gives the weights of any rectangle (exact away from its inner sides), ``empty(shape)``
+        the float32 tensor they are assembled in (default: a new one)."""
         top, bottom, left, right = area
         wanted = [(ty, tx) for ty in range(top // self.tile, (bottom - 1) // self.tile + 1)
                   for tx in range(left // self.tile, (right - 1) // self.tile + 1)]
@@ -70,7 +72,8 @@ class AffinityTiles:
             computed.update(self._exact_tiles(outer, compute(outer), within=rectangle))
         found.update(computed)
         first = next(iter(found.values()))
-        weights = torch.empty((first.shape[0], bottom - top, right - left), dtype=first.dtype)
+        shape = (first.shape[0], bottom - top, right - left)
+        weights = torch.empty(shape, dtype=first.dtype) if empty is None else empty(shape)
         for key in wanted:
             y0, y1, x0, x1 = self._span(*key)
             ya, yb, xa, xb = max(y0, top), min(y1, bottom), max(x0, left), min(x1, right)

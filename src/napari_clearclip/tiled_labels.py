@@ -322,7 +322,7 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
             weights = pamr_affinities(resized, dilations, buffers)
             buffers.give_back(resized)
             return weights
-        affinity = compute(area) if kept is None else kept.region(area, compute)
+        affinity = compute(area) if kept is None else kept.region(area, compute, buffers.take)
     values = {}
     # queries over the same rectangle are snapped together, a few at a time: one pass over the weights for them all,
     # and one spare plane each

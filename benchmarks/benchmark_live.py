@@ -15,9 +15,10 @@ at 4096 x 4096), rich in boundaries. Every figure is measured in this run, on th
   whole image) in this version, on the same scores;
 - napari's own cost of showing new data in a Labels layer of that size (set data, refresh,
   draw), the yardstick for "live";
-- each re-run after a stroke, with the share of tiles it had to compute per pixel: a stroke
-  changes the scores of every patch alike to what it painted, so the cost grows with the
-  area that stroke changes, which this table lists stroke by stroke.
+- each re-run after a stroke, with the share of tiles it had to compute per pixel and the share
+  whose labels changed (what any re-run that equals a computation from scratch must recompute):
+  a stroke changes the scores of every patch alike to what it painted, so the cost grows with
+  the area that stroke changes, which this table lists stroke by stroke.
 """
 
 from __future__ import annotations

@@ -236,6 +236,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
 
     state = LabelState(scores, tuple(spans), tuple(tuple(n) for n in names), None, None,
                        (iterations, dilations) if iterations else ())
+    reference = _reference_query(leader, scores.shape[0])
     reuse = None if dense else _reusable(previous, state, size)
     if reuse is None:
         labels = np.empty(size, dtype=label_dtype(len(spans)))
@@ -245,7 +246,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         fill = uniform & ~dirty if dense else uniform
     else:
         labels, margins = previous.labels.astype(label_dtype(len(spans))), previous.margins.copy()
-        kept, dirty, present = _kept_tiles(previous, reuse, state, classes, geometry, labels, margins, tolerance)
+        kept, dirty, present = _kept_tiles(previous, reuse, state, reference, geometry, labels, margins, tolerance)
         fill = uniform & ~kept
         dirty &= ~uniform
     present[fill] = False
@@ -256,7 +257,6 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         margins[rows, cols] = lower_half(np.float32(uniform_margin[ty, tx]))
 
     regions = _regions(dirty, geometry, halo, scores.shape[0], dilations)
-    reference = _reference_query(leader, scores.shape[0])
     if dense:  # every query at every tile: the reference the skipping is tested against
         competing = np.ones((*geometry.shape, scores.shape[0]), bool)
         gaps = np.full(geometry.shape, np.inf, np.float32)
@@ -535,12 +535,14 @@ def _reusable(previous: LabelState | None, state: LabelState, size) -> list | No
     return mapping
 
 
-def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes: torch.Tensor,
+def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, reference: int,
                 geometry: _Geometry, labels: np.ndarray, margins: np.ndarray, tolerance: float):
     """Which tiles keep the previous labels (renumbered to the new classes), which must be recomputed, and
     which labels occur in each tile (renumbered). ``labels`` (a copy of the previous run's) is renumbered in place.
 
-    Only tiles holding a label whose pixels might change are looked at pixel by pixel.
+    Only tiles holding a label whose pixels might change are looked at pixel by pixel. A pixel keeps its label
+    without a look at its margin only where a fresh run would repeat the previous run's arithmetic there (see
+    :func:`_same_arithmetic`); anywhere else a near tie, which rounding may settle either way, is recomputed.
     """
     n_new, n_old = len(state.names), len(previous.names)
     old_to_new = np.zeros(n_old + 1, dtype=np.int32)  # 0: a class that is gone
@@ -553,7 +555,6 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes:
     for old, new in enumerate(old_to_new):
         present[..., new] |= previous.present[..., old]
     falls, rises = {}, {}   # per kept class: its scores' largest fall and rise within each tile's reach
-    unchanged = np.ones(geometry.shape, bool)
     for new, old in enumerate(mapping):
         if old is None:
             continue
@@ -562,9 +563,9 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes:
         delta = (state.scores[a:b] - previous.scores[c : c + b - a]).numpy()
         falls[new] = geometry.reduce(delta.min(0), "min")
         rises[new] = geometry.reduce(delta.max(0), "max")
-        unchanged &= (falls[new] == 0) & (rises[new] == 0)
     kept = sorted(falls)
     leads = _newcomer_leads(state, mapping, kept, geometry)
+    exact = _same_arithmetic(previous, mapping, state, reference, geometry)
 
     # threshold[ty, tx, w]: a pixel labelled w keeps its label if its margin exceeds this; a kept pixel's
     # margin then becomes margin - shrink[w], and at most lead[w, n] or that plus other[w, n] for a new class n
@@ -579,9 +580,9 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, classes:
         # how much w's lead over any other kept class can have shrunk (0: w only rose, the others only fell)
         shrink = np.where(monotone, 0.0, rise - falls[w])
         shrinks[..., w + 1] = shrink
-        needed = np.where(monotone, -np.inf, shrink + tolerance)
-        if not leads:
-            needed = np.where(unchanged, -np.inf, needed)
+        # w only rose and the others only fell, in the very arithmetic of the previous run (rounding is monotone
+        # too): every pixel labelled w keeps it, ties included
+        needed = np.where(monotone & exact[w], -np.inf, shrink + tolerance)
         for i, lead in enumerate(leads.values()):
             # w beats the new class n at a pixel when its own lowest lead over n is positive there, or when
             # (w over another class c) + (c over n) is: margin - shrink + lead[c] > 0
@@ -666,6 +667,35 @@ class _TileBounds:
             against = np.maximum(_per_pixel(lead[ys, xs], labels), through_other)
             kept_margin = np.minimum(kept_margin, against)
         return dirty, lower_half(kept_margin - 2 * self.tolerance)
+
+
+def _same_arithmetic(previous: LabelState, mapping: list, state: LabelState, reference: int,
+                     geometry: _Geometry) -> dict:
+    """For each kept class w: (tiles_y, tiles_x) where a pixel labelled w whose class only rose while every other
+    class only fell keeps its label in a fresh run's floating-point arithmetic, not only in exact arithmetic.
+
+    Labels are computed on every query's scores minus the reference query's, resized and snapped. Those
+    operations round monotonically, so w's values only rise and the others' only fall when the reference
+    query is the previous run's (by name) and its scores did not change within reach, or when it is w's only
+    query (w then scores 0 and every other query's difference to it only falls). The kept classes must also
+    keep their order, which settles exact ties. Elsewhere a near tie may round the other way: a fresh run
+    whose reference is another query (the class leading most of the image changed, or the old one was
+    removed) can label it otherwise, so such pixels are only kept with a margin clear of rounding.
+    """
+    none = np.zeros(geometry.shape, bool)
+    old_order = [old for old in mapping if old is not None]
+    old_reference = _reference_query(previous.scores.argmax(0).numpy(), previous.scores.shape[0])
+    owner_now = np.repeat(np.arange(len(state.spans)), [b - a for a, b in state.spans])
+    owner_then = np.repeat(np.arange(len(previous.spans)), [b - a for a, b in previous.spans])
+    now_class, then_class = int(owner_now[reference]), int(owner_then[old_reference])
+    same_query = (mapping[now_class] == then_class
+                  and reference - state.spans[now_class][0] == old_reference - previous.spans[then_class][0])
+    if old_order != sorted(old_order) or not same_query:
+        return {w: none for w, old in enumerate(mapping) if old is not None}
+    delta = (state.scores[reference] - previous.scores[old_reference]).numpy()
+    steady = (geometry.reduce(delta, "min") == 0) & (geometry.reduce(delta, "max") == 0)
+    alone = state.spans[now_class][1] - state.spans[now_class][0] == 1
+    return {w: (steady | alone) if w == now_class else steady for w, old in enumerate(mapping) if old is not None}
 
 
 def _newcomer_leads(state: LabelState, mapping: list, kept: list, geometry: _Geometry) -> dict:

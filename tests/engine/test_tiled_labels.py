@@ -108,6 +108,33 @@ def test_successive_changes_and_classes_typed_one_after_another_stay_exact(seed)
             np.testing.assert_array_equal(state.labels, full.labels)
 
 
+@pytest.mark.parametrize("snap", [(), (2, (1, 2))])
+def test_ties_far_from_a_change_get_a_fresh_runs_labels_when_another_class_leads_most_of_the_image(snap):
+    """Labels are computed on each query's scores minus those of the query leading most of the image, so
+    an exact tie rounds one way or the other depending on that query. A change far away that makes another
+    class lead most of the image changes how a fresh run settles ties: the re-run must settle them alike."""
+    differing = []
+    for seed in range(6):
+        rng = np.random.default_rng(seed)
+        height, left, right = 20, 20, 40
+        scores = torch.full((3, height, left + right), -1.0)
+        # on the left, b and c take a few values only: many exact ties, where a crosses neither
+        scores[1:, :, :left] = torch.from_numpy(rng.integers(0, 5, (2, height, left)) / 40).float()
+        scores[0, :, left:] = 0.05      # a leads the right, most of the image
+        scores[2, :, left:] = 0.0375
+        size = (int(height * 7.3), int((left + right) * 7.3))
+        guide = torch.from_numpy(rng.normal(size=(3, height, left + right)).astype(np.float32))
+        spans, names = [(0, 1), (1, 2), (2, 3)], [("a",), ("b",), ("c",)]
+        first = labels_of(scores, guide, size, spans, names, snap, tile=16)
+        changed = scores.clone()
+        changed[2, :, left + 8 :] += 0.025    # c now leads most of the right, and of the image
+        again = labels_of(changed, guide, size, spans, names, snap, first, tile=16)
+        fresh = labels_of(changed, guide, size, spans, names, snap, dense=True, tile=16)
+        differing.append(int((again.labels != fresh.labels).sum()))
+        assert again.computed < 1  # the right's far columns were kept
+    assert differing == [0] * 6
+
+
 def test_typing_a_class_that_scores_low_recomputes_nothing():
     rng = np.random.default_rng(5)
     scores = smooth_scores(rng, 3, 48, 48, 6)

@@ -4,7 +4,9 @@ Each tile is segmented inside a larger region: the tile plus a halo of ``crop`` 
 that covers a tile pixel lies inside the region) plus edge snapping's reach (``max(dilations) x
 (iterations + 1)``), with the region's start on the window grid (a multiple of the stride). The
 windows covering a tile pixel are then the very windows of a whole-image computation, added in the
-same order, and snapping reads the same neighbours, so the tile's labels equal the whole image's.
+same order, and snapping reads the same neighbours, so the tile's labels equal the whole image's (but where
+two classes tie to the last bit: labels are computed relative to the class leading most of the region, which
+may not be the one leading most of the image, and rounding may then settle the tie the other way).
 
 Only one region is in memory at a time (its pixels, scores and labels); nothing of it is kept
 afterwards. The labels go into ``out``: a NumPy array, a zarr array, or a path where a zarr store

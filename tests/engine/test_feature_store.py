@@ -39,7 +39,10 @@ def test_a_new_session_reads_the_features_instead_of_encoding(tmp_path, monkeypa
     np.testing.assert_array_equal(again.labels, first.labels)
     strokes = np.zeros(image.shape[:2], np.int32)
     strokes[100:110, 100:140] = 2
-    later.segment(image, CLASSES, strokes=strokes, maps=False)            # strokes too, from the stored features
+    taught = later.segment(image, CLASSES, strokes=strokes, maps=False)   # strokes too, from the stored features
+    fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)
+    np.testing.assert_array_equal(taught.labels, fresh.segment(image, CLASSES, strokes=strokes, maps=False).labels)
+    assert (taught.labels != again.labels).any()                         # the stroke taught something
     other = make_scene(4, size=320).image
     with pytest.raises(AssertionError, match="encoded again"):            # another image is another store
         later.segment(other, CLASSES, maps=False)

@@ -44,6 +44,9 @@ from .errors import InvalidOptionError, LessonError, LessonExistsError, LessonNo
 FORMAT = "napari-clearclip lesson"
 VERSION = 1
 SUFFIX = ".npz"
+#: Largest class offset a lesson may hold, in text-score spreads. Fitted offsets stay within a few spreads
+#: (their squared length is penalised); a hundred would override any text, so a file holding more is damaged.
+MAX_CLASS_OFFSET = 100.0
 
 
 @dataclass(frozen=True)
@@ -172,11 +175,12 @@ class Lesson:
         if covariance is not None:
             width = features.shape[1]
             if (covariance.shape != (width, width) or covariance.dtype.kind != "f" or not np.isfinite(covariance).all()
-                    or not isinstance(images, int) or images < 1):
+                    or not isinstance(images, int) or images < 1 or not _is_covariance(covariance)):
                 raise LessonError(f"{path} is a damaged lesson: its patch covariance does not fit its exemplars.")
             covariance = covariance.astype(np.float32)
         if offsets is not None:
-            if offsets.shape != (len(classes),) or offsets.dtype.kind != "f" or not np.isfinite(offsets).all():
+            if (offsets.shape != (len(classes),) or offsets.dtype.kind != "f" or not np.isfinite(offsets).all()
+                    or np.abs(offsets).max() > MAX_CLASS_OFFSET):
                 raise LessonError(f"{path} is a damaged lesson: its class offsets do not fit its {len(classes)} "
                                   "classes.")
             offsets = offsets.astype(np.float32)
@@ -330,6 +334,13 @@ class Lesson:
 
 
 _JOINED: dict = {}
+
+
+def _is_covariance(matrix: np.ndarray) -> bool:
+    """Symmetric (up to rounding) with a non-negative diagonal, as any average of patch covariances is."""
+    matrix = matrix.astype(np.float64)
+    scale = float(np.abs(matrix).max()) if matrix.size else 0.0
+    return bool(np.all(np.diag(matrix) >= 0) and np.abs(matrix - matrix.T).max(initial=0.0) <= 1e-4 * scale)
 
 
 def joined(first: Lesson, second: Lesson) -> Lesson:

@@ -148,6 +148,18 @@ def test_bad_lesson_files_are_clear_errors(lesson, tmp_path):
     with pytest.raises(ValueError, match="covariance does not fit"):
         Lesson.load(_archive(tmp_path / "no-images.npz", {**meta, "images": 0}, features, classes,
                              extra={"covariance": np.eye(features.shape[1], dtype=np.float32)}))
+    lopsided = np.eye(features.shape[1], dtype=np.float32)
+    lopsided[0, 1] = 1e30  # one entry overwritten: no longer the covariance of any patches
+    with pytest.raises(ValueError, match="covariance does not fit"):
+        Lesson.load(_archive(tmp_path / "lopsided.npz", {**meta, "images": 1}, features, classes,
+                             extra={"covariance": lopsided}))
+    offsets = np.zeros(len(meta["classes"]), np.float32)
+    offsets[0] = 1e30   # would label every pixel of every image with the first class
+    with pytest.raises(ValueError, match="class offsets do not fit"):
+        Lesson.load(_archive(tmp_path / "offsets.npz", meta, features, classes, extra={"class_offsets": offsets}))
+    offsets[0] = 2.5    # as fitted offsets are
+    assert Lesson.load(_archive(tmp_path / "fitted.npz", meta, features, classes,
+                                extra={"class_offsets": offsets})).class_offsets[0] == 2.5
 
 
 def test_a_lesson_holding_pickled_objects_runs_no_code(tmp_path):

@@ -186,6 +186,11 @@ class CropPyramid:
         window = strokes[y1:y2, x1:x2]
         return torch.stack([(window == k).sum() for k in range(1, n_classes + 1)]).reshape(n_classes, 1)
 
+    def cell_largest(self, values: torch.Tensor, box) -> torch.Tensor:
+        """(1,): the largest of ``values`` (non-negative) under a crop."""
+        y1, y2, x1, x2 = box
+        return values[y1:y2, x1:x2].amax().reshape(1)
+
     def crop_batch(self, source: "CropSource", batch) -> torch.Tensor:
         return source.crops(batch)
 

@@ -243,9 +243,10 @@ class Segmenter:
             whitening = yield from mark(self._whitening(args, features))
             features = self._features.get(key)
             snapping = opts.refine == "pamr" and opts.pamr_iterations > 0
-            exemplars = exemplars.to(self.device).for_image(whitening, text, snapping)
-            exemplars.query_classes = torch.tensor(
-                [index for index, c in enumerate(parsed) for _ in c.synonyms], device=self.device)
+            query_classes = torch.tensor([index for index, c in enumerate(parsed) for _ in c.synonyms],
+                                         device=self.device)
+            exemplars = exemplars.to(self.device).for_image(whitening, text, snapping, query_classes,
+                                                            opts.logit_scale)
         if features is None:
             scores = yield from mark(self._encode_and_score(*args, text=text, exemplars=exemplars, remember=remember))
         else:

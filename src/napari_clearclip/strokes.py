@@ -5,7 +5,11 @@ patch then gets, for each class, a bonus that grows with its similarity s to the
 exemplar of that class: zero up to :data:`ALIKE_FROM`, then rising linearly to the full
 strength at an exact match, ``alpha * max(0, (s - ALIKE_FROM) / (1 - ALIKE_FROM))``. It is
 added to the patch's cosine similarity with the class's text queries. Regions like the
-painted one change class; regions unlike every exemplar keep exactly what the text says.
+painted one change class; regions unlike every exemplar keep exactly what the text says,
+but for one correction of the text itself: where a class is painted in two or more separate
+strokes and still trails on one stroke's patches after the other strokes taught it, the text
+under-scores that class on this image, and its scores rise on every patch
+(:func:`stroke_offsets`). A class painted once never rises away from what it resembles.
 
 The similarity ``s`` is a cosine after whitening with the image's own patch statistics
 (mean and covariance). Raw CLIP patch embeddings share a large common part, so that grey
@@ -43,7 +47,8 @@ EXEMPLAR_SPREADS = 4.0
 #: Whitened cosine to the nearest exemplar from which a patch counts as alike and gets a bonus.
 #: Below it the bonus is exactly zero: patches unlike every exemplar keep exactly their text
 #: scores (so a re-run after a stroke recomputes only what the stroke can change), however
-#: closely the text scores of two classes tie there. Whitened cosines of unrelated patches
+#: closely the text scores of two classes tie there; only a class painted in two or more strokes
+#: that still trails there may shift every patch's scores (see :func:`stroke_offsets`). Whitened cosines of unrelated patches
 #: centre on 0 for any backbone, so the threshold means the same thing on every model.
 #:
 #: Chosen, with EXEMPLAR_SPREADS as it is, on synthetic-tiny alone with the simulated annotator
@@ -94,6 +99,7 @@ SNAPPED_LEAD_SPREADS = 1.0
 #: edge snapping 0.331 and 0.158, on synthetic-tiny-b) and object accuracy fell on synthetic-tiny-b (0.792 and
 #: 0.943 against 0.962). 5 is the smallest weight that lost nothing anywhere. synthetic-tiny-c, held out from the
 #: choice: 0.810 without offsets, 0.846 with (0.979 and 0.986 with edge snapping).
+#: Offsets from the strokes on the image being scored (:func:`stroke_offsets`) use the same weight, not chosen anew.
 CLASS_OFFSET_WEIGHT = 5.0
 #: Exemplars kept per class: a stroke that fills a large region keeps an even sample of its patches,
 #: so that re-runs stay quick (the bonus is a nearest-exemplar similarity, which a sample of a
@@ -184,7 +190,7 @@ def image_strength(text: torch.Tensor, whitening) -> float:
 
 
 def fit_class_offsets(samples: list[tuple[torch.Tensor, torch.Tensor, float]], n_classes: int,
-                      logit_scale: float, weight: float | None = None) -> torch.Tensor:
+                      logit_scale: float, weight: float | None = None, free: torch.Tensor | None = None) -> torch.Tensor:
     """(C,) offsets, in text-score spreads, that a lesson adds to each class's scores on every image.
 
     ``samples`` holds, per painted image, the class scores of its exemplars (N, C) as the lesson's
@@ -194,27 +200,30 @@ def fit_class_offsets(samples: list[tuple[torch.Tensor, torch.Tensor, float]], n
     against another (e.g. grey background against the objects it touches, so that objects come out too
     large) is corrected on every image, where exemplars only correct patches alike to a painted one.
     Fitting each image on the others' exemplars keeps the offsets to what carries to an unpainted image.
+    With ``free`` (C,) bool, only those classes get an offset (the others keep 0, and the offsets are not
+    centred): the classes without one keep their order among themselves.
     """
     weight = CLASS_OFFSET_WEIGHT if weight is None else weight
     scores = torch.cat([s.double().cpu() / spread for s, _, spread in samples])
     scales = torch.cat([torch.full((len(s),), logit_scale * spread, dtype=torch.float64) for s, _, spread in samples])
     classes = torch.cat([c.long().cpu() for _, c, _ in samples])
+    mask = torch.ones(n_classes, dtype=torch.float64) if free is None else free.cpu().double()
     offsets = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    if len(classes) == 0:
+    if len(classes) == 0 or not mask.any():
         return offsets.detach().float()
     solver = torch.optim.LBFGS([offsets], max_iter=200, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
 
     def loss():
         solver.zero_grad()
-        value = (torch.nn.functional.cross_entropy((scores + offsets) * scales[:, None], classes)
-                 + weight * (offsets ** 2).sum())
+        value = (torch.nn.functional.cross_entropy((scores + offsets * mask) * scales[:, None], classes)
+                 + weight * ((offsets * mask) ** 2).sum())
         value.backward()
         return value
 
     with torch.enable_grad():
         solver.step(loss)
-    offsets = offsets.detach()
-    return (offsets - offsets.mean()).float()
+    offsets = offsets.detach() * mask
+    return (offsets if free is not None else offsets - offsets.mean()).float()
 
 
 def lesson_offsets(features: torch.Tensor, classes: torch.Tensor, image_ids: torch.Tensor, image_means: torch.Tensor,
@@ -248,6 +257,53 @@ def lesson_offsets(features: torch.Tensor, classes: torch.Tensor, image_ids: tor
         by_class = torch.stack([scores[:, query_classes == k].amax(-1) for k in range(n_classes)], -1)
         samples.append((by_class, classes[here], spread))
     return fit_class_offsets(samples, n_classes, logit_scale)
+
+
+def stroke_offsets(exemplars: "Exemplars", whitening, text: torch.Tensor, query_classes: torch.Tensor,
+                   strength: float, logit_scale: float) -> torch.Tensor | None:
+    """(C,) class offsets, in text-score spreads, from the strokes on the image being scored; None unless some
+    class is painted in two or more separate strokes.
+
+    Each stroke's patches are scored as the *other* strokes teach them (their text cosines plus the bonus of
+    the other strokes' exemplars). Where a class painted here still trails after the other strokes of that
+    class taught it, the text under-scores it on this image, e.g. grey background against the objects it
+    touches (objects then come out too large, on every edge, and each edge would need a stroke). The offsets
+    (:func:`fit_class_offsets`, held to zero as a lesson's are) correct that on every patch, as a lesson's
+    offsets do on other images. Only patches of a class that another stroke paints too count: a class painted
+    once may be new to the text (a word it cannot place) and then stays on what its stroke is alike to.
+    """
+    strokes = exemplars.strokes
+    if strokes is None or exemplars.n_classes < 2 or len(torch.unique(strokes)) < 2:
+        return None
+    device = exemplars.features.device
+    features, classes = exemplars.features.float(), exemplars.classes
+    strokes, query_classes = strokes.to(device), query_classes.to(device)
+    mean, transform = whitening
+    white = torch.nn.functional.normalize((features - mean.to(device)) @ transform.to(device), dim=-1)
+    text_scores = features @ text.float().to(device).T
+    spread = strength / EXEMPLAR_SPREADS
+    samples = []
+    for stroke in torch.unique(strokes).tolist():
+        here = strokes == stroke
+        taught = torch.unique(classes[~here])
+        index = torch.nonzero(here & torch.isin(classes, taught)).flatten()
+        if not len(index):
+            continue
+        similar = white[index] @ white[~here].T
+        bonus = torch.zeros(len(index), exemplars.n_classes, device=device)
+        for k in taught.tolist():
+            nearest = similar[:, classes[~here] == k].amax(-1)
+            bonus[:, k] = strength * ((nearest - ALIKE_FROM) / (1 - ALIKE_FROM)).clamp(min=0)
+        scores = text_scores[index] + bonus[:, query_classes]
+        by_class = torch.stack([scores[:, query_classes == k].amax(-1) for k in range(exemplars.n_classes)], -1)
+        samples.append((by_class, classes[index], spread))
+    if not samples:
+        return None
+    with torch.inference_mode(False):  # the fit needs gradients, also when scoring runs in inference mode
+        samples = [(scores.detach().cpu().clone(), painted.cpu().clone(), spread) for scores, painted, spread in samples]
+        free = torch.zeros(exemplars.n_classes, dtype=torch.bool)
+        free[torch.cat([painted for _, painted, _ in samples]).long()] = True
+        return fit_class_offsets(samples, exemplars.n_classes, logit_scale, free=free)
 
 
 def check_strokes(strokes, shape: tuple[int, int], n_classes: int) -> np.ndarray | None:
@@ -350,6 +406,7 @@ class Exemplars:
     _offset_cosines: torch.Tensor | None = None  # the same in cosine units on the image being scored
     image_ids: torch.Tensor | None = None        # (N,) which of the images pooled in ``covariance`` each came from
     image_means: torch.Tensor | None = None      # (images, E) those images' patch means
+    strokes: torch.Tensor | None = None          # (N,) which stroke (connected piece of one class's paint) each is under
 
     def __post_init__(self):
         keep = thinning_index(self.classes)
@@ -357,13 +414,15 @@ class Exemplars:
             self.features, self.classes = self.features[keep], self.classes[keep]
             if self.image_ids is not None:
                 self.image_ids = self.image_ids[keep.to(self.image_ids.device)]
+            if self.strokes is not None:
+                self.strokes = self.strokes[keep.to(self.strokes.device)]
 
     def _copy(self, whitening=None) -> "Exemplars":
         others = None if self.others is None else self.others._copy()
         return Exemplars(self.features, self.classes, self.n_classes, self.query_classes, whitening,
                          covariance=self.covariance, images=self.images, others=others, _transform=self._transform,
                          source=self.source, _parts=self._parts, lead_cap=self.lead_cap, offsets=self.offsets,
-                         image_ids=self.image_ids, image_means=self.image_means)
+                         image_ids=self.image_ids, image_means=self.image_means, strokes=self.strokes)
 
     def _pieces(self) -> list:
         """The sets this one is made of, each painted on one image or taken from a lesson."""
@@ -385,19 +444,23 @@ class Exemplars:
         if not any(p.source == image_key and p.covariance is not None for p in pieces):
             return self
         return Exemplars.combine([
-            Exemplars(p.features, p.classes, p.n_classes, source=image_key, offsets=p.offsets)
+            Exemplars(p.features, p.classes, p.n_classes, source=image_key, offsets=p.offsets, strokes=p.strokes)
             if p.source == image_key and p.covariance is not None else p for p in pieces])
 
     def whitened(self, whitening) -> "Exemplars":
         """A copy that scores with the given image's whitening."""
         return self._copy(whitening)
 
-    def for_image(self, whitening, text: torch.Tensor, snapping: bool = False) -> "Exemplars":
+    def for_image(self, whitening, text: torch.Tensor, snapping: bool = False,
+                  query_classes: torch.Tensor | None = None, logit_scale: float | None = None) -> "Exemplars":
         """A copy that scores on the image whose whitening this is, with a strength measured on it.
 
         Exemplars from other images are whitened with their images' covariance and this image's mean.
         With ``snapping`` (edge snapping follows), taught leads are capped at
         :data:`SNAPPED_LEAD_SPREADS` of this image's text-score spread (see :meth:`teach`).
+        With ``query_classes`` (the class of each text query) and ``logit_scale`` (the method's), strokes on
+        this very image that repeat a correction in two or more places also shift the classes' scores on
+        every patch (see :func:`stroke_offsets`), unless edge snapping follows.
         """
         own = whitening
         if self.covariance is not None:
@@ -405,10 +468,18 @@ class Exemplars:
                 self._transform = _transform_of(self.covariance)
             whitening = (own[0], self._transform.to(own[0].device))
         copy = self.whitened(whitening)
+        if query_classes is not None:
+            copy.query_classes = query_classes
         copy.strength = image_strength(text, whitening)
         if self.offsets is not None:  # in spreads of the image being scored
             copy._offset_cosines = self.offsets.float().to(own[0].device) * (image_strength(text, own)
                                                                              / EXEMPLAR_SPREADS)
+        if (self.covariance is None and self.strokes is not None and query_classes is not None and logit_scale
+                and not snapping):  # edge snapping already undoes the spill that these offsets correct
+            fitted = stroke_offsets(self, whitening, text, query_classes, copy.strength, logit_scale)
+            if fitted is not None:
+                fitted = fitted.to(own[0].device) * (copy.strength / EXEMPLAR_SPREADS)
+                copy._offset_cosines = fitted if copy._offset_cosines is None else copy._offset_cosines + fitted
         if self.others is not None:
             copy.others = self.others.for_image(own, text)
         if snapping:
@@ -468,7 +539,7 @@ class Exemplars:
                          None if self.query_classes is None else self.query_classes.to(device), self.whitening,
                          covariance=self.covariance, images=self.images, others=others, _transform=self._transform,
                          source=self.source, _parts=tuple(p.to(device) for p in self._parts), offsets=self.offsets,
-                         image_ids=self.image_ids, image_means=self.image_means)
+                         image_ids=self.image_ids, image_means=self.image_means, strokes=self.strokes)
 
     def _whiten(self, features: torch.Tensor) -> torch.Tensor:
         features = features.float()
@@ -521,11 +592,15 @@ def _merged(parts: list, covariance, images: int) -> Exemplars:
         starts = np.cumsum([0] + [len(p.image_means) for p in parts])
         image_ids = torch.cat([p.image_ids.cpu() + int(start) for p, start in zip(parts, starts)])
         image_means = torch.cat([p.image_means.float().cpu() for p in parts])
+    strokes = None
+    if all(p.strokes is not None for p in parts):  # numbered apart: the strokes of one set are not another's
+        firsts = np.cumsum([0] + [int(p.strokes.max()) + 1 if len(p.strokes) else 0 for p in parts])
+        strokes = torch.cat([p.strokes.cpu() + int(first) for p, first in zip(parts, firsts)])
     return Exemplars(torch.cat([p.features.to(device) for p in parts]),
                      torch.cat([p.classes.to(device) for p in parts]), parts[0].n_classes,
                      covariance=covariance, images=images, source=sources.pop() if len(sources) == 1 else None,
                      _parts=tuple(parts), offsets=sum(offsets).float() if offsets else None,
-                     image_ids=image_ids, image_means=image_means)
+                     image_ids=image_ids, image_means=image_means, strokes=strokes)
 
 
 class ExemplarCollector:
@@ -537,6 +612,8 @@ class ExemplarCollector:
         self._resized: torch.Tensor | None = None
         self.features: list[torch.Tensor] = []
         self.classes: list[torch.Tensor] = []
+        self.stroke_ids: list[torch.Tensor] = []
+        self._pieces: torch.Tensor | None = None
 
     def _at_scale(self, grid: WindowGrid) -> torch.Tensor:
         """The strokes at the scale the windows see.
@@ -559,10 +636,15 @@ class ExemplarCollector:
                 painted = counts[1:].sum(0) > 0
                 resized[painted] = counts[1:].argmax(0)[painted] + 1
             self._resized = torch.from_numpy(resized)
+            from skimage.measure import label
+
+            # each connected piece of one class's paint (at the working size) is one stroke, numbered from 1
+            self._pieces = torch.from_numpy(label(resized, background=0, connectivity=2).astype(np.int64))
         return self._resized
 
     def add(self, grid: WindowGrid, batch, patch_features: torch.Tensor) -> None:
-        """Keep the embeddings of patches covered by strokes; a patch takes its most painted class."""
+        """Keep the embeddings of patches covered by strokes; a patch takes its most painted class, and the
+        stroke of that class that it holds (the highest numbered where it holds several)."""
         strokes = self._at_scale(grid)
         for box, features in zip(batch, patch_features):
             y1, y2, x1, x2 = box
@@ -574,8 +656,13 @@ class ExemplarCollector:
             if painted.any():
                 self.features.append(features[painted].float().cpu())
                 self.classes.append(best[painted])
+                taught, row = torch.unique(best[painted], return_inverse=True)
+                largest = torch.stack([grid.cell_largest(torch.where(strokes == k + 1, self._pieces, 0), box)
+                                       for k in taught.tolist()])                # (classes here, patches)
+                self.stroke_ids.append(largest[row, torch.nonzero(painted).flatten()])
 
     def result(self, device) -> Exemplars | None:
         if not self.features:
             return None
-        return Exemplars(torch.cat(self.features).to(device), torch.cat(self.classes).to(device), self.n_classes)
+        return Exemplars(torch.cat(self.features).to(device), torch.cat(self.classes).to(device), self.n_classes,
+                         strokes=torch.cat(self.stroke_ids))

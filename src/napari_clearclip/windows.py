@@ -115,6 +115,15 @@ class WindowGrid:
         return torch.stack([(window == k).reshape(rows, ph, cols, pw).sum((1, 3)).flatten()
                             for k in range(1, n_classes + 1)])
 
+    def cell_largest(self, values: torch.Tensor, box) -> torch.Tensor:
+        """(patches,): the largest of ``values`` (non-negative, at the working size) in each patch of a window."""
+        left, right, top, bottom = self.padding
+        rows, cols = self.patch_grid
+        ph, pw = self.patch
+        y1, y2, x1, x2 = box
+        window = torch.nn.functional.pad(values[y1:y2, x1:x2], (left, right, top, bottom))
+        return window.reshape(rows, ph, cols, pw).amax((1, 3)).flatten()
+
     def to_dict(self) -> dict:
         return {"height": self.height, "width": self.width, "crop": self.crop, "stride": self.stride,
                 "patch": list(self.patch)}

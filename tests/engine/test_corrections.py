@@ -620,3 +620,74 @@ def test_the_widgets_run_after_strokes_equals_strokes_given_to_the_engine_beside
     assert changed.any()
     expected = segmenter.segment(image, classes, maps=False, strokes=changed, lesson=lesson).labels
     np.testing.assert_array_equal(merged, expected)
+
+
+def _two_class_space(seed: int = 5):
+    """Patches, their whitening, and text for classes object (0) and background (1): one query each."""
+    from napari_clearclip.strokes import FeatureStats
+
+    rng = np.random.default_rng(seed)
+    patches = torch.from_numpy(rng.normal(size=(3, 60, 8)).astype(np.float32)) + 1.0
+    stats = FeatureStats()
+    stats.add(None, None, patches)
+    text = torch.from_numpy(rng.normal(size=(3, 8)).astype(np.float32))
+    return patches, stats.whitening("cpu"), text
+
+
+def test_a_class_painted_in_two_places_that_still_trails_there_is_raised_on_every_patch():
+    """Two background strokes, each on a patch the text gives to the object and unlike the other: the text
+    under-scores background on this image, so background rises everywhere, also on patches unlike any stroke.
+    A class painted once (a word the text may not know) is not raised: it stays on what it painted."""
+    from napari_clearclip.strokes import Exemplars
+
+    patches, whitening, text = _two_class_space()
+    logits = patches @ text.T                      # classes object 0, background 1, debris 2
+    flat = patches.reshape(-1, 8)
+    lead = (logits[..., 0] - logits[..., 1]).reshape(-1)
+    query_classes = torch.tensor([0, 1, 2])
+    candidates = torch.nonzero((lead > 0) & (logits.reshape(-1, 3)[:, 0] > logits.reshape(-1, 3)[:, 2])).flatten()
+    first, second = int(candidates[0]), int(candidates[-1])
+    painted = flat[[first, second, int(torch.argmax(lead))]].clone()
+
+    def taught(classes, strokes):
+        exemplars = Exemplars(painted, torch.tensor(classes), 3, strokes=torch.tensor(strokes))
+        copy = exemplars.for_image(whitening, text, query_classes=query_classes, logit_scale=50.0)
+        return copy, copy.teach(logits, patches)
+
+    copy, scores = taught([1, 1, 0], [1, 2, 3])
+    untaught = copy.bonus(patches).amax(-1) == 0
+    offsets = copy._offset_cosines
+    assert offsets is not None and offsets[1] > offsets[0] and offsets[1] > offsets[2]
+    np.testing.assert_allclose(scores[untaught].numpy(), (logits + offsets[query_classes])[untaught].numpy(),
+                               rtol=0, atol=1e-6)
+    before, after = logits.argmax(-1), scores.argmax(-1)
+    assert ((before == 0) & (after == 1) & untaught).any()          # background won patches no stroke is like
+    assert not ((after == 2) & (before != 2)).any()
+
+    # one stroke of background (both patches painted at once) and one of object: nothing says the text errs
+    copy, scores = taught([1, 1, 0], [1, 1, 2])
+    assert copy._offset_cosines is None
+    untaught = copy.bonus(patches).amax(-1) == 0
+    np.testing.assert_array_equal(scores[untaught].numpy(), logits[untaught].numpy())
+
+    # debris painted once beside two background strokes: debris is not raised, and wins no patch it did not
+    copy, scores = taught([1, 1, 2], [1, 2, 3])
+    assert copy._offset_cosines[2] < copy._offset_cosines[1]
+    untaught = copy.bonus(patches).amax(-1) == 0
+    assert not ((scores.argmax(-1) == 2) & (logits.argmax(-1) != 2) & untaught).any()
+
+
+def test_exemplars_know_which_stroke_they_are_under():
+    """Each connected piece of one class's paint is one stroke; a piece of another class touching it is another."""
+    segmenter = Segmenter("synthetic-tiny", device="cpu")
+    image = make_scene(4, size=256).image
+    strokes = np.zeros(image.shape[:2], np.int32)
+    strokes[20:40, 20:40] = 1
+    strokes[200:220, 200:220] = 1
+    strokes[20:40, 40:60] = 2                                    # touches the first piece, another class
+    exemplars = segmenter.collect_exemplars(image, strokes, ["red", "background"])
+    pieces = {}
+    for klass, stroke in zip(exemplars.classes.tolist(), exemplars.strokes.tolist()):
+        pieces.setdefault(stroke, set()).add(klass)
+    assert len(pieces) == 3 and all(len(classes) == 1 for classes in pieces.values())
+    assert sorted(next(iter(c)) for c in pieces.values()) == [0, 0, 1]

@@ -125,6 +125,7 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
     taught = yield from stack_exemplars(segmenter, request.data, request.layout, strokes_by_plane, request.classes,
                                         len(request.planes), request.options)
     exemplars, lesson = _with_lessons(segmenter, request, taught, notes)
+    checked_labels: dict = {}
     for item in segment_stack(segmenter, request.data, request.layout, request.planes, request.classes,
                               request.options, exemplars=exemplars, maps=(mode == "all classes"),
                               objects=request.objects, foreground=request.foreground,
@@ -133,6 +134,9 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
             yield item
             continue
         plane, result = item
+        if lesson is not None and plane in strokes_by_plane:  # what this plane shows, strokes included
+            painted_here = strokes_by_plane[plane]
+            checked_labels[plane] = np.where(painted_here > 0, painted_here, np.asarray(result.stored_labels()))
         merger.add(plane, result.stored_labels())
         if result.objects is not None:
             tables.append(result.objects)
@@ -142,6 +146,11 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
             for name, values in zip(names, result.probabilities):
                 maps[name][plane] = values
         del result, item  # only the merged labels and the asked-for maps outlive the plane
+    if lesson is not None and checked_labels:  # the painted planes' labels check the lesson on other images
+        lesson = lesson.with_references([
+            segmenter.lesson_references(np.asarray(request.data[request.layout.image_index(plane)]),
+                                        checked_labels[plane], request.classes, request.options)
+            if plane in checked_labels else None for plane in strokes_by_plane])
     return LayerResult(merger.finish(request.background), maps, len(request.planes), notes,
                        _joined(tables) if request.objects is not None else None, lesson)
 

@@ -24,6 +24,10 @@ File format (``.npz``, read without pickle, so a lesson from a stranger cannot r
 - ``image_means``: float32 (images, E), those images' patch means;
 - ``text``: float32 (Q, E), the text embeddings of the classes' names and synonyms (in order) the
   lesson was made with; with ``logit_scale`` in ``meta``, what fitting the offsets needs.
+- ``references`` (optional, with the next two; needs ``image_means``): float32 (R, E), a sample of patches of
+  the painted images (up to ``strokes.REFERENCES_PER_CLASS`` per class and image), with which the exemplars
+  are checked when lessons are made or combined (``strokes.uncontradicted``);
+- ``reference_classes``: int32 (R,), each one's class on its image; ``reference_ids``: int32 (R,), its image.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ class Lesson:
     image_means: np.ndarray | None = None    # (images, E) float32 patch means of those images
     text: np.ndarray | None = None           # (Q, E) float32 the text embeddings of the classes' queries
     logit_scale: float = 50.0                # of the method the offsets were fitted for
+    references: np.ndarray | None = None     # (R, E) float32 patches of the painted images, to check exemplars with
+    reference_classes: np.ndarray | None = None  # (R,) each one's class there (as the image's labels say)
+    reference_ids: np.ndarray | None = None  # (R,) which painted image (as image_ids) each one is from
 
     @property
     def class_names(self) -> list[str]:
@@ -110,6 +117,10 @@ class Lesson:
         if self._can_fit():
             arrays.update(image_ids=self.image_ids.astype(np.int32), image_means=self.image_means.astype(np.float32),
                           text=self.text.astype(np.float32))
+            if self.references is not None:
+                arrays.update(references=self.references.astype(np.float32),
+                              reference_classes=self.reference_classes.astype(np.int32),
+                              reference_ids=self.reference_ids.astype(np.int32))
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
 
@@ -140,14 +151,17 @@ class Lesson:
                 offsets = archive["class_offsets"] if "class_offsets" in names else None
                 fitting = tuple(archive[n] for n in ("image_ids", "image_means", "text")) \
                     if {"image_ids", "image_means", "text"} <= names else None
+                checking = tuple(archive[n] for n in ("references", "reference_classes", "reference_ids")) \
+                    if {"references", "reference_classes", "reference_ids"} <= names else None
         except LessonError:
             raise
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, UnicodeDecodeError, KeyError) as exc:
             raise LessonError(f"{path} is not a napari-clearclip lesson, or it is damaged ({exc}).") from None
-        return cls._from_parts(path, meta, features, labels, covariance, offsets, fitting)
+        return cls._from_parts(path, meta, features, labels, covariance, offsets, fitting, checking)
 
     @classmethod
-    def _from_parts(cls, path, meta, features, labels, covariance=None, offsets=None, fitting=None) -> "Lesson":
+    def _from_parts(cls, path, meta, features, labels, covariance=None, offsets=None, fitting=None,
+                    checking=None) -> "Lesson":
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise LessonError(f"{path} is not a napari-clearclip lesson.")
         version = meta.get("version")
@@ -198,9 +212,24 @@ class Lesson:
                                   "exemplars.")
             image_ids, image_means, text = (image_ids.astype(np.int64), image_means.astype(np.float32),
                                             text.astype(np.float32))
+        references = reference_classes = reference_ids = None
+        if checking is not None and image_means is not None:
+            references, reference_classes, reference_ids = checking
+            if (references.ndim != 2 or references.shape[1] != features.shape[1] or references.dtype.kind != "f"
+                    or reference_classes.shape != (len(references),) or reference_ids.shape != (len(references),)
+                    or reference_classes.dtype.kind not in "iu" or reference_ids.dtype.kind not in "iu"
+                    or not np.isfinite(references).all()
+                    or (len(references) and (reference_classes.min() < 0 or reference_classes.max() >= len(classes)
+                                             or reference_ids.min() < 0 or reference_ids.max() >= len(image_means)))):
+                raise LessonError(f"{path} is a damaged lesson: the patches it checks its exemplars with do not fit "
+                                  "its exemplars.")
+            references, reference_classes, reference_ids = (references.astype(np.float32),
+                                                            reference_classes.astype(np.int64),
+                                                            reference_ids.astype(np.int64))
         return cls(classes, features.astype(np.float32), labels.astype(np.int64), *identity, windows, covariance,
                    images if covariance is not None else 0, offsets, image_ids, image_means, text,
-                   float(logit_scale) if isinstance(logit_scale, (int, float)) else 50.0)
+                   float(logit_scale) if isinstance(logit_scale, (int, float)) else 50.0, references,
+                   reference_classes, reference_ids)
 
     def fingerprint(self) -> str:
         """A digest of the lesson's content (for a batch run's record of what made its outputs)."""
@@ -219,9 +248,10 @@ class Lesson:
     # -- making and using ------------------------------------------------------------------------------
 
     @classmethod
-    def from_exemplars(cls, exemplars, classes, segmenter, options, method: str | None = None) -> "Lesson":
+    def from_exemplars(cls, exemplars, classes, segmenter, options, method: str | None = None,
+                       fit: bool = True) -> "Lesson":
         """The lesson of ``exemplars`` (from :meth:`Segmenter.collect_exemplars`) made on ``segmenter`` (with
-        ``method``, else the segmenter's)."""
+        ``method``, else the segmenter's); with ``fit=False`` not :meth:`fitted` yet."""
         from .prompts import parse_classes
 
         parsed = parse_classes(classes)
@@ -248,17 +278,46 @@ class Lesson:
                      None if covariance is None else covariance.astype(np.float32),
                      source.images if covariance is not None else 0, None, image_ids, image_means, text,
                      float(options.logit_scale))
-        return lesson.fitted()
+        return lesson.fitted() if fit else lesson
+
+    def with_references(self, found: Sequence) -> "Lesson":
+        """This lesson with patches of its painted images to check exemplars with (see :meth:`checked`): ``found``
+        holds, per painted image in the order of its exemplars' images, the patches with their classes there
+        (:meth:`Segmenter.lesson_references`, from the image's labels). Unchanged where they do not match."""
+        if (not self._can_fit() or not found or any(f is None for f in found)
+                or len(found) != len(self.image_means)):
+            return self
+        return replace(self, references=torch.cat([f.features.float().cpu() for f in found]).numpy(),
+                       reference_classes=torch.cat([f.classes.cpu() for f in found]).numpy().astype(np.int64),
+                       reference_ids=np.concatenate([np.full(len(f.classes), i, np.int64)
+                                                     for i, f in enumerate(found)]))
 
     def _can_fit(self) -> bool:
         return (self.covariance is not None and self.image_ids is not None and self.image_means is not None
                 and self.text is not None)
 
+    def checked(self) -> "Lesson":
+        """This lesson without the exemplars that the other painted images contradict (see
+        ``strokes.uncontradicted``); unchanged where it keeps no patches to check with (made by an earlier
+        version, or from one image), or where every exemplar would go."""
+        if not self._can_fit() or self.references is None or len(np.unique(self.image_ids)) < 2:
+            return self
+        from .strokes import uncontradicted
+
+        keep = uncontradicted(*(torch.from_numpy(a) for a in (
+            self.features, self.labels, self.image_ids, self.image_means, self.covariance, self.references,
+            self.reference_classes, self.reference_ids))).numpy()
+        if keep.all() or not keep.any():
+            return self
+        return replace(self, features=self.features[keep], labels=self.labels[keep], image_ids=self.image_ids[keep])
+
     def fitted(self) -> "Lesson":
-        """This lesson with its class offsets fitted on its exemplars (see ``strokes.lesson_offsets``); unchanged
-        where it does not record the painted images (a lesson saved before offsets existed, or from one image)."""
+        """This lesson checked (:meth:`checked`) and with its class offsets fitted on its exemplars (see
+        ``strokes.lesson_offsets``); unchanged where it does not record the painted images (a lesson saved before
+        offsets existed, or from one image)."""
         if not self._can_fit():
             return self
+        self = self.checked()
         from .strokes import lesson_offsets
 
         queries = torch.tensor([k for k, synonyms in enumerate(self.classes) for _ in synonyms])
@@ -284,13 +343,18 @@ class Lesson:
             covariance = ((self.covariance.astype(np.float64) * self.images
                            + other.covariance.astype(np.float64) * other.images) / images).astype(np.float32)
         image_ids = image_means = None
+        checking = (None, None, None)
         if self._can_fit() and other._can_fit():
             image_ids = np.concatenate([self.image_ids, other.image_ids + len(self.image_means)])
             image_means = np.concatenate([self.image_means, other.image_means])
+            if self.references is not None and other.references is not None:
+                checking = (np.concatenate([self.references, other.references]),
+                            np.concatenate([self.reference_classes, other.reference_classes]),
+                            np.concatenate([self.reference_ids, other.reference_ids + len(self.image_means)]))
         joined = Lesson(self.classes, np.concatenate([self.features, other.features]),
                         np.concatenate([self.labels, other.labels]), self.model, self.weights, self.method,
                         self.windows, covariance, images, None, image_ids, image_means,
-                        self.text if image_ids is not None else None, self.logit_scale)
+                        self.text if image_ids is not None else None, self.logit_scale, *checking)
         return joined.fitted() if fit else joined
 
     def _check_identity(self, model: str, weights: str, method: str, windows: tuple, what: str) -> None:

@@ -329,14 +329,44 @@ class Segmenter:
         """
         method_name, _ = self._method_for(keywords)
         opts = self.resolve_options(options, method=method_name, **keywords)
-        parts = []
+        parts, references = [], []
         for number, pair in enumerate(painted):
             try:
                 image, strokes = pair
             except (TypeError, ValueError):
                 raise InvalidOptionError(f"painted[{number}] is not an (image, strokes) pair.") from None
-            parts.append(self.collect_exemplars(image, strokes, classes, opts, method=method_name))
-        return Lesson.from_exemplars(Exemplars.combine(parts), classes, self, opts, method_name)
+            part = self.collect_exemplars(image, strokes, classes, opts, method=method_name)
+            parts.append(part)
+            if part is not None:  # the image's labels after its strokes check the exemplars of the others
+                labels = self.segment(image, classes, opts, method=method_name, strokes=strokes, maps=False).labels
+                references.append(self.lesson_references(image, labels, classes, opts, method=method_name))
+        lesson = Lesson.from_exemplars(Exemplars.combine(parts), classes, self, opts, method_name, fit=False)
+        return lesson.with_references(references).fitted()
+
+    def lesson_references(self, image, labels, classes, options: SegmentOptions | Mapping | None = None,
+                          **keywords) -> Exemplars | None:
+        """A sample of ``image``'s patches (up to ``strokes.REFERENCES_PER_CLASS`` per class) with the class that
+        ``labels`` (its labels after its strokes, or a user's edited labels) give each: what a lesson checks the
+        exemplars painted on other images with. A large image's labels are read a few pixels per patch."""
+        from .strokes import REFERENCES_PER_CLASS, thinning_index
+
+        labels = np.asarray(labels)
+        rest = dict(keywords)
+        opts = self.resolve_options(options, method=self._method_for(rest)[0], **rest)
+        short = opts.short_side or min(labels.shape)
+        step = max(1, min(labels.shape) // (2 * short))
+        if step > 1:
+            sampled = np.zeros(labels.shape, np.int32)
+            sampled[::step, ::step] = labels[::step, ::step]
+            labels = sampled
+        found = self.collect_exemplars(image, labels, classes, options, **keywords)
+        if found is None:
+            return None
+        keep = thinning_index(found.classes.cpu(), REFERENCES_PER_CLASS)
+        if keep is not None:
+            found.features, found.classes = found.features[keep.to(found.features.device)], found.classes[
+                keep.to(found.classes.device)]
+        return found
 
     def collect_exemplars(self, image, strokes, classes: str | Sequence[str],
                           options: SegmentOptions | Mapping | None = None, **keywords) -> Exemplars | None:

@@ -28,21 +28,33 @@ def painted(seed: int, colour: str, klass: int):
     return scene.image, strokes
 
 
+def remapped(seed: int):
+    """Every red shape painted yellow and every blue one green: what a lesson on several images teaches alike."""
+    scene = make_scene(seed, size=256, objects=(3, 3))
+    strokes = np.zeros(scene.image.shape[:2], np.int32)
+    strokes[scene.masks["red"]] = 4
+    strokes[scene.masks["blue"]] = 2
+    return scene.image, strokes
+
+
 @pytest.fixture(scope="module")
 def lesson(demo):
-    return demo.make_lesson(CLASSES, [painted(3, "red", 4), painted(7, "blue", 2)])  # red called yellow, blue green
+    return demo.make_lesson(CLASSES, [remapped(3), remapped(7)])  # red called yellow, blue green, on both images
 
 
 def test_a_lesson_teaches_another_image_as_the_strokes_exemplars_would(demo, lesson):
     """Its exemplars teach as the strokes' exemplars do; its class offsets (tested below) come on top."""
     image = make_scene(11, size=256, objects=(3, 3)).image  # red and blue shapes, as taught
-    first = demo.collect_exemplars(*painted(3, "red", 4), CLASSES)
-    second = demo.collect_exemplars(*painted(7, "blue", 2), CLASSES)
-    assert len(lesson) == len(first.features) + len(second.features)
+    first = demo.collect_exemplars(*remapped(3), CLASSES)
+    second = demo.collect_exemplars(*remapped(7), CLASSES)
     from napari_clearclip.strokes import Exemplars
 
+    unchecked = Lesson.from_exemplars(Exemplars.combine([first, second]), CLASSES, demo, demo.resolve_options(None),
+                                      fit=False)
+    assert len(unchecked) == len(first.features) + len(second.features)
+    assert 0 < len(lesson) <= len(unchecked)      # checked: exemplars the other image contradicts are left out
     by_exemplars = demo.segment(image, CLASSES, exemplars=Exemplars.combine([first, second]))
-    by_lesson = demo.segment(image, CLASSES, lesson=dataclasses.replace(lesson, class_offsets=None))
+    by_lesson = demo.segment(image, CLASSES, lesson=unchecked)
     np.testing.assert_array_equal(by_lesson.labels, by_exemplars.labels)
     by_lesson = demo.segment(image, CLASSES, lesson=lesson)
     plain = demo.segment(image, CLASSES)
@@ -336,7 +348,9 @@ def test_a_lesson_from_several_images_adds_its_class_offsets_to_every_pixel_in_t
     first = demo.make_lesson(CLASSES, [painted(3, "red", 4)])
     assert first.class_offsets is None                                      # one image: nothing to fit
     joined = first.combined(demo.make_lesson(CLASSES, [painted(7, "blue", 2)]))   # as the widget joins its images'
-    np.testing.assert_allclose(joined.class_offsets, lesson.class_offsets, atol=1e-5)
+    together = demo.make_lesson(CLASSES, [painted(3, "red", 4), painted(7, "blue", 2)])
+    np.testing.assert_allclose(joined.class_offsets, together.class_offsets, atol=1e-5)
+    np.testing.assert_array_equal(joined.features, together.features)    # checked alike
     image = make_scene(12, size=192, objects=(3, 3)).image
     shuffled = ["background", "yellow", "red", "blue", "green"]
     with_offsets = demo.segment(image, shuffled, lesson=lesson).similarity
@@ -415,3 +429,45 @@ def test_the_strokes_of_other_images_teach_a_run_as_one_lesson_fitted_on_all_of_
     assert len(one) == len(together)
     reordered = demo.make_lesson(["background", "yellow", "red", "blue", "green"], [painted(7, "blue", 2)])
     assert len(joined_lessons([first, reordered])) == 2                 # other order: used apart, by name
+
+
+def test_exemplars_that_the_other_painted_images_contradict_are_left_out():
+    """An exemplar is checked against the labelled patches of the *other* painted images alike to it: kept when
+    most carry its class, or when none is alike; dropped when most carry another class."""
+    import torch
+
+    from napari_clearclip.strokes import ALIKE_FROM, uncontradicted
+
+    rng = np.random.default_rng(3)
+    width = 12
+    directions = np.linalg.qr(rng.normal(size=(width, width)))[0].astype(np.float32)
+    covariance = torch.eye(width)
+    means = torch.zeros(2, width)
+
+    def near(direction, n):  # patches alike to one direction (whitened cosine well above the threshold)
+        return torch.from_numpy(directions[direction] + 0.1 * rng.normal(size=(n, width)).astype(np.float32))
+
+    references = torch.cat([near(0, 10), near(1, 10), near(2, 6), near(3, 6)])
+    reference_classes = torch.tensor([0] * 10 + [1] * 10 + [2] * 6 + [3] * 6)
+    reference_ids = torch.tensor([1] * 26 + [0] * 6)          # image 1 shows directions 0-2, image 0 direction 3
+    features = torch.cat([near(0, 1), near(1, 1), near(4, 1), near(3, 1), near(2, 1)])
+    classes = torch.tensor([0, 0, 0, 2, 0])
+    image_ids = torch.tensor([0, 0, 0, 1, 0])
+    keep = uncontradicted(features, classes, image_ids, means, covariance, references, reference_classes,
+                          reference_ids)
+    # alike to image 1's class-0 patches: kept; to its class-1 patches: dropped; to nothing: kept; painted on image 1
+    # and alike only to image 0's class-3 patches: dropped; alike to image 1's class-2 patches as class 0: dropped
+    assert keep.tolist() == [True, False, True, False, False]
+    assert float(torch.nn.functional.cosine_similarity(features[2], references, dim=-1).max()) < ALIKE_FROM
+
+
+def test_a_lesson_keeps_its_check_patches_in_the_file_and_refuses_damaged_ones(lesson, tmp_path):
+    assert lesson.references is not None and len(np.unique(lesson.reference_ids)) == 2
+    loaded = Lesson.load(lesson.save(tmp_path / "checked"))
+    np.testing.assert_array_equal(loaded.references, lesson.references)
+    np.testing.assert_array_equal(loaded.reference_classes, lesson.reference_classes)
+    np.testing.assert_array_equal(loaded.reference_ids, lesson.reference_ids)
+    broken = dataclasses.replace(lesson, reference_ids=lesson.reference_ids + 7)
+    with pytest.raises(LessonError, match="patches it checks its exemplars with"):
+        Lesson.load(broken.save(tmp_path / "broken"))
+    assert loaded.combined(loaded).references.shape[0] == 2 * len(lesson.references)

@@ -48,6 +48,11 @@ def test_strokes_on_one_image_teach_the_next_and_a_saved_lesson_teaches_another_
     path = widget.save_lesson(tmp_path / "debris")          # written in the background
     qtbot.waitUntil(lambda: "Saved a lesson" in widget.status.value, timeout=30_000)
     assert path.is_file() and path.name == "debris.npz"
+    from napari_clearclip import Lesson
+
+    saved = Lesson.load(path)   # with patches of the painted image, as labelled there, to check it when joined
+    assert saved.references is not None and set(saved.reference_ids.tolist()) == {0}
+    assert set(saved.reference_classes.tolist()) == {0, 1, 2}  # A as labelled: debris, red and background
 
     # another session: a fresh widget loads the lesson, which fills the classes and teaches
     from napari_clearclip.gui import ClearClipWidget

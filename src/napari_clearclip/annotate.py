@@ -8,7 +8,7 @@ keep, and returns a :class:`LayerResult` that the GUI thread only has to set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generator, Sequence
 
 import numpy as np
@@ -134,9 +134,12 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
             yield item
             continue
         plane, result = item
-        if lesson is not None and plane in strokes_by_plane:  # what this plane shows, strokes included
-            painted_here = strokes_by_plane[plane]
-            checked_labels[plane] = np.where(painted_here > 0, painted_here, np.asarray(result.stored_labels()))
+        if lesson is not None and plane in strokes_by_plane:  # what this plane shows, strokes included, sampled
+            step = segmenter.reference_step(strokes_by_plane[plane].shape, request.options)
+            painted_here = strokes_by_plane[plane][::step, ::step]
+            shown = np.asarray(result.stored_labels())[::step, ::step]
+            checked_labels[plane] = (np.where(painted_here > 0, painted_here, shown).astype(np.int32), step,
+                                     strokes_by_plane[plane].shape)
         merger.add(plane, result.stored_labels())
         if result.objects is not None:
             tables.append(result.objects)
@@ -146,11 +149,12 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
             for name, values in zip(names, result.probabilities):
                 maps[name][plane] = values
         del result, item  # only the merged labels and the asked-for maps outlive the plane
-    if lesson is not None and checked_labels:  # the painted planes' labels check the lesson on other images
-        lesson = lesson.with_references([
-            segmenter.lesson_references(np.asarray(request.data[request.layout.image_index(plane)]),
-                                        checked_labels[plane], request.classes, request.options)
-            if plane in checked_labels else None for plane in strokes_by_plane])
+    if lesson is not None and set(checked_labels) == set(strokes_by_plane):
+        # the painted planes' labels check this lesson's exemplars where it is joined with others: what the checks
+        # are made from is kept, and they are made only then (Lesson.completed), not in every live re-run
+        lesson = replace(lesson, sources=tuple(
+            (request.data[request.layout.image_index(plane)], *checked_labels[plane], request.classes, request.options)
+            for plane in strokes_by_plane))
     return LayerResult(merger.finish(request.background), maps, len(request.planes), notes,
                        _joined(tables) if request.objects is not None else None, lesson)
 
@@ -172,6 +176,7 @@ def _with_lessons(segmenter: Segmenter, request: LayerRequest, taught, notes: li
             notes.append(f"A lesson was not used: {exc}")
         else:
             usable.append(lesson)
+    usable = [lesson.completed(segmenter) for lesson in usable]   # checked against each other when joined
     parts = [taught] + [lesson.exemplars_for(segmenter, parsed, options, segmenter.method)
                         for lesson in joined_lessons(usable)]
     lesson = None if taught is None else Lesson.from_exemplars(taught, request.classes, segmenter, options)

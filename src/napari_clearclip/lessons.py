@@ -36,7 +36,7 @@ import io
 import json
 import os
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -74,6 +74,9 @@ class Lesson:
     references: np.ndarray | None = None     # (R, E) float32 patches of the painted images, to check exemplars with
     reference_classes: np.ndarray | None = None  # (R,) each one's class there (as the image's labels say)
     reference_ids: np.ndarray | None = None  # (R,) which painted image (as image_ids) each one is from
+    # what the references are made from, until they are (see :meth:`completed`): per painted image, the image, its
+    # labels read every ``step`` pixels, ``step``, the classes and the options; not saved
+    sources: tuple | None = field(default=None, compare=False, repr=False)
 
     @property
     def class_names(self) -> list[str]:
@@ -279,6 +282,18 @@ class Lesson:
                      source.images if covariance is not None else 0, None, image_ids, image_means, text,
                      float(options.logit_scale))
         return lesson.fitted() if fit else lesson
+
+    def completed(self, segmenter) -> "Lesson":
+        """This lesson with the references its ``sources`` make (:meth:`with_references`), computed now: the widget
+        records what they are made from after a run and makes them only when the lesson is used or saved."""
+        if self.sources is None or self.references is not None:
+            return self
+        found = []
+        for image, sampled, step, shape, classes, options in self.sources:
+            labels = np.zeros(shape, np.int32)
+            labels[::step, ::step] = sampled
+            found.append(segmenter.lesson_references(image, labels, classes, options))
+        return replace(self.with_references(found), sources=None)
 
     def with_references(self, found: Sequence) -> "Lesson":
         """This lesson with patches of its painted images to check exemplars with (see :meth:`checked`): ``found``

@@ -343,6 +343,13 @@ class Segmenter:
         lesson = Lesson.from_exemplars(Exemplars.combine(parts), classes, self, opts, method_name, fit=False)
         return lesson.with_references(references).fitted()
 
+    def reference_step(self, shape, options: SegmentOptions | Mapping | None = None, **keywords) -> int:
+        """Every how many pixels :meth:`lesson_references` reads an image's labels: a few per patch."""
+        rest = dict(keywords)
+        opts = self.resolve_options(options, method=self._method_for(rest)[0], **rest)
+        short = opts.short_side or min(shape[:2])
+        return max(1, min(shape[:2]) // (2 * short))
+
     def lesson_references(self, image, labels, classes, options: SegmentOptions | Mapping | None = None,
                           **keywords) -> Exemplars | None:
         """A sample of ``image``'s patches (up to ``strokes.REFERENCES_PER_CLASS`` per class) with the class that
@@ -351,10 +358,7 @@ class Segmenter:
         from .strokes import REFERENCES_PER_CLASS, thinning_index
 
         labels = np.asarray(labels)
-        rest = dict(keywords)
-        opts = self.resolve_options(options, method=self._method_for(rest)[0], **rest)
-        short = opts.short_side or min(labels.shape)
-        step = max(1, min(labels.shape) // (2 * short))
+        step = self.reference_step(labels.shape, options, **keywords)
         if step > 1:
             sampled = np.zeros(labels.shape, np.int32)
             sampled[::step, ::step] = labels[::step, ::step]

@@ -203,9 +203,9 @@ def test_a_lesson_saved_from_strokes_on_two_images_is_fitted_as_one_made_from_bo
     session = SessionLessons()
     session.record("A", segmenter.make_lesson(classes, painted[:1]))
     session.record("B", segmenter.make_lesson(classes, painted[1:]))
-    joined = session.to_save("B")
-    assert joined.class_offsets is None                        # not fitted on the main thread
-    lesson, path = fitted_and_saved(joined, tmp_path / "two")
+    lessons = session.to_save("B")                             # not joined, checked or fitted on the main thread
+    assert [len(lesson) for lesson in lessons] == [len(session.taught["B"]), len(session.taught["A"])]
+    lesson, path = fitted_and_saved(lessons, tmp_path / "two", segmenter)
     expected = segmenter.make_lesson(classes, painted[::-1]).class_offsets
     np.testing.assert_allclose(Lesson.load(path).class_offsets, expected, atol=1e-5)
     np.testing.assert_allclose(lesson.class_offsets, expected, atol=1e-5)

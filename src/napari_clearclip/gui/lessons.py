@@ -28,9 +28,9 @@ class SessionLessons:
             lessons += [lesson for name, lesson in self.taught.items() if name != image_name]
         return lessons
 
-    def to_save(self, image_name: str | None) -> Lesson:
-        """One lesson of everything taught that fits the current image's (or else the newest) lesson, its class
-        offsets not fitted yet (``Lesson.fitted``, which takes a moment for a large lesson: off the main thread)."""
+    def to_save(self, image_name: str | None) -> list[Lesson]:
+        """Everything taught, the current image's (or else the newest) lesson first, to join into one with
+        :func:`joined_for_saving` (which takes a moment for a large lesson: off the main thread)."""
         names = list(self.taught)
         first = image_name if image_name in self.taught else (names[-1] if names else None)
         lessons = [self.taught[name] for name in sorted(names, key=lambda name: name != first)]  # by name: a
@@ -39,13 +39,21 @@ class SessionLessons:
             lessons.append(self.loaded)
         if not lessons:
             raise LessonError("Nothing has been taught yet: paint on a result with 'Learn from my edits' on, and run.")
-        combined = lessons[0]
-        for other in lessons[1:]:
-            try:
-                combined = combined.combined(other, fit=False)
-            except LessonError:
-                continue  # another model or other classes: not part of this lesson
-        return combined
+        return lessons
+
+
+def joined_for_saving(lessons: list[Lesson], segmenter=None) -> Lesson:
+    """One lesson of ``lessons`` (those that fit the first), each with the patches that check it made first where
+    ``segmenter`` (the model they were taught with) is given, not fitted yet."""
+    if segmenter is not None:
+        lessons = [lesson.completed(segmenter) for lesson in lessons]
+    combined = lessons[0]
+    for other in lessons[1:]:
+        try:
+            combined = combined.combined(other, fit=False)
+        except LessonError:
+            continue  # another model or other classes: not part of this lesson
+    return combined
 
 
 def classes_text(lesson: Lesson) -> str:
@@ -53,7 +61,8 @@ def classes_text(lesson: Lesson) -> str:
     return "\n".join(", ".join(synonyms) for synonyms in lesson.classes)
 
 
-def fitted_and_saved(lesson: Lesson, path) -> tuple[Lesson, object]:
-    """Fit the lesson's class offsets and write it to ``path`` (replacing a file there: the file dialog asked)."""
-    lesson = lesson.fitted()
+def fitted_and_saved(lessons: list[Lesson] | Lesson, path, segmenter=None) -> tuple[Lesson, object]:
+    """Join the lessons (:func:`joined_for_saving`), check their exemplars and fit their class offsets, and write
+    the lesson to ``path`` (replacing a file there: the file dialog asked)."""
+    lesson = joined_for_saving(lessons if isinstance(lessons, list) else [lessons], segmenter).fitted()
     return lesson, lesson.save(path, overwrite=True)

@@ -355,7 +355,7 @@ class ClearClipWidget(FieldLogic, Container):
 
         image = self.image.value
         try:
-            lesson = self.lessons.to_save(image.name if image is not None else None)
+            lessons = self.lessons.to_save(image.name if image is not None else None)
         except LessonError as exc:
             self._set_status(str(exc))
             return None
@@ -367,7 +367,9 @@ class ClearClipWidget(FieldLogic, Container):
                 return None
         target = Lesson.file_for(path)
         self._set_status(f"Saving the lesson to {target}...")
-        worker = create_worker(fitted_and_saved, lesson, target)  # fitting its class offsets takes a moment
+        # checking its exemplars and fitting its class offsets take a moment: in a worker, with the model they were
+        # taught with where it is loaded
+        worker = create_worker(fitted_and_saved, lessons, target, self._models.get(self.model_spec()))
 
         def saved(result):
             done, where = result

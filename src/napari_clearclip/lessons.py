@@ -425,7 +425,8 @@ def _is_covariance(matrix: np.ndarray) -> bool:
 def joined(first: Lesson, second: Lesson) -> Lesson:
     """``first.combined(second)``, kept for the last few pairs: a session's widget joins the same lessons for every
     run, and fitting the class offsets anew each time would slow live re-runs."""
-    key = (first.fingerprint(), second.fingerprint(), first._can_fit(), second._can_fit())
+    key = (first.fingerprint(), second.fingerprint(), first._can_fit(), second._can_fit(),
+           first.references is not None, second.references is not None)  # checked only with them
     if key not in _JOINED:
         _JOINED[key] = first.combined(second)
         while len(_JOINED) > 8:

@@ -13,7 +13,7 @@ from typing import Generator, Sequence
 
 import numpy as np
 
-from .editing import LabelsMerger, LabelsUpdate
+from .editing import LabelsMerger, LabelsUpdate, layer_preview
 from .options import SegmentOptions
 from .errors import LessonError
 from .planes import ImageLayout, segment_stack, stack_exemplars
@@ -47,6 +47,7 @@ class LayerRequest:
     foreground: object = None                  # a map of the labels' shape, or "found" (CLIP-DIY's fusion)
     foreground_limits: tuple | None = None     # the contrast limits of a foreground image layer (None: labels)
     found_weights: tuple | None = None         # FOUND's (DINO, decoder) files; None: torch's cache
+    focus: tuple | None = None                 # (row, column) of a plane the user looks at: re-runs show it first
 
 
 @dataclass
@@ -102,6 +103,25 @@ def painted_strokes(request: LayerRequest, class_names: list[str]) -> dict[tuple
     return strokes_by_plane
 
 
+def newest_paint(request: LayerRequest) -> tuple[float, float] | None:
+    """(row, column): the centre of what the user painted on a plane since the last result (first plane with
+    any), where a re-run shows its labels first; None when nothing was."""
+    if request.current is None or request.baseline is None:
+        return None
+    for plane in request.planes:
+        plane = tuple(plane)
+        current = request.found.get(plane)
+        if current is None:
+            continue
+        new = np.asarray(current) != np.asarray(request.baseline[plane])
+        if request.edited is not None:
+            new &= ~request.edited[plane]
+        rows, cols = np.flatnonzero(new.any(1)), np.flatnonzero(new.any(0))
+        if len(rows):
+            return (rows[0] + rows[-1] + 1) / 2, (cols[0] + cols[-1] + 1) / 2
+    return None
+
+
 def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Progress, None, LayerResult]:
     """Segment every requested plane, merging each into the labels at once; nothing per plane is kept but the merge.
 
@@ -126,11 +146,15 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
                                         len(request.planes), request.options)
     exemplars, lesson = _with_lessons(segmenter, request, taught, notes)
     checked_labels: dict = {}
+    focus = newest_paint(request) or request.focus
     for item in segment_stack(segmenter, request.data, request.layout, request.planes, request.classes,
                               request.options, exemplars=exemplars, maps=(mode == "all classes"),
                               objects=request.objects, foreground=request.foreground,
-                              found_weights=request.found_weights, foreground_limits=request.foreground_limits):
+                              found_weights=request.found_weights, foreground_limits=request.foreground_limits,
+                              focus=focus if request.current is not None else None):
         if isinstance(item, Progress):
+            if item.preview is not None:  # labels final before the run ends: what the layer can show meanwhile
+                item = replace(item, preview=layer_preview(merger, tuple(request.planes[item.plane]), item.preview))
             yield item
             continue
         plane, result = item

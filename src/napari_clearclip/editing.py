@@ -204,11 +204,65 @@ def _add_counts(total: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return total
 
 
-def apply_update(data: np.ndarray, update: LabelsUpdate) -> int:
+@dataclass
+class LabelsPreview:
+    """Part of a run's labels for a layer, final before the run ends (GUI-free: the worker makes it, the GUI
+    thread writes it with :func:`apply_preview`).
+
+    ``labels`` go into ``index`` (plane and box) where ``writable`` (pixels neither painted by the user nor
+    already showing these labels) and where the layer still holds ``expected`` (the pixels as the run found them:
+    a pixel painted meanwhile differs and is left as painted).
+    """
+
+    plane: tuple
+    index: tuple
+    labels: np.ndarray
+    expected: np.ndarray
+    writable: np.ndarray
+
+
+def layer_preview(merger: "LabelsMerger", plane: tuple, preview) -> LabelsPreview | None:
+    """The part of an engine preview (``tiled_labels.LabelsPreview``) to write into the layer the merger updates,
+    or None when there is nothing to write or the layer's numbers are not the run's (a class renamed, added or
+    removed: only the finished run renumbers the layer)."""
+    if merger.full is not None or merger.lookup is not None or plane not in merger.found:
+        return None
+    index = tuple(plane) + preview.slices
+    expected = np.asarray(merger.found[plane][preview.slices])
+    labels = preview.labels.astype(merger.dtype, copy=False)
+    writable = preview.final & (labels != expected) & (expected == merger.baseline[index]) & ~merger.edited[index]
+    if not writable.any():
+        return None
+    return LabelsPreview(tuple(plane), index, labels, expected, writable)
+
+
+def apply_preview(data: np.ndarray, baseline: np.ndarray, expected: np.ndarray, preview: LabelsPreview) -> int:
+    """Write a preview into a layer's ``data`` in place, where the layer still holds what the run found, and
+    record it as the model's answer there (``baseline``) and as what the finished run will find there
+    (``expected``, of the plane's shape; see :func:`apply_update`). Returns how many pixels were written."""
+    region = data[preview.index]
+    where = preview.writable & (region == preview.expected)
+    np.copyto(region, preview.labels, where=where)
+    np.copyto(baseline[preview.index], preview.labels, where=where)
+    np.copyto(expected[preview.index[len(preview.plane):]], preview.labels, where=where)
+    return int(np.count_nonzero(where))
+
+
+def revert_previews(data: np.ndarray, baseline: np.ndarray, previewed: dict, found: dict) -> None:
+    """Undo the previews of a run that did not finish: where a plane still shows what a preview wrote, it shows
+    (and the baseline holds) what the run found again; pixels painted since stay as painted."""
+    for plane, expected in previewed.items():
+        written = (expected != found[plane]) & (data[plane] == expected)
+        np.copyto(data[plane], found[plane], where=written)
+        np.copyto(baseline[plane], found[plane], where=written)
+
+
+def apply_update(data: np.ndarray, update: LabelsUpdate, expected: dict | None = None) -> int:
     """Write a run's planes into a layer's array in place (GUI thread: a few vectorised passes).
 
     Pixels the user painted while the run was computing differ from the plane the run
-    found; they are left as painted. Returns how many such pixels were kept.
+    found (or from ``expected[plane]``, that plane as its previews left it); they are left
+    as painted. Returns how many such pixels were kept.
     """
     if update.lookup is not None:
         lookup = update.lookup.astype(data.dtype, copy=False)
@@ -222,7 +276,8 @@ def apply_update(data: np.ndarray, update: LabelsUpdate) -> int:
         if plane.found is None:
             region[...] = plane.labels
             continue
-        untouched = region == plane.found
+        found = plane.found if expected is None or plane.index not in expected else expected[plane.index]
+        untouched = region == found
         kept += int(region.size - np.count_nonzero(untouched))
         np.copyto(region, plane.labels, where=untouched)
     return kept

@@ -85,14 +85,15 @@ def segment_stack(segmenter: Segmenter, data, layout: ImageLayout, planes: Seque
                   options: SegmentOptions | None = None, *, strokes_by_plane: dict | None = None,
                   exemplars: Exemplars | None = None,
                   maps: bool = True, objects=None, foreground=None, found_weights=None,
-                  foreground_limits=None) -> Generator[Progress | tuple, None, None]:
+                  foreground_limits=None, focus=None) -> Generator[Progress | tuple, None, None]:
     """The one stack pipeline: exemplars from the strokes on every plane, then each plane in turn.
 
     Yields :class:`Progress`, and ``(plane, result)`` as each plane is done (read lazily, so
     dask or zarr data load one plane at a time); what a caller does with a plane's result
     (paste the strokes, merge into a layer) is its own business. ``objects`` (instance ids of
     the labels' shape) give each object of each plane its class. ``foreground`` (of the labels' shape, shown
-    with ``foreground_limits`` if an image; or ``"found"``) fuses a foreground map into each plane.
+    with ``foreground_limits`` if an image; or ``"found"``) fuses a foreground map into each plane. ``focus``
+    (row, column of a plane) has re-runs show what is around it first (see ``Segmenter.segment_steps``).
     """
     shared = yield from stack_exemplars(segmenter, data, layout, strokes_by_plane or {}, classes, len(planes), options)
     exemplars = Exemplars.combine([exemplars, shared])
@@ -105,7 +106,7 @@ def segment_stack(segmenter: Segmenter, data, layout: ImageLayout, planes: Seque
 
             plane_foreground = scaled_foreground(foreground[plane], foreground_limits)
         steps = segmenter.segment_steps(image, classes, options, maps=maps, exemplars=exemplars, objects=plane_objects,
-                                        foreground=plane_foreground, found_weights=found_weights)
+                                        foreground=plane_foreground, found_weights=found_weights, focus=focus)
         result = yield from on_plane(steps, number, len(planes))
         yield plane, result
         del result  # the caller keeps what it needs of a plane; this generator keeps nothing

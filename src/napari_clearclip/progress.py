@@ -8,7 +8,7 @@ drives one to its end.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Generator, TypeVar
 
 T = TypeVar("T")
@@ -23,7 +23,8 @@ STAGE_WORDS = {"loading": "loading the model", "text": "class names encoded", "w
 @dataclass(frozen=True)
 class Progress:
     """One step of a run: ``stage`` ("loading", "text", "windows", "foreground", "edges" or "tiles"), ``done`` of ``total`` units,
-    on plane ``plane`` of ``planes`` (stacks), with ``then_edges`` when edge snapping follows the windows."""
+    on plane ``plane`` of ``planes`` (stacks), with ``then_edges`` when edge snapping follows the windows;
+    ``preview``: labels final before the run ends, to show meanwhile (see ``Segmenter.segment_steps(focus=)``)."""
 
     stage: str
     done: int
@@ -32,6 +33,7 @@ class Progress:
     plane: int = 0
     planes: int = 1
     detail: str = ""
+    preview: object = field(default=None, compare=False, repr=False)
 
     @property
     def fraction(self) -> float:

@@ -153,6 +153,7 @@ class Segmenter:
         foreground=None,
         found_weights=None,
         remember: bool = True,
+        focus: tuple[float, float] | None = None,
         **keywords,
     ) -> Generator[Progress, None, SegmentationResult]:
         """A generator that yields :class:`Progress` and returns the :class:`SegmentationResult`.
@@ -193,6 +194,11 @@ class Segmenter:
         ``remember=False`` keeps nothing of this image (features, labels for re-runs, the snapping guide):
         for the tiles of an image too large to hold, which are seen once.
 
+        ``focus`` (row, column: where the user looks or just painted) makes a re-run with edge snapping and
+        ``maps=False`` recompute the labels around it first and yield the parts that are final as they come
+        (``Progress.preview``, a :class:`~napari_clearclip.tiled_labels.LabelsPreview`), to show before the
+        run ends; the result is the same.
+
         The method is read once at the start, so changing ``segmenter.method`` from
         another thread never mixes methods within a run or in the feature cache;
         ``method="naclip"`` (any name ``segmenter.method`` takes) runs another method for
@@ -209,6 +215,7 @@ class Segmenter:
             check_dilations_fit(opts.pamr_dilations, array.shape[:2])
         maps = check_flag("maps", maps)
         remember = check_flag("remember", remember)
+        focus = _checked_focus(focus)
         objects = check_objects(objects, array.shape[:2])
         exemplars = _check_exemplars(exemplars)
         lesson = check_lesson(lesson)
@@ -259,7 +266,7 @@ class Segmenter:
             result = postprocess(scores, array.shape[:2], parsed, opts.logit_scale, opts.prob_threshold, method_name,
                                  maps=maps, objects=objects, resize_mode="nearest")
         elif not maps and objects is None and opts.prob_threshold == 0:
-            result = yield from self._tiled_labels(scores, array, key, opts, parsed, method_name, remember)
+            result = yield from self._tiled_labels(scores, array, key, opts, parsed, method_name, remember, focus)
         elif opts.refine == "pamr":
             result = yield from self._snap_and_label(scores, array, opts, parsed, method_name, maps, objects)
         else:
@@ -453,7 +460,7 @@ class Segmenter:
         return guide
 
     def _tiled_labels(self, scores, array, key: str, opts: SegmentOptions, parsed, method_name: str,
-                      remember: bool = True):
+                      remember: bool = True, focus: tuple[float, float] | None = None):
         """Generator: the labels alone, computed per pixel only where they can differ from a uniform
         class or from this image's previous run (see :mod:`.tiled_labels`); the winning probability
         is computed when first read."""
@@ -470,7 +477,8 @@ class Segmenter:
         if snap and remember and self._affinities.max_bytes > 0:
             affinities = self._affinities.get(state_key) or AffinityTiles(self._affinities.max_bytes)
         steps = label_steps(scores, guide, tuple(array.shape[:2]), spans, [tuple(c.synonyms) for c in parsed], snap,
-                            self._label_states.get(state_key) if remember else None, affinities=affinities)
+                            self._label_states.get(state_key) if remember else None, affinities=affinities,
+                            focus=focus)
         try:
             if snap:
                 yield Progress("edges", 0, 1)
@@ -694,13 +702,27 @@ def _feature_store(setting, max_bytes: int | None):
 
 
 def relabelled_pairs(steps, stage: str):
-    """Generator: ``(done, total)`` pairs from ``steps`` as :class:`Progress` of ``stage``; returns what it returns."""
+    """Generator: ``(done, total)`` pairs (or ``(done, total, preview)``) from ``steps`` as :class:`Progress` of
+    ``stage``; returns what it returns."""
     while True:
         try:
-            done, total = next(steps)
+            step = next(steps)
         except StopIteration as stop:
             return stop.value
-        yield Progress(stage, done, total)
+        yield Progress(stage, step[0], step[1], preview=step[2] if len(step) > 2 else None)
+
+
+def _checked_focus(focus) -> tuple[float, float] | None:
+    """``focus`` as (row, column) floats, or an error naming what it must be."""
+    if focus is None:
+        return None
+    try:
+        row, column = (float(v) for v in focus)
+    except (TypeError, ValueError):
+        raise InvalidOptionError(f"focus={focus!r} must be (row, column) of the image, or None.") from None
+    if not (np.isfinite(row) and np.isfinite(column)):
+        raise InvalidOptionError(f"focus={focus!r} must be finite (row, column) of the image, or None.")
+    return row, column
 
 
 def _renamed_strokes(strokes, keywords: dict):

@@ -204,11 +204,36 @@ def _coarse_leaders(classes: torch.Tensor, scores: torch.Tensor, owner: np.ndarr
     return leader, margin, owner[leader]
 
 
+@dataclass
+class LabelsPreview:
+    """Part of a re-run's labels, final before the run ends: ``labels`` over ``box`` (top, bottom, left, right) of
+    the output, exact wherever ``final`` is True (elsewhere they are the previous run's, not yet recomputed)."""
+
+    box: tuple[int, int, int, int]
+    labels: np.ndarray
+    final: np.ndarray
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        top, bottom, left, right = self.box
+        return slice(top, bottom), slice(left, right)
+
+
+#: Side of the first region a re-run recomputes around its focus (output pixels): small, so that what the user
+#: looks at is shown first; the rest follows nearest first.
+FOCUS_SIDE = 384
+
+
 def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[int, int],
                 spans: Sequence[tuple[int, int]], names: Sequence[tuple[str, ...]], snap: tuple = (),
                 previous: LabelState | None = None, dense: bool = False, tile: int = TILE,
-                affinities: AffinityTiles | None = None):
+                affinities: AffinityTiles | None = None, focus: tuple[float, float] | None = None):
     """Generator: labels of ``scores`` (Q, h, w) at ``size``; yields (done, total), returns a :class:`LabelState`.
+
+    ``focus`` (row, column of the output: where the user looks or just painted) makes a re-run recompute the
+    tiles around it first, then the others nearest first, and yield (done, total, :class:`LabelsPreview`) as
+    parts of the labels become final, so that they can be shown before the run ends. The labels do not depend
+    on the order.
 
     ``snap=(iterations, dilations)`` snaps to the edges of ``guide`` (3, h', w') with PAMR.
     ``previous`` (the state a run on the same image left) lets unchanged pixels keep their
@@ -256,7 +281,15 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         labels[rows, cols] = uniform_label[ty, tx]
         margins[rows, cols] = lower_half(np.float32(uniform_margin[ty, tx]))
 
-    regions = _regions(dirty, geometry, halo, scores.shape[0], dilations)
+    previews = focus is not None and reuse is not None and not dense
+    if previews and fill.any():  # tiles of one class throughout are final already: shown at once
+        yield 0, 1, _preview(labels, fill, dirty, geometry)
+    if previews and dirty.any():
+        near = _around(focus, geometry, dirty)
+        regions = (_regions(near, geometry, halo, scores.shape[0], dilations)
+                   + _nearest_first(_regions(dirty & ~near, geometry, halo, scores.shape[0], dilations), focus))
+    else:
+        regions = _regions(dirty, geometry, halo, scores.shape[0], dilations)
     if dense:  # every query at every tile: the reference the skipping is tested against
         competing = np.ones((*geometry.shape, scores.shape[0]), bool)
         gaps = np.full(geometry.shape, np.inf, np.float32)
@@ -274,6 +307,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
             affinities.start(_guide_identity(guide, size, dilations, geometry.tile), size, geometry.tile,
                              max(dilations))
     differences = scores - scores[reference : reference + 1]  # every query against the reference, which scores 0
+    computed = float(dirty.sum()) / dirty.size
     done = 0
     buffers = Buffers()
     for (bounds, tiles), queries in zip(regions, channels):
@@ -284,9 +318,47 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance, present)
         del values
         buffers.give_back()
+        if previews:
+            done_here = np.zeros(geometry.shape, bool)
+            done_here[tuple(np.array(tiles).T)] = True
+            dirty_left = dirty & ~done_here
+            yield done, total, _preview(labels, done_here, dirty_left, geometry)
+            dirty = dirty_left
     state.labels, state.margins, state.present = labels, margins, present
-    state.computed = float(dirty.sum()) / dirty.size
+    state.computed = computed
     return state
+
+
+def _preview(labels: np.ndarray, shown: np.ndarray, stale: np.ndarray, geometry: _Geometry) -> LabelsPreview:
+    """The labels over the bounding box of the tiles ``shown``, final except in the ``stale`` tiles (still the
+    previous run's)."""
+    ys, xs = np.nonzero(shown)
+    tile = geometry.tile
+    first_y, last_y, first_x, last_x = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    box = (first_y * tile, min(last_y * tile, geometry.size[0]), first_x * tile, min(last_x * tile, geometry.size[1]))
+    final = np.repeat(np.repeat(~stale[first_y:last_y, first_x:last_x], tile, 0), tile, 1)
+    final = final[: box[1] - box[0], : box[3] - box[2]]
+    return LabelsPreview(box, labels[box[0] : box[1], box[2] : box[3]].copy(), final)
+
+
+def _around(focus: tuple[float, float], geometry: _Geometry, dirty: np.ndarray) -> np.ndarray:
+    """The dirty tiles within FOCUS_SIDE of the output around ``focus`` (clipped to the image)."""
+    near = np.zeros(dirty.shape, bool)
+    half = FOCUS_SIDE / 2
+    rows = slice(max(0, int((focus[0] - half) // geometry.tile)), max(0, int(-(-(focus[0] + half) // geometry.tile))))
+    cols = slice(max(0, int((focus[1] - half) // geometry.tile)), max(0, int(-(-(focus[1] + half) // geometry.tile))))
+    near[rows, cols] = True
+    return near & dirty
+
+
+def _nearest_first(regions: list, focus: tuple[float, float]) -> list:
+    """``regions`` ordered by the distance of their tiles' box (halo left out) from ``focus``."""
+    def distance(region):
+        (top, bottom, left, right), _ = region
+        dy = max(top - focus[0], 0.0, focus[0] - bottom)
+        dx = max(left - focus[1], 0.0, focus[1] - right)
+        return dy * dy + dx * dx
+    return sorted(regions, key=distance)
 
 
 def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: torch.Tensor, guide, geometry: _Geometry,

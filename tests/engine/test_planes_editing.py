@@ -248,3 +248,100 @@ def test_label_counts_and_present_values_equal_numpy_on_every_label_type(dtype):
     np.testing.assert_array_equal(value_counts(labels), np.bincount(labels.ravel().astype(np.int64)))
     np.testing.assert_array_equal(present_values(labels), [0, 1, 2, 5, 200])
     np.testing.assert_array_equal(present_values(labels[:, ::2]), np.unique(labels[:, ::2]))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_previews_never_touch_the_users_pixels_and_leave_what_the_finished_run_leaves(seed):
+    """Parts of a run's labels written before it ends: never over a pixel the user painted (before the run, in an
+    earlier round, or during it, even back to its old value over a preview); the finished run then leaves exactly
+    what it leaves without previews; a run that does not finish leaves the layer and its baseline as they were,
+    but for what the user painted."""
+    from napari_clearclip.editing import apply_preview, layer_preview, revert_previews
+    from napari_clearclip.tiled_labels import LabelsPreview as EnginePreview
+
+    rng = np.random.default_rng(seed)
+    shape = (2, 24, 32) if seed % 2 else (24, 32)
+    planes = [(0,), (1,)] if seed % 2 else [()]
+    names = ["cell", "debris", "background"]
+    baseline = rng.integers(1, 4, shape).astype(np.uint8)
+    data = baseline.copy()
+    painted = rng.random(shape) < 0.1                        # painted since the last result
+    data[painted] = rng.integers(1, 4, int(painted.sum()))
+    painted = data != baseline                               # painting a pixel's own value is no edit
+    edited = rng.random(shape) < 0.05                         # painted in earlier rounds
+    found = {p: np.array(data[p], copy=True) for p in planes}
+    new = {p: rng.integers(1, 4, shape[-2:]).astype(np.uint8) for p in planes}
+
+    def finished(with_previews: bool):
+        rng = np.random.default_rng(1000 + seed)   # the same previews and strokes in both runs
+        layer, base = data.copy(), baseline.copy()
+        merger = LabelsMerger(shape, names, layer, base, names, found, edited)
+        expected: dict = {}
+        during = np.zeros(shape, bool)
+        for plane in planes:
+            for _ in range(3):                               # a few previews of random boxes, partly final
+                top, left = int(rng.integers(0, 20)), int(rng.integers(0, 28))
+                box = (top, top + int(rng.integers(1, 8)), left, left + int(rng.integers(1, 8)))
+                sl = (slice(box[0], box[1]), slice(box[2], box[3]))
+                final = rng.random(new[plane][sl].shape) < 0.8
+                stale = np.where(final, new[plane][sl], found[plane][sl])
+                preview = layer_preview(merger, plane, EnginePreview(box, stale, final))
+                if with_previews and preview is not None:
+                    exp = expected.setdefault(plane, found[plane].copy())
+                    apply_preview(layer, base, exp, preview)
+            # the user paints during the run: some pixels a new value, some back to what the run found
+            strokes = rng.random(shape[-2:]) < 0.05
+            values = np.where(rng.random(shape[-2:]) < 0.5, found[plane], rng.integers(1, 4, shape[-2:]))
+            layer[plane][strokes] = values[strokes]
+            during[plane][strokes] = values[strokes] != found[plane][strokes]   # a visible change either way
+            merger.add(plane, new[plane])
+        update = merger.finish()
+        apply_update(layer, update, expected if with_previews else None)
+        return layer, during, update
+
+    without, during, update = finished(False)
+    with_previews, during2, update2 = finished(True)
+    np.testing.assert_array_equal(during, during2)
+    # a pixel painted during the run back to the value the run found shows as painted only over a preview, where it
+    # is kept (without previews it is no change, and the run's label goes there): elsewhere the same pixels
+    repainted = (with_previews != without) & ~during
+    assert np.all(with_previews[repainted] == np.stack([found[p] for p in planes]).reshape(shape)[repainted])
+    np.testing.assert_array_equal(np.where(repainted, 0, with_previews), np.where(repainted, 0, without))
+    np.testing.assert_array_equal(update2.baseline, update.baseline)
+    user = painted | edited | during | repainted
+    for plane in planes:   # what the user painted stays; everything else is the new labels
+        np.testing.assert_array_equal(np.where(user[plane], 0, with_previews[plane]),
+                                      np.where(user[plane], 0, new[plane]))
+
+    # a run that does not finish: its previews are taken back, the user's strokes stay
+    layer, base = data.copy(), baseline.copy()
+    merger = LabelsMerger(shape, names, layer, base, names, found, edited)
+    expected = {}
+    for plane in planes:
+        preview = layer_preview(merger, plane, EnginePreview((0, shape[-2], 0, shape[-1]), new[plane],
+                                                             np.ones(shape[-2:], bool)))
+        if preview is not None:
+            apply_preview(layer, base, expected.setdefault(plane, found[plane].copy()), preview)
+            assert not np.any(preview.writable & (painted | edited)[plane])
+    stroke = np.zeros(shape, bool)
+    stroke[..., 3:6, 3:9] = True
+    layer[stroke] = 7
+    revert_previews(layer, base, expected, found)
+    np.testing.assert_array_equal(np.where(stroke, 0, layer), np.where(stroke, 0, data))
+    np.testing.assert_array_equal(np.where(stroke, 0, base), np.where(stroke, 0, baseline))
+    assert np.all(layer[stroke] == 7)
+
+
+def test_previews_wait_while_the_layer_is_renumbered_or_new():
+    """Only a run that keeps the layer's numbers previews into it: a class typed or removed renumbers the layer,
+    which only the finished run does; a new layer has nothing to preview into."""
+    from napari_clearclip.editing import layer_preview
+    from napari_clearclip.tiled_labels import LabelsPreview as EnginePreview
+
+    data = np.ones((8, 8), np.uint8)
+    engine = EnginePreview((0, 8, 0, 8), np.full((8, 8), 2, np.uint8), np.ones((8, 8), bool))
+    same = LabelsMerger(data.shape, ["a", "b"], data, data.copy(), ["a", "b"], {(): data.copy()})
+    assert layer_preview(same, (), engine) is not None
+    renumbered = LabelsMerger(data.shape, ["b", "a"], data, data.copy(), ["a", "b"], {(): data.copy()})
+    assert layer_preview(renumbered, (), engine) is None
+    assert layer_preview(LabelsMerger(data.shape, ["a", "b"]), (), engine) is None

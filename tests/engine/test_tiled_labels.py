@@ -110,6 +110,64 @@ def test_successive_changes_and_classes_typed_one_after_another_stay_exact(seed)
             np.testing.assert_array_equal(state.labels, full.labels)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_previews_of_a_rerun_show_only_final_labels_and_the_focus_comes_first(seed, monkeypatch):
+    """A re-run with a focus yields parts of its labels before it ends: every pixel a preview calls final holds
+    the finished run's label, the previews together with the previous labels give the finished labels, the
+    tiles around the focus come before any other tiles computed per pixel, and the labels equal a full
+    computation's (the order changes nothing)."""
+    rng = np.random.default_rng(300 + seed)
+    monkeypatch.setattr(tiled_labels, "FOCUS_SIDE", 40)  # a focus region smaller than these images
+    previews_seen = focused = 0
+    for _ in range(6):
+        scores, guide, size, spans, names, snap, tile = random_case(rng)
+        if not snap:
+            snap = (2, (1, 2))
+        kept = AffinityTiles(1 << 30)
+        state = labels_of(scores, guide, size, spans, names, snap, tile=tile, affinities=kept)
+        for _ in range(3):
+            previous_labels = state.labels.copy()
+            scores = scores.clone()
+            k, y, x = (int(rng.integers(0, len(scores))), int(rng.integers(0, scores.shape[1])),
+                       int(rng.integers(0, scores.shape[2])))
+            scores[k, y : y + 6, x : x + 6] += float(rng.uniform(0, 0.3))
+            focus = (float(rng.uniform(0, size[0])), float(rng.uniform(0, size[1])))
+            steps = label_steps(scores, guide, size, spans, names, snap, state, tile=tile, affinities=kept,
+                                focus=focus)
+            shown, previews, per_pixel, progressed = previous_labels.copy(), [], [], False
+            while True:
+                try:
+                    step = next(steps)
+                except StopIteration as stop:
+                    state = stop.value
+                    break
+                if len(step) > 2:
+                    previews.append(step[2])
+                    if progressed:  # after per-pixel work began: a region's preview (before: tiles of one class)
+                        per_pixel.append(step[2])
+                    np.copyto(shown[step[2].slices], step[2].labels, where=step[2].final)
+                else:
+                    progressed = True
+            full = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=tile)
+            np.testing.assert_array_equal(state.labels, full.labels)
+            np.testing.assert_array_equal(shown, full.labels)
+            for preview in previews:
+                np.testing.assert_array_equal(preview.labels[preview.final], full.labels[preview.slices][preview.final])
+            previews_seen += len(previews)
+            # the tiles within FOCUS_SIDE around the focus are one region, computed before any other
+            half = tiled_labels.FOCUS_SIDE / 2
+            window = (focus[0] - half) // tile * tile, -(-(focus[0] + half) // tile) * tile, \
+                (focus[1] - half) // tile * tile, -(-(focus[1] + half) // tile) * tile
+
+            def meets(box, w=window):
+                return box[0] < w[1] and box[1] > w[0] and box[2] < w[3] and box[3] > w[2]
+            if any(meets(p.box) for p in per_pixel):
+                top, bottom, left, right = per_pixel[0].box
+                assert window[0] <= top and bottom <= window[1] and window[2] <= left and right <= window[3]
+                focused += 1
+    assert previews_seen > 0 and focused > 0
+
+
 @pytest.mark.parametrize("snap", [(), (2, (1, 2))])
 def test_ties_far_from_a_change_get_a_fresh_runs_labels_when_another_class_leads_most_of_the_image(snap):
     """Labels are computed on each query's scores minus those of the query leading most of the image, so

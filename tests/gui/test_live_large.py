@@ -39,3 +39,87 @@ def test_a_stroke_on_a_4096_image_in_live_mode_updates_without_stalling(qtbot, w
     assert after.shape == (4096, 4096)
     print(f"longest GUI-thread gap during the live re-run: {recorder.longest_gap * 1000:.0f} ms")
     assert recorder.longest_gap < 0.3, f"GUI thread blocked for {recorder.longest_gap * 1000:.0f} ms"
+
+
+def _live_on_large_shapes(qtbot, widget, size: int = 2048):
+    """A result on a large image with Live on, and the run counter."""
+    from napari_clearclip.demo.scenes import make_scene
+
+    viewer = widget._viewer
+    image = np.kron(make_scene(7, size=size // 8, objects=(3, 3)).image, np.ones((8, 8, 1), np.uint8))
+    widget.image.value = viewer.add_image(image, name="slide")
+    widget.switch_to_demo_model()
+    widget.classes.value = "red\ngreen\nblue\nyellow\nbackground"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["slide classes"]
+    runs = []
+    real_run = type(widget).run
+    widget.__dict__["run"] = lambda *a: runs.append(time.perf_counter()) or real_run(widget)
+    widget.live.value = True
+    labels.brush_size = 40
+    return labels, runs
+
+
+def _recording_previews(monkeypatch, after_flush=None):
+    """Record (time, pixels written so far) after each preview write; ``after_flush(previews)`` runs after each."""
+    from napari_clearclip.gui import previews as previews_module
+
+    flushes = []
+    real_flush = previews_module.RunPreviews.flush
+
+    def flush(self):
+        real_flush(self)
+        flushes.append((time.perf_counter(), self.written))
+        if after_flush is not None:
+            after_flush(self)
+    monkeypatch.setattr(previews_module.RunPreviews, "flush", flush)
+    return flushes
+
+
+def test_a_live_rerun_shows_the_labels_around_a_stroke_before_it_ends(qtbot, widget, monkeypatch):
+    """Parts of the re-run's labels reach the layer while it still computes (the stroke's surroundings first);
+    the finished layer holds the stroke, and everything else is the run's answer (its new baseline)."""
+    labels, runs = _live_on_large_shapes(qtbot, widget)
+    flushes = _recording_previews(monkeypatch)
+    returned = []
+    real_on_returned = type(widget)._on_returned
+    widget.__dict__["_on_returned"] = lambda value, context: (returned.append(time.perf_counter()),
+                                                              real_on_returned(widget, value, context))
+    before = np.asarray(labels.data).copy()
+    y, x = 1000, 1000
+    value = 3 if before[y, x] != 3 else 1        # blue: spreads to what looks alike
+    labels.paint((y, x), value)
+    qtbot.waitUntil(lambda: len(runs) == 1, timeout=5000)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    after = np.asarray(labels.data)
+    assert after[y, x] == value
+    early = [written for when, written in flushes if returned and when < returned[0]]
+    assert early and early[-1] > 0, (flushes, returned)   # labels written before the run returned
+    result = widget.results.of(labels)
+    user = (after != result.baseline)
+    assert user[y, x] and user.sum() <= 40 * 40         # only the stroke differs from the run's answer
+
+
+def test_a_live_rerun_cancelled_after_its_first_preview_changes_nothing(qtbot, widget, monkeypatch):
+    labels, runs = _live_on_large_shapes(qtbot, widget)
+
+    def cancel_once(previews):
+        if previews.written and not cancelled:
+            cancelled.append(True)
+            widget.cancel()
+    cancelled: list = []
+    _recording_previews(monkeypatch, cancel_once)
+    before = np.asarray(labels.data).copy()
+    baseline_before = widget.results.of(labels).baseline.copy()
+    y, x = 1000, 1000
+    value = 3 if before[y, x] != 3 else 1
+    labels.paint((y, x), value)
+    qtbot.waitUntil(lambda: len(runs) == 1, timeout=5000)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
+    assert cancelled, "no preview was written"
+    assert widget.status.value.startswith("Cancelled: nothing was changed"), widget.status.value
+    after = np.asarray(labels.data)
+    stroke = after != before
+    assert stroke[y, x] and stroke.sum() <= 40 * 40     # the stroke alone
+    np.testing.assert_array_equal(widget.results.of(labels).baseline, baseline_before)

@@ -147,15 +147,19 @@ class ResultLayers:
         features = labels_features(update.names)
         alive = target is not None and layer_key(target.layer) in {layer_key(item) for item in self._viewer.layers}
         kept = update.kept_pixels
+        previews = context.get("previews")
+        expected = None if previews is None else previews.expected   # the planes as the run's previews left them
+        if previews is not None:
+            previews.stop()
         if alive:
             labels_layer = target.layer
             data = labels_layer.data
             if isinstance(data, np.ndarray) and data.flags.writeable and data.shape == layout.label_shape:
-                kept += apply_update(data, update)
+                kept += apply_update(data, update, expected)
                 labels_layer.refresh()
             else:
                 fresh = np.array(data, copy=True)
-                kept += apply_update(fresh, update)
+                kept += apply_update(fresh, update, expected)
                 labels_layer.data = fresh
             labels_layer.features = features
             if target.colours != update.colours:  # setting a colormap is costly: only when a class changed

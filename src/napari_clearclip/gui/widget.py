@@ -33,6 +33,7 @@ from .layers import ResultLayers, layer_geometry
 from .layout import captioned, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode
+from .previews import RunPreviews
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, legend_html
 from .settings import load_settings, save_settings
 
@@ -56,6 +57,7 @@ class ClearClipWidget(FieldLogic, Container):
         self._progress_timer.setInterval(PROGRESS_INTERVAL_MS)
         self._progress_timer.timeout.connect(self._show_pending_step)
         self._writing = False  # set while the widget adds its own layers, which the Image field must not follow
+        self._previews: RunPreviews | None = None  # parts of the run in flight's labels shown before it ends
         saved = load_settings()
 
         fields = build_fields(self)
@@ -263,6 +265,7 @@ class ClearClipWidget(FieldLogic, Container):
         request.lessons = self.lessons.for_run(layer.name, self.share_lesson.value)
         for name, value in foreground.items():
             setattr(request, name, value)
+        request.focus = self._view_centre(target)
         new_layer = None if target is not None else {"name": f"{layer.name} classes",
                                                       **layer_geometry(layer, layout)}
         worker = create_worker(segmentation_job, self._models, self.model_spec(), request, new_layer,
@@ -270,8 +273,11 @@ class ClearClipWidget(FieldLogic, Container):
         context = {"layer": layer, "layout": layout, "target": target, "model": self.model.value,
                    "objects": objects_layer,
                    "demo_scene": self.model.value == DEMO_MODEL and _looks_like_demo_scene(data, layout, planes[0])}
+        previews = context["previews"] = None if target is None else RunPreviews(target, request.found)
         worker.returned.connect(lambda value: self._on_returned(value, context))
-        worker.aborted.connect(lambda: self._set_status("Cancelled: nothing was changed."))
+        worker.aborted.connect(lambda: self._on_aborted(previews))
+        worker.errored.connect(lambda *_: previews is not None and previews.revert())
+        self._previews = previews
         return self._launch(worker, f"Starting on {layer.name} ({len(planes)} slice{'s' if len(planes) > 1 else ''})...")
 
     def _launch(self, worker, status: str):
@@ -440,12 +446,35 @@ class ClearClipWidget(FieldLogic, Container):
         self.use_demo.visible = offer_demo
         self._set_status(text, error=True)
 
+    def _view_centre(self, target) -> tuple[float, float] | None:
+        """(row, column) of the result layer at the centre of the view, where a re-run shows its labels first
+        (unless the user just painted elsewhere); None in a 3-D view or without a result layer."""
+        if target is None or self._viewer.dims.ndisplay != 2:
+            return None
+        try:
+            scene = getattr(self._viewer, "scene", None)   # napari 0.9 moved the camera there
+            camera = scene.camera if scene is not None else self._viewer.camera
+            world = list(self._viewer.dims.point)
+            for axis, value in zip(self._viewer.dims.displayed, camera.center[-2:]):
+                world[axis] = value
+            point = target.layer.world_to_data(world)
+            return float(point[-2]), float(point[-1])
+        except (ValueError, IndexError, TypeError, RuntimeError):
+            return None
+
+    def _on_aborted(self, previews: RunPreviews | None) -> None:
+        if previews is not None:
+            previews.revert()
+        self._set_status("Cancelled: nothing was changed.")
+
     def _on_yielded(self, step):
         """Show a run's progress at once, then at most every PROGRESS_INTERVAL_MS: every repaint of the dock
         recomposes napari's whole window (through its OpenGL canvas), which on software OpenGL takes CPU time
-        from the run itself."""
+        from the run itself. Labels final before the run ends go into the layer (see :mod:`.previews`)."""
         if self._closed or not isinstance(step, Progress):
             return
+        if step.preview is not None and self._previews is not None:
+            self._previews.add(step.preview)
         self._pending_step = step
         if not self._progress_timer.isActive():
             self._show_pending_step()
@@ -464,6 +493,9 @@ class ClearClipWidget(FieldLogic, Container):
             self._show_error(exc)
 
     def _on_finished(self):
+        if self._previews is not None:
+            self._previews.stop()
+            self._previews = None
         self._worker = None
         self._pending_step = None
         self._progress_timer.stop()

@@ -1,0 +1,87 @@
+"""Parts of a re-run's labels shown before the run ends (live mode on large images).
+
+The worker yields what is final already (tiles of one class throughout at once, then the
+region around the newest stroke or the view's centre, then the rest nearest first); this
+writes it into the result layer at most every PREVIEW_INTERVAL_MS, one refresh for all that
+came meanwhile. Pixels the user painted, before or during the run, are never written; a run
+that is cancelled or fails puts back what its previews wrote, so that it changes nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtCore import QTimer
+
+from ..editing import LabelsPreview, apply_preview, revert_previews
+
+#: How often previews are written into the layer, at most (ms): each write refreshes the whole layer.
+PREVIEW_INTERVAL_MS = 150
+
+
+class RunPreviews:
+    """The previews of one run into ``target`` (a ResultLayer), with ``found`` (plane -> the plane as the run
+    found it)."""
+
+    def __init__(self, target, found: dict):
+        self.target, self.found = target, found
+        self.expected: dict = {}   # plane -> the plane as the previews left it (what the finished run expects)
+        self.written = 0
+        self._queue: list[LabelsPreview] = []
+        self._baseline_copied = False
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(PREVIEW_INTERVAL_MS)
+        self._timer.timeout.connect(self.flush)
+        self._flushed_once = False
+
+    def _writable_data(self):
+        data = self.target.layer.data
+        if isinstance(data, np.ndarray) and data.flags.writeable and data.shape == self.target.baseline.shape:
+            return data
+        return None
+
+    def add(self, preview: LabelsPreview) -> None:
+        """Queue a preview; the first is written at once, later ones together when the interval has passed."""
+        self._queue.append(preview)
+        if not self._flushed_once:
+            self.flush()
+        elif not self._timer.isActive():
+            self._timer.start()
+
+    def flush(self) -> None:
+        """Write every queued preview, then refresh the layer once."""
+        queue, self._queue = self._queue, []
+        data = self._writable_data()
+        if not queue or data is None:
+            return
+        self._flushed_once = True
+        if not self._baseline_copied:  # the baseline the run started from stays as it was
+            self.target.baseline = self.target.baseline.copy()
+            self._baseline_copied = True
+        for preview in queue:
+            expected = self.expected.get(preview.plane)
+            if expected is None:
+                expected = self.expected[preview.plane] = np.array(self.found[preview.plane], copy=True)
+            self.written += apply_preview(data, self.target.baseline, expected, preview)
+        try:
+            self.target.layer.refresh()
+        except RuntimeError:  # the viewer closed meanwhile
+            pass
+
+    def stop(self) -> None:
+        """No more previews (the run ended): nothing queued is written."""
+        self._queue = []
+        self._timer.stop()
+
+    def revert(self) -> None:
+        """The run was cancelled or failed: show what it found again where its previews wrote."""
+        self.stop()
+        data = self._writable_data()
+        if data is None or not self.expected:
+            return
+        revert_previews(data, self.target.baseline, self.expected, self.found)
+        self.expected = {}
+        try:
+            self.target.layer.refresh()
+        except RuntimeError:
+            pass

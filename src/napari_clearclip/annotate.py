@@ -47,7 +47,7 @@ class LayerRequest:
     foreground: object = None                  # a map of the labels' shape, or "found" (CLIP-DIY's fusion)
     foreground_limits: tuple | None = None     # the contrast limits of a foreground image layer (None: labels)
     found_weights: tuple | None = None         # FOUND's (DINO, decoder) files; None: torch's cache
-    focus: tuple | None = None                 # (row, column) of a plane the user looks at: re-runs show it first
+    view: tuple | None = None                  # (top, bottom, left, right) of a plane the user sees: shown first
 
 
 @dataclass
@@ -103,6 +103,23 @@ def painted_strokes(request: LayerRequest, class_names: list[str]) -> dict[tuple
     return strokes_by_plane
 
 
+#: A view at most this many pixels a side is recomputed first, as one region; a larger one (zoomed out) shows
+#: too little of each pixel for that to matter: the newest stroke's surroundings come first instead.
+VIEW_FIRST_SIDE = 1536
+
+
+def rerun_focus(request: LayerRequest) -> tuple | None:
+    """Where a re-run recomputes its labels first: the view when zoomed in, else around the newest stroke, else
+    the view's centre."""
+    view = request.view
+    if view is not None and max(view[1] - view[0], view[3] - view[2]) <= VIEW_FIRST_SIDE:
+        return tuple(view)
+    painted = newest_paint(request)
+    if painted is not None:
+        return painted
+    return None if view is None else ((view[0] + view[1]) / 2, (view[2] + view[3]) / 2)
+
+
 def newest_paint(request: LayerRequest) -> tuple[float, float] | None:
     """(row, column): the centre of what the user painted on a plane since the last result (first plane with
     any), where a re-run shows its labels first; None when nothing was."""
@@ -146,7 +163,7 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
                                         len(request.planes), request.options)
     exemplars, lesson = _with_lessons(segmenter, request, taught, notes)
     checked_labels: dict = {}
-    focus = newest_paint(request) or request.focus
+    focus = rerun_focus(request)
     for item in segment_stack(segmenter, request.data, request.layout, request.planes, request.classes,
                               request.options, exemplars=exemplars, maps=(mode == "all classes"),
                               objects=request.objects, foreground=request.foreground,

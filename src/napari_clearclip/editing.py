@@ -236,6 +236,19 @@ def layer_preview(merger: "LabelsMerger", plane: tuple, preview) -> LabelsPrevie
     return LabelsPreview(tuple(plane), index, labels, expected, writable)
 
 
+def split_preview(preview: LabelsPreview, rows: int) -> tuple[LabelsPreview, LabelsPreview | None]:
+    """The first ``rows`` rows of a preview, and the rest (None when there are none)."""
+    *plane, row_slice, col_slice = preview.index
+    if rows >= preview.labels.shape[0]:
+        return preview, None
+    middle = row_slice.start + rows
+
+    def part(a, b, start, stop):
+        return LabelsPreview(preview.plane, (*plane, slice(start, stop), col_slice), preview.labels[a:b],
+                             preview.expected[a:b], preview.writable[a:b])
+    return part(0, rows, row_slice.start, middle), part(rows, None, middle, row_slice.stop)
+
+
 def apply_preview(data: np.ndarray, baseline: np.ndarray, expected: np.ndarray, preview: LabelsPreview) -> int:
     """Write a preview into a layer's ``data`` in place, where the layer still holds what the run found, and
     record it as the model's answer there (``baseline``) and as what the finished run will find there

@@ -153,7 +153,7 @@ class Segmenter:
         foreground=None,
         found_weights=None,
         remember: bool = True,
-        focus: tuple[float, float] | None = None,
+        focus: tuple | None = None,
         **keywords,
     ) -> Generator[Progress, None, SegmentationResult]:
         """A generator that yields :class:`Progress` and returns the :class:`SegmentationResult`.
@@ -194,9 +194,10 @@ class Segmenter:
         ``remember=False`` keeps nothing of this image (features, labels for re-runs, the snapping guide):
         for the tiles of an image too large to hold, which are seen once.
 
-        ``focus`` (row, column: where the user looks or just painted) makes a re-run with edge snapping and
-        ``maps=False`` recompute the labels around it first and yield the parts that are final as they come
-        (``Progress.preview``, a :class:`~napari_clearclip.tiled_labels.LabelsPreview`), to show before the
+        ``focus`` (row, column: where the user just painted; or top, bottom, left, right: what the user sees)
+        makes a re-run with edge snapping and ``maps=False`` recompute the labels there first and yield the
+        parts that are final as they come (``Progress.preview``, a
+        :class:`~napari_clearclip.tiled_labels.LabelsPreview`), to show before the
         run ends; the result is the same.
 
         The method is read once at the start, so changing ``segmenter.method`` from
@@ -712,17 +713,20 @@ def relabelled_pairs(steps, stage: str):
         yield Progress(stage, step[0], step[1], preview=step[2] if len(step) > 2 else None)
 
 
-def _checked_focus(focus) -> tuple[float, float] | None:
-    """``focus`` as (row, column) floats, or an error naming what it must be."""
+def _checked_focus(focus) -> tuple | None:
+    """``focus`` as (row, column) or (top, bottom, left, right) floats, or an error naming what it must be."""
     if focus is None:
         return None
+    what = "(row, column) or (top, bottom, left, right) of the image, or None"
     try:
-        row, column = (float(v) for v in focus)
+        values = tuple(float(v) for v in focus)
     except (TypeError, ValueError):
-        raise InvalidOptionError(f"focus={focus!r} must be (row, column) of the image, or None.") from None
-    if not (np.isfinite(row) and np.isfinite(column)):
-        raise InvalidOptionError(f"focus={focus!r} must be finite (row, column) of the image, or None.")
-    return row, column
+        raise InvalidOptionError(f"focus={focus!r} must be {what}.") from None
+    if len(values) not in (2, 4) or not np.all(np.isfinite(values)):
+        raise InvalidOptionError(f"focus={focus!r} must be finite numbers: {what}.")
+    if len(values) == 4 and (values[1] < values[0] or values[3] < values[2]):
+        raise InvalidOptionError(f"focus={focus!r}: a box's bottom and right must not be above its top and left.")
+    return values
 
 
 def _renamed_strokes(strokes, keywords: dict):

@@ -227,11 +227,12 @@ FOCUS_SIDE = 384
 def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[int, int],
                 spans: Sequence[tuple[int, int]], names: Sequence[tuple[str, ...]], snap: tuple = (),
                 previous: LabelState | None = None, dense: bool = False, tile: int = TILE,
-                affinities: AffinityTiles | None = None, focus: tuple[float, float] | None = None):
+                affinities: AffinityTiles | None = None, focus: tuple | None = None):
     """Generator: labels of ``scores`` (Q, h, w) at ``size``; yields (done, total), returns a :class:`LabelState`.
 
-    ``focus`` (row, column of the output: where the user looks or just painted) makes a re-run recompute the
-    tiles around it first, then the others nearest first, and yield (done, total, :class:`LabelsPreview`) as
+    ``focus`` (row, column of the output: where the user just painted; or top, bottom, left, right: what the
+    user sees) makes a re-run recompute the tiles there first (within FOCUS_SIDE of a point), then the others
+    nearest first, and yield (done, total, :class:`LabelsPreview`) as
     parts of the labels become final, so that they can be shown before the run ends. The labels do not depend
     on the order.
 
@@ -341,18 +342,29 @@ def _preview(labels: np.ndarray, shown: np.ndarray, stale: np.ndarray, geometry:
     return LabelsPreview(box, labels[box[0] : box[1], box[2] : box[3]].copy(), final)
 
 
-def _around(focus: tuple[float, float], geometry: _Geometry, dirty: np.ndarray) -> np.ndarray:
-    """The dirty tiles within FOCUS_SIDE of the output around ``focus`` (clipped to the image)."""
-    near = np.zeros(dirty.shape, bool)
+def _focus_box(focus: tuple) -> tuple[float, float, float, float]:
+    """(top, bottom, left, right) of a focus: a box as it is, a point with FOCUS_SIDE around it."""
+    if len(focus) == 4:
+        return tuple(float(v) for v in focus)
     half = FOCUS_SIDE / 2
-    rows = slice(max(0, int((focus[0] - half) // geometry.tile)), max(0, int(-(-(focus[0] + half) // geometry.tile))))
-    cols = slice(max(0, int((focus[1] - half) // geometry.tile)), max(0, int(-(-(focus[1] + half) // geometry.tile))))
+    return focus[0] - half, focus[0] + half, focus[1] - half, focus[1] + half
+
+
+def _around(focus: tuple, geometry: _Geometry, dirty: np.ndarray) -> np.ndarray:
+    """The dirty tiles that meet the focus box (clipped to the image)."""
+    near = np.zeros(dirty.shape, bool)
+    top, bottom, left, right = _focus_box(focus)
+    rows = slice(max(0, int(top // geometry.tile)), max(0, int(-(-bottom // geometry.tile))))
+    cols = slice(max(0, int(left // geometry.tile)), max(0, int(-(-right // geometry.tile))))
     near[rows, cols] = True
     return near & dirty
 
 
-def _nearest_first(regions: list, focus: tuple[float, float]) -> list:
-    """``regions`` ordered by the distance of their tiles' box (halo left out) from ``focus``."""
+def _nearest_first(regions: list, focus: tuple) -> list:
+    """``regions`` ordered by the distance of their tiles' box (halo left out) from the focus's centre."""
+    top, bottom, left, right = _focus_box(focus)
+    focus = ((top + bottom) / 2, (left + right) / 2)
+
     def distance(region):
         (top, bottom, left, right), _ = region
         dy = max(top - focus[0], 0.0, focus[0] - bottom)

@@ -139,3 +139,21 @@ def test_bad_images(tiny_segmenter, image, message):
 def test_bad_options(tiny_segmenter, rgb_image, options, message):
     with pytest.raises(ClearClipError, match=message):
         tiny_segmenter.segment(rgb_image, ["cat"], **options)
+
+
+@pytest.mark.parametrize("focus, message", [
+    ((1, 2, 3), "must be finite numbers"),
+    (("a", 1), "must be \\(row, column\\)"),
+    ((float("nan"), 1), "must be finite numbers"),
+    ((10, 5, 0, 4), "bottom and right must not be above"),
+    (7, "must be \\(row, column\\)"),
+])
+def test_bad_focus_is_refused_before_any_work(tiny_segmenter, focus, message):
+    from napari_clearclip.errors import InvalidOptionError
+
+    image = np.zeros((64, 64, 3), np.uint8)
+    steps = tiny_segmenter.segment_steps(image, ["cat", "dog"], refine="pamr", maps=False, focus=focus)
+    with pytest.raises(InvalidOptionError, match=message):
+        next(steps)
+    with pytest.raises(ValueError):   # a ValueError too, for callers catching the built-in
+        next(tiny_segmenter.segment_steps(image, ["cat", "dog"], focus=focus))

@@ -12,10 +12,12 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtCore import QTimer
 
-from ..editing import LabelsPreview, apply_preview, revert_previews
+from ..editing import LabelsPreview, apply_preview, revert_previews, split_preview
 
 #: How often previews are written into the layer, at most (ms): each write refreshes the whole layer.
 PREVIEW_INTERVAL_MS = 150
+#: Pixels written in one turn of the event loop, at most: a larger preview is written over several turns.
+PIXELS_PER_TURN = 1 << 21
 
 
 class RunPreviews:
@@ -49,20 +51,30 @@ class RunPreviews:
             self._timer.start()
 
     def flush(self) -> None:
-        """Write every queued preview, then refresh the layer once."""
-        queue, self._queue = self._queue, []
+        """Write the queued previews, PIXELS_PER_TURN at most (the rest on the next turns of the event loop), then
+        refresh the layer once, on a turn of its own (each of these steps is short)."""
         data = self._writable_data()
-        if not queue or data is None:
+        if not self._queue or data is None:
             return
         self._flushed_once = True
         if not self._baseline_copied:  # the baseline the run started from stays as it was
             self.target.baseline = self.target.baseline.copy()
             self._baseline_copied = True
-        for preview in queue:
+        budget = PIXELS_PER_TURN
+        while self._queue and budget > 0:
+            preview = self._queue.pop(0)
+            if preview.labels.size > budget:   # the first rows now, the others next turn
+                preview, rest = split_preview(preview, max(1, budget // preview.labels.shape[-1]))
+                if rest is not None:
+                    self._queue.insert(0, rest)
+            budget -= preview.labels.size
             expected = self.expected.get(preview.plane)
             if expected is None:
                 expected = self.expected[preview.plane] = np.array(self.found[preview.plane], copy=True)
             self.written += apply_preview(data, self.target.baseline, expected, preview)
+        QTimer.singleShot(0, self.flush if self._queue else self._refresh)
+
+    def _refresh(self) -> None:
         try:
             self.target.layer.refresh()
         except RuntimeError:  # the viewer closed meanwhile
@@ -81,7 +93,4 @@ class RunPreviews:
             return
         revert_previews(data, self.target.baseline, self.expected, self.found)
         self.expected = {}
-        try:
-            self.target.layer.refresh()
-        except RuntimeError:
-            pass
+        self._refresh()

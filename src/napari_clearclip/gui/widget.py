@@ -265,7 +265,7 @@ class ClearClipWidget(FieldLogic, Container):
         request.lessons = self.lessons.for_run(layer.name, self.share_lesson.value)
         for name, value in foreground.items():
             setattr(request, name, value)
-        request.focus = self._view_centre(target)
+        request.view = self._view(target)
         new_layer = None if target is not None else {"name": f"{layer.name} classes",
                                                       **layer_geometry(layer, layout)}
         worker = create_worker(segmentation_job, self._models, self.model_spec(), request, new_layer,
@@ -446,20 +446,15 @@ class ClearClipWidget(FieldLogic, Container):
         self.use_demo.visible = offer_demo
         self._set_status(text, error=True)
 
-    def _view_centre(self, target) -> tuple[float, float] | None:
-        """(row, column) of the result layer at the centre of the view, where a re-run shows its labels first
-        (unless the user just painted elsewhere); None in a 3-D view or without a result layer."""
+    def _view(self, target) -> tuple[float, float, float, float] | None:
+        """(top, bottom, left, right) of the result layer's plane in view, where a re-run shows its labels first;
+        None in a 3-D view or without a result layer."""
         if target is None or self._viewer.dims.ndisplay != 2:
             return None
         try:
-            scene = getattr(self._viewer, "scene", None)   # napari 0.9 moved the camera there
-            camera = scene.camera if scene is not None else self._viewer.camera
-            world = list(self._viewer.dims.point)
-            for axis, value in zip(self._viewer.dims.displayed, camera.center[-2:]):
-                world[axis] = value
-            point = target.layer.world_to_data(world)
-            return float(point[-2]), float(point[-1])
-        except (ValueError, IndexError, TypeError, RuntimeError):
+            corners = np.asarray(target.layer.corner_pixels, dtype=float)
+            return float(corners[0, -2]), float(corners[1, -2]) + 1, float(corners[0, -1]), float(corners[1, -1]) + 1
+        except (ValueError, IndexError, TypeError, AttributeError, RuntimeError):
             return None
 
     def _on_aborted(self, previews: RunPreviews | None) -> None:

@@ -164,6 +164,7 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
     exemplars, lesson = _with_lessons(segmenter, request, taught, notes)
     checked_labels: dict = {}
     focus = rerun_focus(request)
+    previewed: set = set()
     for item in segment_stack(segmenter, request.data, request.layout, request.planes, request.classes,
                               request.options, exemplars=exemplars, maps=(mode == "all classes"),
                               objects=request.objects, foreground=request.foreground,
@@ -171,7 +172,11 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
                               focus=focus if request.current is not None else None):
         if isinstance(item, Progress):
             if item.preview is not None:  # labels final before the run ends: what the layer can show meanwhile
-                item = replace(item, preview=layer_preview(merger, tuple(request.planes[item.plane]), item.preview))
+                plane = tuple(request.planes[item.plane])
+                preview = layer_preview(merger, plane, item.preview, first=plane not in previewed)
+                if preview is not None:
+                    previewed.add(plane)
+                item = replace(item, preview=preview)
             yield item
             continue
         plane, result = item

@@ -219,12 +219,14 @@ class LabelsPreview:
     labels: np.ndarray
     expected: np.ndarray
     writable: np.ndarray
+    plane_found: np.ndarray | None = None   # with a plane's first preview: a copy of the plane as the run found it
 
 
-def layer_preview(merger: "LabelsMerger", plane: tuple, preview) -> LabelsPreview | None:
+def layer_preview(merger: "LabelsMerger", plane: tuple, preview, first: bool = False) -> LabelsPreview | None:
     """The part of an engine preview (``tiled_labels.LabelsPreview``) to write into the layer the merger updates,
     or None when there is nothing to write or the layer's numbers are not the run's (a class renamed, added or
-    removed: only the finished run renumbers the layer)."""
+    removed: only the finished run renumbers the layer). ``first``: the plane's first preview, which carries a
+    copy of the plane as found (made here, in the worker: a large new array is slow to make on the GUI thread)."""
     if merger.full is not None or merger.lookup is not None or plane not in merger.found:
         return None
     index = tuple(plane) + preview.slices
@@ -233,7 +235,8 @@ def layer_preview(merger: "LabelsMerger", plane: tuple, preview) -> LabelsPrevie
     writable = preview.final & (labels != expected) & (expected == merger.baseline[index]) & ~merger.edited[index]
     if not writable.any():
         return None
-    return LabelsPreview(tuple(plane), index, labels, expected, writable)
+    plane_found = np.array(merger.found[plane], copy=True) if first else None
+    return LabelsPreview(tuple(plane), index, labels, expected, writable, plane_found)
 
 
 def split_preview(preview: LabelsPreview, rows: int) -> tuple[LabelsPreview, LabelsPreview | None]:
@@ -245,7 +248,7 @@ def split_preview(preview: LabelsPreview, rows: int) -> tuple[LabelsPreview, Lab
 
     def part(a, b, start, stop):
         return LabelsPreview(preview.plane, (*plane, slice(start, stop), col_slice), preview.labels[a:b],
-                             preview.expected[a:b], preview.writable[a:b])
+                             preview.expected[a:b], preview.writable[a:b], preview.plane_found)
     return part(0, rows, row_slice.start, middle), part(rows, None, middle, row_slice.stop)
 
 

@@ -29,7 +29,6 @@ class RunPreviews:
         self.expected: dict = {}   # plane -> the plane as the previews left it (what the finished run expects)
         self.written = 0
         self._queue: list[LabelsPreview] = []
-        self._baseline_copied = False
         self._timer = QTimer()
         self._timer.setSingleShot(True)
         self._timer.setInterval(PREVIEW_INTERVAL_MS)
@@ -57,9 +56,7 @@ class RunPreviews:
         if not self._queue or data is None:
             return
         self._flushed_once = True
-        if not self._baseline_copied:  # the baseline the run started from stays as it was
-            self.target.baseline = self.target.baseline.copy()
-            self._baseline_copied = True
+        # the baseline is written in place: the run read it before it made any preview
         budget = PIXELS_PER_TURN
         while self._queue and budget > 0:
             preview = self._queue.pop(0)
@@ -69,8 +66,10 @@ class RunPreviews:
                     self._queue.insert(0, rest)
             budget -= preview.labels.size
             expected = self.expected.get(preview.plane)
-            if expected is None:
-                expected = self.expected[preview.plane] = np.array(self.found[preview.plane], copy=True)
+            if expected is None:   # the plane's first preview brings a copy of it as the run found it
+                found = preview.plane_found
+                expected = self.expected[preview.plane] = (np.array(self.found[preview.plane], copy=True)
+                                                           if found is None else found)
             self.written += apply_preview(data, self.target.baseline, expected, preview)
         QTimer.singleShot(0, self.flush if self._queue else self._refresh)
 

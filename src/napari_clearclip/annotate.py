@@ -146,6 +146,10 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
     every plane segmented, and stays painted: the strokes teach through the exemplars and
     are kept by the merge, not pasted into the result, so the baseline stays the model's
     answer and they remain the user's edits later on.
+
+    A re-run into an existing layer yields, in ``Progress.preview``, parts of its labels that are final before
+    it ends (:class:`~napari_clearclip.editing.LabelsPreview`): what the user sees first (``request.view``, or
+    the newest stroke's surroundings), then the rest, for the widget to write while the run goes on.
     """
     from .prompts import parse_classes
 

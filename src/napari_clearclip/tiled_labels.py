@@ -272,6 +272,18 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         fill = uniform & ~dirty if dense else uniform
     else:
         labels, margins = previous.labels.astype(label_dtype(len(spans))), previous.margins.copy()
+    previews = focus is not None and reuse is not None and not dense
+    judge_rest = None
+    if reuse is not None and previews:
+        # tiles of one class throughout need no judging (their labels are known: a kept tile's are the same), and
+        # the tiles around the focus are judged first, the others only once those are computed
+        judge, check, present = _kept_tiles(previous, reuse, state, reference, geometry, labels, margins, tolerance,
+                                            lazily=True)
+        fill = uniform & check
+        near = _around(focus, geometry, check & ~uniform)
+        dirty = judge(near)
+        judge_rest = (judge, check & ~uniform & ~near)
+    elif reuse is not None:
         kept, dirty, present = _kept_tiles(previous, reuse, state, reference, geometry, labels, margins, tolerance)
         fill = uniform & ~kept
         dirty &= ~uniform
@@ -282,23 +294,29 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         labels[rows, cols] = uniform_label[ty, tx]
         margins[rows, cols] = lower_half(np.float32(uniform_margin[ty, tx]))
 
-    previews = focus is not None and reuse is not None and not dense
     if previews and fill.any():  # tiles of one class throughout are final already: shown at once
-        yield 0, 1, _preview(labels, fill, dirty, geometry)
-    if previews and dirty.any():
-        near = _around(focus, geometry, dirty)
-        regions = (_regions(near, geometry, halo, scores.shape[0], dilations)
-                   + _nearest_first(_regions(dirty & ~near, geometry, halo, scores.shape[0], dilations), focus))
-    else:
+        yield 0, 1, _preview(labels, fill, dirty | judge_rest[1], geometry)
+    rivals = None if dense else _rivals(scores)
+
+    def plan(dirty, nearest_first: bool = False):
+        """The regions covering ``dirty`` (nearest the focus first, if asked), the queries that can win in each
+        tile, each tile's gap (see :func:`_competing_queries`) and the queries to compute in each region."""
         regions = _regions(dirty, geometry, halo, scores.shape[0], dilations)
-    if dense:  # every query at every tile: the reference the skipping is tested against
-        competing = np.ones((*geometry.shape, scores.shape[0]), bool)
-        gaps = np.full(geometry.shape, np.inf, np.float32)
-    else:
-        competing, gaps = _competing_queries(scores, geometry, dirty, tolerance, _rivals(scores))
-    channels = [sorted({int(q) for ty, tx in tiles for q in np.flatnonzero(competing[ty, tx])} - {reference})
-                for _, tiles in regions]
+        if nearest_first:
+            regions = _nearest_first(regions, focus)
+        if dense:  # every query at every tile: the reference the skipping is tested against
+            competing = np.ones((*geometry.shape, scores.shape[0]), bool)
+            gaps = np.full(geometry.shape, np.inf, np.float32)
+        else:
+            competing, gaps = _competing_queries(scores, geometry, dirty, tolerance, rivals)
+        channels = [sorted({int(q) for ty, tx in tiles for q in np.flatnonzero(competing[ty, tx])} - {reference})
+                    for _, tiles in regions]
+        return regions, competing, gaps, channels
+
+    regions, competing, gaps, channels = plan(dirty)
     total = max(1, sum(max(1, len(c)) for c in channels) * max(1, iterations))
+    if judge_rest is not None:  # what the tiles not judged yet will take, roughly: in proportion
+        total = max(total, int(total * (judge_rest[1].sum() + dirty.sum()) / max(1, dirty.sum())))
     if iterations:
         guide = guide.float().cpu()
         guide_rows, guide_cols = bilinear_taps(guide.shape[1], size[0]), bilinear_taps(guide.shape[2], size[1])
@@ -308,25 +326,36 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
             affinities.start(_guide_identity(guide, size, dilations, geometry.tile), size, geometry.tile,
                              max(dilations))
     differences = scores - scores[reference : reference + 1]  # every query against the reference, which scores 0
-    computed = float(dirty.sum()) / dirty.size
+    computed = int(dirty.sum())
     done = 0
     buffers = Buffers()
-    for (bounds, tiles), queries in zip(regions, channels):
-        values, done = yield from _channels_near(tiles, bounds, queries, competing, differences,
-                                                 (guide, guide_rows, guide_cols) if iterations else None,
-                                                 geometry, halo, (iterations, dilations), (done, total),
-                                                 affinities, buffers)
-        _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance, present)
-        del values
-        buffers.give_back()
-        if previews:
-            done_here = np.zeros(geometry.shape, bool)
-            done_here[tuple(np.array(tiles).T)] = True
-            dirty_left = dirty & ~done_here
-            yield done, total, _preview(labels, done_here, dirty_left, geometry)
-            dirty = dirty_left
+    while True:
+        unjudged = judge_rest[1] if judge_rest is not None else np.zeros(geometry.shape, bool)
+        for (bounds, tiles), queries in zip(regions, channels):
+            values, done = yield from _channels_near(tiles, bounds, queries, competing, differences,
+                                                     (guide, guide_rows, guide_cols) if iterations else None,
+                                                     geometry, halo, (iterations, dilations), (done, total),
+                                                     affinities, buffers)
+            _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance, present)
+            del values
+            buffers.give_back()
+            if previews:
+                done_here = np.zeros(geometry.shape, bool)
+                done_here[tuple(np.array(tiles).T)] = True
+                dirty = dirty & ~done_here
+                yield min(done, total), total, _preview(labels, done_here, dirty | unjudged, geometry)
+        if judge_rest is None:
+            break
+        judge, rest = judge_rest  # the tiles around the focus are done: now the others
+        judge_rest = None
+        dirty = judge(rest)
+        computed += int(dirty.sum())
+        if not dirty.any():
+            break
+        regions, competing, gaps, channels = plan(dirty, nearest_first=True)
+        total = done + max(1, sum(max(1, len(c)) for c in channels) * max(1, iterations))
     state.labels, state.margins, state.present = labels, margins, present
-    state.computed = computed
+    state.computed = computed / dirty.size
     return state
 
 
@@ -620,9 +649,11 @@ def _reusable(previous: LabelState | None, state: LabelState, size) -> list | No
 
 
 def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, reference: int,
-                geometry: _Geometry, labels: np.ndarray, margins: np.ndarray, tolerance: float):
+                geometry: _Geometry, labels: np.ndarray, margins: np.ndarray, tolerance: float, lazily: bool = False):
     """Which tiles keep the previous labels (renumbered to the new classes), which must be recomputed, and
     which labels occur in each tile (renumbered). ``labels`` (a copy of the previous run's) is renumbered in place.
+    ``lazily``: instead (judge, tiles that need judging, labels present), where ``judge(within)`` gives which of
+    the tiles ``within`` must be recomputed, so that some tiles are judged (and computed) before the others.
 
     Only tiles holding a label whose pixels might change are looked at pixel by pixel. A pixel keeps its label
     without a look at its margin only where a fresh run would repeat the previous run's arithmetic there (see
@@ -683,21 +714,31 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, referenc
     if leads:
         check |= np.any(present & np.any(new_others < 0, axis=0), axis=-1)
     bounds = _TileBounds(threshold, shrinks, new_leads, new_others, tolerance)
-    dirty = np.zeros(geometry.shape, bool)
-    whole = np.nonzero(check & _whole_mask(geometry))
     blocks = (_tile_blocks(labels, geometry.tile), _tile_blocks(margins, geometry.tile))
-    for start in range(0, len(whole[0]), JUDGED_AT_ONCE):
-        ys, xs = whole[0][start : start + JUDGED_AT_ONCE], whole[1][start : start + JUDGED_AT_ONCE]
-        judged, kept_margins = bounds.judge(ys, xs, blocks[0][ys, xs], blocks[1][ys, xs])
-        dirty[ys, xs] = judged
-        blocks[1][ys[~judged], xs[~judged]] = kept_margins
-    for ty, tx in zip(*np.nonzero(check & ~_whole_mask(geometry))):  # the part tiles at the far edges
-        rows, cols = geometry.tile_slices(ty, tx)
-        ys, xs = np.array([ty]), np.array([tx])
-        judged, kept_margins = bounds.judge(ys, xs, labels[rows, cols][None], margins[rows, cols][None])
-        dirty[ty, tx] = judged[0]
-        if not judged[0]:
-            margins[rows, cols] = kept_margins[0]
+    whole_tiles = _whole_mask(geometry)
+
+    def judge(within: np.ndarray) -> np.ndarray:
+        """Which of the tiles ``within`` must be recomputed (the others keep their labels; their margins are
+        lowered in place to bounds for the next run). Each tile is to be judged once."""
+        dirty = np.zeros(geometry.shape, bool)
+        whole = np.nonzero(check & whole_tiles & within)
+        for start in range(0, len(whole[0]), JUDGED_AT_ONCE):
+            ys, xs = whole[0][start : start + JUDGED_AT_ONCE], whole[1][start : start + JUDGED_AT_ONCE]
+            judged, kept_margins = bounds.judge(ys, xs, blocks[0][ys, xs], blocks[1][ys, xs])
+            dirty[ys, xs] = judged
+            blocks[1][ys[~judged], xs[~judged]] = kept_margins
+        for ty, tx in zip(*np.nonzero(check & ~whole_tiles & within)):  # the part tiles at the far edges
+            rows, cols = geometry.tile_slices(ty, tx)
+            ys, xs = np.array([ty]), np.array([tx])
+            judged, kept_margins = bounds.judge(ys, xs, labels[rows, cols][None], margins[rows, cols][None])
+            dirty[ty, tx] = judged[0]
+            if not judged[0]:
+                margins[rows, cols] = kept_margins[0]
+        return dirty
+
+    if lazily:
+        return judge, check, present
+    dirty = judge(np.ones(geometry.shape, bool))
     return ~dirty, dirty, present
 
 

@@ -118,6 +118,10 @@ def test_previews_of_a_rerun_show_only_final_labels_and_the_focus_comes_first(se
     computation's (the order changes nothing)."""
     rng = np.random.default_rng(300 + seed)
     monkeypatch.setattr(tiled_labels, "FOCUS_SIDE", 40)  # a focus region smaller than these images
+    computed: list = []   # the tiles of each region computed, in order
+    real_label_tiles = tiled_labels._label_tiles
+    monkeypatch.setattr(tiled_labels, "_label_tiles",
+                        lambda values, tiles, *rest: computed.append(list(tiles)) or real_label_tiles(values, tiles, *rest))
     previews_seen = focused = 0
     for _ in range(6):
         scores, guide, size, spans, names, snap, tile = random_case(rng)
@@ -130,11 +134,19 @@ def test_previews_of_a_rerun_show_only_final_labels_and_the_focus_comes_first(se
             scores = scores.clone()
             k, y, x = (int(rng.integers(0, len(scores))), int(rng.integers(0, scores.shape[1])),
                        int(rng.integers(0, scores.shape[2])))
-            scores[k, y : y + 6, x : x + 6] += float(rng.uniform(0, 0.3))
-            focus = (float(rng.uniform(0, size[0])), float(rng.uniform(0, size[1])))
+            if rng.random() < 0.5:
+                scores[k, y : y + 6, x : x + 6] += float(rng.uniform(0, 0.3))
+            else:  # a class rising everywhere, as a stroke that teaches the whole image: many regions
+                scores[k] += float(rng.uniform(0, 0.05))
+            if rng.random() < 0.5:
+                focus = (float(rng.uniform(0, size[0])), float(rng.uniform(0, size[1])))
+            else:  # a view
+                top, left = float(rng.uniform(0, size[0])), float(rng.uniform(0, size[1]))
+                focus = (top, top + float(rng.uniform(1, 60)), left, left + float(rng.uniform(1, 60)))
             steps = label_steps(scores, guide, size, spans, names, snap, state, tile=tile, affinities=kept,
                                 focus=focus)
-            shown, previews, per_pixel, progressed = previous_labels.copy(), [], [], False
+            shown, previews = previous_labels.copy(), []
+            computed.clear()
             while True:
                 try:
                     step = next(steps)
@@ -143,27 +155,25 @@ def test_previews_of_a_rerun_show_only_final_labels_and_the_focus_comes_first(se
                     break
                 if len(step) > 2:
                     previews.append(step[2])
-                    if progressed:  # after per-pixel work began: a region's preview (before: tiles of one class)
-                        per_pixel.append(step[2])
                     np.copyto(shown[step[2].slices], step[2].labels, where=step[2].final)
-                else:
-                    progressed = True
+            order = list(computed)
             full = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=tile)
             np.testing.assert_array_equal(state.labels, full.labels)
             np.testing.assert_array_equal(shown, full.labels)
             for preview in previews:
                 np.testing.assert_array_equal(preview.labels[preview.final], full.labels[preview.slices][preview.final])
             previews_seen += len(previews)
-            # the tiles within FOCUS_SIDE around the focus are one region, computed before any other
-            half = tiled_labels.FOCUS_SIDE / 2
-            window = (focus[0] - half) // tile * tile, -(-(focus[0] + half) // tile) * tile, \
-                (focus[1] - half) // tile * tile, -(-(focus[1] + half) // tile) * tile
+            # the tiles that meet the focus box are computed first, in regions of their own
+            box = tiled_labels._focus_box(focus)
 
-            def meets(box, w=window):
-                return box[0] < w[1] and box[1] > w[0] and box[2] < w[3] and box[3] > w[2]
-            if any(meets(p.box) for p in per_pixel):
-                top, bottom, left, right = per_pixel[0].box
-                assert window[0] <= top and bottom <= window[1] and window[2] <= left and right <= window[3]
+            def near(t, box=box):
+                return (t[0] * tile < box[1] and (t[0] + 1) * tile > box[0]
+                        and t[1] * tile < box[3] and (t[1] + 1) * tile > box[2])
+            kinds = [{near(t) for t in tiles} for tiles in order]
+            assert all(len(k) == 1 for k in kinds), (box, order)   # a region is near the focus or apart from it
+            flags = [k.pop() for k in kinds]
+            if any(flags):
+                assert flags == sorted(flags, reverse=True), (box, flags)   # the near ones first
                 focused += 1
     assert previews_seen > 0 and focused > 0
 
@@ -325,8 +335,10 @@ def scene_strokes(rng, shape, classes: int, count: int) -> np.ndarray:
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_live_reruns_equal_fresh_runs_with_every_method(demo, method, monkeypatch):
-    """Strokes one after another, a class typed, snapping on and off: each re-run equals a from-scratch one."""
+    """Strokes one after another, a class typed, snapping on and off, the focus of a view or a stroke: each re-run
+    equals a from-scratch one."""
     rng = np.random.default_rng(abs(hash(method)) % 1000)
+    monkeypatch.setattr(tiled_labels, "FOCUS_SIDE", 64)
     image = make_scene(int(rng.integers(0, 1000)), size=320, objects=(3, 4)).image
     classes = ["red", "green", "blue", "yellow", "background"]
     demo.method = method
@@ -340,7 +352,10 @@ def test_live_reruns_equal_fresh_runs_with_every_method(demo, method, monkeypatc
                 if step == 3:
                     strokes[strokes == 5] = 6  # background moved to the sixth class
                 options = dict(maps=False, refine=refine, pamr_iterations=3, strokes=strokes)
-                fast = demo.segment(image, names, **options)
+                # shown around a point or a view first, as the widget asks: the labels are the same
+                focus = (tuple(float(v) for v in rng.uniform(0, 320, 2)) if step % 2 else
+                         (float(rng.uniform(0, 200)), 260.0, float(rng.uniform(0, 200)), 300.0))
+                fast = demo.segment(image, names, focus=focus, **options)
                 monkeypatch.setattr(tiled_labels, "SKIPPING", False)
                 full = Segmenter.segment(demo, image, names, **options)
                 monkeypatch.setattr(tiled_labels, "SKIPPING", True)
@@ -488,3 +503,34 @@ def test_labels_kept_compact_are_int32_when_read_and_what_a_caller_does_to_them_
     fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
     np.testing.assert_array_equal(
         taught.labels, fresh.segment(image, classes, maps=False, refine="pamr", strokes=strokes).labels)
+
+
+def test_a_view_first_rerun_of_a_large_scene_equals_a_fresh_run(demo, monkeypatch):
+    """A 890 x 900 scene, strokes one after another, ResCLIP with snapping, a point or a view to show first: the
+    tiles there, then the others in many regions (each with its own queries), give a fresh run's labels."""
+    rng = np.random.default_rng(323)
+    size = int(rng.choice([320, 480, 640, 900]))
+    image = make_scene(int(rng.integers(0, 10**6)), size=size, objects=(2, int(rng.integers(3, 9)))).image
+    image = image[: int(size * rng.uniform(0.6, 1))]
+    method = str(rng.choice(["clearclip", "clearclip", "maskclip", "sclip", "naclip", "resclip", "vanilla"]))
+    monkeypatch.setattr(tiled_labels, "FOCUS_SIDE", int(rng.choice([64, 128, 384])))
+    classes = ["red", "green", "blue", "yellow", "background"]
+    strokes = np.zeros(image.shape[:2], np.int32)
+    demo.method = method
+    try:
+        for step in range(3):
+            strokes = np.maximum(strokes, scene_strokes(rng, image.shape[:2], len(classes), 1))
+            height, width = image.shape[:2]
+            if rng.random() < 0.5:
+                focus = (float(rng.uniform(0, height)), float(rng.uniform(0, width)))
+            else:
+                top, left = float(rng.uniform(0, height)), float(rng.uniform(0, width))
+                focus = (top, top + float(rng.uniform(10, height)), left, left + float(rng.uniform(10, width)))
+            options = dict(maps=False, refine="pamr", strokes=strokes)
+            fast = demo.segment(image, classes, focus=focus, **options)
+            monkeypatch.setattr(tiled_labels, "SKIPPING", False)
+            full = Segmenter.segment(demo, image, classes, **options)
+            monkeypatch.setattr(tiled_labels, "SKIPPING", True)
+            np.testing.assert_array_equal(fast.labels, full.labels)
+    finally:
+        demo.method = "clearclip"

@@ -166,7 +166,7 @@ def test_previews_of_a_rerun_show_only_final_labels_and_the_focus_comes_first(se
             # the tiles that meet the focus box are computed first, in regions of their own
             box = tiled_labels._focus_box(focus)
 
-            def near(t, box=box):
+            def near(t, box=box, tile=tile):
                 return (t[0] * tile < box[1] and (t[0] + 1) * tile > box[0]
                         and t[1] * tile < box[3] and (t[1] + 1) * tile > box[2])
             kinds = [{near(t) for t in tiles} for tiles in order]

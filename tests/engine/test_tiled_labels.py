@@ -518,7 +518,7 @@ def test_a_view_first_rerun_of_a_large_scene_equals_a_fresh_run(demo, monkeypatc
     strokes = np.zeros(image.shape[:2], np.int32)
     demo.method = method
     try:
-        for step in range(3):
+        for _ in range(3):
             strokes = np.maximum(strokes, scene_strokes(rng, image.shape[:2], len(classes), 1))
             height, width = image.shape[:2]
             if rng.random() < 0.5:

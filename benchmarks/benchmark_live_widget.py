@@ -8,7 +8,8 @@ painted with ``Labels.paint`` (napari reports it as a mouse release would; a dab
 already shown changes nothing and is not reported); the time runs until the widget is idle again with the layer updated,
 and is printed against napari's own cost of showing new data in a Labels layer of that size
 (set data, refresh, draw), measured in the same process, with the longest stall of the GUI
-thread while it ran.
+thread while it ran: the longest time between two ticks of a 10 ms timer, with napari's event
+loop running as in a user's session (target: 0.1 s).
 
 The re-run writes parts of its labels into the layer as they become final (tiles of one class
 throughout first, then the region around the stroke, then the rest nearest first), so two more
@@ -29,8 +30,7 @@ os.environ.setdefault("NAPARI_CLEARCLIP_CACHE_DIR", tempfile.mkdtemp())
 
 import napari  # noqa: E402
 import numpy as np  # noqa: E402
-from qtpy.QtCore import QTimer  # noqa: E402
-from qtpy.QtWidgets import QApplication  # noqa: E402
+from qtpy.QtCore import QEventLoop, QTimer  # noqa: E402
 
 from benchmark_live import _refresh_seconds, large_shapes  # noqa: E402
 from napari_clearclip.gui import previews as previews_module  # noqa: E402
@@ -49,13 +49,27 @@ def record_previews(labels, log: list, view: list) -> None:
 
 
 def wait_until(condition, timeout: float = 120.0) -> None:
-    app = QApplication.instance()
+    """Run napari's event loop (as a user's session does, each event on its own turn) until ``condition``."""
+    loop = QEventLoop()
     end = time.perf_counter() + timeout
-    while not condition():
-        if time.perf_counter() > end:
-            raise SystemExit(f"timed out: {condition}")
-        app.processEvents()
-        time.sleep(0.02)  # a busy loop would take a core from the worker
+    failed = []
+
+    def check():
+        if condition():
+            loop.quit()
+        elif time.perf_counter() > end:
+            failed.append(True)
+            loop.quit()
+    poll = QTimer()
+    poll.setInterval(20)
+    poll.timeout.connect(check)
+    poll.start()
+    check()
+    if not failed and not condition():
+        loop.exec_()
+    poll.stop()
+    if failed:
+        raise SystemExit(f"timed out: {condition}")
 
 
 def main() -> None:
@@ -86,7 +100,7 @@ def main() -> None:
     print(f"napari: showing new data in a 4096 x 4096 uint8 Labels layer takes {refresh:.3f} s (median of 5)")
     print("| stroke | first change of the layer | view final | whole layer final | napari "
           "refreshes (whole) | longest GUI stall |\n|---|---|---|---|---|---|")
-    totals, firsts, views = [], [], []
+    totals, firsts, views, stalls = [], [], [], []
     log, view = [], []
     record_previews(labels, log, view)
     for number in range(args.strokes):
@@ -114,6 +128,7 @@ def main() -> None:
         first = min([when for when, _ in log] + [start + total]) - start
         view_final = min([when for when, shown in log if np.array_equal(shown, final_view)] + [start + total]) - start
         totals.append(total)
+        stalls.append(gap)
         firsts.append(first)
         views.append(view_final)
         print(f"| {number + 1} | {first:.2f} s | {view_final:.2f} s ({view_final / refresh:.1f} refreshes) | "
@@ -121,7 +136,8 @@ def main() -> None:
     print(f"view: {view[0][0].stop - view[0][0].start} x {view[0][1].stop - view[0][1].start} pixels")
     print(f"medians: first change {statistics.median(firsts):.2f} s; view final "
           f"{statistics.median(views):.2f} s ({statistics.median(views) / refresh:.1f} refreshes); whole layer "
-          f"{statistics.median(totals):.2f} s, {statistics.median(totals) / refresh:.1f} refreshes (target <= 10)")
+          f"{statistics.median(totals):.2f} s, {statistics.median(totals) / refresh:.1f} refreshes (target <= 10); "
+          f"longest GUI stall {max(stalls) * 1000:.0f} ms (target <= 100 ms)")
     viewer.close()
 
 

@@ -287,6 +287,9 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         kept, dirty, present = _kept_tiles(previous, reuse, state, reference, geometry, labels, margins, tolerance)
         fill = uniform & ~kept
         dirty &= ~uniform
+    if previews:  # filled tiles that held only their label already change nothing: no need to show them
+        alone = np.take_along_axis(present, uniform_label[..., None], -1)[..., 0] & (present.sum(-1) == 1)
+        fill_shown = fill & ~alone
     present[fill] = False
     present[(*np.nonzero(fill), uniform_label[fill])] = True
     for ty, tx in zip(*np.nonzero(fill)):
@@ -294,8 +297,8 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         labels[rows, cols] = uniform_label[ty, tx]
         margins[rows, cols] = lower_half(np.float32(uniform_margin[ty, tx]))
 
-    if previews and fill.any():  # tiles of one class throughout are final already: shown at once
-        yield 0, 1, _preview(labels, fill, dirty | judge_rest[1], geometry)
+    if previews and fill_shown.any():  # tiles of one class throughout are final already: shown at once
+        yield 0, 1, _preview(labels, fill_shown, dirty | judge_rest[1], geometry)
     rivals = None if dense else _rivals(scores)
 
     def plan(dirty, nearest_first: bool = False):

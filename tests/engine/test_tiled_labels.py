@@ -178,6 +178,27 @@ def test_previews_of_a_rerun_show_only_final_labels_and_the_focus_comes_first(se
     assert previews_seen > 0 and focused > 0
 
 
+def test_tiles_of_one_class_throughout_are_shown_first_only_where_their_label_changes():
+    """A class taking over a block of the image: the whole tiles inside it, of that class throughout, are shown
+    before any tile is computed per pixel, in the smallest box of tiles around them; the tiles of one class
+    throughout that keep their class are not shown (nothing to show there), whether near the focus or not."""
+    tile, snap = 32, (2, (1, 2))
+    scores = torch.zeros((2, 40, 40))
+    scores[0] += 1.0                                   # class 1 leads everywhere
+    guide = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 40, 40)).astype(np.float32))
+    size, spans, names = (320, 320), [(0, 1), (1, 2)], [("a",), ("b",)]
+    state = labels_of(scores, guide, size, spans, names, snap, tile=tile)
+    assert (state.labels == 1).all()
+    scores = scores.clone()
+    scores[1, 4:20, 4:20] += 3.0                         # class 2 takes over pixels 40..160 a side
+    steps = label_steps(scores, guide, size, spans, names, snap, state, tile=tile, focus=(300.0, 300.0))
+    first = next(step for step in steps if len(step) > 2)[2]
+    assert first.box == (2 * tile, 4 * tile, 2 * tile, 4 * tile)   # the four tiles wholly inside the block
+    assert first.final.all() and (first.labels == 2).all()
+    full = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=tile)
+    assert (full.labels[first.slices] == 2).all()
+
+
 @pytest.mark.parametrize("snap", [(), (2, (1, 2))])
 def test_ties_far_from_a_change_get_a_fresh_runs_labels_when_another_class_leads_most_of_the_image(snap):
     """Labels are computed on each query's scores minus those of the query leading most of the image, so

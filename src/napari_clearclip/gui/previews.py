@@ -3,8 +3,9 @@
 The worker yields what is final already (tiles of one class throughout that change class at
 once, then the view or the region around the newest stroke, then the rest nearest first); this
 writes it into the result layer at once when the last write was PREVIEW_INTERVAL_MS ago or more,
-else with whatever else came meanwhile when that interval has passed, one refresh for each write. Pixels the user painted, before or during the run, are never written; a run
-that is cancelled or fails puts back what its previews wrote, so that it changes nothing.
+else with whatever else came meanwhile when that interval has passed, one refresh for each write.
+Pixels the user painted, before or during the run, are never written; a run that is cancelled or
+fails puts back what its previews wrote, so that it changes nothing.
 """
 
 from __future__ import annotations

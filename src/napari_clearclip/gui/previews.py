@@ -2,15 +2,12 @@
 
 The worker yields what is final already (tiles of one class throughout that change class at
 once, then the view or the region around the newest stroke, then the rest nearest first); this
-writes it into the result layer at once when the last write was PREVIEW_INTERVAL_MS ago or more,
-else with whatever else came meanwhile when that interval has passed, one refresh for each write.
-Pixels the user painted, before or during the run, are never written; a run that is cancelled or
-fails puts back what its previews wrote, so that it changes nothing.
+writes it into the result layer at most every PREVIEW_INTERVAL_MS, one refresh for all that
+came meanwhile. Pixels the user painted, before or during the run, are never written; a run
+that is cancelled or fails puts back what its previews wrote, so that it changes nothing.
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 from qtpy.QtCore import QTimer
@@ -34,8 +31,9 @@ class RunPreviews:
         self._queue: list[LabelsPreview] = []
         self._timer = QTimer()
         self._timer.setSingleShot(True)
+        self._timer.setInterval(PREVIEW_INTERVAL_MS)
         self._timer.timeout.connect(self.flush)
-        self._last_write = -float("inf")   # time.monotonic() of the last write
+        self._flushed_once = False
 
     def _writable_data(self):
         data = self.target.layer.data
@@ -44,16 +42,12 @@ class RunPreviews:
         return None
 
     def add(self, preview: LabelsPreview) -> None:
-        """Queue a preview: written at once when the last write was PREVIEW_INTERVAL_MS ago or more (the first
-        always), else together with any others when that interval has passed."""
+        """Queue a preview; the first is written at once, later ones together when the interval has passed."""
         self._queue.append(preview)
-        if self._timer.isActive():
-            return
-        waited_ms = (time.monotonic() - self._last_write) * 1000
-        if waited_ms >= PREVIEW_INTERVAL_MS:
+        if not self._flushed_once:
             self.flush()
-        else:
-            self._timer.start(max(1, int(PREVIEW_INTERVAL_MS - waited_ms)))
+        elif not self._timer.isActive():
+            self._timer.start()
 
     def flush(self) -> None:
         """Write the queued previews, PIXELS_PER_TURN at most (the rest on the next turns of the event loop), then
@@ -61,7 +55,7 @@ class RunPreviews:
         data = self._writable_data()
         if not self._queue or data is None:
             return
-        self._last_write = time.monotonic()
+        self._flushed_once = True
         # the baseline is written in place: the run read it before it made any preview
         budget = PIXELS_PER_TURN
         while self._queue and budget > 0:

@@ -369,8 +369,10 @@ def _preview(labels: np.ndarray, shown: np.ndarray, stale: np.ndarray, geometry:
     tile = geometry.tile
     first_y, last_y, first_x, last_x = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
     box = (first_y * tile, min(last_y * tile, geometry.size[0]), first_x * tile, min(last_x * tile, geometry.size[1]))
-    final = np.repeat(np.repeat(~stale[first_y:last_y, first_x:last_x], tile, 0), tile, 1)
-    final = final[: box[1] - box[0], : box[3] - box[2]]
+    tiles_final = ~stale[first_y:last_y, first_x:last_x]
+    final = np.empty((tiles_final.shape[0], tile, tiles_final.shape[1], tile), bool)
+    final[...] = tiles_final[:, None, :, None]   # each tile's flag over its pixels (np.repeat holds the GIL)
+    final = final.reshape(tiles_final.shape[0] * tile, -1)[: box[1] - box[0], : box[3] - box[2]]
     return LabelsPreview(box, labels[box[0] : box[1], box[2] : box[3]].copy(), final)
 
 
@@ -588,7 +590,8 @@ def _label_tiles(values: dict, tiles, reference: int, gaps: np.ndarray, owner: n
         index, margin = _leaders_in(values, rows, (left, right), reference, owner)
         gap = gaps[first_y + start // tile : first_y + -(-stop // tile), first_x : last_x + 1]
         if np.isfinite(gap).any():
-            gap = torch.from_numpy(np.repeat(np.repeat(gap, tile, 0), tile, 1)[: stop - start, : shape[1]])
+            gap = torch.from_numpy(np.ascontiguousarray(gap)).repeat_interleave(tile, 0).repeat_interleave(tile, 1)
+            gap = gap[: stop - start, : shape[1]]
             margin = torch.minimum(margin, gap)
         block_labels[start:stop] = index
         block_margins[start:stop] = _half_below(margin.sub_(tolerance))

@@ -10,6 +10,7 @@ image is there.
 from __future__ import annotations
 
 import math
+import mmap
 from typing import Sequence
 
 import torch
@@ -27,18 +28,29 @@ def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, size: tuple[int, 
     return padded[:, pad + dy : pad + dy + height, pad + dx : pad + dx + width]
 
 
+#: Buffers from this many bytes are mapped here, so that they can be given back to the system a piece at a time.
+MAPPED_FROM = 64 << 20
+#: Bytes given back at once when a buffer mapped here is let go.
+RELEASED_AT_ONCE = 32 << 20
+
+
 class Buffers:
     """Float32 buffers reused within a run, so that it maps fresh memory for its largest region only.
 
     The C library hands large blocks back to the system when they are freed and maps them anew
     on the next request: a 4096 x 4096 first run took 9 GB of fresh pages (about 5 s of system
     time on 2 cores) before its planes were reused.
+
+    Large buffers are mapped here and given back RELEASED_AT_ONCE bytes at a time: Linux locks
+    the process's memory map while it frees pages (about 100 ms per GB), and any other thread
+    that maps memory meanwhile waits, napari's GUI thread included.
     """
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = device
         self._free: list[torch.Tensor] = []
         self._taken: list[torch.Tensor] = []
+        self._mappings: dict[int, mmap.mmap] = {}   # data pointer -> the mapping of a buffer mapped here
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialised contiguous float32 tensor of ``shape``."""
@@ -47,8 +59,9 @@ class Buffers:
         if fitting:
             buffer = self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
         else:  # the smaller free buffers would only add to the peak: let them go
+            self._let_go(self._free)
             self._free = []
-            buffer = torch.empty(needed, device=self.device)
+            buffer = self._new(needed)
         self._taken.append(buffer)
         return buffer[:needed].view(shape)
 
@@ -63,6 +76,30 @@ class Buffers:
             if buffer.untyped_storage().data_ptr() == pointer:
                 self._free.append(self._taken.pop(i))
                 return
+
+    def release(self) -> None:
+        """Give every buffer back to the system (a run is over: nothing uses them any more)."""
+        self._let_go(self._free + self._taken)
+        self._free, self._taken = [], []
+
+    def _new(self, count: int) -> torch.Tensor:
+        if (count * 4 < MAPPED_FROM or torch.device(self.device).type != "cpu"
+                or not hasattr(mmap, "MAP_ANONYMOUS") or not hasattr(mmap.mmap, "madvise")):
+            return torch.empty(count, device=self.device)
+        mapping = mmap.mmap(-1, count * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        buffer = torch.frombuffer(mapping, dtype=torch.float32)
+        self._mappings[buffer.data_ptr()] = mapping
+        return buffer
+
+    def _let_go(self, buffers: list[torch.Tensor]) -> None:
+        """Free the pages of buffers mapped here a piece at a time; the mapping itself goes with the last view
+        of it (nothing left to free then). The others are freed by PyTorch as usual."""
+        for buffer in buffers:
+            mapping = self._mappings.pop(buffer.data_ptr(), None)
+            if mapping is None:
+                continue
+            for start in range(0, len(mapping), RELEASED_AT_ONCE):
+                mapping.madvise(mmap.MADV_DONTNEED, start, min(RELEASED_AT_ONCE, len(mapping) - start))
 
 
 def _replicate(x: torch.Tensor, pad: int) -> torch.Tensor:

@@ -357,6 +357,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
             break
         regions, competing, gaps, channels = plan(dirty, nearest_first=True)
         total = done + max(1, sum(max(1, len(c)) for c in channels) * max(1, iterations))
+    buffers.release()
     state.labels, state.margins, state.present = labels, margins, present
     state.computed = computed / dirty.size
     return state

@@ -178,6 +178,46 @@ def test_previews_of_a_rerun_show_only_final_labels_and_the_focus_comes_first(se
     assert previews_seen > 0 and focused > 0
 
 
+def test_buffers_mapped_and_given_back_piecewise_give_the_labels_of_a_full_computation(monkeypatch):
+    """With every working buffer mapped by the plugin (as large ones are) and given back a page range at a time,
+    first runs and re-runs still equal the computation of every pixel."""
+    from napari_clearclip import refine
+
+    monkeypatch.setattr(refine, "MAPPED_FROM", 0)
+    monkeypatch.setattr(refine, "RELEASED_AT_ONCE", 1 << 12)
+    rng = np.random.default_rng(77)
+    for _ in range(6):
+        scores, guide, size, spans, names, snap, tile = random_case(rng)
+        snap = snap or (2, (1, 2))
+        kept = AffinityTiles(1 << 30)
+        state = labels_of(scores, guide, size, spans, names, snap, tile=tile, affinities=kept)
+        np.testing.assert_array_equal(state.labels, labels_of(scores, guide, size, spans, names, snap, dense=True,
+                                                              tile=tile).labels)
+        scores = scores.clone()
+        scores[int(rng.integers(0, len(scores))), :6, :6] += 0.3
+        again = labels_of(scores, guide, size, spans, names, snap, state, tile=tile, affinities=kept)
+        np.testing.assert_array_equal(again.labels, labels_of(scores, guide, size, spans, names, snap, dense=True,
+                                                              tile=tile).labels)
+
+
+def test_a_mapped_buffer_is_reused_and_its_pages_go_back_to_the_system_when_released(monkeypatch):
+    from napari_clearclip import refine
+
+    monkeypatch.setattr(refine, "MAPPED_FROM", 1 << 20)
+    monkeypatch.setattr(refine, "RELEASED_AT_ONCE", 1 << 16)
+    buffers = refine.Buffers()
+    small = buffers.take((100,))            # below MAPPED_FROM: PyTorch's own memory
+    large = buffers.take((512, 1024))       # 2 MB: mapped here
+    large.fill_(3.0)
+    pointer = large.data_ptr()
+    buffers.give_back()
+    assert buffers.take((256, 1024)).data_ptr() == pointer   # reused, not mapped anew
+    still_held = large                                       # a view the run no longer uses
+    buffers.release()
+    assert float(still_held.abs().max()) == 0.0              # its pages were handed back (they read as zeros)
+    assert not buffers._mappings and small.numel() == 100
+
+
 def test_tiles_of_one_class_throughout_are_shown_first_only_where_their_label_changes():
     """A class taking over a block of the image: the whole tiles inside it, of that class throughout, are shown
     before any tile is computed per pixel, in the smallest box of tiles around them; the tiles of one class

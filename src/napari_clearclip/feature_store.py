@@ -255,20 +255,33 @@ def _register_exit_hook() -> None:
         pass
 
 
-def _finish_writes(timeout: float = 120.0) -> None:
-    """Pending writes finish when the process exits normally, within ``timeout`` seconds (a write that does not
-    finish leaves only a partial folder, which is never read and is removed later).
+#: Seconds the process waits at exit for features still being written (see shorten_exit_wait).
+EXIT_WAIT = 120.0
+_exit_wait = [EXIT_WAIT]
+
+
+def shorten_exit_wait(seconds: float) -> None:
+    """Wait at most ``seconds`` at exit for features still being written: after a Ctrl+C, the user wants the process
+    to end, and a store left unfinished is only a cache entry that is never read (it is removed later)."""
+    _exit_wait[0] = min(_exit_wait[0], float(seconds))
+
+
+def _finish_writes(timeout: float | None = None) -> None:
+    """Pending writes finish when the process exits normally, within ``timeout`` seconds (default: the exit wait,
+    which a Ctrl+C shortens even while this waits; a write that does not finish leaves only a partial folder, which
+    is never read and is removed later).
 
     A Ctrl+C while waiting (a second one, after the first stopped a batch run) ends the wait
     quietly: the process exits at once, without a traceback.
     """
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
     try:
         while True:
             with _GUARD:
                 events = list(_PENDING.values())
+            deadline = start + (_exit_wait[0] if timeout is None else timeout)
             if not events or time.monotonic() > deadline:
                 return
-            events[0].wait(max(0.0, deadline - time.monotonic()))
+            events[0].wait(min(0.2, max(0.0, deadline - time.monotonic())))
     except KeyboardInterrupt:
         return

@@ -227,6 +227,29 @@ def test_a_second_ctrl_c_while_writes_finish_at_exit_ends_the_wait_quietly(monke
     assert time.monotonic() - started < 5
 
 
+def test_a_ctrl_c_shortens_the_exit_wait_for_a_write_that_does_not_finish_even_mid_wait(monkeypatch):
+    """A store write that never finishes (the writer stuck) must not hold a stopped command for the full exit wait:
+    the first Ctrl+C shortens it to seconds, also when it comes while the process already waits."""
+    import threading
+
+    from napari_clearclip import feature_store
+    from napari_clearclip.batch import cli
+
+    monkeypatch.setitem(feature_store._PENDING, "stuck-store", threading.Event())   # never set
+    monkeypatch.setattr(feature_store, "_exit_wait", [feature_store.EXIT_WAIT])
+    monkeypatch.setattr(cli, "INTERRUPTED_EXIT_WAIT", 0.5)
+    stop = cli.StopOnce()
+    started = time.monotonic()
+    waiter = threading.Thread(target=feature_store._finish_writes)
+    waiter.start()
+    time.sleep(0.3)                              # the process is waiting at exit ...
+    with pytest.raises(KeyboardInterrupt):       # ... when the first Ctrl+C comes (the handler, called directly)
+        stop._first(2, None)
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and time.monotonic() - started < 5
+    assert feature_store._exit_wait[0] == 0.5
+
+
 def test_pixel_digests_are_blake2b_of_the_bytes_or_of_fixed_chunks_and_see_every_byte():
     """Large arrays are hashed in 4 MiB chunks on threads: the digest must not depend on the threads or the machine
     (stores are shared), must equal the documented scheme, and must change with any one byte."""

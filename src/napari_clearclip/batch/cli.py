@@ -119,6 +119,10 @@ def engine_options(args: argparse.Namespace) -> SegmentOptions:
     return SegmentOptions.build(**keywords)
 
 
+#: Seconds a stopped run waits at exit for image features still being written to the feature store.
+INTERRUPTED_EXIT_WAIT = 5.0
+
+
 class StopOnce:
     """Ctrl-C stops a run once: the first press raises KeyboardInterrupt, later ones only say that it is stopping.
 
@@ -139,6 +143,9 @@ class StopOnce:
     def _first(self, signum, frame) -> None:
         self.interrupted = True
         signal.signal(signal.SIGINT, self._again)
+        store = sys.modules.get("napari_clearclip.feature_store")  # not loaded: no features are being written
+        if store is not None:  # they are a cache: the process does not wait long for them at exit
+            store.shorten_exit_wait(INTERRUPTED_EXIT_WAIT)
         raise KeyboardInterrupt
 
     def _again(self, signum, frame) -> None:

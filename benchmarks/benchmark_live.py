@@ -99,7 +99,7 @@ def before_seconds(segmenter, image) -> float:
     """A first run through the labelling that computes every pixel (resize, snap, label the whole image)."""
     from napari_clearclip.segmenter import Segmenter
 
-    def whole(self, scores, array, key, opts, parsed, method_name, remember=True):
+    def whole(self, scores, array, key, opts, parsed, method_name, remember=True, focus=None):
         return (yield from self._snap_and_label(scores, array, opts, parsed, method_name, False))
 
     real = Segmenter._tiled_labels

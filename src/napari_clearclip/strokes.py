@@ -373,11 +373,16 @@ def check_strokes(strokes, shape: tuple[int, int], n_classes: int) -> np.ndarray
             "e.g. the data of a napari Labels layer.")
     if array.shape != tuple(shape):
         raise InvalidOptionError(f"strokes of shape {array.shape} do not match the image's {tuple(shape)}.")
-    if array.size and (int(array.min()) < 0 or int(array.max()) > n_classes):
+    # one pass over the whole array: strokes cover a sliver of a large image, and the values are checked there
+    painted = array[array.any(axis=1)] if array.ndim == 2 else array
+    if not painted.any():
+        return None
+    low, high = int(painted.min()), int(painted.max())
+    if low < 0 or high > n_classes:
         raise InvalidOptionError(
-            f"strokes hold values {int(array.min())}..{int(array.max())}, but only 0 (no hint) to {n_classes} "
+            f"strokes hold values {min(low, 0)}..{high}, but only 0 (no hint) to {n_classes} "
             f"(one per class) are meaningful.")
-    return array if array.any() else None
+    return array
 
 
 def painted_pixels(strokes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -312,6 +312,22 @@ def test_wrong_kinds_of_values_are_value_errors_that_name_the_option(tiny_segmen
         tiny_segmenter.segment(rgb_image, ["cat", "dog"], **options)
 
 
+def test_strokes_of_classes_that_do_not_exist_are_named_and_empty_strokes_are_none():
+    from napari_clearclip.strokes import check_strokes
+
+    strokes = np.zeros((40, 30), np.int32)
+    assert check_strokes(strokes, (40, 30), 2) is None
+    strokes[17, 3:5] = 2
+    assert check_strokes(strokes, (40, 30), 2) is strokes
+    for value, shown in ((3, "0..3"), (-1, "-1..2")):
+        wrong = strokes.copy()
+        wrong[39, 29] = value
+        with pytest.raises(InvalidOptionError, match=rf"strokes hold values {shown}, but only 0 \(no hint\) to 2"):
+            check_strokes(wrong, (40, 30), 2)
+    with pytest.raises(InvalidOptionError, match="do not match"):
+        check_strokes(strokes, (30, 40), 2)
+
+
 def test_planes_outside_a_stack_are_named_not_an_index_error(tiny_segmenter, rgb_image):
     from napari_clearclip.planes import ImageLayout, segment_planes
     from napari_clearclip import run_to_end

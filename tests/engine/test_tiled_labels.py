@@ -524,6 +524,46 @@ def test_bounds_over_some_tiles_equal_those_over_all_tiles():
                                           geometry.reduce(coarse, how)[within[0] : within[1], within[2] : within[3]])
 
 
+def test_bounds_over_each_tile_cover_every_coarse_pixel_its_labels_can_depend_on():
+    """Each tile's bound is the min / max over a window of the largest size anchored where its own window starts."""
+    rng = np.random.default_rng(11)
+    for case in range(40):
+        h, w = (int(v) for v in rng.integers(2, 50, 2))
+        size = (int(h * rng.uniform(1, 9)), int(w * rng.uniform(1, 9)))
+        reach = int(rng.integers(0, 60))
+        geometry = tiled_labels._Geometry((h, w), size, reach, tile=int(rng.choice([8, 16, 64])))
+        coarse = rng.normal(size=(h, w, 2)).astype(np.float32)
+        if case % 4 == 0:
+            coarse[rng.integers(0, h), rng.integers(0, w)] = np.inf
+        if case % 3 == 0:
+            coarse = rng.integers(0, 4, (h, w)).astype(np.int64)
+        spans = [min(int((last - first).max()) + 1, n) for (first, last), n in
+                 ((geometry.row_window, h), (geometry.col_window, w))]
+        for how, reducer in (("min", np.min), ("max", np.max)):
+            bounds = geometry.reduce(coarse, how)
+            assert bounds.shape[:2] == geometry.shape and bounds.dtype == coarse.dtype
+            for ty, tx in zip(rng.integers(0, geometry.shape[0], 6), rng.integers(0, geometry.shape[1], 6)):
+                # the rows and columns the tile's pixels (and those within reach) take their values from
+                rows, cols = geometry.tile_slices(ty, tx)
+                top, bottom = max(rows.start - reach, 0), min(rows.stop + reach, size[0]) - 1
+                left, right = max(cols.start - reach, 0), min(cols.stop + reach, size[1]) - 1
+                first_y, last_y = geometry.rows[0][top], geometry.rows[1][bottom]
+                first_x, last_x = geometry.cols[0][left], geometry.cols[1][right]
+                assert first_y >= 0 and last_y < h and first_x >= 0 and last_x < w
+                y0, x0 = min(first_y, h - spans[0]), min(first_x, w - spans[1])
+                window = coarse[y0 : y0 + spans[0], x0 : x0 + spans[1]]
+                assert y0 <= first_y and last_y < y0 + spans[0] and x0 <= first_x and last_x < x0 + spans[1]
+                np.testing.assert_array_equal(bounds[ty, tx], reducer(window, axis=(0, 1)))
+
+
+def test_the_leading_query_is_the_first_highest_as_argmax_gives_it():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        scores = torch.from_numpy(rng.integers(0, 3, (int(rng.integers(1, 7)), 17, 23)).astype(np.float32))
+        scores[:, 0, :4] = float("nan") if rng.random() < 0.3 else scores[:, 0, :4]
+        np.testing.assert_array_equal(tiled_labels.leading_query(scores), scores.argmax(0).numpy())
+
+
 def test_labels_kept_compact_are_int32_when_read_and_what_a_caller_does_to_them_never_reaches_the_next_run():
     """Labels-only results hold the kept state's compact labels read-only and make int32 labels when read: a
     caller writing into ``labels`` (as pasting strokes does) must not change what the next run starts from."""

@@ -207,9 +207,11 @@ def run_size(size: int, strokes: int, scene: str, release: str) -> list[tuple[st
         rows.append((seconds, changed, "confirming" if number % 2 == 0 else "correcting"))
         print(f"  stroke {number + 1} ({rows[-1][2]}): {seconds:.2f} s, {changed:.1%} of tiles recomputed, "
               f"labels changed in {differ:.1%} of tiles (what any exact re-run must recompute)")
-    _, typed = timed(lambda: segmenter.segment(image, CLASSES + ["purple"], maps=False, refine="pamr",
-                                               strokes=painted))
-    print(f"  typing a class ('purple'): {typed:.2f} s, {last_state(segmenter):.1%} of tiles recomputed")
+    typed_result, typed = timed(lambda: segmenter.segment(image, CLASSES + ["purple"], maps=False, refine="pamr",
+                                                          strokes=painted))
+    print(f"  typing a class ('purple'): {typed:.2f} s, {last_state(segmenter):.1%} of tiles recomputed, labels "
+          f"changed in {tiles_changed(labels, typed_result.labels):.1%} of tiles, "
+          f"{np.mean(typed_result.labels == len(CLASSES) + 1):.1%} of pixels now 'purple'")
     local = [r[0] for r in rows if r[1] <= 0.05]
     median_all = statistics.median(r[0] for r in rows)
     size = size_name

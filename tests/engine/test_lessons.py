@@ -344,7 +344,8 @@ def test_exemplars_from_other_images_are_whitened_regularised_at_the_covariances
 def test_a_lesson_from_several_images_adds_its_class_offsets_to_every_pixel_in_this_images_spreads(demo, lesson):
     """Offsets are constant per class: every pixel's class scores move by offset x the image's text-score spread."""
     assert lesson.class_offsets is not None and lesson.class_offsets.shape == (len(CLASSES),)
-    assert abs(float(lesson.class_offsets.sum())) < 1e-5 and np.abs(lesson.class_offsets).max() > 1e-3
+    taught = np.bincount(lesson.labels, minlength=len(CLASSES)) > 0           # green and yellow
+    assert np.all(lesson.class_offsets[~taught] == 0) and np.abs(lesson.class_offsets[taught]).max() > 1e-3
     first = demo.make_lesson(CLASSES, [painted(3, "red", 4)])
     assert first.class_offsets is None                                      # one image: nothing to fit
     joined = first.combined(demo.make_lesson(CLASSES, [painted(7, "blue", 2)]))   # as the widget joins its images'
@@ -358,9 +359,29 @@ def test_a_lesson_from_several_images_adds_its_class_offsets_to_every_pixel_in_t
     shift = (with_offsets - without).reshape(len(CLASSES), -1)
     assert shift.std(axis=1).max() < 1e-5                                   # the same on every pixel
     expected = lesson.class_offsets[[CLASSES.index(name) for name in shuffled]]   # mapped by name
-    spread = shift.mean(axis=1) / expected
+    moved = expected != 0
+    assert moved.sum() == 2 and np.all(shift[~moved] == 0)                 # classes not painted do not move
+    spread = shift[moved].mean(axis=1) / expected[moved]
     np.testing.assert_allclose(spread, spread.mean(), rtol=1e-3)            # one spread for all classes
     assert 0 < spread.mean() < 1
+
+
+def test_only_the_classes_a_lesson_has_exemplars_of_get_class_offsets(demo):
+    """Strokes of background alone, drawn where the text calls it something else, raise background, but lower no
+    class that nobody painted: the strokes say nothing of how the text scores those on their own objects."""
+    pairs = []
+    for seed in (3, 7):
+        scene = make_scene(seed, size=256, objects=(3, 3))
+        labels = demo.segment(scene.image, CLASSES, maps=False).labels
+        strokes = np.zeros(labels.shape, np.int32)
+        wrong = (labels != CLASSES.index("background") + 1) & ~np.any(list(scene.masks.values()), axis=0)
+        strokes[wrong] = CLASSES.index("background") + 1                     # the grey the text gets wrong
+        pairs.append((scene.image, strokes))
+    lesson = demo.make_lesson(CLASSES, pairs)
+    assert set(np.unique(lesson.labels)) == {CLASSES.index("background")}
+    offsets = lesson.class_offsets
+    assert offsets[CLASSES.index("background")] > 1e-3
+    np.testing.assert_array_equal(np.delete(offsets, CLASSES.index("background")), 0)
 
 
 def test_class_offsets_minimise_the_painted_cross_entropy_with_their_penalty():

@@ -481,6 +481,21 @@ def test_exemplars_that_the_other_painted_images_contradict_are_left_out():
     assert keep.tolist() == [True, False, True, False, False]
     assert float(torch.nn.functional.cosine_similarity(features[2], references, dim=-1).max()) < ALIKE_FROM
 
+    # a patch between class 0 and a small object of class 4: alike to all ten class-0 patches of image 1 and to its
+    # three class-4 patches. Most patches alike to it carry its class, but it would take class 4 over: dropped.
+    # (Painted as class 4, most patches alike to it are class 0: dropped as before.)
+    small = near(5, 3)
+    references = torch.cat([references, small])
+    reference_classes = torch.cat([reference_classes, torch.tensor([4] * 3)])
+    reference_ids = torch.cat([reference_ids, torch.tensor([1] * 3)])
+    between = torch.from_numpy((directions[0] + directions[5]) / np.sqrt(2))[None]
+    alike = torch.nn.functional.cosine_similarity(between, references, dim=-1) >= ALIKE_FROM
+    assert alike.tolist() == [True] * 10 + [False] * 22 + [True] * 3
+    keep = uncontradicted(torch.cat([features, between, between]), torch.cat([classes, torch.tensor([0, 4])]),
+                          torch.tensor([0, 0, 0, 1, 0, 0, 0]), means, covariance, references, reference_classes,
+                          reference_ids)
+    assert keep.tolist() == [True, False, True, False, False, False, False]
+
 
 def test_a_lesson_keeps_its_check_patches_in_the_file_and_refuses_damaged_ones(lesson, tmp_path):
     assert lesson.references is not None and len(np.unique(lesson.reference_ids)) == 2

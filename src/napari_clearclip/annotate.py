@@ -14,6 +14,7 @@ from typing import Generator, Sequence
 import numpy as np
 
 from .editing import LabelsMerger, LabelsUpdate, layer_preview
+from .hashing import digests_kept
 from .options import SegmentOptions
 from .errors import LessonError
 from .planes import ImageLayout, segment_stack, stack_exemplars
@@ -96,9 +97,10 @@ def painted_strokes(request: LayerRequest, class_names: list[str]) -> dict[tuple
         values = np.where(edited.reshape(-1, edited.shape[-1])[rows],
                           np.asarray(current).reshape(-1, edited.shape[-1])[rows], 0).astype(np.int64)
         values[values >= len(lookup)] = 0  # labels the user invented are no class hint
-        plane_strokes = np.zeros(edited.shape, np.int32)
-        plane_strokes.reshape(-1, edited.shape[-1])[rows] = lookup[values]
-        if plane_strokes.any():
+        hints = lookup[values]
+        if hints.any():  # the rows painted, not the whole plane: reading fresh zeros costs a page fault per page
+            plane_strokes = np.zeros(edited.shape, np.uint8 if len(lookup) <= 256 else np.int32)
+            plane_strokes.reshape(-1, edited.shape[-1])[rows] = hints
             strokes_by_plane[plane] = plane_strokes
     return strokes_by_plane
 
@@ -151,6 +153,11 @@ def segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Prog
     it ends (:class:`~napari_clearclip.editing.LabelsPreview`): what the user sees first (``request.view``, or
     the newest stroke's surroundings), then the rest, for the widget to write while the run goes on.
     """
+    with digests_kept():  # the image is hashed where its strokes are collected and where it is labelled
+        return (yield from _segment_layer(segmenter, request))
+
+
+def _segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Progress, None, LayerResult]:
     from .prompts import parse_classes
 
     class_names = [c.name for c in parse_classes(request.classes)]

@@ -272,3 +272,52 @@ def test_pixel_digests_are_blake2b_of_the_bytes_or_of_fixed_chunks_and_see_every
         changed[index] ^= 1
         assert hashing.pixel_digest(changed) != reference.digest()
     assert hashing.pixel_digest(large.reshape(1400, 1500, 3)) == reference.digest()   # the bytes: shape is keyed apart
+
+
+def test_within_one_run_the_same_pixels_are_hashed_once_and_never_after_it(monkeypatch):
+    from napari_clearclip import hashing
+
+    hashed = []
+    real = hashing._digest
+    monkeypatch.setattr(hashing, "_digest", lambda array, size: hashed.append(array.shape) or real(array, size))
+    image = np.random.default_rng(1).integers(0, 255, (40, 30, 3), np.uint8)
+    other = image.copy()
+    other[5, 5, 0] ^= 1
+    with hashing.digests_kept():
+        first = hashing.pixel_digest(image)
+        assert hashing.pixel_digest(image[:]) == first                  # another view of the same pixels
+        assert hashing.pixel_digest(other) != first                     # other memory: hashed
+        assert hashing.pixel_digest(image[:20]) != first                # part of them: hashed
+        with hashing.digests_kept():                                    # nested: the same memo
+            assert hashing.pixel_digest(image) == first
+    assert len(hashed) == 3
+    image[5, 5, 0] ^= 1                                                 # after the run, the image changes
+    assert hashing.pixel_digest(image) == hashing.pixel_digest(other) != first
+    assert len(hashed) == 5
+
+
+def test_a_live_rerun_hashes_its_image_once(monkeypatch):
+    """The widget's run collects the strokes' exemplars and labels the image: one digest of the image, not two."""
+    from napari_clearclip import Segmenter, hashing
+    from napari_clearclip.annotate import LayerRequest, segment_layer
+    from napari_clearclip.demo.scenes import DEMO_CLASSES, make_scene
+    from napari_clearclip.planes import ImageLayout
+    from napari_clearclip.progress import run_to_end
+
+    segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+    classes = DEMO_CLASSES.split("\n")
+    image = make_scene(4, size=192).image
+    baseline = segmenter.segment(image, classes, maps=False).labels.astype(np.uint8)
+    current = baseline.copy()
+    current[20:30, 40:60] = 5
+    hashed = []
+    real = hashing._digest
+    monkeypatch.setattr(hashing, "_digest", lambda array, size: hashed.append(array.shape) or real(array, size))
+    layout = ImageLayout(image.shape, rgb=True)
+    request = LayerRequest(image, layout, layout.planes(), classes, {}, current=current, baseline=baseline,
+                           baseline_names=classes, learn_from_edits=True, found={(): current.copy()})
+    update = run_to_end(segment_layer(segmenter, request)).update
+    assert hashed.count(image.shape) == 1
+    expected = segmenter.segment(image, classes, maps=False, strokes=np.where(current != baseline, current, 0)).labels
+    np.testing.assert_array_equal(update.planes[0].labels, expected)
+

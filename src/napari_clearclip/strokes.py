@@ -408,10 +408,37 @@ def painted_pixels(strokes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return painted_rows[rows], cols
 
 
+def class_counts_per_cell(strokes: np.ndarray, n_classes: int, cells: tuple[int, int]) -> np.ndarray:
+    """(n_classes + 1, cells_y, cells_x) how many pixels of each value 0..n_classes each cell of a ``cells`` grid over
+    ``strokes`` holds, pixel (y, x) lying in cell (y * cells_y // height, x * cells_x // width); 0 is not counted.
+
+    Row band by row band of cells, among the rows painted: a list of every painted pixel (np.nonzero) cost
+    0.05-0.15 s for a 2000 x 2000 px fill at 4096 x 4096, on every re-run after it.
+    """
+    height, width = strokes.shape
+    cells_y, cells_x = cells
+    counts = np.zeros((n_classes + 1, cells_y, cells_x), np.int64)
+    rows = np.flatnonzero(strokes.any(axis=1))
+    if not len(rows):
+        return counts
+    column_cells = np.arange(width) * cells_x // width
+    row_cells = rows * cells_y // height
+    for band in np.split(rows, np.flatnonzero(np.diff(row_cells)) + 1):
+        values = strokes[band]
+        cell_row = int(band[0]) * cells_y // height
+        for k in np.flatnonzero(np.bincount(values.ravel(), minlength=n_classes + 1)[1 : n_classes + 1]) + 1:
+            per_column = np.count_nonzero(values == k, axis=0)
+            counts[k, cell_row] += np.bincount(column_cells, weights=per_column, minlength=cells_x).astype(np.int64)
+    return counts
+
+
 def paste_strokes(labels: np.ndarray, strokes: np.ndarray) -> None:
-    """Give the pixels a user painted the class they painted, in place."""
-    rows, cols = painted_pixels(strokes)
-    labels[rows, cols] = strokes[rows, cols]
+    """Give the pixels a user painted the class they painted, in place: run by run of painted rows, without a list
+    of the painted pixels (which cost 0.05-0.15 s for a 2000 x 2000 px fill)."""
+    rows = np.flatnonzero(strokes.any(axis=1))
+    for run in np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1) if len(rows) else ():
+        block = slice(int(run[0]), int(run[-1]) + 1)
+        np.copyto(labels[block], strokes[block], where=strokes[block] != 0, casting="unsafe")
 
 
 def whitened_norms(patch_features: torch.Tensor, whitening: tuple | None) -> torch.Tensor:
@@ -700,10 +727,7 @@ class ExemplarCollector:
             xs = np.minimum(((np.arange(grid.width) + 0.5) * width / grid.width).astype(np.int64), width - 1)
             resized = np.ascontiguousarray(self.strokes[ys][:, xs]).astype(np.int64)
             if grid.height < height or grid.width < width:
-                rows, cols = painted_pixels(self.strokes)
-                counts = np.zeros((self.n_classes + 1, grid.height, grid.width), np.int64)
-                np.add.at(counts, (self.strokes[rows, cols].astype(np.int64), rows * grid.height // height,
-                                   cols * grid.width // width), 1)
+                counts = class_counts_per_cell(self.strokes, self.n_classes, (grid.height, grid.width))
                 painted = counts[1:].sum(0) > 0
                 resized[painted] = counts[1:].argmax(0)[painted] + 1
             self._resized = torch.from_numpy(resized)

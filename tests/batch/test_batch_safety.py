@@ -189,6 +189,35 @@ def test_a_second_ctrl_c_while_stopping_raises_nothing():
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def test_a_dropped_keyboardinterrupt_prints_no_traceback_and_other_errors_still_do(capsys):
+    from napari_clearclip.batch.cli import StopOnce
+
+    class RaisesWhenCollected:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    before = sys.unraisablehook
+    seen = []
+    sys.unraisablehook = lambda unraisable: seen.append(type(unraisable.exc_value))
+    try:
+        with StopOnce() as stop:
+            RaisesWhenCollected(KeyboardInterrupt())          # not pressed yet: passed on
+            stop.interrupted = True
+            RaisesWhenCollected(KeyboardInterrupt())          # after a press: dropped quietly
+            RaisesWhenCollected(ValueError("a real error"))   # passed on
+        assert seen == [KeyboardInterrupt, ValueError]
+    finally:
+        sys.unraisablehook = before
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert "Traceback" not in capsys.readouterr().err
+    with StopOnce():
+        pass
+    assert sys.unraisablehook is before                         # put back when no Ctrl+C came
+
+
 def test_ctrl_c_twice_stops_the_command_cleanly(tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -215,6 +244,39 @@ def test_ctrl_c_twice_stops_the_command_cleanly(tmp_path):
     assert not [p for p in out.rglob("*") if p.name.endswith(PARTIAL_SUFFIX)]
     for labels in out.glob("*_labels.tif"):          # whatever was written is whole
         assert tifffile.imread(labels).shape == (160, 160)
+
+
+@pytest.mark.parametrize("features_only", [False, True])
+def test_a_ctrl_c_whose_keyboardinterrupt_python_dropped_still_stops_the_command(tmp_path, monkeypatch, capsys,
+                                                                                   features_only):
+    """Python raises a signal's KeyboardInterrupt wherever the process is; inside some callbacks (one of the import
+    machinery's, in one CI run) it is printed and dropped, and the command went on to the last image with exit
+    code 0. The press is recorded: the command stops after the image in hand, with 130."""
+    from napari_clearclip.batch import cli
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(3):
+        imsave(inputs / f"s{i}.png", make_scene(300 + i, size=96).image, check_contrast=False)
+    real_enter = cli.StopOnce.__enter__
+
+    def pressed_and_dropped(self):   # the first press came, and its KeyboardInterrupt was lost
+        entered = real_enter(self)
+        self.interrupted = True
+        return entered
+
+    monkeypatch.setattr(cli.StopOnce, "__enter__", pressed_and_dropped)
+    monkeypatch.setenv("NAPARI_CLEARCLIP_FEATURE_STORE", str(tmp_path / "store"))
+    argv = [str(inputs), "--model", "synthetic-tiny", "--device", "cpu"]
+    argv += ["--features-only"] if features_only else ["--classes", "; ".join(CLASSES), "--out", str(tmp_path / "out")]
+    try:
+        assert cli.main(argv) == 130
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    err = capsys.readouterr().err
+    assert "interrupted:" in err and "again" in err and "Traceback" not in err
+    if not features_only:
+        assert len(list((tmp_path / "out").glob("*_labels.tif"))) == 1      # the image in hand, not the others
 
 
 def test_the_report_keeps_earlier_runs_timings_when_resumed(tmp_path):

@@ -134,11 +134,21 @@ class StopOnce:
     def __init__(self):
         self.interrupted = False
         self._previous = None
+        self._previous_hook = None
 
     def __enter__(self) -> "StopOnce":
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._first)
+            self._previous_hook = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
         return self
+
+    def _unraisable(self, unraisable) -> None:
+        """A KeyboardInterrupt that Python could not raise (it came inside a callback, e.g. one of the import
+        machinery's) is not printed: the press is recorded and the run stops at its next image (see ``_run``)."""
+        if self.interrupted and isinstance(unraisable.exc_value, KeyboardInterrupt):
+            return
+        (self._previous_hook or sys.__unraisablehook__)(unraisable)
 
     def _first(self, signum, frame) -> None:
         self.interrupted = True
@@ -155,16 +165,17 @@ class StopOnce:
             pass
 
     def __exit__(self, *exc) -> None:
-        # after an interrupt the quiet handler stays until the process ends, atexit hooks included
+        # after an interrupt the quiet handlers stay until the process ends, atexit hooks included
         if self._previous is not None and not self.interrupted:
             signal.signal(signal.SIGINT, self._previous)
+            sys.unraisablehook = self._previous_hook
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with StopOnce():
+    with StopOnce() as stop:
         try:
-            return _run(args)
+            return _run(args, stop)
         except KeyboardInterrupt:
             print("interrupted: finished images are kept; run the same command again to resume.", file=sys.stderr)
             return 130
@@ -185,7 +196,7 @@ def offline_message(exc) -> str:
             "or try the offline demo model: --model synthetic-tiny (it knows only coloured shapes).")
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
     from tqdm import tqdm
 
     from .files import check_output_dir, remove_stale_partials
@@ -221,9 +232,13 @@ def _run(args: argparse.Namespace) -> int:
         elif report.status == "skipped":
             tqdm.write(f"skipped: {report.path}: {report.error}", file=sys.stderr)
         bar.update(1)
+        if stop is not None and stop.interrupted:
+            # Ctrl+C was pressed, but its KeyboardInterrupt never arrived: Python raises it wherever the process
+            # is, and inside some callbacks (e.g. one of the import machinery's) it is printed and dropped
+            raise KeyboardInterrupt
 
     if args.features_only:
-        return _store_only(args, client, on_report, bar, started)
+        return _store_only(args, client, on_report, bar, started, stop)
     if args.feature_store is not None:
         os.environ["NAPARI_CLEARCLIP_FEATURE_STORE"] = str(args.feature_store.resolve())
     try:
@@ -253,6 +268,10 @@ def _run(args: argparse.Namespace) -> int:
             started["cluster"].close()
             remove_stale_partials(args.out)  # writes its killed workers never finished
     bar.close()
+    if stop is not None and stop.interrupted:  # pressed after the last image, its KeyboardInterrupt dropped
+        print(f"interrupted: {counts['done']} finished images are kept; run the same command again to resume.",
+              file=sys.stderr)
+        return 130
     total = len(reports)
     skipped = f", {counts['skipped']} skipped (outputs exist)" if counts["skipped"] else ""
     print(f"{counts['done']} of {total} images segmented into {args.out}{skipped}", file=sys.stderr)
@@ -262,7 +281,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_only(args, client, on_report, bar, started) -> int:
+def _store_only(args, client, on_report, bar, started, stop: StopOnce | None = None) -> int:
     """clearclip-segment --features-only: encode every input into the feature store, segment nothing."""
     from .files import remove_stale_partials
     from .runs import store_features
@@ -287,6 +306,10 @@ def _store_only(args, client, on_report, bar, started) -> int:
             started["cluster"].close()
             remove_stale_partials(args.out)
     bar.close()
+    if stop is not None and stop.interrupted:  # pressed after the last image, its KeyboardInterrupt dropped
+        print("interrupted: the images encoded so far are stored; run the same command again to go on.",
+              file=sys.stderr)
+        return 130
     done = sum(r.status == "done" for r in reports)
     where = args.feature_store or "the user cache"
     print(f"{done} of {len(reports)} images' features stored in {where}", file=sys.stderr)

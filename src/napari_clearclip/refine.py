@@ -148,26 +148,49 @@ def _neighbour_distances(padded: torch.Tensor, pad: int, offsets, size: tuple[in
         buffers.give_back(buffer)
 
 
+#: Bytes of weights computed at a time on the CPU (a few rows of the image): every temporary plane of those rows
+#: then stays in the cache (about twice as fast as whole planes at 4096 x 4096, and a few small buffers).
+AFFINITIES_AT_ONCE_BYTES = 1 << 23
+
+
 def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIONS,
                     buffers: Buffers | None = None) -> torch.Tensor:
     """(8 x len(dilations), H, W) weights of each pixel's neighbours, summing to 1 per pixel.
 
     Affinity = -|guide - neighbour| / (1e-8 + 0.1 x std), std being the (unbiased) standard
     deviation of the 3x3 neighbourhoods at every dilation (centre included), then averaged
-    over the guide's channels and softmax-normalised over the neighbours. Computed in place,
-    a full-size image at a time, so that a 4096 x 4096 guide needs a few buffers, not dozens.
-    Every value is a fixed sequence of element-wise operations on the guide within the largest
-    dilation of its pixel: a region of the image gets the very values the whole image gets.
-    Temporary planes and the weights come from ``buffers`` (the weights stay taken).
+    over the guide's channels and softmax-normalised over the neighbours. Computed a few rows at
+    a time, in place. Every value is a fixed sequence of element-wise operations on the guide
+    within the largest dilation of its pixel: a region of the image, or a block of its rows, gets
+    the very values the whole image gets. Temporary planes and the weights come from ``buffers``
+    (the weights stay taken).
     """
     guide = guide.float()
     buffers = Buffers(guide.device) if buffers is None else buffers
     channels = guide.shape[0]
-    size = tuple(guide.shape[-2:])
+    height, width = guide.shape[-2:]
     pad = max(dilations)
-    padded = buffers.take((channels, size[0] + 2 * pad, size[1] + 2 * pad))
-    padded[:, pad : pad + size[0], pad : pad + size[1]] = guide
+    padded = buffers.take((channels, height + 2 * pad, width + 2 * pad))
+    padded[:, pad : pad + height, pad : pad + width] = guide
     _replicate_border(padded, pad)
+    logits = buffers.take((8 * len(dilations), height, width))
+    if guide.device.type == "cpu":
+        rows = max(1, AFFINITIES_AT_ONCE_BYTES // (4 * len(dilations) * 8 * (width + 2 * pad)))
+    else:
+        rows = height
+    for top in range(0, height, rows):
+        bottom = min(top + rows, height)
+        _affinities_of_rows(padded[:, top : bottom + 2 * pad], pad, dilations, logits[:, top:bottom], buffers)
+    buffers.give_back(padded)
+    return logits
+
+
+def _affinities_of_rows(padded: torch.Tensor, pad: int, dilations: Sequence[int], logits: torch.Tensor,
+                        buffers: Buffers) -> None:
+    """:func:`pamr_affinities` of the rows of ``logits`` (8 x len(dilations), h, W), from ``padded``, those rows of
+    the guide with ``pad`` rows and columns of the padded guide around them."""
+    channels = padded.shape[0]
+    size = tuple(logits.shape[-2:])
     count = 9 * len(dilations)
     mean = _window_sum(padded, pad, dilations[0], size, buffers)
     for dilation in dilations[1:]:
@@ -175,7 +198,7 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
         mean += window
         buffers.give_back(window)
     mean /= count
-    variance, difference = buffers.take(guide.shape).zero_(), buffers.take(guide.shape)
+    variance, difference = buffers.take((channels, *size)).zero_(), buffers.take((channels, *size))
     for value in (_shifted(padded, pad, dy * d, dx * d, size) for d in dilations for dy, dx in WINDOW):
         torch.sub(value, mean, out=difference)
         variance.addcmul_(difference, difference)
@@ -185,7 +208,6 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
     # logits and the mean over channels included
     factor = variance.div_(count - 1).sqrt_().mul_(0.1).add_(1e-8).mul_(channels).reciprocal_().neg_()
     offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
-    logits = buffers.take((len(offsets), *size))
     planes: dict[tuple[int, int], list[int]] = {}  # a dilation given twice gives its offsets twice
     for number, offset in enumerate(offsets):
         planes.setdefault(offset, []).append(number)
@@ -197,7 +219,6 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
             logit.addcmul_(distance[channel], factor[channel])
         for number in others:
             logits[number].copy_(logit)
-    buffers.give_back(padded)
     buffers.give_back(factor)
     highest = buffers.take(size)
     torch.amax(logits, 0, out=highest)
@@ -211,7 +232,6 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
         total += plane_values
     logits.div_(total)
     buffers.give_back(total)
-    return logits
 
 
 #: Memory the refinement may use at once; larger outputs are refined in bands of rows.

@@ -75,6 +75,28 @@ def test_pamr_averaged_a_few_rows_at_a_time_gives_the_values_of_whole_planes_bit
                                reference_pamr(small_scores.numpy(), small_guide.numpy(), 3, (1, 2)), atol=1e-5)
 
 
+def test_snapping_weights_computed_a_few_rows_at_a_time_are_those_of_whole_planes_bit_for_bit(monkeypatch):
+    """The weights are computed over blocks of rows that stay in the cache; every block reads the guide's rows
+    around it (and the repeated border at the image's edges), so no block size may change a bit, and the weights
+    stay those of the loop reference."""
+    import napari_clearclip.refine as refine
+
+    rng = np.random.default_rng(11)
+    guide = torch.from_numpy(rng.normal(size=(3, 53, 41)).astype(np.float32))
+    guide[:, 20:, 17:] += 3.0
+    for dilations in ((8, 16), (1, 3), (2, 2, 5)):
+        monkeypatch.setattr(refine, "AFFINITIES_AT_ONCE_BYTES", 1 << 40)    # all the rows at once
+        whole = refine.pamr_affinities(guide, dilations)
+        for rows in (1, 2, 7, 16, 52):
+            width = 41 + 2 * max(dilations)
+            monkeypatch.setattr(refine, "AFFINITIES_AT_ONCE_BYTES", rows * 4 * 8 * len(dilations) * width)
+            got = refine.pamr_affinities(guide, dilations)
+            assert torch.equal(got, whole), (dilations, rows)
+        scores = torch.from_numpy(rng.normal(size=(2, 53, 41)).astype(np.float32))
+        np.testing.assert_allclose(pamr(scores, guide, 2, dilations).numpy(),
+                                   reference_pamr(scores.numpy(), guide.numpy(), 2, dilations), atol=1e-5)
+
+
 def test_classes_resized_and_snapped_together_get_the_values_each_gets_alone():
     """Classes competing over the same region are resized and snapped as one stack (the weights read once for
     all); each must get the very values it gets alone, or labels would depend on which classes compete where."""

@@ -693,7 +693,7 @@ def test_a_class_painted_in_two_places_that_still_trails_there_is_raised_on_ever
 
     copy, scores = taught([1, 1, 0], [1, 2, 3])
     untaught = copy.bonus(patches).amax(-1) == 0
-    offsets = copy._offset_cosines
+    offsets = copy._stroke_offsets
     assert offsets is not None and offsets[1] > offsets[0] and offsets[1] > offsets[2]
     np.testing.assert_allclose(scores[untaught].numpy(), (logits + offsets[query_classes])[untaught].numpy(),
                                rtol=0, atol=1e-6)
@@ -703,13 +703,13 @@ def test_a_class_painted_in_two_places_that_still_trails_there_is_raised_on_ever
 
     # one stroke of background (both patches painted at once) and one of object: nothing says the text errs
     copy, scores = taught([1, 1, 0], [1, 1, 2])
-    assert copy._offset_cosines is None
+    assert copy._stroke_offsets is None
     untaught = copy.bonus(patches).amax(-1) == 0
     np.testing.assert_array_equal(scores[untaught].numpy(), logits[untaught].numpy())
 
     # debris painted once beside two background strokes: debris is not raised, and wins no patch it did not
     copy, scores = taught([1, 1, 2], [1, 2, 3])
-    assert copy._offset_cosines[2] < copy._offset_cosines[1]
+    assert copy._stroke_offsets[2] < copy._stroke_offsets[1]
     untaught = copy.bonus(patches).amax(-1) == 0
     assert not ((scores.argmax(-1) == 2) & (logits.argmax(-1) != 2) & untaught).any()
 

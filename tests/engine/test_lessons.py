@@ -303,11 +303,13 @@ def _corrected(segmenter, scene, count: int = 5) -> np.ndarray:
     return strokes
 
 
-@pytest.mark.parametrize("model", ["synthetic-tiny-b", "synthetic-tiny-c"])
+@pytest.mark.parametrize("model", ["synthetic-tiny-b", "synthetic-tiny-c", "synthetic-tiny-d"])
 def test_a_lesson_from_three_painted_scenes_lifts_every_unpainted_scene_on_models_trained_otherwise(small_models,
                                                                                                    model):
     """Models whose patch covariance falls off slowly: whitened with every weak direction of the painted images'
-    covariance, the lesson's exemplars stop looking like the same things on new images (gains of 0.05-0.08)."""
+    covariance, the lesson's exemplars stop looking like the same things on new images (gains of 0.05-0.08).
+    On synthetic-tiny-d, class offsets applied on every patch shrank the green that nobody painted (one scene
+    0.765 to 0.664): they now apply only between classes the lesson taught."""
     from napari_clearclip.demo.scenes import held_out_scenes
 
     segmenter = Segmenter(**small_models(model), disk_cache=False)
@@ -357,13 +359,41 @@ def test_a_lesson_from_several_images_adds_its_class_offsets_to_every_pixel_in_t
     with_offsets = demo.segment(image, shuffled, lesson=lesson).similarity
     without = demo.segment(image, shuffled, lesson=dataclasses.replace(lesson, class_offsets=None)).similarity
     shift = (with_offsets - without).reshape(len(CLASSES), -1)
-    assert shift.std(axis=1).max() < 1e-5                                   # the same on every pixel
     expected = lesson.class_offsets[[CLASSES.index(name) for name in shuffled]]   # mapped by name
     moved = expected != 0
     assert moved.sum() == 2 and np.all(shift[~moved] == 0)                 # classes not painted do not move
-    spread = shift[moved].mean(axis=1) / expected[moved]
-    np.testing.assert_allclose(spread, spread.mean(), rtol=1e-3)            # one spread for all classes
-    assert 0 < spread.mean() < 1
+    # a patch gets all of the offsets or none (see offsets_between_taught_classes), resized as the scores are: at
+    # every pixel, each painted class moves by the same share of its offset, at most the image's spread
+    share = shift[moved] / expected[moved][:, None]
+    full = share.max()
+    assert 0 < full < 1 and share.min() > -1e-6
+    np.testing.assert_allclose(share[0], share[1], atol=1e-4 * full)
+    assert np.mean(share[0] > 1e-6) > 0.01 and np.mean(share[0] < 1e-6) > 0.5   # green and yellow seldom compete
+
+
+def test_a_lessons_class_offsets_apply_where_the_two_classes_the_text_scores_highest_were_both_painted():
+    """Against a loop over patches: the offsets of a query's class where the two best classes (a class scoring as
+    its best query) both have an offset, none elsewhere."""
+    import torch
+
+    from napari_clearclip.strokes import offsets_between_taught_classes
+
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        n_classes = int(rng.integers(2, 6))
+        classes = torch.from_numpy(np.concatenate([np.arange(n_classes), rng.integers(0, n_classes, 3)]))
+        offsets = torch.from_numpy(rng.normal(size=n_classes).astype(np.float32))
+        offsets[torch.from_numpy(rng.random(n_classes) < 0.4)] = 0       # classes nobody painted
+        logits = torch.from_numpy(rng.normal(size=(2, 30, len(classes))).astype(np.float32))
+        got = offsets_between_taught_classes(offsets, logits, classes, n_classes)
+        expected = np.zeros(got.shape, np.float32)
+        for b in range(2):
+            for p in range(30):
+                best = [float(logits[b, p, classes == k].max()) for k in range(n_classes)]
+                first, second = np.argsort(best)[::-1][:2]
+                if offsets[first] != 0 and offsets[second] != 0:
+                    expected[b, p] = offsets[classes].numpy()
+        np.testing.assert_array_equal(got.numpy(), expected)
 
 
 def test_only_the_classes_a_lesson_has_exemplars_of_get_class_offsets(demo):

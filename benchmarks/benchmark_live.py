@@ -1,4 +1,5 @@
-"""Live corrections on large images: first run, re-runs after strokes, a class typed, against targets.
+"""Live corrections on large images: first run, re-runs after strokes, a class typed (before any stroke, and
+after the strokes), against targets.
 
     xvfb-run -a python benchmarks/benchmark_live.py [--sizes 4096 8192] [--strokes 6]
 
@@ -174,6 +175,20 @@ def stroke_at(labels: np.ndarray, rng, confirm: bool) -> tuple[np.ndarray, int]:
     return (slice(y, y + 10), slice(x, x + 200)), klass
 
 
+def typing_before_strokes(image: np.ndarray, first_labels: np.ndarray) -> float:
+    """Seconds to type a class after a first run, before any stroke: on a segmenter of its own, so that the strokes
+    of :func:`run_size` start from its first run."""
+    from napari_clearclip import Segmenter
+
+    untaught = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, label_cache_bytes=2 << 30)
+    untaught.segment(image, CLASSES, maps=False, refine="pamr")
+    plain, seconds = timed(lambda: untaught.segment(image, CLASSES + ["purple"], maps=False, refine="pamr"))
+    print(f"  typing a class ('purple') before any stroke: {seconds:.2f} s, {last_state(untaught):.1%} of tiles "
+          f"recomputed, labels changed in {tiles_changed(first_labels, plain.labels):.1%} of tiles, "
+          f"{np.mean(plain.labels == len(CLASSES) + 1):.1%} of pixels now 'purple'")
+    return seconds
+
+
 def run_size(size: int, strokes: int, scene: str, release: str) -> list[tuple[str, float, str, bool]]:
     from napari_clearclip import Segmenter
 
@@ -193,6 +208,7 @@ def run_size(size: int, strokes: int, scene: str, release: str) -> list[tuple[st
           f"every pixel: {before:.2f} s; each in a fresh process: release {release} "
           + (f"{released:.2f} s" if released else "not run") + ", this version "
           + (f"{fresh:.2f} s" if fresh else "not run"))
+    plain_seconds = typing_before_strokes(image, first.labels)
     rng = np.random.default_rng(size)
     painted = np.zeros(image.shape[:2], np.int32)
     rows = []
@@ -225,7 +241,10 @@ def run_size(size: int, strokes: int, scene: str, release: str) -> list[tuple[st
     results += [
                (f"{size}: re-run after a stroke (median of {len(rows)}) / first run", median_all / first_seconds,
                 "<= 0.03", median_all / first_seconds <= 0.03),
-               (f"{size}: typing a class / first run", typed / first_seconds, "<= 0.05", typed / first_seconds <= 0.05)]
+               (f"{size}: typing a class before any stroke / first run", plain_seconds / first_seconds, "<= 0.05",
+                plain_seconds / first_seconds <= 0.05),
+               (f"{size}: typing a class after the strokes / first run", typed / first_seconds, "<= 0.05",
+                typed / first_seconds <= 0.05)]
     if local:
         results.append((f"{size}: strokes changing <= 5% of tiles ({len(local)}) / first run",
                         statistics.median(local) / first_seconds, "<= 0.03",

@@ -258,29 +258,52 @@ def _replicate_border(padded: torch.Tensor, pad: int) -> None:
 AVERAGED_AT_ONCE_BYTES = 1 << 21
 
 
+def _rows_at_once(current: torch.Tensor, width: int, height: int) -> int:
+    """Rows one pass over the neighbours writes at a time: :data:`AVERAGED_AT_ONCE_BYTES` of output on the CPU, all
+    of them elsewhere."""
+    if current.device.type != "cpu":
+        return height
+    return max(1, AVERAGED_AT_ONCE_BYTES // (current.shape[0] * width * current.element_size()))
+
+
+def _average_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor, offsets, pad: int, width: int,
+                  first: int, last: int) -> None:
+    """Rows ``first``..``last`` of one PAMR iteration: there, the interior of ``spare`` becomes the
+    ``weights``-weighted sum of each pixel's neighbours at ``offsets`` in ``current`` (both padded by ``pad``).
+
+    Every value is the same sequence of operations (a product, then one ``addcmul`` per neighbour, in the order of
+    ``offsets``) however the rows are split: the very values whole planes give.
+    """
+    inner = spare[:, pad + first : pad + last, pad : pad + width]
+    for number, (weight, (dy, dx)) in enumerate(zip(weights, offsets)):
+        neighbour = current[:, pad + dy + first : pad + dy + last, pad + dx : pad + dx + width]
+        if number == 0:
+            torch.mul(neighbour, weight[first:last], out=inner)
+        else:
+            inner.addcmul_(weight[first:last], neighbour)  # one fused pass per neighbour
+
+
 def _average_neighbours(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor, offsets, pad: int,
                         size: tuple[int, int]) -> None:
-    """One PAMR iteration: the interior of ``spare`` becomes the ``weights``-weighted sum of each pixel's
-    neighbours at ``offsets`` in ``current`` (both padded by ``pad``).
-
-    On the CPU the rows are taken a few at a time, each block summed over every neighbour while it is in the
-    cache. Every value is the same sequence of operations (a product, then one ``addcmul`` per neighbour,
-    in the order of ``offsets``) however the rows are split: the very values whole planes give.
-    """
+    """One PAMR iteration over every row (see :func:`_average_rows`), a few rows at a time on the CPU, each block
+    summed over every neighbour while it is in the cache."""
     height, width = size
-    if current.device.type == "cpu":
-        rows = max(1, AVERAGED_AT_ONCE_BYTES // (current.shape[0] * width * current.element_size()))
-    else:
-        rows = height
+    rows = _rows_at_once(current, width, height)
     for top in range(0, height, rows):
-        bottom = min(top + rows, height)
-        inner = spare[:, pad + top : pad + bottom, pad : pad + width]
-        for number, (weight, (dy, dx)) in enumerate(zip(weights, offsets)):
-            neighbour = current[:, pad + dy + top : pad + dy + bottom, pad + dx : pad + dx + width]
-            if number == 0:
-                torch.mul(neighbour, weight[top:bottom], out=inner)
-            else:
-                inner.addcmul_(weight[top:bottom], neighbour)  # one fused pass per neighbour
+        _average_rows(current, spare, weights, offsets, pad, width, top, min(top + rows, height))
+
+
+def _repeat_edges_of_rows(padded: torch.Tensor, pad: int, first: int, last: int) -> None:
+    """:func:`_replicate_border` for rows ``first``..``last`` of the interior: their left and right borders, and the
+    top (bottom) border when they hold the first (last) row."""
+    height, width = padded.shape[1] - 2 * pad, padded.shape[2] - 2 * pad
+    rows = padded[:, pad + first : pad + last]
+    rows[:, :, :pad] = rows[:, :, pad : pad + 1]
+    rows[:, :, pad + width :] = rows[:, :, pad + width - 1 : pad + width]
+    if first == 0:
+        padded[:, :pad] = padded[:, pad : pad + 1]
+    if last == height:
+        padded[:, pad + height :] = padded[:, pad + height - 1 : pad + height]
 
 
 def _refine_whole(scores: torch.Tensor, guide: torch.Tensor | None, iterations: int, dilations: tuple[int, ...],
@@ -298,18 +321,42 @@ def _refine_whole(scores: torch.Tensor, guide: torch.Tensor | None, iterations: 
 def _refine_padded(current: torch.Tensor, spare: torch.Tensor | None, iterations: int, dilations: tuple[int, ...],
                    affinity: torch.Tensor):
     """Generator: :func:`_refine_whole` on scores already padded by max(dilations) (``current``, its border
-    repeating its edges), with ``spare`` (None: allocated) as the other buffer; returns the refined interior, a
-    view of one of the two buffers (``current`` after an even number of iterations)."""
+    repeating its edges), with ``spare`` (None: allocated) as the other buffer; yields ``iterations`` times, as the
+    work of each iteration's worth is done; returns the refined interior, a view of one of the two buffers
+    (``current`` after an even number of iterations).
+
+    On the CPU the iterations advance together down the image, as a wave: once iteration t - 1 holds the rows
+    around a block, iteration t computes that block, so that the block's weights (the largest reads) are still in
+    the cache for every iteration, rather than read from memory once per iteration. Iteration t writes over
+    iteration t - 2's values only at rows that iteration t - 1 no longer reads, so two buffers still do, and every
+    value is computed as whole iterations compute it (see :func:`_average_rows`): the very same values.
+    """
     pad = max(dilations)
-    size = (current.shape[1] - 2 * pad, current.shape[2] - 2 * pad)
+    height, width = current.shape[1] - 2 * pad, current.shape[2] - 2 * pad
     offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
     spare = torch.empty_like(current) if spare is None else spare
-    for _ in range(iterations):
-        _average_neighbours(current, spare, affinity, offsets, pad, size)
-        _replicate_border(spare, pad)
-        current, spare = spare, current
+    buffers = (current, spare)
+    rows = _rows_at_once(current, width, height)
+    done = [height] + [0] * iterations   # rows of each iteration computed (iteration 0: the scores, all of them)
+    yielded = 0
+    while iterations and done[iterations] < height:
+        for step in range(1, iterations + 1):
+            # iteration ``step`` reads the previous one's rows up to ``pad`` beyond its own
+            ready = height if done[step - 1] == height else done[step - 1] - pad
+            last = min(ready, done[step] + rows)
+            if last <= done[step]:
+                continue
+            source, target = buffers[(step - 1) % 2], buffers[step % 2]
+            _average_rows(source, target, affinity, offsets, pad, width, done[step], last)
+            _repeat_edges_of_rows(target, pad, done[step], last)
+            done[step] = last
+            while yielded < sum(done[1:]) // height:   # an iteration's worth done
+                yielded += 1
+                yield
+    while yielded < iterations:
+        yielded += 1
         yield
-    return _shifted(current, pad, 0, 0, size)
+    return _shifted(buffers[iterations % 2], pad, 0, 0, (height, width))
 
 
 def _refine_shrinking(scores: torch.Tensor, guide: torch.Tensor | None, iterations: int, dilations: tuple[int, ...],

@@ -57,19 +57,23 @@ def test_pamr_matches_the_loop_reference():
 
 
 def test_pamr_averaged_a_few_rows_at_a_time_gives_the_values_of_whole_planes_bit_for_bit(monkeypatch):
-    """On the CPU each iteration sums the neighbours over blocks of rows that stay in the cache; splitting the
-    rows must not change a bit (the labels of a re-run are checked against a run from scratch)."""
+    """On the CPU the neighbours are summed over blocks of rows that stay in the cache, every iteration following
+    the one before down the image as soon as the rows it reads are ready; neither the blocks nor that order may
+    change a bit (the labels of a re-run are checked against a run from scratch)."""
     import napari_clearclip.refine as refine
 
     rng = np.random.default_rng(3)
     guide = torch.from_numpy(rng.normal(size=(3, 61, 47)).astype(np.float32))
     guide[:, 30:] += 2.0
     scores = torch.from_numpy(rng.normal(size=(3, 61, 47)).astype(np.float32))
-    monkeypatch.setattr(refine, "AVERAGED_AT_ONCE_BYTES", 1 << 40)    # whole planes at once
-    whole = pamr(scores, guide, 4, (1, 3)).numpy()
-    for rows in (1, 7, 20):
-        monkeypatch.setattr(refine, "AVERAGED_AT_ONCE_BYTES", rows * 3 * 47 * 4)
-        np.testing.assert_array_equal(pamr(scores, guide, 4, (1, 3)).numpy(), whole)
+    for iterations, dilations in ((4, (1, 3)), (10, (1, 2)), (3, (5,))):
+        monkeypatch.setattr(refine, "AVERAGED_AT_ONCE_BYTES", 1 << 40)    # whole planes, one iteration at a time
+        whole = pamr(scores, guide, iterations, dilations).numpy()
+        np.testing.assert_allclose(whole, reference_pamr(scores.numpy(), guide.numpy(), iterations, dilations),
+                                   atol=1e-5)
+        for rows in (1, 2, 7, 20):  # the iterations advance together down the rows, a block of ``rows`` at a time
+            monkeypatch.setattr(refine, "AVERAGED_AT_ONCE_BYTES", rows * 3 * 47 * 4)
+            np.testing.assert_array_equal(pamr(scores, guide, iterations, dilations).numpy(), whole)
     small_guide, small_scores = guide[:, :13, :11].contiguous(), scores[:, :13, :11].contiguous()
     np.testing.assert_allclose(pamr(small_scores, small_guide, 3, (1, 2)).numpy(),
                                reference_pamr(small_scores.numpy(), small_guide.numpy(), 3, (1, 2)), atol=1e-5)
@@ -466,15 +470,15 @@ def test_edge_snapping_reports_progress_and_can_be_stopped(tiny_segmenter, monke
     assert max(f for s, f in zip([s for s in steps if s.stage != "text"], fractions) if s.stage == "windows") <= 0.5
     import napari_clearclip.refine as refine
 
-    rounds = []
-    real = refine._average_neighbours
-    monkeypatch.setattr(refine, "_average_neighbours", lambda *a: rounds.append(1) or real(*a))
+    rounds = []                                              # rows averaged, in whole iterations
+    real = refine._average_rows
+    monkeypatch.setattr(refine, "_average_rows", lambda *a: rounds.append((a[-1] - a[-2]) / image.shape[0]) or real(*a))
     run = tiny_segmenter.segment_steps(image, ["a", "b"], refine="pamr", pamr_iterations=10)
     for step in run:
         if step.stage == "edges" and step.done == 2:
             run.close()                                      # cancelled while snapping
             break
-    assert len(rounds) == 2                                  # 2 of 10 iterations, then nothing more
+    assert sum(rounds) == 2                                  # 2 of 10 iterations, then nothing more
 
 
 def test_pamr_in_bands_equals_pamr_at_once(monkeypatch):

@@ -24,7 +24,7 @@ from .progress import Progress, relabelled, run_to_end
 from .prompts import TextEncoder, check_templates, parse_classes
 from .results import SegmentationResult
 from .scoring import postprocess, snapped_postprocess_steps
-from .strokes import ExemplarCollector, Exemplars, FeatureStats, check_strokes, whitened_norms
+from .strokes import ExemplarCollector, Exemplars, FeatureStats, check_strokes, comparison_norms
 from .windows import WindowGrid, grid_from_dict
 
 __all__ = ["Segmenter", "SegmentationResult", "Progress", "DEFAULT", "run_to_end"]
@@ -37,7 +37,7 @@ class _Features:
     grid: WindowGrid
     batches: list[tuple[list[tuple[int, int, int, int]], torch.Tensor]]
     whitening: tuple[torch.Tensor, torch.Tensor] | None = None  # of these patches, once exemplars need it
-    norms: list[torch.Tensor] | None = None                      # each batch's whitened patch lengths
+    norms: list[torch.Tensor] | None = None                      # each batch's comparison_norms
     statistics: FeatureStats | None = None                       # their mean and covariance
 
 
@@ -248,13 +248,15 @@ class Segmenter:
         if exemplars is not None:
             if exemplars.n_classes != len(parsed):
                 raise InvalidOptionError(f"The exemplars are for {exemplars.n_classes} classes, not {len(parsed)}.")
-            whitening = yield from mark(self._whitening(args, features))
+            whitening, stats = yield from mark(self._whitening(args, features))
             features = self._features.get(key)
             snapping = opts.refine == "pamr" and opts.pamr_iterations > 0
             query_classes = torch.tensor([index for index, c in enumerate(parsed) for _ in c.synonyms],
                                          device=self.device)
-            exemplars = exemplars.to(self.device).for_image(whitening, text, snapping, query_classes,
-                                                            opts.logit_scale)
+            offsets = stats.position_offsets  # the strokes on this image are compared without what windows add
+            exemplars = exemplars.centred(offsets).to(self.device).for_image(
+                whitening, text, snapping, query_classes, opts.logit_scale,
+                None if offsets is None else offsets.to(self.device))
         if features is None:
             scores = yield from mark(self._encode_and_score(*args, text=text, exemplars=exemplars, remember=remember))
         else:
@@ -429,16 +431,20 @@ class Segmenter:
         return stats
 
     def _whitening(self, args, features: _Features | None):
-        """Generator: this image's patch whitening (to compare patches with exemplars), kept with its cached features."""
-        if features is not None and features.whitening is not None:
-            return features.whitening
+        """Generator: (this image's patch whitening, to compare patches with exemplars, and its statistics), kept with
+        its cached features, with each patch's whitened length without what its window position adds (see
+        :attr:`~napari_clearclip.strokes.FeatureStats.position_offsets`)."""
+        if features is not None and features.whitening is not None and features.statistics is not None:
+            return features.whitening, features.statistics
         stats = yield from self._statistics(args, features)
         whitening = stats.whitening(self.device)
         features = self._features.get(args[1])
         if features is not None:
+            offsets = stats.position_offsets
             features.whitening = whitening
-            features.norms = [whitened_norms(patch_features, whitening) for _, patch_features in features.batches]
-        return whitening
+            features.norms = [comparison_norms(patch_features, whitening, offsets)
+                              for _, patch_features in features.batches]
+        return whitening, stats
 
     def _collect(self, args, strokes, n_classes: int):
         """Generator: exemplars under ``strokes``, from cached features or one encoding pass (which caches them)."""

@@ -126,20 +126,94 @@ STROKE_OFFSET_WEIGHT = 2.0
 MAX_EXEMPLARS_PER_CLASS = 1024
 
 
+#: Whether patches and exemplars are compared after taking off what each position within a window adds to every
+#: patch there (see :attr:`FeatureStats.position_offsets`).
+CENTRE_WINDOW_POSITIONS = True
+
+
 class FeatureStats:
-    """Mean and covariance of an image's patch embeddings, for whitening."""
+    """Mean and covariance of an image's patch embeddings, for whitening; and what each window position adds.
+
+    A model may give the patch at one position of every window something of its own (synthetic-tiny-c gives
+    its first patch token a component that grey and blue patches there share). Few patches carry it, so
+    whitening stretches it, and a grey patch at that position in any window came out 0.60-0.71 alike to blue
+    exemplars taken at the same position: a stroke of a new word on a blue square turned grey far from it.
+    Windows overlap, so each patch of the image is seen at several window positions: the part of a window's
+    patch that differs from the mean of the same image patch over the windows that see it, averaged over the
+    windows, is what its position adds, free of the image's content (:attr:`position_offsets`). Patches and
+    exemplars are compared without it, then whitened as before. The text scores, and the text-score spread
+    measured with the covariance, are untouched.
+    """
 
     def __init__(self):
         self.count = 0
         self.total = None
         self.outer = None
+        self.position_total = None   # (P, E) sum of the patches at each position within a window
+        self.windows: list[tuple[int, int]] = []   # each window's first patch on the image's patch grid
+        self._patch_sum = None       # (rows, cols, E) sum over windows of each image patch
+        self._patch_count = None     # (rows, cols) how many windows saw it
+        self._window_patches = (0, 0)
+        self.positions_differ = False  # windows off the image's patch grid, or of other sizes: no centring
+        self._position_offsets = None
 
     def add(self, grid, batch, patch_features: torch.Tensor) -> None:
-        flat = patch_features.reshape(-1, patch_features.shape[-1]).double().cpu()
+        features = patch_features.double().cpu()
+        flat = features.reshape(-1, features.shape[-1])
         self.count += len(flat)
         self.total = flat.sum(0) if self.total is None else self.total + flat.sum(0)
         outer = flat.T @ flat
         self.outer = outer if self.outer is None else self.outer + outer
+        self._position_offsets = None
+        if not self.positions_differ:
+            self._add_positions(grid, batch, features)
+
+    def _add_positions(self, grid, batch, features: torch.Tensor) -> None:
+        patch = getattr(grid, "patch", None)
+        if (features.dim() != 3 or patch is None or batch is None or not hasattr(grid, "patch_grid")
+                or any(grid.padding)):
+            self.positions_differ = True
+            return
+        rows, cols = grid.patch_grid
+        if rows * cols != features.shape[1] or any(y1 % patch[0] or x1 % patch[1] for y1, _, x1, _ in batch):
+            self.positions_differ = True
+            return
+        if self._patch_sum is None:
+            self._patch_sum = torch.zeros(grid.height // patch[0], grid.width // patch[1], features.shape[-1],
+                                          dtype=torch.float64)
+            self._patch_count = torch.zeros(self._patch_sum.shape[:2], dtype=torch.float64)
+            self.position_total = torch.zeros(features.shape[1:], dtype=torch.float64)
+            self._window_patches = (rows, cols)
+        elif self._window_patches != (rows, cols):
+            self.positions_differ = True
+            return
+        for (y1, _, x1, _), window in zip(batch, features):
+            top, left = y1 // patch[0], x1 // patch[1]
+            self._patch_sum[top : top + rows, left : left + cols] += window.reshape(rows, cols, -1)
+            self._patch_count[top : top + rows, left : left + cols] += 1
+            self.windows.append((top, left))
+        self.position_total += features.sum(0)
+
+    def _offsets(self) -> torch.Tensor | None:
+        """(P, E) float64: at each window position, the mean of (a window's patch there minus the mean of that image
+        patch over every window that sees it)."""
+        if not CENTRE_WINDOW_POSITIONS or self.positions_differ or not self.windows:
+            return None
+        rows, cols = self._window_patches
+        means = self._patch_sum / self._patch_count.clamp(min=1)[..., None]
+        seen = torch.zeros_like(self.position_total)
+        for top, left in self.windows:
+            seen += means[top : top + rows, left : left + cols].reshape(rows * cols, -1)
+        return (self.position_total - seen) / len(self.windows)
+
+    @property
+    def position_offsets(self) -> torch.Tensor | None:
+        """(P, E) float32: what to subtract from a patch at each position within a window before comparing it with
+        exemplars (None: nothing)."""
+        if self._position_offsets is None:
+            offsets = self._offsets()
+            self._position_offsets = False if offsets is None else offsets.float()
+        return None if self._position_offsets is False else self._position_offsets
 
     @property
     def mean(self) -> torch.Tensor:
@@ -147,12 +221,34 @@ class FeatureStats:
 
     @property
     def covariance(self) -> torch.Tensor:
+        """Of the patches as they are (the text-score spread is measured with it; centring does not change it)."""
         mean = self.mean
         return self.outer / self.count - torch.outer(mean, mean)
 
     def whitening(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, W) such that (f - mean) @ W has an identity covariance (regularised)."""
         return whitening_from(self.mean, self.covariance, device)
+
+
+def comparison_norms(patch_features: torch.Tensor, whitening: tuple | None,
+                     offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., 2) each patch's whitened length after its window position's offset is taken off (see
+    :func:`centred`), and the longer of that and its whitened length as it is (equal without ``offsets``):
+    :meth:`Exemplars.bonus` measures how alike a patch is with the first and whether it is alike with the second.
+    Kept with cached features, as they cost matrix products."""
+    plain = whitened_norms(patch_features, whitening)
+    if offsets is None:
+        return torch.stack([plain, plain], -1)
+    lengths = whitened_norms(centred(patch_features, offsets), whitening)
+    return torch.stack([lengths, torch.maximum(lengths, plain)], -1)
+
+
+def centred(patch_features: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
+    """(B, P, E) patches with their window position's offset (:attr:`FeatureStats.position_offsets`) taken off;
+    as they are without offsets."""
+    if offsets is None:
+        return patch_features
+    return patch_features.float() - offsets.to(patch_features.device)
 
 
 def whitening_from(mean: torch.Tensor, covariance: torch.Tensor, device,
@@ -381,8 +477,14 @@ def stroke_offsets(exemplars: "Exemplars", whitening, text: torch.Tensor, query_
     features, classes = exemplars.features.float(), exemplars.classes
     strokes, query_classes = strokes.to(device), query_classes.to(device)
     mean, transform = whitening
-    white = torch.nn.functional.normalize((features - mean.to(device)) @ transform.to(device), dim=-1)
-    text_scores = features @ text.float().to(device).T
+    mean, transform = mean.to(device), transform.to(device)
+    white = (features - mean) @ transform
+    lengths = white.norm(dim=-1).clamp(min=1e-12)
+    white = white / lengths[:, None]
+    uncentred = features if exemplars.uncentred is None else exemplars.uncentred.float().to(device)
+    # as Exemplars.bonus compares patches: alike at the longer of the lengths with and without the positions' part
+    gate = torch.maximum(lengths, ((uncentred - mean) @ transform).norm(dim=-1)) / lengths
+    text_scores = uncentred @ text.float().to(device).T   # what the text gives them, on the image as it is
     spread = strength / EXEMPLAR_SPREADS
     samples = []
     for stroke in torch.unique(strokes).tolist():
@@ -395,7 +497,8 @@ def stroke_offsets(exemplars: "Exemplars", whitening, text: torch.Tensor, query_
         bonus = torch.zeros(len(index), exemplars.n_classes, device=device)
         for k in taught.tolist():
             nearest = similar[:, classes[~here] == k].amax(-1)
-            bonus[:, k] = strength * ((nearest - ALIKE_FROM) / (1 - ALIKE_FROM)).clamp(min=0)
+            alike = nearest >= ALIKE_FROM * gate[index]
+            bonus[:, k] = torch.where(alike, strength * ((nearest - ALIKE_FROM) / (1 - ALIKE_FROM)).clamp(min=0), 0)
         scores = text_scores[index] + bonus[:, query_classes]
         by_class = torch.stack([scores[:, query_classes == k].amax(-1) for k in range(exemplars.n_classes)], -1)
         samples.append((by_class, classes[index], spread))
@@ -534,11 +637,18 @@ class Exemplars:
     image_ids: torch.Tensor | None = None        # (N,) which of the images pooled in ``covariance`` each came from
     image_means: torch.Tensor | None = None      # (images, E) those images' patch means
     strokes: torch.Tensor | None = None          # (N,) which stroke (connected piece of one class's paint) each is under
+    positions: torch.Tensor | None = None        # (N,) each one's position within its window, until centred
+    position_offsets: torch.Tensor | None = None  # (P, E) of the image being scored (see FeatureStats)
+    uncentred: torch.Tensor | None = None        # (N, E) the features as the text scores them, once centred
 
     def __post_init__(self):
         keep = thinning_index(self.classes)
         if keep is not None:
             self.features, self.classes = self.features[keep], self.classes[keep]
+            if self.positions is not None:
+                self.positions = self.positions[keep.to(self.positions.device)]
+            if self.uncentred is not None:
+                self.uncentred = self.uncentred[keep.to(self.uncentred.device)]
             if self.image_ids is not None:
                 self.image_ids = self.image_ids[keep.to(self.image_ids.device)]
             if self.strokes is not None:
@@ -549,7 +659,24 @@ class Exemplars:
         return Exemplars(self.features, self.classes, self.n_classes, self.query_classes, whitening,
                          covariance=self.covariance, images=self.images, others=others, _transform=self._transform,
                          source=self.source, _parts=self._parts, lead_cap=self.lead_cap, offsets=self.offsets,
-                         image_ids=self.image_ids, image_means=self.image_means, strokes=self.strokes)
+                         image_ids=self.image_ids, image_means=self.image_means, strokes=self.strokes,
+                         positions=self.positions, uncentred=self.uncentred)
+
+    def centred(self, offsets: torch.Tensor | None) -> "Exemplars":
+        """These exemplars with the strokes on the image being scored (those without a covariance) taken without
+        what their window position adds there (``offsets``: that image's :attr:`FeatureStats.position_offsets`),
+        as its patches are compared with them. Exemplars from other images are left as they are: an image's
+        offsets hold some of its own content, and lessons centred so fell by 0.01-0.05 mIoU on unpainted images.
+        """
+        if (offsets is None or self.covariance is not None or self.positions is None or not len(self.positions)
+                or int(self.positions.max()) >= len(offsets)):   # taken with other windows: left as they are
+            return self
+        copy = self._copy(self.whitening)
+        device = self.features.device
+        copy.features = self.features.float() - offsets.to(device)[self.positions.to(device)]
+        copy.uncentred = self.features
+        copy.positions = None
+        return copy
 
     def _pieces(self) -> list:
         """The sets this one is made of, each painted on one image or taken from a lesson."""
@@ -571,7 +698,8 @@ class Exemplars:
         if not any(p.source == image_key and p.covariance is not None for p in pieces):
             return self
         return Exemplars.combine([
-            Exemplars(p.features, p.classes, p.n_classes, source=image_key, offsets=p.offsets, strokes=p.strokes)
+            Exemplars(p.features, p.classes, p.n_classes, source=image_key, offsets=p.offsets, strokes=p.strokes,
+                      positions=p.positions)
             if p.source == image_key and p.covariance is not None else p for p in pieces])
 
     def whitened(self, whitening) -> "Exemplars":
@@ -579,7 +707,8 @@ class Exemplars:
         return self._copy(whitening)
 
     def for_image(self, whitening, text: torch.Tensor, snapping: bool = False,
-                  query_classes: torch.Tensor | None = None, logit_scale: float | None = None) -> "Exemplars":
+                  query_classes: torch.Tensor | None = None, logit_scale: float | None = None,
+                  position_offsets: torch.Tensor | None = None) -> "Exemplars":
         """A copy that scores on the image whose whitening this is, with a strength measured on it.
 
         Exemplars from other images are whitened with their images' covariance and this image's mean.
@@ -587,7 +716,8 @@ class Exemplars:
         :data:`SNAPPED_LEAD_SPREADS` of this image's text-score spread (see :meth:`teach`).
         With ``query_classes`` (the class of each text query) and ``logit_scale`` (the method's), strokes on
         this very image that repeat a correction in two or more places also shift the classes' scores on
-        every patch (see :func:`stroke_offsets`), unless edge snapping follows.
+        every patch (see :func:`stroke_offsets`), unless edge snapping follows. ``position_offsets`` (the
+        image's :attr:`FeatureStats.position_offsets`) are taken off its patches before they are compared.
         """
         own = whitening
         if self.covariance is not None:
@@ -608,6 +738,7 @@ class Exemplars:
                 copy._stroke_offsets = fitted.to(own[0].device) * (copy.strength / EXEMPLAR_SPREADS)
         if self.others is not None:
             copy.others = self.others.for_image(own, text)
+        copy.position_offsets = position_offsets
         if snapping:
             copy.lead_cap = SNAPPED_LEAD_SPREADS * image_strength(text, own) / EXEMPLAR_SPREADS
         return copy
@@ -672,7 +803,8 @@ class Exemplars:
                          None if self.query_classes is None else self.query_classes.to(device), self.whitening,
                          covariance=self.covariance, images=self.images, others=others, _transform=self._transform,
                          source=self.source, _parts=tuple(p.to(device) for p in self._parts), offsets=self.offsets,
-                         image_ids=self.image_ids, image_means=self.image_means, strokes=self.strokes)
+                         image_ids=self.image_ids, image_means=self.image_means, strokes=self.strokes,
+                         positions=self.positions, uncentred=None if self.uncentred is None else self.uncentred.to(device))
 
     def _whiten(self, features: torch.Tensor) -> torch.Tensor:
         features = features.float()
@@ -700,17 +832,30 @@ class Exemplars:
         """(B, P, C) bonus of each patch for each class: alpha * max(0, (s - t) / (1 - t)) for the
         whitened cosine s to the class's nearest exemplar and t = :data:`ALIKE_FROM`.
 
-        ``norms`` are the patches' :func:`whitened_norms` with the scored image's own whitening,
-        when kept from an earlier run. With exemplars of both kinds, each class takes the larger bonus.
+        ``norms`` are the patches' :func:`comparison_norms` with the scored image's own whitening and position
+        offsets, when kept from an earlier run. On the image being scored, patches and its strokes' exemplars are
+        compared without what their window positions add (see :class:`FeatureStats`); a patch counts as alike
+        only if it is alike at the longer of its lengths with and without that, so that taking a patch's
+        position's part off never makes it alike by shortening it (a patch that is mostly its position's part
+        would otherwise come out alike to anything that shares its remaining direction). With exemplars of both
+        kinds, each class takes the larger bonus.
         """
         alpha = (self.strength if self.strength is not None else EXEMPLAR_WEIGHT) if alpha is None else alpha
         features = patch_features.float()
         own = self.covariance is None
-        norms = (whitened_norms(features, self.whitening) if norms is None or not own else norms).clamp(min=1e-12)
+        offsets = self.position_offsets
+        if not own or offsets is None or tuple(features.shape[-2:]) != tuple(offsets.shape):
+            offsets = None
+        if norms is None or not own:
+            norms = comparison_norms(features, self.whitening, offsets)
+        features = centred(features, offsets)   # as the strokes on this image were taken
+        norms = norms.clamp(min=1e-12)
         out = torch.zeros(*patch_features.shape[:2], self.n_classes, device=patch_features.device)
         for k, projector, offset in self._projectors():
-            nearest = ((features @ projector.T - offset) / norms[..., None]).amax(-1)
-            out[..., k] = alpha * ((nearest - ALIKE_FROM) / (1 - ALIKE_FROM)).clamp(min=0)
+            dots = (features @ projector.T - offset).amax(-1)     # to the nearest exemplar, as the norm is shared
+            nearest = dots / norms[..., 0]
+            bonus = alpha * ((nearest - ALIKE_FROM) / (1 - ALIKE_FROM)).clamp(min=0)
+            out[..., k] = torch.where(dots / norms[..., 1] >= ALIKE_FROM, bonus, 0)
         if self.others is not None and with_others:
             out = torch.maximum(out, self.others.bonus(patch_features))
         return out
@@ -729,11 +874,12 @@ def _merged(parts: list, covariance, images: int) -> Exemplars:
     if all(p.strokes is not None for p in parts):  # numbered apart: the strokes of one set are not another's
         firsts = np.cumsum([0] + [int(p.strokes.max()) + 1 if len(p.strokes) else 0 for p in parts])
         strokes = torch.cat([p.strokes.cpu() + int(first) for p, first in zip(parts, firsts)])
+    positions = torch.cat([p.positions.cpu() for p in parts]) if all(p.positions is not None for p in parts) else None
     return Exemplars(torch.cat([p.features.to(device) for p in parts]),
                      torch.cat([p.classes.to(device) for p in parts]), parts[0].n_classes,
                      covariance=covariance, images=images, source=sources.pop() if len(sources) == 1 else None,
                      _parts=tuple(parts), offsets=sum(offsets).float() if offsets else None,
-                     image_ids=image_ids, image_means=image_means, strokes=strokes)
+                     image_ids=image_ids, image_means=image_means, strokes=strokes, positions=positions)
 
 
 class ExemplarCollector:
@@ -746,6 +892,7 @@ class ExemplarCollector:
         self.features: list[torch.Tensor] = []
         self.classes: list[torch.Tensor] = []
         self.stroke_ids: list[torch.Tensor] = []
+        self.positions: list[torch.Tensor] = []
         self._pieces: torch.Tensor | None = None
 
     def _at_scale(self, grid: WindowGrid) -> torch.Tensor:
@@ -786,6 +933,7 @@ class ExemplarCollector:
             if painted.any():
                 self.features.append(features[painted].float().cpu())
                 self.classes.append(best[painted])
+                self.positions.append(torch.nonzero(painted).flatten().cpu())
                 taught, row = torch.unique(best[painted], return_inverse=True)
                 largest = torch.stack([grid.cell_largest(torch.where(strokes == k + 1, self._pieces, 0), box)
                                        for k in taught.tolist()])                # (classes here, patches)
@@ -795,4 +943,4 @@ class ExemplarCollector:
         if not self.features:
             return None
         return Exemplars(torch.cat(self.features).to(device), torch.cat(self.classes).to(device), self.n_classes,
-                         strokes=torch.cat(self.stroke_ids))
+                         strokes=torch.cat(self.stroke_ids), positions=torch.cat(self.positions))

@@ -140,9 +140,10 @@ class FeatureStats:
     exemplars taken at the same position: a stroke of a new word on a blue square turned grey far from it.
     Windows overlap, so each patch of the image is seen at several window positions: the part of a window's
     patch that differs from the mean of the same image patch over the windows that see it, averaged over the
-    windows, is what its position adds, free of the image's content (:attr:`position_offsets`). Patches and
-    exemplars are compared without it, then whitened as before. The text scores, and the text-score spread
-    measured with the covariance, are untouched.
+    windows, is what its position adds, free of the image's content (:attr:`position_offsets`). It is measured
+    on the windows that start on the image's patch grid (all but a last one shifted to the image's edge) and
+    taken off at every window. Patches and the strokes on the image are compared without it, then whitened
+    as before. The text scores, and the text-score spread measured with the covariance, are untouched.
     """
 
     def __init__(self):
@@ -175,7 +176,7 @@ class FeatureStats:
             self.positions_differ = True
             return
         rows, cols = grid.patch_grid
-        if rows * cols != features.shape[1] or any(y1 % patch[0] or x1 % patch[1] for y1, _, x1, _ in batch):
+        if rows * cols != features.shape[1]:
             self.positions_differ = True
             return
         if self._patch_sum is None:
@@ -188,11 +189,13 @@ class FeatureStats:
             self.positions_differ = True
             return
         for (y1, _, x1, _), window in zip(batch, features):
+            if y1 % patch[0] or x1 % patch[1]:   # a last window shifted to the image's edge: off the patch grid
+                continue
             top, left = y1 // patch[0], x1 // patch[1]
             self._patch_sum[top : top + rows, left : left + cols] += window.reshape(rows, cols, -1)
             self._patch_count[top : top + rows, left : left + cols] += 1
             self.windows.append((top, left))
-        self.position_total += features.sum(0)
+            self.position_total += window
 
     def _offsets(self) -> torch.Tensor | None:
         """(P, E) float64: at each window position, the mean of (a window's patch there minus the mean of that image

@@ -283,6 +283,101 @@ def test_the_snapped_lead_cap_holds_on_the_model_held_out_from_choosing_it(small
     np.testing.assert_array_equal(carried[strokes == 0], after[strokes == 0])
 
 
+def window_features(grid, content: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+    """(windows, P, E): each window's patches hold the image patch they see plus what their position adds."""
+    rows, cols = grid.patch_grid
+    return torch.stack([content[y1 // grid.patch[0]: y1 // grid.patch[0] + rows,
+                                x1 // grid.patch[1]: x1 // grid.patch[1] + cols].reshape(rows * cols, -1) + added
+                        for y1, _, x1, _ in grid.windows]).float()
+
+
+def test_what_window_positions_add_is_measured_free_of_what_the_image_holds():
+    from napari_clearclip.strokes import FeatureStats
+    from napari_clearclip.windows import WindowGrid
+
+    grid = WindowGrid(64, 64, 32, 16, (8, 8))                  # 3 x 3 windows of 4 x 4 patches, half overlapping
+    added = torch.zeros(16, 6, dtype=torch.float64)
+    added[0, 2] = 4.0                                          # the first position of every window: a part of its own
+    estimates, naive = [], []
+    for seed in (1, 2):                                        # two images, the same positions
+        content = torch.from_numpy(np.random.default_rng(seed).normal(size=(8, 8, 6)) * 3)
+        stats = FeatureStats()
+        features = window_features(grid, content, added)
+        stats.add(grid, grid.windows[:4], features[:4])        # in batches, as windows are encoded
+        stats.add(grid, grid.windows[4:], features[4:])
+        estimates.append(stats.position_offsets)
+        naive.append(features.double().mean(0) - features.double().mean((0, 1)))  # position's mean less the image's
+    np.testing.assert_allclose(estimates[0].numpy(), estimates[1].numpy(), atol=1e-5)
+    assert float((naive[0] - naive[1]).norm(dim=-1).max()) > 1.0  # that one holds what the image holds too
+    offsets = estimates[0].double()
+    assert int(offsets.norm(dim=-1).argmax()) == 0
+    assert float(torch.nn.functional.cosine_similarity(offsets[0], added[0], dim=0)) > 0.9999
+    assert 2.0 < float(offsets[0].norm()) <= 4.0
+    # an image one window covers gives nothing to take off
+    alone = WindowGrid(32, 32, 32, 16, (8, 8))
+    stats = FeatureStats()
+    stats.add(alone, alone.windows, window_features(alone, torch.ones(4, 4, 6, dtype=torch.float64), added))
+    assert float(stats.position_offsets.abs().max()) == 0.0
+
+
+def test_a_window_shifted_off_the_patch_grid_is_left_out_of_what_positions_add():
+    from napari_clearclip.strokes import FeatureStats
+    from napari_clearclip.windows import WindowGrid
+
+    grid = WindowGrid(64, 68, 32, 16, (8, 8))                  # the last column of windows starts at x = 36
+    assert any(x1 % 8 for _, _, x1, _ in grid.windows)
+    rng = np.random.default_rng(4)
+    features = torch.from_numpy(rng.normal(size=(len(grid.windows), 16, 6))).float()
+    everything, on_grid = FeatureStats(), FeatureStats()
+    everything.add(grid, grid.windows, features)
+    keep = [i for i, (_, _, x1, _) in enumerate(grid.windows) if x1 % 8 == 0]
+    on_grid.add(grid, [grid.windows[i] for i in keep], features[keep])
+    np.testing.assert_array_equal(everything.position_offsets.numpy(), on_grid.position_offsets.numpy())
+
+
+def test_a_patch_that_is_mostly_its_positions_part_is_not_made_alike_by_taking_it_off():
+    from napari_clearclip.strokes import Exemplars
+
+    identity = (torch.zeros(3), torch.eye(3))                   # whitening that changes nothing
+    offsets = torch.tensor([[0.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # position 1 adds (0, 2, 0)
+    exemplars = Exemplars(torch.tensor([[1.0, 0.0, 1.0]]), torch.tensor([0]), 2, positions=torch.tensor([0]))
+    exemplars = exemplars.centred(offsets).whitened(identity)
+    exemplars.position_offsets = offsets
+    patches = torch.tensor([[[1.0, 0.0, 0.9],                   # at position 0, alike to the exemplar
+                             [1.0, 2.0, 0.0]]])                 # at position 1: mostly that position's part
+    centred_cosine = float(torch.nn.functional.cosine_similarity(patches[0, 1] - offsets[1],
+                                                                 torch.tensor([1.0, 0.0, 1.0]), dim=0))
+    assert centred_cosine > 0.7                                 # alike, once shortened to (1, 0, 0)
+    bonus = exemplars.bonus(patches, alpha=0.3)
+    assert float(bonus[0, 0, 0]) > 0.2 and float(bonus[0, 1, 0]) == 0.0
+    assert float(bonus[..., 1].abs().max()) == 0.0
+
+
+def test_strokes_compare_patches_without_what_their_window_position_adds(small_models, monkeypatch):
+    """synthetic-tiny-c gives the patches at some positions of every window a part of their own that grey and
+    blue share there: with snapping, one "debris" stroke on a blue square turned 8.7% of the grey before patches
+    and strokes were compared without it."""
+    from napari_clearclip import strokes as strokes_module
+
+    image, truth = shapes_scene()
+    classes = ["debris", "red", "background"]
+    strokes = np.zeros(truth.shape, np.int32)
+    strokes[44:52, 44:52] = 1
+    unlike = truth != 1
+    kept = {}
+    for centring in (False, True):
+        monkeypatch.setattr(strokes_module, "CENTRE_WINDOW_POSITIONS", centring)
+        segmenter = Segmenter(**small_models("synthetic-tiny-c"))
+        before = segmenter.segment(image, classes, maps=False, refine="pamr").labels
+        after = segmenter.segment(image, classes, strokes=strokes, maps=False, refine="pamr").labels
+        assert np.mean(after[128:160, 128:160] == 1) > 0.9     # the other blue square follows either way
+        kept[centring] = np.mean(after[unlike] == before[unlike])
+    assert kept[False] < 0.95 and kept[True] > 0.97
+    carried = segmenter.segment(image, classes, maps=False, refine="pamr",   # the widget's carried exemplars
+                                exemplars=segmenter.collect_exemplars(image, strokes, classes)).labels
+    np.testing.assert_array_equal(carried[strokes == 0], after[strokes == 0])
+
+
 def test_a_capped_lead_changes_no_patchs_leader_and_leaves_untaught_patches_alone():
     from napari_clearclip.strokes import Exemplars, FeatureStats
 
@@ -434,7 +529,7 @@ def test_a_filled_region_keeps_an_even_sample_of_exemplars(tiny_segmenter, monke
 
 
 def test_exemplar_bonus_is_the_whitened_cosine_to_the_nearest_exemplar():
-    from napari_clearclip.strokes import FeatureStats, Exemplars, whitened_norms
+    from napari_clearclip.strokes import FeatureStats, Exemplars, comparison_norms
 
     rng = np.random.default_rng(3)
     patches = torch.from_numpy(rng.normal(size=(2, 50, 6)).astype(np.float32)) + 3.0    # a large common part
@@ -454,7 +549,7 @@ def test_exemplar_bonus_is_the_whitened_cosine_to_the_nearest_exemplar():
         expected[..., k] = 0.3 * ((nearest - 0.55) / 0.45).clamp(min=0)                # unlike patches: exactly nothing
     assert (expected[..., :2] == 0).any() and (expected[..., :2] > 0).any()
     got = exemplars.bonus(patches)
-    kept_norms = exemplars.bonus(patches, whitened_norms(patches, whitening))
+    kept_norms = exemplars.bonus(patches, comparison_norms(patches, whitening))
     np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
     np.testing.assert_allclose(kept_norms.numpy(), expected.numpy(), atol=1e-5)
     assert float(got[0, 0, 0]) == pytest.approx(0.3, abs=1e-5)                          # an exemplar matches itself

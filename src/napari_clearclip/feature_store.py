@@ -8,7 +8,8 @@ and said once in a warning; the next run writes it again.
 
 A store is written into a temporary folder and renamed into place, so that a run killed while
 writing (or a full disk) never leaves a store that could be read as whole. The folder is
-bounded in size: after each write the stores read least recently are removed first.
+bounded in size: after each write the stores read least recently are removed first, and so are the
+temporary folders of writers that died (at once for a process of this machine, after an hour otherwise).
 
 Runs write in the background (:meth:`FeatureStore.save_later`): a result never waits for the
 disk, and the writes still pending when the process exits normally are finished then.
@@ -21,6 +22,7 @@ import logging
 import os
 import queue
 import shutil
+import socket
 import threading
 import time
 import warnings
@@ -137,7 +139,7 @@ class FeatureStore:
         nbytes = sum(int(f.numel()) * 4 for _, f in batches)
         if nbytes > self.max_bytes:
             return None
-        partial = self.root / f".{key}.partial-{os.getpid()}-{threading.get_ident()}"
+        partial = self.root / f".{key}{_PARTIAL}{_HOST}-{os.getpid()}-{threading.get_ident()}"
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(partial, ignore_errors=True)
@@ -202,8 +204,8 @@ class FeatureStore:
             stores = []
             for entry in self.root.iterdir():
                 try:  # other processes sharing the folder rename and remove entries meanwhile
-                    if entry.name.startswith(".") and ".partial-" in entry.name:
-                        if time.time() - entry.stat().st_mtime > 3600:  # a writer that died long ago
+                    if entry.name.startswith(".") and _PARTIAL in entry.name:
+                        if _writer_died(entry.name) or time.time() - entry.stat().st_mtime > 3600:
                             shutil.rmtree(entry, ignore_errors=True)
                         continue
                     if entry.is_dir() and entry.name.endswith(SUFFIX):
@@ -217,6 +219,26 @@ class FeatureStore:
                 shutil.rmtree(entry, ignore_errors=True)
                 total -= size
 
+
+
+_PARTIAL = ".partial-"
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _writer_died(name: str) -> bool:
+    """Whether the partial store ``name`` was being written by a process of this machine that no longer runs
+    (killed, e.g. by the out-of-memory killer): it can be removed at once, not an hour later."""
+    host, _, rest = name.partition(_PARTIAL)[2].partition("-")
+    pid = rest.partition("-")[0]
+    if host != _HOST or not pid.isdigit() or os.name == "nt":  # os.kill(pid, 0) would stop a process on Windows
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # running, as another user
+        return False
+    return False
 
 
 # One writer thread per process, for every store: writes are sequential, so a run's disk traffic

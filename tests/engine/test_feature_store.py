@@ -113,6 +113,29 @@ def test_the_store_folder_is_bounded_and_a_dead_writer_leaves_nothing_readable(t
     assert off.feature_store is None
 
 
+@pytest.mark.skipif(os.name == "nt", reason="whether a process runs is not asked on Windows")
+def test_a_writer_killed_on_this_machine_leaves_no_partial_folder_after_the_next_write(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname().replace("-", "_")
+    folder = tmp_path / "features"
+    folder.mkdir()
+    dead = folder / f".abc.partial-{host}-{int(finished.stdout)}-7"         # killed a moment ago
+    running = folder / f".def.partial-{host}-{os.getpid()}-7"              # this process, still writing
+    elsewhere = folder / f".ghi.partial-another_machine-{int(finished.stdout)}-7"
+    for partial in (dead, running, elsewhere):
+        partial.mkdir()
+        (partial / "zarr.json").write_text("{}")
+    seg = session(tmp_path)
+    seg.segment(make_scene(3, size=128).image, CLASSES, maps=False)
+    FeatureStore.flush()
+    assert len(list(folder.glob("*.zarr"))) == 1
+    assert not dead.exists() and running.is_dir() and elsewhere.is_dir()
+
+
 def test_cache_features_stores_without_segmenting(tmp_path, monkeypatch):
     image = make_scene(5, size=256).image
     seg = session(tmp_path)

@@ -134,10 +134,10 @@ CENTRE_WINDOW_POSITIONS = True
 class FeatureStats:
     """Mean and covariance of an image's patch embeddings, for whitening; and what each window position adds.
 
-    A model may give the patch at one position of every window something of its own (synthetic-tiny-c gives
-    its first patch token a component that grey and blue patches there share). Few patches carry it, so
-    whitening stretches it, and a grey patch at that position in any window came out 0.60-0.71 alike to blue
-    exemplars taken at the same position: a stroke of a new word on a blue square turned grey far from it.
+    A model may give the patches at each position of every window something of their own, which grey and blue
+    patches there share (synthetic-tiny-c). Few patches carry one position's part, so whitening stretches it,
+    and grey patches at some positions came out 0.60-0.71 alike to blue exemplars taken at the same positions:
+    a stroke of a new word on a blue square turned grey far from it.
     Windows overlap, so each patch of the image is seen at several window positions: the part of a window's
     patch that differs from the mean of the same image patch over the windows that see it, averaged over the
     windows, is what its position adds, free of the image's content (:attr:`position_offsets`). It is measured
@@ -180,9 +180,9 @@ class FeatureStats:
             self.positions_differ = True
             return
         if self._patch_sum is None:
-            self._patch_sum = torch.zeros(grid.height // patch[0], grid.width // patch[1], features.shape[-1],
-                                          dtype=torch.float64)
-            self._patch_count = torch.zeros(self._patch_sum.shape[:2], dtype=torch.float64)
+            # float32: a sum over the few windows that see a patch, and half the memory on a large image
+            self._patch_sum = torch.zeros(grid.height // patch[0], grid.width // patch[1], features.shape[-1])
+            self._patch_count = torch.zeros(self._patch_sum.shape[:2])
             self.position_total = torch.zeros(features.shape[1:], dtype=torch.float64)
             self._window_patches = (rows, cols)
         elif self._window_patches != (rows, cols):
@@ -192,7 +192,7 @@ class FeatureStats:
             if y1 % patch[0] or x1 % patch[1]:   # a last window shifted to the image's edge: off the patch grid
                 continue
             top, left = y1 // patch[0], x1 // patch[1]
-            self._patch_sum[top : top + rows, left : left + cols] += window.reshape(rows, cols, -1)
+            self._patch_sum[top : top + rows, left : left + cols] += window.reshape(rows, cols, -1).float()
             self._patch_count[top : top + rows, left : left + cols] += 1
             self.windows.append((top, left))
             self.position_total += window
@@ -203,7 +203,7 @@ class FeatureStats:
         if not CENTRE_WINDOW_POSITIONS or self.positions_differ or not self.windows:
             return None
         rows, cols = self._window_patches
-        means = self._patch_sum / self._patch_count.clamp(min=1)[..., None]
+        means = (self._patch_sum / self._patch_count.clamp(min=1)[..., None]).double()
         seen = torch.zeros_like(self.position_total)
         for top, left in self.windows:
             seen += means[top : top + rows, left : left + cols].reshape(rows * cols, -1)

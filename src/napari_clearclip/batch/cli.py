@@ -199,7 +199,7 @@ def offline_message(exc) -> str:
 def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
     from tqdm import tqdm
 
-    from .files import check_output_dir, remove_stale_partials
+    from .files import check_output_dir
     from .runs import segment_files
 
     if not args.features_only and not (args.classes or "").replace(";", "").strip():
@@ -262,11 +262,7 @@ def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
               file=sys.stderr)
         return 130
     finally:
-        if started.get("client") is not None:
-            started["client"].close()
-        if started.get("cluster") is not None:
-            started["cluster"].close()
-            remove_stale_partials(args.out)  # writes its killed workers never finished
+        _close_started(started, args.out)
     bar.close()
     if stop is not None and stop.interrupted:  # pressed after the last image, its KeyboardInterrupt dropped
         print(f"interrupted: {counts['done']} finished images are kept; run the same command again to resume.",
@@ -281,9 +277,20 @@ def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
     return 0
 
 
+def _close_started(started: dict, out) -> None:
+    """Close the client and the local cluster this command started; then remove the partial files in ``out``
+    that the cluster's killed workers never finished."""
+    from .files import remove_stale_partials
+
+    if started.get("client") is not None:
+        started["client"].close()
+    if started.get("cluster") is not None:
+        started["cluster"].close()
+        remove_stale_partials(out)
+
+
 def _store_only(args, client, on_report, bar, started, stop: StopOnce | None = None) -> int:
     """clearclip-segment --features-only: encode every input into the feature store, segment nothing."""
-    from .files import remove_stale_partials
     from .runs import store_features
 
     try:
@@ -300,11 +307,7 @@ def _store_only(args, client, on_report, bar, started, stop: StopOnce | None = N
               file=sys.stderr)
         return 130
     finally:
-        if started.get("client") is not None:
-            started["client"].close()
-        if started.get("cluster") is not None:
-            started["cluster"].close()
-            remove_stale_partials(args.out)
+        _close_started(started, args.out)
     bar.close()
     if stop is not None and stop.interrupted:  # pressed after the last image, its KeyboardInterrupt dropped
         print("interrupted: the images encoded so far are stored; run the same command again to go on.",

@@ -432,8 +432,8 @@ class Segmenter:
 
     def _whitening(self, args, features: _Features | None):
         """Generator: (this image's patch whitening, to compare patches with exemplars, and its statistics), kept with
-        its cached features, with each patch's whitened length without what its window position adds (see
-        :attr:`~napari_clearclip.strokes.FeatureStats.position_offsets`)."""
+        its cached features, with each patch's whitened lengths with and without what its window position adds
+        (:func:`~napari_clearclip.strokes.comparison_norms`)."""
         if features is not None and features.whitening is not None and features.statistics is not None:
             return features.whitening, features.statistics
         stats = yield from self._statistics(args, features)

@@ -651,7 +651,10 @@ class Segmenter:
         """Add the cosine similarities of a batch of windows, upsampled to the window size, into ``scores``."""
         logits = patch_features @ text.T
         if exemplars is not None:
-            logits = exemplars.teach(logits, patch_features, patch_norms)
+            layout = getattr(grid, "patch_grid", None)
+            if layout is not None and layout[0] * layout[1] != patch_features.shape[1]:
+                layout = None
+            logits = exemplars.teach(logits, patch_features, patch_norms, layout)
         grid.add_scores(scores, batch, logits)
 
     def _average(self, scores: torch.Tensor, grid) -> torch.Tensor:

@@ -813,6 +813,60 @@ def test_a_class_painted_in_two_places_that_still_trails_there_is_raised_on_ever
     assert not ((scores.argmax(-1) == 2) & (logits.argmax(-1) != 2) & untaught).any()
 
 
+def test_a_change_within_reach_moves_a_boundary_by_a_patch_and_removes_no_region():
+    from napari_clearclip.strokes import within_reach
+
+    rows = cols = 6
+    before = torch.zeros(1, rows * cols, 3)                      # queries: object, background, background again
+    inside = torch.zeros(rows, cols, dtype=torch.bool)
+    inside[1:5, 1:5] = True                                      # a 4 x 4 object in background
+    before[0, inside.flatten(), 0] = 0.5
+    before[0, ~inside.flatten(), 1] = 0.5
+    after = before + torch.tensor([0.0, 1.0, 1.0])               # background raised beyond the object's lead
+    assert bool((after[0].argmax(-1) != 0).all())                # on its own, the object would vanish
+    got = within_reach(before, after, torch.tensor([0, 1, 1]), 2, (rows, cols), 1)
+    ring = inside.clone()
+    ring[2:4, 2:4] = False
+    labels = got[0].argmax(-1).reshape(rows, cols)
+    assert bool((labels[ring] != 0).all()) and bool((labels[2:4, 2:4] == 0).all())   # eroded by one patch
+    kept = torch.zeros(rows, cols, dtype=torch.bool)
+    kept[2:4, 2:4] = True                                        # only where the object's class would be lost
+    np.testing.assert_array_equal(got[0][kept.flatten()].numpy(), before[0][kept.flatten()].numpy())
+    np.testing.assert_array_equal(got[0][(~kept).flatten()].numpy(), after[0][(~kept).flatten()].numpy())
+    wide = within_reach(before, after, torch.tensor([0, 1, 1]), 2, (rows, cols), 2)
+    assert bool((wide[0].argmax(-1) != 0).all())                 # two patches of reach take the whole object
+
+
+def test_a_run_limits_the_strokes_offsets_to_a_patch_of_each_windows_boundaries(monkeypatch):
+    from napari_clearclip import strokes as strokes_module
+    from napari_clearclip.demo.scenes import DEMO_CLASSES
+
+    classes = DEMO_CLASSES.split("\n")
+    layouts = []
+    real = strokes_module.within_reach
+
+    def recording(before, after, query_classes, n_classes, layout, reach):
+        layouts.append((tuple(layout), reach))
+        return real(before, after, query_classes, n_classes, layout, reach)
+
+    monkeypatch.setattr(strokes_module, "within_reach", recording)
+    segmenter = Segmenter("synthetic-tiny", device="cpu")
+    scene = make_scene(4, size=256)
+    strokes = np.zeros(scene.image.shape[:2], np.int32)
+    background = len(classes)
+    strokes[2:8, 2:8] = background                                 # two separate background strokes: offsets
+    strokes[248:254, 248:254] = background
+    segmenter.segment(scene.image, classes, strokes=strokes, maps=False)
+    assert layouts and set(layouts) == {((8, 8), 1)}              # 64 px windows of 8 px patches
+    monkeypatch.setattr(strokes_module, "STROKE_OFFSET_REACH", None)
+    layouts.clear()
+    segmenter.segment(scene.image, classes, strokes=strokes, maps=False)
+    assert not layouts                                             # on every patch, as a lesson's are not
+    layouts.clear()
+    segmenter.segment(scene.image, classes, strokes=strokes, maps=False, refine="pamr")
+    assert not layouts                                             # no stroke offsets before snapping
+
+
 def test_exemplars_know_which_stroke_they_are_under():
     """Each connected piece of one class's paint is one stroke; a piece of another class touching it is another."""
     segmenter = Segmenter("synthetic-tiny", device="cpu")

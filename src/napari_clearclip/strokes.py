@@ -424,13 +424,21 @@ def uncontradicted(features: torch.Tensor, classes: torch.Tensor, image_ids: tor
     dropped. So is one alike to most of the patches of one other class on another image, however many patches
     of its own class it is alike to there: it would take that class over (a background patch at an object's
     edge, alike to a whole small object of another colour). Exemplars alike to no reference patch of another
-    image are kept. (Also tried: not counting
+    image are kept.
+
+    Its own image is asked only about the classes that no other painted image holds, where nothing else can
+    check it: an exemplar alike to most of such a class's patches there, and to a larger share of them than of
+    its own class's, is dropped too (background painted beside an object of a class only its image shows took
+    that class's objects on unpainted images). For other classes its own image is not asked: in the lesson's
+    whitening one image's patches are alike to each other whatever their class, and asking it about every
+    class dropped good exemplars. (Also tried: not counting
     reference patches of the class the text gives the exemplar's patch, so that a correction of the text is
     never held against patches the text gets wrong the same way; on the demo model that let harmful exemplars
     through, and two of five sets of training scenes again lowered held-out scenes.)
     """
     transform = _transform_of(covariance).float()
     features, classes, image_ids = features.float().cpu(), classes.long().cpu(), image_ids.long().cpu()
+    reference_classes, reference_ids = reference_classes.long().cpu(), reference_ids.long().cpu()
     agree = torch.zeros(len(features))
     disagree = torch.zeros(len(features))
     overruns = torch.zeros(len(features), dtype=torch.bool)
@@ -440,12 +448,21 @@ def uncontradicted(features: torch.Tensor, classes: torch.Tensor, image_ids: tor
         seen = torch.nn.functional.normalize((references[here].float().cpu() - mean) @ transform, dim=-1)
         white = torch.nn.functional.normalize((features - mean) @ transform, dim=-1)
         alike = (white @ seen.T) >= ALIKE_FROM
-        alike[image_ids == image] = False                          # an exemplar is checked on other images only
-        seen_classes = reference_classes[here].long().cpu()
+        seen_classes = reference_classes[here]
+        shares = {k: alike[:, seen_classes == k].float().mean(1) for k in torch.unique(seen_classes).tolist()}
+        own = image_ids == image
+        mine = torch.zeros(len(features))                          # the share of its own class's patches it is alike to
+        for k, share in shares.items():
+            mine = torch.where(classes == k, share, mine)
+        for k, share in shares.items():
+            if bool(((reference_classes == k) & (reference_ids != image)).any()):
+                continue          # no other painted image holds class k: only this one can say what takes it over
+            overruns |= own & (classes != k) & (share > CONTRADICTED_SHARE) & (share > mine)
+        alike[own] = False                                         # otherwise checked on other images only
         same = classes[:, None] == seen_classes[None]
         agree += (alike & same).sum(1)
         disagree += (alike & ~same).sum(1)
-        for k in torch.unique(seen_classes).tolist():   # most of one other class's patches there
+        for k in shares:                                           # most of one other class's patches there
             overruns |= (classes != k) & (alike[:, seen_classes == k].float().mean(1) > CONTRADICTED_SHARE)
     return (disagree <= CONTRADICTED_SHARE * (agree + disagree)) & ~overruns
 

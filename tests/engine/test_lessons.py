@@ -527,6 +527,34 @@ def test_exemplars_that_the_other_painted_images_contradict_are_left_out():
     assert keep.tolist() == [True, False, True, False, False, False, False]
 
 
+def test_an_exemplar_is_checked_on_its_own_image_for_the_classes_no_other_painted_image_holds():
+    """Background painted beside an object of a class that only its own image shows: no other image can say that
+    it takes that class over, so its own image does. For classes other images hold, its own image is not asked."""
+    import torch
+
+    from napari_clearclip.strokes import uncontradicted
+
+    rng = np.random.default_rng(4)
+    width = 12
+    directions = np.linalg.qr(rng.normal(size=(width, width)))[0].astype(np.float32)
+
+    def near(direction, n):
+        return torch.from_numpy(directions[direction] + 0.1 * rng.normal(size=(n, width)).astype(np.float32))
+
+    # image 0: background (0), class 2 (only here) and class 1 (looking unlike image 1's); image 1: background, class 1
+    references = torch.cat([near(0, 10), near(3, 6), near(5, 6), near(0, 10), near(1, 10)])
+    reference_classes = torch.tensor([0] * 10 + [2] * 6 + [1] * 6 + [0] * 10 + [1] * 10)
+    reference_ids = torch.tensor([0] * 22 + [1] * 20)
+    features = torch.cat([near(3, 1), near(0, 1), near(1, 1)])
+    classes = torch.tensor([0, 0, 0])                          # all painted as background
+    image_ids = torch.tensor([0, 0, 1])
+    keep = uncontradicted(features, classes, image_ids, torch.zeros(2, width), torch.eye(width), references,
+                          reference_classes, reference_ids)
+    # alike to all of its image's class-2 patches, which no other image holds: dropped; alike to its own class:
+    # kept; alike to its image's class-1 patches, but image 0 holds class 1 too and sees nothing alike: kept
+    assert keep.tolist() == [False, True, True]
+
+
 def test_a_lesson_keeps_its_check_patches_in_the_file_and_refuses_damaged_ones(lesson, tmp_path):
     assert lesson.references is not None and len(np.unique(lesson.reference_ids)) == 2
     loaded = Lesson.load(lesson.save(tmp_path / "checked"))

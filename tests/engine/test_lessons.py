@@ -309,10 +309,10 @@ def test_a_lesson_from_three_painted_scenes_lifts_every_unpainted_scene_on_model
     """Models whose patch covariance falls off slowly: whitened with every weak direction of the painted images'
     covariance, the lesson's exemplars stop looking like the same things on new images (gains of 0.05-0.08).
     On synthetic-tiny-d, class offsets applied on every patch shrank the green that nobody painted (one scene
-    0.765 to 0.664): they now apply only between classes the lesson taught. The gain asked is the target's, 0.08:
-    since exemplars are also checked on their own image, synthetic-tiny-d's lesson gains 0.090 on these scenes
-    (above 0.10 before; the check keeps every lesson of five training sets from lowering any scene with
-    snapping)."""
+    0.765 to 0.664). With the offsets applied where one of the two best classes was painted and never taking a
+    whole region, the three lessons gain 0.200, 0.167 and 0.170 here, every scene at least 0.12 (0.090 for
+    synthetic-tiny-d while they applied only between painted classes): asked, 0.12 and 0.05 a scene, above the
+    target's 0.08."""
     from napari_clearclip.demo.scenes import held_out_scenes
 
     segmenter = Segmenter(**small_models(model), disk_cache=False)
@@ -323,8 +323,8 @@ def test_a_lesson_from_three_painted_scenes_lifts_every_unpainted_scene_on_model
         truth = _truth(scene)
         pairs_zero.append((truth, segmenter.segment(scene.image, CLASSES, maps=False).labels))
         pairs_taught.append((truth, segmenter.segment(scene.image, CLASSES, maps=False, lesson=lesson).labels))
-        assert _mean_iou(pairs_taught[-1:]) > _mean_iou(pairs_zero[-1:])      # no unpainted scene loses
-    assert _mean_iou(pairs_taught) > _mean_iou(pairs_zero) + 0.08
+        assert _mean_iou(pairs_taught[-1:]) > _mean_iou(pairs_zero[-1:]) + 0.05   # every unpainted scene gains
+    assert _mean_iou(pairs_taught) > _mean_iou(pairs_zero) + 0.12
 
 
 def test_exemplars_from_other_images_are_whitened_regularised_at_the_covariances_sixth_eigenvalue():

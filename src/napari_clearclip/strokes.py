@@ -943,14 +943,14 @@ class Exemplars:
         classes = self.query_classes
         return torch.stack([scores[..., classes == k].amax(-1) for k in range(self.n_classes)], -1).argmax(-1)
 
-    def _taught(self, logits: torch.Tensor, bonus, layout: tuple[int, int] | None) -> torch.Tensor:
-        """:meth:`teach` after the lessons' offsets: ``bonus(True)``, ``bonus(False)`` and ``bonus("others")`` give
+    def _taught(self, logits: torch.Tensor, bonus_of, layout: tuple[int, int] | None) -> torch.Tensor:
+        """:meth:`teach` after the lessons' offsets: ``bonus_of(True)``, ``bonus_of(False)`` and ``bonus_of("others")`` give
         the (B, P, Q) bonus of every exemplar, of these alone and of those they hold from other images."""
         classes = self.query_classes
         if layout is not None and self.lead_cap is None and (
                 (self._stroke_offsets is not None and STROKE_OFFSET_REACH is not None)
                 or (EDGE_LEAD_MARGINS is not None and self.covariance is None and self.n_classes >= 2)):
-            bonus = bonus()
+            bonus = bonus_of()
             taught = logits + bonus
             if self._stroke_offsets is not None:
                 shifted = taught + self._stroke_offsets.to(logits.device)[classes]
@@ -968,8 +968,8 @@ class Exemplars:
             # 0.921)
             logits = logits + self._stroke_offsets.to(logits.device)[classes]
         if self.lead_cap is None or self.covariance is not None or self.n_classes < 2:
-            return logits + bonus()
-        bonus = bonus(False)
+            return logits + bonus_of()
+        bonus = bonus_of(False)
         taught = logits + bonus
         best = torch.stack([taught[..., classes == k].amax(-1) for k in range(self.n_classes)], -1)  # best query
         top = best.topk(2, dim=-1)
@@ -978,7 +978,7 @@ class Exemplars:
         capped = torch.minimum(taught, torch.maximum(logits, best_other + self.lead_cap))
         taught = torch.where(bonus > 0, capped, logits)
         if self.others is not None:
-            taught = torch.maximum(taught, logits + bonus("others"))
+            taught = torch.maximum(taught, logits + bonus_of("others"))
         return taught
 
     def _all_offsets(self) -> torch.Tensor | None:

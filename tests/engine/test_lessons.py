@@ -509,15 +509,7 @@ def test_a_lessons_offsets_never_take_a_whole_region_from_the_class_the_text_giv
 def test_only_the_classes_a_lesson_has_exemplars_of_get_class_offsets(demo):
     """Strokes of background alone, drawn where the text calls it something else, raise background, but lower no
     class that nobody painted: the strokes say nothing of how the text scores those on their own objects."""
-    pairs = []
-    for seed in (3, 7):
-        scene = make_scene(seed, size=256, objects=(3, 3))
-        labels = demo.segment(scene.image, CLASSES, maps=False).labels
-        strokes = np.zeros(labels.shape, np.int32)
-        wrong = (labels != CLASSES.index("background") + 1) & ~np.any(list(scene.masks.values()), axis=0)
-        strokes[wrong] = CLASSES.index("background") + 1                     # the grey the text gets wrong
-        pairs.append((scene.image, strokes))
-    lesson = demo.make_lesson(CLASSES, pairs)
+    lesson = _grey_lesson(demo)
     assert set(np.unique(lesson.labels)) == {CLASSES.index("background")}
     offsets = lesson.class_offsets
     assert offsets[CLASSES.index("background")] > 1e-3

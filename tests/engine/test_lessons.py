@@ -411,6 +411,35 @@ def test_a_lessons_offsets_move_boundaries_but_delete_no_object_the_text_found(d
     assert found >= 4
 
 
+def test_a_class_the_strokes_on_the_image_calibrate_takes_their_offset_instead_of_the_lessons(demo):
+    """Two background strokes on the image make it fit its own background offset: the lesson's background offset is
+    then left out (both are fitted against the text; added together they corrected twice), while a lesson's offset
+    for a class the strokes do not calibrate still applies. Without snapping (with it, strokes fit no offsets)."""
+    lesson = _grey_lesson(demo)
+    scene = make_scene(12, size=192, objects=(3, 3))
+    strokes = np.zeros(scene.image.shape[:2], np.int32)
+    grey = ~np.any(list(scene.masks.values()), axis=0)
+    background = CLASSES.index("background")
+    for y, x in ((10, 10), (180, 180)):
+        assert grey[y - 2 : y + 3, x - 2 : x + 3].all()
+        strokes[y - 2 : y + 3, x - 2 : x + 3] = background + 1               # two strokes of background
+
+    def run(offsets, **options):
+        return demo.segment(scene.image, CLASSES, strokes=strokes, maps=True, refine=None,
+                            lesson=dataclasses.replace(lesson, class_offsets=np.asarray(offsets, np.float32)),
+                            **options).similarity
+    none = np.zeros(len(CLASSES), np.float32)
+    raised, green = none.copy(), none.copy()
+    raised[background] = 2.0
+    green[background], green[CLASSES.index("green")] = 2.0, 2.0
+    np.testing.assert_array_equal(run(raised), run(none))                  # background: the strokes' own offset
+    assert not np.array_equal(run(green), run(none))                       # green: the lesson's, as before
+    without_strokes = demo.segment(scene.image, CLASSES, maps=True, lesson=dataclasses.replace(
+        lesson, class_offsets=raised)).similarity
+    assert not np.array_equal(without_strokes, demo.segment(scene.image, CLASSES, maps=True, lesson=dataclasses.replace(
+        lesson, class_offsets=none)).similarity)                            # on an image without strokes it applies
+
+
 def test_a_lessons_class_offsets_apply_where_one_of_the_two_classes_the_text_scores_highest_was_painted():
     """Against a loop over patches: the offsets of a query's class where one of the two best classes (a class scoring
     as its best query) has an offset, none elsewhere."""

@@ -18,7 +18,7 @@ File format (``.npz``, read without pickle, so a lesson from a stranger cannot r
   (regularised at its sixth-largest eigenvalue: ``strokes.OTHER_IMAGES_WHITENING_RANK``); a
   lesson without it (made by an earlier version) is whitened with each new image's own.
 - ``class_offsets`` (optional): float32 (C,), per class (in ``classes`` order) what the lesson adds to the class's
-  scores, in units of the scored image's text-score spread, at the patches where one of the two classes the text
+  scores in runs with edge snapping (and in all runs where ``unsnapped_offsets`` are absent), in units of the scored image's text-score spread, at the patches where one of the two classes the text
   scores highest has an offset (``strokes.offsets_between_taught_classes``; never so that a whole region of patches
   loses the class the text gives it: ``strokes.Exemplars.teach``); 0 for a class the lesson has no
   exemplar of; fitted when the exemplars come
@@ -31,6 +31,16 @@ File format (``.npz``, read without pickle, so a lesson from a stranger cannot r
   the painted images (up to ``strokes.REFERENCES_PER_CLASS`` per class and image), with which the exemplars
   are checked when lessons are made or combined (``strokes.uncontradicted``);
 - ``reference_classes``: int32 (R,), each one's class on its image; ``reference_ids``: int32 (R,), its image.
+- ``pixel_context``, ``pixel_context_ids``, ``pixel_taps``, ``pixel_tap_weights``, ``pixel_classes``, ``pixel_ids``
+  (optional, together; need ``image_means``): painted pixels at the working size (up to
+  ``pixel_samples.SAMPLES_PER_CLASS`` per class and image), as a run without edge snapping scores them:
+  ``pixel_context`` float32 (K, E) window patches of the painted images (``pixel_context_ids`` int32 (K,): which
+  one), ``pixel_taps`` int32 (T, 2) pairs of (pixel, patch) with ``pixel_tap_weights`` float32 (T,), the
+  bilinear weights averaged over the windows, summing to one per pixel; ``pixel_classes`` int32 (S,) each pixel's
+  painted class, ``pixel_ids`` int32 (S,) its image;
+- ``unsnapped_offsets`` (optional, with the pixels): float32 (C,), the class offsets that runs without edge
+  snapping use instead of ``class_offsets``, fitted on those pixels (``strokes.lesson_offsets``); where they are
+  absent, ``class_offsets`` serve both kinds of run.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidOptionError, LessonError, LessonExistsError, LessonNotFoundError
+from .pixel_samples import PixelSamples
 
 FORMAT = "napari-clearclip lesson"
 VERSION = 1
@@ -54,6 +65,10 @@ SUFFIX = ".npz"
 #: Largest class offset a lesson may hold, in text-score spreads. Fitted offsets stay within a few spreads
 #: (their squared length is penalised); a hundred would override any text, so a file holding more is damaged.
 MAX_CLASS_OFFSET = 100.0
+#: The file's arrays of a lesson's painted pixels: file name -> (PixelSamples field, type in the file).
+PIXEL_ARRAYS = {"pixel_context": ("context", np.float32), "pixel_context_ids": ("context_ids", np.int32),
+                "pixel_taps": ("taps", np.int32), "pixel_tap_weights": ("weights", np.float32),
+                "pixel_classes": ("classes", np.int32), "pixel_ids": ("image_ids", np.int32)}
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,9 @@ class Lesson:
     # what the references are made from, until they are (see :meth:`completed`): per painted image, the image, its
     # labels read every ``step`` pixels, ``step``, the classes and the options; not saved
     sources: tuple | None = field(default=None, compare=False, repr=False)
+    # the painted pixels as runs without edge snapping score them (see pixel_samples), and the offsets fitted on them
+    pixels: "PixelSamples | None" = field(default=None, compare=False, repr=False)
+    unsnapped_offsets: np.ndarray | None = None  # (C,) float32, for runs without edge snapping, in spreads
 
     @property
     def class_names(self) -> list[str]:
@@ -127,6 +145,11 @@ class Lesson:
                 arrays.update(references=self.references.astype(np.float32),
                               reference_classes=self.reference_classes.astype(np.int32),
                               reference_ids=self.reference_ids.astype(np.int32))
+            if self.pixels is not None:
+                arrays.update({name: getattr(self.pixels, field_name).numpy().astype(kind)
+                               for name, (field_name, kind) in PIXEL_ARRAYS.items()})
+                if self.unsnapped_offsets is not None:
+                    arrays["unsnapped_offsets"] = self.unsnapped_offsets.astype(np.float32)
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
 
@@ -159,11 +182,34 @@ class Lesson:
                     if {"image_ids", "image_means", "text"} <= names else None
                 checking = tuple(archive[n] for n in ("references", "reference_classes", "reference_ids")) \
                     if {"references", "reference_classes", "reference_ids"} <= names else None
+                pixels = {n: archive[n] for n in PIXEL_ARRAYS} if set(PIXEL_ARRAYS) <= names else None
+                unsnapped = archive["unsnapped_offsets"] if "unsnapped_offsets" in names else None
         except LessonError:
             raise
         except (OSError, ValueError, zipfile.BadZipFile, EOFError, UnicodeDecodeError, KeyError) as exc:
             raise LessonError(f"{path} is not a napari-clearclip lesson, or it is damaged ({exc}).") from None
-        return cls._from_parts(path, meta, features, labels, covariance, offsets, fitting, checking)
+        lesson = cls._from_parts(path, meta, features, labels, covariance, offsets, fitting, checking)
+        return lesson._with_pixels(path, pixels, unsnapped)
+
+    def _with_pixels(self, path, arrays: dict | None, unsnapped) -> "Lesson":
+        """This lesson with the painted pixels and their offsets read from a file, checked; unchanged without them."""
+        if arrays is None or self.image_means is None:
+            return self
+        try:
+            pixels = PixelSamples(**{field_name: torch.from_numpy(np.ascontiguousarray(arrays[name]).astype(
+                np.float32 if kind == np.float32 else np.int64)) for name, (field_name, kind) in PIXEL_ARRAYS.items()})
+        except (TypeError, ValueError):
+            pixels = None
+        if pixels is None or not pixels.is_consistent(len(self.classes), len(self.image_means),
+                                                      self.features.shape[1]):
+            raise LessonError(f"{path} is a damaged lesson: its painted pixels do not fit its exemplars.")
+        if unsnapped is not None:
+            if (unsnapped.shape != (len(self.classes),) or unsnapped.dtype.kind != "f"
+                    or not np.isfinite(unsnapped).all() or np.abs(unsnapped).max() > MAX_CLASS_OFFSET):
+                raise LessonError(f"{path} is a damaged lesson: its class offsets without edge snapping do not fit "
+                                  f"its {len(self.classes)} classes.")
+            unsnapped = unsnapped.astype(np.float32)
+        return replace(self, pixels=pixels, unsnapped_offsets=unsnapped)
 
     @classmethod
     def _from_parts(cls, path, meta, features, labels, covariance=None, offsets=None, fitting=None,
@@ -249,6 +295,11 @@ class Lesson:
             digest.update(np.ascontiguousarray(self.covariance, dtype=np.float32).data)
         if self.class_offsets is not None:
             digest.update(b"offsets" + np.ascontiguousarray(self.class_offsets, dtype=np.float32).tobytes())
+        if self.unsnapped_offsets is not None:
+            digest.update(b"unsnapped" + np.ascontiguousarray(self.unsnapped_offsets, dtype=np.float32).tobytes())
+        if self.pixels is not None:
+            for field_name, kind in PIXEL_ARRAYS.values():
+                digest.update(np.ascontiguousarray(getattr(self.pixels, field_name).numpy(), dtype=kind).tobytes())
         return digest.hexdigest()[:20]
 
     # -- making and using ------------------------------------------------------------------------------
@@ -269,7 +320,7 @@ class Lesson:
             features = torch.cat([features.cpu(), source.features.cpu()])
             labels = torch.cat([labels.cpu(), source.classes.cpu()])
         covariance = None if source.covariance is None else source.covariance.double().cpu().numpy()
-        image_ids = image_means = text = None
+        image_ids = image_means = text = pixels = None
         if covariance is not None and source.image_ids is not None and source.image_means is not None:
             image_ids = source.image_ids.cpu().numpy().astype(np.int64)
             if source is not exemplars:  # the strokes on the scored image come first, from no recorded image
@@ -277,13 +328,14 @@ class Lesson:
             else:
                 image_means = source.image_means.float().cpu().numpy()
                 text = segmenter.encode_classes(classes, options.templates).float().cpu().numpy()
+                pixels = source.pixels
         lesson = cls(tuple(tuple(c.synonyms) for c in parsed), features.float().cpu().numpy(),
                      labels.cpu().numpy().astype(np.int64), segmenter.model.name,
                      segmenter.model.weights_id, method or segmenter.method,
                      (options.short_side, options.crop, options.stride),
                      None if covariance is None else covariance.astype(np.float32),
                      source.images if covariance is not None else 0, None, image_ids, image_means, text,
-                     float(options.logit_scale))
+                     float(options.logit_scale), pixels=pixels)
         return lesson.fitted() if fit else lesson
 
     def completed(self, segmenter) -> "Lesson":
@@ -339,11 +391,15 @@ class Lesson:
         from .strokes import lesson_offsets
 
         queries = torch.tensor([k for k, synonyms in enumerate(self.classes) for _ in synonyms])
-        offsets = lesson_offsets(torch.from_numpy(self.features), torch.from_numpy(self.labels),
-                                 torch.from_numpy(self.image_ids), torch.from_numpy(self.image_means),
-                                 torch.from_numpy(self.covariance), torch.from_numpy(self.text), queries,
-                                 len(self.classes), self.logit_scale)
-        return self if offsets is None else replace(self, class_offsets=offsets.numpy())
+        arguments = (torch.from_numpy(self.features), torch.from_numpy(self.labels), torch.from_numpy(self.image_ids),
+                     torch.from_numpy(self.image_means), torch.from_numpy(self.covariance), torch.from_numpy(self.text),
+                     queries, len(self.classes), self.logit_scale)
+        offsets = lesson_offsets(*arguments)
+        if offsets is None:
+            return self
+        unsnapped = None if self.pixels is None else lesson_offsets(*arguments, pixels=self.pixels)
+        return replace(self, class_offsets=offsets.numpy(),
+                       unsnapped_offsets=None if unsnapped is None else unsnapped.numpy())
 
     def combined(self, other: "Lesson", fit: bool = True) -> "Lesson":
         """One lesson from two made with the same model and classes (strokes on several images).
@@ -369,10 +425,13 @@ class Lesson:
                 checking = (np.concatenate([self.references, other.references]),
                             np.concatenate([self.reference_classes, other.reference_classes]),
                             np.concatenate([self.reference_ids, other.reference_ids + len(self.image_means)]))
+        pixels = None
+        if image_ids is not None and self.pixels is not None and other.pixels is not None:
+            pixels = PixelSamples.concatenate([self.pixels, other.pixels], [0, len(self.image_means)])
         joined = Lesson(self.classes, np.concatenate([self.features, other.features]),
                         np.concatenate([self.labels, other.labels]), self.model, self.weights, self.method,
                         self.windows, covariance, images, None, image_ids, image_means,
-                        self.text if image_ids is not None else None, self.logit_scale, *checking)
+                        self.text if image_ids is not None else None, self.logit_scale, *checking, pixels=pixels)
         return joined.fitted() if fit else joined
 
     def _check_identity(self, model: str, weights: str, method: str, windows: tuple, what: str) -> None:
@@ -407,12 +466,17 @@ class Lesson:
             raise LessonError(f"This lesson's exemplars have {features.shape[1]} values each; the model gives "
                               f"{segmenter.model.clip.visual.output_dim}.")
         covariance = None if self.covariance is None else torch.from_numpy(self.covariance)
-        offsets = None
-        if self.class_offsets is not None:
-            offsets = torch.zeros(len(classes))
-            offsets[torch.from_numpy(order)] = torch.from_numpy(self.class_offsets).float()
+        def in_run_order(values):
+            if values is None:
+                return None
+            ordered = torch.zeros(len(classes))
+            ordered[torch.from_numpy(order)] = torch.from_numpy(values).float()
+            return ordered
+
         return Exemplars(features, torch.from_numpy(order[self.labels]), len(classes), covariance=covariance,
-                         images=self.images if covariance is not None else 0, offsets=offsets)
+                         images=self.images if covariance is not None else 0,
+                         offsets=in_run_order(self.class_offsets),
+                         unsnapped_offsets=in_run_order(self.unsnapped_offsets))
 
 
 _JOINED: dict = {}

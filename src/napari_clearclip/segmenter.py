@@ -407,7 +407,7 @@ class Segmenter:
                                                opts)
         key = self._feature_key(array, opts, method_name, extra)
         args = (array, key, opts, method_fn)
-        exemplars = yield from self._collect(args, strokes, len(parsed))
+        exemplars = yield from self._collect(args, strokes, len(parsed), pixels=True)
         if exemplars is not None:  # used on other images, they are compared in this image's whitening
             stats = yield from self._statistics(args, self._cached_features(key))
             exemplars.covariance, exemplars.images, exemplars.source = stats.covariance.float(), 1, key
@@ -446,9 +446,10 @@ class Segmenter:
                               for _, patch_features in features.batches]
         return whitening, stats
 
-    def _collect(self, args, strokes, n_classes: int):
-        """Generator: exemplars under ``strokes``, from cached features or one encoding pass (which caches them)."""
-        collector = ExemplarCollector(strokes, n_classes)
+    def _collect(self, args, strokes, n_classes: int, pixels: bool = False):
+        """Generator: exemplars under ``strokes``, from cached features or one encoding pass (which caches them);
+        with ``pixels``, also the painted pixels as the windows score them (what a lesson's offsets are fitted on)."""
+        collector = ExemplarCollector(strokes, n_classes, pixels)
         features = self._cached_features(args[1])
         if features is None:
             yield from self._encode_and_score(*args, text=None, collect=collector.add)

@@ -347,22 +347,25 @@ def test_exemplars_from_other_images_are_whitened_regularised_at_the_covariances
 
 
 def test_a_lesson_from_several_images_adds_its_class_offsets_to_every_pixel_in_this_images_spreads(demo, lesson):
-    """Offsets are constant per class: every pixel's class scores move by offset x the image's text-score spread."""
-    assert lesson.class_offsets is not None and lesson.class_offsets.shape == (len(CLASSES),)
-    taught = np.bincount(lesson.labels, minlength=len(CLASSES)) > 0           # green and yellow
-    assert np.all(lesson.class_offsets[~taught] == 0) and np.abs(lesson.class_offsets[taught]).max() > 1e-3
+    """Offsets are constant per class: every pixel's class scores move by offset x the image's text-score spread.
+    Runs without edge snapping use the offsets fitted on the painted pixels."""
+    for offsets in (lesson.class_offsets, lesson.unsnapped_offsets):
+        assert offsets is not None and offsets.shape == (len(CLASSES),)
+        taught = np.bincount(lesson.labels, minlength=len(CLASSES)) > 0       # green and yellow
+        assert np.all(offsets[~taught] == 0) and np.abs(offsets[taught]).max() > 1e-3
     first = demo.make_lesson(CLASSES, [painted(3, "red", 4)])
-    assert first.class_offsets is None                                      # one image: nothing to fit
+    assert first.class_offsets is None and first.unsnapped_offsets is None   # one image: nothing to fit
     joined = first.combined(demo.make_lesson(CLASSES, [painted(7, "blue", 2)]))   # as the widget joins its images'
     together = demo.make_lesson(CLASSES, [painted(3, "red", 4), painted(7, "blue", 2)])
     np.testing.assert_allclose(joined.class_offsets, together.class_offsets, atol=1e-5)
+    np.testing.assert_allclose(joined.unsnapped_offsets, together.unsnapped_offsets, atol=1e-5)
     np.testing.assert_array_equal(joined.features, together.features)    # checked alike
     image = make_scene(12, size=192, objects=(3, 3)).image
     shuffled = ["background", "yellow", "red", "blue", "green"]
     with_offsets = demo.segment(image, shuffled, lesson=lesson).similarity
-    without = demo.segment(image, shuffled, lesson=dataclasses.replace(lesson, class_offsets=None)).similarity
+    without = demo.segment(image, shuffled, lesson=_with_offsets(lesson, None)).similarity
     shift = (with_offsets - without).reshape(len(CLASSES), -1)
-    expected = lesson.class_offsets[[CLASSES.index(name) for name in shuffled]]   # mapped by name
+    expected = lesson.unsnapped_offsets[[CLASSES.index(name) for name in shuffled]]   # mapped by name
     moved = expected != 0
     assert moved.sum() == 2 and np.all(shift[~moved] == 0)                 # classes not painted do not move
     # a patch gets all of the offsets or none (see offsets_between_taught_classes), resized as the scores are, at
@@ -388,6 +391,12 @@ def _grey_lesson(segmenter):
     return segmenter.make_lesson(CLASSES, pairs)
 
 
+def _with_offsets(lesson, offsets):
+    """``lesson`` with the same class ``offsets`` (or none) for runs with and without edge snapping."""
+    offsets = None if offsets is None else np.asarray(offsets, np.float32)
+    return dataclasses.replace(lesson, class_offsets=offsets, unsnapped_offsets=offsets)
+
+
 def test_a_lessons_offsets_move_boundaries_but_delete_no_object_the_text_found(demo):
     """A lesson's offset for background as large as the largest fitted (3 spreads) shrinks the objects, which is
     what it is for (the text swells objects over the grey around them), but every object the text finds keeps
@@ -395,7 +404,7 @@ def test_a_lessons_offsets_move_boundaries_but_delete_no_object_the_text_found(d
     lesson = _grey_lesson(demo)
     strong = np.zeros(len(CLASSES), np.float32)
     strong[CLASSES.index("background")] = 3.0
-    raised = dataclasses.replace(lesson, class_offsets=strong)
+    raised = _with_offsets(lesson, strong)
     background = CLASSES.index("background") + 1
     found = 0
     for seed in (12, 13, 14):
@@ -426,18 +435,16 @@ def test_a_class_the_strokes_on_the_image_calibrate_takes_their_offset_instead_o
 
     def run(offsets, **options):
         return demo.segment(scene.image, CLASSES, strokes=strokes, maps=True, refine=None,
-                            lesson=dataclasses.replace(lesson, class_offsets=np.asarray(offsets, np.float32)),
-                            **options).similarity
+                            lesson=_with_offsets(lesson, offsets), **options).similarity
     none = np.zeros(len(CLASSES), np.float32)
     raised, green = none.copy(), none.copy()
     raised[background] = 2.0
     green[background], green[CLASSES.index("green")] = 2.0, 2.0
     np.testing.assert_array_equal(run(raised), run(none))                  # background: the strokes' own offset
     assert not np.array_equal(run(green), run(none))                       # green: the lesson's, as before
-    without_strokes = demo.segment(scene.image, CLASSES, maps=True, lesson=dataclasses.replace(
-        lesson, class_offsets=raised)).similarity
-    assert not np.array_equal(without_strokes, demo.segment(scene.image, CLASSES, maps=True, lesson=dataclasses.replace(
-        lesson, class_offsets=none)).similarity)                            # on an image without strokes it applies
+    without_strokes = demo.segment(scene.image, CLASSES, maps=True, lesson=_with_offsets(lesson, raised)).similarity
+    assert not np.array_equal(without_strokes, demo.segment(scene.image, CLASSES, maps=True, lesson=_with_offsets(
+        lesson, none)).similarity)                                          # on an image without strokes it applies
 
 
 def test_a_lessons_class_offsets_apply_where_one_of_the_two_classes_the_text_scores_highest_was_painted():
@@ -696,3 +703,81 @@ def test_a_lesson_keeps_its_check_patches_in_the_file_and_refuses_damaged_ones(l
     with pytest.raises(LessonError, match="patches it checks its exemplars with"):
         Lesson.load(broken.save(tmp_path / "broken"))
     assert loaded.combined(loaded).references.shape[0] == 2 * len(lesson.references)
+
+
+def _squares(size: int, seed: int) -> np.ndarray:
+    """A 9 x 9 stroke of each class at random places (later ones over earlier ones)."""
+    rng = np.random.default_rng(seed)
+    strokes = np.zeros((size, size), np.int32)
+    for klass in range(1, len(CLASSES) + 1):
+        y, x = rng.integers(4, size - 4, 2)
+        strokes[y - 4 : y + 5, x - 4 : x + 5] = klass
+    return strokes
+
+
+def test_a_lessons_painted_pixels_are_the_patches_and_weights_that_score_them_in_a_run(demo):
+    """Each painted pixel's kept patches, scored by the text and mixed with their weights, give exactly what a run
+    gives that pixel (at the working size, here the image's own), through windows that overlap; its class is the one
+    painted. A class painted over many pixels keeps SAMPLES_PER_CLASS of them, the same ones on every run."""
+    from napari_clearclip.pixel_samples import SAMPLES_PER_CLASS, mixed_scores
+
+    text = demo.encode_classes(CLASSES, None).float()
+    for size, seed in ((256, 3), (200, 4)):
+        image = make_scene(seed, size=size, objects=(3, 3)).image
+        strokes = _squares(size, seed)
+        pixels = demo.collect_exemplars(image, strokes, CLASSES, short_side=size).pixels
+        rows, cols = np.nonzero(strokes)
+        assert len(pixels) == len(rows)
+        np.testing.assert_array_equal(pixels.classes.numpy(), strokes[rows, cols] - 1)
+        mixed = mixed_scores(pixels.context @ text.T, pixels.taps, pixels.weights, len(pixels)).numpy()
+        run = demo.segment(image, CLASSES, short_side=size).similarity[:, rows, cols].T
+        np.testing.assert_allclose(mixed, run, atol=1e-6)
+    image = make_scene(5, size=256, objects=(3, 3)).image
+    strokes = np.zeros((256, 256), np.int32)
+    strokes[:100, :100], strokes[240:, 240:] = 5, 1
+    first, again = (demo.collect_exemplars(image, strokes, CLASSES).pixels for _ in range(2))
+    np.testing.assert_array_equal(np.bincount(first.classes.numpy(), minlength=5), [256, 0, 0, 0, SAMPLES_PER_CLASS])
+    np.testing.assert_array_equal(first.taps.numpy(), again.taps.numpy())
+
+
+def test_runs_without_edge_snapping_use_the_offsets_fitted_on_painted_pixels_and_with_it_those_fitted_on_patches(
+        demo, lesson):
+    """Fitted on the painted pixels, the offsets also correct the rim by which objects swell once patch scores are
+    resized, which edge snapping draws from the image instead; a lesson without them uses its patch offsets."""
+    image = make_scene(12, size=192, objects=(3, 3)).image
+    zero = np.zeros(len(CLASSES), np.float32)
+    for refine, used, unused in ((None, "unsnapped_offsets", "class_offsets"),
+                                 ("pamr", "class_offsets", "unsnapped_offsets")):
+        def run(**change):
+            return demo.segment(image, CLASSES, refine=refine, lesson=dataclasses.replace(lesson, **change)).probabilities
+        base = run()
+        np.testing.assert_array_equal(run(**{unused: zero}), base)
+        assert not np.array_equal(run(**{used: zero}), base)
+    earlier = dataclasses.replace(lesson, unsnapped_offsets=None, pixels=None)       # saved before pixels were kept
+    np.testing.assert_array_equal(demo.segment(image, CLASSES, lesson=earlier).probabilities,
+                                  demo.segment(image, CLASSES, lesson=_with_offsets(lesson, lesson.class_offsets))
+                                  .probabilities)
+
+
+def test_a_lesson_keeps_its_painted_pixels_in_the_file_and_refuses_damaged_ones(lesson, tmp_path):
+    """Saved and loaded as they were, fitted anew to the same offsets, joined with another lesson's; a file whose
+    pixels point past its patches, or whose offsets do not fit its classes, is refused."""
+    assert lesson.pixels is not None and len(np.unique(lesson.pixels.image_ids.numpy())) == 2
+    loaded = Lesson.load(lesson.save(tmp_path / "pixels"))
+    for name in ("context", "context_ids", "taps", "weights", "classes", "image_ids"):
+        np.testing.assert_array_equal(getattr(loaded.pixels, name).numpy(), getattr(lesson.pixels, name).numpy())
+    np.testing.assert_array_equal(loaded.unsnapped_offsets, lesson.unsnapped_offsets)
+    assert loaded.fingerprint() == lesson.fingerprint()
+    assert dataclasses.replace(lesson, unsnapped_offsets=None).fingerprint() != lesson.fingerprint()
+    np.testing.assert_allclose(loaded.fitted().unsnapped_offsets, lesson.unsnapped_offsets, atol=1e-6)
+    twice = loaded.combined(loaded)
+    assert len(twice.pixels) == 2 * len(lesson.pixels) and twice.unsnapped_offsets is not None
+    assert set(np.unique(twice.pixels.image_ids.numpy())) == {0, 1, 2, 3}
+    taps = lesson.pixels.taps.clone()
+    taps[0, 1] = len(lesson.pixels.context)
+    broken = dataclasses.replace(lesson, pixels=dataclasses.replace(lesson.pixels, taps=taps))
+    with pytest.raises(LessonError, match="painted pixels do not fit"):
+        Lesson.load(broken.save(tmp_path / "broken"))
+    short = dataclasses.replace(lesson, unsnapped_offsets=np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="without edge snapping do not fit its 5 classes"):
+        Lesson.load(short.save(tmp_path / "short"))

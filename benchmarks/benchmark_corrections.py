@@ -4,6 +4,7 @@
     python benchmarks/benchmark_corrections.py --second-model     # synthetic-tiny-b, held out (tests/models)
     python benchmarks/benchmark_corrections.py --held-out synthetic-tiny-c
     python benchmarks/benchmark_corrections.py --lesson-seeds 5      # lessons from 5 sets of training scenes
+    python benchmarks/benchmark_corrections.py --lessons-only --lesson-seeds 5 --lesson-and-strokes
 
 Each round, the annotator finds the largest wrongly labelled region, paints one small
 disk (radius 3 px) at its most interior point with the true class, and runs again.
@@ -82,13 +83,14 @@ def next_stroke(predicted: np.ndarray, truth: np.ndarray, radius: int = 3):
     return rr, cc, int(truth[y, x])
 
 
-def run_annotator(segmenter, scenes, count: int, paste=False, refine=None, painted: list | None = None):
-    """Per scene and round: predicted labels after 0..count strokes (``painted`` collects each scene's strokes)."""
+def run_annotator(segmenter, scenes, count: int, paste=False, refine=None, painted: list | None = None, lesson=None):
+    """Per scene and round: predicted labels after 0..count strokes (``painted`` collects each scene's strokes;
+    ``lesson`` teaches every run as well)."""
     history = []
     for scene in scenes:
         truth = truth_of(scene)
         strokes = np.zeros(truth.shape, np.int32)
-        zero_shot = segmenter.segment(scene.image, CLASSES, maps=False, refine=refine).labels
+        zero_shot = segmenter.segment(scene.image, CLASSES, maps=False, refine=refine, lesson=lesson).labels
         rounds = [zero_shot]
         predicted = zero_shot
         for _ in range(count):
@@ -101,7 +103,7 @@ def run_annotator(segmenter, scenes, count: int, paste=False, refine=None, paint
                 predicted[strokes > 0] = strokes[strokes > 0]
             else:
                 predicted = segmenter.segment(scene.image, CLASSES, strokes=strokes, maps=False,
-                                              refine=refine).labels
+                                              refine=refine, lesson=lesson).labels
             rounds.append(predicted)
         history.append((truth, rounds))
         if painted is not None:
@@ -120,7 +122,7 @@ def lesson_transfer(segmenter, strokes: int = 5, training: int = 3, held_out: in
     painted: list = []
     run_annotator(segmenter, train, strokes, painted=painted)
     lesson = segmenter.make_lesson(CLASSES, painted)
-    out = {"exemplars": len(lesson)}
+    out = {"exemplars": len(lesson), "lesson object": lesson}
     for suffix, refine in (("", None), (" + PAMR", "pamr")):
         for name, taught in (("objects zero-shot", None), ("objects with the lesson", lesson)):
             right = total = 0
@@ -248,6 +250,12 @@ def main() -> None:
     parser.add_argument("--lesson-seeds", type=int, default=1,
                         help="also make lessons from other training scenes (seeds 21,000, 22,000, ...) and print how "
                              "each does on the same 20 held-out scenes: a lesson depends on which scenes were painted")
+    parser.add_argument("--lessons-only", action="store_true",
+                        help="only the lessons (and, with --lesson-and-strokes, a lesson with strokes): no annotator "
+                             "curves, stroke safety or timing")
+    parser.add_argument("--lesson-and-strokes", action="store_true",
+                        help="also paint the held-out scenes with the standard lesson active (rounds 0-5, without "
+                             "and with PAMR)")
     parser.add_argument("--vit-b-16", action="store_true",
                         help="also time re-runs with a randomly initialised ViT-B/16 (a stroke, and a bucket fill)")
     args = parser.parse_args()
@@ -258,15 +266,16 @@ def main() -> None:
     scenes = held_out_scenes(args.scenes, sizes=(128, 192, 256))
     curves = {}
     histories = {}
-    for name, mode in MODES.items():
+    for name, mode in ({} if args.lessons_only else MODES).items():
         history = run_annotator(segmenter, scenes, args.strokes, **mode)
         histories[name] = history
         curves[name] = [mean_iou([(truth, rounds[r]) for truth, rounds in history]) for r in range(args.strokes + 1)]
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in curves[name]) + " |", flush=True)
-    print("\none stroke of a word the text does not place on blue, on one of two blue squares")
-    print("| word | other square turned | unlike pixels kept (target >= 97%) | the same with PAMR |")
-    print("|---|---|---|---|")
-    for word in SAFETY_WORDS.get(segmenter.model.name, ("debris",)):
+    if not args.lessons_only:
+        print("\none stroke of a word the text does not place on blue, on one of two blue squares")
+        print("| word | other square turned | unlike pixels kept (target >= 97%) | the same with PAMR |")
+        print("|---|---|---|---|")
+    for word in () if args.lessons_only else SAFETY_WORDS.get(segmenter.model.name, ("debris",)):
         (other, kept), (other_snapped, kept_snapped) = (stroke_safety(segmenter, word, r) for r in (None, "pamr"))
         print(f"| {word} | {other:.0%} ({other_snapped:.0%} with PAMR) | {kept:.1%} | {kept_snapped:.1%} |", flush=True)
     transfer = lesson_transfer(segmenter, strokes=5)
@@ -294,6 +303,16 @@ def main() -> None:
             print(f"| {seed} | {other['exemplars']} | {other['lesson']:.3f} | {other['lesson + PAMR']:.3f} | "
                   f"{other['largest drop']:+.3f} | {other['largest drop + PAMR']:+.3f} | "
                   f"{other['scenes lowered']} / {other['scenes lowered + PAMR']} |", flush=True)
+    if args.lesson_and_strokes:
+        print("\nthe standard lesson active while the annotator paints the held-out scenes: mIoU after 0..5 strokes")
+        print("| | " + " | ".join(str(r) for r in range(6)) + " |")
+        print("|---|" + "---|" * 6)
+        for name, refine in (("lesson + strokes", None), ("lesson + strokes + PAMR", "pamr")):
+            history = run_annotator(segmenter, scenes, 5, refine=refine, lesson=transfer["lesson object"])
+            print(f"| {name} | " + " | ".join(f"{mean_iou([(t, rounds[r]) for t, rounds in history]):.3f}"
+                                              for r in range(6)) + " |", flush=True)
+    if args.lessons_only:
+        return
     first, rerun = rerun_cost(segmenter)
     print(f"first run on a 1024 x 1024 scene: {first:.3f} s; corrected re-run on cached features: {rerun:.3f} s "
           f"({100 * rerun / first:.1f}% of the first run)")

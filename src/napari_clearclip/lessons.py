@@ -18,11 +18,12 @@ File format (``.npz``, read without pickle, so a lesson from a stranger cannot r
   (regularised at its sixth-largest eigenvalue: ``strokes.OTHER_IMAGES_WHITENING_RANK``); a
   lesson without it (made by an earlier version) is whitened with each new image's own.
 - ``class_offsets`` (optional): float32 (C,), per class (in ``classes`` order) what the lesson adds to the class's
-  scores in runs with edge snapping (and in all runs where ``unsnapped_offsets`` are absent), in units of the scored image's text-score spread, at the patches where one of the two classes the text
-  scores highest has an offset (``strokes.offsets_between_taught_classes``; never so that a whole region of patches
-  loses the class the text gives it: ``strokes.Exemplars.teach``); 0 for a class the lesson has no
-  exemplar of; fitted when the exemplars come
-  from two or more images (see ``strokes.lesson_offsets``), and fitted anew when lessons are combined;
+  scores in runs with edge snapping (and in all runs where ``unsnapped_offsets`` are absent), in units of the
+  scored image's text-score spread, at the patches where one of the two classes the text scores highest has an
+  offset (``strokes.offsets_between_taught_classes``; never so that a whole region of patches loses the class the
+  text gives it: ``strokes.Exemplars.teach``); 0 for a class the lesson has no exemplar of; fitted on the painted
+  patches when the exemplars come from two or more images (see ``strokes.lesson_offsets``), and fitted anew when
+  lessons are combined;
 - ``image_ids`` (optional, with the next two): int32 (N,), which painted image each exemplar came from;
 - ``image_means``: float32 (images, E), those images' patch means;
 - ``text``: float32 (Q, E), the text embeddings of the classes' names and synonyms (in order) the

@@ -748,7 +748,7 @@ def test_runs_without_edge_snapping_use_the_offsets_fitted_on_painted_pixels_and
     zero = np.zeros(len(CLASSES), np.float32)
     for refine, used, unused in ((None, "unsnapped_offsets", "class_offsets"),
                                  ("pamr", "class_offsets", "unsnapped_offsets")):
-        def run(**change):
+        def run(refine=refine, **change):
             return demo.segment(image, CLASSES, refine=refine, lesson=dataclasses.replace(lesson, **change)).probabilities
         base = run()
         np.testing.assert_array_equal(run(**{unused: zero}), base)

@@ -420,10 +420,13 @@ def test_a_lessons_offsets_move_boundaries_but_delete_no_object_the_text_found(d
     assert found >= 4
 
 
-def test_a_class_the_strokes_on_the_image_calibrate_takes_their_offset_instead_of_the_lessons(demo):
-    """Two background strokes on the image make it fit its own background offset: the lesson's background offset is
-    then left out (both are fitted against the text; added together they corrected twice), while a lesson's offset
-    for a class the strokes do not calibrate still applies. Without snapping (with it, strokes fit no offsets)."""
+def test_a_class_a_lesson_has_an_offset_for_keeps_it_and_the_images_own_offset_for_it_is_left_out(demo, monkeypatch):
+    """Two background strokes on the image make it fit its own background offset. With a lesson's background offset
+    it is left out (both are fitted against the text; added together they corrected twice): the run is the one
+    without any offsets of the image's own. A lesson with an offset for green alone leaves the image's background
+    offset in place, and so does a lesson without offsets. Without snapping (with it, strokes fit no offsets)."""
+    import napari_clearclip.strokes as strokes_module
+
     lesson = _grey_lesson(demo)
     scene = make_scene(12, size=192, objects=(3, 3))
     strokes = np.zeros(scene.image.shape[:2], np.int32)
@@ -433,18 +436,20 @@ def test_a_class_the_strokes_on_the_image_calibrate_takes_their_offset_instead_o
         assert grey[y - 2 : y + 3, x - 2 : x + 3].all()
         strokes[y - 2 : y + 3, x - 2 : x + 3] = background + 1               # two strokes of background
 
-    def run(offsets, **options):
-        return demo.segment(scene.image, CLASSES, strokes=strokes, maps=True, refine=None,
-                            lesson=_with_offsets(lesson, offsets), **options).similarity
+    def run(offsets, own=True):
+        with monkeypatch.context() as patch:
+            if not own:
+                patch.setattr(strokes_module, "stroke_offsets", lambda *args, **kwargs: None)
+            return demo.segment(scene.image, CLASSES, strokes=strokes, maps=True, refine=None,
+                                lesson=_with_offsets(lesson, offsets)).similarity
     none = np.zeros(len(CLASSES), np.float32)
     raised, green = none.copy(), none.copy()
     raised[background] = 2.0
-    green[background], green[CLASSES.index("green")] = 2.0, 2.0
-    np.testing.assert_array_equal(run(raised), run(none))                  # background: the strokes' own offset
-    assert not np.array_equal(run(green), run(none))                       # green: the lesson's, as before
-    without_strokes = demo.segment(scene.image, CLASSES, maps=True, lesson=_with_offsets(lesson, raised)).similarity
-    assert not np.array_equal(without_strokes, demo.segment(scene.image, CLASSES, maps=True, lesson=_with_offsets(
-        lesson, none)).similarity)                                          # on an image without strokes it applies
+    green[CLASSES.index("green")] = 2.0
+    np.testing.assert_array_equal(run(raised), run(raised, own=False))     # background: the lesson's alone
+    assert not np.array_equal(run(raised), run(none))                       # ... which applies
+    assert not np.array_equal(run(green), run(green, own=False))            # green: the image's background offset stays
+    assert not np.array_equal(run(none), run(none, own=False))
 
 
 def test_a_lessons_class_offsets_apply_where_one_of_the_two_classes_the_text_scores_highest_was_painted():
@@ -746,13 +751,17 @@ def test_runs_without_edge_snapping_use_the_offsets_fitted_on_painted_pixels_and
     resized, which edge snapping draws from the image instead; a lesson without them uses its patch offsets."""
     image = make_scene(12, size=192, objects=(3, 3)).image
     zero = np.zeros(len(CLASSES), np.float32)
+    strokes = np.zeros(image.shape[:2], np.int32)
+    strokes[5:10, 5:10] = strokes[180:185, 180:185] = CLASSES.index("red") + 1   # strokes on the image as well
     for refine, used, unused in ((None, "unsnapped_offsets", "class_offsets"),
                                  ("pamr", "class_offsets", "unsnapped_offsets")):
-        def run(refine=refine, **change):
-            return demo.segment(image, CLASSES, refine=refine, lesson=dataclasses.replace(lesson, **change)).probabilities
-        base = run()
-        np.testing.assert_array_equal(run(**{unused: zero}), base)
-        assert not np.array_equal(run(**{used: zero}), base)
+        for painted_here in (None, strokes):
+            def run(refine=refine, painted_here=painted_here, **change):
+                return demo.segment(image, CLASSES, refine=refine, strokes=painted_here,
+                                    lesson=dataclasses.replace(lesson, **change)).probabilities
+            base = run()
+            np.testing.assert_array_equal(run(**{unused: zero}), base)
+            assert not np.array_equal(run(**{used: zero}), base)
     earlier = dataclasses.replace(lesson, unsnapped_offsets=None, pixels=None)       # saved before pixels were kept
     np.testing.assert_array_equal(demo.segment(image, CLASSES, lesson=earlier).probabilities,
                                   demo.segment(image, CLASSES, lesson=_with_offsets(lesson, lesson.class_offsets))

@@ -924,8 +924,9 @@ class Exemplars:
         this very image that repeat a correction in two or more places also shift the classes' scores on
         every patch (see :func:`stroke_offsets`), unless edge snapping follows. ``position_offsets`` (the
         image's :attr:`FeatureStats.position_offsets`) are taken off its patches before they are compared.
-        A lesson's class offsets are those fitted for runs with edge snapping where ``snapped_offsets`` (default:
-        ``snapping``), else those fitted on painted pixels for runs without.
+        A lesson's class offsets are those fitted on painted patches where ``snapped_offsets`` (default:
+        ``snapping``; also for classes of given objects, whose edges are given), else those fitted on painted
+        pixels for runs without snapping.
         """
         own = whitening
         if self.covariance is not None:
@@ -946,7 +947,7 @@ class Exemplars:
             if fitted is not None:
                 copy._stroke_offsets = fitted.to(own[0].device) * (copy.strength / EXEMPLAR_SPREADS)
         if self.others is not None:
-            copy.others = self.others.for_image(own, text, snapped_offsets=snapping)
+            copy.others = self.others.for_image(own, text, snapped_offsets=snapped_offsets)
         copy.position_offsets = position_offsets
         if copy._stroke_offsets is not None:
             # a class a lesson has an offset for keeps the lesson's: both are fitted against the text, and added

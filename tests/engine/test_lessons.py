@@ -762,6 +762,12 @@ def test_runs_without_edge_snapping_use_the_offsets_fitted_on_painted_pixels_and
             base = run()
             np.testing.assert_array_equal(run(**{unused: zero}), base)
             assert not np.array_equal(run(**{used: zero}), base)
+    objects = make_scene(12, size=192, objects=(3, 3)).instances()[0]
+    for change, same in (({"unsnapped_offsets": zero}, True), ({"class_offsets": zero}, False)):
+        # given objects are the edges: the offsets that correct where edges fall are not used
+        tables = [demo.segment(image, CLASSES, objects=objects, maps=False, lesson=taught).objects["confidence"]
+                  for taught in (lesson, dataclasses.replace(lesson, **change))]
+        assert np.array_equal(*tables) == same
     earlier = dataclasses.replace(lesson, unsnapped_offsets=None, pixels=None)       # saved before pixels were kept
     np.testing.assert_array_equal(demo.segment(image, CLASSES, lesson=earlier).probabilities,
                                   demo.segment(image, CLASSES, lesson=_with_offsets(lesson, lesson.class_offsets))

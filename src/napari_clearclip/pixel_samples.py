@@ -81,8 +81,9 @@ class PixelSamples:
 
 def mixed_scores(scores: torch.Tensor, taps: torch.Tensor, weights: torch.Tensor, samples: int) -> torch.Tensor:
     """(S, Q) each sample's scores: its taps' rows of ``scores`` (K, Q), weighted and summed."""
-    out = torch.zeros(samples, scores.shape[1], dtype=scores.dtype)
-    out.index_add_(0, taps[:, 0], scores[taps[:, 1]] * weights[:, None].to(scores.dtype))
+    out = torch.zeros(samples, scores.shape[1], dtype=scores.dtype, device=scores.device)
+    taps = taps.to(scores.device)
+    out.index_add_(0, taps[:, 0], scores[taps[:, 1]] * weights[:, None].to(scores))
     return out
 
 

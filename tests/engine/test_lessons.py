@@ -310,9 +310,10 @@ def test_a_lesson_from_three_painted_scenes_lifts_every_unpainted_scene_on_model
     covariance, the lesson's exemplars stop looking like the same things on new images (gains of 0.05-0.08).
     On synthetic-tiny-d, class offsets applied on every patch shrank the green that nobody painted (one scene
     0.765 to 0.664). With the offsets applied where one of the two best classes was painted and never taking a
-    whole region, the three lessons gain 0.200, 0.167 and 0.170 here, every scene at least 0.12 (0.090 for
-    synthetic-tiny-d while they applied only between painted classes): asked, 0.12 and 0.05 a scene, above the
-    target's 0.08."""
+    whole region, the three lessons gained 0.200, 0.167 and 0.170 here, every scene at least 0.12 (0.090 for
+    synthetic-tiny-d while they applied only between painted classes). With the offsets fitted on painted pixels
+    for runs without snapping, 0.227, 0.202 and 0.205, every scene at least 0.133: asked, 0.18 (above what the
+    patch offsets gave) and 0.09 a scene, above the target's 0.08."""
     from napari_clearclip.demo.scenes import held_out_scenes
 
     segmenter = Segmenter(**small_models(model), disk_cache=False)
@@ -323,8 +324,8 @@ def test_a_lesson_from_three_painted_scenes_lifts_every_unpainted_scene_on_model
         truth = _truth(scene)
         pairs_zero.append((truth, segmenter.segment(scene.image, CLASSES, maps=False).labels))
         pairs_taught.append((truth, segmenter.segment(scene.image, CLASSES, maps=False, lesson=lesson).labels))
-        assert _mean_iou(pairs_taught[-1:]) > _mean_iou(pairs_zero[-1:]) + 0.05   # every unpainted scene gains
-    assert _mean_iou(pairs_taught) > _mean_iou(pairs_zero) + 0.12
+        assert _mean_iou(pairs_taught[-1:]) > _mean_iou(pairs_zero[-1:]) + 0.09   # every unpainted scene gains
+    assert _mean_iou(pairs_taught) > _mean_iou(pairs_zero) + 0.18
 
 
 def test_exemplars_from_other_images_are_whitened_regularised_at_the_covariances_sixth_eigenvalue():

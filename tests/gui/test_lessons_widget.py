@@ -206,6 +206,10 @@ def test_a_lesson_saved_from_strokes_on_two_images_is_fitted_as_one_made_from_bo
     lessons = session.to_save("B")                             # not joined, checked or fitted on the main thread
     assert [len(lesson) for lesson in lessons] == [len(session.taught["B"]), len(session.taught["A"])]
     lesson, path = fitted_and_saved(lessons, tmp_path / "two", segmenter)
-    expected = segmenter.make_lesson(classes, painted[::-1]).class_offsets
+    made = segmenter.make_lesson(classes, painted[::-1])
+    expected = made.class_offsets
     np.testing.assert_allclose(Lesson.load(path).class_offsets, expected, atol=1e-5)
     np.testing.assert_allclose(lesson.class_offsets, expected, atol=1e-5)
+    # with both images' painted pixels, for the offsets of runs without snapping
+    assert len(Lesson.load(path).pixels) == len(made.pixels) > 0
+    np.testing.assert_allclose(Lesson.load(path).unsnapped_offsets, made.unsnapped_offsets, atol=1e-5)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 #: At most this many painted pixels per class and image are kept, drawn the same way on every run: one offset per
-#: class is fitted on them, and a lesson file stays small (the benchmark's five 3 px disks per scene paint 500-590).
+#: class is fitted on them, and a lesson file stays small (five 3 px disks on each of three scenes keep 500-590).
 SAMPLES_PER_CLASS = 1024
 
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from .cache import cache_dir
 from .errors import InvalidClassesError
 from .models import LoadedModel
+from .text_prefixes import PromptPrefixes, supports
 
 #: The 80 OpenAI ImageNet prompt templates shipped by open_clip, as "{}" format strings.
 IMAGENET_TEMPLATES: tuple[str, ...] = tuple(t("{}") for t in open_clip.OPENAI_IMAGENET_TEMPLATES)
@@ -107,6 +108,8 @@ class TextEncoder:
         self.disk_cache = disk_cache
         self._memory: dict[str, torch.Tensor] = {}
         self._width = int(model.clip.text_projection.shape[-1]) if _has_projection(model.clip) else None
+        self._prefixes = PromptPrefixes(model.clip) if supports(model.clip) else None
+        self._prefixes_read = False
 
     def check_distinct(self, names: Sequence[str], templates: tuple[str, ...]) -> None:
         """Refuse names that the text context cuts into the same prompts; warn when a name is cut at all.
@@ -216,6 +219,10 @@ class TextEncoder:
         missing = list(dict.fromkeys(n for n in names if self.lookup(n, templates) is None))
         per_batch = max(1, PROMPTS_PER_BATCH // len(templates))
         total = len(missing)
+        if missing and self._prefixes is not None:
+            self._read_prefixes()
+            self._prefixes.want_templates(self.model.tokenizer, templates)
+        known = len(self._prefixes) if self._prefixes is not None else 0
         for start in range(0, total, per_batch):
             chunk = missing[start : start + per_batch]
             prompts = [t.replace("{}", name) for name in chunk for t in templates]
@@ -224,6 +231,41 @@ class TextEncoder:
                 mean = F.normalize(per_template, dim=-1).mean(dim=0)
                 self._store(name, templates, F.normalize(mean, dim=0).cpu())
             yield min(start + per_batch, total), total
+        if self._prefixes is not None and len(self._prefixes) > known and self.disk_cache:
+            self._write_prefixes()
+
+    def _prefixes_path(self) -> Path:
+        key = hashlib.sha256(f"{self.model.cache_id}\x00prompt-beginnings".encode("utf-8")).hexdigest()
+        return cache_dir() / "text-embeddings" / f"beginnings-{key}.npz"
+
+    def _read_prefixes(self) -> None:
+        """The template beginnings an earlier session kept for this model (see :mod:`.text_prefixes`), once;
+        a missing, damaged or foreign file is a miss."""
+        if self._prefixes_read or not self.disk_cache:
+            return
+        self._prefixes_read = True
+        path = self._prefixes_path()
+        try:
+            if not path.is_file():
+                return
+            with np.load(path, allow_pickle=False) as stored:
+                arrays = {name: stored[name] for name in stored.files}
+        except Exception:  # truncated, not a .npz, unreadable: recomputed and rewritten
+            log.info("Ignoring unreadable prompt beginnings: %s", path)
+            return
+        if not self._prefixes.restore(arrays):
+            log.info("Ignoring prompt beginnings made for another model: %s", path)
+
+    def _write_prefixes(self) -> None:
+        from .files import write_atomic
+
+        path = self._prefixes_path()
+        arrays = self._prefixes.arrays()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda p: _save_npz(p, arrays))
+        except OSError as exc:
+            log.info("Skipping the prompt beginnings %s, which cannot be written: %s", path, exc)
 
     def embeddings(self, names: Sequence[str], templates: tuple[str, ...]) -> torch.Tensor:
         """(len(names), E) float32 embeddings, encoding whatever is not cached."""
@@ -237,13 +279,21 @@ class TextEncoder:
         model = self.model
         tokens = model.tokenizer(prompts).to(model.device)
         with model.autocast():
-            features = encode_text_truncated(model.clip, tokens)
+            if self._prefixes is not None:
+                features = self._prefixes.encode(tokens)
+            else:
+                features = encode_text_truncated(model.clip, tokens)
         return features.float().cpu()
 
 
 def _save_npy(path: Path, values: np.ndarray) -> None:
     with open(path, "wb") as handle:  # a handle: np.save would add ".npy" to a temporary file's name
         np.save(handle, values)
+
+
+def _save_npz(path: Path, arrays: dict) -> None:
+    with open(path, "wb") as handle:  # a handle: np.savez would add ".npz" to a temporary file's name
+        np.savez(handle, **arrays)
 
 
 def _has_projection(clip) -> bool:

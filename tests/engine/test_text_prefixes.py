@@ -1,0 +1,114 @@
+"""Prompts encoded from the class name on, with the templates' beginnings kept: the features of whole prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_clearclip import Segmenter
+from napari_clearclip import prompts, text_prefixes
+from napari_clearclip.prompts import IMAGENET_TEMPLATES
+
+LONG_NAME = "a rather long name for a class of cells seen under the microscope " * 3  # cut at the context
+
+
+def reference_embedding(segmenter: Segmenter, name: str, templates=IMAGENET_TEMPLATES) -> torch.Tensor:
+    """A class's embedding from open_clip's own ``encode_text`` on whole prompts at the full context."""
+    model = segmenter.model
+    with torch.no_grad():
+        features = model.clip.encode_text(model.tokenizer([t.replace("{}", name) for t in templates]))
+    return F.normalize(F.normalize(features, dim=-1).mean(0), dim=0)
+
+
+@pytest.fixture
+def computed_tokens(monkeypatch):
+    """The tokens each pass through the text transformer computed (one entry per pass)."""
+    passes: list[int] = []
+    real = text_prefixes._block
+
+    def counting(block, x, *args):
+        if block is counting.first:
+            passes.append(int(x.shape[0]))
+        return real(block, x, *args)
+    counting.first = None
+    monkeypatch.setattr(text_prefixes, "_block", counting)
+    return passes, counting
+
+
+def test_classes_typed_later_compute_only_their_own_tokens_and_equal_whole_prompts(vitb16_checkpoint, small_models,
+                                                                                    computed_tokens):
+    passes, counting = computed_tokens
+    for options in ({"model": "ViT-B-16", "pretrained": vitb16_checkpoint, "device": "cpu"},
+                    small_models("synthetic-tiny-b")):
+        segmenter = Segmenter(**options, disk_cache=False)
+        assert text_prefixes.supports(segmenter.model.clip)
+        counting.first = segmenter.model.clip.transformer.resblocks[0]
+        passes.clear()
+        for name in ["purple", "orange", "cell nucleus", LONG_NAME, "x"]:
+            got = segmenter.encode_classes([name])[0]
+            torch.testing.assert_close(got, reference_embedding(segmenter, name), atol=2e-6, rtol=0)
+        first, second = passes[-5], passes[-4]  # (the start token alone is one more pass, of one token)
+        ends = segmenter.model.tokenizer([t.replace("{}", "purple") for t in IMAGENET_TEMPLATES]).argmax(-1)
+        assert first == int(ends.sum())          # the first class: every token after the start token
+        assert second < 0.5 * first, passes      # then: from the name on
+        assert passes[-1] <= 4 * len(IMAGENET_TEMPLATES)
+
+
+def test_beginnings_saved_for_the_next_session_and_a_damaged_or_foreign_file_is_a_miss(tiny_checkpoint, tmp_path,
+                                                                                       computed_tokens):
+    passes, counting = computed_tokens
+    first = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
+    first.encode_classes(["cat"])
+    saved = list((tmp_path / "cache" / "text-embeddings").glob("beginnings-*.npz"))
+    assert len(saved) == 1
+    path = saved[0]
+    with np.load(path) as stored:
+        assert stored["keys"].shape[1] == len({t.split("{}")[0] for t in IMAGENET_TEMPLATES}) + 1  # and the start
+
+    def fresh_session(name: str) -> int:
+        segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
+        counting.first = segmenter.model.clip.transformer.resblocks[0]
+        passes.clear()
+        got = segmenter.encode_classes([name])[0]
+        torch.testing.assert_close(got, reference_embedding(segmenter, name), atol=2e-6, rtol=0)
+        return sum(passes)
+
+    # every token after the start token, as the first class of a session without the file computes
+    whole = int(first.model.tokenizer([t.replace("{}", "dog") for t in IMAGENET_TEMPLATES]).argmax(-1).sum())
+    assert fresh_session("dog") < 0.5 * whole  # from the name on at once
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])   # truncated: a miss, recomputed and rewritten
+    assert fresh_session("bird") >= whole
+    assert path.read_bytes() != good[: len(good) // 2]
+    with np.load(path) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    assert fresh_session("fish") < 0.5 * whole
+    # arrays that do not fit the model: other shapes, token ids out of range, values not finite
+    model = first.model.clip
+    damages = ({"keys": arrays["keys"][:, :, :, :, :-1]}, {"tokens": arrays["tokens"] + 10**6},
+               {"values": np.full_like(arrays["values"], np.nan)}, {"keys": arrays["keys"].astype(np.float64)})
+    for name, damage in zip(["horse", "cow", "goat", "sheep"], damages):
+        assert not text_prefixes.PromptPrefixes(model).restore({**arrays, **damage})
+        np.savez(path, **{**arrays, **damage})
+        assert fresh_session(name) >= whole
+    assert text_prefixes.PromptPrefixes(model).restore(arrays)
+
+
+def test_a_name_glued_to_its_template_and_towers_encoded_whole_give_the_same_features(tiny_checkpoint, monkeypatch):
+    templates = ("a photo of a{}.", "{} under the microscope", "itap of a {}.", "a photo of a {}.")
+    segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu", disk_cache=False)
+    for name in ["cat", "cell nucleus"]:
+        got = segmenter.encode_classes([name], templates)[0]
+        torch.testing.assert_close(got, reference_embedding(segmenter, name, templates), atol=2e-6, rtol=0)
+    # a tower pooled otherwise is encoded whole, with the same result
+    monkeypatch.setattr(prompts, "supports", lambda clip: False)
+    whole = Segmenter("test-tiny", tiny_checkpoint, device="cpu", disk_cache=False)
+    assert whole.text._prefixes is None
+    torch.testing.assert_close(whole.encode_classes(["dog"], templates)[0],
+                               reference_embedding(whole, "dog", templates), atol=2e-6, rtol=0)
+    monkeypatch.undo()
+    clip = segmenter.model.clip
+    monkeypatch.setattr(clip, "text_pool_type", "first")
+    assert not text_prefixes.supports(clip)

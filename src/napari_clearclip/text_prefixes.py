@@ -223,40 +223,37 @@ class PromptPrefixes:
         return x
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The kept beginnings as arrays, to be saved: ``tokens`` (P, L; -1 past a beginning's end), ``keys`` and
-        ``values`` (layers, P, heads, L, head width), float32."""
-        lengths, keys, values = self._padded()
-        tokens = np.full((len(self._keys), int(lengths.max())), -1, np.int64)
-        for beginning, number in self._index.items():
-            tokens[number, : len(beginning)] = beginning
-        return {"tokens": tokens, "keys": torch.stack(keys).float().cpu().numpy(),
-                "values": torch.stack(values).float().cpu().numpy()}
+        """The kept beginnings as arrays, to be saved, one after another: ``lengths`` (P,) their tokens,
+        ``tokens`` (T,) their ids, ``keys`` and ``values`` (layers, heads, T, head width), float32."""
+        order = sorted(self._index.items(), key=lambda item: item[1])
+        return {"lengths": np.array([len(b) for b, _ in order], np.int64),
+                "tokens": np.array([t for b, _ in order for t in b], np.int64),
+                "keys": torch.stack([torch.cat(layer, 1) for layer in zip(*self._keys)]).float().cpu().numpy(),
+                "values": torch.stack([torch.cat(layer, 1) for layer in zip(*self._values)]).float().cpu().numpy()}
 
     def restore(self, arrays: Mapping[str, np.ndarray]) -> bool:
         """Keep the beginnings of :meth:`arrays` saved for this very model; False (nothing kept) when they do not
-        fit it: another shape, token ids out of range, values not finite."""
+        fit it: another shape or type, token ids out of range, values not finite."""
         try:
-            tokens, keys, values = (np.asarray(arrays[name]) for name in ("tokens", "keys", "values"))
+            lengths, tokens, keys, values = (np.asarray(arrays[n]) for n in ("lengths", "tokens", "keys", "values"))
         except (KeyError, ValueError):
             return False
         blocks = self.clip.transformer.resblocks
-        heads = blocks[0].attn.num_heads
-        width = blocks[0].attn.embed_dim
+        heads, width = blocks[0].attn.num_heads, blocks[0].attn.embed_dim
         vocabulary = self.clip.token_embedding.num_embeddings
-        if (tokens.ndim != 2 or tokens.dtype != np.int64 or keys.dtype != np.float32 or values.dtype != np.float32
-                or keys.shape != (len(blocks), tokens.shape[0], heads, tokens.shape[1], width // heads)
-                or values.shape != keys.shape or not np.isfinite(keys).all() or not np.isfinite(values).all()
-                or tokens.size == 0 or tokens.min() < -1 or tokens.max() >= vocabulary):
-            return False
-        lengths = (tokens >= 0).sum(1)
-        if (lengths == 0).any() or any((row[:n] < 0).any() for row, n in zip(tokens, lengths)):
+        if (lengths.ndim != 1 or tokens.ndim != 1 or lengths.dtype != np.int64 or tokens.dtype != np.int64
+                or keys.dtype != np.float32 or values.dtype != np.float32 or not len(lengths) or lengths.min() < 1
+                or lengths.sum() != len(tokens) or tokens.min() < 0 or tokens.max() >= vocabulary
+                or keys.shape != (len(blocks), heads, len(tokens), width // heads) or values.shape != keys.shape
+                or not np.isfinite(keys).all() or not np.isfinite(values).all()):
             return False
         device = self.clip.token_embedding.weight.device
         cast = self.clip.transformer.get_cast_dtype()
         keys = torch.from_numpy(keys).to(device, cast)
         values = torch.from_numpy(values).to(device, cast)
-        for number, (row, length) in enumerate(zip(tokens, lengths)):
-            beginning = tuple(int(t) for t in row[:length])
+        ends = np.cumsum(lengths)
+        for end, length in zip(ends.tolist(), lengths.tolist()):
+            beginning = tuple(tokens[end - length : end].tolist())
             if beginning not in self._index and len(self._index) < MAX_PREFIXES:
-                self._add(beginning, [k[number, :, :length] for k in keys], [v[number, :, :length] for v in values])
+                self._add(beginning, [k[:, end - length : end] for k in keys], [v[:, end - length : end] for v in values])
         return True

@@ -65,7 +65,7 @@ def test_beginnings_saved_for_the_next_session_and_a_damaged_or_foreign_file_is_
     assert len(saved) == 1
     path = saved[0]
     with np.load(path) as stored:
-        assert stored["keys"].shape[1] == len({t.split("{}")[0] for t in IMAGENET_TEMPLATES}) + 1  # and the start
+        assert len(stored["lengths"]) == len({t.split("{}")[0] for t in IMAGENET_TEMPLATES}) + 1  # and the start
 
     def fresh_session(name: str) -> int:
         segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu")
@@ -87,9 +87,10 @@ def test_beginnings_saved_for_the_next_session_and_a_damaged_or_foreign_file_is_
     assert fresh_session("fish") < 0.5 * whole
     # arrays that do not fit the model: other shapes, token ids out of range, values not finite
     model = first.model.clip
-    damages = ({"keys": arrays["keys"][:, :, :, :, :-1]}, {"tokens": arrays["tokens"] + 10**6},
+    damages = ({"keys": arrays["keys"][..., :-1]}, {"tokens": arrays["tokens"] + 10**6},
+               {"lengths": arrays["lengths"] + 1},
                {"values": np.full_like(arrays["values"], np.nan)}, {"keys": arrays["keys"].astype(np.float64)})
-    for name, damage in zip(["horse", "cow", "goat", "sheep"], damages):
+    for name, damage in zip(["horse", "cow", "goat", "sheep", "hen"], damages):
         assert not text_prefixes.PromptPrefixes(model).restore({**arrays, **damage})
         np.savez(path, **{**arrays, **damage})
         assert fresh_session(name) >= whole

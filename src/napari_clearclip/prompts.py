@@ -221,8 +221,11 @@ class TextEncoder:
         total = len(missing)
         if missing and self._prefixes is not None:
             self._read_prefixes()
-            self._prefixes.want_templates(self.model.tokenizer, templates)
-        known = len(self._prefixes) if self._prefixes is not None else 0
+            known = len(self._prefixes)
+            with self.model.autocast():
+                self._prefixes.learn_templates(self.model.tokenizer, templates)
+            if len(self._prefixes) > known and self.disk_cache:
+                self._write_prefixes()
         for start in range(0, total, per_batch):
             chunk = missing[start : start + per_batch]
             prompts = [t.replace("{}", name) for name in chunk for t in templates]
@@ -231,8 +234,6 @@ class TextEncoder:
                 mean = F.normalize(per_template, dim=-1).mean(dim=0)
                 self._store(name, templates, F.normalize(mean, dim=0).cpu())
             yield min(start + per_batch, total), total
-        if self._prefixes is not None and len(self._prefixes) > known and self.disk_cache:
-            self._write_prefixes()
 
     def _prefixes_path(self) -> Path:
         key = hashlib.sha256(f"{self.model.cache_id}\x00prompt-beginnings".encode("utf-8")).hexdigest()

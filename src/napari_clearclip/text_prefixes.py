@@ -13,6 +13,8 @@ glues the name to a word ("a photo of a{}") still gives the right features: it o
 
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -86,6 +88,15 @@ def _packing(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return prompt[real], offsets[real], longest
 
 
+def _locked(method):
+    """One call at a time on an instance: a Segmenter, and so its text encoder, may be shared by threads."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class PromptPrefixes:
     """The keys and values of template beginnings, per layer of one model's text transformer; encodes prompts
     with them. Use only when :func:`supports` the model."""
@@ -97,12 +108,12 @@ class PromptPrefixes:
         self._values: list[list[torch.Tensor]] = []
         self._stacked = None                           # (lengths, keys, values) padded, rebuilt when one is added
         self._longest = 0
-        self._wanted: set[tuple[int, ...]] = set()     # beginnings to keep when a prompt first computes them
-        self._longest_wanted = 0
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._index)
 
+    @_locked
     @torch.inference_mode()
     def learn(self, beginnings: Sequence[Sequence[int]]) -> None:
         """Encode the beginnings (token ids from the start token on) not kept yet."""
@@ -135,12 +146,14 @@ class PromptPrefixes:
         self._stacked = None
         self._longest = max(self._longest, len(beginning))
 
-    def want_templates(self, tokenizer, templates: Sequence[str]) -> None:
-        """Keep the beginning of each template (its text before "{}") the first time a prompt computes it."""
+    def learn_templates(self, tokenizer, templates: Sequence[str]) -> None:
+        """Keep the beginning of each template (its text before "{}"), and the start token alone.
+
+        Beginnings are encoded in a pass of their own, never along with a class: a class then gets the very
+        same features whether its templates' beginnings were encoded in this session or an earlier one."""
         rows = tokenizer([t.split("{}", 1)[0] for t in templates])
         ends = end_positions(self.clip, rows)
-        self._wanted.update(tuple(row[: int(end)].tolist()) for row, end in zip(rows, ends) if int(end) > 1)
-        self._longest_wanted = max((len(b) for b in self._wanted), default=0)
+        self.learn([row[:1].tolist() for row in rows[:1]] + [row[: int(end)].tolist() for row, end in zip(rows, ends)])
 
     def _embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         clip = self.clip
@@ -166,17 +179,7 @@ class PromptPrefixes:
                 return found
         return -1
 
-    def _to_keep(self, row: list[int], end: int, known: int) -> tuple[int, ...] | None:
-        """The longest wanted beginning not kept yet that ``row`` starts with, longer than ``known`` tokens and
-        leaving its end token out."""
-        if len(self._index) >= MAX_PREFIXES:
-            return None
-        for length in range(min(end, self._longest_wanted), known, -1):
-            beginning = tuple(row[:length])
-            if beginning in self._wanted and beginning not in self._index:
-                return beginning
-        return None
-
+    @_locked
     @torch.inference_mode()
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Pooled, projected text features of ``tokens`` (N, context), as the model's ``encode_text`` gives."""
@@ -184,14 +187,8 @@ class PromptPrefixes:
         ends = end_positions(clip, tokens)
         rows = tokens.tolist()
         self.learn([row[:1] for row in rows])  # the start token alone: a beginning every prompt has
-        chosen = [self._beginning_of(row, end) for row, end in zip(rows, ends.tolist())]
+        chosen = torch.tensor([self._beginning_of(row, end) for row, end in zip(rows, ends.tolist())])
         lengths, keys, values = self._padded()
-        chosen = torch.tensor(chosen)
-        to_keep = {}  # prompt number -> a wanted beginning it computes: kept from this pass
-        for number, (row, end, start) in enumerate(zip(rows, ends.tolist(), lengths[chosen].tolist())):
-            beginning = self._to_keep(row, end, start)
-            if beginning is not None and beginning not in to_keep.values():
-                to_keep[number] = beginning
         device = tokens.device
         starts = lengths[chosen].to(device)                      # the first position each prompt computes
         own = ends - starts + 1
@@ -206,22 +203,16 @@ class PromptPrefixes:
                           sees_own[None].expand(len(rows), -1, -1)], -1)[:, None]
         chosen = chosen.to(device)
         places = prompt * longest + offset
-        learned = {number: ([], []) for number in to_keep}
         for layer, block in enumerate(clip.transformer.resblocks):
-            earlier_k, earlier_v = keys[layer].index_select(0, chosen), values[layer].index_select(0, chosen)
-            x, k, v = _block(block, x, places, (len(rows), longest), earlier_k, earlier_v, mask)
-            for number, beginning in to_keep.items():  # the kept part, then the part this pass computed
-                start, stop = int(starts[number]), len(beginning)
-                learned[number][0].append(torch.cat([earlier_k[number, :, :start], k[number, :, : stop - start]], 1))
-                learned[number][1].append(torch.cat([earlier_v[number, :, :start], v[number, :, : stop - start]], 1))
-        for number, beginning in to_keep.items():
-            self._add(beginning, *learned[number])
+            x, _, _ = _block(block, x, places, (len(rows), longest), keys[layer].index_select(0, chosen),
+                             values[layer].index_select(0, chosen), mask)
         x = clip.ln_final(x[torch.cumsum(own, 0) - 1])  # each prompt's last token: its end token
         projection = clip.text_projection
         if projection is not None:
             x = projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
         return x
 
+    @_locked
     def arrays(self) -> dict[str, np.ndarray]:
         """The kept beginnings as arrays, to be saved, one after another: ``lengths`` (P,) their tokens,
         ``tokens`` (T,) their ids, ``keys`` and ``values`` (layers, heads, T, head width), float32."""
@@ -231,6 +222,7 @@ class PromptPrefixes:
                 "keys": torch.stack([torch.cat(layer, 1) for layer in zip(*self._keys)]).float().cpu().numpy(),
                 "values": torch.stack([torch.cat(layer, 1) for layer in zip(*self._values)]).float().cpu().numpy()}
 
+    @_locked
     def restore(self, arrays: Mapping[str, np.ndarray]) -> bool:
         """Keep the beginnings of :meth:`arrays` saved for this very model; False (nothing kept) when they do not
         fit it: another shape or type, token ids out of range, values not finite."""

@@ -92,7 +92,7 @@ def main() -> None:
     report("reference: first result", ref_first)
     net.cpu()
 
-    seg = Segmenter("ViT-B-16", checkpoint, device=args.device, precision="fp32")
+    seg = Segmenter("ViT-B-16", checkpoint, device=args.device, precision="fp32", feature_store=False)
     first, result = timed(lambda: seg.segment(image, CLASSES))
     report(f"napari-clearclip {seg.model.precision}: first result, 5 new classes", first, ref_first)
     print(f"{'':52s} max |p - p_ref| = {np.abs(result.probabilities - ref_prob.numpy()).max():.2e}, "
@@ -109,13 +109,13 @@ def main() -> None:
     fp32_image, fp32_result = timed(lambda: image_path(seg), args.repeat)
     report(f"image path alone, {seg.model.precision}", fp32_image, ref_image)
     if device.type == "cpu":
-        fast = Segmenter("ViT-B-16", checkpoint, device="cpu", precision="bf16")
+        fast = Segmenter("ViT-B-16", checkpoint, device="cpu", precision="bf16", feature_store=False)
         fast.segment(image, CLASSES)  # warm-up and text
         bf16_image, bf16_result = timed(lambda: image_path(fast), args.repeat)
         agreement = (bf16_result.labels == fp32_result.labels).mean() * 100
         report("image path alone, bf16 autocast", bf16_image, ref_image, note=f"argmax agreement with fp32 {agreement:.2f}%")
     else:
-        half = Segmenter("ViT-B-16", checkpoint, device=args.device, precision="fp16")
+        half = Segmenter("ViT-B-16", checkpoint, device=args.device, precision="fp16", feature_store=False)
         half.segment(image, CLASSES)
         fp16_image, fp16_result = timed(lambda: image_path(half), args.repeat)
         agreement = (fp16_result.labels == fp32_result.labels).mean() * 100

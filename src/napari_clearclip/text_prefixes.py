@@ -21,8 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-#: Beginnings kept per model at most (each is a few kilobytes per layer); the first ones learned stay.
-MAX_PREFIXES = 4096
+#: Beginnings kept per model at most, the first ones learned (the 80 ImageNet templates have 80; each takes
+#: 4 KB per token and layer with ViT-B/16: 512 of 6 tokens are 150 MB). Prompts past it start from the start token.
+MAX_PREFIXES = 512
 
 
 def end_positions(clip: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -119,8 +120,9 @@ class PromptPrefixes:
         """Encode the beginnings (token ids from the start token on) not kept yet."""
         new = [tuple(int(t) for t in b) for b in dict.fromkeys(tuple(b) for b in beginnings)
                if len(b) and tuple(b) not in self._index]
-        room = max(0, MAX_PREFIXES - len(self._index))
-        new = [b for b in new if len(b) == 1][:1] + [b for b in new if len(b) > 1][:room]  # the start token: always
+        start = [b for b in new if len(b) == 1][:1]   # the start token alone: always kept
+        room = max(0, MAX_PREFIXES - len(self._index) - len(start))
+        new = start + [b for b in new if len(b) > 1][:room]
         if not new:
             return
         clip = self.clip

@@ -131,6 +131,12 @@ def test_a_name_glued_to_its_template_and_towers_encoded_whole_give_the_same_fea
     torch.testing.assert_close(whole.encode_classes(["dog"], templates)[0],
                                reference_embedding(whole, "dog", templates), atol=2e-6, rtol=0)
     monkeypatch.undo()
+    # past the number of beginnings kept, prompts start from the start token, with the same features
+    monkeypatch.setattr(text_prefixes, "MAX_PREFIXES", 3)
+    few = Segmenter("test-tiny", tiny_checkpoint, device="cpu", disk_cache=False)
+    torch.testing.assert_close(few.encode_classes(["dog"])[0], reference_embedding(few, "dog"), atol=2e-6, rtol=0)
+    assert len(few.text._prefixes) == 3
+    monkeypatch.undo()
     clip = segmenter.model.clip
     monkeypatch.setattr(clip, "text_pool_type", "first")
     assert not text_prefixes.supports(clip)

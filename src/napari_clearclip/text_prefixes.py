@@ -105,8 +105,8 @@ class PromptPrefixes:
     def __init__(self, clip: torch.nn.Module):
         self.clip = clip
         self._index: dict[tuple[int, ...], int] = {}   # beginning tokens -> its number
-        self._keys: list[list[torch.Tensor]] = []       # per beginning: per layer (heads, length, head width)
-        self._values: list[list[torch.Tensor]] = []
+        self._keys: list[torch.Tensor] = []             # per beginning: (layers, heads, length, head width)
+        self._values: list[torch.Tensor] = []
         self._stacked = None                           # (lengths, keys, values) padded, rebuilt when one is added
         self._longest = 0
         self._lock = threading.RLock()
@@ -137,14 +137,16 @@ class PromptPrefixes:
         for block in clip.transformer.resblocks:
             x, k, v = _block(block, x, places, (len(new), longest), None, None, mask)
             per_layer.append((k, v))
+        all_keys = torch.stack([k for k, _ in per_layer])   # (layers, beginnings, heads, longest, head width)
+        all_values = torch.stack([v for _, v in per_layer])
         for row, beginning in enumerate(new):
-            self._add(beginning, [k[row, :, : len(beginning)] for k, _ in per_layer],
-                      [v[row, :, : len(beginning)] for _, v in per_layer])
+            self._add(beginning, all_keys[:, row, :, : len(beginning)], all_values[:, row, :, : len(beginning)])
 
-    def _add(self, beginning: tuple[int, ...], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    def _add(self, beginning: tuple[int, ...], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep a beginning's keys and values, (layers, heads, length, head width) each."""
         self._index[beginning] = len(self._keys)
-        self._keys.append([k.clone() for k in keys])
-        self._values.append([v.clone() for v in values])
+        self._keys.append(keys.clone())
+        self._values.append(values.clone())
         self._stacked = None
         self._longest = max(self._longest, len(beginning))
 
@@ -163,13 +165,17 @@ class PromptPrefixes:
         return clip.token_embedding(tokens).to(cast) + clip.positional_embedding[positions].to(cast)
 
     def _padded(self):
+        """(lengths (P,), keys, values): per layer (P, heads, longest, head width), zero past each one's end."""
         if self._stacked is None:
-            lengths = torch.tensor([k[0].shape[1] for k in self._keys])
-            longest = int(lengths.max())
+            lengths = torch.tensor([k.shape[2] for k in self._keys])
+            first = self._keys[0]
+            shape = (first.shape[0], len(self._keys), first.shape[1], int(lengths.max()), first.shape[3])
 
             def pad(parts):
-                return [torch.stack([F.pad(p[layer], (0, 0, 0, longest - p[layer].shape[1])) for p in parts])
-                        for layer in range(len(parts[0]))]
+                padded = first.new_zeros(shape)
+                for number, part in enumerate(parts):
+                    padded[:, number, :, : part.shape[2]] = part
+                return list(padded.unbind(0))
             self._stacked = (lengths, pad(self._keys), pad(self._values))
         return self._stacked
 
@@ -221,8 +227,8 @@ class PromptPrefixes:
         order = sorted(self._index.items(), key=lambda item: item[1])
         return {"lengths": np.array([len(b) for b, _ in order], np.int64),
                 "tokens": np.array([t for b, _ in order for t in b], np.int64),
-                "keys": torch.stack([torch.cat(layer, 1) for layer in zip(*self._keys)]).float().cpu().numpy(),
-                "values": torch.stack([torch.cat(layer, 1) for layer in zip(*self._values)]).float().cpu().numpy()}
+                "keys": torch.cat(self._keys, 2).float().cpu().numpy(),
+                "values": torch.cat(self._values, 2).float().cpu().numpy()}
 
     @_locked
     def restore(self, arrays: Mapping[str, np.ndarray]) -> bool:
@@ -249,5 +255,5 @@ class PromptPrefixes:
         for end, length in zip(ends.tolist(), lengths.tolist()):
             beginning = tuple(tokens[end - length : end].tolist())
             if beginning not in self._index and len(self._index) < MAX_PREFIXES:
-                self._add(beginning, [k[:, end - length : end] for k in keys], [v[:, end - length : end] for v in values])
+                self._add(beginning, keys[:, :, end - length : end], values[:, :, end - length : end])
         return True

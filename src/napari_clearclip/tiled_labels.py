@@ -319,10 +319,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         fill_shown = fill & ~alone
     present[fill] = False
     present[(*np.nonzero(fill), uniform_label[fill])] = True
-    for ty, tx in zip(*np.nonzero(fill)):
-        rows, cols = geometry.tile_slices(ty, tx)
-        labels[rows, cols] = uniform_label[ty, tx]
-        margins[rows, cols] = lower_half(np.float32(uniform_margin[ty, tx]))
+    _fill_tiles(labels, margins, fill, uniform_label, uniform_margin, geometry)
 
     if previews and fill_shown.any():  # tiles of one class throughout are final already: shown at once
         yield 0, 1, _preview(labels, fill_shown, dirty | judge_rest[1], geometry)
@@ -388,6 +385,28 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     state.labels, state.margins, state.present = labels, margins, present
     state.computed = computed / dirty.size
     return state
+
+
+def _fill_tiles(labels: np.ndarray, margins: np.ndarray, fill: np.ndarray, tile_labels: np.ndarray,
+                tile_margins: np.ndarray, geometry: _Geometry) -> None:
+    """Give each tile in ``fill`` its one label and margin (a float16 lower bound of it) throughout.
+
+    The whole tiles in one masked copy per array: a loop over them cost 0.1 s per run at 4096 x 4096,
+    half of re-opening a stored image. The part tiles at the far edges one by one.
+    """
+    whole_rows, whole_cols = geometry.size[0] // geometry.tile, geometry.size[1] // geometry.tile
+    inside = fill[:whole_rows, :whole_cols]
+    if inside.any():
+        bounds = np.zeros(inside.shape, np.float16)
+        bounds[inside] = lower_half(tile_margins[:whole_rows, :whole_cols][inside].astype(np.float32))
+        where = inside[..., None, None]
+        np.copyto(_tile_blocks(labels, geometry.tile), tile_labels[:whole_rows, :whole_cols, None, None],
+                  where=where, casting="unsafe")
+        np.copyto(_tile_blocks(margins, geometry.tile), bounds[..., None, None], where=where)
+    for ty, tx in zip(*np.nonzero(fill & ~_whole_mask(geometry))):
+        rows, cols = geometry.tile_slices(ty, tx)
+        labels[rows, cols] = tile_labels[ty, tx]
+        margins[rows, cols] = lower_half(np.float32(tile_margins[ty, tx]))
 
 
 def _preview(labels: np.ndarray, shown: np.ndarray, stale: np.ndarray, geometry: _Geometry) -> LabelsPreview:

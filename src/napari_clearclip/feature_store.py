@@ -86,9 +86,10 @@ class FeatureStore:
     # -- reading -----------------------------------------------------------------------------------
 
     def load(self, key: str, identity: dict):
-        """The stored features of ``key`` as ``(grid arguments, [(windows, features)])``, or None.
+        """The stored features of ``key`` as ``(grid arguments, [(windows, features)], guide)``, or None.
 
-        ``identity`` (model, method, windows) must equal what the store was made with.
+        ``identity`` (model, method, windows) must equal what the store was made with. ``guide`` is the
+        normalised image at the working size (what edge snapping follows), or None in a store without it.
         """
         self.wait(key)
         path = self.path(key)
@@ -111,6 +112,7 @@ class FeatureStore:
                 dtype = getattr(torch, attrs.get("dtype") or "float32")
                 batches.append(([tuple(int(v) for v in w) for w in windows], torch.from_numpy(array).to(dtype)))
             grid = attrs["grid"]
+            guide = _read_guide(group, attrs)
         except Exception as exc:  # truncated, foreign or damaged: a miss, said once, and written again
             self._discard(path, f"{exc}")
             return None
@@ -118,7 +120,7 @@ class FeatureStore:
             os.utime(path)  # read recently: evicted last
         except OSError:
             pass
-        return grid, batches
+        return grid, batches, guide
 
     def _discard(self, path: Path, why: str) -> None:
         if str(path) not in self._warned:
@@ -129,8 +131,12 @@ class FeatureStore:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def save(self, key: str, identity: dict, grid: dict, batches) -> Path | None:
-        """Write the features of ``key`` atomically, then trim the folder to its bound; None if it could not."""
+    def save(self, key: str, identity: dict, grid: dict, batches, guide: torch.Tensor | None = None) -> Path | None:
+        """Write the features of ``key`` atomically, then trim the folder to its bound; None if it could not.
+
+        ``guide``, the normalised image at the working size, is kept with them: a new session snaps to edges
+        without reading and resizing the image again (0.08 s at 4096 x 4096, more from a lazy store).
+        """
         import zarr
 
         path = self.path(key)
@@ -147,12 +153,18 @@ class FeatureStore:
             for number, (_, features) in enumerate(batches):
                 values = features.detach().float().cpu().numpy()
                 group.create_array(f"batch_{number:05d}", data=values, chunks=values.shape)
+            guide_shape = None
+            if guide is not None:
+                values = guide.detach().float().cpu().numpy()
+                group.create_array("guide", data=values, chunks=values.shape)
+                guide_shape = list(values.shape)
             from . import __version__
 
             # the attributes go last: a store without them is incomplete, and never renamed into place
             dtype = str(batches[0][1].dtype).replace("torch.", "") if batches else ""
             group.attrs.update({"format": FORMAT, "version": VERSION, "key": key, "identity": identity,
                                 "grid": grid, "dtype": dtype, "batches": [[list(w) for w in windows] for windows, _ in batches],
+                                "guide": guide_shape,
                                 "made_with": __version__, "written": time.time()})
             os.replace(partial, path)
         except OSError as exc:
@@ -164,7 +176,7 @@ class FeatureStore:
         self.trim()
         return path
 
-    def save_later(self, key: str, identity: dict, grid: dict, batches) -> None:
+    def save_later(self, key: str, identity: dict, grid: dict, batches, guide: torch.Tensor | None = None) -> None:
         """Write the features of ``key`` in the background: the run goes on at once.
 
         Reading ``key`` (from any store object in this process) waits for its write; :meth:`flush`
@@ -181,7 +193,7 @@ class FeatureStore:
             if _WRITER is None or not _WRITER.is_alive():
                 _WRITER = threading.Thread(target=_write_pending, name="feature-store-writer", daemon=True)
                 _WRITER.start()
-        _QUEUE.put((self, key, identity, grid, list(batches)))
+        _QUEUE.put((self, key, identity, grid, list(batches), guide))
 
     def wait(self, key: str) -> None:
         """Wait until a background write of ``key`` is done (at once when there is none)."""
@@ -246,14 +258,26 @@ def _writer_died(name: str) -> bool:
 _QUEUE: queue.Queue = queue.Queue()
 _PENDING: dict[Path, threading.Event] = {}
 _GUARD = threading.Lock()
+def _read_guide(group, attrs: dict) -> torch.Tensor | None:
+    """The stored guide image (3, h, w), None when the store has none; a damaged one raises ValueError."""
+    shape = attrs.get("guide")
+    if shape is None:
+        return None
+    array = np.asarray(group["guide"][...])
+    if (list(array.shape) != list(shape) or array.ndim != 3 or array.shape[0] != 3 or array.dtype != np.float32
+            or not np.isfinite(array).all()):
+        raise ValueError("the stored guide image is damaged")
+    return torch.from_numpy(array)
+
+
 _WRITER: threading.Thread | None = None
 
 
 def _write_pending() -> None:
     while True:
-        store, key, identity, grid, batches = _QUEUE.get()
+        store, key, identity, grid, batches, guide = _QUEUE.get()
         try:
-            store.save(key, identity, grid, batches)
+            store.save(key, identity, grid, batches, guide)
         except Exception as exc:  # never let one store stop the writer; the image is encoded again next time
             log.warning("Could not store image features in %s: %s", store.root, exc)
         finally:

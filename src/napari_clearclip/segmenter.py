@@ -39,6 +39,7 @@ class _Features:
     whitening: tuple[torch.Tensor, torch.Tensor] | None = None  # of these patches, once exemplars need it
     norms: list[torch.Tensor] | None = None                      # each batch's comparison_norms
     statistics: FeatureStats | None = None                       # their mean and covariance
+    guide: torch.Tensor | None = None                            # the normalised image the windows were cut from
 
 
 class Segmenter:
@@ -463,6 +464,9 @@ class Segmenter:
     def _guide(self, array, key: str, opts: SegmentOptions, remember: bool = True) -> torch.Tensor:
         """The normalised image at the working size that edge snapping follows (kept per image)."""
         guide = self._guides.get(key)
+        if guide is None:  # the image the features were encoded from, read from the feature store with them
+            features = self._features.get(key)
+            guide = None if features is None else features.guide
         if guide is None:
             guide = prepare(array, self.model.mean, self.model.std, opts.short_side, opts.contrast_limits)
             if remember:
@@ -575,10 +579,11 @@ class Segmenter:
         stored = self.feature_store.load(key, self._identities[key])
         if stored is None:
             return None
-        grid_args, batches = stored
+        grid_args, batches, guide = stored
         grid = grid_from_dict(grid_args)
-        features = _Features(grid, [(windows, f.to(self.device)) for windows, f in batches])
-        self._features.put(key, features, sum(int(f.numel()) * f.element_size() for _, f in batches))
+        features = _Features(grid, [(windows, f.to(self.device)) for windows, f in batches], guide=guide)
+        self._features.put(key, features, sum(int(f.numel()) * f.element_size() for _, f in batches)
+                           + (0 if guide is None else guide.numel() * 4))
         return features
 
     def cache_features(self, image, options: SegmentOptions | Mapping | None = None, **keywords) -> bool:
@@ -601,7 +606,8 @@ class Segmenter:
             run_to_end(self._encode_and_score(array, key, opts, method_fn))
         features = self._features.get(key)
         if features is not None and self.feature_store is not None:
-            self.feature_store.save(key, self._identities[key], features.grid.to_dict(), features.batches)
+            self.feature_store.save(key, self._identities[key], features.grid.to_dict(), features.batches,
+                                    features.guide)
         return self.feature_store is not None and self.feature_store.path(key).is_dir()
 
     def _encode_and_score(self, array, key, opts: SegmentOptions, method_fn, *,
@@ -613,13 +619,15 @@ class Segmenter:
         ``text=None`` nothing is scored (a pass that only caches and ``collect``s).
         """
         pixels, grid = self._layout(array, opts, method_fn)
-        if remember and opts.refine == "pamr" and opts.pamr_iterations and getattr(method_fn, "layout", None) is None:
+        own_layout = getattr(method_fn, "layout", None) is not None  # crops the method cuts: no guide among them
+        if remember and opts.refine == "pamr" and opts.pamr_iterations and not own_layout:
             self._guides.put(key, pixels, pixels.numel() * 4)  # the very image edge snapping follows: prepared once
         windows = grid.windows
         rows, cols = grid.patch_grid
         width = self.model.clip.visual.output_dim
         estimate = len(windows) * rows * cols * width * 4
-        keep = _Features(grid, []) if remember and estimate <= self._features.max_bytes else None
+        keep = _Features(grid, [], guide=None if own_layout else pixels) \
+            if remember and estimate <= self._features.max_bytes else None
         scores = None if text is None else grid.new_scores(text.shape[0], self.device)
         position = 0
         yield Progress("windows", 0, len(windows))
@@ -635,9 +643,10 @@ class Segmenter:
             position += len(batch)
             yield Progress("windows", position, len(windows))
         if keep is not None:
-            self._features.put(key, keep, estimate)
+            self._features.put(key, keep, estimate + (0 if keep.guide is None else keep.guide.numel() * 4))
             if self.feature_store is not None and key in self._identities:  # written while the run goes on
-                self.feature_store.save_later(key, self._identities[key], keep.grid.to_dict(), keep.batches)
+                self.feature_store.save_later(key, self._identities[key], keep.grid.to_dict(), keep.batches,
+                                              keep.guide)
         return None if scores is None else self._average(scores, grid)
 
     def _score_cached(self, features: _Features, text: torch.Tensor, exemplars: Exemplars | None = None) -> torch.Tensor:

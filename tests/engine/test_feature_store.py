@@ -48,6 +48,46 @@ def test_a_new_session_reads_the_features_instead_of_encoding(tmp_path, monkeypa
         later.segment(other, CLASSES, maps=False)
 
 
+@pytest.mark.parametrize("store", ["as written", "written before guides were kept", "guide damaged"])
+def test_a_new_session_snaps_to_the_stored_image_without_preparing_it_again(tmp_path, monkeypatch, store):
+    import json
+
+    from napari_clearclip import segmenter as segmenter_module
+
+    image = make_scene(5, size=300).image
+    first = session(tmp_path).segment(image, CLASSES, maps=False, refine="pamr")
+    FeatureStore.flush()
+    path = next((tmp_path / "features").glob("*.zarr"))
+    written = json.loads((path / "zarr.json").read_text())["attributes"]["guide"]
+    assert written == [3, 256, 256]                                      # the image at the model's working size
+    if store != "as written":
+        attributes = json.loads((path / "zarr.json").read_text())
+        if store == "guide damaged":
+            attributes["attributes"]["guide"] = [3, 7, 7]  # not the array stored
+        else:
+            del attributes["attributes"]["guide"]
+            shutil.rmtree(path / "guide")
+        (path / "zarr.json").write_text(json.dumps(attributes))
+    prepared = []
+    real_prepare = segmenter_module.prepare
+    monkeypatch.setattr(segmenter_module, "prepare", lambda *a, **k: prepared.append(1) or real_prepare(*a, **k))
+    later = session(tmp_path)
+    if store != "guide damaged":
+        refuse_encoding(later, monkeypatch)
+        again = later.segment(image, CLASSES, maps=False, refine="pamr")
+    else:
+        with pytest.warns(RuntimeWarning, match="guide image is damaged"):
+            again = later.segment(image, CLASSES, maps=False, refine="pamr")
+    # read from the store with the features, or prepared from the image (once: by the encoding of a damaged store)
+    assert len(prepared) == {"as written": 0, "written before guides were kept": 1, "guide damaged": 1}[store]
+    np.testing.assert_array_equal(again.labels, first.labels)
+    fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)
+    np.testing.assert_array_equal(again.labels, fresh.segment(image, CLASSES, maps=False, refine="pamr").labels)
+    if store == "guide damaged":
+        FeatureStore.flush()
+        assert json.loads((path / "zarr.json").read_text())["attributes"]["guide"] == written  # healed
+
+
 def test_another_model_method_or_window_setting_never_reads_the_store(tmp_path):
     image = make_scene(3, size=256).image
     seg = session(tmp_path)

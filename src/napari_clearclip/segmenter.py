@@ -626,8 +626,10 @@ class Segmenter:
         rows, cols = grid.patch_grid
         width = self.model.clip.visual.output_dim
         estimate = len(windows) * rows * cols * width * 4
-        keep = _Features(grid, [], guide=None if own_layout else pixels) \
-            if remember and estimate <= self._features.max_bytes else None
+        # the image goes with its features (and into the store) when it is no larger than they are, as at the
+        # working size: a store at most doubles
+        guide = None if own_layout or pixels.numel() * 4 > estimate else pixels
+        keep = _Features(grid, [], guide=guide) if remember and estimate <= self._features.max_bytes else None
         scores = None if text is None else grid.new_scores(text.shape[0], self.device)
         position = 0
         yield Progress("windows", 0, len(windows))

@@ -88,6 +88,21 @@ def test_a_new_session_snaps_to_the_stored_image_without_preparing_it_again(tmp_
         assert json.loads((path / "zarr.json").read_text())["attributes"]["guide"] == written  # healed
 
 
+def test_the_image_goes_into_the_store_only_when_it_is_no_larger_than_its_features(tmp_path):
+    import json
+
+    image = make_scene(5, size=300).image
+    seg = session(tmp_path)
+    for short_side in (256, 128):  # at 128 px the demo model's features are smaller than the image
+        seg.segment(image, CLASSES, maps=False, short_side=short_side)
+    FeatureStore.flush()
+    kept = {}
+    for path in (tmp_path / "features").glob("*.zarr"):
+        attributes = json.loads((path / "zarr.json").read_text())["attributes"]
+        kept[attributes["identity"]["windows"][0]] = (attributes["guide"], (path / "guide").exists())
+    assert kept == {256: ([3, 256, 256], True), 128: (None, False)}
+
+
 def test_another_model_method_or_window_setting_never_reads_the_store(tmp_path):
     image = make_scene(3, size=256).image
     seg = session(tmp_path)

@@ -199,6 +199,15 @@ def test_cache_features_stores_without_segmenting(tmp_path, monkeypatch):
     later = session(tmp_path)
     refuse_encoding(later, monkeypatch)
     later.segment(image, CLASSES, maps=False)
+    from napari_clearclip import segmenter as segmenter_module
+
+    def refuse_preparing(*_, **__):
+        raise AssertionError("the image was prepared again")
+
+    monkeypatch.setattr(segmenter_module, "prepare", refuse_preparing)  # stored with the features: snapping reads it
+    snapped = session(tmp_path)
+    refuse_encoding(snapped, monkeypatch)
+    snapped.segment(image, CLASSES, maps=False, refine="pamr")
 
 
 def test_a_full_disk_while_storing_leaves_no_store_and_the_run_goes_on(tmp_path, monkeypatch):

@@ -89,7 +89,8 @@ class FeatureStore:
         """The stored features of ``key`` as ``(grid arguments, [(windows, features)], guide)``, or None.
 
         ``identity`` (model, method, windows) must equal what the store was made with. ``guide`` is the
-        normalised image at the working size (what edge snapping follows), or None in a store without it.
+        image at the working size (what edge snapping follows) as it was saved (normalised float32, or uint8
+        intensities), or None in a store without it.
         """
         self.wait(key)
         path = self.path(key)
@@ -134,8 +135,9 @@ class FeatureStore:
     def save(self, key: str, identity: dict, grid: dict, batches, guide: torch.Tensor | None = None) -> Path | None:
         """Write the features of ``key`` atomically, then trim the folder to its bound; None if it could not.
 
-        ``guide``, the normalised image at the working size, is kept with them: a new session snaps to edges
-        without reading and resizing the image again (0.08 s at 4096 x 4096, more from a lazy store).
+        ``guide``, the image at the working size, is kept with them: a new session snaps to edges without
+        reading and resizing the image again (0.03-0.08 s at 4096 x 4096, more from a lazy store). It is the
+        normalised float32 image, or its whole intensities as uint8 (3, h, w), which the reader normalises.
         """
         import zarr
 
@@ -154,8 +156,9 @@ class FeatureStore:
                 values = features.detach().float().cpu().numpy()
                 group.create_array(f"batch_{number:05d}", data=values, chunks=values.shape)
             guide_shape = None
-            if guide is not None:
-                values = guide.detach().float().cpu().numpy()
+            if guide is not None:  # whole intensities stay uint8; anything else is kept as float32
+                values = guide.detach().cpu()
+                values = (values if values.dtype == torch.uint8 else values.float()).numpy()
                 group.create_array("guide", data=values, chunks=values.shape)
                 guide_shape = list(values.shape)
             from . import __version__
@@ -259,13 +262,14 @@ _QUEUE: queue.Queue = queue.Queue()
 _PENDING: dict[Path, threading.Event] = {}
 _GUARD = threading.Lock()
 def _read_guide(group, attrs: dict) -> torch.Tensor | None:
-    """The stored guide image (3, h, w), None when the store has none; a damaged one raises ValueError."""
+    """The stored guide image (3, h, w), float32 or uint8, None when the store has none; a damaged one raises
+    ValueError."""
     shape = attrs.get("guide")
     if shape is None:
         return None
     array = np.asarray(group["guide"][...])
-    if (list(array.shape) != list(shape) or array.ndim != 3 or array.shape[0] != 3 or array.dtype != np.float32
-            or not np.isfinite(array).all()):
+    if (list(array.shape) != list(shape) or array.ndim != 3 or array.shape[0] != 3
+            or array.dtype not in (np.float32, np.uint8) or not np.isfinite(array).all()):
         raise ValueError("the stored guide image is damaged")
     return torch.from_numpy(array)
 

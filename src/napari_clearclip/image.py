@@ -166,6 +166,29 @@ def prepare(
             rgb = rgb.round_().clamp_(0, 255)
     else:
         rgb, whole = to_rgb_255(array, contrast_limits)
+    return normalise(rgb, mean, std)
+
+
+def normalise(rgb: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(3, h, w) intensities in 0..255 (any dtype) as the model takes them: (rgb - mean) / std, in float32."""
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (rgb - mean_t) / std_t
+    return (rgb.float() - mean_t) / std_t
+
+
+def whole_rgb(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor | None:
+    """The uint8 (3, h, w) intensities that :func:`normalise` turns into exactly ``pixels``, or None when there are
+    none (an image that was not whole values 0..255 at this size, e.g. a float image scaled by its range).
+
+    A uint8 image resized by :func:`prepare` stays whole, so its prepared pixels keep in a quarter of the bytes,
+    bit for bit.
+    """
+    if pixels.dtype != torch.float32 or pixels.ndim != 3 or pixels.shape[0] != 3:
+        return None
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    rgb = (pixels.cpu() * std_t + mean_t).round_()
+    if not bool(torch.isfinite(rgb).all()) or float(rgb.min()) < 0 or float(rgb.max()) > 255:
+        return None
+    rgb = rgb.to(torch.uint8)
+    return rgb if torch.equal(normalise(rgb, mean, std), pixels.cpu()) else None

@@ -15,7 +15,7 @@ from .clipdiy import background_index, check_foreground, fuse_foreground
 from .errors import InvalidOptionError, OutOfMemoryError
 from .hashing import pixel_digest
 from .lessons import Lesson, check_lesson
-from .image import check_image, prepare
+from .image import check_image, normalise, prepare, whole_rgb
 from .methods import encode_dense, get_method, interpolated_positions
 from .models import LoadedModel, load_model
 from .objects import check_objects
@@ -39,7 +39,7 @@ class _Features:
     whitening: tuple[torch.Tensor, torch.Tensor] | None = None  # of these patches, once exemplars need it
     norms: list[torch.Tensor] | None = None                      # each batch's comparison_norms
     statistics: FeatureStats | None = None                       # their mean and covariance
-    guide: torch.Tensor | None = None                            # the normalised image the windows were cut from
+    guide: torch.Tensor | None = None   # the image the windows were cut from: normalised, or its uint8 intensities
 
 
 class Segmenter:
@@ -467,6 +467,10 @@ class Segmenter:
         if guide is None:  # the image the features were encoded from, read from the feature store with them
             features = self._features.get(key)
             guide = None if features is None else features.guide
+            if guide is not None and guide.dtype == torch.uint8:  # kept as whole intensities: the very same values
+                guide = normalise(guide, self.model.mean, self.model.std)
+                if remember:
+                    self._guides.put(key, guide, guide.numel() * 4)
         if guide is None:
             guide = prepare(array, self.model.mean, self.model.std, opts.short_side, opts.contrast_limits)
             if remember:
@@ -583,7 +587,7 @@ class Segmenter:
         grid = grid_from_dict(grid_args)
         features = _Features(grid, [(windows, f.to(self.device)) for windows, f in batches], guide=guide)
         self._features.put(key, features, sum(int(f.numel()) * f.element_size() for _, f in batches)
-                           + (0 if guide is None else guide.numel() * 4))
+                           + (0 if guide is None else guide.numel() * guide.element_size()))
         return features
 
     def cache_features(self, image, options: SegmentOptions | Mapping | None = None, **keywords) -> bool:
@@ -626,10 +630,10 @@ class Segmenter:
         rows, cols = grid.patch_grid
         width = self.model.clip.visual.output_dim
         estimate = len(windows) * rows * cols * width * 4
-        # the image goes with its features (and into the store) when it is no larger than they are, as at the
-        # working size: a store at most doubles
-        guide = None if own_layout or pixels.numel() * 4 > estimate else pixels
-        keep = _Features(grid, [], guide=guide) if remember and estimate <= self._features.max_bytes else None
+        keep = None
+        if remember and estimate <= self._features.max_bytes:
+            guide = None if own_layout else self._kept_guide(pixels, estimate)
+            keep = _Features(grid, [], guide=guide)
         scores = None if text is None else grid.new_scores(text.shape[0], self.device)
         position = 0
         yield Progress("windows", 0, len(windows))
@@ -645,11 +649,21 @@ class Segmenter:
             position += len(batch)
             yield Progress("windows", position, len(windows))
         if keep is not None:
-            self._features.put(key, keep, estimate + (0 if keep.guide is None else keep.guide.numel() * 4))
+            self._features.put(key, keep, estimate + (0 if keep.guide is None
+                                                      else keep.guide.numel() * keep.guide.element_size()))
             if self.feature_store is not None and key in self._identities:  # written while the run goes on
                 self.feature_store.save_later(key, self._identities[key], keep.grid.to_dict(), keep.batches,
                                               keep.guide)
         return None if scores is None else self._average(scores, grid)
+
+    def _kept_guide(self, pixels: torch.Tensor, estimate: int) -> torch.Tensor | None:
+        """What of the image goes with its features (and into the store): its whole intensities (uint8, a quarter of
+        the bytes) when they give ``pixels`` exactly, as for any uint8 image; else ``pixels`` when they are no larger
+        than the features (``estimate`` bytes): a store at most doubles."""
+        whole = whole_rgb(pixels, self.model.mean, self.model.std)
+        if whole is not None:
+            return whole
+        return pixels if pixels.numel() * 4 <= estimate else None
 
     def _score_cached(self, features: _Features, text: torch.Tensor, exemplars: Exemplars | None = None) -> torch.Tensor:
         grid = features.grid

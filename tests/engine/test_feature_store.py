@@ -60,6 +60,7 @@ def test_a_new_session_snaps_to_the_stored_image_without_preparing_it_again(tmp_
     path = next((tmp_path / "features").glob("*.zarr"))
     written = json.loads((path / "zarr.json").read_text())["attributes"]["guide"]
     assert written == [3, 256, 256]                                      # the image at the model's working size
+    assert (path / "guide" / "zarr.json").exists()
     if store != "as written":
         attributes = json.loads((path / "zarr.json").read_text())
         if store == "guide damaged":
@@ -88,19 +89,67 @@ def test_a_new_session_snaps_to_the_stored_image_without_preparing_it_again(tmp_
         assert json.loads((path / "zarr.json").read_text())["attributes"]["guide"] == written  # healed
 
 
-def test_the_image_goes_into_the_store_only_when_it_is_no_larger_than_its_features(tmp_path):
+@pytest.mark.parametrize("kind", ["uint8", "float"])
+def test_the_image_goes_into_the_store_as_whole_intensities_or_when_no_larger_than_its_features(tmp_path,
+                                                                                               monkeypatch, kind):
+    """A uint8 image keeps as uint8 intensities at the working size (a quarter of the bytes, normalised on reading to
+    the very values); an image that is not whole values there keeps as float32, and only when no larger than its
+    features. Either way a new session snaps to what was kept without preparing the image, to the same labels."""
     import json
 
+    import zarr
+
+    from napari_clearclip import segmenter as segmenter_module
+
     image = make_scene(5, size=300).image
+    if kind == "float":  # scaled by its own range: not whole values once resized
+        image = image.astype(np.float32) / 255 + np.random.default_rng(0).random(image.shape, np.float32) * 0.01
     seg = session(tmp_path)
-    for short_side in (256, 128):  # at 128 px the demo model's features are smaller than the image
-        seg.segment(image, CLASSES, maps=False, short_side=short_side)
+    first = {short_side: seg.segment(image, CLASSES, maps=False, short_side=short_side, refine="pamr").labels
+             for short_side in (256, 128)}  # at 128 px the demo model's features are smaller than the float image
     FeatureStore.flush()
     kept = {}
     for path in (tmp_path / "features").glob("*.zarr"):
         attributes = json.loads((path / "zarr.json").read_text())["attributes"]
-        kept[attributes["identity"]["windows"][0]] = (attributes["guide"], (path / "guide").exists())
-    assert kept == {256: ([3, 256, 256], True), 128: (None, False)}
+        stored = str(zarr.open_group(str(path), mode="r")["guide"].dtype) if (path / "guide").exists() else None
+        kept[attributes["identity"]["windows"][0]] = (attributes["guide"], stored)
+    if kind == "uint8":
+        assert kept == {256: ([3, 256, 256], "uint8"), 128: ([3, 128, 128], "uint8")}
+    else:
+        assert kept == {256: ([3, 256, 256], "float32"), 128: (None, None)}
+    prepared = []
+    real_prepare = segmenter_module.prepare
+    monkeypatch.setattr(segmenter_module, "prepare", lambda *a, **k: prepared.append(1) or real_prepare(*a, **k))
+    later = session(tmp_path)
+    refuse_encoding(later, monkeypatch)
+    fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)
+    for short_side, labels in first.items():
+        prepared.clear()
+        again = later.segment(image, CLASSES, maps=False, short_side=short_side, refine="pamr").labels
+        assert len(prepared) == (0 if kept[short_side][1] else 1)
+        np.testing.assert_array_equal(again, labels)
+        np.testing.assert_array_equal(again, fresh.segment(image, CLASSES, maps=False, short_side=short_side,
+                                                           refine="pamr").labels)
+
+
+def test_whole_intensities_give_back_the_prepared_image_bit_for_bit():
+    """What the store keeps of a uint8 image: checked against the model's own preparation on sizes that resize up,
+    down and not at all, with the official CLIP mean and std."""
+    import torch
+
+    from napari_clearclip.image import normalise, prepare, whole_rgb
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    rng = np.random.default_rng(3)
+    for shape in ((300, 200, 3), (448, 448, 3), (97, 131), (1000, 700, 4)):
+        image = rng.integers(0, 256, shape, np.uint8)
+        pixels = prepare(image, mean, std, 448)
+        whole = whole_rgb(pixels, mean, std)
+        assert whole is not None and whole.dtype == torch.uint8
+        assert torch.equal(normalise(whole, mean, std), pixels)
+    scaled = prepare(rng.random((300, 200, 3), np.float32), mean, std, 448)   # float, resized: not whole values
+    assert whole_rgb(scaled, mean, std) is None
+    assert whole_rgb(torch.full((3, 4, 4), float("nan")), mean, std) is None
 
 
 def test_another_model_method_or_window_setting_never_reads_the_store(tmp_path):
@@ -337,7 +386,7 @@ def test_a_ctrl_c_shortens_the_exit_wait_for_a_write_that_does_not_finish_even_m
     assert feature_store._exit_wait[0] == 0.5
 
 
-def test_pixel_digests_are_blake2b_of_the_bytes_or_of_fixed_chunks_and_see_every_byte():
+def test_pixel_digests_are_sha256_of_the_bytes_or_of_fixed_chunks_and_see_every_byte():
     """Large arrays are hashed in 4 MiB chunks on threads: the digest must not depend on the threads or the machine
     (stores are shared), must equal the documented scheme, and must change with any one byte."""
     import hashlib
@@ -345,20 +394,24 @@ def test_pixel_digests_are_blake2b_of_the_bytes_or_of_fixed_chunks_and_see_every
     from napari_clearclip import hashing
 
     small = np.arange(3000, dtype=np.uint16).reshape(50, 60)
-    assert hashing.pixel_digest(small) == hashlib.blake2b(small.tobytes(), digest_size=20).digest()
+    assert hashing.pixel_digest(small) == hashlib.sha256(small.tobytes()).digest()[:20]
+    assert hashing.pixel_digest(small, 32) == hashlib.sha256(small.tobytes()).digest()
     large = np.random.default_rng(0).integers(0, 255, (1500, 1400, 3), np.uint8)   # 6.3 MB: two chunks
     data = large.tobytes()
-    reference = hashlib.blake2b(digest_size=20, person=b"chunks4M")
+    reference = hashlib.sha256(b"napari-clearclip pixels in 4 MiB chunks")
     reference.update(len(data).to_bytes(8, "little"))
     for start in range(0, len(data), 4 << 20):
-        reference.update(hashlib.blake2b(data[start : start + (4 << 20)], digest_size=20).digest())
-    assert hashing.pixel_digest(large) == reference.digest()
-    assert hashing.pixel_digest(np.asfortranarray(large)) == reference.digest()      # C order, whatever the layout
+        reference.update(hashlib.sha256(data[start : start + (4 << 20)]).digest())
+    expected = reference.digest()[:20]
+    assert hashing.pixel_digest(large) == expected
+    assert hashing.pixel_digest(np.asfortranarray(large)) == expected                # C order, whatever the layout
     for index in ((0, 0, 0), (700, 900, 1), (1499, 1399, 2)):                          # first, middle, last chunk
         changed = large.copy()
         changed[index] ^= 1
-        assert hashing.pixel_digest(changed) != reference.digest()
-    assert hashing.pixel_digest(large.reshape(1400, 1500, 3)) == reference.digest()   # the bytes: shape is keyed apart
+        assert hashing.pixel_digest(changed) != expected
+    assert hashing.pixel_digest(large.reshape(1400, 1500, 3)) == expected             # the bytes: shape is keyed apart
+    with pytest.raises(ValueError, match="digest_size"):
+        hashing.pixel_digest(small, 33)
 
 
 def test_within_one_run_the_same_pixels_are_hashed_once_and_never_after_it(monkeypatch):

@@ -176,19 +176,27 @@ def normalise(rgb: torch.Tensor, mean: Sequence[float], std: Sequence[float]) ->
     return (rgb.float() - mean_t) / std_t
 
 
-def whole_rgb(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor | None:
+def whole_rgb(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              rows_at_once: int = 256) -> torch.Tensor | None:
     """The uint8 (3, h, w) intensities that :func:`normalise` turns into exactly ``pixels``, or None when there are
     none (an image that was not whole values 0..255 at this size, e.g. a float image scaled by its range).
 
     A uint8 image resized by :func:`prepare` stays whole, so its prepared pixels keep in a quarter of the bytes,
-    bit for bit.
+    bit for bit. Checked ``rows_at_once`` rows at a time: a large image at its own size needs no full-size
+    temporary copies.
     """
     if pixels.dtype != torch.float32 or pixels.ndim != 3 or pixels.shape[0] != 3:
         return None
+    pixels = pixels.cpu()
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    rgb = (pixels.cpu() * std_t + mean_t).round_()
-    if not bool(torch.isfinite(rgb).all()) or float(rgb.min()) < 0 or float(rgb.max()) > 255:
-        return None
-    rgb = rgb.to(torch.uint8)
-    return rgb if torch.equal(normalise(rgb, mean, std), pixels.cpu()) else None
+    whole = torch.empty(pixels.shape, dtype=torch.uint8)
+    for top in range(0, pixels.shape[1], rows_at_once):
+        part = pixels[:, top : top + rows_at_once]
+        rgb = (part * std_t + mean_t).round_()
+        if not bool(torch.isfinite(rgb).all()) or float(rgb.min()) < 0 or float(rgb.max()) > 255:
+            return None
+        whole[:, top : top + rows_at_once] = rgb.to(torch.uint8)
+        if not torch.equal(normalise(whole[:, top : top + rows_at_once], mean, std), part):
+            return None
+    return whole

@@ -144,9 +144,13 @@ def test_whole_intensities_give_back_the_prepared_image_bit_for_bit():
     for shape in ((300, 200, 3), (448, 448, 3), (97, 131), (1000, 700, 4)):
         image = rng.integers(0, 256, shape, np.uint8)
         pixels = prepare(image, mean, std, 448)
-        whole = whole_rgb(pixels, mean, std)
-        assert whole is not None and whole.dtype == torch.uint8
-        assert torch.equal(normalise(whole, mean, std), pixels)
+        for rows_at_once in (7, 256):  # checked a few rows at a time: the same whatever the rows
+            whole = whole_rgb(pixels, mean, std, rows_at_once)
+            assert whole is not None and whole.dtype == torch.uint8
+            assert torch.equal(normalise(whole, mean, std), pixels)
+    off_by_one = pixels.clone()
+    off_by_one[1, -1, -1] += 1e-3                                           # one value in the last rows
+    assert whole_rgb(off_by_one, mean, std, 7) is None
     scaled = prepare(rng.random((300, 200, 3), np.float32), mean, std, 448)   # float, resized: not whole values
     assert whole_rgb(scaled, mean, std) is None
     assert whole_rgb(torch.full((3, 4, 4), float("nan")), mean, std) is None

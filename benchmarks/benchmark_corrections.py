@@ -111,6 +111,17 @@ def run_annotator(segmenter, scenes, count: int, paste=False, refine=None, paint
     return history
 
 
+def missed_objects(segmenter, scene, objects, truth, table, lesson, refine) -> list[str]:
+    """For each object given the wrong class: its area, both classes, and the mean probability the run gives its
+    true class at its pixels (near 0: the scores there do not hold the class, whatever reads them)."""
+    wrong = [(int(i), c, int(a)) for i, c, a in zip(table["id"], table["class"], table["area"]) if truth[int(i)] != c]
+    if not wrong:
+        return []
+    probabilities = segmenter.segment(scene.image, CLASSES, maps=True, lesson=lesson, refine=refine).probabilities
+    return [f"{area} px {truth[i]} given {given} (its true class's probability there: "
+            f"{probabilities[CLASSES.index(truth[i]), objects == i].mean():.2f})" for i, given, area in wrong]
+
+
 def lesson_transfer(segmenter, strokes: int = 5, training: int = 3, held_out: int = 20, seed: int = 20_000) -> dict:
     """Strokes on a few training scenes make a lesson; it is applied to held-out scenes nobody painted.
 
@@ -126,13 +137,16 @@ def lesson_transfer(segmenter, strokes: int = 5, training: int = 3, held_out: in
     for suffix, refine in (("", None), (" + PAMR", "pamr")):
         for name, taught in (("objects zero-shot", None), ("objects with the lesson", lesson)):
             right = total = 0
+            missed = []
             for scene in test:
                 objects, truth = scene.instances()
                 table = segmenter.segment(scene.image, CLASSES, objects=objects, maps=False, lesson=taught,
                                           refine=refine).objects
                 right += sum(truth[int(i)] == c for i, c in zip(table["id"], table["class"]))
                 total += len(truth)
+                missed += missed_objects(segmenter, scene, objects, truth, table, taught, refine)
             out[name + suffix] = right / max(1, total)
+            out[name + suffix + " missed"] = missed
             out["objects"] = total
     for name, refine in (("", None), (" + PAMR", "pamr")):
         pairs_zero, pairs_lesson, drops = [], [], []
@@ -291,6 +305,9 @@ def main() -> None:
         print(f"objects{suffix} (every shape of the 20 held-out scenes, {transfer['objects']} in all): accuracy "
               f"zero-shot {transfer['objects zero-shot' + suffix]:.3f} (target >= 0.95), with the lesson "
               f"{transfer['objects with the lesson' + suffix]:.3f} (target >= 0.98)")
+        for name in ("objects zero-shot", "objects with the lesson"):
+            for line in transfer[name + suffix + " missed"]:
+                print(f"  missed, {name[8:]}{suffix}: {line}")
     if args.lesson_seeds > 1:
         print("\nlessons from other training scenes (mIoU alone / with PAMR; largest drop of one scene below its "
               "zero-shot score, alone / with PAMR; target <= 0.02)")

@@ -2,7 +2,7 @@
 
     xvfb-run -a python benchmarks/benchmark_live_widget.py [--strokes 6]
 
-The widget with the demo model, Snap to edges and Live on, on the nine large shapes of
+The widget with the demo model, Snap to edges and Live on, on the three large shapes of
 ``benchmark_live.py``. Each stroke is a 40 px brush dab of another class than the one there,
 painted with ``Labels.paint`` (napari reports it as a mouse release would; a dab of the class
 already shown changes nothing and is not reported); the time runs until the widget is idle again with the layer updated,

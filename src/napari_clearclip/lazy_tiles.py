@@ -82,8 +82,36 @@ def _value_range(image, height: int, rows: int) -> tuple[float, float]:
     return low, high
 
 
+#: What :meth:`Segmenter.segment` takes that a tile-by-tile run cannot, and why.
+NOT_TILED = {
+    "lesson": "a lesson scores an image with that image's own statistics (its patch mean and the spread of its text "
+              "scores), and a tile-by-tile run sees one region at a time, so each region would be taught differently",
+    "strokes": "strokes teach with the statistics of the whole image they are painted on, and a tile-by-tile run sees "
+               "one region at a time",
+    "exemplars": "exemplars score an image with that image's own statistics, and a tile-by-tile run sees one region "
+                 "at a time",
+    "objects": "objects are classified from scores summed over each whole object, and objects cross tiles",
+    "foreground": "a foreground map is fused with the scores of the whole image",
+    "maps": "a tile-by-tile run writes labels only (maps=False)",
+}
+
+
+def check_tiled_keywords(keywords: dict) -> None:
+    """Refuse what a tile-by-tile run cannot take, with why, rather than as an unknown option."""
+    keywords = dict(keywords)
+    if "scribbles" in keywords:
+        keywords["strokes"] = keywords.pop("scribbles")
+    for name, why in NOT_TILED.items():
+        value = keywords.get(name)
+        if value is not None and value is not False:
+            raise InvalidOptionError(f"segment_tiled() cannot take {name}=: {why}. Use segment() on the image (or on "
+                                     f"a reduced copy of it), or leave {name} out.")
+
+
 def resolve_tiled_options(segmenter, options, keywords: dict) -> SegmentOptions:
     """The run's options at native resolution; settings that cannot be tiled are refused."""
+    check_tiled_keywords(keywords)
+    keywords = {name: value for name, value in keywords.items() if name not in NOT_TILED and name != "scribbles"}
     built = SegmentOptions.build(options, **keywords)
     if built.short_side is not DEFAULT and built.short_side is not None:
         raise InvalidOptionError(f"short_side={built.short_side!r}: large images are segmented tile by tile at their "

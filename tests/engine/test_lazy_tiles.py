@@ -85,6 +85,26 @@ def test_what_cannot_be_tiled_is_refused(segmenter, tiny_checkpoint):
         segmenter.segment_tiled(image, ["a", "b"], tile=4)
 
 
+def test_what_segment_takes_and_a_tiled_run_cannot_is_refused_with_why(segmenter):
+    """A lesson, strokes, objects, a foreground map or probability maps need the whole image: refused by name
+    (not as an unknown option); segment()'s keywords at their harmless values are taken."""
+    image = smooth_image(80, 80)
+    painted = np.zeros((80, 80), np.int32)
+    painted[10:20, 10:20] = 1
+    lesson = segmenter.make_lesson(["a", "b"], [(image, painted)], crop=32, stride=16)
+    exemplars = segmenter.collect_exemplars(image, painted, ["a", "b"], crop=32, stride=16)
+    refused = {"lesson": (lesson, "statistics"), "strokes": (painted, "statistics"), "scribbles": (painted, "statistics"),
+               "exemplars": (exemplars, "statistics"), "objects": (painted, "whole object"),
+               "foreground": (np.ones((80, 80), np.float32), "foreground"), "maps": (True, "labels only")}
+    for name, (value, why) in refused.items():
+        with pytest.raises(InvalidOptionError, match=f"cannot take {'strokes' if name == 'scribbles' else name}=:.*"
+                                                     f"{why}.*segment\\(\\)") as raised:
+            segmenter.segment_tiled(image, ["a", "b"], crop=32, stride=16, **{name: value})
+        assert "Unknown option" not in str(raised.value)
+    labels = segmenter.segment_tiled(image, ["a", "b"], crop=32, stride=16, maps=False, lesson=None, objects=None)
+    np.testing.assert_array_equal(labels, segmenter.segment_tiled(image, ["a", "b"], crop=32, stride=16))
+
+
 def test_ome_zarr_levels_are_read_lazily_with_channels_last(tmp_path):
     import zarr
 

@@ -165,6 +165,7 @@ def test_a_large_image_at_native_resolution_goes_tile_by_tile_into_an_editable_s
     widget.crop.value, widget.stride.value = 64, 32
     run_and_wait(qtbot, widget)
     assert "tile by tile" in widget.status.value, widget.status.value
+    assert "lesson" not in widget.status.value                               # none was loaded
     layer = viewer.layers["slide classes"]
     assert isinstance(layer.data, zarr.Array)
     expected = Segmenter("test-tiny", widget.pretrained.value, device="cpu").segment(
@@ -213,3 +214,32 @@ def test_a_lesson_saved_from_strokes_on_two_images_is_fitted_as_one_made_from_bo
     # with both images' painted pixels, for the offsets of runs without snapping
     assert len(Lesson.load(path).pixels) == len(made.pixels) > 0
     np.testing.assert_allclose(Lesson.load(path).unsnapped_offsets, made.unsnapped_offsets, atol=1e-5)
+
+
+def test_a_lesson_is_said_not_to_be_used_on_an_image_segmented_tile_by_tile(qtbot, widget, monkeypatch, tmp_path):
+    """Each region of a tile-by-tile run would be taught with its own statistics: the run goes without the lesson,
+    gives the labels it gives without one, and says so, with how to use it."""
+    import napari_clearclip.gui.widget as widget_module
+    from images import smooth_image
+    from napari_clearclip import Segmenter
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 200 * 200)
+    monkeypatch.setenv("NAPARI_CLEARCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    image = smooth_image(260, 240, seed=3)
+    segmenter = Segmenter("test-tiny", widget.pretrained.value, device="cpu")
+    strokes = np.zeros(image.shape[:2], np.int32)
+    strokes[20:40, 20:60], strokes[200:220, 150:200] = 1, 2
+    segmenter.make_lesson(["sky", "grass"], [(image, strokes)], crop=64, stride=32).save(tmp_path / "lesson.npz")
+    assert widget.load_lesson(tmp_path / "lesson.npz") is not None
+    assert widget.classes.value == "sky\ngrass"
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(image, name="slide")
+    widget.resize.value = False
+    widget.crop.value, widget.stride.value = 64, 32
+    run_and_wait(qtbot, widget)
+    status = widget.status.value
+    assert "tile by tile" in status and "lesson (loaded, or taught on other images) was not used" in status, status
+    assert "turn Resize on" in status
+    expected = segmenter.segment_tiled(image, ["sky", "grass"], crop=64, stride=32, refine="pamr",
+                                       contrast_limits=tuple(viewer.layers["slide"].contrast_limits))
+    np.testing.assert_array_equal(viewer.layers["slide classes"].data[:], expected)

@@ -254,7 +254,8 @@ class ClearClipWidget(FieldLogic, Container):
                                  "press Run.")
                 return None
             save_settings(self.settings())
-            return self._run_tiled(layer, data, layout, classes, options)
+            unused = bool(self.lessons.for_run(layer.name, self.share_lesson.value))
+            return self._run_tiled(layer, data, layout, classes, options, unused)
         save_settings(self.settings())
         target = self._choose_target(layer, layout)
         existing = {layer.name: layer.data for layer in self._viewer.layers}
@@ -314,9 +315,10 @@ class ClearClipWidget(FieldLogic, Container):
         return (not self.resize.value and len(shape) == 2 and shape[0] * shape[1] > TILED_PIXELS
                 and self.method.value != "clipdiy" and objects_layer is None and not foreground)
 
-    def _run_tiled(self, layer, data, layout: ImageLayout, classes, options):
+    def _run_tiled(self, layer, data, layout: ImageLayout, classes, options, lessons_unused: bool = False):
         """Segment a large 2-D image tile by tile into a zarr store in the user cache; the result is a new Labels
-        layer backed by that store (editable: painting writes into it). Strokes do not teach in this mode."""
+        layer backed by that store (editable: painting writes into it). Strokes do not teach in this mode, nor
+        do lessons (each region would be taught with its own statistics): ``lessons_unused`` says so at the end."""
         import shutil
 
         store = tiled_store_path(layer.name)
@@ -329,13 +331,13 @@ class ClearClipWidget(FieldLogic, Container):
         def discard():  # a cancelled or failed run leaves no store behind
             shutil.rmtree(store.with_name(store.name + ".partial"), ignore_errors=True)
 
-        worker.returned.connect(self._on_tiled_returned)
+        worker.returned.connect(lambda value: self._on_tiled_returned(value, lessons_unused))
         worker.aborted.connect(lambda: (discard(), self._set_status("Cancelled: nothing was added.")))
         worker.errored.connect(lambda *_: discard())
         return self._launch(worker, f"Starting on {layer.name}: a large image, segmented tile by tile at native "
                                     "resolution...")
 
-    def _on_tiled_returned(self, value):
+    def _on_tiled_returned(self, value, lessons_unused: bool = False):
         self._delivered = True
         if self._closed:
             return
@@ -347,8 +349,10 @@ class ClearClipWidget(FieldLogic, Container):
         finally:
             self._writing = False
         self.legend.value = legend_html(result.names, result.counts, result.colours)
+        unused = (" The lesson (loaded, or taught on other images) was not used: turn Resize on to segment with it."
+                  if lessons_unused else "")
         self._set_status(f"Done: {layer.name}, segmented tile by tile; its labels are stored in {result.path} "
-                         "(painting writes there). Strokes do not teach on images this large.")
+                         f"(painting writes there). Strokes do not teach on images this large.{unused}")
         self.objects.reset_choices()
 
     # -- lessons --------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def _finisher(partial: Path, final: Path):
 
 def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options: SegmentOptions | Mapping | None = None,
                         *, out=None, tile: int = DEFAULT_TILE, attrs: dict | None = None, replace: bool = False,
-                        on_complete=None, **keywords) -> Generator[Progress, None, object]:
+                        on_complete=None, absent_chunks: str = "error", **keywords) -> Generator[Progress, None, object]:
     """Generator: segment a large array-like image tile by tile; yields progress per tile, returns the labels.
 
     ``out``: None (a NumPy array of the smallest unsigned type the classes fit), an array of the
@@ -183,11 +183,15 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     written (group with a ``labels`` array, chunks of ``tile``, and ``attrs``), renamed into place when
     complete, after ``on_complete(labels)`` (e.g. writing a table beside it); an existing store is
     replaced only with ``replace=True``. The stop of a partial store's run is where the same run resumes.
+    A zarr image whose store lacks chunks is refused unless ``absent_chunks="fill"`` (see
+    :func:`~napari_clearclip.zarr_images.check_absent_chunks`).
     """
     from .prompts import parse_classes
+    from .zarr_images import check_absent_chunks
 
     parsed = parse_classes(classes)
     height, width = check_lazy_image(image)
+    check_absent_chunks(image, None, absent_chunks)
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 16:
         raise InvalidOptionError(f"tile={tile!r} must be a whole number of pixels, at least 16.")
     opts = resolve_tiled_options(segmenter, options, keywords)

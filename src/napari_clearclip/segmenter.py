@@ -307,23 +307,28 @@ class Segmenter:
         return self._found[1]
 
     def segment_tiled(self, image, classes: str | Sequence[str], options: SegmentOptions | Mapping | None = None, *,
-                      out=None, tile: int | None = None, **keywords):
+                      out=None, tile: int | None = None, absent_chunks: str = "error", **keywords):
         """Segment an image too large to hold (a dask or zarr array, an OME-Zarr level) tile by tile at native
         resolution, reading one region at a time; the labels equal :meth:`segment`'s at ``short_side=None``.
 
         ``out``: None (returns a NumPy array of the smallest unsigned type), an array to write into (e.g. a
         zarr array), or a path where a zarr store is written and renamed into place when complete (an
         interrupted run resumes from the tiles it finished). Returns the labels (an array or the zarr array).
+
+        A zarr image whose store lacks chunks is refused (zarr would read them as the fill value without a
+        word), unless ``absent_chunks="fill"``: for stores that leave out chunks holding only that value.
         """
-        return run_to_end(self.segment_tiled_steps(image, classes, options, out=out, tile=tile, **keywords))
+        return run_to_end(self.segment_tiled_steps(image, classes, options, out=out, tile=tile,
+                                                   absent_chunks=absent_chunks, **keywords))
 
     def segment_tiled_steps(self, image, classes, options: SegmentOptions | Mapping | None = None, *, out=None,
-                            tile: int | None = None, **keywords):
+                            tile: int | None = None, absent_chunks: str = "error", **keywords):
         """:meth:`segment_tiled` as a generator that yields :class:`Progress` per tile (close it to stop)."""
         from .lazy_tiles import DEFAULT_TILE, segment_tiled_steps
 
         return segment_tiled_steps(self, image, classes, options, out=out,
-                                   tile=DEFAULT_TILE if tile is None else tile, **keywords)
+                                   tile=DEFAULT_TILE if tile is None else tile, absent_chunks=absent_chunks,
+                                   **keywords)
 
     def make_lesson(self, classes: str | Sequence[str], painted: Sequence[tuple], options: SegmentOptions | Mapping
                     | None = None, **keywords) -> Lesson:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageNotFoundError, InvalidImageError
+from .errors import ImageNotFoundError, InvalidImageError, InvalidOptionError
 
 
 def is_zarr_path(path: Path) -> bool:
@@ -59,11 +59,64 @@ class ChannelsLast:
         return values if dtype is None else values.astype(dtype)
 
 
-def open_zarr_image(path: Path):
-    """The image in a zarr store, unread: an array, or a multiscale group's first (full-resolution) level."""
+#: What a run does with chunks that a zarr image's store lacks: refuse the image (a copy that lost chunks would
+#: otherwise be segmented as if they held the fill value), or read them as the fill value, as zarr does.
+ABSENT_CHUNKS = ("error", "fill")
+
+
+def check_absent_chunks(image, name: str | None = None, absent_chunks: str = "error") -> None:
+    """Refuse a zarr image whose store lacks chunks, unless ``absent_chunks="fill"``; other images pass.
+
+    zarr reads a chunk that is not in the store as the array's fill value, without a word, and zarr 3
+    leaves out the chunks that hold only that value when it writes (``write_empty_chunks=False``). A
+    store can lack chunks either way, so only the user can say whether that is how it was written.
+    """
+    if absent_chunks not in ABSENT_CHUNKS:
+        raise InvalidOptionError(f"absent_chunks={absent_chunks!r}: use 'error' (refuse a zarr image whose store "
+                                 "lacks chunks) or 'fill' (read them as its fill value).")
+    if absent_chunks == "fill":
+        return
+    counted = absent_chunk_count(image)
+    if counted is None or not counted[0]:
+        return
+    array = image.array if isinstance(image, ChannelsLast) else image
+    absent, total = counted
+    name = f"The zarr store {name}" if name else f"The zarr array at {array.store_path}"
+    raise InvalidImageError(
+        f"{name} lacks {absent} of its {total} chunks. zarr reads a missing chunk as the "
+        f"fill value ({array.fill_value}), so if chunks were lost (an interrupted copy, say) the labels there "
+        "would be wrong. Copy the store again; or, if it leaves out the chunks that hold only the fill value "
+        "(zarr 3 writes that way by default), segment it with absent_chunks='fill' (command line: "
+        "--absent-chunks fill).")
+
+
+def absent_chunk_count(image) -> tuple[int, int] | None:
+    """(chunks not in the store, chunks in all) of a zarr image; None for anything else, or a store that cannot
+    list its chunks (some remote ones)."""
+    array = image.array if isinstance(image, ChannelsLast) else image
+    try:
+        import zarr
+
+        if not isinstance(array, zarr.Array):
+            return None
+        total, stored = int(array.nchunks), int(array.nchunks_initialized)
+    except Exception:  # noqa: BLE001 - whatever the store raises, there is nothing to count
+        return None
+    return max(0, total - stored), total
+
+
+def open_zarr_image(path: Path, absent_chunks: str = "error"):
+    """The image in a zarr store, unread: an array, or a multiscale group's first (full-resolution) level,
+    checked for chunks missing from the store (see :func:`check_absent_chunks`)."""
+    path = Path(path)
+    image = _zarr_image(path)
+    check_absent_chunks(image, str(path), absent_chunks)
+    return image
+
+
+def _zarr_image(path: Path):
     import zarr
 
-    path = Path(path)
     if not path.exists():
         raise ImageNotFoundError(f"No such zarr store: {path}")
     try:

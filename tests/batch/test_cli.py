@@ -333,3 +333,35 @@ def test_format_zarr_segments_an_ome_zarr_tile_by_tile(tmp_path, capsys):
     assert main(argv) == 0 and "skipped" in capsys.readouterr().err              # a finished output is kept
     assert main(argv + ["--save-probabilities"]) == 2
     assert "--save-probabilities cannot be used" in capsys.readouterr().err
+
+
+def test_a_zarr_input_that_lacks_a_chunk_fails_by_name_unless_absent_chunks_are_read_as_the_fill_value(tmp_path,
+                                                                                                        capsys):
+    import zarr
+
+    from napari_clearclip.demo.scenes import make_scene
+
+    classes = ["red", "green", "blue", "yellow", "background"]
+    image = make_scene(22, size=200, objects=(3, 5)).image
+    stored = zarr.create_array(str(tmp_path / "slide.zarr"), shape=image.shape, chunks=(100, 100, 3), dtype=np.uint8)
+    stored[:] = image
+    (tmp_path / "slide.zarr" / "c" / "0" / "1" / "0").unlink()            # rows 0-99, columns 100-199: lost
+    holed = image.copy()
+    holed[:100, 100:] = 0
+    segmenter = Segmenter("synthetic-tiny", device="cpu")
+    expected = {"zarr": segmenter.segment(holed, classes, maps=False, short_side=None).labels,   # native resolution
+                "tif": segmenter.segment(holed, classes, maps=False).labels}
+    for output_format in ("zarr", "tif"):
+        out = tmp_path / f"out-{output_format}"
+        argv = [str(tmp_path / "slide.zarr"), "--classes", "; ".join(classes), "--out", str(out), "--model",
+                "synthetic-tiny", "--device", "cpu", "--format", output_format, "--no-snap"]
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "slide.zarr lacks 1 of its 4 chunks" in err and "--absent-chunks fill" in err, err
+        assert sorted(p.name for p in out.iterdir()) == ["clearclip_report.csv"]        # no labels, no partial store
+        assert main(argv + ["--absent-chunks", "fill"]) == 0, capsys.readouterr().err
+        if output_format == "zarr":
+            labels = zarr.open_group(str(out / "slide_labels.zarr"), mode="r")["labels"][:]
+        else:
+            labels = tifffile.imread(out / "slide_labels.tif")
+        np.testing.assert_array_equal(labels, expected[output_format])

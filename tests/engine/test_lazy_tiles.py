@@ -7,7 +7,7 @@ import pytest
 from images import smooth_image
 
 from napari_clearclip import Segmenter
-from napari_clearclip.errors import InvalidOptionError, OutputError
+from napari_clearclip.errors import InvalidImageError, InvalidOptionError, OutputError
 from napari_clearclip.lazy_tiles import tile_plan
 
 
@@ -72,6 +72,35 @@ def test_dask_and_zarr_inputs_and_a_zarr_store_that_resumes(segmenter, tmp_path)
     assert not (tmp_path / "labels.zarr.partial").exists()
     with pytest.raises(OutputError, match="never overwritten"):
         segmenter.segment_tiled(stored, classes, tile=64, out=out, **options)
+
+
+def test_a_zarr_image_whose_store_lacks_a_chunk_is_refused_unless_absent_chunks_read_as_the_fill_value(segmenter,
+                                                                                                     tmp_path):
+    """zarr reads a chunk missing from its store as the fill value without a word: a copy that lost a chunk would be
+    segmented as if that part of the image were black, with no error. Refused, naming the store, nothing written;
+    ``absent_chunks="fill"`` reads it so (for stores that leave out chunks of the fill value alone)."""
+    import zarr
+
+    image = smooth_image(200, 170, seed=4)
+    classes, options = ["sky", "grass"], dict(crop=32, stride=16, templates=["a {}."])
+    stored = zarr.create_array(str(tmp_path / "image.zarr"), shape=image.shape, chunks=(64, 64, 3), dtype=np.uint8)
+    stored[:] = image
+    assert segmenter.segment_tiled(stored, classes, tile=64, **options).shape == (200, 170)   # whole: taken
+    chunk = tmp_path / "image.zarr" / "c" / "1" / "1" / "0"                  # rows 64-127, columns 64-127
+    assert chunk.is_file()
+    chunk.unlink()
+    reopened = zarr.open_array(str(tmp_path / "image.zarr"), mode="r")
+    out = tmp_path / "labels.zarr"
+    with pytest.raises(InvalidImageError, match=r"lacks 1 of its 12 chunks.*fill value \(0\).*absent_chunks='fill'"):
+        segmenter.segment_tiled(reopened, classes, tile=64, out=out, **options)
+    assert not out.exists() and not (tmp_path / "labels.zarr.partial").exists()
+    with pytest.raises(InvalidOptionError, match="absent_chunks='zero'"):
+        segmenter.segment_tiled(reopened, classes, tile=64, absent_chunks="zero", **options)
+    holed = image.copy()
+    holed[64:128, 64:128] = 0
+    expected = segmenter.segment(holed, classes, maps=False, short_side=None, **options).labels
+    filled = segmenter.segment_tiled(reopened, classes, tile=64, absent_chunks="fill", **options)
+    np.testing.assert_array_equal(filled, expected)
 
 
 def test_what_cannot_be_tiled_is_refused(segmenter, tiny_checkpoint):

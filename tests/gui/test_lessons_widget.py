@@ -243,3 +243,34 @@ def test_a_lesson_is_said_not_to_be_used_on_an_image_segmented_tile_by_tile(qtbo
     expected = segmenter.segment_tiled(image, ["sky", "grass"], crop=64, stride=32, refine="pamr",
                                        contrast_limits=tuple(viewer.layers["slide"].contrast_limits))
     np.testing.assert_array_equal(viewer.layers["slide classes"].data[:], expected)
+
+
+def test_a_zarr_layer_whose_store_lacks_chunks_is_segmented_as_shown_and_the_status_says_how_many(
+        qtbot, widget, monkeypatch, tmp_path):
+    """napari shows a chunk missing from a zarr store as the fill value; the tile-by-tile run reads it so, and says
+    how many chunks were missing, since a copy may have lost them."""
+    import zarr
+
+    import napari_clearclip.gui.widget as widget_module
+    from images import smooth_image
+    from napari_clearclip import Segmenter
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 200 * 200)
+    monkeypatch.setenv("NAPARI_CLEARCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    image = smooth_image(256, 256, seed=5)
+    stored = zarr.create_array(str(tmp_path / "slide.zarr"), shape=image.shape, chunks=(128, 128, 3), dtype=np.uint8)
+    stored[:] = image
+    (tmp_path / "slide.zarr" / "c" / "1" / "0" / "0").unlink()
+    reopened = zarr.open_array(str(tmp_path / "slide.zarr"), mode="r")
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(reopened, name="slide", rgb=True)
+    widget.classes.value = "sky\ngrass"
+    widget.resize.value = False
+    widget.crop.value, widget.stride.value = 64, 32
+    run_and_wait(qtbot, widget)
+    status = widget.status.value
+    assert "tile by tile" in status and "1 of the 4 chunks of the image are not in its zarr store" in status, status
+    expected = Segmenter("test-tiny", widget.pretrained.value, device="cpu").segment_tiled(
+        reopened, ["sky", "grass"], crop=64, stride=32, refine="pamr", absent_chunks="fill",
+        contrast_limits=tuple(viewer.layers["slide"].contrast_limits))
+    np.testing.assert_array_equal(viewer.layers["slide classes"].data[:], expected)

@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="zarr: segment each image tile by tile at native resolution into <name>_labels.zarr, "
                              "reading .zarr inputs (arrays, OME-Zarr) a region at a time: for images too large to "
                              "hold (default: tif)")
+    parser.add_argument("--absent-chunks", choices=["error", "fill"], default="error",
+                        help="a .zarr input whose store lacks chunks: fail (error; zarr would read them as the fill "
+                             "value, so a copy that lost chunks would be segmented wrongly), or read them as the fill "
+                             "value (fill: for stores that leave out chunks holding only it, as zarr 3 writes by "
+                             "default) (default: %(default)s)")
     parser.add_argument("--objects", metavar="SUFFIX",
                         help="give a class to each object of <name>SUFFIX.tif beside each image (instance labels, "
                              "e.g. from cellpose: --objects _cp_masks); writes <name>_objects.csv")
@@ -247,7 +252,7 @@ def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
             device=args.device, precision=args.precision, overwrite=args.overwrite,
             save_probabilities=args.save_probabilities, client=client, on_report=on_report,
             options=engine_options(args), objects=args.objects, lesson=args.lesson, foreground=args.foreground,
-            found_weights=args.found_weights, output_format=args.output_format)
+            found_weights=args.found_weights, output_format=args.output_format, absent_chunks=args.absent_chunks)
     except WeightsUnavailableError as exc:
         bar.close()
         print(f"error: {offline_message(exc)}", file=sys.stderr)
@@ -296,7 +301,8 @@ def _store_only(args, client, on_report, bar, started, stop: StopOnce | None = N
     try:
         reports = store_features(args.images, model=args.model, pretrained=args.pretrained, method=args.method,
                                  device=args.device, precision=args.precision, options=engine_options(args),
-                                 store=args.feature_store, client=client, on_report=on_report)
+                                 store=args.feature_store, client=client, on_report=on_report,
+                                 absent_chunks=args.absent_chunks)
     except ClearClipError as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)

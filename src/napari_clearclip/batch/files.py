@@ -73,11 +73,12 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def read_image(path: Path) -> np.ndarray:
-    """Read an image file; TIFFs through tifffile, other formats through scikit-image."""
+def read_image(path: Path, absent_chunks: str = "error") -> np.ndarray:
+    """Read an image file; TIFFs through tifffile, other formats through scikit-image; a zarr store whole
+    (one that lacks chunks is refused unless ``absent_chunks="fill"``)."""
     path = Path(path)
     if is_zarr_path(path):
-        return np.asarray(open_zarr_image(path))
+        return np.asarray(open_zarr_image(path, absent_chunks))
     if path.is_dir():
         raise InvalidImageError(f"{path} is a folder with no images ({', '.join(IMAGE_SUFFIXES)}, or .zarr stores).")
     if not path.is_file():
@@ -98,9 +99,9 @@ def read_image(path: Path) -> np.ndarray:
         raise InvalidImageError(f"Could not read {path} as an image: {_read_failure(path, exc)}") from None
 
 
-def read_lazy(path: Path):
+def read_lazy(path: Path, absent_chunks: str = "error"):
     """A zarr store's image unread (its tiles are read as they are segmented); other files read whole."""
-    return open_zarr_image(path) if is_zarr_path(path) else read_image(path)
+    return open_zarr_image(path, absent_chunks) if is_zarr_path(path) else read_image(path)
 
 
 def _read_failure(path: Path, exc: Exception) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 from ..errors import ClearClipError, InvalidOptionError
 from ..files import write_atomic
 from ..options import DEFAULT, SegmentOptions
+from ..zarr_images import check_absent_chunks
 from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this module's interface
     OUTPUT_FORMATS,
     PARTS_DIR,
@@ -70,6 +71,7 @@ class Task:
     foreground: str | None = None  # the suffix of the foreground map beside the image, or "found" (--foreground)
     found_weights: tuple | None = None  # FOUND's (DINO, decoder) files (--found-weights)
     output_format: str = "tif"   # "zarr": labels written tile by tile into <stem>_labels.zarr (--format zarr)
+    absent_chunks: str = "error"  # a zarr input whose store lacks chunks: refused, or "fill" (--absent-chunks)
 
 
 def skip_reason(record: dict | None, path: Path, run: str) -> str:
@@ -99,7 +101,8 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
     try:
         record = make_record(path, task.run, classes) if path.is_file() else None
         objects = None if task.objects is None else read_objects(path, task.objects)
-        result = segmenter.segment(read_image(path), classes, options, maps=save_probabilities, objects=objects,
+        result = segmenter.segment(read_image(path, task.absent_chunks), classes, options, maps=save_probabilities,
+                                   objects=objects,
                                    lesson=lesson, **_foreground_of(task))
         written = write_outputs(result, out_dir, stem, save_probabilities, record)
     except ClearClipError as exc:
@@ -132,7 +135,8 @@ def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], option
 
     try:
         record = make_record(task.path, task.run, classes) if task.path.exists() else None
-        segmenter.segment_tiled(read_lazy(task.path), classes, options, out=labels_path, replace=True,
+        segmenter.segment_tiled(read_lazy(task.path, task.absent_chunks), classes, options, out=labels_path,
+                                replace=True, absent_chunks=task.absent_chunks,
                                 attrs={RECORD_KEY: json.dumps(record, sort_keys=True)} if record else None,
                                 on_complete=write_table)
     except ClearClipError as exc:
@@ -306,6 +310,7 @@ def segment_files(
     foreground: str | None = None,
     found_weights=None,
     output_format: str = "tif",
+    absent_chunks: str = "error",
     **keywords,
 ) -> list[FileReport]:
     """Segment image files (files, folders, glob patterns) into ``out_dir``; one :class:`FileReport` per input.
@@ -327,6 +332,8 @@ def segment_files(
     ``found_weights=(dino_checkpoint, decoder_checkpoint)``) fuses a foreground map as CLIP-DIY does.
     ``output_format="zarr"`` segments each 2-D image tile by tile at native resolution into
     ``<stem>_labels.zarr`` (zarr inputs are then read a region at a time): for images too large to hold.
+    A zarr input whose store lacks chunks fails (zarr would read them as the fill value without a word) unless
+    ``absent_chunks="fill"``.
     """
     from ..models import ModelSpec
     from ..prompts import parse_classes
@@ -339,6 +346,7 @@ def segment_files(
     lesson = check_lesson(lesson)
     if output_format not in OUTPUT_FORMATS:
         raise InvalidOptionError(f"output_format={output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}.")
+    check_absent_chunks(None, absent_chunks=absent_chunks)   # the value, before any image is read
     if output_format == "zarr":
         _check_zarr_run(options, save_probabilities, objects, foreground, lesson)
         options = options.replace(short_side=None)
@@ -388,7 +396,8 @@ def segment_files(
             continue
         if layout is None:
             tasks.append(Task(path, stem, run=run, objects=objects or None, foreground=foreground or None,
-                              found_weights=found_weights, output_format=output_format))
+                              found_weights=found_weights, output_format=output_format,
+                              absent_chunks=absent_chunks))
             continue
         if objects:
             reports.append(FileReport(path, "failed", 0.0, "", "objects (--objects) are taken for 2-D images only"))
@@ -499,7 +508,8 @@ def store_task(spec, task: Task, options: SegmentOptions, store_dir: str | None)
     if store_dir is not None and (segmenter.feature_store is None or segmenter.feature_store.root != Path(store_dir)):
         segmenter.feature_store = FeatureStore(store_dir)
     try:
-        image = read_image(task.path) if task.plane is None else read_plane(task.path, task.plane, task.planes)
+        image = (read_image(task.path, task.absent_chunks) if task.plane is None
+                 else read_plane(task.path, task.plane, task.planes))
         stored = segmenter.cache_features(image, options)
     except ClearClipError as exc:
         where = "" if task.plane is None else f"plane {task.plane}: "
@@ -513,7 +523,8 @@ def store_task(spec, task: Task, options: SegmentOptions, store_dir: str | None)
 def store_features(paths: Iterable[str | os.PathLike], *, model: str = "ViT-B-16", pretrained: str | None = None,
                    method: str = "clearclip", device: str = "auto", precision: str = "auto",
                    options: SegmentOptions | dict | None = None, store: str | os.PathLike | None = None, client=None,
-                   on_report: Callable[[FileReport], None] | None = None, **keywords) -> list[FileReport]:
+                   on_report: Callable[[FileReport], None] | None = None, absent_chunks: str = "error",
+                   **keywords) -> list[FileReport]:
     """Encode image files into the feature store (``store``: a folder, by default the user cache), segmenting nothing.
 
     What ``clearclip-segment --features-only`` runs: a cluster (``client``) encodes a folder once,
@@ -524,6 +535,7 @@ def store_features(paths: Iterable[str | os.PathLike], *, model: str = "ViT-B-16
     from ..models import ModelSpec
 
     options = SegmentOptions.build(options, **keywords)
+    check_absent_chunks(None, absent_chunks=absent_chunks)
     files = expand_inputs(paths)
     spec = ModelSpec(model, None if pretrained is None else os.fspath(pretrained), method, device, precision)
     options = check_model_and_options(spec, options) if client is None else options.resolved(spec.model,
@@ -533,7 +545,7 @@ def store_features(paths: Iterable[str | os.PathLike], *, model: str = "ViT-B-16
     for path in files:
         layout = stack_planes(path)
         if layout is None:
-            tasks.append(Task(path, path.stem))
+            tasks.append(Task(path, path.stem, absent_chunks=absent_chunks))
         else:
             count = int(np.prod(layout[0]))
             tasks.extend(Task(path, path.stem, i, count) for i in range(count))

@@ -73,6 +73,7 @@ class TiledResult:
     names: list[str]
     counts: np.ndarray
     colours: dict
+    absent_chunks: tuple[int, int] | None = None   # (not in the image's zarr store, in all): read as its fill value
 
 
 def tiled_store_path(image_name: str) -> Path:
@@ -114,15 +115,20 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     from ..lazy_tiles import label_counts
     from ..prompts import parse_classes
 
+    from ..zarr_images import absent_chunk_count
+
     segmenter = yield from _loaded(holder, spec)
-    labels = yield from segmenter.segment_tiled_steps(image, classes, options, out=store)
+    # the image is on screen, where chunks missing from its store show as the fill value: the run reads them so
+    # too (a store may leave out chunks that hold only that value), and the status says how many there were
+    absent = absent_chunk_count(image)
+    labels = yield from segmenter.segment_tiled_steps(image, classes, options, out=store, absent_chunks="fill")
     names = [c.name for c in parse_classes(classes)]
     counts = label_counts(labels, len(names))
     colours = colormap_dict(names, tuple(background))
     prepare_first_draw(np.zeros((2, 2), labels.dtype), colours)
     layer = Labels(labels, features=labels_features(names), colormap=DirectLabelColormap(color_dict=colours),
                    visible=False, **new_layer)
-    return TiledResult(store, names, counts, colours), layer
+    return TiledResult(store, names, counts, colours, absent if absent and absent[0] else None), layer
 
 
 def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None):

@@ -351,8 +351,13 @@ class ClearClipWidget(FieldLogic, Container):
         self.legend.value = legend_html(result.names, result.counts, result.colours)
         unused = (" The lesson (loaded, or taught on other images) was not used: turn Resize on to segment with it."
                   if lessons_unused else "")
+        absent = ""
+        if result.absent_chunks:
+            absent = (f" {result.absent_chunks[0]} of the {result.absent_chunks[1]} chunks of the image are not in its "
+                      "zarr store: they were read as its fill value, as napari shows them. If they were lost, copy "
+                      "the store again.")
         self._set_status(f"Done: {layer.name}, segmented tile by tile; its labels are stored in {result.path} "
-                         f"(painting writes there). Strokes do not teach on images this large.{unused}")
+                         f"(painting writes there). Strokes do not teach on images this large.{unused}{absent}")
         self.objects.reset_choices()
 
     # -- lessons --------------------------------------------------------------------------------

@@ -39,7 +39,9 @@ def check_lazy_image(image) -> tuple[int, int]:
     shape = tuple(getattr(image, "shape", ()))
     dtype = np.dtype(getattr(image, "dtype", np.float64))
     if dtype.kind not in "uif":
-        raise InvalidImageError(f"Images of dtype {dtype} are not supported: use uint8, uint16 or float.")
+        store = getattr(getattr(image, "array", image), "store_path", None)   # a zarr array (or its OME-Zarr view)
+        what = f"The zarr array at {store} holds {dtype}" if store is not None else f"Images of dtype {dtype}"
+        raise InvalidImageError(f"{what}: not supported; use uint8, uint16 or float.")
     if not (len(shape) == 2 or (len(shape) == 3 and shape[-1] in (1, 3, 4))):
         raise InvalidImageError(f"Image of shape {shape} is not supported: expected (H, W) grey, (H, W, 3) RGB or "
                                 "(H, W, 4) RGBA; segment a stack one plane at a time.")
@@ -133,6 +135,10 @@ def _open_output(out, shape: tuple[int, int], dtype: np.dtype, tile: int, finger
     if not isinstance(out, (str, os.PathLike)):
         if tuple(out.shape) != shape:
             raise InvalidOptionError(f"out has shape {tuple(out.shape)}, not the image's {shape}.")
+        if getattr(out, "read_only", False) or not getattr(getattr(out, "flags", None), "writeable", True):
+            where = f"the zarr array at {out.store_path}" if hasattr(out, "store_path") else "out"
+            raise OutputError(f"The labels cannot be written into {where}: it is read-only. Open it for writing "
+                              "(zarr: mode='r+' or 'a'), or give a path (out='labels.zarr') to write a new store.")
         return out, None, None, None
     import zarr
 

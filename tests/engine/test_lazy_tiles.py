@@ -103,6 +103,25 @@ def test_a_zarr_image_whose_store_lacks_a_chunk_is_refused_unless_absent_chunks_
     np.testing.assert_array_equal(filled, expected)
 
 
+def test_a_read_only_output_and_an_image_of_another_dtype_are_refused_naming_the_store_before_any_tile(
+        segmenter, tmp_path, monkeypatch):
+    import zarr
+
+    image = smooth_image(100, 90, seed=2)
+    zarr.create_array(str(tmp_path / "labels.zarr"), shape=(100, 90), chunks=(64, 64), dtype=np.uint8)
+    read_only = zarr.open_array(str(tmp_path / "labels.zarr"), mode="r")
+    started = []
+    monkeypatch.setattr(Segmenter, "segment_steps", lambda *a, **k: started.append(1))   # no tile may start
+    for out, where in ((read_only, "zarr array at file://"), (np.broadcast_to(np.uint8(0), (100, 90)), "into out")):
+        with pytest.raises(OutputError, match=f"{where}.*read-only.*mode='r\\+'"):
+            segmenter.segment_tiled(image, ["sky", "grass"], crop=32, stride=16, tile=64, out=out)
+    odd = zarr.create_array(str(tmp_path / "odd.zarr"), shape=(100, 90, 3), chunks=(64, 64, 3), dtype=np.complex64)
+    with pytest.raises(InvalidImageError, match=r"zarr array at file://.*odd\.zarr holds complex64"):
+        segmenter.segment_tiled(odd, ["sky", "grass"], crop=32, stride=16, tile=64)
+    assert not started
+    assert (zarr.open_array(str(tmp_path / "labels.zarr"), mode="r")[:] == 0).all()
+
+
 def test_what_cannot_be_tiled_is_refused(segmenter, tiny_checkpoint):
     image = smooth_image(80, 80)
     with pytest.raises(InvalidOptionError, match="native resolution"):

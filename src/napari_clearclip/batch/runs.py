@@ -102,8 +102,7 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
         record = make_record(path, task.run, classes) if path.is_file() else None
         objects = None if task.objects is None else read_objects(path, task.objects)
         result = segmenter.segment(read_image(path, task.absent_chunks), classes, options, maps=save_probabilities,
-                                   objects=objects,
-                                   lesson=lesson, **_foreground_of(task))
+                                   objects=objects, lesson=lesson, **_foreground_of(task))
         written = write_outputs(result, out_dir, stem, save_probabilities, record)
     except ClearClipError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), str(exc))

@@ -114,7 +114,6 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     from ..colours import colormap_dict
     from ..lazy_tiles import label_counts
     from ..prompts import parse_classes
-
     from ..zarr_images import absent_chunk_count
 
     segmenter = yield from _loaded(holder, spec)

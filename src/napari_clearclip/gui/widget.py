@@ -26,6 +26,7 @@ from ..options import SegmentOptions
 from ..planes import ImageLayout
 from ..progress import Progress
 from ..prompts import parse_classes
+from ..reduced import BlockMeans, Reduction, reduced_for_resize
 from .field_logic import FieldLogic
 from .fields import build_fields, choose_file_button, lesson_buttons, saved_values
 from .job import TILED_PIXELS, ModelHolder, layer_request, segmentation_job, tiled_job, tiled_store_path
@@ -34,7 +35,7 @@ from .layout import captioned, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode
 from .previews import RunPreviews
-from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, legend_html
+from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, legend_html, reduced_note
 from .settings import load_settings, save_settings
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ClearClipWidget(FieldLogic, Container):
         self._viewer = napari_viewer
         self._models = ModelHolder()
         self._worker = None
+        self._reduced_copy: tuple | None = None  # ((image id, factor, rgb), BlockMeans) of the last reduced image
         self._delivered = False  # whether the run in flight has returned its result (too late to cancel it)
         self._closed = False
         self._pending_step = None  # the newest progress of the run, until the next update of the dock
@@ -173,6 +175,7 @@ class ClearClipWidget(FieldLogic, Container):
             except RuntimeError:
                 pass
         self._models = ModelHolder()
+        self._reduced_copy = None
 
     def settings(self) -> dict:
         """The values that persist between sessions."""
@@ -231,7 +234,7 @@ class ClearClipWidget(FieldLogic, Container):
             if not self.classes.value.strip():
                 raise InvalidClassesError(NO_CLASSES)
             classes = parse_classes(self.classes.value)
-            data = layer.data[0] if layer.multiscale else layer.data  # full resolution of a pyramid
+            data, reduction = self._data_to_segment(layer)
             layout = ImageLayout(tuple(data.shape), rgb=layer.rgb, channel_axis=self.channel_axis.value,
                                  channel=self.channel.value)
             # segment what the user sees
@@ -247,7 +250,11 @@ class ClearClipWidget(FieldLogic, Container):
             return None
         planes = layout.planes()
         if self.scope.value == "current slice" and len(planes) > 1:
-            planes = [layout.plane_of_point(layer.world_to_data(self._viewer.dims.point))]
+            point = np.asarray(layer.world_to_data(self._viewer.dims.point), dtype=float)
+            if reduction is not None:  # in the reduced level's pixels
+                full = np.asarray((layer.data[0] if layer.multiscale else layer.data).shape[: len(point)], float)
+                point = point * np.asarray(data.shape[: len(point)], float) / full
+            planes = [layout.plane_of_point(point)]
         if self._tiled(layout, objects_layer, foreground):
             if getattr(self, "_live_run", False):  # each tiled run adds a layer and a store: only on request
                 self._set_status("Live mode does not re-run images segmented tile by tile (each run adds a layer): "
@@ -267,13 +274,14 @@ class ClearClipWidget(FieldLogic, Container):
         for name, value in foreground.items():
             setattr(request, name, value)
         request.view = self._view(target)
-        new_layer = None if target is not None else {"name": f"{layer.name} classes",
-                                                      **layer_geometry(layer, layout)}
+        geometry = layer_geometry(layer, layout)
+        new_layer = None if target is not None else {
+            "name": f"{layer.name} classes", **(geometry if reduction is None else reduction.geometry(**geometry))}
         worker = create_worker(segmentation_job, self._models, self.model_spec(), request, new_layer,
                                _start_thread=False, _ignore_errors=True)
         context = {"layer": layer, "layout": layout, "target": target, "model": self.model.value,
-                   "objects": objects_layer,
-                   "demo_scene": self.model.value == DEMO_MODEL and _looks_like_demo_scene(data, layout, planes[0])}
+                   "objects": objects_layer, "reduction": reduction,
+                   "demo_scene": self.model.value == DEMO_MODEL and _looks_like_demo_scene(layer, layout, planes[0])}
         previews = context["previews"] = None if target is None else RunPreviews(target, request.found)
         worker.returned.connect(lambda value: self._on_returned(value, context))
         worker.aborted.connect(lambda: self._on_aborted(previews))
@@ -308,6 +316,25 @@ class ClearClipWidget(FieldLogic, Container):
         worker.start()
 
     # -- images too large to hold ----------------------------------------------------------------
+    def _data_to_segment(self, layer) -> tuple[object, Reduction | None]:
+        """The array a run segments, and how it is reduced (None: the image itself, at full resolution).
+
+        With Resize on the model sees the image at its short side, so a pyramid, or a lazy (dask, zarr) image, whose
+        planes exceed TILED_PIXELS is segmented at the finest level within them (or a copy reduced by block means,
+        made in the worker and kept for the next run) rather than read whole. An image already in memory is
+        segmented as it is, and so is any image with Resize off (tile by tile when large)."""
+        levels = list(layer.data) if layer.multiscale else [layer.data]
+        if not self.resize.value or (not layer.multiscale and isinstance(layer.data, np.ndarray)):
+            return levels[0], None
+        data, reduction = reduced_for_resize(levels, TILED_PIXELS, layer.rgb, self.channel_axis.value)
+        if isinstance(data, BlockMeans):  # the copy made for an earlier run of this image, when there is one
+            key = (id(levels[0]), data.factor, data.rgb)
+            if self._reduced_copy is not None and self._reduced_copy[0] == key:
+                data = self._reduced_copy[1]
+            else:
+                self._reduced_copy = (key, data)
+        return data, reduction
+
     def _tiled(self, layout: ImageLayout, objects_layer, foreground: dict) -> bool:
         """Whether this run goes tile by tile: a 2-D image larger than TILED_PIXELS segmented at native
         resolution (Resize off), with nothing that needs the whole image at once."""
@@ -534,15 +561,26 @@ class ClearClipWidget(FieldLogic, Container):
         update = result.update
         self.legend.value = legend_html(update.names, update.counts, update.colours)
         demo_note = context["model"] == DEMO_MODEL and not context["demo_scene"]  # what the image is, not its name
-        self._set_status(done_text(labels_layer.name, result.planes, kept, result.notes, demo_note))
+        text = done_text(labels_layer.name, result.planes, kept, result.notes, demo_note)
+        if context.get("reduction") is not None:
+            text += " " + reduced_note(context["reduction"])
+        self._set_status(text)
         self.objects.reset_choices()  # the new result layer is no objects layer
 
 
-def _looks_like_demo_scene(data, layout: ImageLayout, plane: tuple) -> bool:
-    """Whether the image is the demo model's kind (coloured shapes on grey), from a small strided sample."""
+def _looks_like_demo_scene(layer, layout: ImageLayout, plane: tuple) -> bool:
+    """Whether the image is the demo model's kind (coloured shapes on grey), from a small strided sample: of an
+    array in memory, or of a pyramid's coarsest level (a lazy image is not read on the GUI thread)."""
     from ..demo.scenes import looks_like_demo_scene
 
+    data = layer.data[-1] if layer.multiscale else layer.data
+    if not isinstance(data, np.ndarray) and not layer.multiscale:
+        return False  # say the note rather than read a lazy image here
     try:
+        if layer.multiscale:
+            layout = ImageLayout(tuple(data.shape), rgb=layout.rgb, channel_axis=layout.channel_axis,
+                                 channel=layout.channel)
+            plane = tuple(min(i, n - 1) for i, n in zip(plane, layout.plane_shape))
         image = data[layout.image_index(plane)]
         step = max(1, max(image.shape[:2]) // 128)
         return looks_like_demo_scene(np.asarray(image[::step, ::step]))

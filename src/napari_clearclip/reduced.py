@@ -1,0 +1,162 @@
+"""Images too large to hold, segmented with Resize on: at the pyramid level, or a reduced copy, that a run holds.
+
+With Resize on, the model sees an image at its short side (a few hundred pixels). The pixels of a 20000 x 20000
+slide then add nothing to its scores that a 2500 x 2500 pyramid level does not hold, while reading them would
+take the whole slide into memory and labels at full size would take 0.4-1.6 GB more. Such an image is segmented
+at the finest pyramid level whose planes have at most ``max_pixels`` or, without a pyramid, at a copy reduced by
+block means (read a band of rows at a time); its labels are placed on the image with that level's scale.
+Resize off segments at full resolution instead, tile by tile (:mod:`.lazy_tiles`).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .planes import ImageLayout
+
+#: Pixels of the source read at once when a reduced copy is made (a band of rows this large, whole blocks).
+BAND_PIXELS = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Where the labels of a reduced image sit on the full image."""
+
+    level: int | None            # the pyramid level segmented; None for a copy reduced by block means
+    factors: tuple[float, ...]   # full-size pixels per label pixel, along each axis of the labels
+    shape: tuple[int, ...]       # the labels' shape
+
+    def geometry(self, scale: Sequence[float], translate: Sequence[float]) -> dict:
+        """The labels' scale and translation on an image of ``scale`` and ``translate`` (per label axis): each
+        label pixel covers ``factor`` image pixels, centred on their centre."""
+        return {"scale": [float(s) * f for s, f in zip(scale, self.factors)],
+                "translate": [float(t) + (f - 1) / 2 * float(s) for t, s, f in zip(translate, scale, self.factors)]}
+
+    def describe(self) -> str:
+        """The reduction in words, e.g. "pyramid level 3 (2500 x 2500, 1/8 of full size)"."""
+        size = " x ".join(str(n) for n in self.shape[-2:])
+        factor = max(self.factors[-2:])
+        share = f"1/{factor:.0f}" if abs(factor - round(factor)) < 0.05 else f"1/{factor:.1f}"
+        what = f"pyramid level {self.level}" if self.level is not None else "a copy reduced by block means"
+        return f"{what} ({size}, {share} of full size)"
+
+
+def plane_pixels(shape: Sequence[int], rgb: bool = False, channel_axis: int | None = None) -> int:
+    """Pixels of one 2-D plane of an image of ``shape`` (its labels' last two axes)."""
+    height, width = ImageLayout(tuple(shape), rgb=rgb, channel_axis=channel_axis).label_shape[-2:]
+    return int(height) * int(width)
+
+
+def finest_level_within(level_shapes: Sequence[Sequence[int]], max_pixels: int, rgb: bool = False,
+                        channel_axis: int | None = None) -> int | None:
+    """The finest pyramid level (levels finest first) whose planes have at most ``max_pixels``; None if none."""
+    for index, shape in enumerate(level_shapes):
+        if plane_pixels(shape, rgb, channel_axis) <= max_pixels:
+            return index
+    return None
+
+
+def block_factor(height: int, width: int, max_pixels: int) -> int:
+    """The smallest whole factor that brings a plane to at most ``max_pixels`` (edge blocks may be partial)."""
+    factor = max(1, math.isqrt(max(0, height * width // max(1, max_pixels))))
+    while math.ceil(height / factor) * math.ceil(width / factor) > max_pixels:
+        factor += 1
+    return factor
+
+
+class BlockMeans:
+    """A lazy image reduced by a whole ``factor`` along Y and X: each pixel the mean of a factor x factor block (the
+    blocks at the bottom and right edges over the pixels they have), integers rounded to the nearest value.
+
+    Array-like for what a run reads: a plane (an index of whole numbers on the leading axes) is computed on first
+    reading, a band of rows of the source at a time, and kept for the next run; reading it all gives every plane.
+    """
+
+    def __init__(self, image, factor: int, rgb: bool = False, band_pixels: int = BAND_PIXELS):
+        if not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor={factor!r} must be a whole number, at least 1.")
+        self.source, self.factor, self.rgb = image, factor, bool(rgb)
+        shape = [int(n) for n in image.shape]
+        self._y = len(shape) - (3 if rgb else 2)
+        if self._y < 0:
+            raise ValueError(f"An image of shape {tuple(shape)} has no 2-D plane to reduce.")
+        self.source_shape = tuple(shape)
+        shape[self._y] = math.ceil(shape[self._y] / factor)
+        shape[self._y + 1] = math.ceil(shape[self._y + 1] / factor)
+        self.shape = tuple(shape)
+        self.dtype = np.dtype(image.dtype)
+        self.ndim = len(shape)
+        width = self.source_shape[self._y + 1] * (self.source_shape[-1] if rgb else 1)
+        self._band_rows = factor * max(1, band_pixels // max(1, width * factor))
+        self._planes: dict[tuple, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) == self._y and all(isinstance(i, (int, np.integer)) for i in index):
+            lead = tuple(int(i) % n for i, n in zip(index, self.shape))
+            return self._plane(lead)
+        return np.asarray(self)[index]
+
+    def __array__(self, dtype=None, copy=None):
+        whole = np.empty(self.shape, self.dtype)
+        for lead in np.ndindex(*self.shape[: self._y]):
+            whole[lead] = self._plane(lead)
+        return whole if dtype is None else whole.astype(dtype)
+
+    def _plane(self, lead: tuple) -> np.ndarray:
+        with self._lock:  # a plane is computed once, even when two runs ask for it
+            if lead not in self._planes:
+                self._planes[lead] = self._reduce(lead)
+            return self._planes[lead]
+
+    def _reduce(self, lead: tuple) -> np.ndarray:
+        factor = self.factor
+        height, width = self.source_shape[self._y], self.source_shape[self._y + 1]
+        out = np.empty(self.shape[self._y:], self.dtype)
+        columns = np.arange(0, width, factor)
+        column_counts = np.diff(np.append(columns, width)).astype(np.float64)
+        for top in range(0, height, self._band_rows):
+            band = np.asarray(self.source[lead + (slice(top, min(top + self._band_rows, height)),)])
+            rows = np.arange(0, band.shape[0], factor)
+            row_counts = np.diff(np.append(rows, band.shape[0])).astype(np.float64)
+            sums = np.add.reduceat(np.add.reduceat(band, rows, axis=0, dtype=np.float64), columns, axis=1)
+            counts = np.multiply.outer(row_counts, column_counts)
+            means = sums / (counts[..., None] if self.rgb else counts)
+            if self.dtype.kind in "ui":
+                info = np.iinfo(self.dtype)
+                means = np.clip(np.rint(means), info.min, info.max)
+            out[top // factor : top // factor + len(rows)] = means.astype(self.dtype)
+        return out
+
+
+def reduced_for_resize(levels: Sequence, max_pixels: int, rgb: bool = False,
+                       channel_axis: int | None = None) -> tuple[object, Reduction | None]:
+    """What to segment of an image with Resize on: ``(array, None)`` for one whose planes fit ``max_pixels``
+    (``levels[0]``, as it is), else the finest pyramid level that fits or a :class:`BlockMeans` copy of
+    ``levels[0]``, with the :class:`Reduction` that places its labels. ``levels``: a pyramid's arrays, finest
+    first, or a one-item list."""
+    full = levels[0]
+    full_layout = ImageLayout(tuple(full.shape), rgb=rgb, channel_axis=channel_axis)
+    if plane_pixels(full.shape, rgb, channel_axis) <= max_pixels:
+        return full, None
+    level = finest_level_within([tuple(a.shape) for a in levels], max_pixels, rgb, channel_axis)
+    if level is not None:
+        array = levels[level]
+    else:
+        height, width = full_layout.label_shape[-2:]
+        array = BlockMeans(full, block_factor(height, width, max_pixels), rgb)
+    label_shape = ImageLayout(tuple(array.shape), rgb=rgb, channel_axis=channel_axis).label_shape
+    if level is not None:  # as napari places a pyramid's levels
+        factors = tuple(f / n for f, n in zip(full_layout.label_shape, label_shape))
+    else:  # whole blocks (the last ones partial)
+        factors = (1.0,) * (len(label_shape) - 2) + (float(array.factor),) * 2
+    return array, Reduction(level, factors, label_shape)

@@ -1,0 +1,130 @@
+"""Images too large to hold, segmented with Resize on: the pyramid level or reduced copy a run takes, and where its
+labels sit on the full image."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from napari_clearclip.reduced import BlockMeans, Reduction, block_factor, finest_level_within, reduced_for_resize
+
+
+def block_means_reference(image: np.ndarray, factor: int, rgb: bool) -> np.ndarray:
+    """Means of factor x factor blocks (partial ones over the pixels they have), by padding with NaN."""
+    y = image.ndim - (3 if rgb else 2)
+    height, width = image.shape[y], image.shape[y + 1]
+    pad = [(0, 0)] * image.ndim
+    pad[y], pad[y + 1] = (0, -height % factor), (0, -width % factor)
+    padded = np.pad(image.astype(np.float64), pad, constant_values=np.nan)
+    shape = list(padded.shape)
+    shape[y: y + 2] = [shape[y] // factor, factor, shape[y + 1] // factor, factor]
+    means = np.nanmean(padded.reshape(shape), axis=(y + 1, y + 3))
+    if image.dtype.kind in "ui":
+        return np.rint(means).astype(image.dtype)
+    return means.astype(image.dtype)
+
+
+class ReadRecorder:
+    """An array that records the rows of every read (to show a plane is read a band at a time)."""
+
+    def __init__(self, array: np.ndarray, y: int):
+        self.array, self.y, self.shape, self.dtype, self.reads = array, y, array.shape, array.dtype, []
+
+    def __getitem__(self, index):
+        rows = index[self.y] if isinstance(index, tuple) and len(index) > self.y else slice(None)
+        self.reads.append(len(range(*rows.indices(self.shape[self.y]))) if isinstance(rows, slice) else 1)
+        return self.array[index]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_a_reduced_copy_is_the_mean_of_each_block_read_a_band_of_rows_at_a_time(case):
+    rng = np.random.default_rng(case)
+    rgb = case % 2 == 0
+    stack = case in (3, 6)
+    height, width = (int(v) for v in rng.integers(23, 140, 2))
+    shape = ((3,) if stack else ()) + (height, width) + ((3,) if rgb else ())
+    dtype = [np.uint8, np.uint16, np.float32, np.uint8][case % 4]
+    if dtype == np.float32:
+        image = rng.normal(10, 30, shape).astype(np.float32)
+    else:
+        image = rng.integers(0, np.iinfo(dtype).max, shape, endpoint=True).astype(dtype)
+    factor = int(rng.integers(2, 9))
+    source = ReadRecorder(image, image.ndim - (3 if rgb else 2))
+    band_pixels = int(rng.integers(1, 4)) * width * factor * (3 if rgb else 1)   # a few blocks of rows a band
+    reduced = BlockMeans(source, factor, rgb=rgb, band_pixels=band_pixels)
+    expected = block_means_reference(image, factor, rgb)
+    assert reduced.shape == expected.shape and reduced.dtype == image.dtype
+    assert reduced.shape[-2 if rgb else -1] == math.ceil(width / factor)
+    if stack:
+        for plane in range(3):
+            np.testing.assert_array_equal(reduced[plane], expected[plane])
+    else:
+        np.testing.assert_array_equal(reduced[()], expected)
+    np.testing.assert_array_equal(np.asarray(reduced), expected)
+    assert max(source.reads) <= band_pixels // (width * (3 if rgb else 1))   # never more rows at once than a band
+    reads = len(source.reads)
+    np.testing.assert_array_equal(np.asarray(reduced), expected)   # kept: read once
+    assert len(source.reads) == reads
+
+
+def test_a_reduced_copy_reads_lazy_arrays_as_they_are_and_refuses_a_bad_factor():
+    import dask.array as da
+    import zarr
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (203, 151, 3), dtype=np.uint8)
+    expected = block_means_reference(image, 4, True)
+    stored = zarr.create_array(store={}, shape=image.shape, chunks=(64, 64, 3), dtype=np.uint8)
+    stored[:] = image
+    for source in (da.from_array(image, chunks=(50, 70, 3)), stored):
+        np.testing.assert_array_equal(BlockMeans(source, 4, rgb=True, band_pixels=151 * 3 * 8)[()], expected)
+    for factor in (0, 2.0):
+        with pytest.raises(ValueError, match="factor"):
+            BlockMeans(image, factor, rgb=True)
+
+
+def test_the_factor_is_the_smallest_that_fits():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        height, width = (int(v) for v in rng.integers(1, 30000, 2))
+        limit = int(rng.integers(1, 20_000_000))
+        factor = block_factor(height, width, limit)
+        assert math.ceil(height / factor) * math.ceil(width / factor) <= limit
+        assert factor == 1 or math.ceil(height / (factor - 1)) * math.ceil(width / (factor - 1)) > limit
+
+
+def test_a_run_takes_the_finest_pyramid_level_that_fits_or_a_reduced_copy():
+    levels = [np.zeros((2, 4000, 3000, 3), np.uint8), np.zeros((2, 2000, 1500, 3), np.uint8),
+              np.zeros((2, 1000, 750, 3), np.uint8)]
+    assert finest_level_within([a.shape for a in levels], 3_000_000, rgb=True) == 1
+    assert finest_level_within([a.shape for a in levels], 10_000, rgb=True) is None
+    data, reduction = reduced_for_resize(levels, 3_000_000, rgb=True)
+    assert data is levels[1]                                       # the level itself, not a copy of it
+    assert reduction == Reduction(1, (1.0, 2.0, 2.0), (2, 2000, 1500))
+    data, reduction = reduced_for_resize(levels, 12_000_000, rgb=True)
+    assert data is levels[0] and reduction is None                 # fits: the image as it is
+    data, reduction = reduced_for_resize(levels[:1], 3_000_000, rgb=True)   # no pyramid: a copy
+    assert isinstance(data, BlockMeans) and data.factor == 2 and data.shape == (2, 2000, 1500, 3)
+    assert reduction.level is None and reduction.factors == (1.0, 2.0, 2.0)
+    data, reduction = reduced_for_resize([np.zeros((301, 299), np.uint8)], 10_000)
+    assert data.shape == (76, 75) and reduction.factors == (4.0, 4.0)     # whole blocks, the last ones partial
+    channels = [np.zeros((4, 900, 800), np.uint16), np.zeros((4, 450, 400), np.uint16)]
+    data, reduction = reduced_for_resize(channels, 200_000, channel_axis=0)    # a channel axis: not a label axis
+    assert data is channels[1] and reduction.factors == (2.0, 2.0) and reduction.shape == (450, 400)
+
+
+def test_the_labels_of_a_reduced_image_sit_on_the_centres_of_the_pixels_they_cover():
+    """Label pixel i covers full-size pixels i*f .. i*f + f - 1: its centre in the world is theirs."""
+    reduction = Reduction(3, (1.0, 8.0, 8.0), (5, 2500, 2500))
+    scale, translate = [2.0, 0.5, 0.25], [10.0, -3.0, 7.0]
+    placed = reduction.geometry(scale, translate)
+    for axis in range(3):
+        f = reduction.factors[axis]
+        for i in (0, 1, 17):
+            covered = np.arange(i * f, (i + 1) * f) * scale[axis] + translate[axis]    # full-size pixels' centres
+            assert math.isclose(i * placed["scale"][axis] + placed["translate"][axis], covered.mean())
+    assert reduction.describe() == "pyramid level 3 (2500 x 2500, 1/8 of full size)"
+    odd = Reduction(None, (2.0001, 2.0001), (100, 100))
+    assert odd.describe() == "a copy reduced by block means (100 x 100, 1/2 of full size)"

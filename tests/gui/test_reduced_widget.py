@@ -1,0 +1,126 @@
+"""With Resize on, an image too large to hold is segmented at a pyramid level (or a reduced copy) that holds what the
+model sees; its labels sit on the image at that scale, and strokes on them teach as on any result."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gui_helpers import run_and_wait
+
+
+def mean_pooled(image: np.ndarray, factor: int) -> np.ndarray:
+    """Means of factor x factor blocks of an RGB uint8 image (partial blocks over the pixels they have)."""
+    height, width = image.shape[:2]
+    padded = np.pad(image.astype(float), ((0, -height % factor), (0, -width % factor), (0, 0)),
+                    constant_values=np.nan)
+    blocks = padded.reshape(padded.shape[0] // factor, factor, padded.shape[1] // factor, factor, 3)
+    return np.rint(np.nanmean(blocks, axis=(1, 3))).astype(np.uint8)
+
+
+class CountingArray:
+    """An RGB array that counts the pixels read from it."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.ndim, self.pixels = array, array.shape, array.dtype, array.ndim, 0
+
+    def __getitem__(self, index):
+        part = self.array[index]
+        self.pixels += part.size // 3
+        return part
+
+
+@pytest.fixture
+def large_from(monkeypatch):
+    """Images count as too large to hold from ``pixels`` on."""
+    import napari_clearclip.gui.widget as widget_module
+
+    def limit(pixels):
+        monkeypatch.setattr(widget_module, "TILED_PIXELS", pixels)
+    return limit
+
+
+def test_a_pyramid_too_large_to_hold_is_segmented_at_its_finest_level_that_fits_and_its_labels_teach(
+        qtbot, widget, large_from):
+    import dask.array as da
+    from images import smooth_image
+
+    large_from(200 * 200)
+    viewer = widget._viewer
+    image = smooth_image(400, 360, seed=4)
+    levels = [image, mean_pooled(image, 2), mean_pooled(image, 4)]
+    widget.classes.value = "sky\ngrass"
+    widget.image.value = viewer.add_image(levels[1], name="level")   # the level, in memory: an ordinary run
+    run_and_wait(qtbot, widget)
+    expected = viewer.layers["level classes"].data.copy()
+    widget.image.value = viewer.add_image([da.from_array(level, chunks=(100, 100, 3)) for level in levels],
+                                          multiscale=True, rgb=True, name="slide", translate=(4, -6))
+    run_and_wait(qtbot, widget)
+    status = widget.status.value
+    assert "segmented at pyramid level 1 (200 x 180, 1/2 of full size)" in status, status
+    assert "turn Resize off" in status
+    layer = viewer.layers["slide classes"]
+    np.testing.assert_array_equal(layer.data, expected)
+    np.testing.assert_allclose(layer.scale, (2, 2))
+    np.testing.assert_allclose(layer.translate, (4.5, -5.5))   # centred on the 2 x 2 pixels each label covers
+    # a stroke on the labels teaches the next run on the same layer, which keeps it
+    painted = layer.data.copy()
+    painted[20:40, 20:60] = 2
+    layer.data = painted
+    layers = len(viewer.layers)
+    run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    assert len(viewer.layers) == layers                 # the same layer, updated in place
+    assert (layer.data[20:40, 20:60] == 2).all()
+
+
+def test_a_lazy_image_too_large_to_hold_is_segmented_from_a_copy_reduced_in_the_worker_and_kept(
+        qtbot, widget, large_from):
+    import dask.array as da
+    from images import smooth_image
+
+    large_from(100 * 100)
+    viewer = widget._viewer
+    image = smooth_image(300, 260, seed=6)
+    widget.classes.value = "sky\ngrass"
+    widget.image.value = viewer.add_image(mean_pooled(image, 3), name="reduced")
+    run_and_wait(qtbot, widget)
+    expected = viewer.layers["reduced classes"].data.copy()
+    source = CountingArray(image)
+    widget.image.value = viewer.add_image(da.from_array(source, chunks=(100, 100, 3)), rgb=True, name="slide")
+    run_and_wait(qtbot, widget)
+    status = widget.status.value
+    assert "segmented at a copy reduced by block means (100 x 87, 1/3 of full size)" in status, status
+    layer = viewer.layers["slide classes"]
+    np.testing.assert_array_equal(layer.data, expected)
+    np.testing.assert_allclose(layer.scale, (3, 3))
+    np.testing.assert_allclose(layer.translate, (1, 1))
+    read = source.pixels
+    widget.classes.value = "sky\ngrass\nwater"
+    run_and_wait(qtbot, widget)                       # another run on the same image: the copy is kept
+    assert widget.status.value.startswith("Done"), widget.status.value
+    assert source.pixels == read
+    assert viewer.layers["slide classes"].data.shape == (100, 87)
+
+
+def test_an_image_in_memory_and_any_image_with_resize_off_are_not_reduced(qtbot, widget, large_from, monkeypatch,
+                                                                          tmp_path):
+    import dask.array as da
+    from images import smooth_image
+
+    large_from(100 * 100)
+    monkeypatch.setenv("NAPARI_CLEARCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    viewer = widget._viewer
+    image = smooth_image(150, 140, seed=2)
+    widget.classes.value = "sky\ngrass"
+    widget.image.value = viewer.add_image(image, name="in memory")
+    run_and_wait(qtbot, widget)
+    assert viewer.layers["in memory classes"].data.shape == (150, 140)
+    assert "too large" not in widget.status.value
+    widget.image.value = viewer.add_image([da.from_array(image), da.from_array(mean_pooled(image, 2))],
+                                          multiscale=True, rgb=True, name="slide")
+    widget.resize.value = False
+    widget.crop.value, widget.stride.value = 64, 32
+    run_and_wait(qtbot, widget)
+    assert "tile by tile" in widget.status.value, widget.status.value
+    assert viewer.layers["slide classes"].data.shape == (150, 140)

@@ -92,7 +92,7 @@ class BlockMeans:
         self.dtype = np.dtype(image.dtype)
         self.ndim = len(shape)
         width = self.source_shape[self._y + 1] * (self.source_shape[-1] if rgb else 1)
-        self._band_rows = factor * max(1, band_pixels // max(1, width * factor))
+        self._band_rows = factor * max(1, band_pixels // max(1, width * factor), -(-_chunk_rows(image, self._y) // factor))
         self._planes: dict[tuple, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -138,22 +138,33 @@ class BlockMeans:
         return out
 
 
-def reduced_for_resize(levels: Sequence, max_pixels: int, rgb: bool = False,
-                       channel_axis: int | None = None) -> tuple[object, Reduction | None]:
+def _chunk_rows(image, axis: int) -> int:
+    """Rows of the chunks a lazy array is read by (zarr, dask), so that a band reads each chunk at most twice;
+    1 for anything else."""
+    chunks = getattr(image, "chunksize", None) or getattr(image, "chunks", None)
+    try:
+        return max(1, int(chunks[axis]))
+    except (TypeError, IndexError, ValueError):
+        return 1
+
+
+def reduced_for_resize(levels: Sequence, max_pixels: int, rgb: bool = False, channel_axis: int | None = None,
+                       level_pixels: int | None = None) -> tuple[object, Reduction | None]:
     """What to segment of an image with Resize on: ``(array, None)`` for one whose planes fit ``max_pixels``
-    (``levels[0]``, as it is), else the finest pyramid level that fits or a :class:`BlockMeans` copy of
-    ``levels[0]``, with the :class:`Reduction` that places its labels. ``levels``: a pyramid's arrays, finest
-    first, or a one-item list."""
+    (``levels[0]``, as it is), else the finest pyramid level of at most ``level_pixels`` (``max_pixels`` when
+    None) or a :class:`BlockMeans` copy of ``levels[0]`` that size, with the :class:`Reduction` that places its
+    labels. ``levels``: a pyramid's arrays, finest first, or a one-item list."""
     full = levels[0]
     full_layout = ImageLayout(tuple(full.shape), rgb=rgb, channel_axis=channel_axis)
     if plane_pixels(full.shape, rgb, channel_axis) <= max_pixels:
         return full, None
-    level = finest_level_within([tuple(a.shape) for a in levels], max_pixels, rgb, channel_axis)
+    level_pixels = max_pixels if level_pixels is None else level_pixels
+    level = finest_level_within([tuple(a.shape) for a in levels], level_pixels, rgb, channel_axis)
     if level is not None:
         array = levels[level]
     else:
         height, width = full_layout.label_shape[-2:]
-        array = BlockMeans(full, block_factor(height, width, max_pixels), rgb)
+        array = BlockMeans(full, block_factor(height, width, level_pixels), rgb)
     label_shape = ImageLayout(tuple(array.shape), rgb=rgb, channel_axis=channel_axis).label_shape
     if level is not None:  # as napari places a pyramid's levels
         factors = tuple(f / n for f, n in zip(full_layout.label_shape, label_shape))

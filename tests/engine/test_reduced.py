@@ -85,6 +85,26 @@ def test_a_reduced_copy_reads_lazy_arrays_as_they_are_and_refuses_a_bad_factor()
             BlockMeans(image, factor, rgb=True)
 
 
+def test_a_chunked_source_is_read_in_bands_that_read_each_chunk_at_most_twice():
+    class Chunked:
+        chunks = (64, 70)
+
+        def __init__(self, array):
+            self.array, self.shape, self.dtype, self.rows = array, array.shape, array.dtype, []
+
+        def __getitem__(self, index):
+            self.rows.append(range(*index[0].indices(self.shape[0])))
+            return self.array[index]
+
+    image = np.random.default_rng(1).integers(0, 60000, (1000, 300), dtype=np.uint16)
+    for factor in (3, 5, 64, 100):
+        source = Chunked(image)
+        reduced = BlockMeans(source, factor, band_pixels=300 * factor)   # a band of one row of blocks, but for chunks
+        np.testing.assert_array_equal(reduced[()], block_means_reference(image, factor, False))
+        for chunk in range(0, 1000, 64):
+            assert sum(1 for rows in source.rows if rows.start < chunk + 64 and rows.stop > chunk) <= 2
+
+
 def test_the_factor_is_the_smallest_that_fits():
     rng = np.random.default_rng(0)
     for _ in range(300):
@@ -108,6 +128,10 @@ def test_a_run_takes_the_finest_pyramid_level_that_fits_or_a_reduced_copy():
     data, reduction = reduced_for_resize(levels[:1], 3_000_000, rgb=True)   # no pyramid: a copy
     assert isinstance(data, BlockMeans) and data.factor == 2 and data.shape == (2, 2000, 1500, 3)
     assert reduction.level is None and reduction.factors == (1.0, 2.0, 2.0)
+    data, reduction = reduced_for_resize(levels, 10_000_000, rgb=True, level_pixels=800_000)   # large, to small
+    assert data is levels[2] and reduction.factors == (1.0, 4.0, 4.0)
+    data, reduction = reduced_for_resize(levels[:1], 3_000_000, rgb=True, level_pixels=800_000)
+    assert data.factor == 4 and reduction.shape == (2, 1000, 750)
     data, reduction = reduced_for_resize([np.zeros((301, 299), np.uint8)], 10_000)
     assert data.shape == (76, 75) and reduction.factors == (4.0, 4.0)     # whole blocks, the last ones partial
     channels = [np.zeros((4, 900, 800), np.uint16), np.zeros((4, 450, 400), np.uint16)]

@@ -29,7 +29,7 @@ from ..prompts import parse_classes
 from ..reduced import BlockMeans, Reduction, reduced_for_resize
 from .field_logic import FieldLogic
 from .fields import build_fields, choose_file_button, lesson_buttons, saved_values
-from .job import TILED_PIXELS, ModelHolder, layer_request, segmentation_job, tiled_job, tiled_store_path
+from .job import REDUCED_PIXELS, TILED_PIXELS, ModelHolder, layer_request, segmentation_job, tiled_job, tiled_store_path
 from .layers import ResultLayers, layer_geometry
 from .layout import captioned, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
@@ -320,13 +320,14 @@ class ClearClipWidget(FieldLogic, Container):
         """The array a run segments, and how it is reduced (None: the image itself, at full resolution).
 
         With Resize on the model sees the image at its short side, so a pyramid, or a lazy (dask, zarr) image, whose
-        planes exceed TILED_PIXELS is segmented at the finest level within them (or a copy reduced by block means,
-        made in the worker and kept for the next run) rather than read whole. An image already in memory is
+        planes exceed TILED_PIXELS is segmented at the finest level of at most REDUCED_PIXELS (or a copy reduced by
+        block means, made in the worker and kept for the next run) rather than read whole. An image already in memory is
         segmented as it is, and so is any image with Resize off (tile by tile when large)."""
         levels = list(layer.data) if layer.multiscale else [layer.data]
         if not self.resize.value or (not layer.multiscale and isinstance(layer.data, np.ndarray)):
             return levels[0], None
-        data, reduction = reduced_for_resize(levels, TILED_PIXELS, layer.rgb, self.channel_axis.value)
+        data, reduction = reduced_for_resize(levels, TILED_PIXELS, layer.rgb, self.channel_axis.value,
+                                             min(REDUCED_PIXELS, TILED_PIXELS))
         if isinstance(data, BlockMeans):  # the copy made for an earlier run of this image, when there is one
             key = (id(levels[0]), data.factor, data.rgb)
             if self._reduced_copy is not None and self._reduced_copy[0] == key:

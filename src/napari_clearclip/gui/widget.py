@@ -569,6 +569,10 @@ class ClearClipWidget(FieldLogic, Container):
         self.objects.reset_choices()  # the new result layer is no objects layer
 
 
+#: The largest pyramid level sampled on the GUI thread to tell whether an image is a demo scene.
+DEMO_SAMPLE_PIXELS = 1024 * 1024
+
+
 def _looks_like_demo_scene(layer, layout: ImageLayout, plane: tuple) -> bool:
     """Whether the image is the demo model's kind (coloured shapes on grey), from a small strided sample: of an
     array in memory, or of a pyramid's coarsest level (a lazy image is not read on the GUI thread)."""
@@ -581,6 +585,8 @@ def _looks_like_demo_scene(layer, layout: ImageLayout, plane: tuple) -> bool:
         if layer.multiscale:
             layout = ImageLayout(tuple(data.shape), rgb=layout.rgb, channel_axis=layout.channel_axis,
                                  channel=layout.channel)
+            if np.prod(layout.label_shape[-2:]) > DEMO_SAMPLE_PIXELS:
+                return False  # a pyramid without a small level: not read here either
             plane = tuple(min(i, n - 1) for i, n in zip(plane, layout.plane_shape))
         image = data[layout.image_index(plane)]
         step = max(1, max(image.shape[:2]) // 128)

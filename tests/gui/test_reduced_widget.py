@@ -124,3 +124,26 @@ def test_an_image_in_memory_and_any_image_with_resize_off_are_not_reduced(qtbot,
     run_and_wait(qtbot, widget)
     assert "tile by tile" in widget.status.value, widget.status.value
     assert viewer.layers["slide classes"].data.shape == (150, 140)
+
+
+def test_the_demo_models_note_comes_for_other_images_whether_in_memory_or_a_pyramid(qtbot, widget):
+    """Whether an image is a demo scene is judged from an array in memory or a pyramid's small coarsest level
+    (nothing large is read on the GUI thread): the note that the demo model knows only its shapes comes for
+    other images only."""
+    import dask.array as da
+    from images import smooth_image
+
+    from napari_clearclip.demo.scenes import make_scene
+
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.classes.value = "red\ngreen\nblue\nyellow\nbackground"
+    scene = make_scene(3, size=256, objects=(3, 4)).image
+    other = smooth_image(256, 256, seed=1)
+    for name, image, note in (("scene", scene, False), ("photo", other, True)):
+        for pyramid in (False, True):
+            data = [da.from_array(image), da.from_array(mean_pooled(image, 2))] if pyramid else image
+            widget.image.value = viewer.add_image(data, multiscale=pyramid, rgb=True, name=f"{name}{pyramid}")
+            run_and_wait(qtbot, widget)
+            assert ("knows only coloured shapes" in widget.status.value) == note, (name, pyramid,
+                                                                                   widget.status.value)

@@ -18,7 +18,8 @@ from .hashing import digests_kept
 from .options import SegmentOptions
 from .errors import LessonError
 from .planes import ImageLayout, segment_stack, stack_exemplars
-from .progress import Progress
+from .progress import Progress, on_plane
+from .reduced import BlockMeans
 from .segmenter import Segmenter
 
 PROBABILITY_OUTPUTS = ("none", "winning class", "all classes")
@@ -161,6 +162,10 @@ def _segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Pro
     from .prompts import parse_classes
 
     class_names = [c.name for c in parse_classes(request.classes)]
+    if isinstance(request.data, BlockMeans):  # a reduced copy is read first: with progress, and a stop per band
+        for number, plane in enumerate(request.planes):
+            yield from on_plane(request.data.plane_steps(request.layout.image_index(plane)), number,
+                                len(request.planes))
     strokes_by_plane = painted_strokes(request, class_names) if request.learn_from_edits else {}
     shape = request.layout.label_shape
     merger = LabelsMerger(shape, class_names, request.current, request.baseline, request.baseline_names,

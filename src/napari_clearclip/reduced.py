@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Generator, Sequence
 
 import numpy as np
 
 from .planes import ImageLayout
+from .progress import Progress, run_to_end
 
 #: Pixels of the source read at once when a reduced copy is made (a band of rows this large, whole blocks).
 BAND_PIXELS = 4 * 1024 * 1024
@@ -100,31 +101,40 @@ class BlockMeans:
         return self.shape[0]
 
     def __getitem__(self, index):
-        index = index if isinstance(index, tuple) else (index,)
-        if len(index) == self._y and all(isinstance(i, (int, np.integer)) for i in index):
-            lead = tuple(int(i) % n for i, n in zip(index, self.shape))
-            return self._plane(lead)
+        if self._lead(index) is not None:
+            return run_to_end(self.plane_steps(index))
         return np.asarray(self)[index]
 
     def __array__(self, dtype=None, copy=None):
         whole = np.empty(self.shape, self.dtype)
         for lead in np.ndindex(*self.shape[: self._y]):
-            whole[lead] = self._plane(lead)
+            whole[lead] = self[lead]
         return whole if dtype is None else whole.astype(dtype)
 
-    def _plane(self, lead: tuple) -> np.ndarray:
-        with self._lock:  # a plane is computed once, even when two runs ask for it
-            if lead not in self._planes:
-                self._planes[lead] = self._reduce(lead)
-            return self._planes[lead]
+    def _lead(self, index) -> tuple | None:
+        """The plane an index of whole numbers on the leading axes names; None for any other index."""
+        index = index if isinstance(index, tuple) else (index,)
+        if len(index) == self._y and all(isinstance(i, (int, np.integer)) for i in index):
+            return tuple(int(i) % n for i, n in zip(index, self.shape))
+        return None
 
-    def _reduce(self, lead: tuple) -> np.ndarray:
+    def plane_steps(self, index) -> Generator[Progress, None, np.ndarray]:
+        """Generator: the plane at ``index`` (whole numbers on the leading axes), computed a band of rows at a time
+        with a ``Progress("reading", ...)`` per band (a run can stop between bands), or as kept from before."""
+        lead = self._lead(index)
+        if lead is None:
+            raise IndexError(f"{index!r} does not name a plane of an image of shape {self.shape}.")
+        with self._lock:
+            kept = self._planes.get(lead)
+        if kept is not None:
+            return kept
         factor = self.factor
         height, width = self.source_shape[self._y], self.source_shape[self._y + 1]
         out = np.empty(self.shape[self._y:], self.dtype)
         columns = np.arange(0, width, factor)
         column_counts = np.diff(np.append(columns, width)).astype(np.float64)
-        for top in range(0, height, self._band_rows):
+        tops = range(0, height, self._band_rows)
+        for number, top in enumerate(tops):
             band = np.asarray(self.source[lead + (slice(top, min(top + self._band_rows, height)),)])
             rows = np.arange(0, band.shape[0], factor)
             row_counts = np.diff(np.append(rows, band.shape[0])).astype(np.float64)
@@ -135,7 +145,10 @@ class BlockMeans:
                 info = np.iinfo(self.dtype)
                 means = np.clip(np.rint(means), info.min, info.max)
             out[top // factor : top // factor + len(rows)] = means.astype(self.dtype)
-        return out
+            yield Progress("reading", number + 1, len(tops),
+                           detail=f"Reading the image at 1/{factor} of its size: {number + 1}/{len(tops)}")
+        with self._lock:  # kept for the next run; a plane two runs computed at once is kept once
+            return self._planes.setdefault(lead, out)
 
 
 def _chunk_rows(image, axis: int) -> int:

@@ -85,6 +85,31 @@ def test_a_reduced_copy_reads_lazy_arrays_as_they_are_and_refuses_a_bad_factor()
             BlockMeans(image, factor, rgb=True)
 
 
+def test_a_plane_is_read_with_progress_per_band_and_a_stopped_read_keeps_nothing():
+    image = np.random.default_rng(2).integers(0, 256, (100, 90, 3), dtype=np.uint8)
+    expected = block_means_reference(image, 3, True)
+    source = ReadRecorder(image, 0)
+    reduced = BlockMeans(source, 3, rgb=True, band_pixels=90 * 3 * 3 * 4)      # 4 rows of blocks a band: 9 bands
+    steps = reduced.plane_steps(())
+    first = [next(steps) for _ in range(3)]
+    assert [(s.stage, s.done, s.total) for s in first] == [("reading", n, 9) for n in (1, 2, 3)]
+    assert "1/3" in first[0].message
+    steps.close()                                                       # a run stopped while reading
+    assert len(source.reads) == 3
+    progress = []
+    steps = reduced.plane_steps(())
+    while True:
+        try:
+            progress.append(next(steps))
+        except StopIteration as stop:
+            np.testing.assert_array_equal(stop.value, expected)
+            break
+    assert len(progress) == 9 and len(source.reads) == 12              # read again, whole
+    assert list(reduced.plane_steps(())) == [] and len(source.reads) == 12   # kept: no reading, no progress
+    with pytest.raises(IndexError):
+        next(reduced.plane_steps((0,)))
+
+
 def test_a_chunked_source_is_read_in_bands_that_read_each_chunk_at_most_twice():
     class Chunked:
         chunks = (64, 70)

@@ -88,6 +88,12 @@ def test_a_lazy_image_too_large_to_hold_is_segmented_from_a_copy_reduced_in_the_
     expected = viewer.layers["reduced classes"].data.copy()
     source = CountingArray(image)
     widget.image.value = viewer.add_image(da.from_array(source, chunks=(100, 100, 3)), rgb=True, name="slide")
+    layers = len(viewer.layers)
+    worker = widget.run()                              # cancelled while the copy is read: nothing added
+    worker.yielded.connect(lambda step: widget.cancel() if getattr(step, "stage", "") == "reading" else None)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    assert widget.status.value.startswith("Cancelled"), widget.status.value
+    assert len(viewer.layers) == layers
     run_and_wait(qtbot, widget)
     status = widget.status.value
     assert "segmented at a copy reduced by block means (100 x 87, 1/3 of full size)" in status, status

@@ -174,7 +174,7 @@ def _segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Pro
     names = probability_layer_names(request.image_name, mode, class_names)
     maps = {name: _map_volume(request.existing_maps.get(name), shape) for name in names}
     tables: list[dict] = []
-    notes = class_name_notes(segmenter, request)
+    notes = class_name_notes(segmenter, request) + absent_chunk_notes(request.data)
     taught = yield from stack_exemplars(segmenter, request.data, request.layout, strokes_by_plane, request.classes,
                                         len(request.planes), request.options)
     exemplars, lesson = _with_lessons(segmenter, request, taught, notes)
@@ -267,6 +267,18 @@ def _joined(tables: list[dict]) -> dict:
     if not tables:
         return {column: np.zeros(0) for column in columns}
     return {column: np.concatenate([np.asarray(t[column]) for t in tables]) for column in columns}
+
+
+def absent_chunk_notes(data) -> list[str]:
+    """A note when the image (or the image a reduced copy is made from) is a zarr array whose store lacks chunks:
+    zarr reads them as the fill value, as napari shows them, and a copy of a store may have lost them."""
+    from .zarr_images import absent_chunk_count
+
+    absent = absent_chunk_count(data.source if isinstance(data, BlockMeans) else data)
+    if not absent or not absent[0]:
+        return []
+    return [f"{absent[0]} of the {absent[1]} chunks of the image are not in its zarr store: they were read as its "
+            "fill value, as napari shows them. If they were lost, copy the store again."]
 
 
 def class_name_notes(segmenter: Segmenter, request: LayerRequest) -> list[str]:

@@ -109,6 +109,35 @@ def test_a_lazy_image_too_large_to_hold_is_segmented_from_a_copy_reduced_in_the_
     assert viewer.layers["slide classes"].data.shape == (100, 87)
 
 
+def test_a_zarr_image_whose_store_lacks_a_chunk_is_reduced_as_shown_and_the_status_says_so(
+        qtbot, widget, large_from, tmp_path):
+    import zarr
+    from images import smooth_image
+
+    large_from(100 * 100)
+    viewer = widget._viewer
+    image = smooth_image(300, 260, seed=9)
+    stored = zarr.create_array(str(tmp_path / "slide.zarr"), shape=image.shape, chunks=(100, 100, 3),
+                               dtype=np.uint8, fill_value=0)
+    stored[:] = image
+    chunk = [path for path in (tmp_path / "slide.zarr").rglob("*") if path.is_file() and path.name == "0"
+             and path.parent.name == "1" and path.parent.parent.name == "1"]
+    assert len(chunk) == 1
+    chunk[0].unlink()                                           # the chunk of rows and columns 100..199
+    shown = image.copy()
+    shown[100:200, 100:200] = 0
+    widget.classes.value = "sky\ngrass"
+    widget.image.value = viewer.add_image(mean_pooled(shown, 3), name="reduced")
+    run_and_wait(qtbot, widget)
+    expected = viewer.layers["reduced classes"].data.copy()
+    widget.image.value = viewer.add_image(zarr.open_array(str(tmp_path / "slide.zarr"), mode="r"), rgb=True,
+                                          name="slide")
+    run_and_wait(qtbot, widget)
+    status = widget.status.value
+    assert "1 of the 9 chunks of the image are not in its zarr store" in status, status
+    np.testing.assert_array_equal(viewer.layers["slide classes"].data, expected)
+
+
 def test_an_image_in_memory_and_any_image_with_resize_off_are_not_reduced(qtbot, widget, large_from, monkeypatch,
                                                                           tmp_path):
     import dask.array as da

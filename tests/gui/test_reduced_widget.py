@@ -72,6 +72,12 @@ def test_a_pyramid_too_large_to_hold_is_segmented_at_its_finest_level_that_fits_
     assert widget.status.value.startswith("Done"), widget.status.value
     assert len(viewer.layers) == layers                 # the same layer, updated in place
     assert (layer.data[20:40, 20:60] == 2).all()
+    # objects of the full-size image do not fit the level: said with why and what to do
+    widget.objects.value = viewer.add_labels(np.zeros((400, 360), np.int32), name="cells")
+    assert widget.run() is None
+    status = widget.status.value
+    assert "'cells' is (400, 360), but the labels of 'slide' are (200, 180)" in status, status
+    assert "segmented at pyramid level 1" in status and "turn Resize off" in status
 
 
 def test_a_lazy_image_too_large_to_hold_is_segmented_from_a_copy_reduced_in_the_worker_and_kept(

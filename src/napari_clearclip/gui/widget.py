@@ -241,9 +241,12 @@ class ClearClipWidget(FieldLogic, Container):
             options = self.options().replace(contrast_limits=tuple(float(v) for v in layer.contrast_limits))
             objects_layer = self.objects.value
             if objects_layer is not None and tuple(objects_layer.data.shape) != layout.label_shape:
+                reduced = ("" if reduction is None else
+                           f" (with Resize on, '{layer.name}' is too large to hold and is segmented at "
+                           f"{reduction.describe()}: turn Resize off to classify objects at full size)")
                 raise ClearClipError(f"The Objects layer '{objects_layer.name}' is {tuple(objects_layer.data.shape)}, "
-                                     f"but the labels of '{layer.name}' are {layout.label_shape}: pick the objects "
-                                     "of this image, or none.")
+                                     f"but the labels of '{layer.name}' are {layout.label_shape}{reduced}: pick the "
+                                     "objects of this image, or none.")
             foreground = self.foreground_request(layout)
         except ClearClipError as exc:
             self._show_error(exc)

@@ -72,6 +72,14 @@ def test_a_pyramid_too_large_to_hold_is_segmented_at_its_finest_level_that_fits_
     assert widget.status.value.startswith("Done"), widget.status.value
     assert len(viewer.layers) == layers                 # the same layer, updated in place
     assert (layer.data[20:40, 20:60] == 2).all()
+    # a probability map sits where its labels do
+    widget.probability_output.value = "winning class"
+    run_and_wait(qtbot, widget)
+    probability = viewer.layers["slide probability"]
+    assert probability.data.shape == (200, 180)
+    np.testing.assert_allclose(probability.scale, (2, 2))
+    np.testing.assert_allclose(probability.translate, (4.5, -5.5))
+    widget.probability_output.value = "none"
     # objects of the full-size image do not fit the level: said with why and what to do
     widget.objects.value = viewer.add_labels(np.zeros((400, 360), np.int32), name="cells")
     assert widget.run() is None

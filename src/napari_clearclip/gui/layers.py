@@ -52,6 +52,12 @@ def labels_features(names: list[str]) -> dict:
     return {"index": np.arange(len(names) + 1), "class": ["unassigned"] + list(names)}
 
 
+def placed(context: dict) -> dict:
+    """The scale and translation of a run's result layers: as the run worked them out (a reduced image's at its
+    level's scale), else the image's own."""
+    return context.get("geometry") or layer_geometry(context["layer"], context["layout"])
+
+
 def layer_geometry(layer: Image, layout: ImageLayout) -> dict:
     """The image's scale and translation, without its channel axis, for the labels to sit on it."""
     scale, translate = list(layer.scale), list(layer.translate)
@@ -171,7 +177,7 @@ class ResultLayers:
             data = update.full if update.full is not None else update.baseline.copy()
             labels_layer = self._viewer.add_labels(
                 data, name=f"{layer.name} classes", features=features,
-                colormap=DirectLabelColormap(color_dict=update.colours), **layer_geometry(layer, layout))
+                colormap=DirectLabelColormap(color_dict=update.colours), **placed(context))
         key = layer_key(labels_layer)
         if key not in self._results:
             labels_layer.events.paint.connect(self._painted)
@@ -188,14 +194,13 @@ class ResultLayers:
 
     def write_maps(self, context: dict, maps: dict) -> None:
         """Probability volumes: into the layers of the same name and shape, else as new (hidden) layers."""
-        layer, layout = context["layer"], context["layout"]
         for name, volume in maps.items():
             existing = self._viewer.layers[name] if name in self._viewer.layers else None
             if existing is not None and getattr(existing, "data", None) is not None and existing.data.shape == volume.shape:
                 existing.data = volume
             else:
                 self._viewer.add_image(volume, name=name, colormap="viridis", contrast_limits=(0, 1),
-                                       blending="additive", visible=False, **layer_geometry(layer, layout))
+                                       blending="additive", visible=False, **placed(context))
 
 
 def _show(layer) -> None:

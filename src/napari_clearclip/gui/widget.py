@@ -278,12 +278,13 @@ class ClearClipWidget(FieldLogic, Container):
             setattr(request, name, value)
         request.view = self._view(target)
         geometry = layer_geometry(layer, layout)
-        new_layer = None if target is not None else {
-            "name": f"{layer.name} classes", **(geometry if reduction is None else reduction.geometry(**geometry))}
+        if reduction is not None:  # the labels of a level sit on the image at its scale
+            geometry = reduction.geometry(**geometry)
+        new_layer = None if target is not None else {"name": f"{layer.name} classes", **geometry}
         worker = create_worker(segmentation_job, self._models, self.model_spec(), request, new_layer,
                                _start_thread=False, _ignore_errors=True)
         context = {"layer": layer, "layout": layout, "target": target, "model": self.model.value,
-                   "objects": objects_layer, "reduction": reduction,
+                   "objects": objects_layer, "reduction": reduction, "geometry": geometry,
                    "demo_scene": self.model.value == DEMO_MODEL and _looks_like_demo_scene(layer, layout, planes[0])}
         previews = context["previews"] = None if target is None else RunPreviews(target, request.found)
         worker.returned.connect(lambda value: self._on_returned(value, context))

@@ -37,14 +37,34 @@ def write_store(path: Path, size: int, chunk: int = 1024) -> None:
             array[y : y + h, x : x + w] = tile[ys][:, xs]
 
 
+def peak_resident(process, wait):
+    """(peak resident bytes of ``process``, sampled every 50 ms until ``wait()`` returns, what it returned)."""
+    import psutil
+
+    watched, peak, done = psutil.Process(process.pid), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            try:
+                peak[0] = max(peak[0], watched.memory_info().rss)
+            except psutil.Error:
+                break
+            time.sleep(0.05)
+
+    threading.Thread(target=sample, daemon=True).start()
+    try:
+        result = wait()
+    finally:
+        done.set()
+    return peak[0], result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=20000)
     parser.add_argument("--tile", type=int, default=2048)
     parser.add_argument("--snap", action="store_true", help="snap to edges (PAMR), as the CLI does by default")
     args = parser.parse_args()
-    import psutil
-
     folder = Path(tempfile.mkdtemp())
     try:
         store = folder / "slide.zarr"
@@ -61,25 +81,11 @@ def main() -> None:
         env = {**os.environ, **env}
         start = time.perf_counter()
         process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
-        watched = psutil.Process(process.pid)
-        peak = [0]
-        done = threading.Event()
-
-        def sample():
-            while not done.is_set():
-                try:
-                    peak[0] = max(peak[0], watched.memory_info().rss)
-                except psutil.Error:
-                    break
-                time.sleep(0.05)
-
-        threading.Thread(target=sample, daemon=True).start()
-        code = process.wait()
+        peak, code = peak_resident(process, process.wait)
         seconds = time.perf_counter() - start
-        done.set()
         image_gib = args.size * args.size * 3 / 2**30
         print(f"| {args.size} x {args.size} RGB, tile {args.tile}, snapping {'on' if args.snap else 'off'} | "
-              f"{seconds / 60:.1f} min | peak resident {peak[0] / 2**30:.2f} GiB | image {image_gib:.2f} GiB, "
+              f"{seconds / 60:.1f} min | peak resident {peak / 2**30:.2f} GiB | image {image_gib:.2f} GiB, "
               f"labels {args.size * args.size / 2**30:.2f} GiB | exit {code} |")
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -22,11 +22,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))   # beside benchmark_large_zarr
 
 CHILD = r"""
 import sys, time
@@ -69,7 +70,6 @@ def write_pyramid(path: Path, size: int, chunk: int = 1024) -> None:
     """Level 0 from the shapes of ``benchmark_large_zarr``, then block means of 2 x 2 down to under 2048 a side."""
     import zarr
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from benchmark_large_zarr import write_store
 
     from napari_clearclip.reduced import BlockMeans
@@ -86,26 +86,14 @@ def write_pyramid(path: Path, size: int, chunk: int = 1024) -> None:
 
 
 def run(store: Path, mode: str, cache: Path) -> tuple[str, float, float]:
-    import psutil
+    from benchmark_large_zarr import peak_resident
 
     env = {**os.environ, "NAPARI_CLEARCLIP_CACHE_DIR": str(cache)}
     start = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-c", CHILD, str(store), mode], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
-    watched, peak, done = psutil.Process(process.pid), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            try:
-                peak[0] = max(peak[0], watched.memory_info().rss)
-            except psutil.Error:
-                break
-            time.sleep(0.05)
-
-    threading.Thread(target=sample, daemon=True).start()
-    output, _ = process.communicate()
-    done.set()
-    return (output.strip() or f"failed (exit {process.returncode})"), time.perf_counter() - start, peak[0] / 2**30
+    peak, (output, _) = peak_resident(process, process.communicate)
+    return (output.strip() or f"failed (exit {process.returncode})"), time.perf_counter() - start, peak / 2**30
 
 
 def main() -> None:

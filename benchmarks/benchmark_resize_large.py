@@ -33,12 +33,12 @@ CHILD = r"""
 import sys, time
 import numpy as np
 import zarr
-from napari_clearclip.gui.job import REDUCED_PIXELS, TILED_PIXELS, ModelHolder, layer_request, segmentation_job
+from napari_clearclip.gui.job import ModelHolder, layer_request, segmentation_job
 from napari_clearclip.models import ModelSpec
 from napari_clearclip.options import SegmentOptions
 from napari_clearclip.planes import ImageLayout
 from napari_clearclip.prompts import parse_classes
-from napari_clearclip.reduced import reduced_for_resize
+from napari_clearclip.reduced import LARGE_PIXELS, REDUCED_PIXELS, reduced_for_resize
 
 store, mode = sys.argv[1], sys.argv[2]
 group = zarr.open_group(store, mode="r")
@@ -47,7 +47,7 @@ start = time.perf_counter()
 if mode == "whole":
     data, reduction = np.asarray(levels[0]), None
 else:
-    data, reduction = reduced_for_resize(levels if mode == "pyramid" else levels[:1], TILED_PIXELS, rgb=True,
+    data, reduction = reduced_for_resize(levels if mode == "pyramid" else levels[:1], LARGE_PIXELS, rgb=True,
                                          level_pixels=REDUCED_PIXELS)
 layout = ImageLayout(tuple(data.shape), rgb=True)
 classes = parse_classes("red\ngreen\nblue\nyellow\nbackground")

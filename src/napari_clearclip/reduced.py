@@ -23,6 +23,13 @@ from .progress import Progress, run_to_end
 #: Pixels of the source read at once when a reduced copy is made (a band of rows this large, whole blocks).
 BAND_PIXELS = 4 * 1024 * 1024
 
+#: A lazy image whose planes have more pixels than this is too large to hold: with Resize on it is reduced.
+LARGE_PIXELS = 4096 * 4096
+
+#: The largest level (or reduced copy) segmented then: a run with snapping on a boundary-rich image peaks at
+#: 2.0-2.5 GB of the whole process there, against 3.1 GB at 4096 x 4096.
+REDUCED_PIXELS = 3000 * 3000
+
 
 @dataclass(frozen=True)
 class Reduction:

@@ -1,4 +1,4 @@
-"""Zarr images read lazily: plain arrays, and OME-Zarr multiscale groups (their full-resolution level).
+"""Zarr images read lazily: plain arrays, and OME-Zarr multiscale groups (their levels, the full-resolution first).
 
 OME-Zarr keeps channels first ((c, y, x), or (t, c, z, y, x) with length-1 axes); the engine takes
 (y, x) or (y, x, channels). :class:`ChannelsLast` gives that view without reading anything: only
@@ -38,6 +38,12 @@ class ChannelsLast:
         if self._c is not None:
             shape.append(array.shape[self._c])
         self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(array.dtype), len(shape)
+
+    @property
+    def chunks(self) -> tuple:
+        """The store's chunk shape along this view's axes (to read it in bands of whole chunks)."""
+        chunks = self.array.chunks
+        return tuple(chunks[i] for i in (self._y, self._x, self._c) if i is not None)
 
     def __getitem__(self, key) -> np.ndarray:
         if not isinstance(key, tuple):
@@ -114,7 +120,18 @@ def open_zarr_image(path: Path, absent_chunks: str = "error"):
     return image
 
 
+def open_zarr_levels(path: Path) -> list:
+    """The image in a zarr store, unread, at every resolution it holds: an OME-Zarr multiscale group's levels,
+    finest first (each seen as :func:`open_zarr_image` sees the first), or a one-item list. Missing chunks are not
+    checked here: check the level that is read (:func:`check_absent_chunks`)."""
+    return _zarr_levels(Path(path))
+
+
 def _zarr_image(path: Path):
+    return _zarr_levels(path)[0]
+
+
+def _zarr_levels(path: Path) -> list:
     import zarr
 
     if not path.exists():
@@ -124,19 +141,22 @@ def _zarr_image(path: Path):
     except Exception as exc:
         raise InvalidImageError(f"Could not open {path} as a zarr store: {exc}") from None
     if isinstance(node, zarr.Array):
-        return node
+        return [node]
     attrs = dict(node.attrs)
     multiscales = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
     if multiscales:
         first = multiscales[0]
-        array = node[first["datasets"][0]["path"]]
         axes = [a["name"] if isinstance(a, dict) else a for a in first.get("axes", [])]
-        if axes and (len(axes) != array.ndim or [a.lower() for a in axes][-2:] != ["y", "x"] or array.ndim > 2):
-            return ChannelsLast(array, axes)
-        return array
+        levels = []
+        for dataset in first["datasets"]:
+            array = node[dataset["path"]]
+            if axes and (len(axes) != array.ndim or [a.lower() for a in axes][-2:] != ["y", "x"] or array.ndim > 2):
+                array = ChannelsLast(array, axes)
+            levels.append(array)
+        return levels
     arrays = [name for name, _ in node.arrays()]
     if len(arrays) == 1:
-        return node[arrays[0]]
+        return [node[arrays[0]]]
     raise InvalidImageError(f"{path} is a zarr group with {len(arrays)} arrays and no OME-Zarr multiscales: "
                             "name the array's own folder.")
 

@@ -365,3 +365,58 @@ def test_a_zarr_input_that_lacks_a_chunk_fails_by_name_unless_absent_chunks_are_
         else:
             labels = tifffile.imread(out / "slide_labels.tif")
         np.testing.assert_array_equal(labels, expected[output_format])
+
+
+def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_resizes(tmp_path, capsys,
+                                                                                     monkeypatch):
+    """As in napari with Resize on: an OME-Zarr level (or block means of a plain array) that holds what the model
+    sees is segmented instead of the whole slide, the labels have its size, and a note says so."""
+    import zarr
+
+    import napari_clearclip.reduced as reduced
+    from napari_clearclip.demo.scenes import make_scene
+
+    monkeypatch.setattr(reduced, "LARGE_PIXELS", 200 * 200)          # "too large to hold" from 200 x 200 on
+    monkeypatch.setattr(reduced, "REDUCED_PIXELS", 160 * 160)
+    classes = ["red", "green", "blue", "yellow", "background"]
+    image = make_scene(23, size=320, objects=(4, 6)).image
+    half = image.reshape(160, 2, 160, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+    store = tmp_path / "in" / "slide.zarr"                           # OME-Zarr, channels first, two levels
+    group = zarr.open_group(str(store), mode="w")
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "c", "type": "channel"},
+                                                               {"name": "y", "type": "space"},
+                                                               {"name": "x", "type": "space"}],
+                                   "datasets": [{"path": "0"}, {"path": "1"}]}]
+    for name, level in (("0", image), ("1", half)):
+        group.create_array(name, shape=(3, *level.shape[:2]), chunks=(3, 64, 64), dtype=np.uint8)[:] = \
+            np.moveaxis(level, -1, 0)
+    plain = zarr.create_array(str(tmp_path / "in" / "plain.zarr"), shape=image.shape, chunks=(64, 64, 3),
+                              dtype=np.uint8)
+    plain[:] = image
+    segmenter = Segmenter("synthetic-tiny", device="cpu")
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "in"), "--classes", "; ".join(classes), "--out", str(out), "--model", "synthetic-tiny",
+            "--device", "cpu", "--no-snap"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "slide.zarr: 320 x 320 pixels, too large to hold: segmented at pyramid level 1 (160 x 160, 1/2 of " \
+           "full size)" in err and "--format zarr segments at full resolution" in err, err
+    assert "plain.zarr: 320 x 320 pixels, too large to hold: segmented at a copy reduced by block means (160 x " \
+           "160, 1/2 of full size)" in err, err
+    expected = segmenter.segment(half, classes, maps=False).labels
+    np.testing.assert_array_equal(tifffile.imread(out / "slide_labels.tif"), expected)
+    np.testing.assert_array_equal(tifffile.imread(out / "plain_labels.tif"), expected)   # 2 x 2 means, rounded
+    # --features-only stores what such runs segment: a later run on the level finds its features
+    store_dir = tmp_path / "store"
+    assert main([str(store), "--features-only", "--model", "synthetic-tiny", "--device", "cpu",
+                 "--feature-store", str(store_dir)]) == 0
+    assert "segmented at pyramid level 1" in capsys.readouterr().err
+    assert len(list(store_dir.glob("*.zarr"))) == 1
+    Segmenter("synthetic-tiny", device="cpu", feature_store=store_dir).segment(half, classes, maps=False)
+    assert len(list(store_dir.glob("*.zarr"))) == 1                  # found, not stored again
+    # at native resolution (no resizing) the whole image is read, as asked, and no note is given
+    argv[argv.index(str(out))] = str(tmp_path / "native")
+    assert main(argv + ["--native"]) == 0
+    assert "note:" not in capsys.readouterr().err
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "native" / "slide_labels.tif"),
+                                  segmenter.segment(image, classes, maps=False, short_side=None).labels)

@@ -236,6 +236,8 @@ def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
             tqdm.write(f"error: {report.path}: {report.error}", file=sys.stderr)
         elif report.status == "skipped":
             tqdm.write(f"skipped: {report.path}: {report.error}", file=sys.stderr)
+        elif report.error:   # done, with a note (e.g. the level a slide was segmented at)
+            tqdm.write(f"note: {report.path}: {report.error}", file=sys.stderr)
         bar.update(1)
         if stop is not None and stop.interrupted:
             # Ctrl+C was pressed, but its KeyboardInterrupt never arrived: Python raises it wherever the process

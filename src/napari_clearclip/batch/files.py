@@ -39,7 +39,7 @@ class FileReport:
     status: str
     seconds: float = 0.0
     worker: str = ""
-    error: str = ""
+    error: str = ""     # why it failed or was skipped; for one done, a note (e.g. the level a slide was segmented at)
     outputs: list[Path] = field(default_factory=list)
 
 

@@ -100,15 +100,45 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
         return _segment_to_zarr(segmenter, task, classes, outputs, options, start)
     try:
         record = make_record(path, task.run, classes) if path.is_file() else None
+        image, note = image_to_segment(segmenter, task, options)
         objects = None if task.objects is None else read_objects(path, task.objects)
-        result = segmenter.segment(read_image(path, task.absent_chunks), classes, options, maps=save_probabilities,
-                                   objects=objects, lesson=lesson, **_foreground_of(task))
+        result = segmenter.segment(image, classes, options, maps=save_probabilities, objects=objects, lesson=lesson,
+                                   **_foreground_of(task))
         written = write_outputs(result, out_dir, stem, save_probabilities, record)
     except ClearClipError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), str(exc))
     except OSError as exc:  # disk full, permissions changed mid-run ...
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), f"could not write outputs: {exc}")
-    return FileReport(path, "done", time.perf_counter() - start, worker_name(), "", written)
+    return FileReport(path, "done", time.perf_counter() - start, worker_name(), note, written)
+
+
+def image_to_segment(segmenter, task: Task, options: SegmentOptions) -> tuple[np.ndarray, str]:
+    """The image a file's run segments, and a note on it ("" for none).
+
+    A file is read whole. So is a zarr store, unless the run resizes (the model then sees the image at its short
+    side) and its planes exceed :data:`~napari_clearclip.reduced.LARGE_PIXELS`: then, as in napari, its OME-Zarr
+    level of at most :data:`~napari_clearclip.reduced.REDUCED_PIXELS` (or a copy reduced by block means, read a
+    band at a time) is segmented and its labels have that size; the note says so.
+    """
+    from ..reduced import LARGE_PIXELS, REDUCED_PIXELS, BlockMeans, reduced_for_resize
+    from ..zarr_images import is_zarr_path, open_zarr_levels
+
+    if not is_zarr_path(task.path) or segmenter.resolve_options(options).short_side is None:
+        return read_image(task.path, task.absent_chunks), ""
+    levels = open_zarr_levels(task.path)
+    full = levels[0]
+    if not (full.ndim == 2 or (full.ndim == 3 and full.shape[-1] in (1, 3, 4))):
+        return read_image(task.path, task.absent_chunks), ""   # refused there, with why
+    rgb = full.ndim == 3
+    image, reduction = reduced_for_resize(levels, LARGE_PIXELS, rgb, level_pixels=REDUCED_PIXELS)
+    check_absent_chunks(image.source if isinstance(image, BlockMeans) else image, str(task.path),
+                        task.absent_chunks)
+    if reduction is None:
+        return np.asarray(image), ""
+    height, width = full.shape[:2]
+    return np.asarray(image), (f"{height} x {width} pixels, too large to hold: segmented at {reduction.describe()}, "
+                               "and the labels have that size (--format zarr segments at full resolution, tile by "
+                               "tile)")
 
 
 def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], options: SegmentOptions,
@@ -507,8 +537,9 @@ def store_task(spec, task: Task, options: SegmentOptions, store_dir: str | None)
     if store_dir is not None and (segmenter.feature_store is None or segmenter.feature_store.root != Path(store_dir)):
         segmenter.feature_store = FeatureStore(store_dir)
     try:
-        image = (read_image(task.path, task.absent_chunks) if task.plane is None
-                 else read_plane(task.path, task.plane, task.planes))
+        # what a run segments: a slide too large to hold at its level, as its runs (and napari) will
+        image, note = (image_to_segment(segmenter, task, options) if task.plane is None
+                       else (read_plane(task.path, task.plane, task.planes), ""))
         stored = segmenter.cache_features(image, options)
     except ClearClipError as exc:
         where = "" if task.plane is None else f"plane {task.plane}: "
@@ -516,7 +547,7 @@ def store_task(spec, task: Task, options: SegmentOptions, store_dir: str | None)
     if not stored:
         return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(),
                           "the features could not be stored (too large for the store, or it cannot be written)")
-    return FileReport(task.path, "done", time.perf_counter() - start, worker_name())
+    return FileReport(task.path, "done", time.perf_counter() - start, worker_name(), note)
 
 
 def store_features(paths: Iterable[str | os.PathLike], *, model: str = "ViT-B-16", pretrained: str | None = None,
@@ -559,7 +590,7 @@ def store_features(paths: Iterable[str | os.PathLike], *, model: str = "ViT-B-16
         failed = [p for p in planes if p.status == "failed"]
         item = FileReport(task.path, "failed" if failed else "done", sum(p.seconds for p in planes),
                           ", ".join(sorted({p.worker for p in planes if p.worker})),
-                          "; ".join(p.error for p in failed[:3]))
+                          "; ".join(p.error for p in (failed or planes)[:3] if p.error))
         reports.append(item)
         if on_report is not None:
             on_report(item)

@@ -15,6 +15,7 @@ from napari.utils.colormaps import DirectLabelColormap
 from ..annotate import LayerRequest, probability_layer_names, segment_layer
 from ..models import ModelSpec
 from ..progress import Progress
+from ..reduced import LARGE_PIXELS
 from ..segmenter import Segmenter
 from .layers import labels_features
 
@@ -62,12 +63,7 @@ def layer_request(data, layout, planes, classes, options, image_name: str, proba
 
 #: Native-resolution runs on 2-D images larger than this go tile by tile into a zarr store (the labels layer is
 #: then backed by it), so that neither the image nor its scores are ever held whole.
-TILED_PIXELS = 4096 * 4096
-
-#: With Resize on, a pyramid or lazy image whose planes exceed TILED_PIXELS is segmented at a level (or a copy
-#: reduced by block means) of at most this many pixels: a run with snapping on a boundary-rich image peaks at
-#: 2.0-2.5 GB there, against 3.1 GB at 4096 x 4096.
-REDUCED_PIXELS = 3000 * 3000
+TILED_PIXELS = LARGE_PIXELS
 
 
 @dataclass

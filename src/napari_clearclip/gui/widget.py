@@ -26,10 +26,10 @@ from ..options import SegmentOptions
 from ..planes import ImageLayout
 from ..progress import Progress
 from ..prompts import parse_classes
-from ..reduced import BlockMeans, Reduction, reduced_for_resize
+from ..reduced import REDUCED_PIXELS, BlockMeans, Reduction, reduced_for_resize
 from .field_logic import FieldLogic
 from .fields import build_fields, choose_file_button, lesson_buttons, saved_values
-from .job import REDUCED_PIXELS, TILED_PIXELS, ModelHolder, layer_request, segmentation_job, tiled_job, tiled_store_path
+from .job import TILED_PIXELS, ModelHolder, layer_request, segmentation_job, tiled_job, tiled_store_path
 from .layers import ResultLayers, layer_geometry
 from .layout import captioned, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved

@@ -1,11 +1,12 @@
-"""Images too large to hold, segmented with Resize on: at the pyramid level, or a reduced copy, that a run holds.
+"""Images too large to hold, segmented resized: at the pyramid level, or a reduced copy, that a run holds.
 
-With Resize on, the model sees an image at its short side (a few hundred pixels). The pixels of a 20000 x 20000
-slide then add nothing to its scores that a 2500 x 2500 pyramid level does not hold, while reading them would
-take the whole slide into memory and labels at full size would take 0.4-1.6 GB more. Such an image is segmented
-at the finest pyramid level whose planes have at most ``max_pixels`` or, without a pyramid, at a copy reduced by
-block means (read a band of rows at a time); its labels are placed on the image with that level's scale.
-Resize off segments at full resolution instead, tile by tile (:mod:`.lazy_tiles`).
+A run that resizes (napari's Resize on, the command line's default) shows the model the image at its short side
+(a few hundred pixels). The pixels of a 20000 x 20000 slide then add nothing to its scores that a 2500 x 2500
+pyramid level does not hold, while reading them would take the whole slide into memory and labels at full size
+would take 0.4-1.6 GB more. A lazy image whose planes exceed :data:`LARGE_PIXELS` is therefore segmented at the
+finest pyramid level of at most :data:`REDUCED_PIXELS` or, without one, at a copy reduced by block means (read a
+band of rows at a time); its labels are placed on the image with that level's scale. Without resizing, a large
+image is segmented at full resolution, tile by tile (:mod:`.lazy_tiles`).
 """
 
 from __future__ import annotations

@@ -406,6 +406,12 @@ def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_r
     expected = segmenter.segment(half, classes, maps=False).labels
     np.testing.assert_array_equal(tifffile.imread(out / "slide_labels.tif"), expected)
     np.testing.assert_array_equal(tifffile.imread(out / "plain_labels.tif"), expected)   # 2 x 2 means, rounded
+    # objects of the full-size slide do not fit the level: the file fails with why and what to do
+    tifffile.imwrite(tmp_path / "in" / "slide_cells.tif", np.ones((320, 320), np.uint16))
+    assert main(argv + ["--objects", "_cells", "--out", str(tmp_path / "objects")]) == 1
+    err = capsys.readouterr().err
+    assert "its objects are (320, 320), but the image is 320 x 320 pixels, too large to hold: segmented at pyramid " \
+           "level 1" in err and "--native to classify them at full size" in err, err
     # --features-only stores what such runs segment: a later run on the level finds its features
     store_dir = tmp_path / "store"
     assert main([str(store), "--features-only", "--model", "synthetic-tiny", "--device", "cpu",

@@ -102,6 +102,9 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
         record = make_record(path, task.run, classes) if path.is_file() else None
         image, note = image_to_segment(segmenter, task, options)
         objects = None if task.objects is None else read_objects(path, task.objects)
+        if note and objects is not None and tuple(objects.shape) != tuple(image.shape[:2]):
+            raise InvalidOptionError(f"its objects are {tuple(objects.shape)}, but the image is {note}: give objects "
+                                     "of the level's size, or --native to classify them at full size.")
         result = segmenter.segment(image, classes, options, maps=save_probabilities, objects=objects, lesson=lesson,
                                    **_foreground_of(task))
         written = write_outputs(result, out_dir, stem, save_probabilities, record)

@@ -192,3 +192,45 @@ def reduced_for_resize(levels: Sequence, max_pixels: int, rgb: bool = False, cha
     else:  # whole blocks (the last ones partial)
         factors = (1.0,) * (len(label_shape) - 2) + (float(array.factor),) * 2
     return array, Reduction(level, factors, label_shape)
+
+
+def full_size_labels(labels, shape: Sequence[int], factors: Sequence[float] | None = None, out=None,
+                     rows_at_once: int = 2048):
+    """The labels of a reduced image brought to the full image's ``shape`` (height, width), e.g. to save them beside
+    a slide: each full-size pixel takes the label of the reduced pixel whose area holds its centre (as the labels
+    sit on the image in napari), written ``rows_at_once`` rows at a time.
+
+    ``factors``: full-size pixels per label pixel, (rows, columns): a :class:`Reduction`'s last two, or in napari
+    the labels layer's scale over the image's; None takes ``shape`` over the labels' shape (a pyramid level's).
+    ``out``: None (a NumPy array), an array of ``shape`` to write into (e.g. a zarr array), or a path where a zarr
+    store is written (a group with a ``labels`` array; written in a ``.partial`` folder renamed into place when
+    complete; an existing path is refused, never overwritten). Returns what was written.
+    """
+    from .errors import InvalidOptionError
+    from .lazy_tiles import DEFAULT_TILE, _open_output
+
+    labels = np.asarray(labels)
+    height, width = (int(n) for n in shape)
+    if labels.ndim != 2 or labels.dtype.kind not in "ui":
+        raise InvalidOptionError(f"labels of shape {labels.shape} and dtype {labels.dtype}: give a 2-D integer array.")
+    if height < labels.shape[0] or width < labels.shape[1]:
+        raise InvalidOptionError(f"shape {(height, width)} is smaller than the labels' {labels.shape}: give the full "
+                                 "image's height and width.")
+    if factors is None:
+        factors = (height / labels.shape[0], width / labels.shape[1])
+    if len(factors) != 2 or not all(math.isfinite(float(f)) and float(f) >= 1 for f in factors):
+        raise InvalidOptionError(f"factors={tuple(factors)!r}: give two numbers of at least 1 (full-size pixels per "
+                                 "label pixel, rows and columns).")
+    rows = np.minimum(((np.arange(height) + 0.5) / float(factors[0])).astype(np.int64), labels.shape[0] - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) / float(factors[1])).astype(np.int64), labels.shape[1] - 1)
+    target, _, finish, _ = _open_output(out, (height, width), labels.dtype, DEFAULT_TILE,
+                                        repr(("full size", labels.shape, (height, width))))
+    for top in range(0, height, rows_at_once):
+        target[top : top + rows_at_once] = labels[rows[top : top + rows_at_once]][:, cols]
+    if finish is not None:
+        finish()
+        import zarr
+        from pathlib import Path
+
+        return zarr.open_group(str(Path(out).expanduser()), mode="r+")["labels"]
+    return target

@@ -177,3 +177,49 @@ def test_the_labels_of_a_reduced_image_sit_on_the_centres_of_the_pixels_they_cov
     assert reduction.describe() == "pyramid level 3 (2500 x 2500, 1/8 of full size)"
     odd = Reduction(None, (2.0001, 2.0001), (100, 100))
     assert odd.describe() == "a copy reduced by block means (100 x 100, 1/2 of full size)"
+
+
+def test_labels_brought_to_full_size_give_each_pixel_the_label_placed_over_it(tmp_path):
+    """Each full-size pixel takes the label napari shows over its centre (Reduction.geometry), for whole factors
+    (block means, partial edge blocks) and a pyramid's uneven ones; written into an array or a new zarr store."""
+    import zarr
+
+    from napari_clearclip.errors import InvalidOptionError, OutputError
+    from napari_clearclip.reduced import full_size_labels
+
+    rng = np.random.default_rng(5)
+    cases = [((301, 299), None, 4), ((401, 359), (201, 180), None), ((97, 64), (97, 32), None)]
+    for (height, width), level, factor in cases:
+        if factor is not None:   # block means: ceil(size / factor), whole factors
+            small = (-(-height // factor), -(-width // factor))
+            reduction = Reduction(None, (float(factor),) * 2, small)
+        else:                    # a pyramid level: napari's factors, full size over the level's
+            small = level
+            reduction = Reduction(1, (height / small[0], width / small[1]), small)
+        labels = rng.integers(0, 7, small).astype(np.uint8)
+        full = full_size_labels(labels, (height, width), reduction.factors, rows_at_once=37)
+        placed = reduction.geometry([1.5, 0.5], [3.0, -2.0])
+        for axis, size in ((0, height), (1, width)):
+            world = np.arange(size) * [1.5, 0.5][axis] + [3.0, -2.0][axis]          # full pixels' centres
+            over = np.floor((world - placed["translate"][axis]) / placed["scale"][axis] + 0.5).astype(int)
+            over = np.minimum(over, small[axis] - 1)
+            if axis == 0:
+                rows = over
+            else:
+                cols = over
+        np.testing.assert_array_equal(full, labels[rows][:, cols])
+        if factor is not None:
+            np.testing.assert_array_equal(full, np.repeat(np.repeat(labels, factor, 0), factor, 1)[:height, :width])
+    stored = full_size_labels(labels, (97, 64), out=tmp_path / "full.zarr")
+    np.testing.assert_array_equal(stored[:], np.repeat(labels, 2, 1))
+    assert zarr.open_group(str(tmp_path / "full.zarr"), mode="r")["labels"].shape == (97, 64)
+    assert not list(tmp_path.glob("*.partial"))
+    with pytest.raises(OutputError, match="exists"):
+        full_size_labels(labels, (97, 64), out=tmp_path / "full.zarr")         # never overwritten
+    into = np.zeros((97, 64), np.uint8)
+    assert full_size_labels(labels, (97, 64), out=into) is into and (into == np.repeat(labels, 2, 1)).all()
+    for bad in (dict(shape=(50, 64)), dict(shape=(97, 64), factors=(0.5, 2))):
+        with pytest.raises(InvalidOptionError):
+            full_size_labels(labels, **bad)
+    with pytest.raises(InvalidOptionError, match="integer"):
+        full_size_labels(labels.astype(np.float32), (97, 64))

@@ -4,9 +4,10 @@ A run that resizes (napari's Resize on, the command line's default) shows the mo
 (a few hundred pixels). The pixels of a 20000 x 20000 slide then add nothing to its scores that a 2500 x 2500
 pyramid level does not hold, while reading them would take the whole slide into memory and labels at full size
 would take 0.4-1.6 GB more. A lazy image whose planes exceed :data:`LARGE_PIXELS` is therefore segmented at the
-finest pyramid level of at most :data:`REDUCED_PIXELS` or, without one, at a copy reduced by block means (read a
-band of rows at a time); its labels are placed on the image with that level's scale. Without resizing, a large
-image is segmented at full resolution, tile by tile (:mod:`.lazy_tiles`).
+finest pyramid level of at most :data:`REDUCED_SIDE` pixels a side (squared; a setting: ``large_side``) or,
+without one, at a copy reduced by block means (read a band of rows at a time); its labels are placed on the image
+with that level's scale. Without resizing, a large image is segmented at full resolution, tile by tile
+(:mod:`.lazy_tiles`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Generator, Sequence
 
 import numpy as np
 
-from .planes import ImageLayout
 from .progress import Progress, run_to_end
 
 #: Pixels of the source read at once when a reduced copy is made (a band of rows this large, whole blocks).
@@ -27,9 +27,33 @@ BAND_PIXELS = 4 * 1024 * 1024
 #: A lazy image whose planes have more pixels than this is too large to hold: with Resize on it is reduced.
 LARGE_PIXELS = 4096 * 4096
 
-#: The largest level (or reduced copy) segmented then: a run with snapping on a boundary-rich image peaks at
-#: 2.0-2.5 GB of the whole process there, against 3.1 GB at 4096 x 4096.
-REDUCED_PIXELS = 3000 * 3000
+#: The side of the largest level (or reduced copy) segmented then, by default (squared: its pixels): a run with
+#: snapping on a boundary-rich image peaks at 2.0-2.5 GB of the whole process there, against 3.1 GB at 4096 x 4096.
+REDUCED_SIDE = 3000
+REDUCED_PIXELS = REDUCED_SIDE * REDUCED_SIDE
+#: The sides a user may choose for it: below a model's short side the model would see an enlarged image, and far
+#: above 4096 a run with snapping needs many GB.
+SIDE_RANGE = (128, 16384)
+
+
+def check_large_side(side) -> int:
+    """``side`` (the ``large_side`` setting: pixels a side of the largest level of a large image segmented with
+    resizing), checked where it enters."""
+    from .errors import InvalidOptionError
+
+    low, high = SIDE_RANGE
+    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or not low <= int(side) <= high:
+        raise InvalidOptionError(f"large_side={side!r} must be a whole number of pixels from {low} to {high} (the side "
+                                 f"of the largest level a large image is segmented at with resizing; default "
+                                 f"{REDUCED_SIDE}).")
+    return int(side)
+
+
+def limits_for_side(side: int = REDUCED_SIDE, large_pixels: int | None = None) -> tuple[int, int]:
+    """(planes larger than this are reduced, to a level of at most this many pixels) for a ``large_side`` of
+    ``side``: an image of up to side x side pixels is segmented as it is even above :data:`LARGE_PIXELS`."""
+    area = check_large_side(side) ** 2
+    return max(LARGE_PIXELS if large_pixels is None else large_pixels, area), area
 
 
 @dataclass(frozen=True)
@@ -57,6 +81,8 @@ class Reduction:
 
 def plane_pixels(shape: Sequence[int], rgb: bool = False, channel_axis: int | None = None) -> int:
     """Pixels of one 2-D plane of an image of ``shape`` (its labels' last two axes)."""
+    from .planes import ImageLayout   # here: the command line's --help reads this module's settings without torch
+
     height, width = ImageLayout(tuple(shape), rgb=rgb, channel_axis=channel_axis).label_shape[-2:]
     return int(height) * int(width)
 
@@ -175,6 +201,8 @@ def reduced_for_resize(levels: Sequence, max_pixels: int, rgb: bool = False, cha
     (``levels[0]``, as it is), else the finest pyramid level of at most ``level_pixels`` (``max_pixels`` when
     None) or a :class:`BlockMeans` copy of ``levels[0]`` that size, with the :class:`Reduction` that places its
     labels. ``levels``: a pyramid's arrays, finest first, or a one-item list."""
+    from .planes import ImageLayout
+
     full = levels[0]
     full_layout = ImageLayout(tuple(full.shape), rgb=rgb, channel_axis=channel_axis)
     if plane_pixels(full.shape, rgb, channel_axis) <= max_pixels:

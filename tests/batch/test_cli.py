@@ -377,7 +377,6 @@ def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_r
     from napari_clearclip.demo.scenes import make_scene
 
     monkeypatch.setattr(reduced, "LARGE_PIXELS", 200 * 200)          # "too large to hold" from 200 x 200 on
-    monkeypatch.setattr(reduced, "REDUCED_PIXELS", 160 * 160)
     classes = ["red", "green", "blue", "yellow", "background"]
     image = make_scene(23, size=320, objects=(4, 6)).image
     half = image.reshape(160, 2, 160, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
@@ -396,7 +395,7 @@ def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_r
     segmenter = Segmenter("synthetic-tiny", device="cpu")
     out = tmp_path / "out"
     argv = [str(tmp_path / "in"), "--classes", "; ".join(classes), "--out", str(out), "--model", "synthetic-tiny",
-            "--device", "cpu", "--no-snap"]
+            "--device", "cpu", "--no-snap", "--large-side", "160"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "slide.zarr: 320 x 320 pixels, too large to hold: segmented at pyramid level 1 (160 x 160, 1/2 of " \
@@ -406,6 +405,23 @@ def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_r
     expected = segmenter.segment(half, classes, maps=False).labels
     np.testing.assert_array_equal(tifffile.imread(out / "slide_labels.tif"), expected)
     np.testing.assert_array_equal(tifffile.imread(out / "plain_labels.tif"), expected)   # 2 x 2 means, rounded
+    # --large-side is part of what the outputs are: a run with another keeps them, says why, and replaces them when
+    # asked; at 320 (its whole side) the slide is segmented at full size
+    wider = [a if a != "160" else "320" for a in argv]
+    assert main(wider) == 0
+    err = capsys.readouterr().err
+    assert "slide.zarr: outputs exist from a run with other classes, model or options" in err, err
+    assert tifffile.imread(out / "slide_labels.tif").shape == (160, 160)
+    assert main(wider + ["--overwrite"]) == 0
+    err = capsys.readouterr().err
+    assert "too large to hold" not in err, err
+    full = segmenter.segment(image, classes, maps=False).labels
+    np.testing.assert_array_equal(tifffile.imread(out / "slide_labels.tif"), full)
+    np.testing.assert_array_equal(tifffile.imread(out / "plain_labels.tif"), full)
+    assert main(argv) == 0                                            # back to 160: the level's outputs again
+    assert main(argv + ["--overwrite"]) == 0
+    capsys.readouterr()
+    np.testing.assert_array_equal(tifffile.imread(out / "slide_labels.tif"), expected)
     # objects of the full-size slide do not fit the level: the file fails with why and what to do
     tifffile.imwrite(tmp_path / "in" / "slide_cells.tif", np.ones((320, 320), np.uint16))
     assert main(argv + ["--objects", "_cells", "--out", str(tmp_path / "objects")]) == 1
@@ -415,7 +431,7 @@ def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_r
     # --features-only stores what such runs segment: a later run on the level finds its features
     store_dir = tmp_path / "store"
     assert main([str(store), "--features-only", "--model", "synthetic-tiny", "--device", "cpu",
-                 "--feature-store", str(store_dir)]) == 0
+                 "--feature-store", str(store_dir), "--large-side", "160"]) == 0
     assert "segmented at pyramid level 1" in capsys.readouterr().err
     assert len(list(store_dir.glob("*.zarr"))) == 1
     Segmenter("synthetic-tiny", device="cpu", feature_store=store_dir).segment(half, classes, maps=False)

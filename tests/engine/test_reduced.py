@@ -164,6 +164,28 @@ def test_a_run_takes_the_finest_pyramid_level_that_fits_or_a_reduced_copy():
     assert data is channels[1] and reduction.factors == (2.0, 2.0) and reduction.shape == (450, 400)
 
 
+def test_the_large_side_setting_decides_which_images_are_reduced_and_to_what():
+    from napari_clearclip.errors import ClearClipError
+    from napari_clearclip.reduced import LARGE_PIXELS, limits_for_side
+
+    assert limits_for_side() == (LARGE_PIXELS, 3000 * 3000)          # the default: above 4096 x 4096, to 3000
+    assert limits_for_side(2048) == (LARGE_PIXELS, 2048 * 2048)
+    assert limits_for_side(8192) == (8192 * 8192, 8192 * 8192)       # up to 8192 x 8192 taken as it is
+    pyramid = [np.zeros((20000, 16000, 3), np.uint8), np.zeros((10000, 8000, 3), np.uint8),
+               np.zeros((5000, 4000, 3), np.uint8), np.zeros((2500, 2000, 3), np.uint8)]
+    for side, level in ((3000, 3), (4500, 2), (9000, 1), (16384, 1)):
+        larger_than, level_pixels = limits_for_side(side)
+        _, reduction = reduced_for_resize(pyramid, larger_than, rgb=True, level_pixels=level_pixels)
+        assert reduction.level == level, side
+    larger_than, level_pixels = limits_for_side(5000)                  # 5000 x 4000 fits 5000 x 5000: as it is
+    assert reduced_for_resize(pyramid[2:], larger_than, rgb=True, level_pixels=level_pixels)[1] is None
+    assert reduced_for_resize(pyramid[1:], larger_than, rgb=True, level_pixels=level_pixels)[1].level == 1
+    for bad in (127, 16385, 3000.5, "3000", True, None):
+        with pytest.raises(ValueError, match="large_side=.* must be a whole number of pixels from 128 to 16384") as raised:
+            limits_for_side(bad)
+        assert isinstance(raised.value, ClearClipError)
+
+
 def test_the_labels_of_a_reduced_image_sit_on_the_centres_of_the_pixels_they_cover():
     """Label pixel i covers full-size pixels i*f .. i*f + f - 1: its centre in the world is theirs."""
     reduction = Reduction(3, (1.0, 8.0, 8.0), (5, 2500, 2500))

@@ -31,12 +31,14 @@ class CountingArray:
 
 
 @pytest.fixture
-def large_from(monkeypatch):
-    """Images count as too large to hold from ``pixels`` on."""
+def large_from(monkeypatch, widget):
+    """Images count as too large to hold from ``pixels`` on, and are segmented at most ``side`` pixels a side (the
+    widget's "Large images at")."""
     import napari_clearclip.gui.widget as widget_module
 
-    def limit(pixels):
+    def limit(pixels, side):
         monkeypatch.setattr(widget_module, "TILED_PIXELS", pixels)
+        widget.large_side.value = side
     return limit
 
 
@@ -45,7 +47,7 @@ def test_a_pyramid_too_large_to_hold_is_segmented_at_its_finest_level_that_fits_
     import dask.array as da
     from images import smooth_image
 
-    large_from(200 * 200)
+    large_from(200 * 200, 200)
     viewer = widget._viewer
     image = smooth_image(400, 360, seed=4)
     levels = [image, mean_pooled(image, 2), mean_pooled(image, 4)]
@@ -58,7 +60,7 @@ def test_a_pyramid_too_large_to_hold_is_segmented_at_its_finest_level_that_fits_
     run_and_wait(qtbot, widget)
     status = widget.status.value
     assert "segmented at pyramid level 1 (200 x 180, 1/2 of full size)" in status, status
-    assert "turn Resize off" in status
+    assert "turn Resize off" in status and "raise Large images at (Advanced options)" in status
     layer = viewer.layers["slide classes"]
     np.testing.assert_array_equal(layer.data, expected)
     np.testing.assert_allclose(layer.scale, (2, 2))
@@ -88,12 +90,50 @@ def test_a_pyramid_too_large_to_hold_is_segmented_at_its_finest_level_that_fits_
     assert "segmented at pyramid level 1" in status and "turn Resize off" in status
 
 
+def test_large_images_at_sets_the_level_a_pyramid_is_segmented_at_and_each_level_gets_its_own_layer(
+        qtbot, widget, large_from):
+    import dask.array as da
+    from images import smooth_image
+
+    large_from(200 * 200, 200)
+    viewer = widget._viewer
+    image = smooth_image(400, 360, seed=5)
+    levels = [image, mean_pooled(image, 2), mean_pooled(image, 4)]
+    widget.classes.value = "sky\ngrass"
+    expected = {}
+    for number, level in enumerate(levels):
+        widget.image.value = viewer.add_image(level, name=f"level {number}")
+        run_and_wait(qtbot, widget)
+        expected[number] = viewer.layers[f"level {number} classes"].data.copy()
+    widget.image.value = viewer.add_image([da.from_array(level, chunks=(100, 100, 3)) for level in levels],
+                                          multiscale=True, rgb=True, name="slide")
+    widget.show_advanced.value = True
+    shown = []
+    for side, number, scale in ((200, 1, 2), (128, 2, 4), (400, 0, 1)):
+        widget.large_side.value = side
+        run_and_wait(qtbot, widget)
+        status = widget.status.value
+        assert ("too large" in status or "pyramid level" in status) == (number > 0), (side, status)
+        layer = viewer.layers[-1]
+        np.testing.assert_array_equal(layer.data, expected[number])
+        np.testing.assert_allclose(layer.scale, (scale, scale))
+        shown.append(layer)
+    assert len({id(layer) for layer in shown}) == 3           # another level: a new layer, the others kept
+    np.testing.assert_array_equal(shown[0].data, expected[1])
+    # the setting applies to runs that resize, and is kept for the next session
+    widget.resize.value = False
+    assert not widget.large_side.enabled and not widget.short_side.enabled
+    widget.resize.value = True
+    assert widget.large_side.enabled
+    assert widget.settings()["large_side"] == 400
+
+
 def test_a_lazy_image_too_large_to_hold_is_segmented_from_a_copy_reduced_in_the_worker_and_kept(
         qtbot, widget, large_from):
     import dask.array as da
     from images import smooth_image
 
-    large_from(100 * 100)
+    large_from(100 * 100, 128)
     viewer = widget._viewer
     image = smooth_image(300, 260, seed=6)
     widget.classes.value = "sky\ngrass"
@@ -128,7 +168,7 @@ def test_a_zarr_image_whose_store_lacks_a_chunk_is_reduced_as_shown_and_the_stat
     import zarr
     from images import smooth_image
 
-    large_from(100 * 100)
+    large_from(100 * 100, 128)
     viewer = widget._viewer
     image = smooth_image(300, 260, seed=9)
     stored = zarr.create_array(str(tmp_path / "slide.zarr"), shape=image.shape, chunks=(100, 100, 3),
@@ -157,7 +197,7 @@ def test_an_image_in_memory_and_any_image_with_resize_off_are_not_reduced(qtbot,
     import dask.array as da
     from images import smooth_image
 
-    large_from(100 * 100)
+    large_from(100 * 100, 128)
     monkeypatch.setenv("NAPARI_CLEARCLIP_CACHE_DIR", str(tmp_path / "cache"))
     viewer = widget._viewer
     image = smooth_image(150, 140, seed=2)

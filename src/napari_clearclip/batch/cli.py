@@ -22,6 +22,21 @@ from pathlib import Path
 from ..choices import DEVICES, METHOD_NAMES, PRECISIONS
 from ..errors import ClearClipError, WeightsUnavailableError
 from ..options import SNAP_IN_TOOLS, SegmentOptions
+from ..reduced import REDUCED_SIDE
+
+
+def _large_side(text: str) -> int:
+    """--large-side's value, refused by argparse with the range when it is not one."""
+    from ..reduced import SIDE_RANGE
+
+    try:
+        side = int(text)
+    except ValueError:
+        side = None
+    if side is None or not SIDE_RANGE[0] <= side <= SIDE_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of pixels from {SIDE_RANGE[0]} to "
+                                         f"{SIDE_RANGE[1]}")
+    return side
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "value, so a copy that lost chunks would be segmented wrongly), or read them as the fill "
                              "value (fill: for stores that leave out chunks holding only it, as zarr 3 writes by "
                              "default) (default: %(default)s)")
+    parser.add_argument("--large-side", type=_large_side, default=REDUCED_SIDE, metavar="PIXELS",
+                        help="with resizing (the default), a .zarr input too large to hold (over 4096 x 4096 pixels) is "
+                             "segmented at its OME-Zarr level, or a copy reduced by block means, of at most PIXELS "
+                             "a side, and its labels have that size; more gives finer labels and takes more memory "
+                             "(default: %(default)s)")
     parser.add_argument("--objects", metavar="SUFFIX",
                         help="give a class to each object of <name>SUFFIX.tif beside each image (instance labels, "
                              "e.g. from cellpose: --objects _cp_masks); writes <name>_objects.csv")
@@ -254,7 +274,8 @@ def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
             device=args.device, precision=args.precision, overwrite=args.overwrite,
             save_probabilities=args.save_probabilities, client=client, on_report=on_report,
             options=engine_options(args), objects=args.objects, lesson=args.lesson, foreground=args.foreground,
-            found_weights=args.found_weights, output_format=args.output_format, absent_chunks=args.absent_chunks)
+            found_weights=args.found_weights, output_format=args.output_format, absent_chunks=args.absent_chunks,
+            large_side=args.large_side)
     except WeightsUnavailableError as exc:
         bar.close()
         print(f"error: {offline_message(exc)}", file=sys.stderr)
@@ -304,7 +325,7 @@ def _store_only(args, client, on_report, bar, started, stop: StopOnce | None = N
         reports = store_features(args.images, model=args.model, pretrained=args.pretrained, method=args.method,
                                  device=args.device, precision=args.precision, options=engine_options(args),
                                  store=args.feature_store, client=client, on_report=on_report,
-                                 absent_chunks=args.absent_chunks)
+                                 absent_chunks=args.absent_chunks, large_side=args.large_side)
     except ClearClipError as exc:
         bar.close()
         print(f"error: {exc}", file=sys.stderr)

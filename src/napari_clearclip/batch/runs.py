@@ -20,7 +20,8 @@ import numpy as np
 from ..errors import ClearClipError, InvalidOptionError
 from ..files import write_atomic
 from ..options import DEFAULT, SegmentOptions
-from ..zarr_images import check_absent_chunks
+from ..reduced import REDUCED_SIDE, check_large_side
+from ..zarr_images import check_absent_chunks, is_zarr_path
 from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this module's interface
     OUTPUT_FORMATS,
     PARTS_DIR,
@@ -72,6 +73,7 @@ class Task:
     found_weights: tuple | None = None  # FOUND's (DINO, decoder) files (--found-weights)
     output_format: str = "tif"   # "zarr": labels written tile by tile into <stem>_labels.zarr (--format zarr)
     absent_chunks: str = "error"  # a zarr input whose store lacks chunks: refused, or "fill" (--absent-chunks)
+    large_side: int = REDUCED_SIDE  # a zarr input too large to hold, resized: its level of at most this side (--large-side)
 
 
 def skip_reason(record: dict | None, path: Path, run: str) -> str:
@@ -99,7 +101,7 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
     if task.output_format == "zarr":
         return _segment_to_zarr(segmenter, task, classes, outputs, options, start)
     try:
-        record = make_record(path, task.run, classes) if path.is_file() else None
+        record = make_record(path, task.run, classes) if path.exists() else None   # a file, or a zarr store
         image, note = image_to_segment(segmenter, task, options)
         objects = None if task.objects is None else read_objects(path, task.objects)
         if note and objects is not None and tuple(objects.shape) != tuple(image.shape[:2]):
@@ -119,12 +121,12 @@ def image_to_segment(segmenter, task: Task, options: SegmentOptions) -> tuple[np
     """The image a file's run segments, and a note on it ("" for none).
 
     A file is read whole. So is a zarr store, unless the run resizes (the model then sees the image at its short
-    side) and its planes exceed :data:`~napari_clearclip.reduced.LARGE_PIXELS`: then, as in napari, its OME-Zarr
-    level of at most :data:`~napari_clearclip.reduced.REDUCED_PIXELS` (or a copy reduced by block means, read a
-    band at a time) is segmented and its labels have that size; the note says so.
+    side) and its planes exceed :data:`~napari_clearclip.reduced.LARGE_PIXELS` (and ``task.large_side`` squared):
+    then, as in napari, its OME-Zarr level of at most ``task.large_side`` pixels a side (or a copy reduced by block
+    means, read a band at a time) is segmented and its labels have that size; the note says so.
     """
-    from ..reduced import LARGE_PIXELS, REDUCED_PIXELS, BlockMeans, reduced_for_resize
-    from ..zarr_images import is_zarr_path, open_zarr_levels
+    from ..reduced import BlockMeans, limits_for_side, reduced_for_resize
+    from ..zarr_images import open_zarr_levels
 
     if not is_zarr_path(task.path) or segmenter.resolve_options(options).short_side is None:
         return read_image(task.path, task.absent_chunks), ""
@@ -133,7 +135,8 @@ def image_to_segment(segmenter, task: Task, options: SegmentOptions) -> tuple[np
     if not (full.ndim == 2 or (full.ndim == 3 and full.shape[-1] in (1, 3, 4))):
         return read_image(task.path, task.absent_chunks), ""   # refused there, with why
     rgb = full.ndim == 3
-    image, reduction = reduced_for_resize(levels, LARGE_PIXELS, rgb, level_pixels=REDUCED_PIXELS)
+    larger_than, level_pixels = limits_for_side(task.large_side)
+    image, reduction = reduced_for_resize(levels, larger_than, rgb, level_pixels=level_pixels)
     check_absent_chunks(image.source if isinstance(image, BlockMeans) else image, str(task.path),
                         task.absent_chunks)
     if reduction is None:
@@ -343,6 +346,7 @@ def segment_files(
     found_weights=None,
     output_format: str = "tif",
     absent_chunks: str = "error",
+    large_side: int = REDUCED_SIDE,
     **keywords,
 ) -> list[FileReport]:
     """Segment image files (files, folders, glob patterns) into ``out_dir``; one :class:`FileReport` per input.
@@ -365,7 +369,9 @@ def segment_files(
     ``output_format="zarr"`` segments each 2-D image tile by tile at native resolution into
     ``<stem>_labels.zarr`` (zarr inputs are then read a region at a time): for images too large to hold.
     A zarr input whose store lacks chunks fails (zarr would read them as the fill value without a word) unless
-    ``absent_chunks="fill"``.
+    ``absent_chunks="fill"``. A zarr input too large to hold (planes over 4096 x 4096 pixels), in a run that
+    resizes, is segmented at its OME-Zarr level (or a copy reduced by block means) of at most ``large_side``
+    pixels a side, and its labels have that size.
     """
     from ..models import ModelSpec
     from ..prompts import parse_classes
@@ -379,6 +385,7 @@ def segment_files(
     if output_format not in OUTPUT_FORMATS:
         raise InvalidOptionError(f"output_format={output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}.")
     check_absent_chunks(None, absent_chunks=absent_chunks)   # the value, before any image is read
+    large_side = check_large_side(large_side)
     if output_format == "zarr":
         _check_zarr_run(options, save_probabilities, objects, foreground, lesson)
         options = options.replace(short_side=None)
@@ -404,11 +411,14 @@ def segment_files(
     else:  # names and ranges here; the model itself is checked on a worker, once there is work
         options = options.resolved(spec.model, method=spec.method)
     remove_stale_partials(out)
-    run = run_fingerprint(spec.model, spec.pretrained, method, precision, class_list,
+    run = base_run = run_fingerprint(spec.model, spec.pretrained, method, precision, class_list,
                           {**options.to_dict(), "objects": objects, "foreground": foreground,
                            "format": output_format,
                            "found_weights": None if found_weights is None else list(found_weights),
                            "lesson": None if lesson is None else lesson.fingerprint()})
+    # the level a large zarr input is segmented at is part of what its outputs are (other inputs do not depend on it)
+    zarr_run = run if options.short_side is None or large_side == REDUCED_SIDE else run_fingerprint(
+        spec.model, spec.pretrained, method, precision, class_list, {"run": run, "large_side": large_side})
 
     reports: list[FileReport] = []
     tasks: list[Task] = []
@@ -416,6 +426,7 @@ def segment_files(
     stems, existing = assign_stems(files, out)
     for path, stem in zip(files, stems):
         layout = stack_planes(path)
+        run = zarr_run if is_zarr_path(path) else base_run
         if output_format == "zarr":
             layout = None  # one image, read a region at a time (stacks are refused when it is opened)
         expected = output_paths(out, stem, save_probabilities and layout is None, bool(objects) and layout is None,
@@ -429,7 +440,7 @@ def segment_files(
         if layout is None:
             tasks.append(Task(path, stem, run=run, objects=objects or None, foreground=foreground or None,
                               found_weights=found_weights, output_format=output_format,
-                              absent_chunks=absent_chunks))
+                              absent_chunks=absent_chunks, large_side=large_side))
             continue
         if objects:
             reports.append(FileReport(path, "failed", 0.0, "", "objects (--objects) are taken for 2-D images only"))
@@ -557,18 +568,21 @@ def store_features(paths: Iterable[str | os.PathLike], *, model: str = "ViT-B-16
                    method: str = "clearclip", device: str = "auto", precision: str = "auto",
                    options: SegmentOptions | dict | None = None, store: str | os.PathLike | None = None, client=None,
                    on_report: Callable[[FileReport], None] | None = None, absent_chunks: str = "error",
-                   **keywords) -> list[FileReport]:
+                   large_side: int = REDUCED_SIDE, **keywords) -> list[FileReport]:
     """Encode image files into the feature store (``store``: a folder, by default the user cache), segmenting nothing.
 
     What ``clearclip-segment --features-only`` runs: a cluster (``client``) encodes a folder once,
     and napari on any machine that reads the same store folder (``NAPARI_CLEARCLIP_FEATURE_STORE``)
     segments those images with any classes without encoding them again. Features depend on the
-    model, method and window settings, which must be those the annotators will use.
+    model, method and window settings, which must be those the annotators will use; a zarr input too large to
+    hold, resized, is encoded at its level of at most ``large_side`` pixels a side, as napari segments it with
+    "Large images at" set to that side.
     """
     from ..models import ModelSpec
 
     options = SegmentOptions.build(options, **keywords)
     check_absent_chunks(None, absent_chunks=absent_chunks)
+    large_side = check_large_side(large_side)
     files = expand_inputs(paths)
     spec = ModelSpec(model, None if pretrained is None else os.fspath(pretrained), method, device, precision)
     options = check_model_and_options(spec, options) if client is None else options.resolved(spec.model,
@@ -578,7 +592,7 @@ def store_features(paths: Iterable[str | os.PathLike], *, model: str = "ViT-B-16
     for path in files:
         layout = stack_planes(path)
         if layout is None:
-            tasks.append(Task(path, path.stem, absent_chunks=absent_chunks))
+            tasks.append(Task(path, path.stem, absent_chunks=absent_chunks, large_side=large_side))
         else:
             count = int(np.prod(layout[0]))
             tasks.extend(Task(path, path.stem, i, count) for i in range(count))

@@ -16,6 +16,7 @@ from magicgui.widgets.bases import ValueWidget
 from ..annotate import PROBABILITY_OUTPUTS
 from ..choices import COMMON_MODELS, DEMO_MODEL, DEVICES, METHOD_DESCRIPTIONS, METHOD_NAMES, PRECISIONS
 from ..options import SNAP_IN_TOOLS
+from ..reduced import REDUCED_SIDE, SIDE_RANGE
 
 DEFAULT_CLASSES = "cell, nucleus\nbackground"
 SCOPES = ("current slice", "all slices")
@@ -136,6 +137,14 @@ FIELDS: tuple[Field, ...] = (
     Field("short_side", lambda w: SpinBox(name="short_side", label="Short side", min=8, max=8192, value=448,
                                           tooltip="The image is resized so that its short side has this many pixels "
                                                   "(official: 448)"), section="advanced"),
+    Field("large_side", lambda w: SpinBox(name="large_side", label="Large images at", min=SIDE_RANGE[0],
+                                          max=SIDE_RANGE[1], step=256, value=REDUCED_SIDE,
+                                          tooltip="With Resize on, an image too large to hold (a pyramid, dask or zarr "
+                                                  "layer over 4096 x 4096) is labelled at its pyramid level, or a "
+                                                  "copy by block means, of at most this many pixels a side. Larger "
+                                                  "gives finer labels and takes more memory: with snapping about "
+                                                  "1.8 GB at 2048, 2.5 GB at 3000, 3.1 GB at 4096"),
+          section="advanced"),
     Field("crop", lambda w: SpinBox(name="crop", label="Window", min=8, max=4096, value=448,
                                     tooltip="Sliding-window size in pixels (official: 448)"), section="advanced"),
     Field("stride", lambda w: SpinBox(name="stride", label="Stride", min=1, max=4096, value=224,

@@ -40,8 +40,9 @@ def done_text(layer_name: str, planes: int, kept: int, notes: list[str], demo_no
 def reduced_note(reduction) -> str:
     """What a run on an image too large to hold segmented, and how to get labels at full resolution."""
     return (f"The image is too large to hold at full resolution: it was segmented at {reduction.describe()}, which "
-            "holds what the model sees with Resize on, and the labels sit on the image at that scale. For labels at "
-            "full resolution, turn Resize off (a 2-D image is then segmented tile by tile).")
+            "holds what the model sees with Resize on, and the labels sit on the image at that scale. For finer "
+            "labels, raise Large images at (Advanced options); for labels at full resolution, turn Resize off (a 2-D "
+            "image is then segmented tile by tile).")
 
 
 def legend_html(names: list[str], counts: np.ndarray, colours: dict) -> str:

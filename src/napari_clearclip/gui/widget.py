@@ -26,7 +26,7 @@ from ..options import SegmentOptions
 from ..planes import ImageLayout
 from ..progress import Progress
 from ..prompts import parse_classes
-from ..reduced import REDUCED_PIXELS, BlockMeans, Reduction, reduced_for_resize
+from ..reduced import BlockMeans, Reduction, limits_for_side, reduced_for_resize
 from .field_logic import FieldLogic
 from .fields import build_fields, choose_file_button, lesson_buttons, saved_values
 from .job import TILED_PIXELS, ModelHolder, layer_request, segmentation_job, tiled_job, tiled_store_path
@@ -106,7 +106,7 @@ class ClearClipWidget(FieldLogic, Container):
         self.image.changed.connect(self._on_image_changed)
         self.channel_axis.changed.connect(self._on_channel_axis_changed)
         self.show_advanced.changed.connect(lambda on: setattr(self.advanced, "visible", on))
-        self.resize.changed.connect(lambda on: setattr(self.short_side, "enabled", on))
+        self.resize.changed.connect(self._on_resize_changed)
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.use_demo.changed.connect(self.switch_to_demo_model)
@@ -319,19 +319,25 @@ class ClearClipWidget(FieldLogic, Container):
             self.progress_bar.visible = True
         worker.start()
 
+    def _on_resize_changed(self, on: bool) -> None:
+        """The short side and the size of large images apply only to runs that resize."""
+        self.short_side.enabled = on
+        self.large_side.enabled = on
+
     # -- images too large to hold ----------------------------------------------------------------
     def _data_to_segment(self, layer) -> tuple[object, Reduction | None]:
         """The array a run segments, and how it is reduced (None: the image itself, at full resolution).
 
         With Resize on the model sees the image at its short side, so a pyramid, or a lazy (dask, zarr) image, whose
-        planes exceed TILED_PIXELS is segmented at the finest level of at most REDUCED_PIXELS (or a copy reduced by
-        block means, made in the worker and kept for the next run) rather than read whole. An image already in memory is
-        segmented as it is, and so is any image with Resize off (tile by tile when large)."""
+        planes exceed TILED_PIXELS (and "Large images at" squared) is segmented at the finest level of at most "Large
+        images at" pixels a side (or a copy reduced by block means, made in the worker and kept for the next run)
+        rather than read whole. An image already in memory is segmented as it is, and so is any image with Resize off
+        (tile by tile when large)."""
         levels = list(layer.data) if layer.multiscale else [layer.data]
         if not self.resize.value or (not layer.multiscale and isinstance(layer.data, np.ndarray)):
             return levels[0], None
-        data, reduction = reduced_for_resize(levels, TILED_PIXELS, layer.rgb, self.channel_axis.value,
-                                             min(REDUCED_PIXELS, TILED_PIXELS))
+        larger_than, level_pixels = limits_for_side(self.large_side.value, TILED_PIXELS)
+        data, reduction = reduced_for_resize(levels, larger_than, layer.rgb, self.channel_axis.value, level_pixels)
         if isinstance(data, BlockMeans):  # the copy made for an earlier run of this image, when there is one
             key = (id(levels[0]), data.factor, data.rgb)
             if self._reduced_copy is not None and self._reduced_copy[0] == key:

@@ -86,16 +86,16 @@ def _value_range(image, height: int, rows: int) -> tuple[float, float]:
 
 #: What :meth:`Segmenter.segment` takes that a tile-by-tile run cannot, and why.
 NOT_TILED = {
-    "lesson": "a lesson scores an image with that image's own statistics (its patch mean and the spread of its text "
-              "scores), and a tile-by-tile run sees one region at a time, so each region would be taught differently",
-    "strokes": "strokes teach with the statistics of the whole image they are painted on, and a tile-by-tile run sees "
-               "one region at a time",
-    "exemplars": "exemplars score an image with that image's own statistics, and a tile-by-tile run sees one region "
-                 "at a time",
+    "strokes": "strokes on the image teach it with exemplars gathered from the whole of it, and a tile-by-tile run "
+               "sees one region at a time; a lesson (strokes on other images) can be used",
     "objects": "objects are classified from scores summed over each whole object, and objects cross tiles",
     "foreground": "a foreground map is fused with the scores of the whole image",
     "maps": "a tile-by-tile run writes labels only (maps=False)",
 }
+
+
+#: What teaches a tile-by-tile run with the statistics of the whole image (see :func:`image_statistics_steps`).
+TAUGHT_WITH = ("lesson", "exemplars")
 
 
 def check_tiled_keywords(keywords: dict) -> None:
@@ -113,7 +113,8 @@ def check_tiled_keywords(keywords: dict) -> None:
 def resolve_tiled_options(segmenter, options, keywords: dict) -> SegmentOptions:
     """The run's options at native resolution; settings that cannot be tiled are refused."""
     check_tiled_keywords(keywords)
-    keywords = {name: value for name, value in keywords.items() if name not in NOT_TILED and name != "scribbles"}
+    keywords = {name: value for name, value in keywords.items()
+                if name not in NOT_TILED and name not in TAUGHT_WITH and name != "scribbles"}
     built = SegmentOptions.build(options, **keywords)
     if built.short_side is not DEFAULT and built.short_side is not None:
         raise InvalidOptionError(f"short_side={built.short_side!r}: large images are segmented tile by tile at their "
@@ -179,9 +180,62 @@ def _finisher(partial: Path, final: Path):
     return finish
 
 
+def image_statistics_steps(segmenter, image, classes: str | Sequence[str], opts: SegmentOptions):
+    """Generator: the patch statistics of a whole image too large to hold, as a run on all of it gathers them (its
+    patch mean and covariance, and what each window position adds): every window of the whole image, in the
+    batches that run encodes them in, each batch cut from the rows and columns it spans, read from ``image`` then.
+    Yields ``Progress("statistics", windows done, windows)``; returns a :class:`~napari_clearclip.strokes.FeatureStats`.
+
+    A lesson compares patches in the whitening of the image it teaches and scales its bonus by that image's
+    text-score spread: given these, each region of a tile-by-tile run is taught as the whole image is. ``opts``:
+    the run's resolved options at native resolution (fixed contrast limits for images other than uint8)."""
+    from .image import prepare
+    from .prompts import check_templates, parse_classes
+    from .strokes import FeatureStats
+    from .windows import WindowGrid
+
+    height, width = check_lazy_image(image)
+    _, method_fn = segmenter._method_for({})
+    if getattr(method_fn, "needs_text", False):  # features that depend on the classes (ResCLIP)
+        queries = [s for c in parse_classes(classes) for s in c.synonyms]
+        templates = check_templates(opts.templates)
+        for done, total in segmenter.text.encode_steps(queries, templates):
+            yield Progress("text", done, total)
+        method_fn, _ = segmenter._bind_text(method_fn, segmenter.text.embeddings(queries, templates).to(
+            segmenter.device), opts)
+    model = segmenter.model
+    grid = WindowGrid(height, width, opts.crop, opts.stride, model.patch_size)
+    windows = grid.windows
+    at_once = segmenter._batch_size(grid)
+    stats = FeatureStats()
+    yield Progress("statistics", 0, len(windows))
+    for start in range(0, len(windows), at_once):
+        batch = windows[start : start + at_once]
+        top, bottom = min(w[0] for w in batch), max(w[1] for w in batch)
+        left, right = min(w[2] for w in batch), max(w[3] for w in batch)
+        pixels = prepare(np.asarray(image[top:bottom, left:right]), model.mean, model.std, None, opts.contrast_limits)
+        crops = grid.crop_batch(pixels, [(y1 - top, y2 - top, x1 - left, x2 - left) for y1, y2, x1, x2 in batch])
+        stats.add(grid, batch, segmenter._encode_crops(crops.to(segmenter.device), method_fn))
+        del pixels, crops
+        yield Progress("statistics", start + len(batch), len(windows))
+    return stats
+
+
+def _taught_identity(exemplars) -> str:
+    """A digest of what teaches a run (for the record a partial store keeps of the run it belongs to)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for piece in exemplars._pieces():
+        for values in (piece.features, piece.classes, piece.covariance, piece.offsets, piece.unsnapped_offsets):
+            digest.update(b"-" if values is None else values.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options: SegmentOptions | Mapping | None = None,
                         *, out=None, tile: int = DEFAULT_TILE, attrs: dict | None = None, replace: bool = False,
-                        on_complete=None, absent_chunks: str = "error", **keywords) -> Generator[Progress, None, object]:
+                        on_complete=None, absent_chunks: str = "error", lesson=None, exemplars=None,
+                        **keywords) -> Generator[Progress, None, object]:
     """Generator: segment a large array-like image tile by tile; yields progress per tile, returns the labels.
 
     ``out``: None (a NumPy array of the smallest unsigned type the classes fit), an array of the
@@ -191,8 +245,14 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     replaced only with ``replace=True``. The stop of a partial store's run is where the same run resumes.
     A zarr image whose store lacks chunks is refused unless ``absent_chunks="fill"`` (see
     :func:`~napari_clearclip.zarr_images.check_absent_chunks`).
+
+    ``lesson`` (or ``exemplars`` from other images) teaches every tile with the statistics of the whole image,
+    gathered first in a pass over all of it (:func:`image_statistics_steps`: the image is encoded once more), so
+    that the labels equal a run on the whole image with the lesson. Strokes on the image itself are not taken.
     """
+    from .lessons import check_lesson
     from .prompts import parse_classes
+    from .strokes import Exemplars
     from .zarr_images import check_absent_chunks
 
     parsed = parse_classes(classes)
@@ -201,23 +261,48 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 16:
         raise InvalidOptionError(f"tile={tile!r} must be a whole number of pixels, at least 16.")
     opts = resolve_tiled_options(segmenter, options, keywords)
+    lesson = check_lesson(lesson)
+    if lesson is not None:  # checked against the run (classes, model, method, windows) before any pixel is read
+        exemplars = Exemplars.combine([lesson.exemplars_for(segmenter, parsed, opts, segmenter.method), exemplars])
+    if exemplars is not None and exemplars.n_classes != len(parsed):
+        raise InvalidOptionError(f"The exemplars are for {exemplars.n_classes} classes, not {len(parsed)}.")
     if opts.contrast_limits is None and np.dtype(image.dtype) != np.uint8:
         opts = opts.replace(contrast_limits=_value_range(image, height, max(1, tile)))
     reach = max(opts.pamr_dilations) * (opts.pamr_iterations + 1) if opts.refine == "pamr" and opts.pamr_iterations else 0
     halo = opts.crop + reach
     plan = tile_plan(height, width, tile, halo, opts.stride)
     fingerprint = repr((segmenter.model.cache_id, segmenter.method, [c.synonyms for c in parsed], opts.to_dict(),
-                        (height, width), str(image.dtype), tile))
+                        (height, width), str(image.dtype), tile)
+                       + (() if exemplars is None else (_taught_identity(exemplars),)))
     target, done, finish, _ = _open_output(out, (height, width), label_dtype(len(parsed)), tile, fingerprint, attrs,
                                            replace)
-    yield Progress("tiles", 0, len(plan))
+    tiles = len(plan)
+    # with a lesson, the statistics pass takes the first half of the progress bar and the tiles the second
+    shift, planes = (tiles, 2 * tiles) if exemplars is not None else (0, tiles)
+    statistics = None
+    if exemplars is not None and not (done is not None and bool(np.all(done[...]))):
+        steps = image_statistics_steps(segmenter, image, classes, opts)
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                statistics = stop.value
+                break
+            yield with_fields(step, plane=0, planes=2, detail=f"reading the whole image for the lesson: windows "
+                                                              f"{step.done}/{step.total}")
+
+    def tiles_done(count: int) -> Progress:
+        return Progress("tiles", shift + count, planes, detail=f"tiles: {count}/{tiles}")
+
+    yield tiles_done(0)
     for number, ((ty0, ty1, tx0, tx1), (ry0, ry1, rx0, rx1)) in enumerate(plan):
         cell = (ty0 // tile, tx0 // tile)
         if done is not None and bool(done[cell]):
-            yield Progress("tiles", number + 1, len(plan))
+            yield tiles_done(number + 1)
             continue
         region = np.asarray(image[ry0:ry1, rx0:rx1])
-        steps = segmenter.segment_steps(region, classes, opts, maps=False, remember=False)
+        steps = segmenter.segment_steps(region, classes, opts, maps=False, remember=False, exemplars=exemplars,
+                                        image_statistics=statistics)
         while True:  # the tile's own progress, as a share of the whole: a stop takes effect within a tile
             try:
                 step = next(steps)
@@ -225,13 +310,13 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
                 labels = stop.value.labels
                 break
             if isinstance(step, Progress):
-                yield with_fields(step, plane=number, planes=len(plan),
-                              detail=f"tile {number + 1}/{len(plan)}: {step.message}")
+                yield with_fields(step, plane=shift + number, planes=planes,
+                                  detail=f"tile {number + 1}/{tiles}: {step.message}")
         target[ty0:ty1, tx0:tx1] = labels[ty0 - ry0 : ty1 - ry0, tx0 - rx0 : tx1 - rx0].astype(target.dtype)
         del region, labels, steps
         if done is not None:
             done[cell] = True
-        yield Progress("tiles", number + 1, len(plan))
+        yield tiles_done(number + 1)
     if on_complete is not None:
         on_complete(target)
     if finish is not None:

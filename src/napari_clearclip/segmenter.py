@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generator, Mapping, Sequence
 
 import numpy as np
@@ -155,6 +155,7 @@ class Segmenter:
         found_weights=None,
         remember: bool = True,
         focus: tuple | None = None,
+        image_statistics: FeatureStats | None = None,
         **keywords,
     ) -> Generator[Progress, None, SegmentationResult]:
         """A generator that yields :class:`Progress` and returns the :class:`SegmentationResult`.
@@ -193,7 +194,10 @@ class Segmenter:
         (``background_class``, else the class called background) times (1 - s), every other class's times s.
 
         ``remember=False`` keeps nothing of this image (features, labels for re-runs, the snapping guide):
-        for the tiles of an image too large to hold, which are seen once.
+        for the tiles of an image too large to hold, which are seen once. ``image_statistics`` (a
+        :class:`~napari_clearclip.strokes.FeatureStats`) are the patch statistics exemplars and lessons compare with,
+        in place of this image's own: a tile of a larger image is then taught as the whole image is
+        (:func:`~napari_clearclip.lazy_tiles.image_statistics_steps`).
 
         ``focus`` (row, column: where the user just painted; or top, bottom, left, right: what the user sees)
         makes a re-run with edge snapping and ``maps=False`` recompute the labels there first and yield the
@@ -249,8 +253,13 @@ class Segmenter:
         if exemplars is not None:
             if exemplars.n_classes != len(parsed):
                 raise InvalidOptionError(f"The exemplars are for {exemplars.n_classes} classes, not {len(parsed)}.")
-            whitening, stats = yield from mark(self._whitening(args, features))
+            if image_statistics is not None:  # a region of a larger image, taught with that image's statistics
+                whitening, stats = image_statistics.whitening(self.device), image_statistics
+            else:
+                whitening, stats = yield from mark(self._whitening(args, features))
             features = self._features.get(key)
+            if image_statistics is not None and features is not None:
+                features = replace(features, norms=None)   # kept from a run of this region alone: other lengths
             snapping = opts.refine == "pamr" and opts.pamr_iterations > 0
             query_classes = torch.tensor([index for index, c in enumerate(parsed) for _ in c.synonyms],
                                          device=self.device)
@@ -317,6 +326,9 @@ class Segmenter:
 
         A zarr image whose store lacks chunks is refused (zarr would read them as the fill value without a
         word), unless ``absent_chunks="fill"``: for stores that leave out chunks holding only that value.
+
+        ``lesson=`` teaches every tile as :meth:`segment` teaches the whole image: a first pass over the image
+        gathers its statistics (the image is encoded once more). Strokes on the image itself are not taken.
         """
         return run_to_end(self.segment_tiled_steps(image, classes, options, out=out, tile=tile,
                                                    absent_chunks=absent_chunks, **keywords))

@@ -250,7 +250,7 @@ class FeatureStats:
             return
         if self._patch_sum is None:
             # float32: a sum over the few windows that see a patch, and half the memory on a large image
-            self._patch_sum = torch.zeros(grid.height // patch[0], grid.width // patch[1], features.shape[-1])
+            self._patch_sum = _zeros_for_sums((grid.height // patch[0], grid.width // patch[1], features.shape[-1]))
             self._patch_count = torch.zeros(self._patch_sum.shape[:2])
             self.position_total = torch.zeros(features.shape[1:], dtype=torch.float64)
             self._window_patches = (rows, cols)
@@ -272,10 +272,11 @@ class FeatureStats:
         if not CENTRE_WINDOW_POSITIONS or self.positions_differ or not self.windows:
             return None
         rows, cols = self._window_patches
-        means = (self._patch_sum / self._patch_count.clamp(min=1)[..., None]).double()
+        counts = self._patch_count.clamp(min=1)[..., None]
         seen = torch.zeros_like(self.position_total)
-        for top, left in self.windows:
-            seen += means[top : top + rows, left : left + cols].reshape(rows * cols, -1)
+        for top, left in self.windows:  # each patch's mean over the windows that see it, a window's patches at a time
+            area = (slice(top, top + rows), slice(left, left + cols))
+            seen += (self._patch_sum[area] / counts[area]).double().reshape(rows * cols, -1)
         return (self.position_total - seen) / len(self.windows)
 
     @property
@@ -300,6 +301,29 @@ class FeatureStats:
     def whitening(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, W) such that (f - mean) @ W has an identity covariance (regularised)."""
         return whitening_from(self.mean, self.covariance, device)
+
+
+#: Patch sums of more bytes than this (an image too large to hold, segmented tile by tile with a lesson: 3.2 GB for
+#: ViT-B/16 at 20000 x 20000) are kept in a temporary file, which the system pages in as windows add to it.
+SUMS_IN_MEMORY_BYTES = 1 << 28
+
+
+def _zeros_for_sums(shape: tuple[int, ...]) -> torch.Tensor:
+    """A zeroed float32 tensor of ``shape``: in memory, or over a temporary file (removed when it is let go) when
+    larger than :data:`SUMS_IN_MEMORY_BYTES`."""
+    count = int(np.prod(shape))
+    if count * 4 <= SUMS_IN_MEMORY_BYTES:
+        return torch.zeros(shape)
+    import tempfile
+
+    from .cache import cache_dir
+
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder) as handle:   # unnamed: nothing is left behind, whatever happens
+        handle.truncate(count * 4)                       # sparse: reads as zeros
+        mapped = np.memmap(handle, dtype=np.float32, mode="r+", shape=shape)
+    return torch.from_numpy(mapped)
 
 
 def comparison_norms(patch_features: torch.Tensor, whitening: tuple | None,

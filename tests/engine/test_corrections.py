@@ -335,6 +335,34 @@ def test_a_window_shifted_off_the_patch_grid_is_left_out_of_what_positions_add()
     np.testing.assert_array_equal(everything.position_offsets.numpy(), on_grid.position_offsets.numpy())
 
 
+def test_patch_sums_too_large_for_memory_go_to_a_temporary_file_with_the_same_offsets(monkeypatch, tmp_path):
+    """An image too large to hold, taught tile by tile, sums every patch over the windows that see it: above
+    SUMS_IN_MEMORY_BYTES in a file of the cache folder (unnamed: nothing is left behind), with the very offsets."""
+    import napari_clearclip.strokes as strokes
+    from napari_clearclip.windows import WindowGrid
+
+    monkeypatch.setenv("NAPARI_CLEARCLIP_CACHE_DIR", str(tmp_path))
+    grid = WindowGrid(96, 80, 32, 16, (8, 8))
+    rng = np.random.default_rng(7)
+    features = torch.from_numpy(rng.normal(size=(len(grid.windows), 16, 6))).float()
+    import tempfile
+
+    opened = []
+    temporary_file = tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kw: opened.append(kw["dir"]) or temporary_file(**kw))
+    offsets = []
+    for limit in (1 << 30, 0):
+        monkeypatch.setattr(strokes, "SUMS_IN_MEMORY_BYTES", limit)
+        stats = strokes.FeatureStats()
+        stats.add(grid, grid.windows[:5], features[:5])
+        stats.add(grid, grid.windows[5:], features[5:])
+        assert opened == ([] if limit else [tmp_path])
+        offsets.append(stats.position_offsets.numpy())
+    np.testing.assert_array_equal(offsets[0], offsets[1])
+    assert float(np.abs(offsets[0]).max()) > 0
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_patch_that_is_mostly_its_positions_part_is_not_made_alike_by_taking_it_off():
     from napari_clearclip.strokes import Exemplars
 

@@ -134,15 +134,13 @@ def test_what_cannot_be_tiled_is_refused(segmenter, tiny_checkpoint):
 
 
 def test_what_segment_takes_and_a_tiled_run_cannot_is_refused_with_why(segmenter):
-    """A lesson, strokes, objects, a foreground map or probability maps need the whole image: refused by name
+    """Strokes on the image, objects, a foreground map or probability maps need the whole image: refused by name
     (not as an unknown option); segment()'s keywords at their harmless values are taken."""
     image = smooth_image(80, 80)
     painted = np.zeros((80, 80), np.int32)
     painted[10:20, 10:20] = 1
-    lesson = segmenter.make_lesson(["a", "b"], [(image, painted)], crop=32, stride=16)
-    exemplars = segmenter.collect_exemplars(image, painted, ["a", "b"], crop=32, stride=16)
-    refused = {"lesson": (lesson, "statistics"), "strokes": (painted, "statistics"), "scribbles": (painted, "statistics"),
-               "exemplars": (exemplars, "statistics"), "objects": (painted, "whole object"),
+    refused = {"strokes": (painted, "whole of it"), "scribbles": (painted, "whole of it"),
+               "objects": (painted, "whole object"),
                "foreground": (np.ones((80, 80), np.float32), "foreground"), "maps": (True, "labels only")}
     for name, (value, why) in refused.items():
         with pytest.raises(InvalidOptionError, match=f"cannot take {'strokes' if name == 'scribbles' else name}=:.*"
@@ -151,6 +149,104 @@ def test_what_segment_takes_and_a_tiled_run_cannot_is_refused_with_why(segmenter
         assert "Unknown option" not in str(raised.value)
     labels = segmenter.segment_tiled(image, ["a", "b"], crop=32, stride=16, maps=False, lesson=None, objects=None)
     np.testing.assert_array_equal(labels, segmenter.segment_tiled(image, ["a", "b"], crop=32, stride=16))
+    # a lesson of other window settings: its own error, before any pixel is read
+    lesson = segmenter.make_lesson(["a", "b"], [(image, painted)], crop=32, stride=16)      # resized: short side 448
+    with pytest.raises(ValueError, match="other window settings"):
+        segmenter.segment_tiled(image, ["a", "b"], crop=32, stride=16, lesson=lesson)
+    with pytest.raises(InvalidOptionError, match="exemplars are for 2 classes, not 3"):
+        segmenter.segment_tiled(image, ["a", "b", "c"], crop=32, stride=16, exemplars=segmenter.collect_exemplars(
+            image, painted, ["a", "b"], crop=32, stride=16, short_side=None))
+
+
+def _lesson_of(segmenter, classes, options, seeds=(21, 22)):
+    """A lesson from strokes across the shapes of two demo scenes, at the run's window settings."""
+    from napari_clearclip.demo.scenes import make_scene
+
+    painted = []
+    for seed in seeds:
+        scene = make_scene(seed, size=160, objects=(3, 5))
+        strokes = np.zeros(scene.image.shape[:2], np.int32)
+        for number, name in enumerate(classes, start=1):
+            mask = scene.masks.get(name)
+            if mask is not None and mask.any():
+                ys, xs = np.nonzero(mask)
+                strokes[ys[::7][:60], xs[::7][:60]] = number
+        painted.append((scene.image, strokes))
+    return segmenter.make_lesson(classes, painted, **options)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_a_lesson_teaches_a_tiled_run_as_it_teaches_the_whole_image(segmenter, case, monkeypatch):
+    """Each region is taught with the statistics of the whole image, gathered in a pass of their own: the labels
+    equal a whole-image run with the lesson (snapping on and off, RGB and grey, a float image), which the lesson
+    changes; taught with each region's own statistics, they would not."""
+    import napari_clearclip.lazy_tiles as lazy_tiles
+    from napari_clearclip.demo.scenes import make_scene
+
+    rng = np.random.default_rng(40 + case)
+    classes = ["red", "green", "blue", "yellow", "background"]
+    crop = int(rng.choice([48, 64]))
+    options = dict(short_side=None, crop=crop, stride=crop // 2)
+    if case % 2:
+        options.update(refine="pamr", pamr_iterations=2, pamr_dilations=(2, 4))
+    lesson = _lesson_of(segmenter, classes, options)
+    image = np.concatenate([make_scene(30 + case, size=160, objects=(4, 6)).image,
+                            make_scene(35 + case, size=160, objects=(4, 6)).image[:, :int(rng.integers(60, 160))]], 1)
+    if case == 2:
+        image = image.mean(-1).astype(np.uint8)                          # grey
+    if case == 3:
+        image = image.astype(np.float32) * 0.01 - 0.4                    # scaled by the image's range
+    tile = int(rng.integers(40, 90))
+    whole = segmenter.segment(image, classes, maps=False, lesson=lesson, **options).labels
+    untaught = segmenter.segment(image, classes, maps=False, **options).labels
+    progress = []
+    steps = segmenter.segment_tiled_steps(image, classes, tile=tile, lesson=lesson, **options)
+    while True:
+        try:
+            progress.append(next(steps))
+        except StopIteration as stop:
+            tiled = stop.value
+            break
+    np.testing.assert_array_equal(tiled, whole)
+    assert (whole != untaught).mean() > 0.01
+    fractions = [step.fraction for step in progress]
+    assert progress[0].stage == "statistics" and "for the lesson" in progress[0].message
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0   # one bar: the statistics, then the tiles
+    # taught with each region's own statistics instead, the tiles differ from the whole image's
+    def own_statistics(*args):
+        yield from ()
+    monkeypatch.setattr(lazy_tiles, "image_statistics_steps", own_statistics)
+    if case == 0:
+        assert not np.array_equal(segmenter.segment_tiled(image, classes, tile=tile, lesson=lesson, **options), whole)
+
+
+def test_a_tiled_run_with_a_lesson_resumes_in_its_own_store_and_not_in_another_runs(segmenter, tmp_path):
+    classes = ["red", "green", "blue", "yellow", "background"]
+    options = dict(short_side=None, crop=64, stride=32)
+    lesson = _lesson_of(segmenter, classes, options)
+    from napari_clearclip.demo.scenes import make_scene
+
+    image = make_scene(50, size=200, objects=(4, 6)).image
+    whole = segmenter.segment(image, classes, maps=False, lesson=lesson, **options).labels
+    steps = segmenter.segment_tiled_steps(image, classes, tile=64, lesson=lesson, out=tmp_path / "labels.zarr",
+                                          **options)
+    for step in steps:                                               # stopped after the second tile
+        if step.stage == "tiles" and step.detail == "tiles: 2/16":
+            break
+    steps.close()
+    assert (tmp_path / "labels.zarr.partial").is_dir() and not (tmp_path / "labels.zarr").exists()
+    resumed = segmenter.segment_tiled(image, classes, tile=64, lesson=lesson, out=tmp_path / "labels.zarr", **options)
+    np.testing.assert_array_equal(resumed[:], whole)
+    # the tiles a run without the lesson finished are not taken by a run with it
+    plain = segmenter.segment_tiled(image, classes, tile=64, **options)
+    assert not np.array_equal(plain, whole)
+    steps = segmenter.segment_tiled_steps(image, classes, tile=64, out=tmp_path / "other.zarr", **options)
+    for step in steps:
+        if step.stage == "tiles" and step.detail == "tiles: 8/16":
+            break
+    steps.close()
+    taught = segmenter.segment_tiled(image, classes, tile=64, lesson=lesson, out=tmp_path / "other.zarr", **options)
+    np.testing.assert_array_equal(taught[:], whole)
 
 
 def test_ome_zarr_levels_are_read_lazily_with_channels_last(tmp_path):

@@ -1,13 +1,15 @@
 """Peak memory and time of a tile-by-tile run on an image too large to hold, from a zarr store to a zarr store.
 
-    python benchmarks/benchmark_large_zarr.py [--size 20000] [--snap] [--tile 2048] [--format tif]
+    python benchmarks/benchmark_large_zarr.py [--size 20000] [--snap] [--tile 2048] [--format tif] [--lesson]
 
 Writes a ``size`` x ``size`` RGB zarr store (synthetic shapes, written chunk by chunk) in a temporary
 folder, then runs ``clearclip-segment store.zarr --format zarr`` (demo model, 5 classes, native
 resolution) in a fresh process and samples its resident memory every 50 ms. Prints the peak resident
 memory of the whole process (Python, torch, the model and everything), the time, and the image's
 size in memory for comparison. Nothing is kept. ``--format tif`` runs the command's default instead
-(the image resized, labels to a TIFF): a store this large is then segmented at a reduced copy.
+(the image resized, labels to a TIFF): a store this large is then segmented at a reduced copy. ``--lesson``
+teaches the run with a lesson made at native resolution from strokes on two demo scenes (``--format zarr``: a
+first pass over the image gathers its statistics).
 """
 
 from __future__ import annotations
@@ -36,6 +38,25 @@ def write_store(path: Path, size: int, chunk: int = 1024) -> None:
             h, w = min(chunk, size - y), min(chunk, size - x)
             ys, xs = (np.arange(y, y + h) % 1000), (np.arange(x, x + w) % 1000)
             array[y : y + h, x : x + w] = tile[ys][:, xs]
+
+
+def write_lesson(path: Path, native: bool) -> Path:
+    """A lesson of the benchmark's classes from strokes on every shape of two demo scenes."""
+    from napari_clearclip import Segmenter
+    from napari_clearclip.demo.scenes import make_scene
+
+    classes = ["red", "green", "blue", "yellow", "background"]
+    painted = []
+    for seed in (31, 32):
+        scene = make_scene(seed, size=512, objects=(6, 8))
+        strokes = np.zeros(scene.image.shape[:2], np.int32)
+        for number, name in enumerate(classes, start=1):
+            if name in scene.masks:
+                ys, xs = np.nonzero(scene.masks[name])
+                strokes[ys[::9][:200], xs[::9][:200]] = number
+        painted.append((scene.image, strokes))
+    segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+    return segmenter.make_lesson(classes, painted, **({"short_side": None} if native else {})).save(path)
 
 
 def peak_resident(process, wait):
@@ -67,6 +88,7 @@ def main() -> None:
     parser.add_argument("--snap", action="store_true", help="snap to edges (PAMR), as the CLI does by default")
     parser.add_argument("--format", choices=("zarr", "tif"), default="zarr",
                         help="zarr: tile by tile at native resolution; tif: the command's default (resized)")
+    parser.add_argument("--lesson", action="store_true", help="teach the run with a lesson (see above)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp())
     try:
@@ -78,6 +100,8 @@ def main() -> None:
                    str(store), "--classes", "red; green; blue; yellow; background", "--model", "synthetic-tiny",
                    "--device", "cpu", "--format", args.format, "--out", str(folder / "out"),
                    "--snap" if args.snap else "--no-snap"]
+        if args.lesson:
+            command += ["--lesson", str(write_lesson(folder / "lesson", native=args.format == "zarr"))]
         env = {"NAPARI_CLEARCLIP_CACHE_DIR": str(folder / "cache"), "PATH": "/usr/bin:/bin"}
         import os
 
@@ -88,7 +112,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         image_gib = args.size * args.size * 3 / 2**30
         snapping = "on" if args.snap else "off"
-        print(f"| {args.size} x {args.size} RGB, --format {args.format}, tile {args.tile}, snapping {snapping} | "
+        lesson = ", a lesson" if args.lesson else ""
+        print(f"| {args.size} x {args.size} RGB, --format {args.format}, tile {args.tile}, snapping {snapping}{lesson} | "
               f"{seconds / 60:.1f} min | peak resident {peak / 2**30:.2f} GiB | image {image_gib:.2f} GiB, "
               f"labels {args.size * args.size / 2**30:.2f} GiB | exit {code} |")
     finally:

@@ -225,13 +225,23 @@ def _with_lessons(segmenter: Segmenter, request: LayerRequest, taught, notes: li
     """The exemplars for this run: this image's strokes, and every lesson that fits the run (a lesson that does
     not fit is left out, with a note saying why); and the lesson this image's strokes make."""
     from .lessons import Lesson
+    from .strokes import Exemplars
+
+    options = segmenter.resolve_options(request.options)
+    lessons = lesson_exemplars(segmenter, request.classes, options, request.lessons, notes)
+    lesson = None if taught is None else Lesson.from_exemplars(taught, request.classes, segmenter, options)
+    return Exemplars.combine([taught, lessons]), lesson
+
+
+def lesson_exemplars(segmenter: Segmenter, classes, options, lessons: list, notes: list[str]):
+    """The exemplars of every lesson that fits a run of ``classes`` with (resolved) ``options``, joined where they
+    can be; a lesson that does not fit is left out, with a note in ``notes`` saying why. None without any."""
     from .prompts import parse_classes
     from .strokes import Exemplars
 
-    parsed = parse_classes(request.classes)
-    options = segmenter.resolve_options(request.options)
+    parsed = parse_classes(classes)
     usable = []
-    for lesson in request.lessons:
+    for lesson in lessons:
         try:
             lesson.exemplars_for(segmenter, parsed, options, segmenter.method)
         except LessonError as exc:
@@ -239,10 +249,8 @@ def _with_lessons(segmenter: Segmenter, request: LayerRequest, taught, notes: li
         else:
             usable.append(lesson)
     usable = [lesson.completed(segmenter) for lesson in usable]   # checked against each other when joined
-    parts = [taught] + [lesson.exemplars_for(segmenter, parsed, options, segmenter.method)
-                        for lesson in joined_lessons(usable)]
-    lesson = None if taught is None else Lesson.from_exemplars(taught, request.classes, segmenter, options)
-    return Exemplars.combine(parts), lesson
+    return Exemplars.combine([lesson.exemplars_for(segmenter, parsed, options, segmenter.method)
+                              for lesson in joined_lessons(usable)])
 
 
 def joined_lessons(lessons: list) -> list:

@@ -333,6 +333,25 @@ def test_format_zarr_segments_an_ome_zarr_tile_by_tile(tmp_path, capsys):
     assert main(argv) == 0 and "skipped" in capsys.readouterr().err              # a finished output is kept
     assert main(argv + ["--save-probabilities"]) == 2
     assert "--save-probabilities cannot be used" in capsys.readouterr().err
+    # a lesson made at native resolution teaches every tile as it teaches the whole image
+    segmenter = Segmenter("synthetic-tiny", device="cpu")
+    scene = make_scene(22, size=256, objects=(4, 5))
+    strokes = np.zeros(scene.image.shape[:2], np.int32)
+    for number, name in enumerate(classes, start=1):
+        if name in scene.masks:
+            ys, xs = np.nonzero(scene.masks[name])
+            strokes[ys[::5][:80], xs[::5][:80]] = number
+    native = segmenter.make_lesson(classes, [(scene.image, strokes)], short_side=None).save(tmp_path / "native")
+    resized = segmenter.make_lesson(classes, [(scene.image, strokes)]).save(tmp_path / "resized")
+    taught = segmenter.segment(image, classes, maps=False, short_side=None, lesson=native).labels
+    assert not np.array_equal(taught, expected)
+    assert main(argv + ["--lesson", str(native), "--out", str(tmp_path / "taught")]) == 0, capsys.readouterr().err
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "taught" / "slide_labels.zarr"))["labels"][:], taught)
+    assert main(argv + ["--lesson", str(native)]) == 0                           # not this run's labels: kept, said
+    assert "from a run with other classes, model or options" in capsys.readouterr().err
+    assert main(argv + ["--lesson", str(resized), "--out", str(tmp_path / "other")]) == 2
+    assert "other window settings" in capsys.readouterr().err
+    assert not (tmp_path / "other" / "slide_labels.zarr").exists()
 
 
 def test_a_zarr_input_that_lacks_a_chunk_fails_by_name_unless_absent_chunks_are_read_as_the_fill_value(tmp_path,

@@ -216,9 +216,10 @@ def test_a_lesson_saved_from_strokes_on_two_images_is_fitted_as_one_made_from_bo
     np.testing.assert_allclose(Lesson.load(path).unsnapped_offsets, made.unsnapped_offsets, atol=1e-5)
 
 
-def test_a_lesson_is_said_not_to_be_used_on_an_image_segmented_tile_by_tile(qtbot, widget, monkeypatch, tmp_path):
-    """Each region of a tile-by-tile run would be taught with its own statistics: the run goes without the lesson,
-    gives the labels it gives without one, and says so, with how to use it."""
+def test_a_lesson_teaches_an_image_segmented_tile_by_tile_as_it_teaches_the_whole_image(qtbot, widget, monkeypatch,
+                                                                                       tmp_path):
+    """A lesson made at native resolution teaches every tile with the whole image's statistics: the labels equal a
+    run on the whole image with it. One made at another size is left out, with why, and the run goes without it."""
     import napari_clearclip.gui.widget as widget_module
     from images import smooth_image
     from napari_clearclip import Segmenter
@@ -229,20 +230,35 @@ def test_a_lesson_is_said_not_to_be_used_on_an_image_segmented_tile_by_tile(qtbo
     segmenter = Segmenter("test-tiny", widget.pretrained.value, device="cpu")
     strokes = np.zeros(image.shape[:2], np.int32)
     strokes[20:40, 20:60], strokes[200:220, 150:200] = 1, 2
-    segmenter.make_lesson(["sky", "grass"], [(image, strokes)], crop=64, stride=32).save(tmp_path / "lesson.npz")
-    assert widget.load_lesson(tmp_path / "lesson.npz") is not None
-    assert widget.classes.value == "sky\ngrass"
+    other = smooth_image(200, 220, seed=4)
+    settings = dict(crop=64, stride=32)
+    segmenter.make_lesson(["sky", "grass"], [(other, strokes[:200, :220])], short_side=None, **settings).save(
+        tmp_path / "native.npz")
+    segmenter.make_lesson(["sky", "grass"], [(other, strokes[:200, :220])], **settings).save(tmp_path / "resized.npz")
     viewer = widget._viewer
     widget.image.value = viewer.add_image(image, name="slide")
     widget.resize.value = False
     widget.crop.value, widget.stride.value = 64, 32
-    run_and_wait(qtbot, widget)
-    status = widget.status.value
-    assert "tile by tile" in status and "lesson (loaded, or taught on other images) was not used" in status, status
-    assert "turn Resize on" in status
-    expected = segmenter.segment_tiled(image, ["sky", "grass"], crop=64, stride=32, refine="pamr",
-                                       contrast_limits=tuple(viewer.layers["slide"].contrast_limits))
-    np.testing.assert_array_equal(viewer.layers["slide classes"].data[:], expected)
+    limits = tuple(viewer.layers["slide"].contrast_limits)
+    run = dict(short_side=None, refine="pamr", contrast_limits=limits, **settings)
+    plain = segmenter.segment_tiled(image, ["sky", "grass"], **run)
+    for name, used in (("native", True), ("resized", False)):
+        assert widget.load_lesson(tmp_path / f"{name}.npz") is not None
+        assert widget.classes.value == "sky\ngrass"
+        run_and_wait(qtbot, widget)
+        status = widget.status.value
+        assert "tile by tile" in status and ("taught every tile" in status) == used, status
+        assert ("A lesson was not used" in status and "other window settings" in status) == (not used), status
+        labels = viewer.layers[-1].data[:]
+        if used:
+            from napari_clearclip import Lesson
+
+            taught = segmenter.segment(image, ["sky", "grass"], maps=False, lesson=Lesson.load(tmp_path / "native.npz"),
+                                       **run).labels
+            assert not np.array_equal(taught, plain)
+            np.testing.assert_array_equal(labels, taught)
+        else:
+            np.testing.assert_array_equal(labels, plain)
 
 
 def test_a_zarr_layer_whose_store_lacks_chunks_is_segmented_as_shown_and_the_status_says_how_many(

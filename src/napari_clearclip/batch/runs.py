@@ -99,7 +99,7 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
         return FileReport(path, "skipped", 0.0, worker_name(), skip_reason(read_record(outputs[0]), path, task.run),
                           outputs)
     if task.output_format == "zarr":
-        return _segment_to_zarr(segmenter, task, classes, outputs, options, start)
+        return _segment_to_zarr(segmenter, task, classes, outputs, options, start, lesson)
     try:
         record = make_record(path, task.run, classes) if path.exists() else None   # a file, or a zarr store
         image, note = image_to_segment(segmenter, task, options)
@@ -148,7 +148,7 @@ def image_to_segment(segmenter, task: Task, options: SegmentOptions) -> tuple[np
 
 
 def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], options: SegmentOptions,
-                     start: float) -> FileReport:
+                     start: float, lesson=None) -> FileReport:
     """Segment one image tile by tile into ``<stem>_labels.zarr`` (class table written before the store is put in
     place, so the labels still mark a finished output); the image is read a region at a time."""
     import json
@@ -171,7 +171,7 @@ def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], option
     try:
         record = make_record(task.path, task.run, classes) if task.path.exists() else None
         segmenter.segment_tiled(read_lazy(task.path, task.absent_chunks), classes, options, out=labels_path,
-                                replace=True, absent_chunks=task.absent_chunks,
+                                replace=True, absent_chunks=task.absent_chunks, lesson=lesson,
                                 attrs={RECORD_KEY: json.dumps(record, sort_keys=True)} if record else None,
                                 on_complete=write_table)
     except ClearClipError as exc:
@@ -300,9 +300,10 @@ def run_task(spec, task: Task, classes, out_dir: Path, options: SegmentOptions, 
 
 
 def _check_zarr_run(options: SegmentOptions, save_probabilities: bool, objects, foreground, lesson) -> None:
-    """What a tile-by-tile run cannot do, refused before any image is read."""
+    """What a tile-by-tile run cannot do, refused before any image is read (a lesson it can: it teaches every tile
+    with the statistics of the whole image, gathered in a first pass over it)."""
     refused = [name for name, given in (("--save-probabilities", save_probabilities), ("--objects", objects),
-                                        ("--foreground", foreground), ("--lesson", lesson)) if given]
+                                        ("--foreground", foreground)) if given]
     if refused:
         raise InvalidOptionError(f"--format zarr segments tile by tile and writes labels only: {', '.join(refused)} "
                                  "cannot be used with it.")

@@ -75,6 +75,8 @@ class TiledResult:
     counts: np.ndarray
     colours: dict
     absent_chunks: tuple[int, int] | None = None   # (not in the image's zarr store, in all): read as its fill value
+    taught: bool = False                           # a lesson (loaded, or strokes on other images) taught the tiles
+    notes: tuple[str, ...] = ()                    # why a lesson was left out
 
 
 def tiled_store_path(image_name: str) -> Path:
@@ -109,9 +111,11 @@ def _loaded(holder: ModelHolder, spec: ModelSpec):
 
 
 def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, store: Path, new_layer: dict,
-              background: tuple[str, ...] = ()):
-    """Worker body for a large image: segment it tile by tile into ``store`` (yielding progress per tile) and
-    build the Labels layer backed by that store, so that the GUI thread only inserts it."""
+              background: tuple[str, ...] = (), lessons: tuple = ()):
+    """Worker body for a large image: segment it tile by tile into ``store`` (yielding progress per tile), taught by
+    the ``lessons`` that fit the run, and build the Labels layer backed by that store, so that the GUI thread only
+    inserts it."""
+    from ..annotate import lesson_exemplars
     from ..colours import colormap_dict
     from ..lazy_tiles import label_counts
     from ..prompts import parse_classes
@@ -121,14 +125,18 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     # the image is on screen, where chunks missing from its store show as the fill value: the run reads them so
     # too (a store may leave out chunks that hold only that value), and the status says how many there were
     absent = absent_chunk_count(image)
-    labels = yield from segmenter.segment_tiled_steps(image, classes, options, out=store, absent_chunks="fill")
+    notes: list[str] = []
+    exemplars = lesson_exemplars(segmenter, classes, segmenter.resolve_options(options), list(lessons), notes)
+    labels = yield from segmenter.segment_tiled_steps(image, classes, options, out=store, absent_chunks="fill",
+                                                      exemplars=exemplars)
     names = [c.name for c in parse_classes(classes)]
     counts = label_counts(labels, len(names))
     colours = colormap_dict(names, tuple(background))
     prepare_first_draw(np.zeros((2, 2), labels.dtype), colours)
     layer = Labels(labels, features=labels_features(names), colormap=DirectLabelColormap(color_dict=colours),
                    visible=False, **new_layer)
-    return TiledResult(store, names, counts, colours, absent if absent and absent[0] else None), layer
+    return TiledResult(store, names, counts, colours, absent if absent and absent[0] else None,
+                       exemplars is not None, tuple(notes)), layer
 
 
 def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None):

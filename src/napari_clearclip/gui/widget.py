@@ -264,8 +264,8 @@ class ClearClipWidget(FieldLogic, Container):
                                  "press Run.")
                 return None
             save_settings(self.settings())
-            unused = bool(self.lessons.for_run(layer.name, self.share_lesson.value))
-            return self._run_tiled(layer, data, layout, classes, options, unused)
+            return self._run_tiled(layer, data, layout, classes, options,
+                                   self.lessons.for_run(layer.name, self.share_lesson.value))
         save_settings(self.settings())
         target = self._choose_target(layer, layout)
         existing = {layer.name: layer.data for layer in self._viewer.layers}
@@ -353,10 +353,11 @@ class ClearClipWidget(FieldLogic, Container):
         return (not self.resize.value and len(shape) == 2 and shape[0] * shape[1] > TILED_PIXELS
                 and self.method.value != "clipdiy" and objects_layer is None and not foreground)
 
-    def _run_tiled(self, layer, data, layout: ImageLayout, classes, options, lessons_unused: bool = False):
+    def _run_tiled(self, layer, data, layout: ImageLayout, classes, options, lessons: list | None = None):
         """Segment a large 2-D image tile by tile into a zarr store in the user cache; the result is a new Labels
-        layer backed by that store (editable: painting writes into it). Strokes do not teach in this mode, nor
-        do lessons (each region would be taught with its own statistics): ``lessons_unused`` says so at the end."""
+        layer backed by that store (editable: painting writes into it). ``lessons`` (loaded, or strokes on other
+        images) teach every tile with the whole image's statistics; strokes on this image do not teach in this
+        mode."""
         import shutil
 
         store = tiled_store_path(layer.name)
@@ -364,18 +365,18 @@ class ClearClipWidget(FieldLogic, Container):
         names = [", ".join(c.synonyms) for c in classes]
         background = (self.background.value,) if self.background.value else ()
         worker = create_worker(tiled_job, self._models, self.model_spec(), data, names, options, store, new_layer,
-                               background, _start_thread=False, _ignore_errors=True)
+                               background, tuple(lessons or ()), _start_thread=False, _ignore_errors=True)
 
         def discard():  # a cancelled or failed run leaves no store behind
             shutil.rmtree(store.with_name(store.name + ".partial"), ignore_errors=True)
 
-        worker.returned.connect(lambda value: self._on_tiled_returned(value, lessons_unused))
+        worker.returned.connect(self._on_tiled_returned)
         worker.aborted.connect(lambda: (discard(), self._set_status("Cancelled: nothing was added.")))
         worker.errored.connect(lambda *_: discard())
         return self._launch(worker, f"Starting on {layer.name}: a large image, segmented tile by tile at native "
                                     "resolution...")
 
-    def _on_tiled_returned(self, value, lessons_unused: bool = False):
+    def _on_tiled_returned(self, value):
         self._delivered = True
         if self._closed:
             return
@@ -387,15 +388,16 @@ class ClearClipWidget(FieldLogic, Container):
         finally:
             self._writing = False
         self.legend.value = legend_html(result.names, result.counts, result.colours)
-        unused = (" The lesson (loaded, or taught on other images) was not used: turn Resize on to segment with it."
-                  if lessons_unused else "")
+        taught = (" The lesson (loaded, or taught on other images) taught every tile." if result.taught else "")
+        notes = "".join(f" {note}" for note in result.notes)
         absent = ""
         if result.absent_chunks:
             absent = (f" {result.absent_chunks[0]} of the {result.absent_chunks[1]} chunks of the image are not in its "
                       "zarr store: they were read as its fill value, as napari shows them. If they were lost, copy "
                       "the store again.")
         self._set_status(f"Done: {layer.name}, segmented tile by tile; its labels are stored in {result.path} "
-                         f"(painting writes there). Strokes do not teach on images this large.{unused}{absent}")
+                         f"(painting writes there). Strokes on this image do not teach at this size.{taught}{notes}"
+                         f"{absent}")
         self.objects.reset_choices()
 
     # -- lessons --------------------------------------------------------------------------------

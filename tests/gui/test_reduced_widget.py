@@ -128,6 +128,43 @@ def test_large_images_at_sets_the_level_a_pyramid_is_segmented_at_and_each_level
     assert widget.settings()["large_side"] == 400
 
 
+def test_save_at_full_size_writes_the_edited_labels_of_a_reduced_image_at_its_full_size(qtbot, widget, large_from,
+                                                                                        tmp_path):
+    import dask.array as da
+    import zarr
+    from images import smooth_image
+
+    large_from(200 * 200, 150)
+    viewer = widget._viewer
+    image = smooth_image(420, 390, seed=7)
+    widget.classes.value = "sky\ngrass"
+    assert not widget.save_full_size_button.visible
+    source = CountingArray(image)
+    widget.image.value = viewer.add_image(da.from_array(source, chunks=(100, 100, 3)), rgb=True, name="slide")
+    run_and_wait(qtbot, widget)
+    layer = viewer.layers["slide classes"]
+    assert layer.data.shape == (140, 130)                       # block means of 3 x 3, the last ones partial
+    assert widget.save_full_size_button.visible
+    painted = layer.data.copy()
+    painted[10:30, 10:50] = 2                                   # an edit goes to full size too
+    layer.data = painted
+    read = source.pixels
+    worker = widget.save_at_full_size(tmp_path / "slide_labels")
+    qtbot.waitUntil(lambda: "Saved" in widget.status.value or "Could not" in widget.status.value, timeout=30_000)
+    assert "at full size (420 x 390)" in widget.status.value, widget.status.value
+    assert worker is not None and source.pixels == read           # nothing of the image is read for it
+    saved = zarr.open_group(str(tmp_path / "slide_labels.zarr"), mode="r")["labels"][:]
+    expected = np.repeat(np.repeat(painted, 3, axis=0), 3, axis=1)[:420, :390]   # the label over each pixel
+    np.testing.assert_array_equal(saved, expected)
+    assert widget.save_at_full_size(tmp_path / "slide_labels.zarr") is None      # never over a store
+    assert "exists" in widget.status.value
+    widget.image.value = viewer.add_image(image[:100, :100], name="small")     # another image: nothing to save
+    assert not widget.save_full_size_button.visible
+    assert widget.save_at_full_size(tmp_path / "other.zarr") is None and not (tmp_path / "other.zarr").exists()
+    widget.image.value = viewer.layers["slide"]
+    assert widget.save_full_size_button.visible
+
+
 def test_a_lazy_image_too_large_to_hold_is_segmented_from_a_copy_reduced_in_the_worker_and_kept(
         qtbot, widget, large_from):
     import dask.array as da

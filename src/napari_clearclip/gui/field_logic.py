@@ -63,6 +63,8 @@ class FieldLogic:
         stacked = layer is not None and (layer.ndim - (0 if self.channel_axis.value is None else 1)) > 2
         self.scope.visible = stacked
         self.legend.value = ""  # the legend describes the last result of the previous image
+        if getattr(self, "save_full_size_button", None) is not None:
+            self._show_full_size_button()   # for this image's result segmented at a reduced size, if any
         if layer is not None and layer.name == DEMO_SAMPLE_NAME and self.classes.value.strip() == DEFAULT_CLASSES:
             self.classes.value = DEMO_CLASSES
 

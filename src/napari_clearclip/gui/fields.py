@@ -212,6 +212,13 @@ def lesson_buttons() -> tuple[PushButton, PushButton]:
     return save, load
 
 
+def full_size_button() -> PushButton:
+    return PushButton(name="save_full_size", text="Save at full size...", visible=False,
+                      tooltip="The labels of an image segmented at a reduced size (with Resize on, one too large to "
+                              "hold), edits included, written at the image's full size into a new zarr store, a band "
+                              "of rows at a time: each pixel takes the label shown over it")
+
+
 def choose_file_button() -> PushButton:
     return PushButton(name="choose_weights", text="Choose file...",
                       tooltip="Pick a local weights file (.pt, .pth, .bin, .ckpt, .safetensors) for use without a "

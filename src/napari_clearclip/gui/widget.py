@@ -9,11 +9,12 @@ sets layers and text, nothing more.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import napari
 import numpy as np
 from magicgui.widgets import CheckBox, Container, Label, PushButton
-from napari.layers import Image
+from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
@@ -28,7 +29,7 @@ from ..progress import Progress
 from ..prompts import parse_classes
 from ..reduced import BlockMeans, Reduction, limits_for_side, reduced_for_resize
 from .field_logic import FieldLogic
-from .fields import build_fields, choose_file_button, lesson_buttons, saved_values
+from .fields import build_fields, choose_file_button, full_size_button, lesson_buttons, saved_values
 from .job import TILED_PIXELS, ModelHolder, layer_request, segmentation_job, tiled_job, tiled_store_path
 from .layers import ResultLayers, layer_geometry
 from .layout import captioned, run_progress_bar, scrolling, wrapping
@@ -76,6 +77,8 @@ class ClearClipWidget(FieldLogic, Container):
         lesson_row.native.layout().setContentsMargins(0, 0, 0, 0)
         sections["corrections"].insert([w.name for w in sections["corrections"]].index("share_lesson") + 1,
                                        lesson_row)
+        self.save_full_size_button = full_size_button()
+        sections["output"].append(self.save_full_size_button)
         self.advanced = Container(name="advanced", label=" ", widgets=sections["advanced"], visible=False)
         self.run_button = PushButton(name="run_button", text="Run")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
@@ -112,6 +115,7 @@ class ClearClipWidget(FieldLogic, Container):
         self.use_demo.changed.connect(self.switch_to_demo_model)
         self.save_lesson_button.changed.connect(lambda *_: self.save_lesson())
         self.load_lesson_button.changed.connect(lambda *_: self.load_lesson())
+        self.save_full_size_button.changed.connect(lambda *_: self.save_at_full_size())
         # every keystroke (magicgui's own "changed" of a TextEdit waits for the focus to leave)
         self.classes.native.textChanged.connect(self.live_mode.trigger)
         self.classes.native.textChanged.connect(self._on_classes_changed)
@@ -400,6 +404,68 @@ class ClearClipWidget(FieldLogic, Container):
                          f"{absent}")
         self.objects.reset_choices()
 
+    # -- labels of a reduced image, at full size --------------------------------------------------
+    def _full_size_layer(self):
+        """The newest result of the chosen image that was segmented at a reduced size, which Save at full size...
+        writes; None when there is none."""
+        image = self.image.value
+        if image is None:
+            return None
+        for layer in reversed(list(self._viewer.layers)):
+            full = layer.metadata.get(FULL_SIZE_KEY) if isinstance(layer, Labels) else None
+            if full and full.get("image") == image.name:
+                return layer
+        return None
+
+    def _show_full_size_button(self) -> None:
+        self.save_full_size_button.visible = self._full_size_layer() is not None
+
+    def save_at_full_size(self, path=None):
+        """Write the labels of the chosen image's reduced result at the image's full size into a new zarr store
+        (``path``, asked for when None), in the background, a band of rows at a time: each full-size pixel takes
+        the label shown over its centre. An existing path is refused. Returns the worker (None when nothing
+        starts)."""
+        import shutil
+
+        from ..reduced import full_size_labels
+
+        layer = self._full_size_layer()
+        if layer is None:
+            self._set_status("Nothing to save at full size: that is for the labels of an image segmented at a "
+                             "reduced size (with Resize on, an image too large to hold).")
+            return None
+        if path is None:
+            from qtpy.QtWidgets import QFileDialog
+
+            path, _ = QFileDialog.getSaveFileName(self.native, "Save labels at full size",
+                                                  f"{layer.name}.zarr", "Zarr stores (*.zarr)")
+            if not path:
+                return None
+        target = Path(path).expanduser()
+        if target.suffix != ".zarr":
+            target = target.with_name(target.name + ".zarr")
+        if target.exists():
+            self._set_status(f"{target} exists: choose another name (it is never overwritten).", error=True)
+            return None
+        full = layer.metadata[FULL_SIZE_KEY]
+        labels = np.array(layer.data)          # as shown now, edits included; a few MB at most
+        height, width = full["shape"]
+        self._set_status(f"Saving {layer.name} at full size ({height} x {width}) to {target}...")
+        worker = create_worker(full_size_labels, labels, (height, width), full["factors"][-2:], out=str(target),
+                               _start_thread=False, _ignore_errors=True)
+
+        def saved(_):
+            self._set_status(f"Saved {layer.name} at full size ({height} x {width}) to {target}.")
+
+        def failed(exc):
+            shutil.rmtree(target.with_name(target.name + ".partial"), ignore_errors=True)
+            self._set_status(f"Could not save {layer.name} at full size: {exc}", error=True)
+
+        worker.returned.connect(saved)
+        worker.errored.connect(failed)
+        worker.start()
+        return worker
+
     # -- lessons --------------------------------------------------------------------------------
     def save_lesson(self, path=None):
         """Save what strokes taught this session (the current image's first) to ``path`` (asked for when None).
@@ -575,11 +641,22 @@ class ClearClipWidget(FieldLogic, Container):
         self.legend.value = legend_html(update.names, update.counts, update.colours)
         demo_note = context["model"] == DEMO_MODEL and not context["demo_scene"]  # what the image is, not its name
         text = done_text(labels_layer.name, result.planes, kept, result.notes, demo_note)
-        if context.get("reduction") is not None:
-            text += " " + reduced_note(context["reduction"])
+        reduction = context.get("reduction")
+        if reduction is not None:
+            text += " " + reduced_note(reduction)
+            if len(reduction.shape) == 2:  # what Save at full size... brings the labels to
+                image = context["layer"]
+                full = image.data[0] if image.multiscale else image.data
+                shape = ImageLayout(tuple(full.shape), rgb=image.rgb, channel_axis=context["layout"].channel_axis)
+                labels_layer.metadata[FULL_SIZE_KEY] = {"image": image.name, "shape": list(shape.label_shape),
+                                                        "factors": list(reduction.factors)}
+            self._show_full_size_button()
         self._set_status(text)
         self.objects.reset_choices()  # the new result layer is no objects layer
 
+
+#: Where a result of an image segmented at a reduced size keeps what Save at full size... needs (in its metadata).
+FULL_SIZE_KEY = "napari-clearclip full size"
 
 #: The largest pyramid level sampled on the GUI thread to tell whether an image is a demo scene.
 DEMO_SAMPLE_PIXELS = 1024 * 1024

@@ -3,6 +3,8 @@ model sees; its labels sit on the image at that scale, and strokes on them teach
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -129,7 +131,7 @@ def test_large_images_at_sets_the_level_a_pyramid_is_segmented_at_and_each_level
 
 
 def test_save_at_full_size_writes_the_edited_labels_of_a_reduced_image_at_its_full_size(qtbot, widget, large_from,
-                                                                                        tmp_path):
+                                                                                        tmp_path, monkeypatch):
     import dask.array as da
     import zarr
     from images import smooth_image
@@ -158,6 +160,18 @@ def test_save_at_full_size_writes_the_edited_labels_of_a_reduced_image_at_its_fu
     np.testing.assert_array_equal(saved, expected)
     assert widget.save_at_full_size(tmp_path / "slide_labels.zarr") is None      # never over a store
     assert "exists" in widget.status.value
+    # a write that fails (a full disk) says so and leaves no partial store
+    import napari_clearclip.reduced as reduced
+
+    def failing(labels, shape, factors=None, out=None, rows_at_once=2048):
+        Path(str(out) + ".partial").mkdir()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(reduced, "full_size_labels", failing)
+    assert widget.save_at_full_size(tmp_path / "full_disk.zarr") is not None
+    qtbot.waitUntil(lambda: "Could not save" in widget.status.value, timeout=30_000)
+    assert "No space left on device" in widget.status.value
+    assert sorted(p.name for p in tmp_path.iterdir() if "zarr" in p.name) == ["slide_labels.zarr"]
     widget.image.value = viewer.add_image(image[:100, :100], name="small")     # another image: nothing to save
     assert not widget.save_full_size_button.visible
     assert widget.save_at_full_size(tmp_path / "other.zarr") is None and not (tmp_path / "other.zarr").exists()

@@ -177,6 +177,8 @@ def test_save_at_full_size_writes_the_edited_labels_of_a_reduced_image_at_its_fu
     assert widget.save_at_full_size(tmp_path / "other.zarr") is None and not (tmp_path / "other.zarr").exists()
     widget.image.value = viewer.layers["slide"]
     assert widget.save_full_size_button.visible
+    viewer.layers.remove("slide classes")                                      # the result removed: nothing to save
+    assert not widget.save_full_size_button.visible
 
 
 def test_a_lazy_image_too_large_to_hold_is_segmented_from_a_copy_reduced_in_the_worker_and_kept(

@@ -44,6 +44,8 @@ class FieldLogic:
     def _on_layer_removed(self, event=None):
         self.results.forget_removed()
         self._refresh_layers()
+        if getattr(self, "save_full_size_button", None) is not None:
+            self._show_full_size_button()   # the result it would save may be the layer removed
 
     def _refresh_layers(self, event=None):
         self.objects.reset_choices()

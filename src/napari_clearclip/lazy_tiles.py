@@ -252,6 +252,7 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     """
     from .lessons import check_lesson
     from .prompts import parse_classes
+    from .segmenter import _check_exemplars
     from .strokes import Exemplars
     from .zarr_images import check_absent_chunks
 
@@ -261,6 +262,7 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 16:
         raise InvalidOptionError(f"tile={tile!r} must be a whole number of pixels, at least 16.")
     opts = resolve_tiled_options(segmenter, options, keywords)
+    exemplars = _check_exemplars(exemplars)
     lesson = check_lesson(lesson)
     if lesson is not None:  # checked against the run (classes, model, method, windows) before any pixel is read
         exemplars = Exemplars.combine([lesson.exemplars_for(segmenter, parsed, opts, segmenter.method), exemplars])
@@ -289,7 +291,8 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
                 statistics = stop.value
                 break
             yield with_fields(step, plane=0, planes=2, detail=f"reading the whole image for the lesson: windows "
-                                                              f"{step.done}/{step.total}")
+                                                              f"{step.done}/{step.total}"
+                              if step.stage == "statistics" else f"for the lesson: {step.message}")
 
     def tiles_done(count: int) -> Progress:
         return Progress("tiles", shift + count, planes, detail=f"tiles: {count}/{tiles}")

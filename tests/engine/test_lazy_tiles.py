@@ -153,6 +153,8 @@ def test_what_segment_takes_and_a_tiled_run_cannot_is_refused_with_why(segmenter
     lesson = segmenter.make_lesson(["a", "b"], [(image, painted)], crop=32, stride=16)      # resized: short side 448
     with pytest.raises(ValueError, match="other window settings"):
         segmenter.segment_tiled(image, ["a", "b"], crop=32, stride=16, lesson=lesson)
+    with pytest.raises(InvalidOptionError, match="is not a set of exemplars"):
+        segmenter.segment_tiled(image, ["a", "b"], crop=32, stride=16, exemplars=painted)
     with pytest.raises(InvalidOptionError, match="exemplars are for 2 classes, not 3"):
         segmenter.segment_tiled(image, ["a", "b", "c"], crop=32, stride=16, exemplars=segmenter.collect_exemplars(
             image, painted, ["a", "b"], crop=32, stride=16, short_side=None))

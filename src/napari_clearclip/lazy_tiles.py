@@ -88,7 +88,6 @@ def _value_range(image, height: int, rows: int) -> tuple[float, float]:
 NOT_TILED = {
     "strokes": "strokes on the image teach it with exemplars gathered from the whole of it, and a tile-by-tile run "
                "sees one region at a time; a lesson (strokes on other images) can be used",
-    "objects": "objects are classified from scores summed over each whole object, and objects cross tiles",
     "foreground": "a foreground map is fused with the scores of the whole image",
     "maps": "a tile-by-tile run writes labels only (maps=False)",
 }
@@ -96,6 +95,8 @@ NOT_TILED = {
 
 #: What teaches a tile-by-tile run with the statistics of the whole image (see :func:`image_statistics_steps`).
 TAUGHT_WITH = ("lesson", "exemplars")
+#: What a tile-by-tile run takes besides options: those above, and objects (classified over all their tiles).
+TILED_INPUTS = TAUGHT_WITH + ("objects",)
 
 
 def check_tiled_keywords(keywords: dict) -> None:
@@ -114,7 +115,7 @@ def resolve_tiled_options(segmenter, options, keywords: dict) -> SegmentOptions:
     """The run's options at native resolution; settings that cannot be tiled are refused."""
     check_tiled_keywords(keywords)
     keywords = {name: value for name, value in keywords.items()
-                if name not in NOT_TILED and name not in TAUGHT_WITH and name != "scribbles"}
+                if name not in NOT_TILED and name not in TILED_INPUTS and name != "scribbles"}
     built = SegmentOptions.build(options, **keywords)
     if built.short_side is not DEFAULT and built.short_side is not None:
         raise InvalidOptionError(f"short_side={built.short_side!r}: large images are segmented tile by tile at their "
@@ -130,7 +131,8 @@ def resolve_tiled_options(segmenter, options, keywords: dict) -> SegmentOptions:
 
 def _open_output(out, shape: tuple[int, int], dtype: np.dtype, tile: int, fingerprint: str, attrs: dict | None = None,
                  replace: bool = False):
-    """(array to write, done-tiles record or None, finish callable or None, None) for ``out``."""
+    """(array to write, done-tiles record or None, finish callable or None, the store's group or None) for
+    ``out``."""
     if out is None:
         return np.zeros(shape, dtype), None, None, None
     if not isinstance(out, (str, os.PathLike)):
@@ -152,7 +154,7 @@ def _open_output(out, shape: tuple[int, int], dtype: np.dtype, tile: int, finger
             try:
                 existing = zarr.open_group(str(partial), mode="r+")
                 if existing.attrs.get("fingerprint") == fingerprint:
-                    return existing["labels"], existing["done"], _finisher(partial, final), None
+                    return existing["labels"], existing["done"], _finisher(partial, final), existing
             except Exception:
                 pass
             shutil.rmtree(partial)  # another run's, or damaged: start again
@@ -164,7 +166,7 @@ def _open_output(out, shape: tuple[int, int], dtype: np.dtype, tile: int, finger
                                   dtype=bool, fill_value=False)
     except OSError as exc:
         raise OutputError(f"Cannot write the labels store {final}: {exc}") from None
-    return labels, done, _finisher(partial, final), None
+    return labels, done, _finisher(partial, final), group
 
 
 def _finisher(partial: Path, final: Path):
@@ -234,7 +236,7 @@ def _taught_identity(exemplars) -> str:
 
 def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options: SegmentOptions | Mapping | None = None,
                         *, out=None, tile: int = DEFAULT_TILE, attrs: dict | None = None, replace: bool = False,
-                        on_complete=None, absent_chunks: str = "error", lesson=None, exemplars=None,
+                        on_complete=None, absent_chunks: str = "error", lesson=None, exemplars=None, objects=None,
                         **keywords) -> Generator[Progress, None, object]:
     """Generator: segment a large array-like image tile by tile; yields progress per tile, returns the labels.
 
@@ -249,8 +251,17 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     ``lesson`` (or ``exemplars`` from other images) teaches every tile with the statistics of the whole image,
     gathered first in a pass over all of it (:func:`image_statistics_steps`: the image is encoded once more), so
     that the labels equal a run on the whole image with the lesson. Strokes on the image itself are not taken.
+
+    ``objects`` (an array-like of the image's height and width holding instance ids, 0 = no object; read a tile
+    at a time) gives each object the class whose probability summed over all its pixels, in every tile it
+    crosses, is highest, as :meth:`~napari_clearclip.segmenter.Segmenter.segment` does: the tiles' sums are added
+    up, then a second pass writes each object's class into its pixels (0 outside every object). Returns
+    ``(labels, objects table)`` and calls ``on_complete(labels, table)``. A stopped run into a store resumes from
+    the sums of its finished tiles (each kept with a digest of its objects: a tile whose objects changed is
+    computed again).
     """
     from .lessons import check_lesson
+    from .objects import ObjectSums, check_lazy_objects
     from .prompts import parse_classes
     from .segmenter import _check_exemplars
     from .strokes import Exemplars
@@ -262,6 +273,7 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     if not isinstance(tile, int) or isinstance(tile, bool) or tile < 16:
         raise InvalidOptionError(f"tile={tile!r} must be a whole number of pixels, at least 16.")
     opts = resolve_tiled_options(segmenter, options, keywords)
+    objects = check_lazy_objects(objects, (height, width))
     exemplars = _check_exemplars(exemplars)
     lesson = check_lesson(lesson)
     if lesson is not None:  # checked against the run (classes, model, method, windows) before any pixel is read
@@ -275,12 +287,15 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     plan = tile_plan(height, width, tile, halo, opts.stride)
     fingerprint = repr((segmenter.model.cache_id, segmenter.method, [c.synonyms for c in parsed], opts.to_dict(),
                         (height, width), str(image.dtype), tile)
-                       + (() if exemplars is None else (_taught_identity(exemplars),)))
-    target, done, finish, _ = _open_output(out, (height, width), label_dtype(len(parsed)), tile, fingerprint, attrs,
-                                           replace)
+                       + (() if exemplars is None else (_taught_identity(exemplars),))
+                       + (() if objects is None else ("objects",)))
+    target, done, finish, group = _open_output(out, (height, width), label_dtype(len(parsed)), tile, fingerprint,
+                                               attrs, replace)
     tiles = len(plan)
-    # with a lesson, the statistics pass takes the first half of the progress bar and the tiles the second
-    shift, planes = (tiles, 2 * tiles) if exemplars is not None else (0, tiles)
+    # one progress bar: the lesson's statistics pass (a share as large as the tiles'), the tiles, and with objects
+    # the share of one tile for writing their classes (reading ids and writing labels: no model)
+    shift = tiles if exemplars is not None else 0
+    planes = shift + tiles + (1 if objects is not None else 0)
     statistics = None
     if exemplars is not None and not (done is not None and bool(np.all(done[...]))):
         steps = image_statistics_steps(segmenter, image, classes, opts)
@@ -290,42 +305,108 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
             except StopIteration as stop:
                 statistics = stop.value
                 break
-            yield with_fields(step, plane=0, planes=2, detail=f"reading the whole image for the lesson: windows "
-                                                              f"{step.done}/{step.total}"
+            yield with_fields(step, plane=0, planes=planes // shift if planes % shift == 0 else planes / shift,
+                              detail=f"reading the whole image for the lesson: windows {step.done}/{step.total}"
                               if step.stage == "statistics" else f"for the lesson: {step.message}")
 
     def tiles_done(count: int) -> Progress:
         return Progress("tiles", shift + count, planes, detail=f"tiles: {count}/{tiles}")
 
+    sums = None if objects is None else ObjectSums(len(parsed))
+    kept_sums = None if objects is None or group is None else _KeptSums(group)
     yield tiles_done(0)
     for number, ((ty0, ty1, tx0, tx1), (ry0, ry1, rx0, rx1)) in enumerate(plan):
         cell = (ty0 // tile, tx0 // tile)
-        if done is not None and bool(done[cell]):
+        region_objects = None
+        if objects is not None:
+            block, digest = _objects_block(objects, ty0, ty1, tx0, tx1)
+            if done is not None and bool(done[cell]):
+                kept = kept_sums.get(cell, digest)
+                if kept is not None:
+                    sums.add(*kept)
+                    yield tiles_done(number + 1)
+                    continue
+            region_objects = np.zeros((ry1 - ry0, rx1 - rx0), block.dtype)  # the tile's objects alone are counted
+            region_objects[ty0 - ry0 : ty1 - ry0, tx0 - rx0 : tx1 - rx0] = block
+        elif done is not None and bool(done[cell]):
             yield tiles_done(number + 1)
             continue
         region = np.asarray(image[ry0:ry1, rx0:rx1])
         steps = segmenter.segment_steps(region, classes, opts, maps=False, remember=False, exemplars=exemplars,
-                                        image_statistics=statistics)
+                                        image_statistics=statistics, objects=region_objects)
         while True:  # the tile's own progress, as a share of the whole: a stop takes effect within a tile
             try:
                 step = next(steps)
             except StopIteration as stop:
-                labels = stop.value.labels
+                result = stop.value
                 break
             if isinstance(step, Progress):
                 yield with_fields(step, plane=shift + number, planes=planes,
                                   detail=f"tile {number + 1}/{tiles}: {step.message}")
-        target[ty0:ty1, tx0:tx1] = labels[ty0 - ry0 : ty1 - ry0, tx0 - rx0 : tx1 - rx0].astype(target.dtype)
-        del region, labels, steps
+        if objects is None:
+            target[ty0:ty1, tx0:tx1] = result.labels[ty0 - ry0 : ty1 - ry0, tx0 - rx0 : tx1 - rx0].astype(target.dtype)
+        else:
+            sums.add(*result.object_sums)
+            if kept_sums is not None:
+                kept_sums.put(cell, digest, result.object_sums)
+        del region, result, steps, region_objects
         if done is not None:
             done[cell] = True
         yield tiles_done(number + 1)
+    table = None
+    if objects is not None:  # every object's sums are whole: its class goes into its pixels, tile by tile
+        table, object_classes = sums.classes([c.name for c in parsed])
+        for number, ((ty0, ty1, tx0, tx1), _) in enumerate(plan):
+            block, _ = _objects_block(objects, ty0, ty1, tx0, tx1, digest=False)
+            target[ty0:ty1, tx0:tx1] = object_classes(block).astype(target.dtype)
+            yield Progress("objects", number + 1, tiles, plane=shift + tiles, planes=planes,
+                           detail=f"giving each object its class: tile {number + 1}/{tiles}")
     if on_complete is not None:
-        on_complete(target)
+        on_complete(target) if objects is None else on_complete(target, table)
     if finish is not None:
         finish()
         import zarr
 
-        return zarr.open_group(str(Path(out).expanduser()), mode="r+")["labels"]
-    return target
+        target = zarr.open_group(str(Path(out).expanduser()), mode="r+")["labels"]
+    return target if objects is None else (target, table)
 
+
+def _objects_block(objects, ty0: int, ty1: int, tx0: int, tx1: int, digest: bool = True):
+    """The object ids of one tile, read now (negative ids refused), and a digest of them (or None)."""
+    import hashlib
+
+    from .objects import checked_block
+
+    block = checked_block(objects, slice(ty0, ty1), slice(tx0, tx1))
+    if not digest:
+        return block, None
+    hashed = hashlib.blake2b(repr((block.shape, str(block.dtype))).encode(), digest_size=16)
+    hashed.update(np.ascontiguousarray(block).data)
+    return block, hashed.hexdigest()
+
+
+class _KeptSums:
+    """The per-object sums of a partial store's finished tiles, each with the digest of the tile's objects, so that
+    a stopped run resumes from them (and a tile whose objects changed meanwhile is computed again)."""
+
+    def __init__(self, group):
+        self.group = group
+
+    @staticmethod
+    def _name(cell) -> str:
+        return f"object_sums/{cell[0]}_{cell[1]}"
+
+    def get(self, cell, digest: str):
+        name = self._name(cell)
+        try:
+            if self.group.attrs.get(name) != digest:
+                return None
+            return tuple(self.group[f"{name}/{part}"][...] for part in ("ids", "sums", "area"))
+        except (KeyError, ValueError, OSError):
+            return None
+
+    def put(self, cell, digest: str, parts) -> None:
+        name = self._name(cell)
+        for part, values in zip(("ids", "sums", "area"), parts):
+            self.group.create_array(f"{name}/{part}", data=np.asarray(values), overwrite=True)
+        self.group.attrs[name] = digest

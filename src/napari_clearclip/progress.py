@@ -18,13 +18,14 @@ EDGE_SNAPPING_START = 0.5
 STAGE_WORDS = {"loading": "loading the model", "text": "class names encoded", "windows": "windows",
                "edges": "snapping to edges", "foreground": "foreground map (FOUND)",
                "tiles": "tiles", "reading": "reading the image",
-               "statistics": "reading the whole image for the lesson (windows)"}
+               "statistics": "reading the whole image for the lesson (windows)",
+               "objects": "giving each object its class (tiles)"}
 
 
 @dataclass(frozen=True)
 class Progress:
-    """One step of a run: ``stage`` ("loading", "reading", "text", "windows", "foreground", "edges", "statistics" or
-    "tiles"), ``done`` of
+    """One step of a run: ``stage`` ("loading", "reading", "text", "windows", "foreground", "edges", "statistics",
+    "tiles" or "objects"), ``done`` of
     ``total`` units,
     on plane ``plane`` of ``planes`` (stacks), with ``then_edges`` when edge snapping follows the windows;
     ``preview``: labels final before the run ends, to show meanwhile (see ``Segmenter.segment_steps(focus=)``)."""
@@ -46,7 +47,7 @@ class Progress:
             within = part * (EDGE_SNAPPING_START if self.then_edges else 1.0)
         elif self.stage == "edges":
             within = EDGE_SNAPPING_START + (1 - EDGE_SNAPPING_START) * part
-        elif self.stage in ("tiles", "reading", "statistics"):
+        elif self.stage in ("tiles", "reading", "statistics", "objects"):
             within = part
         else:
             within = 0.0

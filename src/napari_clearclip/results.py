@@ -27,6 +27,9 @@ class SegmentationResult:
     method: str = "clearclip"
     confidence: np.ndarray | None = field(default=None, repr=False)
     objects: dict | None = None  # with objects=: columns id, class, confidence, area (equal-length arrays)
+    #: with objects=: (ids, class probabilities summed over each object (C, n), areas), to add up over the parts of
+    #: an image segmented part by part (:class:`~napari_clearclip.objects.ObjectSums`)
+    object_sums: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self._confidence_source = None

@@ -93,12 +93,13 @@ class _Outputs:
 
     def result(self, method: str) -> SegmentationResult:
         names = [c.name for c in self.classes]
-        objects = None
+        objects = sums = None
         if self.tally is not None:  # each object's pixels take the object's class, 0 outside every object
             objects, lookup = self.tally.table(names)
             self.labels = self.tally.labels(lookup)
+            sums = self.tally.parts()
         return SegmentationResult(self.labels, self.probabilities, self.similarity, names, list(self.classes), method,
-                                  self.confidence, objects)
+                                  self.confidence, objects, sums)
 
 
 def nearest_index(source: int, target: int) -> np.ndarray:

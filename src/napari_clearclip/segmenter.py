@@ -329,6 +329,10 @@ class Segmenter:
 
         ``lesson=`` teaches every tile as :meth:`segment` teaches the whole image: a first pass over the image
         gathers its statistics (the image is encoded once more). Strokes on the image itself are not taken.
+
+        ``objects=`` (instance ids of the image's size, e.g. a zarr or dask array from cellpose on a slide; read a
+        tile at a time) gives each object the class :meth:`segment` gives it, from its sums over every tile it
+        crosses; returns ``(labels, objects table)``, the table as ``result.objects``.
         """
         return run_to_end(self.segment_tiled_steps(image, classes, options, out=out, tile=tile,
                                                    absent_chunks=absent_chunks, **keywords))

@@ -134,13 +134,12 @@ def test_what_cannot_be_tiled_is_refused(segmenter, tiny_checkpoint):
 
 
 def test_what_segment_takes_and_a_tiled_run_cannot_is_refused_with_why(segmenter):
-    """Strokes on the image, objects, a foreground map or probability maps need the whole image: refused by name
+    """Strokes on the image, a foreground map or probability maps need the whole image: refused by name
     (not as an unknown option); segment()'s keywords at their harmless values are taken."""
     image = smooth_image(80, 80)
     painted = np.zeros((80, 80), np.int32)
     painted[10:20, 10:20] = 1
     refused = {"strokes": (painted, "whole of it"), "scribbles": (painted, "whole of it"),
-               "objects": (painted, "whole object"),
                "foreground": (np.ones((80, 80), np.float32), "foreground"), "maps": (True, "labels only")}
     for name, (value, why) in refused.items():
         with pytest.raises(InvalidOptionError, match=f"cannot take {'strokes' if name == 'scribbles' else name}=:.*"
@@ -249,6 +248,136 @@ def test_a_tiled_run_with_a_lesson_resumes_in_its_own_store_and_not_in_another_r
     steps.close()
     taught = segmenter.segment_tiled(image, classes, tile=64, lesson=lesson, out=tmp_path / "other.zarr", **options)
     np.testing.assert_array_equal(taught[:], whole)
+
+
+def _crossing_objects(height: int, width: int, seed: int, dtype=np.uint32, scale: int = 1) -> np.ndarray:
+    """Objects of a random uneven grid (most of them cross tiles), with holes of id 0; ids times ``scale``."""
+    rng = np.random.default_rng(seed)
+    ys, xs = np.cumsum(rng.integers(5, 45, height)), np.cumsum(rng.integers(5, 45, width))
+    ids = (np.searchsorted(ys, np.arange(height))[:, None] * 1000 + np.searchsorted(xs, np.arange(width))[None] + 1)
+    ids[rng.random(ids.shape) < 0.05] = 0
+    return (ids.astype(np.int64) * scale).astype(dtype)
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_objects_of_a_tiled_run_get_the_classes_of_a_whole_image_run(segmenter, case):
+    """Objects that cross tiles are classified from their sums over all of them: the table (ids, classes, areas;
+    confidences within 1e-6) and the labels equal segment(..., objects=) on the whole image (snapping on and off,
+    lazy image and objects, sparse ids above the direct-lookup range, a lesson)."""
+    da = pytest.importorskip("dask.array")
+    from napari_clearclip.demo.scenes import make_scene
+
+    rng = np.random.default_rng(60 + case)
+    classes = ["red", "green", "blue", "yellow", "background"]
+    crop = int(rng.choice([48, 64]))
+    options = dict(short_side=None, crop=crop, stride=crop // 2)
+    if case % 2:
+        options.update(refine="pamr", pamr_iterations=2, pamr_dilations=(2, 4))
+    image = np.concatenate([make_scene(70 + case, size=160, objects=(4, 6)).image,
+                            make_scene(75 + case, size=160, objects=(4, 6)).image[:, :int(rng.integers(60, 160))]], 1)
+    dtype, scale = [(np.uint32, 1), (np.int32, 1), (np.uint16, 1), (np.int64, 10_000_019), (np.uint64, 1)][case]
+    objects = _crossing_objects(*image.shape[:2], seed=case, dtype=dtype, scale=scale)
+    taught = {"lesson": _lesson_of(segmenter, classes, options)} if case == 4 else {}
+    whole = segmenter.segment(image, classes, maps=False, objects=objects, **options, **taught)
+    tile = int(rng.integers(40, 90))
+    progress = []
+    steps = segmenter.segment_tiled_steps(da.from_array(image, chunks=(37, 41, 3)), classes, tile=tile,
+                                          objects=da.from_array(objects, chunks=(30, 30)), **options, **taught)
+    while True:
+        try:
+            progress.append(next(steps))
+        except StopIteration as stop:
+            labels, table = stop.value
+            break
+    assert len(table["id"]) > 30 and len(set(table["class"])) > 1
+    for column in ("id", "class", "area"):
+        np.testing.assert_array_equal(table[column], whole.objects[column])
+    np.testing.assert_allclose(table["confidence"], whole.objects["confidence"], atol=1e-6)
+    np.testing.assert_array_equal(labels, whole.labels)
+    fractions = [step.fraction for step in progress]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert progress[-1].stage == "objects" and "giving each object its class" in progress[-1].message
+
+
+def test_a_tiled_run_with_objects_resumes_from_its_tiles_sums_and_recomputes_tiles_whose_objects_changed(
+        segmenter, tmp_path):
+    from napari_clearclip.demo.scenes import make_scene
+
+    classes = ["red", "green", "blue", "yellow", "background"]
+    options = dict(short_side=None, crop=48, stride=24)
+    image = make_scene(80, size=192, objects=(5, 7)).image
+    objects = _crossing_objects(192, 192, seed=8)
+    whole = segmenter.segment(image, classes, maps=False, objects=objects, **options)
+    store = tmp_path / "labels.zarr"
+    seen = []
+    steps = segmenter.segment_tiled_steps(image, classes, tile=64, objects=objects, out=store, **options,
+                                          on_complete=lambda labels, table: seen.append(table))
+    for step in steps:                                               # stopped after the fifth tile of 9
+        if step.stage == "tiles" and step.detail == "tiles: 5/9":
+            break
+    steps.close()
+    assert not store.exists() and not seen
+    # objects changed in a finished tile (and in one to come): that tile is computed again, with the new objects
+    objects[10:30, 10:50] = 7
+    objects[150:170, 150:170] = 0
+    whole = segmenter.segment(image, classes, maps=False, objects=objects, **options)
+    computed = []
+    steps = segmenter.segment_tiled_steps(image, classes, tile=64, objects=objects, out=store, **options,
+                                          on_complete=lambda labels, table: seen.append(table))
+    while True:
+        try:
+            step = next(steps)
+        except StopIteration as stop:
+            labels, table = stop.value
+            break
+        if step.stage == "windows":
+            computed.append(step.plane)
+    assert sorted(set(computed)) == [0, 5, 6, 7, 8]                  # the changed tile, and those not done
+    np.testing.assert_array_equal(labels[...], whole.labels)
+    assert seen and list(seen[0]["id"]) == list(whole.objects["id"])
+    np.testing.assert_array_equal(table["class"], whole.objects["class"])
+    assert store.is_dir() and not (tmp_path / "labels.zarr.partial").exists()
+
+
+def test_objects_a_tiled_run_cannot_take_are_refused_where_they_enter(segmenter, tmp_path):
+    image = smooth_image(100, 90, seed=4)
+    options = dict(crop=32, stride=16, tile=48)
+    with pytest.raises(InvalidOptionError, match="not float32"):
+        segmenter.segment_tiled(image, ["a", "b"], objects=np.zeros((100, 90), np.float32), **options)
+    with pytest.raises(InvalidOptionError, match="do not match the image's \\(100, 90\\)"):
+        segmenter.segment_tiled(image, ["a", "b"], objects=np.zeros((90, 100), np.int32), **options)
+    negative = np.ones((100, 90), np.int32)
+    negative[70, 80] = -3
+    with pytest.raises(InvalidOptionError, match="negative ids \\(down to -3, in rows 48-96 and columns 48-90\\)"):
+        segmenter.segment_tiled(image, ["a", "b"], objects=negative, out=tmp_path / "labels.zarr", **options)
+    assert not (tmp_path / "labels.zarr").exists()
+    labels, table = segmenter.segment_tiled(image, ["a", "b"], objects=np.zeros((100, 90), np.uint8), **options)
+    assert not labels.any() and len(table["id"]) == 0 and list(table) == ["id", "class", "confidence", "area"]
+
+
+def test_object_sums_added_part_by_part_equal_one_tally_over_the_whole():
+    from napari_clearclip.objects import ObjectClasses, ObjectSums, ObjectTally
+
+    rng = np.random.default_rng(3)
+    for sparse in (False, True):
+        objects = rng.integers(0, 300, (120, 130)) * (20_000_003 if sparse else 1)
+        probs = rng.random((4, 120, 130))
+        whole = ObjectTally(objects, 4)
+        whole.add(0, probs)
+        expected, lookup = whole.table(list("abcd"))
+        sums = ObjectSums(4)
+        for r in range(0, 120, 7):                                   # 18 x 13 parts: merged along the way
+            for c in range(0, 130, 10):
+                part = ObjectTally(objects[r : r + 7, c : c + 10], 4)
+                part.add(0, probs[:, r : r + 7, c : c + 10])
+                sums.add(*part.parts())
+        table, classes = sums.classes(list("abcd"))
+        for column in ("id", "class", "area"):
+            np.testing.assert_array_equal(table[column], expected[column])
+        np.testing.assert_allclose(table["confidence"], expected["confidence"], rtol=1e-6)
+        np.testing.assert_array_equal(classes(objects), whole.labels(lookup))
+        assert isinstance(classes, ObjectClasses) and (classes.direct is None) == sparse
+        np.testing.assert_array_equal(classes(np.array([[10**12, 0]])), [[0, 0]])  # ids it never saw: 0
 
 
 def test_ome_zarr_levels_are_read_lazily_with_channels_last(tmp_path):

@@ -354,6 +354,49 @@ def test_format_zarr_segments_an_ome_zarr_tile_by_tile(tmp_path, capsys):
     assert not (tmp_path / "other" / "slide_labels.zarr").exists()
 
 
+def test_format_zarr_with_objects_classifies_objects_across_tiles_from_a_zarr_or_a_tiff_beside(tmp_path, capsys):
+    """--format zarr --objects: the objects beside a zarr slide (a zarr array, or a tiled TIFF), read a tile at a
+    time, get the classes and labels a whole-image run gives them; the objects are no input of their own."""
+    import zarr
+    from skimage.measure import label as connected
+
+    from napari_clearclip.demo.scenes import make_scene
+
+    classes = ["red", "green", "blue", "yellow", "background"]
+    scene = make_scene(24, size=300, objects=(6, 8))
+    objects = connected(scene.label_image()).astype(np.uint32)          # one object per shape (and piece)
+    objects[:, 150:] = np.where(objects[:, 150:] > 0, objects[:, 150:] + 50, 0)   # objects cut in two, renumbered
+    expected = Segmenter("synthetic-tiny", device="cpu").segment(scene.image, classes, maps=False, short_side=None,
+                                                                 objects=objects)
+    for beside in ("zarr", "tif"):
+        folder = tmp_path / beside
+        folder.mkdir()
+        zarr.create_array(str(folder / "slide.zarr"), data=scene.image, chunks=(128, 128, 3))
+        if beside == "zarr":
+            zarr.create_array(str(folder / "slide_cells.zarr"), data=objects, chunks=(100, 100))
+        else:
+            tifffile.imwrite(folder / "slide_cells.tif", objects, tile=(64, 64), compression="zlib")
+        out = folder / "out"
+        argv = [str(folder), "--classes", "; ".join(classes), "--out", str(out), "--model", "synthetic-tiny",
+                "--device", "cpu", "--format", "zarr", "--no-snap", "--objects", "_cells"]
+        assert main(argv) == 0, capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == ["clearclip_report.csv", "slide_classes.csv",
+                                                         "slide_labels.zarr", "slide_objects.csv"]
+        with open(out / "slide_objects.csv", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        assert [int(r["id"]) for r in rows] == list(expected.objects["id"]) and len(rows) > 8
+        assert [r["class"] for r in rows] == list(expected.objects["class"])
+        assert [int(r["area"]) for r in rows] == list(expected.objects["area"])
+        labels = zarr.open_group(str(out / "slide_labels.zarr"), mode="r")["labels"][:]
+        np.testing.assert_array_equal(labels, expected.labels)
+    (tmp_path / "tif" / "slide_cells.tif").unlink()
+    assert main([str(tmp_path / "tif" / "slide.zarr"), "--classes", "; ".join(classes), "--out",
+                 str(tmp_path / "none"), "--model", "synthetic-tiny", "--device", "cpu", "--format", "zarr",
+                 "--objects", "_cells"]) == 1
+    assert "No objects file slide_cells.tif or slide_cells.zarr beside slide.zarr" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "none").iterdir()) == ["clearclip_report.csv"]
+
+
 def test_a_zarr_input_that_lacks_a_chunk_fails_by_name_unless_absent_chunks_are_read_as_the_fill_value(tmp_path,
                                                                                                         capsys):
     import zarr

@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: %(default)s)")
     parser.add_argument("--objects", metavar="SUFFIX",
                         help="give a class to each object of <name>SUFFIX.tif beside each image (instance labels, "
-                             "e.g. from cellpose: --objects _cp_masks); writes <name>_objects.csv")
+                             "e.g. from cellpose: --objects _cp_masks); writes <name>_objects.csv. With --format zarr, "
+                             "<name>SUFFIX.zarr or .tif, read a tile at a time (objects crossing tiles are classified "
+                             "over all of them)")
     parser.add_argument("--foreground", metavar="SUFFIX|found",
                         help="fuse a foreground map with the class scores as CLIP-DIY does (background class times "
                              "1 - map, the others times the map): <name>SUFFIX.tif beside each image (probabilities "

@@ -158,6 +158,26 @@ def read_objects(image: Path, suffix: str) -> np.ndarray:
     return _read_beside(image, suffix, "objects file", "--objects")
 
 
+def read_lazy_objects(image: Path, suffix: str, absent_chunks: str = "error"):
+    """The instance labels beside an image for a run tile by tile, unread (a tile is read at a time):
+    ``<stem><suffix>.zarr`` (a zarr array or OME-Zarr image), else ``<stem><suffix>.tif`` (through its own tiles
+    or strips)."""
+    store = image.with_name(f"{image.stem}{suffix}.zarr")
+    if store.is_dir():
+        return open_zarr_image(store, absent_chunks)
+    path = objects_path(image, suffix)
+    if not path.is_file():
+        raise ImageNotFoundError(f"No objects file {path.name} or {store.name} beside {image.name} "
+                                 f"(--objects {suffix}).")
+    import tifffile
+    import zarr
+
+    try:
+        return zarr.open(tifffile.imread(path, aszarr=True), mode="r")
+    except Exception as exc:
+        raise InvalidImageError(f"Could not read the objects file {path}: {exc}") from None
+
+
 def check_output_dir(out_dir: str | os.PathLike) -> Path:
     """Create the output folder if needed and prove it writable, before any computing."""
     path = Path(out_dir).expanduser()

@@ -29,12 +29,14 @@ from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this 
     FileReport,
     _write_class_table,
     _write_labels,
+    _write_objects_table,
     check_output_dir,
     expand_inputs,
     output_paths,
     read_foreground,
     read_image,
     read_lazy,
+    read_lazy_objects,
     read_objects,
     read_plane,
     remove_stale_partials,
@@ -161,25 +163,29 @@ def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], option
     labels_path, table_path = outputs[:2]
     parsed = parse_classes(classes)
 
-    def write_table(labels) -> None:
+    def write_tables(labels, objects=None) -> None:
         counts = label_counts(labels, len(parsed))
         rows = [{"label": 0, "name": "unassigned", "synonyms": "", "pixels": int(counts[0])}]
         rows += [{"label": i, "name": c.name, "synonyms": ", ".join(c.synonyms), "pixels": int(counts[i])}
                  for i, c in enumerate(parsed, start=1)]
         write_atomic(table_path, lambda p: _write_class_table(p, rows))
+        if objects is not None:
+            write_atomic(outputs[-1], lambda p: _write_objects_table(p, objects))
 
     try:
         record = make_record(task.path, task.run, classes) if task.path.exists() else None
+        objects = None if task.objects is None else read_lazy_objects(task.path, task.objects, task.absent_chunks)
         segmenter.segment_tiled(read_lazy(task.path, task.absent_chunks), classes, options, out=labels_path,
-                                replace=True, absent_chunks=task.absent_chunks, lesson=lesson,
+                                replace=True, absent_chunks=task.absent_chunks, lesson=lesson, objects=objects,
                                 attrs={RECORD_KEY: json.dumps(record, sort_keys=True)} if record else None,
-                                on_complete=write_table)
+                                on_complete=write_tables)
     except ClearClipError as exc:
         return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(), str(exc))
     except OSError as exc:
         return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(),
                           f"could not write outputs: {exc}")
-    return FileReport(task.path, "done", time.perf_counter() - start, worker_name(), "", [labels_path, table_path])
+    return FileReport(task.path, "done", time.perf_counter() - start, worker_name(), "",
+                      [labels_path, table_path] + ([outputs[-1]] if task.objects is not None else []))
 
 
 # -- stacks: one task per plane ------------------------------------------------------------------------
@@ -302,8 +308,8 @@ def run_task(spec, task: Task, classes, out_dir: Path, options: SegmentOptions, 
 def _check_zarr_run(options: SegmentOptions, save_probabilities: bool, objects, foreground, lesson) -> None:
     """What a tile-by-tile run cannot do, refused before any image is read (a lesson it can: it teaches every tile
     with the statistics of the whole image, gathered in a first pass over it)."""
-    refused = [name for name, given in (("--save-probabilities", save_probabilities), ("--objects", objects),
-                                        ("--foreground", foreground)) if given]
+    refused = [name for name, given in (("--save-probabilities", save_probabilities), ("--foreground", foreground))
+               if given]
     if refused:
         raise InvalidOptionError(f"--format zarr segments tile by tile and writes labels only: {', '.join(refused)} "
                                  "cannot be used with it.")
@@ -393,7 +399,7 @@ def segment_files(
     out = check_output_dir(out_dir)
     files = expand_inputs(paths)
     if objects:  # the instance labels beside the images are not inputs of their own
-        files = [f for f in files if not f.name.endswith(f"{objects}.tif")]
+        files = [f for f in files if not f.name.endswith((f"{objects}.tif", f"{objects}.zarr"))]
     found = foreground is not None and str(foreground).lower() == "found"
     if foreground:  # which class the map's complement scores: known before any image is read
         from ..clipdiy import background_index

@@ -188,6 +188,41 @@ def test_a_large_image_at_native_resolution_goes_tile_by_tile_into_an_editable_s
     assert len(list((tmp_path / "cache" / "labels").iterdir())) == 1                # only the first run's store
 
 
+def test_objects_of_a_large_image_get_a_class_each_tile_by_tile(qtbot, widget, monkeypatch, tmp_path):
+    """An Objects layer (here lazy, as a slide's cellpose masks would be) on an image segmented tile by tile: each
+    object gets the class a whole-image run gives it, in the objects layer's features table, and the labels layer
+    gives each object's pixels its class."""
+    import dask.array as da
+
+    import napari_clearclip.gui.widget as widget_module
+    from images import smooth_image
+    from napari_clearclip import Segmenter
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 200 * 200)
+    monkeypatch.setenv("NAPARI_CLEARCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    viewer = widget._viewer
+    image = smooth_image(300, 260, seed=8)
+    rows, cols = np.arange(300) // 37, np.arange(260) // 29          # a grid of objects, crossing the tiles
+    objects = (rows[:, None] * 100 + cols[None] + 1).astype(np.int32)
+    objects[::23] = 0
+    widget.image.value = viewer.add_image(image, name="slide", rgb=True)
+    cells = viewer.add_labels(da.from_array(objects, chunks=(64, 64)), name="cells")
+    widget.objects.value = cells
+    widget.classes.value = "sky\ngrass"
+    widget.resize.value = False
+    widget.crop.value, widget.stride.value = 64, 32
+    run_and_wait(qtbot, widget)
+    status = widget.status.value
+    assert "tile by tile" in status and f"{len(np.unique(objects)) - 1} objects of 'cells' got a class each" in status
+    expected = Segmenter("test-tiny", widget.pretrained.value, device="cpu").segment(
+        image, ["sky", "grass"], maps=False, short_side=None, crop=64, stride=32, refine="pamr", objects=objects,
+        contrast_limits=tuple(viewer.layers["slide"].contrast_limits))
+    features = cells.features
+    assert list(features["index"]) == list(expected.objects["id"])
+    assert list(features["class"]) == list(expected.objects["class"]) and len(set(features["class"])) == 2
+    np.testing.assert_array_equal(viewer.layers["slide classes"].data[:], expected.labels)
+
+
 def test_a_lesson_saved_from_strokes_on_two_images_is_fitted_as_one_made_from_both(tmp_path):
     """Save lesson... joins the images' lessons at once and fits their class offsets in its worker."""
     from napari_clearclip import Lesson, Segmenter

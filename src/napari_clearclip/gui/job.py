@@ -77,6 +77,7 @@ class TiledResult:
     absent_chunks: tuple[int, int] | None = None   # (not in the image's zarr store, in all): read as its fill value
     taught: bool = False                           # a lesson (loaded, or strokes on other images) taught the tiles
     notes: tuple[str, ...] = ()                    # why a lesson was left out
+    objects: dict | None = None                    # with objects: id, class, confidence, area per object
 
 
 def tiled_store_path(image_name: str) -> Path:
@@ -111,10 +112,10 @@ def _loaded(holder: ModelHolder, spec: ModelSpec):
 
 
 def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, store: Path, new_layer: dict,
-              background: tuple[str, ...] = (), lessons: tuple = ()):
+              background: tuple[str, ...] = (), lessons: tuple = (), objects=None):
     """Worker body for a large image: segment it tile by tile into ``store`` (yielding progress per tile), taught by
-    the ``lessons`` that fit the run, and build the Labels layer backed by that store, so that the GUI thread only
-    inserts it."""
+    the ``lessons`` that fit the run, each of the ``objects`` (instance ids of the image's size) given a class, and
+    build the Labels layer backed by that store, so that the GUI thread only inserts it."""
     from ..annotate import lesson_exemplars
     from ..colours import colormap_dict
     from ..lazy_tiles import label_counts
@@ -128,7 +129,10 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     notes: list[str] = []
     exemplars = lesson_exemplars(segmenter, classes, segmenter.resolve_options(options), list(lessons), notes)
     labels = yield from segmenter.segment_tiled_steps(image, classes, options, out=store, absent_chunks="fill",
-                                                      exemplars=exemplars)
+                                                      exemplars=exemplars, objects=objects)
+    table = None
+    if objects is not None:
+        labels, table = labels
     names = [c.name for c in parse_classes(classes)]
     counts = label_counts(labels, len(names))
     colours = colormap_dict(names, tuple(background))
@@ -136,7 +140,7 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     layer = Labels(labels, features=labels_features(names), colormap=DirectLabelColormap(color_dict=colours),
                    visible=False, **new_layer)
     return TiledResult(store, names, counts, colours, absent if absent and absent[0] else None,
-                       exemplars is not None, tuple(notes)), layer
+                       exemplars is not None, tuple(notes), table), layer
 
 
 def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None):

@@ -269,7 +269,7 @@ class ClearClipWidget(FieldLogic, Container):
                 return None
             save_settings(self.settings())
             return self._run_tiled(layer, data, layout, classes, options,
-                                   self.lessons.for_run(layer.name, self.share_lesson.value))
+                                   self.lessons.for_run(layer.name, self.share_lesson.value), objects_layer)
         save_settings(self.settings())
         target = self._choose_target(layer, layout)
         existing = {layer.name: layer.data for layer in self._viewer.layers}
@@ -352,35 +352,40 @@ class ClearClipWidget(FieldLogic, Container):
 
     def _tiled(self, layout: ImageLayout, objects_layer, foreground: dict) -> bool:
         """Whether this run goes tile by tile: a 2-D image larger than TILED_PIXELS segmented at native
-        resolution (Resize off), with nothing that needs the whole image at once."""
+        resolution (Resize off), with nothing that needs the whole image at once (objects do not: their sums are
+        added up over the tiles)."""
         shape = layout.label_shape
         return (not self.resize.value and len(shape) == 2 and shape[0] * shape[1] > TILED_PIXELS
-                and self.method.value != "clipdiy" and objects_layer is None and not foreground)
+                and self.method.value != "clipdiy" and not foreground)
 
-    def _run_tiled(self, layer, data, layout: ImageLayout, classes, options, lessons: list | None = None):
+    def _run_tiled(self, layer, data, layout: ImageLayout, classes, options, lessons: list | None = None,
+                   objects_layer=None):
         """Segment a large 2-D image tile by tile into a zarr store in the user cache; the result is a new Labels
         layer backed by that store (editable: painting writes into it). ``lessons`` (loaded, or strokes on other
         images) teach every tile with the whole image's statistics; strokes on this image do not teach in this
-        mode."""
+        mode. The objects of ``objects_layer`` get a class each (its features table), read a tile at a time."""
         import shutil
 
         store = tiled_store_path(layer.name)
         new_layer = {"name": f"{layer.name} classes", **layer_geometry(layer, layout)}
         names = [", ".join(c.synonyms) for c in classes]
         background = (self.background.value,) if self.background.value else ()
+        objects = None
+        if objects_layer is not None:
+            objects = objects_layer.data[0] if objects_layer.multiscale else objects_layer.data
         worker = create_worker(tiled_job, self._models, self.model_spec(), data, names, options, store, new_layer,
-                               background, tuple(lessons or ()), _start_thread=False, _ignore_errors=True)
+                               background, tuple(lessons or ()), objects, _start_thread=False, _ignore_errors=True)
 
         def discard():  # a cancelled or failed run leaves no store behind
             shutil.rmtree(store.with_name(store.name + ".partial"), ignore_errors=True)
 
-        worker.returned.connect(self._on_tiled_returned)
+        worker.returned.connect(lambda value: self._on_tiled_returned(value, objects_layer))
         worker.aborted.connect(lambda: (discard(), self._set_status("Cancelled: nothing was added.")))
         worker.errored.connect(lambda *_: discard())
         return self._launch(worker, f"Starting on {layer.name}: a large image, segmented tile by tile at native "
                                     "resolution...")
 
-    def _on_tiled_returned(self, value):
+    def _on_tiled_returned(self, value, objects_layer=None):
         self._delivered = True
         if self._closed:
             return
@@ -399,10 +404,24 @@ class ClearClipWidget(FieldLogic, Container):
             absent = (f" {result.absent_chunks[0]} of the {result.absent_chunks[1]} chunks of the image are not in its "
                       "zarr store: they were read as its fill value, as napari shows them. If they were lost, copy "
                       "the store again.")
+        classified = ""
+        if result.objects is not None and objects_layer is not None:
+            self._set_object_features(objects_layer, result.objects)
+            classified = (f" {len(result.objects['id'])} objects of '{objects_layer.name}' got a class each (see "
+                          "its features table).")
         self._set_status(f"Done: {layer.name}, segmented tile by tile; its labels are stored in {result.path} "
-                         f"(painting writes there). Strokes on this image do not teach at this size.{taught}{notes}"
-                         f"{absent}")
+                         f"(painting writes there). Strokes on this image do not teach at this size.{classified}"
+                         f"{taught}{notes}{absent}")
         self.objects.reset_choices()
+
+    @staticmethod
+    def _set_object_features(objects_layer, table: dict) -> None:
+        """napari's features table of the objects layer: one row per object id, with its class."""
+        try:
+            objects_layer.features = {"index": table["id"], "class": table["class"],
+                                      "confidence": table["confidence"], "area": table["area"]}
+        except (ValueError, TypeError, RuntimeError) as exc:  # the layer changed or closed meanwhile
+            log.info("Could not set the objects' features: %s", exc)
 
     # -- labels of a reduced image, at full size --------------------------------------------------
     def _full_size_layer(self):
@@ -630,12 +649,7 @@ class ClearClipWidget(FieldLogic, Container):
         finally:
             self._writing = False
         if result.objects is not None and context["objects"] is not None:
-            table = result.objects  # napari's features table of the objects layer: one row per object id
-            try:
-                context["objects"].features = {"index": table["id"], "class": table["class"],
-                                               "confidence": table["confidence"], "area": table["area"]}
-            except (ValueError, TypeError, RuntimeError) as exc:  # the layer changed or closed meanwhile
-                log.info("Could not set the objects' features: %s", exc)
+            self._set_object_features(context["objects"], result.objects)
         self.lessons.record(context["layer"].name, result.lesson)
         update = result.update
         self.legend.value = legend_html(update.names, update.counts, update.colours)

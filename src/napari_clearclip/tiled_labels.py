@@ -68,6 +68,12 @@ def upsample(source: torch.Tensor, rows, cols, out: torch.Tensor | None = None) 
     depends on its four source values and weights only, never on which region is computed.
     """
     (row_low, row_high, row_weight), (col_low, col_high, col_weight) = rows, cols
+    if _identity(rows) and _identity(cols):  # the source at the output size: each value as it is (x * 1 + y * 0)
+        block = source[:, int(row_low[0]) : int(row_low[-1]) + 1, int(col_low[0]) : int(col_low[-1]) + 1].float()
+        if out is None:
+            return block.clone()
+        out.copy_(block)
+        return out
     first, last = int(row_low.min()), int(row_high.max())
     slab = source[:, first : last + 1].float()
     col_low_t, col_high_t = torch.from_numpy(col_low), torch.from_numpy(col_high)
@@ -84,6 +90,14 @@ def upsample(source: torch.Tensor, rows, cols, out: torch.Tensor | None = None) 
         torch.mul(across.index_select(1, row_low_t[start:stop]), 1 - weight, out=block)
         block += across.index_select(1, row_high_t[start:stop]) * weight
     return out
+
+
+def _identity(taps) -> bool:
+    """Whether resize taps read each source pixel as it is (the source at the output size: weights 0, and
+    consecutive sources)."""
+    low, _, weight = taps
+    return len(low) > 0 and low[-1] - low[0] == len(low) - 1 and not bool(weight.any()) and bool(
+        (np.diff(low) == 1).all())
 
 
 def class_scores(scores: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -173,22 +187,56 @@ class _Geometry:
         """(tiles_y, tiles_x, ...) min or max of ``coarse`` (h, w, ...) over each tile's window.
 
         Each window is covered by a window of the largest size anchored at its start (clipped
-        at the far edge): a superset, so a bound over it is still a bound. ``within`` (first and
+        at the far edge): a superset, so a bound over it is still a bound. Where windows span many
+        coarse pixels (scores at the output size: native resolution), the coarse values are first
+        reduced over blocks of :func:`bound_block` pixels and the windows widened to whole blocks:
+        still a superset, for a pass over the values instead of a dozen. ``within`` (first and
         last + 1 tile row, then column) limits the work to those tiles, with the same values.
         """
         reducer = np.maximum if how == "max" else np.minimum
         out = coarse
         for axis, (first, last) in enumerate((self.row_window, self.col_window)):
-            span = min(int((last - first).max()) + 1, out.shape[axis])
-            start = np.minimum(first, out.shape[axis] - span)
+            moved = np.moveaxis(out, axis, 0)
+            span = min(int((last - first).max()) + 1, moved.shape[0])
+            block = bound_block(span)
+            if block > 1:
+                moved = _block_reduce(out, axis, block, reducer)
+                first, last = first // block, last // block
+                span = min(int((last - first).max()) + 1, moved.shape[0])
+            start = np.minimum(first, moved.shape[0] - span)
             if within is not None:
                 start = start[within[2 * axis] : within[2 * axis + 1]]
-            out = np.moveaxis(_sliding_reduce(np.moveaxis(out, axis, 0), start, span, reducer), 0, axis)
+            out = np.moveaxis(_sliding_reduce(moved, start, span, reducer), 0, axis)
         return out
 
     def tile_slices(self, ty: int, tx: int) -> tuple[slice, slice]:
         y, x = int(self.tile_rows[ty]), int(self.tile_cols[tx])
         return slice(y, min(y + self.tile, self.size[0])), slice(x, min(x + self.tile, self.size[1]))
+
+
+#: Bounds over windows of at least this many coarse pixels per block are taken over whole blocks (see
+#: :func:`bound_block`): a window then widens by less than 2 / BLOCK_SHARE of its span.
+BLOCK_SHARE = 16
+
+
+def bound_block(span: int) -> int:
+    """The block (a power of two, at most ``span / BLOCK_SHARE``; 1 for short windows) that windows of ``span``
+    coarse pixels are widened to whole blocks of before bounds are taken over them."""
+    return 1 << max(0, (span // BLOCK_SHARE).bit_length() - 1)
+
+
+def _block_reduce(values: np.ndarray, axis: int, block: int, reducer) -> np.ndarray:
+    """``reducer`` over consecutive blocks of ``block`` entries along ``axis`` (the last block may be shorter),
+    with that axis moved first: the whole blocks reduced in their own layout, which keeps the pass contiguous."""
+    length = values.shape[axis]
+    whole = length // block
+    head = np.take(values, np.arange(whole * block), axis=axis) if whole * block < length else values
+    shape = values.shape[:axis] + (whole, block) + values.shape[axis + 1 :]
+    reduced = reducer.reduce(head.reshape(shape), axis=axis + 1)
+    if whole * block < length:
+        tail = reducer.reduce(np.take(values, np.arange(whole * block, length), axis=axis), axis=axis, keepdims=True)
+        reduced = np.concatenate([reduced, tail], axis=axis)
+    return np.moveaxis(reduced, axis, 0)
 
 
 def _sliding_reduce(values: np.ndarray, starts: np.ndarray, span: int, reducer) -> np.ndarray:
@@ -584,9 +632,17 @@ def _competing_queries(scores: torch.Tensor, geometry: _Geometry, dirty: np.ndar
     within = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)  # only the dirty tiles matter
     values = np.ascontiguousarray(scores.numpy().transpose(1, 2, 0))               # (h, w, Q)
 
-    def highest(rival):  # (tiles_y, tiles_x, Q) within ``within``: the highest of (q - rival) in each tile's reach
-        return geometry.reduce(values - values[..., rival : rival + 1], "max", within)
     near = np.ones((within[1] - within[0], within[3] - within[2], queries), bool)
+    # the bounds of the first pass are kept for the second where they take little memory (one pass then)
+    kept = {} if near.size * len(rivals) * 4 <= KEPT_BOUNDS_BYTES else None
+
+    def highest(rival):  # (tiles_y, tiles_x, Q) within ``within``: the highest of (q - rival) in each tile's reach
+        if kept is not None and rival in kept:
+            return kept.pop(rival)
+        bound = geometry.reduce(values - values[..., rival : rival + 1], "max", within)
+        if kept is not None:
+            kept[rival] = bound
+        return bound
     for rival in rivals:
         near &= highest(rival) >= -tolerance
     below = np.full(near.shape, -np.inf, np.float32)   # each query's deficit to a kept rival
@@ -595,6 +651,10 @@ def _competing_queries(scores: torch.Tensor, geometry: _Geometry, dirty: np.ndar
     competing[within[0] : within[1], within[2] : within[3]] = near
     gaps[within[0] : within[1], within[2] : within[3]] = np.where(near, np.inf, below).min(-1)
     return competing, gaps
+
+
+#: Memory for the per-tile bounds of every rival at once (else they are computed again in a second pass).
+KEPT_BOUNDS_BYTES = 64 << 20
 
 
 def _rivals(scores: torch.Tensor, limit: int = 32) -> np.ndarray:

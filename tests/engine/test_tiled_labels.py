@@ -375,10 +375,14 @@ def test_many_classes_typed_are_compared_only_with_those_that_lead_or_come_close
     fast = labels_of(scores, guide, (320, 320), spans, names, snap)
     rivals = tiled_labels._rivals(scores)
     assert {0, 1, 2} <= set(rivals.tolist()) and len(rivals) <= 12
-    assert sum(1 for shape in calls if len(shape) == 3) == 2 * len(rivals)     # two passes over the rivals
+    assert sum(1 for shape in calls if len(shape) == 3) == len(rivals)         # one pass: their bounds are kept
     assert len(tiled_labels._rivals(scores, limit=4)) == 4
-    np.testing.assert_array_equal(fast.labels, labels_of(scores, guide, (320, 320), spans, names, snap,
-                                                         dense=True).labels)
+    full = labels_of(scores, guide, (320, 320), spans, names, snap, dense=True).labels
+    np.testing.assert_array_equal(fast.labels, full)
+    calls.clear()                              # too many to keep: two passes over the rivals, the same labels
+    monkeypatch.setattr(tiled_labels, "KEPT_BOUNDS_BYTES", 0)
+    np.testing.assert_array_equal(labels_of(scores, guide, (320, 320), spans, names, snap).labels, full)
+    assert sum(1 for shape in calls if len(shape) == 3) == 2 * len(rivals)
 
 
 @pytest.fixture(scope="module")
@@ -554,6 +558,62 @@ def test_bounds_over_each_tile_cover_every_coarse_pixel_its_labels_can_depend_on
                 window = coarse[y0 : y0 + spans[0], x0 : x0 + spans[1]]
                 assert y0 <= first_y and last_y < y0 + spans[0] and x0 <= first_x and last_x < x0 + spans[1]
                 np.testing.assert_array_equal(bounds[ty, tx], reducer(window, axis=(0, 1)))
+
+
+def test_bounds_over_windows_of_many_coarse_pixels_are_taken_over_whole_blocks_that_cover_them():
+    """Scores at the output size (native resolution): windows span hundreds of coarse pixels, and each bound is the
+    min / max over the largest window in whole blocks, anchored at the block where the tile's window starts: a
+    superset of what the tile's labels depend on."""
+    rng = np.random.default_rng(12)
+    for case in range(30):
+        h, w = (int(v) for v in rng.integers(40, 400, 2))
+        reach, tile = int(rng.integers(0, 200)), int(rng.choice([16, 64]))
+        geometry = tiled_labels._Geometry((h, w), (h, w), reach, tile=tile)
+        coarse = rng.normal(size=(h, w, 2)).astype(np.float32) if case % 2 else rng.integers(0, 5, (h, w))
+        windows = []
+        for (first, last), n in ((geometry.row_window, h), (geometry.col_window, w)):
+            span = min(int((last - first).max()) + 1, n)
+            block = tiled_labels.bound_block(span)
+            blocks = -(-n // block)
+            span_blocks = min(int((last // block - first // block).max()) + 1, blocks)
+            windows.append((first, last, block, span_blocks, blocks))
+        assert max(window[2] for window in windows) >= (4 if min(h, w) > 150 and reach > 100 else 1)
+        for how, reducer in (("min", np.min), ("max", np.max)):
+            bounds = geometry.reduce(coarse, how)
+            assert bounds.shape[:2] == geometry.shape and bounds.dtype == coarse.dtype
+            for ty, tx in zip(rng.integers(0, geometry.shape[0], 6), rng.integers(0, geometry.shape[1], 6)):
+                cut = []
+                for index, (first, last, block, span_blocks, blocks) in zip((ty, tx), windows):
+                    start = min(first[index] // block, blocks - span_blocks) * block
+                    stop = (min(first[index] // block, blocks - span_blocks) + span_blocks) * block
+                    assert start <= first[index] and last[index] < stop      # covers the tile's window
+                    cut.append(slice(start, stop))
+                np.testing.assert_array_equal(bounds[ty, tx], reducer(coarse[cut[0], cut[1]], axis=(0, 1)))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_runs_with_scores_at_the_output_size_give_every_label_of_a_full_computation(seed):
+    """Native resolution (no resize; bounds over whole blocks), snapping's reach of dozens of pixels: first runs and
+    re-runs after a local change equal a full computation."""
+    rng = np.random.default_rng(300 + seed)
+    for _ in range(3):
+        h, w = (int(v) for v in rng.integers(250, 400, 2))
+        queries = int(rng.integers(2, 5))
+        scores = smooth_scores(rng, queries, h, w, int(rng.integers(80, 120)))
+        spans, names = [(i, i + 1) for i in range(queries)], [(f"q{i}",) for i in range(queries)]
+        guide = torch.from_numpy(rng.normal(size=(3, h, w)).astype(np.float32))
+        snap = (int(rng.integers(2, 5)), (2, int(rng.integers(6, 12)))) if rng.random() < 0.7 else ()
+        tile = int(rng.choice([16, 32]))
+        first = labels_of(scores, guide, (h, w), spans, names, snap, tile=tile)
+        np.testing.assert_array_equal(first.labels, labels_of(scores, guide, (h, w), spans, names, snap, dense=True,
+                                                              tile=tile).labels)
+        assert first.computed < 1.0                                   # tiles of one class throughout were skipped
+        changed = scores.clone()
+        y, x = int(rng.integers(0, h - 30)), int(rng.integers(0, w - 30))
+        changed[int(rng.integers(0, queries)), y : y + 30, x : x + 30] += 0.05
+        second = labels_of(changed, guide, (h, w), spans, names, snap, first, tile=tile)
+        np.testing.assert_array_equal(second.labels, labels_of(changed, guide, (h, w), spans, names, snap,
+                                                               dense=True, tile=tile).labels)
 
 
 def test_the_leading_query_is_the_first_highest_as_argmax_gives_it():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from dataclasses import replace as with_fields
 from pathlib import Path
 from typing import Generator, Mapping, Sequence
@@ -86,8 +87,6 @@ def _value_range(image, height: int, rows: int) -> tuple[float, float]:
 
 #: What :meth:`Segmenter.segment` takes that a tile-by-tile run cannot, and why.
 NOT_TILED = {
-    "strokes": "strokes on the image teach it with exemplars gathered from the whole of it, and a tile-by-tile run "
-               "sees one region at a time; a lesson (strokes on other images) can be used",
     "foreground": "a foreground map is fused with the scores of the whole image",
     "maps": "a tile-by-tile run writes labels only (maps=False)",
 }
@@ -95,15 +94,13 @@ NOT_TILED = {
 
 #: What teaches a tile-by-tile run with the statistics of the whole image (see :func:`image_statistics_steps`).
 TAUGHT_WITH = ("lesson", "exemplars")
-#: What a tile-by-tile run takes besides options: those above, and objects (classified over all their tiles).
-TILED_INPUTS = TAUGHT_WITH + ("objects",)
+#: What a tile-by-tile run takes besides options: those above, strokes on the image (their exemplars gathered in
+#: that pass too) and objects (classified over all their tiles).
+TILED_INPUTS = TAUGHT_WITH + ("strokes", "objects")
 
 
 def check_tiled_keywords(keywords: dict) -> None:
     """Refuse what a tile-by-tile run cannot take, with why, rather than as an unknown option."""
-    keywords = dict(keywords)
-    if "scribbles" in keywords:
-        keywords["strokes"] = keywords.pop("scribbles")
     for name, why in NOT_TILED.items():
         value = keywords.get(name)
         if value is not None and value is not False:
@@ -182,7 +179,7 @@ def _finisher(partial: Path, final: Path):
     return finish
 
 
-def image_statistics_steps(segmenter, image, classes: str | Sequence[str], opts: SegmentOptions):
+def image_statistics_steps(segmenter, image, classes: str | Sequence[str], opts: SegmentOptions, collector=None):
     """Generator: the patch statistics of a whole image too large to hold, as a run on all of it gathers them (its
     patch mean and covariance, and what each window position adds): every window of the whole image, in the
     batches that run encodes them in, each batch cut from the rows and columns it spans, read from ``image`` then.
@@ -190,7 +187,9 @@ def image_statistics_steps(segmenter, image, classes: str | Sequence[str], opts:
 
     A lesson compares patches in the whitening of the image it teaches and scales its bonus by that image's
     text-score spread: given these, each region of a tile-by-tile run is taught as the whole image is. ``opts``:
-    the run's resolved options at native resolution (fixed contrast limits for images other than uint8)."""
+    the run's resolved options at native resolution (fixed contrast limits for images other than uint8).
+    ``collector`` (an :class:`~napari_clearclip.strokes.ExemplarCollector` of strokes on this image) gathers the
+    exemplars under them from the same features, as a run on the whole image gathers them."""
     from .image import prepare
     from .prompts import check_templates, parse_classes
     from .strokes import FeatureStats
@@ -217,8 +216,11 @@ def image_statistics_steps(segmenter, image, classes: str | Sequence[str], opts:
         left, right = min(w[2] for w in batch), max(w[3] for w in batch)
         pixels = prepare(np.asarray(image[top:bottom, left:right]), model.mean, model.std, None, opts.contrast_limits)
         crops = grid.crop_batch(pixels, [(y1 - top, y2 - top, x1 - left, x2 - left) for y1, y2, x1, x2 in batch])
-        stats.add(grid, batch, segmenter._encode_crops(crops.to(segmenter.device), method_fn))
-        del pixels, crops
+        features = segmenter._encode_crops(crops.to(segmenter.device), method_fn)
+        stats.add(grid, batch, features)
+        if collector is not None:
+            collector.add(grid, batch, features)
+        del pixels, crops, features
         yield Progress("statistics", start + len(batch), len(windows))
     return stats
 
@@ -236,8 +238,8 @@ def _taught_identity(exemplars) -> str:
 
 def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options: SegmentOptions | Mapping | None = None,
                         *, out=None, tile: int = DEFAULT_TILE, attrs: dict | None = None, replace: bool = False,
-                        on_complete=None, absent_chunks: str = "error", lesson=None, exemplars=None, objects=None,
-                        **keywords) -> Generator[Progress, None, object]:
+                        on_complete=None, absent_chunks: str = "error", lesson=None, exemplars=None, strokes=None,
+                        objects=None, **keywords) -> Generator[Progress, None, object]:
     """Generator: segment a large array-like image tile by tile; yields progress per tile, returns the labels.
 
     ``out``: None (a NumPy array of the smallest unsigned type the classes fit), an array of the
@@ -250,7 +252,10 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
 
     ``lesson`` (or ``exemplars`` from other images) teaches every tile with the statistics of the whole image,
     gathered first in a pass over all of it (:func:`image_statistics_steps`: the image is encoded once more), so
-    that the labels equal a run on the whole image with the lesson. Strokes on the image itself are not taken.
+    that the labels equal a run on the whole image with the lesson. ``strokes`` on the image itself (an
+    array-like of its height and width: 0 = no hint, k = class k; read in bands of rows, then only the part that
+    holds every painted pixel) teach it as :meth:`~napari_clearclip.segmenter.Segmenter.segment` does: their
+    exemplars are gathered in that same pass, and the painted pixels keep their class.
 
     ``objects`` (an array-like of the image's height and width holding instance ids, 0 = no object; read a tile
     at a time) gives each object the class whose probability summed over all its pixels, in every tile it
@@ -263,10 +268,11 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     from .lessons import check_lesson
     from .objects import ObjectSums, check_lazy_objects
     from .prompts import parse_classes
-    from .segmenter import _check_exemplars
-    from .strokes import Exemplars
+    from .segmenter import _check_exemplars, _renamed_strokes
+    from .strokes import Exemplars, ExemplarCollector
     from .zarr_images import check_absent_chunks
 
+    strokes = _renamed_strokes(strokes, keywords)
     parsed = parse_classes(classes)
     height, width = check_lazy_image(image)
     check_absent_chunks(image, None, absent_chunks)
@@ -274,6 +280,7 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
         raise InvalidOptionError(f"tile={tile!r} must be a whole number of pixels, at least 16.")
     opts = resolve_tiled_options(segmenter, options, keywords)
     objects = check_lazy_objects(objects, (height, width))
+    painted = None if strokes is None else painted_part(strokes, (height, width), len(parsed), opts.crop, tile)
     exemplars = _check_exemplars(exemplars)
     lesson = check_lesson(lesson)
     if lesson is not None:  # checked against the run (classes, model, method, windows) before any pixel is read
@@ -288,26 +295,32 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     fingerprint = repr((segmenter.model.cache_id, segmenter.method, [c.synonyms for c in parsed], opts.to_dict(),
                         (height, width), str(image.dtype), tile)
                        + (() if exemplars is None else (_taught_identity(exemplars),))
+                       + (() if painted is None else (painted.digest,))
                        + (() if objects is None else ("objects",)))
     target, done, finish, group = _open_output(out, (height, width), label_dtype(len(parsed)), tile, fingerprint,
                                                attrs, replace)
     tiles = len(plan)
     # one progress bar: the lesson's statistics pass (a share as large as the tiles'), the tiles, and with objects
     # the share of one tile for writing their classes (reading ids and writing labels: no model)
-    shift = tiles if exemplars is not None else 0
+    shift = tiles if exemplars is not None or painted is not None else 0
     planes = shift + tiles + (1 if objects is not None else 0)
-    statistics = None
-    if exemplars is not None and not (done is not None and bool(np.all(done[...]))):
-        steps = image_statistics_steps(segmenter, image, classes, opts)
+    statistics = collector = None
+    if shift and not (done is not None and bool(np.all(done[...]))):
+        collector = None if painted is None else ExemplarCollector(painted.strokes, len(parsed),
+                                                                   origin=painted.origin)
+        steps = image_statistics_steps(segmenter, image, classes, opts, collector)
         while True:
             try:
                 step = next(steps)
             except StopIteration as stop:
                 statistics = stop.value
                 break
+            what = "the lesson" if painted is None else "the strokes" if exemplars is None else "the lesson and strokes"
             yield with_fields(step, plane=0, planes=planes // shift if planes % shift == 0 else planes / shift,
-                              detail=f"reading the whole image for the lesson: windows {step.done}/{step.total}"
-                              if step.stage == "statistics" else f"for the lesson: {step.message}")
+                              detail=f"reading the whole image for {what}: windows {step.done}/{step.total}"
+                              if step.stage == "statistics" else f"for {what}: {step.message}")
+        if collector is not None:  # taught as segment() teaches: the given exemplars, then the strokes'
+            exemplars = Exemplars.combine([exemplars, collector.result(segmenter.device)])
 
     def tiles_done(count: int) -> Progress:
         return Progress("tiles", shift + count, planes, detail=f"tiles: {count}/{tiles}")
@@ -344,7 +357,10 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
                 yield with_fields(step, plane=shift + number, planes=planes,
                                   detail=f"tile {number + 1}/{tiles}: {step.message}")
         if objects is None:
-            target[ty0:ty1, tx0:tx1] = result.labels[ty0 - ry0 : ty1 - ry0, tx0 - rx0 : tx1 - rx0].astype(target.dtype)
+            labels = result.labels[ty0 - ry0 : ty1 - ry0, tx0 - rx0 : tx1 - rx0]
+            if painted is not None:  # what the user painted is what they get
+                labels = painted.pasted(labels, ty0, tx0)
+            target[ty0:ty1, tx0:tx1] = labels.astype(target.dtype)
         else:
             sums.add(*result.object_sums)
             if kept_sums is not None:
@@ -369,6 +385,69 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
 
         target = zarr.open_group(str(Path(out).expanduser()), mode="r+")["labels"]
     return target if objects is None else (target, table)
+
+
+@dataclass
+class PaintedPart:
+    """The part of an image's strokes that holds every painted pixel and every window over one (native resolution),
+    where it starts, and a digest of it (for the record a partial store keeps of its run)."""
+
+    strokes: np.ndarray
+    origin: tuple[int, int]
+    digest: str
+
+    def pasted(self, labels: np.ndarray, top: int, left: int) -> np.ndarray:
+        """``labels`` (a block of the image from ``top``, ``left``) with the painted pixels given their class."""
+        from .strokes import paste_strokes
+
+        y0, x0 = top - self.origin[0], left - self.origin[1]
+        rows = slice(max(y0, 0), max(min(y0 + labels.shape[0], self.strokes.shape[0]), 0))
+        cols = slice(max(x0, 0), max(min(x0 + labels.shape[1], self.strokes.shape[1]), 0))
+        part = self.strokes[rows, cols]
+        if not part.size or not part.any():
+            return labels
+        labels = np.array(labels, copy=True)
+        paste_strokes(labels[rows.start - y0 : rows.stop - y0, cols.start - x0 : cols.stop - x0], part)
+        return labels
+
+
+def painted_part(strokes, shape: tuple[int, int], n_classes: int, crop: int, rows: int = DEFAULT_TILE):
+    """The :class:`PaintedPart` of ``strokes`` (an array-like of the image's ``shape``: 0 = no hint, k = class k),
+    read a band of ``rows`` at a time and checked as :func:`~napari_clearclip.strokes.check_strokes` checks them;
+    None where nothing is painted. Every window of side ``crop`` over a painted pixel lies inside the part."""
+    import hashlib
+
+    dtype, given = np.dtype(getattr(strokes, "dtype", np.asarray(strokes).dtype)), tuple(np.shape(strokes))
+    if dtype.kind not in "ui":
+        raise InvalidOptionError(f"strokes must be an integer array (0 = no hint, k = class k), not {dtype}: "
+                                 "e.g. the data of a napari Labels layer.")
+    if given != tuple(shape):
+        raise InvalidOptionError(f"strokes of shape {given} do not match the image's {tuple(shape)}.")
+    top = bottom = left = right = None
+    low, high = 0, 0
+    for start in range(0, shape[0], max(1, rows)):
+        band = np.asarray(strokes[start : start + rows])
+        painted_rows = np.flatnonzero(band.any(axis=1))
+        if not len(painted_rows):
+            continue
+        painted_cols = np.flatnonzero(band.any(axis=0))
+        values = band[painted_rows]
+        low, high = min(low, int(values.min())), max(high, int(values.max()))
+        top = start + int(painted_rows[0]) if top is None else top
+        bottom = start + int(painted_rows[-1]) + 1
+        left = int(painted_cols[0]) if left is None else min(left, int(painted_cols[0]))
+        right = int(painted_cols[-1]) + 1 if right is None else max(right, int(painted_cols[-1]) + 1)
+    if low < 0 or high > n_classes:
+        raise InvalidOptionError(f"strokes hold values {low}..{high}, but only 0 (no hint) to {n_classes} (one per "
+                                 "class) are meaningful.")
+    if top is None:
+        return None
+    y0, y1 = max(0, top - crop), min(shape[0], bottom + crop)
+    x0, x1 = max(0, left - crop), min(shape[1], right + crop)
+    part = np.ascontiguousarray(np.asarray(strokes[y0:y1, x0:x1]))
+    digest = hashlib.blake2b(repr((y0, x0, part.shape, str(part.dtype))).encode(), digest_size=16)
+    digest.update(part.data)
+    return PaintedPart(part, (y0, x0), digest.hexdigest())
 
 
 def _objects_block(objects, ty0: int, ty1: int, tx0: int, tx1: int, digest: bool = True):

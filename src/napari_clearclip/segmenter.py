@@ -327,8 +327,10 @@ class Segmenter:
         A zarr image whose store lacks chunks is refused (zarr would read them as the fill value without a
         word), unless ``absent_chunks="fill"``: for stores that leave out chunks holding only that value.
 
-        ``lesson=`` teaches every tile as :meth:`segment` teaches the whole image: a first pass over the image
-        gathers its statistics (the image is encoded once more). Strokes on the image itself are not taken.
+        ``lesson=`` and ``strokes=`` (an array-like of the image's size, e.g. a zarr array; read in bands, then the
+        part that holds the painted pixels) teach every tile as :meth:`segment` teaches the whole image: a first
+        pass over the image gathers its statistics and the exemplars under the strokes (the image is encoded once
+        more), and the painted pixels keep their class.
 
         ``objects=`` (instance ids of the image's size, e.g. a zarr or dask array from cellpose on a slide; read a
         tile at a time) gives each object the class :meth:`segment` gives it, from its sums over every tile it

@@ -1189,9 +1189,12 @@ def _merged(parts: list, covariance, images: int) -> Exemplars:
 class ExemplarCollector:
     """Gathers the patch embeddings under each class's strokes, window by window."""
 
-    def __init__(self, strokes: np.ndarray, n_classes: int, pixels: bool = False):
+    def __init__(self, strokes: np.ndarray, n_classes: int, pixels: bool = False, origin: tuple[int, int] | None = None):
         self.strokes = strokes
         self.n_classes = n_classes
+        # ``origin``: the strokes are a part of an image at native resolution (the windows' own size) that starts
+        # there and holds every painted pixel and every window over one (an image too large to hold)
+        self.origin = origin
         self._resized: torch.Tensor | None = None
         self._pixels = None  # with ``pixels``: the painted pixels as the windows score them (for lessons)
         self._want_pixels = pixels
@@ -1209,6 +1212,13 @@ class ExemplarCollector:
         image pixel per cell would miss a 4-pixel stroke on a 4096-pixel side); where the
         working size is larger than the image, the nearest image pixel.
         """
+        if self._resized is None and self.origin is not None:  # at native resolution: the strokes as they are
+            self._resized = torch.from_numpy(np.ascontiguousarray(self.strokes).astype(np.int64))
+            from skimage.measure import label
+
+            # numbered in the raster order of their first pixels: within a part that holds every painted pixel,
+            # that order (and so each number) is the whole image's
+            self._pieces = torch.from_numpy(label(self._resized.numpy(), background=0, connectivity=2).astype(np.int64))
         if self._resized is None:
             height, width = self.strokes.shape
             ys = np.minimum(((np.arange(grid.height) + 0.5) * height / grid.height).astype(np.int64), height - 1)
@@ -1234,6 +1244,16 @@ class ExemplarCollector:
 
             self._pixels = SampleCollector(strokes.numpy())
         for box, features in zip(batch, patch_features):
+            if self.origin is not None:  # within the part the strokes are (windows over no painted pixel: skipped)
+                box = (box[0] - self.origin[0], box[1] - self.origin[0], box[2] - self.origin[1],
+                       box[3] - self.origin[1])
+                if box[1] <= 0 or box[3] <= 0 or box[0] >= strokes.shape[0] or box[2] >= strokes.shape[1]:
+                    continue
+                if box[0] < 0 or box[2] < 0 or box[1] > strokes.shape[0] or box[3] > strokes.shape[1]:
+                    clipped = strokes[max(box[0], 0) : box[1], max(box[2], 0) : box[3]]
+                    if bool(clipped.any()):
+                        raise ValueError("A window over painted pixels reaches beyond the part of the strokes given.")
+                    continue
             y1, y2, x1, x2 = box
             if not bool(strokes[y1:y2, x1:x2].any()):
                 continue

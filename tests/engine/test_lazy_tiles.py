@@ -134,19 +134,18 @@ def test_what_cannot_be_tiled_is_refused(segmenter, tiny_checkpoint):
 
 
 def test_what_segment_takes_and_a_tiled_run_cannot_is_refused_with_why(segmenter):
-    """Strokes on the image, a foreground map or probability maps need the whole image: refused by name
-    (not as an unknown option); segment()'s keywords at their harmless values are taken."""
+    """A foreground map or probability maps need the whole image: refused by name (not as an unknown option);
+    segment()'s keywords at their harmless values are taken."""
     image = smooth_image(80, 80)
     painted = np.zeros((80, 80), np.int32)
     painted[10:20, 10:20] = 1
-    refused = {"strokes": (painted, "whole of it"), "scribbles": (painted, "whole of it"),
-               "foreground": (np.ones((80, 80), np.float32), "foreground"), "maps": (True, "labels only")}
+    refused = {"foreground": (np.ones((80, 80), np.float32), "foreground"), "maps": (True, "labels only")}
     for name, (value, why) in refused.items():
-        with pytest.raises(InvalidOptionError, match=f"cannot take {'strokes' if name == 'scribbles' else name}=:.*"
-                                                     f"{why}.*segment\\(\\)") as raised:
+        with pytest.raises(InvalidOptionError, match=f"cannot take {name}=:.*{why}.*segment\\(\\)") as raised:
             segmenter.segment_tiled(image, ["a", "b"], crop=32, stride=16, **{name: value})
         assert "Unknown option" not in str(raised.value)
-    labels = segmenter.segment_tiled(image, ["a", "b"], crop=32, stride=16, maps=False, lesson=None, objects=None)
+    labels = segmenter.segment_tiled(image, ["a", "b"], crop=32, stride=16, maps=False, lesson=None, objects=None,
+                                     strokes=None)
     np.testing.assert_array_equal(labels, segmenter.segment_tiled(image, ["a", "b"], crop=32, stride=16))
     # a lesson of other window settings: its own error, before any pixel is read
     lesson = segmenter.make_lesson(["a", "b"], [(image, painted)], crop=32, stride=16)      # resized: short side 448
@@ -248,6 +247,90 @@ def test_a_tiled_run_with_a_lesson_resumes_in_its_own_store_and_not_in_another_r
     steps.close()
     taught = segmenter.segment_tiled(image, classes, tile=64, lesson=lesson, out=tmp_path / "other.zarr", **options)
     np.testing.assert_array_equal(taught[:], whole)
+
+
+def _random_strokes(rng, shape, classes: int, count: int) -> np.ndarray:
+    strokes = np.zeros(shape, np.int32)
+    for _ in range(count):
+        y, x = int(rng.integers(0, shape[0] - 6)), int(rng.integers(0, shape[1] - 25))
+        strokes[y : y + int(rng.integers(2, 6)), x : x + int(rng.integers(4, 25))] = int(rng.integers(1, classes + 1))
+    return strokes
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_strokes_on_an_image_segmented_tile_by_tile_teach_it_as_they_teach_the_whole_image(segmenter, case):
+    """Exemplars gathered under the strokes in the pass over the whole image, the painted pixels kept: the labels
+    equal segment(..., strokes=) on the whole image (snapping on and off, grey, a float image, strokes as a dask
+    array, with a lesson and with objects), which the strokes change."""
+    da = pytest.importorskip("dask.array")
+    from napari_clearclip.demo.scenes import make_scene
+
+    rng = np.random.default_rng(90 + case)
+    classes = ["red", "green", "blue", "yellow", "background"]
+    crop = int(rng.choice([48, 64]))
+    options = dict(short_side=None, crop=crop, stride=crop // 2)
+    if case % 2:
+        options.update(refine="pamr", pamr_iterations=2, pamr_dilations=(2, 4))
+    image = np.concatenate([make_scene(100 + case, size=160, objects=(4, 6)).image,
+                            make_scene(105 + case, size=160, objects=(4, 6)).image[:, :int(rng.integers(60, 160))]], 1)
+    if case == 2:
+        image = image.mean(-1).astype(np.uint8)
+    if case == 3:
+        image = image.astype(np.float32) * 0.01 - 0.4
+    strokes = _random_strokes(rng, image.shape[:2], len(classes), int(rng.integers(2, 7)))
+    extra = {"lesson": _lesson_of(segmenter, classes, options)} if case == 4 else {}
+    objects = _crossing_objects(*image.shape[:2], seed=case) if case == 3 else None
+    whole = segmenter.segment(image, classes, maps=False, strokes=strokes, objects=objects, **options, **extra)
+    untaught = segmenter.segment(image, classes, maps=False, objects=objects, **options, **extra)
+    lazy_strokes = da.from_array(strokes, chunks=(50, 70)) if case % 2 else strokes
+    tiled = segmenter.segment_tiled(image, classes, tile=int(rng.integers(40, 90)), strokes=lazy_strokes,
+                                    objects=objects, **options, **extra)
+    if objects is not None:
+        tiled, table = tiled
+        np.testing.assert_array_equal(table["class"], whole.objects["class"])
+    np.testing.assert_array_equal(tiled, whole.labels)
+    assert (whole.labels != untaught.labels).mean() > 0.005
+
+
+def test_strokes_on_a_tiled_image_are_part_of_its_runs_record_and_bad_strokes_are_refused_first(segmenter, tmp_path):
+    from napari_clearclip.demo.scenes import make_scene
+
+    classes = ["red", "green", "blue", "yellow", "background"]
+    options = dict(short_side=None, crop=48, stride=24)
+    image = make_scene(120, size=192, objects=(5, 7)).image
+    strokes = _random_strokes(np.random.default_rng(5), (192, 192), 5, 4)
+    store = tmp_path / "labels.zarr"
+    steps = segmenter.segment_tiled_steps(image, classes, tile=64, strokes=strokes, out=store, **options)
+    for step in steps:                                               # stopped after the third tile of 9
+        if step.stage == "tiles" and step.detail == "tiles: 3/9":
+            break
+    steps.close()
+    other = strokes.copy()
+    other[100:104, 100:120] = 2                                       # another stroke: the tiles are not taken
+    expected = segmenter.segment(image, classes, maps=False, strokes=other, **options).labels
+    progress = []
+    steps = segmenter.segment_tiled_steps(image, classes, tile=64, strokes=other, out=store, **options)
+    while True:
+        try:
+            progress.append(next(steps))
+        except StopIteration as stop:
+            labels = stop.value
+            break
+    np.testing.assert_array_equal(labels[...], expected)
+    assert sum(step.stage == "windows" for step in progress) >= 9    # every tile computed again
+    assert progress[0].stage == "statistics" and "for the strokes" in progress[0].message
+    with pytest.warns(DeprecationWarning, match="strokes="):        # the old name still teaches
+        np.testing.assert_array_equal(segmenter.segment_tiled(image, classes, tile=64, scribbles=other, **options),
+                                      expected)
+    bad = {"float32": (other.astype(np.float32), "not float32"), "shape": (other[:100], "do not match"),
+           "values": (other * 3, f"hold values 0..{3 * other.max()}, but only 0 \\(no hint\\) to 5")}
+    for name, (value, message) in bad.items():
+        with pytest.raises(InvalidOptionError, match=message):
+            segmenter.segment_tiled(image, classes, tile=64, strokes=value, out=tmp_path / f"{name}.zarr", **options)
+        assert not (tmp_path / f"{name}.zarr").exists() and not (tmp_path / f"{name}.zarr.partial").exists()
+    nothing = np.zeros((192, 192), np.uint8)                         # nothing painted: an ordinary run
+    np.testing.assert_array_equal(segmenter.segment_tiled(image, classes, tile=64, strokes=nothing, **options),
+                                  segmenter.segment_tiled(image, classes, tile=64, **options))
 
 
 def _crossing_objects(height: int, width: int, seed: int, dtype=np.uint32, scale: int = 1) -> np.ndarray:

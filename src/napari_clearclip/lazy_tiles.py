@@ -280,7 +280,7 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
         raise InvalidOptionError(f"tile={tile!r} must be a whole number of pixels, at least 16.")
     opts = resolve_tiled_options(segmenter, options, keywords)
     objects = check_lazy_objects(objects, (height, width))
-    painted = None if strokes is None else painted_part(strokes, (height, width), len(parsed), opts.crop, tile)
+    painted = None if strokes is None else painted_parts(strokes, (height, width), len(parsed), opts.crop)
     exemplars = _check_exemplars(exemplars)
     lesson = check_lesson(lesson)
     if lesson is not None:  # checked against the run (classes, model, method, windows) before any pixel is read
@@ -306,8 +306,7 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     planes = shift + tiles + (1 if objects is not None else 0)
     statistics = collector = None
     if shift and not (done is not None and bool(np.all(done[...]))):
-        collector = None if painted is None else ExemplarCollector(painted.strokes, len(parsed),
-                                                                   origin=painted.origin)
+        collector = None if painted is None else ExemplarCollector(None, len(parsed), parts=painted.parts)
         steps = image_statistics_steps(segmenter, image, classes, opts, collector)
         while True:
             try:
@@ -387,35 +386,46 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     return target if objects is None else (target, table)
 
 
-@dataclass
-class PaintedPart:
-    """The part of an image's strokes that holds every painted pixel and every window over one (native resolution),
-    where it starts, and a digest of it (for the record a partial store keeps of its run)."""
+#: Side of the cells in which painted pixels are first found (a band of rows at a time), in image pixels.
+PAINT_CELL = 64
 
-    strokes: np.ndarray
-    origin: tuple[int, int]
-    digest: str
+
+@dataclass
+class PaintedParts:
+    """The strokes on an image too large to hold, as parts of it: each holds the painted pixels of one cluster of
+    them (strokes closer than a window to one another), the window's width around them, and its strokes numbered
+    as on the whole image (each connected piece of one class, in the raster order of their first pixels). A window
+    over a painted pixel lies inside the part that holds it and holds no other part's painted pixel."""
+
+    parts: list  # [(origin (top, left), strokes (int32, only this part's painted pixels), pieces (int32))]
+    digest: str  # of every part (for the record a partial store keeps of its run)
 
     def pasted(self, labels: np.ndarray, top: int, left: int) -> np.ndarray:
         """``labels`` (a block of the image from ``top``, ``left``) with the painted pixels given their class."""
         from .strokes import paste_strokes
 
-        y0, x0 = top - self.origin[0], left - self.origin[1]
-        rows = slice(max(y0, 0), max(min(y0 + labels.shape[0], self.strokes.shape[0]), 0))
-        cols = slice(max(x0, 0), max(min(x0 + labels.shape[1], self.strokes.shape[1]), 0))
-        part = self.strokes[rows, cols]
-        if not part.size or not part.any():
-            return labels
-        labels = np.array(labels, copy=True)
-        paste_strokes(labels[rows.start - y0 : rows.stop - y0, cols.start - x0 : cols.stop - x0], part)
+        copied = False
+        for (y, x), strokes, _ in self.parts:
+            y0, x0 = top - y, left - x
+            rows = slice(max(y0, 0), max(min(y0 + labels.shape[0], strokes.shape[0]), 0))
+            cols = slice(max(x0, 0), max(min(x0 + labels.shape[1], strokes.shape[1]), 0))
+            part = strokes[rows, cols]
+            if not part.size or not part.any():
+                continue
+            if not copied:
+                labels, copied = np.array(labels, copy=True), True
+            paste_strokes(labels[rows.start - y0 : rows.stop - y0, cols.start - x0 : cols.stop - x0], part)
         return labels
 
 
-def painted_part(strokes, shape: tuple[int, int], n_classes: int, crop: int, rows: int = DEFAULT_TILE):
-    """The :class:`PaintedPart` of ``strokes`` (an array-like of the image's ``shape``: 0 = no hint, k = class k),
-    read a band of ``rows`` at a time and checked as :func:`~napari_clearclip.strokes.check_strokes` checks them;
-    None where nothing is painted. Every window of side ``crop`` over a painted pixel lies inside the part."""
+def painted_parts(strokes, shape: tuple[int, int], n_classes: int, crop: int) -> PaintedParts | None:
+    """The :class:`PaintedParts` of ``strokes`` (an array-like of the image's ``shape``: 0 = no hint, k = class k),
+    read a band of rows at a time and checked as :func:`~napari_clearclip.strokes.check_strokes` checks them;
+    None where nothing is painted. ``crop``: the side of the run's windows."""
     import hashlib
+
+    from scipy import ndimage
+    from skimage.measure import label
 
     dtype, given = np.dtype(getattr(strokes, "dtype", np.asarray(strokes).dtype)), tuple(np.shape(strokes))
     if dtype.kind not in "ui":
@@ -423,31 +433,61 @@ def painted_part(strokes, shape: tuple[int, int], n_classes: int, crop: int, row
                                  "e.g. the data of a napari Labels layer.")
     if given != tuple(shape):
         raise InvalidOptionError(f"strokes of shape {given} do not match the image's {tuple(shape)}.")
-    top = bottom = left = right = None
-    low, high = 0, 0
-    for start in range(0, shape[0], max(1, rows)):
-        band = np.asarray(strokes[start : start + rows])
+    cell = PAINT_CELL
+    cells = np.zeros((-(-shape[0] // cell), -(-shape[1] // cell)), bool)
+    low = high = 0
+    band_rows = cell * 32
+    for start in range(0, shape[0], band_rows):
+        band = np.asarray(strokes[start : start + band_rows])
         painted_rows = np.flatnonzero(band.any(axis=1))
         if not len(painted_rows):
             continue
-        painted_cols = np.flatnonzero(band.any(axis=0))
         values = band[painted_rows]
         low, high = min(low, int(values.min())), max(high, int(values.max()))
-        top = start + int(painted_rows[0]) if top is None else top
-        bottom = start + int(painted_rows[-1]) + 1
-        left = int(painted_cols[0]) if left is None else min(left, int(painted_cols[0]))
-        right = int(painted_cols[-1]) + 1 if right is None else max(right, int(painted_cols[-1]) + 1)
+        ys, xs = np.nonzero(band)
+        cells[(start + ys) // cell, xs // cell] = True
     if low < 0 or high > n_classes:
         raise InvalidOptionError(f"strokes hold values {low}..{high}, but only 0 (no hint) to {n_classes} (one per "
                                  "class) are meaningful.")
-    if top is None:
+    if not cells.any():
         return None
-    y0, y1 = max(0, top - crop), min(shape[0], bottom + crop)
-    x0, x1 = max(0, left - crop), min(shape[1], right + crop)
-    part = np.ascontiguousarray(np.asarray(strokes[y0:y1, x0:x1]))
-    digest = hashlib.blake2b(repr((y0, x0, part.shape, str(part.dtype))).encode(), digest_size=16)
-    digest.update(part.data)
-    return PaintedPart(part, (y0, x0), digest.hexdigest())
+    # clusters: cells of paint within a window (and a cell) of one another
+    reach = -(-crop // cell) + 1
+    clusters, count = ndimage.label(ndimage.binary_dilation(cells, np.ones((2 * reach + 1,) * 2, bool)),
+                                    np.ones((3, 3), bool))
+    boxes = ndimage.find_objects(np.where(cells, clusters, 0), count)
+    parts, firsts = [], []
+    for number, box in enumerate(boxes, start=1):
+        if box is None:
+            continue
+        y0, y1 = max(0, box[0].start * cell - crop), min(shape[0], box[0].stop * cell + crop)
+        x0, x1 = max(0, box[1].start * cell - crop), min(shape[1], box[1].stop * cell + crop)
+        part = np.asarray(strokes[y0:y1, x0:x1]).astype(np.int32)
+        cy, cx = y0 // cell, x0 // cell
+        mine = (cells & (clusters == number))[cy : -(-y1 // cell), cx : -(-x1 // cell)]
+        own = np.repeat(np.repeat(mine, cell, 0), cell, 1)[y0 - cy * cell : y1 - cy * cell, x0 - cx * cell : x1 - cx * cell]
+        part[~own] = 0                                  # another cluster's paint inside this one's box
+        pieces = label(part, background=0, connectivity=2)
+        flat = pieces.ravel()
+        at = np.flatnonzero(flat)
+        ids, first = np.unique(flat[at], return_index=True)   # each piece's first pixel, in raster order
+        firsts.append((y0 + at[first] // part.shape[1], x0 + at[first] % part.shape[1], len(parts), ids))
+        parts.append(((y0, x0), part, pieces))
+    # numbered in the raster order of their first pixels over the whole image, as a run on all of it numbers them
+    rows = np.concatenate([f[0] for f in firsts])
+    cols = np.concatenate([f[1] for f in firsts])
+    order = np.empty(len(rows), np.int64)
+    order[np.lexsort((cols, rows))] = np.arange(1, len(rows) + 1)
+    digest = hashlib.blake2b(digest_size=16)
+    done, numbered = 0, []
+    for (origin, part, pieces), (_, _, _, ids) in zip(parts, firsts):
+        lookup = np.zeros(int(ids.max()) + 1, np.int32)
+        lookup[ids] = order[done : done + len(ids)]
+        done += len(ids)
+        numbered.append((origin, part, lookup[pieces]))
+        digest.update(repr((origin, part.shape)).encode())
+        digest.update(part.data)
+    return PaintedParts(numbered, digest.hexdigest())
 
 
 def _objects_block(objects, ty0: int, ty1: int, tx0: int, tx1: int, digest: bool = True):

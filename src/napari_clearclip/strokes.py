@@ -1189,12 +1189,15 @@ def _merged(parts: list, covariance, images: int) -> Exemplars:
 class ExemplarCollector:
     """Gathers the patch embeddings under each class's strokes, window by window."""
 
-    def __init__(self, strokes: np.ndarray, n_classes: int, pixels: bool = False, origin: tuple[int, int] | None = None):
+    def __init__(self, strokes: np.ndarray | None, n_classes: int, pixels: bool = False, parts=None):
         self.strokes = strokes
         self.n_classes = n_classes
-        # ``origin``: the strokes are a part of an image at native resolution (the windows' own size) that starts
-        # there and holds every painted pixel and every window over one (an image too large to hold)
-        self.origin = origin
+        # ``parts`` (instead of ``strokes``, for an image too large to hold, at native resolution: the windows' own
+        # size): [(origin, strokes, pieces)], parts of the image's strokes that hold every painted pixel, each with
+        # every window over one of its painted pixels and no other part's, and its strokes numbered as on the whole
+        self.parts = None if parts is None else [
+            (origin, torch.from_numpy(np.ascontiguousarray(part)), torch.from_numpy(np.ascontiguousarray(pieces)))
+            for origin, part, pieces in parts]
         self._resized: torch.Tensor | None = None
         self._pixels = None  # with ``pixels``: the painted pixels as the windows score them (for lessons)
         self._want_pixels = pixels
@@ -1212,13 +1215,6 @@ class ExemplarCollector:
         image pixel per cell would miss a 4-pixel stroke on a 4096-pixel side); where the
         working size is larger than the image, the nearest image pixel.
         """
-        if self._resized is None and self.origin is not None:  # at native resolution: the strokes as they are
-            self._resized = torch.from_numpy(np.ascontiguousarray(self.strokes).astype(np.int64))
-            from skimage.measure import label
-
-            # numbered in the raster order of their first pixels: within a part that holds every painted pixel,
-            # that order (and so each number) is the whole image's
-            self._pieces = torch.from_numpy(label(self._resized.numpy(), background=0, connectivity=2).astype(np.int64))
         if self._resized is None:
             height, width = self.strokes.shape
             ys = np.minimum(((np.arange(grid.height) + 0.5) * height / grid.height).astype(np.int64), height - 1)
@@ -1235,25 +1231,35 @@ class ExemplarCollector:
             self._pieces = torch.from_numpy(label(resized, background=0, connectivity=2).astype(np.int64))
         return self._resized
 
+    def _part_of(self, box):
+        """(strokes, pieces, the box within them) of the part that holds painted pixels under ``box``, or None."""
+        for (top, left), strokes, pieces in self.parts:
+            inner = (box[0] - top, box[1] - top, box[2] - left, box[3] - left)
+            if inner[1] <= 0 or inner[3] <= 0 or inner[0] >= strokes.shape[0] or inner[2] >= strokes.shape[1]:
+                continue
+            whole = inner[0] >= 0 and inner[2] >= 0 and inner[1] <= strokes.shape[0] and inner[3] <= strokes.shape[1]
+            if whole and bool(strokes[inner[0] : inner[1], inner[2] : inner[3]].any()):
+                return strokes, pieces, inner
+            if not whole and bool(strokes[max(inner[0], 0) : inner[1], max(inner[2], 0) : inner[3]].any()):
+                raise ValueError("A window over painted pixels reaches beyond the part of the strokes that holds them.")
+        return None
+
     def add(self, grid: WindowGrid, batch, patch_features: torch.Tensor) -> None:
         """Keep the embeddings of patches covered by strokes; a patch takes its most painted class, and the
         stroke of that class that it holds (the highest numbered where it holds several)."""
-        strokes = self._at_scale(grid)
+        strokes = pieces = None
+        if self.parts is None:
+            strokes, pieces = self._at_scale(grid), self._pieces
         if self._want_pixels and self._pixels is None and getattr(grid, "kind", None) == "windows":
             from .pixel_samples import SampleCollector
 
             self._pixels = SampleCollector(strokes.numpy())
         for box, features in zip(batch, patch_features):
-            if self.origin is not None:  # within the part the strokes are (windows over no painted pixel: skipped)
-                box = (box[0] - self.origin[0], box[1] - self.origin[0], box[2] - self.origin[1],
-                       box[3] - self.origin[1])
-                if box[1] <= 0 or box[3] <= 0 or box[0] >= strokes.shape[0] or box[2] >= strokes.shape[1]:
+            if self.parts is not None:  # the part whose painted pixels this window holds, if any
+                found = self._part_of(box)
+                if found is None:
                     continue
-                if box[0] < 0 or box[2] < 0 or box[1] > strokes.shape[0] or box[3] > strokes.shape[1]:
-                    clipped = strokes[max(box[0], 0) : box[1], max(box[2], 0) : box[3]]
-                    if bool(clipped.any()):
-                        raise ValueError("A window over painted pixels reaches beyond the part of the strokes given.")
-                    continue
+                strokes, pieces, box = found
             y1, y2, x1, x2 = box
             if not bool(strokes[y1:y2, x1:x2].any()):
                 continue
@@ -1267,9 +1273,9 @@ class ExemplarCollector:
                 self.classes.append(best[painted])
                 self.positions.append(torch.nonzero(painted).flatten().cpu())
                 taught, row = torch.unique(best[painted], return_inverse=True)
-                largest = torch.stack([grid.cell_largest(torch.where(strokes == k + 1, self._pieces, 0), box)
+                largest = torch.stack([grid.cell_largest(torch.where(strokes == k + 1, pieces, 0), box)
                                        for k in taught.tolist()])                # (classes here, patches)
-                self.stroke_ids.append(largest[row, torch.nonzero(painted).flatten()])
+                self.stroke_ids.append(largest[row, torch.nonzero(painted).flatten()].long())
 
     def result(self, device) -> Exemplars | None:
         if not self.features:

@@ -292,6 +292,44 @@ def test_strokes_on_an_image_segmented_tile_by_tile_teach_it_as_they_teach_the_w
     assert (whole.labels != untaught.labels).mean() > 0.005
 
 
+def test_strokes_far_apart_are_held_in_parts_numbered_as_on_the_whole_image(segmenter, monkeypatch):
+    """Strokes in clusters far apart (corners of a slide) are read as parts around each cluster, not as the box of
+    them all; their pieces are numbered as skimage numbers them on the whole image, and the labels still equal the
+    whole image's."""
+    from skimage.measure import label
+
+    import napari_clearclip.lazy_tiles as lazy_tiles
+    from napari_clearclip.demo.scenes import make_scene
+
+    monkeypatch.setattr(lazy_tiles, "PAINT_CELL", 8)
+    rng = np.random.default_rng(7)
+    image = np.concatenate([make_scene(130 + i, size=160, objects=(4, 6)).image for i in range(3)], 1)[:, :440]
+    for case in range(3):
+        strokes = np.zeros(image.shape[:2], np.int32)
+        for y, x in ((5, 5), (120, 400), (140, 20), (10, 380), (80, 200)):      # five clusters, some joined
+            for _ in range(3):
+                dy, dx = int(rng.integers(0, 12)), int(rng.integers(0, 25))
+                strokes[y + dy : y + dy + 3, x + dx : x + dx + int(rng.integers(2, 15))] = int(rng.integers(1, 6))
+        parts = lazy_tiles.painted_parts(strokes, strokes.shape, 5, crop=32)
+        assert len(parts.parts) >= 3
+        assert sum(part.size for _, part, _ in parts.parts) < 0.7 * strokes.size
+        whole = label(strokes, background=0, connectivity=2)
+        rebuilt, pieces = np.zeros_like(strokes), np.zeros_like(whole)
+        for (y, x), part, numbered in parts.parts:
+            region = (slice(y, y + part.shape[0]), slice(x, x + part.shape[1]))
+            rebuilt[region] += part
+            pieces[region] += numbered
+        np.testing.assert_array_equal(rebuilt, strokes)                 # each painted pixel in one part
+        np.testing.assert_array_equal(pieces, whole)                    # numbered as on the whole image
+        options = dict(short_side=None, crop=32, stride=16, templates=["a {}."])
+        if case == 1:
+            options.update(refine="pamr", pamr_iterations=2, pamr_dilations=(2, 4))
+        classes = ["red", "green", "blue", "yellow", "background"]
+        expected = segmenter.segment(image, classes, maps=False, strokes=strokes, **options).labels
+        np.testing.assert_array_equal(segmenter.segment_tiled(image, classes, tile=64, strokes=strokes, **options),
+                                      expected)
+
+
 def test_strokes_on_a_tiled_image_are_part_of_its_runs_record_and_bad_strokes_are_refused_first(segmenter, tmp_path):
     from napari_clearclip.demo.scenes import make_scene
 

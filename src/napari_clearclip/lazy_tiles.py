@@ -254,8 +254,9 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     gathered first in a pass over all of it (:func:`image_statistics_steps`: the image is encoded once more), so
     that the labels equal a run on the whole image with the lesson. ``strokes`` on the image itself (an
     array-like of its height and width: 0 = no hint, k = class k; read in bands of rows, then only the part that
-    holds every painted pixel) teach it as :meth:`~napari_clearclip.segmenter.Segmenter.segment` does: their
-    exemplars are gathered in that same pass, and the painted pixels keep their class.
+    holds every painted pixel; or :func:`painted_parts` of them, read already) teach it as
+    :meth:`~napari_clearclip.segmenter.Segmenter.segment` does: their exemplars are gathered in that same pass, and
+    the painted pixels keep their class.
 
     ``objects`` (an array-like of the image's height and width holding instance ids, 0 = no object; read a tile
     at a time) gives each object the class whose probability summed over all its pixels, in every tile it
@@ -280,7 +281,8 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
         raise InvalidOptionError(f"tile={tile!r} must be a whole number of pixels, at least 16.")
     opts = resolve_tiled_options(segmenter, options, keywords)
     objects = check_lazy_objects(objects, (height, width))
-    painted = None if strokes is None else painted_parts(strokes, (height, width), len(parsed), opts.crop)
+    painted = strokes if isinstance(strokes, PaintedParts) or strokes is None else painted_parts(
+        strokes, (height, width), len(parsed), opts.crop)
     exemplars = _check_exemplars(exemplars)
     lesson = check_lesson(lesson)
     if lesson is not None:  # checked against the run (classes, model, method, windows) before any pixel is read

@@ -223,6 +223,64 @@ def test_objects_of_a_large_image_get_a_class_each_tile_by_tile(qtbot, widget, m
     np.testing.assert_array_equal(viewer.layers["slide classes"].data[:], expected.labels)
 
 
+def test_corrections_painted_on_a_tiled_result_teach_the_next_run_on_that_image(qtbot, widget, monkeypatch, tmp_path):
+    """Strokes painted (through napari) on a result written tile by tile teach the next run, which adds a new layer
+    equal to segment(..., strokes=) on the whole image and leaves the painted layer as it is; the strokes keep
+    teaching the run after that, with what is painted since."""
+    import zarr
+
+    import napari_clearclip.gui.widget as widget_module
+    from napari_clearclip import Segmenter
+    from napari_clearclip.demo.scenes import make_scene
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 200 * 200)
+    monkeypatch.setenv("NAPARI_CLEARCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    viewer = widget._viewer
+    image = np.concatenate([make_scene(140, size=160, objects=(4, 6)).image,
+                            make_scene(141, size=160, objects=(4, 6)).image], 1)
+    widget.image.value = viewer.add_image(image, name="slide", rgb=True)
+    widget.classes.value = "sky\ngrass\nrock"
+    widget.resize.value = False
+    widget.crop.value, widget.stride.value = 64, 32
+    run_and_wait(qtbot, widget)
+    assert "Corrections painted on it teach the next run" in widget.status.value, widget.status.value
+    first = viewer.layers["slide classes"]
+    before = np.asarray(first.data[:])
+    painting = np.zeros(image.shape[:2], np.int32)
+    painting[20:26, 30:70], painting[120:124, 200:260] = 3, 1
+    for value in (3, 1):                                    # painted as napari paints: into the store
+        first.data_setitem(tuple(np.nonzero(painting == value)), value)
+    painted = np.asarray(first.data[:])
+    strokes = np.where(painted != before, painted, 0)       # what the painting changed: the corrections
+    assert strokes.any()
+    segmenter = Segmenter("test-tiny", widget.pretrained.value, device="cpu")
+    run = dict(short_side=None, crop=64, stride=32, refine="pamr",
+               contrast_limits=tuple(viewer.layers["slide"].contrast_limits))
+    classes = ["sky", "grass", "rock"]
+    expected = segmenter.segment(image, classes, maps=False, strokes=strokes, **run).labels
+    assert not np.array_equal(expected, segmenter.segment(image, classes, maps=False, **run).labels)
+    run_and_wait(qtbot, widget)
+    status = widget.status.value
+    assert f"{int((strokes > 0).sum())} pixels painted on 'slide classes' taught this run" in status, status
+    second = viewer.layers[-1]
+    assert second is not first and isinstance(second.data, zarr.Array)
+    np.testing.assert_array_equal(second.data[:], expected)
+    np.testing.assert_array_equal(first.data[:], painted)                          # the painted layer is kept
+    # the next run: the strokes before, and those painted since on the newest result, with a class added
+    before = np.asarray(second.data[:])
+    value = int(np.bincount(before[60:64, 100:140].ravel()).argmax()) % 3 + 1      # a class it is not
+    second.data_setitem(tuple(np.nonzero(np.pad(np.ones((4, 40), bool), ((60, 96), (100, 180))))), value)
+    second.data_setitem((np.arange(20, 26), np.full(6, 40)), 2)                   # over an earlier stroke
+    after = np.asarray(second.data[:])
+    more = np.where(after != before, after, strokes)
+    assert (more != strokes).sum() > 20
+    widget.classes.value = "sky\ngrass\nrock\nsea"
+    run_and_wait(qtbot, widget)
+    expected = segmenter.segment(image, classes + ["sea"], maps=False, strokes=more, **run).labels
+    np.testing.assert_array_equal(viewer.layers[-1].data[:], expected)
+    assert f"{int((more > 0).sum())} pixels painted on" in widget.status.value
+
+
 def test_a_lesson_saved_from_strokes_on_two_images_is_fitted_as_one_made_from_both(tmp_path):
     """Save lesson... joins the images' lessons at once and fits their class offsets in its worker."""
     from napari_clearclip import Lesson, Segmenter

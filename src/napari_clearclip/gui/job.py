@@ -78,6 +78,7 @@ class TiledResult:
     taught: bool = False                           # a lesson (loaded, or strokes on other images) taught the tiles
     notes: tuple[str, ...] = ()                    # why a lesson was left out
     objects: dict | None = None                    # with objects: id, class, confidence, area per object
+    painted: int = 0                               # pixels painted on the earlier result that taught this run
 
 
 def tiled_store_path(image_name: str) -> Path:
@@ -112,9 +113,10 @@ def _loaded(holder: ModelHolder, spec: ModelSpec):
 
 
 def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, store: Path, new_layer: dict,
-              background: tuple[str, ...] = (), lessons: tuple = (), objects=None):
+              background: tuple[str, ...] = (), lessons: tuple = (), objects=None, painted_on: tuple | None = None):
     """Worker body for a large image: segment it tile by tile into ``store`` (yielding progress per tile), taught by
-    the ``lessons`` that fit the run, each of the ``objects`` (instance ids of the image's size) given a class, and
+    the ``lessons`` that fit the run and by what the user painted on an earlier result of the image (``painted_on``:
+    its store and class names), each of the ``objects`` (instance ids of the image's size) given a class, and
     build the Labels layer backed by that store, so that the GUI thread only inserts it."""
     from ..annotate import lesson_exemplars
     from ..colours import colormap_dict
@@ -128,11 +130,23 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     absent = absent_chunk_count(image)
     notes: list[str] = []
     exemplars = lesson_exemplars(segmenter, classes, segmenter.resolve_options(options), list(lessons), notes)
+    parts = None
+    if painted_on is not None:  # the strokes since (and before) that result, in this run's classes
+        from ..lazy_tiles import painted_parts, resolve_tiled_options
+        from ..tiled_edits import EditedStrokes
+
+        edits = EditedStrokes(painted_on[0], painted_on[1], [c.name for c in parse_classes(classes)])
+        yield Progress("reading", 0, 1, detail=f"reading what was painted on the earlier result ({painted_on[0].name})")
+        parts = painted_parts(edits, edits.shape, len(parse_classes(classes)),
+                              resolve_tiled_options(segmenter, options, {}).crop)
     labels = yield from segmenter.segment_tiled_steps(image, classes, options, out=store, absent_chunks="fill",
-                                                      exemplars=exemplars, objects=objects)
+                                                      exemplars=exemplars, objects=objects, strokes=parts)
     table = None
     if objects is not None:
         labels, table = labels
+    from ..tiled_edits import keep_baseline, painted_count
+
+    keep_baseline(store, parts)   # what the run wrote, to tell what is painted on it next
     names = [c.name for c in parse_classes(classes)]
     counts = label_counts(labels, len(names))
     colours = colormap_dict(names, tuple(background))
@@ -140,7 +154,7 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     layer = Labels(labels, features=labels_features(names), colormap=DirectLabelColormap(color_dict=colours),
                    visible=False, **new_layer)
     return TiledResult(store, names, counts, colours, absent if absent and absent[0] else None,
-                       exemplars is not None, tuple(notes), table), layer
+                       exemplars is not None, tuple(notes), table, painted_count(parts)), layer
 
 
 def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None):

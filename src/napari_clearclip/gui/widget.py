@@ -362,30 +362,48 @@ class ClearClipWidget(FieldLogic, Container):
                    objects_layer=None):
         """Segment a large 2-D image tile by tile into a zarr store in the user cache; the result is a new Labels
         layer backed by that store (editable: painting writes into it). ``lessons`` (loaded, or strokes on other
-        images) teach every tile with the whole image's statistics; strokes on this image do not teach in this
-        mode. The objects of ``objects_layer`` get a class each (its features table), read a tile at a time."""
+        images) teach every tile with the whole image's statistics, and so do corrections painted on the newest
+        earlier result of this image segmented so (read against the baseline its store keeps; that layer is left
+        as it is). The objects of ``objects_layer`` get a class each (its features table), read a tile at a time."""
         import shutil
 
         store = tiled_store_path(layer.name)
-        new_layer = {"name": f"{layer.name} classes", **layer_geometry(layer, layout)}
         names = [", ".join(c.synonyms) for c in classes]
+        new_layer = {"name": f"{layer.name} classes", **layer_geometry(layer, layout),
+                     "metadata": {TILED_KEY: {"image": layer.name, "store": str(store),
+                                              "names": [c.name for c in classes]}}}
+        earlier = self._tiled_result_of(layer.name, layout) if self.learn.value and self.keep_edits.value else None
+        painted_on = None if earlier is None else (Path(earlier.metadata[TILED_KEY]["store"]),
+                                                   list(earlier.metadata[TILED_KEY]["names"]))
         background = (self.background.value,) if self.background.value else ()
         objects = None
         if objects_layer is not None:
             objects = objects_layer.data[0] if objects_layer.multiscale else objects_layer.data
         worker = create_worker(tiled_job, self._models, self.model_spec(), data, names, options, store, new_layer,
-                               background, tuple(lessons or ()), objects, _start_thread=False, _ignore_errors=True)
+                               background, tuple(lessons or ()), objects, painted_on, _start_thread=False,
+                               _ignore_errors=True)
 
         def discard():  # a cancelled or failed run leaves no store behind
             shutil.rmtree(store.with_name(store.name + ".partial"), ignore_errors=True)
 
-        worker.returned.connect(lambda value: self._on_tiled_returned(value, objects_layer))
+        worker.returned.connect(lambda value: self._on_tiled_returned(value, objects_layer, earlier))
         worker.aborted.connect(lambda: (discard(), self._set_status("Cancelled: nothing was added.")))
         worker.errored.connect(lambda *_: discard())
         return self._launch(worker, f"Starting on {layer.name}: a large image, segmented tile by tile at native "
                                     "resolution...")
 
-    def _on_tiled_returned(self, value, objects_layer=None):
+    def _tiled_result_of(self, image_name: str, layout: ImageLayout):
+        """The newest result of this image segmented tile by tile whose store tells what was painted on it since."""
+        from ..tiled_edits import has_baseline
+
+        for item in reversed(list(self._viewer.layers)):
+            kept = item.metadata.get(TILED_KEY) if isinstance(item, Labels) else None
+            if (kept and kept.get("image") == image_name and tuple(item.data.shape) == layout.label_shape
+                    and has_baseline(kept.get("store", ""))):
+                return item
+        return None
+
+    def _on_tiled_returned(self, value, objects_layer=None, earlier=None):
         self._delivered = True
         if self._closed:
             return
@@ -409,9 +427,15 @@ class ClearClipWidget(FieldLogic, Container):
             self._set_object_features(objects_layer, result.objects)
             classified = (f" {len(result.objects['id'])} objects of '{objects_layer.name}' got a class each (see "
                           "its features table).")
+        if result.painted and earlier is not None:
+            strokes = (f" {result.painted} pixels painted on '{earlier.name}' taught this run and keep their class; "
+                       "that layer is kept as it is.")
+        elif self.learn.value and self.keep_edits.value:
+            strokes = " Corrections painted on it teach the next run (press Run: it adds a new layer)."
+        else:
+            strokes = ""
         self._set_status(f"Done: {layer.name}, segmented tile by tile; its labels are stored in {result.path} "
-                         f"(painting writes there). Strokes on this image do not teach at this size.{classified}"
-                         f"{taught}{notes}{absent}")
+                         f"(painting writes there).{strokes}{classified}{taught}{notes}{absent}")
         self.objects.reset_choices()
 
     @staticmethod
@@ -671,6 +695,9 @@ class ClearClipWidget(FieldLogic, Container):
 
 #: Where a result of an image segmented at a reduced size keeps what Save at full size... needs (in its metadata).
 FULL_SIZE_KEY = "napari-clearclip full size"
+#: Where a result segmented tile by tile keeps its image, store and classes (in its metadata): what was painted on
+#: it teaches the next run on that image.
+TILED_KEY = "napari-clearclip tiled"
 
 #: The largest pyramid level sampled on the GUI thread to tell whether an image is a demo scene.
 DEMO_SAMPLE_PIXELS = 1024 * 1024

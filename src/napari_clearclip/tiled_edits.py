@@ -1,0 +1,80 @@
+"""What a user painted on labels written tile by tile into a zarr store: strokes for the next run on that image.
+
+A napari layer backed by the store writes each stroke into its ``labels`` array. The store also keeps a
+``baseline`` (the labels as the run wrote them) and the ``strokes`` that taught that run, so that a pixel whose
+label differs from the baseline was painted since, and a pixel painted before still teaches. Both are read a
+band or a part at a time, as the run reads the image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+#: Rows copied at a time when the baseline is written.
+BAND_ROWS = 2048
+
+
+class EditedStrokes:
+    """An array-like of a store's strokes for a run with other (or the same) classes: where a pixel's label differs
+    from the baseline, its label (the eraser is no hint); elsewhere the strokes that taught the run that wrote it.
+    A label means the class it had in that run, and is a hint for that class under its number in the new run (a
+    class no longer asked for, or a label the user invented, is none)."""
+
+    def __init__(self, store: str | Path, names: Sequence[str], new_names: Sequence[str]):
+        import zarr
+
+        group = zarr.open_group(str(store), mode="r")
+        self.labels, self.baseline = group["labels"], group["baseline"]
+        self.carried = group["strokes"] if "strokes" in group else None
+        self.lookup = np.zeros(len(names) + 1, np.int64)
+        for value, name in enumerate(names, start=1):
+            self.lookup[value] = list(new_names).index(name) + 1 if name in new_names else 0
+        self.shape = tuple(self.labels.shape)
+        self.dtype = np.dtype(np.uint8 if len(new_names) < 256 else np.int32)
+        self.ndim = 2
+
+    def __getitem__(self, key) -> np.ndarray:
+        current = np.asarray(self.labels[key]).astype(np.int64)
+        edited = current != np.asarray(self.baseline[key])
+        values = np.where(edited, current, 0 if self.carried is None else np.asarray(self.carried[key]))
+        values[(values < 0) | (values >= len(self.lookup))] = 0
+        return self.lookup[values].astype(self.dtype)
+
+
+def has_baseline(store: str | Path) -> bool:
+    """Whether a labels store keeps the baseline that tells what was painted on it since."""
+    import zarr
+
+    try:
+        group = zarr.open_group(str(store), mode="r")
+        return "baseline" in group and "labels" in group and group["baseline"].shape == group["labels"].shape
+    except (OSError, ValueError, KeyError, FileNotFoundError):
+        return False
+
+
+def keep_baseline(store: str | Path, parts=None) -> None:
+    """Write into a finished labels store its ``baseline`` (a copy of its labels, a band of rows at a time) and the
+    ``strokes`` that taught its run (:class:`~napari_clearclip.lazy_tiles.PaintedParts`, or None)."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r+")
+    labels = group["labels"]
+    baseline = group.create_array("baseline", shape=labels.shape, chunks=labels.chunks, dtype=labels.dtype,
+                                  fill_value=0, overwrite=True)
+    for start in range(0, labels.shape[0], BAND_ROWS):
+        baseline[start : start + BAND_ROWS] = labels[start : start + BAND_ROWS]
+    if parts is None:
+        return
+    strokes = group.create_array("strokes", shape=labels.shape, chunks=labels.chunks, dtype=labels.dtype,
+                                 fill_value=0, overwrite=True)
+    for (top, left), part, _ in parts.parts:
+        region = (slice(top, top + part.shape[0]), slice(left, left + part.shape[1]))
+        strokes[region] = np.where(part > 0, part, strokes[region]).astype(labels.dtype)
+
+
+def painted_count(parts) -> int:
+    """How many pixels the strokes of :class:`~napari_clearclip.lazy_tiles.PaintedParts` paint (0 for None)."""
+    return 0 if parts is None else int(sum(int((part > 0).sum()) for _, part, _ in parts.parts))

@@ -1,0 +1,59 @@
+"""What a user painted on labels written tile by tile: read against the baseline the store keeps."""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from napari_clearclip.lazy_tiles import painted_parts
+from napari_clearclip.tiled_edits import EditedStrokes, has_baseline, keep_baseline, painted_count
+
+
+def _store(path, labels):
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("labels", data=labels, chunks=(32, 32))
+    return group
+
+
+def test_edits_are_the_pixels_changed_since_the_baseline_in_the_new_runs_classes(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(1, 4, (90, 70)).astype(np.uint8)          # classes a, b, c
+    group = _store(tmp_path / "run.zarr", labels)
+    assert not has_baseline(tmp_path / "run.zarr")
+    keep_baseline(tmp_path / "run.zarr")
+    assert has_baseline(tmp_path / "run.zarr") and not has_baseline(tmp_path / "other.zarr")
+    np.testing.assert_array_equal(group["baseline"][:], labels)
+    painted = labels.copy()
+    painted[5:9, 10:30] = 2                                        # b
+    painted[40:44, 0:20] = 3                                       # c: no longer asked for
+    painted[60:62, 30:50] = 0                                      # the eraser
+    painted[80:82, 5:15] = 9                                       # a label the user invented
+    group["labels"][:] = painted
+    edits = EditedStrokes(tmp_path / "run.zarr", ["a", "b", "c"], ["b", "a", "d"])
+    changed = painted != labels
+    expected = np.zeros(labels.shape, np.uint8)
+    expected[changed & (painted == 2)] = 1                         # b is class 1 now
+    np.testing.assert_array_equal(edits[:, :], expected)
+    np.testing.assert_array_equal(edits[10:50, 5:60], expected[10:50, 5:60])
+    np.testing.assert_array_equal(edits[0:64], expected[:64])      # bands of rows, as they are read
+    assert edits.shape == labels.shape and edits.dtype == np.uint8
+
+
+def test_strokes_that_taught_a_run_keep_teaching_the_next_unless_painted_over(tmp_path):
+    labels = np.full((120, 100), 1, np.uint8)
+    group = _store(tmp_path / "run.zarr", labels)
+    strokes = np.zeros(labels.shape, np.int32)
+    strokes[10:14, 10:40], strokes[90:94, 60:90] = 2, 3
+    parts = painted_parts(strokes, strokes.shape, 3, crop=16)
+    keep_baseline(tmp_path / "run.zarr", parts)
+    assert painted_count(parts) == int((strokes > 0).sum()) and painted_count(None) == 0
+    np.testing.assert_array_equal(group["strokes"][:], strokes)
+    painted = labels.copy()
+    painted[12, 10:20] = 3                                         # over an earlier stroke: the new class wins
+    painted[50:52, 50:60] = 2
+    group["labels"][:] = painted
+    edits = EditedStrokes(tmp_path / "run.zarr", ["a", "b", "c"], ["a", "b", "c"])[:, :]
+    expected = strokes.copy()
+    expected[12, 10:20] = 3
+    expected[50:52, 50:60] = 2
+    np.testing.assert_array_equal(edits, expected)

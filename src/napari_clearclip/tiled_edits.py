@@ -37,11 +37,13 @@ class EditedStrokes:
         self.ndim = 2
 
     def __getitem__(self, key) -> np.ndarray:
-        current = np.asarray(self.labels[key]).astype(np.int64)
+        """The strokes over ``key`` (slices), in the stored labels' own type until the lookup (a band of a
+        20000-pixel-wide slide stays a few bytes a pixel)."""
+        current = np.asarray(self.labels[key])
         edited = current != np.asarray(self.baseline[key])
         values = np.where(edited, current, 0 if self.carried is None else np.asarray(self.carried[key]))
-        values[(values < 0) | (values >= len(self.lookup))] = 0
-        return self.lookup[values].astype(self.dtype)
+        values[(values < 0) | (values >= len(self.lookup))] = 0   # labels the user invented are no hint
+        return self.lookup.astype(self.dtype)[values]
 
 
 def has_baseline(store: str | Path) -> bool:

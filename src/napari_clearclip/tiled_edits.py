@@ -80,3 +80,28 @@ def keep_baseline(store: str | Path, parts=None) -> None:
 def painted_count(parts) -> int:
     """How many pixels the strokes of :class:`~napari_clearclip.lazy_tiles.PaintedParts` paint (0 for None)."""
     return 0 if parts is None else int(sum(int((part > 0).sum()) for _, part, _ in parts.parts))
+
+
+def changed_pixels(before, after) -> int:
+    """How many pixels are painted differently (painted, erased or given another class) in ``after`` than in
+    ``before`` (:class:`~napari_clearclip.lazy_tiles.PaintedParts` of the same image, or None)."""
+    if before is not None and after is not None and before.digest == after.digest:
+        return 0
+    width = max([left + part.shape[1] for parts in (before, after) if parts is not None
+                 for (_, left), part, _ in parts.parts] or [1])
+
+    def painted(parts):  # (flat index, class) of every painted pixel: each in one part only
+        if parts is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        where, values = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+        for (top, left), part, _ in parts.parts:
+            ys, xs = np.nonzero(part)
+            where.append((ys + top).astype(np.int64) * width + xs + left)
+            values.append(part[ys, xs].astype(np.int64))
+        return np.concatenate(where), np.concatenate(values)
+
+    (old_at, old), (new_at, new) = painted(before), painted(after)
+    keys, index = np.unique(np.concatenate([old_at, new_at]), return_inverse=True)
+    then, now = np.zeros(len(keys), np.int64), np.zeros(len(keys), np.int64)
+    then[index[: len(old_at)]], now[index[len(old_at) :]] = old, new
+    return int((then != now).sum())

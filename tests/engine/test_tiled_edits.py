@@ -57,3 +57,22 @@ def test_strokes_that_taught_a_run_keep_teaching_the_next_unless_painted_over(tm
     expected[12, 10:20] = 3
     expected[50:52, 50:60] = 2
     np.testing.assert_array_equal(edits, expected)
+
+
+def test_pixels_painted_differently_are_counted_whether_painted_erased_or_given_another_class(monkeypatch):
+    import napari_clearclip.lazy_tiles as lazy_tiles
+    from napari_clearclip.tiled_edits import changed_pixels
+
+    monkeypatch.setattr(lazy_tiles, "PAINT_CELL", 8)                  # clusters apart in a small image
+
+    strokes = np.zeros((200, 300), np.int32)
+    strokes[5:9, 5:40], strokes[180:184, 250:290] = 1, 2               # two clusters far apart
+    later = strokes.copy()
+    later[5, 5:15] = 0                                                 # erased
+    later[180, 250:255] = 3                                            # another class
+    later[100:102, 100:110] = 1                                        # painted anew
+    before, after = (lazy_tiles.painted_parts(s, s.shape, 3, crop=16) for s in (strokes, later))
+    assert len(before.parts) == 2 and len(after.parts) == 3
+    assert changed_pixels(before, after) == 10 + 5 + 20
+    assert changed_pixels(before, before) == 0 and changed_pixels(None, None) == 0
+    assert changed_pixels(None, after) == int((later > 0).sum()) and changed_pixels(before, None) == 300

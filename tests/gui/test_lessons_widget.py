@@ -259,13 +259,27 @@ def test_corrections_painted_on_a_tiled_result_teach_the_next_run_on_that_image(
     classes = ["sky", "grass", "rock"]
     expected = segmenter.segment(image, classes, maps=False, strokes=strokes, **run).labels
     assert not np.array_equal(expected, segmenter.segment(image, classes, maps=False, **run).labels)
-    run_and_wait(qtbot, widget)
+    late = np.zeros(image.shape[:2], bool)
+    late[140:143, 10:30] = True                              # painted on the first result while the run goes
+    late_value = int(np.bincount(painted[late].ravel()).argmax()) % 3 + 1          # a class it is not
+
+    def paint_late(step):
+        if getattr(step, "stage", "") == "tiles" and not late_painted:
+            late_painted.append(first.data_setitem(tuple(np.nonzero(late)), late_value))
+    late_painted: list = []
+    worker = widget.run()
+    worker.yielded.connect(paint_late)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=120_000)
     status = widget.status.value
-    assert f"{int((strokes > 0).sum())} pixels painted on 'slide classes' taught this run" in status, status
+    assert late_painted and f"{int((strokes > 0).sum())} pixels painted on 'slide classes' taught this run" in status
+    late_strokes = np.where(late & (np.asarray(first.data[:]) != painted), late_value, 0)
+    assert late_strokes.any()
+    assert f"{int((late_strokes > 0).sum())} pixels painted on 'slide classes' while this run went" in status, status
+    strokes = np.where(late_strokes > 0, late_strokes, strokes)            # they teach the next run
     second = viewer.layers[-1]
     assert second is not first and isinstance(second.data, zarr.Array)
     np.testing.assert_array_equal(second.data[:], expected)
-    np.testing.assert_array_equal(first.data[:], painted)                          # the painted layer is kept
+    np.testing.assert_array_equal(first.data[:], np.where(late, late_value, painted))   # the painted layer kept
     # the next run: the strokes before, and those painted since on the newest result, with a class added
     before = np.asarray(second.data[:])
     value = int(np.bincount(before[60:64, 100:140].ravel()).argmax()) % 3 + 1      # a class it is not

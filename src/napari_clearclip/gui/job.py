@@ -79,6 +79,7 @@ class TiledResult:
     notes: tuple[str, ...] = ()                    # why a lesson was left out
     objects: dict | None = None                    # with objects: id, class, confidence, area per object
     painted: int = 0                               # pixels painted on the earlier result that taught this run
+    late: int = 0                                  # pixels painted (or erased) there while it went: for the next
 
 
 def tiled_store_path(image_name: str) -> Path:
@@ -136,18 +137,22 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
         from ..tiled_edits import EditedStrokes
 
         edits = EditedStrokes(painted_on[0], painted_on[1], [c.name for c in parse_classes(classes)])
+        crop = resolve_tiled_options(segmenter, options, {}).crop
         yield Progress("reading", 0, 1, detail=f"reading what was painted on the earlier result ({painted_on[0].name})")
-        parts = painted_parts(edits, edits.shape, len(parse_classes(classes)),
-                              resolve_tiled_options(segmenter, options, {}).crop)
+        parts = painted_parts(edits, edits.shape, len(parse_classes(classes)), crop)
     labels = yield from segmenter.segment_tiled_steps(image, classes, options, out=store, absent_chunks="fill",
                                                       exemplars=exemplars, objects=objects, strokes=parts)
     table = None
     if objects is not None:
         labels, table = labels
-    from ..tiled_edits import keep_baseline, painted_count
+    from ..tiled_edits import changed_pixels, keep_baseline, painted_count
 
     yield Progress("reading", 1, 1, detail="keeping the labels as written, to tell corrections from them")
-    keep_baseline(store, parts)   # what the run wrote, to tell what is painted on it next (3 s at 20000 x 20000)
+    carried, late = parts, 0
+    if painted_on is not None:  # strokes painted on that result while this run went are kept for the next run
+        carried = painted_parts(edits, edits.shape, len(parse_classes(classes)), crop)
+        late = changed_pixels(parts, carried)
+    keep_baseline(store, carried)  # what the run wrote, to tell what is painted on it next (3 s at 20000 x 20000)
     names = [c.name for c in parse_classes(classes)]
     counts = label_counts(labels, len(names))
     colours = colormap_dict(names, tuple(background))
@@ -155,7 +160,7 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     layer = Labels(labels, features=labels_features(names), colormap=DirectLabelColormap(color_dict=colours),
                    visible=False, **new_layer)
     return TiledResult(store, names, counts, colours, absent if absent and absent[0] else None,
-                       exemplars is not None, tuple(notes), table, painted_count(parts)), layer
+                       exemplars is not None, tuple(notes), table, painted_count(parts), late), layer
 
 
 def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None):

@@ -434,6 +434,9 @@ class ClearClipWidget(FieldLogic, Container):
             strokes = " Corrections painted on it teach the next run (press Run: it adds a new layer)."
         else:
             strokes = ""
+        if result.late and earlier is not None:  # painted while the run went: not lost, kept for the next
+            strokes += (f" {result.late} pixels painted on '{earlier.name}' while this run went were not used by it; "
+                        "they teach the next run.")
         self._set_status(f"Done: {layer.name}, segmented tile by tile; its labels are stored in {result.path} "
                          f"(painting writes there).{strokes}{classified}{taught}{notes}{absent}")
         self.objects.reset_choices()

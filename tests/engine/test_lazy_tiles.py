@@ -158,6 +158,31 @@ def test_what_segment_takes_and_a_tiled_run_cannot_is_refused_with_why(segmenter
             image, painted, ["a", "b"], crop=32, stride=16, short_side=None))
 
 
+def _driven(steps):
+    """(what a progress generator returns, the progress it yielded)."""
+    progress = []
+    while True:
+        try:
+            progress.append(next(steps))
+        except StopIteration as stop:
+            return stop.value, progress
+
+
+def _two_scenes_case(rng, case: int, first_seed: int) -> tuple[dict, np.ndarray]:
+    """Native-resolution options (random windows; snapping on odd cases) and an image of two demo scenes side by
+    side, the second cut at a random width."""
+    from napari_clearclip.demo.scenes import make_scene
+
+    crop = int(rng.choice([48, 64]))
+    options = dict(short_side=None, crop=crop, stride=crop // 2)
+    if case % 2:
+        options.update(refine="pamr", pamr_iterations=2, pamr_dilations=(2, 4))
+    image = np.concatenate([make_scene(first_seed + case, size=160, objects=(4, 6)).image,
+                            make_scene(first_seed + 5 + case, size=160, objects=(4, 6)).image[
+                                :, :int(rng.integers(60, 160))]], 1)
+    return options, image
+
+
 def _lesson_of(segmenter, classes, options, seeds=(21, 22)):
     """A lesson from strokes across the shapes of two demo scenes, at the run's window settings."""
     from napari_clearclip.demo.scenes import make_scene
@@ -199,14 +224,7 @@ def test_a_lesson_teaches_a_tiled_run_as_it_teaches_the_whole_image(segmenter, c
     tile = int(rng.integers(40, 90))
     whole = segmenter.segment(image, classes, maps=False, lesson=lesson, **options).labels
     untaught = segmenter.segment(image, classes, maps=False, **options).labels
-    progress = []
-    steps = segmenter.segment_tiled_steps(image, classes, tile=tile, lesson=lesson, **options)
-    while True:
-        try:
-            progress.append(next(steps))
-        except StopIteration as stop:
-            tiled = stop.value
-            break
+    tiled, progress = _driven(segmenter.segment_tiled_steps(image, classes, tile=tile, lesson=lesson, **options))
     np.testing.assert_array_equal(tiled, whole)
     assert (whole != untaught).mean() > 0.01
     fractions = [step.fraction for step in progress]
@@ -263,16 +281,10 @@ def test_strokes_on_an_image_segmented_tile_by_tile_teach_it_as_they_teach_the_w
     equal segment(..., strokes=) on the whole image (snapping on and off, grey, a float image, strokes as a dask
     array, with a lesson and with objects), which the strokes change."""
     da = pytest.importorskip("dask.array")
-    from napari_clearclip.demo.scenes import make_scene
 
     rng = np.random.default_rng(90 + case)
     classes = ["red", "green", "blue", "yellow", "background"]
-    crop = int(rng.choice([48, 64]))
-    options = dict(short_side=None, crop=crop, stride=crop // 2)
-    if case % 2:
-        options.update(refine="pamr", pamr_iterations=2, pamr_dilations=(2, 4))
-    image = np.concatenate([make_scene(100 + case, size=160, objects=(4, 6)).image,
-                            make_scene(105 + case, size=160, objects=(4, 6)).image[:, :int(rng.integers(60, 160))]], 1)
+    options, image = _two_scenes_case(rng, case, 100)
     if case == 2:
         image = image.mean(-1).astype(np.uint8)
     if case == 3:
@@ -346,14 +358,7 @@ def test_strokes_on_a_tiled_image_are_part_of_its_runs_record_and_bad_strokes_ar
     other = strokes.copy()
     other[100:104, 100:120] = 2                                       # another stroke: the tiles are not taken
     expected = segmenter.segment(image, classes, maps=False, strokes=other, **options).labels
-    progress = []
-    steps = segmenter.segment_tiled_steps(image, classes, tile=64, strokes=other, out=store, **options)
-    while True:
-        try:
-            progress.append(next(steps))
-        except StopIteration as stop:
-            labels = stop.value
-            break
+    labels, progress = _driven(segmenter.segment_tiled_steps(image, classes, tile=64, strokes=other, out=store, **options))
     np.testing.assert_array_equal(labels[...], expected)
     assert sum(step.stage == "windows" for step in progress) >= 9    # every tile computed again
     assert progress[0].stage == "statistics" and "for the strokes" in progress[0].message
@@ -386,30 +391,18 @@ def test_objects_of_a_tiled_run_get_the_classes_of_a_whole_image_run(segmenter, 
     confidences within 1e-6) and the labels equal segment(..., objects=) on the whole image (snapping on and off,
     lazy image and objects, sparse ids above the direct-lookup range, a lesson)."""
     da = pytest.importorskip("dask.array")
-    from napari_clearclip.demo.scenes import make_scene
 
     rng = np.random.default_rng(60 + case)
     classes = ["red", "green", "blue", "yellow", "background"]
-    crop = int(rng.choice([48, 64]))
-    options = dict(short_side=None, crop=crop, stride=crop // 2)
-    if case % 2:
-        options.update(refine="pamr", pamr_iterations=2, pamr_dilations=(2, 4))
-    image = np.concatenate([make_scene(70 + case, size=160, objects=(4, 6)).image,
-                            make_scene(75 + case, size=160, objects=(4, 6)).image[:, :int(rng.integers(60, 160))]], 1)
+    options, image = _two_scenes_case(rng, case, 70)
     dtype, scale = [(np.uint32, 1), (np.int32, 1), (np.uint16, 1), (np.int64, 10_000_019), (np.uint64, 1)][case]
     objects = _crossing_objects(*image.shape[:2], seed=case, dtype=dtype, scale=scale)
     taught = {"lesson": _lesson_of(segmenter, classes, options)} if case == 4 else {}
     whole = segmenter.segment(image, classes, maps=False, objects=objects, **options, **taught)
     tile = int(rng.integers(40, 90))
-    progress = []
-    steps = segmenter.segment_tiled_steps(da.from_array(image, chunks=(37, 41, 3)), classes, tile=tile,
-                                          objects=da.from_array(objects, chunks=(30, 30)), **options, **taught)
-    while True:
-        try:
-            progress.append(next(steps))
-        except StopIteration as stop:
-            labels, table = stop.value
-            break
+    (labels, table), progress = _driven(segmenter.segment_tiled_steps(
+        da.from_array(image, chunks=(37, 41, 3)), classes, tile=tile, objects=da.from_array(objects, chunks=(30, 30)),
+        **options, **taught))
     assert len(table["id"]) > 30 and len(set(table["class"])) > 1
     for column in ("id", "class", "area"):
         np.testing.assert_array_equal(table[column], whole.objects[column])

@@ -473,7 +473,7 @@ def painted_parts(strokes, shape: tuple[int, int], n_classes: int, crop: int) ->
         flat = pieces.ravel()
         at = np.flatnonzero(flat)
         ids, first = np.unique(flat[at], return_index=True)   # each piece's first pixel, in raster order
-        firsts.append((y0 + at[first] // part.shape[1], x0 + at[first] % part.shape[1], len(parts), ids))
+        firsts.append((y0 + at[first] // part.shape[1], x0 + at[first] % part.shape[1], ids))
         parts.append(((y0, x0), part, pieces))
     # numbered in the raster order of their first pixels over the whole image, as a run on all of it numbers them
     rows = np.concatenate([f[0] for f in firsts])
@@ -482,7 +482,7 @@ def painted_parts(strokes, shape: tuple[int, int], n_classes: int, crop: int) ->
     order[np.lexsort((cols, rows))] = np.arange(1, len(rows) + 1)
     digest = hashlib.blake2b(digest_size=16)
     done, numbered = 0, []
-    for (origin, part, pieces), (_, _, _, ids) in zip(parts, firsts):
+    for (origin, part, pieces), (_, _, ids) in zip(parts, firsts):
         lookup = np.zeros(int(ids.max()) + 1, np.int32)
         lookup[ids] = order[done : done + len(ids)]
         done += len(ids)

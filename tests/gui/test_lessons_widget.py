@@ -295,6 +295,32 @@ def test_corrections_painted_on_a_tiled_result_teach_the_next_run_on_that_image(
     assert f"{int((more > 0).sum())} pixels painted on" in widget.status.value
 
 
+def test_a_tiled_run_that_fails_after_its_store_is_in_place_adds_no_layer_and_leaves_no_store(qtbot, widget,
+                                                                                              monkeypatch, tmp_path):
+    """Keeping the baseline (a disk that fills, say) comes after the labels store is renamed into place: a failure
+    there removes the store, and no layer is added."""
+    import napari_clearclip.gui.widget as widget_module
+    import napari_clearclip.tiled_edits as tiled_edits
+    from images import smooth_image
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 200 * 200)
+    monkeypatch.setenv("NAPARI_CLEARCLIP_CACHE_DIR", str(tmp_path / "cache"))
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tiled_edits, "keep_baseline", full_disk)
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(smooth_image(260, 240, seed=6), name="slide", rgb=True)
+    widget.classes.value = "sky\ngrass"
+    widget.resize.value = False
+    widget.crop.value, widget.stride.value = 64, 32
+    layers = len(viewer.layers)
+    run_and_wait(qtbot, widget)
+    assert "No space left on device" in widget.status.value, widget.status.value
+    assert len(viewer.layers) == layers
+    assert not list((tmp_path / "cache" / "labels").iterdir())                   # no store, no partial store
+
+
 def test_a_lesson_saved_from_strokes_on_two_images_is_fitted_as_one_made_from_both(tmp_path):
     """Save lesson... joins the images' lessons at once and fits their class offsets in its worker."""
     from napari_clearclip import Lesson, Segmenter

@@ -120,8 +120,6 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     its store and class names), each of the ``objects`` (instance ids of the image's size) given a class, and
     build the Labels layer backed by that store, so that the GUI thread only inserts it."""
     from ..annotate import lesson_exemplars
-    from ..colours import colormap_dict
-    from ..lazy_tiles import label_counts
     from ..prompts import parse_classes
     from ..zarr_images import absent_chunk_count
 
@@ -131,7 +129,7 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     absent = absent_chunk_count(image)
     notes: list[str] = []
     exemplars = lesson_exemplars(segmenter, classes, segmenter.resolve_options(options), list(lessons), notes)
-    parts = None
+    parts = crop = None
     if painted_on is not None:  # the strokes since (and before) that result, in this run's classes
         from ..lazy_tiles import painted_parts, resolve_tiled_options
         from ..tiled_edits import EditedStrokes
@@ -145,22 +143,39 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     table = None
     if objects is not None:
         labels, table = labels
-    from ..tiled_edits import changed_pixels, keep_baseline, painted_count
+    try:  # the store is in place now: a run stopped or failed from here leaves none behind, as before it
+        return (yield from _tiled_outcome(labels, table, store, parts, painted_on, parse_classes(classes), crop,
+                                          background, new_layer, absent, exemplars is not None, notes))
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(store, ignore_errors=True)
+        raise
+
+
+def _tiled_outcome(labels, table, store: Path, parts, painted_on, parsed, crop, background, new_layer, absent,
+                   taught: bool, notes: list):
+    """Generator: keep the store's baseline (and the strokes to carry: those that taught the run, and any painted on
+    the earlier result meanwhile), count the classes, and build the Labels layer backed by the store."""
+    from ..colours import colormap_dict
+    from ..lazy_tiles import label_counts, painted_parts
+    from ..tiled_edits import EditedStrokes, changed_pixels, keep_baseline, painted_count
 
     yield Progress("reading", 1, 1, detail="keeping the labels as written, to tell corrections from them")
     carried, late = parts, 0
     if painted_on is not None:  # strokes painted on that result while this run went are kept for the next run
-        carried = painted_parts(edits, edits.shape, len(parse_classes(classes)), crop)
+        edits = EditedStrokes(painted_on[0], painted_on[1], [c.name for c in parsed])
+        carried = painted_parts(edits, edits.shape, len(parsed), crop)
         late = changed_pixels(parts, carried)
     keep_baseline(store, carried)  # what the run wrote, to tell what is painted on it next (3 s at 20000 x 20000)
-    names = [c.name for c in parse_classes(classes)]
+    names = [c.name for c in parsed]
     counts = label_counts(labels, len(names))
     colours = colormap_dict(names, tuple(background))
     prepare_first_draw(np.zeros((2, 2), labels.dtype), colours)
     layer = Labels(labels, features=labels_features(names), colormap=DirectLabelColormap(color_dict=colours),
                    visible=False, **new_layer)
-    return TiledResult(store, names, counts, colours, absent if absent and absent[0] else None,
-                       exemplars is not None, tuple(notes), table, painted_count(parts), late), layer
+    return TiledResult(store, names, counts, colours, absent if absent and absent[0] else None, taught, tuple(notes),
+                       table, painted_count(parts), late), layer
 
 
 def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None):

@@ -20,6 +20,7 @@ def pytest_configure(config):
     import tempfile
 
     base = tempfile.mkdtemp(prefix="clearclip-tests-")
+    config._clearclip_base = base  # removed when the session ends (pytest_unconfigure)
     os.environ["NAPARI_CLEARCLIP_CACHE_DIR"] = os.path.join(base, "cache")
     os.environ["NAPARI_CLEARCLIP_CONFIG_DIR"] = os.path.join(base, "config")
     os.environ["HF_HOME"] = os.path.join(base, "hf")
@@ -34,6 +35,15 @@ def pytest_configure(config):
     with open(path, "w") as handle:
         json.dump(TINY_CONFIG, handle)
     open_clip.add_model_config(path)
+
+
+def pytest_unconfigure(config):
+    """The session's caches and settings go with it: a run leaves nothing in the temporary folder."""
+    import shutil
+
+    base = getattr(config, "_clearclip_base", None)
+    if base:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def display_problem() -> str | None:

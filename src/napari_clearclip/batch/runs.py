@@ -307,7 +307,8 @@ def run_task(spec, task: Task, classes, out_dir: Path, options: SegmentOptions, 
 
 def _check_zarr_run(options: SegmentOptions, save_probabilities: bool, objects, foreground, lesson) -> None:
     """What a tile-by-tile run cannot do, refused before any image is read (a lesson it can: it teaches every tile
-    with the statistics of the whole image, gathered in a first pass over it)."""
+    with the statistics of the whole image, gathered in a first pass over it; objects too: their sums are added up
+    over the tiles)."""
     refused = [name for name, given in (("--save-probabilities", save_probabilities), ("--foreground", foreground))
                if given]
     if refused:
@@ -374,7 +375,8 @@ def segment_files(
     ``<stem><suffix>.tif`` beside each 2-D image, a probability map or a mask; or ``"found"``, with
     ``found_weights=(dino_checkpoint, decoder_checkpoint)``) fuses a foreground map as CLIP-DIY does.
     ``output_format="zarr"`` segments each 2-D image tile by tile at native resolution into
-    ``<stem>_labels.zarr`` (zarr inputs are then read a region at a time): for images too large to hold.
+    ``<stem>_labels.zarr`` (zarr inputs are then read a region at a time): for images too large to hold; its
+    ``objects`` may also be ``<stem><suffix>.zarr``, and are read a tile at a time.
     A zarr input whose store lacks chunks fails (zarr would read them as the fill value without a word) unless
     ``absent_chunks="fill"``. A zarr input too large to hold (planes over 4096 x 4096 pixels), in a run that
     resizes, is segmented at its OME-Zarr level (or a copy reduced by block means) of at most ``large_side``

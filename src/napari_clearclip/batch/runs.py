@@ -305,7 +305,7 @@ def run_task(spec, task: Task, classes, out_dir: Path, options: SegmentOptions, 
     return segment_plane(segmenter, task, classes, out_dir, options, lesson)
 
 
-def _check_zarr_run(options: SegmentOptions, save_probabilities: bool, objects, foreground, lesson) -> None:
+def _check_zarr_run(options: SegmentOptions, save_probabilities: bool, foreground) -> None:
     """What a tile-by-tile run cannot do, refused before any image is read (a lesson it can: it teaches every tile
     with the statistics of the whole image, gathered in a first pass over it; objects too: their sums are added up
     over the tiles)."""
@@ -396,7 +396,7 @@ def segment_files(
     check_absent_chunks(None, absent_chunks=absent_chunks)   # the value, before any image is read
     large_side = check_large_side(large_side)
     if output_format == "zarr":
-        _check_zarr_run(options, save_probabilities, objects, foreground, lesson)
+        _check_zarr_run(options, save_probabilities, foreground)
         options = options.replace(short_side=None)
     out = check_output_dir(out_dir)
     files = expand_inputs(paths)

@@ -310,3 +310,32 @@ def test_a_finished_batch_run_again_on_a_cluster_starts_no_cluster(tmp_path, mon
     assert main([str(image), "--classes", "; ".join(CLASSES), "--out", str(out), "--model", "synthetic-tiny",
                  "--device", "cpu", "--cluster", "local:1"]) == 0
     assert started == [] and "skipped" in capsys.readouterr().err
+
+
+def test_stale_partial_files_are_removed_beside_the_outputs_and_in_the_parts_and_nothing_else_is_looked_through(
+        tmp_path, monkeypatch):
+    """A killed writer's temporary files go; zarr stores and caches inside the output folder are not walked (their
+    folders may come and go meanwhile: a features cache written by other processes once made the walk fail)."""
+    import os
+
+    from napari_clearclip.batch.files import PARTS_DIR, remove_stale_partials
+
+    stale = [tmp_path / ".a_labels.tif.x1.partial", tmp_path / PARTS_DIR / "stack" / "key" / ".0.tif.x2.partial"]
+    kept = [tmp_path / "a_labels.tif", tmp_path / "cache" / "features" / ".b.partial",
+            tmp_path / "slide_labels.zarr.partial" / ".zgroup.x3.partial", tmp_path / PARTS_DIR / "stack" / "0.tif"]
+    for path in stale + kept:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    walked = []
+    real_walk = os.walk
+
+    def watched(top, *args, **kwargs):
+        walked.append(os.fspath(top))
+        for root, folders, files in real_walk(top, *args, **kwargs):
+            walked.append(root)
+            yield root, folders, files
+    monkeypatch.setattr(os, "walk", watched)
+    remove_stale_partials(tmp_path)
+    assert not any(path.exists() for path in stale) and all(path.exists() for path in kept)
+    assert not any("cache" in root or "zarr" in root for root in walked)
+    remove_stale_partials(tmp_path / "gone")                    # a folder that is not there: nothing to do

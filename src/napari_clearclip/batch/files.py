@@ -305,13 +305,26 @@ def read_plane(path: Path, index: int, count: int) -> np.ndarray:
     return data.reshape(count, *data.shape[-tail:])[index]
 
 
+def _partial_files(folder: Path, recursive: bool):
+    """The temporary files ``write_atomic`` names (``.<name>.<random>.partial``) in ``folder`` (and below it); a
+    folder that goes while it is read is skipped."""
+    for root, _, files in os.walk(folder, onerror=lambda error: None):
+        for name in files:
+            if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                yield Path(root) / name
+        if not recursive:
+            break
+
+
 def remove_stale_partials(out_dir: Path) -> None:
-    """Temporary files of writes that a killed process never finished (named by ``write_atomic``)."""
-    for folder in (out_dir, out_dir / PARTS_DIR):
-        for stale in folder.rglob(f".*{PARTIAL_SUFFIX}") if folder.is_dir() else ():
-            try:
-                stale.unlink()
-            except OSError:
-                pass
+    """Temporary files of writes that a killed process never finished (named by ``write_atomic``): beside the outputs
+    and in the stacks' parts. Nothing else in the output folder is looked through: zarr stores of labels, or a cache
+    that other processes write into meanwhile (whose folders may go while they are read)."""
+    stale = [*_partial_files(out_dir, recursive=False), *_partial_files(out_dir / PARTS_DIR, recursive=True)]
+    for path in stale:
+        try:
+            path.unlink()
+        except OSError:
+            pass
 
 

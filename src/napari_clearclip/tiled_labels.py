@@ -109,11 +109,17 @@ def class_scores(scores: torch.Tensor, spans: Sequence[tuple[int, int]]) -> torc
 
 def labels_and_margins(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """1-based argmax over classes (first on ties) and the winner's lead over the runner-up."""
+    index, margin, _ = _leaders(scores)
+    return index, margin
+
+
+def _leaders(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`labels_and_margins`, and the winner's value."""
     best, index = scores.max(0)
     if scores.shape[0] == 1:
-        return index + 1, torch.full_like(best, float("inf"))
+        return index + 1, torch.full_like(best, float("inf")), best
     others = scores.scatter(0, index[None], float("-inf"))
-    return index + 1, best - others.amax(0)
+    return index + 1, best - others.amax(0), best
 
 
 def label_dtype(classes: int):
@@ -152,11 +158,14 @@ class LabelState:
     snap: tuple                   # (iterations, dilations) or () without snapping
     computed: float = 1.0         # fraction of tiles computed per pixel in the run that made it
     present: np.ndarray | None = None  # (tiles_y, tiles_x, classes + 1): which labels occur in each tile
+    winners: np.ndarray | None = None  # (H, W) float32: the winner's value (relative to the reference query)
+    exact: np.ndarray | None = None    # (tiles_y, tiles_x): where ``winners`` holds the values of these scores
     extra: dict = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
-        return self.labels.nbytes + self.margins.nbytes + self.scores.numel() * 4
+        winners = 0 if self.winners is None else self.winners.nbytes
+        return self.labels.nbytes + self.margins.nbytes + self.scores.numel() * 4 + winners
 
 
 class _Geometry:
@@ -339,6 +348,8 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
                        (iterations, dilations) if iterations else ())
     reference = _reference_query(leader, scores.shape[0])
     reuse = None if dense else _reusable(previous, state, size)
+    same = reuse is not None and _same_scores(previous, reuse, state, reference)
+    typed = same and None in reuse   # only classes added: only they are computed, against the winners kept
     if reuse is None:
         labels = np.empty(size, dtype=label_dtype(len(spans)))
         margins = np.empty(size, dtype=np.float16)
@@ -347,9 +358,19 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         fill = uniform & ~dirty if dense else uniform
     else:
         labels, margins = previous.labels.astype(label_dtype(len(spans))), previous.margins.copy()
+    # the winners' values, where they are those of these scores (kept tiles only when the scores are the same)
+    winners = previous.winners.copy() if same else np.empty(size, np.float32)
+    exact = previous.exact.copy() if same else np.zeros(geometry.shape, bool)
     previews = focus is not None and reuse is not None and not dense
     judge_rest = None
-    if reuse is not None and previews:
+    fast = np.zeros(geometry.shape, bool)   # tiles where only the classes added are computed
+    if typed:
+        candidate, new_competing, new_gaps, present = _typed_tiles(previous, reuse, state, reference, geometry, labels,
+                                                                   margins, winners, exact, tolerance)
+        fill = uniform & candidate
+        fast = candidate & ~uniform
+        dirty = np.zeros(geometry.shape, bool)
+    elif reuse is not None and previews:
         # tiles of one class throughout need no judging (their labels are known: a kept tile's are the same), and
         # the tiles around the focus are judged first, the others only once those are computed
         judge, check, present = _kept_tiles(previous, reuse, state, reference, geometry, labels, margins, tolerance,
@@ -368,9 +389,12 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     present[fill] = False
     present[(*np.nonzero(fill), uniform_label[fill])] = True
     _fill_tiles(labels, margins, fill, uniform_label, uniform_margin, geometry)
+    exact[fill] = False
 
+    def unjudged():
+        return judge_rest[1] if judge_rest is not None else np.zeros(geometry.shape, bool)
     if previews and fill_shown.any():  # tiles of one class throughout are final already: shown at once
-        yield 0, 1, _preview(labels, fill_shown, dirty | judge_rest[1], geometry)
+        yield 0, 1, _preview(labels, fill_shown, dirty | fast | unjudged(), geometry)
     rivals = None if dense else _rivals(scores)
 
     def plan(dirty, nearest_first: bool = False):
@@ -401,24 +425,45 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
             affinities.start(_guide_identity(guide, size, dilations, geometry.tile), size, geometry.tile,
                              max(dilations))
     differences = scores - scores[reference : reference + 1]  # every query against the reference, which scores 0
-    computed = int(dirty.sum())
+    computed = int(dirty.sum()) + int(fast.sum())
     done = 0
     buffers = Buffers()
-    while True:
-        unjudged = judge_rest[1] if judge_rest is not None else np.zeros(geometry.shape, bool)
-        for (bounds, tiles), queries in zip(regions, channels):
-            values, done = yield from _channels_near(tiles, bounds, queries, competing, differences,
-                                                     (guide, guide_rows, guide_cols) if iterations else None,
+    snapping = (guide, guide_rows, guide_cols) if iterations else None
+    if fast.any():   # classes added: their values against the winners kept, in the tiles where they can win
+        fast_regions = _regions(fast, geometry, halo, scores.shape[0], dilations)
+        if previews:
+            fast_regions = _nearest_first(fast_regions, focus)
+        fast_channels = [sorted({int(q) for ty, tx in tiles for q in np.flatnonzero(new_competing[ty, tx])})
+                         for _, tiles in fast_regions]
+        total = (total if regions else 0) + sum(max(1, len(c)) for c in fast_channels) * max(1, iterations)
+        for (bounds, tiles), queries in zip(fast_regions, fast_channels):
+            values, done = yield from _channels_near(tiles, bounds, queries, new_competing, differences, snapping,
                                                      geometry, halo, (iterations, dilations), (done, total),
                                                      affinities, buffers)
-            _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance, present)
+            _typed_label_tiles(values, tiles, new_gaps, owner, reference, reuse, geometry, labels, margins, winners,
+                               exact, tolerance, present)
+            exact[tuple(np.array(tiles).T)] = True
             del values
             buffers.give_back()
+            done_here = np.zeros(geometry.shape, bool)
+            done_here[tuple(np.array(tiles).T)] = True
+            fast &= ~done_here
             if previews:
-                done_here = np.zeros(geometry.shape, bool)
-                done_here[tuple(np.array(tiles).T)] = True
+                yield min(done, total), total, _preview(labels, done_here, dirty | fast, geometry)
+    while True:
+        for (bounds, tiles), queries in zip(regions, channels):
+            values, done = yield from _channels_near(tiles, bounds, queries, competing, differences, snapping,
+                                                     geometry, halo, (iterations, dilations), (done, total),
+                                                     affinities, buffers)
+            _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance, present, winners)
+            del values
+            buffers.give_back()
+            done_here = np.zeros(geometry.shape, bool)
+            done_here[tuple(np.array(tiles).T)] = True
+            exact |= done_here
+            if previews:
                 dirty = dirty & ~done_here
-                yield min(done, total), total, _preview(labels, done_here, dirty | unjudged, geometry)
+                yield min(done, total), total, _preview(labels, done_here, dirty | unjudged(), geometry)
         if judge_rest is None:
             break
         judge, rest = judge_rest  # the tiles around the focus are done: now the others
@@ -430,7 +475,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         regions, competing, gaps, channels = plan(dirty, nearest_first=True)
         total = done + max(1, sum(max(1, len(c)) for c in channels) * max(1, iterations))
     buffers.release()
-    state.labels, state.margins, state.present = labels, margins, present
+    state.labels, state.margins, state.present, state.winners, state.exact = labels, margins, present, winners, exact
     state.computed = computed / dirty.size
     return state
 
@@ -677,55 +722,83 @@ def _rectangle(tiles, geometry: _Geometry, halo: int, bounds: tuple[int, int, in
 
 
 def _label_tiles(values: dict, tiles, reference: int, gaps: np.ndarray, owner: np.ndarray, geometry: _Geometry,
-                 labels: np.ndarray, margins: np.ndarray, tolerance: float, present: np.ndarray) -> None:
-    """Labels, margins and labels present of ``tiles`` from the queries computed there, relative to the reference
-    query (which scores 0). ``values``: query -> (plane, its top, its left, (top, bottom, left, right) of the tiles
-    where the query can win: where the plane's values are exact); a query has no say anywhere else."""
-    tile = geometry.tile
-    first_y, last_y = min(y for y, _ in tiles), max(y for y, _ in tiles)
-    first_x, last_x = min(x for _, x in tiles), max(x for _, x in tiles)
-    top, left = int(geometry.tile_rows[first_y]), int(geometry.tile_cols[first_x])
-    bottom = min(int(geometry.tile_rows[last_y]) + tile, geometry.size[0])
-    right = min(int(geometry.tile_cols[last_x]) + tile, geometry.size[1])
-    shape = (bottom - top, right - left)
-    block_labels = np.empty(shape, labels.dtype)
-    block_margins = np.empty(shape, np.float16)
-    step = max(1, LABELLED_AT_ONCE_BYTES // (4 * shape[1] * (len(values) + 1)) // tile) * tile
-    for start in range(0, shape[0], step):   # a few rows of tiles at a time: small planes, in the cache
-        stop = min(start + step, shape[0])
-        rows = (top + start, top + stop)
-        index, margin = _leaders_in(values, rows, (left, right), reference, owner)
-        gap = gaps[first_y + start // tile : first_y + -(-stop // tile), first_x : last_x + 1]
-        if np.isfinite(gap).any():
-            gap = torch.from_numpy(np.ascontiguousarray(gap)).repeat_interleave(tile, 0).repeat_interleave(tile, 1)
-            gap = gap[: stop - start, : shape[1]]
-            margin = torch.minimum(margin, gap)
+                 labels: np.ndarray, margins: np.ndarray, tolerance: float, present: np.ndarray,
+                 winners: np.ndarray | None = None) -> None:
+    """Labels, margins, winners' values and labels present of ``tiles`` from the queries computed there, relative to
+    the reference query (which scores 0). ``values``: query -> (plane, its top, its left, (top, bottom, left, right)
+    of the tiles where the query can win: where the plane's values are exact); a query has no say anywhere else."""
+    box = _TilesBox(tiles, geometry)
+    block_labels = np.empty(box.shape, labels.dtype)
+    block_margins = np.empty(box.shape, np.float16)
+    block_winners = np.empty(box.shape, np.float32)
+    for start, stop in box.row_steps(len(values) + 1):   # a few rows of tiles at a time: small planes, in the cache
+        index, margin, best = _leaders_in(values, (box.top + start, box.top + stop), (box.left, box.right), reference,
+                                          owner)
+        margin = box.within_gap(margin, gaps, start, stop)
         block_labels[start:stop] = index
         block_margins[start:stop] = _half_below(margin.sub_(tolerance))
-    # which labels occur in each tile of the block: one count over (tile, label) codes
-    n_labels, across = present.shape[-1], last_x - first_x + 1
-    code = ((np.arange(shape[0], dtype=np.int32) // tile * across)[:, None]
-            + (np.arange(shape[1], dtype=np.int32) // tile)[None, :]) * n_labels + block_labels
-    occurs = np.bincount(code.ravel(), minlength=(last_y - first_y + 1) * across * n_labels) > 0
-    occurs = occurs.reshape(last_y - first_y + 1, across, n_labels)
-    for ty, tx in tiles:
-        present[ty, tx] = occurs[ty - first_y, tx - first_x]
-        rows, cols = geometry.tile_slices(ty, tx)
-        inner = (slice(rows.start - top, rows.stop - top), slice(cols.start - left, cols.stop - left))
-        labels[rows, cols] = block_labels[inner]
-        margins[rows, cols] = block_margins[inner]
+        block_winners[start:stop] = best.numpy()
+    box.store(present, block_labels, ((labels, block_labels), (margins, block_margins), (winners, block_winners)))
+
+
+class _TilesBox:
+    """The bounding box of some tiles, worked on a few rows of tiles at a time and stored back tile by tile."""
+
+    def __init__(self, tiles, geometry: _Geometry):
+        self.tiles, self.geometry, tile = tiles, geometry, geometry.tile
+        self.first_y, last_y = min(y for y, _ in tiles), max(y for y, _ in tiles)
+        self.first_x, self.last_x = min(x for _, x in tiles), max(x for _, x in tiles)
+        self.last_y = last_y
+        self.top, self.left = int(geometry.tile_rows[self.first_y]), int(geometry.tile_cols[self.first_x])
+        self.bottom = min(int(geometry.tile_rows[last_y]) + tile, geometry.size[0])
+        self.right = min(int(geometry.tile_cols[self.last_x]) + tile, geometry.size[1])
+        self.shape = (self.bottom - self.top, self.right - self.left)
+
+    def row_steps(self, planes: int):
+        """(start, stop) rows of the box, whole rows of tiles holding about LABELLED_AT_ONCE_BYTES of ``planes``."""
+        tile = self.geometry.tile
+        step = max(1, LABELLED_AT_ONCE_BYTES // (4 * self.shape[1] * planes) // tile) * tile
+        return [(start, min(start + step, self.shape[0])) for start in range(0, self.shape[0], step)]
+
+    def within_gap(self, margin: torch.Tensor, gaps: np.ndarray, start: int, stop: int) -> torch.Tensor:
+        """``margin`` over rows ``start:stop`` of the box, at most each tile's gap."""
+        tile = self.geometry.tile
+        gap = gaps[self.first_y + start // tile : self.first_y + -(-stop // tile), self.first_x : self.last_x + 1]
+        if not np.isfinite(gap).any():
+            return margin
+        gap = torch.from_numpy(np.ascontiguousarray(gap)).repeat_interleave(tile, 0).repeat_interleave(tile, 1)
+        return torch.minimum(margin, gap[: stop - start, : self.shape[1]])
+
+    def store(self, present: np.ndarray, block_labels: np.ndarray, pairs) -> None:
+        """Which labels occur in each tile (one count over (tile, label) codes), and each (array, block) pair's
+        values of the tiles (an array None is left out)."""
+        tile, shape = self.geometry.tile, self.shape
+        n_labels, across = present.shape[-1], self.last_x - self.first_x + 1
+        code = ((np.arange(shape[0], dtype=np.int32) // tile * across)[:, None]
+                + (np.arange(shape[1], dtype=np.int32) // tile)[None, :]) * n_labels + block_labels
+        occurs = np.bincount(code.ravel(), minlength=(self.last_y - self.first_y + 1) * across * n_labels) > 0
+        occurs = occurs.reshape(self.last_y - self.first_y + 1, across, n_labels)
+        for ty, tx in self.tiles:
+            present[ty, tx] = occurs[ty - self.first_y, tx - self.first_x]
+            rows, cols = self.geometry.tile_slices(ty, tx)
+            inner = (slice(rows.start - self.top, rows.stop - self.top),
+                     slice(cols.start - self.left, cols.stop - self.left))
+            for array, block in pairs:
+                if array is not None:
+                    array[rows, cols] = block[inner]
 
 
 #: Bytes of scores labelled at a time (a few rows of tiles).
 LABELLED_AT_ONCE_BYTES = 1 << 22
 
 
-def _leaders_in(values: dict, rows: tuple[int, int], cols: tuple[int, int], reference: int, owner: np.ndarray):
-    """(labels, margins) over ``rows`` x ``cols`` of the image from the queries' planes in ``values`` (see
-    :func:`_label_tiles`): each class's best query, the reference scoring 0, a query -inf beyond where it can win."""
+def _class_planes(values: dict, rows: tuple[int, int], cols: tuple[int, int], owner: np.ndarray,
+                  by_class: dict | None = None) -> dict:
+    """{class: its queries' planes} over ``rows`` x ``cols`` from ``values`` (see :func:`_label_tiles`), a query -inf
+    beyond where it can win, added to ``by_class``."""
     (top, bottom), (left, right) = rows, cols
     shape = (bottom - top, right - left)
-    by_class: dict[int, list] = {int(owner[reference]): [torch.zeros(shape)]}
+    by_class = {} if by_class is None else by_class
     for query in sorted(values):
         plane, plane_top, plane_left, (exact_top, exact_bottom, exact_left, exact_right) = values[query]
         inside = slice(max(top, exact_top), min(bottom, exact_bottom))
@@ -739,13 +812,165 @@ def _leaders_in(values: dict, rows: tuple[int, int], cols: tuple[int, int], refe
             padded[inside.start - top : inside.stop - top, across.start - left : across.stop - left] = exact
             exact = padded
         by_class.setdefault(int(owner[query]), []).append(exact)
+    return by_class
+
+
+def _best_of(parts: list) -> torch.Tensor:
+    """A class's value: the highest of its queries'."""
+    return parts[0] if len(parts) == 1 else torch.stack(parts).amax(0)
+
+
+def _leaders_in(values: dict, rows: tuple[int, int], cols: tuple[int, int], reference: int, owner: np.ndarray):
+    """(labels, margins, the winners' values) over ``rows`` x ``cols`` of the image from the queries' planes in
+    ``values`` (see :func:`_label_tiles`): each class's best query, the reference scoring 0, a query -inf beyond
+    where it can win."""
+    shape = (rows[1] - rows[0], cols[1] - cols[0])
+    by_class = _class_planes(values, rows, cols, owner, {int(owner[reference]): [torch.zeros(shape)]})
     order = sorted(by_class)
-    stacked = [parts[0] if len(parts) == 1 else torch.stack(parts).amax(0) for parts in (by_class[k] for k in order)]
-    index, margin = labels_and_margins(torch.stack(stacked))
+    index, margin, best = _leaders(torch.stack([_best_of(by_class[k]) for k in order]))
     if order == list(range(len(order))):
-        return index.numpy(), margin
+        return index.numpy(), margin, best
     lookup = torch.tensor(order, dtype=torch.int32) + 1
-    return lookup[index - 1].numpy(), margin
+    return lookup[index - 1].numpy(), margin, best
+
+
+def _same_scores(previous: LabelState, mapping: list, state: LabelState, reference: int) -> bool:
+    """Whether every class of the previous run is here, in its order, with its very scores and the same reference
+    query: the previous run's values of its winners then hold in this run too, wherever its labels are kept."""
+    if previous.winners is None or previous.exact is None:
+        return False
+    if [old for old in mapping if old is not None] != list(range(len(previous.names))):
+        return False
+    if not _same_reference(previous, mapping, state, reference):
+        return False
+    for new, old in enumerate(mapping):
+        if old is not None:
+            (a, b), (c, d) = state.spans[new], previous.spans[old]
+            if b - a != d - c or not torch.equal(state.scores[a:b], previous.scores[c:d]):
+                return False
+    return True
+
+
+def _typed_tiles(previous: LabelState, mapping: list, state: LabelState, reference: int, geometry: _Geometry,
+                 labels: np.ndarray, margins: np.ndarray, winners: np.ndarray, exact: np.ndarray, tolerance: float):
+    """For a run that only adds classes to the previous one (see :func:`_same_scores`): (tiles where a new class
+    can win somewhere, (tiles_y, tiles_x, Q) the new queries that can win in each tile, each tile's gap (how far
+    below the winner the new classes that cannot win there stay at least), labels present renumbered).
+
+    A new class cannot win in a tile where some earlier class leads it throughout the tile's reach (the winner
+    is at least that class), nor where its highest score within the reach stays below the lowest of the winners'
+    values kept there. Either bound is also how far the winner leads it there: the margins of the tiles where no
+    new class can win are lowered to it, in place. ``labels`` (a copy of the previous run's) is renumbered in place.
+    """
+    old_to_new = np.zeros(len(previous.names) + 1, dtype=np.int32)
+    for new, old in enumerate(mapping):
+        if old is not None:
+            old_to_new[old + 1] = new + 1
+    if not np.array_equal(old_to_new, np.arange(len(old_to_new))):
+        labels[...] = old_to_new[labels]
+    present = np.zeros((*geometry.shape, len(state.names) + 1), bool)
+    present[..., old_to_new] = previous.present
+    kept = [new for new, old in enumerate(mapping) if old is not None]
+    competing = np.zeros((*geometry.shape, state.scores.shape[0]), bool)
+    gaps = np.full(geometry.shape, np.inf, np.float32)
+    lowest_winner = _lowest_winners(state, reference, geometry, present, winners, exact, tolerance)
+    for n, leads in _newcomer_leads(state, mapping, kept, geometry).items():
+        a, b = state.spans[n]
+        highest = geometry.reduce((state.scores[a:b] - state.scores[reference]).amax(0).numpy(), "max")
+        # the best earlier class's lowest lead over n, or the winners' lowest value over n's highest
+        beaten = np.maximum(np.max(list(leads.values()), axis=0), lowest_winner - highest)
+        can_win = ~(beaten > 2 * tolerance)             # snapped leads are the coarse ones less rounding at most
+        competing[..., a:b] = can_win[..., None]
+        gaps = np.where(can_win, gaps, np.minimum(gaps, beaten - 2 * tolerance)).astype(np.float32)
+    candidate = competing.any(-1)
+    _lower_margins(margins, np.where(candidate, np.inf, gaps), geometry)
+    # where the winners' values are not kept, they are computed again: each pixel's own class's value
+    unknown = candidate & ~exact
+    for klass in kept:
+        a, b = state.spans[klass]
+        competing[..., a:b] |= (unknown & present[..., klass + 1])[..., None]
+    competing[..., reference] = False   # the reference scores 0
+    return candidate, competing, gaps, present
+
+
+def _lowest_winners(state: LabelState, reference: int, geometry: _Geometry, present: np.ndarray,
+                    winners: np.ndarray, exact: np.ndarray, tolerance: float) -> np.ndarray:
+    """(tiles_y, tiles_x) a lower bound of the winners' values in each tile: their lowest where they are kept,
+    else the lowest of the classes labelled there, each at least its best query's lowest score within reach."""
+    lowest = np.full(geometry.shape, np.inf, np.float32)
+    for klass, (a, b) in enumerate(state.spans):
+        here = present[..., klass + 1]
+        if here.any():
+            floor = np.max([geometry.reduce((state.scores[q] - state.scores[reference]).numpy(), "min")
+                            for q in range(a, b)], axis=0)
+            lowest = np.where(here, np.minimum(lowest, floor - tolerance), lowest)
+    whole = exact & _whole_mask(geometry)
+    if whole.any():
+        inside = whole[: geometry.size[0] // geometry.tile, : geometry.size[1] // geometry.tile]
+        lowest[whole] = np.maximum(lowest[whole], _tile_blocks(winners, geometry.tile)[inside].min(axis=(1, 2)))
+    for ty, tx in zip(*np.nonzero(exact & ~whole)):
+        rows, cols = geometry.tile_slices(ty, tx)
+        lowest[ty, tx] = max(lowest[ty, tx], winners[rows, cols].min())
+    return lowest
+
+
+def _lower_margins(margins: np.ndarray, bounds: np.ndarray, geometry: _Geometry) -> None:
+    """Each tile's margins at most its value of ``bounds`` (tiles_y, tiles_x; inf: unchanged), in place."""
+    finite = np.isfinite(bounds)
+    if not finite.any():
+        return
+    halves = np.full(bounds.shape, np.inf, np.float16)
+    halves[finite] = lower_half(bounds[finite].astype(np.float32))
+    whole = finite & _whole_mask(geometry)
+    rows, cols = geometry.size[0] // geometry.tile, geometry.size[1] // geometry.tile
+    if whole.any():   # every whole tile in one operation (torch's float16 minimum is vectorised, NumPy's is not)
+        blocks = torch.from_numpy(_tile_blocks(margins, geometry.tile))
+        torch.minimum(blocks, torch.from_numpy(halves[:rows, :cols, None, None]), out=blocks)
+    for ty, tx in zip(*np.nonzero(finite & ~whole)):   # the part tiles at the far edges
+        part = geometry.tile_slices(ty, tx)
+        np.minimum(margins[part], halves[ty, tx], out=margins[part])
+
+
+def _typed_label_tiles(values: dict, tiles, gaps: np.ndarray, owner: np.ndarray, reference: int, mapping: list,
+                       geometry: _Geometry, labels: np.ndarray, margins: np.ndarray, winners: np.ndarray,
+                       exact: np.ndarray, tolerance: float, present: np.ndarray) -> None:
+    """Labels, margins, winners' values and labels present of ``tiles`` in a run that only adds classes: each
+    pixel's previous winner against the new classes' values in ``values`` (see :func:`_label_tiles`), the first
+    class winning ties as argmax does. The winner's value is the one ``winners`` keeps in the ``exact`` tiles, else
+    its own class's value in ``values``; the previous runner-up stays below it by the pixel's margin at least."""
+    box = _TilesBox(tiles, geometry)
+    tile = geometry.tile
+    block_labels = np.empty(box.shape, labels.dtype)
+    block_margins = np.empty(box.shape, np.float16)
+    block_winners = np.empty(box.shape, np.float32)
+    for start, stop in box.row_steps(len(values) + 4):
+        rows, cols = slice(box.top + start, box.top + stop), slice(box.left, box.right)
+        shape = (stop - start, box.shape[1])
+        label = torch.from_numpy(labels[rows, cols].astype(np.int32))
+        planes = _class_planes(values, (rows.start, rows.stop), (box.left, box.right), owner,
+                               {int(owner[reference]): [torch.zeros(shape)]})
+        kept = np.asarray(exact[box.first_y + start // tile : box.first_y + -(-stop // tile),
+                                box.first_x : box.last_x + 1])
+        kept = torch.from_numpy(np.ascontiguousarray(kept)).repeat_interleave(tile, 0).repeat_interleave(tile, 1)
+        best = torch.from_numpy(winners[rows, cols].copy())
+        if not bool(kept.all()):
+            own = torch.full(shape, float("-inf"))
+            for klass in planes:
+                if mapping[klass] is not None:
+                    own = torch.where(label == klass + 1, _best_of(planes[klass]), own)
+            best = torch.where(kept[: shape[0], : shape[1]], best, own)
+        second = best - torch.from_numpy(margins[rows, cols].astype(np.float32))
+        for klass in sorted(k for k in planes if mapping[k] is None):
+            value, number = _best_of(planes[klass]), torch.tensor(klass + 1, dtype=torch.int32)
+            wins = (value > best) | ((value == best) & (label > number))
+            second = torch.maximum(second, torch.where(wins, best, value))
+            best = torch.where(wins, value, best)
+            label = torch.where(wins, number, label)
+        margin = box.within_gap(best - second, gaps, start, stop)
+        block_labels[start:stop] = label.numpy()
+        block_margins[start:stop] = _half_below(margin.sub_(tolerance))
+        block_winners[start:stop] = best.numpy()
+    box.store(present, block_labels, ((labels, block_labels), (margins, block_margins), (winners, block_winners)))
 
 
 def _reusable(previous: LabelState | None, state: LabelState, size) -> list | None:
@@ -922,18 +1147,24 @@ def _same_arithmetic(previous: LabelState, mapping: list, state: LabelState, ref
     """
     none = np.zeros(geometry.shape, bool)
     old_order = [old for old in mapping if old is not None]
-    old_reference = _reference_query(leading_query(previous.scores), previous.scores.shape[0])
-    owner_now = np.repeat(np.arange(len(state.spans)), [b - a for a, b in state.spans])
-    owner_then = np.repeat(np.arange(len(previous.spans)), [b - a for a, b in previous.spans])
-    now_class, then_class = int(owner_now[reference]), int(owner_then[old_reference])
-    same_query = (mapping[now_class] == then_class
-                  and reference - state.spans[now_class][0] == old_reference - previous.spans[then_class][0])
-    if old_order != sorted(old_order) or not same_query:
+    if old_order != sorted(old_order) or not _same_reference(previous, mapping, state, reference):
         return {w: none for w, old in enumerate(mapping) if old is not None}
+    old_reference = _reference_query(leading_query(previous.scores), previous.scores.shape[0])
+    now_class = int(np.repeat(np.arange(len(state.spans)), [b - a for a, b in state.spans])[reference])
     delta = (state.scores[reference] - previous.scores[old_reference]).numpy()
     steady = (geometry.reduce(delta, "min") == 0) & (geometry.reduce(delta, "max") == 0)
     alone = state.spans[now_class][1] - state.spans[now_class][0] == 1
     return {w: (steady | alone) if w == now_class else steady for w, old in enumerate(mapping) if old is not None}
+
+
+def _same_reference(previous: LabelState, mapping: list, state: LabelState, reference: int) -> bool:
+    """Whether this run's reference query is the previous run's: the same query of the same class."""
+    old_reference = _reference_query(leading_query(previous.scores), previous.scores.shape[0])
+    owner_now = np.repeat(np.arange(len(state.spans)), [b - a for a, b in state.spans])
+    owner_then = np.repeat(np.arange(len(previous.spans)), [b - a for a, b in previous.spans])
+    now_class, then_class = int(owner_now[reference]), int(owner_then[old_reference])
+    return (mapping[now_class] == then_class
+            and reference - state.spans[now_class][0] == old_reference - previous.spans[then_class][0])
 
 
 def _newcomer_leads(state: LabelState, mapping: list, kept: list, geometry: _Geometry) -> dict:

@@ -279,6 +279,89 @@ def test_typing_a_class_that_scores_low_recomputes_nothing():
     np.testing.assert_array_equal(second.labels, first.labels)
 
 
+def _typed(rng, scores, spans, names, step):
+    """One or two classes typed (sometimes with a synonym, sometimes before earlier classes), scoring near the
+    others, sometimes on a coarse grid of values (exact ties)."""
+    for number in range(int(rng.integers(1, 3))):
+        extra = 2 if rng.random() < 0.3 else 1
+        added = smooth_scores(rng, extra, *scores.shape[1:], int(rng.integers(1, 5))) + float(rng.uniform(-0.1, 0.03))
+        if rng.random() < 0.3:
+            added = (added * 40).round() / 40
+        at = int(rng.integers(0, len(spans) + 1))      # the new class's place among the classes
+        first = spans[at][0] if at < len(spans) else len(scores)
+        scores = torch.cat([scores[:first], added, scores[first:]])
+        spans = spans[:at] + [(first, first + extra)] + [(a + extra, b + extra) for a, b in spans[at:]]
+        names = names[:at] + [tuple(f"typed{step}.{number}.{j}" for j in range(extra))] + names[at:]
+    return scores, spans, names
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_classes_typed_on_the_same_scores_are_computed_alone_against_the_winners_kept(seed, monkeypatch):
+    """Typing classes, one run after another, with the earlier classes' scores unchanged: only the new classes (and,
+    where the previous run never computed the winners' values, the labelled classes) are resized and snapped, and
+    the labels equal a computation from scratch; the margins stay lower bounds and the winners' values kept are
+    bit for bit those of a computation from scratch."""
+    rng = np.random.default_rng(300 + seed)
+    typed_runs = 0
+    computed_queries = []
+    real = tiled_labels._channels_near
+
+    def spy(tiles, bounds, queries, *args, **kwargs):
+        computed_queries.extend(queries)
+        return (yield from real(tiles, bounds, queries, *args, **kwargs))
+    monkeypatch.setattr(tiled_labels, "_channels_near", spy)
+    real_typed = tiled_labels._typed_tiles
+    monkeypatch.setattr(tiled_labels, "_typed_tiles", lambda *a, **k: (calls.append(1), real_typed(*a, **k))[1])
+    for _ in range(6):
+        scores, guide, size, spans, names, snap, tile = random_case(rng)
+        kept = AffinityTiles(int(rng.choice([1 << 30, 1 << 16])))
+        state = labels_of(scores, guide, size, spans, names, snap, tile=tile, affinities=kept)
+        for step in range(3):
+            if step == 1:  # a stroke between two classes typed: the winners' values kept are partly stale
+                scores = scores.clone()
+                k, y, x = int(rng.integers(0, len(scores))), int(rng.integers(0, scores.shape[1])), 0
+                scores[k, y : y + 4] += float(rng.uniform(0, 0.1))
+                state = labels_of(scores, guide, size, spans, names, snap, state, tile=tile, affinities=kept)
+            old_names = set(names)
+            scores, spans, names = _typed(rng, scores, spans, names, step)
+            calls, computed_queries[:] = [], []
+            state = labels_of(scores, guide, size, spans, names, snap, state, tile=tile, affinities=kept)
+            full = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=tile)
+            np.testing.assert_array_equal(state.labels, full.labels)
+            bound, actual = state.margins.astype(np.float32), full.margins.astype(np.float32)
+            assert np.all(bound <= actual + 2.0 ** -9 * np.abs(actual) + 1e-5)
+            exact = np.repeat(np.repeat(state.exact, tile, 0), tile, 1)[: size[0], : size[1]]
+            np.testing.assert_array_equal(state.winners[exact], full.winners[exact])
+            if calls:
+                typed_runs += 1
+                new_queries = {q for (a, b), name in zip(spans, names) if name not in old_names for q in range(a, b)}
+                assert new_queries & set(computed_queries) or state.computed == 0
+    assert typed_runs >= 12   # most typing runs took the path of classes added alone
+
+
+def test_a_class_typed_is_resized_and_snapped_alone_where_the_winners_are_kept(monkeypatch):
+    rng = np.random.default_rng(8)
+    scores = smooth_scores(rng, 3, 40, 40, 5)
+    guide = torch.from_numpy(rng.normal(size=(3, 40, 40)).astype(np.float32))
+    size, spans, names, snap = (320, 320), [(0, 1), (1, 2), (2, 3)], [("a",), ("b",), ("c",)], (2, (1, 2))
+    first = labels_of(scores, guide, size, spans, names, snap, dense=True)   # every winner's value kept
+    assert first.exact.all()
+    computed = []
+    real = tiled_labels._channels_near
+
+    def spy(tiles, bounds, queries, *args, **kwargs):
+        computed.extend(queries)
+        return (yield from real(tiles, bounds, queries, *args, **kwargs))
+    monkeypatch.setattr(tiled_labels, "_channels_near", spy)
+    typed = torch.cat([scores, scores[1:2] + 0.02 * torch.from_numpy(rng.normal(size=(1, 40, 40)).astype(np.float32))])
+    second = labels_of(typed, guide, size, spans + [(3, 4)], names + [("d",)], snap, first)
+    assert set(computed) == {3}                       # the new class alone
+    assert 0 < second.computed < 1
+    full = labels_of(typed, guide, size, spans + [(3, 4)], names + [("d",)], snap, dense=True)
+    np.testing.assert_array_equal(second.labels, full.labels)
+    assert (second.labels == 4).any()
+
+
 def test_a_local_change_recomputes_only_near_it():
     rng = np.random.default_rng(3)
     scores = smooth_scores(rng, 3, 64, 64, 8)

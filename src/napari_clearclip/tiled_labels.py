@@ -349,7 +349,8 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     reference = _reference_query(leader, scores.shape[0])
     reuse = None if dense else _reusable(previous, state, size)
     same = reuse is not None and _same_scores(previous, reuse, state, reference)
-    typed = same and None in reuse   # only classes added: only they are computed, against the winners kept
+    # only classes added: only they are computed, against the winners kept
+    typed = same and None in reuse and len(reuse) - reuse.count(None) == len(previous.names)
     if reuse is None:
         labels = np.empty(size, dtype=label_dtype(len(spans)))
         margins = np.empty(size, dtype=np.float16)
@@ -835,11 +836,13 @@ def _leaders_in(values: dict, rows: tuple[int, int], cols: tuple[int, int], refe
 
 
 def _same_scores(previous: LabelState, mapping: list, state: LabelState, reference: int) -> bool:
-    """Whether every class of the previous run is here, in its order, with its very scores and the same reference
-    query: the previous run's values of its winners then hold in this run too, wherever its labels are kept."""
+    """Whether the classes kept from the previous run keep their order and their very scores, with the same reference
+    query: the previous run's values of its winners then hold in this run too, wherever its labels are kept (a
+    pixel of a class removed is recomputed)."""
     if previous.winners is None or previous.exact is None:
         return False
-    if [old for old in mapping if old is not None] != list(range(len(previous.names))):
+    kept = [old for old in mapping if old is not None]
+    if kept != sorted(kept):
         return False
     if not _same_reference(previous, mapping, state, reference):
         return False

@@ -297,10 +297,10 @@ def _typed(rng, scores, spans, names, step):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_classes_typed_on_the_same_scores_are_computed_alone_against_the_winners_kept(seed, monkeypatch):
-    """Typing classes, one run after another, with the earlier classes' scores unchanged: only the new classes (and,
-    where the previous run never computed the winners' values, the labelled classes) are resized and snapped, and
-    the labels equal a computation from scratch; the margins stay lower bounds and the winners' values kept are
-    bit for bit those of a computation from scratch."""
+    """Typing classes, one run after another (a stroke and a class removed between), with the earlier classes' scores
+    unchanged: only the new classes (and, where the previous run never computed the winners' values, the labelled
+    classes) are resized and snapped, and the labels equal a computation from scratch; the margins stay lower bounds
+    and the winners' values kept are bit for bit those of a computation from scratch."""
     rng = np.random.default_rng(300 + seed)
     typed_runs = 0
     computed_queries = []
@@ -319,9 +319,20 @@ def test_classes_typed_on_the_same_scores_are_computed_alone_against_the_winners
         for step in range(3):
             if step == 1:  # a stroke between two classes typed: the winners' values kept are partly stale
                 scores = scores.clone()
-                k, y, x = int(rng.integers(0, len(scores))), int(rng.integers(0, scores.shape[1])), 0
+                k, y = int(rng.integers(0, len(scores))), int(rng.integers(0, scores.shape[1]))
                 scores[k, y : y + 4] += float(rng.uniform(0, 0.1))
                 state = labels_of(scores, guide, size, spans, names, snap, state, tile=tile, affinities=kept)
+            if step == 2 and len(spans) > 2:  # a class removed: the others' winners' values still hold
+                gone = int(rng.integers(0, len(spans)))
+                a, b = spans[gone]
+                scores = torch.cat([scores[:a], scores[b:]])
+                spans = spans[:gone] + [(c - (b - a), d - (b - a)) for c, d in spans[gone + 1 :]]
+                names = names[:gone] + names[gone + 1 :]
+                state = labels_of(scores, guide, size, spans, names, snap, state, tile=tile, affinities=kept)
+                full = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=tile)
+                np.testing.assert_array_equal(state.labels, full.labels)
+                exact = np.repeat(np.repeat(state.exact, tile, 0), tile, 1)[: size[0], : size[1]]
+                np.testing.assert_array_equal(state.winners[exact], full.winners[exact])
             old_names = set(names)
             scores, spans, names = _typed(rng, scores, spans, names, step)
             calls, computed_queries[:] = [], []

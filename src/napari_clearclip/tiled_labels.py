@@ -351,6 +351,10 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     same = reuse is not None and _same_scores(previous, reuse, state, reference)
     # only classes added: only they are computed, against the winners kept
     typed = same and None in reuse and len(reuse) - reuse.count(None) == len(previous.names)
+    # the same classes (a stroke): the winners' values stay where neither their class nor the reference changed;
+    # where scores only rose, only the classes that rose are computed, against the winners kept
+    same_classes = not same and reuse is not None and _same_classes(previous, reuse, state, reference)
+    risen = same_classes and _only_risen(previous, state, reference)
     if reuse is None:
         labels = np.empty(size, dtype=label_dtype(len(spans)))
         margins = np.empty(size, dtype=np.float16)
@@ -360,8 +364,12 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     else:
         labels, margins = previous.labels.astype(label_dtype(len(spans))), previous.margins.copy()
     # the winners' values, where they are those of these scores (kept tiles only when the scores are the same)
-    winners = previous.winners.copy() if same else np.empty(size, np.float32)
-    exact = previous.exact.copy() if same else np.zeros(geometry.shape, bool)
+    winners = previous.winners.copy() if same or same_classes else np.empty(size, np.float32)
+    exact = previous.exact.copy() if same or same_classes else np.zeros(geometry.shape, bool)
+    if same_classes:   # where a labelled class or the reference changed within reach, the values kept are stale
+        rose, steady = _changed_classes(previous, state, reference, geometry)
+        known = exact & steady
+        exact &= steady & ~np.any(previous.present[..., 1:] & rose, axis=-1)
     previews = focus is not None and reuse is not None and not dense
     judge_rest = None
     fast = np.zeros(geometry.shape, bool)   # tiles where only the classes added are computed
@@ -399,21 +407,27 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     rivals = None if dense else _rivals(scores)
 
     def plan(dirty, nearest_first: bool = False):
-        """The regions covering ``dirty`` (nearest the focus first, if asked), the queries that can win in each
-        tile, each tile's gap (see :func:`_competing_queries`) and the queries to compute in each region."""
-        regions = _regions(dirty, geometry, halo, scores.shape[0], dilations)
-        if nearest_first:
-            regions = _nearest_first(regions, focus)
+        """The tiles of ``dirty`` to compute, the regions covering them (nearest the focus first, if asked), the
+        queries that can win in each tile, each tile's gap (see :func:`_competing_queries`) and the queries to compute
+        in each region."""
         if dense:  # every query at every tile: the reference the skipping is tested against
             competing = np.ones((*geometry.shape, scores.shape[0]), bool)
             gaps = np.full(geometry.shape, np.inf, np.float32)
         else:
             competing, gaps = _competing_queries(scores, geometry, dirty, tolerance, rivals)
+        if risen:
+            competing, idle = _risen_competing(rose, present, known, dirty, owner, reference, competing)
+            # no class that rose can win there: the labels and winners stay, the margins come within the gap
+            _lower_margins(margins, np.where(idle, gaps, np.inf), geometry)
+            dirty = dirty & ~idle
+        regions = _regions(dirty, geometry, halo, scores.shape[0], dilations)
+        if nearest_first:
+            regions = _nearest_first(regions, focus)
         channels = [sorted({int(q) for ty, tx in tiles for q in np.flatnonzero(competing[ty, tx])} - {reference})
                     for _, tiles in regions]
-        return regions, competing, gaps, channels
+        return dirty, regions, competing, gaps, channels
 
-    regions, competing, gaps, channels = plan(dirty)
+    dirty, regions, competing, gaps, channels = plan(dirty)
     total = max(1, sum(max(1, len(c)) for c in channels) * max(1, iterations))
     if judge_rest is not None:  # what the tiles not judged yet will take, roughly: in proportion
         total = max(total, int(total * (judge_rest[1].sum() + dirty.sum()) / max(1, dirty.sum())))
@@ -456,7 +470,12 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
             values, done = yield from _channels_near(tiles, bounds, queries, competing, differences, snapping,
                                                      geometry, halo, (iterations, dilations), (done, total),
                                                      affinities, buffers)
-            _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance, present, winners)
+            if risen:
+                _risen_label_tiles(values, tiles, competing, gaps, owner, reference, geometry, labels, margins,
+                                   winners, exact, tolerance, present)
+            else:
+                _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance, present,
+                             winners)
             del values
             buffers.give_back()
             done_here = np.zeros(geometry.shape, bool)
@@ -470,10 +489,10 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         judge, rest = judge_rest  # the tiles around the focus are done: now the others
         judge_rest = None
         dirty = judge(rest)
-        computed += int(dirty.sum())
         if not dirty.any():
             break
-        regions, competing, gaps, channels = plan(dirty, nearest_first=True)
+        dirty, regions, competing, gaps, channels = plan(dirty, nearest_first=True)
+        computed += int(dirty.sum())
         total = done + max(1, sum(max(1, len(c)) for c in channels) * max(1, iterations))
     buffers.release()
     state.labels, state.margins, state.present, state.winners, state.exact = labels, margins, present, winners, exact
@@ -761,6 +780,14 @@ class _TilesBox:
         step = max(1, LABELLED_AT_ONCE_BYTES // (4 * self.shape[1] * planes) // tile) * tile
         return [(start, min(start + step, self.shape[0])) for start in range(0, self.shape[0], step)]
 
+    def per_pixel(self, tiles: np.ndarray, start: int, stop: int) -> torch.Tensor:
+        """Each pixel of rows ``start:stop`` of the box, its tile's value of ``tiles`` (tiles_y, tiles_x)."""
+        tile = self.geometry.tile
+        values = np.ascontiguousarray(tiles[self.first_y + start // tile : self.first_y + -(-stop // tile),
+                                            self.first_x : self.last_x + 1])
+        expanded = torch.from_numpy(values).repeat_interleave(tile, 0).repeat_interleave(tile, 1)
+        return expanded[: stop - start, : self.shape[1]]
+
     def within_gap(self, margin: torch.Tensor, gaps: np.ndarray, start: int, stop: int) -> torch.Tensor:
         """``margin`` over rows ``start:stop`` of the box, at most each tile's gap."""
         tile = self.geometry.tile
@@ -854,6 +881,104 @@ def _same_scores(previous: LabelState, mapping: list, state: LabelState, referen
     return True
 
 
+def _same_classes(previous: LabelState, mapping: list, state: LabelState, reference: int) -> bool:
+    """Whether this run has the previous run's classes, queries and reference query, in their order, and the previous
+    run kept its winners' values."""
+    if previous.winners is None or previous.exact is None or len(mapping) != len(previous.names):
+        return False
+    if mapping != list(range(len(mapping))) or tuple(state.spans) != tuple(previous.spans):
+        return False
+    return _same_reference(previous, mapping, state, reference)
+
+
+def _only_risen(previous: LabelState, state: LabelState, reference: int) -> bool:
+    """Whether, the classes being the same, the reference query kept its very scores and every other query's scores
+    are at least as high as before (what a stroke does with edge snapping): a pixel's new label is then its previous
+    winner or a class that rose, and only those need computing."""
+    delta = state.scores - previous.scores
+    return bool((delta >= 0).all()) and not bool(delta[reference].any())
+
+
+def _changed_classes(previous: LabelState, state: LabelState, reference: int,
+                     geometry: _Geometry) -> tuple[np.ndarray, np.ndarray]:
+    """(tiles_y, tiles_x, classes) which classes have a query whose scores changed within each tile's reach, and
+    (tiles_y, tiles_x) where the reference query's did not."""
+    delta = (state.scores - previous.scores).abs_().numpy()
+    changed = np.zeros((*geometry.shape, len(state.spans)), bool)
+    for klass, (a, b) in enumerate(state.spans):
+        moved = delta[a:b].max(0)
+        if moved.any():
+            changed[..., klass] = geometry.reduce(moved, "max") > 0
+    steady = ~(geometry.reduce(delta[reference], "max") > 0) if delta[reference].any() else \
+        np.ones(geometry.shape, bool)
+    return changed, steady
+
+
+def _risen_competing(rose: np.ndarray, present: np.ndarray, known: np.ndarray, dirty: np.ndarray, owner: np.ndarray,
+                     reference: int, can_win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a run where scores only rose: (tiles_y, tiles_x, Q) the queries to compute in each dirty tile, and the
+    dirty tiles where nothing needs computing.
+
+    Computed: every query of the classes that rose and can win there (``can_win``, see :func:`_competing_queries`),
+    and where there are such, of the classes labelled there where the previous run left no winners' values
+    (``known``: where it did). Where no class that rose can win, nothing is. The reference query scores 0 and is
+    never computed; its class's other queries are."""
+    classes = len(rose[0, 0]) if rose.ndim == 3 else 0
+    winning = np.stack([can_win[..., owner == klass].any(-1) for klass in range(classes)], -1)
+    rising = rose & winning & dirty[..., None]
+    some = rising.any(-1)
+    needed = rising | (~known[..., None] & present[..., 1:] & some[..., None])
+    competing = needed[..., owner]
+    competing[..., reference] = False
+    return competing, dirty & ~some
+
+
+def _risen_label_tiles(values: dict, tiles, competing: np.ndarray, gaps: np.ndarray, owner: np.ndarray, reference: int,
+                       geometry: _Geometry, labels: np.ndarray, margins: np.ndarray, winners: np.ndarray,
+                       exact: np.ndarray, tolerance: float, present: np.ndarray) -> None:
+    """Labels, margins, winners' values and labels present of ``tiles`` in a run where scores only rose (see
+    :func:`_only_risen`): each pixel's previous winner against the classes computed there, the first class winning
+    ties as argmax does. The winner's value is its class's value in ``values`` where that class was computed (it may
+    have risen), else the one ``winners`` keeps. A class not computed either kept its scores, so it stays below the
+    previous winner's value by the pixel's margin at least (and the winner's value never fell), or rose but cannot
+    win there, and stays below the winner by the tile's gap at least."""
+    box = _TilesBox(tiles, geometry)
+    ref_class = int(owner[reference])
+    # the reference class's value is exact where its other queries are computed (alone, it scores 0 everywhere)
+    synonyms = [q for q in np.flatnonzero(owner == ref_class) if q != reference]
+    ref_needed = competing[..., synonyms].all(-1) if synonyms else np.ones(competing.shape[:2], bool)
+    block_labels = np.empty(box.shape, labels.dtype)
+    block_margins = np.empty(box.shape, np.float16)
+    block_winners = np.empty(box.shape, np.float32)
+    for start, stop in box.row_steps(len(values) + 4):
+        rows, cols = slice(box.top + start, box.top + stop), slice(box.left, box.right)
+        shape = (stop - start, box.shape[1])
+        planes = _class_planes(values, (rows.start, rows.stop), (box.left, box.right), owner,
+                               {ref_class: [torch.zeros(shape)]})
+        value_of = {klass: _best_of(parts) for klass, parts in planes.items()}
+        # with synonyms, the reference class is known only where they are computed: elsewhere 0 may be below its best
+        value_of[ref_class] = torch.where(box.per_pixel(ref_needed, start, stop), value_of[ref_class], float("-inf"))
+        label = torch.from_numpy(labels[rows, cols].astype(np.int32))
+        own = torch.full(shape, float("-inf"))
+        for klass, value in value_of.items():
+            own = torch.where(label == klass + 1, value, own)
+        best = torch.where(torch.isfinite(own), own, torch.from_numpy(winners[rows, cols].copy()))
+        second = best - torch.from_numpy(margins[rows, cols].astype(np.float32))
+        previous_label = label
+        for klass in sorted(value_of):
+            number = torch.tensor(klass + 1, dtype=torch.int32)
+            value = torch.where(previous_label == number, float("-inf"), value_of[klass])
+            wins = (value > best) | ((value == best) & (label > number))
+            second = torch.maximum(second, torch.where(wins, best, value))
+            best = torch.where(wins, value, best)
+            label = torch.where(wins, number, label)
+        block_labels[start:stop] = label.numpy()
+        block_margins[start:stop] = _half_below(box.within_gap(best - second, gaps, start, stop).sub_(tolerance))
+        block_winners[start:stop] = best.numpy()
+    box.store(present, block_labels, ((labels, block_labels), (margins, block_margins), (winners, block_winners)))
+    exact[tuple(np.array(tiles).T)] = True
+
+
 def _typed_tiles(previous: LabelState, mapping: list, state: LabelState, reference: int, geometry: _Geometry,
                  labels: np.ndarray, margins: np.ndarray, winners: np.ndarray, exact: np.ndarray, tolerance: float):
     """For a run that only adds classes to the previous one (see :func:`_same_scores`): (tiles where a new class
@@ -942,7 +1067,6 @@ def _typed_label_tiles(values: dict, tiles, gaps: np.ndarray, owner: np.ndarray,
     class winning ties as argmax does. The winner's value is the one ``winners`` keeps in the ``exact`` tiles, else
     its own class's value in ``values``; the previous runner-up stays below it by the pixel's margin at least."""
     box = _TilesBox(tiles, geometry)
-    tile = geometry.tile
     block_labels = np.empty(box.shape, labels.dtype)
     block_margins = np.empty(box.shape, np.float16)
     block_winners = np.empty(box.shape, np.float32)
@@ -952,16 +1076,14 @@ def _typed_label_tiles(values: dict, tiles, gaps: np.ndarray, owner: np.ndarray,
         label = torch.from_numpy(labels[rows, cols].astype(np.int32))
         planes = _class_planes(values, (rows.start, rows.stop), (box.left, box.right), owner,
                                {int(owner[reference]): [torch.zeros(shape)]})
-        kept = np.asarray(exact[box.first_y + start // tile : box.first_y + -(-stop // tile),
-                                box.first_x : box.last_x + 1])
-        kept = torch.from_numpy(np.ascontiguousarray(kept)).repeat_interleave(tile, 0).repeat_interleave(tile, 1)
+        kept = box.per_pixel(exact, start, stop)
         best = torch.from_numpy(winners[rows, cols].copy())
         if not bool(kept.all()):
             own = torch.full(shape, float("-inf"))
             for klass in planes:
                 if mapping[klass] is not None:
                     own = torch.where(label == klass + 1, _best_of(planes[klass]), own)
-            best = torch.where(kept[: shape[0], : shape[1]], best, own)
+            best = torch.where(kept, best, own)
         second = best - torch.from_numpy(margins[rows, cols].astype(np.float32))
         for klass in sorted(k for k in planes if mapping[k] is None):
             value, number = _best_of(planes[klass]), torch.tensor(klass + 1, dtype=torch.int32)

@@ -119,9 +119,10 @@ def test_previews_of_a_rerun_show_only_final_labels_and_the_focus_comes_first(se
     rng = np.random.default_rng(300 + seed)
     monkeypatch.setattr(tiled_labels, "FOCUS_SIDE", 40)  # a focus region smaller than these images
     computed: list = []   # the tiles of each region computed, in order
-    real_label_tiles = tiled_labels._label_tiles
-    monkeypatch.setattr(tiled_labels, "_label_tiles",
-                        lambda values, tiles, *rest: computed.append(list(tiles)) or real_label_tiles(values, tiles, *rest))
+    for labelling in ("_label_tiles", "_risen_label_tiles"):   # strokes here only raise scores: both paths
+        real = getattr(tiled_labels, labelling)
+        monkeypatch.setattr(tiled_labels, labelling, lambda values, tiles, *rest, real=real:
+                            computed.append(list(tiles)) or real(values, tiles, *rest))
     previews_seen = focused = 0
     for _ in range(6):
         scores, guide, size, spans, names, snap, tile = random_case(rng)
@@ -337,6 +338,7 @@ def test_classes_typed_on_the_same_scores_are_computed_alone_against_the_winners
             scores, spans, names = _typed(rng, scores, spans, names, step)
             calls, computed_queries[:] = [], []
             state = labels_of(scores, guide, size, spans, names, snap, state, tile=tile, affinities=kept)
+            computed = list(computed_queries)   # this run's, not the full computation's below
             full = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=tile)
             np.testing.assert_array_equal(state.labels, full.labels)
             bound, actual = state.margins.astype(np.float32), full.margins.astype(np.float32)
@@ -346,8 +348,105 @@ def test_classes_typed_on_the_same_scores_are_computed_alone_against_the_winners
             if calls:
                 typed_runs += 1
                 new_queries = {q for (a, b), name in zip(spans, names) if name not in old_names for q in range(a, b)}
-                assert new_queries & set(computed_queries) or state.computed == 0
+                assert new_queries & set(computed) or state.computed == 0
     assert typed_runs >= 12   # most typing runs took the path of classes added alone
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_scores_that_only_rise_are_computed_alone_against_the_winners_kept(seed, monkeypatch):
+    """Strokes with edge snapping only raise scores (of the painted class, and of those whose lead cap it lifts): a
+    re-run computes only the classes that rose (and, where the winners' values are not kept, the labelled ones),
+    and its labels equal a computation from scratch, its margins stay lower bounds and the winners' values kept are
+    bit for bit those of a computation from scratch; a stroke on the reference, a fall or a class typed between
+    takes the other paths and leaves the winners right for the next rise."""
+    rng = np.random.default_rng(500 + seed)
+    risen_runs = strict = 0
+    computed_queries: list = []
+    real = tiled_labels._channels_near
+
+    def spy(tiles, bounds, queries, *args, **kwargs):
+        computed_queries.extend(queries)
+        return (yield from real(tiles, bounds, queries, *args, **kwargs))
+    monkeypatch.setattr(tiled_labels, "_channels_near", spy)
+    real_risen = tiled_labels._only_risen
+    monkeypatch.setattr(tiled_labels, "_only_risen", lambda *a, **k: calls.append(real_risen(*a, **k)) or calls[-1])
+    for _ in range(8):
+        scores, guide, size, spans, names, snap, tile = random_case(rng)
+        while len(scores) < 2:
+            scores, guide, size, spans, names, snap, tile = random_case(rng)
+        kept = AffinityTiles(int(rng.choice([1 << 30, 1 << 16])))
+        # a first run that keeps every winner's value, or the usual one (tiles of one class filled)
+        state = labels_of(scores, guide, size, spans, names, snap, tile=tile, affinities=kept,
+                          dense=bool(rng.random() < 0.3))
+        coarse = len(scores.unique()) < 200   # values on a grid: exact ties that rounding must settle alike
+        for step in range(5):
+            scores = scores.clone()
+            h, w = scores.shape[1:]
+            if step == 3 and rng.random() < 0.5:   # a fall or a class typed between rises
+                if rng.random() < 0.5:
+                    scores[int(rng.integers(0, len(scores)))] -= 0.01
+                else:
+                    scores, spans, names = _typed(rng, scores, spans, names, step)
+            else:
+                # the query leading most of the image (the one others are computed against) rises now and then
+                reference = tiled_labels._reference_query(tiled_labels.leading_query(scores), len(scores))
+                others = [q for q in range(len(scores)) if q != reference]
+                for _ in range(int(rng.integers(1, 3))):   # one or two queries rise, in a patch or everywhere
+                    k = int(rng.choice(others)) if rng.random() < 0.85 else reference
+                    y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+                    area = ((slice(y, y + int(rng.integers(2, 8))), slice(x, x + int(rng.integers(2, 8))))
+                            if rng.random() < 0.7 else (slice(None), slice(None)))
+                    rise = float(rng.uniform(0, 0.15))
+                    scores[(k, *area)] += round(rise * 40) / 40 if coarse else rise
+            calls, computed_queries[:] = [], []
+            before, all_kept = state.scores, bool(state.exact.all())
+            if rng.random() < 0.3:
+                focus = (float(rng.uniform(0, size[0])), float(rng.uniform(0, size[1])))
+                state = run_to_end(label_steps(scores, guide, size, spans, names, snap, state, tile=tile,
+                                               affinities=kept, focus=focus))
+            else:
+                state = labels_of(scores, guide, size, spans, names, snap, state, tile=tile, affinities=kept)
+            computed = list(computed_queries)
+            full = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=tile)
+            np.testing.assert_array_equal(state.labels, full.labels)
+            bound, actual = state.margins.astype(np.float32), full.margins.astype(np.float32)
+            assert np.all(bound <= actual + 2.0 ** -9 * np.abs(actual) + 1e-5)
+            exact = np.repeat(np.repeat(state.exact, tile, 0), tile, 1)[: size[0], : size[1]]
+            np.testing.assert_array_equal(state.winners[exact], full.winners[exact])
+            if calls and calls[0]:
+                risen_runs += 1
+                owner = np.repeat(np.arange(len(spans)), [b - a for a, b in spans])
+                rose = {int(owner[q]) for q in range(len(scores)) if bool((scores[q] != before[q]).any())}
+                if all_kept:   # every winner's value kept: only the classes that rose are computed
+                    assert {int(owner[q]) for q in computed} <= rose
+                    strict += bool(computed)
+    assert risen_runs >= 8   # a third of the runs or more took the path of risen classes alone
+    assert strict >= 1
+
+
+def test_a_stroke_computes_only_the_class_it_raised_where_the_winners_are_kept(monkeypatch):
+    rng = np.random.default_rng(9)
+    scores = smooth_scores(rng, 3, 40, 40, 5)
+    scores[0] += 0.05   # the first class leads most of the image: the reference
+    guide = torch.from_numpy(rng.normal(size=(3, 40, 40)).astype(np.float32))
+    size, spans, names, snap = (320, 320), [(0, 1), (1, 2), (2, 3)], [("a",), ("b",), ("c",)], (2, (1, 2))
+    first = labels_of(scores, guide, size, spans, names, snap, dense=True)   # every winner's value kept
+    assert first.exact.all()
+    computed = []
+    real = tiled_labels._channels_near
+
+    def spy(tiles, bounds, queries, *args, **kwargs):
+        computed.extend(queries)
+        return (yield from real(tiles, bounds, queries, *args, **kwargs))
+    monkeypatch.setattr(tiled_labels, "_channels_near", spy)
+    stroked = scores.clone()
+    stroked[2, 10:30, 10:30] += 0.08
+    second = labels_of(stroked, guide, size, spans, names, snap, first)
+    assert set(computed) == {2}                       # the class the stroke raised, alone
+    assert 0 < second.computed < 1
+    full = labels_of(stroked, guide, size, spans, names, snap, dense=True)
+    np.testing.assert_array_equal(second.labels, full.labels)
+    assert (second.labels != first.labels).any()
 
 
 def test_a_class_typed_is_resized_and_snapped_alone_where_the_winners_are_kept(monkeypatch):

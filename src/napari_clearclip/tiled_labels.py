@@ -806,8 +806,16 @@ class _TilesBox:
                 + (np.arange(shape[1], dtype=np.int32) // tile)[None, :]) * n_labels + block_labels
         occurs = np.bincount(code.ravel(), minlength=(self.last_y - self.first_y + 1) * across * n_labels) > 0
         occurs = occurs.reshape(self.last_y - self.first_y + 1, across, n_labels)
-        for ty, tx in self.tiles:
-            present[ty, tx] = occurs[ty - self.first_y, tx - self.first_x]
+        ys, xs = np.array(self.tiles).reshape(-1, 2).T
+        present[ys, xs] = occurs[ys - self.first_y, xs - self.first_x]
+        # the whole tiles in one copy per array (a loop over them cost 0.15 s per region of a thousand tiles); the
+        # part tiles at the image's far edges one by one
+        whole = (ys < self.geometry.size[0] // tile) & (xs < self.geometry.size[1] // tile)
+        for array, block in pairs:
+            if array is not None and whole.any():
+                _tile_blocks(array, tile)[ys[whole], xs[whole]] = _tile_blocks(block, tile)[
+                    ys[whole] - self.first_y, xs[whole] - self.first_x]
+        for ty, tx in zip(ys[~whole], xs[~whole]):
             rows, cols = self.geometry.tile_slices(ty, tx)
             inner = (slice(rows.start - self.top, rows.stop - self.top),
                      slice(cols.start - self.left, cols.stop - self.left))

@@ -370,6 +370,9 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         rose, steady = _changed_classes(previous, state, reference, geometry)
         known = exact & steady
         exact &= steady & ~np.any(previous.present[..., 1:] & rose, axis=-1)
+    # scores only rose: a pixel whose winner's value kept is above the highest of every other class that rose keeps
+    # its label, whatever its margin
+    rescue = (winners, _highest_risen(state, reference, geometry, rose, known, tolerance)) if risen else None
     previews = focus is not None and reuse is not None and not dense
     judge_rest = None
     fast = np.zeros(geometry.shape, bool)   # tiles where only the classes added are computed
@@ -383,13 +386,14 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         # tiles of one class throughout need no judging (their labels are known: a kept tile's are the same), and
         # the tiles around the focus are judged first, the others only once those are computed
         judge, check, present = _kept_tiles(previous, reuse, state, reference, geometry, labels, margins, tolerance,
-                                            lazily=True)
+                                            lazily=True, rescue=rescue)
         fill = uniform & check
         near = _around(focus, geometry, check & ~uniform)
         dirty = judge(near)
         judge_rest = (judge, check & ~uniform & ~near)
     elif reuse is not None:
-        kept, dirty, present = _kept_tiles(previous, reuse, state, reference, geometry, labels, margins, tolerance)
+        kept, dirty, present = _kept_tiles(previous, reuse, state, reference, geometry, labels, margins, tolerance,
+                                           rescue=rescue)
         fill = uniform & ~kept
         dirty &= ~uniform
     if previews:  # filled tiles that held only their label already change nothing: no need to show them
@@ -889,6 +893,31 @@ def _same_scores(previous: LabelState, mapping: list, state: LabelState, referen
     return True
 
 
+def _highest_risen(state: LabelState, reference: int, geometry: _Geometry, rose: np.ndarray, known: np.ndarray,
+                   tolerance: float) -> np.ndarray:
+    """(tiles_y, tiles_x, classes + 1): for a pixel labelled w in each tile, the highest score within the tile's reach
+    of any other class that rose there (relative to the reference query, plus a rounding bound); inf where the
+    winners' values are not kept, -inf where no other class rose.
+
+    Resizing and snapping give a class at most its highest coarse score within reach, so a winner whose value kept
+    (its class never fell) is above that keeps its label however the others rose.
+    """
+    classes = len(state.spans)
+    highest = np.full((classes, *geometry.shape), -np.inf, np.float32)
+    for klass, (a, b) in enumerate(state.spans):
+        if rose[..., klass].any():
+            coarse = (state.scores[a:b] - state.scores[reference]).amax(0).numpy()
+            highest[klass] = np.where(rose[..., klass], geometry.reduce(coarse, "max") + 2 * tolerance, -np.inf)
+    order = np.argsort(-highest, axis=0, kind="stable")
+    first = np.take_along_axis(highest, order[:1], 0)[0]
+    second = np.take_along_axis(highest, order[1:2], 0)[0] if classes > 1 else np.full(geometry.shape, -np.inf)
+    out = np.full((*geometry.shape, classes + 1), np.inf, np.float32)
+    for w in range(classes):   # the best class but w
+        out[..., w + 1] = np.where(order[0] == w, second, first)
+    out[~known] = np.inf
+    return out
+
+
 def _same_classes(previous: LabelState, mapping: list, state: LabelState, reference: int) -> bool:
     """Whether this run has the previous run's classes, queries and reference query, in their order, and the previous
     run kept its winners' values."""
@@ -1120,7 +1149,8 @@ def _reusable(previous: LabelState | None, state: LabelState, size) -> list | No
 
 
 def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, reference: int,
-                geometry: _Geometry, labels: np.ndarray, margins: np.ndarray, tolerance: float, lazily: bool = False):
+                geometry: _Geometry, labels: np.ndarray, margins: np.ndarray, tolerance: float, lazily: bool = False,
+                rescue: tuple | None = None):
     """Which tiles keep the previous labels (renumbered to the new classes), which must be recomputed, and
     which labels occur in each tile (renumbered). ``labels`` (a copy of the previous run's) is renumbered in place.
     ``lazily``: instead (judge, tiles that need judging, labels present), where ``judge(within)`` gives which of
@@ -1129,6 +1159,8 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, referenc
     Only tiles holding a label whose pixels might change are looked at pixel by pixel. A pixel keeps its label
     without a look at its margin only where a fresh run would repeat the previous run's arithmetic there (see
     :func:`_same_arithmetic`); anywhere else a near tie, which rounding may settle either way, is recomputed.
+    ``rescue`` (winners' values, (tiles_y, tiles_x, labels) the value above which a pixel's winner keeps its label):
+    a pixel also keeps its label where its winner's value kept is above that (see :func:`_highest_risen`).
     """
     n_new, n_old = len(state.names), len(previous.names)
     old_to_new = np.zeros(n_old + 1, dtype=np.int32)  # 0: a class that is gone
@@ -1184,8 +1216,11 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, referenc
     check = np.any(present & ~np.isneginf(threshold), axis=-1)
     if leads:
         check |= np.any(present & np.any(new_others < 0, axis=0), axis=-1)
-    bounds = _TileBounds(threshold, shrinks, new_leads, new_others, tolerance)
-    blocks = (_tile_blocks(labels, geometry.tile), _tile_blocks(margins, geometry.tile))
+    highest = None if rescue is None else rescue[1]
+    bounds = _TileBounds(threshold, shrinks, new_leads, new_others, tolerance, highest)
+    winners = None if rescue is None else rescue[0]
+    blocks = (_tile_blocks(labels, geometry.tile), _tile_blocks(margins, geometry.tile),
+              None if winners is None else _tile_blocks(winners, geometry.tile))
     whole_tiles = _whole_mask(geometry)
 
     def judge(within: np.ndarray) -> np.ndarray:
@@ -1195,13 +1230,15 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, referenc
         whole = np.nonzero(check & whole_tiles & within)
         for start in range(0, len(whole[0]), JUDGED_AT_ONCE):
             ys, xs = whole[0][start : start + JUDGED_AT_ONCE], whole[1][start : start + JUDGED_AT_ONCE]
-            judged, kept_margins = bounds.judge(ys, xs, blocks[0][ys, xs], blocks[1][ys, xs])
+            judged, kept_margins = bounds.judge(ys, xs, blocks[0][ys, xs], blocks[1][ys, xs],
+                                                None if winners is None else blocks[2][ys, xs])
             dirty[ys, xs] = judged
             blocks[1][ys[~judged], xs[~judged]] = kept_margins
         for ty, tx in zip(*np.nonzero(check & ~whole_tiles & within)):  # the part tiles at the far edges
             rows, cols = geometry.tile_slices(ty, tx)
             ys, xs = np.array([ty]), np.array([tx])
-            judged, kept_margins = bounds.judge(ys, xs, labels[rows, cols][None], margins[rows, cols][None])
+            judged, kept_margins = bounds.judge(ys, xs, labels[rows, cols][None], margins[rows, cols][None],
+                                                None if winners is None else winners[rows, cols][None])
             dirty[ty, tx] = judged[0]
             if not judged[0]:
                 margins[rows, cols] = kept_margins[0]
@@ -1247,15 +1284,27 @@ class _TileBounds:
     new_leads: np.ndarray   # (new classes, tiles_y, tiles_x, labels): the label's lowest lead over a new class
     new_others: np.ndarray  # (new classes, tiles_y, tiles_x, labels): the best lead of another class over it
     tolerance: float
+    highest: np.ndarray | None = None  # (tiles_y, tiles_x, labels): a winner's value kept above this keeps its label
 
-    def judge(self, ys: np.ndarray, xs: np.ndarray, labels: np.ndarray, margins: np.ndarray):
-        """For the tiles at (ys, xs), with their ``labels`` and ``margins`` (n, h, w): which must be recomputed,
-        and the margins the others keep (lower bounds for the next run), for those others alone."""
+    def judge(self, ys: np.ndarray, xs: np.ndarray, labels: np.ndarray, margins: np.ndarray,
+              winners: np.ndarray | None = None):
+        """For the tiles at (ys, xs), with their ``labels``, ``margins`` (and winners' values, with ``highest``)
+        (n, h, w): which must be recomputed, and the margins the others keep (lower bounds for the next run), for
+        those others alone."""
         margin = margins.astype(np.float32)
-        dirty = ~np.all(margin > _per_pixel(self.threshold[ys, xs], labels), axis=(1, 2))  # a NaN margin: dirty
+        keeps = margin > _per_pixel(self.threshold[ys, xs], labels)   # a NaN margin: recomputed
+        above = None
+        if self.highest is not None and winners is not None:
+            highest = _per_pixel(self.highest[ys, xs], labels)
+            with np.errstate(invalid="ignore"):   # winners' values not kept are rescued by nothing (highest inf)
+                above = np.where(np.isfinite(highest), winners - highest, -np.inf)
+            keeps |= above > 0
+        dirty = ~np.all(keeps, axis=(1, 2))
         kept = ~dirty
         ys, xs, labels = ys[kept], xs[kept], labels[kept]
         kept_margin = margin[kept] - _per_pixel(self.shrinks[ys, xs], labels)
+        if above is not None:   # every class that rose stays below the winner by ``above``, the others by the margin
+            kept_margin = np.maximum(kept_margin, np.minimum(margin[kept], above[kept]))
         for lead, others in zip(self.new_leads, self.new_others):
             other = _per_pixel(others[ys, xs], labels)
             with np.errstate(invalid="ignore"):  # inf + -inf where there is no other class: no bound

@@ -888,3 +888,43 @@ def test_a_view_first_rerun_of_a_large_scene_equals_a_fresh_run(demo, monkeypatc
             np.testing.assert_array_equal(fast.labels, full.labels)
     finally:
         demo.method = "clearclip"
+
+
+def test_tiles_stored_from_a_box_hold_its_values_and_the_labels_each_holds():
+    """Storing a region's labels tile by tile, in one copy or one gather per array: the same values and the same
+    labels present per tile as a loop over the tiles, for boxes of every tile, of some, and cut by the image's edge."""
+    rng = np.random.default_rng(11)
+    cases = 0
+    for trial in range(40):
+        height, width = int(rng.integers(100, 700)), int(rng.integers(100, 700))
+        tile = int(rng.choice([8, 16, 64]))
+        geometry = tiled_labels._Geometry((20, 20), (height, width), 5, tile)
+        rows, cols = geometry.shape
+        chosen = rng.random((rows, cols)) < (1.0 if trial % 3 == 0 else 0.4)
+        y0, y1 = sorted(int(v) for v in rng.integers(0, rows, 2))
+        x0, x1 = sorted(int(v) for v in rng.integers(0, cols, 2))
+        tiles = [(int(y), int(x)) for y, x in np.argwhere(chosen) if y0 <= y <= y1 and x0 <= x <= x1]
+        if not tiles:
+            continue
+        box = tiled_labels._TilesBox(tiles, geometry)
+        classes = int(rng.integers(1, 40))
+        block = rng.integers(0, classes + 1, box.shape).astype(np.uint8)
+        if trial % 2:   # a few labels in large patches: most tiles hold one
+            block = np.kron(rng.integers(0, classes + 1, (-(-box.shape[0] // 50), -(-box.shape[1] // 50))),
+                            np.ones((50, 50), int))[: box.shape[0], : box.shape[1]].astype(np.uint8)
+        values = rng.random(box.shape).astype(np.float32)
+        labels, stored = np.zeros((height, width), np.uint8), np.zeros((height, width), np.float32)
+        present = np.zeros((rows, cols, classes + 1), bool)
+        box.store(present, block, ((labels, block), (stored, values), (None, values)))
+        expected_labels, expected_values = np.zeros_like(labels), np.zeros_like(stored)
+        expected_present = np.zeros_like(present)
+        for y, x in tiles:
+            r, c = geometry.tile_slices(y, x)
+            inner = (slice(r.start - box.top, r.stop - box.top), slice(c.start - box.left, c.stop - box.left))
+            expected_labels[r, c], expected_values[r, c] = block[inner], values[inner]
+            expected_present[y, x] = np.bincount(block[inner].ravel(), minlength=classes + 1) > 0
+        np.testing.assert_array_equal(labels, expected_labels)
+        np.testing.assert_array_equal(stored, expected_values)
+        np.testing.assert_array_equal(present, expected_present)
+        cases += 1
+    assert cases >= 30

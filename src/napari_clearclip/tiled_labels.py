@@ -752,9 +752,7 @@ def _label_tiles(values: dict, tiles, reference: int, gaps: np.ndarray, owner: n
     the reference query (which scores 0). ``values``: query -> (plane, its top, its left, (top, bottom, left, right)
     of the tiles where the query can win: where the plane's values are exact); a query has no say anywhere else."""
     box = _TilesBox(tiles, geometry)
-    block_labels = np.empty(box.shape, labels.dtype)
-    block_margins = np.empty(box.shape, np.float16)
-    block_winners = np.empty(box.shape, np.float32)
+    block_labels, block_margins, block_winners = box.blocks(labels.dtype)
     for start, stop in box.row_steps(len(values) + 1):   # a few rows of tiles at a time: small planes, in the cache
         index, margin, best = _leaders_in(values, (box.top + start, box.top + stop), (box.left, box.right), reference,
                                           owner)
@@ -783,6 +781,11 @@ class _TilesBox:
         tile = self.geometry.tile
         step = max(1, LABELLED_AT_ONCE_BYTES // (4 * self.shape[1] * planes) // tile) * tile
         return [(start, min(start + step, self.shape[0])) for start in range(0, self.shape[0], step)]
+
+    def blocks(self, label_type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Empty labels, margins (float16) and winners' values (float32) over the box."""
+        return (np.empty(self.shape, label_type), np.empty(self.shape, np.float16),
+                np.empty(self.shape, np.float32))
 
     def per_pixel(self, tiles: np.ndarray, start: int, stop: int) -> torch.Tensor:
         """Each pixel of rows ``start:stop`` of the box, its tile's value of ``tiles`` (tiles_y, tiles_x)."""
@@ -992,9 +995,7 @@ def _risen_label_tiles(values: dict, tiles, competing: np.ndarray, gaps: np.ndar
     # the reference class's value is exact where its other queries are computed (alone, it scores 0 everywhere)
     synonyms = [q for q in np.flatnonzero(owner == ref_class) if q != reference]
     ref_needed = competing[..., synonyms].all(-1) if synonyms else np.ones(competing.shape[:2], bool)
-    block_labels = np.empty(box.shape, labels.dtype)
-    block_margins = np.empty(box.shape, np.float16)
-    block_winners = np.empty(box.shape, np.float32)
+    block_labels, block_margins, block_winners = box.blocks(labels.dtype)
     for start, stop in box.row_steps(len(values) + 4):
         rows, cols = slice(box.top + start, box.top + stop), slice(box.left, box.right)
         shape = (stop - start, box.shape[1])
@@ -1112,9 +1113,7 @@ def _typed_label_tiles(values: dict, tiles, gaps: np.ndarray, owner: np.ndarray,
     class winning ties as argmax does. The winner's value is the one ``winners`` keeps in the ``exact`` tiles, else
     its own class's value in ``values``; the previous runner-up stays below it by the pixel's margin at least."""
     box = _TilesBox(tiles, geometry)
-    block_labels = np.empty(box.shape, labels.dtype)
-    block_margins = np.empty(box.shape, np.float16)
-    block_winners = np.empty(box.shape, np.float32)
+    block_labels, block_margins, block_winners = box.blocks(labels.dtype)
     for start, stop in box.row_steps(len(values) + 4):
         rows, cols = slice(box.top + start, box.top + stop), slice(box.left, box.right)
         shape = (stop - start, box.shape[1])

@@ -25,6 +25,29 @@ def labels_of(scores, guide, size, spans, names, snap, previous=None, dense=Fals
     return run_to_end(label_steps(scores, guide, size, spans, names, snap, previous, dense, tile, affinities))
 
 
+def spy_on_computed_queries(monkeypatch) -> list:
+    """The list of queries the runs resize and snap, filled as they go."""
+    computed: list = []
+    real = tiled_labels._channels_near
+
+    def spy(tiles, bounds, queries, *args, **kwargs):
+        computed.extend(queries)
+        return (yield from real(tiles, bounds, queries, *args, **kwargs))
+    monkeypatch.setattr(tiled_labels, "_channels_near", spy)
+    return computed
+
+
+def assert_as_from_scratch(state, scores, guide, size, spans, names, snap, tile) -> None:
+    """A re-run's labels are a full computation's, its margins lower bounds of that one's, and the winners' values it
+    calls kept are that one's bit for bit."""
+    full = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=tile)
+    np.testing.assert_array_equal(state.labels, full.labels)
+    bound, actual = state.margins.astype(np.float32), full.margins.astype(np.float32)
+    assert np.all(bound <= actual + 2.0 ** -9 * np.abs(actual) + 1e-5)
+    exact = np.repeat(np.repeat(state.exact, tile, 0), tile, 1)[: size[0], : size[1]]
+    np.testing.assert_array_equal(state.winners[exact], full.winners[exact])
+
+
 def random_case(rng):
     h, w = (int(v) for v in rng.integers(8, 40, 2))
     size = (int(h * rng.uniform(1, 6)), int(w * rng.uniform(1, 6)))
@@ -304,13 +327,7 @@ def test_classes_typed_on_the_same_scores_are_computed_alone_against_the_winners
     and the winners' values kept are bit for bit those of a computation from scratch."""
     rng = np.random.default_rng(300 + seed)
     typed_runs = 0
-    computed_queries = []
-    real = tiled_labels._channels_near
-
-    def spy(tiles, bounds, queries, *args, **kwargs):
-        computed_queries.extend(queries)
-        return (yield from real(tiles, bounds, queries, *args, **kwargs))
-    monkeypatch.setattr(tiled_labels, "_channels_near", spy)
+    computed_queries = spy_on_computed_queries(monkeypatch)
     real_typed = tiled_labels._typed_tiles
     monkeypatch.setattr(tiled_labels, "_typed_tiles", lambda *a, **k: (calls.append(1), real_typed(*a, **k))[1])
     for _ in range(6):
@@ -339,12 +356,7 @@ def test_classes_typed_on_the_same_scores_are_computed_alone_against_the_winners
             calls, computed_queries[:] = [], []
             state = labels_of(scores, guide, size, spans, names, snap, state, tile=tile, affinities=kept)
             computed = list(computed_queries)   # this run's, not the full computation's below
-            full = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=tile)
-            np.testing.assert_array_equal(state.labels, full.labels)
-            bound, actual = state.margins.astype(np.float32), full.margins.astype(np.float32)
-            assert np.all(bound <= actual + 2.0 ** -9 * np.abs(actual) + 1e-5)
-            exact = np.repeat(np.repeat(state.exact, tile, 0), tile, 1)[: size[0], : size[1]]
-            np.testing.assert_array_equal(state.winners[exact], full.winners[exact])
+            assert_as_from_scratch(state, scores, guide, size, spans, names, snap, tile)
             if calls:
                 typed_runs += 1
                 new_queries = {q for (a, b), name in zip(spans, names) if name not in old_names for q in range(a, b)}
@@ -361,13 +373,7 @@ def test_scores_that_only_rise_are_computed_alone_against_the_winners_kept(seed,
     takes the other paths and leaves the winners right for the next rise."""
     rng = np.random.default_rng(500 + seed)
     risen_runs = strict = 0
-    computed_queries: list = []
-    real = tiled_labels._channels_near
-
-    def spy(tiles, bounds, queries, *args, **kwargs):
-        computed_queries.extend(queries)
-        return (yield from real(tiles, bounds, queries, *args, **kwargs))
-    monkeypatch.setattr(tiled_labels, "_channels_near", spy)
+    computed_queries = spy_on_computed_queries(monkeypatch)
     real_risen = tiled_labels._only_risen
     monkeypatch.setattr(tiled_labels, "_only_risen", lambda *a, **k: calls.append(real_risen(*a, **k)) or calls[-1])
     for _ in range(8):
@@ -407,12 +413,7 @@ def test_scores_that_only_rise_are_computed_alone_against_the_winners_kept(seed,
             else:
                 state = labels_of(scores, guide, size, spans, names, snap, state, tile=tile, affinities=kept)
             computed = list(computed_queries)
-            full = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=tile)
-            np.testing.assert_array_equal(state.labels, full.labels)
-            bound, actual = state.margins.astype(np.float32), full.margins.astype(np.float32)
-            assert np.all(bound <= actual + 2.0 ** -9 * np.abs(actual) + 1e-5)
-            exact = np.repeat(np.repeat(state.exact, tile, 0), tile, 1)[: size[0], : size[1]]
-            np.testing.assert_array_equal(state.winners[exact], full.winners[exact])
+            assert_as_from_scratch(state, scores, guide, size, spans, names, snap, tile)
             if calls and calls[0]:
                 risen_runs += 1
                 owner = np.repeat(np.arange(len(spans)), [b - a for a, b in spans])
@@ -432,13 +433,7 @@ def test_a_stroke_computes_only_the_class_it_raised_where_the_winners_are_kept(m
     size, spans, names, snap = (320, 320), [(0, 1), (1, 2), (2, 3)], [("a",), ("b",), ("c",)], (2, (1, 2))
     first = labels_of(scores, guide, size, spans, names, snap, dense=True)   # every winner's value kept
     assert first.exact.all()
-    computed = []
-    real = tiled_labels._channels_near
-
-    def spy(tiles, bounds, queries, *args, **kwargs):
-        computed.extend(queries)
-        return (yield from real(tiles, bounds, queries, *args, **kwargs))
-    monkeypatch.setattr(tiled_labels, "_channels_near", spy)
+    computed = spy_on_computed_queries(monkeypatch)
     stroked = scores.clone()
     stroked[2, 10:30, 10:30] += 0.08
     second = labels_of(stroked, guide, size, spans, names, snap, first)
@@ -456,13 +451,7 @@ def test_a_class_typed_is_resized_and_snapped_alone_where_the_winners_are_kept(m
     size, spans, names, snap = (320, 320), [(0, 1), (1, 2), (2, 3)], [("a",), ("b",), ("c",)], (2, (1, 2))
     first = labels_of(scores, guide, size, spans, names, snap, dense=True)   # every winner's value kept
     assert first.exact.all()
-    computed = []
-    real = tiled_labels._channels_near
-
-    def spy(tiles, bounds, queries, *args, **kwargs):
-        computed.extend(queries)
-        return (yield from real(tiles, bounds, queries, *args, **kwargs))
-    monkeypatch.setattr(tiled_labels, "_channels_near", spy)
+    computed = spy_on_computed_queries(monkeypatch)
     typed = torch.cat([scores, scores[1:2] + 0.02 * torch.from_numpy(rng.normal(size=(1, 40, 40)).astype(np.float32))])
     second = labels_of(typed, guide, size, spans + [(3, 4)], names + [("d",)], snap, first)
     assert set(computed) == {3}                       # the new class alone

@@ -3,11 +3,14 @@
 The worker yields what is final already (tiles of one class throughout that change class at
 once, then the view or the region around the newest stroke, then the rest nearest first); this
 writes it into the result layer at most every PREVIEW_INTERVAL_MS, one refresh for all that
-came meanwhile. Pixels the user painted, before or during the run, are never written; a run
+came meanwhile: a preview that comes after a quiet interval (the view, once the tiles of one class
+are shown) is written at once. Pixels the user painted, before or during the run, are never written; a run
 that is cancelled or fails puts back what its previews wrote, so that it changes nothing.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 from qtpy.QtCore import QTimer
@@ -31,9 +34,8 @@ class RunPreviews:
         self._queue: list[LabelsPreview] = []
         self._timer = QTimer()
         self._timer.setSingleShot(True)
-        self._timer.setInterval(PREVIEW_INTERVAL_MS)
         self._timer.timeout.connect(self.flush)
-        self._flushed_once = False
+        self._last_write: float | None = None   # time.monotonic() of the last write
 
     def _writable_data(self):
         data = self.target.layer.data
@@ -42,12 +44,16 @@ class RunPreviews:
         return None
 
     def add(self, preview: LabelsPreview) -> None:
-        """Queue a preview; the first is written at once, later ones together when the interval has passed."""
+        """Queue a preview: written at once when the interval has passed since the last write (the first, always),
+        else with whatever else comes until it has."""
         self._queue.append(preview)
-        if not self._flushed_once:
+        if self._timer.isActive():
+            return
+        since = None if self._last_write is None else (time.monotonic() - self._last_write) * 1000
+        if since is None or since >= PREVIEW_INTERVAL_MS:
             self.flush()
-        elif not self._timer.isActive():
-            self._timer.start()
+        else:
+            self._timer.start(max(1, int(PREVIEW_INTERVAL_MS - since)))
 
     def flush(self) -> None:
         """Write the queued previews, PIXELS_PER_TURN at most (the rest on the next turns of the event loop), then
@@ -55,7 +61,7 @@ class RunPreviews:
         data = self._writable_data()
         if not self._queue or data is None:
             return
-        self._flushed_once = True
+        self._last_write = time.monotonic()
         # the baseline is written in place: the run read it before it made any preview
         budget = PIXELS_PER_TURN
         while self._queue and budget > 0:

@@ -632,32 +632,86 @@ viewer.close()
 """
 
 
+#: napari's own cost of inserting a first Labels layer of that size in a fresh process, built off the GUI thread as the
+#: widget builds its layers (its colormap mapping compiled there too): the yardstick the widget's stall is held to
+NAPARI_INSERT = r"""
+import threading, time
+import numpy as np
+import napari
+from napari.layers import Labels
+from napari.utils.colormaps import DirectLabelColormap
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QApplication
+from napari_clearclip.colours import colormap_dict
+from napari_clearclip.demo.scenes import sample_scene
+from napari_clearclip.gui.job import prepare_first_draw
+from napari_clearclip.gui.layers import labels_features
+
+viewer = napari.Viewer(show=True)
+image = np.tile(sample_scene(256), (4, 4, 1))
+viewer.add_image(image, name="scene")
+app = QApplication.instance()
+names = ["cell", "nucleus", "background"]
+labels = np.random.default_rng(0).integers(0, 4, image.shape[:2]).astype(np.uint8)
+colours = colormap_dict(names)
+made = {}
+
+def build():
+    prepare_first_draw(labels, colours)
+    made["layer"] = Labels(labels, features=labels_features(names), colormap=DirectLabelColormap(color_dict=colours),
+                           visible=False, name="scene classes")
+thread = threading.Thread(target=build)
+thread.start()
+while thread.is_alive():
+    app.processEvents(); time.sleep(0.002)
+ticks = []
+timer = QTimer(); timer.setInterval(10); timer.timeout.connect(lambda: ticks.append(time.perf_counter())); timer.start()
+end = time.perf_counter() + 0.3
+while time.perf_counter() < end:
+    app.processEvents(); time.sleep(0.002)
+layer = made["layer"]
+viewer.add_layer(layer)
+QTimer.singleShot(0, lambda: setattr(layer, "visible", True))
+end = time.perf_counter() + 1.0
+while time.perf_counter() < end:
+    app.processEvents(); time.sleep(0.002)
+print(float(np.diff(ticks).max()))
+viewer.close()
+"""
+
+
 def test_the_first_result_of_a_fresh_process_does_not_freeze_napari(tmp_path):
     """Counted in a new process, so napari's one-time costs are in: the colormap mapping numba compiles on the
-    first draw now compiles in the worker (here 1.5 s on the GUI thread before; napari's own first add_layer,
-    0.3-0.45 s, remains, so the bound is above the 0.3 s the widget's own steps are held to).
+    first draw now compiles in the worker (here 1.5 s on the GUI thread before). napari's own first insertion of a
+    Labels layer remains (0.3-0.45 s on one machine, near 1 s on a slower one): it is measured in a fresh process of
+    its own, a layer of that size built off the GUI thread as the widget builds its own, and the widget's longest
+    stall may exceed it by the 0.3 s the widget's own steps are held to, no more.
 
     A stall of the machine (other processes, the kernel reclaiming memory) can hold one tick of any process;
-    a freeze of ours recurs in every fresh process. So a second fresh process is asked for only when the
+    a freeze of ours recurs in every fresh process. So a second pair of fresh processes is asked for only when the
     first went over, and it must stay under the bound; where each spent its longest gap is reported."""
     import os
     import subprocess
     import sys
 
-    gaps, reports = [], []
-    for attempt in range(2):
-        env = {**os.environ, "NAPARI_CLEARCLIP_CACHE_DIR": str(tmp_path / f"cache{attempt}"),
-               "NAPARI_CLEARCLIP_CONFIG_DIR": str(tmp_path / f"config{attempt}")}
-        done = subprocess.run([sys.executable, "-c", FIRST_RESULT], capture_output=True, text=True, timeout=300,
-                              env=env)
+    def fresh(script: str, attempt: int, name: str) -> str:
+        env = {**os.environ, "NAPARI_CLEARCLIP_CACHE_DIR": str(tmp_path / f"cache-{name}{attempt}"),
+               "NAPARI_CLEARCLIP_CONFIG_DIR": str(tmp_path / f"config-{name}{attempt}")}
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-2000:]
-        status, gap = done.stdout.split()[-2:]
+        return done.stdout
+
+    gaps, bounds, reports = [], [], []
+    for attempt in range(2):
+        bounds.append(float(fresh(NAPARI_INSERT, attempt, "napari").split()[-1]) + 0.3)
+        output = fresh(FIRST_RESULT, attempt, "widget")
+        status, gap = output.split()[-2:]
         assert status == "Done"
         gaps.append(float(gap))
-        reports.append(done.stdout.strip().splitlines()[-2])
-        if gaps[-1] < 1.0:
+        reports.append(output.strip().splitlines()[-2])
+        if gaps[-1] < bounds[-1]:
             break
-    assert gaps[-1] < 1.0, (gaps, reports)
+    assert gaps[-1] < bounds[-1], (gaps, bounds, reports)
 
 
 def test_objects_from_another_tool_get_a_class_each_in_their_features(qtbot, widget):

@@ -345,3 +345,28 @@ def test_previews_wait_while_the_layer_is_renumbered_or_new():
     renumbered = LabelsMerger(data.shape, ["b", "a"], data, data.copy(), ["a", "b"], {(): data.copy()})
     assert layer_preview(renumbered, (), engine) is None
     assert layer_preview(LabelsMerger(data.shape, ["a", "b"]), (), engine) is None
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int32, np.uint32, np.int64, np.uint64])
+def test_masked_writes_equal_numpys_masked_copy_on_every_label_type_and_view(dtype):
+    from napari_clearclip.editing import write_where
+
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype)
+    for case in range(20):
+        shape = tuple(int(v) for v in rng.integers(1, 60, 2))
+        whole = rng.integers(info.min, info.max, (shape[0] + 7, shape[1] + 9), dtype=dtype, endpoint=True)
+        reference = whole.copy()
+        rows, cols = slice(3, 3 + shape[0]), slice(int(rng.integers(0, 9)), None, 1 + case % 2)
+        target, expected_target = whole[rows, cols], reference[rows, cols]
+        values = rng.integers(info.min, info.max, target.shape, dtype=dtype, endpoint=True)
+        where = rng.random(target.shape) < rng.random()
+        np.copyto(expected_target, values, where=where)
+        write_where(target, values, where)
+        assert np.array_equal(whole, reference)   # the view written exactly, nothing around it touched
+    # values or a mask to broadcast: numpy's own masked copy
+    target = np.zeros((4, 5), dtype)
+    write_where(target, np.full((4, 5), 3, dtype), np.eye(4, 5, dtype=bool))
+    write_where(target, np.full(5, 1, dtype), np.array([True, False, False, False, True]))
+    assert target[:, 0].tolist() == [1, 1, 1, 1] and target[1, 1] == 3 and target[:, 4].tolist() == [1] * 4
+    assert target[1, 2] == 0 and target[2, 2] == 3

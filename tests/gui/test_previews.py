@@ -59,3 +59,47 @@ def test_a_preview_after_a_quiet_interval_is_written_at_once_and_one_soon_after_
     previews.add(_preview(found, slice(20, 30), 3))
     assert (target.layer.data[20:30] == 0).all()           # right after a write: held back
     qtbot.waitUntil(lambda: (target.layer.data[20:30] == 3).all(), timeout=2000)
+
+
+def test_parts_out_of_view_are_written_but_shown_only_with_a_part_in_view_a_moved_view_or_the_end(qtbot, monkeypatch):
+    monkeypatch.setattr(previews_module, "PREVIEW_INTERVAL_MS", 60)
+    found = np.zeros((40, 10), np.uint8)
+    target = _Target(_Layer(found.copy()), found.copy())
+    view = [(0.0, 10.0, 0.0, 10.0)]                         # (top, bottom, left, right) in view
+    previews = RunPreviews(target, {(): found}, view=lambda: view[0])
+    previews.add(_preview(found, slice(20, 30), 1))
+    assert (target.layer.data[20:30] == 1).all()           # written at once...
+    qtbot.wait(150)
+    assert target.layer.refreshed == 0                     # ...but not shown: out of view
+    previews.add(_preview(found, slice(8, 12), 2))         # a part in view shows everything written
+    qtbot.waitUntil(lambda: target.layer.refreshed == 1, timeout=2000)
+    assert previews.unshown == []
+    previews.add(_preview(found, slice(30, 40), 3))
+    qtbot.wait(150)
+    assert target.layer.refreshed == 1 and (target.layer.data[30:40] == 3).all()
+    previews.view_changed()                                # moved, but not onto it: nothing to show
+    qtbot.wait(150)
+    assert target.layer.refreshed == 1
+    view[0] = (25.0, 35.0, 0.0, 10.0)
+    previews.view_changed()                                # moved onto it
+    qtbot.waitUntil(lambda: target.layer.refreshed == 2, timeout=2000)
+    previews.add(_preview(found, slice(12, 20), 4))
+    qtbot.wait(150)
+    assert target.layer.refreshed == 2
+    previews.stop()                                        # the run ended: shown now
+    assert target.layer.refreshed == 3
+    np.testing.assert_array_equal(target.baseline, target.layer.data)
+
+
+def test_a_run_that_shows_the_layer_itself_or_an_unknown_view_shows_nothing_twice_or_late(qtbot, monkeypatch):
+    monkeypatch.setattr(previews_module, "PREVIEW_INTERVAL_MS", 60)
+    found = np.zeros((40, 10), np.uint8)
+    target = _Target(_Layer(found.copy()), found.copy())
+    previews = RunPreviews(target, {(): found}, view=lambda: (0.0, 10.0, 0.0, 10.0))
+    previews.add(_preview(found, slice(20, 30), 1))
+    qtbot.wait(100)
+    previews.stop(shown=True)                              # the finished run writes and shows the layer
+    assert target.layer.refreshed == 0
+    unknown = RunPreviews(target, {(): target.layer.data.copy()}, view=lambda: None)   # a 3-D view, say
+    unknown.add(_preview(target.layer.data, slice(30, 40), 2))
+    qtbot.waitUntil(lambda: target.layer.refreshed == 1, timeout=2000)

@@ -156,7 +156,7 @@ class ResultLayers:
         previews = context.get("previews")
         expected = None if previews is None else previews.expected   # the planes as the run's previews left them
         if previews is not None:
-            previews.stop()
+            previews.stop(shown=True)   # the layer is shown whole below
         if alive:
             labels_layer = target.layer
             data = labels_layer.data

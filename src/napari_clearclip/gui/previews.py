@@ -6,11 +6,17 @@ writes it into the result layer at most every PREVIEW_INTERVAL_MS, one refresh f
 came meanwhile: a preview that comes after a quiet interval (the view, once the tiles of one class
 are shown) is written at once. Pixels the user painted, before or during the run, are never written; a run
 that is cancelled or fails puts back what its previews wrote, so that it changes nothing.
+
+Parts out of view are written into the layer's array but not shown yet: showing a 2-D layer redraws all of
+it (tens of milliseconds on the GUI thread, more with software OpenGL, and time the run does not get), and
+the user does not see them. They are shown with the next part in view, when the view moves onto them, or by
+the finished run.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from qtpy.QtCore import QTimer
@@ -27,7 +33,9 @@ class RunPreviews:
     """The previews of one run into ``target`` (a ResultLayer), with ``found`` (plane -> the plane as the run
     found it)."""
 
-    def __init__(self, target, found: dict):
+    def __init__(self, target, found: dict, view: Callable[[], tuple | None] | None = None):
+        """``view``: (top, bottom, left, right) of the 2-D layer's pixels in view now, None where unknown (every
+        part is then shown as it is written)."""
         self.target, self.found = target, found
         self.expected: dict = {}   # plane -> the plane as the previews left it (what the finished run expects)
         self.written = 0
@@ -36,6 +44,11 @@ class RunPreviews:
         self._timer.setSingleShot(True)
         self._timer.timeout.connect(self.flush)
         self._last_write: float | None = None   # time.monotonic() of the last write
+        self._view = view
+        self.unshown: list[tuple] = []           # the boxes written since the layer last showed its data
+        self._view_timer = QTimer()               # a moved view shows what is unshown at most every interval
+        self._view_timer.setSingleShot(True)
+        self._view_timer.timeout.connect(self._show_if_seen)
 
     def _writable_data(self):
         data = self.target.layer.data
@@ -77,25 +90,61 @@ class RunPreviews:
                 expected = self.expected[preview.plane] = (np.array(self.found[preview.plane], copy=True)
                                                            if found is None else found)
             self.written += apply_preview(data, self.target.baseline, expected, preview)
-        QTimer.singleShot(0, self.flush if self._queue else self._refresh)
+            self.unshown.append(preview.index)
+        QTimer.singleShot(0, self.flush if self._queue else self._show_if_seen)
+
+    def view_changed(self) -> None:
+        """The user moved the view: show what was written out of it, if it is in view now (within an interval)."""
+        if self.unshown and not self._view_timer.isActive():
+            self._view_timer.start(PREVIEW_INTERVAL_MS)
+
+    def _show_if_seen(self) -> None:
+        """Show the layer's new data if any of what was written since it was last shown is in view."""
+        if self.unshown and self._in_view(self.unshown):
+            self._refresh()
+
+    def _in_view(self, boxes: list[tuple]) -> bool:
+        data = self._writable_data()
+        try:
+            view = None if self._view is None or data is None or data.ndim != 2 else self._view()
+        except RuntimeError:  # the viewer closed meanwhile
+            view = None
+        if view is None:
+            return True
+        top, bottom, left, right = view
+        return any(rows.start < bottom and rows.stop > top and columns.start < right and columns.stop > left
+                   for rows, columns in (_box(index, data.shape) for index in boxes))
 
     def _refresh(self) -> None:
+        self.unshown = []
         try:
             self.target.layer.refresh()
         except RuntimeError:  # the viewer closed meanwhile
             pass
 
-    def stop(self) -> None:
-        """No more previews (the run ended): nothing queued is written."""
+    def stop(self, shown: bool = False) -> None:
+        """No more previews (the run ended): nothing queued is written, and what was written out of view is shown
+        now, unless the caller shows the layer itself (``shown``: the finished run writes its labels)."""
         self._queue = []
         self._timer.stop()
+        self._view_timer.stop()
+        if shown:
+            self.unshown = []
+        elif self.unshown:
+            self._refresh()
 
     def revert(self) -> None:
         """The run was cancelled or failed: show what it found again where its previews wrote."""
-        self.stop()
+        self.stop(shown=True)
         data = self._writable_data()
         if data is None or not self.expected:
             return
         revert_previews(data, self.target.baseline, self.expected, self.found)
         self.expected = {}
         self._refresh()
+
+
+def _box(index: tuple, shape: tuple) -> tuple[slice, slice]:
+    """The rows and columns (start and stop set) of a 2-D preview's index."""
+    rows, columns = (slice(*part.indices(size)[:2]) for part, size in zip(index[-2:], shape[-2:]))
+    return rows, columns

@@ -41,8 +41,9 @@ from .settings import load_settings, save_settings
 
 log = logging.getLogger(__name__)
 
-#: How often the dock shows a run's progress, at most (ms).
-PROGRESS_INTERVAL_MS = 250
+#: How often the dock shows a run's progress, at most (ms): each update repaints napari's window (20-50 ms of the GUI
+#: thread with software OpenGL, holding Python's interpreter lock), time a live re-run does not get.
+PROGRESS_INTERVAL_MS = 1000
 
 class ClearClipWidget(FieldLogic, Container):
     """Type the classes, press Run, correct the Labels layer by hand."""
@@ -121,6 +122,8 @@ class ClearClipWidget(FieldLogic, Container):
         self.classes.native.textChanged.connect(self._on_classes_changed)
         self._viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self._viewer.layers.events.removed.connect(self._on_layer_removed)
+        self._camera().events.connect(self._on_view_moved)
+        self._viewer.dims.events.ndisplay.connect(self._on_view_moved)
         self.native.destroyed.connect(lambda *_: self.close_down())
         self._restore(saved)
         self._refresh_layers()
@@ -157,7 +160,9 @@ class ClearClipWidget(FieldLogic, Container):
         except RuntimeError:  # Qt deleted it already
             pass
         for emitter, callback in ((self._viewer.layers.events.inserted, self._on_layer_inserted),
-                                  (self._viewer.layers.events.removed, self._on_layer_removed)):
+                                  (self._viewer.layers.events.removed, self._on_layer_removed),
+                                  (self._camera().events, self._on_view_moved),
+                                  (self._viewer.dims.events.ndisplay, self._on_view_moved)):
             try:
                 emitter.disconnect(callback)
             except (TypeError, ValueError, RuntimeError):
@@ -290,7 +295,8 @@ class ClearClipWidget(FieldLogic, Container):
         context = {"layer": layer, "layout": layout, "target": target, "model": self.model.value,
                    "objects": objects_layer, "reduction": reduction, "geometry": geometry,
                    "demo_scene": self.model.value == DEMO_MODEL and _looks_like_demo_scene(layer, layout, planes[0])}
-        previews = context["previews"] = None if target is None else RunPreviews(target, request.found)
+        previews = context["previews"] = (None if target is None else
+                                          RunPreviews(target, request.found, view=lambda: self._view(target)))
         worker.returned.connect(lambda value: self._on_returned(value, context))
         worker.aborted.connect(lambda: self._on_aborted(previews))
         worker.errored.connect(lambda *_: previews is not None and previews.revert())
@@ -617,6 +623,16 @@ class ClearClipWidget(FieldLogic, Container):
             return float(corners[0, -2]), float(corners[1, -2]) + 1, float(corners[0, -1]), float(corners[1, -1]) + 1
         except (ValueError, IndexError, TypeError, AttributeError, RuntimeError):
             return None
+
+    def _camera(self):
+        """The viewer's camera (``viewer.scene.camera`` since napari 0.9, ``viewer.camera`` before)."""
+        scene = getattr(self._viewer, "scene", None)
+        return scene.camera if scene is not None else self._viewer.camera
+
+    def _on_view_moved(self, *_) -> None:
+        """Parts of a re-run written out of view are shown when the view moves onto them."""
+        if self._previews is not None and not self._closed:
+            self._previews.view_changed()
 
     def _on_aborted(self, previews: RunPreviews | None) -> None:
         if previews is not None:

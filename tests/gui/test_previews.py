@@ -103,3 +103,24 @@ def test_a_run_that_shows_the_layer_itself_or_an_unknown_view_shows_nothing_twic
     unknown = RunPreviews(target, {(): target.layer.data.copy()}, view=lambda: None)   # a 3-D view, say
     unknown.add(_preview(target.layer.data, slice(30, 40), 2))
     qtbot.waitUntil(lambda: target.layer.refreshed == 1, timeout=2000)
+
+
+def test_the_widget_tells_a_runs_previews_when_the_view_moves_and_stops_when_closed(widget):
+    viewer = widget._viewer
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    moved = []
+
+    class _Previews:
+        def view_changed(self):
+            moved.append(True)
+
+    widget._previews = _Previews()
+    camera.center = (0.0, 40.0, 40.0)
+    assert moved                                           # panned: the previews check what is now in view
+    count = len(moved)
+    camera.zoom = camera.zoom * 2
+    assert len(moved) > count                              # zoomed
+    widget.close_down()
+    count = len(moved)
+    camera.center = (0.0, 10.0, 10.0)
+    assert len(moved) == count                             # a closed widget follows the view no more

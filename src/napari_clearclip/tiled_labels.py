@@ -160,6 +160,8 @@ class LabelState:
     present: np.ndarray | None = None  # (tiles_y, tiles_x, classes + 1): which labels occur in each tile
     winners: np.ndarray | None = None  # (H, W) float32: the winner's value (relative to the reference query)
     exact: np.ndarray | None = None    # (tiles_y, tiles_x): where ``winners`` holds the values of these scores
+    highest: np.ndarray | None = None  # (tiles_y, tiles_x, classes) float32: each class's value (relative to the
+    #                                    reference query) at most this over the tile's pixels; inf: not known
     extra: dict = field(default_factory=dict)
 
     @property
@@ -367,12 +369,13 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     winners = previous.winners.copy() if same or same_classes else np.empty(size, np.float32)
     exact = previous.exact.copy() if same or same_classes else np.zeros(geometry.shape, bool)
     if same_classes:   # where a labelled class or the reference changed within reach, the values kept are stale
-        rose, steady = _changed_classes(previous, state, reference, geometry)
+        rose, steady, rises = _changed_classes(previous, state, reference, geometry)
         known = exact & steady
         exact &= steady & ~np.any(previous.present[..., 1:] & rose, axis=-1)
+    highest = _carried_highest(previous, reuse, state, reference, owner, geometry, typed, rises if risen else None)
     # scores only rose: a pixel whose winner's value kept is above the highest of every other class that rose keeps
     # its label, whatever its margin
-    rescue = (winners, _highest_risen(state, reference, geometry, rose, known, tolerance)) if risen else None
+    rescue = (winners, _highest_risen(state, reference, geometry, rose, known, tolerance, highest)) if risen else None
     previews = focus is not None and reuse is not None and not dense
     judge_rest = None
     fast = np.zeros(geometry.shape, bool)   # tiles where only the classes added are computed
@@ -461,6 +464,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
                                                      affinities, buffers)
             _typed_label_tiles(values, tiles, new_gaps, owner, reference, reuse, geometry, labels, margins, winners,
                                exact, tolerance, present)
+            _note_highest(highest, values, tiles, new_competing, state.spans, reference, geometry)
             exact[tuple(np.array(tiles).T)] = True
             del values
             buffers.give_back()
@@ -480,6 +484,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
             else:
                 _label_tiles(values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance, present,
                              winners)
+            _note_highest(highest, values, tiles, competing, state.spans, reference, geometry)
             del values
             buffers.give_back()
             done_here = np.zeros(geometry.shape, bool)
@@ -500,6 +505,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         total = done + max(1, sum(max(1, len(c)) for c in channels) * max(1, iterations))
     buffers.release()
     state.labels, state.margins, state.present, state.winners, state.exact = labels, margins, present, winners, exact
+    state.highest = highest
     state.computed = computed / dirty.size
     return state
 
@@ -905,20 +911,23 @@ def _same_scores(previous: LabelState, mapping: list, state: LabelState, referen
 
 
 def _highest_risen(state: LabelState, reference: int, geometry: _Geometry, rose: np.ndarray, known: np.ndarray,
-                   tolerance: float) -> np.ndarray:
-    """(tiles_y, tiles_x, classes + 1): for a pixel labelled w in each tile, the highest score within the tile's reach
-    of any other class that rose there (relative to the reference query, plus a rounding bound); inf where the
-    winners' values are not kept, -inf where no other class rose.
+                   tolerance: float, bounds: np.ndarray | None = None) -> np.ndarray:
+    """(tiles_y, tiles_x, classes + 1): for a pixel labelled w in each tile, the highest value any other class that
+    rose there can take (relative to the reference query, plus a rounding bound); inf where the winners' values are
+    not kept, -inf where no other class rose.
 
     Resizing and snapping give a class at most its highest coarse score within reach, so a winner whose value kept
-    (its class never fell) is above that keeps its label however the others rose.
+    (its class never fell) is above that keeps its label however the others rose. ``bounds`` (tiles_y, tiles_x,
+    classes; see :func:`_carried_highest`) can be lower: a class's highest value in the tile before, plus its rise.
     """
     classes = len(state.spans)
     highest = np.full((classes, *geometry.shape), -np.inf, np.float32)
     for klass, (a, b) in enumerate(state.spans):
         if rose[..., klass].any():
-            coarse = (state.scores[a:b] - state.scores[reference]).amax(0).numpy()
-            highest[klass] = np.where(rose[..., klass], geometry.reduce(coarse, "max") + 2 * tolerance, -np.inf)
+            coarse = geometry.reduce((state.scores[a:b] - state.scores[reference]).amax(0).numpy(), "max")
+            if bounds is not None:
+                coarse = np.minimum(coarse, bounds[..., klass])
+            highest[klass] = np.where(rose[..., klass], coarse + 2 * tolerance, -np.inf)
     order = np.argsort(-highest, axis=0, kind="stable")
     first = np.take_along_axis(highest, order[:1], 0)[0]
     second = np.take_along_axis(highest, order[1:2], 0)[0] if classes > 1 else np.full(geometry.shape, -np.inf)
@@ -927,6 +936,64 @@ def _highest_risen(state: LabelState, reference: int, geometry: _Geometry, rose:
         out[..., w + 1] = np.where(order[0] == w, second, first)
     out[~known] = np.inf
     return out
+
+
+def _carried_highest(previous: LabelState | None, mapping: list | None, state: LabelState, reference: int,
+                     owner: np.ndarray, geometry: _Geometry, typed: bool, rises: np.ndarray | None) -> np.ndarray:
+    """(tiles_y, tiles_x, classes): each class's highest value over each tile's pixels in this run, at most (relative
+    to the reference query; inf where not known), from the previous run's.
+
+    Resizing and snapping give each pixel a convex combination of the coarse scores within its reach, so a class
+    whose scores rose by at most r within a tile's reach (``rises``, scores that only rose with the same reference)
+    gains at most r at any pixel of the tile; classes whose scores are the very same (``typed``: classes only added)
+    keep their values. The reference query scores 0: a class of that query alone is 0 throughout. Rounding is left to
+    the use (see :func:`_highest_risen`)."""
+    highest = np.full((*geometry.shape, len(state.spans)), np.inf, np.float32)
+    carried = previous is not None and previous.highest is not None and previous.highest.shape[:2] == geometry.shape
+    if carried and typed:
+        for new, old in enumerate(mapping):
+            if old is not None:
+                highest[..., new] = previous.highest[..., old]
+    elif carried and rises is not None and previous.highest.shape == highest.shape:
+        highest = previous.highest + rises
+    ref_class = int(owner[reference])
+    if state.spans[ref_class] == (reference, reference + 1):
+        highest[..., ref_class] = 0.0
+    return highest
+
+
+def _note_highest(highest: np.ndarray, values: dict, tiles, competing: np.ndarray, spans, reference: int,
+                  geometry: _Geometry) -> None:
+    """Record in ``highest`` (see :func:`_carried_highest`), for each tile of ``tiles``, the highest value of each
+    class every query of which was computed there (``competing``; the reference query scores 0), from ``values``
+    (see :func:`_label_tiles`)."""
+    tile = geometry.tile
+    ys, xs = np.array(tiles).reshape(-1, 2).T
+    maxima = {}
+    for query, (plane, plane_top, plane_left, (top, bottom, left, right)) in values.items():
+        block = plane[top - plane_top : bottom - plane_top, left - plane_left : right - plane_left]
+        height, width = block.shape
+        if height % tile or width % tile:  # a part tile at the image's far edges: its own pixels alone
+            block = torch.nn.functional.pad(block[None], (0, -width % tile, 0, -height % tile),
+                                            value=float("-inf"))[0]
+        rows, cols = block.shape[0] // tile, block.shape[1] // tile
+        maxima[query] = (block.reshape(rows, tile, cols, tile).amax((1, 3)).numpy(), top // tile, left // tile)
+    for klass, (a, b) in enumerate(spans):
+        known = np.ones(len(ys), bool)
+        best = np.full(len(ys), 0.0 if a <= reference < b else -np.inf, np.float32)
+        for query in range(a, b):
+            if query == reference:
+                continue
+            if query not in maxima:
+                known[:] = False
+                break
+            table, first_y, first_x = maxima[query]
+            inside = competing[ys, xs, query]
+            known &= inside
+            values_here = np.full(len(ys), -np.inf, np.float32)
+            values_here[inside] = table[ys[inside] - first_y, xs[inside] - first_x]
+            best = np.maximum(best, values_here)
+        highest[ys[known], xs[known], klass] = best[known]
 
 
 def _same_classes(previous: LabelState, mapping: list, state: LabelState, reference: int) -> bool:
@@ -949,17 +1016,18 @@ def _only_risen(previous: LabelState, state: LabelState, reference: int) -> bool
 
 def _changed_classes(previous: LabelState, state: LabelState, reference: int,
                      geometry: _Geometry) -> tuple[np.ndarray, np.ndarray]:
-    """(tiles_y, tiles_x, classes) which classes have a query whose scores changed within each tile's reach, and
-    (tiles_y, tiles_x) where the reference query's did not."""
+    """(tiles_y, tiles_x, classes) which classes have a query whose scores changed within each tile's reach,
+    (tiles_y, tiles_x) where the reference query's did not, and (tiles_y, tiles_x, classes) the largest change of
+    each class's queries within each tile's reach."""
     delta = (state.scores - previous.scores).abs_().numpy()
-    changed = np.zeros((*geometry.shape, len(state.spans)), bool)
+    most = np.zeros((*geometry.shape, len(state.spans)), np.float32)
     for klass, (a, b) in enumerate(state.spans):
         moved = delta[a:b].max(0)
         if moved.any():
-            changed[..., klass] = geometry.reduce(moved, "max") > 0
+            most[..., klass] = geometry.reduce(moved, "max")
     steady = ~(geometry.reduce(delta[reference], "max") > 0) if delta[reference].any() else \
         np.ones(geometry.shape, bool)
-    return changed, steady
+    return most > 0, steady, most
 
 
 def _risen_competing(rose: np.ndarray, present: np.ndarray, known: np.ndarray, dirty: np.ndarray, owner: np.ndarray,

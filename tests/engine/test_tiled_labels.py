@@ -425,6 +425,88 @@ def test_scores_that_only_rise_are_computed_alone_against_the_winners_kept(seed,
     assert strict >= 1
 
 
+def class_maxima_per_tile(scores, guide, size, spans, snap, tile) -> np.ndarray:
+    """(tiles_y, tiles_x, classes) each class's highest value over each tile, relative to the query leading most of
+    the image, computed here apart from the engine: PyTorch's bilinear resize, then PAMR on the whole image."""
+    from napari_clearclip.refine import pamr
+
+    reference = int(np.bincount(scores.max(0).indices.numpy().ravel(), minlength=len(scores)).argmax())
+    resized = F.interpolate((scores - scores[reference])[None].double(), size=size, mode="bilinear",
+                            align_corners=False)[0].float()
+    if snap:
+        big_guide = F.interpolate(guide[None], size=size, mode="bilinear", align_corners=False)[0]
+        resized = pamr(resized, big_guide, snap[0], snap[1])
+    values = torch.stack([resized[a:b].amax(0) for a, b in spans]).numpy()
+    pad_y, pad_x = -size[0] % tile, -size[1] % tile
+    values = np.pad(values, ((0, 0), (0, pad_y), (0, pad_x)), constant_values=-np.inf)
+    blocks = values.reshape(len(spans), values.shape[1] // tile, tile, values.shape[2] // tile, tile)
+    return blocks.max(axis=(2, 4)).transpose(1, 2, 0)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_each_classs_highest_value_per_tile_carried_between_rises_bounds_its_values(seed):
+    """A re-run keeps, per tile, a bound of each class's highest value (those it computed, and the previous run's plus
+    the class's rise within reach); the bound never falls below the values an independent computation gives, and it
+    is known (finite) in many tiles, so re-runs can use it."""
+    rng = np.random.default_rng(700 + seed)
+    checked = finite = 0
+    for _ in range(6):
+        scores, guide, size, spans, names, snap, tile = random_case(rng)
+        while len(scores) < 2 or not snap:
+            scores, guide, size, spans, names, snap, tile = random_case(rng)
+        state = labels_of(scores, guide, size, spans, names, snap, tile=tile, dense=bool(rng.random() < 0.3))
+        tolerance = tiled_labels.ROUNDING * max(1.0, float(scores.abs().max()))
+        for _ in range(4):
+            scores = scores.clone()
+            reference = tiled_labels._reference_query(tiled_labels.leading_query(scores), len(scores))
+            k = int(rng.choice([q for q in range(len(scores)) if q != reference]))
+            y, x = int(rng.integers(0, scores.shape[1])), int(rng.integers(0, scores.shape[2]))
+            scores[k, y : y + int(rng.integers(2, 8)), x : x + int(rng.integers(2, 8))] += float(rng.uniform(0, 0.15))
+            state = labels_of(scores, guide, size, spans, names, snap, state, tile=tile)
+            assert_as_from_scratch(state, scores, guide, size, spans, names, snap, tile)
+            truth = class_maxima_per_tile(scores, guide, size, spans, snap, tile)
+            known = np.isfinite(state.highest)
+            assert np.all(truth[known] <= state.highest[known] + 2 * tolerance)
+            checked += 1
+            finite += int(known.sum())
+    assert checked == 24 and finite > 0
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_rise_recomputes_fewer_tiles_with_each_classs_highest_value_carried(seed, monkeypatch):
+    """The same sequences of rises, with and without the bounds carried between runs: the same labels, and fewer tiles
+    computed with them over the sequences."""
+    def sequence(carry: bool):
+        if not carry:
+            real = tiled_labels._carried_highest
+
+            def nothing_carried(previous, *args):
+                return real(None, *args)
+            monkeypatch.setattr(tiled_labels, "_carried_highest", nothing_carried)
+        rng = np.random.default_rng(800 + seed)
+        out = []
+        for _ in range(6):
+            scores, guide, size, spans, names, snap, tile = random_case(rng)
+            while len(scores) < 3 or not snap:
+                scores, guide, size, spans, names, snap, tile = random_case(rng)
+            state = labels_of(scores, guide, size, spans, names, snap, tile=tile)
+            for _ in range(4):
+                scores = scores.clone()
+                reference = tiled_labels._reference_query(tiled_labels.leading_query(scores), len(scores))
+                k = int(rng.choice([q for q in range(len(scores)) if q != reference]))
+                y, x = int(rng.integers(0, scores.shape[1])), int(rng.integers(0, scores.shape[2]))
+                scores[k, y : y + 6, x : x + 6] += float(rng.uniform(0.02, 0.1))
+                state = labels_of(scores, guide, size, spans, names, snap, state, tile=tile)
+                out.append((state.labels.copy(), state.computed))
+        monkeypatch.undo()
+        return out
+
+    with_bounds, without = sequence(True), sequence(False)
+    for (labels, _), (plain_labels, _) in zip(with_bounds, without):
+        np.testing.assert_array_equal(labels, plain_labels)
+    assert sum(c for _, c in with_bounds) < sum(c for _, c in without)
+
+
 def test_a_stroke_computes_only_the_class_it_raised_where_the_winners_are_kept(monkeypatch):
     rng = np.random.default_rng(9)
     scores = smooth_scores(rng, 3, 40, 40, 5)

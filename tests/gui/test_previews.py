@@ -31,16 +31,18 @@ def _preview(found: np.ndarray, rows: slice, value: int) -> LabelsPreview:
     return LabelsPreview((), (rows, slice(None)), labels, found[rows].copy(), np.ones(labels.shape, bool))
 
 
-def test_the_first_preview_is_written_at_once_and_the_others_together_after_the_interval(qtbot, monkeypatch):
+def test_the_first_two_previews_are_written_at_once_and_the_others_together_after_the_interval(qtbot, monkeypatch):
     monkeypatch.setattr(previews_module, "PREVIEW_INTERVAL_MS", 200)
     found = np.zeros((40, 10), np.uint8)
     target = _Target(_Layer(found.copy()), found.copy())
     previews = RunPreviews(target, {(): found})
-    previews.add(_preview(found, slice(0, 10), 1))
-    assert (target.layer.data[0:10] == 1).all()            # the first: at once
+    previews.add(_preview(found, slice(0, 5), 1))
+    assert (target.layer.data[0:5] == 1).all()             # the first: at once
+    previews.add(_preview(found, slice(5, 10), 5))
+    assert (target.layer.data[5:10] == 5).all()            # the second (the view, soon after): at once too
     previews.add(_preview(found, slice(10, 20), 2))
     previews.add(_preview(found, slice(20, 30), 3))
-    assert (target.layer.data[10:30] == 0).all()           # right after it: held back
+    assert (target.layer.data[10:30] == 0).all()           # right after them: held back
     qtbot.waitUntil(lambda: (target.layer.data[10:30] > 0).all(), timeout=2000)
     assert (target.layer.data[10:20] == 2).all() and (target.layer.data[20:30] == 3).all()
     qtbot.waitUntil(lambda: target.layer.refreshed > 0, timeout=2000)
@@ -88,6 +90,29 @@ def test_parts_out_of_view_are_written_but_shown_only_with_a_part_in_view_a_move
     assert target.layer.refreshed == 2
     previews.stop()                                        # the run ended: shown now
     assert target.layer.refreshed == 3
+    np.testing.assert_array_equal(target.baseline, target.layer.data)
+
+
+def test_a_part_in_view_right_after_parts_out_of_view_is_written_and_shown_at_once(qtbot, monkeypatch):
+    """Parts out of view cost no refresh: the parts the user looks at do not wait an interval behind them, while
+    a part right after the first two in view still does."""
+    monkeypatch.setattr(previews_module, "PREVIEW_INTERVAL_MS", 400)
+    found = np.zeros((40, 10), np.uint8)
+    target = _Target(_Layer(found.copy()), found.copy())
+    previews = RunPreviews(target, {(): found}, view=lambda: (0.0, 10.0, 0.0, 10.0))
+    previews.add(_preview(found, slice(20, 30), 1))        # out of view: written, not shown
+    previews.add(_preview(found, slice(30, 40), 2))        # out of view again: written at once too
+    assert (target.layer.data[20:40] > 0).all() and target.layer.refreshed == 0
+    previews.add(_preview(found, slice(0, 3), 3))          # in view: written at once...
+    assert (target.layer.data[0:3] == 3).all()
+    qtbot.waitUntil(lambda: target.layer.refreshed == 1, timeout=300)   # ...and shown well within the interval
+    previews.add(_preview(found, slice(3, 6), 4))          # the second part in view: at once too
+    assert (target.layer.data[3:6] == 4).all()
+    qtbot.waitUntil(lambda: target.layer.refreshed == 2, timeout=300)
+    previews.add(_preview(found, slice(6, 10), 5))         # right after those: held back
+    assert (target.layer.data[6:10] == 0).all()
+    qtbot.waitUntil(lambda: (target.layer.data[6:10] == 5).all(), timeout=2000)
+    qtbot.waitUntil(lambda: target.layer.refreshed == 3, timeout=2000)
     np.testing.assert_array_equal(target.baseline, target.layer.data)
 
 

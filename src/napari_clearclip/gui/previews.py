@@ -3,9 +3,11 @@
 The worker yields what is final already (tiles of one class throughout that change class at
 once, then the view or the region around the newest stroke, then the rest nearest first); this
 writes it into the result layer at most every PREVIEW_INTERVAL_MS, one refresh for all that
-came meanwhile: a preview that comes after a quiet interval (the view, once the tiles of one class
-are shown) is written at once. Pixels the user painted, before or during the run, are never written; a run
-that is cancelled or fails puts back what its previews wrote, so that it changes nothing.
+came meanwhile: the first two parts in view (the tiles of one class throughout that change class, then
+the view, tens of milliseconds later) are written at once, and so is a part that comes after a quiet
+interval or after parts out of view alone (they cost no refresh). Pixels the user painted, before or
+during the run, are never written; a run that is cancelled or fails puts back what its previews
+wrote, so that it changes nothing.
 
 Parts out of view are written into the layer's array but not shown yet: showing a 2-D layer redraws all of
 it (tens of milliseconds on the GUI thread, more with software OpenGL, and time the run does not get), and
@@ -25,6 +27,9 @@ from ..editing import LabelsPreview, apply_preview, revert_previews, split_previ
 
 #: How often previews are written into the layer, at most (ms): each write refreshes the whole layer.
 PREVIEW_INTERVAL_MS = 150
+#: Parts in view written at once at the start of a run, whatever the interval: the first change (tiles of one class
+#: throughout) and the view the user waits for, which comes tens of milliseconds later, are not held apart.
+PREVIEW_BURST = 2
 #: Pixels written in one turn of the event loop, at most: a larger preview is written over several turns.
 PIXELS_PER_TURN = 1 << 21
 
@@ -43,7 +48,8 @@ class RunPreviews:
         self._timer = QTimer()
         self._timer.setSingleShot(True)
         self._timer.timeout.connect(self.flush)
-        self._last_write: float | None = None   # time.monotonic() of the last write
+        self._last_write: float | None = None   # time.monotonic() of the last write of a part in view
+        self._writes_in_view = 0
         self._view = view
         self.unshown: list[tuple] = []           # the boxes written since the layer last showed its data
         self._view_timer = QTimer()               # a moved view shows what is unshown at most every interval
@@ -57,13 +63,14 @@ class RunPreviews:
         return None
 
     def add(self, preview: LabelsPreview) -> None:
-        """Queue a preview: written at once when the interval has passed since the last write (the first, always),
-        else with whatever else comes until it has."""
+        """Queue a preview: written at once when the interval has passed since the last write of a part in view (the
+        first PREVIEW_BURST of those, always), else with whatever else comes until it has. Parts out of view cost no
+        refresh, so they do not hold back the next part: the view the user waits for comes as soon as it is final."""
         self._queue.append(preview)
         if self._timer.isActive():
             return
         since = None if self._last_write is None else (time.monotonic() - self._last_write) * 1000
-        if since is None or since >= PREVIEW_INTERVAL_MS:
+        if since is None or since >= PREVIEW_INTERVAL_MS or self._writes_in_view < PREVIEW_BURST:
             self.flush()
         else:
             self._timer.start(max(1, int(PREVIEW_INTERVAL_MS - since)))
@@ -74,9 +81,9 @@ class RunPreviews:
         data = self._writable_data()
         if not self._queue or data is None:
             return
-        self._last_write = time.monotonic()
         # the baseline is written in place: the run read it before it made any preview
         budget = PIXELS_PER_TURN
+        written = []
         while self._queue and budget > 0:
             preview = self._queue.pop(0)
             if preview.labels.size > budget:   # the first rows now, the others next turn
@@ -91,6 +98,10 @@ class RunPreviews:
                                                            if found is None else found)
             self.written += apply_preview(data, self.target.baseline, expected, preview)
             self.unshown.append(preview.index)
+            written.append(preview.index)
+        if self._in_view(written):   # it will be shown: the next parts wait for the interval
+            self._last_write = time.monotonic()
+            self._writes_in_view += 1
         QTimer.singleShot(0, self.flush if self._queue else self._show_if_seen)
 
     def view_changed(self) -> None:

@@ -1452,7 +1452,8 @@ def _regions(dirty: np.ndarray, geometry: _Geometry, halo: int, n_queries: int, 
     """Rectangles (top, bottom, left, right), halo included, that cover the dirty tiles, each with its tiles.
 
     Dirty tiles are taken in bands of tile rows as tall as memory allows (at most about four
-    halos, so that a ring of boundary tiles does not pull in its whole interior); within a
+    halos, so that a ring of boundary tiles does not pull in its whole interior), from the first
+    row that holds any; within a
     band, the columns holding dirty tiles form runs, joined when the gap between two runs is
     narrower than the two halos they would otherwise compute twice. A run's rectangle spans the
     tile rows its tiles hold, not the whole band.
@@ -1471,7 +1472,10 @@ def _regions(dirty: np.ndarray, geometry: _Geometry, halo: int, n_queries: int, 
         band_tiles = max(1, min(rows_fit, max(4 * halo, 8 * tile)) // tile)
     join = -(-2 * halo // tile)
     regions = []
-    for first in range(0, dirty.shape[0], band_tiles):
+    dirty_rows = np.flatnonzero(dirty.any(1))
+    # bands start at the first dirty row: a small patch (the view, or around a stroke) is one region, not two
+    # split at a fixed band boundary, each with its own halo
+    for first in range(int(dirty_rows[0]) if len(dirty_rows) else 0, dirty.shape[0], band_tiles):
         band = dirty[first : first + band_tiles]
         columns = np.flatnonzero(band.any(0))
         if not len(columns):

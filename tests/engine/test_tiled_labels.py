@@ -765,6 +765,21 @@ def test_regions_hold_their_tiles_with_a_full_halo_and_no_rows_beyond(seed):
     np.testing.assert_array_equal(covered, dirty)                      # every changed tile, once
 
 
+@pytest.mark.parametrize("offset", [0, 3, 7, 10])
+def test_a_patch_no_taller_than_a_band_is_one_region_wherever_it_lies(offset):
+    """The tiles around the view or a stroke, wherever they lie, are computed as one region with one halo and shown
+    as one part, not split at a fixed band boundary into two regions that each compute the halo."""
+    geometry = tiled_labels._Geometry((256, 256), (4096, 4096), reach=160, tile=64)
+    dirty = np.zeros(geometry.shape, bool)
+    band_tiles = max(4 * 176, 8 * 64) // 64               # at most four halos of 176 px
+    top = band_tiles * 2 + offset                          # straddling a multiple of the band for most offsets
+    dirty[top : top + 7, 30:37] = True                     # a 448 x 448 px view
+    regions = tiled_labels._regions(dirty, geometry, 176, 5, (8, 16))
+    assert len(regions) == 1
+    (region_top, region_bottom, _, _), tiles = regions[0]
+    assert (region_top, region_bottom) == (top * 64 - 176, (top + 7) * 64 + 176) and len(tiles) == 49
+
+
 def test_margins_stored_at_half_size_are_never_above_the_margin():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(size=20000) * 10.0 ** rng.integers(-9, 4, 20000),

@@ -49,6 +49,24 @@ def test_the_first_two_previews_are_written_at_once_and_the_others_together_afte
     np.testing.assert_array_equal(target.baseline, target.layer.data)   # recorded as the model's answer
 
 
+def test_a_first_part_written_over_several_turns_counts_once_and_the_view_after_it_comes_at_once(qtbot, monkeypatch):
+    """A large first part (the tiles of one class throughout) is written a few rows per turn and shown once: the
+    view's part that follows is still written at once, and only the part after that waits."""
+    monkeypatch.setattr(previews_module, "PREVIEW_INTERVAL_MS", 400)
+    monkeypatch.setattr(previews_module, "PIXELS_PER_TURN", 20)
+    found = np.zeros((40, 10), np.uint8)
+    target = _Target(_Layer(found.copy()), found.copy())
+    previews = RunPreviews(target, {(): found})
+    previews.add(_preview(found, slice(0, 20), 1))         # 200 pixels: ten turns
+    qtbot.waitUntil(lambda: (target.layer.data[0:20] == 1).all() and target.layer.refreshed == 1, timeout=300)
+    previews.add(_preview(found, slice(20, 22), 2))        # the view: at once
+    assert (target.layer.data[20:22] == 2).all()
+    qtbot.waitUntil(lambda: target.layer.refreshed == 2, timeout=300)
+    previews.add(_preview(found, slice(22, 24), 3))        # after those two: held back
+    assert (target.layer.data[22:24] == 0).all()
+    qtbot.waitUntil(lambda: (target.layer.data[22:24] == 3).all(), timeout=2000)
+
+
 def test_a_preview_after_a_quiet_interval_is_written_at_once_and_one_soon_after_it_waits(qtbot, monkeypatch):
     monkeypatch.setattr(previews_module, "PREVIEW_INTERVAL_MS", 150)
     found = np.zeros((40, 10), np.uint8)

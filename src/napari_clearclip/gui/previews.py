@@ -27,8 +27,9 @@ from ..editing import LabelsPreview, apply_preview, revert_previews, split_previ
 
 #: How often previews are written into the layer, at most (ms): each write refreshes the whole layer.
 PREVIEW_INTERVAL_MS = 150
-#: Parts in view written at once at the start of a run, whatever the interval: the first change (tiles of one class
-#: throughout) and the view the user waits for, which comes tens of milliseconds later, are not held apart.
+#: Times a run shows new data before the interval applies: the first change (tiles of one class throughout) and the
+#: view the user waits for, which comes tens of milliseconds later, are not held apart. (A large part is written over
+#: several turns of the event loop and shown once.)
 PREVIEW_BURST = 2
 #: Pixels written in one turn of the event loop, at most: a larger preview is written over several turns.
 PIXELS_PER_TURN = 1 << 21
@@ -49,7 +50,7 @@ class RunPreviews:
         self._timer.setSingleShot(True)
         self._timer.timeout.connect(self.flush)
         self._last_write: float | None = None   # time.monotonic() of the last write of a part in view
-        self._writes_in_view = 0
+        self._shown = 0                          # writes of parts in view finished (each then shown once)
         self._view = view
         self.unshown: list[tuple] = []           # the boxes written since the layer last showed its data
         self._view_timer = QTimer()               # a moved view shows what is unshown at most every interval
@@ -70,7 +71,7 @@ class RunPreviews:
         if self._timer.isActive():
             return
         since = None if self._last_write is None else (time.monotonic() - self._last_write) * 1000
-        if since is None or since >= PREVIEW_INTERVAL_MS or self._writes_in_view < PREVIEW_BURST:
+        if since is None or since >= PREVIEW_INTERVAL_MS or self._shown < PREVIEW_BURST:
             self.flush()
         else:
             self._timer.start(max(1, int(PREVIEW_INTERVAL_MS - since)))
@@ -101,7 +102,8 @@ class RunPreviews:
             written.append(preview.index)
         if self._in_view(written):   # it will be shown: the next parts wait for the interval
             self._last_write = time.monotonic()
-            self._writes_in_view += 1
+        if not self._queue and self._in_view(self.unshown):   # all written, and some in view: shown next turn
+            self._shown += 1
         QTimer.singleShot(0, self.flush if self._queue else self._show_if_seen)
 
     def view_changed(self) -> None:

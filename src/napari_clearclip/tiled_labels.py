@@ -1015,7 +1015,7 @@ def _only_risen(previous: LabelState, state: LabelState, reference: int) -> bool
 
 
 def _changed_classes(previous: LabelState, state: LabelState, reference: int,
-                     geometry: _Geometry) -> tuple[np.ndarray, np.ndarray]:
+                     geometry: _Geometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tiles_y, tiles_x, classes) which classes have a query whose scores changed within each tile's reach,
     (tiles_y, tiles_x) where the reference query's did not, and (tiles_y, tiles_x, classes) the largest change of
     each class's queries within each tile's reach."""
@@ -1453,10 +1453,9 @@ def _regions(dirty: np.ndarray, geometry: _Geometry, halo: int, n_queries: int, 
 
     Dirty tiles are taken in bands of tile rows as tall as memory allows (at most about four
     halos, so that a ring of boundary tiles does not pull in its whole interior), from the first
-    row that holds any; within a
-    band, the columns holding dirty tiles form runs, joined when the gap between two runs is
-    narrower than the two halos they would otherwise compute twice. A run's rectangle spans the
-    tile rows its tiles hold, not the whole band.
+    row that holds any; within a band, the columns holding dirty tiles form runs, joined when the
+    gap between two runs is narrower than the two halos they would otherwise compute twice. A
+    run's rectangle spans the tile rows its tiles hold, not the whole band.
     """
     from .refine import _bytes_per_row
 

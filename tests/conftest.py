@@ -28,6 +28,7 @@ def pytest_configure(config):
     os.environ["NAPARI_CLEARCLIP_OFFLINE"] = "1"
     os.environ["XDG_CACHE_HOME"] = os.path.join(base, "xdg-cache")
     os.environ["XDG_CONFIG_HOME"] = os.path.join(base, "xdg-config")
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(base, "numba")  # compiled loops
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     import open_clip
 

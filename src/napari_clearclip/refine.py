@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import neighbour_sums
 from .options import PAMR_DILATIONS, PAMR_ITERATIONS
 
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -272,8 +273,11 @@ def _average_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Ten
     ``weights``-weighted sum of each pixel's neighbours at ``offsets`` in ``current`` (both padded by ``pad``).
 
     Every value is the same sequence of operations (a product, then one ``addcmul`` per neighbour, in the order of
-    ``offsets``) however the rows are split: the very values whole planes give.
+    ``offsets``) however the rows are split: the very values whole planes give. On the CPU the compiled loop of
+    :mod:`.neighbour_sums` does the same arithmetic a row at a time.
     """
+    if neighbour_sums.weighted_rows(current, spare, weights, offsets, pad, width, first, last):
+        return  # the same values, compiled
     inner = spare[:, pad + first : pad + last, pad : pad + width]
     for number, (weight, (dy, dx)) in enumerate(zip(weights, offsets)):
         neighbour = current[:, pad + dy + first : pad + dy + last, pad + dx : pad + dx + width]

@@ -9,6 +9,7 @@ from typing import Generator, Mapping, Sequence
 import numpy as np
 import torch
 
+from . import neighbour_sums
 from .affinity_tiles import AffinityTiles
 from .cache import ByteLRU
 from .clipdiy import background_index, check_foreground, fuse_foreground
@@ -219,6 +220,8 @@ class Segmenter:
         strokes = check_strokes(strokes, array.shape[:2], len(parsed))
         if opts.refine == "pamr" and opts.pamr_iterations:
             check_dilations_fit(opts.pamr_dilations, array.shape[:2])
+            if torch.device(self.device).type == "cpu":
+                neighbour_sums.prepare()  # loaded while the model runs
         maps = check_flag("maps", maps)
         remember = check_flag("remember", remember)
         focus = _checked_focus(focus)

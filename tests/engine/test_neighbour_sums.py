@@ -1,0 +1,168 @@
+"""PAMR's neighbour sums compiled with numba: the very values of the element-wise path, to the last bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_clearclip import neighbour_sums, refine
+from napari_clearclip.refine import NEIGHBOURS, pamr
+
+
+def element_wise(current, spare, weights, offsets, pad, width, first, last):
+    """The element-wise path of one block (PyTorch's product, then one addcmul per neighbour)."""
+    inner = spare[:, pad + first : pad + last, pad : pad + width]
+    for number, (weight, (dy, dx)) in enumerate(zip(weights, offsets)):
+        neighbour = current[:, pad + dy + first : pad + dy + last, pad + dx : pad + dx + width]
+        if number == 0:
+            torch.mul(neighbour, weight[first:last], out=inner)
+        else:
+            inner.addcmul_(weight[first:last], neighbour)
+
+
+@pytest.fixture
+def without_compiled(monkeypatch):
+    """A function that runs its argument with the compiled loop turned off (as without numba)."""
+    compiled = neighbour_sums._loop()
+
+    def run(function):
+        monkeypatch.setattr(neighbour_sums, "_kernel", False)
+        try:
+            return function()
+        finally:
+            monkeypatch.setattr(neighbour_sums, "_kernel", compiled)
+    return run
+
+
+def test_the_compiled_loop_is_there():
+    """numba is a dependency: the compiled sums run wherever the package is installed as asked."""
+    assert neighbour_sums.available()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compiled_sums_of_any_block_equal_the_element_wise_path_bit_for_bit(seed):
+    """Random channels, widths (not multiples of the vector length), dilations, blocks of rows, thread counts, and
+    weights cut out of a larger region (rows not contiguous with each other, as a region's weights are)."""
+    rng = np.random.default_rng(seed)
+    channels = int(rng.integers(1, 6))
+    height, width = int(rng.integers(5, 90)), int(rng.integers(3, 700))
+    dilations = tuple(int(d) for d in rng.choice([1, 2, 3, 8, 16], size=int(rng.integers(1, 3)), replace=False))
+    pad = max(dilations)
+    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
+    current = torch.from_numpy(rng.normal(size=(channels, height + 2 * pad, width + 2 * pad)).astype(np.float32))
+    larger = torch.from_numpy(rng.random((len(offsets), height + 9, width + 13)).astype(np.float32))
+    weights = larger[:, 4 : 4 + height, 5 : 5 + width]
+    assert not weights.is_contiguous()
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        try:
+            for _ in range(4):
+                first = int(rng.integers(0, height))
+                last = int(rng.integers(first + 1, height + 1))
+                expected = torch.full_like(current, float("nan"))
+                element_wise(current, expected, weights, offsets, pad, width, first, last)
+                got = torch.full_like(current, float("nan"))
+                with _shared_from(1 if threads > 1 else 1 << 40):
+                    assert neighbour_sums.weighted_rows(current, got, weights, offsets, pad, width, first, last)
+                # the block's rows equal; nothing outside them written
+                assert torch.equal(got[:, pad + first : pad + last, pad : pad + width],
+                                   expected[:, pad + first : pad + last, pad : pad + width]), (threads, first, last)
+                outside = torch.ones_like(got, dtype=torch.bool)
+                outside[:, pad + first : pad + last, pad : pad + width] = False
+                assert got[outside].isnan().all()
+        finally:
+            torch.set_num_threads(2)
+
+
+class _shared_from:
+    """Blocks shared between threads from this many output values (1: any block is shared)."""
+
+    def __init__(self, values: int):
+        self.values = values
+
+    def __enter__(self):
+        self.before = neighbour_sums.SHARED_FROM
+        neighbour_sums.SHARED_FROM = self.values
+
+    def __exit__(self, *exc):
+        neighbour_sums.SHARED_FROM = self.before
+
+
+def test_pamr_and_tiled_snapping_give_the_same_values_with_and_without_the_compiled_loop(without_compiled):
+    """Whole images, blocks of rows and bands all give the values of the element-wise path (so a run gives the same
+    labels whether numba is there or not), and they stay those of PAMR's definition."""
+    from tests.engine.test_corrections import reference_pamr
+
+    rng = np.random.default_rng(5)
+    guide = torch.from_numpy(rng.normal(size=(3, 70, 53)).astype(np.float32))
+    guide[:, 35:, 20:] += 2.5
+    scores = torch.from_numpy(rng.normal(size=(4, 70, 53)).astype(np.float32))
+    for iterations, dilations in ((10, (8, 16)), (3, (1, 2)), (2, (3, 1, 3))):
+        compiled = pamr(scores, guide, iterations, dilations)
+        plain = without_compiled(lambda i=iterations, d=dilations: pamr(scores, guide, i, d))
+        assert torch.equal(compiled, plain), (iterations, dilations)
+        banded = pamr(scores, guide, iterations, dilations, band_rows=17)
+        assert torch.equal(banded, plain)
+    small_guide, small_scores = guide[:, :12, :9].contiguous(), scores[:, :12, :9].contiguous()
+    np.testing.assert_allclose(pamr(small_scores, small_guide, 4, (1, 2)).numpy(),
+                               reference_pamr(small_scores.numpy(), small_guide.numpy(), 4, (1, 2)), atol=1e-5)
+
+
+def test_a_run_with_snapping_gives_the_labels_of_the_element_wise_path(without_compiled):
+    """The whole engine (first run tile by tile, then a stroke's re-run) with and without the compiled loop."""
+    from napari_clearclip import Segmenter
+    from napari_clearclip.demo.scenes import make_scene
+
+    scene = make_scene(4, size=192, objects=(4, 4))
+    classes = ["red", "green", "blue", "yellow", "background"]
+    strokes = np.zeros(scene.image.shape[:2], np.int32)
+    strokes[40:44, 30:90] = 2
+
+    def runs():
+        segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+        first = segmenter.segment(scene.image, classes, refine="pamr", maps=False)
+        again = segmenter.segment(scene.image, classes, refine="pamr", maps=False, strokes=strokes)
+        return first.labels, again.labels
+
+    compiled = runs()
+    plain = without_compiled(runs)
+    for got, expected in zip(compiled, plain):
+        np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(compiled[0], compiled[1])  # the stroke changed something
+
+
+def test_inputs_the_compiled_loop_does_not_take_are_left_to_the_element_wise_path():
+    """float64 scores (and weights made for them): nothing written, False returned, and PAMR still right."""
+    current = torch.zeros((2, 12, 12), dtype=torch.float64)
+    spare = torch.full_like(current, 7.0)
+    weights = torch.ones((8, 10, 10), dtype=torch.float64) / 8
+    offsets = [(dy, dx) for dy, dx in NEIGHBOURS]
+    assert not neighbour_sums.weighted_rows(current, spare, weights, offsets, 1, 10, 0, 10)
+    assert (spare == 7.0).all()
+    rng = np.random.default_rng(2)
+    guide = torch.from_numpy(rng.normal(size=(3, 20, 16)))
+    scores = torch.from_numpy(rng.normal(size=(2, 20, 16)))
+    got = pamr(scores, guide, 3, (1, 2))
+    expected = pamr(scores.float(), guide.float(), 3, (1, 2))
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
+
+
+def test_refine_uses_the_compiled_loop_on_the_cpu(monkeypatch):
+    """Every block of every iteration goes through the compiled loop when it is there (a change that skipped it
+    would only be slower, which no other test sees)."""
+    calls = []
+    real = neighbour_sums.weighted_rows
+
+    def counted(*args):
+        calls.append(real(*args))
+        return calls[-1]
+    monkeypatch.setattr(neighbour_sums, "weighted_rows", counted)
+    rng = np.random.default_rng(1)
+    guide = torch.from_numpy(rng.normal(size=(3, 30, 20)).astype(np.float32))
+    scores = torch.from_numpy(rng.normal(size=(2, 30, 20)).astype(np.float32))
+    refined = refine._refine_whole(scores, guide, 2, (1, 2))
+    for _ in range(2):
+        next(refined)
+    assert len(calls) >= 2 and all(calls)

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import neighbour_sums
+from . import compiled_snapping
 from .options import PAMR_DILATIONS, PAMR_ITERATIONS
 
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -163,7 +163,8 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
     over the guide's channels and softmax-normalised over the neighbours. Computed a few rows at
     a time, in place. Every value is a fixed sequence of element-wise operations on the guide
     within the largest dilation of its pixel: a region of the image, or a block of its rows, gets
-    the very values the whole image gets. Temporary planes and the weights come from ``buffers``
+    the very values the whole image gets (on the CPU, compiled loops of :mod:`.compiled_snapping` do the same
+    arithmetic a row at a time). Temporary planes and the weights come from ``buffers``
     (the weights stay taken).
     """
     guide = guide.float()
@@ -175,6 +176,9 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
     padded[:, pad : pad + height, pad : pad + width] = guide
     _replicate_border(padded, pad)
     logits = buffers.take((8 * len(dilations), height, width))
+    if compiled_snapping.weights_of_rows(padded, pad, dilations, logits, 0, height):  # the same values, compiled
+        buffers.give_back(padded)
+        return logits
     if guide.device.type == "cpu":
         rows = max(1, AFFINITIES_AT_ONCE_BYTES // (4 * len(dilations) * 8 * (width + 2 * pad)))
     else:
@@ -274,9 +278,9 @@ def _average_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Ten
 
     Every value is the same sequence of operations (a product, then one ``addcmul`` per neighbour, in the order of
     ``offsets``) however the rows are split: the very values whole planes give. On the CPU the compiled loop of
-    :mod:`.neighbour_sums` does the same arithmetic a row at a time.
+    :mod:`.compiled_snapping` does the same arithmetic a row at a time.
     """
-    if neighbour_sums.weighted_rows(current, spare, weights, offsets, pad, width, first, last):
+    if compiled_snapping.weighted_rows(current, spare, weights, offsets, pad, width, first, last):
         return  # the same values, compiled
     inner = spare[:, pad + first : pad + last, pad : pad + width]
     for number, (weight, (dy, dx)) in enumerate(zip(weights, offsets)):

@@ -9,7 +9,7 @@ from typing import Generator, Mapping, Sequence
 import numpy as np
 import torch
 
-from . import neighbour_sums
+from . import compiled_snapping
 from .affinity_tiles import AffinityTiles
 from .cache import ByteLRU
 from .clipdiy import background_index, check_foreground, fuse_foreground
@@ -221,7 +221,7 @@ class Segmenter:
         if opts.refine == "pamr" and opts.pamr_iterations:
             check_dilations_fit(opts.pamr_dilations, array.shape[:2])
             if torch.device(self.device).type == "cpu":
-                neighbour_sums.prepare()  # loaded while the model runs
+                compiled_snapping.prepare()  # loaded while the model runs
         maps = check_flag("maps", maps)
         remember = check_flag("remember", remember)
         focus = _checked_focus(focus)

@@ -1,4 +1,4 @@
-"""PAMR's neighbour sums compiled with numba: the very values of the element-wise path, to the last bit."""
+"""Edge snapping's loops compiled with numba: the very values of the element-wise path, to the last bit."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_clearclip import neighbour_sums, refine
+from napari_clearclip import compiled_snapping, refine
 from napari_clearclip.refine import NEIGHBOURS, pamr
 
 
@@ -24,20 +24,20 @@ def element_wise(current, spare, weights, offsets, pad, width, first, last):
 @pytest.fixture
 def without_compiled(monkeypatch):
     """A function that runs its argument with the compiled loop turned off (as without numba)."""
-    compiled = neighbour_sums._loop()
+    compiled = compiled_snapping._loops()
 
     def run(function):
-        monkeypatch.setattr(neighbour_sums, "_kernel", False)
+        monkeypatch.setattr(compiled_snapping, "_compiled", False)
         try:
             return function()
         finally:
-            monkeypatch.setattr(neighbour_sums, "_kernel", compiled)
+            monkeypatch.setattr(compiled_snapping, "_compiled", compiled)
     return run
 
 
 def test_the_compiled_loop_is_there():
     """numba is a dependency: the compiled sums run wherever the package is installed as asked."""
-    assert neighbour_sums.available()
+    assert compiled_snapping.available()
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -64,7 +64,7 @@ def test_compiled_sums_of_any_block_equal_the_element_wise_path_bit_for_bit(seed
                 element_wise(current, expected, weights, offsets, pad, width, first, last)
                 got = torch.full_like(current, float("nan"))
                 with _shared_from(1 if threads > 1 else 1 << 40):
-                    assert neighbour_sums.weighted_rows(current, got, weights, offsets, pad, width, first, last)
+                    assert compiled_snapping.weighted_rows(current, got, weights, offsets, pad, width, first, last)
                 # the block's rows equal; nothing outside them written
                 assert torch.equal(got[:, pad + first : pad + last, pad : pad + width],
                                    expected[:, pad + first : pad + last, pad : pad + width]), (threads, first, last)
@@ -82,11 +82,11 @@ class _shared_from:
         self.values = values
 
     def __enter__(self):
-        self.before = neighbour_sums.SHARED_FROM
-        neighbour_sums.SHARED_FROM = self.values
+        self.before = compiled_snapping.SHARED_FROM
+        compiled_snapping.SHARED_FROM = self.values
 
     def __exit__(self, *exc):
-        neighbour_sums.SHARED_FROM = self.before
+        compiled_snapping.SHARED_FROM = self.before
 
 
 def test_pamr_and_tiled_snapping_give_the_same_values_with_and_without_the_compiled_loop(without_compiled):
@@ -107,6 +107,27 @@ def test_pamr_and_tiled_snapping_give_the_same_values_with_and_without_the_compi
     small_guide, small_scores = guide[:, :12, :9].contiguous(), scores[:, :12, :9].contiguous()
     np.testing.assert_allclose(pamr(small_scores, small_guide, 4, (1, 2)).numpy(),
                                reference_pamr(small_scores.numpy(), small_guide.numpy(), 4, (1, 2)), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_weights_equal_the_element_wise_path_bit_for_bit(seed, without_compiled, monkeypatch):
+    """Random guides (1 to 4 channels, flat areas where the spread is 0, edges), sizes, dilations (one given twice
+    too) and blocks of rows: the weights are those of the element-wise path to the last bit, and sum to 1."""
+    rng = np.random.default_rng(seed)
+    channels = int(rng.integers(1, 5))
+    height, width = int(rng.integers(3, 120)), int(rng.integers(3, 400))
+    guide = rng.normal(size=(channels, height, width)).astype(np.float32)
+    guide[:, : height // 3] = 0.5                                   # flat: a spread of 0
+    guide[:, :, width // 2 :] += 3.0
+    guide = torch.from_numpy(guide)
+    dilations = [(8, 16), (1, 2), (2, 2, 5), (3,)][seed]
+    expected = without_compiled(lambda: refine.pamr_affinities(guide, dilations))
+    for rows in (1, 5, 512):
+        monkeypatch.setattr(compiled_snapping, "WEIGHT_ROWS_AT_ONCE", rows)
+        with _shared_from(1):
+            got = refine.pamr_affinities(guide, dilations)
+        assert torch.equal(got, expected), (rows, dilations)
+    np.testing.assert_allclose(got.sum(0).numpy(), 1.0, atol=1e-5)
 
 
 def test_a_run_with_snapping_gives_the_labels_of_the_element_wise_path(without_compiled):
@@ -138,7 +159,7 @@ def test_inputs_the_compiled_loop_does_not_take_are_left_to_the_element_wise_pat
     spare = torch.full_like(current, 7.0)
     weights = torch.ones((8, 10, 10), dtype=torch.float64) / 8
     offsets = [(dy, dx) for dy, dx in NEIGHBOURS]
-    assert not neighbour_sums.weighted_rows(current, spare, weights, offsets, 1, 10, 0, 10)
+    assert not compiled_snapping.weighted_rows(current, spare, weights, offsets, 1, 10, 0, 10)
     assert (spare == 7.0).all()
     rng = np.random.default_rng(2)
     guide = torch.from_numpy(rng.normal(size=(3, 20, 16)))
@@ -153,12 +174,12 @@ def test_refine_uses_the_compiled_loop_on_the_cpu(monkeypatch):
     """Every block of every iteration goes through the compiled loop when it is there (a change that skipped it
     would only be slower, which no other test sees)."""
     calls = []
-    real = neighbour_sums.weighted_rows
+    real = compiled_snapping.weighted_rows
 
     def counted(*args):
         calls.append(real(*args))
         return calls[-1]
-    monkeypatch.setattr(neighbour_sums, "weighted_rows", counted)
+    monkeypatch.setattr(compiled_snapping, "weighted_rows", counted)
     rng = np.random.default_rng(1)
     guide = torch.from_numpy(rng.normal(size=(3, 30, 20)).astype(np.float32))
     scores = torch.from_numpy(rng.normal(size=(2, 30, 20)).astype(np.float32))

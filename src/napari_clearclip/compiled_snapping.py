@@ -1,0 +1,167 @@
+"""Edge snapping's inner loops compiled with numba: a row at a time instead of a plane at a time.
+
+PAMR weighs each pixel's neighbours by how alike the image is there, then repeatedly gives every
+pixel the weighted sum of its neighbours' scores. Done with PyTorch's element-wise operations, each
+step is a pass over a block of rows (one per neighbour, channel and operation: about 300 passes for
+the weights), each reading and writing the whole block again. Here each row is finished while it is
+in the processor's fastest cache, and the rows are shared between threads (the compiled loops release
+the GIL).
+
+The arithmetic is the very one of the element-wise path, value by value, in the same order and with
+the same roundings; the square roots and exponentials are still PyTorch's own. The values are the same
+to the last bit, so a run gives the same labels with or without this module, on any split of the rows.
+Without numba (or with ``NAPARI_CLEARCLIP_COMPILED=0``) the element-wise path runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+#: Values one thread's share of a block must hold at least, or the block is not shared.
+SHARED_FROM = 1 << 15
+
+_lock = threading.Lock()
+_compiled = None         # the module of compiled loops, once loaded; False when numba cannot be used
+_pool: ThreadPoolExecutor | None = None
+_pool_threads = 0
+_warming: threading.Thread | None = None
+
+
+def _load():
+    """The compiled loops' module, or False when numba is missing, cannot compile them, or is turned off."""
+    if os.environ.get("NAPARI_CLEARCLIP_COMPILED", "1") == "0":
+        return False
+    try:
+        from . import _snapping_loops
+    except Exception:  # numba absent, or not built for this NumPy
+        return False
+    return _snapping_loops
+
+
+def _loops():
+    global _compiled
+    if _compiled is None:
+        with _lock:
+            if _compiled is None:
+                _compiled = _load()
+    return _compiled
+
+
+def _warm_up() -> None:
+    """Compile every loop (or read it from numba's cache on disk) on tiny inputs."""
+    loops = _loops()
+    if not loops:
+        return
+    guide = torch.zeros((1, 5, 5))
+    logits = torch.zeros((8, 3, 3))
+    weights_of_rows(guide, 1, (1,), logits, 0, 3)
+    weighted_rows(torch.zeros((1, 5, 5)), torch.zeros((1, 5, 5)), logits, list(zip([0] * 8, [0] * 8)), 1, 3, 0, 3)
+
+
+def prepare() -> None:
+    """Compile the loops (or read them from numba's cache) in a background thread, once per process: called when
+    a run that snaps starts, so that they are ready while the model runs."""
+    global _warming
+    with _lock:
+        if _warming is not None:
+            return
+        _warming = threading.Thread(target=_warm_up, name="clearclip-compile", daemon=True)
+    _warming.start()
+
+
+def available() -> bool:
+    """Whether the compiled loops run here (numba importable, not turned off)."""
+    return bool(_loops())
+
+
+def _threads(count: int) -> ThreadPoolExecutor:
+    global _pool, _pool_threads
+    with _lock:
+        if _pool is None or _pool_threads < count:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(count, thread_name_prefix="clearclip-snap")
+            _pool_threads = count
+        return _pool
+
+
+def _shared(loop: Callable, first: int, last: int, values_per_row: int, *arguments) -> None:
+    """``loop(*arguments, first_row, last_row)`` over rows ``first``..``last``, split between PyTorch's number of
+    threads when each share holds at least :data:`SHARED_FROM` values."""
+    threads = max(1, min(torch.get_num_threads(), (last - first) * values_per_row // SHARED_FROM, last - first))
+    if threads == 1:
+        loop(*arguments, first, last)
+        return
+    bounds = np.linspace(first, last, threads + 1).round().astype(int)
+    pending = [_threads(threads - 1).submit(loop, *arguments, int(bounds[i]), int(bounds[i + 1]))
+               for i in range(1, threads)]
+    loop(*arguments, int(bounds[0]), int(bounds[1]))
+    for job in pending:
+        job.result()
+
+
+def _cpu_float32(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
+
+
+def weighted_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,
+                  offsets: Sequence[tuple[int, int]], pad: int, width: int, first: int, last: int) -> bool:
+    """Rows ``first``..``last`` of one PAMR iteration (see :func:`napari_clearclip.refine._average_rows`),
+    compiled; False, with nothing written, where the compiled loop does not apply (not float32 on the CPU, or
+    no numba): the caller then uses the element-wise path."""
+    loops = _loops()
+    if (not loops or not _cpu_float32(current, spare, weights) or not current.is_contiguous()
+            or not spare.is_contiguous() or weights.stride(-1) != 1):
+        return False
+    span = 1 + sum((size - 1) * step for size, step in zip(weights.shape, weights.stride()))
+    planes = torch.as_strided(weights, (span,), (1,), weights.storage_offset()).numpy()
+    rows_off = np.array([dy for dy, _ in offsets], np.int64)
+    cols_off = np.array([dx for _, dx in offsets], np.int64)
+    _shared(loops.weighted_rows, first, last, width * current.shape[0], current.numpy(), spare.numpy(), planes,
+            weights.stride(0), weights.stride(1), rows_off, cols_off, pad, width)
+    return True
+
+
+#: Rows of weights computed at a time by the compiled loops: PyTorch's square root and exponential run between them
+#: (on PyTorch's own threads, which spin a while after each call, slowing the loops' threads beside them), so the
+#: blocks are larger than the element-wise path's.
+WEIGHT_ROWS_AT_ONCE = 512
+
+
+def weights_of_rows(padded: torch.Tensor, pad: int, dilations: Sequence[int], logits: torch.Tensor, top: int,
+                    bottom: int) -> bool:
+    """Rows ``top``..``bottom`` of :func:`napari_clearclip.refine.pamr_affinities`' weights, into ``logits``
+    (8 x len(dilations), height, width), from ``padded``, the whole guide padded by ``pad``; False, with nothing
+    written, where the compiled loops do not apply.
+
+    In steps over all the rows, each shared between threads: the guide's spread, PyTorch's square root, the
+    logits, PyTorch's exponential, the division by their sum."""
+    loops = _loops()
+    if not loops or not _cpu_float32(padded, logits) or not padded.is_contiguous() or not logits.is_contiguous():
+        return False
+    from .refine import NEIGHBOURS
+
+    guide, out = padded.numpy(), logits.numpy()
+    channels, width = padded.shape[0], logits.shape[2]
+    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
+    first_same = np.array([offsets.index(offset) for offset in offsets], np.int64)
+    rows_off = np.array([dy for dy, _ in offsets], np.int64)
+    cols_off = np.array([dx for _, dx in offsets], np.int64)
+    for first in range(top, bottom, WEIGHT_ROWS_AT_ONCE):
+        last = min(first + WEIGHT_ROWS_AT_ONCE, bottom)
+        deviation = torch.empty((channels, last - first, width))
+        spread = deviation.numpy()
+        _shared(loops.guide_spread, first, last, 9 * len(dilations) * channels * width, guide,
+                np.array(dilations, np.int64), pad, first, spread)
+        deviation.sqrt_()                                       # PyTorch's own square root, as the element-wise path
+        _shared(loops.weight_logits, first, last, len(offsets) * channels * width, guide, spread, first, rows_off,
+                cols_off, first_same, pad, out)
+        logits[:, first:last].exp_()                            # PyTorch's own exponential
+        _shared(loops.normalised, first, last, len(offsets) * width, out)
+    return True

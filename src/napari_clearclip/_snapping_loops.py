@@ -167,3 +167,21 @@ def normalised(weights, top, bottom):
                 plane = weights[k, y, start:stop]
                 for x in range(n):
                     plane[x] = plane[x] / total[x]
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def resized_rows(across, row_low, row_high, row_weight, out, plane_step, row_step, first, last):
+    """Rows ``first``..``last`` of a bilinear resize along the height: row y is row ``row_low[y]`` of ``across``
+    times 1 - ``row_weight[y]``, plus row ``row_high[y]`` times ``row_weight[y]`` (each product rounded, then
+    the sum). ``out`` is flat: value (c, y, x) at ``c * plane_step + y * row_step + x``."""
+    planes, width = across.shape[0], across.shape[2]
+    for y in range(first, last):
+        weight = row_weight[y]
+        rest = np.float32(1.0) - weight
+        for c in range(planes):
+            low = across[c, row_low[y]]
+            high = across[c, row_high[y]]
+            start = c * plane_step + y * row_step
+            row = out[start : start + width]
+            for x in range(width):
+                row[x] = low[x] * rest + high[x] * weight

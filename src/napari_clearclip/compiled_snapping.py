@@ -165,3 +165,20 @@ def weights_of_rows(padded: torch.Tensor, pad: int, dilations: Sequence[int], lo
         logits[:, first:last].exp_()                            # PyTorch's own exponential
         _shared(loops.normalised, first, last, len(offsets) * width, out)
     return True
+
+
+def resized_rows(across: torch.Tensor, row_low: np.ndarray, row_high: np.ndarray, row_weight: torch.Tensor,
+                 out: torch.Tensor) -> bool:
+    """The height pass of :func:`napari_clearclip.tiled_labels.upsample` (``across``: the source already resized
+    along the width), into ``out`` (a view whose rows are contiguous, e.g. the inside of a padded buffer);
+    False, with nothing written, where the compiled loop does not apply."""
+    loops = _loops()
+    if (not loops or not _cpu_float32(across, out, row_weight) or not across.is_contiguous()
+            or out.stride(-1) != 1 or not row_weight.is_contiguous()):
+        return False
+    span = 1 + sum((size - 1) * step for size, step in zip(out.shape, out.stride()))
+    flat = torch.as_strided(out, (span,), (1,), out.storage_offset()).numpy()
+    _shared(loops.resized_rows, 0, out.shape[1], out.shape[0] * out.shape[2], across.numpy(),
+            np.ascontiguousarray(row_low, np.int64), np.ascontiguousarray(row_high, np.int64), row_weight.numpy(),
+            flat, out.stride(0), out.stride(1))
+    return True

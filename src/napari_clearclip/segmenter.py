@@ -83,6 +83,8 @@ class Segmenter:
         if self.feature_store is not None:
             self.feature_store.prepare_reading()  # zarr's import overlaps the model's loading
         self.model: LoadedModel = load_model(model, pretrained, device, precision)
+        if torch.device(self.model.device).type == "cpu":
+            compiled_snapping.prepare()  # edge snapping's loops, ready before the first run that snaps
         self.text = TextEncoder(self.model, disk_cache=disk_cache)
         self.window_batch_size = window_batch_size  # None: sized from the window area, see _batch_size
         self._features = ByteLRU(feature_cache_bytes)

@@ -187,3 +187,26 @@ def test_refine_uses_the_compiled_loop_on_the_cpu(monkeypatch):
     for _ in range(2):
         next(refined)
     assert len(calls) >= 2 and all(calls)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_compiled_resizing_equals_the_element_wise_path_bit_for_bit(seed, without_compiled):
+    """Any region of any output size, into a new tensor or the inside of a padded buffer (nothing else written)."""
+    from napari_clearclip.tiled_labels import bilinear_taps, upsample
+
+    rng = np.random.default_rng(seed)
+    for _ in range(10):
+        queries, height, width = int(rng.integers(1, 6)), int(rng.integers(2, 40)), int(rng.integers(2, 40))
+        out_height, out_width = int(rng.integers(2, 400)), int(rng.integers(2, 400))
+        source = torch.from_numpy(rng.normal(size=(queries, height, width)).astype(np.float32))
+        top, bottom = sorted(int(v) for v in rng.choice(out_height + 1, 2, replace=False))
+        left, right = sorted(int(v) for v in rng.choice(out_width + 1, 2, replace=False))
+        rows = tuple(t[top:bottom] for t in bilinear_taps(height, out_height))
+        cols = tuple(t[left:right] for t in bilinear_taps(width, out_width))
+        expected = without_compiled(lambda r=rows, c=cols, s=source: upsample(s, r, c))
+        assert torch.equal(upsample(source, rows, cols), expected)
+        padded = torch.full((queries, bottom - top + 6, right - left + 6), float("nan"))
+        inside = upsample(source, rows, cols, out=padded[:, 3:-3, 3:-3])
+        assert torch.equal(inside, expected)
+        padded[:, 3:-3, 3:-3] = 0
+        assert padded.isnan().sum() == padded.numel() - inside.numel()

@@ -25,11 +25,13 @@ def fused_multiply_add(typing_context, a, b, c):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_off, pad, width, first, last):
+def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_off, pad, width, height, first,
+                  last):
     """Rows ``first``..``last`` of the interior of ``target`` = the weighted sum of each pixel's neighbours in
     ``source`` at offsets (``rows_off``, ``cols_off``); both padded by ``pad``. Neighbour k's weight at (y, x) is
     ``weights[k * plane_step + y * row_step + x]`` (a flat view: weights cut out of a larger region keep their rows
-    contiguous, which the compiled loop then knows)."""
+    contiguous, which the compiled loop then knows). With ``height`` (the interior's; 0: not asked) the border of
+    those rows then repeats their edges, as ``refine._repeat_edges_of_rows`` does."""
     channels = source.shape[0]
     neighbours = rows_off.shape[0]
     for y in range(first, last):
@@ -50,6 +52,21 @@ def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_
                     near = source[c, pad + rows_off[k] + y, pad + cols_off[k] + start : pad + cols_off[k] + stop]
                     for x in range(count):
                         out[x] = fused_multiply_add(weight[x], near[x], out[x])
+        if height:
+            for c in range(channels):
+                line = target[c, pad + y]
+                for x in range(pad):
+                    line[x] = line[pad]
+                    line[pad + width + x] = line[pad + width - 1]
+    if height:
+        if first == 0:
+            for c in range(channels):
+                for y in range(pad):
+                    target[c, y, :] = target[c, pad, :]
+        if last == height:
+            for c in range(channels):
+                for y in range(pad + height, height + 2 * pad):
+                    target[c, y, :] = target[c, pad + height - 1, :]
 
 
 @njit(nogil=True, cache=True, boundscheck=False)

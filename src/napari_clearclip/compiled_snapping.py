@@ -61,7 +61,8 @@ def _warm_up() -> None:
     guide = torch.zeros((1, 5, 5))
     logits = torch.zeros((8, 3, 3))
     weights_of_rows(guide, 1, (1,), logits, 0, 3)
-    weighted_rows(torch.zeros((1, 5, 5)), torch.zeros((1, 5, 5)), logits, list(zip([0] * 8, [0] * 8)), 1, 3, 0, 3)
+    weighted_rows(torch.zeros((1, 5, 5)), torch.zeros((1, 5, 5)), logits, list(zip([0] * 8, [0] * 8)), 1, 3, 0, 3,
+                  True)
 
 
 def prepare() -> None:
@@ -98,10 +99,9 @@ def _shared(loop: Callable, first: int, last: int, values_per_row: int, *argumen
     if threads == 1:
         loop(*arguments, first, last)
         return
-    bounds = np.linspace(first, last, threads + 1).round().astype(int)
-    pending = [_threads(threads - 1).submit(loop, *arguments, int(bounds[i]), int(bounds[i + 1]))
-               for i in range(1, threads)]
-    loop(*arguments, int(bounds[0]), int(bounds[1]))
+    bounds = [first + (last - first) * i // threads for i in range(threads + 1)]
+    pending = [_threads(threads - 1).submit(loop, *arguments, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    loop(*arguments, bounds[0], bounds[1])
     for job in pending:
         job.result()
 
@@ -111,10 +111,13 @@ def _cpu_float32(*tensors: torch.Tensor) -> bool:
 
 
 def weighted_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,
-                  offsets: Sequence[tuple[int, int]], pad: int, width: int, first: int, last: int) -> bool:
+                  offsets: Sequence[tuple[int, int]], pad: int, width: int, first: int, last: int,
+                  repeat_edges: bool = False) -> bool:
     """Rows ``first``..``last`` of one PAMR iteration (see :func:`napari_clearclip.refine._average_rows`),
-    compiled; False, with nothing written, where the compiled loop does not apply (not float32 on the CPU, or
-    no numba): the caller then uses the element-wise path."""
+    compiled, and with ``repeat_edges`` the border of those rows filled as
+    :func:`napari_clearclip.refine._repeat_edges_of_rows` fills it; False, with nothing written, where the
+    compiled loop does not apply (not float32 on the CPU, or no numba): the caller then uses the element-wise
+    path."""
     loops = _loops()
     if (not loops or not _cpu_float32(current, spare, weights) or not current.is_contiguous()
             or not spare.is_contiguous() or weights.stride(-1) != 1):
@@ -123,8 +126,9 @@ def weighted_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Ten
     planes = torch.as_strided(weights, (span,), (1,), weights.storage_offset()).numpy()
     rows_off = np.array([dy for dy, _ in offsets], np.int64)
     cols_off = np.array([dx for _, dx in offsets], np.int64)
+    height = spare.shape[1] - 2 * pad if repeat_edges else 0
     _shared(loops.weighted_rows, first, last, width * current.shape[0], current.numpy(), spare.numpy(), planes,
-            weights.stride(0), weights.stride(1), rows_off, cols_off, pad, width)
+            weights.stride(0), weights.stride(1), rows_off, cols_off, pad, width, height)
     return True
 
 

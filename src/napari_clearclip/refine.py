@@ -272,15 +272,16 @@ def _rows_at_once(current: torch.Tensor, width: int, height: int) -> int:
 
 
 def _average_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor, offsets, pad: int, width: int,
-                  first: int, last: int) -> None:
+                  first: int, last: int, repeat_edges: bool = False) -> None:
     """Rows ``first``..``last`` of one PAMR iteration: there, the interior of ``spare`` becomes the
     ``weights``-weighted sum of each pixel's neighbours at ``offsets`` in ``current`` (both padded by ``pad``).
 
     Every value is the same sequence of operations (a product, then one ``addcmul`` per neighbour, in the order of
     ``offsets``) however the rows are split: the very values whole planes give. On the CPU the compiled loop of
-    :mod:`.compiled_snapping` does the same arithmetic a row at a time.
+    :mod:`.compiled_snapping` does the same arithmetic a row at a time. With ``repeat_edges`` the padded border
+    of those rows then repeats their edges (:func:`_repeat_edges_of_rows`).
     """
-    if compiled_snapping.weighted_rows(current, spare, weights, offsets, pad, width, first, last):
+    if compiled_snapping.weighted_rows(current, spare, weights, offsets, pad, width, first, last, repeat_edges):
         return  # the same values, compiled
     inner = spare[:, pad + first : pad + last, pad : pad + width]
     for number, (weight, (dy, dx)) in enumerate(zip(weights, offsets)):
@@ -289,6 +290,8 @@ def _average_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Ten
             torch.mul(neighbour, weight[first:last], out=inner)
         else:
             inner.addcmul_(weight[first:last], neighbour)  # one fused pass per neighbour
+    if repeat_edges:
+        _repeat_edges_of_rows(spare, pad, first, last)
 
 
 def _average_neighbours(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor, offsets, pad: int,
@@ -355,8 +358,7 @@ def _refine_padded(current: torch.Tensor, spare: torch.Tensor | None, iterations
             if last <= done[step]:
                 continue
             source, target = buffers[(step - 1) % 2], buffers[step % 2]
-            _average_rows(source, target, affinity, offsets, pad, width, done[step], last)
-            _repeat_edges_of_rows(target, pad, done[step], last)
+            _average_rows(source, target, affinity, offsets, pad, width, done[step], last, repeat_edges=True)
             done[step] = last
             while yielded < sum(done[1:]) // height:   # an iteration's worth done
                 yielded += 1

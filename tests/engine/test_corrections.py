@@ -595,7 +595,8 @@ def test_edge_snapping_reports_progress_and_can_be_stopped(tiny_segmenter, monke
 
     rounds = []                                              # rows averaged, in whole iterations
     real = refine._average_rows
-    monkeypatch.setattr(refine, "_average_rows", lambda *a: rounds.append((a[-1] - a[-2]) / image.shape[0]) or real(*a))
+    monkeypatch.setattr(refine, "_average_rows",
+                        lambda *a, **k: rounds.append((a[7] - a[6]) / image.shape[0]) or real(*a, **k))
     run = tiny_segmenter.segment_steps(image, ["a", "b"], refine="pamr", pamr_iterations=10)
     for step in run:
         if step.stage == "edges" and step.done == 2:

@@ -27,7 +27,8 @@ import torch
 SHARED_FROM = 1 << 15
 
 _lock = threading.Lock()
-_compiled = None         # the module of compiled loops, once loaded; False when numba cannot be used
+_compiled = None         # the module of compiled loops, once ready; False when numba cannot be used
+_module = None           # the module while the background thread compiles its loops
 _pool: ThreadPoolExecutor | None = None
 _pool_threads = 0
 _warming: threading.Thread | None = None
@@ -45,39 +46,52 @@ def _load():
 
 
 def _loops():
+    """The compiled loops, or False: while they are compiled in the background, the element-wise path runs (the
+    very same values), rather than waiting (the first compiling on a machine takes several seconds)."""
     global _compiled
-    if _compiled is None:
-        with _lock:
-            if _compiled is None:
-                _compiled = _load()
+    if _compiled is not None:
+        return _compiled
+    warming = _warming
+    if warming is not None and warming.is_alive():
+        return _module if threading.current_thread() is warming else False
+    with _lock:
+        if _compiled is None:
+            _compiled = _load()
     return _compiled
 
 
 def _warm_up() -> None:
-    """Compile every loop (or read it from numba's cache on disk) on tiny inputs."""
-    loops = _loops()
-    if not loops:
-        return
-    guide = torch.zeros((1, 5, 5))
-    logits = torch.zeros((8, 3, 3))
-    weights_of_rows(guide, 1, (1,), logits, 0, 3)
-    weighted_rows(torch.zeros((1, 5, 5)), torch.zeros((1, 5, 5)), logits, list(zip([0] * 8, [0] * 8)), 1, 3, 0, 3,
-                  True)
+    """Compile every loop (or read it from numba's cache on disk) on tiny inputs of the types runs give them."""
+    global _module, _compiled
+    _module = _load()
+    if _module:
+        guide = torch.zeros((1, 5, 5))
+        logits = torch.zeros((8, 3, 3))
+        weights_of_rows(guide, 1, (1,), logits, 0, 3)
+        weighted_rows(torch.zeros((1, 5, 5)), torch.zeros((1, 5, 5)), logits, [(0, 0)] * 8, 1, 3, 0, 3, True)
+        taps = np.zeros(3, np.int64)
+        resized_rows(torch.zeros((1, 1, 3)), taps, taps, torch.zeros(3), torch.zeros((1, 3, 3)))
+    with _lock:
+        _compiled = _module
 
 
 def prepare() -> None:
     """Compile the loops (or read them from numba's cache) in a background thread, once per process: called when
-    a run that snaps starts, so that they are ready while the model runs."""
+    a segmenter on the CPU is made, so that they are ready by the first run that snaps."""
     global _warming
     with _lock:
-        if _warming is not None:
+        if _warming is not None or _compiled is not None:
             return
         _warming = threading.Thread(target=_warm_up, name="clearclip-compile", daemon=True)
     _warming.start()
 
 
 def available() -> bool:
-    """Whether the compiled loops run here (numba importable, not turned off)."""
+    """Whether the compiled loops run here (numba importable, not turned off); waits for them if they are being
+    compiled."""
+    warming = _warming
+    if warming is not None and warming is not threading.current_thread():
+        warming.join()
     return bool(_loops())
 
 

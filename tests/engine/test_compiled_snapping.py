@@ -21,9 +21,16 @@ def element_wise(current, spare, weights, offsets, pad, width, first, last):
             inner.addcmul_(weight[first:last], neighbour)
 
 
+@pytest.fixture(autouse=True)
+def compiled_ready():
+    """The loops compiled before each test (a segmenter made earlier may be compiling them in the background)."""
+    compiled_snapping.available()
+
+
 @pytest.fixture
 def without_compiled(monkeypatch):
     """A function that runs its argument with the compiled loop turned off (as without numba)."""
+    assert compiled_snapping.available()  # waits for a compiling in the background
     compiled = compiled_snapping._loops()
 
     def run(function):
@@ -210,3 +217,33 @@ def test_compiled_resizing_equals_the_element_wise_path_bit_for_bit(seed, withou
         assert torch.equal(inside, expected)
         padded[:, 3:-3, 3:-3] = 0
         assert padded.isnan().sum() == padded.numel() - inside.numel()
+
+
+def test_while_the_loops_compile_in_the_background_runs_take_the_element_wise_path(monkeypatch):
+    """The first compiling on a machine takes seconds: a run meanwhile does not wait for it, and gets the same
+    values; once compiled, the loops run."""
+    import threading
+
+    assert compiled_snapping.available()
+    compiled = compiled_snapping._loops()
+    release = threading.Event()
+    compiling = threading.Thread(target=release.wait, daemon=True)
+    compiling.start()
+    monkeypatch.setattr(compiled_snapping, "_compiled", None)
+    monkeypatch.setattr(compiled_snapping, "_warming", compiling)
+    rng = np.random.default_rng(8)
+    guide = torch.from_numpy(rng.normal(size=(3, 40, 30)).astype(np.float32))
+    scores = torch.from_numpy(rng.normal(size=(2, 40, 30)).astype(np.float32))
+    taken = []
+    real = compiled_snapping.weighted_rows
+    monkeypatch.setattr(compiled_snapping, "weighted_rows", lambda *a: taken.append(real(*a)) or taken[-1])
+    try:
+        meanwhile = pamr(scores, guide, 3, (1, 2))
+        assert taken and not any(taken)                       # the element-wise path, without waiting
+    finally:
+        release.set()
+        compiling.join()
+    monkeypatch.setattr(compiled_snapping, "_compiled", compiled)
+    taken.clear()
+    assert torch.equal(pamr(scores, guide, 3, (1, 2)), meanwhile)
+    assert taken and all(taken)

@@ -1,4 +1,5 @@
-"""Edge snapping's inner loops compiled with numba: a row at a time instead of a plane at a time.
+"""Edge snapping's inner loops, and the resizing of scores to the image, compiled with numba: a row at a time
+instead of a plane at a time.
 
 PAMR weighs each pixel's neighbours by how alike the image is there, then repeatedly gives every
 pixel the weighted sum of its neighbours' scores. Done with PyTorch's element-wise operations, each
@@ -124,6 +125,13 @@ def _cpu_float32(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
 
 
+def _flat(tensor: torch.Tensor) -> np.ndarray:
+    """The memory under ``tensor`` (whose rows are contiguous) as one contiguous array from its first value: a view
+    cut out of a larger array, which the compiled loops index with its strides."""
+    span = 1 + sum((size - 1) * step for size, step in zip(tensor.shape, tensor.stride()))
+    return torch.as_strided(tensor, (span,), (1,), tensor.storage_offset()).numpy()
+
+
 def weighted_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,
                   offsets: Sequence[tuple[int, int]], pad: int, width: int, first: int, last: int,
                   repeat_edges: bool = False) -> bool:
@@ -136,8 +144,7 @@ def weighted_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Ten
     if (not loops or not _cpu_float32(current, spare, weights) or not current.is_contiguous()
             or not spare.is_contiguous() or weights.stride(-1) != 1):
         return False
-    span = 1 + sum((size - 1) * step for size, step in zip(weights.shape, weights.stride()))
-    planes = torch.as_strided(weights, (span,), (1,), weights.storage_offset()).numpy()
+    planes = _flat(weights)
     rows_off = np.array([dy for dy, _ in offsets], np.int64)
     cols_off = np.array([dx for _, dx in offsets], np.int64)
     height = spare.shape[1] - 2 * pad if repeat_edges else 0
@@ -194,8 +201,7 @@ def resized_rows(across: torch.Tensor, row_low: np.ndarray, row_high: np.ndarray
     if (not loops or not _cpu_float32(across, out, row_weight) or not across.is_contiguous()
             or out.stride(-1) != 1 or not row_weight.is_contiguous()):
         return False
-    span = 1 + sum((size - 1) * step for size, step in zip(out.shape, out.stride()))
-    flat = torch.as_strided(out, (span,), (1,), out.storage_offset()).numpy()
+    flat = _flat(out)
     _shared(loops.resized_rows, 0, out.shape[1], out.shape[0] * out.shape[2], across.numpy(),
             np.ascontiguousarray(row_low, np.int64), np.ascontiguousarray(row_high, np.int64), row_weight.numpy(),
             flat, out.stride(0), out.stride(1))

@@ -10,17 +10,6 @@ from napari_clearclip import compiled_snapping, refine
 from napari_clearclip.refine import NEIGHBOURS, pamr
 
 
-def element_wise(current, spare, weights, offsets, pad, width, first, last):
-    """The element-wise path of one block (PyTorch's product, then one addcmul per neighbour)."""
-    inner = spare[:, pad + first : pad + last, pad : pad + width]
-    for number, (weight, (dy, dx)) in enumerate(zip(weights, offsets)):
-        neighbour = current[:, pad + dy + first : pad + dy + last, pad + dx : pad + dx + width]
-        if number == 0:
-            torch.mul(neighbour, weight[first:last], out=inner)
-        else:
-            inner.addcmul_(weight[first:last], neighbour)
-
-
 @pytest.fixture(autouse=True)
 def compiled_ready():
     """The loops compiled before each test (a segmenter made earlier may be compiling them in the background)."""
@@ -48,7 +37,7 @@ def test_the_compiled_loop_is_there():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_compiled_sums_of_any_block_equal_the_element_wise_path_bit_for_bit(seed):
+def test_compiled_sums_of_any_block_equal_the_element_wise_path_bit_for_bit(seed, without_compiled):
     """Random channels, widths (not multiples of the vector length), dilations, blocks of rows, thread counts, and
     weights cut out of a larger region (rows not contiguous with each other, as a region's weights are)."""
     rng = np.random.default_rng(seed)
@@ -68,7 +57,8 @@ def test_compiled_sums_of_any_block_equal_the_element_wise_path_bit_for_bit(seed
                 first = int(rng.integers(0, height))
                 last = int(rng.integers(first + 1, height + 1))
                 expected = torch.full_like(current, float("nan"))
-                element_wise(current, expected, weights, offsets, pad, width, first, last)
+                without_compiled(lambda e=expected, a=first, b=last: refine._average_rows(
+                    current, e, weights, offsets, pad, width, a, b))
                 got = torch.full_like(current, float("nan"))
                 with _shared_from(1 if threads > 1 else 1 << 40):
                     assert compiled_snapping.weighted_rows(current, got, weights, offsets, pad, width, first, last)

@@ -28,8 +28,9 @@ import torch
 SHARED_FROM = 1 << 15
 
 _lock = threading.Lock()
+_compiling = threading.Lock()
 _compiled = None         # the module of compiled loops, once ready; False when numba cannot be used
-_module = None           # the module while the background thread compiles its loops
+_exercised = threading.local()   # the module being compiled, in the thread that compiles it
 _pool: ThreadPoolExecutor | None = None
 _pool_threads = 0
 _warming: threading.Thread | None = None
@@ -46,34 +47,50 @@ def _load():
     return _snapping_loops
 
 
-def _loops():
-    """The compiled loops, or False: while they are compiled in the background, the element-wise path runs (the
-    very same values), rather than waiting (the first compiling on a machine takes several seconds)."""
-    global _compiled
-    if _compiled is not None:
-        return _compiled
-    warming = _warming
-    if warming is not None and warming.is_alive():
-        return _module if threading.current_thread() is warming else False
-    with _lock:
-        if _compiled is None:
-            _compiled = _load()
-    return _compiled
-
-
-def _warm_up() -> None:
-    """Compile every loop (or read it from numba's cache on disk) on tiny inputs of the types runs give them."""
-    global _module, _compiled
-    _module = _load()
-    if _module:
+def _ready():
+    """The module with every loop compiled (or read from numba's cache), on tiny inputs of the types runs give them;
+    False where that fails (the element-wise path then runs)."""
+    module = _load()
+    if not module:
+        return False
+    _exercised.loops = module
+    try:
         guide = torch.zeros((1, 5, 5))
         logits = torch.zeros((8, 3, 3))
         weights_of_rows(guide, 1, (1,), logits, 0, 3)
         weighted_rows(torch.zeros((1, 5, 5)), torch.zeros((1, 5, 5)), logits, [(0, 0)] * 8, 1, 3, 0, 3, True)
         taps = np.zeros(3, np.int64)
         resized_rows(torch.zeros((1, 1, 3)), taps, taps, torch.zeros(3), torch.zeros((1, 3, 3)))
-    with _lock:
-        _compiled = _module
+    except Exception:  # numba could not compile them here
+        return False
+    finally:
+        _exercised.loops = None
+    return module
+
+
+def _loops():
+    """The compiled loops, or False: while they are compiled in the background, the element-wise path runs (the
+    very same values), rather than waiting (the first compiling on a machine takes several seconds)."""
+    global _compiled
+    exercised = getattr(_exercised, "loops", None)
+    if exercised is not None:
+        return exercised
+    if _compiled is not None:
+        return _compiled
+    warming = _warming
+    if warming is not None and warming.is_alive():
+        return False
+    with _compiling:
+        if _compiled is None:
+            _compiled = _ready()
+    return _compiled
+
+
+def _warm_up() -> None:
+    global _compiled
+    with _compiling:
+        if _compiled is None:
+            _compiled = _ready()
 
 
 def prepare() -> None:

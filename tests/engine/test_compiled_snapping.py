@@ -237,3 +237,24 @@ def test_while_the_loops_compile_in_the_background_runs_take_the_element_wise_pa
     taken.clear()
     assert torch.equal(pamr(scores, guide, 3, (1, 2)), meanwhile)
     assert taken and all(taken)
+
+
+def test_loops_numba_cannot_compile_leave_the_element_wise_path(monkeypatch):
+    """A numba that fails on these loops (a new release, an odd processor) costs speed, not runs."""
+    from types import SimpleNamespace
+
+    def broken(*args):
+        raise RuntimeError("numba could not compile this loop")
+
+    monkeypatch.setattr(compiled_snapping, "_load", lambda: SimpleNamespace(
+        weighted_rows=broken, guide_spread=broken, weight_logits=broken, normalised=broken, resized_rows=broken))
+    monkeypatch.setattr(compiled_snapping, "_compiled", None)
+    monkeypatch.setattr(compiled_snapping, "_warming", None)
+    assert not compiled_snapping.available()
+    rng = np.random.default_rng(4)
+    guide = torch.from_numpy(rng.normal(size=(3, 25, 20)).astype(np.float32))
+    scores = torch.from_numpy(rng.normal(size=(2, 25, 20)).astype(np.float32))
+    from tests.engine.test_corrections import reference_pamr
+
+    np.testing.assert_allclose(pamr(scores, guide, 3, (1, 2)).numpy(),
+                               reference_pamr(scores.numpy(), guide.numpy(), 3, (1, 2)), atol=1e-5)

@@ -24,7 +24,7 @@ def fused_multiply_add(typing_context, a, b, c):
     return signature, codegen
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_off, pad, width, height, first,
                   last):
     """Rows ``first``..``last`` of the interior of ``target`` = the weighted sum of each pixel's neighbours in
@@ -69,7 +69,7 @@ def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_
                     target[c, y, :] = target[c, pad + height - 1, :]
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def guide_spread(padded, dilations, pad, origin, spread, top, bottom):
     """Rows ``top``..``bottom`` of each guide channel's variance over its 3 x 3 neighbourhoods at every dilation
     (centre included; the sum of squares divided by their count less one), into ``spread`` (channels, rows,
@@ -115,7 +115,7 @@ def guide_spread(padded, dilations, pad, origin, spread, top, bottom):
                     variance[x] = variance[x] / np.float32(count - 1)
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def weight_logits(padded, deviation, origin, rows_off, cols_off, first_same, pad, logits, top, bottom):
     """Rows ``top``..``bottom`` of each neighbour's softmax logit less the pixel's highest, into ``logits``
     (neighbours, height, width) at those rows: -|guide - neighbour| / (channels x (1e-8 + 0.1 std)) summed over
@@ -163,7 +163,7 @@ def weight_logits(padded, deviation, origin, rows_off, cols_off, first_same, pad
                     out[x] = out[x] - highest[x]
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def normalised(weights, top, bottom):
     """Rows ``top``..``bottom`` of ``weights`` (neighbours, height, width) divided by their sum over the
     neighbours, added in their order."""
@@ -186,7 +186,7 @@ def normalised(weights, top, bottom):
                     plane[x] = plane[x] / total[x]
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def resized_rows(across, row_low, row_high, row_weight, out, plane_step, row_step, first, last):
     """Rows ``first``..``last`` of a bilinear resize along the height: row y is row ``row_low[y]`` of ``across``
     times 1 - ``row_weight[y]``, plus row ``row_high[y]`` times ``row_weight[y]`` (each product rounded, then

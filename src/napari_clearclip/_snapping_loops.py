@@ -202,3 +202,21 @@ def resized_rows(across, row_low, row_high, row_weight, out, plane_step, row_ste
             row = out[start : start + width]
             for x in range(width):
                 row[x] = low[x] * rest + high[x] * weight
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def labels_present(block, tile, occurs, first, last):
+    """For the tile rows ``first``..``last`` of ``block`` (labels, the box's first tile at its top left; tiles at its
+    far edges cut short): ``occurs[ty, tx, label]`` set where ``label`` occurs in tile (ty, tx). Labels from
+    ``occurs.shape[2]`` on are not counted."""
+    height, width = block.shape
+    count = occurs.shape[2]
+    for ty in range(first, last):
+        for y in range(ty * tile, min((ty + 1) * tile, height)):
+            row = block[y]
+            for tx in range(occurs.shape[1]):
+                flags = occurs[ty, tx]
+                for x in range(tx * tile, min((tx + 1) * tile, width)):
+                    label = row[x]
+                    if label < count:
+                        flags[label] = True

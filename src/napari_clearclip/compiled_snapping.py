@@ -61,6 +61,7 @@ def _ready():
         weighted_rows(torch.zeros((1, 5, 5)), torch.zeros((1, 5, 5)), logits, [(0, 0)] * 8, 1, 3, 0, 3, True)
         taps = np.zeros(3, np.int64)
         resized_rows(torch.zeros((1, 1, 3)), taps, taps, torch.zeros(3), torch.zeros((1, 3, 3)))
+        labels_present(np.zeros((3, 3), np.uint8), 2, np.zeros((2, 2, 2), bool))
     except Exception:  # numba could not compile them here
         return False
     finally:
@@ -149,24 +150,38 @@ def _flat(tensor: torch.Tensor) -> np.ndarray:
     return torch.as_strided(tensor, (span,), (1,), tensor.storage_offset()).numpy()
 
 
-def weighted_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,
-                  offsets: Sequence[tuple[int, int]], pad: int, width: int, first: int, last: int,
-                  repeat_edges: bool = False) -> bool:
-    """Rows ``first``..``last`` of one PAMR iteration (see :func:`napari_clearclip.refine._average_rows`),
-    compiled, and with ``repeat_edges`` the border of those rows filled as
-    :func:`napari_clearclip.refine._repeat_edges_of_rows` fills it; False, with nothing written, where the
-    compiled loop does not apply (not float32 on the CPU, or no numba): the caller then uses the element-wise
-    path."""
+def averaging(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,
+              offsets: Sequence[tuple[int, int]], pad: int, width: int,
+              repeat_edges: bool = False) -> Callable[[int, int], None] | None:
+    """``rows(first, last)``: rows ``first``..``last`` of one PAMR iteration from ``current`` into ``spare`` (see
+    :func:`napari_clearclip.refine._average_rows`), compiled, and with ``repeat_edges`` the border of those rows
+    filled as :func:`napari_clearclip.refine._repeat_edges_of_rows` fills it; None where the compiled loop does
+    not apply (not float32 on the CPU, or no numba): the caller then uses the element-wise path.
+
+    The arguments are prepared once, so that an iteration done in many blocks of rows pays for them once."""
     loops = _loops()
     if (not loops or not _cpu_float32(current, spare, weights) or not current.is_contiguous()
             or not spare.is_contiguous() or weights.stride(-1) != 1):
+        return None
+    arguments = (current.numpy(), spare.numpy(), _flat(weights), weights.stride(0), weights.stride(1),
+                 np.array([dy for dy, _ in offsets], np.int64), np.array([dx for _, dx in offsets], np.int64), pad,
+                 width, spare.shape[1] - 2 * pad if repeat_edges else 0)
+    values_per_row = width * current.shape[0]
+
+    def rows(first: int, last: int) -> None:
+        _shared(loops.weighted_rows, first, last, values_per_row, *arguments)
+    return rows
+
+
+def weighted_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,
+                  offsets: Sequence[tuple[int, int]], pad: int, width: int, first: int, last: int,
+                  repeat_edges: bool = False) -> bool:
+    """Rows ``first``..``last`` of one PAMR iteration (see :func:`averaging`); False, with nothing written, where the
+    compiled loop does not apply."""
+    rows = averaging(current, spare, weights, offsets, pad, width, repeat_edges)
+    if rows is None:
         return False
-    planes = _flat(weights)
-    rows_off = np.array([dy for dy, _ in offsets], np.int64)
-    cols_off = np.array([dx for _, dx in offsets], np.int64)
-    height = spare.shape[1] - 2 * pad if repeat_edges else 0
-    _shared(loops.weighted_rows, first, last, width * current.shape[0], current.numpy(), spare.numpy(), planes,
-            weights.stride(0), weights.stride(1), rows_off, cols_off, pad, width, height)
+    rows(first, last)
     return True
 
 
@@ -222,4 +237,16 @@ def resized_rows(across: torch.Tensor, row_low: np.ndarray, row_high: np.ndarray
     _shared(loops.resized_rows, 0, out.shape[1], out.shape[0] * out.shape[2], across.numpy(),
             np.ascontiguousarray(row_low, np.int64), np.ascontiguousarray(row_high, np.int64), row_weight.numpy(),
             flat, out.stride(0), out.stride(1))
+    return True
+
+
+def labels_present(block: np.ndarray, tile: int, occurs: np.ndarray) -> bool:
+    """``occurs[ty, tx, label]`` set where ``label`` occurs in tile (ty, tx) of ``block`` (uint8 labels, the first
+    tile at its top left, tiles at its far edges cut short), in one pass over it; False, with nothing set, where the
+    compiled loop does not apply (other label types, or no numba)."""
+    loops = _loops()
+    if (not loops or block.dtype != np.uint8 or occurs.dtype != np.bool_ or block.ndim != 2
+            or not block.flags.c_contiguous or not occurs.flags.c_contiguous):
+        return False
+    _shared(loops.labels_present, 0, occurs.shape[0], occurs.shape[1] * tile * tile, block, tile, occurs)
     return True

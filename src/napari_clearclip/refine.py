@@ -263,24 +263,34 @@ def _replicate_border(padded: torch.Tensor, pad: int) -> None:
 AVERAGED_AT_ONCE_BYTES = 1 << 21
 
 
-def _rows_at_once(current: torch.Tensor, width: int, height: int) -> int:
-    """Rows one pass over the neighbours writes at a time: :data:`AVERAGED_AT_ONCE_BYTES` of output on the CPU, all
-    of them elsewhere."""
+#: Bytes of output the compiled loops write at a time: they finish each row in the cache whatever the block, so
+#: blocks are larger, and the cost of starting each block (its arguments, a second thread) is paid less often.
+COMPILED_AT_ONCE_BYTES = 1 << 24
+
+
+def _rows_at_once(current: torch.Tensor, width: int, height: int, compiled: bool = False) -> int:
+    """Rows one pass over the neighbours writes at a time: :data:`AVERAGED_AT_ONCE_BYTES` of output on the CPU
+    (:data:`COMPILED_AT_ONCE_BYTES` for the compiled loops), all of them elsewhere."""
     if current.device.type != "cpu":
         return height
-    return max(1, AVERAGED_AT_ONCE_BYTES // (current.shape[0] * width * current.element_size()))
+    at_once = COMPILED_AT_ONCE_BYTES if compiled else AVERAGED_AT_ONCE_BYTES
+    return max(1, at_once // (current.shape[0] * width * current.element_size()))
 
 
 def _average_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor, offsets, pad: int, width: int,
-                  first: int, last: int, repeat_edges: bool = False) -> None:
+                  first: int, last: int, repeat_edges: bool = False, compiled=None) -> None:
     """Rows ``first``..``last`` of one PAMR iteration: there, the interior of ``spare`` becomes the
     ``weights``-weighted sum of each pixel's neighbours at ``offsets`` in ``current`` (both padded by ``pad``).
 
     Every value is the same sequence of operations (a product, then one ``addcmul`` per neighbour, in the order of
     ``offsets``) however the rows are split: the very values whole planes give. On the CPU the compiled loop of
     :mod:`.compiled_snapping` does the same arithmetic a row at a time. With ``repeat_edges`` the padded border
-    of those rows then repeats their edges (:func:`_repeat_edges_of_rows`).
+    of those rows then repeats their edges (:func:`_repeat_edges_of_rows`). ``compiled``: that loop already
+    prepared for these buffers (:func:`.compiled_snapping.averaging`).
     """
+    if compiled is not None:
+        compiled(first, last)
+        return
     if compiled_snapping.weighted_rows(current, spare, weights, offsets, pad, width, first, last, repeat_edges):
         return  # the same values, compiled
     inner = spare[:, pad + first : pad + last, pad : pad + width]
@@ -347,7 +357,9 @@ def _refine_padded(current: torch.Tensor, spare: torch.Tensor | None, iterations
     offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
     spare = torch.empty_like(current) if spare is None else spare
     buffers = (current, spare)
-    rows = _rows_at_once(current, width, height)
+    compiled = [compiled_snapping.averaging(source, target, affinity, offsets, pad, width, repeat_edges=True)
+                for source, target in ((current, spare), (spare, current))]
+    rows = _rows_at_once(current, width, height, compiled=compiled[0] is not None)
     done = [height] + [0] * iterations   # rows of each iteration computed (iteration 0: the scores, all of them)
     yielded = 0
     while iterations and done[iterations] < height:
@@ -358,7 +370,8 @@ def _refine_padded(current: torch.Tensor, spare: torch.Tensor | None, iterations
             if last <= done[step]:
                 continue
             source, target = buffers[(step - 1) % 2], buffers[step % 2]
-            _average_rows(source, target, affinity, offsets, pad, width, done[step], last, repeat_edges=True)
+            _average_rows(source, target, affinity, offsets, pad, width, done[step], last, repeat_edges=True,
+                          compiled=compiled[(step - 1) % 2])
             done[step] = last
             while yielded < sum(done[1:]) // height:   # an iteration's worth done
                 yielded += 1

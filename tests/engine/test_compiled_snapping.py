@@ -170,20 +170,26 @@ def test_inputs_the_compiled_loop_does_not_take_are_left_to_the_element_wise_pat
 def test_refine_uses_the_compiled_loop_on_the_cpu(monkeypatch):
     """Every block of every iteration goes through the compiled loop when it is there (a change that skipped it
     would only be slower, which no other test sees)."""
-    calls = []
-    real = compiled_snapping.weighted_rows
+    prepared, blocks = [], []
+    real = compiled_snapping.averaging
 
-    def counted(*args):
-        calls.append(real(*args))
-        return calls[-1]
-    monkeypatch.setattr(compiled_snapping, "weighted_rows", counted)
+    def counted(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        prepared.append(rows)
+
+        def counted_rows(first, last):
+            blocks.append((first, last))
+            rows(first, last)
+        return None if rows is None else counted_rows
+    monkeypatch.setattr(compiled_snapping, "averaging", counted)
     rng = np.random.default_rng(1)
     guide = torch.from_numpy(rng.normal(size=(3, 30, 20)).astype(np.float32))
     scores = torch.from_numpy(rng.normal(size=(2, 30, 20)).astype(np.float32))
     refined = refine._refine_whole(scores, guide, 2, (1, 2))
     for _ in range(2):
         next(refined)
-    assert len(calls) >= 2 and all(calls)
+    assert len(prepared) == 2 and all(rows is not None for rows in prepared)
+    assert sum(last - first for first, last in blocks) == 2 * 30   # every row of both iterations
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -225,8 +231,13 @@ def test_while_the_loops_compile_in_the_background_runs_take_the_element_wise_pa
     guide = torch.from_numpy(rng.normal(size=(3, 40, 30)).astype(np.float32))
     scores = torch.from_numpy(rng.normal(size=(2, 40, 30)).astype(np.float32))
     taken = []
-    real = compiled_snapping.weighted_rows
-    monkeypatch.setattr(compiled_snapping, "weighted_rows", lambda *a: taken.append(real(*a)) or taken[-1])
+    real = compiled_snapping.averaging
+
+    def counted(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        taken.append(rows is not None)
+        return rows
+    monkeypatch.setattr(compiled_snapping, "averaging", counted)
     try:
         meanwhile = pamr(scores, guide, 3, (1, 2))
         assert taken and not any(taken)                       # the element-wise path, without waiting
@@ -258,3 +269,27 @@ def test_loops_numba_cannot_compile_leave_the_element_wise_path(monkeypatch):
 
     np.testing.assert_allclose(pamr(scores, guide, 3, (1, 2)).numpy(),
                                reference_pamr(scores.numpy(), guide.numpy(), 3, (1, 2)), atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_labels_present_per_tile_equal_a_count_per_tile(seed, monkeypatch):
+    """Which labels occur in each tile of a box (tiles at its far edges cut short), on any split between threads,
+    against np.unique per tile; types the loop does not take are left to the caller."""
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        tile = int(rng.choice([1, 3, 8, 64]))
+        height, width = int(rng.integers(1, 5 * tile + 3)), int(rng.integers(1, 5 * tile + 3))
+        labels = int(rng.integers(1, 9))
+        block = rng.integers(0, labels, (height, width)).astype(np.uint8)
+        block[rng.random((height, width)) < 0.7] = rng.integers(0, labels)   # mostly one label, as in real tiles
+        rows, across = -(-height // tile), -(-width // tile)
+        occurs = np.zeros((rows, across, labels), bool)
+        monkeypatch.setattr(compiled_snapping, "SHARED_FROM", int(rng.choice([1, 1 << 15])))
+        assert compiled_snapping.labels_present(block, tile, occurs)
+        expected = np.zeros_like(occurs)
+        for ty in range(rows):
+            for tx in range(across):
+                expected[ty, tx, np.unique(block[ty * tile : (ty + 1) * tile, tx * tile : (tx + 1) * tile])] = True
+        assert np.array_equal(occurs, expected)
+    untouched = np.zeros((1, 1, 3), bool)
+    assert not compiled_snapping.labels_present(np.zeros((2, 2), np.int32), 2, untouched) and not untouched.any()

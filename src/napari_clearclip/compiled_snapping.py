@@ -41,10 +41,10 @@ def _load():
     if os.environ.get("NAPARI_CLEARCLIP_COMPILED", "1") == "0":
         return False
     try:
-        from . import _snapping_loops
+        from . import _compiled_loops
     except Exception:  # numba absent, or not built for this NumPy
         return False
-    return _snapping_loops
+    return _compiled_loops
 
 
 def _ready():
@@ -61,7 +61,10 @@ def _ready():
         weighted_rows(torch.zeros((1, 5, 5)), torch.zeros((1, 5, 5)), logits, [(0, 0)] * 8, 1, 3, 0, 3, True)
         taps = np.zeros(3, np.int64)
         resized_rows(torch.zeros((1, 1, 3)), taps, taps, torch.zeros(3), torch.zeros((1, 3, 3)))
+        from .compiled_labels import labels_present, values_present
+
         labels_present(np.zeros((3, 3), np.uint8), 2, np.zeros((2, 2, 2), bool))
+        values_present(np.zeros(3, np.uint8))
     except Exception:  # numba could not compile them here
         return False
     finally:
@@ -239,14 +242,3 @@ def resized_rows(across: torch.Tensor, row_low: np.ndarray, row_high: np.ndarray
             flat, out.stride(0), out.stride(1))
     return True
 
-
-def labels_present(block: np.ndarray, tile: int, occurs: np.ndarray) -> bool:
-    """``occurs[ty, tx, label]`` set where ``label`` occurs in tile (ty, tx) of ``block`` (uint8 labels, the first
-    tile at its top left, tiles at its far edges cut short), in one pass over it; False, with nothing set, where the
-    compiled loop does not apply (other label types, or no numba)."""
-    loops = _loops()
-    if (not loops or block.dtype != np.uint8 or occurs.dtype != np.bool_ or block.ndim != 2
-            or not block.flags.c_contiguous or not occurs.flags.c_contiguous):
-        return False
-    _shared(loops.labels_present, 0, occurs.shape[0], occurs.shape[1] * tile * tile, block, tile, occurs)
-    return True

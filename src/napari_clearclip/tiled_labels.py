@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import compiled_snapping
+from . import compiled_labels, compiled_snapping
 from .affinity_tiles import AffinityTiles
 from .refine import Buffers
 
@@ -819,7 +819,7 @@ class _TilesBox:
         tile, shape = self.geometry.tile, self.shape
         rows, across = self.last_y - self.first_y + 1, self.last_x - self.first_x + 1
         occurs = np.zeros((rows, across, present.shape[-1]), bool)
-        if not compiled_snapping.labels_present(block_labels, tile, occurs):
+        if not compiled_labels.labels_present(block_labels, tile, occurs):
             # each label that occurs in the box, compared over the box's tiles at once (edge tiles padded with their
             # own values): a tenth of the time of one count over (tile, label) codes
             padded = np.pad(block_labels, ((0, rows * tile - shape[0]), (0, across * tile - shape[1])), mode="edge")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_clearclip import compiled_snapping, refine
+from napari_clearclip import compiled_labels, compiled_snapping, refine
 from napari_clearclip.refine import NEIGHBOURS, pamr
 
 
@@ -285,11 +285,30 @@ def test_labels_present_per_tile_equal_a_count_per_tile(seed, monkeypatch):
         rows, across = -(-height // tile), -(-width // tile)
         occurs = np.zeros((rows, across, labels), bool)
         monkeypatch.setattr(compiled_snapping, "SHARED_FROM", int(rng.choice([1, 1 << 15])))
-        assert compiled_snapping.labels_present(block, tile, occurs)
+        assert compiled_labels.labels_present(block, tile, occurs)
         expected = np.zeros_like(occurs)
         for ty in range(rows):
             for tx in range(across):
                 expected[ty, tx, np.unique(block[ty * tile : (ty + 1) * tile, tx * tile : (tx + 1) * tile])] = True
         assert np.array_equal(occurs, expected)
     untouched = np.zeros((1, 1, 3), bool)
-    assert not compiled_snapping.labels_present(np.zeros((2, 2), np.int32), 2, untouched) and not untouched.any()
+    assert not compiled_labels.labels_present(np.zeros((2, 2), np.int32), 2, untouched) and not untouched.any()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_values_present_equal_numpy_unique(seed, monkeypatch):
+    """The distinct values of uint8 labels of any size, on any split between threads; the layer's values as
+    editing counts them, with and without the compiled pass."""
+    from napari_clearclip.editing import present_values
+
+    rng = np.random.default_rng(seed)
+    for _ in range(20):
+        size = int(rng.choice([0, 1, 7, 1000, 100_000]))
+        array = rng.choice(rng.integers(0, 256, int(rng.integers(1, 12))), size).astype(np.uint8)
+        monkeypatch.setattr(compiled_snapping, "SHARED_FROM", int(rng.choice([1, 100, 1 << 15])))
+        expected = np.unique(array).astype(np.int64)
+        if size:
+            assert np.array_equal(compiled_labels.values_present(array), expected)
+        assert np.array_equal(present_values(array.reshape(-1, 1) if size else array), expected)
+    assert compiled_labels.values_present(np.zeros(4, np.int32)) is None
+    assert compiled_labels.values_present(np.zeros((4, 4), np.uint8)[:, ::2]) is None   # not contiguous

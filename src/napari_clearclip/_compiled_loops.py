@@ -1,7 +1,8 @@
-"""The loops of :mod:`.compiled_snapping`, compiled by numba when first used (and cached on disk by it).
+"""The loops of :mod:`.compiled_snapping` and :mod:`.compiled_labels`, compiled by numba when first used (and
+cached on disk by it).
 
-Every loop does, value by value, the arithmetic of the element-wise PyTorch path it replaces, in the same
-order and with the same roundings (PyTorch's addcmul is a fused multiply-add: one rounding).
+Every snapping loop does, value by value, the arithmetic of the element-wise PyTorch path it replaces, in the
+same order and with the same roundings (PyTorch's addcmul is a fused multiply-add: one rounding).
 """
 
 from __future__ import annotations
@@ -220,3 +221,10 @@ def labels_present(block, tile, occurs, first, last):
                     label = row[x]
                     if label < count:
                         flags[label] = True
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def values_seen(flat, seen, first, last):
+    """``seen[value]`` set for every value of ``flat[first:last]`` (uint8: ``seen`` holds 256)."""
+    for i in range(first, last):
+        seen[flat[i]] = True

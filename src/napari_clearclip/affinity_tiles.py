@@ -55,8 +55,9 @@ class AffinityTiles:
                compute: Callable[[tuple[int, int, int, int]], torch.Tensor],
                empty: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:
         """The weights over ``area`` (top, bottom, left, right), from kept tiles where there are some;
-        ``compute(rectangle)`` gives the weights of any rectangle (exact away from its inner sides), ``empty(shape)``
-        the float32 tensor they are assembled in (default: a new one)."""
+        ``compute(rectangle, rows=None)`` gives the weights of any rectangle (exact away from its inner sides; with
+        ``rows``, (first, last) of the rectangle, only those rows are computed, the others left as they are),
+        ``empty(shape)`` the float32 tensor they are assembled in (default: a new one)."""
         top, bottom, left, right = area
         wanted = [(ty, tx) for ty in range(top // self.tile, (bottom - 1) // self.tile + 1)
                   for tx in range(left // self.tile, (right - 1) // self.tile + 1)]
@@ -66,6 +67,9 @@ class AffinityTiles:
             weights = compute(area)
             self._keep(self._exact_tiles(area, weights))
             return weights
+        band = self._missing_band(wanted, found)
+        if band is not None:
+            return self._band_computed(area, band, wanted, found, compute)
         computed = {}
         for rectangle in self._rectangles([key for key in wanted if key not in found]):
             outer = self._with_context(rectangle)
@@ -79,6 +83,36 @@ class AffinityTiles:
             ya, yb, xa, xb = max(y0, top), min(y1, bottom), max(x0, left), min(x1, right)
             weights[:, ya - top : yb - top, xa - left : xb - left] = found[key][:, ya - y0 : yb - y0, xa - x0 : xb - x0]
         self._keep(computed)
+        return weights
+
+    def _missing_band(self, wanted: list, found: dict) -> tuple[int, int] | None:
+        """(first, last + 1) tile rows holding every tile missing and no tile kept, when the missing tiles are whole
+        rows of the area's tiles one after the other (the rows a region does not share with the one before it);
+        None otherwise."""
+        rows = sorted({ty for ty, tx in wanted if (ty, tx) not in found})
+        if not rows or rows[-1] - rows[0] + 1 != len(rows):
+            return None
+        if any(key in found for key in wanted if rows[0] <= key[0] <= rows[-1]):
+            return None
+        return rows[0], rows[-1] + 1
+
+    def _band_computed(self, area, band: tuple[int, int], wanted: list, found: dict, compute) -> torch.Tensor:
+        """The weights over ``area`` whose tile rows ``band`` are computed, the kept tiles written into the rest:
+        nothing computed is copied. They are computed over the area's whole tiles with ``context`` more on each side
+        inside the image (as a rectangle of missing tiles is), so that every tile of the band is exact and kept; the
+        weights returned are the area's view of them."""
+        top, bottom, left, right = area
+        tiles_left = min(tx for _, tx in wanted) * self.tile
+        tiles_right = min((max(tx for _, tx in wanted) + 1) * self.tile, self.size[1])
+        band_top, band_bottom = band[0] * self.tile, min(band[1] * self.tile, self.size[0])
+        outer = self._with_context((min(top, band_top), max(bottom, band_bottom), tiles_left, tiles_right))
+        computed = compute(outer, rows=(band_top - outer[0], band_bottom - outer[0]))
+        weights = computed[:, top - outer[0] : bottom - outer[0], left - outer[2] : right - outer[2]]
+        for key, kept in found.items():
+            y0, y1, x0, x1 = self._span(*key)
+            ya, yb, xa, xb = max(y0, top), min(y1, bottom), max(x0, left), min(x1, right)
+            weights[:, ya - top : yb - top, xa - left : xb - left] = kept[:, ya - y0 : yb - y0, xa - x0 : xb - x0]
+        self._keep(self._exact_tiles(outer, computed, within=(band_top, band_bottom, tiles_left, tiles_right)))
         return weights
 
     def _with_context(self, rectangle):

@@ -155,7 +155,7 @@ AFFINITIES_AT_ONCE_BYTES = 1 << 23
 
 
 def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIONS,
-                    buffers: Buffers | None = None) -> torch.Tensor:
+                    buffers: Buffers | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """(8 x len(dilations), H, W) weights of each pixel's neighbours, summing to 1 per pixel.
 
     Affinity = -|guide - neighbour| / (1e-8 + 0.1 x std), std being the (unbiased) standard
@@ -165,7 +165,8 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
     within the largest dilation of its pixel: a region of the image, or a block of its rows, gets
     the very values the whole image gets (on the CPU, compiled loops of :mod:`.compiled_snapping` do the same
     arithmetic a row at a time). Temporary planes and the weights come from ``buffers``
-    (the weights stay taken).
+    (the weights stay taken). With ``rows`` (first, last) only those rows are computed (the others are left
+    uninitialised, for the caller to fill), with the very values the whole gives them.
     """
     guide = guide.float()
     buffers = Buffers(guide.device) if buffers is None else buffers
@@ -176,15 +177,16 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
     padded[:, pad : pad + height, pad : pad + width] = guide
     _replicate_border(padded, pad)
     logits = buffers.take((8 * len(dilations), height, width))
-    if compiled_snapping.weights_of_rows(padded, pad, dilations, logits, 0, height):  # the same values, compiled
+    first, last = (0, height) if rows is None else (max(0, rows[0]), min(height, rows[1]))
+    if compiled_snapping.weights_of_rows(padded, pad, dilations, logits, first, last):  # the same values, compiled
         buffers.give_back(padded)
         return logits
     if guide.device.type == "cpu":
-        rows = max(1, AFFINITIES_AT_ONCE_BYTES // (4 * len(dilations) * 8 * (width + 2 * pad)))
+        at_once = max(1, AFFINITIES_AT_ONCE_BYTES // (4 * len(dilations) * 8 * (width + 2 * pad)))
     else:
-        rows = height
-    for top in range(0, height, rows):
-        bottom = min(top + rows, height)
+        at_once = height
+    for top in range(first, last, at_once):
+        bottom = min(top + at_once, last)
         _affinities_of_rows(padded[:, top : bottom + 2 * pad], pad, dilations, logits[:, top:bottom], buffers)
     buffers.give_back(padded)
     return logits

@@ -27,12 +27,18 @@ def test_weights_assembled_from_kept_tiles_equal_those_of_the_whole_image_bit_fo
     guide = torch.from_numpy(rng.normal(size=(3, *size)).astype(np.float32))
     dilations = (1, int(rng.integers(2, 9)))
     whole = pamr_affinities(guide, dilations)
-    computed = []
+    computed, banded = [], []
 
-    def compute(area):
+    def compute(area, rows=None):
         top, bottom, left, right = area
-        computed.append((bottom - top) * (right - left))
-        return pamr_affinities(guide[:, top:bottom, left:right], dilations)
+        first, last = (0, bottom - top) if rows is None else rows
+        computed.append((last - first) * (right - left))
+        weights = pamr_affinities(guide[:, top:bottom, left:right], dilations)
+        if rows is not None:   # rows not asked for hold anything: here NaN, which the test would see
+            banded.append(rows)
+            weights[:, :first] = float("nan")
+            weights[:, last:] = float("nan")
+        return weights
 
     tile = int(rng.choice([8, 16, 24]))
     kept = AffinityTiles(int(rng.choice([1 << 30, 40 * tile * tile * 64])))  # sometimes room for a few tiles only
@@ -58,6 +64,35 @@ def test_weights_assembled_from_kept_tiles_equal_those_of_the_whole_image_bit_fo
         assert computed == []  # asked again: nothing computed
 
 
+def test_a_region_sharing_rows_with_the_one_before_computes_only_its_own_rows():
+    """As a first run's regions follow each other down the image: the rows kept by the region before are not computed
+    again, nor is what is computed copied; the weights are those of the whole image, and all the new tiles kept."""
+    rng = np.random.default_rng(5)
+    size, tile, dilations = (160, 120), 16, (1, 4)
+    guide = torch.from_numpy(rng.normal(size=(3, *size)).astype(np.float32))
+    whole = pamr_affinities(guide, dilations)
+    asked = []
+
+    def compute(area, rows=None):
+        asked.append((area, rows))
+        top, bottom, left, right = area
+        weights = pamr_affinities(guide[:, top:bottom, left:right], dilations, rows=rows)
+        if rows is not None:
+            weights[:, : rows[0]] = float("nan")
+            weights[:, rows[1] :] = float("nan")
+        return weights
+
+    kept = AffinityTiles(1 << 30)
+    kept.start(("guide",), size, tile, max(dilations))
+    kept.region((0, 80, 0, 120), compute)                       # keeps tile rows 0-3 (row 76 on is near its side)
+    weights = kept.region((40, 160, 0, 120), compute)
+    assert asked[-1] == ((36, 160, 0, 120), (28, 124))           # rows 64-160 (tile rows 4-9) of the area and context
+    assert torch.equal(weights[:, 4:], whole[:, 44:])           # exact but within reach of the side inside the image
+    assert {(ty, tx) for ty in range(10) for tx in range(8)} <= set(kept._tiles)
+    asked.clear()
+    assert torch.equal(kept.region((40, 160, 0, 120), compute)[:, 4:], whole[:, 44:]) and asked == []
+
+
 def test_weights_of_another_guide_are_dropped_not_reused():
     rng = np.random.default_rng(1)
     scores = torch.from_numpy(rng.normal(size=(3, 24, 24)).astype(np.float32)) * 0.1
@@ -80,9 +115,10 @@ def test_a_rerun_after_a_stroke_computes_weights_only_where_no_run_did(monkeypat
 
     original = refine.pamr_affinities
 
-    def counting(guide, dilations, *args):
-        computed.append(guide.shape[-2] * guide.shape[-1])
-        return original(guide, dilations, *args)
+    def counting(guide, dilations, *args, rows=None):
+        first, last = (0, guide.shape[-2]) if rows is None else rows
+        computed.append((last - first) * guide.shape[-1])
+        return original(guide, dilations, *args, rows=rows)
     monkeypatch.setattr(refine, "pamr_affinities", counting)
 
     segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)

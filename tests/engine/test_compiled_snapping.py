@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_clearclip import compiled_labels, compiled_snapping, refine
-from napari_clearclip.refine import NEIGHBOURS, pamr
+from napari_clearclip.refine import NEIGHBOURS, pamr, pamr_affinities
 
 
 @pytest.fixture(autouse=True)
@@ -312,3 +312,23 @@ def test_values_present_equal_numpy_unique(seed, monkeypatch):
         assert np.array_equal(present_values(array.reshape(-1, 1) if size else array), expected)
     assert compiled_labels.values_present(np.zeros(4, np.int32)) is None
     assert compiled_labels.values_present(np.zeros((4, 4), np.uint8)[:, ::2]) is None   # not contiguous
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_weights_of_some_rows_are_those_of_the_whole(compiled, without_compiled):
+    """``pamr_affinities(rows=)`` computes those rows alone, with the very values the whole gives them, and writes
+    nothing else (as a region's rows its neighbour kept are then filled from the kept tiles)."""
+    rng = np.random.default_rng(3)
+    guide = torch.from_numpy(rng.normal(size=(3, 70, 50)).astype(np.float32))
+
+    def run():
+        whole = pamr_affinities(guide, (2, 5))
+        for first, last in ((0, 70), (0, 1), (13, 41), (69, 70), (30, 200)):
+            buffers = refine.Buffers()   # whatever buffer the weights are written into holds NaN
+            for _ in range(2):
+                buffers.take((16, 70, 50)).fill_(float("nan"))
+            buffers.give_back()
+            part = pamr_affinities(guide, (2, 5), buffers, rows=(first, last))
+            assert torch.equal(part[:, first:last], whole[:, first:last])
+            assert part[:, :first].isnan().all() and part[:, last:].isnan().all()
+    run() if compiled else without_compiled(run)

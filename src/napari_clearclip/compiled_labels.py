@@ -19,18 +19,19 @@ def labels_present(block: np.ndarray, tile: int, occurs: np.ndarray) -> bool:
     compiled loop does not apply (other label types, or no numba)."""
     loops = _loops()
     if (not loops or block.dtype != np.uint8 or occurs.dtype != np.bool_ or block.ndim != 2
-            or not block.flags.c_contiguous or not occurs.flags.c_contiguous):
+            or not block.flags.c_contiguous or not occurs.flags.c_contiguous or not block.flags.writeable):
         return False
     _shared(loops.labels_present, 0, occurs.shape[0], occurs.shape[1] * tile * tile, block, tile, occurs)
     return True
 
 
 def values_present(array: np.ndarray) -> np.ndarray | None:
-    """The distinct values of a contiguous uint8 ``array``, ascending (as int64), in one pass shared between
-    PyTorch's number of threads; None where the compiled loop does not apply (other types, or no numba)."""
+    """The distinct values of a contiguous, writable uint8 ``array``, ascending (as int64), in one pass shared
+    between PyTorch's number of threads; None where the compiled loop does not apply (other types, read-only
+    arrays, or no numba)."""
     loops = _loops()
-    if not loops or array.dtype != np.uint8 or not array.flags.c_contiguous:
-        return None
+    if not loops or array.dtype != np.uint8 or not array.flags.c_contiguous or not array.flags.writeable:
+        return None   # (numba would compile the loop again for read-only arrays, in the middle of a run)
     flat = array.reshape(-1)
     threads = max(1, min(torch.get_num_threads(), flat.size // compiled_snapping.SHARED_FROM))
     seen = np.zeros((threads, 256), bool)     # one table per thread: no cache line written by two

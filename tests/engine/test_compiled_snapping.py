@@ -312,6 +312,10 @@ def test_values_present_equal_numpy_unique(seed, monkeypatch):
         assert np.array_equal(present_values(array.reshape(-1, 1) if size else array), expected)
     assert compiled_labels.values_present(np.zeros(4, np.int32)) is None
     assert compiled_labels.values_present(np.zeros((4, 4), np.uint8)[:, ::2]) is None   # not contiguous
+    read_only = np.arange(5, dtype=np.uint8)
+    read_only.flags.writeable = False
+    assert compiled_labels.values_present(read_only) is None
+    assert np.array_equal(present_values(read_only), np.arange(5))
 
 
 @pytest.mark.parametrize("compiled", [True, False])

@@ -31,6 +31,8 @@ def _shifted(padded: torch.Tensor, pad: int, dy: int, dx: int, size: tuple[int, 
 
 #: Buffers from this many bytes are mapped here, so that they can be given back to the system a piece at a time.
 MAPPED_FROM = 64 << 20
+#: A buffer mapped here reserves this many times what it was asked for (address space only, until used).
+MAPPED_ROOM = 1.25
 #: Bytes given back at once when a buffer mapped here is let go.
 RELEASED_AT_ONCE = 32 << 20
 
@@ -87,7 +89,9 @@ class Buffers:
         if (count * 4 < MAPPED_FROM or torch.device(self.device).type != "cpu"
                 or not hasattr(mmap, "MAP_ANONYMOUS") or not hasattr(mmap.mmap, "madvise")):
             return torch.empty(count, device=self.device)
-        mapping = mmap.mmap(-1, count * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # room to grow, which costs nothing until touched: a later, larger region (one with a halo on both sides)
+        # then reuses this buffer's pages instead of a fresh mapping's
+        mapping = mmap.mmap(-1, int(count * MAPPED_ROOM) * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         buffer = torch.frombuffer(mapping, dtype=torch.float32)
         self._mappings[buffer.data_ptr()] = mapping
         return buffer

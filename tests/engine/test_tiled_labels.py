@@ -242,6 +242,23 @@ def test_a_mapped_buffer_is_reused_and_its_pages_go_back_to_the_system_when_rele
     assert not buffers._mappings and small.numel() == 100
 
 
+def test_a_mapped_buffer_has_room_for_a_larger_region_later(monkeypatch):
+    """A region with a halo on both sides is larger than the first one: it reuses the first one's buffer (its pages
+    already in use) rather than a fresh mapping, and only what it asks for is used."""
+    from napari_clearclip import refine
+
+    monkeypatch.setattr(refine, "MAPPED_FROM", 1 << 20)
+    buffers = refine.Buffers()
+    first = buffers.take((512, 1024))
+    pointer = first.data_ptr()
+    buffers.give_back()
+    larger = buffers.take((int(512 * refine.MAPPED_ROOM), 1024))
+    assert larger.data_ptr() == pointer and larger.shape == (int(512 * refine.MAPPED_ROOM), 1024)
+    buffers.give_back()
+    assert buffers.take((1024, 1024)).data_ptr() != pointer   # beyond its room: mapped anew
+    buffers.release()
+
+
 def test_tiles_of_one_class_throughout_are_shown_first_only_where_their_label_changes():
     """A class taking over a block of the image: the whole tiles inside it, of that class throughout, are shown
     before any tile is computed per pixel, in the smallest box of tiles around them; the tiles of one class

@@ -117,12 +117,15 @@ def guide_spread(padded, dilations, pad, origin, spread, top, bottom):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-def weight_logits(padded, deviation, origin, rows_off, cols_off, first_same, pad, logits, top, bottom):
+def weight_logits(padded, deviation, origin, rows_off, cols_off, first_same, pad, logits, plane_step, row_step,
+                  width, top, bottom):
     """Rows ``top``..``bottom`` of each neighbour's softmax logit less the pixel's highest, into ``logits``
-    (neighbours, height, width) at those rows: -|guide - neighbour| / (channels x (1e-8 + 0.1 std)) summed over
+    (neighbours, height, ``width``) at those rows: -|guide - neighbour| / (channels x (1e-8 + 0.1 std)) summed over
     the channels. ``deviation``: the guide's standard deviations (row y at y - ``origin``); ``first_same[k]``: the
-    first neighbour of the same offset as k (a dilation given twice)."""
-    channels, width = padded.shape[0], logits.shape[2]
+    first neighbour of the same offset as k (a dilation given twice). ``logits`` is flat, as the weights of
+    :func:`weighted_rows` (neighbour k's value at (y, x) at ``k * plane_step + y * row_step + x``): a view of a
+    larger array can be written."""
+    channels = padded.shape[0]
     neighbours = rows_off.shape[0]
     factor = np.empty((channels, COLUMNS_AT_ONCE), np.float32)
     highest = np.empty(COLUMNS_AT_ONCE, np.float32)
@@ -135,10 +138,11 @@ def weight_logits(padded, deviation, origin, rows_off, cols_off, first_same, pad
                 for x in range(n):
                     value = (spread[x] * np.float32(0.1) + np.float32(1e-8)) * np.float32(channels)
                     factor[c, x] = -(np.float32(1.0) / value)
+            row = y * row_step + start
             for k in range(neighbours):
-                out = logits[k, y, start:stop]
+                out = logits[k * plane_step + row : k * plane_step + row + n]
                 if first_same[k] != k:
-                    same = logits[first_same[k], y, start:stop]
+                    same = logits[first_same[k] * plane_step + row : first_same[k] * plane_step + row + n]
                     for x in range(n):
                         out[x] = same[x]
                     continue
@@ -151,38 +155,38 @@ def weight_logits(padded, deviation, origin, rows_off, cols_off, first_same, pad
                     there = padded[c, pad + y + rows_off[k], pad + start + cols_off[k] : pad + stop + cols_off[k]]
                     for x in range(n):
                         out[x] = fused_multiply_add(abs(here[x] - there[x]), factor[c, x], out[x])
-            first = logits[0, y, start:stop]
+            first = logits[row : row + n]
             for x in range(n):
                 highest[x] = first[x]
             for k in range(1, neighbours):
-                out = logits[k, y, start:stop]
+                out = logits[k * plane_step + row : k * plane_step + row + n]
                 for x in range(n):
                     highest[x] = max(highest[x], out[x])
             for k in range(neighbours):
-                out = logits[k, y, start:stop]
+                out = logits[k * plane_step + row : k * plane_step + row + n]
                 for x in range(n):
                     out[x] = out[x] - highest[x]
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-def normalised(weights, top, bottom):
-    """Rows ``top``..``bottom`` of ``weights`` (neighbours, height, width) divided by their sum over the
-    neighbours, added in their order."""
-    neighbours, width = weights.shape[0], weights.shape[2]
+def normalised(weights, neighbours, plane_step, row_step, width, top, bottom):
+    """Rows ``top``..``bottom`` of ``weights`` (``neighbours``, height, ``width``; flat, as in :func:`weight_logits`)
+    divided by their sum over the neighbours, added in their order."""
     total = np.empty(COLUMNS_AT_ONCE, np.float32)
     for y in range(top, bottom):
         for start in range(0, width, COLUMNS_AT_ONCE):
             stop = min(start + COLUMNS_AT_ONCE, width)
             n = stop - start
-            first = weights[0, y, start:stop]
+            row = y * row_step + start
+            first = weights[row : row + n]
             for x in range(n):
                 total[x] = first[x]
             for k in range(1, neighbours):
-                plane = weights[k, y, start:stop]
+                plane = weights[k * plane_step + row : k * plane_step + row + n]
                 for x in range(n):
                     total[x] = total[x] + plane[x]
             for k in range(neighbours):
-                plane = weights[k, y, start:stop]
+                plane = weights[k * plane_step + row : k * plane_step + row + n]
                 for x in range(n):
                     plane[x] = plane[x] / total[x]
 

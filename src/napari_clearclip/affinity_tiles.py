@@ -3,9 +3,14 @@
 PAMR weighs each pixel's neighbours by how alike the image is there. The weights depend on
 the image alone, not on the scores, yet computing them is about 40% of a live re-run at
 4096 x 4096. A run keeps the weights of the tiles it computed, and the next run on the same
-image (after a stroke, or with a class typed) assembles them instead of computing them again.
+image (after a stroke, or with a class typed) uses them instead of computing them again.
 Weights are computed element by element in a fixed order, so a kept tile holds the very values
 any region containing it would get: the labels stay those of a computation from scratch.
+
+An image whose weights fit in the memory allowed keeps them in one image-sized tensor, filled
+tile by tile as runs compute them: a region is then a view of it, with nothing copied, and
+every weight once computed stays. A larger image keeps separate tiles, up to half that memory
+(its runs' own buffers are larger), assembled into each region that needs them.
 """
 
 from __future__ import annotations
@@ -13,11 +18,12 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
+import numpy as np
 import torch
 
 #: Memory kept for the weights of one image, at most (16 float32 weights per pixel with the default
-#: dilations: 64 MiB per 1024 x 1024 pixels).
-AFFINITY_TILES_BYTES = 512 << 20
+#: dilations: 64 MiB per 1024 x 1024 pixels, 1 GiB for a whole 4096 x 4096 image).
+AFFINITY_TILES_BYTES = 1 << 30
 
 
 class AffinityTiles:
@@ -26,6 +32,7 @@ class AffinityTiles:
 
     ``context`` is how far a weight looks (the largest dilation): weights computed over a region
     are exact except within ``context`` pixels of a side of the region that lies inside the image.
+    An image whose ``planes`` weights per pixel (float32) fit in ``max_bytes`` is kept whole (see the module).
     """
 
     def __init__(self, max_bytes: int = AFFINITY_TILES_BYTES):
@@ -33,19 +40,29 @@ class AffinityTiles:
         self.identity: tuple | None = None
         self.size, self.tile, self.context = (0, 0), 1, 0
         self._tiles: dict[tuple[int, int], torch.Tensor] = {}
+        self._whole: torch.Tensor | None = None   # the image's weights, where ``_done`` says they are computed
+        self._done: np.ndarray | None = None      # (tile rows, tile columns): kept in ``_whole``
+        self.whole_image = False
+        self.planes = 0
         self.nbytes = 0
         self._lock = threading.Lock()  # runs on one image from two threads share these
 
-    def start(self, identity: tuple, size: tuple[int, int], tile: int, context: int) -> None:
-        """Before a run: the weights kept are dropped unless they were made from this very ``identity``."""
+    def start(self, identity: tuple, size: tuple[int, int], tile: int, context: int, planes: int = 0) -> None:
+        """Before a run: the weights kept are dropped unless they were made from this very ``identity``
+        (an image-sized tensor of the same size is refilled rather than mapped again)."""
         with self._lock:
             if identity != self.identity:
                 self._tiles.clear()
                 self.nbytes = 0
                 self.identity, self.size, self.tile, self.context = identity, tuple(size), tile, context
+                self.planes = planes
+                self.whole_image = 0 < 4 * planes * size[0] * size[1] <= self.max_bytes
+                if not self.whole_image or (self._whole is not None and self._whole.shape != (planes, *size)):
+                    self._whole = None
+                self._done = np.zeros((-(-size[0] // tile), -(-size[1] // tile)), bool) if self.whole_image else None
 
     def __len__(self) -> int:
-        return len(self._tiles)
+        return int(self._done.sum()) if self.whole_image else len(self._tiles)
 
     def _span(self, ty: int, tx: int) -> tuple[int, int, int, int]:
         top, left = ty * self.tile, tx * self.tile
@@ -53,11 +70,18 @@ class AffinityTiles:
 
     def region(self, area: tuple[int, int, int, int],
                compute: Callable[[tuple[int, int, int, int]], torch.Tensor],
-               empty: Callable[[tuple[int, ...]], torch.Tensor] | None = None) -> torch.Tensor:
+               empty: Callable[[tuple[int, ...]], torch.Tensor] | None = None,
+               release: Callable[[torch.Tensor], None] | None = None,
+               compute_into: Callable[[tuple[int, int, int, int], torch.Tensor], None] | None = None) -> torch.Tensor:
         """The weights over ``area`` (top, bottom, left, right), from kept tiles where there are some;
         ``compute(rectangle, rows=None)`` gives the weights of any rectangle (exact away from its inner sides; with
         ``rows``, (first, last) of the rectangle, only those rows are computed, the others left as they are),
-        ``empty(shape)`` the float32 tensor they are assembled in (default: a new one)."""
+        ``empty(shape)`` the float32 tensor they are assembled in (default: a new one). With the image kept whole,
+        the weights are a view of it, exact over the whole area: ``compute_into(rectangle, out)``, if given, writes
+        the exact weights of a rectangle into ``out``; else ``compute`` is used, and ``release(weights)`` called with
+        what it gave once copied in."""
+        if self.whole_image:
+            return self._whole_region(area, compute, release, compute_into)
         top, bottom, left, right = area
         wanted = [(ty, tx) for ty in range(top // self.tile, (bottom - 1) // self.tile + 1)
                   for tx in range(left // self.tile, (right - 1) // self.tile + 1)]
@@ -84,6 +108,40 @@ class AffinityTiles:
             weights[:, ya - top : yb - top, xa - left : xb - left] = found[key][:, ya - y0 : yb - y0, xa - x0 : xb - x0]
         self._keep(computed)
         return weights
+
+    def _whole_region(self, area, compute, release, compute_into) -> torch.Tensor:
+        """The image-sized tensor's view of ``area``, its tiles not computed yet computed first: tile-aligned
+        rectangles written in place by ``compute_into`` (exact throughout), or computed with ``context`` around
+        them and copied in."""
+        top, bottom, left, right = area
+        rows = range(top // self.tile, (bottom - 1) // self.tile + 1)
+        cols = range(left // self.tile, (right - 1) // self.tile + 1)
+        with self._lock:
+            done = self._done[rows.start : rows.stop, cols.start : cols.stop].copy()
+            if self._whole is None:
+                self._whole = torch.empty((self.planes, *self.size))
+            whole = self._whole
+        missing = [(ty, tx) for ty in rows for tx in cols if not done[ty - rows.start, tx - cols.start]]
+        for rectangle in self._rectangles(missing):
+            y0, y1, x0, x1 = rectangle
+            if compute_into is not None:
+                compute_into(rectangle, whole[:, y0:y1, x0:x1])
+            else:
+                outer = self._with_context(rectangle)
+                computed = compute(outer)
+                whole[:, y0:y1, x0:x1] = computed[:, y0 - outer[0] : y1 - outer[0], x0 - outer[2] : x1 - outer[2]]
+                if release is not None:
+                    release(computed)
+                del computed
+            with self._lock:
+                self._done[y0 // self.tile : -(-y1 // self.tile), x0 // self.tile : -(-x1 // self.tile)] = True
+                self.nbytes = 4 * self.planes * self._pixels_done()
+        return whole[:, top:bottom, left:right]
+
+    def _pixels_done(self) -> int:
+        heights = np.minimum(self.tile, self.size[0] - self.tile * np.arange(self._done.shape[0]))
+        widths = np.minimum(self.tile, self.size[1] - self.tile * np.arange(self._done.shape[1]))
+        return int(heights @ self._done.astype(np.int64) @ widths)
 
     def _missing_band(self, wanted: list, found: dict) -> tuple[int, int] | None:
         """(first, last + 1) tile rows holding every tile missing and no tile kept, when the missing tiles are whole
@@ -166,13 +224,13 @@ class AffinityTiles:
         return out
 
     def _keep(self, tiles: dict) -> None:
-        """Keep copies of new tiles while there is room. Once full, later tiles are not kept and none is dropped:
-        runs sweep the image in the same order, so dropping the least recently used would drop each
-        tile just before the next run needs it, and keep none of those it will use."""
+        """Keep copies of new tiles while there is room (half of ``max_bytes``: see the module). Once full, later
+        tiles are not kept and none is dropped: runs sweep the image in the same order, so dropping the least
+        recently used would drop each tile just before the next run needs it, and keep none of those it will use."""
         with self._lock:
             for key, value in tiles.items():
                 size = value.numel() * value.element_size()
-                if key in self._tiles or self.nbytes + size > self.max_bytes:
+                if key in self._tiles or self.nbytes + size > self.max_bytes // 2:
                     continue
                 self._tiles[key] = value.clone()
                 self.nbytes += size

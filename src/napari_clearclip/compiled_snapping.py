@@ -197,17 +197,18 @@ WEIGHT_ROWS_AT_ONCE = 512
 def weights_of_rows(padded: torch.Tensor, pad: int, dilations: Sequence[int], logits: torch.Tensor, top: int,
                     bottom: int) -> bool:
     """Rows ``top``..``bottom`` of :func:`napari_clearclip.refine.pamr_affinities`' weights, into ``logits``
-    (8 x len(dilations), height, width), from ``padded``, the whole guide padded by ``pad``; False, with nothing
-    written, where the compiled loops do not apply.
+    (8 x len(dilations), height, width; its rows contiguous, e.g. a view of a larger array), from ``padded``, the
+    whole guide padded by ``pad``; False, with nothing written, where the compiled loops do not apply.
 
     In steps over all the rows, each shared between threads: the guide's spread, PyTorch's square root, the
     logits, PyTorch's exponential, the division by their sum."""
     loops = _loops()
-    if not loops or not _cpu_float32(padded, logits) or not padded.is_contiguous() or not logits.is_contiguous():
+    if not loops or not _cpu_float32(padded, logits) or not padded.is_contiguous() or logits.stride(-1) != 1:
         return False
     from .refine import NEIGHBOURS
 
-    guide, out = padded.numpy(), logits.numpy()
+    guide, out = padded.numpy(), _flat(logits)
+    plane_step, row_step = logits.stride(0), logits.stride(1)
     channels, width = padded.shape[0], logits.shape[2]
     offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
     first_same = np.array([offsets.index(offset) for offset in offsets], np.int64)
@@ -221,9 +222,9 @@ def weights_of_rows(padded: torch.Tensor, pad: int, dilations: Sequence[int], lo
                 np.array(dilations, np.int64), pad, first, spread)
         deviation.sqrt_()                                       # PyTorch's own square root, as the element-wise path
         _shared(loops.weight_logits, first, last, len(offsets) * channels * width, guide, spread, first, rows_off,
-                cols_off, first_same, pad, out)
+                cols_off, first_same, pad, out, plane_step, row_step, width)
         logits[:, first:last].exp_()                            # PyTorch's own exponential
-        _shared(loops.normalised, first, last, len(offsets) * width, out)
+        _shared(loops.normalised, first, last, len(offsets) * width, out, len(offsets), plane_step, row_step, width)
     return True
 
 

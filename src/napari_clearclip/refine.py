@@ -182,18 +182,31 @@ def pamr_affinities(guide: torch.Tensor, dilations: Sequence[int] = PAMR_DILATIO
     _replicate_border(padded, pad)
     logits = buffers.take((8 * len(dilations), height, width))
     first, last = (0, height) if rows is None else (max(0, rows[0]), min(height, rows[1]))
-    if compiled_snapping.weights_of_rows(padded, pad, dilations, logits, first, last):  # the same values, compiled
-        buffers.give_back(padded)
-        return logits
-    if guide.device.type == "cpu":
+    padded_affinities(padded, dilations, logits, buffers, rows=(first, last))
+    buffers.give_back(padded)
+    return logits
+
+
+def padded_affinities(padded: torch.Tensor, dilations: Sequence[int], out: torch.Tensor,
+                      buffers: Buffers | None = None, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """:func:`pamr_affinities` of the guide inside ``padded`` (C, h + 2 pad, w + 2 pad, pad = max(dilations)), into
+    ``out`` (8 x len(dilations), h, w; its rows contiguous: it may be a view of a larger tensor), rows ``rows``
+    (first, last) only if given. Where the border holds the image's own pixels around a region (its edges repeated
+    only at the image's sides), every weight is the one the whole image gets: nothing inexact to leave out."""
+    buffers = Buffers(padded.device) if buffers is None else buffers
+    pad = max(dilations)
+    height, width = padded.shape[1] - 2 * pad, padded.shape[2] - 2 * pad
+    first, last = (0, height) if rows is None else rows
+    if compiled_snapping.weights_of_rows(padded, pad, dilations, out, first, last):  # the same values, compiled
+        return out
+    if padded.device.type == "cpu":
         at_once = max(1, AFFINITIES_AT_ONCE_BYTES // (4 * len(dilations) * 8 * (width + 2 * pad)))
     else:
         at_once = height
     for top in range(first, last, at_once):
         bottom = min(top + at_once, last)
-        _affinities_of_rows(padded[:, top : bottom + 2 * pad], pad, dilations, logits[:, top:bottom], buffers)
-    buffers.give_back(padded)
-    return logits
+        _affinities_of_rows(padded[:, top : bottom + 2 * pad], pad, dilations, out[:, top:bottom], buffers)
+    return out
 
 
 def _affinities_of_rows(padded: torch.Tensor, pad: int, dilations: Sequence[int], logits: torch.Tensor,
@@ -252,6 +265,22 @@ PAMR_MEMORY_BYTES = 3 << 30
 def _bytes_per_row(width: int, channels: int, guide_channels: int, dilations: Sequence[int]) -> int:
     """What one output row costs while refining: affinities, three copies of the scores, guide buffers (float32)."""
     return 4 * width * (8 * len(dilations) + 3 * channels + 4 * guide_channels)
+
+
+def repeat_sides(padded: torch.Tensor, top: int, bottom: int, left: int, right: int) -> None:
+    """Fill the first ``top`` and last ``bottom`` rows and the first ``left`` and last ``right`` columns of
+    ``padded`` (C, H, W) by repeating the nearest row or column inside them: the border the image's sides get
+    (:func:`_replicate_border`), where a region's border holds the image's pixels on its other sides."""
+    height, width = padded.shape[1], padded.shape[2]
+    inner = slice(top, height - bottom)
+    if left:
+        padded[:, inner, :left] = padded[:, inner, left : left + 1]
+    if right:
+        padded[:, inner, width - right :] = padded[:, inner, width - right - 1 : width - right]
+    if top:
+        padded[:, :top] = padded[:, top : top + 1]
+    if bottom:
+        padded[:, height - bottom :] = padded[:, height - bottom - 1 : height - bottom]
 
 
 def _replicate_border(padded: torch.Tensor, pad: int) -> None:

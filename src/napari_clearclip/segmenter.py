@@ -73,7 +73,7 @@ class Segmenter:
         window_batch_size: int | None = None,
         feature_cache_bytes: int = 1 << 30,
         label_cache_bytes: int = 1 << 30,
-        affinity_cache_bytes: int = 512 << 20,
+        affinity_cache_bytes: int = 1 << 30,
         disk_cache: bool = True,
         feature_store=True,
         feature_store_bytes: int | None = None,

@@ -448,7 +448,7 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
             affinities = None
         elif affinities is not None:
             affinities.start(_guide_identity(guide, size, dilations, geometry.tile), size, geometry.tile,
-                             max(dilations))
+                             max(dilations), 8 * len(dilations))
     differences = scores - scores[reference : reference + 1]  # every query against the reference, which scores 0
     computed = int(dirty.sum()) + int(fast.sum())
     done = 0
@@ -590,7 +590,8 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
     where the values are exact)}, done). The guide's affinities are computed once for the region, or
     taken from ``kept`` where an earlier run computed them. Planes come from ``buffers``.
     """
-    from .refine import _finish, _refine_padded, _refine_shrinking, _replicate_border, pamr_affinities
+    from .refine import (_finish, _refine_padded, _refine_shrinking, _replicate_border, padded_affinities,
+                         pamr_affinities, repeat_sides)
 
     iterations, dilations = snap
     done, total = progress
@@ -613,7 +614,22 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
             weights = pamr_affinities(resized, dilations, buffers, rows=rows)
             buffers.give_back(resized)
             return weights
-        affinity = compute(area) if kept is None else kept.region(area, compute, buffers.take)
+
+        def compute_into(rectangle, out):  # the guide with the image's own pixels around: every weight exact
+            top, bottom, left, right = rectangle
+            pad = max(dilations)
+            inside = (max(0, top - pad), min(size[0], bottom + pad), max(0, left - pad), min(size[1], right + pad))
+            padded = buffers.take((guide_values.shape[0], bottom - top + 2 * pad, right - left + 2 * pad))
+            y, x = pad - (top - inside[0]), pad - (left - inside[2])
+            upsample(guide_values, tuple(t[inside[0] : inside[1]] for t in guide_rows),
+                     tuple(t[inside[2] : inside[3]] for t in guide_cols),
+                     out=padded[:, y : y + inside[1] - inside[0], x : x + inside[3] - inside[2]])
+            repeat_sides(padded, y, padded.shape[1] - y - (inside[1] - inside[0]), x,
+                         padded.shape[2] - x - (inside[3] - inside[2]))
+            padded_affinities(padded, dilations, out, buffers)
+            buffers.give_back(padded)
+        affinity = compute(area) if kept is None else kept.region(area, compute, buffers.take, buffers.give_back,
+                                                                  compute_into)
     values = {}
     # queries over the same rectangle are snapped together, a few at a time: one pass over the weights for them all,
     # and one spare plane each

@@ -64,6 +64,60 @@ def test_weights_assembled_from_kept_tiles_equal_those_of_the_whole_image_bit_fo
         assert computed == []  # asked again: nothing computed
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_an_image_kept_whole_gives_views_of_the_whole_images_weights(seed):
+    """Weights that fit are kept in one image-sized tensor: each region is a view of it, exact up to its sides
+    (computed with the image's pixels around), every tile computed once, whether written in place or copied in."""
+    from napari_clearclip.refine import padded_affinities, repeat_sides
+
+    rng = np.random.default_rng(seed)
+    size = (int(rng.integers(60, 200)), int(rng.integers(60, 200)))
+    guide = torch.from_numpy(rng.normal(size=(3, *size)).astype(np.float32))
+    dilations = (1, int(rng.integers(2, 9)))
+    pad = max(dilations)
+    whole = pamr_affinities(guide, dilations)
+    computed = []
+
+    def compute(area, rows=None):
+        top, bottom, left, right = area
+        computed.append((bottom - top) * (right - left))
+        return pamr_affinities(guide[:, top:bottom, left:right], dilations)
+
+    def compute_into(rectangle, out):
+        top, bottom, left, right = rectangle
+        computed.append((bottom - top) * (right - left))
+        inside = (max(0, top - pad), min(size[0], bottom + pad), max(0, left - pad), min(size[1], right + pad))
+        padded = torch.empty((3, bottom - top + 2 * pad, right - left + 2 * pad))
+        y, x = pad - (top - inside[0]), pad - (left - inside[2])
+        h, w = inside[1] - inside[0], inside[3] - inside[2]
+        padded[:, y : y + h, x : x + w] = guide[:, inside[0] : inside[1], inside[2] : inside[3]]
+        repeat_sides(padded, y, padded.shape[1] - y - h, x, padded.shape[2] - x - w)
+        padded_affinities(padded, dilations, out)
+
+    tile = int(rng.choice([8, 16, 24]))
+    for into in (compute_into, None):
+        kept = AffinityTiles(16 * 4 * size[0] * size[1])
+        kept.start(("guide", seed), size, tile, pad, 8 * len(dilations))
+        assert kept.whole_image
+        computed.clear()
+        for _ in range(25):
+            top, bottom, left, right = area = random_area(rng, size)
+            weights = kept.region(area, compute, compute_into=into)
+            assert weights.data_ptr() == kept._whole[:, top:bottom, left:right].data_ptr()   # a view: no copy
+            assert torch.equal(weights, whole[:, top:bottom, left:right])
+        assert kept.nbytes == 4 * whole.shape[0] * sum(
+            (min(size[0], (ty + 1) * tile) - ty * tile) * (min(size[1], (tx + 1) * tile) - tx * tile)
+            for ty, tx in zip(*np.nonzero(kept._done)))
+        if into is not None:  # written in place: no pixel computed twice
+            assert sum(computed) == kept.nbytes // (4 * whole.shape[0])
+        computed.clear()
+        assert torch.equal(kept.region(area, compute, compute_into=into), whole[:, top:bottom, left:right])
+        assert computed == []  # asked again: nothing computed
+    short = AffinityTiles(16 * 4 * size[0] * size[1] - 1)   # a byte short of the whole: kept tile by tile
+    short.start(("guide",), size, tile, pad, 16)
+    assert not short.whole_image
+
+
 def test_a_region_sharing_rows_with_the_one_before_computes_only_its_own_rows():
     """As a first run's regions follow each other down the image: the rows kept by the region before are not computed
     again, nor is what is computed copied; the weights are those of the whole image, and all the new tiles kept."""
@@ -113,13 +167,13 @@ def test_a_rerun_after_a_stroke_computes_weights_only_where_no_run_did(monkeypat
     computed = []
     from napari_clearclip import refine
 
-    original = refine.pamr_affinities
+    original = refine.padded_affinities
 
-    def counting(guide, dilations, *args, rows=None):
-        first, last = (0, guide.shape[-2]) if rows is None else rows
-        computed.append((last - first) * guide.shape[-1])
-        return original(guide, dilations, *args, rows=rows)
-    monkeypatch.setattr(refine, "pamr_affinities", counting)
+    def counting(padded, dilations, out, *args, rows=None):   # every way weights are computed ends here
+        first, last = (0, out.shape[-2]) if rows is None else rows
+        computed.append((last - first) * out.shape[-1])
+        return original(padded, dilations, out, *args, rows=rows)
+    monkeypatch.setattr(refine, "padded_affinities", counting)
 
     segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)
     options = dict(maps=False, refine="pamr")

@@ -127,6 +127,39 @@ def test_compiled_weights_equal_the_element_wise_path_bit_for_bit(seed, without_
     np.testing.assert_allclose(got.sum(0).numpy(), 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_weights_of_a_region_written_into_a_view_of_the_whole_equal_the_whole_images(seed, without_compiled):
+    """A region's weights computed from the image's own pixels around it (its edges repeated only at the image's
+    sides), written into the matching view of an image-sized tensor: every value is the whole image's, compiled or
+    not, and nothing outside the view is touched."""
+    rng = np.random.default_rng(seed)
+    height, width = int(rng.integers(40, 140)), int(rng.integers(40, 300))
+    guide = torch.from_numpy(rng.normal(size=(3, height, width)).astype(np.float32))
+    dilations = [(1, 2), (2, 5), (3, 3)][seed]
+    pad = max(dilations)
+    expected = refine.pamr_affinities(guide, dilations)
+    for compiled in (True, False):
+        for _ in range(6):
+            top, left = int(rng.integers(0, height - 1)), int(rng.integers(0, width - 1))
+            bottom, right = int(rng.integers(top + 1, height + 1)), int(rng.integers(left + 1, width + 1))
+            inside = (max(0, top - pad), min(height, bottom + pad), max(0, left - pad), min(width, right + pad))
+            padded = torch.empty((3, bottom - top + 2 * pad, right - left + 2 * pad))
+            y, x = pad - (top - inside[0]), pad - (left - inside[2])
+            h, w = inside[1] - inside[0], inside[3] - inside[2]
+            padded[:, y : y + h, x : x + w] = guide[:, inside[0] : inside[1], inside[2] : inside[3]]
+            refine.repeat_sides(padded, y, padded.shape[1] - y - h, x, padded.shape[2] - x - w)
+            whole = torch.full(expected.shape, float("nan"))
+            out = whole[:, top:bottom, left:right]
+            if compiled:
+                refine.padded_affinities(padded, dilations, out)
+            else:
+                without_compiled(lambda padded=padded, out=out: refine.padded_affinities(padded, dilations, out))
+            assert torch.equal(out, expected[:, top:bottom, left:right]), (compiled, top, bottom, left, right)
+            outside = torch.ones(whole.shape[1:], dtype=torch.bool)
+            outside[top:bottom, left:right] = False
+            assert torch.isnan(whole[:, outside]).all()
+
+
 def test_a_run_with_snapping_gives_the_labels_of_the_element_wise_path(without_compiled):
     """The whole engine (first run tile by tile, then a stroke's re-run) with and without the compiled loop."""
     from napari_clearclip import Segmenter

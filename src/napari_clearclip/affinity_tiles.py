@@ -74,12 +74,11 @@ class AffinityTiles:
                release: Callable[[torch.Tensor], None] | None = None,
                compute_into: Callable[[tuple[int, int, int, int], torch.Tensor], None] | None = None) -> torch.Tensor:
         """The weights over ``area`` (top, bottom, left, right), from kept tiles where there are some;
-        ``compute(rectangle, rows=None)`` gives the weights of any rectangle (exact away from its inner sides; with
-        ``rows``, (first, last) of the rectangle, only those rows are computed, the others left as they are),
-        ``empty(shape)`` the float32 tensor they are assembled in (default: a new one). With the image kept whole,
-        the weights are a view of it, exact over the whole area: ``compute_into(rectangle, out)``, if given, writes
-        the exact weights of a rectangle into ``out``; else ``compute`` is used, and ``release(weights)`` called with
-        what it gave once copied in."""
+        ``compute(rectangle)`` gives the weights of any rectangle (exact away from its inner sides), ``empty(shape)``
+        the float32 tensor they are assembled in (default: a new one), and ``release(weights)`` is called with what
+        ``compute`` gave once it is copied. With the image kept whole, the weights are a view of it, exact over the
+        whole area; ``compute_into(rectangle, out)``, if given, writes the exact weights of a rectangle into ``out``
+        (else ``compute`` is used)."""
         if self.whole_image:
             return self._whole_region(area, compute, release, compute_into)
         top, bottom, left, right = area
@@ -91,13 +90,11 @@ class AffinityTiles:
             weights = compute(area)
             self._keep(self._exact_tiles(area, weights))
             return weights
-        band = self._missing_band(wanted, found)
-        if band is not None:
-            return self._band_computed(area, band, wanted, found, compute)
-        computed = {}
+        computed, outputs = {}, []
         for rectangle in self._rectangles([key for key in wanted if key not in found]):
             outer = self._with_context(rectangle)
-            computed.update(self._exact_tiles(outer, compute(outer), within=rectangle))
+            outputs.append(compute(outer))
+            computed.update(self._exact_tiles(outer, outputs[-1], within=rectangle))
         found.update(computed)
         first = next(iter(found.values()))
         shape = (first.shape[0], bottom - top, right - left)
@@ -107,6 +104,9 @@ class AffinityTiles:
             ya, yb, xa, xb = max(y0, top), min(y1, bottom), max(x0, left), min(x1, right)
             weights[:, ya - top : yb - top, xa - left : xb - left] = found[key][:, ya - y0 : yb - y0, xa - x0 : xb - x0]
         self._keep(computed)
+        del computed, found
+        for output in outputs if release is not None else ():
+            release(output)
         return weights
 
     def _whole_region(self, area, compute, release, compute_into) -> torch.Tensor:
@@ -142,36 +142,6 @@ class AffinityTiles:
         heights = np.minimum(self.tile, self.size[0] - self.tile * np.arange(self._done.shape[0]))
         widths = np.minimum(self.tile, self.size[1] - self.tile * np.arange(self._done.shape[1]))
         return int(heights @ self._done.astype(np.int64) @ widths)
-
-    def _missing_band(self, wanted: list, found: dict) -> tuple[int, int] | None:
-        """(first, last + 1) tile rows holding every tile missing and no tile kept, when the missing tiles are whole
-        rows of the area's tiles one after the other (the rows a region does not share with the one before it);
-        None otherwise."""
-        rows = sorted({ty for ty, tx in wanted if (ty, tx) not in found})
-        if not rows or rows[-1] - rows[0] + 1 != len(rows):
-            return None
-        if any(key in found for key in wanted if rows[0] <= key[0] <= rows[-1]):
-            return None
-        return rows[0], rows[-1] + 1
-
-    def _band_computed(self, area, band: tuple[int, int], wanted: list, found: dict, compute) -> torch.Tensor:
-        """The weights over ``area`` whose tile rows ``band`` are computed, the kept tiles written into the rest:
-        nothing computed is copied. They are computed over the area's whole tiles with ``context`` more on each side
-        inside the image (as a rectangle of missing tiles is), so that every tile of the band is exact and kept; the
-        weights returned are the area's view of them."""
-        top, bottom, left, right = area
-        tiles_left = min(tx for _, tx in wanted) * self.tile
-        tiles_right = min((max(tx for _, tx in wanted) + 1) * self.tile, self.size[1])
-        band_top, band_bottom = band[0] * self.tile, min(band[1] * self.tile, self.size[0])
-        outer = self._with_context((min(top, band_top), max(bottom, band_bottom), tiles_left, tiles_right))
-        computed = compute(outer, rows=(band_top - outer[0], band_bottom - outer[0]))
-        weights = computed[:, top - outer[0] : bottom - outer[0], left - outer[2] : right - outer[2]]
-        for key, kept in found.items():
-            y0, y1, x0, x1 = self._span(*key)
-            ya, yb, xa, xb = max(y0, top), min(y1, bottom), max(x0, left), min(x1, right)
-            weights[:, ya - top : yb - top, xa - left : xb - left] = kept[:, ya - y0 : yb - y0, xa - x0 : xb - x0]
-        self._keep(self._exact_tiles(outer, computed, within=(band_top, band_bottom, tiles_left, tiles_right)))
-        return weights
 
     def _with_context(self, rectangle):
         top, bottom, left, right = rectangle

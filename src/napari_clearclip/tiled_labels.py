@@ -606,12 +606,12 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
         area = (min(r[0] for r in rectangles.values()), max(r[1] for r in rectangles.values()),
                 min(r[2] for r in rectangles.values()), max(r[3] for r in rectangles.values()))
 
-        def compute(rectangle, rows=None):
+        def compute(rectangle):
             top, bottom, left, right = rectangle
             resized = upsample(guide_values, tuple(t[top:bottom] for t in guide_rows),
                                tuple(t[left:right] for t in guide_cols),
                                out=buffers.take((guide_values.shape[0], bottom - top, right - left)))
-            weights = pamr_affinities(resized, dilations, buffers, rows=rows)
+            weights = pamr_affinities(resized, dilations, buffers)
             buffers.give_back(resized)
             return weights
 

@@ -27,18 +27,12 @@ def test_weights_assembled_from_kept_tiles_equal_those_of_the_whole_image_bit_fo
     guide = torch.from_numpy(rng.normal(size=(3, *size)).astype(np.float32))
     dilations = (1, int(rng.integers(2, 9)))
     whole = pamr_affinities(guide, dilations)
-    computed, banded = [], []
+    computed = []
 
-    def compute(area, rows=None):
+    def compute(area):
         top, bottom, left, right = area
-        first, last = (0, bottom - top) if rows is None else rows
-        computed.append((last - first) * (right - left))
-        weights = pamr_affinities(guide[:, top:bottom, left:right], dilations)
-        if rows is not None:   # rows not asked for hold anything: here NaN, which the test would see
-            banded.append(rows)
-            weights[:, :first] = float("nan")
-            weights[:, last:] = float("nan")
-        return weights
+        computed.append((bottom - top) * (right - left))
+        return pamr_affinities(guide[:, top:bottom, left:right], dilations)
 
     tile = int(rng.choice([8, 16, 24]))
     kept = AffinityTiles(int(rng.choice([1 << 30, 40 * tile * tile * 64])))  # sometimes room for a few tiles only
@@ -78,7 +72,7 @@ def test_an_image_kept_whole_gives_views_of_the_whole_images_weights(seed):
     whole = pamr_affinities(guide, dilations)
     computed = []
 
-    def compute(area, rows=None):
+    def compute(area):
         top, bottom, left, right = area
         computed.append((bottom - top) * (right - left))
         return pamr_affinities(guide[:, top:bottom, left:right], dilations)
@@ -116,35 +110,6 @@ def test_an_image_kept_whole_gives_views_of_the_whole_images_weights(seed):
     short = AffinityTiles(16 * 4 * size[0] * size[1] - 1)   # a byte short of the whole: kept tile by tile
     short.start(("guide",), size, tile, pad, 16)
     assert not short.whole_image
-
-
-def test_a_region_sharing_rows_with_the_one_before_computes_only_its_own_rows():
-    """As a first run's regions follow each other down the image: the rows kept by the region before are not computed
-    again, nor is what is computed copied; the weights are those of the whole image, and all the new tiles kept."""
-    rng = np.random.default_rng(5)
-    size, tile, dilations = (160, 120), 16, (1, 4)
-    guide = torch.from_numpy(rng.normal(size=(3, *size)).astype(np.float32))
-    whole = pamr_affinities(guide, dilations)
-    asked = []
-
-    def compute(area, rows=None):
-        asked.append((area, rows))
-        top, bottom, left, right = area
-        weights = pamr_affinities(guide[:, top:bottom, left:right], dilations, rows=rows)
-        if rows is not None:
-            weights[:, : rows[0]] = float("nan")
-            weights[:, rows[1] :] = float("nan")
-        return weights
-
-    kept = AffinityTiles(1 << 30)
-    kept.start(("guide",), size, tile, max(dilations))
-    kept.region((0, 80, 0, 120), compute)                       # keeps tile rows 0-3 (row 76 on is near its side)
-    weights = kept.region((40, 160, 0, 120), compute)
-    assert asked[-1] == ((36, 160, 0, 120), (28, 124))           # rows 64-160 (tile rows 4-9) of the area and context
-    assert torch.equal(weights[:, 4:], whole[:, 44:])           # exact but within reach of the side inside the image
-    assert {(ty, tx) for ty in range(10) for tx in range(8)} <= set(kept._tiles)
-    asked.clear()
-    assert torch.equal(kept.region((40, 160, 0, 120), compute)[:, 4:], whole[:, 44:]) and asked == []
 
 
 def test_weights_of_another_guide_are_dropped_not_reused():

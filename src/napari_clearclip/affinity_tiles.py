@@ -48,8 +48,7 @@ class AffinityTiles:
         self._lock = threading.Lock()  # runs on one image from two threads share these
 
     def start(self, identity: tuple, size: tuple[int, int], tile: int, context: int, planes: int = 0) -> None:
-        """Before a run: the weights kept are dropped unless they were made from this very ``identity``
-        (an image-sized tensor of the same size is refilled rather than mapped again)."""
+        """Before a run: the weights kept are dropped unless they were made from this very ``identity``."""
         with self._lock:
             if identity != self.identity:
                 self._tiles.clear()
@@ -57,8 +56,7 @@ class AffinityTiles:
                 self.identity, self.size, self.tile, self.context = identity, tuple(size), tile, context
                 self.planes = planes
                 self.whole_image = 0 < 4 * planes * size[0] * size[1] <= self.max_bytes
-                if not self.whole_image or (self._whole is not None and self._whole.shape != (planes, *size)):
-                    self._whole = None
+                self._whole = None  # a run still on the weights before keeps its own
                 self._done = np.zeros((-(-size[0] // tile), -(-size[1] // tile)), bool) if self.whole_image else None
 
     def __len__(self) -> int:
@@ -86,9 +84,10 @@ class AffinityTiles:
                   for tx in range(left // self.tile, (right - 1) // self.tile + 1)]
         with self._lock:
             found = {key: self._tiles[key] for key in wanted if key in self._tiles}
+            identity = self.identity
         if not found:  # nothing kept here (a first run): the area at once, as without keeping
             weights = compute(area)
-            self._keep(self._exact_tiles(area, weights))
+            self._keep(self._exact_tiles(area, weights), identity)
             return weights
         computed, outputs = {}, []
         for rectangle in self._rectangles([key for key in wanted if key not in found]):
@@ -103,7 +102,7 @@ class AffinityTiles:
             y0, y1, x0, x1 = self._span(*key)
             ya, yb, xa, xb = max(y0, top), min(y1, bottom), max(x0, left), min(x1, right)
             weights[:, ya - top : yb - top, xa - left : xb - left] = found[key][:, ya - y0 : yb - y0, xa - x0 : xb - x0]
-        self._keep(computed)
+        self._keep(computed, identity)
         del computed, found
         for output in outputs if release is not None else ():
             release(output)
@@ -116,11 +115,11 @@ class AffinityTiles:
         top, bottom, left, right = area
         rows = range(top // self.tile, (bottom - 1) // self.tile + 1)
         cols = range(left // self.tile, (right - 1) // self.tile + 1)
-        with self._lock:
-            done = self._done[rows.start : rows.stop, cols.start : cols.stop].copy()
+        with self._lock:  # what a run that starts on another guide meanwhile replaces stays this region's
             if self._whole is None:
                 self._whole = torch.empty((self.planes, *self.size))
-            whole = self._whole
+            whole, done_map = self._whole, self._done
+            done = done_map[rows.start : rows.stop, cols.start : cols.stop].copy()
         missing = [(ty, tx) for ty in rows for tx in cols if not done[ty - rows.start, tx - cols.start]]
         for rectangle in self._rectangles(missing):
             y0, y1, x0, x1 = rectangle
@@ -134,8 +133,9 @@ class AffinityTiles:
                     release(computed)
                 del computed
             with self._lock:
-                self._done[y0 // self.tile : -(-y1 // self.tile), x0 // self.tile : -(-x1 // self.tile)] = True
-                self.nbytes = 4 * self.planes * self._pixels_done()
+                done_map[y0 // self.tile : -(-y1 // self.tile), x0 // self.tile : -(-x1 // self.tile)] = True
+                if done_map is self._done:
+                    self.nbytes = 4 * self.planes * self._pixels_done()
         return whole[:, top:bottom, left:right]
 
     def _pixels_done(self) -> int:
@@ -193,11 +193,13 @@ class AffinityTiles:
                         first_x * self.tile, min(last_x * self.tile, self.size[1])))
         return out
 
-    def _keep(self, tiles: dict) -> None:
+    def _keep(self, tiles: dict, identity: tuple | None) -> None:
         """Keep copies of new tiles while there is room (half of ``max_bytes``: see the module). Once full, later
         tiles are not kept and none is dropped: runs sweep the image in the same order, so dropping the least
         recently used would drop each tile just before the next run needs it, and keep none of those it will use."""
         with self._lock:
+            if identity != self.identity:  # a run on another guide started meanwhile: these are not its weights
+                return
             for key, value in tiles.items():
                 size = value.numel() * value.element_size()
                 if key in self._tiles or self.nbytes + size > self.max_bytes // 2:

@@ -165,3 +165,29 @@ def test_no_weights_are_kept_when_asked_for_none():
                           affinity_cache_bytes=0)
     segmenter.segment(image, ["red", "green", "blue", "yellow", "background"], maps=False, refine="pamr")
     assert len(segmenter._affinities) == 0
+
+
+@pytest.mark.parametrize("whole_image", [True, False])
+def test_weights_of_a_guide_replaced_while_they_are_computed_are_not_kept_for_the_new_one(whole_image):
+    """Two runs on one image from two threads: when one starts on another guide while the other is computing,
+    the weights being computed belong to the old guide and must not be lent to the new one."""
+    rng = np.random.default_rng(3)
+    size, dilations, tile = (96, 80), (1, 3), 16
+    old_guide, new_guide = (torch.from_numpy(rng.normal(size=(3, *size)).astype(np.float32)) for _ in range(2))
+    budget = 16 * 4 * size[0] * size[1] if whole_image else 1 << 30
+    kept = AffinityTiles(budget)
+    kept.start(("old",), size, tile, max(dilations), 16 if whole_image else 0)
+    switched = []
+
+    def compute(area, guide=old_guide):
+        top, bottom, left, right = area
+        if not switched:  # the other thread's run starts while this one computes
+            switched.append(True)
+            kept.start(("new",), size, tile, max(dilations), 16 if whole_image else 0)
+        return pamr_affinities(guide[:, top:bottom, left:right], dilations)
+
+    kept.region((0, 96, 0, 80), compute)
+    assert len(kept) == 0 and kept.nbytes == 0
+    new_whole = pamr_affinities(new_guide, dilations)
+    weights = kept.region((0, 96, 0, 80), lambda area: compute(area, new_guide))
+    assert torch.equal(weights, new_whole)

@@ -232,3 +232,101 @@ def values_seen(flat, seen, first, last):
     """``seen[value]`` set for every value of ``flat[first:last]`` (uint8: ``seen`` holds 256)."""
     for i in range(first, last):
         seen[flat[i]] = True
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def half_bits(bits):
+    """The float16 bits nearest the float32 of ``bits`` (uint32), ties to even: NumPy's and PyTorch's conversion."""
+    sign = (bits >> 16) & 0x8000
+    size = bits & 0x7FFFFFFF
+    if size >= 0x7F800000:                       # infinite, or not a number
+        return sign | 0x7C00 | (0x200 if size > 0x7F800000 else 0)
+    if size >= 0x477FF000:                       # 65520 and above round to infinity
+        return sign | 0x7C00
+    if size >= 0x38800000:                       # a normal float16: 13 bits dropped, ties to even
+        return sign | ((size + 0xFFF + ((size >> 13) & 1) - 0x38000000) >> 13)
+    if size <= 0x33000000:                       # 2^-25 and below round to zero
+        return sign
+    shift = 126 - (size >> 23)                   # a subnormal float16: its significand in steps of 2^-24
+    significand = (size & 0x7FFFFF) | 0x800000
+    steps = significand >> shift
+    rest = significand & ((1 << shift) - 1)
+    half = 1 << (shift - 1)
+    if rest > half or (rest == half and (steps & 1)):
+        steps += 1
+    return sign | steps
+
+
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def leaders_of_tiles(planes, row_steps, origins, exact, query_class, reference_class, classes, tiles, tile, gaps,
+                     tolerance, labels, margin_bits, winners, keep_winners, present, first, last):
+    """Tiles ``first``..``last`` of ``tiles`` (n, 2): each pixel's label (1 + the class whose best query leads, the
+    first class on ties), its margin over the runner-up at most the tile's gap, less ``tolerance``, in float16 a
+    step below (the bits into ``margin_bits``) and the winner's value (into ``winners`` with ``keep_winners``); and
+    which labels occur in each tile (``present``).
+
+    Query q's values are ``planes[q]`` (flat: value (y, x) at ``y * row_steps[q] + x``, its rows contiguous), its
+    first value at ``origins[q]`` of the image; they count only within ``exact[q]`` (top, bottom, left, right). The
+    reference class scores at least 0 everywhere, a class with no query there nothing."""
+    height, width = labels.shape
+    negative = np.float32(-np.inf)
+    scale, floor, highest = np.float32(2.0 ** -10), np.float32(2.0 ** -24), np.float32(65504.0)
+    values = np.empty((classes, tile, tile), np.float32)   # each class's best over a tile
+    best = np.empty(tile, np.float32)
+    second = np.empty(tile, np.float32)
+    index = np.empty(tile, np.int64)
+    lowered = np.empty(tile, np.float32)
+    lowered_bits = lowered.view(np.uint32)
+    for n in range(first, last):
+        ty, tx = tiles[n, 0], tiles[n, 1]
+        top, left = ty * tile, tx * tile
+        bottom, right = min(top + tile, height), min(left + tile, width)
+        count = right - left
+        seen = present[ty, tx]
+        seen[:] = False
+        gap = gaps[ty, tx]
+        for c in range(classes):
+            start = np.float32(0.0) if c == reference_class else negative
+            for y in range(bottom - top):
+                for x in range(count):
+                    values[c, y, x] = start
+        for q in range(len(planes)):   # a plane taken from the list once a tile: each taking counts a reference
+            a, b = max(left, exact[q, 2]), min(right, exact[q, 3])
+            rows_from, rows_to = max(top, exact[q, 0]), min(bottom, exact[q, 1])
+            if a >= b or rows_from >= rows_to:
+                continue
+            plane, step = planes[q], row_steps[q]
+            for y in range(rows_from, rows_to):
+                start = (y - origins[q, 0]) * step + a - origins[q, 1]
+                row = plane[start : start + b - a]
+                own = values[query_class[q], y - top, a - left : b - left]
+                for x in range(b - a):
+                    own[x] = row[x] if row[x] > own[x] else own[x]
+        for y in range(top, bottom):
+            line = y - top
+            for x in range(count):
+                best[x] = values[0, line, x]
+                second[x] = negative
+                index[x] = 0
+            for c in range(1, classes):
+                for x in range(count):
+                    value, leader = values[c, line, x], best[x]
+                    rises = value > leader
+                    second[x] = leader if rises else (value if value > second[x] else second[x])
+                    best[x] = value if rises else leader
+                    index[x] = c if rises else index[x]
+            label_row, bits_row = labels[y, left:right], margin_bits[y, left:right]
+            for x in range(count):
+                margin = best[x] - second[x]
+                if margin > gap:
+                    margin = gap
+                margin = margin - tolerance
+                if np.isfinite(margin):   # lowered by more than half a float16 step, then rounded: still below
+                    margin = min((margin - abs(margin) * scale) - floor, highest)
+                lowered[x] = margin
+                label_row[x] = index[x] + 1
+                seen[index[x] + 1] = True
+            for x in range(count):
+                bits_row[x] = half_bits(lowered_bits[x])
+            if keep_winners:
+                winners[y, left:right] = best[:count]

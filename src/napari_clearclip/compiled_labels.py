@@ -42,3 +42,38 @@ def values_present(array: np.ndarray) -> np.ndarray | None:
     for job in pending:
         job.result()
     return np.flatnonzero(seen.any(0))
+
+
+def label_tiles(values: dict, tiles, owner: np.ndarray, reference: int, classes: int, gaps: np.ndarray, tile: int,
+                labels: np.ndarray, margins: np.ndarray, tolerance: float, present: np.ndarray,
+                winners: np.ndarray | None) -> bool:
+    """The labels, margins, winners' values and labels present of ``tiles`` (see
+    :func:`napari_clearclip.tiled_labels._label_tiles`), in one pass over their pixels, written into the image's
+    arrays, on every core; False, with nothing written, where the compiled loop does not apply (labels other than
+    uint8, or no numba)."""
+    loops = _loops()
+    arrays = (labels, margins, present) + (() if winners is None else (winners,))
+    if (not loops or labels.dtype != np.uint8 or margins.dtype != np.float16 or present.dtype != np.bool_
+            or not all(a.flags.c_contiguous and a.flags.writeable for a in arrays)
+            or (winners is not None and winners.dtype != np.float32)):
+        return False
+    from numba import typed, types
+
+    order = sorted(values)
+    if not all(values[q][0].dtype == torch.float32 and values[q][0].stride(-1) == 1 and values[q][0].numel()
+               and values[q][0].device.type == "cpu" for q in order):
+        return False
+    planes = typed.List.empty_list(types.Array(types.float32, 1, "C"))
+    for query in order:
+        planes.append(compiled_snapping._flat(values[query][0]))
+    row_steps = np.array([values[q][0].stride(0) for q in order], np.int64)
+    origins = np.array([values[q][1:3] for q in order], np.int64).reshape(-1, 2)
+    exact = np.array([values[q][3] for q in order], np.int64).reshape(-1, 4)
+    query_class = np.asarray(owner, np.int64)[order] if order else np.zeros(0, np.int64)
+    spots = np.ascontiguousarray(np.array(tiles, np.int64).reshape(-1, 2))
+    kept = winners if winners is not None else np.zeros((1, 1), np.float32)
+    _shared(loops.leaders_of_tiles, 0, len(spots), tile * tile * (len(order) + classes), planes, row_steps, origins,
+            exact, query_class, int(owner[reference]), classes, spots, tile, np.ascontiguousarray(gaps, np.float32),
+            np.float32(tolerance), labels, margins.view(np.uint16), kept, winners is not None, present)
+    return True
+

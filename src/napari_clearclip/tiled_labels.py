@@ -776,6 +776,9 @@ def _label_tiles(values: dict, tiles, reference: int, gaps: np.ndarray, owner: n
     """Labels, margins, winners' values and labels present of ``tiles`` from the queries computed there, relative to
     the reference query (which scores 0). ``values``: query -> (plane, its top, its left, (top, bottom, left, right)
     of the tiles where the query can win: where the plane's values are exact); a query has no say anywhere else."""
+    if compiled_labels.label_tiles(values, tiles, owner, reference, present.shape[-1] - 1, gaps, geometry.tile, labels,
+                                   margins, tolerance, present, winners):
+        return  # the same values, compiled, tile by tile
     box = _TilesBox(tiles, geometry)
     block_labels, block_margins, block_winners = box.blocks(labels.dtype)
     for start, stop in box.row_steps(len(values) + 1):   # a few rows of tiles at a time: small planes, in the cache

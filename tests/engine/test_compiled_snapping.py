@@ -369,3 +369,103 @@ def test_weights_of_some_rows_are_those_of_the_whole(compiled, without_compiled)
             assert torch.equal(part[:, first:last], whole[:, first:last])
             assert part[:, :first].isnan().all() and part[:, last:].isnan().all()
     run() if compiled else without_compiled(run)
+
+
+def test_float16_bits_equal_numpy_rounding_for_every_exponent_and_the_ties():
+    """The compiled float16 rounding (margins are kept at half size) against NumPy's, ties to even: every exponent,
+    both signs, mantissas at, below and above each halfway point (normal and subnormal float16), and random ones."""
+    from numba import njit
+
+    from napari_clearclip._compiled_loops import half_bits
+
+    @njit
+    def convert(bits, out):
+        for i in range(bits.shape[0]):
+            out[i] = half_bits(bits[i])
+
+    rng = np.random.default_rng(0)
+    exponents = np.arange(256, dtype=np.uint32)
+    drops = np.arange(1, 25, dtype=np.int64)        # bits dropped: 13 for normal float16, more for subnormal
+    halves = np.concatenate([(1 << (drops - 1)) + d for d in (-1, 0, 1)] + [(1 << (drops - 1)) | (1 << drops)])
+    mantissas = np.concatenate([halves, np.zeros(1), np.full(1, 0x7FFFFF), rng.integers(0, 1 << 23, 3000)])
+    mantissas = (mantissas.astype(np.int64) & 0x7FFFFF).astype(np.uint32)
+    bits = ((exponents[:, None] << 23) | mantissas[None, :]).ravel()
+    bits = np.concatenate([bits, bits | np.uint32(0x80000000)])
+    numbers = bits.view(np.float32)
+    bits = bits[~np.isnan(numbers)]
+    out = np.empty(len(bits), np.uint16)
+    convert(bits, out)
+    with np.errstate(over="ignore"):
+        expected = bits.view(np.float32).astype(np.float16).view(np.uint16)
+    np.testing.assert_array_equal(out, expected)
+
+
+def _random_tiles_to_label(rng):
+    """Inputs of ``_label_tiles`` as runs make them: query planes around their own tiles (their values exact only
+    there), synonyms, a reference query, gaps, and image-sized labels, margins and winners holding earlier values."""
+    from napari_clearclip.tiled_labels import _Geometry, _rectangle
+
+    tile = int(rng.choice([1, 3, 8, 16]))
+    size = (int(rng.integers(1, 6 * tile + 5)), int(rng.integers(1, 6 * tile + 5)))
+    geometry = _Geometry((4, 4), size, 0, tile)
+    counts = rng.integers(1, 4, int(rng.integers(1, 6)))            # queries per class
+    owner = np.repeat(np.arange(len(counts)), counts)
+    queries = len(owner)
+    reference = int(rng.integers(queries))
+    every = [(y, x) for y in range(geometry.shape[0]) for x in range(geometry.shape[1])]
+    tiles = [every[i] for i in rng.choice(len(every), int(rng.integers(1, len(every) + 1)), replace=False)]
+    competing = rng.random((*geometry.shape, queries)) < 0.7
+    values = {}
+    image = (0, size[0], 0, size[1])
+    for q in range(queries):
+        own = [t for t in tiles if competing[t[0], t[1], q]]
+        if q == reference or not own or rng.random() < 0.15:
+            continue
+        halo = int(rng.integers(0, 4))
+        top, bottom, left, right = _rectangle(own, geometry, halo, image)
+        plane = torch.from_numpy((rng.integers(-6, 7, (bottom - top + 2, right - left + 3)) / 4).astype(np.float32))
+        plane += torch.from_numpy(rng.normal(0, 0.3, plane.shape).astype(np.float32)) * float(rng.random() < 0.5)
+        values[q] = (plane[1:-1, 2:-1], top, left, _rectangle(own, geometry, 0, image))   # a strided view
+    gaps = np.where(rng.random(geometry.shape) < 0.6, np.inf,
+                    rng.normal(0.5, 1.0, geometry.shape)).astype(np.float32)
+    classes = len(counts)
+    labels = rng.integers(0, classes + 1, size).astype(np.uint8)
+    margins = rng.normal(0, 2, size).astype(np.float16)
+    winners = rng.normal(0, 2, size).astype(np.float32)
+    present = rng.random((*geometry.shape, classes + 1)) < 0.5
+    tolerance = float(rng.choice([0.0, 1e-5, 0.3]))
+    return values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance, present, winners
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_labelling_of_tiles_equals_the_element_wise_path_bit_for_bit(seed, without_compiled, monkeypatch):
+    """Labels (first class on ties), float16 margins, winners' values and labels present of random tiles, on any
+    split between threads, equal the PyTorch path's to the last bit, and nothing outside the tiles is written."""
+    from napari_clearclip.tiled_labels import _label_tiles
+
+    rng = np.random.default_rng(seed)
+    calls = []
+    original = compiled_labels.label_tiles
+    monkeypatch.setattr(compiled_labels, "label_tiles", lambda *a: calls.append(original(*a)) or calls[-1])
+    for _ in range(40):
+        inputs = _random_tiles_to_label(rng)
+        monkeypatch.setattr(compiled_snapping, "SHARED_FROM", int(rng.choice([1, 1 << 15])))
+        compiled = [a.copy() for a in inputs[6:8]] + [inputs[9].copy(), inputs[10].copy()]
+        plain = [a.copy() for a in compiled]
+        calls.clear()
+        _label_tiles(*inputs[:6], compiled[0], compiled[1], inputs[8], compiled[2], compiled[3])
+        assert calls == [True]   # the compiled loop ran
+        without_compiled(lambda inputs=inputs, plain=plain: _label_tiles(*inputs[:6], plain[0], plain[1], inputs[8],
+                                                                         plain[2], plain[3]))
+        for got, expected in zip(compiled, plain):
+            np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8))
+        assert not np.array_equal(compiled[1].view(np.uint16), inputs[7].view(np.uint16))   # the tiles were written
+
+
+def test_labelling_types_the_compiled_loop_does_not_take_are_left_to_the_element_wise_path():
+    inputs = _random_tiles_to_label(np.random.default_rng(1))
+    values, tiles, reference, gaps, owner, geometry, labels, margins, tolerance, present, winners = inputs
+    wide = labels.astype(np.uint16)
+    assert not compiled_labels.label_tiles(values, tiles, owner, reference, present.shape[-1] - 1, gaps,
+                                           geometry.tile, wide, margins, tolerance, present, winners)
+    assert np.array_equal(wide, labels)

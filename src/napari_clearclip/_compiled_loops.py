@@ -257,6 +257,51 @@ def half_bits(bits):
     return sign | steps
 
 
+@njit(nogil=True, cache=True, boundscheck=False)
+def float_bits_of_half(bits):
+    """The float32 bits of the float16 of ``bits`` (uint16): exact."""
+    sign = (np.uint32(bits) & 0x8000) << 16
+    exponent = (np.uint32(bits) >> 10) & 0x1F
+    mantissa = np.uint32(bits) & 0x3FF
+    if exponent == 0x1F:                         # infinite, or not a number
+        return sign | 0x7F800000 | (mantissa << 13)
+    if exponent:
+        return sign | ((exponent + 112) << 23) | (mantissa << 13)
+    if mantissa == 0:
+        return sign
+    shift = 0                                    # a subnormal float16: a normal float32
+    while not (mantissa & 0x400):
+        mantissa <<= 1
+        shift += 1
+    return sign | ((113 - shift) << 23) | ((mantissa & 0x3FF) << 13)
+
+
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def class_values_of_tile(values, planes, row_steps, origins, exact, query_class, reference_class, top, bottom, left,
+                         right):
+    """``values[c, y - top, x - left]``: class c's best query over the tile's pixels, -inf where none counts, the
+    reference class at least 0 (see :func:`leaders_of_tiles`)."""
+    negative = np.float32(-np.inf)
+    count = right - left
+    for c in range(values.shape[0]):
+        start = np.float32(0.0) if c == reference_class else negative
+        for y in range(bottom - top):
+            for x in range(count):
+                values[c, y, x] = start
+    for q in range(len(planes)):   # a plane taken from the list once a tile: each taking counts a reference
+        a, b = max(left, exact[q, 2]), min(right, exact[q, 3])
+        rows_from, rows_to = max(top, exact[q, 0]), min(bottom, exact[q, 1])
+        if a >= b or rows_from >= rows_to:
+            continue
+        plane, step = planes[q], row_steps[q]
+        for y in range(rows_from, rows_to):
+            start = (y - origins[q, 0]) * step + a - origins[q, 1]
+            row = plane[start : start + b - a]
+            own = values[query_class[q], y - top, a - left : b - left]
+            for x in range(b - a):
+                own[x] = row[x] if row[x] > own[x] else own[x]
+
+
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def leaders_of_tiles(planes, row_steps, origins, exact, query_class, reference_class, classes, tiles, tile, gaps,
                      tolerance, labels, margin_bits, winners, keep_winners, present, first, last):
@@ -285,23 +330,8 @@ def leaders_of_tiles(planes, row_steps, origins, exact, query_class, reference_c
         seen = present[ty, tx]
         seen[:] = False
         gap = gaps[ty, tx]
-        for c in range(classes):
-            start = np.float32(0.0) if c == reference_class else negative
-            for y in range(bottom - top):
-                for x in range(count):
-                    values[c, y, x] = start
-        for q in range(len(planes)):   # a plane taken from the list once a tile: each taking counts a reference
-            a, b = max(left, exact[q, 2]), min(right, exact[q, 3])
-            rows_from, rows_to = max(top, exact[q, 0]), min(bottom, exact[q, 1])
-            if a >= b or rows_from >= rows_to:
-                continue
-            plane, step = planes[q], row_steps[q]
-            for y in range(rows_from, rows_to):
-                start = (y - origins[q, 0]) * step + a - origins[q, 1]
-                row = plane[start : start + b - a]
-                own = values[query_class[q], y - top, a - left : b - left]
-                for x in range(b - a):
-                    own[x] = row[x] if row[x] > own[x] else own[x]
+        class_values_of_tile(values, planes, row_steps, origins, exact, query_class, reference_class, top, bottom,
+                             left, right)
         for y in range(top, bottom):
             line = y - top
             for x in range(count):
@@ -330,3 +360,78 @@ def leaders_of_tiles(planes, row_steps, origins, exact, query_class, reference_c
                 bits_row[x] = half_bits(lowered_bits[x])
             if keep_winners:
                 winners[y, left:right] = best[:count]
+
+
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def lowered_half_bits(margin, tolerance, number, bits):
+    """``margin`` less ``tolerance``, then lowered by more than half a float16 step and rounded: float16 bits at
+    most the value (``tiled_labels._half_below``'s arithmetic). ``number``, ``bits``: a float32 scratch value and a
+    uint32 view of it."""
+    margin = margin - tolerance
+    if np.isfinite(margin):
+        margin = min((margin - abs(margin) * np.float32(2.0 ** -10)) - np.float32(2.0 ** -24),
+                     np.float32(65504.0))
+    number[0] = margin
+    return half_bits(bits[0])
+
+
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def challenged_tiles(planes, row_steps, origins, exact, query_class, reference_class, classes, tiles, tile, gaps,
+                     tolerance, challengers, own_allowed, trust_winners, fallback, reference_known, labels,
+                     margin_bits, winners, present, first, last):
+    """Tiles ``first``..``last`` of ``tiles`` (n, 2) in a run that starts from the previous one's labels: each
+    pixel's previous winner against the ``challengers`` classes (not its own), in class order, a challenger winning
+    where it is higher or equal and of a lower class (argmax's first class on ties).
+
+    The winner's value starts as the kept one (``winners``) in the tiles of ``trust_winners``; elsewhere as its own
+    class's value (classes of ``own_allowed`` only; -inf otherwise), and with ``fallback`` the kept one where that
+    is -inf. The runner-up starts the pixel's margin below it. The reference class's value counts only in the
+    tiles of ``reference_known``. Labels, margins (as :func:`leaders_of_tiles`), winners and ``present`` are
+    written in place. Values of queries as in :func:`leaders_of_tiles`."""
+    height, width = labels.shape
+    negative = np.float32(-np.inf)
+    values = np.empty((classes, tile, tile), np.float32)
+    number = np.empty(1, np.float32)
+    bits = number.view(np.uint32)
+    for n in range(first, last):
+        ty, tx = tiles[n, 0], tiles[n, 1]
+        top, left = ty * tile, tx * tile
+        bottom, right = min(top + tile, height), min(left + tile, width)
+        seen = present[ty, tx]
+        seen[:] = False
+        gap = gaps[ty, tx]
+        trusted = trust_winners[ty, tx]
+        class_values_of_tile(values, planes, row_steps, origins, exact, query_class, reference_class, top, bottom,
+                             left, right)
+        if not reference_known[ty, tx]:
+            values[reference_class, :, :] = negative
+        for y in range(top, bottom):
+            line = y - top
+            for x in range(left, right):
+                label = np.int64(labels[y, x])
+                if trusted:
+                    best = winners[y, x]
+                else:
+                    best = values[label - 1, line, x - left] if own_allowed[label - 1] else negative
+                    if fallback and not np.isfinite(best):
+                        best = winners[y, x]
+                bits[0] = float_bits_of_half(margin_bits[y, x])
+                second = best - number[0]
+                previous = label
+                for c in range(classes):
+                    if not challengers[c] or c + 1 == previous:
+                        continue
+                    value = values[c, line, x - left]
+                    if value > best or (value == best and label > c + 1):
+                        second = max(second, best)
+                        best = value
+                        label = c + 1
+                    else:
+                        second = max(second, value)
+                margin = best - second
+                if margin > gap:
+                    margin = gap
+                margin_bits[y, x] = lowered_half_bits(margin, tolerance, number, bits)
+                labels[y, x] = label
+                winners[y, x] = best
+                seen[label] = True

@@ -52,28 +52,62 @@ def label_tiles(values: dict, tiles, owner: np.ndarray, reference: int, classes:
     arrays, on every core; False, with nothing written, where the compiled loop does not apply (labels other than
     uint8, or no numba)."""
     loops = _loops()
+    queries = loops and _labelling_inputs(values, owner, labels, margins, present, winners)
+    if not queries:
+        return False
+    kept = winners if winners is not None else np.zeros((1, 1), np.float32)
+    spots = _spots(tiles)
+    _shared(loops.leaders_of_tiles, 0, len(spots), tile * tile * (len(values) + classes), *queries,
+            int(owner[reference]), classes, spots, tile, np.ascontiguousarray(gaps, np.float32), np.float32(tolerance),
+            labels, margins.view(np.uint16), kept, winners is not None, present)
+    return True
+
+
+def challenge_tiles(values: dict, tiles, owner: np.ndarray, reference: int, classes: int, gaps: np.ndarray, tile: int,
+                    labels: np.ndarray, margins: np.ndarray, winners: np.ndarray, tolerance: float,
+                    present: np.ndarray, challengers: np.ndarray, own_allowed: np.ndarray, trust_winners: np.ndarray,
+                    fallback: bool, reference_known: np.ndarray) -> bool:
+    """A run that starts from the previous one's labels (classes added, or scores that only rose): each pixel's
+    previous winner against the classes that can take its place, in place, in one pass over the tiles' pixels, on
+    every core (see :func:`napari_clearclip._compiled_loops.challenged_tiles`); False, with nothing written, where
+    the compiled loop does not apply."""
+    loops = _loops()
+    queries = loops and _labelling_inputs(values, owner, labels, margins, present, winners)
+    if not queries:
+        return False
+    spots = _spots(tiles)
+    _shared(loops.challenged_tiles, 0, len(spots), tile * tile * (len(values) + classes), *queries,
+            int(owner[reference]), classes, spots, tile, np.ascontiguousarray(gaps, np.float32), np.float32(tolerance),
+            np.ascontiguousarray(challengers, np.bool_), np.ascontiguousarray(own_allowed, np.bool_),
+            np.ascontiguousarray(trust_winners, np.bool_), bool(fallback),
+            np.ascontiguousarray(reference_known, np.bool_), labels, margins.view(np.uint16), winners, present)
+    return True
+
+
+def _spots(tiles) -> np.ndarray:
+    return np.ascontiguousarray(np.array(tiles, np.int64).reshape(-1, 2))
+
+
+def _labelling_inputs(values: dict, owner: np.ndarray, labels: np.ndarray, margins: np.ndarray, present: np.ndarray,
+                      winners: np.ndarray | None):
+    """(planes, their row steps, origins, exact rectangles, classes) of the queries in ``values`` as the compiled
+    labelling loops take them, or None where they do not apply: labels other than uint8, arrays not contiguous and
+    writable, planes not float32 rows on the CPU."""
     arrays = (labels, margins, present) + (() if winners is None else (winners,))
-    if (not loops or labels.dtype != np.uint8 or margins.dtype != np.float16 or present.dtype != np.bool_
+    if (labels.dtype != np.uint8 or margins.dtype != np.float16 or present.dtype != np.bool_
             or not all(a.flags.c_contiguous and a.flags.writeable for a in arrays)
             or (winners is not None and winners.dtype != np.float32)):
-        return False
-    from numba import typed, types
-
+        return None
     order = sorted(values)
     if not all(values[q][0].dtype == torch.float32 and values[q][0].stride(-1) == 1 and values[q][0].numel()
                and values[q][0].device.type == "cpu" for q in order):
-        return False
+        return None
+    from numba import typed, types
+
     planes = typed.List.empty_list(types.Array(types.float32, 1, "C"))
     for query in order:
         planes.append(compiled_snapping._flat(values[query][0]))
-    row_steps = np.array([values[q][0].stride(0) for q in order], np.int64)
-    origins = np.array([values[q][1:3] for q in order], np.int64).reshape(-1, 2)
-    exact = np.array([values[q][3] for q in order], np.int64).reshape(-1, 4)
-    query_class = np.asarray(owner, np.int64)[order] if order else np.zeros(0, np.int64)
-    spots = np.ascontiguousarray(np.array(tiles, np.int64).reshape(-1, 2))
-    kept = winners if winners is not None else np.zeros((1, 1), np.float32)
-    _shared(loops.leaders_of_tiles, 0, len(spots), tile * tile * (len(order) + classes), planes, row_steps, origins,
-            exact, query_class, int(owner[reference]), classes, spots, tile, np.ascontiguousarray(gaps, np.float32),
-            np.float32(tolerance), labels, margins.view(np.uint16), kept, winners is not None, present)
-    return True
-
+    return (planes, np.array([values[q][0].stride(0) for q in order], np.int64),
+            np.array([values[q][1:3] for q in order], np.int64).reshape(-1, 2),
+            np.array([values[q][3] for q in order], np.int64).reshape(-1, 4),
+            np.asarray(owner, np.int64)[order] if order else np.zeros(0, np.int64))

@@ -61,13 +61,17 @@ def _ready():
         weighted_rows(torch.zeros((1, 5, 5)), torch.zeros((1, 5, 5)), logits, [(0, 0)] * 8, 1, 3, 0, 3, True)
         taps = np.zeros(3, np.int64)
         resized_rows(torch.zeros((1, 1, 3)), taps, taps, torch.zeros(3), torch.zeros((1, 3, 3)))
-        from .compiled_labels import label_tiles, labels_present, values_present
+        from .compiled_labels import challenge_tiles, label_tiles, labels_present, values_present
 
         labels_present(np.zeros((3, 3), np.uint8), 2, np.zeros((2, 2, 2), bool))
         values_present(np.zeros(3, np.uint8))
         label_tiles({0: (torch.zeros((2, 2)), 0, 0, (0, 2, 0, 2))}, [(0, 0)], np.zeros(2, np.int64), 1, 1,
                     np.full((1, 1), np.inf, np.float32), 2, np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.float16),
                     0.0, np.zeros((1, 1, 2), bool), np.zeros((2, 2), np.float32))
+        challenge_tiles({0: (torch.zeros((2, 2)), 0, 0, (0, 2, 0, 2))}, [(0, 0)], np.zeros(2, np.int64), 1, 1,
+                        np.full((1, 1), np.inf, np.float32), 2, np.ones((2, 2), np.uint8),
+                        np.zeros((2, 2), np.float16), np.zeros((2, 2), np.float32), 0.0, np.zeros((1, 1, 2), bool),
+                        np.ones(1, bool), np.ones(1, bool), np.zeros((1, 1), bool), True, np.ones((1, 1), bool))
     except Exception:  # numba could not compile them here
         return False
     finally:

@@ -1086,6 +1086,12 @@ def _risen_label_tiles(values: dict, tiles, competing: np.ndarray, gaps: np.ndar
     # the reference class's value is exact where its other queries are computed (alone, it scores 0 everywhere)
     synonyms = [q for q in np.flatnonzero(owner == ref_class) if q != reference]
     ref_needed = competing[..., synonyms].all(-1) if synonyms else np.ones(competing.shape[:2], bool)
+    every = np.ones(present.shape[-1] - 1, bool)
+    if compiled_labels.challenge_tiles(values, tiles, owner, reference, len(every), gaps, geometry.tile, labels, margins,
+                                       winners, tolerance, present, every, every, np.zeros(geometry.shape, bool), True,
+                                       ref_needed):
+        exact[tuple(np.array(tiles).T)] = True
+        return  # the same values, compiled, tile by tile
     block_labels, block_margins, block_winners = box.blocks(labels.dtype)
     for start, stop in box.row_steps(len(values) + 4):
         rows, cols = slice(box.top + start, box.top + stop), slice(box.left, box.right)
@@ -1203,6 +1209,11 @@ def _typed_label_tiles(values: dict, tiles, gaps: np.ndarray, owner: np.ndarray,
     pixel's previous winner against the new classes' values in ``values`` (see :func:`_label_tiles`), the first
     class winning ties as argmax does. The winner's value is the one ``winners`` keeps in the ``exact`` tiles, else
     its own class's value in ``values``; the previous runner-up stays below it by the pixel's margin at least."""
+    added = np.array([old is None for old in mapping])
+    if compiled_labels.challenge_tiles(values, tiles, owner, reference, len(mapping), gaps, geometry.tile, labels,
+                                       margins, winners, tolerance, present, added, ~added, exact, False,
+                                       np.ones(geometry.shape, bool)):
+        return  # the same values, compiled, tile by tile
     box = _TilesBox(tiles, geometry)
     block_labels, block_margins, block_winners = box.blocks(labels.dtype)
     for start, stop in box.row_steps(len(values) + 4):

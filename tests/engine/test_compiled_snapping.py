@@ -469,3 +469,94 @@ def test_labelling_types_the_compiled_loop_does_not_take_are_left_to_the_element
     assert not compiled_labels.label_tiles(values, tiles, owner, reference, present.shape[-1] - 1, gaps,
                                            geometry.tile, wide, margins, tolerance, present, winners)
     assert np.array_equal(wide, labels)
+
+
+def _random_challenged_tiles(rng, typed: bool):
+    """Inputs of ``_typed_label_tiles`` (classes added) or ``_risen_label_tiles`` (scores that rose) as runs make
+    them: the previous run's labels, margins and winners' values; where the winners' values are not kept, every
+    query of the classes kept is computed (a labelled pixel's own class always has a value)."""
+    from napari_clearclip.tiled_labels import _Geometry, _rectangle
+
+    tile = int(rng.choice([1, 3, 8, 16]))
+    size = (int(rng.integers(1, 6 * tile + 5)), int(rng.integers(1, 6 * tile + 5)))
+    geometry = _Geometry((4, 4), size, 0, tile)
+    counts = rng.integers(1, 4, int(rng.integers(2, 7)))
+    classes = len(counts)
+    owner = np.repeat(np.arange(classes), counts)
+    reference = int(rng.integers(len(owner)))
+    mapping = [None if typed and rng.random() < 0.4 else k for k in range(classes)]
+    if all(m is None for m in mapping):
+        mapping[0] = 0
+    if mapping[owner[reference]] is None:
+        mapping[owner[reference]] = owner[reference]
+    kept_classes = np.array([m is not None for m in mapping])
+    every = [(y, x) for y in range(geometry.shape[0]) for x in range(geometry.shape[1])]
+    tiles = [every[i] for i in rng.choice(len(every), int(rng.integers(1, len(every) + 1)), replace=False)]
+    exact = rng.random(geometry.shape) < (0.5 if typed else 0.0)
+    competing = rng.random((*geometry.shape, len(owner))) < 0.7
+    if typed:
+        for ty, tx in tiles:
+            if not exact[ty, tx]:
+                competing[ty, tx, kept_classes[owner]] = True
+    values = {}
+    image = (0, size[0], 0, size[1])
+    for q in range(len(owner)):
+        own = [t for t in tiles if competing[t[0], t[1], q]]
+        if q == reference or not own or (rng.random() < 0.15 and not (typed and kept_classes[owner[q]])):
+            continue
+        halo = int(rng.integers(0, 4))
+        top, bottom, left, right = _rectangle(own, geometry, halo, image)
+        plane = torch.from_numpy((rng.integers(-6, 7, (bottom - top + 2, right - left + 3)) / 4).astype(np.float32))
+        plane += torch.from_numpy(rng.normal(0, 0.3, plane.shape).astype(np.float32)) * float(rng.random() < 0.5)
+        values[q] = (plane[1:-1, 2:-1], top, left, _rectangle(own, geometry, 0, image))
+    gaps = np.where(rng.random(geometry.shape) < 0.6, np.inf,
+                    rng.normal(0.5, 1.0, geometry.shape)).astype(np.float32)
+    labelled = np.flatnonzero(kept_classes) + 1
+    labels = rng.choice(labelled, size).astype(np.uint8)
+    margins = np.abs(rng.normal(0, 1, size)).astype(np.float16)
+    margins[rng.random(size) < 0.1] = np.inf
+    winners = (rng.integers(-6, 7, size) / 4).astype(np.float32)
+    present = rng.random((*geometry.shape, classes + 1)) < 0.5
+    tolerance = float(rng.choice([0.0, 1e-5, 0.3]))
+    return dict(values=values, tiles=tiles, competing=competing, gaps=gaps, owner=owner, reference=reference,
+                mapping=mapping, geometry=geometry, labels=labels, margins=margins, winners=winners, exact=exact,
+                tolerance=tolerance, present=present)
+
+
+@pytest.mark.parametrize("typed", [True, False], ids=["classes added", "scores rose"])
+@pytest.mark.parametrize("seed", range(3))
+def test_compiled_challenged_tiles_equal_the_element_wise_path_bit_for_bit(typed, seed, without_compiled,
+                                                                          monkeypatch):
+    """A run that starts from the previous labels (classes typed, or a stroke that only raised scores): labels,
+    float16 margins, winners' values, labels present and tiles marked exact equal the PyTorch path's to the last
+    bit, on any split between threads, and nothing outside the tiles is written."""
+    from napari_clearclip.tiled_labels import _risen_label_tiles, _typed_label_tiles
+
+    rng = np.random.default_rng(seed)
+    calls = []
+    original = compiled_labels.challenge_tiles
+    monkeypatch.setattr(compiled_labels, "challenge_tiles", lambda *a: calls.append(original(*a)) or calls[-1])
+    for _ in range(40):
+        case = _random_challenged_tiles(rng, typed)
+        monkeypatch.setattr(compiled_snapping, "SHARED_FROM", int(rng.choice([1, 1 << 15])))
+        changing = ("labels", "margins", "winners", "present", "exact")
+
+        def run(case=case, changing=changing):
+            state = {name: case[name].copy() for name in changing}
+            c = {**case, **state}
+            if typed:
+                _typed_label_tiles(c["values"], c["tiles"], c["gaps"], c["owner"], c["reference"], c["mapping"],
+                                   c["geometry"], c["labels"], c["margins"], c["winners"], c["exact"], c["tolerance"],
+                                   c["present"])
+            else:
+                _risen_label_tiles(c["values"], c["tiles"], c["competing"], c["gaps"], c["owner"], c["reference"],
+                                   c["geometry"], c["labels"], c["margins"], c["winners"], c["exact"], c["tolerance"],
+                                   c["present"])
+            return state
+        calls.clear()
+        compiled = run()
+        assert calls == [True]   # the compiled loop ran
+        plain = without_compiled(run)
+        for name in changing:
+            np.testing.assert_array_equal(compiled[name].view(np.uint8), plain[name].view(np.uint8), err_msg=name)
+        assert not np.array_equal(compiled["margins"].view(np.uint16), case["margins"].view(np.uint16))

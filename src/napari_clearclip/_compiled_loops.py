@@ -26,18 +26,18 @@ def fused_multiply_add(typing_context, a, b, c):
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_off, pad, width, height, first,
-                  last):
-    """Rows ``first``..``last`` of the interior of ``target`` = the weighted sum of each pixel's neighbours in
-    ``source`` at offsets (``rows_off``, ``cols_off``); both padded by ``pad``. Neighbour k's weight at (y, x) is
-    ``weights[k * plane_step + y * row_step + x]`` (a flat view: weights cut out of a larger region keep their rows
-    contiguous, which the compiled loop then knows). With ``height`` (the interior's; 0: not asked) the border of
-    those rows then repeats their edges, as ``refine._repeat_edges_of_rows`` does."""
+def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_off, pad, width, height, left,
+                  right, first, last):
+    """Rows ``first``..``last``, columns ``left``..``right`` of the interior of ``target`` = the weighted sum of
+    each pixel's neighbours in ``source`` at offsets (``rows_off``, ``cols_off``); both padded by ``pad``. Neighbour
+    k's weight at (y, x) is ``weights[k * plane_step + y * row_step + x]`` (a flat view: weights cut out of a larger
+    region keep their rows contiguous, which the compiled loop then knows). With ``height`` (the interior's; 0: not
+    asked) the border of those rows then repeats their edges, as ``refine._repeat_edges_of_rows`` does."""
     channels = source.shape[0]
     neighbours = rows_off.shape[0]
     for y in range(first, last):
-        for start in range(0, width, COLUMNS_AT_ONCE):
-            stop = min(start + COLUMNS_AT_ONCE, width)
+        for start in range(left, right, COLUMNS_AT_ONCE):
+            stop = min(start + COLUMNS_AT_ONCE, right)
             count = stop - start
             row = y * row_step + start
             weight = weights[row : row + count]

@@ -163,7 +163,8 @@ def _flat(tensor: torch.Tensor) -> np.ndarray:
 def averaging(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,
               offsets: Sequence[tuple[int, int]], pad: int, width: int,
               repeat_edges: bool = False) -> Callable[[int, int], None] | None:
-    """``rows(first, last)``: rows ``first``..``last`` of one PAMR iteration from ``current`` into ``spare`` (see
+    """``rows(first, last, columns)``: rows ``first``..``last`` (columns ``columns``, all by default) of one PAMR
+    iteration from ``current`` into ``spare`` (see
     :func:`napari_clearclip.refine._average_rows`), compiled, and with ``repeat_edges`` the border of those rows
     filled as :func:`napari_clearclip.refine._repeat_edges_of_rows` fills it; None where the compiled loop does
     not apply (not float32 on the CPU, or no numba): the caller then uses the element-wise path.
@@ -178,8 +179,9 @@ def averaging(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,
                  width, spare.shape[1] - 2 * pad if repeat_edges else 0)
     values_per_row = width * current.shape[0]
 
-    def rows(first: int, last: int) -> None:
-        _shared(loops.weighted_rows, first, last, values_per_row, *arguments)
+    def rows(first: int, last: int, columns: tuple[int, int] = (0, width)) -> None:
+        _shared(loops.weighted_rows, first, last, values_per_row * (columns[1] - columns[0]) // max(1, width),
+                *arguments, *columns)
     return rows
 
 

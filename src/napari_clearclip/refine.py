@@ -313,7 +313,8 @@ def _rows_at_once(current: torch.Tensor, width: int, height: int, compiled: bool
 
 
 def _average_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor, offsets, pad: int, width: int,
-                  first: int, last: int, repeat_edges: bool = False, compiled=None) -> None:
+                  first: int, last: int, repeat_edges: bool = False, compiled=None,
+                  columns: tuple[int, int] | None = None) -> None:
     """Rows ``first``..``last`` of one PAMR iteration: there, the interior of ``spare`` becomes the
     ``weights``-weighted sum of each pixel's neighbours at ``offsets`` in ``current`` (both padded by ``pad``).
 
@@ -321,10 +322,11 @@ def _average_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Ten
     ``offsets``) however the rows are split: the very values whole planes give. On the CPU the compiled loop of
     :mod:`.compiled_snapping` does the same arithmetic a row at a time. With ``repeat_edges`` the padded border
     of those rows then repeats their edges (:func:`_repeat_edges_of_rows`). ``compiled``: that loop already
-    prepared for these buffers (:func:`.compiled_snapping.averaging`).
+    prepared for these buffers (:func:`.compiled_snapping.averaging`); it computes only ``columns`` (first, last;
+    None: all), the element-wise path every column.
     """
     if compiled is not None:
-        compiled(first, last)
+        compiled(first, last, (0, width) if columns is None else columns)
         return
     if compiled_snapping.weighted_rows(current, spare, weights, offsets, pad, width, first, last, repeat_edges):
         return  # the same values, compiled
@@ -337,16 +339,6 @@ def _average_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Ten
             inner.addcmul_(weight[first:last], neighbour)  # one fused pass per neighbour
     if repeat_edges:
         _repeat_edges_of_rows(spare, pad, first, last)
-
-
-def _average_neighbours(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor, offsets, pad: int,
-                        size: tuple[int, int]) -> None:
-    """One PAMR iteration over every row (see :func:`_average_rows`), a few rows at a time on the CPU, each block
-    summed over every neighbour while it is in the cache."""
-    height, width = size
-    rows = _rows_at_once(current, width, height)
-    for top in range(0, height, rows):
-        _average_rows(current, spare, weights, offsets, pad, width, top, min(top + rows, height))
 
 
 def _repeat_edges_of_rows(padded: torch.Tensor, pad: int, first: int, last: int) -> None:
@@ -375,7 +367,7 @@ def _refine_whole(scores: torch.Tensor, guide: torch.Tensor | None, iterations: 
 
 
 def _refine_padded(current: torch.Tensor, spare: torch.Tensor | None, iterations: int, dilations: tuple[int, ...],
-                   affinity: torch.Tensor):
+                   affinity: torch.Tensor, cut: tuple[bool, bool, bool, bool] = (False, False, False, False)):
     """Generator: :func:`_refine_whole` on scores already padded by max(dilations) (``current``, its border
     repeating its edges), with ``spare`` (None: allocated) as the other buffer; yields ``iterations`` times, as the
     work of each iteration's worth is done; returns the refined interior, a view of one of the two buffers
@@ -386,6 +378,11 @@ def _refine_padded(current: torch.Tensor, spare: torch.Tensor | None, iterations
     the cache for every iteration, rather than read from memory once per iteration. Iteration t writes over
     iteration t - 2's values only at rows that iteration t - 1 no longer reads, so two buffers still do, and every
     value is computed as whole iterations compute it (see :func:`_average_rows`): the very same values.
+
+    ``cut`` (top, bottom, left, right): sides of a region cut out of a larger image. A value next to a cut is
+    wrong (its neighbours beyond it are missing) and the wrong band widens by max(dilations) each iteration, so
+    iteration t leaves out t x max(dilations) rows (columns) on each cut side: nothing it computes reads them, and
+    the values there are left as they were (not the refined ones).
     """
     pad = max(dilations)
     height, width = current.shape[1] - 2 * pad, current.shape[2] - 2 * pad
@@ -395,57 +392,33 @@ def _refine_padded(current: torch.Tensor, spare: torch.Tensor | None, iterations
     compiled = [compiled_snapping.averaging(source, target, affinity, offsets, pad, width, repeat_edges=True)
                 for source, target in ((current, spare), (spare, current))]
     rows = _rows_at_once(current, width, height, compiled=compiled[0] is not None)
-    done = [height] + [0] * iterations   # rows of each iteration computed (iteration 0: the scores, all of them)
+    # the rows and columns each iteration computes (iteration 0: the scores, all of them)
+    top = [min(height, t * pad * int(cut[0])) for t in range(iterations + 1)]
+    bottom = [max(top[t], height - t * pad * int(cut[1])) for t in range(iterations + 1)]
+    columns = [(min(width, t * pad * int(cut[2])), max(min(width, t * pad * int(cut[2])), width - t * pad * int(cut[3])))
+               for t in range(iterations + 1)]
+    done = list(bottom[:1]) + top[1:]   # rows of each iteration computed, from its top
+    work = sum(bottom[t] - top[t] for t in range(1, iterations + 1))
     yielded = 0
-    while iterations and done[iterations] < height:
+    while iterations and done[iterations] < bottom[iterations]:
         for step in range(1, iterations + 1):
             # iteration ``step`` reads the previous one's rows up to ``pad`` beyond its own
-            ready = height if done[step - 1] == height else done[step - 1] - pad
-            last = min(ready, done[step] + rows)
+            ready = bottom[step] if done[step - 1] == bottom[step - 1] else done[step - 1] - pad
+            last = min(ready, done[step] + rows, bottom[step])
             if last <= done[step]:
                 continue
             source, target = buffers[(step - 1) % 2], buffers[step % 2]
             _average_rows(source, target, affinity, offsets, pad, width, done[step], last, repeat_edges=True,
-                          compiled=compiled[(step - 1) % 2])
+                          compiled=compiled[(step - 1) % 2], columns=columns[step])
             done[step] = last
-            while yielded < sum(done[1:]) // height:   # an iteration's worth done
+            finished = sum(done[t] - top[t] for t in range(1, iterations + 1))
+            while yielded < iterations * finished // max(1, work) and yielded < iterations:   # an iteration's worth
                 yielded += 1
                 yield
     while yielded < iterations:
         yielded += 1
         yield
     return _shifted(buffers[iterations % 2], pad, 0, 0, (height, width))
-
-
-def _refine_shrinking(scores: torch.Tensor, guide: torch.Tensor | None, iterations: int, dilations: tuple[int, ...],
-                      cut: tuple[bool, bool, bool, bool], affinity: torch.Tensor | None = None):
-    """Generator: PAMR on a region cut out of a larger image, shrinking by max(dilations) on each cut side
-    (top, bottom, left, right) after every iteration; returns (refined, (top, left) of it in the region).
-
-    A value next to a cut is wrong (its neighbours beyond the cut are missing), and after each
-    iteration the wrong band is at most max(dilations) wide, so it is dropped rather than computed
-    further: the iterations cost less and less, and every value kept is the one the whole image
-    gives it (the same operations, in the same order, as :func:`_refine_whole`).
-    """
-    affinity = (pamr_affinities(guide, dilations) if affinity is None else affinity).to(scores.dtype)
-    pad = max(dilations)
-    offsets = [(dy * d, dx * d) for d in dilations for dy, dx in NEIGHBOURS]
-    top, left = 0, 0
-    current = _replicate(scores, pad)  # padded, as in _refine_whole: the same kernels on the same layouts
-    for _ in range(iterations):
-        size = (current.shape[1] - 2 * pad, current.shape[2] - 2 * pad)
-        weights = affinity[:, top : top + size[0], left : left + size[1]]
-        spare = torch.empty_like(current)
-        inner = _shifted(spare, pad, 0, 0, size)
-        _average_neighbours(current, spare, weights, offsets, pad, size)
-        cut_top, cut_bottom, cut_left, cut_right = (pad if side else 0 for side in cut)
-        kept = inner[:, cut_top : size[0] - cut_bottom, cut_left : size[1] - cut_right]
-        current = _replicate(kept, pad) if any(cut) else spare
-        if not any(cut):
-            _replicate_border(current, pad)
-        top, left = top + cut_top, left + cut_left
-        yield
-    return _shifted(current, pad, 0, 0, (current.shape[1] - 2 * pad, current.shape[2] - 2 * pad)), (top, left)
 
 
 def pamr_steps(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR_ITERATIONS,

@@ -590,7 +590,7 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
     where the values are exact)}, done). The guide's affinities are computed once for the region, or
     taken from ``kept`` where an earlier run computed them. Planes come from ``buffers``.
     """
-    from .refine import (_finish, _refine_padded, _refine_shrinking, _replicate_border, padded_affinities,
+    from .refine import (_finish, _refine_padded, _replicate_border, padded_affinities,
                          pamr_affinities, repeat_sides)
 
     iterations, dilations = snap
@@ -641,32 +641,25 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
     for (top, bottom, left, right), group in groups:
         taps = tuple(t[top:bottom] for t in geometry.rows), tuple(t[left:right] for t in geometry.cols)
         cut = (top > 0, bottom < size[0], left > 0, right < size[1])  # sides inside the image
-        shrink = iterations and _worth_shrinking((bottom - top, right - left), cut, iterations * max(dilations))
         source = differences[group]
-        if iterations and not shrink:  # resized straight into a padded buffer, snapped with a spare one
+        if iterations:  # resized straight into a padded buffer, snapped with a spare one
             pad = max(dilations)
             padded = buffers.take((len(group), bottom - top + 2 * pad, right - left + 2 * pad))
             upsample(source, *taps, out=padded[:, pad:-pad, pad:-pad])
             _replicate_border(padded, pad)
             spare = buffers.take(padded.shape)
-        else:
-            channel = upsample(source, *taps)
-        if iterations:
             weights = affinity[:, top - area[0] : bottom - area[0], left - area[2] : right - area[2]]
-            steps = (_refine_shrinking(channel, None, iterations, dilations, cut, weights) if shrink
-                     else _refine_padded(padded, spare, iterations, dilations, weights))
+            # each iteration leaves out the band next to the cut sides that no later one reads
+            steps = _refine_padded(padded, spare, iterations, dilations, weights, cut)
             for _ in range(iterations):
                 next(steps)
                 done += len(group)
                 yield done, total
-            if shrink:
-                channel, (shift_y, shift_x) = _finish(steps)
-                top, left = top + shift_y, left + shift_x
-            else:
-                channel = _finish(steps)
-                buffers.give_back(spare if channel.untyped_storage().data_ptr() == padded.untyped_storage().data_ptr()
-                                  else padded)
+            channel = _finish(steps)
+            buffers.give_back(spare if channel.untyped_storage().data_ptr() == padded.untyped_storage().data_ptr()
+                              else padded)
         else:
+            channel = upsample(source, *taps)
             done += len(group)
             yield done, total
         for number, q in enumerate(group):
@@ -683,16 +676,6 @@ def _guide_identity(guide: torch.Tensor, size, dilations: tuple, tile: int) -> t
 
     digest = hashlib.blake2b(guide.contiguous().numpy().tobytes(), digest_size=16).hexdigest()
     return digest, tuple(guide.shape), tuple(size), tuple(dilations), tile
-
-
-def _worth_shrinking(shape, cut, reach: int) -> bool:
-    """Whether dropping the cut sides' bands as PAMR iterates saves enough (a third of the work) to pay for the
-    copies it makes; both ways give the same values."""
-    height, width = shape
-    final_height = height - reach * (int(cut[0]) + int(cut[1]))
-    final_width = width - reach * (int(cut[2]) + int(cut[3]))
-    average = (height + final_height) / 2 * (width + final_width) / 2
-    return average < 0.67 * height * width
 
 
 def _reference_query(leader: np.ndarray, queries: int) -> int:

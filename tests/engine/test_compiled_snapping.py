@@ -210,9 +210,9 @@ def test_refine_uses_the_compiled_loop_on_the_cpu(monkeypatch):
         rows = real(*args, **kwargs)
         prepared.append(rows)
 
-        def counted_rows(first, last):
+        def counted_rows(first, last, *columns):
             blocks.append((first, last))
-            rows(first, last)
+            rows(first, last, *columns)
         return None if rows is None else counted_rows
     monkeypatch.setattr(compiled_snapping, "averaging", counted)
     rng = np.random.default_rng(1)

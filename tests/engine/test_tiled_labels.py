@@ -596,7 +596,7 @@ def test_a_boundary_between_two_classes_is_snapped_as_one_channel(monkeypatch):
     size, spans = (384, 384), [(i, i + 1) for i in range(5)]
     names, snap = [(f"c{i}",) for i in range(5)], (2, (1, 2))
     snapped = []
-    for name in ("_refine_whole", "_refine_shrinking", "_refine_padded"):
+    for name in ("_refine_whole", "_refine_padded"):
         real = getattr(refine, name)
 
         def counting(values, *args, real=real, **kwargs):
@@ -745,20 +745,46 @@ def test_stacks_rerun_each_plane_from_what_changed(demo, monkeypatch):
         np.testing.assert_array_equal(fast[plane], full[plane])
 
 
-def test_shrinking_pamr_on_a_region_gives_the_whole_image_values_bit_for_bit():
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "element-wise"])
+@pytest.mark.parametrize("seed", range(4))
+def test_pamr_on_a_region_leaving_out_its_cut_sides_gives_the_whole_image_values_bit_for_bit(seed, compiled,
+                                                                                          monkeypatch):
+    """A region cut out of an image (random sides cut, at least the halo wide on each): iterations that leave out
+    the bands next to the cut sides give every value within the halo of the cuts the whole image's, bit for bit,
+    whichever rows are computed at a time."""
+    from napari_clearclip import compiled_snapping, refine
     from napari_clearclip.progress import run_to_end
-    from napari_clearclip.refine import _refine_shrinking, pamr
+    from napari_clearclip.refine import _finish, _refine_padded, _replicate, pamr, pamr_affinities
 
-    rng = np.random.default_rng(4)
-    scores = torch.from_numpy(rng.normal(size=(3, 90, 120)).astype(np.float32))
-    guide = torch.from_numpy(rng.normal(size=(3, 90, 120)).astype(np.float32))
-    whole = pamr(scores, guide, 4, (1, 3))
-    top, bottom, left, right = 10, 90, 25, 100                      # cut on three sides, the image's bottom edge
-    region, (dy, dx) = run_to_end(_refine_shrinking(scores[:, top:bottom, left:right], guide[:, top:bottom, left:right],
-                                                    4, (1, 3), (True, False, True, True)))
-    assert (dy, dx) == (12, 12) and region.shape[-2:] == (80 - 12, 75 - 24)
-    expected = whole[:, top + dy : top + dy + region.shape[1], left + dx : left + dx + region.shape[2]]
-    assert torch.equal(region, expected)                             # every value kept, bit for bit
+    rng = np.random.default_rng(seed)
+    if not compiled:
+        monkeypatch.setattr(compiled_snapping, "_compiled", False)
+    iterations, dilations = int(rng.integers(1, 5)), tuple(int(d) for d in rng.choice([1, 2, 3], 2, replace=False))
+    pad, halo = max(dilations), max(dilations) * (iterations + 1)
+    height, width = int(rng.integers(2 * halo + 13, 2 * halo + 60)), int(rng.integers(2 * halo + 13, 2 * halo + 80))
+    scores = torch.from_numpy(rng.normal(size=(int(rng.integers(1, 4)), height, width)).astype(np.float32))
+    guide = torch.from_numpy(rng.normal(size=(3, height, width)).astype(np.float32))
+    whole = run_to_end(refine.pamr_steps(scores, guide, iterations, dilations))
+    np.testing.assert_array_equal(whole.numpy(), pamr(scores, guide, iterations, dilations).numpy())
+    cut = tuple(bool(c) for c in rng.random(4) < 0.7)
+    top = int(rng.integers(1, 6)) if cut[0] else 0
+    bottom = height - int(rng.integers(1, 6)) if cut[1] else height
+    left = int(rng.integers(1, 6)) if cut[2] else 0
+    right = width - int(rng.integers(1, 6)) if cut[3] else width
+    affinity = pamr_affinities(guide, dilations)[:, top:bottom, left:right]
+    monkeypatch.setattr(refine, "COMPILED_AT_ONCE_BYTES", int(rng.choice([4, 4096, 1 << 24])) * scores.shape[0] * width)
+    monkeypatch.setattr(refine, "AVERAGED_AT_ONCE_BYTES", int(rng.choice([4, 4096, 1 << 24])) * scores.shape[0] * width)
+    padded = _replicate(scores[:, top:bottom, left:right].contiguous(), pad)
+    spare = torch.full_like(padded, float("nan"))   # values never computed: any one read would show
+    steps = _refine_padded(padded, spare, iterations, dilations, affinity, cut)
+    for _ in range(iterations):
+        next(steps)
+    region = _finish(steps)
+    inner = (slice(None), slice(halo * cut[0], region.shape[1] - halo * cut[1]),
+             slice(halo * cut[2], region.shape[2] - halo * cut[3]))
+    expected = whole[:, top:bottom, left:right][inner]
+    assert expected.numel()
+    assert torch.equal(region[inner], expected)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -298,10 +298,19 @@ def apply_update(data: np.ndarray, update: LabelsUpdate, expected: dict | None =
             region[...] = plane.labels
             continue
         found = plane.found if expected is None or plane.index not in expected else expected[plane.index]
-        untouched = region == found
-        kept += int(region.size - np.count_nonzero(untouched))
-        write_where(region, plane.labels, untouched)
+        # in blocks of rows of about WRITTEN_AT_ONCE_BYTES: the masks stay small and in the cache, where masks of
+        # a whole 4096 x 4096 plane are fresh memory the GUI thread first has to map (tens of milliseconds)
+        step = max(1, WRITTEN_AT_ONCE_BYTES // max(1, region[:1].size))
+        for start in range(0, len(region), step):
+            block = region[start : start + step]
+            untouched = block == found[start : start + step]
+            kept += int(block.size - np.count_nonzero(untouched))
+            write_where(block, plane.labels[start : start + step], untouched)
     return kept
+
+
+#: Pixels a finished run's write handles at a time on the GUI thread (see :func:`apply_update`).
+WRITTEN_AT_ONCE_BYTES = 1 << 20
 
 
 def write_where(target: np.ndarray, values: np.ndarray, where: np.ndarray) -> None:

@@ -370,3 +370,33 @@ def test_masked_writes_equal_numpys_masked_copy_on_every_label_type_and_view(dty
     write_where(target, np.full(5, 1, dtype), np.array([True, False, False, False, True]))
     assert target[:, 0].tolist() == [1, 1, 1, 1] and target[1, 1] == 3 and target[:, 4].tolist() == [1] * 4
     assert target[1, 2] == 0 and target[2, 2] == 3
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_finished_run_written_in_blocks_of_rows_equals_one_write_of_each_plane(seed, monkeypatch):
+    """The GUI thread writes a finished run in blocks of rows (small masks): the layer and the pixels kept as painted
+    are those of a whole-plane write, for any block size, 2-D and stacks, with and without previews' planes."""
+    from napari_clearclip import editing
+
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(1, 4)), int(rng.integers(1, 40)), int(rng.integers(1, 50)))
+    planes = [(z,) for z in range(shape[0])]
+    found = {p: rng.integers(0, 4, shape[1:]).astype(np.uint8) for p in planes}
+    layer = np.stack([found[p] for p in planes])
+    layer[rng.random(shape) < 0.1] = 3                        # painted while the run computed
+    merger = LabelsMerger(shape, ["a", "b", "c"], layer, layer.copy(), ["a", "b", "c"], found)
+    for p in planes:
+        merger.add(p, rng.integers(1, 4, shape[1:]).astype(np.uint8))
+    update = merger.finish()
+    expected = {p: np.where(rng.random(shape[1:]) < 0.3, 2, found[p]).astype(np.uint8) for p in planes[:1]}
+
+    def written(block_bytes):
+        monkeypatch.setattr(editing, "WRITTEN_AT_ONCE_BYTES", block_bytes)
+        data = layer.copy()
+        return data, apply_update(data, update, expected)
+    whole, whole_kept = written(1 << 40)
+    for block_bytes in (1, 7, int(rng.integers(1, 3000))):
+        data, kept = written(block_bytes)
+        np.testing.assert_array_equal(data, whole)
+        assert kept == whole_kept
+    assert whole_kept > 0 and not np.array_equal(whole, layer)

@@ -91,6 +91,9 @@ class Segmenter:
         self._identities: dict[str, dict] = {}  # feature key -> what its features were made with (for the store)
         # per image and class list: the last run's labels, so that the next one recomputes only what changed
         self._label_states = ByteLRU(label_cache_bytes)
+        from .tiled_labels import SpareArrays
+
+        self._spare_label_arrays = SpareArrays()   # a replaced state's margins and winners, for the next run's copies
         # per image: the edge-snapping weights computed so far, which depend on the image alone
         self._affinities = ByteLRU(affinity_cache_bytes)
         self._guides = ByteLRU(64 << 20)
@@ -524,7 +527,7 @@ class Segmenter:
             affinities = self._affinities.get(state_key) or AffinityTiles(self._affinities.max_bytes)
         steps = label_steps(scores, guide, tuple(array.shape[:2]), spans, [tuple(c.synonyms) for c in parsed], snap,
                             self._label_states.get(state_key) if remember else None, affinities=affinities,
-                            focus=focus)
+                            focus=focus, spare=self._spare_label_arrays)
         try:
             if snap:
                 yield Progress("edges", 0, 1)
@@ -535,7 +538,11 @@ class Segmenter:
             raise OutOfMemoryError("Not enough memory to label this image: use fewer classes or a smaller image.") \
                 from None
         if remember:
+            replaced = self._label_states.get(state_key)
             self._label_states.put(state_key, state, state.nbytes)
+            if replaced is not None and replaced is not state:
+                self._spare_label_arrays.donate(replaced, holders=1)   # unless a run in flight still reads it
+            del replaced
         if affinities is not None:
             self._affinities.put(state_key, affinities, affinities.nbytes)
         result = SegmentationResult(None, None, None, [c.name for c in parsed], list(parsed), method_name)

@@ -21,6 +21,8 @@ the very value a whole-image computation gives it.
 
 from __future__ import annotations
 
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -173,6 +175,39 @@ class LabelState:
         return self.labels.nbytes + self.margins.nbytes + self.scores.numel() * 4 + winners
 
 
+class SpareArrays:
+    """Margins and winners' values of a label state no one uses any more, kept for the next run on an image of that
+    size to copy the previous state's into: memory already mapped, where a fresh 100 MB at 4096 x 4096 costs the
+    next run a page fault per 4 KiB (0.1-0.3 s on some machines) before it can show anything. At most one state's."""
+
+    def __init__(self):
+        self._arrays: dict[tuple, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple, dtype) -> np.ndarray:
+        """An array of that shape and type: a spare one (its values stale), else a new one."""
+        with self._lock:
+            spare = self._arrays.pop((tuple(shape), np.dtype(dtype)), None)
+        return spare if spare is not None else np.empty(shape, dtype)
+
+    def donate(self, state: LabelState, holders: int) -> bool:
+        """Keep ``state``'s margins and winners' values as spares, if nothing but ``holders`` references to the state
+        and its arrays' own attributes hold them (a run in flight that started from it keeps it whole). The state is
+        then emptied: it can no longer seed a run (one that finds it starts afresh)."""
+        if sys.getrefcount(state) > holders + 2:   # the caller's, this parameter, getrefcount's argument
+            return False
+        for name in ("margins", "winners"):
+            array = getattr(state, name)
+            # the state's attribute, this variable and getrefcount's argument: no view of it anywhere
+            if array is None or sys.getrefcount(array) > 3 or not array.flags.owndata or not array.flags.writeable:
+                return False
+        arrays = [state.margins, state.winners]
+        with self._lock:
+            self._arrays = {(a.shape, a.dtype): a for a in arrays}
+        state.labels = state.margins = state.winners = None
+        return True
+
+
 class _Geometry:
     """Tiles of the output, and the coarse pixels each tile's labels can depend on."""
 
@@ -313,10 +348,19 @@ class LabelsPreview:
 FOCUS_SIDE = 384
 
 
+def _copied(array: np.ndarray, spare: SpareArrays | None) -> np.ndarray:
+    """A copy of ``array``, into a spare array of its shape and type where there is one."""
+    if spare is None:
+        return array.copy()
+    out = spare.take(array.shape, array.dtype)
+    np.copyto(out, array)
+    return out
+
+
 def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[int, int],
                 spans: Sequence[tuple[int, int]], names: Sequence[tuple[str, ...]], snap: tuple = (),
                 previous: LabelState | None = None, dense: bool = False, tile: int = TILE,
-                affinities: AffinityTiles | None = None, focus: tuple | None = None):
+                affinities: AffinityTiles | None = None, focus: tuple | None = None, spare: SpareArrays | None = None):
     """Generator: labels of ``scores`` (Q, h, w) at ``size``; yields (done, total), returns a :class:`LabelState`.
 
     ``focus`` (row, column of the output: where the user just painted; or top, bottom, left, right: what the
@@ -329,7 +373,8 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     ``previous`` (the state a run on the same image left) lets unchanged pixels keep their
     labels; ``affinities`` keeps the snapping weights this run computes and lends those an earlier
     run on the same image kept (it is emptied first if they were made from another guide);
-    ``dense=True`` computes every pixel (the reference the skipping is tested against).
+    ``dense=True`` computes every pixel (the reference the skipping is tested against). ``spare`` lends arrays
+    to copy the previous state's margins and winners' values into.
     """
     scores = scores.detach().float().cpu()
     dense = dense or not SKIPPING
@@ -367,9 +412,11 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         dirty = ~uniform if not dense else np.ones(geometry.shape, bool)
         fill = uniform & ~dirty if dense else uniform
     else:
-        labels, margins = previous.labels.astype(label_dtype(len(spans))), previous.margins.copy()
+        labels = previous.labels.astype(label_dtype(len(spans)))
+        margins = _copied(previous.margins, spare)
     # the winners' values, where they are those of these scores (kept tiles only when the scores are the same)
-    winners = previous.winners.copy() if same or same_classes else np.empty(size, np.float32)
+    winners = (_copied(previous.winners, spare) if same or same_classes
+               else (spare or SpareArrays()).take(size, np.float32))
     exact = previous.exact.copy() if same or same_classes else np.zeros(geometry.shape, bool)
     if same_classes:   # where a labelled class or the reference changed within reach, the values kept are stale
         rose, steady, rises = _changed_classes(previous, state, reference, geometry)

@@ -1057,3 +1057,57 @@ def test_tiles_stored_from_a_box_hold_its_values_and_the_labels_each_holds():
         np.testing.assert_array_equal(present, expected_present)
         cases += 1
     assert cases >= 30
+
+
+def test_a_replaced_states_arrays_are_reused_by_the_next_run_and_the_labels_do_not_change(monkeypatch):
+    """A segmenter keeps the margins and winners' values of the state a run replaced, and the next stroke's run copies
+    into them: the same labels as runs that allocate afresh, stroke after stroke; a state something else still holds
+    is left whole, and a state emptied that way starts the next run afresh."""
+    from napari_clearclip import Segmenter
+    from napari_clearclip.demo.scenes import make_scene
+
+    scene = make_scene(4, size=160, objects=(4, 4))
+    classes = ["red", "green", "blue", "yellow", "background"]
+    rng = np.random.default_rng(3)
+    strokes = []
+    painted = np.zeros(scene.image.shape[:2], np.int32)
+    for _ in range(4):
+        y, x = (int(v) for v in rng.integers(10, 140, 2))
+        painted[y : y + 6, x : x + 12] = int(rng.integers(1, 6))
+        strokes.append(painted.copy())
+
+    def runs(pooled: bool):
+        segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+        taken = []
+        if not pooled:
+            monkeypatch.setattr(segmenter._spare_label_arrays, "donate", lambda *a, **k: False)
+        real_take = segmenter._spare_label_arrays.take
+
+        def take(shape, dtype):
+            spares = {id(a) for a in segmenter._spare_label_arrays._arrays.values()}
+            array = real_take(shape, dtype)
+            taken.append(id(array) in spares)
+            return array
+        monkeypatch.setattr(segmenter._spare_label_arrays, "take", take)
+        out = [segmenter.segment(scene.image, classes, refine="pamr", maps=False).labels]
+        out += [segmenter.segment(scene.image, classes, refine="pamr", maps=False, strokes=s).labels for s in strokes]
+        return out, taken, segmenter
+
+    pooled, taken, segmenter = runs(True)
+    plain, plain_taken, _ = runs(False)
+    assert sum(taken) >= 4 and not any(plain_taken)   # later runs copied into the replaced state's arrays
+    for a, b in zip(pooled, plain):
+        np.testing.assert_array_equal(a, b)
+    # a state held elsewhere (as a run in flight holds the one it started from) is not emptied
+    (key, (held, _)), = segmenter._label_states._items.items()
+    margins, winners = held.margins.copy(), held.winners.copy()
+    segmenter.segment(scene.image, classes, refine="pamr", maps=False, strokes=np.zeros_like(painted))
+    np.testing.assert_array_equal(held.margins, margins)
+    np.testing.assert_array_equal(held.winners, winners)
+    # a state emptied by the pool seeds nothing: the run starts afresh, with the labels of a fresh segmenter
+    (_, (latest, _)), = segmenter._label_states._items.items()
+    latest.labels = latest.margins = latest.winners = None
+    fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+    expected = fresh.segment(scene.image, classes, refine="pamr", maps=False, strokes=strokes[-1]).labels
+    np.testing.assert_array_equal(
+        segmenter.segment(scene.image, classes, refine="pamr", maps=False, strokes=strokes[-1]).labels, expected)

@@ -435,3 +435,69 @@ def challenged_tiles(planes, row_steps, origins, exact, query_class, reference_c
                 labels[y, x] = label
                 winners[y, x] = best
                 seen[label] = True
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
+def lower_half_bits(value):
+    """The float16 bits of ``value`` (float32) rounded to the nearest, then a step down where that lands above it:
+    ``tiled_labels.lower_half``."""
+    scratch = np.empty(1, np.float32)
+    scratch[0] = value
+    bits = half_bits(scratch.view(np.uint32)[0])
+    scratch.view(np.uint32)[0] = float_bits_of_half(bits)
+    if scratch[0] > value:   # one float16 step towards -inf
+        if bits == 0x0000 or bits == 0x8000:
+            return 0x8001
+        return bits - 1 if bits < 0x8000 else bits + 1
+    return bits
+
+
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def judged_tiles(labels, margin_bits, winners, rescued, ys, xs, tile, threshold, shrinks, new_leads, new_others,
+                 highest, allowance, dirty, first, last):
+    """Whole tiles ``first``..``last`` at (``ys``, ``xs``): ``dirty[n]`` where some pixel's margin is not above its
+    label's ``threshold`` (nor, with ``rescued``, its winner's value above its label's ``highest``); in each tile
+    that keeps its labels, each margin lowered in place to a bound for the next run (see
+    ``tiled_labels._TileBounds.judge``, whose arithmetic this repeats value by value)."""
+    negative = np.float32(-np.inf)
+    number = np.empty(1, np.float32)
+    bits = number.view(np.uint32)
+    for n in range(first, last):
+        ty, tx = ys[n], xs[n]
+        top, left = ty * tile, tx * tile
+        keeps_all = True
+        for y in range(top, top + tile):
+            for x in range(left, left + tile):
+                label = labels[y, x]
+                bits[0] = float_bits_of_half(margin_bits[y, x])
+                if number[0] > threshold[ty, tx, label]:
+                    continue
+                if rescued:
+                    bound = highest[ty, tx, label]
+                    if np.isfinite(bound) and winners[y, x] - bound > 0:
+                        continue
+                keeps_all = False
+                break
+            if not keeps_all:
+                break
+        dirty[n] = not keeps_all
+        if not keeps_all:
+            continue
+        for y in range(top, top + tile):
+            for x in range(left, left + tile):
+                label = labels[y, x]
+                bits[0] = float_bits_of_half(margin_bits[y, x])
+                margin = number[0]
+                kept = margin - shrinks[ty, tx, label]
+                if rescued:
+                    bound = highest[ty, tx, label]
+                    above = winners[y, x] - bound if np.isfinite(bound) else negative
+                    lower = margin if margin < above else above
+                    kept = kept if kept > lower else lower
+                for i in range(new_leads.shape[0]):
+                    other = new_others[i, ty, tx, label]
+                    through = negative if other == negative else kept + other
+                    lead = new_leads[i, ty, tx, label]
+                    against = lead if lead > through else through
+                    kept = kept if kept < against else against
+                margin_bits[y, x] = lower_half_bits(kept - allowance)

@@ -111,3 +111,25 @@ def _labelling_inputs(values: dict, owner: np.ndarray, labels: np.ndarray, margi
             np.array([values[q][1:3] for q in order], np.int64).reshape(-1, 2),
             np.array([values[q][3] for q in order], np.int64).reshape(-1, 4),
             np.asarray(owner, np.int64)[order] if order else np.zeros(0, np.int64))
+
+
+def judge_tiles(bounds, ys: np.ndarray, xs: np.ndarray, labels: np.ndarray, margins: np.ndarray,
+                winners: np.ndarray | None, tile: int, dirty: np.ndarray) -> bool:
+    """Which whole tiles at (``ys``, ``xs``) must be recomputed (into ``dirty``, tiles_y x tiles_x), and the margins
+    the others keep lowered in place, by ``bounds`` (a ``tiled_labels._TileBounds``), in one pass over the tiles'
+    pixels on every core; False, with nothing written, where the compiled loop does not apply."""
+    loops = _loops()
+    rescued = bounds.highest is not None and winners is not None
+    if (not loops or labels.dtype != np.uint8 or margins.dtype != np.float16 or not labels.flags.c_contiguous
+            or not margins.flags.c_contiguous or not margins.flags.writeable
+            or (rescued and (winners.dtype != np.float32 or not winners.flags.c_contiguous))):
+        return False
+    tables = (np.ascontiguousarray(bounds.threshold, np.float64), np.ascontiguousarray(bounds.shrinks, np.float32),
+              np.ascontiguousarray(bounds.new_leads, np.float32), np.ascontiguousarray(bounds.new_others, np.float32),
+              np.ascontiguousarray(bounds.highest if rescued else np.zeros((1, 1, 1)), np.float32))
+    judged = np.zeros(len(ys), bool)
+    _shared(loops.judged_tiles, 0, len(ys), tile * tile * 2, labels, margins.view(np.uint16),
+            winners if rescued else np.zeros((1, 1), np.float32), rescued, np.ascontiguousarray(ys, np.int64),
+            np.ascontiguousarray(xs, np.int64), tile, *tables, np.float32(2 * bounds.tolerance), judged)
+    dirty[ys, xs] = judged
+    return True

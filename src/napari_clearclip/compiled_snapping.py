@@ -72,6 +72,13 @@ def _ready():
                         np.full((1, 1), np.inf, np.float32), 2, np.ones((2, 2), np.uint8),
                         np.zeros((2, 2), np.float16), np.zeros((2, 2), np.float32), 0.0, np.zeros((1, 1, 2), bool),
                         np.ones(1, bool), np.ones(1, bool), np.zeros((1, 1), bool), True, np.ones((1, 1), bool))
+        from .compiled_labels import judge_tiles
+        from .tiled_labels import _TileBounds
+
+        table = np.zeros((1, 1, 2), np.float32)
+        judge_tiles(_TileBounds(np.zeros((1, 1, 2)), table, table[None], table[None], 0.0, table),
+                    np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones((2, 2), np.uint8),
+                    np.zeros((2, 2), np.float16), np.zeros((2, 2), np.float32), 2, np.zeros((1, 1), bool))
     except Exception:  # numba could not compile them here
         return False
     finally:

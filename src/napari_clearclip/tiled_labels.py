@@ -1367,6 +1367,9 @@ def _kept_tiles(previous: LabelState, mapping: list, state: LabelState, referenc
         lowered in place to bounds for the next run). Each tile is to be judged once."""
         dirty = np.zeros(geometry.shape, bool)
         whole = np.nonzero(check & whole_tiles & within)
+        if len(whole[0]) and compiled_labels.judge_tiles(bounds, whole[0], whole[1], labels, margins, winners,
+                                                         geometry.tile, dirty):
+            whole = (whole[0][:0], whole[1][:0])   # judged, compiled: the same values
         for start in range(0, len(whole[0]), JUDGED_AT_ONCE):
             ys, xs = whole[0][start : start + JUDGED_AT_ONCE], whole[1][start : start + JUDGED_AT_ONCE]
             judged, kept_margins = bounds.judge(ys, xs, blocks[0][ys, xs], blocks[1][ys, xs],

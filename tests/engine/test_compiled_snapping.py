@@ -560,3 +560,46 @@ def test_compiled_challenged_tiles_equal_the_element_wise_path_bit_for_bit(typed
         for name in changing:
             np.testing.assert_array_equal(compiled[name].view(np.uint8), plain[name].view(np.uint8), err_msg=name)
         assert not np.array_equal(compiled["margins"].view(np.uint16), case["margins"].view(np.uint16))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_compiled_judging_of_kept_tiles_equals_the_numpy_path_bit_for_bit(seed, monkeypatch):
+    """Which whole tiles keep their labels, and the float16 margins the kept ones are lowered to (new classes'
+    leads, classes that rose, winners rescued or not), on any split between threads: the NumPy path's values."""
+    from napari_clearclip.tiled_labels import _tile_blocks, _TileBounds
+
+    rng = np.random.default_rng(seed)
+    kept_tiles = dirty_tiles = 0
+    for _ in range(30):
+        tile = int(rng.choice([1, 2, 8]))
+        rows, cols, classes, new = int(rng.integers(1, 6)), int(rng.integers(1, 6)), int(rng.integers(1, 5)), int(
+            rng.integers(0, 3))
+        shape = (rows, cols, classes + 1)
+        threshold = rng.choice([-np.inf, np.inf, -0.5, 0.0, 0.25, 1.0], shape) + rng.normal(0, 0.01, shape) * (
+            rng.random(shape) < 0.5)
+        shrinks = (rng.integers(0, 4, shape) / 8).astype(np.float32)
+        leads = np.where(rng.random((new, *shape)) < 0.2, -np.inf, rng.normal(0, 1, (new, *shape))).astype(np.float32)
+        others = np.where(rng.random((new, *shape)) < 0.3, -np.inf, rng.normal(0, 1, (new, *shape))).astype(np.float32)
+        highest = None if rng.random() < 0.3 else np.where(rng.random(shape) < 0.3, np.inf,
+                                                             rng.normal(0, 1, shape)).astype(np.float32)
+        bounds = _TileBounds(threshold, shrinks, leads, others, float(rng.choice([0.0, 1e-5, 0.01])), highest)
+        size = (rows * tile, cols * tile)
+        labels = rng.integers(0, classes + 1, size).astype(np.uint8)
+        margins = np.where(rng.random(size) < 0.05, np.inf, rng.integers(-4, 12, size) / 4 +
+                           rng.normal(0, 0.2, size) * (rng.random(size) < 0.5)).astype(np.float16)
+        winners = (rng.integers(-8, 8, size) / 4).astype(np.float32)
+        given = winners if rng.random() < 0.8 else None
+        ys, xs = np.nonzero(rng.random((rows, cols)) < 0.8)
+        monkeypatch.setattr(compiled_snapping, "SHARED_FROM", int(rng.choice([1, 1 << 15])))
+        got_margins, got_dirty = margins.copy(), np.zeros((rows, cols), bool)
+        assert compiled_labels.judge_tiles(bounds, ys, xs, labels, got_margins, given, tile, got_dirty)
+        expected_margins, expected_dirty = margins.copy(), np.zeros((rows, cols), bool)
+        blocks = (_tile_blocks(labels, tile), _tile_blocks(expected_margins, tile), _tile_blocks(winners, tile))
+        judged, kept = bounds.judge(ys, xs, blocks[0][ys, xs], blocks[1][ys, xs],
+                                    None if given is None else blocks[2][ys, xs])
+        expected_dirty[ys, xs] = judged
+        blocks[1][ys[~judged], xs[~judged]] = kept
+        np.testing.assert_array_equal(got_dirty, expected_dirty)
+        np.testing.assert_array_equal(got_margins.view(np.uint16), expected_margins.view(np.uint16))
+        kept_tiles, dirty_tiles = kept_tiles + int((~judged).sum()), dirty_tiles + int(judged.sum())
+    assert kept_tiles > 10 and dirty_tiles > 10   # both outcomes judged many times

@@ -13,7 +13,7 @@ from typing import Generator, Sequence
 
 import numpy as np
 
-from .editing import LabelsMerger, LabelsUpdate, layer_preview
+from .editing import LabelsMerger, LabelsUpdate, SparePlanes, layer_preview
 from .hashing import digests_kept
 from .options import SegmentOptions
 from .errors import LessonError
@@ -50,6 +50,7 @@ class LayerRequest:
     foreground_limits: tuple | None = None     # the contrast limits of a foreground image layer (None: labels)
     found_weights: tuple | None = None         # FOUND's (DINO, decoder) files; None: torch's cache
     view: tuple | None = None                  # (top, bottom, left, right) of a plane the user sees: shown first
+    spares: SparePlanes | None = None          # arrays to copy planes into (see SparePlanes)
 
 
 @dataclass
@@ -89,21 +90,43 @@ def painted_strokes(request: LayerRequest, class_names: list[str]) -> dict[tuple
         current = request.found.get(plane)
         if current is None:
             current = np.asarray(request.current[plane])
-        edited = current != request.baseline[plane]
-        if request.edited is not None:
-            edited |= request.edited[plane]
-        rows = np.flatnonzero(edited.reshape(-1, edited.shape[-1]).any(axis=1))  # strokes cover a sliver of a plane
+        shape = current.shape
+        current = _rows_of(current)
+        baseline = _rows_of(request.baseline[plane])
+        earlier = None if request.edited is None else _rows_of(request.edited[plane])
+        rows = _edited_rows(current, baseline, earlier)  # strokes cover a sliver of a plane
         if not len(rows):
             continue
-        values = np.where(edited.reshape(-1, edited.shape[-1])[rows],
-                          np.asarray(current).reshape(-1, edited.shape[-1])[rows], 0).astype(np.int64)
+        edited = current[rows] != baseline[rows]
+        if earlier is not None:
+            edited |= earlier[rows]
+        values = np.where(edited, current[rows], 0).astype(np.int64)
         values[values >= len(lookup)] = 0  # labels the user invented are no class hint
         hints = lookup[values]
         if hints.any():  # the rows painted, not the whole plane: reading fresh zeros costs a page fault per page
-            plane_strokes = np.zeros(edited.shape, np.uint8 if len(lookup) <= 256 else np.int32)
-            plane_strokes.reshape(-1, edited.shape[-1])[rows] = hints
+            plane_strokes = np.zeros(shape, np.uint8 if len(lookup) <= 256 else np.int32)
+            plane_strokes.reshape(-1, shape[-1])[rows] = hints
             strokes_by_plane[plane] = plane_strokes
     return strokes_by_plane
+
+
+def _rows_of(array) -> np.ndarray:
+    array = np.asarray(array)
+    return array.reshape(-1, array.shape[-1])
+
+
+def _edited_rows(current: np.ndarray, baseline: np.ndarray, earlier: np.ndarray | None) -> np.ndarray:
+    """The rows (of 2-D ``current``) where it differs from ``baseline`` or ``earlier`` marks a pixel painted: in blocks
+    of about 1 MiB, whose masks stay in the cache (a whole 4096 x 4096 one would be fresh memory on every run)."""
+    step = max(1, (1 << 20) // max(1, current.shape[-1]))
+    found = []
+    for start in range(0, len(current), step):
+        block = slice(start, start + step)
+        edited = current[block] != baseline[block]
+        if earlier is not None:
+            edited |= earlier[block]
+        found.append(start + np.flatnonzero(edited.any(axis=1)))
+    return np.concatenate(found) if found else np.zeros(0, np.int64)
 
 
 #: A view at most this many pixels a side is recomputed first, as one region; a larger one (zoomed out) shows
@@ -189,7 +212,8 @@ def _segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Pro
         if isinstance(item, Progress):
             if item.preview is not None:  # labels final before the run ends: what the layer can show meanwhile
                 plane = tuple(request.planes[item.plane])
-                preview = layer_preview(merger, plane, item.preview, first=plane not in previewed)
+                preview = layer_preview(merger, plane, item.preview, first=plane not in previewed,
+                                        spares=request.spares)
                 if preview is not None:
                     previewed.add(plane)
                 item = replace(item, preview=preview)

@@ -9,6 +9,8 @@ write the GUI thread does at the end.
 
 from __future__ import annotations
 
+import sys
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -97,6 +99,56 @@ class PlaneUpdate:
     found: np.ndarray | None
 
 
+class SparePlanes:
+    """Copies of a layer's planes that a finished run no longer uses, kept for the next run's copies: memory already
+    mapped, where a fresh 16 MB plane at 4096 x 4096 costs 20-40 ms of page faults on some machines before a live
+    re-run can show anything (one of those copies is made on the GUI thread). Thread-safe; ``max_bytes`` at most,
+    and only arrays of at least ``min_bytes`` (smaller ones cost little to make)."""
+
+    def __init__(self, max_bytes: int = 256 << 20, min_bytes: int = 1 << 20):
+        self.max_bytes, self.min_bytes = max_bytes, min_bytes
+        self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(a.nbytes for a in self._arrays)
+
+    def copy_of(self, array) -> np.ndarray:
+        """A copy of ``array`` (C order), into a spare array of its shape and type where there is one."""
+        array = np.asarray(array)
+        with self._lock:
+            spare = next((i for i, a in enumerate(self._arrays) if a.shape == array.shape and a.dtype == array.dtype),
+                         None)
+            out = self._arrays.pop(spare) if spare is not None else None
+        if out is None:
+            return np.array(array, copy=True, order="C")
+        np.copyto(out, array)
+        return out
+
+    def keep_from(self, arrays: dict) -> int:
+        """Empty ``arrays`` (key -> array), keeping as spares the arrays that nothing else references (no view, no
+        other holder: what a later run writes into them can then reach no one). Returns how many were kept."""
+        kept = 0
+        while arrays:
+            _, array = arrays.popitem()
+            # this variable and getrefcount's argument only
+            if (not isinstance(array, np.ndarray) or sys.getrefcount(array) > 2 or not array.flags.owndata
+                    or not array.flags.writeable or not array.flags.c_contiguous or array.nbytes < self.min_bytes):
+                continue
+            with self._lock:
+                if sum(a.nbytes for a in self._arrays) + array.nbytes > self.max_bytes:
+                    continue
+                self._arrays.append(array)
+            kept += 1
+        return kept
+
+    def clear(self) -> None:
+        with self._lock:
+            self._arrays = []
+
+
 @dataclass
 class LabelsUpdate:
     """Everything the GUI thread needs to show a run's result."""
@@ -158,7 +210,9 @@ class LabelsMerger:
             self.baseline[index] = labels
             merged, found = labels, None
         else:
-            found = self._renumbered(self.found[index])
+            # only read: the plane as found, renumbered where the numbers change (a copy then), else itself
+            found = (self._renumbered(self.found[index]) if self.lookup is not None
+                     else np.asarray(self.found[index], dtype=self.dtype))
             edited = (found != self.baseline[index]) | self.edited[index]
             self.edited[index] = edited
             merged = np.where(edited, found, labels)
@@ -227,21 +281,43 @@ class LabelsPreview:
     plane_found: np.ndarray | None = None   # with a plane's first preview: a copy of the plane as the run found it
 
 
-def layer_preview(merger: "LabelsMerger", plane: tuple, preview, first: bool = False) -> LabelsPreview | None:
+def layer_preview(merger: "LabelsMerger", plane: tuple, preview, first: bool = False,
+                  spares: SparePlanes | None = None) -> LabelsPreview | None:
     """The part of an engine preview (``tiled_labels.LabelsPreview``) to write into the layer the merger updates,
     or None when there is nothing to write or the layer's numbers are not the run's (a class renamed, added or
     removed: only the finished run renumbers the layer). ``first``: the plane's first preview, which carries a
-    copy of the plane as found (made here, in the worker: a large new array is slow to make on the GUI thread)."""
+    copy of the plane as found (made here, in the worker: a large new array is slow to make on the GUI thread;
+    into one of ``spares`` where there is one)."""
     if merger.full is not None or merger.lookup is not None or plane not in merger.found:
         return None
     index = tuple(plane) + preview.slices
     expected = np.asarray(merger.found[plane][preview.slices])
     labels = preview.labels.astype(merger.dtype, copy=False)
-    writable = preview.final & (labels != expected) & (expected == merger.baseline[index]) & ~merger.edited[index]
-    if not writable.any():
+    writable = _writable(preview.final, labels, expected, merger.baseline[index], merger.edited[index])
+    if writable is None:
         return None
-    plane_found = np.array(merger.found[plane], copy=True) if first else None
+    plane_found = None if not first else (np.array(merger.found[plane], copy=True) if spares is None
+                                          else spares.copy_of(merger.found[plane]))
     return LabelsPreview(tuple(plane), index, labels, expected, writable, plane_found)
+
+
+def _writable(final: np.ndarray, labels: np.ndarray, expected: np.ndarray, baseline: np.ndarray,
+              edited: np.ndarray) -> np.ndarray | None:
+    """Where a preview may write: final, new, and neither painted by the user nor changed since the run found it;
+    None where nowhere. In blocks of rows of about 1 MiB: the masks of a whole part are fresh memory (tens of
+    milliseconds of page faults for a 4096 x 4096 part), of a block stay in the cache."""
+    writable = np.empty(labels.shape, bool)
+    step = max(1, (1 << 20) // max(1, labels[:1].size))
+    anywhere = False
+    for start in range(0, len(labels), step):
+        rows = slice(start, start + step)
+        out = writable[rows]
+        np.not_equal(labels[rows], expected[rows], out=out)
+        out &= final[rows]
+        out &= expected[rows] == baseline[rows]
+        out &= ~edited[rows]
+        anywhere = anywhere or bool(out.any())
+    return writable if anywhere else None
 
 
 def split_preview(preview: LabelsPreview, rows: int) -> tuple[LabelsPreview, LabelsPreview | None]:

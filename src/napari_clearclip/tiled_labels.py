@@ -176,8 +176,8 @@ class LabelState:
 
 
 class SpareArrays:
-    """Margins and winners' values of a label state no one uses any more, kept for the next run on an image of that
-    size to copy the previous state's into: memory already mapped, where a fresh 100 MB at 4096 x 4096 costs the
+    """Labels, margins and winners' values of a label state no one uses any more, kept for the next run on an image of
+    that size to copy the previous state's into: memory already mapped, where a fresh 120 MB at 4096 x 4096 costs the
     next run a page fault per 4 KiB (0.1-0.3 s on some machines) before it can show anything. At most one state's."""
 
     def __init__(self):
@@ -192,16 +192,21 @@ class SpareArrays:
 
     def donate(self, state: LabelState, holders: int) -> bool:
         """Keep ``state``'s margins and winners' values as spares, if nothing but ``holders`` references to the state
-        and its arrays' own attributes hold them (a run in flight that started from it keeps it whole). The state is
-        then emptied: it can no longer seed a run (one that finds it starts afresh)."""
+        and its arrays' own attributes hold them (a run in flight that started from it keeps it whole), and its labels
+        too where nothing else holds them (a result the caller still has reads them). The state is then emptied: it
+        can no longer seed a run (one that finds it starts afresh)."""
         if sys.getrefcount(state) > holders + 2:   # the caller's, this parameter, getrefcount's argument
             return False
-        for name in ("margins", "winners"):
+        free = {}
+        for name in ("labels", "margins", "winners"):
             array = getattr(state, name)
             # the state's attribute, this variable and getrefcount's argument: no view of it anywhere
-            if array is None or sys.getrefcount(array) > 3 or not array.flags.owndata or not array.flags.writeable:
-                return False
-        arrays = [state.margins, state.winners]
+            free[name] = (array is not None and sys.getrefcount(array) <= 3 and array.flags.owndata
+                          and array.flags.writeable)
+            del array
+        if not (free["margins"] and free["winners"]):
+            return False
+        arrays = [getattr(state, name) for name in ("labels", "margins", "winners") if free[name]]
         with self._lock:
             self._arrays = {(a.shape, a.dtype): a for a in arrays}
         state.labels = state.margins = state.winners = None
@@ -412,7 +417,8 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
         dirty = ~uniform if not dense else np.ones(geometry.shape, bool)
         fill = uniform & ~dirty if dense else uniform
     else:
-        labels = previous.labels.astype(label_dtype(len(spans)))
+        labels = (_copied(previous.labels, spare) if previous.labels.dtype == label_dtype(len(spans))
+                  else previous.labels.astype(label_dtype(len(spans))))
         margins = _copied(previous.margins, spare)
     # the winners' values, where they are those of these scores (kept tiles only when the scores are the same)
     winners = (_copied(previous.winners, spare) if same or same_classes

@@ -515,6 +515,39 @@ def test_painted_pixels_become_hints_for_the_new_class_list():
     assert painted_strokes(request, ["c", "a"]) == {}                       # nothing painted, no hints
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_strokes_found_in_blocks_of_rows_are_those_a_whole_plane_comparison_finds(seed):
+    """Painted rows are found a block of rows at a time: strokes in any block, on the blocks' edges, in earlier
+    rounds or not, give the hints a comparison of the whole plane gives."""
+    from napari_clearclip.annotate import LayerRequest, painted_strokes
+    from napari_clearclip.planes import ImageLayout
+
+    rng = np.random.default_rng(seed)
+    shape = (2, 700, 2048) if seed % 2 else (1100, 1024)      # blocks of 512 and 1024 rows
+    planes = [(0,), (1,)] if seed % 2 else [()]
+    baseline = rng.integers(1, 4, shape).astype(np.uint8)
+    current = baseline.copy()
+    rows = rng.choice(shape[-2], 6, replace=False)
+    rows[:2] = (511, 512) if seed % 2 else (1023, 1024)       # both sides of a block's edge
+    for row in rows:
+        cols = rng.integers(0, shape[-1], 20)
+        current[..., row, cols] = rng.integers(0, 5, 20).astype(np.uint8)   # 4: a label of the user's own
+    edited = (rng.random(shape) < 2e-6) if seed < 2 else None
+    request = LayerRequest(data=None, layout=ImageLayout(shape), planes=planes, classes=["c", "a", "b"], options={},
+                           current=current, baseline=baseline, baseline_names=["a", "b", "c"], edited=edited)
+    hints = painted_strokes(request, ["c", "a", "b"])
+    lookup = np.array([0, 2, 3, 1, 0])                        # a, b, c -> 2, 3, 1; 0 and 4 are no hint
+    for plane in planes:
+        painted = current[plane] != baseline[plane]
+        if edited is not None:
+            painted |= edited[plane]
+        expected = np.where(painted, lookup[current[plane]], 0)
+        if expected.any():
+            np.testing.assert_array_equal(hints[plane], expected)
+        else:
+            assert plane not in hints
+
+
 def test_pixels_of_each_class_are_counted_per_cell_as_one_count_per_pixel_would():
     from napari_clearclip.strokes import class_counts_per_cell
 

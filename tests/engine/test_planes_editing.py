@@ -332,6 +332,52 @@ def test_previews_never_touch_the_users_pixels_and_leave_what_the_finished_run_l
     assert np.all(layer[stroke] == 7)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_where_a_preview_writes_is_found_in_blocks_as_over_the_whole_part(seed):
+    """The pixels a preview may write (final, new, not painted, unchanged since the run found them), found a block of
+    rows at a time, are those of one whole-part mask; a part with none writes nothing."""
+    from napari_clearclip.editing import _writable
+
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(1, 700)), int(rng.choice([3, 2048, 4096])))   # one block or many, a ragged last one
+    labels = rng.integers(0, 3, shape).astype(np.uint8)
+    expected = rng.integers(0, 3, shape).astype(np.uint8)
+    baseline = np.where(rng.random(shape) < 0.9, expected, 9).astype(np.uint8)
+    edited = rng.random(shape) < 0.1
+    final = rng.random(shape) < 0.7
+    whole = final & (labels != expected) & (expected == baseline) & ~edited
+    np.testing.assert_array_equal(_writable(final, labels, expected, baseline, edited), whole)
+    assert _writable(final, expected, expected, baseline, edited) is None       # nothing new anywhere
+
+
+def test_spare_planes_are_taken_only_from_arrays_no_one_else_holds():
+    """Copies of planes a finished run no longer uses are kept for the next run's copies, only where nothing else
+    references them (a view, another holder: a later run's writes would reach it); within the size bound."""
+    from napari_clearclip.editing import SparePlanes
+
+    spares = SparePlanes(max_bytes=3 << 20, min_bytes=1 << 20)
+    free, held, viewed = (np.zeros((1024, 1024), np.uint8) for _ in range(3))
+    small = np.zeros(10, np.uint8)
+    holder = [held]
+    view = viewed[2:]
+    planes = {"free": free, "held": held, "viewed": viewed, "small": small}
+    free_id = id(free)
+    del free, held, viewed      # each held by one other reference only: a list, a view
+    assert spares.keep_from(planes) == 1 and planes == {}
+    assert spares.nbytes == 1 << 20
+    source = np.arange(1 << 20, dtype=np.uint8).reshape(1024, 1024)
+    copy = spares.copy_of(source)
+    assert id(copy) == free_id and spares.nbytes == 0                   # the spare, not a new array
+    np.testing.assert_array_equal(copy, source)
+    other = spares.copy_of(source)                                      # none left: a new copy
+    assert id(other) != free_id and not np.shares_memory(other, source)
+    np.testing.assert_array_equal(other, source)
+    # an array taken back is written only by whoever takes it: the holder's and the view's arrays are untouched
+    assert (holder[0] == 0).all() and (view == 0).all()
+    arrays = {i: np.zeros((1024, 1024), np.uint8) for i in range(5)}
+    assert spares.keep_from(arrays) == 3 and spares.nbytes == 3 << 20   # the bound
+
+
 def test_previews_wait_while_the_layer_is_renumbered_or_new():
     """Only a run that keeps the layer's numbers previews into it: a class typed or removed renumbers the layer,
     which only the finished run does; a new layer has nothing to preview into."""

@@ -1059,6 +1059,27 @@ def test_tiles_stored_from_a_box_hold_its_values_and_the_labels_each_holds():
     assert cases >= 30
 
 
+def test_labels_a_result_still_holds_are_never_written_by_a_later_run():
+    """A replaced state's labels are reused only where no result reads them: a result kept while strokes re-run keeps
+    its labels, those of a fresh segmenter's run."""
+    from napari_clearclip import Segmenter
+    from napari_clearclip.demo.scenes import make_scene
+
+    scene = make_scene(4, size=160, objects=(4, 4))
+    classes = ["red", "green", "blue", "yellow", "background"]
+    segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+    kept = segmenter.segment(scene.image, classes, refine="pamr", maps=False)     # held, its labels not yet read
+    painted = np.zeros(scene.image.shape[:2], np.int32)
+    painted[20:140, 20:140] = 5                       # a large stroke: most labels change
+    changed = segmenter.segment(scene.image, classes, refine="pamr", maps=False, strokes=painted).labels
+    painted[60:70, 60:70] = 2
+    segmenter.segment(scene.image, classes, refine="pamr", maps=False, strokes=painted)
+    expected = Segmenter("synthetic-tiny", device="cpu", disk_cache=False).segment(
+        scene.image, classes, refine="pamr", maps=False).labels
+    assert (expected != changed).mean() > 0.05        # the later runs' labels differ from the first's
+    np.testing.assert_array_equal(kept.labels, expected)
+
+
 def test_a_replaced_states_arrays_are_reused_by_the_next_run_and_the_labels_do_not_change(monkeypatch):
     """A segmenter keeps the margins and winners' values of the state a run replaced, and the next stroke's run copies
     into them: the same labels as runs that allocate afresh, stroke after stroke; a state something else still holds
@@ -1078,7 +1099,7 @@ def test_a_replaced_states_arrays_are_reused_by_the_next_run_and_the_labels_do_n
 
     def runs(pooled: bool):
         segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
-        taken = []
+        taken, labels_taken = [], []
         if not pooled:
             monkeypatch.setattr(segmenter._spare_label_arrays, "donate", lambda *a, **k: False)
         real_take = segmenter._spare_label_arrays.take
@@ -1087,15 +1108,17 @@ def test_a_replaced_states_arrays_are_reused_by_the_next_run_and_the_labels_do_n
             spares = {id(a) for a in segmenter._spare_label_arrays._arrays.values()}
             array = real_take(shape, dtype)
             taken.append(id(array) in spares)
+            labels_taken.append(id(array) in spares and np.dtype(dtype).kind == "u")
             return array
         monkeypatch.setattr(segmenter._spare_label_arrays, "take", take)
         out = [segmenter.segment(scene.image, classes, refine="pamr", maps=False).labels]
         out += [segmenter.segment(scene.image, classes, refine="pamr", maps=False, strokes=s).labels for s in strokes]
-        return out, taken, segmenter
+        return out, (taken, labels_taken), segmenter
 
-    pooled, taken, segmenter = runs(True)
-    plain, plain_taken, _ = runs(False)
+    pooled, (taken, labels_taken), segmenter = runs(True)
+    plain, (plain_taken, _), _ = runs(False)
     assert sum(taken) >= 4 and not any(plain_taken)   # later runs copied into the replaced state's arrays
+    assert sum(labels_taken) >= 2                     # the labels too, where no result held them
     for a, b in zip(pooled, plain):
         np.testing.assert_array_equal(a, b)
     # a state held elsewhere (as a run in flight holds the one it started from) is not emptied

@@ -123,3 +123,29 @@ def test_a_live_rerun_cancelled_after_its_first_preview_changes_nothing(qtbot, w
     stroke = after != before
     assert stroke[y, x] and stroke.sum() <= 40 * 40     # the stroke alone
     np.testing.assert_array_equal(widget.results.of(labels).baseline, baseline_before)
+
+
+def test_live_reruns_copy_the_layer_into_arrays_an_earlier_run_left_and_keep_every_stroke(qtbot, widget):
+    """A live re-run copies the layer's plane (as found, and as its previews leave it) into the copies an earlier run
+    no longer uses; stroke after stroke, every stroke stays the user's and everything else is the run's answer."""
+    labels, runs = _live_on_large_shapes(qtbot, widget)
+    spares = widget._spare_planes
+    from_spares = []
+    real_copy_of = spares.copy_of
+    spares.copy_of = lambda array: (from_spares.append(spares.nbytes > 0), real_copy_of(array))[1]
+    strokes = []
+    for number, (y, x) in enumerate([(600, 600), (1400, 1300), (700, 1500)]):
+        value = 3 if labels.data[y, x] != 3 else 1
+        labels.paint((y, x), value)
+        strokes.append((y, x, value))
+        qtbot.waitUntil(lambda count=number + 1: len(runs) == count, timeout=5000)
+        qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
+        assert widget.status.value.startswith("Done"), widget.status.value
+    assert len(from_spares) >= 5 and not any(from_spares[:2]) and all(from_spares[2:]), from_spares
+    after = np.asarray(labels.data)
+    result = widget.results.of(labels)
+    user = after != result.baseline
+    for y, x, value in strokes:
+        assert after[y, x] == value and result.edited[y, x]   # each stroke stays the user's
+    assert result.edited.sum() <= 3 * 40 * 40
+    assert not np.any(user & ~result.edited)         # everywhere else: the run's answer

@@ -13,6 +13,7 @@ from napari.layers import Labels
 from napari.utils.colormaps import DirectLabelColormap
 
 from ..annotate import LayerRequest, probability_layer_names, segment_layer
+from ..editing import SparePlanes
 from ..models import ModelSpec
 from ..progress import Progress
 from ..reduced import LARGE_PIXELS
@@ -43,16 +44,19 @@ def _model_key(spec: ModelSpec) -> tuple:
 
 
 def layer_request(data, layout, planes, classes, options, image_name: str, probability_output: str, target,
-                  learn: bool, existing_layers: dict, background: tuple[str, ...] = ()) -> LayerRequest:
+                  learn: bool, existing_layers: dict, background: tuple[str, ...] = (),
+                  spares: SparePlanes | None = None) -> LayerRequest:
     """What a run needs: the image, the planes, and the result layer it updates (its labels as they are now,
-    its baseline and edits), with copies of the planes to segment to spot strokes made during the run."""
+    its baseline and edits), with copies of the planes to segment to spot strokes made during the run (into
+    ``spares``, arrays an earlier run no longer uses, where there are some)."""
     request = LayerRequest(data=data, layout=layout, planes=planes, classes=[", ".join(c.synonyms) for c in classes],
                            options=options, image_name=image_name, probability_output=probability_output,
-                           background=tuple(background))
+                           background=tuple(background), spares=spares)
     if target is not None:
         current = target.layer.data
         request.current, request.baseline, request.baseline_names = current, target.baseline, target.names
-        request.found = {plane: np.array(current[plane], copy=True) for plane in planes}
+        request.found = {plane: np.array(current[plane], copy=True) if spares is None else spares.copy_of(current[plane])
+                         for plane in planes}
         request.learn_from_edits = learn
         request.edited = target.edited
     for name in probability_layer_names(image_name, probability_output, [c.name for c in classes]):

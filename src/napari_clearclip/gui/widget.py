@@ -21,6 +21,7 @@ from qtpy.QtCore import QTimer
 
 from .collections import settle
 from ..choices import DEMO_MODEL
+from ..editing import SparePlanes
 from ..errors import ClearClipError, InvalidClassesError
 from ..models import ModelSpec
 from ..options import SegmentOptions
@@ -62,6 +63,7 @@ class ClearClipWidget(FieldLogic, Container):
         self._progress_timer.timeout.connect(self._show_pending_step)
         self._writing = False  # set while the widget adds its own layers, which the Image field must not follow
         self._previews: RunPreviews | None = None  # parts of the run in flight's labels shown before it ends
+        self._spare_planes = SparePlanes()          # copies of the layer's planes a finished run no longer uses
         saved = load_settings()
 
         fields = build_fields(self)
@@ -280,7 +282,7 @@ class ClearClipWidget(FieldLogic, Container):
         existing = {layer.name: layer.data for layer in self._viewer.layers}
         request = layer_request(data, layout, planes, classes, options, layer.name, self.probability_output.value,
                                 target, self.learn.value and self.keep_edits.value, existing,
-                                (self.background.value,) if self.background.value else ())
+                                (self.background.value,) if self.background.value else (), self._spare_planes)
         request.objects = None if objects_layer is None else objects_layer.data
         request.lessons = self.lessons.for_run(layer.name, self.share_lesson.value)
         for name, value in foreground.items():
@@ -665,9 +667,12 @@ class ClearClipWidget(FieldLogic, Container):
             self._show_error(exc)
 
     def _on_finished(self):
-        if self._previews is not None:
-            self._previews.stop()
-            self._previews = None
+        previews, self._previews = self._previews, None
+        if previews is not None:
+            previews.stop()
+            # the run's copies of the layer's planes, for the next run to copy into (those nothing else still holds)
+            self._spare_planes.keep_from(previews.expected)
+            self._spare_planes.keep_from(previews.found)
         self._worker = None
         self._pending_step = None
         self._progress_timer.stop()

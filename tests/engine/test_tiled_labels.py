@@ -774,6 +774,8 @@ def test_pamr_on_a_region_leaving_out_its_cut_sides_gives_the_whole_image_values
     affinity = pamr_affinities(guide, dilations)[:, top:bottom, left:right]
     monkeypatch.setattr(refine, "COMPILED_AT_ONCE_BYTES", int(rng.choice([4, 4096, 1 << 24])) * scores.shape[0] * width)
     monkeypatch.setattr(refine, "AVERAGED_AT_ONCE_BYTES", int(rng.choice([4, 4096, 1 << 24])) * scores.shape[0] * width)
+    # blocks of rows bound by their weights' bytes too: 1 or 3 rows, or no bound
+    monkeypatch.setattr(refine, "WEIGHTS_AT_ONCE_BYTES", int(rng.choice([1, 3, 1 << 20])) * 8 * len(dilations) * width * 4)
     padded = _replicate(scores[:, top:bottom, left:right].contiguous(), pad)
     spare = torch.full_like(padded, float("nan"))   # values never computed: any one read would show
     steps = _refine_padded(padded, spare, iterations, dilations, affinity, cut)
@@ -785,6 +787,20 @@ def test_pamr_on_a_region_leaving_out_its_cut_sides_gives_the_whole_image_values
     expected = whole[:, top:bottom, left:right][inner]
     assert expected.numel()
     assert torch.equal(region[inner], expected)
+
+
+def test_compiled_blocks_of_rows_are_bound_by_their_weights_as_well_as_their_output():
+    """A wide region with few classes averages blocks whose weights stay within WEIGHTS_AT_ONCE_BYTES (the wave's
+    next iteration finds them in the cache); a narrow one with many classes, blocks of COMPILED_AT_ONCE_BYTES of
+    output; the element-wise path its own blocks."""
+    from napari_clearclip import refine
+
+    wide = torch.zeros(2, 1, 1)
+    rows = refine._rows_at_once(wide, 4096, 4096, compiled=True, neighbours=16)
+    assert rows == refine.WEIGHTS_AT_ONCE_BYTES // (16 * 4096 * 4) < refine.COMPILED_AT_ONCE_BYTES // (2 * 4096 * 4)
+    many = torch.zeros(40, 1, 1)
+    assert refine._rows_at_once(many, 512, 4096, compiled=True) == refine.COMPILED_AT_ONCE_BYTES // (40 * 512 * 4)
+    assert refine._rows_at_once(wide, 4096, 4096) == refine.AVERAGED_AT_ONCE_BYTES // (2 * 4096 * 4)
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -62,6 +62,14 @@ class AffinityTiles:
     def __len__(self) -> int:
         return int(self._done.sum()) if self.whole_image else len(self._tiles)
 
+    def missing_tile_rows(self) -> list[int]:
+        """The rows of tiles some of whose weights are not computed yet, where the image's are kept whole (none
+        otherwise: separate tiles are kept only as runs need them)."""
+        with self._lock:
+            if not self.whole_image or self._done is None:
+                return []
+            return [int(row) for row in np.flatnonzero(~self._done.all(axis=1))]
+
     def _span(self, ty: int, tx: int) -> tuple[int, int, int, int]:
         top, left = ty * self.tile, tx * self.tile
         return top, min(top + self.tile, self.size[0]), left, min(left + self.tile, self.size[1])

@@ -127,6 +127,25 @@ class SparePlanes:
         np.copyto(out, array)
         return out
 
+    def prepare(self, shape: tuple, dtype, count: int) -> int:
+        """Make spares of ``shape`` and ``dtype`` until there are ``count`` (within ``max_bytes``), their memory
+        touched: done while nothing runs, so that the next run's copies find memory mapped already. Returns how many
+        were made."""
+        dtype, made = np.dtype(dtype), 0
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes < self.min_bytes:
+            return 0
+        while True:
+            with self._lock:
+                have = sum(1 for a in self._arrays if a.shape == tuple(shape) and a.dtype == dtype)
+                if have >= count or sum(a.nbytes for a in self._arrays) + nbytes > self.max_bytes:
+                    return made
+            array = np.zeros(shape, dtype)
+            array.fill(0)   # zeros may come as untouched pages: every page mapped now, not by the next copy
+            with self._lock:
+                self._arrays.append(array)
+            made += 1
+
     def keep_from(self, arrays: dict) -> int:
         """Empty ``arrays`` (key -> array), keeping as spares the arrays that nothing else references (no view, no
         other holder: what a later run writes into them can then reach no one). Returns how many were kept."""

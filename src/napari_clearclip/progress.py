@@ -19,13 +19,14 @@ STAGE_WORDS = {"loading": "loading the model", "text": "class names encoded", "w
                "edges": "snapping to edges", "foreground": "foreground map (FOUND)",
                "tiles": "tiles", "reading": "reading the image",
                "statistics": "reading the whole image for the lesson (windows)",
-               "objects": "giving each object its class (tiles)"}
+               "objects": "giving each object its class (tiles)",
+               "weights": "readying edge snapping for the next stroke"}
 
 
 @dataclass(frozen=True)
 class Progress:
     """One step of a run: ``stage`` ("loading", "reading", "text", "windows", "foreground", "edges", "statistics",
-    "tiles" or "objects"), ``done`` of
+    "tiles", "objects", or "weights": readying a re-run), ``done`` of
     ``total`` units,
     on plane ``plane`` of ``planes`` (stacks), with ``then_edges`` when edge snapping follows the windows;
     ``preview``: labels final before the run ends, to show meanwhile (see ``Segmenter.segment_steps(focus=)``)."""
@@ -47,7 +48,7 @@ class Progress:
             within = part * (EDGE_SNAPPING_START if self.then_edges else 1.0)
         elif self.stage == "edges":
             within = EDGE_SNAPPING_START + (1 - EDGE_SNAPPING_START) * part
-        elif self.stage in ("tiles", "reading", "statistics", "objects"):
+        elif self.stage in ("tiles", "reading", "statistics", "objects", "weights"):
             within = part
         else:
             within = 0.0

@@ -97,6 +97,7 @@ class Segmenter:
         # per image: the edge-snapping weights computed so far, which depend on the image alone
         self._affinities = ByteLRU(affinity_cache_bytes)
         self._guides = ByteLRU(64 << 20)
+        self._newest_snapped: tuple | None = None   # (state key, guide, size, dilations) of the newest snapped run
         self._saliency = ByteLRU(256 << 20)  # FOUND's foreground maps per image
         self._found = None                   # (weights, FOUND model), loaded on first use
 
@@ -545,6 +546,8 @@ class Segmenter:
             del replaced
         if affinities is not None:
             self._affinities.put(state_key, affinities, affinities.nbytes)
+        self._newest_snapped = (None if affinities is None else
+                                (state_key, guide, tuple(array.shape[:2]), tuple(opts.pamr_dilations)))
         result = SegmentationResult(None, None, None, [c.name for c in parsed], list(parsed), method_name)
         result.keep_compact_labels(state.labels)  # the kept state's own array, read-only: int32 when first read
         size = tuple(array.shape[:2])
@@ -558,6 +561,38 @@ class Segmenter:
 
         result.set_lazy_confidence(confidence)
         return result
+
+    def prepare_rerun_steps(self) -> Generator[Progress, None, int]:
+        """Generator: while nothing else runs, ready the newest image segmented with edge snapping for its next re-run
+        (a stroke, a class typed): the snapping weights of the parts no run has needed yet (where the image's weights
+        are kept whole), a band of rows per step, and memory for the copies of its labels a re-run makes. The
+        re-run's labels are the same either way; it is quicker (a first stroke on 4096 x 4096 by about 0.4 s on
+        2 cores). Stop it between steps at any time: what it computed stays. Yields Progress("weights", ...);
+        returns the pixels whose weights it computed."""
+        from .tiled_labels import weights_steps
+
+        newest = self._newest_snapped
+        if newest is None:
+            return 0
+        state_key, guide, size, dilations = newest
+        state = self._label_states.get(state_key)
+        if state is not None:
+            self._spare_label_arrays.prepare(state)
+        del state
+        affinities = self._affinities.get(state_key)
+        if affinities is None:
+            return 0
+        steps = weights_steps(affinities, guide, size, dilations)
+        while True:
+            try:
+                done, total = next(steps)
+            except StopIteration as stop:
+                computed = stop.value
+                break
+            yield Progress("weights", done, total)
+        if self._affinities.get(state_key) is affinities:   # its memory as it is now
+            self._affinities.put(state_key, affinities, affinities.nbytes)
+        return computed
 
     def _snap_and_label(self, scores, array, opts: SegmentOptions, parsed, method_name: str, maps: bool,
                         objects=None):

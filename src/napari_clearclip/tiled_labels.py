@@ -190,6 +190,24 @@ class SpareArrays:
             spare = self._arrays.pop((tuple(shape), np.dtype(dtype)), None)
         return spare if spare is not None else np.empty(shape, dtype)
 
+    def prepare(self, state: LabelState) -> int:
+        """Map and touch spares for the copies the next run on ``state``'s image makes of its labels, margins and
+        winners' values, where there are none yet: done while nothing runs. Returns the bytes mapped."""
+        made = 0
+        for array in (state.labels, state.margins, state.winners):
+            if array is None:
+                continue
+            key = (tuple(array.shape), array.dtype)
+            with self._lock:
+                if key in self._arrays:
+                    continue
+            spare = np.empty(array.shape, array.dtype)
+            spare.fill(0)
+            with self._lock:
+                self._arrays.setdefault(key, spare)
+            made += spare.nbytes
+        return made
+
     def donate(self, state: LabelState, holders: int) -> bool:
         """Keep ``state``'s margins and winners' values as spares, if nothing but ``holders`` references to the state
         and its arrays' own attributes hold them (a run in flight that started from it keeps it whole), and its labels
@@ -643,8 +661,7 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
     where the values are exact)}, done). The guide's affinities are computed once for the region, or
     taken from ``kept`` where an earlier run computed them. Planes come from ``buffers``.
     """
-    from .refine import (_finish, _refine_padded, _replicate_border, padded_affinities,
-                         pamr_affinities, repeat_sides)
+    from .refine import _finish, _refine_padded, _replicate_border
 
     iterations, dilations = snap
     done, total = progress
@@ -655,32 +672,9 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
     rectangles = {q: _rectangle(own_tiles[q], geometry, halo, bounds) for q in queries}
     affinity, area = None, None
     if iterations and rectangles:
-        guide_values, guide_rows, guide_cols = guide
         area = (min(r[0] for r in rectangles.values()), max(r[1] for r in rectangles.values()),
                 min(r[2] for r in rectangles.values()), max(r[3] for r in rectangles.values()))
-
-        def compute(rectangle):
-            top, bottom, left, right = rectangle
-            resized = upsample(guide_values, tuple(t[top:bottom] for t in guide_rows),
-                               tuple(t[left:right] for t in guide_cols),
-                               out=buffers.take((guide_values.shape[0], bottom - top, right - left)))
-            weights = pamr_affinities(resized, dilations, buffers)
-            buffers.give_back(resized)
-            return weights
-
-        def compute_into(rectangle, out):  # the guide with the image's own pixels around: every weight exact
-            top, bottom, left, right = rectangle
-            pad = max(dilations)
-            inside = (max(0, top - pad), min(size[0], bottom + pad), max(0, left - pad), min(size[1], right + pad))
-            padded = buffers.take((guide_values.shape[0], bottom - top + 2 * pad, right - left + 2 * pad))
-            y, x = pad - (top - inside[0]), pad - (left - inside[2])
-            upsample(guide_values, tuple(t[inside[0] : inside[1]] for t in guide_rows),
-                     tuple(t[inside[2] : inside[3]] for t in guide_cols),
-                     out=padded[:, y : y + inside[1] - inside[0], x : x + inside[3] - inside[2]])
-            repeat_sides(padded, y, padded.shape[1] - y - (inside[1] - inside[0]), x,
-                         padded.shape[2] - x - (inside[3] - inside[2]))
-            padded_affinities(padded, dilations, out, buffers)
-            buffers.give_back(padded)
+        compute, compute_into = _weight_makers(guide, size, dilations, buffers)
         affinity = compute(area) if kept is None else kept.region(area, compute, buffers.take, buffers.give_back,
                                                                   compute_into)
     values = {}
@@ -721,6 +715,67 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
         done += max(1, iterations)
         yield done, total
     return values, done
+
+
+def _weight_makers(guide: tuple, size: tuple[int, int], dilations: tuple, buffers: Buffers):
+    """How a region's snapping weights are made from ``guide`` (values, row taps, column taps) at ``size``:
+    ``compute(rectangle)`` gives them (exact away from its sides inside the image), ``compute_into(rectangle, out)``
+    writes exact ones into ``out``, from the guide with the image's own pixels around the rectangle."""
+    from .refine import padded_affinities, pamr_affinities, repeat_sides
+
+    guide_values, guide_rows, guide_cols = guide
+    pad = max(dilations)
+
+    def compute(rectangle):
+        top, bottom, left, right = rectangle
+        resized = upsample(guide_values, tuple(t[top:bottom] for t in guide_rows),
+                           tuple(t[left:right] for t in guide_cols),
+                           out=buffers.take((guide_values.shape[0], bottom - top, right - left)))
+        weights = pamr_affinities(resized, dilations, buffers)
+        buffers.give_back(resized)
+        return weights
+
+    def compute_into(rectangle, out):
+        top, bottom, left, right = rectangle
+        inside = (max(0, top - pad), min(size[0], bottom + pad), max(0, left - pad), min(size[1], right + pad))
+        padded = buffers.take((guide_values.shape[0], bottom - top + 2 * pad, right - left + 2 * pad))
+        y, x = pad - (top - inside[0]), pad - (left - inside[2])
+        upsample(guide_values, tuple(t[inside[0] : inside[1]] for t in guide_rows),
+                 tuple(t[inside[2] : inside[3]] for t in guide_cols),
+                 out=padded[:, y : y + inside[1] - inside[0], x : x + inside[3] - inside[2]])
+        repeat_sides(padded, y, padded.shape[1] - y - (inside[1] - inside[0]), x,
+                     padded.shape[2] - x - (inside[3] - inside[2]))
+        padded_affinities(padded, dilations, out, buffers)
+        buffers.give_back(padded)
+    return compute, compute_into
+
+
+def weights_steps(affinities: AffinityTiles, guide: torch.Tensor, size: tuple[int, int], dilations: tuple,
+                  tile: int = TILE):
+    """Generator: the snapping weights of every tile of the image that no run has needed yet, kept in
+    ``affinities`` (where they keep the image's whole, and were made from this ``guide``), a band of tile rows per
+    step; yields (done, total) bands and returns the pixels computed. The weights are the ones a run computes, so a
+    re-run that finds them gives the same labels, and stopping between steps loses nothing computed."""
+    guide = guide.detach().float().cpu()
+    if affinities.identity != _guide_identity(guide, size, dilations, tile):
+        return 0
+    rows = affinities.missing_tile_rows()
+    if not rows:
+        return 0
+    buffers = Buffers()
+    makers = _weight_makers((guide, bilinear_taps(guide.shape[1], size[0]), bilinear_taps(guide.shape[2], size[1])),
+                            size, dilations, buffers)
+    before = affinities.nbytes
+    try:
+        for done, row in enumerate(rows, 1):
+            top = row * tile
+            affinities.region((top, min(top + tile, size[0]), 0, size[1]), *makers[:1], buffers.take,
+                              buffers.give_back, makers[1])
+            buffers.give_back()
+            yield done, len(rows)
+    finally:
+        buffers.release()
+    return (affinities.nbytes - before) // (4 * max(1, affinities.planes))
 
 
 def _guide_identity(guide: torch.Tensor, size, dilations: tuple, tile: int) -> tuple:

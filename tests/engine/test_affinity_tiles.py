@@ -191,3 +191,74 @@ def test_weights_of_a_guide_replaced_while_they_are_computed_are_not_kept_for_th
     new_whole = pamr_affinities(new_guide, dilations)
     weights = kept.region((0, 96, 0, 80), lambda area: compute(area, new_guide))
     assert torch.equal(weights, new_whole)
+
+
+def _counting_weights(monkeypatch) -> list:
+    from napari_clearclip import refine
+
+    computed = []
+    original = refine.padded_affinities
+
+    def counting(padded, dilations, out, *args, rows=None):   # every way weights are computed ends here
+        first, last = (0, out.shape[-2]) if rows is None else rows
+        computed.append((last - first) * out.shape[-1])
+        return original(padded, dilations, out, *args, rows=rows)
+    monkeypatch.setattr(refine, "padded_affinities", counting)
+    return computed
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_readying_a_rerun_computes_the_weights_it_needs_and_its_labels_stay_those_from_scratch(monkeypatch, seed):
+    """While nothing runs, the weights of the parts the first run did not need are computed (stopped after any
+    number of bands, or run to the end); re-runs after strokes then compute none (or only those left), and their
+    labels are those of a computation from scratch, and of a segmenter that readied nothing."""
+    rng = np.random.default_rng(seed)
+    # large shapes, few boundaries: a first run needs the weights of some parts only
+    image = np.kron(make_scene(seed, size=96, objects=(3, 3)).image, np.ones((8, 8, 1), np.uint8))
+    classes = ["red", "green", "blue", "yellow", "background"]
+    options = dict(maps=False, refine="pamr", pamr_iterations=3, pamr_dilations=(1, 4))
+    computed = _counting_weights(monkeypatch)
+    readied, plain = (Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)
+                      for _ in range(2))
+    plain.segment(image, classes, **options)
+    computed.clear()
+    first = readied.segment(image, classes, **options)
+    first_pixels = sum(computed)
+    computed.clear()
+    steps = readied.prepare_rerun_steps()
+    bands = [step for step in steps] if seed == 0 else [next(steps) for _ in range(int(rng.integers(1, 3)))]
+    assert bands and all(step.stage == "weights" for step in bands)
+    steps.close()   # stopped: what it computed stays
+    readied_pixels = sum(computed)
+    assert readied_pixels > 0
+    strokes = np.zeros(image.shape[:2], np.int32)
+    for _ in range(2):
+        y, x = (int(v) for v in rng.integers(20, 748, 2))
+        strokes[y - 6 : y + 6, x - 6 : x + 6] = int(first.labels[y, x]) % 5 + 1   # another class than the one there
+        computed.clear()
+        fast = readied.segment(image, classes, strokes=strokes, **options)
+        if seed == 0:   # readied to the end: nothing left to compute
+            assert computed == []
+        np.testing.assert_array_equal(fast.labels, plain.segment(image, classes, strokes=strokes, **options).labels)
+    # every weight is the image's: the total computed is the image's pixels once, wherever it was computed
+    if seed == 0:
+        assert first_pixels + readied_pixels == image.shape[0] * image.shape[1]
+        assert run_to_end(readied.prepare_rerun_steps()) == 0   # nothing left
+    monkeypatch.setattr(tiled_labels, "SKIPPING", False)
+    full = Segmenter.segment(readied, image, classes, strokes=strokes, **options)
+    np.testing.assert_array_equal(fast.labels, full.labels)
+
+
+def test_readying_does_nothing_after_a_run_without_snapping_or_for_weights_of_another_guide():
+    image = make_scene(5, size=256, objects=(2, 2)).image
+    classes = ["red", "green", "blue", "yellow", "background"]
+    segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)
+    assert run_to_end(segmenter.prepare_rerun_steps()) == 0           # nothing segmented yet
+    segmenter.segment(image, classes, maps=False, refine="pamr")
+    segmenter.segment(image, classes, maps=False, refine=None)         # the newest run did not snap
+    assert list(segmenter.prepare_rerun_steps()) == []
+    kept = AffinityTiles()
+    kept.start(("another guide",), (256, 256), 64, 4, 16)
+    guide = torch.zeros((3, 32, 32))
+    assert run_to_end(tiled_labels.weights_steps(kept, guide, (256, 256), (1, 4))) == 0
+    assert kept.identity == ("another guide",) and kept.missing_tile_rows() == [0, 1, 2, 3]   # left as it was

@@ -378,6 +378,24 @@ def test_spare_planes_are_taken_only_from_arrays_no_one_else_holds():
     assert spares.keep_from(arrays) == 3 and spares.nbytes == 3 << 20   # the bound
 
 
+def test_spare_planes_readied_ahead_are_those_the_next_copies_take():
+    """Readying makes spares of the layer's plane up to the count asked (those already there count), within the bound,
+    and skips planes too small to matter; a copy then goes into one of them."""
+    from napari_clearclip.editing import SparePlanes
+
+    spares = SparePlanes(max_bytes=3 << 20, min_bytes=1 << 20)
+    assert spares.prepare((1024, 1024), np.uint8, 2) == 2 and spares.nbytes == 2 << 20
+    assert spares.prepare((1024, 1024), np.uint8, 2) == 0                 # there already
+    assert spares.prepare((1024, 1024), np.uint16, 2) == 0                # 2 MiB more would pass the bound
+    assert spares.prepare((10, 10), np.uint8, 2) == 0 and spares.nbytes == 2 << 20   # too small to keep
+    readied = {id(a) for a in spares._arrays}
+    source = np.arange(1 << 20, dtype=np.uint8).reshape(1024, 1024)
+    copies = [spares.copy_of(source) for _ in range(2)]
+    assert {id(c) for c in copies} == readied and spares.nbytes == 0
+    for copy in copies:
+        np.testing.assert_array_equal(copy, source)
+
+
 def test_previews_wait_while_the_layer_is_renumbered_or_new():
     """Only a run that keeps the layer's numbers previews into it: a class typed or removed renumbers the layer,
     which only the finished run does; a new layer has nothing to preview into."""

@@ -128,6 +128,7 @@ def test_a_live_rerun_cancelled_after_its_first_preview_changes_nothing(qtbot, w
 def test_live_reruns_copy_the_layer_into_arrays_an_earlier_run_left_and_keep_every_stroke(qtbot, widget):
     """A live re-run copies the layer's plane (as found, and as its previews leave it) into the copies an earlier run
     no longer uses; stroke after stroke, every stroke stays the user's and everything else is the run's answer."""
+    widget.readying.start = lambda *args: None   # what earlier runs leave, not what is readied ahead (see below)
     labels, runs = _live_on_large_shapes(qtbot, widget)
     spares = widget._spare_planes
     from_spares = []
@@ -149,3 +150,35 @@ def test_live_reruns_copy_the_layer_into_arrays_an_earlier_run_left_and_keep_eve
         assert after[y, x] == value and result.edited[y, x]   # each stroke stays the user's
     assert result.edited.sum() <= 3 * 40 * 40
     assert not np.any(user & ~result.edited)         # everywhere else: the run's answer
+
+
+def test_with_live_on_the_next_rerun_is_readied_while_nothing_runs_and_a_stroke_stops_it(qtbot, widget):
+    """Once Live is on and nothing runs, the widget readies the next re-run in the background (the image's snapping
+    weights, copies of the layer's plane); a stroke meanwhile stops it and re-runs at once, and every stroke stays
+    the user's with everything else the run's answer, as without readying."""
+    from napari_clearclip.progress import run_to_end
+
+    labels, runs = _live_on_large_shapes(qtbot, widget)
+    assert widget.readying.running                       # started when Live went on
+    strokes = [(600, 600), (1400, 1300)]
+    for number, (y, x) in enumerate(strokes):
+        value = 3 if labels.data[y, x] != 3 else 1
+        labels.paint((y, x), value)                      # the first while it readies
+        qtbot.waitUntil(lambda count=number + 1: len(runs) == count, timeout=5000)
+        assert not widget.readying.running               # the run has the machine to itself
+        qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
+        assert widget.status.value.startswith("Done"), widget.status.value
+        qtbot.waitUntil(lambda: not widget.readying.running, timeout=TIMEOUT)   # readied again
+        strokes[number] = (y, x, value)
+    # nothing left to ready: every weight of the image computed, and two copies of the plane waiting
+    assert run_to_end(widget._models.segmenter.prepare_rerun_steps()) == 0
+    assert widget._spare_planes.nbytes == 2 * labels.data.nbytes
+    after = np.asarray(labels.data)
+    result = widget.results.of(labels)
+    for y, x, value in strokes:
+        assert after[y, x] == value and result.edited[y, x]
+    assert not np.any((after != result.baseline) & ~result.edited)
+    widget.live.value = False
+    labels.paint((300, 300), 1 if labels.data[300, 300] != 1 else 2)
+    qtbot.wait(200)
+    assert not widget.readying.running and len(runs) == 2   # Live off: neither re-runs nor readying

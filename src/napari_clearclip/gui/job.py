@@ -196,6 +196,16 @@ def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest
     return result, layer
 
 
+def ready_job(segmenter: Segmenter, spares: SparePlanes, plane: tuple | None):
+    """Worker body while nothing runs: ready the next live re-run (see ``Segmenter.prepare_rerun_steps``), and the
+    copies of the result layer's plane (``plane``: its shape and type) that re-run makes: the plane as it finds it,
+    and as its previews leave it."""
+    if plane is not None:
+        spares.prepare(plane[0], plane[1], 2)
+    yield Progress("weights", 0, 1)   # a stop between every step
+    return (yield from segmenter.prepare_rerun_steps())
+
+
 def prepare_first_draw(labels: np.ndarray, colours: dict) -> None:
     """Do here, in the worker, what napari does lazily the first time a Labels layer is drawn: import pandas
     and scikit-image's colour module (about 0.8 s), and map labels of this type through a direct colormap

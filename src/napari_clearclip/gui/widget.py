@@ -31,11 +31,11 @@ from ..prompts import parse_classes
 from ..reduced import BlockMeans, Reduction, limits_for_side, reduced_for_resize
 from .field_logic import FieldLogic
 from .fields import build_fields, choose_file_button, full_size_button, lesson_buttons, saved_values
-from .job import TILED_PIXELS, ModelHolder, layer_request, segmentation_job, tiled_job, tiled_store_path
+from .job import TILED_PIXELS, ModelHolder, layer_request, ready_job, segmentation_job, tiled_job, tiled_store_path
 from .layers import ResultLayers, layer_geometry
 from .layout import captioned, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
-from .live import LiveMode
+from .live import LiveMode, Readying
 from .previews import RunPreviews
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, legend_html, reduced_note
 from .settings import load_settings, save_settings
@@ -64,6 +64,8 @@ class ClearClipWidget(FieldLogic, Container):
         self._writing = False  # set while the widget adds its own layers, which the Image field must not follow
         self._previews: RunPreviews | None = None  # parts of the run in flight's labels shown before it ends
         self._spare_planes = SparePlanes()          # copies of the layer's planes a finished run no longer uses
+        self.readying = Readying()                  # readies the next live re-run while nothing runs
+        self._result_plane: tuple | None = None     # (shape, dtype) of a plane of the newest result layer
         saved = load_settings()
 
         fields = build_fields(self)
@@ -113,6 +115,7 @@ class ClearClipWidget(FieldLogic, Container):
         self.channel_axis.changed.connect(self._on_channel_axis_changed)
         self.show_advanced.changed.connect(lambda on: setattr(self.advanced, "visible", on))
         self.resize.changed.connect(self._on_resize_changed)
+        self.live.changed.connect(lambda on: on and self._ready_next_run())
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.use_demo.changed.connect(self.switch_to_demo_model)
@@ -174,6 +177,7 @@ class ClearClipWidget(FieldLogic, Container):
                 part.close()
             except RuntimeError:
                 pass
+        self.readying.stop()
         worker, self._worker = self._worker, None
         if worker is not None:
             for signal in (worker.yielded, worker.returned, worker.errored, worker.aborted, worker.finished):
@@ -312,6 +316,7 @@ class ClearClipWidget(FieldLogic, Container):
         worker.yielded.connect(self._on_yielded)
         worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
+        self.readying.stop()   # the run has the machine to itself
         self._worker = worker
         self._delivered = False
         self.run_button.enabled = False
@@ -682,6 +687,14 @@ class ClearClipWidget(FieldLogic, Container):
             self.run_button.enabled = True
             self.cancel_button.enabled = False
             self.live_mode.run_finished()
+            self._ready_next_run()
+
+    def _ready_next_run(self) -> None:
+        """With Live on and nothing running or queued, ready the next re-run in the background (see Readying)."""
+        segmenter = self._models.segmenter
+        if self._closed or self.busy or not self.live.value or segmenter is None or self.live_mode.pending:
+            return
+        self.readying.start(ready_job, segmenter, self._spare_planes, self._result_plane)
 
     def _on_returned(self, value, context):
         self._delivered = True
@@ -693,6 +706,8 @@ class ClearClipWidget(FieldLogic, Container):
         self._writing = True
         try:
             labels_layer, kept = self.results.write(context, result.update, prepared_layer)
+            data = labels_layer.data
+            self._result_plane = ((tuple(data.shape[-2:]), data.dtype) if isinstance(data, np.ndarray) else None)
             self.results.write_maps(context, result.maps)
         finally:
             self._writing = False

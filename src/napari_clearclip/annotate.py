@@ -192,7 +192,7 @@ def _segment_layer(segmenter: Segmenter, request: LayerRequest) -> Generator[Pro
     strokes_by_plane = painted_strokes(request, class_names) if request.learn_from_edits else {}
     shape = request.layout.label_shape
     merger = LabelsMerger(shape, class_names, request.current, request.baseline, request.baseline_names,
-                          request.found, request.edited)
+                          request.found, request.edited, request.spares)
     mode = request.probability_output
     names = probability_layer_names(request.image_name, mode, class_names)
     maps = {name: _map_volume(request.existing_maps.get(name), shape) for name in names}

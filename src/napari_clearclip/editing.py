@@ -182,6 +182,13 @@ class LabelsUpdate:
     colours: dict = field(default_factory=dict)
     edited: np.ndarray | None = None        # every pixel the user has painted, over all runs
 
+    def written(self) -> dict:
+        """Once the planes are written into the layer: their arrays, taken out of the update (for SparePlanes)."""
+        arrays = {}
+        for number, plane in enumerate(self.planes):
+            arrays[number], plane.labels = plane.labels, None
+        return arrays
+
 
 class LabelsMerger:
     """Merges plane results into a labels volume, keeping the user's painted pixels.
@@ -193,8 +200,11 @@ class LabelsMerger:
 
     def __init__(self, shape: tuple[int, ...], new_names: list[str], current: np.ndarray | None = None,
                  baseline: np.ndarray | None = None, baseline_names: list[str] | None = None,
-                 found: dict[tuple, np.ndarray] | None = None, edited: np.ndarray | None = None):
+                 found: dict[tuple, np.ndarray] | None = None, edited: np.ndarray | None = None,
+                 spares: SparePlanes | None = None):
+        """``spares``: arrays to write the merged planes into (see SparePlanes)."""
         self.new_names = list(new_names)
+        self.spares = spares
         self.found = found or {}
         # once painted, a pixel stays the user's, even after a run (taught by it) agrees with it
         self.edited = np.zeros(shape, dtype=bool) if edited is None else np.array(edited, dtype=bool, copy=True)
@@ -234,7 +244,9 @@ class LabelsMerger:
                      else np.asarray(self.found[index], dtype=self.dtype))
             edited = (found != self.baseline[index]) | self.edited[index]
             self.edited[index] = edited
-            merged = np.where(edited, found, labels)
+            # the run's labels, and the plane as found where the user painted (into a spare plane where there is one)
+            merged = labels.copy() if self.spares is None else self.spares.copy_of(labels)
+            np.copyto(merged, found, where=edited)
             self.baseline[index] = labels
             self.kept_pixels += int(np.count_nonzero(edited))
         self.planes.append(PlaneUpdate(index, merged, found))

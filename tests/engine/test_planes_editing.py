@@ -396,6 +396,43 @@ def test_spare_planes_readied_ahead_are_those_the_next_copies_take():
         np.testing.assert_array_equal(copy, source)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_merge_into_spare_planes_equals_one_into_new_arrays_and_gives_them_back_once_written(seed):
+    """The merged plane (the run's labels, the plane as found where the user painted) is written into a spare plane
+    where there is one: the same values as a merge into a new array, renumbering or not; once written into the
+    layer, the update hands its planes back."""
+    from napari_clearclip.editing import SparePlanes
+
+    rng = np.random.default_rng(seed)
+    shape = (2, 600, 700)
+    baseline = rng.integers(1, 4, shape).astype(np.uint8)
+    current = baseline.copy()
+    current[rng.random(shape) < 0.01] = 2                           # painted
+    edited = rng.random(shape) < 0.002                              # painted in an earlier round
+    names = ["a", "b", "c"] if seed % 2 else ["c", "a", "b", "d"]   # the same classes, or renumbered
+    found = {(p,): current[p].copy() for p in range(2)}
+    runs = [rng.integers(1, len(names) + 1, shape[1:]).astype(np.uint8) for _ in range(2)]
+    results = []
+    for spares in (None, SparePlanes(min_bytes=1)):
+        readied = set()
+        if spares is not None:
+            spares.prepare(shape[1:], np.uint8, 2)
+            readied = {id(a) for a in spares._arrays}
+        merger = LabelsMerger(shape, names, current, baseline, ["a", "b", "c"], dict(found), edited, spares)
+        for p in range(2):
+            merger.add((p,), runs[p])
+        update = merger.finish()
+        if spares is not None:
+            assert {id(plane.labels) for plane in update.planes} == readied   # into the spares
+        results.append(update)
+    plain, spared = results
+    for a, b in zip(plain.planes, spared.planes):
+        np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(plain.counts, spared.counts)
+    arrays = spared.written()
+    assert len(arrays) == 2 and all(plane.labels is None for plane in spared.planes)
+
+
 def test_previews_wait_while_the_layer_is_renumbered_or_new():
     """Only a run that keeps the layer's numbers previews into it: a class typed or removed renumbers the layer,
     which only the finished run does; a new layer has nothing to preview into."""

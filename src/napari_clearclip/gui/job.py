@@ -199,9 +199,9 @@ def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest
 def ready_job(segmenter: Segmenter, spares: SparePlanes, plane: tuple | None):
     """Worker body while nothing runs: ready the next live re-run (see ``Segmenter.prepare_rerun_steps``), and the
     copies of the result layer's plane (``plane``: its shape and type) that re-run makes: the plane as it finds it,
-    and as its previews leave it."""
+    as its previews leave it, and merged with the user's strokes."""
     if plane is not None:
-        spares.prepare(plane[0], plane[1], 2)
+        spares.prepare(plane[0], plane[1], 3)
     yield Progress("weights", 0, 1)   # a stop between every step
     return (yield from segmenter.prepare_rerun_steps())
 

@@ -706,6 +706,8 @@ class ClearClipWidget(FieldLogic, Container):
         self._writing = True
         try:
             labels_layer, kept = self.results.write(context, result.update, prepared_layer)
+            # the merged planes are in the layer now: their arrays for the next run's copies (if no one holds them)
+            self._spare_planes.keep_from(result.update.written())
             data = labels_layer.data
             self._result_plane = ((tuple(data.shape[-2:]), data.dtype) if isinstance(data, np.ndarray) else None)
             self.results.write_maps(context, result.maps)

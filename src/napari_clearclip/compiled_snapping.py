@@ -150,7 +150,12 @@ def _shared(loop: Callable, first: int, last: int, values_per_row: int, *argumen
         loop(*arguments, first, last)
         return
     bounds = [first + (last - first) * i // threads for i in range(threads + 1)]
-    pending = [_threads(threads - 1).submit(loop, *arguments, bounds[i], bounds[i + 1]) for i in range(1, threads)]
+    pending = []
+    for i in range(1, threads):
+        try:
+            pending.append(_threads(threads - 1).submit(loop, *arguments, bounds[i], bounds[i + 1]))
+        except RuntimeError:  # the interpreter is exiting and starts no thread: the rest here (the same values)
+            loop(*arguments, bounds[i], bounds[i + 1])
     loop(*arguments, bounds[0], bounds[1])
     for job in pending:
         job.result()

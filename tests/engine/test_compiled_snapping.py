@@ -72,6 +72,31 @@ def test_compiled_sums_of_any_block_equal_the_element_wise_path_bit_for_bit(seed
             torch.set_num_threads(2)
 
 
+def test_blocks_meant_for_other_threads_are_done_here_when_no_thread_can_start(monkeypatch):
+    """While Python exits, no new thread starts (a background job may still be averaging): the shares meant for
+    other threads are computed by the calling one, with the same values."""
+    rng = np.random.default_rng(1)
+    pad, offsets = 2, [(dy * 2, dx * 2) for dy, dx in NEIGHBOURS]
+    current = torch.from_numpy(rng.normal(size=(2, 40 + 2 * pad, 300 + 2 * pad)).astype(np.float32))
+    weights = torch.from_numpy(rng.random((len(offsets), 40, 300)).astype(np.float32))
+    torch.set_num_threads(3)
+    try:
+        expected = torch.zeros_like(current)
+        with _shared_from(1):
+            assert compiled_snapping.weighted_rows(current, expected, weights, offsets, pad, 300, 0, 40)
+
+        class Exiting:
+            def submit(self, *args):
+                raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        monkeypatch.setattr(compiled_snapping, "_threads", lambda count: Exiting())
+        got = torch.zeros_like(current)
+        with _shared_from(1):
+            assert compiled_snapping.weighted_rows(current, got, weights, offsets, pad, 300, 0, 40)
+    finally:
+        torch.set_num_threads(2)
+    assert torch.equal(got, expected) and expected.abs().sum() > 0
+
+
 class _shared_from:
     """Blocks shared between threads from this many output values (1: any block is shared)."""
 

@@ -184,3 +184,45 @@ def test_with_live_on_the_next_rerun_is_readied_while_nothing_runs_and_a_stroke_
     labels.paint((300, 300), 1 if labels.data[300, 300] != 1 else 2)
     qtbot.wait(200)
     assert not widget.readying.running and len(runs) == 2   # Live off: neither re-runs nor readying
+
+
+EXIT_WHILE_READYING = """
+import sys, time
+import numpy as np
+import napari
+from qtpy.QtWidgets import QApplication
+from napari_clearclip.demo.scenes import make_scene
+
+viewer = napari.Viewer(show=True)
+_, widget = viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
+widget.switch_to_demo_model()
+widget.device.value = "cpu"
+widget.snap.value, widget.learn.value, widget.live.value = True, True, False
+image = np.kron(make_scene(7, size=256, objects=(3, 3)).image, np.ones((8, 8, 1), np.uint8))
+widget.image.value = viewer.add_image(image, name="slide")
+widget.classes.value = "red\\ngreen\\nblue\\nyellow\\nbackground"
+widget.run()
+deadline = time.monotonic() + 200
+while (widget.busy or "slide classes" not in viewer.layers) and time.monotonic() < deadline:
+    QApplication.processEvents()
+    time.sleep(0.01)
+widget.live.value = True          # readying starts; the script ends at once, the viewer still open
+print("readying", widget.readying.running, flush=True)
+sys.exit(0)
+"""
+
+
+def test_a_script_that_ends_while_the_widget_readies_exits_cleanly(tmp_path):
+    """Python exiting while the next re-run is readied (a script that ends without closing its viewer): the job is
+    stopped and ends its band before Qt's objects go; no thread starts meanwhile, and nothing is reported."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NAPARI_CLEARCLIP_CACHE_DIR=str(tmp_path / "cache"),
+               NAPARI_CLEARCLIP_CONFIG_DIR=str(tmp_path / "config"))
+    done = subprocess.run([sys.executable, "-c", EXIT_WHILE_READYING], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "readying True" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "aborted thread" not in done.stderr, done.stderr[-2000:]

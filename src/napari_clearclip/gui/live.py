@@ -3,7 +3,10 @@ winning."""
 
 from __future__ import annotations
 
+import atexit
 import logging
+import threading
+import weakref
 from typing import Callable
 
 from qtpy.QtCore import QTimer
@@ -81,6 +84,9 @@ class Readying:
 
     def __init__(self):
         self._worker = None
+        self._jobs = 0                    # jobs whose generator runs (a stopped one ends its band)
+        self._idle = threading.Condition()
+        _readying.add(self)
 
     @property
     def running(self) -> bool:
@@ -90,7 +96,17 @@ class Readying:
         from napari.qt.threading import create_worker
 
         self.stop()
-        worker = create_worker(job, *args, _start_thread=False, _ignore_errors=True)
+
+        def body():
+            with self._idle:
+                self._jobs += 1
+            try:
+                return (yield from job(*args))
+            finally:
+                with self._idle:
+                    self._jobs -= 1
+                    self._idle.notify_all()
+        worker = create_worker(body, _start_thread=False, _ignore_errors=True)
         worker.errored.connect(lambda exc: _log.warning("Readying the next re-run failed: %s", exc))
 
         def finished():
@@ -104,3 +120,19 @@ class Readying:
         worker, self._worker = self._worker, None
         if worker is not None:
             _safely(worker.quit)
+
+    def _stop_at_exit(self) -> None:
+        """Python is exiting with a job still going (a script that ends without closing its viewer): stop it and let
+        it end its band (tens of milliseconds), before the Qt objects it reports to are gone."""
+        self.stop()
+        with self._idle:
+            self._idle.wait_for(lambda: self._jobs == 0, timeout=2.0)
+
+
+_readying: "weakref.WeakSet[Readying]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_readying_at_exit() -> None:
+    for readying in list(_readying):
+        readying._stop_at_exit()

@@ -418,6 +418,7 @@ class ClearClipWidget(FieldLogic, Container):
 
     def _on_tiled_returned(self, value, objects_layer=None, earlier=None):
         self._delivered = True
+        self._result_plane = None   # a layer backed by a store: no plane copies to ready
         if self._closed:
             return
         result, layer = value

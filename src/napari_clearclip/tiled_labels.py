@@ -678,14 +678,7 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
         affinity = compute(area) if kept is None else kept.region(area, compute, buffers.take, buffers.give_back,
                                                                   compute_into)
     values = {}
-    # queries over the same rectangle are snapped together, a few at a time: one pass over the weights for them all,
-    # and one spare plane each
-    together: dict[tuple, list[int]] = {}
-    for q, rectangle in rectangles.items():
-        together.setdefault(rectangle, []).append(q)
-    groups = [(rectangle, queries[i : i + SNAPPED_TOGETHER]) for rectangle, queries in together.items()
-              for i in range(0, len(queries), SNAPPED_TOGETHER)]
-    for (top, bottom, left, right), group in groups:
+    for (top, bottom, left, right), group in _snapped_together(rectangles, size, snap):
         taps = tuple(t[top:bottom] for t in geometry.rows), tuple(t[left:right] for t in geometry.cols)
         cut = (top > 0, bottom < size[0], left > 0, right < size[1])  # sides inside the image
         source = differences[group]
@@ -715,6 +708,57 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
         done += max(1, iterations)
         yield done, total
     return values, done
+
+
+#: What snapping one pixel costs, roughly, for one iteration: reading its weights (once for every class snapped
+#: together), and each class snapped there. Only their ratio matters: which classes share a pass.
+PASS_COST_PER_PIXEL, CLASS_COST_PER_PIXEL = 2.6, 2.0
+
+
+def _snapped_together(rectangles: dict, size: tuple[int, int], snap: tuple) -> list[tuple[tuple, list[int]]]:
+    """[(rectangle, queries)]: the passes that snap each query over at least its rectangle, at most
+    :data:`SNAPPED_TOGETHER` queries in one.
+
+    A pass reads its rectangle's weights once for all its queries, and the weights are most of a pass's cost. Queries
+    over the same rectangle share a pass; passes whose rectangles overlap then share one over both, where the
+    estimated cost falls (the weights they both read, against the pixels each query then snaps beyond its own
+    rectangle). A query's values are the same whatever the rectangle that holds its own."""
+    iterations, dilations = snap
+    together: dict[tuple, list[int]] = {}
+    for q, rectangle in rectangles.items():
+        together.setdefault(rectangle, []).append(q)
+    passes = [(rectangle, queries[i : i + SNAPPED_TOGETHER]) for rectangle, queries in together.items()
+              for i in range(0, len(queries), SNAPPED_TOGETHER)]
+    if not iterations:
+        return passes
+    pad = max(dilations)
+
+    def cost(rectangle, count):
+        top, bottom, left, right = rectangle
+        cut = (top > 0, bottom < size[0], left > 0, right < size[1])
+        pixels = sum(max(0, bottom - top - t * pad * (cut[0] + cut[1])) * max(0, right - left - t * pad * (cut[2] + cut[3]))
+                     for t in range(1, iterations + 1))
+        return pixels * (PASS_COST_PER_PIXEL + CLASS_COST_PER_PIXEL * count)
+
+    costs = [cost(rectangle, len(queries)) for rectangle, queries in passes]
+    while True:
+        best = None
+        for i in range(len(passes)):
+            for j in range(i + 1, len(passes)):
+                count = len(passes[i][1]) + len(passes[j][1])
+                if count > SNAPPED_TOGETHER:
+                    continue
+                a, c = passes[i][0], passes[j][0]
+                box = (min(a[0], c[0]), max(a[1], c[1]), min(a[2], c[2]), max(a[3], c[3]))
+                saving = costs[i] + costs[j] - cost(box, count)
+                if saving > 0 and (best is None or saving > best[0]):
+                    best = (saving, i, j, box)
+        if best is None:
+            return passes
+        _, i, j, box = best
+        merged = (box, passes[i][1] + passes[j][1])
+        passes = [p for n, p in enumerate(passes) if n not in (i, j)] + [merged]
+        costs = [c for n, c in enumerate(costs) if n not in (i, j)] + [cost(box, len(merged[1]))]
 
 
 def _weight_makers(guide: tuple, size: tuple[int, int], dilations: tuple, buffers: Buffers):

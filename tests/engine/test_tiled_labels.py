@@ -612,6 +612,46 @@ def test_a_boundary_between_two_classes_is_snapped_as_one_channel(monkeypatch):
     np.testing.assert_array_equal(fast.labels, full.labels)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_passes_snap_each_query_once_over_at_least_its_rectangle(seed):
+    """Every query is snapped in one pass, over a rectangle that holds its own, with at most SNAPPED_TOGETHER
+    queries a pass; without snapping nothing is merged."""
+    rng = np.random.default_rng(seed)
+    size = (int(rng.integers(200, 2000)), int(rng.integers(200, 2000)))
+    rectangles = {}
+    for q in range(int(rng.integers(1, 12))):
+        top, left = int(rng.integers(0, size[0] - 50)), int(rng.integers(0, size[1] - 50))
+        rectangles[q] = (top, int(rng.integers(top + 50, size[0] + 1)), left, int(rng.integers(left + 50, size[1] + 1)))
+        if q and rng.random() < 0.3:
+            rectangles[q] = rectangles[q - 1]
+    snap = (int(rng.integers(1, 11)), (8, 16))
+    passes = tiled_labels._snapped_together(rectangles, size, snap)
+    snapped = [q for _, queries in passes for q in queries]
+    assert sorted(snapped) == sorted(rectangles)
+    for (top, bottom, left, right), queries in passes:
+        assert 1 <= len(queries) <= tiled_labels.SNAPPED_TOGETHER
+        assert 0 <= top < bottom <= size[0] and 0 <= left < right <= size[1]
+        for q in queries:
+            a, b, c, d = rectangles[q]
+            assert top <= a and b <= bottom and left <= c and d <= right
+    alone = tiled_labels._snapped_together(rectangles, size, (0, ()))
+    assert all(rectangles[q] == rectangle for rectangle, queries in alone for q in queries)
+
+
+def test_queries_over_overlapping_rectangles_share_a_pass_and_distant_ones_do_not():
+    """A pass reads its weights once for all its queries: two queries whose rectangles nearly coincide are snapped
+    in one pass over both; two small rectangles far apart are snapped apart (one box over both would snap far more
+    pixels than it saves)."""
+    size, snap = (4096, 4096), (10, (8, 16))
+    near = {0: (1000, 2000, 1000, 2000), 1: (1064, 2064, 1000, 2000), 2: (1000, 2000, 1064, 2000)}
+    passes = tiled_labels._snapped_together(near, size, snap)
+    assert [(rectangle, sorted(queries)) for rectangle, queries in passes] == [((1000, 2064, 1000, 2000), [0, 1, 2])]
+    far = {0: (0, 400, 0, 400), 1: (3600, 4000, 3600, 4000)}
+    assert sorted(q for _, q in tiled_labels._snapped_together(far, size, snap)) == [[0], [1]]
+    many = {q: (1000, 2000, 1000, 2000) for q in range(6)}
+    assert sorted(len(q) for _, q in tiled_labels._snapped_together(many, size, snap)) == [2, 4]
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_margins_left_for_the_next_run_never_exceed_the_true_margins(seed):
     """A re-run keeps a pixel's label on the strength of its stored margin, so that margin must never be more

@@ -442,7 +442,9 @@ def pamr_steps(scores: torch.Tensor, guide: torch.Tensor, iterations: int = PAMR
         return scores
     dilations = tuple(int(d) for d in dilations)
     height, width = scores.shape[-2:]
-    margin = max(dilations) * (iterations + 1)  # how far a band edge's error spreads: affinities, then each iteration
+    # how far a band edge's error spreads: max(dilations) an iteration (the edge's wrong weights lie within the
+    # first iteration's reach)
+    margin = max(dilations) * iterations
     if band_rows is None:
         rows = PAMR_MEMORY_BYTES // _bytes_per_row(width, scores.shape[0], guide.shape[0], dilations)
         band_rows = height if rows >= height else max(rows - 2 * margin, margin)

@@ -153,7 +153,7 @@ def snapped_postprocess_steps(scores, guide, size, classes, logit_scale, prob_th
     """Generator: edge snapping (PAMR) and labelling together, a band of rows at a time; returns the result.
 
     ``scores`` (Q, h, w) and ``guide`` (3, h', w') are at the working size; each band is
-    resized to the output size with a margin of ``max(dilations) x (iterations + 1)`` rows,
+    resized to the output size with a margin of ``max(dilations) x iterations`` rows,
     wide enough that the band's edge reaches none of its rows, snapped, labelled and dropped.
     So neither the full-size scores nor their snapped copy ever exist whole, and the labels
     equal those of snapping the whole image at once (one band: the very same computation).
@@ -166,7 +166,7 @@ def snapped_postprocess_steps(scores, guide, size, classes, logit_scale, prob_th
     n_queries = scores.shape[0]
     outputs = _Outputs(size, classes, n_queries, logit_scale, prob_threshold, maps, objects)
     budget = SNAP_MEMORY_BYTES if budget is None else budget
-    margin = max(dilations) * (iterations + 1)
+    margin = max(dilations) * iterations
     fit = budget // _bytes_per_row(width, n_queries, guide.shape[0], dilations)
     band_rows = height if fit >= height else max(fit - 2 * margin, margin)
     starts = list(range(0, height, band_rows))

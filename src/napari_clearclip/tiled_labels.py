@@ -403,7 +403,9 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     dense = dense or not SKIPPING
     iterations, dilations = (int(snap[0]), tuple(int(d) for d in snap[1])) if snap and snap[0] else (0, ())
     reach = iterations * max(dilations) if iterations else 0
-    halo = max(dilations) * (iterations + 1) if iterations else 0
+    # what a region's cut edge spoils spreads max(dilations) an iteration (its weights' own error lies within the
+    # first iteration's reach): a halo that wide keeps it off the region's tiles
+    halo = max(dilations) * iterations if iterations else 0
     geometry = _Geometry(tuple(scores.shape[1:]), size, reach, tile)
     owner = np.repeat(np.arange(len(spans)), [b - a for a, b in spans])
     classes = class_scores(scores, spans)

@@ -785,13 +785,15 @@ def test_stacks_rerun_each_plane_from_what_changed(demo, monkeypatch):
         np.testing.assert_array_equal(fast[plane], full[plane])
 
 
+@pytest.mark.parametrize("own_weights", [False, True], ids=["image-weights", "region-weights"])
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "element-wise"])
 @pytest.mark.parametrize("seed", range(4))
 def test_pamr_on_a_region_leaving_out_its_cut_sides_gives_the_whole_image_values_bit_for_bit(seed, compiled,
-                                                                                          monkeypatch):
-    """A region cut out of an image (random sides cut, at least the halo wide on each): iterations that leave out
-    the bands next to the cut sides give every value within the halo of the cuts the whole image's, bit for bit,
-    whichever rows are computed at a time."""
+                                                                                          own_weights, monkeypatch):
+    """A region cut out of an image (random sides cut): iterations that leave out the bands next to the cut sides
+    give every value farther than iterations x max(dilations) from the cuts the whole image's, bit for bit,
+    whichever rows are computed at a time; also with weights made from the region's own guide, wrong within
+    max(dilations) of its cut sides (the first iteration leaves that band out)."""
     from napari_clearclip import compiled_snapping, refine
     from napari_clearclip.progress import run_to_end
     from napari_clearclip.refine import _finish, _refine_padded, _replicate, pamr, pamr_affinities
@@ -800,7 +802,7 @@ def test_pamr_on_a_region_leaving_out_its_cut_sides_gives_the_whole_image_values
     if not compiled:
         monkeypatch.setattr(compiled_snapping, "_compiled", False)
     iterations, dilations = int(rng.integers(1, 5)), tuple(int(d) for d in rng.choice([1, 2, 3], 2, replace=False))
-    pad, halo = max(dilations), max(dilations) * (iterations + 1)
+    pad, halo = max(dilations), max(dilations) * iterations
     height, width = int(rng.integers(2 * halo + 13, 2 * halo + 60)), int(rng.integers(2 * halo + 13, 2 * halo + 80))
     scores = torch.from_numpy(rng.normal(size=(int(rng.integers(1, 4)), height, width)).astype(np.float32))
     guide = torch.from_numpy(rng.normal(size=(3, height, width)).astype(np.float32))
@@ -811,7 +813,10 @@ def test_pamr_on_a_region_leaving_out_its_cut_sides_gives_the_whole_image_values
     bottom = height - int(rng.integers(1, 6)) if cut[1] else height
     left = int(rng.integers(1, 6)) if cut[2] else 0
     right = width - int(rng.integers(1, 6)) if cut[3] else width
-    affinity = pamr_affinities(guide, dilations)[:, top:bottom, left:right]
+    if own_weights:
+        affinity = pamr_affinities(guide[:, top:bottom, left:right].contiguous(), dilations)
+    else:
+        affinity = pamr_affinities(guide, dilations)[:, top:bottom, left:right]
     monkeypatch.setattr(refine, "COMPILED_AT_ONCE_BYTES", int(rng.choice([4, 4096, 1 << 24])) * scores.shape[0] * width)
     monkeypatch.setattr(refine, "AVERAGED_AT_ONCE_BYTES", int(rng.choice([4, 4096, 1 << 24])) * scores.shape[0] * width)
     # blocks of rows bound by their weights' bytes too: 1 or 3 rows, or no bound
@@ -827,6 +832,31 @@ def test_pamr_on_a_region_leaving_out_its_cut_sides_gives_the_whole_image_values
     expected = whole[:, top:bottom, left:right][inner]
     assert expected.numel()
     assert torch.equal(region[inner], expected)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_what_a_cut_edge_spoils_reaches_iterations_times_the_largest_dilation_and_no_farther(seed):
+    """PAMR on a region cut out of an image, its edges repeated and its weights made from its own guide (wrong
+    within max(dilations) of the edges), every value computed: after t iterations the values farther than
+    t x max(dilations) from the cut edges are the whole image's, bit for bit; nearer, some are not. The halo of a
+    recomputed region is that wide: the weights' own error adds nothing, as the first iteration's reach already
+    holds it."""
+    from napari_clearclip.refine import pamr
+
+    rng = np.random.default_rng(seed)
+    iterations, dilations = int(rng.integers(1, 5)), tuple(int(d) for d in rng.choice([1, 2, 3], 2, replace=False))
+    reach = max(dilations) * iterations
+    height, width = int(rng.integers(4 * reach + 20, 4 * reach + 60)), int(rng.integers(4 * reach + 20, 4 * reach + 60))
+    scores = torch.from_numpy(rng.normal(size=(2, height, width)).astype(np.float32))
+    guide = torch.from_numpy(rng.normal(size=(3, height, width)).astype(np.float32))
+    whole = pamr(scores, guide, iterations, dilations)
+    top, bottom, left, right = reach + 3, height - reach - 4, reach + 5, width - reach - 2
+    region = pamr(scores[:, top:bottom, left:right].contiguous(), guide[:, top:bottom, left:right].contiguous(),
+                  iterations, dilations)
+    expected = whole[:, top:bottom, left:right]
+    assert torch.equal(region[:, reach:-reach, reach:-reach], expected[:, reach:-reach, reach:-reach])
+    nearer = reach - 1
+    assert not torch.equal(region[:, nearer:-nearer, nearer:-nearer], expected[:, nearer:-nearer, nearer:-nearer])
 
 
 def test_compiled_blocks_of_rows_are_bound_by_their_weights_as_well_as_their_output():

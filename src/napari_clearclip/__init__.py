@@ -4,8 +4,9 @@ The public names load on first use, so that ``clearclip-segment --help`` and nap
 discovery do not import torch.
 """
 
-from ._preload import preload_triton
+from ._preload import preload_triton, shorten_openmp_spin
 
+shorten_openmp_spin()  # before torch loads OpenMP: see _preload.py
 preload_triton()  # before torch: see _preload.py
 
 __version__ = "0.1.0"

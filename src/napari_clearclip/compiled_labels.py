@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import compiled_snapping
-from .compiled_snapping import _loops, _shared, _threads
+from .compiled_snapping import _loops, _threads, shared_rows
 
 
 def labels_present(block: np.ndarray, tile: int, occurs: np.ndarray) -> bool:
@@ -21,7 +21,7 @@ def labels_present(block: np.ndarray, tile: int, occurs: np.ndarray) -> bool:
     if (not loops or block.dtype != np.uint8 or occurs.dtype != np.bool_ or block.ndim != 2
             or not block.flags.c_contiguous or not occurs.flags.c_contiguous or not block.flags.writeable):
         return False
-    _shared(loops.labels_present, 0, occurs.shape[0], occurs.shape[1] * tile * tile, block, tile, occurs)
+    shared_rows(loops.labels_present, 0, occurs.shape[0], occurs.shape[1] * tile * tile, block, tile, occurs)
     return True
 
 
@@ -57,7 +57,7 @@ def label_tiles(values: dict, tiles, owner: np.ndarray, reference: int, classes:
         return False
     kept = winners if winners is not None else np.zeros((1, 1), np.float32)
     spots = _spots(tiles)
-    _shared(loops.leaders_of_tiles, 0, len(spots), tile * tile * (len(values) + classes), *queries,
+    shared_rows(loops.leaders_of_tiles, 0, len(spots), tile * tile * (len(values) + classes), *queries,
             int(owner[reference]), classes, spots, tile, np.ascontiguousarray(gaps, np.float32), np.float32(tolerance),
             labels, margins.view(np.uint16), kept, winners is not None, present)
     return True
@@ -76,7 +76,7 @@ def challenge_tiles(values: dict, tiles, owner: np.ndarray, reference: int, clas
     if not queries:
         return False
     spots = _spots(tiles)
-    _shared(loops.challenged_tiles, 0, len(spots), tile * tile * (len(values) + classes), *queries,
+    shared_rows(loops.challenged_tiles, 0, len(spots), tile * tile * (len(values) + classes), *queries,
             int(owner[reference]), classes, spots, tile, np.ascontiguousarray(gaps, np.float32), np.float32(tolerance),
             np.ascontiguousarray(challengers, np.bool_), np.ascontiguousarray(own_allowed, np.bool_),
             np.ascontiguousarray(trust_winners, np.bool_), bool(fallback),
@@ -128,7 +128,7 @@ def judge_tiles(bounds, ys: np.ndarray, xs: np.ndarray, labels: np.ndarray, marg
               np.ascontiguousarray(bounds.new_leads, np.float32), np.ascontiguousarray(bounds.new_others, np.float32),
               np.ascontiguousarray(bounds.highest if rescued else np.zeros((1, 1, 1)), np.float32))
     judged = np.zeros(len(ys), bool)
-    _shared(loops.judged_tiles, 0, len(ys), tile * tile * 2, labels, margins.view(np.uint16),
+    shared_rows(loops.judged_tiles, 0, len(ys), tile * tile * 2, labels, margins.view(np.uint16),
             winners if rescued else np.zeros((1, 1), np.float32), rescued, np.ascontiguousarray(ys, np.int64),
             np.ascontiguousarray(xs, np.int64), tile, *tables, np.float32(2 * bounds.tolerance), judged)
     dirty[ys, xs] = judged

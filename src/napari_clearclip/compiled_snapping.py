@@ -142,7 +142,7 @@ def _threads(count: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _shared(loop: Callable, first: int, last: int, values_per_row: int, *arguments) -> None:
+def shared_rows(loop: Callable, first: int, last: int, values_per_row: int, *arguments) -> None:
     """``loop(*arguments, first_row, last_row)`` over rows ``first``..``last``, split between PyTorch's number of
     threads when each share holds at least :data:`SHARED_FROM` values."""
     threads = max(1, min(torch.get_num_threads(), (last - first) * values_per_row // SHARED_FROM, last - first))
@@ -192,7 +192,7 @@ def averaging(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,
     values_per_row = width * current.shape[0]
 
     def rows(first: int, last: int, columns: tuple[int, int] = (0, width)) -> None:
-        _shared(loops.weighted_rows, first, last, values_per_row * (columns[1] - columns[0]) // max(1, width),
+        shared_rows(loops.weighted_rows, first, last, values_per_row * (columns[1] - columns[0]) // max(1, width),
                 *arguments, *columns)
     return rows
 
@@ -239,13 +239,13 @@ def weights_of_rows(padded: torch.Tensor, pad: int, dilations: Sequence[int], lo
         last = min(first + WEIGHT_ROWS_AT_ONCE, bottom)
         deviation = torch.empty((channels, last - first, width))
         spread = deviation.numpy()
-        _shared(loops.guide_spread, first, last, 9 * len(dilations) * channels * width, guide,
+        shared_rows(loops.guide_spread, first, last, 9 * len(dilations) * channels * width, guide,
                 np.array(dilations, np.int64), pad, first, spread)
         deviation.sqrt_()                                       # PyTorch's own square root, as the element-wise path
-        _shared(loops.weight_logits, first, last, len(offsets) * channels * width, guide, spread, first, rows_off,
+        shared_rows(loops.weight_logits, first, last, len(offsets) * channels * width, guide, spread, first, rows_off,
                 cols_off, first_same, pad, out, plane_step, row_step, width)
         logits[:, first:last].exp_()                            # PyTorch's own exponential
-        _shared(loops.normalised, first, last, len(offsets) * width, out, len(offsets), plane_step, row_step, width)
+        shared_rows(loops.normalised, first, last, len(offsets) * width, out, len(offsets), plane_step, row_step, width)
     return True
 
 
@@ -259,7 +259,7 @@ def resized_rows(across: torch.Tensor, row_low: np.ndarray, row_high: np.ndarray
             or out.stride(-1) != 1 or not row_weight.is_contiguous()):
         return False
     flat = _flat(out)
-    _shared(loops.resized_rows, 0, out.shape[1], out.shape[0] * out.shape[2], across.numpy(),
+    shared_rows(loops.resized_rows, 0, out.shape[1], out.shape[0] * out.shape[2], across.numpy(),
             np.ascontiguousarray(row_low, np.int64), np.ascontiguousarray(row_high, np.int64), row_weight.numpy(),
             flat, out.stride(0), out.stride(1))
     return True

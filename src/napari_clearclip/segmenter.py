@@ -18,7 +18,7 @@ from .hashing import pixel_digest
 from .lessons import Lesson, check_lesson
 from .image import check_image, normalise, prepare, whole_rgb
 from .methods import encode_dense, get_method, interpolated_positions
-from .models import LoadedModel, load_model
+from .models import LoadedModel, ModelLoadError, load_model, resolve_device
 from .objects import check_objects
 from .options import DEFAULT, SegmentOptions, check_dilations_fit, check_flag
 from .progress import Progress, relabelled, run_to_end
@@ -82,9 +82,11 @@ class Segmenter:
         self.feature_store = _feature_store(feature_store, feature_store_bytes)
         if self.feature_store is not None:
             self.feature_store.prepare_reading()  # zarr's import overlaps the model's loading
+        if _runs_on_cpu(device):
+            compiled_snapping.prepare()  # edge snapping's loops, read from numba's cache while the model loads
         self.model: LoadedModel = load_model(model, pretrained, device, precision)
         if torch.device(self.model.device).type == "cpu":
-            compiled_snapping.prepare()  # edge snapping's loops, ready before the first run that snaps
+            compiled_snapping.prepare()  # (already started unless the device was only known from the model)
         self.text = TextEncoder(self.model, disk_cache=disk_cache)
         self.window_batch_size = window_batch_size  # None: sized from the window area, see _batch_size
         self._features = ByteLRU(feature_cache_bytes)
@@ -796,6 +798,15 @@ class Segmenter:
             self.window_batch_size = max(1, len(crops) // 2)
             half = len(crops) // 2
             return torch.cat([self._encode_crops(crops[:half], method_fn), self._encode_crops(crops[half:], method_fn)])
+
+
+def _runs_on_cpu(device) -> bool:
+    """Whether a model asked for on ``device`` will run on the CPU; False where the device is not valid (loading
+    the model then says why)."""
+    try:
+        return resolve_device(device).type == "cpu"
+    except ModelLoadError:
+        return False
 
 
 def _feature_store(setting, max_bytes: int | None):

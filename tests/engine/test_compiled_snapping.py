@@ -628,3 +628,32 @@ def test_compiled_judging_of_kept_tiles_equals_the_numpy_path_bit_for_bit(seed, 
         np.testing.assert_array_equal(got_margins.view(np.uint16), expected_margins.view(np.uint16))
         kept_tiles, dirty_tiles = kept_tiles + int((~judged).sum()), dirty_tiles + int(judged.sum())
     assert kept_tiles > 10 and dirty_tiles > 10   # both outcomes judged many times
+
+
+@pytest.mark.parametrize("device, prepared_first", [("cpu", True), ("auto", True), ("cuda:7", False)])
+def test_the_loops_are_read_while_the_model_loads_not_after(device, prepared_first, monkeypatch):
+    """Reading the loops from numba's cache takes about 0.6 s of a new session; started after a CLIP model's
+    seconds of loading, it slowed that session's first run (hashing, labelling) by as much. A device that is not
+    there starts nothing: loading the model says why."""
+    import napari_clearclip.segmenter as segmenter_module
+    from napari_clearclip import Segmenter
+
+    if device == "auto" and segmenter_module.resolve_device("auto").type != "cpu":
+        pytest.skip("'auto' is a GPU here")
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA device is there")
+    events = []
+    monkeypatch.setattr(compiled_snapping, "prepare", lambda: events.append("loops"))
+    real_load = segmenter_module.load_model
+
+    def load(*args, **kwargs):
+        events.append("model")
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(segmenter_module, "load_model", load)
+    if not prepared_first:
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            Segmenter("synthetic-tiny", device=device, disk_cache=False, feature_store=False)
+        assert events == ["model"]
+        return
+    Segmenter("synthetic-tiny", device=device, disk_cache=False, feature_store=False)
+    assert events[:2] == ["loops", "model"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass, replace
 from typing import Generator, Mapping, Sequence
 
@@ -82,11 +83,13 @@ class Segmenter:
         self.feature_store = _feature_store(feature_store, feature_store_bytes)
         if self.feature_store is not None:
             self.feature_store.prepare_reading()  # zarr's import overlaps the model's loading
-        if _runs_on_cpu(device):
-            compiled_snapping.prepare()  # edge snapping's loops, read from numba's cache while the model loads
+        if threading.current_thread() is threading.main_thread() and _runs_on_cpu(device):
+            # edge snapping's loops, read from numba's cache while the model loads. Not beside a GUI's main thread
+            # (a segmenter made in a worker): a third thread holding Python's lock stalled napari's for 0.2-0.35 s
+            compiled_snapping.prepare()
         self.model: LoadedModel = load_model(model, pretrained, device, precision)
         if torch.device(self.model.device).type == "cpu":
-            compiled_snapping.prepare()  # (already started unless the device was only known from the model)
+            compiled_snapping.prepare()  # (or once the model is loaded)
         self.text = TextEncoder(self.model, disk_cache=disk_cache)
         self.window_batch_size = window_batch_size  # None: sized from the window area, see _batch_size
         self._features = ByteLRU(feature_cache_bytes)

@@ -120,6 +120,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ModelLoadError(f"Unknown device {device!r}: use one of {', '.join(DEVICES)}.") from None
 
 
+def runs_on_cpu(device: str | torch.device = "auto") -> bool:
+    """Whether a model asked for on ``device`` will run on the CPU; False where that device is not there (loading
+    the model then says why)."""
+    try:
+        return resolve_device(device).type == "cpu"
+    except ModelLoadError:
+        return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``"auto"`` is fp16 on a GPU (as the official code) and exact fp32 on the CPU."""
     if precision not in PRECISIONS:

@@ -19,7 +19,7 @@ from .hashing import pixel_digest
 from .lessons import Lesson, check_lesson
 from .image import check_image, normalise, prepare, whole_rgb
 from .methods import encode_dense, get_method, interpolated_positions
-from .models import LoadedModel, ModelLoadError, load_model, resolve_device
+from .models import LoadedModel, load_model, runs_on_cpu
 from .objects import check_objects
 from .options import DEFAULT, SegmentOptions, check_dilations_fit, check_flag
 from .progress import Progress, relabelled, run_to_end
@@ -83,7 +83,7 @@ class Segmenter:
         self.feature_store = _feature_store(feature_store, feature_store_bytes)
         if self.feature_store is not None:
             self.feature_store.prepare_reading()  # zarr's import overlaps the model's loading
-        if threading.current_thread() is threading.main_thread() and _runs_on_cpu(device):
+        if threading.current_thread() is threading.main_thread() and runs_on_cpu(device):
             # edge snapping's loops, read from numba's cache while the model loads. Not beside a GUI's main thread
             # (a segmenter made in a worker): a third thread holding Python's lock stalled napari's for 0.2-0.35 s
             compiled_snapping.prepare()
@@ -801,15 +801,6 @@ class Segmenter:
             self.window_batch_size = max(1, len(crops) // 2)
             half = len(crops) // 2
             return torch.cat([self._encode_crops(crops[:half], method_fn), self._encode_crops(crops[half:], method_fn)])
-
-
-def _runs_on_cpu(device) -> bool:
-    """Whether a model asked for on ``device`` will run on the CPU; False where the device is not valid (loading
-    the model then says why)."""
-    try:
-        return resolve_device(device).type == "cpu"
-    except ModelLoadError:
-        return False
 
 
 def _feature_store(setting, max_bytes: int | None):

@@ -641,8 +641,9 @@ def test_the_loops_are_read_while_the_model_loads_not_after(device, where, prepa
 
     import napari_clearclip.segmenter as segmenter_module
     from napari_clearclip import Segmenter
+    from napari_clearclip.models import runs_on_cpu
 
-    if device == "auto" and segmenter_module.resolve_device("auto").type != "cpu":
+    if device == "auto" and not runs_on_cpu("auto"):
         pytest.skip("'auto' is a GPU here")
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("a CUDA device is there")

@@ -20,6 +20,11 @@ at 4096 x 4096), rich in boundaries. Every figure is measured in this run, on th
   whose labels changed (what any re-run that equals a computation from scratch must recompute):
   a stroke changes the scores of every patch alike to what it painted, so the cost grows with
   the area that stroke changes, which this table lists stroke by stroke;
+- the floor of each stroke's re-run: the pixel-iterations an exact re-run must snap to give just the pixels
+  whose labels changed their values from the scores (their dependency cones through PAMR's iterations), for
+  one class, priced at this machine's fastest rate (one class snapped over the whole image, its weights ready).
+  A target below the floor cannot be met by any re-run that equals a computation from scratch here (it
+  leaves out scoring, judging, labelling and copying, and every other class that can win there);
 - typing 'purple' and the first stroke again on segmenters readied for their next re-run after the
   first run (``Segmenter.prepare_rerun_steps``), as the widget does with Live on while nothing runs.
 """
@@ -35,6 +40,8 @@ import time
 import numpy as np
 
 os.environ.setdefault("NAPARI_CLEARCLIP_CACHE_DIR", tempfile.mkdtemp())
+
+from napari_clearclip.options import PAMR_DILATIONS, PAMR_ITERATIONS  # noqa: E402
 CLASSES = ["red", "green", "blue", "yellow", "background"]
 
 
@@ -115,6 +122,61 @@ def before_seconds(segmenter, image) -> float:
     return seconds
 
 
+def dependency_cone_share(changed: np.ndarray, iterations: int = PAMR_ITERATIONS,
+                          dilations: tuple[int, ...] = PAMR_DILATIONS) -> float:
+    """The share of the image's pixel-iterations an exact re-run must compute to give the ``changed`` pixels their
+    snapped values again from the scores: iteration T needs those pixels, iteration T - 1 every neighbour they
+    average (the 8 at each dilation), and so on back to the first. Neighbours lie on the lattice of the dilations'
+    greatest common divisor, so each of its cosets is dilated apart (the exact cone, not a square around it)."""
+    from math import gcd
+
+    from scipy import ndimage
+
+    step = 0
+    for dilation in dilations:
+        step = gcd(step, dilation)
+    height, width = changed.shape
+    padding = ((0, -height % step), (0, -width % step))
+
+    def cosets(plane):
+        padded = np.pad(plane, padding)
+        return padded.reshape(padded.shape[0] // step, step, padded.shape[1] // step, step).transpose(1, 3, 0, 2)
+    lattice, inside = cosets(changed), cosets(np.ones_like(changed))
+    radius = max(dilations) // step
+    element = np.zeros((2 * radius + 1, 2 * radius + 1), bool)
+    for dilation in dilations:
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                element[radius + dy * dilation // step, radius + dx * dilation // step] = True
+    cone, total = lattice, 0
+    for number in range(iterations):
+        if number:
+            # beyond the edge the padding repeats the edge: no pixels of its own, none counted
+            cone = ndimage.binary_dilation(cone, structure=element[None, None]) & inside
+        total += int(np.count_nonzero(cone))
+    return total / (height * width * max(1, iterations))
+
+
+def one_class_snapping_seconds(image: np.ndarray) -> float:
+    """Seconds PAMR's averaging takes for one class over the whole image, its weights computed beforehand (the
+    fastest way this machine averages: whole rows, no region edges): the price of a pixel-iteration in the floor."""
+    import torch
+
+    from napari_clearclip import refine
+
+    guide = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+    weights = refine.pamr_affinities(guide, PAMR_DILATIONS)
+    scores = torch.rand(1, *image.shape[:2])
+    best = float("inf")
+    for _ in range(2):
+        steps = refine._refine_whole(scores, None, PAMR_ITERATIONS, PAMR_DILATIONS, weights)
+        start = time.perf_counter()
+        for _ in steps:
+            pass
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 # a first run in a fresh process, from the sources given (the release's, or this checkout's)
 RELEASE_RUN = r'''
 import os, sys, tempfile, time
@@ -181,22 +243,24 @@ def stroke_at(labels: np.ndarray, rng, confirm: bool) -> tuple[np.ndarray, int]:
 TYPED = ("purple", "orange")
 
 
-def typing_before_strokes(image: np.ndarray, first_labels: np.ndarray) -> dict[str, float]:
+def typing_before_strokes(image: np.ndarray, first_labels: np.ndarray, one_class: float) -> tuple[dict, dict]:
     """Seconds to type each class of :data:`TYPED` after a first run, before any stroke (each typed after the
     first run's classes again): on a segmenter of its own, so that the strokes of :func:`run_size` start from its
-    first run. The labels any exact run must recompute grow with the area the class takes."""
+    first run. The labels any exact run must recompute grow with the area the class takes. Also each class's
+    floor (see :func:`dependency_cone_share`; ``one_class``: the seconds of one class snapped over the image)."""
     from napari_clearclip import Segmenter
 
     untaught = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, label_cache_bytes=2 << 30)
-    seconds = {}
+    seconds, floors = {}, {}
     for word in TYPED:
         untaught.segment(image, CLASSES, maps=False, refine="pamr")
         plain, seconds[word] = timed(lambda word=word: untaught.segment(image, CLASSES + [word], maps=False,
                                                                         refine="pamr"))
+        floors[word] = dependency_cone_share(first_labels != plain.labels) * one_class
         print(f"  typing a class ('{word}') before any stroke: {seconds[word]:.2f} s, {last_state(untaught):.1%} of "
               f"tiles recomputed, labels changed in {tiles_changed(first_labels, plain.labels):.1%} of tiles, "
-              f"{np.mean(plain.labels == len(CLASSES) + 1):.1%} of pixels now '{word}'")
-    return seconds
+              f"{np.mean(plain.labels == len(CLASSES) + 1):.1%} of pixels now '{word}', floor {floors[word]:.3f} s")
+    return seconds, floors
 
 
 def readied_seconds(image: np.ndarray, size: int) -> tuple[float, float]:
@@ -245,22 +309,28 @@ def run_size(size: int, strokes: int, scene: str, release: str) -> list[tuple[st
           f"every pixel: {before:.2f} s; each in a fresh process: release {release} "
           + (f"{released:.2f} s" if released else "not run") + ", this version "
           + (f"{fresh:.2f} s" if fresh else "not run"))
-    plain_seconds = typing_before_strokes(image, first.labels)
+    one_class = one_class_snapping_seconds(image)
+    print(f"  snapping one class over the whole image, its weights ready: {one_class:.2f} s (the price of the floors "
+          "below: an exact re-run that snapped only the changed pixels' cones, for one class, at this rate)")
+    plain_seconds, typing_floors = typing_before_strokes(image, first.labels, one_class)
     readied_typing, readied_stroke = readied_seconds(image, size)
     rng = np.random.default_rng(size)
     painted = np.zeros(image.shape[:2], np.int32)
-    rows = []
+    rows, floors = [], []
     labels = first.labels
     for number in range(strokes):
         where, klass = stroke_at(labels, rng, confirm=number % 2 == 0)
         painted[where] = klass
         result, seconds = timed(lambda: segmenter.segment(image, CLASSES, maps=False, refine="pamr", strokes=painted))
         differ = tiles_changed(labels, result.labels)
+        cone = dependency_cone_share(labels != result.labels)
+        floors.append(cone * one_class)
         labels = result.labels
         changed = last_state(segmenter)
         rows.append((seconds, changed, "confirming" if number % 2 == 0 else "correcting"))
         print(f"  stroke {number + 1} ({rows[-1][2]}): {seconds:.2f} s, {changed:.1%} of tiles recomputed, "
-              f"labels changed in {differ:.1%} of tiles (what any exact re-run must recompute)")
+              f"labels changed in {differ:.1%} of tiles (what any exact re-run must recompute); the changed pixels' "
+              f"snapping cones {cone:.1%} of the image's, floor {floors[-1]:.3f} s")
     typed_result, typed = timed(lambda: segmenter.segment(image, CLASSES + ["purple"], maps=False, refine="pamr",
                                                           strokes=painted))
     print(f"  typing a class ('purple'): {typed:.2f} s, {last_state(segmenter):.1%} of tiles recomputed, labels "
@@ -276,11 +346,16 @@ def run_size(size: int, strokes: int, scene: str, release: str) -> list[tuple[st
     if released:
         results.append((f"{size}: first run, release {release} (fresh process) / now (this process, after the "
                         "every-pixel run)", released / first_seconds, "(for comparison)", True))
+    floor = statistics.median(floors)
     results += [
                (f"{size}: re-run after a stroke (median of {len(rows)}) / first run", median_all / first_seconds,
                 "<= 0.03", median_all / first_seconds <= 0.03),
+               (f"{size}: floor of an exact re-run, snapping only the changed pixels' cones for one class (median) "
+                "/ first run", floor / first_seconds, "<= 0.03 (reachable only if met)", floor / first_seconds <= 0.03),
                *((f"{size}: typing '{word}' before any stroke / first run", plain_seconds[word] / first_seconds,
                   "<= 0.05", plain_seconds[word] / first_seconds <= 0.05) for word in TYPED),
+               *((f"{size}: floor of typing '{word}' (as above) / first run", typing_floors[word] / first_seconds,
+                  "<= 0.05 (reachable only if met)", typing_floors[word] / first_seconds <= 0.05) for word in TYPED),
                (f"{size}: typing 'purple' before any stroke, readied first / first run", readied_typing / first_seconds,
                 "<= 0.05", readied_typing / first_seconds <= 0.05),
                (f"{size}: stroke 1, readied first / first run", readied_stroke / first_seconds, "<= 0.03",
@@ -294,7 +369,7 @@ def run_size(size: int, strokes: int, scene: str, release: str) -> list[tuple[st
     results.append((f"{size}: re-run seconds against the share of tiles recomputed",
                     float(np.corrcoef([r[0] for r in rows], [r[1] for r in rows])[0, 1]) if len(rows) > 2 else 0.0,
                     "(correlation)", True))
-    return results, median_all
+    return results, median_all, floor
 
 
 def main() -> None:
@@ -317,12 +392,14 @@ def main() -> None:
     table = []
     for size in args.sizes:
         for scene in args.scenes:
-            rows, median_rerun = run_size(size, args.strokes, scene, args.release)
+            rows, median_rerun, floor = run_size(size, args.strokes, scene, args.release)
             table += rows
             if size == 4096:
-                table.insert(len(table) - len(rows) + 1,
-                             (f"4096 {scene}: re-run after a stroke / napari's refresh", median_rerun / refresh,
-                              "<= 10", median_rerun / refresh <= 10))
+                table[len(table) - len(rows) + 1 : len(table) - len(rows) + 1] = [
+                    (f"4096 {scene}: re-run after a stroke / napari's refresh", median_rerun / refresh, "<= 10",
+                     median_rerun / refresh <= 10),
+                    (f"4096 {scene}: floor of an exact re-run (as below) / napari's refresh", floor / refresh,
+                     "<= 10 (reachable only if met)", floor / refresh <= 10)]
     print("\n| measure | ratio | target | met |\n|---|---|---|---|")
     for name, ratio, target, met in table:
         print(f"| {name} | {ratio:.3f} | {target} | {'yes' if met else 'no'} |")

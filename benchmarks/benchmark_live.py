@@ -151,7 +151,8 @@ def dependency_cone_share(changed: np.ndarray, iterations: int = PAMR_ITERATIONS
     cone, total = lattice, 0
     for number in range(iterations):
         if number:
-            # beyond the edge the padding repeats the edge: no pixels of its own, none counted
+            # neighbours beyond the edge repeat edge pixels (perhaps of another coset): left out, which can only
+            # lower the count, so the floor stays a floor
             cone = ndimage.binary_dilation(cone, structure=element[None, None]) & inside
         total += int(np.count_nonzero(cone))
     return total / (height * width * max(1, iterations))

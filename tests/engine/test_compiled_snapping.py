@@ -72,6 +72,25 @@ def test_compiled_sums_of_any_block_equal_the_element_wise_path_bit_for_bit(seed
             torch.set_num_threads(2)
 
 
+@pytest.mark.parametrize("count", [1, 5, 8, 11, 16, 19, 24])
+def test_any_number_of_neighbours_sums_as_the_element_wise_path(count, without_compiled):
+    """The loop adds neighbours eight to a pass: counts that are not multiples of eight, and several passes of
+    eight, give the element-wise path's values bit for bit, over rows cut out of a wider region."""
+    rng = np.random.default_rng(count)
+    pad, height, width = 6, 23, 517
+    offsets = [(int(rng.integers(-pad, pad + 1)), int(rng.integers(-pad, pad + 1))) for _ in range(count)]
+    current = torch.from_numpy(rng.normal(size=(3, height + 2 * pad, width + 2 * pad)).astype(np.float32))
+    weights = torch.from_numpy(rng.random((count, height + 4, width + 9)).astype(np.float32))[:, 2 : 2 + height,
+                                                                                               4 : 4 + width]
+    expected = torch.full_like(current, float("nan"))
+    without_compiled(lambda: refine._average_rows(current, expected, weights, offsets, pad, width, 3, 20))
+    got = torch.full_like(current, float("nan"))
+    assert compiled_snapping.weighted_rows(current, got, weights, offsets, pad, width, 3, 20)
+    inside = (slice(None), slice(pad + 3, pad + 20), slice(pad, pad + width))
+    assert torch.equal(got[inside], expected[inside])
+    assert not got[inside].isnan().any()
+
+
 def test_blocks_meant_for_other_threads_are_done_here_when_no_thread_can_start(monkeypatch):
     """While Python exits, no new thread starts (a background job may still be averaging): the shares meant for
     other threads are computed by the calling one, with the same values."""

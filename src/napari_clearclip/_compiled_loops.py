@@ -34,21 +34,26 @@ SNAPPED_COLUMNS_AT_ONCE = 1 << 14
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
-def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_off, pad, width, height, left,
-                  right, first, last):
+def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_off, pad, width, height, spans,
+                  left, right, first, last):
     """Rows ``first``..``last``, columns ``left``..``right`` of the interior of ``target`` = the weighted sum of
     each pixel's neighbours in ``source`` at offsets (``rows_off``, ``cols_off``); both padded by ``pad``. Neighbour
     k's weight at (y, x) is ``weights[k * plane_step + y * row_step + x]`` (a flat view: weights cut out of a larger
     region keep their rows contiguous, which the compiled loop then knows). With ``height`` (the interior's; 0: not
-    asked) the border of those rows then repeats their edges, as ``refine._repeat_edges_of_rows`` does.
+    asked) the border of those rows then repeats their edges, as ``refine._repeat_edges_of_rows`` does. ``spans``
+    (rows, 2; or empty: none) narrows row y to its columns ``spans[y, 0]``..``spans[y, 1]``.
 
     Each value is the first neighbour's product, then one fused multiply-add per neighbour in order, as PyTorch's
     element-wise path computes it; the neighbours are taken eight to a pass over the columns."""
     channels = source.shape[0]
     neighbours = rows_off.shape[0]
+    narrowed = spans.shape[0] > 0
     for y in range(first, last):
-        for start in range(left, right, SNAPPED_COLUMNS_AT_ONCE):
-            stop = min(start + SNAPPED_COLUMNS_AT_ONCE, right)
+        low, high = left, right
+        if narrowed:
+            low, high = max(left, spans[y, 0]), min(right, spans[y, 1])
+        for start in range(low, high, SNAPPED_COLUMNS_AT_ONCE):
+            stop = min(start + SNAPPED_COLUMNS_AT_ONCE, high)
             count = stop - start
             row = y * row_step + start
             at = pad + start

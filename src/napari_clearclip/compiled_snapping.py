@@ -175,8 +175,9 @@ def _flat(tensor: torch.Tensor) -> np.ndarray:
 def averaging(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,
               offsets: Sequence[tuple[int, int]], pad: int, width: int,
               repeat_edges: bool = False) -> Callable[[int, int], None] | None:
-    """``rows(first, last, columns)``: rows ``first``..``last`` (columns ``columns``, all by default) of one PAMR
-    iteration from ``current`` into ``spare`` (see
+    """``rows(first, last, columns, spans)``: rows ``first``..``last`` (columns ``columns``, all by default; row y
+    further narrowed to columns ``spans[y, 0]``..``spans[y, 1]`` when ``spans``, (height, 2) int64, is given) of one
+    PAMR iteration from ``current`` into ``spare`` (see
     :func:`napari_clearclip.refine._average_rows`), compiled, and with ``repeat_edges`` the border of those rows
     filled as :func:`napari_clearclip.refine._repeat_edges_of_rows` fills it; None where the compiled loop does
     not apply (not float32 on the CPU, or no numba): the caller then uses the element-wise path.
@@ -191,10 +192,15 @@ def averaging(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,
                  width, spare.shape[1] - 2 * pad if repeat_edges else 0)
     values_per_row = width * current.shape[0]
 
-    def rows(first: int, last: int, columns: tuple[int, int] = (0, width)) -> None:
+    def rows(first: int, last: int, columns: tuple[int, int] = (0, width), spans: np.ndarray | None = None) -> None:
+        narrowed = _NO_SPANS if spans is None else spans
         shared_rows(loops.weighted_rows, first, last, values_per_row * (columns[1] - columns[0]) // max(1, width),
-                *arguments, *columns)
+                *arguments, narrowed, *columns)
     return rows
+
+
+#: No narrowing of the rows' columns (see :func:`averaging`).
+_NO_SPANS = np.zeros((0, 2), np.int64)
 
 
 def weighted_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,

@@ -13,6 +13,7 @@ import math
 import mmap
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -323,7 +324,7 @@ def _rows_at_once(current: torch.Tensor, width: int, height: int, compiled: bool
 
 def _average_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor, offsets, pad: int, width: int,
                   first: int, last: int, repeat_edges: bool = False, compiled=None,
-                  columns: tuple[int, int] | None = None) -> None:
+                  columns: tuple[int, int] | None = None, spans: np.ndarray | None = None) -> None:
     """Rows ``first``..``last`` of one PAMR iteration: there, the interior of ``spare`` becomes the
     ``weights``-weighted sum of each pixel's neighbours at ``offsets`` in ``current`` (both padded by ``pad``).
 
@@ -332,10 +333,10 @@ def _average_rows(current: torch.Tensor, spare: torch.Tensor, weights: torch.Ten
     :mod:`.compiled_snapping` does the same arithmetic a row at a time. With ``repeat_edges`` the padded border
     of those rows then repeats their edges (:func:`_repeat_edges_of_rows`). ``compiled``: that loop already
     prepared for these buffers (:func:`.compiled_snapping.averaging`); it computes only ``columns`` (first, last;
-    None: all), the element-wise path every column.
+    None: all), and of row y only the columns ``spans[y]`` (None: all), the element-wise path every column.
     """
     if compiled is not None:
-        compiled(first, last, (0, width) if columns is None else columns)
+        compiled(first, last, (0, width) if columns is None else columns, spans)
         return
     if compiled_snapping.weighted_rows(current, spare, weights, offsets, pad, width, first, last, repeat_edges):
         return  # the same values, compiled
@@ -376,7 +377,8 @@ def _refine_whole(scores: torch.Tensor, guide: torch.Tensor | None, iterations: 
 
 
 def _refine_padded(current: torch.Tensor, spare: torch.Tensor | None, iterations: int, dilations: tuple[int, ...],
-                   affinity: torch.Tensor, cut: tuple[bool, bool, bool, bool] = (False, False, False, False)):
+                   affinity: torch.Tensor, cut: tuple[bool, bool, bool, bool] = (False, False, False, False),
+                   needed: np.ndarray | None = None):
     """Generator: :func:`_refine_whole` on scores already padded by max(dilations) (``current``, its border
     repeating its edges), with ``spare`` (None: allocated) as the other buffer; yields ``iterations`` times, as the
     work of each iteration's worth is done; returns the refined interior, a view of one of the two buffers
@@ -392,6 +394,10 @@ def _refine_padded(current: torch.Tensor, spare: torch.Tensor | None, iterations
     wrong (its neighbours beyond it are missing) and the wrong band widens by max(dilations) each iteration, so
     iteration t leaves out t x max(dilations) rows (columns) on each cut side: nothing it computes reads them, and
     the values there are left as they were (not the refined ones).
+
+    ``needed`` (iterations + 1, height, 2; int64): the columns of each row each iteration must compute, no fewer
+    than the next iteration reads (every pixel within max(dilations) of one it computes): the compiled loops compute
+    only those (the element-wise path whole rows), and values elsewhere are not the refined ones.
     """
     pad = max(dilations)
     height, width = current.shape[1] - 2 * pad, current.shape[2] - 2 * pad
@@ -406,6 +412,14 @@ def _refine_padded(current: torch.Tensor, spare: torch.Tensor | None, iterations
     bottom = [max(top[t], height - t * pad * int(cut[1])) for t in range(iterations + 1)]
     columns = [(min(width, t * pad * int(cut[2])), max(min(width, t * pad * int(cut[2])), width - t * pad * int(cut[3])))
                for t in range(iterations + 1)]
+    if needed is not None and compiled[0] is not None:   # only the rows whose columns some iteration needs
+        for t in range(1, iterations + 1):
+            rows_needed = np.flatnonzero(needed[t, :, 1] > needed[t, :, 0])
+            if len(rows_needed):
+                top[t], bottom[t] = max(top[t], int(rows_needed[0])), min(bottom[t], int(rows_needed[-1]) + 1)
+            bottom[t] = max(top[t], bottom[t])
+    else:
+        needed = None
     done = list(bottom[:1]) + top[1:]   # rows of each iteration computed, from its top
     work = sum(bottom[t] - top[t] for t in range(1, iterations + 1))
     yielded = 0
@@ -418,7 +432,8 @@ def _refine_padded(current: torch.Tensor, spare: torch.Tensor | None, iterations
                 continue
             source, target = buffers[(step - 1) % 2], buffers[step % 2]
             _average_rows(source, target, affinity, offsets, pad, width, done[step], last, repeat_edges=True,
-                          compiled=compiled[(step - 1) % 2], columns=columns[step])
+                          compiled=compiled[(step - 1) % 2], columns=columns[step],
+                          spans=None if needed is None else needed[step])
             done[step] = last
             finished = sum(done[t] - top[t] for t in range(1, iterations + 1))
             while yielded < iterations * finished // max(1, work) and yielded < iterations:   # an iteration's worth

@@ -679,6 +679,8 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
     image = (0, size[0], 0, size[1])
     own_tiles = {q: [t for t in tiles if competing[t[0], t[1], q]] for q in queries}
     rectangles = {q: _rectangle(own_tiles[q], geometry, halo, bounds) for q in queries}
+    # where each query's values are read: the tiles of ``tiles`` within its own tiles' box (see _class_planes)
+    values_read = {q: _rectangle(own_tiles[q], geometry, 0, image) for q in queries}
     affinity, area = None, None
     if iterations and rectangles:
         area = (min(r[0] for r in rectangles.values()), max(r[1] for r in rectangles.values()),
@@ -698,8 +700,11 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
             _replicate_border(padded, pad)
             spare = buffers.take(padded.shape)
             weights = affinity[:, top - area[0] : bottom - area[0], left - area[2] : right - area[2]]
-            # each iteration leaves out the band next to the cut sides that no later one reads
-            steps = _refine_padded(padded, spare, iterations, dilations, weights, cut)
+            # each iteration leaves out the band next to the cut sides that no later one reads, and whatever lies
+            # farther from the tiles whose values are read than the iterations left can carry
+            read = {t for q in group for t in tiles if _within(t, values_read[q], geometry)}
+            needed = _needed_columns(read, (top, bottom, left, right), geometry, iterations, pad)
+            steps = _refine_padded(padded, spare, iterations, dilations, weights, cut, needed)
             for _ in range(iterations):
                 next(steps)
                 done += len(group)
@@ -712,11 +717,44 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
             done += len(group)
             yield done, total
         for number, q in enumerate(group):
-            values[q] = (channel[number], top, left, _rectangle(own_tiles[q], geometry, 0, image))
+            values[q] = (channel[number], top, left, values_read[q])
     if not rectangles:
         done += max(1, iterations)
         yield done, total
     return values, done
+
+
+def _within(tile: tuple[int, int], box: tuple[int, int, int, int], geometry: _Geometry) -> bool:
+    y, x = int(geometry.tile_rows[tile[0]]), int(geometry.tile_cols[tile[1]])
+    return box[0] <= y < box[1] and box[2] <= x < box[3]
+
+
+def _needed_columns(tiles, rectangle: tuple[int, int, int, int], geometry: _Geometry, iterations: int,
+                    reach: int) -> np.ndarray:
+    """(iterations + 1, rows, 2): the columns (first, last + 1) of each row of ``rectangle`` that snapping's
+    iteration t must compute for the values of ``tiles`` to be exact: every pixel within (iterations - t) x ``reach``
+    (max(dilations)) of a tile, the span of each row. Iteration t + 1 reads within ``reach`` of what it computes, so
+    what each iteration needs holds what the next one reads; iteration 0 (the scores) needs them all."""
+    top, bottom, left, right = rectangle
+    needed = np.zeros((iterations + 1, bottom - top, 2), np.int64)
+    needed[0, :, 1] = right - left
+    tile = geometry.tile
+    hulls: dict[int, list[int]] = {}
+    for ty, tx in tiles:  # each row of tiles: its leftmost and rightmost tile
+        x = int(geometry.tile_cols[tx])
+        hull = hulls.setdefault(int(ty), [x, x + tile])
+        hull[0], hull[1] = min(hull[0], x), max(hull[1], x + tile)
+    for t in range(1, iterations + 1):
+        widen = (iterations - t) * reach
+        low = np.full(bottom - top, right - left, np.int64)
+        high = np.zeros(bottom - top, np.int64)
+        for ty, (first, last) in hulls.items():
+            y = int(geometry.tile_rows[ty])
+            rows = slice(max(0, y - widen - top), max(0, min(bottom, y + tile + widen) - top))
+            np.minimum(low[rows], max(0, first - widen - left), out=low[rows])
+            np.maximum(high[rows], min(right - left, last + widen - left), out=high[rows])
+        needed[t, :, 0], needed[t, :, 1] = low, np.maximum(low, high)
+    return needed
 
 
 #: What snapping one pixel costs, roughly, for one iteration: reading its weights (once for every class snapped

@@ -834,6 +834,53 @@ def test_pamr_on_a_region_leaving_out_its_cut_sides_gives_the_whole_image_values
     assert torch.equal(region[inner], expected)
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_snapping_only_the_columns_some_iteration_needs_gives_the_tiles_read_the_whole_image_values(seed,
+                                                                                                  monkeypatch):
+    """Scattered tiles of a region, its rectangle their box with the halo: each iteration computes only the columns
+    of each row within (iterations left) x max(dilations) of the tiles, and the tiles still get the whole image's
+    values bit for bit, whichever rows are computed at a time; with the tiles scattered, less is computed."""
+    from napari_clearclip import compiled_snapping, refine
+    from napari_clearclip.refine import _finish, _refine_padded, _replicate, pamr, pamr_affinities
+
+    assert compiled_snapping.available()
+    rng = np.random.default_rng(seed)
+    iterations, dilations = int(rng.integers(1, 5)), tuple(int(d) for d in rng.choice([1, 2, 3, 5], 2, replace=False))
+    pad, halo, tile = max(dilations), max(dilations) * iterations, int(rng.choice([4, 8, 16]))
+    height, width = int(rng.integers(60, 140)), int(rng.integers(60, 160))
+    scores = torch.from_numpy(rng.normal(size=(int(rng.integers(1, 4)), height, width)).astype(np.float32))
+    guide = torch.from_numpy(rng.normal(size=(3, height, width)).astype(np.float32))
+    whole = pamr(scores, guide, iterations, dilations)
+    geometry = tiled_labels._Geometry((8, 8), (height, width), halo, tile)
+    grid = np.argwhere(rng.random(geometry.shape) < rng.choice([0.05, 0.15, 0.4]))
+    tiles = [(int(y), int(x)) for y, x in grid] or [(0, 0)]
+    rectangle = tiled_labels._rectangle(tiles, geometry, halo, (0, height, 0, width))
+    top, bottom, left, right = rectangle
+    cut = (top > 0, bottom < height, left > 0, right < width)
+    needed = tiled_labels._needed_columns(tiles, rectangle, geometry, iterations, pad)
+    monkeypatch.setattr(refine, "COMPILED_AT_ONCE_BYTES", int(rng.choice([4, 4096, 1 << 24])) * scores.shape[0] * width)
+    monkeypatch.setattr(refine, "WEIGHTS_AT_ONCE_BYTES", int(rng.choice([1, 3, 1 << 20])) * 8 * len(dilations) * width * 4)
+    padded = _replicate(scores[:, top:bottom, left:right].contiguous(), pad)
+    spare = torch.full_like(padded, float("nan"))
+    affinity = pamr_affinities(guide, dilations)[:, top:bottom, left:right]
+    steps = _refine_padded(padded, spare, iterations, dilations, affinity, cut, needed)
+    for _ in range(iterations):
+        next(steps)
+    region = _finish(steps)
+    for ty, tx in tiles:
+        rows, cols = geometry.tile_slices(ty, tx)
+        inside = (slice(None), slice(rows.start - top, rows.stop - top), slice(cols.start - left, cols.stop - left))
+        assert torch.equal(region[inside], whole[:, rows, cols]), (ty, tx)
+    # the last iteration computes the spans of the tiles' rows alone: less than the rectangle, whose halo it leaves
+    last = needed[iterations]
+    if tiled_labels._rectangle(tiles, geometry, 0, (0, height, 0, width)) != rectangle:
+        assert (last[:, 1] - last[:, 0]).sum() < (bottom - top) * (right - left)
+    for ty, tx in tiles:
+        rows, cols = geometry.tile_slices(ty, tx)
+        assert (last[rows.start - top : rows.stop - top, 0] <= cols.start - left).all()
+        assert (last[rows.start - top : rows.stop - top, 1] >= cols.stop - left).all()
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_what_a_cut_edge_spoils_reaches_iterations_times_the_largest_dilation_and_no_farther(seed):
     """PAMR on a region cut out of an image, its edges repeated and its weights made from its own guide (wrong

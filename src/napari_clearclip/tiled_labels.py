@@ -681,6 +681,8 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
     rectangles = {q: _rectangle(own_tiles[q], geometry, halo, bounds) for q in queries}
     # where each query's values are read: the tiles of ``tiles`` within its own tiles' box (see _class_planes)
     values_read = {q: _rectangle(own_tiles[q], geometry, 0, image) for q in queries}
+    tile_array = np.array(tiles, np.int64).reshape(-1, 2)
+    tile_starts = (geometry.tile_rows[tile_array[:, 0]], geometry.tile_cols[tile_array[:, 1]])
     affinity, area = None, None
     if iterations and rectangles:
         area = (min(r[0] for r in rectangles.values()), max(r[1] for r in rectangles.values()),
@@ -702,8 +704,10 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
             weights = affinity[:, top - area[0] : bottom - area[0], left - area[2] : right - area[2]]
             # each iteration leaves out the band next to the cut sides that no later one reads, and whatever lies
             # farther from the tiles whose values are read than the iterations left can carry
-            read = {t for q in group for t in tiles if _within(t, values_read[q], geometry)}
-            needed = _needed_columns(read, (top, bottom, left, right), geometry, iterations, pad)
+            read = np.zeros(len(tiles), bool)
+            for q in group:
+                read |= _within(tile_starts, values_read[q])
+            needed = _needed_columns(tile_array[read], (top, bottom, left, right), geometry, iterations, pad)
             steps = _refine_padded(padded, spare, iterations, dilations, weights, cut, needed)
             for _ in range(iterations):
                 next(steps)
@@ -724,9 +728,10 @@ def _channels_near(tiles, bounds, queries, competing: np.ndarray, differences: t
     return values, done
 
 
-def _within(tile: tuple[int, int], box: tuple[int, int, int, int], geometry: _Geometry) -> bool:
-    y, x = int(geometry.tile_rows[tile[0]]), int(geometry.tile_cols[tile[1]])
-    return box[0] <= y < box[1] and box[2] <= x < box[3]
+def _within(starts: tuple[np.ndarray, np.ndarray], box: tuple[int, int, int, int]) -> np.ndarray:
+    """Which tiles (their first rows and columns) start within ``box`` (top, bottom, left, right)."""
+    ys, xs = starts
+    return (box[0] <= ys) & (ys < box[1]) & (box[2] <= xs) & (xs < box[3])
 
 
 def _needed_columns(tiles, rectangle: tuple[int, int, int, int], geometry: _Geometry, iterations: int,
@@ -739,11 +744,11 @@ def _needed_columns(tiles, rectangle: tuple[int, int, int, int], geometry: _Geom
     needed = np.zeros((iterations + 1, bottom - top, 2), np.int64)
     needed[0, :, 1] = right - left
     tile = geometry.tile
-    hulls: dict[int, list[int]] = {}
-    for ty, tx in tiles:  # each row of tiles: its leftmost and rightmost tile
-        x = int(geometry.tile_cols[tx])
-        hull = hulls.setdefault(int(ty), [x, x + tile])
-        hull[0], hull[1] = min(hull[0], x), max(hull[1], x + tile)
+    tiles = np.asarray(tiles, np.int64).reshape(-1, 2)
+    hulls = {}
+    for ty in np.unique(tiles[:, 0]):  # each row of tiles: its leftmost and rightmost tile
+        columns = geometry.tile_cols[tiles[tiles[:, 0] == ty, 1]]
+        hulls[int(ty)] = (int(columns.min()), int(columns.max()) + tile)
     for t in range(1, iterations + 1):
         widen = (iterations - t) * reach
         low = np.full(bottom - top, right - left, np.int64)

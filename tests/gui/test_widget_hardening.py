@@ -514,6 +514,35 @@ def test_the_dock_fits_a_laptop_screen_with_every_section_open(qtbot, widget):
     assert window.height() <= 768
 
 
+def test_on_a_laptop_screen_run_and_the_status_show_without_scrolling_and_nothing_is_captioned_twice(qtbot, widget):
+    from qtpy.QtWidgets import QLabel
+
+    window = widget.native.window()
+    window.resize(1366, 768)
+    qtbot.wait(200)
+    area = widget.scroll_area
+    area.verticalScrollBar().setValue(0)
+    qtbot.wait(50)
+
+    def shown(item) -> bool:   # wholly inside the dock's visible part
+        top = item.native.mapTo(area.viewport(), item.native.rect().topLeft()).y()
+        return item.native.isVisible() and 0 <= top and top + item.native.height() <= area.viewport().height()
+    assert shown(widget.run_button) and shown(widget.cancel_button)
+    # the class box is a few lines high: the dock's spare height does not go into its row
+    assert widget.classes.native.height() < 8 * widget.classes.native.fontMetrics().lineSpacing()
+    texts = [label.text() for label in widget.native.findChildren(QLabel)]
+    assert texts.count("Status") == 1 and texts.count("Legend") == 1
+    assert not any("box" in text.lower() for text in texts)        # no row captioned with a name of the code
+    # scrolled to the end, the legend's last line is at the bottom: no blank space left below it
+    widget.legend.value = "<br>".join(f"{i}: class" for i in range(12))
+    qtbot.wait(200)
+    area.verticalScrollBar().setValue(area.verticalScrollBar().maximum())
+    qtbot.wait(50)
+    legend = widget.legend.native
+    bottom = legend.mapTo(area.viewport(), legend.rect().bottomLeft()).y()
+    assert area.viewport().height() - 40 <= bottom <= area.viewport().height()
+
+
 def test_rows_that_do_not_apply_stay_hidden_until_an_image_needs_them(qtbot, widget):
     assert widget.image.value is None
     for name in ("channel_axis", "channel", "scope"):

@@ -14,19 +14,28 @@ def wrapping(label: Label, rich: bool = False) -> Label:
     policy = QSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Minimum)
     policy.setHeightForWidth(True)
     native.setSizePolicy(policy)
-    native.setMinimumWidth(1)
+    native.setMinimumSize(1, 1)   # its height follows its width (Qt's guess at a narrow one left blank space below)
     native.setTextFormat(Qt.TextFormat.RichText if rich else Qt.TextFormat.PlainText)
     native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
     native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
     return label
 
 
+def lines_high(edit, lines: int):
+    """A text box as high as ``lines`` lines of text (it scrolls past them), so that it does not take the dock's
+    spare height and push the rest of the form off a laptop screen."""
+    native = edit.native
+    frame = native.frameWidth() * 2 + int(native.document().documentMargin() * 2)
+    native.setFixedHeight(native.fontMetrics().lineSpacing() * lines + frame + 2)
+    return edit
+
+
 def captioned(name: str, caption: str, text: Label, *below) -> Container:
-    """A caption on its own line with its text (and any widgets ``below``) under it, full width (not a form row
-    whose caption floats)."""
+    """A caption on its own line with its text (and any widgets ``below``) under it, in a form row of its own whose
+    caption is blank (not a form caption floating beside a long text, nor a second caption)."""
     title = Label(value=caption)
     title.native.setStyleSheet("font-weight: bold")
-    box = Container(name=name, widgets=[title, text, *below], labels=False)
+    box = Container(name=name, label=" ", widgets=[title, text, *below], labels=False)
     box.native.layout().setContentsMargins(0, 4, 0, 0)
     box.native.layout().setSpacing(2)
     return box

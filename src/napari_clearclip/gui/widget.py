@@ -34,7 +34,7 @@ from .field_logic import FieldLogic
 from .fields import build_fields, choose_file_button, full_size_button, lesson_buttons, saved_values
 from .job import TILED_PIXELS, ModelHolder, layer_request, ready_job, segmentation_job, tiled_job, tiled_store_path
 from .layers import ResultLayers, layer_geometry
-from .layout import captioned, run_progress_bar, scrolling, wrapping
+from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode, Readying
 from .previews import RunPreviews
@@ -78,6 +78,8 @@ class ClearClipWidget(FieldLogic, Container):
         saved = load_settings()
 
         fields = build_fields(self)
+        lines_high(self.classes, 6)
+        lines_high(self.templates, 4)
         self.choose_weights = choose_file_button()
         weights_row = Container(name="weights_row", label="Weights", layout="horizontal", labels=False,
                                 widgets=[fields["pretrained"], self.choose_weights])

@@ -10,8 +10,9 @@ at 4096 x 4096), rich in boundaries. Every figure is measured in this run, on th
 - "release": the first run of the release whose costs the targets were set against (git revision
   ``--release``, default bb0c449), run from that revision's sources in a fresh process on the
   same image, with its text already encoded; this version's first run is timed the same way, in a
-  fresh process of its own, for the target's ratio (and in this process too, after the every-pixel
-  run, where the re-runs are timed);
+  fresh process of its own, for the target's ratio (``--fresh-runs`` of each, default 3, taken in
+  turn so that a busy spell slows both alike; the ratio is of their medians), and in this process
+  too, after the every-pixel run, where the re-runs are timed;
 - "every pixel": the labelling every pixel gets when nothing is skipped (resize, snap and label the
   whole image) in this version, on the same scores;
 - napari's own cost of showing new data in a Labels layer of that size (set data, refresh,
@@ -224,6 +225,20 @@ def fresh_run_seconds(image: np.ndarray, revision: str | None) -> float | None:
     return float(done.stdout.split()[-1])
 
 
+def fresh_first_runs(image: np.ndarray, release: str, runs: int) -> tuple[float | None, float | None, str]:
+    """Medians of ``runs`` first runs each of the release and of this version, in fresh processes taken in turn (a
+    busy spell slows both alike), and the runs' seconds as text; None where a run could not be made."""
+    released, now = [], []
+    for _ in range(runs):
+        released.append(fresh_run_seconds(image, release))
+        now.append(fresh_run_seconds(image, None))
+    if None in released or None in now:
+        return None, None, "not run"
+    text = f"release {release} {', '.join(f'{s:.2f}' for s in released)} s, this version " + \
+        f"{', '.join(f'{s:.2f}' for s in now)} s"
+    return statistics.median(released), statistics.median(now), text
+
+
 def tiles_changed(before: np.ndarray, after: np.ndarray, tile: int = 64) -> float:
     """The share of tile x tile tiles where any label differs."""
     height, width = before.shape
@@ -291,7 +306,8 @@ def readied_seconds(image: np.ndarray, size: int) -> tuple[float, float]:
     return seconds[0], seconds[1]
 
 
-def run_size(size: int, strokes: int, scene: str, release: str) -> list[tuple[str, float, str, bool]]:
+def run_size(size: int, strokes: int, scene: str, release: str,
+             fresh_runs: int = 3) -> list[tuple[str, float, str, bool]]:
     from napari_clearclip import Segmenter
 
     image = mosaic(size) if scene == "mosaic" else large_shapes(size)
@@ -299,17 +315,14 @@ def run_size(size: int, strokes: int, scene: str, release: str) -> list[tuple[st
     what = f"{(size // 512) ** 2 * 4} shapes" if scene == "mosaic" else "3 large shapes"
     print(f"\n{size} x {size} {scene}: {what}, 5 classes, demo model, edge snapping on")
     size_name = f"{size} {scene}"
-    released = fresh_run_seconds(image, release) if release else None
-    fresh = fresh_run_seconds(image, None) if release else None
+    released, fresh, fresh_text = fresh_first_runs(image, release, fresh_runs) if release else (None, None, "not run")
     before = before_seconds(segmenter, image)
     segmenter._features.clear()
     segmenter._label_states.clear()
     segmenter._affinities.clear()
     first, first_seconds = timed(lambda: segmenter.segment(image, CLASSES, maps=False, refine="pamr"))
     print(f"  first run: {first_seconds:.2f} s ({last_state(segmenter):.0%} of tiles per pixel); "
-          f"every pixel: {before:.2f} s; each in a fresh process: release {release} "
-          + (f"{released:.2f} s" if released else "not run") + ", this version "
-          + (f"{fresh:.2f} s" if fresh else "not run"))
+          f"every pixel: {before:.2f} s; in fresh processes, in turn: {fresh_text}")
     one_class = one_class_snapping_seconds(image)
     print(f"  snapping one class over the whole image, its weights ready: {one_class:.2f} s (the price of the floors "
           "below: an exact re-run that snapped only the changed pixels' cones, for one class, at this rate)")
@@ -342,7 +355,8 @@ def run_size(size: int, strokes: int, scene: str, release: str) -> list[tuple[st
     size = size_name
     results = [(f"{size}: first run, every pixel / now", before / first_seconds, "(this version)", True)]
     if released and fresh:
-        results.append((f"{size}: first run, release {release} / now, each in a fresh process", released / fresh,
+        results.append((f"{size}: first run, release {release} / now, fresh processes in turn (medians of "
+                        f"{fresh_runs})", released / fresh,
                         ">= 4", released / fresh >= 4))
     if released:
         results.append((f"{size}: first run, release {release} (fresh process) / now (this process, after the "
@@ -380,6 +394,8 @@ def main() -> None:
     parser.add_argument("--scenes", nargs="+", default=["mosaic", "large"], choices=["mosaic", "large"])
     parser.add_argument("--release", default="bb0c449", help="git revision of the release to compare first runs "
                         "with ('' to skip)")
+    parser.add_argument("--fresh-runs", type=int, default=3, help="first runs in fresh processes of the release "
+                        "and of this version, taken in turn; the ratio is of their medians (default 3)")
     parser.add_argument("--refresh-only", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.refresh_only:
@@ -393,7 +409,7 @@ def main() -> None:
     table = []
     for size in args.sizes:
         for scene in args.scenes:
-            rows, median_rerun, floor = run_size(size, args.strokes, scene, args.release)
+            rows, median_rerun, floor = run_size(size, args.strokes, scene, args.release, args.fresh_runs)
             table += rows
             if size == 4096:
                 table[len(table) - len(rows) + 1 : len(table) - len(rows) + 1] = [

@@ -201,6 +201,11 @@ def test_messages_speak_the_command_lines_language(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "--model ViT-B-16-quickgelu --pretrained FILE" in err and "--model synthetic-tiny" in err
     assert "Segmenter(" not in err
+    assert main([str(image), "--features-only", "--model", "ViT-B-16",
+                 "--pretrained", "openai"]) == 2                          # the same when only encoding
+    err = capsys.readouterr().err
+    assert "--model ViT-B-16-quickgelu --pretrained FILE" in err and "--model synthetic-tiny" in err
+    assert "Segmenter(" not in err
 
 
 def test_help_needs_no_model_library():

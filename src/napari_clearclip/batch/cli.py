@@ -223,6 +223,14 @@ def offline_message(exc) -> str:
             "or try the offline demo model: --model synthetic-tiny (it knows only coloured shapes).")
 
 
+def _said_error(exc: Exception, bar) -> int:
+    """An error the user can act on, in the command line's terms (weights that cannot come: its options); exit 2."""
+    bar.close()
+    said = offline_message(exc) if isinstance(exc, WeightsUnavailableError) else str(exc)
+    print(f"error: {said}", file=sys.stderr)
+    return 2
+
+
 def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
     from tqdm import tqdm
 
@@ -278,14 +286,8 @@ def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
             options=engine_options(args), objects=args.objects, lesson=args.lesson, foreground=args.foreground,
             found_weights=args.found_weights, output_format=args.output_format, absent_chunks=args.absent_chunks,
             large_side=args.large_side)
-    except WeightsUnavailableError as exc:
-        bar.close()
-        print(f"error: {offline_message(exc)}", file=sys.stderr)
-        return 2
     except ClearClipError as exc:
-        bar.close()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _said_error(exc, bar)
     except KeyboardInterrupt:
         bar.close()
         print(f"interrupted: {counts['done']} finished images are kept; run the same command again to resume.",
@@ -329,9 +331,7 @@ def _store_only(args, client, on_report, bar, started, stop: StopOnce | None = N
                                  store=args.feature_store, client=client, on_report=on_report,
                                  absent_chunks=args.absent_chunks, large_side=args.large_side)
     except ClearClipError as exc:
-        bar.close()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _said_error(exc, bar)
     except KeyboardInterrupt:
         bar.close()
         print("interrupted: the images encoded so far are stored; run the same command again to go on.",

@@ -10,6 +10,12 @@ of a traceback) and from the matching Python built-in, so that ordinary
 class ClearClipError(Exception):
     """Base class for errors a user can act on."""
 
+    def __reduce__(self):
+        # rebuilt by calling the class with its arguments, then its attributes set: dask pickles a worker's errors
+        # with tblib's support, which rebuilds a class that is both a ValueError and an OSError (or has an __init__
+        # of its own) only this way; else the command line got a plain Exception and a traceback
+        return type(self), self.args, self.__dict__ or None
+
 
 class ModelLoadError(ClearClipError, ValueError):
     """The model name, pretrained tag, device, precision or checkpoint cannot be used."""

@@ -178,6 +178,39 @@ def _cli(args, timeout):
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
 
 
+def test_weights_a_worker_cannot_download_are_said_in_the_command_lines_options(tmp_path):
+    """Offline, weights a cluster's worker cannot download: the same message as without a cluster, not a traceback."""
+    imsave(tmp_path / "a.png", np.zeros((32, 32, 3), np.uint8), check_contrast=False)
+    for extra in ([], ["--features-only"]):
+        done = _cli([str(tmp_path / "a.png"), "--classes", "cell", "--out", str(tmp_path / "o"), "--model", "ViT-B-16",
+                     "--pretrained", "openai", "--cluster", "local:1", *extra], timeout=240)
+        assert done.returncode == 2, done.stderr[-2000:]
+        said = done.stderr.strip().splitlines()[-1]       # (dask's own log of the worker's error comes before)
+        assert said.startswith("error: the ViT-B-16 'openai' weights"), done.stderr[-2000:]
+        assert "--model ViT-B-16-quickgelu --pretrained FILE" in said and "Segmenter(" not in said
+        assert "Traceback (most recent call last)" not in done.stderr, done.stderr[-2000:]
+
+
+def test_every_error_class_crosses_to_a_dask_client_as_itself():
+    """dask pickles a worker's errors with tblib's support installed: each class, message and name comes back."""
+    import pickle
+
+    from tblib import pickling_support
+
+    from napari_clearclip import errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.ClearClipError)]
+    assert errors.WeightsUnavailableError in classes and len(classes) > 5
+    for cls in classes:
+        error = (cls("the message", "ViT-B-16", "openai") if cls is errors.WeightsUnavailableError
+                 else cls("the message"))
+        pickling_support.install(error)
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is cls and str(back) == "the message", cls
+    back = pickle.loads(pickle.dumps(errors.WeightsUnavailableError("m", "ViT-B-16", "openai")))
+    assert (back.model, back.tag) == ("ViT-B-16", "openai")
+
+
 def test_a_web_server_at_the_scheduler_address_is_refused_in_seconds(tmp_path):
     import http.server
     import threading

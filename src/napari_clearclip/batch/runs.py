@@ -594,8 +594,7 @@ def store_features(paths: Iterable[str | os.PathLike], *, model: str = "ViT-B-16
     large_side = check_large_side(large_side)
     files = expand_inputs(paths)
     spec = ModelSpec(model, None if pretrained is None else os.fspath(pretrained), method, device, precision)
-    options = check_model_and_options(spec, options) if client is None else options.resolved(spec.model,
-                                                                                              method=spec.method)
+    options = check_model_and_options(spec, options) if client is None else options
     store_dir = None if store is None else os.fspath(Path(store).resolve())
     tasks = []
     for path in files:
@@ -624,6 +623,9 @@ def store_features(paths: Iterable[str | os.PathLike], *, model: str = "ViT-B-16
     if client is not None and tasks:
         if not hasattr(client, "submit"):
             client = client()
+        # the model loaded and the options resolved on a worker first: weights it cannot get fail the run at once,
+        # said as in this process, not once per image
+        options = client.submit(check_model_and_options, spec, options, pure=False).result()
         distributed = __import__("distributed")
         futures = {client.submit(store_task, spec, task, options, store_dir, pure=False): task for task in tasks}
         for future in distributed.as_completed(list(futures)):

@@ -19,7 +19,7 @@ from torch import nn
 
 from .cache import file_digest
 from .demo import DEMO_DIR
-from .choices import CHECKPOINT_SUFFIXES, DEMO_MODEL, DEVICES, PRECISIONS, default_options  # noqa: F401
+from .choices import CHECKPOINT_SUFFIXES, COMMON_MODELS, DEMO_MODEL, DEVICES, PRECISIONS, default_options  # noqa: F401
 from .errors import CheckpointNotFoundError, ModelLoadError, WeightsUnavailableError
 
 BUNDLED_WEIGHTS = {DEMO_MODEL: DEMO_DIR / f"{DEMO_MODEL}.pt"}
@@ -211,8 +211,10 @@ def _check_model_name(model: str) -> None:
     known = available_models()
     if model not in known:
         close = difflib.get_close_matches(model, segmentable_models(), n=3)
+        common = ", ".join(repr(m) for m in COMMON_MODELS)
         hint = (f" Did you mean {', '.join(repr(c) for c in close)}?" if close
-                else " See napari_clearclip.models.segmentable_models().")
+                else f" Common ones: {common}, or {DEMO_MODEL!r} offline (every one: "
+                     "napari_clearclip.models.segmentable_models(), or the widget's Model list).")
         raise ModelLoadError(f"Unknown model {model!r}.{hint}")
     reason = unsupported_reason(model)
     if reason:

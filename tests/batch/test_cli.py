@@ -63,6 +63,9 @@ def test_cli_rejects_bad_classes_and_models_before_work(tmp_path, capsys):
     assert "'cat' appears twice" in capsys.readouterr().err
     assert main([str(image), "--classes", "cat", "--model", "ViT-Q-99", "--out", str(tmp_path)]) == 2
     assert "Unknown model 'ViT-Q-99'" in capsys.readouterr().err
+    assert main([str(image), "--classes", "cat", "--model", "nosuchmodel", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err          # no name alike: the common ones, and where every one is listed
+    assert "Unknown model 'nosuchmodel'" in err and "'ViT-B-16'" in err and "'synthetic-tiny' offline" in err
 
 
 def test_cli_entry_point_help():

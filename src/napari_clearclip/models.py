@@ -111,9 +111,11 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(f"device={device!r} was asked for, but this PyTorch sees no CUDA GPU. Use device='cpu' or 'auto'.")
+        raise ModelLoadError(f"The device {name!r} was asked for, but this PyTorch sees no CUDA GPU: use the device "
+                             "'cpu' or 'auto'.")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ModelLoadError("device='mps' was asked for, but Apple Metal is not available here. Use device='cpu' or 'auto'.")
+        raise ModelLoadError("The device 'mps' was asked for, but Apple Metal is not available here: use the device 'cpu' "
+                             "or 'auto'.")
     try:
         return torch.device(name)
     except RuntimeError:

@@ -796,7 +796,7 @@ class Segmenter:
             if len(crops) == 1:
                 raise OutOfMemoryError(
                     f"The {self.device} device ran out of memory even with one window per batch. "
-                    "Use a smaller crop, precision='fp16', or device='cpu'."
+                    "Use a smaller window (crop), the precision 'fp16', or the device 'cpu'."
                 ) from None
             self.window_batch_size = max(1, len(crops) // 2)
             half = len(crops) // 2

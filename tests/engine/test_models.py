@@ -50,8 +50,10 @@ def test_defaults_and_resolution():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_asking_for_missing_cuda_is_a_clear_error(tiny_checkpoint):
-    with pytest.raises(models.ModelLoadError, match="sees no CUDA GPU"):
+    with pytest.raises(models.ModelLoadError, match="sees no CUDA GPU") as info:
         Segmenter("test-tiny", tiny_checkpoint, device="cuda")
+    # in words the widget (Device), the command line (--device) and the API (device=) all read
+    assert "the device 'cpu' or 'auto'" in str(info.value) and "device=" not in str(info.value)
 
 
 def test_non_vit_models_are_refused_before_building():

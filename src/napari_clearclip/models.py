@@ -138,7 +138,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "fp16" if device.type in ("cuda", "mps") else "fp32"
     if precision == "fp16" and device.type == "cpu":
-        raise ModelLoadError("precision='fp16' needs a GPU; on the CPU use 'bf16' (fast where the CPU supports it) or 'fp32'.")
+        raise ModelLoadError("The precision 'fp16' needs a GPU; on the CPU use 'bf16' (fast where the CPU supports it) "
+                             "or 'fp32'.")
     return precision
 
 

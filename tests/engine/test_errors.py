@@ -77,7 +77,7 @@ def test_missing_and_unreadable_checkpoints(tmp_path):
 
 
 def test_device_and_precision_errors(tiny_checkpoint):
-    with pytest.raises(ModelLoadError, match="fp16' needs a GPU"):
+    with pytest.raises(ModelLoadError, match="^The precision 'fp16' needs a GPU"):
         Segmenter("test-tiny", tiny_checkpoint, device="cpu", precision="fp16")
     with pytest.raises(ModelLoadError, match="Unknown precision"):
         Segmenter("test-tiny", tiny_checkpoint, device="cpu", precision="fp8")

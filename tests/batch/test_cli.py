@@ -512,3 +512,32 @@ def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_r
     assert "note:" not in capsys.readouterr().err
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "native" / "slide_labels.tif"),
                                   segmenter.segment(image, classes, maps=False, short_side=None).labels)
+
+
+def test_finished_labels_in_either_format_are_never_replaced_unasked(tmp_path, capsys):
+    """A run in the other format, or one asking for more outputs, skips an input whose labels a run finished: it
+    would replace the class table that describes those labels (or the labels themselves)."""
+    import zarr
+
+    from napari_clearclip.demo.scenes import make_scene
+
+    store = tmp_path / "in" / "slide.zarr"
+    array = zarr.open_array(str(store), mode="w", shape=(96, 96, 3), chunks=(64, 64, 3), dtype=np.uint8)
+    array[:] = make_scene(5, size=96, objects=(2, 3)).image
+    out = tmp_path / "out"
+    common = [str(store), "--out", str(out), "--model", "synthetic-tiny", "--device", "cpu", "--no-snap"]
+    assert main(common + ["--classes", "red; background"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "clearclip_report.csv"}
+    assert set(files) == {"slide_labels.tif", "slide_classes.csv"}
+    for later in (["--classes", "blue; red; background", "--format", "zarr"],      # the other format, other classes
+                  ["--classes", "red; background", "--format", "zarr"],            # the other format, same classes
+                  ["--classes", "red; background", "--save-probabilities"]):       # more outputs asked for
+        assert main(common + later) == 0
+        assert "1 skipped" in capsys.readouterr().err, later
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "clearclip_report.csv"} == files, later
+    assert main(common + ["--classes", "blue; red; background", "--format", "zarr", "--overwrite"]) == 0
+    capsys.readouterr()
+    with open(out / "slide_classes.csv", newline="") as handle:          # asked: now this run's table and labels
+        assert [r["name"] for r in csv.DictReader(handle)] == ["unassigned", "blue", "red", "background"]
+    assert (out / "slide_labels.zarr").is_dir() and not (out / "slide_labels.tif").exists()   # no labels it misnames

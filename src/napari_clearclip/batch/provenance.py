@@ -100,6 +100,18 @@ class ExistingOutput:
     record: dict | None
 
 
+def finished_labels(out_dir: Path, stem: str) -> Path | None:
+    """The labels an earlier run finished for ``stem``, in either format (labels are written last), else None.
+
+    A run in the other format writes the same class table, so it too must leave an input with such labels alone
+    unless asked to overwrite: it would replace the table that describes them."""
+    for suffix in LABELS_SUFFIXES:
+        path = out_dir / f"{stem}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
 def existing_outputs(out_dir: Path) -> dict[str, ExistingOutput]:
     """Every ``<stem>_labels.tif`` (or ``.zarr``) in the folder, by stem (the labels are written last: they mark a
     finished output)."""

@@ -44,7 +44,7 @@ from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this 
     write_outputs,
     write_report,
 )
-from .provenance import assign_stems, make_record, read_record, same_content
+from .provenance import assign_stems, finished_labels, make_record, read_record, same_content
 
 
 # -- running -------------------------------------------------------------------------------------------
@@ -97,11 +97,13 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
     path, stem = task.path, task.stem
     start = time.perf_counter()
     outputs = output_paths(out_dir, stem, save_probabilities, task.objects is not None, task.output_format)
-    if not overwrite and all(p.exists() for p in outputs):  # another run finished it meanwhile
-        return FileReport(path, "skipped", 0.0, worker_name(), skip_reason(read_record(outputs[0]), path, task.run),
+    done = None if overwrite else finished_labels(out_dir, stem)
+    if done is not None:  # another run finished it meanwhile
+        return FileReport(path, "skipped", 0.0, worker_name(), skip_reason(read_record(done), path, task.run),
                           outputs)
     if task.output_format == "zarr":
-        return _segment_to_zarr(segmenter, task, classes, outputs, options, start, lesson)
+        return _replaced(_segment_to_zarr(segmenter, task, classes, outputs, options, start, lesson), out_dir, stem,
+                         "zarr", overwrite)
     try:
         record = make_record(path, task.run, classes) if path.exists() else None   # a file, or a zarr store
         image, note = image_to_segment(segmenter, task, options)
@@ -116,7 +118,20 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), str(exc))
     except OSError as exc:  # disk full, permissions changed mid-run ...
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), f"could not write outputs: {exc}")
-    return FileReport(path, "done", time.perf_counter() - start, worker_name(), note, written)
+    return _replaced(FileReport(path, "done", time.perf_counter() - start, worker_name(), note, written), out_dir,
+                     stem, "tif", overwrite)
+
+
+def _replaced(report: FileReport, out_dir: Path, stem: str, output_format: str, overwrite: bool) -> FileReport:
+    """With ``overwrite``, a finished output replaces the input's labels in the other format too, once this run's
+    are in place: the class table written describes this run's labels only."""
+    if overwrite and report.status == "done":
+        other = out_dir / f"{stem}_labels.{'tif' if output_format == 'zarr' else 'zarr'}"
+        if other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
+        else:
+            other.unlink(missing_ok=True)
+    return report
 
 
 def image_to_segment(segmenter, task: Task, options: SegmentOptions) -> tuple[np.ndarray, str]:
@@ -440,9 +455,10 @@ def segment_files(
             layout = None  # one image, read a region at a time (stacks are refused when it is opened)
         expected = output_paths(out, stem, save_probabilities and layout is None, bool(objects) and layout is None,
                                 output_format)
-        if not overwrite and all(p.exists() for p in expected):
+        done = None if overwrite else finished_labels(out, stem)
+        if done is not None:   # labels in either format: this input's outputs, not replaced unless asked
             output = existing.get(stem)
-            reason = skip_reason(output.record if output else read_record(expected[0]), path, run)
+            reason = skip_reason(output.record if output else read_record(done), path, run)
             reports.append(FileReport(path, "skipped", 0.0, "", reason, expected))
             close_parts(out, stem)  # parts of an output that is whole are leftovers
             continue

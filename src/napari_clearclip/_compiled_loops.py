@@ -275,6 +275,24 @@ def labels_present(block, tile, occurs, first, last):
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
+def filled_tiles(labels, margin_bits, fill, tile_labels, tile_margin_bits, tile, first, last):
+    """For the tile rows ``first``..``last``: each tile set in ``fill`` (whole tiles, the first at the top left of
+    ``labels``) gets its one label and its margin's float16 bits throughout, a row of the tile at a time (where
+    NumPy's masked copy tests every pixel's flag)."""
+    for ty in range(first, last):
+        for y in range(ty * tile, (ty + 1) * tile):
+            label_row = labels[y]
+            margin_row = margin_bits[y]
+            for tx in range(fill.shape[1]):
+                if fill[ty, tx]:
+                    label = tile_labels[ty, tx]
+                    bits = tile_margin_bits[ty, tx]
+                    for x in range(tx * tile, (tx + 1) * tile):
+                        label_row[x] = label
+                        margin_row[x] = bits
+
+
+@njit(nogil=True, cache=True, boundscheck=False)
 def values_seen(flat, seen, first, last):
     """``seen[value]`` set for every value of ``flat[first:last]`` (uint8: ``seen`` holds 256)."""
     for i in range(first, last):

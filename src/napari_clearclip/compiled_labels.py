@@ -25,6 +25,24 @@ def labels_present(block: np.ndarray, tile: int, occurs: np.ndarray) -> bool:
     return True
 
 
+def fill_tiles(labels: np.ndarray, margins: np.ndarray, fill: np.ndarray, tile_labels: np.ndarray,
+               tile_margins: np.ndarray, tile: int) -> bool:
+    """Each whole tile set in ``fill`` ((rows, columns) of whole tiles) given its label of ``tile_labels`` and its
+    float16 margin of ``tile_margins`` throughout ``labels`` (uint8) and ``margins``, on every core; False, with
+    nothing written, where the compiled loop does not apply (other types, or no numba)."""
+    loops = _loops()
+    if (not loops or labels.dtype != np.uint8 or margins.dtype != np.float16 or labels.ndim != 2
+            or labels.shape != margins.shape or not labels.flags.c_contiguous or not margins.flags.c_contiguous
+            or not labels.flags.writeable or not margins.flags.writeable
+            or labels.shape[0] < fill.shape[0] * tile or labels.shape[1] < fill.shape[1] * tile):
+        return False
+    rows, columns = fill.shape
+    shared_rows(loops.filled_tiles, 0, rows, columns * tile * tile, labels, margins.view(np.uint16),
+                np.ascontiguousarray(fill, bool), np.ascontiguousarray(tile_labels, np.uint8),
+                np.ascontiguousarray(tile_margins, np.float16).view(np.uint16), tile)
+    return True
+
+
 def values_present(array: np.ndarray) -> np.ndarray | None:
     """The distinct values of a contiguous, writable uint8 ``array``, ascending (as int64), in one pass shared
     between PyTorch's number of threads; None where the compiled loop does not apply (other types, read-only

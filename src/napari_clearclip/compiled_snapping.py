@@ -61,9 +61,11 @@ def _ready():
         weighted_rows(torch.zeros((1, 5, 5)), torch.zeros((1, 5, 5)), logits, [(0, 0)] * 8, 1, 3, 0, 3, True)
         taps = np.zeros(3, np.int64)
         resized_rows(torch.zeros((1, 1, 3)), taps, taps, torch.zeros(3), torch.zeros((1, 3, 3)))
-        from .compiled_labels import challenge_tiles, label_tiles, labels_present, values_present
+        from .compiled_labels import challenge_tiles, fill_tiles, label_tiles, labels_present, values_present
 
         labels_present(np.zeros((3, 3), np.uint8), 2, np.zeros((2, 2, 2), bool))
+        fill_tiles(np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.float16), np.ones((1, 1), bool),
+                   np.ones((1, 1), np.uint8), np.ones((1, 1), np.float16), 2)
         values_present(np.zeros(3, np.uint8))
         label_tiles({0: (torch.zeros((2, 2)), 0, 0, (0, 2, 0, 2))}, [(0, 0)], np.zeros(2, np.int64), 1, 1,
                     np.full((1, 1), np.inf, np.float32), 2, np.zeros((2, 2), np.uint8), np.zeros((2, 2), np.float16),

@@ -590,9 +590,10 @@ def _fill_tiles(labels: np.ndarray, margins: np.ndarray, fill: np.ndarray, tile_
                 tile_margins: np.ndarray, geometry: _Geometry) -> None:
     """Give each tile in ``fill`` its one label and margin (a float16 lower bound of it) throughout.
 
-    The whole tiles in masked copies over rows of tiles, shared between PyTorch's number of threads: a loop over
-    tiles cost 0.1 s per run at 4096 x 4096, half of re-opening a stored image, and one thread's copy into memory
-    the system has just handed out 20 ms. The part tiles at the far edges one by one.
+    The whole tiles by a compiled loop a row of a tile at a time, or without it in masked copies over rows of
+    tiles, shared between PyTorch's number of threads: a Python loop over tiles cost 0.1 s per run at 4096 x 4096,
+    half of re-opening a stored image, the masked copies 0.03-0.08 s, the compiled loop 0.02 s on one thread.
+    The part tiles at the far edges one by one.
     """
     tile = geometry.tile
     whole_rows, whole_cols = geometry.size[0] // tile, geometry.size[1] // tile
@@ -600,6 +601,8 @@ def _fill_tiles(labels: np.ndarray, margins: np.ndarray, fill: np.ndarray, tile_
     if inside.any():
         bounds = np.zeros(inside.shape, np.float16)
         bounds[inside] = lower_half(tile_margins[:whole_rows, :whole_cols][inside].astype(np.float32))
+    if inside.any() and not compiled_labels.fill_tiles(labels, margins, inside, tile_labels[:whole_rows, :whole_cols],
+                                                        bounds, tile):
         label_blocks, margin_blocks = _tile_blocks(labels, tile), _tile_blocks(margins, tile)
 
         def fill_rows(first: int, last: int) -> None:   # NumPy's copies let the other threads run

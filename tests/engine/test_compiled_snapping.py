@@ -689,3 +689,42 @@ def test_the_loops_are_read_while_the_model_loads_not_after(device, where, prepa
     else:
         make()
     assert events == (["loops", "model", "loops"] if prepared_first else ["model", "loops"])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tiles_of_one_class_are_filled_as_tile_by_tile_assignment(seed, without_compiled, monkeypatch):
+    """Filling the tiles of one class throughout (each with its label and its margin rounded down to float16) gives
+    what assigning each tile in turn gives, on any split between threads, with and without the compiled loop,
+    whole tiles and those the image's far edges cut short, uint8 and wider labels; pixels outside the filled tiles
+    keep their values."""
+    from napari_clearclip.tiled_labels import _fill_tiles, _Geometry, lower_half
+
+    rng = np.random.default_rng(seed)
+    for _ in range(12):
+        tile = int(rng.choice([1, 4, 16, 64]))
+        size = (int(rng.integers(1, 6 * tile + 5)), int(rng.integers(1, 6 * tile + 5)))
+        geometry = _Geometry((4, 4), size, 0, tile)
+        fill = rng.random(geometry.shape) < rng.choice([0.1, 0.6, 1.0])
+        dtype = np.uint8 if rng.random() < 0.8 else np.uint16
+        tile_labels = rng.integers(0, 250, geometry.shape)
+        tile_margins = rng.random(geometry.shape).astype(np.float32) * 3
+        before_labels = rng.integers(0, 250, size).astype(dtype)
+        before_margins = rng.random(size).astype(np.float16)
+        expected_labels, expected_margins = before_labels.copy(), before_margins.copy()
+        for ty, tx in zip(*np.nonzero(fill)):
+            where = slice(ty * tile, (ty + 1) * tile), slice(tx * tile, (tx + 1) * tile)
+            expected_labels[where] = tile_labels[ty, tx]
+            expected_margins[where] = lower_half(np.float32(tile_margins[ty, tx]))
+        monkeypatch.setattr(compiled_snapping, "SHARED_FROM", int(rng.choice([1, 1 << 15])))
+        for compiled in (True, False):
+            labels, margins = before_labels.copy(), before_margins.copy()
+
+            def run(labels=labels, margins=margins):
+                _fill_tiles(labels, margins, fill, tile_labels, tile_margins, geometry)
+            run() if compiled else without_compiled(run)
+            assert np.array_equal(labels, expected_labels) and labels.dtype == dtype
+            assert np.array_equal(margins.view(np.uint16), expected_margins.view(np.uint16))
+    untouched = np.zeros((4, 4), np.uint16)
+    assert not compiled_labels.fill_tiles(untouched, np.zeros((4, 4), np.float16), np.ones((2, 2), bool),
+                                          np.ones((2, 2), np.uint8), np.ones((2, 2), np.float16), 2)
+    assert not untouched.any()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -718,9 +720,7 @@ def test_tiles_of_one_class_are_filled_as_tile_by_tile_assignment(seed, without_
         monkeypatch.setattr(compiled_snapping, "SHARED_FROM", int(rng.choice([1, 1 << 15])))
         for compiled in (True, False):
             labels, margins = before_labels.copy(), before_margins.copy()
-
-            def run(labels=labels, margins=margins):
-                _fill_tiles(labels, margins, fill, tile_labels, tile_margins, geometry)
+            run = functools.partial(_fill_tiles, labels, margins, fill, tile_labels, tile_margins, geometry)
             run() if compiled else without_compiled(run)
             assert np.array_equal(labels, expected_labels) and labels.dtype == dtype
             assert np.array_equal(margins.view(np.uint16), expected_margins.view(np.uint16))

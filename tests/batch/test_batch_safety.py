@@ -275,6 +275,7 @@ def test_a_ctrl_c_whose_keyboardinterrupt_python_dropped_still_stops_the_command
         signal.signal(signal.SIGINT, signal.default_int_handler)
     err = capsys.readouterr().err
     assert "interrupted:" in err and "again" in err and "Traceback" not in err
+    assert ("the images encoded so far are stored" if features_only else "1 finished image is kept;") in err
     if not features_only:
         assert len(list((tmp_path / "out").glob("*_labels.tif"))) == 1      # the image in hand, not the others
 

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 from ..choices import DEVICES, METHOD_NAMES, PRECISIONS
 from ..errors import ClearClipError, WeightsUnavailableError
@@ -278,28 +279,18 @@ def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
         return _store_only(args, client, on_report, bar, started, stop)
     if args.feature_store is not None:
         os.environ["NAPARI_CLEARCLIP_FEATURE_STORE"] = str(args.feature_store.resolve())
-    try:
-        reports = segment_files(
-            args.images, args.classes, args.out, model=args.model, pretrained=args.pretrained, method=args.method,
-            device=args.device, precision=args.precision, overwrite=args.overwrite,
-            save_probabilities=args.save_probabilities, client=client, on_report=on_report,
-            options=engine_options(args), objects=args.objects, lesson=args.lesson, foreground=args.foreground,
-            found_weights=args.found_weights, output_format=args.output_format, absent_chunks=args.absent_chunks,
-            large_side=args.large_side)
-    except ClearClipError as exc:
-        return _said_error(exc, bar)
-    except KeyboardInterrupt:
-        bar.close()
-        print(f"interrupted: {counts['done']} finished images are kept; run the same command again to resume.",
-              file=sys.stderr)
-        return 130
-    finally:
-        _close_started(started, args.out)
-    bar.close()
-    if stop is not None and stop.interrupted:  # pressed after the last image, its KeyboardInterrupt dropped
-        print(f"interrupted: {counts['done']} finished images are kept; run the same command again to resume.",
-              file=sys.stderr)
-        return 130
+    reports = _finished(lambda: segment_files(
+        args.images, args.classes, args.out, model=args.model, pretrained=args.pretrained, method=args.method,
+        device=args.device, precision=args.precision, overwrite=args.overwrite,
+        save_probabilities=args.save_probabilities, client=client, on_report=on_report,
+        options=engine_options(args), objects=args.objects, lesson=args.lesson, foreground=args.foreground,
+        found_weights=args.found_weights, output_format=args.output_format, absent_chunks=args.absent_chunks,
+        large_side=args.large_side),
+        bar, started, args.out, stop,
+        lambda: ("1 finished image is kept" if counts["done"] == 1 else f"{counts['done']} finished images are kept")
+        + "; run the same command again to resume.")
+    if isinstance(reports, int):
+        return reports
     total = len(reports)
     skipped = f", {counts['skipped']} skipped (outputs exist)" if counts["skipped"] else ""
     print(f"{counts['done']} of {total} images segmented into {args.out}{skipped}", file=sys.stderr)
@@ -307,6 +298,28 @@ def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _finished(work: Callable[[], list], bar, started: dict, out, stop: StopOnce | None,
+              kept: Callable[[], str]) -> list | int:
+    """The reports of ``work`` (a batch over the inputs), or the exit code when it stopped: 2 and the advice for an
+    error the user can act on, 130 and what is ``kept`` (said when asked: the count grows while it runs) for Ctrl+C.
+    The client and cluster this command started are closed either way."""
+    try:
+        reports = work()
+    except ClearClipError as exc:
+        return _said_error(exc, bar)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted: {kept()}", file=sys.stderr)
+        return 130
+    finally:
+        _close_started(started, out)
+    bar.close()
+    if stop is not None and stop.interrupted:  # pressed after the last image, its KeyboardInterrupt dropped
+        print(f"interrupted: {kept()}", file=sys.stderr)
+        return 130
+    return reports
 
 
 def _close_started(started: dict, out) -> None:
@@ -325,25 +338,14 @@ def _store_only(args, client, on_report, bar, started, stop: StopOnce | None = N
     """clearclip-segment --features-only: encode every input into the feature store, segment nothing."""
     from .runs import store_features
 
-    try:
-        reports = store_features(args.images, model=args.model, pretrained=args.pretrained, method=args.method,
-                                 device=args.device, precision=args.precision, options=engine_options(args),
-                                 store=args.feature_store, client=client, on_report=on_report,
-                                 absent_chunks=args.absent_chunks, large_side=args.large_side)
-    except ClearClipError as exc:
-        return _said_error(exc, bar)
-    except KeyboardInterrupt:
-        bar.close()
-        print("interrupted: the images encoded so far are stored; run the same command again to go on.",
-              file=sys.stderr)
-        return 130
-    finally:
-        _close_started(started, args.out)
-    bar.close()
-    if stop is not None and stop.interrupted:  # pressed after the last image, its KeyboardInterrupt dropped
-        print("interrupted: the images encoded so far are stored; run the same command again to go on.",
-              file=sys.stderr)
-        return 130
+    reports = _finished(lambda: store_features(
+        args.images, model=args.model, pretrained=args.pretrained, method=args.method, device=args.device,
+        precision=args.precision, options=engine_options(args), store=args.feature_store, client=client,
+        on_report=on_report, absent_chunks=args.absent_chunks, large_side=args.large_side),
+        bar, started, args.out, stop,
+        lambda: "the images encoded so far are stored; run the same command again to go on.")
+    if isinstance(reports, int):
+        return reports
     done = sum(r.status == "done" for r in reports)
     where = args.feature_store or "the user cache"
     print(f"{done} of {len(reports)} images' features stored in {where}", file=sys.stderr)

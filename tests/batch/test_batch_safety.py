@@ -169,10 +169,13 @@ def test_maps_and_unknown_options_are_refused_before_any_image(tmp_path):
 def test_empty_and_foreign_files_say_what_is_wrong_with_the_file(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.png").write_text("these are my notes, not a picture")
-    reports = segment_files([tmp_path / "empty.png", tmp_path / "notes.png"], CLASSES, tmp_path / "out", **OPTIONS)
+    (tmp_path / "cut.tif").write_bytes(b"II*\x00" + bytes(range(12)))   # a TIFF header, its pages lost
+    reports = segment_files([tmp_path / "empty.png", tmp_path / "notes.png", tmp_path / "cut.tif"], CLASSES,
+                            tmp_path / "out", **OPTIONS)
     errors = {r.path.name: r.error for r in reports}
     assert "empty (0 bytes)" in errors["empty.png"]
     assert "is not a PNG image, or it is damaged" in errors["notes.png"]
+    assert "cut.tif as an image: it holds no pixels" in errors["cut.tif"] and "damaged" in errors["cut.tif"]
     assert not any("pip install" in e or "backend" in e for e in errors.values())
 
 

@@ -89,14 +89,19 @@ def read_image(path: Path, absent_chunks: str = "error") -> np.ndarray:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
-            return tifffile.imread(path)
-        from skimage.io import imread
+            image = tifffile.imread(path)
+        else:
+            from skimage.io import imread
 
-        return imread(path)
+            image = imread(path)
     except MemoryError:
         raise
     except Exception as exc:
         raise InvalidImageError(f"Could not read {path} as an image: {_read_failure(path, exc)}") from None
+    if np.ndim(image) < 2 or np.size(image) == 0:   # a damaged TIFF reads as an empty array, without an error
+        raise InvalidImageError(f"Could not read {path} as an image: it holds no pixels (shape {np.shape(image)}); "
+                                "the file is damaged or was not written completely, so copy or export it again.")
+    return image
 
 
 def read_lazy(path: Path, absent_chunks: str = "error"):

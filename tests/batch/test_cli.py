@@ -338,6 +338,9 @@ def test_format_zarr_segments_an_ome_zarr_tile_by_tile(tmp_path, capsys):
     with open(out / "slide_classes.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["pixels"]) for r in rows] == np.bincount(expected.ravel(), minlength=6).tolist()
+    with open(out / "clearclip_report.csv", newline="") as handle:    # the report names the zarr labels
+        (report,) = list(csv.DictReader(handle))
+    assert report["status"] == "done" and report["labels"] == str(out / "slide_labels.zarr")
     assert main(argv) == 0 and "skipped" in capsys.readouterr().err              # a finished output is kept
     assert main(argv + ["--save-probabilities"]) == 2
     assert "--save-probabilities cannot be used" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import ImageNotFoundError, InvalidImageError, InvalidOptionError, OutputError
 from ..files import PARTIAL_SUFFIX, write_atomic
 from ..zarr_images import is_zarr_path, open_zarr_image
-from .provenance import natural_stems, tiff_metadata
+from .provenance import LABELS_SUFFIXES, natural_stems, tiff_metadata
 
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -262,7 +262,7 @@ def write_report(reports: Sequence[FileReport], path: Path) -> Path:
         key = str(r.path)
         if r.status == "skipped" and rows.get(key, {}).get("status") == "done":
             continue
-        labels = next((str(o) for o in r.outputs if str(o).endswith("_labels.tif")), "")
+        labels = next((str(o) for o in r.outputs if str(o).endswith(LABELS_SUFFIXES)), "")
         rows[key] = {"file": key, "status": r.status, "seconds": f"{r.seconds:.2f}", "worker": r.worker,
                      "error": r.error, "labels": labels}
 

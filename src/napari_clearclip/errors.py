@@ -47,7 +47,16 @@ class ImageNotFoundError(InvalidImageError, FileNotFoundError):
 
 
 class InvalidOptionError(ClearClipError, ValueError):
-    """An option (window size, logit scale, threshold, contrast limits ...) is out of range or of the wrong type."""
+    """An option (window size, logit scale, threshold, contrast limits ...) is out of range or of the wrong type.
+
+    ``option`` (its Python name), ``value`` and ``rule`` (what it must be, in no interface's words), where given, let
+    the widget and the command line say the error in their own terms."""
+
+    def __init__(self, message: str, option: str = "", value=None, rule: str = ""):
+        super().__init__(message)
+        self.option = option
+        self.value = value
+        self.rule = rule
 
 
 class OutOfMemoryError(ClearClipError, MemoryError):

@@ -134,22 +134,21 @@ class SegmentOptions:
         crop = defaults["crop"] if self.crop is DEFAULT else self.crop
         stride = defaults["stride"] if self.stride is DEFAULT else self.stride
         if short_side is not None and (not _whole(short_side) or short_side < patch):
-            raise InvalidOptionError(f"short_side={short_side!r} must be a whole number of at least {patch} pixels, "
-                                     "or None to keep the native size.")
+            raise _out_of_range("short_side", short_side, f"must be a whole number of at least {patch} pixels",
+                                ", or None to keep the native size")
         if not _whole(crop) or crop < patch:
-            raise InvalidOptionError(f"crop={crop!r} must be a whole number of at least {patch} pixels "
-                                     "(the official value is 448).")
+            raise _out_of_range("crop", crop, f"must be a whole number of at least {patch} pixels "
+                                "(the official value is 448)")
         if not _whole(stride) or not 0 < stride <= crop:
-            raise InvalidOptionError(f"stride={stride!r} must be a whole number between 1 and the crop size {crop} "
-                                     "(the official value is 224).")
+            raise _out_of_range("stride", stride, f"must be a whole number between 1 and the window size {crop} "
+                                "(the official value is 224)")
         logit_scale = defaults["logit_scale"] if self.logit_scale is DEFAULT else self.logit_scale
         threshold = self.prob_threshold
         if not _number(logit_scale) or not math.isfinite(logit_scale) or not logit_scale > 0:
-            raise InvalidOptionError(f"logit_scale={logit_scale!r} must be a finite positive number "
-                                     "(the official value is 50).")
+            raise _out_of_range("logit_scale", logit_scale, "must be a finite positive number "
+                                "(the official value is 50)")
         if not _number(threshold) or not 0.0 <= threshold <= 1.0:
-            raise InvalidOptionError(f"prob_threshold={threshold!r} must be a number between 0 and 1 "
-                                     "(0 labels every pixel).")
+            raise _out_of_range("prob_threshold", threshold, "must be a number between 0 and 1 (0 labels every pixel)")
         from .image import check_contrast_limits
         from .prompts import check_templates
 
@@ -161,12 +160,12 @@ class SegmentOptions:
             templates = None if self.templates is None else check_templates(self.templates)
         keep_aspect = check_flag("keep_aspect", self.keep_aspect)
         if keep_aspect and method is not None and method != "clipdiy":
-            raise InvalidOptionError(f"keep_aspect applies to CLIP-DIY's crops; the method is {method}, whose windows "
-                                     "always keep the aspect ratio.")
+            rule = f"applies to CLIP-DIY's crops; the method is {method}, whose windows always keep the aspect ratio"
+            raise InvalidOptionError(f"keep_aspect {rule}.", "keep_aspect", keep_aspect, rule)
         background = self.background_class
         if background is not None and (not isinstance(background, str) or not background.strip()):
-            raise InvalidOptionError(f"background_class={background!r} must be a class name, or None for the class "
-                                     "called background.")
+            raise _out_of_range("background_class", background, "must be a class name",
+                                ", or None for the class called background")
         if self.refine not in REFINEMENTS:
             raise InvalidOptionError(f"refine={self.refine!r} is not known: use None (the official pipeline) "
                                      "or 'pamr'.")
@@ -177,7 +176,8 @@ class SegmentOptions:
 
             resclip_settings(preset)  # a known name, or the error that lists them
             if method is not None and method != "resclip":
-                raise InvalidOptionError(f"preset={preset!r} names settings of ResCLIP; the method is {method}.")
+                rule = f"names settings of ResCLIP; the method is {method}"
+                raise InvalidOptionError(f"preset={preset!r} {rule}.", "preset", preset, rule)
             preset = str(preset).lower()
         return SegmentOptions(None if short_side is None else int(short_side), int(crop), int(stride),
                               float(logit_scale), float(threshold), templates,
@@ -188,6 +188,12 @@ class SegmentOptions:
         """Plain values (DEFAULT as None), for fingerprints, settings and reports."""
         values = asdict(self)
         return {k: (None if v is DEFAULT else list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+
+
+def _out_of_range(option: str, value, rule: str, python_hint: str = "") -> InvalidOptionError:
+    """``option=value must ...`` in Python's terms, with what the widget and the command line need to say it in
+    theirs (``python_hint``: what only Python can pass, such as None)."""
+    return InvalidOptionError(f"{option}={value!r} {rule}{python_hint}.", option, value, rule)
 
 
 def check_pamr_options(iterations, dilations) -> tuple[int, tuple[int, ...]]:

@@ -209,6 +209,16 @@ def test_messages_speak_the_command_lines_language(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert "--model ViT-B-16-quickgelu --pretrained FILE" in err and "--model synthetic-tiny" in err
     assert "Segmenter(" not in err
+    demo = [str(image), "--classes", "cell; background", "--out", str(tmp_path / "o"), "--model", "synthetic-tiny",
+            "--device", "cpu"]
+    for options, said in ((["--stride", "999"], "--stride 999 must be a whole number between 1 and the window size"),
+                          (["--short-side", "3"], "--short-side 3 must be a whole number of at least 8 pixels; or "
+                                                  "--native keeps the image's own size."),
+                          (["--logit-scale", "-5"], "--logit-scale -5.0 must be a finite positive number"),
+                          (["--keep-aspect"], "--keep-aspect applies to CLIP-DIY's crops; the method is clearclip")):
+        assert main(demo + options) == 2                  # options out of range: said as the command line's options
+        err = capsys.readouterr().err
+        assert said in err and "=" not in err and "None" not in err, err
 
 
 def test_help_needs_no_model_library():

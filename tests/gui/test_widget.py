@@ -230,9 +230,20 @@ def test_input_errors_show_in_status_and_add_nothing(qtbot, widget, rgb_image):
     assert widget.run() is None
     assert "appears twice" in widget.status.value
     widget.classes.value = "cat"
+    checkpoint = widget.pretrained.value
     widget.pretrained.value = "/no/such/checkpoint.pt"
     run_and_wait(qtbot, widget)
     assert "Checkpoint file not found" in widget.status.value
+    assert "photo classes" not in viewer.layers
+    widget.pretrained.value = checkpoint
+    widget.show_advanced.value = True
+    widget.stride.value = widget.crop.value + 1           # each field in range, the pair not
+    worker = widget.run()
+    if worker is not None:
+        qtbot.waitUntil(lambda: not widget.busy, timeout=60_000)
+    said = widget.status.value
+    assert f"Stride {widget.crop.value + 1} must be a whole number between 1 and the window size {widget.crop.value}" \
+        in said and "stride=" not in said, said
     assert "photo classes" not in viewer.layers
 
 

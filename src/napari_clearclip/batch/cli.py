@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..choices import DEVICES, METHOD_NAMES, PRECISIONS
-from ..errors import ClearClipError, WeightsUnavailableError
+from ..errors import ClearClipError, InvalidOptionError, WeightsUnavailableError
 from ..options import SNAP_IN_TOOLS, SegmentOptions
 from ..reduced import REDUCED_SIDE
 
@@ -224,10 +224,29 @@ def offline_message(exc) -> str:
             "or try the offline demo model: --model synthetic-tiny (it knows only coloured shapes).")
 
 
+#: The command line's option for each engine option, and what it can say beyond the engine's rule.
+OPTION_FLAGS = {"short_side": ("--short-side", "; or --native keeps the image's own size"), "crop": ("--crop", ""),
+                "stride": ("--stride", ""), "logit_scale": ("--logit-scale", ""),
+                "prob_threshold": ("--prob-threshold", ""), "preset": ("--preset", ""),
+                "keep_aspect": ("--keep-aspect", ""),
+                "background_class": ("--background-class", "; leave it out for the class called background")}
+
+
+def option_message(exc: InvalidOptionError) -> str:
+    """An option out of range said with the command line's option (``--stride 999 must be ...``), where it has one."""
+    if exc.option not in OPTION_FLAGS or not exc.rule:
+        return str(exc)
+    flag, more = OPTION_FLAGS[exc.option]
+    given = "" if isinstance(exc.value, bool) else f" {exc.value!r}" if isinstance(exc.value, str) else f" {exc.value}"
+    return f"{flag}{given} {exc.rule}{more}."
+
+
 def _said_error(exc: Exception, bar) -> int:
-    """An error the user can act on, in the command line's terms (weights that cannot come: its options); exit 2."""
+    """An error the user can act on, in the command line's terms (weights that cannot come, options out of range:
+    its options); exit 2."""
     bar.close()
-    said = offline_message(exc) if isinstance(exc, WeightsUnavailableError) else str(exc)
+    said = (offline_message(exc) if isinstance(exc, WeightsUnavailableError)
+            else option_message(exc) if isinstance(exc, InvalidOptionError) else str(exc))
     print(f"error: {said}", file=sys.stderr)
     return 2
 

@@ -6,12 +6,18 @@ import html
 
 import numpy as np
 
-from ..errors import ClearClipError, WeightsUnavailableError
+from ..errors import ClearClipError, InvalidOptionError, WeightsUnavailableError
 
 DEMO_NOTE = ("The offline demo model knows only coloured shapes on grey (red, green, blue, yellow, background), "
              "as in File > Open Sample > Synthetic shapes; on other images its labels mean nothing.")
 NO_CLASSES = "No classes: type at least one class in Classes, one per line (e.g. 'cell, nucleus' and 'background')."
 NO_IMAGE = "No image: open an image layer (File > Open, or File > Open Sample) first."
+
+
+#: The widget's field for each engine option (Advanced options), and what it can say beyond the engine's rule.
+OPTION_FIELDS = {"short_side": ("Short side", "; or turn Resize off to keep the image's own size"),
+                 "crop": ("Window", ""), "stride": ("Stride", ""), "logit_scale": ("Logit scale", ""),
+                 "prob_threshold": ("Background threshold", ""), "keep_aspect": ("Keep aspect ratio", "")}
 
 
 def error_text(exc: BaseException, model: str, weights: str) -> tuple[str, bool]:
@@ -22,6 +28,11 @@ def error_text(exc: BaseException, model: str, weights: str) -> tuple[str, bool]
         return (f"The {model} weights ('{exc.tag or weights}') are not on this computer and cannot be downloaded "
                 f"now (no network). Choose a weights file with Weights > Choose file...{quickgelu}, or click the "
                 "button below to try the offline demo model.", True)
+    if isinstance(exc, InvalidOptionError) and exc.option in OPTION_FIELDS and exc.rule:
+        field, more = OPTION_FIELDS[exc.option]
+        given = "" if isinstance(exc.value, bool) else f" {exc.value:g}" if isinstance(exc.value, float) else \
+            f" {exc.value}"
+        return f"{field}{given} {exc.rule}{more}.", False
     if isinstance(exc, ClearClipError):
         return str(exc), False
     return f"Unexpected error ({type(exc).__name__}: {exc}). Nothing was changed.", False

@@ -142,7 +142,7 @@ def test_folders_and_patterns_expand_to_their_images(tmp_path, tiny_checkpoint, 
                  "--classes", "sky", "--out", str(out), "--pretrained", tiny_checkpoint, *TINY])
     assert code == 1                                   # the pattern that matched nothing is reported
     assert sorted(p.name for p in out.glob("*_labels.tif")) == ["m1_labels.tif", "w1_labels.tif", "w2_labels.tif"]
-    assert "empty*.png: No such file" in capsys.readouterr().err
+    assert "empty*.png: No file matches the pattern" in capsys.readouterr().err
 
 
 def test_interrupted_write_leaves_no_partial_file(tmp_path, tiny_checkpoint, rgb_image, capsys, monkeypatch):

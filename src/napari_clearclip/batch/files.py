@@ -82,6 +82,8 @@ def read_image(path: Path, absent_chunks: str = "error") -> np.ndarray:
     if path.is_dir():
         raise InvalidImageError(f"{path} is a folder with no images ({', '.join(IMAGE_SUFFIXES)}, or .zarr stores).")
     if not path.is_file():
+        if not path.exists() and glob.has_magic(str(path)):
+            raise ImageNotFoundError(f"No file matches the pattern {path}")
         raise ImageNotFoundError(f"No such file: {path}")
     if path.stat().st_size == 0:
         raise InvalidImageError(f"{path} is empty (0 bytes): the file was not written completely; copy or export it again.")

@@ -21,7 +21,7 @@ from .image import check_image, normalise, prepare, whole_rgb
 from .methods import encode_dense, get_method, interpolated_positions
 from .models import LoadedModel, load_model, runs_on_cpu
 from .objects import check_objects
-from .options import DEFAULT, SegmentOptions, check_dilations_fit, check_flag
+from .options import DEFAULT, SegmentOptions, _whole, check_dilations_fit, check_flag
 from .progress import Progress, relabelled, run_to_end
 from .prompts import TextEncoder, check_templates, parse_classes
 from .results import SegmentationResult
@@ -79,6 +79,10 @@ class Segmenter:
         feature_store=True,
         feature_store_bytes: int | None = None,
     ):
+        _check_sizes(window_batch_size=window_batch_size, feature_cache_bytes=feature_cache_bytes,
+                     label_cache_bytes=label_cache_bytes, affinity_cache_bytes=affinity_cache_bytes,
+                     feature_store_bytes=feature_store_bytes)
+        disk_cache = check_flag("disk_cache", disk_cache)
         self.method = method
         self.feature_store = _feature_store(feature_store, feature_store_bytes)
         if self.feature_store is not None:
@@ -801,6 +805,19 @@ class Segmenter:
             self.window_batch_size = max(1, len(crops) // 2)
             half = len(crops) // 2
             return torch.cat([self._encode_crops(crops[:half], method_fn), self._encode_crops(crops[half:], method_fn)])
+
+
+def _check_sizes(**sizes) -> None:
+    """Cache sizes in bytes (whole numbers, 0 keeping nothing) and a batch size (at least 1), or None where that
+    means the default, refused before the model loads when they are anything else."""
+    for name, value in sizes.items():
+        least = 1 if name == "window_batch_size" else 0
+        if value is None and name in ("window_batch_size", "feature_store_bytes"):
+            continue
+        if not _whole(value) or value < least:
+            kind = "a whole number of at least 1, or None to size it from the window" if least else \
+                "a whole number of bytes, 0 or more (e.g. 2 << 30 for 2 GiB)"
+            raise InvalidOptionError(f"{name}={value!r} must be {kind}.", name, value, f"must be {kind}")
 
 
 def _feature_store(setting, max_bytes: int | None):

@@ -157,3 +157,24 @@ def test_bad_focus_is_refused_before_any_work(tiny_segmenter, focus, message):
         next(steps)
     with pytest.raises(ValueError):   # a ValueError too, for callers catching the built-in
         next(tiny_segmenter.segment_steps(image, ["cat", "dog"], focus=focus))
+
+
+@pytest.mark.parametrize("setting, said", [
+    ({"affinity_cache_bytes": -1}, "affinity_cache_bytes=-1 must be a whole number of bytes, 0 or more"),
+    ({"feature_store_bytes": "lots"}, "feature_store_bytes='lots' must be a whole number of bytes"),
+    ({"label_cache_bytes": 1.5e9}, "label_cache_bytes=1500000000.0 must be a whole number of bytes"),
+    ({"feature_cache_bytes": True}, "feature_cache_bytes=True must be a whole number of bytes"),
+    ({"window_batch_size": 0}, "window_batch_size=0 must be a whole number of at least 1, or None"),
+    ({"disk_cache": "no"}, "disk_cache='no' must be True or False"),
+])
+def test_cache_and_batch_sizes_are_checked_before_the_model_loads(setting, said, monkeypatch):
+    """A size that is not a whole number of bytes (or a flag that is not one) is refused where it is given, before
+    any loading, instead of acting as no cache or as an unlimited one."""
+    from napari_clearclip import InvalidOptionError, segmenter
+
+    monkeypatch.setattr(segmenter, "load_model", lambda *args: pytest.fail("the model loaded"))
+    with pytest.raises(InvalidOptionError, match=said.replace("(", r"\(").replace(".", r"\.")):
+        Segmenter("synthetic-tiny", device="cpu", **setting)
+    monkeypatch.undo()
+    assert Segmenter("synthetic-tiny", device="cpu", affinity_cache_bytes=0, feature_store_bytes=None,
+                     window_batch_size=None, disk_cache=False).window_batch_size is None

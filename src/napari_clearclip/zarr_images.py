@@ -71,7 +71,8 @@ ABSENT_CHUNKS = ("error", "fill")
 
 
 def check_absent_chunks(image, name: str | None = None, absent_chunks: str = "error") -> None:
-    """Refuse a zarr image whose store lacks chunks, unless ``absent_chunks="fill"``; other images pass.
+    """Refuse a zarr image whose store lacks chunks, unless ``absent_chunks="fill"`` (and first, one of a type no run
+    takes); other images pass.
 
     zarr reads a chunk that is not in the store as the array's fill value, without a word, and zarr 3
     leaves out the chunks that hold only that value when it writes (``write_empty_chunks=False``). A
@@ -80,6 +81,11 @@ def check_absent_chunks(image, name: str | None = None, absent_chunks: str = "er
     if absent_chunks not in ABSENT_CHUNKS:
         raise InvalidOptionError(f"absent_chunks={absent_chunks!r}: use 'error' (refuse a zarr image whose store "
                                  "lacks chunks) or 'fill' (read them as its fill value).")
+    if image is not None and np.dtype(getattr(image, "dtype", np.float64)).kind not in "uif":
+        # a type no run takes is said first: copying the store again for its chunks would not help
+        where = f"The zarr store {name}" if name else "The zarr array"
+        raise InvalidImageError(f"{where} holds {np.dtype(image.dtype)} values: not supported; use uint8, uint16 "
+                                "or float.")
     if absent_chunks == "fill":
         return
     counted = absent_chunk_count(image)

@@ -448,6 +448,15 @@ def test_a_zarr_input_that_lacks_a_chunk_fails_by_name_unless_absent_chunks_are_
         else:
             labels = tifffile.imread(out / "slide_labels.tif")
         np.testing.assert_array_equal(labels, expected[output_format])
+    flags = zarr.create_array(str(tmp_path / "flags.zarr"), shape=(200, 200), chunks=(100, 100), dtype=bool)
+    flags[:] = False                               # zarr 3 writes no chunk of the fill value alone: all "absent"
+    for output_format in ("zarr", "tif"):       # a type no run takes is said first, not the chunks
+        out = tmp_path / f"flags-{output_format}"
+        assert main([str(tmp_path / "flags.zarr"), "--classes", "red; background", "--out", str(out), "--model",
+                     "synthetic-tiny", "--device", "cpu", "--format", output_format]) == 1
+        err = capsys.readouterr().err
+        assert "flags.zarr holds bool values: not supported; use uint8, uint16 or float" in err and "chunks" not in err
+        assert sorted(p.name for p in out.iterdir()) == ["clearclip_report.csv"]
 
 
 def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_resizes(tmp_path, capsys,

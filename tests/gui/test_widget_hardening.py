@@ -787,3 +787,69 @@ def test_napari_colormaps_leave_no_openmp_pool_on_the_gui_thread_beside_pytorchs
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "tbb"
+
+
+def _change_image_at_first_progress(worker, viewer, layer, how: str) -> None:
+    """Remove ``layer``, or give it new data, as soon as the run reports progress (before its result arrives)."""
+    done = []
+
+    def change(_step):
+        if done:
+            return
+        done.append(True)
+        if how == "removed":
+            viewer.layers.remove(layer)
+        else:
+            layer.data = np.zeros((90, 70, 3), np.uint8)
+    worker.yielded.connect(change)
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_labels_of_an_image_removed_or_given_new_data_during_a_run_are_not_used(qtbot, widget, rgb_image, how):
+    """Labels of data no longer on screen would lie on another image (or on none): neither a new layer nor an update
+    of the earlier result is made, and the status says why."""
+    viewer = widget._viewer
+    photo = viewer.add_image(rgb_image, name="photo")
+    widget.image.value = photo
+    widget.classes.value = "a\nb"
+    worker = widget.run()
+    _change_image_at_first_progress(worker, viewer, photo, how)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
+    assert "photo classes" not in viewer.layers
+    expected = "removed from the viewer" if how == "removed" else "given new data"
+    assert f"'photo' was {expected} while it was segmented" in widget.status.value, widget.status.value
+
+    # a re-run of an earlier result, with the classes swapped (its labels would change everywhere)
+    viewer.layers.clear()
+    photo = viewer.add_image(rgb_image, name="photo")
+    widget.image.value = photo
+    run_and_wait(qtbot, widget)
+    result = viewer.layers["photo classes"]
+    before = np.array(result.data, copy=True)
+    widget.classes.value = "b\na"
+    worker = widget.run()
+    _change_image_at_first_progress(worker, viewer, photo, how)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
+    assert np.array_equal(result.data, before)
+    assert f"'photo' was {expected}" in widget.status.value, widget.status.value
+    assert [layer.name for layer in viewer.layers] == (["photo classes"] if how == "removed" else
+                                                       ["photo", "photo classes"])
+
+
+def test_a_tiled_run_whose_image_is_removed_adds_no_layer_and_leaves_no_store(qtbot, widget, monkeypatch, tmp_path):
+    import napari_clearclip.gui.widget as widget_module
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 200 * 200)
+    monkeypatch.setenv("NAPARI_CLEARCLIP_CACHE_DIR", str(tmp_path / "cache"))
+    viewer = widget._viewer
+    slide = viewer.add_image((np.random.default_rng(3).random((260, 240, 3)) * 255).astype(np.uint8), name="slide")
+    widget.image.value = slide
+    widget.classes.value = "sky\ngrass"
+    widget.resize.value = False
+    widget.crop.value, widget.stride.value = 64, 32
+    worker = widget.run()
+    _change_image_at_first_progress(worker, viewer, slide, "removed")
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT)
+    assert len(viewer.layers) == 0
+    assert "'slide' was removed from the viewer" in widget.status.value, widget.status.value
+    assert not list((tmp_path / "cache" / "labels").iterdir())

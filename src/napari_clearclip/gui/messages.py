@@ -14,6 +14,14 @@ NO_CLASSES = "No classes: type at least one class in Classes, one per line (e.g.
 NO_IMAGE = "No image: open an image layer (File > Open, or File > Open Sample) first."
 
 
+def image_changed_text(image_name: str, removed: bool) -> str:
+    """Why a finished run's labels were not used: the image it segmented left the viewer, or got new data."""
+    if removed:
+        return f"'{image_name}' was removed from the viewer while it was segmented: nothing was added or changed."
+    return (f"'{image_name}' was given new data while it was segmented, so the labels of its old data were not "
+            "used: nothing was added or changed. Press Run to segment it as it is now.")
+
+
 #: The widget's field for each engine option (Advanced options), and what it can say beyond the engine's rule.
 OPTION_FIELDS = {"short_side": ("Short side", "; or turn Resize off to keep the image's own size"),
                  "crop": ("Window", ""), "stride": ("Stride", ""), "logit_scale": ("Logit scale", ""),

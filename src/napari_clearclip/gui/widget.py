@@ -38,7 +38,7 @@ from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode, Readying
 from .previews import RunPreviews
-from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, legend_html, reduced_note
+from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, image_changed_text, legend_html, reduced_note
 from .settings import load_settings, save_settings
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ class ClearClipWidget(FieldLogic, Container):
         new_layer = None if target is not None else {"name": f"{layer.name} classes", **geometry}
         worker = create_worker(segmentation_job, self._models, self.model_spec(), request, new_layer,
                                _start_thread=False, _ignore_errors=True)
-        context = {"layer": layer, "layout": layout, "target": target, "model": self.model.value,
+        context = {"layer": layer, "data": layer.data, "layout": layout, "target": target, "model": self.model.value,
                    "objects": objects_layer, "reduction": reduction, "geometry": geometry,
                    "demo_scene": self.model.value == DEMO_MODEL and _looks_like_demo_scene(layer, layout, planes[0])}
         previews = context["previews"] = (None if target is None else
@@ -418,7 +418,8 @@ class ClearClipWidget(FieldLogic, Container):
         def discard():  # a cancelled or failed run leaves no store behind
             shutil.rmtree(store.with_name(store.name + ".partial"), ignore_errors=True)
 
-        worker.returned.connect(lambda value: self._on_tiled_returned(value, objects_layer, earlier))
+        source = (layer, layer.data)
+        worker.returned.connect(lambda value: self._on_tiled_returned(value, objects_layer, earlier, source))
         worker.aborted.connect(lambda: (discard(), self._set_status("Cancelled: nothing was added.")))
         worker.errored.connect(lambda *_: discard())
         return self._launch(worker, f"Starting on {layer.name}: a large image, segmented tile by tile at native "
@@ -435,12 +436,19 @@ class ClearClipWidget(FieldLogic, Container):
                 return item
         return None
 
-    def _on_tiled_returned(self, value, objects_layer=None, earlier=None):
+    def _on_tiled_returned(self, value, objects_layer=None, earlier=None, source=None):
         self._delivered = True
         self._result_plane = None   # a layer backed by a store: no plane copies to ready
         if self._closed:
             return
         result, layer = value
+        changed = None if source is None else self._image_changed(*source)
+        if changed is not None:  # labels of an image no longer there: their store goes too
+            import shutil
+
+            shutil.rmtree(result.path, ignore_errors=True)
+            self._set_status(changed)
+            return
         self._writing = True
         try:
             self._viewer.add_layer(layer)
@@ -716,12 +724,27 @@ class ClearClipWidget(FieldLogic, Container):
             return
         self.readying.start(ready_job, segmenter, self._spare_planes, self._result_plane)
 
+    def _image_changed(self, layer, data) -> str | None:
+        """Why a finished run's labels no longer fit its image (removed from the viewer, or given new data since the
+        run read it), or None: such labels are not used, whatever the run found."""
+        if layer not in self._viewer.layers:
+            return image_changed_text(layer.name, removed=True)
+        if layer.data is not data:
+            return image_changed_text(layer.name, removed=False)
+        return None
+
     def _on_returned(self, value, context):
         self._delivered = True
         if self._closed:
             return
         result, prepared_layer = value
         if result is None:
+            return
+        changed = self._image_changed(context["layer"], context["data"])
+        if changed is not None:  # the labels are of an image no longer there: what the previews wrote goes back
+            if context.get("previews") is not None:
+                context["previews"].revert()
+            self._set_status(changed)
             return
         self._writing = True
         try:

@@ -115,6 +115,32 @@ def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, tiny_checkpoint
     assert tifffile.imread(out / "cells_labels.tif").max() <= 2
 
 
+def test_outputs_of_another_run_are_kept_and_the_exit_status_says_they_are_not_this_runs(tmp_path, tiny_checkpoint,
+                                                                                           rgb_image, capsys):
+    """A script that runs the command again with other classes, or on a changed file, must not take the labels kept
+    from before as its own: they stay (they may hold corrections), and the exit status is 1."""
+    first, second = _pngs(tmp_path, ["a.png", "b.png"], rgb_image)
+    out = tmp_path / "out"
+    args = [str(first), str(second), "--out", str(out), "--pretrained", tiny_checkpoint, *TINY]
+    assert main(args + ["--classes", "sky; grass"]) == 0
+    written = {name: (out / name).read_bytes() for name in ("a_labels.tif", "b_labels.tif")}
+    assert main(args + ["--classes", "sky; grass"]) == 0                      # resumed: nothing left to do
+    assert "not this run's labels" not in capsys.readouterr().err
+
+    assert main(args + ["--classes", "grass; sky"]) == 1                      # other classes: kept, not this run's
+    err = capsys.readouterr().err
+    assert f"not this run's labels: {first}, {second}" in err, err
+    assert {name: (out / name).read_bytes() for name in written} == written
+
+    imsave(second, rgb_image[::-1])                                           # b.png changed since its outputs
+    assert main(args + ["--classes", "sky; grass"]) == 1
+    err = capsys.readouterr().err
+    assert f"not this run's labels: {second} (" in err, err
+    assert "outputs exist for an earlier version of this file" in err
+    assert main(args + ["--classes", "sky; grass", "--overwrite"]) == 0
+    assert (out / "b_labels.tif").read_bytes() != written["b_labels.tif"]
+
+
 def test_bad_output_folder_and_options_fail_once_before_any_work(tmp_path, tiny_checkpoint, rgb_image, capsys, monkeypatch):
     images = _pngs(tmp_path, ["a.png", "b.png"], rgb_image)
     import napari_clearclip.batch.runs as batch
@@ -368,7 +394,7 @@ def test_format_zarr_segments_an_ome_zarr_tile_by_tile(tmp_path, capsys):
     assert not np.array_equal(taught, expected)
     assert main(argv + ["--lesson", str(native), "--out", str(tmp_path / "taught")]) == 0, capsys.readouterr().err
     np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "taught" / "slide_labels.zarr"))["labels"][:], taught)
-    assert main(argv + ["--lesson", str(native)]) == 0                           # not this run's labels: kept, said
+    assert main(argv + ["--lesson", str(native)]) == 1                           # not this run's labels: kept, said
     assert "from a run with other classes, model or options" in capsys.readouterr().err
     assert main(argv + ["--lesson", str(resized), "--out", str(tmp_path / "other")]) == 2
     assert "other window settings" in capsys.readouterr().err
@@ -500,7 +526,7 @@ def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_r
     # --large-side is part of what the outputs are: a run with another keeps them, says why, and replaces them when
     # asked; at 320 (its whole side) the slide is segmented at full size
     wider = [a if a != "160" else "320" for a in argv]
-    assert main(wider) == 0
+    assert main(wider) == 1
     err = capsys.readouterr().err
     assert "slide.zarr: outputs exist from a run with other classes, model or options" in err, err
     assert tifffile.imread(out / "slide_labels.tif").shape == (160, 160)
@@ -510,7 +536,7 @@ def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_r
     full = segmenter.segment(image, classes, maps=False).labels
     np.testing.assert_array_equal(tifffile.imread(out / "slide_labels.tif"), full)
     np.testing.assert_array_equal(tifffile.imread(out / "plain_labels.tif"), full)
-    assert main(argv) == 0                                            # back to 160: the level's outputs again
+    assert main(argv) == 1                                            # back to 160: the 320 run's outputs kept
     assert main(argv + ["--overwrite"]) == 0
     capsys.readouterr()
     np.testing.assert_array_equal(tifffile.imread(out / "slide_labels.tif"), expected)
@@ -555,8 +581,10 @@ def test_finished_labels_in_either_format_are_never_replaced_unasked(tmp_path, c
     for later in (["--classes", "blue; red; background", "--format", "zarr"],      # the other format, other classes
                   ["--classes", "red; background", "--format", "zarr"],            # the other format, same classes
                   ["--classes", "red; background", "--save-probabilities"]):       # more outputs asked for
-        assert main(common + later) == 0
-        assert "1 skipped" in capsys.readouterr().err, later
+        other_labels = "--format" in later     # another resolution: not this run's labels (more outputs: the same)
+        assert main(common + later) == (1 if other_labels else 0)
+        err = capsys.readouterr().err
+        assert "1 skipped" in err and ("not this run's labels" in err) == other_labels, later
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "clearclip_report.csv"} == files, later
     assert main(common + ["--classes", "blue; red; background", "--format", "zarr", "--overwrite"]) == 0
     capsys.readouterr()

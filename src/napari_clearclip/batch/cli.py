@@ -255,7 +255,7 @@ def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
     from tqdm import tqdm
 
     from .files import check_output_dir
-    from .runs import segment_files
+    from .runs import holds_another_run, segment_files
 
     if not args.features_only and not (args.classes or "").replace(";", "").strip():
         print(f"error: {NO_CLASSES}", file=sys.stderr)
@@ -279,8 +279,12 @@ def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
     failures: list[str] = []
     bar = tqdm(unit="image", desc="clearclip", disable=None)
 
+    others: list[str] = []   # skipped inputs whose outputs hold another run's labels
+
     def on_report(report) -> None:
         counts[report.status] += 1
+        if holds_another_run(report):
+            others.append(str(report.path))
         if report.status == "failed":
             failures.append(str(report.path))
             tqdm.write(f"error: {report.path}: {report.error}", file=sys.stderr)
@@ -313,10 +317,13 @@ def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
     total = len(reports)
     skipped = f", {counts['skipped']} skipped (outputs exist)" if counts["skipped"] else ""
     print(f"{counts['done']} of {total} images segmented into {args.out}{skipped}", file=sys.stderr)
+    if others:  # kept, as they may hold corrections, but not this command's labels: a script must not take them
+        print(f"not this run's labels: {', '.join(others)} (their outputs come from other classes, model or options, "
+              "or an earlier version of the file; --overwrite replaces them, or choose another --out)",
+              file=sys.stderr)
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if failures or others else 0
 
 
 def _finished(work: Callable[[], list], bar, started: dict, out, stop: StopOnce | None,

@@ -78,6 +78,12 @@ class Task:
     large_side: int = REDUCED_SIDE  # a zarr input too large to hold, resized: its level of at most this side (--large-side)
 
 
+def holds_another_run(report: FileReport) -> bool:
+    """Whether ``report`` skipped an input whose outputs are not this run's labels (other classes, model or options,
+    or an earlier version of the file): kept, but not what was asked for."""
+    return report.status == "skipped" and report.error in (SKIPPED_OTHER_RUN, SKIPPED_CHANGED)
+
+
 def skip_reason(record: dict | None, path: Path, run: str) -> str:
     """Why an input whose outputs exist is skipped, said so that a user sees when they are not this run's."""
     if record is None:

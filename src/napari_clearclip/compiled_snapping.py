@@ -16,6 +16,7 @@ Without numba (or with ``NAPARI_CLEARCLIP_COMPILED=0``) the element-wise path ru
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +123,13 @@ def prepare() -> None:
             return
         _warming = threading.Thread(target=_warm_up, name="clearclip-compile", daemon=True)
     _warming.start()
+    # a process that ends while numba compiles in the background (a command with nothing to do) could abort in
+    # LLVM's code at exit: it waits for the loops instead (seconds at most, once)
+    atexit.register(_warming.join, EXIT_WAIT_S)
+
+
+#: The longest a process waits at exit for the loops being compiled in the background.
+EXIT_WAIT_S = 120
 
 
 def available() -> bool:

@@ -78,7 +78,9 @@ class FeatureStore:
             return
         import importlib
 
-        threading.Thread(target=importlib.import_module, args=("zarr",), name="zarr-import", daemon=True).start()
+        importing = threading.Thread(target=importlib.import_module, args=("zarr",), name="zarr-import", daemon=True)
+        importing.start()
+        atexit.register(importing.join, 30)   # an import cut short at exit can leave its C extensions half made
 
     def path(self, key: str) -> Path:
         return self.root / f"{key}{SUFFIX}"

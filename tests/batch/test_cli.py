@@ -168,7 +168,41 @@ def test_folders_and_patterns_expand_to_their_images(tmp_path, tiny_checkpoint, 
                  "--classes", "sky", "--out", str(out), "--pretrained", tiny_checkpoint, *TINY])
     assert code == 1                                   # the pattern that matched nothing is reported
     assert sorted(p.name for p in out.glob("*_labels.tif")) == ["m1_labels.tif", "w1_labels.tif", "w2_labels.tif"]
-    assert "empty*.png: No file matches the pattern" in capsys.readouterr().err
+    assert "empty*.png: No image matches the pattern" in capsys.readouterr().err
+
+
+def test_a_folder_that_is_also_the_output_folder_gives_its_images_not_the_labels_written_there(tmp_path, rgb_image,
+                                                                                               capsys):
+    """Run twice on a folder that is its own output folder (or on a pattern over it): the labels and probabilities
+    written the first time are not segmented as images the second time; named as files, they are taken as given.
+    A pattern matches zarr stores too, and only images."""
+    import zarr
+
+    from napari_clearclip.batch.files import expand_inputs
+
+    plate = tmp_path / "plate"
+    images = _pngs(plate, ["w1.png", "w2.png"], rgb_image)
+    zarr.open_array(str(plate / "w3.zarr"), mode="w", shape=rgb_image.shape, chunks=(64, 64, 3),
+                    dtype=np.uint8)[:] = rgb_image
+    args = [str(plate), "--classes", "red; background", "--out", str(plate), "--model", "synthetic-tiny",
+            "--device", "cpu", "--no-snap"]
+    assert main(args + ["--save-probabilities"]) == 0, capsys.readouterr().err
+    written = sorted(p.name for p in plate.glob("*_labels.tif")) + sorted(p.name for p in plate.glob("*_prob*"))
+    assert written == ["w1_labels.tif", "w2_labels.tif", "w3_labels.tif", "w1_probabilities.tif",
+                       "w2_probabilities.tif", "w3_probabilities.tif"]
+    (plate / "notes.txt").write_text("not an image")
+    inputs = [*images, plate / "w3.zarr"]
+    assert expand_inputs([plate]) == inputs
+    assert expand_inputs([plate / "*"]) == inputs
+    assert expand_inputs([plate / "w*.zarr"]) == [plate / "w3.zarr"]
+    assert expand_inputs([plate / "w1_labels.tif"]) == [plate / "w1_labels.tif"]      # named: taken as given
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "0 of 3 images segmented" in err and "_labels" not in err.replace("_labels.tif", ""), err
+    assert not list(plate.glob("*_labels_labels*"))
+    # labels of another program's, without this command's record, are images like any other
+    tifffile.imwrite(plate / "w4_labels.tif", rgb_image)
+    assert plate / "w4_labels.tif" in expand_inputs([plate])
 
 
 def test_interrupted_write_leaves_no_partial_file(tmp_path, tiny_checkpoint, rgb_image, capsys, monkeypatch):

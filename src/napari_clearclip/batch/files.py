@@ -49,8 +49,12 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given, the images inside folders (sorted, not recursive), and glob patterns expanded.
 
     A pattern that matches nothing, and a folder without images, stay in the list so
-    that they are reported as failures rather than silently dropped.
+    that they are reported as failures rather than silently dropped. Labels and probabilities
+    that a batch wrote (a folder that is also the output folder holds them) are not images of
+    the folder or pattern; named as files, they are taken as given.
     """
+    from .provenance import is_batch_output
+
     if isinstance(inputs, (str, bytes, os.PathLike)):
         inputs = [inputs]  # one path, not the characters of its name
     paths: list[Path] = []
@@ -62,15 +66,20 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         text = os.fspath(item)
         path = Path(text).expanduser()
         if path.is_dir() and not is_zarr_path(path):
-            found = sorted(p for p in path.iterdir()
-                           if (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) or is_zarr_path(p))
-            paths.extend(found or [path])
+            found = path.iterdir()
         elif not path.exists() and glob.has_magic(text):
-            matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(text)) if os.path.isfile(p))
-            paths.extend(matches or [path])
+            found = (Path(p) for p in glob.glob(os.path.expanduser(text)))
         else:
             paths.append(path)
+            continue
+        images = sorted(p for p in found if _is_image(p) and not is_batch_output(p))
+        paths.extend(images or [path])
     return list(dict.fromkeys(paths))
+
+
+def _is_image(path: Path) -> bool:
+    """An image file a folder or pattern stands for (by its suffix), or a zarr store."""
+    return (path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES) or is_zarr_path(path)
 
 
 def read_image(path: Path, absent_chunks: str = "error") -> np.ndarray:
@@ -83,7 +92,8 @@ def read_image(path: Path, absent_chunks: str = "error") -> np.ndarray:
         raise InvalidImageError(f"{path} is a folder with no images ({', '.join(IMAGE_SUFFIXES)}, or .zarr stores).")
     if not path.is_file():
         if not path.exists() and glob.has_magic(str(path)):
-            raise ImageNotFoundError(f"No file matches the pattern {path}")
+            raise ImageNotFoundError(f"No image matches the pattern {path} (images: {', '.join(IMAGE_SUFFIXES)}, or .zarr "
+                                     "stores; labels this command wrote are left out)")
         raise ImageNotFoundError(f"No such file: {path}")
     if path.stat().st_size == 0:
         raise InvalidImageError(f"{path} is empty (0 bytes): the file was not written completely; copy or export it again.")

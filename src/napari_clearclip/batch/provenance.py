@@ -92,6 +92,19 @@ def read_record(labels_path: Path) -> dict | None:
     return record if isinstance(record, dict) and isinstance(record.get("source"), str) else None
 
 
+def is_batch_output(path: Path) -> bool:
+    """Whether ``path`` is labels (or probabilities) a batch wrote, by its name and the record in it (or in the labels
+    beside it): a folder that is also the output folder holds them, and they are not images to segment."""
+    name = path.name
+    if name.endswith(LABELS_SUFFIXES):
+        return read_record(path) is not None
+    if name.endswith("_probabilities.tif"):
+        stem = name[: -len("_probabilities.tif")]
+        return any(read_record(path.with_name(stem + suffix)) is not None for suffix in LABELS_SUFFIXES
+                   if path.with_name(stem + suffix).exists())
+    return False
+
+
 @dataclass
 class ExistingOutput:
     """A finished output in the folder: its stem, and its record (None when it has none)."""

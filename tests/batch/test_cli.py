@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -196,6 +198,12 @@ def test_a_folder_that_is_also_the_output_folder_gives_its_images_not_the_labels
     assert expand_inputs([plate / "*"]) == inputs
     assert expand_inputs([plate / "w*.zarr"]) == [plate / "w3.zarr"]
     assert expand_inputs([plate / "w1_labels.tif"]) == [plate / "w1_labels.tif"]      # named: taken as given
+    # one file named twice (a folder and a pattern over it, a relative and an absolute path) is one input
+    relative = Path(os.path.relpath(images[0]))
+    assert expand_inputs([relative, plate, plate / "*.png", images[0]]) == [relative, images[1], plate / "w3.zarr"]
+    (plate / "link.png").symlink_to(images[0])                                       # a link of another name: its own
+    assert expand_inputs([images[0], plate / "link.png"]) == [images[0], plate / "link.png"]
+    (plate / "link.png").unlink()
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "0 of 3 images segmented" in err and "_labels" not in err.replace("_labels.tif", ""), err

@@ -74,7 +74,12 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             continue
         images = sorted(p for p in found if _is_image(p) and not is_batch_output(p))
         paths.extend(images or [path])
-    return list(dict.fromkeys(paths))
+    # one file named twice (a folder and a pattern over it, a relative and an absolute path) is one input; a link
+    # of another name is an input of its own, as named
+    unique: dict[str, Path] = {}
+    for path in paths:
+        unique.setdefault(os.path.abspath(path), path)
+    return list(unique.values())
 
 
 def _is_image(path: Path) -> bool:

@@ -204,6 +204,7 @@ class LabelsMerger:
                  spares: SparePlanes | None = None):
         """``spares``: arrays to write the merged planes into (see SparePlanes)."""
         self.new_names = list(new_names)
+        self.shape = tuple(shape)
         self.spares = spares
         self.found = found or {}
         # once painted, a pixel stays the user's, even after a run (taught by it) agrees with it
@@ -257,8 +258,21 @@ class LabelsMerger:
         """The update to show; classes named in ``background`` are drawn transparent (as background-like names are)."""
         from .colours import colormap_dict
 
-        return LabelsUpdate(self.planes, self.lookup, self.names, self.baseline, self.counts, self.kept_pixels,
-                            self.full, colormap_dict(self.names, tuple(background)), self.edited)
+        names = self._names_in_use()
+        return LabelsUpdate(self.planes, self.lookup, names, self.baseline, self.counts, self.kept_pixels,
+                            self.full, colormap_dict(names, tuple(background)), self.edited)
+
+    def _names_in_use(self) -> list[str]:
+        """The names of the labels after the run: a class no longer asked for (or a label of the user's) that the run
+        left on no pixel is dropped from the end of the list, when the run wrote every plane of the layer (elsewhere
+        other planes may still hold it); one before a label still in use keeps its number, and so its name."""
+        names = list(self.names)
+        planes = {plane.index for plane in self.planes}
+        if len(planes) < int(np.prod(self.shape[:-2], dtype=np.int64)):
+            return names
+        while len(names) > len(self.new_names) and (len(names) >= len(self.counts) or self.counts[len(names)] == 0):
+            names.pop()
+        return names
 
 
 def _values_apart(array: np.ndarray, reference: np.ndarray) -> np.ndarray:

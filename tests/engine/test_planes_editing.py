@@ -90,6 +90,29 @@ def test_merge_keeps_painted_pixels_with_their_class():
 
 
 
+def test_a_class_no_longer_asked_for_leaves_the_names_once_no_pixel_holds_it():
+    """Classes a, b, c; the next run asks for a and b: where c was only the model's answer, the run replaces it and c
+    leaves the legend; where the user painted c, it stays, and so does every name before a label still in use. On a
+    stack of which one slice was segmented, the other slices may still hold c: it stays."""
+    baseline = np.array([[1, 2, 3, 3], [1, 2, 3, 3]], np.uint8)
+    new = np.array([[1, 2, 2, 2], [1, 2, 1, 1]], np.uint8)
+    merged = merge_keeping_edits(baseline.copy(), baseline, ["a", "b", "c"], new, ["a", "b"])
+    assert merged.names == ["a", "b"]
+    np.testing.assert_array_equal(merged.labels, new)
+    painted = baseline.copy()
+    painted[0, 0] = 3                                                    # the user's c
+    merged = merge_keeping_edits(painted, baseline, ["a", "b", "c"], new, ["a", "b"])
+    assert merged.names == ["a", "b", "c"] and merged.labels[0, 0] == 3
+    own = baseline.copy()
+    own[0, 1] = 4                                                        # a label of the user's, after c
+    merged = merge_keeping_edits(own, baseline, ["a", "b", "c"], new, ["a", "b"])
+    assert merged.names == ["a", "b", "c", "label 4"] and merged.labels[0, 1] == 4
+    stack = np.stack([baseline, baseline])
+    merged = merge_keeping_edits(stack.copy(), stack, ["a", "b", "c"], new, ["a", "b"], region=(0,))
+    assert merged.names == ["a", "b", "c"]
+    np.testing.assert_array_equal(merged.labels[1], baseline)
+
+
 def test_the_merger_renumbers_every_value_of_the_layer_its_baseline_and_the_planes_found():
     """Values are gathered from the layer and only where the baseline and the planes found differ from it: the
     names and renumbering equal those of counting all three arrays whole, on random stacks and edits."""

@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -54,10 +54,29 @@ class LoadedModel:
     precision: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    _positions: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def visual(self) -> nn.Module:
         return self.clip.visual
+
+    def positions(self, rows: int, cols: int) -> torch.Tensor:
+        """The positional embeddings for a rows x cols patch grid, resized once per grid and kept.
+
+        The weights are frozen, so the resize gives the same tensor every time; on a GPU its bicubic kernel
+        is slow (3 ms a call on an H200, a seventh of a 448 x 597 image's whole run). Call it within
+        :meth:`autocast`, as the encoders do. A change to the weights in place is noticed (their version).
+        """
+        from .methods import interpolated_positions
+
+        embedding = self.visual.positional_embedding
+        key = (rows, cols, embedding.device, embedding.dtype, embedding._version, self.precision)
+        kept = self._positions.get(key)
+        if kept is None:
+            if len(self._positions) >= 16:  # grids of many image sizes: keep the latest
+                self._positions.clear()
+            kept = self._positions[key] = interpolated_positions(self.visual, rows, cols)
+        return kept
 
     @property
     def patch_size(self) -> tuple[int, int]:

@@ -18,7 +18,7 @@ from .errors import InvalidOptionError, OutOfMemoryError
 from .hashing import pixel_digest
 from .lessons import Lesson, check_lesson
 from .image import check_image, normalise, prepare, whole_rgb
-from .methods import encode_dense, get_method, interpolated_positions
+from .methods import encode_dense, get_method
 from .models import LoadedModel, load_model, runs_on_cpu
 from .objects import check_objects
 from .options import DEFAULT, SegmentOptions, _whole, check_dilations_fit, check_flag
@@ -790,7 +790,7 @@ class Segmenter:
             with torch.inference_mode(), self.model.autocast():
                 rows = crops.shape[-2] // self.model.patch_size[0]
                 cols = crops.shape[-1] // self.model.patch_size[1]
-                positions = interpolated_positions(self.model.visual, rows, cols)
+                positions = self.model.positions(rows, cols)
                 if getattr(method_fn, "encode_windows", None) is not None:
                     return method_fn.encode_windows(self.model.visual, crops, positions)
                 return encode_dense(self.model.visual, crops, method_fn, positions)

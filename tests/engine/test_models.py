@@ -87,3 +87,31 @@ def _load_random(name, tmp_path_factory=None):
     path = Path(tempfile.mkdtemp()) / "random.pt"
     torch.save(open_clip.create_model(name, pretrained=None).state_dict(), path)
     return Segmenter(name, str(path), device="cpu")
+
+
+def test_resized_positions_are_made_once_per_grid_and_follow_the_weights(tiny_checkpoint, rgb_image, monkeypatch):
+    import numpy as np
+
+    import napari_clearclip.methods as methods
+
+    resized = []
+    real = methods.interpolated_positions
+    monkeypatch.setattr(methods, "interpolated_positions",
+                        lambda visual, rows, cols: resized.append((rows, cols)) or real(visual, rows, cols))
+    segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cpu", feature_store=False)
+    first = segmenter.segment(rgb_image, ["sky", "grass"], crop=64, stride=32)
+    grids = list(resized)
+    assert grids and all(grid != (14, 14) for grid in grids)  # the windows' grid is not the trained one
+    segmenter._features.clear()
+    again = segmenter.segment(rgb_image, ["sky", "grass"], crop=64, stride=32)
+    assert resized == grids  # the second run resized nothing
+    assert np.array_equal(again.probabilities, first.probabilities)
+    visual = segmenter.model.visual
+    rows, cols = grids[0]
+    assert torch.equal(segmenter.model.positions(rows, cols), real(visual, rows, cols))
+    with torch.no_grad():
+        visual.positional_embedding.mul_(2.0)  # weights changed in place: the kept positions are stale
+    assert torch.equal(segmenter.model.positions(rows, cols), real(visual, rows, cols))
+    segmenter._features.clear()
+    changed = segmenter.segment(rgb_image, ["sky", "grass"], crop=64, stride=32)
+    assert not np.array_equal(changed.probabilities, first.probabilities)

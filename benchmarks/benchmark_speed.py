@@ -121,7 +121,8 @@ def main() -> None:
         fast.segment(image, CLASSES)  # warm-up and text
         bf16_image, bf16_result = timed(lambda: image_path(fast), args.repeat)
         agreement = (bf16_result.labels == fp32_result.labels).mean() * 100
-        report("image path alone, bf16 autocast", bf16_image, ref_image_numpy, note=f"argmax agreement with fp32 {agreement:.2f}%")
+        report("image path alone, bf16 autocast", bf16_image, ref_image_numpy,
+               note=f"argmax agreement with fp32 {agreement:.2f}%")
     else:
         half = Segmenter("ViT-B-16", checkpoint, device=args.device, precision="fp16", feature_store=False)
         half.segment(image, CLASSES)

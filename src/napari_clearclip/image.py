@@ -159,6 +159,18 @@ def prepare(
     contrast_limits: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Resize (bilinear) and normalise an image into a (3, h, w) float32 tensor."""
+    return prepare_with_intensities(array, mean, std, short_side, contrast_limits)[0]
+
+
+def prepare_with_intensities(
+    array: np.ndarray,
+    mean: Sequence[float],
+    std: Sequence[float],
+    short_side: int | None = 448,
+    contrast_limits: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`prepare`'s pixels, and the uint8 (3, h, w) intensities they normalise when the image is uint8 (None
+    otherwise): what :func:`whole_rgb` would recover from the pixels, known here without checking them."""
     size = resized_size(array.shape[0], array.shape[1], short_side)
     if size != tuple(array.shape[:2]):
         rgb, whole = _resized_rgb_255(array, size, contrast_limits)
@@ -166,14 +178,14 @@ def prepare(
             rgb = rgb.round_().clamp_(0, 255)
     else:
         rgb, whole = to_rgb_255(array, contrast_limits)
-    return normalise(rgb, mean, std)
+    return normalise(rgb, mean, std), (rgb.to(torch.uint8) if whole else None)
 
 
 def normalise(rgb: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """(3, h, w) intensities in 0..255 (any dtype) as the model takes them: (rgb - mean) / std, in float32."""
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (rgb.float() - mean_t) / std_t
+    return (rgb.float() - mean_t).div_(std_t)  # divided in place: one full-size copy, not two
 
 
 def whole_rgb(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float],

@@ -110,6 +110,7 @@ class TextEncoder:
         self._width = int(model.clip.text_projection.shape[-1]) if _has_projection(model.clip) else None
         self._prefixes = PromptPrefixes(model.clip) if supports(model.clip) else None
         self._prefixes_read = False
+        self._cut: dict[tuple[str, str], bool] = {}  # (name, template): cut at the token limit
 
     def check_distinct(self, names: Sequence[str], templates: tuple[str, ...]) -> None:
         """Refuse names that the text context cuts into the same prompts; warn when a name is cut at all.
@@ -140,10 +141,14 @@ class TextEncoder:
         if not context or len(names) < 1:
             return []
         longest = max(templates, key=len)
-        rows = self.model.tokenizer([longest.replace("{}", n) for n in names])
-        if rows.shape[-1] < context:
-            return []
-        return [n for n, row in zip(names, rows) if int(row[-1]) != 0]
+        unknown = [n for n in dict.fromkeys(names) if (n, longest) not in self._cut]
+        if unknown:  # tokenized once per name and template: every run checks its names (2 ms for five)
+            rows = self.model.tokenizer([longest.replace("{}", n) for n in unknown])
+            if len(self._cut) > 4096:
+                self._cut.clear()
+            for name, row in zip(unknown, rows):
+                self._cut[(name, longest)] = rows.shape[-1] >= context and int(row[-1]) != 0
+        return [n for n in names if self._cut[(n, longest)]]
 
     def context_length(self) -> int | None:
         return getattr(self.model.clip, "context_length", None)

@@ -17,7 +17,7 @@ from .clipdiy import background_index, check_foreground, fuse_foreground
 from .errors import InvalidOptionError, OutOfMemoryError
 from .hashing import pixel_digest
 from .lessons import Lesson, check_lesson
-from .image import check_image, normalise, prepare, whole_rgb
+from .image import check_image, normalise, prepare, prepare_with_intensities, whole_rgb
 from .methods import encode_dense, get_method
 from .models import LoadedModel, load_model, runs_on_cpu
 from .objects import check_objects
@@ -701,7 +701,7 @@ class Segmenter:
         so a huge image streams through with one batch of features in memory. With
         ``text=None`` nothing is scored (a pass that only caches and ``collect``s).
         """
-        pixels, grid = self._layout(array, opts, method_fn)
+        pixels, grid, intensities = self._layout(array, opts, method_fn)
         own_layout = getattr(method_fn, "layout", None) is not None  # crops the method cuts: no guide among them
         if remember and opts.refine == "pamr" and opts.pamr_iterations and not own_layout:
             self._guides.put(key, pixels, pixels.numel() * 4)  # the very image edge snapping follows: prepared once
@@ -711,7 +711,7 @@ class Segmenter:
         estimate = len(windows) * rows * cols * width * 4
         keep = None
         if remember and estimate <= self._features.max_bytes:
-            guide = None if own_layout else self._kept_guide(pixels, estimate)
+            guide = None if own_layout else self._kept_guide(pixels, estimate, intensities)
             keep = _Features(grid, [], guide=guide)
         scores = None if text is None else grid.new_scores(text.shape[0], self.device)
         position = 0
@@ -735,11 +735,13 @@ class Segmenter:
                                               keep.guide)
         return None if scores is None else self._average(scores, grid)
 
-    def _kept_guide(self, pixels: torch.Tensor, estimate: int) -> torch.Tensor | None:
+    def _kept_guide(self, pixels: torch.Tensor, estimate: int, intensities: torch.Tensor | None = None
+                    ) -> torch.Tensor | None:
         """What of the image goes with its features (and into the store): its whole intensities (uint8, a quarter of
-        the bytes) when they give ``pixels`` exactly, as for any uint8 image; else ``pixels`` when they are no larger
-        than the features (``estimate`` bytes): a store at most doubles."""
-        whole = whole_rgb(pixels, self.model.mean, self.model.std)
+        the bytes) when they give ``pixels`` exactly, as for any uint8 image (``intensities``, when the preparing
+        knew them); else ``pixels`` when they are no larger than the features (``estimate`` bytes): a store at most
+        doubles."""
+        whole = intensities if intensities is not None else whole_rgb(pixels, self.model.mean, self.model.std)
         if whole is not None:
             return whole
         return pixels if pixels.numel() * 4 <= estimate else None
@@ -768,13 +770,16 @@ class Segmenter:
         return grid.finish_scores(scores)
 
     def _layout(self, array: np.ndarray, opts: SegmentOptions, method_fn):
-        """(pixels, grid): the normalised image at the working size and its windows, or what a method that
-        lays out its own crops (CLIP-DIY) cuts them from."""
+        """(pixels, grid, intensities): the normalised image at the working size and its windows, or what a method
+        that lays out its own crops (CLIP-DIY) cuts them from; and the uint8 intensities the pixels normalise, for a
+        uint8 image (else None)."""
         layout = getattr(method_fn, "layout", None)
         if layout is not None:
-            return layout(array, opts, self.model.visual)
-        pixels = prepare(array, self.model.mean, self.model.std, opts.short_side, opts.contrast_limits)
-        return pixels, WindowGrid(pixels.shape[1], pixels.shape[2], opts.crop, opts.stride, self.model.patch_size)
+            return (*layout(array, opts, self.model.visual), None)
+        pixels, intensities = prepare_with_intensities(array, self.model.mean, self.model.std, opts.short_side,
+                                                       opts.contrast_limits)
+        grid = WindowGrid(pixels.shape[1], pixels.shape[2], opts.crop, opts.stride, self.model.patch_size)
+        return pixels, grid, intensities
 
     def _batch_size(self, grid: WindowGrid) -> int:
         """Windows per batch: as set, else about two 448x448 windows' worth of pixels (eight on a GPU)."""

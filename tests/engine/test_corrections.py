@@ -732,8 +732,8 @@ def test_a_first_run_with_snapping_prepares_the_image_once_and_snaps_as_a_cached
     reference.segment(image, classes, maps=False)                           # features cached, no guide yet
     expected = reference.segment(image, classes, maps=False, refine="pamr").labels
     calls = []
-    real = segmenter_module.prepare
-    monkeypatch.setattr(segmenter_module, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("prepare", "prepare_with_intensities"):
+        monkeypatch.setattr(segmenter_module, name, counted(getattr(segmenter_module, name), calls))
     fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)  # encodes
     got = fresh.segment(image, classes, maps=False, refine="pamr").labels
     assert len(calls) == 1
@@ -1010,3 +1010,8 @@ def test_exemplars_know_which_stroke_they_are_under():
         pieces.setdefault(stroke, set()).add(klass)
     assert len(pieces) == 3 and all(len(classes) == 1 for classes in pieces.values())
     assert sorted(next(iter(c)) for c in pieces.values()) == [0, 0, 1]
+
+
+def counted(function, calls: list):
+    """``function``, noting each call in ``calls``."""
+    return lambda *args, **keywords: calls.append(1) or function(*args, **keywords)

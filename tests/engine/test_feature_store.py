@@ -70,8 +70,8 @@ def test_a_new_session_snaps_to_the_stored_image_without_preparing_it_again(tmp_
             shutil.rmtree(path / "guide")
         (path / "zarr.json").write_text(json.dumps(attributes))
     prepared = []
-    real_prepare = segmenter_module.prepare
-    monkeypatch.setattr(segmenter_module, "prepare", lambda *a, **k: prepared.append(1) or real_prepare(*a, **k))
+    for name in ("prepare", "prepare_with_intensities"):
+        monkeypatch.setattr(segmenter_module, name, counted(getattr(segmenter_module, name), prepared))
     later = session(tmp_path)
     if store != "guide damaged":
         refuse_encoding(later, monkeypatch)
@@ -118,8 +118,8 @@ def test_the_image_goes_into_the_store_as_whole_intensities_or_when_no_larger_th
     else:
         assert kept == {256: ([3, 256, 256], "float32"), 128: (None, None)}
     prepared = []
-    real_prepare = segmenter_module.prepare
-    monkeypatch.setattr(segmenter_module, "prepare", lambda *a, **k: prepared.append(1) or real_prepare(*a, **k))
+    for name in ("prepare", "prepare_with_intensities"):
+        monkeypatch.setattr(segmenter_module, name, counted(getattr(segmenter_module, name), prepared))
     later = session(tmp_path)
     refuse_encoding(later, monkeypatch)
     fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=False)
@@ -137,7 +137,7 @@ def test_whole_intensities_give_back_the_prepared_image_bit_for_bit():
     down and not at all, with the official CLIP mean and std."""
     import torch
 
-    from napari_clearclip.image import normalise, prepare, whole_rgb
+    from napari_clearclip.image import normalise, prepare, prepare_with_intensities, whole_rgb
 
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     rng = np.random.default_rng(3)
@@ -148,6 +148,15 @@ def test_whole_intensities_give_back_the_prepared_image_bit_for_bit():
             whole = whole_rgb(pixels, mean, std, rows_at_once)
             assert whole is not None and whole.dtype == torch.uint8
             assert torch.equal(normalise(whole, mean, std), pixels)
+        for short_side in (448, None):  # what the preparing knows of a uint8 image: the same intensities, unchecked
+            again, intensities = prepare_with_intensities(image, mean, std, short_side)
+            assert torch.equal(again, prepare(image, mean, std, short_side))
+            assert torch.equal(intensities, whole_rgb(again, mean, std))
+        rgb = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image[..., :3], -1, 0) if image.ndim == 3
+                                                    else np.stack([image] * 3))).float()
+        assert torch.equal(prepare(image, mean, std, None),
+                           (rgb - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1))
+    assert prepare_with_intensities(rng.random((300, 200, 3), np.float32), mean, std, 448)[1] is None
     off_by_one = pixels.clone()
     off_by_one[1, -1, -1] += 1e-3                                           # one value in the last rows
     assert whole_rgb(off_by_one, mean, std, 7) is None
@@ -465,3 +474,7 @@ def test_a_live_rerun_hashes_its_image_once(monkeypatch):
     expected = segmenter.segment(image, classes, maps=False, strokes=np.where(current != baseline, current, 0)).labels
     np.testing.assert_array_equal(update.planes[0].labels, expected)
 
+
+def counted(function, calls: list):
+    """``function``, noting each call in ``calls``."""
+    return lambda *args, **keywords: calls.append(1) or function(*args, **keywords)

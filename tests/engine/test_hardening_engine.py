@@ -120,6 +120,25 @@ def test_names_made_identical_by_the_text_context_are_refused(tiny_segmenter, rg
         tiny_segmenter.segment(rgb_image, ["cell", "background"])
 
 
+def test_class_names_are_checked_against_the_text_limit_on_every_run_but_tokenized_once(tiny_segmenter, rgb_image,
+                                                                                         monkeypatch):
+    model = tiny_segmenter.model
+    tokenized = []
+    tokenizer = model.tokenizer
+    monkeypatch.setattr(model, "tokenizer", lambda texts, *a, **k: tokenized.extend(texts) or tokenizer(texts, *a, **k))
+    tiny_segmenter.segment(rgb_image, ["cell", "background"])
+    assert tokenized  # the first run encodes the names and checks them
+    del tokenized[:]
+    tiny_segmenter.segment(rgb_image, ["background", "cell"])
+    assert tokenized == []  # known names: neither encoded nor tokenized again
+    long = "a cell with " + "very " * 80 + "round nucleus"
+    for _ in range(3):  # a cut name is said on every run, though checked once
+        with pytest.warns(UserWarning, match="1 class name"):
+            tiny_segmenter.segment(rgb_image, [long, "background"])
+    with pytest.raises(InvalidClassesError, match="become identical"):
+        tiny_segmenter.segment(rgb_image, [long, long.replace("round", "oval")])
+
+
 def test_method_is_fixed_per_run_so_a_shared_segmenter_stays_consistent(tiny_checkpoint, rgb_image):
     shared = Segmenter("test-tiny", tiny_checkpoint, device="cpu", window_batch_size=1)
     expected = {m: Segmenter("test-tiny", tiny_checkpoint, method=m, device="cpu").segment(rgb_image, ["a", "b"])

@@ -42,6 +42,11 @@ class ModelSpec:
     precision: str = "auto"
 
 
+#: Memory for positional embeddings kept resized per window grid (:meth:`LoadedModel.positions`): 13 grids of
+#: 448 x 448 windows on a ViT-B/16.
+POSITIONS_KEPT_BYTES = 32 << 20
+
+
 @dataclass
 class LoadedModel:
     """A frozen CLIP model ready for dense inference, with what the pipeline needs to know of it."""
@@ -73,9 +78,13 @@ class LoadedModel:
         key = (rows, cols, embedding.device, embedding.dtype, embedding._version, self.precision)
         kept = self._positions.get(key)
         if kept is None:
-            if len(self._positions) >= 16:  # grids of many image sizes: keep the latest
-                self._positions.clear()
-            kept = self._positions[key] = interpolated_positions(self.visual, rows, cols)
+            kept = interpolated_positions(self.visual, rows, cols)
+            size = kept.numel() * kept.element_size()
+            if size <= POSITIONS_KEPT_BYTES:  # a window as large as a whole slide is resized each time
+                held = sum(t.numel() * t.element_size() for t in self._positions.values())
+                if held + size > POSITIONS_KEPT_BYTES:  # grids of many image sizes: the latest are kept
+                    self._positions.clear()
+                self._positions[key] = kept
         return kept
 
     @property

@@ -115,3 +115,20 @@ def test_resized_positions_are_made_once_per_grid_and_follow_the_weights(tiny_ch
     segmenter._features.clear()
     changed = segmenter.segment(rgb_image, ["sky", "grass"], crop=64, stride=32)
     assert not np.array_equal(changed.probabilities, first.probabilities)
+
+
+def test_kept_positions_stay_within_their_memory(tiny_checkpoint, monkeypatch):
+    import napari_clearclip.methods as methods
+
+    model = Segmenter("test-tiny", tiny_checkpoint, device="cpu").model
+    largest = model.positions(19, 9)
+    budget = 3 * largest.numel() * largest.element_size()
+    monkeypatch.setattr(models, "POSITIONS_KEPT_BYTES", budget)
+    model._positions.clear()
+    for rows in range(3, 20):  # many image sizes: never more than the budget held
+        kept = model.positions(rows, 9)
+        assert torch.equal(kept, methods.interpolated_positions(model.visual, rows, 9))
+        assert sum(t.numel() * t.element_size() for t in model._positions.values()) <= budget
+    assert model.positions(19, 9) is kept  # the latest is kept
+    large = model.positions(60, 60)  # larger than the whole budget: made, not kept
+    assert large.shape[0] == 60 * 60 + 1 and model.positions(60, 60) is not large

@@ -116,7 +116,8 @@ def _warm_up() -> None:
 
 def prepare() -> None:
     """Compile the loops (or read them from numba's cache) in a background thread, once per process: called when
-    a segmenter on the CPU is made, so that they are ready by the first run that snaps."""
+    a segmenter is made (on a GPU too: labels alone are snapped on the host), so that they are ready by the first
+    run that snaps."""
     global _warming
     with _lock:
         if _warming is not None or _compiled is not None:
@@ -193,9 +194,11 @@ def averaging(current: torch.Tensor, spare: torch.Tensor, weights: torch.Tensor,
     not apply (not float32 on the CPU, or no numba): the caller then uses the element-wise path.
 
     The arguments are prepared once, so that an iteration done in many blocks of rows pays for them once."""
+    if (not _cpu_float32(current, spare, weights) or not current.is_contiguous() or not spare.is_contiguous()
+            or weights.stride(-1) != 1):
+        return None  # checked first: a GPU's tensors never wait for the loops to be compiled
     loops = _loops()
-    if (not loops or not _cpu_float32(current, spare, weights) or not current.is_contiguous()
-            or not spare.is_contiguous() or weights.stride(-1) != 1):
+    if not loops:
         return None
     arguments = (current.numpy(), spare.numpy(), _flat(weights), weights.stride(0), weights.stride(1),
                  np.array([dy for dy, _ in offsets], np.int64), np.array([dx for _, dx in offsets], np.int64), pad,
@@ -239,8 +242,10 @@ def weights_of_rows(padded: torch.Tensor, pad: int, dilations: Sequence[int], lo
 
     In steps over all the rows, each shared between threads: the guide's spread, PyTorch's square root, the
     logits, PyTorch's exponential, the division by their sum."""
+    if not _cpu_float32(padded, logits) or not padded.is_contiguous() or logits.stride(-1) != 1:
+        return False
     loops = _loops()
-    if not loops or not _cpu_float32(padded, logits) or not padded.is_contiguous() or logits.stride(-1) != 1:
+    if not loops:
         return False
     from .refine import NEIGHBOURS
 
@@ -270,9 +275,11 @@ def resized_rows(across: torch.Tensor, row_low: np.ndarray, row_high: np.ndarray
     """The height pass of :func:`napari_clearclip.tiled_labels.upsample` (``across``: the source already resized
     along the width), into ``out`` (a view whose rows are contiguous, e.g. the inside of a padded buffer);
     False, with nothing written, where the compiled loop does not apply."""
+    if (not _cpu_float32(across, out, row_weight) or not across.is_contiguous() or out.stride(-1) != 1
+            or not row_weight.is_contiguous()):
+        return False
     loops = _loops()
-    if (not loops or not _cpu_float32(across, out, row_weight) or not across.is_contiguous()
-            or out.stride(-1) != 1 or not row_weight.is_contiguous()):
+    if not loops:
         return False
     flat = _flat(out)
     shared_rows(loops.resized_rows, 0, out.shape[1], out.shape[0] * out.shape[2], across.numpy(),

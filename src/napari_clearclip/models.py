@@ -150,13 +150,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ModelLoadError(f"Unknown device {device!r}: use one of {', '.join(DEVICES)}.") from None
 
 
-def runs_on_cpu(device: str | torch.device = "auto") -> bool:
-    """Whether a model asked for on ``device`` will run on the CPU; False where that device is not there (loading
-    the model then says why)."""
+def device_there(device: str | torch.device = "auto") -> bool:
+    """Whether ``device`` is there to run a model on (loading the model says why not)."""
     try:
-        return resolve_device(device).type == "cpu"
+        resolve_device(device)
     except ModelLoadError:
         return False
+    return True
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

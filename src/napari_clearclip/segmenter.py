@@ -19,7 +19,7 @@ from .hashing import pixel_digest
 from .lessons import Lesson, check_lesson
 from .image import check_image, normalise, prepare, prepare_with_intensities, whole_rgb
 from .methods import encode_dense, get_method
-from .models import LoadedModel, load_model, runs_on_cpu
+from .models import LoadedModel, device_there, load_model
 from .objects import check_objects
 from .options import DEFAULT, SegmentOptions, _whole, check_dilations_fit, check_flag
 from .progress import Progress, relabelled, run_to_end
@@ -87,13 +87,13 @@ class Segmenter:
         self.feature_store = _feature_store(feature_store, feature_store_bytes)
         if self.feature_store is not None:
             self.feature_store.prepare_reading()  # zarr's import overlaps the model's loading
-        if threading.current_thread() is threading.main_thread() and runs_on_cpu(device):
-            # edge snapping's loops, read from numba's cache while the model loads. Not beside a GUI's main thread
-            # (a segmenter made in a worker): a third thread holding Python's lock stalled napari's for 0.2-0.35 s
+        if threading.current_thread() is threading.main_thread() and device_there(device):
+            # edge snapping's loops, read from numba's cache while the model loads (on a GPU too: labels alone are
+            # snapped on the host). Not beside a GUI's main thread (a segmenter made in a worker): a third thread
+            # holding Python's lock stalled napari's for 0.2-0.35 s
             compiled_snapping.prepare()
         self.model: LoadedModel = load_model(model, pretrained, device, precision)
-        if torch.device(self.model.device).type == "cpu":
-            compiled_snapping.prepare()  # (or once the model is loaded)
+        compiled_snapping.prepare()  # (or once the model is loaded)
         self.text = TextEncoder(self.model, disk_cache=disk_cache)
         self.window_batch_size = window_batch_size  # None: sized from the window area, see _batch_size
         self._features = ByteLRU(feature_cache_bytes)
@@ -235,8 +235,7 @@ class Segmenter:
         strokes = check_strokes(strokes, array.shape[:2], len(parsed))
         if opts.refine == "pamr" and opts.pamr_iterations:
             check_dilations_fit(opts.pamr_dilations, array.shape[:2])
-            if torch.device(self.device).type == "cpu":
-                compiled_snapping.prepare()  # loaded while the model runs
+            compiled_snapping.prepare()  # loaded while the model runs
         maps = check_flag("maps", maps)
         remember = check_flag("remember", remember)
         focus = _checked_focus(focus)

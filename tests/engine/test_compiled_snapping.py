@@ -657,15 +657,13 @@ def test_the_loops_are_read_while_the_model_loads_not_after(device, where, prepa
     """Reading the loops from numba's cache takes about 0.6 s of a new session; started after a CLIP model's
     seconds of loading, it slowed that session's first run (hashing, labelling) by as much. A device that is not
     there starts nothing: loading the model says why. A segmenter made in a worker thread (as napari's widget
-    makes it) reads them after the model, so that the GUI's main thread does not share Python's lock with both."""
+    makes it) reads them after the model, so that the GUI's main thread does not share Python's lock with both.
+    On a GPU too ('auto' where there is one): labels alone are snapped on the host."""
     import threading
 
     import napari_clearclip.segmenter as segmenter_module
     from napari_clearclip import Segmenter
-    from napari_clearclip.models import runs_on_cpu
 
-    if device == "auto" and not runs_on_cpu("auto"):
-        pytest.skip("'auto' is a GPU here")
     if device.startswith("cuda") and torch.cuda.is_available():
         pytest.skip("a CUDA device is there")
     events = []
@@ -728,3 +726,17 @@ def test_tiles_of_one_class_are_filled_as_tile_by_tile_assignment(seed, without_
     assert not compiled_labels.fill_tiles(untouched, np.zeros((4, 4), np.float16), np.ones((2, 2), bool),
                                           np.ones((2, 2), np.uint8), np.ones((2, 2), np.float16), 2)
     assert not untouched.any()
+
+
+def test_tensors_the_loops_do_not_take_never_wait_for_them_to_be_compiled(monkeypatch):
+    """A GPU's tensors (here on PyTorch's meta device, which holds no data) and other types take the element-wise
+    path at once: asking for the loops there would compile them in the run (11 s on a 2-core CPU) for nothing."""
+    monkeypatch.setattr(compiled_snapping, "_loops", lambda: pytest.fail("the loops were asked for"))
+    for device, dtype in (("meta", torch.float32), ("cpu", torch.float64)):
+        def tensor(*shape, device=device, dtype=dtype):
+            return torch.zeros(shape, device=device, dtype=dtype)
+        assert compiled_snapping.averaging(tensor(1, 5, 5), tensor(1, 5, 5), tensor(8, 3, 3), [(0, 0)] * 8, 1, 3) \
+            is None
+        assert not compiled_snapping.weights_of_rows(tensor(1, 5, 5), 1, (1,), tensor(8, 3, 3), 0, 3)
+        assert not compiled_snapping.resized_rows(tensor(1, 1, 3), np.zeros(3, np.int64), np.zeros(3, np.int64),
+                                                  tensor(3), tensor(1, 3, 3))

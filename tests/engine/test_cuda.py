@@ -103,3 +103,29 @@ def test_cuda_found_matches_cpu(tmp_path):
     cpu = found_foreground(load_found(files), image)
     gpu = found_foreground(load_found(files, device="cuda"), image, device="cuda")
     assert np.abs(gpu - cpu).max() < 1e-4
+
+
+def test_cuda_runs_that_snap_never_wait_for_the_host_loops_to_compile(tiny_checkpoint, monkeypatch):
+    """The host's compiled loops are made in the background (11 s on a cold cache) on a GPU too: snapping on the GPU
+    never asks for them, and labels alone (snapped on the host) take the element-wise path until they are ready."""
+    import threading
+
+    from napari_clearclip import compiled_snapping
+
+    compiling, release = [], threading.Event()
+
+    def slow_ready():
+        compiling.append(threading.current_thread().name)
+        release.wait(60)
+        return False
+    monkeypatch.setattr(compiled_snapping, "_compiled", None)
+    monkeypatch.setattr(compiled_snapping, "_warming", None)
+    monkeypatch.setattr(compiled_snapping, "_ready", slow_ready)
+    segmenter = Segmenter("test-tiny", tiny_checkpoint, device="cuda", precision="fp32")
+    image = smooth_image(200, 260, seed=3)
+    results = [segmenter.segment(image, ["sky", "horse", "grass"], crop=64, stride=32, refine="pamr", maps=maps)
+               for maps in (True, False)]
+    release.set()
+    compiled_snapping._warming.join(30)
+    assert compiling == ["clearclip-compile"]
+    assert (results[0].labels == results[1].labels).mean() >= 0.999

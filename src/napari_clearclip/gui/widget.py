@@ -24,7 +24,7 @@ from ..choices import DEMO_MODEL
 from ..editing import SparePlanes
 from ..errors import ClearClipError, InvalidClassesError
 from .. import compiled_snapping
-from ..models import ModelSpec, runs_on_cpu
+from ..models import ModelSpec, device_there
 from ..options import SegmentOptions
 from ..planes import ImageLayout
 from ..progress import Progress
@@ -164,9 +164,9 @@ class ClearClipWidget(FieldLogic, Container):
         return not self.busy
 
     def _prepare_loops(self) -> None:
-        """Read edge snapping's compiled loops in the background when the chosen device is the CPU (once per
-        process; a run that starts sooner reads them itself once its model is loaded)."""
-        if not self._closed and runs_on_cpu(self.device.value):
+        """Read edge snapping's compiled loops in the background (once per process; a run that starts sooner reads
+        them itself once its model is loaded). On a GPU too: the labels are snapped on the host."""
+        if not self._closed and device_there(self.device.value):
             compiled_snapping.prepare()
 
     def close_down(self) -> None:

@@ -81,7 +81,7 @@ class LoadedModel:
             kept = interpolated_positions(self.visual, rows, cols)
             size = kept.numel() * kept.element_size()
             if size <= POSITIONS_KEPT_BYTES:  # a window as large as a whole slide is resized each time
-                held = sum(t.numel() * t.element_size() for t in self._positions.values())
+                held = sum(t.numel() * t.element_size() for t in list(self._positions.values()))  # other threads
                 if held + size > POSITIONS_KEPT_BYTES:  # grids of many image sizes: the latest are kept
                     self._positions.clear()
                 self._positions[key] = kept

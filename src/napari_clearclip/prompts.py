@@ -141,14 +141,15 @@ class TextEncoder:
         if not context or len(names) < 1:
             return []
         longest = max(templates, key=len)
-        unknown = [n for n in dict.fromkeys(names) if (n, longest) not in self._cut]
+        cut = {n: self._cut.get((n, longest)) for n in names}
+        unknown = [n for n, known in cut.items() if known is None]
         if unknown:  # tokenized once per name and template: every run checks its names (2 ms for five)
             rows = self.model.tokenizer([longest.replace("{}", n) for n in unknown])
             if len(self._cut) > 4096:
                 self._cut.clear()
             for name, row in zip(unknown, rows):
-                self._cut[(name, longest)] = rows.shape[-1] >= context and int(row[-1]) != 0
-        return [n for n in names if self._cut[(n, longest)]]
+                cut[name] = self._cut[(name, longest)] = rows.shape[-1] >= context and int(row[-1]) != 0
+        return [n for n in names if cut[n]]
 
     def context_length(self) -> int | None:
         return getattr(self.model.clip, "context_length", None)

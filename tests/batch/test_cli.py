@@ -633,3 +633,21 @@ def test_finished_labels_in_either_format_are_never_replaced_unasked(tmp_path, c
     with open(out / "slide_classes.csv", newline="") as handle:          # asked: now this run's table and labels
         assert [r["name"] for r in csv.DictReader(handle)] == ["unassigned", "blue", "red", "background"]
     assert (out / "slide_labels.zarr").is_dir() and not (out / "slide_labels.tif").exists()   # no labels it misnames
+
+
+def test_an_image_whose_outputs_would_have_too_long_a_name_fails_alone_before_any_work(tmp_path, rgb_image, capsys):
+    """Outputs are written under a temporary name 18 bytes longer than theirs. Where that passes the file system's
+    255 bytes, that image fails alone, said in a sentence (it was a traceback that stopped every image); a name that
+    just fits is segmented."""
+    fits, too_long = "y" * 225, "x" * 230  # 225 + len("_classes.csv") + 18 = 255
+    _pngs(tmp_path / "in", ["short.png", f"{fits}.png", f"{too_long}.png"], rgb_image)
+    out = tmp_path / "out"
+    code = main([str(tmp_path / "in"), "--classes", "red; background", "--out", str(out), "--model", "synthetic-tiny",
+                 "--device", "cpu", "--no-snap"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "would have a name of 259 bytes while it is written" in err and "give the image a shorter name" in err
+    assert "Traceback" not in err and "2 of 3 images segmented" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(["clearclip_report.csv", "short_classes.csv",
+                                                            "short_labels.tif", f"{fits}_classes.csv",
+                                                            f"{fits}_labels.tif"])

@@ -153,6 +153,31 @@ def output_paths(out_dir: Path, stem: str, save_probabilities: bool = False, obj
     return paths
 
 
+#: What a file's temporary name adds to its name while it is written (:func:`..files.write_atomic`): two dots, eight
+#: random characters and the partial suffix.
+TEMPORARY_NAME_EXTRA = 2 + 8 + len(PARTIAL_SUFFIX)
+
+
+def longest_name_allowed(folder: Path) -> int:
+    """The longest file name, in bytes, the file system of ``folder`` takes (255 where it does not say)."""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def name_too_long(paths: Sequence[Path], limit: int) -> str | None:
+    """Why one of ``paths`` cannot be written where it goes (its name, with what its temporary name adds, is over
+    ``limit`` bytes), or None when every one can."""
+    for path in paths:
+        length = len(os.fsencode(path.name)) + TEMPORARY_NAME_EXTRA
+        if length > limit:
+            return (f"its output {path.name[:24]}...{path.name[-20:]} would have a name of {length} bytes while it is "
+                    f"written, and the output folder's file system takes at most {limit}: give the image a shorter "
+                    "name")
+    return None
+
+
 def objects_path(image: Path, suffix: str) -> Path:
     """A TIFF that goes with an image (instance labels, a foreground map): ``<stem><suffix>.tif`` beside it."""
     return image.with_name(f"{image.stem}{suffix}.tif")

@@ -32,6 +32,8 @@ from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this 
     _write_objects_table,
     check_output_dir,
     expand_inputs,
+    longest_name_allowed,
+    name_too_long,
     output_paths,
     read_foreground,
     read_image,
@@ -454,6 +456,7 @@ def segment_files(
     tasks: list[Task] = []
     stacks: dict[Path, tuple[tuple[int, ...], list[FileReport], dict | None]] = {}  # leading shape, planes, record
     stems, existing = assign_stems(files, out)
+    name_limit = longest_name_allowed(out)
     for path, stem in zip(files, stems):
         layout = stack_planes(path)
         run = zarr_run if is_zarr_path(path) else base_run
@@ -461,6 +464,10 @@ def segment_files(
             layout = None  # one image, read a region at a time (stacks are refused when it is opened)
         expected = output_paths(out, stem, save_probabilities and layout is None, bool(objects) and layout is None,
                                 output_format)
+        too_long = name_too_long(expected, name_limit)
+        if too_long is not None:  # said before any computing; the other inputs go on
+            reports.append(FileReport(path, "failed", 0.0, "", too_long))
+            continue
         done = None if overwrite else finished_labels(out, stem)
         if done is not None:   # labels in either format: this input's outputs, not replaced unless asked
             output = existing.get(stem)

@@ -853,3 +853,16 @@ def test_a_tiled_run_whose_image_is_removed_adds_no_layer_and_leaves_no_store(qt
     assert len(viewer.layers) == 0
     assert "'slide' was removed from the viewer" in widget.status.value, widget.status.value
     assert not list((tmp_path / "cache" / "labels").iterdir())
+
+
+def test_a_tiled_result_of_an_image_with_a_long_name_gets_a_store_it_can_write():
+    """The store of a tile-by-tile result is named after the image layer; a layer named after a long file name gave a
+    name the file system refuses (checking whether it existed failed the run)."""
+    from napari_clearclip.gui.job import tiled_store_path
+
+    for name in ("slide " * 60, "é" * 200, "", "***"):
+        path = tiled_store_path(name)
+        assert len(os.fsencode(path.name + ".partial")) <= 255
+        path.mkdir()  # the name can be written
+        assert tiled_store_path(name) != path  # a second run of the same image gets another store
+        path.rmdir()

@@ -95,7 +95,8 @@ def tiled_store_path(image_name: str) -> Path:
 
     folder = cache_dir() / "labels"
     folder.mkdir(parents=True, exist_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", image_name).strip("_") or "image"
+    # a layer named after a long file name: cut, so that the store's name (and its ".partial") fits the file system
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", image_name).strip("_")[:100].rstrip("_") or "image"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = folder / f"{safe}-{stamp}.zarr"
     number = 1

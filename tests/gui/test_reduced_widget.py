@@ -160,6 +160,8 @@ def test_save_at_full_size_writes_the_edited_labels_of_a_reduced_image_at_its_fu
     np.testing.assert_array_equal(saved, expected)
     assert widget.save_at_full_size(tmp_path / "slide_labels.zarr") is None      # never over a store
     assert "exists" in widget.status.value
+    assert widget.save_at_full_size(tmp_path / ("x" * 250)) is None              # its .partial: too long a name
+    assert "File name too long. Choose another name." in widget.status.value
     # a write that fails (a full disk) says so and leaves no partial store
     import napari_clearclip.reduced as reduced
 

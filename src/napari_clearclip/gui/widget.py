@@ -531,7 +531,13 @@ class ClearClipWidget(FieldLogic, Container):
         target = Path(path).expanduser()
         if target.suffix != ".zarr":
             target = target.with_name(target.name + ".zarr")
-        if target.exists():
+        try:  # the store is written beside, as <name>.partial, then renamed: both names must be usable
+            exists = target.exists() or target.with_name(target.name + ".partial").exists()
+        except OSError as exc:  # a name longer than the file system takes, say
+            self._set_status(f"Cannot save as {target.name[:40]}...: {exc.strerror or exc}. Choose another name.",
+                             error=True)
+            return None
+        if exists:
             self._set_status(f"{target} exists: choose another name (it is never overwritten).", error=True)
             return None
         full = layer.metadata[FULL_SIZE_KEY]

@@ -165,10 +165,14 @@ class Lesson:
         """Read a lesson written by :meth:`save`; anything else is a clear :class:`LessonError`."""
         path = Path(path)
         saved_as = path.with_name(path.name + SUFFIX)
-        if not path.exists() and path.suffix != SUFFIX and saved_as.is_file():
-            path = saved_as  # the name given to save, which added the suffix
-        if not path.is_file():
-            raise LessonNotFoundError(f"No lesson file at {path}." if not path.exists() else
+        try:
+            if not path.exists() and path.suffix != SUFFIX and saved_as.is_file():
+                path = saved_as  # the name given to save, which added the suffix
+            found, there = path.is_file(), path.exists()
+        except OSError as exc:  # a name longer than the file system takes, say
+            raise LessonNotFoundError(f"No lesson file at {path}: {exc.strerror or exc}.") from None
+        if not found:
+            raise LessonNotFoundError(f"No lesson file at {path}." if not there else
                                       f"{path} is a folder, not a lesson file.")
         try:
             with np.load(path, allow_pickle=False) as archive:

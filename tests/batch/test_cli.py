@@ -642,12 +642,14 @@ def test_an_image_whose_outputs_would_have_too_long_a_name_fails_alone_before_an
     fits, too_long = "y" * 225, "x" * 230  # 225 + len("_classes.csv") + 18 = 255
     _pngs(tmp_path / "in", ["short.png", f"{fits}.png", f"{too_long}.png"], rgb_image)
     out = tmp_path / "out"
-    code = main([str(tmp_path / "in"), "--classes", "red; background", "--out", str(out), "--model", "synthetic-tiny",
-                 "--device", "cpu", "--no-snap"])
+    named = tmp_path / ("z" * 300 + ".png")  # named on the command line: a name no file system holds
+    code = main([str(tmp_path / "in"), str(named), "--classes", "red; background", "--out", str(out), "--model",
+                 "synthetic-tiny", "--device", "cpu", "--no-snap"])
     err = capsys.readouterr().err
     assert code == 1, err
     assert "would have a name of 259 bytes while it is written" in err and "give the image a shorter name" in err
-    assert "Traceback" not in err and "2 of 3 images segmented" in err
+    assert "would have a name of 329 bytes" in err
+    assert "Traceback" not in err and "2 of 4 images segmented" in err
     assert sorted(p.name for p in out.iterdir()) == sorted(["clearclip_report.csv", "short_classes.csv",
                                                             "short_labels.tif", f"{fits}_classes.csv",
                                                             f"{fits}_labels.tif"])

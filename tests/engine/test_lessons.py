@@ -69,6 +69,8 @@ def test_saved_and_loaded_lessons_are_the_same_and_files_are_never_replaced_unas
     np.testing.assert_array_equal(Lesson.load(tmp_path / "cells").features, lesson.features)
     with pytest.raises(FileNotFoundError, match="No lesson file at"):
         Lesson.load(tmp_path / "tissue")
+    with pytest.raises(FileNotFoundError, match="No lesson file at .*: File name too long"):  # not a bare OSError
+        Lesson.load(tmp_path / ("x" * 300))
     np.testing.assert_array_equal(loaded.features, lesson.features)
     np.testing.assert_array_equal(loaded.labels, lesson.labels)
     assert (loaded.classes, loaded.model, loaded.weights, loaded.method, loaded.windows) == \

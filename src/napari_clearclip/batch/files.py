@@ -65,9 +65,15 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             raise InvalidOptionError(f"Inputs must be paths (files, folders or glob patterns), not {item!r}.")
         text = os.fspath(item)
         path = Path(text).expanduser()
-        if path.is_dir() and not is_zarr_path(path):
+        try:
+            folder = path.is_dir() and not is_zarr_path(path)
+            pattern = not folder and not path.exists() and glob.has_magic(text)
+        except OSError:  # a name the file system cannot hold (too long, say): that input fails alone, by its name
+            paths.append(path)
+            continue
+        if folder:
             found = path.iterdir()
-        elif not path.exists() and glob.has_magic(text):
+        elif pattern:
             found = (Path(p) for p in glob.glob(os.path.expanduser(text)))
         else:
             paths.append(path)

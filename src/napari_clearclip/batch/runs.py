@@ -458,14 +458,18 @@ def segment_files(
     stems, existing = assign_stems(files, out)
     name_limit = longest_name_allowed(out)
     for path, stem in zip(files, stems):
+        too_long = name_too_long(output_paths(out, stem), name_limit)  # labels and class table, every input's
+        if too_long is not None:  # said before any computing (before the file is looked at); the others go on
+            reports.append(FileReport(path, "failed", 0.0, "", too_long))
+            continue
         layout = stack_planes(path)
         run = zarr_run if is_zarr_path(path) else base_run
         if output_format == "zarr":
             layout = None  # one image, read a region at a time (stacks are refused when it is opened)
         expected = output_paths(out, stem, save_probabilities and layout is None, bool(objects) and layout is None,
                                 output_format)
-        too_long = name_too_long(expected, name_limit)
-        if too_long is not None:  # said before any computing; the other inputs go on
+        too_long = name_too_long(expected, name_limit)  # and what this input writes besides
+        if too_long is not None:
             reports.append(FileReport(path, "failed", 0.0, "", too_long))
             continue
         done = None if overwrite else finished_labels(out, stem)

@@ -64,11 +64,18 @@ class Reduction:
     factors: tuple[float, ...]   # full-size pixels per label pixel, along each axis of the labels
     shape: tuple[int, ...]       # the labels' shape
 
-    def geometry(self, scale: Sequence[float], translate: Sequence[float]) -> dict:
-        """The labels' scale and translation on an image of ``scale`` and ``translate`` (per label axis): each
-        label pixel covers ``factor`` image pixels, centred on their centre."""
-        return {"scale": [float(s) * f for s, f in zip(scale, self.factors)],
-                "translate": [float(t) + (f - 1) / 2 * float(s) for t, s, f in zip(translate, scale, self.factors)]}
+    def geometry(self, scale: Sequence[float], translate: Sequence[float], rotate: np.ndarray | None = None,
+                 shear: np.ndarray | None = None, **placement) -> dict:
+        """The labels' placement on an image of ``scale``, ``translate``, ``rotate`` and ``shear`` (matrices; per
+        label axis), the rest of ``placement`` (affine, units) as the image's: each label pixel covers ``factor``
+        image pixels, centred on their centre (an offset in the image's pixels, turned as the image is)."""
+        ndim = len(scale)
+        rotate = np.eye(ndim) if rotate is None else np.asarray(rotate, float)
+        shear = np.eye(ndim) if shear is None else np.asarray(shear, float)
+        offset = rotate @ shear @ (np.asarray(scale, float) * (np.asarray(self.factors, float) - 1) / 2)
+        return {**placement, "scale": [float(s) * f for s, f in zip(scale, self.factors)],
+                "translate": [float(t) + float(o) for t, o in zip(translate, offset)],
+                "rotate": rotate, "shear": shear}
 
     def describe(self) -> str:
         """The reduction in words, e.g. "pyramid level 3 (2500 x 2500, 1/8 of full size)"."""

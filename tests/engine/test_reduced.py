@@ -196,6 +196,21 @@ def test_the_labels_of_a_reduced_image_sit_on_the_centres_of_the_pixels_they_cov
         for i in (0, 1, 17):
             covered = np.arange(i * f, (i + 1) * f) * scale[axis] + translate[axis]    # full-size pixels' centres
             assert math.isclose(i * placed["scale"][axis] + placed["translate"][axis], covered.mean())
+    # a turned and sheared image (napari draws data point x at rotate @ shear @ (scale * x) + translate)
+    rotate = np.array([[1.0, 0.0, 0.0], [0.0, 0.8, -0.6], [0.0, 0.6, 0.8]])
+    shear = np.array([[1.0, 0.1, 0.2], [0.0, 1.0, 0.3], [0.0, 0.0, 1.0]])
+    placed = reduction.geometry(scale, translate, rotate=rotate, shear=shear, units=["um"] * 3)
+    assert placed["units"] == ["um"] * 3
+    np.testing.assert_array_equal(placed["rotate"], rotate)
+    np.testing.assert_array_equal(placed["shear"], shear)
+
+    def world(point, where):
+        return where["rotate"] @ where["shear"] @ (np.asarray(where["scale"]) * point) + where["translate"]
+
+    image = {"scale": scale, "translate": translate, "rotate": rotate, "shear": shear}
+    for label in ((0, 0, 0), (1, 17, 3)):
+        covered = [world(np.array(label) * reduction.factors + (0, a, b), image) for a in range(8) for b in range(8)]
+        np.testing.assert_allclose(world(np.array(label), placed), np.mean(covered, axis=0), atol=1e-9)
     assert reduction.describe() == "pyramid level 3 (2500 x 2500, 1/8 of full size)"
     odd = Reduction(None, (2.0001, 2.0001), (100, 100))
     assert odd.describe() == "a copy reduced by block means (100 x 100, 1/2 of full size)"

@@ -223,6 +223,48 @@ def test_multichannel_channel_choice_and_probabilities(qtbot, widget, rgb_image)
     np.testing.assert_allclose(total, 1, atol=1e-5)
 
 
+def _sit_alike(labels, image, points, channel_axis=None):
+    """Label pixels are drawn in the world where the image's pixels under them are."""
+    for point in points:
+        full = list(point) if channel_axis is None else [*point[:channel_axis], 0, *point[channel_axis:]]
+        world = np.delete(np.asarray(image.data_to_world(full), float), [] if channel_axis is None else channel_axis)
+        np.testing.assert_allclose(labels.data_to_world(point), world, atol=1e-9)
+
+
+def test_results_sit_where_a_turned_sheared_image_is_in_its_units(qtbot, widget, rgb_image):
+    """Labels and probability maps take the image's rotation, shear, affine, units and axis names, not only its
+    scale and translation: a rotated image had its labels drawn unrotated beside it, and labels in pixels left
+    napari's scale bar without the image's units."""
+    viewer = widget._viewer
+    placement = {"scale": (0.5, 0.25), "translate": (10, 20), "rotate": 30, "shear": [0.2],
+                 "affine": np.array([[1.0, 0.1, 3.0], [0.0, 1.2, -4.0], [0.0, 0.0, 1.0]]),
+                 "units": ("um", "um"), "axis_labels": ("row", "column")}
+    layer = viewer.add_image(rgb_image, name="photo", **placement)
+    widget.image.value = layer
+    widget.classes.value = "sky\ngrass"
+    widget.probability_output.value = "winning class"
+    run_and_wait(qtbot, widget)
+    points = [(0, 0), (5, 7), (rgb_image.shape[0] - 1, rgb_image.shape[1] - 1)]
+    for result in (viewer.layers["photo classes"], viewer.layers["photo probability"]):
+        _sit_alike(result, layer, points)
+        assert tuple(result.units) == tuple(layer.units) and tuple(result.axis_labels) == ("row", "column")
+    # a multichannel image: the channel axis left out of every part of the placement
+    channels = np.moveaxis(rgb_image, -1, 0).astype(np.uint16) * 100
+    turn = np.eye(3)
+    turn[1:, 1:] = [[np.cos(0.4), -np.sin(0.4)], [np.sin(0.4), np.cos(0.4)]]
+    stack = viewer.add_image(channels, name="cells", scale=(1, 2, 3), translate=(7, 1, 2), rotate=turn,
+                             shear=[0, 0, 0.3], units=("s", "mm", "mm"), axis_labels=("c", "y", "x"))
+    widget.image.value = stack
+    widget.channel_axis.value = 0
+    widget.probability_output.value = "none"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["cells classes"]
+    assert labels.data.shape == rgb_image.shape[:2]
+    _sit_alike(labels, stack, points, channel_axis=0)
+    assert [str(unit) for unit in labels.units] == ["millimeter", "millimeter"]
+    assert tuple(labels.axis_labels) == ("y", "x")
+
+
 def test_input_errors_show_in_status_and_add_nothing(qtbot, widget, rgb_image):
     viewer = widget._viewer
     widget.image.value = viewer.add_image(rgb_image, name="photo")

@@ -59,11 +59,28 @@ def placed(context: dict) -> dict:
 
 
 def layer_geometry(layer: Image, layout: ImageLayout) -> dict:
-    """The image's scale and translation, without its channel axis, for the labels to sit on it."""
-    scale, translate = list(layer.scale), list(layer.translate)
-    if layout.channel_axis is not None:
-        del scale[layout.channel_axis], translate[layout.channel_axis]
-    return {"scale": scale, "translate": translate}
+    """Where the image sits in the world, without its channel axis, for the labels to sit on it: scale,
+    translation, rotation, shear, affine, units and axis names (labels in other units than the image's would
+    leave napari's scale bar without units)."""
+    axes = [axis for axis in range(layer.ndim) if axis != layout.channel_axis]
+    square, padded = np.ix_(axes, axes), np.ix_([*axes, layer.ndim], [*axes, layer.ndim])
+    return {"scale": [float(layer.scale[axis]) for axis in axes],
+            "translate": [float(layer.translate[axis]) for axis in axes],
+            "rotate": np.asarray(layer.rotate, float)[square],
+            "shear": shear_matrix(layer.shear, layer.ndim)[square],
+            "affine": np.asarray(layer.affine.affine_matrix, float)[padded],
+            "units": [layer.units[axis] for axis in axes],
+            "axis_labels": [layer.axis_labels[axis] for axis in axes]}
+
+
+def shear_matrix(shear, ndim: int) -> np.ndarray:
+    """A layer's shear as a matrix: napari gives the values above the diagonal, row by row, or the matrix."""
+    shear = np.asarray(shear, float)
+    if shear.ndim == 2:
+        return shear
+    matrix = np.eye(ndim)
+    matrix[np.triu_indices(ndim, 1)] = shear
+    return matrix
 
 
 class ResultLayers:

@@ -172,6 +172,27 @@ def test_legend_shares_count_kept_edits(qtbot, widget, rgb_image):
     assert "(100%)" in widget.legend.value.split("<br>")[1]
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.uint16, np.int64])
+def test_a_result_given_labels_of_another_type_is_updated_and_keeps_the_users_pixels(qtbot, widget, rgb_image, dtype):
+    """A result layer whose data the user replaced with an array of another integer type (their own corrections,
+    say) is updated in place on the next run: the run's previews wrote into it and then failed in napari's event
+    loop, and counted what they wrote as the user's edits."""
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    widget.classes.value = "sky\ngrass\nbackground"
+    run_and_wait(qtbot, widget)
+    labels = viewer.layers["photo classes"]
+    first = labels.data.copy()
+    mine = first.astype(dtype)
+    mine[:10, :10] = np.where(first[:10, :10] == 1, 2, 1)      # 100 pixels of the user's, each changed
+    labels.data = mine
+    layers = len(viewer.layers)
+    run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("Done: photo classes (1 slice); kept 100 edited pixels"), widget.status.value
+    assert len(viewer.layers) == layers and labels.data.dtype == dtype      # the same layer, updated in place
+    np.testing.assert_array_equal(labels.data[:10, :10], mine[:10, :10])
+
+
 def test_fields_explain_themselves(widget):
     for name in ("image", "model", "pretrained", "choose_weights", "method", "device", "probability_output",
                  "new_layer", "crop", "stride", "logit_scale", "precision"):

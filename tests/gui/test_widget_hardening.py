@@ -193,6 +193,48 @@ def test_a_result_given_labels_of_another_type_is_updated_and_keeps_the_users_pi
     np.testing.assert_array_equal(labels.data[:10, :10], mine[:10, :10])
 
 
+def test_a_result_stays_its_images_when_either_is_renamed_and_never_becomes_another_images(qtbot, widget, rgb_image):
+    """Runs update the result of the image they segment: found by the image layer, not by the result's name, so
+    a result the user renamed is still updated (Live on a renamed result added a second layer and left the
+    strokes on the first untaught), and an image given the old name of another gets its own result instead of
+    overwriting the other's. An image opened again under its name gets its result back."""
+    viewer = widget._viewer
+    photo = viewer.add_image(rgb_image, name="photo")
+    widget.image.value = photo
+    widget.classes.value = "sky\ngrass\nbackground"
+    run_and_wait(qtbot, widget)
+    result = viewer.layers["photo classes"]
+    painted = result.data.copy()
+    painted[:6, :6] = np.where(painted[:6, :6] == 1, 2, 1)
+    result.data = painted
+    result.name = "my corrections"
+    layers = len(viewer.layers)
+    run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("Done: my corrections (1 slice); kept 36 edited pixels"), widget.status.value
+    assert len(viewer.layers) == layers
+    np.testing.assert_array_equal(result.data[:6, :6], painted[:6, :6])
+    photo.name = "old photo"
+    run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("Done: my corrections"), widget.status.value
+    assert len(viewer.layers) == layers
+    # another image under the first one's old name: a result of its own, the first one's left as it was
+    result.name = "photo classes"
+    before = result.data.copy()
+    other = viewer.add_image(np.ascontiguousarray(rgb_image[::-1]), name="photo")
+    widget.image.value = other
+    run_and_wait(qtbot, widget)
+    assert len(viewer.layers) == layers + 2, [layer.name for layer in viewer.layers]
+    np.testing.assert_array_equal(viewer.layers["photo classes"].data, before)
+    # the first image removed and opened again under its name: its result is updated, its edits kept
+    viewer.layers.remove(other)
+    viewer.layers.remove(viewer.layers[-1])           # the other image's result
+    viewer.layers.remove(photo)
+    widget.image.value = viewer.add_image(rgb_image, name="photo")
+    run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("Done: photo classes (1 slice); kept 36 edited pixels"), widget.status.value
+    assert [layer.name for layer in viewer.layers] == ["photo classes", "photo"]
+
+
 def test_fields_explain_themselves(widget):
     for name in ("image", "model", "pretrained", "choose_weights", "method", "device", "probability_output",
                  "new_layer", "crop", "stride", "logit_scale", "precision"):

@@ -29,6 +29,7 @@ class ResultLayer:
     names: list[str] = field(default_factory=list)
     colours: dict = field(default_factory=dict)
     edited: np.ndarray | None = None  # every pixel the user has painted (kept on every run)
+    image: str | None = None          # the key of the image layer it is the result of
 
     def forget_edits(self, pixels: np.ndarray, data: np.ndarray) -> None:
         """These pixels hold the model's answer (an undone stroke): no longer edits to keep or learn from."""
@@ -106,13 +107,19 @@ class ResultLayers:
         return self._results.get(layer_key(layer))
 
     def target(self, layer: Image, layout: ImageLayout) -> ResultLayer | None:
-        """The result layer of this image that a run updates in place (same name and shape), if any."""
+        """The result layer of this image that a run updates in place: of its shape, and of this image layer
+        (the one named after it, else the newest: a result renamed by the user is still its result), or, where
+        this image layer has none, the one named after it whose own image is no longer in the viewer (the image
+        opened again)."""
         name = f"{layer.name} classes"
         live = {layer_key(item) for item in self._viewer.layers}
-        for key, result in self._results.items():
-            if result.layer.name == name and key in live and result.layer.data.shape == layout.label_shape:
-                return result
-        return None
+        fitting = [result for key, result in self._results.items()
+                   if key in live and result.layer.data.shape == layout.label_shape]
+        image = layer_key(layer)
+        own = [result for result in fitting if result.image == image]
+        if own:
+            return next((result for result in own if result.layer.name == name), own[-1])
+        return next((result for result in fitting if result.layer.name == name and result.image not in live), None)
 
     def forget_removed(self) -> None:
         """A deleted result layer is forgotten, with its baseline."""
@@ -199,7 +206,9 @@ class ResultLayers:
         if key not in self._results:
             labels_layer.events.paint.connect(self._painted)
             _watch(labels_layer, self._replayed)
-        result = ResultLayer(labels_layer, update.baseline, update.names, update.colours, update.edited)
+        result = ResultLayer(labels_layer, update.baseline, update.names, update.colours, update.edited,
+                             image=layer_key(layer))
+        self._results.pop(key, None)   # the newest result last
         self._results[key] = result
         undone = self._undone.pop(key, None)
         if undone is not None and undone.shape == update.baseline.shape:

@@ -653,3 +653,39 @@ def test_an_image_whose_outputs_would_have_too_long_a_name_fails_alone_before_an
     assert sorted(p.name for p in out.iterdir()) == sorted(["clearclip_report.csv", "short_classes.csv",
                                                             "short_labels.tif", f"{fits}_classes.csv",
                                                             f"{fits}_labels.tif"])
+
+
+def test_labels_and_probabilities_keep_the_pixel_size_the_image_declares(tmp_path, tiny_checkpoint, rgb_image, capsys):
+    """Labels measure as their image does: the pixel size of ImageJ's (unit in its description), OME-TIFF's
+    (in its XML) and plain resolution tags is written into the output TIFFs, per centimetre where the unit is a
+    length; a TIFF without one, or a PNG, gives outputs without one."""
+    grey = rgb_image[..., 1]
+    tifffile.imwrite(tmp_path / "imagej.tif", grey, imagej=True, resolution=(2.0, 4.0), metadata={"unit": "um"})
+    tifffile.imwrite(tmp_path / "ome.ome.tif", grey, ome=True,
+                     metadata={"axes": "YX", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.5, "PhysicalSizeXUnit": "nm",
+                               "PhysicalSizeYUnit": "nm"})
+    tifffile.imwrite(tmp_path / "inch.tif", grey, resolution=(300, 150), resolutionunit=2)
+    stack = np.stack([grey, grey[::-1]])
+    tifffile.imwrite(tmp_path / "stack.tif", stack, imagej=True, resolution=(1 / 0.65, 1 / 0.65),
+                     metadata={"unit": "micron", "axes": "ZYX"})
+    tifffile.imwrite(tmp_path / "plain.tif", grey)
+    imsave(tmp_path / "photo.png", rgb_image)
+    out = tmp_path / "out"
+    assert main([str(tmp_path), "--classes", "sky; grass", "--out", str(out), "--save-probabilities",
+                 "--model", "test-tiny", "--pretrained", tiny_checkpoint, "--device", "cpu"]) == 0
+    capsys.readouterr()
+
+    def pixel_size(path):
+        with tifffile.TiffFile(path) as tif:
+            tags = tif.pages[0].tags
+            x, y = (tags[name].value for name in ("XResolution", "YResolution"))
+            return x[0] / x[1], y[0] / y[1], int(tags["ResolutionUnit"].value), len(tif.pages)
+    expected = {"imagej": (2e4, 4e4, 3), "ome.ome": (4e7, 2e7, 3), "inch": (300, 150, 2),
+                "stack": (1e4 / 0.65, 1e4 / 0.65, 3), "plain": (1, 1, 1), "photo": (1, 1, 1)}
+    for stem, (x, y, unit) in expected.items():
+        for output in ("labels", "probabilities"):
+            if stem == "stack" and output == "probabilities":
+                continue                                  # a stack's planes are written as labels only
+            got = pixel_size(out / f"{stem}_{output}.tif")
+            assert got[2] == unit and np.allclose(got[:2], (x, y), rtol=1e-6), (stem, output, got)
+    assert pixel_size(out / "stack_labels.tif")[3] == 2

@@ -246,10 +246,13 @@ def check_output_dir(out_dir: str | os.PathLike) -> Path:
 
 
 def write_outputs(result, out_dir: Path, stem: str, save_probabilities: bool = False,
-                  record: dict | None = None) -> list[Path]:
+                  record: dict | None = None, calibration=None) -> list[Path]:
     """``<stem>_labels.tif`` (uint16, with the run's record), ``<stem>_classes.csv``, and optionally the
-    probabilities and (with objects) ``<stem>_objects.csv``."""
+    probabilities and (with objects) ``<stem>_objects.csv``; the TIFFs with the image's pixel size
+    (``calibration``, :func:`.calibration.tiff_calibration`)."""
     import tifffile
+
+    placed = calibration.tiff_options() if calibration is not None else {}
 
     labels_path, table_path, *extra = output_paths(out_dir, stem, save_probabilities, result.objects is not None)
     prob_path = extra[:1] if save_probabilities else []
@@ -260,9 +263,9 @@ def write_outputs(result, out_dir: Path, stem: str, save_probabilities: bool = F
     # the labels go last: their presence marks a finished file for resumed runs
     if prob_path:
         write_atomic(prob_path[0], lambda p: tifffile.imwrite(p, result.probabilities, photometric="minisblack",
-                                                                   compression="zlib"))
+                                                                   compression="zlib", **placed))
     write_atomic(table_path, lambda p: _write_class_table(p, result.class_table()))
-    write_atomic(labels_path, lambda p: _write_labels(p, result.labels.astype(dtype), record))
+    write_atomic(labels_path, lambda p: _write_labels(p, result.labels.astype(dtype), record, calibration))
     return [labels_path, table_path, *extra]
 
 
@@ -281,11 +284,12 @@ def _write_class_table(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _write_labels(path: Path, labels: np.ndarray, record: dict | None) -> None:
+def _write_labels(path: Path, labels: np.ndarray, record: dict | None, calibration=None) -> None:
     import tifffile
 
     tifffile.imwrite(path, labels, photometric="minisblack", compression="zlib",
-                     metadata=tiff_metadata(record) if record else {})
+                     metadata=tiff_metadata(record) if record else {},
+                     **(calibration.tiff_options() if calibration is not None else {}))
 
 
 REPORT_COLUMNS = ["file", "status", "seconds", "worker", "error", "labels"]

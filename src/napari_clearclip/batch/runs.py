@@ -22,6 +22,7 @@ from ..files import write_atomic
 from ..options import DEFAULT, SegmentOptions
 from ..reduced import REDUCED_SIDE, check_large_side
 from ..zarr_images import check_absent_chunks, is_zarr_path
+from .calibration import tiff_calibration
 from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this module's interface
     OUTPUT_FORMATS,
     PARTS_DIR,
@@ -121,7 +122,7 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
                                      "of the level's size, or --native to classify them at full size.")
         result = segmenter.segment(image, classes, options, maps=save_probabilities, objects=objects, lesson=lesson,
                                    **_foreground_of(task))
-        written = write_outputs(result, out_dir, stem, save_probabilities, record)
+        written = write_outputs(result, out_dir, stem, save_probabilities, record, tiff_calibration(path))
     except ClearClipError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), str(exc))
     except OSError as exc:  # disk full, permissions changed mid-run ...
@@ -310,7 +311,7 @@ def assemble_stack(task: Task, out_dir: Path, leading: tuple[int, ...], classes,
              for i, c in enumerate(parsed, start=1)]
     labels_path, table_path = output_paths(out_dir, task.stem)
     write_atomic(table_path, lambda p: _write_class_table(p, rows))
-    write_atomic(labels_path, lambda p: _write_labels(p, labels, record))
+    write_atomic(labels_path, lambda p: _write_labels(p, labels, record, tiff_calibration(task.path)))
     close_parts(out_dir, task.stem)
     return [labels_path, table_path]
 

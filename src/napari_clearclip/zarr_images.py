@@ -167,6 +167,41 @@ def _zarr_levels(path: Path) -> list:
                             "name the array's own folder.")
 
 
+def ome_placement(path: Path) -> dict | None:
+    """Where an OME-Zarr image's full-resolution pixels sit, along y and x: ``{"scale": [y, x], "translation":
+    [y, x], "units": [y, x], "shape": [height, width]}`` (a unit None where the axis names none); None for a plain
+    array, a store without multiscales, or metadata this cannot read."""
+    import zarr
+
+    try:
+        node = zarr.open(str(path), mode="r")
+        if isinstance(node, zarr.Array):
+            return None
+        attrs = dict(node.attrs)
+        multiscales = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
+        first = multiscales[0]
+        axes = [a if isinstance(a, dict) else {"name": a} for a in first.get("axes", [])]
+        names = [str(a.get("name", "")).lower() for a in axes]
+        rows, cols = names.index("y"), names.index("x")
+        dataset = first["datasets"][0]
+        scale, translation = np.ones(len(axes)), np.zeros(len(axes))
+        # the dataset's transformations, then the multiscale's own (applied after them)
+        for transform in [*dataset.get("coordinateTransformations", []), *first.get("coordinateTransformations", [])]:
+            if transform.get("type") == "scale":
+                values = np.asarray(transform["scale"], float)
+                scale, translation = scale * values, translation * values
+            elif transform.get("type") == "translation":
+                translation = translation + np.asarray(transform["translation"], float)
+        shape = node[dataset["path"]].shape
+    except Exception:
+        return None
+    if len(scale) != len(axes) or len(shape) != len(axes) or min(scale[rows], scale[cols]) <= 0:
+        return None
+    return {"scale": [float(scale[rows]), float(scale[cols])],
+            "translation": [float(translation[rows]), float(translation[cols])],
+            "units": [axes[rows].get("unit"), axes[cols].get("unit")], "shape": [int(shape[rows]), int(shape[cols])]}
+
+
 def store_identity(path: Path) -> dict:
     """A zarr store's identity for run records: its total size, newest modification time, and a hash of its
     files' names, sizes and times (hashing every chunk's content would read the whole image again)."""

@@ -543,9 +543,12 @@ def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_r
     store = tmp_path / "in" / "slide.zarr"                           # OME-Zarr, channels first, two levels
     group = zarr.open_group(str(store), mode="w")
     group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "c", "type": "channel"},
-                                                               {"name": "y", "type": "space"},
-                                                               {"name": "x", "type": "space"}],
-                                   "datasets": [{"path": "0"}, {"path": "1"}]}]
+                                                               {"name": "y", "type": "space", "unit": "micrometer"},
+                                                               {"name": "x", "type": "space", "unit": "micrometer"}],
+                                   "datasets": [{"path": "0", "coordinateTransformations": [
+                                                     {"type": "scale", "scale": [1.0, 0.5, 0.25]}]},
+                                                {"path": "1", "coordinateTransformations": [
+                                                     {"type": "scale", "scale": [1.0, 1.0, 0.5]}]}]}]
     for name, level in (("0", image), ("1", half)):
         group.create_array(name, shape=(3, *level.shape[:2]), chunks=(3, 64, 64), dtype=np.uint8)[:] = \
             np.moveaxis(level, -1, 0)
@@ -565,6 +568,10 @@ def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_r
     expected = segmenter.segment(half, classes, maps=False).labels
     np.testing.assert_array_equal(tifffile.imread(out / "slide_labels.tif"), expected)
     np.testing.assert_array_equal(tifffile.imread(out / "plain_labels.tif"), expected)   # 2 x 2 means, rounded
+    with tifffile.TiffFile(out / "slide_labels.tif") as tif:       # the level's pixels: 1 x 0.5 um, per cm
+        tags = tif.pages[0].tags
+        assert (tags["XResolution"].value, tags["YResolution"].value, tags["ResolutionUnit"].value) == \
+            ((20000, 1), (10000, 1), 3)
     # --large-side is part of what the outputs are: a run with another keeps them, says why, and replaces them when
     # asked; at 320 (its whole side) the slide is segmented at full size
     wider = [a if a != "160" else "320" for a in argv]
@@ -689,3 +696,29 @@ def test_labels_and_probabilities_keep_the_pixel_size_the_image_declares(tmp_pat
             got = pixel_size(out / f"{stem}_{output}.tif")
             assert got[2] == unit and np.allclose(got[:2], (x, y), rtol=1e-6), (stem, output, got)
     assert pixel_size(out / "stack_labels.tif")[3] == 2
+    # tile by tile into zarr: the labels placed as OME-Zarr, from an OME-Zarr image's own transformations, or in
+    # micrometres from a TIFF's pixel size
+    import zarr
+
+    slide = zarr.open_group(str(tmp_path / "zarr" / "slide.zarr"), mode="w")
+    slide.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "y", "type": "space", "unit": "nanometer"},
+                                                              {"name": "x", "type": "space", "unit": "nanometer"}],
+                                   "datasets": [{"path": "0", "coordinateTransformations": [
+                                       {"type": "scale", "scale": [0.5, 2.0]},
+                                       {"type": "translation", "translation": [3.0, -4.0]}]}],
+                                   "coordinateTransformations": [{"type": "scale", "scale": [10.0, 10.0]}]}]
+    slide.create_array("0", data=grey)
+    assert main([str(tmp_path / "zarr" / "slide.zarr"), str(tmp_path / "imagej.tif"), "--classes", "sky; grass",
+                 "--out", str(out / "zarr"), "--format", "zarr", "--native", "--model", "test-tiny", "--pretrained",
+                 tiny_checkpoint, "--device", "cpu"]) == 0
+
+    def placement(store):
+        (multiscale,) = dict(zarr.open_group(str(store), mode="r").attrs)["ome"]["multiscales"]
+        (dataset,) = multiscale["datasets"]
+        assert dataset["path"] == "labels"
+        return [axis["unit"] for axis in multiscale["axes"]], dataset["coordinateTransformations"]
+    assert placement(out / "zarr" / "slide_labels.zarr") == (
+        ["nanometer", "nanometer"], [{"type": "scale", "scale": [5.0, 20.0]},
+                                     {"type": "translation", "translation": [30.0, -40.0]}])
+    assert placement(out / "zarr" / "imagej_labels.zarr") == (
+        ["micrometer", "micrometer"], [{"type": "scale", "scale": [0.25, 0.5]}])

@@ -252,7 +252,7 @@ def write_outputs(result, out_dir: Path, stem: str, save_probabilities: bool = F
     (``calibration``, :func:`.calibration.tiff_calibration`)."""
     import tifffile
 
-    placed = calibration.tiff_options() if calibration is not None else {}
+    placed = calibration.tiff_options(result.labels.shape) if calibration is not None else {}
 
     labels_path, table_path, *extra = output_paths(out_dir, stem, save_probabilities, result.objects is not None)
     prob_path = extra[:1] if save_probabilities else []
@@ -289,7 +289,7 @@ def _write_labels(path: Path, labels: np.ndarray, record: dict | None, calibrati
 
     tifffile.imwrite(path, labels, photometric="minisblack", compression="zlib",
                      metadata=tiff_metadata(record) if record else {},
-                     **(calibration.tiff_options() if calibration is not None else {}))
+                     **(calibration.tiff_options(labels.shape) if calibration is not None else {}))
 
 
 REPORT_COLUMNS = ["file", "status", "seconds", "worker", "error", "labels"]

@@ -22,7 +22,7 @@ from ..files import write_atomic
 from ..options import DEFAULT, SegmentOptions
 from ..reduced import REDUCED_SIDE, check_large_side
 from ..zarr_images import check_absent_chunks, is_zarr_path
-from .calibration import tiff_calibration
+from .calibration import input_calibration, labels_zarr_attrs
 from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this module's interface
     OUTPUT_FORMATS,
     PARTS_DIR,
@@ -122,7 +122,7 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
                                      "of the level's size, or --native to classify them at full size.")
         result = segmenter.segment(image, classes, options, maps=save_probabilities, objects=objects, lesson=lesson,
                                    **_foreground_of(task))
-        written = write_outputs(result, out_dir, stem, save_probabilities, record, tiff_calibration(path))
+        written = write_outputs(result, out_dir, stem, save_probabilities, record, input_calibration(path))
     except ClearClipError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), str(exc))
     except OSError as exc:  # disk full, permissions changed mid-run ...
@@ -199,9 +199,11 @@ def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], option
     try:
         record = make_record(task.path, task.run, classes) if task.path.exists() else None
         objects = None if task.objects is None else read_lazy_objects(task.path, task.objects, task.absent_chunks)
-        segmenter.segment_tiled(read_lazy(task.path, task.absent_chunks), classes, options, out=labels_path,
-                                replace=True, absent_chunks=task.absent_chunks, lesson=lesson, objects=objects,
-                                attrs={RECORD_KEY: json.dumps(record, sort_keys=True)} if record else None,
+        image = read_lazy(task.path, task.absent_chunks)
+        attrs = {**({RECORD_KEY: json.dumps(record, sort_keys=True)} if record else {}),
+                 **labels_zarr_attrs(task.path, tuple(image.shape[:2]))}
+        segmenter.segment_tiled(image, classes, options, out=labels_path, replace=True,
+                                absent_chunks=task.absent_chunks, lesson=lesson, objects=objects, attrs=attrs or None,
                                 on_complete=write_tables)
     except ClearClipError as exc:
         return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(), str(exc))
@@ -311,7 +313,7 @@ def assemble_stack(task: Task, out_dir: Path, leading: tuple[int, ...], classes,
              for i, c in enumerate(parsed, start=1)]
     labels_path, table_path = output_paths(out_dir, task.stem)
     write_atomic(table_path, lambda p: _write_class_table(p, rows))
-    write_atomic(labels_path, lambda p: _write_labels(p, labels, record, tiff_calibration(task.path)))
+    write_atomic(labels_path, lambda p: _write_labels(p, labels, record, input_calibration(task.path)))
     close_parts(out_dir, task.stem)
     return [labels_path, table_path]
 

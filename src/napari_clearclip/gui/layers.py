@@ -65,13 +65,16 @@ def layer_geometry(layer: Image, layout: ImageLayout) -> dict:
     leave napari's scale bar without units)."""
     axes = [axis for axis in range(layer.ndim) if axis != layout.channel_axis]
     square, padded = np.ix_(axes, axes), np.ix_([*axes, layer.ndim], [*axes, layer.ndim])
-    return {"scale": [float(layer.scale[axis]) for axis in axes],
-            "translate": [float(layer.translate[axis]) for axis in axes],
-            "rotate": np.asarray(layer.rotate, float)[square],
-            "shear": shear_matrix(layer.shear, layer.ndim)[square],
-            "affine": np.asarray(layer.affine.affine_matrix, float)[padded],
-            "units": [layer.units[axis] for axis in axes],
-            "axis_labels": [layer.axis_labels[axis] for axis in axes]}
+    placement = {"scale": [float(layer.scale[axis]) for axis in axes],
+                 "translate": [float(layer.translate[axis]) for axis in axes],
+                 "rotate": np.asarray(layer.rotate, float)[square],
+                 "shear": shear_matrix(layer.shear, layer.ndim)[square],
+                 "affine": np.asarray(layer.affine.affine_matrix, float)[padded]}
+    for name in ("units", "axis_labels"):   # napari 0.6 on
+        values = getattr(layer, name, None)
+        if values is not None:
+            placement[name] = [values[axis] for axis in axes]
+    return placement
 
 
 def shear_matrix(shear, ndim: int) -> np.ndarray:

@@ -722,3 +722,77 @@ def test_labels_and_probabilities_keep_the_pixel_size_the_image_declares(tmp_pat
                                      {"type": "translation", "translation": [30.0, -40.0]}])
     assert placement(out / "zarr" / "imagej_labels.zarr") == (
         ["micrometer", "micrometer"], [{"type": "scale", "scale": [0.25, 0.5]}])
+
+
+def test_an_rgb_tiff_with_separate_colour_planes_is_one_rgb_image(tmp_path, capsys):
+    """A TIFF may keep an RGB image's colours in separate planes (tifffile's "SYX"): it is segmented as the same
+    RGB image kept interleaved, into 2-D labels (it was taken for a stack of three grey planes, exit status 0),
+    as a stack of such images is, plane by plane."""
+    from napari_clearclip.demo.scenes import make_scene
+
+    classes = ["red", "green", "blue", "yellow", "background"]
+    image = make_scene(5, size=128, objects=(3, 3)).image
+    tifffile.imwrite(tmp_path / "interleaved.tif", image, photometric="rgb")
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(image, -1, 0), photometric="rgb", planarconfig="separate")
+    stack = np.stack([image, image[::-1]])
+    tifffile.imwrite(tmp_path / "planar_stack.tif", np.moveaxis(stack, -1, 1), photometric="rgb",
+                     planarconfig="separate")
+    out = tmp_path / "out"
+    assert main([str(tmp_path), "--classes", "; ".join(classes), "--out", str(out), "--model", "synthetic-tiny",
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    segmenter = Segmenter("synthetic-tiny", device="cpu")
+    expected = [segmenter.segment(plane, classes, maps=False, refine="pamr").labels for plane in stack]
+    np.testing.assert_array_equal(tifffile.imread(out / "interleaved_labels.tif"), expected[0])
+    np.testing.assert_array_equal(tifffile.imread(out / "planar_labels.tif"), expected[0])
+    np.testing.assert_array_equal(tifffile.imread(out / "planar_stack_labels.tif"), np.stack(expected))
+
+
+def test_a_tiff_slide_too_large_to_hold_is_read_at_its_level_or_tile_by_tile_never_whole(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """A whole-slide TIFF (a pyramid, or one large tiled image) is treated as a zarr slide is: with resizing,
+    segmented at its pyramid level (or block means read a band at a time), and with --format zarr tile by tile;
+    the full-resolution image is never read whole (it was, for every TIFF: a 10 GB slide needed 10 GB)."""
+    import zarr
+
+    import napari_clearclip.batch.files as files
+    import napari_clearclip.reduced as reduced
+    from napari_clearclip.demo.scenes import make_scene
+
+    monkeypatch.setattr(reduced, "LARGE_PIXELS", 200 * 200)          # "too large to hold" from 200 x 200 on
+    classes = ["red", "green", "blue", "yellow", "background"]
+    image = make_scene(23, size=320, objects=(4, 6)).image
+    half = image.reshape(160, 2, 160, 2, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with tifffile.TiffWriter(folder / "slide.ome.tif") as tif:     # OME-TIFF pyramid: the full image and a half
+        tif.write(image, subifds=1, tile=(64, 64), photometric="rgb", metadata={"axes": "YXS"})
+        tif.write(half, subfiletype=1, tile=(64, 64), photometric="rgb")
+    tifffile.imwrite(folder / "tiled.tif", np.moveaxis(image, -1, 0), tile=(64, 64), photometric="rgb",
+                     planarconfig="separate")
+    read_whole = files.read_image
+
+    def read_image(path, *args, **kwargs):
+        assert Path(path).parent != folder, f"{path} was read whole"
+        return read_whole(path, *args, **kwargs)
+    monkeypatch.setattr(files, "read_image", read_image)
+    import napari_clearclip.batch.runs as runs
+    monkeypatch.setattr(runs, "read_image", read_image)
+    out = tmp_path / "out"
+    common = ["--classes", "; ".join(classes), "--model", "synthetic-tiny", "--device", "cpu", "--no-snap"]
+    assert main([str(folder), "--out", str(out), "--large-side", "160", *common]) == 0
+    err = capsys.readouterr().err
+    assert "slide.ome.tif: 320 x 320 pixels, too large to hold: segmented at pyramid level 1 (160 x 160, 1/2 of " \
+           "full size)" in err, err
+    assert "tiled.tif: 320 x 320 pixels, too large to hold: segmented at a copy reduced by block means" in err, err
+    segmenter = Segmenter("synthetic-tiny", device="cpu")
+    expected = segmenter.segment(half, classes, maps=False).labels
+    np.testing.assert_array_equal(tifffile.imread(out / "slide.ome_labels.tif"), expected)
+    np.testing.assert_array_equal(tifffile.imread(out / "tiled_labels.tif"), expected)   # 2 x 2 means, rounded
+    # tile by tile at full resolution: the labels of the whole image, read a region at a time
+    assert main([str(folder), "--out", str(tmp_path / "native"), "--format", "zarr", "--native", *common]) == 0
+    capsys.readouterr()
+    full = segmenter.segment(image, classes, maps=False, short_side=None).labels
+    for stem in ("slide.ome", "tiled"):
+        np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "native" / f"{stem}_labels.zarr"),
+                                                      mode="r")["labels"][:], full)

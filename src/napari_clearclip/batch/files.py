@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import ImageNotFoundError, InvalidImageError, InvalidOptionError, OutputError
 from ..files import PARTIAL_SUFFIX, write_atomic
+from ..tiff_images import is_tiff_path, open_tiff_levels, samples_last
 from ..zarr_images import is_zarr_path, open_zarr_image
 from .provenance import LABELS_SUFFIXES, natural_stems, tiff_metadata
 
@@ -112,7 +113,9 @@ def read_image(path: Path, absent_chunks: str = "error") -> np.ndarray:
         if path.suffix.lower() in (".tif", ".tiff"):
             import tifffile
 
-            image = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:   # an RGB image's samples last, however the file keeps them
+                series = tif.series[0]
+                image = samples_last(series.asarray(), series.axes)
         else:
             from skimage.io import imread
 
@@ -128,8 +131,12 @@ def read_image(path: Path, absent_chunks: str = "error") -> np.ndarray:
 
 
 def read_lazy(path: Path, absent_chunks: str = "error"):
-    """A zarr store's image unread (its tiles are read as they are segmented); other files read whole."""
-    return open_zarr_image(path, absent_chunks) if is_zarr_path(path) else read_image(path)
+    """A zarr store's or a one-plane TIFF's image unread (its tiles are read as they are segmented); other files read
+    whole."""
+    if is_zarr_path(path):
+        return open_zarr_image(path, absent_chunks)
+    levels = open_tiff_levels(path) if is_tiff_path(path) and Path(path).is_file() else None
+    return levels[0] if levels else read_image(path)
 
 
 def _read_failure(path: Path, exc: Exception) -> str:
@@ -336,10 +343,14 @@ def stack_planes(path: Path) -> tuple[tuple[int, ...], bool] | None:
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
-            shape = tuple(tif.series[0].shape)
+            shape, axes = tuple(tif.series[0].shape), str(tif.series[0].axes)
     except Exception:
         return None  # unreadable: the image task reports it
-    rgb = len(shape) >= 3 and shape[-1] in (3, 4)
+    if "S" in axes and len(axes) == len(shape):   # an RGB image's samples, wherever the file keeps them
+        rgb = shape[axes.index("S")] in (3, 4)
+        shape = tuple(n for a, n in zip(axes, shape) if a != "S") + ((shape[axes.index("S")],) if rgb else ())
+    else:
+        rgb = len(shape) >= 3 and shape[-1] in (3, 4)
     leading = shape[: len(shape) - (3 if rgb else 2)]
     if not leading or int(np.prod(leading)) <= 1:
         return None
@@ -354,8 +365,9 @@ def read_plane(path: Path, index: int, count: int) -> np.ndarray:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             if len(series.pages) == count:
-                return series.pages[index].asarray()
-            data = series.asarray()
+                page = series.pages[index]
+                return samples_last(page.asarray(), page.axes)
+            data = samples_last(series.asarray(), series.axes)
     except Exception as exc:
         raise InvalidImageError(f"Could not read plane {index} of {path}: {exc}") from None
     tail = 3 if data.ndim >= 3 and data.shape[-1] in (3, 4) else 2

@@ -21,6 +21,7 @@ from ..errors import ClearClipError, InvalidOptionError
 from ..files import write_atomic
 from ..options import DEFAULT, SegmentOptions
 from ..reduced import REDUCED_SIDE, check_large_side
+from ..tiff_images import is_tiff_path, open_tiff_levels
 from ..zarr_images import check_absent_chunks, is_zarr_path
 from .calibration import input_calibration, labels_zarr_attrs
 from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this module's interface
@@ -146,27 +147,32 @@ def _replaced(report: FileReport, out_dir: Path, stem: str, output_format: str, 
 def image_to_segment(segmenter, task: Task, options: SegmentOptions) -> tuple[np.ndarray, str]:
     """The image a file's run segments, and a note on it ("" for none).
 
-    A file is read whole. So is a zarr store, unless the run resizes (the model then sees the image at its short
-    side) and its planes exceed :data:`~napari_clearclip.reduced.LARGE_PIXELS` (and ``task.large_side`` squared):
-    then, as in napari, its OME-Zarr level of at most ``task.large_side`` pixels a side (or a copy reduced by block
-    means, read a band at a time) is segmented and its labels have that size; the note says so.
+    A file is read whole. So is a zarr store or a one-plane TIFF, unless the run resizes (the model then sees the
+    image at its short side) and its planes exceed :data:`~napari_clearclip.reduced.LARGE_PIXELS` (and
+    ``task.large_side`` squared): then, as in napari, its OME-Zarr or TIFF pyramid level of at most
+    ``task.large_side`` pixels a side (or a copy reduced by block means, read a band at a time) is segmented and
+    its labels have that size; the note says so.
     """
     from ..reduced import BlockMeans, limits_for_side, reduced_for_resize
     from ..zarr_images import open_zarr_levels
 
-    if not is_zarr_path(task.path) or segmenter.resolve_options(options).short_side is None:
+    if segmenter.resolve_options(options).short_side is None:
         return read_image(task.path, task.absent_chunks), ""
-    levels = open_zarr_levels(task.path)
+    tiff = is_tiff_path(task.path) and task.path.is_file()
+    levels = open_tiff_levels(task.path) if tiff else open_zarr_levels(task.path) if is_zarr_path(task.path) else None
+    if not levels:
+        return read_image(task.path, task.absent_chunks), ""
     full = levels[0]
     if not (full.ndim == 2 or (full.ndim == 3 and full.shape[-1] in (1, 3, 4))):
         return read_image(task.path, task.absent_chunks), ""   # refused there, with why
     rgb = full.ndim == 3
     larger_than, level_pixels = limits_for_side(task.large_side)
     image, reduction = reduced_for_resize(levels, larger_than, rgb, level_pixels=level_pixels)
-    check_absent_chunks(image.source if isinstance(image, BlockMeans) else image, str(task.path),
-                        task.absent_chunks)
+    if not tiff:   # a TIFF has no chunks that could be missing
+        check_absent_chunks(image.source if isinstance(image, BlockMeans) else image, str(task.path),
+                            task.absent_chunks)
     if reduction is None:
-        return np.asarray(image), ""
+        return (read_image(task.path) if tiff else np.asarray(image)), ""
     height, width = full.shape[:2]
     return np.asarray(image), (f"{height} x {width} pixels, too large to hold: segmented at {reduction.describe()}, "
                                "and the labels have that size (--format zarr segments at full resolution, tile by "
@@ -202,9 +208,9 @@ def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], option
         image = read_lazy(task.path, task.absent_chunks)
         attrs = {**({RECORD_KEY: json.dumps(record, sort_keys=True)} if record else {}),
                  **labels_zarr_attrs(task.path, tuple(image.shape[:2]))}
-        segmenter.segment_tiled(image, classes, options, out=labels_path, replace=True,
-                                absent_chunks=task.absent_chunks, lesson=lesson, objects=objects, attrs=attrs or None,
-                                on_complete=write_tables)
+        absent = "fill" if is_tiff_path(task.path) else task.absent_chunks    # a TIFF has no chunks to lose
+        segmenter.segment_tiled(image, classes, options, out=labels_path, replace=True, absent_chunks=absent,
+                                lesson=lesson, objects=objects, attrs=attrs or None, on_complete=write_tables)
     except ClearClipError as exc:
         return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(), str(exc))
     except OSError as exc:

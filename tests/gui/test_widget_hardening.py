@@ -235,6 +235,28 @@ def test_a_result_stays_its_images_when_either_is_renamed_and_never_becomes_anot
     assert [layer.name for layer in viewer.layers] == ["photo classes", "photo"]
 
 
+def test_probability_maps_never_replace_a_layer_of_the_users_that_has_their_name(qtbot, widget, rgb_image):
+    """A run's probability map goes into the layer it wrote for that image before, never into a layer of the user's
+    (or of another image) that happens to be named "<image> probability": that layer's data was replaced."""
+    viewer = widget._viewer
+    photo = viewer.add_image(rgb_image, name="photo")
+    mine = np.random.default_rng(3).random(rgb_image.shape[:2]).astype(np.float32)
+    viewer.add_image(mine.copy(), name="photo probability")
+    widget.image.value = photo
+    widget.classes.value = "sky\ngrass"
+    widget.probability_output.value = "winning class"
+    run_and_wait(qtbot, widget)
+    np.testing.assert_array_equal(viewer.layers["photo probability"].data, mine)
+    written = [layer for layer in viewer.layers if layer.name.startswith("photo probability ")]
+    assert len(written) == 1 and written[0].data.shape == mine.shape and written[0].data.max() <= 1, written
+    layers = len(viewer.layers)
+    widget.classes.value = "sky\ngrass\nbackground"
+    run_and_wait(qtbot, widget)
+    assert len(viewer.layers) == layers                # the map it wrote is updated, not added again
+    np.testing.assert_array_equal(viewer.layers["photo probability"].data, mine)
+    assert not np.array_equal(written[0].data, mine)
+
+
 def test_fields_explain_themselves(widget):
     for name in ("image", "model", "pretrained", "choose_weights", "method", "device", "probability_output",
                  "new_layer", "crop", "stride", "logit_scale", "precision"):

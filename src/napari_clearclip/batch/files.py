@@ -114,8 +114,10 @@ def read_image(path: Path, absent_chunks: str = "error") -> np.ndarray:
             import tifffile
 
             with tifffile.TiffFile(path) as tif:   # an RGB image's samples last, however the file keeps them
-                series = tif.series[0]
-                image = samples_last(series.asarray(), series.axes)
+                if not tif.series:                  # a damaged file: said below
+                    image = np.empty((0,))
+                else:
+                    image = samples_last(tif.series[0].asarray(), tif.series[0].axes)
         else:
             from skimage.io import imread
 

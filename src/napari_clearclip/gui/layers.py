@@ -49,6 +49,23 @@ def layer_key(layer) -> str:
     return str(getattr(layer, "unique_id", None) or id(layer))
 
 
+#: Where a probability layer the widget wrote keeps its image's key and the name it was given (in its metadata):
+#: only such layers are updated by later runs, never a layer of the user's that happens to have the name.
+PROBABILITY_KEY = "napari-clearclip probability"
+
+
+def probability_layers(viewer, image) -> dict:
+    """The probability layers the widget wrote for ``image``, by the name each was given (napari adds a number to
+    a name another layer holds)."""
+    key = layer_key(image)
+    found = {}
+    for item in viewer.layers:
+        mark = item.metadata.get(PROBABILITY_KEY)
+        if isinstance(mark, dict) and mark.get("image") == key:
+            found[mark.get("name")] = item
+    return found
+
+
 def labels_features(names: list[str]) -> dict:
     return {"index": np.arange(len(names) + 1), "class": ["unassigned"] + list(names)}
 
@@ -222,14 +239,18 @@ class ResultLayers:
         return labels_layer, kept
 
     def write_maps(self, context: dict, maps: dict) -> None:
-        """Probability volumes: into the layers of the same name and shape, else as new (hidden) layers."""
+        """Probability volumes: into this image's probability layers of the same name and shape, else as new
+        (hidden) layers; a layer of the user's with such a name is left as it is."""
+        ours = probability_layers(self._viewer, context["layer"])
         for name, volume in maps.items():
-            existing = self._viewer.layers[name] if name in self._viewer.layers else None
+            existing = ours.get(name)
             if existing is not None and getattr(existing, "data", None) is not None and existing.data.shape == volume.shape:
                 existing.data = volume
             else:
                 self._viewer.add_image(volume, name=name, colormap="viridis", contrast_limits=(0, 1),
-                                       blending="additive", visible=False, **placed(context))
+                                       blending="additive", visible=False,
+                                       metadata={PROBABILITY_KEY: {"image": layer_key(context["layer"]), "name": name}},
+                                       **placed(context))
 
 
 def _show(layer) -> None:

@@ -33,7 +33,7 @@ from ..reduced import BlockMeans, Reduction, limits_for_side, reduced_for_resize
 from .field_logic import FieldLogic
 from .fields import build_fields, choose_file_button, full_size_button, lesson_buttons, saved_values
 from .job import TILED_PIXELS, ModelHolder, layer_request, ready_job, segmentation_job, tiled_job, tiled_store_path
-from .layers import ResultLayers, layer_geometry
+from .layers import ResultLayers, layer_geometry, probability_layers
 from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode, Readying
@@ -302,7 +302,7 @@ class ClearClipWidget(FieldLogic, Container):
                                    self.lessons.for_run(layer.name, self.share_lesson.value), objects_layer)
         save_settings(self.settings())
         target = self._choose_target(layer, layout)
-        existing = {layer.name: layer.data for layer in self._viewer.layers}
+        existing = {name: item.data for name, item in probability_layers(self._viewer, layer).items()}
         request = layer_request(data, layout, planes, classes, options, layer.name, self.probability_output.value,
                                 target, self.learn.value and self.keep_edits.value, existing,
                                 (self.background.value,) if self.background.value else (), self._spare_planes)

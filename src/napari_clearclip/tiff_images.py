@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-TIFF_SUFFIXES = (".tif", ".tiff")
+#: TIFF files, and the whole-slide formats built on TIFF that tifffile reads (Aperio, Hamamatsu, Leica, PerkinElmer)
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".qptiff")
 
 
 def is_tiff_path(path: Path) -> bool:

@@ -770,6 +770,7 @@ def test_a_tiff_slide_too_large_to_hold_is_read_at_its_level_or_tile_by_tile_nev
         tif.write(half, subfiletype=1, tile=(64, 64), photometric="rgb")
     tifffile.imwrite(folder / "tiled.tif", np.moveaxis(image, -1, 0), tile=(64, 64), photometric="rgb",
                      planarconfig="separate")
+    (folder / "scan.svs").write_bytes((folder / "slide.ome.tif").read_bytes())   # a whole-slide format on TIFF
     read_whole = files.read_image
 
     def read_image(path, *args, **kwargs):
@@ -788,11 +789,12 @@ def test_a_tiff_slide_too_large_to_hold_is_read_at_its_level_or_tile_by_tile_nev
     segmenter = Segmenter("synthetic-tiny", device="cpu")
     expected = segmenter.segment(half, classes, maps=False).labels
     np.testing.assert_array_equal(tifffile.imread(out / "slide.ome_labels.tif"), expected)
+    np.testing.assert_array_equal(tifffile.imread(out / "scan_labels.tif"), expected)
     np.testing.assert_array_equal(tifffile.imread(out / "tiled_labels.tif"), expected)   # 2 x 2 means, rounded
     # tile by tile at full resolution: the labels of the whole image, read a region at a time
     assert main([str(folder), "--out", str(tmp_path / "native"), "--format", "zarr", "--native", *common]) == 0
     capsys.readouterr()
     full = segmenter.segment(image, classes, maps=False, short_side=None).labels
-    for stem in ("slide.ome", "tiled"):
+    for stem in ("slide.ome", "scan", "tiled"):
         np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "native" / f"{stem}_labels.zarr"),
                                                       mode="r")["labels"][:], full)

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..tiff_images import is_tiff_path
+
 #: A length unit's count in a centimetre.
 PER_CENTIMETRE = {"m": 0.01, "meter": 0.01, "metre": 0.01, "cm": 1.0, "centimeter": 1.0, "centimetre": 1.0,
                   "mm": 10.0, "millimeter": 10.0, "millimetre": 10.0, "um": 1e4, "µm": 1e4, "μm": 1e4,
@@ -65,7 +67,7 @@ def ome_zarr_attrs(scale, translation, units, path: str = "labels", zarr_format:
 def input_calibration(path: Path) -> Calibration | None:
     """The pixel size a TIFF or an OME-Zarr image declares (a length unit needed), or None."""
     path = Path(path)
-    if path.suffix.lower() in (".tif", ".tiff"):
+    if is_tiff_path(path):
         return tiff_calibration(path)
     from ..zarr_images import is_zarr_path, ome_placement
 
@@ -82,7 +84,7 @@ def input_calibration(path: Path) -> Calibration | None:
 def tiff_calibration(path: Path) -> Calibration | None:
     """The pixel size ``path`` declares, or None: not a TIFF, unreadable, or no length (tags in pixels per no unit,
     as most files without a calibration have)."""
-    if Path(path).suffix.lower() not in (".tif", ".tiff"):
+    if not is_tiff_path(path):
         return None
     try:
         import tifffile

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("images", nargs="+",
-                        help="image files (TIFF, PNG, JPEG, ...), zarr stores (.zarr, OME-Zarr), folders or glob patterns")
+                        help="image files (TIFF, whole-slide TIFFs such as .svs and .ndpi, PNG, JPEG, ...), zarr stores "
+                             "(.zarr, OME-Zarr), folders or glob patterns")
     parser.add_argument("--classes", default=None,
                         help="classes separated by ';', synonyms by ',': \"sky; horse, pony; grass\"")
     parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")

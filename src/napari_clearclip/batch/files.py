@@ -19,12 +19,12 @@ import numpy as np
 
 from ..errors import ImageNotFoundError, InvalidImageError, InvalidOptionError, OutputError
 from ..files import PARTIAL_SUFFIX, write_atomic
-from ..tiff_images import is_tiff_path, open_tiff_levels, samples_last
+from ..tiff_images import TIFF_SUFFIXES, is_tiff_path, open_tiff_levels, samples_last
 from ..zarr_images import is_zarr_path, open_zarr_image
 from .provenance import LABELS_SUFFIXES, natural_stems, tiff_metadata
 
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+IMAGE_SUFFIXES = (*TIFF_SUFFIXES, ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 #: Label outputs: TIFF files (read whole), or zarr stores written tile by tile (large images).
 OUTPUT_FORMATS = ("tif", "zarr")
 REPORT_NAME = "clearclip_report.csv"
@@ -110,7 +110,7 @@ def read_image(path: Path, absent_chunks: str = "error") -> np.ndarray:
     if path.stat().st_size == 0:
         raise InvalidImageError(f"{path} is empty (0 bytes): the file was not written completely; copy or export it again.")
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
+        if is_tiff_path(path):
             import tifffile
 
             with tifffile.TiffFile(path) as tif:   # an RGB image's samples last, however the file keeps them
@@ -339,7 +339,7 @@ def write_report(reports: Sequence[FileReport], path: Path) -> Path:
 
 def stack_planes(path: Path) -> tuple[tuple[int, ...], bool] | None:
     """(plane shape, rgb) of a multi-plane TIFF, read from its header alone; None for a 2-D image or non-TIFF."""
-    if path.suffix.lower() not in (".tif", ".tiff") or not path.is_file():
+    if not is_tiff_path(path) or not path.is_file():
         return None
     try:
         import tifffile

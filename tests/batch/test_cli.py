@@ -815,3 +815,32 @@ def test_compressed_tiffs_as_microscopes_and_slide_scanners_write_them_are_read(
     stored = tifffile.imread(tmp_path / "scan.tif")          # what the file holds (JPEG's are not the pixels given)
     expected = Segmenter("synthetic-tiny", device="cpu").segment(stored, classes, maps=False, refine="pamr").labels
     np.testing.assert_array_equal(tifffile.imread(out / "scan_labels.tif"), expected)
+
+
+def test_pictures_in_their_common_forms_are_segmented_and_an_animation_is_said(tmp_path, capsys):
+    """A one-frame GIF, a grey PNG with alpha and a 1-bit PNG are images (they failed: "(1, H, W, 3) is not
+    supported", "(H, W, 2) is not supported", "dtype bool is not supported"); an animated GIF fails alone, saying
+    what it is."""
+    from PIL import Image
+    from skimage.io import imread
+
+    from napari_clearclip.demo.scenes import make_scene
+
+    classes = ["red", "green", "blue", "yellow", "background"]
+    image = make_scene(6, size=128, objects=(3, 3)).image
+    Image.fromarray(image).save(tmp_path / "still.gif")
+    Image.fromarray(image).convert("LA").save(tmp_path / "faded.png")
+    Image.fromarray(image[..., 0] > 128).save(tmp_path / "mask.png")
+    Image.fromarray(image).save(tmp_path / "moving.gif", save_all=True, append_images=[Image.fromarray(image[::-1])])
+    out = tmp_path / "out"
+    assert main([str(tmp_path), "--classes", "; ".join(classes), "--out", str(out), "--model", "synthetic-tiny",
+                 "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "moving.gif is an animation of 2 frames: save the frame to segment as an image of its own" in err, err
+    assert "3 of 4 images segmented" in err, err
+    segmenter = Segmenter("synthetic-tiny", device="cpu")
+    expected = {"still": imread(tmp_path / "still.gif")[0], "faded": imread(tmp_path / "faded.png")[..., 0],
+                "mask": (image[..., 0] > 128).astype(np.uint8) * 255}
+    for stem, pixels in expected.items():
+        labels = segmenter.segment(pixels, classes, maps=False, refine="pamr").labels
+        np.testing.assert_array_equal(tifffile.imread(out / f"{stem}_labels.tif"), labels, err_msg=stem)

@@ -129,6 +129,22 @@ def read_image(path: Path, absent_chunks: str = "error") -> np.ndarray:
     if np.ndim(image) < 2 or np.size(image) == 0:   # a damaged TIFF reads as an empty array, without an error
         raise InvalidImageError(f"Could not read {path} as an image: it holds no pixels (shape {np.shape(image)}); "
                                 "the file is damaged or was not written completely, so copy or export it again.")
+    return _as_picture(path, image)
+
+
+def _as_picture(path: Path, image: np.ndarray) -> np.ndarray:
+    """A picture file's pixels as a run takes them: a one-frame GIF without its frame axis, grey with alpha as grey
+    (RGBA keeps its alpha for the engine to drop), a bilevel (1-bit) image as 0 and 255; an animation is refused."""
+    if not is_tiff_path(path):
+        if image.ndim == 4 or (image.ndim == 3 and path.suffix.lower() == ".gif" and image.shape[-1] not in (3, 4)):
+            if image.shape[0] != 1:
+                raise InvalidImageError(f"{path} is an animation of {image.shape[0]} frames: save the frame to "
+                                        "segment as an image of its own (or the frames as a multi-page TIFF).")
+            image = image[0]
+        if image.ndim == 3 and image.shape[-1] == 2:   # a picture's two channels are grey and alpha
+            image = image[..., 0]
+    if image.dtype == np.bool_:
+        image = image.astype(np.uint8) * np.uint8(255)
     return image
 
 

@@ -180,6 +180,12 @@ def test_save_at_full_size_writes_the_edited_labels_of_a_reduced_image_at_its_fu
     assert widget.save_at_full_size(tmp_path / "other.zarr") is None and not (tmp_path / "other.zarr").exists()
     widget.image.value = viewer.layers["slide"]
     assert widget.save_full_size_button.visible
+    slide = viewer.layers["slide"]
+    slide.name = "old slide"                      # renamed, the result is still its; another image of the old name
+    widget.image.value = viewer.add_image(image[:100, :100], name="slide")      # has none
+    assert not widget.save_full_size_button.visible
+    widget.image.value = slide
+    assert widget.save_full_size_button.visible
     viewer.layers.remove("slide classes")                                      # the result removed: nothing to save
     assert not widget.save_full_size_button.visible
 

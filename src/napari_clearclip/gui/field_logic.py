@@ -56,6 +56,8 @@ class FieldLogic:
             self.image.value = self.image.choices[-1]
         if self.image.value is not previous:
             self._on_image_changed()
+        elif getattr(self, "save_full_size_button", None) is not None:
+            self._show_full_size_button()   # the image kept, but a layer of its name may have come or gone
 
     def _on_image_changed(self, *_):
         """Show only the rows that apply to this image (channels for multichannel data, slices for stacks)."""

@@ -66,6 +66,16 @@ def probability_layers(viewer, image) -> dict:
     return found
 
 
+def result_of_image(recorded: dict, image, live: set) -> bool:
+    """Whether a result whose metadata records its image (``"image_key"``, ``"image"``: the layer's name) is the
+    result of ``image``: by the layer while the recorded one is in the viewer (``live``: the viewer's layer keys),
+    else by name (the image opened again)."""
+    key = recorded.get("image_key")
+    if key is not None and key in live:
+        return key == layer_key(image)
+    return recorded.get("image") == image.name
+
+
 def labels_features(names: list[str]) -> dict:
     return {"index": np.arange(len(names) + 1), "class": ["unassigned"] + list(names)}
 

@@ -33,7 +33,7 @@ from ..reduced import BlockMeans, Reduction, limits_for_side, reduced_for_resize
 from .field_logic import FieldLogic
 from .fields import build_fields, choose_file_button, full_size_button, lesson_buttons, saved_values
 from .job import TILED_PIXELS, ModelHolder, layer_request, ready_job, segmentation_job, tiled_job, tiled_store_path
-from .layers import ResultLayers, layer_geometry, probability_layers
+from .layers import ResultLayers, layer_geometry, layer_key, probability_layers, result_of_image
 from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode, Readying
@@ -402,9 +402,9 @@ class ClearClipWidget(FieldLogic, Container):
         store = tiled_store_path(layer.name)
         names = [", ".join(c.synonyms) for c in classes]
         new_layer = {"name": f"{layer.name} classes", **layer_geometry(layer, layout),
-                     "metadata": {TILED_KEY: {"image": layer.name, "store": str(store),
+                     "metadata": {TILED_KEY: {"image": layer.name, "image_key": layer_key(layer), "store": str(store),
                                               "names": [c.name for c in classes]}}}
-        earlier = self._tiled_result_of(layer.name, layout) if self.learn.value and self.keep_edits.value else None
+        earlier = self._tiled_result_of(layer, layout) if self.learn.value and self.keep_edits.value else None
         painted_on = None if earlier is None else (Path(earlier.metadata[TILED_KEY]["store"]),
                                                    list(earlier.metadata[TILED_KEY]["names"]))
         background = (self.background.value,) if self.background.value else ()
@@ -425,13 +425,14 @@ class ClearClipWidget(FieldLogic, Container):
         return self._launch(worker, f"Starting on {layer.name}: a large image, segmented tile by tile at native "
                                     "resolution...")
 
-    def _tiled_result_of(self, image_name: str, layout: ImageLayout):
+    def _tiled_result_of(self, image, layout: ImageLayout):
         """The newest result of this image segmented tile by tile whose store tells what was painted on it since."""
         from ..tiled_edits import has_baseline
 
+        live = {layer_key(item) for item in self._viewer.layers}
         for item in reversed(list(self._viewer.layers)):
             kept = item.metadata.get(TILED_KEY) if isinstance(item, Labels) else None
-            if (kept and kept.get("image") == image_name and tuple(item.data.shape) == layout.label_shape
+            if (kept and result_of_image(kept, image, live) and tuple(item.data.shape) == layout.label_shape
                     and has_baseline(kept.get("store", ""))):
                 return item
         return None
@@ -498,9 +499,10 @@ class ClearClipWidget(FieldLogic, Container):
         image = self.image.value
         if image is None:
             return None
+        live = {layer_key(item) for item in self._viewer.layers}
         for layer in reversed(list(self._viewer.layers)):
             full = layer.metadata.get(FULL_SIZE_KEY) if isinstance(layer, Labels) else None
-            if full and full.get("image") == image.name:
+            if full and result_of_image(full, image, live):
                 return layer
         return None
 
@@ -776,7 +778,8 @@ class ClearClipWidget(FieldLogic, Container):
                 image = context["layer"]
                 full = image.data[0] if image.multiscale else image.data
                 shape = ImageLayout(tuple(full.shape), rgb=image.rgb, channel_axis=context["layout"].channel_axis)
-                labels_layer.metadata[FULL_SIZE_KEY] = {"image": image.name, "shape": list(shape.label_shape),
+                labels_layer.metadata[FULL_SIZE_KEY] = {"image": image.name, "image_key": layer_key(image),
+                                                        "shape": list(shape.label_shape),
                                                         "factors": list(reduction.factors)}
             self._show_full_size_button()
         self._set_status(text)

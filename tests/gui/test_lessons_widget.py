@@ -69,6 +69,37 @@ def test_strokes_on_one_image_teach_the_next_and_a_saved_lesson_teaches_another_
     fresh.close_down()
 
 
+def test_a_renamed_image_keeps_one_lesson_and_another_image_of_its_old_name_is_taught_by_it(qtbot, widget, tmp_path):
+    import re
+
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    teach_debris(qtbot, widget, viewer)
+
+    def saved_exemplars(name: str) -> int:
+        widget.save_lesson(tmp_path / name)
+        qtbot.waitUntil(lambda: "Saved a lesson" in widget.status.value, timeout=30_000)
+        count = int(re.search(r"Saved a lesson of (\d+) exemplars", widget.status.value).group(1))
+        widget.status.value = ""
+        return count
+
+    taught = saved_exemplars("before")
+    viewer.layers["A"].name = "A renamed"
+    widget.share_lesson.value = True
+    blue = (slice(128, 160), slice(128, 160))
+    widget.image.value = viewer.add_image(squares(8), name="A")   # another image, under the first one's old name
+    run_and_wait(qtbot, widget)
+    result = viewer.layers[-1]
+    assert result.name.startswith("A classes") and result is not viewer.layers["A classes"]
+    assert np.mean(result.data[blue] == 1) > 0.9                    # taught by the strokes on "A renamed"
+    widget.image.value = viewer.layers["A renamed"]
+    run_and_wait(qtbot, widget)                                     # its strokes, read again from its result
+    assert "kept" in widget.status.value
+    widget.image.value = viewer.layers["A"]
+    assert saved_exemplars("after") == taught                      # the renamed image's strokes, once
+
+
 def test_a_lesson_for_other_classes_is_said_and_not_used(qtbot, widget, tmp_path):
     viewer = widget._viewer
     widget.switch_to_demo_model()

@@ -7,33 +7,35 @@ from ..lessons import Lesson
 
 
 class SessionLessons:
-    """The lessons of this session: one per image whose strokes taught something, and one loaded from a file."""
+    """The lessons of this session: one per image whose strokes taught something, and one loaded from a file.
+
+    Images are told apart by their layer's key, not its name: a renamed image keeps its one lesson (rather than
+    teaching itself its own strokes twice, once as another image's), and an image given its old name is another."""
 
     def __init__(self):
         self.taught: dict[str, Lesson] = {}
         self.loaded: Lesson | None = None
 
-    def record(self, image_name: str, lesson: Lesson | None) -> None:
-        """What the strokes on ``image_name`` teach now (they accumulate on the image, so this replaces)."""
+    def record(self, image: str, lesson: Lesson | None) -> None:
+        """What the strokes on ``image`` (a layer's key) teach now (they accumulate on the image, so this
+        replaces)."""
         if lesson is not None:
-            self.taught[image_name] = lesson
+            self.taught[image] = lesson
 
-    def forget(self, image_name: str) -> None:
-        self.taught.pop(image_name, None)
-
-    def for_run(self, image_name: str, share: bool) -> list[Lesson]:
-        """The lessons a run on ``image_name`` uses: the loaded one, and with ``share`` those of the other images."""
+    def for_run(self, image: str, share: bool) -> list[Lesson]:
+        """The lessons a run on ``image`` (a layer's key) uses: the loaded one, and with ``share`` those of the other
+        images."""
         lessons = [self.loaded] if self.loaded is not None else []
         if share:
-            lessons += [lesson for name, lesson in self.taught.items() if name != image_name]
+            lessons += [lesson for key, lesson in self.taught.items() if key != image]
         return lessons
 
-    def to_save(self, image_name: str | None) -> list[Lesson]:
-        """Everything taught, the current image's (or else the newest) lesson first, to join into one with
-        :func:`joined_for_saving` (which takes a moment for a large lesson: off the main thread)."""
-        names = list(self.taught)
-        first = image_name if image_name in self.taught else (names[-1] if names else None)
-        lessons = [self.taught[name] for name in sorted(names, key=lambda name: name != first)]  # by name: a
+    def to_save(self, image: str | None) -> list[Lesson]:
+        """Everything taught, the current image's (a layer's key; or else the newest) lesson first, to join into one
+        with :func:`joined_for_saving` (which takes a moment for a large lesson: off the main thread)."""
+        keys = list(self.taught)
+        first = image if image in self.taught else (keys[-1] if keys else None)
+        lessons = [self.taught[key] for key in sorted(keys, key=lambda key: key != first)]  # by key: a
         # lesson's arrays cannot be compared with ==
         if self.loaded is not None:
             lessons.append(self.loaded)

@@ -299,7 +299,7 @@ class ClearClipWidget(FieldLogic, Container):
                 return None
             save_settings(self.settings())
             return self._run_tiled(layer, data, layout, classes, options,
-                                   self.lessons.for_run(layer.name, self.share_lesson.value), objects_layer)
+                                   self.lessons.for_run(layer_key(layer), self.share_lesson.value), objects_layer)
         save_settings(self.settings())
         target = self._choose_target(layer, layout)
         existing = {name: item.data for name, item in probability_layers(self._viewer, layer).items()}
@@ -307,7 +307,7 @@ class ClearClipWidget(FieldLogic, Container):
                                 target, self.learn.value and self.keep_edits.value, existing,
                                 (self.background.value,) if self.background.value else (), self._spare_planes)
         request.objects = None if objects_layer is None else objects_layer.data
-        request.lessons = self.lessons.for_run(layer.name, self.share_lesson.value)
+        request.lessons = self.lessons.for_run(layer_key(layer), self.share_lesson.value)
         for name, value in foreground.items():
             setattr(request, name, value)
         request.view = self._view(target)
@@ -571,7 +571,7 @@ class ClearClipWidget(FieldLogic, Container):
 
         image = self.image.value
         try:
-            lessons = self.lessons.to_save(image.name if image is not None else None)
+            lessons = self.lessons.to_save(layer_key(image) if image is not None else None)
         except LessonError as exc:
             self._set_status(str(exc))
             return None
@@ -766,7 +766,7 @@ class ClearClipWidget(FieldLogic, Container):
             self._writing = False
         if result.objects is not None and context["objects"] is not None:
             self._set_object_features(context["objects"], result.objects)
-        self.lessons.record(context["layer"].name, result.lesson)
+        self.lessons.record(layer_key(context["layer"]), result.lesson)
         update = result.update
         self.legend.value = legend_html(update.names, update.counts, update.colours)
         demo_note = context["model"] == DEMO_MODEL and not context["demo_scene"]  # what the image is, not its name

@@ -117,6 +117,8 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
     try:
         record = make_record(path, task.run, classes) if path.exists() else None   # a file, or a zarr store
         image, note = image_to_segment(segmenter, task, options)
+        if note and record is not None:   # labels at a reduced size: where they sit on the image, in its pixels
+            record["placement"] = _reduced_placement(segmenter, task, options)
         objects = None if task.objects is None else read_objects(path, task.objects)
         if note and objects is not None and tuple(objects.shape) != tuple(image.shape[:2]):
             raise InvalidOptionError(f"its objects are {tuple(objects.shape)}, but the image is {note}: give objects "
@@ -177,6 +179,19 @@ def image_to_segment(segmenter, task: Task, options: SegmentOptions) -> tuple[np
     return np.asarray(image), (f"{height} x {width} pixels, too large to hold: segmented at {reduction.describe()}, "
                                "and the labels have that size (--format zarr segments at full resolution, tile by "
                                "tile)")
+
+
+def _reduced_placement(segmenter, task: Task, options: SegmentOptions) -> dict:
+    """Where labels segmented at a reduced size sit on their image, in the image's pixels (as the widget places
+    them): each label pixel covers ``factor`` pixels, centred on their centre. From the image's header alone."""
+    from ..reduced import reduced_for_resize, limits_for_side
+    from ..zarr_images import open_zarr_levels
+
+    levels = open_tiff_levels(task.path) if is_tiff_path(task.path) else open_zarr_levels(task.path)
+    larger_than, level_pixels = limits_for_side(task.large_side)
+    _, reduction = reduced_for_resize(levels, larger_than, levels[0].ndim == 3, level_pixels=level_pixels)
+    placed = reduction.geometry([1.0, 1.0], [0.0, 0.0])
+    return {"scale": placed["scale"], "translate": placed["translate"]}
 
 
 def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], options: SegmentOptions,

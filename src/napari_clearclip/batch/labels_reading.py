@@ -1,0 +1,79 @@
+"""Labels that ``clearclip-segment`` wrote, read back: their class names, and where they sit on their image.
+
+A labels file carries the run's record (see :mod:`.provenance`): its classes, so the labels open with their names,
+and, for an image too large to hold that was segmented at a reduced size, where they sit on it in its pixels, so the
+labels cover the image as napari opens it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidImageError
+from .provenance import LABELS_SUFFIXES, read_record
+
+#: Labels of at most this many pixels are read into memory (an editable copy: the file is never written); larger
+#: ``_labels.zarr`` stores are opened read-only (painting on them is refused).
+IN_MEMORY_PIXELS = 8192 * 8192
+
+
+@dataclass(frozen=True)
+class LabelsOutput:
+    """Labels read back: the array (a NumPy copy, or a read-only zarr array when too large), the class names of
+    labels 1, 2, ..., and the scale and translation that place them on their image's pixels."""
+
+    data: object
+    names: list[str]
+    scale: tuple[float, ...]
+    translate: tuple[float, ...]
+    source: str
+    in_memory: bool
+
+
+def is_labels_output(path) -> bool:
+    """Whether ``path`` is labels this command wrote (by its name and the record in it)."""
+    path = Path(path)
+    return path.name.endswith(LABELS_SUFFIXES) and path.exists() and read_record(path) is not None
+
+
+def read_labels_output(path) -> LabelsOutput:
+    """Read labels this command wrote, with their classes and placement; raise InvalidImageError for any other
+    file (one without the record: written elsewhere, or saved again by another program)."""
+    from ..prompts import parse_classes
+
+    path = Path(path)
+    record = read_record(path) if path.name.endswith(LABELS_SUFFIXES) and path.exists() else None
+    if record is None or not isinstance(record.get("classes"), list):
+        raise InvalidImageError(f"{path} is not labels written by clearclip-segment (it has no record of their "
+                                "classes): open it as an image, or with napari's own reader.")
+    names = [query.name for query in parse_classes(record["classes"])]
+    if path.is_dir():
+        import zarr
+
+        array = zarr.open_group(str(path), mode="r")["labels"]
+        in_memory = int(np.prod(array.shape)) <= IN_MEMORY_PIXELS
+        data = array[...] if in_memory else array
+    else:
+        import tifffile
+
+        data, in_memory = tifffile.imread(path), True
+    scale, translate = _placement(record, data.ndim)
+    return LabelsOutput(data, names, scale, translate, str(record["source"]), in_memory)
+
+
+def _placement(record: dict, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The labels' scale and translation in their image's pixels: none, or for labels of an image segmented at a
+    reduced size, as the record keeps them (along the plane's two axes)."""
+    scale, translate = [1.0] * ndim, [0.0] * ndim
+    placement = record.get("placement")
+    try:
+        plane_scale = [float(v) for v in placement["scale"]]
+        plane_translate = [float(v) for v in placement["translate"]]
+    except (TypeError, KeyError, ValueError):
+        return tuple(scale), tuple(translate)
+    if len(plane_scale) == len(plane_translate) == 2 and ndim >= 2 and min(plane_scale) > 0:
+        scale[-2:], translate[-2:] = plane_scale, plane_translate
+    return tuple(scale), tuple(translate)

@@ -1,0 +1,41 @@
+"""Opening in napari the labels ``clearclip-segment`` wrote: a Labels layer with their class names and colours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..batch.labels_reading import is_labels_output, read_labels_output
+
+#: Where a Labels layer opened from a labels file keeps what it was made from (in its metadata).
+OPENED_KEY = "napari-clearclip labels file"
+
+
+def get_reader(path):
+    """napari's reader hook: labels written by clearclip-segment (``<name>_labels.tif`` or ``_labels.zarr`` with
+    the run's record), else None so that napari's own readers open the file."""
+    if isinstance(path, (list, tuple)):
+        return read_labels_layers if path and all(is_labels_output(item) for item in path) else None
+    return read_labels_layers if is_labels_output(path) else None
+
+
+def read_labels_layers(path) -> list[tuple]:
+    """One Labels layer per file: the class of each label in its features (shown as the mouse moves over it),
+    class colours by name as the widget gives them (background transparent), and scaled to cover its image where
+    the image was segmented at a reduced size."""
+    from napari.utils.colormaps import DirectLabelColormap
+
+    from ..colours import colormap_dict
+    from .layers import labels_features
+
+    layers = []
+    for item in path if isinstance(path, (list, tuple)) else [path]:
+        labels = read_labels_output(item)
+        name = Path(item).name
+        name = name[: -len(".zarr")] if name.endswith(".zarr") else Path(name).stem
+        metadata = {OPENED_KEY: {"file": str(Path(item).resolve()), "image": labels.source,
+                                 "in_memory": labels.in_memory}}
+        layers.append((labels.data, {"name": name, "features": labels_features(labels.names),
+                                     "colormap": DirectLabelColormap(color_dict=colormap_dict(labels.names)),
+                                     "scale": labels.scale, "translate": labels.translate,
+                                     "metadata": metadata}, "labels"))
+    return layers

@@ -1,0 +1,100 @@
+"""Labels written by clearclip-segment open in napari as Labels layers with their classes, on their image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tifffile
+from skimage.io import imsave
+
+from napari_clearclip.batch.cli import main
+
+CLASSES = ["red", "green", "blue", "yellow", "background"]
+
+
+@pytest.fixture
+def viewer():
+    napari = pytest.importorskip("napari")
+    import npe2
+
+    npe2.PluginManager.instance().discover()   # the installed plugins' manifests, as napari reads them
+    return napari.components.ViewerModel()
+
+
+def _opened(viewer, path):
+    layers = viewer.open(str(path), plugin="napari-clearclip")
+    assert len(layers) == 1
+    return layers[0]
+
+
+def test_labels_written_by_the_command_open_with_their_classes_colours_and_place(tmp_path, capsys, monkeypatch,
+                                                                                     viewer):
+    import napari_clearclip.reduced as reduced
+    from napari_clearclip.demo.scenes import make_scene
+
+    monkeypatch.setattr(reduced, "LARGE_PIXELS", 200 * 200)          # "too large to hold" from 200 x 200 on
+    image = make_scene(23, size=320, objects=(4, 6)).image
+    folder = tmp_path / "in"
+    folder.mkdir()
+    imsave(folder / "photo.png", image[:96, :128], check_contrast=False)
+    tifffile.imwrite(folder / "slide.tif", image, tile=(64, 64), photometric="rgb")
+    out = tmp_path / "out"
+    common = ["--classes", "; ".join(CLASSES), "--model", "synthetic-tiny", "--device", "cpu", "--no-snap"]
+    assert main([str(folder), "--out", str(out), "--large-side", "160", *common]) == 0
+    assert main([str(folder / "photo.png"), "--out", str(tmp_path / "zarr"), "--format", "zarr", *common]) == 0
+    capsys.readouterr()
+
+    photo = _opened(viewer, out / "photo_labels.tif")
+    assert photo.__class__.__name__ == "Labels" and photo.name == "photo_labels"
+    np.testing.assert_array_equal(photo.data, tifffile.imread(out / "photo_labels.tif"))
+    assert list(photo.features["class"]) == ["unassigned", *CLASSES]
+    assert photo.get_color(1)[0] > 0.8 and photo.get_color(1)[1] < 0.3     # red is red
+    assert photo.get_color(CLASSES.index("background") + 1) is None or \
+        photo.get_color(CLASSES.index("background") + 1)[3] == 0            # background is transparent
+    np.testing.assert_allclose(photo.data_to_world((10, 20)), (10, 20))    # on the image's pixels
+
+    # a slide segmented at half its size: each label pixel covers 2 x 2 image pixels, centred on them
+    slide = _opened(viewer, out / "slide_labels.tif")
+    assert slide.data.shape == (160, 160)
+    np.testing.assert_allclose(slide.data_to_world((10, 20)), (20.5, 40.5))
+    np.testing.assert_allclose(slide.data_to_world((159, 0)), (318.5, 0.5))
+
+    stored = _opened(viewer, tmp_path / "zarr" / "photo_labels.zarr")
+    assert isinstance(stored.data, np.ndarray)                             # small: an editable copy
+    assert list(stored.features["class"]) == ["unassigned", *CLASSES]
+    import zarr
+
+    np.testing.assert_array_equal(stored.data, zarr.open_group(str(tmp_path / "zarr" / "photo_labels.zarr"),
+                                                               mode="r")["labels"][...])
+
+
+def test_a_large_labels_store_opens_read_only_and_other_files_are_left_to_napari(tmp_path, capsys, monkeypatch,
+                                                                                 viewer):
+    import napari_clearclip.batch.labels_reading as labels_reading
+    from napari_clearclip.demo.scenes import make_scene
+    from napari_clearclip.gui.reader import get_reader
+
+    image = make_scene(5, size=96, objects=(2, 3)).image
+    imsave(tmp_path / "photo.png", image, check_contrast=False)
+    common = ["--classes", "; ".join(CLASSES), "--model", "synthetic-tiny", "--device", "cpu", "--no-snap"]
+    assert main([str(tmp_path / "photo.png"), "--out", str(tmp_path / "zarr"), "--format", "zarr", *common]) == 0
+    capsys.readouterr()
+    store = tmp_path / "zarr" / "photo_labels.zarr"
+    monkeypatch.setattr(labels_reading, "IN_MEMORY_PIXELS", 1000)
+    layer = _opened(viewer, store)
+    assert not isinstance(layer.data, np.ndarray) and layer.data.shape == (96, 96)
+    before = np.asarray(layer.data[...]).copy()
+    with pytest.raises(ValueError, match="read-only"):
+        layer.data[0:4, 0:4] = 3                                          # the user's file is not written
+    np.testing.assert_array_equal(np.asarray(layer.data[...]), before)
+
+    # labels of another program (no record), and other files: napari's own readers open them
+    tifffile.imwrite(tmp_path / "other_labels.tif", np.ones((8, 8), np.uint16))
+    assert get_reader(str(tmp_path / "other_labels.tif")) is None
+    assert get_reader(str(tmp_path / "photo.png")) is None
+    assert get_reader(str(tmp_path / "missing_labels.tif")) is None
+    from napari_clearclip.batch.labels_reading import read_labels_output
+    from napari_clearclip.errors import InvalidImageError
+
+    with pytest.raises(InvalidImageError, match="not labels written by clearclip-segment"):
+        read_labels_output(tmp_path / "other_labels.tif")

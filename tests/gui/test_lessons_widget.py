@@ -454,3 +454,44 @@ def test_a_zarr_layer_whose_store_lacks_chunks_is_segmented_as_shown_and_the_sta
         reopened, ["sky", "grass"], crop=64, stride=32, refine="pamr", absent_chunks="fill",
         contrast_limits=tuple(viewer.layers["slide"].contrast_limits))
     np.testing.assert_array_equal(viewer.layers["slide classes"].data[:], expected)
+
+
+def test_labels_the_command_wrote_opened_in_napari_are_corrected_and_teach_like_the_widgets_own(qtbot, widget,
+                                                                                                tmp_path, capsys):
+    """A folder segmented by clearclip-segment (on a cluster, say) and copied to a laptop: its labels, opened
+    beside their image, are the result a run updates; a stroke on them is kept and teaches; the file stays."""
+    import shutil
+
+    import tifffile
+    from skimage.io import imsave
+
+    from napari_clearclip.batch.cli import main
+
+    cluster = tmp_path / "cluster"
+    cluster.mkdir()
+    imsave(cluster / "shapes.png", squares(7), check_contrast=False)
+    assert main([str(cluster / "shapes.png"), "--out", str(cluster / "out"), "--classes", "debris; red; background",
+                 "--model", "synthetic-tiny", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    laptop = tmp_path / "laptop"
+    shutil.copytree(cluster, laptop)
+    shutil.rmtree(cluster)                                       # only the copy is here
+    written = tifffile.imread(laptop / "out" / "shapes_labels.tif")
+
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    [image] = viewer.open(str(laptop / "shapes.png"))
+    [labels] = viewer.open(str(laptop / "out" / "shapes_labels.tif"), plugin="napari-clearclip")
+    other = (slice(128, 160), slice(128, 160))                   # the blue square nobody paints
+    assert np.mean(labels.data[other] == 1) < 0.5               # the text alone does not find debris
+    labels.brush_size = 9
+    labels.paint((48, 48), 1)                                   # a debris stroke on the first blue square
+    stroke = labels.data == 1
+    widget.image.value = image
+    run_and_wait(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == ["shapes", "shapes_labels"], widget.status.value
+    assert "kept" in widget.status.value, widget.status.value
+    assert np.all(labels.data[stroke] == 1)                      # the stroke is kept
+    assert np.mean(labels.data[other] == 1) > 0.9               # and taught: the other square is debris too
+    np.testing.assert_array_equal(tifffile.imread(laptop / "out" / "shapes_labels.tif"), written)   # file unchanged

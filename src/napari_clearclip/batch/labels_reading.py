@@ -23,13 +23,14 @@ IN_MEMORY_PIXELS = 8192 * 8192
 @dataclass(frozen=True)
 class LabelsOutput:
     """Labels read back: the array (a NumPy copy, or a read-only zarr array when too large), the class names of
-    labels 1, 2, ..., and the scale and translation that place them on their image's pixels."""
+    labels 1, 2, ..., the scale and translation that place them on their image's pixels, and the run's record
+    (the image file they were made from: ``source``, ``size``)."""
 
     data: object
     names: list[str]
     scale: tuple[float, ...]
     translate: tuple[float, ...]
-    source: str
+    record: dict
     in_memory: bool
 
 
@@ -61,7 +62,7 @@ def read_labels_output(path) -> LabelsOutput:
 
         data, in_memory = tifffile.imread(path), True
     scale, translate = _placement(record, data.ndim)
-    return LabelsOutput(data, names, scale, translate, str(record["source"]), in_memory)
+    return LabelsOutput(data, names, scale, translate, record, in_memory)
 
 
 def _placement(record: dict, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

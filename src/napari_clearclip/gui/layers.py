@@ -16,6 +16,7 @@ from napari.layers import Image, Labels
 from napari.utils.colormaps import DirectLabelColormap
 from qtpy.QtCore import QTimer
 
+from ..colours import colormap_dict
 from ..editing import apply_update
 from ..planes import ImageLayout
 
@@ -149,7 +150,35 @@ class ResultLayers:
         own = [result for result in fitting if result.image == image]
         if own:
             return next((result for result in own if result.layer.name == name), own[-1])
-        return next((result for result in fitting if result.layer.name == name and result.image not in live), None)
+        reopened = next((result for result in fitting if result.layer.name == name and result.image not in live), None)
+        return reopened if reopened is not None else self._opened_labels_of(layer, layout)
+
+    def _opened_labels_of(self, layer: Image, layout: ImageLayout) -> ResultLayer | None:
+        """Labels the command line wrote for this image's file, opened in napari (see :mod:`.reader`): a run updates
+        them in place, keeping what the user painted since they were read and learning from it, as on the widget's
+        own results. The file is the image layer's own (or a copy: the same name and size, as when a folder
+        segmented on a cluster is copied to a laptop)."""
+        from .reader import OPENED_KEY, same_image_file
+
+        source = getattr(getattr(layer, "source", None), "path", None)
+        if not source:
+            return None
+        for item in reversed(list(self._viewer.layers)):
+            mark = item.metadata.get(OPENED_KEY) if isinstance(item, Labels) else None
+            if not isinstance(mark, dict) or layer_key(item) in self._results:
+                continue
+            baseline = mark.get("baseline")
+            if (not isinstance(item.data, np.ndarray) or item.data.shape != layout.label_shape
+                    or not isinstance(baseline, np.ndarray) or baseline.shape != item.data.shape
+                    or not same_image_file(mark.get("record") or {}, source)):
+                continue
+            names = list(mark.get("names", []))
+            result = ResultLayer(item, baseline, names, colormap_dict(names), image=layer_key(layer))
+            item.events.paint.connect(self._painted)
+            _watch(item, self._replayed)
+            self._results[layer_key(item)] = result
+            return result
+        return None
 
     def forget_removed(self) -> None:
         """A deleted result layer is forgotten, with its baseline."""

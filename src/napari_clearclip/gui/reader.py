@@ -10,6 +10,19 @@ from ..batch.labels_reading import is_labels_output, read_labels_output
 OPENED_KEY = "napari-clearclip labels file"
 
 
+def same_image_file(record: dict, path) -> bool:
+    """Whether the file at ``path`` is the image a labels record was made from: the same file, or a copy of it
+    (the same name and size: a folder copied from the machine that segmented it)."""
+    try:
+        path = Path(path).resolve()
+        source = Path(str(record.get("source", "")))
+        if path == source:
+            return True
+        return path.name == source.name and path.is_file() and path.stat().st_size == record.get("size")
+    except (OSError, TypeError, ValueError):
+        return False
+
+
 def get_reader(path):
     """napari's reader hook: labels written by clearclip-segment (``<name>_labels.tif`` or ``_labels.zarr`` with
     the run's record), else None so that napari's own readers open the file."""
@@ -32,8 +45,9 @@ def read_labels_layers(path) -> list[tuple]:
         labels = read_labels_output(item)
         name = Path(item).name
         name = name[: -len(".zarr")] if name.endswith(".zarr") else Path(name).stem
-        metadata = {OPENED_KEY: {"file": str(Path(item).resolve()), "image": labels.source,
-                                 "in_memory": labels.in_memory}}
+        # the labels as read: what a run on their image tells the user's corrections from (in memory only)
+        metadata = {OPENED_KEY: {"file": str(Path(item).resolve()), "record": labels.record, "names": labels.names,
+                                 "baseline": labels.data.copy() if labels.in_memory else None}}
         layers.append((labels.data, {"name": name, "features": labels_features(labels.names),
                                      "colormap": DirectLabelColormap(color_dict=colormap_dict(labels.names)),
                                      "scale": labels.scale, "translate": labels.translate,

@@ -7,9 +7,12 @@ read: a store that does not match, is truncated, or is not ours is treated as mi
 and said once in a warning; the next run writes it again.
 
 A store is written into a temporary folder and renamed into place, so that a run killed while
-writing (or a full disk) never leaves a store that could be read as whole. The folder is
-bounded in size: after each write the stores read least recently are removed first, and so are the
-temporary folders of writers that died (at once for a process of this machine, after an hour otherwise).
+writing (or a full disk) never leaves a store that could be read as whole. The user
+cache's folder is bounded in size (2 GiB): after each write the stores read least recently are removed
+first. A folder the user names (``NAPARI_CLEARCLIP_FEATURE_STORE``, ``--feature-store``, a Segmenter's folder)
+is theirs: nothing in it is removed unless a bound is set (``NAPARI_CLEARCLIP_FEATURE_STORE_BYTES``), since it may
+hold what a cluster spent hours encoding. The temporary folders of writers that died are removed in any folder
+(at once for a process of this machine, after an hour otherwise).
 
 Runs write in the background (:meth:`FeatureStore.save_later`): a result never waits for the
 disk, and the writes still pending when the process exits normally are finished then.
@@ -36,16 +39,45 @@ log = logging.getLogger(__name__)
 FORMAT = "napari-clearclip features"
 VERSION = 1
 SUFFIX = ".zarr"
-#: Default bound of the store folder.
+#: Default bound of the store folder in the user cache.
 DEFAULT_MAX_BYTES = 2 << 30
+#: The environment variables naming the store folder, and a bound in bytes for it (e.g. 500G; 0 or none: none).
+ROOT_VARIABLE, BOUND_VARIABLE = "NAPARI_CLEARCLIP_FEATURE_STORE", "NAPARI_CLEARCLIP_FEATURE_STORE_BYTES"
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def default_root() -> Path:
     """``features/`` in the user cache (``NAPARI_CLEARCLIP_FEATURE_STORE`` names another folder, e.g. a shared one)."""
     from .cache import cache_dir
 
-    override = os.environ.get("NAPARI_CLEARCLIP_FEATURE_STORE")
+    override = os.environ.get(ROOT_VARIABLE)
     return Path(override) if override else cache_dir() / "features"
+
+
+def parse_bytes(text: str) -> int | None:
+    """A size such as "500G", "2 GiB", "1048576" or "none" in bytes (None: no bound)."""
+    from .errors import InvalidOptionError
+
+    value = str(text).strip().upper().replace("IB", "").replace(" ", "")
+    if value in ("", "0", "NONE"):
+        return None
+    number, unit = (value[:-1], value[-1]) if value[-1:] in _UNITS and not value[-1:].isdigit() else (value, "")
+    try:
+        size = float(number) * _UNITS[unit]
+    except (KeyError, ValueError):
+        raise InvalidOptionError(f"{BOUND_VARIABLE}={text!r} is not a size: give bytes, or a number with K, M, G or "
+                                 "T (e.g. 500G), or none for no bound.") from None
+    return int(size) if size > 0 else None
+
+
+def default_bound(root: Path | None) -> int | None:
+    """The bound of a store folder when none is given: ``NAPARI_CLEARCLIP_FEATURE_STORE_BYTES`` where it is set;
+    else 2 GiB for the user cache's folder, and none for a folder the user named (``root``, or the environment's)."""
+    setting = os.environ.get(BOUND_VARIABLE)
+    if setting is not None:
+        return parse_bytes(setting)
+    named = root is not None or bool(os.environ.get(ROOT_VARIABLE))
+    return None if named else DEFAULT_MAX_BYTES
 
 
 def _size(path: Path) -> int:
@@ -58,12 +90,18 @@ def _size(path: Path) -> int:
     return total
 
 
-class FeatureStore:
-    """A folder of per-image feature stores, bounded to ``max_bytes``."""
+#: ``FeatureStore(max_bytes=...)``'s default: the bound :func:`default_bound` gives the folder.
+FOLDER_DEFAULT = "default"
 
-    def __init__(self, root: str | os.PathLike | None = None, max_bytes: int = DEFAULT_MAX_BYTES):
+
+class FeatureStore:
+    """A folder of per-image feature stores, bounded to ``max_bytes`` (None: unbounded; by default 2 GiB for the
+    user cache, none for a folder the user names: see :func:`default_bound`)."""
+
+    def __init__(self, root: str | os.PathLike | None = None, max_bytes: int | None | str = FOLDER_DEFAULT):
         self.root = Path(root) if root is not None else default_root()
-        self.max_bytes = max_bytes
+        self.max_bytes = default_bound(None if root is None else Path(root)) if max_bytes == FOLDER_DEFAULT \
+            else max_bytes
         self._lock = threading.Lock()
         self._warned: set[str] = set()
 
@@ -147,7 +185,7 @@ class FeatureStore:
         if path.is_dir():
             return path
         nbytes = sum(int(f.numel()) * 4 for _, f in batches)
-        if nbytes > self.max_bytes:
+        if self.max_bytes is not None and nbytes > self.max_bytes:
             return None
         partial = self.root / f".{key}{_PARTIAL}{_HOST}-{os.getpid()}-{threading.get_ident()}"
         try:
@@ -225,10 +263,11 @@ class FeatureStore:
                         if _writer_died(entry.name) or time.time() - entry.stat().st_mtime > 3600:
                             shutil.rmtree(entry, ignore_errors=True)
                         continue
-                    if entry.is_dir() and entry.name.endswith(SUFFIX):
+                    if self.max_bytes is not None and entry.is_dir() and entry.name.endswith(SUFFIX):
                         stores.append((entry.stat().st_mtime, _size(entry), entry))
                 except OSError:
                     continue
+            # (a folder of the user's, unbounded, has no stores listed: only dead writers' folders go)
             total = sum(size for _, size, _ in stores)
             for _, size, entry in sorted(stores):
                 if total <= self.max_bytes:

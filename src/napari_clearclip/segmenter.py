@@ -47,10 +47,12 @@ class _Features:
 class Segmenter:
     """Open-vocabulary segmentation with ClearCLIP (or a related method) on a frozen CLIP.
 
-    ``feature_store`` keeps every image's features on disk (True: in the user cache, bounded to
-    ``feature_store_bytes``, 2 GiB by default; a folder: there, e.g. one a cluster filled with
+    ``feature_store`` keeps every image's features on disk (True: in the user cache, or the folder
+    ``NAPARI_CLEARCLIP_FEATURE_STORE`` names; a folder: there, e.g. one a cluster filled with
     ``clearclip-segment --features-only``; False: memory only), so an image opened again in a
-    new session is not encoded again.
+    new session is not encoded again. ``feature_store_bytes`` bounds the folder (the stores read least
+    recently removed first); by default ``NAPARI_CLEARCLIP_FEATURE_STORE_BYTES``, else 2 GiB for the user
+    cache and no bound for a folder you name, which may hold what a cluster spent hours encoding.
 
     >>> seg = Segmenter(model="ViT-B-16", pretrained="openai")          # doctest: +SKIP
     >>> res = seg.segment(image, ["sky", "horse, pony", "grass"])       # doctest: +SKIP
@@ -826,13 +828,13 @@ def _check_sizes(**sizes) -> None:
 
 def _feature_store(setting, max_bytes: int | None):
     """The feature store a Segmenter keeps image features in (None: memory only)."""
-    from .feature_store import DEFAULT_MAX_BYTES, FeatureStore
+    from .feature_store import FOLDER_DEFAULT, FeatureStore
 
     if setting is None or setting is False:
         return None
     if isinstance(setting, FeatureStore):
         return setting
-    return FeatureStore(None if setting is True else setting, DEFAULT_MAX_BYTES if max_bytes is None else max_bytes)
+    return FeatureStore(None if setting is True else setting, FOLDER_DEFAULT if max_bytes is None else max_bytes)
 
 
 def relabelled_pairs(steps, stage: str):

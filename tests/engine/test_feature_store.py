@@ -478,3 +478,71 @@ def test_a_live_rerun_hashes_its_image_once(monkeypatch):
 def counted(function, calls: list):
     """``function``, noting each call in ``calls``."""
     return lambda *args, **keywords: calls.append(1) or function(*args, **keywords)
+
+
+def _cluster_store(folder, gib: int = 3):
+    """A store another machine wrote long ago, of ``gib`` GiB (a sparse file: no disk is used)."""
+    store = folder / "from-the-cluster.zarr"
+    store.mkdir(parents=True)
+    with open(store / "batch_00000", "wb") as handle:
+        handle.truncate(gib << 30)
+    os.utime(store, (time.time() - 86400, time.time() - 86400))
+    return store
+
+
+def test_a_folder_the_user_names_is_never_trimmed_unless_they_bound_it_and_the_user_cache_is(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """A shared folder a cluster filled (hours of encoding) lost all but 2 GiB at the first write of napari or of
+    clearclip-segment --features-only there: the user cache's bound applied to every folder."""
+    from napari_clearclip.batch.cli import main
+
+    image = make_scene(3, size=256).image
+    shared = tmp_path / "shared"
+    kept = _cluster_store(shared)
+    monkeypatch.setenv("NAPARI_CLEARCLIP_FEATURE_STORE", str(shared))        # napari pointed at the folder
+    Segmenter("synthetic-tiny", device="cpu", disk_cache=False).segment(image, CLASSES, maps=False)
+    FeatureStore.flush()
+    assert kept.is_dir() and len(list(shared.glob("*.zarr"))) == 2
+    monkeypatch.delenv("NAPARI_CLEARCLIP_FEATURE_STORE")
+    Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=shared).segment(
+        make_scene(4, size=256).image, CLASSES, maps=False)                   # a script naming it
+    FeatureStore.flush()
+    assert kept.is_dir() and len(list(shared.glob("*.zarr"))) == 3
+    from skimage.io import imsave
+
+    imsave(tmp_path / "slide.png", make_scene(5, size=256).image, check_contrast=False)
+    assert main(["--features-only", "--feature-store", str(shared), str(tmp_path / "slide.png"),
+                 "--model", "synthetic-tiny", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert kept.is_dir() and len(list(shared.glob("*.zarr"))) == 4
+
+    # bounded when the user says so: the oldest go first
+    monkeypatch.setenv("NAPARI_CLEARCLIP_FEATURE_STORE_BYTES", "1G")
+    Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=shared).segment(
+        make_scene(6, size=256).image, CLASSES, maps=False)
+    FeatureStore.flush()
+    assert not kept.exists() and len(list(shared.glob("*.zarr"))) == 4
+    monkeypatch.delenv("NAPARI_CLEARCLIP_FEATURE_STORE_BYTES")
+
+    # the user cache keeps its bound of 2 GiB
+    from napari_clearclip.cache import cache_dir
+
+    cached = _cluster_store(cache_dir() / "features")
+    Segmenter("synthetic-tiny", device="cpu", disk_cache=False).segment(image, CLASSES, maps=False)
+    FeatureStore.flush()
+    assert not cached.exists() and len(list((cache_dir() / "features").glob("*.zarr"))) == 1
+
+
+def test_a_feature_store_bound_is_read_as_people_write_sizes():
+    from napari_clearclip.errors import InvalidOptionError
+    from napari_clearclip.feature_store import parse_bytes
+
+    assert parse_bytes("500G") == 500 << 30
+    assert parse_bytes("2 GiB") == 2 << 30
+    assert parse_bytes("1.5t") == int(1.5 * (1 << 40))
+    assert parse_bytes("1048576") == 1 << 20
+    assert parse_bytes("none") is None and parse_bytes("0") is None
+    with pytest.raises(InvalidOptionError, match="NAPARI_CLEARCLIP_FEATURE_STORE_BYTES='lots' is not a size"):
+        parse_bytes("lots")
+    with pytest.raises(ValueError):
+        parse_bytes("12Q")

@@ -117,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="only encode the images into the feature store (no labels): napari, or a later run, "
                              "then segments them with any classes without encoding them again")
     parser.add_argument("--feature-store", metavar="DIR", type=Path, default=None,
-                        help="the feature store folder (default: the user cache; napari reads another one named by "
-                             "NAPARI_CLEARCLIP_FEATURE_STORE); with a cluster, a folder every worker can write")
+                        help="the feature store folder (default: the user cache, bounded to 2 GiB; napari reads "
+                             "another one named by NAPARI_CLEARCLIP_FEATURE_STORE); with a cluster, a folder every "
+                             "worker can write. A folder named here is never trimmed unless "
+                             "NAPARI_CLEARCLIP_FEATURE_STORE_BYTES (e.g. 500G) bounds it")
     where = parser.add_argument_group("running on several processes or machines (needs the 'distributed' extra)")
     exclusive = where.add_mutually_exclusive_group()
     exclusive.add_argument("--cluster", metavar="local[:N]",

@@ -59,6 +59,10 @@ class InvalidOptionError(ClearClipError, ValueError):
         self.rule = rule
 
 
+class FeatureStoreNotFoundError(InvalidOptionError, FileNotFoundError):
+    """The feature store folder named does not exist (a typo would otherwise start an empty store)."""
+
+
 class OutOfMemoryError(ClearClipError, MemoryError):
     """The device or the host ran out of memory even in the smallest pieces the engine can use."""
 

@@ -105,6 +105,23 @@ def to_rgb_255(array: np.ndarray, contrast_limits: Sequence[float] | None = None
     return (data.unsqueeze(0).expand(3, -1, -1).contiguous() if data.ndim == 2 else data), whole
 
 
+def contrast_identity(array, contrast_limits: Sequence[float] | None) -> list[float] | None:
+    """The contrast limits as they change what the model sees: None where they change nothing, as for a uint8 image
+    at 0-255 or an image held in memory at its own range (what napari gives such layers by default), so that the
+    same pixels segmented in napari and by the command line share their stored features."""
+    limits = check_contrast_limits(contrast_limits)
+    if limits is None:
+        return None
+    dtype = np.dtype(array.dtype)
+    if dtype == np.uint8 and limits == (0.0, 255.0):
+        return None
+    if isinstance(array, np.ndarray) and array.size and dtype.kind in "uif":
+        colour = array[..., :3] if array.ndim == 3 else array
+        if (float(colour.min()), float(colour.max())) == limits:
+            return None
+    return list(limits)
+
+
 def resized_size(height: int, width: int, short_side: int | None, long_side: int = LONG_SIDE_CAP) -> tuple[int, int]:
     """The official keep-ratio rescale: short side to ``short_side``, long side at most ``long_side``."""
     if short_side is None:

@@ -17,7 +17,7 @@ from .clipdiy import background_index, check_foreground, fuse_foreground
 from .errors import InvalidOptionError, OutOfMemoryError
 from .hashing import pixel_digest
 from .lessons import Lesson, check_lesson
-from .image import check_image, normalise, prepare, prepare_with_intensities, whole_rgb
+from .image import check_image, contrast_identity, normalise, prepare, prepare_with_intensities, whole_rgb
 from .methods import encode_dense, get_method
 from .models import LoadedModel, device_there, load_model
 from .objects import check_objects
@@ -646,7 +646,7 @@ class Segmenter:
         digest.update(pixel_digest(array))
         identity = {"model": self.model.cache_id, "method": method, "package": __version__, "extra": extra,
                     "windows": [opts.short_side, opts.crop, opts.stride, opts.keep_aspect],
-                    "contrast": None if opts.contrast_limits is None else list(opts.contrast_limits),
+                    "contrast": contrast_identity(array, opts.contrast_limits),
                     "image": [list(array.shape), str(array.dtype)]}
         digest.update(repr(sorted(identity.items())).encode())
         key = digest.hexdigest()

@@ -546,3 +546,26 @@ def test_a_feature_store_bound_is_read_as_people_write_sizes():
         parse_bytes("lots")
     with pytest.raises(ValueError):
         parse_bytes("12Q")
+
+
+def test_the_same_pixels_seen_in_napari_and_by_the_command_line_share_their_features(tmp_path, monkeypatch):
+    """napari passes a layer's contrast limits (0-255 for uint8, the data's range by default otherwise); the command
+    line none. Limits that change nothing must not make another key: a laptop never found what a cluster stored."""
+    scene = make_scene(3, size=256).image
+    wide = (scene.astype(np.uint16) * 257 + 3).astype(np.uint16)               # a 16-bit image
+    first = session(tmp_path)
+    for image in (scene, wide):
+        first.segment(image, CLASSES, maps=False)                               # as the command line does
+    FeatureStore.flush()
+    assert len(list((tmp_path / "features").glob("*.zarr"))) == 2
+    second = session(tmp_path)
+    refuse_encoding(second, monkeypatch)
+    as_napari = [second.segment(scene, CLASSES, maps=False, contrast_limits=(0, 255)).labels,
+                 second.segment(wide, CLASSES, maps=False, contrast_limits=(int(wide.min()), int(wide.max()))).labels]
+    monkeypatch.undo()
+    np.testing.assert_array_equal(as_napari[0], first.segment(scene, CLASSES, maps=False).labels)
+    np.testing.assert_array_equal(as_napari[1], first.segment(wide, CLASSES, maps=False).labels)
+    # limits that do change the image are another image for the model: encoded, and stored apart
+    session(tmp_path).segment(wide, CLASSES, maps=False, contrast_limits=(0, 65535))
+    FeatureStore.flush()
+    assert len(list((tmp_path / "features").glob("*.zarr"))) == 3

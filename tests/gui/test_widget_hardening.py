@@ -951,3 +951,40 @@ def test_a_tiled_result_of_an_image_with_a_long_name_gets_a_store_it_can_write()
         path.mkdir()  # the name can be written
         assert tiled_store_path(name) != path  # a second run of the same image gets another store
         path.rmdir()
+
+
+def test_a_feature_store_folder_a_cluster_filled_is_chosen_in_the_widget_and_read(qtbot, widget, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A laptop annotates what a cluster encoded: the folder is a field of the widget (it was only an environment
+    variable set before napari starts); its features are read, not computed again; a missing folder is said."""
+    from skimage.io import imsave
+
+    from napari_clearclip.batch.cli import main
+    from napari_clearclip.demo.scenes import make_scene
+    from napari_clearclip.gui.fields import saved_values
+    from napari_clearclip.segmenter import Segmenter
+
+    image = make_scene(3, size=256).image
+    imsave(tmp_path / "scene.png", image, check_contrast=False)
+    shared = tmp_path / "shared"
+    assert main(["--features-only", "--feature-store", str(shared), str(tmp_path / "scene.png"),
+                 "--model", "synthetic-tiny", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.classes.value = "red\ngreen\nblue\nyellow\nbackground"
+    widget.image.value = viewer.add_image(image, name="scene")
+    widget.feature_store.value = str(tmp_path / "sahred")                  # a typo
+    assert widget.run() is None
+    assert "feature store folder" in widget.status.value and "does not exist" in widget.status.value
+    assert not (tmp_path / "sahred").exists()
+
+    def refuse(*_):
+        raise AssertionError("the image was encoded again")
+
+    monkeypatch.setattr(Segmenter, "_encode_crops", refuse)
+    widget.feature_store.value = str(shared)
+    run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    assert len(np.unique(viewer.layers["scene classes"].data)) > 1
+    assert saved_values(widget)["feature_store"] == str(shared)           # kept for the next session

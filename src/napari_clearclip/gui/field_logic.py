@@ -157,6 +157,15 @@ class FieldLogic:
         if path and os.path.isfile(path):
             self.pretrained.value = path
 
+    def choose_feature_store_folder(self, *_) -> None:
+        """Pick the folder of the Feature store field."""
+        from qtpy.QtWidgets import QFileDialog
+
+        path = QFileDialog.getExistingDirectory(self.native, "Choose the feature store folder",
+                                                self.feature_store.value or "")
+        if path and os.path.isdir(path):
+            self.feature_store.value = path
+
     def switch_to_demo_model(self, *_):
         """The one-click way out when CLIP weights cannot be downloaded."""
         self.model.value = DEMO_MODEL

@@ -163,6 +163,14 @@ FIELDS: tuple[Field, ...] = (
     Field("precision", lambda w: ComboBox(name="precision", label="Precision", choices=list(PRECISIONS), value="auto",
                                           tooltip="auto: fp16 on a GPU, exact fp32 on the CPU; bf16 is faster on "
                                                   "recent CPUs, slightly less exact"), section="advanced"),
+    Field("feature_store", lambda w: LineEdit(name="feature_store", label="Feature store",
+                                              tooltip="A folder of image features on disk, e.g. one a cluster filled "
+                                                      "with clearclip-segment --features-only: images whose features "
+                                                      "are there are not encoded again, and new ones are added. "
+                                                      "Nothing in a folder chosen here is removed. Empty: the user "
+                                                      "cache (2 GiB, the least used removed first), or the folder "
+                                                      "NAPARI_CLEARCLIP_FEATURE_STORE names"),
+          section="advanced"),
     Field("templates", lambda w: TextEdit(name="templates", label="Templates",
                                           tooltip="One prompt template per line with {} for the class; empty = the 80 "
                                                   "ImageNet templates"), section="advanced"),
@@ -217,6 +225,11 @@ def full_size_button() -> PushButton:
                       tooltip="The labels of an image segmented at a reduced size (with Resize on, one too large to "
                               "hold), edits included, written at the image's full size into a new zarr store, a band "
                               "of rows at a time: each pixel takes the label shown over it")
+
+
+def choose_folder_button() -> PushButton:
+    return PushButton(name="choose_feature_store", text="Choose folder...",
+                      tooltip="Pick the feature store folder (for example a shared one a cluster filled)")
 
 
 def choose_file_button() -> PushButton:

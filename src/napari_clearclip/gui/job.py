@@ -108,8 +108,9 @@ def tiled_store_path(image_name: str) -> Path:
     return path
 
 
-def _loaded(holder: ModelHolder, spec: ModelSpec):
-    """Generator: the model for ``spec``, loaded once and kept (progress while loading)."""
+def _loaded(holder: ModelHolder, spec: ModelSpec, feature_store: str | None = None):
+    """Generator: the model for ``spec``, loaded once and kept (progress while loading), keeping image features in
+    the ``feature_store`` folder (None: the default one)."""
     segmenter = holder.get(spec)
     if segmenter is None:
         yield Progress("loading", 0, 1, detail=f"Loading {spec.model} ({spec.pretrained or 'default weights'})...")
@@ -117,11 +118,24 @@ def _loaded(holder: ModelHolder, spec: ModelSpec):
                               precision=spec.precision)
         holder.keep(spec, segmenter)
     segmenter.method = spec.method
+    use_feature_store(segmenter, feature_store)
     return segmenter
 
 
+def use_feature_store(segmenter: Segmenter, folder: str | None) -> None:
+    """Keep ``segmenter``'s image features in ``folder`` (the Feature store field; None: the user cache, or the
+    folder ``NAPARI_CLEARCLIP_FEATURE_STORE`` names), switching only when it names another folder."""
+    from ..feature_store import FeatureStore, default_root
+
+    root = Path(folder).expanduser() if folder else default_root()
+    current = segmenter.feature_store
+    if current is None or current.root != root:
+        segmenter.feature_store = FeatureStore(root if folder else None)
+
+
 def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, store: Path, new_layer: dict,
-              background: tuple[str, ...] = (), lessons: tuple = (), objects=None, painted_on: tuple | None = None):
+              background: tuple[str, ...] = (), lessons: tuple = (), objects=None, painted_on: tuple | None = None,
+              feature_store: str | None = None):
     """Worker body for a large image: segment it tile by tile into ``store`` (yielding progress per tile), taught by
     the ``lessons`` that fit the run and by what the user painted on an earlier result of the image (``painted_on``:
     its store and class names), each of the ``objects`` (instance ids of the image's size) given a class, and
@@ -130,7 +144,7 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     from ..prompts import parse_classes
     from ..zarr_images import absent_chunk_count
 
-    segmenter = yield from _loaded(holder, spec)
+    segmenter = yield from _loaded(holder, spec, feature_store)
     # the image is on screen, where chunks missing from its store show as the fill value: the run reads them so
     # too (a store may leave out chunks that hold only that value), and the status says how many there were
     absent = absent_chunk_count(image)
@@ -185,10 +199,11 @@ def _tiled_outcome(labels, table, store: Path, parts, painted_on, parsed, crop, 
                        table, painted_count(parts), late), layer
 
 
-def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None):
+def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None,
+                     feature_store: str | None = None):
     """Worker body: load (or reuse) the model, segment and merge plane by plane (yielding progress), and build
     the new Labels layer, if one is to be added, so that the GUI thread only inserts it."""
-    segmenter = yield from _loaded(holder, spec)
+    segmenter = yield from _loaded(holder, spec, feature_store)
     result = yield from segment_layer(segmenter, request)
     update = result.update
     prepare_first_draw(update.full if update.full is not None else update.baseline, update.colours)

@@ -9,6 +9,7 @@ sets layers and text, nothing more.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import napari
@@ -22,7 +23,7 @@ from qtpy.QtCore import QTimer
 from .collections import settle
 from ..choices import DEMO_MODEL
 from ..editing import SparePlanes
-from ..errors import ClearClipError, InvalidClassesError
+from ..errors import ClearClipError, FeatureStoreNotFoundError, InvalidClassesError
 from .. import compiled_snapping
 from ..models import ModelSpec, device_there
 from ..options import SegmentOptions
@@ -31,7 +32,8 @@ from ..progress import Progress
 from ..prompts import parse_classes
 from ..reduced import BlockMeans, Reduction, limits_for_side, reduced_for_resize
 from .field_logic import FieldLogic
-from .fields import build_fields, choose_file_button, full_size_button, lesson_buttons, saved_values
+from .fields import (build_fields, choose_file_button, choose_folder_button, full_size_button, lesson_buttons,
+                     saved_values)
 from .job import TILED_PIXELS, ModelHolder, layer_request, ready_job, segmentation_job, tiled_job, tiled_store_path
 from .layers import ResultLayers, layer_geometry, layer_key, probability_layers, result_of_image
 from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
@@ -95,6 +97,12 @@ class ClearClipWidget(FieldLogic, Container):
                                        lesson_row)
         self.save_full_size_button = full_size_button()
         sections["output"].append(self.save_full_size_button)
+        self.choose_feature_store = choose_folder_button()
+        store_row = Container(name="feature_store_row", label="Feature store", layout="horizontal", labels=False,
+                              widgets=[fields["feature_store"], self.choose_feature_store])
+        store_row.native.layout().setContentsMargins(0, 0, 0, 0)
+        at = [w.name for w in sections["advanced"]].index("feature_store")
+        sections["advanced"][at] = store_row
         self.advanced = Container(name="advanced", label=" ", widgets=sections["advanced"], visible=False)
         self.run_button = PushButton(name="run_button", text="Run")
         self.cancel_button = PushButton(name="cancel_button", text="Cancel", enabled=False)
@@ -122,6 +130,7 @@ class ClearClipWidget(FieldLogic, Container):
         self.method.changed.connect(self._on_method_changed)
         self.foreground.changed.connect(self._on_foreground_changed)
         self.choose_weights.changed.connect(self.choose_weights_file)
+        self.choose_feature_store.changed.connect(self.choose_feature_store_folder)
         self.image.changed.connect(self._on_image_changed)
         self.channel_axis.changed.connect(self._on_channel_axis_changed)
         self.show_advanced.changed.connect(lambda on: setattr(self.advanced, "visible", on))
@@ -282,6 +291,7 @@ class ClearClipWidget(FieldLogic, Container):
                                      f"but the labels of '{layer.name}' are {layout.label_shape}{reduced}: pick the "
                                      "objects of this image, or none.")
             foreground = self.foreground_request(layout)
+            store_folder = self._feature_store_folder()
         except ClearClipError as exc:
             self._show_error(exc)
             return None
@@ -315,7 +325,7 @@ class ClearClipWidget(FieldLogic, Container):
         if reduction is not None:  # the labels of a level sit on the image at its scale
             geometry = reduction.geometry(**geometry)
         new_layer = None if target is not None else {"name": f"{layer.name} classes", **geometry}
-        worker = create_worker(segmentation_job, self._models, self.model_spec(), request, new_layer,
+        worker = create_worker(segmentation_job, self._models, self.model_spec(), request, new_layer, store_folder,
                                _start_thread=False, _ignore_errors=True)
         context = {"layer": layer, "data": layer.data, "layout": layout, "target": target, "model": self.model.value,
                    "objects": objects_layer, "reduction": reduction, "geometry": geometry,
@@ -327,6 +337,19 @@ class ClearClipWidget(FieldLogic, Container):
         worker.errored.connect(lambda *_: previews is not None and previews.revert())
         self._previews = previews
         return self._launch(worker, f"Starting on {layer.name} ({len(planes)} slice{'s' if len(planes) > 1 else ''})...")
+
+    def _feature_store_folder(self) -> str | None:
+        """The Feature store field's folder (None when empty: the default one); one that does not exist is refused,
+        so that a mistyped path does not start an empty store."""
+        text = self.feature_store.value.strip()
+        if not text:
+            return None
+        folder = os.path.expanduser(text)
+        if not os.path.isdir(folder):
+            raise FeatureStoreNotFoundError(f"The feature store folder {text} does not exist: choose an existing "
+                                            "folder in Advanced options (Feature store), or leave it empty for the "
+                                            "user cache.")
+        return os.path.abspath(folder)
 
     def _launch(self, worker, status: str):
         """Show progress and the Cancel button for ``worker``, and start it from the event loop (so that a
@@ -412,8 +435,8 @@ class ClearClipWidget(FieldLogic, Container):
         if objects_layer is not None:
             objects = objects_layer.data[0] if objects_layer.multiscale else objects_layer.data
         worker = create_worker(tiled_job, self._models, self.model_spec(), data, names, options, store, new_layer,
-                               background, tuple(lessons or ()), objects, painted_on, _start_thread=False,
-                               _ignore_errors=True)
+                               background, tuple(lessons or ()), objects, painted_on, self._feature_store_folder(),
+                               _start_thread=False, _ignore_errors=True)
 
         def discard():  # a cancelled or failed run leaves no store behind
             shutil.rmtree(store.with_name(store.name + ".partial"), ignore_errors=True)

@@ -259,7 +259,7 @@ def test_probability_maps_never_replace_a_layer_of_the_users_that_has_their_name
 
 def test_fields_explain_themselves(widget):
     for name in ("image", "model", "pretrained", "choose_weights", "method", "device", "probability_output",
-                 "new_layer", "crop", "stride", "logit_scale", "precision"):
+                 "new_layer", "crop", "stride", "logit_scale", "precision", "feature_store", "choose_feature_store"):
         assert getattr(widget, name).tooltip, name
     assert "NACLIP" in widget.method.tooltip and "MaskCLIP" in widget.method.tooltip
     from qtpy.QtWidgets import QLabel

@@ -88,7 +88,12 @@ def test_a_large_labels_store_opens_read_only_and_other_files_are_left_to_napari
         layer.data[0:4, 0:4] = 3                                          # the user's file is not written
     np.testing.assert_array_equal(np.asarray(layer.data[...]), before)
 
-    # labels of another program (no record), and other files: napari's own readers open them
+    # corrected and saved over by another program (napari's own writer keeps no record): the class table beside
+    tifffile.imwrite(tmp_path / "zarr" / "photo_labels.tif", np.full((96, 96), 2, np.uint16))
+    resaved = _opened(viewer, tmp_path / "zarr" / "photo_labels.tif")
+    assert list(resaved.features["class"]) == ["unassigned", *CLASSES] and np.all(resaved.data == 2)
+
+    # labels of another program (no record, no table), and other files: napari's own readers open them
     tifffile.imwrite(tmp_path / "other_labels.tif", np.ones((8, 8), np.uint16))
     assert get_reader(str(tmp_path / "other_labels.tif")) is None
     assert get_reader(str(tmp_path / "photo.png")) is None

@@ -35,22 +35,29 @@ class LabelsOutput:
 
 
 def is_labels_output(path) -> bool:
-    """Whether ``path`` is labels this command wrote (by its name and the record in it)."""
+    """Whether ``path`` is labels this command wrote: by its name, and the record in it or the class table beside it
+    (labels corrected and saved over by another program, such as napari, keep their table)."""
     path = Path(path)
-    return path.name.endswith(LABELS_SUFFIXES) and path.exists() and read_record(path) is not None
+    return path.name.endswith(LABELS_SUFFIXES) and path.exists() and (
+        read_record(path) is not None or _class_table(path) is not None)
 
 
 def read_labels_output(path) -> LabelsOutput:
     """Read labels this command wrote, with their classes and placement; raise InvalidImageError for any other
-    file (one without the record: written elsewhere, or saved again by another program)."""
+    file (one with neither the record nor the class table beside it: written elsewhere)."""
     from ..prompts import parse_classes
 
     path = Path(path)
-    record = read_record(path) if path.name.endswith(LABELS_SUFFIXES) and path.exists() else None
-    if record is None or not isinstance(record.get("classes"), list):
-        raise InvalidImageError(f"{path} is not labels written by clearclip-segment (it has no record of their "
-                                "classes): open it as an image, or with napari's own reader.")
-    names = [query.name for query in parse_classes(record["classes"])]
+    ours = path.name.endswith(LABELS_SUFFIXES) and path.exists()
+    record = read_record(path) if ours else None
+    if record is not None and isinstance(record.get("classes"), list):
+        names = [query.name for query in parse_classes(record["classes"])]
+    else:   # saved over by another program: the classes from the table the run wrote beside them
+        record, names = {}, _class_table(path) if ours else None
+        if names is None:
+            raise InvalidImageError(f"{path} is not labels written by clearclip-segment (it has no record of their "
+                                    "classes, and no class table beside it): open it as an image, or with napari's "
+                                    "own reader.")
     if path.is_dir():
         import zarr
 
@@ -63,6 +70,23 @@ def read_labels_output(path) -> LabelsOutput:
         data, in_memory = tifffile.imread(path), True
     scale, translate = _placement(record, data.ndim)
     return LabelsOutput(data, names, scale, translate, record, in_memory)
+
+
+def _class_table(path: Path) -> list[str] | None:
+    """The class names of labels 1, 2, ... from the ``<name>_classes.csv`` the run wrote beside ``path``, or None."""
+    import csv
+
+    stem = next(path.name[: -len(suffix)] for suffix in LABELS_SUFFIXES if path.name.endswith(suffix))
+    table = path.with_name(f"{stem}_classes.csv")
+    try:
+        with open(table, newline="", encoding="utf-8") as handle:
+            rows = {int(row["label"]): str(row["name"]) for row in csv.DictReader(handle)}
+    except (OSError, KeyError, ValueError, TypeError, csv.Error):
+        return None
+    count = max(rows, default=0)
+    if count < 1 or any(label not in rows for label in range(1, count + 1)):
+        return None
+    return [rows[label] for label in range(1, count + 1)]
 
 
 def _placement(record: dict, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

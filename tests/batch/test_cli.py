@@ -211,6 +211,17 @@ def test_a_folder_that_is_also_the_output_folder_gives_its_images_not_the_labels
     # labels of another program's, without this command's record, are images like any other
     tifffile.imwrite(plate / "w4_labels.tif", rgb_image)
     assert plate / "w4_labels.tif" in expand_inputs([plate])
+    # but labels this command wrote, corrected and saved over in napari (which keeps no record), are still its
+    # outputs, by the class table beside them: never segmented as images, never replaced unasked
+    corrected = tifffile.imread(plate / "w1_labels.tif")
+    corrected[:8, :8] = 1
+    tifffile.imwrite(plate / "w1_labels.tif", corrected)
+    (plate / "w4_labels.tif").unlink()
+    assert expand_inputs([plate]) == inputs
+    assert main(args) == 0
+    assert "0 of 3 images segmented" in capsys.readouterr().err
+    assert not list(plate.glob("*_labels_*"))
+    np.testing.assert_array_equal(tifffile.imread(plate / "w1_labels.tif"), corrected)
 
 
 def test_interrupted_write_leaves_no_partial_file(tmp_path, tiny_checkpoint, rgb_image, capsys, monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidImageError
-from .provenance import LABELS_SUFFIXES, read_record
+from .provenance import LABELS_SUFFIXES, class_table_names, read_record
 
 #: Labels of at most this many pixels are read into memory (an editable copy: the file is never written); larger
 #: ``_labels.zarr`` stores are opened read-only (painting on them is refused).
@@ -39,7 +39,7 @@ def is_labels_output(path) -> bool:
     (labels corrected and saved over by another program, such as napari, keep their table)."""
     path = Path(path)
     return path.name.endswith(LABELS_SUFFIXES) and path.exists() and (
-        read_record(path) is not None or _class_table(path) is not None)
+        read_record(path) is not None or class_table_names(path) is not None)
 
 
 def read_labels_output(path) -> LabelsOutput:
@@ -53,7 +53,7 @@ def read_labels_output(path) -> LabelsOutput:
     if record is not None and isinstance(record.get("classes"), list):
         names = [query.name for query in parse_classes(record["classes"])]
     else:   # saved over by another program: the classes from the table the run wrote beside them
-        record, names = {}, _class_table(path) if ours else None
+        record, names = {}, class_table_names(path) if ours else None
         if names is None:
             raise InvalidImageError(f"{path} is not labels written by clearclip-segment (it has no record of their "
                                     "classes, and no class table beside it): open it as an image, or with napari's "
@@ -70,23 +70,6 @@ def read_labels_output(path) -> LabelsOutput:
         data, in_memory = tifffile.imread(path), True
     scale, translate = _placement(record, data.ndim)
     return LabelsOutput(data, names, scale, translate, record, in_memory)
-
-
-def _class_table(path: Path) -> list[str] | None:
-    """The class names of labels 1, 2, ... from the ``<name>_classes.csv`` the run wrote beside ``path``, or None."""
-    import csv
-
-    stem = next(path.name[: -len(suffix)] for suffix in LABELS_SUFFIXES if path.name.endswith(suffix))
-    table = path.with_name(f"{stem}_classes.csv")
-    try:
-        with open(table, newline="", encoding="utf-8") as handle:
-            rows = {int(row["label"]): str(row["name"]) for row in csv.DictReader(handle)}
-    except (OSError, KeyError, ValueError, TypeError, csv.Error):
-        return None
-    count = max(rows, default=0)
-    if count < 1 or any(label not in rows for label in range(1, count + 1)):
-        return None
-    return [rows[label] for label in range(1, count + 1)]
 
 
 def _placement(record: dict, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

@@ -94,15 +94,36 @@ def read_record(labels_path: Path) -> dict | None:
 
 def is_batch_output(path: Path) -> bool:
     """Whether ``path`` is labels (or probabilities) a batch wrote, by its name and the record in it (or in the labels
-    beside it): a folder that is also the output folder holds them, and they are not images to segment."""
+    beside it), or the class table a batch wrote beside it (labels corrected and saved over by another program, such
+    as napari, which keeps no record): a folder that is also the output folder holds them, and they are not images
+    to segment."""
     name = path.name
     if name.endswith(LABELS_SUFFIXES):
-        return read_record(path) is not None
+        return read_record(path) is not None or class_table_names(path) is not None
     if name.endswith("_probabilities.tif"):
         stem = name[: -len("_probabilities.tif")]
-        return any(read_record(path.with_name(stem + suffix)) is not None for suffix in LABELS_SUFFIXES
+        return any(is_batch_output(path.with_name(stem + suffix)) for suffix in LABELS_SUFFIXES
                    if path.with_name(stem + suffix).exists())
     return False
+
+
+def class_table_names(path: Path) -> list[str] | None:
+    """The class names of labels 1, 2, ... from the ``<name>_classes.csv`` the run wrote beside ``path``, or None."""
+    import csv
+
+    stem = next((path.name[: -len(suffix)] for suffix in LABELS_SUFFIXES if path.name.endswith(suffix)), None)
+    if stem is None:
+        return None
+    table = path.with_name(f"{stem}_classes.csv")
+    try:
+        with open(table, newline="", encoding="utf-8") as handle:
+            rows = {int(row["label"]): str(row["name"]) for row in csv.DictReader(handle)}
+    except (OSError, KeyError, ValueError, TypeError, csv.Error):
+        return None
+    count = max(rows, default=0)
+    if count < 1 or any(label not in rows for label in range(1, count + 1)):
+        return None
+    return [rows[label] for label in range(1, count + 1)]
 
 
 @dataclass

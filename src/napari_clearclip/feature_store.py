@@ -277,6 +277,14 @@ class FeatureStore:
 
 
 
+def filled_share(store: FeatureStore) -> float:
+    """How full a bounded store folder is (its stores' bytes over its bound; 0 for an unbounded one)."""
+    if store.max_bytes is None or not store.root.is_dir():
+        return 0.0
+    total = sum(_size(entry) for entry in store.root.iterdir() if entry.name.endswith(SUFFIX) and entry.is_dir())
+    return total / store.max_bytes
+
+
 _PARTIAL = ".partial-"
 _HOST = socket.gethostname().replace("-", "_")
 

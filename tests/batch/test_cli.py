@@ -369,6 +369,28 @@ def test_cli_features_only_fills_the_store_and_needs_no_classes(tmp_path, capsys
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*_labels.tif"))
 
 
+def test_cli_features_only_says_when_the_user_caches_bounded_store_is_full(tmp_path, capsys, monkeypatch):
+    """Encoding a folder into the user cache, bounded, removes the least used stores as it goes: said, with the
+    way out (a folder of one's own is never trimmed)."""
+    from napari_clearclip.batch.cli import main
+    from napari_clearclip.demo.scenes import make_scene
+    from napari_clearclip.cache import cache_dir
+    from skimage.io import imsave
+
+    for seed in (3, 4, 5):
+        imsave(tmp_path / f"{seed}.png", make_scene(seed, size=128).image, check_contrast=False)
+    monkeypatch.setenv("NAPARI_CLEARCLIP_FEATURE_STORE_BYTES", "2M")
+    images = [str(tmp_path / f"{seed}.png") for seed in (3, 4, 5)]
+    assert main([*images, "--features-only", "--model", "synthetic-tiny"]) == 0
+    err = capsys.readouterr().err
+    assert f"3 of 3 images' features stored in the user cache ({cache_dir() / 'features'})" in err
+    assert "is bounded to 0.00195 GiB and is full" in err and "--feature-store DIR (never trimmed)" in err, err
+    monkeypatch.delenv("NAPARI_CLEARCLIP_FEATURE_STORE_BYTES")                  # (it bounds a named folder too)
+    assert main([*images, "--features-only", "--model", "synthetic-tiny", "--feature-store", str(tmp_path / "mine")]) == 0
+    err = capsys.readouterr().err
+    assert "is full" not in err and len(list((tmp_path / "mine").glob("*.zarr"))) == 3
+
+
 def test_clipdiy_with_foreground_maps_beside_each_image(tmp_path, capsys):
     from napari_clearclip.demo.scenes import held_out_scenes
 

@@ -375,9 +375,20 @@ def _store_only(args, client, on_report, bar, started, stop: StopOnce | None = N
         lambda: "the images encoded so far are stored; run the same command again to go on.")
     if isinstance(reports, int):
         return reports
+    from ..feature_store import FeatureStore, filled_share
+
     done = sum(r.status == "done" for r in reports)
-    where = args.feature_store or "the user cache"
+    store = FeatureStore(args.feature_store)
+    where = store.root if args.feature_store or os.environ.get("NAPARI_CLEARCLIP_FEATURE_STORE") else \
+        f"the user cache ({store.root})"
     print(f"{done} of {len(reports)} images' features stored in {where}", file=sys.stderr)
+    kept = len(list(store.root.glob("*.zarr"))) if store.root.is_dir() else 0
+    if store.max_bytes is not None and (kept < done or filled_share(store) >= 0.9):
+        print(f"note: {where} is bounded to {store.max_bytes / (1 << 30):.3g} GiB and is full: the stores read least "
+              "recently are removed to make room (some of this run's already), so those images will be encoded "
+              "again. Name a folder with "
+              "--feature-store DIR (never trimmed), or raise the bound with NAPARI_CLEARCLIP_FEATURE_STORE_BYTES "
+              "(e.g. 50G).", file=sys.stderr)
     return 1 if done < len(reports) else 0
 
 

@@ -609,12 +609,13 @@ def _run_on_cluster(client, tasks: list[Task], args, finished) -> None:
 
 def store_task(spec, task: Task, options: SegmentOptions, store_dir: str | None) -> FileReport:
     """Encode one image (or one plane of a stack) into the feature store, unless it is stored already."""
-    from ..feature_store import FeatureStore
+    from ..feature_store import FeatureStore, default_root
     from .cluster import segmenter_for, worker_name
 
     start = time.perf_counter()
     segmenter = segmenter_for(spec)
-    if store_dir is not None and (segmenter.feature_store is None or segmenter.feature_store.root != Path(store_dir)):
+    wanted = Path(store_dir) if store_dir is not None else default_root()   # a worker's segmenter outlives a run
+    if segmenter.feature_store is None or segmenter.feature_store.root != wanted:
         segmenter.feature_store = FeatureStore(store_dir)
     try:
         # what a run segments: a slide too large to hold at its level, as its runs (and napari) will

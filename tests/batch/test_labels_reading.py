@@ -103,3 +103,18 @@ def test_a_large_labels_store_opens_read_only_and_other_files_are_left_to_napari
 
     with pytest.raises(InvalidImageError, match="not labels written by clearclip-segment"):
         read_labels_output(tmp_path / "other_labels.tif")
+
+
+def test_painted_pixels_kept_in_a_record_come_back_exactly():
+    from napari_clearclip.batch.labels_reading import decode_edits, encode_edits
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (7, 13), (192, 192), (3, 33, 65), (2, 1, 9)]:
+        for share in (0.0, 0.01, 0.5, 1.0):
+            mask = rng.random(shape) < share
+            record = {"edited": encode_edits(mask)}
+            np.testing.assert_array_equal(decode_edits(record, shape), mask)
+    record = {"edited": encode_edits(np.ones((4, 4), bool))}
+    assert decode_edits(record, (4, 5)) is None                       # labels of another shape
+    assert decode_edits({"edited": {"shape": [4, 4], "bits": "not base64 zlib"}}, (4, 4)) is None
+    assert decode_edits({}, (4, 4)) is None

@@ -495,3 +495,55 @@ def test_labels_the_command_wrote_opened_in_napari_are_corrected_and_teach_like_
     assert np.all(labels.data[stroke] == 1)                      # the stroke is kept
     assert np.mean(labels.data[other] == 1) > 0.9               # and taught: the other square is debris too
     np.testing.assert_array_equal(tifffile.imread(laptop / "out" / "shapes_labels.tif"), written)   # file unchanged
+
+
+def test_save_labels_writes_the_command_lines_format_which_opens_again_as_the_images_result(qtbot, widget, tmp_path,
+                                                                                            capsys):
+    """A corrected result saved with its classes (napari's own Save keeps none), opened again in a later session
+    beside its image: the classes, the edits and the image's result are back; a re-run of the command line on the
+    folder keeps it."""
+    import tifffile
+    from skimage.io import imsave
+
+    from napari_clearclip.batch.cli import main
+
+    imsave(tmp_path / "shapes.png", squares(7), check_contrast=False)
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    [image] = viewer.open(str(tmp_path / "shapes.png"))
+    widget.image.value = image
+    assert not widget.save_labels_button.visible                  # nothing to save yet
+    run_and_wait(qtbot, widget)
+    assert widget.save_labels_button.visible
+    result = viewer.layers["shapes classes"]
+    before = np.array(result.data)
+    result.brush_size = 9
+    result.paint((48, 48), 1)                                     # a debris stroke
+    corrected = np.array(result.data)
+    stroke = corrected != before
+    worker = widget.save_labels(tmp_path / "shapes.tif")          # named as the command line names labels
+    qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
+    assert worker is not None and "shapes_labels.tif" in widget.status.value
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "shapes_labels.tif"), corrected)
+    assert (tmp_path / "shapes_classes.csv").read_text().splitlines()[1:] == [
+        "0,unassigned,,0", f"1,debris,debris,{(corrected == 1).sum()}", f"2,red,red,{(corrected == 2).sum()}",
+        f"3,background,background,{(corrected == 3).sum()}"]
+    widget.save_labels(tmp_path / "shapes_labels.tif")           # never replaced unasked
+    assert "exists" in widget.status.value
+
+    # a later session: the image and its saved labels opened again
+    viewer.layers.clear()
+    [image] = viewer.open(str(tmp_path / "shapes.png"))
+    [labels] = viewer.open(str(tmp_path / "shapes_labels.tif"), plugin="napari-clearclip")
+    assert list(labels.features["class"]) == ["unassigned", "debris", "red", "background"]
+    widget.image.value = image
+    run_and_wait(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == ["shapes", "shapes_labels"], widget.status.value
+    assert stroke.any() and np.all(labels.data[stroke] == 1)     # the stroke is still the user's: kept, taught
+    assert np.mean(labels.data[128:160, 128:160] == 1) > 0.9
+    # the command line, run on the folder, keeps it as an output and segments only the image
+    assert main([str(tmp_path), "--out", str(tmp_path), "--classes", "debris; red; background",
+                 "--model", "synthetic-tiny", "--device", "cpu"]) == 1   # outputs not this run's: kept, said
+    assert "0 of 1 images segmented" in capsys.readouterr().err
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "shapes_labels.tif"), corrected)

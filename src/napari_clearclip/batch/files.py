@@ -294,6 +294,60 @@ def write_outputs(result, out_dir: Path, stem: str, save_probabilities: bool = F
     return [labels_path, table_path, *extra]
 
 
+def labels_file_path(path) -> Path:
+    """``path`` named as the command line names labels (``<name>_labels.tif``), so that they open again with their
+    classes: "cells.tif" and "cells" become "cells_labels.tif"."""
+    path = Path(path).expanduser()
+    if path.name.endswith("_labels.tif"):
+        return path
+    stem = path.name[: -len(path.suffix)] if path.suffix.lower() in (".tif", ".tiff") else path.name
+    return path.with_name(f"{stem}_labels.tif")
+
+
+def write_labels_file(path, labels: np.ndarray, names: list[str], source=None, overwrite: bool = False,
+                      placement: dict | None = None, edited: np.ndarray | None = None) -> list[Path]:
+    """Labels (a result corrected by hand, say) in the command line's format: ``<name>_labels.tif`` with a record of
+    their classes and of the image file they label (``source``, when there is one), and ``<name>_classes.csv``
+    beside, each written atomically. They open in napari with their classes, as that image's result, and a run of
+    the command line keeps them as outputs. An existing file is refused unless ``overwrite`` (a save dialog asked).
+    ``placement``: for labels of an image segmented at a reduced size, their ``scale`` and ``translate`` in the
+    image's pixels (along the plane's axes). ``edited``: the pixels the user painted, kept in the record so that,
+    opened again, they stay the user's (kept and taught) rather than taken for the model's answer."""
+    import tifffile
+
+    from ..prompts import ClassQuery
+    from ..results import class_rows
+
+    path = labels_file_path(path)
+    table = path.with_name(path.name[: -len("_labels.tif")] + "_classes.csv")
+    if not overwrite and (path.exists() or table.exists()):
+        raise OutputError(f"{path.name if path.exists() else table.name} exists in {path.parent}: choose another "
+                          "name (it is never overwritten unasked).")
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "ui" or (labels.size and labels.min() < 0):
+        raise InvalidImageError(f"labels of type {labels.dtype} with negative values cannot be saved as labels.")
+    record = {"source": "", "classes": list(names), "run": "napari"}
+    if placement is not None:
+        record["placement"] = {"scale": [float(v) for v in placement["scale"]],
+                               "translate": [float(v) for v in placement["translate"]]}
+    if source:
+        image = Path(source).expanduser().resolve()
+        record["source"] = str(image)
+        if image.is_file():
+            record["size"] = image.stat().st_size
+    if edited is not None and np.shape(edited) == labels.shape and np.any(edited):
+        from .labels_reading import encode_edits
+
+        record["edited"] = encode_edits(edited)
+    counts = np.bincount(labels.ravel(), minlength=len(names) + 1) if labels.size else np.zeros(len(names) + 1, int)
+    rows = class_rows([ClassQuery(name, (name,)) for name in names], counts)
+    dtype = np.uint16 if max(len(names), int(labels.max(initial=0))) < 65535 else np.uint32
+    write_atomic(table, lambda p: _write_class_table(p, rows))
+    write_atomic(path, lambda p: tifffile.imwrite(p, labels.astype(dtype, copy=False), photometric="minisblack",
+                                                  compression="zlib", metadata=tiff_metadata(record)))
+    return [path, table]
+
+
 def _write_objects_table(path: Path, objects: dict) -> None:
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)

@@ -72,6 +72,33 @@ def read_labels_output(path) -> LabelsOutput:
     return LabelsOutput(data, names, scale, translate, record, in_memory)
 
 
+def encode_edits(edited: np.ndarray) -> dict:
+    """The pixels a user painted (a boolean mask) as a record keeps them: packed bits, compressed, in text (a few
+    kilobytes for strokes)."""
+    import base64
+    import zlib
+
+    mask = np.asarray(edited, dtype=bool)
+    packed = zlib.compress(np.packbits(mask.ravel()).tobytes(), 9)
+    return {"shape": list(mask.shape), "bits": base64.b64encode(packed).decode("ascii")}
+
+
+def decode_edits(record: dict, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The painted pixels a record keeps for labels of ``shape`` (see :func:`encode_edits`), or None."""
+    import base64
+    import zlib
+
+    edits = record.get("edited")
+    try:
+        if not isinstance(edits, dict) or tuple(edits["shape"]) != tuple(shape):
+            return None
+        bits = np.frombuffer(zlib.decompress(base64.b64decode(edits["bits"])), dtype=np.uint8)
+        count = int(np.prod(shape))
+        return np.unpackbits(bits, count=count).astype(bool).reshape(shape)
+    except (KeyError, TypeError, ValueError, zlib.error):
+        return None
+
+
 def _placement(record: dict, ndim: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The labels' scale and translation in their image's pixels: none, or for labels of an image segmented at a
     reduced size, as the record keeps them (along the plane's two axes)."""

@@ -220,6 +220,13 @@ def lesson_buttons() -> tuple[PushButton, PushButton]:
     return save, load
 
 
+def save_labels_button() -> PushButton:
+    return PushButton(name="save_labels", text="Save labels...", visible=False,
+                      tooltip="Save this image's result, your edits included, as <name>_labels.tif with its class "
+                              "table (<name>_classes.csv) beside: the command line's format, which opens again in "
+                              "napari with its class names and as this image's result")
+
+
 def full_size_button() -> PushButton:
     return PushButton(name="save_full_size", text="Save at full size...", visible=False,
                       tooltip="The labels of an image segmented at a reduced size (with Resize on, one too large to "

@@ -158,6 +158,7 @@ class ResultLayers:
         them in place, keeping what the user painted since they were read and learning from it, as on the widget's
         own results. The file is the image layer's own (or a copy: the same name and size, as when a folder
         segmented on a cluster is copied to a laptop)."""
+        from ..batch.labels_reading import decode_edits
         from .reader import OPENED_KEY, same_image_file
 
         source = getattr(getattr(layer, "source", None), "path", None)
@@ -173,12 +174,22 @@ class ResultLayers:
                     or not same_image_file(mark.get("record") or {}, source)):
                 continue
             names = list(mark.get("names", []))
-            result = ResultLayer(item, baseline, names, colormap_dict(names), image=layer_key(layer))
+            # pixels painted before the labels were saved (Save labels... keeps them) stay the user's
+            edited = decode_edits(mark.get("record") or {}, baseline.shape)
+            result = ResultLayer(item, baseline, names, colormap_dict(names), edited=edited, image=layer_key(layer))
             item.events.paint.connect(self._painted)
             _watch(item, self._replayed)
             self._results[layer_key(item)] = result
             return result
         return None
+
+    def newest_of(self, image: Image) -> ResultLayer | None:
+        """The newest result of this image layer still in the viewer whose labels are in memory, or None."""
+        live = {layer_key(item) for item in self._viewer.layers}
+        key = layer_key(image)
+        own = [result for k, result in self._results.items() if k in live and result.image == key
+               and isinstance(result.layer.data, np.ndarray)]
+        return own[-1] if own else None
 
     def forget_removed(self) -> None:
         """A deleted result layer is forgotten, with its baseline."""

@@ -33,7 +33,7 @@ from ..prompts import parse_classes
 from ..reduced import BlockMeans, Reduction, limits_for_side, reduced_for_resize
 from .field_logic import FieldLogic
 from .fields import (build_fields, choose_file_button, choose_folder_button, full_size_button, lesson_buttons,
-                     saved_values)
+                     save_labels_button, saved_values)
 from .job import TILED_PIXELS, ModelHolder, layer_request, ready_job, segmentation_job, tiled_job, tiled_store_path
 from .layers import ResultLayers, layer_geometry, layer_key, probability_layers, result_of_image
 from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
@@ -95,8 +95,9 @@ class ClearClipWidget(FieldLogic, Container):
         lesson_row.native.layout().setContentsMargins(0, 0, 0, 0)
         sections["corrections"].insert([w.name for w in sections["corrections"]].index("share_lesson") + 1,
                                        lesson_row)
+        self.save_labels_button = save_labels_button()
         self.save_full_size_button = full_size_button()
-        sections["output"].append(self.save_full_size_button)
+        sections["output"] += [self.save_labels_button, self.save_full_size_button]
         self.choose_feature_store = choose_folder_button()
         store_row = Container(name="feature_store_row", label="Feature store", layout="horizontal", labels=False,
                               widgets=[fields["feature_store"], self.choose_feature_store])
@@ -142,6 +143,7 @@ class ClearClipWidget(FieldLogic, Container):
         self.save_lesson_button.changed.connect(lambda *_: self.save_lesson())
         self.load_lesson_button.changed.connect(lambda *_: self.load_lesson())
         self.save_full_size_button.changed.connect(lambda *_: self.save_at_full_size())
+        self.save_labels_button.changed.connect(lambda *_: self.save_labels())
         # every keystroke (magicgui's own "changed" of a TextEdit waits for the focus to leave)
         self.classes.native.textChanged.connect(self.live_mode.trigger)
         self.classes.native.textChanged.connect(self._on_classes_changed)
@@ -530,7 +532,66 @@ class ClearClipWidget(FieldLogic, Container):
         return None
 
     def _show_full_size_button(self) -> None:
+        """Show the save buttons that apply to the chosen image's results."""
         self.save_full_size_button.visible = self._full_size_layer() is not None
+        self.save_labels_button.visible = self._result_to_save() is not None
+
+    def _result_to_save(self):
+        """The chosen image's newest result held in memory (what Save labels... writes), or None."""
+        image = self.image.value
+        return None if image is None else self.results.newest_of(image)
+
+    def save_labels(self, path=None):
+        """Write the chosen image's result, edits included, as ``<name>_labels.tif`` with ``<name>_classes.csv`` beside
+        (``path``, asked for when None; a name not ending so is given ``_labels.tif``), in the background: the
+        command line's format, which opens again in napari with its classes and as this image's result. An
+        existing file is replaced only when the save dialog asked. Returns the worker (None when nothing starts)."""
+        from ..batch.files import labels_file_path, write_labels_file
+
+        result = self._result_to_save()
+        if result is None:
+            self._set_status("Nothing to save: run on this image first (its result is what Save labels... writes).")
+            return None
+        image, layer = self.image.value, result.layer
+        overwrite = path is None
+        if path is None:
+            from qtpy.QtWidgets import QFileDialog
+
+            source = getattr(getattr(image, "source", None), "path", None)
+            start = labels_file_path(Path(source).with_suffix("") if source else Path(image.name))
+            path, _ = QFileDialog.getSaveFileName(self.native, "Save labels", str(start), "Labels (*_labels.tif)")
+            if not path:
+                return None
+            overwrite = labels_file_path(path) == Path(path).expanduser()   # the dialog asked about that name only
+        target = labels_file_path(path)
+        table = target.with_name(target.name[: -len("_labels.tif")] + "_classes.csv")
+        existing = [item.name for item in (target, table) if not overwrite and item.exists()]
+        if existing:
+            self._set_status(f"{existing[0]} exists: choose another name (it is never overwritten unasked).",
+                             error=True)
+            return None
+        names = [str(name) for name in list(layer.features["class"])[1:]] if "class" in layer.features else \
+            list(result.names)
+        labels = np.array(layer.data)          # as shown now, edits included
+        source = getattr(getattr(image, "source", None), "path", None)
+        full = layer.metadata.get(FULL_SIZE_KEY)   # a reduced image's labels: placed over it when opened again
+        placement = None if not full else {"scale": list(full["factors"][-2:]),
+                                           "translate": [(float(f) - 1) / 2 for f in full["factors"][-2:]]}
+        self._set_status(f"Saving {layer.name} to {target}...")
+        baseline, painted = result.baseline, result.edited   # replaced, never changed in place: safe to read there
+
+        def write():
+            edited = labels != baseline if baseline.shape == labels.shape else None
+            if edited is not None and painted is not None and painted.shape == labels.shape:
+                edited |= painted
+            return write_labels_file(target, labels, names, source, overwrite, placement, edited)
+
+        worker = create_worker(write, _start_thread=False, _ignore_errors=True)
+        worker.returned.connect(lambda paths: self._set_status(f"Saved {layer.name} to {paths[0]}, its classes to "
+                                                               f"{paths[1].name}."))
+        worker.errored.connect(lambda exc: self._set_status(f"Could not save {layer.name}: {exc}", error=True))
+        worker.start()
+        return worker
 
     def save_at_full_size(self, path=None):
         """Write the labels of the chosen image's reduced result at the image's full size into a new zarr store
@@ -804,7 +865,7 @@ class ClearClipWidget(FieldLogic, Container):
                 labels_layer.metadata[FULL_SIZE_KEY] = {"image": image.name, "image_key": layer_key(image),
                                                         "shape": list(shape.label_shape),
                                                         "factors": list(reduction.factors)}
-            self._show_full_size_button()
+        self._show_full_size_button()   # and Save labels..., now that the image has a result
         self._set_status(text)
         self.objects.reset_choices()  # the new result layer is no objects layer
 

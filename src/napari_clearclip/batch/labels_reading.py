@@ -2,7 +2,8 @@
 
 A labels file carries the run's record (see :mod:`.provenance`): its classes, so the labels open with their names,
 and, for an image too large to hold that was segmented at a reduced size, where they sit on it in its pixels, so the
-labels cover the image as napari opens it.
+labels cover the image as napari opens it. Labels saved from napari (Save labels...) also keep the pixels the user
+painted (:func:`encode_edits`), which stay the user's when the labels are opened again.
 """
 
 from __future__ import annotations

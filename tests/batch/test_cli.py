@@ -379,12 +379,19 @@ def test_cli_features_only_says_when_the_user_caches_bounded_store_is_full(tmp_p
 
     for seed in (3, 4, 5):
         imsave(tmp_path / f"{seed}.png", make_scene(seed, size=128).image, check_contrast=False)
-    monkeypatch.setenv("NAPARI_CLEARCLIP_FEATURE_STORE_BYTES", "2M")
+    import time
+
+    monkeypatch.setenv("NAPARI_CLEARCLIP_FEATURE_STORE_BYTES", "1G")
+    used = cache_dir() / "features" / "in-use.zarr"          # a store read just now, 0.95 GiB (a sparse file)
+    used.mkdir(parents=True)
+    with open(used / "batch_00000", "wb") as handle:
+        handle.truncate(int(0.95 * (1 << 30)))
+    os.utime(used, (time.time() + 3600, time.time() + 3600))
     images = [str(tmp_path / f"{seed}.png") for seed in (3, 4, 5)]
     assert main([*images, "--features-only", "--model", "synthetic-tiny"]) == 0
     err = capsys.readouterr().err
     assert f"3 of 3 images' features stored in the user cache ({cache_dir() / 'features'})" in err
-    assert "is bounded to 0.00195 GiB and is full" in err and "--feature-store DIR (never trimmed)" in err, err
+    assert "is bounded to 1 GiB and is full" in err and "--feature-store DIR (never trimmed)" in err, err
     monkeypatch.delenv("NAPARI_CLEARCLIP_FEATURE_STORE_BYTES")                  # (it bounds a named folder too)
     assert main([*images, "--features-only", "--model", "synthetic-tiny", "--feature-store", str(tmp_path / "mine")]) == 0
     err = capsys.readouterr().err

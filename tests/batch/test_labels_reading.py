@@ -118,3 +118,55 @@ def test_painted_pixels_kept_in_a_record_come_back_exactly():
     assert decode_edits(record, (4, 5)) is None                       # labels of another shape
     assert decode_edits({"edited": {"shape": [4, 4], "bits": "not base64 zlib"}}, (4, 4)) is None
     assert decode_edits({}, (4, 4)) is None
+
+
+def test_napari_file_menu_saves_a_result_with_its_classes_and_other_labels_as_napari_does(tmp_path, capsys,
+                                                                                          monkeypatch, viewer):
+    """File > Save Selected Layers on labels the command wrote and the user corrected: the command line's format
+    (classes, image and painted pixels in the record, class table beside), which opens again with its classes;
+    labels without classes are written as napari writes them; a result too large for one TIFF is refused."""
+    import zarr
+
+    import napari_clearclip.batch.labels_reading as labels_reading
+    from napari_clearclip.batch.labels_reading import decode_edits, read_record
+    from napari_clearclip.errors import OutputError
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = np.zeros((96, 128, 3), np.uint8)
+    image[20:60, 30:90] = (220, 30, 30)
+    imsave(folder / "photo.png", image, check_contrast=False)
+    assert main([str(folder), "--out", str(tmp_path / "out"), "--classes", "; ".join(CLASSES),
+                 "--model", "synthetic-tiny", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    opened = _opened(viewer, tmp_path / "out" / "photo_labels.tif")
+    opened.data[0:10, 0:12] = 2                                      # a correction by hand
+    corrected = np.array(opened.data)
+    painted = corrected != tifffile.imread(tmp_path / "out" / "photo_labels.tif")
+    assert painted.any()
+    viewer.layers.selection = {opened}
+    written = viewer.layers.save(str(tmp_path / "fixed.tif"), selected=True)
+    assert [p.rsplit("/", 1)[-1] for p in written] == ["fixed_labels.tif", "fixed_classes.csv"]
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "fixed_labels.tif"), corrected)
+    record = read_record(tmp_path / "fixed_labels.tif")
+    assert record["classes"] == CLASSES and record["source"] == str((folder / "photo.png").resolve())
+    np.testing.assert_array_equal(decode_edits(record, corrected.shape), painted)
+    again = _opened(viewer, tmp_path / "fixed_labels.tif")
+    assert list(again.features["class"]) == ["unassigned", *CLASSES]
+
+    plain = viewer.add_labels(corrected.astype(np.uint8), name="plain")   # no classes: napari's own format
+    viewer.layers.selection = {plain}
+    assert [p.rsplit("/", 1)[-1] for p in viewer.layers.save(str(tmp_path / "plain.tif"), selected=True)] == \
+        ["plain.tif"]
+    assert not (tmp_path / "plain_classes.csv").exists() and not (tmp_path / "plain_labels.tif").exists()
+    saved = tifffile.imread(tmp_path / "plain.tif")
+    assert saved.dtype == np.uint32 and read_record(tmp_path / "plain.tif") is None
+    np.testing.assert_array_equal(saved, corrected)
+
+    monkeypatch.setattr(labels_reading, "IN_MEMORY_PIXELS", 64 * 64)    # "too large to hold" from 64 x 64 on
+    store = zarr.create_array(str(tmp_path / "slide_labels.zarr"), shape=(96, 128), chunks=(32, 32), dtype=np.uint8)
+    large = viewer.add_labels(store, name="slide classes", features=dict(again.features))
+    viewer.layers.selection = {large}
+    with pytest.raises(OutputError, match="too large to save as one TIFF"):
+        viewer.layers.save(str(tmp_path / "slide.tif"), selected=True)
+    assert not list(tmp_path.glob("slide*.tif")) and not list(tmp_path.glob(".slide*"))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from gui_helpers import run_and_wait
 
@@ -497,11 +500,12 @@ def test_labels_the_command_wrote_opened_in_napari_are_corrected_and_teach_like_
     np.testing.assert_array_equal(tifffile.imread(laptop / "out" / "shapes_labels.tif"), written)   # file unchanged
 
 
+@pytest.mark.parametrize("saved_with", ["Save labels...", "File > Save Selected Layers..."])
 def test_save_labels_writes_the_command_lines_format_which_opens_again_as_the_images_result(qtbot, widget, tmp_path,
-                                                                                            capsys):
-    """A corrected result saved with its classes (napari's own Save keeps none), opened again in a later session
-    beside its image: the classes, the edits and the image's result are back; a re-run of the command line on the
-    folder keeps it."""
+                                                                                            capsys, saved_with):
+    """A corrected result saved with its classes (the widget's button, or napari's File menu, where napari's own
+    writer kept none), opened again in a later session beside its image: the classes, the edits and the image's
+    result are back; a re-run of the command line on the folder keeps it."""
     import tifffile
     from skimage.io import imsave
 
@@ -522,15 +526,21 @@ def test_save_labels_writes_the_command_lines_format_which_opens_again_as_the_im
     result.paint((48, 48), 1)                                     # a debris stroke
     corrected = np.array(result.data)
     stroke = corrected != before
-    worker = widget.save_labels(tmp_path / "shapes.tif")          # named as the command line names labels
-    qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
-    assert worker is not None and "shapes_labels.tif" in widget.status.value
+    if saved_with == "Save labels...":
+        worker = widget.save_labels(tmp_path / "shapes.tif")      # named as the command line names labels
+        qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
+        assert worker is not None and "shapes_labels.tif" in widget.status.value
+    else:
+        viewer.layers.selection = {result}
+        written = viewer.layers.save(str(tmp_path / "shapes.tif"), selected=True)
+        assert [Path(item).name for item in written] == ["shapes_labels.tif", "shapes_classes.csv"]
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "shapes_labels.tif"), corrected)
     assert (tmp_path / "shapes_classes.csv").read_text().splitlines()[1:] == [
         "0,unassigned,,0", f"1,debris,debris,{(corrected == 1).sum()}", f"2,red,red,{(corrected == 2).sum()}",
         f"3,background,background,{(corrected == 3).sum()}"]
-    widget.save_labels(tmp_path / "shapes_labels.tif")           # never replaced unasked
-    assert "exists" in widget.status.value
+    if saved_with == "Save labels...":
+        widget.save_labels(tmp_path / "shapes_labels.tif")       # never replaced unasked
+        assert "exists" in widget.status.value
 
     # a later session: the image and its saved labels opened again
     viewer.layers.clear()

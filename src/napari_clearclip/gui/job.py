@@ -56,6 +56,7 @@ def layer_request(data, layout, planes, classes, options, image_name: str, proba
         current = target.layer.data
         if target.baseline.dtype != current.dtype:   # the layer was given data of another type since its run
             target.baseline = target.baseline.astype(current.dtype)
+            target.publish()
         request.current, request.baseline, request.baseline_names = current, target.baseline, target.names
         request.found = {plane: np.array(current[plane], copy=True) if spares is None else spares.copy_of(current[plane])
                          for plane in planes}

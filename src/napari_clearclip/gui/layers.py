@@ -20,6 +20,15 @@ from ..colours import colormap_dict
 from ..editing import apply_update
 from ..planes import ImageLayout
 
+#: Where a result layer keeps what saving it needs beyond its pixels (in its metadata, see :mod:`.writer`): its
+#: image's file, what the runs wrote (``baseline``) and the pixels the user painted (``edited``).
+RESULT_KEY = "napari-clearclip result"
+#: Where a result of an image segmented at a reduced size keeps what Save at full size... needs (in its metadata).
+FULL_SIZE_KEY = "napari-clearclip full size"
+#: Where a result segmented tile by tile keeps its image, store and classes (in its metadata): what was painted on
+#: it teaches the next run on that image.
+TILED_KEY = "napari-clearclip tiled"
+
 
 @dataclass
 class ResultLayer:
@@ -31,6 +40,15 @@ class ResultLayer:
     colours: dict = field(default_factory=dict)
     edited: np.ndarray | None = None  # every pixel the user has painted (kept on every run)
     image: str | None = None          # the key of the image layer it is the result of
+    source: str | None = None         # that image's file, if it has one
+
+    def __post_init__(self) -> None:
+        self.publish()
+
+    def publish(self) -> None:
+        """Keep in the layer's metadata what saving it from napari's File menu needs (see :mod:`.writer`): the
+        arrays are replaced, never changed in place, so the metadata holds them as they are now."""
+        self.layer.metadata[RESULT_KEY] = {"source": self.source, "baseline": self.baseline, "edited": self.edited}
 
     def forget_edits(self, pixels: np.ndarray, data: np.ndarray) -> None:
         """These pixels hold the model's answer (an undone stroke): no longer edits to keep or learn from."""
@@ -38,12 +56,14 @@ class ResultLayer:
         self.baseline[pixels] = data[pixels]
         if self.edited is not None:
             self.edited = self.edited & ~pixels
+        self.publish()
 
     def claim_edits(self, pixels: np.ndarray) -> None:
         """These pixels hold what the user painted (a redone stroke): edits to keep and learn from."""
         edited = np.zeros(self.baseline.shape, dtype=bool) if self.edited is None else self.edited.copy()
         edited |= pixels  # a copy: a run in flight may be reading the old mask
         self.edited = edited
+        self.publish()
 
 
 def layer_key(layer) -> str:
@@ -176,7 +196,8 @@ class ResultLayers:
             names = list(mark.get("names", []))
             # pixels painted before the labels were saved (Save labels... keeps them) stay the user's
             edited = decode_edits(mark.get("record") or {}, baseline.shape)
-            result = ResultLayer(item, baseline, names, colormap_dict(names), edited=edited, image=layer_key(layer))
+            result = ResultLayer(item, baseline, names, colormap_dict(names), edited=edited, image=layer_key(layer),
+                                 source=str(source))
             item.events.paint.connect(self._painted)
             _watch(item, self._replayed)
             self._results[layer_key(item)] = result
@@ -276,8 +297,9 @@ class ResultLayers:
         if key not in self._results:
             labels_layer.events.paint.connect(self._painted)
             _watch(labels_layer, self._replayed)
+        source = getattr(getattr(layer, "source", None), "path", None)
         result = ResultLayer(labels_layer, update.baseline, update.names, update.colours, update.edited,
-                             image=layer_key(layer))
+                             image=layer_key(layer), source=str(source) if source else None)
         self._results.pop(key, None)   # the newest result last
         self._results[key] = result
         undone = self._undone.pop(key, None)

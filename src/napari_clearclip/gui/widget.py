@@ -35,7 +35,8 @@ from .field_logic import FieldLogic
 from .fields import (build_fields, choose_file_button, choose_folder_button, full_size_button, lesson_buttons,
                      save_labels_button, saved_values)
 from .job import TILED_PIXELS, ModelHolder, layer_request, ready_job, segmentation_job, tiled_job, tiled_store_path
-from .layers import ResultLayers, layer_geometry, layer_key, probability_layers, result_of_image
+from .layers import (FULL_SIZE_KEY, TILED_KEY, ResultLayers, layer_geometry, layer_key, probability_layers,
+                     result_of_image)
 from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode, Readying
@@ -547,6 +548,7 @@ class ClearClipWidget(FieldLogic, Container):
         command line's format, which opens again in napari with its classes and as this image's result. An
         existing file is replaced only when the save dialog asked. Returns the worker (None when nothing starts)."""
         from ..batch.files import labels_file_path, write_labels_file
+        from .writer import class_names, saved_parts
 
         result = self._result_to_save()
         if result is None:
@@ -570,21 +572,15 @@ class ClearClipWidget(FieldLogic, Container):
             self._set_status(f"{existing[0]} exists: choose another name (it is never overwritten unasked).",
                              error=True)
             return None
-        names = [str(name) for name in list(layer.features["class"])[1:]] if "class" in layer.features else \
-            list(result.names)
+        names = class_names(layer.metadata, layer.features) or list(result.names)
         labels = np.array(layer.data)          # as shown now, edits included
         source = getattr(getattr(image, "source", None), "path", None)
-        full = layer.metadata.get(FULL_SIZE_KEY)   # a reduced image's labels: placed over it when opened again
-        placement = None if not full else {"scale": list(full["factors"][-2:]),
-                                           "translate": [(float(f) - 1) / 2 for f in full["factors"][-2:]]}
+        metadata = dict(layer.metadata)        # its arrays are replaced, never changed in place: safe to read there
         self._set_status(f"Saving {layer.name} to {target}...")
-        baseline, painted = result.baseline, result.edited   # replaced, never changed in place: safe to read there
 
         def write():
-            edited = labels != baseline if baseline.shape == labels.shape else None
-            if edited is not None and painted is not None and painted.shape == labels.shape:
-                edited |= painted
-            return write_labels_file(target, labels, names, source, overwrite, placement, edited)
+            parts = saved_parts(labels, metadata)   # a reduced image's labels are placed over it when opened again
+            return write_labels_file(target, labels, names, source, overwrite, parts["placement"], parts["edited"])
 
         worker = create_worker(write, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(lambda paths: self._set_status(f"Saved {layer.name} to {paths[0]}, its classes to "
@@ -870,11 +866,6 @@ class ClearClipWidget(FieldLogic, Container):
         self.objects.reset_choices()  # the new result layer is no objects layer
 
 
-#: Where a result of an image segmented at a reduced size keeps what Save at full size... needs (in its metadata).
-FULL_SIZE_KEY = "napari-clearclip full size"
-#: Where a result segmented tile by tile keeps its image, store and classes (in its metadata): what was painted on
-#: it teaches the next run on that image.
-TILED_KEY = "napari-clearclip tiled"
 
 #: The largest pyramid level sampled on the GUI thread to tell whether an image is a demo scene.
 DEMO_SAMPLE_PIXELS = 1024 * 1024

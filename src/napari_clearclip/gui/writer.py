@@ -1,0 +1,98 @@
+"""Saving labels from napari's File menu in the command line's format, so that they keep their classes.
+
+napari's own writer saves the label numbers alone: opened again, a corrected result has lost which class each
+number is, and the pixels the user painted look like the model's answer. This writer (File > Save Selected
+Layers..., the file type "ClearCLIP labels with their classes") writes what Save labels... writes: ``<name>_labels.tif``
+with a record of the classes, of the image the labels are the result of and of the pixels painted by hand, and
+``<name>_classes.csv`` beside.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OutputError
+from .layers import FULL_SIZE_KEY, RESULT_KEY, TILED_KEY
+from .reader import OPENED_KEY
+
+
+def class_names(metadata: dict, features) -> list[str] | None:
+    """The class of each label (label 1 first) as the layer shows them, or None for labels without classes."""
+    try:
+        column = list(features["class"]) if features is not None and "class" in features else None
+    except (TypeError, KeyError):
+        column = None
+    if column and len(column) > 1:
+        return [str(name) for name in column[1:]]
+    opened = metadata.get(OPENED_KEY)
+    if isinstance(opened, dict) and opened.get("names"):
+        return [str(name) for name in opened["names"]]
+    return None
+
+
+def saved_parts(labels: np.ndarray, metadata: dict) -> dict:
+    """What the record of ``labels`` (as shown now) keeps beside their classes: ``source`` (the image's file, or
+    None), ``placement`` (scale and translation over a reduced image, or None) and ``edited`` (the pixels painted
+    by hand: those unlike what the runs wrote, and those painted with the label the run gave; or None)."""
+    result = metadata.get(RESULT_KEY) if isinstance(metadata.get(RESULT_KEY), dict) else {}
+    opened = metadata.get(OPENED_KEY) if isinstance(metadata.get(OPENED_KEY), dict) else {}
+    record = opened.get("record") or {}
+    source = result.get("source") or record.get("source") or None
+    full = metadata.get(FULL_SIZE_KEY)
+    if isinstance(full, dict) and full.get("factors"):
+        factors = [float(f) for f in full["factors"][-2:]]
+        placement = {"scale": factors, "translate": [(f - 1) / 2 for f in factors]}
+    else:
+        placement = record.get("placement")
+    baseline = result.get("baseline") if result else opened.get("baseline")
+    painted = result.get("edited") if result else None
+    if not result and opened:
+        from ..batch.labels_reading import decode_edits
+
+        painted = decode_edits(record, labels.shape)
+    edited = None
+    if isinstance(baseline, np.ndarray) and baseline.shape == labels.shape:
+        edited = labels != baseline
+    if isinstance(painted, np.ndarray) and painted.shape == labels.shape:
+        edited = painted.copy() if edited is None else edited | painted
+    return {"source": source, "placement": placement, "edited": edited}
+
+
+def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
+    """napari's writer hook for one Labels layer saved as a TIFF: a ClearCLIP result (labels with class names) in the
+    command line's format (see the module), its name given the ending ``_labels.tif`` where it lacks it, as the
+    command line names labels; any other labels exactly as napari's own writer writes them. napari's save dialog
+    asked before an existing file is replaced; each file is written whole or not at all. A result larger than
+    memory should hold (a slide segmented tile by tile, whose zarr store is the result) is refused with the
+    reason."""
+    from ..batch.files import write_labels_file
+    from ..batch.labels_reading import IN_MEMORY_PIXELS
+
+    metadata = attributes.get("metadata") or {}
+    names = class_names(metadata, attributes.get("features"))
+    if names is None:   # not a ClearCLIP result: napari's own writer, as without this plugin
+        return _napari_own_writer(path, data, attributes)
+    name = attributes.get("name", "labels")
+    if not isinstance(data, np.ndarray) and int(np.prod(np.shape(data)[-2:])) > IN_MEMORY_PIXELS:
+        tiled = metadata.get(TILED_KEY)
+        where = f" in {tiled['store']}" if isinstance(tiled, dict) and tiled.get("store") else ""
+        raise OutputError(f"{name} is held in a zarr store{where}, too large to save as one TIFF: that store "
+                                "is the result, written as you paint; copy it to keep it.")
+    labels = np.asarray(data)
+    parts = saved_parts(labels, metadata)
+    written = write_labels_file(path, labels, names, parts["source"], overwrite=True, placement=parts["placement"],
+                                edited=parts["edited"])
+    return [str(Path(item)) for item in written]
+
+
+def _napari_own_writer(path: str, data, attributes: dict) -> list[str]:
+    """Labels written by the writer napari itself declares for them (a TIFF of their numbers)."""
+    import npe2
+
+    manifest = npe2.PluginManager.instance().get_manifest("napari")
+    writer = next(item for item in manifest.contributions.writers
+                  if item.layer_types == ["labels"] and Path(path).suffix.lower() in item.filename_extensions)
+    written = writer.exec(args=(path, data, attributes))
+    return [written] if isinstance(written, str) else list(written or [])

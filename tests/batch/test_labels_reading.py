@@ -170,3 +170,38 @@ def test_napari_file_menu_saves_a_result_with_its_classes_and_other_labels_as_na
     with pytest.raises(OutputError, match="too large to save as one TIFF"):
         viewer.layers.save(str(tmp_path / "slide.tif"), selected=True)
     assert not list(tmp_path.glob("slide*.tif")) and not list(tmp_path.glob(".slide*"))
+
+
+def test_a_labels_store_saved_band_by_band_is_whole_or_absent(tmp_path):
+    """Labels too large to hold saved as <name>_labels.zarr: equal to the array, with their classes; a save cut short
+    (a band that cannot be read) leaves neither a store nor a class table, and an existing store is refused."""
+    import zarr
+
+    from napari_clearclip.batch.files import write_labels_store_steps
+    from napari_clearclip.batch.labels_reading import read_labels_output
+    from napari_clearclip.errors import OutputError
+    from napari_clearclip.progress import run_to_end
+
+    rng = np.random.default_rng(3)
+    labels = zarr.create_array(str(tmp_path / "cache.zarr"), shape=(70, 90), chunks=(16, 32), dtype=np.uint8)
+    labels[:] = rng.integers(0, 4, (70, 90))
+    steps = write_labels_store_steps(tmp_path / "slide.zarr", labels, ["cell", "nucleus", "background"],
+                                     band_rows=16)
+    assert run_to_end(steps) == [tmp_path / "slide_labels.zarr", tmp_path / "slide_classes.csv"]
+    read = read_labels_output(tmp_path / "slide_labels.zarr")
+    np.testing.assert_array_equal(read.data, labels[:])
+    assert read.names == ["cell", "nucleus", "background"]
+    with pytest.raises(OutputError, match="exists"):
+        run_to_end(write_labels_store_steps(tmp_path / "slide_labels.zarr", labels, ["cell"]))
+
+    class FailsAtThirdBand:
+        shape, dtype, chunks = labels.shape, labels.dtype, labels.chunks
+
+        def __getitem__(self, key):
+            if key.start >= 32:
+                raise OSError("the disk went away")
+            return labels[key]
+
+    with pytest.raises(OSError, match="went away"):
+        run_to_end(write_labels_store_steps(tmp_path / "other", FailsAtThirdBand(), ["cell"], band_rows=16))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.zarr", "slide_classes.csv", "slide_labels.zarr"]

@@ -210,6 +210,21 @@ def test_a_large_image_at_native_resolution_goes_tile_by_tile_into_an_editable_s
     assert len(stores) == 1 and not list((tmp_path / "cache" / "labels").glob("*.partial"))
     layer.data[0:4, 0:4] = 2                                                 # painting writes into the store
     assert (zarr.open_group(str(stores[0]), mode="r")["labels"][0:4, 0:4] == 2).all()
+    # Save labels... copies the store (from the user cache) with its classes, in the command line's format
+    assert widget.save_labels_button.visible
+    widget.save_labels(tmp_path / "slide")
+    qtbot.waitUntil(lambda: "Saved" in widget.status.value or "Could not" in widget.status.value, timeout=30_000)
+    assert "slide_labels.zarr" in widget.status.value, widget.status.value
+    saved = zarr.open_group(str(tmp_path / "slide_labels.zarr"), mode="r")["labels"]
+    np.testing.assert_array_equal(saved[:], layer.data[:])
+    counts = np.bincount(np.asarray(layer.data[:]).ravel(), minlength=3)
+    assert (tmp_path / "slide_classes.csv").read_text().splitlines()[1:] == [
+        "0,unassigned,,0", f"1,sky,sky,{counts[1]}", f"2,grass,grass,{counts[2]}"]
+    [opened] = viewer.open(str(tmp_path / "slide_labels.zarr"), plugin="napari-clearclip")
+    assert list(opened.features["class"]) == ["unassigned", "sky", "grass"]
+    viewer.layers.remove(opened)
+    widget.save_labels(tmp_path / "slide_labels.zarr")                      # never replaced unasked
+    assert "exists" in widget.status.value
     assert widget._run_live() is None and "press Run" in widget.status.value   # live mode does not pile up
     # a cancelled run adds no layer and leaves no store
     layers = len(viewer.layers)

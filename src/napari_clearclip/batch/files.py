@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,15 +327,7 @@ def write_labels_file(path, labels: np.ndarray, names: list[str], source=None, o
     labels = np.asarray(labels)
     if labels.dtype.kind not in "ui" or (labels.size and labels.min() < 0):
         raise InvalidImageError(f"labels of type {labels.dtype} with negative values cannot be saved as labels.")
-    record = {"source": "", "classes": list(names), "run": "napari"}
-    if placement is not None:
-        record["placement"] = {"scale": [float(v) for v in placement["scale"]],
-                               "translate": [float(v) for v in placement["translate"]]}
-    if source:
-        image = Path(source).expanduser().resolve()
-        record["source"] = str(image)
-        if image.is_file():
-            record["size"] = image.stat().st_size
+    record = _saved_record(names, source, placement)
     if edited is not None and np.shape(edited) == labels.shape and np.any(edited):
         from .labels_reading import encode_edits
 
@@ -346,6 +339,92 @@ def write_labels_file(path, labels: np.ndarray, names: list[str], source=None, o
     write_atomic(path, lambda p: tifffile.imwrite(p, labels.astype(dtype, copy=False), photometric="minisblack",
                                                   compression="zlib", metadata=tiff_metadata(record)))
     return [path, table]
+
+
+def _saved_record(names: Sequence[str], source=None, placement: dict | None = None) -> dict:
+    """The record of labels saved from napari: their classes, the image file they label (with its size, to know a
+    copy of it) and, for labels of an image segmented at a reduced size, their place over it."""
+    record = {"source": "", "classes": list(names), "run": "napari"}
+    if placement is not None:
+        record["placement"] = {"scale": [float(v) for v in placement["scale"]],
+                               "translate": [float(v) for v in placement["translate"]]}
+    if source:
+        image = Path(source).expanduser().resolve()
+        record["source"] = str(image)
+        if image.is_file():
+            record["size"] = image.stat().st_size
+    return record
+
+
+def labels_store_path(path) -> Path:
+    """``path`` named as the command line names labels written tile by tile (``<name>_labels.zarr``): "slide.zarr"
+    and "slide" become "slide_labels.zarr"."""
+    path = Path(path).expanduser()
+    if path.name.endswith("_labels.zarr"):
+        return path
+    stem = path.name[: -len(".zarr")] if path.name.lower().endswith(".zarr") else path.name
+    return path.with_name(f"{stem}_labels.zarr")
+
+
+#: Rows of a labels store copied at a time when it is saved: a band of a 20000-pixel-wide slide is 80 MB of uint16.
+SAVED_BAND_ROWS = 2048
+
+
+def write_labels_store_steps(path, labels, names: Sequence[str], source=None, band_rows: int = SAVED_BAND_ROWS):
+    """Generator: labels too large to hold (a slide segmented tile by tile, read from its zarr store) in the command
+    line's format for such labels: ``<name>_labels.zarr`` with the record of their classes and image in its
+    attributes, and ``<name>_classes.csv`` beside. Copied a band of rows at a time (yields (bands done, bands)),
+    into ``<name>_labels.zarr.partial`` put in place when whole, the class table written before it: an interrupted
+    save leaves no store that reads as labels. An existing store or table is refused. Returns [store, table]."""
+    import json
+
+    import zarr
+
+    from ..prompts import ClassQuery
+    from ..results import class_rows
+    from .provenance import RECORD_KEY
+
+    store = labels_store_path(path)
+    table = store.with_name(store.name[: -len("_labels.zarr")] + "_classes.csv")
+    if store.exists() or table.exists():
+        raise OutputError(f"{store.name if store.exists() else table.name} exists in {store.parent}: choose another "
+                          "name (it is never overwritten unasked).")
+    height, width = (int(n) for n in labels.shape[-2:])
+    if len(labels.shape) != 2 or np.dtype(labels.dtype).kind not in "ui":
+        raise InvalidImageError(f"labels of shape {tuple(labels.shape)} and type {labels.dtype} cannot be saved as a "
+                                "labels store (2-D integer labels only).")
+    dtype = np.uint16 if len(names) < 65535 else np.uint32
+    chunks = tuple(int(c) for c in getattr(labels, "chunks", None) or (1024, 1024))[-2:]
+    attrs = {RECORD_KEY: json.dumps(_saved_record(names, source), sort_keys=True)}
+    if source and Path(source).exists():
+        from .calibration import labels_zarr_attrs
+
+        attrs.update(labels_zarr_attrs(Path(source), (height, width)))
+    partial = store.with_name(store.name + ".partial")
+    if partial.exists():   # an earlier save cut short
+        shutil.rmtree(partial)
+    bands = max(1, -(-height // band_rows))
+    counts = np.zeros(len(names) + 1, np.int64)
+    try:
+        group = zarr.open_group(str(partial), mode="w")
+        group.attrs.update(attrs)
+        out = group.create_array("labels", shape=(height, width), dtype=dtype, fill_value=0,
+                                 chunks=(min(chunks[0], height), min(chunks[1], width)))
+        for band in range(bands):
+            rows = slice(band * band_rows, min(height, (band + 1) * band_rows))
+            values = np.asarray(labels[rows])
+            if values.size and values.min() < 0:
+                raise InvalidImageError("labels with negative values cannot be saved as labels.")
+            counts += np.bincount(values.ravel(), minlength=len(counts))[: len(counts)]
+            out[rows] = values.astype(dtype, copy=False)
+            yield band + 1, bands
+        rows_of_table = class_rows([ClassQuery(name, (name,)) for name in names], counts)
+        write_atomic(table, lambda p: _write_class_table(p, rows_of_table))
+        os.replace(partial, store)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return [store, table]
 
 
 def _write_objects_table(path: Path, objects: dict) -> None:

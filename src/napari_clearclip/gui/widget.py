@@ -506,8 +506,10 @@ class ClearClipWidget(FieldLogic, Container):
             strokes += (f" {result.late} pixels painted on '{earlier.name}' while this run went were not used by it; "
                         "they teach the next run.")
         self._set_status(f"Done: {layer.name}, segmented tile by tile; its labels are stored in {result.path} "
-                         f"(painting writes there).{strokes}{classified}{taught}{notes}{absent}")
+                         f"(painting writes there; Save labels... keeps a copy with its classes)."
+                         f"{strokes}{classified}{taught}{notes}{absent}")
         self.objects.reset_choices()
+        self._show_full_size_button()   # Save labels..., now that the image has a result
 
     @staticmethod
     def _set_object_features(objects_layer, table: dict) -> None:
@@ -538,15 +540,63 @@ class ClearClipWidget(FieldLogic, Container):
         self.save_labels_button.visible = self._result_to_save() is not None
 
     def _result_to_save(self):
-        """The chosen image's newest result held in memory (what Save labels... writes), or None."""
+        """What Save labels... writes: the chosen image's newest result held in memory, else its newest result
+        segmented tile by tile (a Labels layer backed by its store), or None."""
         image = self.image.value
-        return None if image is None else self.results.newest_of(image)
+        if image is None:
+            return None
+        result = self.results.newest_of(image)
+        return result if result is not None else self._tiled_result_layer(image)
+
+    def _tiled_result_layer(self, image):
+        """The newest result of this image segmented tile by tile still in the viewer, or None."""
+        live = {layer_key(item) for item in self._viewer.layers}
+        for item in reversed(list(self._viewer.layers)):
+            kept = item.metadata.get(TILED_KEY) if isinstance(item, Labels) else None
+            if kept and result_of_image(kept, image, live):
+                return item
+        return None
+
+    def _save_tiled_labels(self, image, layer, path=None):
+        """Save labels... for a result segmented tile by tile: its store copied a band at a time into
+        ``<name>_labels.zarr`` (the command line's format for such labels) with ``<name>_classes.csv`` beside, in
+        the background; an existing store is never replaced. Returns the worker (None when nothing starts)."""
+        from ..batch.files import labels_store_path, write_labels_store_steps
+
+        source = getattr(getattr(image, "source", None), "path", None)
+        if path is None:
+            from qtpy.QtWidgets import QFileDialog
+
+            start = labels_store_path(Path(source).with_suffix("") if source else Path(image.name))
+            path, _ = QFileDialog.getSaveFileName(self.native, "Save labels", str(start),
+                                                  "Labels store (*_labels.zarr)")
+            if not path:
+                return None
+        target = labels_store_path(path)
+        table = target.with_name(target.name[: -len("_labels.zarr")] + "_classes.csv")
+        existing = [item.name for item in (target, table) if item.exists()]
+        if existing:
+            self._set_status(f"{existing[0]} exists: choose another name (it is never overwritten unasked).",
+                             error=True)
+            return None
+        names = list(layer.metadata[TILED_KEY]["names"])
+        self._set_status(f"Saving {layer.name} to {target}...")
+        worker = create_worker(write_labels_store_steps, target, layer.data, names, source, _start_thread=False,
+                               _ignore_errors=True)
+        worker.yielded.connect(lambda step: self._set_status(f"Saving {layer.name} to {target}: band {step[0]} of "
+                                                             f"{step[1]}..."))
+        worker.returned.connect(lambda paths: self._set_status(f"Saved {layer.name} to {paths[0]}, its classes to "
+                                                               f"{paths[1].name}."))
+        worker.errored.connect(lambda exc: self._set_status(f"Could not save {layer.name}: {exc}", error=True))
+        worker.start()
+        return worker
 
     def save_labels(self, path=None):
         """Write the chosen image's result, edits included, as ``<name>_labels.tif`` with ``<name>_classes.csv`` beside
         (``path``, asked for when None; a name not ending so is given ``_labels.tif``), in the background: the
         command line's format, which opens again in napari with its classes and as this image's result. An
-        existing file is replaced only when the save dialog asked. Returns the worker (None when nothing starts)."""
+        existing file is replaced only when the save dialog asked. A result segmented tile by tile is copied into
+        ``<name>_labels.zarr`` instead. Returns the worker (None when nothing starts)."""
         from ..batch.files import labels_file_path, write_labels_file
         from .writer import class_names, saved_parts
 
@@ -554,7 +604,10 @@ class ClearClipWidget(FieldLogic, Container):
         if result is None:
             self._set_status("Nothing to save: run on this image first (its result is what Save labels... writes).")
             return None
-        image, layer = self.image.value, result.layer
+        image = self.image.value
+        if isinstance(result, Labels):   # segmented tile by tile: its store is copied
+            return self._save_tiled_labels(image, result, path)
+        layer = result.layer
         overwrite = path is None
         if path is None:
             from qtpy.QtWidgets import QFileDialog

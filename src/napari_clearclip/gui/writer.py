@@ -78,8 +78,8 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     if not isinstance(data, np.ndarray) and int(np.prod(np.shape(data)[-2:])) > IN_MEMORY_PIXELS:
         tiled = metadata.get(TILED_KEY)
         where = f" in {tiled['store']}" if isinstance(tiled, dict) and tiled.get("store") else ""
-        raise OutputError(f"{name} is held in a zarr store{where}, too large to save as one TIFF: that store "
-                                "is the result, written as you paint; copy it to keep it.")
+        raise OutputError(f"{name} is held in a zarr store{where}, too large to save as one TIFF: Save labels... "
+                          "in the ClearCLIP dock copies it, with its classes, into <name>_labels.zarr.")
     labels = np.asarray(data)
     parts = saved_parts(labels, metadata)
     written = write_labels_file(path, labels, names, parts["source"], overwrite=True, placement=parts["placement"],

@@ -153,6 +153,13 @@ def test_napari_file_menu_saves_a_result_with_its_classes_and_other_labels_as_na
     np.testing.assert_array_equal(decode_edits(record, corrected.shape), painted)
     again = _opened(viewer, tmp_path / "fixed_labels.tif")
     assert list(again.features["class"]) == ["unassigned", *CLASSES]
+    viewer.layers.selection = {opened}
+    opened.data[:] = 1
+    with pytest.raises(OutputError, match="exists"):                 # the dialog asked about fixed.tif only
+        viewer.layers.save(str(tmp_path / "fixed.tif"), selected=True)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "fixed_labels.tif"), corrected)
+    viewer.layers.save(str(tmp_path / "fixed_labels.tif"), selected=True)   # the name it asked about: replaced
+    assert (tifffile.imread(tmp_path / "fixed_labels.tif") == 1).all()
 
     plain = viewer.add_labels(corrected.astype(np.uint8), name="plain")   # no classes: napari's own format
     viewer.layers.selection = {plain}

@@ -63,8 +63,8 @@ def saved_parts(labels: np.ndarray, metadata: dict) -> dict:
 def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     """napari's writer hook for one Labels layer saved as a TIFF: a ClearCLIP result (labels with class names) in the
     command line's format (see the module), its name given the ending ``_labels.tif`` where it lacks it, as the
-    command line names labels; any other labels exactly as napari's own writer writes them. napari's save dialog
-    asked before an existing file is replaced; each file is written whole or not at all. A result larger than
+    command line names labels; any other labels exactly as napari's own writer writes them. An existing file is
+    replaced only under the name the save dialog asked about; each file is written whole or not at all. A result larger than
     memory should hold (a slide segmented tile by tile, whose zarr store is the result) is refused with the
     reason."""
     from ..batch.files import write_labels_file
@@ -82,7 +82,9 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
                           "in the ClearCLIP dock copies it, with its classes, into <name>_labels.zarr.")
     labels = np.asarray(data)
     parts = saved_parts(labels, metadata)
-    written = write_labels_file(path, labels, names, parts["source"], overwrite=True, placement=parts["placement"],
+    # napari's save dialog asked about the name given: a file of another name (given the ending) is never replaced
+    asked = Path(path).name.endswith("_labels.tif")
+    written = write_labels_file(path, labels, names, parts["source"], overwrite=asked, placement=parts["placement"],
                                 edited=parts["edited"])
     return [str(Path(item)) for item in written]
 

@@ -130,6 +130,7 @@ def test_napari_file_menu_saves_a_result_with_its_classes_and_other_labels_as_na
     import napari_clearclip.batch.labels_reading as labels_reading
     from napari_clearclip.batch.labels_reading import decode_edits, read_record
     from napari_clearclip.errors import OutputError
+    from napari_clearclip.gui.layers import TILED_KEY
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -161,20 +162,26 @@ def test_napari_file_menu_saves_a_result_with_its_classes_and_other_labels_as_na
     viewer.layers.save(str(tmp_path / "fixed_labels.tif"), selected=True)   # the name it asked about: replaced
     assert (tifffile.imread(tmp_path / "fixed_labels.tif") == 1).all()
 
-    plain = viewer.add_labels(corrected.astype(np.uint8), name="plain")   # no classes: napari's own format
-    viewer.layers.selection = {plain}
-    assert [p.rsplit("/", 1)[-1] for p in viewer.layers.save(str(tmp_path / "plain.tif"), selected=True)] == \
-        ["plain.tif"]
-    assert not (tmp_path / "plain_classes.csv").exists() and not (tmp_path / "plain_labels.tif").exists()
-    saved = tifffile.imread(tmp_path / "plain.tif")
-    assert saved.dtype == np.uint32 and read_record(tmp_path / "plain.tif") is None
-    np.testing.assert_array_equal(saved, corrected)
+    # labels of no ClearCLIP run (one with another plugin's "class" column too): napari's own format
+    plain = viewer.add_labels(corrected.astype(np.uint8), name="plain")
+    theirs = viewer.add_labels(corrected.astype(np.uint8), name="theirs",
+                               features={"index": [0, 1], "class": ["none", "mitosis"]})
+    for layer in (plain, theirs):
+        viewer.layers.selection = {layer}
+        name = f"{layer.name}.tif"
+        assert [p.rsplit("/", 1)[-1] for p in viewer.layers.save(str(tmp_path / name), selected=True)] == [name]
+        assert not (tmp_path / f"{layer.name}_classes.csv").exists()
+        assert not (tmp_path / f"{layer.name}_labels.tif").exists()
+        saved = tifffile.imread(tmp_path / name)
+        assert saved.dtype == np.uint32 and read_record(tmp_path / name) is None
+        np.testing.assert_array_equal(saved, corrected)
 
     monkeypatch.setattr(labels_reading, "IN_MEMORY_PIXELS", 64 * 64)    # "too large to hold" from 64 x 64 on
     store = zarr.create_array(str(tmp_path / "slide_labels.zarr"), shape=(96, 128), chunks=(32, 32), dtype=np.uint8)
-    large = viewer.add_labels(store, name="slide classes", features=dict(again.features))
+    large = viewer.add_labels(store, name="slide classes", features=dict(again.features),   # as the widget adds it
+                              metadata={TILED_KEY: {"store": str(tmp_path / "slide_labels.zarr"), "names": CLASSES}})
     viewer.layers.selection = {large}
-    with pytest.raises(OutputError, match="too large to save as one TIFF"):
+    with pytest.raises(OutputError, match="too large to save as one TIFF: Save labels... in the ClearCLIP dock"):
         viewer.layers.save(str(tmp_path / "slide.tif"), selected=True)
     assert not list(tmp_path.glob("slide*.tif")) and not list(tmp_path.glob(".slide*"))
 

@@ -19,7 +19,10 @@ from .reader import OPENED_KEY
 
 
 def class_names(metadata: dict, features) -> list[str] | None:
-    """The class of each label (label 1 first) as the layer shows them, or None for labels without classes."""
+    """The class of each label (label 1 first) as a ClearCLIP result shows them (one the widget wrote, or labels of
+    the command line opened in napari), or None for other labels (another plugin's "class" column is theirs)."""
+    if not any(isinstance(metadata.get(key), dict) for key in (RESULT_KEY, OPENED_KEY, TILED_KEY)):
+        return None
     try:
         column = list(features["class"]) if features is not None and "class" in features else None
     except (TypeError, KeyError):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tifffile
@@ -68,11 +71,12 @@ def test_labels_written_by_the_command_open_with_their_classes_colours_and_place
                                                                mode="r")["labels"][...])
 
 
-def test_a_large_labels_store_opens_read_only_and_other_files_are_left_to_napari(tmp_path, capsys, monkeypatch,
-                                                                                 viewer):
+def test_a_large_labels_store_is_painted_without_being_written_and_other_files_are_left_to_napari(
+        tmp_path, capsys, monkeypatch, viewer):
     import napari_clearclip.batch.labels_reading as labels_reading
     from napari_clearclip.demo.scenes import make_scene
-    from napari_clearclip.gui.reader import get_reader
+    from napari_clearclip.editable_copy import EditableCopy
+    from napari_clearclip.gui.reader import OPENED_KEY, get_reader
 
     image = make_scene(5, size=96, objects=(2, 3)).image
     imsave(tmp_path / "photo.png", image, check_contrast=False)
@@ -81,12 +85,23 @@ def test_a_large_labels_store_opens_read_only_and_other_files_are_left_to_napari
     capsys.readouterr()
     store = tmp_path / "zarr" / "photo_labels.zarr"
     monkeypatch.setattr(labels_reading, "IN_MEMORY_PIXELS", 1000)
+    written = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
     layer = _opened(viewer, store)
-    assert not isinstance(layer.data, np.ndarray) and layer.data.shape == (96, 96)
+    assert isinstance(layer.data, EditableCopy) and layer.data.shape == (96, 96)
     before = np.asarray(layer.data[...]).copy()
-    with pytest.raises(ValueError, match="read-only"):
-        layer.data[0:4, 0:4] = 3                                          # the user's file is not written
-    np.testing.assert_array_equal(np.asarray(layer.data[...]), before)
+    layer.brush_size = 5
+    layer.paint((40, 50), 3)                                             # napari's brush
+    layer.data[0:4, 0:4] = 2                                             # a script
+    expected = before.copy()
+    expected[0:4, 0:4] = 2
+    painted = np.asarray(layer.data[...])
+    assert painted[40, 50] == 3 and np.count_nonzero(painted != expected) <= 25
+    np.testing.assert_array_equal(painted[painted != expected], 3)
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == written   # the user's store untouched
+    edits = layer.metadata[OPENED_KEY]["edits"]
+    assert edits.startswith(str(Path(os.environ["NAPARI_CLEARCLIP_CACHE_DIR"])))    # strokes in a working copy
+    layer.undo()                                                          # napari's undo reads it back
+    np.testing.assert_array_equal(np.asarray(layer.data[...]), expected)
 
     # corrected and saved over by another program (napari's own writer keeps no record): the class table beside
     tifffile.imwrite(tmp_path / "zarr" / "photo_labels.tif", np.full((96, 96), 2, np.uint16))

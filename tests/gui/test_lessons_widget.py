@@ -572,3 +572,39 @@ def test_save_labels_writes_the_command_lines_format_which_opens_again_as_the_im
                  "--model", "synthetic-tiny", "--device", "cpu"]) == 1   # outputs not this run's: kept, said
     assert "0 of 1 images segmented" in capsys.readouterr().err
     np.testing.assert_array_equal(tifffile.imread(tmp_path / "shapes_labels.tif"), corrected)
+
+
+def test_labels_too_large_to_hold_are_corrected_in_a_working_copy_and_saved_under_a_new_name(qtbot, widget, tmp_path,
+                                                                                             monkeypatch, capsys):
+    """A slide's labels the command wrote as a zarr store, opened beside the slide: painted on without the store
+    being written (the strokes go to a working copy in the cache), and Save labels... writes the corrected labels
+    with their classes under a new name."""
+    import zarr
+    from skimage.io import imsave
+
+    import napari_clearclip.batch.labels_reading as labels_reading
+    from napari_clearclip.batch.cli import main
+
+    monkeypatch.setattr(labels_reading, "IN_MEMORY_PIXELS", 100 * 100)   # "too large to hold" from 100 x 100 on
+    imsave(tmp_path / "shapes.png", squares(7), check_contrast=False)
+    assert main([str(tmp_path / "shapes.png"), "--out", str(tmp_path / "out"), "--classes", "debris; red; background",
+                 "--model", "synthetic-tiny", "--device", "cpu", "--format", "zarr"]) == 0
+    capsys.readouterr()
+    store = tmp_path / "out" / "shapes_labels.zarr"
+    written = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    viewer = widget._viewer
+    [image] = viewer.open(str(tmp_path / "shapes.png"))
+    [labels] = viewer.open(str(store), plugin="napari-clearclip")
+    widget.image.value = image
+    assert widget.save_labels_button.visible                          # these labels are the image's to save
+    labels.brush_size = 9
+    labels.paint((48, 48), 1)                                         # a debris stroke
+    corrected = np.asarray(labels.data[...])
+    assert corrected[48, 48] == 1
+    widget.save_labels(tmp_path / "fixed")
+    qtbot.waitUntil(lambda: "Saved" in widget.status.value or "Could not" in widget.status.value, timeout=30_000)
+    assert "fixed_labels.zarr" in widget.status.value, widget.status.value
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "fixed_labels.zarr"), mode="r")["labels"][:],
+                                  corrected)
+    assert (tmp_path / "fixed_classes.csv").read_text().splitlines()[2] == f"1,debris,debris,{(corrected == 1).sum()}"
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == written   # the command's store untouched

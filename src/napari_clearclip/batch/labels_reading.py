@@ -17,7 +17,8 @@ from ..errors import InvalidImageError
 from .provenance import LABELS_SUFFIXES, class_table_names, read_record
 
 #: Labels of at most this many pixels are read into memory (an editable copy: the file is never written); larger
-#: ``_labels.zarr`` stores are opened read-only (painting on them is refused).
+#: ``_labels.zarr`` stores are read as they are shown, and napari paints on them through
+#: :class:`~napari_clearclip.editable_copy.EditableCopy` (the store is never written either).
 IN_MEMORY_PIXELS = 8192 * 8192
 
 

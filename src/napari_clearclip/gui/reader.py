@@ -40,6 +40,8 @@ def read_labels_layers(path) -> list[tuple]:
     from ..colours import colormap_dict
     from .layers import labels_features
 
+    from ..editable_copy import EditableCopy, edits_store_path
+
     layers = []
     for item in path if isinstance(path, (list, tuple)) else [path]:
         labels = read_labels_output(item)
@@ -48,7 +50,11 @@ def read_labels_layers(path) -> list[tuple]:
         # the labels as read: what a run on their image tells the user's corrections from (in memory only)
         metadata = {OPENED_KEY: {"file": str(Path(item).resolve()), "record": labels.record, "names": labels.names,
                                  "baseline": labels.data.copy() if labels.in_memory else None}}
-        layers.append((labels.data, {"name": name, "features": labels_features(labels.names),
+        data = labels.data
+        if not labels.in_memory:   # a store too large to hold: painted in a copy of the chunks touched, in the cache
+            data = EditableCopy(labels.data, edits_store_path(name))
+            metadata[OPENED_KEY]["edits"] = str(data.edits_path)
+        layers.append((data, {"name": name, "features": labels_features(labels.names),
                                      "colormap": DirectLabelColormap(color_dict=colormap_dict(labels.names)),
                                      "scale": labels.scale, "translate": labels.translate,
                                      "metadata": metadata}, "labels"))

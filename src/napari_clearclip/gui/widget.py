@@ -549,18 +549,28 @@ class ClearClipWidget(FieldLogic, Container):
         return result if result is not None else self._tiled_result_layer(image)
 
     def _tiled_result_layer(self, image):
-        """The newest result of this image segmented tile by tile still in the viewer, or None."""
+        """The newest result of this image segmented tile by tile still in the viewer, or labels the command line
+        wrote for its file that were too large to hold (opened for painting in a working copy), or None."""
+        from .reader import OPENED_KEY, same_image_file
+
         live = {layer_key(item) for item in self._viewer.layers}
+        source = getattr(getattr(image, "source", None), "path", None)
         for item in reversed(list(self._viewer.layers)):
-            kept = item.metadata.get(TILED_KEY) if isinstance(item, Labels) else None
+            if not isinstance(item, Labels):
+                continue
+            kept, opened = item.metadata.get(TILED_KEY), item.metadata.get(OPENED_KEY)
             if kept and result_of_image(kept, image, live):
+                return item
+            if (isinstance(opened, dict) and opened.get("edits") and source
+                    and same_image_file(opened.get("record") or {}, source)):
                 return item
         return None
 
     def _save_tiled_labels(self, image, layer, path=None):
-        """Save labels... for a result segmented tile by tile: its store copied a band at a time into
-        ``<name>_labels.zarr`` (the command line's format for such labels) with ``<name>_classes.csv`` beside, in
-        the background; an existing store is never replaced. Returns the worker (None when nothing starts)."""
+        """Save labels... for a result segmented tile by tile (or a labels store opened for painting): copied a band
+        at a time into ``<name>_labels.zarr`` (the command line's format for such labels) with ``<name>_classes.csv``
+        beside, in the background; an existing store is never replaced. Returns the worker (None when nothing
+        starts)."""
         from ..batch.files import labels_store_path, write_labels_store_steps
 
         source = getattr(getattr(image, "source", None), "path", None)
@@ -579,7 +589,10 @@ class ClearClipWidget(FieldLogic, Container):
             self._set_status(f"{existing[0]} exists: choose another name (it is never overwritten unasked).",
                              error=True)
             return None
-        names = list(layer.metadata[TILED_KEY]["names"])
+        from .reader import OPENED_KEY
+
+        kept = layer.metadata.get(TILED_KEY) or layer.metadata.get(OPENED_KEY)
+        names = list(kept["names"])
         self._set_status(f"Saving {layer.name} to {target}...")
         worker = create_worker(write_labels_store_steps, target, layer.data, names, source, _start_thread=False,
                                _ignore_errors=True)

@@ -1,0 +1,76 @@
+"""Labels too large to hold, painted without writing the user's store: reads equal the store with the strokes over it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def _store(path, labels, chunks):
+    import zarr
+
+    array = zarr.create_array(str(path), shape=labels.shape, chunks=chunks, dtype=labels.dtype, fill_value=0)
+    array[:] = labels
+    return zarr.open_array(str(path), mode="r")
+
+
+def _region(rng, size):
+    start = int(rng.integers(-size, size))
+    stop = int(rng.integers(-size, size + 5))
+    step = int(rng.choice([1, 1, 1, 2, 3]))
+    return slice(start, stop, step) if rng.random() < 0.8 else slice(None, None, step)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_an_editable_copy_reads_as_the_store_with_every_stroke_painted_and_never_writes_the_store(tmp_path, seed):
+    from napari_clearclip.editable_copy import EditableCopy
+
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(20, 90)), int(rng.integers(20, 90)))
+    chunks = (int(rng.integers(4, 24)), int(rng.integers(4, 24)))
+    original = rng.integers(0, 5, shape).astype(np.uint16)
+    source = _store(tmp_path / "slide_labels.zarr", original, chunks)
+    files_before = {p: p.read_bytes() for p in (tmp_path / "slide_labels.zarr").rglob("*") if p.is_file()}
+    copy = EditableCopy(source, tmp_path / "cache" / "edits.zarr")
+    expected = original.copy()
+    np.testing.assert_array_equal(copy[:, :], expected)
+    assert not copy.edited and not (tmp_path / "cache").exists()        # nothing made before the first stroke
+    for _ in range(40):
+        what = rng.integers(0, 4)
+        if what == 0:      # a region painted (as napari's fill and scripts do)
+            key = (_region(rng, shape[0]), _region(rng, shape[1]))
+            value = int(rng.integers(0, 7))
+            copy[key] = value
+            expected[key] = value
+        elif what == 1:    # coordinates painted (as napari's brush does), with a value each
+            count = int(rng.integers(1, 60))
+            rows, cols = rng.integers(0, shape[0], count), rng.integers(0, shape[1], count)
+            rows, cols = np.unique(np.stack([rows, cols]), axis=1)
+            values = rng.integers(0, 7, rows.size).astype(np.uint16)
+            copy[(rows, cols)] = values
+            expected[rows, cols] = values
+        elif what == 2:    # coordinates read (napari's undo history)
+            rows, cols = rng.integers(0, shape[0], 30), rng.integers(0, shape[1], 30)
+            np.testing.assert_array_equal(copy[(rows, cols)], expected[rows, cols])
+        else:              # a region read, with an axis dropped sometimes
+            if rng.random() < 0.3:
+                row = int(rng.integers(-shape[0], shape[0]))
+                np.testing.assert_array_equal(copy[row], expected[row])
+                np.testing.assert_array_equal(copy[..., row % shape[1]], expected[..., row % shape[1]])
+            else:
+                key = (_region(rng, shape[0]), _region(rng, shape[1]))
+                np.testing.assert_array_equal(copy[key], expected[key])
+    np.testing.assert_array_equal(np.asarray(copy), expected)
+    files_after = {p: p.read_bytes() for p in (tmp_path / "slide_labels.zarr").rglob("*") if p.is_file()}
+    assert files_after == files_before                                   # the user's store, byte for byte
+    np.testing.assert_array_equal(source[:], original)
+
+
+def test_an_editable_copy_refuses_what_labels_are_not():
+    from napari_clearclip.editable_copy import EditableCopy
+
+    class Stack:
+        shape, dtype, chunks = (3, 8, 8), np.uint8, (1, 8, 8)
+
+    with pytest.raises(ValueError, match="2-D"):
+        EditableCopy(Stack(), "edits.zarr")

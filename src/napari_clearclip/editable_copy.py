@@ -41,11 +41,12 @@ class EditableCopy:
     there whole before its first write. Takes what napari's Labels layer asks of its data: regions (slices, steps,
     integers) and coordinates (a tuple of integer arrays), read and written."""
 
-    def __init__(self, source, edits: str | Path):
+    def __init__(self, source, edits: str | Path, name: str | None = None):
         if len(source.shape) != 2:
             raise ValueError(f"an editable copy is of 2-D labels, not of shape {tuple(source.shape)}")
         self.source = source
         self.edits_path = Path(edits)
+        self.name = name or self.edits_path.name   # what the user knows the labels by (the store's file name)
         self.shape = tuple(int(n) for n in source.shape)
         self.dtype = np.dtype(source.dtype)
         self.ndim = 2

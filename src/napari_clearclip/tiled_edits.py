@@ -23,12 +23,19 @@ class EditedStrokes:
     A label means the class it had in that run, and is a hint for that class under its number in the new run (a
     class no longer asked for, or a label the user invented, is none)."""
 
-    def __init__(self, store: str | Path, names: Sequence[str], new_names: Sequence[str]):
-        import zarr
+    def __init__(self, store, names: Sequence[str], new_names: Sequence[str]):
+        """``store``: the path of a result's store, or labels opened for painting in a working copy
+        (:class:`~napari_clearclip.editable_copy.EditableCopy`), whose baseline is the store it was opened from."""
+        from .editable_copy import EditableCopy
 
-        group = zarr.open_group(str(store), mode="r")
-        self.labels, self.baseline = group["labels"], group["baseline"]
-        self.carried = group["strokes"] if "strokes" in group else None
+        if isinstance(store, EditableCopy):
+            self.labels, self.baseline, self.carried = store, store.source, None
+        else:
+            import zarr
+
+            group = zarr.open_group(str(store), mode="r")
+            self.labels, self.baseline = group["labels"], group["baseline"]
+            self.carried = group["strokes"] if "strokes" in group else None
         self.lookup = np.zeros(len(names) + 1, np.int64)
         for value, name in enumerate(names, start=1):
             self.lookup[value] = list(new_names).index(name) + 1 if name in new_names else 0

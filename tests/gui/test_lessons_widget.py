@@ -608,3 +608,20 @@ def test_labels_too_large_to_hold_are_corrected_in_a_working_copy_and_saved_unde
                                   corrected)
     assert (tmp_path / "fixed_classes.csv").read_text().splitlines()[2] == f"1,debris,debris,{(corrected == 1).sum()}"
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == written   # the command's store untouched
+
+    # segmented again tile by tile (a slide at native resolution): the stroke on the opened labels teaches the run
+    import napari_clearclip.gui.widget as widget_module
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    other = (slice(128, 160), slice(128, 160))                        # the blue square nobody painted
+    assert np.mean(corrected[other] == 1) < 0.5
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    widget.resize.value = False
+    run_and_wait(qtbot, widget)
+    assert "tile by tile" in widget.status.value and "painted on 'shapes_labels'" in widget.status.value, \
+        widget.status.value
+    result = np.asarray(viewer.layers["shapes classes"].data[...])
+    assert np.all(result[corrected != np.asarray(labels.data.source[...])] == 1)   # the stroke keeps its class
+    assert np.mean(result[other] == 1) > 0.9                           # and teaches the other blue square
+    np.testing.assert_array_equal(np.asarray(labels.data[...]), corrected)          # the painted layer as it was

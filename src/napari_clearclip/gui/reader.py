@@ -52,7 +52,7 @@ def read_labels_layers(path) -> list[tuple]:
                                  "baseline": labels.data.copy() if labels.in_memory else None}}
         data = labels.data
         if not labels.in_memory:   # a store too large to hold: painted in a copy of the chunks touched, in the cache
-            data = EditableCopy(labels.data, edits_store_path(name))
+            data = EditableCopy(labels.data, edits_store_path(name), name=Path(item).name)
             metadata[OPENED_KEY]["edits"] = str(data.edits_path)
         layers.append((data, {"name": name, "features": labels_features(labels.names),
                                      "colormap": DirectLabelColormap(color_dict=colormap_dict(labels.names)),

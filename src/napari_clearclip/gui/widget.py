@@ -41,6 +41,7 @@ from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode, Readying
 from .previews import RunPreviews
+from .reader import OPENED_KEY
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, image_changed_text, legend_html, reduced_note
 from .settings import load_settings, save_settings
 
@@ -431,8 +432,12 @@ class ClearClipWidget(FieldLogic, Container):
                      "metadata": {TILED_KEY: {"image": layer.name, "image_key": layer_key(layer), "store": str(store),
                                               "names": [c.name for c in classes]}}}
         earlier = self._tiled_result_of(layer, layout) if self.learn.value and self.keep_edits.value else None
-        painted_on = None if earlier is None else (Path(earlier.metadata[TILED_KEY]["store"]),
-                                                   list(earlier.metadata[TILED_KEY]["names"]))
+        if earlier is None:
+            painted_on = None
+        elif TILED_KEY in earlier.metadata:
+            painted_on = (Path(earlier.metadata[TILED_KEY]["store"]), list(earlier.metadata[TILED_KEY]["names"]))
+        else:   # labels the command line wrote, opened for painting in a working copy: the store is the baseline
+            painted_on = (earlier.data, list(earlier.metadata[OPENED_KEY]["names"]))
         background = (self.background.value,) if self.background.value else ()
         objects = None
         if objects_layer is not None:
@@ -452,14 +457,23 @@ class ClearClipWidget(FieldLogic, Container):
                                     "resolution...")
 
     def _tiled_result_of(self, image, layout: ImageLayout):
-        """The newest result of this image segmented tile by tile whose store tells what was painted on it since."""
+        """The newest result of this image segmented tile by tile whose store tells what was painted on it since,
+        else labels the command line wrote for the image's file, too large to hold, opened for painting (the store
+        they were opened from tells what was painted on them)."""
+        from ..editable_copy import EditableCopy
         from ..tiled_edits import has_baseline
+        from .reader import same_image_file
 
         live = {layer_key(item) for item in self._viewer.layers}
+        source = getattr(getattr(image, "source", None), "path", None)
         for item in reversed(list(self._viewer.layers)):
-            kept = item.metadata.get(TILED_KEY) if isinstance(item, Labels) else None
-            if (kept and result_of_image(kept, image, live) and tuple(item.data.shape) == layout.label_shape
-                    and has_baseline(kept.get("store", ""))):
+            if not isinstance(item, Labels) or tuple(item.data.shape) != layout.label_shape:
+                continue
+            kept, opened = item.metadata.get(TILED_KEY), item.metadata.get(OPENED_KEY)
+            if kept and result_of_image(kept, image, live) and has_baseline(kept.get("store", "")):
+                return item
+            if (isinstance(item.data, EditableCopy) and isinstance(opened, dict) and source
+                    and same_image_file(opened.get("record") or {}, source)):
                 return item
         return None
 
@@ -551,7 +565,7 @@ class ClearClipWidget(FieldLogic, Container):
     def _tiled_result_layer(self, image):
         """The newest result of this image segmented tile by tile still in the viewer, or labels the command line
         wrote for its file that were too large to hold (opened for painting in a working copy), or None."""
-        from .reader import OPENED_KEY, same_image_file
+        from .reader import same_image_file
 
         live = {layer_key(item) for item in self._viewer.layers}
         source = getattr(getattr(image, "source", None), "path", None)
@@ -589,8 +603,6 @@ class ClearClipWidget(FieldLogic, Container):
             self._set_status(f"{existing[0]} exists: choose another name (it is never overwritten unasked).",
                              error=True)
             return None
-        from .reader import OPENED_KEY
-
         kept = layer.metadata.get(TILED_KEY) or layer.metadata.get(OPENED_KEY)
         names = list(kept["names"])
         self._set_status(f"Saving {layer.name} to {target}...")

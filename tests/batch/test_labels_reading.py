@@ -234,3 +234,21 @@ def test_a_labels_store_saved_band_by_band_is_whole_or_absent(tmp_path):
     with pytest.raises(OSError, match="went away"):
         run_to_end(write_labels_store_steps(tmp_path / "other", FailsAtThirdBand(), ["cell"], band_rows=16))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.zarr", "slide_classes.csv", "slide_labels.zarr"]
+
+
+def test_a_large_store_of_a_stack_opens_read_only(tmp_path, monkeypatch, viewer):
+    """Only 2-D labels too large to hold are painted in a working copy; a stack's store opens as it is, read-only."""
+    import json
+
+    import zarr
+
+    import napari_clearclip.batch.labels_reading as labels_reading
+    from napari_clearclip.batch.provenance import RECORD_KEY
+
+    monkeypatch.setattr(labels_reading, "IN_MEMORY_PIXELS", 100)
+    group = zarr.open_group(str(tmp_path / "stack_labels.zarr"), mode="w")
+    group.attrs[RECORD_KEY] = json.dumps({"source": str(tmp_path / "stack.tif"), "classes": CLASSES})
+    group.create_array("labels", shape=(3, 20, 30), chunks=(1, 10, 10), dtype=np.uint16, fill_value=2)
+    layer = _opened(viewer, tmp_path / "stack_labels.zarr")
+    assert isinstance(layer.data, zarr.Array) and layer.data.shape == (3, 20, 30)
+    assert list(layer.features["class"]) == ["unassigned", *CLASSES] and np.all(layer.data[...] == 2)

@@ -51,7 +51,7 @@ def read_labels_layers(path) -> list[tuple]:
         metadata = {OPENED_KEY: {"file": str(Path(item).resolve()), "record": labels.record, "names": labels.names,
                                  "baseline": labels.data.copy() if labels.in_memory else None}}
         data = labels.data
-        if not labels.in_memory:   # a store too large to hold: painted in a copy of the chunks touched, in the cache
+        if not labels.in_memory and len(labels.data.shape) == 2:   # too large to hold: painted in a working copy
             data = EditableCopy(labels.data, edits_store_path(name), name=Path(item).name)
             metadata[OPENED_KEY]["edits"] = str(data.edits_path)
         layers.append((data, {"name": name, "features": labels_features(labels.names),

@@ -39,12 +39,17 @@ class EditableCopy:
     """A 2-D labels array read from ``source`` (a zarr array, never written) where nothing was painted, and from a
     working store at ``edits`` (made at the first write) where something was: each chunk of ``source`` is copied
     there whole before its first write. Takes what napari's Labels layer asks of its data: regions (slices, steps,
-    integers) and coordinates (a tuple of integer arrays), read and written."""
+    integers) and coordinates (a tuple of integer arrays), read and written. ``painted_before``: the pixels painted
+    by hand before ``source`` was saved (a boolean array of its shape, read a region at a time), or None."""
 
-    def __init__(self, source, edits: str | Path, name: str | None = None):
+    def __init__(self, source, edits: str | Path, name: str | None = None, painted_before=None):
         if len(source.shape) != 2:
             raise ValueError(f"an editable copy is of 2-D labels, not of shape {tuple(source.shape)}")
+        if painted_before is not None and tuple(painted_before.shape) != tuple(source.shape):
+            raise ValueError(f"painted pixels of shape {tuple(painted_before.shape)} are not of labels of shape "
+                             f"{tuple(source.shape)}")
         self.source = source
+        self.painted_before = painted_before
         self.edits_path = Path(edits)
         self.name = name or self.edits_path.name   # what the user knows the labels by (the store's file name)
         self.shape = tuple(int(n) for n in source.shape)

@@ -28,8 +28,10 @@ class EditedStrokes:
         (:class:`~napari_clearclip.editable_copy.EditableCopy`), whose baseline is the store it was opened from."""
         from .editable_copy import EditableCopy
 
-        if isinstance(store, EditableCopy):
+        self.before = None
+        if isinstance(store, EditableCopy):   # pixels painted before the store was saved keep their labels' class
             self.labels, self.baseline, self.carried = store, store.source, None
+            self.before = store.painted_before
         else:
             import zarr
 
@@ -48,9 +50,46 @@ class EditedStrokes:
         20000-pixel-wide slide stays a few bytes a pixel)."""
         current = np.asarray(self.labels[key])
         edited = current != np.asarray(self.baseline[key])
+        if self.before is not None:
+            edited |= np.asarray(self.before[key], dtype=bool)
         values = np.where(edited, current, 0 if self.carried is None else np.asarray(self.carried[key]))
         values[(values < 0) | (values >= len(self.lookup))] = 0   # labels the user invented are no hint
         return self.lookup.astype(self.dtype)[values]
+
+
+class PaintedPixels:
+    """Which pixels of labels too large to hold were painted by hand, read a band at a time (a boolean array-like):
+    those whose label differs from what the run wrote, and those painted before (the strokes that taught that run,
+    or those saved with the labels they were opened from), whatever their label now. What Save labels... keeps
+    with such labels, so that they teach again when opened another day."""
+
+    def __init__(self, labels, baseline, before=None):
+        self.labels, self.baseline, self.before = labels, baseline, before
+        self.shape = tuple(int(n) for n in labels.shape)
+        self.dtype = np.dtype(bool)
+        self.ndim = len(self.shape)
+
+    @classmethod
+    def of(cls, data, store: str | Path | None = None) -> "PaintedPixels | None":
+        """The painted pixels of a Labels layer's ``data``: labels opened for painting in a working copy
+        (:class:`~napari_clearclip.editable_copy.EditableCopy`), or a result's ``store`` that keeps its baseline;
+        None for anything else."""
+        from .editable_copy import EditableCopy
+
+        if isinstance(data, EditableCopy):
+            return cls(data, data.source, data.painted_before)
+        if store is None or not has_baseline(store):
+            return None
+        import zarr
+
+        group = zarr.open_group(str(store), mode="r")
+        return cls(data, group["baseline"], group["strokes"] if "strokes" in group else None)
+
+    def __getitem__(self, key) -> np.ndarray:
+        edited = np.asarray(self.labels[key]) != np.asarray(self.baseline[key])
+        if self.before is not None:
+            edited |= np.asarray(self.before[key]) != 0
+        return edited
 
 
 def has_baseline(store: str | Path) -> bool:

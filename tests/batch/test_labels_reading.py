@@ -252,3 +252,74 @@ def test_a_large_store_of_a_stack_opens_read_only(tmp_path, monkeypatch, viewer)
     layer = _opened(viewer, tmp_path / "stack_labels.zarr")
     assert isinstance(layer.data, zarr.Array) and layer.data.shape == (3, 20, 30)
     assert list(layer.features["class"]) == ["unassigned", *CLASSES] and np.all(layer.data[...] == 2)
+
+
+def test_pixels_painted_on_a_large_store_are_saved_with_it_and_stay_the_users_when_opened_again(tmp_path, monkeypatch,
+                                                                                                viewer):
+    """Labels too large to hold, painted in a working copy and saved: the saved store keeps which pixels were painted
+    (an ``edited`` array), so opened another day those strokes still teach with their class, an erased one teaches
+    nothing, and the next save keeps them with the new ones; in memory and in a TIFF saved from the File menu too."""
+    import zarr
+
+    import napari_clearclip.batch.labels_reading as labels_reading
+    from napari_clearclip.batch.files import write_labels_store_steps
+    from napari_clearclip.batch.labels_reading import decode_edits, read_labels_output, read_record
+    from napari_clearclip.editable_copy import EditableCopy
+    from napari_clearclip.gui.reader import OPENED_KEY
+    from napari_clearclip.progress import run_to_end
+    from napari_clearclip.tiled_edits import EditedStrokes, PaintedPixels
+
+    names = ["cell", "nucleus", "background"]
+    rng = np.random.default_rng(5)
+    written = rng.integers(1, 4, (70, 90)).astype(np.uint8)
+    run_to_end(write_labels_store_steps(tmp_path / "slide", written, names, band_rows=16))
+    assert "edited" not in zarr.open_group(str(tmp_path / "slide_labels.zarr"), mode="r")   # nobody painted
+    monkeypatch.setattr(labels_reading, "IN_MEMORY_PIXELS", 100)      # "too large to hold"
+    first = _opened(viewer, tmp_path / "slide_labels.zarr")
+    assert isinstance(first.data, EditableCopy) and first.data.painted_before is None
+    first.data[10:20, 10:30] = 2                                      # a nucleus stroke
+    stroke = np.zeros(written.shape, bool)
+    stroke[10:20, 10:30] = True
+    painted = stroke & (written != 2)
+    run_to_end(write_labels_store_steps(tmp_path / "fixed", first.data, names, band_rows=16,
+                                        painted=PaintedPixels.of(first.data)))
+    saved = zarr.open_group(str(tmp_path / "fixed_labels.zarr"), mode="r")
+    np.testing.assert_array_equal(saved["edited"][...], painted)
+
+    viewer.layers.clear()                                             # another day
+    again = _opened(viewer, tmp_path / "fixed_labels.zarr")
+    assert isinstance(again.data, EditableCopy) and again.data.painted_before is not None
+    hints = EditedStrokes(again.data, names, ["background", "nucleus"])[...]   # the next run's classes
+    np.testing.assert_array_equal(hints, np.where(painted, 2, 0))     # nucleus is that run's second class
+    again.data[10:12, 10:30] = 0                                      # part of the stroke erased
+    again.data[40:45, 50:60] = 3                                      # a background stroke
+    hints = EditedStrokes(again.data, names, names)[...]
+    expected = np.where(painted, 2, 0)
+    expected[10:12, 10:30] = 0
+    now = np.asarray(again.data[...])
+    expected[(now != written) & ~painted] = now[(now != written) & ~painted]
+    assert np.all(expected[40:45, 50:60][written[40:45, 50:60] != 3] == 3)
+    np.testing.assert_array_equal(hints, expected)
+    run_to_end(write_labels_store_steps(tmp_path / "twice", again.data, names, band_rows=16,
+                                        painted=PaintedPixels.of(again.data)))
+    both = painted | (now != np.asarray(again.data.source[...]))      # the first strokes, erased ones included
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "twice_labels.zarr"), mode="r")["edited"][...], both)
+
+    monkeypatch.setattr(labels_reading, "IN_MEMORY_PIXELS", 8192 * 8192)   # the same labels, held in memory
+    read = read_labels_output(tmp_path / "twice_labels.zarr")
+    assert isinstance(read.edited, np.ndarray)
+    np.testing.assert_array_equal(read.edited, both)
+    viewer.layers.clear()
+    held = _opened(viewer, tmp_path / "twice_labels.zarr")
+    np.testing.assert_array_equal(held.metadata[OPENED_KEY]["edited"], both)
+    held.data[60:62, 0:5] = 1
+    viewer.layers.selection = {held}
+    viewer.layers.save(str(tmp_path / "day3_labels.tif"), selected=True)
+    record = read_record(tmp_path / "day3_labels.tif")
+    painted_now = both | (held.data != held.metadata[OPENED_KEY]["baseline"])
+    np.testing.assert_array_equal(decode_edits(record, written.shape), painted_now)
+
+    group = zarr.open_group(str(tmp_path / "twice_labels.zarr"), mode="r+")   # an "edited" of another shape
+    del group["edited"]
+    group.create_array("edited", shape=(7, 9), dtype=bool, fill_value=True)
+    assert read_labels_output(tmp_path / "twice_labels.zarr").edited is None

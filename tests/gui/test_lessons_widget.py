@@ -342,6 +342,16 @@ def test_corrections_painted_on_a_tiled_result_teach_the_next_run_on_that_image(
     expected = segmenter.segment(image, classes + ["sea"], maps=False, strokes=more, **run).labels
     np.testing.assert_array_equal(viewer.layers[-1].data[:], expected)
     assert f"{int((more > 0).sum())} pixels painted on" in widget.status.value
+    # saved with Save labels...: the pixels painted by hand (those that taught it, and a stroke since) go with it
+    newest = viewer.layers[-1]
+    newest.data_setitem((np.full(10, 150), np.arange(5, 15)), 4)
+    since = np.asarray(newest.data[:]) != expected
+    assert since.sum() == 10
+    widget.save_labels(tmp_path / "slide")
+    qtbot.waitUntil(lambda: "Saved" in widget.status.value or "Could not" in widget.status.value, timeout=30_000)
+    saved = zarr.open_group(str(tmp_path / "slide_labels.zarr"), mode="r")
+    np.testing.assert_array_equal(saved["labels"][:], newest.data[:])
+    np.testing.assert_array_equal(saved["edited"][:], (more > 0) | since)
 
 
 def test_a_tiled_run_that_fails_after_its_store_is_in_place_adds_no_layer_and_leaves_no_store(qtbot, widget,
@@ -625,3 +635,17 @@ def test_labels_too_large_to_hold_are_corrected_in_a_working_copy_and_saved_unde
     assert np.all(result[corrected != np.asarray(labels.data.source[...])] == 1)   # the stroke keeps its class
     assert np.mean(result[other] == 1) > 0.9                           # and teaches the other blue square
     np.testing.assert_array_equal(np.asarray(labels.data[...]), corrected)          # the painted layer as it was
+
+    # another day: the corrected labels opened beside the slide; the stroke, painted before they were saved, is
+    # kept in them as the user's and teaches again
+    painted = corrected != np.asarray(labels.data.source[...])
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "fixed_labels.zarr"), mode="r")["edited"][...],
+                                  painted)
+    viewer.layers.clear()
+    [image] = viewer.open(str(tmp_path / "shapes.png"))
+    [fixed] = viewer.open(str(tmp_path / "fixed_labels.zarr"), plugin="napari-clearclip")
+    widget.image.value = image
+    run_and_wait(qtbot, widget)
+    assert "painted on 'fixed_labels'" in widget.status.value, widget.status.value
+    result = np.asarray(viewer.layers["shapes classes"].data[...])
+    assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9

@@ -370,10 +370,14 @@ def labels_store_path(path) -> Path:
 SAVED_BAND_ROWS = 2048
 
 
-def write_labels_store_steps(path, labels, names: Sequence[str], source=None, band_rows: int = SAVED_BAND_ROWS):
+def write_labels_store_steps(path, labels, names: Sequence[str], source=None, band_rows: int = SAVED_BAND_ROWS,
+                             painted=None):
     """Generator: labels too large to hold (a slide segmented tile by tile, read from its zarr store) in the command
     line's format for such labels: ``<name>_labels.zarr`` with the record of their classes and image in its
-    attributes, and ``<name>_classes.csv`` beside. Copied a band of rows at a time (yields (bands done, bands)),
+    attributes, and ``<name>_classes.csv`` beside. ``painted``: the pixels painted by hand (a boolean array-like of
+    the labels' shape, read a band at a time, see :class:`~napari_clearclip.tiled_edits.PaintedPixels`), kept as the
+    store's ``edited`` array so that they stay the user's when the labels are opened again (none: no such array).
+    Copied a band of rows at a time (yields (bands done, bands)),
     into ``<name>_labels.zarr.partial`` put in place when whole, the class table written before it: an interrupted
     save leaves no store that reads as labels. An existing store or table is refused. Returns [store, table]."""
     import json
@@ -408,8 +412,9 @@ def write_labels_store_steps(path, labels, names: Sequence[str], source=None, ba
     try:
         group = zarr.open_group(str(partial), mode="w")
         group.attrs.update(attrs)
-        out = group.create_array("labels", shape=(height, width), dtype=dtype, fill_value=0,
-                                 chunks=(min(chunks[0], height), min(chunks[1], width)))
+        store_chunks = (min(chunks[0], height), min(chunks[1], width))
+        out = group.create_array("labels", shape=(height, width), dtype=dtype, fill_value=0, chunks=store_chunks)
+        edited = None
         for band in range(bands):
             rows = slice(band * band_rows, min(height, (band + 1) * band_rows))
             values = np.asarray(labels[rows])
@@ -417,6 +422,12 @@ def write_labels_store_steps(path, labels, names: Sequence[str], source=None, ba
                 raise InvalidImageError("labels with negative values cannot be saved as labels.")
             counts += np.bincount(values.ravel(), minlength=len(counts))[: len(counts)]
             out[rows] = values.astype(dtype, copy=False)
+            mask = None if painted is None else np.asarray(painted[rows], dtype=bool)
+            if mask is not None and mask.any():
+                if edited is None:   # made at the first painted band: labels nobody painted get no such array
+                    edited = group.create_array("edited", shape=(height, width), dtype=bool, fill_value=False,
+                                                chunks=store_chunks)
+                edited[rows] = mask
             yield band + 1, bands
         rows_of_table = class_rows([ClassQuery(name, (name,)) for name in names], counts)
         write_atomic(table, lambda p: _write_class_table(p, rows_of_table))

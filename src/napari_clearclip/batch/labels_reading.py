@@ -3,7 +3,8 @@
 A labels file carries the run's record (see :mod:`.provenance`): its classes, so the labels open with their names,
 and, for an image too large to hold that was segmented at a reduced size, where they sit on it in its pixels, so the
 labels cover the image as napari opens it. Labels saved from napari (Save labels...) also keep the pixels the user
-painted (:func:`encode_edits`), which stay the user's when the labels are opened again.
+painted (:func:`encode_edits` in a TIFF's record; an ``edited`` array beside the labels in a zarr store), which stay
+the user's when the labels are opened again.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ IN_MEMORY_PIXELS = 8192 * 8192
 @dataclass(frozen=True)
 class LabelsOutput:
     """Labels read back: the array (a NumPy copy, or a read-only zarr array when too large), the class names of
-    labels 1, 2, ..., the scale and translation that place them on their image's pixels, and the run's record
-    (the image file they were made from: ``source``, ``size``)."""
+    labels 1, 2, ..., the scale and translation that place them on their image's pixels, the run's record
+    (the image file they were made from: ``source``, ``size``) and the pixels painted by hand before they were
+    saved (a boolean array like ``data``: NumPy or zarr; None where none were)."""
 
     data: object
     names: list[str]
@@ -34,6 +36,7 @@ class LabelsOutput:
     translate: tuple[float, ...]
     record: dict
     in_memory: bool
+    edited: object = None
 
 
 def is_labels_output(path) -> bool:
@@ -63,15 +66,22 @@ def read_labels_output(path) -> LabelsOutput:
     if path.is_dir():
         import zarr
 
-        array = zarr.open_group(str(path), mode="r")["labels"]
+        group = zarr.open_group(str(path), mode="r")
+        array = group["labels"]
         in_memory = int(np.prod(array.shape)) <= IN_MEMORY_PIXELS
         data = array[...] if in_memory else array
+        edited = group["edited"] if "edited" in group else None
+        if edited is not None and (tuple(edited.shape) != tuple(array.shape) or edited.dtype != bool):
+            edited = None   # not what Save labels... writes: the labels are read without it
+        if edited is not None and in_memory:
+            edited = edited[...]
     else:
         import tifffile
 
         data, in_memory = tifffile.imread(path), True
+        edited = decode_edits(record, data.shape)
     scale, translate = _placement(record, data.ndim)
-    return LabelsOutput(data, names, scale, translate, record, in_memory)
+    return LabelsOutput(data, names, scale, translate, record, in_memory, edited)
 
 
 def encode_edits(edited: np.ndarray) -> dict:

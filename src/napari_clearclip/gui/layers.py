@@ -178,8 +178,7 @@ class ResultLayers:
         them in place, keeping what the user painted since they were read and learning from it, as on the widget's
         own results. The file is the image layer's own (or a copy: the same name and size, as when a folder
         segmented on a cluster is copied to a laptop)."""
-        from ..batch.labels_reading import decode_edits
-        from .reader import OPENED_KEY, same_image_file
+        from .reader import OPENED_KEY, painted_before, same_image_file
 
         source = getattr(getattr(layer, "source", None), "path", None)
         if not source:
@@ -195,7 +194,7 @@ class ResultLayers:
                 continue
             names = list(mark.get("names", []))
             # pixels painted before the labels were saved (Save labels... keeps them) stay the user's
-            edited = decode_edits(mark.get("record") or {}, baseline.shape)
+            edited = painted_before(mark, baseline.shape)
             result = ResultLayer(item, baseline, names, colormap_dict(names), edited=edited, image=layer_key(layer),
                                  source=str(source))
             item.events.paint.connect(self._painted)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from ..batch.labels_reading import is_labels_output, read_labels_output
 
 #: Where a Labels layer opened from a labels file keeps what it was made from (in its metadata).
@@ -21,6 +23,17 @@ def same_image_file(record: dict, path) -> bool:
         return path.name == source.name and path.is_file() and path.stat().st_size == record.get("size")
     except (OSError, TypeError, ValueError):
         return False
+
+
+def painted_before(opened: dict, shape) -> np.ndarray | None:
+    """The pixels painted by hand before labels opened from a file were saved (``opened``: what the reader keeps in
+    the layer's metadata), as a mask of ``shape``, or None."""
+    edited = opened.get("edited")
+    if isinstance(edited, np.ndarray):
+        return edited if edited.shape == tuple(shape) else None
+    from ..batch.labels_reading import decode_edits
+
+    return decode_edits(opened.get("record") or {}, tuple(shape))
 
 
 def get_reader(path):
@@ -47,12 +60,15 @@ def read_labels_layers(path) -> list[tuple]:
         labels = read_labels_output(item)
         name = Path(item).name
         name = name[: -len(".zarr")] if name.endswith(".zarr") else Path(name).stem
-        # the labels as read: what a run on their image tells the user's corrections from (in memory only)
+        # the labels as read: what a run on their image tells the user's corrections from, and the pixels painted
+        # before they were saved, which stay the user's (in memory only)
         metadata = {OPENED_KEY: {"file": str(Path(item).resolve()), "record": labels.record, "names": labels.names,
-                                 "baseline": labels.data.copy() if labels.in_memory else None}}
+                                 "baseline": labels.data.copy() if labels.in_memory else None,
+                                 "edited": labels.edited if labels.in_memory else None}}
         data = labels.data
         if not labels.in_memory and len(labels.data.shape) == 2:   # too large to hold: painted in a working copy
-            data = EditableCopy(labels.data, edits_store_path(name), name=Path(item).name)
+            data = EditableCopy(labels.data, edits_store_path(name), name=Path(item).name,
+                                painted_before=labels.edited)
             metadata[OPENED_KEY]["edits"] = str(data.edits_path)
         layers.append((data, {"name": name, "features": labels_features(labels.names),
                                      "colormap": DirectLabelColormap(color_dict=colormap_dict(labels.names)),

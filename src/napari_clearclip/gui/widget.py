@@ -586,6 +586,7 @@ class ClearClipWidget(FieldLogic, Container):
         beside, in the background; an existing store is never replaced. Returns the worker (None when nothing
         starts)."""
         from ..batch.files import labels_store_path, write_labels_store_steps
+        from ..tiled_edits import PaintedPixels
 
         source = getattr(getattr(image, "source", None), "path", None)
         if path is None:
@@ -606,8 +607,11 @@ class ClearClipWidget(FieldLogic, Container):
         kept = layer.metadata.get(TILED_KEY) or layer.metadata.get(OPENED_KEY)
         names = list(kept["names"])
         self._set_status(f"Saving {layer.name} to {target}...")
-        worker = create_worker(write_labels_store_steps, target, layer.data, names, source, _start_thread=False,
-                               _ignore_errors=True)
+        tiled = layer.metadata.get(TILED_KEY)
+        # the pixels painted by hand, kept with the labels so that they teach again when opened another day
+        painted = PaintedPixels.of(layer.data, tiled.get("store") if isinstance(tiled, dict) else None)
+        worker = create_worker(write_labels_store_steps, target, layer.data, names, source, painted=painted,
+                               _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(lambda step: self._set_status(f"Saving {layer.name} to {target}: band {step[0]} of "
                                                              f"{step[1]}..."))
         worker.returned.connect(lambda paths: self._set_status(f"Saved {layer.name} to {paths[0]}, its classes to "

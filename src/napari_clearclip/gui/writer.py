@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import OutputError
 from .layers import FULL_SIZE_KEY, RESULT_KEY, TILED_KEY
-from .reader import OPENED_KEY
+from .reader import OPENED_KEY, painted_before
 
 
 def class_names(metadata: dict, features) -> list[str] | None:
@@ -52,9 +52,13 @@ def saved_parts(labels: np.ndarray, metadata: dict) -> dict:
     baseline = result.get("baseline") if result else opened.get("baseline")
     painted = result.get("edited") if result else None
     if not result and opened:
-        from ..batch.labels_reading import decode_edits
+        painted = painted_before(opened, labels.shape)
+    tiled = metadata.get(TILED_KEY)
+    if not result and not opened and isinstance(tiled, dict) and tiled.get("store"):   # segmented tile by tile
+        from ..tiled_edits import PaintedPixels
 
-        painted = decode_edits(record, labels.shape)
+        pixels = PaintedPixels.of(labels, tiled["store"])
+        painted = None if pixels is None else pixels[...]
     edited = None
     if isinstance(baseline, np.ndarray) and baseline.shape == labels.shape:
         edited = labels != baseline

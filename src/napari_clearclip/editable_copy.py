@@ -6,14 +6,84 @@ napari must not change them, yet a scientist opens them to correct them. The arr
 except in the chunks painted since, which it reads from a working store (``labels/<name>-edits-<time>.zarr`` in the
 user cache) where each chunk is copied whole before its first stroke. Reading a region gives exactly what the store
 holds with the strokes painted over it; Save labels... writes the corrected labels out under a new name.
+
+A working store outlives napari: it records the store it is a copy of (and that store's state) and the chunks it
+holds. Strokes not saved when napari closed are there again when the same store is opened again, unchanged; a
+working store whose strokes were all saved is removed then (they are in the saved labels).
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
+
+
+#: Where a working store keeps what it is a copy of (in its attributes).
+WORKING_KEY = "napari-clearclip working copy"
+#: Working stores held by an open layer of this process: never resumed by another.
+_IN_USE: "weakref.WeakValueDictionary[str, EditableCopy]" = weakref.WeakValueDictionary()
+
+
+def store_state(path) -> str:
+    """What tells a labels store from the same store written again since: its metadata files' sizes and times."""
+    path = Path(path)
+    parts = []
+    for item in (path / "zarr.json", path / "labels" / "zarr.json"):
+        try:
+            stat = item.stat()
+            parts.append(f"{stat.st_size}:{stat.st_mtime_ns}")
+        except OSError:
+            parts.append("-")
+    return "/".join(parts)
+
+
+def _working_attrs(path: Path) -> dict | None:
+    try:
+        import json
+
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {}).get(WORKING_KEY)
+        return attrs if isinstance(attrs, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def working_copy_of(store, name: str) -> tuple[Path, dict | None]:
+    """The working store for labels opened from ``store`` (shown as ``name``): one holding strokes not saved from an
+    earlier opening of that store, unchanged since (the newest, when several), with what it records; else a new
+    path and None. Working stores of ``store`` whose strokes were all saved are removed."""
+    import shutil
+
+    from .cache import cache_dir
+
+    source = str(Path(store).resolve())
+    folder = cache_dir() / "labels"
+    unsaved = []
+    for path in sorted(folder.glob("*-edits-*.zarr")) if folder.is_dir() else []:
+        attrs = _working_attrs(path)
+        if attrs is None or attrs.get("source") != source:
+            continue
+        if attrs.get("saved"):
+            if str(path) not in _IN_USE:   # (one still in use is left to its layer)
+                shutil.rmtree(path, ignore_errors=True)
+        elif attrs.get("state") == store_state(source) and isinstance(attrs.get("copied"), list):
+            unsaved.append((_last_written(path), path, attrs))
+    if unsaved:   # the newest, should the store have been painted in two layers at once
+        written, path, attrs = max(unsaved, key=lambda item: (item[0], str(item[1])))
+        import time
+
+        return path, {**attrs, "changed": time.strftime("%Y-%m-%d %H:%M", time.localtime(written))}
+    return edits_store_path(name), None
+
+
+def _last_written(path: Path) -> float:
+    """When anything in a working store was last written (its newest file)."""
+    try:
+        return max([item.stat().st_mtime for item in path.rglob("*") if item.is_file()] or [0.0])
+    except OSError:
+        return 0.0
 
 
 def edits_store_path(name: str) -> Path:
@@ -40,9 +110,24 @@ class EditableCopy:
     working store at ``edits`` (made at the first write) where something was: each chunk of ``source`` is copied
     there whole before its first write. Takes what napari's Labels layer asks of its data: regions (slices, steps,
     integers) and coordinates (a tuple of integer arrays), read and written. ``painted_before``: the pixels painted
-    by hand before ``source`` was saved (a boolean array of its shape, read a region at a time), or None."""
+    by hand before ``source`` was saved (a boolean array of its shape, read a region at a time), or None.
+    ``origin``: the store ``source`` was read from, recorded in the working store so that strokes not saved are
+    found again (:func:`working_copy_of`); a working store that exists already is resumed (``resumed`` is True)."""
 
-    def __init__(self, source, edits: str | Path, name: str | None = None, painted_before=None):
+    @classmethod
+    def open(cls, source, store, name: str | None = None, painted_before=None) -> tuple["EditableCopy", dict | None]:
+        """Labels read from ``store`` (``source``: its labels array), painted in the working store that holds the
+        strokes not saved from an earlier opening (see :func:`working_copy_of`; the same object when that opening's
+        layer may still be alive, so two never write one working store), else in a new one. Returns it and what the
+        earlier working store records (None for a new one)."""
+        edits, earlier = working_copy_of(store, Path(name or Path(store).name).stem)
+        live = _IN_USE.get(str(edits))
+        if live is not None and live.shape == tuple(int(n) for n in source.shape):
+            return live, earlier
+        return cls(source, edits, name=name, painted_before=painted_before, origin=store), earlier
+
+    def __init__(self, source, edits: str | Path, name: str | None = None, painted_before=None,
+                 origin: str | Path | None = None):
         if len(source.shape) != 2:
             raise ValueError(f"an editable copy is of 2-D labels, not of shape {tuple(source.shape)}")
         if painted_before is not None and tuple(painted_before.shape) != tuple(source.shape):
@@ -60,6 +145,22 @@ class EditableCopy:
         self._copied = np.zeros(self._grid, bool)    # chunks held by the working store
         self._edits = None
         self._lock = threading.Lock()   # a save reading in the background while the user paints
+        self.origin = None if origin is None else str(Path(origin).resolve())
+        self.version = 0                # writes so far: a save marks the working store saved if none came since
+        self._saved = False
+        self.resumed = False
+        attrs = _working_attrs(self.edits_path)
+        if attrs is not None:           # strokes not saved from an earlier opening
+            import zarr
+
+            edits = zarr.open_group(str(self.edits_path), mode="r+")["labels"]
+            if tuple(edits.shape) != self.shape:
+                raise ValueError(f"the working copy {self.edits_path} is of labels of shape {tuple(edits.shape)}, not "
+                                 f"{self.shape}")
+            for cy, cx in attrs.get("copied", []):
+                self._copied[int(cy), int(cx)] = True
+            self._edits, self._saved, self.resumed = edits, bool(attrs.get("saved")), True
+        _IN_USE[str(self.edits_path)] = self
 
     @property
     def size(self) -> int:
@@ -69,6 +170,22 @@ class EditableCopy:
     def edited(self) -> bool:
         """Whether anything was painted (and so the working store exists)."""
         return self._edits is not None
+
+    def mark_saved(self, version: int, saved_to: str | Path) -> None:
+        """The labels as they were at ``version`` were saved (to ``saved_to``): the working store is marked so, unless
+        painted since (it is removed when its store is opened again)."""
+        with self._lock:
+            if self._edits is None or version != self.version:
+                return
+            self._record(saved=True, saved_to=str(saved_to))
+            self._saved = True
+
+    def _record(self, **changes) -> None:
+        """Update what the working store records (its attributes; the chunks are written before)."""
+        group = self._group
+        attrs = dict(group.attrs.get(WORKING_KEY) or {})
+        attrs.update(changes)
+        group.attrs[WORKING_KEY] = attrs
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -135,6 +252,10 @@ class EditableCopy:
     def __setitem__(self, key, value) -> None:
         with self._lock:
             edits = self._open_edits()
+            self.version += 1
+            if self._saved:             # painted since it was saved: strokes to keep again
+                self._record(saved=False)
+                self._saved = False
             if self._coordinates(key):
                 rows, cols = np.broadcast_arrays(*(np.asarray(k, dtype=np.int64) for k in key))
                 rows, cols = rows.ravel() % self.shape[0], cols.ravel() % self.shape[1]
@@ -150,13 +271,22 @@ class EditableCopy:
             self._copy_chunks(np.unique(rows // self.chunks[0]), np.unique(cols // self.chunks[1]))
             edits[key] = value
 
+    @property
+    def _group(self):
+        import zarr
+
+        return zarr.open_group(str(self.edits_path), mode="r+")
+
     def _open_edits(self):
         if self._edits is None:
             import zarr
 
             self.edits_path.parent.mkdir(parents=True, exist_ok=True)
-            self._edits = zarr.create_array(str(self.edits_path), shape=self.shape, chunks=self.chunks,
-                                            dtype=self.dtype, fill_value=0)
+            group = zarr.open_group(str(self.edits_path), mode="w")
+            self._edits = group.create_array("labels", shape=self.shape, chunks=self.chunks, dtype=self.dtype,
+                                             fill_value=0)
+            state = store_state(self.origin) if self.origin else None
+            self._record(source=self.origin, state=state, name=self.name, copied=[], saved=False)
         return self._edits
 
     def _copy_chunks(self, chunk_rows: np.ndarray, chunk_cols: np.ndarray, pairs: np.ndarray | None = None) -> None:
@@ -164,6 +294,7 @@ class EditableCopy:
         source, whole, where not copied yet."""
         wanted = (np.stack(np.meshgrid(chunk_rows, chunk_cols, indexing="ij")).reshape(2, -1)
                   if pairs is None else pairs)
+        copied = False
         for cy, cx in wanted.T:
             if self._copied[cy, cx]:
                 continue
@@ -171,3 +302,6 @@ class EditableCopy:
                       slice(int(cx) * self.chunks[1], min(self.shape[1], (int(cx) + 1) * self.chunks[1])))
             self._edits[region] = np.asarray(self.source[region])
             self._copied[cy, cx] = True
+            copied = True
+        if copied:   # recorded once the chunks are written: a working store read again never holds a chunk half
+            self._record(copied=np.argwhere(self._copied).tolist())

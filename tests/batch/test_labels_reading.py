@@ -103,6 +103,22 @@ def test_a_large_labels_store_is_painted_without_being_written_and_other_files_a
     layer.undo()                                                          # napari's undo reads it back
     np.testing.assert_array_equal(np.asarray(layer.data[...]), expected)
 
+    # napari closed without saving: opened again, the strokes are back, and the user is told where they are kept
+    import gc
+
+    import napari.utils.notifications as notifications
+
+    told = []
+    monkeypatch.setattr(notifications, "show_info", told.append)
+    viewer.layers.clear()
+    del layer
+    gc.collect()
+    layer = _opened(viewer, store)
+    assert layer.data.edited and layer.metadata[OPENED_KEY]["edits"] == edits
+    np.testing.assert_array_equal(np.asarray(layer.data[...]), expected)
+    assert len(told) == 1 and "photo_labels.zarr: the corrections painted on it until" in told[0]
+    assert f"kept in {edits} until saved with Save labels" in told[0]
+
     # corrected and saved over by another program (napari's own writer keeps no record): the class table beside
     tifffile.imwrite(tmp_path / "zarr" / "photo_labels.tif", np.full((96, 96), 2, np.uint16))
     resaved = _opened(viewer, tmp_path / "zarr" / "photo_labels.tif")

@@ -74,3 +74,78 @@ def test_an_editable_copy_refuses_what_labels_are_not():
 
     with pytest.raises(ValueError, match="2-D"):
         EditableCopy(Stack(), "edits.zarr")
+
+
+def _labels_store(path, labels, chunks):
+    import zarr
+
+    group = zarr.open_group(str(path), mode="w")
+    group.create_array("labels", shape=labels.shape, chunks=chunks, dtype=labels.dtype, fill_value=0)[:] = labels
+    return zarr.open_group(str(path), mode="r")["labels"]
+
+
+def _opened(store_path, source):
+    from napari_clearclip.editable_copy import EditableCopy
+
+    return EditableCopy.open(source, store_path, name="slide_labels.zarr")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_strokes_not_saved_are_there_again_when_the_store_is_opened_again_and_saved_ones_are_cleared(tmp_path, seed):
+    """napari closed with strokes not saved: opening the same store again gives them back, exactly (a chunk erased
+    whole included); a store opened twice at once is painted in one working copy; once saved (and not painted since),
+    the working copy is removed at the next opening; a store written again since is opened as it is now."""
+    import gc
+
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(20, 70)), int(rng.integers(20, 70)))
+    chunks = (int(rng.integers(4, 16)), int(rng.integers(4, 16)))
+    original = rng.integers(1, 5, shape).astype(np.uint8)       # no chunk holds only zeros
+    store = tmp_path / "slide_labels.zarr"
+    source = _labels_store(store, original, chunks)
+    files_before = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    copy, earlier = _opened(store, source)
+    assert earlier is None and not copy.resumed
+    expected = original.copy()
+    for _ in range(15):
+        key = (_region(rng, shape[0]), _region(rng, shape[1]))
+        value = int(rng.integers(0, 6))
+        copy[key] = value
+        expected[key] = value
+    copy[0 : chunks[0], 0 : chunks[1]] = 0                         # a chunk erased whole: nothing left to store
+    expected[0 : chunks[0], 0 : chunks[1]] = 0
+    edits = copy.edits_path
+    twice, _ = _opened(store, source)                               # opened again while the first is open:
+    assert twice is copy                                            # one working copy, never two writing it
+    del copy, twice
+    gc.collect()                                                    # napari closed
+
+    again, earlier = _opened(store, source)
+    assert again.resumed and again.edits_path == edits and earlier["source"] == str(store.resolve())
+    np.testing.assert_array_equal(np.asarray(again), expected)
+    assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == files_before   # the store untouched
+    version = again.version
+    again[2, 2] = 7                                                 # painted while the save went
+    expected[2, 2] = 7
+    again.mark_saved(version, tmp_path / "fixed_labels.zarr")
+    del again
+    gc.collect()
+    third, earlier = _opened(store, source)                         # that stroke was not saved: kept
+    assert third.resumed
+    np.testing.assert_array_equal(np.asarray(third), expected)
+    third.mark_saved(third.version, tmp_path / "fixed_labels.zarr")
+    del third
+    gc.collect()
+    fourth, earlier = _opened(store, source)                        # all saved: cleared, the store as it is
+    assert earlier is None and not fourth.resumed and not edits.exists()
+    np.testing.assert_array_equal(np.asarray(fourth), original)
+    fourth[3, 3] = 8
+    kept = fourth.edits_path
+    del fourth
+    gc.collect()
+    import zarr
+
+    zarr.open_group(str(store), mode="r+").attrs["rewritten"] = True   # the store written again since
+    fifth, earlier = _opened(store, source)
+    assert earlier is None and fifth.edits_path != kept and kept.exists()
+    np.testing.assert_array_equal(np.asarray(fifth), original)

@@ -618,6 +618,10 @@ def test_labels_too_large_to_hold_are_corrected_in_a_working_copy_and_saved_unde
                                   corrected)
     assert (tmp_path / "fixed_classes.csv").read_text().splitlines()[2] == f"1,debris,debris,{(corrected == 1).sum()}"
     assert {p: p.read_bytes() for p in store.rglob("*") if p.is_file()} == written   # the command's store untouched
+    from napari_clearclip.editable_copy import WORKING_KEY
+
+    working = zarr.open_group(str(labels.data.edits_path), mode="r").attrs[WORKING_KEY]   # its strokes are saved:
+    assert working["saved"] and working["saved_to"] == str(tmp_path / "fixed_labels.zarr")   # removed next time
 
     # segmented again tile by tile (a slide at native resolution): the stroke on the opened labels teaches the run
     import napari_clearclip.gui.widget as widget_module

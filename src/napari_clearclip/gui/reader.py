@@ -36,6 +36,14 @@ def painted_before(opened: dict, shape) -> np.ndarray | None:
     return decode_edits(opened.get("record") or {}, tuple(shape))
 
 
+def resumed_text(name: str, earlier: dict, edits) -> str:
+    """What the user is told when labels open with the strokes painted on them before and not saved."""
+    when = earlier.get("changed")
+    return (f"{name}: the corrections painted on it{' until ' + when if when else ''} and not saved are back. They "
+            f"are kept in {edits} until saved with Save labels...; to open the labels as saved, close this layer and "
+            "remove that folder first.")
+
+
 def get_reader(path):
     """napari's reader hook: labels written by clearclip-segment (``<name>_labels.tif`` or ``_labels.zarr`` with
     the run's record), else None so that napari's own readers open the file."""
@@ -53,7 +61,7 @@ def read_labels_layers(path) -> list[tuple]:
     from ..colours import colormap_dict
     from .layers import labels_features
 
-    from ..editable_copy import EditableCopy, edits_store_path
+    from ..editable_copy import EditableCopy
 
     layers = []
     for item in path if isinstance(path, (list, tuple)) else [path]:
@@ -67,8 +75,11 @@ def read_labels_layers(path) -> list[tuple]:
                                  "edited": labels.edited if labels.in_memory else None}}
         data = labels.data
         if not labels.in_memory and len(labels.data.shape) == 2:   # too large to hold: painted in a working copy
-            data = EditableCopy(labels.data, edits_store_path(name), name=Path(item).name,
-                                painted_before=labels.edited)
+            data, earlier = EditableCopy.open(labels.data, item, name=Path(item).name, painted_before=labels.edited)
+            if earlier is not None:
+                from napari.utils.notifications import show_info
+
+                show_info(resumed_text(Path(item).name, earlier, data.edits_path))
             metadata[OPENED_KEY]["edits"] = str(data.edits_path)
         layers.append((data, {"name": name, "features": labels_features(labels.names),
                                      "colormap": DirectLabelColormap(color_dict=colormap_dict(labels.names)),

@@ -586,6 +586,7 @@ class ClearClipWidget(FieldLogic, Container):
         beside, in the background; an existing store is never replaced. Returns the worker (None when nothing
         starts)."""
         from ..batch.files import labels_store_path, write_labels_store_steps
+        from ..editable_copy import EditableCopy
         from ..tiled_edits import PaintedPixels
 
         source = getattr(getattr(image, "source", None), "path", None)
@@ -614,8 +615,13 @@ class ClearClipWidget(FieldLogic, Container):
                                _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(lambda step: self._set_status(f"Saving {layer.name} to {target}: band {step[0]} of "
                                                              f"{step[1]}..."))
-        worker.returned.connect(lambda paths: self._set_status(f"Saved {layer.name} to {paths[0]}, its classes to "
-                                                               f"{paths[1].name}."))
+        version = getattr(layer.data, "version", None)   # a working copy's writes so far
+
+        def saved(paths):
+            if isinstance(layer.data, EditableCopy):   # its strokes are in the saved labels now
+                layer.data.mark_saved(version, paths[0])
+            self._set_status(f"Saved {layer.name} to {paths[0]}, its classes to {paths[1].name}.")
+        worker.returned.connect(saved)
         worker.errored.connect(lambda exc: self._set_status(f"Could not save {layer.name}: {exc}", error=True))
         worker.start()
         return worker

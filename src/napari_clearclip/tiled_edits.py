@@ -8,6 +8,7 @@ band or a part at a time, as the run reads the image.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Sequence
 
@@ -121,6 +122,46 @@ def keep_baseline(store: str | Path, parts=None) -> None:
     for (top, left), part, _ in parts.parts:
         region = (slice(top, top + part.shape[0]), slice(left, left + part.shape[1]))
         strokes[region] = np.where(part > 0, part, strokes[region]).astype(labels.dtype)
+
+
+#: Where a result's store records its image's file and classes (in its attributes).
+RESULT_RECORD_KEY = "napari-clearclip tiled result"
+#: This process, in the records of the results it makes: a result whose layer was removed in this session was
+#: discarded by the user; one left by a napari that has closed holds corrections to keep.
+SESSION = uuid.uuid4().hex
+
+
+def keep_result_record(store: str | Path, image_file: str | None, names: Sequence[str]) -> None:
+    """Record in a result's store its classes and the file of its image (``source``, and ``size`` to know a copy of
+    it by, as a labels file's record does), so that a later run on that file finds it (:func:`kept_results`)."""
+    import zarr
+
+    record = {"names": list(names), "source": None, "size": None, "session": SESSION}
+    if image_file:
+        path = Path(image_file).resolve()
+        record.update(source=str(path), size=path.stat().st_size if path.is_file() else None)
+    zarr.open_group(str(store), mode="r+").attrs[RESULT_RECORD_KEY] = record
+
+
+def kept_results(folder: str | Path | None = None) -> list[tuple[Path, dict]]:
+    """The stores of results segmented tile by tile in ``folder`` (the user cache's ``labels`` folder) that record
+    their image's file and keep their baseline, with that record, the newest first."""
+    import json
+
+    if folder is None:
+        from .cache import cache_dir
+
+        folder = cache_dir() / "labels"
+    found = []
+    for path in Path(folder).glob("*.zarr") if Path(folder).is_dir() else []:
+        try:
+            record = json.loads((path / "zarr.json").read_text()).get("attributes", {}).get(RESULT_RECORD_KEY)
+            written = (path / "zarr.json").stat().st_mtime
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(record, dict) and record.get("source") and has_baseline(path):
+            found.append((written, path, record))
+    return [(path, record) for _, path, record in sorted(found, key=lambda item: (item[0], str(item[1])), reverse=True)]
 
 
 def painted_count(parts) -> int:

@@ -653,3 +653,53 @@ def test_labels_too_large_to_hold_are_corrected_in_a_working_copy_and_saved_unde
     assert "painted on 'fixed_labels'" in widget.status.value, widget.status.value
     result = np.asarray(viewer.layers["shapes classes"].data[...])
     assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9
+
+
+def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_run_and_removed_ones_do_not(
+        qtbot, widget, tmp_path, monkeypatch):
+    """A slide's result segmented tile by tile lives in a store in the cache: painted on, then napari closed without
+    saving, the next run on that slide's file learns from it (the stroke keeps its class and teaches the other blue
+    square) and the store goes; a result whose layer the user removed in this session teaches nothing, and its
+    store goes at the next run too."""
+    from skimage.io import imsave
+
+    import napari_clearclip.gui.widget as widget_module
+    import napari_clearclip.tiled_edits as tiled_edits
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    imsave(tmp_path / "shapes.png", squares(7), check_contrast=False)
+    viewer = widget._viewer
+    [image] = viewer.open(str(tmp_path / "shapes.png"))
+    widget.image.value = image
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    widget.resize.value = False
+    run_and_wait(qtbot, widget)
+    first = viewer.layers["shapes classes"]
+    store = Path(first.metadata[widget_module.TILED_KEY]["store"])
+    other = (slice(128, 160), slice(128, 160))                        # the blue square nobody paints
+    assert np.mean(np.asarray(first.data[other]) == 1) < 0.5
+    before = np.asarray(first.data[...])
+    first.brush_size = 9
+    first.paint((48, 48), 1)                                          # a debris stroke
+    painted = np.asarray(first.data[...]) != before
+    assert painted.sum() > 20
+
+    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")    # napari closed, and opened again
+    viewer.layers.clear()
+    [image] = viewer.open(str(tmp_path / "shapes.png"))
+    widget.image.value = image
+    run_and_wait(qtbot, widget)
+    assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
+    second = viewer.layers["shapes classes"]
+    result = np.asarray(second.data[...])
+    assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9
+    assert not store.exists()                                         # its strokes are kept in the new store
+    kept = Path(second.metadata[widget_module.TILED_KEY]["store"])
+
+    viewer.layers.remove(second)                                      # removed by the user: discarded
+    widget.image.value = image
+    run_and_wait(qtbot, widget)
+    assert "taught this run" not in widget.status.value, widget.status.value
+    assert np.mean(np.asarray(viewer.layers["shapes classes"].data[other]) == 1) < 0.5
+    assert not kept.exists()

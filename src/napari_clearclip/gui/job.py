@@ -136,11 +136,13 @@ def use_feature_store(segmenter: Segmenter, folder: str | None) -> None:
 
 def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, store: Path, new_layer: dict,
               background: tuple[str, ...] = (), lessons: tuple = (), objects=None, painted_on: tuple | None = None,
-              feature_store: str | None = None):
+              feature_store: str | None = None, image_file: str | None = None):
     """Worker body for a large image: segment it tile by tile into ``store`` (yielding progress per tile), taught by
     the ``lessons`` that fit the run and by what the user painted on an earlier result of the image (``painted_on``:
     its store and class names), each of the ``objects`` (instance ids of the image's size) given a class, and
-    build the Labels layer backed by that store, so that the GUI thread only inserts it."""
+    build the Labels layer backed by that store, so that the GUI thread only inserts it. The store records the
+    image's file (``image_file``) and the classes: a later run on that file finds it, should no layer show it any
+    more, and learns what was painted on it."""
     from ..annotate import lesson_exemplars
     from ..prompts import parse_classes
     from ..zarr_images import absent_chunk_count
@@ -167,7 +169,7 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
         labels, table = labels
     try:  # the store is in place now: a run stopped or failed from here leaves none behind, as before it
         return (yield from _tiled_outcome(labels, table, store, parts, painted_on, parse_classes(classes), crop,
-                                          background, new_layer, absent, exemplars is not None, notes))
+                                          background, new_layer, absent, exemplars is not None, notes, image_file))
     except BaseException:
         import shutil
 
@@ -176,12 +178,12 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
 
 
 def _tiled_outcome(labels, table, store: Path, parts, painted_on, parsed, crop, background, new_layer, absent,
-                   taught: bool, notes: list):
+                   taught: bool, notes: list, image_file: str | None = None):
     """Generator: keep the store's baseline (and the strokes to carry: those that taught the run, and any painted on
     the earlier result meanwhile), count the classes, and build the Labels layer backed by the store."""
     from ..colours import colormap_dict
     from ..lazy_tiles import label_counts, painted_parts
-    from ..tiled_edits import EditedStrokes, changed_pixels, keep_baseline, painted_count
+    from ..tiled_edits import EditedStrokes, changed_pixels, keep_baseline, keep_result_record, painted_count
 
     yield Progress("reading", 1, 1, detail="keeping the labels as written, to tell corrections from them")
     carried, late = parts, 0
@@ -191,6 +193,7 @@ def _tiled_outcome(labels, table, store: Path, parts, painted_on, parsed, crop, 
         late = changed_pixels(parts, carried)
     keep_baseline(store, carried)  # what the run wrote, to tell what is painted on it next (3 s at 20000 x 20000)
     names = [c.name for c in parsed]
+    keep_result_record(store, image_file, names)
     counts = label_counts(labels, len(names))
     colours = colormap_dict(names, tuple(background))
     prepare_first_draw(np.zeros((2, 2), labels.dtype), colours)

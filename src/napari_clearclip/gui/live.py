@@ -126,7 +126,11 @@ class Readying:
         it end its band (tens of milliseconds), before the Qt objects it reports to are gone."""
         self.stop()
         with self._idle:
-            self._idle.wait_for(lambda: self._jobs == 0, timeout=2.0)
+            ended = self._idle.wait_for(lambda: self._jobs == 0, timeout=2.0)
+        if ended:   # its thread still reports the job's end to Qt: let it finish before Python and Qt finalise
+            from qtpy.QtCore import QThreadPool
+
+            QThreadPool.globalInstance().waitForDone(1000)
 
 
 _readying: "weakref.WeakSet[Readying]" = weakref.WeakSet()

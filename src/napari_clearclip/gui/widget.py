@@ -431,8 +431,12 @@ class ClearClipWidget(FieldLogic, Container):
         new_layer = {"name": f"{layer.name} classes", **layer_geometry(layer, layout),
                      "metadata": {TILED_KEY: {"image": layer.name, "image_key": layer_key(layer), "store": str(store),
                                               "names": [c.name for c in classes]}}}
-        earlier = self._tiled_result_of(layer, layout) if self.learn.value and self.keep_edits.value else None
-        if earlier is None:
+        learns = self.learn.value and self.keep_edits.value
+        earlier = self._tiled_result_of(layer, layout) if learns else None
+        kept = self._kept_result_of(layer, layout) if learns and earlier is None else (None, None, [])
+        if kept[0] is not None:   # left by a napari that has closed: what was painted there teaches still
+            painted_on = (kept[0], list(kept[1]["names"]))
+        elif earlier is None:
             painted_on = None
         elif TILED_KEY in earlier.metadata:
             painted_on = (Path(earlier.metadata[TILED_KEY]["store"]), list(earlier.metadata[TILED_KEY]["names"]))
@@ -444,13 +448,14 @@ class ClearClipWidget(FieldLogic, Container):
             objects = objects_layer.data[0] if objects_layer.multiscale else objects_layer.data
         worker = create_worker(tiled_job, self._models, self.model_spec(), data, names, options, store, new_layer,
                                background, tuple(lessons or ()), objects, painted_on, self._feature_store_folder(),
+                               getattr(getattr(layer, "source", None), "path", None),
                                _start_thread=False, _ignore_errors=True)
 
         def discard():  # a cancelled or failed run leaves no store behind
             shutil.rmtree(store.with_name(store.name + ".partial"), ignore_errors=True)
 
         source = (layer, layer.data)
-        worker.returned.connect(lambda value: self._on_tiled_returned(value, objects_layer, earlier, source))
+        worker.returned.connect(lambda value: self._on_tiled_returned(value, objects_layer, earlier, source, kept))
         worker.aborted.connect(lambda: (discard(), self._set_status("Cancelled: nothing was added.")))
         worker.errored.connect(lambda *_: discard())
         return self._launch(worker, f"Starting on {layer.name}: a large image, segmented tile by tile at native "
@@ -477,7 +482,36 @@ class ClearClipWidget(FieldLogic, Container):
                 return item
         return None
 
-    def _on_tiled_returned(self, value, objects_layer=None, earlier=None, source=None):
+    def _kept_result_of(self, image, layout: ImageLayout) -> tuple[Path | None, dict | None, list[Path]]:
+        """Stores of earlier results of this image's file segmented tile by tile that no layer shows any more: the
+        newest one a napari that has closed left (its record), whose painted pixels teach this run, and all of them,
+        which go once this run keeps those strokes (those whose layer was removed in this session were discarded;
+        older ones were superseded, as only the newest result teaches)."""
+        import zarr
+
+        from ..tiled_edits import SESSION, kept_results
+        from .reader import same_image_file
+
+        source = getattr(getattr(image, "source", None), "path", None)
+        if not source:
+            return None, None, []
+        shown = {str(Path(item.metadata[TILED_KEY].get("store", ""))) for item in self._viewer.layers
+                 if isinstance(item.metadata.get(TILED_KEY), dict)}
+        newest, record, stores = None, None, []
+        for path, kept in kept_results():
+            if str(path) in shown or not same_image_file(kept, source):
+                continue
+            try:
+                if tuple(zarr.open_group(str(path), mode="r")["labels"].shape) != tuple(layout.label_shape):
+                    continue
+            except (OSError, KeyError, ValueError):
+                continue
+            stores.append(path)
+            if newest is None and kept.get("session") != SESSION:
+                newest, record = path, kept
+        return newest, record, stores
+
+    def _on_tiled_returned(self, value, objects_layer=None, earlier=None, source=None, kept=None):
         self._delivered = True
         self._result_plane = None   # a layer backed by a store: no plane copies to ready
         if self._closed:
@@ -509,7 +543,15 @@ class ClearClipWidget(FieldLogic, Container):
             self._set_object_features(objects_layer, result.objects)
             classified = (f" {len(result.objects['id'])} objects of '{objects_layer.name}' got a class each (see "
                           "its features table).")
-        if result.painted and earlier is not None:
+        if kept is not None:   # their strokes are in this run's store now, or were discarded: the stores go
+            import shutil
+
+            for store in kept[2]:
+                shutil.rmtree(store, ignore_errors=True)
+        if result.painted and kept is not None and kept[0] is not None:
+            strokes = (f" {result.painted} pixels painted on an earlier result of this image, left when napari "
+                       "closed, taught this run and keep their class.")
+        elif result.painted and earlier is not None:
             strokes = (f" {result.painted} pixels painted on '{earlier.name}' taught this run and keep their class; "
                        "that layer is kept as it is.")
         elif self.learn.value and self.keep_edits.value:

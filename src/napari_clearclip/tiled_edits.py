@@ -143,9 +143,10 @@ def keep_result_record(store: str | Path, image_file: str | None, names: Sequenc
     zarr.open_group(str(store), mode="r+").attrs[RESULT_RECORD_KEY] = record
 
 
-def kept_results(folder: str | Path | None = None) -> list[tuple[Path, dict]]:
+def kept_results(folder: str | Path | None = None, before: float | None = None) -> list[tuple[Path, dict]]:
     """The stores of results segmented tile by tile in ``folder`` (the user cache's ``labels`` folder) that record
-    their image's file and keep their baseline, with that record, the newest first."""
+    their image's file and keep their baseline, with that record, the newest first; only those finished before
+    ``before`` (a time), when given."""
     import json
 
     if folder is None:
@@ -158,6 +159,8 @@ def kept_results(folder: str | Path | None = None) -> list[tuple[Path, dict]]:
             record = json.loads((path / "zarr.json").read_text()).get("attributes", {}).get(RESULT_RECORD_KEY)
             written = (path / "zarr.json").stat().st_mtime
         except (OSError, ValueError, AttributeError):
+            continue
+        if before is not None and written >= before:
             continue
         if isinstance(record, dict) and record.get("source") and has_baseline(path):
             found.append((written, path, record))

@@ -656,7 +656,7 @@ def test_labels_too_large_to_hold_are_corrected_in_a_working_copy_and_saved_unde
 
 
 def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_run_and_removed_ones_do_not(
-        qtbot, widget, tmp_path, monkeypatch):
+        qtbot, widget, tmp_path, monkeypatch, make_napari_viewer):
     """A slide's result segmented tile by tile lives in a store in the cache: painted on, then napari closed without
     saving, the next run on that slide's file learns from it (the stroke keeps its class and teaches the other blue
     square) and the store goes; a result whose layer the user removed in this session teaches nothing, and its
@@ -697,9 +697,18 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     assert not store.exists()                                         # its strokes are kept in the new store
     kept = Path(second.metadata[widget_module.TILED_KEY]["store"])
 
-    viewer.layers.remove(second)                                      # removed by the user: discarded
+    elsewhere = make_napari_viewer(show=False)                        # a second viewer shows that result too
+    elsewhere.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
+    shown = elsewhere.add_labels(second.data, name="shown elsewhere", metadata=dict(second.metadata))
+    viewer.layers.remove(second)                                      # removed here by the user
+    widget.image.value = image
+    run_and_wait(qtbot, widget)
+    assert kept.exists(), "a store another viewer shows was removed"
+    third = viewer.layers["shapes classes"]
+    viewer.layers.remove(third)
+    elsewhere.layers.remove(shown)                                    # removed everywhere: discarded
     widget.image.value = image
     run_and_wait(qtbot, widget)
     assert "taught this run" not in widget.status.value, widget.status.value
     assert np.mean(np.asarray(viewer.layers["shapes classes"].data[other]) == 1) < 0.5
-    assert not kept.exists()
+    assert not kept.exists() and not Path(third.metadata[widget_module.TILED_KEY]["store"]).exists()

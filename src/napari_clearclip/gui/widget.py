@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
 
 import napari
@@ -56,12 +57,30 @@ PROGRESS_INTERVAL_MS = 1000
 #: (0.6 s of a core, much of it holding Python's lock; the first run on 4096 x 4096 took 0.3-0.7 s longer).
 PREPARE_LOOPS_AFTER_MS = 1500
 
+#: The docks open in this process (one per viewer): a result's store shown in any of their viewers is in use.
+_DOCKS: "weakref.WeakSet[ClearClipWidget]" = weakref.WeakSet()
+
+
+def _shown_stores() -> set[str]:
+    """The stores of results segmented tile by tile that a layer of any viewer with this dock shows."""
+    shown = set()
+    for dock in list(_DOCKS):
+        if dock._closed:
+            continue
+        for item in dock._viewer.layers:
+            kept = item.metadata.get(TILED_KEY)
+            if isinstance(kept, dict) and kept.get("store"):
+                shown.add(str(Path(kept["store"])))
+    return shown
+
+
 class ClearClipWidget(FieldLogic, Container):
     """Type the classes, press Run, correct the Labels layer by hand."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__(labels=False)
         self._viewer = napari_viewer
+        _DOCKS.add(self)
         self._models = ModelHolder()
         self._worker = None
         self._reduced_copy: tuple | None = None  # ((image id, factor, rgb), BlockMeans) of the last reduced image
@@ -487,6 +506,8 @@ class ClearClipWidget(FieldLogic, Container):
         newest one a napari that has closed left (its record), whose painted pixels teach this run, and all of them,
         which go once this run keeps those strokes (those whose layer was removed in this session were discarded;
         older ones were superseded, as only the newest result teaches)."""
+        import time
+
         import zarr
 
         from ..tiled_edits import SESSION, kept_results
@@ -495,10 +516,9 @@ class ClearClipWidget(FieldLogic, Container):
         source = getattr(getattr(image, "source", None), "path", None)
         if not source:
             return None, None, []
-        shown = {str(Path(item.metadata[TILED_KEY].get("store", ""))) for item in self._viewer.layers
-                 if isinstance(item.metadata.get(TILED_KEY), dict)}
+        shown = _shown_stores()   # (a store another viewer shows is in use)
         newest, record, stores = None, None, []
-        for path, kept in kept_results():
+        for path, kept in kept_results(before=time.time()):   # (not a run of another dock finishing now)
             if str(path) in shown or not same_image_file(kept, source):
                 continue
             try:

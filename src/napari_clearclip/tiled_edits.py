@@ -144,9 +144,9 @@ def keep_result_record(store: str | Path, image_file: str | None, names: Sequenc
 
 
 def kept_results(folder: str | Path | None = None, before: float | None = None) -> list[tuple[Path, dict]]:
-    """The stores of results segmented tile by tile in ``folder`` (the user cache's ``labels`` folder) that record
-    their image's file and keep their baseline, with that record, the newest first; only those finished before
-    ``before`` (a time), when given."""
+    """The stores of results segmented tile by tile in ``folder`` (the user cache's ``labels`` folder) that keep
+    their record (:func:`keep_result_record`) and baseline, with that record, the newest first; only those finished
+    before ``before`` (a time), when given."""
     import json
 
     if folder is None:
@@ -162,7 +162,7 @@ def kept_results(folder: str | Path | None = None, before: float | None = None) 
             continue
         if before is not None and written >= before:
             continue
-        if isinstance(record, dict) and record.get("source") and has_baseline(path):
+        if isinstance(record, dict) and has_baseline(path):
             found.append((written, path, record))
     return [(path, record) for _, path, record in sorted(found, key=lambda item: (item[0], str(item[1])), reverse=True)]
 

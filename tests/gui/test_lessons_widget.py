@@ -660,7 +660,7 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     """A slide's result segmented tile by tile lives in a store in the cache: painted on, then napari closed without
     saving, the next run on that slide's file learns from it (the stroke keeps its class and teaches the other blue
     square) and the store goes; a result whose layer the user removed in this session teaches nothing, and its
-    store goes at the next run too."""
+    store goes at the next run too (of any image); one another viewer shows stays."""
     from skimage.io import imsave
 
     import napari_clearclip.gui.widget as widget_module
@@ -697,6 +697,12 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     assert not store.exists()                                         # its strokes are kept in the new store
     kept = Path(second.metadata[widget_module.TILED_KEY]["store"])
 
+    scratch = viewer.add_image(squares(3), name="scratch")           # an image of no file, its result removed
+    widget.image.value = scratch
+    run_and_wait(qtbot, widget)
+    scratch_store = Path(viewer.layers["scratch classes"].metadata[widget_module.TILED_KEY]["store"])
+    viewer.layers.remove("scratch classes")
+    assert scratch_store.exists()
     elsewhere = make_napari_viewer(show=False)                        # a second viewer shows that result too
     elsewhere.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
     shown = elsewhere.add_labels(second.data, name="shown elsewhere", metadata=dict(second.metadata))
@@ -712,3 +718,4 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     assert "taught this run" not in widget.status.value, widget.status.value
     assert np.mean(np.asarray(viewer.layers["shapes classes"].data[other]) == 1) < 0.5
     assert not kept.exists() and not Path(third.metadata[widget_module.TILED_KEY]["store"]).exists()
+    assert not scratch_store.exists()

@@ -64,9 +64,7 @@ _DOCKS: "weakref.WeakSet[ClearClipWidget]" = weakref.WeakSet()
 def _shown_stores() -> set[str]:
     """The stores of results segmented tile by tile that a layer of any viewer with this dock shows."""
     shown = set()
-    for dock in list(_DOCKS):
-        if dock._closed:
-            continue
+    for dock in list(_DOCKS):   # (a closed dock's viewer may show them still)
         for item in dock._viewer.layers:
             kept = item.metadata.get(TILED_KEY)
             if isinstance(kept, dict) and kept.get("store"):
@@ -452,7 +450,7 @@ class ClearClipWidget(FieldLogic, Container):
                                               "names": [c.name for c in classes]}}}
         learns = self.learn.value and self.keep_edits.value
         earlier = self._tiled_result_of(layer, layout) if learns else None
-        kept = self._kept_result_of(layer, layout) if learns and earlier is None else (None, None, [])
+        kept = self._kept_result_of(layer, layout, learns and earlier is None)
         if kept[0] is not None:   # left by a napari that has closed: what was painted there teaches still
             painted_on = (kept[0], list(kept[1]["names"]))
         elif earlier is None:
@@ -501,11 +499,12 @@ class ClearClipWidget(FieldLogic, Container):
                 return item
         return None
 
-    def _kept_result_of(self, image, layout: ImageLayout) -> tuple[Path | None, dict | None, list[Path]]:
-        """Stores of earlier results of this image's file segmented tile by tile that no layer shows any more: the
-        newest one a napari that has closed left (its record), whose painted pixels teach this run, and all of them,
-        which go once this run keeps those strokes (those whose layer was removed in this session were discarded;
-        older ones were superseded, as only the newest result teaches)."""
+    def _kept_result_of(self, image, layout: ImageLayout, learns: bool) -> tuple[Path | None, dict | None, list[Path]]:
+        """Stores of earlier results segmented tile by tile that no layer of any viewer shows any more: the newest of
+        this image's file that a napari now closed left (and its record), whose painted pixels teach this run when
+        it ``learns``, and those that go once this run is done: the results of this session whose layer the user
+        removed (discarded), and, when it learns, all of this image's file (its strokes are kept in this run's
+        store; older ones were superseded, as only the newest result teaches)."""
         import time
 
         import zarr
@@ -514,22 +513,23 @@ class ClearClipWidget(FieldLogic, Container):
         from .reader import same_image_file
 
         source = getattr(getattr(image, "source", None), "path", None)
-        if not source:
-            return None, None, []
         shown = _shown_stores()   # (a store another viewer shows is in use)
-        newest, record, stores = None, None, []
+        newest, record, gone = None, None, []
         for path, kept in kept_results(before=time.time()):   # (not a run of another dock finishing now)
-            if str(path) in shown or not same_image_file(kept, source):
+            if str(path) in shown:
                 continue
-            try:
-                if tuple(zarr.open_group(str(path), mode="r")["labels"].shape) != tuple(layout.label_shape):
-                    continue
-            except (OSError, KeyError, ValueError):
-                continue
-            stores.append(path)
-            if newest is None and kept.get("session") != SESSION:
+            this_session = kept.get("session") == SESSION
+            of_image = bool(source) and same_image_file(kept, source)
+            if of_image:
+                try:
+                    of_image = tuple(zarr.open_group(str(path), mode="r")["labels"].shape) == tuple(layout.label_shape)
+                except (OSError, KeyError, ValueError):
+                    of_image = False
+            if this_session or (of_image and learns):
+                gone.append(path)
+            if of_image and learns and not this_session and newest is None:
                 newest, record = path, kept
-        return newest, record, stores
+        return newest, record, gone
 
     def _on_tiled_returned(self, value, objects_layer=None, earlier=None, source=None, kept=None):
         self._delivered = True

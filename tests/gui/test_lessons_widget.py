@@ -694,7 +694,7 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     second = viewer.layers["shapes classes"]
     result = np.asarray(second.data[...])
     assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9
-    assert not store.exists()                                         # its strokes are kept in the new store
+    qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)       # its strokes are kept in the new store
     kept = Path(second.metadata[widget_module.TILED_KEY]["store"])
 
     scratch = viewer.add_image(squares(3), name="scratch")           # an image of no file, its result removed
@@ -709,6 +709,11 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     viewer.layers.remove(second)                                      # removed here by the user
     widget.image.value = image
     run_and_wait(qtbot, widget)
+    import threading
+
+    qtbot.waitUntil(lambda: not any(t.name == "napari-clearclip removing results" for t in threading.enumerate()),
+                    timeout=10_000)                                   # the removals are done
+    assert not scratch_store.exists()
     assert kept.exists(), "a store another viewer shows was removed"
     third = viewer.layers["shapes classes"]
     viewer.layers.remove(third)
@@ -717,5 +722,5 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     run_and_wait(qtbot, widget)
     assert "taught this run" not in widget.status.value, widget.status.value
     assert np.mean(np.asarray(viewer.layers["shapes classes"].data[other]) == 1) < 0.5
-    assert not kept.exists() and not Path(third.metadata[widget_module.TILED_KEY]["store"]).exists()
-    assert not scratch_store.exists()
+    gone = [kept, Path(third.metadata[widget_module.TILED_KEY]["store"])]
+    qtbot.waitUntil(lambda: not any(path.exists() for path in gone), timeout=10_000)

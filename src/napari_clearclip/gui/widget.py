@@ -563,11 +563,12 @@ class ClearClipWidget(FieldLogic, Container):
             self._set_object_features(objects_layer, result.objects)
             classified = (f" {len(result.objects['id'])} objects of '{objects_layer.name}' got a class each (see "
                           "its features table).")
-        if kept is not None:   # their strokes are in this run's store now, or were discarded: the stores go
-            import shutil
+        if kept is not None and kept[2]:   # their strokes are in this run's store now, or were discarded: the
+            import shutil                  # stores go, in the background (a slide's has thousands of files)
+            import threading
 
-            for store in kept[2]:
-                shutil.rmtree(store, ignore_errors=True)
+            threading.Thread(target=lambda: [shutil.rmtree(store, ignore_errors=True) for store in kept[2]],
+                             name="napari-clearclip removing results").start()
         if result.painted and kept is not None and kept[0] is not None:
             strokes = (f" {result.painted} pixels painted on an earlier result of this image, left when napari "
                        "closed, taught this run and keep their class.")

@@ -149,3 +149,39 @@ def test_strokes_not_saved_are_there_again_when_the_store_is_opened_again_and_sa
     fifth, earlier = _opened(store, source)
     assert earlier is None and fifth.edits_path != kept and kept.exists()
     np.testing.assert_array_equal(np.asarray(fifth), original)
+
+
+PAINT_AND_EXIT = """
+import sys
+import zarr
+from napari_clearclip.editable_copy import EditableCopy
+
+store = sys.argv[1]
+copy, earlier = EditableCopy.open(zarr.open_group(store, mode="r")["labels"], store, name="slide_labels.zarr")
+print(earlier is not None, flush=True)
+copy[5:9, 3:30] = 4
+copy[40, :] = 0
+"""
+
+
+def test_strokes_of_a_process_that_ended_are_there_when_another_opens_the_store(tmp_path):
+    """As napari does: one process paints and exits without saving; the next one opening the store gets them."""
+    import os
+    import subprocess
+    import sys
+
+    import zarr
+
+    rng = np.random.default_rng(9)
+    original = rng.integers(1, 4, (50, 60)).astype(np.uint8)
+    store = tmp_path / "slide_labels.zarr"
+    _labels_store(store, original, (16, 16))
+    env = dict(os.environ)
+    done = subprocess.run([sys.executable, "-c", PAINT_AND_EXIT, str(store)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["False"], done.stderr[-2000:]
+    copy, earlier = _opened(store, zarr.open_group(str(store), mode="r")["labels"])
+    expected = original.copy()
+    expected[5:9, 3:30], expected[40, :] = 4, 0
+    assert copy.resumed and earlier is not None
+    np.testing.assert_array_equal(np.asarray(copy), expected)

@@ -52,23 +52,30 @@ def _working_attrs(path: Path) -> dict | None:
 
 def working_copy_of(store, name: str) -> tuple[Path, dict | None]:
     """The working store for labels opened from ``store`` (shown as ``name``): one holding strokes not saved from an
-    earlier opening of that store, unchanged since (the newest, when several), with what it records; else a new
-    path and None. Working stores of ``store`` whose strokes were all saved are removed."""
+    earlier opening of that store, unchanged since (the newest, when several; or of the same store before its folder
+    was moved or renamed), with what it records; else a new path and None. Working stores of ``store`` whose strokes
+    were all saved are removed."""
     import shutil
 
     from .cache import cache_dir
 
     source = str(Path(store).resolve())
+    state = store_state(source)
     folder = cache_dir() / "labels"
     unsaved = []
     for path in sorted(folder.glob("*-edits-*.zarr")) if folder.is_dir() else []:
         attrs = _working_attrs(path)
-        if attrs is None or attrs.get("source") != source:
+        if attrs is None:
+            continue
+        recorded = str(attrs.get("source"))
+        moved = (recorded != source and Path(recorded).name == Path(source).name and attrs.get("state") == state
+                 and not Path(recorded).exists())   # the store moved (its folder renamed): the same files
+        if recorded != source and not moved:
             continue
         if attrs.get("saved"):
             if str(path) not in _IN_USE:   # (one still in use is left to its layer)
                 shutil.rmtree(path, ignore_errors=True)
-        elif attrs.get("state") == store_state(source) and isinstance(attrs.get("copied"), list):
+        elif attrs.get("state") == state and isinstance(attrs.get("copied"), list):
             unsaved.append((_last_written(path), path, attrs))
     if unsaved:   # the newest, should the store have been painted in two layers at once
         written, path, attrs = max(unsaved, key=lambda item: (item[0], str(item[1])))
@@ -160,6 +167,8 @@ class EditableCopy:
             for cy, cx in attrs.get("copied", []):
                 self._copied[int(cy), int(cx)] = True
             self._edits, self._saved, self.resumed = edits, bool(attrs.get("saved")), True
+            if self.origin and attrs.get("source") != self.origin:   # the store was moved: found there from now on
+                self._record(source=self.origin)
         _IN_USE[str(self.edits_path)] = self
 
     @property

@@ -84,6 +84,12 @@ def _labels_store(path, labels, chunks):
     return zarr.open_group(str(path), mode="r")["labels"]
 
 
+def _labels_store_read(path):
+    import zarr
+
+    return zarr.open_group(str(path), mode="r")["labels"]
+
+
 def _opened(store_path, source):
     from napari_clearclip.editable_copy import EditableCopy
 
@@ -93,7 +99,8 @@ def _opened(store_path, source):
 @pytest.mark.parametrize("seed", range(4))
 def test_strokes_not_saved_are_there_again_when_the_store_is_opened_again_and_saved_ones_are_cleared(tmp_path, seed):
     """napari closed with strokes not saved: opening the same store again gives them back, exactly (a chunk erased
-    whole included); a store opened twice at once is painted in one working copy; once saved (and not painted since),
+    whole included), also after its folder was moved; a store opened twice at once is painted in one working copy;
+    once saved (and not painted since),
     the working copy is removed at the next opening; a store written again since is opened as it is now."""
     import gc
 
@@ -145,6 +152,19 @@ def test_strokes_not_saved_are_there_again_when_the_store_is_opened_again_and_sa
     gc.collect()
     import zarr
 
+    moved = tmp_path / "elsewhere" / "slide_labels.zarr"               # its folder renamed: the same store
+    moved.parent.mkdir()
+    store.rename(moved)
+    at_new, earlier = _opened(moved, _labels_store_read(moved))
+    assert at_new.resumed and at_new.edits_path == kept and earlier is not None
+    assert at_new[3, 3] == 8
+    del at_new
+    gc.collect()
+    moved.rename(store)                                                # and back
+    again, earlier = _opened(store, source)
+    assert again.resumed and again.edits_path == kept
+    del again
+    gc.collect()
     zarr.open_group(str(store), mode="r+").attrs["rewritten"] = True   # the store written again since
     fifth, earlier = _opened(store, source)
     assert earlier is None and fifth.edits_path != kept and kept.exists()

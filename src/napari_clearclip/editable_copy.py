@@ -14,12 +14,15 @@ working store whose strokes were all saved is removed then (they are in the save
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from pathlib import Path
 
 import numpy as np
 
+
+_log = logging.getLogger(__name__)
 
 #: Where a working store keeps what it is a copy of (in its attributes).
 WORKING_KEY = "napari-clearclip working copy"
@@ -131,7 +134,14 @@ class EditableCopy:
         live = _IN_USE.get(str(edits))
         if live is not None and live.shape == tuple(int(n) for n in source.shape):
             return live, earlier
-        return cls(source, edits, name=name, painted_before=painted_before, origin=store), earlier
+        if earlier is not None:
+            try:
+                return cls(source, edits, name=name, painted_before=painted_before, origin=store), earlier
+            except (OSError, KeyError, ValueError, TypeError) as exc:   # damaged: left as it is, a new one made
+                _log.warning("The working copy %s of %s cannot be read (%s): the labels open as saved, and their "
+                             "strokes go into a new working copy.", edits, store, exc)
+                edits = edits_store_path(Path(name or Path(store).name).stem)
+        return cls(source, edits, name=name, painted_before=painted_before, origin=store), None
 
     def __init__(self, source, edits: str | Path, name: str | None = None, painted_before=None,
                  origin: str | Path | None = None):

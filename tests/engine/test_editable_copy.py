@@ -205,3 +205,27 @@ def test_strokes_of_a_process_that_ended_are_there_when_another_opens_the_store(
     expected[5:9, 3:30], expected[40, :] = 4, 0
     assert copy.resumed and earlier is not None
     np.testing.assert_array_equal(np.asarray(copy), expected)
+
+
+def test_a_damaged_working_copy_is_left_as_it_is_and_the_store_opens_as_saved(tmp_path, caplog):
+    """A working copy whose chunks' array is gone (or of another shape): the store opens as saved, the strokes go
+    into a new working copy, the damaged one is kept, and the log says so."""
+    import gc
+    import shutil
+
+    original = np.arange(40 * 50, dtype=np.uint16).reshape(40, 50) % 7 + 1
+    store = tmp_path / "slide_labels.zarr"
+    source = _labels_store(store, original, (16, 16))
+    copy, _ = _opened(store, source)
+    copy[0:5, 0:5] = 3
+    damaged = copy.edits_path
+    del copy
+    gc.collect()
+    shutil.rmtree(damaged / "labels")
+    with caplog.at_level("WARNING"):
+        fresh, earlier = _opened(store, source)
+    assert earlier is None and fresh.edits_path != damaged and damaged.exists()
+    np.testing.assert_array_equal(np.asarray(fresh), original)
+    assert "cannot be read" in caplog.text and str(damaged) in caplog.text
+    fresh[1, 1] = 6
+    assert fresh.edits_path.exists() and fresh[1, 1] == 6

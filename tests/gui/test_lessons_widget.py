@@ -724,3 +724,17 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     assert np.mean(np.asarray(viewer.layers["shapes classes"].data[other]) == 1) < 0.5
     gone = [kept, Path(third.metadata[widget_module.TILED_KEY]["store"])]
     qtbot.waitUntil(lambda: not any(path.exists() for path in gone), timeout=10_000)
+
+    # a result left by a napari that closed, whose store cannot be read any more: the run does without it, says so
+    last = viewer.layers["shapes classes"]
+    broken = Path(last.metadata[widget_module.TILED_KEY]["store"])
+    viewer.layers.remove(last)
+    monkeypatch.setattr(tiled_edits, "SESSION", "a third napari")
+    chunks = [path for path in (broken / "baseline").rglob("*") if path.is_file() and path.name != "zarr.json"]
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(b"not a chunk")
+    widget.image.value = image
+    run_and_wait(qtbot, widget)
+    assert "could not be read" in widget.status.value and "shapes classes" in viewer.layers, widget.status.value
+    qtbot.waitUntil(lambda: not broken.exists(), timeout=10_000)

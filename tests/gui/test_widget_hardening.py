@@ -988,3 +988,42 @@ def test_a_feature_store_folder_a_cluster_filled_is_chosen_in_the_widget_and_rea
     assert widget.status.value.startswith("Done"), widget.status.value
     assert len(np.unique(viewer.layers["scene classes"].data)) > 1
     assert saved_values(widget)["feature_store"] == str(shared)           # kept for the next session
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_a_runtime_error_in_a_run_is_said_and_the_dock_is_ready_for_the_next(qtbot, widget, monkeypatch, tiled):
+    """A RuntimeError in a run (a damaged zarr chunk, one of PyTorch's errors): napari's workers end silently on one,
+    so the dock waited for ever; it is said, no layer is added, and the next run goes."""
+    import napari_clearclip.gui.job as job_module
+    import napari_clearclip.gui.widget as widget_module
+    import napari_clearclip.tiled_edits as tiled_edits
+    from images import smooth_image
+
+    def damaged(*args, **kwargs):
+        raise RuntimeError("Zstd decompression error: invalid input data")
+
+    def failing_segment_layer(*args, **kwargs):
+        yield from ()
+        damaged()
+
+    keep_baseline, segment_layer = tiled_edits.keep_baseline, job_module.segment_layer
+    if tiled:
+        monkeypatch.setattr(widget_module, "TILED_PIXELS", 200 * 200)
+        monkeypatch.setattr(tiled_edits, "keep_baseline", damaged)
+        widget.resize.value = False
+        widget.crop.value, widget.stride.value = 64, 32
+    else:
+        monkeypatch.setattr(job_module, "segment_layer", failing_segment_layer)
+    viewer = widget._viewer
+    widget.image.value = viewer.add_image(smooth_image(260, 240, seed=6), name="slide", rgb=True)
+    widget.classes.value = "sky\ngrass"
+    layers = len(viewer.layers)
+    run_and_wait(qtbot, widget)
+    assert "Unexpected error (RuntimeError: Zstd decompression error: invalid input data)" in widget.status.value, \
+        widget.status.value
+    assert len(viewer.layers) == layers and widget.run_button.enabled
+    monkeypatch.setattr(tiled_edits, "keep_baseline", keep_baseline)   # mended
+    monkeypatch.setattr(job_module, "segment_layer", segment_layer)
+    run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    assert len(viewer.layers) == layers + 1

@@ -19,6 +19,7 @@ from ..progress import Progress
 from ..reduced import LARGE_PIXELS
 from ..segmenter import Segmenter
 from .layers import labels_features
+from .worker_errors import errors_reported
 
 
 @dataclass
@@ -134,15 +135,17 @@ def use_feature_store(segmenter: Segmenter, folder: str | None) -> None:
         segmenter.feature_store = FeatureStore(root if folder else None)
 
 
+@errors_reported
 def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, store: Path, new_layer: dict,
               background: tuple[str, ...] = (), lessons: tuple = (), objects=None, painted_on: tuple | None = None,
               feature_store: str | None = None, image_file: str | None = None):
     """Worker body for a large image: segment it tile by tile into ``store`` (yielding progress per tile), taught by
     the ``lessons`` that fit the run and by what the user painted on an earlier result of the image (``painted_on``:
-    its store and class names), each of the ``objects`` (instance ids of the image's size) given a class, and
-    build the Labels layer backed by that store, so that the GUI thread only inserts it. The store records the
-    image's file (``image_file``) and the classes: a later run on that file finds it, should no layer show it any
-    more, and learns what was painted on it."""
+    its store and class names, and True for a result no layer shows, done without if it cannot be read), each of
+    the ``objects`` (instance ids of the image's size) given a class, and build the Labels layer backed by that
+    store, so that the GUI thread only inserts it. The store records the image's file (``image_file``) and the
+    classes: a later run on that file finds it, should no layer show it any more, and learns what was painted on
+    it."""
     from ..annotate import lesson_exemplars
     from ..prompts import parse_classes
     from ..zarr_images import absent_chunk_count
@@ -158,10 +161,17 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
         from ..lazy_tiles import painted_parts, resolve_tiled_options
         from ..tiled_edits import EditedStrokes
 
-        edits = EditedStrokes(painted_on[0], painted_on[1], [c.name for c in parse_classes(classes)])
         crop = resolve_tiled_options(segmenter, options, {}).crop
         yield Progress("reading", 0, 1, detail=f"reading what was painted on the earlier result ({painted_on[0].name})")
-        parts = painted_parts(edits, edits.shape, len(parse_classes(classes)), crop)
+        try:
+            edits = EditedStrokes(painted_on[0], painted_on[1], [c.name for c in parse_classes(classes)])
+            parts = painted_parts(edits, edits.shape, len(parse_classes(classes)), crop)
+        except Exception as exc:   # a result left in the cache is no layer's: one that cannot be read is done without
+            if len(painted_on) < 3 or not painted_on[2]:
+                raise
+            notes.append(f"An earlier result of this image left in the cache ({painted_on[0]}) could not be read "
+                         f"({exc}); this run did without what was painted on it.")
+            painted_on, parts = None, None
     labels = yield from segmenter.segment_tiled_steps(image, classes, options, out=store, absent_chunks="fill",
                                                       exemplars=exemplars, objects=objects, strokes=parts)
     table = None
@@ -187,7 +197,8 @@ def _tiled_outcome(labels, table, store: Path, parts, painted_on, parsed, crop, 
 
     yield Progress("reading", 1, 1, detail="keeping the labels as written, to tell corrections from them")
     carried, late = parts, 0
-    if painted_on is not None:  # strokes painted on that result while this run went are kept for the next run
+    if painted_on is not None and not (len(painted_on) > 2 and painted_on[2]):
+        # strokes painted on that result while this run went are kept for the next run (none on one no layer shows)
         edits = EditedStrokes(painted_on[0], painted_on[1], [c.name for c in parsed])
         carried = painted_parts(edits, edits.shape, len(parsed), crop)
         late = changed_pixels(parts, carried)
@@ -203,6 +214,7 @@ def _tiled_outcome(labels, table, store: Path, parts, painted_on, parsed, crop, 
                        table, painted_count(parts), late), layer
 
 
+@errors_reported
 def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest, new_layer: dict | None = None,
                      feature_store: str | None = None):
     """Worker body: load (or reuse) the model, segment and merge plane by plane (yielding progress), and build
@@ -218,6 +230,7 @@ def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest
     return result, layer
 
 
+@errors_reported
 def ready_job(segmenter: Segmenter, spares: SparePlanes, plane: tuple | None):
     """Worker body while nothing runs: ready the next live re-run (see ``Segmenter.prepare_rerun_steps``), and the
     copies of the result layer's plane (``plane``: its shape and type) that re-run makes: the plane as it finds it,

@@ -11,6 +11,8 @@ from typing import Callable
 
 from qtpy.QtCore import QTimer
 
+from .worker_errors import errors_reported
+
 _log = logging.getLogger(__name__)
 
 #: Live re-runs wait this long after the last keystroke (a stroke runs at once: napari reports it when it ends).
@@ -97,6 +99,7 @@ class Readying:
 
         self.stop()
 
+        @errors_reported
         def body():
             with self._idle:
                 self._jobs += 1

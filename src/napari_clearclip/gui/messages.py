@@ -30,6 +30,7 @@ OPTION_FIELDS = {"short_side": ("Short side", "; or turn Resize off to keep the 
 
 def error_text(exc: BaseException, model: str, weights: str) -> tuple[str, bool]:
     """An engine error as the widget says it, and whether to offer the offline demo model."""
+    exc = getattr(exc, "runtime_error", exc)   # carried out of napari's worker (see .worker_errors)
     if isinstance(exc, WeightsUnavailableError):
         model = exc.model or model
         quickgelu = f" (for OpenAI weights, with model {model}-quickgelu)" if exc.tag == "openai" else ""

@@ -45,6 +45,7 @@ from .previews import RunPreviews
 from .reader import OPENED_KEY
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, image_changed_text, legend_html, reduced_note
 from .settings import load_settings, save_settings
+from .worker_errors import errors_reported
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +453,7 @@ class ClearClipWidget(FieldLogic, Container):
         earlier = self._tiled_result_of(layer, layout) if learns else None
         kept = self._kept_result_of(layer, layout, learns and earlier is None)
         if kept[0] is not None:   # left by a napari that has closed: what was painted there teaches still
-            painted_on = (kept[0], list(kept[1]["names"]))
+            painted_on = (kept[0], list(kept[1]["names"]), True)
         elif earlier is None:
             painted_on = None
         elif TILED_KEY in earlier.metadata:
@@ -674,7 +675,7 @@ class ClearClipWidget(FieldLogic, Container):
         tiled = layer.metadata.get(TILED_KEY)
         # the pixels painted by hand, kept with the labels so that they teach again when opened another day
         painted = PaintedPixels.of(layer.data, tiled.get("store") if isinstance(tiled, dict) else None)
-        worker = create_worker(write_labels_store_steps, target, layer.data, names, source, painted=painted,
+        worker = create_worker(errors_reported(write_labels_store_steps), target, layer.data, names, source, painted=painted,
                                _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(lambda step: self._set_status(f"Saving {layer.name} to {target}: band {step[0]} of "
                                                              f"{step[1]}..."))
@@ -777,7 +778,7 @@ class ClearClipWidget(FieldLogic, Container):
         labels = np.array(layer.data)          # as shown now, edits included; a few MB at most
         height, width = full["shape"]
         self._set_status(f"Saving {layer.name} at full size ({height} x {width}) to {target}...")
-        worker = create_worker(full_size_labels, labels, (height, width), full["factors"][-2:], out=str(target),
+        worker = create_worker(errors_reported(full_size_labels), labels, (height, width), full["factors"][-2:], out=str(target),
                                _start_thread=False, _ignore_errors=True)
 
         def saved(_):

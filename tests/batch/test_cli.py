@@ -567,6 +567,35 @@ def test_a_zarr_input_that_lacks_a_chunk_fails_by_name_unless_absent_chunks_are_
         assert sorted(p.name for p in out.iterdir()) == ["clearclip_report.csv"]
 
 
+def test_a_zarr_input_with_a_damaged_chunk_fails_by_name_and_the_batch_goes_on(tmp_path, capsys):
+    """A chunk that cannot be decompressed (a disk error, a copy cut short): that image fails, said in the report and
+    the exit code, and the other images of the batch are segmented (the run stopped with a traceback before)."""
+    import csv
+
+    import zarr
+
+    from napari_clearclip.demo.scenes import make_scene
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for name, seed in (("damaged", 22), ("whole", 23)):
+        image = make_scene(seed, size=200, objects=(3, 5)).image
+        zarr.create_array(str(inputs / f"{name}.zarr"), shape=image.shape, chunks=(100, 100, 3),
+                          dtype=np.uint8)[:] = image
+    (inputs / "damaged.zarr" / "c" / "1" / "0" / "0").write_bytes(b"not a chunk")
+    for output_format in ("tif", "zarr"):
+        out = tmp_path / f"out-{output_format}"
+        assert main([str(inputs), "--classes", "red; green; background", "--out", str(out), "--model",
+                     "synthetic-tiny", "--device", "cpu", "--format", output_format, "--no-snap"]) == 1
+        err = capsys.readouterr().err
+        assert "damaged.zarr: could not be read or segmented (RuntimeError: " in err, err
+        assert "a chunk may be damaged: copy the store again" in err and "Traceback" not in err
+        rows = {Path(row["file"]).name: row for row in csv.DictReader(open(out / "clearclip_report.csv"))}
+        assert rows["damaged.zarr"]["status"] == "failed" and rows["whole.zarr"]["status"] == "done", rows
+        assert (out / f"whole_labels.{output_format}").exists()
+        assert not (out / f"damaged_labels.{output_format}").exists()
+
+
 def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_resizes(tmp_path, capsys,
                                                                                      monkeypatch):
     """As in napari with Resize on: an OME-Zarr level (or block means of a plain array) that holds what the model

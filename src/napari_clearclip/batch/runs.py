@@ -99,6 +99,13 @@ def skip_reason(record: dict | None, path: Path, run: str) -> str:
     return SKIPPED
 
 
+def unreadable_text(exc: RuntimeError) -> str:
+    """A file's report for a RuntimeError while it was read or segmented (a zarr store's damaged chunk raises one
+    from its decompressor): that file fails, the batch goes on."""
+    return (f"could not be read or segmented ({type(exc).__name__}: {exc}); if it is a zarr store, a chunk may be "
+            "damaged: copy the store again.")
+
+
 def segment_file(segmenter, task: Task, classes, out_dir: Path, options: SegmentOptions,
                  save_probabilities: bool = False, overwrite: bool = False, lesson=None) -> FileReport:
     """Segment one 2-D image file and write its outputs; errors a user can act on become a "failed" report."""
@@ -128,6 +135,8 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
         written = write_outputs(result, out_dir, stem, save_probabilities, record, input_calibration(path))
     except ClearClipError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), str(exc))
+    except RuntimeError as exc:
+        return FileReport(path, "failed", time.perf_counter() - start, worker_name(), unreadable_text(exc))
     except OSError as exc:  # disk full, permissions changed mid-run ...
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), f"could not write outputs: {exc}")
     return _replaced(FileReport(path, "done", time.perf_counter() - start, worker_name(), note, written), out_dir,
@@ -228,6 +237,8 @@ def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], option
                                 lesson=lesson, objects=objects, attrs=attrs or None, on_complete=write_tables)
     except ClearClipError as exc:
         return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(), str(exc))
+    except RuntimeError as exc:
+        return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(), unreadable_text(exc))
     except OSError as exc:
         return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(),
                           f"could not write outputs: {exc}")
@@ -299,6 +310,9 @@ def segment_plane(segmenter, task: Task, classes, out_dir: Path, options: Segmen
         write_atomic(part, write)
     except ClearClipError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), f"plane {index}: {exc}")
+    except RuntimeError as exc:
+        return FileReport(path, "failed", time.perf_counter() - start, worker_name(),
+                          f"plane {index}: {unreadable_text(exc)}")
     except OSError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), f"plane {index}: {exc}")
     return FileReport(path, "done", time.perf_counter() - start, worker_name(), "", [part])
@@ -622,9 +636,10 @@ def store_task(spec, task: Task, options: SegmentOptions, store_dir: str | None)
         image, note = (image_to_segment(segmenter, task, options) if task.plane is None
                        else (read_plane(task.path, task.plane, task.planes), ""))
         stored = segmenter.cache_features(image, options)
-    except ClearClipError as exc:
+    except (ClearClipError, RuntimeError) as exc:
         where = "" if task.plane is None else f"plane {task.plane}: "
-        return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(), f"{where}{exc}")
+        said = str(exc) if isinstance(exc, ClearClipError) else unreadable_text(exc)
+        return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(), f"{where}{said}")
     if not stored:
         return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(),
                           "the features could not be stored (too large for the store, or it cannot be written)")

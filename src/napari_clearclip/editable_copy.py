@@ -26,7 +26,7 @@ _log = logging.getLogger(__name__)
 
 #: Where a working store keeps what it is a copy of (in its attributes).
 WORKING_KEY = "napari-clearclip working copy"
-#: Working stores held by an open layer of this process: never resumed by another.
+#: Working stores in use in this process: an opening of their store is given the same object, never a second one.
 _IN_USE: "weakref.WeakValueDictionary[str, EditableCopy]" = weakref.WeakValueDictionary()
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .labels_cache import labels_folder, last_written
 
 _log = logging.getLogger(__name__)
 
@@ -60,11 +61,9 @@ def working_copy_of(store, name: str) -> tuple[Path, dict | None]:
     were all saved are removed."""
     import shutil
 
-    from .cache import cache_dir
-
     source = str(Path(store).resolve())
     state = store_state(source)
-    folder = cache_dir() / "labels"
+    folder = labels_folder()
     unsaved = []
     for path in sorted(folder.glob("*-edits-*.zarr")) if folder.is_dir() else []:
         attrs = _working_attrs(path)
@@ -79,7 +78,7 @@ def working_copy_of(store, name: str) -> tuple[Path, dict | None]:
             if str(path) not in _IN_USE:   # (one still in use is left to its layer)
                 shutil.rmtree(path, ignore_errors=True)
         elif attrs.get("state") == state and isinstance(attrs.get("copied"), list):
-            unsaved.append((_last_written(path), path, attrs))
+            unsaved.append((last_written(path), path, attrs))
     if unsaved:   # the newest, should the store have been painted in two layers at once
         written, path, attrs = max(unsaved, key=lambda item: (item[0], str(item[1])))
         import time
@@ -88,23 +87,13 @@ def working_copy_of(store, name: str) -> tuple[Path, dict | None]:
     return edits_store_path(name), None
 
 
-def _last_written(path: Path) -> float:
-    """When anything in a working store was last written (its newest file)."""
-    try:
-        return max([item.stat().st_mtime for item in path.rglob("*") if item.is_file()] or [0.0])
-    except OSError:
-        return 0.0
-
-
 def edits_store_path(name: str) -> Path:
     """A new working store in the user cache for the edits on labels named ``name``: ``labels/<name>-edits-<time>.zarr``
     (not created here: it is made at the first stroke)."""
     import re
     import time
 
-    from .cache import cache_dir
-
-    folder = cache_dir() / "labels"
+    folder = labels_folder()
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")[:100].rstrip("_") or "labels"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = folder / f"{safe}-edits-{stamp}.zarr"

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .labels_cache import DISCARDED, labels_folder
+
 #: Rows copied at a time when the baseline is written.
 BAND_ROWS = 2048
 
@@ -146,13 +148,11 @@ def keep_result_record(store: str | Path, image_file: str | None, names: Sequenc
 def kept_results(folder: str | Path | None = None, before: float | None = None) -> list[tuple[Path, dict]]:
     """The stores of results segmented tile by tile in ``folder`` (the user cache's ``labels`` folder) that keep
     their record (:func:`keep_result_record`) and baseline, with that record, the newest first; only those finished
-    before ``before`` (a time), when given."""
+    before ``before`` (a time), when given. A discarded result (its layer removed) is none of them."""
     import json
 
     if folder is None:
-        from .cache import cache_dir
-
-        folder = cache_dir() / "labels"
+        folder = labels_folder()
     found = []
     for path in Path(folder).glob("*.zarr") if Path(folder).is_dir() else []:
         try:
@@ -162,7 +162,7 @@ def kept_results(folder: str | Path | None = None, before: float | None = None) 
             continue
         if before is not None and written >= before:
             continue
-        if isinstance(record, dict) and has_baseline(path):
+        if isinstance(record, dict) and not record.get(DISCARDED) and has_baseline(path):
             found.append((written, path, record))
     return [(path, record) for _, path, record in sorted(found, key=lambda item: (item[0], str(item[1])), reverse=True)]
 

@@ -655,16 +655,39 @@ def test_labels_too_large_to_hold_are_corrected_in_a_working_copy_and_saved_unde
     assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9
 
 
+def _new_napari(make_napari_viewer, classes: str):
+    """A viewer and a dock opened as in a new napari (the demo model, a slide's settings)."""
+    viewer = make_napari_viewer(show=True)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
+    widget.device.value = "cpu"
+    widget.switch_to_demo_model()
+    widget.snap.value, widget.learn.value, widget.keep_edits.value, widget.live.value = True, True, True, False
+    widget.classes.value = classes
+    widget.resize.value = False
+    return viewer, widget
+
+
+def _napari_closed(qtbot, viewer):
+    """Close a viewer as napari does when it quits (its layers removed first, then its window)."""
+    viewer.close()
+    qtbot.wait(200)
+
+
 def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_run_and_removed_ones_do_not(
         qtbot, widget, tmp_path, monkeypatch, make_napari_viewer):
     """A slide's result segmented tile by tile lives in a store in the cache: painted on, then napari closed without
     saving, the next run on that slide's file learns from it (the stroke keeps its class and teaches the other blue
-    square) and the store goes; a result whose layer the user removed in this session teaches nothing, and its
-    store goes at the next run too (of any image); one another viewer shows stays."""
+    square) and the store goes; a result whose layer the user removed teaches nothing, and its store goes at once,
+    unless another viewer shows it."""
+    import threading
+
     from skimage.io import imsave
 
     import napari_clearclip.gui.widget as widget_module
     import napari_clearclip.tiled_edits as tiled_edits
+
+    def removals_done():
+        return not any(t.name == "napari-clearclip removing results" for t in threading.enumerate())
 
     monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
     imsave(tmp_path / "shapes.png", squares(7), check_contrast=False)
@@ -685,8 +708,10 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     painted = np.asarray(first.data[...]) != before
     assert painted.sum() > 20
 
-    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")    # napari closed, and opened again
-    viewer.layers.clear()
+    _napari_closed(qtbot, viewer)                                     # napari closed, and opened again
+    assert store.exists() and removals_done()                          # a closed napari's result is kept
+    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
+    viewer, widget = _new_napari(make_napari_viewer, "debris\nred\nbackground")
     [image] = viewer.open(str(tmp_path / "shapes.png"))
     widget.image.value = image
     run_and_wait(qtbot, widget)
@@ -702,39 +727,82 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     run_and_wait(qtbot, widget)
     scratch_store = Path(viewer.layers["scratch classes"].metadata[widget_module.TILED_KEY]["store"])
     viewer.layers.remove("scratch classes")
-    assert scratch_store.exists()
-    elsewhere = make_napari_viewer(show=False)                        # a second viewer shows that result too
-    elsewhere.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
+    qtbot.waitUntil(lambda: not scratch_store.exists(), timeout=10_000)   # discarded: its store goes at once
+    elsewhere = make_napari_viewer(show=True)                         # a second viewer shows that result too
+    _, elsewhere_dock = elsewhere.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
     shown = elsewhere.add_labels(second.data, name="shown elsewhere", metadata=dict(second.metadata))
     viewer.layers.remove(second)                                      # removed here by the user
+    qtbot.wait(100)
+    qtbot.waitUntil(removals_done, timeout=10_000)
+    assert kept.exists(), "a store another viewer shows was removed"
     widget.image.value = image
     run_and_wait(qtbot, widget)
-    import threading
-
-    qtbot.waitUntil(lambda: not any(t.name == "napari-clearclip removing results" for t in threading.enumerate()),
-                    timeout=10_000)                                   # the removals are done
-    assert not scratch_store.exists()
     assert kept.exists(), "a store another viewer shows was removed"
     third = viewer.layers["shapes classes"]
+    third_store = Path(third.metadata[widget_module.TILED_KEY]["store"])
     viewer.layers.remove(third)
     elsewhere.layers.remove(shown)                                    # removed everywhere: discarded
+    qtbot.waitUntil(lambda: not kept.exists() and not third_store.exists(), timeout=10_000)
     widget.image.value = image
     run_and_wait(qtbot, widget)
     assert "taught this run" not in widget.status.value, widget.status.value
     assert np.mean(np.asarray(viewer.layers["shapes classes"].data[other]) == 1) < 0.5
-    gone = [kept, Path(third.metadata[widget_module.TILED_KEY]["store"])]
-    qtbot.waitUntil(lambda: not any(path.exists() for path in gone), timeout=10_000)
 
     # a result left by a napari that closed, whose store cannot be read any more: the run does without it, says so
-    last = viewer.layers["shapes classes"]
-    broken = Path(last.metadata[widget_module.TILED_KEY]["store"])
-    viewer.layers.remove(last)
-    monkeypatch.setattr(tiled_edits, "SESSION", "a third napari")
+    broken = Path(viewer.layers["shapes classes"].metadata[widget_module.TILED_KEY]["store"])
     chunks = [path for path in (broken / "baseline").rglob("*") if path.is_file() and path.name != "zarr.json"]
     assert chunks
     for chunk in chunks:
         chunk.write_bytes(b"not a chunk")
+    _napari_closed(qtbot, viewer)
+    monkeypatch.setattr(tiled_edits, "SESSION", "a third napari")
+    widget = elsewhere_dock
+    widget.device.value = "cpu"
+    widget.switch_to_demo_model()
+    widget.classes.value, widget.resize.value = "debris\nred\nbackground", False
+    widget.snap.value, widget.learn.value, widget.keep_edits.value, widget.live.value = True, True, True, False
+    [image] = elsewhere.open(str(tmp_path / "shapes.png"))
     widget.image.value = image
     run_and_wait(qtbot, widget)
-    assert "could not be read" in widget.status.value and "shapes classes" in viewer.layers, widget.status.value
+    assert "could not be read" in widget.status.value and "shapes classes" in elsewhere.layers, widget.status.value
     qtbot.waitUntil(lambda: not broken.exists(), timeout=10_000)
+
+
+def test_opening_the_dock_clears_the_cache_of_results_no_run_can_use_and_keeps_those_that_teach(
+        qtbot, tmp_path, make_napari_viewer):
+    """Results a closed napari left unused for longer than the cache keeps them, and results discarded before
+    their removal ended, go when a dock opens (in the background); a recent result left when napari closed stays,
+    to teach the next run on its image."""
+    import os
+    import threading
+    import time
+
+    import numpy as np
+    import zarr
+
+    from napari_clearclip.labels_cache import KEEP_UNUSED_DAYS, discard_result, labels_folder
+    from napari_clearclip.tiled_edits import RESULT_RECORD_KEY, keep_baseline, keep_result_record
+
+    def result(name, days_unused):
+        store = labels_folder() / name
+        group = zarr.open_group(str(store), mode="w")
+        group.create_array("labels", data=np.ones((8, 8), np.uint8), chunks=(4, 4))
+        keep_baseline(store)
+        keep_result_record(store, str(tmp_path / "slide.tif"), ["cell", "background"])
+        group = zarr.open_group(str(store), mode="r+")
+        group.attrs[RESULT_RECORD_KEY] = {**group.attrs[RESULT_RECORD_KEY], "session": "a closed napari"}
+        when = time.time() - days_unused * 86400
+        for item in [*store.rglob("*"), store]:
+            os.utime(item, (when, when))
+        return store
+
+    (tmp_path / "slide.tif").write_bytes(b"")
+    old, recent, discarded = (result("old.zarr", KEEP_UNUSED_DAYS + 2), result("recent.zarr", 2),
+                              result("discarded.zarr", 0))
+    discard_result(discarded)
+    viewer = make_napari_viewer(show=False)
+    viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
+    qtbot.waitUntil(lambda: not old.exists() and not discarded.exists(), timeout=15_000)
+    qtbot.waitUntil(lambda: not any(t.name == "napari-clearclip tidying the cache" for t in threading.enumerate()),
+                    timeout=10_000)
+    assert recent.exists() and (recent / "zarr.json").exists()

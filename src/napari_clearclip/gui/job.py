@@ -14,6 +14,7 @@ from napari.utils.colormaps import DirectLabelColormap
 
 from ..annotate import LayerRequest, probability_layer_names, segment_layer
 from ..editing import SparePlanes
+from ..labels_cache import labels_folder
 from ..models import ModelSpec
 from ..progress import Progress
 from ..reduced import LARGE_PIXELS
@@ -95,9 +96,7 @@ def tiled_store_path(image_name: str) -> Path:
     import re
     import time
 
-    from ..cache import cache_dir
-
-    folder = cache_dir() / "labels"
+    folder = labels_folder()
     folder.mkdir(parents=True, exist_ok=True)
     # a layer named after a long file name: cut, so that the store's name (and its ".partial") fits the file system
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", image_name).strip("_")[:100].rstrip("_") or "image"

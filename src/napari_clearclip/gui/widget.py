@@ -24,6 +24,8 @@ from qtpy.QtCore import QTimer
 from .collections import settle
 from ..choices import DEMO_MODEL
 from ..editing import SparePlanes
+from ..labels_cache import (discard_result, in_labels_folder, labels_folder, remove_in_background, remove_stores,
+                            stale_stores)
 from ..errors import ClearClipError, FeatureStoreNotFoundError, InvalidClassesError
 from .. import compiled_snapping
 from ..models import ModelSpec, device_there
@@ -60,6 +62,10 @@ PREPARE_LOOPS_AFTER_MS = 1500
 
 #: The docks open in this process (one per viewer): a result's store shown in any of their viewers is in use.
 _DOCKS: "weakref.WeakSet[ClearClipWidget]" = weakref.WeakSet()
+
+
+#: The user cache's labels folders tidied in this process (once each, when a dock opens).
+_TIDIED: set[str] = set()
 
 
 def _shown_stores() -> set[str]:
@@ -196,9 +202,57 @@ class ClearClipWidget(FieldLogic, Container):
 
     def _prepare_loops(self) -> None:
         """Read edge snapping's compiled loops in the background (once per process; a run that starts sooner reads
-        them itself once its model is loaded). On a GPU too: the labels are snapped on the host."""
-        if not self._closed and device_there(self.device.value):
+        them itself once its model is loaded). On a GPU too: the labels are snapped on the host. And tidy the user
+        cache's results and working copies, once."""
+        if self._closed:
+            return
+        self._tidy_cache()
+        if device_there(self.device.value):
             compiled_snapping.prepare()
+
+    def _tidy_cache(self) -> None:
+        """Remove, in the background, the stores of the user cache that can no longer be used (once per process and
+        cache folder; see :mod:`napari_clearclip.labels_cache`): never one a layer of a viewer with the dock shows."""
+        import threading
+
+        folder = str(labels_folder())
+        if folder in _TIDIED:
+            return
+        _TIDIED.add(folder)
+        shown = _shown_stores()
+        threading.Thread(target=lambda: remove_stores(stale_stores(shown)), name="napari-clearclip tidying the cache",
+                         daemon=True).start()
+
+    def _on_layer_removed(self, event=None):
+        super()._on_layer_removed(event)
+        layer = getattr(event, "value", None)
+        kept = layer.metadata.get(TILED_KEY) if isinstance(layer, Labels) else None
+        if isinstance(kept, dict) and kept.get("store"):   # judged once napari is done: it may be closing
+            store = Path(kept["store"])
+            QTimer.singleShot(0, lambda: self._discard_removed(store))
+
+    def _discard_removed(self, store: Path) -> None:
+        """A result segmented tile by tile whose layer the user removed is discarded: marked so (no run learns from it,
+        even after napari closes) and its store removed, in the background, unless a layer of a viewer shows it
+        still or a run going now may read it (then it goes at the next run tile by tile). Not when napari is
+        closing (it removes every layer first): a result left so teaches the next run on its image."""
+        import threading
+
+        try:
+            if self._closed or not self.native.window().isVisible():
+                return
+        except RuntimeError:   # Qt deleted the dock: napari closed
+            return
+        if str(store) in _shown_stores() or not in_labels_folder(store):
+            return
+        running = self._worker is not None
+
+        def discard():
+            discard_result(store)
+            if not running:
+                remove_stores([store])
+
+        threading.Thread(target=discard, name="napari-clearclip removing results", daemon=True).start()
 
     def close_down(self) -> None:
         """Stop a running worker and drop every connection and reference to the viewer's layers.
@@ -565,11 +619,7 @@ class ClearClipWidget(FieldLogic, Container):
             classified = (f" {len(result.objects['id'])} objects of '{objects_layer.name}' got a class each (see "
                           "its features table).")
         if kept is not None and kept[2]:   # their strokes are in this run's store now, or were discarded: the
-            import shutil                  # stores go, in the background (a slide's has thousands of files)
-            import threading
-
-            threading.Thread(target=lambda: [shutil.rmtree(store, ignore_errors=True) for store in kept[2]],
-                             name="napari-clearclip removing results").start()
+            remove_in_background(kept[2])  # stores go, in the background (a slide's has thousands of files)
         if result.painted and kept is not None and kept[0] is not None:
             strokes = (f" {result.painted} pixels painted on an earlier result of this image, left when napari "
                        "closed, taught this run and keep their class.")

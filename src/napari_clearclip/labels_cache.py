@@ -118,43 +118,54 @@ def discard_result(store: str | Path) -> bool:
 def stale_stores(shown: Iterable[str | Path] = (), days: float = KEEP_UNUSED_DAYS, now: float | None = None,
                  folder: str | Path | None = None) -> list[Path]:
     """The stores of the ``labels`` folder that can go (see the module's text), leaving those in ``shown`` (stores
-    layers show) and the results of this napari (their layers, removed or not, are the widget's to judge)."""
-    from .editable_copy import _IN_USE, WORKING_KEY, store_state
-    from .tiled_edits import RESULT_RECORD_KEY, SESSION
+    layers show), the working copies open in this process and the results of this napari (their layers, removed
+    or not, are the widget's to judge)."""
+    from .editable_copy import _IN_USE
 
     folder = Path(folder) if folder is not None else labels_folder()
     now = time.time() if now is None else now
-    shown = {str(Path(path)) for path in shown} | set(_IN_USE.keys())   # (working copies open in this process)
-    unused_since = now - days * 86400
+    shown = {str(Path(path)) for path in shown} | _working_copies_in_use(_IN_USE)
+    try:
+        entries = sorted(folder.iterdir()) if folder.is_dir() else []
+    except OSError as exc:   # (a cache folder that cannot be listed: nothing to tidy)
+        _log.info("The cache folder %s cannot be read (%s): nothing in it is removed.", folder, exc)
+        return []
     stale = []
-    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        if not path.is_dir() or str(path) in shown:
-            continue
-        if path.name.endswith(".zarr.partial"):
-            if last_written(path) < now - PARTIAL_AFTER_SECONDS:
+    for path in entries:
+        try:
+            if str(path) not in shown and path.is_dir() and _stale(path, now, now - days * 86400):
                 stale.append(path)
+        except OSError:   # (one that cannot be read now is left for next time)
             continue
-        if not path.name.endswith(".zarr"):
-            continue
-        if not (path / "zarr.json").exists():   # no store (one cut short in its removal): nothing reads it
-            if last_written(path) < now - PARTIAL_AFTER_SECONDS / 24:
-                stale.append(path)
-            continue
-        attrs = _attributes(path)
-        result = (attrs or {}).get(RESULT_RECORD_KEY)
-        working = (attrs or {}).get(WORKING_KEY)
-        if isinstance(result, dict):
-            if result.get(DISCARDED):
-                stale.append(path)
-            elif result.get("session") != SESSION and last_written(path) < unused_since:
-                stale.append(path)
-            continue
-        if isinstance(working, dict):
-            source = working.get("source")
-            gone = not source or not Path(str(source)).exists() or store_state(source) != working.get("state")
-            if gone and (working.get("saved") or last_written(path) < unused_since):
-                stale.append(path)
-            continue
-        if last_written(path) < unused_since:   # unreadable, or from a version that recorded nothing
-            stale.append(path)
     return stale
+
+
+def _stale(path: Path, now: float, unused_since: float) -> bool:
+    """Whether a folder of the ``labels`` folder can go (see :func:`stale_stores`)."""
+    from .editable_copy import WORKING_KEY, store_state
+    from .tiled_edits import RESULT_RECORD_KEY, SESSION
+
+    if path.name.endswith(".zarr.partial"):
+        return last_written(path) < now - PARTIAL_AFTER_SECONDS
+    if not path.name.endswith(".zarr"):
+        return False
+    if not (path / "zarr.json").exists():   # no store (one cut short in its removal): nothing reads it
+        return last_written(path) < now - PARTIAL_AFTER_SECONDS / 24
+    attrs = _attributes(path) or {}
+    result, working = attrs.get(RESULT_RECORD_KEY), attrs.get(WORKING_KEY)
+    if isinstance(result, dict):
+        return bool(result.get(DISCARDED)) or (result.get("session") != SESSION and last_written(path) < unused_since)
+    if isinstance(working, dict):   # its store not found (deleted, moved, on a disk not connected) or written again
+        source = working.get("source")
+        gone = not source or not Path(str(source)).exists() or store_state(source) != working.get("state")
+        return gone and (bool(working.get("saved")) or last_written(path) < unused_since)
+    return last_written(path) < unused_since   # unreadable, or from a version that recorded nothing
+
+
+def _working_copies_in_use(in_use) -> set[str]:
+    """The paths of the working copies open in this process (a weak mapping another thread may change meanwhile)."""
+    while True:
+        try:
+            return set(in_use.keys())
+        except RuntimeError:   # changed during the copy: again
+            continue

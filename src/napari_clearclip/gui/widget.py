@@ -69,13 +69,18 @@ _TIDIED: set[str] = set()
 
 
 def _shown_stores() -> set[str]:
-    """The stores of results segmented tile by tile that a layer of any viewer with this dock shows."""
+    """The stores of results segmented tile by tile that a layer of any viewer with this dock shows: by its record,
+    or by its data (a result's labels given to another layer, in napari's console say)."""
     shown = set()
     for dock in list(_DOCKS):   # (a closed dock's viewer may show them still)
         for item in dock._viewer.layers:
             kept = item.metadata.get(TILED_KEY)
             if isinstance(kept, dict) and kept.get("store"):
                 shown.add(str(Path(kept["store"])))
+            for data in (item.data if getattr(item, "multiscale", False) else [item.data]):
+                root = getattr(getattr(data, "store", None), "root", None)
+                if root is not None:
+                    shown.add(str(Path(root)))
     return shown
 
 

@@ -115,6 +115,20 @@ def discard_result(store: str | Path) -> bool:
         return True
 
 
+def discarded_results(folder: str | Path | None = None) -> list[Path]:
+    """The results of the ``labels`` folder marked discarded (:func:`discard_result`) and not removed yet (a run was
+    going when their layer was removed, or napari closed during their removal)."""
+    from .tiled_edits import RESULT_RECORD_KEY
+
+    folder = Path(folder) if folder is not None else labels_folder()
+    found = []
+    for path in sorted(folder.glob("*.zarr")) if folder.is_dir() else []:
+        record = (_attributes(path) or {}).get(RESULT_RECORD_KEY)
+        if isinstance(record, dict) and record.get(DISCARDED):
+            found.append(path)
+    return found
+
+
 def stale_stores(shown: Iterable[str | Path] = (), days: float = KEEP_UNUSED_DAYS, now: float | None = None,
                  folder: str | Path | None = None) -> list[Path]:
     """The stores of the ``labels`` folder that can go (see the module's text), leaving those in ``shown`` (stores

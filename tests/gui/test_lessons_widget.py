@@ -811,3 +811,35 @@ def test_opening_the_dock_clears_the_cache_of_results_no_run_can_use_and_keeps_t
     qtbot.waitUntil(lambda: not any(t.name == "napari-clearclip tidying the cache" for t in threading.enumerate()),
                     timeout=10_000)
     assert recent.exists() and (recent / "zarr.json").exists()
+
+
+def test_a_result_removed_during_a_run_is_kept_for_that_run_and_goes_at_the_next(qtbot, widget, monkeypatch):
+    """A run may read the result it learns from: removed while it goes, that result is discarded (no run learns from
+    it any more) but its store stays until the run is over, and goes at the next run tile by tile."""
+    import threading
+
+    import napari_clearclip.gui.widget as widget_module
+    from napari_clearclip.tiled_edits import kept_results
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    viewer = widget._viewer
+    image = viewer.add_image(squares(5), name="slide")
+    widget.image.value = image
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    widget.resize.value = False
+    run_and_wait(qtbot, widget)
+    first = viewer.layers["slide classes"]
+    store = Path(first.metadata[widget_module.TILED_KEY]["store"])
+    first.brush_size = 9
+    first.paint((48, 48), 1)
+    widget.run()                                                      # learns from the first result...
+    assert widget.busy
+    viewer.layers.remove(first)                                       # ...which the user removes meanwhile
+    assert widget.wait(120)
+    qtbot.waitUntil(lambda: not any(t.name == "napari-clearclip removing results" for t in threading.enumerate()),
+                    timeout=10_000)
+    assert "slide classes" in viewer.layers and "Unexpected" not in widget.status.value, widget.status.value
+    assert store.exists() and store not in [path for path, _ in kept_results()]   # kept, but discarded
+    run_and_wait(qtbot, widget)
+    qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)

@@ -24,8 +24,8 @@ from qtpy.QtCore import QTimer
 from .collections import settle
 from ..choices import DEMO_MODEL
 from ..editing import SparePlanes
-from ..labels_cache import (discard_result, in_labels_folder, labels_folder, remove_in_background, remove_stores,
-                            stale_stores)
+from ..labels_cache import (discard_result, discarded_results, in_labels_folder, labels_folder, remove_in_background,
+                            remove_stores, stale_stores)
 from ..errors import ClearClipError, FeatureStoreNotFoundError, InvalidClassesError
 from .. import compiled_snapping
 from ..models import ModelSpec, device_there
@@ -589,6 +589,7 @@ class ClearClipWidget(FieldLogic, Container):
                 gone.append(path)
             if of_image and learns and not this_session and newest is None:
                 newest, record = path, kept
+        gone += [path for path in discarded_results() if str(path) not in shown]
         return newest, record, gone
 
     def _on_tiled_returned(self, value, objects_layer=None, earlier=None, source=None, kept=None):

@@ -10,8 +10,8 @@ import numpy as np
 import zarr
 
 from napari_clearclip.editable_copy import EditableCopy
-from napari_clearclip.labels_cache import (KEEP_UNUSED_DAYS, discard_result, in_labels_folder, labels_folder,
-                                           remove_stores, stale_stores)
+from napari_clearclip.labels_cache import (KEEP_UNUSED_DAYS, discard_result, discarded_results, in_labels_folder,
+                                           labels_folder, remove_stores, stale_stores)
 from napari_clearclip.tiled_edits import keep_baseline, keep_result_record, kept_results
 
 DAY = 86400.0
@@ -64,7 +64,9 @@ def test_results_go_when_discarded_or_unused_for_long_and_never_while_shown_or_t
     for store in (old_left, old_left_no_file, old_shown, old_mine):
         _age(store, KEEP_UNUSED_DAYS + 1)
     _age(recent_left, KEEP_UNUSED_DAYS - 1)
+    assert discarded_results() == []
     assert discard_result(discarded)
+    assert discarded_results() == [discarded]
     assert {path.name for path, _ in kept_results()} == {"recent-left.zarr", "old-left.zarr", "no-file.zarr",
                                                          "old-shown.zarr", "old-mine.zarr"}   # not the discarded
     stale = stale_stores(shown=[old_shown])

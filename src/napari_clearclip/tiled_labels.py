@@ -1368,7 +1368,10 @@ def _lowest_winners(state: LabelState, reference: int, geometry: _Geometry, pres
     whole = exact & _whole_mask(geometry)
     if whole.any():
         inside = whole[: geometry.size[0] // geometry.tile, : geometry.size[1] // geometry.tile]
-        lowest[whole] = np.maximum(lowest[whole], _tile_blocks(winners, geometry.tile)[inside].min(axis=(1, 2)))
+        # every whole tile's lowest at once (torch's reduction is vectorised and reads the blocks where they are;
+        # NumPy's on the tiles picked copied them first), then those picked
+        minima = torch.from_numpy(_tile_blocks(winners, geometry.tile)).amin(dim=(2, 3)).numpy()
+        lowest[whole] = np.maximum(lowest[whole], minima[inside])
     for ty, tx in zip(*np.nonzero(exact & ~whole)):
         rows, cols = geometry.tile_slices(ty, tx)
         lowest[ty, tx] = max(lowest[ty, tx], winners[rows, cols].min())

@@ -667,6 +667,20 @@ def _new_napari(make_napari_viewer, classes: str):
     return viewer, widget
 
 
+def _tiled_result(qtbot, widget, image):
+    """A first result of ``image`` segmented tile by tile with the demo model (the caller lowers TILED_PIXELS), and
+    its store."""
+    import napari_clearclip.gui.widget as widget_module
+
+    widget.image.value = image
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    widget.resize.value = False
+    run_and_wait(qtbot, widget)
+    result = widget._viewer.layers[f"{image.name} classes"]
+    return result, Path(result.metadata[widget_module.TILED_KEY]["store"])
+
+
 def _napari_closed(qtbot, viewer):
     """Close a viewer as napari does when it quits (its layers removed first, then its window)."""
     viewer.close()
@@ -693,13 +707,7 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     imsave(tmp_path / "shapes.png", squares(7), check_contrast=False)
     viewer = widget._viewer
     [image] = viewer.open(str(tmp_path / "shapes.png"))
-    widget.image.value = image
-    widget.switch_to_demo_model()
-    widget.classes.value = "debris\nred\nbackground"
-    widget.resize.value = False
-    run_and_wait(qtbot, widget)
-    first = viewer.layers["shapes classes"]
-    store = Path(first.metadata[widget_module.TILED_KEY]["store"])
+    first, store = _tiled_result(qtbot, widget, image)
     other = (slice(128, 160), slice(128, 160))                        # the blue square nobody paints
     assert np.mean(np.asarray(first.data[other]) == 1) < 0.5
     before = np.asarray(first.data[...])
@@ -823,14 +831,7 @@ def test_a_result_removed_during_a_run_is_kept_for_that_run_and_goes_at_the_next
 
     monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
     viewer = widget._viewer
-    image = viewer.add_image(squares(5), name="slide")
-    widget.image.value = image
-    widget.switch_to_demo_model()
-    widget.classes.value = "debris\nred\nbackground"
-    widget.resize.value = False
-    run_and_wait(qtbot, widget)
-    first = viewer.layers["slide classes"]
-    store = Path(first.metadata[widget_module.TILED_KEY]["store"])
+    first, store = _tiled_result(qtbot, widget, viewer.add_image(squares(5), name="slide"))
     first.brush_size = 9
     first.paint((48, 48), 1)
     widget.run()                                                      # learns from the first result...

@@ -76,3 +76,19 @@ def test_pixels_painted_differently_are_counted_whether_painted_erased_or_given_
     assert changed_pixels(before, after) == 10 + 5 + 20
     assert changed_pixels(before, before) == 0 and changed_pixels(None, None) == 0
     assert changed_pixels(None, after) == int((later > 0).sum()) and changed_pixels(before, None) == 300
+
+
+def test_a_baseline_is_known_from_the_metadata_files_and_in_zarr_s_second_format_too(tmp_path):
+    for fmt in (3, 2):
+        group = zarr.open_group(str(tmp_path / f"v{fmt}.zarr"), mode="w", zarr_format=fmt)
+        group.create_array("labels", data=np.ones((10, 12), np.uint8), chunks=(5, 5))
+        assert not has_baseline(tmp_path / f"v{fmt}.zarr")
+        group.create_array("baseline", data=np.ones((10, 12), np.uint8), chunks=(5, 5))
+        assert has_baseline(tmp_path / f"v{fmt}.zarr")
+    group = zarr.open_group(str(tmp_path / "other.zarr"), mode="w")
+    group.create_array("labels", data=np.ones((10, 12), np.uint8))
+    group.create_array("baseline", data=np.ones((12, 10), np.uint8))
+    assert not has_baseline(tmp_path / "other.zarr")                     # of another shape
+    (tmp_path / "v3.zarr" / "baseline" / "zarr.json").write_text("{damaged")
+    assert not has_baseline(tmp_path / "v3.zarr")
+    assert not has_baseline(tmp_path / "nothing.zarr")

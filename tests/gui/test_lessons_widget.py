@@ -844,3 +844,21 @@ def test_a_result_removed_during_a_run_is_kept_for_that_run_and_goes_at_the_next
     assert store.exists() and store not in [path for path, _ in kept_results()]   # kept, but discarded
     run_and_wait(qtbot, widget)
     qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)
+
+
+def test_a_result_removed_once_the_dock_is_closed_is_discarded_too(qtbot, widget, monkeypatch):
+    """The viewer is watched from its first dock on: a result whose layer is removed after the dock was closed goes
+    as it would with the dock open; closing napari afterwards removes no other result."""
+    import napari_clearclip.gui.widget as widget_module
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    viewer = widget._viewer
+    first, store = _tiled_result(qtbot, widget, viewer.add_image(squares(5), name="slide"))
+    second, kept = _tiled_result(qtbot, widget, viewer.add_image(squares(6), name="other"))
+    qtbot.wait(1700)   # (the dock has seen its window)
+    viewer.window.remove_dock_widget(widget.native)
+    widget.close_down()                                               # the dock closed by the user
+    viewer.layers.remove(first)
+    qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)
+    _napari_closed(qtbot, viewer)
+    assert kept.exists() and (kept / "zarr.json").exists()            # left for the next run on its image

@@ -21,11 +21,11 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 
+from . import discarding
 from .collections import settle
 from ..choices import DEMO_MODEL
 from ..editing import SparePlanes
-from ..labels_cache import (discard_result, discarded_results, in_labels_folder, labels_folder, remove_in_background,
-                            remove_stores, stale_stores)
+from ..labels_cache import discarded_results, labels_folder, remove_in_background, remove_stores, stale_stores
 from ..errors import ClearClipError, FeatureStoreNotFoundError, InvalidClassesError
 from .. import compiled_snapping
 from ..models import ModelSpec, device_there
@@ -69,19 +69,13 @@ _TIDIED: set[str] = set()
 
 
 def _shown_stores() -> set[str]:
-    """The stores of results segmented tile by tile that a layer of any viewer with this dock shows: by its record,
-    or by its data (a result's labels given to another layer, in napari's console say)."""
-    shown = set()
-    for dock in list(_DOCKS):   # (a closed dock's viewer may show them still)
-        for item in dock._viewer.layers:
-            kept = item.metadata.get(TILED_KEY)
-            if isinstance(kept, dict) and kept.get("store"):
-                shown.add(str(Path(kept["store"])))
-            for data in (item.data if getattr(item, "multiscale", False) else [item.data]):
-                root = getattr(getattr(data, "store", None), "root", None)
-                if root is not None:
-                    shown.add(str(Path(root)))
-    return shown
+    """The stores of results segmented tile by tile that a layer of a viewer a dock was opened in shows."""
+    return discarding.shown_stores(TILED_KEY)
+
+
+def _any_run_going() -> bool:
+    """Whether a dock of this process is running (a run may read the result it learns from)."""
+    return any(dock._worker is not None for dock in list(_DOCKS))
 
 
 class ClearClipWidget(FieldLogic, Container):
@@ -91,6 +85,7 @@ class ClearClipWidget(FieldLogic, Container):
         super().__init__(labels=False)
         self._viewer = napari_viewer
         _DOCKS.add(self)
+        discarding.watch(napari_viewer, TILED_KEY, _any_run_going)   # results removed: discarded (also once closed)
         self._models = ModelHolder()
         self._worker = None
         self._reduced_copy: tuple | None = None  # ((image id, factor, rgb), BlockMeans) of the last reduced image
@@ -211,6 +206,7 @@ class ClearClipWidget(FieldLogic, Container):
         cache's results and working copies, once."""
         if self._closed:
             return
+        discarding.note_window(self._viewer, self.native)
         self._tidy_cache()
         if device_there(self.device.value):
             compiled_snapping.prepare()
@@ -230,34 +226,7 @@ class ClearClipWidget(FieldLogic, Container):
 
     def _on_layer_removed(self, event=None):
         super()._on_layer_removed(event)
-        layer = getattr(event, "value", None)
-        kept = layer.metadata.get(TILED_KEY) if isinstance(layer, Labels) else None
-        if isinstance(kept, dict) and kept.get("store"):   # judged once napari is done: it may be closing
-            store = Path(kept["store"])
-            QTimer.singleShot(0, lambda: self._discard_removed(store))
-
-    def _discard_removed(self, store: Path) -> None:
-        """A result segmented tile by tile whose layer the user removed is discarded: marked so (no run learns from it,
-        even after napari closes) and its store removed, in the background, unless a layer of a viewer shows it
-        still or a run going now may read it (then it goes at the next run tile by tile). Not when napari is
-        closing (it removes every layer first): a result left so teaches the next run on its image."""
-        import threading
-
-        try:
-            if self._closed or not self.native.window().isVisible():
-                return
-        except RuntimeError:   # Qt deleted the dock: napari closed
-            return
-        if str(store) in _shown_stores() or not in_labels_folder(store):
-            return
-        running = self._worker is not None
-
-        def discard():
-            discard_result(store)
-            if not running:
-                remove_stores([store])
-
-        threading.Thread(target=discard, name="napari-clearclip removing results", daemon=True).start()
+        discarding.note_window(self._viewer, self.native)   # (its result, if any, is discarded: see discarding.py)
 
     def close_down(self) -> None:
         """Stop a running worker and drop every connection and reference to the viewer's layers.

@@ -12,13 +12,14 @@ again. What can no longer come back goes, so that the cache does not grow with e
 - a run's unfinished store (``.partial``: napari killed during the run) after a day without a write, and a folder
   left by a removal cut short (no metadata) after an hour.
 
-Only folders named so inside the ``labels`` folder are ever removed.
+Only folders named as this cache names its stores, inside the ``labels`` folder, are ever removed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -42,12 +43,18 @@ def labels_folder() -> Path:
     return cache_dir() / "labels"
 
 
+#: The names this cache gives its stores: ``<name>-<date>-<time>[-n].zarr`` (``<name>-edits-...`` for working
+#: copies), and ``.partial`` while a run writes one. Nothing named otherwise is removed, even in the ``labels``
+#: folder (a cache folder set to a shared place may hold a user's own stores).
+STORE_NAME = re.compile(r".+-\d{8}-\d{6}(-\d+)?\.zarr(\.partial)?")
+
+
 def in_labels_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a store of this cache (directly inside :func:`labels_folder`): nothing else is removed."""
+    """Whether ``path`` is a store of this cache (directly inside :func:`labels_folder`, named as this cache names
+    its stores): nothing else is removed."""
     path = Path(path)
     try:
-        return (path.resolve().parent == labels_folder().resolve()
-                and (path.name.endswith(".zarr") or path.name.endswith(".zarr.partial")))
+        return path.resolve().parent == labels_folder().resolve() and STORE_NAME.fullmatch(path.name) is not None
     except OSError:
         return False
 
@@ -147,7 +154,8 @@ def stale_stores(shown: Iterable[str | Path] = (), days: float = KEEP_UNUSED_DAY
     stale = []
     for path in entries:
         try:
-            if str(path) not in shown and path.is_dir() and _stale(path, now, now - days * 86400):
+            if (str(path) not in shown and STORE_NAME.fullmatch(path.name) and path.is_dir()
+                    and _stale(path, now, now - days * 86400)):
                 stale.append(path)
         except OSError:   # (one that cannot be read now is left for next time)
             continue

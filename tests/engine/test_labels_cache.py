@@ -15,6 +15,8 @@ from napari_clearclip.labels_cache import (KEEP_UNUSED_DAYS, discard_result, dis
 from napari_clearclip.tiled_edits import keep_baseline, keep_result_record, kept_results
 
 DAY = 86400.0
+#: How this cache names a store made on 1 November 2026 at 10:00 (nothing named otherwise is removed).
+STAMP = "-20261101-100000.zarr"
 
 
 def _age(path, days):
@@ -55,25 +57,25 @@ def _working_copy(users_store, saved=False):
 
 
 def test_results_go_when_discarded_or_unused_for_long_and_never_while_shown_or_this_napari_s(tmp_path):
-    recent_left = _result("recent-left.zarr", session="closed-napari")
-    old_left = _result("old-left.zarr", session="closed-napari")
-    old_left_no_file = _result("no-file.zarr", session="closed-napari", image_file=None)
-    old_shown = _result("old-shown.zarr", session="closed-napari")
-    old_mine = _result("old-mine.zarr")
-    discarded = _result("discarded.zarr")
+    recent_left = _result("recent-left" + STAMP, session="closed-napari")
+    old_left = _result("old-left" + STAMP, session="closed-napari")
+    old_left_no_file = _result("no-file" + STAMP, session="closed-napari", image_file=None)
+    old_shown = _result("old-shown" + STAMP, session="closed-napari")
+    old_mine = _result("old-mine" + STAMP)
+    discarded = _result("discarded" + STAMP)
     for store in (old_left, old_left_no_file, old_shown, old_mine):
         _age(store, KEEP_UNUSED_DAYS + 1)
     _age(recent_left, KEEP_UNUSED_DAYS - 1)
     assert discarded_results() == []
     assert discard_result(discarded)
     assert discarded_results() == [discarded]
-    assert {path.name for path, _ in kept_results()} == {"recent-left.zarr", "old-left.zarr", "no-file.zarr",
-                                                         "old-shown.zarr", "old-mine.zarr"}   # not the discarded
+    assert {path.name for path, _ in kept_results()} == {"recent-left" + STAMP, "old-left" + STAMP, "no-file" + STAMP,
+                                                         "old-shown" + STAMP, "old-mine" + STAMP}   # not the discarded
     stale = stale_stores(shown=[old_shown])
-    assert {path.name for path in stale} == {"old-left.zarr", "no-file.zarr", "discarded.zarr"}
+    assert {path.name for path in stale} == {"old-left" + STAMP, "no-file" + STAMP, "discarded" + STAMP}
     remove_stores(stale)
     assert sorted(path.name for path in labels_folder().iterdir()) == [
-        "old-mine.zarr", "old-shown.zarr", "recent-left.zarr"]
+        "old-mine" + STAMP, "old-shown" + STAMP, "recent-left" + STAMP]
 
 
 def test_working_copies_go_once_nothing_can_open_them_and_strokes_not_saved_wait(tmp_path):
@@ -122,14 +124,18 @@ def test_a_working_copy_in_use_stays_even_when_its_store_is_gone(tmp_path):
 def test_unfinished_and_unreadable_stores_go_after_a_while_and_nothing_outside_the_cache_is_removed(tmp_path):
     folder = labels_folder()
     folder.mkdir(parents=True, exist_ok=True)
-    killed_run, running = folder / "slide-1.zarr.partial", folder / "slide-2.zarr.partial"
-    cut_short, foreign, unrecorded = folder / "cut.zarr", folder / "foreign.zarr", folder / "old-version.zarr"
+    killed_run, running = folder / f"slide{STAMP}.partial", folder / f"slide{STAMP[:-5]}-2.zarr.partial"
+    cut_short, foreign, unrecorded = folder / f"cut{STAMP}", folder / f"foreign{STAMP}", folder / f"old-version{STAMP}"
     for path in (killed_run, running, cut_short, foreign):
         (path / "c" / "0").mkdir(parents=True)
         (path / "c" / "0" / "0").write_bytes(b"chunk")
     (foreign / "zarr.json").write_text("{not json")
     _users_store(unrecorded)
     (folder / "notes.txt").write_text("the user's")
+    users = folder / "my-labels.zarr"                                  # a user's own store, in a shared cache folder
+    _users_store(users)
+    (users / "zarr.json").write_text("{not json")
+    _age(users, KEEP_UNUSED_DAYS + 100)
     _age(killed_run, 1.5)
     _age(cut_short, 0.1)
     _age(foreign, KEEP_UNUSED_DAYS + 1)
@@ -138,6 +144,8 @@ def test_unfinished_and_unreadable_stores_go_after_a_while_and_nothing_outside_t
     outside = tmp_path / "mine.zarr"
     _users_store(outside)
     assert not in_labels_folder(outside) and not discard_result(outside)
-    remove_stores([*stale_stores(), outside, folder / "notes.txt"])
-    assert sorted(path.name for path in folder.iterdir()) == ["notes.txt", "slide-2.zarr.partial"]
+    assert not in_labels_folder(users) and not discard_result(users)
+    remove_stores([*stale_stores(), outside, folder / "notes.txt", users])
+    assert sorted(path.name for path in folder.iterdir()) == ["my-labels.zarr", "notes.txt",
+                                                              "slide" + STAMP[:-5] + "-2.zarr.partial"]
     assert (outside / "zarr.json").exists()

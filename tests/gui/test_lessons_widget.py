@@ -810,8 +810,8 @@ def test_opening_the_dock_clears_the_cache_of_results_no_run_can_use_and_keeps_t
         return store
 
     (tmp_path / "slide.tif").write_bytes(b"")
-    old, recent, discarded = (result("old.zarr", KEEP_UNUSED_DAYS + 2), result("recent.zarr", 2),
-                              result("discarded.zarr", 0))
+    old, recent, discarded = (result("old-20261001-120000.zarr", KEEP_UNUSED_DAYS + 2),
+                              result("recent-20261101-120000.zarr", 2), result("discarded-20261201-120000.zarr", 0))
     discard_result(discarded)
     viewer = make_napari_viewer(show=False)
     viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")

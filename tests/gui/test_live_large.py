@@ -186,6 +186,46 @@ def test_with_live_on_the_next_rerun_is_readied_while_nothing_runs_and_a_stroke_
     assert not widget.readying.running and len(runs) == 2   # Live off: neither re-runs nor readying
 
 
+def test_with_live_off_and_learning_on_the_run_after_painting_is_readied_too(qtbot, widget):
+    """Live off, Learn from my edits on: the user will paint and press Run, so once a run ends the widget readies
+    that re-run in the background as with Live on; a stroke starts no run, and Run keeps the stroke. With learning
+    off too, nothing is readied."""
+    from napari_clearclip.demo.scenes import make_scene
+    from napari_clearclip.progress import run_to_end
+
+    viewer = widget._viewer
+    image = np.kron(make_scene(7, size=256, objects=(3, 3)).image, np.ones((8, 8, 1), np.uint8))
+    widget.image.value = viewer.add_image(image, name="slide")
+    widget.switch_to_demo_model()
+    widget.classes.value = "red\ngreen\nblue\nyellow\nbackground"
+    widget.live.value, widget.learn.value = False, True
+    started = []
+    real_start = widget.readying.start
+    widget.readying.start = lambda *args: started.append(args) or real_start(*args)
+    run_and_wait(qtbot, widget)
+    assert len(started) == 1                                 # readied once the run ended, Live off
+    qtbot.waitUntil(lambda: not widget.readying.running, timeout=TIMEOUT)
+    assert run_to_end(widget._models.segmenter.prepare_rerun_steps()) == 0   # every weight of the image ready
+    labels = viewer.layers["slide classes"]
+    assert widget._spare_planes.nbytes >= 3 * labels.data.nbytes
+    y, x = 700, 900
+    value = 3 if labels.data[y, x] != 3 else 1
+    labels.brush_size = 40
+    labels.paint((y, x), value)
+    qtbot.wait(200)
+    assert not widget.busy and len(started) == 1              # Live off: the stroke starts nothing
+    run_and_wait(qtbot, widget)
+    assert widget.status.value.startswith("Done"), widget.status.value
+    assert labels.data[y, x] == value and widget.results.of(labels).edited[y, x]
+    qtbot.waitUntil(lambda: not widget.readying.running, timeout=TIMEOUT)
+    assert len(started) == 2
+    widget.learn.value = False
+    run_and_wait(qtbot, widget)
+    assert len(started) == 2 and not widget.readying.running   # neither Live nor learning: nothing readied
+    widget.learn.value = True                                  # learning on again: the re-run to come is readied
+    assert len(started) == 3
+
+
 EXIT_WHILE_READYING = """
 import sys, time
 import numpy as np

@@ -231,7 +231,7 @@ def segmentation_job(holder: ModelHolder, spec: ModelSpec, request: LayerRequest
 
 @errors_reported
 def ready_job(segmenter: Segmenter, spares: SparePlanes, plane: tuple | None):
-    """Worker body while nothing runs: ready the next live re-run (see ``Segmenter.prepare_rerun_steps``), and the
+    """Worker body while nothing runs: ready the next re-run (see ``Segmenter.prepare_rerun_steps``), and the
     copies of the result layer's plane (``plane``: its shape and type) that re-run makes: the plane as it finds it,
     as its previews leave it, and merged with the user's strokes."""
     if plane is not None:

@@ -79,10 +79,11 @@ def _safely(call) -> None:
 
 
 class Readying:
-    """Readies the next live re-run in a thread worker while nothing runs (``ready_job``: the snapping weights the
-    first run did not need and memory for the re-run's copies), so that the first stroke after a run answers as
-    quickly as the later ones. Started when a run ends, stopped as soon as another starts (between two bands of
-    rows: tens of milliseconds); it shows nothing and changes no result."""
+    """Readies the next re-run in a thread worker while nothing runs (``ready_job``: the snapping weights the
+    first run did not need and memory for the re-run's copies), so that the first stroke after a run (with Live on;
+    or the Run pressed after painting, with Learn from my edits on) answers as quickly as the later ones. Started
+    when a run ends, stopped as soon as another starts (between two bands of rows: tens of milliseconds); it shows
+    nothing and changes no result."""
 
     def __init__(self):
         self._worker = None

@@ -101,7 +101,7 @@ class ClearClipWidget(FieldLogic, Container):
         self._writing = False  # set while the widget adds its own layers, which the Image field must not follow
         self._previews: RunPreviews | None = None  # parts of the run in flight's labels shown before it ends
         self._spare_planes = SparePlanes()          # copies of the layer's planes a finished run no longer uses
-        self.readying = Readying()                  # readies the next live re-run while nothing runs
+        self.readying = Readying()                  # readies the next re-run while nothing runs
         self._result_plane: tuple | None = None     # (shape, dtype) of a plane of the newest result layer
         saved = load_settings()
 
@@ -163,6 +163,7 @@ class ClearClipWidget(FieldLogic, Container):
         self.show_advanced.changed.connect(lambda on: setattr(self.advanced, "visible", on))
         self.resize.changed.connect(self._on_resize_changed)
         self.live.changed.connect(lambda on: on and self._ready_next_run())
+        self.learn.changed.connect(lambda on: on and self._ready_next_run())
         self.run_button.changed.connect(self.run)
         self.cancel_button.changed.connect(self.cancel)
         self.use_demo.changed.connect(self.switch_to_demo_model)
@@ -983,9 +984,11 @@ class ClearClipWidget(FieldLogic, Container):
             self._ready_next_run()
 
     def _ready_next_run(self) -> None:
-        """With Live on and nothing running or queued, ready the next re-run in the background (see Readying)."""
+        """With Live or Learn from my edits on (a re-run is to come: by itself, or once the user has painted and
+        presses Run) and nothing running or queued, ready the next re-run in the background (see Readying)."""
         segmenter = self._models.segmenter
-        if self._closed or self.busy or not self.live.value or segmenter is None or self.live_mode.pending:
+        expected = self.live.value or self.learn.value
+        if self._closed or self.busy or not expected or segmenter is None or self.live_mode.pending:
             return
         self.readying.start(ready_job, segmenter, self._spare_planes, self._result_plane)
 

@@ -145,16 +145,65 @@ RESULT_RECORD_KEY = "napari-clearclip tiled result"
 SESSION = uuid.uuid4().hex
 
 
-def keep_result_record(store: str | Path, image_file: str | None, names: Sequence[str]) -> None:
-    """Record in a result's store its classes and the file of its image (``source``, and ``size`` to know a copy of
-    it by, as a labels file's record does), so that a later run on that file finds it (:func:`kept_results`)."""
+def image_identity(image_file: str | Path) -> dict:
+    """What tells a later run whether the image's file is still the one a result was made from: a file's ``size`` and
+    modification time (``mtime_ns``), a folder's (a zarr store's) digest of its files' names, sizes and times
+    (``tree``; reading every chunk again would cost what the run did)."""
+    path = Path(image_file).resolve()
+    if path.is_file():
+        stat = path.stat()
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if path.is_dir():
+        from .zarr_images import store_identity
+
+        return {"size": None, "tree": store_identity(path)["sha256"]}
+    return {"size": None}
+
+
+def keep_result_record(store: str | Path, image_file: str | None, names: Sequence[str],
+                       identity: dict | None = None) -> None:
+    """Record in a result's store its classes and the file of its image (``source``, ``size`` to know a copy of it
+    by, as a labels file's record does, and what tells whether the file was written again since: ``identity``, as
+    :func:`image_identity` found it when the run read the image, else now), so that a later run on that file finds
+    it (:func:`kept_results`)."""
     import zarr
 
     record = {"names": list(names), "source": None, "size": None, "session": SESSION}
     if image_file:
         path = Path(image_file).resolve()
-        record.update(source=str(path), size=path.stat().st_size if path.is_file() else None)
+        record.update(source=str(path), **(identity if identity is not None else image_identity(path)))
     zarr.open_group(str(store), mode="r+").attrs[RESULT_RECORD_KEY] = record
+
+
+def result_record(store: str | Path) -> dict | None:
+    """The record :func:`keep_result_record` kept in a result's store, or None."""
+    import json
+
+    try:
+        record = json.loads((Path(store) / "zarr.json").read_text()).get("attributes", {}).get(RESULT_RECORD_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def image_changed_since(store: str | Path, image_file: str | None) -> bool:
+    """Whether the file at ``image_file``, where the result in ``store`` was made from, was written again since (its
+    size, time or files differ from the record's): strokes painted on that result marked what the image showed then,
+    and must not teach a run on what it holds now. A copy at another path is known by its name and size alone, as
+    before; a record without the file's time (written by an earlier version) tells nothing."""
+    record = result_record(store)
+    if not record or not image_file:
+        return False
+    try:
+        path = Path(image_file).resolve()
+        if str(path) != record.get("source"):
+            return False
+        now = image_identity(path)
+    except OSError:
+        return True   # the file is gone or cannot be read: not the image the strokes were painted on
+    if not any(key in record for key in ("mtime_ns", "tree")):
+        return False
+    return any(record.get(key) != now.get(key) for key in ("size", "mtime_ns", "tree"))
 
 
 def kept_results(folder: str | Path | None = None, before: float | None = None) -> list[tuple[Path, dict]]:

@@ -92,3 +92,50 @@ def test_a_baseline_is_known_from_the_metadata_files_and_in_zarr_s_second_format
     (tmp_path / "v3.zarr" / "baseline" / "zarr.json").write_text("{damaged")
     assert not has_baseline(tmp_path / "v3.zarr")
     assert not has_baseline(tmp_path / "nothing.zarr")
+
+
+def test_a_result_knows_when_its_images_file_was_written_again_since(tmp_path):
+    """Strokes on a result marked what its image showed then: once the image's file is written again (a file, or a
+    chunk of a zarr store), the result says so; untouched, or a copy elsewhere of the same name and size, it does
+    not; a record of an earlier version (no file time) tells nothing."""
+    import os
+    import shutil
+
+    from napari_clearclip.tiled_edits import RESULT_RECORD_KEY, image_changed_since, keep_result_record
+
+    image = tmp_path / "slide.tif"
+    image.write_bytes(bytes(range(256)) * 64)
+    slide = zarr.open_group(str(tmp_path / "slide.zarr"), mode="w")
+    slide.create_array("0", data=np.arange(64 * 64, dtype=np.uint16).reshape(64, 64), chunks=(32, 32))
+    results = {}
+    for name, source in (("of-file.zarr", image), ("of-store.zarr", tmp_path / "slide.zarr")):
+        _store(tmp_path / name, np.ones((8, 8), np.uint8))
+        keep_result_record(tmp_path / name, str(source), ["a", "b"])
+        results[source] = tmp_path / name
+    assert not image_changed_since(results[image], str(image))
+    assert not image_changed_since(results[tmp_path / "slide.zarr"], str(tmp_path / "slide.zarr"))
+    assert not image_changed_since(results[image], None)
+
+    copy = tmp_path / "elsewhere" / "slide.tif"                     # a copy: known by name and size, as before
+    copy.parent.mkdir()
+    shutil.copyfile(image, copy)
+    assert not image_changed_since(results[image], str(copy))
+
+    stat = image.stat()
+    image.write_bytes(bytes(reversed(range(256))) * 64)             # written again: the same size, other pixels
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert image_changed_since(results[image], str(image))
+    slide["0"][:32, :32] = 7                                        # one chunk of the store written again
+    chunk = next(path for path in (tmp_path / "slide.zarr" / "0" / "c").rglob("*") if path.is_file())
+    os.utime(chunk, ns=(chunk.stat().st_atime_ns, chunk.stat().st_mtime_ns + 1_000_000))
+    assert image_changed_since(results[tmp_path / "slide.zarr"], str(tmp_path / "slide.zarr"))
+
+    group = zarr.open_group(str(results[image]), mode="r+")        # a record of an earlier version: no file time
+    record = dict(group.attrs[RESULT_RECORD_KEY])
+    record.pop("mtime_ns")
+    group.attrs[RESULT_RECORD_KEY] = record
+    assert not image_changed_since(results[image], str(image))
+    image.unlink()                                                 # gone: not the image the strokes were painted on
+    keep_result_record(results[image], str(tmp_path / "slide.zarr"), ["a", "b"])
+    shutil.rmtree(tmp_path / "slide.zarr")
+    assert image_changed_since(results[image], str(tmp_path / "slide.zarr"))

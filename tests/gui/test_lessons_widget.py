@@ -781,6 +781,47 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     qtbot.waitUntil(lambda: not broken.exists(), timeout=10_000)
 
 
+def test_corrections_on_a_slides_result_do_not_teach_once_its_file_was_written_again(
+        qtbot, widget, tmp_path, monkeypatch, make_napari_viewer):
+    """A slide's result left when napari closed, with a stroke on it; the slide's file is then written again (other
+    pixels, the same name and size): the next run on it is not taught by the stroke, which marked what the file
+    showed before, and says so; the stale result goes all the same."""
+    import os
+
+    from skimage.io import imsave
+
+    import napari_clearclip.gui.widget as widget_module
+    import napari_clearclip.tiled_edits as tiled_edits
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    imsave(tmp_path / "shapes.png", squares(7), check_contrast=False)
+    viewer = widget._viewer
+    [image] = viewer.open(str(tmp_path / "shapes.png"))
+    first, store = _tiled_result(qtbot, widget, image)
+    other = (slice(128, 160), slice(128, 160))                        # the blue square nobody paints
+    first.brush_size = 9
+    first.paint((48, 48), 1)                                          # a debris stroke on a blue square
+    _napari_closed(qtbot, viewer)
+    assert store.exists()
+
+    rewritten = squares(7)                                            # the file written again: the same size,
+    rewritten[24:72, 24:72] = (215, 35, 35)                           # the painted square red now
+    stat = (tmp_path / "shapes.png").stat()
+    imsave(tmp_path / "shapes.png", rewritten, check_contrast=False)
+    os.utime(tmp_path / "shapes.png", ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
+    viewer, widget = _new_napari(make_napari_viewer, "debris\nred\nbackground")
+    [image] = viewer.open(str(tmp_path / "shapes.png"))
+    widget.image.value = image
+    run_and_wait(qtbot, widget)
+    status = widget.status.value
+    assert "was made before its file was written again" in status and "taught this run" not in status, status
+    result = np.asarray(viewer.layers["shapes classes"].data[...])
+    assert np.mean(result[other] == 1) < 0.5                          # no debris taught
+    assert np.mean(result[48:50, 46:50] == 1) < 0.5                   # nor the stroke kept as the user's
+    qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)       # the stale result goes
+
+
 def test_opening_the_dock_clears_the_cache_of_results_no_run_can_use_and_keeps_those_that_teach(
         qtbot, tmp_path, make_napari_viewer):
     """Results a closed napari left unused for longer than the cache keeps them, and results discarded before

@@ -154,6 +154,14 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     # too (a store may leave out chunks that hold only that value), and the status says how many there were
     absent = absent_chunk_count(image)
     notes: list[str] = []
+    identity = _identity_of(image_file)   # the file as this run reads it, for the record a later run checks
+    if painted_on is not None and len(painted_on) > 2 and painted_on[2] and image_file:
+        from ..tiled_edits import image_changed_since
+
+        if image_changed_since(painted_on[0], image_file):   # strokes on what the file showed before
+            notes.append(f"An earlier result of this image left in the cache ({painted_on[0]}) was made before its "
+                         "file was written again; what was painted on it did not teach this run.")
+            painted_on = None
     exemplars = lesson_exemplars(segmenter, classes, segmenter.resolve_options(options), list(lessons), notes)
     parts = crop = None
     if painted_on is not None:  # the strokes since (and before) that result, in this run's classes
@@ -178,7 +186,8 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
         labels, table = labels
     try:  # the store is in place now: a run stopped or failed from here leaves none behind, as before it
         return (yield from _tiled_outcome(labels, table, store, parts, painted_on, parse_classes(classes), crop,
-                                          background, new_layer, absent, exemplars is not None, notes, image_file))
+                                          background, new_layer, absent, exemplars is not None, notes, image_file,
+                                          identity))
     except BaseException:
         import shutil
 
@@ -186,8 +195,18 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
         raise
 
 
+def _identity_of(image_file: str | None) -> dict | None:
+    """:func:`~napari_clearclip.tiled_edits.image_identity` of the image's file, or None (no file, or not readable)."""
+    from ..tiled_edits import image_identity
+
+    try:
+        return image_identity(image_file) if image_file else None
+    except OSError:
+        return None
+
+
 def _tiled_outcome(labels, table, store: Path, parts, painted_on, parsed, crop, background, new_layer, absent,
-                   taught: bool, notes: list, image_file: str | None = None):
+                   taught: bool, notes: list, image_file: str | None = None, identity: dict | None = None):
     """Generator: keep the store's baseline (and the strokes to carry: those that taught the run, and any painted on
     the earlier result meanwhile), count the classes, and build the Labels layer backed by the store."""
     from ..colours import colormap_dict
@@ -203,7 +222,7 @@ def _tiled_outcome(labels, table, store: Path, parts, painted_on, parsed, crop, 
         late = changed_pixels(parts, carried)
     keep_baseline(store, carried)  # what the run wrote, to tell what is painted on it next (3 s at 20000 x 20000)
     names = [c.name for c in parsed]
-    keep_result_record(store, image_file, names)
+    keep_result_record(store, image_file, names, identity)
     counts = label_counts(labels, len(names))
     colours = colormap_dict(names, tuple(background))
     prepare_first_draw(np.zeros((2, 2), labels.dtype), colours)

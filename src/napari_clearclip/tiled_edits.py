@@ -145,14 +145,49 @@ RESULT_RECORD_KEY = "napari-clearclip tiled result"
 SESSION = uuid.uuid4().hex
 
 
+#: Blocks of a file, evenly spread, whose digest tells a copy of an image's file from another file of that name and
+#: size (uncompressed images of one shape all have one size), and their length: 1 MiB read, whatever the file's size.
+SAMPLED_BLOCKS, SAMPLED_BYTES = 16, 1 << 16
+
+
+_SAMPLED: dict[tuple, str] = {}
+
+
+def sampled_digest(path: str | Path) -> str:
+    """SHA-256 of a file's size and of :data:`SAMPLED_BLOCKS` blocks spread over it (the whole file when small);
+    kept for the file as long as its size and time are the same."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _SAMPLED:
+        if len(_SAMPLED) > 64:
+            _SAMPLED.clear()
+        _SAMPLED[key] = _sampled(path, stat.st_size)
+    return _SAMPLED[key]
+
+
+def _sampled(path: str | Path, size: int) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(f"{size}\n".encode())
+    with open(path, "rb") as handle:
+        if size <= SAMPLED_BLOCKS * SAMPLED_BYTES:
+            digest.update(handle.read())
+        else:
+            for block in range(SAMPLED_BLOCKS):
+                handle.seek((size - SAMPLED_BYTES) * block // (SAMPLED_BLOCKS - 1))
+                digest.update(handle.read(SAMPLED_BYTES))
+    return digest.hexdigest()
+
+
 def image_identity(image_file: str | Path) -> dict:
-    """What tells a later run whether the image's file is still the one a result was made from: a file's ``size`` and
-    modification time (``mtime_ns``), a folder's (a zarr store's) digest of its files' names, sizes and times
-    (``tree``; reading every chunk again would cost what the run did)."""
+    """What tells a later run whether the image's file is still the one a result was made from: a file's ``size``,
+    modification time (``mtime_ns``) and :func:`sampled_digest` (``sample``, which a copy elsewhere keeps), a
+    folder's (a zarr store's) digest of its files' names, sizes and times (``tree``; reading every chunk again would
+    cost what the run did)."""
     path = Path(image_file).resolve()
     if path.is_file():
         stat = path.stat()
-        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sample": sampled_digest(path)}
     if path.is_dir():
         from .zarr_images import store_identity
 
@@ -184,6 +219,19 @@ def result_record(store: str | Path) -> dict | None:
     except (OSError, ValueError, AttributeError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def another_file(record: dict, image_file: str | Path) -> bool:
+    """Whether the file at ``image_file``, of another path than the record's image but of its name and size (what
+    marks a copy of it), holds other content: the record's :func:`sampled_digest` differs (none recorded, by an
+    earlier version: not known to be another)."""
+    try:
+        path = Path(image_file).resolve()
+        if str(path) == record.get("source") or "sample" not in record:
+            return False
+        return sampled_digest(path) != record["sample"]
+    except OSError:
+        return True
 
 
 def image_changed_since(store: str | Path, image_file: str | None) -> bool:

@@ -139,3 +139,39 @@ def test_a_result_knows_when_its_images_file_was_written_again_since(tmp_path):
     keep_result_record(results[image], str(tmp_path / "slide.zarr"), ["a", "b"])
     shutil.rmtree(tmp_path / "slide.zarr")
     assert image_changed_since(results[image], str(tmp_path / "slide.zarr"))
+
+
+def test_a_file_of_the_same_name_and_size_elsewhere_is_a_copy_only_if_it_holds_the_same(tmp_path):
+    """Images of one shape in different folders often share their name and size: a result's record tells its image's
+    copy (moved, or copied from another machine) from another image by a digest of blocks spread over the file."""
+    import shutil
+
+    from napari_clearclip.tiled_edits import (RESULT_RECORD_KEY, SAMPLED_BLOCKS, SAMPLED_BYTES, another_file,
+                                              keep_result_record, result_record)
+
+    rng = np.random.default_rng(1)
+    for size in (5000, SAMPLED_BLOCKS * SAMPLED_BYTES * 3 + 17):     # read whole, and read in blocks
+        first, second = tmp_path / f"one-{size}" / "image.tif", tmp_path / f"two-{size}" / "image.tif"
+        copied = tmp_path / f"moved-{size}" / "image.tif"
+        for path in (first, second, copied):
+            path.parent.mkdir()
+        content = rng.integers(0, 256, size, dtype=np.uint8)
+        first.write_bytes(content.tobytes())
+        other = content.copy()         # another image: one byte differs, in the middle block read
+        middle = (size - SAMPLED_BYTES) * (SAMPLED_BLOCKS // 2) // (SAMPLED_BLOCKS - 1) + 5 \
+            if size > SAMPLED_BLOCKS * SAMPLED_BYTES else size // 2
+        other[middle] ^= 0x0F
+        second.write_bytes(other.tobytes())
+        shutil.copyfile(first, copied)
+        store = tmp_path / f"result-{size}.zarr"
+        _store(store, np.ones((8, 8), np.uint8))
+        keep_result_record(store, str(first), ["a", "b"])
+        record = result_record(store)
+        assert record["size"] == size and record["source"] == str(first.resolve())
+        assert not another_file(record, first)                      # the file itself
+        assert not another_file(record, copied)                     # its copy elsewhere
+        assert another_file(record, second)                         # another image of that name and size
+        assert another_file(record, tmp_path / "nowhere" / "image.tif")
+        group = zarr.open_group(str(store), mode="r+")             # a record of an earlier version: not known
+        group.attrs[RESULT_RECORD_KEY] = {k: v for k, v in record.items() if k != "sample"}
+        assert not another_file(result_record(store), second)

@@ -822,6 +822,50 @@ def test_corrections_on_a_slides_result_do_not_teach_once_its_file_was_written_a
     qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)       # the stale result goes
 
 
+def test_a_slides_result_left_when_napari_closed_neither_teaches_nor_goes_with_another_image_of_its_name_and_size(
+        qtbot, widget, tmp_path, monkeypatch, make_napari_viewer):
+    """Two experiments' images in two folders, both 'slide.tif', of one shape and so of one size: a stroke on the
+    first one's result, left when napari closed, does not teach a run on the second, and that result stays (it holds
+    the first image's corrections); the next run on the first image learns from it. A copy of the first image in a
+    third folder is its copy."""
+    import shutil
+
+    import tifffile
+
+    import napari_clearclip.gui.widget as widget_module
+    import napari_clearclip.tiled_edits as tiled_edits
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    for folder, seed in (("one", 7), ("two", 3)):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "slide.tif", squares(seed))
+    assert (tmp_path / "one" / "slide.tif").stat().st_size == (tmp_path / "two" / "slide.tif").stat().st_size
+    viewer = widget._viewer
+    [image] = viewer.open(str(tmp_path / "one" / "slide.tif"))
+    first, store = _tiled_result(qtbot, widget, image)
+    other = (slice(128, 160), slice(128, 160))                        # the blue square nobody paints
+    first.brush_size = 9
+    first.paint((48, 48), 1)                                          # a debris stroke
+    _napari_closed(qtbot, viewer)
+    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
+    viewer, widget = _new_napari(make_napari_viewer, "debris\nred\nbackground")
+    [image] = viewer.open(str(tmp_path / "two" / "slide.tif"))
+    widget.image.value = image
+    run_and_wait(qtbot, widget)
+    assert "taught this run" not in widget.status.value, widget.status.value
+    assert np.mean(np.asarray(viewer.layers["slide classes"].data[other]) == 1) < 0.5
+    qtbot.wait(300)
+    assert store.exists(), "the result of another image was removed"
+    viewer.layers.clear()
+    (tmp_path / "three").mkdir()                                      # the first image, copied to another folder
+    shutil.copyfile(tmp_path / "one" / "slide.tif", tmp_path / "three" / "slide.tif")
+    [image] = viewer.open(str(tmp_path / "three" / "slide.tif"))
+    widget.image.value = image
+    run_and_wait(qtbot, widget)
+    assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
+    assert np.mean(np.asarray(viewer.layers["slide classes"].data[other]) == 1) > 0.9
+
+
 def test_opening_the_dock_clears_the_cache_of_results_no_run_can_use_and_keeps_those_that_teach(
         qtbot, tmp_path, make_napari_viewer):
     """Results a closed napari left unused for longer than the cache keeps them, and results discarded before

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .hashing import sampled_digest
 from .labels_cache import DISCARDED, labels_folder
 
 #: Rows copied at a time when the baseline is written.
@@ -143,40 +144,6 @@ RESULT_RECORD_KEY = "napari-clearclip tiled result"
 #: This process, in the records of the results it makes: a result whose layer was removed in this session was
 #: discarded by the user; one left by a napari that has closed holds corrections to keep.
 SESSION = uuid.uuid4().hex
-
-
-#: Blocks of a file, evenly spread, whose digest tells a copy of an image's file from another file of that name and
-#: size (uncompressed images of one shape all have one size), and their length: 1 MiB read, whatever the file's size.
-SAMPLED_BLOCKS, SAMPLED_BYTES = 16, 1 << 16
-
-
-_SAMPLED: dict[tuple, str] = {}
-
-
-def sampled_digest(path: str | Path) -> str:
-    """SHA-256 of a file's size and of :data:`SAMPLED_BLOCKS` blocks spread over it (the whole file when small);
-    kept for the file as long as its size and time are the same."""
-    stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _SAMPLED:
-        if len(_SAMPLED) > 64:
-            _SAMPLED.clear()
-        _SAMPLED[key] = _sampled(path, stat.st_size)
-    return _SAMPLED[key]
-
-
-def _sampled(path: str | Path, size: int) -> str:
-    import hashlib
-
-    digest = hashlib.sha256(f"{size}\n".encode())
-    with open(path, "rb") as handle:
-        if size <= SAMPLED_BLOCKS * SAMPLED_BYTES:
-            digest.update(handle.read())
-        else:
-            for block in range(SAMPLED_BLOCKS):
-                handle.seek((size - SAMPLED_BYTES) * block // (SAMPLED_BLOCKS - 1))
-                digest.update(handle.read(SAMPLED_BYTES))
-    return digest.hexdigest()
 
 
 def image_identity(image_file: str | Path) -> dict:

@@ -146,8 +146,8 @@ def test_a_file_of_the_same_name_and_size_elsewhere_is_a_copy_only_if_it_holds_t
     copy (moved, or copied from another machine) from another image by a digest of blocks spread over the file."""
     import shutil
 
-    from napari_clearclip.tiled_edits import (RESULT_RECORD_KEY, SAMPLED_BLOCKS, SAMPLED_BYTES, another_file,
-                                              keep_result_record, result_record)
+    from napari_clearclip.hashing import SAMPLED_BLOCKS, SAMPLED_BYTES
+    from napari_clearclip.tiled_edits import RESULT_RECORD_KEY, another_file, keep_result_record, result_record
 
     rng = np.random.default_rng(1)
     for size in (5000, SAMPLED_BLOCKS * SAMPLED_BYTES * 3 + 17):     # read whole, and read in blocks

@@ -525,6 +525,49 @@ def test_labels_the_command_wrote_opened_in_napari_are_corrected_and_teach_like_
     np.testing.assert_array_equal(tifffile.imread(laptop / "out" / "shapes_labels.tif"), written)   # file unchanged
 
 
+def test_labels_of_another_image_of_the_same_name_and_size_are_not_taken_for_this_images_result(qtbot, widget,
+                                                                                              tmp_path, capsys):
+    """Two experiments, each with its 'slide.tif' of one shape (and so of one size): the command line's labels of the
+    first, opened beside the second, are not the second's result; a run adds the second's own and leaves them as
+    they are, with their stroke. Beside a copy of the first, they are its result (the copy holds the same bytes)."""
+    import shutil
+
+    import tifffile
+
+    from napari_clearclip.batch.cli import main
+
+    for folder, seed in (("one", 7), ("two", 3)):
+        (tmp_path / folder).mkdir()
+        tifffile.imwrite(tmp_path / folder / "slide.tif", squares(seed))
+    assert (tmp_path / "one" / "slide.tif").stat().st_size == (tmp_path / "two" / "slide.tif").stat().st_size
+    assert main([str(tmp_path / "one" / "slide.tif"), "--out", str(tmp_path / "one" / "out"), "--classes",
+                 "debris; red; background", "--model", "synthetic-tiny", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    [image] = viewer.open(str(tmp_path / "two" / "slide.tif"))
+    [labels] = viewer.open(str(tmp_path / "one" / "out" / "slide_labels.tif"), plugin="napari-clearclip")
+    labels.brush_size = 9
+    labels.paint((48, 48), 1)                                   # a debris stroke on the first image's labels
+    theirs = np.array(labels.data)
+    widget.image.value = image
+    run_and_wait(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == ["slide", "slide_labels", "slide classes"], widget.status.value
+    np.testing.assert_array_equal(labels.data, theirs)           # not updated: another image's labels
+    other = (slice(128, 160), slice(128, 160))
+    assert np.mean(viewer.layers["slide classes"].data[other] == 1) < 0.5   # and their stroke taught nothing
+
+    viewer.layers.clear()
+    (tmp_path / "copy").mkdir()                                  # the first image copied: the same bytes
+    shutil.copyfile(tmp_path / "one" / "slide.tif", tmp_path / "copy" / "slide.tif")
+    [image] = viewer.open(str(tmp_path / "copy" / "slide.tif"))
+    [labels] = viewer.open(str(tmp_path / "one" / "out" / "slide_labels.tif"), plugin="napari-clearclip")
+    widget.image.value = image
+    run_and_wait(qtbot, widget)
+    assert [layer.name for layer in viewer.layers] == ["slide", "slide_labels"], widget.status.value
+
+
 @pytest.mark.parametrize("saved_with", ["Save labels...", "File > Save Selected Layers..."])
 def test_save_labels_writes_the_command_lines_format_which_opens_again_as_the_images_result(qtbot, widget, tmp_path,
                                                                                             capsys, saved_with):

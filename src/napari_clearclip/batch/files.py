@@ -342,8 +342,9 @@ def write_labels_file(path, labels: np.ndarray, names: list[str], source=None, o
 
 
 def _saved_record(names: Sequence[str], source=None, placement: dict | None = None) -> dict:
-    """The record of labels saved from napari: their classes, the image file they label (with its size, to know a
-    copy of it) and, for labels of an image segmented at a reduced size, their place over it."""
+    """The record of labels saved from napari: their classes, the image file they label (with its size and the
+    digest of blocks spread over it, to know a copy of it) and, for labels of an image segmented at a reduced size,
+    their place over it."""
     record = {"source": "", "classes": list(names), "run": "napari"}
     if placement is not None:
         record["placement"] = {"scale": [float(v) for v in placement["scale"]],
@@ -352,7 +353,9 @@ def _saved_record(names: Sequence[str], source=None, placement: dict | None = No
         image = Path(source).expanduser().resolve()
         record["source"] = str(image)
         if image.is_file():
-            record["size"] = image.stat().st_size
+            from ..hashing import sampled_digest
+
+            record["size"], record["sample"] = image.stat().st_size, sampled_digest(image)
     return record
 
 

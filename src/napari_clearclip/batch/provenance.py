@@ -48,8 +48,10 @@ def run_fingerprint(model: str, pretrained: str | None, method: str, precision: 
 
 
 def source_identity(path: Path) -> dict:
-    """The input as a record holds it: absolute path, size, modification time and content hash."""
+    """The input as a record holds it: absolute path, size, modification time and content hash (and the digest of
+    blocks spread over it that tells a copy elsewhere from another file of its name and size, cheaply)."""
     from ..cache import file_digest
+    from ..hashing import sampled_digest
 
     if path.is_dir():  # a zarr store
         from ..zarr_images import store_identity
@@ -57,7 +59,7 @@ def source_identity(path: Path) -> dict:
         return {"source": str(path.resolve()), **store_identity(path)}
     stat = path.stat()
     return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sha256": file_digest(path)}
+            "sha256": file_digest(path), "sample": sampled_digest(path)}
 
 
 def make_record(path: Path, run: str, classes: Sequence[str]) -> dict:

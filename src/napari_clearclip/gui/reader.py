@@ -14,13 +14,17 @@ OPENED_KEY = "napari-clearclip labels file"
 
 def same_image_file(record: dict, path) -> bool:
     """Whether the file at ``path`` is the image a labels record was made from: the same file, or a copy of it
-    (the same name and size: a folder copied from the machine that segmented it)."""
+    (a folder copied from the machine that segmented it: the same name and size, and, where the record has it, the
+    same bytes in blocks spread over the file; images of one shape in other folders often share name and size)."""
+    from ..tiled_edits import another_file
+
     try:
         path = Path(path).resolve()
         source = Path(str(record.get("source", "")))
         if path == source:
             return True
-        return path.name == source.name and path.is_file() and path.stat().st_size == record.get("size")
+        return (path.name == source.name and path.is_file() and path.stat().st_size == record.get("size")
+                and not another_file(record, path))
     except (OSError, TypeError, ValueError):
         return False
 

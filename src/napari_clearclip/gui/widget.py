@@ -539,7 +539,7 @@ class ClearClipWidget(FieldLogic, Container):
 
         import zarr
 
-        from ..tiled_edits import SESSION, another_file, kept_results
+        from ..tiled_edits import SESSION, kept_results
         from .reader import same_image_file
 
         source = getattr(getattr(image, "source", None), "path", None)
@@ -549,9 +549,7 @@ class ClearClipWidget(FieldLogic, Container):
             if str(path) in shown:
                 continue
             this_session = kept.get("session") == SESSION
-            # (a file of the same name and size elsewhere is this one's copy only if it holds what this one held:
-            # images of one shape in different folders often share both; 1 MiB of it read)
-            of_image = bool(source) and same_image_file(kept, source) and not another_file(kept, source)
+            of_image = bool(source) and same_image_file(kept, source)
             if of_image:
                 try:
                     of_image = tuple(zarr.open_group(str(path), mode="r")["labels"].shape) == tuple(layout.label_shape)

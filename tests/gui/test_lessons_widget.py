@@ -949,12 +949,15 @@ def test_opening_the_dock_clears_the_cache_of_results_no_run_can_use_and_keeps_t
     assert recent.exists() and (recent / "zarr.json").exists()
 
 
-def test_a_result_removed_during_a_run_is_kept_for_that_run_and_goes_at_the_next(qtbot, widget, monkeypatch):
+@pytest.mark.parametrize("meanwhile", ["nothing", "cache tidied"])
+def test_a_result_removed_during_a_run_is_kept_for_that_run_and_goes_at_the_next(qtbot, widget, monkeypatch, meanwhile):
     """A run may read the result it learns from: removed while it goes, that result is discarded (no run learns from
-    it any more) but its store stays until the run is over, and goes at the next run tile by tile."""
+    it any more) but its store stays until the run is over, and goes at the next run tile by tile; also when the
+    dock tidies the cache meanwhile (its first time, shortly after it opens), which waits for the run."""
     import threading
 
     import napari_clearclip.gui.widget as widget_module
+    import napari_clearclip.lazy_tiles as lazy_tiles
     from napari_clearclip.tiled_edits import kept_results
 
     monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
@@ -962,13 +965,32 @@ def test_a_result_removed_during_a_run_is_kept_for_that_run_and_goes_at_the_next
     first, store = _tiled_result(qtbot, widget, viewer.add_image(squares(5), name="slide"))
     first.brush_size = 9
     first.paint((48, 48), 1)
+    gate, reading = threading.Event(), threading.Event()
+    painted_parts = lazy_tiles.painted_parts
+
+    def read_when_let(*args, **kwargs):   # the run holds before it reads the strokes on the first result
+        reading.set()
+        assert gate.wait(60)
+        return painted_parts(*args, **kwargs)
+
+    monkeypatch.setattr(lazy_tiles, "painted_parts", read_when_let)
     widget.run()                                                      # learns from the first result...
-    assert widget.busy
-    viewer.layers.remove(first)                                       # ...which the user removes meanwhile
+    try:
+        qtbot.waitUntil(reading.is_set, timeout=60_000)
+        viewer.layers.remove(first)                                   # ...which the user removes meanwhile
+        qtbot.waitUntil(lambda: store not in [path for path, _ in kept_results()], timeout=10_000)   # discarded
+        if meanwhile == "cache tidied":
+            monkeypatch.setattr(widget_module, "_TIDIED", set())
+            widget._prepare_loops()                                   # (as its timer does, once the dock is shown)
+            qtbot.wait(300)
+        assert store.exists() and widget.busy
+    finally:
+        gate.set()
     assert widget.wait(120)
     qtbot.waitUntil(lambda: not any(t.name == "napari-clearclip removing results" for t in threading.enumerate()),
                     timeout=10_000)
     assert "slide classes" in viewer.layers and "Unexpected" not in widget.status.value, widget.status.value
+    assert "could not be read" not in widget.status.value and "taught" in widget.status.value, widget.status.value
     assert store.exists() and store not in [path for path, _ in kept_results()]   # kept, but discarded
     run_and_wait(qtbot, widget)
     qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)

@@ -41,7 +41,8 @@ def watch(viewer, record_key: str, running: Callable[[], bool]) -> None:
         kept = layer.metadata.get(record_key) if isinstance(layer, Labels) else None
         if isinstance(kept, dict) and kept.get("store"):
             store = Path(kept["store"])
-            QTimer.singleShot(0, lambda: _discard(store, viewer_ref, record_key, running))
+            going = running()   # (a run whose thread ended, the dock not yet told, is one going)
+            QTimer.singleShot(0, lambda: _discard(store, viewer_ref, record_key, lambda: going or running()))
 
     viewer.layers.events.removed.connect(removed)
 

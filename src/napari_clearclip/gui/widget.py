@@ -214,11 +214,15 @@ class ClearClipWidget(FieldLogic, Container):
 
     def _tidy_cache(self) -> None:
         """Remove, in the background, the stores of the user cache that can no longer be used (once per process and
-        cache folder; see :mod:`napari_clearclip.labels_cache`): never one a layer of a viewer with the dock shows."""
+        cache folder; see :mod:`napari_clearclip.labels_cache`): never one a layer of a viewer with the dock shows,
+        and not while a run goes (it may read a result whose layer was removed meanwhile: tidied once it is over)."""
         import threading
 
         folder = str(labels_folder())
-        if folder in _TIDIED:
+        if folder in _TIDIED or self._closed:
+            return
+        if _any_run_going():
+            QTimer.singleShot(PREPARE_LOOPS_AFTER_MS, self._tidy_cache)
             return
         _TIDIED.add(folder)
         shown = _shown_stores()

@@ -389,3 +389,39 @@ def test_clipdiy_with_foreground_maps_runs_on_the_cluster_as_in_this_process(loc
         labels = tifffile.imread(tmp_path / "here" / f"s{i}_labels.tif")
         np.testing.assert_array_equal(labels, tifffile.imread(tmp_path / "there" / f"s{i}_labels.tif"))
         assert not np.array_equal(labels, tifffile.imread(tmp_path / "plain" / f"s{i}_labels.tif"))
+
+
+@pytest.mark.parametrize("stopped_by", ["error", "ctrl+c"])
+def test_what_stopped_the_command_is_said_after_its_cluster_closed(tmp_path, capsys, stopped_by):
+    """A local cluster's workers log their shutdown on the command's stderr: the command closes its cluster before it
+    says the error (or the interruption), so that what the user must read is the last line, and closes it once."""
+    from napari_clearclip.batch import cli
+    from napari_clearclip.errors import InvalidImageError
+
+    closed = []
+
+    class Closing:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self):
+            closed.append(self.name)
+            print(f"distributed.worker - ERROR - {self.name} closed", file=sys.stderr)
+
+    def work():
+        if stopped_by == "error":
+            raise InvalidImageError("a.png is not an image")
+        raise KeyboardInterrupt
+
+    class Bar:
+        def close(self):
+            pass
+
+    code = cli._finished(work, Bar(), {"client": Closing("client"), "cluster": Closing("cluster")}, tmp_path, None,
+                         lambda: "0 finished images are kept")
+    said = capsys.readouterr().err.strip().splitlines()
+    assert closed == ["client", "cluster"]
+    if stopped_by == "error":
+        assert code == 2 and said[-1] == "error: a.png is not an image", said
+    else:
+        assert code == 130 and said[-1].startswith("interrupted: 0 finished images are kept"), said

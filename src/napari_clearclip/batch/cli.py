@@ -333,12 +333,15 @@ def _finished(work: Callable[[], list], bar, started: dict, out, stop: StopOnce 
               kept: Callable[[], str]) -> list | int:
     """The reports of ``work`` (a batch over the inputs), or the exit code when it stopped: 2 and the advice for an
     error the user can act on, 130 and what is ``kept`` (said when asked: the count grows while it runs) for Ctrl+C.
-    The client and cluster this command started are closed either way."""
+    The client and cluster this command started are closed either way, before anything is said (their workers'
+    logs of the shutdown come first: what the user must read ends the output)."""
     try:
         reports = work()
     except ClearClipError as exc:
+        _close_started(started, out)
         return _said_error(exc, bar)
     except KeyboardInterrupt:
+        _close_started(started, out)
         bar.close()
         print(f"interrupted: {kept()}", file=sys.stderr)
         return 130
@@ -356,10 +359,11 @@ def _close_started(started: dict, out) -> None:
     that the cluster's killed workers never finished."""
     from .files import remove_stale_partials
 
-    if started.get("client") is not None:
-        started["client"].close()
-    if started.get("cluster") is not None:
-        started["cluster"].close()
+    client, cluster = started.pop("client", None), started.pop("cluster", None)   # (closed once)
+    if client is not None:
+        client.close()
+    if cluster is not None:
+        cluster.close()
         remove_stale_partials(out)
 
 

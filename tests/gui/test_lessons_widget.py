@@ -1012,3 +1012,24 @@ def test_a_result_removed_once_the_dock_is_closed_is_discarded_too(qtbot, widget
     qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)
     _napari_closed(qtbot, viewer)
     assert kept.exists() and (kept / "zarr.json").exists()            # left for the next run on its image
+
+
+def test_a_result_removed_in_a_viewer_never_shown_is_discarded_and_closing_it_keeps_the_others(
+        qtbot, monkeypatch, make_napari_viewer):
+    """A script's viewer (``show=False``) has a window never shown: a result layer removed there is discarded and its
+    store goes at once, as in a shown napari; closing that viewer leaves its other results for the next run."""
+    import napari_clearclip.gui.widget as widget_module
+    from napari_clearclip.tiled_edits import kept_results
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    viewer = make_napari_viewer(show=False)
+    _, widget = viewer.window.add_plugin_dock_widget("napari-clearclip", "ClearCLIP segmentation")
+    widget.device.value = "cpu"
+    first, store = _tiled_result(qtbot, widget, viewer.add_image(squares(5), name="slide"))
+    second, kept = _tiled_result(qtbot, widget, viewer.add_image(squares(6), name="other"))
+    viewer.layers.remove(first)
+    qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)
+    assert kept.exists() and kept in [path for path, _ in kept_results()]
+    _napari_closed(qtbot, viewer)
+    qtbot.wait(300)
+    assert kept.exists() and kept in [path for path, _ in kept_results()]   # left for the next run on its image

@@ -4,8 +4,10 @@ A result's store is in the user cache. When the user removes its layer, the resu
 run learns from it, even after napari closes) and its store removed in the background; not while a layer of a
 viewer shows its labels, and not during a run (which may read it: it goes at the next run tile by tile). The
 viewer is watched from the first dock opened in it on, also once that dock is closed. napari removes every layer
-when it closes, before its window: removals are judged on the next turn of the event loop, and none while the
-viewer's main window is not shown, so that the results a closed napari left teach the next run on their image.
+when it closes, before its window: removals are judged on the next turn of the event loop, and none once the
+viewer's main window is hidden with no layer left, so that the results a closed napari left teach the next run on
+their image. A viewer never shown (``show=False``, in scripts) keeps its other layers when one is removed: that
+removal is the user's.
 """
 
 from __future__ import annotations
@@ -77,8 +79,10 @@ def _discard(store: Path, viewer_ref, record_key: str, running: Callable[[], boo
     viewer = viewer_ref()
     window = None if viewer is None or viewer not in _WINDOWS else _WINDOWS[viewer]()
     try:
-        if window is None or not window.isVisible():   # napari is closing (or was never seen docked)
+        if window is None:   # (never seen docked)
             return
+        if not window.isVisible() and not len(viewer.layers):   # napari is closing: its layers all gone, then its
+            return                                               # window hidden (one never shown keeps the others)
     except RuntimeError:   # Qt deleted the window: napari closed
         return
     if str(store) in shown_stores(record_key) or not in_labels_folder(store):

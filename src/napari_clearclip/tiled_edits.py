@@ -162,18 +162,36 @@ def image_identity(image_file: str | Path) -> dict:
     return {"size": None}
 
 
+def pixels_identity(image) -> dict | None:
+    """What finds an image of no file again in a later napari: a digest of its pixels, shape and type
+    (``pixels``), for an array held in memory in one piece; None for others (lazy arrays would be read whole: their
+    results are not found again)."""
+    import hashlib
+
+    from .hashing import pixel_digest
+
+    if not isinstance(image, np.ndarray) or not image.flags.c_contiguous:
+        return None
+    digest = hashlib.blake2b(pixel_digest(image), digest_size=20)
+    digest.update(repr((tuple(image.shape), image.dtype.str)).encode())
+    return {"pixels": digest.hexdigest()}
+
+
 def keep_result_record(store: str | Path, image_file: str | None, names: Sequence[str],
                        identity: dict | None = None) -> None:
     """Record in a result's store its classes and the file of its image (``source``, ``size`` to know a copy of it
     by, as a labels file's record does, and what tells whether the file was written again since: ``identity``, as
     :func:`image_identity` found it when the run read the image, else now), so that a later run on that file finds
-    it (:func:`kept_results`)."""
+    it (:func:`kept_results`). An image of no file is known by its :func:`pixels_identity`, when ``identity`` is
+    one."""
     import zarr
 
     record = {"names": list(names), "source": None, "size": None, "session": SESSION}
     if image_file:
         path = Path(image_file).resolve()
         record.update(source=str(path), **(identity if identity is not None else image_identity(path)))
+    elif identity is not None and identity.get("pixels"):
+        record["pixels"] = identity["pixels"]
     zarr.open_group(str(store), mode="r+").attrs[RESULT_RECORD_KEY] = record
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import zarr
 
@@ -175,3 +177,38 @@ def test_a_file_of_the_same_name_and_size_elsewhere_is_a_copy_only_if_it_holds_t
         group = zarr.open_group(str(store), mode="r+")             # a record of an earlier version: not known
         group.attrs[RESULT_RECORD_KEY] = {k: v for k, v in record.items() if k != "sample"}
         assert not another_file(result_record(store), second)
+
+
+def test_an_image_of_no_file_is_known_by_its_pixels_shape_and_type_and_the_record_keeps_them(tmp_path):
+    """An image of no file held in memory is found again by its pixels: a copy matches, one pixel changed does not,
+    nor the same bytes in another shape or type; an array not held in one piece is not recognised (None). The
+    record of a result of it keeps that digest, and a file's record its file's identity instead."""
+    import hashlib
+
+    import dask.array as da
+
+    from napari_clearclip.tiled_edits import keep_result_record, pixels_identity, result_record
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (600, 700, 3), dtype=np.uint8)   # (over 4 MiB: hashed in chunks)
+    digest = pixels_identity(image)["pixels"]
+    assert pixels_identity(image.copy())["pixels"] == digest
+    changed = image.copy()
+    changed[599, 699, 2] ^= 1
+    assert pixels_identity(changed)["pixels"] != digest
+    assert pixels_identity(image.reshape(700, 600, 3))["pixels"] != digest
+    assert pixels_identity(image.view(np.int8))["pixels"] != digest
+    small = image[:10, :10].copy()   # (hashed whole): an independent reference
+    expected = hashlib.blake2b(hashlib.sha256(small.tobytes()).digest()[:20], digest_size=20)
+    expected.update(repr(((10, 10, 3), "|u1")).encode())
+    assert pixels_identity(small)["pixels"] == expected.hexdigest()
+    assert pixels_identity(image[:, ::2]) is None and pixels_identity(da.from_array(image)) is None
+
+    for name, source, identity in (("made.zarr", None, {"pixels": digest}), ("file.zarr", str(tmp_path / "a.tif"),
+                                                                             None)):
+        zarr.open_group(str(tmp_path / name), mode="w")
+        (tmp_path / "a.tif").write_bytes(b"abc")
+        keep_result_record(tmp_path / name, source, ["cell"], identity)
+        record = result_record(tmp_path / name)
+        assert record["names"] == ["cell"] and record["source"] == (source and str(Path(source).resolve()))
+        assert record.get("pixels") == (digest if source is None else None)

@@ -1033,3 +1033,40 @@ def test_a_result_removed_in_a_viewer_never_shown_is_discarded_and_closing_it_ke
     _napari_closed(qtbot, viewer)
     qtbot.wait(300)
     assert kept.exists() and kept in [path for path, _ in kept_results()]   # left for the next run on its image
+
+
+def test_corrections_on_a_result_of_an_image_of_no_file_teach_a_later_napari_on_the_same_pixels_only(
+        qtbot, widget, monkeypatch, make_napari_viewer):
+    """An image of no file (made in napari's console, or by a script) is known by its pixels: painted on, then napari
+    closed, its result teaches the next run on the same pixels in a later napari (the stroke keeps its class) and
+    goes; a run on other pixels of the same shape neither learns from it nor removes it."""
+    import napari_clearclip.gui.widget as widget_module
+    import napari_clearclip.tiled_edits as tiled_edits
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    viewer = widget._viewer
+    first, store = _tiled_result(qtbot, widget, viewer.add_image(squares(7), name="made"))
+    other = (slice(128, 160), slice(128, 160))                        # the blue square nobody paints
+    assert np.mean(np.asarray(first.data[other]) == 1) < 0.5
+    before = np.asarray(first.data[...])
+    first.brush_size = 9
+    first.paint((48, 48), 1)                                          # a debris stroke
+    painted = np.asarray(first.data[...]) != before
+    assert painted.sum() > 20
+    _napari_closed(qtbot, viewer)
+    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
+
+    viewer, widget = _new_napari(make_napari_viewer, "debris\nred\nbackground")
+    widget.image.value = viewer.add_image(squares(8), name="another")   # the same shape, other pixels
+    run_and_wait(qtbot, widget)
+    assert "left when napari closed" not in widget.status.value, widget.status.value
+    assert np.mean(np.asarray(viewer.layers["another classes"].data[other]) == 1) < 0.5
+    qtbot.wait(300)
+    assert store.exists() and store in [path for path, _ in tiled_edits.kept_results()]
+
+    widget.image.value = viewer.add_image(np.array(squares(7)), name="made again")   # the same pixels, anew
+    run_and_wait(qtbot, widget)
+    assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
+    result = np.asarray(viewer.layers["made again classes"].data[...])
+    assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9
+    qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)       # its strokes are kept in the new store

@@ -5,7 +5,7 @@ Everything here runs off the GUI thread; the widget only inserts what comes back
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +89,8 @@ class TiledResult:
     objects: dict | None = None                    # with objects: id, class, confidence, area per object
     painted: int = 0                               # pixels painted on the earlier result that taught this run
     late: int = 0                                  # pixels painted (or erased) there while it went: for the next
+    superseded: tuple = ()                         # results a closed napari left of the same pixels (no file)
+    left_when_closed: bool = False                 # the earlier result that taught was left by a closed napari
 
 
 def tiled_store_path(image_name: str) -> Path:
@@ -137,14 +139,16 @@ def use_feature_store(segmenter: Segmenter, folder: str | None) -> None:
 @errors_reported
 def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, store: Path, new_layer: dict,
               background: tuple[str, ...] = (), lessons: tuple = (), objects=None, painted_on: tuple | None = None,
-              feature_store: str | None = None, image_file: str | None = None):
+              feature_store: str | None = None, image_file: str | None = None, unfiled: tuple = ()):
     """Worker body for a large image: segment it tile by tile into ``store`` (yielding progress per tile), taught by
     the ``lessons`` that fit the run and by what the user painted on an earlier result of the image (``painted_on``:
     its store and class names, and True for a result no layer shows, done without if it cannot be read), each of
     the ``objects`` (instance ids of the image's size) given a class, and build the Labels layer backed by that
     store, so that the GUI thread only inserts it. The store records the image's file (``image_file``) and the
     classes: a later run on that file finds it, should no layer show it any more, and learns what was painted on
-    it."""
+    it. An image of no file is known by its pixels: ``unfiled`` lists the results left by a closed napari that may
+    be of it ((store, class names, their image's pixels), the newest first); those of the same pixels are
+    superseded, and the newest teaches this run when ``painted_on`` is None."""
     from ..annotate import lesson_exemplars
     from ..prompts import parse_classes
     from ..zarr_images import absent_chunk_count
@@ -155,6 +159,16 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     absent = absent_chunk_count(image)
     notes: list[str] = []
     identity = _identity_of(image_file)   # the file as this run reads it, for the record a later run checks
+    superseded: tuple = ()
+    if not image_file:   # no file: its pixels find its results in a later napari
+        from ..tiled_edits import pixels_identity
+
+        yield Progress("reading", 0, 1, detail="recognising the image, to find its earlier results")
+        identity = pixels_identity(image)
+        same = [kept for kept in unfiled if identity is not None and kept[2] == identity["pixels"]]
+        superseded = tuple(path for path, _, _ in same)
+        if same and painted_on is None:
+            painted_on = (same[0][0], list(same[0][1]), True)
     if painted_on is not None and len(painted_on) > 2 and painted_on[2] and image_file:
         from ..tiled_edits import image_changed_since
 
@@ -185,9 +199,11 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     if objects is not None:
         labels, table = labels
     try:  # the store is in place now: a run stopped or failed from here leaves none behind, as before it
-        return (yield from _tiled_outcome(labels, table, store, parts, painted_on, parse_classes(classes), crop,
-                                          background, new_layer, absent, exemplars is not None, notes, image_file,
-                                          identity))
+        result, layer = yield from _tiled_outcome(labels, table, store, parts, painted_on, parse_classes(classes),
+                                                  crop, background, new_layer, absent, exemplars is not None, notes,
+                                                  image_file, identity)
+        return replace(result, superseded=superseded, left_when_closed=bool(
+            painted_on is not None and len(painted_on) > 2 and painted_on[2])), layer
     except BaseException:
         import shutil
 

@@ -485,6 +485,8 @@ class ClearClipWidget(FieldLogic, Container):
         learns = self.learn.value and self.keep_edits.value
         earlier = self._tiled_result_of(layer, layout) if learns else None
         kept = self._kept_result_of(layer, layout, learns and earlier is None)
+        # an image of no file: the results a closed napari left that may be of it, judged by its pixels in the worker
+        unfiled = self._unfiled_results_of(layer, layout) if learns else ()
         if kept[0] is not None:   # left by a napari that has closed: what was painted there teaches still
             painted_on = (kept[0], list(kept[1]["names"]), True)
         elif earlier is None:
@@ -499,7 +501,7 @@ class ClearClipWidget(FieldLogic, Container):
             objects = objects_layer.data[0] if objects_layer.multiscale else objects_layer.data
         worker = create_worker(tiled_job, self._models, self.model_spec(), data, names, options, store, new_layer,
                                background, tuple(lessons or ()), objects, painted_on, self._feature_store_folder(),
-                               getattr(getattr(layer, "source", None), "path", None),
+                               getattr(getattr(layer, "source", None), "path", None), unfiled,
                                _start_thread=False, _ignore_errors=True)
 
         def discard():  # a cancelled or failed run leaves no store behind
@@ -566,6 +568,31 @@ class ClearClipWidget(FieldLogic, Container):
         gone += [path for path in discarded_results() if str(path) not in shown]
         return newest, record, gone
 
+    @staticmethod
+    def _unfiled_results_of(image, layout: ImageLayout) -> tuple:
+        """For an image of no file held in memory: the results a closed napari left of images of no file, of its
+        labels' shape, that no layer shows ((store, class names, their image's pixels), the newest first). Whether
+        they are of this image, its pixels tell, in the run's worker."""
+        import time
+
+        import zarr
+
+        from ..tiled_edits import SESSION, kept_results
+
+        if getattr(getattr(image, "source", None), "path", None) or not isinstance(image.data, np.ndarray):
+            return ()
+        shown, found = _shown_stores(), []
+        for path, kept in kept_results(before=time.time()):
+            if (str(path) in shown or kept.get("session") == SESSION or kept.get("source")
+                    or not isinstance(kept.get("pixels"), str)):
+                continue
+            try:
+                if tuple(zarr.open_group(str(path), mode="r")["labels"].shape) == tuple(layout.label_shape):
+                    found.append((path, tuple(kept.get("names") or ()), kept["pixels"]))
+            except (OSError, KeyError, ValueError):
+                continue
+        return tuple(found)
+
     def _on_tiled_returned(self, value, objects_layer=None, earlier=None, source=None, kept=None):
         self._delivered = True
         self._result_plane = None   # a layer backed by a store: no plane copies to ready
@@ -598,9 +625,10 @@ class ClearClipWidget(FieldLogic, Container):
             self._set_object_features(objects_layer, result.objects)
             classified = (f" {len(result.objects['id'])} objects of '{objects_layer.name}' got a class each (see "
                           "its features table).")
-        if kept is not None and kept[2]:   # their strokes are in this run's store now, or were discarded: the
-            remove_in_background(kept[2])  # stores go, in the background (a slide's has thousands of files)
-        if result.painted and kept is not None and kept[0] is not None:
+        gone = list(kept[2] if kept is not None else ()) + list(result.superseded)
+        if gone:   # their strokes are in this run's store now, or were discarded: the stores go, in the
+            remove_in_background(gone)   # background (a slide's has thousands of files)
+        if result.painted and result.left_when_closed:
             strokes = (f" {result.painted} pixels painted on an earlier result of this image, left when napari "
                        "closed, taught this run and keep their class.")
         elif result.painted and earlier is not None:

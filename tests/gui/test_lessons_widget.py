@@ -724,6 +724,19 @@ def _tiled_result(qtbot, widget, image):
     return result, Path(result.metadata[widget_module.TILED_KEY]["store"])
 
 
+def _debris_stroke(result):
+    """Paint a debris stroke on a blue square of a :func:`squares` result; the other blue square (which nobody
+    paints, not debris in the result) and the pixels painted."""
+    other = (slice(128, 160), slice(128, 160))
+    assert np.mean(np.asarray(result.data[other]) == 1) < 0.5
+    before = np.asarray(result.data[...])
+    result.brush_size = 9
+    result.paint((48, 48), 1)
+    painted = np.asarray(result.data[...]) != before
+    assert painted.sum() > 20
+    return other, painted
+
+
 def _napari_closed(qtbot, viewer):
     """Close a viewer as napari does when it quits (its layers removed first, then its window)."""
     viewer.close()
@@ -751,13 +764,7 @@ def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_r
     viewer = widget._viewer
     [image] = viewer.open(str(tmp_path / "shapes.png"))
     first, store = _tiled_result(qtbot, widget, image)
-    other = (slice(128, 160), slice(128, 160))                        # the blue square nobody paints
-    assert np.mean(np.asarray(first.data[other]) == 1) < 0.5
-    before = np.asarray(first.data[...])
-    first.brush_size = 9
-    first.paint((48, 48), 1)                                          # a debris stroke
-    painted = np.asarray(first.data[...]) != before
-    assert painted.sum() > 20
+    other, painted = _debris_stroke(first)
 
     _napari_closed(qtbot, viewer)                                     # napari closed, and opened again
     assert store.exists() and removals_done()                          # a closed napari's result is kept
@@ -1046,13 +1053,7 @@ def test_corrections_on_a_result_of_an_image_of_no_file_teach_a_later_napari_on_
     monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
     viewer = widget._viewer
     first, store = _tiled_result(qtbot, widget, viewer.add_image(squares(7), name="made"))
-    other = (slice(128, 160), slice(128, 160))                        # the blue square nobody paints
-    assert np.mean(np.asarray(first.data[other]) == 1) < 0.5
-    before = np.asarray(first.data[...])
-    first.brush_size = 9
-    first.paint((48, 48), 1)                                          # a debris stroke
-    painted = np.asarray(first.data[...]) != before
-    assert painted.sum() > 20
+    other, painted = _debris_stroke(first)
     _napari_closed(qtbot, viewer)
     monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
 

@@ -148,7 +148,7 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     classes: a later run on that file finds it, should no layer show it any more, and learns what was painted on
     it. An image of no file is known by its pixels: ``unfiled`` lists the results left by a closed napari that may
     be of it ((store, class names, their image's pixels), the newest first); those of the same pixels are
-    superseded, and the newest teaches this run when ``painted_on`` is None."""
+    superseded, and the newest teaches this run."""
     from ..annotate import lesson_exemplars
     from ..prompts import parse_classes
     from ..zarr_images import absent_chunk_count
@@ -167,7 +167,7 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
         identity = pixels_identity(image)
         same = [kept for kept in unfiled if identity is not None and kept[2] == identity["pixels"]]
         superseded = tuple(path for path, _, _ in same)
-        if same and painted_on is None:
+        if same:   # (given only when no earlier result of the image in the viewer teaches)
             painted_on = (same[0][0], list(same[0][1]), True)
     if painted_on is not None and len(painted_on) > 2 and painted_on[2] and image_file:
         from ..tiled_edits import image_changed_since

@@ -486,7 +486,7 @@ class ClearClipWidget(FieldLogic, Container):
         earlier = self._tiled_result_of(layer, layout) if learns else None
         kept = self._kept_result_of(layer, layout, learns and earlier is None)
         # an image of no file: the results a closed napari left that may be of it, judged by its pixels in the worker
-        unfiled = self._unfiled_results_of(layer, layout) if learns else ()
+        unfiled = self._unfiled_results_of(layer, layout) if learns and earlier is None else ()
         if kept[0] is not None:   # left by a napari that has closed: what was painted there teaches still
             painted_on = (kept[0], list(kept[1]["names"]), True)
         elif earlier is None:

@@ -102,6 +102,22 @@ def check_absent_chunks(image, name: str | None = None, absent_chunks: str = "er
         "--absent-chunks fill).")
 
 
+def local_store_root(image) -> Path | None:
+    """The folder of the local zarr store a zarr array is read from (the store a script or napari's console opened:
+    the image's file, as a reader would name it); None for anything else (arrays in memory, dask arrays, remote
+    stores)."""
+    array = image.array if isinstance(image, ChannelsLast) else image
+    try:
+        import zarr
+        from zarr.storage import LocalStore
+
+        if isinstance(array, zarr.Array) and isinstance(array.store, LocalStore):
+            return Path(array.store.root)
+    except Exception:  # noqa: BLE001 - a store that cannot tell where it is: no file known
+        return None
+    return None
+
+
 def absent_chunk_count(image) -> tuple[int, int] | None:
     """(chunks not in the store, chunks in all) of a zarr image; None for anything else, or a store that cannot
     list its chunks (some remote ones)."""

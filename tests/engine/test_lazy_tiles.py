@@ -516,3 +516,25 @@ def test_ome_zarr_levels_are_read_lazily_with_channels_last(tmp_path):
     deep.create_array("0", shape=(1, 3, 4, 70, 90), dtype=np.uint8)
     with pytest.raises(InvalidImageError, match="one time point or z plane"):
         open_zarr_image(tmp_path / "deep.zarr")
+
+
+def test_a_zarr_array_read_from_a_folder_names_that_folder_and_others_none(tmp_path):
+    """The store of a zarr array a script opened stands for its image's file: the folder of a local store (also
+    through an OME-Zarr view, and for an array inside a group); none for arrays in memory, zarr's memory stores and
+    dask arrays."""
+    import dask.array as da
+    import zarr
+
+    from napari_clearclip.zarr_images import ChannelsLast, local_store_root
+
+    alone = zarr.create_array(str(tmp_path / "alone.zarr"), shape=(8, 8), chunks=(4, 4), dtype=np.uint8)
+    group = zarr.open_group(str(tmp_path / "slide.zarr"), mode="w")
+    group.create_array("0", shape=(1, 8, 8), chunks=(1, 4, 4), dtype=np.uint8)
+    level = zarr.open_group(str(tmp_path / "slide.zarr"), mode="r")["0"]
+    assert local_store_root(zarr.open_array(str(tmp_path / "alone.zarr"), mode="r")) == tmp_path / "alone.zarr"
+    assert local_store_root(alone) == tmp_path / "alone.zarr"
+    assert local_store_root(level) == tmp_path / "slide.zarr"
+    assert local_store_root(ChannelsLast(level, ["c", "y", "x"])) == tmp_path / "slide.zarr"
+    in_memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(8, 8), dtype=np.uint8)
+    for other in (np.zeros((8, 8)), in_memory, da.from_zarr(alone), None):
+        assert local_store_root(other) is None

@@ -1071,3 +1071,34 @@ def test_corrections_on_a_result_of_an_image_of_no_file_teach_a_later_napari_on_
     result = np.asarray(viewer.layers["made again classes"].data[...])
     assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9
     qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)       # its strokes are kept in the new store
+
+
+def test_a_zarr_store_given_to_napari_in_its_console_is_its_result_s_file(qtbot, widget, tmp_path, monkeypatch,
+                                                                          make_napari_viewer):
+    """A zarr array opened by a script or in napari's console (no file that napari knows of) is read from a store on
+    disk: that store is the image's file, so that corrections on its result, left when napari closed, teach the
+    next run on that store, as for a store opened in napari."""
+    import zarr
+
+    import napari_clearclip.gui.widget as widget_module
+    import napari_clearclip.tiled_edits as tiled_edits
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    stored = zarr.create_array(str(tmp_path / "slide.zarr"), shape=(192, 192, 3), chunks=(96, 96, 3), dtype=np.uint8)
+    stored[:] = squares(7)
+    viewer = widget._viewer
+    image = viewer.add_image(zarr.open_array(str(tmp_path / "slide.zarr"), mode="r"), name="slide", rgb=True)
+    first, store = _tiled_result(qtbot, widget, image)
+    assert tiled_edits.result_record(store)["source"] == str((tmp_path / "slide.zarr").resolve())
+    other, painted = _debris_stroke(first)
+    _napari_closed(qtbot, viewer)
+    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
+
+    viewer, widget = _new_napari(make_napari_viewer, "debris\nred\nbackground")
+    widget.image.value = viewer.add_image(zarr.open_array(str(tmp_path / "slide.zarr"), mode="r"), name="again",
+                                          rgb=True)
+    run_and_wait(qtbot, widget)
+    assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
+    result = np.asarray(viewer.layers["again classes"].data[...])
+    assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9
+    qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)

@@ -19,6 +19,7 @@ from qtpy.QtCore import QTimer
 from ..colours import colormap_dict
 from ..editing import apply_update
 from ..planes import ImageLayout
+from .reader import image_file_of
 
 #: Where a result layer keeps what saving it needs beyond its pixels (in its metadata, see :mod:`.writer`): its
 #: image's file, what the runs wrote (``baseline``) and the pixels the user painted (``edited``).
@@ -180,7 +181,7 @@ class ResultLayers:
         segmented on a cluster is copied to a laptop)."""
         from .reader import OPENED_KEY, painted_before, same_image_file
 
-        source = getattr(getattr(layer, "source", None), "path", None)
+        source = image_file_of(layer)
         if not source:
             return None
         for item in reversed(list(self._viewer.layers)):
@@ -296,7 +297,7 @@ class ResultLayers:
         if key not in self._results:
             labels_layer.events.paint.connect(self._painted)
             _watch(labels_layer, self._replayed)
-        source = getattr(getattr(layer, "source", None), "path", None)
+        source = image_file_of(layer)
         result = ResultLayer(labels_layer, update.baseline, update.names, update.colours, update.edited,
                              image=layer_key(layer), source=str(source) if source else None)
         self._results.pop(key, None)   # the newest result last

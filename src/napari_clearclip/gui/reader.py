@@ -12,6 +12,22 @@ from ..batch.labels_reading import is_labels_output, read_labels_output
 OPENED_KEY = "napari-clearclip labels file"
 
 
+def image_file_of(layer) -> str | None:
+    """The file (or zarr store) an image layer shows: the one napari opened it from, else the local zarr store of
+    the array given to napari (in its console, or by a script), so that its results are found as those of a file
+    opened in napari; None for an image of no file."""
+    from ..zarr_images import local_store_root
+
+    source = getattr(getattr(layer, "source", None), "path", None)
+    if source:
+        return str(source)
+    data = getattr(layer, "data", None)
+    if getattr(layer, "multiscale", False):
+        data = data[0] if len(data) else None
+    root = local_store_root(data)
+    return str(root) if root is not None else None
+
+
 def same_image_file(record: dict, path) -> bool:
     """Whether the file at ``path`` is the image a labels record was made from: the same file, or a copy of it
     (a folder copied from the machine that segmented it: the same name and size, and, where the record has it, the

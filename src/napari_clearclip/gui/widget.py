@@ -44,7 +44,7 @@ from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode, Readying
 from .previews import RunPreviews
-from .reader import OPENED_KEY
+from .reader import OPENED_KEY, image_file_of
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, image_changed_text, legend_html, reduced_note
 from .settings import load_settings, save_settings
 from .worker_errors import errors_reported
@@ -501,7 +501,7 @@ class ClearClipWidget(FieldLogic, Container):
             objects = objects_layer.data[0] if objects_layer.multiscale else objects_layer.data
         worker = create_worker(tiled_job, self._models, self.model_spec(), data, names, options, store, new_layer,
                                background, tuple(lessons or ()), objects, painted_on, self._feature_store_folder(),
-                               getattr(getattr(layer, "source", None), "path", None), unfiled,
+                               image_file_of(layer), unfiled,
                                _start_thread=False, _ignore_errors=True)
 
         def discard():  # a cancelled or failed run leaves no store behind
@@ -523,7 +523,7 @@ class ClearClipWidget(FieldLogic, Container):
         from .reader import same_image_file
 
         live = {layer_key(item) for item in self._viewer.layers}
-        source = getattr(getattr(image, "source", None), "path", None)
+        source = image_file_of(image)
         for item in reversed(list(self._viewer.layers)):
             if not isinstance(item, Labels) or tuple(item.data.shape) != layout.label_shape:
                 continue
@@ -548,7 +548,7 @@ class ClearClipWidget(FieldLogic, Container):
         from ..tiled_edits import SESSION, kept_results
         from .reader import same_image_file
 
-        source = getattr(getattr(image, "source", None), "path", None)
+        source = image_file_of(image)
         shown = _shown_stores()   # (a store another viewer shows is in use)
         newest, record, gone = None, None, []
         for path, kept in kept_results(before=time.time()):   # (not a run of another dock finishing now)
@@ -579,7 +579,7 @@ class ClearClipWidget(FieldLogic, Container):
 
         from ..tiled_edits import SESSION, kept_results
 
-        if getattr(getattr(image, "source", None), "path", None) or not isinstance(image.data, np.ndarray):
+        if image_file_of(image) or not isinstance(image.data, np.ndarray):
             return ()
         shown, found = _shown_stores(), []
         for path, kept in kept_results(before=time.time()):
@@ -690,7 +690,7 @@ class ClearClipWidget(FieldLogic, Container):
         from .reader import same_image_file
 
         live = {layer_key(item) for item in self._viewer.layers}
-        source = getattr(getattr(image, "source", None), "path", None)
+        source = image_file_of(image)
         for item in reversed(list(self._viewer.layers)):
             if not isinstance(item, Labels):
                 continue
@@ -711,7 +711,7 @@ class ClearClipWidget(FieldLogic, Container):
         from ..editable_copy import EditableCopy
         from ..tiled_edits import PaintedPixels
 
-        source = getattr(getattr(image, "source", None), "path", None)
+        source = image_file_of(image)
         if path is None:
             from qtpy.QtWidgets import QFileDialog
 
@@ -769,7 +769,7 @@ class ClearClipWidget(FieldLogic, Container):
         if path is None:
             from qtpy.QtWidgets import QFileDialog
 
-            source = getattr(getattr(image, "source", None), "path", None)
+            source = image_file_of(image)
             start = labels_file_path(Path(source).with_suffix("") if source else Path(image.name))
             path, _ = QFileDialog.getSaveFileName(self.native, "Save labels", str(start), "Labels (*_labels.tif)")
             if not path:
@@ -784,7 +784,7 @@ class ClearClipWidget(FieldLogic, Container):
             return None
         names = class_names(layer.metadata, layer.features) or list(result.names)
         labels = np.array(layer.data)          # as shown now, edits included
-        source = getattr(getattr(image, "source", None), "path", None)
+        source = image_file_of(image)
         metadata = dict(layer.metadata)        # its arrays are replaced, never changed in place: safe to read there
         self._set_status(f"Saving {layer.name} to {target}...")
 

@@ -104,17 +104,43 @@ def check_absent_chunks(image, name: str | None = None, absent_chunks: str = "er
 
 def local_store_root(image) -> Path | None:
     """The folder of the local zarr store a zarr array is read from (the store a script or napari's console opened:
-    the image's file, as a reader would name it); None for anything else (arrays in memory, dask arrays, remote
-    stores)."""
+    the image's file, as a reader would name it), also through ``dask.array.from_zarr``; None for anything else
+    (arrays in memory, dask arrays made otherwise or changed since, remote stores)."""
     array = image.array if isinstance(image, ChannelsLast) else image
     try:
         import zarr
         from zarr.storage import LocalStore
 
-        if isinstance(array, zarr.Array) and isinstance(array.store, LocalStore):
+        if not isinstance(array, zarr.Array):
+            array = _zarr_read_by(array)
+        if not isinstance(array, zarr.Array):
+            return None
+        if isinstance(array.store, LocalStore):
             return Path(array.store.root)
+        protocol = getattr(getattr(array.store, "fs", None), "protocol", None)   # (fsspec's, as dask opens)
+        protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol or ())
+        if "file" in protocols and isinstance(getattr(array.store, "path", None), str):
+            return Path(array.store.path)
     except Exception:  # noqa: BLE001 - a store that cannot tell where it is: no file known
         return None
+    return None
+
+
+def _zarr_read_by(array):
+    """The zarr array a dask array reads as it is (``dask.array.from_zarr``, with nothing done to it since: its
+    graph holds that array and the chunks read from it, of its shape and type); None for anything else."""
+    import zarr
+
+    name, layers = getattr(array, "name", None), getattr(getattr(array, "dask", None), "layers", None)
+    if not isinstance(name, str) or layers is None or len(layers) != 2 or name not in layers:
+        return None
+    original = layers.get("original-" + name)
+    if original is None or len(original) != 1:
+        return None
+    [source] = list(original.values())
+    if (isinstance(source, zarr.Array) and tuple(source.shape) == tuple(array.shape)
+            and np.dtype(source.dtype) == np.dtype(array.dtype)):
+        return source
     return None
 
 

@@ -520,8 +520,8 @@ def test_ome_zarr_levels_are_read_lazily_with_channels_last(tmp_path):
 
 def test_a_zarr_array_read_from_a_folder_names_that_folder_and_others_none(tmp_path):
     """The store of a zarr array a script opened stands for its image's file: the folder of a local store (also
-    through an OME-Zarr view, and for an array inside a group); none for arrays in memory, zarr's memory stores and
-    dask arrays."""
+    through an OME-Zarr view, for an array inside a group, and read by dask as it is); none for arrays in memory,
+    zarr's memory stores and dask arrays made otherwise or changed since."""
     import dask.array as da
     import zarr
 
@@ -535,6 +535,11 @@ def test_a_zarr_array_read_from_a_folder_names_that_folder_and_others_none(tmp_p
     assert local_store_root(alone) == tmp_path / "alone.zarr"
     assert local_store_root(level) == tmp_path / "slide.zarr"
     assert local_store_root(ChannelsLast(level, ["c", "y", "x"])) == tmp_path / "slide.zarr"
+    assert local_store_root(da.from_zarr(str(tmp_path / "alone.zarr"))) == tmp_path / "alone.zarr"
+    assert local_store_root(da.from_zarr(str(tmp_path / "slide.zarr"), component="0")) == tmp_path / "slide.zarr"
     in_memory = zarr.create_array(zarr.storage.MemoryStore(), shape=(8, 8), dtype=np.uint8)
-    for other in (np.zeros((8, 8)), in_memory, da.from_zarr(alone), None):
+    read = da.from_zarr(alone)
+    changed = (read[:4], read + 1, read.astype(np.float32), read.rechunk(2), da.from_zarr(alone, inline_array=True),
+               da.from_zarr(in_memory), da.from_array(np.zeros((8, 8))))
+    for other in (np.zeros((8, 8)), in_memory, None, *changed):
         assert local_store_root(other) is None

@@ -1073,12 +1073,18 @@ def test_corrections_on_a_result_of_an_image_of_no_file_teach_a_later_napari_on_
     qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)       # its strokes are kept in the new store
 
 
+@pytest.mark.parametrize("read_by", ["zarr", "dask"])
 def test_a_zarr_store_given_to_napari_in_its_console_is_its_result_s_file(qtbot, widget, tmp_path, monkeypatch,
-                                                                          make_napari_viewer):
-    """A zarr array opened by a script or in napari's console (no file that napari knows of) is read from a store on
-    disk: that store is the image's file, so that corrections on its result, left when napari closed, teach the
-    next run on that store, as for a store opened in napari."""
+                                                                          make_napari_viewer, read_by):
+    """A zarr array opened by a script or in napari's console (no file that napari knows of), by zarr or by
+    ``dask.array.from_zarr``, is read from a store on disk: that store is the image's file, so that corrections on
+    its result, left when napari closed, teach the next run on that store, as for a store opened in napari."""
+    import dask.array as da
     import zarr
+
+    def opened():
+        path = str(tmp_path / "slide.zarr")
+        return zarr.open_array(path, mode="r") if read_by == "zarr" else da.from_zarr(path)
 
     import napari_clearclip.gui.widget as widget_module
     import napari_clearclip.tiled_edits as tiled_edits
@@ -1087,7 +1093,7 @@ def test_a_zarr_store_given_to_napari_in_its_console_is_its_result_s_file(qtbot,
     stored = zarr.create_array(str(tmp_path / "slide.zarr"), shape=(192, 192, 3), chunks=(96, 96, 3), dtype=np.uint8)
     stored[:] = squares(7)
     viewer = widget._viewer
-    image = viewer.add_image(zarr.open_array(str(tmp_path / "slide.zarr"), mode="r"), name="slide", rgb=True)
+    image = viewer.add_image(opened(), name="slide", rgb=True)
     first, store = _tiled_result(qtbot, widget, image)
     assert tiled_edits.result_record(store)["source"] == str((tmp_path / "slide.zarr").resolve())
     other, painted = _debris_stroke(first)
@@ -1095,8 +1101,7 @@ def test_a_zarr_store_given_to_napari_in_its_console_is_its_result_s_file(qtbot,
     monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
 
     viewer, widget = _new_napari(make_napari_viewer, "debris\nred\nbackground")
-    widget.image.value = viewer.add_image(zarr.open_array(str(tmp_path / "slide.zarr"), mode="r"), name="again",
-                                          rgb=True)
+    widget.image.value = viewer.add_image(opened(), name="again", rgb=True)
     run_and_wait(qtbot, widget)
     assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
     result = np.asarray(viewer.layers["again classes"].data[...])

@@ -212,3 +212,18 @@ def test_an_image_of_no_file_is_known_by_its_pixels_shape_and_type_and_the_recor
         record = result_record(tmp_path / name)
         assert record["names"] == ["cell"] and record["source"] == (source and str(Path(source).resolve()))
         assert record.get("pixels") == (digest if source is None else None)
+
+
+def test_a_results_labels_shape_is_read_from_its_metadata_or_its_store_and_none_without_labels(tmp_path):
+    """The shape a run compares with its image's is that of the store's labels array: read from zarr's metadata file
+    in the third format, from the opened store in the second; none for a store without labels or a damaged file."""
+    from napari_clearclip.tiled_edits import labels_shape
+
+    for version in (3, 2):
+        group = zarr.open_group(str(tmp_path / f"v{version}.zarr"), mode="w", zarr_format=version)
+        group.create_array("labels", shape=(300, 200), chunks=(64, 64), dtype="u1")
+        assert labels_shape(tmp_path / f"v{version}.zarr") == (300, 200)
+    zarr.open_group(str(tmp_path / "empty.zarr"), mode="w").create_array("baseline", shape=(3, 3), dtype="u1")
+    assert labels_shape(tmp_path / "empty.zarr") is None and labels_shape(tmp_path / "absent.zarr") is None
+    (tmp_path / "v3.zarr" / "labels" / "zarr.json").write_text("{not json")
+    assert labels_shape(tmp_path / "v3.zarr") is None

@@ -543,9 +543,7 @@ class ClearClipWidget(FieldLogic, Container):
         store; older ones were superseded, as only the newest result teaches)."""
         import time
 
-        import zarr
-
-        from ..tiled_edits import SESSION, kept_results
+        from ..tiled_edits import SESSION, kept_results, labels_shape
         from .reader import same_image_file
 
         source = image_file_of(image)
@@ -557,10 +555,7 @@ class ClearClipWidget(FieldLogic, Container):
             this_session = kept.get("session") == SESSION
             of_image = bool(source) and same_image_file(kept, source)
             if of_image:
-                try:
-                    of_image = tuple(zarr.open_group(str(path), mode="r")["labels"].shape) == tuple(layout.label_shape)
-                except (OSError, KeyError, ValueError):
-                    of_image = False
+                of_image = labels_shape(path) == tuple(layout.label_shape)
             if this_session or (of_image and learns):
                 gone.append(path)
             if of_image and learns and not this_session and newest is None:
@@ -575,9 +570,7 @@ class ClearClipWidget(FieldLogic, Container):
         they are of this image, its pixels tell, in the run's worker."""
         import time
 
-        import zarr
-
-        from ..tiled_edits import SESSION, kept_results
+        from ..tiled_edits import SESSION, kept_results, labels_shape
 
         if image_file_of(image) or not isinstance(image.data, np.ndarray):
             return ()
@@ -586,11 +579,8 @@ class ClearClipWidget(FieldLogic, Container):
             if (str(path) in shown or kept.get("session") == SESSION or kept.get("source")
                     or not isinstance(kept.get("pixels"), str)):
                 continue
-            try:
-                if tuple(zarr.open_group(str(path), mode="r")["labels"].shape) == tuple(layout.label_shape):
-                    found.append((path, tuple(kept.get("names") or ()), kept["pixels"]))
-            except (OSError, KeyError, ValueError):
-                continue
+            if labels_shape(path) == tuple(layout.label_shape):
+                found.append((path, tuple(kept.get("names") or ()), kept["pixels"]))
         return tuple(found)
 
     def _on_tiled_returned(self, value, objects_layer=None, earlier=None, source=None, kept=None):

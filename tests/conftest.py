@@ -146,3 +146,30 @@ def small_models():
 def second_model_options():
     """tests/models/synthetic-tiny-b: 6 layers of width 96 with QuickGELU, trained with another recipe."""
     return small_model_options("synthetic-tiny-b")
+
+
+@pytest.fixture
+def served():
+    """``served(folder)``: the address of ``folder`` served over HTTP on 127.0.0.1 (a remote store, as napari-ome-zarr
+    reads one), until the test ends."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    servers = []
+
+    def serve(folder) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+        server.server_close()

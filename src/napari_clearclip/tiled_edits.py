@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from .hashing import sampled_digest
+from .image_locations import image_location, remote_address
 from .labels_cache import DISCARDED, labels_folder
 
 #: Rows copied at a time when the baseline is written.
@@ -171,8 +172,12 @@ def image_identity(image_file: str | Path) -> dict:
     """What tells a later run whether the image's file is still the one a result was made from: a file's ``size``,
     modification time (``mtime_ns``) and :func:`sampled_digest` (``sample``, which a copy elsewhere keeps), a
     folder's (a zarr store's) digest of its files' names, sizes and times (``tree``; reading every chunk again would
-    cost what the run did)."""
-    path = Path(image_file).resolve()
+    cost what the run did). A remote store (an address: :func:`~napari_clearclip.image_locations.remote_address`) is
+    known by its address alone: nothing is read to tell whether it was written again."""
+    location = image_location(image_file)
+    if remote_address(location) is not None:
+        return {"size": None}
+    path = Path(location)
     if path.is_file():
         stat = path.stat()
         return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sample": sampled_digest(path)}
@@ -209,8 +214,8 @@ def keep_result_record(store: str | Path, image_file: str | None, names: Sequenc
 
     record = {"names": list(names), "source": None, "size": None, "session": SESSION}
     if image_file:
-        path = Path(image_file).resolve()
-        record.update(source=str(path), **(identity if identity is not None else image_identity(path)))
+        location = image_location(image_file)
+        record.update(source=location, **(identity if identity is not None else image_identity(location)))
     elif identity is not None and identity.get("pixels"):
         record["pixels"] = identity["pixels"]
     zarr.open_group(str(store), mode="r+").attrs[RESULT_RECORD_KEY] = record
@@ -230,14 +235,37 @@ def result_record(store: str | Path) -> dict | None:
 def another_file(record: dict, image_file: str | Path) -> bool:
     """Whether the file at ``image_file``, of another path than the record's image but of its name and size (what
     marks a copy of it), holds other content: the record's :func:`sampled_digest` differs (none recorded, by an
-    earlier version: not known to be another)."""
+    earlier version: not known to be another). A remote store at another address is another."""
     try:
-        path = Path(image_file).resolve()
-        if str(path) == record.get("source") or "sample" not in record:
+        location = image_location(image_file)
+        if location == record.get("source"):
+            return False
+        if remote_address(location) is not None:
+            return True
+        path = Path(location)
+        if "sample" not in record:
             return False
         return sampled_digest(path) != record["sample"]
     except OSError:
         return True
+
+
+def same_image_file(record: dict, path) -> bool:
+    """Whether the file at ``path`` is the image a labels record was made from: the same file, or a copy of it
+    (a folder copied from the machine that segmented it: the same name and size, and, where the record has it, the
+    same bytes in blocks spread over the file; images of one shape in other folders often share name and size). A
+    remote store is its address alone."""
+    try:
+        location = image_location(path)
+        if location == str(record.get("source", "")):
+            return True
+        if remote_address(location) is not None:
+            return False
+        path, source = Path(location), Path(str(record.get("source", "")))
+        return (path.name == source.name and path.is_file() and path.stat().st_size == record.get("size")
+                and not another_file(record, path))
+    except (OSError, TypeError, ValueError):
+        return False
 
 
 def image_changed_since(store: str | Path, image_file: str | None) -> bool:
@@ -249,10 +277,10 @@ def image_changed_since(store: str | Path, image_file: str | None) -> bool:
     if not record or not image_file:
         return False
     try:
-        path = Path(image_file).resolve()
-        if str(path) != record.get("source"):
+        location = image_location(image_file)
+        if location != record.get("source"):
             return False
-        now = image_identity(path)
+        now = image_identity(location)
     except OSError:
         return True   # the file is gone or cannot be read: not the image the strokes were painted on
     if not any(key in record for key in ("mtime_ns", "tree")):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageNotFoundError, InvalidImageError, InvalidOptionError
+from .image_locations import remote_address
 
 
 def is_zarr_path(path: Path) -> bool:
@@ -106,6 +107,15 @@ def local_store_root(image) -> Path | None:
     """The folder of the local zarr store a zarr array is read from (the store a script or napari's console opened:
     the image's file, as a reader would name it), also through ``dask.array.from_zarr``; None for anything else
     (arrays in memory, dask arrays made otherwise or changed since, remote stores)."""
+    location = store_location(image)
+    return None if location is None or remote_address(location) is not None else Path(location)
+
+
+def store_location(image) -> str | None:
+    """Where the zarr store a zarr array is read from lies, also through ``dask.array.from_zarr``: the folder of a
+    local store, or the address of a remote one (``https://``, ``s3://``...: the image's file, as napari-ome-zarr
+    would name it); None for anything else (arrays in memory, zarr's and fsspec's memory stores, dask arrays made
+    otherwise or changed since)."""
     array = image.array if isinstance(image, ChannelsLast) else image
     try:
         import zarr
@@ -116,14 +126,17 @@ def local_store_root(image) -> Path | None:
         if not isinstance(array, zarr.Array):
             return None
         if isinstance(array.store, LocalStore):
-            return Path(array.store.root)
-        protocol = getattr(getattr(array.store, "fs", None), "protocol", None)   # (fsspec's, as dask opens)
+            return str(Path(array.store.root))
+        fs, path = getattr(array.store, "fs", None), getattr(array.store, "path", None)   # (fsspec's, as dask opens)
+        if fs is None or not isinstance(path, str):
+            return None
+        protocol = fs.protocol
         protocols = (protocol,) if isinstance(protocol, str) else tuple(protocol or ())
-        if "file" in protocols and isinstance(getattr(array.store, "path", None), str):
-            return Path(array.store.path)
+        if "file" in protocols or "local" in protocols:
+            return str(Path(path))
+        return remote_address(fs.unstrip_protocol(path))
     except Exception:  # noqa: BLE001 - a store that cannot tell where it is: no file known
         return None
-    return None
 
 
 def _zarr_read_by(array):

@@ -1073,18 +1073,97 @@ def test_corrections_on_a_result_of_an_image_of_no_file_teach_a_later_napari_on_
     qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)       # its strokes are kept in the new store
 
 
-@pytest.mark.parametrize("read_by", ["zarr", "dask"])
+@pytest.fixture
+def remote_reader():
+    """A reader plugin for zarr stores on a web server of 127.0.0.1, as napari-ome-zarr opens remote OME-Zarr: napari
+    names the layer's source by the store's address; its name, to ``viewer.open(..., plugin=)``."""
+    import npe2
+    import zarr
+
+    def reader(path):
+        def read(address):
+            return [(zarr.open_array(address, mode="r"), {"name": "slide", "rgb": True}, "image")]
+
+        return read if str(path).startswith("http://127.0.0.1:") else None
+
+    name = "remote-zarr-for-tests"
+    manifest = npe2.PluginManifest(name=name, contributions={
+        "commands": [{"id": f"{name}.read", "title": "Read a zarr store on a web server"}],
+        "readers": [{"command": f"{name}.read", "filename_patterns": ["http://*"], "accepts_directories": True}]})
+    manager = npe2.PluginManager.instance()
+    try:
+        manager.register(manifest)
+    except Exception:   # noqa: BLE001 - napari's menus, listening once per viewer made before, add its command twice
+        pass
+    assert manager.get_manifest(name) is manifest
+    manager.commands.register(f"{name}.read", reader)
+    yield name
+    try:
+        manager.unregister(name)
+    except Exception:   # noqa: BLE001 - (as above, on the way out)
+        pass
+
+
+def test_a_remote_store_napari_opened_is_found_by_its_address_and_saved_beside_nothing_remote(
+        qtbot, widget, tmp_path, monkeypatch, make_napari_viewer, served, remote_reader):
+    """A zarr store on a web server that a reader plugin opened (napari names the layer's source by its address):
+    its result's record keeps the address as it is, so that corrections left when napari closed teach the next run
+    on that address in a napari started in another folder; Save labels... proposes the store's name in the folder
+    napari was started from (the address read as a path named folders that are nowhere)."""
+    import qtpy.QtWidgets
+    import zarr
+
+    import napari_clearclip.gui.widget as widget_module
+    import napari_clearclip.tiled_edits as tiled_edits
+
+    pytest.importorskip("aiohttp")
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    stored = zarr.create_array(str(tmp_path / "slide.zarr"), shape=(192, 192, 3), chunks=(96, 96, 3), dtype=np.uint8)
+    stored[:] = squares(7)
+    address = served(tmp_path) + "/slide.zarr"
+    (tmp_path / "first").mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    viewer = widget._viewer
+    [image] = viewer.open(address, plugin=remote_reader)
+    first, store = _tiled_result(qtbot, widget, image)
+    assert tiled_edits.result_record(store)["source"] == address
+    proposed = []
+    monkeypatch.setattr(qtpy.QtWidgets.QFileDialog, "getSaveFileName",
+                        staticmethod(lambda parent, title, start, kinds: (proposed.append(start), ("", ""))[1]))
+    assert widget.save_labels() is None                               # (the dialog cancelled)
+    assert proposed == ["slide_labels.zarr"], proposed
+    other, painted = _debris_stroke(first)
+    _napari_closed(qtbot, viewer)
+    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+
+    viewer, widget = _new_napari(make_napari_viewer, "debris\nred\nbackground")
+    [widget.image.value] = viewer.open(address, plugin=remote_reader)
+    run_and_wait(qtbot, widget)
+    assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
+    result = np.asarray(viewer.layers["slide classes"].data[...])
+    assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9
+    qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)
+
+
+@pytest.mark.parametrize("read_by", ["zarr", "dask", "zarr over HTTP", "dask over HTTP"])
 def test_a_zarr_store_given_to_napari_in_its_console_is_its_result_s_file(qtbot, widget, tmp_path, monkeypatch,
-                                                                          make_napari_viewer, read_by):
+                                                                          make_napari_viewer, read_by, served):
     """A zarr array opened by a script or in napari's console (no file that napari knows of), by zarr or by
-    ``dask.array.from_zarr``, is read from a store on disk: that store is the image's file, so that corrections on
-    its result, left when napari closed, teach the next run on that store, as for a store opened in napari."""
+    ``dask.array.from_zarr``, is read from a store on disk or on a web server: that store is the image's file, so
+    that corrections on its result, left when napari closed, teach the next run on that store, as for a store opened
+    in napari; a remote store is known by its address, whichever folder napari was started from."""
     import dask.array as da
     import zarr
 
+    remote = read_by.endswith("over HTTP")
+    if remote:
+        pytest.importorskip("aiohttp")
+    where = (served(tmp_path) + "/slide.zarr") if remote else str(tmp_path / "slide.zarr")
+
     def opened():
-        path = str(tmp_path / "slide.zarr")
-        return zarr.open_array(path, mode="r") if read_by == "zarr" else da.from_zarr(path)
+        return zarr.open_array(where, mode="r") if read_by.startswith("zarr") else da.from_zarr(where)
 
     import napari_clearclip.gui.widget as widget_module
     import napari_clearclip.tiled_edits as tiled_edits
@@ -1095,10 +1174,12 @@ def test_a_zarr_store_given_to_napari_in_its_console_is_its_result_s_file(qtbot,
     viewer = widget._viewer
     image = viewer.add_image(opened(), name="slide", rgb=True)
     first, store = _tiled_result(qtbot, widget, image)
-    assert tiled_edits.result_record(store)["source"] == str((tmp_path / "slide.zarr").resolve())
+    assert tiled_edits.result_record(store)["source"] == (where if remote else str(Path(where).resolve()))
     other, painted = _debris_stroke(first)
     _napari_closed(qtbot, viewer)
     monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")   # (napari started in another folder)
 
     viewer, widget = _new_napari(make_napari_viewer, "debris\nred\nbackground")
     widget.image.value = viewer.add_image(opened(), name="again", rgb=True)

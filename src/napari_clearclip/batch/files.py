@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ImageNotFoundError, InvalidImageError, InvalidOptionError, OutputError
 from ..files import PARTIAL_SUFFIX, write_atomic
+from ..image_locations import image_location, is_local_file
 from ..tiff_images import TIFF_SUFFIXES, is_tiff_path, open_tiff_levels, samples_last
 from ..zarr_images import is_zarr_path, open_zarr_image
 from .provenance import LABELS_SUFFIXES, natural_stems, tiff_metadata
@@ -350,9 +351,9 @@ def _saved_record(names: Sequence[str], source=None, placement: dict | None = No
         record["placement"] = {"scale": [float(v) for v in placement["scale"]],
                                "translate": [float(v) for v in placement["translate"]]}
     if source:
-        image = Path(source).expanduser().resolve()
-        record["source"] = str(image)
-        if image.is_file():
+        record["source"] = image_location(source)   # a remote store's address as it is
+        image = Path(record["source"])
+        if is_local_file(source) and image.is_file():
             from ..hashing import sampled_digest
 
             record["size"], record["sample"] = image.stat().st_size, sampled_digest(image)
@@ -403,7 +404,7 @@ def write_labels_store_steps(path, labels, names: Sequence[str], source=None, ba
     dtype = np.uint16 if len(names) < 65535 else np.uint32
     chunks = tuple(int(c) for c in getattr(labels, "chunks", None) or (1024, 1024))[-2:]
     attrs = {RECORD_KEY: json.dumps(_saved_record(names, source), sort_keys=True)}
-    if source and Path(source).exists():
+    if source and is_local_file(source):
         from .calibration import labels_zarr_attrs
 
         attrs.update(labels_zarr_attrs(Path(source), (height, width)))

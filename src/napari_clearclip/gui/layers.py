@@ -179,7 +179,8 @@ class ResultLayers:
         them in place, keeping what the user painted since they were read and learning from it, as on the widget's
         own results. The file is the image layer's own (or a copy: the same name and size, as when a folder
         segmented on a cluster is copied to a laptop)."""
-        from .reader import OPENED_KEY, painted_before, same_image_file
+        from ..tiled_edits import same_image_file
+        from .reader import OPENED_KEY, painted_before
 
         source = image_file_of(layer)
         if not source:

@@ -13,10 +13,11 @@ OPENED_KEY = "napari-clearclip labels file"
 
 
 def image_file_of(layer) -> str | None:
-    """The file (or zarr store) an image layer shows: the one napari opened it from, else the local zarr store of
-    the array given to napari (in its console, or by a script), so that its results are found as those of a file
-    opened in napari; None for an image of no file."""
-    from ..zarr_images import local_store_root
+    """The file (or zarr store) an image layer shows: the one napari opened it from (a local path, or the address of
+    a remote store, as napari-ome-zarr opens one), else the zarr store, local or remote, of the array given to napari
+    (in its console, or by a script), so that its results are found as those of a file opened in napari; None for an
+    image of no file."""
+    from ..zarr_images import store_location
 
     source = getattr(getattr(layer, "source", None), "path", None)
     if source:
@@ -24,25 +25,7 @@ def image_file_of(layer) -> str | None:
     data = getattr(layer, "data", None)
     if getattr(layer, "multiscale", False):
         data = data[0] if len(data) else None
-    root = local_store_root(data)
-    return str(root) if root is not None else None
-
-
-def same_image_file(record: dict, path) -> bool:
-    """Whether the file at ``path`` is the image a labels record was made from: the same file, or a copy of it
-    (a folder copied from the machine that segmented it: the same name and size, and, where the record has it, the
-    same bytes in blocks spread over the file; images of one shape in other folders often share name and size)."""
-    from ..tiled_edits import another_file
-
-    try:
-        path = Path(path).resolve()
-        source = Path(str(record.get("source", "")))
-        if path == source:
-            return True
-        return (path.name == source.name and path.is_file() and path.stat().st_size == record.get("size")
-                and not another_file(record, path))
-    except (OSError, TypeError, ValueError):
-        return False
+    return store_location(data)
 
 
 def painted_before(opened: dict, shape) -> np.ndarray | None:

@@ -73,6 +73,19 @@ def _shown_stores() -> set[str]:
     return discarding.shown_stores(TILED_KEY)
 
 
+def _saved_beside(source: str | None, image_name: str) -> Path:
+    """Where Save labels... proposes to write an image's labels, before their suffix: beside its local file ("slide"
+    for ``/data/slide.tif``), named after a remote store in the folder napari was started from ("slide" for
+    ``https://host/slide.zarr``: nothing is written there), else after the layer."""
+    from ..image_locations import location_name, remote_address
+
+    if not source:
+        return Path(image_name)
+    if remote_address(source) is not None:
+        return Path(location_name(source)).with_suffix("")
+    return Path(source).with_suffix("")
+
+
 def _any_run_going() -> bool:
     """Whether a dock of this process is running (a run may read the result it learns from)."""
     return any(dock._worker is not None for dock in list(_DOCKS))
@@ -520,7 +533,7 @@ class ClearClipWidget(FieldLogic, Container):
         they were opened from tells what was painted on them)."""
         from ..editable_copy import EditableCopy
         from ..tiled_edits import has_baseline
-        from .reader import same_image_file
+        from ..tiled_edits import same_image_file
 
         live = {layer_key(item) for item in self._viewer.layers}
         source = image_file_of(image)
@@ -544,7 +557,7 @@ class ClearClipWidget(FieldLogic, Container):
         import time
 
         from ..tiled_edits import SESSION, kept_results, labels_shape
-        from .reader import same_image_file
+        from ..tiled_edits import same_image_file
 
         source = image_file_of(image)
         shown = _shown_stores()   # (a store another viewer shows is in use)
@@ -677,7 +690,7 @@ class ClearClipWidget(FieldLogic, Container):
     def _tiled_result_layer(self, image):
         """The newest result of this image segmented tile by tile still in the viewer, or labels the command line
         wrote for its file that were too large to hold (opened for painting in a working copy), or None."""
-        from .reader import same_image_file
+        from ..tiled_edits import same_image_file
 
         live = {layer_key(item) for item in self._viewer.layers}
         source = image_file_of(image)
@@ -705,7 +718,7 @@ class ClearClipWidget(FieldLogic, Container):
         if path is None:
             from qtpy.QtWidgets import QFileDialog
 
-            start = labels_store_path(Path(source).with_suffix("") if source else Path(image.name))
+            start = labels_store_path(_saved_beside(source, image.name))
             path, _ = QFileDialog.getSaveFileName(self.native, "Save labels", str(start),
                                                   "Labels store (*_labels.zarr)")
             if not path:
@@ -760,7 +773,7 @@ class ClearClipWidget(FieldLogic, Container):
             from qtpy.QtWidgets import QFileDialog
 
             source = image_file_of(image)
-            start = labels_file_path(Path(source).with_suffix("") if source else Path(image.name))
+            start = labels_file_path(_saved_beside(source, image.name))
             path, _ = QFileDialog.getSaveFileName(self.native, "Save labels", str(start), "Labels (*_labels.tif)")
             if not path:
                 return None

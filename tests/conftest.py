@@ -160,10 +160,13 @@ def served():
         def log_message(self, *args):
             pass
 
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 64   # (fsspec asks for many chunks at once: a short queue drops them for a second)
+
     servers = []
 
     def serve(folder) -> str:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+        server = Server(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)

@@ -172,11 +172,17 @@ def image_identity(image_file: str | Path) -> dict:
     """What tells a later run whether the image's file is still the one a result was made from: a file's ``size``,
     modification time (``mtime_ns``) and :func:`sampled_digest` (``sample``, which a copy elsewhere keeps), a
     folder's (a zarr store's) digest of its files' names, sizes and times (``tree``; reading every chunk again would
-    cost what the run did). A remote store (an address: :func:`~napari_clearclip.image_locations.remote_address`) is
-    known by its address alone: nothing is read to tell whether it was written again."""
+    cost what the run did). A remote store (an address: :func:`~napari_clearclip.image_locations.remote_address`) by
+    a digest of its metadata and of chunks spread over it (``chunks``: a web server tells no times, and lists no
+    folder); nothing but its address where it cannot be read as a zarr store."""
     location = image_location(image_file)
     if remote_address(location) is not None:
-        return {"size": None}
+        from .zarr_images import remote_store_identity
+
+        try:
+            return {"size": None, **remote_store_identity(location)}
+        except OSError:
+            return {"size": None}
     path = Path(location)
     if path.is_file():
         stat = path.stat()
@@ -270,9 +276,10 @@ def same_image_file(record: dict, path) -> bool:
 
 def image_changed_since(store: str | Path, image_file: str | None) -> bool:
     """Whether the file at ``image_file``, where the result in ``store`` was made from, was written again since (its
-    size, time or files differ from the record's): strokes painted on that result marked what the image showed then,
-    and must not teach a run on what it holds now. A copy at another path is known by its name and size alone, as
-    before; a record without the file's time (written by an earlier version) tells nothing."""
+    size, time or files differ from the record's; a remote store's metadata or sampled chunks, or it cannot be read
+    now): strokes painted on that result marked what the image showed then, and must not teach a run on what it holds
+    now. A copy at another path is known by its name and size alone, as before; a record without the file's time
+    (written by an earlier version) tells nothing."""
     record = result_record(store)
     if not record or not image_file:
         return False
@@ -283,9 +290,9 @@ def image_changed_since(store: str | Path, image_file: str | None) -> bool:
         now = image_identity(location)
     except OSError:
         return True   # the file is gone or cannot be read: not the image the strokes were painted on
-    if not any(key in record for key in ("mtime_ns", "tree")):
+    if not any(key in record for key in ("mtime_ns", "tree", "chunks")):
         return False
-    return any(record.get(key) != now.get(key) for key in ("size", "mtime_ns", "tree"))
+    return any(record.get(key) != now.get(key) for key in ("size", "mtime_ns", "tree", "chunks"))
 
 
 def kept_results(folder: str | Path | None = None, before: float | None = None) -> list[tuple[Path, dict]]:

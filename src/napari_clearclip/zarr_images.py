@@ -269,3 +269,64 @@ def store_identity(path: Path) -> dict:
         size, newest = size + stat.st_size, max(newest, stat.st_mtime_ns)
         digest.update(f"{item.relative_to(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return {"size": size, "mtime_ns": newest, "sha256": "tree:" + digest.hexdigest()}
+
+
+#: Chunks of a remote store's largest array read to tell whether it was written again, evenly spread over it (the
+#: first and the last included): reading them all would cost what a run does.
+SAMPLED_CHUNKS = 16
+
+
+def remote_store_identity(address: str) -> dict:
+    """A remote zarr store's identity for run records (``chunks``): a SHA-256 of its arrays' and groups' metadata
+    (shapes, types, attributes) and of the stored bytes of :data:`SAMPLED_CHUNKS` chunks spread over its largest
+    array (a missing chunk counted as missing), read concurrently. A web server tells no time for a folder, and lists
+    none: a store written again at the same address with the same shape is told by its contents. Raises OSError
+    where the store cannot be read."""
+    import hashlib
+    import json
+
+    import zarr
+
+    try:
+        opened = zarr.open(address, mode="r")
+        nodes = [("", opened)] + (list(opened.members(max_depth=None)) if isinstance(opened, zarr.Group) else [])
+        digest = hashlib.sha256(b"napari-clearclip remote zarr store\n")
+        for name, node in sorted(nodes, key=lambda item: item[0]):
+            digest.update(f"{name}\0{json.dumps(node.metadata.to_dict(), sort_keys=True, default=str)}\n".encode())
+        arrays = [node for _, node in nodes if isinstance(node, zarr.Array)]
+        if arrays:
+            largest = max(arrays, key=lambda array: (array.nbytes, array.path))
+            for key, stored in zip(*_sampled_chunks(address, largest)):
+                digest.update(f"{key}\0".encode())
+                digest.update(b"\0missing" if stored is None else hashlib.sha256(stored).digest())
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - zarr's and fsspec's own errors of an unreadable store
+        raise OSError(f"The zarr store at {address} cannot be read: {error}") from error
+    return {"chunks": "chunks:" + digest.hexdigest()}
+
+
+def _sampled_chunks(address: str, array) -> tuple[list[str], list[bytes | None]]:
+    """The keys of :data:`SAMPLED_CHUNKS` stored chunks (shards, where the array is sharded) spread over ``array``
+    (of the store at ``address``) in C order, and their bytes as stored (None: not written, the fill value), read in
+    one batch by fsspec (zarr's own file system runs on zarr's event loop only)."""
+    import fsspec
+
+    grid = tuple(-(-size // step) for size, step in zip(array.shape, array.shards or array.chunks))
+    count = int(np.prod(grid, dtype=np.int64))
+    picks = sorted({(count - 1) * i // (SAMPLED_CHUNKS - 1) for i in range(SAMPLED_CHUNKS)}) if count else []
+    keys = [array.metadata.encode_chunk_key(tuple(int(c) for c in np.unravel_index(i, grid))) for i in picks]
+    fs, root = fsspec.core.url_to_fs(address)
+    prefix = "/".join(part for part in (root.rstrip("/"), array.path) if part)
+    paths = [f"{prefix}/{key}" for key in keys]
+    found = fs.cat(paths, on_error="return") if paths else {}
+    stored = []
+    for path in paths:
+        value = found.get(path, FileNotFoundError(path))
+        if isinstance(value, FileNotFoundError):
+            stored.append(None)
+        elif isinstance(value, BaseException):
+            raise OSError(f"A chunk of the zarr store cannot be read ({path}): {value}") from value
+        else:
+            stored.append(bytes(value))
+    return keys, stored

@@ -55,16 +55,20 @@ def test_a_zarr_array_read_over_http_is_known_by_its_store_s_address(tmp_path, s
     assert store_location(zarr.open_array(str(tmp_path / "slide.zarr"), mode="r")) == str(tmp_path / "slide.zarr")
 
 
-def test_a_remote_store_s_result_is_found_by_its_address_from_any_folder(tmp_path, monkeypatch):
+def test_a_remote_store_s_result_is_found_by_its_address_from_any_folder(tmp_path, monkeypatch, served):
     """A result's record keeps a remote store's address as it is: a later napari started in another folder finds it
-    (read as a path, the address named a folder under the one napari was started from); nothing tells whether the
-    store was written again, so its strokes teach; another address is another image."""
+    (read as a path, the address named a folder under the one napari was started from); another address is another
+    image."""
     import zarr
 
     from napari_clearclip.tiled_edits import (another_file, image_changed_since, keep_result_record, result_record,
                                               same_image_file)
 
-    address = "https://data.example.org/idr/slide.zarr"
+    pytest.importorskip("aiohttp")
+    site = tmp_path / "site"
+    zarr.create_array(str(site / "idr" / "slide.zarr"), shape=(8, 8), chunks=(4, 4), dtype=np.uint8)[:] = 3
+    server = served(site)
+    address = f"{server}/idr/slide.zarr"
     store = tmp_path / "result.zarr"
     zarr.open_group(str(store), mode="w")
     first = tmp_path / "first"
@@ -72,13 +76,72 @@ def test_a_remote_store_s_result_is_found_by_its_address_from_any_folder(tmp_pat
     monkeypatch.chdir(first)
     keep_result_record(store, address + "/", ["cell", "background"])
     record = result_record(store)
-    assert record["source"] == address and record["size"] is None
+    assert record["source"] == address and record["size"] is None and record["chunks"].startswith("chunks:")
     monkeypatch.chdir(tmp_path)
     assert same_image_file(record, address) and same_image_file(record, address + "/")
     assert not image_changed_since(store, address)
-    assert not same_image_file(record, "https://data.example.org/idr/other/slide.zarr")
-    assert another_file(record, "https://mirror.example.org/idr/slide.zarr")
-    assert not same_image_file(record, str(first / "https:" / "data.example.org" / "idr" / "slide.zarr"))
+    assert not same_image_file(record, f"{server}/idr/other/slide.zarr")
+    assert another_file(record, f"{server}/mirror/idr/slide.zarr")
+    assert not same_image_file(record, str(first / "http:" / server.split("//")[1] / "idr" / "slide.zarr"))
+
+
+@pytest.mark.parametrize("layout", ["zarr v3", "zarr v2", "sharded", "OME-Zarr group"])
+def test_a_remote_store_written_again_is_not_the_image_its_strokes_were_painted_on(tmp_path, served, layout):
+    """A web server lists no folder and tells no time of one: a remote store is known by its metadata and chunks
+    spread over it. Written again with other pixels, other metadata or more chunks, at the same address and of the
+    same shape, it is another image (its strokes no longer teach); written again with the same content, or read
+    again, it is the same; gone, it is not the image either. A record of the previous version tells nothing."""
+    import zarr
+
+    from napari_clearclip.tiled_edits import RESULT_RECORD_KEY, image_changed_since, keep_result_record, result_record
+    from napari_clearclip.zarr_images import SAMPLED_CHUNKS
+
+    pytest.importorskip("aiohttp")
+    pixels = np.random.default_rng(3).integers(0, 255, (96, 96), dtype=np.uint8)
+    pixels[:, 80:] = 0   # chunks of the fill value: not written
+
+    def write(values, attributes=None):
+        where = str(tmp_path / "slide.zarr")
+        if layout == "OME-Zarr group":
+            group = zarr.open_group(where, mode="w")
+            group.attrs.update(attributes or {"multiscales": [{"datasets": [{"path": "0"}, {"path": "1"}]}]})
+            group.create_array("0", data=values, chunks=(8, 8), write_data=True)
+            group.create_array("1", data=values[::2, ::2], chunks=(8, 8))
+            return
+        options = {"zarr v2": {"zarr_format": 2}, "sharded": {"shards": (32, 32)}}.get(layout, {})
+        array = zarr.create_array(where, data=values, chunks=(8, 8), overwrite=True, **options)
+        if attributes:
+            array.attrs.update(attributes)
+
+    write(pixels)
+    address = f"{served(tmp_path)}/slide.zarr"
+    result = tmp_path / "result.zarr"
+    zarr.open_group(str(result), mode="w")
+    keep_result_record(result, address, ["cell", "background"])
+    assert not image_changed_since(result, address)
+    write(pixels.copy())
+    assert not image_changed_since(result, address), "the same content written again"
+    for other in (255 - pixels, np.where(np.arange(96) >= 80, 7, pixels).astype(np.uint8)):
+        write(other)
+        assert image_changed_since(result, address)
+    write(pixels, {"scale": [2, 2]} if layout != "OME-Zarr group" else {"multiscales": []})
+    assert image_changed_since(result, address), "other metadata"
+    write(pixels)
+    assert not image_changed_since(result, address)
+    last = pixels.copy()
+    last[-1, -1] = 1   # the last chunk of the largest array, always one of the SAMPLED_CHUNKS read
+    write(last)
+    assert image_changed_since(result, address)
+    assert SAMPLED_CHUNKS < (96 // 8) ** 2
+
+    import shutil
+
+    shutil.rmtree(tmp_path / "slide.zarr")
+    assert image_changed_since(result, address), "a store that cannot be read"
+    record = result_record(result)
+    record.pop("chunks")
+    zarr.open_group(str(result), mode="r+").attrs[RESULT_RECORD_KEY] = record
+    assert not image_changed_since(result, address), "a record of the previous version"
 
 
 def test_labels_saved_from_a_remote_store_s_image_record_its_address(tmp_path, monkeypatch):

@@ -1147,6 +1147,42 @@ def test_a_remote_store_napari_opened_is_found_by_its_address_and_saved_beside_n
     qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)
 
 
+def test_corrections_on_a_remote_store_s_result_do_not_teach_once_it_was_written_again(
+        qtbot, widget, tmp_path, monkeypatch, make_napari_viewer, served, remote_reader):
+    """A remote store's result left when napari closed, with a stroke on it; the store is then written again at the
+    same address (other pixels, the same shape: a web server tells no time of it): the next run on that address is
+    not taught by the stroke, and says so; the stale result goes all the same."""
+    import zarr
+
+    import napari_clearclip.gui.widget as widget_module
+    import napari_clearclip.tiled_edits as tiled_edits
+
+    pytest.importorskip("aiohttp")
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    stored = zarr.create_array(str(tmp_path / "slide.zarr"), shape=(192, 192, 3), chunks=(96, 96, 3), dtype=np.uint8)
+    stored[:] = squares(7)
+    address = served(tmp_path) + "/slide.zarr"
+    viewer = widget._viewer
+    [image] = viewer.open(address, plugin=remote_reader)
+    first, store = _tiled_result(qtbot, widget, image)
+    other, painted = _debris_stroke(first)
+    _napari_closed(qtbot, viewer)
+    assert store.exists()
+
+    rewritten = squares(7)
+    rewritten[24:72, 24:72] = (215, 35, 35)                           # the painted square red now
+    stored[:] = rewritten
+    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
+    viewer, widget = _new_napari(make_napari_viewer, "debris\nred\nbackground")
+    [widget.image.value] = viewer.open(address, plugin=remote_reader)
+    run_and_wait(qtbot, widget)
+    status = widget.status.value
+    assert "was made before its file was written again" in status and "taught this run" not in status, status
+    result = np.asarray(viewer.layers["slide classes"].data[...])
+    assert np.mean(result[other] == 1) < 0.5 and np.mean(result[painted] == 1) < 0.5   # no debris taught, nor kept
+    qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)       # the stale result goes
+
+
 @pytest.mark.parametrize("read_by", ["zarr", "dask", "zarr over HTTP", "dask over HTTP"])
 def test_a_zarr_store_given_to_napari_in_its_console_is_its_result_s_file(qtbot, widget, tmp_path, monkeypatch,
                                                                           make_napari_viewer, read_by, served):

@@ -150,8 +150,8 @@ def second_model_options():
 
 @pytest.fixture
 def served():
-    """``served(folder)``: the address of ``folder`` served over HTTP on 127.0.0.1 (a remote store, as napari-ome-zarr
-    reads one), until the test ends."""
+    """``served(folder, listing=True)``: the address of ``folder`` served over HTTP on 127.0.0.1 (a remote store, as
+    napari-ome-zarr reads one), until the test ends; with ``listing=False`` no folder's contents are listed."""
     import functools
     import http.server
     import threading
@@ -160,13 +160,18 @@ def served():
         def log_message(self, *args):
             pass
 
+    class Unlisted(Quiet):   # as most web servers and object stores: no folder's contents
+        def list_directory(self, path):
+            self.send_error(404)
+
     class Server(http.server.ThreadingHTTPServer):
         request_queue_size = 64   # (fsspec asks for many chunks at once: a short queue drops them for a second)
 
     servers = []
 
-    def serve(folder) -> str:
-        server = Server(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    def serve(folder, listing: bool = True) -> str:
+        handler = Quiet if listing else Unlisted
+        server = Server(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)

@@ -278,7 +278,8 @@ SAMPLED_CHUNKS = 16
 
 def remote_store_identity(address: str) -> dict:
     """A remote zarr store's identity for run records (``chunks``): a SHA-256 of its arrays' and groups' metadata
-    (shapes, types, attributes) and of the stored bytes of :data:`SAMPLED_CHUNKS` chunks spread over its largest
+    (shapes, types, attributes; the arrays its store lists, and the levels OME-Zarr metadata names) and of the stored
+    bytes of :data:`SAMPLED_CHUNKS` chunks spread over its largest
     array (a missing chunk counted as missing), read concurrently. A web server tells no time for a folder, and lists
     none: a store written again at the same address with the same shape is told by its contents. Raises OSError
     where the store cannot be read."""
@@ -289,7 +290,7 @@ def remote_store_identity(address: str) -> dict:
 
     try:
         opened = zarr.open(address, mode="r")
-        nodes = [("", opened)] + (list(opened.members(max_depth=None)) if isinstance(opened, zarr.Group) else [])
+        nodes = [("", opened)] + (_group_members(opened) if isinstance(opened, zarr.Group) else [])
         digest = hashlib.sha256(b"napari-clearclip remote zarr store\n")
         for name, node in sorted(nodes, key=lambda item: item[0]):
             digest.update(f"{name}\0{json.dumps(node.metadata.to_dict(), sort_keys=True, default=str)}\n".encode())
@@ -304,6 +305,20 @@ def remote_store_identity(address: str) -> dict:
     except Exception as error:  # noqa: BLE001 - zarr's and fsspec's own errors of an unreadable store
         raise OSError(f"The zarr store at {address} cannot be read: {error}") from error
     return {"chunks": "chunks:" + digest.hexdigest()}
+
+
+def _group_members(group) -> list[tuple[str, object]]:
+    """A group's members, as listed by its store, and the levels its OME-Zarr metadata names (``multiscales``, also
+    under ``ome``): a web server that lists no folder lists none, and its levels would go unread."""
+    members = dict(group.members(max_depth=None))
+    attributes = dict(group.attrs)
+    multiscales = attributes.get("multiscales") or (attributes.get("ome") or {}).get("multiscales") or []
+    for scale in multiscales if isinstance(multiscales, list) else []:
+        for dataset in (scale.get("datasets") or []) if isinstance(scale, dict) else []:
+            path = str(dataset.get("path", "")).strip("/") if isinstance(dataset, dict) else ""
+            if path and path not in members:
+                members[path] = group[path]
+    return list(members.items())
 
 
 def _sampled_chunks(address: str, array) -> tuple[list[str], list[bytes | None]]:

@@ -85,7 +85,7 @@ def test_a_remote_store_s_result_is_found_by_its_address_from_any_folder(tmp_pat
     assert not same_image_file(record, str(first / "http:" / server.split("//")[1] / "idr" / "slide.zarr"))
 
 
-@pytest.mark.parametrize("layout", ["zarr v3", "zarr v2", "sharded", "OME-Zarr group"])
+@pytest.mark.parametrize("layout", ["zarr v3", "zarr v2", "sharded", "OME-Zarr group", "OME-Zarr group, unlisted"])
 def test_a_remote_store_written_again_is_not_the_image_its_strokes_were_painted_on(tmp_path, served, layout):
     """A web server lists no folder and tells no time of one: a remote store is known by its metadata and chunks
     spread over it. Written again with other pixels, other metadata or more chunks, at the same address and of the
@@ -102,7 +102,7 @@ def test_a_remote_store_written_again_is_not_the_image_its_strokes_were_painted_
 
     def write(values, attributes=None):
         where = str(tmp_path / "slide.zarr")
-        if layout == "OME-Zarr group":
+        if layout.startswith("OME-Zarr group"):
             group = zarr.open_group(where, mode="w")
             group.attrs.update(attributes or {"multiscales": [{"datasets": [{"path": "0"}, {"path": "1"}]}]})
             group.create_array("0", data=values, chunks=(8, 8), write_data=True)
@@ -114,7 +114,7 @@ def test_a_remote_store_written_again_is_not_the_image_its_strokes_were_painted_
             array.attrs.update(attributes)
 
     write(pixels)
-    address = f"{served(tmp_path)}/slide.zarr"
+    address = f"{served(tmp_path, listing=not layout.endswith('unlisted'))}/slide.zarr"
     result = tmp_path / "result.zarr"
     zarr.open_group(str(result), mode="w")
     keep_result_record(result, address, ["cell", "background"])
@@ -124,7 +124,7 @@ def test_a_remote_store_written_again_is_not_the_image_its_strokes_were_painted_
     for other in (255 - pixels, np.where(np.arange(96) >= 80, 7, pixels).astype(np.uint8)):
         write(other)
         assert image_changed_since(result, address)
-    write(pixels, {"scale": [2, 2]} if layout != "OME-Zarr group" else {"multiscales": []})
+    write(pixels, {"scale": [2, 2]} if not layout.startswith("OME-Zarr") else {"multiscales": [], "scale": [2, 2]})
     assert image_changed_since(result, address), "other metadata"
     write(pixels)
     assert not image_changed_since(result, address)

@@ -276,10 +276,11 @@ def same_image_file(record: dict, path) -> bool:
 
 def image_changed_since(store: str | Path, image_file: str | None) -> bool:
     """Whether the file at ``image_file``, where the result in ``store`` was made from, was written again since (its
-    size, time or files differ from the record's; a remote store's metadata or sampled chunks, or it cannot be read
-    now): strokes painted on that result marked what the image showed then, and must not teach a run on what it holds
-    now. A copy at another path is known by its name and size alone, as before; a record without the file's time
-    (written by an earlier version) tells nothing."""
+    size, time or files differ from the record's; a remote store's metadata or sampled chunks): strokes painted on
+    that result marked what the image showed then, and must not teach a run on what it holds now. A remote store that
+    cannot be read now is not taken as written again (the run reading it fails; a moment's network failure must not
+    cost the strokes, which go with a result whose image changed). A copy at another path is known by its name and
+    size alone, as before; a record without the file's time (written by an earlier version) tells nothing."""
     record = result_record(store)
     if not record or not image_file:
         return False
@@ -291,6 +292,8 @@ def image_changed_since(store: str | Path, image_file: str | None) -> bool:
     except OSError:
         return True   # the file is gone or cannot be read: not the image the strokes were painted on
     if not any(key in record for key in ("mtime_ns", "tree", "chunks")):
+        return False
+    if "chunks" in record and "chunks" not in now:
         return False
     return any(record.get(key) != now.get(key) for key in ("size", "mtime_ns", "tree", "chunks"))
 

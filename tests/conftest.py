@@ -151,14 +151,17 @@ def second_model_options():
 @pytest.fixture
 def served():
     """``served(folder, listing=True)``: the address of ``folder`` served over HTTP on 127.0.0.1 (a remote store, as
-    napari-ome-zarr reads one), until the test ends; with ``listing=False`` no folder's contents are listed."""
+    napari-ome-zarr reads one), until the test ends; with ``listing=False`` no folder's contents are listed.
+    ``served.requested``: the paths asked for."""
     import functools
     import http.server
     import threading
 
+    requested = []
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
-            pass
+            requested.append(self.path)
 
     class Unlisted(Quiet):   # as most web servers and object stores: no folder's contents
         def list_directory(self, path):
@@ -177,6 +180,7 @@ def served():
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}"
 
+    serve.requested = requested   # the paths asked for, in order
     yield serve
     for server in servers:
         server.shutdown()

@@ -279,8 +279,9 @@ SAMPLED_CHUNKS = 16
 def remote_store_identity(address: str) -> dict:
     """A remote zarr store's identity for run records (``chunks``): a SHA-256 of its arrays' and groups' metadata
     (shapes, types, attributes; the arrays its store lists, and the levels OME-Zarr metadata names) and of the stored
-    bytes of :data:`SAMPLED_CHUNKS` chunks spread over its largest
-    array (a missing chunk counted as missing), read concurrently. A web server tells no time for a folder, and lists
+    bytes of :data:`SAMPLED_CHUNKS` chunks (a missing one counted as missing), read concurrently, spread over the
+    smallest level of an OME-Zarr pyramid (the whole image in few chunks: a slide's level 0 would have a few MB read
+    for each chunk, on every run), else over its largest array. A web server tells no time for a folder, and lists
     none: a store written again at the same address with the same shape is told by its contents. Raises OSError
     where the store cannot be read."""
     import hashlib
@@ -290,14 +291,17 @@ def remote_store_identity(address: str) -> dict:
 
     try:
         opened = zarr.open(address, mode="r")
-        nodes = [("", opened)] + (_group_members(opened) if isinstance(opened, zarr.Group) else [])
+        members, levels = _group_members(opened) if isinstance(opened, zarr.Group) else ([], [])
         digest = hashlib.sha256(b"napari-clearclip remote zarr store\n")
-        for name, node in sorted(nodes, key=lambda item: item[0]):
+        for name, node in sorted([("", opened)] + members, key=lambda item: item[0]):
             digest.update(f"{name}\0{json.dumps(node.metadata.to_dict(), sort_keys=True, default=str)}\n".encode())
-        arrays = [node for _, node in nodes if isinstance(node, zarr.Array)]
+        arrays = [node for name, node in members if isinstance(node, zarr.Array) and (not levels or name in levels)]
+        if isinstance(opened, zarr.Array):
+            arrays = [opened]
         if arrays:
-            largest = max(arrays, key=lambda array: (array.nbytes, array.path))
-            for key, stored in zip(*_sampled_chunks(address, largest)):
+            pick = min if levels else max
+            sampled = pick(arrays, key=lambda array: (array.nbytes, array.path))
+            for key, stored in zip(*_sampled_chunks(address, sampled)):
                 digest.update(f"{key}\0".encode())
                 digest.update(b"\0missing" if stored is None else hashlib.sha256(stored).digest())
     except OSError:
@@ -307,18 +311,22 @@ def remote_store_identity(address: str) -> dict:
     return {"chunks": "chunks:" + digest.hexdigest()}
 
 
-def _group_members(group) -> list[tuple[str, object]]:
-    """A group's members, as listed by its store, and the levels its OME-Zarr metadata names (``multiscales``, also
-    under ``ome``): a web server that lists no folder lists none, and its levels would go unread."""
+def _group_members(group) -> tuple[list[tuple[str, object]], list[str]]:
+    """A group's members, as listed by its store, with the levels its OME-Zarr metadata names (``multiscales``, also
+    under ``ome``: a web server that lists no folder lists none, and its levels would go unread); and those levels'
+    paths."""
     members = dict(group.members(max_depth=None))
     attributes = dict(group.attrs)
     multiscales = attributes.get("multiscales") or (attributes.get("ome") or {}).get("multiscales") or []
+    levels = []
     for scale in multiscales if isinstance(multiscales, list) else []:
         for dataset in (scale.get("datasets") or []) if isinstance(scale, dict) else []:
             path = str(dataset.get("path", "")).strip("/") if isinstance(dataset, dict) else ""
-            if path and path not in members:
-                members[path] = group[path]
-    return list(members.items())
+            if path:
+                levels.append(path)
+                if path not in members:
+                    members[path] = group[path]
+    return list(members.items()), levels
 
 
 def _sampled_chunks(address: str, array) -> tuple[list[str], list[bytes | None]]:

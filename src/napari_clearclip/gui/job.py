@@ -150,6 +150,7 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     be of it ((store, class names, their image's pixels), the newest first); those of the same pixels are
     superseded, and the newest teaches this run."""
     from ..annotate import lesson_exemplars
+    from ..image_locations import remote_address
     from ..prompts import parse_classes
     from ..zarr_images import absent_chunk_count
 
@@ -158,6 +159,8 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     # too (a store may leave out chunks that hold only that value), and the status says how many there were
     absent = absent_chunk_count(image)
     notes: list[str] = []
+    if image_file and remote_address(image_file) is not None:
+        yield Progress("reading", 0, 1, detail="reading a few chunks of the remote store, to know it again later")
     identity = _identity_of(image_file)   # the file as this run reads it, for the record a later run checks
     superseded: tuple = ()
     if not image_file:   # no file: its pixels find its results in a later napari

@@ -278,8 +278,8 @@ SAMPLED_CHUNKS = 16
 
 def remote_store_identity(address: str) -> dict:
     """A remote zarr store's identity for run records (``chunks``): a SHA-256 of its arrays' and groups' metadata
-    (shapes, types, attributes; the arrays its store lists, and the levels OME-Zarr metadata names) and of the stored
-    bytes of :data:`SAMPLED_CHUNKS` chunks (a missing one counted as missing), read concurrently, spread over the
+    (shapes, types, attributes; of the levels OME-Zarr metadata names, else of the members listed under it) and of the
+    stored bytes of :data:`SAMPLED_CHUNKS` chunks (a missing one counted as missing), read concurrently, spread over the
     smallest level of an OME-Zarr pyramid (the whole image in few chunks: a slide's level 0 would have a few MB read
     for each chunk, on every run), else over its largest array. A web server tells no time for a folder, and lists
     none: a store written again at the same address with the same shape is told by its contents. Raises OSError
@@ -295,7 +295,7 @@ def remote_store_identity(address: str) -> dict:
         digest = hashlib.sha256(b"napari-clearclip remote zarr store\n")
         for name, node in sorted([("", opened)] + members, key=lambda item: item[0]):
             digest.update(f"{name}\0{json.dumps(node.metadata.to_dict(), sort_keys=True, default=str)}\n".encode())
-        arrays = [node for name, node in members if isinstance(node, zarr.Array) and (not levels or name in levels)]
+        arrays = [node for _, node in members if isinstance(node, zarr.Array)]
         if isinstance(opened, zarr.Array):
             arrays = [opened]
         if arrays:
@@ -312,21 +312,20 @@ def remote_store_identity(address: str) -> dict:
 
 
 def _group_members(group) -> tuple[list[tuple[str, object]], list[str]]:
-    """A group's members, as listed by its store, with the levels its OME-Zarr metadata names (``multiscales``, also
-    under ``ome``: a web server that lists no folder lists none, and its levels would go unread); and those levels'
-    paths."""
-    members = dict(group.members(max_depth=None))
+    """The arrays and groups whose metadata tells a group's image, and the paths of its levels: the levels its OME-Zarr
+    metadata names (``multiscales``, also under ``ome``: read without listing anything, as most web servers list no
+    folder), else the members its store lists directly under it (a plate of thousands of wells is not walked)."""
     attributes = dict(group.attrs)
     multiscales = attributes.get("multiscales") or (attributes.get("ome") or {}).get("multiscales") or []
     levels = []
     for scale in multiscales if isinstance(multiscales, list) else []:
         for dataset in (scale.get("datasets") or []) if isinstance(scale, dict) else []:
             path = str(dataset.get("path", "")).strip("/") if isinstance(dataset, dict) else ""
-            if path:
+            if path and path not in levels:
                 levels.append(path)
-                if path not in members:
-                    members[path] = group[path]
-    return list(members.items()), levels
+    if levels:
+        return [(path, group[path]) for path in levels], levels
+    return list(group.members(max_depth=0)), []
 
 
 def _sampled_chunks(address: str, array) -> tuple[list[str], list[bytes | None]]:

@@ -174,3 +174,25 @@ def test_labels_saved_from_a_remote_store_s_image_record_its_address(tmp_path, m
                                                    address))
     attributes = dict(zarr.open_group(str(store), mode="r").attrs)
     assert address in str(attributes) and not (tmp_path / "https:").exists()
+
+
+def test_a_remote_group_is_told_without_walking_what_lies_below_its_image(tmp_path, served):
+    """A group without OME-Zarr levels is told by the members listed directly under it (a plate of thousands of wells
+    would cost a request each), and its image's chunks still tell it written again."""
+    import zarr
+
+    from napari_clearclip.zarr_images import remote_store_identity
+
+    pytest.importorskip("aiohttp")
+    group = zarr.open_group(str(tmp_path / "plate.zarr"), mode="w")
+    image = group.create_array("image", data=np.arange(256, dtype=np.uint8).reshape(16, 16), chunks=(8, 8))
+    row = group.create_group("A")
+    for well in range(5):
+        row.create_group(str(well)).create_array("0", shape=(4, 4), dtype=np.uint8)
+    address = f"{served(tmp_path)}/plate.zarr"
+    served.requested.clear()
+    before = remote_store_identity(address)
+    below = [path for path in served.requested if path.startswith("/plate.zarr/A/") and path != "/plate.zarr/A/zarr.json"]
+    assert not below, below
+    image[0, 0] = 255
+    assert remote_store_identity(address) != before

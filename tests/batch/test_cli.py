@@ -913,3 +913,24 @@ def test_pictures_in_their_common_forms_are_segmented_and_an_animation_is_said(t
     for stem, pixels in expected.items():
         labels = segmenter.segment(pixels, classes, maps=False, refine="pamr").labels
         np.testing.assert_array_equal(tifffile.imread(out / f"{stem}_labels.tif"), labels, err_msg=stem)
+
+
+@pytest.mark.parametrize("address", ["https://127.0.0.1:9/data/slide.zarr", "s3://bucket/slides/slide.zarr"])
+def test_an_address_is_refused_before_anything_runs_with_what_to_do_instead(tmp_path, capsys, address):
+    """A remote store named to the command (which reads local disks only) is said as the address it is, with how to
+    segment it, before any model loads or output is written: read as a path, its "//" folded into a name found
+    nowhere ("No such file: https:/..."), after the model had loaded. The Python function raises a ValueError."""
+    from napari_clearclip.batch import segment_files
+    from napari_clearclip.errors import InvalidOptionError
+
+    out = tmp_path / "out"
+    code = main([address, str(tmp_path / "other.png"), "--classes", "cell; background", "--out", str(out),
+                 "--model", "no-such-model", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{address} is an address" in err and "Copy the store here first" in err and "napari" in err, err
+    assert "No such file" not in err
+    assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(InvalidOptionError, match="is an address") as raised:
+        segment_files([address], "cell; background", out_dir=tmp_path / "api", model="no-such-model")
+    assert isinstance(raised.value, ValueError)

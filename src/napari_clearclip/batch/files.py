@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ImageNotFoundError, InvalidImageError, InvalidOptionError, OutputError
 from ..files import PARTIAL_SUFFIX, write_atomic
-from ..image_locations import image_location, is_local_file
+from ..image_locations import image_location, is_local_file, remote_address
 from ..tiff_images import TIFF_SUFFIXES, is_tiff_path, open_tiff_levels, samples_last
 from ..zarr_images import is_zarr_path, open_zarr_image
 from .provenance import LABELS_SUFFIXES, natural_stems, tiff_metadata
@@ -67,6 +67,12 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         if not isinstance(item, (str, os.PathLike)):
             raise InvalidOptionError(f"Inputs must be paths (files, folders or glob patterns), not {item!r}.")
         text = os.fspath(item)
+        if remote_address(text) is not None:   # (a Path would also fold its "//" into a name found nowhere)
+            raise InvalidOptionError(
+                f"{text} is an address: this command reads images on this computer's disks (files, folders, zarr "
+                "stores and patterns). Copy the store here first (for example with `aws s3 sync`, `gsutil -m rsync` or "
+                "`rclone copy`) and segment the copy, or open the address in napari, which reads remote OME-Zarr "
+                "(napari-ome-zarr) and segments it tile by tile.")
         path = Path(text).expanduser()
         try:
             folder = path.is_dir() and not is_zarr_path(path)

@@ -271,8 +271,9 @@ def store_identity(path: Path) -> dict:
     return {"size": size, "mtime_ns": newest, "sha256": "tree:" + digest.hexdigest()}
 
 
-#: Chunks of a remote store's largest array read to tell whether it was written again, evenly spread over it (the
-#: first and the last included): reading them all would cost what a run does.
+#: Chunks of a remote store read to tell whether it was written again, evenly spread over the array sampled (the
+#: first and the last included; an OME-Zarr pyramid's smallest level, else the largest array): reading them all would
+#: cost what a run does.
 SAMPLED_CHUNKS = 16
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -24,6 +25,31 @@ def remote_address(location) -> str | None:
     return location.rstrip("/") or None
 
 
+@dataclass(frozen=True)
+class RemoteStore:
+    """A zarr store read over a network, as an input of a batch (``https://host/data/slide.zarr``, ``s3://...``):
+    named by its address, where a local input is a Path (which would fold the address's ``//`` into a local name).
+    ``name`` and ``stem`` name its outputs as a file's name and stem do."""
+
+    address: str
+
+    def __post_init__(self):
+        if remote_address(self.address) is None:
+            raise ValueError(f"{self.address!r} is not the address of a store on a network")
+        object.__setattr__(self, "address", remote_address(self.address))
+
+    @property
+    def name(self) -> str:
+        return location_name(self.address)
+
+    @property
+    def stem(self) -> str:
+        return Path(self.name).stem
+
+    def __str__(self) -> str:
+        return self.address
+
+
 def image_location(location: str | os.PathLike) -> str:
     """``location`` written as a result's record keeps it: a network address as it is (:func:`remote_address`),
     a local path absolute with its links resolved (``file://`` addresses made paths)."""
@@ -40,7 +66,7 @@ def location_name(location: str | os.PathLike) -> str:
     saved from its image."""
     address = remote_address(location)
     if address is not None:
-        return address.rsplit("/", 1)[-1] or "image"
+        return address.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "image"
     return Path(location).name or "image"
 
 

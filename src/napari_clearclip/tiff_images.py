@@ -8,6 +8,7 @@ through tifffile's zarr store, so that a run at a pyramid level, or tile by tile
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,9 @@ import numpy as np
 TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".qptiff")
 
 
-def is_tiff_path(path: Path) -> bool:
-    return Path(path).suffix.lower() in TIFF_SUFFIXES
+def is_tiff_path(path) -> bool:
+    """Named as a TIFF file (a store at an address is a zarr store, whatever its name)."""
+    return isinstance(path, (str, os.PathLike)) and Path(path).suffix.lower() in TIFF_SUFFIXES
 
 
 def tiff_axes(path: Path) -> tuple[str, tuple[int, ...]] | None:

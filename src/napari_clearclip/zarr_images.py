@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageNotFoundError, InvalidImageError, InvalidOptionError
-from .image_locations import remote_address
+from .image_locations import RemoteStore, remote_address
 
 
-def is_zarr_path(path: Path) -> bool:
-    """A folder that is a zarr store (v2 or v3 metadata inside), e.g. ``image.zarr``."""
+def is_zarr_path(path: Path | RemoteStore) -> bool:
+    """A folder that is a zarr store (v2 or v3 metadata inside), e.g. ``image.zarr``; a store at an address (only
+    zarr stores are read from addresses)."""
+    if isinstance(path, RemoteStore):
+        return True
     path = Path(path)
     return path.is_dir() and any((path / name).is_file() for name in ("zarr.json", ".zarray", ".zgroup"))
 
@@ -169,36 +172,57 @@ def absent_chunk_count(image) -> tuple[int, int] | None:
         total, stored = int(array.nchunks), int(array.nchunks_initialized)
     except Exception:  # noqa: BLE001 - whatever the store raises, there is nothing to count
         return None
+    if stored < total and not _lists_its_folders(array):
+        return None
     return max(0, total - stored), total
 
 
-def open_zarr_image(path: Path, absent_chunks: str = "error"):
-    """The image in a zarr store, unread: an array, or a multiscale group's first (full-resolution) level,
-    checked for chunks missing from the store (see :func:`check_absent_chunks`)."""
-    path = Path(path)
+def _lists_its_folders(array) -> bool:
+    """Whether the store of a zarr array lists the array's folder (its metadata file among what it lists): local
+    stores and object stores do; most web servers list no folder, and zarr then counts no chunk as stored."""
+    location = store_location(array)
+    if location is None or remote_address(location) is None:
+        return True
+    try:
+        import fsspec
+
+        fs, folder = fsspec.core.url_to_fs("/".join(part for part in (location, array.path) if part))
+        names = {name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(folder, detail=False)}
+    except Exception:  # noqa: BLE001 - a folder the store cannot list
+        return False
+    return bool(names & {"zarr.json", ".zarray"})
+
+
+def open_zarr_image(path: Path | RemoteStore, absent_chunks: str = "error"):
+    """The image in a zarr store (a folder, or a store at an address), unread: an array, or a multiscale group's first
+    (full-resolution) level, checked for chunks missing from the store (see :func:`check_absent_chunks`)."""
+    path = path if isinstance(path, RemoteStore) else Path(path)
     image = _zarr_image(path)
     check_absent_chunks(image, str(path), absent_chunks)
     return image
 
 
-def open_zarr_levels(path: Path) -> list:
+def open_zarr_levels(path: Path | RemoteStore) -> list:
     """The image in a zarr store, unread, at every resolution it holds: an OME-Zarr multiscale group's levels,
     finest first (each seen as :func:`open_zarr_image` sees the first), or a one-item list. Missing chunks are not
     checked here: check the level that is read (:func:`check_absent_chunks`)."""
-    return _zarr_levels(Path(path))
+    return _zarr_levels(path if isinstance(path, RemoteStore) else Path(path))
 
 
-def _zarr_image(path: Path):
+def _zarr_image(path: Path | RemoteStore):
     return _zarr_levels(path)[0]
 
 
-def _zarr_levels(path: Path) -> list:
+def _zarr_levels(path: Path | RemoteStore) -> list:
     import zarr
 
-    if not path.exists():
+    remote = isinstance(path, RemoteStore)
+    if not remote and not path.exists():
         raise ImageNotFoundError(f"No such zarr store: {path}")
     try:
         node = zarr.open(str(path), mode="r")
+    except FileNotFoundError:
+        raise no_store_at(str(path)) from None
     except Exception as exc:
         raise InvalidImageError(f"Could not open {path} as a zarr store: {exc}") from None
     if isinstance(node, zarr.Array):
@@ -220,6 +244,11 @@ def _zarr_levels(path: Path) -> list:
         return [node[arrays[0]]]
     raise InvalidImageError(f"{path} is a zarr group with {len(arrays)} arrays and no OME-Zarr multiscales: "
                             "name the array's own folder.")
+
+
+def no_store_at(address: str) -> ImageNotFoundError:
+    """The error of an address where no zarr store is."""
+    return ImageNotFoundError(f"No zarr store at {address} (zarr.json, .zarray or .zgroup not found there)")
 
 
 def ome_placement(path: Path) -> dict | None:

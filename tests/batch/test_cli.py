@@ -915,11 +915,93 @@ def test_pictures_in_their_common_forms_are_segmented_and_an_animation_is_said(t
         np.testing.assert_array_equal(tifffile.imread(out / f"{stem}_labels.tif"), labels, err_msg=stem)
 
 
-@pytest.mark.parametrize("address", ["https://127.0.0.1:9/data/slide.zarr", "s3://bucket/slides/slide.zarr"])
-def test_an_address_is_refused_before_anything_runs_with_what_to_do_instead(tmp_path, capsys, address):
-    """A remote store named to the command (which reads local disks only) is said as the address it is, with how to
-    segment it, before any model loads or output is written: read as a path, its "//" folded into a name found
-    nowhere ("No such file: https:/..."), after the model had loaded. The Python function raises a ValueError."""
+def _ome_zarr(store: Path, image: np.ndarray) -> None:
+    """``image`` (RGB) written as a one-level OME-Zarr image, channels first."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="w")
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "c", "type": "channel"},
+                                                               {"name": "y", "type": "space", "unit": "micrometer"},
+                                                               {"name": "x", "type": "space", "unit": "micrometer"}],
+                                   "datasets": [{"path": "0", "coordinateTransformations": [
+                                       {"type": "scale", "scale": [1.0, 0.5, 0.5]}]}]}]
+    level = group.create_array("0", shape=(3, *image.shape[:2]), chunks=(3, 128, 128), dtype=np.uint8)
+    level[:] = np.moveaxis(image, -1, 0)
+
+
+def test_a_zarr_store_at_an_address_is_segmented_as_its_local_copy_is(tmp_path, capsys, served):
+    """An OME-Zarr store on a web server that lists no folder (as object stores serve them) is segmented by its address:
+    the labels equal those of its local copy (whole, and tile by tile with --format zarr), named after the store and
+    placed by its pixel size. A second run keeps them; once the store was written again with other pixels, the run
+    says the outputs are of an earlier version. A missing store fails alone, by its address."""
+    import zarr
+
+    from napari_clearclip.demo.scenes import make_scene
+
+    classes = ["red", "green", "blue", "yellow", "background"]
+    image = make_scene(31, size=300, objects=(4, 6)).image
+    _ome_zarr(tmp_path / "data" / "slide.zarr", image)
+    address = served(tmp_path / "data", listing=False) + "/slide.zarr"
+    base = ["--classes", "; ".join(classes), "--model", "synthetic-tiny", "--device", "cpu"]
+    assert main([str(tmp_path / "data" / "slide.zarr"), *base, "--out", str(tmp_path / "local")]) == 0
+    assert main([address, *base, "--out", str(tmp_path / "remote")]) == 0, capsys.readouterr().err
+    local = tifffile.imread(tmp_path / "local" / "slide_labels.tif")
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "remote" / "slide_labels.tif"), local)
+    expected = Segmenter("synthetic-tiny", device="cpu").segment(image, classes, maps=False, refine="pamr").labels
+    np.testing.assert_array_equal(local, expected)                                 # snapped, as the widget
+    with tifffile.TiffFile(tmp_path / "remote" / "slide_labels.tif") as tif:     # the store's pixel size: 0.5 um
+        assert tif.pages[0].tags["XResolution"].value == (20000, 1)
+    with open(tmp_path / "remote" / "clearclip_report.csv", newline="") as handle:
+        (report,) = list(csv.DictReader(handle))
+    assert report["file"] == address and report["status"] == "done", report
+
+    tiled = [address, *base, "--out", str(tmp_path / "tiled"), "--format", "zarr", "--no-snap"]
+    assert main(tiled) == 0, capsys.readouterr().err
+    labels = zarr.open_group(str(tmp_path / "tiled" / "slide_labels.zarr"), mode="r")["labels"][:]
+    np.testing.assert_array_equal(labels, Segmenter("synthetic-tiny", device="cpu").segment(
+        image, classes, maps=False, short_side=None, refine=None).labels)
+
+    capsys.readouterr()
+    assert main([address, *base, "--out", str(tmp_path / "remote")]) == 0          # the same store: kept
+    assert f"skipped: {address}: outputs exist (use --overwrite" in capsys.readouterr().err
+    changed = image.copy()
+    changed[100:160, 100:160] = (255, 0, 0)
+    _ome_zarr(tmp_path / "data" / "slide.zarr", changed)
+    assert main([address, *base, "--out", str(tmp_path / "remote")]) == 1
+    assert f"skipped: {address}: outputs exist for an earlier version" in capsys.readouterr().err
+
+    missing = served(tmp_path / "data", listing=False) + "/other.zarr"
+    assert main([missing, address, *base, "--out", str(tmp_path / "two")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {missing}: No zarr store at {missing}" in err, err
+    assert (tmp_path / "two" / "slide_labels.tif").is_file() and not (tmp_path / "two" / "other_labels.tif").exists()
+    assert main([address, *base, "--out", str(tmp_path / "objects"), "--objects", "_cells"]) == 1
+    assert f"--objects reads files beside the image on this computer, and {address} is an address" in \
+        capsys.readouterr().err
+
+
+def test_an_address_no_installed_package_can_read_is_refused_before_anything_runs(tmp_path, capsys):
+    """An address whose protocol needs a package not installed (``s3://`` without s3fs) or that no package reads stops
+    the command at once, saying which, not after the model loaded, nor once per input."""
+    import importlib.util
+
+    cases = [("foo://host/slide.zarr", "foo:// is not a protocol fsspec can read")]
+    if importlib.util.find_spec("s3fs") is None:
+        cases.append(("s3://bucket/slide.zarr", "reading s3:// addresses needs a package this Python lacks (Install s3fs"))
+    for address, said in cases:
+        code = main([address, "--classes", "cell; background", "--out", str(tmp_path / "out"),
+                     "--model", "no-such-model", "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert code == 2 and said in err, err
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("address", ["https://127.0.0.1:9/data/slide.tif", "http://127.0.0.1:9/slides/slide.png"])
+def test_an_address_of_a_picture_file_is_refused_before_anything_runs_with_what_to_do_instead(tmp_path, capsys,
+                                                                                             address):
+    """Addresses are read as zarr stores: one of a TIFF or PNG is said as the address it is, with what to do, before any
+    model loads or output is written (read as a path, its "//" folded into a name found nowhere). The Python function
+    raises a ValueError."""
     from napari_clearclip.batch import segment_files
     from napari_clearclip.errors import InvalidOptionError
 
@@ -928,9 +1010,9 @@ def test_an_address_is_refused_before_anything_runs_with_what_to_do_instead(tmp_
                  "--model", "no-such-model", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2, err
-    assert f"{address} is an address" in err and "Copy the store here first" in err and "napari" in err, err
+    assert f"{address} is the address of a" in err and "Download the file" in err and "zarr stores" in err, err
     assert "No such file" not in err
     assert not out.exists() or not any(out.iterdir())
-    with pytest.raises(InvalidOptionError, match="is an address") as raised:
+    with pytest.raises(InvalidOptionError, match="is the address of a") as raised:
         segment_files([address], "cell; background", out_dir=tmp_path / "api", model="no-such-model")
     assert isinstance(raised.value, ValueError)

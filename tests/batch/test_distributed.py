@@ -425,3 +425,31 @@ def test_what_stopped_the_command_is_said_after_its_cluster_closed(tmp_path, cap
         assert code == 2 and said[-1] == "error: a.png is not an image", said
     else:
         assert code == 130 and said[-1].startswith("interrupted: 0 finished images are kept"), said
+
+
+def test_a_store_at_an_address_is_read_by_the_worker_that_segments_it(local_client, served, tmp_path):
+    """A zarr store named by its address (on a server that lists no folder) is read over the network by the worker
+    that segments it, whole or tile by tile: its labels equal those of a run in this process, and the engine's."""
+    import zarr
+
+    from napari_clearclip import Segmenter
+
+    image = make_scene(700, size=256).image
+    array = zarr.create_array(str(tmp_path / "data" / "scene.zarr"), shape=image.shape, chunks=(128, 128, 3),
+                              dtype=np.uint8)
+    array[:] = image
+    address = served(tmp_path / "data", listing=False) + "/scene.zarr"
+    engine = Segmenter("synthetic-tiny", device="cpu")
+    for output_format, expected in [("tif", engine.segment(image, CLASSES, maps=False).labels),
+                                    ("zarr", engine.segment(image, CLASSES, maps=False, short_side=None).labels)]:
+        here, there = tmp_path / f"here-{output_format}", tmp_path / f"there-{output_format}"
+        local = segment_files([address], CLASSES, here, output_format=output_format, **OPTIONS)
+        remote = segment_files([address], CLASSES, there, client=local_client, output_format=output_format, **OPTIONS)
+        assert [r.status for r in local] == [r.status for r in remote] == ["done"], (local, remote)
+        assert remote[0].worker.startswith("tcp://")
+        if output_format == "tif":
+            labels = [tifffile.imread(folder / "scene_labels.tif") for folder in (here, there)]
+        else:
+            labels = [zarr.open_group(str(folder / "scene_labels.zarr"), mode="r")["labels"][:] for folder in (here, there)]
+        np.testing.assert_array_equal(labels[0], expected)
+        np.testing.assert_array_equal(labels[1], expected)

@@ -196,3 +196,26 @@ def test_a_remote_group_is_told_without_walking_what_lies_below_its_image(tmp_pa
     assert not below, below
     image[0, 0] = 255
     assert remote_store_identity(address) != before
+
+
+def test_chunks_a_remote_store_lacks_are_counted_only_where_its_server_lists_folders(tmp_path, served):
+    """A store on a server that lists folders (as object stores do) is refused for a chunk it lacks, as a local one
+    is; on one that lists none (most web servers) zarr counts no chunk as stored, so nothing is counted (not every
+    chunk said missing) and the image is read, its lacking chunks as the fill value."""
+    import zarr
+
+    from napari_clearclip.errors import InvalidImageError
+    from napari_clearclip.image_locations import RemoteStore
+    from napari_clearclip.zarr_images import absent_chunk_count, open_zarr_image
+
+    array = zarr.create_array(str(tmp_path / "slide.zarr"), shape=(300, 260, 3), chunks=(128, 128, 3), dtype=np.uint8)
+    array[:] = 9
+    os.remove(tmp_path / "slide.zarr" / "c" / "1" / "1" / "0")
+    listed, unlisted = (served(tmp_path, listing=listing) + "/slide.zarr" for listing in (True, False))
+    assert absent_chunk_count(zarr.open(listed, mode="r")) == (1, 9)
+    with pytest.raises(InvalidImageError, match=f"The zarr store {listed} lacks 1 of its 9 chunks"):
+        open_zarr_image(RemoteStore(listed))
+    assert absent_chunk_count(zarr.open(unlisted, mode="r")) is None
+    image = np.asarray(open_zarr_image(RemoteStore(unlisted)))
+    assert (image[128:256, 128:256] == 0).all() and (image[:128] == 9).all()
+    assert location_name("https://host/data/slide.zarr/?X-Amz-Signature=abc#top") == "slide.zarr"

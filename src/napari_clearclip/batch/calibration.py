@@ -66,10 +66,11 @@ def ome_zarr_attrs(scale, translation, units, path: str = "labels", zarr_format:
 
 def input_calibration(path: Path) -> Calibration | None:
     """The pixel size a TIFF or an OME-Zarr image declares (a length unit needed), or None."""
-    path = Path(path)
+    from ..zarr_images import RemoteStore, is_zarr_path, ome_placement
+
+    path = path if isinstance(path, RemoteStore) else Path(path)
     if is_tiff_path(path):
         return tiff_calibration(path)
-    from ..zarr_images import is_zarr_path, ome_placement
 
     placement = ome_placement(path) if is_zarr_path(path) else None
     if placement is None:
@@ -148,10 +149,10 @@ def labels_zarr_attrs(path: Path, shape: tuple[int, int]) -> dict:
     from ..zarr_images import is_zarr_path, ome_placement
 
     zarr_format = int(zarr.config.get("default_zarr_format", 3))
-    placement = ome_placement(Path(path)) if is_zarr_path(Path(path)) else None
+    placement = ome_placement(path) if is_zarr_path(path) else None
     if placement is not None:
         factors = [full / size for full, size in zip(placement["shape"], shape)]
         return ome_zarr_attrs([s * f for s, f in zip(placement["scale"], factors)], placement["translation"],
                               placement["units"], zarr_format=zarr_format)
-    calibration = input_calibration(Path(path))
+    calibration = input_calibration(path)
     return {} if calibration is None else calibration.ome_zarr_attrs(shape, zarr_format=zarr_format)

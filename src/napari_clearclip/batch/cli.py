@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("images", nargs="+",
                         help="image files (TIFF, whole-slide TIFFs such as .svs and .ndpi, PNG, JPEG, ...), zarr stores "
-                             "(.zarr, OME-Zarr), folders or glob patterns")
+                             "(.zarr, OME-Zarr; also by address: https://..., s3://...), folders or glob patterns")
     parser.add_argument("--classes", default=None,
                         help="classes separated by ';', synonyms by ',': \"sky; horse, pony; grass\"")
     parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: current folder)")

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ImageNotFoundError, InvalidImageError, InvalidOptionError, OutputError
 from ..files import PARTIAL_SUFFIX, write_atomic
-from ..image_locations import image_location, is_local_file, remote_address
+from ..image_locations import RemoteStore, image_location, is_local_file, remote_address
 from ..tiff_images import TIFF_SUFFIXES, is_tiff_path, open_tiff_levels, samples_last
 from ..zarr_images import is_zarr_path, open_zarr_image
 from .provenance import LABELS_SUFFIXES, natural_stems, tiff_metadata
@@ -48,8 +48,10 @@ class FileReport:
 
 # -- inputs --------------------------------------------------------------------------------------------
 
-def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, the images inside folders (sorted, not recursive), and glob patterns expanded.
+def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path | RemoteStore]:
+    """Files as given, the images inside folders (sorted, not recursive), and glob patterns expanded; an address
+    (``https://``, ``s3://`` ...) is a zarr store read over the network (:class:`RemoteStore`), read a region at
+    a time as a local store is.
 
     A pattern that matches nothing, and a folder without images, stay in the list so
     that they are reported as failures rather than silently dropped. Labels and probabilities
@@ -58,21 +60,22 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """
     from .provenance import is_batch_output
 
-    if isinstance(inputs, (str, bytes, os.PathLike)):
+    if isinstance(inputs, (str, bytes, os.PathLike, RemoteStore)):
         inputs = [inputs]  # one path, not the characters of its name
-    paths: list[Path] = []
+    paths: list[Path | RemoteStore] = []
     for item in inputs:
         if isinstance(item, bytes):
             item = os.fsdecode(item)
+        if isinstance(item, RemoteStore):
+            paths.append(item)
+            continue
         if not isinstance(item, (str, os.PathLike)):
-            raise InvalidOptionError(f"Inputs must be paths (files, folders or glob patterns), not {item!r}.")
+            raise InvalidOptionError(f"Inputs must be paths (files, folders or glob patterns) or addresses of zarr "
+                                     f"stores, not {item!r}.")
         text = os.fspath(item)
-        if remote_address(text) is not None:   # (a Path would also fold its "//" into a name found nowhere)
-            raise InvalidOptionError(
-                f"{text} is an address: this command reads images on this computer's disks (files, folders, zarr "
-                "stores and patterns). Copy the store here first (for example with `aws s3 sync`, `gsutil -m rsync` or "
-                "`rclone copy`) and segment the copy, or open the address in napari, which reads remote OME-Zarr "
-                "(napari-ome-zarr) and segments it tile by tile.")
+        if remote_address(text) is not None:   # (a Path would fold its "//" into a name found nowhere)
+            paths.append(remote_input(text))
+            continue
         path = Path(text).expanduser()
         try:
             folder = path.is_dir() and not is_zarr_path(path)
@@ -91,10 +94,37 @@ def expand_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
         paths.extend(images or [path])
     # one file named twice (a folder and a pattern over it, a relative and an absolute path) is one input; a link
     # of another name is an input of its own, as named
-    unique: dict[str, Path] = {}
+    unique: dict[str, Path | RemoteStore] = {}
     for path in paths:
-        unique.setdefault(os.path.abspath(path), path)
+        unique.setdefault(path.address if isinstance(path, RemoteStore) else os.path.abspath(path), path)
     return list(unique.values())
+
+
+def input_exists(path: Path | RemoteStore) -> bool:
+    """Whether an input is there to be read: a file or a local store that exists; a store at an address is taken as
+    there (reading it says where it is not)."""
+    return isinstance(path, RemoteStore) or path.exists()
+
+
+def remote_input(address: str) -> RemoteStore:
+    """An address given as an input: a zarr store (one named as another kind of file is refused, saying what to do)."""
+    name = RemoteStore(address).name
+    if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+        raise InvalidOptionError(
+            f"{address} is the address of a {Path(name).suffix.lstrip('.').upper()} file: addresses are read as zarr "
+            "stores (OME-Zarr or plain zarr), a region at a time. Download the file and segment the copy.")
+    import fsspec
+
+    for protocol in address.split("://", 1)[0].split("::"):   # fsspec's chained forms: each part's file system
+        try:
+            fsspec.get_filesystem_class(protocol.lower())
+        except ImportError as error:
+            raise InvalidOptionError(f"{address}: reading {protocol}:// addresses needs a package this Python lacks "
+                                     f"({error}).") from None
+        except ValueError:
+            raise InvalidOptionError(f"{address}: {protocol}:// is not a protocol fsspec can read (https://, s3://, "
+                                     "gs://, ...).") from None
+    return RemoteStore(address)
 
 
 def _is_image(path: Path) -> bool:
@@ -105,6 +135,8 @@ def _is_image(path: Path) -> bool:
 def read_image(path: Path, absent_chunks: str = "error") -> np.ndarray:
     """Read an image file; TIFFs through tifffile, other formats through scikit-image; a zarr store whole
     (one that lacks chunks is refused unless ``absent_chunks="fill"``)."""
+    if isinstance(path, RemoteStore):
+        return np.asarray(open_zarr_image(path, absent_chunks))
     path = Path(path)
     if is_zarr_path(path):
         return np.asarray(open_zarr_image(path, absent_chunks))
@@ -223,6 +255,7 @@ def objects_path(image: Path, suffix: str) -> Path:
 
 
 def _read_beside(image: Path, suffix: str, what: str, option: str) -> np.ndarray:
+    _refuse_beside_address(image, what, option)
     path = objects_path(image, suffix)
     if not path.is_file():
         raise ImageNotFoundError(f"No {what} {path.name} beside {image.name} ({option} {suffix}).")
@@ -232,6 +265,12 @@ def _read_beside(image: Path, suffix: str, what: str, option: str) -> np.ndarray
         return tifffile.imread(path)
     except Exception as exc:
         raise InvalidImageError(f"Could not read the {what} {path}: {exc}") from None
+
+
+def _refuse_beside_address(image, what: str, option: str) -> None:
+    if isinstance(image, RemoteStore):
+        raise InvalidOptionError(f"{option} reads files beside the image on this computer, and {image} is an address: "
+                                 f"copy the store and its {what} here and segment the copy.")
 
 
 def read_foreground(image: Path, suffix: str) -> np.ndarray:
@@ -248,6 +287,7 @@ def read_lazy_objects(image: Path, suffix: str, absent_chunks: str = "error"):
     """The instance labels beside an image for a run tile by tile, unread (a tile is read at a time):
     ``<stem><suffix>.zarr`` (a zarr array or OME-Zarr image), else ``<stem><suffix>.tif`` (through its own tiles
     or strips)."""
+    _refuse_beside_address(image, "objects", "--objects")
     store = image.with_name(f"{image.stem}{suffix}.zarr")
     if store.is_dir():
         return open_zarr_image(store, absent_chunks)
@@ -509,7 +549,7 @@ def write_report(reports: Sequence[FileReport], path: Path) -> Path:
 
 def stack_planes(path: Path) -> tuple[tuple[int, ...], bool] | None:
     """(plane shape, rgb) of a multi-plane TIFF, read from its header alone; None for a 2-D image or non-TIFF."""
-    if not is_tiff_path(path) or not path.is_file():
+    if not is_tiff_path(path) or not Path(path).is_file():
         return None
     try:
         import tifffile

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import ImageNotFoundError
+from ..image_locations import RemoteStore
+
 RECORD_KEY = "clearclip"
 LABELS_SUFFIXES = ("_labels.tif", "_labels.zarr")
 
@@ -53,6 +56,15 @@ def source_identity(path: Path) -> dict:
     from ..cache import file_digest
     from ..hashing import sampled_digest
 
+    if isinstance(path, RemoteStore):   # told by its metadata and a few chunks' bytes: no time, no listing
+        from ..zarr_images import no_store_at, remote_store_identity
+
+        try:
+            return {"source": path.address, **remote_store_identity(path.address)}
+        except FileNotFoundError:
+            raise no_store_at(path.address) from None
+        except OSError as error:   # unreadable for now: that input fails, said as such
+            raise ImageNotFoundError(str(error)) from None
     if path.is_dir():  # a zarr store
         from ..zarr_images import store_identity
 
@@ -165,6 +177,13 @@ def existing_outputs(out_dir: Path) -> dict[str, ExistingOutput]:
 
 def same_content(record: dict, path: Path) -> bool:
     """Whether ``path`` holds what the record's input held (cheap when size and time are unchanged)."""
+    if isinstance(path, RemoteStore):
+        from ..zarr_images import remote_store_identity
+
+        try:
+            return record.get("chunks") == remote_store_identity(path.address)["chunks"]
+        except OSError:
+            return False
     try:
         stat = path.stat()
     except OSError:
@@ -230,7 +249,7 @@ def assign_stems(paths: Sequence[Path], out_dir: Path) -> tuple[list[str], dict[
     resolved = []
     for path in paths:
         try:
-            resolved.append(str(Path(path).resolve()))
+            resolved.append(path.address if isinstance(path, RemoteStore) else str(Path(path).resolve()))
         except OSError:
             resolved.append(str(path))
     for index, source in enumerate(resolved):
@@ -244,7 +263,7 @@ def assign_stems(paths: Sequence[Path], out_dir: Path) -> tuple[list[str], dict[
         from ..cache import file_digest
 
         for index, path in enumerate(paths):
-            if index in fixed or not Path(path).is_file():
+            if index in fixed or isinstance(path, RemoteStore) or not Path(path).is_file():
                 continue
             for stem in orphans:
                 record = existing[stem].record

@@ -34,6 +34,7 @@ from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this 
     _write_objects_table,
     check_output_dir,
     expand_inputs,
+    input_exists,
     longest_name_allowed,
     name_too_long,
     output_paths,
@@ -122,7 +123,7 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
         return _replaced(_segment_to_zarr(segmenter, task, classes, outputs, options, start, lesson), out_dir, stem,
                          "zarr", overwrite)
     try:
-        record = make_record(path, task.run, classes) if path.exists() else None   # a file, or a zarr store
+        record = make_record(path, task.run, classes) if input_exists(path) else None   # a file, or a zarr store
         image, note = image_to_segment(segmenter, task, options)
         if note and record is not None:   # labels at a reduced size: where they sit on the image, in its pixels
             record["placement"] = _reduced_placement(segmenter, task, options)
@@ -227,7 +228,7 @@ def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], option
             write_atomic(outputs[-1], lambda p: _write_objects_table(p, objects))
 
     try:
-        record = make_record(task.path, task.run, classes) if task.path.exists() else None
+        record = make_record(task.path, task.run, classes) if input_exists(task.path) else None
         objects = None if task.objects is None else read_lazy_objects(task.path, task.objects, task.absent_chunks)
         image = read_lazy(task.path, task.absent_chunks)
         attrs = {**({RECORD_KEY: json.dumps(record, sort_keys=True)} if record else {}),

@@ -38,7 +38,7 @@ PARTS_DIR = ".clearclip-parts"
 class FileReport:
     """What happened to one input: ``status`` is "done", "skipped" or "failed"."""
 
-    path: Path
+    path: Path | RemoteStore   # a store read over the network is named by its address
     status: str
     seconds: float = 0.0
     worker: str = ""

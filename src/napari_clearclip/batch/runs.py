@@ -22,6 +22,7 @@ from ..files import write_atomic
 from ..options import DEFAULT, SegmentOptions
 from ..reduced import REDUCED_SIDE, check_large_side
 from ..tiff_images import is_tiff_path, open_tiff_levels
+from ..image_locations import RemoteStore
 from ..zarr_images import check_absent_chunks, is_zarr_path
 from .calibration import input_calibration, labels_zarr_attrs
 from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this module's interface
@@ -69,7 +70,7 @@ class Task:
     stack's plane results, tied to this run and this input's content.
     """
 
-    path: Path
+    path: Path | RemoteStore   # a store read over the network is named by its address
     stem: str
     plane: int | None = None
     planes: int = 1

@@ -597,9 +597,10 @@ def test_a_zarr_input_with_a_damaged_chunk_fails_by_name_and_the_batch_goes_on(t
 
 
 def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_resizes(tmp_path, capsys,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, served):
     """As in napari with Resize on: an OME-Zarr level (or block means of a plain array) that holds what the model
-    sees is segmented instead of the whole slide, the labels have its size, and a note says so."""
+    sees is segmented instead of the whole slide, the labels have its size, and a note says so; the same for the
+    slide at an address (its level alone read over the network)."""
     import zarr
 
     import napari_clearclip.reduced as reduced
@@ -641,6 +642,13 @@ def test_a_zarr_slide_too_large_to_hold_is_segmented_at_its_level_when_the_run_r
         tags = tif.pages[0].tags
         assert (tags["XResolution"].value, tags["YResolution"].value, tags["ResolutionUnit"].value) == \
             ((20000, 1), (10000, 1), 3)
+    address = served(tmp_path / "in", listing=False) + "/slide.zarr"
+    assert main([address, *argv[1:], "--out", str(tmp_path / "remote")]) == 0
+    assert f"note: {address}: 320 x 320 pixels, too large to hold: segmented at pyramid level 1" in \
+        capsys.readouterr().err
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "remote" / "slide_labels.tif"), expected)
+    assert [path for path in served.requested if path.startswith("/slide.zarr/1/c/")]
+    assert not [path for path in served.requested if path.startswith("/slide.zarr/0/c/")]   # level 0 never read
     # --large-side is part of what the outputs are: a run with another keeps them, says why, and replaces them when
     # asked; at 320 (its whole side) the slide is segmented at full size
     wider = [a if a != "160" else "320" for a in argv]

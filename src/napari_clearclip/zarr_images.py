@@ -15,6 +15,31 @@ from .errors import ImageNotFoundError, InvalidImageError, InvalidOptionError
 from .image_locations import RemoteStore, remote_address
 
 
+#: Seconds a web server may stay silent (while a connection opens, or between the bytes of an answer) before reading a
+#: store from it fails: a stalled server fails the run instead of holding it for aiohttp's five minutes a request.
+REMOTE_SILENCE_SECONDS = 60.0
+
+
+def remote_options(address: str) -> dict:
+    """fsspec's options for reading the store at ``address``: a limit on a silent web server (``http(s)://``); object
+    stores' own clients bound their waits."""
+    if address.split("://", 1)[0].lower() not in ("http", "https"):
+        return {}
+    import aiohttp
+
+    seconds = REMOTE_SILENCE_SECONDS
+    return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=seconds, sock_read=seconds)}}
+
+
+def _open_node(path):
+    """``zarr.open`` read-only, a store at an address with :func:`remote_options`."""
+    import zarr
+
+    if isinstance(path, RemoteStore):
+        return zarr.open(path.address, mode="r", storage_options=remote_options(path.address) or None)
+    return zarr.open(str(path), mode="r")
+
+
 def is_zarr_path(path: Path | RemoteStore) -> bool:
     """A folder that is a zarr store (v2 or v3 metadata inside), e.g. ``image.zarr``; a store at an address (only
     zarr stores are read from addresses)."""
@@ -186,7 +211,8 @@ def _lists_its_folders(array) -> bool:
     try:
         import fsspec
 
-        fs, folder = fsspec.core.url_to_fs("/".join(part for part in (location, array.path) if part))
+        fs, folder = fsspec.core.url_to_fs("/".join(part for part in (location, array.path) if part),
+                                           **remote_options(location))
         names = {name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(folder, detail=False)}
     except Exception:  # noqa: BLE001 - a folder the store cannot list
         return False
@@ -216,11 +242,10 @@ def _zarr_image(path: Path | RemoteStore):
 def _zarr_levels(path: Path | RemoteStore) -> list:
     import zarr
 
-    remote = isinstance(path, RemoteStore)
-    if not remote and not path.exists():
+    if not isinstance(path, RemoteStore) and not path.exists():
         raise ImageNotFoundError(f"No such zarr store: {path}")
     try:
-        node = zarr.open(str(path), mode="r")
+        node = _open_node(path)
     except FileNotFoundError:
         raise no_store_at(str(path)) from None
     except Exception as exc:
@@ -258,7 +283,7 @@ def ome_placement(path: Path) -> dict | None:
     import zarr
 
     try:
-        node = zarr.open(str(path), mode="r")
+        node = _open_node(path)
         if isinstance(node, zarr.Array):
             return None
         attrs = dict(node.attrs)
@@ -320,7 +345,7 @@ def remote_store_identity(address: str) -> dict:
     import zarr
 
     try:
-        opened = zarr.open(address, mode="r")
+        opened = zarr.open(address, mode="r", storage_options=remote_options(address) or None)
         members, levels = _group_members(opened) if isinstance(opened, zarr.Group) else ([], [])
         digest = hashlib.sha256(b"napari-clearclip remote zarr store\n")
         for name, node in sorted([("", opened)] + members, key=lambda item: item[0]):
@@ -334,10 +359,10 @@ def remote_store_identity(address: str) -> dict:
             for key, stored in zip(*_sampled_chunks(address, sampled)):
                 digest.update(f"{key}\0".encode())
                 digest.update(b"\0missing" if stored is None else hashlib.sha256(stored).digest())
-    except OSError:
+    except FileNotFoundError:
         raise
-    except Exception as error:  # noqa: BLE001 - zarr's and fsspec's own errors of an unreadable store
-        raise OSError(f"The zarr store at {address} cannot be read: {error}") from error
+    except Exception as error:  # noqa: BLE001 - zarr's and fsspec's own errors of an unreadable store, time limits
+        raise OSError(f"The zarr store at {address} cannot be read: {error or type(error).__name__}") from error
     return {"chunks": "chunks:" + digest.hexdigest()}
 
 
@@ -368,7 +393,7 @@ def _sampled_chunks(address: str, array) -> tuple[list[str], list[bytes | None]]
     count = int(np.prod(grid, dtype=np.int64))
     picks = sorted({(count - 1) * i // (SAMPLED_CHUNKS - 1) for i in range(SAMPLED_CHUNKS)}) if count else []
     keys = [array.metadata.encode_chunk_key(tuple(int(c) for c in np.unravel_index(i, grid))) for i in picks]
-    fs, root = fsspec.core.url_to_fs(address)
+    fs, root = fsspec.core.url_to_fs(address, **remote_options(address))
     prefix = "/".join(part for part in (root.rstrip("/"), array.path) if part)
     paths = [f"{prefix}/{key}" for key in keys]
     found = fs.cat(paths, on_error="return") if paths else {}

@@ -988,6 +988,35 @@ def test_a_zarr_store_at_an_address_is_segmented_as_its_local_copy_is(tmp_path, 
         capsys.readouterr().err
 
 
+def test_a_server_that_stops_answering_fails_its_store_within_the_time_limit(tmp_path, capsys, monkeypatch):
+    """A web server that takes connections and then says nothing fails the store it serves, by its address, once it has
+    been silent for ``REMOTE_SILENCE_SECONDS`` (aiohttp would wait five minutes a request); the other inputs go on."""
+    import socket
+    import threading
+    import time
+
+    import napari_clearclip.zarr_images as zarr_images
+    from napari_clearclip.demo.scenes import make_scene
+
+    monkeypatch.setattr(zarr_images, "REMOTE_SILENCE_SECONDS", 1.0)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)    # takes connections, never answers
+    stalled = f"http://127.0.0.1:{listener.getsockname()[1]}/slide.zarr"
+    bound = threading.Timer(60, listener.close)    # (should the limit fail: connections reset, the test ends)
+    bound.start()
+    imsave(tmp_path / "scene.png", make_scene(3, size=96).image, check_contrast=False)
+    start = time.monotonic()
+    try:
+        code = main([stalled, str(tmp_path / "scene.png"), "--classes", "red; background", "--out",
+                     str(tmp_path / "out"), "--model", "synthetic-tiny", "--device", "cpu"])
+    finally:
+        bound.cancel()
+        listener.close()
+    err = capsys.readouterr().err
+    assert code == 1 and f"error: {stalled}: The zarr store at {stalled} cannot be read" in err, err
+    assert time.monotonic() - start < 30
+    assert (tmp_path / "out" / "scene_labels.tif").is_file() and not (tmp_path / "out" / "slide_labels.tif").exists()
+
+
 def test_an_address_no_installed_package_can_read_is_refused_before_anything_runs(tmp_path, capsys):
     """An address whose protocol needs a package not installed (``s3://`` without s3fs) or that no package reads stops
     the command at once, saying which, not after the model loaded, nor once per input."""

@@ -108,6 +108,14 @@ def unreadable_text(exc: RuntimeError) -> str:
             "damaged: copy the store again.")
 
 
+def os_failure_text(path, exc: OSError) -> str:
+    """A file's report for an OSError while it was segmented: its outputs could not be written (disk full,
+    permissions changed mid-run ...), or, for a store at an address, it may have been the network."""
+    if isinstance(path, RemoteStore):
+        return f"could not read the store over the network or write outputs: {exc or type(exc).__name__}"
+    return f"could not write outputs: {exc}"
+
+
 def segment_file(segmenter, task: Task, classes, out_dir: Path, options: SegmentOptions,
                  save_probabilities: bool = False, overwrite: bool = False, lesson=None) -> FileReport:
     """Segment one 2-D image file and write its outputs; errors a user can act on become a "failed" report."""
@@ -140,7 +148,7 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
     except RuntimeError as exc:
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), unreadable_text(exc))
     except OSError as exc:  # disk full, permissions changed mid-run ...
-        return FileReport(path, "failed", time.perf_counter() - start, worker_name(), f"could not write outputs: {exc}")
+        return FileReport(path, "failed", time.perf_counter() - start, worker_name(), os_failure_text(path, exc))
     return _replaced(FileReport(path, "done", time.perf_counter() - start, worker_name(), note, written), out_dir,
                      stem, "tif", overwrite)
 
@@ -243,7 +251,7 @@ def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], option
         return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(), unreadable_text(exc))
     except OSError as exc:
         return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(),
-                          f"could not write outputs: {exc}")
+                          os_failure_text(task.path, exc))
     return FileReport(task.path, "done", time.perf_counter() - start, worker_name(), "",
                       [labels_path, table_path] + ([outputs[-1]] if task.objects is not None else []))
 

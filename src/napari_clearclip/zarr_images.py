@@ -252,6 +252,11 @@ def _zarr_levels(path: Path | RemoteStore) -> list:
         raise InvalidImageError(f"Could not open {path} as a zarr store: {exc}") from None
     if isinstance(node, zarr.Array):
         return [node]
+    if "plate" in _ome_attributes(node):
+        raise InvalidImageError(f"{path} is a plate (OME-Zarr HCS): name one field's image, e.g. {path}/A/1/0.")
+    series = collection_images(node)
+    if series:   # a bioformats2raw collection: its first image, as napari-ome-zarr shows it first
+        node = node[series[0]]
     attrs = dict(node.attrs)
     multiscales = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
     if multiscales:
@@ -271,6 +276,50 @@ def _zarr_levels(path: Path | RemoteStore) -> list:
                             "name the array's own folder.")
 
 
+def _ome_attributes(group) -> dict:
+    """A group's OME-Zarr attributes: its own (NGFF 0.4 and earlier) and those under ``ome`` (0.5)."""
+    attributes = dict(group.attrs)
+    ome = attributes.get("ome")
+    return {**attributes, **ome} if isinstance(ome, dict) else attributes
+
+
+def collection_images(group) -> list[str]:
+    """The paths of the images in a bioformats2raw collection (``bioformats2raw.layout``, as bioformats2raw converts a
+    microscope's or slide scanner's file: a slide's full image first, then its macro and label images, say): those
+    its ``OME`` group lists (``series``), else ``0``, ``1`` ... while they exist (found without listing a folder, as
+    most web servers list none); [] for any other group."""
+    import zarr
+
+    if "bioformats2raw.layout" not in _ome_attributes(group):
+        return []
+    try:
+        listed = _ome_attributes(group["OME"]).get("series") if "OME" in group else None
+    except Exception:  # noqa: BLE001 - an OME group that cannot be read lists nothing
+        listed = None
+    if isinstance(listed, list) and listed:
+        return [str(name).strip("/") for name in listed]
+    found = []
+    while str(len(found)) in group and isinstance(group[str(len(found))], zarr.Group):
+        found.append(str(len(found)))
+    return found
+
+
+def collection_note(path: Path | RemoteStore) -> str:
+    """What a run says of a bioformats2raw collection of several images, of which it segments the first; "" for any
+    other store (or one that cannot be read: reading it says why)."""
+    import zarr
+
+    try:
+        node = _open_node(path)
+        series = collection_images(node) if isinstance(node, zarr.Group) else []
+    except Exception:  # noqa: BLE001 - said where the image is read
+        return ""
+    if len(series) < 2:
+        return ""
+    return (f"a collection of {len(series)} images ({', '.join(series)}): its first was segmented; name "
+            f"{str(path).rstrip('/')}/{series[1]} (and so on) to segment another")
+
+
 def no_store_at(address: str) -> ImageNotFoundError:
     """The error of an address where no zarr store is."""
     return ImageNotFoundError(f"No zarr store at {address} (zarr.json, .zarray or .zgroup not found there)")
@@ -286,6 +335,8 @@ def ome_placement(path: Path) -> dict | None:
         node = _open_node(path)
         if isinstance(node, zarr.Array):
             return None
+        series = collection_images(node)
+        node = node[series[0]] if series else node
         attrs = dict(node.attrs)
         multiscales = attrs.get("multiscales") or (attrs.get("ome") or {}).get("multiscales")
         first = multiscales[0]
@@ -369,7 +420,14 @@ def remote_store_identity(address: str) -> dict:
 def _group_members(group) -> tuple[list[tuple[str, object]], list[str]]:
     """The arrays and groups whose metadata tells a group's image, and the paths of its levels: the levels its OME-Zarr
     metadata names (``multiscales``, also under ``ome``: read without listing anything, as most web servers list no
-    folder), else the members its store lists directly under it (a plate of thousands of wells is not walked)."""
+    folder), else the members its store lists directly under it (a plate of thousands of wells is not walked); of a
+    bioformats2raw collection, those of its first image (the one a run segments)."""
+    series = collection_images(group)
+    if series:
+        image = group[series[0]]
+        members, levels = _group_members(image)
+        return ([(series[0], image)] + [(f"{series[0]}/{name}", node) for name, node in members],
+                [f"{series[0]}/{level}" for level in levels])
     attributes = dict(group.attrs)
     multiscales = attributes.get("multiscales") or (attributes.get("ome") or {}).get("multiscales") or []
     levels = []

@@ -923,11 +923,11 @@ def test_pictures_in_their_common_forms_are_segmented_and_an_animation_is_said(t
         np.testing.assert_array_equal(tifffile.imread(out / f"{stem}_labels.tif"), labels, err_msg=stem)
 
 
-def _ome_zarr(store: Path, image: np.ndarray) -> None:
-    """``image`` (RGB) written as a one-level OME-Zarr image, channels first."""
+def _ome_zarr(store, image: np.ndarray) -> None:
+    """``image`` (RGB) written as a one-level OME-Zarr image, channels first, into a new store (a path) or a group."""
     import zarr
 
-    group = zarr.open_group(str(store), mode="w")
+    group = zarr.open_group(str(store), mode="w") if isinstance(store, Path) else store
     group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "c", "type": "channel"},
                                                                {"name": "y", "type": "space", "unit": "micrometer"},
                                                                {"name": "x", "type": "space", "unit": "micrometer"}],
@@ -986,6 +986,59 @@ def test_a_zarr_store_at_an_address_is_segmented_as_its_local_copy_is(tmp_path, 
     assert main([address, *base, "--out", str(tmp_path / "objects"), "--objects", "_cells"]) == 1
     assert f"--objects reads files beside the image on this computer, and {address} is an address" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("series_listed", [True, False])
+def test_a_bioformats2raw_collection_is_segmented_by_its_first_image_and_says_so(tmp_path, capsys, served,
+                                                                                series_listed):
+    """A store as bioformats2raw converts a slide (images "0", "1" ... under a group marked ``bioformats2raw.layout``,
+    listed by its OME group or not) is segmented by its first image, on disk or at an address, and a note names the
+    others; one of them is segmented when named. At an address, the first image's pixels tell the store written again.
+    A plate is refused, saying to name a field's image."""
+    import zarr
+
+    from napari_clearclip.demo.scenes import make_scene
+
+    classes = ["red", "green", "blue", "yellow", "background"]
+    image, macro = make_scene(41, size=256, objects=(4, 5)).image, make_scene(42, size=96).image
+
+    def write(first: np.ndarray) -> None:
+        root = zarr.open_group(str(tmp_path / "data" / "scan.zarr"), mode="w")
+        root.attrs["bioformats2raw.layout"] = 3
+        for name, picture in (("0", first), ("1", macro)):
+            _ome_zarr(root.create_group(name), picture)
+        if series_listed:
+            root.create_group("OME").attrs["series"] = ["0", "1"]
+
+    write(image)
+    address = served(tmp_path / "data", listing=False) + "/scan.zarr"
+    base = ["--classes", "; ".join(classes), "--model", "synthetic-tiny", "--device", "cpu"]
+    engine = Segmenter("synthetic-tiny", device="cpu")
+    for source, out in ((str(tmp_path / "data" / "scan.zarr"), "local"), (address, "remote")):
+        assert main([source, *base, "--out", str(tmp_path / out)]) == 0
+        err = capsys.readouterr().err
+        assert (f"note: {source}: a collection of 2 images (0, 1): its first was segmented; name {source}/1 (and so "
+                "on) to segment another") in err, err
+        np.testing.assert_array_equal(tifffile.imread(tmp_path / out / "scan_labels.tif"),
+                                      engine.segment(image, classes, maps=False, refine="pamr").labels)
+    assert main([f"{address}/1", *base, "--out", str(tmp_path / "macro")]) == 0
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "macro" / "1_labels.tif"),
+                                  engine.segment(macro, classes, maps=False, refine="pamr").labels)
+    assert main([address, *base, "--out", str(tmp_path / "tiled"), "--format", "zarr", "--no-snap"]) == 0
+    assert "a collection of 2 images" in capsys.readouterr().err
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "tiled" / "scan_labels.zarr"))["labels"][:],
+                                  engine.segment(image, classes, maps=False, short_side=None).labels)
+    changed = image.copy()
+    changed[40:90, 40:90] = (0, 0, 255)
+    write(changed)
+    assert main([address, *base, "--out", str(tmp_path / "remote")]) == 1
+    assert f"skipped: {address}: outputs exist for an earlier version" in capsys.readouterr().err
+
+    plate = zarr.open_group(str(tmp_path / "data" / "plate.zarr"), mode="w")
+    plate.attrs["plate"] = {"version": "0.4", "rows": [{"name": "A"}], "columns": [{"name": "1"}],
+                            "wells": [{"path": "A/1", "rowIndex": 0, "columnIndex": 0}]}
+    assert main([str(tmp_path / "data" / "plate.zarr"), *base, "--out", str(tmp_path / "plate")]) == 1
+    assert "plate.zarr is a plate (OME-Zarr HCS): name one field's image, e.g. " in capsys.readouterr().err
 
 
 def test_a_server_that_stops_answering_fails_its_store_within_the_time_limit(tmp_path, capsys, monkeypatch):

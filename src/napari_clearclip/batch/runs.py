@@ -133,7 +133,7 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
                          "zarr", overwrite)
     try:
         record = make_record(path, task.run, classes) if input_exists(path) else None   # a file, or a zarr store
-        image, note = image_to_segment(segmenter, task, options)
+        image, note = _image_at_its_level(segmenter, task, options)
         if note and record is not None:   # labels at a reduced size: where they sit on the image, in its pixels
             record["placement"] = _reduced_placement(segmenter, task, options)
         objects = None if task.objects is None else read_objects(path, task.objects)
@@ -149,7 +149,8 @@ def segment_file(segmenter, task: Task, classes, out_dir: Path, options: Segment
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), unreadable_text(exc))
     except OSError as exc:  # disk full, permissions changed mid-run ...
         return FileReport(path, "failed", time.perf_counter() - start, worker_name(), os_failure_text(path, exc))
-    return _replaced(FileReport(path, "done", time.perf_counter() - start, worker_name(), note, written), out_dir,
+    return _replaced(FileReport(path, "done", time.perf_counter() - start, worker_name(),
+                                with_collection_note(path, note), written), out_dir,
                      stem, "tif", overwrite)
 
 
@@ -166,6 +167,22 @@ def _replaced(report: FileReport, out_dir: Path, stem: str, output_format: str, 
 
 
 def image_to_segment(segmenter, task: Task, options: SegmentOptions) -> tuple[np.ndarray, str]:
+    """The image a file's run segments, and a note on it ("" for none): the level a slide too large to hold is
+    segmented at (see :func:`_image_at_its_level`), and which image of a collection of several."""
+    image, note = _image_at_its_level(segmenter, task, options)
+    return image, with_collection_note(task.path, note)
+
+
+def with_collection_note(path, note: str) -> str:
+    """``note`` and, for a zarr store that is a collection of several images, which of them was segmented."""
+    if not is_zarr_path(path):
+        return note
+    from ..zarr_images import collection_note
+
+    return "; ".join(part for part in (note, collection_note(path)) if part)
+
+
+def _image_at_its_level(segmenter, task: Task, options: SegmentOptions) -> tuple[np.ndarray, str]:
     """The image a file's run segments, and a note on it ("" for none).
 
     A file is read whole. So is a zarr store or a one-plane TIFF, unless the run resizes (the model then sees the
@@ -252,7 +269,7 @@ def _segment_to_zarr(segmenter, task: Task, classes, outputs: list[Path], option
     except OSError as exc:
         return FileReport(task.path, "failed", time.perf_counter() - start, worker_name(),
                           os_failure_text(task.path, exc))
-    return FileReport(task.path, "done", time.perf_counter() - start, worker_name(), "",
+    return FileReport(task.path, "done", time.perf_counter() - start, worker_name(), with_collection_note(task.path, ""),
                       [labels_path, table_path] + ([outputs[-1]] if task.objects is not None else []))
 
 

@@ -1022,7 +1022,7 @@ def test_a_bioformats2raw_collection_is_segmented_by_its_first_image_and_says_so
         np.testing.assert_array_equal(tifffile.imread(tmp_path / out / "scan_labels.tif"),
                                       engine.segment(image, classes, maps=False, refine="pamr").labels)
     assert main([f"{address}/1", *base, "--out", str(tmp_path / "macro")]) == 0
-    np.testing.assert_array_equal(tifffile.imread(tmp_path / "macro" / "1_labels.tif"),
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "macro" / "scan_1_labels.tif"),   # named after both
                                   engine.segment(macro, classes, maps=False, refine="pamr").labels)
     assert main([address, *base, "--out", str(tmp_path / "tiled"), "--format", "zarr", "--no-snap"]) == 0
     assert "a collection of 2 images" in capsys.readouterr().err

@@ -201,6 +201,20 @@ def same_content(record: dict, path: Path) -> bool:
     return record.get("sha256") == file_digest(path)
 
 
+def natural_stem(path: Path | RemoteStore) -> str:
+    """The name an input's outputs take: its file name without its suffix; an image inside a zarr store named by a
+    number (a collection's ``scan.zarr/1``, an array ``slide.zarr/0``) takes the store's name too (``scan_1``)."""
+    stem = path.stem
+    if stem.isdigit():
+        if isinstance(path, RemoteStore):
+            parent = path.address.split("?", 1)[0].split("#", 1)[0].rstrip("/").rsplit("/", 2)[-2]
+        else:
+            parent = path.parent.name
+        if parent.lower().endswith(".zarr"):
+            return f"{Path(parent).stem}_{stem}"
+    return stem
+
+
 def natural_stems(paths: Sequence[Path], fixed: dict[int, str] | None = None,
                   reserved: frozenset[str] | set[str] = frozenset()) -> list[str]:
     """One output name per input, unique even when inputs share a name or collide with a suffixed one.
@@ -211,7 +225,7 @@ def natural_stems(paths: Sequence[Path], fixed: dict[int, str] | None = None,
     ``a/x.png b/x.png x_2.png`` gives x, x_3, x_2.
     """
     fixed = dict(fixed or {})
-    natural = [p.stem for p in paths]
+    natural = [natural_stem(p) for p in paths]
     taken = set(natural) | set(reserved) | set(fixed.values())
     assigned = set(reserved) | set(fixed.values())
     stems = []

@@ -978,6 +978,11 @@ def test_a_zarr_store_at_an_address_is_segmented_as_its_local_copy_is(tmp_path, 
     assert main([address, *base, "--out", str(tmp_path / "remote")]) == 1
     assert f"skipped: {address}: outputs exist for an earlier version" in capsys.readouterr().err
 
+    code = main([address, "--features-only", "--model", "synthetic-tiny", "--device", "cpu",
+                 "--feature-store", str(tmp_path / "features")])    # a cluster's encoding for napari to find
+    assert code == 0 and "1 of 1 images' features stored" in capsys.readouterr().err
+    assert len(list((tmp_path / "features").glob("*.zarr"))) == 1
+
     missing = served(tmp_path / "data", listing=False) + "/other.zarr"
     assert main([missing, address, *base, "--out", str(tmp_path / "two")]) == 1
     err = capsys.readouterr().err

@@ -19,10 +19,10 @@ import numpy as np
 
 from ..errors import ClearClipError, InvalidOptionError
 from ..files import write_atomic
+from ..image_locations import RemoteStore
 from ..options import DEFAULT, SegmentOptions
 from ..reduced import REDUCED_SIDE, check_large_side
 from ..tiff_images import is_tiff_path, open_tiff_levels
-from ..image_locations import RemoteStore
 from ..zarr_images import check_absent_chunks, is_zarr_path
 from .calibration import input_calibration, labels_zarr_attrs
 from .files import (  # noqa: F401 - REPORT_NAME and PARTS_DIR are part of this module's interface

@@ -46,6 +46,11 @@ class ImageNotFoundError(InvalidImageError, FileNotFoundError):
     """An image path names no file."""
 
 
+class StoreUnreachableError(ClearClipError, ConnectionError):
+    """A zarr store at an address cannot be read now: no connection, an error of the network, or a server silent
+    past the time limit. Running again later may succeed; nothing of it was written."""
+
+
 class InvalidOptionError(ClearClipError, ValueError):
     """An option (window size, logit scale, threshold, contrast limits ...) is out of range or of the wrong type.
 

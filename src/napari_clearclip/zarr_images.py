@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageNotFoundError, InvalidImageError, InvalidOptionError
+from .errors import ImageNotFoundError, InvalidImageError, InvalidOptionError, StoreUnreachableError
 from .image_locations import RemoteStore, remote_address
 
 
@@ -248,6 +248,11 @@ def _zarr_levels(path: Path | RemoteStore) -> list:
         node = _open_node(path)
     except FileNotFoundError:
         raise no_store_at(str(path)) from None
+    except OSError as exc:
+        if isinstance(path, RemoteStore):   # a connection refused or reset, a time limit
+            raise StoreUnreachableError(f"The zarr store at {path} cannot be read now: "
+                                        f"{exc or type(exc).__name__}") from None
+        raise InvalidImageError(f"Could not open {path} as a zarr store: {exc}") from None
     except Exception as exc:
         raise InvalidImageError(f"Could not open {path} as a zarr store: {exc}") from None
     if isinstance(node, zarr.Array):

@@ -1055,6 +1055,8 @@ def test_a_server_that_stops_answering_fails_its_store_within_the_time_limit(tmp
 
     import napari_clearclip.zarr_images as zarr_images
     from napari_clearclip.demo.scenes import make_scene
+    from napari_clearclip.errors import StoreUnreachableError
+    from napari_clearclip.image_locations import RemoteStore
 
     monkeypatch.setattr(zarr_images, "REMOTE_SILENCE_SECONDS", 1.0)
     listener = socket.create_server(("127.0.0.1", 0), backlog=64)    # takes connections, never answers
@@ -1073,6 +1075,14 @@ def test_a_server_that_stops_answering_fails_its_store_within_the_time_limit(tmp
     assert code == 1 and f"error: {stalled}: The zarr store at {stalled} cannot be read" in err, err
     assert time.monotonic() - start < 30
     assert (tmp_path / "out" / "scene_labels.tif").is_file() and not (tmp_path / "out" / "slide_labels.tif").exists()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)   # in Python: a ConnectionError, said as such
+    stalled = f"http://127.0.0.1:{listener.getsockname()[1]}/slide.zarr"
+    try:
+        with pytest.raises(StoreUnreachableError, match=f"The zarr store at {stalled} cannot be read now") as raised:
+            zarr_images.open_zarr_image(RemoteStore(stalled))
+    finally:
+        listener.close()
+    assert isinstance(raised.value, ConnectionError)
 
 
 def test_an_address_no_installed_package_can_read_is_refused_before_anything_runs(tmp_path, capsys):

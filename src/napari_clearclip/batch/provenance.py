@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import ImageNotFoundError
+from ..errors import StoreUnreachableError
 from ..image_locations import RemoteStore
 
 RECORD_KEY = "clearclip"
@@ -64,7 +64,7 @@ def source_identity(path: Path) -> dict:
         except FileNotFoundError:
             raise no_store_at(path.address) from None
         except OSError as error:   # unreadable for now: that input fails, said as such
-            raise ImageNotFoundError(str(error)) from None
+            raise StoreUnreachableError(str(error)) from None
     if path.is_dir():  # a zarr store
         from ..zarr_images import store_identity
 

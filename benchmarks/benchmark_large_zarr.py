@@ -13,7 +13,9 @@ teaches the run with a lesson made at native resolution from strokes on two demo
 first pass over the image gathers its statistics). ``--objects`` writes instance labels beside the store (a grid of
 objects of 37 x 41 pixels, uint32, as cellpose masks of cells would be: 250,000 objects at 20000 x 20000; many cross
 tiles) and gives each a class (``--objects _cells``: their sums are added up over the tiles, then a second pass
-writes their classes; ``<name>_objects.csv``).
+writes their classes; ``<name>_objects.csv``). ``--served`` runs the command a second time on the same store served
+over HTTP on 127.0.0.1 by a server that lists no folder (as a remote store is read: by its address, its record told by
+its metadata and 16 chunks), and prints that run's time and memory against the local one's.
 """
 
 from __future__ import annotations
@@ -97,6 +99,40 @@ def peak_resident(process, wait):
     return peak[0], result
 
 
+def same_labels(first: Path, second: Path, output_format: str) -> bool:
+    """Whether two runs wrote the same labels (a band of rows at a time)."""
+    if output_format == "tif":
+        import tifffile
+
+        return bool(np.array_equal(tifffile.imread(first / "slide_labels.tif"),
+                                   tifffile.imread(second / "slide_labels.tif")))
+    import zarr
+
+    a, b = (zarr.open_group(str(out / "slide_labels.zarr"), mode="r")["labels"] for out in (first, second))
+    return a.shape == b.shape and all(np.array_equal(a[y : y + 2048], b[y : y + 2048]) for y in range(0, a.shape[0], 2048))
+
+
+def serve_unlisted(folder: Path) -> str:
+    """The address of ``folder`` served over HTTP on 127.0.0.1 by a server that lists no folder, in a thread."""
+    import functools
+    import http.server
+
+    class Unlisted(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def list_directory(self, path):
+            self.send_error(404)
+
+    class Server(http.server.ThreadingHTTPServer):
+        request_queue_size = 64
+        daemon_threads = True
+
+    server = Server(("127.0.0.1", 0), functools.partial(Unlisted, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=20000)
@@ -106,6 +142,7 @@ def main() -> None:
                         help="zarr: tile by tile at native resolution; tif: the command's default (resized)")
     parser.add_argument("--lesson", action="store_true", help="teach the run with a lesson (see above)")
     parser.add_argument("--objects", action="store_true", help="give a class to each of a grid of objects (see above)")
+    parser.add_argument("--served", action="store_true", help="also read the store by its address (see above)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp())
     try:
@@ -127,16 +164,27 @@ def main() -> None:
         import os
 
         env = {**os.environ, **env}
-        start = time.perf_counter()
-        process = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
-        peak, code = peak_resident(process, process.wait)
-        seconds = time.perf_counter() - start
         image_gib = args.size * args.size * 3 / 2**30
         snapping = "on" if args.snap else "off"
         lesson = (", a lesson" if args.lesson else "") + (f", {count} objects" if count else "")
-        print(f"| {args.size} x {args.size} RGB, --format {args.format}, tile {args.tile}, snapping {snapping}{lesson} | "
-              f"{seconds / 60:.1f} min | peak resident {peak / 2**30:.2f} GiB | image {image_gib:.2f} GiB, "
-              f"labels {args.size * args.size / 2**30:.2f} GiB | exit {code} |")
+        runs = [("on disk", command)]
+        if args.served:
+            address = serve_unlisted(folder) + "/slide.zarr"
+            runs.append(("served over HTTP", [address if part == str(store) else part for part in command[:-1]]
+                         + ["--out", str(folder / "out-served"), command[-1]]))
+        measured = []
+        for where, argv in runs:
+            start = time.perf_counter()
+            process = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
+            peak, code = peak_resident(process, process.wait)
+            seconds = time.perf_counter() - start
+            measured.append(seconds)
+            print(f"| {args.size} x {args.size} RGB {where}, --format {args.format}, tile {args.tile}, snapping "
+                  f"{snapping}{lesson} | {seconds / 60:.2f} min | peak resident {peak / 2**30:.2f} GiB | image "
+                  f"{image_gib:.2f} GiB, labels {args.size * args.size / 2**30:.2f} GiB | exit {code} |", flush=True)
+        if len(measured) == 2:
+            print(f"served / on disk: {measured[1] / measured[0]:.2f}x the time; the same labels: "
+                  f"{same_labels(folder / 'out', folder / 'out-served', args.format)}")
         if count:
             rows = sum(1 for _ in open(folder / "out" / "slide_objects.csv")) - 1 if code == 0 else 0
             print(f"objects table: {rows} rows of {count} objects")

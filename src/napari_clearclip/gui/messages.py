@@ -44,6 +44,10 @@ def error_text(exc: BaseException, model: str, weights: str) -> tuple[str, bool]
         return f"{field}{given} {exc.rule}{more}.", False
     if isinstance(exc, ClearClipError):
         return str(exc), False
+    if isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__module__.split(".")[0] == "aiohttp":
+        # a remote store's chunks, read by its reader plugin while the run went: the connection, not the run
+        return (f"The image could not be read over the network ({type(exc).__name__}: {exc or 'no answer'}). Check the "
+                "connection and press Run again; nothing was changed.", False)
     return f"Unexpected error ({type(exc).__name__}: {exc}). Nothing was changed.", False
 
 

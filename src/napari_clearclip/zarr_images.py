@@ -167,6 +167,22 @@ def store_location(image) -> str | None:
         return None
 
 
+def array_path(image) -> str | None:
+    """The path, within its store, of the zarr array an image is read from (``"1/0"``: the full level of a
+    collection's second image), also through ``dask.array.from_zarr``; None for anything else. Two images of one
+    store (a bioformats2raw collection's series, opened by a reader plugin at the store's root) share the store's
+    location as their file, and are told apart by it."""
+    array = image.array if isinstance(image, ChannelsLast) else image
+    try:
+        import zarr
+
+        if not isinstance(array, zarr.Array):
+            array = _zarr_read_by(array)
+        return str(array.path) if isinstance(array, zarr.Array) else None
+    except Exception:  # noqa: BLE001 - an array that cannot tell where it is
+        return None
+
+
 def _zarr_read_by(array):
     """The zarr array a dask array reads as it is (``dask.array.from_zarr``, with nothing done to it since: its
     graph holds that array and the chunks read from it, of its shape and type); None for anything else."""

@@ -1224,3 +1224,43 @@ def test_a_zarr_store_given_to_napari_in_its_console_is_its_result_s_file(qtbot,
     result = np.asarray(viewer.layers["again classes"].data[...])
     assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9
     qtbot.waitUntil(lambda: not store.exists(), timeout=10_000)
+
+
+def test_corrections_on_one_image_of_a_store_do_not_teach_another_image_of_it(qtbot, widget, tmp_path, monkeypatch,
+                                                                             make_napari_viewer):
+    """Two images of one zarr store (a collection's series, as a reader plugin opens them at the store's root) share
+    its location as their file: corrections on the first one's result, left when napari closed, teach a later run on
+    the first image, not on the second (of the same size: once, they did), and that run leaves them in place."""
+    import dask.array as da
+    import zarr
+
+    import napari_clearclip.gui.widget as widget_module
+    import napari_clearclip.tiled_edits as tiled_edits
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    root = zarr.open_group(str(tmp_path / "scan.zarr"), mode="w")
+    second = squares(8)
+    second[24:72, 24:72] = (215, 35, 35)                              # where the stroke goes: red in the second
+    for name, picture in (("0", squares(7)), ("1", second)):
+        root.create_array(name, shape=picture.shape, chunks=(96, 96, 3), dtype=np.uint8)[:] = picture
+    viewer = widget._viewer
+    first, store = _tiled_result(qtbot, widget, viewer.add_image(da.from_zarr(str(tmp_path / "scan.zarr"),
+                                                                              component="0"), name="s0", rgb=True))
+    assert tiled_edits.result_record(store)["array"] == "0"
+    other, painted = _debris_stroke(first)
+    _napari_closed(qtbot, viewer)
+    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
+
+    viewer, widget = _new_napari(make_napari_viewer, "debris\nred\nbackground")
+    widget.image.value = viewer.add_image(da.from_zarr(str(tmp_path / "scan.zarr"), component="1"), name="s1",
+                                          rgb=True)
+    run_and_wait(qtbot, widget)
+    assert "taught this run" not in widget.status.value, widget.status.value
+    assert np.mean(np.asarray(viewer.layers["s1 classes"].data[...])[painted] == 1) < 0.5   # no debris taught
+    assert store.exists()                                             # not that image's result: kept for it
+    widget.image.value = viewer.add_image(da.from_zarr(str(tmp_path / "scan.zarr"), component="0"), name="s0 again",
+                                          rgb=True)
+    run_and_wait(qtbot, widget)
+    assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
+    result = np.asarray(viewer.layers["s0 again classes"].data[...])
+    assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9

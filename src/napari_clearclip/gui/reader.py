@@ -28,6 +28,17 @@ def image_file_of(layer) -> str | None:
     return store_location(data)
 
 
+def image_array_of(layer) -> str | None:
+    """Where in its zarr store the array an image layer shows lies (:func:`~napari_clearclip.zarr_images.array_path`),
+    or None: with :func:`image_file_of`, it tells apart two images of one store, which share its location."""
+    from ..zarr_images import array_path
+
+    data = getattr(layer, "data", None)
+    if getattr(layer, "multiscale", False):
+        data = data[0] if len(data) else None
+    return array_path(data)
+
+
 def painted_before(opened: dict, shape) -> np.ndarray | None:
     """The pixels painted by hand before labels opened from a file were saved (``opened``: what the reader keeps in
     the layer's metadata), as a mask of ``shape``, or None."""

@@ -44,7 +44,7 @@ from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode, Readying
 from .previews import RunPreviews
-from .reader import OPENED_KEY, image_file_of
+from .reader import OPENED_KEY, image_array_of, image_file_of
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, image_changed_text, legend_html, reduced_note
 from .settings import load_settings, save_settings
 from .worker_errors import errors_reported
@@ -514,7 +514,7 @@ class ClearClipWidget(FieldLogic, Container):
             objects = objects_layer.data[0] if objects_layer.multiscale else objects_layer.data
         worker = create_worker(tiled_job, self._models, self.model_spec(), data, names, options, store, new_layer,
                                background, tuple(lessons or ()), objects, painted_on, self._feature_store_folder(),
-                               image_file_of(layer), unfiled,
+                               image_file_of(layer), unfiled, image_array=image_array_of(layer),
                                _start_thread=False, _ignore_errors=True)
 
         def discard():  # a cancelled or failed run leaves no store behind
@@ -559,7 +559,7 @@ class ClearClipWidget(FieldLogic, Container):
         from ..tiled_edits import SESSION, kept_results, labels_shape
         from ..tiled_edits import same_image_file
 
-        source = image_file_of(image)
+        source, array = image_file_of(image), image_array_of(image)
         shown = _shown_stores()   # (a store another viewer shows is in use)
         newest, record, gone = None, None, []
         for path, kept in kept_results(before=time.time()):   # (not a run of another dock finishing now)
@@ -567,8 +567,9 @@ class ClearClipWidget(FieldLogic, Container):
                 continue
             this_session = kept.get("session") == SESSION
             of_image = bool(source) and same_image_file(kept, source)
-            if of_image:
-                of_image = labels_shape(path) == tuple(layout.label_shape)
+            if of_image:   # (another image of the same store, a collection's series, is another image)
+                of_image = (labels_shape(path) == tuple(layout.label_shape)
+                            and (None in (kept.get("array"), array) or kept.get("array") == array))
             if this_session or (of_image and learns):
                 gone.append(path)
             if of_image and learns and not this_session and newest is None:

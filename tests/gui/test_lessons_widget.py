@@ -1264,3 +1264,49 @@ def test_corrections_on_one_image_of_a_store_do_not_teach_another_image_of_it(qt
     assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
     result = np.asarray(viewer.layers["s0 again classes"].data[...])
     assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9
+
+
+def test_labels_the_command_wrote_for_a_collection_teach_runs_on_its_first_image_only(qtbot, widget, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """The command segments a bioformats2raw collection's first image; its labels, opened for painting (too large to
+    hold: a working copy), record where that image lies in the store, so their strokes teach a run on that image and
+    not one on the collection's second image of the same size (both share the store's location)."""
+    import dask.array as da
+    import zarr
+
+    import napari_clearclip.batch.labels_reading as labels_reading
+    import napari_clearclip.gui.widget as widget_module
+    from napari_clearclip.batch.cli import main
+
+    monkeypatch.setattr(labels_reading, "IN_MEMORY_PIXELS", 100 * 100)
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    root = zarr.open_group(str(tmp_path / "scan.zarr"), mode="w")
+    root.attrs["bioformats2raw.layout"] = 3
+    second = squares(8)
+    second[24:72, 24:72] = (215, 35, 35)                              # where the stroke goes: red in the second
+    for name, picture in (("0", squares(7)), ("1", second)):
+        series = root.create_group(name)
+        series.attrs["multiscales"] = [{"version": "0.4", "axes": ["y", "x", "c"], "datasets": [{"path": "0"}]}]
+        series.create_array("0", shape=picture.shape, chunks=(96, 96, 3), dtype=np.uint8)[:] = picture
+    assert main([str(tmp_path / "scan.zarr"), "--out", str(tmp_path / "out"), "--classes", "debris; red; background",
+                 "--model", "synthetic-tiny", "--device", "cpu", "--format", "zarr"]) == 0
+    capsys.readouterr()
+    viewer = widget._viewer
+    [labels] = viewer.open(str(tmp_path / "out" / "scan_labels.zarr"), plugin="napari-clearclip")
+    labels.brush_size = 9
+    labels.paint((48, 48), 1)                                         # a debris stroke on the first image's labels
+    painted = np.asarray(labels.data[...]) == 1
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    widget.resize.value = False
+    for component, name in (("1/0", "second"), ("0/0", "first")):
+        widget.image.value = viewer.add_image(da.from_zarr(str(tmp_path / "scan.zarr"), component=component),
+                                              name=name, rgb=True)
+        run_and_wait(qtbot, widget)
+        result = np.asarray(viewer.layers[f"{name} classes"].data[...])
+        if name == "second":   # not its labels: nothing painted there teaches
+            assert "taught" not in widget.status.value, widget.status.value
+            assert np.mean(result[painted] == 1) < 0.5
+        else:
+            assert "taught" in widget.status.value, widget.status.value
+            assert np.mean(result[painted] == 1) > 0.9

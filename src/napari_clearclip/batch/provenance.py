@@ -60,7 +60,7 @@ def source_identity(path: Path) -> dict:
         from ..zarr_images import no_store_at, remote_store_identity
 
         try:
-            return {"source": path.address, **remote_store_identity(path.address)}
+            return {"source": path.address, **remote_store_identity(path.address), **_array_in(path)}
         except FileNotFoundError:
             raise no_store_at(path.address) from None
         except OSError as error:   # unreadable for now: that input fails, said as such
@@ -68,10 +68,23 @@ def source_identity(path: Path) -> dict:
     if path.is_dir():  # a zarr store
         from ..zarr_images import store_identity
 
-        return {"source": str(path.resolve()), **store_identity(path)}
+        return {"source": str(path.resolve()), **store_identity(path), **_array_in(path)}
     stat = path.stat()
     return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
             "sha256": file_digest(path), "sample": sampled_digest(path)}
+
+
+def _array_in(store) -> dict:
+    """Where in a zarr store the image a run segments lies (``{"array": "0/0"}``: a collection's first image), which
+    tells it apart from the store's other images, that share its location; {} where the store cannot say."""
+    from ..errors import ClearClipError
+    from ..zarr_images import array_path, open_zarr_levels
+
+    try:
+        array = array_path(open_zarr_levels(store)[0])
+    except ClearClipError:   # said where the image is read
+        return {}
+    return {} if array is None else {"array": array}
 
 
 def make_record(path: Path, run: str, classes: Sequence[str]) -> dict:

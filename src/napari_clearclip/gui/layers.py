@@ -19,7 +19,7 @@ from qtpy.QtCore import QTimer
 from ..colours import colormap_dict
 from ..editing import apply_update
 from ..planes import ImageLayout
-from .reader import image_file_of
+from .reader import image_file_of, same_array
 
 #: Where a result layer keeps what saving it needs beyond its pixels (in its metadata, see :mod:`.writer`): its
 #: image's file, what the runs wrote (``baseline``) and the pixels the user painted (``edited``).
@@ -192,7 +192,8 @@ class ResultLayers:
             baseline = mark.get("baseline")
             if (not isinstance(item.data, np.ndarray) or item.data.shape != layout.label_shape
                     or not isinstance(baseline, np.ndarray) or baseline.shape != item.data.shape
-                    or not same_image_file(mark.get("record") or {}, source)):
+                    or not same_image_file(mark.get("record") or {}, source)
+                    or not same_array(mark.get("record") or {}, layer)):
                 continue
             names = list(mark.get("names", []))
             # pixels painted before the labels were saved (Save labels... keeps them) stay the user's

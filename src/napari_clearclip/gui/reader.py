@@ -39,6 +39,14 @@ def image_array_of(layer) -> str | None:
     return array_path(data)
 
 
+def same_array(record: dict, layer) -> bool:
+    """Whether a labels or result record, whose image file is the layer's, is of the layer's own image: the same
+    array of the store (:func:`image_array_of`), where both are known (another image of one store shares its
+    location)."""
+    recorded, shown = record.get("array"), image_array_of(layer)
+    return recorded is None or shown is None or recorded == shown
+
+
 def painted_before(opened: dict, shape) -> np.ndarray | None:
     """The pixels painted by hand before labels opened from a file were saved (``opened``: what the reader keeps in
     the layer's metadata), as a mask of ``shape``, or None."""

@@ -44,7 +44,7 @@ from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode, Readying
 from .previews import RunPreviews
-from .reader import OPENED_KEY, image_array_of, image_file_of
+from .reader import OPENED_KEY, image_array_of, image_file_of, same_array
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, image_changed_text, legend_html, reduced_note
 from .settings import load_settings, save_settings
 from .worker_errors import errors_reported
@@ -544,7 +544,8 @@ class ClearClipWidget(FieldLogic, Container):
             if kept and result_of_image(kept, image, live) and has_baseline(kept.get("store", "")):
                 return item
             if (isinstance(item.data, EditableCopy) and isinstance(opened, dict) and source
-                    and same_image_file(opened.get("record") or {}, source)):
+                    and same_image_file(opened.get("record") or {}, source)
+                    and same_array(opened.get("record") or {}, image)):
                 return item
         return None
 
@@ -702,7 +703,8 @@ class ClearClipWidget(FieldLogic, Container):
             if kept and result_of_image(kept, image, live):
                 return item
             if (isinstance(opened, dict) and opened.get("edits") and source
-                    and same_image_file(opened.get("record") or {}, source)):
+                    and same_image_file(opened.get("record") or {}, source)
+                    and same_array(opened.get("record") or {}, image)):
                 return item
         return None
 

@@ -972,6 +972,17 @@ def test_a_zarr_store_at_an_address_is_segmented_as_its_local_copy_is(tmp_path, 
     capsys.readouterr()
     assert main([address, *base, "--out", str(tmp_path / "remote")]) == 0          # the same store: kept
     assert f"skipped: {address}: outputs exist (use --overwrite" in capsys.readouterr().err
+    import napari_clearclip.zarr_images as zarr_images
+
+    def unreachable(address):
+        raise OSError(f"The zarr store at {address} cannot be read: Connection refused")
+
+    with pytest.MonkeyPatch.context() as patched:   # the network down: not taken for a store written again
+        patched.setattr(zarr_images, "remote_store_identity", unreachable)
+        assert main([address, *base, "--out", str(tmp_path / "remote")]) == 1
+    err = capsys.readouterr().err
+    assert f"skipped: {address}: outputs exist, kept as they are, but the store could not be read now" in err, err
+    assert "earlier version" not in err.split("not this run's labels")[0]
     changed = image.copy()
     changed[100:160, 100:160] = (255, 0, 0)
     _ome_zarr(tmp_path / "data" / "slide.zarr", changed)

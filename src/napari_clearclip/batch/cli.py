@@ -322,7 +322,8 @@ def _run(args: argparse.Namespace, stop: StopOnce | None = None) -> int:
     print(f"{counts['done']} of {total} images segmented into {args.out}{skipped}", file=sys.stderr)
     if others:  # kept, as they may hold corrections, but not this command's labels: a script must not take them
         print(f"not this run's labels: {', '.join(others)} (their outputs come from other classes, model or options, "
-              "or an earlier version of the file; --overwrite replaces them, or choose another --out)",
+              "or an earlier version of the file, or a store that could not be read to tell; --overwrite replaces "
+              "them, or choose another --out)",
               file=sys.stderr)
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)

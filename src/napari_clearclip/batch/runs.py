@@ -59,6 +59,8 @@ SKIPPED = "outputs exist (use --overwrite to replace them)"
 SKIPPED_OTHER_RUN = ("outputs exist from a run with other classes, model or options, kept as they are "
                      "(use --overwrite to replace them)")
 SKIPPED_CHANGED = "outputs exist for an earlier version of this file, kept as they are (use --overwrite to replace them)"
+SKIPPED_UNCHECKED = ("outputs exist, kept as they are, but the store could not be read now to tell whether they are of "
+                     "what it holds (use --overwrite to replace them)")
 RUN_OVER = "the run this plane belonged to has ended"
 
 
@@ -87,14 +89,23 @@ class Task:
 def holds_another_run(report: FileReport) -> bool:
     """Whether ``report`` skipped an input whose outputs are not this run's labels (other classes, model or options,
     or an earlier version of the file): kept, but not what was asked for."""
-    return report.status == "skipped" and report.error in (SKIPPED_OTHER_RUN, SKIPPED_CHANGED)
+    return report.status == "skipped" and report.error in (SKIPPED_OTHER_RUN, SKIPPED_CHANGED, SKIPPED_UNCHECKED)
 
 
 def skip_reason(record: dict | None, path: Path, run: str) -> str:
     """Why an input whose outputs exist is skipped, said so that a user sees when they are not this run's."""
     if record is None:
         return SKIPPED
-    if not same_content(record, path):
+    if isinstance(path, RemoteStore):   # a network failure is not a store written again
+        from ..zarr_images import remote_store_identity
+
+        try:
+            same = record.get("chunks") == remote_store_identity(path.address)["chunks"]
+        except OSError:
+            return SKIPPED_UNCHECKED
+    else:
+        same = same_content(record, path)
+    if not same:
         return SKIPPED_CHANGED
     if record.get("run") != run:
         return SKIPPED_OTHER_RUN

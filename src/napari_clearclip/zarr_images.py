@@ -142,7 +142,8 @@ def local_store_root(image) -> Path | None:
 def store_location(image) -> str | None:
     """Where the zarr store a zarr array is read from lies, also through ``dask.array.from_zarr``: the folder of a
     local store, or the address of a remote one (``https://``, ``s3://``...: the image's file, as napari-ome-zarr
-    would name it); None for anything else (arrays in memory, zarr's and fsspec's memory stores, dask arrays made
+    would name it), or the TIFF file tifffile reads as a zarr store (``tifffile.imread(path, aszarr=True)``, a large
+    TIFF read lazily); None for anything else (arrays in memory, zarr's and fsspec's memory stores, dask arrays made
     otherwise or changed since)."""
     array = image.array if isinstance(image, ChannelsLast) else image
     try:
@@ -153,6 +154,9 @@ def store_location(image) -> str | None:
             array = _zarr_read_by(array)
         if not isinstance(array, zarr.Array):
             return None
+        tiff = tiff_series_of(array)
+        if tiff is not None:
+            return tiff[0]
         if isinstance(array.store, LocalStore):
             return str(Path(array.store.root))
         fs, path = getattr(array.store, "fs", None), getattr(array.store, "path", None)   # (fsspec's, as dask opens)
@@ -171,16 +175,37 @@ def array_path(image) -> str | None:
     """The path, within its store, of the zarr array an image is read from (``"1/0"``: the full level of a
     collection's second image), also through ``dask.array.from_zarr``; None for anything else. Two images of one
     store (a bioformats2raw collection's series, opened by a reader plugin at the store's root) share the store's
-    location as their file, and are told apart by it."""
+    location as their file, and are told apart by it. A TIFF file's series read through tifffile as a zarr store
+    are told apart by their number (``"series 1"``), whichever of its levels is read."""
     array = image.array if isinstance(image, ChannelsLast) else image
     try:
         import zarr
 
         if not isinstance(array, zarr.Array):
             array = _zarr_read_by(array)
-        return str(array.path) if isinstance(array, zarr.Array) else None
+        if not isinstance(array, zarr.Array):
+            return None
+        tiff = tiff_series_of(array)
+        return f"series {tiff[1]}" if tiff is not None else str(array.path)
     except Exception:  # noqa: BLE001 - an array that cannot tell where it is
         return None
+
+
+def tiff_series_of(array) -> tuple[str, int] | None:
+    """(the file, the series' number in it) of a zarr array tifffile reads from a TIFF file on disk
+    (``zarr.open(tifffile.imread(path, aszarr=True, series=n))``, at any of its levels); None for any other array."""
+    store = getattr(array, "store", None)
+    if type(store).__module__.split(".")[0] != "tifffile":
+        return None
+    try:   # the series (or its levels) the store reads: tifffile names them for no public use
+        first = store._data[0]
+        parent = first.parent
+        index = next(number for number, series in enumerate(parent.series)
+                     if series is first or any(level is first for level in series.levels))
+        path = Path(parent.filehandle.path)
+    except Exception:  # noqa: BLE001 - a tifffile of another shape: no file known
+        return None
+    return (str(path.resolve()), index) if path.is_file() else None
 
 
 def _zarr_read_by(array):
@@ -212,6 +237,8 @@ def absent_chunk_count(image) -> tuple[int, int] | None:
             return None
         total, stored = int(array.nchunks), int(array.nchunks_initialized)
     except Exception:  # noqa: BLE001 - whatever the store raises, there is nothing to count
+        return None
+    if tiff_series_of(array) is not None:   # a TIFF file's tiles, each there, that its store does not list
         return None
     if stored < total and not _lists_its_folders(array):
         return None

@@ -219,3 +219,32 @@ def test_chunks_a_remote_store_lacks_are_counted_only_where_its_server_lists_fol
     image = np.asarray(open_zarr_image(RemoteStore(unlisted)))
     assert (image[128:256, 128:256] == 0).all() and (image[:128] == 9).all()
     assert location_name("https://host/data/slide.zarr/?X-Amz-Signature=abc#top") == "slide.zarr"
+
+
+def test_a_tiff_read_lazily_through_tifffile_is_known_by_its_file_and_series(tmp_path):
+    """``tifffile.imread(path, aszarr=True)`` reads a large TIFF as a zarr store: its arrays are known by the file
+    (so their results are found again) and its series by their number, at any level, read directly or through
+    ``dask.array.from_zarr``; its tiles, which that store does not list, are not counted as missing."""
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    from napari_clearclip.zarr_images import absent_chunk_count, array_path, store_location
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / "scan.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tiff:
+        for _ in range(2):
+            picture = rng.integers(0, 255, (256, 320, 3), dtype=np.uint8)
+            tiff.write(picture, tile=(64, 64), photometric="rgb", subifds=1)
+            tiff.write(picture[::2, ::2].copy(), tile=(64, 64), photometric="rgb", subfiletype=1)
+    for series in (0, 1):
+        levels = zarr.open(tifffile.imread(path, aszarr=True, series=series), mode="r")
+        arrays = [levels["0"], levels["1"], da.from_zarr(levels["1"]),
+                  zarr.open(tifffile.imread(path, aszarr=True, series=series, level=1), mode="r")]
+        assert [store_location(array) for array in arrays] == [str(path.resolve())] * 4
+        assert [array_path(array) for array in arrays] == [f"series {series}"] * 4
+        assert absent_chunk_count(levels["0"]) is None
+    memory = zarr.open_array(zarr.storage.MemoryStore(), mode="w", shape=(128, 128), chunks=(64, 64), dtype="u1")
+    memory[:64, :64] = 1
+    assert store_location(memory) is None and absent_chunk_count(memory) == (3, 4)   # a store that lists its chunks

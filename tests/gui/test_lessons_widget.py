@@ -729,7 +729,7 @@ def _debris_stroke(result):
     paints, not debris in the result) and the pixels painted."""
     other = (slice(128, 160), slice(128, 160))
     assert np.mean(np.asarray(result.data[other]) == 1) < 0.5
-    before = np.asarray(result.data[...])
+    before = np.array(result.data[...])   # (a copy: a result in memory is painted in place)
     result.brush_size = 9
     result.paint((48, 48), 1)
     painted = np.asarray(result.data[...]) != before
@@ -741,6 +741,30 @@ def _napari_closed(qtbot, viewer):
     """Close a viewer as napari does when it quits (its layers removed first, then its window)."""
     viewer.close()
     qtbot.wait(200)
+
+
+def _two_images_store(path):
+    """A zarr store of two :func:`squares` images of one size, ``0`` and ``1``: in the second, red where
+    :func:`_debris_stroke` paints."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="w")
+    second = squares(8)
+    second[24:72, 24:72] = (215, 35, 35)
+    for name, picture in (("0", squares(7)), ("1", second)):
+        root.create_array(name, shape=picture.shape, chunks=(96, 96, 3), dtype=np.uint8)[:] = picture
+
+
+def _later_napari_elsewhere(qtbot, viewer, monkeypatch, tmp_path, make_napari_viewer):
+    """Close ``viewer`` as napari quits, then open a later napari started in another folder, its dock set for
+    :func:`squares` with the demo model: (viewer, widget)."""
+    import napari_clearclip.tiled_edits as tiled_edits
+
+    _napari_closed(qtbot, viewer)
+    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    return _new_napari(make_napari_viewer, "debris\nred\nbackground")
 
 
 def test_corrections_on_a_slides_result_left_when_napari_closed_teach_the_next_run_and_removed_ones_do_not(
@@ -1133,12 +1157,7 @@ def test_a_remote_store_napari_opened_is_found_by_its_address_and_saved_beside_n
     assert widget.save_labels() is None                               # (the dialog cancelled)
     assert proposed == ["slide_labels.zarr"], proposed
     other, painted = _debris_stroke(first)
-    _napari_closed(qtbot, viewer)
-    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")
-
-    viewer, widget = _new_napari(make_napari_viewer, "debris\nred\nbackground")
+    viewer, widget = _later_napari_elsewhere(qtbot, viewer, monkeypatch, tmp_path, make_napari_viewer)
     [widget.image.value] = viewer.open(address, plugin=remote_reader)
     run_and_wait(qtbot, widget)
     assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
@@ -1212,12 +1231,7 @@ def test_a_zarr_store_given_to_napari_in_its_console_is_its_result_s_file(qtbot,
     first, store = _tiled_result(qtbot, widget, image)
     assert tiled_edits.result_record(store)["source"] == (where if remote else str(Path(where).resolve()))
     other, painted = _debris_stroke(first)
-    _napari_closed(qtbot, viewer)
-    monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
-    (tmp_path / "elsewhere").mkdir()
-    monkeypatch.chdir(tmp_path / "elsewhere")   # (napari started in another folder)
-
-    viewer, widget = _new_napari(make_napari_viewer, "debris\nred\nbackground")
+    viewer, widget = _later_napari_elsewhere(qtbot, viewer, monkeypatch, tmp_path, make_napari_viewer)
     widget.image.value = viewer.add_image(opened(), name="again", rgb=True)
     run_and_wait(qtbot, widget)
     assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
@@ -1232,22 +1246,21 @@ def test_corrections_on_one_image_of_a_store_do_not_teach_another_image_of_it(qt
     its location as their file: corrections on the first one's result, left when napari closed, teach a later run on
     the first image, not on the second (of the same size: once, they did), and that run leaves them in place."""
     import dask.array as da
-    import zarr
 
     import napari_clearclip.gui.widget as widget_module
     import napari_clearclip.tiled_edits as tiled_edits
+    from napari_clearclip.batch.labels_reading import read_labels_output
 
     monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
-    root = zarr.open_group(str(tmp_path / "scan.zarr"), mode="w")
-    second = squares(8)
-    second[24:72, 24:72] = (215, 35, 35)                              # where the stroke goes: red in the second
-    for name, picture in (("0", squares(7)), ("1", second)):
-        root.create_array(name, shape=picture.shape, chunks=(96, 96, 3), dtype=np.uint8)[:] = picture
+    _two_images_store(tmp_path / "scan.zarr")
     viewer = widget._viewer
     first, store = _tiled_result(qtbot, widget, viewer.add_image(da.from_zarr(str(tmp_path / "scan.zarr"),
                                                                               component="0"), name="s0", rgb=True))
     assert tiled_edits.result_record(store)["array"] == "0"
     other, painted = _debris_stroke(first)
+    widget.save_labels(tmp_path / "s0")                               # saved, they say which image of the store
+    qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
+    assert read_labels_output(tmp_path / "s0_labels.zarr").record.get("array") == "0"
     _napari_closed(qtbot, viewer)
     monkeypatch.setattr(tiled_edits, "SESSION", "a later napari")
 
@@ -1310,3 +1323,89 @@ def test_labels_the_command_wrote_for_a_collection_teach_runs_on_its_first_image
         else:
             assert "taught" in widget.status.value, widget.status.value
             assert np.mean(result[painted] == 1) > 0.9
+
+
+@pytest.mark.parametrize("saved_with", ["Save labels...", "File > Save Selected Layers..."])
+def test_labels_saved_from_napari_teach_runs_on_their_own_image_of_a_store_only(qtbot, widget, tmp_path, saved_with):
+    """Labels of one image of a zarr store, corrected and saved from napari, record where that image lies in the
+    store: opened again, their strokes teach a run on that image and not one on another image of the store of the
+    same size (both share the store's location as their file)."""
+    import dask.array as da
+    import tifffile
+
+    from napari_clearclip.batch.labels_reading import read_labels_output
+
+    _two_images_store(tmp_path / "scan.zarr")
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    widget.resize.value = False
+    widget.image.value = viewer.add_image(da.from_zarr(str(tmp_path / "scan.zarr"), component="0"), name="s0",
+                                          rgb=True)
+    run_and_wait(qtbot, widget)
+    result = viewer.layers["s0 classes"]
+    other, painted = _debris_stroke(result)
+    if saved_with == "Save labels...":
+        widget.save_labels(tmp_path / "s0.tif")
+        qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
+    else:
+        viewer.layers.selection = {result}
+        viewer.layers.save(str(tmp_path / "s0.tif"), selected=True)
+    saved = tmp_path / "s0_labels.tif"
+    np.testing.assert_array_equal(tifffile.imread(saved), np.asarray(result.data))
+    assert read_labels_output(saved).record.get("array") == "0"
+
+    viewer.layers.clear()                                             # a later session: the labels opened again
+    [labels] = viewer.open(str(saved), plugin="napari-clearclip")
+    for component, name in (("1", "second"), ("0", "first")):
+        widget.image.value = viewer.add_image(da.from_zarr(str(tmp_path / "scan.zarr"), component=component),
+                                              name=name, rgb=True)
+        run_and_wait(qtbot, widget)
+        if name == "second":   # not its labels: nothing painted there teaches, and a layer of its own is added
+            assert "taught" not in widget.status.value, widget.status.value
+            assert np.mean(np.asarray(viewer.layers["second classes"].data)[painted] == 1) < 0.5
+        else:                  # its labels: the stroke is kept and teaches the other blue square
+            assert "first classes" not in viewer.layers
+            assert np.all(np.asarray(labels.data)[painted] == 1)
+            assert np.mean(np.asarray(labels.data)[other] == 1) > 0.9
+
+
+def test_corrections_on_a_tiff_read_lazily_teach_a_later_napari_on_that_series_only(qtbot, widget, tmp_path,
+                                                                                     monkeypatch, make_napari_viewer):
+    """A large TIFF read lazily through tifffile as a zarr store (``tifffile.imread(path, aszarr=True)`` in napari's
+    console) is known by its file: corrections on its result, left when napari closed, teach a later napari's run
+    on it, started in another folder; the file's other series, of the same size, is not taught by them."""
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    import napari_clearclip.gui.widget as widget_module
+    import napari_clearclip.tiled_edits as tiled_edits
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    second = squares(8)
+    second[24:72, 24:72] = (215, 35, 35)                              # where the stroke goes: red in the second
+    path = tmp_path / "scan.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tiff:
+        for picture in (squares(7), second):
+            tiff.write(picture, tile=(64, 64), photometric="rgb")
+
+    def lazily(series: int):
+        return da.from_zarr(zarr.open(tifffile.imread(path, aszarr=True, series=series), mode="r"))
+
+    viewer = widget._viewer
+    first, store = _tiled_result(qtbot, widget, viewer.add_image(lazily(0), name="s0", rgb=True))
+    assert "not in its zarr store" not in widget.status.value, widget.status.value   # a TIFF's tiles are there
+    assert tiled_edits.result_record(store)["source"] == str(path.resolve())
+    other, painted = _debris_stroke(first)
+    viewer, widget = _later_napari_elsewhere(qtbot, viewer, monkeypatch, tmp_path, make_napari_viewer)
+    widget.image.value = viewer.add_image(lazily(1), name="s1", rgb=True)
+    run_and_wait(qtbot, widget)
+    assert "taught this run" not in widget.status.value, widget.status.value
+    assert np.mean(np.asarray(viewer.layers["s1 classes"].data[...])[painted] == 1) < 0.5   # no debris taught
+    assert store.exists()                                             # not that series' result: kept for it
+    widget.image.value = viewer.add_image(lazily(0), name="s0 again", rgb=True)
+    run_and_wait(qtbot, widget)
+    assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
+    result = np.asarray(viewer.layers["s0 again classes"].data[...])
+    assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9

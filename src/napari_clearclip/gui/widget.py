@@ -740,7 +740,8 @@ class ClearClipWidget(FieldLogic, Container):
         # the pixels painted by hand, kept with the labels so that they teach again when opened another day
         painted = PaintedPixels.of(layer.data, tiled.get("store") if isinstance(tiled, dict) else None)
         worker = create_worker(errors_reported(write_labels_store_steps), target, layer.data, names, source, painted=painted,
-                               _start_thread=False, _ignore_errors=True)
+                               array=image_array_of(image) if source else None, _start_thread=False,
+                               _ignore_errors=True)
         worker.yielded.connect(lambda step: self._set_status(f"Saving {layer.name} to {target}: band {step[0]} of "
                                                              f"{step[1]}..."))
         version = getattr(layer.data, "version", None)   # a working copy's writes so far
@@ -791,12 +792,14 @@ class ClearClipWidget(FieldLogic, Container):
         names = class_names(layer.metadata, layer.features) or list(result.names)
         labels = np.array(layer.data)          # as shown now, edits included
         source = image_file_of(image)
+        array = image_array_of(image) if source else None   # which image of its zarr store, if it is one
         metadata = dict(layer.metadata)        # its arrays are replaced, never changed in place: safe to read there
         self._set_status(f"Saving {layer.name} to {target}...")
 
         def write():
             parts = saved_parts(labels, metadata)   # a reduced image's labels are placed over it when opened again
-            return write_labels_file(target, labels, names, source, overwrite, parts["placement"], parts["edited"])
+            return write_labels_file(target, labels, names, source, overwrite, parts["placement"], parts["edited"],
+                                     array)
 
         worker = create_worker(write, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(lambda paths: self._set_status(f"Saved {layer.name} to {paths[0]}, its classes to "

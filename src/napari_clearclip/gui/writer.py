@@ -37,12 +37,14 @@ def class_names(metadata: dict, features) -> list[str] | None:
 
 def saved_parts(labels: np.ndarray, metadata: dict) -> dict:
     """What the record of ``labels`` (as shown now) keeps beside their classes: ``source`` (the image's file, or
-    None), ``placement`` (scale and translation over a reduced image, or None) and ``edited`` (the pixels painted
-    by hand: those unlike what the runs wrote, and those painted with the label the run gave; or None)."""
+    None), ``array`` (where in that file, a zarr store, the image lies, or None), ``placement`` (scale and
+    translation over a reduced image, or None) and ``edited`` (the pixels painted by hand: those unlike what the runs
+    wrote, and those painted with the label the run gave; or None)."""
     result = metadata.get(RESULT_KEY) if isinstance(metadata.get(RESULT_KEY), dict) else {}
     opened = metadata.get(OPENED_KEY) if isinstance(metadata.get(OPENED_KEY), dict) else {}
     record = opened.get("record") or {}
     source = result.get("source") or record.get("source") or None
+    array = result.get("array") if result.get("source") else record.get("array")
     full = metadata.get(FULL_SIZE_KEY)
     if isinstance(full, dict) and full.get("factors"):
         factors = [float(f) for f in full["factors"][-2:]]
@@ -64,7 +66,7 @@ def saved_parts(labels: np.ndarray, metadata: dict) -> dict:
         edited = labels != baseline
     if isinstance(painted, np.ndarray) and painted.shape == labels.shape:
         edited = painted.copy() if edited is None else edited | painted
-    return {"source": source, "placement": placement, "edited": edited}
+    return {"source": source, "array": array if source else None, "placement": placement, "edited": edited}
 
 
 def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
@@ -92,7 +94,7 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     # napari's save dialog asked about the name given: a file of another name (given the ending) is never replaced
     asked = Path(path).name.endswith("_labels.tif")
     written = write_labels_file(path, labels, names, parts["source"], overwrite=asked, placement=parts["placement"],
-                                edited=parts["edited"])
+                                edited=parts["edited"], array=parts["array"])
     return [str(Path(item)) for item in written]
 
 

@@ -35,6 +35,18 @@ def tiff_axes(path: Path) -> tuple[str, tuple[int, ...]] | None:
         return None
 
 
+def series_count(path: Path) -> int:
+    """How many series (images) a TIFF holds: a multi-position acquisition's positions, say, of which a run reads
+    the first; 1 where it cannot be read."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            return max(1, len(tif.series))
+    except Exception:
+        return 1
+
+
 def samples_last(data: np.ndarray, axes: str) -> np.ndarray:
     """``data`` with its samples axis ("S", an RGB image's colours) moved last, where it is elsewhere."""
     if "S" in axes and len(axes) == data.ndim and axes.index("S") != data.ndim - 1:

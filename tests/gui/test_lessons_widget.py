@@ -1370,11 +1370,14 @@ def test_labels_saved_from_napari_teach_runs_on_their_own_image_of_a_store_only(
             assert np.mean(np.asarray(labels.data)[other] == 1) > 0.9
 
 
+@pytest.mark.parametrize("given_as", ["dask", "pyramid"])
 def test_corrections_on_a_tiff_read_lazily_teach_a_later_napari_on_that_series_only(qtbot, widget, tmp_path,
-                                                                                     monkeypatch, make_napari_viewer):
+                                                                                     monkeypatch, make_napari_viewer,
+                                                                                     given_as):
     """A large TIFF read lazily through tifffile as a zarr store (``tifffile.imread(path, aszarr=True)`` in napari's
-    console) is known by its file: corrections on its result, left when napari closed, teach a later napari's run
-    on it, started in another folder; the file's other series, of the same size, is not taught by them."""
+    console: through dask, or a pyramid's levels as the Large images page shows) is known by its file: corrections
+    on its result, left when napari closed, teach a later napari's run on it, started in another folder; the file's
+    other series, of the same size, is not taught by them."""
     import dask.array as da
     import tifffile
     import zarr
@@ -1388,10 +1391,17 @@ def test_corrections_on_a_tiff_read_lazily_teach_a_later_napari_on_that_series_o
     path = tmp_path / "scan.ome.tif"
     with tifffile.TiffWriter(path, ome=True) as tiff:
         for picture in (squares(7), second):
-            tiff.write(picture, tile=(64, 64), photometric="rgb")
+            if given_as == "pyramid":
+                tiff.write(picture, tile=(64, 64), photometric="rgb", subifds=1)
+                tiff.write(picture[::2, ::2].copy(), tile=(64, 64), photometric="rgb", subfiletype=1)
+            else:
+                tiff.write(picture, tile=(64, 64), photometric="rgb")
 
     def lazily(series: int):
-        return da.from_zarr(zarr.open(tifffile.imread(path, aszarr=True, series=series), mode="r"))
+        levels = zarr.open(tifffile.imread(path, aszarr=True, series=series), mode="r")
+        if given_as == "pyramid":   # as the Large images page opens one
+            return [levels[key] for key in sorted(levels, key=int)]
+        return da.from_zarr(levels)
 
     viewer = widget._viewer
     first, store = _tiled_result(qtbot, widget, viewer.add_image(lazily(0), name="s0", rgb=True))
@@ -1409,3 +1419,44 @@ def test_corrections_on_a_tiff_read_lazily_teach_a_later_napari_on_that_series_o
     assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
     result = np.asarray(viewer.layers["s0 again classes"].data[...])
     assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9
+
+
+def test_labels_the_command_wrote_for_a_tiff_of_several_series_teach_runs_on_its_first_series_only(qtbot, widget,
+                                                                                                   tmp_path, capsys):
+    """The command segments a TIFF's first series; its labels record that, so, opened for painting, their strokes
+    teach a run on that series read lazily in napari's console, and not one on the file's second series of the same
+    size (both are known by the file)."""
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    from napari_clearclip.batch.cli import main
+    from napari_clearclip.batch.labels_reading import read_labels_output
+
+    second = squares(8)
+    second[24:72, 24:72] = (215, 35, 35)                              # where the stroke goes: red in the second
+    path = tmp_path / "scan.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tiff:
+        for picture in (squares(7), second):
+            tiff.write(picture, tile=(64, 64), photometric="rgb")
+    assert main([str(path), "--out", str(tmp_path / "out"), "--classes", "debris; red; background",
+                 "--model", "synthetic-tiny", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    [saved] = (tmp_path / "out").glob("*_labels.tif")
+    assert read_labels_output(saved).record.get("array") == "series 0"
+    viewer = widget._viewer
+    [labels] = viewer.open(str(saved), plugin="napari-clearclip")
+    other, painted = _debris_stroke(labels)
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    widget.resize.value = False
+    for series, name in ((1, "second"), (0, "first")):
+        lazily = da.from_zarr(zarr.open(tifffile.imread(path, aszarr=True, series=series), mode="r"))
+        widget.image.value = viewer.add_image(lazily, name=name, rgb=True)
+        run_and_wait(qtbot, widget)
+        if name == "second":   # not its labels: a layer of its own, nothing painted there taught
+            assert np.mean(np.asarray(viewer.layers["second classes"].data)[painted] == 1) < 0.5
+        else:                  # its labels: the stroke is kept and teaches the other blue square
+            assert "first classes" not in viewer.layers, widget.status.value
+            assert np.all(np.asarray(labels.data)[painted] == 1)
+            assert np.mean(np.asarray(labels.data)[other] == 1) > 0.9

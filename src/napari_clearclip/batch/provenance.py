@@ -71,7 +71,16 @@ def source_identity(path: Path) -> dict:
         return {"source": str(path.resolve()), **store_identity(path), **_array_in(path)}
     stat = path.stat()
     return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-            "sha256": file_digest(path), "sample": sampled_digest(path)}
+            "sha256": file_digest(path), "sample": sampled_digest(path), **_series_in(path)}
+
+
+def _series_in(path: Path) -> dict:
+    """Which series of a TIFF of several the run segments (its first: ``{"array": "series 0"}``), which tells it
+    apart from the file's other series, read lazily in napari (see
+    :func:`~napari_clearclip.zarr_images.array_path`); {} for any other file."""
+    from ..tiff_images import is_tiff_path, series_count
+
+    return {"array": "series 0"} if is_tiff_path(path) and series_count(path) > 1 else {}
 
 
 def _array_in(store) -> dict:

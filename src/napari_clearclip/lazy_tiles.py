@@ -266,6 +266,7 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     the sums of its finished tiles (each kept with a digest of its objects: a tile whose objects changed is
     computed again).
     """
+    from .block_reads import with_kept_blocks
     from .lessons import check_lesson
     from .objects import ObjectSums, check_lazy_objects
     from .prompts import parse_classes
@@ -289,6 +290,7 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
         exemplars = Exemplars.combine([lesson.exemplars_for(segmenter, parsed, opts, segmenter.method), exemplars])
     if exemplars is not None and exemplars.n_classes != len(parsed):
         raise InvalidOptionError(f"The exemplars are for {exemplars.n_classes} classes, not {len(parsed)}.")
+    image = with_kept_blocks(image, tile)   # a chunk larger than a tile is computed once, not once per region
     if opts.contrast_limits is None and np.dtype(image.dtype) != np.uint8:
         opts = opts.replace(contrast_limits=_value_range(image, height, max(1, tile)))
     reach = max(opts.pamr_dilations) * (opts.pamr_iterations + 1) if opts.refine == "pamr" and opts.pamr_iterations else 0

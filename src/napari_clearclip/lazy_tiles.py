@@ -291,6 +291,7 @@ def segment_tiled_steps(segmenter, image, classes: str | Sequence[str], options:
     if exemplars is not None and exemplars.n_classes != len(parsed):
         raise InvalidOptionError(f"The exemplars are for {exemplars.n_classes} classes, not {len(parsed)}.")
     image = with_kept_blocks(image, tile)   # a chunk larger than a tile is computed once, not once per region
+    objects = None if objects is None else with_kept_blocks(objects, tile)
     if opts.contrast_limits is None and np.dtype(image.dtype) != np.uint8:
         opts = opts.replace(contrast_limits=_value_range(image, height, max(1, tile)))
     reach = max(opts.pamr_dilations) * (opts.pamr_iterations + 1) if opts.refine == "pamr" and opts.pamr_iterations else 0

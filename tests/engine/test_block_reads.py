@@ -73,7 +73,9 @@ def test_only_dask_images_with_chunks_larger_than_a_tile_are_read_so():
 @pytest.mark.parametrize("taught", [False, True])
 def test_a_tiled_run_computes_a_one_chunk_image_once_and_its_labels_are_unchanged(segmenter_tiny, taught):
     """A reader plugin's slide is one chunk: a tile-by-tile run computed it once per tile (and per pass over
-    it); now once for the whole run, whatever passes it makes (a float image's range, strokes' statistics)."""
+    it); now once for the whole run, whatever passes it makes (a float image's range, strokes' statistics).
+    Objects given so are computed once too, for the pass that sums their scores and the one that writes their
+    classes."""
     from napari_clearclip.demo.scenes import make_scene
 
     image = np.concatenate([make_scene(3, size=160).image, make_scene(4, size=160).image], 1)
@@ -89,3 +91,12 @@ def test_a_tiled_run_computes_a_one_chunk_image_once_and_its_labels_are_unchange
     tiled = segmenter_tiny.segment_tiled(lazy, classes, tile=64, strokes=strokes, **options)
     np.testing.assert_array_equal(tiled, whole)
     assert len(calls) == 1, calls
+    objects = (np.arange(image.shape[0])[:, None] // 37 * 100 + np.arange(image.shape[1])[None] // 41 + 1)
+    objects = objects.astype(np.uint32)
+    expected = segmenter_tiny.segment(image, classes, maps=False, strokes=strokes, objects=objects, **options)
+    lazy_objects, object_calls = _counted(objects, objects.shape)
+    tiled, table = segmenter_tiny.segment_tiled(image, classes, tile=64, strokes=strokes, objects=lazy_objects,
+                                                **options)
+    np.testing.assert_array_equal(tiled, expected.labels)
+    np.testing.assert_array_equal(table["class"], expected.objects["class"])
+    assert len(object_calls) == 1, object_calls

@@ -21,7 +21,8 @@ import numpy as np
 
 from .progress import Progress, run_to_end
 
-#: Pixels of the source read at once when a reduced copy is made (a band of rows this large, whole blocks).
+#: Pixels of the source reduced at once when a reduced copy is made (a band of rows this large, whole blocks); a band
+#: read is larger where the source's chunks are higher (each chunk is read once), and is reduced in such parts.
 BAND_PIXELS = 4 * 1024 * 1024
 
 #: A lazy image whose planes have more pixels than this is too large to hold: with Resize on it is reduced.
@@ -134,7 +135,9 @@ class BlockMeans:
         self.dtype = np.dtype(image.dtype)
         self.ndim = len(shape)
         width = self.source_shape[self._y + 1] * (self.source_shape[-1] if rgb else 1)
-        self._band_rows = factor * max(1, band_pixels // max(1, width * factor), -(-_chunk_rows(image, self._y) // factor))
+        self._reduced_rows = factor * max(1, band_pixels // max(1, width * factor))   # reduced at once
+        chunk_rows = _chunk_rows(image, self._y)   # read at once: whole parts, each chunk read at most twice
+        self._band_rows = self._reduced_rows * -(-chunk_rows // self._reduced_rows)
         self._planes: dict[tuple, np.ndarray] = {}
         self._lock = threading.Lock()
 
@@ -160,8 +163,9 @@ class BlockMeans:
         return None
 
     def plane_steps(self, index) -> Generator[Progress, None, np.ndarray]:
-        """Generator: the plane at ``index`` (whole numbers on the leading axes), computed a band of rows at a time
-        with a ``Progress("reading", ...)`` per band (a run can stop between bands), or as kept from before."""
+        """Generator: the plane at ``index`` (whole numbers on the leading axes), read a band of rows at a time (as
+        high as the source's chunks) and reduced a part of ``band_pixels`` at a time, with a ``Progress("reading",
+        ...)`` per part (a run can stop between parts), or as kept from before."""
         lead = self._lead(index)
         if lead is None:
             raise IndexError(f"{index!r} does not name a plane of an image of shape {self.shape}.")
@@ -174,20 +178,26 @@ class BlockMeans:
         out = np.empty(self.shape[self._y:], self.dtype)
         columns = np.arange(0, width, factor)
         column_counts = np.diff(np.append(columns, width)).astype(np.float64)
-        tops = range(0, height, self._band_rows)
-        for number, top in enumerate(tops):
+        parts = -(-height // self._reduced_rows)
+        done = 0
+        for top in range(0, height, self._band_rows):
             band = np.asarray(self.source[lead + (slice(top, min(top + self._band_rows, height)),)])
-            rows = np.arange(0, band.shape[0], factor)
-            row_counts = np.diff(np.append(rows, band.shape[0])).astype(np.float64)
-            sums = np.add.reduceat(np.add.reduceat(band, rows, axis=0, dtype=np.float64), columns, axis=1)
-            counts = np.multiply.outer(row_counts, column_counts)
-            means = sums / (counts[..., None] if self.rgb else counts)
-            if self.dtype.kind in "ui":
-                info = np.iinfo(self.dtype)
-                means = np.clip(np.rint(means), info.min, info.max)
-            out[top // factor : top // factor + len(rows)] = means.astype(self.dtype)
-            yield Progress("reading", number + 1, len(tops),
-                           detail=f"Reading the image at 1/{factor} of its size: {number + 1}/{len(tops)}")
+            for start in range(0, band.shape[0], self._reduced_rows):   # the sums' memory bounded, whatever the band
+                part = band[start : start + self._reduced_rows]
+                rows = np.arange(0, part.shape[0], factor)
+                row_counts = np.diff(np.append(rows, part.shape[0])).astype(np.float64)
+                sums = np.add.reduceat(np.add.reduceat(part, rows, axis=0, dtype=np.float64), columns, axis=1)
+                counts = np.multiply.outer(row_counts, column_counts)
+                means = sums / (counts[..., None] if self.rgb else counts)
+                if self.dtype.kind in "ui":
+                    info = np.iinfo(self.dtype)
+                    means = np.clip(np.rint(means), info.min, info.max)
+                first = (top + start) // factor
+                out[first : first + len(rows)] = means.astype(self.dtype)
+                done += 1
+                yield Progress("reading", done, parts,
+                               detail=f"Reading the image at 1/{factor} of its size: {done}/{parts}")
+            del band
         with self._lock:  # kept for the next run; a plane two runs computed at once is kept once
             return self._planes.setdefault(lead, out)
 

@@ -1460,3 +1460,27 @@ def test_labels_the_command_wrote_for_a_tiff_of_several_series_teach_runs_on_its
             assert "first classes" not in viewer.layers, widget.status.value
             assert np.all(np.asarray(labels.data)[painted] == 1)
             assert np.mean(np.asarray(labels.data)[other] == 1) > 0.9
+
+
+def test_a_result_segmented_tile_by_tile_saved_from_the_file_menu_records_its_image(qtbot, widget, tmp_path,
+                                                                                   monkeypatch):
+    """A result segmented tile by tile, small enough to save as one TIFF from File > Save Selected Layers...,
+    records its image (the store and where the image lies in it) and the pixels painted by hand, as Save labels...
+    does: opened again, it is that image's labels."""
+    import dask.array as da
+
+    import napari_clearclip.gui.widget as widget_module
+    from napari_clearclip.batch.labels_reading import read_labels_output
+
+    monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+    _two_images_store(tmp_path / "scan.zarr")
+    viewer = widget._viewer
+    result, _ = _tiled_result(qtbot, widget, viewer.add_image(da.from_zarr(str(tmp_path / "scan.zarr"),
+                                                                           component="1"), name="s1", rgb=True))
+    _, painted = _debris_stroke(result)
+    viewer.layers.selection = {result}
+    viewer.layers.save(str(tmp_path / "s1.tif"), selected=True)
+    saved = read_labels_output(tmp_path / "s1_labels.tif")
+    np.testing.assert_array_equal(saved.data, np.asarray(result.data[...]))
+    assert saved.record["source"] == str((tmp_path / "scan.zarr").resolve()) and saved.record["array"] == "1"
+    assert saved.edited is not None and np.all(saved.edited[painted])

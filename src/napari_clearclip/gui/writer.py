@@ -57,10 +57,12 @@ def saved_parts(labels: np.ndarray, metadata: dict) -> dict:
         painted = painted_before(opened, labels.shape)
     tiled = metadata.get(TILED_KEY)
     if not result and not opened and isinstance(tiled, dict) and tiled.get("store"):   # segmented tile by tile
-        from ..tiled_edits import PaintedPixels
+        from ..tiled_edits import PaintedPixels, result_record
 
         pixels = PaintedPixels.of(labels, tiled["store"])
         painted = None if pixels is None else pixels[...]
+        kept = result_record(tiled["store"]) or {}   # its image, as the run recorded it in its store
+        source, array = kept.get("source") or None, kept.get("array")
     edited = None
     if isinstance(baseline, np.ndarray) and baseline.shape == labels.shape:
         edited = labels != baseline

@@ -100,3 +100,22 @@ def test_a_tiled_run_computes_a_one_chunk_image_once_and_its_labels_are_unchange
     np.testing.assert_array_equal(tiled, expected.labels)
     np.testing.assert_array_equal(table["class"], expected.objects["class"])
     assert len(object_calls) == 1, object_calls
+
+
+def test_chunks_that_span_the_height_are_kept_within_the_budget_and_reads_stay_exact():
+    """Chunks no read leaves behind (strips the image's height) are let go, least recently read first, once those
+    kept exceed the budget; the chunks a read needs are always kept for it."""
+    image = np.random.default_rng(5).integers(0, 255, (200, 400), dtype=np.uint8)
+    lazy = da.from_array(image, chunks=(200, 40))                 # ten strips of 8000 bytes
+    kept = KeptBlocks(lazy, budget=3 * 8000)
+    for top in range(0, 200, 50):
+        for left in range(0, 400, 60):
+            region = (slice(top, top + 70), slice(left, left + 90))
+            np.testing.assert_array_equal(kept[region], image[region])
+            assert sum(block.nbytes for block in kept._kept.values()) <= 4 * 8000   # (a read meets 3-4 strips)
+    assert kept.computed > 10                                     # strips read again once let go
+    everything = KeptBlocks(lazy)
+    for top in range(0, 200, 50):
+        for left in range(0, 400, 60):
+            np.testing.assert_array_equal(everything[top:top + 70, left:left + 90], image[top:top + 70, left:left + 90])
+    assert everything.computed == 10                               # within the default budget: each strip once

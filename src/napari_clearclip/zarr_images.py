@@ -185,18 +185,26 @@ def array_path(image) -> str | None:
             array = _zarr_read_by(array)
         if not isinstance(array, zarr.Array):
             return None
-        tiff = tiff_series_of(array)
-        return f"series {tiff[1]}" if tiff is not None else str(array.path)
+        if _read_by_tifffile(array):   # a TIFF's series by its number; pages read by number are no known image
+            tiff = tiff_series_of(array)
+            return None if tiff is None else f"series {tiff[1]}"
+        return str(array.path)
     except Exception:  # noqa: BLE001 - an array that cannot tell where it is
         return None
 
 
+def _read_by_tifffile(array) -> bool:
+    """Whether a zarr array's store is tifffile's view of a TIFF file (whose tiles it does not list)."""
+    return type(getattr(array, "store", None)).__module__.split(".")[0] == "tifffile"
+
+
 def tiff_series_of(array) -> tuple[str, int] | None:
     """(the file, the series' number in it) of a zarr array tifffile reads from a TIFF file on disk
-    (``zarr.open(tifffile.imread(path, aszarr=True, series=n))``, at any of its levels); None for any other array."""
-    store = getattr(array, "store", None)
-    if type(store).__module__.split(".")[0] != "tifffile":
+    (``zarr.open(tifffile.imread(path, aszarr=True, series=n))``, at any of its levels); None for any other array,
+    and for pages read by their number (``key=``), which are not known as one of the file's images."""
+    if not _read_by_tifffile(array):
         return None
+    store = array.store
     try:   # the series (or its levels) the store reads: tifffile names them for no public use
         first = store._data[0]
         parent = first.parent
@@ -238,7 +246,7 @@ def absent_chunk_count(image) -> tuple[int, int] | None:
         total, stored = int(array.nchunks), int(array.nchunks_initialized)
     except Exception:  # noqa: BLE001 - whatever the store raises, there is nothing to count
         return None
-    if tiff_series_of(array) is not None:   # a TIFF file's tiles, each there, that its store does not list
+    if _read_by_tifffile(array):   # a TIFF file's tiles, each there, that its store does not list
         return None
     if stored < total and not _lists_its_folders(array):
         return None

@@ -245,6 +245,8 @@ def test_a_tiff_read_lazily_through_tifffile_is_known_by_its_file_and_series(tmp
         assert [store_location(array) for array in arrays] == [str(path.resolve())] * 4
         assert [array_path(array) for array in arrays] == [f"series {series}"] * 4
         assert absent_chunk_count(levels["0"]) is None
+    pages = zarr.open(tifffile.imread(path, aszarr=True, key=0), mode="r")   # pages by number: not a known image
+    assert store_location(pages) is None and array_path(pages) is None and absent_chunk_count(pages) is None
     memory = zarr.open_array(zarr.storage.MemoryStore(), mode="w", shape=(128, 128), chunks=(64, 64), dtype="u1")
     memory[:64, :64] = 1
     assert store_location(memory) is None and absent_chunk_count(memory) == (3, 4)   # a store that lists its chunks

@@ -47,6 +47,15 @@ def series_count(path: Path) -> int:
         return 1
 
 
+def series_note(path: Path) -> str:
+    """What a run says of a TIFF of several series, of which it segments the first; "" for any other file."""
+    count = series_count(path)
+    if count < 2:
+        return ""
+    return (f"a TIFF of {count} series: its first was segmented, and this command segments no other (open another "
+            "in napari through tifffile's zarr view, series=n, as the Large images page shows)")
+
+
 def samples_last(data: np.ndarray, axes: str) -> np.ndarray:
     """``data`` with its samples axis ("S", an RGB image's colours) moved last, where it is elsewhere."""
     if "S" in axes and len(axes) == data.ndim and axes.index("S") != data.ndim - 1:

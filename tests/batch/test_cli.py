@@ -1132,3 +1132,28 @@ def test_an_address_of_a_picture_file_is_refused_before_anything_runs_with_what_
     with pytest.raises(InvalidOptionError, match="is the address of a") as raised:
         segment_files([address], "cell; background", out_dir=tmp_path / "api", model="no-such-model")
     assert isinstance(raised.value, ValueError)
+
+
+def test_a_tiff_of_several_series_is_segmented_by_its_first_and_says_so(tmp_path, capsys):
+    """An OME-TIFF of several positions: its first series is segmented, a note says the others are not, and the
+    labels' record says which series they are (a TIFF of one series says nothing of series)."""
+    from napari_clearclip.batch.labels_reading import read_labels_output
+    from napari_clearclip.demo.scenes import make_scene
+
+    classes = ["red", "green", "blue", "yellow", "background"]
+    first, second = make_scene(51, size=160).image, make_scene(52, size=160).image
+    with tifffile.TiffWriter(tmp_path / "positions.ome.tif", ome=True) as tiff:
+        for picture in (first, second):
+            tiff.write(picture, photometric="rgb")
+    tifffile.imwrite(tmp_path / "single.tif", first, photometric="rgb")
+    base = ["--classes", "; ".join(classes), "--model", "synthetic-tiny", "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert main([str(tmp_path / "positions.ome.tif"), str(tmp_path / "single.tif"), *base]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: {tmp_path / 'positions.ome.tif'}: a TIFF of 2 series: its first was segmented, and this command "
+            "segments no other") in err, err
+    assert "single.tif: a TIFF" not in err
+    engine = Segmenter("synthetic-tiny", device="cpu")
+    saved = read_labels_output(tmp_path / "out" / "positions.ome_labels.tif")
+    np.testing.assert_array_equal(saved.data, engine.segment(first, classes, maps=False, refine="pamr").labels)
+    assert saved.record["array"] == "series 0"
+    assert "array" not in read_labels_output(tmp_path / "out" / "single_labels.tif").record

@@ -185,9 +185,12 @@ def image_to_segment(segmenter, task: Task, options: SegmentOptions) -> tuple[np
 
 
 def with_collection_note(path, note: str) -> str:
-    """``note`` and, for a zarr store that is a collection of several images, which of them was segmented."""
+    """``note`` and, for a zarr store that is a collection of several images or a TIFF of several series, which of
+    them was segmented."""
     if not is_zarr_path(path):
-        return note
+        from ..tiff_images import is_tiff_path, series_note
+
+        return "; ".join(part for part in (note, series_note(path) if is_tiff_path(path) else "") if part)
     from ..zarr_images import collection_note
 
     return "; ".join(part for part in (note, collection_note(path)) if part)

@@ -3,10 +3,13 @@ tile: the time and the chunk computations with each chunk kept while the tiles o
 dask array (each tile computing the whole chunk again), measured in the same run.
 
     python benchmarks/benchmark_one_chunk_slide.py [--size 6144] [--tile 2048] [--snap] [--strokes]
+    python benchmarks/benchmark_one_chunk_slide.py --reduce 3 [--size 12000]
 
 The slide (synthetic shapes, demo model, 5 classes, native resolution) is held zlib-compressed; its one chunk
 decompresses it, as a reader decodes a file. ``--strokes`` adds strokes on it (a first pass over the image gathers
 their statistics). Prints both runs' times and chunk computations, their ratio and whether the labels are equal.
+``--reduce FACTOR`` instead makes the copy that Resize on segments (block means), of the one-chunk slide and of the
+same slide in chunks of 1024 x 1024, and prints each one's time and peak of traced memory against the slide's size.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=2048)
     parser.add_argument("--snap", action="store_true", help="edge snapping on (the widget's default)")
     parser.add_argument("--strokes", action="store_true", help="strokes on the slide: a pass for their statistics")
+    parser.add_argument("--reduce", type=int, default=0, metavar="FACTOR", help="time the reduced copy instead")
     args = parser.parse_args()
+    if args.reduce:
+        return reduce(args.size, args.reduce)
 
     import dask
     import dask.array as da
@@ -75,6 +81,31 @@ def main() -> None:
         print(f"| {name} | {seconds:.1f} s | {count} |")
     (slow, _, a), (fast, _, b) = results.values()
     print(f"ratio (chunks kept / plain): {fast / slow:.3f}; labels equal: {np.array_equal(a, b)}")
+
+
+def reduce(size: int, factor: int) -> None:
+    """The block-means copy of a one-chunk slide against the same slide in chunks of 1024 x 1024."""
+    import tracemalloc
+
+    import dask
+    import dask.array as da
+
+    from napari_clearclip.reduced import BlockMeans
+
+    image = slide(size)
+    print(f"{size} x {size} RGB ({image.nbytes / 2**20:.0f} MiB), reduced by {factor}")
+    print("| chunks | time | peak traced memory | peak / slide |\n|---|---|---|---|")
+    copies = []
+    for name, lazy in (("one", da.from_delayed(dask.delayed(lambda: image.copy())(), shape=image.shape,
+                                              dtype=image.dtype)),
+                       ("1024 x 1024", da.from_array(image, chunks=(1024, 1024, 3)))):
+        tracemalloc.start()
+        start = time.perf_counter()
+        copies.append(np.asarray(BlockMeans(lazy, factor, rgb=True)))
+        seconds, peak = time.perf_counter() - start, tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        print(f"| {name} | {seconds:.1f} s | {peak / 2**30:.2f} GiB | {peak / image.nbytes:.2f} |")
+    print(f"copies equal: {np.array_equal(*copies)}")
 
 
 if __name__ == "__main__":

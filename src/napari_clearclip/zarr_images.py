@@ -145,14 +145,11 @@ def store_location(image) -> str | None:
     would name it), or the TIFF file tifffile reads as a zarr store (``tifffile.imread(path, aszarr=True)``, a large
     TIFF read lazily); None for anything else (arrays in memory, zarr's and fsspec's memory stores, dask arrays made
     otherwise or changed since)."""
-    array = image.array if isinstance(image, ChannelsLast) else image
     try:
-        import zarr
         from zarr.storage import LocalStore
 
-        if not isinstance(array, zarr.Array):
-            array = _zarr_read_by(array)
-        if not isinstance(array, zarr.Array):
+        array = _zarr_array_of(image)
+        if array is None:
             return None
         tiff = tiff_series_of(array)
         if tiff is not None:
@@ -177,19 +174,50 @@ def array_path(image) -> str | None:
     store (a bioformats2raw collection's series, opened by a reader plugin at the store's root) share the store's
     location as their file, and are told apart by it. A TIFF file's series read through tifffile as a zarr store
     are told apart by their number (``"series 1"``), whichever of its levels is read."""
-    array = image.array if isinstance(image, ChannelsLast) else image
     try:
-        import zarr
-
-        if not isinstance(array, zarr.Array):
-            array = _zarr_read_by(array)
-        if not isinstance(array, zarr.Array):
+        array = _zarr_array_of(image)
+        if array is None:
             return None
         if _read_by_tifffile(array):   # a TIFF's series by its number; pages read by number are no known image
             tiff = tiff_series_of(array)
             return None if tiff is None else f"series {tiff[1]}"
         return str(array.path)
     except Exception:  # noqa: BLE001 - an array that cannot tell where it is
+        return None
+
+
+#: The most arrays and groups of a store looked at to find another image of an image's shape: a store with more (a
+#: plate of thousands of wells) cannot tell whether it holds one.
+STORE_NODES_LOOKED_AT = 2000
+
+
+def store_has_image_alike(image) -> bool | None:
+    """Whether the zarr store an image's array is read from holds another array of its shape, which labels recording
+    no place in the store (those saved by earlier versions) could label as well; False where the store holds no
+    other; None for an image read from no zarr store (a TIFF's series through tifffile's zarr view included), or from
+    a store that cannot list its arrays (most web servers list no folder)."""
+    try:
+        import zarr
+
+        array = _zarr_array_of(image)
+        if array is None:
+            return None
+        if _read_by_tifffile(array):   # a TIFF's series: labels of no series are of its first (see same_array)
+            return None
+        if str(array.path) in ("", "/"):   # the store is this array alone
+            return False
+        if not _lists_its_folders(array):   # (zarr would find no member in it)
+            return None
+        shape, looked_at = tuple(array.shape), 0
+        for name, node in zarr.open_group(store=array.store, mode="r").members(max_depth=None):
+            looked_at += 1
+            if looked_at > STORE_NODES_LOOKED_AT:
+                return None
+            if (isinstance(node, zarr.Array) and tuple(node.shape) == shape
+                    and name.strip("/") != str(array.path).strip("/")):
+                return True
+        return False
+    except Exception:  # noqa: BLE001 - a store that cannot be listed: not known to hold one image only
         return None
 
 
@@ -214,6 +242,17 @@ def tiff_series_of(array) -> tuple[str, int] | None:
     except Exception:  # noqa: BLE001 - a tifffile of another shape: no file known
         return None
     return (str(path.resolve()), index) if path.is_file() else None
+
+
+def _zarr_array_of(image):
+    """The zarr array an image is read from: itself, the array a :class:`ChannelsLast` view or a dask array read as
+    it is (:func:`_zarr_read_by`) reads; None for anything else."""
+    import zarr
+
+    array = image.array if isinstance(image, ChannelsLast) else image
+    if not isinstance(array, zarr.Array):
+        array = _zarr_read_by(array)
+    return array if isinstance(array, zarr.Array) else None
 
 
 def _zarr_read_by(array):

@@ -250,3 +250,51 @@ def test_a_tiff_read_lazily_through_tifffile_is_known_by_its_file_and_series(tmp
     memory = zarr.open_array(zarr.storage.MemoryStore(), mode="w", shape=(128, 128), chunks=(64, 64), dtype="u1")
     memory[:64, :64] = 1
     assert store_location(memory) is None and absent_chunk_count(memory) == (3, 4)   # a store that lists its chunks
+
+
+def test_whether_a_store_holds_another_image_of_an_image_s_shape(tmp_path, served):
+    """Labels that record no place in their store (saved by earlier versions) are of an image only where its store
+    holds no other image of its shape: two images of one size in a group or a collection do; a pyramid's levels, a
+    collection's smaller macro image, a store that is one array, do not; an image of no zarr store, a TIFF's series
+    read through tifffile (told by their number), or an image of a web server that lists no folder, cannot tell."""
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    from napari_clearclip.zarr_images import store_has_image_alike
+
+    pair = zarr.open_group(str(tmp_path / "pair.zarr"), mode="w")
+    for name in ("0", "1"):
+        pair.create_array(name, shape=(32, 48, 3), chunks=(16, 16, 3), dtype=np.uint8)
+    pyramid = zarr.open_group(str(tmp_path / "pyramid.zarr"), mode="w")
+    for name, shape in (("0", (32, 48)), ("1", (16, 24)), ("2", (8, 12))):
+        pyramid.create_array(name, shape=shape, chunks=(8, 8), dtype=np.uint8)
+    collection = zarr.open_group(str(tmp_path / "collection.zarr"), mode="w")
+    for series, shape in (("0", (32, 48)), ("1", (32, 48)), ("2", (10, 10))):
+        collection.create_group(series).create_array("0", shape=shape, chunks=(8, 8), dtype=np.uint8)
+    slide = zarr.open_group(str(tmp_path / "slide.zarr"), mode="w")
+    for series, shape in (("0", (32, 48)), ("1", (10, 10))):
+        slide.create_group(series).create_array("0", shape=shape, chunks=(8, 8), dtype=np.uint8)
+    alone = zarr.create_array(str(tmp_path / "alone.zarr"), shape=(32, 48), chunks=(8, 8), dtype=np.uint8)
+    assert store_has_image_alike(pair["1"]) is True
+    assert store_has_image_alike(da.from_zarr(str(tmp_path / "pair.zarr"), component="0")) is True
+    assert store_has_image_alike(da.from_zarr(str(tmp_path / "collection.zarr"), component="1/0")) is True
+    assert store_has_image_alike(collection["2/0"]) is False
+    assert store_has_image_alike(da.from_zarr(str(tmp_path / "slide.zarr"), component="0/0")) is False
+    assert [store_has_image_alike(pyramid[name]) for name in "012"] == [False] * 3
+    assert store_has_image_alike(alone) is False
+    assert store_has_image_alike(np.zeros((32, 48), np.uint8)) is None
+    assert store_has_image_alike(da.from_zarr(str(tmp_path / "pair.zarr"), component="0") + 1) is None
+
+    path = tmp_path / "positions.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tiff:
+        for shape in ((64, 64), (64, 64), (32, 32)):
+            tiff.write(np.zeros(shape, np.uint8), tile=(32, 32))
+    assert [store_has_image_alike(zarr.open(tifffile.imread(path, aszarr=True, series=series), mode="r"))
+            for series in range(3)] == [None] * 3   # (labels of no series are of its first)
+
+    pytest.importorskip("aiohttp")
+    for listing, expected in ((True, True), (False, None)):
+        address = served(tmp_path, listing=listing)
+        assert store_has_image_alike(zarr.open_group(f"{address}/pair.zarr", mode="r")["1"]) is expected
+    assert store_has_image_alike(zarr.open_group(f"{address}/slide.zarr", mode="r")["0/0"]) is None

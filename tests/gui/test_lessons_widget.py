@@ -737,6 +737,18 @@ def _debris_stroke(result):
     return other, painted
 
 
+def _stroke_on_a_result(qtbot, widget, image, name: str):
+    """Segment ``image`` (a :func:`squares` picture, added as ``name``) with the demo model at full size and paint a
+    :func:`_debris_stroke` on its result: (the result layer, the other blue square, the pixels painted)."""
+    widget.switch_to_demo_model()
+    widget.classes.value = "debris\nred\nbackground"
+    widget.resize.value = False
+    widget.image.value = widget._viewer.add_image(image, name=name, rgb=True)
+    run_and_wait(qtbot, widget)
+    result = widget._viewer.layers[f"{name} classes"]
+    return (result, *_debris_stroke(result))
+
+
 def _napari_closed(qtbot, viewer):
     """Close a viewer as napari does when it quits (its layers removed first, then its window)."""
     viewer.close()
@@ -1337,14 +1349,8 @@ def test_labels_saved_from_napari_teach_runs_on_their_own_image_of_a_store_only(
 
     _two_images_store(tmp_path / "scan.zarr")
     viewer = widget._viewer
-    widget.switch_to_demo_model()
-    widget.classes.value = "debris\nred\nbackground"
-    widget.resize.value = False
-    widget.image.value = viewer.add_image(da.from_zarr(str(tmp_path / "scan.zarr"), component="0"), name="s0",
-                                          rgb=True)
-    run_and_wait(qtbot, widget)
-    result = viewer.layers["s0 classes"]
-    other, painted = _debris_stroke(result)
+    result, other, painted = _stroke_on_a_result(qtbot, widget, da.from_zarr(str(tmp_path / "scan.zarr"),
+                                                                             component="0"), "s0")
     if saved_with == "Save labels...":
         widget.save_labels(tmp_path / "s0.tif")
         qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
@@ -1366,6 +1372,50 @@ def test_labels_saved_from_napari_teach_runs_on_their_own_image_of_a_store_only(
             assert np.mean(np.asarray(viewer.layers["second classes"].data)[painted] == 1) < 0.5
         else:                  # its labels: the stroke is kept and teaches the other blue square
             assert "first classes" not in viewer.layers
+            assert np.all(np.asarray(labels.data)[painted] == 1)
+            assert np.mean(np.asarray(labels.data)[other] == 1) > 0.9
+
+
+@pytest.mark.parametrize("store", ["two images of one size", "one image and its smaller level"])
+def test_labels_saved_by_an_earlier_version_of_a_store_of_two_images_alike_are_left_as_they_are(qtbot, widget,
+                                                                                              tmp_path, store):
+    """Labels saved from napari by an earlier version record a zarr store as their image, not which image of it. In
+    a store of two images of their size they could label either: a run on either adds a layer of its own, leaves them
+    as saved, learns nothing from them, and says why. Where the store holds one image of their size (beside a smaller
+    level), they are that image's, as before: the run updates them and their stroke teaches."""
+    import dask.array as da
+    import zarr
+
+    from napari_clearclip.batch.files import write_labels_file
+
+    if store == "two images of one size":
+        _two_images_store(tmp_path / "scan.zarr")
+    else:
+        root = zarr.open_group(str(tmp_path / "scan.zarr"), mode="w")
+        root.create_array("0", shape=(192, 192, 3), chunks=(96, 96, 3), dtype=np.uint8)[:] = squares(7)
+        root.create_array("1", shape=(96, 96, 3), chunks=(96, 96, 3), dtype=np.uint8)[:] = squares(7)[::2, ::2]
+    viewer = widget._viewer
+    result, other, painted = _stroke_on_a_result(qtbot, widget, da.from_zarr(str(tmp_path / "scan.zarr"),
+                                                                             component="0"), "s0")
+    saved = np.array(result.data)
+    [path, _] = write_labels_file(tmp_path / "s0", saved, ["debris", "red", "background"],   # as saved before
+                                  source=str(tmp_path / "scan.zarr"), edited=painted)
+
+    viewer.layers.clear()                                             # a later session: the labels opened again
+    [labels] = viewer.open(str(path), plugin="napari-clearclip")
+    components = (("1", "second"), ("0", "first")) if store == "two images of one size" else (("0", "first"),)
+    for component, name in components:
+        widget.image.value = viewer.add_image(da.from_zarr(str(tmp_path / "scan.zarr"), component=component),
+                                              name=name, rgb=True)
+        run_and_wait(qtbot, widget)
+        if store == "two images of one size":
+            assert f"{name} classes" in viewer.layers
+            np.testing.assert_array_equal(np.asarray(labels.data), saved)
+            assert "taught this run" not in widget.status.value
+            assert f"'{labels.name}' does not record which image of scan.zarr it labels" in widget.status.value
+        else:
+            assert "first classes" not in viewer.layers, widget.status.value
+            assert "does not record" not in widget.status.value
             assert np.all(np.asarray(labels.data)[painted] == 1)
             assert np.mean(np.asarray(labels.data)[other] == 1) > 0.9
 
@@ -1419,6 +1469,52 @@ def test_corrections_on_a_tiff_read_lazily_teach_a_later_napari_on_that_series_o
     assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
     result = np.asarray(viewer.layers["s0 again classes"].data[...])
     assert np.all(result[painted] == 1) and np.mean(result[other] == 1) > 0.9
+
+
+def test_a_tiff_of_several_series_opened_by_napari_is_its_first_series(qtbot, widget, tmp_path):
+    """napari's own reader opens a TIFF's first series whole: labels of the file's second series (read lazily,
+    corrected and saved) are not taken for its result, while its own labels, saved now or by earlier versions (which
+    record no series: those of its first, which the command line segments), are, and teach its run."""
+    import dask.array as da
+    import tifffile
+    import zarr
+
+    from napari_clearclip.batch.files import write_labels_file
+    from napari_clearclip.batch.labels_reading import read_labels_output
+
+    second = squares(8)
+    second[24:72, 24:72] = (215, 35, 35)
+    path = tmp_path / "scan.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tiff:
+        for picture in (squares(7), second):
+            tiff.write(picture, tile=(64, 64), photometric="rgb")
+    viewer = widget._viewer
+    series = da.from_zarr(zarr.open(tifffile.imread(path, aszarr=True, series=1), mode="r"))
+    result, other, painted = _stroke_on_a_result(qtbot, widget, series, "s1")
+    widget.save_labels(tmp_path / "s1.tif")
+    qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
+    assert read_labels_output(tmp_path / "s1_labels.tif").record.get("array") == "series 1"
+    saved = np.array(result.data)
+    write_labels_file(tmp_path / "earlier", saved, ["debris", "red", "background"], source=str(path), edited=painted)
+
+    for labels_file, of_first in (("s1_labels.tif", False), ("earlier_labels.tif", True)):
+        viewer.layers.clear()
+        [labels] = viewer.open(str(tmp_path / labels_file), plugin="napari-clearclip")
+        [image] = viewer.open(str(path), plugin="napari")
+        assert image.source.reader_plugin == "napari"
+        widget.image.value = image
+        run_and_wait(qtbot, widget)
+        if of_first:   # its labels: updated, the stroke kept and teaching the other blue square
+            assert f"{image.name} classes" not in viewer.layers, widget.status.value
+            assert np.all(np.asarray(labels.data)[painted] == 1)
+            assert np.mean(np.asarray(labels.data)[other] == 1) > 0.9
+        else:          # the second series' labels: left as saved, a layer of its own added, nothing taught
+            np.testing.assert_array_equal(np.asarray(labels.data), saved)
+            assert "taught this run" not in widget.status.value, widget.status.value
+            assert np.mean(np.asarray(viewer.layers[f"{image.name} classes"].data)[painted] == 1) < 0.5
+    widget.save_labels(tmp_path / "first.tif")                        # saved now, they say which series
+    qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
+    assert read_labels_output(tmp_path / "first_labels.tif").record.get("array") == "series 0"
 
 
 def test_labels_the_command_wrote_for_a_tiff_of_several_series_teach_runs_on_its_first_series_only(qtbot, widget,

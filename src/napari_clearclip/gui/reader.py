@@ -22,10 +22,15 @@ def image_file_of(layer) -> str | None:
     source = getattr(getattr(layer, "source", None), "path", None)
     if source:
         return str(source)
+    return store_location(_shown_array(layer))
+
+
+def _shown_array(layer):
+    """The array an image layer shows (a pyramid's full level), or None."""
     data = getattr(layer, "data", None)
     if getattr(layer, "multiscale", False):
         data = data[0] if len(data) else None
-    return store_location(data)
+    return data
 
 
 def image_array_of(layer) -> str | None:
@@ -33,18 +38,72 @@ def image_array_of(layer) -> str | None:
     or None: with :func:`image_file_of`, it tells apart two images of one store, which share its location."""
     from ..zarr_images import array_path
 
-    data = getattr(layer, "data", None)
-    if getattr(layer, "multiscale", False):
-        data = data[0] if len(data) else None
-    return array_path(data)
+    data = _shown_array(layer)
+    found = array_path(data)
+    if found is None and isinstance(data, np.ndarray) and _first_series_read_by_napari(layer):
+        return "series 0"
+    return found
+
+
+#: The names napari's own reader goes by in a layer's source (which reads a TIFF's first series whole).
+NAPARI_READERS = ("napari", "builtins", "napari_builtins")
+
+
+def _first_series_read_by_napari(layer) -> bool:
+    """Whether napari's own reader opened the layer from a TIFF of several series (a multi-position OME-TIFF): it
+    reads the first, as the command line does, which labels of the file's other series must not be taken for."""
+    from ..tiff_images import is_tiff_path, series_count
+
+    source = getattr(layer, "source", None)
+    path = getattr(source, "path", None)
+    return (getattr(source, "reader_plugin", None) in NAPARI_READERS and is_tiff_path(path)
+            and Path(path).is_file() and series_count(Path(path)) > 1)
 
 
 def same_array(record: dict, layer) -> bool:
     """Whether a labels or result record, whose image file is the layer's, is of the layer's own image: the same
     array of the store (:func:`image_array_of`), where both are known (another image of one store shares its
-    location)."""
+    location). A record of no place in the store (labels saved by earlier versions) is of an image read from a store
+    only where the store holds no other image of its shape, which those labels could label as well: rather than
+    guess, they are then nobody's result, never updated by a run on either image. Such a record of a TIFF is of its
+    first series, the one the command line and napari's own reader read."""
+    from ..zarr_images import store_has_image_alike
+
     recorded, shown = record.get("array"), image_array_of(layer)
-    return recorded is None or shown is None or recorded == shown
+    if shown is None:
+        return True
+    if recorded is None and shown.startswith("series "):   # the command line, and napari, read a TIFF's first
+        return shown == "series 0"
+    if recorded is None:
+        return store_has_image_alike(_shown_array(layer)) is False
+    return recorded == shown
+
+
+def unplaced_labels_note(viewer, layer, shape) -> str:
+    """What a run on an image layer read from a zarr store says of labels opened for its file and of its shape that
+    it did not use because they record no image of the store (:func:`same_array`): "" when there are none."""
+    from napari.layers import Labels
+
+    from ..tiled_edits import same_image_file
+
+    source, shown = image_file_of(layer), image_array_of(layer)
+    if not source or shown is None or shown.startswith("series "):   # (a TIFF's: of its first series)
+        return ""
+    names = []
+    for item in viewer.layers:
+        opened = item.metadata.get(OPENED_KEY) if isinstance(item, Labels) else None
+        record = (opened.get("record") or {}) if isinstance(opened, dict) else {}
+        if (record and "array" not in record and tuple(item.data.shape) == tuple(shape)
+                and same_image_file(record, source) and not same_array(record, layer)):
+            names.append(f"'{item.name}'")
+    if not names:
+        return ""
+    store = Path(source).name or source
+    plural = len(names) > 1
+    verb, subject, label, them = ("do", "they", "label", "them") if plural else ("does", "it", "labels", "it")
+    return (f" {', '.join(names)} {verb} not record which image of {store} {subject} {label} (saved by an earlier "
+            "version), and that store holds other images of this size, or cannot list its images: this run left "
+            f"{them} as saved and learned nothing from {them}.")
 
 
 def painted_before(opened: dict, shape) -> np.ndarray | None:

@@ -44,7 +44,7 @@ from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode, Readying
 from .previews import RunPreviews
-from .reader import OPENED_KEY, image_array_of, image_file_of, same_array
+from .reader import OPENED_KEY, image_array_of, image_file_of, same_array, unplaced_labels_note
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, image_changed_text, legend_html, reduced_note
 from .settings import load_settings, save_settings
 from .worker_errors import errors_reported
@@ -560,7 +560,7 @@ class ClearClipWidget(FieldLogic, Container):
         from ..tiled_edits import SESSION, kept_results, labels_shape
         from ..tiled_edits import same_image_file
 
-        source, array = image_file_of(image), image_array_of(image)
+        source = image_file_of(image)
         shown = _shown_stores()   # (a store another viewer shows is in use)
         newest, record, gone = None, None, []
         for path, kept in kept_results(before=time.time()):   # (not a run of another dock finishing now)
@@ -569,8 +569,7 @@ class ClearClipWidget(FieldLogic, Container):
             this_session = kept.get("session") == SESSION
             of_image = bool(source) and same_image_file(kept, source)
             if of_image:   # (another image of the same store, a collection's series, is another image)
-                of_image = (labels_shape(path) == tuple(layout.label_shape)
-                            and (None in (kept.get("array"), array) or kept.get("array") == array))
+                of_image = labels_shape(path) == tuple(layout.label_shape) and same_array(kept, image)
             if this_session or (of_image and learns):
                 gone.append(path)
             if of_image and learns and not this_session and newest is None:
@@ -648,7 +647,8 @@ class ClearClipWidget(FieldLogic, Container):
                         "they teach the next run.")
         self._set_status(f"Done: {layer.name}, segmented tile by tile; its labels are stored in {result.path} "
                          f"(painting writes there; Save labels... keeps a copy with its classes)."
-                         f"{strokes}{classified}{taught}{notes}{absent}")
+                         f"{strokes}{classified}{taught}{notes}{absent}"
+                         f"{'' if source is None else unplaced_labels_note(self._viewer, source[0], layer.data.shape)}")
         self.objects.reset_choices()
         self._show_full_size_button()   # Save labels..., now that the image has a result
 
@@ -1082,6 +1082,7 @@ class ClearClipWidget(FieldLogic, Container):
                 labels_layer.metadata[FULL_SIZE_KEY] = {"image": image.name, "image_key": layer_key(image),
                                                         "shape": list(shape.label_shape),
                                                         "factors": list(reduction.factors)}
+        text += unplaced_labels_note(self._viewer, context["layer"], context["layout"].label_shape)
         self._show_full_size_button()   # and Save labels..., now that the image has a result
         self._set_status(text)
         self.objects.reset_choices()  # the new result layer is no objects layer

@@ -209,6 +209,30 @@ def pixels_identity(image) -> dict | None:
     return {"pixels": digest.hexdigest()}
 
 
+#: The most pixel values :func:`pixels_sample` reads: a grid of about 256 x 256 points of a plane.
+SAMPLED_VALUES = 1 << 16
+
+
+def pixels_sample(image) -> str | None:
+    """A digest of an image's values on a regular grid (about 65,000 of them, whatever its size: a millisecond),
+    with its shape and type, for an array held in memory; None for others (lazy arrays are not read for it). It
+    tells apart images that a reader plugin gives from one file (the scenes or positions of a CZI, LIF or ND2
+    file, of one size): the file is their only location, so labels or results recorded with it must also match
+    this."""
+    import hashlib
+
+    if not isinstance(image, np.ndarray) or image.ndim == 0:
+        return None
+    steps, left = [1] * image.ndim, float(SAMPLED_VALUES)
+    for placed, axis in enumerate(sorted(range(image.ndim), key=lambda axis: image.shape[axis])):
+        taken = max(1, min(image.shape[axis], int(left ** (1 / (image.ndim - placed)))))   # short axes whole
+        steps[axis], left = max(1, -(-image.shape[axis] // taken)), left / taken
+    grid = image[tuple(slice(None, None, step) for step in steps)]
+    digest = hashlib.blake2b(np.ascontiguousarray(grid).tobytes(), digest_size=16)
+    digest.update(repr((tuple(image.shape), image.dtype.str)).encode())
+    return digest.hexdigest()
+
+
 def keep_result_record(store: str | Path, image_file: str | None, names: Sequence[str],
                        identity: dict | None = None) -> None:
     """Record in a result's store its classes and the file of its image (``source``, ``size`` to know a copy of it

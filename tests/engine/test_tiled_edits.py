@@ -227,3 +227,41 @@ def test_a_results_labels_shape_is_read_from_its_metadata_or_its_store_and_none_
     assert labels_shape(tmp_path / "empty.zarr") is None and labels_shape(tmp_path / "absent.zarr") is None
     (tmp_path / "v3.zarr" / "labels" / "zarr.json").write_text("{not json")
     assert labels_shape(tmp_path / "v3.zarr") is None
+
+
+def test_a_sample_of_an_image_s_pixels_tells_scenes_of_one_file_apart_and_reads_a_grid_only():
+    """The digest of an image's values on a grid: the same for a copy and for any change off the grid, another for a
+    change on it, for another scene of the same size, shape or type; at most 65,536 values, spread over every axis
+    (short axes whole), which an independent reference of the grid confirms; None for a lazy array."""
+    import hashlib
+
+    import dask.array as da
+
+    from napari_clearclip.tiled_edits import SAMPLED_VALUES, pixels_sample
+
+    rng = np.random.default_rng(5)
+    scene = rng.integers(0, 255, (1000, 1500, 3), dtype=np.uint8)
+    other = rng.integers(0, 255, (1000, 1500, 3), dtype=np.uint8)
+    digest = pixels_sample(scene)
+    assert pixels_sample(scene.copy()) == digest and pixels_sample(other) != digest
+    # the grid of a 1000 x 1500 RGB image: 3 channels, then 147 and 148 points (steps of 7 and 11)
+    grid = scene[::7, ::11]
+    assert grid.size <= SAMPLED_VALUES and grid.shape == (143, 137, 3)
+    expected = hashlib.blake2b(np.ascontiguousarray(grid).tobytes(), digest_size=16)
+    expected.update(repr(((1000, 1500, 3), "|u1")).encode())
+    assert digest == expected.hexdigest()
+    off, on = scene.copy(), scene.copy()
+    off[1, 1, 0] ^= 1
+    on[7, 11, 2] ^= 1
+    assert pixels_sample(off) == digest and pixels_sample(on) != digest
+    assert pixels_sample(scene.reshape(1500, 1000, 3)) != digest and pixels_sample(scene.view(np.int8)) != digest
+    line = rng.integers(0, 9, 70000, dtype=np.uint16)   # one axis: every second value (35,000)
+    skipped, read = line.copy(), line.copy()
+    skipped[1] += 1
+    read[2] += 1
+    assert pixels_sample(skipped) == pixels_sample(line) != pixels_sample(read)
+    small = rng.integers(0, 9, (3, 2), dtype=np.uint16)   # small images whole
+    changed = small.copy()
+    changed[2, 1] += 1
+    assert pixels_sample(changed) != pixels_sample(small)
+    assert pixels_sample(da.from_array(scene)) is None and pixels_sample(np.float32(3)) is None

@@ -737,15 +737,18 @@ def _debris_stroke(result):
     return other, painted
 
 
-def _stroke_on_a_result(qtbot, widget, image, name: str):
-    """Segment ``image`` (a :func:`squares` picture, added as ``name``) with the demo model at full size and paint a
-    :func:`_debris_stroke` on its result: (the result layer, the other blue square, the pixels painted)."""
+def _stroke_on_a_result(qtbot, widget, image, name: str | None = None):
+    """Segment ``image`` (an image layer, or a :func:`squares` picture added as ``name``) with the demo model at full
+    size and paint a :func:`_debris_stroke` on its result: (the result layer, the other blue square, the pixels
+    painted)."""
     widget.switch_to_demo_model()
     widget.classes.value = "debris\nred\nbackground"
     widget.resize.value = False
-    widget.image.value = widget._viewer.add_image(image, name=name, rgb=True)
+    if name is not None:
+        image = widget._viewer.add_image(image, name=name, rgb=True)
+    widget.image.value = image
     run_and_wait(qtbot, widget)
-    result = widget._viewer.layers[f"{name} classes"]
+    result = widget._viewer.layers[f"{image.name} classes"]
     return (result, *_debris_stroke(result))
 
 
@@ -1515,6 +1518,77 @@ def test_a_tiff_of_several_series_opened_by_napari_is_its_first_series(qtbot, wi
     widget.save_labels(tmp_path / "first.tif")                        # saved now, they say which series
     qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
     assert read_labels_output(tmp_path / "first_labels.tif").record.get("array") == "series 0"
+
+
+@pytest.fixture
+def scenes_reader(tmp_path):
+    """A reader plugin that gives two scenes of one file (``plate.scenes``) as two image layers of one size, as
+    bioio's or aicsimageio's readers give a multi-position CZI, LIF or ND2 file: "A1" (:func:`squares`) and "A2",
+    red where :func:`_debris_stroke` paints. Yields a function opening them in a viewer: [A1, A2]."""
+    from npe2 import DynamicPlugin
+
+    second = squares(8)
+    second[24:72, 24:72] = (215, 35, 35)
+    path = tmp_path / "plate.scenes"
+    path.write_bytes(b"two scenes")
+
+    with DynamicPlugin("scenes-reader") as plugin:
+        @plugin.contribute.reader(filename_patterns=["*.scenes"])
+        def get_reader(path):
+            return lambda path: [(squares(7), {"name": "A1", "rgb": True}, "image"),
+                                 (second.copy(), {"name": "A2", "rgb": True}, "image")]
+
+        yield lambda viewer: viewer.open(str(path), plugin="scenes-reader")
+
+
+@pytest.mark.parametrize("kept_as", ["saved labels", "a result left when napari closed"])
+def test_corrections_on_one_scene_of_a_file_do_not_teach_another_scene_of_it(qtbot, widget, tmp_path, monkeypatch,
+                                                                             make_napari_viewer, scenes_reader,
+                                                                             kept_as):
+    """Two scenes a reader plugin gives from one file share it as their location: labels of one, saved and opened
+    again, or its result segmented tile by tile and left when napari closed, are not taken for the other's (a layer
+    of its own is added, the labels are left as saved, nothing painted teaches it); on their own scene they are its
+    result and their stroke teaches."""
+    import napari_clearclip.gui.widget as widget_module
+    from napari_clearclip.batch.labels_reading import read_labels_output
+
+    viewer = widget._viewer
+    a1, _ = scenes_reader(viewer)
+    assert a1.source.path is not None
+    if kept_as == "saved labels":
+        result, other, painted = _stroke_on_a_result(qtbot, widget, a1)
+        widget.save_labels(tmp_path / "a1.tif")
+        qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
+        assert read_labels_output(tmp_path / "a1_labels.tif").record.get("image_sample")
+        saved = np.array(result.data)
+        viewer.layers.clear()                                         # a later session: the labels opened again
+        [labels] = viewer.open(str(tmp_path / "a1_labels.tif"), plugin="napari-clearclip")
+    else:
+        monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
+        first, store = _tiled_result(qtbot, widget, a1)
+        other, painted = _debris_stroke(first)
+        viewer, widget = _later_napari_elsewhere(qtbot, viewer, monkeypatch, tmp_path, make_napari_viewer)
+    for scene in ("A2", "A1"):
+        layers = scenes_reader(viewer)
+        image = layers[0] if scene == "A1" else layers[1]
+        widget.image.value = image
+        run_and_wait(qtbot, widget)
+        added = viewer.layers[f"{image.name} classes"] if f"{image.name} classes" in viewer.layers else None
+        if scene == "A2":   # another scene: a layer of its own, nothing taught
+            assert added is not None and "taught this run" not in widget.status.value, widget.status.value
+            assert np.mean(np.asarray(added.data[...])[painted] == 1) < 0.5
+            if kept_as == "saved labels":
+                np.testing.assert_array_equal(np.asarray(labels.data), saved)
+            else:
+                assert store.exists()                                 # not that scene's result: kept for it
+        elif kept_as == "saved labels":   # its own labels: updated, the stroke kept and teaching
+            assert added is None, widget.status.value
+            assert np.all(np.asarray(labels.data)[painted] == 1)
+            assert np.mean(np.asarray(labels.data)[other] == 1) > 0.9
+        else:
+            assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
+            assert np.all(np.asarray(added.data[...])[painted] == 1)
+            assert np.mean(np.asarray(added.data[...])[other] == 1) > 0.9
 
 
 def test_labels_the_command_wrote_for_a_tiff_of_several_series_teach_runs_on_its_first_series_only(qtbot, widget,

@@ -354,7 +354,7 @@ def labels_file_path(path) -> Path:
 
 def write_labels_file(path, labels: np.ndarray, names: list[str], source=None, overwrite: bool = False,
                       placement: dict | None = None, edited: np.ndarray | None = None,
-                      array: str | None = None) -> list[Path]:
+                      array: str | None = None, sample: str | None = None) -> list[Path]:
     """Labels (a result corrected by hand, say) in the command line's format: ``<name>_labels.tif`` with a record of
     their classes and of the image file they label (``source``, when there is one), and ``<name>_classes.csv``
     beside, each written atomically. They open in napari with their classes, as that image's result, and a run of
@@ -363,7 +363,8 @@ def write_labels_file(path, labels: np.ndarray, names: list[str], source=None, o
     image's pixels (along the plane's axes). ``edited``: the pixels the user painted, kept in the record so that,
     opened again, they stay the user's (kept and taught) rather than taken for the model's answer. ``array``: where
     in its zarr store the image lies (``"0"``), which tells it from the store's other images, that share its
-    location."""
+    location. ``sample``: a digest of the image's pixels on a grid (:func:`~napari_clearclip.tiled_edits.pixels_sample`),
+    which tells the image from others a reader gives from the same file (a CZI's scenes)."""
     import tifffile
 
     from ..prompts import ClassQuery
@@ -377,7 +378,7 @@ def write_labels_file(path, labels: np.ndarray, names: list[str], source=None, o
     labels = np.asarray(labels)
     if labels.dtype.kind not in "ui" or (labels.size and labels.min() < 0):
         raise InvalidImageError(f"labels of type {labels.dtype} with negative values cannot be saved as labels.")
-    record = _saved_record(names, source, placement, array)
+    record = _saved_record(names, source, placement, array, sample)
     if edited is not None and np.shape(edited) == labels.shape and np.any(edited):
         from .labels_reading import encode_edits
 
@@ -391,7 +392,8 @@ def write_labels_file(path, labels: np.ndarray, names: list[str], source=None, o
     return [path, table]
 
 
-def _saved_record(names: Sequence[str], source=None, placement: dict | None = None, array: str | None = None) -> dict:
+def _saved_record(names: Sequence[str], source=None, placement: dict | None = None, array: str | None = None,
+                  sample: str | None = None) -> dict:
     """The record of labels saved from napari: their classes, the image file they label (with its size and the
     digest of blocks spread over it, to know a copy of it, or where in its zarr store the image lies) and, for labels
     of an image segmented at a reduced size, their place over it."""
@@ -403,6 +405,8 @@ def _saved_record(names: Sequence[str], source=None, placement: dict | None = No
         record["source"] = image_location(source)   # a remote store's address as it is
         if array is not None:
             record["array"] = str(array)
+        if sample is not None:
+            record["image_sample"] = str(sample)
         image = Path(record["source"])
         if is_local_file(source) and image.is_file():
             from ..hashing import sampled_digest
@@ -426,13 +430,14 @@ SAVED_BAND_ROWS = 2048
 
 
 def write_labels_store_steps(path, labels, names: Sequence[str], source=None, band_rows: int = SAVED_BAND_ROWS,
-                             painted=None, array: str | None = None):
+                             painted=None, array: str | None = None, sample: str | None = None):
     """Generator: labels too large to hold (a slide segmented tile by tile, read from its zarr store) in the command
     line's format for such labels: ``<name>_labels.zarr`` with the record of their classes and image in its
     attributes, and ``<name>_classes.csv`` beside. ``painted``: the pixels painted by hand (a boolean array-like of
     the labels' shape, read a band at a time, see :class:`~napari_clearclip.tiled_edits.PaintedPixels`), kept as the
     store's ``edited`` array so that they stay the user's when the labels are opened again (none: no such array).
-    ``array``: where in its zarr store the image lies, as :func:`write_labels_file` records it. Copied a band of
+    ``array`` and ``sample``: where in its zarr store the image lies, and a digest of its pixels on a grid, as
+    :func:`write_labels_file` records them. Copied a band of
     rows at a time (yields (bands done, bands)), into ``<name>_labels.zarr.partial`` put in place when whole, the
     class table written before it: an interrupted save leaves no store that reads as labels. An existing store or
     table is refused. Returns [store, table]."""
@@ -455,7 +460,7 @@ def write_labels_store_steps(path, labels, names: Sequence[str], source=None, ba
                                 "labels store (2-D integer labels only).")
     dtype = np.uint16 if len(names) < 65535 else np.uint32
     chunks = tuple(int(c) for c in getattr(labels, "chunks", None) or (1024, 1024))[-2:]
-    attrs = {RECORD_KEY: json.dumps(_saved_record(names, source, array=array), sort_keys=True)}
+    attrs = {RECORD_KEY: json.dumps(_saved_record(names, source, array=array, sample=sample), sort_keys=True)}
     if source and is_local_file(source):
         from .calibration import labels_zarr_attrs
 

@@ -140,7 +140,7 @@ def use_feature_store(segmenter: Segmenter, folder: str | None) -> None:
 def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, store: Path, new_layer: dict,
               background: tuple[str, ...] = (), lessons: tuple = (), objects=None, painted_on: tuple | None = None,
               feature_store: str | None = None, image_file: str | None = None, unfiled: tuple = (),
-              image_array: str | None = None):
+              image_array: str | None = None, image_sample: str | None = None):
     """Worker body for a large image: segment it tile by tile into ``store`` (yielding progress per tile), taught by
     the ``lessons`` that fit the run and by what the user painted on an earlier result of the image (``painted_on``:
     its store and class names, and True for a result no layer shows, done without if it cannot be read), each of
@@ -149,8 +149,9 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     classes: a later run on that file finds it, should no layer show it any more, and learns what was painted on
     it. An image of no file is known by its pixels: ``unfiled`` lists the results left by a closed napari that may
     be of it ((store, class names, their image's pixels), the newest first); those of the same pixels are
-    superseded, and the newest teaches this run. ``image_array``: where in its store the image's array lies, recorded
-    with the file (two images of one store share its location)."""
+    superseded, and the newest teaches this run. ``image_array``: where in its store the image's array lies, and
+    ``image_sample``: a digest of its pixels on a grid, recorded with the file (two images of one store, or two
+    scenes a reader gives from one file, share its location)."""
     from ..annotate import lesson_exemplars
     from ..image_locations import remote_address
     from ..prompts import parse_classes
@@ -164,8 +165,9 @@ def tiled_job(holder: ModelHolder, spec: ModelSpec, image, classes, options, sto
     if image_file and remote_address(image_file) is not None:
         yield Progress("reading", 0, 1, detail="reading a few chunks of the remote store, to know it again later")
     identity = _identity_of(image_file)   # the file as this run reads it, for the record a later run checks
-    if identity is not None and image_array is not None:
-        identity = {**identity, "array": image_array}
+    if identity is not None:
+        place = {"array": image_array, "image_sample": image_sample}
+        identity = {**identity, **{key: value for key, value in place.items() if value is not None}}
     superseded: tuple = ()
     if not image_file:   # no file: its pixels find its results in a later napari
         from ..tiled_edits import pixels_identity

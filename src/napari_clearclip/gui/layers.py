@@ -19,7 +19,7 @@ from qtpy.QtCore import QTimer
 from ..colours import colormap_dict
 from ..editing import apply_update
 from ..planes import ImageLayout
-from .reader import image_array_of, image_file_of, same_array
+from .reader import image_array_of, image_file_of, image_sample_of, same_array
 
 #: Where a result layer keeps what saving it needs beyond its pixels (in its metadata, see :mod:`.writer`): its
 #: image's file, what the runs wrote (``baseline``) and the pixels the user painted (``edited``).
@@ -43,6 +43,7 @@ class ResultLayer:
     image: str | None = None          # the key of the image layer it is the result of
     source: str | None = None         # that image's file, if it has one
     array: str | None = None          # where in that file (a zarr store) the image's array lies, if known
+    sample: str | None = None         # a digest of the image's pixels on a grid (tiled_edits.pixels_sample), if held
 
     def __post_init__(self) -> None:
         self.publish()
@@ -50,8 +51,8 @@ class ResultLayer:
     def publish(self) -> None:
         """Keep in the layer's metadata what saving it from napari's File menu needs (see :mod:`.writer`): the
         arrays are replaced, never changed in place, so the metadata holds them as they are now."""
-        self.layer.metadata[RESULT_KEY] = {"source": self.source, "array": self.array, "baseline": self.baseline,
-                                           "edited": self.edited}
+        self.layer.metadata[RESULT_KEY] = {"source": self.source, "array": self.array, "image_sample": self.sample,
+                                           "baseline": self.baseline, "edited": self.edited}
 
     def forget_edits(self, pixels: np.ndarray, data: np.ndarray) -> None:
         """These pixels hold the model's answer (an undone stroke): no longer edits to keep or learn from."""
@@ -201,7 +202,7 @@ class ResultLayers:
             # pixels painted before the labels were saved (Save labels... keeps them) stay the user's
             edited = painted_before(mark, baseline.shape)
             result = ResultLayer(item, baseline, names, colormap_dict(names), edited=edited, image=layer_key(layer),
-                                 source=str(source), array=image_array_of(layer))
+                                 source=str(source), array=image_array_of(layer), sample=image_sample_of(layer))
             item.events.paint.connect(self._painted)
             _watch(item, self._replayed)
             self._results[layer_key(item)] = result
@@ -304,7 +305,8 @@ class ResultLayers:
         source = image_file_of(layer)
         result = ResultLayer(labels_layer, update.baseline, update.names, update.colours, update.edited,
                              image=layer_key(layer), source=str(source) if source else None,
-                             array=image_array_of(layer) if source else None)
+                             array=image_array_of(layer) if source else None,
+                             sample=image_sample_of(layer) if source else None)
         self._results.pop(key, None)   # the newest result last
         self._results[key] = result
         undone = self._undone.pop(key, None)

@@ -45,6 +45,15 @@ def image_array_of(layer) -> str | None:
     return found
 
 
+def image_sample_of(layer) -> str | None:
+    """A digest of the pixels an image layer holds in memory, on a grid (:func:`~napari_clearclip.tiled_edits.
+    pixels_sample`), or None for a lazy image: it tells apart images a reader plugin gives from one file (a CZI's
+    scenes), which share the file as their location."""
+    from ..tiled_edits import pixels_sample
+
+    return pixels_sample(_shown_array(layer))
+
+
 #: The names napari's own reader goes by in a layer's source (which reads a TIFF's first series whole).
 NAPARI_READERS = ("napari", "builtins", "napari_builtins")
 
@@ -60,15 +69,21 @@ def _first_series_read_by_napari(layer) -> bool:
             and Path(path).is_file() and series_count(Path(path)) > 1)
 
 
-def same_array(record: dict, layer) -> bool:
+def same_array(record: dict, layer, pixels: bool = True) -> bool:
     """Whether a labels or result record, whose image file is the layer's, is of the layer's own image: the same
     array of the store (:func:`image_array_of`), where both are known (another image of one store shares its
     location). A record of no place in the store (labels saved by earlier versions) is of an image read from a store
     only where the store holds no other image of its shape, which those labels could label as well: rather than
     guess, they are then nobody's result, never updated by a run on either image. Such a record of a TIFF is of its
-    first series, the one the command line and napari's own reader read."""
+    first series, the one the command line and napari's own reader read. Where the record keeps a sample of its
+    image's pixels and the layer holds its pixels in memory, they must agree (:func:`image_sample_of`): a reader
+    plugin may give several images from one file, known by nothing else (unless ``pixels`` is False: the file was
+    written since, and the record is of what it held before)."""
     from ..zarr_images import store_has_image_alike
 
+    sample = record.get("image_sample")
+    if pixels and isinstance(sample, str) and image_sample_of(layer) not in (None, sample):   # another image of it
+        return False
     recorded, shown = record.get("array"), image_array_of(layer)
     if shown is None:
         return True

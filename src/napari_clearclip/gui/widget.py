@@ -44,7 +44,7 @@ from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode, Readying
 from .previews import RunPreviews
-from .reader import OPENED_KEY, image_array_of, image_file_of, same_array, unplaced_labels_note
+from .reader import OPENED_KEY, image_array_of, image_file_of, image_sample_of, same_array, unplaced_labels_note
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, image_changed_text, legend_html, reduced_note
 from .settings import load_settings, save_settings
 from .worker_errors import errors_reported
@@ -515,7 +515,7 @@ class ClearClipWidget(FieldLogic, Container):
         worker = create_worker(tiled_job, self._models, self.model_spec(), data, names, options, store, new_layer,
                                background, tuple(lessons or ()), objects, painted_on, self._feature_store_folder(),
                                image_file_of(layer), unfiled, image_array=image_array_of(layer),
-                               _start_thread=False, _ignore_errors=True)
+                               image_sample=image_sample_of(layer), _start_thread=False, _ignore_errors=True)
 
         def discard():  # a cancelled or failed run leaves no store behind
             shutil.rmtree(store.with_name(store.name + ".partial"), ignore_errors=True)
@@ -557,8 +557,7 @@ class ClearClipWidget(FieldLogic, Container):
         store; older ones were superseded, as only the newest result teaches)."""
         import time
 
-        from ..tiled_edits import SESSION, kept_results, labels_shape
-        from ..tiled_edits import same_image_file
+        from ..tiled_edits import SESSION, image_changed_since, kept_results, labels_shape, same_image_file
 
         source = image_file_of(image)
         shown = _shown_stores()   # (a store another viewer shows is in use)
@@ -569,7 +568,9 @@ class ClearClipWidget(FieldLogic, Container):
             this_session = kept.get("session") == SESSION
             of_image = bool(source) and same_image_file(kept, source)
             if of_image:   # (another image of the same store, a collection's series, is another image)
-                of_image = labels_shape(path) == tuple(layout.label_shape) and same_array(kept, image)
+                of_image = labels_shape(path) == tuple(layout.label_shape) and (
+                    same_array(kept, image) or (same_array(kept, image, pixels=False)   # (another scene, unless
+                                                and image_changed_since(path, source)))   # the file was rewritten)
             if this_session or (of_image and learns):
                 gone.append(path)
             if of_image and learns and not this_session and newest is None:
@@ -740,7 +741,8 @@ class ClearClipWidget(FieldLogic, Container):
         # the pixels painted by hand, kept with the labels so that they teach again when opened another day
         painted = PaintedPixels.of(layer.data, tiled.get("store") if isinstance(tiled, dict) else None)
         worker = create_worker(errors_reported(write_labels_store_steps), target, layer.data, names, source, painted=painted,
-                               array=image_array_of(image) if source else None, _start_thread=False,
+                               array=image_array_of(image) if source else None,
+                               sample=image_sample_of(image) if source else None, _start_thread=False,
                                _ignore_errors=True)
         worker.yielded.connect(lambda step: self._set_status(f"Saving {layer.name} to {target}: band {step[0]} of "
                                                              f"{step[1]}..."))
@@ -793,13 +795,14 @@ class ClearClipWidget(FieldLogic, Container):
         labels = np.array(layer.data)          # as shown now, edits included
         source = image_file_of(image)
         array = image_array_of(image) if source else None   # which image of its zarr store, if it is one
+        sample = image_sample_of(image) if source else None  # which image of its file, where a reader gives several
         metadata = dict(layer.metadata)        # its arrays are replaced, never changed in place: safe to read there
         self._set_status(f"Saving {layer.name} to {target}...")
 
         def write():
             parts = saved_parts(labels, metadata)   # a reduced image's labels are placed over it when opened again
             return write_labels_file(target, labels, names, source, overwrite, parts["placement"], parts["edited"],
-                                     array)
+                                     array, sample)
 
         worker = create_worker(write, _start_thread=False, _ignore_errors=True)
         worker.returned.connect(lambda paths: self._set_status(f"Saved {layer.name} to {paths[0]}, its classes to "

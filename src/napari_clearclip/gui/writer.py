@@ -37,7 +37,8 @@ def class_names(metadata: dict, features) -> list[str] | None:
 
 def saved_parts(labels: np.ndarray, metadata: dict) -> dict:
     """What the record of ``labels`` (as shown now) keeps beside their classes: ``source`` (the image's file, or
-    None), ``array`` (where in that file, a zarr store, the image lies, or None), ``placement`` (scale and
+    None), ``array`` (where in that file, a zarr store, the image lies, or None), ``sample`` (a digest of the
+    image's pixels on a grid, which tells apart images a reader gives from one file, or None), ``placement`` (scale and
     translation over a reduced image, or None) and ``edited`` (the pixels painted by hand: those unlike what the runs
     wrote, and those painted with the label the run gave; or None)."""
     result = metadata.get(RESULT_KEY) if isinstance(metadata.get(RESULT_KEY), dict) else {}
@@ -45,6 +46,7 @@ def saved_parts(labels: np.ndarray, metadata: dict) -> dict:
     record = opened.get("record") or {}
     source = result.get("source") or record.get("source") or None
     array = result.get("array") if result.get("source") else record.get("array")
+    sample = result.get("image_sample") if result.get("source") else record.get("image_sample")
     full = metadata.get(FULL_SIZE_KEY)
     if isinstance(full, dict) and full.get("factors"):
         factors = [float(f) for f in full["factors"][-2:]]
@@ -62,13 +64,14 @@ def saved_parts(labels: np.ndarray, metadata: dict) -> dict:
         pixels = PaintedPixels.of(labels, tiled["store"])
         painted = None if pixels is None else pixels[...]
         kept = result_record(tiled["store"]) or {}   # its image, as the run recorded it in its store
-        source, array = kept.get("source") or None, kept.get("array")
+        source, array, sample = kept.get("source") or None, kept.get("array"), kept.get("image_sample")
     edited = None
     if isinstance(baseline, np.ndarray) and baseline.shape == labels.shape:
         edited = labels != baseline
     if isinstance(painted, np.ndarray) and painted.shape == labels.shape:
         edited = painted.copy() if edited is None else edited | painted
-    return {"source": source, "array": array if source else None, "placement": placement, "edited": edited}
+    return {"source": source, "array": array if source else None, "sample": sample if source else None,
+            "placement": placement, "edited": edited}
 
 
 def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
@@ -96,7 +99,7 @@ def write_labels_layer(path: str, data, attributes: dict) -> list[str]:
     # napari's save dialog asked about the name given: a file of another name (given the ending) is never replaced
     asked = Path(path).name.endswith("_labels.tif")
     written = write_labels_file(path, labels, names, parts["source"], overwrite=asked, placement=parts["placement"],
-                                edited=parts["edited"], array=parts["array"])
+                                edited=parts["edited"], array=parts["array"], sample=parts["sample"])
     return [str(Path(item)) for item in written]
 
 

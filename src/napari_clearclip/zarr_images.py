@@ -186,38 +186,45 @@ def array_path(image) -> str | None:
         return None
 
 
-#: The most arrays and groups of a store looked at to find another image of an image's shape: a store with more (a
-#: plate of thousands of wells) cannot tell whether it holds one.
-STORE_NODES_LOOKED_AT = 2000
+#: The most folders of a store looked at to find another image of an image's shape: a store with more (a plate of
+#: hundreds of wells) cannot tell whether it holds one (its walk would hold napari's window for a moment).
+STORE_FOLDERS_LOOKED_AT = 500
 
 
 def store_has_image_alike(image) -> bool | None:
-    """Whether the zarr store an image's array is read from holds another array of its shape, which labels recording
-    no place in the store (those saved by earlier versions) could label as well; False where the store holds no
-    other; None for an image read from no zarr store (a TIFF's series through tifffile's zarr view included), or from
-    a store that cannot list its arrays (most web servers list no folder)."""
-    try:
-        import zarr
+    """Whether the local zarr store an image's array is read from holds another array of its shape, which labels
+    recording no place in the store (those saved by earlier versions) could label as well; False where the store
+    holds no other; None for an image read from no local zarr store (remote stores, and a TIFF's series through
+    tifffile's zarr view, included), or from a store too large to look through."""
+    import json
+    import os
 
+    try:
         array = _zarr_array_of(image)
-        if array is None:
+        if array is None or _read_by_tifffile(array):   # (a TIFF's series: labels of none are of its first)
             return None
-        if _read_by_tifffile(array):   # a TIFF's series: labels of no series are of its first (see same_array)
-            return None
-        if str(array.path) in ("", "/"):   # the store is this array alone
+        if str(array.path).strip("/") == "":   # the store is this array alone
             return False
-        if not _lists_its_folders(array):   # (zarr would find no member in it)
+        root = local_store_root(array)
+        if root is None:
             return None
-        shape, looked_at = tuple(array.shape), 0
-        for name, node in zarr.open_group(store=array.store, mode="r").members(max_depth=None):
+        own, shape, looked_at = str(array.path).strip("/"), list(array.shape), 0
+        for folder, children, files in os.walk(root):
             looked_at += 1
-            if looked_at > STORE_NODES_LOOKED_AT:
+            if looked_at > STORE_FOLDERS_LOOKED_AT:
                 return None
-            if (isinstance(node, zarr.Array) and tuple(node.shape) == shape
-                    and name.strip("/") != str(array.path).strip("/")):
+            found = None
+            for name in ("zarr.json", ".zarray"):
+                if name in files:
+                    found = json.loads((Path(folder) / name).read_text())
+                    break
+            if found is None or (name == "zarr.json" and found.get("node_type") != "array"):
+                continue
+            children[:] = []   # an array's folder holds its chunks only
+            if found.get("shape") == shape and Path(folder).relative_to(root).as_posix() != own:
                 return True
         return False
-    except Exception:  # noqa: BLE001 - a store that cannot be listed: not known to hold one image only
+    except Exception:  # noqa: BLE001 - a store that cannot be looked through: not known to hold one image only
         return None
 
 

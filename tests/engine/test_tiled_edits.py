@@ -229,10 +229,11 @@ def test_a_results_labels_shape_is_read_from_its_metadata_or_its_store_and_none_
     assert labels_shape(tmp_path / "v3.zarr") is None
 
 
-def test_a_sample_of_an_image_s_pixels_tells_scenes_of_one_file_apart_and_reads_a_grid_only():
+def test_a_sample_of_an_image_s_pixels_tells_scenes_of_one_file_apart_and_reads_a_grid_only(tmp_path):
     """The digest of an image's values on a grid: the same for a copy and for any change off the grid, another for a
     change on it, for another scene of the same size, shape or type; at most 65,536 values, spread over every axis
-    (short axes whole), which an independent reference of the grid confirms; None for a lazy array."""
+    (short axes whole), which an independent reference of the grid confirms; None for a lazy or memory-mapped
+    array."""
     import hashlib
 
     import dask.array as da
@@ -265,3 +266,5 @@ def test_a_sample_of_an_image_s_pixels_tells_scenes_of_one_file_apart_and_reads_
     changed[2, 1] += 1
     assert pixels_sample(changed) != pixels_sample(small)
     assert pixels_sample(da.from_array(scene)) is None and pixels_sample(np.float32(3)) is None
+    np.save(tmp_path / "scene.npy", scene)
+    assert pixels_sample(np.load(tmp_path / "scene.npy", mmap_mode="r")) is None   # (not read a page a value)

@@ -1415,10 +1415,10 @@ def test_labels_saved_by_an_earlier_version_of_a_store_of_two_images_alike_are_l
             assert f"{name} classes" in viewer.layers
             np.testing.assert_array_equal(np.asarray(labels.data), saved)
             assert "taught this run" not in widget.status.value
-            assert f"'{labels.name}' does not record which image of scan.zarr it labels" in widget.status.value
+            assert f"'{labels.name}' does not tell which image of scan.zarr it labels" in widget.status.value
         else:
             assert "first classes" not in viewer.layers, widget.status.value
-            assert "does not record" not in widget.status.value
+            assert "does not tell" not in widget.status.value
             assert np.all(np.asarray(labels.data)[painted] == 1)
             assert np.mean(np.asarray(labels.data)[other] == 1) > 0.9
 
@@ -1524,7 +1524,8 @@ def test_a_tiff_of_several_series_opened_by_napari_is_its_first_series(qtbot, wi
 def scenes_reader(tmp_path):
     """A reader plugin that gives two scenes of one file (``plate.scenes``) as two image layers of one size, as
     bioio's or aicsimageio's readers give a multi-position CZI, LIF or ND2 file: "A1" (:func:`squares`) and "A2",
-    red where :func:`_debris_stroke` paints. Yields a function opening them in a viewer: [A1, A2]."""
+    red where :func:`_debris_stroke` paints. Yields a function opening them in a viewer, in memory or lazily (as
+    dask arrays): [A1, A2]."""
     from npe2 import DynamicPlugin
 
     second = squares(8)
@@ -1532,13 +1533,22 @@ def scenes_reader(tmp_path):
     path = tmp_path / "plate.scenes"
     path.write_bytes(b"two scenes")
 
+    lazily = []
+
     with DynamicPlugin("scenes-reader") as plugin:
         @plugin.contribute.reader(filename_patterns=["*.scenes"])
         def get_reader(path):
-            return lambda path: [(squares(7), {"name": "A1", "rgb": True}, "image"),
-                                 (second.copy(), {"name": "A2", "rgb": True}, "image")]
+            import dask.array as da
 
-        yield lambda viewer: viewer.open(str(path), plugin="scenes-reader")
+            read = (lambda picture: da.from_array(picture, chunks=(96, 96, 3))) if lazily else np.copy
+            return lambda path: [(read(squares(7)), {"name": "A1", "rgb": True}, "image"),
+                                 (read(second), {"name": "A2", "rgb": True}, "image")]
+
+        def open_scenes(viewer, lazy: bool = False):
+            lazily[:] = [True] if lazy else []
+            return viewer.open(str(path), plugin="scenes-reader")
+
+        yield open_scenes
 
 
 @pytest.mark.parametrize("kept_as", ["saved labels", "a result left when napari closed"])
@@ -1551,6 +1561,7 @@ def test_corrections_on_one_scene_of_a_file_do_not_teach_another_scene_of_it(qtb
     result and their stroke teaches."""
     import napari_clearclip.gui.widget as widget_module
     from napari_clearclip.batch.labels_reading import read_labels_output
+    from napari_clearclip.tiled_edits import pixels_sample
 
     viewer = widget._viewer
     a1, _ = scenes_reader(viewer)
@@ -1559,7 +1570,7 @@ def test_corrections_on_one_scene_of_a_file_do_not_teach_another_scene_of_it(qtb
         result, other, painted = _stroke_on_a_result(qtbot, widget, a1)
         widget.save_labels(tmp_path / "a1.tif")
         qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
-        assert read_labels_output(tmp_path / "a1_labels.tif").record.get("image_sample")
+        assert read_labels_output(tmp_path / "a1_labels.tif").record.get("image_sample") == pixels_sample(a1.data)
         saved = np.array(result.data)
         viewer.layers.clear()                                         # a later session: the labels opened again
         [labels] = viewer.open(str(tmp_path / "a1_labels.tif"), plugin="napari-clearclip")
@@ -1567,6 +1578,9 @@ def test_corrections_on_one_scene_of_a_file_do_not_teach_another_scene_of_it(qtb
         monkeypatch.setattr(widget_module, "TILED_PIXELS", 100 * 100)
         first, store = _tiled_result(qtbot, widget, a1)
         other, painted = _debris_stroke(first)
+        widget.save_labels(tmp_path / "a1")                           # saved tile by tile, they record it too
+        qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
+        assert read_labels_output(tmp_path / "a1_labels.zarr").record.get("image_sample") == pixels_sample(a1.data)
         viewer, widget = _later_napari_elsewhere(qtbot, viewer, monkeypatch, tmp_path, make_napari_viewer)
     for scene in ("A2", "A1"):
         layers = scenes_reader(viewer)
@@ -1589,6 +1603,45 @@ def test_corrections_on_one_scene_of_a_file_do_not_teach_another_scene_of_it(qtb
             assert "left when napari closed, taught this run" in widget.status.value, widget.status.value
             assert np.all(np.asarray(added.data[...])[painted] == 1)
             assert np.mean(np.asarray(added.data[...])[other] == 1) > 0.9
+
+
+@pytest.mark.parametrize("saved_from", ["scenes read lazily", "an earlier version"])
+def test_labels_that_cannot_tell_which_scene_of_a_file_they_label_are_left_as_saved_while_other_scenes_are_open(
+        qtbot, widget, tmp_path, scenes_reader, saved_from):
+    """Labels of a scene of a file that record no digest of its pixels (of a scene read lazily, which is not read for
+    it, or saved by an earlier version) could label any scene of the file of their size: while napari shows
+    other scenes of it, a run on either adds a layer of its own, leaves them as saved, learns nothing from them and
+    says why; with the other scene closed they are the open scene's, as before, and their stroke teaches."""
+    from napari_clearclip.batch.files import write_labels_file
+    from napari_clearclip.batch.labels_reading import read_labels_output
+
+    viewer = widget._viewer
+    a1, _ = scenes_reader(viewer, lazy=saved_from == "scenes read lazily")
+    result, other, painted = _stroke_on_a_result(qtbot, widget, a1)
+    saved = np.array(result.data)
+    if saved_from == "scenes read lazily":
+        widget.save_labels(tmp_path / "a1.tif")
+        qtbot.waitUntil(lambda: "Saved" in widget.status.value, timeout=30_000)
+    else:   # as earlier versions saved them: the file alone
+        write_labels_file(tmp_path / "a1", saved, ["debris", "red", "background"], source=a1.source.path,
+                          edited=painted)
+    viewer.layers.clear()
+    [labels] = viewer.open(str(tmp_path / "a1_labels.tif"), plugin="napari-clearclip")
+    assert read_labels_output(tmp_path / "a1_labels.tif").record.get("image_sample") is None   # (no digest)
+    scenes = scenes_reader(viewer, lazy=saved_from == "scenes read lazily")
+    for image in (scenes[1], scenes[0]):
+        widget.image.value = image
+        run_and_wait(qtbot, widget)
+        assert f"{image.name} classes" in viewer.layers, widget.status.value
+        assert f"'{labels.name}' does not tell which image of plate.scenes it labels" in widget.status.value
+        np.testing.assert_array_equal(np.asarray(labels.data), saved)
+    viewer.layers.remove(scenes[1])                                   # the other scene closed: A1's labels again
+    viewer.layers.remove(f"{scenes[0].name} classes")
+    widget.image.value = scenes[0]
+    run_and_wait(qtbot, widget)
+    assert f"{scenes[0].name} classes" not in viewer.layers and "does not tell" not in widget.status.value
+    assert np.all(np.asarray(labels.data)[painted] == 1)
+    assert np.mean(np.asarray(labels.data)[other] == 1) > 0.9
 
 
 def test_labels_the_command_wrote_for_a_tiff_of_several_series_teach_runs_on_its_first_series_only(qtbot, widget,

@@ -19,7 +19,7 @@ from qtpy.QtCore import QTimer
 from ..colours import colormap_dict
 from ..editing import apply_update
 from ..planes import ImageLayout
-from .reader import image_array_of, image_file_of, image_sample_of, same_array
+from .reader import has_sibling_images, image_array_of, image_file_of, image_sample_of, record_of_image
 
 #: Where a result layer keeps what saving it needs beyond its pixels (in its metadata, see :mod:`.writer`): its
 #: image's file, what the runs wrote (``baseline``) and the pixels the user painted (``edited``).
@@ -188,6 +188,7 @@ class ResultLayers:
         source = image_file_of(layer)
         if not source:
             return None
+        siblings = has_sibling_images(self._viewer, layer)   # (the scenes of one file)
         for item in reversed(list(self._viewer.layers)):
             mark = item.metadata.get(OPENED_KEY) if isinstance(item, Labels) else None
             if not isinstance(mark, dict) or layer_key(item) in self._results:
@@ -196,7 +197,7 @@ class ResultLayers:
             if (not isinstance(item.data, np.ndarray) or item.data.shape != layout.label_shape
                     or not isinstance(baseline, np.ndarray) or baseline.shape != item.data.shape
                     or not same_image_file(mark.get("record") or {}, source)
-                    or not same_array(mark.get("record") or {}, layer)):
+                    or not record_of_image(mark.get("record") or {}, layer, siblings=siblings)):
                 continue
             names = list(mark.get("names", []))
             # pixels painted before the labels were saved (Save labels... keeps them) stay the user's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -61,64 +62,107 @@ NAPARI_READERS = ("napari", "builtins", "napari_builtins")
 def _first_series_read_by_napari(layer) -> bool:
     """Whether napari's own reader opened the layer from a TIFF of several series (a multi-position OME-TIFF): it
     reads the first, as the command line does, which labels of the file's other series must not be taken for."""
-    from ..tiff_images import is_tiff_path, series_count
+    from ..tiff_images import is_tiff_path
 
     source = getattr(layer, "source", None)
     path = getattr(source, "path", None)
-    return (getattr(source, "reader_plugin", None) in NAPARI_READERS and is_tiff_path(path)
-            and Path(path).is_file() and series_count(Path(path)) > 1)
+    if getattr(source, "reader_plugin", None) not in NAPARI_READERS or not is_tiff_path(path):
+        return False
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return False
+    return _series_count(str(path), stat.st_mtime_ns, stat.st_size) > 1
 
 
-def same_array(record: dict, layer, pixels: bool = True) -> bool:
-    """Whether a labels or result record, whose image file is the layer's, is of the layer's own image: the same
-    array of the store (:func:`image_array_of`), where both are known (another image of one store shares its
-    location). A record of no place in the store (labels saved by earlier versions) is of an image read from a store
-    only where the store holds no other image of its shape, which those labels could label as well: rather than
-    guess, they are then nobody's result, never updated by a run on either image. Such a record of a TIFF is of its
-    first series, the one the command line and napari's own reader read. Where the record keeps a sample of its
-    image's pixels and the layer holds its pixels in memory, they must agree (:func:`image_sample_of`): a reader
-    plugin may give several images from one file, known by nothing else (unless ``pixels`` is False: the file was
-    written since, and the record is of what it held before)."""
+@functools.lru_cache(maxsize=64)
+def _series_count(path: str, mtime_ns: int, size: int) -> int:
+    """How many series a TIFF file holds, as it is now (its time and size key it): read once, not on every look."""
+    from ..tiff_images import series_count
+
+    return series_count(Path(path))
+
+
+def record_verdict(record: dict, layer, pixels: bool = True, siblings: bool = False) -> str:
+    """Whether a labels or result record, whose image file is the layer's, is of the layer's own image: "yes", "no"
+    (another image of the file), or "unknown" (it could be another's: rather than guess, it is then nobody's result,
+    never updated by a run on either image nor teaching it).
+
+    - Where the record keeps a sample of its image's pixels and the layer holds its pixels in memory, they must agree
+      (:func:`image_sample_of`): a reader plugin may give several images from one file, known by nothing else
+      (unless ``pixels`` is False: the file was written since, and the record is of what it held before).
+    - The same array of a zarr store, or series of a TIFF (:func:`image_array_of`), where both are known. A record of
+      no place in a store (labels saved by earlier versions) is known only where the store holds no other image of
+      its shape; such a record of a TIFF is of its first series, the one the command line and napari's own reader
+      read.
+    - ``siblings``: the viewer shows other images of the file of this one's size and place, with other pixels or
+      read lazily (:func:`has_sibling_images`): a record is then this image's only where its sample agrees."""
     from ..zarr_images import store_has_image_alike
 
     sample = record.get("image_sample")
-    if pixels and isinstance(sample, str) and image_sample_of(layer) not in (None, sample):   # another image of it
-        return False
+    own = image_sample_of(layer) if isinstance(sample, str) else None
+    if pixels and own is not None and own != sample:
+        return "no"
     recorded, shown = record.get("array"), image_array_of(layer)
-    if shown is None:
-        return True
-    if recorded is None and shown.startswith("series "):   # the command line, and napari, read a TIFF's first
-        return shown == "series 0"
-    if recorded is None:
-        return store_has_image_alike(_shown_array(layer)) is False
-    return recorded == shown
+    if shown is not None and recorded is not None:
+        return "yes" if recorded == shown else "no"
+    if shown is not None and shown.startswith("series "):   # the command line, and napari, read a TIFF's first
+        return "yes" if shown == "series 0" else "no"
+    if shown is not None and store_has_image_alike(_shown_array(layer)) is not False:
+        return "unknown"
+    return "unknown" if siblings and (own is None or own != sample) else "yes"
+
+
+def record_of_image(record: dict, layer, pixels: bool = True, siblings: bool = False) -> bool:
+    """Whether a record whose image file is the layer's is known to be of the layer's own image
+    (:func:`record_verdict`)."""
+    return record_verdict(record, layer, pixels, siblings) == "yes"
+
+
+def has_sibling_images(viewer, layer) -> bool:
+    """Whether the viewer shows other image layers of the same file as ``layer``, of its size and at its place in
+    the file (none known), whose pixels differ from its or are read lazily: the scenes a reader plugin gives from one
+    file. A record of that file is then this image's only where a sample of its pixels says so."""
+    from napari.layers import Image
+
+    source = image_file_of(layer)
+    if not source or image_array_of(layer) is not None:
+        return False
+    shape, own = np.shape(_shown_array(layer)), image_sample_of(layer)
+    for item in viewer.layers:
+        if (item is layer or not isinstance(item, Image) or np.shape(_shown_array(item)) != shape
+                or image_file_of(item) != source or image_array_of(item) is not None):
+            continue
+        if own is None or image_sample_of(item) != own:
+            return True
+    return False
 
 
 def unplaced_labels_note(viewer, layer, shape) -> str:
-    """What a run on an image layer read from a zarr store says of labels opened for its file and of its shape that
-    it did not use because they record no image of the store (:func:`same_array`): "" when there are none."""
+    """What a run on an image layer says of labels opened for its file and of its shape that it did not use because
+    they cannot be told to be of this image of the file (:func:`record_verdict`): "" when there are none."""
     from napari.layers import Labels
 
     from ..tiled_edits import same_image_file
 
-    source, shown = image_file_of(layer), image_array_of(layer)
-    if not source or shown is None or shown.startswith("series "):   # (a TIFF's: of its first series)
+    source = image_file_of(layer)
+    if not source:
         return ""
-    names = []
+    siblings, names = has_sibling_images(viewer, layer), []
     for item in viewer.layers:
         opened = item.metadata.get(OPENED_KEY) if isinstance(item, Labels) else None
         record = (opened.get("record") or {}) if isinstance(opened, dict) else {}
-        if (record and "array" not in record and tuple(item.data.shape) == tuple(shape)
-                and same_image_file(record, source) and not same_array(record, layer)):
+        if (record and tuple(item.data.shape) == tuple(shape) and same_image_file(record, source)
+                and record_verdict(record, layer, siblings=siblings) == "unknown"):
             names.append(f"'{item.name}'")
     if not names:
         return ""
-    store = Path(source).name or source
     plural = len(names) > 1
     verb, subject, label, them = ("do", "they", "label", "them") if plural else ("does", "it", "labels", "it")
-    return (f" {', '.join(names)} {verb} not record which image of {store} {subject} {label} (saved by an earlier "
-            "version), and that store holds other images of this size, or cannot list its images: this run left "
-            f"{them} as saved and learned nothing from {them}.")
+    return (f" {', '.join(names)} {verb} not tell which image of {Path(source).name or source} {subject} {label}, "
+            "and that file holds other images of this size, or may (labels saved by an earlier version record "
+            "none; images read lazily are not sampled; remote stores and stores too large are not looked "
+            f"through): this run left {them} as saved and learned nothing from {them}.")
 
 
 def painted_before(opened: dict, shape) -> np.ndarray | None:

@@ -44,7 +44,8 @@ from .layout import captioned, lines_high, run_progress_bar, scrolling, wrapping
 from .lessons import SessionLessons, classes_text, fitted_and_saved
 from .live import LiveMode, Readying
 from .previews import RunPreviews
-from .reader import OPENED_KEY, image_array_of, image_file_of, image_sample_of, same_array, unplaced_labels_note
+from .reader import (OPENED_KEY, has_sibling_images, image_array_of, image_file_of, image_sample_of, record_of_image,
+                     unplaced_labels_note)
 from .messages import NO_CLASSES, NO_IMAGE, done_text, error_text, image_changed_text, legend_html, reduced_note
 from .settings import load_settings, save_settings
 from .worker_errors import errors_reported
@@ -536,7 +537,7 @@ class ClearClipWidget(FieldLogic, Container):
         from ..tiled_edits import same_image_file
 
         live = {layer_key(item) for item in self._viewer.layers}
-        source = image_file_of(image)
+        source, siblings = image_file_of(image), has_sibling_images(self._viewer, image)
         for item in reversed(list(self._viewer.layers)):
             if not isinstance(item, Labels) or tuple(item.data.shape) != layout.label_shape:
                 continue
@@ -545,7 +546,7 @@ class ClearClipWidget(FieldLogic, Container):
                 return item
             if (isinstance(item.data, EditableCopy) and isinstance(opened, dict) and source
                     and same_image_file(opened.get("record") or {}, source)
-                    and same_array(opened.get("record") or {}, image)):
+                    and record_of_image(opened.get("record") or {}, image, siblings=siblings)):
                 return item
         return None
 
@@ -559,7 +560,7 @@ class ClearClipWidget(FieldLogic, Container):
 
         from ..tiled_edits import SESSION, image_changed_since, kept_results, labels_shape, same_image_file
 
-        source = image_file_of(image)
+        source, siblings = image_file_of(image), has_sibling_images(self._viewer, image)
         shown = _shown_stores()   # (a store another viewer shows is in use)
         newest, record, gone = None, None, []
         for path, kept in kept_results(before=time.time()):   # (not a run of another dock finishing now)
@@ -568,9 +569,10 @@ class ClearClipWidget(FieldLogic, Container):
             this_session = kept.get("session") == SESSION
             of_image = bool(source) and same_image_file(kept, source)
             if of_image:   # (another image of the same store, a collection's series, is another image)
-                of_image = labels_shape(path) == tuple(layout.label_shape) and (
-                    same_array(kept, image) or (same_array(kept, image, pixels=False)   # (another scene, unless
-                                                and image_changed_since(path, source)))   # the file was rewritten)
+                of_image = labels_shape(path) == tuple(layout.label_shape) and (   # (another scene, unless the
+                    record_of_image(kept, image, siblings=siblings)                # file was written since)
+                    or (record_of_image(kept, image, pixels=False, siblings=siblings)
+                        and image_changed_since(path, source)))
             if this_session or (of_image and learns):
                 gone.append(path)
             if of_image and learns and not this_session and newest is None:
@@ -696,7 +698,7 @@ class ClearClipWidget(FieldLogic, Container):
         from ..tiled_edits import same_image_file
 
         live = {layer_key(item) for item in self._viewer.layers}
-        source = image_file_of(image)
+        source, siblings = image_file_of(image), has_sibling_images(self._viewer, image)
         for item in reversed(list(self._viewer.layers)):
             if not isinstance(item, Labels):
                 continue
@@ -705,7 +707,7 @@ class ClearClipWidget(FieldLogic, Container):
                 return item
             if (isinstance(opened, dict) and opened.get("edits") and source
                     and same_image_file(opened.get("record") or {}, source)
-                    and same_array(opened.get("record") or {}, image)):
+                    and record_of_image(opened.get("record") or {}, image, siblings=siblings)):
                 return item
         return None
 

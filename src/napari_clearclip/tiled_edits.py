@@ -215,15 +215,15 @@ SAMPLED_VALUES = 1 << 16
 
 def pixels_sample(image) -> str | None:
     """A digest of an image's values on a regular grid (about 65,000 of them, whatever its size: a millisecond),
-    with its shape and type, for an array held in memory; None for others (lazy and memory-mapped arrays are not
-    read for it). It
-    tells apart images that a reader plugin gives from one file (the scenes or positions of a CZI, LIF or ND2
-    file, of one size): the file is their only location, so labels or results recorded with it must also match
-    this."""
+    with its shape (axes of length 1 left out) and type, for an array held in memory; None for others (lazy and
+    memory-mapped arrays are not read for it). It tells apart images that a reader plugin gives from one file (the
+    scenes or positions of a CZI, LIF or ND2 file, of one size): the file is their only location, so labels or
+    results recorded with it must also match this."""
     import hashlib
 
     if not isinstance(image, np.ndarray) or isinstance(image, np.memmap) or image.ndim == 0:
         return None   # (a memory-mapped file would be read a page for every value)
+    image = np.squeeze(image)   # (readers differ in the axes of length 1 they add: (1, 1, y, x) or (y, x))
     steps, left = [1] * image.ndim, float(SAMPLED_VALUES)
     for placed, axis in enumerate(sorted(range(image.ndim), key=lambda axis: image.shape[axis])):
         taken = max(1, min(image.shape[axis], int(left ** (1 / (image.ndim - placed)))))   # short axes whole

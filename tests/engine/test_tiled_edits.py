@@ -256,6 +256,7 @@ def test_a_sample_of_an_image_s_pixels_tells_scenes_of_one_file_apart_and_reads_
     on[7, 11, 2] ^= 1
     assert pixels_sample(off) == digest and pixels_sample(on) != digest
     assert pixels_sample(scene.reshape(1500, 1000, 3)) != digest and pixels_sample(scene.view(np.int8)) != digest
+    assert pixels_sample(scene[np.newaxis, np.newaxis]) == digest   # (as another reader gives it: (1, 1, y, x, c))
     line = rng.integers(0, 9, 70000, dtype=np.uint16)   # one axis: every second value (35,000)
     skipped, read = line.copy(), line.copy()
     skipped[1] += 1

@@ -339,3 +339,57 @@ def test_pixels_painted_on_a_large_store_are_saved_with_it_and_stay_the_users_wh
     del group["edited"]
     group.create_array("edited", shape=(7, 9), dtype=bool, fill_value=True)
     assert read_labels_output(tmp_path / "twice_labels.zarr").edited is None
+
+
+def test_which_image_of_a_file_a_record_is_of(tmp_path):
+    """Whether labels or a result recorded with an image's file are of one image layer of it ("yes"), of another
+    image of the file ("no"), or could be either ("unknown": nobody's result): by where the image lies in its zarr
+    store or TIFF, by a digest of its pixels where it is held in memory, and, where neither tells, by whether the
+    viewer shows other images of the file of its size (``siblings``)."""
+    from types import SimpleNamespace
+
+    import dask.array as da
+    import zarr
+
+    from napari_clearclip.gui.reader import record_verdict
+    from napari_clearclip.tiled_edits import pixels_sample
+
+    def layer(data, path=None, reader="scenes-reader"):
+        return SimpleNamespace(data=data, multiscale=False, source=SimpleNamespace(path=path, reader_plugin=reader))
+
+    pair = zarr.open_group(str(tmp_path / "pair.zarr"), mode="w")
+    for name in ("0", "1"):
+        pair.create_array(name, shape=(16, 16), chunks=(8, 8), dtype=np.uint8)[:] = int(name)
+    alone = zarr.open_group(str(tmp_path / "alone.zarr"), mode="w")
+    alone.create_array("0", shape=(16, 16), chunks=(8, 8), dtype=np.uint8)
+    alone.create_array("1", shape=(8, 8), chunks=(8, 8), dtype=np.uint8)
+    path = tmp_path / "positions.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tiff:
+        for value in (0, 1):
+            tiff.write(np.full((16, 16), value, np.uint8))
+    rng = np.random.default_rng(1)
+    a1, a2 = (rng.integers(0, 255, (16, 16), dtype=np.uint8) for _ in range(2))
+    scene = str(tmp_path / "plate.czi")
+    second_store = layer(da.from_zarr(str(tmp_path / "pair.zarr"), component="1"))
+    whole_tiff = layer(tifffile.imread(path), str(path), reader="napari")
+    cases = [
+        ({"array": "0"}, second_store, {}, "no"),
+        ({"array": "1"}, second_store, {}, "yes"),
+        ({}, second_store, {}, "unknown"),                              # saved by earlier versions: either image
+        ({}, layer(da.from_zarr(str(tmp_path / "alone.zarr"), component="0")), {}, "yes"),   # (and a smaller one)
+        ({"array": "series 1"}, whole_tiff, {}, "no"),                  # napari's reader: the first series
+        ({"array": "series 0"}, whole_tiff, {}, "yes"),
+        ({}, whole_tiff, {}, "yes"),                                    # earlier versions: the first series too
+        ({}, layer(tifffile.imread(path), str(path), reader="another-reader"), {}, "yes"),   # (unknown series)
+        ({"image_sample": pixels_sample(a1)}, layer(a1, scene), {}, "yes"),
+        ({"image_sample": pixels_sample(a1)}, layer(a2, scene), {}, "no"),
+        ({"image_sample": pixels_sample(a1)}, layer(a2, scene), {"pixels": False}, "yes"),   # the file rewritten
+        ({"image_sample": pixels_sample(a1)}, layer(a2, scene), {"pixels": False, "siblings": True}, "unknown"),
+        ({"image_sample": pixels_sample(a1)}, layer(a1, scene), {"siblings": True}, "yes"),
+        ({}, layer(a1, scene), {"siblings": True}, "unknown"),          # earlier versions, other scenes open
+        ({}, layer(a1, scene), {}, "yes"),                              # ... and closed
+        ({"image_sample": pixels_sample(a1)}, layer(da.from_array(a1), scene), {"siblings": True}, "unknown"),
+        ({"image_sample": pixels_sample(a1)}, layer(da.from_array(a2), scene), {}, "yes"),   # lazy, alone: as before
+    ]
+    verdicts = [record_verdict(record, image, **options) for record, image, options, _ in cases]
+    assert verdicts == [expected for *_, expected in cases]

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import fresh_memory
+
 LABEL_DTYPE = np.int32
 _IDENTITY_SPAN = 256  # values a user may paint during a run keep their number
 
@@ -153,7 +155,7 @@ class SparePlanes:
         while arrays:
             _, array = arrays.popitem()
             # this variable and getrefcount's argument only
-            if (not isinstance(array, np.ndarray) or sys.getrefcount(array) > 2 or not array.flags.owndata
+            if (not isinstance(array, np.ndarray) or sys.getrefcount(array) > 2 or not fresh_memory.owns_its_memory(array)
                     or not array.flags.writeable or not array.flags.c_contiguous or array.nbytes < self.min_bytes):
                 continue
             with self._lock:

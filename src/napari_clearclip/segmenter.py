@@ -15,7 +15,7 @@ from .affinity_tiles import AffinityTiles
 from .cache import ByteLRU
 from .clipdiy import background_index, check_foreground, fuse_foreground
 from .errors import InvalidOptionError, OutOfMemoryError
-from .hashing import pixel_digest
+from .hashing import pixel_key
 from .lessons import Lesson, check_lesson
 from .image import check_image, contrast_identity, normalise, prepare, prepare_with_intensities, whole_rgb
 from .methods import encode_dense, get_method
@@ -316,7 +316,7 @@ class Segmenter:
             return torch.from_numpy(foreground)
         from .found import found_foreground_steps
 
-        digest = hashlib.blake2b(pixel_digest(array), digest_size=20)
+        digest = hashlib.blake2b(pixel_key(array), digest_size=20)
         digest.update(repr((array.shape, str(array.dtype), found_weights)).encode())
         cached = self._saliency.get(digest.hexdigest())
         if cached is not None:
@@ -643,7 +643,7 @@ class Segmenter:
         from . import __version__
 
         digest = hashlib.blake2b(digest_size=20)
-        digest.update(pixel_digest(array))
+        digest.update(pixel_key(array))
         identity = {"model": self.model.cache_id, "method": method, "package": __version__, "extra": extra,
                     "windows": [opts.short_side, opts.crop, opts.stride, opts.keep_aspect],
                     "contrast": contrast_identity(array, opts.contrast_limits),

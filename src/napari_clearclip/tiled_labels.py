@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import compiled_labels, compiled_snapping
+from . import compiled_labels, compiled_snapping, fresh_memory
 from .affinity_tiles import AffinityTiles
 from .refine import Buffers
 
@@ -188,7 +188,7 @@ class SpareArrays:
         """An array of that shape and type: a spare one (its values stale), else a new one."""
         with self._lock:
             spare = self._arrays.pop((tuple(shape), np.dtype(dtype)), None)
-        return spare if spare is not None else np.empty(shape, dtype)
+        return spare if spare is not None else fresh_memory.empty(shape, dtype)
 
     def prepare(self, state: LabelState) -> int:
         """Map and touch spares for the copies the next run on ``state``'s image makes of its labels, margins and
@@ -201,7 +201,7 @@ class SpareArrays:
             with self._lock:
                 if key in self._arrays:
                     continue
-            spare = np.empty(array.shape, array.dtype)
+            spare = fresh_memory.empty(array.shape, array.dtype)
             spare.fill(0)
             with self._lock:
                 self._arrays.setdefault(key, spare)
@@ -219,7 +219,7 @@ class SpareArrays:
         for name in ("labels", "margins", "winners"):
             array = getattr(state, name)
             # the state's attribute, this variable and getrefcount's argument: no view of it anywhere
-            free[name] = (array is not None and sys.getrefcount(array) <= 3 and array.flags.owndata
+            free[name] = (array is not None and sys.getrefcount(array) <= 3 and fresh_memory.owns_its_memory(array)
                           and array.flags.writeable)
             del array
         if not (free["margins"] and free["winners"]):
@@ -431,8 +431,8 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     same_classes = not same and reuse is not None and _same_classes(previous, reuse, state, reference)
     risen = same_classes and _only_risen(previous, state, reference)
     if reuse is None:
-        labels = np.empty(size, dtype=label_dtype(len(spans)))
-        margins = np.empty(size, dtype=np.float16)
+        labels = fresh_memory.empty(size, label_dtype(len(spans)), written_whole=True)
+        margins = fresh_memory.empty(size, np.float16, written_whole=True)
         present = np.zeros((*geometry.shape, len(spans) + 1), bool)
         dirty = ~uniform if not dense else np.ones(geometry.shape, bool)
         fill = uniform & ~dirty if dense else uniform

@@ -427,6 +427,26 @@ def test_pixel_digests_are_sha256_of_the_bytes_or_of_fixed_chunks_and_see_every_
         hashing.pixel_digest(small, 33)
 
 
+def test_pixel_keys_are_xxh3_of_the_bytes_in_c_order_and_see_every_byte():
+    """The features' keys: XXH3-128 of the bytes, as the xxhash package computes it over the whole array at once
+    (whatever the layout), changed by any one byte."""
+    import xxhash
+
+    from napari_clearclip import hashing
+
+    image = np.random.default_rng(2).integers(0, 255, (1500, 1400, 3), np.uint8)
+    expected = xxhash.xxh3_128(image.tobytes()).digest()
+    assert hashing.pixel_key(image) == expected and len(expected) == 16
+    assert hashing.pixel_key(np.asfortranarray(image)) == expected
+    assert hashing.pixel_key(image[::-1][::-1]) == expected
+    assert hashing.pixel_key(image.astype(np.uint16)) != expected          # the bytes: other values, other key
+    for index in ((0, 0, 0), (750, 700, 1), (1499, 1399, 2)):
+        changed = image.copy()
+        changed[index] ^= 1
+        assert hashing.pixel_key(changed) != expected
+    assert hashing.pixel_key(image) != hashing.pixel_digest(image, 16)     # not the digest of the records
+
+
 def test_within_one_run_the_same_pixels_are_hashed_once_and_never_after_it(monkeypatch):
     from napari_clearclip import hashing
 
@@ -448,6 +468,15 @@ def test_within_one_run_the_same_pixels_are_hashed_once_and_never_after_it(monke
     assert hashing.pixel_digest(image) == hashing.pixel_digest(other) != first
     assert len(hashed) == 5
 
+    keyed = []
+    real_key = hashing._fast_digest
+    monkeypatch.setattr(hashing, "_fast_digest", lambda array: keyed.append(array.shape) or real_key(array))
+    with hashing.digests_kept():
+        key = hashing.pixel_key(image)
+        assert hashing.pixel_key(image[:]) == key and hashing.pixel_key(other) == key   # equal pixels, other memory
+        assert hashing.pixel_digest(image) != key                         # the two digests are kept apart
+    assert len(keyed) == 2 and len(hashed) == 6
+
 
 def test_a_live_rerun_hashes_its_image_once(monkeypatch):
     """The widget's run collects the strokes' exemplars and labels the image: one digest of the image, not two."""
@@ -464,8 +493,8 @@ def test_a_live_rerun_hashes_its_image_once(monkeypatch):
     current = baseline.copy()
     current[20:30, 40:60] = 5
     hashed = []
-    real = hashing._digest
-    monkeypatch.setattr(hashing, "_digest", lambda array, size: hashed.append(array.shape) or real(array, size))
+    real = hashing._fast_digest
+    monkeypatch.setattr(hashing, "_fast_digest", lambda array: hashed.append(array.shape) or real(array))
     layout = ImageLayout(image.shape, rgb=True)
     request = LayerRequest(image, layout, layout.planes(), classes, {}, current=current, baseline=baseline,
                            baseline_names=classes, learn_from_edits=True, found={(): current.copy()})

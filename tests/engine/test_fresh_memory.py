@@ -1,0 +1,76 @@
+"""Arrays a run writes whole: in small pages, mapped at once where asked, otherwise NumPy's."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_clearclip import fresh_memory
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux") or not Path("/proc/self/smaps").exists(),
+                                reason="reads Linux's account of this process's memory")
+
+
+def mapping_of(array: np.ndarray) -> dict[str, int]:
+    """The kB figures (Rss, AnonHugePages, ...) Linux gives for the mappings over ``array``'s memory, summed (asking
+    for huge pages for part of a mapping splits it)."""
+    first = array.__array_interface__["data"][0]
+    last = first + array.nbytes
+    figures: dict[str, int] = {}
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):       # a mapping's first line: start-end perms ...
+            start, end = (int(part, 16) for part in head.split("-"))
+            inside = start < last and first < end
+        elif inside and line.split()[-1] == "kB":
+            figures[head.rstrip(":")] = figures.get(head.rstrip(":"), 0) + int(line.split()[1])
+    return figures
+
+
+def huge_pages_offered() -> bool:
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in mode
+
+
+@pytest.mark.parametrize("written_whole", [False, True])
+def test_large_arrays_have_the_shape_and_type_asked_and_hold_what_is_written(written_whole):
+    array = fresh_memory.empty((3000, 2100), np.float16, written_whole=written_whole)
+    assert array.shape == (3000, 2100) and array.dtype == np.float16
+    assert array.flags.c_contiguous and array.flags.writeable
+    values = np.random.default_rng(0).random((3000, 2100)).astype(np.float16)
+    array[...] = values
+    np.testing.assert_array_equal(array, values)
+    assert fresh_memory.empty(4096, np.uint8).shape == (4096,)
+    small = fresh_memory.empty((10, 20), np.int32)
+    assert small.shape == (10, 20) and small.flags.owndata                 # small arrays: NumPy's own
+
+
+@linux_only
+def test_large_arrays_are_written_in_small_pages_where_numpy_would_take_huge_ones():
+    shape = (4096, 4096)
+    numpy_own = np.empty(shape, np.uint8)
+    numpy_own.fill(1)
+    if not huge_pages_offered() or mapping_of(numpy_own).get("AnonHugePages", 0) == 0:
+        pytest.skip("this system gives NumPy's arrays no huge pages: nothing to tell apart")
+    for written_whole in (False, True):
+        mine = fresh_memory.empty(shape, np.uint8, written_whole=written_whole)
+        mine.fill(1)
+        assert mapping_of(mine)["AnonHugePages"] == 0
+
+
+@linux_only
+def test_arrays_written_whole_are_mapped_at_once_and_others_as_they_are_written():
+    size = 8 << 20
+    whole = fresh_memory.empty(size, np.uint8, written_whole=True)
+    assert mapping_of(whole)["Rss"] * 1024 >= size                         # every page, before any write
+    lazy = fresh_memory.empty(size, np.uint8)
+    assert mapping_of(lazy)["Rss"] * 1024 < size // 4
+    lazy[: size // 2] = 1
+    assert size // 2 <= mapping_of(lazy)["Rss"] * 1024 < size

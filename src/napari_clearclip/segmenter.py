@@ -260,6 +260,12 @@ class Segmenter:
         method_fn, extra = self._bind_text(method_fn, text, opts)
         key = self._feature_key(array, opts, method_name, extra)
         args = (array, key, opts, method_fn)
+        tiled = not maps and objects is None and opts.prob_threshold == 0 and not (
+            method_name == "clipdiy" and opts.refine is None)
+        if tiled and remember and self._label_states.get(self._label_state_key(key, opts)) is None:
+            from .tiled_labels import label_dtype
+
+            self._spare_label_arrays.map_ahead(array.shape[:2], (label_dtype(len(parsed)), np.float16))
         features = self._cached_features(key)
         refine = opts.refine is not None
         mark = (lambda steps: relabelled(steps, then_edges=True)) if refine else (lambda steps: steps)
@@ -299,7 +305,7 @@ class Segmenter:
         if method_name == "clipdiy" and opts.refine is None:  # official: labels of the working size, repeated
             result = postprocess(scores, array.shape[:2], parsed, opts.logit_scale, opts.prob_threshold, method_name,
                                  maps=maps, objects=objects, resize_mode="nearest")
-        elif not maps and objects is None and opts.prob_threshold == 0:
+        elif tiled:
             result = yield from self._tiled_labels(scores, array, key, opts, parsed, method_name, remember, focus)
         elif opts.refine == "pamr":
             result = yield from self._snap_and_label(scores, array, opts, parsed, method_name, maps, objects)
@@ -519,6 +525,12 @@ class Segmenter:
                 self._guides.put(key, guide, guide.numel() * 4)
         return guide
 
+    @staticmethod
+    def _label_state_key(key: str, opts: SegmentOptions) -> tuple:
+        """What the labels state a run leaves for the next run on the same image is kept under."""
+        snap = (opts.pamr_iterations, tuple(opts.pamr_dilations)) if opts.refine == "pamr" else ()
+        return key, snap, opts.templates if opts.templates is None else tuple(opts.templates)
+
     def _tiled_labels(self, scores, array, key: str, opts: SegmentOptions, parsed, method_name: str,
                       remember: bool = True, focus: tuple[float, float] | None = None):
         """Generator: the labels alone, computed per pixel only where they can differ from a uniform
@@ -532,7 +544,7 @@ class Segmenter:
         for query in parsed:
             spans.append((start, start + len(query.synonyms)))
             start += len(query.synonyms)
-        state_key = (key, snap, opts.templates if opts.templates is None else tuple(opts.templates))
+        state_key = self._label_state_key(key, opts)
         affinities = None
         if snap and remember and self._affinities.max_bytes > 0:
             affinities = self._affinities.get(state_key) or AffinityTiles(self._affinities.max_bytes)

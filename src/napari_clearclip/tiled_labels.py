@@ -183,12 +183,47 @@ class SpareArrays:
     def __init__(self):
         self._arrays: dict[tuple, np.ndarray] = {}
         self._lock = threading.Lock()
+        self._mapping: dict[tuple, threading.Event] = {}
 
-    def take(self, shape: tuple, dtype) -> np.ndarray:
-        """An array of that shape and type: a spare one (its values stale), else a new one."""
+    def take(self, shape: tuple, dtype, written_whole: bool = False) -> np.ndarray:
+        """An array of that shape and type: a spare one (its values stale; one being mapped is waited for), else a
+        new one (``written_whole``: see :func:`.fresh_memory.empty`)."""
+        key = (tuple(shape), np.dtype(dtype))
         with self._lock:
-            spare = self._arrays.pop((tuple(shape), np.dtype(dtype)), None)
-        return spare if spare is not None else fresh_memory.empty(shape, dtype)
+            mapping = self._mapping.get(key)
+        if mapping is not None:
+            mapping.wait()
+        with self._lock:
+            spare = self._arrays.pop(key, None)
+        return spare if spare is not None else fresh_memory.empty(shape, dtype, written_whole)
+
+    def map_ahead(self, shape: tuple, dtypes) -> None:
+        """Map memory for a run's fresh labels and margins (written whole) in a background thread, while the run
+        reads its image's features: a new session re-opening a stored 4096 x 4096 image waits 0.01-0.02 s less.
+        Types of that shape already spare, or being mapped, are left as they are."""
+        keys = []
+        with self._lock:
+            for dtype in dtypes:
+                key = (tuple(shape), np.dtype(dtype))
+                small = int(np.prod(shape)) * key[1].itemsize < fresh_memory.SMALL_PAGES_FROM   # NumPy's own
+                if not small and key not in self._arrays and key not in self._mapping:
+                    self._mapping[key] = threading.Event()
+                    keys.append(key)
+        if not keys:
+            return
+
+        def mapped():
+            for key in keys:
+                try:
+                    array = fresh_memory.empty(*key, written_whole=True)
+                    with self._lock:
+                        self._arrays.setdefault(key, array)
+                except MemoryError:  # the run maps its own (and says what it cannot)
+                    pass
+                finally:
+                    with self._lock:
+                        self._mapping.pop(key).set()
+        threading.Thread(target=mapped, name="clearclip-map-ahead", daemon=True).start()
 
     def prepare(self, state: LabelState) -> int:
         """Map and touch spares for the copies the next run on ``state``'s image makes of its labels, margins and
@@ -431,8 +466,9 @@ def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[in
     same_classes = not same and reuse is not None and _same_classes(previous, reuse, state, reference)
     risen = same_classes and _only_risen(previous, state, reference)
     if reuse is None:
-        labels = fresh_memory.empty(size, label_dtype(len(spans)), written_whole=True)
-        margins = fresh_memory.empty(size, np.float16, written_whole=True)
+        # both are written whole: spare ones (mapped ahead while the features were read, or a replaced state's)
+        labels = (spare or SpareArrays()).take(size, label_dtype(len(spans)), written_whole=True)
+        margins = (spare or SpareArrays()).take(size, np.float16, written_whole=True)
         present = np.zeros((*geometry.shape, len(spans) + 1), bool)
         dirty = ~uniform if not dense else np.ones(geometry.shape, bool)
         fill = uniform & ~dirty if dense else uniform

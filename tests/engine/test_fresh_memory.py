@@ -74,3 +74,67 @@ def test_arrays_written_whole_are_mapped_at_once_and_others_as_they_are_written(
     assert mapping_of(lazy)["Rss"] * 1024 < size // 4
     lazy[: size // 2] = 1
     assert size // 2 <= mapping_of(lazy)["Rss"] * 1024 < size
+
+
+def test_spare_arrays_mapped_ahead_are_the_ones_taken_and_a_take_waits_for_them(monkeypatch):
+    import threading
+
+    from napari_clearclip.tiled_labels import SpareArrays
+
+    release, made = threading.Event(), []
+    real = fresh_memory.empty
+
+    def slow_empty(shape, dtype, written_whole=False):
+        release.wait(10)
+        array = real(shape, dtype, written_whole)
+        made.append((threading.current_thread().name, array))
+        return array
+    monkeypatch.setattr(fresh_memory, "empty", slow_empty)
+    spare = SpareArrays()
+    spare.map_ahead((2048, 2048), (np.uint8, np.float16))
+    spare.map_ahead((2048, 2048), (np.uint8,))                 # already being mapped: nothing more
+    spare.map_ahead((100, 100), (np.uint8,))                   # small: NumPy's own, when taken
+    taken = []
+    taker = threading.Thread(target=lambda: taken.append(spare.take((2048, 2048), np.float16, written_whole=True)))
+    taker.start()
+    taker.join(0.3)
+    assert taker.is_alive()                                    # waits for the mapping under way...
+    release.set()
+    taker.join(10)
+    labels = spare.take((2048, 2048), np.uint8, written_whole=True)
+    assert [name for name, _ in made] == ["clearclip-map-ahead"] * 2
+    assert taken[0] is made[1][1] and labels is made[0][1]     # ... and takes what it mapped
+    assert spare.take((2048, 2048), np.uint8) is not labels    # taken once: the next one is new
+    assert len(made) == 3 and made[2][0] == threading.current_thread().name
+
+
+def test_a_first_run_maps_its_labels_ahead_and_a_rerun_copies_into_its_own(monkeypatch):
+    """A fresh run's labels and margins are mapped while its features are read; a re-run on the same image starts
+    from the kept state and maps nothing ahead."""
+    import threading
+
+    from napari_clearclip import Segmenter
+    from napari_clearclip.demo.scenes import DEMO_CLASSES, make_scene
+
+    made = []
+    real = fresh_memory.empty
+
+    def noted(shape, dtype, written_whole=False):
+        made.append((threading.current_thread().name, tuple(shape), np.dtype(dtype).name, written_whole))
+        return real(shape, dtype, written_whole)
+    monkeypatch.setattr(fresh_memory, "empty", noted)
+    segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+    image = np.kron(make_scene(3, size=256).image, np.ones((8, 8, 1), np.uint8))      # 2048 x 2048
+    classes = DEMO_CLASSES.split("\n")
+    first = segmenter.segment(image, classes, maps=False).labels
+    ahead = sorted(entry[1:] for entry in made if entry[0] == "clearclip-map-ahead")
+    assert ahead == [((2048, 2048), "float16", True), ((2048, 2048), "uint8", True)]
+    assert not [entry for entry in made if entry[0] != "clearclip-map-ahead" and entry[3]]   # none mapped twice
+    made.clear()
+    strokes = np.zeros(image.shape[:2], np.int32)
+    strokes[100:110, 100:140] = 2
+    again = segmenter.segment(image, classes, maps=False, strokes=strokes).labels
+    assert not [entry for entry in made if entry[0] == "clearclip-map-ahead"]
+    fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+    np.testing.assert_array_equal(first, fresh.segment(image, classes, maps=False).labels)
+    np.testing.assert_array_equal(again, fresh.segment(image, classes, maps=False, strokes=strokes).labels)

@@ -1237,9 +1237,9 @@ def test_a_replaced_states_arrays_are_reused_by_the_next_run_and_the_labels_do_n
             monkeypatch.setattr(segmenter._spare_label_arrays, "donate", lambda *a, **k: False)
         real_take = segmenter._spare_label_arrays.take
 
-        def take(shape, dtype):
+        def take(shape, dtype, written_whole=False):
             spares = {id(a) for a in segmenter._spare_label_arrays._arrays.values()}
-            array = real_take(shape, dtype)
+            array = real_take(shape, dtype, written_whole)
             taken.append(id(array) in spares)
             labels_taken.append(id(array) in spares and np.dtype(dtype).kind == "u")
             return array

@@ -49,8 +49,8 @@ _kept_digests = threading.local()
 def digests_kept():
     """Within this block, on this thread, the digest of the same pixels (the same memory, shape, strides and type)
     is computed once: a live re-run of the widget hashes its image where it collects the strokes' exemplars and
-    again where it labels (with SHA-256, 30-50 ms each at 4096 x 4096 RGB; with XXH3, 3-4 ms). For one run, whose image does not change while it
-    runs; blocks may nest."""
+    again where it labels (with SHA-256, 30-50 ms each at 4096 x 4096 RGB; with XXH3, 3-4 ms). For one run, whose
+    image does not change while it runs; blocks may nest."""
     outermost = getattr(_kept_digests, "memo", None) is None
     if outermost:
         _kept_digests.memo = {}

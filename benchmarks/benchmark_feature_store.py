@@ -70,7 +70,9 @@ TEXT_ONLY = [("violet", "teal"), ("olive", "navy"), ("maroon", "lime"), ("beige"
 def spread(seconds: list[float]) -> str:
     """The median, with the range when there are several runs."""
     middle = statistics.median(seconds)
-    return f"{middle:.2f} s" + (f" ({min(seconds):.2f}-{max(seconds):.2f})" if len(seconds) > 1 else "")
+    places = 3 if middle < 1 else 2   # a new session takes a few hundredths: the third place tells them apart
+    return f"{middle:.{places}f} s" + (f" ({min(seconds):.{places}f}-{max(seconds):.{places}f})" if len(seconds) > 1
+                                       else "")
 
 
 def main() -> None:

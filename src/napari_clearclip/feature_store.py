@@ -238,6 +238,13 @@ class FeatureStore:
                 _WRITER.start()
         _QUEUE.put((self, key, identity, grid, list(batches), guide))
 
+    def holds(self, key: str) -> bool:
+        """Whether the features of ``key`` are stored, or being written by this process (without reading them)."""
+        with _GUARD:
+            if self.path(key) in _PENDING:
+                return True
+        return self.path(key).is_dir()
+
     def wait(self, key: str) -> None:
         """Wait until a background write of ``key`` is done (at once when there is none)."""
         with _GUARD:

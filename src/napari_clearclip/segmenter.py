@@ -262,7 +262,10 @@ class Segmenter:
         args = (array, key, opts, method_fn)
         tiled = not maps and objects is None and opts.prob_threshold == 0 and not (
             method_name == "clipdiy" and opts.refine is None)
-        if tiled and remember and self._label_states.get(self._label_state_key(key, opts)) is None:
+        # a fresh labelling of an image whose features are at hand: its labels and margins are mapped meanwhile (not
+        # while an image is encoded, whose own peak of memory they would add to)
+        if (tiled and remember and self._label_states.get(self._label_state_key(key, opts)) is None
+                and self._features_at_hand(key)):
             from .tiled_labels import label_dtype
 
             self._spare_label_arrays.map_ahead(array.shape[:2], (label_dtype(len(parsed)), np.float16))
@@ -666,6 +669,11 @@ class Segmenter:
             self._identities.clear()
         self._identities[key] = identity
         return key
+
+    def _features_at_hand(self, key: str) -> bool:
+        """Whether this image's features are kept in memory or in the feature store (nothing is read)."""
+        return self._features.get(key) is not None or (self.feature_store is not None
+                                                       and self.feature_store.holds(key))
 
     def _cached_features(self, key: str) -> _Features | None:
         """This image's features from memory, else from the feature store on disk (then kept in memory)."""

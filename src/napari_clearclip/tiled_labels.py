@@ -178,7 +178,8 @@ class LabelState:
 class SpareArrays:
     """Labels, margins and winners' values of a label state no one uses any more, kept for the next run on an image of
     that size to copy the previous state's into: memory already mapped, where a fresh 120 MB at 4096 x 4096 costs the
-    next run a page fault per 4 KiB (0.1-0.3 s on some machines) before it can show anything. At most one state's."""
+    next run a page fault per 4 KiB (0.1-0.3 s on some machines) before it can show anything. At most one state's,
+    and the labels and margins mapped ahead for a fresh run (:meth:`map_ahead`) until it takes them."""
 
     def __init__(self):
         self._arrays: dict[tuple, np.ndarray] = {}

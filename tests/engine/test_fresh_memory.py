@@ -108,9 +108,10 @@ def test_spare_arrays_mapped_ahead_are_the_ones_taken_and_a_take_waits_for_them(
     assert len(made) == 3 and made[2][0] == threading.current_thread().name
 
 
-def test_a_first_run_maps_its_labels_ahead_and_a_rerun_copies_into_its_own(monkeypatch):
-    """A fresh run's labels and margins are mapped while its features are read; a re-run on the same image starts
-    from the kept state and maps nothing ahead."""
+def test_a_new_session_maps_its_labels_ahead_while_it_reads_the_stored_features(monkeypatch, tmp_path):
+    """Re-opening a stored image, a fresh labelling's labels and margins are mapped while the features are read; a
+    run that encodes its image maps nothing ahead (that memory would add to the encoding's own), nor does a re-run
+    on the same image, which starts from the kept state."""
     import threading
 
     from napari_clearclip import Segmenter
@@ -123,18 +124,23 @@ def test_a_first_run_maps_its_labels_ahead_and_a_rerun_copies_into_its_own(monke
         made.append((threading.current_thread().name, tuple(shape), np.dtype(dtype).name, written_whole))
         return real(shape, dtype, written_whole)
     monkeypatch.setattr(fresh_memory, "empty", noted)
-    segmenter = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
+
+    def ahead():
+        return sorted(entry[1:] for entry in made if entry[0] == "clearclip-map-ahead")
     image = np.kron(make_scene(3, size=256).image, np.ones((8, 8, 1), np.uint8))      # 2048 x 2048
     classes = DEMO_CLASSES.split("\n")
-    first = segmenter.segment(image, classes, maps=False).labels
-    ahead = sorted(entry[1:] for entry in made if entry[0] == "clearclip-map-ahead")
-    assert ahead == [((2048, 2048), "float16", True), ((2048, 2048), "uint8", True)]
+    encoded = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=tmp_path / "features")
+    first = encoded.segment(image, classes, maps=False).labels
+    assert ahead() == []
+    reopened = Segmenter("synthetic-tiny", device="cpu", disk_cache=False, feature_store=tmp_path / "features")
+    made.clear()
+    np.testing.assert_array_equal(reopened.segment(image, classes, maps=False).labels, first)
+    assert ahead() == [((2048, 2048), "float16", True), ((2048, 2048), "uint8", True)]
     assert not [entry for entry in made if entry[0] != "clearclip-map-ahead" and entry[3]]   # none mapped twice
     made.clear()
     strokes = np.zeros(image.shape[:2], np.int32)
     strokes[100:110, 100:140] = 2
-    again = segmenter.segment(image, classes, maps=False, strokes=strokes).labels
-    assert not [entry for entry in made if entry[0] == "clearclip-map-ahead"]
+    again = reopened.segment(image, classes, maps=False, strokes=strokes).labels
+    assert ahead() == []
     fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
-    np.testing.assert_array_equal(first, fresh.segment(image, classes, maps=False).labels)
     np.testing.assert_array_equal(again, fresh.segment(image, classes, maps=False, strokes=strokes).labels)

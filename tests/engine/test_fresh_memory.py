@@ -14,18 +14,21 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux") or not Path
                                 reason="reads Linux's account of this process's memory")
 
 
-def mapping_of(array: np.ndarray) -> dict[str, int]:
+def mapping_of(array: np.ndarray) -> dict:
     """The kB figures (Rss, AnonHugePages, ...) Linux gives for the mappings over ``array``'s memory, summed (asking
-    for huge pages for part of a mapping splits it)."""
+    for huge pages for part of a mapping splits it), and under "VmFlags" the set of their flags ("hg": huge pages
+    asked for, "nh": refused)."""
     first = array.__array_interface__["data"][0]
     last = first + array.nbytes
-    figures: dict[str, int] = {}
+    figures: dict = {"VmFlags": set()}
     inside = False
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()[0]
         if "-" in head and not head.endswith(":"):       # a mapping's first line: start-end perms ...
             start, end = (int(part, 16) for part in head.split("-"))
             inside = start < last and first < end
+        elif inside and head == "VmFlags:":
+            figures["VmFlags"] |= set(line.split()[1:])
         elif inside and line.split()[-1] == "kB":
             figures[head.rstrip(":")] = figures.get(head.rstrip(":"), 0) + int(line.split()[1])
     return figures
@@ -54,15 +57,20 @@ def test_large_arrays_have_the_shape_and_type_asked_and_hold_what_is_written(wri
 
 @linux_only
 def test_large_arrays_are_written_in_small_pages_where_numpy_would_take_huge_ones():
+    if not huge_pages_offered():
+        pytest.skip("this system has no transparent huge pages: every page is small")
     shape = (4096, 4096)
     numpy_own = np.empty(shape, np.uint8)
     numpy_own.fill(1)
-    if not huge_pages_offered() or mapping_of(numpy_own).get("AnonHugePages", 0) == 0:
-        pytest.skip("this system gives NumPy's arrays no huge pages: nothing to tell apart")
+    if "hg" not in mapping_of(numpy_own)["VmFlags"]:                # NumPy asks for them at this size, unless told not
+        pytest.skip("NumPy is set to ask for no huge pages here: nothing to tell apart")
     for written_whole in (False, True):
         mine = fresh_memory.empty(shape, np.uint8, written_whole=written_whole)
         mine.fill(1)
-        assert mapping_of(mine)["AnonHugePages"] == 0
+        mapping = mapping_of(mine)
+        assert "hg" not in mapping["VmFlags"] and mapping["AnonHugePages"] == 0
+        if not written_whole or fresh_memory._huge_pages_always():
+            assert "nh" in mapping["VmFlags"]                         # refused outright
 
 
 @linux_only

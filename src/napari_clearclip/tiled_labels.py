@@ -408,12 +408,20 @@ FOCUS_SIDE = 384
 
 
 def _copied(array: np.ndarray, spare: SpareArrays | None) -> np.ndarray:
-    """A copy of ``array``, into a spare array of its shape and type where there is one."""
-    if spare is None:
-        return array.copy()
-    out = spare.take(array.shape, array.dtype)
-    np.copyto(out, array)
+    """A copy of ``array``, into a spare array of its shape and type where there is one, else into memory mapped
+    whole before the copy (see :func:`.fresh_memory.empty`); its rows shared between PyTorch's threads: at 4096 x
+    4096 the three arrays a re-run copies took 0.017 s into spares on one core and 0.010 s on two, and 0.08-0.2 s
+    into memory mapped as written against 0.04-0.05 s mapped first."""
+    out = (spare or SpareArrays()).take(array.shape, array.dtype, written_whole=True)
+    if array.ndim == 0 or not array.size:
+        np.copyto(out, array)
+        return out
+    compiled_snapping.shared_rows(_copy_rows, 0, array.shape[0], int(np.prod(array.shape[1:])), out, array)
     return out
+
+
+def _copy_rows(out: np.ndarray, array: np.ndarray, first: int, last: int) -> None:
+    np.copyto(out[first:last], array[first:last])   # NumPy lets go of the interpreter while it copies
 
 
 def label_steps(scores: torch.Tensor, guide: torch.Tensor | None, size: tuple[int, int],

@@ -152,3 +152,45 @@ def test_a_new_session_maps_its_labels_ahead_while_it_reads_the_stored_features(
     assert ahead() == []
     fresh = Segmenter("synthetic-tiny", device="cpu", disk_cache=False)
     np.testing.assert_array_equal(again, fresh.segment(image, classes, maps=False, strokes=strokes).labels)
+
+
+@linux_only
+def test_a_re_runs_copies_equal_the_previous_arrays_in_memory_mapped_whole_or_in_spares(monkeypatch):
+    """A re-run copies the previous state's arrays (which stay intact for a run in flight) row-shared between threads:
+    every value equal, the copy its own, mapped before it is written where no spare is at hand, a spare where one is."""
+    import torch
+
+    from napari_clearclip.tiled_labels import SpareArrays, _copied
+
+    real, asked = fresh_memory.empty, []
+
+    def recorded_empty(shape, dtype, written_whole=False):
+        asked.append(written_whole)
+        return real(shape, dtype, written_whole)
+    monkeypatch.setattr(fresh_memory, "empty", recorded_empty)
+    rng = np.random.default_rng(3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for shape, dtype in (((1531, 1777), np.uint8), ((1531, 1777), np.float16), ((1024, 2048), np.float32),
+                             ((3, 5), np.float32), ((0, 7), np.uint8)):
+            source = (rng.random(shape) * 200).astype(dtype)
+            copy = _copied(source, SpareArrays())
+            assert copy.shape == source.shape and copy.dtype == source.dtype
+            assert np.array_equal(copy, source) and not np.shares_memory(copy, source)
+            if source.nbytes >= fresh_memory.SMALL_PAGES_FROM:
+                figures = mapping_of(copy)
+                assert fresh_memory.owns_its_memory(copy) and "hg" not in figures["VmFlags"]
+                assert figures.get("AnonHugePages", 0) == 0
+            assert asked.pop() is True                 # mapped whole before the copy writes it
+            if source.size:
+                copy.flat[0] += 1
+                assert not np.array_equal(copy, source)
+        spare = SpareArrays()
+        kept = np.full((1024, 2048), -1.0, np.float32)
+        spare._arrays[(kept.shape, kept.dtype)] = kept
+        source = rng.random((1024, 2048)).astype(np.float32)
+        copy = _copied(source, spare)
+        assert copy is kept and np.array_equal(kept, source) and not asked
+    finally:
+        torch.set_num_threads(threads)

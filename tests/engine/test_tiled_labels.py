@@ -320,6 +320,39 @@ def test_typing_a_class_that_scores_low_recomputes_nothing():
     np.testing.assert_array_equal(second.labels, first.labels)
 
 
+def test_a_class_typed_alone_is_snapped_in_bands_as_tall_as_its_own_planes_allow(monkeypatch):
+    """Regions are sized by the queries they snap: a class typed among five is snapped in bands sized for one plane
+    (fewer halos computed twice), and the labels are still a full computation's."""
+    from napari_clearclip.refine import _bytes_per_row
+
+    rng = np.random.default_rng(21)
+    scores = smooth_scores(rng, 5, 48, 48, 4)
+    guide = torch.from_numpy(rng.normal(size=(3, 48, 48)).astype(np.float32))
+    size, snap, tile = (768, 384), (2, (1, 2)), 16
+    spans, names = [(i, i + 1) for i in range(5)], [(f"c{i}",) for i in range(5)]
+    # memory for bands of 160 rows (and their halos) snapping one class, of 112 rows snapping five
+    monkeypatch.setattr(tiled_labels, "REGION_MEMORY_BYTES", 168 * _bytes_per_row(size[1], 1, 3, snap[1]))
+    first = labels_of(scores, guide, size, spans, names, snap, dense=True, tile=tile)
+    sized = []
+    real = tiled_labels._regions
+
+    def regions(dirty, geometry, halo, n_queries, dilations):
+        found = real(dirty, geometry, halo, n_queries, dilations)
+        sized.append((n_queries, len(found)))
+        return found
+    monkeypatch.setattr(tiled_labels, "_regions", regions)
+    # close below the leader everywhere: most tiles are computed, and the class takes a tenth of the pixels
+    added = scores.amax(0, keepdim=True) + smooth_scores(rng, 1, 48, 48, 3) * 0.2 - 0.02
+    typed = torch.cat([scores, added])
+    second = labels_of(typed, guide, size, spans + [(5, 6)], names + [("new",)], snap, first, tile=tile)
+    assert sized[-1][0] == 1                                     # sized for the one class snapped
+    assert sized[-1][1] < real(np.ones((size[0] // tile, size[1] // tile), bool), tiled_labels._Geometry(
+        (48, 48), size, 4, tile), 4, 5, snap[1]).__len__()       # fewer bands than five classes' planes need
+    assert second.computed > 0.5 and 0 < (second.labels == 6).mean() < 1
+    full = labels_of(typed, guide, size, spans + [(5, 6)], names + [("new",)], snap, dense=True, tile=tile)
+    np.testing.assert_array_equal(second.labels, full.labels)
+
+
 def _typed(rng, scores, spans, names, step):
     """One or two classes typed (sometimes with a synonym, sometimes before earlier classes), scoring near the
     others, sometimes on a coarse grid of values (exact ties)."""

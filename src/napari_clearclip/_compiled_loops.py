@@ -503,14 +503,14 @@ def challenged_tiles(planes, row_steps, origins, exact, query_class, reference_c
 
 
 @njit(nogil=True, cache=True, boundscheck=False)
-def lower_half_bits(value):
+def lower_half_bits(value, number, number_bits):
     """The float16 bits of ``value`` (float32) rounded to the nearest, then a step down where that lands above it:
-    ``tiled_labels.lower_half``."""
-    scratch = np.empty(1, np.float32)
-    scratch[0] = value
-    bits = half_bits(scratch.view(np.uint32)[0])
-    scratch.view(np.uint32)[0] = float_bits_of_half(bits)
-    if scratch[0] > value:   # one float16 step towards -inf
+    ``tiled_labels.lower_half``. ``number``, ``number_bits``: a float32 scratch value and a uint32 view of it (a
+    scratch array made per call cost more than the rest of the pixel's judging)."""
+    number[0] = value
+    bits = half_bits(number_bits[0])
+    number_bits[0] = float_bits_of_half(bits)
+    if number[0] > value:   # one float16 step towards -inf
         if bits == 0x0000 or bits == 0x8000:
             return 0x8001
         return bits - 1 if bits < 0x8000 else bits + 1
@@ -565,4 +565,4 @@ def judged_tiles(labels, margin_bits, winners, rescued, ys, xs, tile, threshold,
                     lead = new_leads[i, ty, tx, label]
                     against = lead if lead > through else through
                     kept = kept if kept < against else against
-                margin_bits[y, x] = lower_half_bits(kept - allowance)
+                margin_bits[y, x] = lower_half_bits(kept - allowance, number, bits)

@@ -346,8 +346,8 @@ def test_a_class_typed_alone_is_snapped_in_bands_as_tall_as_its_own_planes_allow
     typed = torch.cat([scores, added])
     second = labels_of(typed, guide, size, spans + [(5, 6)], names + [("new",)], snap, first, tile=tile)
     assert sized[-1][0] == 1                                     # sized for the one class snapped
-    assert sized[-1][1] < real(np.ones((size[0] // tile, size[1] // tile), bool), tiled_labels._Geometry(
-        (48, 48), size, 4, tile), 4, 5, snap[1]).__len__()       # fewer bands than five classes' planes need
+    everywhere, geometry = np.ones((size[0] // tile, size[1] // tile), bool), tiled_labels._Geometry((48, 48), size, 4, tile)
+    assert sized[-1][1] < len(real(everywhere, geometry, 4, 5, snap[1]))  # fewer bands than five classes' planes need
     assert second.computed > 0.5 and 0 < (second.labels == 6).mean() < 1
     full = labels_of(typed, guide, size, spans + [(5, 6)], names + [("new",)], snap, dense=True, tile=tile)
     np.testing.assert_array_equal(second.labels, full.labels)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import numpy as np
@@ -18,23 +19,41 @@ def run_and_wait(qtbot, widget):
 
 
 class TickRecorder:
-    """Records when the Qt event loop gets to run a 10 ms timer: long gaps are GUI stalls."""
+    """Records when the Qt event loop gets to run a 10 ms timer: long gaps are GUI stalls. Also records how long
+    each full garbage collection took meanwhile (they hold every thread, the GUI's included), for the message."""
 
     def __init__(self):
         from qtpy.QtCore import QTimer
 
         self.ticks = []
+        self.collections: list[float] = []
+        self._started = 0.0
         self.timer = QTimer()
         self.timer.setInterval(10)
         self.timer.timeout.connect(lambda: self.ticks.append(time.perf_counter()))
 
+    def _collected(self, phase: str, info: dict) -> None:
+        if info.get("generation") != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started:
+            self.collections.append(time.perf_counter() - self._started)
+
     def __enter__(self):
+        gc.callbacks.append(self._collected)
         self.timer.start()
         return self
 
     def __exit__(self, *exc):
         self.timer.stop()
+        gc.callbacks.remove(self._collected)
 
     @property
     def longest_gap(self) -> float:
         return float(np.diff(self.ticks).max())
+
+    def describe(self) -> str:
+        """The longest gap, with the full collections that ran meanwhile."""
+        pauses = ", ".join(f"{pause * 1000:.0f}" for pause in self.collections) or "none"
+        return f"GUI thread blocked for {self.longest_gap * 1000:.0f} ms (full garbage collections, ms: {pauses})"

@@ -10,6 +10,35 @@ import numpy as np
 TIMEOUT = 240_000   # ms: a run on a loaded 2-core machine
 
 
+def blue_squares(seed: int = 7, red: bool = False) -> np.ndarray:
+    """A noisy grey 192 x 192 RGB image with two blue squares (and with ``red`` a red one): the demo model does not
+    know "debris", so a debris stroke on one blue square is what teaches it the other."""
+    rng = np.random.default_rng(seed)
+    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
+    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
+    if red:
+        image[120:168, 24:72] = (215, 35, 35)
+    return image.astype(np.uint8)
+
+
+def debris_result(qtbot, widget):
+    """The demo model's result for "debris" and "background" on :func:`blue_squares`: its layer, "shapes classes"."""
+    viewer = widget._viewer
+    widget.switch_to_demo_model()
+    widget.image.value = viewer.add_image(blue_squares(), name="shapes")
+    widget.classes.value = "debris\nbackground"
+    run_and_wait(qtbot, widget)
+    return viewer.layers["shapes classes"]
+
+
+def counted_runs(widget) -> list[float]:
+    """The start time of every run from now on, pressed or started by Live mode, in a list that grows."""
+    runs = []
+    real_run = type(widget).run
+    widget.__dict__["run"] = lambda *a: runs.append(time.perf_counter()) or real_run(widget)
+    return runs
+
+
 def run_and_wait(qtbot, widget):
     """Press Run and wait for the run to end; the worker, for its signals."""
     worker = widget.run()

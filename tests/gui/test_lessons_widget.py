@@ -7,15 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gui_helpers import run_and_wait
+from gui_helpers import blue_squares, run_and_wait
 
 
 def squares(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
-    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
-    image[120:168, 24:72] = (215, 35, 35)
-    return image.astype(np.uint8)
+    """Two blue squares and a red one, each image its own noise."""
+    return blue_squares(seed, red=True)
 
 
 def teach_debris(qtbot, widget, viewer):

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from gui_helpers import TIMEOUT, TickRecorder, run_and_wait
+from gui_helpers import TIMEOUT, TickRecorder, counted_runs, run_and_wait
 
 
 def test_a_stroke_on_a_4096_image_in_live_mode_updates_without_stalling(qtbot, widget):
@@ -20,9 +20,7 @@ def test_a_stroke_on_a_4096_image_in_live_mode_updates_without_stalling(qtbot, w
     run_and_wait(qtbot, widget)
     labels = viewer.layers["slide classes"]
     before = np.asarray(labels.data).copy()
-    runs = []
-    real_run = type(widget).run
-    widget.__dict__["run"] = lambda *a: runs.append(time.perf_counter()) or real_run(widget)
+    runs = counted_runs(widget)
     widget.live.value = True
     recorders = []
     for y, x in ((2000, 2000), (1000, 3000)):  # a stroke over the bar is timed once more: a busy machine can stall
@@ -57,9 +55,7 @@ def _live_on_large_shapes(qtbot, widget, size: int = 2048):
     widget.classes.value = "red\ngreen\nblue\nyellow\nbackground"
     run_and_wait(qtbot, widget)
     labels = viewer.layers["slide classes"]
-    runs = []
-    real_run = type(widget).run
-    widget.__dict__["run"] = lambda *a: runs.append(time.perf_counter()) or real_run(widget)
+    runs = counted_runs(widget)
     widget.live.value = True
     labels.brush_size = 40
     return labels, runs

@@ -18,7 +18,7 @@ from napari.utils.colormaps.standardize_color import transform_color  # noqa: E4
 
 from napari_clearclip.choices import DEMO_MODEL  # noqa: E402
 from napari_clearclip.gui.fields import model_choices  # noqa: E402
-from gui_helpers import TIMEOUT, TickRecorder, run_and_wait  # noqa: E402
+from gui_helpers import TIMEOUT, TickRecorder, blue_squares, counted_runs, debris_result, run_and_wait  # noqa: E402
 from napari_clearclip.colours import NAMED  # noqa: E402
 from napari_clearclip.demo.scenes import DEMO_CLASSES  # noqa: E402
 
@@ -374,9 +374,7 @@ def test_live_mode_reruns_after_a_stroke_and_never_overwrites_it(qtbot, widget, 
     widget.classes.value = "a\nb"
     run_and_wait(qtbot, widget)
     labels = viewer.layers["photo classes"]
-    runs = []
-    real_run = type(widget).run
-    widget.__dict__["run"] = lambda *a: runs.append(time.perf_counter()) or real_run(widget)
+    runs = counted_runs(widget)
     widget.live.value = True
     recorders = []
     for attempt in range(2):  # a stroke over the bar is timed once more (the other class): a busy machine can stall
@@ -413,9 +411,7 @@ def test_live_mode_runs_when_a_stroke_ends_without_waiting_for_the_typing_delay(
     widget.classes.value = "a\nb"
     run_and_wait(qtbot, widget)
     labels = viewer.layers["photo classes"]
-    runs = []
-    real_run = type(widget).run
-    widget.__dict__["run"] = lambda *a: runs.append(time.perf_counter()) or real_run(widget)
+    runs = counted_runs(widget)
     widget.live.value = True
     widget.live_mode._timer.setInterval(60_000)         # typing would wait a minute
     labels.brush_size = 5
@@ -450,13 +446,9 @@ def test_a_stroke_in_the_widget_teaches_similar_regions(qtbot, widget):
     """The demo model does not know "debris": one stroke on one blue square, and the other follows (learn on, not off)."""
     from skimage.draw import disk
 
-    rng = np.random.default_rng(7)
-    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
-    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
-    image[120:168, 24:72] = (215, 35, 35)
     viewer = widget._viewer
     widget.switch_to_demo_model()
-    widget.image.value = viewer.add_image(image.astype(np.uint8), name="shapes")
+    widget.image.value = viewer.add_image(blue_squares(red=True), name="shapes")
     widget.classes.value = "debris\nred\nbackground"
     other = (slice(128, 160), slice(128, 160))                 # the square nobody paints
     results = {}
@@ -480,15 +472,7 @@ def test_a_stroke_in_the_widget_teaches_similar_regions(qtbot, widget):
 def test_an_undone_stroke_teaches_nothing_and_is_no_longer_kept(qtbot, widget):
     from skimage.draw import disk
 
-    rng = np.random.default_rng(7)
-    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
-    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
-    viewer = widget._viewer
-    widget.switch_to_demo_model()
-    widget.image.value = viewer.add_image(image.astype(np.uint8), name="shapes")
-    widget.classes.value = "debris\nbackground"
-    run_and_wait(qtbot, widget)
-    labels = viewer.layers["shapes classes"]
+    labels = debris_result(qtbot, widget)
     zero_shot = labels.data.copy()
     other = (slice(128, 160), slice(128, 160))
     labels.brush_size = 9
@@ -503,15 +487,7 @@ def test_an_undone_stroke_teaches_nothing_and_is_no_longer_kept(qtbot, widget):
 
 
 def test_a_stroke_undone_while_a_run_computes_is_taken_back_too(qtbot, widget):
-    rng = np.random.default_rng(7)
-    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
-    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
-    viewer = widget._viewer
-    widget.switch_to_demo_model()
-    widget.image.value = viewer.add_image(image.astype(np.uint8), name="shapes")
-    widget.classes.value = "debris\nbackground"
-    run_and_wait(qtbot, widget)
-    labels = viewer.layers["shapes classes"]
+    labels = debris_result(qtbot, widget)
     zero_shot = labels.data.copy()
     labels.brush_size = 9
     labels.paint((48, 48), 1)
@@ -530,15 +506,7 @@ def test_a_stroke_undone_while_a_run_computes_is_taken_back_too(qtbot, widget):
 def test_a_redone_stroke_is_kept_and_teaches_again(qtbot, widget):
     from skimage.draw import disk
 
-    rng = np.random.default_rng(7)
-    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
-    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
-    viewer = widget._viewer
-    widget.switch_to_demo_model()
-    widget.image.value = viewer.add_image(image.astype(np.uint8), name="shapes")
-    widget.classes.value = "debris\nbackground"
-    run_and_wait(qtbot, widget)
-    labels = viewer.layers["shapes classes"]
+    labels = debris_result(qtbot, widget)
     other = (slice(128, 160), slice(128, 160))
     assert np.mean(labels.data[other] == 1) < 0.5
     labels.brush_size = 9
@@ -556,15 +524,7 @@ def test_a_redone_stroke_is_kept_and_teaches_again(qtbot, widget):
 
 
 def test_a_stroke_redone_while_a_run_computes_stays_the_users(qtbot, widget):
-    rng = np.random.default_rng(7)
-    image = np.clip(rng.normal(128, 8, (192, 192, 3)), 0, 255)
-    image[24:72, 24:72] = image[120:168, 120:168] = (40, 70, 215)
-    viewer = widget._viewer
-    widget.switch_to_demo_model()
-    widget.image.value = viewer.add_image(image.astype(np.uint8), name="shapes")
-    widget.classes.value = "debris\nbackground"
-    run_and_wait(qtbot, widget)
-    labels = viewer.layers["shapes classes"]
+    labels = debris_result(qtbot, widget)
     labels.brush_size = 9
     labels.paint((48, 48), 1)
     run_and_wait(qtbot, widget)

@@ -682,8 +682,10 @@ def test_queries_over_overlapping_rectangles_share_a_pass_and_distant_ones_do_no
     assert [(rectangle, sorted(queries)) for rectangle, queries in passes] == [((1000, 2064, 1000, 2000), [0, 1, 2])]
     far = {0: (0, 400, 0, 400), 1: (3600, 4000, 3600, 4000)}
     assert sorted(q for _, q in tiled_labels._snapped_together(far, size, snap)) == [[0], [1]]
-    many = {q: (1000, 2000, 1000, 2000) for q in range(6)}
-    assert sorted(len(q) for _, q in tiled_labels._snapped_together(many, size, snap)) == [2, 4]
+    six = {q: (1000, 2000, 1000, 2000) for q in range(6)}                 # seven classes: one pass
+    assert [len(q) for _, q in tiled_labels._snapped_together(six, size, snap)] == [6]
+    many = {q: (1000, 2000, 1000, 2000) for q in range(10)}               # at most eight a pass
+    assert sorted(len(q) for _, q in tiled_labels._snapped_together(many, size, snap)) == [2, 8]
 
 
 @pytest.mark.parametrize("seed", range(3))

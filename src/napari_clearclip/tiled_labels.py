@@ -60,7 +60,7 @@ def bilinear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, 
 
 
 #: Classes snapped over one region as one stack, at most (their weights are read once for all of them). Eight, so
-#: that up to nine classes snap in one pass: six or eight classes on a 4096 x 4096 mosaic took 10-11% less time for a
+#: that up to nine classes snap in one pass: six or eight classes on a 4096 x 4096 mosaic took 10-12% less time for a
 #: first run than with four a pass, a class typed at 8192 x 8192 11% less; 6000 x 6000 with 30 classes peaked at
 #: 2.47 GiB (2.42 GiB with four).
 SNAPPED_TOGETHER = 8

@@ -453,3 +453,20 @@ def test_a_store_at_an_address_is_read_by_the_worker_that_segments_it(local_clie
             labels = [zarr.open_group(str(folder / "scene_labels.zarr"), mode="r")["labels"][:] for folder in (here, there)]
         np.testing.assert_array_equal(labels[0], expected)
         np.testing.assert_array_equal(labels[1], expected)
+
+
+def test_a_local_clusters_workers_leave_before_its_scheduler_closes(tmp_path):
+    """The command's local cluster is closed once its workers have left: a worker whose heartbeat meets a closed
+    scheduler prints dask's traceback after the command's last line."""
+    from napari_clearclip.batch.cli import _close_started
+
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None)
+    client = distributed.Client(cluster)
+    assert client.run(os.getpid)                            # a worker is there
+    workers_at_close = []
+    real_close = cluster.close
+    cluster.close = lambda *a, **k: workers_at_close.append(len(cluster.workers)) or real_close(*a, **k)
+    started = time.monotonic()
+    _close_started({"client": client, "cluster": cluster}, tmp_path)
+    assert workers_at_close == [0]
+    assert time.monotonic() - started < 30

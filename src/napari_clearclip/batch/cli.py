@@ -364,8 +364,27 @@ def _close_started(started: dict, out) -> None:
     if client is not None:
         client.close()
     if cluster is not None:
+        _workers_gone(cluster)
         cluster.close()
         remove_stale_partials(out)
+
+
+#: The longest a local cluster's workers are given to leave before the cluster is closed around them.
+WORKERS_LEAVE_S = 10.0
+
+
+def _workers_gone(cluster) -> None:
+    """Let a local cluster's workers leave before its scheduler goes: a worker whose heartbeat meets a closed
+    scheduler prints dask's traceback of it after the command's own last line."""
+    import time
+
+    try:
+        cluster.scale(0)
+    except Exception:  # a cluster already failing: closed as it is
+        return
+    deadline = time.monotonic() + WORKERS_LEAVE_S
+    while cluster.workers and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _store_only(args, client, on_report, bar, started, stop: StopOnce | None = None) -> int:

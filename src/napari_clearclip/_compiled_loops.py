@@ -44,9 +44,9 @@ def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_
     (rows, 2; or empty: none) narrows row y to its columns ``spans[y, 0]``..``spans[y, 1]``.
 
     Each value is the first neighbour's product, then one fused multiply-add per neighbour in order, as PyTorch's
-    element-wise path computes it; the neighbours are taken eight to a pass over the columns."""
+    element-wise path computes it; the neighbours are taken eight to a pass over the columns, and the channels two
+    to a pass, so that each weight read serves both."""
     channels = source.shape[0]
-    neighbours = rows_off.shape[0]
     narrowed = spans.shape[0] > 0
     for y in range(first, last):
         low, high = left, right
@@ -57,49 +57,14 @@ def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_
             count = stop - start
             row = y * row_step + start
             at = pad + start
-            for c in range(channels):
-                out = target[c, pad + y, at : at + count]
-                k = 0
-                while k + 8 <= neighbours:
-                    w0 = weights[k * plane_step + row : k * plane_step + row + count]
-                    w1 = weights[(k + 1) * plane_step + row : (k + 1) * plane_step + row + count]
-                    w2 = weights[(k + 2) * plane_step + row : (k + 2) * plane_step + row + count]
-                    w3 = weights[(k + 3) * plane_step + row : (k + 3) * plane_step + row + count]
-                    w4 = weights[(k + 4) * plane_step + row : (k + 4) * plane_step + row + count]
-                    w5 = weights[(k + 5) * plane_step + row : (k + 5) * plane_step + row + count]
-                    w6 = weights[(k + 6) * plane_step + row : (k + 6) * plane_step + row + count]
-                    w7 = weights[(k + 7) * plane_step + row : (k + 7) * plane_step + row + count]
-                    n0 = source[c, pad + rows_off[k] + y, at + cols_off[k] : at + cols_off[k] + count]
-                    n1 = source[c, pad + rows_off[k + 1] + y, at + cols_off[k + 1] : at + cols_off[k + 1] + count]
-                    n2 = source[c, pad + rows_off[k + 2] + y, at + cols_off[k + 2] : at + cols_off[k + 2] + count]
-                    n3 = source[c, pad + rows_off[k + 3] + y, at + cols_off[k + 3] : at + cols_off[k + 3] + count]
-                    n4 = source[c, pad + rows_off[k + 4] + y, at + cols_off[k + 4] : at + cols_off[k + 4] + count]
-                    n5 = source[c, pad + rows_off[k + 5] + y, at + cols_off[k + 5] : at + cols_off[k + 5] + count]
-                    n6 = source[c, pad + rows_off[k + 6] + y, at + cols_off[k + 6] : at + cols_off[k + 6] + count]
-                    n7 = source[c, pad + rows_off[k + 7] + y, at + cols_off[k + 7] : at + cols_off[k + 7] + count]
-                    if k == 0:
-                        for x in range(count):
-                            sum4 = fused_multiply_add(w3[x], n3[x], fused_multiply_add(
-                                w2[x], n2[x], fused_multiply_add(w1[x], n1[x], n0[x] * w0[x])))
-                            out[x] = fused_multiply_add(w7[x], n7[x], fused_multiply_add(w6[x], n6[x], fused_multiply_add(
-                                w5[x], n5[x], fused_multiply_add(w4[x], n4[x], sum4))))
-                    else:
-                        for x in range(count):
-                            sum4 = fused_multiply_add(w3[x], n3[x], fused_multiply_add(w2[x], n2[x], fused_multiply_add(
-                                w1[x], n1[x], fused_multiply_add(w0[x], n0[x], out[x]))))
-                            out[x] = fused_multiply_add(w7[x], n7[x], fused_multiply_add(w6[x], n6[x], fused_multiply_add(
-                                w5[x], n5[x], fused_multiply_add(w4[x], n4[x], sum4))))
-                    k += 8
-                while k < neighbours:   # neighbours beyond a multiple of eight: a pass each
-                    weight = weights[k * plane_step + row : k * plane_step + row + count]
-                    near = source[c, pad + rows_off[k] + y, at + cols_off[k] : at + cols_off[k] + count]
-                    if k == 0:
-                        for x in range(count):
-                            out[x] = near[x] * weight[x]
-                    else:
-                        for x in range(count):
-                            out[x] = fused_multiply_add(weight[x], near[x], out[x])
-                    k += 1
+            paired = channels - channels % 2
+            for c in range(0, paired, 2):
+                _two_channels(source[c], source[c + 1], target[c, pad + y, at : at + count],
+                              target[c + 1, pad + y, at : at + count], weights, plane_step, row, rows_off, cols_off,
+                              pad + y, at, count)
+            if paired < channels:
+                _one_channel(source[paired], target[paired, pad + y, at : at + count], weights, plane_step, row,
+                             rows_off, cols_off, pad + y, at, count)
         if height:
             for c in range(channels):
                 line = target[c, pad + y]
@@ -115,6 +80,100 @@ def weighted_rows(source, target, weights, plane_step, row_step, rows_off, cols_
             for c in range(channels):
                 for y in range(pad + height, height + 2 * pad):
                     target[c, y, :] = target[c, pad + height - 1, :]
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def _eight_weights(weights, plane_step, row, k, count):
+    """The weights of neighbours k..k + 7 over ``count`` columns from flat index ``row`` (see :func:`weighted_rows`)."""
+    return (weights[k * plane_step + row : k * plane_step + row + count],
+            weights[(k + 1) * plane_step + row : (k + 1) * plane_step + row + count],
+            weights[(k + 2) * plane_step + row : (k + 2) * plane_step + row + count],
+            weights[(k + 3) * plane_step + row : (k + 3) * plane_step + row + count],
+            weights[(k + 4) * plane_step + row : (k + 4) * plane_step + row + count],
+            weights[(k + 5) * plane_step + row : (k + 5) * plane_step + row + count],
+            weights[(k + 6) * plane_step + row : (k + 6) * plane_step + row + count],
+            weights[(k + 7) * plane_step + row : (k + 7) * plane_step + row + count])
+
+
+@njit(inline="always", nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def _eight_neighbours(plane, rows_off, cols_off, k, y, at, count):
+    """Neighbours k..k + 7 of ``count`` values of padded row ``y`` from column ``at`` of ``plane``."""
+    return (plane[rows_off[k] + y, at + cols_off[k] : at + cols_off[k] + count],
+            plane[rows_off[k + 1] + y, at + cols_off[k + 1] : at + cols_off[k + 1] + count],
+            plane[rows_off[k + 2] + y, at + cols_off[k + 2] : at + cols_off[k + 2] + count],
+            plane[rows_off[k + 3] + y, at + cols_off[k + 3] : at + cols_off[k + 3] + count],
+            plane[rows_off[k + 4] + y, at + cols_off[k + 4] : at + cols_off[k + 4] + count],
+            plane[rows_off[k + 5] + y, at + cols_off[k + 5] : at + cols_off[k + 5] + count],
+            plane[rows_off[k + 6] + y, at + cols_off[k + 6] : at + cols_off[k + 6] + count],
+            plane[rows_off[k + 7] + y, at + cols_off[k + 7] : at + cols_off[k + 7] + count])
+
+
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def _one_channel(plane, out, weights, plane_step, row, rows_off, cols_off, y, at, count):
+    """``out`` (``count`` values of row ``y`` from column ``at`` of a padded plane) = the weighted sum of their
+    neighbours in ``plane``, eight neighbours a pass (see :func:`weighted_rows`)."""
+    neighbours = rows_off.shape[0]
+    k = 0
+    while k + 8 <= neighbours:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _eight_weights(weights, plane_step, row, k, count)
+        n0, n1, n2, n3, n4, n5, n6, n7 = _eight_neighbours(plane, rows_off, cols_off, k, y, at, count)
+        if k == 0:
+            for x in range(count):
+                sum4 = fused_multiply_add(w3[x], n3[x], fused_multiply_add(
+                    w2[x], n2[x], fused_multiply_add(w1[x], n1[x], n0[x] * w0[x])))
+                out[x] = fused_multiply_add(w7[x], n7[x], fused_multiply_add(w6[x], n6[x], fused_multiply_add(
+                    w5[x], n5[x], fused_multiply_add(w4[x], n4[x], sum4))))
+        else:
+            for x in range(count):
+                sum4 = fused_multiply_add(w3[x], n3[x], fused_multiply_add(w2[x], n2[x], fused_multiply_add(
+                    w1[x], n1[x], fused_multiply_add(w0[x], n0[x], out[x]))))
+                out[x] = fused_multiply_add(w7[x], n7[x], fused_multiply_add(w6[x], n6[x], fused_multiply_add(
+                    w5[x], n5[x], fused_multiply_add(w4[x], n4[x], sum4))))
+        k += 8
+    while k < neighbours:   # neighbours beyond a multiple of eight: a pass each
+        weight = weights[k * plane_step + row : k * plane_step + row + count]
+        near = plane[rows_off[k] + y, at + cols_off[k] : at + cols_off[k] + count]
+        if k == 0:
+            for x in range(count):
+                out[x] = near[x] * weight[x]
+        else:
+            for x in range(count):
+                out[x] = fused_multiply_add(weight[x], near[x], out[x])
+        k += 1
+
+
+@njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")
+def _two_channels(plane, other, out, other_out, weights, plane_step, row, rows_off, cols_off, y, at, count):
+    """:func:`_one_channel` for two planes at once: each pass reads the eight neighbours' weights once for both
+    (whole rows of weights do not stay in the fastest cache from one channel to the next). Each value is computed
+    as :func:`_one_channel` computes it."""
+    neighbours = rows_off.shape[0]
+    if neighbours % 8:   # the passes of one neighbour each stay a channel at a time
+        _one_channel(plane, out, weights, plane_step, row, rows_off, cols_off, y, at, count)
+        _one_channel(other, other_out, weights, plane_step, row, rows_off, cols_off, y, at, count)
+        return
+    for k in range(0, neighbours, 8):
+        w0, w1, w2, w3, w4, w5, w6, w7 = _eight_weights(weights, plane_step, row, k, count)
+        a0, a1, a2, a3, a4, a5, a6, a7 = _eight_neighbours(plane, rows_off, cols_off, k, y, at, count)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _eight_neighbours(other, rows_off, cols_off, k, y, at, count)
+        first = k == 0   # the first pass starts from the first neighbour's product
+        for x in range(count):
+            p = a0[x] * w0[x] if first else fused_multiply_add(w0[x], a0[x], out[x])
+            q = b0[x] * w0[x] if first else fused_multiply_add(w0[x], b0[x], other_out[x])
+            p = fused_multiply_add(w1[x], a1[x], p)
+            q = fused_multiply_add(w1[x], b1[x], q)
+            p = fused_multiply_add(w2[x], a2[x], p)
+            q = fused_multiply_add(w2[x], b2[x], q)
+            p = fused_multiply_add(w3[x], a3[x], p)
+            q = fused_multiply_add(w3[x], b3[x], q)
+            p = fused_multiply_add(w4[x], a4[x], p)
+            q = fused_multiply_add(w4[x], b4[x], q)
+            p = fused_multiply_add(w5[x], a5[x], p)
+            q = fused_multiply_add(w5[x], b5[x], q)
+            p = fused_multiply_add(w6[x], a6[x], p)
+            q = fused_multiply_add(w6[x], b6[x], q)
+            out[x] = fused_multiply_add(w7[x], a7[x], p)
+            other_out[x] = fused_multiply_add(w7[x], b7[x], q)
 
 
 @njit(nogil=True, cache=True, boundscheck=False, error_model="numpy")

@@ -74,6 +74,36 @@ def test_compiled_sums_of_any_block_equal_the_element_wise_path_bit_for_bit(seed
             torch.set_num_threads(2)
 
 
+@pytest.mark.parametrize("channels", [2, 3, 6])
+def test_classes_snapped_together_get_the_values_each_gets_alone(channels):
+    """The loop adds two classes a pass (each weight read once for both): every class's values equal those it
+    gets snapped on its own, over narrowed columns and spans of rows too, and nothing outside them is written."""
+    rng = np.random.default_rng(channels)
+    pad, height, width = 16, 37, 301
+    offsets = [(dy * d, dx * d) for d in (8, 16) for dy, dx in NEIGHBOURS]
+    current = torch.from_numpy(rng.normal(size=(channels, height + 2 * pad, width + 2 * pad)).astype(np.float32))
+    weights = torch.from_numpy(rng.random((len(offsets), height + 3, width + 7)).astype(np.float32))[:, 1 : 1 + height,
+                                                                                                    2 : 2 + width]
+    starts = rng.integers(0, width // 2, size=height)
+    spans = np.stack([starts, starts + rng.integers(1, width // 2, size=height)], axis=1).astype(np.int64)
+    columns = (5, width - 9)
+
+    def snapped(planes: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(planes, float("nan"))
+        compiled_snapping.averaging(planes, out, weights, offsets, pad, width)(2, height - 3, columns, spans)
+        return out
+
+    together = snapped(current)
+    for c in range(channels):
+        assert torch.equal(together[c].nan_to_num(7.0), snapped(current[c : c + 1].clone())[0].nan_to_num(7.0)), c
+    written = ~together[0].isnan()
+    rows, cols = np.nonzero(written.numpy())
+    assert rows.min() == pad + 2 and rows.max() == pad + height - 4
+    low = np.maximum(columns[0], spans[rows - pad, 0]) + pad
+    high = np.minimum(columns[1], spans[rows - pad, 1]) + pad
+    assert ((cols >= low) & (cols < high)).all()
+
+
 @pytest.mark.parametrize("count", [1, 5, 8, 11, 16, 19, 24])
 def test_any_number_of_neighbours_sums_as_the_element_wise_path(count, without_compiled):
     """The loop adds neighbours eight to a pass: counts that are not multiples of eight, and several passes of

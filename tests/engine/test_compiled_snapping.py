@@ -195,8 +195,8 @@ def test_compiled_weights_equal_the_element_wise_path_bit_for_bit(seed, without_
     guide = torch.from_numpy(guide)
     dilations = [(8, 16), (1, 2), (2, 2, 5), (3,)][seed]
     expected = without_compiled(lambda: refine.pamr_affinities(guide, dilations))
-    for rows in (1, 5, 512):
-        monkeypatch.setattr(compiled_snapping, "WEIGHT_ROWS_AT_ONCE", rows)
+    for rows in (1, 5, 512):   # rows each thread takes through every step at a time
+        monkeypatch.setattr(compiled_snapping, "WEIGHT_PIXELS_AT_ONCE", rows * width)
         with _shared_from(1):
             got = refine.pamr_affinities(guide, dilations)
         assert torch.equal(got, expected), (rows, dilations)

@@ -259,18 +259,21 @@ def weights_of_rows(padded: torch.Tensor, pad: int, dilations: Sequence[int], lo
     cols_off = np.array([dx for _, dx in offsets], np.int64)
     steps = np.array(dilations, np.int64)
     rows_at_once = max(1, WEIGHT_PIXELS_AT_ONCE // width)
+    inference = logits.is_inference()
 
     def weights_of_share(first: int, last: int) -> None:
-        deviation = torch.empty((channels, min(rows_at_once, last - first), width))
-        spread = deviation.numpy()
-        for start in range(first, last, rows_at_once):
-            stop = min(start + rows_at_once, last)
-            loops.guide_spread(guide, steps, pad, start, spread, start, stop)
-            deviation[:, : stop - start].sqrt_()                 # PyTorch's own square root, as the element-wise path
-            loops.weight_logits(guide, spread, start, rows_off, cols_off, first_same, pad, out, plane_step, row_step,
-                                width, start, stop)
-            logits[:, start:stop].exp_()                         # PyTorch's own exponential
-            loops.normalised(out, len(offsets), plane_step, row_step, width, start, stop)
+        # inference mode is the calling thread's alone: logits made in it are written in it here too
+        with torch.inference_mode(inference):
+            deviation = torch.empty((channels, min(rows_at_once, last - first), width))
+            spread = deviation.numpy()
+            for start in range(first, last, rows_at_once):
+                stop = min(start + rows_at_once, last)
+                loops.guide_spread(guide, steps, pad, start, spread, start, stop)
+                deviation[:, : stop - start].sqrt_()             # PyTorch's own square root, as the element-wise path
+                loops.weight_logits(guide, spread, start, rows_off, cols_off, first_same, pad, out, plane_step,
+                                    row_step, width, start, stop)
+                logits[:, start:stop].exp_()                     # PyTorch's own exponential
+                loops.normalised(out, len(offsets), plane_step, row_step, width, start, stop)
 
     shared_rows(weights_of_share, top, bottom, len(offsets) * channels * width)
     return True

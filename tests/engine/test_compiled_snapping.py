@@ -201,6 +201,10 @@ def test_compiled_weights_equal_the_element_wise_path_bit_for_bit(seed, without_
             got = refine.pamr_affinities(guide, dilations)
         assert torch.equal(got, expected), (rows, dilations)
     np.testing.assert_allclose(got.sum(0).numpy(), 1.0, atol=1e-5)
+    # in inference mode, as the segmenter runs: the other threads write the same weights in place
+    with _shared_from(1), torch.inference_mode():
+        inferred = refine.pamr_affinities(guide, dilations)
+    assert inferred.is_inference() and torch.equal(inferred, expected)
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 import pytest
@@ -146,6 +147,51 @@ def test_blocks_meant_for_other_threads_are_done_here_when_no_thread_can_start(m
     finally:
         torch.set_num_threads(2)
     assert torch.equal(got, expected) and expected.abs().sum() > 0
+
+
+def test_shares_on_threads_of_their_own_cover_the_rows_once_and_end_with_the_call():
+    """The weights' loops call PyTorch's parallel steps, which give a lasting thread OpenMP threads of its own (and
+    slow every later small parallel operation): their other shares run on threads that end before the call returns."""
+    seen = []
+
+    def loop(low, high):
+        seen.append((low, high, threading.current_thread()))
+
+    torch.set_num_threads(3)
+    try:
+        with _shared_from(1):
+            compiled_snapping.shared_rows(loop, 0, 30, 1 << 10, threads_of_their_own=True)
+    finally:
+        torch.set_num_threads(2)
+    rows = sorted(row for low, high, _ in seen for row in range(low, high))
+    assert rows == list(range(30))
+    others = [thread for _, _, thread in seen if thread is not threading.current_thread()]
+    assert len(others) == 2 and not any(thread.is_alive() for thread in others)
+
+
+def test_an_error_on_a_thread_of_its_own_is_raised_once_every_share_has_ended():
+    done, others = [], []
+
+    def loop(low, high):
+        if threading.current_thread() is not threading.main_thread():
+            others.append(threading.current_thread())
+            raise ValueError(f"rows {low}-{high}")
+        done.append((low, high))
+
+    with _shared_from(1), pytest.raises(ValueError, match="rows 15-30"):
+        compiled_snapping.shared_rows(loop, 0, 30, 1 << 10, threads_of_their_own=True)
+    assert done == [(0, 15)] and others and not others[0].is_alive()
+
+
+def test_the_weights_are_shared_on_threads_of_their_own(monkeypatch):
+    calls = []
+    real = compiled_snapping._on_threads_of_their_own
+    monkeypatch.setattr(compiled_snapping, "_on_threads_of_their_own",
+                        lambda *args: calls.append(args[2]) or real(*args))
+    guide = torch.from_numpy(np.random.default_rng(0).random((3, 40, 60), dtype=np.float32))
+    with _shared_from(1):
+        refine.pamr_affinities(guide, (1, 2))
+    assert calls and calls[0][0] == 0 and calls[0][-1] == 40
 
 
 class _shared_from:
